@@ -1,0 +1,134 @@
+"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2).
+
+Image tower: EfficientNet (efficientnet_pytorch, B3 by default) whose ``_fc`` maps to
+``embed_dim``, then ``image_hidden_layer``; text tower: a BERT encoder whose [CLS]
+state goes through ``text_hidden_layer``. Both vectors are L2-normalised and compared
+by a dot product multiplied (not exponentiated) by ``logit_scale``.
+
+The attribute names (``image_model``, ``text_model``, ``image_hidden_layer``,
+``text_hidden_layer``, ``logit_scale``) are the state-dict prefixes of the released
+checkpoint; do not rename them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from efficientnet_pytorch import EfficientNet
+from transformers import BertConfig, BertModel, BertTokenizer
+
+MAX_TEXT_LEN = 50
+
+
+@dataclass
+class AlignArch:
+    """Architecture of an alignment model. The defaults are the released model.
+
+    ``image_overrides`` are efficientnet_pytorch global-parameter overrides (for
+    example ``width_coefficient``) used only by small test and training variants;
+    ``text_layers`` overrides ``num_hidden_layers`` of the BERT config read from the
+    bert directory.
+    """
+    image_model: str = "efficientnet-b3"
+    image_overrides: dict = field(default_factory=dict)
+    text_layers: int = 4
+    embed_dim: int = 512
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AlignArch":
+        if not d:
+            return cls()
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "AlignArch":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_default(self) -> bool:
+        return self == AlignArch()
+
+
+def _need(bert_dir: str | os.PathLike, name: str) -> str:
+    path = os.path.join(bert_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; --bert-dir must hold bert-base-chinese's "
+                                f"config.json and vocab.txt (download_assets.py fetches them)")
+    return path
+
+
+def load_text_config(bert_dir: str | os.PathLike, num_layers: int) -> BertConfig:
+    """BERT config from ``bert_dir/config.json`` with the layer count overridden."""
+    config = BertConfig.from_json_file(_need(bert_dir, "config.json"))
+    config.num_hidden_layers = num_layers
+    return config
+
+
+def load_tokenizer(bert_dir: str | os.PathLike) -> BertTokenizer:
+    """Tokenizer from ``bert_dir/vocab.txt`` only (lower-casing on, as the authors'
+    ``BertTokenizer.from_pretrained(".../vocab.txt")`` had it); nothing from a hub."""
+    return BertTokenizer(_need(bert_dir, "vocab.txt"))
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
+    """Pad to the longest text of the batch, truncate at ``max_length`` (SPEC 2)."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class AlignModel(nn.Module):
+    def __init__(self, text_config: BertConfig, arch: AlignArch | None = None):
+        super().__init__()
+        self.arch = arch or AlignArch()
+        d = self.arch.embed_dim
+        self.image_model = EfficientNet.from_name(self.arch.image_model, num_classes=d,
+                                                  **self.arch.image_overrides)
+        # The memory-efficient swish is a training-memory trick with a custom autograd
+        # function; the plain one computes the same values and runs faster.
+        self.image_model.set_swish(memory_efficient=False)
+        self.text_model = BertModel(text_config, add_pooling_layer=True)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.image_hidden_layer = nn.Linear(d, d)
+        self.text_hidden_layer = nn.Linear(text_config.hidden_size, d)
+
+    @classmethod
+    def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> "AlignModel":
+        arch = arch or AlignArch()
+        return cls(load_text_config(bert_dir, arch.text_layers), arch)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_hidden_layer(self.image_model(images))
+        return F.normalize(x, p=2, dim=1) if normalize else x
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        x = self.text_hidden_layer(out.last_hidden_state[:, 0])
+        return F.normalize(x, p=2, dim=1) if normalize else x
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return image_emb @ text_emb.t() * self.logit_scale
+
+    def forward(self, images, input_ids, attention_mask) -> torch.Tensor:
+        """Contrastive loss of a batch of matching (image, text) pairs."""
+        return contrastive_loss(self.similarity(self.encode_image(images),
+                                                self.encode_text(input_ids, attention_mask)))
+
+
+def contrastive_loss(sims: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over a square similarity matrix whose matching pairs
+    sit on the diagonal: ``(CE(sims, arange) + CE(sims.T, arange)) / 2``."""
+    labels = torch.arange(sims.shape[0], device=sims.device)
+    return (F.cross_entropy(sims, labels) + F.cross_entropy(sims.t(), labels)) / 2

@@ -1,0 +1,167 @@
+"""The one way checkpoints are read and written, for both models.
+
+Released formats (SPEC sections 2 and 5):
+- recall (``align_model.pth``): ``torch.save({"state_dict": sd})``;
+- ranker (``shoucai_siamese_...ckpt``): a bare state dict holding a full copy of
+  the recall model under ``align_model.``.
+
+Loading uses ``torch.load(..., weights_only=True)`` and strict key checking: the only
+keys tolerated beyond the model's are the benign ones SPEC names (a persisted
+``position_ids`` buffer of older transformers, the knowledge-graph head of the
+training variant), and they are reported. Anything else missing or unexpected, or a
+shape mismatch, raises ``CheckpointError`` listing the keys.
+
+Small architecture variants (tests, users' own training) record their ``AlignArch``
+in the wrapper (``"arch"``) or, for the bare ranker format, in a sidecar
+``<checkpoint>.arch.json``; the released files carry neither and get the defaults.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from .align import AlignArch, AlignModel
+from .ranker import SiameseRanker
+
+log = logging.getLogger(__name__)
+
+BENIGN_EXTRAS = ("text_model.embeddings.position_ids", "relations_emb.weight",
+                 "linear_relation.weight", "linear_relation.bias")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Return ``(state_dict, meta)``; ``meta`` holds the wrapper's other entries."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, a pickle with code, not a torch file
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd, meta = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    else:
+        sd, meta = obj, {}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
+    return sd, meta
+
+
+def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "") -> list[str]:
+    """Strictly load ``sd`` into ``model``; returns the benign keys it ignored.
+
+    ``prefix`` is where the recall model sits (``"align_model."`` in the ranker), so
+    the benign extras are recognised there too.
+    """
+    expected = model.state_dict()
+    benign = {prefix + k for k in BENIGN_EXTRAS}
+    ignored = sorted(k for k in sd if k not in expected and k in benign)
+    unexpected = sorted(k for k in sd if k not in expected and k not in benign)
+    missing = sorted(k for k in expected if k not in sd)
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                    for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    if unexpected or missing or shapes:
+        parts = [f"{source} does not match {type(model).__name__}:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)):
+            if keys:
+                shown = keys[:40] + ([f"... and {len(keys) - 40} more"] if len(keys) > 40 else [])
+                parts.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
+        parts.append("  (a smaller or larger variant needs its architecture: --arch FILE.json)")
+        raise CheckpointError("\n".join(parts))
+    if ignored:
+        log.info("%s: ignored %d tensors that inference does not use: %s",
+                 source, len(ignored), ", ".join(ignored))
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True)
+    return ignored
+
+
+def _arch_for(path: str, meta: dict, arch) -> AlignArch:
+    if isinstance(arch, AlignArch):
+        return arch
+    if arch:  # a JSON file given on the command line
+        return AlignArch.from_json(arch)
+    if "arch" in meta:
+        return AlignArch.from_dict(meta["arch"])
+    sidecar = str(path) + ".arch.json"
+    if os.path.isfile(sidecar):
+        return AlignArch.from_json(sidecar)
+    return AlignArch()
+
+
+def load_align_model(path, bert_dir, arch=None, device="cpu") -> AlignModel:
+    """Recall model from ``align_model.pth`` (wrapper or bare state dict), in eval mode.
+
+    A ranker checkpoint is accepted too: its ``align_model.`` copy is used.
+    """
+    sd, meta = read_checkpoint(path)
+    if any(k.startswith("align_model.") for k in sd):
+        sd = {k[len("align_model."):]: v for k, v in sd.items() if k.startswith("align_model.")}
+    model = AlignModel.from_bert_dir(bert_dir, _arch_for(str(path), meta, arch))
+    load_state(model, sd, str(path))
+    return model.to(device).eval()
+
+
+def load_ranker(path, bert_dir, arch=None, align_checkpoint=None, device="cpu") -> SiameseRanker:
+    """Ranker with its own copy of the recall model restored from the same file;
+    ``align_checkpoint`` then replaces that copy with another recall checkpoint."""
+    sd, meta = read_checkpoint(path)
+    align = AlignModel.from_bert_dir(bert_dir, _arch_for(str(path), meta, arch))
+    model = SiameseRanker(align)
+    load_state(model, sd, str(path), prefix="align_model.")
+    if align_checkpoint:
+        asd, _ = read_checkpoint(align_checkpoint)
+        load_state(model.align_model, asd, str(align_checkpoint))
+    return model.to(device).eval()
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_align_checkpoint(model: AlignModel, path) -> None:
+    """Authors' format ``{"state_dict": ...}``; a non-default arch is recorded too."""
+    obj = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if not model.arch.is_default:
+        obj["arch"] = model.arch.to_dict()
+    _atomic_save(obj, str(path))
+
+
+def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
+    """Authors' format: a bare state dict; a non-default arch goes to a sidecar."""
+    _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, str(path))
+    sidecar = str(path) + ".arch.json"
+    if not model.align_model.arch.is_default:
+        with open(sidecar, "w", encoding="utf-8") as f:
+            json.dump(model.align_model.arch.to_dict(), f)
+    elif os.path.exists(sidecar):
+        os.remove(sidecar)
+
+
+def state_dict_hash(sd: dict) -> str:
+    """sha256 over key names, dtypes, shapes and values, in sorted key order: equal
+    for two state dicts holding the same weights, whatever file they came from."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    return state_dict_hash(model.state_dict())

@@ -1,0 +1,1 @@
+"""Shared helpers: data files, images, downloads, metrics, devices."""
