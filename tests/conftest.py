@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fixtures import make_bert_dir  # noqa: E402
+
+# Real published files, used only when present: env var or ../shared beside the project.
+SEED_DATA = Path(os.environ.get("AVAS_SEED_DATA", ROOT.parent / "shared" / "seed-data"))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return make_bert_dir(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def seed_data():
+    if not SEED_DATA.is_dir():
+        pytest.skip(f"seed data not found at {SEED_DATA} (set AVAS_SEED_DATA to use it)")
+    return SEED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_bert_dir(seed_data):
+    d = seed_data / "bert-base-chinese"
+    if not (d / "config.json").is_file():
+        pytest.skip(f"{d} has no config.json")
+    return d
