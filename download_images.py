@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""Download the images of a published CSV (recall or ranking format), resumably.
+
+    python download_images.py --csv data/temp_recall_biztype0_fc5_imagern_500.csv --out data/recall_images
+    python download_images.py --csv data/dwd_..._val_with_poi_tuomin.csv --out data/rank_val_images
+
+File names (the extension comes from the bytes received, not from the URL):
+  recall rows   -> <poi_id>_<rank_number>.<ext>
+  ranking rows  -> <item_id>_a.<ext> and <item_id>_b.<ext>; the durable copy
+                   (oss_url / oss_url2) is tried first, then the original URL.
+
+Every file is verified (non-empty, under --max-bytes, decodes with Pillow)
+before it is renamed atomically from a temporary ``.<stem>.<random>.part`` name,
+so a crash never leaves a partial file under a final name.
+
+Resume: a rerun keeps every file that is present and valid (status
+``skipped``) and downloads only what is missing or invalid.
+
+Manifest (JSONL, default ``OUT/manifest.jsonl``; with --shard
+``OUT/manifest.shard-I-of-N.jsonl``): one line per image (ranking: two per
+row) and one per bad CSV row, written and flushed as each result arrives, so a
+killed run loses nothing that finished. Each run REWRITES the manifest (the
+previous one is kept as ``<manifest>.prev``); because already-present files are
+recorded as ``skipped`` with their size, dimensions and sha256, the manifest of
+a completed run is the full record of the rows it covered. Fields: key, line,
+status (ok|skipped|failed), url, http, error, error_kind, bytes, width, height,
+sha256, file, final_url, tried, resized_from.
+
+Exit status: 0 when failures <= --max-failures, 1 otherwise, 2 for bad
+arguments or an unreadable CSV, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.data import DataError, RankRow, iter_rank_csv, iter_recall_csv, sniff_format
+from utils.download import (DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one,
+                            make_session, parse_url_map)
+
+log = logging.getLogger("download_images")
+MAX_PRINTED_FAILURES = 20
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects I/N such as 0/4, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N (shards are numbered from 0)")
+    return i, n
+
+
+def _positive_int(text: str) -> int:
+    v = int(float(text))
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="download_images.py",
+        description="Resumable, concurrent, verified image download for the recall CSV "
+                    "and the $record$ ranking CSVs. A rerun downloads only what is missing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--csv", required=True, help="input CSV (recall or ranking format)")
+    p.add_argument("--out", required=True, help="output directory for the images")
+    p.add_argument("--format", choices=("auto", "recall", "rank"), default="auto",
+                   help="CSV format; auto looks for '$record$' in the first line")
+    p.add_argument("--workers", type=_positive_int, default=16, help="concurrent downloads")
+    p.add_argument("--timeout-connect", type=float, default=10.0, help="connect timeout, seconds")
+    p.add_argument("--timeout-read", type=float, default=30.0,
+                   help="read timeout (longest silence between bytes), seconds")
+    p.add_argument("--retries", type=int, default=4,
+                   help="retries per URL on connection errors, timeouts, 429 and 5xx")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="backoff factor: waits grow as BACKOFF*2^n seconds plus jitter")
+    p.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
+                   help="size cap of one image in bytes")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="exit with status 1 when more images/rows than this fail")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="only the first N CSV rows (after --shard)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="only rows whose line number L satisfies (L-1) %% N == I (I from 0)")
+    p.add_argument("--url-prefix-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite URLs starting with OLD to start with NEW (repeatable; "
+                        "first match wins)")
+    p.add_argument("--max-side", type=_positive_int, default=None,
+                   help="downscale images whose longer side exceeds N on save "
+                        "(off by default: evaluation needs the original bytes)")
+    p.add_argument("--manifest", default=None,
+                   help="manifest path (default OUT/manifest.jsonl, or "
+                        "OUT/manifest.shard-I-of-N.jsonl with --shard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# reading the CSV: jobs (key, urls, line) and bad rows, in file order
+# ---------------------------------------------------------------------------
+def iter_items(csv_path: str, fmt: str):
+    """Yield ("row", line, [(key, urls), ...]) and ("bad", line, message) in file order."""
+    errors: list = []
+    reader = iter_rank_csv(csv_path, errors) if fmt == "rank" else iter_recall_csv(csv_path, errors)
+    for row in reader:
+        # the readers append bad rows to `errors` before yielding the next good one
+        while errors:
+            e = errors.pop(0)
+            yield "bad", e.line, e.message
+        if isinstance(row, RankRow):
+            yield "row", row.line, [(row.key_a, row.urls_a()), (row.key_b, row.urls_b())]
+        else:
+            yield "row", row.line, [(row.key, [row.url])]
+    while errors:
+        e = errors.pop(0)
+        yield "bad", e.line, e.message
+
+
+def select(items, shard, limit):
+    """Apply --shard (by CSV line number) and --limit (rows, good or bad)."""
+    n = 0
+    for kind, line, payload in items:
+        if shard is not None and (line - 1) % shard[1] != shard[0]:
+            continue
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        yield kind, line, payload
+
+
+def estimate_total(csv_path: str, fmt: str, shard, limit) -> int | None:
+    """Number of images to expect, from a fast count of non-blank lines."""
+    try:
+        with open(csv_path, "rb") as f:
+            rows = sum(1 for ln in f if ln.strip())
+    except OSError:
+        return None
+    if shard is not None:
+        rows = (rows + shard[1] - 1 - shard[0]) // shard[1]
+    if limit is not None:
+        rows = min(rows, limit)
+    return rows * (2 if fmt == "rank" else 1)
+
+
+# ---------------------------------------------------------------------------
+# output: manifest and logging
+# ---------------------------------------------------------------------------
+class Manifest:
+    """JSONL writer; each record is flushed when written (survives SIGKILL)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.replace(path, str(path) + ".prev")
+        self.path = path
+        self.f = open(path, "w", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.f.fileno())
+        except OSError:
+            pass
+        self.f.close()
+
+
+def setup_logging(log_path: Path) -> logging.Handler:
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def record(result: FetchResult, line: int) -> dict:
+    rec = {"key": result.key, "line": line}
+    rec.update(result.to_dict())
+    return rec
+
+
+def format_summary(status: Counter, errors: Counter, elapsed: float, manifest: Path) -> str:
+    done = sum(status.values())
+    rate = done / elapsed if elapsed > 0 else 0.0
+    lines = [f"{done} images/rows in {elapsed:.1f} s ({rate:.1f}/s): "
+             + ", ".join(f"{k} {status.get(k, 0)}" for k in ("ok", "skipped", "failed"))]
+    if errors:
+        lines.append("failures by error: " + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
+    lines.append(f"manifest: {manifest}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    csv_path = args.csv
+    out = Path(args.out)
+    try:
+        url_map = parse_url_map(args.url_prefix_map)
+        fmt = sniff_format(csv_path) if args.format == "auto" else args.format
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
+    manifest_path = Path(args.manifest) if args.manifest else out / f"manifest{suffix}.jsonl"
+    handler = setup_logging(out / f"download_images{suffix}.log")
+    manifest = Manifest(manifest_path)
+    log.info("start: csv=%s format=%s out=%s workers=%d shard=%s limit=%s max_side=%s",
+             csv_path, fmt, out, args.workers, args.shard, args.limit, args.max_side)
+    removed = clean_stale_temps(out)
+    if removed:
+        log.info("removed %d stale temporary files", removed)
+
+    session = make_session(retries=args.retries, backoff=args.backoff, pool_size=args.workers)
+    timeout = (args.timeout_connect, args.timeout_read)
+
+    def job(key, urls):
+        return download_one(session, urls, out, key, max_bytes=args.max_bytes, timeout=timeout,
+                            max_side=args.max_side, url_map=url_map, backoff=args.backoff)
+
+    status: Counter = Counter()
+    errors: Counter = Counter()
+    printed = 0
+    bar = tqdm(total=estimate_total(csv_path, fmt, args.shard, args.limit), unit="img",
+               dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
+
+    def report(rec: dict) -> None:
+        nonlocal printed
+        manifest.write(rec)
+        status[rec["status"]] += 1
+        if rec["status"] == "failed":
+            errors[rec.get("error_kind") or "error"] += 1
+            msg = f"{csv_path}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
+            log.warning("failed %s", msg)
+            if printed < MAX_PRINTED_FAILURES:
+                tqdm.write(f"FAILED {msg}", file=sys.stderr)
+            elif printed == MAX_PRINTED_FAILURES:
+                tqdm.write("(further failures only in the manifest and log)", file=sys.stderr)
+            printed += 1
+        bar.update(1)
+
+    start = time.monotonic()
+    rc = 0
+    window = args.workers * 4          # futures in flight: memory stays flat at any CSV size
+    pending: dict = {}
+    pool = cf.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="dl")
+    try:
+        items = select(iter_items(csv_path, fmt), args.shard, args.limit)
+        for kind, line, payload in items:
+            if kind == "bad":
+                report({"key": None, "line": line, "status": "failed", "url": None,
+                        "http": None, "error": payload, "error_kind": "bad_row"})
+                continue
+            for key, urls in payload:
+                while len(pending) >= window:
+                    done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        report(record(fut.result(), pending.pop(fut)))
+                pending[pool.submit(job, key, urls)] = line
+        for fut in cf.as_completed(list(pending)):
+            report(record(fut.result(), pending.pop(fut)))
+    except KeyboardInterrupt:
+        rc = 130
+        for fut in pending:
+            fut.cancel()
+        print("\ninterrupted; finished downloads are kept and recorded", file=sys.stderr)
+    except DataError as e:
+        rc = 2
+        print(f"error: {e}", file=sys.stderr)
+    finally:
+        pool.shutdown(wait=rc == 0, cancel_futures=True)
+        bar.close()
+        manifest.close()
+        session.close()
+
+    summary = format_summary(status, errors, time.monotonic() - start, manifest_path)
+    print(summary)
+    for ln in summary.splitlines():
+        log.info("summary: %s", ln)
+    if rc == 0 and status["failed"] > args.max_failures:
+        print(f"{status['failed']} failures > --max-failures {args.max_failures}", file=sys.stderr)
+        rc = 1
+    log.info("exit status %d", rc)
+    log.removeHandler(handler)
+    handler.close()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
