@@ -22,8 +22,8 @@ request, after which the route behaves normally)::
 Also: a global ``latency`` (seconds slept before every response, for
 benchmarks), a slow body (``drip=(chunk_bytes, seconds_per_chunk)``), HTTP
 ``Range`` requests on 200 responses (206 / 416, with ``Accept-Ranges`` and an
-``ETag``), ``HEAD``, HTTP/1.1 keep-alive, and per-path request counts plus a
-log of (method, path, Range header) for assertions.
+``ETag``), ``HEAD``, HTTP/1.1 keep-alive, and per-path request counts and
+times plus a log of (method, path, Range header) for assertions.
 
 A pytest fixture ``local_server`` is provided; import it into a test module
 (``from local_server import local_server``) to use it.
@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -94,6 +94,7 @@ class LocalServer:
         self.drip = drip
         self.routes: dict[str, Route] = {}
         self.counts: Counter = Counter()
+        self.times: dict[str, list[float]] = defaultdict(list)  # time.monotonic() per request
         self.log: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -143,6 +144,7 @@ class LocalServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.times.clear()
             self.log.clear()
 
     # -- lifecycle --------------------------------------------------------
@@ -179,6 +181,7 @@ class LocalServer:
     def _resolve(self, path: str) -> tuple[Route | None, Fault | None]:
         with self._lock:
             self.counts[path] += 1
+            self.times[path].append(time.monotonic())
             route = self.routes.get(path)
             fault = route.faults.pop(0) if route is not None and route.faults else None
         if route is None and self.directory is not None:

@@ -496,10 +496,18 @@ def download_one(session: requests.Session, urls, out_dir, stem: str,
                  max_bytes: int = DEFAULT_MAX_BYTES, timeout=(10.0, 30.0),
                  max_side: int | None = None, url_map=None, body_retries: int = 2,
                  backoff: float = 0.5) -> FetchResult:
-    """Resume-aware :func:`fetch_image`: keep a valid existing file (``skipped``)."""
-    for p in existing_files(out_dir, stem):
+    """Resume-aware :func:`fetch_image`: keep a valid existing file (``skipped``).
+
+    Existing ``<stem>.<ext>`` files are checked in :data:`FINAL_EXTS` order; the
+    first valid one is kept and any other file of that stem is removed.
+    """
+    found = existing_files(out_dir, stem)
+    for p in found:
         info = verify_existing(p, max_bytes)
         if info is not None:
+            for other in found:  # the stem names exactly one image: drop the others
+                if other != p:
+                    _unlink(other)
             return FetchResult(key=stem, status="skipped", bytes=info.bytes, width=info.width,
                                height=info.height, sha256=info.sha256, file=p.name)
     # Absent or invalid: fetch_image replaces it and removes other-extension leftovers.
