@@ -1,0 +1,250 @@
+"""Foundation: model layout against SPEC, strict checkpoint loading, ranker formula."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fixtures import TINY_ARCH, tiny_align, tiny_ranker
+from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer, tokenize
+from models.checkpoint import (CheckpointError, load_align_model, load_ranker, read_checkpoint,
+                               save_align_checkpoint, save_ranker_checkpoint, state_dict_hash)
+from models.ranker import SiameseRanker
+
+RANKER_HEAD_SHAPES = {
+    "linear1.weight": (512, 1024), "linear3.weight": (512, 1536),
+    "linear4.weight": (256, 512), "linear2.weight": (1, 256),
+    "attention_layer.local_att.fc1.fc.0.weight": (64, 2048),
+    "attention_layer.local_att.fc1.fc.1.bn.weight": (64,),
+    "attention_layer.local_att.fc1.fc.1.bn.running_var": (64,),
+    "attention_layer.local_att.fc1.fc.3.weight": (16, 64),
+    "attention_layer.local_att.fc2.fc.0.weight": (1, 16),
+}
+
+
+@pytest.fixture(scope="module")
+def full_ranker(real_bert_dir):
+    """The full-size ranker (with its full-size recall model), built once."""
+    return SiameseRanker(AlignModel.from_bert_dir(real_bert_dir))
+
+
+def test_full_size_recall_model_matches_spec(full_ranker):
+    sd = full_ranker.align_model.state_dict()
+    assert len(sd) == 650
+    assert sum(v.numel() for v in sd.values()) == pytest.approx(57.8e6, rel=1e-3)
+    prefixes = {k.split(".")[0] for k in sd}
+    assert prefixes == {"logit_scale", "image_model", "text_model", "image_hidden_layer", "text_hidden_layer"}
+    assert sd["logit_scale"].shape == () and sd["logit_scale"].item() == 1.0
+    assert sd["image_model._conv_stem.weight"].shape == (40, 3, 3, 3)      # B3 stem
+    assert sd["image_model._fc.weight"].shape == (512, 1536)
+    assert sd["image_hidden_layer.weight"].shape == (512, 512)
+    assert sd["text_hidden_layer.weight"].shape == (512, 768)
+    assert sd["text_model.embeddings.word_embeddings.weight"].shape == (21128, 768)
+    assert "text_model.pooler.dense.weight" in sd
+    layers = {k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layer.")}
+    assert layers == {"0", "1", "2", "3"}
+    for name in ("_conv_stem", "_bn0", "_blocks.0.", "_blocks.25.", "_conv_head", "_bn1", "_fc"):
+        assert any(k.startswith("image_model." + name) for k in sd), name
+    assert not any(k.startswith("image_model._blocks.26.") for k in sd)
+
+
+def test_full_size_ranker_head_matches_spec(full_ranker):
+    sd = full_ranker.state_dict()
+    head = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("align_model.")}
+    for k, shape in RANKER_HEAD_SHAPES.items():
+        assert head[k] == shape, k
+    assert len(head) == 19 and not any("alpha" in k for k in head)
+    assert full_ranker.attention_layer.local_att.fc1.fc[1].bn.eps == 1e-9
+    assert len([k for k in sd if k.startswith("align_model.")]) == 650
+
+
+def test_full_size_encoders_run(full_ranker, real_bert_dir):
+    model = full_ranker.align_model.eval()
+    tok = load_tokenizer(real_bert_dir)
+    batch = tokenize(tok, ["北海海底世界", "漠河,北极村,白桦林 Hello"])
+    assert tok.convert_ids_to_tokens(batch["input_ids"][1])[-2] == "hello"  # lower-cased
+    with torch.inference_mode():
+        t = model.encode_text(**batch)
+        v = model.encode_image(torch.randn(1, 3, 224, 224))
+    assert t.shape == (2, 512) and v.shape == (1, 512)
+    assert torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_truncation_at_50_tokens(bert_dir):
+    batch = tokenize(load_tokenizer(bert_dir), ["红" * 200, "蓝"])
+    assert batch["input_ids"].shape == (2, 50)
+    assert batch["attention_mask"][1].sum() == 3
+
+
+def test_round_trip_authors_format(tmp_path, bert_dir):
+    model = tiny_align(bert_dir, seed=3)
+    path = tmp_path / "align_model.pth"
+    save_align_checkpoint(model, path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"state_dict", "arch"} and len(raw["state_dict"]) == len(model.state_dict())
+    loaded = load_align_model(path, bert_dir)
+    assert loaded.arch == TINY_ARCH
+    images = torch.randn(2, 3, 224, 224)
+    text = tokenize(load_tokenizer(bert_dir), ["红色圆形", "蓝色"])
+    with torch.inference_mode():
+        assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(model.encode_text(**text), loaded.encode_text(**text))
+    # a bare state dict loads too, given the architecture
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    bare = load_align_model(tmp_path / "bare.pth", bert_dir, arch=TINY_ARCH)
+    assert state_dict_hash(bare.state_dict()) == state_dict_hash(model.state_dict())
+
+
+def _save_wrapped(sd, path):
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+def test_foreign_key_is_an_error(tmp_path, bert_dir):
+    sd = tiny_align(bert_dir).state_dict()
+    sd["classifier.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as e:
+        load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir, arch=TINY_ARCH)
+    assert "unexpected keys (1): classifier.weight" in str(e.value)
+    assert str(tmp_path / "x.pth") in str(e.value)
+
+
+def test_missing_key_is_an_error(tmp_path, bert_dir):
+    sd = tiny_align(bert_dir).state_dict()
+    del sd["text_hidden_layer.bias"]
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): text_hidden_layer.bias"):
+        load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir, arch=TINY_ARCH)
+
+
+def test_wrong_shape_is_an_error(tmp_path, bert_dir):
+    sd = tiny_align(bert_dir).state_dict()
+    sd["image_hidden_layer.weight"] = torch.zeros(32, 31)
+    with pytest.raises(CheckpointError, match=r"image_hidden_layer.weight: checkpoint \(32, 31\) vs model \(32, 32\)"):
+        load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir, arch=TINY_ARCH)
+
+
+def test_full_size_checkpoint_into_tiny_model_lists_keys(tmp_path, bert_dir):
+    sd = tiny_align(bert_dir).state_dict()
+    with pytest.raises(CheckpointError, match="--arch"):
+        load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir)  # default = full size
+
+
+def test_benign_extras_load_with_notice(tmp_path, bert_dir, caplog):
+    model = tiny_align(bert_dir, seed=5)
+    sd = dict(model.state_dict())
+    sd["text_model.embeddings.position_ids"] = torch.arange(64)[None]
+    sd["relations_emb.weight"] = torch.randn(4, 100)
+    sd["linear_relation.weight"] = torch.randn(32, 100)
+    sd["linear_relation.bias"] = torch.randn(32)
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        loaded = load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir, arch=TINY_ARCH)
+    assert "ignored 4 tensors" in caplog.text and "relations_emb.weight" in caplog.text
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(model.state_dict())
+
+
+def test_code_in_checkpoint_is_refused(tmp_path, bert_dir):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": Evil()}}, path)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_checkpoint(path)
+
+
+def test_missing_file_and_bert_dir_errors(tmp_path, bert_dir):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AlignModel.from_bert_dir(tmp_path)
+
+
+def test_ranker_checkpoint_restores_its_recall_copy(tmp_path, bert_dir):
+    ranker = tiny_ranker(bert_dir, seed=7)
+    path = tmp_path / "ranker.ckpt"
+    save_ranker_checkpoint(ranker, path)
+    raw = torch.load(path, weights_only=True)
+    assert "state_dict" not in raw and any(k.startswith("align_model.") for k in raw)
+    loaded = load_ranker(path, bert_dir)  # arch from the sidecar
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(ranker.state_dict())
+    # the recall loader accepts the ranker file and takes its copy
+    align = load_align_model(path, bert_dir)
+    assert state_dict_hash(align.state_dict()) == state_dict_hash(ranker.align_model.state_dict())
+    # --align-checkpoint replaces the copy
+    other = tiny_align(bert_dir, seed=99)
+    save_align_checkpoint(other, tmp_path / "other.pth")
+    replaced = load_ranker(path, bert_dir, align_checkpoint=tmp_path / "other.pth")
+    assert state_dict_hash(replaced.align_model.state_dict()) == state_dict_hash(other.state_dict())
+    assert torch.equal(replaced.linear3.weight, ranker.linear3.weight)
+
+
+def test_ranker_benign_extras_under_prefix(tmp_path, bert_dir):
+    ranker = tiny_ranker(bert_dir)
+    sd = dict(ranker.state_dict())
+    sd["align_model.relations_emb.weight"] = torch.zeros(4, 100)
+    torch.save(sd, tmp_path / "r.ckpt")
+    load_ranker(tmp_path / "r.ckpt", bert_dir, arch=TINY_ARCH)
+    sd["relations_emb.weight"] = torch.zeros(4, 100)  # at the wrong depth: foreign
+    torch.save(sd, tmp_path / "r2.ckpt")
+    with pytest.raises(CheckpointError, match="unexpected keys \\(1\\): relations_emb.weight"):
+        load_ranker(tmp_path / "r2.ckpt", bert_dir, arch=TINY_ARCH)
+
+
+def test_ranker_score_matches_spec_formula(bert_dir):
+    torch.manual_seed(0)
+    model = tiny_ranker(bert_dir, seed=11)
+    d, b = TINY_ARCH.embed_dim, 6
+    images = torch.randn(b, 3, 224, 224)
+    pois_feature = F.normalize(torch.randn(b, d), dim=1)
+    poi_img, poi_txt = torch.randn(b, 5, d), torch.randn(b, 5, d)
+    poi_len = torch.tensor([0, 1, 2, 3, 5, 5])
+    with torch.inference_mode():
+        got = model(images, pois_feature, poi_img, poi_txt, poi_len)
+
+        # direct computation of SPEC section 5, one item at a time
+        att = model.attention_layer.local_att
+        lin_a, bn, lin_b = att.fc1.fc[0], att.fc1.fc[1].bn, att.fc1.fc[3]
+        lin_c = att.fc2.fc[0]
+        v_all = F.normalize(model.align_model.image_hidden_layer(model.align_model.image_model(images)), dim=1)
+        for i in range(b):
+            v = v_all[i]
+            P = model.linear1(torch.cat([poi_img[i], poi_txt[i]], dim=-1))        # 5 x d
+            q = v.expand(5, d)
+            x = lin_a(torch.cat([q, P, q - P, q * P], dim=-1))                     # 5 x 64
+            bn_x = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-9) * bn.weight + bn.bias
+            x = torch.sigmoid(bn_x) * x                                            # Dice, alpha = 0
+            w = lin_c(lin_b(x))                                                    # 5 x 1, no softmax
+            w = w * (torch.arange(5) < poi_len[i]).float()[:, None]
+            pooled = (w * P).sum(0)
+            h = torch.cat([v, pois_feature[i], pooled])
+            s = model.linear2(torch.relu(model.linear4(torch.relu(model.linear3(h)))))
+            assert torch.allclose(got[i], s, atol=1e-5), i
+    # no POI: pooled vector is exactly zero, so the score ignores the POI vectors
+    with torch.inference_mode():
+        a = model(images[:1], pois_feature[:1], poi_img[:1], poi_txt[:1], torch.tensor([0]))
+        b2 = model(images[:1], pois_feature[:1], torch.zeros_like(poi_img[:1]), poi_txt[:1] * 0, torch.tensor([0]))
+    assert torch.equal(a, b2)
+
+
+def test_contrastive_loss_is_symmetric_ce():
+    sims = torch.tensor([[2.0, 0.1, 0.3], [0.2, 1.5, 0.0], [0.4, 0.3, 1.0]])
+    want = (F.cross_entropy(sims, torch.arange(3)) + F.cross_entropy(sims.t(), torch.arange(3))) / 2
+    assert torch.allclose(contrastive_loss(sims), want)
+
+
+def test_logit_scale_is_a_plain_multiplier(bert_dir):
+    model = tiny_align(bert_dir)
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    a, t = F.normalize(torch.randn(4, 32), dim=1), F.normalize(torch.randn(4, 32), dim=1)
+    assert torch.allclose(model.similarity(a, t), a @ t.t() * 3.0)
+
+
+def test_arch_json_round_trip(tmp_path):
+    p = tmp_path / "arch.json"
+    p.write_text('{"image_model": "efficientnet-b0", "text_layers": 2, "embed_dim": 64}')
+    arch = AlignArch.from_json(p)
+    assert arch.embed_dim == 64 and not arch.is_default and AlignArch().is_default
+    p.write_text('{"layers": 2}')
+    with pytest.raises(ValueError, match="layers"):
+        AlignArch.from_json(p)
