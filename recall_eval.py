@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""recall@K, MRR and an optional HTML report from recall results (SPEC section 4).
+
+    python recall_eval.py --results results/recall_top10.csv
+    python recall_eval.py --results results/recall_full.csv --k 1 5 10 50
+    python recall_eval.py --results results/recall_top10.csv --html results/recall.html \\
+        --image-dir data/recall_images
+
+Input, either format (detected from the first line):
+  * recall_infer.py --output: header ``poi_id,poi_name,rank,image,score``, top-k rows;
+  * the authors' full format (recall_infer.py --full-output): no header, one row per
+    (POI, image) ``poi_id,poi_name,image_path,score``.
+
+Semantics (the authors' evaluator): rows are grouped by poi_id (not by name: four
+names of the published set belong to two ids each); each group is sorted by score,
+descending, with a stable sort (ties keep file order); a POI is a hit at K when any of
+its top K images is its own (file name before the first ``_`` == poi_id); recall@K =
+hits / POIs. MRR is the mean of 1 / rank of the first own image, 0 when none is listed
+(over a top-10 file that is MRR@10).
+
+A top-k file cannot give recall@K for K above its k (unless it lists the whole
+gallery): that is an error, not a silently wrong number.
+
+Writes a JSON (--json, default ``<results>.eval.json``) with the figures and per-POI
+hits, and with --html a self-contained page (thumbnails embedded; failures first).
+Thumbnails are looked up as the listed path, else by file name in --image-dir (default:
+the image directory recorded in ``<results>.meta.json`` by recall_infer.py).
+
+Exit status: 0 on success, 2 for an unreadable results file or an impossible K.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from utils.data import DataError
+from utils.recall_metrics import DEFAULT_KS, RecallResult, evaluate_groups
+from utils.report import write_recall_report
+
+log = logging.getLogger("recall_eval")
+TOPK_HEADER = ["poi_id", "poi_name", "rank", "image", "score"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", required=True, help="recall_infer.py output (top-k or full format)")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="K values (default 1 5 10)")
+    p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
+    p.add_argument("--html", help="write a self-contained HTML report here")
+    p.add_argument("--html-k", type=int, help="images shown per POI in the report (default max --k)")
+    p.add_argument("--image-dir", help="where the images are, for thumbnails")
+    p.add_argument("--page-size", type=int, default=50, help="POIs per report page (default 50)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = p.parse_args(argv)
+    if min(args.k) < 1:
+        p.error("--k values must be >= 1")
+    return args
+
+
+def read_results(path: str | os.PathLike):
+    """``(fmt, groups, names)``: fmt 'topk' or 'full'; groups = {poi_id: [(image, score)]}
+    in file order; names = {poi_id: first name seen}."""
+    path = str(path)
+    groups: dict[str, list[tuple[str, float]]] = {}
+    names: dict[str, str] = {}
+    try:
+        f = open(path, encoding="utf-8-sig", newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        reader = csv.reader(f)
+        fmt = None
+        try:
+            for fields in reader:
+                line = reader.line_num
+                if not fields or all(not x.strip() for x in fields):
+                    continue
+                if fmt is None:
+                    if [x.strip() for x in fields] == TOPK_HEADER:
+                        fmt = "topk"
+                        continue
+                    fmt = "full"
+                if fmt == "topk":
+                    if len(fields) != 5:
+                        raise DataError(f"{path}:{line}: expected 5 fields ({','.join(TOPK_HEADER)}), "
+                                        f"found {len(fields)}")
+                    poi, name, _, image, score = fields
+                else:
+                    if len(fields) < 4:
+                        raise DataError(f"{path}:{line}: expected 4 fields (poi_id,poi_name,image_path,"
+                                        f"score) or a header line {','.join(TOPK_HEADER)}, found {len(fields)}")
+                    # an unquoted comma inside a name gives extra fields: the name is the middle
+                    poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
+                poi = poi.strip()
+                try:
+                    s = float(score)
+                except ValueError:
+                    raise DataError(f"{path}:{line}: score {score!r} is not a number") from None
+                if not poi or not image.strip():
+                    raise DataError(f"{path}:{line}: empty poi_id or image")
+                groups.setdefault(poi, []).append((image.strip(), s))
+                names.setdefault(poi, name)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
+    if not groups:
+        raise DataError(f"{path}: no result rows")
+    return fmt, groups, names
+
+
+def read_meta(results: str) -> dict:
+    p = Path(f"{results}.meta.json")
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s: ignored (%s)", p, e)
+        return {}
+
+
+def check_k(fmt: str, groups: dict, ks: list[int], meta: dict, path: str) -> None:
+    """A top-k file lists at most k images per POI: K above that is unknowable unless the
+    file holds the whole gallery (meta: gallery_size <= topk)."""
+    if fmt != "topk":
+        return
+    listed = max(len(v) for v in groups.values())
+    complete = bool(meta) and meta.get("gallery_size", 10 ** 12) <= meta.get("topk", 0)
+    too_big = [k for k in ks if k > listed]
+    if too_big and not complete:
+        raise DataError(f"{path}: lists the top {listed} images per POI, so recall@{too_big} cannot be "
+                        f"computed; rerun recall_infer.py with --topk {max(too_big)} (or use its "
+                        f"--full-output file)")
+
+
+def result_json(result: RecallResult, fmt: str, path: str) -> dict:
+    return {
+        "results": path, "format": fmt, "n_pois": result.n_pois, "ks": result.ks,
+        "recall": {str(k): v for k, v in result.recall.items()},
+        "hits": {str(k): v for k, v in result.hits.items()},
+        "mrr": result.mrr,
+        "mrr_over": "all listed images" if fmt == "full" else "the listed top images per POI",
+        "pois": [{"poi_id": p.poi_id, "poi_name": p.poi_name, "first_hit_rank": p.first_hit,
+                  "listed": p.n_candidates, **{f"hit@{k}": p.hit_at(k) for k in result.ks},
+                  "top": [[img, s] for img, s in p.top]} for p in result.pois],
+    }
+
+
+def make_resolver(image_dir: str | None, results: str):
+    base = Path(results).parent
+
+    def resolve(image: str) -> str | None:
+        cands = [Path(image)]
+        if not Path(image).is_absolute():
+            cands.append(base / image)
+        if image_dir:
+            cands.append(Path(image_dir) / Path(image).name)
+        for c in cands:
+            if c.is_file():
+                return str(c)
+        return None
+    return resolve
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ks = sorted(set(args.k))
+    html_k = args.html_k or max(ks)
+    try:
+        fmt, groups, names = read_results(args.results)
+        meta = read_meta(args.results)
+        check_k(fmt, groups, ks + ([html_k] if args.html else []), meta, args.results)
+    except DataError as e:
+        log.error("%s", e)
+        return 2
+    result = evaluate_groups(groups, ks, names, keep=max(ks + [html_k]))
+    sizes = {len(v) for v in groups.values()}
+    log.info("%s: %s format, %d POIs, %s images listed per POI", args.results, fmt, result.n_pois,
+             "/".join(str(s) for s in sorted(sizes)[:5]))
+
+    print(f"results: {args.results} ({fmt} format)")
+    print(f"POIs: {result.n_pois}")
+    for k in ks:
+        print(f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})")
+    print(f"MRR (first hit{'' if fmt == 'full' else f', within top {max(sizes)}'}): {result.mrr:.4f}")
+
+    out_json = args.json or f"{args.results}.eval.json"
+    tmp = f"{out_json}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result_json(result, fmt, args.results), f, ensure_ascii=False, indent=1)
+    os.replace(tmp, out_json)
+    log.info("wrote %s", out_json)
+
+    if args.html:
+        image_dir = args.image_dir or meta.get("image_dir")
+        summary = {"results": os.path.basename(args.results), "POIs": result.n_pois,
+                   **{f"recall@{k}": f"{result.recall[k]:.4f}" for k in ks}, "MRR": f"{result.mrr:.4f}"}
+        info = write_recall_report(args.html, result, html_k, make_resolver(image_dir, args.results),
+                                   title=f"Recall top {html_k}", summary=summary,
+                                   page_size=args.page_size, progress=not args.no_progress)
+        if info["missing"]:
+            log.warning("%d listed images had no readable file for a thumbnail%s", info["missing"],
+                        "" if image_dir else " (pass --image-dir)")
+        print(f"report: {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Batched encoding of images and texts with an alignment-style model, shared by the
+recall, ranking and selection scripts.
+
+    emb, ok = encode_images(model, paths, batch_size=None, device="cpu")   # N x D, N bools
+    txt = encode_texts(model, tokenizer, texts, batch_size=64, device="cpu")  # len(texts) x D
+
+``model`` needs ``encode_image(x, normalize=False)`` (and ``image_model`` for the memory
+format) and ``encode_text(input_ids, attention_mask, normalize=False)``; both returned
+tensors are float32, L2-normalised, on the CPU, row i for input i.
+
+Speed (see bench/bench_recall.py): images are decoded and preprocessed in DataLoader
+worker processes while the model runs; the image tower runs in ``channels_last`` (1.6x
+on CPU) under ``torch.inference_mode``; ``precision="bf16"``/``"fp16"`` adds autocast
+(about 2x more on a recent CPU, scores move by ~1e-2, so fp32 is the default). Each
+distinct text is encoded once, in batches of similar length.
+
+The model is switched to eval mode for the call and back afterwards, and its image
+tower is left in ``channels_last`` (same values, faster; harmless for training).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .images import ImageDataset
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_batch_size(device) -> int:
+    """32 on CPU (the fastest measured for B3 at 224 px on 2 cores; larger batches are
+    no faster), 128 on CUDA."""
+    return 128 if torch.device(device).type == "cuda" else 32
+
+
+def default_num_workers(device) -> int:
+    """Decoding workers: on CPU, as many as cores (they overlap the model's own
+    threads; decoding multi-megapixel photos is a large share of the work); on CUDA,
+    up to 8."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(n, 8)
+
+
+def autocast(device, precision: str):
+    """Context manager for ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | None = None,
+                  device="cpu", mode: str = "reference", num_workers: int | None = None,
+                  precision: str = "fp32", cache=None, stats: dict | None = None,
+                  progress: bool = True, desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
+    CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
+    is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
+
+    ``mode``: preprocessing, ``"reference"`` or ``"fast"`` (utils.images).
+    ``batch_size`` / ``num_workers``: None picks the device default.
+    ``cache``: a ``utils.cache.EmbeddingCache``; hits are not decoded or encoded, and
+    new vectors are stored batch by batch. Files with identical content are encoded once.
+    ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
+    the model), ``cached`` (taken from the cache), ``unreadable`` and ``seconds``.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    paths = [str(p) for p in paths]
+    n = len(paths)
+    ns = cache.namespace(mode, precision) if cache is not None else None
+
+    vectors: list[np.ndarray | None] = [None] * n
+    ok = np.ones(n, dtype=bool)
+    keys: list[str | None] = [None] * n
+    if cache is not None and n:
+        keys = cache.content_keys(paths)
+        found = cache.get_many(keys, ns)
+        for i, k in enumerate(keys):
+            if k in found:
+                vectors[i], ok[i] = found[k]
+    # what still needs the model: one path per distinct content (or per path without a key)
+    todo: list[int] = []
+    first_of: dict[str, int] = {}
+    for i in range(n):
+        if vectors[i] is not None:
+            continue
+        k = keys[i]
+        if k is not None and k in first_of:
+            continue
+        if k is not None:
+            first_of[k] = i
+        todo.append(i)
+    n_cached = sum(v is not None for v in vectors)
+
+    if todo:
+        loader = DataLoader(ImageDataset([paths[i] for i in todo], mode), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda",
+                            worker_init_fn=_worker_init if num_workers else None,
+                            prefetch_factor=4 if num_workers else None,
+                            persistent_workers=False)
+        fmt = torch.channels_last
+        model.image_model.to(memory_format=fmt)
+        bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
+                   leave=False)
+        with _eval_mode(model), torch.inference_mode():
+            for x, good, idx in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                with autocast(device, precision):
+                    e = model.encode_image(x, normalize=False)
+                e = F.normalize(e.float(), p=2, dim=1).cpu().numpy()
+                items = []
+                for row, g, j in zip(e, good.tolist(), idx.tolist()):
+                    i = todo[j]
+                    vectors[i], ok[i] = row, g
+                    items.append((keys[i], row, g))
+                if cache is not None:
+                    cache.put_many(items, ns)
+                bar.update(len(idx))
+        bar.close()
+    # duplicates of encoded content
+    for i in range(n):
+        if vectors[i] is None:
+            j = first_of[keys[i]]
+            vectors[i], ok[i] = vectors[j], ok[j]
+
+    dim = getattr(getattr(model, "arch", None), "embed_dim", None)
+    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else \
+        torch.empty(0, dim or 0)
+    result = {"total": n, "encoded": len(todo), "cached": n_cached,
+              "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0}
+    if stats is not None:
+        stats.update(result)
+    log.info("images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",
+             n, len(todo), n_cached, result["unreadable"], result["seconds"],
+             len(todo) / max(result["seconds"], 1e-9))
+    return emb, torch.from_numpy(ok)
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, device="cpu",
+                 precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+    """Encode texts: ``len(texts) x D`` float32 normalised on the CPU. Each distinct
+    string is encoded once; batches group texts of similar length (padding to the
+    longest of the batch, truncation at 50 tokens: ``models.align.tokenize``)."""
+    from models.align import tokenize
+
+    device = torch.device(device)
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:
+        return torch.empty(0, getattr(getattr(model, "arch", None), "embed_dim", 0))
+    order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+    out: list[torch.Tensor | None] = [None] * len(distinct)
+    with _eval_mode(model), torch.inference_mode():
+        for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not progress,
+                      leave=False):
+            ids = order[a:a + batch_size]
+            enc = tokenize(tokenizer, [distinct[i] for i in ids])
+            with autocast(device, precision):
+                e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                      normalize=False)
+            e = F.normalize(e.float(), p=2, dim=1).cpu()
+            for i, row in zip(ids, e):
+                out[i] = row
+    table = torch.stack(out)
+    index = {t: i for i, t in enumerate(distinct)}
+    return table[torch.tensor([index[t] for t in texts], dtype=torch.long)]

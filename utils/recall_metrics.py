@@ -1,0 +1,164 @@
+"""recall@K and MRR of the recall stage (SPEC section 4), from ranked lists or from a
+query x gallery score matrix.
+
+Semantics, exactly as the authors' evaluator:
+
+* queries are POI ids (not names: the published set has four names shared by two ids);
+* each query's candidates are sorted by score, descending, with a STABLE sort, so equal
+  scores keep gallery / file order (the authors used Python's ``sorted(..., reverse=True)``,
+  which is stable; every unreadable image shares one vector, so ties are real);
+* a query is a hit at K when any of its top K images belongs to it; the owner of an
+  image is its file name before the first ``_`` (``utils.data.poi_of_image``);
+* recall@K = hits / number of queries; MRR = mean of 1 / rank of the first hit, 0 for a
+  query without a hit among the candidates it has (so over a top-10 file it is MRR@10).
+
+Two entry points share these rules:
+
+* :func:`evaluate_groups` takes ``{poi_id: [(image, score), ...]}`` in file order (what
+  ``recall_eval.py`` reads) and returns a :class:`RecallResult` with per-POI details;
+* :func:`recall_at_k` / :func:`first_hit_ranks` take a Q x N score matrix (torch or
+  numpy), the query POI ids and the gallery POI ids, for training/validation loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .data import poi_of_image
+
+DEFAULT_KS = (1, 5, 10)
+
+
+# ---------------------------------------------------------------------------
+# ranked lists
+# ---------------------------------------------------------------------------
+def rank_candidates(candidates: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``(image, score)`` pairs sorted by score descending; ties keep input order
+    (Python's sort is stable, also with ``reverse=True``)."""
+    return sorted(candidates, key=lambda c: c[1], reverse=True)
+
+
+def first_hit(ranked_images: Iterable[str], poi_id: str) -> int | None:
+    """1-based rank of the first image owned by ``poi_id``, or None."""
+    for r, image in enumerate(ranked_images, 1):
+        if poi_of_image(image) == poi_id:
+            return r
+    return None
+
+
+def recall_from_first_hits(first_hits: Sequence[int | None], ks: Iterable[int]) -> dict[int, float]:
+    """recall@K for each K: the share of queries whose first hit is at rank <= K."""
+    n = len(first_hits)
+    if n == 0:
+        raise ValueError("no queries: recall is undefined")
+    return {int(k): sum(1 for r in first_hits if r is not None and r <= k) / n for k in ks}
+
+
+def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
+    if not first_hits:
+        raise ValueError("no queries: MRR is undefined")
+    return sum(1.0 / r for r in first_hits if r is not None) / len(first_hits)
+
+
+@dataclass
+class PoiResult:
+    poi_id: str
+    poi_name: str
+    first_hit: int | None            # 1-based, among the candidates listed for this POI
+    n_candidates: int
+    top: list[tuple[str, float]] = field(default_factory=list)  # first max(K) after sorting
+
+    def hit_at(self, k: int) -> bool:
+        return self.first_hit is not None and self.first_hit <= k
+
+
+@dataclass
+class RecallResult:
+    ks: list[int]
+    recall: dict[int, float]
+    hits: dict[int, int]
+    mrr: float
+    pois: list[PoiResult]
+
+    @property
+    def n_pois(self) -> int:
+        return len(self.pois)
+
+
+def evaluate_groups(groups: dict[str, list[tuple[str, float]]], ks: Iterable[int] = DEFAULT_KS,
+                    names: dict[str, str] | None = None, keep: int | None = None) -> RecallResult:
+    """Evaluate ``{poi_id: [(image, score), ...]}``; each list in file order.
+
+    ``keep`` is how many ranked candidates to keep per POI for reports (default max K).
+    K larger than a POI's candidate list simply takes them all, as slicing did in the
+    authors' evaluator; callers that know the list was truncated must check K first.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"K must be >= 1, got {ks}")
+    keep = max(ks) if keep is None else keep
+    names = names or {}
+    pois = []
+    for poi_id, cands in groups.items():
+        ranked = rank_candidates(cands)
+        pois.append(PoiResult(poi_id, names.get(poi_id, ""), first_hit((c[0] for c in ranked), poi_id),
+                              len(cands), ranked[:keep]))
+    firsts = [p.first_hit for p in pois]
+    recall = recall_from_first_hits(firsts, ks)
+    hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
+    return RecallResult(ks, recall, hits, mean_reciprocal_rank(firsts), pois)
+
+
+# ---------------------------------------------------------------------------
+# score matrices
+# ---------------------------------------------------------------------------
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of the top ``k`` per row, descending, ties in column order
+    (``torch.topk`` gives no such guarantee; a stable full sort does)."""
+    vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def first_hit_ranks(score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str],
+                    chunk: int = 1024) -> list[int | None]:
+    """1-based rank of each query's first own image in its stably sorted row.
+
+    ``score_matrix``: Q x N (torch or numpy; higher is better). ``query_pois``: Q POI ids;
+    ``gallery_pois``: N owner ids (use ``poi_of_image`` on file names to get them).
+    """
+    s = _as_tensor(score_matrix)
+    if s.dim() != 2 or s.shape[0] != len(query_pois) or s.shape[1] != len(gallery_pois):
+        raise ValueError(f"score matrix of shape {tuple(s.shape)} does not match "
+                         f"{len(query_pois)} queries x {len(gallery_pois)} gallery images")
+    ids = {p: i for i, p in enumerate(dict.fromkeys([*gallery_pois, *query_pois]))}
+    owner = torch.tensor([ids[p] for p in gallery_pois], dtype=torch.long, device=s.device)
+    query = torch.tensor([ids[p] for p in query_pois], dtype=torch.long, device=s.device)
+    out: list[int | None] = []
+    for a in range(0, s.shape[0], chunk):
+        _, order = torch.sort(s[a:a + chunk], dim=1, descending=True, stable=True)
+        match = owner[order] == query[a:a + chunk, None]
+        has = match.any(dim=1)
+        first = match.to(torch.int8).argmax(dim=1) + 1  # argmax returns the first maximum
+        out += [int(f) if h else None for f, h in zip(first.tolist(), has.tolist())]
+    return out
+
+
+def recall_at_k(score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str],
+                ks: Iterable[int] = DEFAULT_KS) -> dict[int, float]:
+    """``{K: recall@K}`` of a Q x N score matrix (see :func:`first_hit_ranks`)."""
+    return recall_from_first_hits(first_hit_ranks(score_matrix, query_pois, gallery_pois), ks)
+
+
+def recall_and_mrr(score_matrix, query_pois, gallery_pois, ks=DEFAULT_KS) -> dict:
+    """``{"recall@K": ..., "mrr": ...}`` in one pass, for training logs."""
+    firsts = first_hit_ranks(score_matrix, query_pois, gallery_pois)
+    out = {f"recall@{k}": v for k, v in recall_from_first_hits(firsts, ks).items()}
+    out["mrr"] = mean_reciprocal_rank(firsts)
+    return out
