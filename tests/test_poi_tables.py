@@ -1,0 +1,308 @@
+"""POI tables: restricted unpickler, safe format, conversion, and build_poi_tables.py."""
+import io
+import os
+import pickle
+import shlex
+import sys
+
+import numpy as np
+import numpy.lib.format as npformat
+import pytest
+import torch
+
+from fixtures import solid_image, tiny_align, write_image
+
+import build_poi_tables
+import poi_tables
+from models.align import load_tokenizer, tokenize
+from models.checkpoint import save_align_checkpoint
+from utils.images import load_image
+from utils.poi_tables import (PoiTableError, load_poi_table, restricted_load_npy, save_pickled_table,
+                              save_safe_table)
+
+def calibrate_image_bn(align, images):
+    """Give the image tower's BatchNorm layers running statistics from real images.
+    A randomly initialised EfficientNet in eval mode (running mean 0, var 1) shrinks the
+    signal block after block until every image gets the same vector; calibrated, the
+    vectors differ between images, so the tests see the image path."""
+    from utils.images import to_tensor
+    x = torch.stack([to_tensor(np.asarray(im.convert("RGB"))) for im in images])
+    bns = [m for m in align.image_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batch
+    align.image_model.train()
+    with torch.no_grad():
+        align.image_model(x)
+    align.eval()
+    return align
+
+
+PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
+
+
+def _save_dict(path, d):
+    np.save(path, d, allow_pickle=True)
+    return path
+
+
+def _vector_dict(n=4, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    names = ["西湖", " 灵隐寺", "古镇 ", "Great Wall", "乐园"][:n]
+    return {k: rng.normal(size=dim).astype(np.float32) for k in names}
+
+
+class _Boom:
+    """Unpickling this object runs a shell command (the attack the loader must stop)."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+# ---------------------------------------------------------------------------
+# restricted loading
+# ---------------------------------------------------------------------------
+def test_restricted_loader_reads_dict_of_arrays(tmp_path):
+    d = _vector_dict()
+    path = _save_dict(tmp_path / "vec.npy", d)
+    got = load_poi_table(path)
+    assert list(got) == list(d)  # order and unstripped names kept
+    for k in d:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], d[k])
+
+
+def test_restricted_loader_reads_dict_of_lists_scalars_and_strings(tmp_path):
+    d = {"梦幻谷": [81, 0, 8], "苗寨": [16, 0, 0], "a": [1.5, 2, 3], "s": np.float32(2.5),
+         "i": np.int64(7), "t": "text", "nested": {"x": (1, 2)}, "f64": np.arange(3, dtype=np.float64)}
+    got = load_poi_table(_save_dict(tmp_path / "pic.npy", d))
+    assert got["梦幻谷"] == [81, 0, 8] and got["a"] == [1.5, 2, 3]
+    assert got["s"] == np.float32(2.5) and got["s"].dtype == np.float32
+    assert got["i"] == 7 and got["t"] == "text" and got["nested"] == {"x": (1, 2)}
+    np.testing.assert_array_equal(got["f64"], np.arange(3.0))
+
+
+def test_restricted_loader_reads_old_protocols(tmp_path):
+    """Older numpy wrote protocol 2/3 pickles (bytes via _codecs.encode in protocol 2)."""
+    d = {"a": np.ones(3, dtype=np.float32), "b": [1, 2, 3]}
+    for proto in (2, 3, 4, 5):
+        arr = np.empty((), dtype=object)
+        arr[()] = d
+        path = tmp_path / f"p{proto}.npy"
+        with open(path, "wb") as f:
+            npformat.write_array_header_1_0(f, npformat.header_data_from_array_1_0(arr))
+            pickle.dump(arr, f, protocol=proto)
+        got = load_poi_table(path)
+        np.testing.assert_array_equal(got["a"], d["a"])
+        assert got["b"] == [1, 2, 3]
+
+
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    cmd = f"touch {shlex.quote(str(marker))}"
+    d = {"西湖": np.zeros(4, dtype=np.float32), "evil": np.array([_Boom(cmd)], dtype=object)}
+    path = _save_dict(tmp_path / "evil.npy", d)
+
+    with pytest.raises(PoiTableError) as e:
+        load_poi_table(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"'{os.system.__module__}.system'" in msg and "--trust-pickle" in msg
+    assert not marker.exists()
+
+    # the same file really is an attack: trusting it runs the command
+    load_poi_table(path, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_raw_pickle_bytes_with_forbidden_globals_are_refused(tmp_path):
+    marker = tmp_path / "pwned2"
+    arr_header = npformat.header_data_from_array_1_0(np.empty((), dtype=object))
+    payloads = {
+        "builtins.eval": b"cbuiltins\neval\n(V__import__('os').system('touch " + str(marker).encode()
+                         + b"')\ntR.",
+        "subprocess.call": b"csubprocess\ncall\n((Vtouch\nV" + str(marker).encode() + b"\nltR.",
+        "numpy.load": b"cnumpy\nload\n(Vx\ntR.",
+    }
+    for name, payload in payloads.items():
+        path = tmp_path / f"{name}.npy"
+        with open(path, "wb") as f:
+            npformat.write_array_header_1_0(f, arr_header)
+            f.write(payload)
+        with pytest.raises(PoiTableError, match=rf"{path.name}.*'{name}'"):
+            load_poi_table(path)
+        assert not marker.exists()
+
+
+def test_protocol2_codecs_encode_only_latin1(tmp_path):
+    arr_header = npformat.header_data_from_array_1_0(np.empty((), dtype=object))
+    path = tmp_path / "codec.npy"
+    with open(path, "wb") as f:
+        npformat.write_array_header_1_0(f, arr_header)
+        f.write(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")
+    with pytest.raises(PoiTableError, match="rot13"):
+        load_poi_table(path)
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(PoiTableError, match="no such POI table"):
+        load_poi_table(tmp_path / "nope.npy")
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not numpy at all")
+    with pytest.raises(PoiTableError, match="junk.npy: not a .npy file"):
+        load_poi_table(junk)
+    lst = _save_dict(tmp_path / "list.npy", np.array([[1, 2]], dtype=object))
+    with pytest.raises(PoiTableError, match="expected a dict"):
+        load_poi_table(lst)
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.ones((2, 3)))
+    assert restricted_load_npy(plain).shape == (2, 3)  # numeric arrays need no pickle
+    with pytest.raises(PoiTableError, match="expected a dict"):
+        load_poi_table(plain)
+
+
+# ---------------------------------------------------------------------------
+# safe format and conversion
+# ---------------------------------------------------------------------------
+def test_safe_format_round_trip_and_no_pickle(tmp_path):
+    d = _vector_dict()
+    path = save_safe_table(d, tmp_path / "vec.npz", source="test")
+    with np.load(path, allow_pickle=False) as z:  # readable without pickle
+        assert z["values"].dtype == np.float32 and z["values"].shape == (len(d), 8)
+        assert str(z["kind"]) == "vectors"
+    got = load_poi_table(path)
+    assert list(got) == list(d)
+    for k in d:
+        np.testing.assert_array_equal(got[k], d[k])
+    with pytest.raises(PoiTableError, match="'b' has 2 numbers"):
+        save_safe_table({"a": [1, 2, 3], "b": [1, 2]}, tmp_path / "ragged.npz")
+    with pytest.raises(PoiTableError, match="not numeric"):
+        save_safe_table({"a": "text"}, tmp_path / "text.npz")
+
+
+def test_convert_cli_round_trip(tmp_path, capsys):
+    vec = _vector_dict()
+    pic = {"西湖": [5, 1, 0], " 灵隐寺": [0, 0, 2], "古镇 ": [3, 0, 0]}
+    src_v = _save_dict(tmp_path / "vec.npy", vec)
+    src_p = _save_dict(tmp_path / "pic.npy", pic)
+    assert poi_tables.main(["convert", str(src_v), str(tmp_path / "vec.npz")]) == 0
+    assert poi_tables.main(["convert", str(src_p), str(tmp_path / "pic.npz")]) == 0
+    v2, p2 = load_poi_table(tmp_path / "vec.npz"), load_poi_table(tmp_path / "pic.npz")
+    assert list(v2) == list(vec) and list(p2) == list(pic)
+    for k in vec:
+        np.testing.assert_array_equal(v2[k], vec[k])
+    for k in pic:
+        assert p2[k].tolist() == pic[k] and p2[k].dtype.kind == "i"
+    # and back to the authors' format
+    assert poi_tables.main(["convert", str(tmp_path / "vec.npz"), str(tmp_path / "back.npy")]) == 0
+    v3 = load_poi_table(tmp_path / "back.npy")
+    for k in vec:
+        np.testing.assert_array_equal(v3[k], vec[k])
+    assert poi_tables.main(["info", str(tmp_path / "pic.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "3 POIs" in out and "names with leading/trailing spaces: 2" in out
+
+    evil = _save_dict(tmp_path / "evil.npy", {"x": np.array([_Boom("true")], dtype=object)})
+    assert poi_tables.main(["convert", str(evil), str(tmp_path / "evil.npz")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not (tmp_path / "evil.npz").exists()
+
+
+def test_real_pic_num_table(seed_data, tmp_path):
+    path = seed_data / PIC_NUM_NAME
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    table = load_poi_table(path)
+    assert len(table) == 2866
+    assert all(isinstance(v, list) and len(v) == 3 for v in table.values())
+    trusted = np.load(path, allow_pickle=True).item()
+    assert table == trusted
+    out = tmp_path / "pic_num.npz"
+    assert poi_tables.main(["convert", str(path), str(out)]) == 0
+    back = load_poi_table(out)
+    assert {k: v.tolist() for k, v in back.items()} == trusted
+
+
+# ---------------------------------------------------------------------------
+# build_poi_tables.py
+# ---------------------------------------------------------------------------
+def test_build_poi_tables(tmp_path, bert_dir):
+    colors = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 20), (10, 10, 10)]
+    model = calibrate_image_bn(tiny_align(bert_dir, seed=3),
+                               [solid_image(c, shape=sh) for c in colors for sh in ("圆", None)])
+    ckpt = tmp_path / "align.pth"
+    save_align_checkpoint(model, ckpt)
+    img_dir = tmp_path / "imgs"
+    # poi 1 (西湖): 3 images; poi 2 (古镇): 2 images, one missing; poi 3 shares the name 西湖;
+    # poi 4 (山): only an unreadable file
+    rows = [("1", "西湖", 1), ("1", "西湖", 2), ("1", "西湖", 3), ("2", " 古镇", 1), ("2", " 古镇", 2),
+            ("3", "西湖", 1), ("4", "山", 1)]
+    lines = []
+    for k, (pid, name, rank) in enumerate(rows):
+        lines.append(f"{pid},{name},http://example.invalid/{pid}_{rank}.jpg,{rank},96,64,")
+        if (pid, rank) == ("2", 2):
+            continue
+        if pid == "4":
+            (img_dir / f"{pid}_{rank}.jpg").write_bytes(b"broken")
+            continue
+        write_image(solid_image(colors[k % 5], seed=k), img_dir / f"{pid}_{rank}.png")
+    csv_path = tmp_path / "pois.csv"
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def run(extra, suffix):
+        args = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
+                "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / f"img{suffix}.npz"),
+                "--out-name-vectors", str(tmp_path / f"name{suffix}.npz"), "--device", "cpu",
+                "--num-workers", "0", "--quiet"] + extra
+        assert build_poi_tables.main(args) == 0
+        return (load_poi_table(tmp_path / f"img{suffix}.npz"),
+                load_poi_table(tmp_path / f"name{suffix}.npz"))
+
+    img_t, name_t = run(["--also-npy"], "")
+    plain_t, _ = run(["--no-normalize-mean"], "_plain")
+
+    with torch.no_grad():
+        def img_vec(path):
+            x, ok = load_image(path)
+            assert ok
+            return model.encode_image(x[None])[0].double().numpy()
+
+        xihu = [img_vec(img_dir / f) for f in ("1_1.png", "1_2.png", "1_3.png", "3_1.png")]
+        guzhen = [img_vec(img_dir / "2_1.png")]
+        tok = load_tokenizer(bert_dir)
+        enc = tokenize(tok, ["西湖"])
+        name_vec = model.encode_text(enc["input_ids"], enc["attention_mask"])[0].numpy()
+
+    assert set(img_t) == {"西湖", "古镇"}  # names stripped by the CSV reader; 山 has no readable image
+    assert set(name_t) == {"西湖", "古镇", "山"}
+    m = np.mean(xihu, axis=0)
+    np.testing.assert_allclose(img_t["西湖"], m / np.linalg.norm(m), atol=1e-5)
+    np.testing.assert_allclose(plain_t["西湖"], m, atol=1e-5)
+    assert np.linalg.norm(plain_t["西湖"]) < 0.999  # the images differ, so the plain mean is shorter
+    np.testing.assert_allclose(img_t["古镇"], guzhen[0], atol=1e-5)
+    np.testing.assert_allclose(name_t["西湖"], name_vec, atol=1e-5)
+    assert abs(np.linalg.norm(name_t["山"]) - 1) < 1e-5
+    # the pickled-dict copy reads back through the restricted loader
+    npy = load_poi_table(tmp_path / "img.npy")
+    np.testing.assert_allclose(npy["西湖"], img_t["西湖"])
+
+
+def test_build_poi_tables_rejects_unsafe_output_name(tmp_path, bert_dir, capsys):
+    args = ["--csv", str(tmp_path / "x.csv"), "--image-dir", str(tmp_path), "--checkpoint", "x",
+            "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / "a.npy"),
+            "--out-name-vectors", str(tmp_path / "b.npz"), "--device", "cpu"]
+    assert build_poi_tables.main(args) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+
+
+def test_mean_vectors_normalised_and_plain():
+    v = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [9, 9, 9]], dtype=np.float32)
+    ok = np.array([True, True, False, True])
+    groups = {"a": [0, 1, 2], "b": [2]}
+    norm, empty = build_poi_tables.mean_vectors(groups, v, ok)
+    plain, _ = build_poi_tables.mean_vectors(groups, v, ok, normalize=False)
+    assert empty == ["b"] and set(norm) == {"a"}  # unreadable images are left out, not zeros
+    np.testing.assert_allclose(plain["a"], [0.5, 0.5, 0])
+    np.testing.assert_allclose(norm["a"], [2 ** -0.5, 2 ** -0.5, 0], rtol=1e-6)
