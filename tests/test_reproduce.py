@@ -1,0 +1,225 @@
+"""reproduce.py end to end against a local HTTP mirror on 127.0.0.1.
+
+The test builds a complete small world and serves it with the manifest's layout:
+the two CSVs in the published formats (6 POIs x 3 images, 8 ranking pairs) whose image
+URLs point at the same server (one recall image and one durable ranking copy are gone:
+404), generated images, a recall and a ranker checkpoint in the authors' formats
+(randomly initialised tiny models, so ``--arch`` passes through; the ranker's
+``.arch.json`` sidecar is not in the manifest and does not come through the mirror),
+POI tables as pickled dicts (``np.save`` of a dict), and a bert config + vocab. A test
+manifest lists the same assets with this world's sha256.
+
+Runs: a first run goes through every step and prints the table; a second run skips
+every step with no request to the server; a removed image reruns exactly the steps
+that depend on it; a corrupted asset stops the run (checksum, kept aside).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures import TINY_ARCH, make_bert_dir, solid_image, tiny_align, tiny_ranker, write_image
+from local_server import LocalServer
+from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
+import reproduce
+from utils.assets import DEFAULT_MANIFEST, load_manifest
+
+POIS = [("101", "红色圆形", "红", "圆"), ("102", "绿色方形", "绿", "方"), ("103", "蓝色圆形", "蓝", "圆"),
+        ("104", "黄色方形", "黄", "方"), ("105", "紫色圆形", "紫", "圆"), ("106", "橙色方形", "橙", None)]
+POI_TABLE_NAMES = ["西湖", "北京", "古镇", "山海"]
+GONE_RECALL = "/img/recall/106_3.jpg"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_world(mirror: Path, srv: LocalServer, base: Path) -> tuple[Path, Path]:
+    """Write the mirror tree; return (test manifest, arch file)."""
+    paths = {a.name: a.path for a in load_manifest(DEFAULT_MANIFEST)}
+    u = srv.url
+    # recall set: 6 POIs x 3 images, one of them gone from the server
+    lines = []
+    for i, (pid, name, color, shape) in enumerate(POIS):
+        for r in (1, 2, 3):
+            rel = f"/img/recall/{pid}_{r}.jpg"
+            if rel != GONE_RECALL:
+                write_image(solid_image(color_of(color), shape=shape, seed=10 * i + r), mirror / rel[1:])
+            lines.append(f"{pid},{name},{u(rel)},{r},96,64,")
+    (mirror / paths["recall_csv"]).parent.mkdir(parents=True, exist_ok=True)
+    (mirror / paths["recall_csv"]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # ranking val set: 8 pairs; even items have a durable copy that is gone (falls back)
+    sep, recs = "$record$", []
+    colors = ["红", "绿", "蓝", "黄", "紫", "橙", "黑", "白"]
+    for k in range(8):
+        item = f"9{k:02d}"
+        a, b = f"/img/rank/{item}_a.jpg", f"/img/rank/{item}_b.jpg"
+        write_image(solid_image(color_of(colors[k]), seed=100 + k), mirror / a[1:])
+        write_image(solid_image(color_of(colors[(k + 3) % 8]), shape="圆", seed=200 + k), mirror / b[1:])
+        oss_a = u(f"/gone/{item}_a.jpg") if k % 2 == 0 else ""
+        pois = ",".join(POI_TABLE_NAMES[: k % 4]) if k % 4 else ""
+        ctr_a, ctr_b = (2, 1) if k % 3 == 0 else (1, 2)
+        recs.append(sep.join([item, u(a), u(b), str(ctr_a), str(ctr_b), f"{colors[k]}色古镇",
+                              "旅游", oss_a, "", pois]))
+    (mirror / paths["rank_val_csv"]).write_text("\n".join(recs) + "\n", encoding="utf-8")
+    # POI tables: pickled dicts through np.save
+    rng = np.random.default_rng(0)
+    dim = TINY_ARCH.embed_dim
+    unit = lambda: (lambda v: v / np.linalg.norm(v))(rng.normal(size=dim).astype(np.float32))  # noqa: E731
+    tables = {
+        "poi_pic_num": {n: [i, 2 * i, 1] for i, n in enumerate(POI_TABLE_NAMES)},
+        "poi_image_vectors": {n: unit() for n in POI_TABLE_NAMES},
+        "poi_name_vectors": {n: unit() for n in POI_TABLE_NAMES[:3]},  # one name unknown
+    }
+    for name, table in tables.items():
+        p = mirror / paths[name]
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "wb") as f:
+            np.save(f, table, allow_pickle=True)
+    # bert files and the two checkpoints in the authors' formats
+    bert = make_bert_dir(mirror / Path(paths["bert_vocab"]).parent)
+    (mirror / paths["align_weights"]).parent.mkdir(parents=True, exist_ok=True)
+    save_align_checkpoint(tiny_align(bert, seed=1), mirror / paths["align_weights"])
+    save_ranker_checkpoint(tiny_ranker(bert, seed=2), mirror / paths["ranker_weights"])
+    assert (mirror / (paths["ranker_weights"] + ".arch.json")).exists()  # not in the manifest
+    arch = base / "tiny_arch.json"
+    arch.write_text(json.dumps(TINY_ARCH.to_dict()), encoding="utf-8")
+    # the test manifest: the project's, with this world's sha256 where the real one is known
+    doc = json.loads(Path(DEFAULT_MANIFEST).read_text(encoding="utf-8"))
+    for a in doc["assets"]:
+        f = mirror / a["path"]
+        a["sha256"] = sha(f) if a["sha256"] and f.exists() else None
+    manifest = base / "test-assets.json"
+    manifest.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return manifest, arch
+
+
+def color_of(c):
+    from fixtures import COLORS
+    return COLORS[c]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("world")
+    mirror = base / "mirror"
+    srv = LocalServer(directory=mirror).start()
+    manifest, arch = build_world(mirror, srv, base)
+    yield {"srv": srv, "base": base, "manifest": manifest, "arch": arch, "mirror": mirror}
+    srv.stop()
+
+
+def argv(w, dest: Path, out: Path, *extra) -> list[str]:
+    return ["--mirror", w["srv"].base_url, "--manifest", str(w["manifest"]), "--dest", str(dest),
+            "--out-dir", str(out), "--device", "cpu", "--arch", str(w["arch"]),
+            "--num-workers", "0", "--workers", "4", "--no-progress", "--no-html", *extra]
+
+
+def table_value(text: str, metric: str) -> list[str]:
+    m = re.search(rf"^\| {re.escape(metric)}\s*\|(.*)\|\s*$", text, re.M)
+    assert m, f"no row {metric!r} in:\n{text}"
+    return [c.strip() for c in m.group(1).split("|")]
+
+
+def test_full_run_then_everything_skipped_then_partial_rerun(world, capsys):
+    srv, base = world["srv"], world["base"]
+    dest, out = base / "dest", base / "out"
+    torch.set_num_threads(2)
+
+    # 1. first run: every step runs, table printed
+    assert reproduce.main(argv(world, dest, out)) == 0
+    text = capsys.readouterr().out
+    for step in reproduce.STEPS:
+        assert f"step {step}: running" in text and f"step {step}: done" in text
+    assert srv.count(GONE_RECALL) >= 1
+    rec = json.loads((out / "recall" / "metrics.json").read_text())
+    rank = json.loads((out / "rank" / "metrics.json").read_text())
+    assert rec["n_pois"] == 6 and rank["pairs_scored"] == 8
+    paper, ours, diff = table_value(text, "recall@5")
+    ours_r5 = ours
+    assert paper == "0.7880" and float(ours) == pytest.approx(rec["recall"]["5"], abs=1e-4)
+    assert float(diff) == pytest.approx(rec["recall"]["5"] - 0.788, abs=1e-4)
+    paper, ours, _ = table_value(text, "ranking accuracy")
+    assert paper == "0.6520" and float(ours) == pytest.approx(rank["accuracy"], abs=1e-4)
+    for metric in ("recall@1", "recall@10", "ranking ROC-AUC", "ranking log loss"):
+        assert table_value(text, metric)[0] == "-"
+    assert "recall images present / missing: 17 / 1" in text
+    assert "rank images present / missing: 16 / 0" in text
+    results = json.loads((out / "results.json").read_text())
+    assert {r["metric"] for r in results["table"]} >= {"recall@5", "ranking accuracy", "ranking ROC-AUC"}
+    assert table_value((out / "results.md").read_text(), "recall@5")[:2] == ["0.7880", ours_r5]
+    assert (dest / "assets/weights/align_model.pth").is_file()
+    assert not (dest / "assets/weights/shoucai_siamese_train_concat_poi_020_0.6520.ckpt.arch.json").exists()
+    assert len(list((dest / "data/images/recall").glob("*.jpg"))) == 17
+
+    # 2. second run: every step skipped, no request at all
+    srv.reset_counts()
+    assert reproduce.main(argv(world, dest, out)) == 0
+    text = capsys.readouterr().out
+    assert srv.total_requests == 0, srv.log
+    for step in reproduce.STEPS:
+        assert f"step {step}: skipped" in text
+    assert "running" not in text
+    assert table_value(text, "recall@5")[1] == f"{rec['recall']['5']:.4f}"
+    assert "skipped" in (out / "reproduce.log").read_text()
+
+    # 3. a ranking image removed: rank-images fetches just it, rank-eval reruns, the rest skip
+    (dest / "data/images/rank/903_b.jpg").unlink()
+    srv.reset_counts()
+    assert reproduce.main(argv(world, dest, out)) == 0
+    text = capsys.readouterr().out
+    assert [p for (_, p, _) in srv.log] == ["/img/rank/903_b.jpg"]
+    for step in ("assets", "recall-images", "recall-infer", "recall-eval"):
+        assert f"step {step}: skipped" in text
+    assert "step rank-images: running (output changed since: images)" in text
+    assert "step rank-eval: running (input changed: images)" in text
+
+
+def test_corrupted_asset_stops_the_run(world, capsys):
+    srv, base = world["srv"], world["base"]
+    rel = "/" + next(a.path for a in load_manifest(DEFAULT_MANIFEST) if a.name == "rank_val_csv")
+    srv.add(rel, b"1$record$not the file we published\n")
+    try:
+        srv.reset_counts()
+        dest = base / "dest-bad"
+        assert reproduce.main(argv(world, dest, base / "out-bad")) == 1
+    finally:
+        srv.remove(rel)
+    cap = capsys.readouterr()
+    assert "rank_val_csv: checksum mismatch" in cap.err
+    assert "step assets: FAILED" in cap.err
+    bad = dest / (rel[1:] + ".bad-sha256")
+    assert bad.read_bytes() == b"1$record$not the file we published\n"
+    assert not (dest / rel[1:]).exists()
+    assert not [p for (_, p, _) in srv.log if p.startswith("/img/")]  # nothing ran after it
+    assert "recall-images" not in cap.out
+
+
+def test_step_without_its_inputs_and_cuda_without_gpu(world, capsys, tmp_path):
+    assert reproduce.main(argv(world, tmp_path / "d", tmp_path / "o", "--steps", "recall-infer")) == 1
+    err = capsys.readouterr().err
+    assert "step recall-infer: cannot run, missing input: csv" in err
+    assert "--steps assets,recall-images" in err
+    if not torch.cuda.is_available():
+        args = argv(world, tmp_path / "d", tmp_path / "o")
+        args[args.index("--device") + 1] = "cuda"
+        assert reproduce.main(args) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_max_failures_stops_when_too_many_images_are_gone(world, capsys, tmp_path):
+    dest, out = tmp_path / "d", tmp_path / "o"
+    shutil.copytree(world["base"] / "dest" / "data", dest / "data", ignore=shutil.ignore_patterns("images"))
+    args = argv(world, dest, out, "--steps", "recall-images", "--max-failures", "0")
+    # the recall CSV is in place but not the rest of the assets: recall-images needs only it
+    assert reproduce.main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of 18 images could not be downloaded, more than --max-failures 0" in err
+    assert not (out / "steps" / "recall-images.done.json").exists()
