@@ -321,6 +321,18 @@ def existing_files(out_dir: str | os.PathLike, stem: str) -> list[Path]:
 # ---------------------------------------------------------------------------
 # fetching
 # ---------------------------------------------------------------------------
+def _drain(resp, limit: int = 1 << 16) -> None:
+    """Read a small error body so its keep-alive connection goes back to the pool."""
+    try:
+        n = 0
+        for chunk in resp.iter_content(8192):
+            n += len(chunk)
+            if n > limit:
+                break
+    except Exception:  # noqa: BLE001 - the connection is simply dropped then
+        pass
+
+
 def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
     """GET ``url`` into ``tmp_path``; returns (http status, sniffed ext, size, sha256, final url)."""
     try:
@@ -331,6 +343,7 @@ def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
         code = resp.status_code
         final_url = resp.url if resp.url != url else None
         if code != 200:
+            _drain(resp)
             raise _Fail(f"http_{code}", f"HTTP {code} {resp.reason or ''}".strip(), code)
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
