@@ -71,12 +71,29 @@ def _positive_int(text: str) -> int:
     return v
 
 
+EPILOG = """\
+files:     recall rows -> OUT/<poi_id>_<rank_number>.<ext>; ranking rows ->
+           OUT/<item_id>_a.<ext>, OUT/<item_id>_b.<ext> (durable oss URL first, then
+           the original); <ext> is sniffed from the bytes received.
+resume:    present and valid files are kept (status skipped); only missing or
+           invalid ones are downloaded.
+manifest:  JSONL, one line per image and per bad CSV row, flushed as results
+           arrive; rewritten by each run (the previous one kept as .prev).
+exit:      0 ok, 1 more failures than --max-failures, 2 bad arguments or CSV,
+           130 interrupted.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="download_images.py",
         description="Resumable, concurrent, verified image download for the recall CSV "
                     "and the $record$ ranking CSVs. A rerun downloads only what is missing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("--csv", required=True, help="input CSV (recall or ranking format)")
     p.add_argument("--out", required=True, help="output directory for the images")
     p.add_argument("--format", choices=("auto", "recall", "rank"), default="auto",
@@ -236,8 +253,15 @@ def main(argv=None) -> int:
     timeout = (args.timeout_connect, args.timeout_read)
 
     def job(key, urls):
-        return download_one(session, urls, out, key, max_bytes=args.max_bytes, timeout=timeout,
-                            max_side=args.max_side, url_map=url_map, backoff=args.backoff)
+        try:
+            return download_one(session, urls, out, key, max_bytes=args.max_bytes,
+                                timeout=timeout, max_side=args.max_side, url_map=url_map,
+                                backoff=args.backoff)
+        except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
+            log.exception("unexpected error for %s", key)
+            return FetchResult(key=key, status="failed", url=urls[0] if urls else None,
+                               error=f"internal error: {type(e).__name__}: {e}",
+                               error_kind="internal")
 
     status: Counter = Counter()
     errors: Counter = Counter()

@@ -447,3 +447,36 @@ def test_sigkill_then_rerun_completes(tmp_path):
         assert all(srv.count(f"/k{k.split('_')[1]}") == 0 for k in before)  # kept, not refetched
         recs = by_key(read_manifest(out / "manifest.jsonl"))
         assert {k for k, r in recs.items() if r["status"] == "skipped"} == set(before)
+
+
+# ---------------------------------------------------------------------------
+# the reusable server itself (Range, HEAD, directory, faults, counts)
+# ---------------------------------------------------------------------------
+def test_local_server_features(tmp_path):
+    import requests
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)) * 4)
+    body = b"0123456789" * 10
+    with LocalServer(directory=tmp_path) as srv:
+        assert srv.base_url.startswith("http://127.0.0.1:")
+        srv.add("/r", body, faults=[Fault(status=503), Fault(drop=True)])
+        assert requests.get(srv.url("/r"), timeout=5).status_code == 503
+        with pytest.raises(requests.ConnectionError):
+            requests.get(srv.url("/r"), timeout=5)
+        r = requests.get(srv.url("/r"), timeout=5)
+        assert r.content == body and r.headers["Accept-Ranges"] == "bytes"
+        r = requests.get(srv.url("/r"), headers={"Range": "bytes=90-"}, timeout=5)
+        assert r.status_code == 206 and r.content == body[90:]
+        assert r.headers["Content-Range"] == "bytes 90-99/100"
+        r = requests.get(srv.url("/r"), headers={"Range": "bytes=-5"}, timeout=5)
+        assert r.content == body[-5:]
+        etag = r.headers["ETag"]
+        r = requests.get(srv.url("/r"), headers={"Range": "bytes=10-", "If-Range": '"other"'}, timeout=5)
+        assert r.status_code == 200 and r.content == body
+        r = requests.get(srv.url("/r"), headers={"Range": "bytes=10-", "If-Range": etag}, timeout=5)
+        assert r.status_code == 206
+        assert requests.get(srv.url("/r"), headers={"Range": "bytes=500-"}, timeout=5).status_code == 416
+        assert requests.head(srv.url("/r"), timeout=5).headers["Content-Length"] == "100"
+        assert requests.get(srv.url("/f.bin"), timeout=5).content == (tmp_path / "f.bin").read_bytes()
+        assert requests.get(srv.url("/../etc/passwd"), timeout=5).status_code == 404
+        assert srv.count("/r") == 9
+        assert ("GET", "/r", "bytes=90-") in srv.log
