@@ -45,9 +45,38 @@ def make_bert_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def calibrate_image_tower(model: AlignModel, seed: int = 0, batches: int = 3) -> AlignModel:
+    """Make a randomly initialised image tower image-dependent in eval mode.
+
+    With PyTorch's default conv init the signal vanishes through the EfficientNet
+    blocks, so in eval mode (BN running stats 0/1) every image gets the same vector.
+    Re-initialise the convs as EfficientNet does (He normal, fan-out) and set the BN
+    running statistics from a few random batches.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.image_model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            with torch.no_grad():
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=g)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model.image_model(torch.randn(8, 3, 224, 224, generator=g))
+    for m in model.image_model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    return model.eval()
+
+
 def tiny_align(bert_dir, seed: int = 0, arch: AlignArch = TINY_ARCH) -> AlignModel:
+    """A tiny, randomly initialised alignment model whose image vectors depend on
+    the image (see calibrate_image_tower)."""
     torch.manual_seed(seed)
-    return AlignModel.from_bert_dir(bert_dir, arch).eval()
+    return calibrate_image_tower(AlignModel.from_bert_dir(bert_dir, arch), seed)
 
 
 def tiny_ranker(bert_dir, seed: int = 0) -> SiameseRanker:
