@@ -234,14 +234,14 @@ def _expected_sequence(pois, pic):
     return [x for _, _, x in sorted(w)][:5]
 
 
-def _direct_scores(s, model):
+def _direct_scores(s, model, rows=ROWS):
     """Score every row with the full forward pass of the model (no caching, no batching
     of pairs), building inputs by hand."""
     tok = load_tokenizer(s["bert_dir"])
     dim = model.align_model.arch.embed_dim
     out = {}
     with torch.no_grad():
-        for item, ca, cb, title, pois, a, b in ROWS:
+        for item, ca, cb, title, pois, a, b in rows:
             text = pois if pois.strip() else title
             enc = tokenize(tok, [text])
             feat = model.align_model.encode_text(enc["input_ids"], enc["attention_mask"])
@@ -329,7 +329,7 @@ def test_rank_eval_align_checkpoint_override(setup):
     got = _read_output(out)
     model = tiny_ranker(s["bert_dir"], seed=5)
     model.align_model.load_state_dict(other.state_dict())
-    expected = _direct_scores(s, model.eval())
+    expected = _direct_scores(s, model.eval(), ROWS[:2])
     assert list(got) == ["101", "102"]
     for k in got:
         assert got[k][1] == pytest.approx(expected[k][1], abs=1e-5)
@@ -357,3 +357,26 @@ def test_rank_eval_bad_inputs(setup, tmp_path, capsys):
     args[args.index("--csv") + 1] = str(tmp_path / "absent.csv")
     assert rank_eval.main(args) == 2
     assert "absent.csv" in capsys.readouterr().err
+
+
+def test_real_val_csv_inputs(seed_data):
+    """The published val set through the input rules: 1000 pairs, 451 label-1, 295 without
+    POIs, and the real pic-num table (restricted loader) ordering the rest."""
+    from utils.data import read_rank_csv
+    from utils.poi_tables import load_poi_table
+
+    csv_path = seed_data / "dwd_mml_train_dataset_1007_urls_val_with_poi_tuomin.csv"
+    pic_path = seed_data / "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
+    if not csv_path.is_file() or not pic_path.is_file():
+        pytest.skip("val CSV or pic-num table absent from the seed data")
+    rows = read_rank_csv(csv_path)
+    pic = load_poi_table(pic_path)
+    assert len(rows) == 1000 and sum(r.label for r in rows) == 451
+    inputs = [build_item_inputs(r.title, r.poi_names, pic, {}, {}, 8) for r in rows]
+    assert sum(i.poi_len == 0 for i in inputs) == 295
+    assert max(i.poi_len for i in inputs) == 5
+    assert pairwise_metrics([r.label for r in rows], np.zeros(1000), np.ones(1000))["baseline"] == pytest.approx(0.549)
+    for r, i in zip(rows, inputs):
+        w = [-(lambda c: c[0] + 5 * c[1] + 3 * c[2])(pic.get(n.strip(), [0, 0, 0])) for n in i.poi_names]
+        assert w == sorted(w)  # heaviest first
+        assert i.pois_text == (r.poi_names if r.poi_names.strip() else r.title)
