@@ -80,7 +80,8 @@ def run_measured(csv_path: Path, out: Path, workers: int, extra: list[str]) -> d
         rss_kb //= 1024
     return {"workers": workers, "rc": proc.returncode, "wall": wall, "seconds": secs,
             "images": n, "ok": ok, "rate": n / secs if secs else 0.0,
-            "wall_rate": n / wall if wall else 0.0, "rss_mb": rss_kb / 1024, "log": text}
+            "wall_rate": n / wall if wall else 0.0, "rss_mb": rss_kb / 1024,
+            "cpu": usage.ru_utime + usage.ru_stime, "log": text}
 
 
 def main(argv=None) -> int:
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
             results.append(r)
             print(f"  workers {w:3d}: {r['rate']:7.1f} images/s ({r['images']} in {r['seconds']:.2f} s; "
                   f"wall incl. start-up {r['wall']:.2f} s = {r['wall_rate']:.1f}/s), "
-                  f"ok {r['ok']}, exit {r['rc']}, requests {r['requests']}, peak RSS {r['rss_mb']:.0f} MB")
+                  f"ok {r['ok']}, exit {r['rc']}, requests {r['requests']}, "
+                  f"downloader CPU {r['cpu']:.1f} s, peak RSS {r['rss_mb']:.0f} MB")
             if r["rc"] != 0:
                 print(r["log"][-2000:])
     if len(results) >= 2 and results[0]["rate"] > 0:
