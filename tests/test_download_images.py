@@ -95,6 +95,17 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_env(monkeypatch):
+    """Requests to 127.0.0.1 must go straight to the test server."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def server():
     with LocalServer() as srv:
@@ -134,6 +145,16 @@ def test_session_retry_configuration():
     assert "GET" in r.allowed_methods
     assert getattr(r, "backoff_jitter", 0.2) > 0
     assert adapter._pool_maxsize == 32
+
+
+def test_session_uses_proxy_from_environment(server, monkeypatch):
+    # the local server plays the proxy: nothing leaves 127.0.0.1
+    server.add("/via-proxy.jpg", make_image("JPEG"))
+    monkeypatch.setenv("HTTP_PROXY", server.base_url)
+    s = make_session(retries=0)
+    r = s.get("http://images.example.invalid/via-proxy.jpg", timeout=5)
+    assert r.status_code == 200 and server.log[-1][1] == "/via-proxy.jpg"
+    assert server.count("/via-proxy.jpg") == 1
 
 
 def test_verify_existing(tmp_path):
@@ -419,7 +440,8 @@ def test_sigkill_then_rerun_completes(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv_path),
              "--out", str(out), *FAST, "--workers", "3"],
-            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS})
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
