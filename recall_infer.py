@@ -27,8 +27,8 @@ change any ranking). Ranking uses a stable descending sort, so ties keep gallery
 as in the authors' evaluator. Evaluate with recall_eval.py.
 
 Speed: decoding runs in DataLoader workers, the image tower in channels_last under
-inference_mode, texts in batches; --precision bf16/fp16 is faster but moves scores
-(~1e-2). --cache-dir keeps image vectors (keyed by file content, weights, preprocessing
+inference_mode, texts in batches; --precision bf16/fp16 moves scores (~1e-2) and is
+faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps image vectors (keyed by file content, weights, preprocessing
 and precision) so a rerun encodes only new images.
 
 Exit status: 0 on success, 2 for bad input (CSV, checkpoint, directories).
@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
                    help="reference = the authors' exact path (default); fast = JPEG draft decoding")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default, exact); bf16/fp16 autocast: faster, scores move ~1e-2")
+                   help="fp32 (default, exact); bf16/fp16 autocast: faster on GPUs and CPUs with "
+                        "AVX-512 BF16/AMX (emulated, far slower, on AVX2-only CPUs); scores move ~1e-2")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, help="images per batch (default: 32 on CPU, 128 on CUDA)")
     p.add_argument("--text-batch-size", type=int, default=64)
@@ -163,10 +164,10 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    weights = model_hash(model)
+    # the weights' hash keys the cache (hashing 230 MB takes a moment: only when caching)
+    weights = model_hash(model) if args.cache_dir else None
     timings["load_model"] = time.perf_counter() - t
-    log.info("model %s loaded on %s (weights %s...), %.1f s", args.checkpoint, device, weights[:12],
-             timings["load_model"])
+    log.info("model %s loaded on %s, %.1f s", args.checkpoint, device, timings["load_model"])
 
     # -- images --------------------------------------------------------------
     cache = EmbeddingCache(args.cache_dir, f"{args.model_name}:{weights}") if args.cache_dir else None

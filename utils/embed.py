@@ -11,7 +11,9 @@ tensors are float32, L2-normalised, on the CPU, row i for input i.
 Speed (see bench/bench_recall.py): images are decoded and preprocessed in DataLoader
 worker processes while the model runs; the image tower runs in ``channels_last`` (1.6x
 on CPU) under ``torch.inference_mode``; ``precision="bf16"``/``"fp16"`` adds autocast
-(about 2x more on a recent CPU, scores move by ~1e-2, so fp32 is the default). Each
+(about 2x more on a CPU with AVX-512 BF16 or AMX, but ~100x SLOWER on an AVX2-only
+CPU, where it is emulated: a warning says so; scores move by ~1e-2, so fp32 is the
+default). Each
 distinct text is encoded once, in batches of similar length.
 
 The model is switched to eval mode for the call and back afterwards, and its image
@@ -51,6 +53,20 @@ def default_num_workers(device) -> int:
     up to 8."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(n, 8)
+
+
+def native_low_precision(device, precision: str) -> bool:
+    """False when ``precision`` would be emulated: on a CPU without AVX-512 BF16 / AMX
+    (an AVX2-only CPU runs bf16 convolutions ~100x slower than fp32)."""
+    if precision == "fp32" or torch.device(device).type != "cpu":
+        return True
+    cpu = torch.cpu
+    try:
+        if precision == "bf16":
+            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        return bool(cpu._is_amx_fp16_supported())
+    except AttributeError:  # private helpers of this torch build; assume it is fine
+        return True
 
 
 def autocast(device, precision: str):
@@ -98,6 +114,9 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     paths = [str(p) for p in paths]
     n = len(paths)
     ns = cache.namespace(mode, precision) if cache is not None else None
+    if not native_low_precision(device, precision):
+        log.warning("precision %s on this CPU (%s) has no native support and is emulated: expect it "
+                    "to be far slower than fp32", precision, torch.backends.cpu.get_cpu_capability())
 
     vectors: list[np.ndarray | None] = [None] * n
     ok = np.ones(n, dtype=bool)
