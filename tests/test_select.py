@@ -228,6 +228,13 @@ def test_single_path_output_and_orderings(env, single):
     ok_files = {r["file"] for r in rows if r["status"] == "ok"}
     assert summary["distinct_images"] == len(ok_files) + 1
     assert summary["images_encoded"]["stage1"] == len(ok_files) + 1
+    # every distinct text once: titles and pois_feature texts (poi_names if not blank, else title)
+    first = {}
+    for r in env["rows"][1:]:
+        if len(r) >= 4 and r[0] and r[3].strip():
+            first.setdefault(r[0], r)
+    texts = {r[1] for r in first.values()} | {r[2] if r[2].strip() else r[1] for r in first.values()}
+    assert summary["texts_encoded"] == len(texts)
     # bad rows reported with their line numbers
     assert summary["bad_rows"] == 3
     assert [int(re.search(r":(\d+):", e).group(1)) for e in summary["bad_row_list"]] == [6, 7, 8]
