@@ -104,7 +104,8 @@ def read_results(path: str | os.PathLike):
                     raise DataError(f"{path}:{line}: score {score!r} is not a number") from None
                 if not poi or not image.strip():
                     raise DataError(f"{path}:{line}: empty poi_id or image")
-                groups.setdefault(poi, []).append((image.strip(), s))
+                # 2.5 M rows of the full format repeat 5000 paths: share the strings
+                groups.setdefault(poi, []).append((sys.intern(image.strip()), s))
                 names.setdefault(poi, name)
         except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
