@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after-step", type=int, default=0,
                    help="save and stop after this optimizer step (0: run all epochs)")
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K")
+    g.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N epochs (and after the last)")
     g.add_argument("--select-k", type=int, default=5, help="best.pth maximises held-out recall@K")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -521,7 +523,8 @@ def run(args, env) -> int:
         bar.close()
         if stopped:
             break
-        if val and env.is_main:
+        due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
+        if val and due and env.is_main:
             res = evaluate(align, tokenizer, val, args, device, val_vecs)
             metrics.write(step=step, epoch=epoch + 1, split="val", **res)
             log.info("epoch %d (step %d): held-out %s", epoch + 1, step,
