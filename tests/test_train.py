@@ -1,6 +1,7 @@
 """recall_train.py and rank_train.py on learnable tasks the tests generate, plus exact
 resume. Small model variant (TRAIN_ARCH below: TINY_ARCH made thinner, with faster
-BatchNorm running statistics so that a few dozen steps give a usable eval mode)."""
+BatchNorm running statistics so that a few dozen steps give a usable eval mode, and
+no dropout / drop-connect, which made so short a training unstable)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ from utils.train import (MetricsWriter, DistEnv, WarmupSchedule, augment_pil, lo
 
 TRAIN_ARCH = AlignArch(image_model=TINY_ARCH.image_model,
                        image_overrides={"width_coefficient": 0.125, "depth_coefficient": 0.1,
-                                        "depth_divisor": 4, "batch_norm_momentum": 0.8},
+                                        "depth_divisor": 4, "batch_norm_momentum": 0.8,
+                                        "dropout_rate": 0.0, "drop_connect_rate": 0.0},
                        text_layers=1, embed_dim=32)
 SHAPES = ("圆", "方")
 COMMON = ["--workers", "0", "--device", "cpu"]
@@ -120,7 +122,7 @@ def test_recall_learns_held_out(recall_run):
     assert len(val) == 5 and int(val[0]["queries"]) == 16 and int(val[0]["gallery"]) == 48
     chance = chance_recall(48, 3, 5)                          # 0.286
     first, best = float(val[0]["recall@5"]), max(float(r["recall@5"]) for r in val)
-    assert best >= 0.55 > 1.9 * chance, (first, best, chance)
+    assert best >= 0.6 > 2 * chance, (first, best, chance)
     losses = train_losses(recall_run["out"])
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.4  # ln 16 = 2.77 at the start
 
@@ -281,9 +283,11 @@ def test_augment_pil_rotation_and_flip():
             expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
         assert np.array_equal(np.asarray(out), np.asarray(expected))
         flips += flip
-        corners += np.asarray(out)[0, 0].sum() == 0 or np.asarray(out)[-1, -1].sum() == 0
+        if abs(angle) > 2:  # black fill where the rotation uncovers a corner
+            corners += 1
+            assert np.asarray(out)[0, 0].sum() == 0 or np.asarray(out)[-1, -1].sum() == 0
     assert 0.2 < flips / 300 < 0.4
-    assert corners > 250  # black fill where the rotation uncovers the corners
+    assert corners > 150
 
 
 def test_warmup_cosine_schedule():
