@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, help="images per batch (default: 32 on CPU, 128 on CUDA)")
     p.add_argument("--text-batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, help="decoding worker processes (default: number of cores, max 8)")
+    p.add_argument("--num-workers", type=int, help="decoding worker processes (default: half the cores on CPU, all on CUDA; max 8)")
     p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images)")
     p.add_argument("--model-name", default="align", help="model kind recorded in cache keys (default align)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

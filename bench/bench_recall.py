@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -90,6 +92,12 @@ class PeakRSS:
     def __exit__(self, *exc):
         self.stop.set()
         self.t.join()
+
+
+def cpu_seconds() -> float:
+    """user + system CPU time of this process and its reaped children (DataLoader workers)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def make_gallery(seed_data: Path, out: Path, n: int) -> tuple[Path, list[Path]]:
@@ -160,10 +168,11 @@ def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: 
     out = {}
     with torch.inference_mode():
         model.encode_image(x)  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         for _ in range(batches):
             e = model.encode_image(x)
         out["fp32"] = batch_size * batches / (time.perf_counter() - t)
+        out["cpu_ms"] = 1000 * (cpu_seconds() - c) / (batch_size * batches)
         if bf16_images:
             xb = x[:bf16_images]
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -205,12 +214,12 @@ def run_infer(tag, csv_path, img_dir, ckpt, bert_dir, out: Path, *extra) -> tupl
             "--bert-dir", str(bert_dir), "--output", str(out / f"{tag}_top10.csv"),
             "--full-output", str(out / f"{tag}_full.csv"), "--device", "cpu", "--log-level", "WARNING",
             *extra]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     if recall_infer.main(argv) != 0:
         raise SystemExit(f"recall_infer failed for {tag}")
     dt = time.perf_counter() - t
-    import json
     meta = json.loads((out / f"{tag}_top10.csv.meta.json").read_text(encoding="utf-8"))
+    meta["cpu_s"] = cpu_seconds() - c
     return dt, meta
 
 
@@ -253,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-batches", type=int, default=4, help="batches timed for (a)")
     p.add_argument("--cache-n", type=int, default=5000)
     p.add_argument("--skip-fast", action="store_true")
-    p.add_argument("--bf16-images", type=int, default=4,
+    p.add_argument("--bf16-images", type=int, default=2,
                    help="images timed in bf16 for (a) and its deviation (0 = skip; emulated, so very "
                         "slow, on AVX2-only CPUs)")
     p.add_argument("--bf16-e2e", action="store_true", help="also run recall_infer --precision bf16")
@@ -271,7 +280,8 @@ def main(argv=None) -> int:
     if args.num_workers is not None:
         extra += ["--num-workers", str(args.num_workers)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"n={args.n}, batch {args.batch_size}")
+          f"n={args.n}, batch {args.batch_size}; load average {os.getloadavg()[0]:.1f} "
+          f"(other work on the machine slows every figure)")
 
     csv_path, paths = make_gallery(seed, out, args.n)
     mp = np.mean([np.prod(Image.open(q).size) for q in paths[:30]]) / 1e6
@@ -287,7 +297,8 @@ def main(argv=None) -> int:
         # (a)
         a = bench_model_alone(model, paths, args.batch_size, args.model_batches, args.bf16_images)
         res["a"] = a["fp32"]
-        print(f"(a) model alone, ready tensors, channels_last, batch {args.batch_size}: fp32 {a['fp32']:.1f} img/s")
+        print(f"(a) model alone, ready tensors, channels_last, batch {args.batch_size}: fp32 {a['fp32']:.1f} img/s "
+              f"({a['cpu_ms']:.0f} CPU ms/img)")
         if "bf16" in a:
             tok = load_tokenizer(bert_dir)
             names = list(dict.fromkeys(r.poi_name for r in iter_recall_csv(csv_path)))
@@ -304,14 +315,15 @@ def main(argv=None) -> int:
         res["b_ref"] = args.n / dt
         res["b_ref_stage"] = meta["images_per_s"]
         print(f"(b) recall_infer end to end, reference: {res['b_ref']:.1f} img/s ({dt:.1f} s total; image "
-              f"stage {meta['images_per_s']:.1f} img/s; timings {meta['timings_s']})")
+              f"stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU ms/img; "
+              f"timings {meta['timings_s']})")
         if not args.skip_fast:
             dt, meta = run_infer("fast", csv_path, out / "images", ckpt, bert_dir, out,
                                  "--preprocess", "fast", *extra)
             res["b_fast"] = args.n / dt
             res["b_fast_stage"] = meta["images_per_s"]
             print(f"(b) recall_infer end to end, fast:      {res['b_fast']:.1f} img/s ({dt:.1f} s total; image "
-                  f"stage {meta['images_per_s']:.1f} img/s)")
+                  f"stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU ms/img)")
         if args.bf16_e2e:
             dt, meta = run_infer("bf16", csv_path, out / "images", ckpt, bert_dir, out,
                                  "--precision", "bf16", *extra)
@@ -329,10 +341,12 @@ def main(argv=None) -> int:
     peak_b = rss.peak
     # (c)
     if not args.skip_baseline:
+        c = cpu_seconds()
         dt = sequential_baseline(ckpt, bert_dir, csv_path, out / "images", out / "seq_full.csv")
+        c = cpu_seconds() - c
         res["c"] = args.n / dt
         print(f"(c) sequential baseline (NCHW fp32, batch 16, one name at a time): {res['c']:.1f} img/s "
-              f"({dt:.1f} s)")
+              f"({dt:.1f} s; {1000 * c / args.n:.0f} CPU ms/img)")
     first, dt = bench_cache_lookup(model, out, args.cache_n)
     print(f"cache lookup of {args.cache_n} files: {dt:.2f} s all hits (first fingerprinting {first:.2f} s "
           f"for {args.cache_n} x 2 KB files)")
@@ -370,6 +384,7 @@ def main(argv=None) -> int:
         check(f"(b) and (c) scores within 1e-4: {dev_c:.2e}", dev_c <= 1e-4)
     check(f"peak RSS (main + workers) < 3 GB: {peak_b / 1e9:.2f} GB", peak_b < 3e9)
     check(f"cached rerun of {args.cache_n} images < 15 s: {dt:.2f} s", dt < 15)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -48,11 +48,14 @@ def default_batch_size(device) -> int:
 
 
 def default_num_workers(device) -> int:
-    """Decoding workers: on CPU, as many as cores (they overlap the model's own
-    threads; decoding multi-megapixel photos is a large share of the work); on CUDA,
-    up to 8."""
+    """Decoding workers. On CPU half the cores (at least 1, at most 8): the model uses
+    every core, and decoding a 2 MP photo (~15 ms) is far quicker than encoding it, so
+    one worker per two cores keeps the model fed (measured on 2 cores: 1 and 2 workers
+    give the same speed, 1 uses less memory). On CUDA, all cores up to 8."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(n, 8)
+    if torch.device(device).type == "cuda":
+        return max(1, min(n, 8))
+    return max(1, min(n // 2, 8))
 
 
 def native_low_precision(device, precision: str) -> bool:
