@@ -59,8 +59,8 @@ from utils.data import DataError, RankRow, index_images, iter_rank_csv
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, autocast, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, ZERO_TENSOR
-from utils.poi import ItemInputs, build_item_inputs
-from utils.poi_tables import PoiTableError, load_poi_table, table_dim
+from utils.poi import ItemInputs
+from utils.poi_tables import PoiTableError, load_poi_tables
 from utils.rank_metrics import pairwise_metrics
 
 log = logging.getLogger("rank_eval")
@@ -163,30 +163,6 @@ class Result:
     counts: dict = field(default_factory=dict)
 
 
-def load_tables(args) -> tuple[dict, dict, dict]:
-    tables = []
-    for opt, path in (("--poi-pic-num", args.poi_pic_num),
-                      ("--poi-image-vectors", args.poi_image_vectors),
-                      ("--poi-name-vectors", args.poi_name_vectors)):
-        try:
-            tables.append(load_poi_table(path, trust_pickle=args.trust_pickle))
-        except PoiTableError as e:
-            raise PoiTableError(f"{opt}: {e}") from None
-    return tuple(tables)
-
-
-def check_tables(pic_num: dict, img_vectors: dict, name_vectors: dict, dim: int, paths) -> None:
-    """Vector tables must hold ``dim``-d vectors; pic-num values at most 3 counts."""
-    for table, path in ((img_vectors, paths[1]), (name_vectors, paths[2])):
-        d = table_dim(table, path)
-        if table and d != dim:
-            raise PoiTableError(f"{path}: vectors have {d} values, the model's embedding has {dim}")
-    for name, v in pic_num.items():
-        a = np.asarray(v)
-        if a.dtype == object or a.dtype.kind not in "biuf" or a.size > 3:
-            raise PoiTableError(f"{paths[0]}: pic-num entry {name!r} = {v!r} is not up to 3 counts")
-
-
 def score_pairs(model, pairs: list[Pair], text_vecs: dict, vec_a: torch.Tensor, vec_b: torch.Tensor,
                 batch_size: int, device, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Scores of image a and image b of every pair with the ranker head."""
@@ -216,12 +192,9 @@ def evaluate(model, tokenizer, rows: list[RankRow], images: dict, tables, device
              batch_size: int | None = None, text_batch_size: int = 64, head_batch_size: int = 256,
              num_workers: int | None = None, cache=None, progress: bool = True) -> Result:
     """Score every pair of ``rows``; ``images`` maps file stem -> path."""
-    pic_num, img_vectors, name_vectors = tables
-    dim = model.align_model.arch.embed_dim
     align = model.align_model
-
-    pairs = [Pair(r, build_item_inputs(r.title, r.poi_names, pic_num, img_vectors, name_vectors, dim),
-                  images.get(r.key_a), images.get(r.key_b)) for r in rows]
+    pairs = [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b))
+             for r in rows]
     missing_files = sorted({r.key_a for r in rows if r.key_a not in images}
                            | {r.key_b for r in rows if r.key_b not in images})
     if missing_files:
@@ -351,11 +324,10 @@ def main(argv=None) -> int:
         log.info("%s: %d pairs (%d with label 1)", args.csv, len(rows), sum(r.label for r in rows))
         images = index_images(args.image_dir)
         log.info("%s: %d image files", args.image_dir, len(images))
-        tables = load_tables(args)
         model = load_ranker(args.checkpoint, args.bert_dir, arch=args.arch,
                             align_checkpoint=args.align_checkpoint, device=device)
-        check_tables(*tables, model.align_model.arch.embed_dim,
-                     (args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors))
+        tables = load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
+                                 dim=model.align_model.arch.embed_dim, trust_pickle=args.trust_pickle)
         tokenizer = load_tokenizer(args.bert_dir)
         cache = EmbeddingCache.for_model(args.cache_dir, model.align_model) if args.cache_dir else None
     except (DataError, PoiTableError, CheckpointError, FileNotFoundError, ValueError) as e:

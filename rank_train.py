@@ -3,8 +3,8 @@
 
     python rank_train.py --train-csv data/dwd_..._train_with_poi_tuomin.csv \\
         --val-csv data/dwd_..._val_with_poi_tuomin.csv --image-dir data/rank_images \\
-        --pic-num data/..._poi_2_pic_num.npy --img-vectors data/..._imgs_avg10_vector.npy \\
-        --name-vectors data/..._poi_name_vector.npy --bert-dir data/bert-base-chinese \\
+        --poi-pic-num data/..._poi_2_pic_num.npy --poi-image-vectors data/..._imgs_avg10_vector.npy \\
+        --poi-name-vectors data/..._poi_name_vector.npy --bert-dir data/bert-base-chinese \\
         --init data/align_model.pth --out-dir runs/rank1
     torchrun --nproc_per_node 2 rank_train.py ...same arguments...   # data parallel
 
@@ -64,8 +64,8 @@ from utils.data import DataError, RankRow, index_images, iter_rank_csv
 from utils.device import DEVICE_CHOICES
 from utils.embed import encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, load_image
-from utils.poi import build_item_inputs, pois_text
-from utils.poi_tables import load_poi_table, table_dim
+from utils.poi import pois_text
+from utils.poi_tables import PoiTables, load_poi_tables
 from utils.rank_metrics import pairwise_metrics
 from utils.train import (MetricsWriter, ResumableSampler, all_mean, augment_pil, barrier,
                          build_optimizer, build_scheduler, check_resume_config, configure_logging,
@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-csv", required=True, help="$record$ validation pairs")
     g.add_argument("--image-dir", required=True, help="folder of <item_id>_a/_b image files")
     g.add_argument("--val-image-dir", help="folder of the validation images (default --image-dir)")
-    g.add_argument("--pic-num", help="POI pic-num table (name -> [n0, n1, n2]); without it every "
+    g.add_argument("--poi-pic-num", "--pic-num", help="POI pic-num table (name -> [n0, n1, n2]); without it every "
                    "POI weighs 0 and the CSV order is kept")
-    g.add_argument("--img-vectors", help="POI mean image vector table; without it: zero vectors")
-    g.add_argument("--name-vectors", help="POI name vector table; without it: zero vectors")
+    g.add_argument("--poi-image-vectors", "--img-vectors", help="POI mean image vector table; without it: zero vectors")
+    g.add_argument("--poi-name-vectors", "--name-vectors", help="POI name vector table; without it: zero vectors")
     g.add_argument("--trust-pickle", action="store_true",
                    help="read .npy tables with plain np.load(allow_pickle=True)")
     g.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference")
@@ -163,31 +163,20 @@ def read_pairs(csv_path: str, image_dir: str) -> list[tuple[RankRow, str, str]]:
     return out
 
 
-class Tables:
-    """The three POI tables (empty dicts when not given) and the vector size."""
-
-    def __init__(self, args, dim: int):
-        def load(path):
-            return load_poi_table(path, trust_pickle=args.trust_pickle) if path else {}
-        self.pic_num, self.img, self.name = load(args.pic_num), load(args.img_vectors), load(args.name_vectors)
-        for path, table in ((args.img_vectors, self.img), (args.name_vectors, self.name)):
-            d = table_dim(table, str(path))
-            if table and d != dim:
-                raise SystemExit(f"{path}: vectors have {d} values, the recall model's embedding "
-                                 f"has {dim}")
-        if not (self.img and self.name):
-            log.warning("no POI image/name vector table given: POI vectors are zero")
-        self.dim = dim
-
-    def inputs(self, row: RankRow):
-        return build_item_inputs(row.title, row.poi_names, self.pic_num, self.img, self.name, self.dim)
+def load_tables(args, dim: int) -> PoiTables:
+    """The three POI tables (each optional: a missing one is empty)."""
+    tables = load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
+                             dim=dim, trust_pickle=args.trust_pickle)
+    if not (tables.image_vectors and tables.name_vectors):
+        log.warning("no POI image/name vector table given: POI vectors are zero")
+    return tables
 
 
 class PairDataset(Dataset):
     """Item i: image a, image b (tensors, or indices into cached vectors), the item's POI
     inputs, the index of its pois_feature vector and the label."""
 
-    def __init__(self, records: list[PairRecord], tables: Tables, mode: str, augment: bool,
+    def __init__(self, records: list[PairRecord], tables: PoiTables, mode: str, augment: bool,
                  seed: int, image_index: dict | None = None):
         self.records, self.tables, self.mode = records, tables, mode
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -210,7 +199,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        item = self.tables.inputs(r.row)
+        item = self.tables.inputs(r.row.title, r.row.poi_names)
         return (self._image(r.path_a, i, 0), self._image(r.path_b, i, 1),
                 torch.from_numpy(item.poi_img), torch.from_numpy(item.poi_txt),
                 torch.tensor(item.poi_len), torch.tensor(r.text_index),
@@ -347,7 +336,7 @@ def run(args, env) -> int:
     for p in align.parameters():
         p.requires_grad_(False)
     align.eval()
-    tables = Tables(args, align.arch.embed_dim)
+    tables = load_tables(args, align.arch.embed_dim)
 
     # pois_feature: one text-tower vector per distinct string, computed once
     texts = list(dict.fromkeys(pois_text(r.title, r.poi_names) for r, _, _ in train_rows + val_rows))

@@ -59,8 +59,8 @@ from utils.data import DataError
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES
-from utils.poi import MAX_POIS, ItemInputs, build_item_inputs, pois_text
-from utils.poi_tables import PoiTableError, load_poi_table, table_dim
+from utils.poi import MAX_POIS, ItemInputs, pois_text
+from utils.poi_tables import PoiTableError, load_poi_tables
 from utils.select import (DOWNLOAD_FAILED, DUPLICATE, MISSING, OK, UNREADABLE, assign_final_ranks,
                           assign_recall_ranks, mark_duplicates, read_catalogue, resolve_images,
                           write_output, write_report)
@@ -181,24 +181,14 @@ def load_tables(args, dim: int):
     if not all(given):
         raise PoiTableError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: "
                             "give all three or none")
-    tables = []
-    for opt, path in zip(("--poi-pic-num", "--poi-image-vectors", "--poi-name-vectors"), given):
-        try:
-            tables.append(load_poi_table(path, trust_pickle=args.trust_pickle))
-        except PoiTableError as e:
-            raise PoiTableError(f"{opt}: {e}") from None
-    for table, path in zip(tables[1:], given[1:]):
-        d = table_dim(table, path)
-        if table and d != dim:
-            raise PoiTableError(f"{path}: vectors have {d} values, the model's embedding has {dim}")
-    return tuple(tables)
+    return load_poi_tables(*given, dim=dim, trust_pickle=args.trust_pickle)
 
 
 def item_inputs(title: str, poi_names: str, tables, dim: int) -> ItemInputs:
     """As rank_eval: utils.poi.build_item_inputs with the tables; without tables no POI
     sequence (poi_len 0) and pois_feature text per the SPEC rule."""
     if tables is not None:
-        return build_item_inputs(title, poi_names, *tables, dim=dim)
+        return tables.inputs(title, poi_names)
     zeros = np.zeros((MAX_POIS, dim), dtype=np.float32)
     return ItemInputs(pois_text(title, poi_names), [], zeros, zeros.copy(), 0, [])
 

@@ -86,8 +86,8 @@ def make_rank_data(root, n_train, n_val, seed=0, dim=32):
     save_safe_table({p: trng.normal(size=dim) for p in POIS}, root / "img_vec.npz")
     save_safe_table({p: trng.normal(size=dim) for p in POIS[:-1]}, root / "name_vec.npz")
     return ["--train-csv", str(root / "train.csv"), "--val-csv", str(root / "val.csv"),
-            "--image-dir", str(img), "--pic-num", str(root / "pic_num.npy"),
-            "--img-vectors", str(root / "img_vec.npz"), "--name-vectors", str(root / "name_vec.npz")]
+            "--image-dir", str(img), "--poi-pic-num", str(root / "pic_num.npy"),
+            "--poi-image-vectors", str(root / "img_vec.npz"), "--poi-name-vectors", str(root / "name_vec.npz")]
 
 
 def chance_recall(gallery: int, per_owner: int, k: int) -> float:
@@ -230,9 +230,9 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     img = tmp_path / "rank_img"
     ea, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], num_workers=0, progress=False)
     eb, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], num_workers=0, progress=False)
-    tables = rank_train.Tables(rank_train.build_parser().parse_args(
+    tables = rank_train.load_tables(rank_train.build_parser().parse_args(
         data + ["--bert-dir", "x", "--out-dir", "x"]), 32)
-    items = [tables.inputs(r) for r in rows]
+    items = [tables.inputs(r.title, r.poi_names) for r in rows]
     feat = encode_texts(ranker.align_model, load_tokenizer(recall_run["bert"]), [it.pois_text for it in items])
     pi = torch.from_numpy(np.stack([it.poi_img for it in items]))
     pt = torch.from_numpy(np.stack([it.poi_txt for it in items]))

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.lib.format as npformat
@@ -270,3 +271,41 @@ def table_dim(table: dict, source: str = "<table>") -> int:
             (d1, n1), (d2, n2) = list(dims.items())[:2]
             raise PoiTableError(f"{source}: {n1!r} has {d1} values but {n2!r} has {d2}")
     return next(iter(dims), 0)
+
+
+class PoiTables(NamedTuple):
+    """The ranker's three POI tables (empty dicts for those not given)."""
+    pic_num: dict
+    image_vectors: dict
+    name_vectors: dict
+    dim: int
+
+    def inputs(self, title: str, poi_names: str):
+        """Item inputs per SPEC section 5 (utils.poi.build_item_inputs)."""
+        from .poi import build_item_inputs
+        return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors,
+                                 self.name_vectors, self.dim)
+
+
+def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim: int,
+                    trust_pickle: bool = False) -> PoiTables:
+    """Load and check the three tables the scripts take as ``--poi-pic-num``,
+    ``--poi-image-vectors`` and ``--poi-name-vectors``; a path left out gives an empty
+    table. Vector tables must hold ``dim``-d vectors, pic-num values up to 3 counts;
+    errors name the option and the file."""
+    tables = []
+    for opt, path in (("--poi-pic-num", pic_num), ("--poi-image-vectors", image_vectors),
+                      ("--poi-name-vectors", name_vectors)):
+        try:
+            tables.append(load_poi_table(path, trust_pickle=trust_pickle) if path else {})
+        except PoiTableError as e:
+            raise PoiTableError(f"{opt}: {e}") from None
+    for table, path in zip(tables[1:], (image_vectors, name_vectors)):
+        d = table_dim(table, str(path))
+        if table and d != dim:
+            raise PoiTableError(f"{path}: vectors have {d} values, the model's embedding has {dim}")
+    for name, v in tables[0].items():
+        a = np.asarray(v)
+        if a.dtype == object or a.dtype.kind not in "biuf" or a.size > 3:
+            raise PoiTableError(f"{pic_num}: pic-num entry {name!r} = {v!r} is not up to 3 counts")
+    return PoiTables(*tables, dim)
