@@ -5,6 +5,18 @@
         --image-dir data/recall_images --checkpoint align_model.pth \\
         --bert-dir data/bert-base-chinese --output results/recall_top10.csv
 
+    # the paper's baseline, Taiyi-CLIP with the authors' fine-tuned text encoder
+    python recall_infer.py --model taiyi --csv data/temp_recall_biztype0_fc5_imagern_500.csv \\
+        --image-dir data/recall_images --taiyi-text-dir assets/taiyi-clip-roberta-102m-chinese \\
+        --taiyi-text-weights assets/weights/taiyi_text_finetuned.bin \\
+        --clip-dir assets/clip-vit-base-patch32 --output results/taiyi_top10.csv
+
+Models (--model, models/factory.py): ``align`` (default, the paper's model: --checkpoint,
+--bert-dir) or ``taiyi`` (the Taiyi-CLIP baseline: --taiyi-text-dir, --clip-dir, optional
+--taiyi-text-weights). Each brings its own tokenizer and image preprocessing (align: the
+reference squash to 224 with ImageNet mean/std; taiyi: CLIP's shortest side to 224,
+bicubic, centre crop, CLIP mean/std); outputs, cache and evaluation are the same for all.
+
 Gallery: one image per CSV row, found in --image-dir as ``<poi_id>_<rank>.<ext>``
 (any image extension; ``utils.data.index_images``), kept in CSV order. Queries: every
 distinct poi_id with its name (each distinct name is encoded once).
@@ -28,8 +40,9 @@ as in the authors' evaluator. Evaluate with recall_eval.py.
 
 Speed: decoding runs in DataLoader workers, the image tower in channels_last under
 inference_mode, texts in batches; --precision bf16/fp16 moves scores (~1e-2) and is
-faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps image vectors (keyed by file content, weights, preprocessing
-and precision) so a rerun encodes only new images.
+faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps image
+vectors (keyed by file content, model identity = name + weights hash, preprocessing and
+precision) so a rerun encodes only new images.
 
 Exit status: 0 on success, 2 for bad input (CSV, checkpoint, directories).
 """
@@ -46,12 +59,12 @@ from pathlib import Path
 
 import torch
 
-from models.align import load_tokenizer
-from models.checkpoint import CheckpointError, load_align_model, model_hash
+from models.checkpoint import CheckpointError
+from models.factory import add_model_arguments, build_recall_model, check_model_arguments
 from utils.cache import EmbeddingCache
 from utils.data import DataError, index_images, iter_recall_csv, poi_of_image
 from utils.device import DEVICE_CHOICES, resolve_device
-from utils.embed import PRECISIONS, default_batch_size, default_num_workers, encode_images, encode_texts
+from utils.embed import PRECISIONS, default_batch_size, default_num_workers
 from utils.images import PREPROCESS_MODES
 
 log = logging.getLogger("recall_infer")
@@ -62,9 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", required=True, help="recall-format CSV (poi_id,poi_name,image_url,rank,...)")
     p.add_argument("--image-dir", required=True, help="directory of <poi_id>_<rank>.<ext> images")
-    p.add_argument("--checkpoint", required=True, help="recall weights (align_model.pth) or a ranker checkpoint")
-    p.add_argument("--bert-dir", required=True, help="directory with bert-base-chinese config.json and vocab.txt")
-    p.add_argument("--arch", help="architecture JSON for a non-default model (models.align.AlignArch)")
     p.add_argument("--output", required=True, help="top-k CSV to write (with header)")
     p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format")
     p.add_argument("--topk", type=int, default=10, help="images kept per POI in --output (default 10)")
@@ -83,10 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, help="decoding worker processes (default: half the cores on CPU, all on CUDA; max 8)")
     p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images)")
-    p.add_argument("--model-name", default="align", help="model kind recorded in cache keys (default align)")
+    p.add_argument("--model-name", help="model kind recorded in cache keys (default: the --model name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_model_arguments(p)
     args = p.parse_args(argv)
+    check_model_arguments(p, args)
     if args.topk < 1:
         p.error("--topk must be >= 1")
     return args
@@ -159,24 +171,26 @@ def main(argv=None) -> int:
     # -- model ---------------------------------------------------------------
     t = time.perf_counter()
     try:
-        model = load_align_model(args.checkpoint, args.bert_dir, arch=args.arch, device=device)
-        tokenizer = load_tokenizer(args.bert_dir)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        rm = build_recall_model(args.model, args, device)
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     # the weights' hash keys the cache (hashing 230 MB takes a moment: only when caching)
-    weights = model_hash(model) if args.cache_dir else None
+    weights = rm.weights_hash() if args.cache_dir else None
+    model_name = args.model_name or rm.name
     timings["load_model"] = time.perf_counter() - t
-    log.info("model %s loaded on %s, %.1f s", args.checkpoint, device, timings["load_model"])
+    log.info("model %s (%s) loaded on %s, %.1f s", rm.name,
+             ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device, timings["load_model"])
 
     # -- images --------------------------------------------------------------
-    cache = EmbeddingCache(args.cache_dir, f"{args.model_name}:{weights}") if args.cache_dir else None
+    cache = EmbeddingCache(args.cache_dir, f"{model_name}:{weights}") if args.cache_dir else None
     paths = [p for _, p in gallery]
     stats: dict = {}
     t = time.perf_counter()
-    img_emb, ok = encode_images(model, paths, args.batch_size, device, args.preprocess,
-                                args.num_workers, args.precision, cache=cache, stats=stats,
-                                progress=not args.no_progress, desc="gallery")
+    img_emb, ok = rm.encode_images(paths, args.batch_size, device, mode=args.preprocess,
+                                   num_workers=args.num_workers, precision=args.precision,
+                                   cache=cache, stats=stats, progress=not args.no_progress,
+                                   desc="gallery")
     timings["images"] = time.perf_counter() - t
     if cache is not None:
         log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
@@ -211,8 +225,8 @@ def main(argv=None) -> int:
     # -- texts and scores ----------------------------------------------------
     t = time.perf_counter()
     qids = list(queries)
-    txt_emb = encode_texts(model, tokenizer, [queries[q] for q in qids], args.text_batch_size,
-                           device, args.precision)
+    txt_emb = rm.encode_texts([queries[q] for q in qids], args.text_batch_size, device,
+                              precision=args.precision)
     timings["texts"] = time.perf_counter() - t
     t = time.perf_counter()
     with torch.inference_mode():
@@ -251,7 +265,8 @@ def main(argv=None) -> int:
     own = {poi_of_image(n) for n in names}
     meta = {
         "csv": args.csv, "image_dir": args.image_dir, "checkpoint": args.checkpoint,
-        "weights_sha256": weights, "model_name": args.model_name, "preprocess": args.preprocess,
+        "model": rm.name, "model_sources": rm.sources,
+        "weights_sha256": weights, "model_name": model_name, "preprocess": args.preprocess,
         "precision": args.precision, "device": str(device),
         "batch_size": args.batch_size or default_batch_size(device),
         "num_workers": default_num_workers(device) if args.num_workers is None else args.num_workers,

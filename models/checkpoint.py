@@ -59,14 +59,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     return sd, meta
 
 
-def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "") -> list[str]:
+def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "",
+               benign=None, hint: str | None = None) -> list[str]:
     """Strictly load ``sd`` into ``model``; returns the benign keys it ignored.
 
     ``prefix`` is where the recall model sits (``"align_model."`` in the ranker), so
-    the benign extras are recognised there too.
+    the benign extras are recognised there too. ``benign`` replaces the recall
+    model's list of tolerated extra keys (other models, e.g. ``models.taiyi``);
+    ``hint`` replaces the closing line of the error message.
     """
     expected = model.state_dict()
-    benign = {prefix + k for k in BENIGN_EXTRAS}
+    benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
     ignored = sorted(k for k in sd if k not in expected and k in benign)
     unexpected = sorted(k for k in sd if k not in expected and k not in benign)
     missing = sorted(k for k in expected if k not in sd)
@@ -79,7 +82,8 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "") 
             if keys:
                 shown = keys[:40] + ([f"... and {len(keys) - 40} more"] if len(keys) > 40 else [])
                 parts.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
-        parts.append("  (a smaller or larger variant needs its architecture: --arch FILE.json)")
+        parts.append(hint if hint is not None else
+                     "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
         raise CheckpointError("\n".join(parts))
     if ignored:
         log.info("%s: ignored %d tensors that inference does not use: %s",

@@ -98,12 +98,15 @@ def _worker_init(_):
 def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | None = None,
                   device="cpu", mode: str = "reference", num_workers: int | None = None,
                   precision: str = "fp32", cache=None, stats: dict | None = None,
-                  progress: bool = True, desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool = True, desc: str = "images",
+                  image_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
 
     ``mode``: preprocessing, ``"reference"`` or ``"fast"`` (utils.images).
+    ``image_loader``: another model's preprocessing ``f(path, mode) -> (tensor, ok)``
+    (picklable; default ``utils.images.load_image``); see ``models.factory``.
     ``batch_size`` / ``num_workers``: None picks the device default.
     ``cache``: a ``utils.cache.EmbeddingCache``; hits are not decoded or encoded, and
     new vectors are stored batch by batch. Files with identical content are encoded once.
@@ -145,7 +148,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     n_cached = sum(v is not None for v in vectors)
 
     if todo:
-        loader = DataLoader(ImageDataset([paths[i] for i in todo], mode), batch_size=batch_size,
+        loader = DataLoader(ImageDataset([paths[i] for i in todo], mode,
+                                         loader=image_loader), batch_size=batch_size,
                             shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda",
                             worker_init_fn=_worker_init if num_workers else None,
@@ -190,11 +194,13 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, device="cpu",
-                 precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+                 precision: str = "fp32", progress: bool = False,
+                 max_length: int | None = None) -> torch.Tensor:
     """Encode texts: ``len(texts) x D`` float32 normalised on the CPU. Each distinct
     string is encoded once; batches group texts of similar length (padding to the
-    longest of the batch, truncation at 50 tokens: ``models.align.tokenize``)."""
-    from models.align import tokenize
+    longest of the batch, truncation at ``max_length`` tokens, default 50:
+    ``models.align.tokenize``)."""
+    from models.align import MAX_TEXT_LEN, tokenize
 
     device = torch.device(device)
     distinct = list(dict.fromkeys(texts))
@@ -206,7 +212,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, d
         for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not progress,
                       leave=False):
             ids = order[a:a + batch_size]
-            enc = tokenize(tokenizer, [distinct[i] for i in ids])
+            enc = tokenize(tokenizer, [distinct[i] for i in ids], max_length or MAX_TEXT_LEN)
             with autocast(device, precision):
                 e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device),
                                       normalize=False)

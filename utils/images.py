@@ -73,18 +73,26 @@ def load_image(path: str | os.PathLike, mode: str = "reference",
 
 
 class ImageDataset(Dataset):
-    """Preprocessed images for a ``DataLoader``: item ``i`` is ``(tensor, ok, i)``."""
+    """Preprocessed images for a ``DataLoader``: item ``i`` is ``(tensor, ok, i)``.
 
-    def __init__(self, paths, mode: str = "reference", transform=None):
+    ``loader`` (optional, picklable): another model's preprocessing, called as
+    ``loader(path, mode) -> (tensor, ok)`` instead of :func:`load_image` (e.g.
+    ``utils.clip_images.load_clip_image``)."""
+
+    def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
         if mode not in PREPROCESS_MODES:
             raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
         self.paths = [str(p) for p in paths]
         self.mode = mode
         self.transform = transform
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        x, ok = load_image(self.paths[i], self.mode, self.transform)
+        if self.loader is not None:
+            x, ok = self.loader(self.paths[i], self.mode)
+        else:
+            x, ok = load_image(self.paths[i], self.mode, self.transform)
         return x, ok, i
