@@ -27,6 +27,9 @@ What it does, in order (SPEC section 5):
 7. prints pairwise accuracy (the published figure), ROC-AUC of sigmoid(s_a - s_b),
    log loss, the constant-guess baseline and counts; ``--output`` writes the per-pair
    CSV ``item_id,label,s_a,s_b,prediction``, ``--metrics`` a JSON of the figures.
+   Accuracy and ROC-AUC come with 95% percentile bootstrap intervals over pairs
+   (``--bootstrap`` draws, default 10,000, ``--seed``; the AUC is recomputed on every
+   draw; utils/bootstrap.py).
 
 Images are found by stem, as download_images.py names them: ``<item_id>_a.<ext>`` and
 ``<item_id>_b.<ext>``. A missing image is reported and, by default, scored as the
@@ -57,6 +60,8 @@ from models.checkpoint import CheckpointError, load_ranker
 from utils.cache import EmbeddingCache
 from utils.data import DataError, RankRow, index_images, iter_rank_csv
 from utils.device import DEVICE_CHOICES, resolve_device
+from utils.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, auc_interval, fmt_interval,
+                             mean_interval)
 from utils.embed import PRECISIONS, autocast, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, ZERO_TENSOR
 from utils.poi import ItemInputs
@@ -139,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers decoding images (0: in the main process; "
                         "default: one per core on CPU)")
     r.add_argument("--limit", type=_positive_int, default=None, help="use only the first N pairs")
+    r.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_DRAWS, metavar="N",
+                   help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC "
+                        "(0: none)")
+    r.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -269,16 +278,32 @@ def evaluate(model, tokenizer, rows: list[RankRow], images: dict, tables, device
     return Result(pairs, s_a, s_b, metrics, counts)
 
 
+def add_intervals(res: Result, draws: int, seed: int) -> None:
+    """``accuracy_ci`` / ``auc_ci`` (percentile bootstrap over pairs) into ``res.metrics``."""
+    m = res.metrics
+    m["accuracy_ci"] = m["auc_ci"] = None
+    if not draws or not m["n"]:
+        return
+    y = np.array([pr.row.label for pr in res.pairs], dtype=np.float64)
+    d = res.s_a - res.s_b
+    m["accuracy_ci"] = list(mean_interval(((d > 0) == (y == 1)).astype(np.float64), draws, seed))
+    if m["auc"] is not None:
+        ci = auc_interval(y, d, draws, seed)
+        m["auc_ci"] = list(ci) if ci else None
+    m["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "pairs"}
+
+
 def format_summary(res: Result, csv_path: str) -> str:
     m, c = res.metrics, res.counts
 
-    def f(v):
-        return "n/a" if v is None else f"{v:.4f}"
+    def f(v, ci=None):
+        return "n/a" if v is None else f"{v:.4f}" + (f" {fmt_interval(ci)}" if ci else "")
 
     lines = [
         f"rank_eval: {csv_path}",
-        f"  pairwise accuracy (s_a > s_b vs label; published 0.652): {f(m['accuracy'])}",
-        f"  ROC-AUC of sigmoid(s_a - s_b):                           {f(m['auc'])}",
+        f"  pairwise accuracy (s_a > s_b vs label; published 0.652): "
+        f"{f(m['accuracy'], m.get('accuracy_ci'))}",
+        f"  ROC-AUC of sigmoid(s_a - s_b):                           {f(m['auc'], m.get('auc_ci'))}",
         f"  log loss of sigmoid(s_a - s_b):                          {f(m['log_loss'])}",
         f"  constant-guess baseline:                                 {f(m['baseline'])}",
         f"  pairs scored: {c['pairs_scored']} of {c['pairs_in_csv']} in the CSV"
@@ -345,6 +370,7 @@ def main(argv=None) -> int:
     if cache is not None:
         cache.close()
     res.counts["bad_rows"] = len(errors)
+    add_intervals(res, args.bootstrap, args.seed)
     elapsed = time.perf_counter() - t_start
     print(format_summary(res, args.csv))
     print(f"  time: {elapsed:.1f} s ({res.counts['pairs_scored'] / max(elapsed, 1e-9):.2f} pairs/s)")

@@ -5,6 +5,7 @@
     python recall_eval.py --results results/recall_full.csv --k 1 5 10 50
     python recall_eval.py --results results/recall_top10.csv --html results/recall.html \\
         --image-dir data/recall_images
+    python recall_eval.py --compare results/taiyi_top10.csv results/recall_top10.csv   # A vs B
 
 Input, either format (detected from the first line):
   * recall_infer.py --output: header ``poi_id,poi_name,rank,image,score``, top-k rows;
@@ -20,6 +21,16 @@ hits / POIs. MRR is the mean of 1 / rank of the first own image, 0 when none is 
 
 A top-k file cannot give recall@K for K above its k (unless it lists the whole
 gallery): that is an error, not a silently wrong number.
+
+Uncertainty: every recall@K and the MRR come with a 95% percentile bootstrap interval
+(resampling POIs, --bootstrap draws, default 10,000, --seed; utils/bootstrap.py; POIs
+are taken in poi_id order, so the interval does not depend on the file's order).
+
+--compare A.csv B.csv: the two models' recall@K (and MRR) side by side on the POIs both
+files hold, with a PAIRED bootstrap (the same resampled POIs for both) giving an interval
+for each figure and for the difference B - A, and for each K the POIs that one model
+hits and the other misses (all of them in the JSON, default ``<B>.compare.json``; a
+summary is printed).
 
 Writes a JSON (--json, default ``<results>.eval.json``) with the figures and per-POI
 hits, and with --html a self-contained page (thumbnails embedded; failures first).
@@ -38,6 +49,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, fmt_interval, mean_intervals
 from utils.data import DataError
 from utils.recall_metrics import DEFAULT_KS, RecallResult, evaluate_groups
 from utils.report import write_recall_report
@@ -48,18 +62,27 @@ TOPK_HEADER = ["poi_id", "poi_name", "rank", "image", "score"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, help="recall_infer.py output (top-k or full format)")
+    p.add_argument("--results", help="recall_infer.py output (top-k or full format)")
+    p.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"),
+                   help="compare two results files (two models) on the same POIs, paired bootstrap")
     p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="K values (default 1 5 10)")
     p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--html-k", type=int, help="images shown per POI in the report (default max --k)")
     p.add_argument("--image-dir", help="where the images are, for thumbnails")
     p.add_argument("--page-size", type=int, default=50, help="POIs per report page (default 50)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N",
+                   help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}; 0: none)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 0)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = p.parse_args(argv)
     if min(args.k) < 1:
         p.error("--k values must be >= 1")
+    if bool(args.results) == bool(args.compare):
+        p.error("give either --results FILE or --compare A.csv B.csv")
+    if args.bootstrap < 0:
+        p.error("--bootstrap must be >= 0")
     return args
 
 
@@ -152,6 +175,93 @@ def result_json(result: RecallResult, fmt: str, path: str) -> dict:
     }
 
 
+def per_poi_table(result: RecallResult, ks: list[int]) -> dict[str, list[float]]:
+    """``{poi_id: [hit@K for each K..., reciprocal rank]}``."""
+    return {p.poi_id: [float(p.hit_at(k)) for k in ks] + [1.0 / p.first_hit if p.first_hit else 0.0]
+            for p in result.pois}
+
+
+def intervals(result: RecallResult, ks: list[int], draws: int, seed: int) -> dict | None:
+    """``{"recall": {K: (lo, hi)}, "mrr": (lo, hi)}`` over POIs in poi_id order."""
+    if not draws:
+        return None
+    table = per_poi_table(result, ks)
+    ci = mean_intervals(np.array([table[p] for p in sorted(table)]), draws, seed)
+    return {"recall": dict(zip(ks, ci[:-1])), "mrr": ci[-1]}
+
+
+def load(path: str, ks: list[int]):
+    """``(fmt, groups, names, meta)`` of a results file, K checked."""
+    fmt, groups, names = read_results(path)
+    meta = read_meta(path)
+    check_k(fmt, groups, ks, meta, path)
+    return fmt, groups, names, meta
+
+
+def compare(args, ks: list[int]) -> int:
+    """--compare A B: side by side, paired bootstrap, who hits what."""
+    a_path, b_path = args.compare
+    try:
+        la, lb = load(a_path, ks), load(b_path, ks)
+    except DataError as e:
+        log.error("%s", e)
+        return 2
+    ra, rb = (evaluate_groups(x[1], ks, x[2], keep=max(ks)) for x in (la, lb))
+    ta, tb = per_poi_table(ra, ks), per_poi_table(rb, ks)
+    common = sorted(set(ta) & set(tb))
+    only_a, only_b = sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta))
+    if not common:
+        log.error("%s and %s have no POI in common", a_path, b_path)
+        return 2
+    if only_a or only_b:
+        log.warning("comparing the %d POIs both files hold; %d only in %s, %d only in %s",
+                    len(common), len(only_a), a_path, len(only_b), b_path)
+    A = np.array([ta[p] for p in common])
+    B = np.array([tb[p] for p in common])
+    names = {**la[2], **lb[2]}
+    m = A.shape[1]
+    figures = {"A": A.mean(0), "B": B.mean(0), "B-A": (B - A).mean(0)}
+    ci = None
+    if args.bootstrap:
+        flat = mean_intervals(np.hstack([A, B, B - A]), args.bootstrap, args.seed)
+        ci = {"A": flat[:m], "B": flat[m:2 * m], "B-A": flat[2 * m:]}
+    labels = [f"recall@{k}" for k in ks] + ["MRR"]
+    doc = {"A": a_path, "B": b_path, "n_pois": len(common), "pois_only_in_A": only_a,
+           "pois_only_in_B": only_b, "ks": ks,
+           "bootstrap": {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
+                         "resampling": "POIs, paired"},
+           "recall": {}, "mrr": {}, "hit_by_one_only": {}}
+    print(f"A: {a_path}\nB: {b_path}\nPOIs compared: {len(common)}")
+    w = max(len(x) for x in labels)
+    for j, label in enumerate(labels):
+        row = {key: {"value": float(figures[key][j]),
+                     "ci": list(ci[key][j]) if ci else None} for key in figures}
+        if j < len(ks):
+            doc["recall"][str(ks[j])] = row
+        else:
+            doc["mrr"] = row
+        cell = lambda key: f"{figures[key][j]:.4f} {fmt_interval(ci[key][j]) if ci else ''}".rstrip()  # noqa: E731
+        print(f"{label:<{w}}  A {cell('A')}   B {cell('B')}   B - A {figures['B-A'][j]:+.4f} "
+              f"{fmt_interval(ci['B-A'][j]) if ci else ''}".rstrip())
+    for j, k in enumerate(ks):
+        a_only = [p for i, p in enumerate(common) if A[i, j] and not B[i, j]]
+        b_only = [p for i, p in enumerate(common) if B[i, j] and not A[i, j]]
+        doc["hit_by_one_only"][str(k)] = {
+            "A_hits_B_misses": [{"poi_id": p, "poi_name": names.get(p, "")} for p in a_only],
+            "B_hits_A_misses": [{"poi_id": p, "poi_name": names.get(p, "")} for p in b_only]}
+        show = lambda ps: ", ".join(f"{p} {names.get(p, '')}".strip() for p in ps[:5]) + (  # noqa: E731
+            f" ... (+{len(ps) - 5})" if len(ps) > 5 else "")
+        print(f"@{k}: A hits / B misses {len(a_only)}" + (f" ({show(a_only)})" if a_only else "")
+              + f"; B hits / A misses {len(b_only)}" + (f" ({show(b_only)})" if b_only else ""))
+    out_json = args.json or f"{b_path}.compare.json"
+    tmp = f"{out_json}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, out_json)
+    print(f"comparison: {out_json}")
+    return 0
+
+
 def make_resolver(image_dir: str | None, results: str):
     base = Path(results).parent
 
@@ -172,6 +282,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ks = sorted(set(args.k))
+    if args.compare:
+        return compare(args, ks)
     html_k = args.html_k or max(ks)
     try:
         fmt, groups, names = read_results(args.results)
@@ -185,23 +297,36 @@ def main(argv=None) -> int:
     log.info("%s: %s format, %d POIs, %s images listed per POI", args.results, fmt, result.n_pois,
              "/".join(str(s) for s in sorted(sizes)[:5]))
 
+    ci = intervals(result, ks, args.bootstrap, args.seed)
     print(f"results: {args.results} ({fmt} format)")
     print(f"POIs: {result.n_pois}")
     for k in ks:
-        print(f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})")
-    print(f"MRR (first hit{'' if fmt == 'full' else f', within top {max(sizes)}'}): {result.mrr:.4f}")
+        print(f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})"
+              + (f" {fmt_interval(ci['recall'][k])}" if ci else ""))
+    print(f"MRR (first hit{'' if fmt == 'full' else f', within top {max(sizes)}'}): {result.mrr:.4f}"
+          + (f" {fmt_interval(ci['mrr'])}" if ci else ""))
+    if ci:
+        print(f"(intervals: percentile bootstrap over POIs, {args.bootstrap} draws, seed {args.seed})")
 
     out_json = args.json or f"{args.results}.eval.json"
+    doc = result_json(result, fmt, args.results)
+    if ci:
+        doc["recall_ci"] = {str(k): list(v) for k, v in ci["recall"].items()}
+        doc["mrr_ci"] = list(ci["mrr"])
+        doc["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
+                            "resampling": "POIs"}
     tmp = f"{out_json}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result_json(result, fmt, args.results), f, ensure_ascii=False, indent=1)
+        json.dump(doc, f, ensure_ascii=False, indent=1)
     os.replace(tmp, out_json)
     log.info("wrote %s", out_json)
 
     if args.html:
         image_dir = args.image_dir or meta.get("image_dir")
         summary = {"results": os.path.basename(args.results), "POIs": result.n_pois,
-                   **{f"recall@{k}": f"{result.recall[k]:.4f}" for k in ks}, "MRR": f"{result.mrr:.4f}"}
+                   **{f"recall@{k}": f"{result.recall[k]:.4f}"
+                      + (f" {fmt_interval(ci['recall'][k])}" if ci else "") for k in ks},
+                   "MRR": f"{result.mrr:.4f}"}
         info = write_recall_report(args.html, result, html_k, make_resolver(image_dir, args.results),
                                    title=f"Recall top {html_k}", summary=summary,
                                    page_size=args.page_size, progress=not args.no_progress)
