@@ -4,6 +4,7 @@
     python download_assets.py                      # default set into the project
     python download_assets.py --only recall_csv align_weights
     python download_assets.py --with-train         # also the (large) training CSV
+    python download_assets.py --with-baselines     # also the Taiyi-CLIP recall baseline
     python download_assets.py --mirror http://host/avas --dest /data/avas   # air-gapped site
     python download_assets.py --list
 
@@ -19,7 +20,18 @@ source, its relative ``path`` and its sha256 where known. Layout under ``--dest`
     assets/weights/shoucai_siamese_..._0.6520.ckpt           ranker_weights
     assets/bert-base-chinese/{vocab.txt,config.json}         bert_vocab, bert_config
 
-The bert files come through ``huggingface_hub.hf_hub_download`` from
+With --with-baselines (group "baselines", the paper's recall baseline Taiyi-CLIP):
+
+    assets/taiyi-clip-roberta-102m-chinese/{config.json,vocab.txt,tokenizer_config.json,
+        special_tokens_map.json}                             taiyi_text_* (Hugging Face)
+    assets/weights/taiyi_text_finetuned.bin                  taiyi_text_finetuned (the authors' release)
+    assets/clip-vit-base-patch32/{config.json,preprocessor_config.json,model.safetensors}
+                                                             clip_* (Hugging Face)
+
+The original Taiyi text weights (``taiyi_text_weights``, 411 MB) are not needed when the
+fine-tuned ones are used: only with ``--only taiyi_text_weights``.
+
+The Hugging Face files (bert, Taiyi, CLIP) come through ``huggingface_hub.hf_hub_download`` from
 ``google-bert/bert-base-chinese`` (so HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE=1 work
 as usual) and are copied into ``assets/bert-base-chinese/``; with ``--mirror`` they
 come from the mirror like everything else. To build a mirror, serve a populated
@@ -60,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these assets (see --list), e.g. --only train_csv")
     p.add_argument("--with-train", action="store_true",
                    help="also the large ranking training CSV (train_csv)")
+    p.add_argument("--with-baselines", action="store_true",
+                   help="also the Taiyi-CLIP recall baseline: its text encoder files, the authors' "
+                        "fine-tuned text weights and the OpenAI CLIP ViT-B/32 image tower")
     p.add_argument("--mirror", default=None, metavar="BASE_URL",
                    help="fetch every asset (bert files too) from BASE_URL/<path> instead "
                         "of the published locations")
@@ -89,7 +104,8 @@ def list_assets(assets, dest: Path, records: HashRecords, mirror) -> None:
         state = "present" if file.is_file() else "missing"
         rec = records.get(a.name)
         sha = a.sha256 or (rec or {}).get("sha256")
-        flag = "" if a.default else " (not in the default set)"
+        flag = ("" if a.default else f" (with --with-{a.group})" if a.group
+                else " (not in the default set)")
         print(f"{a.name:18s} {state:8s} {file}{flag}\n{'':27s}from {a.source(mirror)}\n"
               f"{'':27s}sha256 {sha or 'unknown (recorded on first download)'}")
 
@@ -100,7 +116,8 @@ def main(argv=None) -> int:
     dest = Path(args.dest)
     try:
         assets = load_manifest(args.manifest)
-        chosen = select_assets(assets, args.only, args.with_train)
+        chosen = select_assets(assets, args.only, args.with_train,
+                               groups=("baselines",) if args.with_baselines else ())
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

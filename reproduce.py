@@ -6,6 +6,7 @@ pairwise accuracy (0.652).
     python reproduce.py --mirror http://host/avas         # air-gapped: every file from a mirror
     python reproduce.py --steps assets,recall-images      # some steps only
     python reproduce.py --force rank-eval                 # rerun a step that is up to date
+    python reproduce.py --with-baselines                  # also the Taiyi-CLIP recall baseline
 
 Steps, in order (each is also a script of its own, see the README):
 
@@ -16,6 +17,14 @@ Steps, in order (each is also a script of its own, see the README):
   recall-eval    recall_eval.py (recall@1/5/10, MRR, HTML report) -> OUT/recall/metrics.json
   rank-images    download_images.py on the ranking val CSV -> IMAGES/rank/
   rank-eval      rank_eval.py (pairwise accuracy, ROC-AUC, log loss) -> OUT/rank/metrics.json
+
+With --with-baselines (the paper's comparison; assets fetched by the assets step too):
+
+  taiyi-infer    recall_infer.py --model taiyi (Taiyi-CLIP with the authors' fine-tuned
+                 text encoder) on the same gallery -> OUT/baseline/taiyi_top10.csv
+  taiyi-eval     recall_eval.py on it -> OUT/baseline/taiyi_metrics.json, and
+                 recall_eval.py --compare (paired bootstrap, Taiyi vs ours) ->
+                 OUT/baseline/compare.json
 
 A step is skipped when it is up to date: its stamp ``OUT/steps/<step>.done.json``
 records the identities (size + mtime; a listing digest for image folders) of the
@@ -29,7 +38,9 @@ The published image URLs are old and some images are gone: image failures up to
 evaluation uses what was downloaded (missing recall images leave the gallery; a pair
 with a missing image is scored with the all-zero image, as the authors' scripts did).
 
-At the end: a table metric / paper / ours / difference, written also as
+At the end: a table metric / paper / ours / difference (with --with-baselines also the
+Taiyi-CLIP figures, the paper's Taiyi figure, unknown: "-", and ours - Taiyi with its
+paired 95% bootstrap interval), written also as
 ``OUT/results.json`` and ``OUT/results.md``; the log of the run is ``OUT/reproduce.log``.
 
 Exit status: 0 done, 1 a step failed (the message says which and why), 2 bad arguments
@@ -51,10 +62,16 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent
 STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images", "rank-eval")
+BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
+ALL_STEPS = STEPS + BASELINE_STEPS
 NEEDED_ASSETS = ("recall_csv", "rank_val_csv", "poi_pic_num", "poi_image_vectors",
                  "poi_name_vectors", "align_weights", "ranker_weights", "bert_vocab", "bert_config")
+BASELINE_ASSETS = ("taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
+                   "taiyi_text_special_tokens", "taiyi_text_finetuned", "clip_config",
+                   "clip_preprocessor_config", "clip_weights")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
+PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
 STAMP_VERSION = 1
 
 log = logging.getLogger("reproduce")
@@ -67,10 +84,10 @@ def _step_list(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if names == ["all"]:
         return list(STEPS)
-    bad = [n for n in names if n not in STEPS]
+    bad = [n for n in names if n not in ALL_STEPS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(bad)}; steps: {', '.join(STEPS)}")
-    return [s for s in STEPS if s in names]  # always in pipeline order
+        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(bad)}; steps: {', '.join(ALL_STEPS)}")
+    return [s for s in ALL_STEPS if s in names]  # always in pipeline order
 
 
 def _failures(text: str) -> str:
@@ -112,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=_failures, default="20%",
                    help="image downloads allowed to fail per set before the run stops: N or P%% "
                         "of the set's images")
+    p.add_argument("--with-baselines", action="store_true",
+                   help="also the Taiyi-CLIP recall baseline (its assets, taiyi-infer, taiyi-eval) "
+                        "and its figures in the final table")
     p.add_argument("--no-html", action="store_true", help="no HTML report in recall-eval")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -212,7 +232,8 @@ class Ctx:
         self.dest = Path(args.dest)
         self.manifest = args.manifest or str(DEFAULT_MANIFEST)
         self.assets = {a.name: a for a in load_manifest(self.manifest)}
-        missing = [n for n in NEEDED_ASSETS if n not in self.assets]
+        self.needed = NEEDED_ASSETS + (BASELINE_ASSETS if args.with_baselines else ())
+        missing = [n for n in self.needed if n not in self.assets]
         if missing:
             raise ValueError(f"{self.manifest}: lacks the asset(s) {', '.join(missing)}")
         self.images = Path(args.images_dir) if args.images_dir else self.dest / "data" / "images"
@@ -226,9 +247,9 @@ class Ctx:
     def bert_dir(self) -> Path:
         return self.asset("bert_vocab").parent
 
-    def common_model_args(self) -> list[str]:
+    def common_model_args(self, arch: bool = True) -> list[str]:
         a = ["--device", self.device]
-        if self.args.arch:
+        if self.args.arch and arch:  # --arch describes the align model, not the baseline
             a += ["--arch", self.args.arch]
         if self.args.num_workers is not None:
             a += ["--num-workers", str(self.args.num_workers)]
@@ -244,7 +265,7 @@ def step_assets(ctx: Ctx) -> Step:
     da = ctx.download_assets
 
     def run() -> int:
-        argv = ["--dest", str(ctx.dest), "--manifest", ctx.manifest, "--only", *NEEDED_ASSETS]
+        argv = ["--dest", str(ctx.dest), "--manifest", ctx.manifest, "--only", *ctx.needed]
         if ctx.args.mirror:
             argv += ["--mirror", ctx.args.mirror]
         if ctx.args.no_progress:
@@ -376,6 +397,46 @@ def step_rank_eval(ctx: Ctx) -> Step:
     return Step("rank-eval", inputs, {"scores": scores, "metrics": metrics}, {}, run)
 
 
+def step_taiyi_infer(ctx: Ctx) -> Step:
+    out = ctx.out / "baseline" / "taiyi_top10.csv"
+    inputs = {"csv": ctx.asset("recall_csv"), "images": ctx.images / "recall",
+              "text_config": ctx.asset("taiyi_text_config"), "text_vocab": ctx.asset("taiyi_text_vocab"),
+              "text_weights": ctx.asset("taiyi_text_finetuned"), "clip_config": ctx.asset("clip_config"),
+              "clip_weights": ctx.asset("clip_weights")}
+
+    def run() -> int:
+        import recall_infer  # noqa: PLC0415
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["--model", "taiyi", "--csv", str(inputs["csv"]), "--image-dir", str(inputs["images"]),
+                "--taiyi-text-dir", str(inputs["text_vocab"].parent),
+                "--taiyi-text-weights", str(inputs["text_weights"]),
+                "--clip-dir", str(inputs["clip_weights"].parent), "--output", str(out), "--topk", "10",
+                *ctx.common_model_args(arch=False)]
+        if ctx.args.no_progress:
+            argv.append("--no-progress")
+        return recall_infer.main(argv)
+
+    return Step("taiyi-infer", inputs, {"top10": out}, {"topk": 10, "model": "taiyi"}, run)
+
+
+def step_taiyi_eval(ctx: Ctx) -> Step:
+    results = ctx.out / "baseline" / "taiyi_top10.csv"
+    ours = ctx.out / "recall" / "top10.csv"
+    metrics = ctx.out / "baseline" / "taiyi_metrics.json"
+    compare = ctx.out / "baseline" / "compare.json"
+
+    def run() -> int:
+        import recall_eval  # noqa: PLC0415
+        rc = recall_eval.main(["--results", str(results), "--k", "1", "5", "10", "--json", str(metrics)])
+        if rc == 0:  # paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
+            rc = recall_eval.main(["--compare", str(results), str(ours), "--k", "1", "5", "10",
+                                   "--json", str(compare)])
+        return rc
+
+    return Step("taiyi-eval", {"results": results, "ours": ours}, {"metrics": metrics, "compare": compare},
+                {"k": [1, 5, 10]}, run)
+
+
 BUILDERS = {
     "assets": step_assets,
     "recall-images": lambda ctx: step_images(ctx, "recall"),
@@ -383,6 +444,8 @@ BUILDERS = {
     "recall-eval": step_recall_eval,
     "rank-images": lambda ctx: step_images(ctx, "rank"),
     "rank-eval": step_rank_eval,
+    "taiyi-infer": step_taiyi_infer,
+    "taiyi-eval": step_taiyi_eval,
 }
 
 
@@ -415,6 +478,24 @@ def results_table(ctx: Ctx) -> tuple[list[dict], dict]:
                 rows.append({"metric": name, "ours": rk[key]})
         notes["ranking pairs scored"] = rk.get("pairs_scored")
         notes["ranking pairs with a missing image"] = rk.get("pairs_with_missing_image")
+    if ctx.args.with_baselines:
+        tai = _load(ctx.out / "baseline" / "taiyi_metrics.json") or {}
+        cmp = _load(ctx.out / "baseline" / "compare.json") or {}
+        for r in rows:
+            k = r["metric"].removeprefix("recall@")
+            if r["metric"] == "recall MRR@10":
+                tv, diff = tai.get("mrr"), cmp.get("mrr") or {}
+            elif r["metric"].startswith("recall@"):
+                tv, diff = tai.get("recall", {}).get(k), cmp.get("recall", {}).get(k) or {}
+            else:
+                continue
+            r["taiyi"] = tv
+            r["taiyi_paper"] = PAPER_TAIYI.get(r["metric"])
+            d = diff.get("B-A") or {}
+            r["ours_minus_taiyi"] = d.get("value")
+            r["ours_minus_taiyi_ci"] = d.get("ci")
+        if tai:
+            notes["Taiyi-CLIP POIs"] = tai.get("n_pois")
     for r in rows:
         r["paper"] = PAPER.get(r["metric"])
         r["difference"] = (r["ours"] - r["paper"]
@@ -434,6 +515,12 @@ def format_table(rows: list[dict]) -> str:
     head = ("metric", "paper", "ours", "difference")
     cells = [[r["metric"], _fmt(r["paper"]), _fmt(r["ours"]),
               "-" if r["difference"] is None else f"{r['difference']:+.4f}"] for r in rows]
+    if any("taiyi" in r for r in rows):  # --with-baselines
+        head += ("Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]")
+        for c, r in zip(cells, rows):
+            d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
+            c += [_fmt(r.get("taiyi_paper")), _fmt(r.get("taiyi")),
+                  "-" if d is None else f"{d:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -446,6 +533,8 @@ def write_results(ctx: Ctx, rows, notes) -> dict:
              "recall report": ctx.out / "recall" / "report.html",
              "ranking metrics": ctx.out / "rank" / "metrics.json",
              "ranking scores": ctx.out / "rank" / "scores.csv",
+             "Taiyi-CLIP metrics": ctx.out / "baseline" / "taiyi_metrics.json",
+             "Taiyi-CLIP vs ours": ctx.out / "baseline" / "compare.json",
              "log": ctx.out / "reproduce.log"}
     files = {k: str(v) for k, v in files.items() if v.exists()}
     doc = {"table": rows, "notes": notes, "files": files,
@@ -516,16 +605,19 @@ def _main(args) -> int:
     log.info("reproduce: steps=%s dest=%s images=%s out=%s device=%s mirror=%s", ",".join(args.steps),
              ctx.dest, ctx.images, ctx.out, device, args.mirror)
     t0 = time.monotonic()
-    for name in args.steps:
+    steps = list(args.steps)
+    if args.with_baselines and set(STEPS) <= set(steps):
+        steps += [s for s in BASELINE_STEPS if s not in steps]
+    for name in steps:
         step = BUILDERS[name](ctx)
         forced = name in args.force
         if name == "assets":
             missing = [] if forced else ctx.download_assets.missing_assets(ctx.manifest, ctx.dest,
-                                                                           NEEDED_ASSETS)
+                                                                           ctx.needed)
             if not forced and not missing:
-                say(f"step assets: skipped (all {len(NEEDED_ASSETS)} assets present and verified in {ctx.dest})")
+                say(f"step assets: skipped (all {len(ctx.needed)} assets present and verified in {ctx.dest})")
                 continue
-            say(f"step assets: running ({len(missing)} of {len(NEEDED_ASSETS)} assets to fetch)"
+            say(f"step assets: running ({len(missing)} of {len(ctx.needed)} assets to fetch)"
                 if not forced else "step assets: running (--force)")
         else:
             ok, why = up_to_date(step, ctx.out)
@@ -536,7 +628,7 @@ def _main(args) -> int:
             if absent:
                 say(f"step {name}: cannot run, missing input: {'; '.join(absent)} "
                     f"(run the earlier steps first, e.g. reproduce.py --steps "
-                    f"{','.join(STEPS[:STEPS.index(name)])})", error=True)
+                    f"{','.join(ALL_STEPS[:ALL_STEPS.index(name)])})", error=True)
                 return 1
             say(f"step {name}: running ({'--force' if forced and ok else why})")
         t = time.monotonic()

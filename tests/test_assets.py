@@ -213,7 +213,11 @@ def test_project_manifest_is_complete():
     assets = {a.name: a for a in A.load_manifest(A.DEFAULT_MANIFEST)}
     assert set(assets) == {"recall_csv", "rank_val_csv", "train_csv", "poi_pic_num",
                            "poi_image_vectors", "poi_name_vectors", "align_weights",
-                           "ranker_weights", "bert_vocab", "bert_config"}
+                           "ranker_weights", "bert_vocab", "bert_config",
+                           # the Taiyi-CLIP baseline (download_assets.py --with-baselines)
+                           "taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
+                           "taiyi_text_special_tokens", "taiyi_text_finetuned", "taiyi_text_weights",
+                           "clip_config", "clip_preprocessor_config", "clip_weights"}
     assert assets["align_weights"].path.endswith("/align_model.pth")
     assert not assets["train_csv"].default
     assert assets["bert_vocab"].hf["repo_id"] == "google-bert/bert-base-chinese"

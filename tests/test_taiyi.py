@@ -323,3 +323,78 @@ def test_taiyi_options_are_required(gallery, tmp_path, capsys):
         recall_infer.main(["--csv", str(gallery / "recall.csv"), "--image-dir", str(gallery / "images"),
                            "--output", str(tmp_path / "o.csv")])
     assert "--model align needs --checkpoint, --bert-dir" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# download_assets.py --with-baselines and reproduce.py --with-baselines
+# ---------------------------------------------------------------------------
+def test_baseline_assets_download_and_reproduce_table(taiyi_dirs, gallery, bert_dir, tmp_path, capsys):
+    import shutil
+
+    import download_assets
+    import reproduce
+    from local_server import LocalServer
+    from utils.assets import DEFAULT_MANIFEST, load_manifest, select_assets
+
+    assets = {a.name: a for a in load_manifest(DEFAULT_MANIFEST)}
+    chosen = {a.name for a in select_assets(list(assets.values()), None, groups=("baselines",))}
+    assert set(reproduce.BASELINE_ASSETS) <= chosen and "recall_csv" in chosen
+    assert "taiyi_text_weights" not in chosen  # the 411 MB original: only with --only
+    assert not set(reproduce.BASELINE_ASSETS) & {a.name for a in select_assets(list(assets.values()))}
+
+    # a mirror laid out like the manifest, holding the tiny models
+    d, mirror = taiyi_dirs, tmp_path / "mirror"
+    src = {"taiyi_text_config": d["text"] / "config.json", "taiyi_text_vocab": d["text"] / "vocab.txt",
+           "taiyi_text_finetuned": d["finetuned"], "clip_config": d["clip"] / "config.json",
+           "clip_weights": d["clip"] / "model.safetensors"}
+    for name, path in src.items():
+        (mirror / assets[name].path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, mirror / assets[name].path)
+    (mirror / assets["taiyi_text_tokenizer_config"].path).write_text('{"do_lower_case": true}', encoding="utf-8")
+    (mirror / assets["taiyi_text_special_tokens"].path).write_text(json.dumps(
+        {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+         "mask_token": "[MASK]"}), encoding="utf-8")
+    clip_processor().to_json_file(str(mirror / assets["clip_preprocessor_config"].path))
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    with LocalServer(directory=mirror) as srv:
+        assert download_assets.main(["--mirror", srv.base_url, "--dest", str(dest), "--no-progress",
+                                     "--only", *reproduce.BASELINE_ASSETS]) == 0
+    for name in reproduce.BASELINE_ASSETS:
+        assert (dest / assets[name].path).read_bytes() == (mirror / assets[name].path).read_bytes()
+
+    # the recall world of reproduce.py: CSV, images, and our model's results
+    (dest / assets["recall_csv"].path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gallery / "recall.csv", dest / assets["recall_csv"].path)
+    shutil.copytree(gallery / "images", dest / "data" / "images" / "recall")
+    save_align_checkpoint(tiny_align(bert_dir, seed=7), tmp_path / "a.pth")
+    (out / "recall").mkdir(parents=True)
+    assert recall_infer.main(["--csv", str(gallery / "recall.csv"), "--image-dir", str(gallery / "images"),
+                              "--checkpoint", str(tmp_path / "a.pth"), "--bert-dir", str(bert_dir),
+                              "--output", str(out / "recall" / "top10.csv"), "--num-workers", "0",
+                              "--no-progress", "--device", "cpu"]) == 0
+    assert recall_eval.main(["--results", str(out / "recall" / "top10.csv"), "--k", "1", "5", "10",
+                             "--json", str(out / "recall" / "metrics.json"), "--bootstrap", "200"]) == 0
+    capsys.readouterr()
+
+    assert reproduce.main(["--with-baselines", "--steps", "taiyi-infer,taiyi-eval", "--dest", str(dest),
+                           "--out-dir", str(out), "--device", "cpu", "--num-workers", "0",
+                           "--no-progress", "--no-html"]) == 0
+    text = capsys.readouterr().out
+    assert "step taiyi-infer: done" in text and "step taiyi-eval: done" in text
+    tai = json.loads((out / "baseline" / "taiyi_metrics.json").read_text(encoding="utf-8"))
+    cmp = json.loads((out / "baseline" / "compare.json").read_text(encoding="utf-8"))
+    ours = json.loads((out / "recall" / "metrics.json").read_text(encoding="utf-8"))
+    assert "Taiyi-CLIP paper" in text and "ours - Taiyi [95% CI]" in text
+    row = next(line for line in text.splitlines() if line.startswith("| recall@5 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.7880" and float(cells[2]) == pytest.approx(ours["recall"]["5"], abs=1e-4)
+    assert cells[4] == "-" and float(cells[5]) == pytest.approx(tai["recall"]["5"], abs=1e-4)
+    diff = cmp["recall"]["5"]["B-A"]
+    assert diff["value"] == pytest.approx(ours["recall"]["5"] - tai["recall"]["5"])
+    assert cells[6].startswith(f"{diff['value']:+.4f} [{diff['ci'][0]:+.4f}")
+    # a rerun skips both steps
+    assert reproduce.main(["--with-baselines", "--steps", "taiyi-infer,taiyi-eval", "--dest", str(dest),
+                           "--out-dir", str(out), "--device", "cpu", "--num-workers", "0",
+                           "--no-progress", "--no-html"]) == 0
+    text = capsys.readouterr().out
+    assert "step taiyi-infer: skipped" in text and "step taiyi-eval: skipped" in text

@@ -74,6 +74,7 @@ class Asset:
     sha256: str | None = None
     default: bool = True
     description: str = ""
+    group: str | None = None           # e.g. "baselines": fetched with download_assets --with-baselines
 
     def source(self, mirror: str | None) -> str:
         if mirror:
@@ -117,12 +118,14 @@ def load_manifest(path: str | os.PathLike = DEFAULT_MANIFEST) -> list[Asset]:
             raise AssetError(f"{where}: 'sha256' must be 64 hex digits or null")
         out.append(Asset(name=name, path=rel, url=a.get("url"), hf=hf,
                          sha256=sha.lower() if sha else None, default=a.get("default", True),
-                         description=a.get("description", "")))
+                         description=a.get("description", ""), group=a.get("group")))
     return out
 
 
-def select_assets(assets: list[Asset], only=None, with_train: bool = False) -> list[Asset]:
-    """``only`` names (any order) or the default set (+ non-default ones with ``with_train``)."""
+def select_assets(assets: list[Asset], only=None, with_train: bool = False,
+                  groups=()) -> list[Asset]:
+    """``only`` names (any order) or the default set (+ non-default ones with ``with_train``,
+    + the assets of the named ``groups``, e.g. ``("baselines",)``)."""
     by_name = {a.name: a for a in assets}
     if only:
         unknown = [n for n in only if n not in by_name]
@@ -130,7 +133,7 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False) -> l
             raise AssetError(f"unknown asset name(s): {', '.join(unknown)}; "
                              f"known: {', '.join(by_name)}")
         return [a for a in assets if a.name in set(only)]
-    return [a for a in assets if a.default or with_train]
+    return [a for a in assets if a.default or with_train or (a.group is not None and a.group in groups)]
 
 
 def mirror_url(base: str, rel: str) -> str:
