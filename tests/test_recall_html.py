@@ -3,23 +3,17 @@ thumbnail really decodes in a real browser (headless Chromium; skipped when abse
 from __future__ import annotations
 
 import csv
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 
 import recall_eval
+from browser import CHROMIUM, SKIP_REASON, run_chromium, thumb_check
 from fixtures import COLORS, solid_image, write_image
 
 K = 5
 N_POIS = 120
 PAGE = 50
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"),
-                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and os.path.isfile(p)),
-                None)
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -76,43 +70,24 @@ def test_report_structure_without_browser(report):
     assert len(text) < 2_000_000
 
 
-def _chromium(args, tmp_path, timeout=120):
-    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def _check(dom):
-    m = re.search(r'<div id="thumb-check"([^>]*)>', dom)
-    assert m, "thumb-check element not found in the dumped DOM"
-    attrs = dict(re.findall(r'data-(\w+)="(\d*)"', m.group(1)))
-    return {k: int(v) for k, v in attrs.items() if v}
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_in_headless_chromium(report, tmp_path):
     url = report["html"].resolve().as_uri()
     per_poi = [sum(1 for r in report["rows"] if r[0] == p and r[3] != "1000_1.jpg")
                for p in dict.fromkeys(r[0] for r in report["rows"])]
     # every page at once: every thumbnail decodes (naturalWidth > 0)
-    out = _chromium(["--dump-dom", url + "#all"], tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    c = _check(out.stdout)
+    c, _ = thumb_check(url + "#all", tmp_path)
     assert c.get("total") == sum(per_poi), c
     assert c["loaded"] == c["total"] and c["failed"] == 0
     # default view: only the first page is shown and filled
-    out = _chromium(["--dump-dom", url], tmp_path)
-    c = _check(out.stdout)
+    c, dom = thumb_check(url, tmp_path)
     assert 0 < c["total"] < sum(per_poi) and c["loaded"] == c["total"]
-    assert len(re.findall(r'<img data-t="t\d+"[^>]* src="data:image/jpeg', out.stdout)) == c["total"]
+    assert len(re.findall(r'<img data-t="t\d+"[^>]* src="data:image/jpeg', dom)) == c["total"]
     # page 3 through the address
-    out = _chromium(["--dump-dom", url + "#page=3"], tmp_path)
-    c3 = _check(out.stdout)
+    c3, _ = thumb_check(url + "#page=3", tmp_path)
     assert c3["loaded"] == c3["total"] > 0
     # a screenshot for people to look at
     shot = tmp_path / "report.png"
-    out = _chromium(["--window-size=1200,1600", f"--screenshot={shot}", url], tmp_path)
+    out = run_chromium(["--window-size=1200,1600", f"--screenshot={shot}", url], tmp_path)
     assert out.returncode == 0 and shot.is_file() and shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,10 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import select_images
 from fixtures import COLORS, solid_image, tiny_align, tiny_ranker, write_image
 from local_server import LocalServer
 from models.align import load_tokenizer, tokenize
+from browser import CHROMIUM, SKIP_REASON, thumb_check
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint, save_ranker_checkpoint
 from utils.images import load_image
 from utils.poi import build_item_inputs
@@ -340,20 +338,10 @@ def test_bad_inputs(env, tmp_path, capsys):
     assert "--ranker-checkpoint" in capsys.readouterr().err
 
 
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"),
-                             shutil.which("chromium-browser")) if p and os.path.isfile(p)), None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_html_thumbnails_decode_in_headless_chromium(env, single, tmp_path):
     html = env["dir"] / "single.html"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-           "--dump-dom", html.as_uri() + "#all"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    m = re.search(r'<div id="thumb-check"([^>]*)>', out.stdout)
-    attrs = dict(re.findall(r'data-(\w+)="(\d*)"', m.group(1)))
+    counts, _ = thumb_check(html.as_uri() + "#all", tmp_path)
     # every shown image of a readable or duplicate candidate has a thumbnail that decodes
     shown = sum(1 for r in single[0] if r["status"] in ("ok", "duplicate"))
-    assert int(attrs["total"]) == shown and int(attrs["loaded"]) == shown and attrs["failed"] == "0"
+    assert counts["total"] == shown and counts["loaded"] == shown and counts["failed"] == 0
