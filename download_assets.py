@@ -55,7 +55,8 @@ import sys
 from pathlib import Path
 
 from utils.assets import (DEFAULT_MANIFEST, HASHES_FILE, ROOT, AssetError, HashRecords, NetworkError,
-                          check_present, fetch_asset, load_manifest, make_session, select_assets)
+                          check_present, fetch_asset, load_manifest, select_assets)
+from utils.download import make_session
 
 log = logging.getLogger("download_assets")
 

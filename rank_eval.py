@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.align import load_tokenizer, tokenize
+from models.align import load_tokenizer
 from models.checkpoint import CheckpointError, load_ranker
 from utils.cache import EmbeddingCache
 from utils.data import DataError, RankRow, index_images, iter_rank_csv

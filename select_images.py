@@ -46,7 +46,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

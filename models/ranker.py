@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from .align import AlignModel
 
-MAX_POIS = 5
 
 
 class Dice(nn.Module):

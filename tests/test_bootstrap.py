@@ -159,7 +159,6 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
 
 def test_rank_eval_summary_has_intervals():
     import rank_eval
-    from utils.data import RankRow  # noqa: F401 (type of the rows)
 
     class Row:
         def __init__(self, label):

@@ -205,7 +205,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     for path, (body, opts, _) in permanent.items():
         server.add(path, body, **opts)
 
-    rows, key_of, line = [], {}, 0
+    rows, key_of = [], {}
     for i, path in enumerate(list(recoverable) + list(permanent)):
         rows.append(("100", str(i), server.url(path)))
         key_of[path] = f"100_{i}"
@@ -220,7 +220,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     assert time.monotonic() - t0 < 20
     assert rc == 1  # failures > --max-failures 0
     err = capsys.readouterr()
-    assert f"recall.csv:4: bad row: expected 7 fields" in err.err
+    assert "recall.csv:4: bad row: expected 7 fields" in err.err
     assert f"recall.csv:{n_lines}: bad row: empty image_url" in err.err
     assert "ok 10, skipped 0, failed 9" in err.out
     assert "http_404 1" in err.out and "bad_row 2" in err.out

@@ -1,9 +1,8 @@
 """POI tables: restricted unpickler, safe format, conversion, and build_poi_tables.py."""
-import io
+
 import os
 import pickle
 import shlex
-import sys
 
 import numpy as np
 import numpy.lib.format as npformat
@@ -17,8 +16,7 @@ import poi_tables
 from models.align import load_tokenizer, tokenize
 from models.checkpoint import save_align_checkpoint
 from utils.images import load_image
-from utils.poi_tables import (PoiTableError, load_poi_table, restricted_load_npy, save_pickled_table,
-                              save_safe_table)
+from utils.poi_tables import (PoiTableError, load_poi_table, restricted_load_npy, save_safe_table)
 
 def calibrate_image_bn(align, images):
     """Give the image tower's BatchNorm layers running statistics from real images.

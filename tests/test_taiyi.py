@@ -22,7 +22,7 @@ from transformers import (BertConfig, BertForSequenceClassification, BertTokeniz
 
 import recall_eval
 import recall_infer
-from fixtures import COLORS, TOKENS, make_bert_dir, solid_image, tiny_align, write_image
+from fixtures import COLORS, TOKENS, solid_image, tiny_align, write_image
 from models.checkpoint import CheckpointError, save_align_checkpoint
 from models.factory import MODELS, build_recall_model
 from models.taiyi import load_taiyi

@@ -19,7 +19,6 @@ from models.align import AlignArch, load_tokenizer
 from models.checkpoint import load_align_model, load_ranker, model_hash, save_align_checkpoint
 from utils.data import RECORD_SEP
 from utils.embed import encode_images, encode_texts
-from utils.poi import build_item_inputs
 from utils.poi_tables import save_pickled_table, save_safe_table
 from utils.rank_metrics import pairwise_metrics
 from utils.train import (MetricsWriter, DistEnv, WarmupSchedule, augment_pil, load_train_state,

@@ -31,7 +31,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from utils.download import make_session, sha256_file  # noqa: F401 (make_session re-exported)
+from utils.download import sha256_file
 
 log = logging.getLogger("download_assets")
 
