@@ -46,6 +46,7 @@ import numpy as np
 from models.align import load_tokenizer
 from models.checkpoint import CheckpointError, load_align_model
 from utils.cache import EmbeddingCache
+from utils.cli import setup_logging
 from utils.data import DataError, index_images, iter_recall_csv
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, encode_images, encode_texts
@@ -108,8 +109,7 @@ def _check_out(path: str, opt: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     device = resolve_device(args.device)
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()

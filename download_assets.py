@@ -56,6 +56,7 @@ from pathlib import Path
 
 from utils.assets import (DEFAULT_MANIFEST, HASHES_FILE, ROOT, AssetError, HashRecords, NetworkError,
                           check_present, fetch_asset, load_manifest, select_assets)
+from utils import cli
 from utils.download import make_session
 
 log = logging.getLogger("download_assets")
@@ -94,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(level=None, fmt="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 

@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from utils.cli import setup_logging
 from utils.poi_tables import (KINDS, SAFE_SUFFIX, PoiTableError, guess_kind, load_poi_table,
                               save_pickled_table, save_safe_table, table_matrix)
 
@@ -74,8 +75,7 @@ def describe(table: dict, path: str, show: int = 5) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         if args.command == "info":
             print(describe(load_poi_table(args.file, trust_pickle=args.trust_pickle), args.file, args.show))

@@ -58,6 +58,7 @@ from tqdm import tqdm
 from models.align import load_tokenizer
 from models.checkpoint import CheckpointError, load_ranker
 from utils.cache import EmbeddingCache
+from utils.cli import non_negative_int, positive_int, setup_logging
 from utils.data import DataError, RankRow, index_images, iter_rank_csv
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, auc_interval, fmt_interval,
@@ -75,26 +76,6 @@ OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rank_eval.py",
@@ -136,15 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall-model precision for the image and text vectors (fp32 reproduces)")
     r.add_argument("--cache-dir", default=None,
                    help="embedding cache directory (utils/cache.py): a rerun encodes only new images")
-    r.add_argument("--batch-size", type=_positive_int, default=None,
+    r.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: 32 on CPU, 128 on CUDA)")
-    r.add_argument("--text-batch-size", type=_positive_int, default=64, help="texts per batch")
-    r.add_argument("--head-batch-size", type=_positive_int, default=256, help="pairs per head batch")
-    r.add_argument("--num-workers", type=_non_negative_int, default=None,
+    r.add_argument("--text-batch-size", type=positive_int, default=64, help="texts per batch")
+    r.add_argument("--head-batch-size", type=positive_int, default=256, help="pairs per head batch")
+    r.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="DataLoader workers decoding images (0: in the main process; "
                         "default: one per core on CPU)")
-    r.add_argument("--limit", type=_positive_int, default=None, help="use only the first N pairs")
-    r.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_DRAWS, metavar="N",
+    r.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
+    r.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_DRAWS, metavar="N",
                    help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC "
                         "(0: none)")
     r.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
@@ -329,8 +310,7 @@ def write_output(path: str, res: Result) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     device = resolve_device(args.device)
     progress = not args.quiet and sys.stderr.isatty()
     t_start = time.perf_counter()

@@ -54,6 +54,7 @@ from models.align import load_tokenizer
 from models.checkpoint import (BENIGN_EXTRAS, CheckpointError, load_align_model, load_ranker,
                                model_hash, read_checkpoint, state_dict_hash)
 from utils.cache import EmbeddingCache
+from utils.cli import non_negative_int, positive_int, setup_logging
 from utils.data import DataError
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, encode_images, encode_texts
@@ -65,26 +66,6 @@ from utils.select import (DOWNLOAD_FAILED, DUPLICATE, MISSING, OK, UNREADABLE, a
                           write_output, write_report)
 
 log = logging.getLogger("select_images")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,18 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--html", help="also write a visual HTML report")
     o.add_argument("--summary", help="summary JSON (default <out>.summary.json)")
     r = p.add_argument_group("running")
-    r.add_argument("--recall-k", type=_positive_int, default=5,
+    r.add_argument("--recall-k", type=positive_int, default=5,
                    help="candidates per item passed to the ranker (default 5)")
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
     r.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
-    r.add_argument("--download-workers", type=_positive_int, default=8, help="concurrent downloads")
+    r.add_argument("--download-workers", type=positive_int, default=8, help="concurrent downloads")
     r.add_argument("--timeout", type=float, default=30.0, help="per-download read timeout, seconds")
     r.add_argument("--cache-dir", help="embedding cache directory (utils/cache.py)")
     r.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    r.add_argument("--batch-size", type=_positive_int, help="images per batch (default 32 CPU, 128 CUDA)")
-    r.add_argument("--text-batch-size", type=_positive_int, default=64)
-    r.add_argument("--head-batch-size", type=_positive_int, default=512)
-    r.add_argument("--workers", type=_non_negative_int,
+    r.add_argument("--batch-size", type=positive_int, help="images per batch (default 32 CPU, 128 CUDA)")
+    r.add_argument("--text-batch-size", type=positive_int, default=64)
+    r.add_argument("--head-batch-size", type=positive_int, default=512)
+    r.add_argument("--workers", type=non_negative_int,
                    help="image decoding worker processes (0: main process; default one per core)")
     r.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
                    help="reference = the authors' exact preprocessing; fast = JPEG draft decoding")
@@ -392,8 +373,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         run(args)
     except (DataError, CheckpointError, PoiTableError, FileNotFoundError, ValueError) as e:
