@@ -13,6 +13,7 @@ from PIL import Image
 
 from models.align import AlignArch, AlignModel
 from models.ranker import SiameseRanker
+from utils.images import to_tensor
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CHARS = list("红绿蓝黄黑白紫橙色圆方形三角星心山海湖岛塔桥寺城园公古镇北京上杭州西世界乐底大小")
@@ -110,3 +111,20 @@ def write_image(img: Image.Image, path: str | os.PathLike) -> Path:
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
     img.save(path, format=fmt, quality=92) if fmt == "JPEG" else img.save(path, format=fmt)
     return path
+
+
+def calibrate_image_bn(align, images):
+    """Give the image tower's BatchNorm layers running statistics from real images.
+    A randomly initialised EfficientNet in eval mode (running mean 0, var 1) shrinks the
+    signal block after block until every image gets the same vector; calibrated, the
+    vectors differ between images, so the tests see the image path."""
+    x = torch.stack([to_tensor(np.asarray(im.convert("RGB"))) for im in images])
+    bns = [m for m in align.image_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batch
+    align.image_model.train()
+    with torch.no_grad():
+        align.image_model(x)
+    align.eval()
+    return align

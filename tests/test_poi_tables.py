@@ -9,7 +9,7 @@ import numpy.lib.format as npformat
 import pytest
 import torch
 
-from fixtures import solid_image, tiny_align, write_image
+from fixtures import calibrate_image_bn, solid_image, tiny_align, write_image
 
 import build_poi_tables
 import poi_tables
@@ -17,24 +17,6 @@ from models.align import load_tokenizer, tokenize
 from models.checkpoint import save_align_checkpoint
 from utils.images import load_image
 from utils.poi_tables import (PoiTableError, load_poi_table, restricted_load_npy, save_safe_table)
-
-def calibrate_image_bn(align, images):
-    """Give the image tower's BatchNorm layers running statistics from real images.
-    A randomly initialised EfficientNet in eval mode (running mean 0, var 1) shrinks the
-    signal block after block until every image gets the same vector; calibrated, the
-    vectors differ between images, so the tests see the image path."""
-    from utils.images import to_tensor
-    x = torch.stack([to_tensor(np.asarray(im.convert("RGB"))) for im in images])
-    bns = [m for m in align.image_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batch
-    align.image_model.train()
-    with torch.no_grad():
-        align.image_model(x)
-    align.eval()
-    return align
-
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 

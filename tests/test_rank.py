@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from fixtures import solid_image, tiny_align, tiny_ranker, write_image
+from fixtures import calibrate_image_bn, solid_image, tiny_align, tiny_ranker, write_image
 
 import rank_eval
 from models.align import load_tokenizer, tokenize
@@ -19,24 +19,6 @@ from utils.poi_tables import save_safe_table
 from utils.rank_metrics import pairwise_metrics
 
 DIM = 4
-
-
-def calibrate_image_bn(align, images):
-    """Give the image tower's BatchNorm layers running statistics from real images.
-    A randomly initialised EfficientNet in eval mode (running mean 0, var 1) shrinks the
-    signal block after block until every image gets the same vector; calibrated, the
-    vectors differ between images, so the tests see the image path."""
-    from utils.images import to_tensor
-    x = torch.stack([to_tensor(np.asarray(im.convert("RGB"))) for im in images])
-    bns = [m for m in align.image_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batch
-    align.image_model.train()
-    with torch.no_grad():
-        align.image_model(x)
-    align.eval()
-    return align
 
 
 def _vecs(names, dim=DIM, offset=0.0):
