@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -330,7 +331,8 @@ def main(argv=None) -> int:
             res["b_bf16"] = args.n / dt
             print(f"(b) recall_infer end to end, bf16:      {res['b_bf16']:.1f} img/s ({dt:.1f} s total; image "
                   f"stage {meta['images_per_s']:.1f} img/s)")
-        # cached rerun of the real gallery
+        # cached rerun of the real gallery (a fresh cache, also with a reused --workdir)
+        shutil.rmtree(out / "cache", ignore_errors=True)
         dt1, m1 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out,
                             "--cache-dir", str(out / "cache"), *extra)
         dt2, m2 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out,
