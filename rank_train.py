@@ -42,13 +42,10 @@ models.checkpoint.load_ranker; a ``.arch.json`` sidecar for non-default variants
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,11 +64,11 @@ from utils.images import PREPROCESS_MODES, load_image
 from utils.poi import pois_text
 from utils.poi_tables import PoiTables, load_poi_tables
 from utils.rank_metrics import pairwise_metrics
-from utils.train import (MetricsWriter, ResumableSampler, all_mean, augment_pil, barrier,
-                         build_optimizer, build_scheduler, check_resume_config, configure_logging,
-                         load_train_state, loader_generator, progress, restore_rng,
-                         save_train_state, seed_everything, setup_distributed,
-                         teardown_distributed)
+from utils.train import (ResumableSampler, all_mean, amp_autocast, augment_pil, barrier,
+                         build_optimizer, build_scheduler, check_global_batch, configure_logging,
+                         loader_generator, open_run, optimizer_step, progress, restore_state,
+                         save_checkpoint_and_state, seed_everything, setup_distributed,
+                         start_run, teardown_distributed, wrap_ddp)
 
 log = logging.getLogger("rank_train")
 
@@ -303,17 +300,9 @@ def main(argv=None) -> int:
 def run(args, env) -> int:
     configure_logging(env, args.verbose)
     device = env.device
-    if args.batch_size % env.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of "
-                         f"processes ({env.world_size})")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_global_batch(args.batch_size, env)
+    out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
     amp = device.type == "cuda" and not args.no_amp
-    config = {k: getattr(args, k) for k in RESUME_KEYS}
-    state = None
-    if args.resume:
-        state = load_train_state(out / STATE_FILE)
-        check_resume_config(state, config, str(out / STATE_FILE))
     seed_everything(args.seed)
 
     train_rows = read_pairs(args.train_csv, args.image_dir)
@@ -369,10 +358,7 @@ def run(args, env) -> int:
 
     scorer = PairScorer(ranker, text_table, train_table if args.cache_embeddings else None)
     val_scorer = PairScorer(ranker, text_table, val_table)
-    model = scorer
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(scorer, env)
 
     sampler = ResumableSampler(train_set, env, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
@@ -394,32 +380,17 @@ def run(args, env) -> int:
              "cached" if args.cache_embeddings else "encoded each step", device)
 
     fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "seconds", *VAL_FIELDS]
-    step, start_epoch, start_batch, best = 0, 0, 0, -1.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best = state["extra"].get("best", -1.0)
-        restore_rng(state, env)
-    metrics = MetricsWriter(out / METRICS_FILE, fields, env,
-                            keep_rows=state["metrics_rows"] if state is not None else None)
-    if env.is_main and state is None:
-        (out / "config.json").write_text(json.dumps(vars(args) | {"world_size": env.world_size},
-                                                    indent=2, default=str), encoding="utf-8")
+    step, start_epoch, start_batch, best = restore_state(state, optimizer, scheduler, scaler, env)
+    metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
 
     def save(epoch: int, batch_in_epoch: int) -> None:
-        h = model_hash(ranker)
-        if env.is_main:
-            save_ranker_checkpoint(ranker, out / LAST_FILE)
-        save_train_state(out / STATE_FILE, env, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                         metrics_rows=metrics.rows, model_file=LAST_FILE, model_hash=h,
-                         config=config, extra={"best": best})
-        barrier(env)
+        save_checkpoint_and_state(ranker, save_ranker_checkpoint, out, env, model_file=LAST_FILE,
+                                  state_file=STATE_FILE, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, step=step, epoch=epoch,
+                                  batch_in_epoch=batch_in_epoch, metrics=metrics, config=config,
+                                  best=best)
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
+    autocast = amp_autocast(amp)
     stopped = False
     t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
@@ -439,17 +410,7 @@ def run(args, env) -> int:
                 s_a, s_b = model(a, b, poi_img, poi_txt, poi_len, text_idx)
                 loss = pair_loss(s_a.float(), s_b.float(), label, args.loss, args.margin)
             (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad if args.clip_grad > 0
-                                                   else float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            gnorm = optimizer_step(optimizer, scheduler, scaler, trainable, args.clip_grad)
             step += 1
             loss_val = all_mean(float(loss.detach()), env)
             metrics.write(step=step, epoch=epoch + 1, split="train", loss=loss_val, lr=lr,

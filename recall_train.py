@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import logging
 import os
 import sys
@@ -63,11 +62,11 @@ from utils.device import DEVICE_CHOICES
 from utils.embed import encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, load_image
 from utils.recall_metrics import recall_at_k
-from utils.train import (MetricsWriter, ResumableSampler, all_mean, barrier, build_optimizer,
-                         build_scheduler, check_resume_config, configure_logging, gather_with_grad,
-                         load_train_state, loader_generator, progress, restore_rng,
-                         save_train_state, seed_everything, setup_distributed,
-                         teardown_distributed)
+from utils.train import (ResumableSampler, all_mean, amp_autocast, barrier, build_optimizer,
+                         build_scheduler, check_global_batch, configure_logging, gather_with_grad,
+                         loader_generator, open_run, optimizer_step, progress, restore_state,
+                         save_checkpoint_and_state, seed_everything, setup_distributed,
+                         start_run, teardown_distributed, wrap_ddp)
 
 log = logging.getLogger("recall_train")
 
@@ -373,20 +372,11 @@ def run(args, env) -> int:
     if args.cache_embeddings and args.freeze != "image":
         raise SystemExit("--cache-embeddings needs --freeze image (cached vectors of a tower "
                          "that trains would be stale)")
-    if args.batch_size % env.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of "
-                         f"processes ({env.world_size})")
+    check_global_batch(args.batch_size, env)
     if args.select_k not in args.recall_k:
         args.recall_k = sorted(set(args.recall_k) | {args.select_k})
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
     amp = device.type == "cuda" and not args.no_amp
-    config = {k: getattr(args, k) for k in RESUME_KEYS}
-
-    state = None
-    if args.resume:
-        state = load_train_state(out / STATE_FILE)
-        check_resume_config(state, config, str(out / STATE_FILE))
     seed_everything(args.seed)
 
     pairs = read_pairs(args.csv, args.image_dir)
@@ -422,10 +412,7 @@ def run(args, env) -> int:
         contiguous(align)
         image_table, val_vecs = vecs[:len(train)].to(device), vecs[len(train):]
     encoder = PairEncoder(align, args.freeze, args.bn_eval, image_table)
-    model = encoder
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(encoder, env)
 
     dataset = PairDataset(train, args.preprocess, image_table is not None)
     sampler = ResumableSampler(dataset, env, shuffle=True, seed=args.seed, drop_last=True)
@@ -447,32 +434,17 @@ def run(args, env) -> int:
 
     fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "logit_scale", "seconds"] + \
         [f"recall@{k}" for k in args.recall_k] + ["queries", "gallery"]
-    step, start_epoch, start_batch, best = 0, 0, 0, -1.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best = state["extra"].get("best", -1.0)
-        restore_rng(state, env)
-    metrics = MetricsWriter(out / METRICS_FILE, fields, env,
-                            keep_rows=state["metrics_rows"] if state is not None else None)
-    if env.is_main and state is None:
-        (out / "config.json").write_text(json.dumps(vars(args) | {"world_size": env.world_size},
-                                                    indent=2, default=str), encoding="utf-8")
+    step, start_epoch, start_batch, best = restore_state(state, optimizer, scheduler, scaler, env)
+    metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
 
     def save(epoch: int, batch_in_epoch: int) -> None:
-        h = model_hash(align)
-        if env.is_main:
-            save_align_checkpoint(align, out / LAST_FILE)
-        save_train_state(out / STATE_FILE, env, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                         metrics_rows=metrics.rows, model_file=LAST_FILE, model_hash=h,
-                         config=config, extra={"best": best})
-        barrier(env)
+        save_checkpoint_and_state(align, save_align_checkpoint, out, env, model_file=LAST_FILE,
+                                  state_file=STATE_FILE, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, step=step, epoch=epoch,
+                                  batch_in_epoch=batch_in_epoch, metrics=metrics, config=config,
+                                  best=best)
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
+    autocast = amp_autocast(amp)
     stopped = False
     t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
@@ -496,17 +468,7 @@ def run(args, env) -> int:
                         loss = contrastive_loss(encoder.align.similarity(img, txt)) / args.accum_steps
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += float(loss.detach())
-            if scaler:
-                scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad if args.clip_grad > 0
-                                                   else float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            gnorm = optimizer_step(optimizer, scheduler, scaler, trainable, args.clip_grad)
             step += 1
             loss_val = all_mean(loss_sum, env)
             metrics.write(step=step, epoch=epoch + 1, split="train", loss=loss_val, lr=lr,

@@ -14,10 +14,15 @@
 - ``save_train_state`` / ``load_train_state``: optimizer, scheduler, scaler, step,
   epoch and RNG states (of every process), in a file separate from the model
   checkpoint, written atomically.
+- ``open_run``, ``restore_state``, ``start_run`` (metrics CSV + config.json),
+  ``save_checkpoint_and_state``, ``wrap_ddp``, ``amp_autocast``, ``optimizer_step``:
+  the run mechanics both scripts share, so each keeps only what differs.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -26,6 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +40,7 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from models.checkpoint import model_hash
 from utils.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -363,3 +370,100 @@ def restore_rng(state: dict, env: DistEnv) -> None:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------------
+# run set-up and saving, the mechanics both training scripts share
+# ---------------------------------------------------------------------------
+def open_run(args, resume_keys, state_file: str) -> tuple[Path, dict, dict | None]:
+    """Create ``args.out_dir``; the settings that must not change on resume
+    (``resume_keys`` of ``args``); with ``args.resume`` the saved training state,
+    checked against them (else None)."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in resume_keys}
+    state = None
+    if args.resume:
+        state = load_train_state(out / state_file)
+        check_resume_config(state, config, str(out / state_file))
+    return out, config, state
+
+
+def check_global_batch(batch_size: int, env: DistEnv) -> None:
+    if batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {batch_size} must be a multiple of the number of "
+                         f"processes ({env.world_size})")
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under torchrun, else itself."""
+    if not env.distributed:
+        return module
+    device = env.device
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def restore_state(state: dict | None, optimizer, scheduler, scaler,
+                  env: DistEnv) -> tuple[int, int, int, float]:
+    """Load optimizer, scheduler, scaler and RNG states of a resumed run; return
+    (step, epoch, batch_in_epoch, best) where it continues ((0, 0, 0, -1.0) for a new run)."""
+    if state is None:
+        return 0, 0, 0, -1.0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state, env)
+    return (state["step"], state["epoch"], state["batch_in_epoch"],
+            state["extra"].get("best", -1.0))
+
+
+def start_run(out: Path, fields: list[str], env: DistEnv, state: dict | None, args,
+              metrics_file: str = "metrics.csv") -> MetricsWriter:
+    """The metrics CSV (cut back to the saved rows on resume) and, for a new run,
+    ``config.json`` with every option and the number of processes."""
+    metrics = MetricsWriter(out / metrics_file, fields, env,
+                            keep_rows=state["metrics_rows"] if state is not None else None)
+    if env.is_main and state is None:
+        (out / "config.json").write_text(json.dumps(vars(args) | {"world_size": env.world_size},
+                                                    indent=2, default=str), encoding="utf-8")
+    return metrics
+
+
+def save_checkpoint_and_state(model: torch.nn.Module, save_model, out: Path, env: DistEnv, *,
+                              model_file: str, state_file: str, optimizer, scheduler, scaler,
+                              step: int, epoch: int, batch_in_epoch: int, metrics: MetricsWriter,
+                              config: dict, best: float) -> None:
+    """``save_model(model, out / model_file)`` on rank 0, then the training state that
+    resumes from it (collective: every process calls it), then a barrier."""
+    h = model_hash(model)
+    if env.is_main:
+        save_model(model, out / model_file)
+    save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
+                     scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                     metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
+                     config=config, extra={"best": best})
+    barrier(env)
+
+
+def amp_autocast(amp: bool):
+    """A factory of the forward pass's context: fp16 autocast on CUDA, else nothing."""
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
+
+
+def optimizer_step(optimizer, scheduler, scaler, params, clip_grad: float) -> torch.Tensor:
+    """Unscale (AMP), clip the gradient norm of ``params`` (``clip_grad`` <= 0: no
+    clipping, the norm is still measured), step, zero the gradients, advance the
+    schedule. Returns the gradient norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return gnorm
