@@ -99,7 +99,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                   device="cpu", mode: str = "reference", num_workers: int | None = None,
                   precision: str = "fp32", cache=None, stats: dict | None = None,
                   progress: bool = True, desc: str = "images",
-                  image_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_loader=None, backend: str = "torch",
+                  image_encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
@@ -110,6 +111,10 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     ``batch_size`` / ``num_workers``: None picks the device default.
     ``cache``: a ``utils.cache.EmbeddingCache``; hits are not decoded or encoded, and
     new vectors are stored batch by batch. Files with identical content are encoded once.
+    ``backend``: ``"torch"`` (default) or ``"onnx"``, the image tower run by ONNX Runtime
+    (CPU, fp32; same vectors within 1e-5, about 2x faster on a CPU; utils.onnx_backend,
+    export cached under its default directory). ``image_encoder``: an already built
+    ``f(x, normalize)`` to use instead (e.g. ``utils.onnx_backend.image_encoder_for``).
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable`` and ``seconds``.
     """
@@ -155,15 +160,21 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                             worker_init_fn=_worker_init if num_workers else None,
                             prefetch_factor=4 if num_workers else None,
                             persistent_workers=False)
-        fmt = torch.channels_last
-        model.image_model.to(memory_format=fmt)
+        if image_encoder is None:
+            from .onnx_backend import image_encoder_for
+            image_encoder = image_encoder_for(model, backend, device, precision)
+        on_torch = getattr(image_encoder, "__self__", None) is model
+        # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
+        fmt = torch.channels_last if on_torch else torch.contiguous_format
+        if on_torch:
+            model.image_model.to(memory_format=fmt)
         bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
                    leave=False)
         with _eval_mode(model), torch.inference_mode():
             for x, good, idx in loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with autocast(device, precision):
-                    e = model.encode_image(x, normalize=False)
+                    e = image_encoder(x, normalize=False)
                 e = F.normalize(e.float(), p=2, dim=1).cpu().numpy()
                 items = []
                 for row, g, j in zip(e, good.tolist(), idx.tolist()):
