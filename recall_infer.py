@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, help="images per batch (default: 32 on CPU, 128 on CUDA)")
     p.add_argument("--text-batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, help="decoding worker processes (default: half the cores on CPU, all on CUDA; max 8)")
+    p.add_argument("--num-workers", type=int, help="decoding worker processes (default: half the cores on CPU, "
+                                                  "all with --backend onnx or on CUDA; max 8)")
     p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images)")
     p.add_argument("--model-name", help="model kind recorded in cache keys (default: the --model name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -211,12 +212,13 @@ def main(argv=None) -> int:
         log.info("image backend %s (setup %.1f s)", image_backend, timings["onnx_setup"])
 
     # -- images --------------------------------------------------------------
+    num_workers = default_num_workers(device, image_backend) if args.num_workers is None else args.num_workers
     cache = EmbeddingCache(args.cache_dir, f"{model_name}:{weights}") if args.cache_dir else None
     paths = [p for _, p in gallery]
     stats: dict = {}
     t = time.perf_counter()
     img_emb, ok = rm.encode_images(paths, args.batch_size, device, mode=args.preprocess,
-                                   num_workers=args.num_workers, precision=args.precision,
+                                   num_workers=num_workers, precision=args.precision,
                                    cache=cache, stats=stats, progress=not args.no_progress,
                                    desc="gallery", image_encoder=image_encoder)
     timings["images"] = time.perf_counter() - t
@@ -298,7 +300,7 @@ def main(argv=None) -> int:
         "precision": args.precision, "device": str(device),
         "backend": args.backend, "image_backend": image_backend, "onnx_max_abs_diff": onnx_diff,
         "batch_size": args.batch_size or default_batch_size(device),
-        "num_workers": default_num_workers(device) if args.num_workers is None else args.num_workers,
+        "num_workers": num_workers,
         "topk": k, "gallery_size": len(gallery), "n_pois": len(qids),
         "n_pois_without_gallery_image": sum(q not in own for q in qids),
         "rows": len(rows), "missing_on_disk": len(missing), "unreadable": len(unreadable),

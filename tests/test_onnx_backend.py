@@ -183,3 +183,11 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "onnx_env").glob("image_*.onnx"))) == 1
     with pytest.raises(ValueError, match="unknown backend"):
         encode_images(model, paths[:1], num_workers=0, progress=False, backend="tensorrt")
+
+
+def test_onnx_backend_decodes_with_all_cores():
+    import os
+    from utils.embed import default_num_workers
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert default_num_workers("cpu", "onnx") == max(1, min(n, 8))
+    assert default_num_workers("cpu") == max(1, min(n // 2, 8))
