@@ -14,15 +14,16 @@ from a batch of the sample photos, else every image gets the same vector), saved
 checkpoint.
 
 Figures (images/s unless said otherwise):
-  (a) model alone on ready tensors (channels_last, fp32; bf16 autocast on a few images);
+  (a) model alone on ready tensors: torch fp32 NCHW and channels_last, ONNX Runtime
+      (--backend onnx; its max |vector diff| from torch), bf16 autocast on a few images;
   (b) recall_infer.py end to end (in-process main(): model load, decoding in workers,
       encoding, texts, scores, top-k + full CSV), reference and fast preprocessing;
-      the image stage alone is shown too;
+      the image stage alone is shown too; --backend onnx (its max |score diff| from torch);
   (c) sequential baseline, same work: model load, decode + resize one image at a time in
       the main process, batches of 16, NCHW fp32, each POI name encoded on its own, all
       scores written as full CSV rows.
-Checks: (b) >= 0.8 x (a) reference / 0.9 x (a) fast; (b) >= 2 x (c); scores of (b) and (c)
-within 1e-4; peak RSS (main + workers) < 3 GB; a cached rerun of 5000 images < 15 s
+Checks: (b) >= 0.8 x (a) reference / 0.9 x (a) fast; (b) >= 2 x (c) (torch and onnx);
+scores of (b) and (c) within 1e-4, of onnx and torch within 1e-5; peak RSS (main + workers) < 3 GB; a cached rerun of 5000 images < 15 s
 (timed as encode_images over 5000 cached files); deviations of fast preprocessing and
 bf16 from the exact path, in scores and recall@K.
 """
@@ -57,6 +58,7 @@ from utils.cache import EmbeddingCache  # noqa: E402
 from utils.data import iter_recall_csv, poi_of_image  # noqa: E402
 from utils.embed import encode_images  # noqa: E402
 from utils.images import load_image  # noqa: E402
+from utils.onnx_backend import OnnxImageEncoder  # noqa: E402
 from utils.recall_metrics import recall_at_k  # noqa: E402
 
 log = logging.getLogger("bench_recall")
@@ -162,11 +164,30 @@ def calibrate_bn(model, paths, n: int = 16) -> None:
     model.eval()
 
 
-def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: int) -> dict:
+def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: int,
+                      onnx_dir: Path | None = None) -> dict:
     x = torch.stack([load_image(p)[0] for p in paths[:batch_size]])
+    out = {}
+    with torch.inference_mode():
+        model.image_model.to(memory_format=torch.contiguous_format)
+        ref = model.encode_image(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(batches):
+            model.encode_image(x)
+        out["nchw"] = batch_size * batches / (time.perf_counter() - t)
+    if onnx_dir is not None:
+        t = time.perf_counter()
+        enc = OnnxImageEncoder(model, cache_dir=onnx_dir)
+        out["onnx_setup"] = time.perf_counter() - t
+        out["onnx_diff"] = (enc(x) - ref).abs().max().item()  # also the warm-up
+        t, c = time.perf_counter(), cpu_seconds()
+        for _ in range(batches):
+            enc(x)
+        out["onnx"] = batch_size * batches / (time.perf_counter() - t)
+        out["onnx_cpu_ms"] = 1000 * (cpu_seconds() - c) / (batch_size * batches)
+        del enc
     x = x.contiguous(memory_format=torch.channels_last)
     model.image_model.to(memory_format=torch.channels_last)
-    out = {}
     with torch.inference_mode():
         model.encode_image(x)  # warm-up
         t, c = time.perf_counter(), cpu_seconds()
@@ -268,6 +289,7 @@ def main(argv=None) -> int:
                         "slow, on AVX2-only CPUs)")
     p.add_argument("--bf16-e2e", action="store_true", help="also run recall_infer --precision bf16")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime figures")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     seed = Path(args.seed_data)
@@ -277,6 +299,14 @@ def main(argv=None) -> int:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_recall_")
     out = Path(args.workdir or tmp.name)
     out.mkdir(parents=True, exist_ok=True)
+    onnx_dir = None
+    if not args.skip_onnx:
+        try:
+            import onnxruntime  # noqa: F401
+            onnx_dir = out / "onnx"
+            os.environ["AVAS_ONNX_CACHE"] = str(onnx_dir)  # recall_infer's export goes there too
+        except ImportError:
+            print("onnxruntime not installed: no ONNX figures (pip install onnxruntime onnx)")
     extra = ["--batch-size", str(args.batch_size), "--no-progress"]
     if args.num_workers is not None:
         extra += ["--num-workers", str(args.num_workers)]
@@ -296,10 +326,15 @@ def main(argv=None) -> int:
 
     with PeakRSS() as rss:
         # (a)
-        a = bench_model_alone(model, paths, args.batch_size, args.model_batches, args.bf16_images)
-        res["a"] = a["fp32"]
-        print(f"(a) model alone, ready tensors, channels_last, batch {args.batch_size}: fp32 {a['fp32']:.1f} img/s "
-              f"({a['cpu_ms']:.0f} CPU ms/img)")
+        a = bench_model_alone(model, paths, args.batch_size, args.model_batches, args.bf16_images, onnx_dir)
+        res["a"], res["a_nchw"] = a["fp32"], a["nchw"]
+        print(f"(a) model alone, ready tensors, batch {args.batch_size}, fp32: torch NCHW {a['nchw']:.1f} img/s, "
+              f"torch channels_last {a['fp32']:.1f} img/s ({a['cpu_ms']:.0f} CPU ms/img)")
+        if "onnx" in a:
+            res["a_onnx"] = a["onnx"]
+            print(f"(a) model alone, ONNX Runtime: {a['onnx']:.1f} img/s ({a['onnx_cpu_ms']:.0f} CPU ms/img; "
+                  f"x{a['onnx'] / a['fp32']:.2f} channels_last, x{a['onnx'] / a['nchw']:.2f} NCHW); max |emb diff| "
+                  f"vs torch {a['onnx_diff']:.1e}; export + check {a['onnx_setup']:.1f} s (once per weights)")
         if "bf16" in a:
             tok = load_tokenizer(bert_dir)
             names = list(dict.fromkeys(r.poi_name for r in iter_recall_csv(csv_path)))
@@ -318,6 +353,14 @@ def main(argv=None) -> int:
         print(f"(b) recall_infer end to end, reference: {res['b_ref']:.1f} img/s ({dt:.1f} s total; image "
               f"stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU ms/img; "
               f"timings {meta['timings_s']})")
+        if onnx_dir is not None:
+            dt, meta = run_infer("onnx", csv_path, out / "images", ckpt, bert_dir, out, "--backend", "onnx",
+                                 *extra)
+            res["b_onnx"] = args.n / dt
+            res["b_onnx_stage"] = meta["images_per_s"]
+            print(f"(b) recall_infer end to end, reference, --backend onnx: {res['b_onnx']:.1f} img/s ({dt:.1f} s "
+                  f"total; image stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU "
+                  f"ms/img; image backend {meta['image_backend']}; timings {meta['timings_s']})")
         if not args.skip_fast:
             dt, meta = run_infer("fast", csv_path, out / "images", ckpt, bert_dir, out,
                                  "--preprocess", "fast", *extra)
@@ -359,6 +402,12 @@ def main(argv=None) -> int:
     ks = (1, 5, 10)
     r_ref = recall_at_k(ref, qp, gp, ks)
     print(f"recall@K with random weights, reference: {r_ref} (chance-level; shown to compare)")
+    dev_onnx = None
+    if (out / "onnx_full.csv").is_file():
+        _, imgs2, s = read_full(out / "onnx_full.csv")
+        assert imgs2 == imgs
+        dev_onnx = np.abs(s - ref).max()
+        print(f"onnx vs torch: max |score diff| {dev_onnx:.2e}; recall@K {recall_at_k(s, qp, gp, ks)}")
     for tag in ("fast", "bf16"):
         f = out / f"{tag}_full.csv"
         if f.is_file():
@@ -384,6 +433,11 @@ def main(argv=None) -> int:
     if "c" in res:
         check(f"(b) >= 2 x (c) in fp32: {res['b_ref'] / res['c']:.2f}", res["b_ref"] >= 2 * res["c"])
         check(f"(b) and (c) scores within 1e-4: {dev_c:.2e}", dev_c <= 1e-4)
+        if "b_onnx" in res:
+            check(f"(b) --backend onnx >= 2 x (c) in fp32: {res['b_onnx'] / res['c']:.2f}",
+                  res["b_onnx"] >= 2 * res["c"])
+    if dev_onnx is not None:
+        check(f"onnx and torch scores within 1e-5: {dev_onnx:.2e}", dev_onnx <= 1e-5)
     check(f"peak RSS (main + workers) < 3 GB: {peak_b / 1e9:.2f} GB", peak_b < 3e9)
     check(f"cached rerun of {args.cache_n} images < 15 s: {dt:.2f} s", dt < 15)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
