@@ -26,6 +26,10 @@ batch; a cached file that cannot be loaded or differs by more than ``tolerance``
 is exported again; a fresh export that still differs raises ``OnnxBackendError``, and
 ``image_encoder_for`` then warns and falls back to torch. Runs on the CPU only
 (``CPUExecutionProvider``, ``torch.get_num_threads()`` intra-op threads), fp32 only.
+
+Memory: ONNX Runtime's CPU memory arena keeps ~1.3 GB for B3 at batch 32 (recall_infer
+peak RSS with workers 2.35 GB vs 1.44 GB with torch, measured on 200 images); turning
+the arena off (``mem_arena=False``) saves that for ~13% fewer images/s.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +128,7 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) ->
     with _eval_mode(model), torch.no_grad():
         for exporter in ("torchscript", "dynamo"):
             try:
-                with contextlib.ExitStack() as stack:
-                    import warnings
-                    stack.enter_context(warnings.catch_warnings())
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
                     if exporter == "torchscript":
                         torch.onnx.export(graph, (x,), str(tmp), dynamo=False, opset_version=OPSET,
@@ -157,7 +160,7 @@ class OnnxImageEncoder:
 
     def __init__(self, model, cache_dir=None, weights_hash: str | None = None,
                  threads: int | None = None, image_size: int = 224, tolerance: float = 1e-5,
-                 verify_batch: int = 2):
+                 verify_batch: int = 2, mem_arena: bool = True):
         ort = require_onnxruntime()
         if weights_hash is None:
             from models.checkpoint import model_hash
@@ -175,6 +178,7 @@ class OnnxImageEncoder:
         self.opts = ort.SessionOptions()
         self.opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.opts.inter_op_num_threads = 1
+        self.opts.enable_cpu_mem_arena = mem_arena
         try:
             self._load(ort)
             self.max_abs_diff = self.verify(model, verify_batch, tolerance)
