@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, fmt_interval, mean_intervals
-from utils.data import DataError
+from utils.data import DataError, open_csv
 from utils.recall_metrics import DEFAULT_KS, RecallResult, evaluate_groups
 from utils.report import write_recall_report
 
@@ -92,11 +92,7 @@ def read_results(path: str | os.PathLike):
     path = str(path)
     groups: dict[str, list[tuple[str, float]]] = {}
     names: dict[str, str] = {}
-    try:
-        f = open(path, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
+    with open_csv(path) as f:
         reader = csv.reader(f)
         fmt = None
         try:

@@ -115,14 +115,19 @@ def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def open_csv(path: str | os.PathLike):
+    """A CSV file opened for ``csv.reader`` (UTF-8, BOM tolerated); an unreadable path
+    is a ``DataError`` naming it."""
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
 def iter_recall_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RecallRow]:
     """Rows of a recall-format CSV. Blank lines are ignored."""
     path = str(path)
-    try:
-        f = open(path, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
+    with open_csv(path) as f:
         reader = csv.reader(f)
         while True:
             try:

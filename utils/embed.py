@@ -84,7 +84,8 @@ def autocast(device, precision: str):
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """The model in eval mode for the block, its previous mode restored after."""
     was = model.training
     model.eval()
     try:
@@ -172,7 +173,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             model.image_model.to(memory_format=fmt)
         bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
                    leave=False)
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for x, good, idx in loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with autocast(device, precision):
@@ -221,7 +222,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, d
         return torch.empty(0, getattr(getattr(model, "arch", None), "embed_dim", 0))
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     out: list[torch.Tensor | None] = [None] * len(distinct)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not progress,
                       leave=False):
             ids = order[a:a + batch_size]

@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .embed import eval_mode
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
@@ -90,16 +92,6 @@ class _ImageGraph(nn.Module):
         return F.normalize(feats, p=2, dim=1), feats
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 def _arch_of(model) -> dict:
     arch = getattr(model, "arch", None)
     if arch is not None and hasattr(arch, "to_dict"):
@@ -125,7 +117,7 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) ->
     x = torch.zeros(2, 3, image_size, image_size)
     names = dict(input_names=["images"], output_names=["embedding", "features"])
     errors = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for exporter in ("torchscript", "dynamo"):
             try:
                 with warnings.catch_warnings():
@@ -205,7 +197,7 @@ class OnnxImageEncoder:
     def verify(self, model, batch: int, tolerance: float) -> float:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, self.image_size, self.image_size, generator=g)
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             ref = model.encode_image(x.to(next(model.parameters()).device), normalize=True).float().cpu()
         got = self.encode_image(x)
         diff = float((got - ref).abs().max())
