@@ -186,6 +186,14 @@ def intervals(result: RecallResult, ks: list[int], draws: int, seed: int) -> dic
     return {"recall": dict(zip(ks, ci[:-1])), "mrr": ci[-1]}
 
 
+def write_json(path: str, doc: dict) -> None:
+    """``doc`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
 def load(path: str, ks: list[int]):
     """``(fmt, groups, names, meta)`` of a results file, K checked."""
     fmt, groups, names = read_results(path)
@@ -250,10 +258,7 @@ def compare(args, ks: list[int]) -> int:
         print(f"@{k}: A hits / B misses {len(a_only)}" + (f" ({show(a_only)})" if a_only else "")
               + f"; B hits / A misses {len(b_only)}" + (f" ({show(b_only)})" if b_only else ""))
     out_json = args.json or f"{b_path}.compare.json"
-    tmp = f"{out_json}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, out_json)
+    write_json(out_json, doc)
     print(f"comparison: {out_json}")
     return 0
 
@@ -282,9 +287,7 @@ def main(argv=None) -> int:
         return compare(args, ks)
     html_k = args.html_k or max(ks)
     try:
-        fmt, groups, names = read_results(args.results)
-        meta = read_meta(args.results)
-        check_k(fmt, groups, ks + ([html_k] if args.html else []), meta, args.results)
+        fmt, groups, names, meta = load(args.results, ks + ([html_k] if args.html else []))
     except DataError as e:
         log.error("%s", e)
         return 2
@@ -311,10 +314,7 @@ def main(argv=None) -> int:
         doc["mrr_ci"] = list(ci["mrr"])
         doc["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
                             "resampling": "POIs"}
-    tmp = f"{out_json}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, out_json)
+    write_json(out_json, doc)
     log.info("wrote %s", out_json)
 
     if args.html:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import DataError, RowError
+from .data import DataError, RowError, open_csv
 from .report import _CSS, _JS, _esc, thumbnail_data_uri
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,8 @@ def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item
     empty item_id or image, unreadable CSV) go to ``errors`` with their line number and
     are left out; a file without the required header raises ``DataError``."""
     path = str(path)
-    try:
-        f = open(path, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
     items: dict[str, Item] = {}
-    with f:
+    with open_csv(path) as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)
