@@ -193,6 +193,9 @@ def test_ranker_benign_extras_under_prefix(tmp_path, bert_dir):
 def test_ranker_score_matches_spec_formula(bert_dir):
     torch.manual_seed(0)
     model = tiny_ranker(bert_dir, seed=11)
+    with torch.no_grad():  # non-trivial BN affine too (tiny_ranker already sets its running stats)
+        model.attention_layer.local_att.fc1.fc[1].bn.weight.uniform_(0.5, 1.5)
+        model.attention_layer.local_att.fc1.fc[1].bn.bias.uniform_(-0.3, 0.3)
     d, b = TINY_ARCH.embed_dim, 6
     images = torch.randn(b, 3, 224, 224)
     pois_feature = F.normalize(torch.randn(b, d), dim=1)
