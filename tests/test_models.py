@@ -251,3 +251,10 @@ def test_arch_json_round_trip(tmp_path):
     p.write_text('{"layers": 2}')
     with pytest.raises(ValueError, match="layers"):
         AlignArch.from_json(p)
+
+
+def test_tokenizer_lower_cases_like_the_authors(bert_dir):
+    """Built from vocab.txt alone, as the authors did: lower-casing on, CJK split per char."""
+    tok = load_tokenizer(bert_dir)
+    ids = tokenize(tok, ["红A B"])["input_ids"][0]
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "红", "a", "b", "[SEP]"]
