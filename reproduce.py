@@ -201,10 +201,13 @@ def up_to_date(step: Step, out_dir: Path) -> tuple[bool, str]:
     return True, f"up to date since {st.get('finished', '?')}"
 
 
-def write_stamp(step: Step, out_dir: Path, seconds: float, summary: dict) -> None:
+def write_stamp(step: Step, out_dir: Path, seconds: float, summary: dict,
+                fingerprint: dict | None = None) -> None:
+    """``fingerprint``: the inputs as the step read them, taken before it ran (default:
+    now), so an input replaced while the step ran makes the stamp stale, not valid."""
     sp = stamp_path(out_dir, step.name)
     sp.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"version": STAMP_VERSION, "step": step.name, **step.fingerprint(),
+    doc = {"version": STAMP_VERSION, "step": step.name, **(fingerprint or step.fingerprint()),
            "outputs": {k: identity(v) for k, v in step.outputs.items()},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2),
            "summary": summary}
@@ -632,6 +635,7 @@ def _main(args) -> int:
                 return 1
             say(f"step {name}: running ({'--force' if forced and ok else why})")
         t = time.monotonic()
+        before = step.fingerprint() if name != "assets" else None
         rc = run_step(step)
         if rc != 0:
             say(f"step {name}: FAILED (exit status {rc}); see the messages above and "
@@ -639,7 +643,7 @@ def _main(args) -> int:
                 error=True)
             return 1
         if name != "assets":
-            write_stamp(step, ctx.out, time.monotonic() - t, step.summary())
+            write_stamp(step, ctx.out, time.monotonic() - t, step.summary(), before)
         say(f"step {name}: done in {time.monotonic() - t:.1f} s")
 
     rows, notes = results_table(ctx)

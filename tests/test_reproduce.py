@@ -223,3 +223,27 @@ def test_max_failures_stops_when_too_many_images_are_gone(world, capsys, tmp_pat
     err = capsys.readouterr().err
     assert "1 of 18 images could not be downloaded, more than --max-failures 0" in err
     assert not (out / "steps" / "recall-images.done.json").exists()
+
+
+def test_input_replaced_while_a_step_runs_leaves_the_stamp_stale(tmp_path):
+    """The stamp records the inputs as the step read them (before it ran): an input
+    replaced during the run makes the next run redo the step."""
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("v1", encoding="utf-8")
+
+    def run() -> int:
+        dst.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+        src.write_text("v2, replaced meanwhile", encoding="utf-8")
+        return 0
+
+    step = reproduce.Step("copy", {"src": src}, {"dst": dst}, {}, run)
+    before = step.fingerprint()
+    assert step.run() == 0
+    reproduce.write_stamp(step, tmp_path, 0.0, {}, before)
+    ok, why = reproduce.up_to_date(step, tmp_path)
+    assert not ok and why == "input changed: src"
+    # an input left alone: up to date
+    step.run = lambda: 0
+    before = step.fingerprint()
+    reproduce.write_stamp(step, tmp_path, 0.0, {}, before)
+    assert reproduce.up_to_date(step, tmp_path)[0]
