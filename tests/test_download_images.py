@@ -24,8 +24,10 @@ from local_server import Fault, LocalServer  # noqa: E402
 from utils.download import (apply_url_map, make_session, parse_url_map,  # noqa: E402
                             sniff_image_ext, verify_existing)
 
-# Short timeouts and backoff so the whole file runs in seconds.
-FAST = ["--timeout-connect", "2", "--timeout-read", "0.5", "--retries", "2",
+# Short timeouts and backoff so the whole file runs in seconds. The read timeout (1 s)
+# must stay below the server delays that are meant to time out (2 s, 3 s), and leaves a
+# loaded machine time to answer an ordinary request.
+FAST = ["--timeout-connect", "2", "--timeout-read", "1", "--retries", "2",
         "--backoff", "0.01", "--workers", "4", "--no-progress"]
 SEP = "$record$"
 
