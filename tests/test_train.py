@@ -306,3 +306,20 @@ def test_metrics_writer_truncates_on_resume(tmp_path):
     w2.write(step=3, loss=9.0)
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "m.csv")] == \
         [("0", "0.5"), ("1", "1.5"), ("2", "2.5"), ("3", "9.0")]
+
+
+def test_rank_defaults_and_losses_are_the_authors():
+    """SPEC 5: Adam at 1e-3, batch 16, BCE on sigmoid(s_a - s_b) or
+    MarginRankingLoss(margin 0.5) on (s_a, s_b, +1/-1); augmentation on."""
+    a = rank_train.build_parser().parse_args(
+        ["--train-csv", "t", "--val-csv", "v", "--image-dir", "i", "--bert-dir", "b", "--out-dir", "o"])
+    assert (a.optimizer, a.lr, a.batch_size, a.weight_decay) == ("adam", 1e-3, 16, 0.0)
+    assert (a.schedule, a.warmup_steps, a.clip_grad) == ("constant", 0, 0.0)
+    assert (a.loss, a.margin, a.augment) == ("bce", 0.5, True)
+    g = torch.Generator().manual_seed(0)
+    s_a, s_b = torch.randn(16, generator=g) * 3, torch.randn(16, generator=g) * 3
+    label = (torch.rand(16, generator=g) < 0.5).float()
+    bce = torch.nn.BCELoss()(torch.sigmoid(s_a - s_b), label)
+    assert torch.allclose(rank_train.pair_loss(s_a, s_b, label, "bce", 0.5), bce, atol=1e-6)
+    margin = torch.nn.MarginRankingLoss(margin=0.5)(s_a, s_b, torch.where(label > 0, 1.0, -1.0))
+    assert torch.allclose(rank_train.pair_loss(s_a, s_b, label, "margin", 0.5), margin, atol=1e-6)
