@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import importlib.util
 import logging
 import os
 import resource
@@ -301,12 +302,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     onnx_dir = None
     if not args.skip_onnx:
-        try:
-            import onnxruntime  # noqa: F401
+        if importlib.util.find_spec("onnxruntime") is None:
+            print("onnxruntime not installed: no ONNX figures (pip install onnxruntime onnx)")
+        else:
             onnx_dir = out / "onnx"
             os.environ["AVAS_ONNX_CACHE"] = str(onnx_dir)  # recall_infer's export goes there too
-        except ImportError:
-            print("onnxruntime not installed: no ONNX figures (pip install onnxruntime onnx)")
     extra = ["--batch-size", str(args.batch_size), "--no-progress"]
     if args.num_workers is not None:
         extra += ["--num-workers", str(args.num_workers)]
