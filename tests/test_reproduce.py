@@ -182,6 +182,28 @@ def test_full_run_then_everything_skipped_then_partial_rerun(world, capsys):
     assert "step rank-eval: running (input changed: images)" in text
 
 
+def test_recall_backend_onnx_gives_the_same_figures(world, capsys):
+    """--recall-backend onnx reruns recall-infer (forced) with ONNX Runtime: same top-10."""
+    pytest.importorskip("onnxruntime")
+    base = world["base"]
+    dest, out = base / "dest", base / "out"
+    if not (out / "recall" / "top10.csv").is_file():
+        pytest.skip("needs the first test's run")
+    before = (out / "recall" / "top10.csv").read_text().splitlines()
+    args = argv(world, dest, out, "--steps", "recall-infer", "--force", "recall-infer",
+                "--recall-backend", "onnx")
+    assert reproduce.main(args) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "recall" / "top10.csv.meta.json").read_text())
+    assert meta["image_backend"] == "onnx"
+    after = (out / "recall" / "top10.csv").read_text().splitlines()
+    assert len(after) == len(before)
+    for a, b in zip(before[1:], after[1:]):
+        *ka, sa = a.rsplit(",", 1)
+        *kb, sb = b.rsplit(",", 1)
+        assert ka == kb and float(sa) == pytest.approx(float(sb), abs=1e-5)
+
+
 def test_corrupted_asset_stops_the_run(world, capsys):
     srv, base = world["srv"], world["base"]
     rel = "/" + next(a.path for a in load_manifest(DEFAULT_MANIFEST) if a.name == "rank_val_csv")
