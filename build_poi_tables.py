@@ -48,10 +48,10 @@ from models.checkpoint import CheckpointError, load_align_model
 from utils.cache import EmbeddingCache
 from utils.cli import setup_logging
 from utils.data import DataError, index_images, iter_recall_csv
-from utils.device import DEVICE_CHOICES, resolve_device
+from utils.cli import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES
-from utils.poi_tables import PoiTableError, save_pickled_table, save_safe_table
+from utils.poi import PoiTableError, save_pickled_table, save_safe_table
 
 log = logging.getLogger("build_poi_tables")
 

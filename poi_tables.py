@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 from utils.cli import setup_logging
-from utils.poi_tables import (KINDS, SAFE_SUFFIX, PoiTableError, guess_kind, load_poi_table,
+from utils.poi import (KINDS, SAFE_SUFFIX, PoiTableError, guess_kind, load_poi_table,
                               save_pickled_table, save_safe_table, table_matrix)
 
 log = logging.getLogger("poi_tables")

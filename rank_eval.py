@@ -60,14 +60,13 @@ from models.checkpoint import CheckpointError, load_ranker
 from utils.cache import EmbeddingCache
 from utils.cli import non_negative_int, positive_int, setup_logging
 from utils.data import DataError, RankRow, index_images, iter_rank_csv
-from utils.device import DEVICE_CHOICES, resolve_device
+from utils.cli import DEVICE_CHOICES, resolve_device
 from utils.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, auc_interval, fmt_interval,
                              mean_interval)
 from utils.embed import PRECISIONS, autocast, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, ZERO_TENSOR
-from utils.poi import ItemInputs
-from utils.poi_tables import PoiTableError, load_poi_tables
-from utils.rank_metrics import pairwise_metrics
+from utils.poi import ItemInputs, load_poi_tables, PoiTableError
+from utils.metrics import pairwise_metrics
 
 log = logging.getLogger("rank_eval")
 OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")

@@ -12,7 +12,7 @@ Data: each CSV row is one item with images ``<image-dir>/<item_id>_a.<ext>`` and
 ``_b.<ext>`` (download_images.py names them so); label 1 when ctr_a > ctr_b. Pairs with
 an absent image file are skipped (counted in the log). The item inputs follow SPEC 5
 (utils.poi.build_item_inputs): POI sequence from the pic-num table, POI image and name
-vectors from the two vector tables (read safely by utils.poi_tables; --trust-pickle for
+vectors from the two vector tables (read safely by utils.poi; --trust-pickle for
 plain np.load), and ``pois_feature`` = the recall text tower's vector of the POI string
 (or the title), computed once per distinct string.
 
@@ -34,7 +34,7 @@ encodes each training image once with the frozen tower, which dominates the cost
 Validation images are never augmented, so they are always encoded once.
 
 Each epoch: validation accuracy (the published 0.652 metric), ROC-AUC and log loss
-(utils.rank_metrics). Outputs in --out-dir: ``best.ckpt`` (best val accuracy) and
+(utils.metrics). Outputs in --out-dir: ``best.ckpt`` (best val accuracy) and
 ``last.ckpt`` in the released ranker format (loadable by rank_eval.py /
 models.checkpoint.load_ranker; a ``.arch.json`` sidecar for non-default variants),
 ``train_state.pt`` (--resume), ``metrics.csv``, ``config.json``.
@@ -54,16 +54,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from models.align import AlignArch, AlignModel, load_tokenizer
-from models.checkpoint import (load_align_model, load_ranker, model_hash, read_checkpoint,
+from models.checkpoint import (load_align_model, load_ranker, read_checkpoint,
                                save_ranker_checkpoint)
+from utils.hashing import model_hash
 from models.ranker import SiameseRanker
 from utils.data import DataError, RankRow, index_images, iter_rank_csv
-from utils.device import DEVICE_CHOICES
+from utils.cli import DEVICE_CHOICES
 from utils.embed import encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, load_image
-from utils.poi import pois_text
-from utils.poi_tables import PoiTables, load_poi_tables
-from utils.rank_metrics import pairwise_metrics
+from utils.poi import load_poi_tables, pois_text, PoiTables
+from utils.metrics import pairwise_metrics
 from utils.train import (ResumableSampler, all_mean, amp_autocast, augment_pil, barrier,
                          build_optimizer, build_scheduler, check_global_batch, configure_logging,
                          loader_generator, open_run, optimizer_step, progress, restore_state,

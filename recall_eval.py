@@ -53,7 +53,7 @@ import numpy as np
 
 from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, fmt_interval, mean_intervals
 from utils.data import DataError, open_csv
-from utils.recall_metrics import DEFAULT_KS, RecallResult, evaluate_groups
+from utils.metrics import DEFAULT_KS, RecallResult, evaluate_groups
 from utils.report import write_recall_report
 
 log = logging.getLogger("recall_eval")

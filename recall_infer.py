@@ -71,7 +71,7 @@ from models.checkpoint import CheckpointError
 from models.factory import add_model_arguments, build_recall_model, check_model_arguments
 from utils.cache import EmbeddingCache
 from utils.data import DataError, index_images, iter_recall_csv, poi_of_image
-from utils.device import DEVICE_CHOICES, resolve_device
+from utils.cli import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, default_batch_size, default_num_workers
 from utils.onnx_backend import BACKENDS, OnnxBackendError, OnnxImageEncoder, image_encoder_for
 from utils.images import PREPROCESS_MODES

@@ -55,13 +55,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer, tokenize
-from models.checkpoint import load_align_model, model_hash, save_align_checkpoint
+from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
+from utils.embed import tokenize
+from models.checkpoint import load_align_model, save_align_checkpoint
+from utils.hashing import model_hash
 from utils.data import DataError, index_images, iter_recall_csv
-from utils.device import DEVICE_CHOICES
+from utils.cli import DEVICE_CHOICES
 from utils.embed import encode_images, encode_texts
 from utils.images import PREPROCESS_MODES, load_image
-from utils.recall_metrics import recall_at_k
+from utils.metrics import recall_at_k
 from utils.train import (ResumableSampler, all_mean, amp_autocast, barrier, build_optimizer,
                          build_scheduler, check_global_batch, configure_logging, gather_with_grad,
                          loader_generator, open_run, optimizer_step, progress, restore_state,

@@ -597,12 +597,12 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from utils.device import resolve_device  # noqa: PLC0415 (imports torch)
+    from utils.cli import UserError, resolve_device
 
     try:
         device = str(resolve_device(args.device))
-    except SystemExit as e:
-        say(f"error: {e.code}", error=True)
+    except UserError as e:
+        say(f"error: {e}", error=True)
         return 2
     try:
         ctx = Ctx(args, device)

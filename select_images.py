@@ -52,15 +52,15 @@ import torch
 
 from models.align import load_tokenizer
 from models.checkpoint import (BENIGN_EXTRAS, CheckpointError, load_align_model, load_ranker,
-                               model_hash, read_checkpoint, state_dict_hash)
+                               read_checkpoint)
+from utils.hashing import model_hash, state_dict_hash
 from utils.cache import EmbeddingCache
 from utils.cli import non_negative_int, positive_int, setup_logging
 from utils.data import DataError
-from utils.device import DEVICE_CHOICES, resolve_device
+from utils.cli import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, encode_images, encode_texts
 from utils.images import PREPROCESS_MODES
-from utils.poi import MAX_POIS, ItemInputs, pois_text
-from utils.poi_tables import PoiTableError, load_poi_tables
+from utils.poi import MAX_POIS, ItemInputs, load_poi_tables, pois_text, PoiTableError
 from utils.select import (DOWNLOAD_FAILED, DUPLICATE, MISSING, OK, UNREADABLE, assign_final_ranks,
                           assign_recall_ranks, mark_duplicates, read_catalogue, resolve_images,
                           write_output, write_report)

@@ -42,7 +42,7 @@ from models.align import AlignArch, AlignModel  # noqa: E402
 from models.checkpoint import save_ranker_checkpoint  # noqa: E402
 from models.ranker import SiameseRanker  # noqa: E402
 from utils.data import RECORD_SEP  # noqa: E402
-from utils.poi_tables import load_poi_table, save_safe_table  # noqa: E402
+from utils.poi import load_poi_table, save_safe_table  # noqa: E402
 
 VAL_CSV = "dwd_mml_train_dataset_1007_urls_val_with_poi_tuomin.csv"
 PIC_NUM = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"

@@ -53,14 +53,15 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import recall_infer  # noqa: E402
-from models.align import AlignModel, load_tokenizer, tokenize  # noqa: E402
+from models.align import AlignModel, load_tokenizer  # noqa: E402
+from utils.embed import tokenize  # noqa: E402
 from models.checkpoint import load_align_model, save_align_checkpoint  # noqa: E402
 from utils.cache import EmbeddingCache  # noqa: E402
 from utils.data import iter_recall_csv, poi_of_image  # noqa: E402
 from utils.embed import encode_images  # noqa: E402
 from utils.images import load_image  # noqa: E402
 from utils.onnx_backend import OnnxImageEncoder  # noqa: E402
-from utils.recall_metrics import recall_at_k  # noqa: E402
+from utils.metrics import recall_at_k  # noqa: E402
 
 log = logging.getLogger("bench_recall")
 TARGET_PIXELS = 2.15e6

@@ -49,7 +49,7 @@ from models.align import AlignModel  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from models.ranker import SiameseRanker  # noqa: E402
 from utils.data import iter_recall_csv  # noqa: E402
-from utils.poi_tables import load_poi_table, save_safe_table  # noqa: E402
+from utils.poi import load_poi_table, save_safe_table  # noqa: E402
 
 log = logging.getLogger("bench_select")
 SEED_DEFAULT = Path(os.environ.get("AVAS_SEED_DATA", ROOT.parent / "shared" / "seed-data"))

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from transformers import BertConfig, BertModel, BertTokenizer
 
-MAX_TEXT_LEN = 50
 
 
 @dataclass
@@ -79,13 +78,6 @@ def load_tokenizer(bert_dir: str | os.PathLike) -> BertTokenizer:
     """Tokenizer from ``bert_dir/vocab.txt`` only (lower-casing on, as the authors'
     ``BertTokenizer.from_pretrained(".../vocab.txt")`` had it); nothing from a hub."""
     return BertTokenizer(_need(bert_dir, "vocab.txt"))
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
-    """Pad to the longest text of the batch, truncate at ``max_length`` (SPEC 2)."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 class AlignModel(nn.Module):

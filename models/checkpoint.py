@@ -17,12 +17,13 @@ in the wrapper (``"arch"``) or, for the bare ranker format, in a sidecar
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 
 import torch
+
+from utils.cli import UserError
+from utils.data import atomic_path, write_json
 
 from .align import AlignArch, AlignModel
 from .ranker import SiameseRanker
@@ -33,7 +34,7 @@ BENIGN_EXTRAS = ("text_model.embeddings.position_ids", "relations_emb.weight",
                  "linear_relation.weight", "linear_relation.bias")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
@@ -132,9 +133,8 @@ def load_ranker(path, bert_dir, arch=None, align_checkpoint=None, device="cpu") 
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_align_checkpoint(model: AlignModel, path) -> None:
@@ -150,22 +150,7 @@ def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
     _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, str(path))
     sidecar = str(path) + ".arch.json"
     if not model.align_model.arch.is_default:
-        with open(sidecar, "w", encoding="utf-8") as f:
-            json.dump(model.align_model.arch.to_dict(), f)
+        write_json(sidecar, model.align_model.arch.to_dict(), indent=None)
     elif os.path.exists(sidecar):
         os.remove(sidecar)
 
-
-def state_dict_hash(sd: dict) -> str:
-    """sha256 over key names, dtypes, shapes and values, in sorted key order: equal
-    for two state dicts holding the same weights, whatever file they came from."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_hash(model: torch.nn.Module) -> str:
-    return state_dict_hash(model.state_dict())

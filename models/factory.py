@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import model_hash
+from utils.hashing import model_hash
 
 
 @dataclass
@@ -75,7 +75,8 @@ class ModelEntry:
 # builders
 # ---------------------------------------------------------------------------
 def _build_align(args, device) -> RecallModel:
-    from .align import MAX_TEXT_LEN, load_tokenizer
+    from utils.embed import MAX_TEXT_LEN
+    from .align import load_tokenizer
     from .checkpoint import load_align_model
     model = load_align_model(args.checkpoint, args.bert_dir, arch=args.arch, device=device)
     return RecallModel("align", model, load_tokenizer(args.bert_dir), None, MAX_TEXT_LEN,
@@ -84,7 +85,7 @@ def _build_align(args, device) -> RecallModel:
 
 
 def _build_taiyi(args, device) -> RecallModel:
-    from utils.clip_images import load_clip_image
+    from utils.images import load_clip_image
     from .taiyi import TAIYI_MAX_TEXT_LEN, load_taiyi, load_taiyi_tokenizer
     model = load_taiyi(args.taiyi_text_dir, args.clip_dir, args.taiyi_text_weights, device=device)
     return RecallModel("taiyi", model, load_taiyi_tokenizer(args.taiyi_text_dir), load_clip_image,

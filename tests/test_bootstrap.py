@@ -13,7 +13,7 @@ from scipy.stats import binom
 import recall_eval
 from utils.bootstrap import (auc_draws, auc_interval, bootstrap_means, mean_interval, mean_intervals,
                              resample_counts, weighted_auc)
-from utils.rank_metrics import roc_auc
+from utils.metrics import roc_auc
 
 
 def test_resampling_is_seeded_and_with_replacement():
@@ -171,7 +171,7 @@ def test_rank_eval_summary_has_intervals():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1000)
     d = rng.normal(size=1000) + 0.4 * (2 * y - 1)
-    from utils.rank_metrics import pairwise_metrics
+    from utils.metrics import pairwise_metrics
     res = rank_eval.Result([P(int(v)) for v in y], d, np.zeros(1000), pairwise_metrics(y, d, np.zeros(1000)),
                            {"pairs_scored": 1000, "pairs_in_csv": 1000, "pairs_with_missing_image": 0,
                             "pairs_skipped": 0, "images_missing": 0, "images_unreadable": 0,

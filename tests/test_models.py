@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from fixtures import TINY_ARCH, tiny_align, tiny_ranker
-from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer, tokenize
+from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
+from utils.embed import tokenize
 from models.checkpoint import (CheckpointError, load_align_model, load_ranker, read_checkpoint,
-                               save_align_checkpoint, save_ranker_checkpoint, state_dict_hash)
+                               save_align_checkpoint, save_ranker_checkpoint)
+from utils.hashing import state_dict_hash
 from models.ranker import SiameseRanker
 
 RANKER_HEAD_SHAPES = {

@@ -16,7 +16,8 @@ pytest.importorskip("onnx")
 
 import recall_infer  # noqa: E402
 from fixtures import COLORS, solid_image, tiny_align, write_image  # noqa: E402
-from models.checkpoint import model_hash, save_align_checkpoint  # noqa: E402
+from models.checkpoint import save_align_checkpoint  # noqa: E402
+from utils.hashing import model_hash
 from utils import onnx_backend  # noqa: E402
 from utils.embed import encode_images  # noqa: E402
 from utils.onnx_backend import OnnxBackendError, OnnxImageEncoder, image_encoder_for  # noqa: E402
@@ -177,12 +178,13 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
     _, img_dir = _gallery(tmp_path)
     paths = sorted(img_dir.glob("*.jpg")) + [tmp_path / "missing.jpg"]
     ref, ok_ref = encode_images(model, paths, batch_size=4, num_workers=0, progress=False)
-    got, ok = encode_images(model, paths, batch_size=4, num_workers=0, progress=False, backend="onnx")
+    got, ok = encode_images(model, paths, batch_size=4, num_workers=0, progress=False,
+                            image_encoder=image_encoder_for(model, "onnx"))
     assert torch.equal(ok, ok_ref) and ok.tolist() == [True] * 18 + [False]
     assert (got - ref).abs().max().item() <= 1e-5
     assert len(list((tmp_path / "onnx_env").glob("image_*.onnx"))) == 1
     with pytest.raises(ValueError, match="unknown backend"):
-        encode_images(model, paths[:1], num_workers=0, progress=False, backend="tensorrt")
+        image_encoder_for(model, "tensorrt")
 
 
 def test_onnx_backend_decodes_with_all_cores():

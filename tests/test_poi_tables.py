@@ -13,10 +13,11 @@ from fixtures import calibrate_image_bn, solid_image, tiny_align, write_image
 
 import build_poi_tables
 import poi_tables
-from models.align import load_tokenizer, tokenize
+from models.align import load_tokenizer
+from utils.embed import tokenize
 from models.checkpoint import save_align_checkpoint
 from utils.images import load_image
-from utils.poi_tables import (PoiTableError, load_poi_table, restricted_load_npy, save_safe_table)
+from utils.poi import (PoiTableError, load_poi_table, restricted_load_npy, save_safe_table)
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 

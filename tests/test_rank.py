@@ -10,13 +10,13 @@ from sklearn.metrics import log_loss, roc_auc_score
 from fixtures import calibrate_image_bn, solid_image, tiny_align, tiny_ranker, write_image
 
 import rank_eval
-from models.align import load_tokenizer, tokenize
+from models.align import load_tokenizer
+from utils.embed import tokenize
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from utils.data import RECORD_SEP, iter_rank_csv
 from utils.images import ZERO_TENSOR, load_image
-from utils.poi import build_item_inputs, poi_sequence
-from utils.poi_tables import save_safe_table
-from utils.rank_metrics import pairwise_metrics
+from utils.poi import build_item_inputs, poi_sequence, save_safe_table
+from utils.metrics import pairwise_metrics
 
 DIM = 4
 
@@ -344,14 +344,14 @@ def test_rank_eval_bad_inputs(setup, tmp_path, capsys):
 def test_real_val_csv_inputs(seed_data):
     """The published val set through the input rules: 1000 pairs, 451 label-1, 295 without
     POIs, and the real pic-num table (restricted loader) ordering the rest."""
-    from utils.data import read_rank_csv
-    from utils.poi_tables import load_poi_table
+    from utils.data import iter_rank_csv
+    from utils.poi import load_poi_table
 
     csv_path = seed_data / "dwd_mml_train_dataset_1007_urls_val_with_poi_tuomin.csv"
     pic_path = seed_data / "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
     if not csv_path.is_file() or not pic_path.is_file():
         pytest.skip("val CSV or pic-num table absent from the seed data")
-    rows = read_rank_csv(csv_path)
+    rows = list(iter_rank_csv(csv_path))
     pic = load_poi_table(pic_path)
     assert len(rows) == 1000 and sum(r.label for r in rows) == 451
     inputs = [build_item_inputs(r.title, r.poi_names, pic, {}, {}, 8) for r in rows]

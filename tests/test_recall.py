@@ -23,7 +23,7 @@ from utils.cache import EmbeddingCache
 from utils.data import poi_of_image
 from utils.embed import encode_images, encode_texts
 from utils.images import load_image
-from utils.recall_metrics import (evaluate_groups, first_hit_ranks, mean_reciprocal_rank,
+from utils.metrics import (evaluate_groups, first_hit_ranks, mean_reciprocal_rank,
                                   recall_and_mrr, recall_at_k, stable_topk)
 
 

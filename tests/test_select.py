@@ -18,12 +18,12 @@ import torch
 import select_images
 from fixtures import COLORS, solid_image, tiny_align, tiny_ranker, write_image
 from local_server import LocalServer
-from models.align import load_tokenizer, tokenize
+from models.align import load_tokenizer
+from utils.embed import tokenize
 from browser import CHROMIUM, SKIP_REASON, thumb_check
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint, save_ranker_checkpoint
 from utils.images import load_image
-from utils.poi import build_item_inputs
-from utils.poi_tables import save_safe_table
+from utils.poi import build_item_inputs, save_safe_table
 
 DIM = 32
 K = 3
@@ -198,7 +198,7 @@ def _direct(env, rows, recall_ckpt, tables, lines):
 
 
 def _tables(env):
-    from utils.poi_tables import load_poi_table
+    from utils.poi import load_poi_table
     d = env["dir"]
     return tuple(load_poi_table(d / n) for n in ("pic.npz", "img.npz", "name.npz"))
 

@@ -26,9 +26,9 @@ from fixtures import COLORS, TOKENS, solid_image, tiny_align, write_image
 from models.checkpoint import CheckpointError, save_align_checkpoint
 from models.factory import MODELS, build_recall_model
 from models.taiyi import load_taiyi
-from utils.clip_images import CLIP_ZERO_TENSOR, clip_tensor, load_clip_image
+from utils.images import CLIP_ZERO_TENSOR, clip_tensor, load_clip_image
 from utils.data import poi_of_image
-from utils.recall_metrics import recall_at_k
+from utils.metrics import recall_at_k
 
 DIM = 16
 

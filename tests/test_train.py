@@ -16,11 +16,12 @@ import rank_train
 import recall_train
 from fixtures import COLORS, TINY_ARCH, make_bert_dir, solid_image, tiny_align, write_image
 from models.align import AlignArch, load_tokenizer
-from models.checkpoint import load_align_model, load_ranker, model_hash, save_align_checkpoint
+from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint
+from utils.hashing import model_hash
 from utils.data import RECORD_SEP
 from utils.embed import encode_images, encode_texts
-from utils.poi_tables import save_pickled_table, save_safe_table
-from utils.rank_metrics import pairwise_metrics
+from utils.poi import save_pickled_table, save_safe_table
+from utils.metrics import pairwise_metrics
 from utils.train import (MetricsWriter, DistEnv, WarmupSchedule, augment_pil, load_train_state,
                          read_metrics)
 

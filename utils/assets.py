@@ -31,7 +31,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from utils.download import sha256_file
+from utils.hashing import sha256_file
 
 log = logging.getLogger("download_assets")
 

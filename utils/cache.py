@@ -21,7 +21,6 @@ Several processes may share one cache (SQLite locking, 60 s busy timeout).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -31,19 +30,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .hashing import model_hash, sha256_file
+
 log = logging.getLogger(__name__)
 
 DB_NAME = "embeddings.sqlite"
 SCHEMA_VERSION = 1
 _CHUNK = 500  # SQLite's host-parameter limit is at least 999
-
-
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EmbeddingCache:
@@ -73,7 +66,6 @@ class EmbeddingCache:
 
     @classmethod
     def for_model(cls, cache_dir, model, model_name: str = "align") -> "EmbeddingCache":
-        from models.checkpoint import model_hash
         return cls(cache_dir, f"{model_name}:{model_hash(model)}")
 
     # -- setup ---------------------------------------------------------------
@@ -168,7 +160,7 @@ class EmbeddingCache:
                 keys.append(k[2])
                 continue
             try:
-                sha = file_sha256(r)
+                sha = sha256_file(r)
             except OSError:
                 keys.append(None)
                 continue

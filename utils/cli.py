@@ -1,19 +1,77 @@
-"""Command-line pieces shared by the top-level scripts.
+"""The command-line conventions every script shares, in one place.
 
-- ``positive_int`` / ``non_negative_int``: argparse ``type=`` converters whose errors
-  name the bad value (``expected a positive integer, got 'x'``).
-- ``setup_logging``: a root handler on stderr unless one exists already (a caller such
-  as reproduce.py or pytest may have installed its own), so a script run in-process
-  through ``main(argv)`` never adds a second one.
+    p = argparse.ArgumentParser(...)
+    cli.add_common_args(p)                 # --device, --no-progress, --log-level
+    ...
+    @cli.entry_point
+    def main(argv=None) -> int:
+        args = p.parse_args(argv)
+        cli.setup_logging(args.log_level)
+        out = cli.output_file(args.output, "--output")     # checked before any work
+        ...
+
+- ``UserError``: a mistake of the user's (a bad file, flag or key). Every error type of
+  the project that means "bad input" derives from it (``utils.data.DataError``,
+  ``models.checkpoint.CheckpointError``, ``utils.poi.PoiTableError`` ...).
+- ``entry_point``: wraps a script's ``main``: a ``UserError`` becomes ONE line on stderr
+  and exit status 2, Ctrl-C one line and 130; no traceback for either.
+- ``input_file`` / ``input_dir`` / ``output_file`` / ``output_dir``: the checks a script
+  runs on its paths before the expensive work starts (readable input, writable output
+  location that is not a directory or under a plain file).
+- ``positive_int`` / ``non_negative_int``: argparse ``type=`` converters.
+- ``setup_logging``: one stderr handler (none added when a caller installed one).
+- ``resolve_device``: ``--device auto|cpu|cuda``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def one_line(msg: object) -> str:
+    """A message on one line (multi-line messages, e.g. key listings, joined by '; ')."""
+    parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
+    return "; ".join(parts) if parts else type(msg).__name__
+
+
+def entry_point(main):
+    """Decorate a script's ``main(argv=None) -> int``: ``UserError`` -> one line on
+    stderr and 2; ``KeyboardInterrupt`` -> one line and 130. Anything else is a bug and
+    keeps its traceback."""
+    prog = Path(sys.modules[main.__module__].__file__ or main.__module__).stem \
+        if main.__module__ in sys.modules else main.__module__
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+    return run
+
+
+# ---------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------
 def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         v = int(text)
@@ -32,8 +90,123 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def setup_logging(level: int | None = logging.INFO, fmt: str = LOG_FORMAT) -> None:
-    """``logging.basicConfig(level, fmt)`` when the root logger has no handler yet
-    (``level=None`` leaves the root level as it is)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format=fmt)
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    """``--device`` (when a model runs), ``--no-progress`` and ``--log-level``."""
+    if device:
+        p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                       help="where models run: auto = CUDA when present, else CPU (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
+                   help="log messages of this level and above on stderr (default INFO)")
+
+
+def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> None:
+    """One stderr handler on the root logger; when one exists already (a caller such as
+    reproduce.py or pytest installed it) only the level is set. ``None`` keeps the level."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format=fmt)
+    if level is not None:
+        root.setLevel(level)
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` takes CUDA when present. Asking for CUDA without a GPU is a ``UserError``
+    that says so, rather than a traceback from deep inside torch."""
+    import torch  # here: scripts that never run a model start without torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available on this machine "
+                        f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda}); "
+                        f"use --device cpu or auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------
+# paths, checked before the work starts
+# ---------------------------------------------------------------------------
+def _label(what: str | None, path) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def input_file(path, what: str | None = None) -> Path:
+    """An existing, readable regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{_label(what, path)}: no such file")
+    if not p.is_file():
+        raise UserError(f"{_label(what, path)}: not a file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"{_label(what, path)}: cannot be read ({e.strerror})") from None
+    return p
+
+
+def input_dir(path, what: str | None = None) -> Path:
+    """An existing directory whose entries can be listed."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{_label(what, path)}: no such directory")
+    if not p.is_dir():
+        raise UserError(f"{_label(what, path)}: not a directory")
+    try:
+        next(os.scandir(p), None)
+    except OSError as e:
+        raise UserError(f"{_label(what, path)}: cannot be read ({e.strerror})") from None
+    return p
+
+
+def _writable_dir(d: Path, label: str) -> None:
+    """``d`` (or, when it does not exist yet, its first existing ancestor) is a
+    directory in which a file can be created: probed with a real temporary file."""
+    probe = d
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{label}: {probe} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as e:
+        raise UserError(f"{label}: cannot write in {probe} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def output_file(path, what: str | None = None) -> Path:
+    """A place a file can be written: not a directory, not under a plain file, in a
+    directory that exists (or can be made) and is writable. Nothing is created."""
+    p = Path(path)
+    label = _label(what, path)
+    if p.is_dir():
+        raise UserError(f"{label}: is a directory, expected a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{label}: the file is not writable")
+    _writable_dir(p.parent if str(p.parent) else Path("."), label)
+    return p
+
+
+def output_dir(path, what: str | None = None) -> Path:
+    """A directory that exists and is writable, or can be made. Nothing is created."""
+    p = Path(path)
+    label = _label(what, path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{label}: exists and is not a directory")
+    _writable_dir(p, label)
+    return p

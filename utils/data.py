@@ -12,11 +12,16 @@ row raises ``DataError`` naming the file and line.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from .cli import UserError
 
 RECORD_SEP = "$record$"
 RECALL_FIELDS = ("poi_id", "poi_name", "image_url", "rank_number", "width", "height", "extend")
@@ -25,8 +30,95 @@ RANK_FIELDS = ("item_id", "url_a", "url_b", "ctr_a", "ctr_b", "title", "cate_nam
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that cannot be used as it is; the message names file and line."""
+
+
+# ---------------------------------------------------------------------------
+# writing results: the one atomic writer
+# ---------------------------------------------------------------------------
+def temp_name(path: str | os.PathLike) -> Path:
+    """Where ``atomic_path`` writes before the rename: ``<path>.tmp<pid>``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; when the block ends without an error it
+    replaces ``path`` in one step, otherwise it is removed. Readers never see a half
+    written file, and an interrupted run leaves nothing behind. The parent directory is
+    created."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                 newline: str | None = ""):
+    """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, no newline
+    translation, so ``csv.writer`` works)."""
+    binary = "b" in mode
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if binary else encoding,
+                  newline=None if binary else newline) as f:
+            yield f
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """JSON (UTF-8, non-ASCII kept, NaN refused) written atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+def check_finite(value: float, where: str) -> float:
+    """``value`` unless it is NaN or infinite (then a ``DataError`` naming ``where``)."""
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {value!r} is not a finite number")
+    return value
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
+    """Hold ``directory/.lock`` for the block so that two runs never write into one
+    destination at once; the second gets a ``UserError`` naming the holder's pid. The
+    lock is the kernel's (``flock``): it is released when the process ends, even when
+    it is killed, so a stale file never blocks a later run."""
+    import fcntl
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise UserError(f"another run holds {path} (pid {pid}); wait for it to finish or "
+                        f"use another destination") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -188,14 +280,6 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
             _fail(errors, RowError(path, line, "empty image URL for image a or b"))
             continue
         yield row
-
-
-def read_recall_csv(path, errors: list | None = None) -> list[RecallRow]:
-    return list(iter_recall_csv(path, errors))
-
-
-def read_rank_csv(path, errors: list | None = None) -> list[RankRow]:
-    return list(iter_rank_csv(path, errors))
 
 
 def sniff_format(path: str | os.PathLike) -> str:

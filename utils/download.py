@@ -36,6 +36,8 @@ from urllib3.util.retry import Retry
 
 from PIL import Image
 
+from .hashing import sha256_file
+
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 DEFAULT_MAX_BYTES = 80_000_000
 TEMP_SUFFIX = ".part"
@@ -160,14 +162,6 @@ def apply_url_map(url: str, url_map) -> str:
         if url.startswith(old):
             return new + url[len(old):]
     return url
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_temp_name(name: str) -> bool:

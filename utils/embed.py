@@ -38,6 +38,7 @@ from .images import ImageDataset
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_TEXT_LEN = 50  # tokens (SPEC 2)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -94,6 +95,13 @@ def eval_mode(model):
         model.train(was)
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
+    """Pad to the longest text of the batch, truncate at ``max_length`` (SPEC 2)."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def _worker_init(_):
     torch.set_num_threads(1)
 
@@ -102,8 +110,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                   device="cpu", mode: str = "reference", num_workers: int | None = None,
                   precision: str = "fp32", cache=None, stats: dict | None = None,
                   progress: bool = True, desc: str = "images",
-                  image_loader=None, backend: str = "torch",
-                  image_encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_loader=None, image_encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
@@ -114,17 +121,20 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     ``batch_size`` / ``num_workers``: None picks the device default.
     ``cache``: a ``utils.cache.EmbeddingCache``; hits are not decoded or encoded, and
     new vectors are stored batch by batch. Files with identical content are encoded once.
-    ``backend``: ``"torch"`` (default) or ``"onnx"``, the image tower run by ONNX Runtime
-    (CPU, fp32; same vectors within 1e-5, about 2x faster on a CPU; utils.onnx_backend,
-    export cached under its default directory). ``image_encoder``: an already built
-    ``f(x, normalize)`` to use instead (e.g. ``utils.onnx_backend.image_encoder_for``).
+    ``image_encoder``: the ``f(x, normalize)`` that runs the image tower (default
+    ``model.encode_image``; ``utils.onnx_backend.image_encoder_for`` builds the ONNX
+    Runtime one).
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable`` and ``seconds``.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
-    num_workers = default_num_workers(device, backend) if num_workers is None else num_workers
+    if image_encoder is None:
+        image_encoder = model.encode_image
+    on_torch = getattr(image_encoder, "__self__", None) is model
+    if num_workers is None:
+        num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
     paths = [str(p) for p in paths]
     n = len(paths)
     ns = cache.namespace(mode, precision) if cache is not None else None
@@ -163,10 +173,6 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                             worker_init_fn=_worker_init if num_workers else None,
                             prefetch_factor=4 if num_workers else None,
                             persistent_workers=False)
-        if image_encoder is None:
-            from .onnx_backend import image_encoder_for
-            image_encoder = image_encoder_for(model, backend, device, precision)
-        on_torch = getattr(image_encoder, "__self__", None) is model
         # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
         fmt = torch.channels_last if on_torch else torch.contiguous_format
         if on_torch:
@@ -214,8 +220,6 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, d
     string is encoded once; batches group texts of similar length (padding to the
     longest of the batch, truncation at ``max_length`` tokens, default 50:
     ``models.align.tokenize``)."""
-    from models.align import MAX_TEXT_LEN, tokenize
-
     device = torch.device(device)
     distinct = list(dict.fromkeys(texts))
     if not distinct:

@@ -9,6 +9,9 @@ scripts did), but here it is logged by path and flagged, never silent.
 ``fast``: the same, except that JPEG decoding uses Pillow's draft mode (DCT scaling
 to the smallest size still >= 2 x 224 on each side), which skips most of the work
 for multi-megapixel photos. Scores move slightly; see the README.
+
+``clip``: the preprocessing of OpenAI CLIP ViT-B/32 (the image tower of the Taiyi-CLIP
+baseline), see :func:`load_clip_image`.
 """
 from __future__ import annotations
 
@@ -96,3 +99,56 @@ class ImageDataset(Dataset):
         else:
             x, ok = load_image(self.paths[i], self.mode, self.transform)
         return x, ok, i
+
+
+# ---------------------------------------------------------------------------
+# CLIP ViT-B/32 preprocessing (the Taiyi-CLIP baseline's image tower)
+# ---------------------------------------------------------------------------
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
+_STD32 = np.array(CLIP_STD, dtype=np.float32)
+
+
+def resize_shortest(img: Image.Image, size: int = CLIP_SIZE) -> Image.Image:
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return img.resize((new_w, new_h), resample=Image.BICUBIC)
+
+
+def center_crop(arr: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < size or w < size:  # cannot happen after resize_shortest; pad like transformers
+        out = np.zeros((max(h, size), max(w, size), arr.shape[2]), dtype=arr.dtype)
+        top, left = -(-(out.shape[0] - h) // 2), -(-(out.shape[1] - w) // 2)
+        out[top:top + h, left:left + w] = arr
+        arr, h, w = out, out.shape[0], out.shape[1]
+    top, left = (h - size) // 2, (w - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def clip_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 RGB -> 3 x 224 x 224 float32, CLIP-normalised."""
+    img = resize_shortest(Image.fromarray(rgb))
+    x = center_crop(np.asarray(img))
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - _MEAN32) / _STD32
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+CLIP_ZERO_TENSOR = clip_tensor(np.zeros((CLIP_SIZE, CLIP_SIZE, 3), dtype=np.uint8))
+
+
+def load_clip_image(path: str | os.PathLike, mode: str = "reference") -> tuple[torch.Tensor, bool]:
+    """``(tensor, ok)`` for a DataLoader (``utils.images.ImageDataset(loader=...)``);
+    ``ok`` False (and the zero image) when the file cannot be read."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
+    try:
+        return clip_tensor(decode_rgb(path, mode)), True
+    except Exception as e:  # any decode failure: missing, truncated, not an image
+        log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
+        return CLIP_ZERO_TENSOR.clone(), False

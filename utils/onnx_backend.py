@@ -155,7 +155,7 @@ class OnnxImageEncoder:
                  verify_batch: int = 2, mem_arena: bool = True):
         ort = require_onnxruntime()
         if weights_hash is None:
-            from models.checkpoint import model_hash
+            from utils.hashing import model_hash
             weights_hash = model_hash(model)
         self.image_size = image_size
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()

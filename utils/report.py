@@ -24,7 +24,7 @@ from typing import Callable
 from PIL import Image
 from tqdm import tqdm
 
-from .recall_metrics import RecallResult
+from .metrics import RecallResult
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from models.checkpoint import model_hash
-from utils.device import resolve_device
+from utils.hashing import model_hash
+from utils.cli import resolve_device
 
 log = logging.getLogger(__name__)
 
