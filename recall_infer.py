@@ -68,12 +68,12 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointError
-from models.factory import add_model_arguments, build_recall_model, check_model_arguments
+from models.factory import MODELS, build_recall_model, missing_options
 from utils.cache import EmbeddingCache
 from utils.data import DataError, index_images, iter_recall_csv, poi_of_image
 from utils.cli import DEVICE_CHOICES, resolve_device
 from utils.embed import PRECISIONS, default_batch_size, default_num_workers
-from utils.onnx_backend import BACKENDS, OnnxBackendError, OnnxImageEncoder, image_encoder_for
+from utils.onnx_backend import BACKENDS, OnnxBackendError, OnnxImageEncoder
 from utils.images import PREPROCESS_MODES
 
 log = logging.getLogger("recall_infer")
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default, exact); bf16/fp16 autocast: faster on GPUs and CPUs with "
                         "AVX-512 BF16/AMX (emulated, far slower, on AVX2-only CPUs); scores move ~1e-2")
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
+    p.add_argument("--backend", choices=BACKENDS[1:], default="torch",
                    help="image tower runtime: torch (default) or onnx (ONNX Runtime, CPU fp32, same "
                         "vectors within 1e-5, ~2x faster; pip install onnxruntime onnx)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
@@ -109,12 +109,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-name", help="model kind recorded in cache keys (default: the --model name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    add_model_arguments(p)
+    g = p.add_argument_group("model (--model NAME and its files)")
+    g.add_argument("--model", choices=list(MODELS), default="align",
+                   help="recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items())
+                        + " (default align)")
+    for entry in MODELS.values():
+        for name, help_text in entry.options.items():
+            g.add_argument("--" + name.replace("_", "-"), help=help_text)
     args = p.parse_args(argv)
-    check_model_arguments(p, args)
+    missing = missing_options(args.model, model_paths(args))
+    if missing:
+        p.error(f"--model {args.model} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if args.topk < 1:
         p.error("--topk must be >= 1")
     return args
+
+
+def model_paths(args) -> dict:
+    """The path options of the chosen ``--model`` (models.factory.MODELS)."""
+    return {k: getattr(args, k) for k in MODELS[args.model].options}
 
 
 def _atomic_writer(path: str):
@@ -184,7 +197,9 @@ def main(argv=None) -> int:
     # -- model ---------------------------------------------------------------
     t = time.perf_counter()
     try:
-        rm = build_recall_model(args.model, args, device)
+        rm = build_recall_model(args.model, device=device, backend=args.backend,
+                                onnx_cache_dir=os.path.join(args.cache_dir, "onnx") if args.cache_dir else None,
+                                **model_paths(args))
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2
@@ -199,10 +214,7 @@ def main(argv=None) -> int:
     if args.backend == "onnx":
         t = time.perf_counter()
         try:
-            image_encoder = image_encoder_for(
-                rm.model, "onnx", device, args.precision,
-                cache_dir=os.path.join(args.cache_dir, "onnx") if args.cache_dir else None,
-                weights_hash=rm.weights_hash())
+            image_encoder = rm.image_encoder(args.precision)
         except OnnxBackendError as e:
             log.error("--backend onnx: %s", e)
             return 2
@@ -217,10 +229,10 @@ def main(argv=None) -> int:
     paths = [p for _, p in gallery]
     stats: dict = {}
     t = time.perf_counter()
-    img_emb, ok = rm.encode_images(paths, args.batch_size, device, mode=args.preprocess,
-                                   num_workers=num_workers, precision=args.precision,
+    img_emb, ok = rm.encode_images(paths, args.batch_size, precision=args.precision,
+                                   mode=args.preprocess, num_workers=num_workers,
                                    cache=cache, stats=stats, progress=not args.no_progress,
-                                   desc="gallery", image_encoder=image_encoder)
+                                   desc="gallery")
     timings["images"] = time.perf_counter() - t
     if cache is not None:
         log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
@@ -255,7 +267,7 @@ def main(argv=None) -> int:
     # -- texts and scores ----------------------------------------------------
     t = time.perf_counter()
     qids = list(queries)
-    txt_emb = rm.encode_texts([queries[q] for q in qids], args.text_batch_size, device,
+    txt_emb = rm.encode_texts([queries[q] for q in qids], args.text_batch_size,
                               precision=args.precision)
     timings["texts"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -32,3 +32,12 @@ def real_bert_dir(seed_data):
     if not (d / "config.json").is_file():
         pytest.skip(f"{d} has no config.json")
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """ONNX exports of the tests' tiny models go to a temporary folder, never the user's
+    cache (``--backend auto`` exports on a CPU)."""
+    if "AVAS_ONNX_CACHE" not in os.environ:
+        os.environ["AVAS_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx_cache"))
+    yield

@@ -8,7 +8,6 @@ randomly initialised and saved in the Hugging Face layouts; no hub access.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -90,11 +89,9 @@ def taiyi_dirs(tmp_path_factory):
 
 
 def _ns(d, **kw):
-    a = argparse.Namespace(taiyi_text_dir=str(d["text"]), clip_dir=str(d["clip"]),
-                           taiyi_text_weights=str(d["finetuned"]), checkpoint=None, bert_dir=None, arch=None)
-    for k, v in kw.items():
-        setattr(a, k, v)
-    return a
+    """The taiyi model's path options (models.factory.MODELS["taiyi"].options)."""
+    return {"taiyi_text_dir": str(d["text"]), "clip_dir": str(d["clip"]),
+            "taiyi_text_weights": str(d["finetuned"]), **kw}
 
 
 # ---------------------------------------------------------------------------
@@ -153,8 +150,8 @@ def test_factory_builds_both_models(taiyi_dirs, bert_dir, tmp_path):
     assert set(MODELS) >= {"align", "taiyi"}
     align = tiny_align(bert_dir, seed=4)
     save_align_checkpoint(align, tmp_path / "a.pth")
-    ra = build_recall_model("align", _ns(d, checkpoint=str(tmp_path / "a.pth"), bert_dir=str(bert_dir)))
-    rt = build_recall_model("taiyi", _ns(d))
+    ra = build_recall_model("align", checkpoint=str(tmp_path / "a.pth"), bert_dir=str(bert_dir))
+    rt = build_recall_model("taiyi", **_ns(d))
     assert ra.identity().startswith("align:") and rt.identity().startswith("taiyi:")
     assert ra.identity() != rt.identity()
     imgs = [write_image(solid_image(c, size=(90 + 20 * i, 70), shape="圆" if i % 2 else "方", seed=i),
@@ -187,7 +184,7 @@ def test_factory_builds_both_models(taiyi_dirs, bert_dir, tmp_path):
             logits = enc(**tok([s], return_tensors="pt")).logits[0]
             assert torch.allclose(t[i], logits / logits.norm(), atol=1e-5)
     # without --taiyi-text-weights the directory's own weights are used
-    base = build_recall_model("taiyi", _ns(d, taiyi_text_weights=None))
+    base = build_recall_model("taiyi", **_ns(d, taiyi_text_weights=None))
     assert not torch.allclose(base.encode_texts(texts), t)
     assert base.identity() == rt.identity()  # the image tower is the same: shared image cache
 

@@ -47,19 +47,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import UserError
 from .embed import eval_mode
+from .hashing import model_hash
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 INSTALL_HINT = "pip install onnxruntime onnx"
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the exported graph changes (inputs, outputs, wrapper)
 export_count = 0   # exports done by this process (tests check the cache with it)
 
 
-class OnnxBackendError(RuntimeError):
+class OnnxBackendError(UserError, RuntimeError):
     """ONNX Runtime missing, or an export that fails or does not match torch."""
+
+
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime (and the ``onnx`` package its exporter writes through) can
+    be imported, without importing them."""
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
 def require_onnxruntime():
@@ -155,7 +164,6 @@ class OnnxImageEncoder:
                  verify_batch: int = 2, mem_arena: bool = True):
         ort = require_onnxruntime()
         if weights_hash is None:
-            from utils.hashing import model_hash
             weights_hash = model_hash(model)
         self.image_size = image_size
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -214,26 +222,40 @@ class OnnxImageEncoder:
     __call__ = encode_image
 
 
-def image_encoder_for(model, backend: str = "torch", device="cpu", precision: str = "fp32",
+def image_encoder_for(model, backend: str = "auto", device="cpu", precision: str = "fp32",
                       cache_dir=None, weights_hash: str | None = None):
-    """The ``f(x, normalize)`` that encodes image batches for ``backend``.
+    """The ``f(x, normalize)`` that encodes image batches with the engine ``backend``.
 
-    ``torch``: ``model.encode_image``. ``onnx``: an :class:`OnnxImageEncoder`; it needs
-    the CPU and fp32 and onnxruntime (each a clear ``OnnxBackendError``); an export that
-    fails or does not match torch is reported in a warning and torch is used instead.
+    ``torch``: ``model.encode_image``. ``onnx``: an :class:`OnnxImageEncoder`; it needs the
+    CPU, fp32 and onnxruntime (each a clear ``OnnxBackendError``); an export that fails or
+    does not match torch is reported in a warning and torch is used instead. ``auto``:
+    ONNX Runtime when the device is a CPU, the precision fp32 and onnxruntime importable,
+    under the same agreement check; torch otherwise (CUDA, bf16/fp16, no onnxruntime). The
+    choice is logged.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":
         return model.encode_image
-    if torch.device(device).type != "cpu":
-        raise OnnxBackendError(f"the onnx backend runs on the CPU only (device {device}); "
-                               f"use --backend torch on a GPU")
-    if precision != "fp32":
-        raise OnnxBackendError(f"the onnx backend is fp32 only (precision {precision})")
-    require_onnxruntime()
+    device = torch.device(device)
+    if backend == "auto":
+        why = ("the device is " + device.type if device.type != "cpu" else
+               f"precision {precision} (ONNX Runtime runs fp32)" if precision != "fp32" else
+               "onnxruntime is not installed" if not onnxruntime_available() else None)
+        if why:
+            log.info("image engine: torch (%s)", why)
+            return model.encode_image
+    else:
+        if device.type != "cpu":
+            raise OnnxBackendError(f"--backend onnx runs on the CPU only (device {device}); "
+                                   f"use --backend torch or auto on a GPU")
+        if precision != "fp32":
+            raise OnnxBackendError(f"--backend onnx is fp32 only (precision {precision})")
+        require_onnxruntime()
     try:
-        return OnnxImageEncoder(model, cache_dir=cache_dir, weights_hash=weights_hash)
+        enc = OnnxImageEncoder(model, cache_dir=cache_dir, weights_hash=weights_hash)
     except OnnxBackendError as e:
         log.warning("%s; falling back to the torch image encoder", e)
         return model.encode_image
+    log.info("image engine: onnx (ONNX Runtime, max |diff| vs torch %.1e)", enc.max_abs_diff)
+    return enc
