@@ -103,6 +103,25 @@ class SiameseRanker(nn.Module):
         h = self.dropout(F.relu(self.linear4(h)))
         return self.linear2(h)
 
+    @torch.inference_mode()
+    def score_many(self, image_emb: torch.Tensor, pois_feature: torch.Tensor,
+                   poi_img_vecs: torch.Tensor, poi_text_vecs: torch.Tensor, poi_len: torch.Tensor,
+                   batch_size: int = 256) -> torch.Tensor:
+        """:meth:`score_embeddings` of N rows in batches of ``batch_size``, in eval mode
+        (its previous mode restored): N float32 scores on the CPU. Inputs may be on the
+        CPU; each batch is moved to the model's device."""
+        device = self.linear2.weight.device
+        was = self.training
+        self.eval()
+        try:
+            out = [self.score_embeddings(*(t[a:a + batch_size].to(device) for t in
+                                           (image_emb, pois_feature, poi_img_vecs, poi_text_vecs,
+                                            poi_len))).float().reshape(-1).cpu()
+                   for a in range(0, image_emb.shape[0], batch_size)]
+        finally:
+            self.train(was)
+        return torch.cat(out) if out else torch.zeros(0)
+
     def forward(self, images, pois_feature, poi_img_vecs, poi_text_vecs, poi_len) -> torch.Tensor:
         return self.score_embeddings(self.align_model.encode_image(images), pois_feature,
                                      poi_img_vecs, poi_text_vecs, poi_len)
