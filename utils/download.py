@@ -163,7 +163,8 @@ class AddressPolicy:
         hint = f"(pass {ALLOW_OPTION} to allow it)"
         for ip, cls in addrs:
             if cls in ("link-local", "reserved"):
-                raise BlockedAddressError(f"refused {how}: {host} is {ip}, a {cls} address {hint}")
+                where = host if host == ip else f"{host} ({ip})"
+                raise BlockedAddressError(f"refused {how}: {where} is a {cls} address {hint}")
         local = [(ip, cls) for ip, cls in addrs if cls != "public"]
         if not local:
             return
