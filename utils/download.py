@@ -455,6 +455,7 @@ class FetchResult:
     final_url: str | None = None     # after redirects, when different from url
     tried: list = field(default_factory=list)  # failed attempts before the result
     resized_from: list | None = None  # [w, h] of the original when downscaled
+    mtime_ns: int | None = None      # of the final file, for download_images --trust-manifest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -678,7 +679,8 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
                         _unlink(other)
                 return FetchResult(key=stem, status="ok", url=url, http=code, bytes=size,
                                    width=w, height=h, sha256=digest, file=final.name,
-                                   final_url=final_url, tried=tried, resized_from=resized)
+                                   final_url=final_url, tried=tried, resized_from=resized,
+                                   mtime_ns=_mtime_ns(final))
             except _Fail as f:
                 last, retry_body = f, f.body_phase and attempt < body_retries
                 tried.append({"url": url, "http": f.http, "error": f.detail, "kind": f.kind})
@@ -712,6 +714,32 @@ def _join_attempts(tried: list[dict]) -> str:
     return "; ".join(f"{u}: {e}" + (f" ({n} attempts)" if n > 1 else "") for u, e, n in parts)
 
 
+def _mtime_ns(p: Path) -> int | None:
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def unchanged_since(out_dir, rec: dict) -> FetchResult | None:
+    """A ``skipped`` result straight from an earlier manifest record ``rec`` when its file
+    still has the recorded size and mtime (no decoding, no hashing), else None."""
+    name, size, mtime = rec.get("file"), rec.get("bytes"), rec.get("mtime_ns")
+    if rec.get("status") not in ("ok", "skipped") or not name or size is None or mtime is None:
+        return None
+    if os.path.basename(name) != name or Path(name).stem != rec.get("key"):
+        return None
+    try:
+        st = (Path(out_dir) / name).stat()
+    except OSError:
+        return None
+    if st.st_size != size or st.st_mtime_ns != mtime:
+        return None
+    return FetchResult(key=rec["key"], status="skipped", bytes=size, width=rec.get("width"),
+                       height=rec.get("height"), sha256=rec.get("sha256"), file=name,
+                       mtime_ns=mtime)
+
+
 def download_one(session: requests.Session, urls, out_dir, stem: str,
                  max_bytes: int = DEFAULT_MAX_BYTES, timeout=(10.0, 30.0),
                  max_side: int | None = None, url_map=None, body_retries: int = 2,
@@ -729,7 +757,8 @@ def download_one(session: requests.Session, urls, out_dir, stem: str,
                 if other != p:
                     _unlink(other)
             return FetchResult(key=stem, status="skipped", bytes=info.bytes, width=info.width,
-                               height=info.height, sha256=info.sha256, file=p.name)
+                               height=info.height, sha256=info.sha256, file=p.name,
+                               mtime_ns=_mtime_ns(p))
     # Absent or invalid: fetch_image replaces it and removes other-extension leftovers.
     return fetch_image(session, urls, out_dir, stem, max_bytes=max_bytes, timeout=timeout,
                        max_side=max_side, url_map=url_map, body_retries=body_retries,
