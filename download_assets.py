@@ -44,8 +44,17 @@ sha256 the manifest does not know is printed and pinned in ``DEST/.asset-hashes.
 on the first download; later runs check against it and skip every file that is
 present and verified (no request is made).
 
-Exit status: 0 all assets present and verified, 1 some failed, 2 bad arguments or
-manifest, 130 interrupted.
+Before a sha256 is pinned the file must look like what the asset is (a torch checkpoint,
+a .npy array, a CSV of the published format, JSON or UTF-8 text, of a plausible size);
+one that does not (an HTML page saved as align_model.pth) is kept aside as
+``<file>.bad-content``, not pinned, and the asset fails.
+
+Every URL and redirect is checked before connecting: a public URL may not lead to a
+link-local, private or loopback address (``--allow-private-addresses`` lifts this; a
+``--mirror`` is trusted as named). One run at a time per destination (``DEST/.lock``).
+
+Exit status: 0 all assets present and verified, 1 some failed, 2 bad arguments,
+manifest or destination (or another run holds the destination), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -54,10 +63,11 @@ import logging
 import sys
 from pathlib import Path
 
+from utils import cli
 from utils.assets import (DEFAULT_MANIFEST, HASHES_FILE, ROOT, AssetError, HashRecords, NetworkError,
                           check_present, fetch_asset, load_manifest, select_assets)
-from utils import cli
-from utils.download import make_session
+from utils.data import exclusive_lock
+from utils.download import ALLOW_OPTION, AddressPolicy, make_session, url_host
 
 log = logging.getLogger("download_assets")
 
@@ -85,18 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even when present")
     p.add_argument("--verify", action="store_true",
                    help="re-hash present files instead of trusting the recorded size+mtime")
-    p.add_argument("--retries", type=int, default=3,
+    p.add_argument("--retries", type=cli.non_negative_int, default=3,
                    help="retries per request on connection errors, 429 and 5xx")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--timeout", type=cli.finite_float, default=60.0,
                    help="read timeout (longest silence between bytes), seconds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument(ALLOW_OPTION, action="store_true",
+                   help="allow URLs and redirects that lead to link-local, private or loopback "
+                        "addresses (refused by default, except a --mirror as named)")
+    cli.add_common_args(p, device=False)
     return p
-
-
-def setup_logging(quiet: bool) -> None:
-    cli.setup_logging(level=None, fmt="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def list_assets(assets, dest: Path, records: HashRecords, mirror) -> None:
@@ -111,23 +118,23 @@ def list_assets(assets, dest: Path, records: HashRecords, mirror) -> None:
               f"{'':27s}sha256 {sha or 'unknown (recorded on first download)'}")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
-    dest = Path(args.dest)
-    try:
-        assets = load_manifest(args.manifest)
-        chosen = select_assets(assets, args.only, args.with_train,
-                               groups=("baselines",) if args.with_baselines else ())
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    records = HashRecords(dest)
-    if args.list:
-        list_assets(assets, dest, records, args.mirror)
-        return 0
+# ---------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------
+def read_manifest(args):
+    """(all assets, the ones asked for); a bad manifest or name is a UserError."""
+    cli.input_file(args.manifest, "--manifest")
+    assets = load_manifest(args.manifest)
+    groups = ("baselines",) if args.with_baselines else ()
+    return assets, select_assets(assets, args.only, args.with_train, groups=groups)
 
-    session = make_session(retries=args.retries, backoff=0.5, pool_size=2)
+
+def fetch_all(chosen, dest: Path, args) -> tuple[dict, list[str]]:
+    """Fetch each asset (skipping hosts found unreachable); (counts, failure messages)."""
+    records = HashRecords(dest)
+    policy = AddressPolicy(allow_private=args.allow_private_addresses,
+                           trusted_hosts=[url_host(args.mirror)] if args.mirror else ())
+    session = make_session(retries=args.retries, backoff=0.5, pool_size=2, address_policy=policy)
     failed: list[str] = []
     unreachable: set[str] = set()
     counts = {"skipped": 0, "downloaded": 0}
@@ -150,22 +157,25 @@ def main(argv=None) -> int:
                 print(f"error: {msg}", file=sys.stderr)
                 continue
             counts[out.status] += 1
-            if out.status == "skipped":
-                log.info("%s: skipped, present and verified: %s", a.name, out.path)
-            else:
-                note = {"manifest": "verified against the manifest",
-                        "record": f"verified against {HASHES_FILE}",
-                        "unknown": f"sha256 not known in advance, recorded in {dest / HASHES_FILE}"}
-                log.info("%s: downloaded %s (%s)", a.name, out.path, note[out.sha_origin])
-                if out.sha_origin == "unknown":
-                    print(f"{a.name}: sha256 {out.sha256} (new; recorded in {dest / HASHES_FILE})")
-    except KeyboardInterrupt:
-        print("\ninterrupted; partial downloads are kept as *.part and resume on the next run",
-              file=sys.stderr)
-        return 130
+            report_one(a, out, dest)
     finally:
         session.close()
+    return counts, failed
 
+
+def report_one(a, out, dest: Path) -> None:
+    if out.status == "skipped":
+        log.info("%s: skipped, present and verified: %s", a.name, out.path)
+        return
+    note = {"manifest": "verified against the manifest",
+            "record": f"verified against {HASHES_FILE}",
+            "unknown": f"sha256 not known in advance, recorded in {dest / HASHES_FILE}"}
+    log.info("%s: downloaded %s (%s)", a.name, out.path, note[out.sha_origin])
+    if out.sha_origin == "unknown":
+        print(f"{a.name}: sha256 {out.sha256} (new; recorded in {dest / HASHES_FILE})")
+
+
+def summarize(counts: dict, failed: list[str], dest: Path) -> int:
     print(f"assets: {counts['downloaded']} downloaded, {counts['skipped']} already present "
           f"and verified, {len(failed)} failed (destination {dest})")
     if failed:
@@ -174,6 +184,20 @@ def main(argv=None) -> int:
             print(f"  {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+@cli.entry_point
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.log_level)
+    assets, chosen = read_manifest(args)
+    if args.list:
+        list_assets(assets, Path(args.dest), HashRecords(Path(args.dest)), args.mirror)
+        return 0
+    dest = cli.output_dir(args.dest, "--dest")
+    with exclusive_lock(dest):
+        counts, failed = fetch_all(chosen, dest, args)
+    return summarize(counts, failed, dest)
 
 
 def missing_assets(manifest, dest, names) -> list[str]:

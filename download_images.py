@@ -14,20 +14,35 @@ before it is renamed atomically from a temporary ``.<stem>.<random>.part`` name,
 so a crash never leaves a partial file under a final name.
 
 Resume: a rerun keeps every file that is present and valid (status
-``skipped``) and downloads only what is missing or invalid.
+``skipped``) and downloads only what is missing or invalid. Valid means it
+decodes, which a rerun checks for every file; with --trust-manifest a file whose
+size and mtime match its record in the previous manifest is kept unchecked.
 
 Manifest (JSONL, default ``OUT/manifest.jsonl``; with --shard
 ``OUT/manifest.shard-I-of-N.jsonl``): one line per image (ranking: two per
 row) and one per bad CSV row, written and flushed as each result arrives, so a
-killed run loses nothing that finished. Each run REWRITES the manifest (the
-previous one is kept as ``<manifest>.prev``); because already-present files are
+killed run loses nothing that finished (a log, deliberately not written
+atomically). Each run REWRITES the manifest (the previous one is kept as
+``<manifest>.prev``; a manifest path that is a directory is refused); because already-present files are
 recorded as ``skipped`` with their size, dimensions and sha256, the manifest of
 a completed run is the full record of the rows it covered. Fields: key, line,
 status (ok|skipped|failed), url, http, error, error_kind, bytes, width, height,
 sha256, file, final_url, tried, resized_from.
 
+Before any download: the CSV must be readable UTF-8 (a bad byte is reported with
+its line), ``--out``, the manifest and the log file must be writable places, and
+no other run may be writing the same output (``OUT/.lock``, per shard).
+
+Addresses: every URL and redirect is checked before connecting. A host name that
+resolves to a private, loopback or link-local address, a redirect from a public
+address into one, and any link-local address (cloud metadata) are refused; URLs
+that name a local address literally (``http://127.0.0.1:8000/``) and the targets
+of ``--url-prefix-map`` are taken as meant. ``--allow-private-addresses`` lifts
+the check.
+
 Exit status: 0 when failures <= --max-failures, 1 otherwise, 2 for bad
-arguments or an unreadable CSV, 130 when interrupted.
+arguments, an unreadable CSV or output, or another run on the same output, 130
+when interrupted.
 """
 from __future__ import annotations
 
@@ -39,13 +54,17 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.data import DataError, RankRow, iter_rank_csv, iter_recall_csv, sniff_format
-from utils.download import (DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one,
-                            make_session, parse_url_map)
+from utils import cli
+from utils.data import (DataError, RankRow, exclusive_lock, iter_rank_csv, iter_recall_csv,
+                        sniff_format)
+from utils.download import (ALLOW_OPTION, DEFAULT_MAX_BYTES, AddressPolicy, FetchResult,
+                            clean_stale_temps, download_one, make_session, parse_url_map,
+                            unchanged_since, url_host)
 
 log = logging.getLogger("download_images")
 MAX_PRINTED_FAILURES = 20
@@ -64,13 +83,6 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _positive_int(text: str) -> int:
-    v = int(float(text))
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 EPILOG = """\
 files:     recall rows -> OUT/<poi_id>_<rank_number>.<ext>; ranking rows ->
            OUT/<item_id>_a.<ext>, OUT/<item_id>_b.<ext> (durable oss URL first, then
@@ -79,8 +91,8 @@ resume:    present and valid files are kept (status skipped); only missing or
            invalid ones are downloaded.
 manifest:  JSONL, one line per image and per bad CSV row, flushed as results
            arrive; rewritten by each run (the previous one kept as .prev).
-exit:      0 ok, 1 more failures than --max-failures, 2 bad arguments or CSV,
-           130 interrupted.
+exit:      0 ok, 1 more failures than --max-failures, 2 bad arguments, CSV or
+           output (or another run on the same output), 130 interrupted.
 """
 
 
@@ -98,32 +110,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the images")
     p.add_argument("--format", choices=("auto", "recall", "rank"), default="auto",
                    help="CSV format; auto looks for '$record$' in the first line")
-    p.add_argument("--workers", type=_positive_int, default=16, help="concurrent downloads")
-    p.add_argument("--timeout-connect", type=float, default=10.0, help="connect timeout, seconds")
-    p.add_argument("--timeout-read", type=float, default=30.0,
+    p.add_argument("--workers", type=cli.positive_int, default=16, help="concurrent downloads")
+    p.add_argument("--timeout-connect", type=cli.finite_float, default=10.0, help="connect timeout, seconds")
+    p.add_argument("--timeout-read", type=cli.finite_float, default=30.0,
                    help="read timeout (longest silence between bytes), seconds")
-    p.add_argument("--retries", type=int, default=4,
+    p.add_argument("--retries", type=cli.non_negative_int, default=4,
                    help="retries per URL on connection errors, timeouts, 429 and 5xx")
-    p.add_argument("--backoff", type=float, default=0.5,
+    p.add_argument("--backoff", type=cli.finite_float, default=0.5,
                    help="backoff factor: waits grow as BACKOFF*2^n seconds plus jitter")
-    p.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
+    p.add_argument("--max-bytes", type=cli.positive_int, default=DEFAULT_MAX_BYTES,
                    help="size cap of one image in bytes")
-    p.add_argument("--max-failures", type=int, default=0,
+    p.add_argument("--max-failures", type=cli.non_negative_int, default=0,
                    help="exit with status 1 when more images/rows than this fail")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N CSV rows (after --shard)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="only rows whose line number L satisfies (L-1) %% N == I (I from 0)")
     p.add_argument("--url-prefix-map", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite URLs starting with OLD to start with NEW (repeatable; "
                         "first match wins)")
-    p.add_argument("--max-side", type=_positive_int, default=None,
+    p.add_argument("--max-side", type=cli.positive_int, default=None,
                    help="downscale images whose longer side exceeds N on save "
                         "(off by default: evaluation needs the original bytes)")
     p.add_argument("--manifest", default=None,
                    help="manifest path (default OUT/manifest.jsonl, or "
                         "OUT/manifest.shard-I-of-N.jsonl with --shard)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-manifest", action="store_true",
+                   help="keep files whose size and mtime match their record in the previous "
+                        "manifest without decoding and hashing them again (fast reruns)")
+    p.add_argument(ALLOW_OPTION, action="store_true",
+                   help="allow URLs and redirects that lead to link-local, private or loopback "
+                        "addresses (by default only URLs naming such an address literally, and "
+                        "--url-prefix-map targets, may)")
+    cli.add_common_args(p, device=False)
     return p
 
 
@@ -160,13 +179,38 @@ def select(items, shard, limit):
         yield kind, line, payload
 
 
-def estimate_total(csv_path: str, fmt: str, shard, limit) -> int | None:
+def count_rows(csv_path) -> int:
+    """Non-blank lines of the CSV. Bytes that are not UTF-8 are a ``DataError`` naming
+    the line and column (before any download: the published CSVs are UTF-8)."""
+    rows = lines = 0
+    carry = b""
+    with open(csv_path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            data = carry + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line_start = data.rfind(b"\n", 0, e.start) + 1
+                line = lines + data.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                                f"column {e.start - line_start + 1}); the published CSVs are "
+                                f"UTF-8") from None
+            lines += data.count(b"\n")
+            rows += sum(1 for ln in data.splitlines() if ln.strip())
+            if not block:
+                return rows
+
+
+def estimate_total(csv_path: str, fmt: str, shard, limit, rows: int | None = None) -> int | None:
     """Number of images to expect, from a fast count of non-blank lines."""
-    try:
-        with open(csv_path, "rb") as f:
-            rows = sum(1 for ln in f if ln.strip())
-    except OSError:
-        return None
+    if rows is None:
+        try:
+            rows = count_rows(csv_path)
+        except (OSError, DataError):
+            return None
     if shard is not None:
         rows = (rows + shard[1] - 1 - shard[0]) // shard[1]
     if limit is not None:
@@ -178,11 +222,12 @@ def estimate_total(csv_path: str, fmt: str, shard, limit) -> int | None:
 # output: manifest and logging
 # ---------------------------------------------------------------------------
 class Manifest:
-    """JSONL writer; each record is flushed when written (survives SIGKILL)."""
+    """JSONL writer; each record is flushed when written (survives SIGKILL). The previous
+    manifest is kept as ``<path>.prev``."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
+        if path.is_file():
             os.replace(path, str(path) + ".prev")
         self.path = path
         self.f = open(path, "w", encoding="utf-8")
@@ -199,13 +244,30 @@ class Manifest:
         self.f.close()
 
 
-def setup_logging(log_path: Path) -> logging.Handler:
+def open_log_file(log_path: Path) -> logging.Handler:
+    """This run's log, ``OUT/download_images[.shard-I-of-N].log`` (the level is --log-level's)."""
     handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    log.propagate = False  # failures are printed (capped) by report(); the rest is in the file
     return handler
+
+
+def read_previous(manifest: Path) -> dict:
+    """key -> record of the present manifest (before this run replaces it); bad lines skipped."""
+    out: dict = {}
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("key"):
+                    out[rec["key"]] = rec
+    except (OSError, UnicodeDecodeError):
+        pass
+    return out
 
 
 def record(result: FetchResult, line: int) -> dict:
@@ -226,36 +288,90 @@ def format_summary(status: Counter, errors: Counter, elapsed: float, manifest: P
 
 
 # ---------------------------------------------------------------------------
-# main
+# the steps
 # ---------------------------------------------------------------------------
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    csv_path = args.csv
-    out = Path(args.out)
+@dataclass
+class Plan:
+    """What a run reads and writes, all checked before the first request."""
+    csv: str
+    fmt: str
+    rows: int
+    out: Path
+    manifest: Path
+    log_file: Path
+    lock_name: str
+    url_map: list
+
+
+def check_paths(args) -> Plan:
+    """The CSV is readable UTF-8 of a known format; the output directory, the manifest
+    and the log file are writable places. Creates nothing."""
+    csv_path = str(cli.input_file(args.csv, "--csv"))
     try:
         url_map = parse_url_map(args.url_prefix_map)
-        fmt = sniff_format(csv_path) if args.format == "auto" else args.format
-    except (ValueError, OSError) as e:  # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
+    except ValueError as e:
+        raise cli.UserError(str(e)) from None
+    out = cli.output_dir(args.out, "--out")
     suffix = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
-    manifest_path = Path(args.manifest) if args.manifest else out / f"manifest{suffix}.jsonl"
-    handler = setup_logging(out / f"download_images{suffix}.log")
-    manifest = Manifest(manifest_path)
-    log.info("start: csv=%s format=%s out=%s workers=%d shard=%s limit=%s max_side=%s",
-             csv_path, fmt, out, args.workers, args.shard, args.limit, args.max_side)
-    removed = clean_stale_temps(out)
-    if removed:
-        log.info("removed %d stale temporary files", removed)
+    manifest = Path(args.manifest) if args.manifest else out / f"manifest{suffix}.jsonl"
+    cli.output_file(manifest, "--manifest")
+    prev = Path(str(manifest) + ".prev")
+    if prev.is_dir():
+        raise cli.UserError(f"--manifest {manifest}: {prev} (where the previous manifest is kept) "
+                            f"is a directory")
+    log_file = cli.output_file(out / f"download_images{suffix}.log", "log file")
+    rows = count_rows(csv_path)  # reads the whole CSV: after the cheap checks
+    fmt = sniff_format(csv_path) if args.format == "auto" else args.format
+    return Plan(csv_path, fmt, rows, out, manifest, log_file, f".lock{suffix}", url_map)
 
-    session = make_session(retries=args.retries, backoff=args.backoff, pool_size=args.workers)
+
+def download_all(args, plan: Plan) -> int:
+    """Download every image of the CSV into ``plan.out``; the exit status."""
+    handler = open_log_file(plan.log_file)
+    try:
+        log.info("start: csv=%s format=%s out=%s workers=%d shard=%s limit=%s max_side=%s",
+                 plan.csv, plan.fmt, plan.out, args.workers, args.shard, args.limit, args.max_side)
+        removed = clean_stale_temps(plan.out)
+        if removed:
+            log.info("removed %d stale temporary files", removed)
+        status, errors, elapsed = _run_pool(args, plan)
+        summary = format_summary(status, errors, elapsed, plan.manifest)
+        print(summary)
+        for ln in summary.splitlines():
+            log.info("summary: %s", ln)
+        rc = 0
+        if status["failed"] > args.max_failures:
+            print(f"{status['failed']} failures > --max-failures {args.max_failures}", file=sys.stderr)
+            rc = 1
+        log.info("exit status %d", rc)
+        return rc
+    except KeyboardInterrupt:
+        log.info("interrupted; finished downloads are kept and recorded")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run_pool(args, plan: Plan) -> tuple[Counter, Counter, float]:
+    """The download loop: a bounded window of futures over the CSV rows, each result
+    written to the manifest as it arrives. (status counts, error kinds, seconds)."""
+    policy = AddressPolicy(allow_private=args.allow_private_addresses,
+                           trusted_hosts=[url_host(new) for _, new in plan.url_map])
+    session = make_session(retries=args.retries, backoff=args.backoff, pool_size=args.workers,
+                           address_policy=policy)
     timeout = (args.timeout_connect, args.timeout_read)
+    out, csv_path = plan.out, plan.csv
+    previous = read_previous(plan.manifest) if args.trust_manifest else {}
 
     def job(key, urls):
+        if key in previous:
+            kept = unchanged_since(out, previous[key])
+            if kept is not None:
+                return kept
         try:
             return download_one(session, urls, out, key, max_bytes=args.max_bytes,
-                                timeout=timeout, max_side=args.max_side, url_map=url_map,
+                                timeout=timeout, max_side=args.max_side, url_map=plan.url_map,
                                 backoff=args.backoff)
         except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
             log.exception("unexpected error for %s", key)
@@ -266,8 +382,9 @@ def main(argv=None) -> int:
     status: Counter = Counter()
     errors: Counter = Counter()
     printed = 0
-    bar = tqdm(total=estimate_total(csv_path, fmt, args.shard, args.limit), unit="img",
-               dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
+    manifest = Manifest(plan.manifest)
+    bar = tqdm(total=estimate_total(csv_path, plan.fmt, args.shard, args.limit, rows=plan.rows),
+               unit="img", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
 
     def report(rec: dict) -> None:
         nonlocal printed
@@ -285,13 +402,12 @@ def main(argv=None) -> int:
         bar.update(1)
 
     start = time.monotonic()
-    rc = 0
     window = args.workers * 4          # futures in flight: memory stays flat at any CSV size
     pending: dict = {}
     pool = cf.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="dl")
+    finished = False
     try:
-        items = select(iter_items(csv_path, fmt), args.shard, args.limit)
-        for kind, line, payload in items:
+        for kind, line, payload in select(iter_items(csv_path, plan.fmt), args.shard, args.limit):
             if kind == "bad":
                 report({"key": None, "line": line, "status": "failed", "url": None,
                         "http": None, "error": payload, "error_kind": "bad_row"})
@@ -304,31 +420,24 @@ def main(argv=None) -> int:
                 pending[pool.submit(job, key, urls)] = line
         for fut in cf.as_completed(list(pending)):
             report(record(fut.result(), pending.pop(fut)))
-    except KeyboardInterrupt:
-        rc = 130
+        finished = True
+    finally:
         for fut in pending:
             fut.cancel()
-        print("\ninterrupted; finished downloads are kept and recorded", file=sys.stderr)
-    except DataError as e:
-        rc = 2
-        print(f"error: {e}", file=sys.stderr)
-    finally:
-        pool.shutdown(wait=rc == 0, cancel_futures=True)
+        pool.shutdown(wait=finished, cancel_futures=True)
         bar.close()
         manifest.close()
         session.close()
+    return status, errors, time.monotonic() - start
 
-    summary = format_summary(status, errors, time.monotonic() - start, manifest_path)
-    print(summary)
-    for ln in summary.splitlines():
-        log.info("summary: %s", ln)
-    if rc == 0 and status["failed"] > args.max_failures:
-        print(f"{status['failed']} failures > --max-failures {args.max_failures}", file=sys.stderr)
-        rc = 1
-    log.info("exit status %d", rc)
-    log.removeHandler(handler)
-    handler.close()
-    return rc
+
+@cli.entry_point
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.log_level)
+    plan = check_paths(args)
+    with exclusive_lock(plan.out, plan.lock_name):
+        return download_all(args, plan)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-BIG = os.urandom(300_000)            # a "large" asset: several chunks
+BIG = b"PK\x03\x04" + os.urandom(300_000)  # a "large" asset (a torch zip by its magic): several chunks
 CSV = "1,红山,http://x/1.jpg,1,10,10,\n".encode()
+TRAIN = "$record$".join(["7", "http://x/a.jpg", "http://x/b.jpg", "0.1", "0.2", "标题", "类目",
+                          "", "", "西湖"]).encode() + b"\n"   # one ranking record
 VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n红\n".encode()
 
 
@@ -87,7 +89,7 @@ def test_mirror_download_then_skip_without_requests(world, capsys):
     assert "0 downloaded, 3 already present and verified" in capsys.readouterr().out
 
     # --only a non-default asset
-    srv.add("/data/t.csv", b"train")
+    srv.add("/data/t.csv", TRAIN)
     assert run(manifest, dest, "--mirror", srv.base_url, "--only", "train_csv") == 0
     assert srv.log == [("GET", "/data/t.csv", None)]
 

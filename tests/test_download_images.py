@@ -504,3 +504,31 @@ def test_local_server_features(tmp_path):
         assert requests.get(srv.url("/../etc/passwd"), timeout=5).status_code == 404
         assert srv.count("/r") == 9
         assert ("GET", "/r", "bytes=90-") in srv.log
+
+
+def test_trust_manifest_skips_reverification(server, tmp_path, monkeypatch):
+    import utils.download as D
+    for i in range(3):
+        server.add(f"/t{i}.jpg", make_image("JPEG", (30 + i, 20)))
+    csv_path = write_recall_csv(tmp_path / "r.csv", [("5", str(i), server.url(f"/t{i}.jpg"))
+                                                      for i in range(3)])
+    out = tmp_path / "out"
+    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST]) == 0
+    first = by_key(read_manifest(out / "manifest.jsonl"))
+    assert all(r["mtime_ns"] for r in first.values())
+
+    checked = []
+    real = D.verify_existing
+    monkeypatch.setattr(D, "verify_existing", lambda p, *a, **k: checked.append(Path(p).name) or real(p, *a, **k))
+    touched = out / first["5_1"]["file"]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    server.reset_counts()
+    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
+                                 "--trust-manifest"]) == 0
+    assert checked == [touched.name]          # only the file whose mtime changed is decoded
+    assert server.total_requests == 0
+    again = by_key(read_manifest(out / "manifest.jsonl"))
+    assert {r["status"] for r in again.values()} == {"skipped"}
+    for k in first:
+        assert (again[k]["sha256"], again[k]["bytes"], again[k]["width"]) == \
+            (first[k]["sha256"], first[k]["bytes"], first[k]["width"])

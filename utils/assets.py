@@ -15,10 +15,18 @@ is renamed into place atomically and recorded in ``DEST/.asset-hashes.json`` (na
 path, sha256, size, mtime): an asset whose sha256 the manifest does not know is
 pinned there on first download and checked against that record afterwards, and a
 later run skips every asset whose file still has the recorded size and mtime.
+
+Before a sha256 is pinned, the file must look like what it is (:func:`content_problem`):
+a torch checkpoint (zip or pickle), a safetensors file, a ``.npy`` array, a CSV of the
+published format, a JSON object, UTF-8 text, with a plausible size (``min_bytes`` in the
+manifest, or a default per kind). A file that does not (an HTML error page saved as
+``align_model.pth``) is kept aside as ``<path>.bad-content`` and not pinned; a pinned
+file that does not is set aside and fetched again.
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -31,6 +39,10 @@ from pathlib import Path
 import requests
 import urllib3
 
+from utils.cli import UserError
+from utils.data import (DataError, iter_rank_csv, iter_recall_csv, sniff_format,
+                        write_json)
+from utils.download import classify_exception, root_cause
 from utils.hashing import sha256_file
 
 log = logging.getLogger("download_assets")
@@ -40,12 +52,21 @@ DEFAULT_MANIFEST = ROOT / "assets.json"
 HASHES_FILE = ".asset-hashes.json"
 PART_SUFFIX = ".part"
 BAD_SUFFIX = ".bad-sha256"
+BAD_CONTENT_SUFFIX = ".bad-content"
 CHUNK = 1 << 16
 LFS_MAGIC = b"version https://git-lfs.github.com/spec"
 
 
 class AssetError(RuntimeError):
     """A failure the user can act on; the message names the asset and what to do."""
+
+
+class ManifestError(AssetError, UserError):
+    """The asset manifest or the asset names asked for are unusable (exit status 2)."""
+
+
+class ContentError(AssetError):
+    """A downloaded file does not look like what the asset is."""
 
 
 class NetworkError(AssetError):
@@ -75,6 +96,8 @@ class Asset:
     default: bool = True
     description: str = ""
     group: str | None = None           # e.g. "baselines": fetched with download_assets --with-baselines
+    kind: str | None = None            # what the file is (KINDS); None: from the extension
+    min_bytes: int | None = None       # smallest plausible size; None: the kind's default
 
     def source(self, mirror: str | None) -> str:
         if mirror:
@@ -90,35 +113,43 @@ def load_manifest(path: str | os.PathLike = DEFAULT_MANIFEST) -> list[Asset]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
-        raise AssetError(f"{path}: cannot read the asset manifest ({e.strerror})") from None
+        raise ManifestError(f"{path}: cannot read the asset manifest ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise AssetError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        raise ManifestError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     items = data.get("assets") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise AssetError(f"{path}: expected an object with an 'assets' list")
+        raise ManifestError(f"{path}: expected an object with an 'assets' list")
     out, seen = [], set()
     for i, a in enumerate(items):
         where = f"{path}: assets[{i}]"
         if not isinstance(a, dict) or not a.get("name") or not a.get("path"):
-            raise AssetError(f"{where}: every asset needs 'name' and 'path'")
+            raise ManifestError(f"{where}: every asset needs 'name' and 'path'")
         name, rel = a["name"], a["path"]
         where = f"{path}: asset {name!r}"
         if name in seen:
-            raise AssetError(f"{where}: duplicate name")
+            raise ManifestError(f"{where}: duplicate name")
         seen.add(name)
         if rel.startswith("/") or ".." in Path(rel).parts:
-            raise AssetError(f"{where}: 'path' must be relative and stay inside the destination")
+            raise ManifestError(f"{where}: 'path' must be relative and stay inside the destination")
         if not a.get("url") and not a.get("hf"):
-            raise AssetError(f"{where}: needs a 'url' or an 'hf' source")
+            raise ManifestError(f"{where}: needs a 'url' or an 'hf' source")
         hf = a.get("hf")
         if hf is not None and not (isinstance(hf, dict) and hf.get("repo_id") and hf.get("filename")):
-            raise AssetError(f"{where}: 'hf' needs 'repo_id' and 'filename'")
+            raise ManifestError(f"{where}: 'hf' needs 'repo_id' and 'filename'")
+        kind = a.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise ManifestError(f"{where}: 'kind' must be one of {', '.join(KINDS)}")
+        min_bytes = a.get("min_bytes")
+        if min_bytes is not None and (not isinstance(min_bytes, int) or isinstance(min_bytes, bool)
+                                      or min_bytes < 0):
+            raise ManifestError(f"{where}: 'min_bytes' must be an integer >= 0")
         sha = a.get("sha256")
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
-            raise AssetError(f"{where}: 'sha256' must be 64 hex digits or null")
+            raise ManifestError(f"{where}: 'sha256' must be 64 hex digits or null")
         out.append(Asset(name=name, path=rel, url=a.get("url"), hf=hf,
                          sha256=sha.lower() if sha else None, default=a.get("default", True),
-                         description=a.get("description", ""), group=a.get("group")))
+                         description=a.get("description", ""), group=a.get("group"),
+                         kind=kind, min_bytes=min_bytes))
     return out
 
 
@@ -130,7 +161,7 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False,
     if only:
         unknown = [n for n in only if n not in by_name]
         if unknown:
-            raise AssetError(f"unknown asset name(s): {', '.join(unknown)}; "
+            raise ManifestError(f"unknown asset name(s): {', '.join(unknown)}; "
                              f"known: {', '.join(by_name)}")
         return [a for a in assets if a.name in set(only)]
     return [a for a in assets if a.default or with_train or (a.group is not None and a.group in groups)]
@@ -138,6 +169,134 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False,
 
 def mirror_url(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + urllib.parse.quote(rel)
+
+
+# ---------------------------------------------------------------------------
+# does a file look like what the asset is?
+# ---------------------------------------------------------------------------
+KINDS = ("torch", "safetensors", "npy", "recall_csv", "rank_csv", "csv", "json", "text")
+KIND_OF_EXT = {".pth": "torch", ".ckpt": "torch", ".bin": "torch", ".pt": "torch",
+               ".safetensors": "safetensors", ".npy": "npy", ".csv": "csv",
+               ".json": "json", ".txt": "text"}
+# the smallest plausible size of each kind, when the manifest gives no min_bytes: a
+# model's weights are never a few kilobytes (an error page is); an .npy header is 128 bytes
+MIN_BYTES = {"torch": 64 * 1024, "safetensors": 64 * 1024, "npy": 128}
+KIND_NAMES = {"torch": "a torch checkpoint", "safetensors": "a safetensors file",
+              "npy": "a .npy array", "recall_csv": "a recall-format CSV",
+              "rank_csv": "a $record$ ranking CSV", "csv": "a CSV of the published formats",
+              "json": "a JSON object", "text": "UTF-8 text"}
+CSV_ROWS_CHECKED = 50
+LOOKS_WRONG = "it does not look right: "
+
+
+def asset_kind(asset: Asset) -> str | None:
+    return asset.kind or KIND_OF_EXT.get(Path(asset.path).suffix.lower())
+
+
+def looks_like(head: bytes) -> str:
+    """A short description of what a file starting with ``head`` is, for messages."""
+    h = head.lstrip()
+    low = h[:64].lower()
+    if not head:
+        return "an empty file"
+    if low.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page"
+    if head.startswith(LFS_MAGIC):
+        return "a Git LFS pointer"
+    if low.startswith(b"<?xml") or low.startswith(b"<"):
+        return "an XML/HTML document"
+    if h[:1] in (b"{", b"["):
+        return "JSON"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy array"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip data"
+    if head[:1] == b"\x80":
+        return "a pickle"
+    try:
+        text = head[:48].decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting {head[:8]!r}"
+    return f"text starting {text.splitlines()[0][:40]!r}" if text.strip() else "blank text"
+
+
+def _safetensors_ok(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def _csv_problem(path: Path, kind: str) -> str | None:
+    try:
+        fmt = sniff_format(path)
+    except DataError as e:
+        return str(e)
+    want = {"recall_csv": "recall", "rank_csv": "rank"}.get(kind, fmt)
+    if fmt != want:
+        return f"a {fmt}-format CSV, not the {want} format"
+    errors: list = []
+    rows = iter_rank_csv(path, errors) if fmt == "rank" else iter_recall_csv(path, errors)
+    try:
+        good = sum(1 for _ in itertools.islice(rows, CSV_ROWS_CHECKED))
+    except DataError as e:
+        return str(e)
+    finally:
+        rows.close()
+    bad = errors[:CSV_ROWS_CHECKED]
+    if good == 0 or len(bad) > good:
+        first = f" (line {bad[0].line}: {bad[0].message})" if bad else ""
+        return f"{len(bad)} of its first {good + len(bad)} rows are not {fmt}-format rows{first}"
+    return None
+
+
+def content_problem(asset: Asset, path: Path) -> str | None:
+    """Why ``path`` does not look like ``asset`` (None: it does). Cheap: the head of the
+    file, and for CSV/JSON/text a bounded parse."""
+    kind = asset_kind(asset)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    what = looks_like(head)
+    name = KIND_NAMES.get(kind, "the expected file")
+    if head.startswith(LFS_MAGIC) or what == "an HTML page":
+        return f"{what} ({size} bytes), not {name}"
+    min_bytes = asset.min_bytes if asset.min_bytes is not None else MIN_BYTES.get(kind, 1)
+    if size < min_bytes:
+        return f"{size} bytes, too small for {name} (at least {min_bytes} expected; it looks like {what})"
+    if kind is None:
+        return None
+    if kind == "torch":
+        ok = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    elif kind == "safetensors":
+        ok = _safetensors_ok(head, size)
+    elif kind == "npy":
+        ok = head.startswith(b"\x93NUMPY")
+    elif kind in ("recall_csv", "rank_csv", "csv"):
+        problem = _csv_problem(path, kind)
+        return None if problem is None else f"not {name}: {problem}"
+    elif kind == "json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                ok = isinstance(json.load(f), dict)
+        except (UnicodeDecodeError, ValueError):
+            ok = False
+    else:  # text
+        try:
+            head.decode("utf-8")
+            ok = b"\x00" not in head
+        except UnicodeDecodeError as e:
+            ok = e.start >= len(head) - 3  # a character cut at the end of the sample
+    return None if ok else f"{what} ({size} bytes), not {name}"
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    """Move ``path`` to ``<path><suffix>`` (replacing an older one); returns the new path."""
+    bad = path.with_name(path.name + suffix)
+    os.replace(path, bad)
+    return bad
 
 
 # ---------------------------------------------------------------------------
@@ -165,12 +324,12 @@ class HashRecords:
                                  "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.save()
 
+    def drop(self, name: str) -> None:
+        if self.data.pop(name, None) is not None:
+            self.save()
+
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"assets": self.data}, indent=2, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"assets": dict(sorted(self.data.items()))})
 
 
 def expected_sha(asset: Asset, records: HashRecords) -> tuple[str | None, str]:
@@ -188,11 +347,16 @@ def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool =
 
     Fast path: the file has the size and mtime recorded when it was verified and the
     recorded sha256 is the expected one. Otherwise the file is hashed (and the record
-    updated when it matches)."""
+    updated when it matches). Without a sha256 in the manifest the file must also look
+    like what it is (:func:`content_problem`)."""
     file = dest / asset.path
     if not file.is_file():
         return "missing"
     want, origin = expected_sha(asset, records)
+    if origin != "manifest":  # a pinned (or not yet pinned) hash proves nothing by itself
+        problem = content_problem(asset, file)
+        if problem is not None:
+            return f"{LOOKS_WRONG}{problem}"
     rec = records.get(asset.name)
     st = file.stat()
     if (not rehash and rec and rec.get("path") == asset.path and rec.get("size") == st.st_size
@@ -214,42 +378,11 @@ def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc or url
 
 
-def _is_connect_error(exc: BaseException) -> bool:
-    e = exc
-    while e is not None:
-        if isinstance(e, (requests.exceptions.ConnectionError, urllib3.exceptions.NewConnectionError,
-                          urllib3.exceptions.NameResolutionError, ConnectionRefusedError,
-                          requests.exceptions.ConnectTimeout)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def _network_error(url: str, exc: BaseException, mirror: bool) -> NetworkError:
     host = _host(url)
     hint = ("check that the mirror is running and reachable" if mirror
             else "check the network or use --mirror")
-    return NetworkError(host, f"cannot reach {host}: {hint} ({_root_cause(exc)})")
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The most specific cause, e.g. '[Errno 111] Connection refused'."""
-    seen, stack, best = set(), [exc], None
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            best = e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "reason", None)])
-        stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
-    if best is not None:
-        return f"[Errno {best.errno}] {best.strerror}"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if "): " in text and "Pool(" in text:
-        text = text.split("): ", 1)[1]
-    return f"{type(exc).__name__}: {text[:160]}"
+    return NetworkError(host, f"cannot reach {host}: {hint} ({root_cause(exc)})")
 
 
 def _free_space(path: Path) -> str:
@@ -327,9 +460,12 @@ def http_fetch(session: requests.Session, asset: Asset, url: str, final: Path,
         try:
             resp = session.get(url, stream=True, timeout=timeout, headers=headers)
         except requests.exceptions.RequestException as e:
-            if _is_connect_error(e):
+            kind = classify_exception(e)
+            if kind == "blocked_address":
+                raise AssetError(f"{asset.name}: {root_cause(e)}") from None
+            if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
                 raise _network_error(url, e, mirror) from None
-            raise AssetError(f"{asset.name}: request to {url} failed ({type(e).__name__}: {e})") from None
+            raise AssetError(f"{asset.name}: request to {url} failed ({root_cause(e)})") from None
         with resp:
             code = resp.status_code
             if code == 416 and start > 0:
@@ -363,7 +499,7 @@ def http_fetch(session: requests.Session, asset: Asset, url: str, final: Path,
             total = start + int(length) if length and length.isdigit() else None
             meta = {"url": url, "etag": resp.headers.get("ETag"),
                     "last_modified": resp.headers.get("Last-Modified"), "total": total}
-            meta_path.write_text(json.dumps(meta), encoding="utf-8")
+            write_json(meta_path, meta)
             bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=asset.name, disable=not progress, leave=False, dynamic_ncols=True)
             try:
@@ -483,6 +619,10 @@ def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
                            expected_sha(asset, records)[1], rec.get("source"))
         if why != "missing":
             log.warning("%s: %s: %s; downloading again", asset.name, final, why)
+        if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
+            bad = set_aside(final, BAD_CONTENT_SUFFIX)
+            records.drop(asset.name)
+            log.warning("%s: kept aside as %s and its recorded sha256 dropped", asset.name, bad)
     want, origin = expected_sha(asset, records)
     stats = None
     if mirror or asset.url:
@@ -512,6 +652,13 @@ def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
         raise ChecksumError(f"{asset.name}: checksum mismatch for {source}: sha256 {got}, "
                             f"expected {want} from {where}. The file was NOT used; it is kept "
                             f"aside as {bad}")
+    if want is None:  # about to be pinned: it must at least look like what it is
+        problem = content_problem(asset, part)
+        if problem is not None:
+            bad = final.with_name(final.name + BAD_CONTENT_SUFFIX)
+            os.replace(part, bad)
+            raise ContentError(f"{asset.name}: {final} from {source} is {problem}; not pinned, "
+                               f"kept aside as {bad}")
     os.replace(part, final)
     records.put(asset, final, got, source)
     if want is None:

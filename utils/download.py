@@ -10,6 +10,10 @@
   leaves a partial or undecodable file under a final name.
 * :func:`download_one` -- resume-aware wrapper: a valid existing
   ``<stem>.<ext>`` is kept (status ``skipped``), an invalid one is replaced.
+* :class:`AddressPolicy` -- which addresses a download may contact (every URL
+  and every redirect is checked before any connection is made).
+* :func:`exception_chain`, :func:`classify_exception`, :func:`root_cause` -- the one
+  walk over an exception's causes, used by both downloaders.
 * :func:`verify_existing`, :func:`sniff_image_ext`, :func:`apply_url_map`,
   :func:`parse_url_map`.
 
@@ -20,9 +24,11 @@ number of extra attempts here (``body_retries``), with the same backoff.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import random
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -36,14 +42,13 @@ from urllib3.util.retry import Retry
 
 from PIL import Image
 
+from .data import IMAGE_EXTS
 from .hashing import sha256_file
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 DEFAULT_MAX_BYTES = 80_000_000
 TEMP_SUFFIX = ".part"
 CHUNK = 1 << 16
-# Candidate extensions of a final file, most common first (used for resume).
-FINAL_EXTS = (".jpg", ".png", ".webp", ".gif", ".bmp", ".tif", ".jpeg", ".tiff")
 USER_AGENT = "image-selection-downloader/1.0 (+python-requests)"
 
 # Decoding a 61 MP image holds ~180 MB of pixels: let only a couple of large
@@ -53,23 +58,168 @@ _large_decode = threading.BoundedSemaphore(2)
 
 
 # ---------------------------------------------------------------------------
+# which addresses a download may contact
+# ---------------------------------------------------------------------------
+class BlockedAddressError(requests.exceptions.ConnectionError):
+    """A URL or a redirect leads to an address the download must not contact; raised
+    before any connection to it is made."""
+
+
+ALLOW_OPTION = "--allow-private-addresses"
+_DNS_TTL = 60.0
+
+
+def address_class(ip: str) -> str:
+    """'public', 'private', 'loopback', 'link-local' or 'reserved' for an IP address."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    if mapped is not None:
+        addr = mapped
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        return "reserved"
+    return "public" if addr.is_global else "private"
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class AddressPolicy:
+    """Where a download may go. The published files name public hosts; a public URL
+    must not lead into the local network (cloud metadata at 169.254.169.254, an admin
+    page on 10.x), neither by its host name resolving there nor by a redirect.
+
+    - never, unless ``allow_private``: a link-local or reserved address (any URL, any hop);
+      a host *name* that resolves to a private or loopback address; a redirect from a
+      public address to a private or loopback one.
+    - allowed: a URL that names a loopback or private address literally
+      (``http://127.0.0.1:8000/...``, ``http://10.0.0.5/...``, ``localhost``), or a host
+      the user named on the command line (``trusted_hosts``: a ``--mirror``, the targets
+      of ``--url-prefix-map``): the user's own mirror, meant as written; its redirects
+      may stay in the local network.
+
+    Every check resolves the host (``socket.getaddrinfo``, cached for a minute) before
+    the request is sent, so a refused address is never contacted. A host that does not
+    resolve is left to the request, which then fails as usual.
+    """
+
+    def __init__(self, allow_private: bool = False, trusted_hosts=()):
+        self.allow_private = allow_private
+        self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts if h)
+        self._cache: dict = {}
+
+    def _addresses(self, host: str, port: int) -> list[tuple[str, str]]:
+        if _is_ip_literal(host):
+            return [(host, address_class(host))]
+        now = time.monotonic()
+        hit = self._cache.get((host, port))
+        if hit is not None and now - hit[0] < _DNS_TTL:
+            return hit[1]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError, OSError):
+            return []
+        ips = sorted({info[4][0] for info in infos})
+        out = [(ip, address_class(ip)) for ip in ips]
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[(host, port)] = (now, out)
+        return out
+
+    @staticmethod
+    def _host_port(url: str):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            return None, None
+        return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+    def _is_public(self, url: str) -> bool:
+        host, port = self._host_port(url)
+        if not host:
+            return False
+        addrs = self._addresses(host, port)
+        return bool(addrs) and all(c == "public" for _, c in addrs)
+
+    def check(self, url: str, came_from: str | None = None) -> None:
+        """Raise :class:`BlockedAddressError` when ``url`` (reached by a redirect from
+        ``came_from``, or given as it is) must not be contacted."""
+        if self.allow_private:
+            return
+        host, port = self._host_port(url)
+        if not host:
+            return  # not a URL requests can fetch: it fails on its own
+        addrs = self._addresses(host, port)
+        how = f"the redirect from {came_from} to {url}" if came_from else url
+        hint = f"(pass {ALLOW_OPTION} to allow it)"
+        for ip, cls in addrs:
+            if cls in ("link-local", "reserved"):
+                where = host if host == ip else f"{host} ({ip})"
+                raise BlockedAddressError(f"refused {how}: {where} is a {cls} address {hint}")
+        local = [(ip, cls) for ip, cls in addrs if cls != "public"]
+        if not local:
+            return
+        ip, cls = local[0]
+        if came_from is None:
+            named = (_is_ip_literal(host) or host == "localhost" or host.endswith(".localhost")
+                     or host in self.trusted_hosts)
+            if not named:
+                raise BlockedAddressError(f"refused {how}: the host name {host} resolves to {ip}, "
+                                          f"a {cls} address {hint}")
+        elif self._is_public(came_from):
+            raise BlockedAddressError(f"refused {how}: a public address redirects to {host} "
+                                      f"({ip}, a {cls} address) {hint}")
+
+
+# ---------------------------------------------------------------------------
 # session
 # ---------------------------------------------------------------------------
 class _Session(requests.Session):
     """A Session that reads proxy/CA settings from the environment once per host.
 
     A plain Session scans ``os.environ`` (and looks for ~/.netrc) on every
-    request, ~2 ms of CPU each: a large share of the cost of a small image.
-    Here ``HTTP(S)_PROXY``/``NO_PROXY`` are resolved on the first request to a
+    request, a noticeable share of the cost of a small image. Here ``HTTP(S)_PROXY``/``NO_PROXY`` are resolved on the first request to a
     host and cached; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` are read once.
     (.netrc credentials are not used.)
+
+    With an ``address_policy`` every URL requested and every redirect target is
+    checked (:class:`AddressPolicy`) before a connection is made.
     """
 
-    def __init__(self):
+    def __init__(self, address_policy: AddressPolicy | None = None):
         super().__init__()
         self.trust_env = False  # we merge the environment ourselves, cached
         self._env_proxies: dict = {}
         self._ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        self.address_policy = address_policy
+
+    def request(self, method, url, *args, **kwargs):
+        if self.address_policy is not None:
+            self.address_policy.check(url)
+        return super().request(method, url, *args, **kwargs)
+
+    def get_redirect_target(self, resp):
+        target = super().get_redirect_target(resp)
+        if target and self.address_policy is not None:
+            absolute = target
+            if absolute.startswith("//"):
+                absolute = f"{urllib.parse.urlsplit(resp.url).scheme}:{absolute}"
+            absolute = urllib.parse.urljoin(resp.url, absolute)
+            try:
+                self.address_policy.check(absolute, came_from=resp.url)
+            except BlockedAddressError:
+                resp.close()
+                raise
+        return target
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):
         parts = urllib.parse.urlsplit(url)
@@ -92,7 +242,8 @@ class _Session(requests.Session):
 def make_session(retries: int = 4, backoff: float = 0.5, pool_size: int = 16,
                  jitter: float | None = None, backoff_max: float = 30.0,
                  retry_after_max: float = 120.0, max_redirects: int = 10,
-                 user_agent: str = USER_AGENT) -> requests.Session:
+                 user_agent: str = USER_AGENT,
+                 address_policy: AddressPolicy | None = None) -> requests.Session:
     """A keep-alive session with urllib3 retries for GET.
 
     ``retries`` bounds the total and each of connect/read/status retries;
@@ -101,7 +252,9 @@ def make_session(retries: int = 4, backoff: float = 0.5, pool_size: int = 16,
     capped at ``backoff_max``; a ``Retry-After`` header on 429/503 is honoured
     (capped at ``retry_after_max`` where urllib3 supports it). After the
     retries the last response is returned as is (``raise_on_status=False``),
-    so the caller sees the real status code.
+    so the caller sees the real status code. ``address_policy`` (default: an
+    :class:`AddressPolicy` that refuses private addresses reached from public ones)
+    checks every URL and redirect before connecting.
     """
     kw = dict(total=retries, connect=retries, read=retries, status=retries, other=0,
               redirect=max_redirects, backoff_factor=backoff, backoff_max=backoff_max,
@@ -116,7 +269,7 @@ def make_session(retries: int = 4, backoff: float = 0.5, pool_size: int = 16,
         retry = Retry(**kw)
     adapter = HTTPAdapter(max_retries=retry, pool_connections=max(1, pool_size),
                           pool_maxsize=max(1, pool_size), pool_block=False)
-    s = _Session()
+    s = _Session(AddressPolicy() if address_policy is None else address_policy)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     s.max_redirects = max_redirects
@@ -164,6 +317,14 @@ def apply_url_map(url: str, url_map) -> str:
     return url
 
 
+def url_host(url: str) -> str | None:
+    """The host name of ``url`` (lower case), or None."""
+    try:
+        return urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
 def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
@@ -198,7 +359,9 @@ class _Fail(Exception):
         self.kind, self.detail, self.http, self.body_phase = kind, detail, http, body_phase
 
 
-def _walk(exc: BaseException):
+def exception_chain(exc: BaseException):
+    """``exc`` and everything it wraps (causes, contexts, urllib3 ``reason``s and
+    exceptions passed as arguments), each once: the one walk both downloaders use."""
     seen = set()
     stack = [exc]
     while stack:
@@ -211,14 +374,22 @@ def _walk(exc: BaseException):
         stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
 
 
+def _refused(chain) -> bool:
+    return any(isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e)
+               for e in chain)
+
+
 def classify_exception(exc: BaseException) -> str:
-    """Short error kind for a requests/urllib3/OS exception."""
-    chain = list(_walk(exc))
+    """Short error kind for a requests/urllib3/OS exception: blocked_address, redirects,
+    bad_url, truncated, ssl, connection (refused, reset, unresolvable), timeout, os_error."""
+    chain = list(exception_chain(exc))
     types = tuple(type(e) for e in chain)
 
     def has(*cls):
         return any(issubclass(t, cls) for t in types)
 
+    if has(BlockedAddressError):
+        return "blocked_address"
     if has(requests.exceptions.TooManyRedirects):
         return "redirects"
     if has(requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
@@ -229,11 +400,12 @@ def classify_exception(exc: BaseException) -> str:
         return "truncated"
     if has(requests.exceptions.SSLError, urllib3.exceptions.SSLError):
         return "ssl"
+    # before the timeouts: urllib3's NewConnectionError derives from ConnectTimeoutError
+    if _refused(chain) or has(urllib3.exceptions.NewConnectionError,
+                              urllib3.exceptions.NameResolutionError):
+        return "connection"
     if has(urllib3.exceptions.TimeoutError, requests.exceptions.Timeout, TimeoutError):
         return "timeout"
-    if has(urllib3.exceptions.NewConnectionError, urllib3.exceptions.NameResolutionError,
-           ConnectionRefusedError):
-        return "connection"
     if has(urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError,
            ConnectionResetError, requests.exceptions.ConnectionError):
         return "connection"
@@ -242,16 +414,22 @@ def classify_exception(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
-    """One-line description of the most specific cause of ``exc``."""
-    chain = list(_walk(exc))
+def root_cause(exc: BaseException, limit: int = 160) -> str:
+    """One-line description of the most specific cause of ``exc``, e.g.
+    'connection refused', 'ReadTimeoutError: Read timed out.'."""
+    chain = list(exception_chain(exc))
+    blocked = [e for e in chain if isinstance(e, BlockedAddressError)]
+    if blocked:
+        return str(blocked[0])
+    if _refused(chain):
+        return "connection refused"
     u3 = [e for e in chain if isinstance(e, urllib3.exceptions.HTTPError)
           and not isinstance(e, urllib3.exceptions.MaxRetryError)]
     oserr = [e for e in chain if isinstance(e, OSError)
              and not isinstance(e, requests.exceptions.RequestException)]
     short = [e for e in chain if isinstance(e, urllib3.exceptions.IncompleteRead)]
     inner = short[0] if short else u3[0] if u3 else oserr[-1] if oserr else exc
-    text = str(inner)
+    text = str(inner).splitlines()[0] if str(inner) else ""
     if "): " in text and "Pool(" in text:   # drop "HTTPConnectionPool(host=..., port=...): "
         text = text.split("): ", 1)[1]
     text = f"{type(inner).__name__}: {text}"
@@ -277,6 +455,7 @@ class FetchResult:
     final_url: str | None = None     # after redirects, when different from url
     tried: list = field(default_factory=list)  # failed attempts before the result
     resized_from: list | None = None  # [w, h] of the original when downscaled
+    mtime_ns: int | None = None      # of the final file, for download_images --trust-manifest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,7 +519,7 @@ def verify_existing(path: str | os.PathLike, max_bytes: int | None = None) -> Im
 def existing_files(out_dir: str | os.PathLike, stem: str) -> list[Path]:
     """Files named ``<stem><ext>`` for the known image extensions (a few stats)."""
     out = []
-    for ext in FINAL_EXTS:
+    for ext in IMAGE_EXTS:
         p = Path(out_dir) / (stem + ext)
         if p.is_file():
             out.append(p)
@@ -367,7 +546,7 @@ def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
     try:
         resp = session.get(url, stream=True, timeout=timeout)
     except Exception as e:  # noqa: BLE001 - all transport errors become a _Fail
-        raise _Fail(classify_exception(e), _short(e)) from None
+        raise _Fail(classify_exception(e), root_cause(e)) from None
     with resp:
         code = resp.status_code
         final_url = resp.url if resp.url != url else None
@@ -403,9 +582,9 @@ def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
             raise
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as e:
             # the body broke off: truncated, read timeout, connection reset
-            raise _Fail(classify_exception(e), _short(e), code, body_phase=True) from None
+            raise _Fail(classify_exception(e), root_cause(e), code, body_phase=True) from None
         except OSError as e:  # writing the temporary file failed (disk full, ...)
-            raise _Fail("os_error", _short(e), code) from None
+            raise _Fail("os_error", root_cause(e), code) from None
         if size == 0:
             raise _Fail("empty", "empty body", code)
         if ext is None:
@@ -478,7 +657,7 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
                 try:
                     img, w, h, fmt = _decode(tmp, keep=bool(max_side))
                 except Exception as e:  # noqa: BLE001 - any decoder error
-                    raise _Fail("undecodable", f"does not decode: {_short(e)}", code) from None
+                    raise _Fail("undecodable", f"does not decode: {root_cause(e)}", code) from None
                 resized = None
                 if max_side and img is not None:
                     try:
@@ -500,12 +679,13 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
                         _unlink(other)
                 return FetchResult(key=stem, status="ok", url=url, http=code, bytes=size,
                                    width=w, height=h, sha256=digest, file=final.name,
-                                   final_url=final_url, tried=tried, resized_from=resized)
+                                   final_url=final_url, tried=tried, resized_from=resized,
+                                   mtime_ns=_mtime_ns(final))
             except _Fail as f:
                 last, retry_body = f, f.body_phase and attempt < body_retries
                 tried.append({"url": url, "http": f.http, "error": f.detail, "kind": f.kind})
             except OSError as e:  # local file problems: not the URL's fault
-                last, retry_body = _Fail("os_error", _short(e)), False
+                last, retry_body = _Fail("os_error", root_cause(e)), False
                 tried.append({"url": url, "http": None, "error": last.detail, "kind": last.kind})
             finally:
                 _unlink(tmp)
@@ -534,13 +714,39 @@ def _join_attempts(tried: list[dict]) -> str:
     return "; ".join(f"{u}: {e}" + (f" ({n} attempts)" if n > 1 else "") for u, e, n in parts)
 
 
+def _mtime_ns(p: Path) -> int | None:
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def unchanged_since(out_dir, rec: dict) -> FetchResult | None:
+    """A ``skipped`` result straight from an earlier manifest record ``rec`` when its file
+    still has the recorded size and mtime (no decoding, no hashing), else None."""
+    name, size, mtime = rec.get("file"), rec.get("bytes"), rec.get("mtime_ns")
+    if rec.get("status") not in ("ok", "skipped") or not name or size is None or mtime is None:
+        return None
+    if os.path.basename(name) != name or Path(name).stem != rec.get("key"):
+        return None
+    try:
+        st = (Path(out_dir) / name).stat()
+    except OSError:
+        return None
+    if st.st_size != size or st.st_mtime_ns != mtime:
+        return None
+    return FetchResult(key=rec["key"], status="skipped", bytes=size, width=rec.get("width"),
+                       height=rec.get("height"), sha256=rec.get("sha256"), file=name,
+                       mtime_ns=mtime)
+
+
 def download_one(session: requests.Session, urls, out_dir, stem: str,
                  max_bytes: int = DEFAULT_MAX_BYTES, timeout=(10.0, 30.0),
                  max_side: int | None = None, url_map=None, body_retries: int = 2,
                  backoff: float = 0.5) -> FetchResult:
     """Resume-aware :func:`fetch_image`: keep a valid existing file (``skipped``).
 
-    Existing ``<stem>.<ext>`` files are checked in :data:`FINAL_EXTS` order; the
+    Existing ``<stem>.<ext>`` files are checked in :data:`IMAGE_EXTS` order; the
     first valid one is kept and any other file of that stem is removed.
     """
     found = existing_files(out_dir, stem)
@@ -551,7 +757,8 @@ def download_one(session: requests.Session, urls, out_dir, stem: str,
                 if other != p:
                     _unlink(other)
             return FetchResult(key=stem, status="skipped", bytes=info.bytes, width=info.width,
-                               height=info.height, sha256=info.sha256, file=p.name)
+                               height=info.height, sha256=info.sha256, file=p.name,
+                               mtime_ns=_mtime_ns(p))
     # Absent or invalid: fetch_image replaces it and removes other-extension leftovers.
     return fetch_image(session, urls, out_dir, stem, max_bytes=max_bytes, timeout=timeout,
                        max_side=max_side, url_map=url_map, body_retries=body_retries,
