@@ -202,7 +202,7 @@ def _args(s, *extra):
     return ["--csv", str(s["csv"]), "--image-dir", str(s["img_dir"]), "--checkpoint", str(s["ckpt"]),
             "--bert-dir", str(s["bert_dir"]), "--poi-pic-num", str(s["paths"]["pic"]),
             "--poi-image-vectors", str(s["paths"]["img"]), "--poi-name-vectors", str(s["paths"]["name"]),
-            "--device", "cpu", "--num-workers", "0", "--quiet", "--batch-size", "3",
+            "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3",
             "--text-batch-size", "2", "--head-batch-size", "4", *extra]
 
 

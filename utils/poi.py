@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import io
 import logging
-import math
 import os
 import pickle
 from dataclasses import dataclass
