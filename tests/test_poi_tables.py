@@ -236,7 +236,7 @@ def test_build_poi_tables(tmp_path, bert_dir):
         args = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
                 "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / f"img{suffix}.npz"),
                 "--out-name-vectors", str(tmp_path / f"name{suffix}.npz"), "--device", "cpu",
-                "--num-workers", "0", "--quiet"] + extra
+                "--num-workers", "0", "--no-progress"] + extra
         assert build_poi_tables.main(args) == 0
         return (load_poi_table(tmp_path / f"img{suffix}.npz"),
                 load_poi_table(tmp_path / f"name{suffix}.npz"))
