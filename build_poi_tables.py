@@ -42,7 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
-                       output_dir, output_file, positive_int, setup_logging)
+                       output_dir, output_file, positive_int, resolve_device, setup_logging)
 from utils.data import DataError, index_images, iter_recall_csv
 from utils.poi import PoiTableError, save_pickled_table, save_safe_table
 
@@ -203,7 +203,6 @@ def main(argv=None) -> int:
     rows = read_rows(args.csv)
     images = index_images(args.image_dir)
     from models.factory import build_recall_model
-    from utils.cli import resolve_device
     rm = build_recall_model("align", checkpoint=args.checkpoint, bert_dir=args.bert_dir,
                             arch=args.arch, device=resolve_device(args.device), backend=args.backend)
     names, files, groups, missing = group_images(rows, images, args.csv)

@@ -17,10 +17,10 @@ The pipeline (``main``), SPEC section 5:
    item_id is reported and counted once.
 2. ``index_images``: images are found by stem, as download_images.py names them,
    ``<item_id>_a.<ext>`` / ``<item_id>_b.<ext>``.
-3. ``build_model``: the ranker (strict keys) with its own copy of the recall model
-   (``--align-checkpoint`` replaces it) through ``models.factory.build_ranker``, and the
-   three POI tables (utils/poi.py: safe ``.npz`` or the published pickled ``.npy``
-   through a restricted, bounded reader; shapes and finiteness checked here).
+3. ``load_tables``: the three POI tables (utils/poi.py: safe ``.npz`` or the published
+   pickled ``.npy`` through a restricted, bounded reader; shapes and finiteness checked),
+   then ``build_model``: the ranker (strict keys) with its own copy of the recall model
+   (``--align-checkpoint`` replaces it) through ``models.factory.build_ranker``.
 4. ``encode_images``: every distinct image file once, in batches, on the image engine
    of ``--backend`` (decoding in DataLoader workers; ``--cache-dir`` reuses vectors). A
    missing or unreadable image is scored as the all-zero image (the authors' loader
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
-                       output_dir, output_file, positive_int, setup_logging)
+                       output_dir, output_file, positive_int, resolve_device, setup_logging)
 from utils.data import (DataError, RankRow, atomic_write, check_finite, index_images,
                         iter_rank_csv, write_json)
 
@@ -196,19 +196,24 @@ def read_pairs(path: str, limit: int | None = None) -> tuple[list[RankRow], dict
     return rows, {"bad_rows": len(errors), "duplicate_rows": dupes}
 
 
-def build_model(args, device):
-    """``(ranker, rm, tables)``: the ranker, the RecallModel around its recall copy, and
-    the checked POI tables."""
-    from models.factory import build_ranker
+def load_tables(args):
+    """The three POI tables, read and checked (before the model: a bad table fails fast)."""
     from utils.poi import load_poi_tables
+
+    return load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
+                           dim=None, trust_pickle=args.trust_pickle)
+
+
+def build_model(args, device, tables):
+    """``(ranker, rm, tables)``: the ranker, the RecallModel around its recall copy, and
+    the POI tables checked against its embedding size."""
+    from models.factory import build_ranker
 
     ranker, rm = build_ranker(args.checkpoint, args.bert_dir, arch=args.arch,
                               align_checkpoint=args.align_checkpoint, device=device,
                               backend=args.backend)
-    tables = load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
-                             dim=rm.embed_dim, trust_pickle=args.trust_pickle)
     log.info("ranker %s on %s", args.checkpoint, device)
-    return ranker, rm, tables
+    return ranker, rm, tables.with_dim(rm.embed_dim)
 
 
 def make_pairs(rows: list[RankRow], images: dict, tables) -> list[Pair]:
@@ -216,11 +221,13 @@ def make_pairs(rows: list[RankRow], images: dict, tables) -> list[Pair]:
             for r in rows]
 
 
-def encode_pair_images(rm, pairs: list[Pair], image_dir: str, args, cache=None, progress=True):
-    """Vectors of image a and image b of every pair (each distinct file encoded once),
-    per-pair usability, and counts. A missing file is encoded as what ``encode_images``
-    gives any file it cannot read (the zero image); one such file stands for all."""
+def encode_pair_images(rm, pairs: list[Pair], args, progress=True):
+    """Vectors of image a and image b of every pair (each distinct file encoded once,
+    ``--cache-dir`` consulted), per-pair usability, and counts. A missing file is encoded
+    as what ``encode_images`` gives any file it cannot read (the zero image); one such
+    file stands for all."""
     import torch
+    from utils.cache import EmbeddingCache
 
     missing = sorted({k for pr in pairs for k, p in ((pr.row.key_a, pr.path_a),
                                                       (pr.row.key_b, pr.path_b)) if p is None})
@@ -228,11 +235,16 @@ def encode_pair_images(rm, pairs: list[Pair], image_dir: str, args, cache=None, 
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         log.warning("%d images not found in the image directory: %s", len(missing), shown)
     files = sorted({str(p) for pr in pairs for p in (pr.path_a, pr.path_b) if p is not None})
-    stand_in = [str(Path(image_dir) / f"{missing[0]}.jpg")] if missing else []
+    stand_in = [str(Path(args.image_dir) / f"{missing[0]}.jpg")] if missing else []
     t0 = time.perf_counter()
-    vecs, ok = rm.encode_images(files + stand_in, args.batch_size, precision=args.precision,
-                                mode=args.preprocess, num_workers=args.num_workers, cache=cache,
-                                progress=progress, desc="pair images")
+    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
+    try:
+        vecs, ok = rm.encode_images(files + stand_in, args.batch_size, precision=args.precision,
+                                    mode=args.preprocess, num_workers=args.num_workers,
+                                    cache=cache, progress=progress, desc="pair images")
+    finally:
+        if cache is not None:
+            cache.close()
     ok = ok.tolist()
     log.info("encoded %d image files in %.1f s (%d unreadable) on %s", len(files),
              time.perf_counter() - t0, len(files) - sum(ok[:len(files)]),
@@ -395,19 +407,11 @@ def main(argv=None) -> int:
     rows, counts = read_pairs(args.csv, args.limit)
     images = index_images(args.image_dir)
     log.info("%s: %d image files", args.image_dir, len(images))
-    from utils.cli import resolve_device
-    device = resolve_device(args.device)
-    ranker, rm, tables = build_model(args, device)
+    tables = load_tables(args)
+    ranker, rm, tables = build_model(args, resolve_device(args.device), tables)
     pairs = make_pairs(rows, images, tables)
 
-    from utils.cache import EmbeddingCache
-    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
-    try:
-        vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, args.image_dir, args,
-                                                               cache, progress)
-    finally:
-        if cache is not None:
-            cache.close()
+    vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, args, progress)
     pairs, vec_a, vec_b, skipped = drop_missing(pairs, vec_a, vec_b, pair_ok, args.skip_missing)
     feats, n_texts = encode_pair_texts(rm, pairs, args, progress)
     s_a, s_b = score_pairs(ranker, pairs, vec_a, vec_b, feats, args.head_batch_size, rm.embed_dim)

@@ -476,20 +476,34 @@ class PoiTables(NamedTuple):
     pic_num: dict
     image_vectors: dict
     name_vectors: dict
-    dim: int
+    dim: int | None
+    sources: tuple = (None, None, None)   # the three paths, for messages
 
     def inputs(self, title: str, poi_names: str) -> "ItemInputs":
         """Item inputs per SPEC section 5 (:func:`build_item_inputs`)."""
         return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors,
                                  self.name_vectors, self.dim)
 
+    def with_dim(self, dim: int) -> "PoiTables":
+        """These tables for a model whose embedding has ``dim`` values (an error naming
+        the option and file when a vector table holds another length)."""
+        for opt, table, path in (("--poi-image-vectors", self.image_vectors, self.sources[1]),
+                                 ("--poi-name-vectors", self.name_vectors, self.sources[2])):
+            d = len(next(iter(table.values()))) if table else dim
+            if d != dim:
+                raise PoiTableError(f"{opt}: {path}: vectors have {d} values, the model's "
+                                    f"embedding has {dim}")
+        return self._replace(dim=dim)
 
-def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim: int,
+
+def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim: int | None,
                     trust_pickle: bool = False) -> PoiTables:
     """Load and check the tables the scripts take as ``--poi-pic-num``,
     ``--poi-image-vectors`` and ``--poi-name-vectors`` (a path left out gives an empty
-    table): vector tables must hold finite ``dim``-d vectors, pic-num values up to 3
-    finite counts. Errors name the option and the file."""
+    table): vector tables must hold finite vectors of one length (``dim``; ``None``
+    leaves that to :meth:`PoiTables.with_dim`, so the tables can be checked before the
+    model is loaded), pic-num values up to 3 finite counts. Errors name the option and
+    the file."""
     out = []
     for opt, path in (("--poi-pic-num", pic_num), ("--poi-image-vectors", image_vectors),
                       ("--poi-name-vectors", name_vectors)):
@@ -499,10 +513,11 @@ def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim:
         try:
             table = load_poi_table(path, trust_pickle=trust_pickle)
             out.append(check_pic_num(table, str(path)) if opt == "--poi-pic-num"
-                       else check_vectors(table, str(path), dim))
+                       else check_vectors(table, str(path)))
         except PoiTableError as e:
             raise PoiTableError(f"{opt}: {e}") from None
-    return PoiTables(*out, dim)
+    tables = PoiTables(*out, None, (pic_num, image_vectors, name_vectors))
+    return tables.with_dim(dim) if dim is not None else tables
 
 
 # ---------------------------------------------------------------------------
