@@ -377,7 +377,8 @@ def check_vectors(table: dict, source: str, dim: int | None = None) -> dict[str,
     out: dict[str, np.ndarray] = {}
     first = None
     for name, value in table.items():
-        v = _numeric(value, name, source).astype(np.float32)
+        with np.errstate(over="ignore"):
+            v = _numeric(value, name, source).astype(np.float32)
         if not np.isfinite(v).all():  # finite in float64, too large for float32
             raise PoiTableError(f"{source}: value of {name!r} overflows float32")
         if first is None:
