@@ -57,6 +57,8 @@ from utils.data import (DataError, RankRow, atomic_write, check_finite, index_im
 if TYPE_CHECKING:
     import numpy as np
 
+    from utils.poi import ItemInputs
+
 log = logging.getLogger("rank_eval")
 OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")
 PAIR_CHUNK = 8192   # pairs whose head inputs are stacked at once (bounds memory)
@@ -154,7 +156,7 @@ def check_paths(args) -> None:
 @dataclass
 class Pair:
     row: RankRow
-    inputs: object            # utils.poi.ItemInputs
+    inputs: ItemInputs
     path_a: Path | None
     path_b: Path | None
 
