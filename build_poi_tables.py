@@ -27,10 +27,10 @@ authors did, so ``"a, b"`` finds ``"a"`` but not ``"b"``.
 
 The checkpoint may be the recall model (``align_model.pth``) or a ranker checkpoint
 (its recall-model copy is used). The tables are written in the safe ``.npz`` format
-(utils/poi_tables.py); ``--also-npy`` writes the authors' pickled-dict ``.npy`` beside
+(utils/poi.py); ``--also-npy`` writes the authors' pickled-dict ``.npy`` beside
 each (same name, ``.npy`` suffix).
 
-Exit status: 0 on success, 2 for bad arguments or unusable input.
+Exit status: 0 on success, 2 for bad arguments or unusable input, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -41,22 +41,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from models.align import load_tokenizer
-from models.checkpoint import CheckpointError, load_align_model
-from utils.cache import EmbeddingCache
-from utils.cli import setup_logging
+from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
+                       output_dir, output_file, positive_int, resolve_device, setup_logging)
 from utils.data import DataError, index_images, iter_recall_csv
-from utils.cli import DEVICE_CHOICES, resolve_device
-from utils.embed import PRECISIONS, encode_images, encode_texts
-from utils.images import PREPROCESS_MODES
 from utils.poi import PoiTableError, save_pickled_table, save_safe_table
 
 log = logging.getLogger("build_poi_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from utils.embed import PRECISIONS
+    from utils.images import PREPROCESS_MODES
+    from utils.onnx_backend import BACKENDS
+
     p = argparse.ArgumentParser(
         prog="build_poi_tables.py",
         description="Build the POI name-vector and mean-image-vector tables of the ranker "
@@ -74,61 +71,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "L2-normalising it (the default table is normalised)")
     p.add_argument("--also-npy", action="store_true",
                    help="also write the authors' pickled-dict .npy format beside each .npz")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
+                        "with torch on this model (checked on load), else torch")
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: device's)")
-    p.add_argument("--text-batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: cores)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: device's)")
+    p.add_argument("--text-batch-size", type=positive_int, default=64)
+    p.add_argument("--num-workers", type=non_negative_int, default=None,
+                   help="image decoding workers (default: chosen by core count and engine)")
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (utils/cache.py)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common_args(p)
     return p
 
 
-def mean_vectors(groups: dict[str, list[int]], vectors: np.ndarray, ok: np.ndarray,
-                 normalize: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
-    """``name -> mean of its readable image vectors`` (re-normalised when asked) and the
-    names left without any readable image."""
-    out, empty = {}, []
-    for name, idx in groups.items():
-        good = [i for i in idx if ok[i]]
-        if not good:
-            empty.append(name)
-            continue
-        m = vectors[good].astype(np.float64).mean(axis=0)
-        if normalize:
-            m = m / max(np.linalg.norm(m), 1e-12)
-        out[name] = m.astype(np.float32)
-    return out, empty
+def output_paths(args) -> list[tuple[str, Path]]:
+    """``(option, path)`` of every file the run writes; names and locations checked."""
+    outs = []
+    for opt, path in (("--out-image-vectors", args.out_image_vectors),
+                      ("--out-name-vectors", args.out_name_vectors)):
+        if not path.lower().endswith(".npz"):
+            raise PoiTableError(f"{opt} {path}: must end in .npz (the safe format)")
+        outs.append((opt, Path(path)))
+        if args.also_npy:
+            outs.append((f"{opt} (.npy copy)", Path(path).with_suffix(".npy")))
+    if len({p.resolve() for _, p in outs}) != len(outs):
+        raise PoiTableError("--out-image-vectors and --out-name-vectors name the same file")
+    return outs
 
 
-def _check_out(path: str, opt: str) -> None:
-    if not path.lower().endswith(".npz"):
-        raise PoiTableError(f"{opt} {path}: must end in .npz (the safe format)")
+def check_paths(args) -> None:
+    """Inputs readable, outputs writable: before any work."""
+    for opt, path in output_paths(args):
+        output_file(path, opt)
+    input_file(args.csv, "--csv")
+    input_dir(args.image_dir, "--image-dir")
+    input_file(args.checkpoint, "--checkpoint")
+    input_dir(args.bert_dir, "--bert-dir")
+    if args.arch:
+        input_file(args.arch, "--arch")
+    if args.cache_dir:
+        output_dir(args.cache_dir, "--cache-dir")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    device = resolve_device(args.device)
-    progress = not args.quiet and sys.stderr.isatty()
-    t0 = time.perf_counter()
-    try:
-        _check_out(args.out_image_vectors, "--out-image-vectors")
-        _check_out(args.out_name_vectors, "--out-name-vectors")
-        errors: list = []
-        rows = list(iter_recall_csv(args.csv, errors))
-        for e in errors[:20]:
-            log.warning("bad row left out: %s", e)
-        if not rows:
-            raise DataError(f"{args.csv}: no usable recall-format rows")
-        images = index_images(args.image_dir)
-        model = load_align_model(args.checkpoint, args.bert_dir, arch=args.arch, device=device)
-        tokenizer = load_tokenizer(args.bert_dir)
-    except (DataError, PoiTableError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"build_poi_tables: error: {e}", file=sys.stderr)
-        return 2
+def read_rows(path: str) -> list:
+    errors: list = []
+    rows = list(iter_recall_csv(path, errors))
+    for e in errors[:20]:
+        log.warning("bad row left out: %s", e)
+    if len(errors) > 20:
+        log.warning("... and %d more bad rows", len(errors) - 20)
+    if not rows:
+        raise DataError(f"{path}: no usable recall-format rows")
+    return rows
 
+
+def group_images(rows, images: dict, csv_path: str):
+    """``(names, files, groups, missing)``: the distinct POI names, the image files found,
+    ``name -> indices into files`` (POIs sharing a name pooled), missing-image count."""
     names = list(dict.fromkeys(r.poi_name for r in rows if r.poi_name))
     ids_of: dict[str, set] = defaultdict(set)
     files: list[str] = []
@@ -146,32 +146,78 @@ def main(argv=None) -> int:
         files.append(str(p))
     shared = [n for n, ids in ids_of.items() if len(ids) > 1]
     log.info("%s: %d rows, %d POI names (%d shared by several poi_ids, pooled), %d images found, "
-             "%d missing", args.csv, len(rows), len(names), len(shared), len(files), missing)
+             "%d missing", csv_path, len(rows), len(names), len(shared), len(files), missing)
+    return names, files, groups, missing
 
-    cache = EmbeddingCache.for_model(args.cache_dir, model) if args.cache_dir else None
-    vecs, ok = encode_images(model, files, args.batch_size, device, mode=args.preprocess,
-                             num_workers=args.num_workers, precision=args.precision, cache=cache,
-                             progress=progress, desc="POI images")
-    if cache is not None:
-        cache.close()
-    ok = ok.numpy().astype(bool)
-    img_table, empty = mean_vectors(groups, vecs.numpy(), ok, normalize=not args.no_normalize_mean)
-    empty += [n for n in names if n not in groups]
-    if empty:
-        log.warning("%d POI names have no readable image and get no image vector: %s", len(empty),
-                    ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else ""))
 
-    txt = encode_texts(model, tokenizer, names, args.text_batch_size, device,
-                       precision=args.precision, progress=progress).numpy()
-    name_table = {n: txt[i].astype(np.float32) for i, n in enumerate(names)}
+def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
+    """``name -> mean of its readable image vectors`` (re-normalised when asked) and the
+    names left without any readable image."""
+    import numpy as np
 
-    for table, path in ((img_table, args.out_image_vectors), (name_table, args.out_name_vectors)):
+    out, empty = {}, []
+    for name, idx in groups.items():
+        good = [i for i in idx if ok[i]]
+        if not good:
+            empty.append(name)
+            continue
+        m = vectors[good].astype(np.float64).mean(axis=0)
+        if normalize:
+            m = m / max(np.linalg.norm(m), 1e-12)
+        out[name] = m.astype(np.float32)
+    return out, empty
+
+
+def encode_images(rm, files, args, progress: bool):
+    from utils.cache import EmbeddingCache
+
+    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
+    try:
+        vecs, ok = rm.encode_images(files, args.batch_size, precision=args.precision,
+                                    mode=args.preprocess, num_workers=args.num_workers,
+                                    cache=cache, progress=progress, desc="POI images")
+    finally:
+        if cache is not None:
+            cache.close()
+    return vecs.numpy(), ok.numpy().astype(bool)
+
+
+def write_tables(tables, args) -> None:
+    for table, path in tables:
         save_safe_table(table, path, kind="vectors", source=args.csv)
         log.info("wrote %s (%d POIs)", path, len(table))
         if args.also_npy:
             npy = Path(path).with_suffix(".npy")
             save_pickled_table(table, npy)
             log.info("wrote %s (pickled-dict format)", npy)
+
+
+@entry_point
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    check_paths(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    t0 = time.perf_counter()
+
+    rows = read_rows(args.csv)
+    images = index_images(args.image_dir)
+    from models.factory import build_recall_model
+    rm = build_recall_model("align", checkpoint=args.checkpoint, bert_dir=args.bert_dir,
+                            arch=args.arch, device=resolve_device(args.device), backend=args.backend)
+    names, files, groups, missing = group_images(rows, images, args.csv)
+
+    vecs, ok = encode_images(rm, files, args, progress)
+    img_table, empty = mean_vectors(groups, vecs, ok, normalize=not args.no_normalize_mean)
+    empty += [n for n in names if n not in groups]
+    if empty:
+        log.warning("%d POI names have no readable image and get no image vector: %s", len(empty),
+                    ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else ""))
+    txt = rm.encode_texts(names, args.text_batch_size, precision=args.precision,
+                          progress=progress).numpy()
+    name_table = {n: txt[i] for i, n in enumerate(names)}
+
+    write_tables(((img_table, args.out_image_vectors), (name_table, args.out_name_vectors)), args)
     print(f"build_poi_tables: {len(img_table)} image vectors "
           f"({'plain mean' if args.no_normalize_mean else 'normalised mean'}) -> {args.out_image_vectors}; "
           f"{len(name_table)} name vectors -> {args.out_name_vectors}; "

@@ -10,72 +10,69 @@
         --poi-name-vectors data/temp_dataset_item_pois_relation_0110_poi_name_vector.npy \\
         --output rank_val_scores.csv --metrics rank_val_metrics.json
 
-What it does, in order (SPEC section 5):
-1. reads the ``$record$`` CSV (label = ctr_a > ctr_b); bad rows are reported by line
-   and left out;
-2. reads the three POI tables: ``.npz`` in the safe format (``poi_tables.py convert``),
-   ``.npy`` (the published pickled dicts) through a restricted unpickler that refuses
-   any code, or plainly with ``--trust-pickle``;
-3. builds every item's inputs with ``utils.poi.build_item_inputs`` (POI order by the
-   pic-num weight, at most 5, lookups by name, the ``<= 1`` / ``< 1`` blank rules);
-4. loads the ranker (strict keys) with its own copy of the recall model
-   (``--align-checkpoint`` replaces that copy);
-5. encodes every distinct ``pois_feature`` text once (batched) and every image file
-   once (batched, DataLoader workers decode); the recall model is frozen, so these
-   vectors are exactly what the full forward pass would compute;
-6. runs the small head (``score_embeddings``) on both images of every pair, batched;
-7. prints pairwise accuracy (the published figure), ROC-AUC of sigmoid(s_a - s_b),
-   log loss, the constant-guess baseline and counts; ``--output`` writes the per-pair
-   CSV ``item_id,label,s_a,s_b,prediction``, ``--metrics`` a JSON of the figures.
-   Accuracy and ROC-AUC come with 95% percentile bootstrap intervals over pairs
-   (``--bootstrap`` draws, default 10,000, ``--seed``; the AUC is recomputed on every
-   draw; utils/bootstrap.py).
+The pipeline (``main``), SPEC section 5:
 
-Images are found by stem, as download_images.py names them: ``<item_id>_a.<ext>`` and
-``<item_id>_b.<ext>``. A missing image is reported and, by default, scored as the
-all-zero image (as the authors' scripts did: their loader turned unreadable files into
-zeros); ``--skip-missing`` leaves such pairs out and says how many. An image file that
-exists but cannot be decoded is treated the same way.
+1. ``read_pairs``: the ``$record$`` CSV (label = ctr_a > ctr_b). Bad rows are reported by
+   line and left out; a NaN/infinite CTR is an error naming the line; a repeated
+   item_id is reported and counted once.
+2. ``index_images``: images are found by stem, as download_images.py names them,
+   ``<item_id>_a.<ext>`` / ``<item_id>_b.<ext>``.
+3. ``load_tables``: the three POI tables (utils/poi.py: safe ``.npz`` or the published
+   pickled ``.npy`` through a restricted, bounded reader; shapes and finiteness checked),
+   then ``build_model``: the ranker (strict keys) with its own copy of the recall model
+   (``--align-checkpoint`` replaces it) through ``models.factory.build_ranker``.
+4. ``encode_images``: every distinct image file once, in batches, on the image engine
+   of ``--backend`` (decoding in DataLoader workers; ``--cache-dir`` reuses vectors). A
+   missing or unreadable image is scored as the all-zero image (the authors' loader
+   turned unreadable files into zeros); ``--skip-missing`` leaves such pairs out.
+5. ``encode_texts``: every distinct ``pois_feature`` text once. The recall model is
+   frozen, so these vectors are what the full forward pass computes.
+6. ``score_pairs``: the ranker head (``SiameseRanker.score_many``) on both images of
+   every pair, in large batches.
+7. ``summarise``: pairwise accuracy (the published figure), ROC-AUC of
+   sigmoid(s_a - s_b), log loss, the constant-guess baseline, counts, and 95% percentile
+   bootstrap intervals over pairs for accuracy and AUC (``--bootstrap`` draws).
+8. ``write_outputs``: ``--output`` the per-pair CSV ``item_id,label,s_a,s_b,prediction``,
+   ``--metrics`` a JSON of the figures; both written atomically, their locations
+   checked before any work.
 
-Exit status: 0 on success, 2 for bad arguments or unusable input files.
+Exit status: 0 on success, 2 for bad arguments or unusable input files, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
+                       output_dir, output_file, positive_int, resolve_device, setup_logging)
+from utils.data import (DataError, RankRow, atomic_write, check_finite, index_images,
+                        iter_rank_csv, write_json)
 
-from models.align import load_tokenizer
-from models.checkpoint import CheckpointError, load_ranker
-from utils.cache import EmbeddingCache
-from utils.cli import non_negative_int, positive_int, setup_logging
-from utils.data import DataError, RankRow, index_images, iter_rank_csv
-from utils.cli import DEVICE_CHOICES, resolve_device
-from utils.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, auc_interval, fmt_interval,
-                             mean_interval)
-from utils.embed import PRECISIONS, autocast, encode_images, encode_texts
-from utils.images import PREPROCESS_MODES, ZERO_TENSOR
-from utils.poi import ItemInputs, load_poi_tables, PoiTableError
-from utils.metrics import pairwise_metrics
+if TYPE_CHECKING:
+    import numpy as np
+
+    from utils.poi import ItemInputs
 
 log = logging.getLogger("rank_eval")
 OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")
+PAIR_CHUNK = 8192   # pairs whose head inputs are stacked at once (bounds memory)
 
 
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
+    from utils.embed import PRECISIONS
+    from utils.images import PREPROCESS_MODES
+    from utils.onnx_backend import BACKENDS
+
     p = argparse.ArgumentParser(
         prog="rank_eval.py",
         description="Pairwise evaluation of the siamese CTR ranker on a $record$ ranking CSV "
@@ -109,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-missing", action="store_true",
                    help="leave out pairs with a missing or unreadable image instead of scoring "
                         "that image as the all-zero image (the authors' behaviour)")
-    r.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    r.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
+                        "with torch on this model (checked on load), else torch")
     r.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
                    help="image preprocessing; 'reference' reproduces the published numbers")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -119,21 +118,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: 32 on CPU, 128 on CUDA)")
     r.add_argument("--text-batch-size", type=positive_int, default=64, help="texts per batch")
-    r.add_argument("--head-batch-size", type=positive_int, default=256, help="pairs per head batch")
+    r.add_argument("--head-batch-size", type=positive_int, default=1024,
+                   help="rows per ranker-head batch")
     r.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="DataLoader workers decoding images (0: in the main process; "
-                        "default: one per core on CPU)")
+                        "default: chosen by core count and engine)")
     r.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
     r.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_DRAWS, metavar="N",
                    help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC "
                         "(0: none)")
     r.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common_args(r)
     return p
 
 
+def check_paths(args) -> None:
+    """Every input readable, every output location writable: before any work."""
+    input_file(args.csv, "--csv")
+    input_dir(args.image_dir, "--image-dir")
+    input_file(args.checkpoint, "--checkpoint")
+    input_dir(args.bert_dir, "--bert-dir")
+    for opt in ("poi_pic_num", "poi_image_vectors", "poi_name_vectors", "align_checkpoint", "arch"):
+        if getattr(args, opt):
+            input_file(getattr(args, opt), "--" + opt.replace("_", "-"))
+    for opt in ("output", "metrics"):
+        if getattr(args, opt):
+            output_file(getattr(args, opt), "--" + opt)
+    if args.output and args.metrics and Path(args.output).resolve() == Path(args.metrics).resolve():
+        raise DataError(f"--output and --metrics name the same file {args.output}")
+    if args.cache_dir:
+        output_dir(args.cache_dir, "--cache-dir")
+
+
 # ---------------------------------------------------------------------------
-# evaluation
+# the steps
 # ---------------------------------------------------------------------------
 @dataclass
 class Pair:
@@ -152,114 +170,174 @@ class Result:
     counts: dict = field(default_factory=dict)
 
 
-def score_pairs(model, pairs: list[Pair], text_vecs: dict, vec_a: torch.Tensor, vec_b: torch.Tensor,
-                batch_size: int, device, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of image a and image b of every pair with the ranker head."""
+def read_pairs(path: str, limit: int | None = None) -> tuple[list[RankRow], dict]:
+    """The usable rows of the ranking CSV (first ``limit``) and counts of what was left out."""
+    errors: list = []
+    rows, seen, dupes = [], {}, 0
+    for row in iter_rank_csv(path, errors):
+        for name in ("ctr_a", "ctr_b"):
+            check_finite(getattr(row, name), f"{path}:{row.line}: {name}")
+        first = seen.get(row.item_id)
+        if first is not None:
+            dupes += 1
+            same = first[1:] == (row.ctr_a, row.ctr_b, row.title, row.poi_names)
+            log.warning("%s:%d: item_id %s repeats line %d%s; counted once (the first)", path,
+                        row.line, row.item_id, first[0], "" if same else " with other values")
+            continue
+        seen[row.item_id] = (row.line, row.ctr_a, row.ctr_b, row.title, row.poi_names)
+        rows.append(row)
+    for e in errors[:20]:
+        log.warning("bad row left out: %s", e)
+    if len(errors) > 20:
+        log.warning("... and %d more bad rows", len(errors) - 20)
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"{path}: no usable ranking rows")
+    log.info("%s: %d pairs (%d with label 1)", path, len(rows), sum(r.label for r in rows))
+    return rows, {"bad_rows": len(errors), "duplicate_rows": dupes}
+
+
+def load_tables(args):
+    """The three POI tables, read and checked (before the model: a bad table fails fast)."""
+    from utils.poi import load_poi_tables
+
+    return load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
+                           dim=None, trust_pickle=args.trust_pickle)
+
+
+def build_model(args, device, tables):
+    """``(ranker, rm, tables)``: the ranker, the RecallModel around its recall copy, and
+    the POI tables checked against its embedding size."""
+    from models.factory import build_ranker
+
+    ranker, rm = build_ranker(args.checkpoint, args.bert_dir, arch=args.arch,
+                              align_checkpoint=args.align_checkpoint, device=device,
+                              backend=args.backend)
+    log.info("ranker %s on %s", args.checkpoint, device)
+    return ranker, rm, tables.with_dim(rm.embed_dim)
+
+
+def make_pairs(rows: list[RankRow], images: dict, tables) -> list[Pair]:
+    return [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b))
+            for r in rows]
+
+
+def encode_pair_images(rm, pairs: list[Pair], args, progress=True):
+    """Vectors of image a and image b of every pair (each distinct file encoded once,
+    ``--cache-dir`` consulted), per-pair usability, and counts. A missing file is encoded
+    as what ``encode_images`` gives any file it cannot read (the zero image); one such
+    file stands for all."""
+    import torch
+    from utils.cache import EmbeddingCache
+
+    missing = sorted({k for pr in pairs for k, p in ((pr.row.key_a, pr.path_a),
+                                                      (pr.row.key_b, pr.path_b)) if p is None})
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        log.warning("%d images not found in the image directory: %s", len(missing), shown)
+    files = sorted({str(p) for pr in pairs for p in (pr.path_a, pr.path_b) if p is not None})
+    stand_in = [str(Path(args.image_dir) / f"{missing[0]}.jpg")] if missing else []
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
+    try:
+        vecs, ok = rm.encode_images(files + stand_in, args.batch_size, precision=args.precision,
+                                    mode=args.preprocess, num_workers=args.num_workers,
+                                    cache=cache, progress=progress, desc="pair images")
+    finally:
+        if cache is not None:
+            cache.close()
+    ok = ok.tolist()
+    log.info("encoded %d image files in %.1f s (%d unreadable) on %s", len(files),
+             time.perf_counter() - t0, len(files) - sum(ok[:len(files)]),
+             rm.image_backend(args.precision))
+    row_of = {f: i for i, f in enumerate(files)}
+    missing_row = len(files)
+
+    def index(p):
+        return row_of[str(p)] if p is not None else missing_row
+
+    ia = torch.tensor([index(pr.path_a) for pr in pairs], dtype=torch.long)
+    ib = torch.tensor([index(pr.path_b) for pr in pairs], dtype=torch.long)
+    usable = [p is not None and ok[row_of[str(p)]] for pr in pairs for p in (pr.path_a, pr.path_b)]
+    pair_ok = [usable[2 * i] and usable[2 * i + 1] for i in range(len(pairs))]
+    counts = {"images_missing": len(missing), "images_unreadable": len(files) - sum(ok[:len(files)]),
+              "pairs_with_missing_image": len(pairs) - sum(pair_ok),
+              "distinct_image_files": len(files)}
+    return vecs[ia], vecs[ib], pair_ok, counts
+
+
+def drop_missing(pairs, vec_a, vec_b, pair_ok, skip: bool):
+    """Pairs kept for scoring: all (missing images scored as the zero image) or, with
+    ``skip``, those whose two images were read."""
+    bad = len(pairs) - sum(pair_ok)
+    if not bad:
+        return pairs, vec_a, vec_b, 0
+    if not skip:
+        log.warning("%d pairs have a missing or unreadable image, scored as the all-zero image "
+                    "(the authors' behaviour; --skip-missing leaves them out)", bad)
+        return pairs, vec_a, vec_b, 0
+    keep = [i for i, good in enumerate(pair_ok) if good]
+    log.warning("--skip-missing: left out %d pairs with a missing or unreadable image", bad)
+    return [pairs[i] for i in keep], vec_a[keep], vec_b[keep], bad
+
+
+def encode_pair_texts(rm, pairs: list[Pair], args, progress=True):
+    """The ``pois_feature`` vector of every pair; each distinct text encoded once."""
+    import torch
+
+    texts = sorted({pr.inputs.pois_text for pr in pairs})
+    t0 = time.perf_counter()
+    tv = rm.encode_texts(texts, args.text_batch_size, precision=args.precision, progress=progress)
+    log.info("encoded %d distinct pois_feature texts in %.1f s", len(texts), time.perf_counter() - t0)
+    row_of = {t: i for i, t in enumerate(texts)}
+    idx = torch.tensor([row_of[pr.inputs.pois_text] for pr in pairs], dtype=torch.long)
+    return (tv[idx] if texts else torch.zeros(0, rm.embed_dim)), len(texts)
+
+
+def score_pairs(ranker, pairs: list[Pair], vec_a, vec_b, feats, batch_size: int, dim: int):
+    """``(s_a, s_b)`` float64 arrays: the head on both images of every pair, with the
+    pair's item inputs (``SiameseRanker.score_many``)."""
+    import numpy as np
+    import torch
+    from utils.poi import stack_inputs
+
     s_a, s_b = np.zeros(len(pairs)), np.zeros(len(pairs))
-    with torch.inference_mode(), tqdm(total=len(pairs), desc="head", unit="pair",
-                                      disable=not progress or not pairs) as bar:
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            n = len(chunk)
-            feat = torch.stack([text_vecs[p.inputs.pois_text] for p in chunk])
-            pimg = torch.from_numpy(np.stack([p.inputs.poi_img for p in chunk]))
-            ptxt = torch.from_numpy(np.stack([p.inputs.poi_txt for p in chunk]))
-            plen = torch.tensor([p.inputs.poi_len for p in chunk])
-            img = torch.cat([vec_a[s:s + n], vec_b[s:s + n]])
-            both = model.score_embeddings(img.to(device), feat.repeat(2, 1).to(device),
-                                          pimg.repeat(2, 1, 1).to(device),
-                                          ptxt.repeat(2, 1, 1).to(device),
-                                          plen.repeat(2).to(device)).float().cpu().reshape(-1)
-            s_a[s:s + n] = both[:n].double().numpy()
-            s_b[s:s + n] = both[n:].double().numpy()
-            bar.update(n)
+    for a in range(0, len(pairs), PAIR_CHUNK):
+        chunk = slice(a, a + PAIR_CHUNK)
+        pimg, ptxt, plen = (torch.from_numpy(x) for x in
+                            stack_inputs([pr.inputs for pr in pairs[chunk]], dim))
+        n = len(plen)
+        both = ranker.score_many(torch.cat([vec_a[chunk], vec_b[chunk]]), feats[chunk].repeat(2, 1),
+                                 pimg.repeat(2, 1, 1), ptxt.repeat(2, 1, 1), plen.repeat(2),
+                                 batch_size=batch_size).double().numpy()
+        s_a[a:a + n], s_b[a:a + n] = both[:n], both[n:]
     return s_a, s_b
 
 
-def evaluate(model, tokenizer, rows: list[RankRow], images: dict, tables, device, *,
-             skip_missing: bool = False, preprocess: str = "reference", precision: str = "fp32",
-             batch_size: int | None = None, text_batch_size: int = 64, head_batch_size: int = 256,
-             num_workers: int | None = None, cache=None, progress: bool = True) -> Result:
-    """Score every pair of ``rows``; ``images`` maps file stem -> path."""
-    align = model.align_model
-    pairs = [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b))
-             for r in rows]
-    missing_files = sorted({r.key_a for r in rows if r.key_a not in images}
-                           | {r.key_b for r in rows if r.key_b not in images})
-    if missing_files:
-        shown = ", ".join(missing_files[:10]) + (" ..." if len(missing_files) > 10 else "")
-        log.warning("%d images not found in the image directory: %s", len(missing_files), shown)
+def summarise(pairs: list[Pair], s_a, s_b, counts: dict, draws: int, seed: int) -> Result:
+    from utils.metrics import pairwise_metrics
 
-    # image vectors: each file once; a missing file is the zero image
-    files = sorted({str(p) for pr in pairs for p in (pr.path_a, pr.path_b) if p is not None})
-    t0 = time.perf_counter()
-    file_vecs, file_ok = encode_images(align, files, batch_size, device, mode=preprocess,
-                                       num_workers=num_workers, precision=precision, cache=cache,
-                                       progress=progress)
-    file_ok = file_ok.numpy().astype(bool)
-    log.info("encoded %d image files in %.1f s (%d unreadable)", len(files),
-             time.perf_counter() - t0, int((~file_ok).sum()))
-    with torch.inference_mode(), autocast(device, precision):
-        zero_vec = align.encode_image(ZERO_TENSOR[None].to(device), normalize=False)
-    zero_vec = F.normalize(zero_vec.float(), p=2, dim=1).cpu()[0]
-    vec_of = {f: file_vecs[i] for i, f in enumerate(files)}
-    ok_of = {f: bool(file_ok[i]) for i, f in enumerate(files)}
-
-    def usable(p: Path | None) -> bool:
-        return p is not None and ok_of[str(p)]
-
-    bad_pairs = [pr for pr in pairs if not (usable(pr.path_a) and usable(pr.path_b))]
-    counts = {
-        "pairs_in_csv": len(rows),
-        "images_missing": len(missing_files),
-        "images_unreadable": int((~file_ok).sum()),
-        "pairs_with_missing_image": len(bad_pairs),
-        "pairs_skipped": 0,
-    }
-    if skip_missing and bad_pairs:
-        drop = {id(pr) for pr in bad_pairs}
-        pairs = [pr for pr in pairs if id(pr) not in drop]
-        counts["pairs_skipped"] = len(bad_pairs)
-        log.warning("--skip-missing: left out %d pairs with a missing or unreadable image",
-                    len(bad_pairs))
-    elif bad_pairs:
-        log.warning("%d pairs have a missing or unreadable image, scored as the all-zero image "
-                    "(the authors' behaviour; --skip-missing leaves them out)", len(bad_pairs))
-
-    def vec(p: Path | None) -> torch.Tensor:
-        return vec_of[str(p)] if p is not None else zero_vec
-
-    dim_v = zero_vec.numel()
-    vec_a = torch.stack([vec(pr.path_a) for pr in pairs]) if pairs else torch.zeros(0, dim_v)
-    vec_b = torch.stack([vec(pr.path_b) for pr in pairs]) if pairs else torch.zeros(0, dim_v)
-
-    # pois_feature: each distinct text once
-    texts = sorted({pr.inputs.pois_text for pr in pairs})
-    t0 = time.perf_counter()
-    tv = encode_texts(align, tokenizer, texts, text_batch_size, device, precision=precision,
-                      progress=progress)
-    text_vecs = {t: tv[i] for i, t in enumerate(texts)}
-    log.info("encoded %d distinct pois_feature texts in %.1f s", len(texts), time.perf_counter() - t0)
-
-    s_a, s_b = score_pairs(model, pairs, text_vecs, vec_a, vec_b, head_batch_size, device, progress)
-    metrics = pairwise_metrics([pr.row.label for pr in pairs], s_a, s_b)
+    res = Result(pairs, s_a, s_b, pairwise_metrics([pr.row.label for pr in pairs], s_a, s_b), counts)
     unknown = sorted({n for pr in pairs for n in pr.inputs.unknown})
     counts.update({
         "pairs_scored": len(pairs),
         "pairs_without_pois": sum(pr.inputs.poi_len == 0 for pr in pairs),
         "pairs_with_unknown_poi": sum(bool(pr.inputs.unknown) for pr in pairs),
         "distinct_unknown_pois": len(unknown),
-        "distinct_texts": len(texts),
-        "distinct_image_files": len(files),
     })
     if unknown:
         log.info("%d distinct POI names of the sequences are missing from a vector table "
                  "(zero vectors), e.g. %s", len(unknown), ", ".join(repr(n) for n in unknown[:5]))
-    return Result(pairs, s_a, s_b, metrics, counts)
+    add_intervals(res, draws, seed)
+    return res
 
 
 def add_intervals(res: Result, draws: int, seed: int) -> None:
     """``accuracy_ci`` / ``auc_ci`` (percentile bootstrap over pairs) into ``res.metrics``."""
+    import numpy as np
+    from utils.bootstrap import LEVEL, auc_interval, mean_interval
+
     m = res.metrics
     m["accuracy_ci"] = m["auc_ci"] = None
     if not draws or not m["n"]:
@@ -274,11 +352,16 @@ def add_intervals(res: Result, draws: int, seed: int) -> None:
 
 
 def format_summary(res: Result, csv_path: str) -> str:
+    from utils.bootstrap import fmt_interval
+
     m, c = res.metrics, res.counts
 
     def f(v, ci=None):
         return "n/a" if v is None else f"{v:.4f}" + (f" {fmt_interval(ci)}" if ci else "")
 
+    left_out = [f"{c[k]} {what}" for k, what in (("bad_rows", "bad rows"),
+                                                   ("duplicate_rows", "repeated item_ids"))
+                if c.get(k)]
     lines = [
         f"rank_eval: {csv_path}",
         f"  pairwise accuracy (s_a > s_b vs label; published 0.652): "
@@ -287,7 +370,7 @@ def format_summary(res: Result, csv_path: str) -> str:
         f"  log loss of sigmoid(s_a - s_b):                          {f(m['log_loss'])}",
         f"  constant-guess baseline:                                 {f(m['baseline'])}",
         f"  pairs scored: {c['pairs_scored']} of {c['pairs_in_csv']} in the CSV"
-        + (f" ({c['bad_rows']} bad rows left out)" if c.get("bad_rows") else ""),
+        + (f" ({', '.join(left_out)} left out)" if left_out else ""),
         f"  pairs with a missing or unreadable image: {c['pairs_with_missing_image']}"
         + (f" (left out: {c['pairs_skipped']})" if c["pairs_skipped"] else
            (" (scored with the zero image)" if c["pairs_with_missing_image"] else "")),
@@ -298,74 +381,52 @@ def format_summary(res: Result, csv_path: str) -> str:
     return "\n".join(lines)
 
 
-def write_output(path: str, res: Result) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(OUTPUT_HEADER)
-        for pr, a, b in zip(res.pairs, res.s_a, res.s_b):
-            w.writerow([pr.row.item_id, pr.row.label, repr(float(a)), repr(float(b)), int(a > b)])
+def write_outputs(args, res: Result, extra: dict) -> None:
+    """``--output`` (per-pair CSV) and ``--metrics`` (JSON), each written atomically."""
+    if args.output:
+        with atomic_write(args.output) as f:
+            w = csv.writer(f)
+            w.writerow(OUTPUT_HEADER)
+            for pr, a, b in zip(res.pairs, res.s_a, res.s_b):
+                w.writerow([pr.row.item_id, pr.row.label, repr(float(a)), repr(float(b)), int(a > b)])
+        log.info("wrote per-pair scores to %s", args.output)
+    if args.metrics:
+        write_json(args.metrics, {**res.metrics, **res.counts, **extra})
+        log.info("wrote metrics to %s", args.metrics)
 
 
+# ---------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
-    device = resolve_device(args.device)
-    progress = not args.quiet and sys.stderr.isatty()
+    setup_logging(args.log_level)
+    check_paths(args)
     t_start = time.perf_counter()
+    progress = not args.no_progress and sys.stderr.isatty()
 
-    try:
-        errors: list = []
-        rows = list(iter_rank_csv(args.csv, errors))
-        for e in errors[:20]:
-            log.warning("bad row left out: %s", e)
-        if len(errors) > 20:
-            log.warning("... and %d more bad rows", len(errors) - 20)
-        if args.limit:
-            rows = rows[:args.limit]
-        if not rows:
-            raise DataError(f"{args.csv}: no usable ranking rows")
-        log.info("%s: %d pairs (%d with label 1)", args.csv, len(rows), sum(r.label for r in rows))
-        images = index_images(args.image_dir)
-        log.info("%s: %d image files", args.image_dir, len(images))
-        model = load_ranker(args.checkpoint, args.bert_dir, arch=args.arch,
-                            align_checkpoint=args.align_checkpoint, device=device)
-        tables = load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
-                                 dim=model.align_model.arch.embed_dim, trust_pickle=args.trust_pickle)
-        tokenizer = load_tokenizer(args.bert_dir)
-        cache = EmbeddingCache.for_model(args.cache_dir, model.align_model) if args.cache_dir else None
-    except (DataError, PoiTableError, CheckpointError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        print(f"rank_eval: error: {e}", file=sys.stderr)
-        return 2
-    log.info("ranker %s on %s", args.checkpoint, device)
+    rows, counts = read_pairs(args.csv, args.limit)
+    images = index_images(args.image_dir)
+    log.info("%s: %d image files", args.image_dir, len(images))
+    tables = load_tables(args)
+    ranker, rm, tables = build_model(args, resolve_device(args.device), tables)
+    pairs = make_pairs(rows, images, tables)
 
-    res = evaluate(model, tokenizer, rows, images, tables, device,
-                   skip_missing=args.skip_missing, preprocess=args.preprocess,
-                   precision=args.precision, cache=cache,
-                   batch_size=args.batch_size, text_batch_size=args.text_batch_size,
-                   head_batch_size=args.head_batch_size, num_workers=args.num_workers,
-                   progress=progress)
-    if cache is not None:
-        cache.close()
-    res.counts["bad_rows"] = len(errors)
-    add_intervals(res, args.bootstrap, args.seed)
+    vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, args, progress)
+    pairs, vec_a, vec_b, skipped = drop_missing(pairs, vec_a, vec_b, pair_ok, args.skip_missing)
+    feats, n_texts = encode_pair_texts(rm, pairs, args, progress)
+    s_a, s_b = score_pairs(ranker, pairs, vec_a, vec_b, feats, args.head_batch_size, rm.embed_dim)
+
+    counts.update(img_counts, pairs_in_csv=len(rows), pairs_skipped=skipped, distinct_texts=n_texts)
+    res = summarise(pairs, s_a, s_b, counts, args.bootstrap, args.seed)
     elapsed = time.perf_counter() - t_start
     print(format_summary(res, args.csv))
     print(f"  time: {elapsed:.1f} s ({res.counts['pairs_scored'] / max(elapsed, 1e-9):.2f} pairs/s)")
-
-    if args.output:
-        write_output(args.output, res)
-        log.info("wrote per-pair scores to %s", args.output)
-    if args.metrics:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        doc = {**res.metrics, **res.counts, "seconds": round(elapsed, 3),
-               "csv": args.csv, "checkpoint": args.checkpoint,
-               "align_checkpoint": args.align_checkpoint, "preprocess": args.preprocess,
-               "skip_missing": args.skip_missing}
-        with open(args.metrics, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
-        log.info("wrote metrics to %s", args.metrics)
+    write_outputs(args, res, {
+        "seconds": round(elapsed, 3), "csv": args.csv, "checkpoint": args.checkpoint,
+        "align_checkpoint": args.align_checkpoint, "preprocess": args.preprocess,
+        "skip_missing": args.skip_missing, "image_backend": rm.image_backend(args.precision)})
     return 0
 
 

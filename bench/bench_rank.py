@@ -1,30 +1,38 @@
 #!/usr/bin/env python
-"""Speed of rank_eval.py end to end with full-size models: pairs/s and peak RSS.
+"""rank_eval.py against the authors' per-pair loop, same pairs, same model, same machine.
 
-    python bench/bench_rank.py --pairs 150
-    AVAS_SEED_DATA=/path/to/seed-data python bench/bench_rank.py --pairs 200 --num-workers 2
+    python bench/bench_rank.py                 # 100 pairs, full-size random ranker, ~2-4 min
+    python bench/bench_rank.py --pairs 40 --tiny
 
-Set-up (in a temporary directory, removed afterwards unless --keep):
-- a randomly initialised full-size ranker (EfficientNet-B3 + 4-layer BERT recall copy,
-  the released layout; ~230 MB) saved with models.checkpoint.save_ranker_checkpoint;
+The first line printed is the ratio (naive wall time / rank_eval wall time), so the
+figure holds on any machine; the details follow.
+
+Set-up (a temporary directory, removed afterwards unless --keep):
+- a randomly initialised ranker saved as a checkpoint: full size (EfficientNet-B3 +
+  4-layer BERT recall copy, the released layout) or, with --tiny, the tests' tiny one;
 - the real bert-base-chinese config/vocab, the first N rows of the real val CSV (real
-  titles and POI lists) and the real pic-num table from the seed data;
+  titles and POI lists) and the real pic-num table from the seed data (AVAS_SEED_DATA
+  or --seed-data);
 - POI vector tables: random unit vectors for every name of the pic-num table (.npz);
 - images: the 30 sample photos (236 to 1024 px) copied round-robin to
-  ``<item_id>_a.jpg`` / ``<item_id>_b.jpg``, so every pair has two distinct files to
-  decode and encode, as in the real run.
+  ``<item_id>_a.jpg`` / ``<item_id>_b.jpg``, two distinct files per pair.
 
-rank_eval.py then runs in a child process (imports, model load, table load, encoding,
-head, outputs: everything a user waits for); the bench prints its wall time, pairs/s,
-the child's peak RSS, and extrapolates to the 1000 pairs of the val set. Scores are
-meaningless (random weights); only the time is measured.
+Runs, each in a child process, end to end (imports, model load, tables, images, scores,
+output file):
+- naive: the authors' loop: one pair at a time, both images decoded in the main process
+  and encoded at batch 1 (NCHW, torch), the item text encoded for every pair, the whole
+  ranker forward per image;
+- rank_eval.py with its defaults (``--backend auto``), first with an empty ONNX cache
+  (the export is part of the time) and then again with the export cached.
+Also printed: peak RSS of each child (its DataLoader workers included), and the largest
+score difference between the naive loop and rank_eval (engines agree to ~1e-5).
+Scores are meaningless (random weights); only time, memory and agreement are measured.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,15 +42,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.align import AlignArch, AlignModel  # noqa: E402
-from models.checkpoint import save_ranker_checkpoint  # noqa: E402
-from models.ranker import SiameseRanker  # noqa: E402
-from utils.data import RECORD_SEP  # noqa: E402
-from utils.poi import load_poi_table, save_safe_table  # noqa: E402
 
 VAL_CSV = "dwd_mml_train_dataset_1007_urls_val_with_poi_tuomin.csv"
 PIC_NUM = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
@@ -55,19 +54,28 @@ def default_seed_data() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pairs", type=int, default=150, help="pairs to score (the val set has 1000)")
+    p.add_argument("--pairs", type=int, default=100, help="pairs to score (the val set has 1000)")
     p.add_argument("--seed-data", type=Path, default=default_seed_data(),
                    help="seed data directory (env AVAS_SEED_DATA)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--preprocess", default="reference")
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny ranker instead of full size")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--naive-child", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
     return p
 
 
-def make_inputs(work: Path, seed: Path, n_pairs: int) -> dict:
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from models.align import AlignArch, AlignModel
+    from models.checkpoint import save_ranker_checkpoint
+    from models.ranker import SiameseRanker
+    from utils.data import RECORD_SEP
+    from utils.poi import load_poi_table, save_safe_table
+
     bert = seed / "bert-base-chinese"
     samples = sorted((seed / "sample-images").glob("*.jpg"))
     for need in (bert / "config.json", bert / "vocab.txt", seed / VAL_CSV, seed / PIC_NUM):
@@ -89,73 +97,146 @@ def make_inputs(work: Path, seed: Path, n_pairs: int) -> dict:
     csv_path = work / "val.csv"
     csv_path.write_text("\n".join(out_lines) + "\n", encoding="utf-8")
 
+    torch.manual_seed(0)
+    if tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fixtures import TINY_ARCH, make_bert_dir
+        bert = make_bert_dir(work / "bert")
+        model = SiameseRanker(AlignModel.from_bert_dir(bert, TINY_ARCH)).eval()
+    else:
+        model = SiameseRanker(AlignModel.from_bert_dir(bert, AlignArch())).eval()
+    dim = model.align_model.arch.embed_dim
+    ckpt = work / "ranker_random.ckpt"
+    save_ranker_checkpoint(model, ckpt)
+    del model
+
     names = list(load_poi_table(seed / PIC_NUM))
     rng = np.random.default_rng(0)
     tables = {}
     for kind in ("img", "name"):
-        v = rng.normal(size=(len(names), 512)).astype(np.float32)
+        v = rng.normal(size=(len(names), dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         tables[kind] = save_safe_table(dict(zip(names, v)), work / f"poi_{kind}.npz")
-
-    torch.manual_seed(0)
-    model = SiameseRanker(AlignModel.from_bert_dir(bert, AlignArch())).eval()
-    ckpt = work / "ranker_random.ckpt"
-    save_ranker_checkpoint(model, ckpt)
-    del model
     return dict(csv=csv_path, images=img_dir, ckpt=ckpt, bert=bert, pic=seed / PIC_NUM, **tables)
+
+
+# ---------------------------------------------------------------------------
+# the authors' way
+# ---------------------------------------------------------------------------
+def naive_child(work: Path, out: Path) -> int:
+    """One pair at a time: decode both images here, batch 1, text encoded per pair,
+    the whole ranker forward for each image; scores written as CSV."""
+    import torch
+
+    from models.align import load_tokenizer
+    from models.checkpoint import load_ranker
+    from utils.data import index_images, iter_rank_csv
+    from utils.embed import tokenize
+    from utils.images import ZERO_TENSOR, load_image
+    from utils.poi import build_item_inputs, load_poi_table
+
+    bert = Path((work / "bert_dir").read_text())
+    model = load_ranker(work / "ranker_random.ckpt", bert).eval()
+    tok = load_tokenizer(bert)
+    dim = model.align_model.arch.embed_dim
+    pic = load_poi_table((work / "pic_path").read_text())
+    img_t, name_t = load_poi_table(work / "poi_img.npz"), load_poi_table(work / "poi_name.npz")
+    images = index_images(work / "images")
+    with torch.no_grad(), open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        for row in iter_rank_csv(work / "val.csv"):
+            inp = build_item_inputs(row.title, row.poi_names, pic, img_t, name_t, dim)
+            enc = tokenize(tok, [inp.pois_text])
+            feat = model.align_model.encode_text(enc["input_ids"], enc["attention_mask"])
+            pimg = torch.from_numpy(inp.poi_img)[None]
+            ptxt = torch.from_numpy(inp.poi_txt)[None]
+            plen = torch.tensor([inp.poi_len])
+            scores = []
+            for key in (row.key_a, row.key_b):
+                x = load_image(images[key])[0] if key in images else ZERO_TENSOR
+                scores.append(float(model(x[None], feat, pimg, ptxt, plen)))
+            w.writerow([row.item_id, *scores])
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# running and measuring
+# ---------------------------------------------------------------------------
+def run_child(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float, int]:
+    """``(wall seconds, peak RSS MiB of the child and its reaped workers, exit status)``."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, ru.ru_maxrss / 1024, proc.returncode
+
+
+def read_scores(path: Path, cols: tuple[int, int]) -> dict:
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if rows and rows[0][0] == "item_id":
+        rows = rows[1:]
+    return {r[0]: (float(r[cols[0]]), float(r[cols[1]])) for r in rows}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.naive_child:
+        return naive_child(Path(args.naive_child[0]), Path(args.naive_child[1]))
     work = Path(tempfile.mkdtemp(prefix="bench_rank_"))
     try:
         t0 = time.perf_counter()
-        inp = make_inputs(work, args.seed_data, args.pairs)
-        print(f"set-up: {args.pairs} pairs, {2 * args.pairs} image files, random full-size ranker "
-              f"({inp['ckpt'].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
-        metrics = work / "metrics.json"
-        cmd = [sys.executable, str(ROOT / "rank_eval.py"), "--csv", str(inp["csv"]),
-               "--image-dir", str(inp["images"]), "--checkpoint", str(inp["ckpt"]),
-               "--bert-dir", str(inp["bert"]), "--poi-pic-num", str(inp["pic"]),
-               "--poi-image-vectors", str(inp["img"]), "--poi-name-vectors", str(inp["name"]),
-               "--output", str(work / "scores.csv"), "--metrics", str(metrics),
-               "--device", args.device, "--preprocess", args.preprocess,
-               "--precision", args.precision, "--quiet"]
-        if args.batch_size:
-            cmd += ["--batch-size", str(args.batch_size)]
-        if args.num_workers is not None:
-            cmd += ["--num-workers", str(args.num_workers)]
-        t1 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t1
-        if proc.returncode != 0:
-            print(proc.stdout, proc.stderr, sep="\n")
-            return 1
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        rss_kb = ru.ru_maxrss  # KiB on Linux
-        cpu = ru.ru_utime + ru.ru_stime  # rank_eval and its decoding workers
-        m = json.loads(metrics.read_text(encoding="utf-8"))
-        enc = [ln for ln in proc.stderr.splitlines() if "encoded" in ln and "rank_eval" in ln]
-        print(f"rank_eval.py end to end: {wall:.1f} s for {m['pairs_scored']} pairs "
-              f"= {m['pairs_scored'] / wall:.2f} pairs/s (inside main: {m['seconds']:.1f} s)")
-        for ln in enc:
-            print("  " + ln.split(": ", 1)[-1])
-        print(f"peak RSS of the rank_eval process: {rss_kb / 1024:.0f} MiB")
+        inp = make_inputs(work, args.seed_data, args.pairs, args.tiny)
+        (work / "pic_path").write_text(str(inp["pic"]))
+        (work / "bert_dir").write_text(str(inp["bert"]))
+        print(f"set-up: {args.pairs} pairs, {2 * args.pairs} image files, random "
+              f"{'tiny' if args.tiny else 'full-size'} ranker "
+              f"({inp['ckpt'].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        env = dict(os.environ, AVAS_ONNX_CACHE=str(work / "onnx_cache"))
+
+        naive_out = work / "naive.csv"
+        naive = run_child([sys.executable, str(Path(__file__).resolve()), "--naive-child",
+                           str(work), str(naive_out)], env, work / "naive.log")
+        ours = []
+        for label in ("first run, ONNX export included", "export cached"):
+            out = work / f"scores_{len(ours)}.csv"
+            cmd = [sys.executable, str(ROOT / "rank_eval.py"), "--csv", str(inp["csv"]),
+                   "--image-dir", str(inp["images"]), "--checkpoint", str(inp["ckpt"]),
+                   "--bert-dir", str(inp["bert"]), "--poi-pic-num", str(inp["pic"]),
+                   "--poi-image-vectors", str(inp["img"]), "--poi-name-vectors", str(inp["name"]),
+                   "--output", str(out), "--metrics", str(work / "metrics.json"),
+                   "--no-progress", "--bootstrap", "0"]
+            ours.append((label, out, *run_child(cmd, env, work / f"rank_eval_{len(ours)}.log")))
+        for name, code, logf in [("naive loop", naive[2], work / "naive.log")] + \
+                [(f"rank_eval ({o[0]})", o[4], work / f"rank_eval_{i}.log") for i, o in enumerate(ours)]:
+            if code != 0:
+                print(f"bench_rank: {name} failed (exit {code}):\n{logf.read_text()}")
+                return 1
+
+        ref = read_scores(naive_out, (1, 2))
+        lines = [f"ratio (naive per-pair loop / rank_eval.py defaults, end to end, {args.pairs} "
+                 f"pairs): {naive[0] / ours[0][2]:.2f}x first run, {naive[0] / ours[1][2]:.2f}x "
+                 f"with the ONNX export cached"]
+        lines.append(f"  naive loop:  {naive[0]:6.1f} s  ({args.pairs / naive[0]:.2f} pairs/s), "
+                     f"peak RSS {naive[1]:.0f} MiB")
+        for label, out, wall, rss, _ in ours:
+            got = read_scores(out, (2, 3))
+            diff = max(abs(a - b) for k in ref for a, b in zip(ref[k], got[k]))
+            lines.append(f"  rank_eval ({label}): {wall:6.1f} s  ({args.pairs / wall:.2f} pairs/s), "
+                         f"peak RSS {rss:.0f} MiB, max |score - naive| {diff:.1e}")
+        engine = [ln for ln in (work / "rank_eval_1.log").read_text().splitlines()
+                  if "encoded" in ln and "image files" in ln]
+        lines += ["  " + ln.split(": ", 1)[-1] for ln in engine]
         ncores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"CPU time (rank_eval + workers): {cpu:.1f} s = {cpu / m['pairs_scored']:.3f} s per pair; "
-              f"on {ncores} otherwise idle cores that is about {cpu / ncores:.0f} s wall "
-              f"(load average now {os.getloadavg()[0]:.1f}: other jobs inflate the wall time)")
-        per_pair = m["seconds"] / m["pairs_scored"]
-        print(f"extrapolated to 1000 pairs: {1000 * wall / m['pairs_scored'] / 60:.1f} min wall as "
-              f"measured; {1000 * cpu / m['pairs_scored'] / ncores / 60:.1f} min from CPU time on "
-              f"{ncores} idle cores (linear; the fixed start-up part makes both upper bounds; "
-              f"{per_pair:.3f} s per pair inside main)")
-        print(f"device {args.device}, torch threads {torch.get_num_threads()}, "
-              f"cores {os.cpu_count()}, preprocess {args.preprocess}, precision {args.precision}")
+        lines.append(f"  cores {ncores}, load average {os.getloadavg()[0]:.1f} (other jobs inflate "
+                     f"wall times; the ratio is the figure to compare)")
+        print("\n".join(lines))
         return 0
     finally:
         if args.keep:
-            print(f"kept {work}")
+            print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from .align import AlignModel
 
 
-
 class Dice(nn.Module):
     """Dice activation as released: ``sigmoid(BN(x)) * x``, BN over the channel axis
     of a B x T x C input. (The authors' ``alpha`` term is a constant zero.)"""
@@ -80,6 +79,9 @@ class AttentionPooling(nn.Module):
 
 
 class SiameseRanker(nn.Module):
+    """The ranker: its own (frozen) copy of the recall model plus the head. Scripts score
+    ready image vectors with :meth:`score_many`; :meth:`forward` runs the whole model."""
+
     def __init__(self, align_model: AlignModel, dropout: float = 0.1):
         super().__init__()
         d = align_model.arch.embed_dim

@@ -3,6 +3,7 @@
 import os
 import pickle
 import shlex
+import time
 
 import numpy as np
 import numpy.lib.format as npformat
@@ -236,7 +237,7 @@ def test_build_poi_tables(tmp_path, bert_dir):
         args = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
                 "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / f"img{suffix}.npz"),
                 "--out-name-vectors", str(tmp_path / f"name{suffix}.npz"), "--device", "cpu",
-                "--num-workers", "0", "--quiet"] + extra
+                "--num-workers", "0", "--no-progress"] + extra
         assert build_poi_tables.main(args) == 0
         return (load_poi_table(tmp_path / f"img{suffix}.npz"),
                 load_poi_table(tmp_path / f"name{suffix}.npz"))
@@ -287,3 +288,168 @@ def test_mean_vectors_normalised_and_plain():
     assert empty == ["b"] and set(norm) == {"a"}  # unreadable images are left out, not zeros
     np.testing.assert_allclose(plain["a"], [0.5, 0.5, 0])
     np.testing.assert_allclose(norm["a"], [2 ** -0.5, 2 ** -0.5, 0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# value types, tensors, bounds, shapes (issue 14: items 3, 4, 8)
+# ---------------------------------------------------------------------------
+from utils.poi import LIMITS, load_poi_tables  # noqa: E402
+
+
+def _npy_with_payload(path, payload: bytes):
+    with open(path, "wb") as f:
+        npformat.write_array_header_1_0(f, npformat.header_data_from_array_1_0(np.empty((), dtype=object)))
+        f.write(payload)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "list", "numpy_scalars", "torch", "torch64",
+                                  "torch_bf16", "row_matrix"])
+def test_vector_tables_of_every_value_type(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    ref = {n: rng.normal(size=6) for n in ("西湖", " 灵隐寺", "古镇 ")}
+    conv = {
+        "float32": lambda v: v.astype(np.float32),
+        "float64": lambda v: v,
+        "list": lambda v: [float(x) for x in v],
+        "numpy_scalars": lambda v: [np.float32(x) for x in v],
+        "torch": lambda v: torch.tensor(v, dtype=torch.float32),
+        "torch64": lambda v: torch.tensor(v, dtype=torch.float64),
+        "torch_bf16": lambda v: torch.tensor(v, dtype=torch.bfloat16),
+        "row_matrix": lambda v: v.astype(np.float32)[None],      # 1 x D
+    }[kind]
+    path = _save_dict(tmp_path / "vec.npy", {k: conv(v) for k, v in ref.items()})
+    pic = _save_dict(tmp_path / "pic.npy", {"西湖": [np.int64(3), 1, 0], " 灵隐寺": (0, 0, 2.0)})
+    tables = load_poi_tables(pic, path, path, dim=6)
+    tol = 1e-2 if kind == "torch_bf16" else 1e-6
+    for k, v in ref.items():
+        got = tables.image_vectors[k]
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (6,)
+        np.testing.assert_allclose(got, v, atol=tol)
+    assert tables.pic_num == {"西湖": [3, 1, 0], " 灵隐寺": [0.0, 0.0, 2.0]}
+    # the generic reader gives numpy arrays for tensors too, and poi_tables.py converts it
+    assert all(not isinstance(v, torch.Tensor) for v in load_poi_table(path).values())
+    assert poi_tables.main(["convert", str(path), str(tmp_path / "vec.npz")]) == 0
+
+
+def test_tensor_table_trusted_and_protocols(tmp_path):
+    d = {"a": torch.arange(4, dtype=torch.float32), "b": torch.ones(4)}
+    for proto in (2, 4, 5):
+        arr = np.empty((), dtype=object)
+        arr[()] = d
+        path = tmp_path / f"t{proto}.npy"
+        with open(path, "wb") as f:
+            npformat.write_array_header_1_0(f, npformat.header_data_from_array_1_0(arr))
+            pickle.dump(arr, f, protocol=proto)
+        for trust in (False, True):
+            got = load_poi_table(path, trust_pickle=trust)
+            assert isinstance(got["a"], np.ndarray)
+            np.testing.assert_array_equal(got["a"], [0, 1, 2, 3])
+
+
+def test_torch_globals_other_than_tensor_rebuilding_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    # a storage payload that is itself a malicious pickle: torch's weights_only loader refuses it
+    evil_storage = pickle.dumps(_Boom(f"touch {shlex.quote(str(marker))}"), protocol=2)
+    payload = (b"\x80\x02ctorch.storage\n_load_from_bytes\nq\x00C" + bytes([len(evil_storage)])
+               + evil_storage + b"\x85R.") if len(evil_storage) < 256 else None
+    assert payload is not None
+    with pytest.raises(PoiTableError, match="evil_storage.npy"):
+        load_poi_table(_npy_with_payload(tmp_path / "evil_storage.npy", payload))
+    assert not marker.exists()
+    for name in ("torch\nload", "torch.hub\nload", "torch.serialization\nload", "torch._C\n_set_grad_enabled"):
+        path = _npy_with_payload(tmp_path / "g.npy", b"c" + name.encode() + b"\n(Vx\ntR.")
+        with pytest.raises(PoiTableError, match="refusing to load"):
+            load_poi_table(path)
+    assert not marker.exists()
+
+
+def _nested_shared(levels, width):
+    x = [0.5] * width
+    for _ in range(levels):
+        x = [x] * width
+    return x
+
+
+@pytest.mark.parametrize("case", ["deep", "wide", "cycle", "shared_array"])
+def test_hostile_small_pickles_fail_fast(tmp_path, case):
+    """Item 4: a small pickle of shared references would expand to billions of
+    elements; the reader must refuse it at once with a clear message."""
+    if case == "deep":
+        obj = {"x": _nested_shared(9, 10)}
+        want = "nested more than"
+    elif case == "wide":   # within the depth limit, 2.5e8 elements once expanded
+        level2 = _nested_shared(1, 500)
+        obj = {f"k{i}": level2 for i in range(1000)}
+        want = "expands to more than"
+    elif case == "cycle":
+        loop = []
+        loop.append(loop)
+        obj = {"x": loop}
+        want = "reference cycle"
+    else:
+        big = np.zeros(1_000_000, dtype=np.float32)
+        obj = {f"k{i}": big for i in range(LIMITS.elements // 1_000_000 + 1)}
+        want = "expands to more than"
+    path = _save_dict(tmp_path / f"{case}.npy", obj)
+    if case != "shared_array":
+        assert path.stat().st_size < 20_000
+    for call in (lambda: load_poi_table(path),
+                 lambda: load_poi_tables(path, None, None, dim=4),
+                 lambda: load_poi_table(path, trust_pickle=True)):
+        t0 = time.perf_counter()
+        with pytest.raises(PoiTableError, match=want) as e:
+            call()
+        assert time.perf_counter() - t0 < 2.0
+        assert str(path) in str(e.value)
+    t0 = time.perf_counter()
+    assert poi_tables.main(["info", str(path)]) == 2
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_entry_limit(tmp_path):
+    from utils.poi import Limits
+    path = _save_dict(tmp_path / "many.npy", {f"p{i}": [1, 2, 3] for i in range(50)})
+    with pytest.raises(PoiTableError, match="50 entries"):
+        load_poi_table(path, limits=Limits(entries=10))
+
+
+@pytest.mark.parametrize("table,dim,want", [
+    ({"a": [1.0, float("nan")], "b": [0.0, 1.0]}, 2, "'a' holds NaN or infinite"),
+    ({"a": [1.0, 2.0], "b": [float("inf"), 1.0]}, 2, "'b' holds NaN or infinite"),
+    ({"a": [1.0, 2.0], "b": [1.0, 2.0, 3.0]}, 3, "'a' has 2 values but 'b' has 3"),
+    ({"a": [1.0, 2.0]}, 3, "vectors have 2 values, the model's embedding has 3"),
+    ({"a": "text"}, 4, "not numeric"),
+    ({"a": [[1.0, 2.0], [3.0]]}, 2, "not a vector"),
+    ({"a": {"x": 1}}, 2, "not numeric"),
+    ({"a": np.full(2, 3e39)}, 2, "overflows float32"),
+])
+def test_vector_table_shape_checks(tmp_path, table, dim, want):
+    path = _save_dict(tmp_path / "vec.npy", table)
+    with pytest.raises(PoiTableError, match=want) as e:
+        load_poi_tables(None, path, None, dim=dim)
+    assert str(e.value).startswith("--poi-image-vectors: ") and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("value,want", [
+    ([1, 2, 3, 4], "4 values, expected up to 3"),
+    ([1, float("nan"), 0], "not up to 3 finite counts"),
+    (["a", "b", "c"], "not up to 3 finite counts"),
+])
+def test_pic_num_shape_checks(tmp_path, value, want):
+    path = _save_dict(tmp_path / "pic.npy", {"ok": [1, 2, 3], "bad": value})
+    with pytest.raises(PoiTableError, match=want) as e:
+        load_poi_tables(path, None, None, dim=4)
+    assert str(e.value).startswith("--poi-pic-num: ") and "'bad'" in str(e.value)
+
+
+def test_nan_safe_table_and_convert_refuse(tmp_path, capsys):
+    src = _save_dict(tmp_path / "nan.npy", {"a": np.array([1.0, np.nan], dtype=np.float32)})
+    assert poi_tables.main(["convert", str(src), str(tmp_path / "out.npz")]) == 2
+    assert "holds NaN" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
+    # a .npz written by another tool with NaN rows is refused too
+    np.savez(tmp_path / "nan.npz", names=np.array(["a"]), values=np.array([[np.nan, 1.0]], dtype=np.float32),
+             kind=np.array("vectors"))
+    with pytest.raises(PoiTableError, match="holds NaN"):
+        load_poi_tables(None, tmp_path / "nan.npz", None, dim=2)

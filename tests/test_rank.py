@@ -1,5 +1,6 @@
 """Ranking stage: item inputs (SPEC section 5), pairwise metrics, rank_eval.py end to end."""
 import csv
+import os
 import json
 
 import numpy as np
@@ -202,7 +203,7 @@ def _args(s, *extra):
     return ["--csv", str(s["csv"]), "--image-dir", str(s["img_dir"]), "--checkpoint", str(s["ckpt"]),
             "--bert-dir", str(s["bert_dir"]), "--poi-pic-num", str(s["paths"]["pic"]),
             "--poi-image-vectors", str(s["paths"]["img"]), "--poi-name-vectors", str(s["paths"]["name"]),
-            "--device", "cpu", "--num-workers", "0", "--quiet", "--batch-size", "3",
+            "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3",
             "--text-batch-size", "2", "--head-batch-size", "4", *extra]
 
 
@@ -362,3 +363,48 @@ def test_real_val_csv_inputs(seed_data):
         w = [-(lambda c: c[0] + 5 * c[1] + 3 * c[2])(pic.get(n.strip(), [0, 0, 0])) for n in i.poi_names]
         assert w == sorted(w)  # heaviest first
         assert i.pois_text == (r.poi_names if r.poi_names.strip() else r.title)
+
+
+def test_rank_eval_encodes_each_image_and_text_once_and_backends_agree(setup, monkeypatch):
+    """Issue 13: one batched encode of the distinct files (one stand-in for all missing
+    files), one of the distinct texts, the head through score_many; torch and the default
+    engine give the same scores."""
+    from models.factory import RecallModel
+    from models.ranker import SiameseRanker
+
+    s = setup
+    calls = {"images": [], "texts": [], "head": 0}
+    enc_i, enc_t, many = RecallModel.encode_images, RecallModel.encode_texts, SiameseRanker.score_many
+
+    def spy_images(self, paths, *a, **k):
+        calls["images"].append(list(paths))
+        return enc_i(self, paths, *a, **k)
+
+    def spy_texts(self, texts, *a, **k):
+        calls["texts"].append(list(texts))
+        return enc_t(self, texts, *a, **k)
+
+    def spy_head(self, *a, **k):
+        calls["head"] += 1
+        return many(self, *a, **k)
+
+    monkeypatch.setattr(RecallModel, "encode_images", spy_images)
+    monkeypatch.setattr(RecallModel, "encode_texts", spy_texts)
+    monkeypatch.setattr(SiameseRanker, "score_many", spy_head)
+    outs = {}
+    for backend in ("torch", "auto"):
+        calls["images"].clear(), calls["texts"].clear()
+        out, met = s["tmp"] / f"b_{backend}.csv", s["tmp"] / f"b_{backend}.json"
+        assert rank_eval.main(_args(s, "--backend", backend, "--output", str(out), "--metrics", str(met),
+                                    "--head-batch-size", "1024")) == 0
+        (paths,) = calls["images"]
+        files = sorted(str(p) for p in s["img_dir"].iterdir())
+        assert paths[:-1] == files and not os.path.exists(paths[-1])   # + one missing stand-in
+        (texts,) = calls["texts"]
+        assert len(texts) == len(set(texts)) == len({r[4] if r[4].strip() else r[3] for r in ROWS})
+        outs[backend] = _read_output(out)
+        assert json.loads(met.read_text(encoding="utf-8"))["image_backend"] in ("torch", "onnx")
+    assert calls["head"] == 2   # one score_many call per run (6 pairs x 2 images < 1024)
+    for k, (label, a, b, _) in outs["torch"].items():
+        assert outs["auto"][k][0] == label
+        assert outs["auto"][k][1] == pytest.approx(a, abs=1e-5) and outs["auto"][k][2] == pytest.approx(b, abs=1e-5)
