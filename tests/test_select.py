@@ -100,8 +100,8 @@ def _run(env, name, *extra, tables=True, recall="same_align.pth", html=False):
     d = env["dir"]
     out = d / f"{name}.csv"
     argv = ["--items", str(env["csv"]), "--out", str(out), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--recall-k", str(K), "--device", "cpu", "--workers", "0",
-            "--image-cache", str(d / "url_cache"), "--quiet", *extra]
+            "--bert-dir", str(env["bert"]), "--recall-k", str(K), "--device", "cpu", "--workers", "0", "--backend", "torch",
+            "--image-cache", str(d / "url_cache"), "--no-progress", *extra]
     if recall:
         argv += ["--recall-checkpoint", str(d / recall)]
     if tables:
@@ -328,7 +328,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("item_id,title,image\n1,t,a.jpg\n", encoding="utf-8")
     base = ["--out", str(tmp_path / "o.csv"), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--device", "cpu", "--quiet"]
+            "--bert-dir", str(env["bert"]), "--device", "cpu", "--no-progress"]
     assert select_images.main(["--items", str(bad), *base]) == 2
     assert "poi_names" in capsys.readouterr().err
     good = env["csv"]
