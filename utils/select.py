@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -291,7 +292,11 @@ def set_ranker_scores(cands: list[Candidate], scores, where: str = "") -> None:
     if len(scores) != len(cands):
         raise ValueError(f"{len(scores)} ranker scores for {len(cands)} candidates")
     for c, x in zip(cands, scores):
-        c.ranker_score = check_finite(x, f"ranker score of item {c.item_id} line {c.line}{where}")
+        if not math.isfinite(x):
+            raise DataError(f"ranker score of item {c.item_id} line {c.line}{where} is {x}: the POI "
+                            f"vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold "
+                            f"NaN/inf values; nothing is selected on such a score")
+        c.ranker_score = x
 
 
 def assign_final_ranks(item: Item) -> list[Candidate]:
