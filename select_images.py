@@ -521,10 +521,17 @@ def main(argv=None) -> int:
     check_args(args)
     if args.ray is not None:
         import select_ray  # Ray is imported only here: the local path never loads it
-        select_ray.run(args)
+        select_ray.run(args, pipeline_steps())
     else:
         run(args)
     return 0
+
+
+def pipeline_steps():
+    """This module under its importable name: select_ray runs these steps, and Ray's
+    workers find them by that name (not as ``__main__``)."""
+    import importlib
+    return importlib.import_module("select_images") if __name__ == "__main__" else sys.modules[__name__]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ candidates of an item are in one shard), one row of the Ray dataset. Stages:
 4. ``write`` (CPU task): the shard's rows as ``<shards>/part-NNNNNN.parquet``, written
    atomically, named by shard number.
 
-The driver reads the catalogue (bad rows reported as locally), checks the models and POI
+The steps themselves are select_images.py's (``steps``, passed in by its ``main``: this
+module is the executor, it does not import the script). The driver reads the catalogue (bad rows reported as locally), checks the models and POI
 tables once before any Ray work, and at the end merges the shards into ``--out`` (one CSV,
 the local path's writer) or keeps them as the output (``--out`` without ``.csv``: a
 directory of Parquet shards), then writes ``--html`` and the summary as the local path does.
@@ -50,8 +51,6 @@ from pathlib import Path
 
 import numpy as np
 
-from select_images import (Catalogue, Clock, load_models, load_tables, read_items, select_block,
-                           summarize, write_outputs, image_cache_of, out_is_csv)
 from utils.data import atomic_path, exclusive_lock
 from utils.hashing import sha256_file
 from utils.select import (OK, UNREADABLE, Item, OUTPUT_HEADER, mark_duplicates, output_rows,
@@ -121,20 +120,20 @@ def plan_shards(items: list[Item], shard_items: int) -> list[list[Item]]:
     return [items[a:a + shard_items] for a in range(0, len(items), shard_items)]
 
 
-def plan_key(args, hashes: dict, n_shards: int) -> str:
+def plan_key(args, hashes: dict, n_shards: int, image_cache: str) -> str:
     """What the output rows depend on: a finished shard is reused only under the same key."""
     files = {opt: sha256_file(getattr(args, opt)) if getattr(args, opt) else None
              for opt in ("items", "poi_pic_num", "poi_image_vectors", "poi_name_vectors")}
     plan = {"files": files, "hashes": hashes, "shards": n_shards, "shard_items": args.shard_items,
             "recall_k": args.recall_k, "recall_only": args.recall_only,
             "preprocess": args.preprocess, "precision": args.precision,
-            "image_cache": image_cache_of(args), "items_path": args.items}
+            "image_cache": image_cache, "items_path": args.items}
     import hashlib
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def shard_dir_of(args) -> Path:
-    return Path(f"{args.out}.shards") if out_is_csv(args) else Path(args.out)
+def shard_dir_of(args, out_is_csv: bool) -> Path:
+    return Path(f"{args.out}.shards") if out_is_csv else Path(args.out)
 
 
 def shard_file(d: Path, k: int) -> Path:
@@ -184,13 +183,13 @@ def _batch(rows: list[tuple[int, object]]) -> dict:
     return {"shard": np.array([k for k, _ in rows], dtype=np.int64), "payload": payload}
 
 
-def fetch_stage(batch, args):
+def fetch_stage(batch, args, image_cache: str):
     """Stage 1: local paths and verified downloads, duplicates (utils.select)."""
     _maybe_die("fetch")
     out = []
     for k, raw in _rows(batch):
         items = pickle.loads(raw)
-        fetch = resolve_images(items, os.path.dirname(args.items), image_cache_of(args),
+        fetch = resolve_images(items, os.path.dirname(args.items), image_cache,
                                workers=args.download_workers, timeout=args.timeout, progress=False)
         mark_duplicates(items)
         out.append((k, {"items": items, "fetch": fetch}))
@@ -243,7 +242,7 @@ class DecodedImages:
 class Select:
     """Stage 3 (actor): one model set per actor; ``select_block`` on each shard."""
 
-    def __init__(self, args):
+    def __init__(self, args, load_models, load_tables, select_block):
         import torch
         from utils.cli import setup_logging
 
@@ -252,6 +251,7 @@ class Select:
         self.args = copy.copy(args)
         self.args.workers = 0            # images are decoded already
         device = "cuda" if args.gpus_per_actor > 0 else "cpu"
+        self.select_block = select_block
         self.models = load_models(self.args, device)
         self.tables = load_tables(self.args, self.models)
 
@@ -263,7 +263,7 @@ class Select:
             loader = DecodedImages(p.pop("images"))
             for rm in {id(m): m for m in (self.models.recall, self.models.rank_rm) if m}.values():
                 rm.image_loader = loader
-            counts = select_block(self.args, p["items"], self.models, self.tables)
+            counts = self.select_block(self.args, p["items"], self.models, self.tables)
             counts["backend"] = self.models.recall.image_backend(self.args.precision)
             out.append((k, {"items": p["items"], "fetch": p["fetch"], "counts": counts}))
         return _batch(out)
@@ -329,7 +329,7 @@ def _map(ds, fn, kw: dict, **retries):
             return ds.map_batches(fn, **kw)
 
 
-def run_dataset(args, shards: list[list[Item]], todo: list[int], shard_dir: Path, key: str,
+def run_dataset(args, steps, shards: list[list[Item]], todo: list[int], shard_dir: Path, key: str,
                 progress: bool) -> int:
     import ray
     import ray.data
@@ -341,11 +341,13 @@ def run_dataset(args, shards: list[list[Item]], todo: list[int], shard_dir: Path
             for k in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # fetch and decode: one CPU task per shard (Ray Data fuses the two: same worker, same node)
-    ds = _map(ds, fetch_stage, dict(fn_kwargs={"args": args}, batch_size=1, num_cpus=1),
+    ds = _map(ds, fetch_stage, dict(fn_kwargs={"args": args, "image_cache": steps.image_cache_of(args)},
+                                    batch_size=1, num_cpus=1),
               max_retries=TASK_RETRIES)
     ds = _map(ds, decode_stage, dict(fn_kwargs={"args": args}, batch_size=1, num_cpus=1),
               max_retries=TASK_RETRIES)
-    ds = _map(ds, Select, dict(fn_constructor_args=(args,), batch_size=1,
+    ds = _map(ds, Select, dict(fn_constructor_args=(args, steps.load_models, steps.load_tables,
+                                                    steps.select_block), batch_size=1,
                                compute=ray.data.ActorPoolStrategy(size=args.actors),
                                num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor),
               max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
@@ -357,7 +359,7 @@ def run_dataset(args, shards: list[list[Item]], todo: list[int], shard_dir: Path
     return len(written)
 
 
-def merge_shards(cat: Catalogue, shard_dir: Path, n: int) -> tuple[dict, dict, set]:
+def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict, set]:
     """Fill the driver's items from the shard files; returns (fetch counts, counts, backends)."""
     import pyarrow.parquet as pq
 
@@ -391,25 +393,28 @@ def merge_shards(cat: Catalogue, shard_dir: Path, n: int) -> tuple[dict, dict, s
     return fetch, counts, backends - {None}
 
 
-def run(args) -> dict:
-    """The --ray run; writes the same outputs as select_images.run and returns the summary."""
-    clock = Clock()
+def run(args, steps) -> dict:
+    """The --ray run of the pipeline ``steps`` (the select_images module: read_items,
+    load_models, load_tables, select_block, summarize, write_outputs, Clock ...); writes
+    the same outputs as ``steps.run`` and returns the summary."""
+    clock = steps.Clock()
     args = absolute_paths(args)
     progress = not args.no_progress
+    csv_out = steps.out_is_csv(args)
     with clock("read"):
-        cat = read_items(args)
+        cat = steps.read_items(args)
     with clock("load_models"):   # once here, so a bad checkpoint or table stops before Ray starts
         check = argparse.Namespace(**{**vars(args), "backend": "torch"})
-        models = load_models(check, "cpu")
-        load_tables(check, models)
+        models = steps.load_models(check, "cpu")
+        steps.load_tables(check, models)
         path, hashes = models.path, models.hashes
         del models
     if args.cache_dir:
         log.info("--cache-dir %s is shared by the actors (SQLite; keep it on a local or "
                  "lock-safe filesystem)", args.cache_dir)
     shards = plan_shards(cat.items, args.shard_items)
-    shard_dir = shard_dir_of(args)
-    key = plan_key(args, hashes, len(shards))
+    shard_dir = shard_dir_of(args, csv_out)
+    key = plan_key(args, hashes, len(shards), steps.image_cache_of(args))
     with exclusive_lock(shard_dir):
         done = finished_shards(shard_dir, key, len(shards))
         todo = [k for k in range(len(shards)) if k not in done]
@@ -420,20 +425,20 @@ def run(args) -> dict:
             with clock("ray"):
                 if todo:
                     started = connect(args.ray or None)
-                    run_dataset(args, shards, todo, shard_dir, key, progress)
+                    run_dataset(args, steps, shards, todo, shard_dir, key, progress)
         finally:
             if started:
                 import ray
                 ray.shutdown()
         with clock("write"):
             fetch, counts, backends = merge_shards(cat, shard_dir, len(shards))
-            if out_is_csv(args):
+            if csv_out:
                 write_output(args.out, cat.items)
-    summary = summarize(args, cat, path, hashes, fetch, counts, "ray",
-                        ",".join(sorted(backends)) or "none")
+    summary = steps.summarize(args, cat, path, hashes, fetch, counts, "ray",
+                              ",".join(sorted(backends)) or "none")
     summary["ray"] = {"address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
                       "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
                       "shards": len(shards), "shards_skipped": len(done),
                       "shards_written": len(todo), "shard_dir": str(shard_dir)}
-    write_outputs(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
+    steps.write_outputs(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
     return summary
