@@ -315,6 +315,22 @@ def absolute_paths(args) -> argparse.Namespace:
     return a
 
 
+def check_resources(args) -> None:
+    """The actor pool must leave a CPU for the fetch/decode tasks and find its GPUs;
+    otherwise the pipeline would wait forever."""
+    import ray
+    from utils.cli import UserError
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    if args.actors * args.cpus_per_actor > cpus - 1:
+        raise UserError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves "
+                        f"no CPU of the cluster's {cpus:g} for fetching and decoding: lower one of them")
+    if args.actors * args.gpus_per_actor > gpus:
+        raise UserError(f"--actors {args.actors} x --gpus-per-actor {args.gpus_per_actor:g} needs more "
+                        f"GPUs than the cluster has ({gpus:g})")
+
+
 def _map(ds, fn, kw: dict, **retries):
     """``ds.map_batches(fn, **kw)`` with bounded retries (``retries``: Ray remote args).
     Ray 2.5x deprecates passing remote args this way (the defaults retry without bound);
@@ -425,6 +441,7 @@ def run(args, steps) -> dict:
             with clock("ray"):
                 if todo:
                     started = connect(args.ray or None)
+                    check_resources(args)
                     run_dataset(args, steps, shards, todo, shard_dir, key, progress)
         finally:
             if started:

@@ -200,3 +200,19 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
     # another setting: the old shards are not reused
     assert select_images.main(_argv(env, out, "--ray", "--shard-items", "3", "--recall-k", "1")) == 0
     assert _summary(out)["ray"]["shards_written"] == 3
+
+
+def test_parquet_catalogue(env, ray_session, local, tmp_path):
+    """--items as Parquet (row i = line i + 2, as in the CSV): the same rows as the CSV run."""
+    if local["path"] != "single":
+        pytest.skip("one encode path is enough")
+    import pyarrow as pa
+    with open(env["csv"], encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    table = pa.table({name: [r[i] for r in rows[1:]] for i, name in enumerate(rows[0])})
+    items = env["csv"].with_suffix(".parquet")
+    pq.write_table(table, items)
+    argv = _argv(env, tmp_path / "pq.csv", "--ray", "--shard-items", "5")
+    argv[argv.index("--items") + 1] = str(items)
+    assert select_images.main(argv) == 0
+    assert_same(local["rows"], _read(tmp_path / "pq.csv"))
