@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -93,7 +94,11 @@ def connect(address: str | None = None, **init_kw) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
     kw.update(init_kw)
-    ray.init(address=address, runtime_env=runtime_env(address), **kw)
+    try:
+        ray.init(address=address, runtime_env=runtime_env(address), **kw)
+    except ConnectionError as e:
+        from utils.cli import UserError
+        raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
     log.info("Ray %s: %s", "cluster " + address if address else "started locally",
              ray.cluster_resources())
     return True
@@ -140,34 +145,55 @@ def shard_file(d: Path, k: int) -> Path:
     return d / f"part-{k:06d}.parquet"
 
 
-def finished_shards(d: Path, key: str, n: int) -> set[int]:
-    """Shards of this plan already written (complete files: they are written atomically).
-    Shards of another plan are removed."""
+SHARD_NAME = re.compile(r"part-(\d{6})\.parquet")
+SHARD_TEMP = re.compile(r"part-\d{6}\.parquet\.tmp\d+")
+
+
+def shard_meta(p: Path) -> dict | None:
+    """The metadata of one of our shard files, None for any other file."""
     import pyarrow.parquet as pq
 
-    plan = d / PLAN_FILE
-    old = json.loads(plan.read_text(encoding="utf-8")).get("key") if plan.is_file() else None
-    parts = sorted(d.glob("part-*.parquet"))
-    if old != key and parts:
-        log.warning("%s holds shards of another run (catalogue, weights or settings differ): "
-                    "removing %d of them", d, len(parts))
-        for p in parts:
-            p.unlink()
-        parts = []
-    done = set()
-    for p in parts:
-        try:
-            meta = json.loads(pq.read_schema(p).metadata[META_KEY])
-            k = int(p.stem.split("-")[1])
-        except Exception as e:  # not ours, or damaged: do it again
-            log.warning("%s: not a usable shard (%s); it is redone", p, e)
+    if not SHARD_NAME.fullmatch(p.name) or not p.is_file():
+        return None
+    try:
+        return json.loads(pq.read_schema(p).metadata[META_KEY])
+    except Exception:
+        return None
+
+
+def finished_shards(d: Path, key: str, n: int) -> set[int]:
+    """Shards of this plan already written (complete: they are written atomically).
+    Shards of another plan and temporary files of an interrupted write are removed; any
+    other file is the user's, and the run is refused rather than touch it."""
+    from utils.cli import UserError
+
+    done, stale = set(), []
+    for p in sorted(d.iterdir()):
+        if p.name in (PLAN_FILE, ".lock"):
+            continue
+        if SHARD_TEMP.fullmatch(p.name):
             p.unlink()
             continue
+        meta = shard_meta(p)
+        if meta is None:
+            raise UserError(f"--out {d}: holds {p.name}, which is not a shard of select_images.py; "
+                            f"give a new or empty directory")
+        k = int(SHARD_NAME.fullmatch(p.name).group(1))
         if meta.get("plan") == key and k < n:
             done.add(k)
-    with atomic_path(plan) as tmp:
-        tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
+        else:
+            stale.append(p)
+    if stale:
+        log.warning("%s: %d shards of another run (catalogue, weights or settings differ) "
+                    "are removed", d, len(stale))
+        for p in stale:
+            p.unlink()
     return done
+
+
+def write_plan(d: Path, key: str) -> None:
+    with atomic_path(d / PLAN_FILE) as tmp:
+        tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -431,6 +457,19 @@ def run(args, steps) -> dict:
     shards = plan_shards(cat.items, args.shard_items)
     shard_dir = shard_dir_of(args, csv_out)
     key = plan_key(args, hashes, len(shards), steps.image_cache_of(args))
+    created = not shard_dir.exists()
+    try:
+        summary = _run_shards(args, steps, cat, shards, shard_dir, key, clock, csv_out)
+    finally:   # a run that stopped before writing anything leaves no empty directory
+        if created and shard_dir.is_dir() and not any(shard_dir.iterdir()):
+            shard_dir.rmdir()
+    summary.update(path=path, hashes=hashes)
+    return _finish(args, steps, cat, summary, clock, progress)
+
+
+def _run_shards(args, steps, cat, shards, shard_dir: Path, key: str, clock, csv_out: bool) -> dict:
+    """Under the lock of ``shard_dir``: skip finished shards, run the others on Ray, merge."""
+    progress = not args.no_progress
     with exclusive_lock(shard_dir):
         done = finished_shards(shard_dir, key, len(shards))
         todo = [k for k in range(len(shards)) if k not in done]
@@ -442,6 +481,7 @@ def run(args, steps) -> dict:
                 if todo:
                     started = connect(args.ray or None)
                     check_resources(args)
+                    write_plan(shard_dir, key)
                     run_dataset(args, steps, shards, todo, shard_dir, key, progress)
         finally:
             if started:
@@ -451,11 +491,16 @@ def run(args, steps) -> dict:
             fetch, counts, backends = merge_shards(cat, shard_dir, len(shards))
             if csv_out:
                 write_output(args.out, cat.items)
-    summary = steps.summarize(args, cat, path, hashes, fetch, counts, "ray",
-                              ",".join(sorted(backends)) or "none")
-    summary["ray"] = {"address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
-                      "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-                      "shards": len(shards), "shards_skipped": len(done),
-                      "shards_written": len(todo), "shard_dir": str(shard_dir)}
+    return {"fetch": fetch, "counts": counts, "backends": backends,
+            "ray": {"address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
+                    "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
+                    "shards": len(shards), "shards_skipped": len(done),
+                    "shards_written": len(todo), "shard_dir": str(shard_dir)}}
+
+
+def _finish(args, steps, cat, r: dict, clock, progress: bool) -> dict:
+    summary = steps.summarize(args, cat, r["path"], r["hashes"], r["fetch"], r["counts"], "ray",
+                              ",".join(sorted(r["backends"])) or "none")
+    summary["ray"] = r["ray"]
     steps.write_outputs(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
     return summary

@@ -178,3 +178,14 @@ def test_one_line_no_traceback_in_a_real_process(env, tmp_path):
     assert r.stderr.strip().splitlines() == [f"select_images: error: --out {tmp_path / 'o.csv'}: "
                                              f"is a directory, expected a file name"]
     assert _files(tmp_path) == {"o.csv"}
+
+
+def test_ray_out_directory_with_a_foreign_file(env, tmp_path, capsys):
+    """A Parquet --out directory holding a file that is not one of our shards is refused
+    before Ray starts, and the file is left alone."""
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-ray.txt)")
+    out = tmp_path / "sel"
+    out.mkdir()
+    (out / "part-000000.parquet").write_bytes(b"the user's own file")
+    _refused(env, _base(env, out) + ["--ray"], capsys, "--out", "not a shard", tmp_path=tmp_path)
+    assert (out / "part-000000.parquet").read_bytes() == b"the user's own file"
