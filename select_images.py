@@ -48,6 +48,7 @@ Exit status: 0 on success (also when some items have no readable image), 2 for b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -373,6 +374,14 @@ def score_head(args, short, models: Models, vec2: dict, feat_vec: dict, inputs: 
     set_ranker_scores(short, scores.tolist())
 
 
+def image_backend(args, models: Models, counts: dict) -> str:
+    """The image engine that ran ("onnx"/"torch"), "none" when no image was encoded."""
+    enc = counts["images_encoded"]
+    if not (enc["stage1"] or enc["stage2"]):
+        return "none"
+    return models.recall.image_backend(args.precision)
+
+
 def select_block(args, items: list[Item], models: Models, tables, progress: bool = False,
                  clock: "Clock | None" = None) -> dict:
     """Steps 4-6 on ``items`` (files resolved): encode, recall scores and ranks, the
@@ -430,7 +439,7 @@ def summarize(args, cat: Catalogue, path: str, hashes: dict, fetch: dict, counts
     }
 
 
-def write_outputs(args, cat: Catalogue, summary: dict, timings: dict, progress: bool) -> None:
+def write_html_and_summary(args, cat: Catalogue, summary: dict, timings: dict, progress: bool) -> None:
     """The HTML report (when asked) and the summary JSON, both atomically; logs the
     end-of-run lines. The output rows are written by the caller (CSV or shards)."""
     items = cat.items
@@ -473,16 +482,13 @@ class Clock:
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        clock = self
-
-        class _Step:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.t
-        return _Step()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
     def total(self) -> dict:
         self.timings["total"] = time.perf_counter() - self.start
@@ -509,8 +515,8 @@ def run(args) -> dict:
     with clock("write"):
         write_output(args.out, cat.items)
     summary = summarize(args, cat, models.path, models.hashes, fetch, counts, device,
-                        models.recall.image_backend(args.precision))
-    write_outputs(args, cat, summary, clock.total(), progress)
+                        image_backend(args, models, counts))
+    write_html_and_summary(args, cat, summary, clock.total(), progress)
     return summary
 
 

@@ -268,7 +268,7 @@ class DecodedImages:
 class Select:
     """Stage 3 (actor): one model set per actor; ``select_block`` on each shard."""
 
-    def __init__(self, args, load_models, load_tables, select_block):
+    def __init__(self, args, load_models, load_tables, select_block, image_backend):
         import torch
         from utils.cli import setup_logging
 
@@ -277,7 +277,7 @@ class Select:
         self.args = copy.copy(args)
         self.args.workers = 0            # images are decoded already
         device = "cuda" if args.gpus_per_actor > 0 else "cpu"
-        self.select_block = select_block
+        self.select_block, self.image_backend = select_block, image_backend
         self.models = load_models(self.args, device)
         self.tables = load_tables(self.args, self.models)
 
@@ -290,7 +290,7 @@ class Select:
             for rm in {id(m): m for m in (self.models.recall, self.models.rank_rm) if m}.values():
                 rm.image_loader = loader
             counts = self.select_block(self.args, p["items"], self.models, self.tables)
-            counts["backend"] = self.models.recall.image_backend(self.args.precision)
+            counts["backend"] = self.image_backend(self.args, self.models, counts)
             out.append((k, {"items": p["items"], "fetch": p["fetch"], "counts": counts}))
         return _batch(out)
 
@@ -389,7 +389,8 @@ def run_dataset(args, steps, shards: list[list[Item]], todo: list[int], shard_di
     ds = _map(ds, decode_stage, dict(fn_kwargs={"args": args}, batch_size=1, num_cpus=1),
               max_retries=TASK_RETRIES)
     ds = _map(ds, Select, dict(fn_constructor_args=(args, steps.load_models, steps.load_tables,
-                                                    steps.select_block), batch_size=1,
+                                                    steps.select_block, steps.image_backend),
+                               batch_size=1,
                                compute=ray.data.ActorPoolStrategy(size=args.actors),
                                num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor),
               max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
@@ -437,7 +438,7 @@ def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict, set]:
 
 def run(args, steps) -> dict:
     """The --ray run of the pipeline ``steps`` (the select_images module: read_items,
-    load_models, load_tables, select_block, summarize, write_outputs, Clock ...); writes
+    load_models, load_tables, select_block, summarize, write_html_and_summary, Clock ...); writes
     the same outputs as ``steps.run`` and returns the summary."""
     clock = steps.Clock()
     args = absolute_paths(args)
@@ -491,7 +492,7 @@ def _run_shards(args, steps, cat, shards, shard_dir: Path, key: str, clock, csv_
             fetch, counts, backends = merge_shards(cat, shard_dir, len(shards))
             if csv_out:
                 write_output(args.out, cat.items)
-    return {"fetch": fetch, "counts": counts, "backends": backends,
+    return {"fetch": fetch, "counts": counts, "backends": backends - {"none"},
             "ray": {"address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
                     "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
                     "shards": len(shards), "shards_skipped": len(done),
@@ -502,5 +503,5 @@ def _finish(args, steps, cat, r: dict, clock, progress: bool) -> dict:
     summary = steps.summarize(args, cat, r["path"], r["hashes"], r["fetch"], r["counts"], "ray",
                               ",".join(sorted(r["backends"])) or "none")
     summary["ray"] = r["ray"]
-    steps.write_outputs(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
+    steps.write_html_and_summary(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
     return summary
