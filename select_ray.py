@@ -66,7 +66,7 @@ TASK_RETRIES = 3          # a CPU task whose worker dies is run again up to this
 ACTOR_RESTARTS = 3        # an encoding actor that dies is restarted up to this often
 FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"   # tests: a file <dir>/<stage> makes that stage's worker die once
 PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-EXCLUDES = [".git/", ".venv/", "data/", "**/__pycache__/", "*.pth", "*.ckpt", "*.npy", "*.npz",
+EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/", "*.pth", "*.ckpt", "*.npy", "*.npz",
             "*.onnx", "*.parquet"]
 
 
