@@ -5,6 +5,9 @@ weights) and where the time goes.
     python bench/bench_select.py                     # 200 items x 10 candidates
     python bench/bench_select.py --items 50          # smaller; extrapolate
     python bench/bench_select.py --separate-recall   # a different recall checkpoint: two encode path
+    python bench/bench_select.py --ray --items 24 --candidates 4
+        # local path, then the Ray path with 1 and 2 actors on the same catalogue (one Ray
+        # session): items/s of each and the ratios Ray/local and 2 actors/1 actor
 
 Catalogue: ``--items`` items with ``--candidates`` images each, every image a distinct
 file: the 30 sample photos of the seed data (AVAS_SEED_DATA or --seed-data, default
@@ -21,6 +24,12 @@ items/s end to end and without model loading, and the share of the run in each s
 decode+encode images (stage 1, and stage 2 in the two-path case), text encoding, the
 stage-2 head, I/O (CSV read, image resolution, CSV write) and model loading. Setup time
 (images, checkpoints) is not counted. Nothing is asserted.
+
+``--ray``: the same catalogue through the local path and through ``--ray`` with 1 and with
+2 actors (``--cpus-per-actor`` each, default half a core so that the fetch/decode tasks
+keep a core on a 2-core machine). The Ray session is started once before the Ray runs and
+its start-up is reported apart; each Ray figure is end to end otherwise (driver checks,
+actors loading their models, the stages, the merge). Printed first: the ratios.
 """
 from __future__ import annotations
 
@@ -113,6 +122,61 @@ def build_catalogue(seed_data: Path, work: Path, n_items: int, n_cands: int, dim
     return {"csv": csv_path, **tables}
 
 
+def _selected(out: Path) -> list[tuple[str, str, str]]:
+    with open(out, encoding="utf-8", newline="") as f:
+        return [(r["item_id"], r["line"], r["selected"]) for r in csv.DictReader(f)]
+
+
+def bench_ray(args, argv_sel: list[str], work: Path) -> int:
+    """Local path, then --ray with 1 and 2 actors, on the same catalogue; ratios first."""
+    import ray
+    import select_ray
+
+    argv_sel = [a for a in argv_sel]
+    i = argv_sel.index("--out")
+    runs = {}
+
+    def one(name, extra):
+        out = work / f"{name}.csv"
+        argv = argv_sel[:i + 1] + [str(out)] + argv_sel[i + 2:] + extra
+        t = time.perf_counter()
+        if select_images.main(argv) != 0:
+            raise SystemExit(f"select_images.py ({name}) failed")
+        wall = time.perf_counter() - t
+        s = json.loads(Path(f"{out}.summary.json").read_text(encoding="utf-8"))
+        runs[name] = {"wall_s": wall, "items": s["items"], "items_per_s": s["items"] / wall,
+                      "selected": _selected(out)}
+        log.info("%s: %.1f s, %.3f items/s", name, wall, s["items"] / wall)
+
+    one("local", [])
+    t = time.perf_counter()
+    select_ray.connect(None, num_cpus=os.cpu_count(), log_to_driver=False)
+    ray_start = time.perf_counter() - t
+    try:
+        for n in (1, 2):
+            one(f"ray_{n}", ["--ray", "--actors", str(n), "--cpus-per-actor", str(args.cpus_per_actor),
+                             "--shard-items", str(args.shard_items)])
+    finally:
+        ray.shutdown()
+    loc, r1, r2 = runs["local"], runs["ray_1"], runs["ray_2"]
+    same = loc["selected"] == r1["selected"] == r2["selected"]
+    print(f"\nbench_select --ray: {loc['items']} items x {args.candidates} candidates, backend "
+          f"{args.backend}, {os.cpu_count()} CPUs, shards of {args.shard_items} items, "
+          f"{args.cpus_per_actor:g} CPU per actor")
+    print(f"  Ray 1 actor / local:      {r1['items_per_s'] / loc['items_per_s']:.2f}x")
+    print(f"  Ray 2 actors / 1 actor:   {r2['items_per_s'] / r1['items_per_s']:.2f}x")
+    print(f"  local:        {loc['wall_s']:7.1f} s  {loc['items_per_s']:.3f} items/s")
+    print(f"  Ray 1 actor:  {r1['wall_s']:7.1f} s  {r1['items_per_s']:.3f} items/s")
+    print(f"  Ray 2 actors: {r2['wall_s']:7.1f} s  {r2['items_per_s']:.3f} items/s")
+    print(f"  (Ray session start, not counted above: {ray_start:.1f} s; same selections in all "
+          f"three runs: {'yes' if same else 'NO'})")
+    if args.json:
+        args.json.write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "selected"}
+                                         for k, v in runs.items()} | {"ray_start_s": ray_start},
+                                        indent=1), encoding="utf-8")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=200)
@@ -125,6 +189,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--preprocess", default="reference", choices=("reference", "fast"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--ray", action="store_true",
+                   help="compare the local path with --ray at 1 and 2 actors (ratios)")
+    p.add_argument("--cpus-per-actor", type=float, default=0.5)
+    p.add_argument("--shard-items", type=int, default=4)
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -158,11 +227,14 @@ def main(argv=None) -> int:
                     "--recall-checkpoint", str(recall_ckpt), "--bert-dir", str(bert),
                     "--poi-pic-num", str(cat["pic"]), "--poi-image-vectors", str(cat["img"]),
                     "--poi-name-vectors", str(cat["name"]), "--recall-k", str(args.recall_k),
-                    "--device", "cpu", "--preprocess", args.preprocess, "--quiet"]
+                    "--device", "cpu", "--preprocess", args.preprocess, "--no-progress",
+                    "--backend", args.backend]
         if args.batch_size:
             argv_sel += ["--batch-size", str(args.batch_size)]
         if args.workers is not None:
             argv_sel += ["--workers", str(args.workers)]
+        if args.ray:
+            return bench_ray(args, argv_sel, work)
         t = time.perf_counter()
         rc = select_images.main(argv_sel)
         wall = time.perf_counter() - t

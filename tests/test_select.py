@@ -100,8 +100,8 @@ def _run(env, name, *extra, tables=True, recall="same_align.pth", html=False):
     d = env["dir"]
     out = d / f"{name}.csv"
     argv = ["--items", str(env["csv"]), "--out", str(out), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--recall-k", str(K), "--device", "cpu", "--workers", "0",
-            "--image-cache", str(d / "url_cache"), "--quiet", *extra]
+            "--bert-dir", str(env["bert"]), "--recall-k", str(K), "--device", "cpu", "--workers", "0", "--backend", "torch",
+            "--image-cache", str(d / "url_cache"), "--no-progress", *extra]
     if recall:
         argv += ["--recall-checkpoint", str(d / recall)]
     if tables:
@@ -328,7 +328,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("item_id,title,image\n1,t,a.jpg\n", encoding="utf-8")
     base = ["--out", str(tmp_path / "o.csv"), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--device", "cpu", "--quiet"]
+            "--bert-dir", str(env["bert"]), "--device", "cpu", "--no-progress"]
     assert select_images.main(["--items", str(bad), *base]) == 2
     assert "poi_names" in capsys.readouterr().err
     good = env["csv"]
@@ -345,3 +345,20 @@ def test_html_thumbnails_decode_in_headless_chromium(env, single, tmp_path):
     # every shown image of a readable or duplicate candidate has a thumbnail that decodes
     shown = sum(1 for r in single[0] if r["status"] in ("ok", "duplicate"))
     assert counts["total"] == shown and counts["loaded"] == shown and counts["failed"] == 0
+
+
+def test_local_path_never_imports_ray(env, tmp_path):
+    """Ray is optional: a local run (and importing the script) loads no part of it."""
+    import subprocess
+    import sys
+    d = env["dir"]
+    argv = ["--items", str(env["csv"]), "--out", str(tmp_path / "o.csv"), "--recall-only",
+            "--ranker-checkpoint", str(d / "ranker.ckpt"), "--bert-dir", str(env["bert"]),
+            "--device", "cpu", "--workers", "0", "--backend", "torch", "--no-progress",
+            "--image-cache", str(d / "url_cache")]
+    code = ("import sys, select_images; rc = select_images.main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'select_ray'))))")
+    root = Path(select_images.__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       timeout=600, cwd=root)
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stderr[-2000:]

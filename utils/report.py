@@ -1,5 +1,10 @@
-"""A self-contained HTML page for recall results: every POI's name and its top-K images
-with their scores, hits marked, failures first.
+"""Self-contained HTML pages: the recall report (every POI's name and its top-K images
+with their scores, hits marked, failures first) and, through the same skeleton, the
+selection page of select_images.py (utils/select.py).
+
+The skeleton (:func:`page`, :func:`embed_thumbnails`, :func:`thumb_img`, :func:`esc`)
+is what both pages share: the head with the CSS, the summary line, the pager, pages of
+``<section class="page">``, the thumbnails as one JSON block, and the script.
 
 The page needs nothing else to open: thumbnails (~96 px JPEGs) are embedded once each
 as base64 data URIs in a JSON block and put into the visible page's ``<img>`` elements
@@ -19,18 +24,19 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable
 
 from PIL import Image
 from tqdm import tqdm
 
+from .data import atomic_write
 from .metrics import RecallResult
 
 log = logging.getLogger(__name__)
 
 THUMB_PX = 96
 
-_CSS = """
+CSS = """
 body{font:14px/1.35 system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 6px}
 .summary{margin:0 0 10px}
@@ -56,7 +62,7 @@ figure.hit figcaption{color:#070;font-weight:bold}
 .page.on{display:block}
 """
 
-_JS = """
+JS = """
 (function(){
   var T = JSON.parse(document.getElementById('thumbs').textContent);
   var pages = document.querySelectorAll('.page');
@@ -130,10 +136,79 @@ def thumbnail_data_uri(path: str | os.PathLike, size: int = THUMB_PX, quality: i
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _esc(x) -> str:
+def esc(x) -> str:
+    """HTML-escape ``str(x)`` (quotes included: safe in attributes)."""
     return html.escape(str(x), quote=True)
 
 
+# ---------------------------------------------------------------------------
+# the page skeleton both reports use
+# ---------------------------------------------------------------------------
+def embed_thumbnails(keys: Iterable, file_of: Callable[[object], str | None] = lambda k: k,
+                     workers: int = 4, progress: bool = True) -> tuple[dict, dict]:
+    """Thumbnails of ``keys`` (each located by ``file_of(key)``, None = no file), made in
+    ``workers`` threads. Returns ``(tid, thumbs)``: ``tid[key]`` = the id of its
+    thumbnail (keys without a readable image are left out), ``thumbs[id]`` = data URI."""
+    keys = list(keys)
+
+    def thumb(k):
+        f = file_of(k)
+        return thumbnail_data_uri(f) if f else None
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        uris = list(tqdm(ex.map(thumb, keys), total=len(keys), desc="thumbnails", unit="img",
+                         disable=not progress, leave=False))
+    tid, thumbs = {}, {}
+    for k, uri in zip(keys, uris):
+        if uri is not None:
+            tid[k] = f"t{len(thumbs)}"
+            thumbs[tid[k]] = uri
+    return tid, thumbs
+
+
+def thumb_img(thumb_id: str | None, name: str) -> str:
+    """The ``<img>`` the script fills with thumbnail ``thumb_id``, or the grey "no image"
+    box when there is none."""
+    if thumb_id is None:
+        return '<div class="none">no image</div>'
+    return f'<img data-t="{thumb_id}" alt="{esc(name)}" width="96" height="96">'
+
+
+def summary_spans(summary: dict | None) -> list[str]:
+    return [f"<span><b>{esc(k)}</b>: {esc(v)}</span>" for k, v in (summary or {}).items()]
+
+
+def page(title: str, summary: list[str], pages: list[tuple[str, list[str]]], thumbs: dict,
+         css: str = "", after_summary: list[str] = ()) -> str:
+    """The whole HTML document: ``summary`` (spans, see :func:`summary_spans`) in the
+    summary line, ``after_summary`` blocks below it, then ``pages`` as
+    ``(label, html parts)`` sections behind the pager, the thumbnails and the script."""
+    summary = list(summary) or [""]
+    summary[-1] += "</p>"
+    out = ['<!doctype html>\n<html lang="zh"><head><meta charset="utf-8">',
+           f"<title>{esc(title)}</title><style>{CSS}{css}</style></head><body>",
+           f"<h1>{esc(title)}</h1>", '<p class="summary">', *summary, *after_summary,
+           '<div id="thumb-check" data-loaded="" data-total=""></div>', '<nav id="pager"></nav>']
+    for label, parts in pages:
+        out.append(f'<section class="page" data-label="{label}">')
+        out.extend(parts)
+        out.append("</section>")
+    blob = json.dumps(thumbs, separators=(",", ":")).replace("</", "<\\/")
+    out.append(f'<script id="thumbs" type="application/json">{blob}</script>')
+    out.append(f"<noscript>Thumbnails need JavaScript.</noscript><script>{JS}</script></body></html>\n")
+    return "\n".join(out)
+
+
+def write_page(path: str | os.PathLike, text: str) -> int:
+    """Write the page atomically; returns its size in bytes."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------
+# the recall report
+# ---------------------------------------------------------------------------
 def write_recall_report(path: str | os.PathLike, result: RecallResult, k: int,
                         resolve: Callable[[str], str | None], title: str = "Recall report",
                         summary: dict | None = None, page_size: int = 50,
@@ -143,61 +218,33 @@ def write_recall_report(path: str | os.PathLike, result: RecallResult, k: int,
     each in input order. Returns ``{"thumbnails": n, "missing": m, "bytes": size}``."""
     pois = sorted(result.pois, key=lambda p: p.hit_at(k))  # stable: misses first
     images = list(dict.fromkeys(img for p in pois for img, _ in p.top[:k]))
-    files = {img: resolve(img) for img in images}
-
-    def thumb(img):
-        f = files[img]
-        return thumbnail_data_uri(f) if f else None
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        uris = list(tqdm(ex.map(thumb, images), total=len(images), desc="thumbnails", unit="img",
-                         disable=not progress, leave=False))
-    tid = {}
-    thumbs = {}
-    for img, uri in zip(images, uris):
-        if uri is not None:
-            tid[img] = f"t{len(thumbs)}"
-            thumbs[tid[img]] = uri
+    tid, thumbs = embed_thumbnails(images, resolve, workers, progress)
     missing = len(images) - len(thumbs)
 
-    out = ['<!doctype html>\n<html lang="zh"><head><meta charset="utf-8">',
-           f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{_esc(title)}</h1>", '<p class="summary">']
-    for key, val in (summary or {}).items():
-        out.append(f"<span><b>{_esc(key)}</b>: {_esc(val)}</span>")
     n_miss = sum(not p.hit_at(k) for p in pois)
-    out.append(f"<span><b>misses at {k}</b>: {n_miss} of {len(pois)} (shown first)</span></p>")
-    out.append('<div id="thumb-check" data-loaded="" data-total=""></div>')
-    out.append('<nav id="pager"></nav>')
+    spans = summary_spans(summary) + [
+        f"<span><b>misses at {k}</b>: {n_miss} of {len(pois)} (shown first)</span>"]
+    pages = []
     for a in range(0, len(pois), page_size):
         chunk = pois[a:a + page_size]
-        label = f"{a + 1}-{a + len(chunk)}"
-        out.append(f'<section class="page" data-label="{label}">')
+        parts = []
         for p in chunk:
             hit = p.hit_at(k)
             res = (f"first hit at rank {p.first_hit}" if p.first_hit else "no hit listed") + \
                   ("" if hit else f" &mdash; miss at {k}")
-            out.append(f'<div class="poi{"" if hit else " miss"}"><div class="head">'
-                       f'<span class="id">{_esc(p.poi_id)}</span><b>{_esc(p.poi_name)}</b>'
-                       f'<span class="res">{res}</span></div><div class="row">')
+            parts.append(f'<div class="poi{"" if hit else " miss"}"><div class="head">'
+                         f'<span class="id">{esc(p.poi_id)}</span><b>{esc(p.poi_name)}</b>'
+                         f'<span class="res">{res}</span></div><div class="row">')
             for r, (img, score) in enumerate(p.top[:k], 1):
                 own = os.path.basename(img).split("_", 1)[0] == p.poi_id
                 name = os.path.basename(img)
-                pic = (f'<img data-t="{tid[img]}" alt="{_esc(name)}" width="96" height="96">'
-                       if img in tid else '<div class="none">no image</div>')
-                out.append(f'<figure class="{"hit" if own else ""}" title="{_esc(img)}">{pic}'
-                           f"<figcaption>#{r} {score:.4f}<br>{_esc(name)}</figcaption></figure>")
-            out.append("</div></div>")
-        out.append("</section>")
-    blob = json.dumps(thumbs, separators=(",", ":")).replace("</", "<\\/")
-    out.append(f'<script id="thumbs" type="application/json">{blob}</script>')
-    out.append(f"<noscript>Thumbnails need JavaScript.</noscript><script>{_JS}</script></body></html>\n")
-    text = "\n".join(out)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    size = os.path.getsize(path)
+                parts.append(f'<figure class="{"hit" if own else ""}" title="{esc(img)}">'
+                             f'{thumb_img(tid.get(img), name)}'
+                             f"<figcaption>#{r} {score:.4f}<br>{esc(name)}</figcaption></figure>")
+            parts.append("</div></div>")
+        pages.append((f"{a + 1}-{a + len(chunk)}", parts))
+    text = page(title, spans, pages, thumbs)
+    size = write_page(path, text)
     log.info("wrote %s: %d POIs, %d thumbnails (%d images without one), %.1f MB",
              path, len(pois), len(thumbs), missing, size / 1e6)
     return {"thumbnails": len(thumbs), "missing": missing, "bytes": size}

@@ -1,7 +1,10 @@
-"""Helpers of ``select_images.py``: the catalogue CSV, locating candidate images (local
-files and URLs), the per-item orderings and the HTML report.
+"""Helpers of ``select_images.py`` (local and Ray paths): the catalogue, locating
+candidate images (local files and URLs), the per-item scores and orderings, the output
+rows and the HTML report.
 
-Catalogue CSV (UTF-8, comma-separated, with a header; extra columns are ignored):
+Catalogue: a CSV (UTF-8, comma-separated, with a header; extra columns are ignored) or a
+Parquet file with the same columns (``.parquet``/``.pq``; row i counts as line i + 2, as
+if it were a CSV with a header):
 
     item_id,title,poi_names,image
     1001,西湖一日游,"西湖,雷峰塔",photos/1001_a.jpg
@@ -16,8 +19,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,8 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import DataError, RowError, open_csv
-from .report import _CSS, _JS, _esc, thumbnail_data_uri
+from .data import DataError, RowError, atomic_write, check_finite, open_csv
+from .report import embed_thumbnails, esc, page, summary_spans, thumb_img, write_page
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +88,59 @@ class Item:
 # ---------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(PARQUET_SUFFIXES)
+
+
+def _add_row(items: dict, errors: list, path: str, line: int, item_id: str, title: str,
+             pois: str, image: str) -> None:
+    item_id, image = item_id.strip(), image.strip()
+    if not item_id or not image:
+        errors.append(RowError(path, line, "empty " + " and ".join(
+            n for n, v in (("item_id", item_id), ("image", image)) if not v)))
+        return
+    it = items.get(item_id)
+    if it is None:
+        it = items[item_id] = Item(item_id, title, pois, line)
+    elif (title, pois) != (it.title, it.poi_names):
+        log.warning("%s:%d: item %s has a different title/poi_names than on line %d; "
+                    "using line %d's", path, line, item_id, it.line, it.line)
+    it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
+
+
+def _read_parquet(path: str, errors: list[RowError]) -> list[Item]:
+    import pyarrow.parquet as pq  # only for a Parquet catalogue
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # not a Parquet file, truncated ...
+        raise DataError(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})") from None
+    names = pf.schema_arrow.names
+    absent = [c for c in COLUMNS if c not in names]
+    if absent:
+        raise DataError(f"{path}: the table lacks column(s) {', '.join(absent)} "
+                        f"(expected {','.join(COLUMNS)}; found {','.join(names)})")
+    items: dict[str, Item] = {}
+    line = 2
+    for batch in pf.iter_batches(columns=list(COLUMNS)):
+        cols = [batch.column(c).to_pylist() for c in COLUMNS]
+        for item_id, title, pois, image in zip(*cols):
+            _add_row(items, errors, path, line, *("" if v is None else str(v)
+                                                  for v in (item_id, title, pois, image)))
+            line += 1
+    return list(items.values())
+
+
 def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item]:
     """Items of the catalogue in order of first appearance. Bad rows (missing columns,
     empty item_id or image, unreadable CSV) go to ``errors`` with their line number and
     are left out; a file without the required header raises ``DataError``."""
     path = str(path)
+    if is_parquet(path):
+        return _read_parquet(path, errors)
     items: dict[str, Item] = {}
     with open_csv(path) as f:
         reader = csv.reader(f)
@@ -121,19 +172,7 @@ def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item
                 errors.append(RowError(path, start, f"{len(fields)} fields, the header has "
                                        f"{len(header)}" + (f": no {', '.join(lacking)}" if lacking else "")))
                 continue
-            item_id, title, pois, image = (fields[col[c]] for c in COLUMNS)
-            item_id, image = item_id.strip(), image.strip()
-            if not item_id or not image:
-                errors.append(RowError(path, start, "empty " + " and ".join(
-                    n for n, v in (("item_id", item_id), ("image", image)) if not v)))
-                continue
-            it = items.get(item_id)
-            if it is None:
-                it = items[item_id] = Item(item_id, title, pois, start)
-            elif (title, pois) != (it.title, it.poi_names):
-                log.warning("%s:%d: item %s has a different title/poi_names than on line %d; "
-                            "using line %d's", path, start, item_id, it.line, it.line)
-            it.cands.append(Candidate(start, item_id, it.title, it.poi_names, image))
+            _add_row(items, errors, path, start, *(fields[col[c]] for c in COLUMNS))
     return list(items.values())
 
 
@@ -227,6 +266,39 @@ def assign_recall_ranks(item: Item) -> list[Candidate]:
     return ranked
 
 
+def score_recall(items: list[Item], image_vec, title_vec) -> None:
+    """Stage 1: ``recall_score`` = image vector . title vector for every scored candidate
+    (``image_vec[file]``, ``title_vec[title]``: normalised torch/numpy vectors), then the
+    recall ranks. A non-finite score (NaN weights) is a ``DataError``."""
+    for it in items:
+        tvec = title_vec[it.title]
+        for c in it.scored:
+            c.recall_score = check_finite(float(image_vec[c.file] @ tvec),
+                                          f"recall score of item {it.item_id} line {c.line}")
+        assign_recall_ranks(it)
+
+
+def shortlist(items: list[Item], k: int) -> list[Candidate]:
+    """The candidates stage 2 scores: the top ``k`` of every item by recall rank, in
+    item order, CSV order within an item."""
+    return [c for it in items for c in it.scored if c.recall_rank <= k]
+
+
+def set_ranker_scores(cands: list[Candidate], scores, where: str = "") -> None:
+    """Stage 2 scores, in the order of ``cands``. A non-finite score (a POI table or
+    a checkpoint holding NaN/inf) is a ``DataError`` naming the candidate: nothing is
+    selected on a NaN."""
+    scores = [float(x) for x in scores]
+    if len(scores) != len(cands):
+        raise ValueError(f"{len(scores)} ranker scores for {len(cands)} candidates")
+    for c, x in zip(cands, scores):
+        if not math.isfinite(x):
+            raise DataError(f"ranker score of item {c.item_id} line {c.line}{where} is {x}: the POI "
+                            f"vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold "
+                            f"NaN/inf values; nothing is selected on such a score")
+        c.ranker_score = x
+
+
 def assign_final_ranks(item: Item) -> list[Candidate]:
     """Final order: candidates scored by the ranker, by ranker score (ties: recall
     rank), then the rest by recall rank. Rank 1 is selected. Returns the ordered list."""
@@ -252,22 +324,29 @@ def _num(x) -> str:
     return f"{x:.9g}" if isinstance(x, float) else str(x)
 
 
+def output_rows(items: list[Item]):
+    """One tuple per candidate (the fields of ``OUTPUT_HEADER``, None where empty), items
+    in input order, candidates in CSV order."""
+    for it in items:
+        for c in it.cands:
+            yield (c.item_id, c.line, c.image, c.status, c.recall_score, c.recall_rank,
+                   c.ranker_score, c.final_rank, int(c.selected), c.file or "", c.detail)
+
+
+def format_row(row) -> list[str]:
+    """The CSV text of an output row (floats with 9 significant digits)."""
+    return [_num(x) for x in row]
+
+
 def write_output(path: str | os.PathLike, items: list[Item]) -> int:
-    """One row per candidate, items in input order, candidates in CSV order."""
-    path = str(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    """The output CSV (written atomically): one row per candidate."""
     n = 0
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)
-        for it in items:
-            for c in it.cands:
-                w.writerow((c.item_id, c.line, c.image, c.status, _num(c.recall_score),
-                            _num(c.recall_rank), _num(c.ranker_score), _num(c.final_rank),
-                            int(c.selected), c.file or "", c.detail))
-                n += 1
-    os.replace(tmp, path)
+        for row in output_rows(items):
+            w.writerow(format_row(row))
+            n += 1
     return n
 
 
@@ -286,75 +365,51 @@ def _display_order(it: Item) -> list[Candidate]:
     return ranked + [c for c in it.cands if c.final_rank is None]
 
 
+def _item_block(it: Item, tid: dict) -> str:
+    sel = it.selected
+    res = f"selected line {sel.line}" if sel else "no readable candidate: nothing selected"
+    out = [f'<div class="poi{"" if sel else " miss"}"><div class="head">'
+           f'<span class="id">{esc(it.item_id)}</span><b>{esc(it.title)}</b>'
+           + (f' <span class="id">POIs: {esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
+           + f'<span class="res">{esc(res)}</span></div><div class="row">']
+    for c in _display_order(it):
+        cls = ("sel" if c.selected else "short" if c.ranker_score is not None else
+               "dup" if c.status == DUPLICATE else "bad" if c.status != OK else "")
+        name = os.path.basename(c.image.split("?", 1)[0]) or c.image
+        pic = thumb_img(tid.get(c.file) if c.status != UNREADABLE else None, name)
+        if c.final_rank is not None:
+            cap = f"#{c.final_rank}"
+            if c.ranker_score is not None:
+                cap += f" r {c.ranker_score:.3f}"
+            cap += f"<br>recall {c.recall_score:.3f} ({c.recall_rank})"
+        else:
+            cap = esc(c.status)
+        out.append(f'<figure class="{cls}" title="{esc(c.image)} (line {c.line}) '
+                   f'{esc(c.detail)}">{pic}<figcaption>{cap}<br>{esc(name)}</figcaption></figure>')
+    out.append("</div></div>")
+    return "\n".join(out)
+
+
 def write_report(path: str | os.PathLike, items: list[Item], summary: dict | None = None,
                  title: str = "Image selection", page_size: int = 50, workers: int = 4,
                  progress: bool = True) -> dict:
-    """A self-contained HTML page (same machinery as the recall report: thumbnails
-    embedded once each, 50 items a page): every item, its candidates in final order,
-    the selected one framed green, candidates that reached the ranker outlined, the
-    ones not scored (missing, unreadable, duplicate) faded at the end. Items without a
-    selection come first. Returns ``{"thumbnails", "missing", "bytes"}``."""
+    """A self-contained HTML page (the recall report's skeleton, utils/report.py:
+    thumbnails embedded once each, 50 items a page): every item, its candidates in final
+    order, the selected one framed green, candidates that reached the ranker outlined,
+    the ones not scored (missing, unreadable, duplicate) faded at the end. Items without
+    a selection come first. Returns ``{"thumbnails", "missing", "bytes"}``."""
     shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first
     files = list(dict.fromkeys(c.file for it in shown for c in it.cands
                                if c.file and c.status in (OK, DUPLICATE, UNREADABLE)))
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        uris = list(tqdm(ex.map(thumbnail_data_uri, files), total=len(files), desc="thumbnails",
-                         unit="img", disable=not progress, leave=False))
-    tid, thumbs = {}, {}
-    for f, uri in zip(files, uris):
-        if uri is not None:
-            tid[f] = f"t{len(thumbs)}"
-            thumbs[tid[f]] = uri
-
-    out = ['<!doctype html>\n<html lang="zh"><head><meta charset="utf-8">',
-           f"<title>{_esc(title)}</title><style>{_CSS}{_SELECT_CSS}</style></head><body>",
-           f"<h1>{_esc(title)}</h1>", '<p class="summary">']
-    for key, val in (summary or {}).items():
-        out.append(f"<span><b>{_esc(key)}</b>: {_esc(val)}</span>")
-    out.append("</p>")
-    out.append('<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
-               'caption: #final rank, ranker score, recall score (recall rank); faded: not '
-               'scored. Items without a selection come first.</p>')
-    out.append('<div id="thumb-check" data-loaded="" data-total=""></div>')
-    out.append('<nav id="pager"></nav>')
-    for a in range(0, len(shown), page_size):
-        chunk = shown[a:a + page_size]
-        out.append(f'<section class="page" data-label="{a + 1}-{a + len(chunk)}">')
-        for it in chunk:
-            sel = it.selected
-            res = (f"selected line {sel.line}" if sel else "no readable candidate: nothing selected")
-            out.append(f'<div class="poi{"" if sel else " miss"}"><div class="head">'
-                       f'<span class="id">{_esc(it.item_id)}</span><b>{_esc(it.title)}</b>'
-                       + (f' <span class="id">POIs: {_esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
-                       + f'<span class="res">{_esc(res)}</span></div><div class="row">')
-            for c in _display_order(it):
-                cls = ("sel" if c.selected else "short" if c.ranker_score is not None else
-                       "dup" if c.status == DUPLICATE else "bad" if c.status != OK else "")
-                name = os.path.basename(c.image.split("?", 1)[0]) or c.image
-                pic = (f'<img data-t="{tid[c.file]}" alt="{_esc(name)}" width="96" height="96">'
-                       if c.file in tid and c.status != UNREADABLE else '<div class="none">no image</div>')
-                if c.final_rank is not None:
-                    cap = f"#{c.final_rank}"
-                    if c.ranker_score is not None:
-                        cap += f" r {c.ranker_score:.3f}"
-                    cap += f"<br>recall {c.recall_score:.3f} ({c.recall_rank})"
-                else:
-                    cap = _esc(c.status)
-                out.append(f'<figure class="{cls}" title="{_esc(c.image)} (line {c.line}) '
-                           f'{_esc(c.detail)}">{pic}<figcaption>{cap}<br>{_esc(name)}</figcaption></figure>')
-            out.append("</div></div>")
-        out.append("</section>")
-    blob = json.dumps(thumbs, separators=(",", ":")).replace("</", "<\\/")
-    out.append(f'<script id="thumbs" type="application/json">{blob}</script>')
-    out.append(f"<noscript>Thumbnails need JavaScript.</noscript><script>{_JS}</script></body></html>\n")
-    path = str(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(out))
-    os.replace(tmp, path)
-    size = os.path.getsize(path)
+    tid, thumbs = embed_thumbnails(files, workers=workers, progress=progress)
+    legend = ('<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
+              'caption: #final rank, ranker score, recall score (recall rank); faded: not '
+              'scored. Items without a selection come first.</p>')
+    pages = [(f"{a + 1}-{a + len(shown[a:a + page_size])}",
+              [_item_block(it, tid) for it in shown[a:a + page_size]])
+             for a in range(0, len(shown), page_size)]
+    size = write_page(path, page(title, summary_spans(summary), pages, thumbs, css=_SELECT_CSS,
+                                 after_summary=[legend]))
     log.info("wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB", path, len(shown),
              len(thumbs), len(files) - len(thumbs), size / 1e6)
     return {"thumbnails": len(thumbs), "missing": len(files) - len(thumbs), "bytes": size}

@@ -1,0 +1,191 @@
+"""select_images.py on bad input (issue 14): each case is refused with exit status 2 and
+ONE line on stderr naming the flag or file, before any model is loaded where the input
+allows it, and leaves no file behind (no output, no summary, no temporary file)."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import select_images
+from fixtures import solid_image, tiny_ranker, write_image
+from models.checkpoint import save_ranker_checkpoint
+from utils.poi import save_safe_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, bert_dir):
+    d = tmp_path_factory.mktemp("bad_select")
+    save_ranker_checkpoint(tiny_ranker(bert_dir, seed=2), d / "ranker.ckpt")
+    with open(d / "items.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "title", "poi_names", "image"])
+        for i in range(2):
+            for j in range(2):
+                write_image(solid_image((40 * i, 90, 30 * j), seed=i + j), d / f"{i}_{j}.jpg")
+                w.writerow([f"it{i}", "红色方形", "西湖,古镇", f"{i}_{j}.jpg"])
+    save_safe_table({"西湖": [3, 1, 0], "古镇": [9, 2, 1]}, d / "pic.npz", kind="pic_num")
+    rng = np.random.default_rng(0)
+    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in ("西湖", "古镇")},
+                    d / "name.npz")
+    # a vector table holding NaN, written in the safe format directly (a writer may refuse NaN)
+    vals = rng.normal(size=(2, DIM)).astype(np.float32)
+    vals[0, :] = np.nan
+    np.savez(d / "nan_img.npz", names=np.array(["西湖", "古镇"]), values=vals, kind=np.array("vectors"))
+    (d / "garbage.ckpt").write_bytes(b"this is not a checkpoint")
+    (d / "plain").write_text("a file")
+    return {"dir": d, "bert": bert_dir}
+
+
+def _base(env, out):
+    d = env["dir"]
+    return ["--items", str(d / "items.csv"), "--out", str(out), "--ranker-checkpoint",
+            str(d / "ranker.ckpt"), "--bert-dir", str(env["bert"]), "--device", "cpu",
+            "--num-workers", "0", "--backend", "torch", "--no-progress"]
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _refused(env, argv, capsys, *needles, tmp_path):
+    before = _files(env["dir"]) | {"@" + x for x in _files(tmp_path)}
+    assert select_images.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("select_images: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    after = _files(env["dir"]) | {"@" + x for x in _files(tmp_path)}
+    assert after == before, f"left behind: {after - before}"
+    return err[0]
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Path and flag errors must come before any model is loaded."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(select_images, "load_models", boom)
+
+
+def test_out_is_a_directory(env, tmp_path, capsys, no_models):
+    (tmp_path / "o.csv").mkdir()
+    _refused(env, _base(env, tmp_path / "o.csv"), capsys, "--out", "is a directory", tmp_path=tmp_path)
+
+
+def test_out_under_a_plain_file(env, tmp_path, capsys, no_models):
+    _refused(env, _base(env, env["dir"] / "plain" / "o.csv"), capsys, "--out", "not a directory",
+             tmp_path=tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_in_read_only_directory(env, tmp_path, capsys, no_models):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        _refused(env, _base(env, ro / "o.csv"), capsys, "--out", "cannot write", tmp_path=tmp_path)
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("flag,make", [
+    ("--html", lambda t: (t / "r.html").mkdir() or t / "r.html"),
+    ("--summary", lambda t: (t / "s.json").mkdir() or t / "s.json"),
+    ("--cache-dir", lambda t: (t / "c").write_text("x") and t / "c"),
+    ("--image-cache", lambda t: (t / "f").write_text("x") and t / "f" / "images"),
+])
+def test_other_outputs_checked_first(env, tmp_path, capsys, no_models, flag, make):
+    bad = make(tmp_path)
+    _refused(env, _base(env, tmp_path / "o.csv") + [flag, str(bad)], capsys, flag, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--items", "absent.csv", "no such file"),
+    ("--ranker-checkpoint", "absent.ckpt", "no such file"),
+    ("--recall-checkpoint", "absent.pth", "no such file"),
+    ("--bert-dir", "absent_dir", "no such directory"),
+    ("--arch", "absent.json", "no such file"),
+])
+def test_missing_inputs(env, tmp_path, capsys, no_models, flag, value, needle):
+    argv = _base(env, tmp_path / "o.csv")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = str(env["dir"] / value)
+    else:
+        argv += [flag, str(env["dir"] / value)]
+    _refused(env, argv, capsys, flag, needle, tmp_path=tmp_path)
+
+
+def test_tables_go_together(env, tmp_path, capsys, no_models):
+    argv = _base(env, tmp_path / "o.csv") + ["--poi-pic-num", str(env["dir"] / "pic.npz")]
+    _refused(env, argv, capsys, "all three", tmp_path=tmp_path)
+
+
+def test_garbage_checkpoint(env, tmp_path, capsys):
+    argv = _base(env, tmp_path / "o.csv")
+    argv[argv.index("--ranker-checkpoint") + 1] = str(env["dir"] / "garbage.ckpt")
+    _refused(env, argv, capsys, "garbage.ckpt", tmp_path=tmp_path)
+
+
+def test_catalogue_without_usable_rows(env, tmp_path, capsys):
+    cat = tmp_path / "empty.csv"
+    cat.write_text("item_id,title,poi_names,image\n,t,,a.jpg\n", encoding="utf-8")
+    argv = _base(env, tmp_path / "o.csv")
+    argv[argv.index("--items") + 1] = str(cat)
+    _refused(env, argv, capsys, "no usable rows", tmp_path=tmp_path)
+
+
+def test_nan_poi_vectors_select_nothing(env, tmp_path, capsys):
+    """A POI table with NaN vectors must not produce selections on NaN scores."""
+    d = env["dir"]
+    argv = _base(env, tmp_path / "o.csv") + [
+        "--poi-pic-num", str(d / "pic.npz"), "--poi-image-vectors", str(d / "nan_img.npz"),
+        "--poi-name-vectors", str(d / "name.npz")]
+    line = _refused(env, argv, capsys, tmp_path=tmp_path)
+    assert "nan" in line.lower() or "finite" in line.lower(), line
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--batch-size", "0", "positive integer"),
+    ("--num-workers", "-1", "integer >= 0"),
+    ("--recall-k", "0", "positive integer"),
+    ("--actors", "0", "positive integer"),
+    ("--gpus-per-actor", "-1", ">= 0"),
+    ("--backend", "tensorrt", "invalid choice"),
+])
+def test_flag_values_are_argparse_errors(env, tmp_path, capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as e:
+        select_images.main(_base(env, tmp_path / "o.csv") + [flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and needle in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_one_line_no_traceback_in_a_real_process(env, tmp_path):
+    (tmp_path / "o.csv").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "select_images.py"), *_base(env, tmp_path / "o.csv")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"select_images: error: --out {tmp_path / 'o.csv'}: "
+                                             f"is a directory, expected a file name"]
+    assert _files(tmp_path) == {"o.csv"}
+
+
+def test_ray_out_directory_with_a_foreign_file(env, tmp_path, capsys):
+    """A Parquet --out directory holding a file that is not one of our shards is refused
+    before Ray starts, and the file is left alone."""
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-ray.txt)")
+    out = tmp_path / "sel"
+    out.mkdir()
+    (out / "part-000000.parquet").write_bytes(b"the user's own file")
+    _refused(env, _base(env, out) + ["--ray"], capsys, "--out", "not a shard", tmp_path=tmp_path)
+    assert (out / "part-000000.parquet").read_bytes() == b"the user's own file"
