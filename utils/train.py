@@ -142,10 +142,10 @@ def setup_rank_logging(level: str | int, env: DistEnv) -> None:
     setup_logging(level if env.is_main else max(level, logging.WARNING), fmt)
 
 
-def progress(iterable=None, env: DistEnv | None = None, **kw):
-    """tqdm on rank 0 only."""
-    return tqdm(iterable, disable=env is not None and not env.is_main, dynamic_ncols=True,
-                leave=False, **kw)
+def progress(iterable=None, env: DistEnv | None = None, enabled: bool = True, **kw):
+    """tqdm on rank 0 only (and not at all unless ``enabled``: --no-progress)."""
+    return tqdm(iterable, disable=not enabled or (env is not None and not env.is_main),
+                dynamic_ncols=True, leave=False, **kw)
 
 
 # ---------------------------------------------------------------------------
