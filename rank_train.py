@@ -38,6 +38,17 @@ Each epoch: validation accuracy (the published 0.652 metric), ROC-AUC and log lo
 ``last.ckpt`` in the released ranker format (loadable by rank_eval.py /
 models.checkpoint.load_ranker; a ``.arch.json`` sidecar for non-default variants),
 ``train_state.pt`` (--resume), ``metrics.csv``, ``config.json``.
+
+Validation images (and training images with --cache-embeddings) go through the frozen
+recall tower once, on the --backend engine (auto: ONNX Runtime on a CPU, exported once
+per recall model and checked against torch).
+
+Before any work: CSVs (readable, UTF-8, not empty; NaN/inf CTRs refused with file and
+line), image directories, --init, --arch, POI tables and bert files are checked and
+--out-dir must be writable: a bad one is one line naming it, exit status 2. --out-dir is
+locked for the run; temporary files of a killed save are removed when a run starts. A
+NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C: one line, exit 130;
+the last saved state resumes with --resume.
 """
 from __future__ import annotations
 
@@ -96,7 +107,7 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rank_train.py", description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -45 rank_train.py) for formats and outputs.",
+        epilog="Formats, outputs and behaviour on errors: the docstring at the top of rank_train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-csv", required=True, help="$record$ training pairs")

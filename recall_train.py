@@ -37,6 +37,17 @@ recall_infer.py / models.checkpoint.load_align_model; best by held-out recall@--
 ``train_state.pt`` (optimizer, scheduler, scaler, step, RNG states; --resume continues
 from it exactly), ``metrics.csv`` (one row per optimizer step, one per evaluation),
 ``config.json``.
+
+Held-out evaluation and --cache-embeddings encode through models.factory.wrap_align on
+the --backend engine: auto puts a frozen image tower (--freeze image) on ONNX Runtime
+(exported once, checked against torch) and keeps a training image tower on torch.
+
+Before any work: every input is checked (CSV readable, UTF-8, not empty; directories;
+--init; --arch JSON; bert files) and --out-dir writable; a bad one is one line naming
+it, exit status 2. --out-dir is locked for the run (a second run into it stops with
+"another run holds DIR/.lock (pid N)"); temporary files of a killed save are removed
+when a run starts. A NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C:
+one line, exit status 130; the last saved state resumes with --resume.
 """
 from __future__ import annotations
 
@@ -114,7 +125,7 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recall_train.py", description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -50 recall_train.py) for formats and outputs.",
+        epilog="Formats, outputs and behaviour on errors: the docstring at the top of recall_train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with "

@@ -22,7 +22,7 @@ import torch
 import rank_train
 import recall_train
 from fixtures import tiny_align
-from models.checkpoint import save_align_checkpoint
+from models.checkpoint import load_ranker, save_align_checkpoint
 from test_train import make_rank_data, make_recall_data
 from utils.data import RECORD_SEP, exclusive_lock
 from utils.hashing import model_hash
@@ -253,7 +253,6 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(rank_env, tmp_path, c
     assert "step 3: the loss is nan" in line
     state = load_train_state(out / "train_state.pt")
     assert state["step"] == 2                                  # the last good save
-    from models.checkpoint import load_ranker
     ranker = load_ranker(out / "last.ckpt", rank_env["bert"])
     assert model_hash(ranker) == state["model_hash"]
     assert all(torch.isfinite(v).all() for v in ranker.state_dict().values() if v.is_floating_point())
@@ -295,3 +294,17 @@ def test_ctrl_c_is_one_line_and_exit_130(rank_env, tmp_path):
     # what was saved resumes (the state and its checkpoint belong together)
     state = load_train_state(out / "train_state.pt")
     assert state["step"] >= 2
+    assert model_hash(load_ranker(out / "last.ckpt", rank_env["bert"])) == state["model_hash"]
+
+
+def test_ctrl_c_during_a_save_waits_for_the_pair(tmp_path):
+    """SIGINT inside deferred_sigint (the checkpoint + state save) is raised after it."""
+    from utils.train import deferred_sigint
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("saved")
+    assert done == ["saved"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -34,6 +34,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -559,15 +561,35 @@ def save_checkpoint_and_state(model: torch.nn.Module, save_model, out: Path, env
                               step: int, epoch: int, batch_in_epoch: int, metrics: MetricsWriter,
                               config: dict, best: float) -> None:
     """``save_model(model, out / model_file)`` on rank 0, then the training state that
-    resumes from it (collective: every process calls it), then a barrier."""
-    h = model_hash(model)
-    if env.is_main:
-        save_model(model, out / model_file)
-    save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
-                     scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                     metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
-                     config=config, extra={"best": best})
-    barrier(env)
+    resumes from it (collective: every process calls it), then a barrier. Ctrl-C waits
+    for the pair to be written, so an interrupted run always resumes."""
+    with deferred_sigint():
+        h = model_hash(model)
+        if env.is_main:
+            save_model(model, out / model_file)
+        save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                         metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
+                         config=config, extra={"best": best})
+        barrier(env)
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold a Ctrl-C (SIGINT) that arrives during the block and raise it after, so that a
+    checkpoint and its training state are written as a pair (a kill still interrupts;
+    atomic writes leave the previous pair intact then). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def amp_autocast(amp: bool):
