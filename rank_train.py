@@ -38,6 +38,17 @@ Each epoch: validation accuracy (the published 0.652 metric), ROC-AUC and log lo
 ``last.ckpt`` in the released ranker format (loadable by rank_eval.py /
 models.checkpoint.load_ranker; a ``.arch.json`` sidecar for non-default variants),
 ``train_state.pt`` (--resume), ``metrics.csv``, ``config.json``.
+
+Validation images (and training images with --cache-embeddings) go through the frozen
+recall tower once, on the --backend engine (auto: ONNX Runtime on a CPU, exported once
+per recall model and checked against torch).
+
+Before any work: CSVs (readable, UTF-8, not empty; NaN/inf CTRs refused with file and
+line), image directories, --init, --arch, POI tables and bert files are checked and
+--out-dir must be writable: a bad one is one line naming it, exit status 2. --out-dir is
+locked for the run; temporary files of a killed save are removed when a run starts. A
+NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C: one line, exit 130;
+the last saved state resumes with --resume.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,19 +68,22 @@ from torch.utils.data import DataLoader, Dataset
 from models.align import AlignArch, AlignModel, load_tokenizer
 from models.checkpoint import (load_align_model, load_ranker, read_checkpoint,
                                save_ranker_checkpoint)
-from utils.hashing import model_hash
+from models.factory import RecallModel, wrap_align
 from models.ranker import SiameseRanker
-from utils.data import DataError, RankRow, index_images, iter_rank_csv
-from utils.cli import DEVICE_CHOICES
-from utils.embed import encode_images, encode_texts
+from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file,
+                       non_negative_int, output_dir, positive_int)
+from utils.data import DataError, RankRow, check_finite, index_images, iter_rank_csv
+from utils.hashing import model_hash
 from utils.images import PREPROCESS_MODES, load_image
-from utils.poi import load_poi_tables, pois_text, PoiTables
 from utils.metrics import pairwise_metrics
+from utils.onnx_backend import BACKENDS
+from utils.poi import PoiTables, load_poi_tables, pois_text
 from utils.train import (ResumableSampler, all_mean, amp_autocast, augment_pil, barrier,
-                         build_optimizer, build_scheduler, check_global_batch, configure_logging,
-                         loader_generator, open_run, optimizer_step, progress, restore_state,
-                         save_checkpoint_and_state, seed_everything, setup_distributed,
-                         start_run, teardown_distributed, wrap_ddp)
+                         build_optimizer, build_scheduler, check_finite_loss, check_global_batch,
+                         check_text_file, loader_generator, open_run, optimizer_step, progress,
+                         read_json_file, restore_state, run_lock, save_checkpoint_and_state,
+                         seed_everything, setup_distributed, setup_rank_logging, start_run,
+                         teardown_distributed, wrap_ddp)
 
 log = logging.getLogger("rank_train")
 
@@ -82,10 +97,17 @@ VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
+def _non_negative(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rank_train.py", description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -45 rank_train.py) for formats and outputs.",
+        epilog="Formats, outputs and behaviour on errors: the docstring at the top of rank_train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-csv", required=True, help="$record$ training pairs")
@@ -107,29 +129,69 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bert-dir", required=True, help="directory with config.json and vocab.txt")
     g.add_argument("--init", help="recall checkpoint (new ranker head) or ranker checkpoint")
     g.add_argument("--arch", help="architecture JSON for a non-default recall variant")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image engine of the frozen recall tower for the images encoded once "
+                   "(validation images, and training images with --cache-embeddings): auto = "
+                   "ONNX Runtime on a CPU when installed and it agrees with torch (exported once "
+                   "per recall model, cached), else torch. Augmented training images go "
+                   "through torch inside the training step")
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", choices=("bce", "margin"), default="bce")
-    g.add_argument("--margin", type=float, default=0.5, help="margin of --loss margin")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch of pairs")
+    g.add_argument("--margin", type=finite_float, default=0.5, help="margin of --loss margin")
+    g.add_argument("--epochs", type=positive_int, default=10)
+    g.add_argument("--batch-size", type=positive_int, default=16, help="GLOBAL batch of pairs")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--lr", type=_non_negative, default=1e-3)
+    g.add_argument("--weight-decay", type=_non_negative, default=0.0)
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0)
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--clip-grad", type=_non_negative, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", required=True)
+    g.add_argument("--out-dir", required=True, help="checkpoints, training state, metrics "
+                   "(locked for the run: a second run into it stops)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    g.add_argument("--save-every", type=int, default=0, help="also save every N steps")
-    g.add_argument("--stop-after-step", type=int, default=0, help="save and stop after this step")
-    g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    g.add_argument("--verbose", action="store_true")
+    g.add_argument("--save-every", type=non_negative_int, default=0, help="also save every N steps")
+    g.add_argument("--stop-after-step", type=non_negative_int, default=0,
+                   help="save and stop after this step")
+    g.add_argument("--eval-batch-size", type=positive_int, default=32)
+    g.add_argument("--num-workers", "--workers", dest="num_workers", type=non_negative_int,
+                   default=2, help="DataLoader worker processes")
+    add_common_args(g)
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.augment and args.cache_embeddings:
+        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, "
+                "so their vectors cannot be cached")
+    return args
+
+
+def check_paths(args) -> AlignArch | None:
+    """Every input readable and the output directory writable, before any work; returns
+    the --arch architecture (None without --arch)."""
+    check_text_file(args.train_csv, "--train-csv")
+    check_text_file(args.val_csv, "--val-csv")
+    input_dir(args.image_dir, "--image-dir")
+    if args.val_image_dir:
+        input_dir(args.val_image_dir, "--val-image-dir")
+    input_dir(args.bert_dir, "--bert-dir")
+    for name in ("config.json", "vocab.txt"):
+        input_file(Path(args.bert_dir) / name, "--bert-dir")
+    for opt in ("init", "poi_pic_num", "poi_image_vectors", "poi_name_vectors"):
+        if getattr(args, opt):
+            input_file(getattr(args, opt), "--" + opt.replace("_", "-"))
+    output_dir(args.out_dir, "--out-dir")
+    if not args.arch:
+        return None
+    try:
+        return AlignArch.from_dict(read_json_file(args.arch, "--arch"))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"--arch {args.arch}: not an architecture ({e})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -144,20 +206,38 @@ class PairRecord:
 
 
 def read_pairs(csv_path: str, image_dir: str) -> list[tuple[RankRow, str, str]]:
+    """(row, image a, image b) of every record whose two images exist; CTRs must be
+    finite (a NaN would decide the label silently)."""
     images = index_images(image_dir)
-    out, missing = [], []
+    out, missing, n = [], [], 0
     for row in iter_rank_csv(csv_path):
+        n += 1
+        check_finite(row.ctr_a, f"{csv_path}:{row.line}: ctr_a")
+        check_finite(row.ctr_b, f"{csv_path}:{row.line}: ctr_b")
         a, b = images.get(row.key_a), images.get(row.key_b)
         if a is None or b is None:
             missing.append(f"{csv_path}:{row.line}: {row.key_a if a is None else row.key_b}.*")
             continue
         out.append((row, str(a), str(b)))
+    if not n:
+        raise DataError(f"{csv_path}: no records")
     if missing:
         log.warning("%s: %d pairs skipped, image file absent (first: %s)", csv_path, len(missing),
                     "; ".join(missing[:3]))
     if not out:
         raise DataError(f"{csv_path}: no pair has both images in {image_dir}")
     return out
+
+
+def read_data(args, world_size: int):
+    """Training and validation (row, image a, image b); a training set too small for one
+    batch is refused."""
+    train_rows = read_pairs(args.train_csv, args.image_dir)
+    val_rows = read_pairs(args.val_csv, args.val_image_dir or args.image_dir)
+    if len(train_rows) // world_size < args.batch_size // world_size:
+        raise DataError(f"{args.train_csv}: {len(train_rows)} training pairs cannot fill a batch "
+                        f"of {args.batch_size}")
+    return train_rows, val_rows
 
 
 def load_tables(args, dim: int) -> PoiTables:
@@ -242,24 +322,84 @@ def pair_loss(s_a, s_b, label, kind: str, margin: float) -> torch.Tensor:
     return F.margin_ranking_loss(s_a, s_b, label * 2 - 1, margin=margin)
 
 
-def build_ranker(args) -> SiameseRanker:
+def build_ranker(args, arch: AlignArch | None) -> SiameseRanker:
+    """A new ranker head around --init's recall model, or --init's whole ranker."""
     if not args.init:
-        arch = AlignArch.from_json(args.arch) if args.arch else AlignArch()
         log.warning("no --init: the frozen recall model is RANDOM (speed tests only)")
-        return SiameseRanker(AlignModel.from_bert_dir(args.bert_dir, arch))
+        return SiameseRanker(AlignModel.from_bert_dir(args.bert_dir, arch or AlignArch()))
     sd, _ = read_checkpoint(args.init)
     if any(k.startswith("align_model.") for k in sd):
         del sd
         log.info("initialised from ranker checkpoint %s (head and recall model)", args.init)
-        return load_ranker(args.init, args.bert_dir, arch=args.arch)
+        return load_ranker(args.init, args.bert_dir, arch=arch)
     del sd
     log.info("recall model from %s; new ranker head", args.init)
-    return SiameseRanker(load_align_model(args.init, args.bert_dir, arch=args.arch))
+    return SiameseRanker(load_align_model(args.init, args.bert_dir, arch=arch))
 
 
-def contiguous(ranker: SiameseRanker) -> None:
+def load_model(args, arch, out: Path, state: dict | None, device) -> SiameseRanker:
+    """The ranker of the saved state (--resume), else ``build_ranker``; on ``device``,
+    its recall model frozen in eval mode."""
+    if state is not None:
+        ranker = load_ranker(out / LAST_FILE, args.bert_dir)
+        if model_hash(ranker) != state["model_hash"]:
+            raise DataError(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
+                            f"(step {state['step']}): restart without --resume")
+        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
+                 state["batch_in_epoch"])
+    else:
+        ranker = build_ranker(args, arch)
+    ranker.to(device)
+    for p in ranker.align_model.parameters():
+        p.requires_grad_(False)
+    ranker.align_model.eval()
+    return ranker
+
+
+# ---------------------------------------------------------------------------
+# frozen recall tower: texts and (un-augmented) images encoded once
+# ---------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    text_table: torch.Tensor        # pois_feature vectors (device)
+    text_index: dict                # pois string -> row
+    val_table: torch.Tensor         # validation image vectors (device)
+    val_index: dict                 # path -> row
+    train_table: torch.Tensor | None   # --cache-embeddings
+    train_index: dict | None
+
+
+def encode_once(rm: RecallModel, train_rows, val_rows, args, env) -> Encoded:
+    """pois_feature per distinct string; validation images, and with --cache-embeddings
+    the training images, through the frozen tower on the chosen engine (--backend)."""
+    device = env.device
+    texts = list(dict.fromkeys(pois_text(r.title, r.poi_names) for r, _, _ in train_rows + val_rows))
+    text_table = rm.encode_texts(texts, batch_size=args.eval_batch_size).to(device)
+    log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train_rows),
+             len(val_rows), len(texts))
+    val_paths = list(dict.fromkeys(p for _, a, b in val_rows for p in (a, b)))
+    train_paths = list(dict.fromkeys(p for _, a, b in train_rows for p in (a, b))) \
+        if args.cache_embeddings else []
+    if env.distributed and env.is_main:
+        rm.image_encoder()  # rank 0 exports (if need be) before the others load the export
+    barrier(env)
+    vecs, ok = rm.encode_images(val_paths + train_paths, batch_size=args.eval_batch_size,
+                                mode=args.preprocess, num_workers=args.num_workers,
+                                progress=env.is_main and not args.no_progress,
+                                desc="frozen image tower")
+    contiguous(rm.model)
+    if not ok.all():
+        log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))
+    vecs = vecs.to(device)
+    return Encoded(text_table, {t: i for i, t in enumerate(texts)},
+                   vecs[:len(val_paths)], {p: i for i, p in enumerate(val_paths)},
+                   vecs[len(val_paths):] if args.cache_embeddings else None,
+                   {p: i for i, p in enumerate(train_paths)} if args.cache_embeddings else None)
+
+
+def contiguous(align: AlignModel) -> None:
     """Undo the channels_last layout utils.embed.encode_images leaves behind."""
-    ranker.align_model.image_model.to(memory_format=torch.contiguous_format)
+    align.image_model.to(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------
@@ -283,86 +423,61 @@ def validate(scorer: PairScorer, dataset: PairDataset, labels: np.ndarray, batch
 
 
 # ---------------------------------------------------------------------------
-# main
+# training loop
 # ---------------------------------------------------------------------------
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.augment and args.cache_embeddings:
-        raise SystemExit("--cache-embeddings needs --no-augment: augmented images differ every "
-                         "epoch, so their vectors cannot be cached")
-    env = setup_distributed(args.device)
-    try:
-        return run(args, env)
-    finally:
-        teardown_distributed()
+@dataclass
+class Run:
+    """What the loop works with."""
+    args: argparse.Namespace
+    env: object
+    out: Path
+    ranker: SiameseRanker
+    model: nn.Module            # the training PairScorer, in DDP under torchrun
+    train_set: PairDataset
+    sampler: ResumableSampler
+    loader: DataLoader
+    local_bs: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    trainable: list
+    val_scorer: PairScorer
+    val_set: PairDataset
+    val_labels: np.ndarray
+    config: dict
+    metrics: object = None
+    step: int = 0
+    best: float = -1.0
+
+    def save(self, epoch: int, batch_in_epoch: int) -> None:
+        """last.ckpt + train_state.pt (resumes at batch ``batch_in_epoch`` of ``epoch``)."""
+        save_checkpoint_and_state(self.ranker, save_ranker_checkpoint, self.out, self.env,
+                                  model_file=LAST_FILE, state_file=STATE_FILE,
+                                  optimizer=self.optimizer, scheduler=self.scheduler,
+                                  scaler=self.scaler, step=self.step, epoch=epoch,
+                                  batch_in_epoch=batch_in_epoch, metrics=self.metrics,
+                                  config=self.config, best=self.best)
 
 
-def run(args, env) -> int:
-    configure_logging(env, args.verbose)
+def make_run(args, env, out, config, ranker, tables, enc: Encoded, train_rows, val_rows) -> Run:
+    """Datasets, loader, DDP wrapper, optimizer and schedule."""
     device = env.device
-    check_global_batch(args.batch_size, env)
-    out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
-    amp = device.type == "cuda" and not args.no_amp
-    seed_everything(args.seed)
-
-    train_rows = read_pairs(args.train_csv, args.image_dir)
-    val_rows = read_pairs(args.val_csv, args.val_image_dir or args.image_dir)
-    local_bs = args.batch_size // env.world_size
-    if len(train_rows) // env.world_size < local_bs:
-        raise SystemExit(f"{len(train_rows)} training pairs cannot fill a batch of {args.batch_size}")
-
-    if state is not None:
-        ranker = load_ranker(out / LAST_FILE, args.bert_dir)
-        if model_hash(ranker) != state["model_hash"]:
-            raise SystemExit(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
-                             f"(step {state['step']}): restart without --resume")
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
-                 state["batch_in_epoch"])
-    else:
-        ranker = build_ranker(args)
-    ranker.to(device)
-    align = ranker.align_model
-    for p in align.parameters():
-        p.requires_grad_(False)
-    align.eval()
-    tables = load_tables(args, align.arch.embed_dim)
-
-    # pois_feature: one text-tower vector per distinct string, computed once
-    texts = list(dict.fromkeys(pois_text(r.title, r.poi_names) for r, _, _ in train_rows + val_rows))
-    text_table = encode_texts(align, load_tokenizer(args.bert_dir), texts,
-                              batch_size=args.eval_batch_size, device=device).to(device)
-    text_index = {t: i for i, t in enumerate(texts)}
-    log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train_rows),
-             len(val_rows), len(texts))
 
     def records(rows):
-        return [PairRecord(r, a, b, text_index[pois_text(r.title, r.poi_names)]) for r, a, b in rows]
+        return [PairRecord(r, a, b, enc.text_index[pois_text(r.title, r.poi_names)])
+                for r, a, b in rows]
 
-    # frozen tower, no augmentation: validation images once; training images with --cache
-    val_paths = list(dict.fromkeys(p for _, a, b in val_rows for p in (a, b)))
-    train_paths = list(dict.fromkeys(p for _, a, b in train_rows for p in (a, b))) \
-        if args.cache_embeddings else []
-    vecs, ok = encode_images(align, val_paths + train_paths, batch_size=args.eval_batch_size,
-                             device=device, mode=args.preprocess, num_workers=args.workers,
-                             progress=env.is_main, desc="frozen image tower")
-    contiguous(ranker)
-    if not ok.all():
-        log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))
-    vecs = vecs.to(device)
-    val_table, train_table = vecs[:len(val_paths)], vecs[len(val_paths):]
-    val_set = PairDataset(records(val_rows), tables, args.preprocess, False, args.seed,
-                          {p: i for i, p in enumerate(val_paths)})
+    val_set = PairDataset(records(val_rows), tables, args.preprocess, False, args.seed, enc.val_index)
     val_labels = np.array([r.label for r, _, _ in val_rows])
     train_set = PairDataset(records(train_rows), tables, args.preprocess, args.augment, args.seed,
-                            {p: i for i, p in enumerate(train_paths)} if args.cache_embeddings else None)
-
-    scorer = PairScorer(ranker, text_table, train_table if args.cache_embeddings else None)
-    val_scorer = PairScorer(ranker, text_table, val_table)
-    model = wrap_ddp(scorer, env)
-
+                            enc.train_index)
+    scorer = PairScorer(ranker, enc.text_table, enc.train_table)
+    val_scorer = PairScorer(ranker, enc.text_table, enc.val_table)
+    local_bs = args.batch_size // env.world_size
     sampler = ResumableSampler(train_set, env, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                        num_workers=0 if args.cache_embeddings else args.workers,
+                        num_workers=0 if args.cache_embeddings else args.num_workers,
                         generator=loader_generator(args.seed), pin_memory=device.type == "cuda")
     steps_per_epoch = sampler.num_samples // local_bs
     total_steps = steps_per_epoch * args.epochs
@@ -371,6 +486,7 @@ def run(args, env) -> int:
                                 args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps,
                                 args.schedule)
+    amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda") if amp else None
     trainable = [p for p in ranker.parameters() if p.requires_grad]
     log.info("%d trainable values; %d steps per epoch x %d epochs; global batch %d on %d "
@@ -378,72 +494,116 @@ def run(args, env) -> int:
              sum(p.numel() for p in trainable), steps_per_epoch, args.epochs, args.batch_size,
              env.world_size, args.loss, "on" if args.augment else "off",
              "cached" if args.cache_embeddings else "encoded each step", device)
+    return Run(args, env, out, ranker, wrap_ddp(scorer, env), train_set, sampler, loader, local_bs,
+               steps_per_epoch, optimizer, scheduler, scaler, trainable, val_scorer, val_set,
+               val_labels, config)
 
-    fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "seconds", *VAL_FIELDS]
-    step, start_epoch, start_batch, best = restore_state(state, optimizer, scheduler, scaler, env)
-    metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        save_checkpoint_and_state(ranker, save_ranker_checkpoint, out, env, model_file=LAST_FILE,
-                                  state_file=STATE_FILE, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, step=step, epoch=epoch,
-                                  batch_in_epoch=batch_in_epoch, metrics=metrics, config=config,
-                                  best=best)
+def train_step(r: Run, batch, autocast) -> tuple[float, float, float]:
+    """One optimizer step: (lr, loss, grad norm)."""
+    args, env = r.args, r.env
+    lr = r.optimizer.param_groups[0]["lr"]
+    a, b, poi_img, poi_txt, poi_len, text_idx, label = (
+        t.to(env.device, non_blocking=True) for t in batch)
+    with autocast():
+        s_a, s_b = r.model(a, b, poi_img, poi_txt, poi_len, text_idx)
+        loss = pair_loss(s_a.float(), s_b.float(), label, args.loss, args.margin)
+    (r.scaler.scale(loss) if r.scaler else loss).backward()
+    loss_val = check_finite_loss(all_mean(float(loss.detach()), env), r.step + 1,
+                                 "; try a lower --lr or --clip-grad, then --resume")
+    gnorm = optimizer_step(r.optimizer, r.scheduler, r.scaler, r.trainable, args.clip_grad)
+    r.step += 1
+    return lr, loss_val, float(gnorm)
 
-    autocast = amp_autocast(amp)
-    stopped = False
-    t_start = time.perf_counter()
+
+def validate_epoch(r: Run, epoch: int) -> None:
+    """Validation accuracy, AUC, log loss (rank 0); best.ckpt when the accuracy improves."""
+    res = validate(r.val_scorer, r.val_set, r.val_labels, r.args.eval_batch_size, r.env.device)
+    r.metrics.write(step=r.step, epoch=epoch + 1, split="val", **{k: res[k] for k in VAL_FIELDS})
+    log.info("epoch %d (step %d): val accuracy %.4f (constant guess %.4f), AUC %s, "
+             "log loss %.4f", epoch + 1, r.step, res["accuracy"], res["baseline"],
+             "n/a" if res["auc"] is None else f"{res['auc']:.4f}", res["log_loss"])
+    if res["accuracy"] > r.best:
+        r.best = res["accuracy"]
+        save_ranker_checkpoint(r.ranker, r.out / BEST_FILE)
+        log.info("new best val accuracy %.4f -> %s", r.best, r.out / BEST_FILE)
+
+
+def train_loop(r: Run, start_epoch: int, start_batch: int) -> bool:
+    """Epochs from (start_epoch, start_batch) on; saves as asked; True when
+    --stop-after-step stopped it."""
+    args, env = r.args, r.env
+    autocast = amp_autocast(r.scaler is not None)
     for epoch in range(start_epoch, args.epochs):
         first = start_batch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch)
-        sampler.set_start(first * local_bs)
-        train_set.set_epoch(epoch)
-        model.train()
-        it = iter(loader)
-        bar = progress(total=steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}")
-        for batch_in_epoch in range(first + 1, steps_per_epoch + 1):
+        r.sampler.set_epoch(epoch)
+        r.sampler.set_start(first * r.local_bs)
+        r.train_set.set_epoch(epoch)
+        r.model.train()
+        it = iter(r.loader)
+        bar = progress(total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}",
+                       enabled=not args.no_progress)
+        for batch_in_epoch in range(first + 1, r.steps_per_epoch + 1):
             t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            a, b, poi_img, poi_txt, poi_len, text_idx, label = (
-                t.to(device, non_blocking=True) for t in next(it))
-            with autocast():
-                s_a, s_b = model(a, b, poi_img, poi_txt, poi_len, text_idx)
-                loss = pair_loss(s_a.float(), s_b.float(), label, args.loss, args.margin)
-            (scaler.scale(loss) if scaler else loss).backward()
-            gnorm = optimizer_step(optimizer, scheduler, scaler, trainable, args.clip_grad)
-            step += 1
-            loss_val = all_mean(float(loss.detach()), env)
-            metrics.write(step=step, epoch=epoch + 1, split="train", loss=loss_val, lr=lr,
-                          grad_norm=float(gnorm), seconds=time.perf_counter() - t0)
+            lr, loss, gnorm = train_step(r, next(it), autocast)
+            r.metrics.write(step=r.step, epoch=epoch + 1, split="train", loss=loss, lr=lr,
+                            grad_norm=gnorm, seconds=time.perf_counter() - t0)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.4f}")
-            if batch_in_epoch < steps_per_epoch and (
-                    (args.save_every and step % args.save_every == 0) or step == args.stop_after_step):
-                save(epoch, batch_in_epoch)
-            if step == args.stop_after_step and batch_in_epoch < steps_per_epoch:
-                stopped = True
-                break
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if batch_in_epoch < r.steps_per_epoch:
+                if (args.save_every and r.step % args.save_every == 0) or r.step == args.stop_after_step:
+                    r.save(epoch, batch_in_epoch)
+                if r.step == args.stop_after_step:
+                    bar.close()
+                    return True
         bar.close()
-        if stopped:
-            break
         if env.is_main:
-            res = validate(val_scorer, val_set, val_labels, args.eval_batch_size, device)
-            metrics.write(step=step, epoch=epoch + 1, split="val", **{k: res[k] for k in VAL_FIELDS})
-            log.info("epoch %d (step %d): val accuracy %.4f (constant guess %.4f), AUC %s, "
-                     "log loss %.4f", epoch + 1, step, res["accuracy"], res["baseline"],
-                     "n/a" if res["auc"] is None else f"{res['auc']:.4f}", res["log_loss"])
-            if res["accuracy"] > best:
-                best = res["accuracy"]
-                save_ranker_checkpoint(ranker, out / BEST_FILE)
-                log.info("new best val accuracy %.4f -> %s", best, out / BEST_FILE)
+            validate_epoch(r, epoch)
         barrier(env)
-        save(epoch + 1, 0)
-        if step == args.stop_after_step:
-            stopped = True
-            break
-    if env.is_main:
-        log.info("%s after %d steps in %.1f s; best val accuracy %.4f; checkpoints in %s",
-                 "stopped" if stopped else "done", step, time.perf_counter() - t_start, best, out)
+        r.save(epoch + 1, 0)
+        if r.step == args.stop_after_step:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# main: parse -> check -> data -> model -> encode -> loop -> save
+# ---------------------------------------------------------------------------
+def run_training(args, env, arch, train_rows, val_rows) -> None:
+    """Everything that writes into --out-dir, under its lock."""
+    with run_lock(args.out_dir, env):
+        out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
+        seed_everything(args.seed)
+        ranker = load_model(args, arch, out, state, env.device)
+        tables = load_tables(args, ranker.align_model.arch.embed_dim)
+        rm = wrap_align(ranker.align_model, load_tokenizer(args.bert_dir), device=env.device,
+                        backend=args.backend)
+        enc = encode_once(rm, train_rows, val_rows, args, env)
+        r = make_run(args, env, out, config, ranker, tables, enc, train_rows, val_rows)
+        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "seconds", *VAL_FIELDS]
+        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler,
+                                                                 r.scaler, env)
+        r.metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
+        t_start = time.perf_counter()
+        stopped = train_loop(r, start_epoch, start_batch)
+        if env.is_main:
+            log.info("%s after %d steps in %.1f s; best val accuracy %.4f; checkpoints in %s",
+                     "stopped" if stopped else "done", r.step, time.perf_counter() - t_start,
+                     r.best, out)
+
+
+@entry_point
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    arch = check_paths(args)
+    env = setup_distributed(args.device)
+    try:
+        setup_rank_logging(args.log_level, env)
+        check_global_batch(args.batch_size, env)
+        train_rows, val_rows = read_data(args, env.world_size)
+        run_training(args, env, arch, train_rows, val_rows)
+    finally:
+        teardown_distributed()
     return 0
 
 

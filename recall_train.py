@@ -37,6 +37,17 @@ recall_infer.py / models.checkpoint.load_align_model; best by held-out recall@--
 ``train_state.pt`` (optimizer, scheduler, scaler, step, RNG states; --resume continues
 from it exactly), ``metrics.csv`` (one row per optimizer step, one per evaluation),
 ``config.json``.
+
+Held-out evaluation and --cache-embeddings encode through models.factory.wrap_align on
+the --backend engine: auto puts a frozen image tower (--freeze image) on ONNX Runtime
+(exported once, checked against torch) and keeps a training image tower on torch.
+
+Before any work: every input is checked (CSV readable, UTF-8, not empty; directories;
+--init; --arch JSON; bert files) and --out-dir writable; a bad one is one line naming
+it, exit status 2. --out-dir is locked for the run (a second run into it stops with
+"another run holds DIR/.lock (pid N)"); temporary files of a killed save are removed
+when a run starts. A NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C:
+one line, exit status 130; the last saved state resumes with --resume.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ import csv
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +68,22 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
-from utils.embed import tokenize
 from models.checkpoint import load_align_model, save_align_checkpoint
-from utils.hashing import model_hash
+from models.factory import RecallModel, wrap_align
+from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file,
+                       non_negative_int, output_dir, positive_int)
 from utils.data import DataError, index_images, iter_recall_csv
-from utils.cli import DEVICE_CHOICES
-from utils.embed import encode_images, encode_texts
+from utils.embed import tokenize
+from utils.hashing import model_hash, state_dict_hash
 from utils.images import PREPROCESS_MODES, load_image
 from utils.metrics import recall_at_k
+from utils.onnx_backend import BACKENDS
 from utils.train import (ResumableSampler, all_mean, amp_autocast, barrier, build_optimizer,
-                         build_scheduler, check_global_batch, configure_logging, gather_with_grad,
-                         loader_generator, open_run, optimizer_step, progress, restore_state,
-                         save_checkpoint_and_state, seed_everything, setup_distributed,
-                         start_run, teardown_distributed, wrap_ddp)
+                         build_scheduler, check_finite_loss, check_global_batch, check_text_file,
+                         gather_with_grad, loader_generator, open_run, optimizer_step, progress,
+                         read_json_file, restore_state, run_lock, save_checkpoint_and_state,
+                         seed_everything, setup_distributed, setup_rank_logging, start_run,
+                         teardown_distributed, wrap_ddp)
 
 log = logging.getLogger("recall_train")
 
@@ -77,6 +92,7 @@ STATE_FILE, LAST_FILE, BEST_FILE, METRICS_FILE = "train_state.pt", "last.pth", "
 RESUME_KEYS = ("csv", "init", "logit_scale", "batch_size", "accum_steps", "epochs", "lr", "weight_decay", "warmup_steps",
                "schedule", "seed", "val_fraction", "val_owners", "freeze", "bn_eval",
                "cache_embeddings", "clip_grad")
+IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
 # ---------------------------------------------------------------------------
@@ -92,19 +108,33 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _fraction(text: str) -> float:
+    v = finite_float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recall_train.py", description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -50 recall_train.py) for formats and outputs.",
+        epilog="Formats, outputs and behaviour on errors: the docstring at the top of recall_train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with "
                    "a text,image header")
     g.add_argument("--image-dir", help="image directory (recall format: required; plain format: "
                    "base of relative paths, default the CSV's directory)")
-    g.add_argument("--val-fraction", type=float, default=0.1,
+    g.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of owners (POIs) held out for evaluation")
-    g.add_argument("--val-owners", type=int, default=None,
+    g.add_argument("--val-owners", type=non_negative_int, default=None,
                    help="number of owners held out (overrides --val-fraction; 0: no evaluation)")
     g.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
                    help="image preprocessing (utils.images)")
@@ -115,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "align_model.pth); default: random initialisation (from scratch)")
     g.add_argument("--arch", help="architecture JSON (models.align.AlignArch) for a "
                    "non-default variant; a checkpoint's own record is used otherwise")
-    g.add_argument("--logit-scale", type=float, default=None,
+    g.add_argument("--logit-scale", type=finite_float, default=None,
                    help="initial logit_scale when training from scratch (the architecture's "
                    "default is 1.0; a plain multiplier of cosine similarities in [-1, 1], so "
                    "from scratch 10 or more lets the loss go down)")
@@ -125,37 +155,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image tower BatchNorm uses running statistics while training")
     g.add_argument("--cache-embeddings", action="store_true",
                    help="with --freeze image: encode each image once and reuse the vectors")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image engine of the held-out evaluation and --cache-embeddings: auto = "
+                   "ONNX Runtime on a CPU for a frozen image tower (--freeze image: exported "
+                   "once, checked against torch), torch for an image tower that trains (its "
+                   "weights change every epoch, so an export per evaluation rarely pays); onnx "
+                   "= ONNX Runtime even then (a throw-away export + check per evaluation)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--batch-size", type=int, default=32,
+    g.add_argument("--epochs", type=positive_int, default=5)
+    g.add_argument("--batch-size", type=positive_int, default=32,
                    help="GLOBAL micro-batch (the in-batch negatives), split over processes")
-    g.add_argument("--accum-steps", type=int, default=1,
+    g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="micro-batches accumulated per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-steps", type=int, default=100)
+    g.add_argument("--lr", type=_non_negative, default=5e-5)
+    g.add_argument("--weight-decay", type=_non_negative, default=0.01)
+    g.add_argument("--warmup-steps", type=non_negative_int, default=100)
     g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="LR after warm-up")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--clip-grad", type=_non_negative, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", required=True, help="checkpoints, training state, metrics")
+    g.add_argument("--out-dir", required=True, help="checkpoints, training state, metrics "
+                   "(locked for the run: a second run into it stops)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its train_state.pt")
-    g.add_argument("--save-every", type=int, default=0,
+    g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="also save checkpoint + state every N optimizer steps (0: per epoch)")
-    g.add_argument("--stop-after-step", type=int, default=0,
+    g.add_argument("--stop-after-step", type=non_negative_int, default=0,
                    help="save and stop after this optimizer step (0: run all epochs)")
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K")
-    g.add_argument("--eval-every", type=int, default=1,
+    g.add_argument("--eval-every", type=positive_int, default=1,
                    help="evaluate every N epochs (and after the last)")
-    g.add_argument("--select-k", type=int, default=5, help="best.pth maximises held-out recall@K")
-    g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    g.add_argument("--verbose", action="store_true")
+    g.add_argument("--select-k", type=positive_int, default=5,
+                   help="best.pth maximises held-out recall@K")
+    g.add_argument("--eval-batch-size", type=positive_int, default=32)
+    g.add_argument("--num-workers", "--workers", dest="num_workers", type=non_negative_int,
+                   default=2, help="DataLoader worker processes")
+    add_common_args(g)
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.cache_embeddings and args.freeze != "image":
+        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that "
+                "trains would be stale)")
+    if args.init and args.logit_scale is not None:
+        p.error("--logit-scale sets the initial value of a model trained from scratch; with "
+                "--init the checkpoint's value is used")
+    if args.select_k not in args.recall_k:
+        args.recall_k = sorted(set(args.recall_k) | {args.select_k})
+    return args
+
+
+def check_paths(args) -> AlignArch | None:
+    """Every input readable and the output directory writable, before any work; returns
+    the --arch architecture (None without --arch)."""
+    check_text_file(args.csv, "--csv")
+    if args.image_dir:
+        input_dir(args.image_dir, "--image-dir")
+    input_dir(args.bert_dir, "--bert-dir")
+    for name in ("config.json", "vocab.txt"):
+        input_file(Path(args.bert_dir) / name, "--bert-dir")
+    if args.init:
+        input_file(args.init, "--init")
+    output_dir(args.out_dir, "--out-dir")
+    if not args.arch:
+        return None
+    try:
+        return AlignArch.from_dict(read_json_file(args.arch, "--arch"))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"--arch {args.arch}: not an architecture ({e})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -184,27 +256,34 @@ def read_pairs(csv_path: str, image_dir: str | None) -> list[Pair]:
     if not os.path.isfile(csv_path):
         raise DataError(f"{csv_path}: no such file")
     pairs, missing = [], []
-    if _is_plain(csv_path):
+    try:
+        plain = _is_plain(csv_path)
+    except csv.Error as e:
+        raise DataError(f"{csv_path}: unreadable CSV ({e})") from None
+    if plain:
         base = Path(image_dir) if image_dir else Path(csv_path).resolve().parent
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             reader.fieldnames = [x.strip().lower() for x in reader.fieldnames]
-            for row in reader:
-                line = reader.line_num
-                text, image = (row.get("text") or "").strip(), (row.get("image") or "").strip()
-                if not text and not image:
-                    continue
-                if not text or not image:
-                    raise DataError(f"{csv_path}:{line}: empty text or image")
-                path = Path(image) if os.path.isabs(image) else base / image
-                if not path.is_file():
-                    missing.append(f"{csv_path}:{line}: {path}")
-                    continue
-                pairs.append(Pair(text, str(path), (row.get("owner") or "").strip() or text, line))
+            try:
+                for row in reader:
+                    line = reader.line_num
+                    text, image = (row.get("text") or "").strip(), (row.get("image") or "").strip()
+                    if not text and not image:
+                        continue
+                    if not text or not image:
+                        raise DataError(f"{csv_path}:{line}: empty text or image")
+                    path = Path(image) if os.path.isabs(image) else base / image
+                    if not path.is_file():
+                        missing.append(f"{csv_path}:{line}: {path}")
+                        continue
+                    pairs.append(Pair(text, str(path), (row.get("owner") or "").strip() or text, line))
+            except csv.Error as e:
+                raise DataError(f"{csv_path}:{reader.line_num}: unreadable CSV ({e})") from None
     else:
         if not image_dir:
-            raise SystemExit(f"{csv_path}: recall-format CSV: --image-dir (the folder of "
-                             f"<poi_id>_<rank>.<ext> files) is required")
+            raise DataError(f"{csv_path}: recall-format CSV: --image-dir (the folder of "
+                            f"<poi_id>_<rank>.<ext> files) is required")
         images = index_images(image_dir)
         for row in iter_recall_csv(csv_path):
             if not row.poi_name.strip():
@@ -227,10 +306,23 @@ def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None,
     owners = sorted({p.owner for p in pairs})
     n_val = val_owners if val_owners is not None else int(round(val_fraction * len(owners)))
     if not 0 <= n_val < len(owners):
-        raise SystemExit(f"cannot hold out {n_val} of {len(owners)} owners")
+        raise DataError(f"cannot hold out {n_val} of the {len(owners)} owners (--val-owners / "
+                        f"--val-fraction)")
     rng = np.random.default_rng(seed)
     held = {owners[i] for i in rng.permutation(len(owners))[:n_val]}
     return [p for p in pairs if p.owner not in held], [p for p in pairs if p.owner in held]
+
+
+def read_data(args, world_size: int) -> tuple[list[Pair], list[Pair]]:
+    """Training and held-out pairs; a training set too small for one step is refused."""
+    pairs = read_pairs(args.csv, args.image_dir)
+    train, val = split_owners(pairs, args.val_fraction, args.val_owners, args.seed)
+    log.info("%d pairs (%d owners): %d for training, %d held out (%d owners)", len(pairs),
+             len({p.owner for p in pairs}), len(train), len(val), len({p.owner for p in val}))
+    if len(train) // world_size < args.batch_size // world_size * args.accum_steps:
+        raise DataError(f"{args.csv}: {len(train)} training pairs cannot fill one step of "
+                        f"{args.batch_size} x {args.accum_steps} pairs")
+    return train, val
 
 
 class PairDataset(Dataset):
@@ -313,22 +405,38 @@ def set_trainable(align: AlignModel, freeze: str) -> None:
             p.requires_grad_(False)
 
 
-def build_model(args, bert_dir: str) -> AlignModel:
+def build_model(args, arch: AlignArch | None) -> AlignModel:
+    """--init's weights, or a random model (from scratch)."""
     if args.init:
-        if args.logit_scale is not None:
-            raise SystemExit("--logit-scale sets the initial value of a model trained from "
-                             "scratch; with --init the checkpoint's value is used")
-        model = load_align_model(args.init, bert_dir, arch=args.arch)
+        model = load_align_model(args.init, args.bert_dir, arch=arch)
         log.info("initialised from %s", args.init)
-    else:
-        arch = AlignArch.from_json(args.arch) if args.arch else AlignArch()
-        model = AlignModel.from_bert_dir(bert_dir, arch)
-        if args.logit_scale is not None:
-            with torch.no_grad():
-                model.logit_scale.fill_(args.logit_scale)
-        log.info("random initialisation (from scratch), arch %s, logit_scale %.3g", arch.to_dict(),
-                 float(model.logit_scale.detach()))
+        return model
+    arch = arch or AlignArch()
+    model = AlignModel.from_bert_dir(args.bert_dir, arch)
+    if args.logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(args.logit_scale)
+    log.info("random initialisation (from scratch), arch %s, logit_scale %.3g", arch.to_dict(),
+             float(model.logit_scale.detach()))
     return model
+
+
+def load_model(args, arch, out: Path, state: dict | None, device) -> AlignModel:
+    """The model to train: the one of the saved state (--resume), else ``build_model``;
+    on ``device``, with the frozen tower's gradients off."""
+    if state is not None:  # the model of the saved state, in the authors' format
+        align = load_align_model(out / LAST_FILE, args.bert_dir)
+        if model_hash(align) != state["model_hash"]:
+            raise DataError(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
+                            f"(saved at step {state['step']}); the run was interrupted while "
+                            f"saving: restart it without --resume")
+        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
+                 state["batch_in_epoch"])
+    else:
+        align = build_model(args, arch)
+    align.to(device)
+    set_trainable(align, args.freeze)
+    return align
 
 
 def contiguous(align: AlignModel) -> None:
@@ -339,87 +447,117 @@ def contiguous(align: AlignModel) -> None:
 
 
 # ---------------------------------------------------------------------------
+# image engine (issue 13): frozen towers on ONNX Runtime, training towers on torch
+# ---------------------------------------------------------------------------
+def frozen_image_engine(args, align, tokenizer, device) -> RecallModel | None:
+    """With --freeze image the image tower never changes: one ``RecallModel`` for the
+    whole run (its engine chosen, and an ONNX export checked, once), keyed by the image
+    tower's weights only so a later run from the same --init reuses the export. None when
+    the image tower trains."""
+    if args.freeze != "image":
+        return None
+    rm = wrap_align(align, tokenizer, device=device, backend=args.backend)
+    rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items()
+                                          if k.startswith(IMAGE_PREFIXES)})
+    return rm
+
+
+@contextlib.contextmanager
+def training_image_engine(args, align, tokenizer, device):
+    """A ``RecallModel`` for one evaluation of an image tower that trains: torch for
+    ``auto``; ``onnx`` exports these weights into a temporary directory, removed after."""
+    if args.backend != "onnx":
+        yield wrap_align(align, tokenizer, device=device, backend="torch")
+        return
+    with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
+        yield wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
+
+
+def cache_image_vectors(rm: RecallModel, train: list[Pair], val: list[Pair], args, env):
+    """--cache-embeddings: every image through the frozen tower once; returns the
+    training vectors (on the device) and the held-out ones (CPU)."""
+    if env.distributed and env.is_main:
+        rm.image_encoder()  # rank 0 exports (if need be) before the others load it
+    barrier(env)
+    vecs, ok = rm.encode_images([p.image for p in train + val], batch_size=args.eval_batch_size,
+                                mode=args.preprocess, num_workers=args.num_workers,
+                                progress=env.is_main and not args.no_progress,
+                                desc="frozen image tower")
+    if not ok.all():
+        log.warning("%d images unreadable (zero image used)", int((~ok).sum()))
+    contiguous(rm.model)
+    return vecs[:len(train)].to(env.device), vecs[len(train):]
+
+
+# ---------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------
-def evaluate(align: AlignModel, tokenizer, val: list[Pair], args, device, image_vecs=None) -> dict:
+def evaluate(rm: RecallModel, val: list[Pair], args, image_vecs=None) -> dict:
     """Held-out text->image recall@K: every (owner, text) query against all held-out images."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
-        image_vecs, _ = encode_images(align, [p.image for p in val], batch_size=args.eval_batch_size,
-                                      device=device, mode=args.preprocess,
-                                      num_workers=args.workers, progress=False, desc="held-out")
-        contiguous(align)
-    txt = encode_texts(align, tokenizer, [t for _, t in queries], batch_size=args.eval_batch_size,
-                       device=device)
+        image_vecs, _ = rm.encode_images([p.image for p in val], batch_size=args.eval_batch_size,
+                                         mode=args.preprocess, num_workers=args.num_workers,
+                                         progress=False, desc="held-out")
+        contiguous(rm.model)
+    txt = rm.encode_texts([t for _, t in queries], batch_size=args.eval_batch_size)
     scores = txt @ image_vecs.T
     rec = recall_at_k(scores, [o for o, _ in queries], [p.owner for p in val], args.recall_k)
     return {f"recall@{k}": v for k, v in rec.items()} | {"queries": len(queries), "gallery": len(val)}
 
 
 # ---------------------------------------------------------------------------
-# main
+# training loop
 # ---------------------------------------------------------------------------
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    env = setup_distributed(args.device)
-    try:
-        return run(args, env)
-    finally:
-        teardown_distributed()
+@dataclass
+class Run:
+    """What the loop works with."""
+    args: argparse.Namespace
+    env: object
+    out: Path
+    align: AlignModel
+    tokenizer: object
+    encoder: PairEncoder
+    model: nn.Module            # encoder, in DDP under torchrun
+    sampler: ResumableSampler
+    loader: DataLoader
+    local_bs: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    trainable: list
+    val: list[Pair]
+    val_vecs: torch.Tensor | None
+    frozen_rm: RecallModel | None
+    config: dict
+    metrics: object = None
+    step: int = 0
+    best: float = -1.0
+
+    def save(self, epoch: int, batch_in_epoch: int) -> None:
+        """last.pth + train_state.pt (resumes at batch ``batch_in_epoch`` of ``epoch``)."""
+        save_checkpoint_and_state(self.align, save_align_checkpoint, self.out, self.env,
+                                  model_file=LAST_FILE, state_file=STATE_FILE,
+                                  optimizer=self.optimizer, scheduler=self.scheduler,
+                                  scaler=self.scaler, step=self.step, epoch=epoch,
+                                  batch_in_epoch=batch_in_epoch, metrics=self.metrics,
+                                  config=self.config, best=self.best)
 
 
-def run(args, env) -> int:
-    configure_logging(env, args.verbose)
+def make_run(args, env, out, config, train, val, align, tokenizer) -> Run:
+    """Dataset, loader, DDP wrapper, optimizer, schedule (and the cached image vectors)."""
     device = env.device
-    if args.cache_embeddings and args.freeze != "image":
-        raise SystemExit("--cache-embeddings needs --freeze image (cached vectors of a tower "
-                         "that trains would be stale)")
-    check_global_batch(args.batch_size, env)
-    if args.select_k not in args.recall_k:
-        args.recall_k = sorted(set(args.recall_k) | {args.select_k})
-    out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
-    amp = device.type == "cuda" and not args.no_amp
-    seed_everything(args.seed)
-
-    pairs = read_pairs(args.csv, args.image_dir)
-    train, val = split_owners(pairs, args.val_fraction, args.val_owners, args.seed)
-    log.info("%d pairs (%d owners): %d for training, %d held out (%d owners)", len(pairs),
-             len({p.owner for p in pairs}), len(train), len(val), len({p.owner for p in val}))
-    local_bs = args.batch_size // env.world_size
-    if len(train) // env.world_size < local_bs * args.accum_steps:
-        raise SystemExit(f"{len(train)} training pairs cannot fill one step of "
-                         f"{args.batch_size} x {args.accum_steps} pairs")
-
-    tokenizer = load_tokenizer(args.bert_dir)
-    if state is not None:  # the model of the saved state, in the authors' format
-        align = load_align_model(out / LAST_FILE, args.bert_dir)
-        if model_hash(align) != state["model_hash"]:
-            raise SystemExit(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
-                             f"(saved at step {state['step']}); the run was interrupted while "
-                             f"saving: restart it without --resume")
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
-                 state["batch_in_epoch"])
-    else:
-        align = build_model(args, args.bert_dir)
-    align.to(device)
-    set_trainable(align, args.freeze)
-
+    frozen_rm = frozen_image_engine(args, align, tokenizer, device)
     image_table = val_vecs = None
     if args.cache_embeddings:
-        vecs, ok = encode_images(align, [p.image for p in train + val], batch_size=args.eval_batch_size,
-                                 device=device, mode=args.preprocess, num_workers=args.workers,
-                                 progress=env.is_main, desc="frozen image tower")
-        if not ok.all():
-            log.warning("%d images unreadable (zero image used)", int((~ok).sum()))
-        contiguous(align)
-        image_table, val_vecs = vecs[:len(train)].to(device), vecs[len(train):]
+        image_table, val_vecs = cache_image_vectors(frozen_rm, train, val, args, env)
     encoder = PairEncoder(align, args.freeze, args.bn_eval, image_table)
-    model = wrap_ddp(encoder, env)
-
+    local_bs = args.batch_size // env.world_size
     dataset = PairDataset(train, args.preprocess, image_table is not None)
     sampler = ResumableSampler(dataset, env, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, drop_last=True,
-                        num_workers=0 if image_table is not None else args.workers,
+                        num_workers=0 if image_table is not None else args.num_workers,
                         collate_fn=Collate(train, tokenizer), generator=loader_generator(args.seed),
                         pin_memory=device.type == "cuda", persistent_workers=False)
     steps_per_epoch = (sampler.num_samples // local_bs) // args.accum_steps
@@ -427,86 +565,132 @@ def run(args, env) -> int:
     optimizer = build_optimizer(align.named_parameters(), "adamw", args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps,
                                 args.schedule)
+    amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda") if amp else None
     trainable = [p for p in align.parameters() if p.requires_grad]
     log.info("%d trainable tensors (%.2f M values); %d steps per epoch x %d epochs; global batch "
              "%d x %d accumulation on %d process(es), device %s%s", len(trainable),
              sum(p.numel() for p in trainable) / 1e6, steps_per_epoch, args.epochs, args.batch_size,
              args.accum_steps, env.world_size, device, ", fp16 autocast" if amp else "")
+    return Run(args, env, out, align, tokenizer, encoder, wrap_ddp(encoder, env), sampler, loader,
+               local_bs, steps_per_epoch, optimizer, scheduler, scaler, trainable, val, val_vecs,
+               frozen_rm, config)
 
-    fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "logit_scale", "seconds"] + \
-        [f"recall@{k}" for k in args.recall_k] + ["queries", "gallery"]
-    step, start_epoch, start_batch, best = restore_state(state, optimizer, scheduler, scaler, env)
-    metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        save_checkpoint_and_state(align, save_align_checkpoint, out, env, model_file=LAST_FILE,
-                                  state_file=STATE_FILE, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, step=step, epoch=epoch,
-                                  batch_in_epoch=batch_in_epoch, metrics=metrics, config=config,
-                                  best=best)
+def train_step(r: Run, it, autocast) -> tuple[float, float, float]:
+    """One optimizer step over --accum-steps micro-batches: (lr, loss, grad norm)."""
+    args, env, device = r.args, r.env, r.env.device
+    lr = r.optimizer.param_groups[0]["lr"]
+    loss_sum = 0.0
+    for micro in range(args.accum_steps):
+        images, ids, mask = (t.to(device, non_blocking=True) for t in next(it))
+        sync = micro == args.accum_steps - 1 or not env.distributed
+        with (contextlib.nullcontext() if sync else r.model.no_sync()):
+            with autocast():
+                img, txt = r.model(images, ids, mask)
+                img, txt = gather_with_grad(img.float(), env), gather_with_grad(txt.float(), env)
+                loss = contrastive_loss(r.align.similarity(img, txt)) / args.accum_steps
+            (r.scaler.scale(loss) if r.scaler else loss).backward()
+        loss_sum += float(loss.detach())
+    loss_val = check_finite_loss(all_mean(loss_sum, env), r.step + 1,
+                                 "; try a lower --lr or --clip-grad, then --resume")
+    gnorm = optimizer_step(r.optimizer, r.scheduler, r.scaler, r.trainable, args.clip_grad)
+    r.step += 1
+    return lr, loss_val, float(gnorm)
 
-    autocast = amp_autocast(amp)
-    stopped = False
-    t_start = time.perf_counter()
+
+def evaluate_epoch(r: Run, epoch: int) -> None:
+    """Held-out recall@K (rank 0), best.pth when --select-k's recall improves."""
+    args = r.args
+    if r.frozen_rm is not None:
+        res = evaluate(r.frozen_rm, r.val, args, r.val_vecs)
+    else:
+        with training_image_engine(args, r.align, r.tokenizer, r.env.device) as rm:
+            res = evaluate(rm, r.val, args)
+    r.metrics.write(step=r.step, epoch=epoch + 1, split="val", **res)
+    log.info("epoch %d (step %d): held-out %s", epoch + 1, r.step,
+             ", ".join(f"recall@{k} {res[f'recall@{k}']:.3f}" for k in args.recall_k))
+    if res[f"recall@{args.select_k}"] > r.best:
+        r.best = res[f"recall@{args.select_k}"]
+        save_align_checkpoint(r.align, r.out / BEST_FILE)
+        log.info("new best held-out recall@%d %.4f -> %s", args.select_k, r.best, r.out / BEST_FILE)
+
+
+def train_loop(r: Run, start_epoch: int, start_batch: int) -> bool:
+    """Epochs from (start_epoch, start_batch) on; saves as asked; True when
+    --stop-after-step stopped it."""
+    args, env = r.args, r.env
+    autocast = amp_autocast(r.scaler is not None)
     for epoch in range(start_epoch, args.epochs):
         first = start_batch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch)
-        sampler.set_start(first * args.accum_steps * local_bs)
-        model.train()
-        it = iter(loader)
-        bar = progress(total=steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}")
-        for batch_in_epoch in range(first + 1, steps_per_epoch + 1):
+        r.sampler.set_epoch(epoch)
+        r.sampler.set_start(first * args.accum_steps * r.local_bs)
+        r.model.train()
+        it = iter(r.loader)
+        bar = progress(total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}",
+                       enabled=not args.no_progress)
+        for batch_in_epoch in range(first + 1, r.steps_per_epoch + 1):
             t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum = 0.0
-            for micro in range(args.accum_steps):
-                images, ids, mask = (t.to(device, non_blocking=True) for t in next(it))
-                sync = micro == args.accum_steps - 1 or not env.distributed
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with autocast():
-                        img, txt = model(images, ids, mask)
-                        img, txt = gather_with_grad(img.float(), env), gather_with_grad(txt.float(), env)
-                        loss = contrastive_loss(encoder.align.similarity(img, txt)) / args.accum_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += float(loss.detach())
-            gnorm = optimizer_step(optimizer, scheduler, scaler, trainable, args.clip_grad)
-            step += 1
-            loss_val = all_mean(loss_sum, env)
-            metrics.write(step=step, epoch=epoch + 1, split="train", loss=loss_val, lr=lr,
-                          grad_norm=float(gnorm), logit_scale=float(align.logit_scale.detach()),
-                          seconds=time.perf_counter() - t0)
+            lr, loss, gnorm = train_step(r, it, autocast)
+            r.metrics.write(step=r.step, epoch=epoch + 1, split="train", loss=loss, lr=lr,
+                            grad_norm=gnorm, logit_scale=float(r.align.logit_scale.detach()),
+                            seconds=time.perf_counter() - t0)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-            if batch_in_epoch < steps_per_epoch and (
-                    (args.save_every and step % args.save_every == 0) or step == args.stop_after_step):
-                save(epoch, batch_in_epoch)
-            if step == args.stop_after_step and batch_in_epoch < steps_per_epoch:
-                stopped = True
-                break
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if batch_in_epoch < r.steps_per_epoch:
+                if (args.save_every and r.step % args.save_every == 0) or r.step == args.stop_after_step:
+                    r.save(epoch, batch_in_epoch)
+                if r.step == args.stop_after_step:
+                    bar.close()
+                    return True
         bar.close()
-        if stopped:
-            break
-        due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
-        if val and due and env.is_main:
-            res = evaluate(align, tokenizer, val, args, device, val_vecs)
-            metrics.write(step=step, epoch=epoch + 1, split="val", **res)
-            log.info("epoch %d (step %d): held-out %s", epoch + 1, step,
-                     ", ".join(f"recall@{k} {res[f'recall@{k}']:.3f}" for k in args.recall_k))
-            if res[f"recall@{args.select_k}"] > best:
-                best = res[f"recall@{args.select_k}"]
-                save_align_checkpoint(align, out / BEST_FILE)
-                log.info("new best held-out recall@%d %.4f -> %s", args.select_k, best, out / BEST_FILE)
+        due = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+        if r.val and due and env.is_main:
+            evaluate_epoch(r, epoch)
         barrier(env)
-        save(epoch + 1, 0)
-        if step == args.stop_after_step:
-            stopped = True
-            break
-    if env.is_main:
-        if not val:
-            save_align_checkpoint(align, out / BEST_FILE)  # nothing to select by: the last
-        log.info("%s after %d steps in %.1f s; checkpoints in %s", "stopped" if stopped else "done",
-                 step, time.perf_counter() - t_start, out)
+        r.save(epoch + 1, 0)
+        if r.step == args.stop_after_step:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# main: parse -> check -> data -> model -> loop -> save
+# ---------------------------------------------------------------------------
+def run_training(args, env, arch, train_pairs, val_pairs) -> None:
+    """Everything that writes into --out-dir, under its lock."""
+    with run_lock(args.out_dir, env) as out:
+        out, config, state = open_run(args, RESUME_KEYS, STATE_FILE)
+        seed_everything(args.seed)
+        tokenizer = load_tokenizer(args.bert_dir)
+        align = load_model(args, arch, out, state, env.device)
+        r = make_run(args, env, out, config, train_pairs, val_pairs, align, tokenizer)
+        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "logit_scale", "seconds"] + \
+            [f"recall@{k}" for k in args.recall_k] + ["queries", "gallery"]
+        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler,
+                                                                 r.scaler, env)
+        r.metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
+        t_start = time.perf_counter()
+        stopped = train_loop(r, start_epoch, start_batch)
+        if env.is_main:
+            if not r.val:
+                save_align_checkpoint(align, out / BEST_FILE)  # nothing to select by: the last
+            log.info("%s after %d steps in %.1f s; checkpoints in %s", "stopped" if stopped else "done",
+                     r.step, time.perf_counter() - t_start, out)
+
+
+@entry_point
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    arch = check_paths(args)
+    env = setup_distributed(args.device)
+    try:
+        setup_rank_logging(args.log_level, env)
+        check_global_batch(args.batch_size, env)
+        train_pairs, val_pairs = read_data(args, env.world_size)
+        run_training(args, env, arch, train_pairs, val_pairs)
+    finally:
+        teardown_distributed()
     return 0
 
 

@@ -141,7 +141,7 @@ def test_recall_learns_held_out(recall_run):
     assert np.mean(hits) == pytest.approx(best)
 
 
-def test_recall_resume_matches_uninterrupted(tmp_path, bert_dir):
+def test_recall_resume_matches_uninterrupted(tmp_path, bert_dir, capsys):
     """6 steps straight vs 3 (stopping mid-epoch 2) + --resume 3: same per-step losses
     and same final weights. Image tower trains with BatchNorm in training mode; gradient
     accumulation (2 micro-batches) and an epoch-end evaluation happen on the way."""
@@ -166,13 +166,14 @@ def test_recall_resume_matches_uninterrupted(tmp_path, bert_dir):
     wb = load_align_model(b / "last.pth", bert_dir).state_dict()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
-    # a different schedule is refused
-    with pytest.raises(SystemExit, match="settings differ"):
-        recall_train.main([x if x != "3e-3" else "1e-3" for x in args] +
-                          ["--out-dir", str(b), "--resume"])
+    # a different schedule is refused (one line, exit 2)
+    capsys.readouterr()
+    assert recall_train.main([x if x != "3e-3" else "1e-3" for x in args] +
+                             ["--out-dir", str(b), "--resume"]) == 2
+    assert "settings differ" in capsys.readouterr().err
 
 
-def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir):
+def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir, capsys):
     """text,image CSV with a header; --freeze image --cache-embeddings leaves the image
     tower bit-identical and trains the text side."""
     d = tmp_path / "imgs"
@@ -196,9 +197,10 @@ def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir):
         if k.startswith(("image_model.", "image_hidden_layer.", "text_model.pooler.")):
             assert torch.equal(s0[k], s1[k]), k
     assert not torch.equal(s0["text_hidden_layer.weight"], s1["text_hidden_layer.weight"])
-    with pytest.raises(SystemExit, match="needs --freeze image"):
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2
         recall_train.main(["--csv", str(tmp_path / "pairs.csv"), "--bert-dir", str(bert_dir),
                            "--out-dir", str(out), "--cache-embeddings", *COMMON])
+    assert e.value.code == 2 and "needs --freeze image" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -260,10 +262,11 @@ def test_rank_resume_with_augmentation_and_margin_loss(recall_run, tmp_path):
         model_hash(load_ranker(b / "last.ckpt", recall_run["bert"]))
 
 
-def test_rank_refuses_augment_with_cache(tmp_path, bert_dir):
-    with pytest.raises(SystemExit, match="needs --no-augment"):
+def test_rank_refuses_augment_with_cache(tmp_path, bert_dir, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2
         rank_train.main(["--train-csv", "t", "--val-csv", "v", "--image-dir", str(tmp_path),
                          "--bert-dir", str(bert_dir), "--out-dir", str(tmp_path), "--cache-embeddings"])
+    assert e.value.code == 2 and "needs --no-augment" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -324,3 +327,38 @@ def test_rank_defaults_and_losses_are_the_authors():
     assert torch.allclose(rank_train.pair_loss(s_a, s_b, label, "bce", 0.5), bce, atol=1e-6)
     margin = torch.nn.MarginRankingLoss(margin=0.5)(s_a, s_b, torch.where(label > 0, 1.0, -1.0))
     assert torch.allclose(rank_train.pair_loss(s_a, s_b, label, "margin", 0.5), margin, atol=1e-6)
+
+
+def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog):
+    """--backend (issue 13): a frozen tower goes to ONNX Runtime under auto (exported once,
+    into the ONNX cache); an image tower that trains stays on torch under auto (no export),
+    and --backend onnx exports it per evaluation into a temporary directory, never the
+    cache."""
+    import logging
+    import os
+
+    from utils import onnx_backend
+    if not onnx_backend.onnxruntime_available():
+        pytest.skip("onnxruntime not installed")
+    cache = os.environ["AVAS_ONNX_CACHE"]
+    csv, img, arch = make_recall_data(tmp_path, owners_per_combo=1, images_per_owner=2)
+    args = ["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert_dir), "--arch", str(arch),
+            "--epochs", "1", "--batch-size", "4", "--val-owners", "4", "--logit-scale", "5", *COMMON]
+    n0, files0 = onnx_backend.export_count, sorted(os.listdir(cache))
+    assert recall_train.main(args + ["--out-dir", str(tmp_path / "auto")]) == 0
+    assert onnx_backend.export_count == n0 and sorted(os.listdir(cache)) == files0
+    assert recall_train.main(args + ["--out-dir", str(tmp_path / "onnx"), "--backend", "onnx"]) == 0
+    assert onnx_backend.export_count == n0 + 1 and sorted(os.listdir(cache)) == files0  # 1 evaluation
+    v_auto = [r for r in read_metrics(tmp_path / "auto" / "metrics.csv") if r["split"] == "val"]
+    v_onnx = [r for r in read_metrics(tmp_path / "onnx" / "metrics.csv") if r["split"] == "val"]
+    assert [r["recall@5"] for r in v_auto] == [r["recall@5"] for r in v_onnx]
+
+    data = make_rank_data(tmp_path, n_train=8, n_val=4)
+    init = tmp_path / "init.pth"
+    save_align_checkpoint(tiny_align(bert_dir, seed=1), init)
+    with caplog.at_level(logging.INFO):
+        assert rank_train.main(data + ["--bert-dir", str(bert_dir), "--init", str(init),
+                                       "--out-dir", str(tmp_path / "rank"), "--epochs", "1",
+                                       "--batch-size", "4", "--no-augment", "--cache-embeddings",
+                                       *COMMON]) == 0
+    assert "image engine: onnx" in caplog.text

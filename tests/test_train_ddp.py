@@ -102,3 +102,24 @@ def test_rank_under_torchrun(tmp_path, bert_dir):
     assert [r["split"] for r in rows] == ["train"] * 2 + ["val"] + ["train"] * 2 + ["val"]
     assert int(rows[2]["n"]) == 8
     load_ranker(out / "best.ckpt", bert_dir)
+
+
+def test_locked_out_dir_under_torchrun(tmp_path, bert_dir):
+    """Rank 0 takes --out-dir's lock and tells rank 1: both stop at once with the one-line
+    error (no hang in a collective), and nothing is written."""
+    from utils.data import exclusive_lock
+    data = make_rank_data(tmp_path, n_train=16, n_val=8)
+    init = tmp_path / "init.pth"
+    save_align_checkpoint(tiny_align(bert_dir, seed=1), init)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "rank_train.py"),
+           *data, "--bert-dir", str(bert_dir), "--init", str(init), "--out-dir", str(out),
+           "--epochs", "1", "--batch-size", "8", "--no-augment", "--cache-embeddings", *COMMON]
+    with exclusive_lock(out):
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert sorted(x.name for x in out.iterdir()) == [".lock"]
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("rank_train: error: another run holds")]
+    assert len(lines) == 2, p.stderr[-3000:]

@@ -14,6 +14,12 @@
 - ``save_train_state`` / ``load_train_state``: optimizer, scheduler, scaler, step,
   epoch and RNG states (of every process), in a file separate from the model
   checkpoint, written atomically.
+- ``setup_rank_logging``: ``utils.cli.setup_logging`` made rank-aware.
+- ``check_text_file`` / ``read_json_file``: input checks run before any work.
+- ``run_lock``: the out-dir's exclusive lock for a whole run (rank 0 holds it under
+  torchrun), with ``clean_stale_temp_files`` (what a killed save left behind).
+- ``Diverged`` / ``check_finite_loss``: a NaN/inf loss or gradient stops the run before
+  the weights or any checkpoint take it.
 - ``open_run``, ``restore_state``, ``start_run`` (metrics CSV + config.json),
   ``save_checkpoint_and_state``, ``wrap_ddp``, ``amp_autocast``, ``optimizer_step``:
   the run mechanics both scripts share, so each keeps only what differs.
@@ -27,7 +33,9 @@ import logging
 import math
 import os
 import random
-import sys
+import re
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,8 +48,9 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from utils.cli import LOG_FORMAT, UserError, input_file, resolve_device, setup_logging
+from utils.data import DataError, atomic_path, atomic_write, exclusive_lock, write_json
 from utils.hashing import model_hash
-from utils.cli import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +134,20 @@ def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
         return torch.cat(dnf.all_gather(x), dim=0)
 
 
-def configure_logging(env: DistEnv, verbose: bool = False) -> None:
-    """INFO logs from rank 0; other processes log warnings and errors only."""
-    level = (logging.DEBUG if verbose else logging.INFO) if env.is_main else logging.WARNING
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+def setup_rank_logging(level: str | int, env: DistEnv) -> None:
+    """``utils.cli.setup_logging`` plus what several processes need: the other ranks
+    log warnings and errors only, and under torchrun every line names its rank."""
+    level = logging.getLevelName(level) if isinstance(level, str) else level
+    fmt = LOG_FORMAT
     if env.distributed:
-        fmt = f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+        fmt = LOG_FORMAT.replace("%(levelname)s", f"[rank {env.rank}] %(levelname)s")
+    setup_logging(level if env.is_main else max(level, logging.WARNING), fmt)
 
 
-def progress(iterable=None, env: DistEnv | None = None, **kw):
-    """tqdm on rank 0 only."""
-    return tqdm(iterable, disable=env is not None and not env.is_main, dynamic_ncols=True,
-                leave=False, **kw)
+def progress(iterable=None, env: DistEnv | None = None, enabled: bool = True, **kw):
+    """tqdm on rank 0 only (and not at all unless ``enabled``: --no-progress)."""
+    return tqdm(iterable, disable=not enabled or (env is not None and not env.is_main),
+                dynamic_ncols=True, leave=False, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +213,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     under AdamW."""
     params = [(n, p) for n, p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters (is everything frozen?)")
+        raise UserError("no trainable parameters (is everything frozen?)")
     if name == "adamw":
         decay = [p for n, p in params if p.ndim >= 2]
         no_decay = [p for n, p in params if p.ndim < 2]
@@ -244,8 +254,10 @@ def build_scheduler(optimizer, warmup: int, total: int, kind: str = "cosine"):
 class MetricsWriter:
     """Append rows to ``path`` (a CSV with a fixed header); only rank 0 writes.
 
-    ``keep_rows`` (on resume) first truncates the file to the rows written when the
-    training state was saved, so a resumed run's CSV reads like an uninterrupted one.
+    The file is (re)created atomically; each row is then one appended, flushed line (a
+    rewrite per step would cost O(steps) a step). ``keep_rows`` (on resume) keeps only
+    the rows written when the training state was saved, so a resumed run's CSV reads
+    like an uninterrupted one and a line torn by a kill is dropped.
     """
 
     def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
@@ -260,7 +272,7 @@ class MetricsWriter:
             if len(old) < keep_rows:
                 log.warning("%s: holds %d rows, the training state expected %d", self.path,
                             len(old), keep_rows)
-        with open(self.path, "w", encoding="utf-8", newline="") as f:
+        with atomic_write(self.path) as f:
             w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(old)
@@ -331,20 +343,25 @@ def save_train_state(path, env: DistEnv, *, optimizer, scheduler, scaler, step: 
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rngs, "config": config, "extra": extra or {},
     }
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_train_state(path) -> dict:
+    """The state ``save_train_state`` wrote; a missing, truncated or foreign file is a
+    ``UserError`` naming it."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no training state to resume from (was --out-dir "
-                                f"the directory of an earlier run?)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise UserError(f"{path}: no training state to resume from (was --out-dir the "
+                        f"directory of an earlier run?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot be read as a training state ({why}); it is damaged: "
+                        f"start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a training state file of this package")
+        raise UserError(f"{path}: not a training state file of this package")
     return state
 
 
@@ -354,7 +371,7 @@ def check_resume_config(state: dict, config: dict, path: str) -> None:
     diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
     if diff:
         lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise SystemExit(f"{path}: cannot resume: settings differ from the interrupted run ({lines})")
+        raise UserError(f"{path}: cannot resume: settings differ from the interrupted run ({lines})")
 
 
 def restore_rng(state: dict, env: DistEnv) -> None:
@@ -368,13 +385,121 @@ def restore_rng(state: dict, env: DistEnv) -> None:
         set_rng_state(rngs[env.rank])
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 # ---------------------------------------------------------------------------
 # run set-up and saving, the mechanics both training scripts share
 # ---------------------------------------------------------------------------
+def check_text_file(path, what: str) -> Path:
+    """An existing, readable, non-empty UTF-8 text file (a BOM is allowed), checked
+    before any work: else a ``DataError`` naming the file and the first line that is not
+    UTF-8."""
+    p = input_file(path, what)
+    empty = True
+    with open(p, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{what} {path}:{n}: not UTF-8 text (byte 0x{line[e.start]:02x} "
+                                f"at column {e.start + 1})") from None
+            empty = empty and not line.strip()
+    if empty:
+        raise DataError(f"{what} {path}: empty file")
+    return p
+
+
+def read_json_file(path, what: str) -> dict:
+    """A JSON object from ``path``; a missing file or bad JSON is a ``DataError`` naming it."""
+    p = input_file(path, what)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} {path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+_TEMP_NAME = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_temp_files(directory) -> list[Path]:
+    """Remove ``<file>.tmp<pid>`` files (``utils.data.atomic_path``'s) whose process is
+    gone: what a kill during a save leaves. Files of live processes are kept. Returns
+    what was removed."""
+    removed = []
+    for p in sorted(Path(directory).iterdir()):
+        m = _TEMP_NAME.match(p.name)
+        if not m or not p.is_file() or _pid_alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    if removed:
+        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory,
+                 len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+@contextlib.contextmanager
+def run_lock(out_dir, env: DistEnv):
+    """Hold ``out_dir/.lock`` (``utils.data.exclusive_lock``) for a whole training run so
+    that a second run into the same directory stops with "another run holds ...". Under
+    torchrun rank 0 takes the lock and tells the others the outcome, so every process
+    stops with the same one-line error. Once the lock is held, temporary files left by a
+    killed save are removed. A directory this run created is removed again when the run
+    ends having written nothing into it (a bad --init, a damaged state, ...)."""
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if env.is_main:
+                try:
+                    stack.enter_context(exclusive_lock(out))
+                except UserError as e:
+                    error = str(e)
+            if env.distributed:
+                box = [error]
+                dist.broadcast_object_list(box, src=0)
+                error = box[0]
+            if error:
+                raise UserError(error)
+            if env.is_main:
+                clean_stale_temp_files(out)
+            barrier(env)
+            yield out
+    finally:
+        if created and env.is_main:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
+
+
+class Diverged(UserError):
+    """The loss or the gradients became NaN/inf: training stops before the weights (and
+    any checkpoint) take the non-finite values."""
+
+
+def check_finite_loss(loss: float, step: int, hint: str = "") -> float:
+    """``loss`` unless it is NaN/inf (then ``Diverged``; every process sees the same mean
+    loss, so all stop together)."""
+    if not math.isfinite(loss):
+        raise Diverged(f"step {step}: the loss is {loss} (training diverged; the last "
+                       f"checkpoint was not overwritten){hint}")
+    return loss
+
+
 def open_run(args, resume_keys, state_file: str) -> tuple[Path, dict, dict | None]:
     """Create ``args.out_dir``; the settings that must not change on resume
     (``resume_keys`` of ``args``); with ``args.resume`` the saved training state,
@@ -391,7 +516,7 @@ def open_run(args, resume_keys, state_file: str) -> tuple[Path, dict, dict | Non
 
 def check_global_batch(batch_size: int, env: DistEnv) -> None:
     if batch_size % env.world_size:
-        raise SystemExit(f"--batch-size {batch_size} must be a multiple of the number of "
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the number of "
                          f"processes ({env.world_size})")
 
 
@@ -426,8 +551,8 @@ def start_run(out: Path, fields: list[str], env: DistEnv, state: dict | None, ar
     metrics = MetricsWriter(out / metrics_file, fields, env,
                             keep_rows=state["metrics_rows"] if state is not None else None)
     if env.is_main and state is None:
-        (out / "config.json").write_text(json.dumps(vars(args) | {"world_size": env.world_size},
-                                                    indent=2, default=str), encoding="utf-8")
+        write_json(out / "config.json", json.loads(json.dumps(
+            vars(args) | {"world_size": env.world_size}, default=str)))
     return metrics
 
 
@@ -436,15 +561,35 @@ def save_checkpoint_and_state(model: torch.nn.Module, save_model, out: Path, env
                               step: int, epoch: int, batch_in_epoch: int, metrics: MetricsWriter,
                               config: dict, best: float) -> None:
     """``save_model(model, out / model_file)`` on rank 0, then the training state that
-    resumes from it (collective: every process calls it), then a barrier."""
-    h = model_hash(model)
-    if env.is_main:
-        save_model(model, out / model_file)
-    save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
-                     scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                     metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
-                     config=config, extra={"best": best})
-    barrier(env)
+    resumes from it (collective: every process calls it), then a barrier. Ctrl-C waits
+    for the pair to be written, so an interrupted run always resumes."""
+    with deferred_sigint():
+        h = model_hash(model)
+        if env.is_main:
+            save_model(model, out / model_file)
+        save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                         metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
+                         config=config, extra={"best": best})
+        barrier(env)
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold a Ctrl-C (SIGINT) that arrives during the block and raise it after, so that a
+    checkpoint and its training state are written as a pair (a kill still interrupts;
+    atomic writes leave the previous pair intact then). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def amp_autocast(amp: bool):
@@ -459,6 +604,10 @@ def optimizer_step(optimizer, scheduler, scaler, params, clip_grad: float) -> to
     if scaler:
         scaler.unscale_(optimizer)
     gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+    if not scaler and not torch.isfinite(gnorm):  # (AMP's scaler skips such steps itself)
+        optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"the gradient norm is {float(gnorm)} (training diverged; the weights "
+                       f"and the last checkpoint were kept)")
     if scaler:
         scaler.step(optimizer)
         scaler.update()
