@@ -1,11 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the paper's two figures with one command: recall@5 (0.788) and the ranking
-pairwise accuracy (0.652).
-
-    python reproduce.py                               # everything, from the published files
-    python reproduce.py --mirror http://host/avas     # air-gapped: every file from a mirror
-    python reproduce.py --steps assets,recall-images  # some steps only; --force STEP reruns one
-    python reproduce.py --with-baselines              # also the Taiyi-CLIP recall baseline
+pairwise accuracy (0.652). Steps: assets, recall-images, recall-infer, recall-eval,
+rank-images, rank-eval (+ taiyi-infer, taiyi-eval with --with-baselines).
 
 Each step runs a script's ``main(argv)`` (see plan()); it is done when its outputs exist and
 OUT/steps/STEP.done.json holds the arguments it ran with (a changed one reruns it; how it runs
@@ -16,10 +12,10 @@ Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 inte
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -34,40 +30,60 @@ ROOT = Path(__file__).resolve().parent
 STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images", "rank-eval")
 BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
 ALL_STEPS = STEPS + BASELINE_STEPS
+MODEL_STEPS, IMAGE_STEPS = ("recall-infer", "rank-eval", "taiyi-infer"), ("recall-images", "rank-images")
 INPUT_FLAGS = {"--csv", "--image-dir", "--checkpoint", "--bert-dir", "--arch", "--results", "--compare",
                "--taiyi-text-dir", "--taiyi-text-weights", "--clip-dir", "--poi-pic-num",
                "--poi-image-vectors", "--poi-name-vectors"}
 OUTPUT_FLAGS = {"--out", "--output", "--json", "--metrics", "--html"}
 BACKENDS = ("auto", "torch", "onnx")
+ROWS = {"recall@1": "recall/1", "recall@5": "recall/5", "recall@10": "recall/10", "recall MRR@10": "mrr",
+        "ranking accuracy": "accuracy", "ranking ROC-AUC": "auc", "ranking log loss": "log_loss",
+        "ranking constant guess": "baseline"}  # table row -> its key in the metrics JSON of its step
 PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
 PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
+SCRIPTS = {  # step -> the script calls that make its outputs ({*x}: options that may be absent)
+    "assets": ["download_assets --dest {dest} --manifest {manifest} {*baselines} {*mirror}"],
+    "recall-images": ["download_images --csv {recall_csv} --out {img}/recall"],
+    "recall-infer": ["recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
+                     "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"],
+    "recall-eval": ["recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json {o}/recall/metrics.json "
+                    "{*html}"],
+    "rank-images": ["download_images --csv {rank_val_csv} --out {img}/rank"],
+    "rank-eval": ["rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint {ranker_weights} "
+                  "--bert-dir {bert} --poi-pic-num {poi_pic_num} --poi-image-vectors {poi_image_vectors} "
+                  "--poi-name-vectors {poi_name_vectors} --output {o}/rank/scores.csv "
+                  "--metrics {o}/rank/metrics.json {*arch}"],
+    "taiyi-infer": ["recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall --taiyi-text-dir "
+                    "{taiyi} --taiyi-text-weights {taiyi_text_finetuned} --clip-dir {clip} "
+                    "--output {o}/baseline/taiyi_top10.csv --topk 10"],
+    "taiyi-eval": [  # and the paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
+        "recall_eval --results {o}/baseline/taiyi_top10.csv --k 1 5 10 --json {o}/baseline/taiyi_metrics.json",
+        "recall_eval --compare {o}/baseline/taiyi_top10.csv {o}/recall/top10.csv --k 1 5 10 "
+        "--json {o}/baseline/compare.json"],
+}
 log = logging.getLogger("reproduce")
 
 
-def _steps(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if set(names) - set(ALL_STEPS) - {"all"}:
-        raise argparse.ArgumentTypeError(f"unknown step(s) in {text!r}; steps: {', '.join(ALL_STEPS)}")
-    return list(STEPS) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
+def build_parser() -> argparse.ArgumentParser:
+    def steps(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        if set(names) - set(ALL_STEPS) - {"all"}:
+            raise argparse.ArgumentTypeError(f"unknown step(s) in {text!r}; steps: {', '.join(ALL_STEPS)}")
+        return list(STEPS) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
 
+    def failures(text: str) -> str:
+        if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
+            raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
+        return text
 
-def _failures(text: str) -> str:
-    if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
-        raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
-    return text
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, through cli.entry_point
+    def error(message):  # one line and exit 2, through cli.entry_point
         raise cli.UserError(f"{message} (see --help)")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--steps", type=_steps, default="all", help="steps to run, comma-separated, or all")
-    add("--force", type=_steps, default="", metavar="STEPS", help="rerun these steps even when done")
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error, add = error, p.add_argument
+    add("--steps", type=steps, default="all", help="steps to run, comma-separated, or all")
+    add("--force", type=steps, default="", metavar="STEPS", help="rerun these steps even when done")
     add("--dest", default=str(ROOT), help="assets go to DEST/data/ (CSVs) and DEST/assets/")
     add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
     add("--manifest", help="asset manifest (default: the project's assets.json)")
@@ -81,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recall-backend", dest="backend", choices=BACKENDS, default=argparse.SUPPRESS,
         help="deprecated alias of --backend")
     add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
-    add("--max-failures", type=_failures, default="20%", help="image downloads allowed to fail: N or P%%")
+    add("--max-failures", type=failures, default="20%", help="image downloads allowed to fail: N or P%%")
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
     cli.add_common_args(p)
@@ -93,12 +109,11 @@ def say(msg: str, error: bool = False) -> None:
     (log.error if error else log.info)(msg)
 
 
-def run_main(module: str, argv: list[str]) -> int:
-    """A step script's ``main(argv)`` in this process; its exit status."""
+def _load(path) -> dict:
     try:
-        return int(importlib.import_module(module).main(argv) or 0)
-    except SystemExit as e:  # the script's argparse (it said why)
-        return e.code if isinstance(e.code, int) else 2
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass
@@ -126,10 +141,15 @@ class Step:
                 else f"output missing: {gone[0]}" if gone else None)
 
     def run(self) -> int:
-        rc = 0
+        """The scripts' ``main(argv)`` in this process, in turn; the first failing exit status."""
         for module, *argv in self.calls:
-            rc = rc or run_main(module, argv + self.extra)
-        return rc
+            try:
+                rc = int(importlib.import_module(module).main(argv + self.extra) or 0)
+            except SystemExit as e:  # the script's argparse (it said why)
+                rc = e.code if isinstance(e.code, int) else 2
+            if rc:
+                return rc
+        return 0
 
 
 @dataclass
@@ -141,7 +161,7 @@ class ImagesStep(Step):
         from utils.data import sniff_format  # noqa: PLC0415
         csv, manifest, spec = self.inputs["csv"], Path(self.outputs[0], "manifest.jsonl"), self.max_failures
         total = download_images.estimate_total(csv, sniff_format(csv), None, None) or 0
-        n = math.floor(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
+        n = int(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
         self.extra = [*self.extra, "--max-failures", str(n)]
         rc, c = super().run(), image_counts(manifest)
         if rc == 1:
@@ -158,83 +178,54 @@ def image_counts(manifest: Path) -> dict:
     return {"present": c["ok"] + c["skipped"], "missing": c["failed"]}
 
 
-class _Paths(dict):
-    def __missing__(self, key):
-        raise cli.UserError(f"the asset manifest has no {key!r}")
-
-
 def plan(args, manifest: str, assets: list, needed: list) -> dict[str, Step]:
-    """The steps: the script each runs, with which arguments (as on the README's command lines)."""
-    p = _Paths((a.name, str(Path(args.dest, a.path))) for a in assets)
-    p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir,
-          **{k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
-                                                              ("taiyi", "taiyi_text_vocab"))}}
-    call = lambda line, *more: [t.format_map(p) for t in line.split()] + list(more)  # noqa: E731
+    """The steps to run: SCRIPTS with this run's paths and options, and how each runs."""
+    p = {a.name: str(Path(args.dest, a.path)) for a in assets}
+    p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
+    p |= {k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
+                                                           ("taiyi", "taiyi_text_vocab"))}
+    p |= {"*arch": ["--arch", args.arch] if args.arch else [], "*mirror": ["--mirror", args.mirror] if args.mirror
+          else [], "*baselines": ["--with-baselines"] * args.with_baselines, "*html": [] if args.no_html
+          else ["--html", f"{args.out_dir}/recall/report.html", "--image-dir", f"{args.images_dir}/recall"]}
+    fill = lambda line: [x for t in line.split()  # noqa: E731 - split first: paths may hold spaces
+                         for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])]
     progress = ["--no-progress"] if args.no_progress else []
     model = ["--device", args.device, "--backend", args.backend, *progress,
              *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
              *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
-    arch = ["--arch", args.arch] if args.arch else []
-    html = [] if args.no_html else call("--html {o}/recall/report.html --image-dir {img}/recall")
-    images = ["--workers", str(args.workers), *progress]
-    steps = [
-        Step("assets", [call("download_assets --dest {dest} --manifest {manifest}",
-                             *(["--with-baselines"] if args.with_baselines else []),
-                             *(["--mirror", args.mirror] if args.mirror else []))],
-             progress, outputs=[str(Path(args.dest, a.path)) for a in needed]),
-        ImagesStep("recall-images", [call("download_images --csv {recall_csv} --out {img}/recall")], images,
-                   max_failures=args.max_failures),
-        Step("recall-infer", [call("recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint "
-                                   "{align_weights} --bert-dir {bert} --output {o}/recall/top10.csv --topk 10",
-                                   *arch)], model),
-        Step("recall-eval", [call("recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json "
-                                  "{o}/recall/metrics.json", *html)], progress),
-        ImagesStep("rank-images", [call("download_images --csv {rank_val_csv} --out {img}/rank")], images,
-                   max_failures=args.max_failures),
-        Step("rank-eval", [call("rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint "
-                                "{ranker_weights} --bert-dir {bert} --poi-pic-num {poi_pic_num} "
-                                "--poi-image-vectors {poi_image_vectors} --poi-name-vectors {poi_name_vectors} "
-                                "--output {o}/rank/scores.csv --metrics {o}/rank/metrics.json", *arch)], model)]
-    if args.with_baselines:  # eval: paired bootstrap, A = Taiyi, B = ours, so B - A = ours - Taiyi
-        steps += [
-            Step("taiyi-infer", [call("recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall "
-                                      "--taiyi-text-dir {taiyi} --taiyi-text-weights {taiyi_text_finetuned} "
-                                      "--clip-dir {clip} --output {o}/baseline/taiyi_top10.csv --topk 10")], model),
-            Step("taiyi-eval", [call("recall_eval --results {o}/baseline/taiyi_top10.csv --k 1 5 10 "
-                                     "--json {o}/baseline/taiyi_metrics.json"),
-                                call("recall_eval --compare {o}/baseline/taiyi_top10.csv {o}/recall/top10.csv "
-                                     "--k 1 5 10 --json {o}/baseline/compare.json")], progress)]
-    return {s.name: s for s in steps}
-
-
-def _load(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    how = {**dict.fromkeys(MODEL_STEPS, model),
+           **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), *progress])}
+    steps = {}
+    for name in args.steps:
+        try:
+            calls = [fill(line) for line in SCRIPTS[name]]
+        except KeyError as e:
+            raise cli.UserError(f"{manifest}: no asset {e} (needed by step {name})") from None
+        extra = how.get(name, progress)
+        steps[name] = (ImagesStep(name, calls, extra, max_failures=args.max_failures) if name in IMAGE_STEPS
+                       else Step(name, calls, extra, [p[a.name] for a in needed] if name == "assets" else []))
+    return steps
 
 
 def results_table(args) -> tuple[list[dict], dict]:
     """Rows metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines), and notes."""
-    rec, rk, tai, cmp = (_load(f"{args.out_dir}/{f}") for f in (
-        "recall/metrics.json", "rank/metrics.json", "baseline/taiyi_metrics.json", "baseline/compare.json"))
-    get = lambda d, key: d.get("mrr") if key == "mrr" else d.get("recall", {}).get(key)  # noqa: E731
-    rows = [{"metric": "recall MRR@10" if k == "mrr" else f"recall@{k}", "ours": get(rec, k), "key": k}
-            for k in ("1", "5", "10", "mrr") if get(rec, k) is not None]
-    rows += [{"metric": name, "ours": rk[key]} for key, name in (
-        ("accuracy", "ranking accuracy"), ("auc", "ranking ROC-AUC"), ("log_loss", "ranking log loss"),
-        ("baseline", "ranking constant guess")) if key in rk]
-    for r in rows:
-        key = r.pop("key", None)
-        if args.with_baselines and key:
-            d = (get(cmp, key) or {}).get("B-A") or {}
-            r.update(taiyi=get(tai, key), taiyi_paper=PAPER_TAIYI.get(r["metric"]),
-                     ours_minus_taiyi=d.get("value"), ours_minus_taiyi_ci=d.get("ci"))
-        r["paper"] = PAPER.get(r["metric"])
-        r["difference"] = None if r["paper"] is None or r["ours"] is None else r["ours"] - r["paper"]
+    rec, rk, tai, cmp = (_load(f"{args.out_dir}/{f}.json") for f in (
+        "recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare"))
+    dig = lambda d, key: functools.reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # noqa: E731 "a/b"
+    rows = []
+    for metric, key in ROWS.items():
+        recall = metric.startswith("recall")
+        if (ours := dig(rec if recall else rk, key)) is None:
+            continue
+        rows.append({"metric": metric, "paper": PAPER.get(metric), "ours": ours,
+                     "difference": ours - PAPER[metric] if metric in PAPER else None})
+        if args.with_baselines and recall:
+            d = dig(cmp, key + "/B-A") or {}
+            rows[-1].update(taiyi_paper=PAPER_TAIYI.get(metric), taiyi=dig(tai, key),
+                            ours_minus_taiyi=d.get("value"), ours_minus_taiyi_ci=d.get("ci"))
     notes = {"recall POIs": rec.get("n_pois"), "ranking pairs scored": rk.get("pairs_scored"),
              "ranking pairs with a missing image": rk.get("pairs_with_missing_image"),
-             "Taiyi-CLIP POIs": tai.get("n_pois")}
+             "Taiyi-CLIP POIs": tai.get("n_pois") if args.with_baselines else None}
     for w in ("recall", "rank"):
         if Path(args.images_dir, w, "manifest.jsonl").is_file():
             c = image_counts(Path(args.images_dir, w, "manifest.jsonl"))
@@ -242,19 +233,16 @@ def results_table(args) -> tuple[list[dict], dict]:
     return rows, {k: v for k, v in notes.items() if v is not None}
 
 
-def _fmt(v, sign: str = "") -> str:
-    return "-" if v is None else f"{v:{sign}.4f}"
-
-
 def format_table(rows: list[dict]) -> str:
+    fmt = lambda v, sign="": "-" if v is None else f"{v:{sign}.4f}"  # noqa: E731
     head = ["metric", "paper", "ours", "difference"]
-    cells = [[r["metric"], _fmt(r["paper"]), _fmt(r["ours"]), _fmt(r["difference"], "+")] for r in rows]
+    cells = [[r["metric"], fmt(r["paper"]), fmt(r["ours"]), fmt(r["difference"], "+")] for r in rows]
     if any("taiyi" in r for r in rows):  # --with-baselines
         head += ["Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]"]
         for c, r in zip(cells, rows):
             d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
-            c += [_fmt(r.get("taiyi_paper")), _fmt(r.get("taiyi")),
-                  _fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else "")]
+            c += [fmt(r.get("taiyi_paper")), fmt(r.get("taiyi")),
+                  fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else "")]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
@@ -262,12 +250,11 @@ def format_table(rows: list[dict]) -> str:
 
 def write_results(args, rows: list[dict], notes: dict) -> None:
     out = Path(args.out_dir)
+    text = "\n".join([format_table(rows), "", *(f"- {k}: {v}" for k, v in notes.items())])
     write_json(out / "results.json", {"table": rows, "notes": notes, "written": time.strftime("%FT%T")})
     with atomic_write(out / "results.md") as f:
-        f.write("\n".join(["# Reproduction results", "", format_table(rows), "",
-                           *(f"- {k}: {v}" for k, v in notes.items())]) + "\n")
-    print(f"\n{format_table(rows)}\n", *(f"{k}: {v}" for k, v in notes.items()),
-          f"results: {out / 'results.md'} and {out / 'results.json'}", sep="\n")
+        f.write(f"# Reproduction results\n\n{text}\n")
+    print(f"\n{text}\n- results: {out / 'results.md'} and {out / 'results.json'}")
 
 
 def check_args(args) -> tuple[str, list, list]:
@@ -290,7 +277,7 @@ def check_args(args) -> tuple[str, list, list]:
     for w in ("recall", "rank"):
         if f"{w}-images" in args.steps:
             cli.output_dir(Path(args.images_dir, w), "--images-dir")
-    if {"recall-infer", "rank-eval", "taiyi-infer"} & set(args.steps):
+    if set(MODEL_STEPS) & set(args.steps):
         cli.resolve_device(args.device)  # --device cuda without a GPU: exit 2 now, not in a step
     return manifest, assets, select_assets(assets, groups=("baselines",) if args.with_baselines else ())
 
@@ -319,7 +306,7 @@ def main(argv=None) -> int:
 
 
 def run_step(step: Step, out: Path, forced: bool) -> int:
-    """0 when the step is done or ran well, 1 when it failed or cannot run."""
+    """0 when the step is done or ran well, 1 when it failed or cannot run, 130 when interrupted."""
     why = "--force" if forced else step.why_run(out)
     if why is None:
         say(f"step {step.name}: skipped (done; --force {step.name} reruns it)")
@@ -337,8 +324,8 @@ def run_step(step: Step, out: Path, forced: bool) -> int:
     except cli.UserError as e:  # bad input met inside the step (a script not under cli.entry_point)
         say(f"step {step.name}: error: {cli.one_line(e)}", error=True)
         rc = 2
-    if rc == cli.EXIT_INTERRUPTED:
-        raise KeyboardInterrupt  # the step's script caught Ctrl-C: one line and 130, by cli.entry_point
+    if rc == cli.EXIT_INTERRUPTED:  # Ctrl-C, said in one line by the step script's cli.entry_point
+        return rc
     if rc != 0:
         say(f"step {step.name}: FAILED (exit status {rc}); see the messages above and {out}/reproduce.log. "
             f"Fix the cause and rerun: finished steps are skipped.", error=True)

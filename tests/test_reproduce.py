@@ -364,14 +364,15 @@ def test_rerun_rule(fake, capsys):
 
 @pytest.mark.parametrize("how", ["exception", "exit-status"])
 def test_interrupted_step_reruns(fake, capsys, how):
-    """Ctrl-C in a step (raised, or caught by the script's entry point: 130): one line, exit
-    130, the step is not done (its stamp went when it started), the next run reruns it."""
+    """Ctrl-C in a step (raised, or caught by the script's entry point, which said so: 130):
+    at most one line from reproduce, exit 130, the step is not done (its stamp went when it
+    started), the next run reruns it."""
     run = fake["run"]
     assert run() == 0
     fake["behaviour"]["rank_eval"] = KeyboardInterrupt() if how == "exception" else 130
     assert run("--force", "rank-eval") == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["reproduce: interrupted"]
+    assert err.strip().splitlines() == (["reproduce: interrupted"] if how == "exception" else [])
     assert not (fake["out"] / "steps" / "rank-eval.done.json").exists()
     fake["behaviour"]["rank_eval"] = 0
     assert run() == 0 and ran(fake) == ["rank_eval"]
