@@ -65,11 +65,11 @@ log = logging.getLogger("reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def steps(text: str) -> list[str]:
+    def steps(text: str, all_steps=STEPS) -> list[str]:
         names = [s.strip() for s in text.split(",") if s.strip()]
         if set(names) - set(ALL_STEPS) - {"all"}:
             raise argparse.ArgumentTypeError(f"unknown step(s) in {text!r}; steps: {', '.join(ALL_STEPS)}")
-        return list(STEPS) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
+        return list(all_steps) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
 
     def failures(text: str) -> str:
         if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error, add = error, p.add_argument
     add("--steps", type=steps, default="all", help="steps to run, comma-separated, or all")
-    add("--force", type=steps, default="", metavar="STEPS", help="rerun these steps even when done")
+    add("--force", type=functools.partial(steps, all_steps=ALL_STEPS), default="", metavar="STEPS",
+        help="rerun these steps even when done")
     add("--dest", default=str(ROOT), help="assets go to DEST/data/ (CSVs) and DEST/assets/")
     add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
     add("--manifest", help="asset manifest (default: the project's assets.json)")
@@ -111,7 +112,7 @@ def say(msg: str, error: bool = False) -> None:
 
 def _load(path) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=lambda c: None)  # NaN: "-"
     except (OSError, ValueError):
         return {}
 
@@ -207,8 +208,9 @@ def plan(args, manifest: str, assets: list, needed: list) -> dict[str, Step]:
     return steps
 
 
-def results_table(args) -> tuple[list[dict], dict]:
-    """Rows metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines), and notes."""
+def report(args) -> None:
+    """The table metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines) and its
+    notes, from the steps' metrics: on stdout and in OUT/results.md and OUT/results.json."""
     rec, rk, tai, cmp = (_load(f"{args.out_dir}/{f}.json") for f in (
         "recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare"))
     dig = lambda d, key: functools.reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # noqa: E731 "a/b"
@@ -230,7 +232,13 @@ def results_table(args) -> tuple[list[dict], dict]:
         if Path(args.images_dir, w, "manifest.jsonl").is_file():
             c = image_counts(Path(args.images_dir, w, "manifest.jsonl"))
             notes[f"{w} images present / missing"] = f"{c['present']} / {c['missing']}"
-    return rows, {k: v for k, v in notes.items() if v is not None}
+    notes, out = {k: v for k, v in notes.items() if v is not None}, Path(args.out_dir)
+    if rows:
+        text = "\n".join([format_table(rows), "", *(f"- {k}: {v}" for k, v in notes.items())])
+        write_json(out / "results.json", {"table": rows, "notes": notes, "written": time.strftime("%FT%T")})
+        with atomic_write(out / "results.md") as f:
+            f.write(f"# Reproduction results\n\n{text}\n")
+        print(f"\n{text}\n- results: {out / 'results.md'} and {out / 'results.json'}")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -246,15 +254,6 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
-def write_results(args, rows: list[dict], notes: dict) -> None:
-    out = Path(args.out_dir)
-    text = "\n".join([format_table(rows), "", *(f"- {k}: {v}" for k, v in notes.items())])
-    write_json(out / "results.json", {"table": rows, "notes": notes, "written": time.strftime("%FT%T")})
-    with atomic_write(out / "results.md") as f:
-        f.write(f"# Reproduction results\n\n{text}\n")
-    print(f"\n{text}\n- results: {out / 'results.md'} and {out / 'results.json'}")
 
 
 def check_args(args) -> tuple[str, list, list]:
@@ -296,9 +295,7 @@ def main(argv=None) -> int:
             for name in args.steps:
                 if (rc := run_step(steps[name], out, name in args.force)) != 0:
                     return rc
-            rows, notes = results_table(args)
-            if rows:
-                write_results(args, rows, notes)
+            report(args)
             return 0
         finally:
             logging.getLogger().removeHandler(handler)

@@ -326,7 +326,8 @@ def test_backend_reaches_every_model_step(fake, capsys):
         assert argv[argv.index("--backend") + 1] == "onnx" and "--no-progress" in argv
         assert argv[argv.index("--device") + 1] == "cpu"
     assert fake["run"]("--steps", steps, "--with-baselines", "--force", "all") == 0
-    assert all(a[a.index("--backend") + 1] == "auto" for n, a in fake["calls"] if n in MODEL_SCRIPTS)
+    models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
+    assert len(models) == 3 and all(a[a.index("--backend") + 1] == "auto" for a in models)
     assert fake["run"]("--steps", "recall-infer", "--recall-backend", "torch", "--force", "recall-infer") == 0
     (name, argv), = fake["calls"]
     assert argv[argv.index("--backend") + 1] == "torch"
@@ -377,3 +378,27 @@ def test_interrupted_step_reruns(fake, capsys, how):
     fake["behaviour"]["rank_eval"] = 0
     assert run() == 0 and ran(fake) == ["rank_eval"]
     assert "step rank-eval: running (not done)" in capsys.readouterr().out
+
+
+def test_table_with_baselines(tmp_path, capsys):
+    """--with-baselines: Taiyi-CLIP columns on the recall rows, ours - Taiyi with its paired
+    interval from recall_eval --compare; a NaN figure shows as "-"."""
+    out = tmp_path / "out"
+    for rel, doc in {"recall/metrics.json": {"recall": {"1": 0.5, "5": 0.8, "10": 0.9}, "mrr": 0.6, "n_pois": 6},
+                     "rank/metrics.json": {"accuracy": 0.7, "auc": float("nan"), "pairs_scored": 8},
+                     "baseline/taiyi_metrics.json": {"recall": {"5": 0.6}, "mrr": 0.4, "n_pois": 6},
+                     "baseline/compare.json": {"recall": {"5": {"B-A": {"value": 0.2, "ci": [0.05, 0.35]}}}}}.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(json.dumps(doc), encoding="utf-8")
+    args = reproduce.build_parser().parse_args(["--out-dir", str(out), "--with-baselines",
+                                                "--images-dir", str(tmp_path / "none")])
+    reproduce.report(args)
+    text = capsys.readouterr().out
+    assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000",
+                                             "+0.2000 [+0.0500, +0.3500]"]
+    assert table_value(text, "recall MRR@10") == ["-", "0.6000", "-", "-", "0.4000", "-"]
+    assert table_value(text, "ranking accuracy") == ["0.6520", "0.7000", "+0.0480", "-", "-", "-"]
+    assert "ranking ROC-AUC" not in text  # NaN: no figure
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["notes"]["Taiyi-CLIP POIs"] == 6
+    assert table_value((out / "results.md").read_text(), "recall@5")[-1] == "+0.2000 [+0.0500, +0.3500]"
