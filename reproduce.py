@@ -31,6 +31,11 @@ STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images"
 BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
 ALL_STEPS = STEPS + BASELINE_STEPS
 MODEL_STEPS, IMAGE_STEPS = ("recall-infer", "rank-eval", "taiyi-infer"), ("recall-images", "rank-images")
+NEEDED_ASSETS = ("recall_csv", "rank_val_csv", "poi_pic_num", "poi_image_vectors", "poi_name_vectors",
+                 "align_weights", "ranker_weights", "bert_vocab", "bert_config")
+BASELINE_ASSETS = ("taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
+                   "taiyi_text_special_tokens", "taiyi_text_finetuned", "clip_config",
+                   "clip_preprocessor_config", "clip_weights")
 INPUT_FLAGS = {"--csv", "--image-dir", "--checkpoint", "--bert-dir", "--arch", "--results", "--compare",
                "--taiyi-text-dir", "--taiyi-text-weights", "--clip-dir", "--poi-pic-num",
                "--poi-image-vectors", "--poi-name-vectors"}
@@ -42,7 +47,7 @@ ROWS = {"recall@1": "recall/1", "recall@5": "recall/5", "recall@10": "recall/10"
 PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
 PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
 SCRIPTS = {  # step -> the script calls that make its outputs ({*x}: options that may be absent)
-    "assets": ["download_assets --dest {dest} --manifest {manifest} {*baselines} {*mirror}"],
+    "assets": ["download_assets --dest {dest} --manifest {manifest} --only {*needed} {*mirror}"],
     "recall-images": ["download_images --csv {recall_csv} --out {img}/recall"],
     "recall-infer": ["recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
                      "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"],
@@ -179,14 +184,15 @@ def image_counts(manifest: Path) -> dict:
     return {"present": c["ok"] + c["skipped"], "missing": c["failed"]}
 
 
-def plan(args, manifest: str, assets: list, needed: list) -> dict[str, Step]:
+def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
     """The steps to run: SCRIPTS with this run's paths and options, and how each runs."""
-    p = {a.name: str(Path(args.dest, a.path)) for a in assets}
+    needed = NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines
+    p = {name: str(Path(args.dest, path)) for name, path in assets.items()}
     p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
     p |= {k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
                                                            ("taiyi", "taiyi_text_vocab"))}
     p |= {"*arch": ["--arch", args.arch] if args.arch else [], "*mirror": ["--mirror", args.mirror] if args.mirror
-          else [], "*baselines": ["--with-baselines"] * args.with_baselines, "*html": [] if args.no_html
+          else [], "*needed": list(needed), "*html": [] if args.no_html
           else ["--html", f"{args.out_dir}/recall/report.html", "--image-dir", f"{args.images_dir}/recall"]}
     fill = lambda line: [x for t in line.split()  # noqa: E731 - split first: paths may hold spaces
                          for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])]
@@ -198,13 +204,10 @@ def plan(args, manifest: str, assets: list, needed: list) -> dict[str, Step]:
            **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), *progress])}
     steps = {}
     for name in args.steps:
-        try:
-            calls = [fill(line) for line in SCRIPTS[name]]
-        except KeyError as e:
-            raise cli.UserError(f"{manifest}: no asset {e} (needed by step {name})") from None
+        calls = [fill(line) for line in SCRIPTS[name]]  # check_args made sure the manifest has their assets
         extra = how.get(name, progress)
         steps[name] = (ImagesStep(name, calls, extra, max_failures=args.max_failures) if name in IMAGE_STEPS
-                       else Step(name, calls, extra, [p[a.name] for a in needed] if name == "assets" else []))
+                       else Step(name, calls, extra, [p[n] for n in needed] if name == "assets" else []))
     return steps
 
 
@@ -256,17 +259,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def check_args(args) -> tuple[str, list, list]:
-    """What a user can get wrong, before any work: (manifest, its assets, the ones needed)."""
-    from utils.assets import DEFAULT_MANIFEST, AssetError, load_manifest, select_assets  # noqa: PLC0415
+def check_args(args) -> tuple[str, dict]:
+    """What a user can get wrong, before any work: (manifest, its asset name -> path)."""
+    from utils.assets import DEFAULT_MANIFEST, AssetError, load_manifest  # noqa: PLC0415
     manifest = str(cli.input_file(args.manifest, "--manifest") if args.manifest else DEFAULT_MANIFEST)
     try:
-        assets = load_manifest(manifest)
+        assets = {a.name: a.path for a in load_manifest(manifest)}
     except AssetError as e:
         raise cli.UserError(str(e)) from None
     args.with_baselines = args.with_baselines or bool(set(args.steps) & set(BASELINE_STEPS))
     if args.with_baselines and set(STEPS) <= set(args.steps):
         args.steps = list(dict.fromkeys(args.steps + list(BASELINE_STEPS)))
+    lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines if n not in assets]
+    if lacking:
+        raise cli.UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
     if args.arch:
         cli.input_file(args.arch, "--arch")
     cli.output_dir(args.out_dir, "--out-dir")
@@ -278,7 +284,7 @@ def check_args(args) -> tuple[str, list, list]:
             cli.output_dir(Path(args.images_dir, w), "--images-dir")
     if set(MODEL_STEPS) & set(args.steps):
         cli.resolve_device(args.device)  # --device cuda without a GPU: exit 2 now, not in a step
-    return manifest, assets, select_assets(assets, groups=("baselines",) if args.with_baselines else ())
+    return manifest, assets
 
 
 @cli.entry_point
