@@ -84,26 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     def error(message):  # one line and exit 2, through cli.entry_point
         raise cli.UserError(f"{message} (see --help)")
 
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     p.error, add = error, p.add_argument
-    add("--steps", type=steps, default="all", help="steps to run, comma-separated, or all")
+    add("--steps", type=steps, default="all", help="steps to run, comma-separated (default: all)")
     add("--force", type=functools.partial(steps, all_steps=ALL_STEPS), default="", metavar="STEPS",
-        help="rerun these steps even when done")
-    add("--dest", default=str(ROOT), help="assets go to DEST/data/ (CSVs) and DEST/assets/")
+        help="rerun these steps even when done, or all")
+    add("--dest", default=str(ROOT), help="assets go to DEST/data/ and DEST/assets/ (default: here)")
     add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
     add("--manifest", help="asset manifest (default: the project's assets.json)")
     add("--images-dir", help="image folders IMAGES/recall and IMAGES/rank (default: DEST/data/images)")
-    add("--out-dir", default=str(ROOT / "runs" / "reproduce"), help="figures, reports, stamps, log")
-    add("--workers", type=cli.positive_int, default=16, help="concurrent image downloads")
+    add("--out-dir", default=str(ROOT / "runs" / "reproduce"), 
+        help="figures, reports, step stamps and the log (default: runs/reproduce)")
+    add("--workers", type=cli.positive_int, default=16, help="concurrent image downloads (default: 16)")
     add("--num-workers", type=cli.non_negative_int, help="image decoding processes of the model steps")
     add("--batch-size", type=cli.positive_int, help="images per batch in the model steps")
     add("--backend", choices=BACKENDS, default="auto", help="image-encoding engine of every model step "
-        "(auto: ONNX Runtime on a CPU when it agrees with torch); the figures do not depend on it")
+        "(default auto: ONNX Runtime on a CPU when it agrees with torch); figures do not depend on it")
     add("--recall-backend", dest="backend", choices=BACKENDS, default=argparse.SUPPRESS,
         help="deprecated alias of --backend")
     add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
-    add("--max-failures", type=failures, default="20%", help="image downloads allowed to fail: N or P%%")
+    add("--max-failures", type=failures, default="20%",
+        help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)")
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
     cli.add_common_args(p)
@@ -191,11 +192,11 @@ def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
     p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
     p |= {k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
                                                            ("taiyi", "taiyi_text_vocab"))}
-    p |= {"*arch": ["--arch", args.arch] if args.arch else [], "*mirror": ["--mirror", args.mirror] if args.mirror
-          else [], "*needed": list(needed), "*html": [] if args.no_html
-          else ["--html", f"{args.out_dir}/recall/report.html", "--image-dir", f"{args.images_dir}/recall"]}
     fill = lambda line: [x for t in line.split()  # noqa: E731 - split first: paths may hold spaces
                          for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])]
+    p |= {"*needed": list(needed), "*arch": ["--arch", args.arch] if args.arch else [],
+          "*mirror": ["--mirror", args.mirror] if args.mirror else [],
+          "*html": [] if args.no_html else fill("--html {o}/recall/report.html --image-dir {img}/recall")}
     progress = ["--no-progress"] if args.no_progress else []
     model = ["--device", args.device, "--backend", args.backend, *progress,
              *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
