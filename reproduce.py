@@ -1,667 +1,341 @@
 #!/usr/bin/env python
 """Reproduce the paper's two figures with one command: recall@5 (0.788) and the ranking
-pairwise accuracy (0.652).
+pairwise accuracy (0.652). Steps: assets, recall-images, recall-infer, recall-eval,
+rank-images, rank-eval (+ taiyi-infer, taiyi-eval with --with-baselines).
 
-    python reproduce.py                                   # everything, from the published files
-    python reproduce.py --mirror http://host/avas         # air-gapped: every file from a mirror
-    python reproduce.py --steps assets,recall-images      # some steps only
-    python reproduce.py --force rank-eval                 # rerun a step that is up to date
-    python reproduce.py --with-baselines                  # also the Taiyi-CLIP recall baseline
-
-Steps, in order (each is also a script of its own, see the README):
-
-  assets         download_assets.py: CSVs into DEST/data/, POI tables, weights and
-                 bert-base-chinese files into DEST/assets/ (sha256-verified)
-  recall-images  download_images.py on the recall CSV  -> IMAGES/recall/
-  recall-infer   recall_infer.py (every POI name vs every image) -> OUT/recall/top10.csv
-  recall-eval    recall_eval.py (recall@1/5/10, MRR, HTML report) -> OUT/recall/metrics.json
-  rank-images    download_images.py on the ranking val CSV -> IMAGES/rank/
-  rank-eval      rank_eval.py (pairwise accuracy, ROC-AUC, log loss) -> OUT/rank/metrics.json
-
-With --with-baselines (the paper's comparison; assets fetched by the assets step too):
-
-  taiyi-infer    recall_infer.py --model taiyi (Taiyi-CLIP with the authors' fine-tuned
-                 text encoder) on the same gallery -> OUT/baseline/taiyi_top10.csv
-  taiyi-eval     recall_eval.py on it -> OUT/baseline/taiyi_metrics.json, and
-                 recall_eval.py --compare (paired bootstrap, Taiyi vs ours) ->
-                 OUT/baseline/compare.json
-
-A step is skipped when it is up to date: its stamp ``OUT/steps/<step>.done.json``
-records the identities (size + mtime; a listing digest for image folders) of the
-inputs that produced its outputs, the arguments that matter, and the outputs
-themselves; when any of these changed (or an output is gone) the step runs again.
-The assets step is up to date when every asset is present with its verified sha256
-(no request is made then). ``--force STEP[,STEP]`` (or ``all``) reruns regardless.
-
-The published image URLs are old and some images are gone: image failures up to
-``--max-failures`` (default 20%% of the images) are reported, not fatal, and the
-evaluation uses what was downloaded (missing recall images leave the gallery; a pair
-with a missing image is scored with the all-zero image, as the authors' scripts did).
-
-At the end: a table metric / paper / ours / difference (with --with-baselines also the
-Taiyi-CLIP figures, the paper's Taiyi figure, unknown: "-", and ours - Taiyi with its
-paired 95% bootstrap interval), written also as
-``OUT/results.json`` and ``OUT/results.md``; the log of the run is ``OUT/reproduce.log``.
-
-Exit status: 0 done, 1 a step failed (the message says which and why), 2 bad arguments
-(or --device cuda without a GPU).
+Each step runs a script's ``main(argv)`` (see plan()); it is done when its outputs exist and
+OUT/steps/STEP.done.json holds the arguments it ran with (a changed one reruns it; how it runs
+does not count: device, backend, batch size, workers, progress). The stamp goes when the step
+starts, so an interrupted step reruns. After changing an input by hand: --force STEP.
+Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
+import importlib
 import json
 import logging
-import math
-import os
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from utils import cli
+from utils.data import atomic_write, exclusive_lock, write_json
 
 ROOT = Path(__file__).resolve().parent
 STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images", "rank-eval")
 BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
 ALL_STEPS = STEPS + BASELINE_STEPS
-NEEDED_ASSETS = ("recall_csv", "rank_val_csv", "poi_pic_num", "poi_image_vectors",
-                 "poi_name_vectors", "align_weights", "ranker_weights", "bert_vocab", "bert_config")
+MODEL_STEPS, IMAGE_STEPS = ("recall-infer", "rank-eval", "taiyi-infer"), ("recall-images", "rank-images")
+NEEDED_ASSETS = ("recall_csv", "rank_val_csv", "poi_pic_num", "poi_image_vectors", "poi_name_vectors",
+                 "align_weights", "ranker_weights", "bert_vocab", "bert_config")
 BASELINE_ASSETS = ("taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
                    "taiyi_text_special_tokens", "taiyi_text_finetuned", "clip_config",
                    "clip_preprocessor_config", "clip_weights")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+INPUT_FLAGS = {"--csv", "--image-dir", "--checkpoint", "--bert-dir", "--arch", "--results", "--compare",
+               "--taiyi-text-dir", "--taiyi-text-weights", "--clip-dir", "--poi-pic-num",
+               "--poi-image-vectors", "--poi-name-vectors"}
+OUTPUT_FLAGS = {"--out", "--output", "--json", "--metrics", "--html"}
+BACKENDS = ("auto", "torch", "onnx")
+ROWS = {"recall@1": "recall/1", "recall@5": "recall/5", "recall@10": "recall/10", "recall MRR@10": "mrr",
+        "ranking accuracy": "accuracy", "ranking ROC-AUC": "auc", "ranking log loss": "log_loss",
+        "ranking constant guess": "baseline"}  # table row -> its key in the metrics JSON of its step
 PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
 PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
-STAMP_VERSION = 1
-
+SCRIPTS = {  # step -> the script calls that make its outputs ({*x}: options that may be absent)
+    "assets": ["download_assets --dest {dest} --manifest {manifest} --only {*needed} {*mirror}"],
+    "recall-images": ["download_images --csv {recall_csv} --out {img}/recall"],
+    "recall-infer": ["recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
+                     "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"],
+    "recall-eval": ["recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json {o}/recall/metrics.json "
+                    "{*html}"],
+    "rank-images": ["download_images --csv {rank_val_csv} --out {img}/rank"],
+    "rank-eval": ["rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint {ranker_weights} "
+                  "--bert-dir {bert} --poi-pic-num {poi_pic_num} --poi-image-vectors {poi_image_vectors} "
+                  "--poi-name-vectors {poi_name_vectors} --output {o}/rank/scores.csv "
+                  "--metrics {o}/rank/metrics.json {*arch}"],
+    "taiyi-infer": ["recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall --taiyi-text-dir "
+                    "{taiyi} --taiyi-text-weights {taiyi_text_finetuned} --clip-dir {clip} "
+                    "--output {o}/baseline/taiyi_top10.csv --topk 10"],
+    "taiyi-eval": [  # and the paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
+        "recall_eval --results {o}/baseline/taiyi_top10.csv --k 1 5 10 --json {o}/baseline/taiyi_metrics.json",
+        "recall_eval --compare {o}/baseline/taiyi_top10.csv {o}/recall/top10.csv --k 1 5 10 "
+        "--json {o}/baseline/compare.json"],
+}
 log = logging.getLogger("reproduce")
 
 
-# ---------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------
-def _step_list(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if names == ["all"]:
-        return list(STEPS)
-    bad = [n for n in names if n not in ALL_STEPS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(bad)}; steps: {', '.join(ALL_STEPS)}")
-    return [s for s in ALL_STEPS if s in names]  # always in pipeline order
-
-
-def _failures(text: str) -> str:
-    t = text.strip()
-    try:
-        v = float(t[:-1]) if t.endswith("%") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-failures expects N or P%, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("--max-failures must be >= 0")
-    return t
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="reproduce.py", description=__doc__.split("\n\n")[0],
-        epilog="Steps: " + ", ".join(STEPS) + ". See the module docstring / README for details.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=_step_list, default="all",
-                   help="comma-separated steps to run (in pipeline order), or all")
-    p.add_argument("--force", type=_step_list, default="", metavar="STEPS",
-                   help="rerun these steps even when up to date (comma-separated, or all)")
-    p.add_argument("--dest", default=str(ROOT),
-                   help="where the assets go: DEST/data/ (CSVs) and DEST/assets/ (tables, weights, bert)")
-    p.add_argument("--mirror", default=None, metavar="BASE_URL",
-                   help="fetch every asset from BASE_URL/<manifest path> (see download_assets.py)")
-    p.add_argument("--manifest", default=None, help="asset manifest; default: assets.json of the project")
-    p.add_argument("--images-dir", default=None,
-                   help="image folders IMAGES/recall and IMAGES/rank; default: DEST/data/images")
-    p.add_argument("--out-dir", default=str(ROOT / "runs" / "reproduce"),
-                   help="figures, reports, step stamps and the log")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--workers", type=int, default=16, help="concurrent image downloads")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="image decoding processes of the model steps; default: the scripts' own")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch in the model steps")
-    p.add_argument("--recall-backend", choices=("torch", "onnx"), default="torch",
-                   help="image tower of recall-infer: onnx (ONNX Runtime, checked against torch to "
-                        "1e-5) is about twice as fast on a CPU; results do not depend on it, so a "
-                        "change does not rerun the step")
-    p.add_argument("--arch", default=None, metavar="FILE.json",
-                   help="architecture of a non-default (small) model, passed to both model steps")
-    p.add_argument("--max-failures", type=_failures, default="20%",
-                   help="image downloads allowed to fail per set before the run stops: N or P%% "
-                        "of the set's images")
-    p.add_argument("--with-baselines", action="store_true",
-                   help="also the Taiyi-CLIP recall baseline (its assets, taiyi-infer, taiyi-eval) "
-                        "and its figures in the final table")
-    p.add_argument("--no-html", action="store_true", help="no HTML report in recall-eval")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    def steps(text: str, all_steps=STEPS) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        if set(names) - set(ALL_STEPS) - {"all"}:
+            raise argparse.ArgumentTypeError(f"unknown step(s) in {text!r}; steps: {', '.join(ALL_STEPS)}")
+        return list(all_steps) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
+
+    def failures(text: str) -> str:
+        if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
+            raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
+        return text
+
+    def error(message):  # one line and exit 2, through cli.entry_point
+        raise cli.UserError(f"{message} (see --help)")
+
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
+    p.error, add = error, p.add_argument
+    add("--steps", type=steps, default="all", help="steps to run, comma-separated (default: all)")
+    add("--force", type=functools.partial(steps, all_steps=ALL_STEPS), default="", metavar="STEPS",
+        help="rerun these steps even when done, or all")
+    add("--dest", default=str(ROOT), help="assets go to DEST/data/ and DEST/assets/ (default: here)")
+    add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
+    add("--manifest", help="asset manifest (default: the project's assets.json)")
+    add("--images-dir", help="image folders IMAGES/recall and IMAGES/rank (default: DEST/data/images)")
+    add("--out-dir", default=str(ROOT / "runs" / "reproduce"), 
+        help="figures, reports, step stamps and the log (default: runs/reproduce)")
+    add("--workers", type=cli.positive_int, default=16, help="concurrent image downloads (default: 16)")
+    add("--num-workers", type=cli.non_negative_int, help="image decoding processes of the model steps")
+    add("--batch-size", type=cli.positive_int, help="images per batch in the model steps")
+    add("--backend", choices=BACKENDS, default="auto", help="image-encoding engine of every model step "
+        "(default auto: ONNX Runtime on a CPU when it agrees with torch); figures do not depend on it")
+    add("--recall-backend", dest="backend", choices=BACKENDS, default=argparse.SUPPRESS,
+        help="deprecated alias of --backend")
+    add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
+    add("--max-failures", type=failures, default="20%",
+        help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)")
+    add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
+    add("--no-html", action="store_true", help="no HTML report in recall-eval")
+    cli.add_common_args(p)
     return p
 
 
-# ---------------------------------------------------------------------------
-# identities and stamps
-# ---------------------------------------------------------------------------
-def identity(path) -> dict | None:
-    """What a file or image folder is, cheaply: size + mtime (files) or a digest of the
-    (name, size, mtime) listing of the image files (folders). None when absent."""
-    p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if p.is_dir():
-        h, n = hashlib.sha256(), 0
-        for f in sorted(p.iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-                n += 1
-        return {"path": str(p), "files": n, "listing_sha256": h.hexdigest()}
-    return None
-
-
-@dataclass
-class Step:
-    name: str
-    inputs: dict                          # role -> path (files or image folders)
-    outputs: dict                         # role -> path
-    params: dict                          # arguments that change the outputs
-    run: Callable[[], int]
-    summary: Callable[[], dict] = field(default=lambda: {})
-
-    def fingerprint(self) -> dict:
-        return {"inputs": {k: identity(v) for k, v in self.inputs.items()}, "params": self.params}
-
-
-def stamp_path(out_dir: Path, step: str) -> Path:
-    return out_dir / "steps" / f"{step}.done.json"
-
-
-def up_to_date(step: Step, out_dir: Path) -> tuple[bool, str]:
-    """(valid, reason) for the step's stamp."""
-    sp = stamp_path(out_dir, step.name)
-    if not sp.is_file():
-        return False, "never completed"
-    try:
-        st = json.loads(sp.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False, f"unreadable stamp {sp}"
-    if st.get("version") != STAMP_VERSION:
-        return False, "stamp of another version"
-    now = step.fingerprint()
-    if st.get("params") != now["params"]:
-        return False, "arguments changed"
-    changed = [k for k, v in now["inputs"].items() if st.get("inputs", {}).get(k) != v]
-    if changed:
-        return False, "input changed: " + ", ".join(changed)
-    gone = [k for k, v in step.outputs.items() if identity(v) is None]
-    if gone:
-        return False, "output missing: " + ", ".join(gone)
-    diff = [k for k, v in step.outputs.items() if st.get("outputs", {}).get(k) != identity(v)]
-    if diff:
-        return False, "output changed since: " + ", ".join(diff)
-    return True, f"up to date since {st.get('finished', '?')}"
-
-
-def write_stamp(step: Step, out_dir: Path, seconds: float, summary: dict,
-                fingerprint: dict | None = None) -> None:
-    """``fingerprint``: the inputs as the step read them, taken before it ran (default:
-    now), so an input replaced while the step ran makes the stamp stale, not valid."""
-    sp = stamp_path(out_dir, step.name)
-    sp.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"version": STAMP_VERSION, "step": step.name, **(fingerprint or step.fingerprint()),
-           "outputs": {k: identity(v) for k, v in step.outputs.items()},
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2),
-           "summary": summary}
-    tmp = sp.with_name(sp.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, sp)
-
-
-def read_stamp_summary(out_dir: Path, step: str) -> dict:
-    try:
-        return json.loads(stamp_path(out_dir, step).read_text(encoding="utf-8")).get("summary", {})
-    except (OSError, ValueError):
-        return {}
-
-
-# ---------------------------------------------------------------------------
-# the steps
-# ---------------------------------------------------------------------------
-class Ctx:
-    def __init__(self, args, device: str):
-        import download_assets  # noqa: PLC0415 - light; the model scripts import torch lazily below
-        from utils.assets import DEFAULT_MANIFEST, load_manifest  # noqa: PLC0415
-
-        self.args, self.device = args, device
-        self.dest = Path(args.dest)
-        self.manifest = args.manifest or str(DEFAULT_MANIFEST)
-        self.assets = {a.name: a for a in load_manifest(self.manifest)}
-        self.needed = NEEDED_ASSETS + (BASELINE_ASSETS if args.with_baselines else ())
-        missing = [n for n in self.needed if n not in self.assets]
-        if missing:
-            raise ValueError(f"{self.manifest}: lacks the asset(s) {', '.join(missing)}")
-        self.images = Path(args.images_dir) if args.images_dir else self.dest / "data" / "images"
-        self.out = Path(args.out_dir)
-        self.download_assets = download_assets
-
-    def asset(self, name: str) -> Path:
-        return self.dest / self.assets[name].path
-
-    @property
-    def bert_dir(self) -> Path:
-        return self.asset("bert_vocab").parent
-
-    def common_model_args(self, arch: bool = True) -> list[str]:
-        a = ["--device", self.device]
-        if self.args.arch and arch:  # --arch describes the align model, not the baseline
-            a += ["--arch", self.args.arch]
-        if self.args.num_workers is not None:
-            a += ["--num-workers", str(self.args.num_workers)]
-        if self.args.batch_size is not None:
-            a += ["--batch-size", str(self.args.batch_size)]
-        return a
-
-    def arch_input(self) -> dict:
-        return {"arch": self.args.arch} if self.args.arch else {}
-
-
-def step_assets(ctx: Ctx) -> Step:
-    da = ctx.download_assets
-
-    def run() -> int:
-        argv = ["--dest", str(ctx.dest), "--manifest", ctx.manifest, "--only", *ctx.needed]
-        if ctx.args.mirror:
-            argv += ["--mirror", ctx.args.mirror]
-        if ctx.args.no_progress:
-            argv.append("--no-progress")
-        return da.main(argv)
-
-    return Step("assets", {}, {}, {}, run)
-
-
-def _count_images(manifest: Path) -> dict:
-    """Counts from download_images' manifest.jsonl: ok, skipped, failed, bad rows."""
-    out = {"ok": 0, "skipped": 0, "failed": 0, "bad_rows": 0}
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                st = rec.get("status")
-                if st == "failed" and rec.get("error_kind") == "bad_row":
-                    out["bad_rows"] += 1
-                elif st in out:
-                    out[st] += 1
-    except OSError:
-        pass
-    out["present"] = out["ok"] + out["skipped"]
-    out["missing"] = out["failed"]
-    return out
-
-
-def step_images(ctx: Ctx, which: str) -> Step:
-    import download_images  # noqa: PLC0415
-    from utils.data import sniff_format  # noqa: PLC0415
-
-    csv_path = ctx.asset("recall_csv" if which == "recall" else "rank_val_csv")
-    out = ctx.images / which
-    manifest = out / "manifest.jsonl"
-
-    def limit() -> int:
-        spec = ctx.args.max_failures
-        if not spec.endswith("%"):
-            return int(spec)
-        fmt = sniff_format(csv_path)
-        total = download_images.estimate_total(str(csv_path), fmt, None, None) or 0
-        return int(math.floor(total * float(spec[:-1]) / 100.0))
-
-    def run() -> int:
-        n = limit()
-        argv = ["--csv", str(csv_path), "--out", str(out), "--workers", str(ctx.args.workers),
-                "--max-failures", str(n)]
-        if ctx.args.no_progress:
-            argv.append("--no-progress")
-        rc = download_images.main(argv)
-        c = _count_images(manifest)
-        if rc == 1:
-            say(f"step {which}-images: {c['failed']} of {c['failed'] + c['present']} images could "
-                f"not be downloaded, more than --max-failures {ctx.args.max_failures} (= {n}); "
-                f"see {manifest}. Rerun to retry them, or raise --max-failures.", error=True)
-        elif c["failed"]:
-            say(f"step {which}-images: {c['failed']} images could not be downloaded (tolerated, "
-                f"<= {n}); the evaluation goes on without them. Details: {manifest}")
-        return rc
-
-    return Step(f"{which}-images", {"csv": csv_path}, {"images": out, "manifest": manifest},
-                {}, run, lambda: _count_images(manifest))
-
-
-def step_recall_infer(ctx: Ctx) -> Step:
-    out = ctx.out / "recall" / "top10.csv"
-    csv_path, images = ctx.asset("recall_csv"), ctx.images / "recall"
-    ckpt = ctx.asset("align_weights")
-
-    def run() -> int:
-        import recall_infer  # noqa: PLC0415
-        out.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["--csv", str(csv_path), "--image-dir", str(images), "--checkpoint", str(ckpt),
-                "--bert-dir", str(ctx.bert_dir), "--output", str(out), "--topk", "10",
-                "--backend", ctx.args.recall_backend, *ctx.common_model_args()]
-        if ctx.args.no_progress:
-            argv.append("--no-progress")
-        return recall_infer.main(argv)
-
-    inputs = {"csv": csv_path, "images": images, "checkpoint": ckpt,
-              "bert_vocab": ctx.asset("bert_vocab"), "bert_config": ctx.asset("bert_config"),
-              **ctx.arch_input()}
-    return Step("recall-infer", inputs, {"top10": out}, {"topk": 10}, run)
-
-
-def step_recall_eval(ctx: Ctx) -> Step:
-    results = ctx.out / "recall" / "top10.csv"
-    metrics = ctx.out / "recall" / "metrics.json"
-    html = ctx.out / "recall" / "report.html"
-
-    def run() -> int:
-        import recall_eval  # noqa: PLC0415
-        argv = ["--results", str(results), "--k", "1", "5", "10", "--json", str(metrics)]
-        if not ctx.args.no_html:
-            argv += ["--html", str(html), "--image-dir", str(ctx.images / "recall")]
-        if ctx.args.no_progress:
-            argv.append("--no-progress")
-        return recall_eval.main(argv)
-
-    outputs = {"metrics": metrics, **({} if ctx.args.no_html else {"report": html})}
-    return Step("recall-eval", {"results": results}, outputs, {"k": [1, 5, 10]}, run)
-
-
-def step_rank_eval(ctx: Ctx) -> Step:
-    scores = ctx.out / "rank" / "scores.csv"
-    metrics = ctx.out / "rank" / "metrics.json"
-    inputs = {"csv": ctx.asset("rank_val_csv"), "images": ctx.images / "rank",
-              "checkpoint": ctx.asset("ranker_weights"), "bert_vocab": ctx.asset("bert_vocab"),
-              "bert_config": ctx.asset("bert_config"), "poi_pic_num": ctx.asset("poi_pic_num"),
-              "poi_image_vectors": ctx.asset("poi_image_vectors"),
-              "poi_name_vectors": ctx.asset("poi_name_vectors"), **ctx.arch_input()}
-
-    def run() -> int:
-        import rank_eval  # noqa: PLC0415
-        argv = ["--csv", str(inputs["csv"]), "--image-dir", str(inputs["images"]),
-                "--checkpoint", str(inputs["checkpoint"]), "--bert-dir", str(ctx.bert_dir),
-                "--poi-pic-num", str(inputs["poi_pic_num"]),
-                "--poi-image-vectors", str(inputs["poi_image_vectors"]),
-                "--poi-name-vectors", str(inputs["poi_name_vectors"]),
-                "--output", str(scores), "--metrics", str(metrics), *ctx.common_model_args()]
-        if ctx.args.no_progress:
-            argv.append("--quiet")
-        return rank_eval.main(argv)
-
-    return Step("rank-eval", inputs, {"scores": scores, "metrics": metrics}, {}, run)
-
-
-def step_taiyi_infer(ctx: Ctx) -> Step:
-    out = ctx.out / "baseline" / "taiyi_top10.csv"
-    inputs = {"csv": ctx.asset("recall_csv"), "images": ctx.images / "recall",
-              "text_config": ctx.asset("taiyi_text_config"), "text_vocab": ctx.asset("taiyi_text_vocab"),
-              "text_weights": ctx.asset("taiyi_text_finetuned"), "clip_config": ctx.asset("clip_config"),
-              "clip_weights": ctx.asset("clip_weights")}
-
-    def run() -> int:
-        import recall_infer  # noqa: PLC0415
-        out.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["--model", "taiyi", "--csv", str(inputs["csv"]), "--image-dir", str(inputs["images"]),
-                "--taiyi-text-dir", str(inputs["text_vocab"].parent),
-                "--taiyi-text-weights", str(inputs["text_weights"]),
-                "--clip-dir", str(inputs["clip_weights"].parent), "--output", str(out), "--topk", "10",
-                *ctx.common_model_args(arch=False)]
-        if ctx.args.no_progress:
-            argv.append("--no-progress")
-        return recall_infer.main(argv)
-
-    return Step("taiyi-infer", inputs, {"top10": out}, {"topk": 10, "model": "taiyi"}, run)
-
-
-def step_taiyi_eval(ctx: Ctx) -> Step:
-    results = ctx.out / "baseline" / "taiyi_top10.csv"
-    ours = ctx.out / "recall" / "top10.csv"
-    metrics = ctx.out / "baseline" / "taiyi_metrics.json"
-    compare = ctx.out / "baseline" / "compare.json"
-
-    def run() -> int:
-        import recall_eval  # noqa: PLC0415
-        rc = recall_eval.main(["--results", str(results), "--k", "1", "5", "10", "--json", str(metrics)])
-        if rc == 0:  # paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
-            rc = recall_eval.main(["--compare", str(results), str(ours), "--k", "1", "5", "10",
-                                   "--json", str(compare)])
-        return rc
-
-    return Step("taiyi-eval", {"results": results, "ours": ours}, {"metrics": metrics, "compare": compare},
-                {"k": [1, 5, 10]}, run)
-
-
-BUILDERS = {
-    "assets": step_assets,
-    "recall-images": lambda ctx: step_images(ctx, "recall"),
-    "recall-infer": step_recall_infer,
-    "recall-eval": step_recall_eval,
-    "rank-images": lambda ctx: step_images(ctx, "rank"),
-    "rank-eval": step_rank_eval,
-    "taiyi-infer": step_taiyi_infer,
-    "taiyi-eval": step_taiyi_eval,
-}
-
-
-# ---------------------------------------------------------------------------
-# the final table
-# ---------------------------------------------------------------------------
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def results_table(ctx: Ctx) -> tuple[list[dict], dict]:
-    rows: list[dict] = []
-    notes: dict = {}
-    rec = _load(ctx.out / "recall" / "metrics.json")
-    if rec:
-        for k in ("1", "5", "10"):
-            if k in rec.get("recall", {}):
-                rows.append({"metric": f"recall@{k}", "ours": rec["recall"][k]})
-        if rec.get("mrr") is not None:
-            rows.append({"metric": "recall MRR@10", "ours": rec["mrr"]})
-        notes["recall POIs"] = rec.get("n_pois")
-    rk = _load(ctx.out / "rank" / "metrics.json")
-    if rk:
-        for key, name in (("accuracy", "ranking accuracy"), ("auc", "ranking ROC-AUC"),
-                          ("log_loss", "ranking log loss"), ("baseline", "ranking constant guess")):
-            if key in rk:
-                rows.append({"metric": name, "ours": rk[key]})
-        notes["ranking pairs scored"] = rk.get("pairs_scored")
-        notes["ranking pairs with a missing image"] = rk.get("pairs_with_missing_image")
-    if ctx.args.with_baselines:
-        tai = _load(ctx.out / "baseline" / "taiyi_metrics.json") or {}
-        cmp = _load(ctx.out / "baseline" / "compare.json") or {}
-        for r in rows:
-            k = r["metric"].removeprefix("recall@")
-            if r["metric"] == "recall MRR@10":
-                tv, diff = tai.get("mrr"), cmp.get("mrr") or {}
-            elif r["metric"].startswith("recall@"):
-                tv, diff = tai.get("recall", {}).get(k), cmp.get("recall", {}).get(k) or {}
-            else:
-                continue
-            r["taiyi"] = tv
-            r["taiyi_paper"] = PAPER_TAIYI.get(r["metric"])
-            d = diff.get("B-A") or {}
-            r["ours_minus_taiyi"] = d.get("value")
-            r["ours_minus_taiyi_ci"] = d.get("ci")
-        if tai:
-            notes["Taiyi-CLIP POIs"] = tai.get("n_pois")
-    for r in rows:
-        r["paper"] = PAPER.get(r["metric"])
-        r["difference"] = (r["ours"] - r["paper"]
-                           if r["paper"] is not None and r["ours"] is not None else None)
-    for which in ("recall", "rank"):
-        s = read_stamp_summary(ctx.out, f"{which}-images")
-        if s:
-            notes[f"{which} images present / missing"] = f"{s.get('present')} / {s.get('missing')}"
-    return rows, notes
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def format_table(rows: list[dict]) -> str:
-    head = ("metric", "paper", "ours", "difference")
-    cells = [[r["metric"], _fmt(r["paper"]), _fmt(r["ours"]),
-              "-" if r["difference"] is None else f"{r['difference']:+.4f}"] for r in rows]
-    if any("taiyi" in r for r in rows):  # --with-baselines
-        head += ("Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]")
-        for c, r in zip(cells, rows):
-            d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
-            c += [_fmt(r.get("taiyi_paper")), _fmt(r.get("taiyi")),
-                  "-" if d is None else f"{d:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(c) for c in cells])
-
-
-def write_results(ctx: Ctx, rows, notes) -> dict:
-    files = {"recall metrics": ctx.out / "recall" / "metrics.json",
-             "recall top-10": ctx.out / "recall" / "top10.csv",
-             "recall report": ctx.out / "recall" / "report.html",
-             "ranking metrics": ctx.out / "rank" / "metrics.json",
-             "ranking scores": ctx.out / "rank" / "scores.csv",
-             "Taiyi-CLIP metrics": ctx.out / "baseline" / "taiyi_metrics.json",
-             "Taiyi-CLIP vs ours": ctx.out / "baseline" / "compare.json",
-             "log": ctx.out / "reproduce.log"}
-    files = {k: str(v) for k, v in files.items() if v.exists()}
-    doc = {"table": rows, "notes": notes, "files": files,
-           "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (ctx.out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
-    md = ["# Reproduction results", "", format_table(rows), ""]
-    md += [f"- {k}: {v}" for k, v in notes.items()] + [""] + [f"- {k}: `{v}`" for k, v in files.items()]
-    (ctx.out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    return files
-
-
-# ---------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------
 def say(msg: str, error: bool = False) -> None:
     print(msg, file=sys.stderr if error else sys.stdout, flush=True)
     (log.error if error else log.info)(msg)
 
 
-def run_step(step: Step) -> int:
-    """Run one step; a SystemExit from inside (a script's argparse or resolve_device)
-    becomes its exit status with the message shown."""
+def _load(path) -> dict:
     try:
-        return int(step.run() or 0)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            say(f"step {step.name}: {e.code}", error=True)
-            return 2
-        return int(e.code or 0)
+        return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=lambda c: None)  # NaN: "-"
+    except (OSError, ValueError):
+        return {}
 
 
+@dataclass
+class Step:
+    """``calls``: [module, *argv] whose arguments shape the outputs (the stamp records them; inputs
+    and outputs are read off their path flags); ``extra``: how it runs, not recorded."""
+    name: str
+    calls: list
+    extra: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+    def __post_init__(self):
+        pairs = [(f, v) for _, *argv in self.calls for f, v in zip(argv, argv[1:])]
+        self.inputs = {f[2:]: v for f, v in pairs if f in INPUT_FLAGS}
+        self.outputs = self.outputs or [v for f, v in pairs if f in OUTPUT_FLAGS]
+
+    def stamp(self, out) -> Path:
+        return Path(out, "steps", f"{self.name}.done.json")
+
+    def why_run(self, out) -> str | None:
+        """None when done, else the reason to run."""
+        calls = _load(self.stamp(out)).get("calls")
+        gone = [str(p) for p in self.outputs if not Path(p).exists()]
+        return ("not done" if calls is None else "arguments changed" if calls != self.calls
+                else f"output missing: {gone[0]}" if gone else None)
+
+    def run(self) -> int:
+        """The scripts' ``main(argv)`` in this process, in turn; the first failing exit status."""
+        for module, *argv in self.calls:
+            try:
+                rc = int(importlib.import_module(module).main(argv + self.extra) or 0)
+            except SystemExit as e:  # the script's argparse (it said why)
+                rc = e.code if isinstance(e.code, int) else 2
+            if rc:
+                return rc
+        return 0
+
+
+@dataclass
+class ImagesStep(Step):
+    max_failures: str = "20%"  # N or P% of the set's images
+
+    def run(self) -> int:
+        import download_images  # noqa: PLC0415
+        from utils.data import sniff_format  # noqa: PLC0415
+        csv, manifest, spec = self.inputs["csv"], Path(self.outputs[0], "manifest.jsonl"), self.max_failures
+        total = download_images.estimate_total(csv, sniff_format(csv), None, None) or 0
+        n = int(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
+        self.extra = [*self.extra, "--max-failures", str(n)]
+        rc, c = super().run(), image_counts(manifest)
+        if rc == 1:
+            say(f"step {self.name}: {c['missing']} of {c['missing'] + c['present']} images could not be "
+                f"downloaded, more than --max-failures {spec} (= {n}); see {manifest}. Rerun to retry "
+                f"them, or raise --max-failures.", error=True)
+        return rc
+
+
+def image_counts(manifest: Path) -> dict:
+    """Images present / missing (bad CSV rows included) per download_images' manifest.jsonl."""
+    lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
+    c = Counter(json.loads(line).get("status") for line in lines if line.endswith("}"))
+    return {"present": c["ok"] + c["skipped"], "missing": c["failed"]}
+
+
+def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
+    """The steps to run: SCRIPTS with this run's paths and options, and how each runs."""
+    needed = NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines
+    p = {name: str(Path(args.dest, path)) for name, path in assets.items()}
+    p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
+    p |= {k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
+                                                           ("taiyi", "taiyi_text_vocab"))}
+    fill = lambda line: [x for t in line.split()  # noqa: E731 - split first: paths may hold spaces
+                         for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])]
+    p |= {"*needed": list(needed), "*arch": ["--arch", args.arch] if args.arch else [],
+          "*mirror": ["--mirror", args.mirror] if args.mirror else [],
+          "*html": [] if args.no_html else fill("--html {o}/recall/report.html --image-dir {img}/recall")}
+    progress = ["--no-progress"] if args.no_progress else []
+    model = ["--device", args.device, "--backend", args.backend, *progress,
+             *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
+             *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
+    how = {**dict.fromkeys(MODEL_STEPS, model),
+           **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), *progress])}
+    steps = {}
+    for name in args.steps:
+        calls = [fill(line) for line in SCRIPTS[name]]  # check_args made sure the manifest has their assets
+        extra = how.get(name, progress)
+        steps[name] = (ImagesStep(name, calls, extra, max_failures=args.max_failures) if name in IMAGE_STEPS
+                       else Step(name, calls, extra, [p[n] for n in needed] if name == "assets" else []))
+    return steps
+
+
+def report(args) -> None:
+    """The table metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines) and its
+    notes, from the steps' metrics: on stdout and in OUT/results.md and OUT/results.json."""
+    rec, rk, tai, cmp = (_load(f"{args.out_dir}/{f}.json") for f in (
+        "recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare"))
+    dig = lambda d, key: functools.reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # noqa: E731 "a/b"
+    rows = []
+    for metric, key in ROWS.items():
+        recall = metric.startswith("recall")
+        if (ours := dig(rec if recall else rk, key)) is None:
+            continue
+        rows.append({"metric": metric, "paper": PAPER.get(metric), "ours": ours,
+                     "difference": ours - PAPER[metric] if metric in PAPER else None})
+        if args.with_baselines and recall:
+            d = dig(cmp, key + "/B-A") or {}
+            rows[-1].update(taiyi_paper=PAPER_TAIYI.get(metric), taiyi=dig(tai, key),
+                            ours_minus_taiyi=d.get("value"), ours_minus_taiyi_ci=d.get("ci"))
+    notes = {"recall POIs": rec.get("n_pois"), "ranking pairs scored": rk.get("pairs_scored"),
+             "ranking pairs with a missing image": rk.get("pairs_with_missing_image"),
+             "Taiyi-CLIP POIs": tai.get("n_pois") if args.with_baselines else None}
+    for w in ("recall", "rank"):
+        if Path(args.images_dir, w, "manifest.jsonl").is_file():
+            c = image_counts(Path(args.images_dir, w, "manifest.jsonl"))
+            notes[f"{w} images present / missing"] = f"{c['present']} / {c['missing']}"
+    notes, out = {k: v for k, v in notes.items() if v is not None}, Path(args.out_dir)
+    if rows:
+        text = "\n".join([format_table(rows), "", *(f"- {k}: {v}" for k, v in notes.items())])
+        write_json(out / "results.json", {"table": rows, "notes": notes, "written": time.strftime("%FT%T")})
+        with atomic_write(out / "results.md") as f:
+            f.write(f"# Reproduction results\n\n{text}\n")
+        print(f"\n{text}\n- results: {out / 'results.md'} and {out / 'results.json'}")
+
+
+def format_table(rows: list[dict]) -> str:
+    fmt = lambda v, sign="": "-" if v is None else f"{v:{sign}.4f}"  # noqa: E731
+    head = ["metric", "paper", "ours", "difference"]
+    cells = [[r["metric"], fmt(r["paper"]), fmt(r["ours"]), fmt(r["difference"], "+")] for r in rows]
+    if any("taiyi" in r for r in rows):  # --with-baselines
+        head += ["Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]"]
+        for c, r in zip(cells, rows):
+            d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
+            c += [fmt(r.get("taiyi_paper")), fmt(r.get("taiyi")),
+                  fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else "")]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def check_args(args) -> tuple[str, dict]:
+    """What a user can get wrong, before any work: (manifest, its asset name -> path)."""
+    from utils.assets import DEFAULT_MANIFEST, AssetError, load_manifest  # noqa: PLC0415
+    manifest = str(cli.input_file(args.manifest, "--manifest") if args.manifest else DEFAULT_MANIFEST)
+    try:
+        assets = {a.name: a.path for a in load_manifest(manifest)}
+    except AssetError as e:
+        raise cli.UserError(str(e)) from None
+    args.with_baselines = args.with_baselines or bool(set(args.steps) & set(BASELINE_STEPS))
+    if args.with_baselines and set(STEPS) <= set(args.steps):
+        args.steps = list(dict.fromkeys(args.steps + list(BASELINE_STEPS)))
+    lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines if n not in assets]
+    if lacking:
+        raise cli.UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
+    if args.arch:
+        cli.input_file(args.arch, "--arch")
+    cli.output_dir(args.out_dir, "--out-dir")
+    if "assets" in args.steps:
+        cli.output_dir(args.dest, "--dest")
+    args.images_dir = args.images_dir or str(Path(args.dest, "data", "images"))
+    for w in ("recall", "rank"):
+        if f"{w}-images" in args.steps:
+            cli.output_dir(Path(args.images_dir, w), "--images-dir")
+    if set(MODEL_STEPS) & set(args.steps):
+        cli.resolve_device(args.device)  # --device cuda without a GPU: exit 2 now, not in a step
+    return manifest, assets
+
+
+@cli.entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    handler = logging.FileHandler(out / "reproduce.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    steps, out = plan(args, *check_args(args)), Path(args.out_dir)
+    with exclusive_lock(out, ".reproduce.lock"):
+        handler = logging.FileHandler(out / "reproduce.log", encoding="utf-8")  # the steps' messages too
+        handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+        cli.setup_logging(args.log_level)
+        try:
+            log.info("reproduce: %s", vars(args))
+            for name in args.steps:
+                if (rc := run_step(steps[name], out, name in args.force)) != 0:
+                    return rc
+            report(args)
+            return 0
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def run_step(step: Step, out: Path, forced: bool) -> int:
+    """0 when the step is done or ran well, 1 when it failed or cannot run, 130 when interrupted."""
+    why = "--force" if forced else step.why_run(out)
+    if why is None:
+        say(f"step {step.name}: skipped (done; --force {step.name} reruns it)")
+        return 0
+    absent = [f"{k} {v}" for k, v in step.inputs.items() if not Path(v).exists()]
+    if absent:
+        say(f"step {step.name}: cannot run, missing input: {'; '.join(absent)} (run the earlier steps "
+            f"first, e.g. reproduce.py --steps {','.join(ALL_STEPS[:ALL_STEPS.index(step.name)])})", error=True)
+        return 1
+    say(f"step {step.name}: running ({why})")
+    step.stamp(out).unlink(missing_ok=True)  # not done until it finishes
+    t = time.monotonic()
     try:
-        return _main(args)
-    except KeyboardInterrupt:
-        say("\ninterrupted; finished steps keep their stamps and partial downloads resume: "
-            "rerun the same command to go on", error=True)
-        return 130
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-        handler.close()
-
-
-def _main(args) -> int:
-    from utils.cli import UserError, resolve_device
-
-    try:
-        device = str(resolve_device(args.device))
-    except UserError as e:
-        say(f"error: {e}", error=True)
-        return 2
-    try:
-        ctx = Ctx(args, device)
-    except Exception as e:  # noqa: BLE001 - a bad manifest: AssetError, ValueError
-        say(f"error: {e}", error=True)
-        return 2
-    log.info("reproduce: steps=%s dest=%s images=%s out=%s device=%s mirror=%s", ",".join(args.steps),
-             ctx.dest, ctx.images, ctx.out, device, args.mirror)
-    t0 = time.monotonic()
-    steps = list(args.steps)
-    if args.with_baselines and set(STEPS) <= set(steps):
-        steps += [s for s in BASELINE_STEPS if s not in steps]
-    for name in steps:
-        step = BUILDERS[name](ctx)
-        forced = name in args.force
-        if name == "assets":
-            missing = [] if forced else ctx.download_assets.missing_assets(ctx.manifest, ctx.dest,
-                                                                           ctx.needed)
-            if not forced and not missing:
-                say(f"step assets: skipped (all {len(ctx.needed)} assets present and verified in {ctx.dest})")
-                continue
-            say(f"step assets: running ({len(missing)} of {len(ctx.needed)} assets to fetch)"
-                if not forced else "step assets: running (--force)")
-        else:
-            ok, why = up_to_date(step, ctx.out)
-            if ok and not forced:
-                say(f"step {name}: skipped ({why}; --force {name} reruns it)")
-                continue
-            absent = [f"{k} {v}" for k, v in step.inputs.items() if identity(v) is None]
-            if absent:
-                say(f"step {name}: cannot run, missing input: {'; '.join(absent)} "
-                    f"(run the earlier steps first, e.g. reproduce.py --steps "
-                    f"{','.join(ALL_STEPS[:ALL_STEPS.index(name)])})", error=True)
-                return 1
-            say(f"step {name}: running ({'--force' if forced and ok else why})")
-        t = time.monotonic()
-        before = step.fingerprint() if name != "assets" else None
-        rc = run_step(step)
-        if rc != 0:
-            say(f"step {name}: FAILED (exit status {rc}); see the messages above and "
-                f"{ctx.out / 'reproduce.log'}. Fix the cause and rerun: finished steps are skipped.",
-                error=True)
-            return 1
-        if name != "assets":
-            write_stamp(step, ctx.out, time.monotonic() - t, step.summary(), before)
-        say(f"step {name}: done in {time.monotonic() - t:.1f} s")
-
-    rows, notes = results_table(ctx)
-    if rows:
-        files = write_results(ctx, rows, notes)
-        print()
-        print(format_table(rows))
-        print()
-        for k, v in notes.items():
-            print(f"{k}: {v}")
-        print(f"results: {ctx.out / 'results.md'} and {ctx.out / 'results.json'}")
-        for k, v in files.items():
-            print(f"{k}: {v}")
-    log.info("reproduce: finished in %.1f s", time.monotonic() - t0)
+        rc = step.run()
+    except cli.UserError as e:  # bad input met inside the step (a script not under cli.entry_point)
+        say(f"step {step.name}: error: {cli.one_line(e)}", error=True)
+        rc = 2
+    if rc == cli.EXIT_INTERRUPTED:  # Ctrl-C, said in one line by the step script's cli.entry_point
+        return rc
+    if rc != 0:
+        say(f"step {step.name}: FAILED (exit status {rc}); see the messages above and {out}/reproduce.log. "
+            f"Fix the cause and rerun: finished steps are skipped.", error=True)
+        return 1
+    write_json(step.stamp(out), {"step": step.name, "calls": step.calls})
+    say(f"step {step.name}: done in {time.monotonic() - t:.1f} s")
     return 0
 
 

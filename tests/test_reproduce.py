@@ -170,20 +170,25 @@ def test_full_run_then_everything_skipped_then_partial_rerun(world, capsys):
     assert table_value(text, "recall@5")[1] == f"{rec['recall']['5']:.4f}"
     assert "skipped" in (out / "reproduce.log").read_text()
 
-    # 3. a ranking image removed: rank-images fetches just it, rank-eval reruns, the rest skip
+    # 3. a ranking image removed by hand: a done step does not look at its inputs (that is
+    # --force's job); forced, rank-images fetches just that image, rank-eval reruns, the rest skip
     (dest / "data/images/rank/903_b.jpg").unlink()
     srv.reset_counts()
     assert reproduce.main(argv(world, dest, out)) == 0
+    assert srv.total_requests == 0 and "running" not in capsys.readouterr().out
+    assert reproduce.main(argv(world, dest, out, "--force", "rank-images,rank-eval")) == 0
     text = capsys.readouterr().out
     assert [p for (_, p, _) in srv.log] == ["/img/rank/903_b.jpg"]
     for step in ("assets", "recall-images", "recall-infer", "recall-eval"):
         assert f"step {step}: skipped" in text
-    assert "step rank-images: running (output changed since: images)" in text
-    assert "step rank-eval: running (input changed: images)" in text
+    assert "step rank-images: running (--force)" in text
+    assert "step rank-eval: running (--force)" in text
+    assert "rank images present / missing: 16 / 0" in text
 
 
 def test_recall_backend_onnx_gives_the_same_figures(world, capsys):
-    """--recall-backend onnx reruns recall-infer (forced) with ONNX Runtime: same top-10."""
+    """--recall-backend onnx (the deprecated alias of --backend) reruns recall-infer (forced)
+    with ONNX Runtime: same top-10."""
     pytest.importorskip("onnxruntime")
     base = world["base"]
     dest, out = base / "dest", base / "out"
@@ -247,25 +252,153 @@ def test_max_failures_stops_when_too_many_images_are_gone(world, capsys, tmp_pat
     assert not (out / "steps" / "recall-images.done.json").exists()
 
 
-def test_input_replaced_while_a_step_runs_leaves_the_stamp_stale(tmp_path):
-    """The stamp records the inputs as the step read them (before it ran): an input
-    replaced during the run makes the next run redo the step."""
-    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
-    src.write_text("v1", encoding="utf-8")
+# ---------------------------------------------------------------------------
+# the rerun rule and the arguments each step gets, with the step scripts' mains replaced
+# ---------------------------------------------------------------------------
+MODEL_SCRIPTS = ("recall_infer", "rank_eval")
+OUTPUT_FLAGS = ("--output", "--json", "--metrics", "--html", "--out")
 
-    def run() -> int:
-        dst.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
-        src.write_text("v2, replaced meanwhile", encoding="utf-8")
-        return 0
 
-    step = reproduce.Step("copy", {"src": src}, {"dst": dst}, {}, run)
-    before = step.fingerprint()
-    assert step.run() == 0
-    reproduce.write_stamp(step, tmp_path, 0.0, {}, before)
-    ok, why = reproduce.up_to_date(step, tmp_path)
-    assert not ok and why == "input changed: src"
-    # an input left alone: up to date
-    step.run = lambda: 0
-    before = step.fingerprint()
-    reproduce.write_stamp(step, tmp_path, 0.0, {}, before)
-    assert reproduce.up_to_date(step, tmp_path)[0]
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """Every asset of the manifest present (empty files), image folders in place, and the
+    step scripts' ``main`` replaced by a recorder that writes the outputs it is given."""
+    import download_images
+    import rank_eval
+    import recall_eval
+    import recall_infer
+
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    for a in load_manifest(DEFAULT_MANIFEST):
+        (dest / a.path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / a.path).write_bytes(b"")
+    paths = {a.name: dest / a.path for a in load_manifest(DEFAULT_MANIFEST)}
+    paths["recall_csv"].write_text("101,name,http://127.0.0.1:9/a.jpg,1,96,64,\n", encoding="utf-8")
+    paths["rank_val_csv"].write_text("$record$".join(["900", "u", "v", "1", "2", "t", "c", "", "", ""]) + "\n",
+                                     encoding="utf-8")
+    for w in ("recall", "rank"):
+        (dest / "data" / "images" / w).mkdir(parents=True)
+    calls: list[tuple[str, list[str]]] = []
+    behaviour = {}  # module -> exception to raise or exit status to return
+
+    def recorder(name):
+        def main(argv=None):
+            calls.append((name, list(argv)))
+            what = behaviour.get(name, 0)
+            if isinstance(what, BaseException):
+                raise what
+            for flag, value in zip(argv, argv[1:]):
+                if flag in OUTPUT_FLAGS:
+                    Path(value).parent.mkdir(parents=True, exist_ok=True)
+                    if flag == "--out":
+                        Path(value).mkdir(exist_ok=True)
+                        (Path(value) / "manifest.jsonl").write_text('{"status": "ok"}\n')
+                    else:
+                        Path(value).write_text("{}")
+            return what
+        return main
+
+    for mod in (recall_infer, rank_eval, recall_eval, download_images):
+        monkeypatch.setattr(mod, "main", recorder(mod.__name__))
+    monkeypatch.setattr(download_images, "estimate_total", lambda *a: 10)
+
+    def run(*extra):
+        calls.clear()
+        return reproduce.main(["--dest", str(dest), "--out-dir", str(out), "--device", "cpu",
+                               "--steps", "recall-images,recall-infer,recall-eval,rank-images,rank-eval",
+                               *extra])
+
+    return {"run": run, "calls": calls, "behaviour": behaviour, "dest": dest, "out": out}
+
+
+def ran(fake) -> list[str]:
+    return [name for name, _ in fake["calls"]]
+
+
+def test_backend_reaches_every_model_step(fake, capsys):
+    """--backend (and --no-progress) go to recall-infer, rank-eval and taiyi-infer; the old
+    --recall-backend is an alias; the default is auto."""
+    steps = "recall-infer,rank-eval,taiyi-infer"
+    assert fake["run"]("--steps", steps, "--with-baselines", "--backend", "onnx", "--no-progress") == 0
+    models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
+    assert len(models) == 3 and ["--model", "taiyi"] == models[2][:2]
+    for argv in models:
+        assert argv[argv.index("--backend") + 1] == "onnx" and "--no-progress" in argv
+        assert argv[argv.index("--device") + 1] == "cpu"
+    assert fake["run"]("--steps", steps, "--with-baselines", "--force", "all") == 0
+    models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
+    assert len(models) == 3 and all(a[a.index("--backend") + 1] == "auto" for a in models)
+    assert fake["run"]("--steps", "recall-infer", "--recall-backend", "torch", "--force", "recall-infer") == 0
+    (name, argv), = fake["calls"]
+    assert argv[argv.index("--backend") + 1] == "torch"
+    capsys.readouterr()
+
+
+def test_no_progress_reaches_every_step(fake, capsys):
+    assert fake["run"]("--no-progress") == 0
+    assert len(fake["calls"]) == 5 and all("--no-progress" in argv for _, argv in fake["calls"])
+    assert "--quiet" not in str(fake["calls"])
+    capsys.readouterr()
+
+
+def test_rerun_rule(fake, capsys):
+    """Done = outputs present + the same arguments. A changed argument reruns the step, how it
+    runs (backend, device, batch size, workers, progress) does not; --force reruns; a missing
+    output reruns."""
+    run = fake["run"]
+    assert run() == 0
+    assert ran(fake) == ["download_images", "recall_infer", "recall_eval", "download_images", "rank_eval"]
+    assert run() == 0 and ran(fake) == []
+    # how a step runs: nothing reruns
+    assert run("--backend", "onnx", "--batch-size", "4", "--num-workers", "1", "--workers", "2",
+               "--no-progress") == 0 and ran(fake) == []
+    # an argument that shapes the outputs: that step reruns (recall-eval: --html gone)
+    assert run("--no-html") == 0 and ran(fake) == ["recall_eval"]
+    assert "step recall-eval: running (arguments changed)" in capsys.readouterr().out
+    assert run("--no-html", "--force", "rank-eval") == 0 and ran(fake) == ["rank_eval"]
+    (fake["out"] / "recall" / "top10.csv").unlink()
+    assert run("--no-html") == 0 and ran(fake) == ["recall_infer"]
+    assert "step recall-infer: running (output missing: " in capsys.readouterr().out
+    stamp = json.loads((fake["out"] / "steps" / "recall-infer.done.json").read_text())
+    assert stamp["calls"][0][0] == "recall_infer" and "--backend" not in stamp["calls"][0]
+
+
+@pytest.mark.parametrize("how", ["exception", "exit-status"])
+def test_interrupted_step_reruns(fake, capsys, how):
+    """Ctrl-C in a step (raised, or caught by the script's entry point, which said so: 130):
+    at most one line from reproduce, exit 130, the step is not done (its stamp went when it
+    started), the next run reruns it."""
+    run = fake["run"]
+    assert run() == 0
+    fake["behaviour"]["rank_eval"] = KeyboardInterrupt() if how == "exception" else 130
+    assert run("--force", "rank-eval") == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == (["reproduce: interrupted"] if how == "exception" else [])
+    assert not (fake["out"] / "steps" / "rank-eval.done.json").exists()
+    fake["behaviour"]["rank_eval"] = 0
+    assert run() == 0 and ran(fake) == ["rank_eval"]
+    assert "step rank-eval: running (not done)" in capsys.readouterr().out
+
+
+def test_table_with_baselines(tmp_path, capsys):
+    """--with-baselines: Taiyi-CLIP columns on the recall rows, ours - Taiyi with its paired
+    interval from recall_eval --compare; a NaN figure shows as "-"."""
+    out = tmp_path / "out"
+    for rel, doc in {"recall/metrics.json": {"recall": {"1": 0.5, "5": 0.8, "10": 0.9}, "mrr": 0.6, "n_pois": 6},
+                     "rank/metrics.json": {"accuracy": 0.7, "auc": float("nan"), "pairs_scored": 8},
+                     "baseline/taiyi_metrics.json": {"recall": {"5": 0.6}, "mrr": 0.4, "n_pois": 6},
+                     "baseline/compare.json": {"recall": {"5": {"B-A": {"value": 0.2, "ci": [0.05, 0.35]}}}}}.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(json.dumps(doc), encoding="utf-8")
+    args = reproduce.build_parser().parse_args(["--out-dir", str(out), "--with-baselines",
+                                                "--images-dir", str(tmp_path / "none")])
+    reproduce.report(args)
+    text = capsys.readouterr().out
+    assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000",
+                                             "+0.2000 [+0.0500, +0.3500]"]
+    assert table_value(text, "recall MRR@10") == ["-", "0.6000", "-", "-", "0.4000", "-"]
+    assert table_value(text, "ranking accuracy") == ["0.6520", "0.7000", "+0.0480", "-", "-", "-"]
+    assert "ranking ROC-AUC" not in text  # NaN: no figure
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["notes"]["Taiyi-CLIP POIs"] == 6
+    assert table_value((out / "results.md").read_text(), "recall@5")[-1] == "+0.2000 [+0.0500, +0.3500]"
