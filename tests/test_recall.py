@@ -22,6 +22,7 @@ from models.checkpoint import save_align_checkpoint
 from utils.cache import EmbeddingCache
 from utils.data import poi_of_image
 from utils.embed import encode_images, encode_texts
+from utils.hashing import model_hash
 from utils.images import load_image
 from utils.metrics import (evaluate_groups, first_hit_ranks, mean_reciprocal_rank,
                                   recall_and_mrr, recall_at_k, stable_topk)
@@ -157,12 +158,12 @@ def test_both_file_formats_give_the_same_figures(tmp_path, capsys):
     assert recall_eval.main(["--results", str(tmp_path / "full.csv"), "--k", "20"]) == 0
 
 
-def test_bad_results_files_are_named(tmp_path, caplog):
+def test_bad_results_files_are_named(tmp_path, capsys):
     p = tmp_path / "bad.csv"
     p.write_text("1,a,1_1.jpg,0.5\n1,a,1_2.jpg,notanumber\n", encoding="utf-8")
-    with caplog.at_level(logging.ERROR):
-        assert recall_eval.main(["--results", str(p)]) == 2
-    assert "bad.csv:2" in caplog.text and "notanumber" in caplog.text
+    assert recall_eval.main(["--results", str(p)]) == 2
+    err = capsys.readouterr().err  # the one-line error of utils.cli.entry_point
+    assert "bad.csv:2" in err and "notanumber" in err
 
 
 # ---------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def _tok1(tok, text):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
+def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog, capsys):
     g = gallery
     bad = tmp_path / "bad.csv"
     bad.write_text("1,a,http://x,1,2,3\n", encoding="utf-8")
@@ -307,10 +308,9 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
     caplog.clear()
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    with caplog.at_level(logging.ERROR):
-        assert recall_infer.main(["--csv", str(g["csv"]), "--image-dir", str(empty),
-                                  *base[2:]]) == 2
-    assert "101_1" in caplog.text
+    capsys.readouterr()
+    assert recall_infer.main(["--csv", str(g["csv"]), "--image-dir", str(empty), *base[2:]]) == 2
+    assert "101_1" in capsys.readouterr().err  # the one-line error of utils.cli.entry_point
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +319,8 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
 def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog):
     model = gallery["model"]
     srcs = sorted(p for p in gallery["images"].iterdir() if p.suffix == ".jpg")[:6]
-    cache = EmbeddingCache.for_model(tmp_path / "c", model)
+    tag = f"align:{model_hash(model)}"   # what RecallModel.identity() gives for this model
+    cache = EmbeddingCache(tmp_path / "c", tag)
     s1 = {}
     e1, ok1 = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=cache, stats=s1, progress=False)
     assert s1["encoded"] == 6 and s1["cached"] == 0
@@ -344,7 +345,7 @@ def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog)
     # a corrupt cache file is moved aside with a warning, and the run goes on
     (tmp_path / "c" / "embeddings.sqlite").write_bytes(b"this is not sqlite" * 100)
     with caplog.at_level(logging.WARNING):
-        broken = EmbeddingCache.for_model(tmp_path / "c", model)
+        broken = EmbeddingCache(tmp_path / "c", tag)
         s4 = {}
         e4, _ = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=broken, stats=s4, progress=False)
     assert "not a readable cache" in caplog.text
