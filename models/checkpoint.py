@@ -138,7 +138,10 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "",
     if ignored:
         log.info("%s: ignored %d tensors that inference does not use: %s",
                  source, len(ignored), ", ".join(ignored))
-    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=assign)
+    keep = {k: v for k, v in sd.items() if k in expected}
+    if assign:  # the model's dtypes stay (a half-precision file is cast, as a copy would)
+        keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in keep.items()}
+    model.load_state_dict(keep, strict=True, assign=assign)
     return ignored
 
 

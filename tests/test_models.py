@@ -316,3 +316,9 @@ def test_loaded_model_is_built_without_wasted_init_and_equals_the_file(tmp_path,
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     assert all(p.requires_grad for p in loaded.parameters())  # trainable after loading, as before
+    # a half-precision file still gives the float32 model, as copying into it did
+    torch.save({"state_dict": {k: (v.half() if v.is_floating_point() else v)
+                               for k, v in model.state_dict().items()}, "arch": model.arch.to_dict()},
+               tmp_path / "half.pth")
+    half = load_align_model(tmp_path / "half.pth", bert_dir)
+    assert {p.dtype for p in half.parameters()} == {torch.float32}

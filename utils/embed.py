@@ -79,7 +79,7 @@ def default_engine_threads() -> int:
 
 def native_low_precision(device, precision: str) -> bool:
     """False when ``precision`` would be emulated: on a CPU without AVX-512 BF16 / AMX
-    (an AVX2-only CPU runs bf16 convolutions ~100x slower than fp32)."""
+    (where it is emulated, bf16 convolutions run far slower than fp32)."""
     if precision == "fp32" or torch.device(device).type != "cpu":
         return True
     cpu = torch.cpu
