@@ -6,11 +6,18 @@
     python recall_eval.py --results results/recall_top10.csv --html results/recall.html \\
         --image-dir data/recall_images
     python recall_eval.py --compare results/taiyi_top10.csv results/recall_top10.csv   # A vs B
+    python recall_eval.py --embeddings results/recall.npz   # recall_infer.py --save-embeddings
 
-Input, either format (detected from the first line):
+Input, either results format (detected from the first line; utils/data.py):
   * recall_infer.py --output: header ``poi_id,poi_name,rank,image,score``, top-k rows;
   * the authors' full format (recall_infer.py --full-output): no header, one row per
-    (POI, image) ``poi_id,poi_name,image_path,score``.
+    (POI, image) ``poi_id,poi_name,image_path,score``;
+or the vectors of a run (--embeddings FILE.npz, recall_infer.py --save-embeddings): the
+scores are computed here (cosines, stable top-k: the figures of the full format), so
+feature extraction, top-k and scoring can run apart, as in Chinese-CLIP's evaluation.
+
+A score that is not a finite number is an error naming the file and line; a row that
+repeats an earlier (poi_id, image) pair is counted once, with a warning.
 
 Semantics (the authors' evaluator): rows are grouped by poi_id (not by name: four
 names of the published set belong to two ids each); each group is sorted by score,
@@ -37,12 +44,12 @@ hits, and with --html a self-contained page (thumbnails embedded; failures first
 Thumbnails are looked up as the listed path, else by file name in --image-dir (default:
 the image directory recorded in ``<results>.meta.json`` by recall_infer.py).
 
-Exit status: 0 on success, 2 for an unreadable results file or an impossible K.
+Exit status: 0 on success, 2 for bad input (an unreadable results file, an impossible K,
+an output location that cannot be written), reported as one line.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -51,86 +58,62 @@ from pathlib import Path
 
 import numpy as np
 
+from utils import cli
 from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, fmt_interval, mean_intervals
-from utils.data import DataError, open_csv
-from utils.metrics import DEFAULT_KS, RecallResult, evaluate_groups
-from utils.report import write_recall_report
+from utils.data import DataError, load_embeddings, write_json
+from utils.data import read_results as read_results_file
+from utils.metrics import DEFAULT_KS, RecallResult, evaluate_groups, evaluate_matrix
 
 log = logging.getLogger("recall_eval")
-TOPK_HEADER = ["poi_id", "poi_name", "rank", "image", "score"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", help="recall_infer.py output (top-k or full format)")
+    p.add_argument("--embeddings", metavar="FILE.npz",
+                   help="recall_infer.py --save-embeddings output: score its vectors here")
     p.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"),
                    help="compare two results files (two models) on the same POIs, paired bootstrap")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="K values (default 1 5 10)")
+    p.add_argument("--k", type=cli.positive_int, nargs="+", default=list(DEFAULT_KS),
+                   help="K values (default 1 5 10)")
     p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
     p.add_argument("--html", help="write a self-contained HTML report here")
-    p.add_argument("--html-k", type=int, help="images shown per POI in the report (default max --k)")
+    p.add_argument("--html-k", type=cli.positive_int, help="images shown per POI in the report (default max --k)")
     p.add_argument("--image-dir", help="where the images are, for thumbnails")
-    p.add_argument("--page-size", type=int, default=50, help="POIs per report page (default 50)")
-    p.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N",
+    p.add_argument("--page-size", type=cli.positive_int, default=50, help="POIs per report page (default 50)")
+    p.add_argument("--bootstrap", type=cli.non_negative_int, default=DEFAULT_DRAWS, metavar="N",
                    help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}; 0: none)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 0)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    cli.add_common_args(p, device=False)
     args = p.parse_args(argv)
-    if min(args.k) < 1:
-        p.error("--k values must be >= 1")
-    if bool(args.results) == bool(args.compare):
-        p.error("give either --results FILE or --compare A.csv B.csv")
-    if args.bootstrap < 0:
-        p.error("--bootstrap must be >= 0")
+    if sum(x is not None for x in (args.results, args.embeddings, args.compare)) != 1:
+        p.error("give one of --results FILE, --embeddings FILE.npz or --compare A.csv B.csv")
     return args
 
 
 def read_results(path: str | os.PathLike):
-    """``(fmt, groups, names)``: fmt 'topk' or 'full'; groups = {poi_id: [(image, score)]}
-    in file order; names = {poi_id: first name seen}."""
-    path = str(path)
-    groups: dict[str, list[tuple[str, float]]] = {}
-    names: dict[str, str] = {}
-    with open_csv(path) as f:
-        reader = csv.reader(f)
-        fmt = None
-        try:
-            for fields in reader:
-                line = reader.line_num
-                if not fields or all(not x.strip() for x in fields):
-                    continue
-                if fmt is None:
-                    if [x.strip() for x in fields] == TOPK_HEADER:
-                        fmt = "topk"
-                        continue
-                    fmt = "full"
-                if fmt == "topk":
-                    if len(fields) != 5:
-                        raise DataError(f"{path}:{line}: expected 5 fields ({','.join(TOPK_HEADER)}), "
-                                        f"found {len(fields)}")
-                    poi, name, _, image, score = fields
-                else:
-                    if len(fields) < 4:
-                        raise DataError(f"{path}:{line}: expected 4 fields (poi_id,poi_name,image_path,"
-                                        f"score) or a header line {','.join(TOPK_HEADER)}, found {len(fields)}")
-                    # an unquoted comma inside a name gives extra fields: the name is the middle
-                    poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
-                poi = poi.strip()
-                try:
-                    s = float(score)
-                except ValueError:
-                    raise DataError(f"{path}:{line}: score {score!r} is not a number") from None
-                if not poi or not image.strip():
-                    raise DataError(f"{path}:{line}: empty poi_id or image")
-                # 2.5 M rows of the full format repeat 5000 paths: share the strings
-                groups.setdefault(poi, []).append((sys.intern(image.strip()), s))
-                names.setdefault(poi, name)
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
-    if not groups:
-        raise DataError(f"{path}: no result rows")
-    return fmt, groups, names
+    """``(fmt, groups, names)`` of a results file (``utils.data.read_results``)."""
+    r = read_results_file(path)
+    return r.fmt, r.groups, r.names
+
+
+def check_paths(args) -> str:
+    """Inputs readable, outputs writable, before the work; returns the JSON path."""
+    inputs = args.compare or [args.results or args.embeddings]
+    for path in inputs:
+        cli.input_file(path, "--compare" if args.compare else "--results" if args.results else "--embeddings")
+    if args.image_dir:
+        cli.input_dir(args.image_dir, "--image-dir")
+    out_json = args.json or (f"{args.compare[1]}.compare.json" if args.compare else f"{inputs[0]}.eval.json")
+    cli.output_file(out_json, "--json")
+    if args.html:
+        cli.output_file(args.html, "--html")
+        if os.path.realpath(args.html) == os.path.realpath(out_json):
+            raise cli.UserError(f"--html {args.html}: the same file as the JSON output")
+    for path in inputs:
+        if os.path.realpath(path) in {os.path.realpath(out_json), os.path.realpath(args.html or out_json)}:
+            raise cli.UserError(f"{path}: would be overwritten by an output of this run")
+    return out_json
 
 
 def read_meta(results: str) -> dict:
@@ -186,14 +169,6 @@ def intervals(result: RecallResult, ks: list[int], draws: int, seed: int) -> dic
     return {"recall": dict(zip(ks, ci[:-1])), "mrr": ci[-1]}
 
 
-def write_json(path: str, doc: dict) -> None:
-    """``doc`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-
-
 def load(path: str, ks: list[int]):
     """``(fmt, groups, names, meta)`` of a results file, K checked."""
     fmt, groups, names = read_results(path)
@@ -202,21 +177,35 @@ def load(path: str, ks: list[int]):
     return fmt, groups, names, meta
 
 
-def compare(args, ks: list[int]) -> int:
+def evaluate_embeddings(path: str, ks: list[int], keep: int) -> tuple[RecallResult, dict]:
+    """recall@K/MRR from the vectors of ``recall_infer.py --save-embeddings``: cosines of
+    every POI name with every image, ranked by ``utils.metrics.stable_topk`` (the same
+    computation as recall_infer's, so the same figures as its --full-output file)."""
+    import torch
+
+    d = load_embeddings(path)
+    with torch.inference_mode():
+        scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()
+    too_big = [k for k in ks if k > scores.shape[1]]
+    if too_big:
+        log.warning("%s: the gallery holds %d images; recall@%s counts them all", path, scores.shape[1],
+                    too_big)
+    names = dict(zip(d["poi_ids"], d["poi_names"]))
+    if len(names) != len(d["poi_ids"]):
+        raise DataError(f"{path}: a poi_id appears twice among the text vectors")
+    return evaluate_matrix(scores, d["poi_ids"], d["image_names"], ks, names, keep=keep), d["meta"]
+
+
+def compare(args, ks: list[int], out_json: str) -> int:
     """--compare A B: side by side, paired bootstrap, who hits what."""
     a_path, b_path = args.compare
-    try:
-        la, lb = load(a_path, ks), load(b_path, ks)
-    except DataError as e:
-        log.error("%s", e)
-        return 2
+    la, lb = load(a_path, ks), load(b_path, ks)
     ra, rb = (evaluate_groups(x[1], ks, x[2], keep=max(ks)) for x in (la, lb))
     ta, tb = per_poi_table(ra, ks), per_poi_table(rb, ks)
     common = sorted(set(ta) & set(tb))
     only_a, only_b = sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta))
     if not common:
-        log.error("%s and %s have no POI in common", a_path, b_path)
-        return 2
+        raise DataError(f"{a_path} and {b_path} have no POI in common")
     if only_a or only_b:
         log.warning("comparing the %d POIs both files hold; %d only in %s, %d only in %s",
                     len(common), len(only_a), a_path, len(only_b), b_path)
@@ -257,8 +246,7 @@ def compare(args, ks: list[int]) -> int:
             f" ... (+{len(ps) - 5})" if len(ps) > 5 else "")
         print(f"@{k}: A hits / B misses {len(a_only)}" + (f" ({show(a_only)})" if a_only else "")
               + f"; B hits / A misses {len(b_only)}" + (f" ({show(b_only)})" if b_only else ""))
-    out_json = args.json or f"{b_path}.compare.json"
-    write_json(out_json, doc)
+    write_json(out_json, doc, indent=1)
     print(f"comparison: {out_json}")
     return 0
 
@@ -279,25 +267,18 @@ def make_resolver(image_dir: str | None, results: str):
     return resolve
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ks = sorted(set(args.k))
-    if args.compare:
-        return compare(args, ks)
-    html_k = args.html_k or max(ks)
-    try:
-        fmt, groups, names, meta = load(args.results, ks + ([html_k] if args.html else []))
-    except DataError as e:
-        log.error("%s", e)
-        return 2
-    result = evaluate_groups(groups, ks, names, keep=max(ks + [html_k]))
-    sizes = {len(v) for v in groups.values()}
-    log.info("%s: %s format, %d POIs, %s images listed per POI", args.results, fmt, result.n_pois,
-             "/".join(str(s) for s in sorted(sizes)[:5]))
+def evaluate(args, ks: list[int], html_k: int):
+    """``(result, fmt, meta, sizes)`` of --results or --embeddings."""
+    keep = max(ks + [html_k])
+    if args.embeddings:
+        result, meta = evaluate_embeddings(args.embeddings, ks, keep)
+        return result, "full", meta, {result.pois[0].n_candidates}
+    fmt, groups, names, meta = load(args.results, ks + ([html_k] if args.html else []))
+    return evaluate_groups(groups, ks, names, keep=keep), fmt, meta, {len(v) for v in groups.values()}
 
-    ci = intervals(result, ks, args.bootstrap, args.seed)
-    print(f"results: {args.results} ({fmt} format)")
+
+def print_figures(source: str, fmt: str, result: RecallResult, ks: list[int], ci, sizes, args) -> None:
+    print(f"results: {source} ({fmt} format)")
     print(f"POIs: {result.n_pois}")
     for k in ks:
         print(f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})"
@@ -307,29 +288,48 @@ def main(argv=None) -> int:
     if ci:
         print(f"(intervals: percentile bootstrap over POIs, {args.bootstrap} draws, seed {args.seed})")
 
-    out_json = args.json or f"{args.results}.eval.json"
-    doc = result_json(result, fmt, args.results)
+
+def write_report(args, source: str, result: RecallResult, ks: list[int], ci, html_k: int, meta: dict) -> None:
+    image_dir = args.image_dir or meta.get("image_dir")
+    summary = {"results": os.path.basename(source), "POIs": result.n_pois,
+               **{f"recall@{k}": f"{result.recall[k]:.4f}"
+                  + (f" {fmt_interval(ci['recall'][k])}" if ci else "") for k in ks},
+               "MRR": f"{result.mrr:.4f}"}
+    from utils.report import write_recall_report
+    info = write_recall_report(args.html, result, html_k, make_resolver(image_dir, source),
+                               title=f"Recall top {html_k}", summary=summary,
+                               page_size=args.page_size, progress=not args.no_progress)
+    if info["missing"]:
+        log.warning("%d listed images had no readable file for a thumbnail%s", info["missing"],
+                    "" if image_dir else " (pass --image-dir)")
+    print(f"report: {args.html}")
+
+
+@cli.entry_point
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.setup_logging(args.log_level)
+    out_json = check_paths(args)
+    ks = sorted(set(args.k))
+    if args.compare:
+        return compare(args, ks, out_json)
+    source = args.results or args.embeddings
+    html_k = args.html_k or max(ks)
+    result, fmt, meta, sizes = evaluate(args, ks, html_k)
+    log.info("%s: %s format, %d POIs, %s images listed per POI", source, fmt, result.n_pois,
+             "/".join(str(s) for s in sorted(sizes)[:5]))
+    ci = intervals(result, ks, args.bootstrap, args.seed)
+    print_figures(source, fmt, result, ks, ci, sizes, args)
+    doc = result_json(result, fmt, source)
     if ci:
         doc["recall_ci"] = {str(k): list(v) for k, v in ci["recall"].items()}
         doc["mrr_ci"] = list(ci["mrr"])
         doc["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
                             "resampling": "POIs"}
-    write_json(out_json, doc)
+    write_json(out_json, doc, indent=1)
     log.info("wrote %s", out_json)
-
     if args.html:
-        image_dir = args.image_dir or meta.get("image_dir")
-        summary = {"results": os.path.basename(args.results), "POIs": result.n_pois,
-                   **{f"recall@{k}": f"{result.recall[k]:.4f}"
-                      + (f" {fmt_interval(ci['recall'][k])}" if ci else "") for k in ks},
-                   "MRR": f"{result.mrr:.4f}"}
-        info = write_recall_report(args.html, result, html_k, make_resolver(image_dir, args.results),
-                                   title=f"Recall top {html_k}", summary=summary,
-                                   page_size=args.page_size, progress=not args.no_progress)
-        if info["missing"]:
-            log.warning("%d listed images had no readable file for a thumbnail%s", info["missing"],
-                        "" if image_dir else " (pass --image-dir)")
-        print(f"report: {args.html}")
+        write_report(args, source, result, ks, ci, html_k, meta)
     return 0
 
 

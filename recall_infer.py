@@ -11,6 +11,11 @@
         --taiyi-text-weights assets/weights/taiyi_text_finetuned.bin \\
         --clip-dir assets/clip-vit-base-patch32 --output results/taiyi_top10.csv
 
+The pipeline (``main``): check paths -> read the CSV and find the gallery
+(``read_gallery``) -> load the model (``load_model``) -> encode the images
+(``encode_gallery``) and the POI names (``encode_queries``) -> cosine scores and the
+stable top-k (``score``) -> write (``write_outputs``).
+
 Models (--model, models/factory.py): ``align`` (default, the paper's model: --checkpoint,
 --bert-dir) or ``taiyi`` (the Taiyi-CLIP baseline: --taiyi-text-dir, --clip-dir, optional
 --taiyi-text-weights). Each brings its own tokenizer and image preprocessing (align: the
@@ -28,56 +33,66 @@ Missing and unreadable images (the count is logged and each one is listed in
   * present but unreadable: by default kept as the all-zero image, as the authors'
     scripts did (SPEC 3), so the figure stays comparable; --skip-missing drops them.
 
-Outputs:
+Outputs (formats in utils/data.py; each written atomically):
   --output       top --topk images per POI, CSV with a header:
                  ``poi_id,poi_name,rank,image,score`` (image = file name in --image-dir);
   --full-output  optional, the authors' format: one row per (POI, image), no header,
                  ``poi_id,poi_name,image_path,score`` (500 x 5000 rows for the real set);
-  ``<output>.meta.json``  what was run: gallery size, top-k, counts, timings, hashes.
+  --save-embeddings FILE.npz  optional, the image vectors (keyed by file name) and the
+                 POI name vectors (keyed by poi_id, with the name): ``recall_eval.py
+                 --embeddings FILE.npz`` computes recall@K/MRR from it, as from --full-output;
+  ``<output>.meta.json``  what was run: gallery size, top-k, counts, the image engine
+                 actually used, timings (``first_image``: seconds from start-up to the
+                 first image batch encoded), hashes.
 Scores are cosines of the normalised vectors (``logit_scale`` is not applied: it does not
-change any ranking). Ranking uses a stable descending sort, so ties keep gallery order,
-as in the authors' evaluator. Evaluate with recall_eval.py.
+change any ranking). Ranking uses a stable descending sort (``utils.metrics.stable_topk``),
+so ties keep gallery order, as in the authors' evaluator. Evaluate with recall_eval.py.
 
-Speed: decoding runs in DataLoader workers, the image tower in channels_last under
-inference_mode, texts in batches; --precision bf16/fp16 moves scores (~1e-2) and is
-faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps image
-vectors (keyed by file content, model identity = name + weights hash, preprocessing and
-precision) so a rerun encodes only new images.
+Image engine (--backend, utils/onnx_backend.py): ``auto`` (default) runs the image tower
+on ONNX Runtime on a CPU in fp32 when it is installed and agrees with torch on this model
+(max |diff| of the vectors <= 1e-5, checked on every run; otherwise a warning and torch),
+torch on a GPU or in bf16/fp16; ``torch`` and ``onnx`` force one. The export is made once
+per weights into ``<--cache-dir>/onnx`` (or ``$AVAS_ONNX_CACHE``, else
+``~/.cache/avas/onnx``) and reused. Because the vectors agree to 1e-5, the engines share
+the embedding cache and give the same rankings up to ties closer than 1e-5.
 
---backend onnx runs the image tower with ONNX Runtime (CPU, fp32; needs
-``pip install onnxruntime onnx``): about 2x the images/s of torch on a CPU. The tower is
-exported once per weights to ``<--cache-dir>/onnx`` (or ``$AVAS_ONNX_CACHE``, else
-``~/.cache/avas/onnx``) and checked against torch on every run (max |diff| <= 1e-5, else a
-warning and torch is used). Because the vectors agree to 1e-5, the two backends share the
-embedding cache (the backend is not part of its key) and give the same rankings up to
-ties closer than 1e-5.
+Speed: decoding runs in DataLoader workers beside the engine (the split of the cores:
+utils.embed.default_num_workers), texts in batches; --precision bf16/fp16 moves scores and
+is faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps
+image vectors (keyed by file content, ``RecallModel.identity()`` = model name + weights
+hash, preprocessing and precision) so a rerun encodes only new images. Figures:
+bench/bench_recall.py and the README.
 
-Exit status: 0 on success, 2 for bad input (CSV, checkpoint, directories).
+Exit status: 0 on success, 2 for bad input (CSV, checkpoint, directories, output
+locations), reported as one line before any encoding starts.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import logging
-import os
-import sys
 import time
-from pathlib import Path
 
-import torch
+_T0 = time.perf_counter()  # start-up is measured from here (meta timings_s.first_image)
 
-from models.checkpoint import CheckpointError
-from models.factory import MODELS, build_recall_model, missing_options
-from utils.cache import EmbeddingCache
-from utils.data import DataError, index_images, iter_recall_csv, poi_of_image
-from utils.cli import DEVICE_CHOICES, resolve_device
-from utils.embed import PRECISIONS, default_batch_size, default_num_workers
-from utils.onnx_backend import BACKENDS, OnnxBackendError, OnnxImageEncoder
-from utils.images import PREPROCESS_MODES
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
+from models.factory import MODELS, RecallModel, build_recall_model, missing_options  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.cache import EmbeddingCache  # noqa: E402
+from utils.data import (TOPK_HEADER, DataError, RecallRow, index_images, iter_recall_csv,  # noqa: E402
+                        poi_of_image, save_embeddings, write_full, write_json,
+                        write_missing_list, write_topk)
+from utils.embed import PRECISIONS, default_batch_size  # noqa: E402
+from utils.images import PREPROCESS_MODES  # noqa: E402
+from utils.metrics import stable_topk  # noqa: E402
+from utils.onnx_backend import BACKENDS  # noqa: E402
 
 log = logging.getLogger("recall_infer")
-TOPK_HEADER = ("poi_id", "poi_name", "rank", "image", "score")
+__all__ = ["main", "TOPK_HEADER"]  # TOPK_HEADER lives in utils.data (writer and reader share it)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-dir", required=True, help="directory of <poi_id>_<rank>.<ext> images")
     p.add_argument("--output", required=True, help="top-k CSV to write (with header)")
     p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format")
-    p.add_argument("--topk", type=int, default=10, help="images kept per POI in --output (default 10)")
+    p.add_argument("--save-embeddings", metavar="FILE.npz",
+                   help="also save the image and text vectors with their keys (image file names; "
+                        "poi ids and names): recall_eval.py --embeddings scores them")
+    p.add_argument("--topk", type=cli.positive_int, default=10,
+                   help="images kept per POI in --output (default 10)")
     p.add_argument("--skip-missing", action="store_true",
                    help="drop unreadable images from the gallery instead of scoring them as the "
                         "zero image (images missing on disk are always left out)")
@@ -97,18 +116,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default, exact); bf16/fp16 autocast: faster on GPUs and CPUs with "
                         "AVX-512 BF16/AMX (emulated, far slower, on AVX2-only CPUs); scores move ~1e-2")
-    p.add_argument("--backend", choices=BACKENDS[1:], default="torch",
-                   help="image tower runtime: torch (default) or onnx (ONNX Runtime, CPU fp32, same "
-                        "vectors within 1e-5, ~2x faster; pip install onnxruntime onnx)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: 32 on CPU, 128 on CUDA)")
-    p.add_argument("--text-batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, help="decoding worker processes (default: half the cores on CPU, "
-                                                  "all with --backend onnx or on CUDA; max 8)")
-    p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images)")
-    p.add_argument("--model-name", help="model kind recorded in cache keys (default: the --model name)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image engine: auto (default) = ONNX Runtime on a CPU when it is installed and "
+                        "agrees with torch on this model (checked on every run), else torch; torch; "
+                        "onnx (CPU, fp32)")
+    p.add_argument("--batch-size", type=cli.positive_int,
+                   help="images per batch (default: 32 on CPU, 128 on CUDA)")
+    p.add_argument("--text-batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--num-workers", type=cli.non_negative_int,
+                   help="decoding worker processes (default: by core count and engine, "
+                        "utils.embed.default_num_workers; 0 = decode in the main process)")
+    p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images; "
+                                       "the ONNX export is kept in its onnx/ folder)")
+    cli.add_common_args(p)
     g = p.add_argument_group("model (--model NAME and its files)")
     g.add_argument("--model", choices=list(MODELS), default="align",
                    help="recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items())
@@ -120,8 +140,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     missing = missing_options(args.model, model_paths(args))
     if missing:
         p.error(f"--model {args.model} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    if args.topk < 1:
-        p.error("--topk must be >= 1")
     return args
 
 
@@ -130,202 +148,230 @@ def model_paths(args) -> dict:
     return {k: getattr(args, k) for k in MODELS[args.model].options}
 
 
-def _atomic_writer(path: str):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    return tmp, open(tmp, "w", encoding="utf-8", newline="")
+def missing_list_path(args) -> str:
+    return args.missing_list or f"{args.output}.missing.tsv"
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.9g}"  # round-trips float32: no ties are created by writing
+# ---------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------
+def check_paths(args) -> None:
+    """Inputs readable and outputs writable, before anything expensive (issue 14)."""
+    cli.input_file(args.csv, "--csv")
+    cli.input_dir(args.image_dir, "--image-dir")
+    for name, value in model_paths(args).items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        (cli.input_dir if name.endswith("_dir") else cli.input_file)(value, flag)
+    outputs = {"--output": args.output, "--full-output": args.full_output,
+               "--missing-list": missing_list_path(args), "--save-embeddings": args.save_embeddings,
+               "meta": f"{args.output}.meta.json"}
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        cli.output_file(path, flag if flag != "meta" else None)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise cli.UserError(f"{flag} {path}: the same file as {seen[real]}")
+        seen[real] = flag
+    for flag, path in {"--csv": args.csv}.items():
+        if os.path.realpath(path) in seen:
+            raise cli.UserError(f"{seen[os.path.realpath(path)]} {path}: would overwrite {flag}")
+    if args.cache_dir:
+        cli.output_dir(args.cache_dir, "--cache-dir")
 
 
-def build_gallery(rows, image_dir):
-    """``(gallery, missing, duplicates)``: gallery = [(row, path)] in CSV order for the
-    rows whose image file exists; missing = rows without a file."""
+@dataclass
+class Gallery:
+    """What the CSV asks for: the gallery images found on disk (CSV order), the rows
+    without a file, repeated rows, and the queries (poi_id -> first name)."""
+    rows: list[RecallRow]
+    images: list[tuple[RecallRow, object]] = field(default_factory=list)   # (row, path)
+    missing: list[RecallRow] = field(default_factory=list)
+    duplicates: list[RecallRow] = field(default_factory=list)
+    queries: dict[str, str] = field(default_factory=dict)
+    unreadable: list[tuple[RecallRow, object]] = field(default_factory=list)
+
+
+def read_gallery(csv_path: str, image_dir: str) -> Gallery:
+    """Rows of the CSV -> gallery images found in ``image_dir`` and queries."""
+    errors: list = []
+    rows = list(iter_recall_csv(csv_path, errors))
+    if errors:
+        for e in errors[:10]:
+            log.error("%s", e)
+        raise DataError(f"{csv_path}: {len(errors)} bad rows (first: {errors[0]})")
+    if not rows:
+        raise DataError(f"{csv_path}: no rows")
+    g = Gallery(rows)
     index = index_images(image_dir)
-    gallery, missing, seen, dups = [], [], set(), []
+    seen = set()
     for row in rows:
         if row.key in seen:
-            dups.append(row)
+            g.duplicates.append(row)
             continue
         seen.add(row.key)
         path = index.get(row.key)
         if path is None:
-            missing.append(row)
+            g.missing.append(row)
         else:
-            gallery.append((row, path))
-    return gallery, missing, dups
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t_start = time.perf_counter()
-    timings = {}
-    try:
-        device = resolve_device(args.device)
-        errors = []
-        rows = list(iter_recall_csv(args.csv, errors))
-        if errors:
-            for e in errors[:10]:
-                log.error("%s", e)
-            raise DataError(f"{args.csv}: {len(errors)} bad rows (first: {errors[0]})")
-        if not rows:
-            raise DataError(f"{args.csv}: no rows")
-        gallery, missing, dups = build_gallery(rows, args.image_dir)
-    except DataError as e:
-        log.error("%s", e)
-        return 2
-    if dups:
-        log.warning("%d CSV rows repeat an earlier <poi_id>_<rank> (first: line %d, %s); each image "
-                    "is scored once", len(dups), dups[0].line, dups[0].key)
-    queries: dict[str, str] = {}
-    for row in rows:
-        if row.poi_id in queries and queries[row.poi_id] != row.poi_name:
+            g.images.append((row, path))
+        if row.poi_id in g.queries and g.queries[row.poi_id] != row.poi_name:
             log.warning("%s line %d: poi_id %s has a second name %r; using the first, %r",
-                        args.csv, row.line, row.poi_id, row.poi_name, queries[row.poi_id])
-        queries.setdefault(row.poi_id, row.poi_name)
+                        csv_path, row.line, row.poi_id, row.poi_name, g.queries[row.poi_id])
+        g.queries.setdefault(row.poi_id, row.poi_name)
+    if g.duplicates:
+        log.warning("%d CSV rows repeat an earlier <poi_id>_<rank> (first: line %d, %s); each image "
+                    "is scored once", len(g.duplicates), g.duplicates[0].line, g.duplicates[0].key)
     log.info("%s: %d rows, %d POIs, %d distinct names; %d images found in %s, %d missing on disk",
-             args.csv, len(rows), len(queries), len(set(queries.values())), len(gallery),
-             args.image_dir, len(missing))
-    if not gallery:
-        log.error("%s: none of the %d images of %s is there (expected files named <poi_id>_<rank>.<ext>, "
-                  "e.g. %s.jpg)", args.image_dir, len(rows), args.csv, rows[0].key)
-        return 2
+             csv_path, len(rows), len(g.queries), len(set(g.queries.values())), len(g.images),
+             image_dir, len(g.missing))
+    if not g.images:
+        raise DataError(f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
+                        f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)")
+    return g
 
-    # -- model ---------------------------------------------------------------
-    t = time.perf_counter()
+
+def load_model(args, device) -> RecallModel:
+    onnx_dir = os.path.join(args.cache_dir, "onnx") if args.cache_dir else None
+    rm = build_recall_model(args.model, device=device, backend=args.backend, onnx_cache_dir=onnx_dir,
+                            **model_paths(args))
+    log.info("model %s (%s) loaded on %s", rm.name,
+             ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
+    return rm
+
+
+def encode_gallery(rm: RecallModel, g: Gallery, args, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image vectors of the gallery (N x D) and the ok flags; the embedding cache (keyed
+    by ``rm.identity()``) serves what it holds; the engine (``--backend``: auto resolved,
+    the ONNX export loaded and checked) is set up only if something is left to encode."""
+    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
     try:
-        rm = build_recall_model(args.model, device=device, backend=args.backend,
-                                onnx_cache_dir=os.path.join(args.cache_dir, "onnx") if args.cache_dir else None,
-                                **model_paths(args))
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
-        log.error("%s", e)
-        return 2
-    # the weights' hash keys the cache (hashing 230 MB takes a moment: only when caching)
-    weights = rm.weights_hash() if args.cache_dir else None
-    model_name = args.model_name or rm.name
-    timings["load_model"] = time.perf_counter() - t
-    log.info("model %s (%s) loaded on %s, %.1f s", rm.name,
-             ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device, timings["load_model"])
+        emb, ok = rm.encode_images([p for _, p in g.images], args.batch_size, precision=args.precision,
+                                   mode=args.preprocess, num_workers=args.num_workers, cache=cache,
+                                   stats=stats, progress=not args.no_progress, desc="gallery")
+    finally:
+        if cache is not None:
+            log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
+                     cache.misses, cache.stored, cache.hashed)
+            cache.close()
+    return emb, ok
 
-    image_encoder, image_backend, onnx_diff = None, "torch", None
-    if args.backend == "onnx":
-        t = time.perf_counter()
-        try:
-            image_encoder = rm.image_encoder(args.precision)
-        except OnnxBackendError as e:
-            log.error("--backend onnx: %s", e)
-            return 2
-        if isinstance(image_encoder, OnnxImageEncoder):
-            image_backend, onnx_diff = "onnx", image_encoder.max_abs_diff
-        timings["onnx_setup"] = time.perf_counter() - t
-        log.info("image backend %s (setup %.1f s)", image_backend, timings["onnx_setup"])
 
-    # -- images --------------------------------------------------------------
-    num_workers = default_num_workers(device, image_backend) if args.num_workers is None else args.num_workers
-    cache = EmbeddingCache(args.cache_dir, f"{model_name}:{weights}") if args.cache_dir else None
-    paths = [p for _, p in gallery]
-    stats: dict = {}
-    t = time.perf_counter()
-    img_emb, ok = rm.encode_images(paths, args.batch_size, precision=args.precision,
-                                   mode=args.preprocess, num_workers=num_workers,
-                                   cache=cache, stats=stats, progress=not args.no_progress,
-                                   desc="gallery")
-    timings["images"] = time.perf_counter() - t
-    if cache is not None:
-        log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
-                 cache.misses, cache.stored, cache.hashed)
-        cache.close()
-    unreadable = [(row, p) for (row, p), good in zip(gallery, ok.tolist()) if not good]
-    if args.skip_missing and unreadable:
+def apply_unreadable_policy(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool) -> torch.Tensor:
+    """Unreadable images stay as the zero image (reference) or are dropped (--skip-missing)."""
+    g.unreadable = [(row, p) for (row, p), good in zip(g.images, ok.tolist()) if not good]
+    if skip and g.unreadable:
         keep = ok.nonzero().flatten()
-        gallery = [gallery[i] for i in keep.tolist()]
-        img_emb = img_emb[keep]
-        log.info("--skip-missing: %d unreadable images dropped from the gallery", len(unreadable))
-    elif unreadable:
+        g.images = [g.images[i] for i in keep.tolist()]
+        emb = emb[keep]
+        log.info("--skip-missing: %d unreadable images dropped from the gallery", len(g.unreadable))
+    elif g.unreadable:
         log.warning("%d unreadable images are scored as the zero image (reference behaviour; "
-                    "--skip-missing drops them)", len(unreadable))
-    if missing or unreadable:
-        listing = args.missing_list or f"{args.output}.missing.tsv"
-        tmp, f = _atomic_writer(listing)
-        with f:
-            f.write("status\tkey\tline\tpath_or_url\n")
-            for row in missing:
-                f.write(f"missing\t{row.key}\t{row.line}\t{row.url}\n")
-            for row, p in unreadable:
-                f.write(f"unreadable\t{row.key}\t{row.line}\t{p}\n")
-        os.replace(tmp, listing)
-        log.warning("%d images missing on disk (left out), %d unreadable (%s); listed in %s",
-                    len(missing), len(unreadable), "dropped" if args.skip_missing else "zero image",
-                    listing)
-    if not gallery:
-        log.error("no readable image left in the gallery")
-        return 2
+                    "--skip-missing drops them)", len(g.unreadable))
+    if not g.images:
+        raise DataError("no readable image left in the gallery")
+    return emb
 
-    # -- texts and scores ----------------------------------------------------
-    t = time.perf_counter()
-    qids = list(queries)
-    txt_emb = rm.encode_texts([queries[q] for q in qids], args.text_batch_size,
-                              precision=args.precision)
-    timings["texts"] = time.perf_counter() - t
-    t = time.perf_counter()
+
+def encode_queries(rm: RecallModel, g: Gallery, args) -> torch.Tensor:
+    return rm.encode_texts(list(g.queries.values()), args.text_batch_size, precision=args.precision)
+
+
+def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
+    """Cosines (Q x N, on the CPU) and each row's top ``topk`` by the stable sort."""
     with torch.inference_mode():
         scores = (txt_emb.to(device) @ img_emb.to(device).t()).float()
-        k = min(args.topk, scores.shape[1])
-        top_vals, top_idx = torch.sort(scores, dim=1, descending=True, stable=True)
-        top_vals, top_idx = top_vals[:, :k].cpu().tolist(), top_idx[:, :k].cpu().tolist()
-    scores = scores.cpu()
-    timings["scores"] = time.perf_counter() - t
+        top_vals, top_idx = stable_topk(scores, min(topk, scores.shape[1]))
+    return scores.cpu(), top_vals.cpu(), top_idx.cpu()
 
-    # -- outputs -------------------------------------------------------------
-    t = time.perf_counter()
-    names = [p.name for _, p in gallery]
-    tmp, f = _atomic_writer(args.output)
-    with f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(TOPK_HEADER)
-        for q, vals, idx in zip(qids, top_vals, top_idx):
-            for r, (s, j) in enumerate(zip(vals, idx), 1):
-                w.writerow((q, queries[q], r, names[j], _fmt(s)))
-    os.replace(tmp, args.output)
-    log.info("wrote %s: top %d of %d images for %d POIs", args.output, k, len(gallery), len(qids))
+
+def write_outputs(args, g: Gallery, img_emb, ok, txt_emb, scores, top_vals, top_idx, meta: dict) -> None:
+    qids, qnames = list(g.queries), list(g.queries.values())
+    names = [p.name for _, p in g.images]
+    write_topk(args.output, ((q, n, r, names[j], s)
+                             for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
+                             for r, (s, j) in enumerate(zip(vals, idx), 1)))
+    log.info("wrote %s: top %d of %d images for %d POIs", args.output, top_idx.shape[1], len(names), len(qids))
     if args.full_output:
-        full_paths = [str(p) for _, p in gallery]
-        tmp, f = _atomic_writer(args.full_output)
-        with f:
-            w = csv.writer(f, lineterminator="\n")
-            for q, row in zip(qids, scores.numpy()):
-                name = queries[q]
-                w.writerows(zip([q] * len(row), [name] * len(row), full_paths, map(_fmt, row.tolist())))
-        os.replace(tmp, args.full_output)
-        log.info("wrote %s: %d rows (authors' format)", args.full_output, len(qids) * len(gallery))
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
+        write_full(args.full_output, qids, qnames, [str(p) for _, p in g.images], scores.numpy())
+        log.info("wrote %s: %d rows (authors' format)", args.full_output, len(qids) * len(names))
+    if args.save_embeddings:
+        save_embeddings(args.save_embeddings, image_emb=img_emb.numpy(), image_names=names,
+                        image_ok=ok.numpy(), text_emb=txt_emb.numpy(), poi_ids=qids, poi_names=qnames,
+                        meta={k: meta[k] for k in ("csv", "image_dir", "model", "model_identity",
+                                                   "preprocess", "precision", "unreadable_policy")})
+        log.info("wrote %s: %d image and %d text vectors", args.save_embeddings, len(names), len(qids))
+    if g.missing or g.unreadable:
+        listing = missing_list_path(args)
+        write_missing_list(listing, g.missing, g.unreadable)
+        log.warning("%d images missing on disk (left out), %d unreadable (%s); listed in %s",
+                    len(g.missing), len(g.unreadable), "dropped" if args.skip_missing else "zero image",
+                    listing)
+    write_json(f"{args.output}.meta.json", meta, indent=1)
 
-    own = {poi_of_image(n) for n in names}
-    meta = {
+
+def run_record(args, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k: int) -> dict:
+    """What was run (``<output>.meta.json``): inputs, model, engine, counts, timings."""
+    own = {poi_of_image(p.name) for _, p in g.images}
+    engine = rm.engine_info(args.precision)
+    return {
         "csv": args.csv, "image_dir": args.image_dir, "checkpoint": args.checkpoint,
-        "model": rm.name, "model_sources": rm.sources,
-        "weights_sha256": weights, "model_name": model_name, "preprocess": args.preprocess,
-        "precision": args.precision, "device": str(device),
-        "backend": args.backend, "image_backend": image_backend, "onnx_max_abs_diff": onnx_diff,
-        "batch_size": args.batch_size or default_batch_size(device),
-        "num_workers": num_workers,
-        "topk": k, "gallery_size": len(gallery), "n_pois": len(qids),
-        "n_pois_without_gallery_image": sum(q not in own for q in qids),
-        "rows": len(rows), "missing_on_disk": len(missing), "unreadable": len(unreadable),
+        "model": rm.name, "model_sources": rm.sources, "model_identity": rm.identity(),
+        "weights_sha256": rm.weights_hash(), "preprocess": args.preprocess,
+        "precision": args.precision, "device": str(rm.device),
+        **engine, "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
+        "batch_size": args.batch_size or default_batch_size(rm.device),
+        "num_workers": stats.get("num_workers"),
+        "topk": k, "gallery_size": len(g.images), "n_pois": len(g.queries),
+        "n_pois_without_gallery_image": sum(q not in own for q in g.queries),
+        "rows": len(g.rows), "missing_on_disk": len(g.missing), "unreadable": len(g.unreadable),
         "unreadable_policy": "dropped" if args.skip_missing else "zero image",
-        "duplicate_rows": len(dups), "images_encoded": stats["encoded"], "images_cached": stats["cached"],
-        "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
+        "duplicate_rows": len(g.duplicates), "images_encoded": stats["encoded"],
+        "images_cached": stats["cached"],
+        "timings_s": {**{k_: round(v, 3) for k_, v in timings.items()},
+                      **({"engine_setup": engine["onnx_setup_s"]} if "onnx_setup_s" in engine else {})},
         "images_per_s": round(stats["encoded"] / max(timings["images"], 1e-9), 2),
-        "full_output": args.full_output,
+        "full_output": args.full_output, "embeddings": args.save_embeddings,
     }
-    with open(f"{args.output}.meta.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-    log.info("done in %.1f s (images %.1f s, %d encoded / %d cached)", timings["total"],
-             timings["images"], stats["encoded"], stats["cached"])
+
+
+@cli.entry_point
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.setup_logging(args.log_level)
+    check_paths(args)
+    device = cli.resolve_device(args.device)
+    timings: dict[str, float] = {}
+
+    def step(name, t):
+        timings[name] = time.perf_counter() - t
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    g = read_gallery(args.csv, args.image_dir)
+    t = step("read", t)
+    rm = load_model(args, device)
+    t = step("load_model", t)
+    stats: dict = {}
+    img_emb, ok = encode_gallery(rm, g, args, stats)
+    t = step("images", t)
+    if stats.get("first_batch_at"):
+        timings["first_image"] = stats["first_batch_at"] - _T0
+    img_emb = apply_unreadable_policy(g, img_emb, ok, args.skip_missing)
+    ok = ok[ok] if args.skip_missing else ok
+    txt_emb = encode_queries(rm, g, args)
+    t = step("texts", t)
+    scores, top_vals, top_idx = score(txt_emb, img_emb, args.topk, device)
+    t = step("scores", t)
+    timings["total"] = time.perf_counter() - _T0
+    meta = run_record(args, rm, g, stats, timings, top_idx.shape[1])
+    write_outputs(args, g, img_emb, ok, txt_emb, scores, top_vals, top_idx, meta)
+    log.info("done in %.1f s since start-up (first image encoded at %.1f s; images %.1f s, %d encoded / "
+             "%d cached; engine %s)", time.perf_counter() - _T0, timings.get("first_image", float("nan")),
+             timings["images"], stats["encoded"], stats["cached"], meta["image_backend"])
     return 0
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Speed of the recall stage on this machine, with the full-size model (random weights)
-and real-sized photos.
+"""Speed of the recall stage on this machine against the authors' way, in the same run,
+with the full-size model (random weights) and real-sized photos. The ratio is printed
+first, so the figure holds on any machine.
 
-    python bench/bench_recall.py            # --n 300 images, about 5-10 minutes on 2 cores
-    python bench/bench_recall.py --n 100 --skip-fast --bf16-images 0
+    python bench/bench_recall.py --images 100        # a few minutes on 2 cores
+    python bench/bench_recall.py --images 300 --split --extras
 
 Gallery: the 30 sample photos of the seed data (AVAS_SEED_DATA or --seed-data, default
 ../shared/seed-data beside the repo) scaled to ~2.15 MP (the recall set's average), each
@@ -13,30 +14,32 @@ the real bert-base-chinese config, randomly initialised (BN running statistics s
 from a batch of the sample photos, else every image gets the same vector), saved as a
 checkpoint.
 
-Figures (images/s unless said otherwise):
-  (a) model alone on ready tensors: torch fp32 NCHW and channels_last, ONNX Runtime
-      (--backend onnx; its max |vector diff| from torch), bf16 autocast on a few images;
-  (b) recall_infer.py end to end (in-process main(): model load, decoding in workers,
-      encoding, texts, scores, top-k + full CSV), reference and fast preprocessing;
-      the image stage alone is shown too; --backend onnx (its max |score diff| from torch);
-  (c) sequential baseline, same work: model load, decode + resize one image at a time in
-      the main process, batches of 16, NCHW fp32, each POI name encoded on its own, all
-      scores written as full CSV rows.
-Checks: (b) >= 0.8 x (a) reference / 0.9 x (a) fast; (b) >= 2 x (c) (torch and onnx);
-scores of (b) and (c) within 1e-4, of onnx and torch within 1e-5; peak RSS (main + workers) < 3 GB; a cached rerun of 5000 images < 15 s
-(timed as encode_images over 5000 cached files); deviations of fast preprocessing and
-bf16 from the exact path, in scores and recall@K.
+Runs:
+  naive   the authors' recall script's way, in a fresh process: imports, model load,
+          decode + resize one image at a time in the main process, batches of 16, NCHW
+          fp32, each POI name encoded on its own, every score written as full CSV rows;
+  ours    ``python recall_infer.py`` with its defaults (--backend auto, default batch size,
+          workers and threads) in a fresh process, start-up included, --full-output too;
+  engine  the engine it chose, alone on ready tensors (batch 32): the ceiling for the
+          image stage.
+Printed: ours / naive (target >= 2.5), ours' image stage / engine alone (target >= 0.7),
+start-up to the first image encoded, peak RSS of ours (main + workers, target < 3 GB),
+scores of ours vs naive (within 1e-4).
+--split: the image stage for decoding workers x engine threads on this machine (the
+figures behind ``utils.embed.default_num_workers``). --extras: the earlier figures (torch
+NCHW / channels_last alone, fast preprocessing, bf16, --backend torch, a cached rerun).
+The machine's load average is printed: other work slows every figure.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import importlib.util
 import logging
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +57,7 @@ from tqdm import tqdm  # noqa: E402
 
 import recall_infer  # noqa: E402
 from models.align import AlignModel, load_tokenizer  # noqa: E402
+from models.factory import build_recall_model  # noqa: E402
 from utils.embed import tokenize  # noqa: E402
 from models.checkpoint import load_align_model, save_align_checkpoint  # noqa: E402
 from utils.cache import EmbeddingCache  # noqa: E402
@@ -68,12 +72,13 @@ TARGET_PIXELS = 2.15e6
 
 
 class PeakRSS:
-    """Samples the memory of this process (RSS) plus its children (DataLoader workers;
-    their USS, since forked workers share most pages with the parent)."""
+    """Samples the memory of a process (RSS; default this one) plus its children
+    (DataLoader workers; their USS, since forked workers share most pages with the
+    parent)."""
 
-    def __init__(self, every: float = 0.1):
+    def __init__(self, pid: int | None = None, every: float = 0.1):
         self.every, self.peak, self.stop = every, 0, threading.Event()
-        self.proc = psutil.Process()
+        self.proc = psutil.Process(pid)
 
     def _run(self):
         while not self.stop.is_set():
@@ -208,7 +213,8 @@ def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: 
     return out
 
 
-def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int = 16) -> float:
+def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int = 16,
+                        progress: bool = True) -> float:
     """The naive path: everything in the main process, one image / one name at a time."""
     t0 = time.perf_counter()
     model = load_align_model(ckpt, bert_dir)
@@ -219,7 +225,7 @@ def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int =
     queries = dict.fromkeys((r.poi_id, r.poi_name) for r in rows)
     with torch.inference_mode():
         embs = []
-        for a in tqdm(range(0, len(paths), batch), desc="(c) sequential", unit="batch"):
+        for a in tqdm(range(0, len(paths), batch), desc="(c) sequential", unit="batch", disable=not progress):
             x = torch.stack([load_image(p)[0] for p in paths[a:a + batch]])
             embs.append(model.encode_image(x))
         img = torch.cat(embs)
@@ -237,7 +243,7 @@ def run_infer(tag, csv_path, img_dir, ckpt, bert_dir, out: Path, *extra) -> tupl
     argv = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
             "--bert-dir", str(bert_dir), "--output", str(out / f"{tag}_top10.csv"),
             "--full-output", str(out / f"{tag}_full.csv"), "--device", "cpu", "--log-level", "WARNING",
-            *extra]
+            *extra]  # in-process (imports done)
     t, c = time.perf_counter(), cpu_seconds()
     if recall_infer.main(argv) != 0:
         raise SystemExit(f"recall_infer failed for {tag}")
@@ -276,22 +282,78 @@ def bench_cache_lookup(model, out: Path, n: int) -> tuple[float, float]:
     return first, dt
 
 
+def run_naive(ckpt, bert_dir, csv_path, img_dir, out_csv) -> float:
+    """:func:`sequential_baseline` as a script of its own, like the authors' recall script:
+    wall seconds from launch (imports included) to exit."""
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]; "
+            f"from bench_recall import sequential_baseline; "
+            f"sequential_baseline({str(ckpt)!r}, {str(bert_dir)!r}, {str(csv_path)!r}, {str(img_dir)!r}, "
+            f"{str(out_csv)!r}, progress=False)")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return time.perf_counter() - t
+
+
+def run_cli(csv_path, img_dir, ckpt, bert_dir, out: Path, tag: str, *extra) -> tuple[float, dict, int]:
+    """``python recall_infer.py`` in a fresh process: (wall seconds, its meta, peak RSS)."""
+    argv = [sys.executable, str(ROOT / "recall_infer.py"), "--csv", str(csv_path), "--image-dir", str(img_dir),
+            "--checkpoint", str(ckpt), "--bert-dir", str(bert_dir), "--output", str(out / f"{tag}_top10.csv"),
+            "--full-output", str(out / f"{tag}_full.csv"), "--no-progress", "--log-level", "WARNING", *extra]
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    with PeakRSS(proc.pid) as rss:
+        code = proc.wait()
+    dt = time.perf_counter() - t
+    if code != 0:
+        raise SystemExit(f"recall_infer.py failed ({code}) for {tag}")
+    meta = json.loads((out / f"{tag}_top10.csv.meta.json").read_text(encoding="utf-8"))
+    return dt, meta, rss.peak
+
+
+def engine_alone(ckpt, bert_dir, paths, batch_size: int = 32, batches: int = 3) -> tuple[str, float]:
+    """(engine, images/s) of the engine ``--backend auto`` picks, on ready tensors."""
+    rm = build_recall_model("align", checkpoint=str(ckpt), bert_dir=str(bert_dir), device="cpu",
+                            backend="auto")
+    enc = rm.image_encoder()
+    x = torch.stack([load_image(p)[0] for p in paths[:batch_size]])
+    if rm.image_backend() == "torch":
+        rm.model.image_model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        enc(x, normalize=False)  # warm-up
+        t = time.perf_counter()
+        for _ in range(batches):
+            enc(x, normalize=False)
+    return rm.image_backend(), batch_size * batches / (time.perf_counter() - t)
+
+
+def split_grid(ckpt, bert_dir, paths, workers=(1, 2), threads=(1, 2)) -> list[tuple[int, int, float]]:
+    """Image stage (decode in workers + ONNX Runtime) for each (workers, engine threads)."""
+    model = load_align_model(ckpt, bert_dir)
+    out = []
+    for t in threads:
+        enc = OnnxImageEncoder(model, threads=t)
+        for w in workers:
+            t0 = time.perf_counter()
+            encode_images(model, paths, 32, num_workers=w, progress=False, image_encoder=enc)
+            out.append((w, t, len(paths) / (time.perf_counter() - t0)))
+            print(f"  split: {w} workers, {t} engine threads: {out[-1][2]:.1f} img/s "
+                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        del enc
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=300, help="gallery images (default 300)")
+    p.add_argument("--images", "--n", dest="n", type=int, default=100, help="gallery images (default 100)")
     p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA", str(ROOT.parent / "shared" / "seed-data")))
     p.add_argument("--workdir", help="keep generated files here (default: a temporary directory)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, help="recall_infer --num-workers (default: its own)")
-    p.add_argument("--model-batches", type=int, default=4, help="batches timed for (a)")
-    p.add_argument("--cache-n", type=int, default=5000)
-    p.add_argument("--skip-fast", action="store_true")
-    p.add_argument("--bf16-images", type=int, default=2,
-                   help="images timed in bf16 for (a) and its deviation (0 = skip; emulated, so very "
-                        "slow, on AVX2-only CPUs)")
-    p.add_argument("--bf16-e2e", action="store_true", help="also run recall_infer --precision bf16")
-    p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime figures")
+    p.add_argument("--repeat", type=int, default=2, help="rounds; the best time of each run is kept (default 2)")
+    p.add_argument("--split", action="store_true", help="also time decoding workers x engine threads")
+    p.add_argument("--extras", action="store_true",
+                   help="also the earlier figures: torch alone, fast preprocessing, bf16, --backend torch, cache")
+    p.add_argument("--bf16-images", type=int, default=2, help="with --extras: images timed in bf16 (0 = skip)")
+    p.add_argument("--cache-n", type=int, default=5000, help="with --extras: files of the cache lookup")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     seed = Path(args.seed_data)
@@ -301,150 +363,92 @@ def main(argv=None) -> int:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_recall_")
     out = Path(args.workdir or tmp.name)
     out.mkdir(parents=True, exist_ok=True)
-    onnx_dir = None
-    if not args.skip_onnx:
-        if importlib.util.find_spec("onnxruntime") is None:
-            print("onnxruntime not installed: no ONNX figures (pip install onnxruntime onnx)")
-        else:
-            onnx_dir = out / "onnx"
-            os.environ["AVAS_ONNX_CACHE"] = str(onnx_dir)  # recall_infer's export goes there too
-    extra = ["--batch-size", str(args.batch_size), "--no-progress"]
-    if args.num_workers is not None:
-        extra += ["--num-workers", str(args.num_workers)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"n={args.n}, batch {args.batch_size}; load average {os.getloadavg()[0]:.1f} "
-          f"(other work on the machine slows every figure)")
+    os.environ["AVAS_ONNX_CACHE"] = str(out / "onnx")  # never the user's cache
+    load0 = os.getloadavg()[0]
 
     csv_path, paths = make_gallery(seed, out, args.n)
-    mp = np.mean([np.prod(Image.open(q).size) for q in paths[:30]]) / 1e6
-    print(f"gallery: {len(paths)} JPEGs, {mp:.2f} MP average, {len(paths) // 10} POIs")
     torch.manual_seed(0)
     model = AlignModel.from_bert_dir(bert_dir).eval()
     calibrate_bn(model, [str(q) for q in sorted((seed / "sample-images").glob("*.jpg"))])
     ckpt = out / "align_random.pth"
     save_align_checkpoint(model, ckpt)
-    res = {}
 
-    with PeakRSS() as rss:
-        # (a)
-        a = bench_model_alone(model, paths, args.batch_size, args.model_batches, args.bf16_images, onnx_dir)
-        res["a"], res["a_nchw"] = a["fp32"], a["nchw"]
-        print(f"(a) model alone, ready tensors, batch {args.batch_size}, fp32: torch NCHW {a['nchw']:.1f} img/s, "
-              f"torch channels_last {a['fp32']:.1f} img/s ({a['cpu_ms']:.0f} CPU ms/img)")
-        if "onnx" in a:
-            res["a_onnx"] = a["onnx"]
-            print(f"(a) model alone, ONNX Runtime: {a['onnx']:.1f} img/s ({a['onnx_cpu_ms']:.0f} CPU ms/img; "
-                  f"x{a['onnx'] / a['fp32']:.2f} channels_last, x{a['onnx'] / a['nchw']:.2f} NCHW); max |emb diff| "
-                  f"vs torch {a['onnx_diff']:.1e}; export + check {a['onnx_setup']:.1f} s (once per weights)")
-        if "bf16" in a:
-            tok = load_tokenizer(bert_dir)
-            names = list(dict.fromkeys(r.poi_name for r in iter_recall_csv(csv_path)))
-            with torch.inference_mode():
-                txt = model.encode_text(**tokenize(tok, names))
-            ds = (txt @ a["emb_bf16"].t() - txt @ a["emb_fp32"].t()).abs()
-            print(f"(a) bf16 autocast on {args.bf16_images} images: {a['bf16']:.2f} img/s "
-                  f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); vs fp32: max |emb diff| "
-                  f"{(a['emb_fp32'] - a['emb_bf16']).abs().max().item():.4f}, max |score diff| "
-                  f"{ds.max().item():.4f}, mean {ds.mean().item():.4f}")
-        del a
-        # (b)
-        dt, meta = run_infer("ref", csv_path, out / "images", ckpt, bert_dir, out, *extra)
-        res["b_ref"] = args.n / dt
-        res["b_ref_stage"] = meta["images_per_s"]
-        print(f"(b) recall_infer end to end, reference: {res['b_ref']:.1f} img/s ({dt:.1f} s total; image "
-              f"stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU ms/img; "
-              f"timings {meta['timings_s']})")
-        if onnx_dir is not None:
-            dt, meta = run_infer("onnx", csv_path, out / "images", ckpt, bert_dir, out, "--backend", "onnx",
-                                 *extra)
-            res["b_onnx"] = args.n / dt
-            res["b_onnx_stage"] = meta["images_per_s"]
-            print(f"(b) recall_infer end to end, reference, --backend onnx: {res['b_onnx']:.1f} img/s ({dt:.1f} s "
-                  f"total; image stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU "
-                  f"ms/img; image backend {meta['image_backend']}; timings {meta['timings_s']})")
-        if not args.skip_fast:
-            dt, meta = run_infer("fast", csv_path, out / "images", ckpt, bert_dir, out,
-                                 "--preprocess", "fast", *extra)
-            res["b_fast"] = args.n / dt
-            res["b_fast_stage"] = meta["images_per_s"]
-            print(f"(b) recall_infer end to end, fast:      {res['b_fast']:.1f} img/s ({dt:.1f} s total; image "
-                  f"stage {meta['images_per_s']:.1f} img/s; {1000 * meta['cpu_s'] / args.n:.0f} CPU ms/img)")
-        if args.bf16_e2e:
-            dt, meta = run_infer("bf16", csv_path, out / "images", ckpt, bert_dir, out,
-                                 "--precision", "bf16", *extra)
-            res["b_bf16"] = args.n / dt
-            print(f"(b) recall_infer end to end, bf16:      {res['b_bf16']:.1f} img/s ({dt:.1f} s total; image "
-                  f"stage {meta['images_per_s']:.1f} img/s)")
-        # cached rerun of the real gallery (a fresh cache, also with a reused --workdir)
-        shutil.rmtree(out / "cache", ignore_errors=True)
-        dt1, m1 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out,
-                            "--cache-dir", str(out / "cache"), *extra)
-        dt2, m2 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out,
-                            "--cache-dir", str(out / "cache"), *extra)
-        print(f"cache: first run {dt1:.1f} s ({m1['images_encoded']} encoded), rerun {dt2:.1f} s "
-              f"({m2['images_encoded']} encoded, {m2['images_cached']} cached; image stage "
-              f"{m2['timings_s']['images']:.2f} s)")
-    peak_b = rss.peak
-    # (c)
-    if not args.skip_baseline:
-        c = cpu_seconds()
-        dt = sequential_baseline(ckpt, bert_dir, csv_path, out / "images", out / "seq_full.csv")
-        c = cpu_seconds() - c
-        res["c"] = args.n / dt
-        print(f"(c) sequential baseline (NCHW fp32, batch 16, one name at a time): {res['c']:.1f} img/s "
-              f"({dt:.1f} s; {1000 * c / args.n:.0f} CPU ms/img)")
-    first, dt = bench_cache_lookup(model, out, args.cache_n)
-    print(f"cache lookup of {args.cache_n} files: {dt:.2f} s all hits (first fingerprinting {first:.2f} s "
-          f"for {args.cache_n} x 2 KB files)")
+    # the first run exports the ONNX graph (once per weights); the timed runs come after
+    print("running recall_infer.py once (ONNX export) ...", file=sys.stderr, flush=True)
+    t_first, meta_first, _ = run_cli(csv_path, out / "images", ckpt, bert_dir, out, "first")
+    # naive and ours alternate, best of --repeat each: on a shared machine the load moves
+    t_naive = t_ours = eng_ips = float("inf")
+    meta, peak = {}, 0
+    for i in range(args.repeat):
+        print(f"round {i + 1}/{args.repeat}: naive baseline, recall_infer.py, engine alone ...",
+              file=sys.stderr, flush=True)
+        t_naive = min(t_naive, run_naive(ckpt, bert_dir, csv_path, out / "images", out / "naive_full.csv"))
+        t, m, pk = run_cli(csv_path, out / "images", ckpt, bert_dir, out, "ours")
+        peak = max(peak, pk)
+        if t < t_ours:
+            t_ours, meta = t, m
+        engine, ips = engine_alone(ckpt, bert_dir, paths)
+        eng_ips = ips if eng_ips == float("inf") else max(eng_ips, ips)
+    qp, imgs, s_ours = read_full(out / "ours_full.csv")
+    _, _, s_naive = read_full(out / "naive_full.csv")
+    dev = float(np.abs(s_ours - s_naive).max())
 
-    # deviations
-    qp, imgs, ref = read_full(out / "ref_full.csv")
-    gp = [poi_of_image(i) for i in imgs]
-    ks = (1, 5, 10)
-    r_ref = recall_at_k(ref, qp, gp, ks)
-    print(f"recall@K with random weights, reference: {r_ref} (chance-level; shown to compare)")
-    dev_onnx = None
-    if (out / "onnx_full.csv").is_file():
-        _, imgs2, s = read_full(out / "onnx_full.csv")
-        assert imgs2 == imgs
-        dev_onnx = np.abs(s - ref).max()
-        print(f"onnx vs torch: max |score diff| {dev_onnx:.2e}; recall@K {recall_at_k(s, qp, gp, ks)}")
-    for tag in ("fast", "bf16"):
-        f = out / f"{tag}_full.csv"
-        if f.is_file():
-            _, imgs2, s = read_full(f)
-            assert imgs2 == imgs
-            d = np.abs(s - ref)
-            print(f"{tag} vs exact: max |score diff| {d.max():.5f}, mean {d.mean():.5f}; recall@K "
-                  f"{recall_at_k(s, qp, gp, ks)}")
-    if not args.skip_baseline:
-        _, imgs3, s = read_full(out / "seq_full.csv")
-        dev_c = np.abs(s - ref).max()
-        print(f"(b) vs (c) scores: max |diff| {dev_c:.2e}")
-
-    # verdicts
-    def check(name, ok):
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
-    print("targets:")
-    check(f"(b) reference >= 0.8 x (a): {res['b_ref'] / res['a']:.2f} end to end, "
-          f"{res['b_ref_stage'] / res['a']:.2f} image stage", res["b_ref"] >= 0.8 * res["a"])
-    if "b_fast" in res:
-        check(f"(b) fast >= 0.9 x (a): {res['b_fast'] / res['a']:.2f} end to end, "
-              f"{res['b_fast_stage'] / res['a']:.2f} image stage", res["b_fast"] >= 0.9 * res["a"])
-    if "c" in res:
-        check(f"(b) >= 2 x (c) in fp32: {res['b_ref'] / res['c']:.2f}", res["b_ref"] >= 2 * res["c"])
-        check(f"(b) and (c) scores within 1e-4: {dev_c:.2e}", dev_c <= 1e-4)
-        if "b_onnx" in res:
-            check(f"(b) --backend onnx >= 2 x (c) in fp32: {res['b_onnx'] / res['c']:.2f}",
-                  res["b_onnx"] >= 2 * res["c"])
-    if dev_onnx is not None:
-        check(f"onnx and torch scores within 1e-5: {dev_onnx:.2e}", dev_onnx <= 1e-5)
-    check(f"peak RSS (main + workers) < 3 GB: {peak_b / 1e9:.2f} GB", peak_b < 3e9)
-    check(f"cached rerun of {args.cache_n} images < 15 s: {dt:.2f} s", dt < 15)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    ratio = t_naive / t_ours
+    stage = meta["images_per_s"] / eng_ips
+    print(f"ratio: recall_infer.py defaults vs the naive baseline = {ratio:.2f}x "
+          f"(target >= 2.5x; {args.n} photos of 2 MP; best of {args.repeat})")
+    print(f"image stage / engine alone = {stage:.2f} (target >= 0.70)")
+    print(f"  naive baseline: {t_naive:.1f} s ({args.n / t_naive:.1f} img/s; a fresh process: batch 16, NCHW, "
+          f"decode in the main process)")
+    print(f"  recall_infer.py: {t_ours:.1f} s ({args.n / t_ours:.1f} img/s, start-up included); engine "
+          f"{meta['image_backend']} ({meta.get('onnx_threads', torch.get_num_threads())} threads), "
+          f"{meta['num_workers']} decoding workers, batch {meta['batch_size']}; timings {meta['timings_s']}")
+    print(f"  start-up to the first image encoded: {meta['timings_s'].get('first_image', float('nan')):.1f} s "
+          f"(first run, with the ONNX export: {meta_first['timings_s'].get('first_image', float('nan')):.1f} s, "
+          f"{t_first:.1f} s in all)")
+    print(f"  engine alone ({engine}, batch 32, ready tensors): {eng_ips:.1f} img/s; image stage "
+          f"{meta['images_per_s']:.1f} img/s")
+    print(f"  peak RSS of recall_infer.py (main + workers): {peak / 1e9:.2f} GB (target < 3 GB)")
+    print(f"  scores vs the naive baseline: max |diff| {dev:.1e} (within 1e-4: {dev <= 1e-4})")
+    if args.split:
+        print("split of the cores (image stage, ONNX Runtime):")
+        for w, t, ips in split_grid(ckpt, bert_dir, paths):
+            print(f"  {w} decoding workers, {t} engine threads: {ips:.1f} img/s")
+    if args.extras:
+        extras(args, model, paths, csv_path, ckpt, bert_dir, out, qp, imgs)
+    print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs "
+          f"(other work on the machine slows every figure)")
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def extras(args, model, paths, csv_path, ckpt, bert_dir, out, qp, imgs) -> None:
+    """The earlier figures: torch alone (NCHW, channels_last), bf16, fast preprocessing,
+    --backend torch end to end, a cached rerun and the cache lookup of many files."""
+    a = bench_model_alone(model, paths, 32, 3, args.bf16_images, out / "onnx")
+    print(f"(extras) model alone, batch 32: torch NCHW {a['nchw']:.1f} img/s, channels_last {a['fp32']:.1f}, "
+          f"ONNX Runtime {a.get('onnx', float('nan')):.1f} (max |diff| {a.get('onnx_diff', float('nan')):.1e})")
+    if "bf16" in a:
+        print(f"(extras) bf16 autocast: {a['bf16']:.2f} img/s (CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}); max |emb diff| "
+              f"{(a['emb_fp32'] - a['emb_bf16']).abs().max().item():.4f}")
+    ks = (1, 5, 10)
+    gp = [poi_of_image(i) for i in imgs]
+    _, _, ref = read_full(out / "ours_full.csv")
+    for tag, extra in (("torch", ["--backend", "torch"]), ("fast", ["--preprocess", "fast"])):
+        dt, meta = run_infer(tag, csv_path, out / "images", ckpt, bert_dir, out, "--no-progress", *extra)
+        _, _, sc = read_full(out / f"{tag}_full.csv")
+        print(f"(extras) recall_infer {' '.join(extra)}: {args.n / dt:.1f} img/s end to end (in-process); "
+              f"max |score diff| vs defaults {np.abs(sc - ref).max():.2e}; recall@K {recall_at_k(sc, qp, gp, ks)}")
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    dt1, m1 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"),
+                        "--no-progress")
+    dt2, m2 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"),
+                        "--no-progress")
+    print(f"(extras) cache: first run {dt1:.1f} s, rerun {dt2:.1f} s ({m2['images_cached']} cached)")
+    first, dt = bench_cache_lookup(model, out, args.cache_n)
+    print(f"(extras) cache lookup of {args.cache_n} files: {dt:.2f} s all hits (first fingerprinting {first:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ checkpoint; do not rename them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,29 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from utils.cli import UserError
+from utils.data import DataError
+
+
+class ModelFilesError(UserError, FileNotFoundError):
+    """A file a model needs (config, vocabulary) is missing."""
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without their random initialisation, for a model whose every weight
+    is loaded next (the strict loader checks that): construction then costs next to
+    nothing. Uses transformers' ``no_init_weights`` (torch's init functions and
+    transformers' ``init_weights`` become no-ops); a no-op where it does not exist."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
 
 
 @dataclass
@@ -39,17 +63,43 @@ class AlignArch:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AlignArch":
+        """Raises ValueError for anything but a dict of known fields of the right types."""
         if not d:
             return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of architecture fields, found {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        types = {"image_model": str, "image_overrides": dict, "text_layers": int, "embed_dim": int}
+        for f in fields(cls):
+            if f.name in d and (not isinstance(d[f.name], types[f.name]) or isinstance(d[f.name], bool)):
+                raise ValueError(f"architecture field {f.name!r} must be a {types[f.name].__name__}, "
+                                 f"found {d[f.name]!r}")
+        for name in ("text_layers", "embed_dim"):
+            if name in d and d[name] < 1:
+                raise ValueError(f"architecture field {name!r} must be >= 1, found {d[name]}")
         return cls(**d)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "AlignArch":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """The architecture in a JSON file; a ``DataError`` naming the file (and the line
+        of a JSON syntax error) when it cannot be used."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the architecture file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise DataError(f"{path}: not a valid architecture: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +112,7 @@ class AlignArch:
 def _need(bert_dir: str | os.PathLike, name: str) -> str:
     path = os.path.join(bert_dir, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing; --bert-dir must hold bert-base-chinese's "
+        raise ModelFilesError(f"{path}: missing; --bert-dir must hold bert-base-chinese's "
                                 f"config.json and vocab.txt (download_assets.py fetches them)")
     return path
 

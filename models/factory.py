@@ -7,9 +7,10 @@ engine.
     emb, ok = rm.encode_images(paths, batch_size=32)                      # N x D, normalised
     txt = rm.encode_texts(["西湖"])                                        # 1 x D, normalised
     rm.identity()                     # "<name>:<weights sha256>": the embedding-cache tag
+    rm.engine_info()                  # {"backend": "auto", "image_backend": "onnx", ...}
 
     ranker, rm = build_ranker("ranker.ckpt", "bert", device="cpu", backend="auto")
-    # ranker.score_embeddings(...) for the head; rm encodes with ranker.align_model
+    # ranker.score_many(...) for the head; rm encodes with ranker.align_model
 
 Registered recall models (``MODELS``):
 
@@ -24,7 +25,9 @@ A third model: write its builder and add one ``ModelEntry`` to ``MODELS``.
 
 Image engine (``backend``, utils/onnx_backend.py): ``torch``, ``onnx`` or ``auto`` (ONNX
 Runtime on a CPU when it is installed and agrees with torch on this model, else torch).
-It is chosen on the first image batch, so a run that encodes no image never exports.
+It is chosen when first needed (``image_encoder``/``encode_images``), so a run that
+encodes no image never exports. The weights hash is computed at most once per model and
+serves both the ONNX export cache and the embedding cache.
 """
 from __future__ import annotations
 
@@ -74,17 +77,34 @@ class RecallModel:
         if precision not in self._encoders:
             self._encoders[precision] = image_encoder_for(
                 self.model, self.backend, self.device, precision, cache_dir=self.onnx_cache_dir,
-                weights_hash=self.weights_hash() if self.backend != "torch" else None)
+                weights_hash=self.weights_hash)
         return self._encoders[precision]
 
     def image_backend(self, precision: str = "fp32") -> str:
         """``"onnx"`` or ``"torch"``: the engine that actually runs."""
         return "onnx" if isinstance(self.image_encoder(precision), OnnxImageEncoder) else "torch"
 
+    def engine_info(self, precision: str = "fp32") -> dict:
+        """What a run record says about the image engine: the one requested, the one
+        used (None when no image needed encoding, so none was set up), and for ONNX
+        Runtime its agreement with torch, whether this run exported the graph (False:
+        the cached export was valid) and its set-up time."""
+        if precision not in self._encoders:
+            return {"backend": self.backend, "image_backend": None}
+        enc = self.image_encoder(precision)
+        info = {"backend": self.backend, "image_backend": self.image_backend(precision)}
+        if isinstance(enc, OnnxImageEncoder):
+            info.update(onnx_max_abs_diff=enc.max_abs_diff, onnx_exported=enc.exported,
+                        onnx_file=enc.path.name, onnx_threads=enc.opts.intra_op_num_threads,
+                        onnx_setup_s=round(enc.setup_seconds, 3))
+        return info
+
     def encode_images(self, paths, batch_size=None, precision: str = "fp32", **kw):
+        """``utils.embed.encode_images`` on the chosen engine, which is set up only when
+        some image is not in the cache."""
         return encode_images(self.model, paths, batch_size, self.device, precision=precision,
                              image_loader=self.image_loader,
-                             image_encoder=self.image_encoder(precision), **kw)
+                             engine=lambda: self.image_encoder(precision), **kw)
 
     def encode_texts(self, texts, batch_size: int = 64, **kw):
         return encode_texts(self.model, self.tokenizer, texts, batch_size, self.device,

@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizer,
                           CLIPVisionConfig, CLIPVisionModelWithProjection)
 
+from utils.data import DataError
+
+from .align import ModelFilesError, skip_init
 from .checkpoint import CheckpointError, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def _need(directory, name: str, option: str) -> Path:
     p = Path(directory) / name
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: missing; {option} must be a Hugging Face model directory "
+        raise ModelFilesError(f"{p}: missing; {option} must be a Hugging Face model directory "
                                 f"(download_assets.py --with-baselines fetches it)")
     return p
 
@@ -63,11 +66,7 @@ def read_weights(path: str | os.PathLike) -> dict:
             return load_file(path)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
-    sd, _ = read_checkpoint(path)
-    prefixes = {k.split(".", 1)[0] for k in sd}
-    if prefixes == {"module"}:  # saved from a DataParallel / DDP wrapper
-        log.info("%s: stripping the 'module.' prefix of every key", path)
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd, _ = read_checkpoint(path)  # known wrappers (DataParallel's module. ...) unwrapped there
     return sd
 
 
@@ -76,7 +75,7 @@ def find_weights(directory, option: str) -> Path:
         p = Path(directory) / name
         if p.is_file():
             return p
-    raise FileNotFoundError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the "
+    raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the "
                             f"model's weights")
 
 
@@ -90,11 +89,11 @@ def vision_config(clip_dir) -> CLIPVisionConfig:
     path = _need(clip_dir, "config.json", "--clip-dir")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    vc = doc.get("vision_config") or doc.get("vision_config_dict")
+    except ValueError as e:  # also not UTF-8
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    vc = doc.get("vision_config") or doc.get("vision_config_dict") if isinstance(doc, dict) else None
     if not isinstance(vc, dict):
-        raise ValueError(f"{path}: no 'vision_config' (is this a CLIP model directory?)")
+        raise DataError(f"{path}: no 'vision_config' (is this a CLIP model directory?)")
     vc = {k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
     # CLIPModel's visual_projection follows the top-level projection_dim
     vc["projection_dim"] = doc.get("projection_dim", vc.get("projection_dim", 512))
@@ -116,7 +115,7 @@ class TaiyiCLIP(nn.Module):
     def __init__(self, text_cfg: BertConfig, vision_cfg: CLIPVisionConfig):
         super().__init__()
         if text_cfg.num_labels != vision_cfg.projection_dim:
-            raise ValueError(f"the text encoder gives {text_cfg.num_labels} logits but the image "
+            raise CheckpointError(f"the text encoder gives {text_cfg.num_labels} logits but the image "
                              f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair")
         self.text_model = BertForSequenceClassification(text_cfg)
         self.image_model = CLIPVisionModelWithProjection(vision_cfg)
@@ -156,7 +155,8 @@ def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP
     """Taiyi-CLIP in eval mode from local directories; ``text_weights`` (the authors'
     fine-tuned ``pytorch_model.bin``) replaces the weights of ``text_dir``, which then
     need not be there."""
-    model = TaiyiCLIP(text_config(text_dir), vision_config(clip_dir))
+    with skip_init():  # every weight is loaded next, strictly
+        model = TaiyiCLIP(text_config(text_dir), vision_config(clip_dir))
     load_text_state(model, text_weights or find_weights(text_dir, "--taiyi-text-dir"))
     load_vision_state(model, find_weights(clip_dir, "--clip-dir"))
     return model.to(device).eval()

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from fixtures import TINY_ARCH, tiny_align, tiny_ranker
 from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
 from utils.embed import tokenize
-from models.checkpoint import (CheckpointError, load_align_model, load_ranker, read_checkpoint,
-                               save_align_checkpoint, save_ranker_checkpoint)
+from models.checkpoint import (CheckpointError, align_state_from, load_align_model, load_ranker,
+                               read_checkpoint, save_align_checkpoint, save_ranker_checkpoint)
 from utils.hashing import state_dict_hash
 from models.ranker import SiameseRanker
 
@@ -260,3 +260,65 @@ def test_tokenizer_lower_cases_like_the_authors(bert_dir):
     tok = load_tokenizer(bert_dir)
     ids = tokenize(tok, ["红A B"])["input_ids"][0]
     assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "红", "a", "b", "[SEP]"]
+
+
+# ---------------------------------------------------------------------------
+# known checkpoint wrappers (issue 14, item 9): recognised with a notice, strict otherwise
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("wrap,note", [
+    (lambda sd: {"module." + k: v for k, v in sd.items()}, "every key under 'module.' (DataParallel/DDP)"),
+    (lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}}, "'module.'"),
+    (lambda sd: {"model": sd, "epoch": 3}, '{"model": ...}'),
+    (lambda sd: {"state_dict": sd, "epoch": 3, "optimizer": {"lr": 0.1}}, '{"state_dict": ...} with epoch'),
+    (lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 2, "global_step": 7,
+                 "pytorch-lightning_version": "2.4.0"}, "every key under 'model.' (Lightning)"),
+])
+def test_known_wrappers_load_with_a_notice(tmp_path, bert_dir, caplog, wrap, note):
+    model = tiny_align(bert_dir, seed=6)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(model.state_dict()), path)
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        loaded = load_align_model(path, bert_dir, arch=TINY_ARCH)
+    assert "a wrapped checkpoint" in caplog.text and note in caplog.text and str(path) in caplog.text
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(model.state_dict())
+
+
+def test_wrapped_ranker_checkpoint(tmp_path, bert_dir):
+    ranker = tiny_ranker(bert_dir, seed=8)
+    torch.save({"module." + k: v for k, v in ranker.state_dict().items()}, tmp_path / "ddp.ckpt")
+    loaded = load_ranker(tmp_path / "ddp.ckpt", bert_dir, arch=TINY_ARCH)
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(ranker.state_dict())
+
+
+def test_partial_prefix_is_not_unwrapped(tmp_path, bert_dir):
+    sd = tiny_align(bert_dir).state_dict()
+    sd = {("module." + k if k.startswith("text_model.") else k): v for k, v in sd.items()}
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(\d+\): module\.text_model\."):
+        load_align_model(_save_wrapped(sd, tmp_path / "x.pth"), bert_dir, arch=TINY_ARCH)
+    torch.save({"model": {"weights": {"a": torch.zeros(1)}}}, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match="not tensors"):
+        read_checkpoint(tmp_path / "nested.pth")
+
+
+def test_align_state_from_is_the_one_prefix_strip(bert_dir):
+    ranker = tiny_ranker(bert_dir, seed=2)
+    sd = ranker.state_dict()
+    got = align_state_from(sd)
+    assert set(got) == set(ranker.align_model.state_dict())
+    plain = ranker.align_model.state_dict()
+    assert align_state_from(plain) is plain
+
+
+def test_loaded_model_is_built_without_wasted_init_and_equals_the_file(tmp_path, bert_dir):
+    model = tiny_align(bert_dir, seed=9)
+    save_align_checkpoint(model, tmp_path / "a.pth")
+    loaded = load_align_model(tmp_path / "a.pth", bert_dir)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(p.requires_grad for p in loaded.parameters())  # trainable after loading, as before
+    # a half-precision file still gives the float32 model, as copying into it did
+    torch.save({"state_dict": {k: (v.half() if v.is_floating_point() else v)
+                               for k, v in model.state_dict().items()}, "arch": model.arch.to_dict()},
+               tmp_path / "half.pth")
+    half = load_align_model(tmp_path / "half.pth", bert_dir)
+    assert {p.dtype for p in half.parameters()} == {torch.float32}

@@ -22,6 +22,7 @@ from models.checkpoint import save_align_checkpoint
 from utils.cache import EmbeddingCache
 from utils.data import poi_of_image
 from utils.embed import encode_images, encode_texts
+from utils.hashing import model_hash
 from utils.images import load_image
 from utils.metrics import (evaluate_groups, first_hit_ranks, mean_reciprocal_rank,
                                   recall_and_mrr, recall_at_k, stable_topk)
@@ -157,12 +158,12 @@ def test_both_file_formats_give_the_same_figures(tmp_path, capsys):
     assert recall_eval.main(["--results", str(tmp_path / "full.csv"), "--k", "20"]) == 0
 
 
-def test_bad_results_files_are_named(tmp_path, caplog):
+def test_bad_results_files_are_named(tmp_path, capsys):
     p = tmp_path / "bad.csv"
     p.write_text("1,a,1_1.jpg,0.5\n1,a,1_2.jpg,notanumber\n", encoding="utf-8")
-    with caplog.at_level(logging.ERROR):
-        assert recall_eval.main(["--results", str(p)]) == 2
-    assert "bad.csv:2" in caplog.text and "notanumber" in caplog.text
+    assert recall_eval.main(["--results", str(p)]) == 2
+    err = capsys.readouterr().err  # the one-line error of utils.cli.entry_point
+    assert "bad.csv:2" in err and "notanumber" in err
 
 
 # ---------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def _tok1(tok, text):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
+def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog, capsys):
     g = gallery
     bad = tmp_path / "bad.csv"
     bad.write_text("1,a,http://x,1,2,3\n", encoding="utf-8")
@@ -307,10 +308,9 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
     caplog.clear()
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    with caplog.at_level(logging.ERROR):
-        assert recall_infer.main(["--csv", str(g["csv"]), "--image-dir", str(empty),
-                                  *base[2:]]) == 2
-    assert "101_1" in caplog.text
+    capsys.readouterr()
+    assert recall_infer.main(["--csv", str(g["csv"]), "--image-dir", str(empty), *base[2:]]) == 2
+    assert "101_1" in capsys.readouterr().err  # the one-line error of utils.cli.entry_point
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +319,8 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog):
 def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog):
     model = gallery["model"]
     srcs = sorted(p for p in gallery["images"].iterdir() if p.suffix == ".jpg")[:6]
-    cache = EmbeddingCache.for_model(tmp_path / "c", model)
+    tag = f"align:{model_hash(model)}"   # what RecallModel.identity() gives for this model
+    cache = EmbeddingCache(tmp_path / "c", tag)
     s1 = {}
     e1, ok1 = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=cache, stats=s1, progress=False)
     assert s1["encoded"] == 6 and s1["cached"] == 0
@@ -344,7 +345,7 @@ def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog)
     # a corrupt cache file is moved aside with a warning, and the run goes on
     (tmp_path / "c" / "embeddings.sqlite").write_bytes(b"this is not sqlite" * 100)
     with caplog.at_level(logging.WARNING):
-        broken = EmbeddingCache.for_model(tmp_path / "c", model)
+        broken = EmbeddingCache(tmp_path / "c", tag)
         s4 = {}
         e4, _ = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=broken, stats=s4, progress=False)
     assert "not a readable cache" in caplog.text
@@ -376,3 +377,50 @@ def test_encode_texts_encodes_each_distinct_string_once(gallery, bert_dir):
         one = model.encode_text(**_tok1(tok, "绿色山公园古镇"))[0]
     assert torch.allclose(emb[3], one, atol=1e-6)
     assert torch.allclose(emb.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# --save-embeddings -> recall_eval.py --embeddings: the same figures as the full file
+# ---------------------------------------------------------------------------
+def test_saved_embeddings_give_the_figures_of_the_full_file(gallery, bert_dir, tmp_path, capsys):
+    from utils.data import load_embeddings
+    g = gallery
+    out, full, npz = tmp_path / "top.csv", tmp_path / "full.csv", tmp_path / "run.npz"
+    meta = _infer(g, bert_dir, out, "--topk", "5", "--full-output", str(full), "--save-embeddings", str(npz),
+                  "--num-workers", "0")
+    d = load_embeddings(npz)
+    assert d["image_emb"].shape == (meta["gallery_size"], 32) and d["text_emb"].shape == (7, 32)
+    assert d["poi_ids"] == list(NAMES) and d["poi_names"] == list(NAMES.values())
+    assert d["image_names"] == list(dict.fromkeys(img.rsplit("/", 1)[-1] for _, _, img, _ in _read_full(full)))
+    assert d["image_ok"].sum() == meta["gallery_size"] - 1  # the unreadable one
+    assert d["meta"]["model_identity"].startswith("align:")
+    # the vectors give back the scores of the full file
+    got = np.array([s for _, _, _, s in _read_full(full)]).reshape(7, -1)
+    assert np.abs(d["text_emb"] @ d["image_emb"].T - got).max() < 1e-6
+    printed = {}
+    for flag, path in (("--results", full), ("--embeddings", npz)):
+        assert recall_eval.main([flag, str(path), "--k", "1", "5", "10", "--bootstrap", "200",
+                                 "--json", str(tmp_path / f"{path.name}.json")]) == 0
+        printed[flag] = [x for x in capsys.readouterr().out.splitlines()
+                         if x.startswith(("recall@", "MRR", "POIs"))]
+    assert printed["--results"] == printed["--embeddings"] and len(printed["--results"]) == 5
+    a = json.loads((tmp_path / "full.csv.json").read_text(encoding="utf-8"))
+    b = json.loads((tmp_path / "run.npz.json").read_text(encoding="utf-8"))
+    assert a["recall"] == b["recall"] and a["mrr"] == b["mrr"] and a["recall_ci"] == b["recall_ci"]
+    assert [p["first_hit_rank"] for p in a["pois"]] == [p["first_hit_rank"] for p in b["pois"]]
+
+
+def test_non_utf8_rank_csv_is_reported_at_its_line(tmp_path):
+    from utils.data import RECORD_SEP, DataError, iter_rank_csv
+    good = RECORD_SEP.join(["1", "http://a", "http://b", "2", "1", "t", "c", "", "", "P"])
+    p = tmp_path / "r.csv"
+    p.write_bytes((good + "\n" + good.replace("1", "2", 1) + "\n").encode() + b"3\xff" + b"\n")
+    errors = []
+    assert len(list(iter_rank_csv(p, errors))) == 2
+    assert [(e.line, "not UTF-8" in e.message) for e in errors] == [(3, True)]
+    with pytest.raises(DataError, match=r"r\.csv:3: not UTF-8"):
+        list(iter_rank_csv(p))
+    nan = tmp_path / "nan.csv"
+    nan.write_text(good.replace("$record$2$record$", "$record$nan$record$", 1) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"nan\.csv:1: ctr_a/ctr_b not finite"):
+        list(iter_rank_csv(nan))

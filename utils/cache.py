@@ -7,9 +7,9 @@ One SQLite file (``<cache_dir>/embeddings.sqlite``) holds two tables:
 * ``vectors``: ``(namespace, sha256) -> (float32 vector, ok flag)``.
 
 The key of a vector is the file CONTENT (sha256), so a renamed or copied image still
-hits, plus a namespace made of the model kind (``"align"``; other model types use
-their own name), the hash of the model weights
-(``models.checkpoint.state_dict_hash``), the preprocessing mode and the precision.
+hits, plus a namespace made of the model's identity (``RecallModel.identity()``: the
+model kind and the hash of the weights its image vectors depend on,
+``utils.hashing.model_hash``), the preprocessing mode and the precision.
 Anything that changes the vector changes the key; the device does not enter it (CPU
 and CUDA fp32 agree to ~1e-6).
 
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .hashing import model_hash, sha256_file
+from .hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ _CHUNK = 500  # SQLite's host-parameter limit is at least 999
 
 
 class EmbeddingCache:
-    """``EmbeddingCache(cache_dir, model_tag)``; ``model_tag`` identifies the weights,
-    e.g. ``"align:<state_dict_hash>"`` (see :meth:`for_model`).
+    """``EmbeddingCache(cache_dir, model_tag)``; ``model_tag`` identifies the weights:
+    ``RecallModel.identity()`` (models/factory.py), e.g. ``"align:<model_hash>"``.
 
     Counters ``hits`` / ``misses`` / ``stored`` / ``hashed`` (files whose content had
     to be read) are kept per instance for logs and tests.
@@ -63,10 +63,6 @@ class EmbeddingCache:
             except sqlite3.DatabaseError as e2:
                 log.warning("embedding cache %s unusable (%s); running without a cache", self.path, e2)
                 self.db = None
-
-    @classmethod
-    def for_model(cls, cache_dir, model, model_name: str = "align") -> "EmbeddingCache":
-        return cls(cache_dir, f"{model_name}:{model_hash(model)}")
 
     # -- setup ---------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:

@@ -8,13 +8,13 @@ recall, ranking and selection scripts.
 format) and ``encode_text(input_ids, attention_mask, normalize=False)``; both returned
 tensors are float32, L2-normalised, on the CPU, row i for input i.
 
-Speed (see bench/bench_recall.py): images are decoded and preprocessed in DataLoader
-worker processes while the model runs; the image tower runs in ``channels_last`` (1.6x
-on CPU) under ``torch.inference_mode``; ``precision="bf16"``/``"fp16"`` adds autocast
-(about 2x more on a CPU with AVX-512 BF16 or AMX, but ~100x SLOWER on an AVX2-only
-CPU, where it is emulated: a warning says so; scores move by ~1e-2, so fp32 is the
-default). Each
-distinct text is encoded once, in batches of similar length.
+Speed (figures: bench/bench_recall.py and the README): images are decoded and
+preprocessed in DataLoader worker processes while the engine encodes the previous batch;
+the torch engine runs the image tower in ``channels_last`` under ``torch.inference_mode``
+(ONNX Runtime, utils/onnx_backend.py, takes plain NCHW); ``precision="bf16"``/``"fp16"``
+adds autocast, which is faster only with native support (GPU, AVX-512 BF16 / AMX CPUs;
+emulated, far slower, on AVX2-only CPUs: a warning says so) and moves scores, so fp32 is
+the default. Each distinct text is encoded once, in batches of similar length.
 
 The model is switched to eval mode for the call and back afterwards, and its image
 tower is left in ``channels_last`` (same values, faster; harmless for training).
@@ -43,27 +43,43 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_batch_size(device) -> int:
-    """32 on CPU (the fastest measured for B3 at 224 px on 2 cores; larger batches are
-    no faster), 128 on CUDA."""
+    """32 on CPU (larger batches are no faster for B3 at 224 px and cost memory), 128 on
+    CUDA."""
     return 128 if torch.device(device).type == "cuda" else 32
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# How the cores are shared on a CPU, engine threads vs decoding workers. Decoding and
+# resizing a 2 MP photo costs a small fraction of the CPU time of encoding it, even with
+# ONNX Runtime, so the engine gets every core and one worker per DECODE_SHARE cores
+# (at least one) decodes ahead; the engine's threads do not spin while idle, so a worker
+# that wakes up finds a core. Measured split: bench/bench_recall.py --split.
+DECODE_SHARE = {"onnx": 4, "torch": 2}
+MAX_WORKERS = 8
+
+
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoding workers. On CPU half the cores (at least 1, at most 8): the model uses
-    every core, and decoding a 2 MP photo (~15 ms) is far quicker than encoding it, so
-    one worker per two cores keeps the model fed (measured on 2 cores: 1 and 2 workers
-    give the same speed, 1 uses less memory). The ONNX Runtime backend encodes ~3x
-    faster, so decoding is a larger share: all cores up to 8 (on 2 cores, 2 workers
-    gave 10-25% more images/s than 1). On CUDA, all cores up to 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.device(device).type == "cuda" or backend == "onnx":
-        return max(1, min(n, 8))
-    return max(1, min(n // 2, 8))
+    """Decoding worker processes for the engine ``backend`` (``"torch"``/``"onnx"``, the
+    one that actually runs). On CPU one per ``DECODE_SHARE[backend]`` cores, at least 1,
+    at most 8; on CUDA (the GPU encodes, the cores only decode) every core up to 8."""
+    n = cpu_cores()
+    if torch.device(device).type == "cuda":
+        return max(1, min(n, MAX_WORKERS))
+    return max(1, min(n // DECODE_SHARE.get(backend, 2), MAX_WORKERS))
+
+
+def default_engine_threads() -> int:
+    """Intra-op threads of the CPU engine: every core (torch's own default, too)."""
+    return max(1, cpu_cores())
 
 
 def native_low_precision(device, precision: str) -> bool:
     """False when ``precision`` would be emulated: on a CPU without AVX-512 BF16 / AMX
-    (an AVX2-only CPU runs bf16 convolutions ~100x slower than fp32)."""
+    (where it is emulated, bf16 convolutions run far slower than fp32)."""
     if precision == "fp32" or torch.device(device).type != "cpu":
         return True
     cpu = torch.cpu
@@ -110,7 +126,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                   device="cpu", mode: str = "reference", num_workers: int | None = None,
                   precision: str = "fp32", cache=None, stats: dict | None = None,
                   progress: bool = True, desc: str = "images",
-                  image_loader=None, image_encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_loader=None, image_encoder=None,
+                  engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
@@ -123,18 +140,16 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     new vectors are stored batch by batch. Files with identical content are encoded once.
     ``image_encoder``: the ``f(x, normalize)`` that runs the image tower (default
     ``model.encode_image``; ``utils.onnx_backend.image_encoder_for`` builds the ONNX
-    Runtime one).
+    Runtime one). ``engine``: instead, a function returning it, called only when some
+    image is not in the cache (so an all-cached run sets up no engine).
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
-    the model), ``cached`` (taken from the cache), ``unreadable`` and ``seconds``.
+    the model), ``cached`` (taken from the cache), ``unreadable``, ``seconds``,
+    ``num_workers`` and ``first_batch_at`` (``time.perf_counter()`` when the first batch
+    was encoded, None if none was: what start-up time is measured to).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
-    if image_encoder is None:
-        image_encoder = model.encode_image
-    on_torch = getattr(image_encoder, "__self__", None) is model
-    if num_workers is None:
-        num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
     paths = [str(p) for p in paths]
     n = len(paths)
     ns = cache.namespace(mode, precision) if cache is not None else None
@@ -164,8 +179,14 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             first_of[k] = i
         todo.append(i)
     n_cached = sum(v is not None for v in vectors)
+    first_batch_at = None
 
     if todo:
+        if image_encoder is None:
+            image_encoder = engine() if engine is not None else model.encode_image
+        on_torch = getattr(image_encoder, "__self__", None) is model
+        if num_workers is None:
+            num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
         loader = DataLoader(ImageDataset([paths[i] for i in todo], mode,
                                          loader=image_loader), batch_size=batch_size,
                             shuffle=False, num_workers=num_workers,
@@ -181,6 +202,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                    leave=False)
         with eval_mode(model), torch.inference_mode():
             for x, good, idx in loader:
+                first = first_batch_at is None
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with autocast(device, precision):
                     e = image_encoder(x, normalize=False)
@@ -190,6 +212,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                     i = todo[j]
                     vectors[i], ok[i] = row, g
                     items.append((keys[i], row, g))
+                if first:
+                    first_batch_at = time.perf_counter()
                 if cache is not None:
                     cache.put_many(items, ns)
                 bar.update(len(idx))
@@ -204,7 +228,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else \
         torch.empty(0, dim or 0)
     result = {"total": n, "encoded": len(todo), "cached": n_cached,
-              "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0}
+              "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0,
+              "num_workers": num_workers if todo else 0, "first_batch_at": first_batch_at}
     if stats is not None:
         stats.update(result)
     log.info("images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",

@@ -14,12 +14,17 @@ Semantics, exactly as the authors' evaluator:
 * recall@K = hits / number of queries; MRR = mean of 1 / rank of the first hit, 0 for a
   query without a hit among the candidates it has (so over a top-10 file it is MRR@10).
 
-Two entry points share these rules:
+Three entry points share these rules:
 
 * :func:`evaluate_groups` takes ``{poi_id: [(image, score), ...]}`` in file order (what
   ``recall_eval.py`` reads) and returns a :class:`RecallResult` with per-POI details;
+* :func:`evaluate_matrix` does the same for a Q x N score matrix and the gallery's file
+  names (``recall_eval.py --embeddings``);
 * :func:`recall_at_k` / :func:`first_hit_ranks` take a Q x N score matrix (torch or
   numpy), the query POI ids and the gallery POI ids, for training/validation loops.
+
+:func:`stable_topk` is THE ordering of a score matrix (recall_infer.py's top-k file
+and every figure above).
 
 Ranking stage: Pairwise figures of the ranking stage (SPEC section 5).
 
@@ -28,11 +33,13 @@ when image a had the higher CTR:
 
 - ``accuracy``: mean of ``(s_a > s_b) == label`` (ties predict 0) — the published
   0.652, which the paper calls "AUC";
-- ``auc``: ROC-AUC of ``sigmoid(s_a - s_b)`` against the label (the honest AUC). It is
-  computed on ``s_a - s_b`` directly: sigmoid is monotone, so the AUC is the same,
-  without float saturation turning large margins into ties. ``None`` when the
-  labels hold a single class;
-- ``log_loss``: mean binary cross-entropy of ``sigmoid(s_a - s_b)``, computed stably;
+- ``auc``: ROC-AUC of ``sigmoid(s_a - s_b)`` against the label (the honest AUC), by
+  ``sklearn.metrics.roc_auc_score`` on ``s_a - s_b`` directly: sigmoid is monotone, so
+  the AUC is the same, without float saturation turning large margins into ties.
+  ``None`` when the labels hold a single class;
+- ``log_loss``: mean binary cross-entropy of ``sigmoid(s_a - s_b)``, computed from the
+  margin with ``logaddexp`` (``sklearn.metrics.log_loss`` takes probabilities, in which a
+  confident mistake saturates to 1.0 and its loss is clipped; from the margin it is exact);
 - ``baseline``: accuracy of the best constant guess, ``max(mean label, 1 - mean label)``;
 - ``n``: number of pairs (``ties``: pairs with ``s_a == s_b``).
 """
@@ -160,7 +167,7 @@ def first_hit_ranks(score_matrix, query_pois: Sequence[str], gallery_pois: Seque
     query = torch.tensor([ids[p] for p in query_pois], dtype=torch.long, device=s.device)
     out: list[int | None] = []
     for a in range(0, s.shape[0], chunk):
-        _, order = torch.sort(s[a:a + chunk], dim=1, descending=True, stable=True)
+        _, order = stable_topk(s[a:a + chunk], s.shape[1])
         match = owner[order] == query[a:a + chunk, None]
         has = match.any(dim=1)
         first = match.to(torch.int8).argmax(dim=1) + 1  # argmax returns the first maximum
@@ -174,6 +181,28 @@ def recall_at_k(score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[
     return recall_from_first_hits(first_hit_ranks(score_matrix, query_pois, gallery_pois), ks)
 
 
+def evaluate_matrix(score_matrix, poi_ids: Sequence[str], image_names: Sequence[str],
+                    ks: Iterable[int] = DEFAULT_KS, names: dict[str, str] | None = None,
+                    keep: int | None = None) -> RecallResult:
+    """:func:`evaluate_groups` for a Q x N score matrix (row j = POI ``poi_ids[j]``,
+    column i = gallery image ``image_names[i]``): the same figures as the full-format
+    file of those scores, every image a candidate of every POI."""
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"K must be >= 1, got {ks}")
+    keep = max(ks) if keep is None else keep
+    names = names or {}
+    s = _as_tensor(score_matrix)
+    firsts = first_hit_ranks(s, poi_ids, [poi_of_image(n) for n in image_names])
+    vals, idx = stable_topk(s, min(keep, s.shape[1]))
+    pois = [PoiResult(p, names.get(p, ""), f, s.shape[1],
+                      [(image_names[i], v) for v, i in zip(vr, ir)])
+            for p, f, vr, ir in zip(poi_ids, firsts, vals.tolist(), idx.tolist())]
+    recall = recall_from_first_hits(firsts, ks)
+    hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
+    return RecallResult(ks, recall, hits, mean_reciprocal_rank(firsts), pois)
+
+
 def recall_and_mrr(score_matrix, query_pois, gallery_pois, ks=DEFAULT_KS) -> dict:
     """``{"recall@K": ..., "mrr": ...}`` in one pass, for training logs."""
     firsts = first_hit_ranks(score_matrix, query_pois, gallery_pois)
@@ -183,21 +212,15 @@ def recall_and_mrr(score_matrix, query_pois, gallery_pois, ks=DEFAULT_KS) -> dic
 
 
 def roc_auc(labels, scores) -> float | None:
-    """Mann-Whitney ROC-AUC with ties counted half; ``None`` for a single class."""
+    """ROC-AUC (``sklearn.metrics.roc_auc_score``: ties count half); ``None`` for a
+    single class. scikit-learn is imported here, not with the module: the recall
+    scripts use this module and should not pay for its import."""
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return None
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average rank (1-based) of each group of equal scores
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(y, s))
 
 
 def pairwise_metrics(labels, s_a, s_b) -> dict:

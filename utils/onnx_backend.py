@@ -1,35 +1,40 @@
-"""An optional ONNX Runtime backend for the image tower: the same vectors as torch
-(checked to 1e-5 on every load), about twice as fast on a CPU.
+"""The ONNX Runtime engine for the image tower: the same vectors as torch (checked to
+1e-5 on every load), several times the images/s of torch on a CPU.
 
     enc = OnnxImageEncoder(model, weights_hash=model_hash(model))   # export once, cached
     emb = enc.encode_image(x)                   # N x D normalised, like model.encode_image(x)
     raw = enc(x, normalize=False)               # the image_hidden_layer output
 
-    image_encoder_for(model, "onnx", device)    # what utils.embed.encode_images uses
+    image_encoder_for(model, "auto", device)    # what models.factory.RecallModel uses
 
 What is exported: ``model.encode_image`` (align: ``image_model`` -> ``image_hidden_layer``
 -> L2 normalisation) as one graph with a dynamic batch dimension and two outputs, the
 normalised vectors (``embedding``) and the raw ones (``features``). The exporter is
-torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``: on torch 2.13 it
-exports B3 in ~3 s to one self-contained file, needs no extra package and matches torch
-to ~4e-7; the dynamo exporter (needs ``onnxscript``) is as exact but takes ~15 s, and is
-used only if the TorchScript one fails (a torch without it).
+torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)`` (one self-contained
+file, no extra package); the dynamo exporter (needs ``onnxscript``) is tried only if that
+one fails. ``torch.onnx`` and ``onnx`` are imported only when a graph is exported.
 
-Cache: ``<dir>/image_<key>.onnx``, ``key`` = sha256 of the weights hash
-(``models.checkpoint.state_dict_hash``, the one the embedding cache uses), the model's
-architecture, the input size, the torch version and the exporter; the file is written
-atomically, so parallel runs are safe. ``dir`` = the ``cache_dir`` argument, else
-``$AVAS_ONNX_CACHE``, else ``$XDG_CACHE_HOME/avas/onnx`` (``~/.cache/avas/onnx``).
+Cache: ``<dir>/image_<key>.onnx``, ``key`` = sha256 of the weights hash (the model's
+``utils.hashing.model_hash``, the one the embedding cache uses, passed in so that it is
+computed once per run), the model's architecture, the input size, the torch version and
+the exporter; the file is written atomically, so parallel runs are safe. ``dir`` = the
+``cache_dir`` argument, else ``$AVAS_ONNX_CACHE``, else ``$XDG_CACHE_HOME/avas/onnx``
+(``~/.cache/avas/onnx``). A valid cached file is loaded, never exported again.
 
 Exactness: every time a session is created the graph is run beside torch on a random
 batch; a cached file that cannot be loaded or differs by more than ``tolerance`` (1e-5)
 is exported again; a fresh export that still differs raises ``OnnxBackendError``, and
 ``image_encoder_for`` then warns and falls back to torch. Runs on the CPU only
-(``CPUExecutionProvider``, ``torch.get_num_threads()`` intra-op threads), fp32 only.
+(``CPUExecutionProvider``), fp32 only.
 
-Memory: ONNX Runtime's CPU memory arena keeps ~1.3 GB for B3 at batch 32 (recall_infer
-peak RSS with workers 2.35 GB vs 1.44 GB with torch, measured on 200 images); turning
-the arena off (``mem_arena=False``) saves that for ~13% fewer images/s.
+Threads: ``default_threads()`` intra-op threads (``utils.embed.default_engine_threads``:
+every core), with spinning off, so that the DataLoader workers decoding the next batch
+get a core the moment they need it instead of competing with idle-spinning engine
+threads (see ``utils.embed.default_num_workers`` for the split and bench/bench_recall.py
+for the measurement).
+
+Memory: ONNX Runtime's CPU memory arena keeps its largest activation buffers between
+batches; ``mem_arena=False`` gives them back at some cost in images/s.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cli import UserError
-from .embed import eval_mode
+from .embed import default_engine_threads, eval_mode
 from .hashing import model_hash
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,6 @@ BACKENDS = ("auto", "torch", "onnx")
 INSTALL_HINT = "pip install onnxruntime onnx"
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the exported graph changes (inputs, outputs, wrapper)
-export_count = 0   # exports done by this process (tests check the cache with it)
 
 
 class OnnxBackendError(UserError, RuntimeError):
@@ -65,21 +69,30 @@ class OnnxBackendError(UserError, RuntimeError):
 
 
 def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime (and the ``onnx`` package its exporter writes through) can
-    be imported, without importing them."""
-    import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    """Whether ONNX Runtime can be imported (and works far enough to import)."""
+    try:
+        require_onnxruntime()
+    except OnnxBackendError:
+        return False
+    return True
 
 
 def require_onnxruntime():
     """The ``onnxruntime`` module, or an error that says how to install it."""
     try:
-        import onnx  # noqa: F401  (the exporter writes through it)
         import onnxruntime
-    except ImportError as e:
-        raise OnnxBackendError(f"the onnx backend needs onnxruntime and onnx ({e}); "
-                               f"install them: {INSTALL_HINT}") from e
+    except (ImportError, OSError) as e:  # not installed, or its native library will not load
+        raise OnnxBackendError(f"the onnx backend needs onnxruntime ({e}); "
+                               f"install it: {INSTALL_HINT}") from e
     return onnxruntime
+
+
+def _require_exporter() -> None:
+    try:
+        import onnx  # noqa: F401  (torch's exporter writes through it)
+    except (ImportError, OSError) as e:
+        raise OnnxBackendError(f"exporting the image tower to ONNX needs the onnx package ({e}); "
+                               f"install it: {INSTALL_HINT}") from e
 
 
 def default_cache_dir() -> Path:
@@ -117,8 +130,7 @@ def export_key(model, weights_hash: str, image_size: int) -> str:
 
 def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) -> str:
     """Export ``model.encode_image`` to ``path`` (atomically); returns the exporter used."""
-    global export_count
-    require_onnxruntime()
+    _require_exporter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -147,22 +159,26 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) ->
         else:
             raise OnnxBackendError("ONNX export of the image tower failed: " + "; ".join(errors))
     os.replace(tmp, path)
-    export_count += 1
     return exporter
 
 
 class OnnxImageEncoder:
     """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime.
 
-    ``weights_hash``: the model's ``state_dict_hash`` if already known (else computed).
+    ``weights_hash``: the model's ``model_hash`` if already known (else computed).
+    ``threads``: intra-op threads (default :func:`utils.embed.default_engine_threads`);
+    ``spin``: whether idle engine threads spin (default off, see the module notes).
     ``exported``: whether this instance exported the graph (False = cache hit);
-    ``max_abs_diff``: the deviation from torch measured when it was loaded.
+    ``max_abs_diff``: the deviation from torch measured when it was loaded;
+    ``setup_seconds``: export (if any), load and check.
     """
 
     def __init__(self, model, cache_dir=None, weights_hash: str | None = None,
                  threads: int | None = None, image_size: int = 224, tolerance: float = 1e-5,
-                 verify_batch: int = 2, mem_arena: bool = True):
+                 verify_batch: int = 2, mem_arena: bool = True, spin: bool = False):
         ort = require_onnxruntime()
+        if callable(weights_hash):  # computed only now that it is needed
+            weights_hash = weights_hash()
         if weights_hash is None:
             weights_hash = model_hash(model)
         self.image_size = image_size
@@ -176,9 +192,10 @@ class OnnxImageEncoder:
             log.info("exported the image tower to %s (%s exporter, %.1f s)", self.path, exporter,
                      time.perf_counter() - t)
         self.opts = ort.SessionOptions()
-        self.opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.opts.intra_op_num_threads = threads or default_engine_threads()
         self.opts.inter_op_num_threads = 1
         self.opts.enable_cpu_mem_arena = mem_arena
+        self.opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self._load(ort)
             self.max_abs_diff = self.verify(model, verify_batch, tolerance)
@@ -191,8 +208,10 @@ class OnnxImageEncoder:
             self.exported = True
             self._load(ort)
             self.max_abs_diff = self.verify(model, verify_batch, tolerance)
-        log.info("onnx image encoder %s: max |diff| vs torch %.1e, %d threads", self.path.name,
-                 self.max_abs_diff, self.opts.intra_op_num_threads)
+        self.setup_seconds = time.perf_counter() - t
+        log.info("onnx image encoder %s (%s): max |diff| vs torch %.1e, %d threads, %.1f s",
+                 self.path.name, "exported" if self.exported else "cached export",
+                 self.max_abs_diff, self.opts.intra_op_num_threads, self.setup_seconds)
 
     def _load(self, ort) -> None:
         try:
@@ -223,7 +242,7 @@ class OnnxImageEncoder:
 
 
 def image_encoder_for(model, backend: str = "auto", device="cpu", precision: str = "fp32",
-                      cache_dir=None, weights_hash: str | None = None):
+                      cache_dir=None, weights_hash=None):
     """The ``f(x, normalize)`` that encodes image batches with the engine ``backend``.
 
     ``torch``: ``model.encode_image``. ``onnx``: an :class:`OnnxImageEncoder`; it needs the
@@ -231,7 +250,8 @@ def image_encoder_for(model, backend: str = "auto", device="cpu", precision: str
     does not match torch is reported in a warning and torch is used instead. ``auto``:
     ONNX Runtime when the device is a CPU, the precision fp32 and onnxruntime importable,
     under the same agreement check; torch otherwise (CUDA, bf16/fp16, no onnxruntime). The
-    choice is logged.
+    choice is logged. ``weights_hash``: the model's hash, or a function giving it (called
+    only when ONNX Runtime is used), or None (computed when needed).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
