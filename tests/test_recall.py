@@ -422,5 +422,7 @@ def test_non_utf8_rank_csv_is_reported_at_its_line(tmp_path):
         list(iter_rank_csv(p))
     nan = tmp_path / "nan.csv"
     nan.write_text(good.replace("$record$2$record$", "$record$nan$record$", 1) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"nan\.csv:1: ctr_a/ctr_b not finite"):
+    with pytest.raises(DataError, match=r"nan\.csv:1: ctr_a: nan is not a finite number"):
         list(iter_rank_csv(nan))
+    with pytest.raises(DataError, match=r"nan\.csv:1: ctr_a: nan is not a finite number"):
+        list(iter_rank_csv(nan, []))  # never a row to skip: an error even when rows are collected

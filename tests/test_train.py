@@ -329,7 +329,7 @@ def test_rank_defaults_and_losses_are_the_authors():
     assert torch.allclose(rank_train.pair_loss(s_a, s_b, label, "margin", 0.5), margin, atol=1e-6)
 
 
-def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog):
+def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog, monkeypatch):
     """--backend (issue 13): a frozen tower goes to ONNX Runtime under auto (exported once,
     into the ONNX cache); an image tower that trains stays on torch under auto (no export),
     and --backend onnx exports it per evaluation into a temporary directory, never the
@@ -341,14 +341,22 @@ def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog):
     if not onnx_backend.onnxruntime_available():
         pytest.skip("onnxruntime not installed")
     cache = os.environ["AVAS_ONNX_CACHE"]
+    exports = []  # a spy on the one export function: how many exports this test caused
+    real_export = onnx_backend.export_image_graph
+
+    def spy(*a, **kw):
+        exports.append(a[1] if len(a) > 1 else kw.get("path"))
+        return real_export(*a, **kw)
+
+    monkeypatch.setattr(onnx_backend, "export_image_graph", spy)
     csv, img, arch = make_recall_data(tmp_path, owners_per_combo=1, images_per_owner=2)
     args = ["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert_dir), "--arch", str(arch),
             "--epochs", "1", "--batch-size", "4", "--val-owners", "4", "--logit-scale", "5", *COMMON]
-    n0, files0 = onnx_backend.export_count, sorted(os.listdir(cache))
+    n0, files0 = len(exports), sorted(os.listdir(cache))
     assert recall_train.main(args + ["--out-dir", str(tmp_path / "auto")]) == 0
-    assert onnx_backend.export_count == n0 and sorted(os.listdir(cache)) == files0
+    assert len(exports) == n0 and sorted(os.listdir(cache)) == files0
     assert recall_train.main(args + ["--out-dir", str(tmp_path / "onnx"), "--backend", "onnx"]) == 0
-    assert onnx_backend.export_count == n0 + 1 and sorted(os.listdir(cache)) == files0  # 1 evaluation
+    assert len(exports) == n0 + 1 and sorted(os.listdir(cache)) == files0  # 1 evaluation
     v_auto = [r for r in read_metrics(tmp_path / "auto" / "metrics.csv") if r["split"] == "val"]
     v_onnx = [r for r in read_metrics(tmp_path / "onnx" / "metrics.csv") if r["split"] == "val"]
     assert [r["recall@5"] for r in v_auto] == [r["recall@5"] for r in v_onnx]

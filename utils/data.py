@@ -306,9 +306,9 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
         except ValueError:
             _fail(errors, RowError(path, line, f"ctr_a/ctr_b not numbers: {ctr_a!r}, {ctr_b!r}"))
             continue
-        if not (math.isfinite(ca) and math.isfinite(cb)):  # a label from NaN would be silently 0
-            _fail(errors, RowError(path, line, f"ctr_a/ctr_b not finite: {ctr_a!r}, {ctr_b!r}"))
-            continue
+        # a label from NaN would silently be 0: never a row to skip, always an error
+        check_finite(ca, f"{path}:{line}: ctr_a")
+        check_finite(cb, f"{path}:{line}: ctr_b")
         row = RankRow(line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, cate,
                       oss_a.strip(), oss_b.strip(), pois)
         if not row.urls_a() or not row.urls_b():
