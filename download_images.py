@@ -60,8 +60,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import cli
-from utils.data import (DataError, RankRow, exclusive_lock, iter_rank_csv, iter_recall_csv,
-                        sniff_format)
+from utils.data import (DataError, RankRow, count_text_rows, exclusive_lock, iter_rank_csv,
+                        iter_recall_csv, sniff_format)
 from utils.download import (ALLOW_OPTION, DEFAULT_MAX_BYTES, AddressPolicy, FetchResult,
                             clean_stale_temps, download_one, make_session, parse_url_map,
                             unchanged_since, url_host)
@@ -179,36 +179,11 @@ def select(items, shard, limit):
         yield kind, line, payload
 
 
-def count_rows(csv_path) -> int:
-    """Non-blank lines of the CSV. Bytes that are not UTF-8 are a ``DataError`` naming
-    the line and column (before any download: the published CSVs are UTF-8)."""
-    rows = lines = 0
-    carry = b""
-    with open(csv_path, "rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            data = carry + block
-            cut = len(data) if not block else data.rfind(b"\n") + 1
-            data, carry = data[:cut], data[cut:]
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line_start = data.rfind(b"\n", 0, e.start) + 1
-                line = lines + data.count(b"\n", 0, e.start) + 1
-                raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
-                                f"column {e.start - line_start + 1}); the published CSVs are "
-                                f"UTF-8") from None
-            lines += data.count(b"\n")
-            rows += sum(1 for ln in data.splitlines() if ln.strip())
-            if not block:
-                return rows
-
-
 def estimate_total(csv_path: str, fmt: str, shard, limit, rows: int | None = None) -> int | None:
     """Number of images to expect, from a fast count of non-blank lines."""
     if rows is None:
         try:
-            rows = count_rows(csv_path)
+            rows = count_text_rows(csv_path)
         except (OSError, DataError):
             return None
     if shard is not None:
@@ -320,7 +295,7 @@ def check_paths(args) -> Plan:
         raise cli.UserError(f"--manifest {manifest}: {prev} (where the previous manifest is kept) "
                             f"is a directory")
     log_file = cli.output_file(out / f"download_images{suffix}.log", "log file")
-    rows = count_rows(csv_path)  # reads the whole CSV: after the cheap checks
+    rows = count_text_rows(csv_path)  # reads the whole CSV: after the cheap checks
     fmt = sniff_format(csv_path) if args.format == "auto" else args.format
     return Plan(csv_path, fmt, rows, out, manifest, log_file, f".lock{suffix}", url_map)
 

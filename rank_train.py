@@ -81,7 +81,7 @@ from utils.poi import PoiTables, load_poi_tables, pois_text
 from utils.train import (ResumableSampler, all_mean, amp_autocast, augment_pil, barrier,
                          build_optimizer, build_scheduler, check_finite_loss, check_global_batch,
                          check_text_file, loader_generator, open_run, optimizer_step, progress,
-                         read_json_file, restore_state, run_lock, save_checkpoint_and_state,
+                         restore_state, run_lock, save_checkpoint_and_state,
                          seed_everything, setup_distributed, setup_rank_logging, start_run,
                          teardown_distributed, wrap_ddp)
 
@@ -188,10 +188,7 @@ def check_paths(args) -> AlignArch | None:
     output_dir(args.out_dir, "--out-dir")
     if not args.arch:
         return None
-    try:
-        return AlignArch.from_dict(read_json_file(args.arch, "--arch"))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"--arch {args.arch}: not an architecture ({e})") from None
+    return AlignArch.from_json(args.arch)
 
 
 # ---------------------------------------------------------------------------

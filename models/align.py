@@ -12,7 +12,6 @@ checkpoint; do not rename them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -23,7 +22,7 @@ from efficientnet_pytorch import EfficientNet
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from utils.cli import UserError
-from utils.data import DataError
+from utils.data import DataError, read_json
 
 
 class ModelFilesError(UserError, FileNotFoundError):
@@ -85,17 +84,7 @@ class AlignArch:
     def from_json(cls, path: str | os.PathLike) -> "AlignArch":
         """The architecture in a JSON file; a ``DataError`` naming the file (and the line
         of a JSON syntax error) when it cannot be used."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read the architecture file ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        d = read_json(path)
         try:
             return cls.from_dict(d)
         except ValueError as e:

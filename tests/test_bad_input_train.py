@@ -98,7 +98,7 @@ def recall_cases(e, tmp):
         "junk init": (a + ["--init", str(tmp / "junk.pth")], "junk.pth: cannot be read"),
         "init of another architecture": (a + ["--init", str(other)], "other_arch.pth does not match"),
         "bad arch json": (replace_arg(a, "--arch", str(tmp / "bad_arch.json")),
-                          "bad_arch.json: not valid JSON"),
+                          "bad_arch.json:1: not valid JSON"),
         "missing bert dir": (replace_arg(a, "--bert-dir", str(tmp / "nobert")),
                              "--bert-dir " + str(tmp / "nobert") + ": no such directory"),
         "out-dir under a file": (a, None),  # filled in below

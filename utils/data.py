@@ -226,13 +226,31 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                _fail(errors, RowError(path, n, f"not UTF-8 text ({e.reason}: byte "
-                                                f"0x{raw[e.start]:02x} at column {e.start + 1})"))
+                _fail(errors, RowError(path, n, f"not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                                                f"at column {e.start + 1})"))
                 yield "\n"
                 continue
             if n == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             yield text
+
+
+def count_text_rows(path: str | os.PathLike) -> int:
+    """Non-blank lines of a UTF-8 text file; bytes that are not UTF-8 are a ``DataError``
+    at their line (a check to run before any work)."""
+    return sum(1 for line in text_lines(path) if line.strip())
+
+
+def read_json(path: str | os.PathLike, what: str | None = None):
+    """The JSON document in ``path``; a missing file, bytes that are not UTF-8 or a syntax
+    error are a ``DataError`` naming the file (and the line)."""
+    label = f"{what} {path}" if what else str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{label}: no such file")
+    try:
+        return json.loads("".join(text_lines(path)))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{label}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def _lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[int, str]]:

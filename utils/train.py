@@ -15,7 +15,7 @@
   epoch and RNG states (of every process), in a file separate from the model
   checkpoint, written atomically.
 - ``setup_rank_logging``: ``utils.cli.setup_logging`` made rank-aware.
-- ``check_text_file`` / ``read_json_file``: input checks run before any work.
+- ``check_text_file``: the input check of a CSV, run before any work.
 - ``run_lock``: the out-dir's exclusive lock for a whole run (rank 0 holds it under
   torchrun), with ``clean_stale_temp_files`` (what a killed save left behind).
 - ``Diverged`` / ``check_finite_loss``: a NaN/inf loss or gradient stops the run before
@@ -49,7 +49,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from utils.cli import LOG_FORMAT, UserError, input_file, resolve_device, setup_logging
-from utils.data import DataError, atomic_path, atomic_write, exclusive_lock, write_json
+from utils.data import DataError, atomic_path, atomic_write, count_text_rows, exclusive_lock, write_json
 from utils.hashing import model_hash
 
 log = logging.getLogger(__name__)
@@ -389,36 +389,12 @@ def restore_rng(state: dict, env: DistEnv) -> None:
 # run set-up and saving, the mechanics both training scripts share
 # ---------------------------------------------------------------------------
 def check_text_file(path, what: str) -> Path:
-    """An existing, readable, non-empty UTF-8 text file (a BOM is allowed), checked
-    before any work: else a ``DataError`` naming the file and the first line that is not
-    UTF-8."""
+    """An existing, readable, non-empty UTF-8 text file, checked before any work: else a
+    ``DataError`` naming the file (and the first line that is not UTF-8)."""
     p = input_file(path, what)
-    empty = True
-    with open(p, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{what} {path}:{n}: not UTF-8 text (byte 0x{line[e.start]:02x} "
-                                f"at column {e.start + 1})") from None
-            empty = empty and not line.strip()
-    if empty:
+    if not count_text_rows(p):
         raise DataError(f"{what} {path}: empty file")
     return p
-
-
-def read_json_file(path, what: str) -> dict:
-    """A JSON object from ``path``; a missing file or bad JSON is a ``DataError`` naming it."""
-    p = input_file(path, what)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{what} {path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{what} {path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
 
 
 _TEMP_NAME = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)$")
