@@ -22,7 +22,9 @@ The pipeline (``main``), SPEC section 5:
    then ``build_model``: the ranker (strict keys) with its own copy of the recall model
    (``--align-checkpoint`` replaces it) through ``models.factory.build_ranker``.
 4. ``encode_images``: every distinct image file once, in batches, on the image engine
-   of ``--backend`` (decoding in DataLoader workers; ``--cache-dir`` reuses vectors). A
+   of ``--backend`` (decoding in DataLoader workers, started by ``start_decoding`` right
+   after step 2 so that it overlaps step 3, unless ``--cache-dir`` is given, whose hits
+   decide what to decode; ``--cache-dir`` reuses vectors). A
    missing or unreadable image is scored as the all-zero image (the authors' loader
    turned unreadable files into zeros); ``--skip-missing`` leaves such pairs out.
 5. ``encode_texts``: every distinct ``pois_feature`` text once. The recall model is
@@ -223,27 +225,52 @@ def make_pairs(rows: list[RankRow], images: dict, tables) -> list[Pair]:
             for r in rows]
 
 
-def encode_pair_images(rm, pairs: list[Pair], args, progress=True):
+def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], list[str], list[str]]:
+    """``(files, missing, stand_in)``: the distinct image files of the pairs (sorted), the
+    keys without a file, and the one path that stands for every missing image (it is
+    encoded as what ``encode_images`` gives any file it cannot read: the zero image)."""
+    keys = [k for r in rows for k in (r.key_a, r.key_b)]
+    missing = sorted({k for k in keys if images.get(k) is None})
+    files = sorted({str(images[k]) for k in keys if images.get(k) is not None})
+    stand_in = [str(Path(image_dir) / f"{missing[0]}.jpg")] if missing else []
+    return files, missing, stand_in
+
+
+def start_decoding(args, rows: list[RankRow], images: dict, device):
+    """Decoding workers started on the pairs' image files now, so decoding overlaps the
+    tables and model load (utils.embed.prefetch_images); None with --cache-dir (its hits
+    decide what is decoded once the model's identity is known)."""
+    if args.cache_dir:
+        return None
+    from utils.embed import prefetch_images
+
+    files, _, stand_in = image_files(rows, images, args.image_dir)
+    return prefetch_images(files + stand_in, args.batch_size, device, args.preprocess,
+                           args.num_workers, backend=args.backend, precision=args.precision)
+
+
+def encode_pair_images(rm, pairs: list[Pair], args, progress=True, prefetch=None):
     """Vectors of image a and image b of every pair (each distinct file encoded once,
-    ``--cache-dir`` consulted), per-pair usability, and counts. A missing file is encoded
-    as what ``encode_images`` gives any file it cannot read (the zero image); one such
-    file stands for all."""
+    ``--cache-dir`` consulted; ``prefetch``: the decoding started by ``start_decoding``),
+    per-pair usability, and counts. A missing file is encoded as what ``encode_images``
+    gives any file it cannot read (the zero image); one such file stands for all."""
     import torch
     from utils.cache import EmbeddingCache
 
-    missing = sorted({k for pr in pairs for k, p in ((pr.row.key_a, pr.path_a),
-                                                      (pr.row.key_b, pr.path_b)) if p is None})
+    files, missing, stand_in = image_files([pr.row for pr in pairs],
+                                           {k: p for pr in pairs for k, p in ((pr.row.key_a, pr.path_a),
+                                                                              (pr.row.key_b, pr.path_b))},
+                                           args.image_dir)
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         log.warning("%d images not found in the image directory: %s", len(missing), shown)
-    files = sorted({str(p) for pr in pairs for p in (pr.path_a, pr.path_b) if p is not None})
-    stand_in = [str(Path(args.image_dir) / f"{missing[0]}.jpg")] if missing else []
     t0 = time.perf_counter()
     cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
     try:
         vecs, ok = rm.encode_images(files + stand_in, args.batch_size, precision=args.precision,
                                     mode=args.preprocess, num_workers=args.num_workers,
-                                    cache=cache, progress=progress, desc="pair images")
+                                    cache=cache, progress=progress, desc="pair images",
+                                    prefetch=prefetch)
     finally:
         if cache is not None:
             cache.close()
@@ -409,11 +436,16 @@ def main(argv=None) -> int:
     rows, counts = read_pairs(args.csv, args.limit)
     images = index_images(args.image_dir)
     log.info("%s: %d image files", args.image_dir, len(images))
-    tables = load_tables(args)
-    ranker, rm, tables = build_model(args, resolve_device(args.device), tables)
-    pairs = make_pairs(rows, images, tables)
-
-    vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, args, progress)
+    device = resolve_device(args.device)
+    prefetch = start_decoding(args, rows, images, device)
+    try:
+        tables = load_tables(args)
+        ranker, rm, tables = build_model(args, device, tables)
+        pairs = make_pairs(rows, images, tables)
+        vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, args, progress, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     pairs, vec_a, vec_b, skipped = drop_missing(pairs, vec_a, vec_b, pair_ok, args.skip_missing)
     feats, n_texts = encode_pair_texts(rm, pairs, args, progress)
     s_a, s_b = score_pairs(ranker, pairs, vec_a, vec_b, feats, args.head_batch_size, rm.embed_dim)

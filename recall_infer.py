@@ -12,8 +12,8 @@
         --clip-dir assets/clip-vit-base-patch32 --output results/taiyi_top10.csv
 
 The pipeline (``main``): check paths -> read the CSV and find the gallery
-(``read_gallery``) -> load the model (``load_model``) -> encode the images
-(``encode_gallery``) and the POI names (``encode_queries``) -> cosine scores and the
+(``read_gallery``) -> start decoding the gallery (``start_decoding``) -> load the model
+(``load_model``) -> encode the images (``encode_gallery``) and the POI names (``encode_queries``) -> cosine scores and the
 stable top-k (``score``) -> write (``write_outputs``).
 
 Models (--model, models/factory.py): ``align`` (default, the paper's model: --checkpoint,
@@ -56,7 +56,8 @@ per weights into ``<--cache-dir>/onnx`` (or ``$AVAS_ONNX_CACHE``, else
 ``~/.cache/avas/onnx``) and reused. Because the vectors agree to 1e-5, the engines share
 the embedding cache and give the same rankings up to ties closer than 1e-5.
 
-Speed: decoding runs in DataLoader workers beside the engine (the split of the cores:
+Speed: decoding starts before the model is loaded (without --cache-dir, whose hits
+decide what to decode) and runs in DataLoader workers beside the engine (the split of the cores:
 utils.embed.default_num_workers), texts in batches; --precision bf16/fp16 moves scores and
 is faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps
 image vectors (keyed by file content, ``RecallModel.identity()`` = model name + weights
@@ -86,7 +87,7 @@ from utils.cache import EmbeddingCache  # noqa: E402
 from utils.data import (TOPK_HEADER, DataError, RecallRow, index_images, iter_recall_csv,  # noqa: E402
                         poi_of_image, save_embeddings, write_full, write_json,
                         write_missing_list, write_topk)
-from utils.embed import PRECISIONS, default_batch_size  # noqa: E402
+from utils.embed import PRECISIONS, ImagePrefetch, default_batch_size, prefetch_images  # noqa: E402
 from utils.images import PREPROCESS_MODES  # noqa: E402
 from utils.metrics import stable_topk  # noqa: E402
 from utils.onnx_backend import BACKENDS  # noqa: E402
@@ -234,6 +235,16 @@ def read_gallery(csv_path: str, image_dir: str) -> Gallery:
     return g
 
 
+def start_decoding(args, g: Gallery, device) -> ImagePrefetch | None:
+    """Decoding workers started on the gallery now, so decoding overlaps the model load
+    (utils.embed.prefetch_images); None with --cache-dir (the cache decides what is
+    decoded once the model's identity is known) or a model with its own preprocessing."""
+    if args.cache_dir or args.model != "align":
+        return None
+    return prefetch_images([p for _, p in g.images], args.batch_size, device, args.preprocess,
+                           args.num_workers, backend=args.backend, precision=args.precision)
+
+
 def load_model(args, device) -> RecallModel:
     onnx_dir = os.path.join(args.cache_dir, "onnx") if args.cache_dir else None
     rm = build_recall_model(args.model, device=device, backend=args.backend, onnx_cache_dir=onnx_dir,
@@ -243,7 +254,8 @@ def load_model(args, device) -> RecallModel:
     return rm
 
 
-def encode_gallery(rm: RecallModel, g: Gallery, args, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_gallery(rm: RecallModel, g: Gallery, args, stats: dict,
+                   prefetch: ImagePrefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image vectors of the gallery (N x D) and the ok flags; the embedding cache (keyed
     by ``rm.identity()``) serves what it holds; the engine (``--backend``: auto resolved,
     the ONNX export loaded and checked) is set up only if something is left to encode."""
@@ -251,7 +263,8 @@ def encode_gallery(rm: RecallModel, g: Gallery, args, stats: dict) -> tuple[torc
     try:
         emb, ok = rm.encode_images([p for _, p in g.images], args.batch_size, precision=args.precision,
                                    mode=args.preprocess, num_workers=args.num_workers, cache=cache,
-                                   stats=stats, progress=not args.no_progress, desc="gallery")
+                                   stats=stats, progress=not args.no_progress, desc="gallery",
+                                   prefetch=prefetch)
     finally:
         if cache is not None:
             log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
@@ -353,10 +366,15 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     g = read_gallery(args.csv, args.image_dir)
     t = step("read", t)
-    rm = load_model(args, device)
-    t = step("load_model", t)
-    stats: dict = {}
-    img_emb, ok = encode_gallery(rm, g, args, stats)
+    prefetch = start_decoding(args, g, device)
+    try:
+        rm = load_model(args, device)
+        t = step("load_model", t)
+        stats: dict = {}
+        img_emb, ok = encode_gallery(rm, g, args, stats, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     t = step("images", t)
     if stats.get("first_batch_at"):
         timings["first_image"] = stats["first_batch_at"] - _T0

@@ -1,7 +1,8 @@
 """The image engine choice (issue 13): ``--backend auto`` = ONNX Runtime on a CPU when it
 can be imported and agrees with torch on this model, torch otherwise, with a warning when
 the agreement check fails; the vectors equal torch's to 1e-5; recall_infer.py records the
-engine actually used, reuses a valid cached export and hashes the weights once."""
+engine actually used, reuses a valid cached export and hashes the weights once. Decoding
+started ahead of the model load (``prefetch_images``) gives the same vectors."""
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,10 @@ from fixtures import COLORS, solid_image, tiny_align, write_image  # noqa: E402
 from models import factory  # noqa: E402
 from models.checkpoint import save_align_checkpoint  # noqa: E402
 from utils import onnx_backend  # noqa: E402
-from utils.embed import cpu_cores, default_engine_threads, default_num_workers, encode_images  # noqa: E402
+from utils import embed  # noqa: E402
+from utils.cache import EmbeddingCache  # noqa: E402
+from utils.embed import (cpu_cores, default_engine_threads, default_num_workers, encode_images,  # noqa: E402
+                         prefetch_images)
 from utils.onnx_backend import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
 
 
@@ -164,3 +168,89 @@ def test_core_split_defaults():
         w = default_num_workers("cpu", backend)
         assert 1 <= w <= max(1, n // 2)  # decoding never takes more than half the cores on a CPU
     assert default_num_workers("cuda") == max(1, min(n, 8))
+
+
+# ---------------------------------------------------------------------------
+# decoding started before the model is loaded (utils.embed.prefetch_images)
+# ---------------------------------------------------------------------------
+def _no_new_loader(monkeypatch):
+    """After this, encode_images cannot decode on its own: only a prefetch source works."""
+    monkeypatch.setattr(embed, "_loader", lambda *a, **kw: pytest.fail("decoded anew, prefetch unused"))
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_prefetch_gives_the_same_vectors(model, gallery, tmp_path, monkeypatch, workers):
+    paths = _paths(gallery) + [tmp_path / "missing.jpg"]  # a missing file among them
+    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=workers, progress=False)
+    source = prefetch_images(paths, batch_size=5, mode="reference", num_workers=workers)
+    _no_new_loader(monkeypatch)
+    stats = {}
+    got, ok = encode_images(model, paths, batch_size=5, num_workers=workers, progress=False,
+                            prefetch=source, stats=stats)
+    assert torch.equal(got, ref) and torch.equal(ok, ok_ref)  # bit-identical (torch engine)
+    assert ok.tolist() == [True] * 12 + [False] and stats["num_workers"] == workers
+    assert source.take() is None  # consumed
+
+
+def test_prefetch_with_an_onnx_engine(model, gallery, tmp_path, monkeypatch):
+    paths = _paths(gallery)
+    enc = image_encoder_for(model, "onnx", "cpu", cache_dir=tmp_path / "onnx")
+    ref, _ = encode_images(model, paths, batch_size=4, num_workers=0, progress=False, image_encoder=enc)
+    source = prefetch_images(paths, batch_size=4, num_workers=1, backend="auto")
+    _no_new_loader(monkeypatch)
+    got, _ = encode_images(model, paths, batch_size=4, progress=False, image_encoder=enc, prefetch=source)
+    assert torch.equal(got, ref)
+
+
+def test_prefetch_that_does_not_match_is_closed_unused(model, gallery, tmp_path):
+    paths = _paths(gallery)
+    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
+    for other in (prefetch_images(paths, batch_size=3, num_workers=1),          # other batches
+                  prefetch_images(paths[::-1], batch_size=5, num_workers=1),    # other order
+                  prefetch_images(paths, batch_size=5, mode="fast", num_workers=1)):
+        got, ok = encode_images(model, paths, batch_size=5, num_workers=0, progress=False, prefetch=other)
+        assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
+        assert other.take() is None  # closed: its workers are stopped
+
+
+def test_prefetch_with_a_cache(model, gallery, tmp_path, monkeypatch):
+    paths = _paths(gallery)
+    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
+    with EmbeddingCache(tmp_path / "cache", "tiny") as cache:
+        # an empty cache serves nothing: the prefetched batches are exactly what is needed
+        source = prefetch_images(paths, batch_size=5, num_workers=1)
+        with monkeypatch.context() as m:
+            _no_new_loader(m)
+            got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache, prefetch=source)
+        assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and cache.stored == 12
+        # now every vector is cached: the prefetch is closed unused, the cache answers
+        source = prefetch_images(paths, batch_size=5, num_workers=1)
+        stats = {}
+        got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache,
+                                prefetch=source, stats=stats)
+        assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
+        assert stats["encoded"] == 0 and source.take() is None
+        # some cached, some new: only the new ones are decoded (anew), same vectors
+        extra = tmp_path / "new.jpg"
+        write_image(solid_image(list(COLORS.values())[-1], (60, 60), "圆", seed=99), extra)
+        more = paths + [extra]
+        ref2, _ = encode_images(model, more, batch_size=5, num_workers=0, progress=False)
+        got2, _ = encode_images(model, more, batch_size=5, progress=False, cache=cache,
+                                prefetch=prefetch_images(more, batch_size=5, num_workers=1), stats=stats)
+        assert torch.equal(got2[:12], ref) and stats["encoded"] == 1
+        assert (got2[12] - ref2[12]).abs().max().item() < 1e-6  # encoded in a batch of its own
+
+
+def test_recall_infer_prefetch_changes_nothing(gallery, bert_dir, tmp_path):
+    """Default workers (decoding started before the model load) vs decoding in the main
+    process after it: the same files, bit for bit, on torch."""
+    outs = {}
+    for name, workers in (("w1", "1"), ("w0", "0")):
+        out = tmp_path / f"{name}.csv"
+        argv = ["--csv", str(gallery / "recall.csv"), "--image-dir", str(gallery / "images"),
+                "--checkpoint", str(gallery / "align.pth"), "--bert-dir", str(bert_dir),
+                "--output", str(out), "--full-output", str(tmp_path / f"{name}.full.csv"),
+                "--device", "cpu", "--num-workers", workers, "--backend", "torch", "--no-progress"]
+        assert recall_infer.main(argv) == 0
+        outs[name] = (out.read_bytes(), (tmp_path / f"{name}.full.csv").read_bytes())
+    assert outs["w1"] == outs["w0"]

@@ -16,6 +16,14 @@ adds autocast, which is faster only with native support (GPU, AVX-512 BF16 / AMX
 emulated, far slower, on AVX2-only CPUs: a warning says so) and moves scores, so fp32 is
 the default. Each distinct text is encoded once, in batches of similar length.
 
+Start-up overlap (``prefetch_images``): a script that knows its image paths before its
+model is loaded starts the decoding workers right after reading its input, so decoding
+runs while the model loads; ``encode_images(..., prefetch=source)`` then consumes the
+batches already decoded. The batches are the ones ``encode_images`` would make itself
+(same paths, order, batch size and preprocessing), so the vectors are identical; a
+source that does not match the call (other paths, a cache that serves some of them) is
+closed unused and the images are decoded as usual.
+
 The model is switched to eval mode for the call and back afterwards, and its image
 tower is left in ``channels_last`` (same values, faster; harmless for training).
 """
@@ -122,12 +130,83 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+# Images decoded ahead by a prefetch source (its queue bound: memory is ~0.6 MB per image,
+# a few hundred MB at most): enough to cover a model load with the decoding it overlaps.
+PREFETCH_IMAGES = 256
+
+
+def _loader(paths: list[str], mode: str, image_loader, batch_size: int, num_workers: int,
+            device: torch.device, prefetch_factor: int = 4) -> DataLoader:
+    return DataLoader(ImageDataset(paths, mode, loader=image_loader), batch_size=batch_size,
+                      shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=_worker_init if num_workers else None,
+                      prefetch_factor=prefetch_factor if num_workers else None,
+                      persistent_workers=False)
+
+
+class ImagePrefetch:
+    """Decoding of ``paths`` started now, in DataLoader worker processes that fill a
+    bounded queue (at most ``depth`` images, default ``PREFETCH_IMAGES``) while the caller
+    does something else (loads the model); ``encode_images(..., prefetch=self)`` consumes
+    it. Made by :func:`prefetch_images`. ``close()`` (or ``with``) stops the workers of a
+    source that is not consumed; one that is consumed is closed by ``encode_images``.
+    With ``num_workers=0`` nothing runs ahead (decoding happens when consumed)."""
+
+    def __init__(self, paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
+                 num_workers: int | None = None, image_loader=None, backend: str = "onnx",
+                 depth: int = PREFETCH_IMAGES):
+        self.device = torch.device(device)
+        self.paths = [str(p) for p in paths]
+        self.batch_size = batch_size or default_batch_size(self.device)
+        self.mode, self.image_loader = mode, image_loader
+        self.num_workers = default_num_workers(self.device, backend) if num_workers is None else num_workers
+        factor = max(2, -(-depth // (self.batch_size * max(self.num_workers, 1))))
+        self._it = iter(_loader(self.paths, mode, image_loader, self.batch_size, self.num_workers,
+                                self.device, factor)) if self.paths else None
+
+    def matches(self, paths: list[str], batch_size: int, mode: str, image_loader) -> bool:
+        """True when consuming this source gives exactly the batches of these arguments."""
+        return (self._it is not None and paths == self.paths and batch_size == self.batch_size
+                and mode == self.mode and image_loader is self.image_loader)
+
+    def take(self):
+        """The batch iterator (once); the source is empty afterwards."""
+        it, self._it = self._it, None
+        return it
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:  # workers stopped now rather than when collected
+            shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def prefetch_images(paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
+                    num_workers: int | None = None, image_loader=None, backend: str = "auto",
+                    precision: str = "fp32") -> ImagePrefetch:
+    """Start decoding ``paths`` now (see :class:`ImagePrefetch`), for a later
+    ``encode_images(model, paths, batch_size, device, mode=mode, num_workers=num_workers,
+    prefetch=source)`` without a cache. ``backend``/``precision`` (the requested engine)
+    only pick the default worker count before the engine is known: ONNX Runtime's when
+    ``auto`` would choose it (CPU, fp32), else torch's."""
+    dev = torch.device(device)
+    likely = "onnx" if backend in ("auto", "onnx") and dev.type == "cpu" and precision == "fp32" else "torch"
+    return ImagePrefetch(paths, batch_size, dev, mode, num_workers, image_loader, likely)
+
+
 def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | None = None,
                   device="cpu", mode: str = "reference", num_workers: int | None = None,
                   precision: str = "fp32", cache=None, stats: dict | None = None,
                   progress: bool = True, desc: str = "images",
                   image_loader=None, image_encoder=None,
-                  engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  engine=None, prefetch: ImagePrefetch | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
@@ -142,6 +221,10 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     ``model.encode_image``; ``utils.onnx_backend.image_encoder_for`` builds the ONNX
     Runtime one). ``engine``: instead, a function returning it, called only when some
     image is not in the cache (so an all-cached run sets up no engine).
+    ``prefetch``: an :class:`ImagePrefetch` started on these paths (``prefetch_images``);
+    its batches are used when they are exactly the ones this call would decode (no
+    cache hit, same paths, batch size, preprocessing), else it is closed unused; either
+    way it is closed on return.
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable``, ``seconds``,
     ``num_workers`` and ``first_batch_at`` (``time.perf_counter()`` when the first batch
@@ -181,43 +264,31 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     n_cached = sum(v is not None for v in vectors)
     first_batch_at = None
 
-    if todo:
-        if image_encoder is None:
-            image_encoder = engine() if engine is not None else model.encode_image
-        on_torch = getattr(image_encoder, "__self__", None) is model
-        if num_workers is None:
-            num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
-        loader = DataLoader(ImageDataset([paths[i] for i in todo], mode,
-                                         loader=image_loader), batch_size=batch_size,
-                            shuffle=False, num_workers=num_workers,
-                            pin_memory=device.type == "cuda",
-                            worker_init_fn=_worker_init if num_workers else None,
-                            prefetch_factor=4 if num_workers else None,
-                            persistent_workers=False)
-        # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
-        fmt = torch.channels_last if on_torch else torch.contiguous_format
-        if on_torch:
-            model.image_model.to(memory_format=fmt)
-        bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
-                   leave=False)
-        with eval_mode(model), torch.inference_mode():
-            for x, good, idx in loader:
-                first = first_batch_at is None
-                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                with autocast(device, precision):
-                    e = image_encoder(x, normalize=False)
-                e = F.normalize(e.float(), p=2, dim=1).cpu().numpy()
-                items = []
-                for row, g, j in zip(e, good.tolist(), idx.tolist()):
-                    i = todo[j]
-                    vectors[i], ok[i] = row, g
-                    items.append((keys[i], row, g))
-                if first:
-                    first_batch_at = time.perf_counter()
-                if cache is not None:
-                    cache.put_many(items, ns)
-                bar.update(len(idx))
-        bar.close()
+    try:
+        if todo:
+            batches = None
+            if prefetch is not None and len(todo) == n and (
+                    num_workers is None or num_workers == prefetch.num_workers) and prefetch.matches(
+                    paths, batch_size, mode, image_loader):
+                num_workers, batches = prefetch.num_workers, prefetch.take()
+                log.debug("images: consuming the %d images decoded ahead", n)
+            elif prefetch is not None:
+                log.debug("images: prefetched batches do not match this call; decoding anew")
+                prefetch.close()
+            if image_encoder is None:
+                image_encoder = engine() if engine is not None else model.encode_image
+            on_torch = getattr(image_encoder, "__self__", None) is model
+            if batches is None:
+                if num_workers is None:
+                    num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
+                batches = _loader([paths[i] for i in todo], mode, image_loader, batch_size,
+                                  num_workers, device)
+            first_batch_at = _encode_batches(model, batches, todo, keys, vectors, ok, cache, ns,
+                                             image_encoder, on_torch, device, precision,
+                                             progress, desc)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     # duplicates of encoded content
     for i in range(n):
         if vectors[i] is None:
@@ -236,6 +307,37 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
              n, len(todo), n_cached, result["unreadable"], result["seconds"],
              len(todo) / max(result["seconds"], 1e-9))
     return emb, torch.from_numpy(ok)
+
+
+def _encode_batches(model, batches, todo, keys, vectors, ok, cache, ns, image_encoder,
+                    on_torch: bool, device, precision: str, progress: bool, desc: str):
+    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``), filling
+    ``vectors``/``ok`` and the cache; returns when the first batch was encoded."""
+    first_batch_at = None
+    # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
+    fmt = torch.channels_last if on_torch else torch.contiguous_format
+    if on_torch:
+        model.image_model.to(memory_format=fmt)
+    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
+               leave=False)
+    with eval_mode(model), torch.inference_mode():
+        for x, good, idx in batches:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            with autocast(device, precision):
+                e = image_encoder(x, normalize=False)
+            e = F.normalize(e.float(), p=2, dim=1).cpu().numpy()
+            items = []
+            for row, g, j in zip(e, good.tolist(), idx.tolist()):
+                i = todo[j]
+                vectors[i], ok[i] = row, g
+                items.append((keys[i], row, g))
+            if first_batch_at is None:
+                first_batch_at = time.perf_counter()
+            if cache is not None:
+                cache.put_many(items, ns)
+            bar.update(len(idx))
+    bar.close()
+    return first_batch_at
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, device="cpu",
