@@ -130,9 +130,12 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-# Images decoded ahead by a prefetch source (its queue bound: memory is ~0.6 MB per image,
-# a few hundred MB at most): enough to cover a model load with the decoding it overlaps.
-PREFETCH_IMAGES = 256
+# Images decoded ahead by a prefetch source: its queue bound (~0.6 MB per image), the same
+# as encode_images' own queue at the CPU defaults (4 batches of 32 for one worker), so
+# memory is as without it. Deeper is slower on 2 cores: the worker then keeps decoding
+# through the engine's set-up (ONNX session + agreement check, multi-threaded), which
+# it slows by more than it gains (bench/bench_recall.py).
+PREFETCH_IMAGES = 128
 
 
 def _loader(paths: list[str], mode: str, image_loader, batch_size: int, num_workers: int,
