@@ -70,7 +70,7 @@ from models.checkpoint import (load_align_model, load_ranker, read_checkpoint,
                                save_ranker_checkpoint)
 from models.factory import RecallModel, wrap_align
 from models.ranker import SiameseRanker
-from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file,
+from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
                        non_negative_int, output_dir, positive_int)
 from utils.data import DataError, RankRow, check_finite, index_images, iter_rank_csv
 from utils.hashing import model_hash
@@ -97,13 +97,6 @@ VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
-def _non_negative(text: str) -> float:
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rank_train.py", description=__doc__.split("\n\n")[0],
@@ -141,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, default=10)
     g.add_argument("--batch-size", type=positive_int, default=16, help="GLOBAL batch of pairs")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    g.add_argument("--lr", type=_non_negative, default=1e-3)
-    g.add_argument("--weight-decay", type=_non_negative, default=0.0)
+    g.add_argument("--lr", type=non_negative_float, default=1e-3)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     g.add_argument("--warmup-steps", type=non_negative_int, default=0)
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    g.add_argument("--clip-grad", type=_non_negative, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--clip-grad", type=non_negative_float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")

@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
 from models.checkpoint import load_align_model, save_align_checkpoint
 from models.factory import RecallModel, wrap_align
-from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file,
+from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
                        non_negative_int, output_dir, positive_int)
 from utils.data import DataError, index_images, iter_recall_csv
 from utils.embed import tokenize
@@ -112,13 +112,6 @@ def _fraction(text: str) -> float:
     v = finite_float(text)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return v
 
 
@@ -167,12 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GLOBAL micro-batch (the in-batch negatives), split over processes")
     g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="micro-batches accumulated per optimizer step")
-    g.add_argument("--lr", type=_non_negative, default=5e-5)
-    g.add_argument("--weight-decay", type=_non_negative, default=0.01)
+    g.add_argument("--lr", type=non_negative_float, default=5e-5)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.01)
     g.add_argument("--warmup-steps", type=non_negative_int, default=100)
     g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="LR after warm-up")
-    g.add_argument("--clip-grad", type=_non_negative, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")

@@ -55,7 +55,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
+from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_float, non_negative_int,
                        output_dir, output_file, positive_int, resolve_device, setup_logging)
 from utils.data import DataError, write_json
 from utils.embed import PRECISIONS
@@ -68,16 +68,6 @@ from utils.select import (DOWNLOAD_FAILED, DUPLICATE, MISSING, OK, UNREADABLE, I
 
 log = logging.getLogger("select_images")
 
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,14 @@ def finite_float(text: str) -> float:
     return v
 
 
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0."""
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
 def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     """``--device`` (when a model runs), ``--no-progress`` and ``--log-level``."""
     if device:
