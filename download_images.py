@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backoff factor: waits grow as BACKOFF*2^n seconds plus jitter")
     p.add_argument("--max-bytes", type=cli.positive_int, default=DEFAULT_MAX_BYTES,
                    help="size cap of one image in bytes")
-    p.add_argument("--max-failures", type=cli.non_negative_int, default=0,
-                   help="exit with status 1 when more images/rows than this fail")
+    p.add_argument("--max-failures", type=cli.count_or_percent, default="0",
+                   help="exit with status 1 when more images than this fail: N, or P%% of the "
+                        "images of this run (default 0)")
     p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N CSV rows (after --shard)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -315,8 +316,13 @@ def download_all(args, plan: Plan) -> int:
         for ln in summary.splitlines():
             log.info("summary: %s", ln)
         rc = 0
-        if status["failed"] > args.max_failures:
-            print(f"{status['failed']} failures > --max-failures {args.max_failures}", file=sys.stderr)
+        failed, total = status["failed"], status["ok"] + status["skipped"] + status["failed"]
+        allowed = cli.allowed_count(args.max_failures, total)
+        if failed > allowed:
+            eq = f" (= {allowed})" if args.max_failures.endswith("%") else ""
+            print(f"{failed} of {total} images could not be downloaded, more than --max-failures "
+                  f"{args.max_failures}{eq}; see {plan.manifest}. Rerun to retry them, or raise "
+                  f"--max-failures.", file=sys.stderr)
             rc = 1
         log.info("exit status %d", rc)
         return rc

@@ -16,7 +16,6 @@ import functools
 import importlib
 import json
 import logging
-import re
 import sys
 import time
 from collections import Counter
@@ -76,11 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise argparse.ArgumentTypeError(f"unknown step(s) in {text!r}; steps: {', '.join(ALL_STEPS)}")
         return list(all_steps) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
 
-    def failures(text: str) -> str:
-        if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
-            raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
-        return text
-
     def error(message):  # one line and exit 2, through cli.entry_point
         raise cli.UserError(f"{message} (see --help)")
 
@@ -103,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recall-backend", dest="backend", choices=BACKENDS, default=argparse.SUPPRESS,
         help="deprecated alias of --backend")
     add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
-    add("--max-failures", type=failures, default="20%",
+    add("--max-failures", type=cli.count_or_percent, default="20%",
         help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)")
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
@@ -159,25 +153,6 @@ class Step:
         return 0
 
 
-@dataclass
-class ImagesStep(Step):
-    max_failures: str = "20%"  # N or P% of the set's images
-
-    def run(self) -> int:
-        import download_images  # noqa: PLC0415
-        from utils.data import sniff_format  # noqa: PLC0415
-        csv, manifest, spec = self.inputs["csv"], Path(self.outputs[0], "manifest.jsonl"), self.max_failures
-        total = download_images.estimate_total(csv, sniff_format(csv), None, None) or 0
-        n = int(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
-        self.extra = [*self.extra, "--max-failures", str(n)]
-        rc, c = super().run(), image_counts(manifest)
-        if rc == 1:
-            say(f"step {self.name}: {c['missing']} of {c['missing'] + c['present']} images could not be "
-                f"downloaded, more than --max-failures {spec} (= {n}); see {manifest}. Rerun to retry "
-                f"them, or raise --max-failures.", error=True)
-        return rc
-
-
 def image_counts(manifest: Path) -> dict:
     """Images present / missing (bad CSV rows included) per download_images' manifest.jsonl."""
     lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
@@ -202,13 +177,13 @@ def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
              *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
              *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     how = {**dict.fromkeys(MODEL_STEPS, model),
-           **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), *progress])}
+           **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), "--max-failures",
+                                         args.max_failures, *progress])}
     steps = {}
     for name in args.steps:
         calls = [fill(line) for line in SCRIPTS[name]]  # check_args made sure the manifest has their assets
         extra = how.get(name, progress)
-        steps[name] = (ImagesStep(name, calls, extra, max_failures=args.max_failures) if name in IMAGE_STEPS
-                       else Step(name, calls, extra, [p[n] for n in needed] if name == "assets" else []))
+        steps[name] = Step(name, calls, extra, [p[n] for n in needed] if name == "assets" else [])
     return steps
 
 

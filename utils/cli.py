@@ -109,6 +109,20 @@ def non_negative_float(text: str) -> float:
     return v
 
 
+def count_or_percent(text: str) -> str:
+    """``N`` (an integer >= 0) or ``P%`` (a percentage >= 0), kept as written; see
+    :func:`allowed_count`."""
+    import re
+    if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
+        raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
+    return text
+
+
+def allowed_count(spec: str, total: int) -> int:
+    """What a :func:`count_or_percent` ``spec`` allows out of ``total``."""
+    return int(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
+
+
 def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     """``--device`` (when a model runs), ``--no-progress`` and ``--log-level``."""
     if device:
