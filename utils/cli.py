@@ -49,6 +49,13 @@ def one_line(msg: object) -> str:
     return "; ".join(parts) if parts else type(msg).__name__
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in ONE write (with its newline), so that processes sharing the
+    stream (torchrun's ranks) never run their lines together, buffered or not."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def entry_point(main):
     """Decorate a script's ``main(argv=None) -> int``: ``UserError`` -> one line on
     stderr and 2; ``KeyboardInterrupt`` -> one line and 130. Anything else is a bug and
@@ -61,10 +68,10 @@ def entry_point(main):
         try:
             return main(argv)
         except UserError as e:
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+            _say(f"{prog}: error: {one_line(e)}")
             return EXIT_USAGE
         except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+            _say(f"{prog}: interrupted")
             return EXIT_INTERRUPTED
     return run
 
