@@ -9,6 +9,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import make_bert_dir  # noqa: E402
+from local_server import PROXY_VARS, LocalServer  # noqa: E402
 
 # Real published files, used only when present: env var or ../shared beside the project.
 SEED_DATA = Path(os.environ.get("AVAS_SEED_DATA", ROOT.parent / "shared" / "seed-data"))
@@ -41,3 +42,18 @@ def _onnx_cache(tmp_path_factory):
     if "AVAS_ONNX_CACHE" not in os.environ:
         os.environ["AVAS_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx_cache"))
     yield
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    """Requests to 127.0.0.1 must go straight to the test server."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server on 127.0.0.1 for the test (stopped after it)."""
+    with LocalServer() as srv:
+        yield srv

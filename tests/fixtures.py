@@ -128,3 +128,11 @@ def calibrate_image_bn(align, images):
         align.image_model(x)
     align.eval()
     return align
+
+
+def png_bytes(img) -> bytes:
+    """A PIL image as PNG file content (what a test server answers)."""
+    import io
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -51,6 +51,8 @@ _CONTENT_TYPES = {
     ".csv": "text/csv; charset=utf-8", ".json": "application/json",
 }
 
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")  # to unset in tests
+
 
 @dataclass
 class Fault:

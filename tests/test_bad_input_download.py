@@ -22,7 +22,7 @@ import pytest
 import urllib3.util.connection
 from PIL import Image
 
-from local_server import LocalServer
+from local_server import PROXY_VARS, LocalServer
 import download_assets
 import download_images
 from utils import assets as A
@@ -32,7 +32,6 @@ from utils.download import AddressPolicy, BlockedAddressError, address_class
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--timeout-connect", "2", "--timeout-read", "2", "--retries", "0", "--backoff", "0.01",
         "--workers", "2", "--no-progress"]
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 HTML = b"<!DOCTYPE html><html><body>Not Found</body></html>\n"
 
 
@@ -64,17 +63,7 @@ def files_under(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch):
-    for name in PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-def server():
-    with LocalServer() as srv:
-        yield srv
+pytestmark = pytest.mark.usefixtures("no_proxy_env")
 
 
 # ---------------------------------------------------------------------------

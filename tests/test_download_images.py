@@ -20,7 +20,7 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
         sys.path.insert(0, p)
 
 import download_images  # noqa: E402
-from local_server import Fault, LocalServer  # noqa: E402
+from local_server import PROXY_VARS, Fault, LocalServer  # noqa: E402
 from utils.download import (apply_url_map, make_session, parse_url_map,  # noqa: E402
                             sniff_image_ext, verify_existing)
 
@@ -97,21 +97,9 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch):
-    """Requests to 127.0.0.1 must go straight to the test server."""
-    for name in PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-def server():
-    with LocalServer() as srv:
-        yield srv
+pytestmark = pytest.mark.usefixtures("no_proxy_env")
 
 
 # ---------------------------------------------------------------------------

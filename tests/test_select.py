@@ -6,7 +6,6 @@ images, unknown POIs, bad rows and the HTML report."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import select_images
-from fixtures import COLORS, solid_image, tiny_align, tiny_ranker, write_image
+from fixtures import COLORS, png_bytes, solid_image, tiny_align, tiny_ranker, write_image
 from local_server import LocalServer
 from models.align import load_tokenizer
 from utils.embed import tokenize
@@ -29,12 +28,6 @@ DIM = 32
 K = 3
 COLOR_LIST = list(COLORS.items())
 SHAPES = ["圆", "方", None]
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,7 @@ def env(tmp_path_factory, bert_dir):
             img = solid_image(color, size=(80 + 7 * j, 60 + 5 * i), shape=SHAPES[j % 3], seed=10 * i + j)
             if j == 4 and i % 2 == 0:  # URL candidate
                 route = f"/i{i}/c{j}"      # no extension, as real catalogue URLs often are
-                srv.add(route, _png(img), content_type="image/png")
+                srv.add(route, png_bytes(img), content_type="image/png")
                 ref = srv.url(route)
             elif j == 3 and i == 1:       # absolute path
                 ref = str(write_image(img, d / "abs" / f"{i}_{j}.jpg"))

@@ -6,7 +6,6 @@ Real photos from the seed data join the generated images when present."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
 import select_images  # noqa: E402
 import select_ray  # noqa: E402
 from conftest import SEED_DATA  # noqa: E402
-from fixtures import COLORS, solid_image, tiny_align, tiny_ranker, write_image  # noqa: E402
+from fixtures import COLORS, png_bytes, solid_image, tiny_align, tiny_ranker, write_image  # noqa: E402
 from local_server import LocalServer  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from utils.poi import save_safe_table  # noqa: E402
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 DIM = 32
 SCORE_TOL = 1e-5
 STAGES = ("decode", "select", "write")   # fetch runs fused with decode: one task
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def env(tmp_path_factory, bert_dir):
                 n += 1
             elif j == 3 and i % 3 == 0:
                 route = f"/p{i}"
-                srv.add(route, _png(solid_image(colors[(i + j) % 8], size=(70, 50), seed=i)),
+                srv.add(route, png_bytes(solid_image(colors[(i + j) % 8], size=(70, 50), seed=i)),
                         content_type="image/png")
                 ref = srv.url(route)
             else:
