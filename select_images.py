@@ -55,8 +55,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_float, non_negative_int,
-                       output_dir, output_file, positive_int, resolve_device, setup_logging)
+from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
+                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
+                       setup_logging)
 from utils.data import DataError, write_json
 from utils.embed import PRECISIONS
 from utils.images import PREPROCESS_MODES
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
     r.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
     r.add_argument("--download-workers", type=positive_int, default=8, help="concurrent downloads")
-    r.add_argument("--timeout", type=float, default=30.0, help="per-download read timeout, seconds")
+    r.add_argument("--timeout", type=finite_float, default=30.0, help="per-download read timeout, seconds")
     r.add_argument("--cache-dir", help="embedding cache directory (utils/cache.py; local path only)")
     r.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="image engine: auto = ONNX Runtime on a CPU when it agrees with torch "
