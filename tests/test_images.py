@@ -97,3 +97,111 @@ def test_sample_images_match_direct(seed_data):
     for p in paths:
         x, ok = load_image(p)
         assert ok and torch.equal(x, direct(p)), p.name
+
+
+# --- the libjpeg-turbo path (utils.images.decode_rgb) against Pillow, bit for bit ----------
+def _photo(rng, w, h):
+    """Smooth gradients plus noise: compresses like a photo, exercises every DCT band."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def jpeg_kinds(tmp_path_factory):
+    """JPEGs of every kind the catalogues hold, and the broken ones."""
+    d = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(1)
+    big, odd = _photo(rng, 1201, 797), _photo(rng, 37, 23)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate; the reference ignores it
+    made = {
+        "444": (big, dict(quality=92, subsampling=0)),
+        "422": (big, dict(quality=85, subsampling=1)),
+        "420": (big, dict(quality=75, subsampling=2)),
+        "progressive": (big, dict(quality=80, progressive=True)),
+        "optimized": (big, dict(quality=95, optimize=True)),
+        "odd_size": (odd, dict(quality=90)),
+        "one_pixel": (_photo(rng, 1, 1), dict()),
+        "tall": (_photo(rng, 9, 700), dict(subsampling=2)),
+        "grey": (big.convert("L"), dict(quality=88)),
+        "cmyk": (big.convert("CMYK"), dict(quality=90)),
+        "exif_rotated": (big, dict(quality=90, exif=exif.tobytes())),
+        "icc": (big, dict(quality=90, icc_profile=b"\0" * 128)),
+    }
+    files = {}
+    for name, (im, kw) in made.items():
+        files[name] = d / f"{name}.jpg"
+        im.save(files[name], "JPEG", **kw)
+    data = files["420"].read_bytes()
+    files["trailing_bytes"] = d / "trailing.jpg"
+    files["trailing_bytes"].write_bytes(data + b"\0garbage after the end marker")
+    files["truncated"] = d / "truncated.jpg"
+    files["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    files["cut_with_end_marker"] = d / "cut_eoi.jpg"  # libjpeg warns, Pillow decodes it anyway
+    files["cut_with_end_marker"].write_bytes(data[: len(data) * 2 // 3] + b"\xff\xd9")
+    corrupt = bytearray(data)
+    for k in range(len(data) // 2, len(data) // 2 + 40, 7):  # damage the entropy-coded data
+        corrupt[k] ^= 0x5A
+    files["corrupt"] = d / "corrupt.jpg"
+    files["corrupt"].write_bytes(bytes(corrupt))
+    files["png_named_jpg"] = d / "png.jpg"
+    big.save(files["png_named_jpg"], "PNG")
+    return files
+
+
+def _reference_or_none(path):
+    from utils.images import reference_rgb, to_tensor
+    try:
+        return to_tensor(reference_rgb(path))
+    except Exception:  # noqa: BLE001  (the reference's own failure: a zero image)
+        return None
+
+
+@pytest.mark.parametrize("kind", ["444", "422", "420", "progressive", "optimized", "odd_size", "one_pixel",
+                                  "tall", "grey", "cmyk", "exif_rotated", "icc", "trailing_bytes",
+                                  "truncated", "cut_with_end_marker", "corrupt", "png_named_jpg"])
+def test_fast_decoder_gives_pillow_bits(jpeg_kinds, kind):
+    want = _reference_or_none(jpeg_kinds[kind])
+    x, ok = load_image(jpeg_kinds[kind])
+    if want is None:
+        assert not ok and torch.equal(x, ZERO_TENSOR)
+    else:
+        assert ok and torch.equal(x, want)
+    if kind in ("444", "progressive", "grey", "odd_size"):
+        assert torch.equal(x, direct(jpeg_kinds[kind]))  # and the SPEC written out
+
+
+def test_fast_decoder_is_used_and_falls_back(jpeg_kinds, monkeypatch):
+    """The photos go through libjpeg-turbo; without simplejpeg everything is Pillow's,
+    with the same bits."""
+    import utils.images as images
+    if images.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed: Pillow decodes everything")
+    calls = []
+    real = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = {k: load_image(p)[0] for k, p in jpeg_kinds.items()}
+    assert len(calls) >= 8  # the YCbCr and grey ones (cmyk and png never reach it)
+    monkeypatch.setattr(images, "simplejpeg", None)
+    for k, p in jpeg_kinds.items():
+        assert torch.equal(load_image(p)[0], fast[k]), k
+
+
+def test_scratch_buffer_is_not_shared_with_callers(jpeg_kinds):
+    """decode_rgb without scratch returns an array the next decode leaves alone."""
+    from utils.images import decode_rgb
+    a = decode_rgb(jpeg_kinds["420"])
+    keep = a.copy()
+    decode_rgb(jpeg_kinds["444"], scratch=True)
+    decode_rgb(jpeg_kinds["odd_size"], scratch=True)
+    assert np.array_equal(a, keep)
+
+
+def test_fast_decoder_on_the_real_photos(seed_data):
+    """The seed data's real catalogue photos: same bits as Pillow."""
+    photos = sorted((seed_data / "sample-images").glob("*.jpg"))
+    if not photos:
+        pytest.skip(f"no sample photos under {seed_data / 'sample-images'}")
+    for p in photos:
+        assert torch.equal(load_image(p)[0], _reference_or_none(p)), p
