@@ -56,9 +56,10 @@ per weights into ``<--cache-dir>/onnx`` (or ``$AVAS_ONNX_CACHE``, else
 ``~/.cache/avas/onnx``) and reused. Because the vectors agree to 1e-5, the engines share
 the embedding cache and give the same rankings up to ties closer than 1e-5.
 
-Speed: decoding starts before the model is loaded (without --cache-dir, whose hits
-decide what to decode) and runs in DataLoader workers beside the engine (the split of the cores:
-utils.embed.default_num_workers), texts in batches; --precision bf16/fp16 moves scores and
+Speed: the first images are decoded by worker processes while the model loads (without
+--cache-dir, whose hits decide what to decode); then ONNX Runtime runs in one lane per
+core, each lane decoding a batch and encoding it (utils.embed; torch keeps every core for
+its threads beside decoding workers); texts in batches; --precision bf16/fp16 moves scores and
 is faster only with native support (GPU, AVX-512 BF16 / AMX CPUs). --cache-dir keeps
 image vectors (keyed by file content, ``RecallModel.identity()`` = model name + weights
 hash, preprocessing and precision) so a rerun encodes only new images. Figures:
@@ -122,11 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "agrees with torch on this model (checked on every run), else torch; torch; "
                         "onnx (CPU, fp32)")
     p.add_argument("--batch-size", type=cli.positive_int,
-                   help="images per batch (default: 32 on CPU, 128 on CUDA)")
+                   help="images per batch (default: 16 on CPU, 128 on CUDA)")
     p.add_argument("--text-batch-size", type=cli.positive_int, default=64)
     p.add_argument("--num-workers", type=cli.non_negative_int,
                    help="decoding worker processes (default: by core count and engine, "
-                        "utils.embed.default_num_workers; 0 = decode in the main process)")
+                        "utils.embed.default_num_workers; 0 = decode in the main process; "
+                        "with ONNX Runtime on a CPU they decode ahead while the model loads, "
+                        "the lanes decode the rest)")
     p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images; "
                                        "the ONNX export is kept in its onnx/ folder)")
     cli.add_common_args(p)
@@ -337,7 +340,7 @@ def run_record(args, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k:
         "precision": args.precision, "device": str(rm.device),
         **engine, "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
         "batch_size": args.batch_size or default_batch_size(rm.device),
-        "num_workers": stats.get("num_workers"),
+        "num_workers": stats.get("num_workers"), "lanes": stats.get("lanes"),
         "topk": k, "gallery_size": len(g.images), "n_pois": len(g.queries),
         "n_pois_without_gallery_image": sum(q not in own for q in g.queries),
         "rows": len(g.rows), "missing_on_disk": len(g.missing), "unreadable": len(g.unreadable),

@@ -132,7 +132,7 @@ def naive_child(work: Path, out: Path) -> int:
     from models.checkpoint import load_ranker
     from utils.data import index_images, iter_rank_csv
     from utils.embed import tokenize
-    from utils.images import ZERO_TENSOR, load_image
+    from naive import authors_image
     from utils.poi import build_item_inputs, load_poi_table
 
     bert = Path((work / "bert_dir").read_text())
@@ -153,7 +153,7 @@ def naive_child(work: Path, out: Path) -> int:
             plen = torch.tensor([inp.poi_len])
             scores = []
             for key in (row.key_a, row.key_b):
-                x = load_image(images[key])[0] if key in images else ZERO_TENSOR
+                x = authors_image(images.get(key, ""))
                 scores.append(float(model(x[None], feat, pimg, ptxt, plen)))
             w.writerow([row.item_id, *scores])
     return 0

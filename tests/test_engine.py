@@ -25,7 +25,7 @@ from models.checkpoint import save_align_checkpoint  # noqa: E402
 from utils import onnx_backend  # noqa: E402
 from utils import embed  # noqa: E402
 from utils.cache import EmbeddingCache  # noqa: E402
-from utils.embed import (cpu_cores, default_engine_threads, default_num_workers, encode_images,  # noqa: E402
+from utils.embed import (cpu_cores, default_lanes, default_num_workers, encode_images,  # noqa: E402
                          prefetch_images)
 from utils.onnx_backend import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
 
@@ -163,10 +163,9 @@ def test_recall_infer_rejects_an_unknown_backend(gallery, bert_dir, tmp_path, ca
 
 def test_core_split_defaults():
     n = cpu_cores()
-    assert default_engine_threads() == n
-    for backend in ("onnx", "torch"):
-        w = default_num_workers("cpu", backend)
-        assert 1 <= w <= max(1, n // 2)  # decoding never takes more than half the cores on a CPU
+    assert default_lanes() == n
+    assert default_num_workers("cpu", "torch") == max(1, min(n // 2, 8))  # beside torch's threads
+    assert default_num_workers("cpu", "onnx") == max(1, min(n - 1, 8))  # ahead, during start-up
     assert default_num_workers("cuda") == max(1, min(n, 8))
 
 
@@ -254,3 +253,72 @@ def test_recall_infer_prefetch_changes_nothing(gallery, bert_dir, tmp_path):
         assert recall_infer.main(argv) == 0
         outs[name] = (out.read_bytes(), (tmp_path / f"{name}.full.csv").read_bytes())
     assert outs["w1"] == outs["w0"]
+
+
+# ---------------------------------------------------------------------------
+# lanes: ONNX Runtime on a CPU, one thread per core decoding a batch and encoding it
+# ---------------------------------------------------------------------------
+@pytest.fixture()
+def lanes_encoder(model, tmp_path):
+    return OnnxImageEncoder(model, cache_dir=tmp_path / "onnx", lanes=2)
+
+
+def _classic(enc, model, paths, **kw):
+    """The same session run from one thread (DataLoader path): what the lanes must give."""
+    lanes, enc.lanes = enc.lanes, 1
+    try:
+        return encode_images(model, paths, progress=False, image_encoder=enc, num_workers=0, **kw)
+    finally:
+        enc.lanes = lanes
+
+
+def test_lanes_give_the_vectors_of_one_caller(model, gallery, tmp_path, lanes_encoder):
+    paths = _paths(gallery) + [tmp_path / "missing.jpg"] + _paths(gallery)[:3]
+    ref, ok_ref = _classic(lanes_encoder, model, paths, batch_size=3)
+    stats = {}
+    got, ok = encode_images(model, paths, batch_size=3, progress=False, image_encoder=lanes_encoder,
+                            stats=stats)
+    assert stats["lanes"] == 2 and stats["num_workers"] == 0
+    assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and ok.tolist().count(False) == 1
+    torch_ref, _ = encode_images(model, paths, batch_size=3, progress=False, num_workers=0)
+    assert (got - torch_ref).abs().max().item() <= 1e-5
+
+
+def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, tmp_path, monkeypatch,
+                                                                 lanes_encoder):
+    paths = _paths(gallery)
+    ref, _ = _classic(lanes_encoder, model, paths, batch_size=2)
+    source = embed.ImagePrefetch(paths, batch_size=2, num_workers=1, depth=5)  # 2 batches ahead
+    assert source.count == 4
+    decoded_here = []
+    real = embed.load_image_into
+    monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
+    _no_new_loader(monkeypatch)
+    got, _ = encode_images(model, paths, batch_size=2, progress=False, image_encoder=lanes_encoder,
+                           prefetch=source)
+    assert torch.equal(got, ref)
+    assert sorted(decoded_here) == sorted(str(p) for p in paths[4:])  # the lanes decoded the rest only
+
+
+def test_lanes_with_another_models_preprocessing(model, gallery, lanes_encoder):
+    from utils.images import load_clip_image
+    paths = _paths(gallery)
+    ref, _ = _classic(lanes_encoder, model, paths, batch_size=5, image_loader=load_clip_image)
+    got, _ = encode_images(model, paths, batch_size=5, progress=False, image_encoder=lanes_encoder,
+                           image_loader=load_clip_image)
+    assert torch.equal(got, ref)
+
+
+def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes_encoder):
+    import threading
+    calls = []
+
+    def flaky(x, normalize=False):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("engine broke")
+        return lanes_encoder(x, normalize)
+    flaky.lanes = 2
+    with pytest.raises(RuntimeError, match="engine broke"):
+        encode_images(model, _paths(gallery), batch_size=2, progress=False, image_encoder=flaky)
+    assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]

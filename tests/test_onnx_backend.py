@@ -201,13 +201,12 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
         image_encoder_for(model, "tensorrt")
 
 
-def test_onnx_backend_shares_the_cores_with_decoding():
-    """The measured split (bench/bench_recall.py --split; utils.embed): ONNX Runtime gets
-    every core (its threads do not spin), one decoding worker per 4 cores decodes ahead;
-    torch one per 2 cores."""
-    import os
-    from utils.embed import default_engine_threads, default_num_workers
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    assert default_num_workers("cpu", "onnx") == max(1, min(n // 4, 8))
-    assert default_num_workers("cpu") == max(1, min(n // 2, 8))
-    assert default_engine_threads() == n
+def test_onnx_encoder_serves_one_lane_per_core(model, tmp_path):
+    """The measured split (bench/bench_recall.py --split; utils.embed): one lane per core,
+    each call on one engine thread; lanes=1 gives the one caller every core."""
+    from utils.embed import cpu_cores
+    n = cpu_cores()
+    enc = OnnxImageEncoder(model, cache_dir=tmp_path)
+    assert enc.lanes == n and enc.opts.intra_op_num_threads == 1
+    one = OnnxImageEncoder(model, cache_dir=tmp_path, lanes=1)
+    assert one.lanes == 1 and one.opts.intra_op_num_threads == n

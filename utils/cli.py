@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import os
 import sys
@@ -59,7 +60,9 @@ def _say(line: str) -> None:
 def entry_point(main):
     """Decorate a script's ``main(argv=None) -> int``: ``UserError`` -> one line on
     stderr and 2; ``KeyboardInterrupt`` -> one line and 130. Anything else is a bug and
-    keeps its traceback."""
+    keeps its traceback. Run as the program (``__main__``), the objects left at the end
+    are frozen out of the garbage collector: the interpreter's exit then skips a
+    collection over the million objects torch and transformers create (0.7 s here)."""
     prog = Path(sys.modules[main.__module__].__file__ or main.__module__).stem \
         if main.__module__ in sys.modules else main.__module__
 
@@ -73,6 +76,9 @@ def entry_point(main):
         except KeyboardInterrupt:
             _say(f"{prog}: interrupted")
             return EXIT_INTERRUPTED
+        finally:
+            if main.__module__ == "__main__":
+                gc.freeze()
     return run
 
 

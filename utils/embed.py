@@ -8,18 +8,20 @@ recall, ranking and selection scripts.
 format) and ``encode_text(input_ids, attention_mask, normalize=False)``; both returned
 tensors are float32, L2-normalised, on the CPU, row i for input i.
 
-Speed (figures: bench/bench_recall.py and the README): images are decoded and
-preprocessed in DataLoader worker processes while the engine encodes the previous batch;
-the torch engine runs the image tower in ``channels_last`` under ``torch.inference_mode``
-(ONNX Runtime, utils/onnx_backend.py, takes plain NCHW); ``precision="bf16"``/``"fp16"``
+Speed (figures: bench/bench_recall.py and the README): with ONNX Runtime on a CPU
+(utils/onnx_backend.py, plain NCHW) one lane per core decodes a batch and encodes it
+(see the notes on the core split below); with torch, images are decoded in DataLoader
+worker processes while the engine encodes the previous batch, the image tower in
+``channels_last`` under ``torch.inference_mode``; ``precision="bf16"``/``"fp16"``
 adds autocast, which is faster only with native support (GPU, AVX-512 BF16 / AMX CPUs;
 emulated, far slower, on AVX2-only CPUs: a warning says so) and moves scores, so fp32 is
 the default. Each distinct text is encoded once, in batches of similar length.
 
 Start-up overlap (``prefetch_images``): a script that knows its image paths before its
-model is loaded starts the decoding workers right after reading its input, so decoding
-runs while the model loads; ``encode_images(..., prefetch=source)`` then consumes the
-batches already decoded. The batches are the ones ``encode_images`` would make itself
+model is loaded starts decoding workers right after reading its input, so the first
+images (``PREFETCH_IMAGES``) are decoded while the model loads;
+``encode_images(..., prefetch=source)`` then consumes the batches already decoded and
+decodes the rest. The batches are the ones ``encode_images`` would make itself
 (same paths, order, batch size and preprocessing), so the vectors are identical; a
 source that does not match the call (other paths, a cache that serves some of them) is
 closed unused and the images are decoded as usual.
@@ -30,8 +32,11 @@ tower is left in ``channels_last`` (same values, faster; harmless for training).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Sequence
 
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .images import ImageDataset
+from .images import SIZE, ImageDataset, load_image_into
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +56,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_batch_size(device) -> int:
-    """32 on CPU (larger batches are no faster for B3 at 224 px and cost memory), 128 on
-    CUDA."""
-    return 128 if torch.device(device).type == "cuda" else 32
+    """16 on CPU (B3 at 224 px runs no faster in larger batches on one engine thread, and
+    small batches keep the lanes even at the end), 128 on CUDA."""
+    return 128 if torch.device(device).type == "cuda" else 16
 
 
 def cpu_cores() -> int:
@@ -61,27 +66,34 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# How the cores are shared on a CPU, engine threads vs decoding workers. Decoding and
-# resizing a 2 MP photo costs a small fraction of the CPU time of encoding it, even with
-# ONNX Runtime, so the engine gets every core and one worker per DECODE_SHARE cores
-# (at least one) decodes ahead; the engine's threads do not spin while idle, so a worker
-# that wakes up finds a core. Measured split: bench/bench_recall.py --split.
-DECODE_SHARE = {"onnx": 4, "torch": 2}
+# How the cores are shared on a CPU. ONNX Runtime runs in lanes: one thread per core,
+# each decoding a batch and then encoding it with a single engine thread, so decoding
+# and the engine never compete for a core and no engine thread waits at a barrier for a
+# core that a decoder took (bench/bench_recall.py --split: 2 cores, 2 MP photos, lanes
+# 0.8 of the engine alone against 0.6 for worker processes beside a 2-thread engine).
+# During start-up, while the main thread loads the model, worker processes decode the
+# first batches ahead (``prefetch_images``). The torch engine (and any engine on CUDA)
+# keeps the classic layout: every core for its threads, and decoding worker processes
+# (one per DECODE_SHARE cores on a CPU, every core up to MAX_WORKERS on CUDA).
+DECODE_SHARE = 2
 MAX_WORKERS = 8
 
 
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoding worker processes for the engine ``backend`` (``"torch"``/``"onnx"``, the
-    one that actually runs). On CPU one per ``DECODE_SHARE[backend]`` cores, at least 1,
-    at most 8; on CUDA (the GPU encodes, the cores only decode) every core up to 8."""
+    """Decoding worker processes. ``backend``: the engine that runs (``"torch"`` or
+    ``"onnx"``). CPU + torch: one per ``DECODE_SHARE`` cores; CPU + onnx: the workers that
+    decode ahead during start-up, every core but the one loading the model; CUDA: every
+    core. At least 1, at most ``MAX_WORKERS``."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return max(1, min(n, MAX_WORKERS))
-    return max(1, min(n // DECODE_SHARE.get(backend, 2), MAX_WORKERS))
+    if backend == "onnx":
+        return max(1, min(n - 1, MAX_WORKERS))
+    return max(1, min(n // DECODE_SHARE, MAX_WORKERS))
 
 
-def default_engine_threads() -> int:
-    """Intra-op threads of the CPU engine: every core (torch's own default, too)."""
+def default_lanes() -> int:
+    """Lanes of the CPU engine (ONNX Runtime): one per core."""
     return max(1, cpu_cores())
 
 
@@ -130,12 +142,10 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-# Images decoded ahead by a prefetch source: its queue bound (~0.6 MB per image), the same
-# as encode_images' own queue at the CPU defaults (4 batches of 32 for one worker), so
-# memory is as without it. Deeper is slower on 2 cores: the worker then keeps decoding
-# through the engine's set-up (ONNX session + agreement check, multi-threaded), which
-# it slows by more than it gains (bench/bench_recall.py).
-PREFETCH_IMAGES = 128
+# Images a prefetch source decodes ahead (~0.6 MB each): the first PREFETCH_IMAGES of the
+# list, enough for the model load and engine set-up on a few cores (2 MP photos decode in
+# ~7 ms); the engine decodes the rest as it goes.
+PREFETCH_IMAGES = 256
 
 
 def _loader(paths: list[str], mode: str, image_loader, batch_size: int, num_workers: int,
@@ -147,13 +157,18 @@ def _loader(paths: list[str], mode: str, image_loader, batch_size: int, num_work
                       persistent_workers=False)
 
 
+def _shifted(batches, offset: int):
+    for x, ok, idx in batches:
+        yield x, ok, idx + offset
+
+
 class ImagePrefetch:
-    """Decoding of ``paths`` started now, in DataLoader worker processes that fill a
-    bounded queue (at most ``depth`` images, default ``PREFETCH_IMAGES``) while the caller
-    does something else (loads the model); ``encode_images(..., prefetch=self)`` consumes
-    it. Made by :func:`prefetch_images`. ``close()`` (or ``with``) stops the workers of a
-    source that is not consumed; one that is consumed is closed by ``encode_images``.
-    With ``num_workers=0`` nothing runs ahead (decoding happens when consumed)."""
+    """Decoding of the first ``depth`` of ``paths`` (default ``PREFETCH_IMAGES``, whole
+    batches) started now, in DataLoader worker processes, while the caller does something
+    else (loads the model); ``encode_images(..., prefetch=self)`` consumes those batches
+    and decodes the rest itself. Made by :func:`prefetch_images`. ``close()`` (or
+    ``with``) stops the workers of a source that is not consumed; one that is consumed is
+    closed by ``encode_images``. With ``num_workers=0`` nothing runs ahead."""
 
     def __init__(self, paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
                  num_workers: int | None = None, image_loader=None, backend: str = "onnx",
@@ -163,9 +178,10 @@ class ImagePrefetch:
         self.batch_size = batch_size or default_batch_size(self.device)
         self.mode, self.image_loader = mode, image_loader
         self.num_workers = default_num_workers(self.device, backend) if num_workers is None else num_workers
-        factor = max(2, -(-depth // (self.batch_size * max(self.num_workers, 1))))
-        self._it = iter(_loader(self.paths, mode, image_loader, self.batch_size, self.num_workers,
-                                self.device, factor)) if self.paths else None
+        self.count = min(len(self.paths), max(1, depth // self.batch_size) * self.batch_size)
+        factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))
+        self._it = iter(_loader(self.paths[:self.count], mode, image_loader, self.batch_size,
+                                self.num_workers, self.device, factor)) if self.paths else None
 
     def matches(self, paths: list[str], batch_size: int, mode: str, image_loader) -> bool:
         """True when consuming this source gives exactly the batches of these arguments."""
@@ -173,7 +189,7 @@ class ImagePrefetch:
                 and mode == self.mode and image_loader is self.image_loader)
 
     def take(self):
-        """The batch iterator (once); the source is empty afterwards."""
+        """The iterator over the batches decoded ahead (once); the source is empty afterwards."""
         it, self._it = self._it, None
         return it
 
@@ -193,11 +209,11 @@ class ImagePrefetch:
 def prefetch_images(paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
                     num_workers: int | None = None, image_loader=None, backend: str = "auto",
                     precision: str = "fp32") -> ImagePrefetch:
-    """Start decoding ``paths`` now (see :class:`ImagePrefetch`), for a later
-    ``encode_images(model, paths, batch_size, device, mode=mode, num_workers=num_workers,
-    prefetch=source)`` without a cache. ``backend``/``precision`` (the requested engine)
-    only pick the default worker count before the engine is known: ONNX Runtime's when
-    ``auto`` would choose it (CPU, fp32), else torch's."""
+    """Start decoding the first images of ``paths`` now (see :class:`ImagePrefetch`), for
+    a later ``encode_images(model, paths, batch_size, device, mode=mode,
+    num_workers=num_workers, prefetch=source)`` without a cache. ``backend``/``precision``
+    (the requested engine) only pick the default worker count before the engine is known:
+    ONNX Runtime's when ``auto`` would choose it (CPU, fp32), else torch's."""
     dev = torch.device(device)
     likely = "onnx" if backend in ("auto", "onnx") and dev.type == "cpu" and precision == "fp32" else "torch"
     return ImagePrefetch(paths, batch_size, dev, mode, num_workers, image_loader, likely)
@@ -217,7 +233,9 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     ``mode``: preprocessing, ``"reference"`` or ``"fast"`` (utils.images).
     ``image_loader``: another model's preprocessing ``f(path, mode) -> (tensor, ok)``
     (picklable; default ``utils.images.load_image``); see ``models.factory``.
-    ``batch_size`` / ``num_workers``: None picks the device default.
+    ``batch_size`` / ``num_workers``: None picks the device default. With an engine run
+    in lanes (``image_encoder.lanes > 1``: ONNX Runtime on a CPU) the lanes decode, and
+    ``num_workers`` only counts the processes of a prefetch source.
     ``cache``: a ``utils.cache.EmbeddingCache``; hits are not decoded or encoded, and
     new vectors are stored batch by batch. Files with identical content are encoded once.
     ``image_encoder``: the ``f(x, normalize)`` that runs the image tower (default
@@ -230,8 +248,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     way it is closed on return.
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable``, ``seconds``,
-    ``num_workers`` and ``first_batch_at`` (``time.perf_counter()`` when the first batch
-    was encoded, None if none was: what start-up time is measured to).
+    ``num_workers``, ``lanes`` and ``first_batch_at`` (``time.perf_counter()`` when the
+    first batch was encoded, None if none was: what start-up time is measured to).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -265,30 +283,41 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             first_of[k] = i
         todo.append(i)
     n_cached = sum(v is not None for v in vectors)
-    first_batch_at = None
+    first_batch_at, lanes = None, 0
 
     try:
         if todo:
-            batches = None
+            ahead, ahead_count = None, 0
             if prefetch is not None and len(todo) == n and (
                     num_workers is None or num_workers == prefetch.num_workers) and prefetch.matches(
                     paths, batch_size, mode, image_loader):
-                num_workers, batches = prefetch.num_workers, prefetch.take()
-                log.debug("images: consuming the %d images decoded ahead", n)
+                num_workers, ahead_count, ahead = prefetch.num_workers, prefetch.count, prefetch.take()
+                log.debug("images: consuming the first %d images decoded ahead", ahead_count)
             elif prefetch is not None:
                 log.debug("images: prefetched batches do not match this call; decoding anew")
                 prefetch.close()
             if image_encoder is None:
                 image_encoder = engine() if engine is not None else model.encode_image
             on_torch = getattr(image_encoder, "__self__", None) is model
-            if batches is None:
+            todo_paths = [paths[i] for i in todo]
+            sink = _Sink(todo, keys, vectors, ok, cache, ns, progress, desc)
+            lanes = getattr(image_encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
+            if lanes > 1:
+                if num_workers is None:
+                    num_workers = 0
+                feed = _Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count)
+                first_batch_at = _encode_lanes(model, feed, image_encoder, lanes, sink)
+            else:
                 if num_workers is None:
                     num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
-                batches = _loader([paths[i] for i in todo], mode, image_loader, batch_size,
-                                  num_workers, device)
-            first_batch_at = _encode_batches(model, batches, todo, keys, vectors, ok, cache, ns,
-                                             image_encoder, on_torch, device, precision,
-                                             progress, desc)
+                batches = ahead
+                if ahead is None or ahead_count < len(todo):
+                    rest = iter(_loader(todo_paths[ahead_count:], mode, image_loader, batch_size,
+                                        num_workers, device))  # its workers start now
+                    batches = itertools.chain(ahead or (), _shifted(rest, ahead_count))
+                first_batch_at = _encode_batches(model, batches, image_encoder, on_torch, device,
+                                                 precision, sink)
+            sink.close()
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -303,7 +332,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
         torch.empty(0, dim or 0)
     result = {"total": n, "encoded": len(todo), "cached": n_cached,
               "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0,
-              "num_workers": num_workers if todo else 0, "first_batch_at": first_batch_at}
+              "num_workers": num_workers if todo else 0, "lanes": lanes,
+              "first_batch_at": first_batch_at}
     if stats is not None:
         stats.update(result)
     log.info("images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",
@@ -312,34 +342,125 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     return emb, torch.from_numpy(ok)
 
 
-def _encode_batches(model, batches, todo, keys, vectors, ok, cache, ns, image_encoder,
-                    on_torch: bool, device, precision: str, progress: bool, desc: str):
-    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``), filling
-    ``vectors``/``ok`` and the cache; returns when the first batch was encoded."""
+class _Sink:
+    """Where encoded batches go: ``vectors``/``ok`` by position, the cache, the bar."""
+
+    def __init__(self, todo, keys, vectors, ok, cache, ns, progress: bool, desc: str):
+        self.todo, self.keys, self.vectors, self.ok = todo, keys, vectors, ok
+        self.cache, self.ns = cache, ns
+        self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
+                        leave=False)
+
+    def put(self, e: np.ndarray, good, idx) -> None:
+        """Rows ``e`` (normalised) for ``todo[j]``, ``j`` in ``idx``."""
+        items = []
+        for row, g, j in zip(e, good, idx):
+            i = self.todo[j]
+            self.vectors[i], self.ok[i] = row, bool(g)
+            items.append((self.keys[i], row, bool(g)))
+        if self.cache is not None:
+            self.cache.put_many(items, self.ns)
+        self.bar.update(len(items))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _encode_batches(model, batches, image_encoder, on_torch: bool, device, precision: str,
+                    sink: _Sink):
+    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread;
+    returns when the first batch was encoded."""
     first_batch_at = None
     # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
     fmt = torch.channels_last if on_torch else torch.contiguous_format
     if on_torch:
         model.image_model.to(memory_format=fmt)
-    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
-               leave=False)
     with eval_mode(model), torch.inference_mode():
         for x, good, idx in batches:
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device, precision):
                 e = image_encoder(x, normalize=False)
-            e = F.normalize(e.float(), p=2, dim=1).cpu().numpy()
-            items = []
-            for row, g, j in zip(e, good.tolist(), idx.tolist()):
-                i = todo[j]
-                vectors[i], ok[i] = row, g
-                items.append((keys[i], row, g))
+            sink.put(F.normalize(e.float(), p=2, dim=1).cpu().numpy(), good.tolist(), idx.tolist())
             if first_batch_at is None:
                 first_batch_at = time.perf_counter()
-            if cache is not None:
-                cache.put_many(items, ns)
-            bar.update(len(idx))
-    bar.close()
+    return first_batch_at
+
+
+class _Feed:
+    """The batches of ``paths`` in order, for lanes: the first ``ahead_count`` images come
+    from ``ahead`` (batches decoded by a prefetch source), the others are decoded by the
+    lane that takes them, into that lane's buffer."""
+
+    def __init__(self, paths, batch_size: int, mode: str, image_loader, ahead, ahead_count: int):
+        self.paths, self.batch_size, self.mode, self.image_loader = paths, batch_size, mode, image_loader
+        self.ahead, self.ahead_count = ahead, ahead_count if ahead is not None else 0
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def take(self, buf: np.ndarray):
+        """``(x, ok, idx)`` of the next batch, or None when there is none."""
+        with self.lock:  # the prefetch iterator is read in order, by one lane at a time
+            a = self.next
+            if a >= len(self.paths):
+                return None
+            self.next = min(a + self.batch_size, len(self.paths))
+            if a < self.ahead_count:
+                x, good, idx = next(self.ahead)
+                return x.numpy(), good.numpy(), idx.numpy()
+        idx = np.arange(a, min(a + self.batch_size, len(self.paths)))
+        good = np.empty(len(idx), dtype=bool)
+        if self.image_loader is not None:  # another model's preprocessing, its own tensors
+            got = [self.image_loader(self.paths[j], self.mode) for j in idx]
+            return torch.stack([x for x, _ in got]).numpy(), np.array([g for _, g in got]), idx
+        for r, j in enumerate(idx):
+            good[r] = load_image_into(buf[r], self.paths[j], self.mode)
+        return buf[:len(idx)], good, idx
+
+
+def _encode_lanes(model, feed: _Feed, image_encoder, lanes: int, sink: _Sink):
+    """Run ``lanes`` threads, each taking the next batch from ``feed`` (decoding it if
+    need be) and encoding it (ONNX Runtime releases the GIL); the results go to ``sink``
+    from this thread. Returns when the first batch was encoded."""
+    done: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    shape = (feed.batch_size, 3, SIZE, SIZE)
+
+    def lane():
+        try:
+            buf = np.empty(shape, dtype=np.float32)
+            while not stop.is_set():
+                item = feed.take(buf)
+                if item is None:
+                    break
+                x, good, idx = item
+                e = image_encoder(torch.from_numpy(x), normalize=False)
+                e = F.normalize(e.float(), p=2, dim=1).numpy()
+                done.put((e, good.tolist(), idx.tolist()))
+            done.put(None)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+            done.put(exc)
+
+    first_batch_at = None
+    threads = [threading.Thread(target=lane, name=f"lane-{k}", daemon=True) for k in range(lanes)]
+    with eval_mode(model), torch.inference_mode():
+        for t in threads:
+            t.start()
+        try:
+            running = lanes
+            while running:
+                item = done.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    sink.put(*item)
+                    if first_batch_at is None:
+                        first_batch_at = time.perf_counter()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
     return first_batch_at
 
 

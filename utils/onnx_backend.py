@@ -27,11 +27,12 @@ is exported again; a fresh export that still differs raises ``OnnxBackendError``
 ``image_encoder_for`` then warns and falls back to torch. Runs on the CPU only
 (``CPUExecutionProvider``), fp32 only.
 
-Threads: ``default_threads()`` intra-op threads (``utils.embed.default_engine_threads``:
-every core), with spinning off, so that the DataLoader workers decoding the next batch
-get a core the moment they need it instead of competing with idle-spinning engine
-threads (see ``utils.embed.default_num_workers`` for the split and bench/bench_recall.py
-for the measurement).
+Threads: the encoder is made for ``lanes`` callers at once (default
+``utils.embed.default_lanes()``: one per core), each run on ``threads`` intra-op threads
+(default: the cores shared among the lanes, so 1), with spinning off;
+``utils.embed.encode_images`` runs that many lanes, each decoding a batch and encoding it
+(see the notes there and bench/bench_recall.py --split for the measurement).
+``lanes=1`` gives one caller every core.
 
 Memory: ONNX Runtime's CPU memory arena keeps its largest activation buffers between
 batches; ``mem_arena=False`` gives them back at some cost in images/s.
@@ -53,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cli import UserError
-from .embed import default_engine_threads, eval_mode
+from .embed import cpu_cores, default_lanes, eval_mode
 from .hashing import model_hash
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ class OnnxImageEncoder:
     """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime.
 
     ``weights_hash``: the model's ``model_hash`` if already known (else computed).
-    ``threads``: intra-op threads (default :func:`utils.embed.default_engine_threads`);
+    ``lanes``: how many callers it serves at once (default :func:`utils.embed.default_lanes`);
+    ``threads``: intra-op threads of each call (default: the cores over the lanes, at least 1);
     ``spin``: whether idle engine threads spin (default off, see the module notes).
     ``exported``: whether this instance exported the graph (False = cache hit);
     ``max_abs_diff``: the deviation from torch measured when it was loaded;
@@ -174,7 +176,8 @@ class OnnxImageEncoder:
     """
 
     def __init__(self, model, cache_dir=None, weights_hash: str | None = None,
-                 threads: int | None = None, image_size: int = 224, tolerance: float = 1e-5,
+                 threads: int | None = None, lanes: int | None = None, image_size: int = 224,
+                 tolerance: float = 1e-5,
                  verify_batch: int = 2, mem_arena: bool = True, spin: bool = False):
         ort = require_onnxruntime()
         if callable(weights_hash):  # computed only now that it is needed
@@ -192,7 +195,8 @@ class OnnxImageEncoder:
             log.info("exported the image tower to %s (%s exporter, %.1f s)", self.path, exporter,
                      time.perf_counter() - t)
         self.opts = ort.SessionOptions()
-        self.opts.intra_op_num_threads = threads or default_engine_threads()
+        self.lanes = lanes or default_lanes()
+        self.opts.intra_op_num_threads = threads or max(1, cpu_cores() // self.lanes)
         self.opts.inter_op_num_threads = 1
         self.opts.enable_cpu_mem_arena = mem_arena
         self.opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -209,9 +213,9 @@ class OnnxImageEncoder:
             self._load(ort)
             self.max_abs_diff = self.verify(model, verify_batch, tolerance)
         self.setup_seconds = time.perf_counter() - t
-        log.info("onnx image encoder %s (%s): max |diff| vs torch %.1e, %d threads, %.1f s",
+        log.info("onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
                  self.path.name, "exported" if self.exported else "cached export",
-                 self.max_abs_diff, self.opts.intra_op_num_threads, self.setup_seconds)
+                 self.max_abs_diff, self.lanes, self.opts.intra_op_num_threads, self.setup_seconds)
 
     def _load(self, ort) -> None:
         try:
