@@ -88,7 +88,7 @@ from utils.cache import EmbeddingCache  # noqa: E402
 from utils.data import (TOPK_HEADER, DataError, RecallRow, index_images, iter_recall_csv,  # noqa: E402
                         poi_of_image, save_embeddings, write_full, write_json,
                         write_missing_list, write_topk)
-from utils.embed import PRECISIONS, ImagePrefetch, default_batch_size, prefetch_images  # noqa: E402
+from utils.embed import PRECISIONS, ImagePrefetch, prefetch_images  # noqa: E402
 from utils.images import PREPROCESS_MODES  # noqa: E402
 from utils.metrics import stable_topk  # noqa: E402
 from utils.onnx_backend import BACKENDS  # noqa: E402
@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "agrees with torch on this model (checked on every run), else torch; torch; "
                         "onnx (CPU, fp32)")
     p.add_argument("--batch-size", type=cli.positive_int,
-                   help="images per batch (default: 16 on CPU, 128 on CUDA)")
+                   help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)")
     p.add_argument("--text-batch-size", type=cli.positive_int, default=64)
     p.add_argument("--num-workers", type=cli.non_negative_int,
                    help="decoding worker processes (default: by core count and engine, "
@@ -339,7 +339,7 @@ def run_record(args, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k:
         "weights_sha256": rm.weights_hash(), "preprocess": args.preprocess,
         "precision": args.precision, "device": str(rm.device),
         **engine, "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
-        "batch_size": args.batch_size or default_batch_size(rm.device),
+        "batch_size": stats.get("batch_size"),
         "num_workers": stats.get("num_workers"), "lanes": stats.get("lanes"),
         "topk": k, "gallery_size": len(g.images), "n_pois": len(g.queries),
         "n_pois_without_gallery_image": sum(q not in own for q in g.queries),

@@ -328,7 +328,7 @@ def engine_alone(rm, paths, batches: int = 4) -> tuple[str, float, str]:
         return "torch", 32 * batches / (time.perf_counter() - t), f"1 caller x {torch.get_num_threads()} threads"
     best = (0.0, "")
     one = OnnxImageEncoder(rm.model, lanes=1)  # the cached export, every core for one caller
-    for e, bs in ((enc, default_batch_size("cpu")), (one, 32)):
+    for e, bs in ((enc, default_batch_size("cpu", "onnx")), (one, 32)):
         x = torch.stack([load_image(p)[0] for p in paths[:bs]])
         e(x)  # warm-up
 

@@ -125,6 +125,18 @@ def test_pairwise_metrics_against_sklearn():
     assert m["baseline"] == pytest.approx(max(y.mean(), 1 - y.mean()))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_roc_auc_equals_sklearn_with_many_ties(seed):
+    from utils.metrics import roc_auc
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    y = rng.integers(0, 2, n)
+    y[0], y[-1] = 0, 1
+    s = rng.integers(-3, 4, n).astype(float) * rng.choice([1.0, 0.5])  # few distinct values
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert roc_auc(y, np.zeros(n)) == 0.5 and roc_auc(np.ones(n), s) is None
+
+
 def test_pairwise_metrics_known_table():
     y = [1, 0, 1, 0]
     s_a = [2.0, 0.0, 0.0, 1.0]

@@ -55,10 +55,13 @@ MAX_TEXT_LEN = 50  # tokens (SPEC 2)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_batch_size(device) -> int:
-    """16 on CPU (B3 at 224 px runs no faster in larger batches on one engine thread, and
-    small batches keep the lanes even at the end), 128 on CUDA."""
-    return 128 if torch.device(device).type == "cuda" else 16
+def default_batch_size(device, engine: str = "torch") -> int:
+    """Images per batch: 128 on CUDA; on a CPU 4 for ONNX Runtime's lanes (B3 at 224 px
+    on one engine thread: 78 img/s on 2 lanes at batch 4, 67 at 16, 62 at 32; small
+    batches also keep the lanes even at the end), 32 for torch."""
+    if torch.device(device).type == "cuda":
+        return 128
+    return 4 if engine == "onnx" else 32
 
 
 def cpu_cores() -> int:
@@ -175,7 +178,8 @@ class ImagePrefetch:
                  depth: int = PREFETCH_IMAGES):
         self.device = torch.device(device)
         self.paths = [str(p) for p in paths]
-        self.batch_size = batch_size or default_batch_size(self.device)
+        self.requested_batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(self.device, backend)
         self.mode, self.image_loader = mode, image_loader
         self.num_workers = default_num_workers(self.device, backend) if num_workers is None else num_workers
         self.count = min(len(self.paths), max(1, depth // self.batch_size) * self.batch_size)
@@ -183,10 +187,11 @@ class ImagePrefetch:
         self._it = iter(_loader(self.paths[:self.count], mode, image_loader, self.batch_size,
                                 self.num_workers, self.device, factor)) if self.paths else None
 
-    def matches(self, paths: list[str], batch_size: int, mode: str, image_loader) -> bool:
-        """True when consuming this source gives exactly the batches of these arguments."""
-        return (self._it is not None and paths == self.paths and batch_size == self.batch_size
-                and mode == self.mode and image_loader is self.image_loader)
+    def matches(self, paths: list[str], batch_size: int | None, mode: str, image_loader) -> bool:
+        """True when consuming this source gives exactly the batches of these arguments
+        (``batch_size`` None: the default, as the source was started with)."""
+        return (self._it is not None and paths == self.paths and mode == self.mode
+                and batch_size == self.requested_batch_size and image_loader is self.image_loader)
 
     def take(self):
         """The iterator over the batches decoded ahead (once); the source is empty afterwards."""
@@ -248,12 +253,11 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     way it is closed on return.
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable``, ``seconds``,
-    ``num_workers``, ``lanes`` and ``first_batch_at`` (``time.perf_counter()`` when the
+    ``num_workers``, ``lanes``, ``batch_size`` and ``first_batch_at`` (``time.perf_counter()`` when the
     first batch was encoded, None if none was: what start-up time is measured to).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    batch_size = batch_size or default_batch_size(device)
     paths = [str(p) for p in paths]
     n = len(paths)
     ns = cache.namespace(mode, precision) if cache is not None else None
@@ -292,6 +296,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                     num_workers is None or num_workers == prefetch.num_workers) and prefetch.matches(
                     paths, batch_size, mode, image_loader):
                 num_workers, ahead_count, ahead = prefetch.num_workers, prefetch.count, prefetch.take()
+                batch_size = prefetch.batch_size
                 log.debug("images: consuming the first %d images decoded ahead", ahead_count)
             elif prefetch is not None:
                 log.debug("images: prefetched batches do not match this call; decoding anew")
@@ -299,6 +304,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             if image_encoder is None:
                 image_encoder = engine() if engine is not None else model.encode_image
             on_torch = getattr(image_encoder, "__self__", None) is model
+            batch_size = batch_size or default_batch_size(device, "torch" if on_torch else "onnx")
             todo_paths = [paths[i] for i in todo]
             sink = _Sink(todo, keys, vectors, ok, cache, ns, progress, desc)
             lanes = getattr(image_encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
@@ -333,6 +339,7 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     result = {"total": n, "encoded": len(todo), "cached": n_cached,
               "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0,
               "num_workers": num_workers if todo else 0, "lanes": lanes,
+              "batch_size": batch_size if todo else None,
               "first_batch_at": first_batch_at}
     if stats is not None:
         stats.update(result)

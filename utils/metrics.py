@@ -33,8 +33,8 @@ when image a had the higher CTR:
 
 - ``accuracy``: mean of ``(s_a > s_b) == label`` (ties predict 0) — the published
   0.652, which the paper calls "AUC";
-- ``auc``: ROC-AUC of ``sigmoid(s_a - s_b)`` against the label (the honest AUC), by
-  ``sklearn.metrics.roc_auc_score`` on ``s_a - s_b`` directly: sigmoid is monotone, so
+- ``auc``: ROC-AUC of ``sigmoid(s_a - s_b)`` against the label (the honest AUC), as
+  ``sklearn.metrics.roc_auc_score`` gives it, on ``s_a - s_b`` directly: sigmoid is monotone, so
   the AUC is the same, without float saturation turning large margins into ties.
   ``None`` when the labels hold a single class;
 - ``log_loss``: mean binary cross-entropy of ``sigmoid(s_a - s_b)``, computed from the
@@ -212,15 +212,19 @@ def recall_and_mrr(score_matrix, query_pois, gallery_pois, ks=DEFAULT_KS) -> dic
 
 
 def roc_auc(labels, scores) -> float | None:
-    """ROC-AUC (``sklearn.metrics.roc_auc_score``: ties count half); ``None`` for a
-    single class. scikit-learn is imported here, not with the module: the recall
-    scripts use this module and should not pay for its import."""
+    """ROC-AUC, ties counting half (what ``sklearn.metrics.roc_auc_score`` gives; the
+    tests compare them), as the Mann-Whitney statistic: the mean rank of the positives
+    among all scores, equal scores sharing their average rank. ``None`` for a single
+    class. (Not scikit-learn itself: importing it costs 0.9 s, a tenth of a 100-pair
+    rank_eval run.)"""
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.all() or not y.any():
         return None
-    from sklearn.metrics import roc_auc_score
-    return float(roc_auc_score(y, s))
+    _, group, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[group.reshape(-1)]  # 1-based, ties averaged
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def pairwise_metrics(labels, s_a, s_b) -> dict:
