@@ -19,31 +19,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
-from transformers import BertConfig, BertModel, BertTokenizer
 
 from utils.cli import UserError
 from utils.data import DataError, read_json
+
+from .bert import BertConfig, BertEncoder, BertTokenizer
 
 
 class ModelFilesError(UserError, FileNotFoundError):
     """A file a model needs (config, vocabulary) is missing."""
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "eye_", "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                   "kaiming_normal_", "orthogonal_", "sparse_")
+
+
 @contextlib.contextmanager
 def skip_init():
     """Build modules without their random initialisation, for a model whose every weight
     is loaded next (the strict loader checks that): construction then costs next to
-    nothing. Uses transformers' ``no_init_weights`` (torch's init functions and
-    transformers' ``init_weights`` become no-ops); a no-op where it does not exist."""
+    nothing. torch's init functions (which every layer's ``reset_parameters`` and
+    :class:`models.bert.BertEncoder`'s initialisation call) return their tensor
+    untouched inside the block."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
     try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            no_init_weights = contextlib.nullcontext
-    with no_init_weights():
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 @dataclass
@@ -129,7 +135,7 @@ class AlignModel(nn.Module):
         # The memory-efficient swish is a training-memory trick with a custom autograd
         # function; the plain one computes the same values and runs faster.
         self.image_model.set_swish(memory_efficient=False)
-        self.text_model = BertModel(text_config, add_pooling_layer=True)
+        self.text_model = BertEncoder(text_config)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
         self.image_hidden_layer = nn.Linear(d, d)
         self.text_hidden_layer = nn.Linear(text_config.hidden_size, d)
@@ -145,8 +151,7 @@ class AlignModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
-        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        x = self.text_hidden_layer(out.last_hidden_state[:, 0])
+        x = self.text_hidden_layer(self.text_model(input_ids, attention_mask)[:, 0])
         return F.normalize(x, p=2, dim=1) if normalize else x
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
