@@ -128,16 +128,14 @@ def naive_child(work: Path, out: Path) -> int:
     the whole ranker forward for each image; scores written as CSV."""
     import torch
 
-    from models.align import load_tokenizer
     from models.checkpoint import load_ranker
+    from naive import authors_image, authors_text_encoder
     from utils.data import index_images, iter_rank_csv
-    from utils.embed import tokenize
-    from naive import authors_image
     from utils.poi import build_item_inputs, load_poi_table
 
     bert = Path((work / "bert_dir").read_text())
     model = load_ranker(work / "ranker_random.ckpt", bert).eval()
-    tok = load_tokenizer(bert)
+    encode_text = authors_text_encoder(model.align_model, bert)
     dim = model.align_model.arch.embed_dim
     pic = load_poi_table((work / "pic_path").read_text())
     img_t, name_t = load_poi_table(work / "poi_img.npz"), load_poi_table(work / "poi_name.npz")
@@ -146,8 +144,7 @@ def naive_child(work: Path, out: Path) -> int:
         w = csv.writer(f)
         for row in iter_rank_csv(work / "val.csv"):
             inp = build_item_inputs(row.title, row.poi_names, pic, img_t, name_t, dim)
-            enc = tokenize(tok, [inp.pois_text])
-            feat = model.align_model.encode_text(enc["input_ids"], enc["attention_mask"])
+            feat = encode_text([inp.pois_text])
             pimg = torch.from_numpy(inp.poi_img)[None]
             ptxt = torch.from_numpy(inp.poi_txt)[None]
             plen = torch.tensor([inp.poi_len])

@@ -56,9 +56,8 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import recall_infer  # noqa: E402
-from models.align import AlignModel, load_tokenizer  # noqa: E402
+from models.align import AlignModel  # noqa: E402
 from models.factory import build_recall_model  # noqa: E402
-from utils.embed import tokenize  # noqa: E402
 from models.checkpoint import load_align_model, save_align_checkpoint  # noqa: E402
 from utils.cache import EmbeddingCache  # noqa: E402
 from utils.data import iter_recall_csv, poi_of_image  # noqa: E402
@@ -66,7 +65,7 @@ from utils.embed import default_batch_size, encode_images  # noqa: E402
 from utils.images import load_image  # noqa: E402
 from utils.onnx_backend import OnnxImageEncoder  # noqa: E402
 from utils.metrics import recall_at_k  # noqa: E402
-from naive import authors_image  # noqa: E402  (bench/naive.py)
+from naive import authors_image, authors_text_encoder  # noqa: E402  (bench/naive.py)
 
 log = logging.getLogger("bench_recall")
 TARGET_PIXELS = 2.15e6
@@ -220,7 +219,7 @@ def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int =
     t0 = time.perf_counter()
     model = load_align_model(ckpt, bert_dir)
     model.image_model.to(memory_format=torch.contiguous_format)
-    tok = load_tokenizer(bert_dir)
+    encode_text = authors_text_encoder(model, bert_dir)
     rows = list(iter_recall_csv(csv_path))
     paths = [Path(img_dir) / f"{r.key}.jpg" for r in rows]
     queries = dict.fromkeys((r.poi_id, r.poi_name) for r in rows)
@@ -230,7 +229,7 @@ def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int =
             x = torch.stack([authors_image(p) for p in paths[a:a + batch]])
             embs.append(model.encode_image(x))
         img = torch.cat(embs)
-        txt = torch.cat([model.encode_text(**tokenize(tok, [name])) for _, name in queries])
+        txt = torch.cat([encode_text([name]) for _, name in queries])
         scores = (txt @ img.t()).tolist()
     with open(out_csv, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
