@@ -163,7 +163,13 @@ def test_recall_infer_rejects_an_unknown_backend(gallery, bert_dir, tmp_path, ca
 
 def test_core_split_defaults():
     n = cpu_cores()
-    assert default_lanes() == n
+    before = torch.get_num_threads()
+    assert default_lanes() == min(n, before)
+    torch.set_num_threads(1)
+    try:
+        assert default_lanes() == 1  # a Ray actor's budget, OMP_NUM_THREADS
+    finally:
+        torch.set_num_threads(before)
     assert default_num_workers("cpu", "torch") == max(1, min(n // 2, 8))  # beside torch's threads
     assert default_num_workers("cpu", "onnx") == max(1, min(n - 1, 8))  # ahead, during start-up
     assert default_num_workers("cuda") == max(1, min(n, 8))

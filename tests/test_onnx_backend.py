@@ -204,9 +204,9 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
 def test_onnx_encoder_serves_one_lane_per_core(model, tmp_path):
     """The measured split (bench/bench_recall.py --split; utils.embed): one lane per core,
     each call on one engine thread; lanes=1 gives the one caller every core."""
-    from utils.embed import cpu_cores
+    from utils.embed import cpu_cores, default_lanes
     n = cpu_cores()
     enc = OnnxImageEncoder(model, cache_dir=tmp_path)
-    assert enc.lanes == n and enc.opts.intra_op_num_threads == 1
+    assert enc.lanes == default_lanes() and enc.opts.intra_op_num_threads == max(1, n // enc.lanes)
     one = OnnxImageEncoder(model, cache_dir=tmp_path, lanes=1)
     assert one.lanes == 1 and one.opts.intra_op_num_threads == n

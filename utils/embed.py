@@ -96,8 +96,10 @@ def default_num_workers(device, backend: str = "torch") -> int:
 
 
 def default_lanes() -> int:
-    """Lanes of the CPU engine (ONNX Runtime): one per core."""
-    return max(1, cpu_cores())
+    """Lanes of the CPU engine (ONNX Runtime): one per core torch would use (its
+    intra-op threads: the physical cores by default, fewer under ``OMP_NUM_THREADS`` or
+    ``torch.set_num_threads``, as in a Ray actor given fewer CPUs than the node has)."""
+    return max(1, min(cpu_cores(), torch.get_num_threads()))
 
 
 def native_low_precision(device, precision: str) -> bool:
