@@ -228,8 +228,13 @@ class OnnxImageEncoder:
     def verify(self, model, batch: int, tolerance: float) -> float:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, self.image_size, self.image_size, generator=g)
-        with eval_mode(model), torch.inference_mode():
-            ref = model.encode_image(x.to(next(model.parameters()).device), normalize=True).float().cpu()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # decoders run beside it at start-up: one thread waits on no other
+        try:
+            with eval_mode(model), torch.inference_mode():
+                ref = model.encode_image(x.to(next(model.parameters()).device), normalize=True).float().cpu()
+        finally:
+            torch.set_num_threads(threads)
         got = self.encode_image(x)
         diff = float((got - ref).abs().max())
         if not diff <= tolerance:  # also catches NaN
