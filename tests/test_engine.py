@@ -328,3 +328,17 @@ def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes
     with pytest.raises(RuntimeError, match="engine broke"):
         encode_images(model, _paths(gallery), batch_size=2, progress=False, image_encoder=flaky)
     assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]
+
+
+def test_lanes_decode_everything_when_nothing_was_decoded_ahead(model, gallery, monkeypatch, lanes_encoder):
+    """A source with no worker decodes nothing ahead: the lanes decode every batch side by
+    side instead of reading it through that source one at a time."""
+    paths = _paths(gallery)
+    ref, _ = _classic(lanes_encoder, model, paths, batch_size=3)
+    source = prefetch_images(paths, batch_size=3, num_workers=0)
+    decoded_here = []
+    real = embed.load_image_into
+    monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
+    got, _ = encode_images(model, paths, batch_size=3, num_workers=0, progress=False,
+                           image_encoder=lanes_encoder, prefetch=source)
+    assert torch.equal(got, ref) and sorted(decoded_here) == sorted(map(str, paths))

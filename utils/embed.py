@@ -311,6 +311,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             sink = _Sink(todo, keys, vectors, ok, cache, ns, progress, desc)
             lanes = getattr(image_encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
             if lanes > 1:
+                if ahead is not None and not num_workers:  # nothing decoded ahead: the lanes
+                    ahead, ahead_count = None, 0          # decode every batch, side by side
                 if num_workers is None:
                     num_workers = 0
                 feed = _Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count)
