@@ -41,8 +41,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
-                       output_dir, output_file, positive_int, resolve_device, setup_logging)
+from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, input_dir, input_file,
+                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
+                       setup_logging)
 from utils.data import DataError, index_images, iter_recall_csv
 from utils.poi import PoiTableError, save_pickled_table, save_safe_table
 
@@ -77,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: device's)")
-    p.add_argument("--text-batch-size", type=positive_int, default=64)
+    p.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
     p.add_argument("--num-workers", type=non_negative_int, default=None,
-                   help="image decoding workers (default: chosen by core count and engine)")
+                   help=DECODE_WORKERS_HELP)
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (utils/cache.py)")
     add_common_args(p)
     return p

@@ -51,8 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.cli import (add_common_args, entry_point, input_dir, input_file, non_negative_int,
-                       output_dir, output_file, positive_int, resolve_device, setup_logging)
+from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, input_dir, input_file,
+                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
+                       setup_logging)
 from utils.data import (DataError, RankRow, atomic_write, check_finite, index_images,
                         iter_rank_csv, write_json)
 
@@ -119,12 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedding cache directory (utils/cache.py): a rerun encodes only new images")
     r.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)")
-    r.add_argument("--text-batch-size", type=positive_int, default=64, help="texts per batch")
+    r.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
     r.add_argument("--head-batch-size", type=positive_int, default=1024,
                    help="rows per ranker-head batch")
     r.add_argument("--num-workers", type=non_negative_int, default=None,
-                   help="DataLoader workers decoding images (0: in the main process; "
-                        "default: chosen by core count and engine)")
+                   help=DECODE_WORKERS_HELP)
     r.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
     r.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_DRAWS, metavar="N",
                    help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC "

@@ -124,12 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "onnx (CPU, fp32)")
     p.add_argument("--batch-size", type=cli.positive_int,
                    help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)")
-    p.add_argument("--text-batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--text-batch-size", type=cli.positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
     p.add_argument("--num-workers", type=cli.non_negative_int,
-                   help="decoding worker processes (default: by core count and engine, "
-                        "utils.embed.default_num_workers; 0 = decode in the main process; "
-                        "with ONNX Runtime on a CPU they decode ahead while the model loads, "
-                        "the lanes decode the rest)")
+                   help=cli.DECODE_WORKERS_HELP)
     p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images; "
                                        "the ONNX export is kept in its onnx/ folder)")
     cli.add_common_args(p)

@@ -55,9 +55,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
-                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
-                       setup_logging)
+from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, finite_float, input_dir,
+                       input_file, non_negative_float, non_negative_int, output_dir, output_file,
+                       positive_int, resolve_device, setup_logging)
 from utils.data import DataError, write_json
 from utils.embed import PRECISIONS
 from utils.images import PREPROCESS_MODES
@@ -106,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image engine: auto = ONNX Runtime on a CPU when it agrees with torch "
                         "(checked on load), else torch (default auto)")
     r.add_argument("--batch-size", type=positive_int, help="images per batch (default 32 CPU, 128 CUDA)")
-    r.add_argument("--text-batch-size", type=positive_int, default=64)
+    r.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
     r.add_argument("--head-batch-size", type=positive_int, default=512)
     r.add_argument("--num-workers", "--workers", dest="workers", type=non_negative_int,
-                   help="image decoding worker processes (0: main process; default by core count)")
+                   help=DECODE_WORKERS_HELP)
     r.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
                    help="reference = the authors' exact preprocessing; fast = JPEG draft decoding")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32")

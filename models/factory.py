@@ -106,7 +106,7 @@ class RecallModel:
                              image_loader=self.image_loader,
                              engine=lambda: self.image_encoder(precision), **kw)
 
-    def encode_texts(self, texts, batch_size: int = 64, **kw):
+    def encode_texts(self, texts, batch_size: int | None = None, **kw):
         return encode_texts(self.model, self.tokenizer, texts, batch_size, self.device,
                             max_length=self.max_text_len, **kw)
 

@@ -85,6 +85,13 @@ def entry_point(main):
 # ---------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------
+# --num-workers of the scripts that encode images (utils.embed decides the defaults)
+DECODE_WORKERS_HELP = ("image decoding worker processes (default: by core count and engine, "
+                       "utils.embed.default_num_workers; 0 = none). With ONNX Runtime on a CPU "
+                       "the engine's lanes decode, and workers only decode the first images "
+                       "while the model loads")
+
+
 def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         v = int(text)

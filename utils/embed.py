@@ -2,7 +2,7 @@
 recall, ranking and selection scripts.
 
     emb, ok = encode_images(model, paths, batch_size=None, device="cpu")   # N x D, N bools
-    txt = encode_texts(model, tokenizer, texts, batch_size=64, device="cpu")  # len(texts) x D
+    txt = encode_texts(model, tokenizer, texts, device="cpu")               # len(texts) x D
 
 ``model`` needs ``encode_image(x, normalize=False)`` (and ``image_model`` for the memory
 format) and ``encode_text(input_ids, attention_mask, normalize=False)``; both returned
@@ -475,14 +475,21 @@ def _encode_lanes(model, feed: _Feed, image_encoder, lanes: int, sink: _Sink):
     return first_batch_at
 
 
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64, device="cpu",
+def default_text_batch_size(device) -> int:
+    """Texts per batch: 16 on a CPU (the 4-layer BERT runs 1.4x faster there than in
+    batches of 64: smaller activations stay in cache), 256 on CUDA."""
+    return 256 if torch.device(device).type == "cuda" else 16
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int | None = None, device="cpu",
                  precision: str = "fp32", progress: bool = False,
                  max_length: int | None = None) -> torch.Tensor:
     """Encode texts: ``len(texts) x D`` float32 normalised on the CPU. Each distinct
     string is encoded once; batches group texts of similar length (padding to the
     longest of the batch, truncation at ``max_length`` tokens, default 50:
-    ``models.align.tokenize``)."""
+    ``models.align.tokenize``); ``batch_size`` None: :func:`default_text_batch_size`."""
     device = torch.device(device)
+    batch_size = batch_size or default_text_batch_size(device)
     distinct = list(dict.fromkeys(texts))
     if not distinct:
         return torch.empty(0, getattr(getattr(model, "arch", None), "embed_dim", 0))
