@@ -24,6 +24,8 @@ text's vector does not depend on the batch: the same as encoding each name alone
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -151,11 +153,24 @@ def load_vision_state(model: TaiyiCLIP, path) -> list[str]:
                            "vision_model.* and visual_projection.weight)")
 
 
+def _no_hf_init():
+    """transformers' own switch for its models' ``_init_weights`` (which need not go
+    through torch's init functions that ``skip_init`` silences)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode from local directories; ``text_weights`` (the authors'
     fine-tuned ``pytorch_model.bin``) replaces the weights of ``text_dir``, which then
     need not be there."""
-    with skip_init():  # every weight is loaded next, strictly
+    with skip_init(), _no_hf_init():  # every weight is loaded next, strictly
         model = TaiyiCLIP(text_config(text_dir), vision_config(clip_dir))
     load_text_state(model, text_weights or find_weights(text_dir, "--taiyi-text-dir"))
     load_vision_state(model, find_weights(clip_dir, "--clip-dir"))
