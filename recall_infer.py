@@ -236,13 +236,14 @@ def read_gallery(csv_path: str, image_dir: str) -> Gallery:
 
 
 def start_decoding(args, g: Gallery, device) -> ImagePrefetch | None:
-    """Decoding workers started on the gallery now, so decoding overlaps the model load
-    (utils.embed.prefetch_images); None with --cache-dir (the cache decides what is
-    decoded once the model's identity is known) or a model with its own preprocessing."""
-    if args.cache_dir or args.model != "align":
+    """Decoding workers started on the gallery now, with the model's own preprocessing,
+    so decoding overlaps the model load (utils.embed.prefetch_images); None with
+    --cache-dir (the cache decides what is decoded once the model's identity is known)."""
+    if args.cache_dir:
         return None
     return prefetch_images([p for _, p in g.images], args.batch_size, device, args.preprocess,
-                           args.num_workers, backend=args.backend, precision=args.precision)
+                           args.num_workers, image_loader=MODELS[args.model].image_loader,
+                           backend=args.backend, precision=args.precision)
 
 
 def load_model(args, device) -> RecallModel:

@@ -38,6 +38,7 @@ import torch
 
 from utils.embed import MAX_TEXT_LEN, encode_images, encode_texts
 from utils.hashing import model_hash
+from utils.images import load_clip_image
 from utils.onnx_backend import OnnxImageEncoder, image_encoder_for
 
 
@@ -125,6 +126,8 @@ class ModelEntry:
     options: dict[str, str]                # path option name -> help (scripts make flags of them)
     required: tuple[str, ...]              # options that must be given
     help: str
+    image_loader: Callable | None = None   # its preprocessing (known before the model is built,
+                                           # so decoding can start while it loads)
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +144,6 @@ def _build_align(device, backend, onnx_cache_dir, checkpoint, bert_dir, arch=Non
 
 def _build_taiyi(device, backend, onnx_cache_dir, taiyi_text_dir, clip_dir,
                  taiyi_text_weights=None) -> RecallModel:
-    from utils.images import load_clip_image
     from .taiyi import TAIYI_MAX_TEXT_LEN, load_taiyi, load_taiyi_tokenizer
     model = load_taiyi(taiyi_text_dir, clip_dir, taiyi_text_weights, device=device)
     return RecallModel("taiyi", model, load_taiyi_tokenizer(taiyi_text_dir), torch.device(device),
@@ -168,7 +170,8 @@ MODELS: dict[str, ModelEntry] = {
          "clip_dir": "taiyi: Hugging Face directory of openai/clip-vit-base-patch32 "
                      "(config.json and model.safetensors or pytorch_model.bin)"},
         ("taiyi_text_dir", "clip_dir"),
-        "baseline: Taiyi-CLIP (Chinese RoBERTa text encoder + CLIP ViT-B/32 image tower)"),
+        "baseline: Taiyi-CLIP (Chinese RoBERTa text encoder + CLIP ViT-B/32 image tower)",
+        load_clip_image),
 }
 
 

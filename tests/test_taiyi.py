@@ -395,3 +395,18 @@ def test_baseline_assets_download_and_reproduce_table(taiyi_dirs, gallery, bert_
                            "--no-progress", "--no-html"]) == 0
     text = capsys.readouterr().out
     assert "step taiyi-infer: skipped" in text and "step taiyi-eval: skipped" in text
+
+
+def test_recall_infer_taiyi_decodes_ahead_with_clip_preprocessing(taiyi_dirs, gallery, tmp_path, caplog):
+    """Without a cache, decoding starts while Taiyi loads, with CLIP's preprocessing (the
+    model entry's image_loader), and those batches are the ones encoded."""
+    d, g = taiyi_dirs, gallery
+    argv = ["--csv", str(g / "recall.csv"), "--image-dir", str(g / "images"), "--device", "cpu",
+            "--no-progress", "--batch-size", "4", "--num-workers", "1", "--model", "taiyi",
+            "--taiyi-text-dir", str(d["text"]), "--clip-dir", str(d["clip"]),
+            "--taiyi-text-weights", str(d["finetuned"]), "--log-level", "DEBUG"]
+    with caplog.at_level(logging.DEBUG, logger="utils.embed"):
+        assert recall_infer.main([*argv, "--output", str(tmp_path / "a.csv")]) == 0
+    assert "consuming the first 15 images decoded ahead" in caplog.text
+    assert recall_infer.main([*argv, "--num-workers", "0", "--output", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
