@@ -58,6 +58,7 @@ cv2.setNumThreads(1)  # decoding runs in worker processes or lanes; avoid oversu
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _scratch = threading.local()
+SCRATCH_MAX_BYTES = 64 << 20  # larger photos (up to 61 MP in the recall set) get a buffer of their own
 
 
 def _pil_rgb(src, mode: str) -> np.ndarray:
@@ -76,7 +77,7 @@ def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
         if colorspace not in ("YCbCr", "Gray") or h * w > Image.MAX_IMAGE_PIXELS:
             return None
         buf = None
-        if scratch:
+        if scratch and h * w * 3 <= SCRATCH_MAX_BYTES:
             buf = getattr(_scratch, "buf", None)
             if buf is None or buf.size < h * w * 3:
                 buf = _scratch.buf = np.empty(h * w * 3, dtype=np.uint8)
