@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.data import DataError, read_json
+from utils.data import DataError, read_json, text_lines
 
 
 @dataclass
@@ -214,14 +214,13 @@ class BertTokenizer:
     def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = True):
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = {}
-            for index, line in enumerate(f):  # id = line number; a repeated token keeps its last
-                vocab[line.rstrip("\n")] = index
+        vocab = {}
+        for index, line in enumerate(text_lines(vocab_file)):  # id = line number; a repeated
+            vocab[line.rstrip("\r\n")] = index                  # token keeps its last one
         self.vocab = vocab
         for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
             if special not in vocab:
-                raise ValueError(f"{vocab_file}: no {special} token in the vocabulary")
+                raise DataError(f"{vocab_file}: no {special} token in the vocabulary")
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=None, lowercase=do_lower_case)

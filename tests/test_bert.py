@@ -146,3 +146,13 @@ def test_tokenizer_matches_on_the_published_texts(seed_data):
     rng = np.random.default_rng(0)
     joined = [" ".join(rng.choice(texts, 3)) for _ in range(300)]  # long ones: truncation
     _compare(seed_data / "bert-base-chinese" / "vocab.txt", texts + joined)
+
+
+def test_vocab_errors_name_the_file(tmp_path):
+    p = tmp_path / "vocab.txt"
+    p.write_text("[PAD]\n[CLS]\n[SEP]\n红\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"vocab.txt: no \[UNK\] token"):
+        BertTokenizer(p)
+    p.write_bytes(b"[PAD]\n[UNK]\n\xff\xfe\n")
+    with pytest.raises(DataError, match="vocab.txt"):
+        BertTokenizer(p)
