@@ -122,11 +122,15 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 ZERO_TENSOR = to_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
 
 
-def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference") -> bool:
+def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference",
+                    transform=None) -> bool:
     """:func:`load_image` written into ``out`` (3 x 224 x 224 float32, e.g. a row of a
     batch array); returns ``ok``."""
     try:
-        to_tensor_into(out, decode_rgb(path, mode, scratch=True))
+        rgb = decode_rgb(path, mode, scratch=transform is None)
+        if transform is not None:
+            rgb = np.asarray(transform(Image.fromarray(rgb)).convert("RGB"))
+        to_tensor_into(out, rgb)
         return True
     except Exception as e:  # any decode failure: missing, truncated, not an image
         log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
@@ -142,17 +146,9 @@ def load_image(path: str | os.PathLike, mode: str = "reference",
     before the resize, as in the authors' training."""
     if mode not in PREPROCESS_MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
-    if transform is None:
-        out = np.empty((3, SIZE, SIZE), dtype=np.float32)
-        ok = load_image_into(out, path, mode)
-        return torch.from_numpy(out), ok
-    try:
-        rgb = decode_rgb(path, mode)
-        rgb = np.asarray(transform(Image.fromarray(rgb)).convert("RGB"))
-        return to_tensor(rgb), True
-    except Exception as e:  # any decode failure: missing, truncated, not an image
-        log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
-        return ZERO_TENSOR.clone(), False
+    out = np.empty((3, SIZE, SIZE), dtype=np.float32)
+    ok = load_image_into(out, path, mode, transform)
+    return torch.from_numpy(out), ok
 
 
 class ImageDataset(Dataset):
