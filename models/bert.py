@@ -58,10 +58,14 @@ class BertConfig:
             if f.name not in d:
                 continue
             v, want = d[f.name], type(f.default)
-            ok = (isinstance(v, str) if want is str else
-                  isinstance(v, int) and not isinstance(v, bool) and v >= (0 if f.name == "pad_token_id" else 1)
-                  if want is int else
-                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
+            if want is str:
+                ok = isinstance(v, str)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                ok = False
+            elif want is int:  # sizes and counts >= 1; the padding id >= 0
+                ok = isinstance(v, int) and v >= (0 if f.name == "pad_token_id" else 1)
+            else:  # probabilities, eps, init range: finite, >= 0
+                ok = math.isfinite(v) and v >= 0
             if not ok:
                 raise DataError(f"{path}: {f.name} = {v!r} is not a valid value")
             values[f.name] = v
@@ -235,9 +239,7 @@ class BertTokenizer:
         return self._tok.encode(text, add_special_tokens=False).tokens
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
-        if not hasattr(self, "_tokens"):
-            self._tokens = {i: t for t, i in self.vocab.items()}
-        return [self._tokens.get(int(i), "[UNK]") for i in ids]
+        return [self._tok.id_to_token(int(i)) or "[UNK]" for i in ids]
 
     def __call__(self, texts, padding="longest", truncation: bool = True, max_length: int | None = None,
                  return_tensors: str = "pt") -> dict:

@@ -255,8 +255,9 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     way it is closed on return.
     ``stats``: if a dict is given it receives ``total``, ``encoded`` (images run through
     the model), ``cached`` (taken from the cache), ``unreadable``, ``seconds``,
-    ``num_workers``, ``lanes``, ``batch_size`` and ``first_batch_at`` (``time.perf_counter()`` when the
-    first batch was encoded, None if none was: what start-up time is measured to).
+    ``num_workers``, ``lanes``, ``batch_size`` and ``first_batch_at``
+    (``time.perf_counter()`` when the first batch was encoded, None if none was: what
+    start-up time is measured to).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -315,8 +316,8 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                     ahead, ahead_count = None, 0          # decode every batch, side by side
                 if num_workers is None:
                     num_workers = 0
-                feed = _Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count)
-                first_batch_at = _encode_lanes(model, feed, image_encoder, lanes, sink)
+                _encode_lanes(_Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count),
+                              image_encoder, lanes, sink)
             else:
                 if num_workers is None:
                     num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
@@ -325,9 +326,9 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
                     rest = iter(_loader(todo_paths[ahead_count:], mode, image_loader, batch_size,
                                         num_workers, device))  # its workers start now
                     batches = itertools.chain(ahead or (), _shifted(rest, ahead_count))
-                first_batch_at = _encode_batches(model, batches, image_encoder, on_torch, device,
-                                                 precision, sink)
+                _encode_batches(model, batches, image_encoder, on_torch, device, precision, sink)
             sink.close()
+            first_batch_at = sink.first_batch_at
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -359,6 +360,7 @@ class _Sink:
     def __init__(self, todo, keys, vectors, ok, cache, ns, progress: bool, desc: str):
         self.todo, self.keys, self.vectors, self.ok = todo, keys, vectors, ok
         self.cache, self.ns = cache, ns
+        self.first_batch_at = None  # time.perf_counter() of the first batch put
         self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
                         leave=False)
 
@@ -372,16 +374,16 @@ class _Sink:
         if self.cache is not None:
             self.cache.put_many(items, self.ns)
         self.bar.update(len(items))
+        if self.first_batch_at is None:
+            self.first_batch_at = time.perf_counter()
 
     def close(self) -> None:
         self.bar.close()
 
 
 def _encode_batches(model, batches, image_encoder, on_torch: bool, device, precision: str,
-                    sink: _Sink):
-    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread;
-    returns when the first batch was encoded."""
-    first_batch_at = None
+                    sink: _Sink) -> None:
+    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread."""
     # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
     fmt = torch.channels_last if on_torch else torch.contiguous_format
     if on_torch:
@@ -392,9 +394,6 @@ def _encode_batches(model, batches, image_encoder, on_torch: bool, device, preci
             with autocast(device, precision):
                 e = image_encoder(x, normalize=False)
             sink.put(F.normalize(e.float(), p=2, dim=1).cpu().numpy(), good.tolist(), idx.tolist())
-            if first_batch_at is None:
-                first_batch_at = time.perf_counter()
-    return first_batch_at
 
 
 class _Feed:
@@ -404,7 +403,7 @@ class _Feed:
 
     def __init__(self, paths, batch_size: int, mode: str, image_loader, ahead, ahead_count: int):
         self.paths, self.batch_size, self.mode, self.image_loader = paths, batch_size, mode, image_loader
-        self.ahead, self.ahead_count = ahead, ahead_count if ahead is not None else 0
+        self.ahead, self.ahead_count = ahead, ahead_count  # 0 without a source
         self.next = 0
         self.lock = threading.Lock()
 
@@ -419,19 +418,19 @@ class _Feed:
                 x, good, idx = next(self.ahead)
                 return x.numpy(), good.numpy(), idx.numpy()
         idx = np.arange(a, min(a + self.batch_size, len(self.paths)))
-        good = np.empty(len(idx), dtype=bool)
         if self.image_loader is not None:  # another model's preprocessing, its own tensors
             got = [self.image_loader(self.paths[j], self.mode) for j in idx]
             return torch.stack([x for x, _ in got]).numpy(), np.array([g for _, g in got]), idx
+        good = np.empty(len(idx), dtype=bool)
         for r, j in enumerate(idx):
             good[r] = load_image_into(buf[r], self.paths[j], self.mode)
         return buf[:len(idx)], good, idx
 
 
-def _encode_lanes(model, feed: _Feed, image_encoder, lanes: int, sink: _Sink):
+def _encode_lanes(feed: _Feed, image_encoder, lanes: int, sink: _Sink) -> None:
     """Run ``lanes`` threads, each taking the next batch from ``feed`` (decoding it if
-    need be) and encoding it (ONNX Runtime releases the GIL); the results go to ``sink``
-    from this thread. Returns when the first batch was encoded."""
+    need be) and encoding it (ONNX Runtime releases the GIL; it never touches the torch
+    model); the results go to ``sink`` from this thread."""
     done: queue.Queue = queue.Queue()
     stop = threading.Event()
     shape = (feed.batch_size, 3, SIZE, SIZE)
@@ -451,28 +450,23 @@ def _encode_lanes(model, feed: _Feed, image_encoder, lanes: int, sink: _Sink):
         except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
             done.put(exc)
 
-    first_batch_at = None
     threads = [threading.Thread(target=lane, name=f"lane-{k}", daemon=True) for k in range(lanes)]
-    with eval_mode(model), torch.inference_mode():
+    for t in threads:
+        t.start()
+    try:
+        running = lanes
+        while running:
+            item = done.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                sink.put(*item)
+    finally:
+        stop.set()
         for t in threads:
-            t.start()
-        try:
-            running = lanes
-            while running:
-                item = done.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    sink.put(*item)
-                    if first_batch_at is None:
-                        first_batch_at = time.perf_counter()
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-    return first_batch_at
+            t.join()
 
 
 def default_text_batch_size(device) -> int:
