@@ -32,7 +32,23 @@ each (same name, ``.npy`` suffix).
 
 Exit status: 0 on success, 2 for bad arguments or unusable input, 130 on Ctrl-C.
 """
+
 from __future__ import annotations
+
+from utils.cli import (
+    DECODE_WORKERS_HELP,
+    DataError,
+    add_common_args,
+    entry_point,
+    input_dir,
+    input_file,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    resolve_device,
+    setup_logging,
+)
 
 import argparse
 import logging
@@ -41,25 +57,22 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, input_dir, input_file,
-                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
-                       setup_logging)
-from utils.data import DataError, index_images, iter_recall_csv
-from utils.poi import PoiTableError, save_pickled_table, save_safe_table
+from utils.args import Encoding
+from utils.formats import PoiTableError, index_images, iter_recall_csv, save_pickled_table, save_safe_table
 
 log = logging.getLogger("build_poi_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.embed import PRECISIONS
-    from utils.images import PREPROCESS_MODES
-    from utils.onnx_backend import BACKENDS
+    from models import BACKENDS, PRECISIONS
+    from utils.formats import PREPROCESS_MODES
 
     p = argparse.ArgumentParser(
         prog="build_poi_tables.py",
         description="Build the POI name-vector and mean-image-vector tables of the ranker "
-                    "from a recall model, a recall-format CSV and its images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "from a recall model, a recall-format CSV and its images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--csv", required=True, help="recall-format CSV: poi_id,poi_name,image_url,rank_number,...")
     p.add_argument("--image-dir", required=True, help="images named <poi_id>_<rank_number>.<ext>")
     p.add_argument("--checkpoint", required=True, help="recall checkpoint (or a ranker checkpoint)")
@@ -67,20 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="architecture JSON for a small variant")
     p.add_argument("--out-image-vectors", required=True, help="mean image vector table to write (.npz)")
     p.add_argument("--out-name-vectors", required=True, help="name vector table to write (.npz)")
-    p.add_argument("--no-normalize-mean", action="store_true",
-                   help="keep the plain mean of the normalised image vectors instead of "
-                        "L2-normalising it (the default table is normalised)")
-    p.add_argument("--also-npy", action="store_true",
-                   help="also write the authors' pickled-dict .npy format beside each .npz")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
-                        "with torch on this model (checked on load), else torch")
+    p.add_argument(
+        "--no-normalize-mean",
+        action="store_true",
+        help="keep the plain mean of the normalised image vectors instead of "
+        "L2-normalising it (the default table is normalised)",
+    )
+    p.add_argument(
+        "--also-npy", action="store_true", help="also write the authors' pickled-dict .npy format beside each .npz"
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
+        "with torch on this model (checked on load), else torch",
+    )
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: device's)")
     p.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
-    p.add_argument("--num-workers", type=non_negative_int, default=None,
-                   help=DECODE_WORKERS_HELP)
+    p.add_argument("--num-workers", type=non_negative_int, default=None, help=DECODE_WORKERS_HELP)
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (utils/cache.py)")
     add_common_args(p)
     return p
@@ -89,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def output_paths(args) -> list[tuple[str, Path]]:
     """``(option, path)`` of every file the run writes; names and locations checked."""
     outs = []
-    for opt, path in (("--out-image-vectors", args.out_image_vectors),
-                      ("--out-name-vectors", args.out_name_vectors)):
+    for opt, path in (("--out-image-vectors", args.out_image_vectors), ("--out-name-vectors", args.out_name_vectors)):
         if not path.lower().endswith(".npz"):
             raise PoiTableError(f"{opt} {path}: must end in .npz (the safe format)")
         outs.append((opt, Path(path)))
@@ -146,8 +165,15 @@ def group_images(rows, images: dict, csv_path: str):
         groups[r.poi_name].append(len(files))
         files.append(str(p))
     shared = [n for n, ids in ids_of.items() if len(ids) > 1]
-    log.info("%s: %d rows, %d POI names (%d shared by several poi_ids, pooled), %d images found, "
-             "%d missing", csv_path, len(rows), len(names), len(shared), len(files), missing)
+    log.info(
+        "%s: %d rows, %d POI names (%d shared by several poi_ids, pooled), %d images found, %d missing",
+        csv_path,
+        len(rows),
+        len(names),
+        len(shared),
+        len(files),
+        missing,
+    )
     return names, files, groups, missing
 
 
@@ -169,17 +195,8 @@ def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = Tr
     return out, empty
 
 
-def encode_images(rm, files, args, progress: bool):
-    from utils.cache import EmbeddingCache
-
-    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
-    try:
-        vecs, ok = rm.encode_images(files, args.batch_size, precision=args.precision,
-                                    mode=args.preprocess, num_workers=args.num_workers,
-                                    cache=cache, progress=progress, desc="POI images")
-    finally:
-        if cache is not None:
-            cache.close()
+def encode_images(rm, files, enc):
+    vecs, ok = rm.encode_images(files, enc, desc="POI images")
     return vecs.numpy(), ok.numpy().astype(bool)
 
 
@@ -203,27 +220,39 @@ def main(argv=None) -> int:
 
     rows = read_rows(args.csv)
     images = index_images(args.image_dir)
-    from models.factory import build_recall_model
-    rm = build_recall_model("align", checkpoint=args.checkpoint, bert_dir=args.bert_dir,
-                            arch=args.arch, device=resolve_device(args.device), backend=args.backend)
+    from models import build_recall_model
+
+    rm = build_recall_model(
+        "align",
+        checkpoint=args.checkpoint,
+        bert_dir=args.bert_dir,
+        arch=args.arch,
+        device=resolve_device(args.device),
+        backend=args.backend,
+    )
     names, files, groups, missing = group_images(rows, images, args.csv)
 
-    vecs, ok = encode_images(rm, files, args, progress)
+    enc = Encoding.from_args(args, progress=progress)
+    vecs, ok = encode_images(rm, files, enc)
     img_table, empty = mean_vectors(groups, vecs, ok, normalize=not args.no_normalize_mean)
     empty += [n for n in names if n not in groups]
     if empty:
-        log.warning("%d POI names have no readable image and get no image vector: %s", len(empty),
-                    ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else ""))
-    txt = rm.encode_texts(names, args.text_batch_size, precision=args.precision,
-                          progress=progress).numpy()
+        log.warning(
+            "%d POI names have no readable image and get no image vector: %s",
+            len(empty),
+            ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else ""),
+        )
+    txt = rm.encode_texts(names, enc).numpy()
     name_table = {n: txt[i] for i, n in enumerate(names)}
 
     write_tables(((img_table, args.out_image_vectors), (name_table, args.out_name_vectors)), args)
-    print(f"build_poi_tables: {len(img_table)} image vectors "
-          f"({'plain mean' if args.no_normalize_mean else 'normalised mean'}) -> {args.out_image_vectors}; "
-          f"{len(name_table)} name vectors -> {args.out_name_vectors}; "
-          f"{int((~ok).sum())} unreadable and {missing} missing images left out; "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"build_poi_tables: {len(img_table)} image vectors "
+        f"({'plain mean' if args.no_normalize_mean else 'normalised mean'}) -> {args.out_image_vectors}; "
+        f"{len(name_table)} name vectors -> {args.out_name_vectors}; "
+        f"{int((~ok).sum())} unreadable and {missing} missing images left out; "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

@@ -56,6 +56,7 @@ link-local, private or loopback address (``--allow-private-addresses`` lifts thi
 Exit status: 0 all assets present and verified, 1 some failed, 2 bad arguments,
 manifest or destination (or another run holds the destination), 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,23 @@ import sys
 from pathlib import Path
 
 from utils import cli
-from utils.assets import (DEFAULT_MANIFEST, HASHES_FILE, ROOT, AssetError, HashRecords, NetworkError,
-                          check_present, fetch_asset, load_manifest, select_assets)
-from utils.data import exclusive_lock
-from utils.download import ALLOW_OPTION, AddressPolicy, make_session, url_host
+from utils.fetch import (
+    ALLOW_OPTION,
+    DEFAULT_MANIFEST,
+    HASHES_FILE,
+    ROOT,
+    AddressPolicy,
+    AssetError,
+    HashRecords,
+    NetworkError,
+    check_present,
+    fetch_asset,
+    load_manifest,
+    make_session,
+    select_assets,
+    url_host,
+)
+from utils.io import exclusive_lock
 
 log = logging.getLogger("download_assets")
 
@@ -76,32 +90,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="download_assets.py",
         description="Download and verify the published CSVs, POI tables, weights and "
-                    "bert-base-chinese files. A rerun skips what is present and verified.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dest", default=str(ROOT),
-                   help="destination root; files land at DEST/<path of the manifest>")
-    p.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                   help="only these assets (see --list), e.g. --only train_csv")
-    p.add_argument("--with-train", action="store_true",
-                   help="also the large ranking training CSV (train_csv)")
-    p.add_argument("--with-baselines", action="store_true",
-                   help="also the Taiyi-CLIP recall baseline: its text encoder files, the authors' "
-                        "fine-tuned text weights and the OpenAI CLIP ViT-B/32 image tower")
-    p.add_argument("--mirror", default=None, metavar="BASE_URL",
-                   help="fetch every asset (bert files too) from BASE_URL/<path> instead "
-                        "of the published locations")
+        "bert-base-chinese files. A rerun skips what is present and verified.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dest", default=str(ROOT), help="destination root; files land at DEST/<path of the manifest>")
+    p.add_argument(
+        "--only", nargs="+", metavar="NAME", default=None, help="only these assets (see --list), e.g. --only train_csv"
+    )
+    p.add_argument("--with-train", action="store_true", help="also the large ranking training CSV (train_csv)")
+    p.add_argument(
+        "--with-baselines",
+        action="store_true",
+        help="also the Taiyi-CLIP recall baseline: its text encoder files, the authors' "
+        "fine-tuned text weights and the OpenAI CLIP ViT-B/32 image tower",
+    )
+    p.add_argument(
+        "--mirror",
+        default=None,
+        metavar="BASE_URL",
+        help="fetch every asset (bert files too) from BASE_URL/<path> instead of the published locations",
+    )
     p.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="asset manifest (JSON)")
     p.add_argument("--list", action="store_true", help="list the assets and their state, then exit")
     p.add_argument("--force", action="store_true", help="download again even when present")
-    p.add_argument("--verify", action="store_true",
-                   help="re-hash present files instead of trusting the recorded size+mtime")
-    p.add_argument("--retries", type=cli.non_negative_int, default=3,
-                   help="retries per request on connection errors, 429 and 5xx")
-    p.add_argument("--timeout", type=cli.finite_float, default=60.0,
-                   help="read timeout (longest silence between bytes), seconds")
-    p.add_argument(ALLOW_OPTION, action="store_true",
-                   help="allow URLs and redirects that lead to link-local, private or loopback "
-                        "addresses (refused by default, except a --mirror as named)")
+    p.add_argument(
+        "--verify", action="store_true", help="re-hash present files instead of trusting the recorded size+mtime"
+    )
+    p.add_argument(
+        "--retries", type=cli.non_negative_int, default=3, help="retries per request on connection errors, 429 and 5xx"
+    )
+    p.add_argument(
+        "--timeout", type=cli.finite_float, default=60.0, help="read timeout (longest silence between bytes), seconds"
+    )
+    p.add_argument(
+        ALLOW_OPTION,
+        action="store_true",
+        help="allow URLs and redirects that lead to link-local, private or loopback "
+        "addresses (refused by default, except a --mirror as named)",
+    )
     cli.add_common_args(p, device=False)
     return p
 
@@ -112,10 +138,11 @@ def list_assets(assets, dest: Path, records: HashRecords, mirror) -> None:
         state = "present" if file.is_file() else "missing"
         rec = records.get(a.name)
         sha = a.sha256 or (rec or {}).get("sha256")
-        flag = ("" if a.default else f" (with --with-{a.group})" if a.group
-                else " (not in the default set)")
-        print(f"{a.name:18s} {state:8s} {file}{flag}\n{'':27s}from {a.source(mirror)}\n"
-              f"{'':27s}sha256 {sha or 'unknown (recorded on first download)'}")
+        flag = "" if a.default else f" (with --with-{a.group})" if a.group else " (not in the default set)"
+        print(
+            f"{a.name:18s} {state:8s} {file}{flag}\n{'':27s}from {a.source(mirror)}\n"
+            f"{'':27s}sha256 {sha or 'unknown (recorded on first download)'}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -132,8 +159,9 @@ def read_manifest(args):
 def fetch_all(chosen, dest: Path, args) -> tuple[dict, list[str]]:
     """Fetch each asset (skipping hosts found unreachable); (counts, failure messages)."""
     records = HashRecords(dest)
-    policy = AddressPolicy(allow_private=args.allow_private_addresses,
-                           trusted_hosts=[url_host(args.mirror)] if args.mirror else ())
+    policy = AddressPolicy(
+        allow_private=args.allow_private_addresses, trusted_hosts=[url_host(args.mirror)] if args.mirror else ()
+    )
     session = make_session(retries=args.retries, backoff=0.5, pool_size=2, address_policy=policy)
     failed: list[str] = []
     unreachable: set[str] = set()
@@ -146,9 +174,17 @@ def fetch_all(chosen, dest: Path, args) -> tuple[dict, list[str]]:
                 failed.append(f"{a.name}: not tried: {host} was unreachable")
                 continue
             try:
-                out = fetch_asset(a, dest, records, session=session, mirror=args.mirror,
-                                  timeout=(10.0, args.timeout), progress=not args.no_progress,
-                                  force=args.force, rehash=args.verify)
+                out = fetch_asset(
+                    a,
+                    dest,
+                    records,
+                    session=session,
+                    mirror=args.mirror,
+                    timeout=(10.0, args.timeout),
+                    progress=not args.no_progress,
+                    force=args.force,
+                    rehash=args.verify,
+                )
             except AssetError as e:
                 msg = str(e) if str(e).startswith(a.name + ":") else f"{a.name}: {e}"
                 if isinstance(e, NetworkError):
@@ -167,17 +203,21 @@ def report_one(a, out, dest: Path) -> None:
     if out.status == "skipped":
         log.info("%s: skipped, present and verified: %s", a.name, out.path)
         return
-    note = {"manifest": "verified against the manifest",
-            "record": f"verified against {HASHES_FILE}",
-            "unknown": f"sha256 not known in advance, recorded in {dest / HASHES_FILE}"}
+    note = {
+        "manifest": "verified against the manifest",
+        "record": f"verified against {HASHES_FILE}",
+        "unknown": f"sha256 not known in advance, recorded in {dest / HASHES_FILE}",
+    }
     log.info("%s: downloaded %s (%s)", a.name, out.path, note[out.sha_origin])
     if out.sha_origin == "unknown":
         print(f"{a.name}: sha256 {out.sha256} (new; recorded in {dest / HASHES_FILE})")
 
 
 def summarize(counts: dict, failed: list[str], dest: Path) -> int:
-    print(f"assets: {counts['downloaded']} downloaded, {counts['skipped']} already present "
-          f"and verified, {len(failed)} failed (destination {dest})")
+    print(
+        f"assets: {counts['downloaded']} downloaded, {counts['skipped']} already present "
+        f"and verified, {len(failed)} failed (destination {dest})"
+    )
     if failed:
         print("failed assets:", file=sys.stderr)
         for msg in failed:

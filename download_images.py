@@ -44,7 +44,10 @@ Exit status: 0 when failures <= --max-failures, 1 otherwise, 2 for bad
 arguments, an unreadable CSV or output, or another run on the same output, 130
 when interrupted.
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError
 
 import argparse
 import concurrent.futures as cf
@@ -60,11 +63,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import cli
-from utils.data import (DataError, RankRow, count_text_rows, exclusive_lock, iter_rank_csv,
-                        iter_recall_csv, sniff_format)
-from utils.download import (ALLOW_OPTION, DEFAULT_MAX_BYTES, AddressPolicy, FetchResult,
-                            clean_stale_temps, download_one, make_session, parse_url_map,
-                            unchanged_since, url_host)
+from utils.fetch import (
+    ALLOW_OPTION,
+    DEFAULT_MAX_BYTES,
+    AddressPolicy,
+    FetchResult,
+    clean_stale_temps,
+    download_one,
+    make_session,
+    parse_url_map,
+    unchanged_since,
+    url_host,
+)
+from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
+from utils.io import count_text_rows, exclusive_lock
 
 log = logging.getLogger("download_images")
 MAX_PRINTED_FAILURES = 20
@@ -104,45 +116,87 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="download_images.py",
         description="Resumable, concurrent, verified image download for the recall CSV "
-                    "and the $record$ ranking CSVs. A rerun downloads only what is missing.",
-        epilog=EPILOG, formatter_class=_HelpFormatter)
+        "and the $record$ ranking CSVs. A rerun downloads only what is missing.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--csv", required=True, help="input CSV (recall or ranking format)")
     p.add_argument("--out", required=True, help="output directory for the images")
-    p.add_argument("--format", choices=("auto", "recall", "rank"), default="auto",
-                   help="CSV format; auto looks for '$record$' in the first line")
+    p.add_argument(
+        "--format",
+        choices=("auto", "recall", "rank"),
+        default="auto",
+        help="CSV format; auto looks for '$record$' in the first line",
+    )
     p.add_argument("--workers", type=cli.positive_int, default=16, help="concurrent downloads")
     p.add_argument("--timeout-connect", type=cli.finite_float, default=10.0, help="connect timeout, seconds")
-    p.add_argument("--timeout-read", type=cli.finite_float, default=30.0,
-                   help="read timeout (longest silence between bytes), seconds")
-    p.add_argument("--retries", type=cli.non_negative_int, default=4,
-                   help="retries per URL on connection errors, timeouts, 429 and 5xx")
-    p.add_argument("--backoff", type=cli.finite_float, default=0.5,
-                   help="backoff factor: waits grow as BACKOFF*2^n seconds plus jitter")
-    p.add_argument("--max-bytes", type=cli.positive_int, default=DEFAULT_MAX_BYTES,
-                   help="size cap of one image in bytes")
-    p.add_argument("--max-failures", type=cli.count_or_percent, default="0",
-                   help="exit with status 1 when more images than this fail: N, or P%% of the "
-                        "images of this run (default 0)")
-    p.add_argument("--limit", type=cli.positive_int, default=None,
-                   help="only the first N CSV rows (after --shard)")
-    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                   help="only rows whose line number L satisfies (L-1) %% N == I (I from 0)")
-    p.add_argument("--url-prefix-map", action="append", default=[], metavar="OLD=NEW",
-                   help="rewrite URLs starting with OLD to start with NEW (repeatable; "
-                        "first match wins)")
-    p.add_argument("--max-side", type=cli.positive_int, default=None,
-                   help="downscale images whose longer side exceeds N on save "
-                        "(off by default: evaluation needs the original bytes)")
-    p.add_argument("--manifest", default=None,
-                   help="manifest path (default OUT/manifest.jsonl, or "
-                        "OUT/manifest.shard-I-of-N.jsonl with --shard)")
-    p.add_argument("--trust-manifest", action="store_true",
-                   help="keep files whose size and mtime match their record in the previous "
-                        "manifest without decoding and hashing them again (fast reruns)")
-    p.add_argument(ALLOW_OPTION, action="store_true",
-                   help="allow URLs and redirects that lead to link-local, private or loopback "
-                        "addresses (by default only URLs naming such an address literally, and "
-                        "--url-prefix-map targets, may)")
+    p.add_argument(
+        "--timeout-read",
+        type=cli.finite_float,
+        default=30.0,
+        help="read timeout (longest silence between bytes), seconds",
+    )
+    p.add_argument(
+        "--retries",
+        type=cli.non_negative_int,
+        default=4,
+        help="retries per URL on connection errors, timeouts, 429 and 5xx",
+    )
+    p.add_argument(
+        "--backoff",
+        type=cli.finite_float,
+        default=0.5,
+        help="backoff factor: waits grow as BACKOFF*2^n seconds plus jitter",
+    )
+    p.add_argument(
+        "--max-bytes", type=cli.positive_int, default=DEFAULT_MAX_BYTES, help="size cap of one image in bytes"
+    )
+    p.add_argument(
+        "--max-failures",
+        type=cli.count_or_percent,
+        default="0",
+        help="exit with status 1 when more images than this fail: N, or P%% of the images of this run (default 0)",
+    )
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N CSV rows (after --shard)")
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="only rows whose line number L satisfies (L-1) %% N == I (I from 0)",
+    )
+    p.add_argument(
+        "--url-prefix-map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rewrite URLs starting with OLD to start with NEW (repeatable; first match wins)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=cli.positive_int,
+        default=None,
+        help="downscale images whose longer side exceeds N on save "
+        "(off by default: evaluation needs the original bytes)",
+    )
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="manifest path (default OUT/manifest.jsonl, or OUT/manifest.shard-I-of-N.jsonl with --shard)",
+    )
+    p.add_argument(
+        "--trust-manifest",
+        action="store_true",
+        help="keep files whose size and mtime match their record in the previous "
+        "manifest without decoding and hashing them again (fast reruns)",
+    )
+    p.add_argument(
+        ALLOW_OPTION,
+        action="store_true",
+        help="allow URLs and redirects that lead to link-local, private or loopback "
+        "addresses (by default only URLs naming such an address literally, and "
+        "--url-prefix-map targets, may)",
+    )
     cli.add_common_args(p, device=False)
     return p
 
@@ -255,8 +309,10 @@ def record(result: FetchResult, line: int) -> dict:
 def format_summary(status: Counter, errors: Counter, elapsed: float, manifest: Path) -> str:
     done = sum(status.values())
     rate = done / elapsed if elapsed > 0 else 0.0
-    lines = [f"{done} images/rows in {elapsed:.1f} s ({rate:.1f}/s): "
-             + ", ".join(f"{k} {status.get(k, 0)}" for k in ("ok", "skipped", "failed"))]
+    lines = [
+        f"{done} images/rows in {elapsed:.1f} s ({rate:.1f}/s): "
+        + ", ".join(f"{k} {status.get(k, 0)}" for k in ("ok", "skipped", "failed"))
+    ]
     if errors:
         lines.append("failures by error: " + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
     lines.append(f"manifest: {manifest}")
@@ -269,6 +325,7 @@ def format_summary(status: Counter, errors: Counter, elapsed: float, manifest: P
 @dataclass
 class Plan:
     """What a run reads and writes, all checked before the first request."""
+
     csv: str
     fmt: str
     rows: int
@@ -293,8 +350,7 @@ def check_paths(args) -> Plan:
     cli.output_file(manifest, "--manifest")
     prev = Path(str(manifest) + ".prev")
     if prev.is_dir():
-        raise cli.UserError(f"--manifest {manifest}: {prev} (where the previous manifest is kept) "
-                            f"is a directory")
+        raise cli.UserError(f"--manifest {manifest}: {prev} (where the previous manifest is kept) is a directory")
     log_file = cli.output_file(out / f"download_images{suffix}.log", "log file")
     rows = count_text_rows(csv_path)  # reads the whole CSV: after the cheap checks
     fmt = sniff_format(csv_path) if args.format == "auto" else args.format
@@ -305,8 +361,16 @@ def download_all(args, plan: Plan) -> int:
     """Download every image of the CSV into ``plan.out``; the exit status."""
     handler = open_log_file(plan.log_file)
     try:
-        log.info("start: csv=%s format=%s out=%s workers=%d shard=%s limit=%s max_side=%s",
-                 plan.csv, plan.fmt, plan.out, args.workers, args.shard, args.limit, args.max_side)
+        log.info(
+            "start: csv=%s format=%s out=%s workers=%d shard=%s limit=%s max_side=%s",
+            plan.csv,
+            plan.fmt,
+            plan.out,
+            args.workers,
+            args.shard,
+            args.limit,
+            args.max_side,
+        )
         removed = clean_stale_temps(plan.out)
         if removed:
             log.info("removed %d stale temporary files", removed)
@@ -320,9 +384,12 @@ def download_all(args, plan: Plan) -> int:
         allowed = cli.allowed_count(args.max_failures, total)
         if failed > allowed:
             eq = f" (= {allowed})" if args.max_failures.endswith("%") else ""
-            print(f"{failed} of {total} images could not be downloaded, more than --max-failures "
-                  f"{args.max_failures}{eq}; see {plan.manifest}. Rerun to retry them, or raise "
-                  f"--max-failures.", file=sys.stderr)
+            print(
+                f"{failed} of {total} images could not be downloaded, more than --max-failures "
+                f"{args.max_failures}{eq}; see {plan.manifest}. Rerun to retry them, or raise "
+                f"--max-failures.",
+                file=sys.stderr,
+            )
             rc = 1
         log.info("exit status %d", rc)
         return rc
@@ -337,10 +404,10 @@ def download_all(args, plan: Plan) -> int:
 def _run_pool(args, plan: Plan) -> tuple[Counter, Counter, float]:
     """The download loop: a bounded window of futures over the CSV rows, each result
     written to the manifest as it arrives. (status counts, error kinds, seconds)."""
-    policy = AddressPolicy(allow_private=args.allow_private_addresses,
-                           trusted_hosts=[url_host(new) for _, new in plan.url_map])
-    session = make_session(retries=args.retries, backoff=args.backoff, pool_size=args.workers,
-                           address_policy=policy)
+    policy = AddressPolicy(
+        allow_private=args.allow_private_addresses, trusted_hosts=[url_host(new) for _, new in plan.url_map]
+    )
+    session = make_session(retries=args.retries, backoff=args.backoff, pool_size=args.workers, address_policy=policy)
     timeout = (args.timeout_connect, args.timeout_read)
     out, csv_path = plan.out, plan.csv
     previous = read_previous(plan.manifest) if args.trust_manifest else {}
@@ -351,21 +418,38 @@ def _run_pool(args, plan: Plan) -> tuple[Counter, Counter, float]:
             if kept is not None:
                 return kept
         try:
-            return download_one(session, urls, out, key, max_bytes=args.max_bytes,
-                                timeout=timeout, max_side=args.max_side, url_map=plan.url_map,
-                                backoff=args.backoff)
+            return download_one(
+                session,
+                urls,
+                out,
+                key,
+                max_bytes=args.max_bytes,
+                timeout=timeout,
+                max_side=args.max_side,
+                url_map=plan.url_map,
+                backoff=args.backoff,
+            )
         except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
             log.exception("unexpected error for %s", key)
-            return FetchResult(key=key, status="failed", url=urls[0] if urls else None,
-                               error=f"internal error: {type(e).__name__}: {e}",
-                               error_kind="internal")
+            return FetchResult(
+                key=key,
+                status="failed",
+                url=urls[0] if urls else None,
+                error=f"internal error: {type(e).__name__}: {e}",
+                error_kind="internal",
+            )
 
     status: Counter = Counter()
     errors: Counter = Counter()
     printed = 0
     manifest = Manifest(plan.manifest)
-    bar = tqdm(total=estimate_total(csv_path, plan.fmt, args.shard, args.limit, rows=plan.rows),
-               unit="img", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
+    bar = tqdm(
+        total=estimate_total(csv_path, plan.fmt, args.shard, args.limit, rows=plan.rows),
+        unit="img",
+        dynamic_ncols=True,
+        disable=args.no_progress,
+        smoothing=0.1,
+    )
 
     def report(rec: dict) -> None:
         nonlocal printed
@@ -383,15 +467,24 @@ def _run_pool(args, plan: Plan) -> tuple[Counter, Counter, float]:
         bar.update(1)
 
     start = time.monotonic()
-    window = args.workers * 4          # futures in flight: memory stays flat at any CSV size
+    window = args.workers * 4  # futures in flight: memory stays flat at any CSV size
     pending: dict = {}
     pool = cf.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="dl")
     finished = False
     try:
         for kind, line, payload in select(iter_items(csv_path, plan.fmt), args.shard, args.limit):
             if kind == "bad":
-                report({"key": None, "line": line, "status": "failed", "url": None,
-                        "http": None, "error": payload, "error_kind": "bad_row"})
+                report(
+                    {
+                        "key": None,
+                        "line": line,
+                        "status": "failed",
+                        "url": None,
+                        "http": None,
+                        "error": payload,
+                        "error_kind": "bad_row",
+                    }
+                )
                 continue
             for key, urls in payload:
                 while len(pending) >= window:

@@ -18,7 +18,10 @@ arrays), for tools that need it. Every value must be numeric, finite and of one 
 
 Exit status: 0 on success, 2 for a file that cannot be read or written, 130 on Ctrl-C.
 """
+
 from __future__ import annotations
+
+from utils.cli import add_common_args, entry_point, input_file, output_file, setup_logging
 
 import argparse
 import logging
@@ -26,25 +29,38 @@ import sys
 
 import numpy as np
 
-from utils.cli import add_common_args, entry_point, input_file, output_file, setup_logging
-from utils.poi import (KINDS, SAFE_SUFFIX, PoiTableError, guess_kind, load_poi_table,
-                       save_pickled_table, save_safe_table, table_matrix)
+from utils.formats import (
+    KINDS,
+    SAFE_SUFFIX,
+    PoiTableError,
+    guess_kind,
+    load_poi_table,
+    save_pickled_table,
+    save_safe_table,
+    table_matrix,
+)
 
 log = logging.getLogger("poi_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="poi_tables.py",
-                                description="Inspect POI tables and convert the published pickled "
-                                            ".npy dicts into a safe .npz format.")
+    p = argparse.ArgumentParser(
+        prog="poi_tables.py",
+        description="Inspect POI tables and convert the published pickled .npy dicts into a safe .npz format.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="IN (.npy pickled dict or .npz) -> OUT (.npz safe, or .npy)")
     c.add_argument("input")
     c.add_argument("output")
-    c.add_argument("--kind", choices=KINDS, default=None,
-                   help="table kind stored in the .npz (default: pic_num for 3 values a row, else vectors)")
-    c.add_argument("--trust-pickle", action="store_true",
-                   help="read IN with np.load(allow_pickle=True): code in it would run")
+    c.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=None,
+        help="table kind stored in the .npz (default: pic_num for 3 values a row, else vectors)",
+    )
+    c.add_argument(
+        "--trust-pickle", action="store_true", help="read IN with np.load(allow_pickle=True): code in it would run"
+    )
     add_common_args(c, device=False)
     i = sub.add_parser("info", help="number of POIs, value shape and dtype, a few names, vector norms")
     i.add_argument("file")
@@ -58,21 +74,17 @@ def describe(table: dict, path: str, show: int = 5) -> str:
     names, values = table_matrix(table, path)
     lines = [f"{path}: {len(names)} POIs"]
     if names:
-        lines.append(f"  values: {values.shape[1]} per POI, dtype {values.dtype}, "
-                     f"kind {guess_kind(values)}")
+        lines.append(f"  values: {values.shape[1]} per POI, dtype {values.dtype}, kind {guess_kind(values)}")
         if guess_kind(values) == "vectors":
             norms = np.linalg.norm(values.astype(np.float64), axis=1)
-            lines.append(f"  L2 norms: min {norms.min():.4f}, mean {norms.mean():.4f}, "
-                         f"max {norms.max():.4f}")
+            lines.append(f"  L2 norms: min {norms.min():.4f}, mean {norms.mean():.4f}, max {norms.max():.4f}")
         else:
             w = values[:, 0] + 5.0 * values[:, 1] + 3.0 * values[:, 2]
-            lines.append(f"  weight n0 + 5*n1 + 3*n2: min {w.min():g}, median {np.median(w):g}, "
-                         f"max {w.max():g}")
+            lines.append(f"  weight n0 + 5*n1 + 3*n2: min {w.min():g}, median {np.median(w):g}, max {w.max():g}")
         spaced = sum(n != n.strip() for n in names)
         lines.append(f"  names with leading/trailing spaces: {spaced}")
         for n, v in list(zip(names, values))[:show]:
-            lines.append(f"  {n!r}: {np.array2string(v[:6], precision=4)}"
-                         + (" ..." if v.size > 6 else ""))
+            lines.append(f"  {n!r}: {np.array2string(v[:6], precision=4)}" + (" ..." if v.size > 6 else ""))
     return "\n".join(lines)
 
 

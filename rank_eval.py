@@ -40,7 +40,24 @@ The pipeline (``main``), SPEC section 5:
 
 Exit status: 0 on success, 2 for bad arguments or unusable input files, 130 on Ctrl-C.
 """
+
 from __future__ import annotations
+
+from utils.cli import (
+    DECODE_WORKERS_HELP,
+    DataError,
+    add_common_args,
+    check_finite,
+    entry_point,
+    input_dir,
+    input_file,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    resolve_device,
+    setup_logging,
+)
 
 import argparse
 import csv
@@ -51,84 +68,118 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, input_dir, input_file,
-                       non_negative_int, output_dir, output_file, positive_int, resolve_device,
-                       setup_logging)
-from utils.data import (DataError, RankRow, atomic_write, check_finite, index_images,
-                        iter_rank_csv, write_json)
+from utils.args import Encoding
+from utils.formats import RankRow, index_images, iter_rank_csv
+from utils.io import atomic_write, write_json
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from utils.poi import ItemInputs
+    from utils.formats import ItemInputs
 
 log = logging.getLogger("rank_eval")
 OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")
-PAIR_CHUNK = 8192   # pairs whose head inputs are stacked at once (bounds memory)
+PAIR_CHUNK = 8192  # pairs whose head inputs are stacked at once (bounds memory)
 
 
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
-    from utils.embed import PRECISIONS
-    from utils.images import PREPROCESS_MODES
-    from utils.onnx_backend import BACKENDS
+    from models import BACKENDS, PRECISIONS
+    from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED
+    from utils.formats import PREPROCESS_MODES
 
     p = argparse.ArgumentParser(
         prog="rank_eval.py",
         description="Pairwise evaluation of the siamese CTR ranker on a $record$ ranking CSV "
-                    "(SPEC section 5; the paper's 0.652 is the pairwise accuracy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(SPEC section 5; the paper's 0.652 is the pairwise accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("inputs")
     g.add_argument("--csv", required=True, help="ranking CSV ($record$ format, e.g. the val set)")
-    g.add_argument("--image-dir", required=True,
-                   help="directory with <item_id>_a.<ext> and <item_id>_b.<ext> (download_images.py)")
-    g.add_argument("--checkpoint", required=True,
-                   help="ranker checkpoint (bare state dict holding its recall model under align_model.)")
+    g.add_argument(
+        "--image-dir", required=True, help="directory with <item_id>_a.<ext> and <item_id>_b.<ext> (download_images.py)"
+    )
+    g.add_argument(
+        "--checkpoint",
+        required=True,
+        help="ranker checkpoint (bare state dict holding its recall model under align_model.)",
+    )
     g.add_argument("--bert-dir", required=True, help="directory with bert-base-chinese config.json and vocab.txt")
-    g.add_argument("--poi-pic-num", required=True,
-                   help="pic-num table (name -> [n0, n1, n2]): published .npy or safe .npz")
-    g.add_argument("--poi-image-vectors", required=True,
-                   help="POI mean image vector table: published .npy or safe .npz")
-    g.add_argument("--poi-name-vectors", required=True,
-                   help="POI name vector table: published .npy or safe .npz")
-    g.add_argument("--align-checkpoint", default=None,
-                   help="recall checkpoint that replaces the ranker's own copy of the recall model")
-    g.add_argument("--arch", default=None,
-                   help="architecture JSON for a small variant (default: the checkpoint's sidecar, "
-                        "else the released architecture)")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="load .npy tables with np.load(allow_pickle=True); code in them would run. "
-                        "Without it a restricted unpickler that refuses code is used")
+    g.add_argument(
+        "--poi-pic-num", required=True, help="pic-num table (name -> [n0, n1, n2]): published .npy or safe .npz"
+    )
+    g.add_argument(
+        "--poi-image-vectors", required=True, help="POI mean image vector table: published .npy or safe .npz"
+    )
+    g.add_argument("--poi-name-vectors", required=True, help="POI name vector table: published .npy or safe .npz")
+    g.add_argument(
+        "--align-checkpoint",
+        default=None,
+        help="recall checkpoint that replaces the ranker's own copy of the recall model",
+    )
+    g.add_argument(
+        "--arch",
+        default=None,
+        help="architecture JSON for a small variant (default: the checkpoint's sidecar, "
+        "else the released architecture)",
+    )
+    g.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load .npy tables with np.load(allow_pickle=True); code in them would run. "
+        "Without it a restricted unpickler that refuses code is used",
+    )
     o = p.add_argument_group("outputs")
     o.add_argument("--output", default=None, help="per-pair CSV: item_id,label,s_a,s_b,prediction")
     o.add_argument("--metrics", default=None, help="JSON file of the figures and counts")
     r = p.add_argument_group("running")
-    r.add_argument("--skip-missing", action="store_true",
-                   help="leave out pairs with a missing or unreadable image instead of scoring "
-                        "that image as the all-zero image (the authors' behaviour)")
-    r.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
-                        "with torch on this model (checked on load), else torch")
-    r.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
-                   help="image preprocessing; 'reference' reproduces the published numbers")
-    r.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="recall-model precision for the image and text vectors (fp32 reproduces)")
-    r.add_argument("--cache-dir", default=None,
-                   help="embedding cache directory (utils/cache.py): a rerun encodes only new images")
-    r.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)")
+    r.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out pairs with a missing or unreadable image instead of scoring "
+        "that image as the all-zero image (the authors' behaviour)",
+    )
+    r.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine: auto = ONNX Runtime on a CPU when installed and it agrees "
+        "with torch on this model (checked on load), else torch",
+    )
+    r.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="reference",
+        help="image preprocessing; 'reference' reproduces the published numbers",
+    )
+    r.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="recall-model precision for the image and text vectors (fp32 reproduces)",
+    )
+    r.add_argument(
+        "--cache-dir", default=None, help="embedding cache directory (utils/cache.py): a rerun encodes only new images"
+    )
+    r.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)",
+    )
     r.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
-    r.add_argument("--head-batch-size", type=positive_int, default=1024,
-                   help="rows per ranker-head batch")
-    r.add_argument("--num-workers", type=non_negative_int, default=None,
-                   help=DECODE_WORKERS_HELP)
+    r.add_argument("--head-batch-size", type=positive_int, default=1024, help="rows per ranker-head batch")
+    r.add_argument("--num-workers", type=non_negative_int, default=None, help=DECODE_WORKERS_HELP)
     r.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
-    r.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_DRAWS, metavar="N",
-                   help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC "
-                        "(0: none)")
+    r.add_argument(
+        "--bootstrap",
+        type=non_negative_int,
+        default=DEFAULT_DRAWS,
+        metavar="N",
+        help="bootstrap draws over pairs for the 95%% intervals of accuracy and AUC (0: none)",
+    )
     r.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
     add_common_args(r)
     return p
@@ -183,8 +234,14 @@ def read_pairs(path: str, limit: int | None = None) -> tuple[list[RankRow], dict
         if first is not None:
             dupes += 1
             same = first[1:] == (row.ctr_a, row.ctr_b, row.title, row.poi_names)
-            log.warning("%s:%d: item_id %s repeats line %d%s; counted once (the first)", path,
-                        row.line, row.item_id, first[0], "" if same else " with other values")
+            log.warning(
+                "%s:%d: item_id %s repeats line %d%s; counted once (the first)",
+                path,
+                row.line,
+                row.item_id,
+                first[0],
+                "" if same else " with other values",
+            )
             continue
         seen[row.item_id] = (row.line, row.ctr_a, row.ctr_b, row.title, row.poi_names)
         rows.append(row)
@@ -202,27 +259,32 @@ def read_pairs(path: str, limit: int | None = None) -> tuple[list[RankRow], dict
 
 def load_tables(args):
     """The three POI tables, read and checked (before the model: a bad table fails fast)."""
-    from utils.poi import load_poi_tables
+    from utils.formats import load_poi_tables
 
-    return load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
-                           dim=None, trust_pickle=args.trust_pickle)
+    return load_poi_tables(
+        args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors, dim=None, trust_pickle=args.trust_pickle
+    )
 
 
 def build_model(args, device, tables):
     """``(ranker, rm, tables)``: the ranker, the RecallModel around its recall copy, and
     the POI tables checked against its embedding size."""
-    from models.factory import build_ranker
+    from models import build_ranker
 
-    ranker, rm = build_ranker(args.checkpoint, args.bert_dir, arch=args.arch,
-                              align_checkpoint=args.align_checkpoint, device=device,
-                              backend=args.backend)
+    ranker, rm = build_ranker(
+        args.checkpoint,
+        args.bert_dir,
+        arch=args.arch,
+        align_checkpoint=args.align_checkpoint,
+        device=device,
+        backend=args.backend,
+    )
     log.info("ranker %s on %s", args.checkpoint, device)
     return ranker, rm, tables.with_dim(rm.embed_dim)
 
 
 def make_pairs(rows: list[RankRow], images: dict, tables) -> list[Pair]:
-    return [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b))
-            for r in rows]
+    return [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b)) for r in rows]
 
 
 def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], list[str], list[str]]:
@@ -242,11 +304,18 @@ def start_decoding(args, rows: list[RankRow], images: dict, device):
     decide what is decoded once the model's identity is known)."""
     if args.cache_dir:
         return None
-    from utils.embed import prefetch_images
+    from models import prefetch_images
 
     files, _, stand_in = image_files(rows, images, args.image_dir)
-    return prefetch_images(files + stand_in, args.batch_size, device, args.preprocess,
-                           args.num_workers, backend=args.backend, precision=args.precision)
+    return prefetch_images(
+        files + stand_in,
+        args.batch_size,
+        device,
+        args.preprocess,
+        args.num_workers,
+        backend=args.backend,
+        precision=args.precision,
+    )
 
 
 def encode_pair_images(rm, pairs: list[Pair], args, progress=True, prefetch=None):
@@ -255,29 +324,27 @@ def encode_pair_images(rm, pairs: list[Pair], args, progress=True, prefetch=None
     per-pair usability, and counts. A missing file is encoded as what ``encode_images``
     gives any file it cannot read (the zero image); one such file stands for all."""
     import torch
-    from utils.cache import EmbeddingCache
 
-    files, missing, stand_in = image_files([pr.row for pr in pairs],
-                                           {k: p for pr in pairs for k, p in ((pr.row.key_a, pr.path_a),
-                                                                              (pr.row.key_b, pr.path_b))},
-                                           args.image_dir)
+    files, missing, stand_in = image_files(
+        [pr.row for pr in pairs],
+        {k: p for pr in pairs for k, p in ((pr.row.key_a, pr.path_a), (pr.row.key_b, pr.path_b))},
+        args.image_dir,
+    )
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         log.warning("%d images not found in the image directory: %s", len(missing), shown)
     t0 = time.perf_counter()
-    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
-    try:
-        vecs, ok = rm.encode_images(files + stand_in, args.batch_size, precision=args.precision,
-                                    mode=args.preprocess, num_workers=args.num_workers,
-                                    cache=cache, progress=progress, desc="pair images",
-                                    prefetch=prefetch)
-    finally:
-        if cache is not None:
-            cache.close()
+    vecs, ok = rm.encode_images(
+        files + stand_in, Encoding.from_args(args, progress=progress), desc="pair images", prefetch=prefetch
+    )
     ok = ok.tolist()
-    log.info("encoded %d image files in %.1f s (%d unreadable) on %s", len(files),
-             time.perf_counter() - t0, len(files) - sum(ok[:len(files)]),
-             rm.image_backend(args.precision))
+    log.info(
+        "encoded %d image files in %.1f s (%d unreadable) on %s",
+        len(files),
+        time.perf_counter() - t0,
+        len(files) - sum(ok[: len(files)]),
+        rm.image_backend(args.precision),
+    )
     row_of = {f: i for i, f in enumerate(files)}
     missing_row = len(files)
 
@@ -288,9 +355,12 @@ def encode_pair_images(rm, pairs: list[Pair], args, progress=True, prefetch=None
     ib = torch.tensor([index(pr.path_b) for pr in pairs], dtype=torch.long)
     usable = [p is not None and ok[row_of[str(p)]] for pr in pairs for p in (pr.path_a, pr.path_b)]
     pair_ok = [usable[2 * i] and usable[2 * i + 1] for i in range(len(pairs))]
-    counts = {"images_missing": len(missing), "images_unreadable": len(files) - sum(ok[:len(files)]),
-              "pairs_with_missing_image": len(pairs) - sum(pair_ok),
-              "distinct_image_files": len(files)}
+    counts = {
+        "images_missing": len(missing),
+        "images_unreadable": len(files) - sum(ok[: len(files)]),
+        "pairs_with_missing_image": len(pairs) - sum(pair_ok),
+        "distinct_image_files": len(files),
+    }
     return vecs[ia], vecs[ib], pair_ok, counts
 
 
@@ -301,8 +371,11 @@ def drop_missing(pairs, vec_a, vec_b, pair_ok, skip: bool):
     if not bad:
         return pairs, vec_a, vec_b, 0
     if not skip:
-        log.warning("%d pairs have a missing or unreadable image, scored as the all-zero image "
-                    "(the authors' behaviour; --skip-missing leaves them out)", bad)
+        log.warning(
+            "%d pairs have a missing or unreadable image, scored as the all-zero image "
+            "(the authors' behaviour; --skip-missing leaves them out)",
+            bad,
+        )
         return pairs, vec_a, vec_b, 0
     keep = [i for i, good in enumerate(pair_ok) if good]
     log.warning("--skip-missing: left out %d pairs with a missing or unreadable image", bad)
@@ -315,7 +388,7 @@ def encode_pair_texts(rm, pairs: list[Pair], args, progress=True):
 
     texts = sorted({pr.inputs.pois_text for pr in pairs})
     t0 = time.perf_counter()
-    tv = rm.encode_texts(texts, args.text_batch_size, precision=args.precision, progress=progress)
+    tv = rm.encode_texts(texts, Encoding.from_args(args, progress=progress))
     log.info("encoded %d distinct pois_feature texts in %.1f s", len(texts), time.perf_counter() - t0)
     row_of = {t: i for i, t in enumerate(texts)}
     idx = torch.tensor([row_of[pr.inputs.pois_text] for pr in pairs], dtype=torch.long)
@@ -327,35 +400,49 @@ def score_pairs(ranker, pairs: list[Pair], vec_a, vec_b, feats, batch_size: int,
     pair's item inputs (``SiameseRanker.score_many``)."""
     import numpy as np
     import torch
-    from utils.poi import stack_inputs
+
+    from utils.formats import stack_inputs
 
     s_a, s_b = np.zeros(len(pairs)), np.zeros(len(pairs))
     for a in range(0, len(pairs), PAIR_CHUNK):
         chunk = slice(a, a + PAIR_CHUNK)
-        pimg, ptxt, plen = (torch.from_numpy(x) for x in
-                            stack_inputs([pr.inputs for pr in pairs[chunk]], dim))
+        pimg, ptxt, plen = (torch.from_numpy(x) for x in stack_inputs([pr.inputs for pr in pairs[chunk]], dim))
         n = len(plen)
-        both = ranker.score_many(torch.cat([vec_a[chunk], vec_b[chunk]]), feats[chunk].repeat(2, 1),
-                                 pimg.repeat(2, 1, 1), ptxt.repeat(2, 1, 1), plen.repeat(2),
-                                 batch_size=batch_size).double().numpy()
-        s_a[a:a + n], s_b[a:a + n] = both[:n], both[n:]
+        both = (
+            ranker.score_many(
+                torch.cat([vec_a[chunk], vec_b[chunk]]),
+                feats[chunk].repeat(2, 1),
+                pimg.repeat(2, 1, 1),
+                ptxt.repeat(2, 1, 1),
+                plen.repeat(2),
+                batch_size=batch_size,
+            )
+            .double()
+            .numpy()
+        )
+        s_a[a : a + n], s_b[a : a + n] = both[:n], both[n:]
     return s_a, s_b
 
 
 def summarise(pairs: list[Pair], s_a, s_b, counts: dict, draws: int, seed: int) -> Result:
-    from utils.metrics import pairwise_metrics
+    from utils.evaluation import pairwise_metrics
 
     res = Result(pairs, s_a, s_b, pairwise_metrics([pr.row.label for pr in pairs], s_a, s_b), counts)
     unknown = sorted({n for pr in pairs for n in pr.inputs.unknown})
-    counts.update({
-        "pairs_scored": len(pairs),
-        "pairs_without_pois": sum(pr.inputs.poi_len == 0 for pr in pairs),
-        "pairs_with_unknown_poi": sum(bool(pr.inputs.unknown) for pr in pairs),
-        "distinct_unknown_pois": len(unknown),
-    })
+    counts.update(
+        {
+            "pairs_scored": len(pairs),
+            "pairs_without_pois": sum(pr.inputs.poi_len == 0 for pr in pairs),
+            "pairs_with_unknown_poi": sum(bool(pr.inputs.unknown) for pr in pairs),
+            "distinct_unknown_pois": len(unknown),
+        }
+    )
     if unknown:
-        log.info("%d distinct POI names of the sequences are missing from a vector table "
-                 "(zero vectors), e.g. %s", len(unknown), ", ".join(repr(n) for n in unknown[:5]))
+        log.info(
+            "%d distinct POI names of the sequences are missing from a vector table (zero vectors), e.g. %s",
+            len(unknown),
+            ", ".join(repr(n) for n in unknown[:5]),
+        )
     add_intervals(res, draws, seed)
     return res
 
@@ -363,7 +450,8 @@ def summarise(pairs: list[Pair], s_a, s_b, counts: dict, draws: int, seed: int) 
 def add_intervals(res: Result, draws: int, seed: int) -> None:
     """``accuracy_ci`` / ``auc_ci`` (percentile bootstrap over pairs) into ``res.metrics``."""
     import numpy as np
-    from utils.bootstrap import LEVEL, auc_interval, mean_interval
+
+    from utils.evaluation import LEVEL, auc_interval, mean_interval
 
     m = res.metrics
     m["accuracy_ci"] = m["auc_ci"] = None
@@ -379,28 +467,30 @@ def add_intervals(res: Result, draws: int, seed: int) -> None:
 
 
 def format_summary(res: Result, csv_path: str) -> str:
-    from utils.bootstrap import fmt_interval
+    from utils.evaluation import fmt_interval
 
     m, c = res.metrics, res.counts
 
     def f(v, ci=None):
         return "n/a" if v is None else f"{v:.4f}" + (f" {fmt_interval(ci)}" if ci else "")
 
-    left_out = [f"{c[k]} {what}" for k, what in (("bad_rows", "bad rows"),
-                                                   ("duplicate_rows", "repeated item_ids"))
-                if c.get(k)]
+    left_out = [
+        f"{c[k]} {what}" for k, what in (("bad_rows", "bad rows"), ("duplicate_rows", "repeated item_ids")) if c.get(k)
+    ]
     lines = [
         f"rank_eval: {csv_path}",
-        f"  pairwise accuracy (s_a > s_b vs label; published 0.652): "
-        f"{f(m['accuracy'], m.get('accuracy_ci'))}",
+        f"  pairwise accuracy (s_a > s_b vs label; published 0.652): {f(m['accuracy'], m.get('accuracy_ci'))}",
         f"  ROC-AUC of sigmoid(s_a - s_b):                           {f(m['auc'], m.get('auc_ci'))}",
         f"  log loss of sigmoid(s_a - s_b):                          {f(m['log_loss'])}",
         f"  constant-guess baseline:                                 {f(m['baseline'])}",
         f"  pairs scored: {c['pairs_scored']} of {c['pairs_in_csv']} in the CSV"
         + (f" ({', '.join(left_out)} left out)" if left_out else ""),
         f"  pairs with a missing or unreadable image: {c['pairs_with_missing_image']}"
-        + (f" (left out: {c['pairs_skipped']})" if c["pairs_skipped"] else
-           (" (scored with the zero image)" if c["pairs_with_missing_image"] else "")),
+        + (
+            f" (left out: {c['pairs_skipped']})"
+            if c["pairs_skipped"]
+            else (" (scored with the zero image)" if c["pairs_with_missing_image"] else "")
+        ),
         f"  images missing: {c['images_missing']}, unreadable: {c['images_unreadable']}",
         f"  pairs without POIs: {c['pairs_without_pois']}; with a POI missing from a vector "
         f"table: {c['pairs_with_unknown_poi']}; score ties: {m['ties']}",
@@ -455,10 +545,19 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     print(format_summary(res, args.csv))
     print(f"  time: {elapsed:.1f} s ({res.counts['pairs_scored'] / max(elapsed, 1e-9):.2f} pairs/s)")
-    write_outputs(args, res, {
-        "seconds": round(elapsed, 3), "csv": args.csv, "checkpoint": args.checkpoint,
-        "align_checkpoint": args.align_checkpoint, "preprocess": args.preprocess,
-        "skip_missing": args.skip_missing, "image_backend": rm.image_backend(args.precision)})
+    write_outputs(
+        args,
+        res,
+        {
+            "seconds": round(elapsed, 3),
+            "csv": args.csv,
+            "checkpoint": args.checkpoint,
+            "align_checkpoint": args.align_checkpoint,
+            "preprocess": args.preprocess,
+            "skip_missing": args.skip_missing,
+            "image_backend": rm.image_backend(args.precision),
+        },
+    )
     return 0
 
 

@@ -50,13 +50,28 @@ locked for the run; temporary files of a killed save are removed when a run star
 NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C: one line, exit 130;
 the last saved state resumes with --resume.
 """
+
 from __future__ import annotations
+
+from utils.cli import (
+    DataError,
+    add_common_args,
+    check_finite,
+    entry_point,
+    finite_float,
+    input_dir,
+    input_file,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_int,
+)
 
 import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,32 +80,77 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from models.align import AlignArch, AlignModel, load_tokenizer
-from models.checkpoint import (load_align_model, load_ranker, read_checkpoint,
-                               save_ranker_checkpoint)
-from models.factory import RecallModel, wrap_align
-from models.ranker import SiameseRanker
-from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
-                       non_negative_int, output_dir, positive_int)
-from utils.data import DataError, RankRow, check_finite, index_images, iter_rank_csv
+from models import (
+    BACKENDS,
+    AlignArch,
+    AlignModel,
+    RecallModel,
+    SiameseRanker,
+    load_align_model,
+    load_ranker,
+    load_tokenizer,
+    read_checkpoint,
+    save_ranker_checkpoint,
+    wrap_align,
+)
+from utils.args import Encoding
+from utils.evaluation import pairwise_metrics
+from utils.formats import (
+    PREPROCESS_MODES,
+    PoiTables,
+    RankRow,
+    index_images,
+    iter_rank_csv,
+    load_image,
+    load_poi_tables,
+    pois_text,
+)
 from utils.hashing import model_hash
-from utils.images import PREPROCESS_MODES, load_image
-from utils.metrics import pairwise_metrics
-from utils.onnx_backend import BACKENDS
-from utils.poi import PoiTables, load_poi_tables, pois_text
-from utils.train import (ResumableSampler, all_mean, amp_autocast, augment_pil, barrier,
-                         build_optimizer, build_scheduler, check_finite_loss, check_global_batch,
-                         check_text_file, loader_generator, open_run, optimizer_step, progress,
-                         restore_state, run_lock, save_checkpoint_and_state,
-                         seed_everything, setup_distributed, setup_rank_logging, start_run,
-                         teardown_distributed, wrap_ddp)
+from utils.training import (
+    ResumableSampler,
+    all_mean,
+    amp_autocast,
+    augment_pil,
+    barrier,
+    build_optimizer,
+    build_scheduler,
+    check_finite_loss,
+    check_global_batch,
+    check_text_file,
+    loader_generator,
+    open_run,
+    optimizer_step,
+    progress,
+    restore_state,
+    run_lock,
+    save_checkpoint_and_state,
+    seed_everything,
+    setup_distributed,
+    setup_rank_logging,
+    start_run,
+    teardown_distributed,
+    wrap_ddp,
+)
 
 log = logging.getLogger("rank_train")
 
 STATE_FILE, LAST_FILE, BEST_FILE, METRICS_FILE = "train_state.pt", "last.ckpt", "best.ckpt", "metrics.csv"
-RESUME_KEYS = ("train_csv", "batch_size", "epochs", "lr", "optimizer", "weight_decay",
-               "warmup_steps", "schedule", "seed", "loss", "margin", "augment", "cache_embeddings",
-               "clip_grad")
+RESUME_KEYS = (
+    "train_csv",
+    "batch_size",
+    "epochs",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "seed",
+    "loss",
+    "margin",
+    "augment",
+    "cache_embeddings",
+    "clip_grad",
+)
 VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
 
 
@@ -99,35 +159,43 @@ VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
 # ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rank_train.py", description=__doc__.split("\n\n")[0],
+        prog="rank_train.py",
+        description=__doc__.split("\n\n")[0],
         epilog="Formats, outputs and behaviour on errors: the docstring at the top of rank_train.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("data")
     g.add_argument("--train-csv", required=True, help="$record$ training pairs")
     g.add_argument("--val-csv", required=True, help="$record$ validation pairs")
     g.add_argument("--image-dir", required=True, help="folder of <item_id>_a/_b image files")
     g.add_argument("--val-image-dir", help="folder of the validation images (default --image-dir)")
-    g.add_argument("--poi-pic-num", "--pic-num", help="POI pic-num table (name -> [n0, n1, n2]); without it every "
-                   "POI weighs 0 and the CSV order is kept")
+    g.add_argument(
+        "--poi-pic-num",
+        "--pic-num",
+        help="POI pic-num table (name -> [n0, n1, n2]); without it every POI weighs 0 and the CSV order is kept",
+    )
     g.add_argument("--poi-image-vectors", "--img-vectors", help="POI mean image vector table; without it: zero vectors")
     g.add_argument("--poi-name-vectors", "--name-vectors", help="POI name vector table; without it: zero vectors")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="read .npy tables with plain np.load(allow_pickle=True)")
+    g.add_argument("--trust-pickle", action="store_true", help="read .npy tables with plain np.load(allow_pickle=True)")
     g.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference")
-    g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no rotation/flip of training images")
-    g.add_argument("--cache-embeddings", action="store_true",
-                   help="encode each training image once (needs --no-augment)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no rotation/flip of training images")
+    g.add_argument(
+        "--cache-embeddings", action="store_true", help="encode each training image once (needs --no-augment)"
+    )
     g = p.add_argument_group("model")
     g.add_argument("--bert-dir", required=True, help="directory with config.json and vocab.txt")
     g.add_argument("--init", help="recall checkpoint (new ranker head) or ranker checkpoint")
     g.add_argument("--arch", help="architecture JSON for a non-default recall variant")
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine of the frozen recall tower for the images encoded once "
-                   "(validation images, and training images with --cache-embeddings): auto = "
-                   "ONNX Runtime on a CPU when installed and it agrees with torch (exported once "
-                   "per recall model, cached), else torch. Augmented training images go "
-                   "through torch inside the training step")
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine of the frozen recall tower for the images encoded once "
+        "(validation images, and training images with --cache-embeddings): auto = "
+        "ONNX Runtime on a CPU when installed and it agrees with torch (exported once "
+        "per recall model, cached), else torch. Augmented training images go "
+        "through torch inside the training step",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", choices=("bce", "margin"), default="bce")
     g.add_argument("--margin", type=finite_float, default=0.5, help="margin of --loss margin")
@@ -142,15 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", required=True, help="checkpoints, training state, metrics "
-                   "(locked for the run: a second run into it stops)")
+    g.add_argument(
+        "--out-dir",
+        required=True,
+        help="checkpoints, training state, metrics (locked for the run: a second run into it stops)",
+    )
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     g.add_argument("--save-every", type=non_negative_int, default=0, help="also save every N steps")
-    g.add_argument("--stop-after-step", type=non_negative_int, default=0,
-                   help="save and stop after this step")
+    g.add_argument("--stop-after-step", type=non_negative_int, default=0, help="save and stop after this step")
     g.add_argument("--eval-batch-size", type=positive_int, default=32)
-    g.add_argument("--num-workers", "--workers", dest="num_workers", type=non_negative_int,
-                   default=2, help="DataLoader worker processes")
+    g.add_argument(
+        "--num-workers",
+        "--workers",
+        dest="num_workers",
+        type=non_negative_int,
+        default=2,
+        help="DataLoader worker processes",
+    )
     add_common_args(g)
     return p
 
@@ -159,8 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.augment and args.cache_embeddings:
-        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, "
-                "so their vectors cannot be cached")
+        p.error(
+            "--cache-embeddings needs --no-augment: augmented images differ every epoch, "
+            "so their vectors cannot be cached"
+        )
     return args
 
 
@@ -212,8 +290,9 @@ def read_pairs(csv_path: str, image_dir: str) -> list[tuple[RankRow, str, str]]:
     if not n:
         raise DataError(f"{csv_path}: no records")
     if missing:
-        log.warning("%s: %d pairs skipped, image file absent (first: %s)", csv_path, len(missing),
-                    "; ".join(missing[:3]))
+        log.warning(
+            "%s: %d pairs skipped, image file absent (first: %s)", csv_path, len(missing), "; ".join(missing[:3])
+        )
     if not out:
         raise DataError(f"{csv_path}: no pair has both images in {image_dir}")
     return out
@@ -225,15 +304,15 @@ def read_data(args, world_size: int):
     train_rows = read_pairs(args.train_csv, args.image_dir)
     val_rows = read_pairs(args.val_csv, args.val_image_dir or args.image_dir)
     if len(train_rows) // world_size < args.batch_size // world_size:
-        raise DataError(f"{args.train_csv}: {len(train_rows)} training pairs cannot fill a batch "
-                        f"of {args.batch_size}")
+        raise DataError(f"{args.train_csv}: {len(train_rows)} training pairs cannot fill a batch of {args.batch_size}")
     return train_rows, val_rows
 
 
 def load_tables(args, dim: int) -> PoiTables:
     """The three POI tables (each optional: a missing one is empty)."""
-    tables = load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
-                             dim=dim, trust_pickle=args.trust_pickle)
+    tables = load_poi_tables(
+        args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors, dim=dim, trust_pickle=args.trust_pickle
+    )
     if not (tables.image_vectors and tables.name_vectors):
         log.warning("no POI image/name vector table given: POI vectors are zero")
     return tables
@@ -243,8 +322,15 @@ class PairDataset(Dataset):
     """Item i: image a, image b (tensors, or indices into cached vectors), the item's POI
     inputs, the index of its pois_feature vector and the label."""
 
-    def __init__(self, records: list[PairRecord], tables: PoiTables, mode: str, augment: bool,
-                 seed: int, image_index: dict | None = None):
+    def __init__(
+        self,
+        records: list[PairRecord],
+        tables: PoiTables,
+        mode: str,
+        augment: bool,
+        seed: int,
+        image_index: dict | None = None,
+    ):
         self.records, self.tables, self.mode = records, tables, mode
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.image_index = image_index  # path -> row of the cached vectors
@@ -267,10 +353,15 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int):
         r = self.records[i]
         item = self.tables.inputs(r.row.title, r.row.poi_names)
-        return (self._image(r.path_a, i, 0), self._image(r.path_b, i, 1),
-                torch.from_numpy(item.poi_img), torch.from_numpy(item.poi_txt),
-                torch.tensor(item.poi_len), torch.tensor(r.text_index),
-                torch.tensor(float(r.row.label)))
+        return (
+            self._image(r.path_a, i, 0),
+            self._image(r.path_b, i, 1),
+            torch.from_numpy(item.poi_img),
+            torch.from_numpy(item.poi_txt),
+            torch.tensor(item.poi_len),
+            torch.tensor(r.text_index),
+            torch.tensor(float(r.row.label)),
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +387,7 @@ class PairScorer(nn.Module):
             return self.image_table[a], self.image_table[b]
         with torch.no_grad():
             e = self.ranker.align_model.encode_image(torch.cat([a, b]))
-        return e[:len(a)], e[len(a):]
+        return e[: len(a)], e[len(a) :]
 
     def forward(self, a, b, poi_img, poi_txt, poi_len, text_idx):
         ea, eb = self.embed(a, b)
@@ -333,10 +424,11 @@ def load_model(args, arch, out: Path, state: dict | None, device) -> SiameseRank
     if state is not None:
         ranker = load_ranker(out / LAST_FILE, args.bert_dir)
         if model_hash(ranker) != state["model_hash"]:
-            raise DataError(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
-                            f"(step {state['step']}): restart without --resume")
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
-                 state["batch_in_epoch"])
+            raise DataError(
+                f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
+                f"(step {state['step']}): restart without --resume"
+            )
+        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
     else:
         ranker = build_ranker(args, arch)
     ranker.to(device)
@@ -351,11 +443,11 @@ def load_model(args, arch, out: Path, state: dict | None, device) -> SiameseRank
 # ---------------------------------------------------------------------------
 @dataclass
 class Encoded:
-    text_table: torch.Tensor        # pois_feature vectors (device)
-    text_index: dict                # pois string -> row
-    val_table: torch.Tensor         # validation image vectors (device)
-    val_index: dict                 # path -> row
-    train_table: torch.Tensor | None   # --cache-embeddings
+    text_table: torch.Tensor  # pois_feature vectors (device)
+    text_index: dict  # pois string -> row
+    val_table: torch.Tensor  # validation image vectors (device)
+    val_index: dict  # path -> row
+    train_table: torch.Tensor | None  # --cache-embeddings
     train_index: dict | None
 
 
@@ -364,27 +456,33 @@ def encode_once(rm: RecallModel, train_rows, val_rows, args, env) -> Encoded:
     the training images, through the frozen tower on the chosen engine (--backend)."""
     device = env.device
     texts = list(dict.fromkeys(pois_text(r.title, r.poi_names) for r, _, _ in train_rows + val_rows))
-    text_table = rm.encode_texts(texts, batch_size=args.eval_batch_size).to(device)
-    log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train_rows),
-             len(val_rows), len(texts))
+    enc = Encoding(
+        preprocess=args.preprocess,
+        batch_size=args.eval_batch_size,
+        text_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        progress=env.is_main and not args.no_progress,
+    )
+    text_table = rm.encode_texts(texts, replace(enc, progress=False)).to(device)
+    log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train_rows), len(val_rows), len(texts))
     val_paths = list(dict.fromkeys(p for _, a, b in val_rows for p in (a, b)))
-    train_paths = list(dict.fromkeys(p for _, a, b in train_rows for p in (a, b))) \
-        if args.cache_embeddings else []
+    train_paths = list(dict.fromkeys(p for _, a, b in train_rows for p in (a, b))) if args.cache_embeddings else []
     if env.distributed and env.is_main:
         rm.image_encoder()  # rank 0 exports (if need be) before the others load the export
     barrier(env)
-    vecs, ok = rm.encode_images(val_paths + train_paths, batch_size=args.eval_batch_size,
-                                mode=args.preprocess, num_workers=args.num_workers,
-                                progress=env.is_main and not args.no_progress,
-                                desc="frozen image tower")
+    vecs, ok = rm.encode_images(val_paths + train_paths, enc, desc="frozen image tower")
     contiguous(rm.model)
     if not ok.all():
         log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))
     vecs = vecs.to(device)
-    return Encoded(text_table, {t: i for i, t in enumerate(texts)},
-                   vecs[:len(val_paths)], {p: i for i, p in enumerate(val_paths)},
-                   vecs[len(val_paths):] if args.cache_embeddings else None,
-                   {p: i for i, p in enumerate(train_paths)} if args.cache_embeddings else None)
+    return Encoded(
+        text_table,
+        {t: i for i, t in enumerate(texts)},
+        vecs[: len(val_paths)],
+        {p: i for i, p in enumerate(val_paths)},
+        vecs[len(val_paths) :] if args.cache_embeddings else None,
+        {p: i for i, p in enumerate(train_paths)} if args.cache_embeddings else None,
+    )
 
 
 def contiguous(align: AlignModel) -> None:
@@ -396,13 +494,11 @@ def contiguous(align: AlignModel) -> None:
 # validation
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def validate(scorer: PairScorer, dataset: PairDataset, labels: np.ndarray, batch_size: int,
-             device) -> dict:
+def validate(scorer: PairScorer, dataset: PairDataset, labels: np.ndarray, batch_size: int, device) -> dict:
     was = scorer.training
     scorer.eval()
     sa, sb = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                        generator=loader_generator(0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=loader_generator(0))
     for batch in loader:
         a, b, *rest, _ = (t.to(device) for t in batch)
         s_a, s_b = scorer(a, b, *rest)
@@ -418,11 +514,12 @@ def validate(scorer: PairScorer, dataset: PairDataset, labels: np.ndarray, batch
 @dataclass
 class Run:
     """What the loop works with."""
+
     args: argparse.Namespace
     env: object
     out: Path
     ranker: SiameseRanker
-    model: nn.Module            # the training PairScorer, in DDP under torchrun
+    model: nn.Module  # the training PairScorer, in DDP under torchrun
     train_set: PairDataset
     sampler: ResumableSampler
     loader: DataLoader
@@ -442,12 +539,23 @@ class Run:
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         """last.ckpt + train_state.pt (resumes at batch ``batch_in_epoch`` of ``epoch``)."""
-        save_checkpoint_and_state(self.ranker, save_ranker_checkpoint, self.out, self.env,
-                                  model_file=LAST_FILE, state_file=STATE_FILE,
-                                  optimizer=self.optimizer, scheduler=self.scheduler,
-                                  scaler=self.scaler, step=self.step, epoch=epoch,
-                                  batch_in_epoch=batch_in_epoch, metrics=self.metrics,
-                                  config=self.config, best=self.best)
+        save_checkpoint_and_state(
+            self.ranker,
+            save_ranker_checkpoint,
+            self.out,
+            self.env,
+            model_file=LAST_FILE,
+            state_file=STATE_FILE,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            step=self.step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            metrics=self.metrics,
+            config=self.config,
+            best=self.best,
+        )
 
 
 def make_run(args, env, out, config, ranker, tables, enc: Encoded, train_rows, val_rows) -> Run:
@@ -455,52 +563,83 @@ def make_run(args, env, out, config, ranker, tables, enc: Encoded, train_rows, v
     device = env.device
 
     def records(rows):
-        return [PairRecord(r, a, b, enc.text_index[pois_text(r.title, r.poi_names)])
-                for r, a, b in rows]
+        return [PairRecord(r, a, b, enc.text_index[pois_text(r.title, r.poi_names)]) for r, a, b in rows]
 
     val_set = PairDataset(records(val_rows), tables, args.preprocess, False, args.seed, enc.val_index)
     val_labels = np.array([r.label for r, _, _ in val_rows])
-    train_set = PairDataset(records(train_rows), tables, args.preprocess, args.augment, args.seed,
-                            enc.train_index)
+    train_set = PairDataset(records(train_rows), tables, args.preprocess, args.augment, args.seed, enc.train_index)
     scorer = PairScorer(ranker, enc.text_table, enc.train_table)
     val_scorer = PairScorer(ranker, enc.text_table, enc.val_table)
     local_bs = args.batch_size // env.world_size
     sampler = ResumableSampler(train_set, env, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                        num_workers=0 if args.cache_embeddings else args.num_workers,
-                        generator=loader_generator(args.seed), pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_set,
+        batch_size=local_bs,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=0 if args.cache_embeddings else args.num_workers,
+        generator=loader_generator(args.seed),
+        pin_memory=device.type == "cuda",
+    )
     steps_per_epoch = sampler.num_samples // local_bs
     total_steps = steps_per_epoch * args.epochs
-    optimizer = build_optimizer([(n, p) for n, p in ranker.named_parameters()
-                                 if not n.startswith("align_model.")],
-                                args.optimizer, args.lr, args.weight_decay)
-    scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps,
-                                args.schedule)
+    optimizer = build_optimizer(
+        [(n, p) for n, p in ranker.named_parameters() if not n.startswith("align_model.")],
+        args.optimizer,
+        args.lr,
+        args.weight_decay,
+    )
+    scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps, args.schedule)
     amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda") if amp else None
     trainable = [p for p in ranker.parameters() if p.requires_grad]
-    log.info("%d trainable values; %d steps per epoch x %d epochs; global batch %d on %d "
-             "process(es); loss %s; augmentation %s; training images %s; device %s",
-             sum(p.numel() for p in trainable), steps_per_epoch, args.epochs, args.batch_size,
-             env.world_size, args.loss, "on" if args.augment else "off",
-             "cached" if args.cache_embeddings else "encoded each step", device)
-    return Run(args, env, out, ranker, wrap_ddp(scorer, env), train_set, sampler, loader, local_bs,
-               steps_per_epoch, optimizer, scheduler, scaler, trainable, val_scorer, val_set,
-               val_labels, config)
+    log.info(
+        "%d trainable values; %d steps per epoch x %d epochs; global batch %d on %d "
+        "process(es); loss %s; augmentation %s; training images %s; device %s",
+        sum(p.numel() for p in trainable),
+        steps_per_epoch,
+        args.epochs,
+        args.batch_size,
+        env.world_size,
+        args.loss,
+        "on" if args.augment else "off",
+        "cached" if args.cache_embeddings else "encoded each step",
+        device,
+    )
+    return Run(
+        args,
+        env,
+        out,
+        ranker,
+        wrap_ddp(scorer, env),
+        train_set,
+        sampler,
+        loader,
+        local_bs,
+        steps_per_epoch,
+        optimizer,
+        scheduler,
+        scaler,
+        trainable,
+        val_scorer,
+        val_set,
+        val_labels,
+        config,
+    )
 
 
 def train_step(r: Run, batch, autocast) -> tuple[float, float, float]:
     """One optimizer step: (lr, loss, grad norm)."""
     args, env = r.args, r.env
     lr = r.optimizer.param_groups[0]["lr"]
-    a, b, poi_img, poi_txt, poi_len, text_idx, label = (
-        t.to(env.device, non_blocking=True) for t in batch)
+    a, b, poi_img, poi_txt, poi_len, text_idx, label = (t.to(env.device, non_blocking=True) for t in batch)
     with autocast():
         s_a, s_b = r.model(a, b, poi_img, poi_txt, poi_len, text_idx)
         loss = pair_loss(s_a.float(), s_b.float(), label, args.loss, args.margin)
     (r.scaler.scale(loss) if r.scaler else loss).backward()
-    loss_val = check_finite_loss(all_mean(float(loss.detach()), env), r.step + 1,
-                                 "; try a lower --lr or --clip-grad, then --resume")
+    loss_val = check_finite_loss(
+        all_mean(float(loss.detach()), env), r.step + 1, "; try a lower --lr or --clip-grad, then --resume"
+    )
     gnorm = optimizer_step(r.optimizer, r.scheduler, r.scaler, r.trainable, args.clip_grad)
     r.step += 1
     return lr, loss_val, float(gnorm)
@@ -510,9 +649,15 @@ def validate_epoch(r: Run, epoch: int) -> None:
     """Validation accuracy, AUC, log loss (rank 0); best.ckpt when the accuracy improves."""
     res = validate(r.val_scorer, r.val_set, r.val_labels, r.args.eval_batch_size, r.env.device)
     r.metrics.write(step=r.step, epoch=epoch + 1, split="val", **{k: res[k] for k in VAL_FIELDS})
-    log.info("epoch %d (step %d): val accuracy %.4f (constant guess %.4f), AUC %s, "
-             "log loss %.4f", epoch + 1, r.step, res["accuracy"], res["baseline"],
-             "n/a" if res["auc"] is None else f"{res['auc']:.4f}", res["log_loss"])
+    log.info(
+        "epoch %d (step %d): val accuracy %.4f (constant guess %.4f), AUC %s, log loss %.4f",
+        epoch + 1,
+        r.step,
+        res["accuracy"],
+        res["baseline"],
+        "n/a" if res["auc"] is None else f"{res['auc']:.4f}",
+        res["log_loss"],
+    )
     if res["accuracy"] > r.best:
         r.best = res["accuracy"]
         save_ranker_checkpoint(r.ranker, r.out / BEST_FILE)
@@ -531,13 +676,21 @@ def train_loop(r: Run, start_epoch: int, start_batch: int) -> bool:
         r.train_set.set_epoch(epoch)
         r.model.train()
         it = iter(r.loader)
-        bar = progress(total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}",
-                       enabled=not args.no_progress)
+        bar = progress(
+            total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}", enabled=not args.no_progress
+        )
         for batch_in_epoch in range(first + 1, r.steps_per_epoch + 1):
             t0 = time.perf_counter()
             lr, loss, gnorm = train_step(r, next(it), autocast)
-            r.metrics.write(step=r.step, epoch=epoch + 1, split="train", loss=loss, lr=lr,
-                            grad_norm=gnorm, seconds=time.perf_counter() - t0)
+            r.metrics.write(
+                step=r.step,
+                epoch=epoch + 1,
+                split="train",
+                loss=loss,
+                lr=lr,
+                grad_norm=gnorm,
+                seconds=time.perf_counter() - t0,
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if batch_in_epoch < r.steps_per_epoch:
@@ -566,20 +719,23 @@ def run_training(args, env, arch, train_rows, val_rows) -> None:
         seed_everything(args.seed)
         ranker = load_model(args, arch, out, state, env.device)
         tables = load_tables(args, ranker.align_model.arch.embed_dim)
-        rm = wrap_align(ranker.align_model, load_tokenizer(args.bert_dir), device=env.device,
-                        backend=args.backend)
+        rm = wrap_align(ranker.align_model, load_tokenizer(args.bert_dir), device=env.device, backend=args.backend)
         enc = encode_once(rm, train_rows, val_rows, args, env)
         r = make_run(args, env, out, config, ranker, tables, enc, train_rows, val_rows)
         fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "seconds", *VAL_FIELDS]
-        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler,
-                                                                 r.scaler, env)
+        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler, r.scaler, env)
         r.metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
         t_start = time.perf_counter()
         stopped = train_loop(r, start_epoch, start_batch)
         if env.is_main:
-            log.info("%s after %d steps in %.1f s; best val accuracy %.4f; checkpoints in %s",
-                     "stopped" if stopped else "done", r.step, time.perf_counter() - t_start,
-                     r.best, out)
+            log.info(
+                "%s after %d steps in %.1f s; best val accuracy %.4f; checkpoints in %s",
+                "stopped" if stopped else "done",
+                r.step,
+                time.perf_counter() - t_start,
+                r.best,
+                out,
+            )
 
 
 @entry_point

@@ -47,7 +47,10 @@ the image directory recorded in ``<results>.meta.json`` by recall_infer.py).
 Exit status: 0 on success, 2 for bad input (an unreadable results file, an impossible K,
 an output location that cannot be written), reported as one line.
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError
 
 import argparse
 import json
@@ -59,10 +62,20 @@ from pathlib import Path
 import numpy as np
 
 from utils import cli
-from utils.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, fmt_interval, mean_intervals
-from utils.data import DataError, load_embeddings, write_json
-from utils.data import read_results as read_results_file
-from utils.metrics import DEFAULT_KS, RecallResult, evaluate_groups, evaluate_matrix
+from utils.evaluation import (
+    DEFAULT_DRAWS,
+    DEFAULT_KS,
+    DEFAULT_SEED,
+    LEVEL,
+    RecallResult,
+    evaluate_groups,
+    evaluate_matrix,
+    fmt_interval,
+    mean_intervals,
+)
+from utils.formats import load_embeddings
+from utils.formats import read_results as read_results_file
+from utils.io import write_json
 
 log = logging.getLogger("recall_eval")
 
@@ -70,19 +83,28 @@ log = logging.getLogger("recall_eval")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", help="recall_infer.py output (top-k or full format)")
-    p.add_argument("--embeddings", metavar="FILE.npz",
-                   help="recall_infer.py --save-embeddings output: score its vectors here")
-    p.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"),
-                   help="compare two results files (two models) on the same POIs, paired bootstrap")
-    p.add_argument("--k", type=cli.positive_int, nargs="+", default=list(DEFAULT_KS),
-                   help="K values (default 1 5 10)")
+    p.add_argument(
+        "--embeddings", metavar="FILE.npz", help="recall_infer.py --save-embeddings output: score its vectors here"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.csv", "B.csv"),
+        help="compare two results files (two models) on the same POIs, paired bootstrap",
+    )
+    p.add_argument("--k", type=cli.positive_int, nargs="+", default=list(DEFAULT_KS), help="K values (default 1 5 10)")
     p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--html-k", type=cli.positive_int, help="images shown per POI in the report (default max --k)")
     p.add_argument("--image-dir", help="where the images are, for thumbnails")
     p.add_argument("--page-size", type=cli.positive_int, default=50, help="POIs per report page (default 50)")
-    p.add_argument("--bootstrap", type=cli.non_negative_int, default=DEFAULT_DRAWS, metavar="N",
-                   help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}; 0: none)")
+    p.add_argument(
+        "--bootstrap",
+        type=cli.non_negative_int,
+        default=DEFAULT_DRAWS,
+        metavar="N",
+        help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 0)")
     cli.add_common_args(p, device=False)
     args = p.parse_args(argv)
@@ -133,31 +155,45 @@ def check_k(fmt: str, groups: dict, ks: list[int], meta: dict, path: str) -> Non
     if fmt != "topk":
         return
     listed = max(len(v) for v in groups.values())
-    complete = bool(meta) and meta.get("gallery_size", 10 ** 12) <= meta.get("topk", 0)
+    complete = bool(meta) and meta.get("gallery_size", 10**12) <= meta.get("topk", 0)
     too_big = [k for k in ks if k > listed]
     if too_big and not complete:
-        raise DataError(f"{path}: lists the top {listed} images per POI, so recall@{too_big} cannot be "
-                        f"computed; rerun recall_infer.py with --topk {max(too_big)} (or use its "
-                        f"--full-output file)")
+        raise DataError(
+            f"{path}: lists the top {listed} images per POI, so recall@{too_big} cannot be "
+            f"computed; rerun recall_infer.py with --topk {max(too_big)} (or use its "
+            f"--full-output file)"
+        )
 
 
 def result_json(result: RecallResult, fmt: str, path: str) -> dict:
     return {
-        "results": path, "format": fmt, "n_pois": result.n_pois, "ks": result.ks,
+        "results": path,
+        "format": fmt,
+        "n_pois": result.n_pois,
+        "ks": result.ks,
         "recall": {str(k): v for k, v in result.recall.items()},
         "hits": {str(k): v for k, v in result.hits.items()},
         "mrr": result.mrr,
         "mrr_over": "all listed images" if fmt == "full" else "the listed top images per POI",
-        "pois": [{"poi_id": p.poi_id, "poi_name": p.poi_name, "first_hit_rank": p.first_hit,
-                  "listed": p.n_candidates, **{f"hit@{k}": p.hit_at(k) for k in result.ks},
-                  "top": [[img, s] for img, s in p.top]} for p in result.pois],
+        "pois": [
+            {
+                "poi_id": p.poi_id,
+                "poi_name": p.poi_name,
+                "first_hit_rank": p.first_hit,
+                "listed": p.n_candidates,
+                **{f"hit@{k}": p.hit_at(k) for k in result.ks},
+                "top": [[img, s] for img, s in p.top],
+            }
+            for p in result.pois
+        ],
     }
 
 
 def per_poi_table(result: RecallResult, ks: list[int]) -> dict[str, list[float]]:
     """``{poi_id: [hit@K for each K..., reciprocal rank]}``."""
-    return {p.poi_id: [float(p.hit_at(k)) for k in ks] + [1.0 / p.first_hit if p.first_hit else 0.0]
-            for p in result.pois}
+    return {
+        p.poi_id: [float(p.hit_at(k)) for k in ks] + [1.0 / p.first_hit if p.first_hit else 0.0] for p in result.pois
+    }
 
 
 def intervals(result: RecallResult, ks: list[int], draws: int, seed: int) -> dict | None:
@@ -188,8 +224,7 @@ def evaluate_embeddings(path: str, ks: list[int], keep: int) -> tuple[RecallResu
         scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()
     too_big = [k for k in ks if k > scores.shape[1]]
     if too_big:
-        log.warning("%s: the gallery holds %d images; recall@%s counts them all", path, scores.shape[1],
-                    too_big)
+        log.warning("%s: the gallery holds %d images; recall@%s counts them all", path, scores.shape[1], too_big)
     names = dict(zip(d["poi_ids"], d["poi_names"]))
     if len(names) != len(d["poi_ids"]):
         raise DataError(f"{path}: a poi_id appears twice among the text vectors")
@@ -207,8 +242,14 @@ def compare(args, ks: list[int], out_json: str) -> int:
     if not common:
         raise DataError(f"{a_path} and {b_path} have no POI in common")
     if only_a or only_b:
-        log.warning("comparing the %d POIs both files hold; %d only in %s, %d only in %s",
-                    len(common), len(only_a), a_path, len(only_b), b_path)
+        log.warning(
+            "comparing the %d POIs both files hold; %d only in %s, %d only in %s",
+            len(common),
+            len(only_a),
+            a_path,
+            len(only_b),
+            b_path,
+        )
     A = np.array([ta[p] for p in common])
     B = np.array([tb[p] for p in common])
     names = {**la[2], **lb[2]}
@@ -217,35 +258,52 @@ def compare(args, ks: list[int], out_json: str) -> int:
     ci = None
     if args.bootstrap:
         flat = mean_intervals(np.hstack([A, B, B - A]), args.bootstrap, args.seed)
-        ci = {"A": flat[:m], "B": flat[m:2 * m], "B-A": flat[2 * m:]}
+        ci = {"A": flat[:m], "B": flat[m : 2 * m], "B-A": flat[2 * m :]}
     labels = [f"recall@{k}" for k in ks] + ["MRR"]
-    doc = {"A": a_path, "B": b_path, "n_pois": len(common), "pois_only_in_A": only_a,
-           "pois_only_in_B": only_b, "ks": ks,
-           "bootstrap": {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
-                         "resampling": "POIs, paired"},
-           "recall": {}, "mrr": {}, "hit_by_one_only": {}}
+    doc = {
+        "A": a_path,
+        "B": b_path,
+        "n_pois": len(common),
+        "pois_only_in_A": only_a,
+        "pois_only_in_B": only_b,
+        "ks": ks,
+        "bootstrap": {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL, "resampling": "POIs, paired"},
+        "recall": {},
+        "mrr": {},
+        "hit_by_one_only": {},
+    }
     print(f"A: {a_path}\nB: {b_path}\nPOIs compared: {len(common)}")
     w = max(len(x) for x in labels)
     for j, label in enumerate(labels):
-        row = {key: {"value": float(figures[key][j]),
-                     "ci": list(ci[key][j]) if ci else None} for key in figures}
+        row = {key: {"value": float(figures[key][j]), "ci": list(ci[key][j]) if ci else None} for key in figures}
         if j < len(ks):
             doc["recall"][str(ks[j])] = row
         else:
             doc["mrr"] = row
         cell = lambda key: f"{figures[key][j]:.4f} {fmt_interval(ci[key][j]) if ci else ''}".rstrip()  # noqa: E731
-        print(f"{label:<{w}}  A {cell('A')}   B {cell('B')}   B - A {figures['B-A'][j]:+.4f} "
-              f"{fmt_interval(ci['B-A'][j]) if ci else ''}".rstrip())
+        print(
+            f"{label:<{w}}  A {cell('A')}   B {cell('B')}   B - A {figures['B-A'][j]:+.4f} "
+            f"{fmt_interval(ci['B-A'][j]) if ci else ''}".rstrip()
+        )
     for j, k in enumerate(ks):
         a_only = [p for i, p in enumerate(common) if A[i, j] and not B[i, j]]
         b_only = [p for i, p in enumerate(common) if B[i, j] and not A[i, j]]
         doc["hit_by_one_only"][str(k)] = {
             "A_hits_B_misses": [{"poi_id": p, "poi_name": names.get(p, "")} for p in a_only],
-            "B_hits_A_misses": [{"poi_id": p, "poi_name": names.get(p, "")} for p in b_only]}
-        show = lambda ps: ", ".join(f"{p} {names.get(p, '')}".strip() for p in ps[:5]) + (  # noqa: E731
-            f" ... (+{len(ps) - 5})" if len(ps) > 5 else "")
-        print(f"@{k}: A hits / B misses {len(a_only)}" + (f" ({show(a_only)})" if a_only else "")
-              + f"; B hits / A misses {len(b_only)}" + (f" ({show(b_only)})" if b_only else ""))
+            "B_hits_A_misses": [{"poi_id": p, "poi_name": names.get(p, "")} for p in b_only],
+        }
+        show = lambda ps: (
+            ", ".join(f"{p} {names.get(p, '')}".strip() for p in ps[:5])
+            + (  # noqa: E731
+                f" ... (+{len(ps) - 5})" if len(ps) > 5 else ""
+            )
+        )
+        print(
+            f"@{k}: A hits / B misses {len(a_only)}"
+            + (f" ({show(a_only)})" if a_only else "")
+            + f"; B hits / A misses {len(b_only)}"
+            + (f" ({show(b_only)})" if b_only else "")
+        )
     write_json(out_json, doc, indent=1)
     print(f"comparison: {out_json}")
     return 0
@@ -264,6 +322,7 @@ def make_resolver(image_dir: str | None, results: str):
             if c.is_file():
                 return str(c)
         return None
+
     return resolve
 
 
@@ -281,27 +340,44 @@ def print_figures(source: str, fmt: str, result: RecallResult, ks: list[int], ci
     print(f"results: {source} ({fmt} format)")
     print(f"POIs: {result.n_pois}")
     for k in ks:
-        print(f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})"
-              + (f" {fmt_interval(ci['recall'][k])}" if ci else ""))
-    print(f"MRR (first hit{'' if fmt == 'full' else f', within top {max(sizes)}'}): {result.mrr:.4f}"
-          + (f" {fmt_interval(ci['mrr'])}" if ci else ""))
+        print(
+            f"recall@{k}: {result.recall[k]:.4f} ({result.hits[k]}/{result.n_pois})"
+            + (f" {fmt_interval(ci['recall'][k])}" if ci else "")
+        )
+    print(
+        f"MRR (first hit{'' if fmt == 'full' else f', within top {max(sizes)}'}): {result.mrr:.4f}"
+        + (f" {fmt_interval(ci['mrr'])}" if ci else "")
+    )
     if ci:
         print(f"(intervals: percentile bootstrap over POIs, {args.bootstrap} draws, seed {args.seed})")
 
 
 def write_report(args, source: str, result: RecallResult, ks: list[int], ci, html_k: int, meta: dict) -> None:
     image_dir = args.image_dir or meta.get("image_dir")
-    summary = {"results": os.path.basename(source), "POIs": result.n_pois,
-               **{f"recall@{k}": f"{result.recall[k]:.4f}"
-                  + (f" {fmt_interval(ci['recall'][k])}" if ci else "") for k in ks},
-               "MRR": f"{result.mrr:.4f}"}
-    from utils.report import write_recall_report
-    info = write_recall_report(args.html, result, html_k, make_resolver(image_dir, source),
-                               title=f"Recall top {html_k}", summary=summary,
-                               page_size=args.page_size, progress=not args.no_progress)
+    summary = {
+        "results": os.path.basename(source),
+        "POIs": result.n_pois,
+        **{f"recall@{k}": f"{result.recall[k]:.4f}" + (f" {fmt_interval(ci['recall'][k])}" if ci else "") for k in ks},
+        "MRR": f"{result.mrr:.4f}",
+    }
+    from utils.evaluation import write_recall_report
+
+    info = write_recall_report(
+        args.html,
+        result,
+        html_k,
+        make_resolver(image_dir, source),
+        title=f"Recall top {html_k}",
+        summary=summary,
+        page_size=args.page_size,
+        progress=not args.no_progress,
+    )
     if info["missing"]:
-        log.warning("%d listed images had no readable file for a thumbnail%s", info["missing"],
-                    "" if image_dir else " (pass --image-dir)")
+        log.warning(
+            "%d listed images had no readable file for a thumbnail%s",
+            info["missing"],
+            "" if image_dir else " (pass --image-dir)",
+        )
     print(f"report: {args.html}")
 
 
@@ -316,16 +392,20 @@ def main(argv=None) -> int:
     source = args.results or args.embeddings
     html_k = args.html_k or max(ks)
     result, fmt, meta, sizes = evaluate(args, ks, html_k)
-    log.info("%s: %s format, %d POIs, %s images listed per POI", source, fmt, result.n_pois,
-             "/".join(str(s) for s in sorted(sizes)[:5]))
+    log.info(
+        "%s: %s format, %d POIs, %s images listed per POI",
+        source,
+        fmt,
+        result.n_pois,
+        "/".join(str(s) for s in sorted(sizes)[:5]),
+    )
     ci = intervals(result, ks, args.bootstrap, args.seed)
     print_figures(source, fmt, result, ks, ci, sizes, args)
     doc = result_json(result, fmt, source)
     if ci:
         doc["recall_ci"] = {str(k): list(v) for k, v in ci["recall"].items()}
         doc["mrr_ci"] = list(ci["mrr"])
-        doc["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL,
-                            "resampling": "POIs"}
+        doc["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "level": LEVEL, "resampling": "POIs"}
     write_json(out_json, doc, indent=1)
     log.info("wrote %s", out_json)
     if args.html:

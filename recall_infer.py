@@ -68,11 +68,14 @@ bench/bench_recall.py and the README.
 Exit status: 0 on success, 2 for bad input (CSV, checkpoint, directories, output
 locations), reported as one line before any encoding starts.
 """
+
 from __future__ import annotations
 
 import time
 
 _T0 = time.perf_counter()  # start-up is measured from here (meta timings_s.first_image)
+
+from utils.cli import DataError
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -82,16 +85,32 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
-from models.factory import MODELS, RecallModel, build_recall_model, missing_options  # noqa: E402
+from models import (  # noqa: E402  # noqa: E402
+    BACKENDS,  # noqa: E402
+    MODELS,
+    PRECISIONS,
+    ImagePrefetch,
+    RecallModel,  # noqa: E402
+    build_recall_model,
+    missing_options,
+    prefetch_images,
+)
 from utils import cli  # noqa: E402
-from utils.cache import EmbeddingCache  # noqa: E402
-from utils.data import (TOPK_HEADER, DataError, RecallRow, index_images, iter_recall_csv,  # noqa: E402
-                        poi_of_image, save_embeddings, write_full, write_json,
-                        write_missing_list, write_topk)
-from utils.embed import PRECISIONS, ImagePrefetch, prefetch_images  # noqa: E402
-from utils.images import PREPROCESS_MODES  # noqa: E402
-from utils.metrics import stable_topk  # noqa: E402
-from utils.onnx_backend import BACKENDS  # noqa: E402
+from utils.args import Encoding  # noqa: E402
+from utils.evaluation import stable_topk  # noqa: E402
+from utils.formats import (
+    PREPROCESS_MODES,  # noqa: E402
+    TOPK_HEADER,
+    RecallRow,
+    index_images,
+    iter_recall_csv,
+    poi_of_image,
+    save_embeddings,
+    write_full,
+    write_missing_list,
+    write_topk,
+)
+from utils.io import write_json
 
 log = logging.getLogger("recall_infer")
 __all__ = ["main", "TOPK_HEADER"]  # TOPK_HEADER lives in utils.data (writer and reader share it)
@@ -103,37 +122,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-dir", required=True, help="directory of <poi_id>_<rank>.<ext> images")
     p.add_argument("--output", required=True, help="top-k CSV to write (with header)")
     p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format")
-    p.add_argument("--save-embeddings", metavar="FILE.npz",
-                   help="also save the image and text vectors with their keys (image file names; "
-                        "poi ids and names): recall_eval.py --embeddings scores them")
-    p.add_argument("--topk", type=cli.positive_int, default=10,
-                   help="images kept per POI in --output (default 10)")
-    p.add_argument("--skip-missing", action="store_true",
-                   help="drop unreadable images from the gallery instead of scoring them as the "
-                        "zero image (images missing on disk are always left out)")
-    p.add_argument("--missing-list", help="where to list missing/unreadable images "
-                                          "(default <output>.missing.tsv, written only when there are some)")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
-                   help="reference = the authors' exact path (default); fast = JPEG draft decoding")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default, exact); bf16/fp16 autocast: faster on GPUs and CPUs with "
-                        "AVX-512 BF16/AMX (emulated, far slower, on AVX2-only CPUs); scores move ~1e-2")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine: auto (default) = ONNX Runtime on a CPU when it is installed and "
-                        "agrees with torch on this model (checked on every run), else torch; torch; "
-                        "onnx (CPU, fp32)")
-    p.add_argument("--batch-size", type=cli.positive_int,
-                   help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)")
-    p.add_argument("--text-batch-size", type=cli.positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
-    p.add_argument("--num-workers", type=cli.non_negative_int,
-                   help=cli.DECODE_WORKERS_HELP)
-    p.add_argument("--cache-dir", help="embedding cache directory (reruns encode only new images; "
-                                       "the ONNX export is kept in its onnx/ folder)")
+    p.add_argument(
+        "--save-embeddings",
+        metavar="FILE.npz",
+        help="also save the image and text vectors with their keys (image file names; "
+        "poi ids and names): recall_eval.py --embeddings scores them",
+    )
+    p.add_argument("--topk", type=cli.positive_int, default=10, help="images kept per POI in --output (default 10)")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="drop unreadable images from the gallery instead of scoring them as the "
+        "zero image (images missing on disk are always left out)",
+    )
+    p.add_argument(
+        "--missing-list",
+        help="where to list missing/unreadable images (default <output>.missing.tsv, written only when there are some)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="reference",
+        help="reference = the authors' exact path (default); fast = JPEG draft decoding",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default, exact); bf16/fp16 autocast: faster on GPUs and CPUs with "
+        "AVX-512 BF16/AMX (emulated, far slower, on AVX2-only CPUs); scores move ~1e-2",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine: auto (default) = ONNX Runtime on a CPU when it is installed and "
+        "agrees with torch on this model (checked on every run), else torch; torch; "
+        "onnx (CPU, fp32)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)",
+    )
+    p.add_argument(
+        "--text-batch-size", type=cli.positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)"
+    )
+    p.add_argument("--num-workers", type=cli.non_negative_int, help=cli.DECODE_WORKERS_HELP)
+    p.add_argument(
+        "--cache-dir",
+        help="embedding cache directory (reruns encode only new images; the ONNX export is kept in its onnx/ folder)",
+    )
     cli.add_common_args(p)
     g = p.add_argument_group("model (--model NAME and its files)")
-    g.add_argument("--model", choices=list(MODELS), default="align",
-                   help="recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items())
-                        + " (default align)")
+    g.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="align",
+        help="recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items()) + " (default align)",
+    )
     for entry in MODELS.values():
         for name, help_text in entry.options.items():
             g.add_argument("--" + name.replace("_", "-"), help=help_text)
@@ -165,9 +212,13 @@ def check_paths(args) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         (cli.input_dir if name.endswith("_dir") else cli.input_file)(value, flag)
-    outputs = {"--output": args.output, "--full-output": args.full_output,
-               "--missing-list": missing_list_path(args), "--save-embeddings": args.save_embeddings,
-               "meta": f"{args.output}.meta.json"}
+    outputs = {
+        "--output": args.output,
+        "--full-output": args.full_output,
+        "--missing-list": missing_list_path(args),
+        "--save-embeddings": args.save_embeddings,
+        "meta": f"{args.output}.meta.json",
+    }
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
         if path is None:
@@ -188,8 +239,9 @@ def check_paths(args) -> None:
 class Gallery:
     """What the CSV asks for: the gallery images found on disk (CSV order), the rows
     without a file, repeated rows, and the queries (poi_id -> first name)."""
+
     rows: list[RecallRow]
-    images: list[tuple[RecallRow, object]] = field(default_factory=list)   # (row, path)
+    images: list[tuple[RecallRow, object]] = field(default_factory=list)  # (row, path)
     missing: list[RecallRow] = field(default_factory=list)
     duplicates: list[RecallRow] = field(default_factory=list)
     queries: dict[str, str] = field(default_factory=dict)
@@ -220,18 +272,37 @@ def read_gallery(csv_path: str, image_dir: str) -> Gallery:
         else:
             g.images.append((row, path))
         if row.poi_id in g.queries and g.queries[row.poi_id] != row.poi_name:
-            log.warning("%s line %d: poi_id %s has a second name %r; using the first, %r",
-                        csv_path, row.line, row.poi_id, row.poi_name, g.queries[row.poi_id])
+            log.warning(
+                "%s line %d: poi_id %s has a second name %r; using the first, %r",
+                csv_path,
+                row.line,
+                row.poi_id,
+                row.poi_name,
+                g.queries[row.poi_id],
+            )
         g.queries.setdefault(row.poi_id, row.poi_name)
     if g.duplicates:
-        log.warning("%d CSV rows repeat an earlier <poi_id>_<rank> (first: line %d, %s); each image "
-                    "is scored once", len(g.duplicates), g.duplicates[0].line, g.duplicates[0].key)
-    log.info("%s: %d rows, %d POIs, %d distinct names; %d images found in %s, %d missing on disk",
-             csv_path, len(rows), len(g.queries), len(set(g.queries.values())), len(g.images),
-             image_dir, len(g.missing))
+        log.warning(
+            "%d CSV rows repeat an earlier <poi_id>_<rank> (first: line %d, %s); each image is scored once",
+            len(g.duplicates),
+            g.duplicates[0].line,
+            g.duplicates[0].key,
+        )
+    log.info(
+        "%s: %d rows, %d POIs, %d distinct names; %d images found in %s, %d missing on disk",
+        csv_path,
+        len(rows),
+        len(g.queries),
+        len(set(g.queries.values())),
+        len(g.images),
+        image_dir,
+        len(g.missing),
+    )
     if not g.images:
-        raise DataError(f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
-                        f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)")
+        raise DataError(
+            f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
+            f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)"
+        )
     return g
 
 
@@ -241,37 +312,36 @@ def start_decoding(args, g: Gallery, device) -> ImagePrefetch | None:
     --cache-dir (the cache decides what is decoded once the model's identity is known)."""
     if args.cache_dir:
         return None
-    return prefetch_images([p for _, p in g.images], args.batch_size, device, args.preprocess,
-                           args.num_workers, image_loader=MODELS[args.model].image_loader,
-                           backend=args.backend, precision=args.precision)
+    return prefetch_images(
+        [p for _, p in g.images],
+        args.batch_size,
+        device,
+        args.preprocess,
+        args.num_workers,
+        image_loader=MODELS[args.model].image_loader,
+        backend=args.backend,
+        precision=args.precision,
+    )
 
 
 def load_model(args, device) -> RecallModel:
     onnx_dir = os.path.join(args.cache_dir, "onnx") if args.cache_dir else None
-    rm = build_recall_model(args.model, device=device, backend=args.backend, onnx_cache_dir=onnx_dir,
-                            **model_paths(args))
-    log.info("model %s (%s) loaded on %s", rm.name,
-             ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
+    rm = build_recall_model(
+        args.model, device=device, backend=args.backend, onnx_cache_dir=onnx_dir, **model_paths(args)
+    )
+    log.info("model %s (%s) loaded on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
     return rm
 
 
-def encode_gallery(rm: RecallModel, g: Gallery, args, stats: dict,
-                   prefetch: ImagePrefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_gallery(
+    rm: RecallModel, g: Gallery, args, stats: dict, prefetch: ImagePrefetch | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Image vectors of the gallery (N x D) and the ok flags; the embedding cache (keyed
     by ``rm.identity()``) serves what it holds; the engine (``--backend``: auto resolved,
     the ONNX export loaded and checked) is set up only if something is left to encode."""
-    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
-    try:
-        emb, ok = rm.encode_images([p for _, p in g.images], args.batch_size, precision=args.precision,
-                                   mode=args.preprocess, num_workers=args.num_workers, cache=cache,
-                                   stats=stats, progress=not args.no_progress, desc="gallery",
-                                   prefetch=prefetch)
-    finally:
-        if cache is not None:
-            log.info("cache %s: %d hits, %d misses, %d stored, %d files hashed", cache.path, cache.hits,
-                     cache.misses, cache.stored, cache.hashed)
-            cache.close()
-    return emb, ok
+    return rm.encode_images(
+        [p for _, p in g.images], Encoding.from_args(args), stats=stats, desc="gallery", prefetch=prefetch
+    )
 
 
 def apply_unreadable_policy(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool) -> torch.Tensor:
@@ -283,15 +353,17 @@ def apply_unreadable_policy(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, ski
         emb = emb[keep]
         log.info("--skip-missing: %d unreadable images dropped from the gallery", len(g.unreadable))
     elif g.unreadable:
-        log.warning("%d unreadable images are scored as the zero image (reference behaviour; "
-                    "--skip-missing drops them)", len(g.unreadable))
+        log.warning(
+            "%d unreadable images are scored as the zero image (reference behaviour; --skip-missing drops them)",
+            len(g.unreadable),
+        )
     if not g.images:
         raise DataError("no readable image left in the gallery")
     return emb
 
 
 def encode_queries(rm: RecallModel, g: Gallery, args) -> torch.Tensor:
-    return rm.encode_texts(list(g.queries.values()), args.text_batch_size, precision=args.precision)
+    return rm.encode_texts(list(g.queries.values()), Encoding.from_args(args, progress=False))
 
 
 def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
@@ -305,25 +377,43 @@ def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
 def write_outputs(args, g: Gallery, img_emb, ok, txt_emb, scores, top_vals, top_idx, meta: dict) -> None:
     qids, qnames = list(g.queries), list(g.queries.values())
     names = [p.name for _, p in g.images]
-    write_topk(args.output, ((q, n, r, names[j], s)
-                             for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
-                             for r, (s, j) in enumerate(zip(vals, idx), 1)))
+    write_topk(
+        args.output,
+        (
+            (q, n, r, names[j], s)
+            for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
+            for r, (s, j) in enumerate(zip(vals, idx), 1)
+        ),
+    )
     log.info("wrote %s: top %d of %d images for %d POIs", args.output, top_idx.shape[1], len(names), len(qids))
     if args.full_output:
         write_full(args.full_output, qids, qnames, [str(p) for _, p in g.images], scores.numpy())
         log.info("wrote %s: %d rows (authors' format)", args.full_output, len(qids) * len(names))
     if args.save_embeddings:
-        save_embeddings(args.save_embeddings, image_emb=img_emb.numpy(), image_names=names,
-                        image_ok=ok.numpy(), text_emb=txt_emb.numpy(), poi_ids=qids, poi_names=qnames,
-                        meta={k: meta[k] for k in ("csv", "image_dir", "model", "model_identity",
-                                                   "preprocess", "precision", "unreadable_policy")})
+        save_embeddings(
+            args.save_embeddings,
+            image_emb=img_emb.numpy(),
+            image_names=names,
+            image_ok=ok.numpy(),
+            text_emb=txt_emb.numpy(),
+            poi_ids=qids,
+            poi_names=qnames,
+            meta={
+                k: meta[k]
+                for k in ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
+            },
+        )
         log.info("wrote %s: %d image and %d text vectors", args.save_embeddings, len(names), len(qids))
     if g.missing or g.unreadable:
         listing = missing_list_path(args)
         write_missing_list(listing, g.missing, g.unreadable)
-        log.warning("%d images missing on disk (left out), %d unreadable (%s); listed in %s",
-                    len(g.missing), len(g.unreadable), "dropped" if args.skip_missing else "zero image",
-                    listing)
+        log.warning(
+            "%d images missing on disk (left out), %d unreadable (%s); listed in %s",
+            len(g.missing),
+            len(g.unreadable),
+            "dropped" if args.skip_missing else "zero image",
+            listing,
+        )
     write_json(f"{args.output}.meta.json", meta, indent=1)
 
 
@@ -332,23 +422,39 @@ def run_record(args, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k:
     own = {poi_of_image(p.name) for _, p in g.images}
     engine = rm.engine_info(args.precision)
     return {
-        "csv": args.csv, "image_dir": args.image_dir, "checkpoint": args.checkpoint,
-        "model": rm.name, "model_sources": rm.sources, "model_identity": rm.identity(),
-        "weights_sha256": rm.weights_hash(), "preprocess": args.preprocess,
-        "precision": args.precision, "device": str(rm.device),
-        **engine, "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
+        "csv": args.csv,
+        "image_dir": args.image_dir,
+        "checkpoint": args.checkpoint,
+        "model": rm.name,
+        "model_sources": rm.sources,
+        "model_identity": rm.identity(),
+        "weights_sha256": rm.weights_hash(),
+        "preprocess": args.preprocess,
+        "precision": args.precision,
+        "device": str(rm.device),
+        **engine,
+        "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
         "batch_size": stats.get("batch_size"),
-        "num_workers": stats.get("num_workers"), "lanes": stats.get("lanes"),
-        "topk": k, "gallery_size": len(g.images), "n_pois": len(g.queries),
+        "num_workers": stats.get("num_workers"),
+        "lanes": stats.get("lanes"),
+        "topk": k,
+        "gallery_size": len(g.images),
+        "n_pois": len(g.queries),
         "n_pois_without_gallery_image": sum(q not in own for q in g.queries),
-        "rows": len(g.rows), "missing_on_disk": len(g.missing), "unreadable": len(g.unreadable),
+        "rows": len(g.rows),
+        "missing_on_disk": len(g.missing),
+        "unreadable": len(g.unreadable),
         "unreadable_policy": "dropped" if args.skip_missing else "zero image",
-        "duplicate_rows": len(g.duplicates), "images_encoded": stats["encoded"],
+        "duplicate_rows": len(g.duplicates),
+        "images_encoded": stats["encoded"],
         "images_cached": stats["cached"],
-        "timings_s": {**{k_: round(v, 3) for k_, v in timings.items()},
-                      **({"engine_setup": engine["onnx_setup_s"]} if "onnx_setup_s" in engine else {})},
+        "timings_s": {
+            **{k_: round(v, 3) for k_, v in timings.items()},
+            **({"engine_setup": engine["onnx_setup_s"]} if "onnx_setup_s" in engine else {}),
+        },
         "images_per_s": round(stats["encoded"] / max(timings["images"], 1e-9), 2),
-        "full_output": args.full_output, "embeddings": args.save_embeddings,
+        "full_output": args.full_output,
+        "embeddings": args.save_embeddings,
     }
 
 
@@ -388,9 +494,16 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - _T0
     meta = run_record(args, rm, g, stats, timings, top_idx.shape[1])
     write_outputs(args, g, img_emb, ok, txt_emb, scores, top_vals, top_idx, meta)
-    log.info("done in %.1f s since start-up (first image encoded at %.1f s; images %.1f s, %d encoded / "
-             "%d cached; engine %s)", time.perf_counter() - _T0, timings.get("first_image", float("nan")),
-             timings["images"], stats["encoded"], stats["cached"], meta["image_backend"])
+    log.info(
+        "done in %.1f s since start-up (first image encoded at %.1f s; images %.1f s, %d encoded / "
+        "%d cached; engine %s)",
+        time.perf_counter() - _T0,
+        timings.get("first_image", float("nan")),
+        timings["images"],
+        stats["encoded"],
+        stats["cached"],
+        meta["image_backend"],
+    )
     return 0
 
 

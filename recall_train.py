@@ -49,7 +49,21 @@ it, exit status 2. --out-dir is locked for the run (a second run into it stops w
 when a run starts. A NaN/inf loss stops the run before any checkpoint takes it. Ctrl-C:
 one line, exit status 130; the last saved state resumes with --resume.
 """
+
 from __future__ import annotations
+
+from utils.cli import (
+    DataError,
+    add_common_args,
+    entry_point,
+    finite_float,
+    input_dir,
+    input_file,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_int,
+)
 
 import argparse
 import contextlib
@@ -67,31 +81,71 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
-from models.checkpoint import load_align_model, save_align_checkpoint
-from models.factory import RecallModel, wrap_align
-from utils.cli import (add_common_args, entry_point, finite_float, input_dir, input_file, non_negative_float,
-                       non_negative_int, output_dir, positive_int)
-from utils.data import DataError, index_images, iter_recall_csv
-from utils.embed import tokenize
+from models import (
+    BACKENDS,
+    AlignArch,
+    AlignModel,
+    RecallModel,
+    contrastive_loss,
+    load_align_model,
+    load_tokenizer,
+    save_align_checkpoint,
+    tokenize,
+    wrap_align,
+)
+from utils.args import Encoding
+from utils.evaluation import recall_at_k
+from utils.formats import PREPROCESS_MODES, index_images, iter_recall_csv, load_image
 from utils.hashing import model_hash, state_dict_hash
-from utils.images import PREPROCESS_MODES, load_image
-from utils.metrics import recall_at_k
-from utils.onnx_backend import BACKENDS
-from utils.train import (ResumableSampler, all_mean, amp_autocast, barrier, build_optimizer,
-                         build_scheduler, check_finite_loss, check_global_batch, check_text_file,
-                         gather_with_grad, loader_generator, open_run, optimizer_step, progress,
-                         restore_state, run_lock, save_checkpoint_and_state,
-                         seed_everything, setup_distributed, setup_rank_logging, start_run,
-                         teardown_distributed, wrap_ddp)
+from utils.training import (
+    ResumableSampler,
+    all_mean,
+    amp_autocast,
+    barrier,
+    build_optimizer,
+    build_scheduler,
+    check_finite_loss,
+    check_global_batch,
+    check_text_file,
+    gather_with_grad,
+    loader_generator,
+    open_run,
+    optimizer_step,
+    progress,
+    restore_state,
+    run_lock,
+    save_checkpoint_and_state,
+    seed_everything,
+    setup_distributed,
+    setup_rank_logging,
+    start_run,
+    teardown_distributed,
+    wrap_ddp,
+)
 
 log = logging.getLogger("recall_train")
 
 STATE_FILE, LAST_FILE, BEST_FILE, METRICS_FILE = "train_state.pt", "last.pth", "best.pth", "metrics.csv"
 # settings that must not change between an interrupted run and its --resume
-RESUME_KEYS = ("csv", "init", "logit_scale", "batch_size", "accum_steps", "epochs", "lr", "weight_decay", "warmup_steps",
-               "schedule", "seed", "val_fraction", "val_owners", "freeze", "bn_eval",
-               "cache_embeddings", "clip_grad")
+RESUME_KEYS = (
+    "csv",
+    "init",
+    "logit_scale",
+    "batch_size",
+    "accum_steps",
+    "epochs",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "seed",
+    "val_fraction",
+    "val_owners",
+    "freeze",
+    "bn_eval",
+    "cache_embeddings",
+    "clip_grad",
+)
 IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
@@ -117,74 +171,119 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="recall_train.py", description=__doc__.split("\n\n")[0],
+        prog="recall_train.py",
+        description=__doc__.split("\n\n")[0],
         epilog="Formats, outputs and behaviour on errors: the docstring at the top of recall_train.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with "
-                   "a text,image header")
-    g.add_argument("--image-dir", help="image directory (recall format: required; plain format: "
-                   "base of relative paths, default the CSV's directory)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1,
-                   help="share of owners (POIs) held out for evaluation")
-    g.add_argument("--val-owners", type=non_negative_int, default=None,
-                   help="number of owners held out (overrides --val-fraction; 0: no evaluation)")
-    g.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
-                   help="image preprocessing (utils.images)")
+    g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with a text,image header")
+    g.add_argument(
+        "--image-dir",
+        help="image directory (recall format: required; plain format: "
+        "base of relative paths, default the CSV's directory)",
+    )
+    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners (POIs) held out for evaluation")
+    g.add_argument(
+        "--val-owners",
+        type=non_negative_int,
+        default=None,
+        help="number of owners held out (overrides --val-fraction; 0: no evaluation)",
+    )
+    g.add_argument(
+        "--preprocess", choices=PREPROCESS_MODES, default="reference", help="image preprocessing (utils.images)"
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--bert-dir", required=True, help="directory with bert-base-chinese "
-                   "config.json and vocab.txt")
-    g.add_argument("--init", help="start from this recall checkpoint (e.g. the released "
-                   "align_model.pth); default: random initialisation (from scratch)")
-    g.add_argument("--arch", help="architecture JSON (models.align.AlignArch) for a "
-                   "non-default variant; a checkpoint's own record is used otherwise")
-    g.add_argument("--logit-scale", type=finite_float, default=None,
-                   help="initial logit_scale when training from scratch (the architecture's "
-                   "default is 1.0; a plain multiplier of cosine similarities in [-1, 1], so "
-                   "from scratch 10 or more lets the loss go down)")
-    g.add_argument("--freeze", choices=("none", "image", "text"), default="none",
-                   help="keep this tower fixed (eval mode, no gradients)")
-    g.add_argument("--bn-eval", action="store_true",
-                   help="image tower BatchNorm uses running statistics while training")
-    g.add_argument("--cache-embeddings", action="store_true",
-                   help="with --freeze image: encode each image once and reuse the vectors")
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine of the held-out evaluation and --cache-embeddings: auto = "
-                   "ONNX Runtime on a CPU for a frozen image tower (--freeze image: exported "
-                   "once, checked against torch), torch for an image tower that trains (its "
-                   "weights change every epoch, so an export per evaluation rarely pays); onnx "
-                   "= ONNX Runtime even then (a throw-away export + check per evaluation)")
+    g.add_argument("--bert-dir", required=True, help="directory with bert-base-chinese config.json and vocab.txt")
+    g.add_argument(
+        "--init",
+        help="start from this recall checkpoint (e.g. the released "
+        "align_model.pth); default: random initialisation (from scratch)",
+    )
+    g.add_argument(
+        "--arch",
+        help="architecture JSON (models.align.AlignArch) for a "
+        "non-default variant; a checkpoint's own record is used otherwise",
+    )
+    g.add_argument(
+        "--logit-scale",
+        type=finite_float,
+        default=None,
+        help="initial logit_scale when training from scratch (the architecture's "
+        "default is 1.0; a plain multiplier of cosine similarities in [-1, 1], so "
+        "from scratch 10 or more lets the loss go down)",
+    )
+    g.add_argument(
+        "--freeze",
+        choices=("none", "image", "text"),
+        default="none",
+        help="keep this tower fixed (eval mode, no gradients)",
+    )
+    g.add_argument(
+        "--bn-eval", action="store_true", help="image tower BatchNorm uses running statistics while training"
+    )
+    g.add_argument(
+        "--cache-embeddings",
+        action="store_true",
+        help="with --freeze image: encode each image once and reuse the vectors",
+    )
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine of the held-out evaluation and --cache-embeddings: auto = "
+        "ONNX Runtime on a CPU for a frozen image tower (--freeze image: exported "
+        "once, checked against torch), torch for an image tower that trains (its "
+        "weights change every epoch, so an export per evaluation rarely pays); onnx "
+        "= ONNX Runtime even then (a throw-away export + check per evaluation)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=5)
-    g.add_argument("--batch-size", type=positive_int, default=32,
-                   help="GLOBAL micro-batch (the in-batch negatives), split over processes")
-    g.add_argument("--accum-steps", type=positive_int, default=1,
-                   help="micro-batches accumulated per optimizer step")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="GLOBAL micro-batch (the in-batch negatives), split over processes",
+    )
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--lr", type=non_negative_float, default=5e-5)
     g.add_argument("--weight-decay", type=non_negative_float, default=0.01)
     g.add_argument("--warmup-steps", type=non_negative_int, default=100)
-    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
-                   help="LR after warm-up")
+    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="LR after warm-up")
     g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", required=True, help="checkpoints, training state, metrics "
-                   "(locked for the run: a second run into it stops)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its train_state.pt")
-    g.add_argument("--save-every", type=non_negative_int, default=0,
-                   help="also save checkpoint + state every N optimizer steps (0: per epoch)")
-    g.add_argument("--stop-after-step", type=non_negative_int, default=0,
-                   help="save and stop after this optimizer step (0: run all epochs)")
+    g.add_argument(
+        "--out-dir",
+        required=True,
+        help="checkpoints, training state, metrics (locked for the run: a second run into it stops)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its train_state.pt")
+    g.add_argument(
+        "--save-every",
+        type=non_negative_int,
+        default=0,
+        help="also save checkpoint + state every N optimizer steps (0: per epoch)",
+    )
+    g.add_argument(
+        "--stop-after-step",
+        type=non_negative_int,
+        default=0,
+        help="save and stop after this optimizer step (0: run all epochs)",
+    )
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K")
-    g.add_argument("--eval-every", type=positive_int, default=1,
-                   help="evaluate every N epochs (and after the last)")
-    g.add_argument("--select-k", type=positive_int, default=5,
-                   help="best.pth maximises held-out recall@K")
+    g.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--select-k", type=positive_int, default=5, help="best.pth maximises held-out recall@K")
     g.add_argument("--eval-batch-size", type=positive_int, default=32)
-    g.add_argument("--num-workers", "--workers", dest="num_workers", type=non_negative_int,
-                   default=2, help="DataLoader worker processes")
+    g.add_argument(
+        "--num-workers",
+        "--workers",
+        dest="num_workers",
+        type=non_negative_int,
+        default=2,
+        help="DataLoader worker processes",
+    )
     add_common_args(g)
     return p
 
@@ -193,11 +292,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.cache_embeddings and args.freeze != "image":
-        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that "
-                "trains would be stale)")
+        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that trains would be stale)")
     if args.init and args.logit_scale is not None:
-        p.error("--logit-scale sets the initial value of a model trained from scratch; with "
-                "--init the checkpoint's value is used")
+        p.error(
+            "--logit-scale sets the initial value of a model trained from scratch; with "
+            "--init the checkpoint's value is used"
+        )
     if args.select_k not in args.recall_k:
         args.recall_k = sorted(set(args.recall_k) | {args.select_k})
     return args
@@ -272,8 +372,9 @@ def read_pairs(csv_path: str, image_dir: str | None) -> list[Pair]:
                 raise DataError(f"{csv_path}:{reader.line_num}: unreadable CSV ({e})") from None
     else:
         if not image_dir:
-            raise DataError(f"{csv_path}: recall-format CSV: --image-dir (the folder of "
-                            f"<poi_id>_<rank>.<ext> files) is required")
+            raise DataError(
+                f"{csv_path}: recall-format CSV: --image-dir (the folder of <poi_id>_<rank>.<ext> files) is required"
+            )
         images = index_images(image_dir)
         for row in iter_recall_csv(csv_path):
             if not row.poi_name.strip():
@@ -284,20 +385,19 @@ def read_pairs(csv_path: str, image_dir: str | None) -> list[Pair]:
                 continue
             pairs.append(Pair(row.poi_name.strip(), str(path), row.poi_id, row.line))
     if missing:
-        log.warning("%d rows skipped, image file absent (first: %s)", len(missing),
-                    "; ".join(missing[:3]))
+        log.warning("%d rows skipped, image file absent (first: %s)", len(missing), "; ".join(missing[:3]))
     if not pairs:
         raise DataError(f"{csv_path}: no row has an image file (image dir: {image_dir})")
     return pairs
 
 
-def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None,
-                 seed: int) -> tuple[list[Pair], list[Pair]]:
+def split_owners(
+    pairs: list[Pair], val_fraction: float, val_owners: int | None, seed: int
+) -> tuple[list[Pair], list[Pair]]:
     owners = sorted({p.owner for p in pairs})
     n_val = val_owners if val_owners is not None else int(round(val_fraction * len(owners)))
     if not 0 <= n_val < len(owners):
-        raise DataError(f"cannot hold out {n_val} of the {len(owners)} owners (--val-owners / "
-                        f"--val-fraction)")
+        raise DataError(f"cannot hold out {n_val} of the {len(owners)} owners (--val-owners / --val-fraction)")
     rng = np.random.default_rng(seed)
     held = {owners[i] for i in rng.permutation(len(owners))[:n_val]}
     return [p for p in pairs if p.owner not in held], [p for p in pairs if p.owner in held]
@@ -307,11 +407,19 @@ def read_data(args, world_size: int) -> tuple[list[Pair], list[Pair]]:
     """Training and held-out pairs; a training set too small for one step is refused."""
     pairs = read_pairs(args.csv, args.image_dir)
     train, val = split_owners(pairs, args.val_fraction, args.val_owners, args.seed)
-    log.info("%d pairs (%d owners): %d for training, %d held out (%d owners)", len(pairs),
-             len({p.owner for p in pairs}), len(train), len(val), len({p.owner for p in val}))
+    log.info(
+        "%d pairs (%d owners): %d for training, %d held out (%d owners)",
+        len(pairs),
+        len({p.owner for p in pairs}),
+        len(train),
+        len(val),
+        len({p.owner for p in val}),
+    )
     if len(train) // world_size < args.batch_size // world_size * args.accum_steps:
-        raise DataError(f"{args.csv}: {len(train)} training pairs cannot fill one step of "
-                        f"{args.batch_size} x {args.accum_steps} pairs")
+        raise DataError(
+            f"{args.csv}: {len(train)} training pairs cannot fill one step of "
+            f"{args.batch_size} x {args.accum_steps} pairs"
+        )
     return train, val
 
 
@@ -388,8 +496,10 @@ def set_trainable(align: AlignModel, freeze: str) -> None:
     # the pooler is part of the checkpoint but not of the model's output
     for p in align.text_model.pooler.parameters():
         p.requires_grad_(False)
-    frozen = {"image": (align.image_model, align.image_hidden_layer),
-              "text": (align.text_model, align.text_hidden_layer)}.get(freeze, ())
+    frozen = {
+        "image": (align.image_model, align.image_hidden_layer),
+        "text": (align.text_model, align.text_hidden_layer),
+    }.get(freeze, ())
     for m in frozen:
         for p in m.parameters():
             p.requires_grad_(False)
@@ -406,8 +516,11 @@ def build_model(args, arch: AlignArch | None) -> AlignModel:
     if args.logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(args.logit_scale)
-    log.info("random initialisation (from scratch), arch %s, logit_scale %.3g", arch.to_dict(),
-             float(model.logit_scale.detach()))
+    log.info(
+        "random initialisation (from scratch), arch %s, logit_scale %.3g",
+        arch.to_dict(),
+        float(model.logit_scale.detach()),
+    )
     return model
 
 
@@ -417,11 +530,12 @@ def load_model(args, arch, out: Path, state: dict | None, device) -> AlignModel:
     if state is not None:  # the model of the saved state, in the authors' format
         align = load_align_model(out / LAST_FILE, args.bert_dir)
         if model_hash(align) != state["model_hash"]:
-            raise DataError(f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
-                            f"(saved at step {state['step']}); the run was interrupted while "
-                            f"saving: restart it without --resume")
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1,
-                 state["batch_in_epoch"])
+            raise DataError(
+                f"{out / LAST_FILE} does not hold the weights of {out / STATE_FILE} "
+                f"(saved at step {state['step']}); the run was interrupted while "
+                f"saving: restart it without --resume"
+            )
+        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
     else:
         align = build_model(args, arch)
     align.to(device)
@@ -447,8 +561,7 @@ def frozen_image_engine(args, align, tokenizer, device) -> RecallModel | None:
     if args.freeze != "image":
         return None
     rm = wrap_align(align, tokenizer, device=device, backend=args.backend)
-    rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items()
-                                          if k.startswith(IMAGE_PREFIXES)})
+    rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)})
     return rm
 
 
@@ -463,20 +576,31 @@ def training_image_engine(args, align, tokenizer, device):
         yield wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
 
 
+def eval_encoding(args, progress: bool) -> Encoding:
+    return Encoding(
+        preprocess=args.preprocess,
+        batch_size=args.eval_batch_size,
+        text_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        progress=progress,
+    )
+
+
 def cache_image_vectors(rm: RecallModel, train: list[Pair], val: list[Pair], args, env):
     """--cache-embeddings: every image through the frozen tower once; returns the
     training vectors (on the device) and the held-out ones (CPU)."""
     if env.distributed and env.is_main:
         rm.image_encoder()  # rank 0 exports (if need be) before the others load it
     barrier(env)
-    vecs, ok = rm.encode_images([p.image for p in train + val], batch_size=args.eval_batch_size,
-                                mode=args.preprocess, num_workers=args.num_workers,
-                                progress=env.is_main and not args.no_progress,
-                                desc="frozen image tower")
+    vecs, ok = rm.encode_images(
+        [p.image for p in train + val],
+        eval_encoding(args, env.is_main and not args.no_progress),
+        desc="frozen image tower",
+    )
     if not ok.all():
         log.warning("%d images unreadable (zero image used)", int((~ok).sum()))
     contiguous(rm.model)
-    return vecs[:len(train)].to(env.device), vecs[len(train):]
+    return vecs[: len(train)].to(env.device), vecs[len(train) :]
 
 
 # ---------------------------------------------------------------------------
@@ -486,11 +610,9 @@ def evaluate(rm: RecallModel, val: list[Pair], args, image_vecs=None) -> dict:
     """Held-out text->image recall@K: every (owner, text) query against all held-out images."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
-        image_vecs, _ = rm.encode_images([p.image for p in val], batch_size=args.eval_batch_size,
-                                         mode=args.preprocess, num_workers=args.num_workers,
-                                         progress=False, desc="held-out")
+        image_vecs, _ = rm.encode_images([p.image for p in val], eval_encoding(args, False), desc="held-out")
         contiguous(rm.model)
-    txt = rm.encode_texts([t for _, t in queries], batch_size=args.eval_batch_size)
+    txt = rm.encode_texts([t for _, t in queries], eval_encoding(args, False))
     scores = txt @ image_vecs.T
     rec = recall_at_k(scores, [o for o, _ in queries], [p.owner for p in val], args.recall_k)
     return {f"recall@{k}": v for k, v in rec.items()} | {"queries": len(queries), "gallery": len(val)}
@@ -502,13 +624,14 @@ def evaluate(rm: RecallModel, val: list[Pair], args, image_vecs=None) -> dict:
 @dataclass
 class Run:
     """What the loop works with."""
+
     args: argparse.Namespace
     env: object
     out: Path
     align: AlignModel
     tokenizer: object
     encoder: PairEncoder
-    model: nn.Module            # encoder, in DDP under torchrun
+    model: nn.Module  # encoder, in DDP under torchrun
     sampler: ResumableSampler
     loader: DataLoader
     local_bs: int
@@ -527,12 +650,23 @@ class Run:
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         """last.pth + train_state.pt (resumes at batch ``batch_in_epoch`` of ``epoch``)."""
-        save_checkpoint_and_state(self.align, save_align_checkpoint, self.out, self.env,
-                                  model_file=LAST_FILE, state_file=STATE_FILE,
-                                  optimizer=self.optimizer, scheduler=self.scheduler,
-                                  scaler=self.scaler, step=self.step, epoch=epoch,
-                                  batch_in_epoch=batch_in_epoch, metrics=self.metrics,
-                                  config=self.config, best=self.best)
+        save_checkpoint_and_state(
+            self.align,
+            save_align_checkpoint,
+            self.out,
+            self.env,
+            model_file=LAST_FILE,
+            state_file=STATE_FILE,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            step=self.step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            metrics=self.metrics,
+            config=self.config,
+            best=self.best,
+        )
 
 
 def make_run(args, env, out, config, train, val, align, tokenizer) -> Run:
@@ -546,25 +680,58 @@ def make_run(args, env, out, config, train, val, align, tokenizer) -> Run:
     local_bs = args.batch_size // env.world_size
     dataset = PairDataset(train, args.preprocess, image_table is not None)
     sampler = ResumableSampler(dataset, env, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, drop_last=True,
-                        num_workers=0 if image_table is not None else args.num_workers,
-                        collate_fn=Collate(train, tokenizer), generator=loader_generator(args.seed),
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=local_bs,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=0 if image_table is not None else args.num_workers,
+        collate_fn=Collate(train, tokenizer),
+        generator=loader_generator(args.seed),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     steps_per_epoch = (sampler.num_samples // local_bs) // args.accum_steps
     total_steps = steps_per_epoch * args.epochs
     optimizer = build_optimizer(align.named_parameters(), "adamw", args.lr, args.weight_decay)
-    scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps,
-                                args.schedule)
+    scheduler = build_scheduler(optimizer, min(args.warmup_steps, total_steps), total_steps, args.schedule)
     amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda") if amp else None
     trainable = [p for p in align.parameters() if p.requires_grad]
-    log.info("%d trainable tensors (%.2f M values); %d steps per epoch x %d epochs; global batch "
-             "%d x %d accumulation on %d process(es), device %s%s", len(trainable),
-             sum(p.numel() for p in trainable) / 1e6, steps_per_epoch, args.epochs, args.batch_size,
-             args.accum_steps, env.world_size, device, ", fp16 autocast" if amp else "")
-    return Run(args, env, out, align, tokenizer, encoder, wrap_ddp(encoder, env), sampler, loader,
-               local_bs, steps_per_epoch, optimizer, scheduler, scaler, trainable, val, val_vecs,
-               frozen_rm, config)
+    log.info(
+        "%d trainable tensors (%.2f M values); %d steps per epoch x %d epochs; global batch "
+        "%d x %d accumulation on %d process(es), device %s%s",
+        len(trainable),
+        sum(p.numel() for p in trainable) / 1e6,
+        steps_per_epoch,
+        args.epochs,
+        args.batch_size,
+        args.accum_steps,
+        env.world_size,
+        device,
+        ", fp16 autocast" if amp else "",
+    )
+    return Run(
+        args,
+        env,
+        out,
+        align,
+        tokenizer,
+        encoder,
+        wrap_ddp(encoder, env),
+        sampler,
+        loader,
+        local_bs,
+        steps_per_epoch,
+        optimizer,
+        scheduler,
+        scaler,
+        trainable,
+        val,
+        val_vecs,
+        frozen_rm,
+        config,
+    )
 
 
 def train_step(r: Run, it, autocast) -> tuple[float, float, float]:
@@ -575,15 +742,16 @@ def train_step(r: Run, it, autocast) -> tuple[float, float, float]:
     for micro in range(args.accum_steps):
         images, ids, mask = (t.to(device, non_blocking=True) for t in next(it))
         sync = micro == args.accum_steps - 1 or not env.distributed
-        with (contextlib.nullcontext() if sync else r.model.no_sync()):
+        with contextlib.nullcontext() if sync else r.model.no_sync():
             with autocast():
                 img, txt = r.model(images, ids, mask)
                 img, txt = gather_with_grad(img.float(), env), gather_with_grad(txt.float(), env)
                 loss = contrastive_loss(r.align.similarity(img, txt)) / args.accum_steps
             (r.scaler.scale(loss) if r.scaler else loss).backward()
         loss_sum += float(loss.detach())
-    loss_val = check_finite_loss(all_mean(loss_sum, env), r.step + 1,
-                                 "; try a lower --lr or --clip-grad, then --resume")
+    loss_val = check_finite_loss(
+        all_mean(loss_sum, env), r.step + 1, "; try a lower --lr or --clip-grad, then --resume"
+    )
     gnorm = optimizer_step(r.optimizer, r.scheduler, r.scaler, r.trainable, args.clip_grad)
     r.step += 1
     return lr, loss_val, float(gnorm)
@@ -598,8 +766,12 @@ def evaluate_epoch(r: Run, epoch: int) -> None:
         with training_image_engine(args, r.align, r.tokenizer, r.env.device) as rm:
             res = evaluate(rm, r.val, args)
     r.metrics.write(step=r.step, epoch=epoch + 1, split="val", **res)
-    log.info("epoch %d (step %d): held-out %s", epoch + 1, r.step,
-             ", ".join(f"recall@{k} {res[f'recall@{k}']:.3f}" for k in args.recall_k))
+    log.info(
+        "epoch %d (step %d): held-out %s",
+        epoch + 1,
+        r.step,
+        ", ".join(f"recall@{k} {res[f'recall@{k}']:.3f}" for k in args.recall_k),
+    )
     if res[f"recall@{args.select_k}"] > r.best:
         r.best = res[f"recall@{args.select_k}"]
         save_align_checkpoint(r.align, r.out / BEST_FILE)
@@ -617,14 +789,22 @@ def train_loop(r: Run, start_epoch: int, start_batch: int) -> bool:
         r.sampler.set_start(first * args.accum_steps * r.local_bs)
         r.model.train()
         it = iter(r.loader)
-        bar = progress(total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}",
-                       enabled=not args.no_progress)
+        bar = progress(
+            total=r.steps_per_epoch, initial=first, env=env, desc=f"epoch {epoch + 1}", enabled=not args.no_progress
+        )
         for batch_in_epoch in range(first + 1, r.steps_per_epoch + 1):
             t0 = time.perf_counter()
             lr, loss, gnorm = train_step(r, it, autocast)
-            r.metrics.write(step=r.step, epoch=epoch + 1, split="train", loss=loss, lr=lr,
-                            grad_norm=gnorm, logit_scale=float(r.align.logit_scale.detach()),
-                            seconds=time.perf_counter() - t0)
+            r.metrics.write(
+                step=r.step,
+                epoch=epoch + 1,
+                split="train",
+                loss=loss,
+                lr=lr,
+                grad_norm=gnorm,
+                logit_scale=float(r.align.logit_scale.detach()),
+                seconds=time.perf_counter() - t0,
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if batch_in_epoch < r.steps_per_epoch:
@@ -655,18 +835,25 @@ def run_training(args, env, arch, train_pairs, val_pairs) -> None:
         tokenizer = load_tokenizer(args.bert_dir)
         align = load_model(args, arch, out, state, env.device)
         r = make_run(args, env, out, config, train_pairs, val_pairs, align, tokenizer)
-        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", "logit_scale", "seconds"] + \
-            [f"recall@{k}" for k in args.recall_k] + ["queries", "gallery"]
-        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler,
-                                                                 r.scaler, env)
+        fields = (
+            ["step", "epoch", "split", "loss", "lr", "grad_norm", "logit_scale", "seconds"]
+            + [f"recall@{k}" for k in args.recall_k]
+            + ["queries", "gallery"]
+        )
+        r.step, start_epoch, start_batch, r.best = restore_state(state, r.optimizer, r.scheduler, r.scaler, env)
         r.metrics = start_run(out, fields, env, state, args, metrics_file=METRICS_FILE)
         t_start = time.perf_counter()
         stopped = train_loop(r, start_epoch, start_batch)
         if env.is_main:
             if not r.val:
                 save_align_checkpoint(align, out / BEST_FILE)  # nothing to select by: the last
-            log.info("%s after %d steps in %.1f s; checkpoints in %s", "stopped" if stopped else "done",
-                     r.step, time.perf_counter() - t_start, out)
+            log.info(
+                "%s after %d steps in %.1f s; checkpoints in %s",
+                "stopped" if stopped else "done",
+                r.step,
+                time.perf_counter() - t_start,
+                out,
+            )
 
 
 @entry_point

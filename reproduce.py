@@ -9,6 +9,7 @@ does not count: device, backend, batch size, workers, progress). The stamp goes 
 starts, so an interrupted step reruns. After changing an input by hand: --force STEP.
 Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,47 +24,88 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils import cli
-from utils.data import atomic_write, exclusive_lock, write_json
+from utils.io import atomic_write, exclusive_lock, write_json
 
 ROOT = Path(__file__).resolve().parent
 STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images", "rank-eval")
 BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
 ALL_STEPS = STEPS + BASELINE_STEPS
 MODEL_STEPS, IMAGE_STEPS = ("recall-infer", "rank-eval", "taiyi-infer"), ("recall-images", "rank-images")
-NEEDED_ASSETS = ("recall_csv", "rank_val_csv", "poi_pic_num", "poi_image_vectors", "poi_name_vectors",
-                 "align_weights", "ranker_weights", "bert_vocab", "bert_config")
-BASELINE_ASSETS = ("taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
-                   "taiyi_text_special_tokens", "taiyi_text_finetuned", "clip_config",
-                   "clip_preprocessor_config", "clip_weights")
-INPUT_FLAGS = {"--csv", "--image-dir", "--checkpoint", "--bert-dir", "--arch", "--results", "--compare",
-               "--taiyi-text-dir", "--taiyi-text-weights", "--clip-dir", "--poi-pic-num",
-               "--poi-image-vectors", "--poi-name-vectors"}
+NEEDED_ASSETS = (
+    "recall_csv",
+    "rank_val_csv",
+    "poi_pic_num",
+    "poi_image_vectors",
+    "poi_name_vectors",
+    "align_weights",
+    "ranker_weights",
+    "bert_vocab",
+    "bert_config",
+)
+BASELINE_ASSETS = (
+    "taiyi_text_config",
+    "taiyi_text_vocab",
+    "taiyi_text_tokenizer_config",
+    "taiyi_text_special_tokens",
+    "taiyi_text_finetuned",
+    "clip_config",
+    "clip_preprocessor_config",
+    "clip_weights",
+)
+INPUT_FLAGS = {
+    "--csv",
+    "--image-dir",
+    "--checkpoint",
+    "--bert-dir",
+    "--arch",
+    "--results",
+    "--compare",
+    "--taiyi-text-dir",
+    "--taiyi-text-weights",
+    "--clip-dir",
+    "--poi-pic-num",
+    "--poi-image-vectors",
+    "--poi-name-vectors",
+}
 OUTPUT_FLAGS = {"--out", "--output", "--json", "--metrics", "--html"}
 BACKENDS = ("auto", "torch", "onnx")
-ROWS = {"recall@1": "recall/1", "recall@5": "recall/5", "recall@10": "recall/10", "recall MRR@10": "mrr",
-        "ranking accuracy": "accuracy", "ranking ROC-AUC": "auc", "ranking log loss": "log_loss",
-        "ranking constant guess": "baseline"}  # table row -> its key in the metrics JSON of its step
+ROWS = {
+    "recall@1": "recall/1",
+    "recall@5": "recall/5",
+    "recall@10": "recall/10",
+    "recall MRR@10": "mrr",
+    "ranking accuracy": "accuracy",
+    "ranking ROC-AUC": "auc",
+    "ranking log loss": "log_loss",
+    "ranking constant guess": "baseline",
+}  # table row -> its key in the metrics JSON of its step
 PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
 PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
 SCRIPTS = {  # step -> the script calls that make its outputs ({*x}: options that may be absent)
     "assets": ["download_assets --dest {dest} --manifest {manifest} --only {*needed} {*mirror}"],
     "recall-images": ["download_images --csv {recall_csv} --out {img}/recall"],
-    "recall-infer": ["recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
-                     "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"],
-    "recall-eval": ["recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json {o}/recall/metrics.json "
-                    "{*html}"],
+    "recall-infer": [
+        "recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
+        "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"
+    ],
+    "recall-eval": ["recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json {o}/recall/metrics.json {*html}"],
     "rank-images": ["download_images --csv {rank_val_csv} --out {img}/rank"],
-    "rank-eval": ["rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint {ranker_weights} "
-                  "--bert-dir {bert} --poi-pic-num {poi_pic_num} --poi-image-vectors {poi_image_vectors} "
-                  "--poi-name-vectors {poi_name_vectors} --output {o}/rank/scores.csv "
-                  "--metrics {o}/rank/metrics.json {*arch}"],
-    "taiyi-infer": ["recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall --taiyi-text-dir "
-                    "{taiyi} --taiyi-text-weights {taiyi_text_finetuned} --clip-dir {clip} "
-                    "--output {o}/baseline/taiyi_top10.csv --topk 10"],
+    "rank-eval": [
+        "rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint {ranker_weights} "
+        "--bert-dir {bert} --poi-pic-num {poi_pic_num} --poi-image-vectors {poi_image_vectors} "
+        "--poi-name-vectors {poi_name_vectors} --output {o}/rank/scores.csv "
+        "--metrics {o}/rank/metrics.json {*arch}"
+    ],
+    "taiyi-infer": [
+        "recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall --taiyi-text-dir "
+        "{taiyi} --taiyi-text-weights {taiyi_text_finetuned} --clip-dir {clip} "
+        "--output {o}/baseline/taiyi_top10.csv --topk 10"
+    ],
     "taiyi-eval": [  # and the paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
         "recall_eval --results {o}/baseline/taiyi_top10.csv --k 1 5 10 --json {o}/baseline/taiyi_metrics.json",
         "recall_eval --compare {o}/baseline/taiyi_top10.csv {o}/recall/top10.csv --k 1 5 10 "
-        "--json {o}/baseline/compare.json"],
+        "--json {o}/baseline/compare.json",
+    ],
 }
 log = logging.getLogger("reproduce")
 
@@ -81,24 +123,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     p.error, add = error, p.add_argument
     add("--steps", type=steps, default="all", help="steps to run, comma-separated (default: all)")
-    add("--force", type=functools.partial(steps, all_steps=ALL_STEPS), default="", metavar="STEPS",
-        help="rerun these steps even when done, or all")
+    add(
+        "--force",
+        type=functools.partial(steps, all_steps=ALL_STEPS),
+        default="",
+        metavar="STEPS",
+        help="rerun these steps even when done, or all",
+    )
     add("--dest", default=str(ROOT), help="assets go to DEST/data/ and DEST/assets/ (default: here)")
     add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
     add("--manifest", help="asset manifest (default: the project's assets.json)")
     add("--images-dir", help="image folders IMAGES/recall and IMAGES/rank (default: DEST/data/images)")
-    add("--out-dir", default=str(ROOT / "runs" / "reproduce"), 
-        help="figures, reports, step stamps and the log (default: runs/reproduce)")
+    add(
+        "--out-dir",
+        default=str(ROOT / "runs" / "reproduce"),
+        help="figures, reports, step stamps and the log (default: runs/reproduce)",
+    )
     add("--workers", type=cli.positive_int, default=16, help="concurrent image downloads (default: 16)")
     add("--num-workers", type=cli.non_negative_int, help="image decoding processes of the model steps")
     add("--batch-size", type=cli.positive_int, help="images per batch in the model steps")
-    add("--backend", choices=BACKENDS, default="auto", help="image-encoding engine of every model step "
-        "(default auto: ONNX Runtime on a CPU when it agrees with torch); figures do not depend on it")
-    add("--recall-backend", dest="backend", choices=BACKENDS, default=argparse.SUPPRESS,
-        help="deprecated alias of --backend")
+    add(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image-encoding engine of every model step "
+        "(default auto: ONNX Runtime on a CPU when it agrees with torch); figures do not depend on it",
+    )
+    add(
+        "--recall-backend",
+        dest="backend",
+        choices=BACKENDS,
+        default=argparse.SUPPRESS,
+        help="deprecated alias of --backend",
+    )
     add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
-    add("--max-failures", type=cli.count_or_percent, default="20%",
-        help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)")
+    add(
+        "--max-failures",
+        type=cli.count_or_percent,
+        default="20%",
+        help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)",
+    )
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
     cli.add_common_args(p)
@@ -121,6 +185,7 @@ def _load(path) -> dict:
 class Step:
     """``calls``: [module, *argv] whose arguments shape the outputs (the stamp records them; inputs
     and outputs are read off their path flags); ``extra``: how it runs, not recorded."""
+
     name: str
     calls: list
     extra: list = field(default_factory=list)
@@ -138,8 +203,15 @@ class Step:
         """None when done, else the reason to run."""
         calls = _load(self.stamp(out)).get("calls")
         gone = [str(p) for p in self.outputs if not Path(p).exists()]
-        return ("not done" if calls is None else "arguments changed" if calls != self.calls
-                else f"output missing: {gone[0]}" if gone else None)
+        return (
+            "not done"
+            if calls is None
+            else "arguments changed"
+            if calls != self.calls
+            else f"output missing: {gone[0]}"
+            if gone
+            else None
+        )
 
     def run(self) -> int:
         """The scripts' ``main(argv)`` in this process, in turn; the first failing exit status."""
@@ -165,20 +237,37 @@ def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
     needed = NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines
     p = {name: str(Path(args.dest, path)) for name, path in assets.items()}
     p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
-    p |= {k: str(Path(p.get(n, ".")).parent) for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"),
-                                                           ("taiyi", "taiyi_text_vocab"))}
-    fill = lambda line: [x for t in line.split()  # noqa: E731 - split first: paths may hold spaces
-                         for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])]
-    p |= {"*needed": list(needed), "*arch": ["--arch", args.arch] if args.arch else [],
-          "*mirror": ["--mirror", args.mirror] if args.mirror else [],
-          "*html": [] if args.no_html else fill("--html {o}/recall/report.html --image-dir {img}/recall")}
+    p |= {
+        k: str(Path(p.get(n, ".")).parent)
+        for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"), ("taiyi", "taiyi_text_vocab"))
+    }
+    fill = (
+        lambda line: [
+            x
+            for t in line.split()  # noqa: E731 - split first: paths may hold spaces
+            for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])
+        ]
+    )
+    p |= {
+        "*needed": list(needed),
+        "*arch": ["--arch", args.arch] if args.arch else [],
+        "*mirror": ["--mirror", args.mirror] if args.mirror else [],
+        "*html": [] if args.no_html else fill("--html {o}/recall/report.html --image-dir {img}/recall"),
+    }
     progress = ["--no-progress"] if args.no_progress else []
-    model = ["--device", args.device, "--backend", args.backend, *progress,
-             *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
-             *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
-    how = {**dict.fromkeys(MODEL_STEPS, model),
-           **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), "--max-failures",
-                                         args.max_failures, *progress])}
+    model = [
+        "--device",
+        args.device,
+        "--backend",
+        args.backend,
+        *progress,
+        *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+    ]
+    how = {
+        **dict.fromkeys(MODEL_STEPS, model),
+        **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), "--max-failures", args.max_failures, *progress]),
+    }
     steps = {}
     for name in args.steps:
         calls = [fill(line) for line in SCRIPTS[name]]  # check_args made sure the manifest has their assets
@@ -190,23 +279,38 @@ def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
 def report(args) -> None:
     """The table metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines) and its
     notes, from the steps' metrics: on stdout and in OUT/results.md and OUT/results.json."""
-    rec, rk, tai, cmp = (_load(f"{args.out_dir}/{f}.json") for f in (
-        "recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare"))
+    rec, rk, tai, cmp = (
+        _load(f"{args.out_dir}/{f}.json")
+        for f in ("recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare")
+    )
     dig = lambda d, key: functools.reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # noqa: E731 "a/b"
     rows = []
     for metric, key in ROWS.items():
         recall = metric.startswith("recall")
         if (ours := dig(rec if recall else rk, key)) is None:
             continue
-        rows.append({"metric": metric, "paper": PAPER.get(metric), "ours": ours,
-                     "difference": ours - PAPER[metric] if metric in PAPER else None})
+        rows.append(
+            {
+                "metric": metric,
+                "paper": PAPER.get(metric),
+                "ours": ours,
+                "difference": ours - PAPER[metric] if metric in PAPER else None,
+            }
+        )
         if args.with_baselines and recall:
             d = dig(cmp, key + "/B-A") or {}
-            rows[-1].update(taiyi_paper=PAPER_TAIYI.get(metric), taiyi=dig(tai, key),
-                            ours_minus_taiyi=d.get("value"), ours_minus_taiyi_ci=d.get("ci"))
-    notes = {"recall POIs": rec.get("n_pois"), "ranking pairs scored": rk.get("pairs_scored"),
-             "ranking pairs with a missing image": rk.get("pairs_with_missing_image"),
-             "Taiyi-CLIP POIs": tai.get("n_pois") if args.with_baselines else None}
+            rows[-1].update(
+                taiyi_paper=PAPER_TAIYI.get(metric),
+                taiyi=dig(tai, key),
+                ours_minus_taiyi=d.get("value"),
+                ours_minus_taiyi_ci=d.get("ci"),
+            )
+    notes = {
+        "recall POIs": rec.get("n_pois"),
+        "ranking pairs scored": rk.get("pairs_scored"),
+        "ranking pairs with a missing image": rk.get("pairs_with_missing_image"),
+        "Taiyi-CLIP POIs": tai.get("n_pois") if args.with_baselines else None,
+    }
     for w in ("recall", "rank"):
         if Path(args.images_dir, w, "manifest.jsonl").is_file():
             c = image_counts(Path(args.images_dir, w, "manifest.jsonl"))
@@ -228,8 +332,11 @@ def format_table(rows: list[dict]) -> str:
         head += ["Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]"]
         for c, r in zip(cells, rows):
             d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
-            c += [fmt(r.get("taiyi_paper")), fmt(r.get("taiyi")),
-                  fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else "")]
+            c += [
+                fmt(r.get("taiyi_paper")),
+                fmt(r.get("taiyi")),
+                fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else ""),
+            ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
@@ -237,7 +344,8 @@ def format_table(rows: list[dict]) -> str:
 
 def check_args(args) -> tuple[str, dict]:
     """What a user can get wrong, before any work: (manifest, its asset name -> path)."""
-    from utils.assets import DEFAULT_MANIFEST, AssetError, load_manifest  # noqa: PLC0415
+    from utils.fetch import DEFAULT_MANIFEST, AssetError, load_manifest  # noqa: PLC0415
+
     manifest = str(cli.input_file(args.manifest, "--manifest") if args.manifest else DEFAULT_MANIFEST)
     try:
         assets = {a.name: a.path for a in load_manifest(manifest)}
@@ -292,8 +400,11 @@ def run_step(step: Step, out: Path, forced: bool) -> int:
         return 0
     absent = [f"{k} {v}" for k, v in step.inputs.items() if not Path(v).exists()]
     if absent:
-        say(f"step {step.name}: cannot run, missing input: {'; '.join(absent)} (run the earlier steps "
-            f"first, e.g. reproduce.py --steps {','.join(ALL_STEPS[:ALL_STEPS.index(step.name)])})", error=True)
+        say(
+            f"step {step.name}: cannot run, missing input: {'; '.join(absent)} (run the earlier steps "
+            f"first, e.g. reproduce.py --steps {','.join(ALL_STEPS[: ALL_STEPS.index(step.name)])})",
+            error=True,
+        )
         return 1
     say(f"step {step.name}: running ({why})")
     step.stamp(out).unlink(missing_ok=True)  # not done until it finishes
@@ -306,8 +417,11 @@ def run_step(step: Step, out: Path, forced: bool) -> int:
     if rc == cli.EXIT_INTERRUPTED:  # Ctrl-C, said in one line by the step script's cli.entry_point
         return rc
     if rc != 0:
-        say(f"step {step.name}: FAILED (exit status {rc}); see the messages above and {out}/reproduce.log. "
-            f"Fix the cause and rerun: finished steps are skipped.", error=True)
+        say(
+            f"step {step.name}: FAILED (exit status {rc}); see the messages above and {out}/reproduce.log. "
+            f"Fix the cause and rerun: finished steps are skipped.",
+            error=True,
+        )
         return 1
     write_json(step.stamp(out), {"step": step.name, "calls": step.calls})
     say(f"step {step.name}: done in {time.monotonic() - t:.1f} s")

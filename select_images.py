@@ -45,7 +45,25 @@ report. With ``--ray``, an ``--out`` not ending in ``.csv`` is a directory of Pa
 Exit status: 0 on success (also when some items have no readable image), 2 for bad input
 (one line on stderr, checked before any model is loaded where possible).
 """
+
 from __future__ import annotations
+
+from utils.cli import (
+    DECODE_WORKERS_HELP,
+    DataError,
+    add_common_args,
+    entry_point,
+    finite_float,
+    input_dir,
+    input_file,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    resolve_device,
+    setup_logging,
+)
 
 import argparse
 import contextlib
@@ -55,78 +73,113 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from utils.cli import (DECODE_WORKERS_HELP, add_common_args, entry_point, finite_float, input_dir,
-                       input_file, non_negative_float, non_negative_int, output_dir, output_file,
-                       positive_int, resolve_device, setup_logging)
-from utils.data import DataError, write_json
-from utils.embed import PRECISIONS
-from utils.images import PREPROCESS_MODES
-from utils.onnx_backend import BACKENDS
-from utils.poi import PoiTableError
-from utils.select import (DOWNLOAD_FAILED, DUPLICATE, MISSING, OK, UNREADABLE, Item,
-                          assign_final_ranks, mark_duplicates, read_catalogue, resolve_images,
-                          score_recall, set_ranker_scores, shortlist, write_output, write_report)
+from models import BACKENDS, PRECISIONS
+from utils.args import Encoding
+from utils.formats import PREPROCESS_MODES, PoiTableError
+from utils.io import write_json
+from utils.selection import (
+    DOWNLOAD_FAILED,
+    DUPLICATE,
+    MISSING,
+    OK,
+    UNREADABLE,
+    Item,
+    assign_final_ranks,
+    mark_duplicates,
+    read_catalogue,
+    resolve_images,
+    score_recall,
+    set_ranker_scores,
+    shortlist,
+    write_output,
+    write_report,
+)
 
 log = logging.getLogger("select_images")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="select_images.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="select_images.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("inputs")
-    g.add_argument("--items", required=True,
-                   help="catalogue CSV or Parquet: item_id,title,poi_names,image (one row per candidate)")
+    g.add_argument(
+        "--items", required=True, help="catalogue CSV or Parquet: item_id,title,poi_names,image (one row per candidate)"
+    )
     g.add_argument("--ranker-checkpoint", help="ranker checkpoint (required unless --recall-only)")
-    g.add_argument("--recall-checkpoint",
-                   help="recall checkpoint for stage 1 (default: the ranker's own copy)")
+    g.add_argument("--recall-checkpoint", help="recall checkpoint for stage 1 (default: the ranker's own copy)")
     g.add_argument("--bert-dir", required=True, help="directory with bert-base-chinese config.json and vocab.txt")
-    g.add_argument("--arch", help="architecture JSON for a small variant, applied to both models "
-                                  "(default: recorded in the checkpoints, else the released one)")
+    g.add_argument(
+        "--arch",
+        help="architecture JSON for a small variant, applied to both models "
+        "(default: recorded in the checkpoints, else the released one)",
+    )
     g.add_argument("--poi-pic-num", help="pic-num table (.npy published or .npz safe format)")
     g.add_argument("--poi-image-vectors", help="POI mean image vector table")
     g.add_argument("--poi-name-vectors", help="POI name vector table")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="load .npy tables with plain np.load(allow_pickle=True) (code in them would run)")
+    g.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load .npy tables with plain np.load(allow_pickle=True) (code in them would run)",
+    )
     o = p.add_argument_group("outputs")
-    o.add_argument("--out", required=True,
-                   help="output CSV, one row per candidate (with --ray and no .csv suffix: a "
-                        "directory of Parquet shards)")
+    o.add_argument(
+        "--out",
+        required=True,
+        help="output CSV, one row per candidate (with --ray and no .csv suffix: a directory of Parquet shards)",
+    )
     o.add_argument("--html", help="also write a visual HTML report")
     o.add_argument("--summary", help="summary JSON (default <out>.summary.json)")
     r = p.add_argument_group("running")
-    r.add_argument("--recall-k", type=positive_int, default=5,
-                   help="candidates per item passed to the ranker (default 5)")
+    r.add_argument(
+        "--recall-k", type=positive_int, default=5, help="candidates per item passed to the ranker (default 5)"
+    )
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
     r.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
     r.add_argument("--download-workers", type=positive_int, default=8, help="concurrent downloads")
     r.add_argument("--timeout", type=finite_float, default=30.0, help="per-download read timeout, seconds")
     r.add_argument("--cache-dir", help="embedding cache directory (utils/cache.py; local path only)")
-    r.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image engine: auto = ONNX Runtime on a CPU when it agrees with torch "
-                        "(checked on load), else torch (default auto)")
+    r.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image engine: auto = ONNX Runtime on a CPU when it agrees with torch "
+        "(checked on load), else torch (default auto)",
+    )
     r.add_argument("--batch-size", type=positive_int, help="images per batch (default 32 CPU, 128 CUDA)")
     r.add_argument("--text-batch-size", type=positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)")
     r.add_argument("--head-batch-size", type=positive_int, default=512)
-    r.add_argument("--num-workers", "--workers", dest="workers", type=non_negative_int,
-                   help=DECODE_WORKERS_HELP)
-    r.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference",
-                   help="reference = the authors' exact preprocessing; fast = JPEG draft decoding")
+    r.add_argument("--num-workers", "--workers", dest="workers", type=non_negative_int, help=DECODE_WORKERS_HELP)
+    r.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="reference",
+        help="reference = the authors' exact preprocessing; fast = JPEG draft decoding",
+    )
     r.add_argument("--precision", choices=PRECISIONS, default="fp32")
     add_common_args(r)
     y = p.add_argument_group("Ray Data (select_ray.py)")
-    y.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run on Ray Data: without ADDRESS a local Ray started in-process (or the "
-                        "cluster of RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)")
-    y.add_argument("--actors", type=positive_int, default=1,
-                   help="encoding actors, one model each (default 1)")
-    y.add_argument("--gpus-per-actor", type=non_negative_float, default=0.0,
-                   help="GPUs per encoding actor (default 0: CPU actors)")
-    y.add_argument("--cpus-per-actor", type=non_negative_float, default=1.0,
-                   help="CPUs reserved per encoding actor (default 1)")
-    y.add_argument("--shard-items", type=positive_int, default=64,
-                   help="items per shard: the unit of work, of retries and of --out's Parquet files "
-                        "(default 64)")
+    y.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray Data: without ADDRESS a local Ray started in-process (or the "
+        "cluster of RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)",
+    )
+    y.add_argument("--actors", type=positive_int, default=1, help="encoding actors, one model each (default 1)")
+    y.add_argument(
+        "--gpus-per-actor", type=non_negative_float, default=0.0, help="GPUs per encoding actor (default 0: CPU actors)"
+    )
+    y.add_argument(
+        "--cpus-per-actor", type=non_negative_float, default=1.0, help="CPUs reserved per encoding actor (default 1)"
+    )
+    y.add_argument(
+        "--shard-items",
+        type=positive_int,
+        default=64,
+        help="items per shard: the unit of work, of retries and of --out's Parquet files (default 64)",
+    )
     return p
 
 
@@ -142,10 +195,18 @@ def check_args(args) -> None:
         raise DataError("--recall-only needs --recall-checkpoint (or --ranker-checkpoint for its copy)")
     tables = [args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors]
     if any(tables) and not all(tables):
-        raise PoiTableError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: "
-                            "give all three or none")
-    for opt in ("items", "ranker_checkpoint", "recall_checkpoint", "arch", "poi_pic_num",
-                "poi_image_vectors", "poi_name_vectors"):
+        raise PoiTableError(
+            "--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: give all three or none"
+        )
+    for opt in (
+        "items",
+        "ranker_checkpoint",
+        "recall_checkpoint",
+        "arch",
+        "poi_pic_num",
+        "poi_image_vectors",
+        "poi_name_vectors",
+    ):
         if getattr(args, opt):
             input_file(getattr(args, opt), "--" + opt.replace("_", "-"))
     input_dir(args.bert_dir, "--bert-dir")
@@ -209,6 +270,7 @@ class Models:
     """``recall`` encodes stage 1 (images and titles); ``rank_rm`` is the RecallModel
     around the ranker's own copy (stage-2 images on the "two" path, pois_feature texts).
     ``path``: "single" (one model for both stages), "two" or "recall-only"."""
+
     recall: object
     ranker: object | None
     rank_rm: object | None
@@ -217,7 +279,7 @@ class Models:
 
 
 def load_models(args, device) -> Models:
-    from models.factory import build_ranker, build_recall_model
+    from models import build_ranker, build_recall_model
 
     kw = dict(device=device, backend=args.backend)
     if args.recall_only:
@@ -232,36 +294,48 @@ def load_models(args, device) -> Models:
         hashes["recall"] = hashes["ranker_align"]
         log.info("no --recall-checkpoint: stage 1 uses the ranker's copy (single encode path)")
         return Models(rank_rm, ranker, rank_rm, "single", hashes)
-    rm = build_recall_model("align", checkpoint=args.recall_checkpoint, bert_dir=args.bert_dir,
-                            arch=args.arch, **kw)
+    rm = build_recall_model("align", checkpoint=args.recall_checkpoint, bert_dir=args.bert_dir, arch=args.arch, **kw)
     hashes["recall"] = rm.weights_hash()
     if hashes["recall"] == hashes["ranker_align"]:
-        log.info("%s holds the same weights as the ranker's copy: image vectors are computed "
-                 "once for both stages (single encode path)", args.recall_checkpoint)
+        log.info(
+            "%s holds the same weights as the ranker's copy: image vectors are computed "
+            "once for both stages (single encode path)",
+            args.recall_checkpoint,
+        )
         return Models(rank_rm, ranker, rank_rm, "single", hashes)
-    log.info("%s differs from the ranker's copy of the recall model (%s... vs %s...): stage 2 "
-             "encodes its short-listed images again (two encode path)", args.recall_checkpoint,
-             hashes["recall"][:12], hashes["ranker_align"][:12])
+    log.info(
+        "%s differs from the ranker's copy of the recall model (%s... vs %s...): stage 2 "
+        "encodes its short-listed images again (two encode path)",
+        args.recall_checkpoint,
+        hashes["recall"][:12],
+        hashes["ranker_align"][:12],
+    )
     return Models(rm, ranker, rank_rm, "two", hashes)
 
 
 def load_tables(args, models: Models):
     """The three POI tables, or ``None`` when none is given or there is no ranker."""
-    from utils.poi import load_poi_tables
+    from utils.formats import load_poi_tables
 
     if models.ranker is None or not args.poi_pic_num:
         if models.ranker is not None:
             log.info("no POI tables: every item's POI sequence is empty (poi_len 0)")
         return None
-    return load_poi_tables(args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors,
-                           dim=models.rank_rm.embed_dim, trust_pickle=args.trust_pickle)
+    return load_poi_tables(
+        args.poi_pic_num,
+        args.poi_image_vectors,
+        args.poi_name_vectors,
+        dim=models.rank_rm.embed_dim,
+        trust_pickle=args.trust_pickle,
+    )
 
 
 def item_inputs(title: str, poi_names: str, tables, dim: int):
     """As rank_eval: utils.poi.build_item_inputs with the tables; without tables no POI
     sequence (poi_len 0) and pois_feature text per the SPEC rule."""
     import numpy as np
-    from utils.poi import MAX_POIS, ItemInputs, pois_text
+
+    from utils.formats import MAX_POIS, ItemInputs, pois_text
 
     if tables is not None:
         return tables.inputs(title, poi_names)
@@ -273,33 +347,33 @@ def item_inputs(title: str, poi_names: str, tables, dim: int):
 # step 3: images (local paths and downloads)
 # ---------------------------------------------------------------------------
 def resolve(args, items: list[Item], progress: bool) -> dict:
-    fetch = resolve_images(items, os.path.dirname(os.path.abspath(args.items)), image_cache_of(args),
-                           workers=args.download_workers, timeout=args.timeout, progress=progress)
+    fetch = resolve_images(
+        items,
+        os.path.dirname(os.path.abspath(args.items)),
+        image_cache_of(args),
+        workers=args.download_workers,
+        timeout=args.timeout,
+        progress=progress,
+    )
     n_dup = mark_duplicates(items)
     if n_dup:
-        log.warning("%d rows repeat an image already listed for the same item; scored once, "
-                    "marked duplicate", n_dup)
+        log.warning("%d rows repeat an image already listed for the same item; scored once, marked duplicate", n_dup)
     return fetch
 
 
 # ---------------------------------------------------------------------------
 # steps 4-6: encode, score, rank
 # ---------------------------------------------------------------------------
+def encoding(args, progress: bool) -> Encoding:
+    return Encoding.from_args(args, num_workers=args.workers, progress=progress)
+
+
 def encode_files(args, rm, files, desc, stats, progress) -> tuple[dict, dict]:
     """``{file: vector}``, ``{file: decoded?}`` with RecallModel ``rm`` (and the embedding
     cache of its weights when --cache-dir is given)."""
     if not files:
         return {}, {}
-    from utils.cache import EmbeddingCache
-
-    cache = EmbeddingCache(args.cache_dir, rm.identity()) if args.cache_dir else None
-    try:
-        emb, ok = rm.encode_images(files, args.batch_size, precision=args.precision,
-                                   mode=args.preprocess, num_workers=args.workers, cache=cache,
-                                   stats=stats, progress=progress, desc=desc)
-    finally:
-        if cache is not None:
-            cache.close()
+    emb, ok = rm.encode_images(files, encoding(args, progress), stats=stats, desc=desc)
     return {f: emb[i] for i, f in enumerate(files)}, {f: bool(ok[i]) for i, f in enumerate(files)}
 
 
@@ -323,13 +397,13 @@ def encode_item_texts(args, items, models: Models, inputs: dict) -> tuple[dict, 
     feats = list(dict.fromkeys(inp.pois_text for inp in inputs.values()))
     if models.path == "single":
         texts = list(dict.fromkeys(titles + feats))
-        tv = models.recall.encode_texts(texts, args.text_batch_size, precision=args.precision)
+        tv = models.recall.encode_texts(texts, encoding(args, False))
         vec = {s: tv[i] for i, s in enumerate(texts)}
         return vec, vec, len(texts)
-    tv = models.recall.encode_texts(titles, args.text_batch_size, precision=args.precision)
+    tv = models.recall.encode_texts(titles, encoding(args, False))
     feat_vec = {}
     if feats:
-        fv = models.rank_rm.encode_texts(feats, args.text_batch_size, precision=args.precision)
+        fv = models.rank_rm.encode_texts(feats, encoding(args, False))
         feat_vec = {s: fv[i] for i, s in enumerate(feats)}
     return {s: tv[i] for i, s in enumerate(titles)}, feat_vec, len(dict.fromkeys(titles + feats))
 
@@ -361,7 +435,9 @@ def score_head(args, short, models: Models, vec2: dict, feat_vec: dict, inputs: 
         torch.stack([feat_vec[x.pois_text] for x in inp]),
         torch.from_numpy(np.stack([x.poi_img for x in inp])),
         torch.from_numpy(np.stack([x.poi_txt for x in inp])),
-        torch.tensor([x.poi_len for x in inp]), batch_size=args.head_batch_size)
+        torch.tensor([x.poi_len for x in inp]),
+        batch_size=args.head_batch_size,
+    )
     set_ranker_scores(short, scores.tolist())
 
 
@@ -373,8 +449,9 @@ def image_backend(args, models: Models, counts: dict) -> str:
     return models.recall.image_backend(args.precision)
 
 
-def select_block(args, items: list[Item], models: Models, tables, progress: bool = False,
-                 clock: "Clock | None" = None) -> dict:
+def select_block(
+    args, items: list[Item], models: Models, tables, progress: bool = False, clock: Clock | None = None
+) -> dict:
     """Steps 4-6 on ``items`` (files resolved): encode, recall scores and ranks, the
     short list, stage-2 vectors, the head, final ranks. Used on the whole catalogue by
     the local path and on one shard at a time by each Ray actor. Returns the counts of
@@ -385,8 +462,11 @@ def select_block(args, items: list[Item], models: Models, tables, progress: bool
     with clock("stage1_images"):
         vec1 = encode_stage1(args, items, models, stats1, progress)
     with clock("texts"):
-        inputs = ({it.item_id: item_inputs(it.title, it.poi_names, tables, models.rank_rm.embed_dim)
-                   for it in items} if models.ranker is not None else {})
+        inputs = (
+            {it.item_id: item_inputs(it.title, it.poi_names, tables, models.rank_rm.embed_dim) for it in items}
+            if models.ranker is not None
+            else {}
+        )
         title_vec, feat_vec, n_texts = encode_item_texts(args, items, models, inputs)
     with clock("head"):
         score_recall(items, vec1, title_vec)
@@ -397,35 +477,55 @@ def select_block(args, items: list[Item], models: Models, tables, progress: bool
         score_head(args, short, models, vec2, feat_vec, inputs)
         for it in items:
             assign_final_ranks(it)
-    return {"stage2_candidates": len(short), "distinct_images": stats1.get("distinct", 0),
-            "images_encoded": {"stage1": stats1.get("encoded", 0), "stage1_cached": stats1.get("cached", 0),
-                               "stage2": stats2.get("encoded", 0), "stage2_cached": stats2.get("cached", 0)},
-            "texts_encoded": n_texts,
-            "items_with_unknown_poi": sum(bool(x.unknown) for x in inputs.values()),
-            "unknown_pois": sorted({n for x in inputs.values() for n in x.unknown})}
+    return {
+        "stage2_candidates": len(short),
+        "distinct_images": stats1.get("distinct", 0),
+        "images_encoded": {
+            "stage1": stats1.get("encoded", 0),
+            "stage1_cached": stats1.get("cached", 0),
+            "stage2": stats2.get("encoded", 0),
+            "stage2_cached": stats2.get("cached", 0),
+        },
+        "texts_encoded": n_texts,
+        "items_with_unknown_poi": sum(bool(x.unknown) for x in inputs.values()),
+        "unknown_pois": sorted({n for x in inputs.values() for n in x.unknown}),
+    }
 
 
 # ---------------------------------------------------------------------------
 # step 7: outputs and the end-of-run summary (shared with the Ray path)
 # ---------------------------------------------------------------------------
-def summarize(args, cat: Catalogue, path: str, hashes: dict, fetch: dict, counts: dict,
-              device: str, backend: str) -> dict:
+def summarize(
+    args, cat: Catalogue, path: str, hashes: dict, fetch: dict, counts: dict, device: str, backend: str
+) -> dict:
     items, cands = cat.items, cat.cands
     no_sel = [it.item_id for it in items if it.selected is None]
-    status_counts = {s: sum(c.status == s for c in cands)
-                     for s in (OK, MISSING, DOWNLOAD_FAILED, UNREADABLE, DUPLICATE)}
+    status_counts = {
+        s: sum(c.status == s for c in cands) for s in (OK, MISSING, DOWNLOAD_FAILED, UNREADABLE, DUPLICATE)
+    }
     return {
-        "items_csv": args.items, "out": args.out, "items": len(items), "candidates": len(cands),
-        "bad_rows": len(cat.errors), "bad_row_list": [str(e) for e in cat.errors],
-        "encode_path": path, "recall_k": args.recall_k,
-        "recall_checkpoint": args.recall_checkpoint, "ranker_checkpoint": args.ranker_checkpoint,
+        "items_csv": args.items,
+        "out": args.out,
+        "items": len(items),
+        "candidates": len(cands),
+        "bad_rows": len(cat.errors),
+        "bad_row_list": [str(e) for e in cat.errors],
+        "encode_path": path,
+        "recall_k": args.recall_k,
+        "recall_checkpoint": args.recall_checkpoint,
+        "ranker_checkpoint": args.ranker_checkpoint,
         "recall_weights_sha256": hashes.get("recall"),
         "ranker_recall_copy_sha256": hashes.get("ranker_align"),
         "poi_tables": bool(args.poi_pic_num) and path != "recall-only",
-        "items_selected": len(items) - len(no_sel), "items_without_readable_candidate": no_sel,
-        "status_counts": status_counts, "downloads": fetch, "image_cache": image_cache_of(args),
+        "items_selected": len(items) - len(no_sel),
+        "items_without_readable_candidate": no_sel,
+        "status_counts": status_counts,
+        "downloads": fetch,
+        "image_cache": image_cache_of(args),
         **counts,
-        "device": str(device), "backend": backend, "preprocess": args.preprocess,
+        "device": str(device),
+        "backend": backend,
+        "preprocess": args.preprocess,
         "precision": args.precision,
     }
 
@@ -440,30 +540,48 @@ def write_html_and_summary(args, cat: Catalogue, summary: dict, timings: dict, p
         shown = ", ".join(no_sel[:10]) + (" ..." if len(no_sel) > 10 else "")
         log.warning("%d items have no readable candidate and get no selection: %s", len(no_sel), shown)
     if unknown:
-        log.warning("%d distinct POI names are missing from a vector table (zero vectors), in %d items: %s",
-                    len(unknown), summary["items_with_unknown_poi"],
-                    ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+        log.warning(
+            "%d distinct POI names are missing from a vector table (zero vectors), in %d items: %s",
+            len(unknown),
+            summary["items_with_unknown_poi"],
+            ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else ""),
+        )
     if args.html:
         t = time.perf_counter()
         st = summary["status_counts"]
-        head = {"items": len(items), "candidates": summary["candidates"],
-                "selected": summary["items_selected"], "without readable candidate": len(no_sel),
-                "encode path": summary["encode_path"],
-                "recall k": args.recall_k if summary["encode_path"] != "recall-only" else "recall only",
-                "unreadable/missing/failed": st[UNREADABLE] + st[MISSING] + st[DOWNLOAD_FAILED],
-                "duplicates": st[DUPLICATE], "unknown POIs": len(unknown),
-                "bad CSV rows": summary["bad_rows"]}
-        summary["html"] = write_report(args.html, items, head, title=f"Image selection: {args.items}",
-                                       progress=progress)
+        head = {
+            "items": len(items),
+            "candidates": summary["candidates"],
+            "selected": summary["items_selected"],
+            "without readable candidate": len(no_sel),
+            "encode path": summary["encode_path"],
+            "recall k": args.recall_k if summary["encode_path"] != "recall-only" else "recall only",
+            "unreadable/missing/failed": st[UNREADABLE] + st[MISSING] + st[DOWNLOAD_FAILED],
+            "duplicates": st[DUPLICATE],
+            "unknown POIs": len(unknown),
+            "bad CSV rows": summary["bad_rows"],
+        }
+        summary["html"] = write_report(
+            args.html, items, head, title=f"Image selection: {args.items}", progress=progress
+        )
         timings["html"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     summary["items_per_s"] = round(len(items) / max(timings["total"], 1e-9), 3)
     write_json(summary_path(args), summary, indent=1)
     enc = summary["images_encoded"]
-    log.info("wrote %s: %d candidates, %d of %d items selected (%s encode path, %d images encoded "
-             "for stage 1, %d for stage 2); %.1f s, %.2f items/s", args.out, summary["candidates"],
-             summary["items_selected"], len(items), summary["encode_path"], enc["stage1"],
-             enc["stage2"], timings["total"], summary["items_per_s"])
+    log.info(
+        "wrote %s: %d candidates, %d of %d items selected (%s encode path, %d images encoded "
+        "for stage 1, %d for stage 2); %.1f s, %.2f items/s",
+        args.out,
+        summary["candidates"],
+        summary["items_selected"],
+        len(items),
+        summary["encode_path"],
+        enc["stage1"],
+        enc["stage2"],
+        timings["total"],
+        summary["items_per_s"],
+    )
 
 
 class Clock:
@@ -505,8 +623,9 @@ def run(args) -> dict:
     counts = select_block(args, cat.items, models, tables, progress, clock)
     with clock("write"):
         write_output(args.out, cat.items)
-    summary = summarize(args, cat, models.path, models.hashes, fetch, counts, device,
-                        image_backend(args, models, counts))
+    summary = summarize(
+        args, cat, models.path, models.hashes, fetch, counts, device, image_backend(args, models, counts)
+    )
     write_html_and_summary(args, cat, summary, clock.total(), progress)
     return summary
 
@@ -518,6 +637,7 @@ def main(argv=None) -> int:
     check_args(args)
     if args.ray is not None:
         import select_ray  # Ray is imported only here: the local path never loads it
+
         select_ray.run(args, pipeline_steps())
     else:
         run(args)
@@ -528,6 +648,7 @@ def pipeline_steps():
     """This module under its importable name: select_ray runs these steps, and Ray's
     workers find them by that name (not as ``__main__``)."""
     import importlib
+
     return importlib.import_module("select_images") if __name__ == "__main__" else sys.modules[__name__]
 
 

@@ -37,6 +37,7 @@ On a cluster every node must see the same paths (catalogue, images, checkpoints,
 ``--out``, ``--image-cache``): a shared filesystem. The project's code is shipped to the
 workers by Ray (``runtime_env`` ``working_dir``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,22 +53,42 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import atomic_path, exclusive_lock
 from utils.hashing import sha256_file
-from utils.select import (OK, UNREADABLE, Item, OUTPUT_HEADER, mark_duplicates, output_rows,
-                          resolve_images, write_output)
+from utils.io import atomic_path, exclusive_lock
+from utils.selection import (
+    OK,
+    OUTPUT_HEADER,
+    UNREADABLE,
+    Item,
+    mark_duplicates,
+    output_rows,
+    resolve_images,
+    write_output,
+)
 
 log = logging.getLogger("select_ray")
 
 ROOT = Path(__file__).resolve().parent
 PLAN_FILE = "_plan.json"
 META_KEY = b"avas_select"
-TASK_RETRIES = 3          # a CPU task whose worker dies is run again up to this often
-ACTOR_RESTARTS = 3        # an encoding actor that dies is restarted up to this often
-FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"   # tests: a file <dir>/<stage> makes that stage's worker die once
+TASK_RETRIES = 3  # a CPU task whose worker dies is run again up to this often
+ACTOR_RESTARTS = 3  # an encoding actor that dies is restarted up to this often
+FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that stage's worker die once
 PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/", "*.pth", "*.ckpt", "*.npy", "*.npz",
-            "*.onnx", "*.parquet"]
+EXCLUDES = [
+    ".git/",
+    ".venv/",
+    "data/",
+    "assets/",
+    "runs/",
+    "**/__pycache__/",
+    "*.pth",
+    "*.ckpt",
+    "*.npy",
+    "*.npz",
+    "*.onnx",
+    "*.parquet",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -98,9 +119,9 @@ def connect(address: str | None = None, **init_kw) -> bool:
         ray.init(address=address, runtime_env=runtime_env(address), **kw)
     except ConnectionError as e:
         from utils.cli import UserError
+
         raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
-    log.info("Ray %s: %s", "cluster " + address if address else "started locally",
-             ray.cluster_resources())
+    log.info("Ray %s: %s", "cluster " + address if address else "started locally", ray.cluster_resources())
     return True
 
 
@@ -122,18 +143,29 @@ def _maybe_die(stage: str) -> None:
 # the plan: shards and what a finished shard must agree with
 # ---------------------------------------------------------------------------
 def plan_shards(items: list[Item], shard_items: int) -> list[list[Item]]:
-    return [items[a:a + shard_items] for a in range(0, len(items), shard_items)]
+    return [items[a : a + shard_items] for a in range(0, len(items), shard_items)]
 
 
 def plan_key(args, hashes: dict, n_shards: int, image_cache: str) -> str:
     """What the output rows depend on: a finished shard is reused only under the same key."""
-    files = {opt: sha256_file(getattr(args, opt)) if getattr(args, opt) else None
-             for opt in ("items", "poi_pic_num", "poi_image_vectors", "poi_name_vectors")}
-    plan = {"files": files, "hashes": hashes, "shards": n_shards, "shard_items": args.shard_items,
-            "recall_k": args.recall_k, "recall_only": args.recall_only,
-            "preprocess": args.preprocess, "precision": args.precision,
-            "image_cache": image_cache, "items_path": args.items}
+    files = {
+        opt: sha256_file(getattr(args, opt)) if getattr(args, opt) else None
+        for opt in ("items", "poi_pic_num", "poi_image_vectors", "poi_name_vectors")
+    }
+    plan = {
+        "files": files,
+        "hashes": hashes,
+        "shards": n_shards,
+        "shard_items": args.shard_items,
+        "recall_k": args.recall_k,
+        "recall_only": args.recall_only,
+        "preprocess": args.preprocess,
+        "precision": args.precision,
+        "image_cache": image_cache,
+        "items_path": args.items,
+    }
     import hashlib
+
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
@@ -176,16 +208,16 @@ def finished_shards(d: Path, key: str, n: int) -> set[int]:
             continue
         meta = shard_meta(p)
         if meta is None:
-            raise UserError(f"--out {d}: holds {p.name}, which is not a shard of select_images.py; "
-                            f"give a new or empty directory")
+            raise UserError(
+                f"--out {d}: holds {p.name}, which is not a shard of select_images.py; give a new or empty directory"
+            )
         k = int(SHARD_NAME.fullmatch(p.name).group(1))
         if meta.get("plan") == key and k < n:
             done.add(k)
         else:
             stale.append(p)
     if stale:
-        log.warning("%s: %d shards of another run (catalogue, weights or settings differ) "
-                    "are removed", d, len(stale))
+        log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
         for p in stale:
             p.unlink()
     return done
@@ -215,8 +247,14 @@ def fetch_stage(batch, args, image_cache: str):
     out = []
     for k, raw in _rows(batch):
         items = pickle.loads(raw)
-        fetch = resolve_images(items, os.path.dirname(args.items), image_cache,
-                               workers=args.download_workers, timeout=args.timeout, progress=False)
+        fetch = resolve_images(
+            items,
+            os.path.dirname(args.items),
+            image_cache,
+            workers=args.download_workers,
+            timeout=args.timeout,
+            progress=False,
+        )
         mark_duplicates(items)
         out.append((k, {"items": items, "fetch": fetch}))
     return _batch(out)
@@ -226,7 +264,8 @@ def decode_stage(batch, args):
     """Stage 2: every distinct readable file decoded and resized to the model's input
     size (uint8); the normalisation runs in the actor (utils.images.to_tensor)."""
     import cv2
-    from utils.images import SIZE, decode_rgb
+
+    from utils.formats import SIZE, decode_rgb
 
     _maybe_die("decode")
     out = []
@@ -257,25 +296,26 @@ class DecodedImages:
         self.arrays = arrays
 
     def __call__(self, path, mode="reference"):
-        from utils.images import ZERO_TENSOR, to_tensor
+        from utils.formats import ZERO_TENSOR, to_tensor
 
         a = self.arrays.get(str(path))
         if a is None:
             return ZERO_TENSOR.clone(), False
-        return to_tensor(a), True   # a is 224 x 224 already: the resize is a copy
+        return to_tensor(a), True  # a is 224 x 224 already: the resize is a copy
 
 
 class Select:
     """Stage 3 (actor): one model set per actor; ``select_block`` on each shard."""
 
     def __init__(self, args, load_models, load_tables, select_block, image_backend):
-        import torch
         from utils.cli import setup_logging
+
+        import torch
 
         setup_logging(args.log_level)
         torch.set_num_threads(max(1, int(round(args.cpus_per_actor or 1))))
         self.args = copy.copy(args)
-        self.args.workers = 0            # images are decoded already
+        self.args.workers = 0  # images are decoded already
         device = "cuda" if args.gpus_per_actor > 0 else "cpu"
         self.select_block, self.image_backend = select_block, image_backend
         self.models = load_models(self.args, device)
@@ -299,14 +339,24 @@ def output_table(items: list[Item], meta: dict):
     """The shard's rows as an Arrow table: the columns of the local CSV, typed."""
     import pyarrow as pa
 
-    types = {"item_id": pa.string(), "line": pa.int64(), "image": pa.string(), "status": pa.string(),
-             "recall_score": pa.float64(), "recall_rank": pa.int64(), "ranker_score": pa.float64(),
-             "final_rank": pa.int64(), "selected": pa.int8(), "file": pa.string(), "detail": pa.string()}
+    types = {
+        "item_id": pa.string(),
+        "line": pa.int64(),
+        "image": pa.string(),
+        "status": pa.string(),
+        "recall_score": pa.float64(),
+        "recall_rank": pa.int64(),
+        "ranker_score": pa.float64(),
+        "final_rank": pa.int64(),
+        "selected": pa.int8(),
+        "file": pa.string(),
+        "detail": pa.string(),
+    }
     cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
-    schema = pa.schema([(n, types[n]) for n in OUTPUT_HEADER],
-                       metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()})
-    return pa.Table.from_arrays([pa.array(list(c), type=types[n]) for n, c in zip(OUTPUT_HEADER, cols)],
-                                schema=schema)
+    schema = pa.schema(
+        [(n, types[n]) for n in OUTPUT_HEADER], metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()}
+    )
+    return pa.Table.from_arrays([pa.array(list(c), type=types[n]) for n, c in zip(OUTPUT_HEADER, cols)], schema=schema)
 
 
 def write_stage(batch, shard_dir: str, key: str):
@@ -317,8 +367,7 @@ def write_stage(batch, shard_dir: str, key: str):
     ks, ns = [], []
     for k, raw in _rows(batch):
         p = pickle.loads(raw)
-        table = output_table(p["items"], {"plan": key, "shard": k, "fetch": p["fetch"],
-                                          "counts": p["counts"]})
+        table = output_table(p["items"], {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]})
         with atomic_path(shard_file(Path(shard_dir), k)) as tmp:
             pq.write_table(table, tmp)
         ks.append(k)
@@ -332,9 +381,21 @@ def write_stage(batch, shard_dir: str, key: str):
 def absolute_paths(args) -> argparse.Namespace:
     """Workers may run elsewhere (another cwd, another node): every path made absolute."""
     a = copy.copy(args)
-    for opt in ("items", "ranker_checkpoint", "recall_checkpoint", "bert_dir", "arch", "poi_pic_num",
-                "poi_image_vectors", "poi_name_vectors", "out", "html", "summary", "image_cache",
-                "cache_dir"):
+    for opt in (
+        "items",
+        "ranker_checkpoint",
+        "recall_checkpoint",
+        "bert_dir",
+        "arch",
+        "poi_pic_num",
+        "poi_image_vectors",
+        "poi_name_vectors",
+        "out",
+        "html",
+        "summary",
+        "image_cache",
+        "cache_dir",
+    ):
         v = getattr(a, opt, None)
         if v:
             setattr(a, opt, os.path.abspath(os.path.expanduser(v)))
@@ -344,17 +405,22 @@ def absolute_paths(args) -> argparse.Namespace:
 def check_resources(args) -> None:
     """The actor pool must leave a CPU for the fetch/decode tasks and find its GPUs;
     otherwise the pipeline would wait forever."""
-    import ray
     from utils.cli import UserError
+
+    import ray
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
     if args.actors * args.cpus_per_actor > cpus - 1:
-        raise UserError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves "
-                        f"no CPU of the cluster's {cpus:g} for fetching and decoding: lower one of them")
+        raise UserError(
+            f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves "
+            f"no CPU of the cluster's {cpus:g} for fetching and decoding: lower one of them"
+        )
     if args.actors * args.gpus_per_actor > gpus:
-        raise UserError(f"--actors {args.actors} x --gpus-per-actor {args.gpus_per_actor:g} needs more "
-                        f"GPUs than the cluster has ({gpus:g})")
+        raise UserError(
+            f"--actors {args.actors} x --gpus-per-actor {args.gpus_per_actor:g} needs more "
+            f"GPUs than the cluster has ({gpus:g})"
+        )
 
 
 def _map(ds, fn, kw: dict, **retries):
@@ -366,36 +432,48 @@ def _map(ds, fn, kw: dict, **retries):
         try:
             return ds.map_batches(fn, **kw, **retries)
         except TypeError as e:
-            log.warning("this Ray does not take %s (%s): its default retries apply",
-                        ", ".join(retries), e)
+            log.warning("this Ray does not take %s (%s): its default retries apply", ", ".join(retries), e)
             return ds.map_batches(fn, **kw)
 
 
-def run_dataset(args, steps, shards: list[list[Item]], todo: list[int], shard_dir: Path, key: str,
-                progress: bool) -> int:
+def run_dataset(
+    args, steps, shards: list[list[Item]], todo: list[int], shard_dir: Path, key: str, progress: bool
+) -> int:
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.max_errored_blocks = 0
-    rows = [{"shard": k, "payload": pickle.dumps(shards[k], protocol=pickle.HIGHEST_PROTOCOL)}
-            for k in todo]
+    rows = [{"shard": k, "payload": pickle.dumps(shards[k], protocol=pickle.HIGHEST_PROTOCOL)} for k in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # fetch and decode: one CPU task per shard (Ray Data fuses the two: same worker, same node)
-    ds = _map(ds, fetch_stage, dict(fn_kwargs={"args": args, "image_cache": steps.image_cache_of(args)},
-                                    batch_size=1, num_cpus=1),
-              max_retries=TASK_RETRIES)
-    ds = _map(ds, decode_stage, dict(fn_kwargs={"args": args}, batch_size=1, num_cpus=1),
-              max_retries=TASK_RETRIES)
-    ds = _map(ds, Select, dict(fn_constructor_args=(args, steps.load_models, steps.load_tables,
-                                                    steps.select_block, steps.image_backend),
-                               batch_size=1,
-                               compute=ray.data.ActorPoolStrategy(size=args.actors),
-                               num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor),
-              max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-    ds = _map(ds, write_stage, dict(fn_kwargs={"shard_dir": str(shard_dir), "key": key},
-                                    batch_size=1, num_cpus=0.25), max_retries=TASK_RETRIES)
+    ds = _map(
+        ds,
+        fetch_stage,
+        dict(fn_kwargs={"args": args, "image_cache": steps.image_cache_of(args)}, batch_size=1, num_cpus=1),
+        max_retries=TASK_RETRIES,
+    )
+    ds = _map(ds, decode_stage, dict(fn_kwargs={"args": args}, batch_size=1, num_cpus=1), max_retries=TASK_RETRIES)
+    ds = _map(
+        ds,
+        Select,
+        dict(
+            fn_constructor_args=(args, steps.load_models, steps.load_tables, steps.select_block, steps.image_backend),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=args.actors),
+            num_cpus=args.cpus_per_actor,
+            num_gpus=args.gpus_per_actor,
+        ),
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
+    )
+    ds = _map(
+        ds,
+        write_stage,
+        dict(fn_kwargs={"shard_dir": str(shard_dir), "key": key}, batch_size=1, num_cpus=0.25),
+        max_retries=TASK_RETRIES,
+    )
     written = sorted(int(r["shard"]) for r in ds.iter_rows())
     if written != sorted(todo):
         raise RuntimeError(f"Ray returned shards {written}, expected {sorted(todo)}")
@@ -408,8 +486,14 @@ def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict, set]:
 
     by_line = {c.line: c for c in cat.cands}
     fetch: dict = {}
-    counts: dict = {"stage2_candidates": 0, "distinct_images": 0, "images_encoded": {},
-                    "texts_encoded": 0, "items_with_unknown_poi": 0, "unknown_pois": set()}
+    counts: dict = {
+        "stage2_candidates": 0,
+        "distinct_images": 0,
+        "images_encoded": {},
+        "texts_encoded": 0,
+        "items_with_unknown_poi": 0,
+        "unknown_pois": set(),
+    }
     backends = set()
     for k in range(n):
         t = pq.read_table(shard_file(shard_dir, k))
@@ -446,22 +530,24 @@ def run(args, steps) -> dict:
     csv_out = steps.out_is_csv(args)
     with clock("read"):
         cat = steps.read_items(args)
-    with clock("load_models"):   # once here, so a bad checkpoint or table stops before Ray starts
+    with clock("load_models"):  # once here, so a bad checkpoint or table stops before Ray starts
         check = argparse.Namespace(**{**vars(args), "backend": "torch"})
         models = steps.load_models(check, "cpu")
         steps.load_tables(check, models)
         path, hashes = models.path, models.hashes
         del models
     if args.cache_dir:
-        log.info("--cache-dir %s is shared by the actors (SQLite; keep it on a local or "
-                 "lock-safe filesystem)", args.cache_dir)
+        log.info(
+            "--cache-dir %s is shared by the actors (SQLite; keep it on a local or lock-safe filesystem)",
+            args.cache_dir,
+        )
     shards = plan_shards(cat.items, args.shard_items)
     shard_dir = shard_dir_of(args, csv_out)
     key = plan_key(args, hashes, len(shards), steps.image_cache_of(args))
     created = not shard_dir.exists()
     try:
         summary = _run_shards(args, steps, cat, shards, shard_dir, key, clock, csv_out)
-    finally:   # a run that stopped before writing anything leaves no empty directory
+    finally:  # a run that stopped before writing anything leaves no empty directory
         if created and shard_dir.is_dir() and not any(shard_dir.iterdir()):
             shard_dir.rmdir()
     summary.update(path=path, hashes=hashes)
@@ -474,8 +560,15 @@ def _run_shards(args, steps, cat, shards, shard_dir: Path, key: str, clock, csv_
     with exclusive_lock(shard_dir):
         done = finished_shards(shard_dir, key, len(shards))
         todo = [k for k in range(len(shards)) if k not in done]
-        log.info("%d items in %d shards of %d items: %d already written in %s, %d to do",
-                 len(cat.items), len(shards), args.shard_items, len(done), shard_dir, len(todo))
+        log.info(
+            "%d items in %d shards of %d items: %d already written in %s, %d to do",
+            len(cat.items),
+            len(shards),
+            args.shard_items,
+            len(done),
+            shard_dir,
+            len(todo),
+        )
         started = False
         try:
             with clock("ray"):
@@ -487,21 +580,32 @@ def _run_shards(args, steps, cat, shards, shard_dir: Path, key: str, clock, csv_
         finally:
             if started:
                 import ray
+
                 ray.shutdown()
         with clock("write"):
             fetch, counts, backends = merge_shards(cat, shard_dir, len(shards))
             if csv_out:
                 write_output(args.out, cat.items)
-    return {"fetch": fetch, "counts": counts, "backends": backends - {"none"},
-            "ray": {"address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
-                    "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-                    "shards": len(shards), "shards_skipped": len(done),
-                    "shards_written": len(todo), "shard_dir": str(shard_dir)}}
+    return {
+        "fetch": fetch,
+        "counts": counts,
+        "backends": backends - {"none"},
+        "ray": {
+            "address": args.ray or os.environ.get("RAY_ADDRESS") or "local",
+            "actors": args.actors,
+            "gpus_per_actor": args.gpus_per_actor,
+            "shards": len(shards),
+            "shards_skipped": len(done),
+            "shards_written": len(todo),
+            "shard_dir": str(shard_dir),
+        },
+    }
 
 
 def _finish(args, steps, cat, r: dict, clock, progress: bool) -> dict:
-    summary = steps.summarize(args, cat, r["path"], r["hashes"], r["fetch"], r["counts"], "ray",
-                              ",".join(sorted(r["backends"])) or "none")
+    summary = steps.summarize(
+        args, cat, r["path"], r["hashes"], r["fetch"], r["counts"], "ray", ",".join(sorted(r["backends"])) or "none"
+    )
     summary["ray"] = r["ray"]
     steps.write_html_and_summary(args, cat, summary, clock.total(), progress and sys.stderr.isatty())
     return summary

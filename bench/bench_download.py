@@ -12,6 +12,7 @@ interpreter start), the speed-up over the first worker count, and the child's
 peak RSS (``ru_maxrss`` from ``os.wait4``). Targets from the issue: 32 workers
 >= 10x the single-worker rate, peak RSS < 300 MB. Nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,23 @@ def images_from_dir(d: Path, n: int) -> list[tuple[str, bytes]]:
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
         raise SystemExit(f"{d}: no .jpg/.png files")
-    return [(f"img{i}{files[i % len(files)].suffix}", files[i % len(files)].read_bytes())
-            for i in range(n)]
+    return [(f"img{i}{files[i % len(files)].suffix}", files[i % len(files)].read_bytes()) for i in range(n)]
 
 
 def run_measured(csv_path: Path, out: Path, workers: int, extra: list[str]) -> dict:
     """Run the downloader as a child; wall time, own timing, rc and peak RSS."""
-    cmd = [sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv_path),
-           "--out", str(out), "--workers", str(workers), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "download_images.py"),
+        "--csv",
+        str(csv_path),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--no-progress",
+        *extra,
+    ]
     log_path = out.parent / f"bench_w{workers}.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
@@ -78,10 +88,19 @@ def run_measured(csv_path: Path, out: Path, workers: int, extra: list[str]) -> d
     rss_kb = usage.ru_maxrss  # kilobytes on Linux
     if sys.platform == "darwin":
         rss_kb //= 1024
-    return {"workers": workers, "rc": proc.returncode, "wall": wall, "seconds": secs,
-            "images": n, "ok": ok, "rate": n / secs if secs else 0.0,
-            "wall_rate": n / wall if wall else 0.0, "rss_mb": rss_kb / 1024,
-            "cpu": usage.ru_utime + usage.ru_stime, "log": text}
+    return {
+        "workers": workers,
+        "rc": proc.returncode,
+        "wall": wall,
+        "seconds": secs,
+        "images": n,
+        "ok": ok,
+        "rate": n / secs if secs else 0.0,
+        "wall_rate": n / wall if wall else 0.0,
+        "rss_mb": rss_kb / 1024,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "log": text,
+    }
 
 
 def main(argv=None) -> int:
@@ -89,8 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=500, help="number of images")
     ap.add_argument("--latency", type=float, default=0.05, help="seconds before every response")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 32], help="worker counts to compare")
-    ap.add_argument("--images", type=Path, default=None,
-                    help="serve the .jpg/.png files of this directory (cycled) instead of generated ones")
+    ap.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="serve the .jpg/.png files of this directory (cycled) instead of generated ones",
+    )
     ap.add_argument("--max-side", type=int, default=None, help="pass --max-side to the downloader")
     args = ap.parse_args(argv)
 
@@ -101,32 +124,40 @@ def main(argv=None) -> int:
         extra += ["--max-side", str(args.max_side)]
 
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench_download_") as tmp, \
-            LocalServer(latency=args.latency) as srv:
+    with tempfile.TemporaryDirectory(prefix="bench_download_") as tmp, LocalServer(latency=args.latency) as srv:
         tmp = Path(tmp)
         for name, body in images:
             srv.add("/" + name, body)
         csv_path = tmp / "bench.csv"
-        csv_path.write_text("".join(f"{i // 10},poi{i // 10},{srv.url('/' + name)},{i % 10},0,0,\n"
-                                    for i, (name, _) in enumerate(images)), encoding="utf-8")
-        print(f"{args.n} images ({total_mb:.1f} MB), {args.latency * 1000:.0f} ms latency per request, "
-              f"server {srv.base_url}, {os.cpu_count()} CPUs")
+        csv_path.write_text(
+            "".join(
+                f"{i // 10},poi{i // 10},{srv.url('/' + name)},{i % 10},0,0,\n" for i, (name, _) in enumerate(images)
+            ),
+            encoding="utf-8",
+        )
+        print(
+            f"{args.n} images ({total_mb:.1f} MB), {args.latency * 1000:.0f} ms latency per request, "
+            f"server {srv.base_url}, {os.cpu_count()} CPUs"
+        )
         for w in args.workers:
             srv.reset_counts()
             r = run_measured(csv_path, tmp / f"out_w{w}", w, extra)
             r["requests"] = srv.total_requests
             results.append(r)
-            print(f"  workers {w:3d}: {r['rate']:7.1f} images/s ({r['images']} in {r['seconds']:.2f} s; "
-                  f"wall incl. start-up {r['wall']:.2f} s = {r['wall_rate']:.1f}/s), "
-                  f"ok {r['ok']}, exit {r['rc']}, requests {r['requests']}, "
-                  f"downloader CPU {r['cpu']:.1f} s, peak RSS {r['rss_mb']:.0f} MB")
+            print(
+                f"  workers {w:3d}: {r['rate']:7.1f} images/s ({r['images']} in {r['seconds']:.2f} s; "
+                f"wall incl. start-up {r['wall']:.2f} s = {r['wall_rate']:.1f}/s), "
+                f"ok {r['ok']}, exit {r['rc']}, requests {r['requests']}, "
+                f"downloader CPU {r['cpu']:.1f} s, peak RSS {r['rss_mb']:.0f} MB"
+            )
             if r["rc"] != 0:
                 print(r["log"][-2000:])
     if len(results) >= 2 and results[0]["rate"] > 0:
         base = results[0]
         for r in results[1:]:
-            print(f"speed-up workers {r['workers']} vs {base['workers']}: "
-                  f"{r['rate'] / base['rate']:.1f}x (target >= 10x)")
+            print(
+                f"speed-up workers {r['workers']} vs {base['workers']}: {r['rate'] / base['rate']:.1f}x (target >= 10x)"
+            )
     print(f"peak RSS of the downloader: {max(r['rss_mb'] for r in results):.0f} MB (target < 300 MB)")
     return 0
 

@@ -28,6 +28,7 @@ Also printed: peak RSS of each child (its DataLoader workers included), and the 
 score difference between the naive loop and rank_eval (engines agree to ~1e-5).
 Scores are meaningless (random weights); only time, memory and agreement are measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,13 @@ def default_seed_data() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--pairs", type=int, default=100, help="pairs to score (the val set has 1000)")
-    p.add_argument("--seed-data", type=Path, default=default_seed_data(),
-                   help="seed data directory (env AVAS_SEED_DATA)")
+    p.add_argument(
+        "--seed-data", type=Path, default=default_seed_data(), help="seed data directory (env AVAS_SEED_DATA)"
+    )
     p.add_argument("--tiny", action="store_true", help="the tests' tiny ranker instead of full size")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--naive-child", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
@@ -73,8 +76,8 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     from models.align import AlignArch, AlignModel
     from models.checkpoint import save_ranker_checkpoint
     from models.ranker import SiameseRanker
-    from utils.data import RECORD_SEP
-    from utils.poi import load_poi_table, save_safe_table
+    from utils.formats.poi import load_poi_table, save_safe_table
+    from utils.formats.rows import RECORD_SEP
 
     bert = seed / "bert-base-chinese"
     samples = sorted((seed / "sample-images").glob("*.jpg"))
@@ -101,6 +104,7 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     if tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from fixtures import TINY_ARCH, make_bert_dir
+
         bert = make_bert_dir(work / "bert")
         model = SiameseRanker(AlignModel.from_bert_dir(bert, TINY_ARCH)).eval()
     else:
@@ -127,11 +131,11 @@ def naive_child(work: Path, out: Path) -> int:
     """One pair at a time: decode both images here, batch 1, text encoded per pair,
     the whole ranker forward for each image; scores written as CSV."""
     import torch
+    from naive import authors_image, authors_text_encoder
 
     from models.checkpoint import load_ranker
-    from naive import authors_image, authors_text_encoder
-    from utils.data import index_images, iter_rank_csv
-    from utils.poi import build_item_inputs, load_poi_table
+    from utils.formats.poi import build_item_inputs, load_poi_table
+    from utils.formats.rows import index_images, iter_rank_csv
 
     bert = Path((work / "bert_dir").read_text())
     model = load_ranker(work / "ranker_random.ckpt", bert).eval()
@@ -187,48 +191,81 @@ def main(argv=None) -> int:
         inp = make_inputs(work, args.seed_data, args.pairs, args.tiny)
         (work / "pic_path").write_text(str(inp["pic"]))
         (work / "bert_dir").write_text(str(inp["bert"]))
-        print(f"set-up: {args.pairs} pairs, {2 * args.pairs} image files, random "
-              f"{'tiny' if args.tiny else 'full-size'} ranker "
-              f"({inp['ckpt'].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(
+            f"set-up: {args.pairs} pairs, {2 * args.pairs} image files, random "
+            f"{'tiny' if args.tiny else 'full-size'} ranker "
+            f"({inp['ckpt'].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
         env = dict(os.environ, AVAS_ONNX_CACHE=str(work / "onnx_cache"))
 
         naive_out = work / "naive.csv"
-        naive = run_child([sys.executable, str(Path(__file__).resolve()), "--naive-child",
-                           str(work), str(naive_out)], env, work / "naive.log")
+        naive = run_child(
+            [sys.executable, str(Path(__file__).resolve()), "--naive-child", str(work), str(naive_out)],
+            env,
+            work / "naive.log",
+        )
         ours = []
         for label in ("first run, ONNX export included", "export cached"):
             out = work / f"scores_{len(ours)}.csv"
-            cmd = [sys.executable, str(ROOT / "rank_eval.py"), "--csv", str(inp["csv"]),
-                   "--image-dir", str(inp["images"]), "--checkpoint", str(inp["ckpt"]),
-                   "--bert-dir", str(inp["bert"]), "--poi-pic-num", str(inp["pic"]),
-                   "--poi-image-vectors", str(inp["img"]), "--poi-name-vectors", str(inp["name"]),
-                   "--output", str(out), "--metrics", str(work / "metrics.json"),
-                   "--no-progress", "--bootstrap", "0"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "rank_eval.py"),
+                "--csv",
+                str(inp["csv"]),
+                "--image-dir",
+                str(inp["images"]),
+                "--checkpoint",
+                str(inp["ckpt"]),
+                "--bert-dir",
+                str(inp["bert"]),
+                "--poi-pic-num",
+                str(inp["pic"]),
+                "--poi-image-vectors",
+                str(inp["img"]),
+                "--poi-name-vectors",
+                str(inp["name"]),
+                "--output",
+                str(out),
+                "--metrics",
+                str(work / "metrics.json"),
+                "--no-progress",
+                "--bootstrap",
+                "0",
+            ]
             ours.append((label, out, *run_child(cmd, env, work / f"rank_eval_{len(ours)}.log")))
-        for name, code, logf in [("naive loop", naive[2], work / "naive.log")] + \
-                [(f"rank_eval ({o[0]})", o[4], work / f"rank_eval_{i}.log") for i, o in enumerate(ours)]:
+        for name, code, logf in [("naive loop", naive[2], work / "naive.log")] + [
+            (f"rank_eval ({o[0]})", o[4], work / f"rank_eval_{i}.log") for i, o in enumerate(ours)
+        ]:
             if code != 0:
                 print(f"bench_rank: {name} failed (exit {code}):\n{logf.read_text()}")
                 return 1
 
         ref = read_scores(naive_out, (1, 2))
-        lines = [f"ratio (naive per-pair loop / rank_eval.py defaults, end to end, {args.pairs} "
-                 f"pairs): {naive[0] / ours[0][2]:.2f}x first run, {naive[0] / ours[1][2]:.2f}x "
-                 f"with the ONNX export cached"]
-        lines.append(f"  naive loop:  {naive[0]:6.1f} s  ({args.pairs / naive[0]:.2f} pairs/s), "
-                     f"peak RSS {naive[1]:.0f} MiB")
+        lines = [
+            f"ratio (naive per-pair loop / rank_eval.py defaults, end to end, {args.pairs} "
+            f"pairs): {naive[0] / ours[0][2]:.2f}x first run, {naive[0] / ours[1][2]:.2f}x "
+            f"with the ONNX export cached"
+        ]
+        lines.append(
+            f"  naive loop:  {naive[0]:6.1f} s  ({args.pairs / naive[0]:.2f} pairs/s), peak RSS {naive[1]:.0f} MiB"
+        )
         for label, out, wall, rss, _ in ours:
             got = read_scores(out, (2, 3))
             diff = max(abs(a - b) for k in ref for a, b in zip(ref[k], got[k]))
-            lines.append(f"  rank_eval ({label}): {wall:6.1f} s  ({args.pairs / wall:.2f} pairs/s), "
-                         f"peak RSS {rss:.0f} MiB, max |score - naive| {diff:.1e}")
-        engine = [ln for ln in (work / "rank_eval_1.log").read_text().splitlines()
-                  if "encoded" in ln and "image files" in ln]
+            lines.append(
+                f"  rank_eval ({label}): {wall:6.1f} s  ({args.pairs / wall:.2f} pairs/s), "
+                f"peak RSS {rss:.0f} MiB, max |score - naive| {diff:.1e}"
+            )
+        engine = [
+            ln for ln in (work / "rank_eval_1.log").read_text().splitlines() if "encoded" in ln and "image files" in ln
+        ]
         lines += ["  " + ln.split(": ", 1)[-1] for ln in engine]
         ncores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        lines.append(f"  cores {ncores}, load average {os.getloadavg()[0]:.1f} (other jobs inflate "
-                     f"wall times; the ratio is the figure to compare)")
+        lines.append(
+            f"  cores {ncores}, load average {os.getloadavg()[0]:.1f} (other jobs inflate "
+            f"wall times; the ratio is the figure to compare)"
+        )
         print("\n".join(lines))
         return 0
     finally:

@@ -30,6 +30,7 @@ figures behind ``utils.embed.default_num_workers``). --extras: the earlier figur
 NCHW / channels_last alone, fast preprocessing, bf16, --backend torch, a cached rerun).
 The machine's load average is printed: other work slows every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,20 +53,20 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from naive import authors_image, authors_text_encoder  # noqa: E402  (bench/naive.py)
 from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import recall_infer  # noqa: E402
 from models.align import AlignModel  # noqa: E402
-from models.factory import build_recall_model  # noqa: E402
 from models.checkpoint import load_align_model, save_align_checkpoint  # noqa: E402
-from utils.cache import EmbeddingCache  # noqa: E402
-from utils.data import iter_recall_csv, poi_of_image  # noqa: E402
-from utils.embed import default_batch_size, encode_images  # noqa: E402
-from utils.images import load_image  # noqa: E402
-from utils.onnx_backend import OnnxImageEncoder  # noqa: E402
-from utils.metrics import recall_at_k  # noqa: E402
-from naive import authors_image, authors_text_encoder  # noqa: E402  (bench/naive.py)
+from models.engine.cache import EmbeddingCache  # noqa: E402
+from models.engine.encode import default_batch_size, encode_images  # noqa: E402
+from models.engine.onnx import OnnxImageEncoder  # noqa: E402
+from models.factory import build_recall_model  # noqa: E402
+from utils.evaluation.metrics import recall_at_k  # noqa: E402
+from utils.formats.images import load_image  # noqa: E402
+from utils.formats.rows import iter_recall_csv, poi_of_image  # noqa: E402
 
 log = logging.getLogger("bench_recall")
 TARGET_PIXELS = 2.15e6
@@ -115,7 +116,9 @@ def make_gallery(seed_data: Path, out: Path, n: int) -> tuple[Path, list[Path]]:
     samples = sorted((seed_data / "sample-images").glob("*.jpg"))
     if not samples:
         raise SystemExit(f"{seed_data}/sample-images: no sample photos (set --seed-data / AVAS_SEED_DATA)")
-    names = list(dict.fromkeys(r.poi_name for r in iter_recall_csv(seed_data / "temp_recall_biztype0_fc5_imagern_500.csv")))
+    names = list(
+        dict.fromkeys(r.poi_name for r in iter_recall_csv(seed_data / "temp_recall_biztype0_fc5_imagern_500.csv"))
+    )
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -133,8 +136,7 @@ def make_gallery(seed_data: Path, out: Path, n: int) -> tuple[Path, list[Path]]:
             im = Image.eval(im, lambda v, d=int(rng.integers(-12, 13)): max(0, min(255, v + d)))
             im.save(path, format="JPEG", quality=90)
         paths.append(path)
-        rows.append([poi, names[(i // 10) % len(names)], f"https://example.invalid/{poi}_{rank}", rank,
-                     0, 0, 0])
+        rows.append([poi, names[(i // 10) % len(names)], f"https://example.invalid/{poi}_{rank}", rank, 0, 0, 0])
     csv_path = out / "recall.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
@@ -171,8 +173,9 @@ def calibrate_bn(model, paths, n: int = 16) -> None:
     model.eval()
 
 
-def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: int,
-                      onnx_dir: Path | None = None) -> dict:
+def bench_model_alone(
+    model, paths, batch_size: int, batches: int, bf16_images: int, onnx_dir: Path | None = None
+) -> dict:
     x = torch.stack([load_image(p)[0] for p in paths[:batch_size]])
     out = {}
     with torch.inference_mode():
@@ -213,8 +216,7 @@ def bench_model_alone(model, paths, batch_size: int, batches: int, bf16_images: 
     return out
 
 
-def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int = 16,
-                        progress: bool = True) -> float:
+def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int = 16, progress: bool = True) -> float:
     """The naive path: everything in the main process, one image / one name at a time."""
     t0 = time.perf_counter()
     model = load_align_model(ckpt, bert_dir)
@@ -226,7 +228,7 @@ def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int =
     with torch.inference_mode():
         embs = []
         for a in tqdm(range(0, len(paths), batch), desc="(c) sequential", unit="batch", disable=not progress):
-            x = torch.stack([authors_image(p) for p in paths[a:a + batch]])
+            x = torch.stack([authors_image(p) for p in paths[a : a + batch]])
             embs.append(model.encode_image(x))
         img = torch.cat(embs)
         txt = torch.cat([encode_text([name]) for _, name in queries])
@@ -240,10 +242,25 @@ def sequential_baseline(ckpt, bert_dir, csv_path, img_dir, out_csv, batch: int =
 
 
 def run_infer(tag, csv_path, img_dir, ckpt, bert_dir, out: Path, *extra) -> tuple[float, dict]:
-    argv = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
-            "--bert-dir", str(bert_dir), "--output", str(out / f"{tag}_top10.csv"),
-            "--full-output", str(out / f"{tag}_full.csv"), "--device", "cpu", "--log-level", "WARNING",
-            *extra]  # in-process (imports done)
+    argv = [
+        "--csv",
+        str(csv_path),
+        "--image-dir",
+        str(img_dir),
+        "--checkpoint",
+        str(ckpt),
+        "--bert-dir",
+        str(bert_dir),
+        "--output",
+        str(out / f"{tag}_top10.csv"),
+        "--full-output",
+        str(out / f"{tag}_full.csv"),
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]  # in-process (imports done)
     t, c = time.perf_counter(), cpu_seconds()
     if recall_infer.main(argv) != 0:
         raise SystemExit(f"recall_infer failed for {tag}")
@@ -285,10 +302,12 @@ def bench_cache_lookup(model, out: Path, n: int) -> tuple[float, float]:
 def run_naive(ckpt, bert_dir, csv_path, img_dir, out_csv) -> float:
     """:func:`sequential_baseline` as a script of its own, like the authors' recall script:
     wall seconds from launch (imports included) to exit."""
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]; "
-            f"from bench_recall import sequential_baseline; "
-            f"sequential_baseline({str(ckpt)!r}, {str(bert_dir)!r}, {str(csv_path)!r}, {str(img_dir)!r}, "
-            f"{str(out_csv)!r}, progress=False)")
+    code = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]; "
+        f"from bench_recall import sequential_baseline; "
+        f"sequential_baseline({str(ckpt)!r}, {str(bert_dir)!r}, {str(csv_path)!r}, {str(img_dir)!r}, "
+        f"{str(out_csv)!r}, progress=False)"
+    )
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     return time.perf_counter() - t
@@ -296,9 +315,26 @@ def run_naive(ckpt, bert_dir, csv_path, img_dir, out_csv) -> float:
 
 def run_cli(csv_path, img_dir, ckpt, bert_dir, out: Path, tag: str, *extra) -> tuple[float, dict, int]:
     """``python recall_infer.py`` in a fresh process: (wall seconds, its meta, peak RSS)."""
-    argv = [sys.executable, str(ROOT / "recall_infer.py"), "--csv", str(csv_path), "--image-dir", str(img_dir),
-            "--checkpoint", str(ckpt), "--bert-dir", str(bert_dir), "--output", str(out / f"{tag}_top10.csv"),
-            "--full-output", str(out / f"{tag}_full.csv"), "--no-progress", "--log-level", "WARNING", *extra]
+    argv = [
+        sys.executable,
+        str(ROOT / "recall_infer.py"),
+        "--csv",
+        str(csv_path),
+        "--image-dir",
+        str(img_dir),
+        "--checkpoint",
+        str(ckpt),
+        "--bert-dir",
+        str(bert_dir),
+        "--output",
+        str(out / f"{tag}_top10.csv"),
+        "--full-output",
+        str(out / f"{tag}_full.csv"),
+        "--no-progress",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT)
     with PeakRSS(proc.pid) as rss:
@@ -334,6 +370,7 @@ def engine_alone(rm, paths, batches: int = 4) -> tuple[str, float, str]:
         def run():
             for _ in range(batches):
                 e(x)
+
         threads = [threading.Thread(target=run) for _ in range(e.lanes)]
         t = time.perf_counter()
         for th in threads:
@@ -364,8 +401,8 @@ def split_grid(ckpt, bert_dir, paths, workers=(1, 2), threads=(1, 2)) -> list[tu
         t0 = time.perf_counter()
         encode_images(model, paths, progress=False, image_encoder=enc, **kw)
         out.append((label, len(paths) / (time.perf_counter() - t0)))
-        print(f"  split: {label}: {out[-1][1]:.1f} img/s (load {os.getloadavg()[0]:.1f})",
-              file=sys.stderr, flush=True)
+        print(f"  split: {label}: {out[-1][1]:.1f} img/s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+
     enc = OnnxImageEncoder(model)
     timed(f"{enc.lanes} lanes x {enc.opts.intra_op_num_threads} engine threads, decoding in the lanes", enc)
     del enc
@@ -384,8 +421,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="keep generated files here (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=2, help="rounds; the best time of each run is kept (default 2)")
     p.add_argument("--split", action="store_true", help="also time decoding workers x engine threads")
-    p.add_argument("--extras", action="store_true",
-                   help="also the earlier figures: torch alone, fast preprocessing, bf16, --backend torch, cache")
+    p.add_argument(
+        "--extras",
+        action="store_true",
+        help="also the earlier figures: torch alone, fast preprocessing, bf16, --backend torch, cache",
+    )
     p.add_argument("--bf16-images", type=int, default=2, help="with --extras: images timed in bf16 (0 = skip)")
     p.add_argument("--cache-n", type=int, default=5000, help="with --extras: files of the cache lookup")
     args = p.parse_args(argv)
@@ -416,8 +456,11 @@ def main(argv=None) -> int:
     meta, peak = {}, 0
     rm = build_recall_model("align", checkpoint=str(ckpt), bert_dir=str(bert_dir), device="cpu", backend="auto")
     for i in range(args.repeat):
-        print(f"round {i + 1}/{args.repeat}: naive baseline, recall_infer.py, engine alone ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"round {i + 1}/{args.repeat}: naive baseline, recall_infer.py, engine alone ...",
+            file=sys.stderr,
+            flush=True,
+        )
         t_naive = min(t_naive, run_naive(ckpt, bert_dir, csv_path, out / "images", out / "naive_full.csv"))
         t, m, pk = run_cli(csv_path, out / "images", ckpt, bert_dir, out, "ours")
         peak = max(peak, pk)
@@ -433,21 +476,31 @@ def main(argv=None) -> int:
 
     ratio = t_naive / t_ours
     stage = stage_ips / eng_ips
-    print(f"ratio: recall_infer.py defaults vs the naive baseline = {ratio:.2f}x "
-          f"(target >= 2.5x; {args.n} photos of 2 MP; best of {args.repeat})")
+    print(
+        f"ratio: recall_infer.py defaults vs the naive baseline = {ratio:.2f}x "
+        f"(target >= 2.5x; {args.n} photos of 2 MP; best of {args.repeat})"
+    )
     print(f"image stage / engine alone = {stage:.2f} (target >= 0.70)")
-    print(f"  naive baseline: {t_naive:.1f} s ({args.n / t_naive:.1f} img/s; a fresh process: batch 16, NCHW, "
-          f"decode in the main process)")
-    print(f"  recall_infer.py: {t_ours:.1f} s ({args.n / t_ours:.1f} img/s, start-up included); engine "
-          f"{meta['image_backend']}, {meta.get('lanes')} lanes, {meta['num_workers']} workers decoding ahead, "
-          f"batch {meta['batch_size']}; timings {meta['timings_s']}")
-    print(f"  start-up to the first image encoded: {meta['timings_s'].get('first_image', float('nan')):.1f} s "
-          f"(first run, with the ONNX export: {meta_first['timings_s'].get('first_image', float('nan')):.1f} s, "
-          f"{t_first:.1f} s in all)")
-    print(f"  engine alone ({engine}, ready tensors, best layout: {layout}): {eng_ips:.1f} img/s; image stage "
-          f"(encode_images with its defaults, every image decoded in the stage) {stage_ips:.1f} img/s; "
-          f"in recall_infer.py, where the first images were decoded during the model load, "
-          f"{meta['images_per_s']:.1f} img/s")
+    print(
+        f"  naive baseline: {t_naive:.1f} s ({args.n / t_naive:.1f} img/s; a fresh process: batch 16, NCHW, "
+        f"decode in the main process)"
+    )
+    print(
+        f"  recall_infer.py: {t_ours:.1f} s ({args.n / t_ours:.1f} img/s, start-up included); engine "
+        f"{meta['image_backend']}, {meta.get('lanes')} lanes, {meta['num_workers']} workers decoding ahead, "
+        f"batch {meta['batch_size']}; timings {meta['timings_s']}"
+    )
+    print(
+        f"  start-up to the first image encoded: {meta['timings_s'].get('first_image', float('nan')):.1f} s "
+        f"(first run, with the ONNX export: {meta_first['timings_s'].get('first_image', float('nan')):.1f} s, "
+        f"{t_first:.1f} s in all)"
+    )
+    print(
+        f"  engine alone ({engine}, ready tensors, best layout: {layout}): {eng_ips:.1f} img/s; image stage "
+        f"(encode_images with its defaults, every image decoded in the stage) {stage_ips:.1f} img/s; "
+        f"in recall_infer.py, where the first images were decoded during the model load, "
+        f"{meta['images_per_s']:.1f} img/s"
+    )
     print(f"  peak RSS of recall_infer.py (main + workers): {peak / 1e9:.2f} GB (target < 3 GB)")
     print(f"  scores vs the naive baseline: max |diff| {dev:.1e} (within 1e-4: {dev <= 1e-4})")
     if args.split:
@@ -456,8 +509,10 @@ def main(argv=None) -> int:
             print(f"  {label}: {ips:.1f} img/s")
     if args.extras:
         extras(args, model, paths, csv_path, ckpt, bert_dir, out, qp, imgs)
-    print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs "
-          f"(other work on the machine slows every figure)")
+    print(
+        f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs "
+        f"(other work on the machine slows every figure)"
+    )
     if tmp is not None:
         tmp.cleanup()
     return 0
@@ -467,25 +522,33 @@ def extras(args, model, paths, csv_path, ckpt, bert_dir, out, qp, imgs) -> None:
     """The earlier figures: torch alone (NCHW, channels_last), bf16, fast preprocessing,
     --backend torch end to end, a cached rerun and the cache lookup of many files."""
     a = bench_model_alone(model, paths, 32, 3, args.bf16_images, out / "onnx")
-    print(f"(extras) model alone, batch 32: torch NCHW {a['nchw']:.1f} img/s, channels_last {a['fp32']:.1f}, "
-          f"ONNX Runtime {a.get('onnx', float('nan')):.1f} (max |diff| {a.get('onnx_diff', float('nan')):.1e})")
+    print(
+        f"(extras) model alone, batch 32: torch NCHW {a['nchw']:.1f} img/s, channels_last {a['fp32']:.1f}, "
+        f"ONNX Runtime {a.get('onnx', float('nan')):.1f} (max |diff| {a.get('onnx_diff', float('nan')):.1e})"
+    )
     if "bf16" in a:
-        print(f"(extras) bf16 autocast: {a['bf16']:.2f} img/s (CPU capability "
-              f"{torch.backends.cpu.get_cpu_capability()}); max |emb diff| "
-              f"{(a['emb_fp32'] - a['emb_bf16']).abs().max().item():.4f}")
+        print(
+            f"(extras) bf16 autocast: {a['bf16']:.2f} img/s (CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); max |emb diff| "
+            f"{(a['emb_fp32'] - a['emb_bf16']).abs().max().item():.4f}"
+        )
     ks = (1, 5, 10)
     gp = [poi_of_image(i) for i in imgs]
     _, _, ref = read_full(out / "ours_full.csv")
     for tag, extra in (("torch", ["--backend", "torch"]), ("fast", ["--preprocess", "fast"])):
         dt, meta = run_infer(tag, csv_path, out / "images", ckpt, bert_dir, out, "--no-progress", *extra)
         _, _, sc = read_full(out / f"{tag}_full.csv")
-        print(f"(extras) recall_infer {' '.join(extra)}: {args.n / dt:.1f} img/s end to end (in-process); "
-              f"max |score diff| vs defaults {np.abs(sc - ref).max():.2e}; recall@K {recall_at_k(sc, qp, gp, ks)}")
+        print(
+            f"(extras) recall_infer {' '.join(extra)}: {args.n / dt:.1f} img/s end to end (in-process); "
+            f"max |score diff| vs defaults {np.abs(sc - ref).max():.2e}; recall@K {recall_at_k(sc, qp, gp, ks)}"
+        )
     shutil.rmtree(out / "cache", ignore_errors=True)
-    dt1, m1 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"),
-                        "--no-progress")
-    dt2, m2 = run_infer("cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"),
-                        "--no-progress")
+    dt1, m1 = run_infer(
+        "cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"), "--no-progress"
+    )
+    dt2, m2 = run_infer(
+        "cached", csv_path, out / "images", ckpt, bert_dir, out, "--cache-dir", str(out / "cache"), "--no-progress"
+    )
     print(f"(extras) cache: first run {dt1:.1f} s, rerun {dt2:.1f} s ({m2['images_cached']} cached)")
     first, dt = bench_cache_lookup(model, out, args.cache_n)
     print(f"(extras) cache lookup of {args.cache_n} files: {dt:.2f} s all hits (first fingerprinting {first:.2f} s)")

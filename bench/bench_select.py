@@ -31,6 +31,7 @@ keep a core on a 2-core machine). The Ray session is started once before the Ray
 its start-up is reported apart; each Ray figure is end to end otherwise (driver checks,
 actors loading their models, the stages, the merge). Printed first: the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,8 @@ import select_images  # noqa: E402
 from models.align import AlignModel  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from models.ranker import SiameseRanker  # noqa: E402
-from utils.data import iter_recall_csv  # noqa: E402
-from utils.poi import load_poi_table, save_safe_table  # noqa: E402
+from utils.formats.poi import load_poi_table, save_safe_table  # noqa: E402
+from utils.formats.rows import iter_recall_csv  # noqa: E402
 
 log = logging.getLogger("bench_select")
 SEED_DEFAULT = Path(os.environ.get("AVAS_SEED_DATA", ROOT.parent / "shared" / "seed-data"))
@@ -72,12 +73,16 @@ def make_variant(src: Path, dst: Path, seed: int) -> None:
     with Image.open(src) as im:
         im = im.convert("RGB")
         w, h = im.size
-        box = (int(w * rng.uniform(0, .06)), int(h * rng.uniform(0, .06)),
-               w - int(w * rng.uniform(0, .06)), h - int(h * rng.uniform(0, .06)))
+        box = (
+            int(w * rng.uniform(0, 0.06)),
+            int(h * rng.uniform(0, 0.06)),
+            w - int(w * rng.uniform(0, 0.06)),
+            h - int(h * rng.uniform(0, 0.06)),
+        )
         im = im.crop(box)
-        if rng.random() < .5:
+        if rng.random() < 0.5:
             im = ImageOps.mirror(im)
-        im = ImageEnhance.Brightness(im).enhance(rng.uniform(.85, 1.15))
+        im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.85, 1.15))
         im.save(dst, "JPEG", quality=88)
 
 
@@ -114,8 +119,9 @@ def build_catalogue(seed_data: Path, work: Path, n_items: int, n_cands: int, dim
     t = time.perf_counter()
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda a: make_variant(*a), todo))
-    log.info("made %d catalogue images in %.1f s (%d reused)", len(todo), time.perf_counter() - t,
-             len(jobs) - len(todo))
+    log.info(
+        "made %d catalogue images in %.1f s (%d reused)", len(todo), time.perf_counter() - t, len(jobs) - len(todo)
+    )
     csv_path = work / "catalogue" / "items.csv"
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
@@ -130,6 +136,7 @@ def _selected(out: Path) -> list[tuple[str, str, str]]:
 def bench_ray(args, argv_sel: list[str], work: Path) -> int:
     """Local path, then --ray with 1 and 2 actors, on the same catalogue; ratios first."""
     import ray
+
     import select_ray
 
     argv_sel = [a for a in argv_sel]
@@ -138,14 +145,13 @@ def bench_ray(args, argv_sel: list[str], work: Path) -> int:
 
     def one(name, extra):
         out = work / f"{name}.csv"
-        argv = argv_sel[:i + 1] + [str(out)] + argv_sel[i + 2:] + extra
+        argv = argv_sel[: i + 1] + [str(out)] + argv_sel[i + 2 :] + extra
         t = time.perf_counter()
         if select_images.main(argv) != 0:
             raise SystemExit(f"select_images.py ({name}) failed")
         wall = time.perf_counter() - t
         s = json.loads(Path(f"{out}.summary.json").read_text(encoding="utf-8"))
-        runs[name] = {"wall_s": wall, "items": s["items"], "items_per_s": s["items"] / wall,
-                      "selected": _selected(out)}
+        runs[name] = {"wall_s": wall, "items": s["items"], "items_per_s": s["items"] / wall, "selected": _selected(out)}
         log.info("%s: %.1f s, %.3f items/s", name, wall, s["items"] / wall)
 
     one("local", [])
@@ -154,26 +160,45 @@ def bench_ray(args, argv_sel: list[str], work: Path) -> int:
     ray_start = time.perf_counter() - t
     try:
         for n in (1, 2):
-            one(f"ray_{n}", ["--ray", "--actors", str(n), "--cpus-per-actor", str(args.cpus_per_actor),
-                             "--shard-items", str(args.shard_items)])
+            one(
+                f"ray_{n}",
+                [
+                    "--ray",
+                    "--actors",
+                    str(n),
+                    "--cpus-per-actor",
+                    str(args.cpus_per_actor),
+                    "--shard-items",
+                    str(args.shard_items),
+                ],
+            )
     finally:
         ray.shutdown()
     loc, r1, r2 = runs["local"], runs["ray_1"], runs["ray_2"]
     same = loc["selected"] == r1["selected"] == r2["selected"]
-    print(f"\nbench_select --ray: {loc['items']} items x {args.candidates} candidates, backend "
-          f"{args.backend}, {os.cpu_count()} CPUs, shards of {args.shard_items} items, "
-          f"{args.cpus_per_actor:g} CPU per actor")
+    print(
+        f"\nbench_select --ray: {loc['items']} items x {args.candidates} candidates, backend "
+        f"{args.backend}, {os.cpu_count()} CPUs, shards of {args.shard_items} items, "
+        f"{args.cpus_per_actor:g} CPU per actor"
+    )
     print(f"  Ray 1 actor / local:      {r1['items_per_s'] / loc['items_per_s']:.2f}x")
     print(f"  Ray 2 actors / 1 actor:   {r2['items_per_s'] / r1['items_per_s']:.2f}x")
     print(f"  local:        {loc['wall_s']:7.1f} s  {loc['items_per_s']:.3f} items/s")
     print(f"  Ray 1 actor:  {r1['wall_s']:7.1f} s  {r1['items_per_s']:.3f} items/s")
     print(f"  Ray 2 actors: {r2['wall_s']:7.1f} s  {r2['items_per_s']:.3f} items/s")
-    print(f"  (Ray session start, not counted above: {ray_start:.1f} s; same selections in all "
-          f"three runs: {'yes' if same else 'NO'})")
+    print(
+        f"  (Ray session start, not counted above: {ray_start:.1f} s; same selections in all "
+        f"three runs: {'yes' if same else 'NO'})"
+    )
     if args.json:
-        args.json.write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "selected"}
-                                         for k, v in runs.items()} | {"ray_start_s": ray_start},
-                                        indent=1), encoding="utf-8")
+        args.json.write_text(
+            json.dumps(
+                {k: {kk: vv for kk, vv in v.items() if kk != "selected"} for k, v in runs.items()}
+                | {"ray_start_s": ray_start},
+                indent=1,
+            ),
+            encoding="utf-8",
+        )
     return 0
 
 
@@ -184,14 +209,14 @@ def main(argv=None) -> int:
     p.add_argument("--recall-k", type=int, default=5)
     p.add_argument("--seed-data", type=Path, default=SEED_DEFAULT)
     p.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temp dir)")
-    p.add_argument("--separate-recall", action="store_true",
-                   help="a recall checkpoint with other weights: the two encode path")
+    p.add_argument(
+        "--separate-recall", action="store_true", help="a recall checkpoint with other weights: the two encode path"
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--preprocess", default="reference", choices=("reference", "fast"))
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
-    p.add_argument("--ray", action="store_true",
-                   help="compare the local path with --ray at 1 and 2 actors (ratios)")
+    p.add_argument("--ray", action="store_true", help="compare the local path with --ray at 1 and 2 actors (ratios)")
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--shard-items", type=int, default=4)
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
@@ -222,13 +247,33 @@ def main(argv=None) -> int:
         cat = build_catalogue(args.seed_data, work, args.items, args.candidates, dim)
 
         out = work / "selection.csv"
-        argv_sel = ["--items", str(cat["csv"]), "--out", str(out),
-                    "--ranker-checkpoint", str(work / "ranker.ckpt"),
-                    "--recall-checkpoint", str(recall_ckpt), "--bert-dir", str(bert),
-                    "--poi-pic-num", str(cat["pic"]), "--poi-image-vectors", str(cat["img"]),
-                    "--poi-name-vectors", str(cat["name"]), "--recall-k", str(args.recall_k),
-                    "--device", "cpu", "--preprocess", args.preprocess, "--no-progress",
-                    "--backend", args.backend]
+        argv_sel = [
+            "--items",
+            str(cat["csv"]),
+            "--out",
+            str(out),
+            "--ranker-checkpoint",
+            str(work / "ranker.ckpt"),
+            "--recall-checkpoint",
+            str(recall_ckpt),
+            "--bert-dir",
+            str(bert),
+            "--poi-pic-num",
+            str(cat["pic"]),
+            "--poi-image-vectors",
+            str(cat["img"]),
+            "--poi-name-vectors",
+            str(cat["name"]),
+            "--recall-k",
+            str(args.recall_k),
+            "--device",
+            "cpu",
+            "--preprocess",
+            args.preprocess,
+            "--no-progress",
+            "--backend",
+            args.backend,
+        ]
         if args.batch_size:
             argv_sel += ["--batch-size", str(args.batch_size)]
         if args.workers is not None:
@@ -258,25 +303,34 @@ def main(argv=None) -> int:
     }
     other = total - sum(stages.values())
     n_img = s["images_encoded"]["stage1"] + s["images_encoded"]["stage2"]
-    print(f"\nbench_select: {s['items']} items x {args.candidates} candidates, {s['encode_path']} "
-          f"encode path, recall-k {args.recall_k}, {torch.get_num_threads()} torch threads, "
-          f"preprocess {args.preprocess}")
-    print(f"  end to end (select_images.main): {total:.1f} s  -> {s['items'] / total:.3f} items/s "
-          f"(wall {wall:.1f} s)")
-    print(f"  without model loading:           {work_s:.1f} s  -> {s['items'] / work_s:.3f} items/s, "
-          f"{n_img / max(tm['stage1_images'] + tm['stage2_images'], 1e-9):.1f} images/s encoded")
-    print(f"  stage-2 candidates: {s['stage2_candidates']}; images encoded: {s['images_encoded']}; "
-          f"texts encoded: {s['texts_encoded']}")
+    print(
+        f"\nbench_select: {s['items']} items x {args.candidates} candidates, {s['encode_path']} "
+        f"encode path, recall-k {args.recall_k}, {torch.get_num_threads()} torch threads, "
+        f"preprocess {args.preprocess}"
+    )
+    print(f"  end to end (select_images.main): {total:.1f} s  -> {s['items'] / total:.3f} items/s (wall {wall:.1f} s)")
+    print(
+        f"  without model loading:           {work_s:.1f} s  -> {s['items'] / work_s:.3f} items/s, "
+        f"{n_img / max(tm['stage1_images'] + tm['stage2_images'], 1e-9):.1f} images/s encoded"
+    )
+    print(
+        f"  stage-2 candidates: {s['stage2_candidates']}; images encoded: {s['images_encoded']}; "
+        f"texts encoded: {s['texts_encoded']}"
+    )
     for name, sec in stages.items():
         print(f"  {name:38s} {sec:8.2f} s  {100 * sec / total:5.1f} %")
     print(f"  {'other (summary, bookkeeping)':38s} {other:8.2f} s  {100 * other / total:5.1f} %")
     if args.items != 200:
         per_item = work_s / s["items"]
-        print(f"  extrapolated to 200 items: {tm['load_models'] + 200 * per_item:.0f} s "
-              f"(model loading once + {per_item:.2f} s per item)")
+        print(
+            f"  extrapolated to 200 items: {tm['load_models'] + 200 * per_item:.0f} s "
+            f"(model loading once + {per_item:.2f} s per item)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"summary": s, "stages_s": stages, "wall_s": wall}, indent=1,
-                                        ensure_ascii=False), encoding="utf-8")
+        args.json.write_text(
+            json.dumps({"summary": s, "stages_s": stages, "wall_s": wall}, indent=1, ensure_ascii=False),
+            encoding="utf-8",
+        )
     return 0
 
 

@@ -16,6 +16,7 @@ The ratio of the two rank_train variants is printed first.
 
     python bench/bench_train.py [--seed-data ../shared/seed-data] [--steps 4] [--batch-size 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import rank_train  # noqa: E402
 import recall_train  # noqa: E402
-from utils.data import RECORD_SEP  # noqa: E402
-from utils.train import read_metrics  # noqa: E402
+from utils.formats.rows import RECORD_SEP  # noqa: E402
+from utils.training.loop import read_metrics  # noqa: E402
 
 
 def step_times(out: Path) -> list[float]:
@@ -42,8 +43,10 @@ def step_times(out: Path) -> list[float]:
 
 def summary(name: str, times: list[float], batch: int, extra: str = "") -> None:
     t = statistics.median(times[1:] if len(times) > 1 else times)
-    print(f"{name:44s} {1 / t:7.3f} steps/s  {batch / t:7.2f} samples/s  ({t:.2f} s/step, "
-          f"{len(times)} steps){extra}", flush=True)
+    print(
+        f"{name:44s} {1 / t:7.3f} steps/s  {batch / t:7.2f} samples/s  ({t:.2f} s/step, {len(times)} steps){extra}",
+        flush=True,
+    )
 
 
 def run(script, argv: list[str]) -> None:
@@ -54,8 +57,7 @@ def run(script, argv: list[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA",
-                                                         str(ROOT.parent / "shared" / "seed-data")))
+    p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA", str(ROOT.parent / "shared" / "seed-data")))
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -67,8 +69,19 @@ def main(argv=None) -> int:
     if not photos or not (bert / "config.json").is_file():
         raise SystemExit(f"{seed}: needs sample-images/*.jpg and bert-base-chinese/ (set --seed-data)")
     b, n = args.batch_size, args.batch_size * args.steps
-    common = ["--num-workers", "2", "--device", args.device, "--bert-dir", str(bert),
-              "--backend", args.backend, "--no-progress", "--log-level", "WARNING"]
+    common = [
+        "--num-workers",
+        "2",
+        "--device",
+        args.device,
+        "--bert-dir",
+        str(bert),
+        "--backend",
+        args.backend,
+        "--no-progress",
+        "--log-level",
+        "WARNING",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # recall: n pairs (photos reused), texts from a few Chinese place names
@@ -83,9 +96,26 @@ def main(argv=None) -> int:
         (tmp / "recall.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         out = tmp / "recall_run"
         t0 = time.perf_counter()
-        run(recall_train, ["--csv", str(tmp / "recall.csv"), "--image-dir", str(img), "--out-dir", str(out),
-                           "--epochs", "1", "--batch-size", str(b), "--val-owners", "8",
-                           "--logit-scale", "10", *common])
+        run(
+            recall_train,
+            [
+                "--csv",
+                str(tmp / "recall.csv"),
+                "--image-dir",
+                str(img),
+                "--out-dir",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                str(b),
+                "--val-owners",
+                "8",
+                "--logit-scale",
+                "10",
+                *common,
+            ],
+        )
         recall = (step_times(out), time.perf_counter() - t0)
 
         # ranking: n pairs of photos, no POI tables
@@ -96,12 +126,37 @@ def main(argv=None) -> int:
             a, bb = photos[(2 * i) % len(photos)], photos[(2 * i + 1) % len(photos)]
             os.symlink(a, rimg / f"it{i}_a{a.suffix}")
             os.symlink(bb, rimg / f"it{i}_b{bb.suffix}")
-            rows.append(RECORD_SEP.join([f"it{i}", "u", "u", str(1 + i % 2), str(2 - i % 2),
-                                         f"标题{i}", "cate", "", "", "西湖,故宫" if i % 3 else ""]))
+            rows.append(
+                RECORD_SEP.join(
+                    [
+                        f"it{i}",
+                        "u",
+                        "u",
+                        str(1 + i % 2),
+                        str(2 - i % 2),
+                        f"标题{i}",
+                        "cate",
+                        "",
+                        "",
+                        "西湖,故宫" if i % 3 else "",
+                    ]
+                )
+            )
         (tmp / "train.csv").write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
         (tmp / "val.csv").write_text("\n".join(rows[n:]) + "\n", encoding="utf-8")
-        rargs = ["--train-csv", str(tmp / "train.csv"), "--val-csv", str(tmp / "val.csv"),
-                 "--image-dir", str(rimg), "--epochs", "1", "--batch-size", str(b), *common]
+        rargs = [
+            "--train-csv",
+            str(tmp / "train.csv"),
+            "--val-csv",
+            str(tmp / "val.csv"),
+            "--image-dir",
+            str(rimg),
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(b),
+            *common,
+        ]
         res = {}
         for label, extra in (("augmented", []), ("cached", ["--no-augment", "--cache-embeddings"])):
             out = tmp / f"rank_{label}"
@@ -112,10 +167,12 @@ def main(argv=None) -> int:
         ta, wa = res["augmented"]
         tc, wc = res["cached"]
         sa, sc = statistics.median(ta[1:]), statistics.median(tc[1:])
-        print(f"--cache-embeddings: {sa / sc:.0f}x faster per step; whole runs of {args.steps} steps "
-              f"(incl. the one-off encoding of {2 * n} train + 8 val images): {wa:.0f} s vs {wc:.0f} s. "
-              f"Over many epochs the cached run costs ~one augmented epoch plus "
-              f"{sc:.3f} s/step.")
+        print(
+            f"--cache-embeddings: {sa / sc:.0f}x faster per step; whole runs of {args.steps} steps "
+            f"(incl. the one-off encoding of {2 * n} train + 8 val images): {wa:.0f} s vs {wc:.0f} s. "
+            f"Over many epochs the cached run costs ~one augmented epoch plus "
+            f"{sc:.3f} s/step."
+        )
         summary(f"recall_train (B3+BERT-4, batch {b})", recall[0], b, f"; whole run {recall[1]:.0f} s")
         summary(f"rank_train augmented (batch {b} pairs)", ta, b, f"; whole run {wa:.0f} s")
         summary(f"rank_train --cache-embeddings (batch {b})", tc, b, f"; whole run {wc:.0f} s")

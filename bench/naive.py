@@ -1,6 +1,7 @@
 """The authors' image preprocessing, written out as SPEC section 3 gives it, for the
 benches' naive baselines: Pillow decode, ``cv2.resize`` on uint8, float64 normalisation.
 (The package's own path gives the same bits with less work: utils/images.py.)"""
+
 from __future__ import annotations
 
 import cv2
@@ -39,4 +40,5 @@ def authors_text_encoder(align_model, bert_dir):
         enc = tok(list(texts), padding="longest", truncation=True, max_length=50, return_tensors="pt")
         cls = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[:, 0]
         return F.normalize(align_model.text_hidden_layer(cls), p=2, dim=1)
+
     return encode

@@ -1,1 +1,44 @@
-"""Models of the two-stage selector: the alignment (recall) model and the ranker."""
+"""Everything that runs a network: the paper's two models (``align``, ``ranker``, with
+the text tower of ``bert``), the Taiyi-CLIP baseline (``taiyi``), the one checkpoint
+reader and writer (``checkpoint``), the factory (``factory``) and the encoding engine
+(``engine``). Scripts use the names below."""
+
+from .align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
+from .checkpoint import load_align_model, load_ranker, read_checkpoint, save_align_checkpoint, save_ranker_checkpoint
+from .engine import (
+    BACKENDS,
+    PRECISIONS,
+    EmbeddingCache,
+    ImagePrefetch,
+    RecallModel,
+    prefetch_images,
+    tokenize,
+    wrap_align,
+)
+from .factory import MODELS, build_ranker, build_recall_model, missing_options
+from .ranker import SiameseRanker
+
+__all__ = [
+    "AlignArch",
+    "AlignModel",
+    "BACKENDS",
+    "EmbeddingCache",
+    "ImagePrefetch",
+    "MODELS",
+    "PRECISIONS",
+    "RecallModel",
+    "SiameseRanker",
+    "build_ranker",
+    "build_recall_model",
+    "contrastive_loss",
+    "load_align_model",
+    "load_ranker",
+    "load_tokenizer",
+    "missing_options",
+    "prefetch_images",
+    "read_checkpoint",
+    "save_align_checkpoint",
+    "save_ranker_checkpoint",
+    "tokenize",
+    "wrap_align",
+]

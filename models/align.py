@@ -9,7 +9,10 @@ The attribute names (``image_model``, ``text_model``, ``image_hidden_layer``,
 ``text_hidden_layer``, ``logit_scale``) are the state-dict prefixes of the released
 checkpoint; do not rename them.
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError, UserError
 
 import contextlib
 import os
@@ -20,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
-from utils.cli import UserError
-from utils.data import DataError, read_json
+from utils.io import read_json
 
 from .bert import BertConfig, BertEncoder, BertTokenizer
 
@@ -30,9 +32,22 @@ class ModelFilesError(UserError, FileNotFoundError):
     """A file a model needs (config, vocabulary) is missing."""
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
-                   "eye_", "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-                   "kaiming_normal_", "orthogonal_", "sparse_")
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
 
 
 @contextlib.contextmanager
@@ -61,13 +76,14 @@ class AlignArch:
     ``text_layers`` overrides ``num_hidden_layers`` of the BERT config read from the
     bert directory.
     """
+
     image_model: str = "efficientnet-b3"
     image_overrides: dict = field(default_factory=dict)
     text_layers: int = 4
     embed_dim: int = 512
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AlignArch":
+    def from_dict(cls, d: dict | None) -> AlignArch:
         """Raises ValueError for anything but a dict of known fields of the right types."""
         if not d:
             return cls()
@@ -79,15 +95,16 @@ class AlignArch:
         types = {"image_model": str, "image_overrides": dict, "text_layers": int, "embed_dim": int}
         for f in fields(cls):
             if f.name in d and (not isinstance(d[f.name], types[f.name]) or isinstance(d[f.name], bool)):
-                raise ValueError(f"architecture field {f.name!r} must be a {types[f.name].__name__}, "
-                                 f"found {d[f.name]!r}")
+                raise ValueError(
+                    f"architecture field {f.name!r} must be a {types[f.name].__name__}, found {d[f.name]!r}"
+                )
         for name in ("text_layers", "embed_dim"):
             if name in d and d[name] < 1:
                 raise ValueError(f"architecture field {name!r} must be >= 1, found {d[name]}")
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "AlignArch":
+    def from_json(cls, path: str | os.PathLike) -> AlignArch:
         """The architecture in a JSON file; a ``DataError`` naming the file (and the line
         of a JSON syntax error) when it cannot be used."""
         d = read_json(path)
@@ -107,8 +124,10 @@ class AlignArch:
 def _need(bert_dir: str | os.PathLike, name: str) -> str:
     path = os.path.join(bert_dir, name)
     if not os.path.isfile(path):
-        raise ModelFilesError(f"{path}: missing; --bert-dir must hold bert-base-chinese's "
-                                f"config.json and vocab.txt (download_assets.py fetches them)")
+        raise ModelFilesError(
+            f"{path}: missing; --bert-dir must hold bert-base-chinese's "
+            f"config.json and vocab.txt (download_assets.py fetches them)"
+        )
     return path
 
 
@@ -130,8 +149,7 @@ class AlignModel(nn.Module):
         super().__init__()
         self.arch = arch or AlignArch()
         d = self.arch.embed_dim
-        self.image_model = EfficientNet.from_name(self.arch.image_model, num_classes=d,
-                                                  **self.arch.image_overrides)
+        self.image_model = EfficientNet.from_name(self.arch.image_model, num_classes=d, **self.arch.image_overrides)
         # The memory-efficient swish is a training-memory trick with a custom autograd
         # function; the plain one computes the same values and runs faster.
         self.image_model.set_swish(memory_efficient=False)
@@ -141,7 +159,7 @@ class AlignModel(nn.Module):
         self.text_hidden_layer = nn.Linear(text_config.hidden_size, d)
 
     @classmethod
-    def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> "AlignModel":
+    def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
         arch = arch or AlignArch()
         return cls(load_text_config(bert_dir, arch.text_layers), arch)
 
@@ -149,8 +167,9 @@ class AlignModel(nn.Module):
         x = self.image_hidden_layer(self.image_model(images))
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         x = self.text_hidden_layer(self.text_model(input_ids, attention_mask)[:, 0])
         return F.normalize(x, p=2, dim=1) if normalize else x
 
@@ -159,8 +178,7 @@ class AlignModel(nn.Module):
 
     def forward(self, images, input_ids, attention_mask) -> torch.Tensor:
         """Contrastive loss of a batch of matching (image, text) pairs."""
-        return contrastive_loss(self.similarity(self.encode_image(images),
-                                                self.encode_text(input_ids, attention_mask)))
+        return contrastive_loss(self.similarity(self.encode_image(images), self.encode_text(input_ids, attention_mask)))
 
 
 def contrastive_loss(sims: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ cleaning, CJK characters split apart, lower-casing with accents stripped, punctu
 split, 100-character word limit, ``[CLS] ... [SEP]``, truncation, padding to the longest
 text of the batch.
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError
 
 import math
 import os
@@ -26,12 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.data import DataError, read_json, text_lines
+from utils.io import read_json, text_lines
 
 
 @dataclass
 class BertConfig:
     """The fields of a BERT ``config.json`` this encoder uses (others are ignored)."""
+
     vocab_size: int = 21128
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -47,7 +51,7 @@ class BertConfig:
     initializer_range: float = 0.02
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "BertConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> BertConfig:
         """The config in ``path``; a ``DataError`` naming the file and the field when it
         cannot be used."""
         d = read_json(path)
@@ -73,8 +77,10 @@ class BertConfig:
         if cfg.hidden_act != "gelu":
             raise DataError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (gelu only)")
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise DataError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of "
-                            f"num_attention_heads {cfg.num_attention_heads}")
+            raise DataError(
+                f"{path}: hidden_size {cfg.hidden_size} is not a multiple of "
+                f"num_attention_heads {cfg.num_attention_heads}"
+            )
         return cfg
 
 
@@ -108,10 +114,15 @@ class _SelfAttention(nn.Module):
 
         def split(x):
             return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
         out = F.scaled_dot_product_attention(
-            split(self.query(h)), split(self.key(h)), split(self.value(h)), attn_mask=mask,
+            split(self.query(h)),
+            split(self.key(h)),
+            split(self.value(h)),
+            attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0,
-            scale=1 / math.sqrt(d // self.heads))
+            scale=1 / math.sqrt(d // self.heads),
+        )
         return out.transpose(1, 2).reshape(b, n, d)
 
 
@@ -220,18 +231,22 @@ class BertTokenizer:
 
         vocab = {}
         for index, line in enumerate(text_lines(vocab_file)):  # id = line number; a repeated
-            vocab[line.rstrip("\r\n")] = index                  # token keeps its last one
+            vocab[line.rstrip("\r\n")] = index  # token keeps its last one
         self.vocab = vocab
         for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
             if special not in vocab:
                 raise DataError(f"{vocab_file}: no {special} token in the vocabulary")
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=do_lower_case)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if "[MASK]" in vocab
-                               else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+        tok.add_special_tokens(
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            if "[MASK]" in vocab
+            else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        )
         self._tok = tok
         self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
 
@@ -241,8 +256,14 @@ class BertTokenizer:
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self._tok.id_to_token(int(i)) or "[UNK]" for i in ids]
 
-    def __call__(self, texts, padding="longest", truncation: bool = True, max_length: int | None = None,
-                 return_tensors: str = "pt") -> dict:
+    def __call__(
+        self,
+        texts,
+        padding="longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+    ) -> dict:
         if isinstance(texts, str):
             texts = [texts]
         if padding not in ("longest", True) or return_tensors != "pt":
@@ -251,12 +272,12 @@ class BertTokenizer:
         for enc in self._tok.encode_batch(list(texts), add_special_tokens=False):
             ids = enc.ids
             if truncation and max_length is not None:
-                ids = ids[:max(max_length - 2, 0)]
+                ids = ids[: max(max_length - 2, 0)]
             rows.append([self.cls_id, *ids, self.sep_id])
         n = max((len(r) for r in rows), default=0)
         input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, :len(r)] = 1
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, : len(r)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}

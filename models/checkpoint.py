@@ -22,25 +22,31 @@ Small architecture variants (tests, users' own training) record their ``AlignArc
 in the wrapper (``"arch"``) or, for the bare ranker format, in a sidecar
 ``<checkpoint>.arch.json``; the released files carry neither and get the defaults.
 """
+
 from __future__ import annotations
+
+from utils.cli import UserError
 
 import logging
 import os
 
 import torch
 
-from utils.cli import UserError
-from utils.data import atomic_path, write_json
+from utils.io import atomic_path, write_json
 
 from .align import AlignArch, AlignModel, skip_init
 from .ranker import SiameseRanker
 
 log = logging.getLogger(__name__)
 
-BENIGN_EXTRAS = ("text_model.embeddings.position_ids", "relations_emb.weight",
-                 "linear_relation.weight", "linear_relation.bias")
-ALIGN_PREFIX = "align_model."          # where the ranker keeps its copy of the recall model
-WRAPPER_PREFIXES = ("module.", "model.")   # DataParallel/DDP, Lightning
+BENIGN_EXTRAS = (
+    "text_model.embeddings.position_ids",
+    "relations_emb.weight",
+    "linear_relation.weight",
+    "linear_relation.bias",
+)
+ALIGN_PREFIX = "align_model."  # where the ranker keeps its copy of the recall model
+WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel/DDP, Lightning
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -50,7 +56,7 @@ class CheckpointError(UserError, RuntimeError):
 def _strip_common_prefix(sd: dict, prefix: str) -> dict | None:
     """``sd`` without ``prefix`` when every key carries it, else None."""
     if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
+        return {k[len(prefix) :]: v for k, v in sd.items()}
     return None
 
 
@@ -72,8 +78,9 @@ def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
         stripped = _strip_common_prefix(sd, prefix)
         if stripped is not None:
             sd = stripped
-            notes.append(f"every key under {prefix!r}" + (" (DataParallel/DDP)" if prefix == "module."
-                                                          else " (Lightning)"))
+            notes.append(
+                f"every key under {prefix!r}" + (" (DataParallel/DDP)" if prefix == "module." else " (Lightning)")
+            )
     if notes:
         log.info("%s: a wrapped checkpoint (%s); using the state dict inside", path, "; ".join(notes))
     return sd, meta
@@ -87,8 +94,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, a pickle with code, not a torch file
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     sd, meta = unwrap_state(obj, path)
@@ -102,12 +111,19 @@ def align_state_from(sd: dict) -> dict:
     """The recall model's state dict inside ``sd``: a ranker checkpoint's
     ``align_model.`` copy (the ranker head left out), or ``sd`` itself."""
     if any(k.startswith(ALIGN_PREFIX) for k in sd):
-        return {k[len(ALIGN_PREFIX):]: v for k, v in sd.items() if k.startswith(ALIGN_PREFIX)}
+        return {k[len(ALIGN_PREFIX) :]: v for k, v in sd.items() if k.startswith(ALIGN_PREFIX)}
     return sd
 
 
-def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "",
-               benign=None, hint: str | None = None, assign: bool = False) -> list[str]:
+def load_state(
+    model: torch.nn.Module,
+    sd: dict,
+    source: str,
+    prefix: str = "",
+    benign=None,
+    hint: str | None = None,
+    assign: bool = False,
+) -> list[str]:
     """Strictly load ``sd`` into ``model``; returns the benign keys it ignored.
 
     ``assign``: the model takes ``sd``'s tensors instead of copying them (no copy of the
@@ -123,21 +139,23 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "",
     ignored = sorted(k for k in sd if k not in expected and k in benign)
     unexpected = sorted(k for k in sd if k not in expected and k not in benign)
     missing = sorted(k for k in expected if k not in sd)
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    )
     if unexpected or missing or shapes:
         parts = [f"{source} does not match {type(model).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", shapes)):
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if keys:
                 shown = keys[:40] + ([f"... and {len(keys) - 40} more"] if len(keys) > 40 else [])
                 parts.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
-        parts.append(hint if hint is not None else
-                     "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
+        parts.append(
+            hint if hint is not None else "  (a smaller or larger variant needs its architecture: --arch FILE.json)"
+        )
         raise CheckpointError("\n".join(parts))
     if ignored:
-        log.info("%s: ignored %d tensors that inference does not use: %s",
-                 source, len(ignored), ", ".join(ignored))
+        log.info("%s: ignored %d tensors that inference does not use: %s", source, len(ignored), ", ".join(ignored))
     keep = {k: v for k, v in sd.items() if k in expected}
     if assign:  # the model's dtypes stay (a half-precision file is cast, as a copy would)
         keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in keep.items()}
@@ -211,4 +229,3 @@ def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
         write_json(sidecar, model.align_model.arch.to_dict(), indent=None)
     elif os.path.exists(sidecar):
         os.remove(sidecar)
-

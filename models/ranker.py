@@ -11,6 +11,7 @@ The two images of a pair are scored by the same network; the pair's prediction i
 ``s_a > s_b``. Module names reproduce the released checkpoint's keys
 (``attention_layer.local_att.fc1.fc.0`` ...); do not rename them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,7 +73,7 @@ class AttentionPooling(nn.Module):
         self.local_att = LocalActivationUnit(dim)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        weights = self.local_att(query, keys).transpose(1, 2)            # B x 1 x T
+        weights = self.local_att(query, keys).transpose(1, 2)  # B x 1 x T
         positions = torch.arange(keys.shape[1], device=keys.device)
         mask = (positions[None, :] < lengths.reshape(-1, 1)).to(weights.dtype)
         return torch.bmm(weights * mask.unsqueeze(1), keys).squeeze(1)  # B x E
@@ -93,9 +94,14 @@ class SiameseRanker(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attention_layer = AttentionPooling(d)
 
-    def score_embeddings(self, image_emb: torch.Tensor, pois_feature: torch.Tensor,
-                         poi_img_vecs: torch.Tensor, poi_text_vecs: torch.Tensor,
-                         poi_len: torch.Tensor) -> torch.Tensor:
+    def score_embeddings(
+        self,
+        image_emb: torch.Tensor,
+        pois_feature: torch.Tensor,
+        poi_img_vecs: torch.Tensor,
+        poi_text_vecs: torch.Tensor,
+        poi_len: torch.Tensor,
+    ) -> torch.Tensor:
         """Score from a ready (normalised) image vector: B x 1. Used when image
         vectors are computed once and cached, since the recall model is frozen."""
         pois = self.dropout(self.linear1(torch.cat([poi_img_vecs, poi_text_vecs], dim=-1)))
@@ -106,9 +112,15 @@ class SiameseRanker(nn.Module):
         return self.linear2(h)
 
     @torch.inference_mode()
-    def score_many(self, image_emb: torch.Tensor, pois_feature: torch.Tensor,
-                   poi_img_vecs: torch.Tensor, poi_text_vecs: torch.Tensor, poi_len: torch.Tensor,
-                   batch_size: int = 256) -> torch.Tensor:
+    def score_many(
+        self,
+        image_emb: torch.Tensor,
+        pois_feature: torch.Tensor,
+        poi_img_vecs: torch.Tensor,
+        poi_text_vecs: torch.Tensor,
+        poi_len: torch.Tensor,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
         """:meth:`score_embeddings` of N rows in batches of ``batch_size``, in eval mode
         (its previous mode restored): N float32 scores on the CPU. Inputs may be on the
         CPU; each batch is moved to the model's device."""
@@ -116,14 +128,23 @@ class SiameseRanker(nn.Module):
         was = self.training
         self.eval()
         try:
-            out = [self.score_embeddings(*(t[a:a + batch_size].to(device) for t in
-                                           (image_emb, pois_feature, poi_img_vecs, poi_text_vecs,
-                                            poi_len))).float().reshape(-1).cpu()
-                   for a in range(0, image_emb.shape[0], batch_size)]
+            out = [
+                self.score_embeddings(
+                    *(
+                        t[a : a + batch_size].to(device)
+                        for t in (image_emb, pois_feature, poi_img_vecs, poi_text_vecs, poi_len)
+                    )
+                )
+                .float()
+                .reshape(-1)
+                .cpu()
+                for a in range(0, image_emb.shape[0], batch_size)
+            ]
         finally:
             self.train(was)
         return torch.cat(out) if out else torch.zeros(0)
 
     def forward(self, images, pois_feature, poi_img_vecs, poi_text_vecs, poi_len) -> torch.Tensor:
-        return self.score_embeddings(self.align_model.encode_image(images), pois_feature,
-                                     poi_img_vecs, poi_text_vecs, poi_len)
+        return self.score_embeddings(
+            self.align_model.encode_image(images), pois_feature, poi_img_vecs, poi_text_vecs, poi_len
+        )

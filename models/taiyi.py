@@ -22,10 +22,12 @@ Texts are tokenised as the authors' recall script did for their own model: paddi
 the longest text of the batch, truncation at 50 tokens, with the attention mask (so a
 text's vector does not depend on the batch: the same as encoding each name alone).
 """
+
 from __future__ import annotations
 
-import contextlib
+from utils.cli import DataError
 
+import contextlib
 import json
 import logging
 import os
@@ -34,10 +36,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (BertConfig, BertForSequenceClassification, BertTokenizer,
-                          CLIPVisionConfig, CLIPVisionModelWithProjection)
-
-from utils.data import DataError
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from .align import ModelFilesError, skip_init
 from .checkpoint import CheckpointError, load_state, read_checkpoint
@@ -53,8 +58,10 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def _need(directory, name: str, option: str) -> Path:
     p = Path(directory) / name
     if not p.is_file():
-        raise ModelFilesError(f"{p}: missing; {option} must be a Hugging Face model directory "
-                                f"(download_assets.py --with-baselines fetches it)")
+        raise ModelFilesError(
+            f"{p}: missing; {option} must be a Hugging Face model directory "
+            f"(download_assets.py --with-baselines fetches it)"
+        )
     return p
 
 
@@ -64,6 +71,7 @@ def read_weights(path: str | os.PathLike) -> dict:
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
         try:
             return load_file(path)
         except (SafetensorError, OSError) as e:
@@ -77,8 +85,7 @@ def find_weights(directory, option: str) -> Path:
         p = Path(directory) / name
         if p.is_file():
             return p
-    raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the "
-                            f"model's weights")
+    raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the model's weights")
 
 
 def text_config(text_dir) -> BertConfig:
@@ -117,8 +124,10 @@ class TaiyiCLIP(nn.Module):
     def __init__(self, text_cfg: BertConfig, vision_cfg: CLIPVisionConfig):
         super().__init__()
         if text_cfg.num_labels != vision_cfg.projection_dim:
-            raise CheckpointError(f"the text encoder gives {text_cfg.num_labels} logits but the image "
-                             f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair")
+            raise CheckpointError(
+                f"the text encoder gives {text_cfg.num_labels} logits but the image "
+                f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair"
+            )
         self.text_model = BertForSequenceClassification(text_cfg)
         self.image_model = CLIPVisionModelWithProjection(vision_cfg)
         self.embed_dim = vision_cfg.projection_dim
@@ -127,17 +136,23 @@ class TaiyiCLIP(nn.Module):
         x = self.image_model(pixel_values=images).image_embeds
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         x = self.text_model(input_ids=input_ids, attention_mask=attention_mask).logits
         return F.normalize(x, p=2, dim=1) if normalize else x
 
 
 def load_text_state(model: TaiyiCLIP, path) -> list[str]:
     """Strictly load a Taiyi text-encoder state dict (``bert.*``, ``classifier.*``)."""
-    return load_state(model.text_model, read_weights(path), str(path), benign=TEXT_BENIGN,
-                      hint="  (expected the state dict of the Taiyi-CLIP text encoder, a "
-                           "BertForSequenceClassification: keys bert.* and classifier.*)")
+    return load_state(
+        model.text_model,
+        read_weights(path),
+        str(path),
+        benign=TEXT_BENIGN,
+        hint="  (expected the state dict of the Taiyi-CLIP text encoder, a "
+        "BertForSequenceClassification: keys bert.* and classifier.*)",
+    )
 
 
 def load_vision_state(model: TaiyiCLIP, path) -> list[str]:
@@ -148,9 +163,13 @@ def load_vision_state(model: TaiyiCLIP, path) -> list[str]:
     skipped = len(sd) - len(keep)
     if skipped:
         log.info("%s: %d tensors of the CLIP text tower are not used", path, skipped)
-    return load_state(model.image_model, keep, str(path), benign=VISION_BENIGN,
-                      hint="  (expected the weights of openai/clip-vit-base-patch32: "
-                           "vision_model.* and visual_projection.weight)")
+    return load_state(
+        model.image_model,
+        keep,
+        str(path),
+        benign=VISION_BENIGN,
+        hint="  (expected the weights of openai/clip-vit-base-patch32: vision_model.* and visual_projection.weight)",
+    )
 
 
 def _no_hf_init():

@@ -6,6 +6,7 @@ visible image has decoded. That happens asynchronously, so on a loaded machine a
 ``--dump-dom`` can come before it: ``thumb_check`` then loads the page again (a few
 times) instead of reading an unfinished page as a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,17 +14,38 @@ import re
 import shutil
 import subprocess
 
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"),
-                             shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and os.path.isfile(p)), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            os.environ.get("CHROMIUM"),
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            "/usr/bin/chromium",
+        )
+        if p and os.path.isfile(p)
+    ),
+    None,
+)
 SKIP_REASON = "chromium not installed (apt-get install chromium; .ci/run tries to)"
 
 
 def run_chromium(args, tmp_path, timeout: int = 120) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,6 +1,7 @@
 """Small, self-made fixtures shared by the tests: a tiny BERT directory (config +
 vocab), a tiny architecture, tiny models and generated images. Nothing here needs
 ../shared or the network."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from PIL import Image
 
 from models.align import AlignArch, AlignModel
 from models.ranker import SiameseRanker
-from utils.images import to_tensor
+from utils.formats.images import to_tensor
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CHARS = list("红绿蓝黄黑白紫橙色圆方形三角星心山海湖岛塔桥寺城园公古镇北京上杭州西世界乐底大小")
@@ -21,19 +22,39 @@ LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 TOKENS = SPECIALS + [",", ".", "-", "#", "_"] + LETTERS + ["##" + c for c in LETTERS] + CHARS
 
 TINY_BERT_CONFIG = {
-    "architectures": ["BertForMaskedLM"], "model_type": "bert",
-    "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "hidden_act": "gelu",
-    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-    "num_hidden_layers": 12, "max_position_embeddings": 64, "type_vocab_size": 2,
-    "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+    "architectures": ["BertForMaskedLM"],
+    "model_type": "bert",
+    "attention_probs_dropout_prob": 0.0,
+    "hidden_dropout_prob": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 64,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
     "vocab_size": len(TOKENS),
 }
-TINY_ARCH = AlignArch(image_model="efficientnet-b0",
-                      image_overrides={"width_coefficient": 0.25, "depth_coefficient": 0.25},
-                      text_layers=1, embed_dim=32)
+TINY_ARCH = AlignArch(
+    image_model="efficientnet-b0",
+    image_overrides={"width_coefficient": 0.25, "depth_coefficient": 0.25},
+    text_layers=1,
+    embed_dim=32,
+)
 
-COLORS = {"红": (220, 30, 30), "绿": (30, 200, 40), "蓝": (30, 60, 220), "黄": (230, 220, 20),
-          "黑": (10, 10, 10), "白": (245, 245, 245), "紫": (150, 40, 200), "橙": (250, 140, 20)}
+COLORS = {
+    "红": (220, 30, 30),
+    "绿": (30, 200, 40),
+    "蓝": (30, 60, 220),
+    "黄": (230, 220, 20),
+    "黑": (10, 10, 10),
+    "白": (245, 245, 245),
+    "紫": (150, 40, 200),
+    "橙": (250, 140, 20),
+}
 
 
 def make_bert_dir(path: str | os.PathLike) -> Path:
@@ -101,7 +122,7 @@ def solid_image(color, size=(96, 64), shape: str | None = None, seed: int = 0) -
         yy, xx = np.mgrid[:h, :w]
         arr[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(w, h) / 3) ** 2] = 255
     elif shape == "方":
-        arr[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -133,6 +154,7 @@ def calibrate_image_bn(align, images):
 def png_bytes(img) -> bytes:
     """A PIL image as PNG file content (what a test server answers)."""
     import io
+
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

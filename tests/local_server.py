@@ -28,6 +28,7 @@ times plus a log of (method, path, Range header) for assertions.
 A pytest fixture ``local_server`` is provided; import it into a test module
 (``from local_server import local_server``) to use it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,10 +46,18 @@ from pathlib import Path
 HOST = "127.0.0.1"
 
 _CONTENT_TYPES = {
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
-    ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
-    ".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8",
-    ".csv": "text/csv; charset=utf-8", ".json": "application/json",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".html": "text/html; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+    ".json": "application/json",
 }
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")  # to unset in tests
@@ -57,13 +66,14 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")  # to unset 
 @dataclass
 class Fault:
     """One injected behaviour; ``None`` fields fall back to the route's own."""
+
     status: int | None = None
     headers: dict | None = None
     body: bytes | None = None
     delay: float | None = None
     truncate: int | None = None
     redirect: str | None = None
-    drop: bool = False          # close the connection without any response
+    drop: bool = False  # close the connection without any response
 
 
 @dataclass
@@ -72,9 +82,9 @@ class Route:
     status: int = 200
     content_type: str = "application/octet-stream"
     headers: dict = field(default_factory=dict)
-    delay: float = 0.0            # seconds before the response headers
-    truncate: int | None = None   # send only this many body bytes, then close
-    redirect: str | None = None   # answer 302 (or ``status`` if 3xx) to this location
+    delay: float = 0.0  # seconds before the response headers
+    truncate: int | None = None  # send only this many body bytes, then close
+    redirect: str | None = None  # answer 302 (or ``status`` if 3xx) to this location
     drip: tuple[int, float] | None = None  # (chunk bytes, seconds per chunk)
     faults: list = field(default_factory=list)  # consumed one per request
 
@@ -88,6 +98,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """Clients that hang up (timeouts, kills) are normal here: stay quiet."""
         import sys
+
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
@@ -95,8 +106,9 @@ class _Server(ThreadingHTTPServer):
 class LocalServer:
     """Threaded HTTP server on 127.0.0.1:<ephemeral>; use as a context manager."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, latency: float = 0.0,
-                 drip: tuple[int, float] | None = None):
+    def __init__(
+        self, directory: str | os.PathLike | None = None, latency: float = 0.0, drip: tuple[int, float] | None = None
+    ):
         self.directory = Path(directory) if directory is not None else None
         self.latency = latency
         self.drip = drip
@@ -115,8 +127,7 @@ class LocalServer:
         if not path.startswith("/"):
             path = "/" + path
         if "content_type" not in kw:
-            kw["content_type"] = _CONTENT_TYPES.get(os.path.splitext(path)[1].lower(),
-                                                    "application/octet-stream")
+            kw["content_type"] = _CONTENT_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
         kw["faults"] = list(kw.get("faults", []))
         route = Route(body=body, **kw)
         with self._lock:
@@ -156,12 +167,12 @@ class LocalServer:
             self.log.clear()
 
     # -- lifecycle --------------------------------------------------------
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         self._stop.clear()
         self._httpd = _Server((HOST, 0), _make_handler(self))
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="local-http-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="local-http-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -175,7 +186,7 @@ class LocalServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -197,15 +208,16 @@ class LocalServer:
             target = (self.directory / rel).resolve()
             root = self.directory.resolve()
             if (target == root or root in target.parents) and target.is_file():
-                route = Route(body=target.read_bytes(),
-                              content_type=_CONTENT_TYPES.get(target.suffix.lower(),
-                                                              "application/octet-stream"))
+                route = Route(
+                    body=target.read_bytes(),
+                    content_type=_CONTENT_TYPES.get(target.suffix.lower(), "application/octet-stream"),
+                )
         return route, fault
 
 
 def _make_handler(server: LocalServer):
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"   # keep-alive
+        protocol_version = "HTTP/1.1"  # keep-alive
         server_version = "LocalTestServer/1"
 
         def setup(self) -> None:
@@ -286,7 +298,7 @@ def _make_handler(server: LocalServer):
                 if span is not None:
                     start, end = span
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
-                    self._send_body(206, body[start:end + 1], ctype, headers, head, None, drip)
+                    self._send_body(206, body[start : end + 1], ctype, headers, head, None, drip)
                     return
             self._send_body(200, body, ctype, headers, head, None, drip)
 
@@ -307,7 +319,7 @@ def _make_handler(server: LocalServer):
                 if drip:
                     size, pause = drip
                     for i in range(0, len(payload), max(1, size)):
-                        self.wfile.write(payload[i:i + size])
+                        self.wfile.write(payload[i : i + size])
                         self.wfile.flush()
                         if not server._sleep(pause):
                             self.close_connection = True

@@ -6,6 +6,7 @@ resume (pre-seeded partial file, body cut mid-way, server answering 200 instead 
 206), checksum mismatch kept aside, no-network and disk-full messages, and the
 Hugging Face path in offline mode with a pre-populated cache (subprocess, no hub).
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,10 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from local_server import Fault, LocalServer
+
 import download_assets
-from utils import assets as A
+from utils.fetch import assets as A
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +33,10 @@ def sha(b: bytes) -> str:
 
 BIG = b"PK\x03\x04" + os.urandom(300_000)  # a "large" asset (a torch zip by its magic): several chunks
 CSV = "1,红山,http://x/1.jpg,1,10,10,\n".encode()
-TRAIN = "$record$".join(["7", "http://x/a.jpg", "http://x/b.jpg", "0.1", "0.2", "标题", "类目",
-                          "", "", "西湖"]).encode() + b"\n"   # one ranking record
+TRAIN = (
+    "$record$".join(["7", "http://x/a.jpg", "http://x/b.jpg", "0.1", "0.2", "标题", "类目", "", "", "西湖"]).encode()
+    + b"\n"
+)  # one ranking record
 VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n红\n".encode()
 
 
@@ -49,23 +52,39 @@ def world(tmp_path):
     srv.add("/data/r.csv", CSV)
     srv.add("/assets/weights/align_model.pth", BIG)
     srv.add("/assets/bert/vocab.txt", VOCAB)
-    manifest = write_manifest(tmp_path / "m.json", [
-        {"name": "recall_csv", "url": "https://example.invalid/r.csv", "path": "data/r.csv",
-         "sha256": sha(CSV)},
-        {"name": "align_weights", "url": "https://example.invalid/w.pth",
-         "path": "assets/weights/align_model.pth", "sha256": None},
-        {"name": "bert_vocab", "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "vocab.txt"},
-         "path": "assets/bert/vocab.txt", "sha256": sha(VOCAB)},
-        {"name": "train_csv", "url": "https://example.invalid/t.csv", "path": "data/t.csv",
-         "sha256": None, "default": False},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [
+            {"name": "recall_csv", "url": "https://example.invalid/r.csv", "path": "data/r.csv", "sha256": sha(CSV)},
+            {
+                "name": "align_weights",
+                "url": "https://example.invalid/w.pth",
+                "path": "assets/weights/align_model.pth",
+                "sha256": None,
+            },
+            {
+                "name": "bert_vocab",
+                "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "vocab.txt"},
+                "path": "assets/bert/vocab.txt",
+                "sha256": sha(VOCAB),
+            },
+            {
+                "name": "train_csv",
+                "url": "https://example.invalid/t.csv",
+                "path": "data/t.csv",
+                "sha256": None,
+                "default": False,
+            },
+        ],
+    )
     yield srv, manifest, tmp_path / "dest"
     srv.stop()
 
 
 def run(manifest, dest, *extra) -> int:
-    return download_assets.main(["--manifest", str(manifest), "--dest", str(dest),
-                                 "--no-progress", "--retries", "0", *extra])
+    return download_assets.main(
+        ["--manifest", str(manifest), "--dest", str(dest), "--no-progress", "--retries", "0", *extra]
+    )
 
 
 def test_mirror_download_then_skip_without_requests(world, capsys):
@@ -74,7 +93,7 @@ def test_mirror_download_then_skip_without_requests(world, capsys):
     assert (dest / "data/r.csv").read_bytes() == CSV
     assert (dest / "assets/weights/align_model.pth").read_bytes() == BIG
     assert (dest / "assets/bert/vocab.txt").read_bytes() == VOCAB  # hf asset from the mirror
-    assert not (dest / "data/t.csv").exists()                        # not in the default set
+    assert not (dest / "data/t.csv").exists()  # not in the default set
     out = capsys.readouterr().out
     # the unknown sha256 is printed and recorded
     assert f"align_weights: sha256 {sha(BIG)}" in out
@@ -124,7 +143,7 @@ def test_resume_after_body_cut_midway(world):
     ranges = [r for (_, p, r) in srv.log if p == "/assets/weights/align_model.pth"]
     assert ranges[0] is None and len(ranges) == 2
     start = int(ranges[1].split("=")[1].rstrip("-"))
-    assert 0 < start <= half          # only the remainder was requested
+    assert 0 < start <= half  # only the remainder was requested
     assert (dest / "assets/weights/align_model.pth").read_bytes() == BIG
 
 
@@ -166,9 +185,13 @@ def test_no_network_message(world, capsys):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    m = write_manifest(dest.parent / "m2.json", [
-        {"name": "a", "url": f"http://127.0.0.1:{port}/a.csv", "path": "data/a.csv", "sha256": None},
-        {"name": "b", "url": f"http://127.0.0.1:{port}/b.csv", "path": "data/b.csv", "sha256": None}])
+    m = write_manifest(
+        dest.parent / "m2.json",
+        [
+            {"name": "a", "url": f"http://127.0.0.1:{port}/a.csv", "path": "data/a.csv", "sha256": None},
+            {"name": "b", "url": f"http://127.0.0.1:{port}/b.csv", "path": "data/b.csv", "sha256": None},
+        ],
+    )
     assert run(m, dest) == 1
     err = capsys.readouterr().err
     assert f"cannot reach 127.0.0.1:{port}: check the network or use --mirror" in err
@@ -213,13 +236,28 @@ def test_bad_manifest_and_unknown_name(tmp_path, capsys):
 
 def test_project_manifest_is_complete():
     assets = {a.name: a for a in A.load_manifest(A.DEFAULT_MANIFEST)}
-    assert set(assets) == {"recall_csv", "rank_val_csv", "train_csv", "poi_pic_num",
-                           "poi_image_vectors", "poi_name_vectors", "align_weights",
-                           "ranker_weights", "bert_vocab", "bert_config",
-                           # the Taiyi-CLIP baseline (download_assets.py --with-baselines)
-                           "taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config",
-                           "taiyi_text_special_tokens", "taiyi_text_finetuned", "taiyi_text_weights",
-                           "clip_config", "clip_preprocessor_config", "clip_weights"}
+    assert set(assets) == {
+        "recall_csv",
+        "rank_val_csv",
+        "train_csv",
+        "poi_pic_num",
+        "poi_image_vectors",
+        "poi_name_vectors",
+        "align_weights",
+        "ranker_weights",
+        "bert_vocab",
+        "bert_config",
+        # the Taiyi-CLIP baseline (download_assets.py --with-baselines)
+        "taiyi_text_config",
+        "taiyi_text_vocab",
+        "taiyi_text_tokenizer_config",
+        "taiyi_text_special_tokens",
+        "taiyi_text_finetuned",
+        "taiyi_text_weights",
+        "clip_config",
+        "clip_preprocessor_config",
+        "clip_weights",
+    }
     assert assets["align_weights"].path.endswith("/align_model.pth")
     assert not assets["train_csv"].default
     assert assets["bert_vocab"].hf["repo_id"] == "google-bert/bert-base-chinese"
@@ -236,17 +274,37 @@ def test_hf_offline_with_prepopulated_cache(tmp_path):
     snap.mkdir(parents=True)
     (snap / "vocab.txt").write_bytes(VOCAB)
     (snap / "config.json").write_text('{"model_type": "bert"}')
-    m = write_manifest(tmp_path / "m.json", [
-        {"name": "bert_vocab", "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "vocab.txt"},
-         "path": "assets/bert-base-chinese/vocab.txt", "sha256": sha(VOCAB)},
-        {"name": "bert_config", "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "config.json"},
-         "path": "assets/bert-base-chinese/config.json", "sha256": None}])
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1",
-               HF_ENDPOINT="http://127.0.0.1:9")  # would fail loudly if it were contacted
+    m = write_manifest(
+        tmp_path / "m.json",
+        [
+            {
+                "name": "bert_vocab",
+                "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "vocab.txt"},
+                "path": "assets/bert-base-chinese/vocab.txt",
+                "sha256": sha(VOCAB),
+            },
+            {
+                "name": "bert_config",
+                "hf": {"repo_id": "google-bert/bert-base-chinese", "filename": "config.json"},
+                "path": "assets/bert-base-chinese/config.json",
+                "sha256": None,
+            },
+        ],
+    )
+    env = dict(
+        os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"
+    )  # would fail loudly if it were contacted
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    cmd = [sys.executable, str(ROOT / "download_assets.py"), "--manifest", str(m),
-           "--dest", str(tmp_path / "d"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "download_assets.py"),
+        "--manifest",
+        str(m),
+        "--dest",
+        str(tmp_path / "d"),
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     dest = tmp_path / "d" / "assets" / "bert-base-chinese"
@@ -258,8 +316,14 @@ def test_hf_offline_with_prepopulated_cache(tmp_path):
 
     # an empty cache in offline mode: a clear message, nothing written
     env["HF_HOME"] = str(tmp_path / "empty")
-    r = subprocess.run(cmd[:-3] + ["--dest", str(tmp_path / "d2"), "--no-progress"], env=env,
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        cmd[:-3] + ["--dest", str(tmp_path / "d2"), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 1
     assert "not in the Hugging Face cache" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
     assert not (tmp_path / "d2" / "assets").exists() or not list((tmp_path / "d2").rglob("*.txt"))

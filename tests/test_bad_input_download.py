@@ -6,6 +6,7 @@ hosts *resolve* (stubbed ``socket.getaddrinfo``) to link-local / private address
 guard urllib3's ``create_connection`` so that any attempt to connect anywhere but
 127.0.0.1 fails the test instead of sending a packet.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,18 +21,29 @@ from pathlib import Path
 
 import pytest
 import urllib3.util.connection
+from local_server import PROXY_VARS, LocalServer
 from PIL import Image
 
-from local_server import PROXY_VARS, LocalServer
 import download_assets
 import download_images
-from utils import assets as A
-from utils.data import exclusive_lock
-from utils.download import AddressPolicy, BlockedAddressError, address_class
+from utils.fetch import assets as A
+from utils.fetch.download import AddressPolicy, BlockedAddressError, address_class
+from utils.io import exclusive_lock
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--timeout-connect", "2", "--timeout-read", "2", "--retries", "0", "--backoff", "0.01",
-        "--workers", "2", "--no-progress"]
+FAST = [
+    "--timeout-connect",
+    "2",
+    "--timeout-read",
+    "2",
+    "--retries",
+    "0",
+    "--backoff",
+    "0.01",
+    "--workers",
+    "2",
+    "--no-progress",
+]
 HTML = b"<!DOCTYPE html><html><body>Not Found</body></html>\n"
 
 
@@ -74,8 +86,7 @@ def test_images_out_is_a_file_or_under_a_file(tmp_path, capsys, server):
     csv = recall_csv(tmp_path / "r.csv", [server.url("/a.jpg")])
     plain = tmp_path / "plain"
     plain.write_text("x")
-    for out, expect in ((plain, "exists and is not a directory"),
-                        (plain / "sub", "is not a directory")):
+    for out, expect in ((plain, "exists and is not a directory"), (plain / "sub", "is not a directory")):
         assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
         line = one_error_line(capsys.readouterr().err, "download_images")
         assert "--out" in line and expect in line
@@ -142,8 +153,13 @@ def _manifest(tmp_path, entries) -> Path:
     return m
 
 
-WEIGHTS = {"name": "align_weights", "url": "https://example.invalid/w.pth",
-           "path": "assets/weights/align_model.pth", "kind": "torch", "sha256": None}
+WEIGHTS = {
+    "name": "align_weights",
+    "url": "https://example.invalid/w.pth",
+    "path": "assets/weights/align_model.pth",
+    "kind": "torch",
+    "sha256": None,
+}
 
 
 def test_assets_html_page_is_not_pinned(tmp_path, capsys):
@@ -154,8 +170,19 @@ def test_assets_html_page_is_not_pinned(tmp_path, capsys):
     final = dest / WEIGHTS["path"]
     with LocalServer() as bad:
         bad.add("/" + WEIGHTS["path"], HTML)
-        rc = download_assets.main(["--manifest", str(m), "--dest", str(dest), "--mirror",
-                                   bad.base_url, "--no-progress", "--log-level", "WARNING"])
+        rc = download_assets.main(
+            [
+                "--manifest",
+                str(m),
+                "--dest",
+                str(dest),
+                "--mirror",
+                bad.base_url,
+                "--no-progress",
+                "--log-level",
+                "WARNING",
+            ]
+        )
     assert rc == 1
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
@@ -168,8 +195,12 @@ def test_assets_html_page_is_not_pinned(tmp_path, capsys):
     good = checkpoint_bytes()
     with LocalServer() as mirror:
         mirror.add("/" + WEIGHTS["path"], good)
-        assert download_assets.main(["--manifest", str(m), "--dest", str(dest), "--mirror",
-                                     mirror.base_url, "--no-progress"]) == 0
+        assert (
+            download_assets.main(
+                ["--manifest", str(m), "--dest", str(dest), "--mirror", mirror.base_url, "--no-progress"]
+            )
+            == 0
+        )
         assert mirror.count("/" + WEIGHTS["path"]) == 1
     out = capsys.readouterr().out
     assert "1 downloaded, 0 already present" in out
@@ -191,31 +222,38 @@ def test_assets_page_pinned_by_an_older_version_is_set_aside(tmp_path, capsys):
     good = checkpoint_bytes()
     with LocalServer() as mirror:
         mirror.add("/" + WEIGHTS["path"], good)
-        assert download_assets.main(["--manifest", str(m), "--dest", str(dest), "--mirror",
-                                     mirror.base_url, "--no-progress"]) == 0
+        assert (
+            download_assets.main(
+                ["--manifest", str(m), "--dest", str(dest), "--mirror", mirror.base_url, "--no-progress"]
+            )
+            == 0
+        )
     assert final.read_bytes() == good
     assert (final.parent / "align_model.pth.bad-content").read_bytes() == HTML
     assert "1 downloaded" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind,path,body,ok", [
-    ("torch", "w.pth", b"\x80\x02" + b"\x00" * 70_000, True),           # a pickle checkpoint
-    ("torch", "w.pth", b"PK\x03\x04" + b"\x00" * 100, False),          # zip, but 104 bytes
-    ("torch", "w.pth", b'{"error": "rate limited"}' + b" " * 70_000, False),
-    ("npy", "t.npy", b"\x93NUMPY\x01\x00" + b" " * 200, True),
-    ("npy", "t.npy", HTML, False),
-    ("recall_csv", "r.csv", "1,红山,http://x/1.jpg,1,10,10,\n".encode(), True),
-    ("recall_csv", "r.csv", "a$record$b$record$c\n".encode(), False),
-    ("rank_csv", "t.csv", "$record$".join(["7", "u", "v", "1", "2", "t", "c", "", "", ""]).encode(), True),
-    ("rank_csv", "t.csv", b"1,2,3,4,5,6,7\n", False),
-    ("recall_csv", "r.csv", b"1,\xff\xfe,u,1,1,1,\n", False),           # not UTF-8
-    ("json", "config.json", b'{"model_type": "bert"}', True),
-    ("json", "config.json", HTML, False),
-    ("text", "vocab.txt", "[PAD]\n红\n".encode(), True),
-    ("text", "vocab.txt", b"\x00\x01\x02binary", False),
-    ("safetensors", "m.safetensors", (8).to_bytes(8, "little") + b'{"a": 1}' + b"\x00" * 70_000, True),
-    ("safetensors", "m.safetensors", b"\x80" * 70_000, False),
-])
+@pytest.mark.parametrize(
+    "kind,path,body,ok",
+    [
+        ("torch", "w.pth", b"\x80\x02" + b"\x00" * 70_000, True),  # a pickle checkpoint
+        ("torch", "w.pth", b"PK\x03\x04" + b"\x00" * 100, False),  # zip, but 104 bytes
+        ("torch", "w.pth", b'{"error": "rate limited"}' + b" " * 70_000, False),
+        ("npy", "t.npy", b"\x93NUMPY\x01\x00" + b" " * 200, True),
+        ("npy", "t.npy", HTML, False),
+        ("recall_csv", "r.csv", "1,红山,http://x/1.jpg,1,10,10,\n".encode(), True),
+        ("recall_csv", "r.csv", b"a$record$b$record$c\n", False),
+        ("rank_csv", "t.csv", "$record$".join(["7", "u", "v", "1", "2", "t", "c", "", "", ""]).encode(), True),
+        ("rank_csv", "t.csv", b"1,2,3,4,5,6,7\n", False),
+        ("recall_csv", "r.csv", b"1,\xff\xfe,u,1,1,1,\n", False),  # not UTF-8
+        ("json", "config.json", b'{"model_type": "bert"}', True),
+        ("json", "config.json", HTML, False),
+        ("text", "vocab.txt", "[PAD]\n红\n".encode(), True),
+        ("text", "vocab.txt", b"\x00\x01\x02binary", False),
+        ("safetensors", "m.safetensors", (8).to_bytes(8, "little") + b'{"a": 1}' + b"\x00" * 70_000, True),
+        ("safetensors", "m.safetensors", b"\x80" * 70_000, False),
+    ],
+)
 def test_content_checks_per_kind(tmp_path, kind, path, body, ok):
     f = tmp_path / path
     f.write_bytes(body)
@@ -258,8 +296,7 @@ def test_images_second_run_on_one_out_fails_with_the_lock_message(tmp_path, caps
     assert server.total_requests == 0 and files_under(out) == []
     # shards are separate runs: each has its own lock
     with exclusive_lock(out, ".lock.shard-0-of-2"):
-        assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST,
-                                     "--shard", "1/2"]) == 0
+        assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST, "--shard", "1/2"]) == 0
 
 
 # ---------------------------------------------------------------------------
@@ -283,8 +320,10 @@ def test_refused_connection_is_not_a_timeout(tmp_path, capsys):
     assert "timeout" not in capsys.readouterr().out
 
     m = _manifest(tmp_path, [dict(WEIGHTS, url=f"http://127.0.0.1:{port}/w.pth")])
-    assert download_assets.main(["--manifest", str(m), "--dest", str(tmp_path / "d"),
-                                 "--no-progress", "--retries", "0"]) == 1
+    assert (
+        download_assets.main(["--manifest", str(m), "--dest", str(tmp_path / "d"), "--no-progress", "--retries", "0"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"cannot reach 127.0.0.1:{port}" in err and "(connection refused)" in err
 
@@ -328,9 +367,14 @@ def test_images_host_name_resolving_to_private_is_refused(tmp_path, fake_network
     names, attempts = fake_network
     names["images.example.test"] = "10.0.0.5"
     names["metadata.example.test"] = "169.254.169.254"
-    csv = recall_csv(tmp_path / "r.csv", ["http://images.example.test/a.jpg",
-                                          "http://metadata.example.test/latest/meta-data",
-                                          "http://169.254.169.254/latest/meta-data"])
+    csv = recall_csv(
+        tmp_path / "r.csv",
+        [
+            "http://images.example.test/a.jpg",
+            "http://metadata.example.test/latest/meta-data",
+            "http://169.254.169.254/latest/meta-data",
+        ],
+    )
     out = tmp_path / "out"
     assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 1
     recs = _manifest_records(out)
@@ -347,14 +391,22 @@ def test_images_redirect_from_trusted_mirror_to_link_local_is_refused(tmp_path, 
     names["metadata.example.test"] = "169.254.169.254"
     server.add("/a.jpg", jpeg())
     server.add("/r.jpg", b"", redirect="http://metadata.example.test/latest/meta-data")
-    csv = recall_csv(tmp_path / "r.csv", ["http://cdn.example.test/a.jpg",
-                                          "http://cdn.example.test/r.jpg"])
+    csv = recall_csv(tmp_path / "r.csv", ["http://cdn.example.test/a.jpg", "http://cdn.example.test/r.jpg"])
     out = tmp_path / "out"
-    rc = download_images.main(["--csv", str(csv), "--out", str(out), *FAST,
-                               "--url-prefix-map", f"http://cdn.example.test/={server.base_url}/"])
+    rc = download_images.main(
+        [
+            "--csv",
+            str(csv),
+            "--out",
+            str(out),
+            *FAST,
+            "--url-prefix-map",
+            f"http://cdn.example.test/={server.base_url}/",
+        ]
+    )
     assert rc == 1
     recs = _manifest_records(out)
-    assert recs["1_0"]["status"] == "ok"                  # the named mirror itself is fine
+    assert recs["1_0"]["status"] == "ok"  # the named mirror itself is fine
     assert recs["1_1"]["error_kind"] == "blocked_address"
     assert "redirect from" in recs["1_1"]["error"] and "link-local" in recs["1_1"]["error"]
     assert attempts == []
@@ -369,8 +421,7 @@ def test_images_redirect_from_public_to_private_is_refused(tmp_path, fake_networ
     server.add("/ok.jpg", jpeg())
     server.add("/r.jpg", b"", redirect="http://intranet.example.test/admin.jpg")
     monkeypatch.setenv("HTTP_PROXY", server.base_url)
-    csv = recall_csv(tmp_path / "r.csv", ["http://cdn.example.test/ok.jpg",
-                                          "http://cdn.example.test/r.jpg"])
+    csv = recall_csv(tmp_path / "r.csv", ["http://cdn.example.test/ok.jpg", "http://cdn.example.test/r.jpg"])
     out = tmp_path / "out"
     assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 1
     recs = _manifest_records(out)
@@ -391,8 +442,12 @@ def test_assets_redirect_and_private_name_are_refused(tmp_path, fake_network, ca
     assert "align_weights: refused http://weights.example.test/w.pth" in err and "10.0.0.5" in err
     with LocalServer() as mirror:
         mirror.add("/" + WEIGHTS["path"], b"", redirect="http://169.254.169.254/latest/meta-data")
-        assert download_assets.main(["--manifest", str(m), "--dest", str(dest), "--mirror",
-                                     mirror.base_url, "--no-progress"]) == 1
+        assert (
+            download_assets.main(
+                ["--manifest", str(m), "--dest", str(dest), "--mirror", mirror.base_url, "--no-progress"]
+            )
+            == 1
+        )
     err = capsys.readouterr().err
     assert "refused the redirect from" in err and "169.254.169.254 is a link-local address" in err
     assert attempts == []
@@ -402,19 +457,19 @@ def test_assets_redirect_and_private_name_are_refused(tmp_path, fake_network, ca
 def test_address_policy_rules():
     """The rules themselves (no resolution needed for literals)."""
     p = AddressPolicy()
-    p.check("http://127.0.0.1:8000/a.jpg")      # a literal local address: meant as written
+    p.check("http://127.0.0.1:8000/a.jpg")  # a literal local address: meant as written
     p.check("http://10.0.0.5/a.jpg")
     p.check("http://[::1]:8000/a.jpg")
     for url in ("http://169.254.169.254/latest", "http://[fe80::1]/x", "http://0.0.0.0/x"):
         with pytest.raises(BlockedAddressError):
             p.check(url)
-    with pytest.raises(BlockedAddressError):      # a redirect from a public address
+    with pytest.raises(BlockedAddressError):  # a redirect from a public address
         p.check("http://10.0.0.5/x", came_from="http://93.184.216.34/a.jpg")
-    p.check("http://10.0.0.6/x", came_from="http://10.0.0.5/a.jpg")   # local to local
+    p.check("http://10.0.0.6/x", came_from="http://10.0.0.5/a.jpg")  # local to local
     AddressPolicy(allow_private=True).check("http://169.254.169.254/latest")
-    assert [address_class(a) for a in ("8.8.8.8", "10.1.2.3", "127.0.0.1", "169.254.1.1",
-                                        "::ffff:10.0.0.1", "100.64.0.1")] == \
-        ["public", "private", "loopback", "link-local", "private", "private"]
+    assert [
+        address_class(a) for a in ("8.8.8.8", "10.1.2.3", "127.0.0.1", "169.254.1.1", "::ffff:10.0.0.1", "100.64.0.1")
+    ] == ["public", "private", "loopback", "link-local", "private", "private"]
 
 
 def _wait_for(pred, timeout=30.0):
@@ -436,9 +491,14 @@ def test_ctrl_c_is_one_line_and_130(tmp_path):
             srv.add(f"/s{i}.jpg", jpeg((200 + i, 200)))
         csv = recall_csv(tmp_path / "r.csv", [srv.url(f"/s{i}.jpg") for i in range(4)])
         out = tmp_path / "out"
-        proc = subprocess.Popen([sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv),
-                                 "--out", str(out), *FAST], cwd=str(tmp_path), env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv), "--out", str(out), *FAST],
+            cwd=str(tmp_path),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait_for(lambda: srv.total_requests > 0 or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -449,23 +509,40 @@ def test_ctrl_c_is_one_line_and_130(tmp_path):
         weights = b"PK\x03\x04" + os.urandom(400_000)
         srv.add("/" + WEIGHTS["path"], weights)
         m = _manifest(tmp_path, [WEIGHTS])
-        proc = subprocess.Popen([sys.executable, str(ROOT / "download_assets.py"), "--manifest", str(m),
-                                 "--dest", str(tmp_path / "d"), "--mirror", srv.base_url,
-                                 "--no-progress", "--log-level", "WARNING"], cwd=str(tmp_path),
-                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "download_assets.py"),
+                "--manifest",
+                str(m),
+                "--dest",
+                str(tmp_path / "d"),
+                "--mirror",
+                srv.base_url,
+                "--no-progress",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=str(tmp_path),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait_for(lambda: srv.count("/" + WEIGHTS["path"]) > 0 or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
         assert [ln for ln in err.splitlines() if ln.strip()] == ["download_assets: interrupted"]
-        assert not (tmp_path / "d" / WEIGHTS["path"]).exists()   # only the resumable .part
+        assert not (tmp_path / "d" / WEIGHTS["path"]).exists()  # only the resumable .part
         assert not (tmp_path / "d" / ".lock").exists()
 
 
 def test_non_utf8_csv_names_the_line(tmp_path, capsys, server):
     csv = tmp_path / "r.csv"
-    csv.write_bytes("1,甲,http://x/1.jpg,1,1,1,\n2,乙,http://x/2.jpg,1,1,1,\n".encode()
-                    + b"3,\xb1\xfb,http://x/3.jpg,1,1,1,\n")   # GBK bytes on line 3
+    csv.write_bytes(
+        "1,甲,http://x/1.jpg,1,1,1,\n2,乙,http://x/2.jpg,1,1,1,\n".encode() + b"3,\xb1\xfb,http://x/3.jpg,1,1,1,\n"
+    )  # GBK bytes on line 3
     out = tmp_path / "out"
     assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
     line = one_error_line(capsys.readouterr().err, "download_images")

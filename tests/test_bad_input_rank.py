@@ -1,5 +1,6 @@
 """Bad input to rank_eval.py, poi_tables.py and build_poi_tables.py (issue 14): for each
 case the command, its exit status, the one-line message, and no leftover files."""
+
 import json
 import os
 import subprocess
@@ -9,23 +10,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures import solid_image, tiny_align, tiny_ranker, write_image
 
 import build_poi_tables
 import poi_tables
 import rank_eval
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
-from utils.data import RECORD_SEP
-from utils.poi import save_safe_table
+from utils.formats.poi import save_safe_table
+from utils.formats.rows import RECORD_SEP
 
 ROOT = Path(__file__).resolve().parent.parent
 POIS = ["西湖", "灵隐寺", "古镇"]
 
 
 def _record(item, ca, cb, pois="西湖,古镇", title="标题"):
-    return RECORD_SEP.join([item, f"http://x/{item}a", f"http://x/{item}b", ca, cb, title, "cate",
-                            f"http://o/{item}a", f"http://o/{item}b", pois])
+    return RECORD_SEP.join(
+        [
+            item,
+            f"http://x/{item}a",
+            f"http://x/{item}b",
+            ca,
+            cb,
+            title,
+            "cate",
+            f"http://o/{item}a",
+            f"http://o/{item}b",
+            pois,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +56,30 @@ def env(tmp_path_factory, bert_dir):
     for i, item in enumerate(("1", "2", "3")):
         for side in "ab":
             write_image(solid_image((40 * i, 200, 90 if side == "a" else 10), seed=i), imgs / f"{item}_{side}.png")
-    (d / "val.csv").write_text("\n".join([_record("1", "2", "1"), _record("2", "1", "2"),
-                                          _record("3", "2", "1", pois="")]) + "\n", encoding="utf-8")
+    (d / "val.csv").write_text(
+        "\n".join([_record("1", "2", "1"), _record("2", "1", "2"), _record("3", "2", "1", pois="")]) + "\n",
+        encoding="utf-8",
+    )
     (d / "pois.csv").write_text("1,西湖,http://x/1,a,1,1,\n2,古镇,http://x/2,b,1,1,\n", encoding="utf-8")
     return dict(d=d, dim=dim, bert=bert_dir)
 
 
 def rank_args(e, **over):
     d = e["d"]
-    opts = {"--csv": d / "val.csv", "--image-dir": d / "images", "--checkpoint": d / "ranker.ckpt",
-            "--bert-dir": e["bert"], "--poi-pic-num": d / "pic.npy", "--poi-image-vectors": d / "img.npz",
-            "--poi-name-vectors": d / "name.npz", "--device": "cpu", "--num-workers": "0",
-            "--no-progress": None, "--bootstrap": "0", "--backend": "torch"}
+    opts = {
+        "--csv": d / "val.csv",
+        "--image-dir": d / "images",
+        "--checkpoint": d / "ranker.ckpt",
+        "--bert-dir": e["bert"],
+        "--poi-pic-num": d / "pic.npy",
+        "--poi-image-vectors": d / "img.npz",
+        "--poi-name-vectors": d / "name.npz",
+        "--device": "cpu",
+        "--num-workers": "0",
+        "--no-progress": None,
+        "--bootstrap": "0",
+        "--backend": "torch",
+    }
     opts.update(over)
     out = []
     for k, v in opts.items():
@@ -94,17 +118,42 @@ def test_output_checked_before_any_work(env, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     # output is a directory: reported before the (broken) checkpoint is ever read
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--output": tmp_path / "out.csv",
-                                                            "--checkpoint": garbage}),
-                 "rank_eval", "--output", "is a directory", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--output": tmp_path / "out.csv", "--checkpoint": garbage}),
+        "rank_eval",
+        "--output",
+        "is a directory",
+        root=tmp_path,
+    )
     (tmp_path / "plain").write_text("x")
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--metrics": tmp_path / "plain" / "m.json"}),
-                 "rank_eval", "--metrics", "is not a directory", root=tmp_path)
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--output": tmp_path / "same",
-                                                            "--metrics": tmp_path / "same"}),
-                 "rank_eval", "same file", root=tmp_path)
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--cache-dir": tmp_path / "plain"}),
-                 "rank_eval", "--cache-dir", "not a directory", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--metrics": tmp_path / "plain" / "m.json"}),
+        "rank_eval",
+        "--metrics",
+        "is not a directory",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--output": tmp_path / "same", "--metrics": tmp_path / "same"}),
+        "rank_eval",
+        "same file",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--cache-dir": tmp_path / "plain"}),
+        "rank_eval",
+        "--cache-dir",
+        "not a directory",
+        root=tmp_path,
+    )
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
@@ -113,41 +162,89 @@ def test_read_only_output_dir(env, tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        expect_error(capsys, rank_eval.main, rank_args(env, **{"--output": ro / "s.csv"}),
-                     "rank_eval", "--output", "cannot write", root=tmp_path)
+        expect_error(
+            capsys,
+            rank_eval.main,
+            rank_args(env, **{"--output": ro / "s.csv"}),
+            "rank_eval",
+            "--output",
+            "cannot write",
+            root=tmp_path,
+        )
     finally:
         ro.chmod(0o700)
 
 
 def test_missing_inputs(env, tmp_path, capsys):
     for opt in ("--csv", "--poi-pic-num", "--checkpoint", "--align-checkpoint"):
-        expect_error(capsys, rank_eval.main, rank_args(env, **{opt: tmp_path / "absent"}),
-                     "rank_eval", opt, "absent", "no such file", root=tmp_path)
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--image-dir": tmp_path / "nodir"}),
-                 "rank_eval", "--image-dir", "no such directory", root=tmp_path)
+        expect_error(
+            capsys,
+            rank_eval.main,
+            rank_args(env, **{opt: tmp_path / "absent"}),
+            "rank_eval",
+            opt,
+            "absent",
+            "no such file",
+            root=tmp_path,
+        )
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--image-dir": tmp_path / "nodir"}),
+        "rank_eval",
+        "--image-dir",
+        "no such directory",
+        root=tmp_path,
+    )
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--checkpoint": garbage,
-                                                            "--output": tmp_path / "s.csv"}),
-                 "rank_eval", "garbage.ckpt", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--checkpoint": garbage, "--output": tmp_path / "s.csv"}),
+        "rank_eval",
+        "garbage.ckpt",
+        root=tmp_path,
+    )
 
 
-@pytest.mark.parametrize("ca,cb,field,value", [("nan", "1", "ctr_a", "nan"), ("2", "inf", "ctr_b", "inf"),
-                                                ("-inf", "1", "ctr_a", "-inf"), ("2", "NaN", "ctr_b", "nan")])
+@pytest.mark.parametrize(
+    "ca,cb,field,value",
+    [
+        ("nan", "1", "ctr_a", "nan"),
+        ("2", "inf", "ctr_b", "inf"),
+        ("-inf", "1", "ctr_a", "-inf"),
+        ("2", "NaN", "ctr_b", "nan"),
+    ],
+)
 def test_non_finite_ctr_is_an_error_naming_the_line(env, tmp_path, capsys, ca, cb, field, value):
     csv_path = tmp_path / "val.csv"
     csv_path.write_text("\n".join([_record("1", "2", "1"), _record("2", ca, cb)]) + "\n", encoding="utf-8")
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--csv": csv_path, "--output": tmp_path / "s.csv"}),
-                 "rank_eval", f"{csv_path}:2: {field}: {value} is not a finite number", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--csv": csv_path, "--output": tmp_path / "s.csv"}),
+        "rank_eval",
+        f"{csv_path}:2: {field}: {value} is not a finite number",
+        root=tmp_path,
+    )
 
 
 def test_non_finite_ctr_subprocess_no_traceback(env, tmp_path):
     csv_path = tmp_path / "val.csv"
     csv_path.write_text(_record("1", "nan", "1") + "\n", encoding="utf-8")
     before = tree(tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "rank_eval.py"),
-                           *rank_args(env, **{"--csv": csv_path, "--output": tmp_path / "s.csv"})],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "rank_eval.py"),
+            *rank_args(env, **{"--csv": csv_path, "--output": tmp_path / "s.csv"}),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
@@ -162,15 +259,35 @@ def test_nan_poi_vectors_fail_before_any_scoring(env, tmp_path, capsys, monkeypa
 
     def never(*a, **k):
         raise AssertionError("encoding started")
+
     monkeypatch.setattr(rank_eval, "encode_pair_images", never)
-    monkeypatch.setattr(rank_eval, "build_model", never)   # the tables are checked first
-    expect_error(capsys, rank_eval.main,
-                 rank_args(env, **{"--poi-image-vectors": tmp_path / "img_nan.npy",
-                                   "--output": tmp_path / "s.csv", "--metrics": tmp_path / "m.json"}),
-                 "rank_eval", "--poi-image-vectors", "img_nan.npy", "'古镇' holds NaN", root=tmp_path)
-    expect_error(capsys, rank_eval.main,
-                 rank_args(env, **{"--trust-pickle": None, "--poi-name-vectors": tmp_path / "img_nan.npy"}),
-                 "rank_eval", "--poi-name-vectors", "holds NaN", root=tmp_path)
+    monkeypatch.setattr(rank_eval, "build_model", never)  # the tables are checked first
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(
+            env,
+            **{
+                "--poi-image-vectors": tmp_path / "img_nan.npy",
+                "--output": tmp_path / "s.csv",
+                "--metrics": tmp_path / "m.json",
+            },
+        ),
+        "rank_eval",
+        "--poi-image-vectors",
+        "img_nan.npy",
+        "'古镇' holds NaN",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--trust-pickle": None, "--poi-name-vectors": tmp_path / "img_nan.npy"}),
+        "rank_eval",
+        "--poi-name-vectors",
+        "holds NaN",
+        root=tmp_path,
+    )
 
 
 def test_hostile_table_fails_fast(env, tmp_path, capsys):
@@ -179,23 +296,54 @@ def test_hostile_table_fails_fast(env, tmp_path, capsys):
         x = [x] * 10
     np.save(tmp_path / "bomb.npy", {"西湖": x}, allow_pickle=True)
     t0 = time.perf_counter()
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--poi-name-vectors": tmp_path / "bomb.npy"}),
-                 "rank_eval", "--poi-name-vectors", "bomb.npy", "nested more than", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--poi-name-vectors": tmp_path / "bomb.npy"}),
+        "rank_eval",
+        "--poi-name-vectors",
+        "bomb.npy",
+        "nested more than",
+        root=tmp_path,
+    )
     assert time.perf_counter() - t0 < 5
 
 
 def test_wrong_table_shapes(env, tmp_path, capsys):
     np.save(tmp_path / "pic4.npy", {"西湖": [1, 2, 3, 4]}, allow_pickle=True)
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--poi-pic-num": tmp_path / "pic4.npy"}),
-                 "rank_eval", "--poi-pic-num", "'西湖' has 4 values", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--poi-pic-num": tmp_path / "pic4.npy"}),
+        "rank_eval",
+        "--poi-pic-num",
+        "'西湖' has 4 values",
+        root=tmp_path,
+    )
     save_safe_table({"西湖": np.ones(env["dim"] + 1)}, tmp_path / "wide.npz")
-    expect_error(capsys, rank_eval.main, rank_args(env, **{"--poi-image-vectors": tmp_path / "wide.npz"}),
-                 "rank_eval", "--poi-image-vectors", f"{env['dim'] + 1} values", root=tmp_path)
+    expect_error(
+        capsys,
+        rank_eval.main,
+        rank_args(env, **{"--poi-image-vectors": tmp_path / "wide.npz"}),
+        "rank_eval",
+        "--poi-image-vectors",
+        f"{env['dim'] + 1} values",
+        root=tmp_path,
+    )
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--num-workers", "-1"),
-                                        ("--head-batch-size", "0"), ("--text-batch-size", "-3"),
-                                        ("--limit", "0"), ("--bootstrap", "-1"), ("--backend", "tensorrt")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--batch-size", "0"),
+        ("--num-workers", "-1"),
+        ("--head-batch-size", "0"),
+        ("--text-batch-size", "-3"),
+        ("--limit", "0"),
+        ("--bootstrap", "-1"),
+        ("--backend", "tensorrt"),
+    ],
+)
 def test_bad_numbers_are_argparse_errors(env, tmp_path, capsys, flag, value):
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -209,6 +357,7 @@ def test_bad_numbers_are_argparse_errors(env, tmp_path, capsys, flag, value):
 def test_ctrl_c_is_one_line_and_130(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(rank_eval, "encode_pair_images", interrupt)
     before = tree(tmp_path)
     assert rank_eval.main(rank_args(env, **{"--output": tmp_path / "s.csv"})) == 130
@@ -237,28 +386,69 @@ def test_duplicate_rows_warn_and_count_once(env, tmp_path, capsys, caplog):
 def test_poi_tables_bad_input(env, tmp_path, capsys):
     src = env["d"] / "pic.npy"
     (tmp_path / "out.npz").mkdir()
-    expect_error(capsys, poi_tables.main, ["convert", str(src), str(tmp_path / "out.npz")],
-                 "poi_tables", "OUT", "is a directory", root=tmp_path)
-    expect_error(capsys, poi_tables.main, ["convert", str(src), str(tmp_path / "out.txt")],
-                 "poi_tables", "must end in .npz", root=tmp_path)
-    expect_error(capsys, poi_tables.main, ["convert", str(tmp_path / "absent.npy"), str(tmp_path / "o.npz")],
-                 "poi_tables", "absent.npy", "no such file", root=tmp_path)
-    expect_error(capsys, poi_tables.main, ["info", str(tmp_path / "absent.npy")],
-                 "poi_tables", "absent.npy", "no such file", root=tmp_path)
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["convert", str(src), str(tmp_path / "out.npz")],
+        "poi_tables",
+        "OUT",
+        "is a directory",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["convert", str(src), str(tmp_path / "out.txt")],
+        "poi_tables",
+        "must end in .npz",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["convert", str(tmp_path / "absent.npy"), str(tmp_path / "o.npz")],
+        "poi_tables",
+        "absent.npy",
+        "no such file",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["info", str(tmp_path / "absent.npy")],
+        "poi_tables",
+        "absent.npy",
+        "no such file",
+        root=tmp_path,
+    )
     np.save(tmp_path / "ragged.npy", {"a": [1.0, 2.0], "b": [1.0]}, allow_pickle=True)
-    expect_error(capsys, poi_tables.main, ["convert", str(tmp_path / "ragged.npy"), str(tmp_path / "r.npz")],
-                 "poi_tables", "'b' has 1 numbers", root=tmp_path)
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["convert", str(tmp_path / "ragged.npy"), str(tmp_path / "r.npz")],
+        "poi_tables",
+        "'b' has 1 numbers",
+        root=tmp_path,
+    )
     x = [0.5] * 10
     for _ in range(9):
         x = [x] * 10
     np.save(tmp_path / "bomb.npy", {"x": x}, allow_pickle=True)
-    expect_error(capsys, poi_tables.main, ["info", str(tmp_path / "bomb.npy")],
-                 "poi_tables", "bomb.npy", "nested more than", root=tmp_path)
+    expect_error(
+        capsys,
+        poi_tables.main,
+        ["info", str(tmp_path / "bomb.npy")],
+        "poi_tables",
+        "bomb.npy",
+        "nested more than",
+        root=tmp_path,
+    )
 
 
 def test_poi_tables_ctrl_c(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(poi_tables, "load_poi_table", interrupt)
     assert poi_tables.main(["convert", str(env["d"] / "pic.npy"), str(tmp_path / "o.npz")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["poi_tables: interrupted"]
@@ -270,37 +460,77 @@ def test_poi_tables_ctrl_c(env, tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------
 def build_args(env, tmp_path, **over):
     d = env["d"]
-    opts = {"--csv": d / "pois.csv", "--image-dir": d / "images", "--checkpoint": d / "align.pth",
-            "--bert-dir": env["bert"], "--out-image-vectors": tmp_path / "img.npz",
-            "--out-name-vectors": tmp_path / "name.npz", "--device": "cpu", "--num-workers": "0",
-            "--no-progress": None, "--backend": "torch"}
+    opts = {
+        "--csv": d / "pois.csv",
+        "--image-dir": d / "images",
+        "--checkpoint": d / "align.pth",
+        "--bert-dir": env["bert"],
+        "--out-image-vectors": tmp_path / "img.npz",
+        "--out-name-vectors": tmp_path / "name.npz",
+        "--device": "cpu",
+        "--num-workers": "0",
+        "--no-progress": None,
+        "--backend": "torch",
+    }
     opts.update(over)
     return [x for k, v in opts.items() for x in ([k] if v is None else [k, str(v)])]
 
 
 def test_build_poi_tables_bad_input(env, tmp_path, capsys):
     (tmp_path / "plain").write_text("x")
-    expect_error(capsys, build_poi_tables.main,
-                 build_args(env, tmp_path, **{"--out-name-vectors": tmp_path / "plain" / "n.npz"}),
-                 "build_poi_tables", "--out-name-vectors", "is not a directory", root=tmp_path)
+    expect_error(
+        capsys,
+        build_poi_tables.main,
+        build_args(env, tmp_path, **{"--out-name-vectors": tmp_path / "plain" / "n.npz"}),
+        "build_poi_tables",
+        "--out-name-vectors",
+        "is not a directory",
+        root=tmp_path,
+    )
     (tmp_path / "dir.npz").mkdir()
-    expect_error(capsys, build_poi_tables.main,
-                 build_args(env, tmp_path, **{"--out-image-vectors": tmp_path / "dir.npz"}),
-                 "build_poi_tables", "--out-image-vectors", "is a directory", root=tmp_path)
-    expect_error(capsys, build_poi_tables.main,
-                 build_args(env, tmp_path, **{"--out-image-vectors": tmp_path / "same.npz",
-                                              "--out-name-vectors": tmp_path / "same.npz"}),
-                 "build_poi_tables", "same file", root=tmp_path)
-    expect_error(capsys, build_poi_tables.main, build_args(env, tmp_path, **{"--csv": tmp_path / "absent.csv"}),
-                 "build_poi_tables", "--csv", "no such file", root=tmp_path)
+    expect_error(
+        capsys,
+        build_poi_tables.main,
+        build_args(env, tmp_path, **{"--out-image-vectors": tmp_path / "dir.npz"}),
+        "build_poi_tables",
+        "--out-image-vectors",
+        "is a directory",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        build_poi_tables.main,
+        build_args(
+            env, tmp_path, **{"--out-image-vectors": tmp_path / "same.npz", "--out-name-vectors": tmp_path / "same.npz"}
+        ),
+        "build_poi_tables",
+        "same file",
+        root=tmp_path,
+    )
+    expect_error(
+        capsys,
+        build_poi_tables.main,
+        build_args(env, tmp_path, **{"--csv": tmp_path / "absent.csv"}),
+        "build_poi_tables",
+        "--csv",
+        "no such file",
+        root=tmp_path,
+    )
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"junk")
-    expect_error(capsys, build_poi_tables.main, build_args(env, tmp_path, **{"--checkpoint": garbage}),
-                 "build_poi_tables", "garbage.pth", root=tmp_path)
+    expect_error(
+        capsys,
+        build_poi_tables.main,
+        build_args(env, tmp_path, **{"--checkpoint": garbage}),
+        "build_poi_tables",
+        "garbage.pth",
+        root=tmp_path,
+    )
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--num-workers", "-1"),
-                                        ("--text-batch-size", "0"), ("--backend", "x")])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--num-workers", "-1"), ("--text-batch-size", "0"), ("--backend", "x")]
+)
 def test_build_poi_tables_bad_numbers(env, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         build_poi_tables.main(build_args(env, tmp_path, **{flag: value}))
@@ -311,6 +541,7 @@ def test_build_poi_tables_bad_numbers(env, tmp_path, capsys, flag, value):
 def test_build_poi_tables_ctrl_c(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(build_poi_tables, "encode_images", interrupt)
     assert build_poi_tables.main(build_args(env, tmp_path)) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["build_poi_tables: interrupted"]

@@ -2,6 +2,7 @@
 2, ONE line naming the file / line / flag, no traceback, and leaves no file behind (no
 ``*.tmp<pid>``, no half-written output); output locations are checked before any model
 is loaded."""
+
 from __future__ import annotations
 
 import csv
@@ -13,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import COLORS, solid_image, tiny_align, write_image
 
 import recall_eval
 import recall_infer
-from fixtures import COLORS, solid_image, tiny_align, write_image
 from models.checkpoint import save_align_checkpoint
-from utils.data import TOPK_HEADER, save_embeddings
+from utils.formats.results import TOPK_HEADER, save_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +31,14 @@ def env(tmp_path_factory, bert_dir):
     for i, color in enumerate(list(COLORS)[:3]):
         poi = str(400 + i)
         for r in (1, 2):
-            write_image(solid_image(COLORS[color], (60 + 9 * r, 48), None, seed=i * 3 + r),
-                        d / "images" / f"{poi}_{r}.jpg")
+            write_image(
+                solid_image(COLORS[color], (60 + 9 * r, 48), None, seed=i * 3 + r), d / "images" / f"{poi}_{r}.jpg"
+            )
             rows.append([poi, f"{color}色山", f"http://x.invalid/{poi}_{r}", r, 0, 0, 0])
     with open(d / "recall.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
     save_align_checkpoint(tiny_align(bert_dir, seed=4), d / "align.pth")
-    return {"dir": d, "csv": d / "recall.csv", "images": d / "images", "ckpt": d / "align.pth",
-            "bert": bert_dir}
+    return {"dir": d, "csv": d / "recall.csv", "images": d / "images", "ckpt": d / "align.pth", "bert": bert_dir}
 
 
 def _files(d: Path) -> set[str]:
@@ -58,16 +59,35 @@ def _one_line(err: str, prog: str) -> str:
 
 
 def _infer_argv(env, out, *extra):
-    return ["--csv", str(env["csv"]), "--image-dir", str(env["images"]), "--checkpoint", str(env["ckpt"]),
-            "--bert-dir", str(env["bert"]), "--output", str(out), "--device", "cpu", "--num-workers", "0",
-            "--no-progress", "--backend", "torch", *extra]
+    return [
+        "--csv",
+        str(env["csv"]),
+        "--image-dir",
+        str(env["images"]),
+        "--checkpoint",
+        str(env["ckpt"]),
+        "--bert-dir",
+        str(env["bert"]),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--backend",
+        "torch",
+        *extra,
+    ]
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if a model gets loaded: the checks must come first."""
+
     def refuse(*a, **kw):
         raise AssertionError("a model was loaded before the bad input was reported")
+
     monkeypatch.setattr(recall_infer, "build_recall_model", refuse)
 
 
@@ -94,8 +114,7 @@ def test_output_under_a_plain_file_and_cache_dir_that_is_a_file(env, tmp_path, c
     assert recall_infer.main(_infer_argv(env, plain / "top.csv")) == 2
     assert f"{plain} is not a directory" in _one_line(capsys.readouterr().err, "recall_infer")
     assert recall_infer.main(_infer_argv(env, tmp_path / "top.csv", "--cache-dir", str(plain))) == 2
-    assert f"--cache-dir {plain}: exists and is not a directory" in \
-        _one_line(capsys.readouterr().err, "recall_infer")
+    assert f"--cache-dir {plain}: exists and is not a directory" in _one_line(capsys.readouterr().err, "recall_infer")
     _no_leftovers(tmp_path, before)
 
 
@@ -122,8 +141,13 @@ def test_directory_output_in_a_real_process_leaves_nothing(env, tmp_path):
     out = tmp_path / "x" / "top.csv"
     out.mkdir(parents=True)
     before = _files(tmp_path)
-    p = subprocess.run([sys.executable, str(ROOT / "recall_infer.py"), *_infer_argv(env, out)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "recall_infer.py"), *_infer_argv(env, out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 2
     assert f"--output {out}: is a directory" in _one_line(p.stderr, "recall_infer")
     _no_leftovers(tmp_path, before)
@@ -134,8 +158,12 @@ def test_directory_output_in_a_real_process_leaves_nothing(env, tmp_path):
 # ---------------------------------------------------------------------------
 def test_missing_inputs_are_named(env, tmp_path, capsys, no_model):
     argv = _infer_argv(env, tmp_path / "top.csv")
-    for flag, bad in (("--csv", tmp_path / "nope.csv"), ("--image-dir", tmp_path / "nodir"),
-                      ("--checkpoint", tmp_path / "nope.pth"), ("--bert-dir", tmp_path / "nobert")):
+    for flag, bad in (
+        ("--csv", tmp_path / "nope.csv"),
+        ("--image-dir", tmp_path / "nodir"),
+        ("--checkpoint", tmp_path / "nope.pth"),
+        ("--bert-dir", tmp_path / "nobert"),
+    ):
         a = list(argv)
         a[a.index(flag) + 1] = str(bad)
         assert recall_infer.main(a) == 2
@@ -156,12 +184,15 @@ def test_non_utf8_csv_is_reported_at_its_line(env, tmp_path, capsys, no_model):
     _no_leftovers(tmp_path, before)
 
 
-@pytest.mark.parametrize("flag,value,expected", [
-    ("--batch-size", "0", "expected a positive integer, got '0'"),
-    ("--num-workers", "-1", "expected an integer >= 0, got '-1'"),
-    ("--topk", "0", "expected a positive integer, got '0'"),
-    ("--backend", "gpu", "invalid choice: 'gpu'"),
-])
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--batch-size", "0", "expected a positive integer, got '0'"),
+        ("--num-workers", "-1", "expected an integer >= 0, got '-1'"),
+        ("--topk", "0", "expected a positive integer, got '0'"),
+        ("--backend", "gpu", "invalid choice: 'gpu'"),
+    ],
+)
 def test_bad_numbers_are_argparse_errors(env, tmp_path, capsys, flag, value, expected):
     with pytest.raises(SystemExit) as e:
         recall_infer.main(_infer_argv(env, tmp_path / "top.csv", flag, value))
@@ -171,12 +202,15 @@ def test_bad_numbers_are_argparse_errors(env, tmp_path, capsys, flag, value, exp
     assert not (tmp_path / "top.csv").exists()
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('{"text_layers": 1,', "arch.json:1: not valid JSON"),
-    ('{"text_layer": 1}', "arch.json: not a valid architecture: unknown architecture fields"),
-    ('{"embed_dim": "big"}', "arch.json: not a valid architecture: architecture field 'embed_dim'"),
-    ("[1, 2]", "arch.json: not a valid architecture: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('{"text_layers": 1,', "arch.json:1: not valid JSON"),
+        ('{"text_layer": 1}', "arch.json: not a valid architecture: unknown architecture fields"),
+        ('{"embed_dim": "big"}', "arch.json: not a valid architecture: architecture field 'embed_dim'"),
+        ("[1, 2]", "arch.json: not a valid architecture: expected a JSON object"),
+    ],
+)
 def test_malformed_arch_json_names_the_file(env, tmp_path, capsys, text, expected):
     arch = tmp_path / "arch.json"
     arch.write_text(text, encoding="utf-8")
@@ -206,8 +240,9 @@ def test_truncated_checkpoint_is_named(env, tmp_path, capsys):
     a = _infer_argv(env, tmp_path / "top.csv")
     a[a.index("--checkpoint") + 1] = str(bad)
     assert recall_infer.main(a) == 2
-    assert f"{bad}: cannot be read as a weights-only torch checkpoint" in \
-        _one_line(capsys.readouterr().err, "recall_infer")
+    assert f"{bad}: cannot be read as a weights-only torch checkpoint" in _one_line(
+        capsys.readouterr().err, "recall_infer"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -233,8 +268,12 @@ def test_eval_refuses_non_finite_scores(tmp_path, capsys, bad):
 
 def test_eval_counts_duplicate_rows_once_with_a_warning(tmp_path, capsys, caplog):
     res = tmp_path / "top.csv"
-    rows = [["1", "a", 1, "2_1.jpg", "0.9"], ["1", "a", 2, "1_1.jpg", "0.8"], ["2", "b", 1, "1_1.jpg", "0.7"],
-            ["2", "b", 2, "2_1.jpg", "0.6"]]
+    rows = [
+        ["1", "a", 1, "2_1.jpg", "0.9"],
+        ["1", "a", 2, "1_1.jpg", "0.8"],
+        ["2", "b", 1, "1_1.jpg", "0.7"],
+        ["2", "b", 2, "2_1.jpg", "0.6"],
+    ]
     _topk(res, rows + [rows[0], rows[0]])
     assert recall_eval.main(["--results", str(res), "--k", "1", "2", "--bootstrap", "0"]) == 0
     assert "2 rows repeat an earlier (poi_id, image) pair (first: line 6" in caplog.text
@@ -252,15 +291,20 @@ def test_eval_non_utf8_results_at_the_real_line(tmp_path, capsys):
 def test_eval_outputs_checked_before_reading(tmp_path, capsys, monkeypatch):
     res = tmp_path / "top.csv"
     _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])
-    monkeypatch.setattr(recall_eval, "read_results_file",
-                        lambda p: pytest.fail("results read before the outputs were checked"))
+    monkeypatch.setattr(
+        recall_eval, "read_results_file", lambda p: pytest.fail("results read before the outputs were checked")
+    )
     d = tmp_path / "j.json"
     d.mkdir()
     before = _files(tmp_path)
     assert recall_eval.main(["--results", str(res), "--k", "1", "--json", str(d)]) == 2
     assert f"--json {d}: is a directory" in _one_line(capsys.readouterr().err, "recall_eval")
-    assert recall_eval.main(["--results", str(res), "--k", "1", "--html", str(tmp_path / "f" / "x.html"),
-                             "--json", str(res)]) == 2
+    assert (
+        recall_eval.main(
+            ["--results", str(res), "--k", "1", "--html", str(tmp_path / "f" / "x.html"), "--json", str(res)]
+        )
+        == 2
+    )
     assert "would be overwritten" in _one_line(capsys.readouterr().err, "recall_eval")
     assert recall_eval.main(["--results", str(tmp_path / "none.csv")]) == 2
     assert "--results" in _one_line(capsys.readouterr().err, "recall_eval")
@@ -275,16 +319,27 @@ def test_eval_bad_embeddings_file(tmp_path, capsys):
     nanf = tmp_path / "nan.npz"
     emb = np.ones((2, 4), dtype=np.float32)
     emb[1, 2] = np.nan
-    save_embeddings(nanf, image_emb=emb, image_names=["1_1.jpg", "2_1.jpg"], image_ok=[True, True],
-                    text_emb=np.ones((1, 4), dtype=np.float32), poi_ids=["1"], poi_names=["a"], meta={})
+    save_embeddings(
+        nanf,
+        image_emb=emb,
+        image_names=["1_1.jpg", "2_1.jpg"],
+        image_ok=[True, True],
+        text_emb=np.ones((1, 4), dtype=np.float32),
+        poi_ids=["1"],
+        poi_names=["a"],
+        meta={},
+    )
     assert recall_eval.main(["--embeddings", str(nanf)]) == 2
     assert f"{nanf}: image_emb holds NaN" in _one_line(capsys.readouterr().err, "recall_eval")
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--k", "0"], "argument --k: expected a positive integer"),
-    (["--bootstrap", "-1"], "argument --bootstrap: expected an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--k", "0"], "argument --k: expected a positive integer"),
+        (["--bootstrap", "-1"], "argument --bootstrap: expected an integer >= 0"),
+    ],
+)
 def test_eval_bad_numbers(tmp_path, capsys, argv, expected):
     res = tmp_path / "top.csv"
     _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])

@@ -6,6 +6,7 @@ any step starts; bad arguments are one line and exit 2; Ctrl-C is one line and e
 failing step keeps exit status 1 with a message naming the step. The step scripts' mains
 are replaced by recorders here, so nothing is downloaded or encoded.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import reproduce
-from utils.assets import DEFAULT_MANIFEST, load_manifest
-from utils.data import exclusive_lock
+from utils.fetch.assets import DEFAULT_MANIFEST, load_manifest
+from utils.io import exclusive_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +35,9 @@ def one_error_line(err: str) -> str:
 
 
 def leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".tmp" in p.name or p.name.startswith(".write-probe-")
-            or p.name.endswith(".lock")]
+    return [
+        p for p in root.rglob("*") if ".tmp" in p.name or p.name.startswith(".write-probe-") or p.name.endswith(".lock")
+    ]
 
 
 def make_dest(dest: Path) -> None:
@@ -137,18 +139,21 @@ def test_dest_and_images_dir_checked_only_when_their_steps_run(tmp_path, capsys,
 # ---------------------------------------------------------------------------
 # 2. bad arguments: one line, exit 2, nothing started
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, expect", [
-    (["--steps", "recall-infer,bogus"], "argument --steps: unknown step(s)"),
-    (["--force", "nope"], "argument --force: unknown step(s)"),
-    (["--max-failures", "1x"], "argument --max-failures: expected N or P% (>= 0), got '1x'"),
-    (["--max-failures", "-3"], "argument --max-failures: expected N or P%"),
-    (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
-    (["--recall-backend", "gpu"], "argument --recall-backend: invalid choice: 'gpu'"),
-    (["--workers", "0"], "argument --workers: expected a positive integer, got '0'"),
-    (["--num-workers", "-1"], "argument --num-workers: expected an integer >= 0, got '-1'"),
-    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--steps", "recall-infer,bogus"], "argument --steps: unknown step(s)"),
+        (["--force", "nope"], "argument --force: unknown step(s)"),
+        (["--max-failures", "1x"], "argument --max-failures: expected N or P% (>= 0), got '1x'"),
+        (["--max-failures", "-3"], "argument --max-failures: expected N or P%"),
+        (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+        (["--recall-backend", "gpu"], "argument --recall-backend: invalid choice: 'gpu'"),
+        (["--workers", "0"], "argument --workers: expected a positive integer, got '0'"),
+        (["--num-workers", "-1"], "argument --num-workers: expected an integer >= 0, got '-1'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_bad_arguments(tmp_path, capsys, recorded, extra, expect):
     dest, out = recall_eval_ready(tmp_path)
     assert reproduce.main(args(dest, out, *extra)) == 2
@@ -173,6 +178,7 @@ def test_missing_manifest_arch_and_lacking_asset(tmp_path, capsys, recorded):
 
 def test_cuda_without_a_gpu(tmp_path, capsys, recorded):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     dest, out = recall_eval_ready(tmp_path)
@@ -205,6 +211,7 @@ def test_failing_step_names_the_step(tmp_path, capsys, recorded):
     assert "FAILED" in (out / "reproduce.log").read_text(encoding="utf-8")
     # bad input met inside a step (a script that raises instead of returning 2)
     from utils.cli import UserError
+
     recorded["rc"] = UserError("results.csv line 3: not a number")
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 1
     err = capsys.readouterr().err
@@ -247,9 +254,12 @@ def test_ctrl_c_one_line_and_130(tmp_path, step):
     dest, out = recall_eval_ready(tmp_path)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(driver), str(ROOT), step,
-                             *args(dest, out, "--steps", "recall-eval")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), str(ROOT), step, *args(dest, out, "--steps", "recall-eval")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = []
         while "ready" not in lines:

@@ -1,6 +1,7 @@
 """select_images.py on bad input (issue 14): each case is refused with exit status 2 and
 ONE line on stderr naming the flag or file, before any model is loaded where the input
 allows it, and leaves no file behind (no output, no summary, no temporary file)."""
+
 from __future__ import annotations
 
 import csv
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import solid_image, tiny_ranker, write_image
 
 import select_images
-from fixtures import solid_image, tiny_ranker, write_image
 from models.checkpoint import save_ranker_checkpoint
-from utils.poi import save_safe_table
+from utils.formats.poi import save_safe_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 32
@@ -34,8 +35,7 @@ def env(tmp_path_factory, bert_dir):
                 w.writerow([f"it{i}", "红色方形", "西湖,古镇", f"{i}_{j}.jpg"])
     save_safe_table({"西湖": [3, 1, 0], "古镇": [9, 2, 1]}, d / "pic.npz", kind="pic_num")
     rng = np.random.default_rng(0)
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in ("西湖", "古镇")},
-                    d / "name.npz")
+    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in ("西湖", "古镇")}, d / "name.npz")
     # a vector table holding NaN, written in the safe format directly (a writer may refuse NaN)
     vals = rng.normal(size=(2, DIM)).astype(np.float32)
     vals[0, :] = np.nan
@@ -47,9 +47,23 @@ def env(tmp_path_factory, bert_dir):
 
 def _base(env, out):
     d = env["dir"]
-    return ["--items", str(d / "items.csv"), "--out", str(out), "--ranker-checkpoint",
-            str(d / "ranker.ckpt"), "--bert-dir", str(env["bert"]), "--device", "cpu",
-            "--num-workers", "0", "--backend", "torch", "--no-progress"]
+    return [
+        "--items",
+        str(d / "items.csv"),
+        "--out",
+        str(out),
+        "--ranker-checkpoint",
+        str(d / "ranker.ckpt"),
+        "--bert-dir",
+        str(env["bert"]),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--backend",
+        "torch",
+        "--no-progress",
+    ]
 
 
 def _files(root: Path) -> set[str]:
@@ -71,8 +85,10 @@ def _refused(env, argv, capsys, *needles, tmp_path):
 @pytest.fixture
 def no_models(monkeypatch):
     """Path and flag errors must come before any model is loaded."""
+
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
+
     monkeypatch.setattr(select_images, "load_models", boom)
 
 
@@ -82,8 +98,7 @@ def test_out_is_a_directory(env, tmp_path, capsys, no_models):
 
 
 def test_out_under_a_plain_file(env, tmp_path, capsys, no_models):
-    _refused(env, _base(env, env["dir"] / "plain" / "o.csv"), capsys, "--out", "not a directory",
-             tmp_path=tmp_path)
+    _refused(env, _base(env, env["dir"] / "plain" / "o.csv"), capsys, "--out", "not a directory", tmp_path=tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -97,24 +112,30 @@ def test_out_in_read_only_directory(env, tmp_path, capsys, no_models):
         ro.chmod(0o700)
 
 
-@pytest.mark.parametrize("flag,make", [
-    ("--html", lambda t: (t / "r.html").mkdir() or t / "r.html"),
-    ("--summary", lambda t: (t / "s.json").mkdir() or t / "s.json"),
-    ("--cache-dir", lambda t: (t / "c").write_text("x") and t / "c"),
-    ("--image-cache", lambda t: (t / "f").write_text("x") and t / "f" / "images"),
-])
+@pytest.mark.parametrize(
+    "flag,make",
+    [
+        ("--html", lambda t: (t / "r.html").mkdir() or t / "r.html"),
+        ("--summary", lambda t: (t / "s.json").mkdir() or t / "s.json"),
+        ("--cache-dir", lambda t: (t / "c").write_text("x") and t / "c"),
+        ("--image-cache", lambda t: (t / "f").write_text("x") and t / "f" / "images"),
+    ],
+)
 def test_other_outputs_checked_first(env, tmp_path, capsys, no_models, flag, make):
     bad = make(tmp_path)
     _refused(env, _base(env, tmp_path / "o.csv") + [flag, str(bad)], capsys, flag, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--items", "absent.csv", "no such file"),
-    ("--ranker-checkpoint", "absent.ckpt", "no such file"),
-    ("--recall-checkpoint", "absent.pth", "no such file"),
-    ("--bert-dir", "absent_dir", "no such directory"),
-    ("--arch", "absent.json", "no such file"),
-])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--items", "absent.csv", "no such file"),
+        ("--ranker-checkpoint", "absent.ckpt", "no such file"),
+        ("--recall-checkpoint", "absent.pth", "no such file"),
+        ("--bert-dir", "absent_dir", "no such directory"),
+        ("--arch", "absent.json", "no such file"),
+    ],
+)
 def test_missing_inputs(env, tmp_path, capsys, no_models, flag, value, needle):
     argv = _base(env, tmp_path / "o.csv")
     if flag in argv:
@@ -147,20 +168,28 @@ def test_nan_poi_vectors_select_nothing(env, tmp_path, capsys):
     """A POI table with NaN vectors must not produce selections on NaN scores."""
     d = env["dir"]
     argv = _base(env, tmp_path / "o.csv") + [
-        "--poi-pic-num", str(d / "pic.npz"), "--poi-image-vectors", str(d / "nan_img.npz"),
-        "--poi-name-vectors", str(d / "name.npz")]
+        "--poi-pic-num",
+        str(d / "pic.npz"),
+        "--poi-image-vectors",
+        str(d / "nan_img.npz"),
+        "--poi-name-vectors",
+        str(d / "name.npz"),
+    ]
     line = _refused(env, argv, capsys, tmp_path=tmp_path)
     assert "nan" in line.lower() or "finite" in line.lower(), line
 
 
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--batch-size", "0", "positive integer"),
-    ("--num-workers", "-1", "integer >= 0"),
-    ("--recall-k", "0", "positive integer"),
-    ("--actors", "0", "positive integer"),
-    ("--gpus-per-actor", "-1", ">= 0"),
-    ("--backend", "tensorrt", "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--batch-size", "0", "positive integer"),
+        ("--num-workers", "-1", "integer >= 0"),
+        ("--recall-k", "0", "positive integer"),
+        ("--actors", "0", "positive integer"),
+        ("--gpus-per-actor", "-1", ">= 0"),
+        ("--backend", "tensorrt", "invalid choice"),
+    ],
+)
 def test_flag_values_are_argparse_errors(env, tmp_path, capsys, flag, value, needle):
     with pytest.raises(SystemExit) as e:
         select_images.main(_base(env, tmp_path / "o.csv") + [flag, value])
@@ -172,11 +201,17 @@ def test_flag_values_are_argparse_errors(env, tmp_path, capsys, flag, value, nee
 
 def test_one_line_no_traceback_in_a_real_process(env, tmp_path):
     (tmp_path / "o.csv").mkdir()
-    r = subprocess.run([sys.executable, str(ROOT / "select_images.py"), *_base(env, tmp_path / "o.csv")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "select_images.py"), *_base(env, tmp_path / "o.csv")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"select_images: error: --out {tmp_path / 'o.csv'}: "
-                                             f"is a directory, expected a file name"]
+    assert r.stderr.strip().splitlines() == [
+        f"select_images: error: --out {tmp_path / 'o.csv'}: is a directory, expected a file name"
+    ]
     assert _files(tmp_path) == {"o.csv"}
 
 

@@ -7,6 +7,7 @@ Most cases call ``main`` in the test process: it returning 2 (rather than raisin
 with a single stderr line is what a user sees. Ctrl-C and the lock held by another
 process run as subprocesses, where the exit status and the absence of a traceback are
 those of a real run."""
+
 from __future__ import annotations
 
 import os
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import tiny_align
+from test_train import make_rank_data, make_recall_data
 
 import rank_train
 import recall_train
-from fixtures import tiny_align
 from models.checkpoint import load_ranker, save_align_checkpoint
-from test_train import make_rank_data, make_recall_data
-from utils.data import RECORD_SEP, exclusive_lock
+from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
-from utils.train import load_train_state, read_metrics
+from utils.io import exclusive_lock
+from utils.training.loop import load_train_state, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--num-workers", "0", "--device", "cpu", "--no-progress", "--backend", "torch"]
@@ -36,10 +38,30 @@ COMMON = ["--num-workers", "0", "--device", "cpu", "--no-progress", "--backend",
 def recall_env(tmp_path_factory, bert_dir):
     root = tmp_path_factory.mktemp("recall_bad")
     csv, img, arch = make_recall_data(root, owners_per_combo=1, images_per_owner=2)
-    return {"root": root, "csv": csv, "img": img, "arch": arch, "bert": bert_dir,
-            "args": ["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert_dir),
-                     "--arch", str(arch), "--epochs", "1", "--batch-size", "4",
-                     "--val-owners", "4", *COMMON]}
+    return {
+        "root": root,
+        "csv": csv,
+        "img": img,
+        "arch": arch,
+        "bert": bert_dir,
+        "args": [
+            "--csv",
+            str(csv),
+            "--image-dir",
+            str(img),
+            "--bert-dir",
+            str(bert_dir),
+            "--arch",
+            str(arch),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--val-owners",
+            "4",
+            *COMMON,
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +70,31 @@ def rank_env(tmp_path_factory, bert_dir):
     data = make_rank_data(root, n_train=8, n_val=4)
     init = root / "init.pth"
     save_align_checkpoint(tiny_align(bert_dir, seed=1), init)
-    return {"root": root, "data": data, "bert": bert_dir, "init": init,
-            "args": data + ["--bert-dir", str(bert_dir), "--init", str(init), "--epochs", "2",
-                            "--batch-size", "4", "--no-augment", "--cache-embeddings", *COMMON]}
+    return {
+        "root": root,
+        "data": data,
+        "bert": bert_dir,
+        "init": init,
+        "args": data
+        + [
+            "--bert-dir",
+            str(bert_dir),
+            "--init",
+            str(init),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-augment",
+            "--cache-embeddings",
+            *COMMON,
+        ],
+    }
 
 
 def replace_arg(args: list[str], flag: str, value: str) -> list[str]:
     i = args.index(flag)
-    return args[:i + 1] + [value] + args[i + 2:]
+    return args[: i + 1] + [value] + args[i + 2 :]
 
 
 def one_line_error(capsys, prog: str) -> str:
@@ -80,8 +119,13 @@ def dead_pid() -> int:
 # ---------------------------------------------------------------------------
 def recall_cases(e, tmp):
     bad_utf8 = tmp / "latin1.csv"
-    bad_utf8.write_bytes(e["csv"].read_bytes().split(b"\n", 2)[0] + b"\n" +
-                         e["csv"].read_bytes().split(b"\n", 2)[1] + b"\n" + b"p9,caf\xe9,u,0,1,1,\n")
+    bad_utf8.write_bytes(
+        e["csv"].read_bytes().split(b"\n", 2)[0]
+        + b"\n"
+        + e["csv"].read_bytes().split(b"\n", 2)[1]
+        + b"\n"
+        + b"p9,caf\xe9,u,0,1,1,\n"
+    )
     (tmp / "empty.csv").write_text("\n\n", encoding="utf-8")
     (tmp / "junk.pth").write_bytes(b"this is not a checkpoint")
     (tmp / "bad_arch.json").write_text("{not json", encoding="utf-8")
@@ -92,15 +136,18 @@ def recall_cases(e, tmp):
         "missing csv": (replace_arg(a, "--csv", str(tmp / "nope.csv")), "nope.csv: no such file"),
         "empty csv": (replace_arg(a, "--csv", str(tmp / "empty.csv")), "empty.csv: empty file"),
         "non-utf8 csv": (replace_arg(a, "--csv", str(bad_utf8)), "latin1.csv:3: not UTF-8"),
-        "missing image dir": (replace_arg(a, "--image-dir", str(tmp / "noimg")),
-                              "--image-dir " + str(tmp / "noimg") + ": no such directory"),
+        "missing image dir": (
+            replace_arg(a, "--image-dir", str(tmp / "noimg")),
+            "--image-dir " + str(tmp / "noimg") + ": no such directory",
+        ),
         "missing init": (a + ["--init", str(tmp / "none.pth")], "none.pth: no such file"),
         "junk init": (a + ["--init", str(tmp / "junk.pth")], "junk.pth: cannot be read"),
         "init of another architecture": (a + ["--init", str(other)], "other_arch.pth does not match"),
-        "bad arch json": (replace_arg(a, "--arch", str(tmp / "bad_arch.json")),
-                          "bad_arch.json:1: not valid JSON"),
-        "missing bert dir": (replace_arg(a, "--bert-dir", str(tmp / "nobert")),
-                             "--bert-dir " + str(tmp / "nobert") + ": no such directory"),
+        "bad arch json": (replace_arg(a, "--arch", str(tmp / "bad_arch.json")), "bad_arch.json:1: not valid JSON"),
+        "missing bert dir": (
+            replace_arg(a, "--bert-dir", str(tmp / "nobert")),
+            "--bert-dir " + str(tmp / "nobert") + ": no such directory",
+        ),
         "out-dir under a file": (a, None),  # filled in below
     }
 
@@ -116,7 +163,7 @@ def test_recall_bad_inputs(recall_env, tmp_path, capsys):
         assert rc == 2, name
         line = one_line_error(capsys, "recall_train")
         assert expected in line, (name, line)
-        assert listing(tmp_path) == before, name          # no out-dir, no temp file
+        assert listing(tmp_path) == before, name  # no out-dir, no temp file
 
 
 def test_rank_bad_inputs(rank_env, tmp_path, capsys):
@@ -125,10 +172,12 @@ def test_rank_bad_inputs(rank_env, tmp_path, capsys):
     rows = val.read_text(encoding="utf-8").splitlines()
     fields = rows[1].split(RECORD_SEP)
     nan_csv, inf_csv = tmp_path / "nan.csv", tmp_path / "inf.csv"
-    nan_csv.write_text("\n".join([rows[0], RECORD_SEP.join(fields[:3] + ["nan"] + fields[4:])]) + "\n",
-                       encoding="utf-8")
-    inf_csv.write_text("\n".join([rows[0], RECORD_SEP.join(fields[:4] + ["inf"] + fields[5:])]) + "\n",
-                       encoding="utf-8")
+    nan_csv.write_text(
+        "\n".join([rows[0], RECORD_SEP.join(fields[:3] + ["nan"] + fields[4:])]) + "\n", encoding="utf-8"
+    )
+    inf_csv.write_text(
+        "\n".join([rows[0], RECORD_SEP.join(fields[:4] + ["inf"] + fields[5:])]) + "\n", encoding="utf-8"
+    )
     (tmp_path / "empty.csv").write_bytes(b"")
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage\n")
     (tmp_path / "junk.pth").write_bytes(b"PK\x03\x04 truncated zip")
@@ -140,8 +189,10 @@ def test_rank_bad_inputs(rank_env, tmp_path, capsys):
         "inf ctr": (replace_arg(a, "--val-csv", str(inf_csv)), "inf.csv:2: ctr_b: inf is not a finite"),
         "missing image dir": (replace_arg(a, "--image-dir", str(tmp_path / "noimg")), "no such directory"),
         "missing val image dir": (a + ["--val-image-dir", str(tmp_path / "noval")], "noval: no such directory"),
-        "missing poi table": (replace_arg(a, "--poi-pic-num", str(tmp_path / "none.npy")),
-                              "--poi-pic-num " + str(tmp_path / "none.npy") + ": no such file"),
+        "missing poi table": (
+            replace_arg(a, "--poi-pic-num", str(tmp_path / "none.npy")),
+            "--poi-pic-num " + str(tmp_path / "none.npy") + ": no such file",
+        ),
         "junk init": (replace_arg(a, "--init", str(tmp_path / "junk.pth")), "junk.pth: cannot be read"),
     }
     for name, (args, expected) in cases.items():
@@ -154,10 +205,17 @@ def test_rank_bad_inputs(rank_env, tmp_path, capsys):
         assert listing(tmp_path) == before, name
 
 
-@pytest.mark.parametrize("script, flag, value", [
-    (recall_train, "--batch-size", "0"), (recall_train, "--num-workers", "-1"),
-    (rank_train, "--batch-size", "0"), (rank_train, "--num-workers", "-1"),
-    (rank_train, "--epochs", "0"), (recall_train, "--lr", "nan")])
+@pytest.mark.parametrize(
+    "script, flag, value",
+    [
+        (recall_train, "--batch-size", "0"),
+        (recall_train, "--num-workers", "-1"),
+        (rank_train, "--batch-size", "0"),
+        (rank_train, "--num-workers", "-1"),
+        (rank_train, "--epochs", "0"),
+        (recall_train, "--lr", "nan"),
+    ],
+)
 def test_bad_numbers_are_argparse_errors(script, flag, value, recall_env, rank_env, tmp_path, capsys):
     args = (recall_env if script is recall_train else rank_env)["args"]
     with pytest.raises(SystemExit) as e:
@@ -252,7 +310,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(rank_env, tmp_path, c
     line = one_line_error(capsys, "rank_train")
     assert "step 3: the loss is nan" in line
     state = load_train_state(out / "train_state.pt")
-    assert state["step"] == 2                                  # the last good save
+    assert state["step"] == 2  # the last good save
     ranker = load_ranker(out / "last.ckpt", rank_env["bert"])
     assert model_hash(ranker) == state["model_hash"]
     assert all(torch.isfinite(v).all() for v in ranker.state_dict().values() if v.is_floating_point())
@@ -262,17 +320,29 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(rank_env, tmp_path, c
 
 def run_script(script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_ctrl_c_is_one_line_and_exit_130(rank_env, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = replace_arg(rank_env["args"], "--epochs", "100000")
-    p = subprocess.Popen([sys.executable, str(ROOT / "rank_train.py"), *args, "--out-dir", str(out),
-                          "--log-level", "WARNING"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "rank_train.py"), *args, "--out-dir", str(out), "--log-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and p.poll() is None:
@@ -299,7 +369,8 @@ def test_ctrl_c_is_one_line_and_exit_130(rank_env, tmp_path):
 
 def test_ctrl_c_during_a_save_waits_for_the_pair(tmp_path):
     """SIGINT inside deferred_sigint (the checkpoint + state save) is raised after it."""
-    from utils.train import deferred_sigint
+    from utils.training.loop import deferred_sigint
+
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_sigint():

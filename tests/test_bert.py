@@ -2,6 +2,7 @@
 BertTokenizer, which it replaces at run time: same state-dict keys, same hidden states
 (1e-5; ~1e-6 in practice) with and without padding, same dropout sites in training, and
 the same token ids on the published CSVs' texts and on awkward strings."""
+
 from __future__ import annotations
 
 import csv
@@ -13,13 +14,21 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from utils.cli import DataError  # noqa: E402
+
 from models.align import skip_init  # noqa: E402
 from models.bert import BertConfig, BertEncoder, BertTokenizer  # noqa: E402
-from utils.data import DataError  # noqa: E402
 
-CFG = dict(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-           intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.1,
-           attention_probs_dropout_prob=0.1)
+CFG = dict(
+    vocab_size=120,
+    hidden_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
 
 
 def _pair(seed=0):
@@ -99,18 +108,35 @@ def test_config_errors_name_the_file_and_field(tmp_path):
 # ---------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------
-AWKWARD = ["", " ", "北海海底世界", "漠河,北极村,白桦林 Hello", "ÉCOLE Café naïve", "ＡＢＣ１２３全角",
-           "tab\tand\nnewline", "zero\u200bwidth", "ctrl\x07char\x00", "emoji 🎉🏔️ ok", "a-b_c.d#e",
-           "【杭州】西湖·灵隐寺（一日游）", "Mix中English混合text", "[UNK] [SEP] literal", "x" * 150,
-           "supercalifragilisticexpialidocious", "ǅǈ ŉ ß İ", "한국어 日本語 ภาษาไทย", "\ufffdbad\ufffd",
-           "红" * 80]
+AWKWARD = [
+    "",
+    " ",
+    "北海海底世界",
+    "漠河,北极村,白桦林 Hello",
+    "ÉCOLE Café naïve",
+    "ＡＢＣ１２３全角",
+    "tab\tand\nnewline",
+    "zero\u200bwidth",
+    "ctrl\x07char\x00",
+    "emoji 🎉🏔️ ok",
+    "a-b_c.d#e",
+    "【杭州】西湖·灵隐寺（一日游）",
+    "Mix中English混合text",
+    "[UNK] [SEP] literal",
+    "x" * 150,
+    "supercalifragilisticexpialidocious",
+    "ǅǈ ŉ ß İ",
+    "한국어 日本語 ภาษาไทย",
+    "\ufffdbad\ufffd",
+    "红" * 80,
+]
 
 
 def _compare(vocab_file, texts, max_length=50):
     ref = transformers.BertTokenizer(str(vocab_file))
     ours = BertTokenizer(vocab_file)
     for i in range(0, len(texts), 64):
-        batch = texts[i:i + 64]
+        batch = texts[i : i + 64]
         want = ref(batch, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         got = ours(batch, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         for k in ("input_ids", "attention_mask"):
@@ -129,6 +155,7 @@ def test_tokenizer_matches_on_awkward_strings(bert_dir, real_bert_dir_or_none):
 @pytest.fixture()
 def real_bert_dir_or_none(request):
     from conftest import SEED_DATA
+
     d = SEED_DATA / "bert-base-chinese"
     return d if (d / "vocab.txt").is_file() else None
 

@@ -1,6 +1,7 @@
 """Bootstrap intervals (utils/bootstrap.py) on tables with a known answer, their coverage
 by simulation, the vectorised AUC against explicit resampling, and the intervals printed
 by recall_eval.py (single file and --compare) and rank_eval.py's summary."""
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,16 @@ import pytest
 from scipy.stats import binom
 
 import recall_eval
-from utils.bootstrap import (auc_draws, auc_interval, bootstrap_means, mean_interval, mean_intervals,
-                             resample_counts, weighted_auc)
-from utils.metrics import roc_auc
+from utils.evaluation.bootstrap import (
+    auc_draws,
+    auc_interval,
+    bootstrap_means,
+    mean_interval,
+    mean_intervals,
+    resample_counts,
+    weighted_auc,
+)
+from utils.evaluation.metrics import roc_auc
 
 
 def test_resampling_is_seeded_and_with_replacement():
@@ -99,14 +107,19 @@ def _write_full(path, hits_at1: dict[str, bool]):
         for i, p in enumerate(pois):
             other = pois[(i + 1) % len(pois)]
             own = 0.9 if hits_at1[p] else 0.1
-            w.writerows([[p, f"名{p}", f"{p}_1.jpg", own], [p, f"名{p}", f"{other}_1.jpg", 0.5],
-                         [p, f"名{p}", f"{other}_2.jpg", 0.4]])
+            w.writerows(
+                [
+                    [p, f"名{p}", f"{p}_1.jpg", own],
+                    [p, f"名{p}", f"{other}_1.jpg", 0.5],
+                    [p, f"名{p}", f"{other}_2.jpg", 0.4],
+                ]
+            )
 
 
 def test_recall_eval_intervals_and_compare(tmp_path, capsys):
     pois = [str(1000 + i) for i in range(60)]
-    a_hits = {p: i % 3 == 0 for i, p in enumerate(pois)}                 # 20 hits
-    extra = [p for i, p in enumerate(pois) if i % 3 == 1][:9]            # B: A's hits + 9
+    a_hits = {p: i % 3 == 0 for i, p in enumerate(pois)}  # 20 hits
+    extra = [p for i, p in enumerate(pois) if i % 3 == 1][:9]  # B: A's hits + 9
     b_hits = {p: a_hits[p] or p in extra for p in pois}
     _write_full(tmp_path / "A.csv", a_hits)
     _write_full(tmp_path / "B.csv", b_hits)
@@ -120,8 +133,9 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
     assert js["recall_ci"]["1"] == [1.0, 1.0] and js["bootstrap"]["draws"] == 10_000
 
     # the interval printed for A equals mean_interval on its hits in poi_id order
-    assert recall_eval.main(["--results", str(tmp_path / "A.csv"), "--k", "1", "--seed", "5",
-                             "--bootstrap", "2000"]) == 0
+    assert (
+        recall_eval.main(["--results", str(tmp_path / "A.csv"), "--k", "1", "--seed", "5", "--bootstrap", "2000"]) == 0
+    )
     out = capsys.readouterr().out
     hits = np.array([a_hits[p] for p in sorted(pois)], dtype=float)
     lo, hi = mean_intervals(np.c_[hits, np.where(hits == 1, 1.0, 1 / 3)], 2000, 5)[0]
@@ -129,8 +143,21 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
     assert recall_eval.main(["--results", str(tmp_path / "A.csv"), "--k", "1", "--bootstrap", "0"]) == 0
     assert "CI" not in capsys.readouterr().out
 
-    assert recall_eval.main(["--compare", str(tmp_path / "A.csv"), str(tmp_path / "B.csv"), "--k", "1", "3",
-                             "--json", str(tmp_path / "cmp.json")]) == 0
+    assert (
+        recall_eval.main(
+            [
+                "--compare",
+                str(tmp_path / "A.csv"),
+                str(tmp_path / "B.csv"),
+                "--k",
+                "1",
+                "3",
+                "--json",
+                str(tmp_path / "cmp.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     cmp = json.loads((tmp_path / "cmp.json").read_text(encoding="utf-8"))
     r1 = cmp["recall"]["1"]
@@ -150,8 +177,12 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
 
     # different POI sets: only the common ones are compared
     _write_full(tmp_path / "C.csv", {p: True for p in pois[:30]})
-    assert recall_eval.main(["--compare", str(tmp_path / "A.csv"), str(tmp_path / "C.csv"), "--k", "1",
-                             "--bootstrap", "100"]) == 0
+    assert (
+        recall_eval.main(
+            ["--compare", str(tmp_path / "A.csv"), str(tmp_path / "C.csv"), "--k", "1", "--bootstrap", "100"]
+        )
+        == 0
+    )
     assert "POIs compared: 30" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         recall_eval.main(["--results", str(tmp_path / "A.csv"), "--compare", "x", "y"])
@@ -171,11 +202,24 @@ def test_rank_eval_summary_has_intervals():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1000)
     d = rng.normal(size=1000) + 0.4 * (2 * y - 1)
-    from utils.metrics import pairwise_metrics
-    res = rank_eval.Result([P(int(v)) for v in y], d, np.zeros(1000), pairwise_metrics(y, d, np.zeros(1000)),
-                           {"pairs_scored": 1000, "pairs_in_csv": 1000, "pairs_with_missing_image": 0,
-                            "pairs_skipped": 0, "images_missing": 0, "images_unreadable": 0,
-                            "pairs_without_pois": 0, "pairs_with_unknown_poi": 0})
+    from utils.evaluation.metrics import pairwise_metrics
+
+    res = rank_eval.Result(
+        [P(int(v)) for v in y],
+        d,
+        np.zeros(1000),
+        pairwise_metrics(y, d, np.zeros(1000)),
+        {
+            "pairs_scored": 1000,
+            "pairs_in_csv": 1000,
+            "pairs_with_missing_image": 0,
+            "pairs_skipped": 0,
+            "images_missing": 0,
+            "images_unreadable": 0,
+            "pairs_without_pois": 0,
+            "pairs_with_unknown_poi": 0,
+        },
+    )
     rank_eval.add_intervals(res, 10_000, 0)
     m = res.metrics
     assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]

@@ -1,4 +1,5 @@
 """download_images.py / utils.download against a local HTTP server (127.0.0.1 only)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,16 +20,27 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import download_images  # noqa: E402
 from local_server import PROXY_VARS, Fault, LocalServer  # noqa: E402
-from utils.download import (apply_url_map, make_session, parse_url_map,  # noqa: E402
-                            sniff_image_ext, verify_existing)
+
+import download_images  # noqa: E402
+from utils.fetch.download import apply_url_map, make_session, parse_url_map, sniff_image_ext, verify_existing
 
 # Short timeouts and backoff so the whole file runs in seconds. The read timeout (1 s)
 # must stay below the server delays that are meant to time out (2 s, 3 s), and leaves a
 # loaded machine time to answer an ordinary request.
-FAST = ["--timeout-connect", "2", "--timeout-read", "1", "--retries", "2",
-        "--backoff", "0.01", "--workers", "4", "--no-progress"]
+FAST = [
+    "--timeout-connect",
+    "2",
+    "--timeout-read",
+    "1",
+    "--retries",
+    "2",
+    "--backoff",
+    "0.01",
+    "--workers",
+    "4",
+    "--no-progress",
+]
 SEP = "$record$"
 
 
@@ -55,8 +67,7 @@ def write_recall_csv(path: Path, rows) -> Path:
 
 
 def rank_line(item, url_a, url_b, oss_a, oss_b, ctr=(1, 2)) -> str:
-    return SEP.join([item, url_a, url_b, str(ctr[0]), str(ctr[1]), "标题", "类目",
-                     oss_a, oss_b, "西湖,灵隐寺"])
+    return SEP.join([item, url_a, url_b, str(ctr[0]), str(ctr[1]), "标题", "类目", oss_a, oss_b, "西湖,灵隐寺"])
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -95,8 +106,6 @@ def assert_no_bad_final_files(out: Path) -> None:
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
 
 
 pytestmark = pytest.mark.usefixtures("no_proxy_env")
@@ -173,7 +182,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
         "/ok.png": (png, {}),
         "/noext_jpeg": (jpg, {}),
         "/noext_png": (png, {}),
-        "/misnamed.jpg": (png, {}),                  # PNG bytes behind a .jpg URL
+        "/misnamed.jpg": (png, {}),  # PNG bytes behind a .jpg URL
         "/flaky.jpg": (jpg, {"faults": [Fault(status=500), Fault(status=503)]}),
         "/busy.jpg": (jpg, {"faults": [Fault(status=429, headers={"Retry-After": "1"})]}),
         "/cut_once.jpg": (jpg, {"faults": [Fault(truncate=50)]}),
@@ -184,8 +193,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
         "/missing.jpg": (jpg, {"status": 404}, "http_404"),
         "/always500.jpg": (jpg, {"status": 500}, "http_500"),
         "/truncated.jpg": (jpg, {"truncate": 100}, "truncated"),
-        "/page.jpg": (b"<!DOCTYPE html><html><body>gone</body></html>",
-                      {"content_type": "text/html"}, "not_image"),
+        "/page.jpg": (b"<!DOCTYPE html><html><body>gone</body></html>", {"content_type": "text/html"}, "not_image"),
         "/slow.jpg": (jpg, {"delay": 3.0}, "timeout"),
         "/bad_jpeg.jpg": (jpg[: len(jpg) // 2], {}, "undecodable"),  # complete HTTP, broken JPEG
         "/forbidden.jpg": (jpg, {"status": 403}, "http_403"),
@@ -199,8 +207,8 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     for i, path in enumerate(list(recoverable) + list(permanent)):
         rows.append(("100", str(i), server.url(path)))
         key_of[path] = f"100_{i}"
-    rows.insert(3, "200,only,three")                    # wrong field count -> line 4
-    rows.append("300,景点300,,1,10,10,")                  # empty URL -> last line
+    rows.insert(3, "200,only,three")  # wrong field count -> line 4
+    rows.append("300,景点300,,1,10,10,")  # empty URL -> last line
     csv_path = write_recall_csv(tmp_path / "recall.csv", rows)
     n_lines = len(rows)
     out = tmp_path / "out"
@@ -229,7 +237,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     # retry behaviour seen by the server
     assert server.count("/flaky.jpg") == 3
     assert server.count("/missing.jpg") == 1 and server.count("/forbidden.jpg") == 1  # no retry on 4xx
-    assert server.count("/always500.jpg") == 3                                        # 1 + 2 retries
+    assert server.count("/always500.jpg") == 3  # 1 + 2 retries
     t = server.times["/busy.jpg"]
     assert len(t) == 2 and t[1] - t[0] >= 0.9, "Retry-After: 1 not honoured"
 
@@ -258,8 +266,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
 
     # a second run downloads nothing that is already there
     server.reset_counts()
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                               "--max-failures", "9"])
+    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9"])
     assert rc == 0
     assert all(server.count(p) == 0 for p in recoverable)
     assert (out / "manifest.jsonl.prev").exists()
@@ -267,16 +274,19 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     for path in recoverable:
         r2, r1 = recs2[key_of[path]], keyed[key_of[path]]
         assert r2["status"] == "skipped"
-        assert (r2["sha256"], r2["bytes"], r2["width"], r2["height"]) == \
-            (r1["sha256"], r1["bytes"], r1["width"], r1["height"])
+        assert (r2["sha256"], r2["bytes"], r2["width"], r2["height"]) == (
+            r1["sha256"],
+            r1["bytes"],
+            r1["width"],
+            r1["height"],
+        )
 
     # an invalid existing file is replaced, a stray other-extension copy removed
     damaged = files[key_of["/ok.jpg"]]
     damaged.write_bytes(damaged.read_bytes()[:200])
     (out / (key_of["/ok.png"] + ".jpg")).write_bytes(b"junk")  # beside the valid .png
     server.reset_counts()
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                               "--max-failures", "9"])
+    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9"])
     assert rc == 0
     assert server.count("/ok.jpg") == 1 and server.count("/ok.png") == 0
     recs3 = by_key(read_manifest(out / "manifest.jsonl"))
@@ -291,8 +301,7 @@ def test_max_bytes_cap(server, tmp_path):
     server.add("/big_nolen.png", big)
     csv_path = write_recall_csv(tmp_path / "r.csv", [("1", "1", server.url("/big.png"))])
     out = tmp_path / "out"
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                               "--max-bytes", str(len(big) - 1)])
+    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-bytes", str(len(big) - 1)])
     assert rc == 1
     r = read_manifest(out / "manifest.jsonl")[0]
     assert r["status"] == "failed" and r["error_kind"] == "too_large"
@@ -307,11 +316,11 @@ def test_rank_format_durable_first_then_original(server, tmp_path):
     server.add("/oss/1a", a1)
     server.add("/oss/1b", b1)
     server.add("/orig/1a.jpg", a1)
-    server.add("/oss/2a", b"", status=404)     # durable copy gone -> original
+    server.add("/oss/2a", b"", status=404)  # durable copy gone -> original
     server.add("/orig/2a.jpg", a1)
-    server.add("/oss/2b", b1, status=500)      # durable copy broken -> original
+    server.add("/oss/2b", b1, status=500)  # durable copy broken -> original
     server.add("/orig/2b.png", b1)
-    server.add("/oss/3a", b"", status=404)     # both gone
+    server.add("/oss/3a", b"", status=404)  # both gone
     server.add("/orig/3a.jpg", b"", status=404)
     server.add("/oss/3b", a1)
     u = server.url
@@ -319,8 +328,8 @@ def test_rank_format_durable_first_then_original(server, tmp_path):
         rank_line("1", u("/orig/1a.jpg"), u("/orig/1b.png"), u("/oss/1a"), u("/oss/1b")),
         rank_line("2", u("/orig/2a.jpg"), u("/orig/2b.png"), u("/oss/2a"), u("/oss/2b")),
         rank_line("3", u("/orig/3a.jpg"), u("/orig/3b.png"), u("/oss/3a"), u("/oss/3b")),
-        SEP.join(["4", "x", "y"]),                                   # wrong field count
-        rank_line("5", "", u("/orig/5b.png"), "", u("/oss/5b")),     # no URL for image a
+        SEP.join(["4", "x", "y"]),  # wrong field count
+        rank_line("5", "", u("/orig/5b.png"), "", u("/oss/5b")),  # no URL for image a
     ]
     csv_path = tmp_path / "rank.csv"
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -329,7 +338,7 @@ def test_rank_format_durable_first_then_original(server, tmp_path):
     assert rc == 1
     files = final_images(out)
     assert sorted(p.name for p in files.values()) == ["1_a.jpg", "1_b.png", "2_a.jpg", "2_b.png", "3_b.jpg"]
-    assert server.count("/orig/1a.jpg") == 0           # durable copy worked: original untouched
+    assert server.count("/orig/1a.jpg") == 0  # durable copy worked: original untouched
     recs = read_manifest(out / "manifest.jsonl")
     keyed = by_key(recs)
     assert keyed["2_a"]["url"] == u("/orig/2a.jpg") and keyed["2_a"]["tried"][0]["http"] == 404
@@ -354,8 +363,7 @@ def test_shard_and_limit(server, tmp_path):
     out = tmp_path / "out"
     seen = set()
     for i in range(3):
-        rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                                   "--shard", f"{i}/3"])
+        rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--shard", f"{i}/3"])
         assert rc == 0
         keys = {r["key"] for r in read_manifest(out / f"manifest.shard-{i}-of-3.jsonl")}
         assert keys and not keys & seen
@@ -378,10 +386,19 @@ def test_url_prefix_map(server, tmp_path):
     rows = [("1", "1", "http://127.0.0.1:9/cdn/1.jpg"), ("1", "2", "http://127.0.0.1:9/img/2.png")]
     csv_path = write_recall_csv(tmp_path / "r.csv", rows)
     out = tmp_path / "out"
-    rc = download_images.main([
-        "--csv", str(csv_path), "--out", str(out), *FAST,
-        "--url-prefix-map", f"http://127.0.0.1:9/cdn/={server.url('/mirror/a/')}",
-        "--url-prefix-map", f"http://127.0.0.1:9/img/={server.url('/mirror/b/')}"])
+    rc = download_images.main(
+        [
+            "--csv",
+            str(csv_path),
+            "--out",
+            str(out),
+            *FAST,
+            "--url-prefix-map",
+            f"http://127.0.0.1:9/cdn/={server.url('/mirror/a/')}",
+            "--url-prefix-map",
+            f"http://127.0.0.1:9/img/={server.url('/mirror/b/')}",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in final_images(out).values()) == ["1_1.jpg", "1_2.png"]
     assert by_key(read_manifest(out / "manifest.jsonl"))["1_2"]["url"] == server.url("/mirror/b/2.png")
@@ -391,12 +408,14 @@ def test_max_side_downscales_on_save(server, tmp_path):
     server.add("/big.jpg", make_image("JPEG", (400, 300)))
     server.add("/big.png", make_image("PNG", (120, 240)))
     server.add("/small.jpg", make_image("JPEG", (50, 40)))
-    rows = [("1", "1", server.url("/big.jpg")), ("1", "2", server.url("/big.png")),
-            ("1", "3", server.url("/small.jpg"))]
+    rows = [
+        ("1", "1", server.url("/big.jpg")),
+        ("1", "2", server.url("/big.png")),
+        ("1", "3", server.url("/small.jpg")),
+    ]
     csv_path = write_recall_csv(tmp_path / "r.csv", rows)
     out = tmp_path / "out"
-    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                                 "--max-side", "100"]) == 0
+    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-side", "100"]) == 0
     files = final_images(out)
     sizes = {k: Image.open(p).size for k, p in files.items()}
     assert sizes == {"1_1": (100, 75), "1_2": (50, 100), "1_3": (50, 40)}
@@ -428,10 +447,22 @@ def test_sigkill_then_rerun_completes(tmp_path):
         csv_path = write_recall_csv(tmp_path / "r.csv", rows)
         out = tmp_path / "out"
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv_path),
-             "--out", str(out), *FAST, "--workers", "3"],
-            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS})
+            [
+                sys.executable,
+                str(ROOT / "download_images.py"),
+                "--csv",
+                str(csv_path),
+                "--out",
+                str(out),
+                *FAST,
+                "--workers",
+                "3",
+            ],
+            cwd=str(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS},
+        )
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -466,6 +497,7 @@ def test_sigkill_then_rerun_completes(tmp_path):
 # ---------------------------------------------------------------------------
 def test_local_server_features(tmp_path):
     import requests
+
     (tmp_path / "f.bin").write_bytes(bytes(range(256)) * 4)
     body = b"0123456789" * 10
     with LocalServer(directory=tmp_path) as srv:
@@ -495,11 +527,11 @@ def test_local_server_features(tmp_path):
 
 
 def test_trust_manifest_skips_reverification(server, tmp_path, monkeypatch):
-    import utils.download as D
+    import utils.fetch.download as D
+
     for i in range(3):
         server.add(f"/t{i}.jpg", make_image("JPEG", (30 + i, 20)))
-    csv_path = write_recall_csv(tmp_path / "r.csv", [("5", str(i), server.url(f"/t{i}.jpg"))
-                                                      for i in range(3)])
+    csv_path = write_recall_csv(tmp_path / "r.csv", [("5", str(i), server.url(f"/t{i}.jpg")) for i in range(3)])
     out = tmp_path / "out"
     assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST]) == 0
     first = by_key(read_manifest(out / "manifest.jsonl"))
@@ -511,12 +543,14 @@ def test_trust_manifest_skips_reverification(server, tmp_path, monkeypatch):
     touched = out / first["5_1"]["file"]
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     server.reset_counts()
-    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST,
-                                 "--trust-manifest"]) == 0
-    assert checked == [touched.name]          # only the file whose mtime changed is decoded
+    assert download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--trust-manifest"]) == 0
+    assert checked == [touched.name]  # only the file whose mtime changed is decoded
     assert server.total_requests == 0
     again = by_key(read_manifest(out / "manifest.jsonl"))
     assert {r["status"] for r in again.values()} == {"skipped"}
     for k in first:
-        assert (again[k]["sha256"], again[k]["bytes"], again[k]["width"]) == \
-            (first[k]["sha256"], first[k]["bytes"], first[k]["width"])
+        assert (again[k]["sha256"], again[k]["bytes"], again[k]["width"]) == (
+            first[k]["sha256"],
+            first[k]["bytes"],
+            first[k]["width"],
+        )

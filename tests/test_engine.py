@@ -3,6 +3,7 @@ can be imported and agrees with torch on this model, torch otherwise, with a war
 the agreement check fails; the vectors equal torch's to 1e-5; recall_infer.py records the
 engine actually used, reuses a valid cached export and hashes the weights once. Decoding
 started ahead of the model load (``prefetch_images``) gives the same vectors."""
+
 from __future__ import annotations
 
 import copy
@@ -18,16 +19,16 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-import recall_infer  # noqa: E402
 from fixtures import COLORS, solid_image, tiny_align, write_image  # noqa: E402
-from models import factory  # noqa: E402
+
+import recall_infer  # noqa: E402
 from models.checkpoint import save_align_checkpoint  # noqa: E402
-from utils import onnx_backend  # noqa: E402
-from utils import embed  # noqa: E402
-from utils.cache import EmbeddingCache  # noqa: E402
-from utils.embed import (cpu_cores, default_lanes, default_num_workers, encode_images,  # noqa: E402
-                         prefetch_images)
-from utils.onnx_backend import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
+from models.engine import encode as embed  # noqa: E402
+from models.engine import onnx as onnx_backend  # noqa: E402
+from models.engine import recall_model as factory  # noqa: E402
+from models.engine.cache import EmbeddingCache  # noqa: E402
+from models.engine.encode import cpu_cores, default_lanes, default_num_workers, encode_images, prefetch_images
+from models.engine.onnx import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def gallery(tmp_path_factory, model):
     for i, color in enumerate(list(COLORS)[:4]):
         poi = str(300 + i)
         for r, shape in enumerate((None, "圆", "方"), 1):
-            write_image(solid_image(COLORS[color], (70 + 9 * r, 50), shape, seed=i * 5 + r),
-                        d / "images" / f"{poi}_{r}.jpg")
+            write_image(
+                solid_image(COLORS[color], (70 + 9 * r, 50), shape, seed=i * 5 + r), d / "images" / f"{poi}_{r}.jpg"
+            )
             rows.append([poi, f"{color}色{shape or '山'}", f"http://x.invalid/{poi}_{r}", r, 0, 0, 0])
     with open(d / "recall.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
@@ -65,7 +67,7 @@ def _paths(gallery):
 def test_auto_picks_torch_when_onnxruntime_cannot_be_imported(model, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "import onnxruntime" now fails
     assert not onnxruntime_available()
-    with caplog.at_level(logging.INFO, logger="utils.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="models.engine.onnx"):
         f = image_encoder_for(model, "auto", "cpu")
     assert f == model.encode_image
     assert "image engine: torch (onnxruntime is not installed)" in caplog.text
@@ -75,7 +77,7 @@ def test_auto_picks_torch_when_onnxruntime_cannot_be_imported(model, monkeypatch
 
 
 def test_auto_picks_torch_off_cpu_or_fp32(model, caplog):
-    with caplog.at_level(logging.INFO, logger="utils.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="models.engine.onnx"):
         assert image_encoder_for(model, "auto", "cpu", precision="bf16") == model.encode_image
         assert image_encoder_for(model, "auto", "cuda") == model.encode_image
     assert "precision bf16" in caplog.text and "the device is cuda" in caplog.text
@@ -85,8 +87,7 @@ def test_auto_falls_back_with_a_warning_when_the_check_fails(model, tmp_path, mo
     d = tmp_path / "onnx"
     wrong = OnnxImageEncoder(_negated(model), cache_dir=d)  # a graph of other weights
     # every export of this model now writes that graph: the agreement check must refuse it
-    monkeypatch.setattr(onnx_backend, "export_image_graph",
-                        lambda m, path, size=224: shutil.copy(wrong.path, path))
+    monkeypatch.setattr(onnx_backend, "export_image_graph", lambda m, path, size=224: shutil.copy(wrong.path, path))
     with caplog.at_level(logging.WARNING):
         f = image_encoder_for(model, "auto", "cpu", cache_dir=d)
     assert f == model.encode_image
@@ -108,10 +109,26 @@ def test_auto_vectors_within_1e5_of_torch(model, gallery, tmp_path):
 
 
 def _infer(gallery, bert_dir, out, *extra):
-    argv = ["--csv", str(gallery / "recall.csv"), "--image-dir", str(gallery / "images"),
-            "--checkpoint", str(gallery / "align.pth"), "--bert-dir", str(bert_dir),
-            "--output", str(out), "--device", "cpu", "--topk", "3", "--num-workers", "0",
-            "--no-progress", *extra]
+    argv = [
+        "--csv",
+        str(gallery / "recall.csv"),
+        "--image-dir",
+        str(gallery / "images"),
+        "--checkpoint",
+        str(gallery / "align.pth"),
+        "--bert-dir",
+        str(bert_dir),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--topk",
+        "3",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     assert recall_infer.main(argv) == 0
     return json.loads(open(f"{out}.meta.json", encoding="utf-8").read())
 
@@ -120,8 +137,7 @@ def test_recall_infer_records_the_engine_and_reuses_the_export(gallery, bert_dir
     monkeypatch.setenv("AVAS_ONNX_CACHE", str(tmp_path / "onnx"))
     exports, hashes = [], []
     real_export, real_hash = onnx_backend.export_image_graph, factory.model_hash
-    monkeypatch.setattr(onnx_backend, "export_image_graph",
-                        lambda *a, **kw: exports.append(a) or real_export(*a, **kw))
+    monkeypatch.setattr(onnx_backend, "export_image_graph", lambda *a, **kw: exports.append(a) or real_export(*a, **kw))
     monkeypatch.setattr(factory, "model_hash", lambda m: hashes.append(1) or real_hash(m))
     monkeypatch.setattr(onnx_backend, "model_hash", lambda m: pytest.fail("weights hashed twice"))
 
@@ -149,6 +165,7 @@ def test_recall_infer_records_the_engine_and_reuses_the_export(gallery, bert_dir
     def rows(p):
         with open(p, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
+
     b, e = rows(tmp_path / "b.csv"), rows(tmp_path / "e.csv")
     assert [(r["poi_id"], r["image"]) for r in b] == [(r["poi_id"], r["image"]) for r in e]
     assert max(abs(float(x["score"]) - float(y["score"])) for x, y in zip(b, e)) <= 1e-5
@@ -190,8 +207,9 @@ def test_prefetch_gives_the_same_vectors(model, gallery, tmp_path, monkeypatch, 
     source = prefetch_images(paths, batch_size=5, mode="reference", num_workers=workers)
     _no_new_loader(monkeypatch)
     stats = {}
-    got, ok = encode_images(model, paths, batch_size=5, num_workers=workers, progress=False,
-                            prefetch=source, stats=stats)
+    got, ok = encode_images(
+        model, paths, batch_size=5, num_workers=workers, progress=False, prefetch=source, stats=stats
+    )
     assert torch.equal(got, ref) and torch.equal(ok, ok_ref)  # bit-identical (torch engine)
     assert ok.tolist() == [True] * 12 + [False] and stats["num_workers"] == workers
     assert source.take() is None  # consumed
@@ -210,9 +228,11 @@ def test_prefetch_with_an_onnx_engine(model, gallery, tmp_path, monkeypatch):
 def test_prefetch_that_does_not_match_is_closed_unused(model, gallery, tmp_path):
     paths = _paths(gallery)
     ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
-    for other in (prefetch_images(paths, batch_size=3, num_workers=1),          # other batches
-                  prefetch_images(paths[::-1], batch_size=5, num_workers=1),    # other order
-                  prefetch_images(paths, batch_size=5, mode="fast", num_workers=1)):
+    for other in (
+        prefetch_images(paths, batch_size=3, num_workers=1),  # other batches
+        prefetch_images(paths[::-1], batch_size=5, num_workers=1),  # other order
+        prefetch_images(paths, batch_size=5, mode="fast", num_workers=1),
+    ):
         got, ok = encode_images(model, paths, batch_size=5, num_workers=0, progress=False, prefetch=other)
         assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
         assert other.take() is None  # closed: its workers are stopped
@@ -231,8 +251,7 @@ def test_prefetch_with_a_cache(model, gallery, tmp_path, monkeypatch):
         # now every vector is cached: the prefetch is closed unused, the cache answers
         source = prefetch_images(paths, batch_size=5, num_workers=1)
         stats = {}
-        got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache,
-                                prefetch=source, stats=stats)
+        got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache, prefetch=source, stats=stats)
         assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
         assert stats["encoded"] == 0 and source.take() is None
         # some cached, some new: only the new ones are decoded (anew), same vectors
@@ -240,8 +259,15 @@ def test_prefetch_with_a_cache(model, gallery, tmp_path, monkeypatch):
         write_image(solid_image(list(COLORS.values())[-1], (60, 60), "圆", seed=99), extra)
         more = paths + [extra]
         ref2, _ = encode_images(model, more, batch_size=5, num_workers=0, progress=False)
-        got2, _ = encode_images(model, more, batch_size=5, progress=False, cache=cache,
-                                prefetch=prefetch_images(more, batch_size=5, num_workers=1), stats=stats)
+        got2, _ = encode_images(
+            model,
+            more,
+            batch_size=5,
+            progress=False,
+            cache=cache,
+            prefetch=prefetch_images(more, batch_size=5, num_workers=1),
+            stats=stats,
+        )
         assert torch.equal(got2[:12], ref) and stats["encoded"] == 1
         assert (got2[12] - ref2[12]).abs().max().item() < 1e-6  # encoded in a batch of its own
 
@@ -252,10 +278,27 @@ def test_recall_infer_prefetch_changes_nothing(gallery, bert_dir, tmp_path):
     outs = {}
     for name, workers in (("w1", "1"), ("w0", "0")):
         out = tmp_path / f"{name}.csv"
-        argv = ["--csv", str(gallery / "recall.csv"), "--image-dir", str(gallery / "images"),
-                "--checkpoint", str(gallery / "align.pth"), "--bert-dir", str(bert_dir),
-                "--output", str(out), "--full-output", str(tmp_path / f"{name}.full.csv"),
-                "--device", "cpu", "--num-workers", workers, "--backend", "torch", "--no-progress"]
+        argv = [
+            "--csv",
+            str(gallery / "recall.csv"),
+            "--image-dir",
+            str(gallery / "images"),
+            "--checkpoint",
+            str(gallery / "align.pth"),
+            "--bert-dir",
+            str(bert_dir),
+            "--output",
+            str(out),
+            "--full-output",
+            str(tmp_path / f"{name}.full.csv"),
+            "--device",
+            "cpu",
+            "--num-workers",
+            workers,
+            "--backend",
+            "torch",
+            "--no-progress",
+        ]
         assert recall_infer.main(argv) == 0
         outs[name] = (out.read_bytes(), (tmp_path / f"{name}.full.csv").read_bytes())
     assert outs["w1"] == outs["w0"]
@@ -282,16 +325,14 @@ def test_lanes_give_the_vectors_of_one_caller(model, gallery, tmp_path, lanes_en
     paths = _paths(gallery) + [tmp_path / "missing.jpg"] + _paths(gallery)[:3]
     ref, ok_ref = _classic(lanes_encoder, model, paths, batch_size=3)
     stats = {}
-    got, ok = encode_images(model, paths, batch_size=3, progress=False, image_encoder=lanes_encoder,
-                            stats=stats)
+    got, ok = encode_images(model, paths, batch_size=3, progress=False, image_encoder=lanes_encoder, stats=stats)
     assert stats["lanes"] == 2 and stats["num_workers"] == 0
     assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and ok.tolist().count(False) == 1
     torch_ref, _ = encode_images(model, paths, batch_size=3, progress=False, num_workers=0)
     assert (got - torch_ref).abs().max().item() <= 1e-5
 
 
-def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, tmp_path, monkeypatch,
-                                                                 lanes_encoder):
+def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, tmp_path, monkeypatch, lanes_encoder):
     paths = _paths(gallery)
     ref, _ = _classic(lanes_encoder, model, paths, batch_size=2)
     source = embed.ImagePrefetch(paths, batch_size=2, num_workers=1, depth=5)  # 2 batches ahead
@@ -300,23 +341,25 @@ def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, 
     real = embed.load_image_into
     monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
     _no_new_loader(monkeypatch)
-    got, _ = encode_images(model, paths, batch_size=2, progress=False, image_encoder=lanes_encoder,
-                           prefetch=source)
+    got, _ = encode_images(model, paths, batch_size=2, progress=False, image_encoder=lanes_encoder, prefetch=source)
     assert torch.equal(got, ref)
     assert sorted(decoded_here) == sorted(str(p) for p in paths[4:])  # the lanes decoded the rest only
 
 
 def test_lanes_with_another_models_preprocessing(model, gallery, lanes_encoder):
-    from utils.images import load_clip_image
+    from utils.formats.images import load_clip_image
+
     paths = _paths(gallery)
     ref, _ = _classic(lanes_encoder, model, paths, batch_size=5, image_loader=load_clip_image)
-    got, _ = encode_images(model, paths, batch_size=5, progress=False, image_encoder=lanes_encoder,
-                           image_loader=load_clip_image)
+    got, _ = encode_images(
+        model, paths, batch_size=5, progress=False, image_encoder=lanes_encoder, image_loader=load_clip_image
+    )
     assert torch.equal(got, ref)
 
 
 def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes_encoder):
     import threading
+
     calls = []
 
     def flaky(x, normalize=False):
@@ -324,6 +367,7 @@ def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes
         if len(calls) == 2:
             raise RuntimeError("engine broke")
         return lanes_encoder(x, normalize)
+
     flaky.lanes = 2
     with pytest.raises(RuntimeError, match="engine broke"):
         encode_images(model, _paths(gallery), batch_size=2, progress=False, image_encoder=flaky)
@@ -339,6 +383,7 @@ def test_lanes_decode_everything_when_nothing_was_decoded_ahead(model, gallery, 
     decoded_here = []
     real = embed.load_image_into
     monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
-    got, _ = encode_images(model, paths, batch_size=3, num_workers=0, progress=False,
-                           image_encoder=lanes_encoder, prefetch=source)
+    got, _ = encode_images(
+        model, paths, batch_size=3, num_workers=0, progress=False, image_encoder=lanes_encoder, prefetch=source
+    )
     assert torch.equal(got, ref) and sorted(decoded_here) == sorted(map(str, paths))

@@ -1,15 +1,16 @@
 """Reference preprocessing (SPEC section 3) checked against Pillow + OpenCV called directly."""
+
 import logging
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from fixtures import solid_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fixtures import solid_image
-from utils.images import ZERO_TENSOR, ImageDataset, load_image
+from utils.formats.images import ZERO_TENSOR, ImageDataset, load_image
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -28,15 +29,22 @@ def generated(tmp_path_factory):
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (333, 517, 3), dtype=np.uint8))
     files = {}
-    noise.save(d / "photo.jpg", quality=90); files["jpeg"] = d / "photo.jpg"
+    noise.save(d / "photo.jpg", quality=90)
+    files["jpeg"] = d / "photo.jpg"
     rgba = Image.fromarray(rng.integers(0, 256, (150, 90, 4), dtype=np.uint8), "RGBA")
-    rgba.save(d / "alpha.png"); files["png_alpha"] = d / "alpha.png"
-    noise.convert("L").save(d / "grey.png"); files["grey"] = d / "grey.png"
-    noise.convert("P").save(d / "palette.gif"); files["palette"] = d / "palette.gif"
-    solid_image((10, 200, 30), size=(2000, 40)).save(d / "noext", format="JPEG"); files["no_extension"] = d / "noext"
+    rgba.save(d / "alpha.png")
+    files["png_alpha"] = d / "alpha.png"
+    noise.convert("L").save(d / "grey.png")
+    files["grey"] = d / "grey.png"
+    noise.convert("P").save(d / "palette.gif")
+    files["palette"] = d / "palette.gif"
+    solid_image((10, 200, 30), size=(2000, 40)).save(d / "noext", format="JPEG")
+    files["no_extension"] = d / "noext"
     data = (d / "photo.jpg").read_bytes()
-    (d / "truncated.jpg").write_bytes(data[: len(data) // 2]); files["truncated"] = d / "truncated.jpg"
-    (d / "page.jpg").write_bytes(b"<html>not an image</html>"); files["html"] = d / "page.jpg"
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    files["truncated"] = d / "truncated.jpg"
+    (d / "page.jpg").write_bytes(b"<html>not an image</html>")
+    files["html"] = d / "page.jpg"
     return files
 
 
@@ -151,16 +159,36 @@ def jpeg_kinds(tmp_path_factory):
 
 
 def _reference_or_none(path):
-    from utils.images import reference_rgb, to_tensor
+    from utils.formats.images import reference_rgb, to_tensor
+
     try:
         return to_tensor(reference_rgb(path))
     except Exception:  # noqa: BLE001  (the reference's own failure: a zero image)
         return None
 
 
-@pytest.mark.parametrize("kind", ["444", "422", "420", "progressive", "optimized", "odd_size", "one_pixel",
-                                  "tall", "grey", "cmyk", "exif_rotated", "icc", "trailing_bytes",
-                                  "truncated", "cut_with_end_marker", "corrupt", "png_named_jpg"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "444",
+        "422",
+        "420",
+        "progressive",
+        "optimized",
+        "odd_size",
+        "one_pixel",
+        "tall",
+        "grey",
+        "cmyk",
+        "exif_rotated",
+        "icc",
+        "trailing_bytes",
+        "truncated",
+        "cut_with_end_marker",
+        "corrupt",
+        "png_named_jpg",
+    ],
+)
 def test_fast_decoder_gives_pillow_bits(jpeg_kinds, kind):
     want = _reference_or_none(jpeg_kinds[kind])
     x, ok = load_image(jpeg_kinds[kind])
@@ -175,7 +203,8 @@ def test_fast_decoder_gives_pillow_bits(jpeg_kinds, kind):
 def test_fast_decoder_is_used_and_falls_back(jpeg_kinds, monkeypatch):
     """The photos go through libjpeg-turbo; without simplejpeg everything is Pillow's,
     with the same bits."""
-    import utils.images as images
+    import utils.formats.images as images
+
     if images.simplejpeg is None:
         pytest.skip("simplejpeg is not installed: Pillow decodes everything")
     calls = []
@@ -190,7 +219,8 @@ def test_fast_decoder_is_used_and_falls_back(jpeg_kinds, monkeypatch):
 
 def test_scratch_buffer_is_not_shared_with_callers(jpeg_kinds):
     """decode_rgb without scratch returns an array the next decode leaves alone."""
-    from utils.images import decode_rgb
+    from utils.formats.images import decode_rgb
+
     a = decode_rgb(jpeg_kinds["420"])
     keep = a.copy()
     decode_rgb(jpeg_kinds["444"], scratch=True)

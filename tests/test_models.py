@@ -1,21 +1,31 @@
 """Foundation: model layout against SPEC, strict checkpoint loading, ranker formula."""
+
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fixtures import TINY_ARCH, tiny_align, tiny_ranker
+
 from models.align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
-from utils.embed import tokenize
-from models.checkpoint import (CheckpointError, align_state_from, load_align_model, load_ranker,
-                               read_checkpoint, save_align_checkpoint, save_ranker_checkpoint)
-from utils.hashing import state_dict_hash
+from models.checkpoint import (
+    CheckpointError,
+    align_state_from,
+    load_align_model,
+    load_ranker,
+    read_checkpoint,
+    save_align_checkpoint,
+    save_ranker_checkpoint,
+)
+from models.engine.encode import tokenize
 from models.ranker import SiameseRanker
+from utils.hashing import state_dict_hash
 
 RANKER_HEAD_SHAPES = {
-    "linear1.weight": (512, 1024), "linear3.weight": (512, 1536),
-    "linear4.weight": (256, 512), "linear2.weight": (1, 256),
+    "linear1.weight": (512, 1024),
+    "linear3.weight": (512, 1536),
+    "linear4.weight": (256, 512),
+    "linear2.weight": (1, 256),
     "attention_layer.local_att.fc1.fc.0.weight": (64, 2048),
     "attention_layer.local_att.fc1.fc.1.bn.weight": (64,),
     "attention_layer.local_att.fc1.fc.1.bn.running_var": (64,),
@@ -37,7 +47,7 @@ def test_full_size_recall_model_matches_spec(full_ranker):
     prefixes = {k.split(".")[0] for k in sd}
     assert prefixes == {"logit_scale", "image_model", "text_model", "image_hidden_layer", "text_hidden_layer"}
     assert sd["logit_scale"].shape == () and sd["logit_scale"].item() == 1.0
-    assert sd["image_model._conv_stem.weight"].shape == (40, 3, 3, 3)      # B3 stem
+    assert sd["image_model._conv_stem.weight"].shape == (40, 3, 3, 3)  # B3 stem
     assert sd["image_model._fc.weight"].shape == (512, 1536)
     assert sd["image_hidden_layer.weight"].shape == (512, 512)
     assert sd["text_hidden_layer.weight"].shape == (512, 768)
@@ -148,6 +158,7 @@ def test_code_in_checkpoint_is_refused(tmp_path, bert_dir):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": Evil()}}, path)
     with pytest.raises(CheckpointError, match="weights-only"):
@@ -213,12 +224,12 @@ def test_ranker_score_matches_spec_formula(bert_dir):
         v_all = F.normalize(model.align_model.image_hidden_layer(model.align_model.image_model(images)), dim=1)
         for i in range(b):
             v = v_all[i]
-            P = model.linear1(torch.cat([poi_img[i], poi_txt[i]], dim=-1))        # 5 x d
+            P = model.linear1(torch.cat([poi_img[i], poi_txt[i]], dim=-1))  # 5 x d
             q = v.expand(5, d)
-            x = lin_a(torch.cat([q, P, q - P, q * P], dim=-1))                     # 5 x 64
+            x = lin_a(torch.cat([q, P, q - P, q * P], dim=-1))  # 5 x 64
             bn_x = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-9) * bn.weight + bn.bias
-            x = torch.sigmoid(bn_x) * x                                            # Dice, alpha = 0
-            w = lin_c(lin_b(x))                                                    # 5 x 1, no softmax
+            x = torch.sigmoid(bn_x) * x  # Dice, alpha = 0
+            w = lin_c(lin_b(x))  # 5 x 1, no softmax
             w = w * (torch.arange(5) < poi_len[i]).float()[:, None]
             pooled = (w * P).sum(0)
             h = torch.cat([v, pois_feature[i], pooled])
@@ -265,14 +276,24 @@ def test_tokenizer_lower_cases_like_the_authors(bert_dir):
 # ---------------------------------------------------------------------------
 # known checkpoint wrappers (issue 14, item 9): recognised with a notice, strict otherwise
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("wrap,note", [
-    (lambda sd: {"module." + k: v for k, v in sd.items()}, "every key under 'module.' (DataParallel/DDP)"),
-    (lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}}, "'module.'"),
-    (lambda sd: {"model": sd, "epoch": 3}, '{"model": ...}'),
-    (lambda sd: {"state_dict": sd, "epoch": 3, "optimizer": {"lr": 0.1}}, '{"state_dict": ...} with epoch'),
-    (lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 2, "global_step": 7,
-                 "pytorch-lightning_version": "2.4.0"}, "every key under 'model.' (Lightning)"),
-])
+@pytest.mark.parametrize(
+    "wrap,note",
+    [
+        (lambda sd: {"module." + k: v for k, v in sd.items()}, "every key under 'module.' (DataParallel/DDP)"),
+        (lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}}, "'module.'"),
+        (lambda sd: {"model": sd, "epoch": 3}, '{"model": ...}'),
+        (lambda sd: {"state_dict": sd, "epoch": 3, "optimizer": {"lr": 0.1}}, '{"state_dict": ...} with epoch'),
+        (
+            lambda sd: {
+                "state_dict": {"model." + k: v for k, v in sd.items()},
+                "epoch": 2,
+                "global_step": 7,
+                "pytorch-lightning_version": "2.4.0",
+            },
+            "every key under 'model.' (Lightning)",
+        ),
+    ],
+)
 def test_known_wrappers_load_with_a_notice(tmp_path, bert_dir, caplog, wrap, note):
     model = tiny_align(bert_dir, seed=6)
     path = tmp_path / "wrapped.pth"
@@ -317,8 +338,12 @@ def test_loaded_model_is_built_without_wasted_init_and_equals_the_file(tmp_path,
         assert torch.equal(a, b), k
     assert all(p.requires_grad for p in loaded.parameters())  # trainable after loading, as before
     # a half-precision file still gives the float32 model, as copying into it did
-    torch.save({"state_dict": {k: (v.half() if v.is_floating_point() else v)
-                               for k, v in model.state_dict().items()}, "arch": model.arch.to_dict()},
-               tmp_path / "half.pth")
+    torch.save(
+        {
+            "state_dict": {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()},
+            "arch": model.arch.to_dict(),
+        },
+        tmp_path / "half.pth",
+    )
     half = load_align_model(tmp_path / "half.pth", bert_dir)
     assert {p.dtype for p in half.parameters()} == {torch.float32}

@@ -1,6 +1,7 @@
 """ONNX Runtime image backend (utils/onnx_backend.py): same vectors as torch for any
 batch size, the export cached per weights, and recall_infer.py --backend onnx giving the
 same top-k as torch on a generated gallery. Skipped when onnxruntime is not installed."""
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,14 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-import recall_infer  # noqa: E402
 from fixtures import COLORS, solid_image, tiny_align, write_image  # noqa: E402
+
+import recall_infer  # noqa: E402
 from models.checkpoint import save_align_checkpoint  # noqa: E402
+from models.engine import onnx as onnx_backend  # noqa: E402
+from models.engine.encode import encode_images  # noqa: E402
+from models.engine.onnx import OnnxBackendError, OnnxImageEncoder, image_encoder_for  # noqa: E402
 from utils.hashing import model_hash
-from utils import onnx_backend  # noqa: E402
-from utils.embed import encode_images  # noqa: E402
-from utils.onnx_backend import OnnxBackendError, OnnxImageEncoder, image_encoder_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ def _count_exports(monkeypatch) -> list:
     def spy(*a, **kw):
         calls.append(a)
         return real(*a, **kw)
+
     monkeypatch.setattr(onnx_backend, "export_image_graph", spy)
     return calls
 
@@ -107,8 +110,7 @@ def test_wrong_export_is_redone_or_refused_and_torch_used(model, caplog, tmp_pat
     assert redone.exported and len(exports) == count + 1
     assert redone.max_abs_diff <= 1e-5 and "differ from torch" in caplog.text
     # an export that does not match torch is refused ...
-    monkeypatch.setattr(onnx_backend, "export_image_graph",
-                        lambda m, path, size: shutil.copy(theirs.path, path))
+    monkeypatch.setattr(onnx_backend, "export_image_graph", lambda m, path, size: shutil.copy(theirs.path, path))
     mine.path.unlink()
     with pytest.raises(OnnxBackendError, match="differ from torch"):
         OnnxImageEncoder(model, cache_dir=d)
@@ -124,12 +126,14 @@ def test_wrong_export_is_redone_or_refused_and_torch_used(model, caplog, tmp_pat
 
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch, model):
     import builtins
+
     real = builtins.__import__
 
     def fake(name, *a, **kw):
         if name == "onnxruntime":
             raise ImportError("No module named 'onnxruntime'")
         return real(name, *a, **kw)
+
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(OnnxBackendError, match="pip install onnxruntime onnx"):
         image_encoder_for(model, "onnx", "cpu")
@@ -141,8 +145,7 @@ def _gallery(tmp_path):
     for i, color in enumerate(names[:6]):
         poi = str(200 + i)
         for r, shape in enumerate((None, "圆", "方"), 1):
-            write_image(solid_image(COLORS[color], (80 + 7 * r, 60), shape, seed=i * 3 + r),
-                        img_dir / f"{poi}_{r}.jpg")
+            write_image(solid_image(COLORS[color], (80 + 7 * r, 60), shape, seed=i * 3 + r), img_dir / f"{poi}_{r}.jpg")
             rows.append([poi, f"{color}色{shape or '山'}", f"http://x.invalid/{poi}_{r}", r, 0, 0, 0])
     csv_path = tmp_path / "recall.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -160,14 +163,33 @@ def test_recall_infer_backend_onnx_matches_torch(model, bert_dir, tmp_path, monk
     csv_path, img_dir = _gallery(tmp_path)
     ckpt = tmp_path / "align.pth"
     save_align_checkpoint(model, ckpt)
-    common = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
-              "--bert-dir", str(bert_dir), "--device", "cpu", "--topk", "5",
-              "--num-workers", "0", "--no-progress"]
+    common = [
+        "--csv",
+        str(csv_path),
+        "--image-dir",
+        str(img_dir),
+        "--checkpoint",
+        str(ckpt),
+        "--bert-dir",
+        str(bert_dir),
+        "--device",
+        "cpu",
+        "--topk",
+        "5",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
     out = {}
     for backend in ("torch", "onnx"):
         o = tmp_path / f"{backend}.csv"
-        assert recall_infer.main(common + ["--output", str(o), "--full-output", str(tmp_path / f"{backend}_full.csv"),
-                                           "--backend", backend]) == 0
+        assert (
+            recall_infer.main(
+                common
+                + ["--output", str(o), "--full-output", str(tmp_path / f"{backend}_full.csv"), "--backend", backend]
+            )
+            == 0
+        )
         out[backend] = o
     t, o = _read_topk(out["torch"]), _read_topk(out["onnx"])
     assert len(t) == len(o) == 6 * 5
@@ -178,8 +200,12 @@ def test_recall_infer_backend_onnx_matches_torch(model, bert_dir, tmp_path, monk
     assert len(list((tmp_path / "onnx_env").glob("image_*.onnx"))) == 1  # export went to the env dir
     # with --cache-dir the export lives under it, and the two backends share the vectors
     cache = tmp_path / "cache"
-    assert recall_infer.main(common + ["--output", str(tmp_path / "c1.csv"), "--cache-dir", str(cache),
-                                       "--backend", "onnx"]) == 0
+    assert (
+        recall_infer.main(
+            common + ["--output", str(tmp_path / "c1.csv"), "--cache-dir", str(cache), "--backend", "onnx"]
+        )
+        == 0
+    )
     assert len(list((cache / "onnx").glob("image_*.onnx"))) == 1
     assert recall_infer.main(common + ["--output", str(tmp_path / "c2.csv"), "--cache-dir", str(cache)]) == 0
     meta2 = json.loads((tmp_path / "c2.csv.meta.json").read_text(encoding="utf-8"))
@@ -192,8 +218,9 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
     _, img_dir = _gallery(tmp_path)
     paths = sorted(img_dir.glob("*.jpg")) + [tmp_path / "missing.jpg"]
     ref, ok_ref = encode_images(model, paths, batch_size=4, num_workers=0, progress=False)
-    got, ok = encode_images(model, paths, batch_size=4, num_workers=0, progress=False,
-                            image_encoder=image_encoder_for(model, "onnx"))
+    got, ok = encode_images(
+        model, paths, batch_size=4, num_workers=0, progress=False, image_encoder=image_encoder_for(model, "onnx")
+    )
     assert torch.equal(ok, ok_ref) and ok.tolist() == [True] * 18 + [False]
     assert (got - ref).abs().max().item() <= 1e-5
     assert len(list((tmp_path / "onnx_env").glob("image_*.onnx"))) == 1
@@ -204,7 +231,8 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
 def test_onnx_encoder_serves_one_lane_per_core(model, tmp_path):
     """The measured split (bench/bench_recall.py --split; utils.embed): one lane per core,
     each call on one engine thread; lanes=1 gives the one caller every core."""
-    from utils.embed import cpu_cores, default_lanes
+    from models.engine.encode import cpu_cores, default_lanes
+
     n = cpu_cores()
     enc = OnnxImageEncoder(model, cache_dir=tmp_path)
     assert enc.lanes == default_lanes() and enc.opts.intra_op_num_threads == max(1, n // enc.lanes)

@@ -9,16 +9,15 @@ import numpy as np
 import numpy.lib.format as npformat
 import pytest
 import torch
-
 from fixtures import calibrate_image_bn, solid_image, tiny_align, write_image
 
 import build_poi_tables
 import poi_tables
 from models.align import load_tokenizer
-from utils.embed import tokenize
 from models.checkpoint import save_align_checkpoint
-from utils.images import load_image
-from utils.poi import (PoiTableError, load_poi_table, restricted_load_npy, save_safe_table)
+from models.engine.encode import tokenize
+from utils.formats.images import load_image
+from utils.formats.poi import PoiTableError, load_poi_table, restricted_load_npy, save_safe_table
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 
@@ -58,8 +57,16 @@ def test_restricted_loader_reads_dict_of_arrays(tmp_path):
 
 
 def test_restricted_loader_reads_dict_of_lists_scalars_and_strings(tmp_path):
-    d = {"梦幻谷": [81, 0, 8], "苗寨": [16, 0, 0], "a": [1.5, 2, 3], "s": np.float32(2.5),
-         "i": np.int64(7), "t": "text", "nested": {"x": (1, 2)}, "f64": np.arange(3, dtype=np.float64)}
+    d = {
+        "梦幻谷": [81, 0, 8],
+        "苗寨": [16, 0, 0],
+        "a": [1.5, 2, 3],
+        "s": np.float32(2.5),
+        "i": np.int64(7),
+        "t": "text",
+        "nested": {"x": (1, 2)},
+        "f64": np.arange(3, dtype=np.float64),
+    }
     got = load_poi_table(_save_dict(tmp_path / "pic.npy", d))
     assert got["梦幻谷"] == [81, 0, 8] and got["a"] == [1.5, 2, 3]
     assert got["s"] == np.float32(2.5) and got["s"].dtype == np.float32
@@ -103,8 +110,7 @@ def test_raw_pickle_bytes_with_forbidden_globals_are_refused(tmp_path):
     marker = tmp_path / "pwned2"
     arr_header = npformat.header_data_from_array_1_0(np.empty((), dtype=object))
     payloads = {
-        "builtins.eval": b"cbuiltins\neval\n(V__import__('os').system('touch " + str(marker).encode()
-                         + b"')\ntR.",
+        "builtins.eval": b"cbuiltins\neval\n(V__import__('os').system('touch " + str(marker).encode() + b"')\ntR.",
         "subprocess.call": b"csubprocess\ncall\n((Vtouch\nV" + str(marker).encode() + b"\nltR.",
         "numpy.load": b"cnumpy\nload\n(Vx\ntR.",
     }
@@ -212,15 +218,23 @@ def test_real_pic_num_table(seed_data, tmp_path):
 # ---------------------------------------------------------------------------
 def test_build_poi_tables(tmp_path, bert_dir):
     colors = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 20), (10, 10, 10)]
-    model = calibrate_image_bn(tiny_align(bert_dir, seed=3),
-                               [solid_image(c, shape=sh) for c in colors for sh in ("圆", None)])
+    model = calibrate_image_bn(
+        tiny_align(bert_dir, seed=3), [solid_image(c, shape=sh) for c in colors for sh in ("圆", None)]
+    )
     ckpt = tmp_path / "align.pth"
     save_align_checkpoint(model, ckpt)
     img_dir = tmp_path / "imgs"
     # poi 1 (西湖): 3 images; poi 2 (古镇): 2 images, one missing; poi 3 shares the name 西湖;
     # poi 4 (山): only an unreadable file
-    rows = [("1", "西湖", 1), ("1", "西湖", 2), ("1", "西湖", 3), ("2", " 古镇", 1), ("2", " 古镇", 2),
-            ("3", "西湖", 1), ("4", "山", 1)]
+    rows = [
+        ("1", "西湖", 1),
+        ("1", "西湖", 2),
+        ("1", "西湖", 3),
+        ("2", " 古镇", 1),
+        ("2", " 古镇", 2),
+        ("3", "西湖", 1),
+        ("4", "山", 1),
+    ]
     lines = []
     for k, (pid, name, rank) in enumerate(rows):
         lines.append(f"{pid},{name},http://example.invalid/{pid}_{rank}.jpg,{rank},96,64,")
@@ -234,18 +248,33 @@ def test_build_poi_tables(tmp_path, bert_dir):
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def run(extra, suffix):
-        args = ["--csv", str(csv_path), "--image-dir", str(img_dir), "--checkpoint", str(ckpt),
-                "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / f"img{suffix}.npz"),
-                "--out-name-vectors", str(tmp_path / f"name{suffix}.npz"), "--device", "cpu",
-                "--num-workers", "0", "--no-progress"] + extra
+        args = [
+            "--csv",
+            str(csv_path),
+            "--image-dir",
+            str(img_dir),
+            "--checkpoint",
+            str(ckpt),
+            "--bert-dir",
+            str(bert_dir),
+            "--out-image-vectors",
+            str(tmp_path / f"img{suffix}.npz"),
+            "--out-name-vectors",
+            str(tmp_path / f"name{suffix}.npz"),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ] + extra
         assert build_poi_tables.main(args) == 0
-        return (load_poi_table(tmp_path / f"img{suffix}.npz"),
-                load_poi_table(tmp_path / f"name{suffix}.npz"))
+        return (load_poi_table(tmp_path / f"img{suffix}.npz"), load_poi_table(tmp_path / f"name{suffix}.npz"))
 
     img_t, name_t = run(["--also-npy"], "")
     plain_t, _ = run(["--no-normalize-mean"], "_plain")
 
     with torch.no_grad():
+
         def img_vec(path):
             x, ok = load_image(path)
             assert ok
@@ -272,9 +301,22 @@ def test_build_poi_tables(tmp_path, bert_dir):
 
 
 def test_build_poi_tables_rejects_unsafe_output_name(tmp_path, bert_dir, capsys):
-    args = ["--csv", str(tmp_path / "x.csv"), "--image-dir", str(tmp_path), "--checkpoint", "x",
-            "--bert-dir", str(bert_dir), "--out-image-vectors", str(tmp_path / "a.npy"),
-            "--out-name-vectors", str(tmp_path / "b.npz"), "--device", "cpu"]
+    args = [
+        "--csv",
+        str(tmp_path / "x.csv"),
+        "--image-dir",
+        str(tmp_path),
+        "--checkpoint",
+        "x",
+        "--bert-dir",
+        str(bert_dir),
+        "--out-image-vectors",
+        str(tmp_path / "a.npy"),
+        "--out-name-vectors",
+        str(tmp_path / "b.npz"),
+        "--device",
+        "cpu",
+    ]
     assert build_poi_tables.main(args) == 2
     assert "must end in .npz" in capsys.readouterr().err
 
@@ -287,13 +329,13 @@ def test_mean_vectors_normalised_and_plain():
     plain, _ = build_poi_tables.mean_vectors(groups, v, ok, normalize=False)
     assert empty == ["b"] and set(norm) == {"a"}  # unreadable images are left out, not zeros
     np.testing.assert_allclose(plain["a"], [0.5, 0.5, 0])
-    np.testing.assert_allclose(norm["a"], [2 ** -0.5, 2 ** -0.5, 0], rtol=1e-6)
+    np.testing.assert_allclose(norm["a"], [2**-0.5, 2**-0.5, 0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
 # value types, tensors, bounds, shapes (issue 14: items 3, 4, 8)
 # ---------------------------------------------------------------------------
-from utils.poi import LIMITS, load_poi_tables  # noqa: E402
+from utils.formats.poi import LIMITS, load_poi_tables  # noqa: E402
 
 
 def _npy_with_payload(path, payload: bytes):
@@ -303,8 +345,9 @@ def _npy_with_payload(path, payload: bytes):
     return path
 
 
-@pytest.mark.parametrize("kind", ["float32", "float64", "list", "numpy_scalars", "torch", "torch64",
-                                  "torch_bf16", "row_matrix"])
+@pytest.mark.parametrize(
+    "kind", ["float32", "float64", "list", "numpy_scalars", "torch", "torch64", "torch_bf16", "row_matrix"]
+)
 def test_vector_tables_of_every_value_type(tmp_path, kind):
     rng = np.random.default_rng(3)
     ref = {n: rng.normal(size=6) for n in ("西湖", " 灵隐寺", "古镇 ")}
@@ -316,7 +359,7 @@ def test_vector_tables_of_every_value_type(tmp_path, kind):
         "torch": lambda v: torch.tensor(v, dtype=torch.float32),
         "torch64": lambda v: torch.tensor(v, dtype=torch.float64),
         "torch_bf16": lambda v: torch.tensor(v, dtype=torch.bfloat16),
-        "row_matrix": lambda v: v.astype(np.float32)[None],      # 1 x D
+        "row_matrix": lambda v: v.astype(np.float32)[None],  # 1 x D
     }[kind]
     path = _save_dict(tmp_path / "vec.npy", {k: conv(v) for k, v in ref.items()})
     pic = _save_dict(tmp_path / "pic.npy", {"西湖": [np.int64(3), 1, 0], " 灵隐寺": (0, 0, 2.0)})
@@ -351,8 +394,11 @@ def test_torch_globals_other_than_tensor_rebuilding_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     # a storage payload that is itself a malicious pickle: torch's weights_only loader refuses it
     evil_storage = pickle.dumps(_Boom(f"touch {shlex.quote(str(marker))}"), protocol=2)
-    payload = (b"\x80\x02ctorch.storage\n_load_from_bytes\nq\x00C" + bytes([len(evil_storage)])
-               + evil_storage + b"\x85R.") if len(evil_storage) < 256 else None
+    payload = (
+        (b"\x80\x02ctorch.storage\n_load_from_bytes\nq\x00C" + bytes([len(evil_storage)]) + evil_storage + b"\x85R.")
+        if len(evil_storage) < 256
+        else None
+    )
     assert payload is not None
     with pytest.raises(PoiTableError, match="evil_storage.npy"):
         load_poi_table(_npy_with_payload(tmp_path / "evil_storage.npy", payload))
@@ -378,7 +424,7 @@ def test_hostile_small_pickles_fail_fast(tmp_path, case):
     if case == "deep":
         obj = {"x": _nested_shared(9, 10)}
         want = "nested more than"
-    elif case == "wide":   # within the depth limit, 2.5e8 elements once expanded
+    elif case == "wide":  # within the depth limit, 2.5e8 elements once expanded
         level2 = _nested_shared(1, 500)
         obj = {f"k{i}": level2 for i in range(1000)}
         want = "expands to more than"
@@ -394,9 +440,11 @@ def test_hostile_small_pickles_fail_fast(tmp_path, case):
     path = _save_dict(tmp_path / f"{case}.npy", obj)
     if case != "shared_array":
         assert path.stat().st_size < 20_000
-    for call in (lambda: load_poi_table(path),
-                 lambda: load_poi_tables(path, None, None, dim=4),
-                 lambda: load_poi_table(path, trust_pickle=True)):
+    for call in (
+        lambda: load_poi_table(path),
+        lambda: load_poi_tables(path, None, None, dim=4),
+        lambda: load_poi_table(path, trust_pickle=True),
+    ):
         t0 = time.perf_counter()
         with pytest.raises(PoiTableError, match=want) as e:
             call()
@@ -408,22 +456,26 @@ def test_hostile_small_pickles_fail_fast(tmp_path, case):
 
 
 def test_entry_limit(tmp_path):
-    from utils.poi import Limits
+    from utils.formats.poi import Limits
+
     path = _save_dict(tmp_path / "many.npy", {f"p{i}": [1, 2, 3] for i in range(50)})
     with pytest.raises(PoiTableError, match="50 entries"):
         load_poi_table(path, limits=Limits(entries=10))
 
 
-@pytest.mark.parametrize("table,dim,want", [
-    ({"a": [1.0, float("nan")], "b": [0.0, 1.0]}, 2, "'a' holds NaN or infinite"),
-    ({"a": [1.0, 2.0], "b": [float("inf"), 1.0]}, 2, "'b' holds NaN or infinite"),
-    ({"a": [1.0, 2.0], "b": [1.0, 2.0, 3.0]}, 3, "'a' has 2 values but 'b' has 3"),
-    ({"a": [1.0, 2.0]}, 3, "vectors have 2 values, the model's embedding has 3"),
-    ({"a": "text"}, 4, "not numeric"),
-    ({"a": [[1.0, 2.0], [3.0]]}, 2, "not a vector"),
-    ({"a": {"x": 1}}, 2, "not numeric"),
-    ({"a": np.full(2, 3e39)}, 2, "overflows float32"),
-])
+@pytest.mark.parametrize(
+    "table,dim,want",
+    [
+        ({"a": [1.0, float("nan")], "b": [0.0, 1.0]}, 2, "'a' holds NaN or infinite"),
+        ({"a": [1.0, 2.0], "b": [float("inf"), 1.0]}, 2, "'b' holds NaN or infinite"),
+        ({"a": [1.0, 2.0], "b": [1.0, 2.0, 3.0]}, 3, "'a' has 2 values but 'b' has 3"),
+        ({"a": [1.0, 2.0]}, 3, "vectors have 2 values, the model's embedding has 3"),
+        ({"a": "text"}, 4, "not numeric"),
+        ({"a": [[1.0, 2.0], [3.0]]}, 2, "not a vector"),
+        ({"a": {"x": 1}}, 2, "not numeric"),
+        ({"a": np.full(2, 3e39)}, 2, "overflows float32"),
+    ],
+)
 def test_vector_table_shape_checks(tmp_path, table, dim, want):
     path = _save_dict(tmp_path / "vec.npy", table)
     with pytest.raises(PoiTableError, match=want) as e:
@@ -431,11 +483,14 @@ def test_vector_table_shape_checks(tmp_path, table, dim, want):
     assert str(e.value).startswith("--poi-image-vectors: ") and str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("value,want", [
-    ([1, 2, 3, 4], "4 values, expected up to 3"),
-    ([1, float("nan"), 0], "not up to 3 finite counts"),
-    (["a", "b", "c"], "not up to 3 finite counts"),
-])
+@pytest.mark.parametrize(
+    "value,want",
+    [
+        ([1, 2, 3, 4], "4 values, expected up to 3"),
+        ([1, float("nan"), 0], "not up to 3 finite counts"),
+        (["a", "b", "c"], "not up to 3 finite counts"),
+    ],
+)
 def test_pic_num_shape_checks(tmp_path, value, want):
     path = _save_dict(tmp_path / "pic.npy", {"ok": [1, 2, 3], "bad": value})
     with pytest.raises(PoiTableError, match=want) as e:
@@ -449,7 +504,11 @@ def test_nan_safe_table_and_convert_refuse(tmp_path, capsys):
     assert "holds NaN" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
     # a .npz written by another tool with NaN rows is refused too
-    np.savez(tmp_path / "nan.npz", names=np.array(["a"]), values=np.array([[np.nan, 1.0]], dtype=np.float32),
-             kind=np.array("vectors"))
+    np.savez(
+        tmp_path / "nan.npz",
+        names=np.array(["a"]),
+        values=np.array([[np.nan, 1.0]], dtype=np.float32),
+        kind=np.array("vectors"),
+    )
     with pytest.raises(PoiTableError, match="holds NaN"):
         load_poi_tables(None, tmp_path / "nan.npz", None, dim=2)

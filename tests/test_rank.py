@@ -1,23 +1,23 @@
 """Ranking stage: item inputs (SPEC section 5), pairwise metrics, rank_eval.py end to end."""
+
 import csv
-import os
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
-
 from fixtures import calibrate_image_bn, solid_image, tiny_align, tiny_ranker, write_image
+from sklearn.metrics import log_loss, roc_auc_score
 
 import rank_eval
 from models.align import load_tokenizer
-from utils.embed import tokenize
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
-from utils.data import RECORD_SEP, iter_rank_csv
-from utils.images import ZERO_TENSOR, load_image
-from utils.poi import build_item_inputs, poi_sequence, save_safe_table
-from utils.metrics import pairwise_metrics
+from models.engine.encode import tokenize
+from utils.evaluation.metrics import pairwise_metrics
+from utils.formats.images import ZERO_TENSOR, load_image
+from utils.formats.poi import build_item_inputs, poi_sequence, save_safe_table
+from utils.formats.rows import RECORD_SEP, iter_rank_csv
 
 DIM = 4
 
@@ -68,14 +68,17 @@ def test_unknown_pois_get_zero_vectors_but_count():
     assert inp.poi_img.dtype == np.float32 and inp.poi_img.shape == (5, DIM)
 
 
-@pytest.mark.parametrize("poi_names,seq,text", [
-    ("", [], "the title"),
-    ("   ", [], "the title"),          # strip() empty: title is the text (< 1 rule)
-    ("a", [], "a"),                    # one character: no sequence (<= 1 rule), but its own text
-    (" a ", [], " a "),
-    ("ab", ["ab"], "ab"),
-    (",", [], ","),
-])
+@pytest.mark.parametrize(
+    "poi_names,seq,text",
+    [
+        ("", [], "the title"),
+        ("   ", [], "the title"),  # strip() empty: title is the text (< 1 rule)
+        ("a", [], "a"),  # one character: no sequence (<= 1 rule), but its own text
+        (" a ", [], " a "),
+        ("ab", ["ab"], "ab"),
+        (",", [], ","),
+    ],
+)
 def test_blank_and_one_character_poi_names(poi_names, seq, text):
     inp = build_item_inputs("the title", poi_names, {}, {}, {}, DIM)
     assert inp.poi_names == seq and inp.poi_len == len(seq) and inp.pois_text == text
@@ -127,7 +130,8 @@ def test_pairwise_metrics_against_sklearn():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_roc_auc_equals_sklearn_with_many_ties(seed):
-    from utils.metrics import roc_auc
+    from utils.evaluation.metrics import roc_auc
+
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 400))
     y = rng.integers(0, 2, n)
@@ -142,7 +146,7 @@ def test_pairwise_metrics_known_table():
     s_a = [2.0, 0.0, 0.0, 1.0]
     s_b = [0.0, 1.0, 0.5, 0.0]
     m = pairwise_metrics(y, s_a, s_b)
-    assert m["accuracy"] == 0.5                 # pairs 1 and 2 right
+    assert m["accuracy"] == 0.5  # pairs 1 and 2 right
     assert m["auc"] == pytest.approx(roc_auc_score(y, [2, -1, -0.5, 1]))
     assert m["auc"] == 0.75
     assert m["baseline"] == 0.5
@@ -164,10 +168,10 @@ COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 20), (10, 10, 
 ROWS = [
     ("101", 2, 1, "西湖一日游", "灵隐寺,西湖,古镇", "圆", "方"),
     ("102", 1, 2, "北京长城", "", None, "圆"),
-    ("103", 2, 1, "上海乐园", "山,海,塔,乐园,古镇,西湖,灵隐寺", "方", None),   # > 5 POIs
-    ("104", 1, 2, "大小岛", "未知地,西湖", "圆", "missing"),                 # unknown POI; b missing
-    ("105", 1, 2, "古城", "a", None, "broken"),                               # one char; b unreadable
-    ("106", 2, 1, "三角塔", "塔 , 山", "方", "圆"),                            # spaces around commas
+    ("103", 2, 1, "上海乐园", "山,海,塔,乐园,古镇,西湖,灵隐寺", "方", None),  # > 5 POIs
+    ("104", 1, 2, "大小岛", "未知地,西湖", "圆", "missing"),  # unknown POI; b missing
+    ("105", 1, 2, "古城", "a", None, "broken"),  # one char; b unreadable
+    ("106", 2, 1, "三角塔", "塔 , 山", "方", "圆"),  # spaces around commas
 ]
 
 
@@ -175,8 +179,9 @@ ROWS = [
 def setup(tmp_path_factory, bert_dir):
     tmp = tmp_path_factory.mktemp("rank")
     model = tiny_ranker(bert_dir, seed=5)
-    calibrate_image_bn(model.align_model, [solid_image(c, shape=sh, seed=i) for i, c in enumerate(COLORS)
-                                           for sh in ("圆", "方", None)])
+    calibrate_image_bn(
+        model.align_model, [solid_image(c, shape=sh, seed=i) for i, c in enumerate(COLORS) for sh in ("圆", "方", None)]
+    )
     ckpt = tmp / "ranker.ckpt"
     save_ranker_checkpoint(model, ckpt)
     dim = model.align_model.arch.embed_dim
@@ -186,8 +191,8 @@ def setup(tmp_path_factory, bert_dir):
     name_t = {n: rng.normal(size=dim).astype(np.float32) for n in POI_NAMES}
     img_t[" 山"] = rng.normal(size=dim).astype(np.float32)  # only the unstripped name in one table
     paths = {"pic": tmp / "pic.npy", "img": tmp / "img.npz", "name": tmp / "name.npy"}
-    np.save(paths["pic"], pic, allow_pickle=True)        # published pickled-dict format
-    save_safe_table(img_t, paths["img"])                  # safe format
+    np.save(paths["pic"], pic, allow_pickle=True)  # published pickled-dict format
+    save_safe_table(img_t, paths["img"])  # safe format
     np.save(paths["name"], name_t, allow_pickle=True)
 
     img_dir = tmp / "images"
@@ -201,22 +206,71 @@ def setup(tmp_path_factory, bert_dir):
                 (img_dir / f"{item}_{side}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
                 continue
             ext = ".jpg" if side == "a" else ".png"
-            write_image(solid_image(COLORS[(k + (side == "b")) % 6], size=(80 + 9 * k, 60), shape=shape,
-                                    seed=k), img_dir / f"{item}_{side}{ext}")
-        lines.append(RECORD_SEP.join([item, f"http://x/{item}a", f"http://x/{item}b", str(ca), str(cb),
-                                      title, "cate", f"http://o/{item}a", f"http://o/{item}b", pois]))
+            write_image(
+                solid_image(COLORS[(k + (side == "b")) % 6], size=(80 + 9 * k, 60), shape=shape, seed=k),
+                img_dir / f"{item}_{side}{ext}",
+            )
+        lines.append(
+            RECORD_SEP.join(
+                [
+                    item,
+                    f"http://x/{item}a",
+                    f"http://x/{item}b",
+                    str(ca),
+                    str(cb),
+                    title,
+                    "cate",
+                    f"http://o/{item}a",
+                    f"http://o/{item}b",
+                    pois,
+                ]
+            )
+        )
     csv_path = tmp / "val.csv"
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return dict(tmp=tmp, model=model, ckpt=ckpt, pic=pic, img_t=img_t, name_t=name_t, paths=paths,
-                img_dir=img_dir, csv=csv_path, bert_dir=bert_dir)
+    return dict(
+        tmp=tmp,
+        model=model,
+        ckpt=ckpt,
+        pic=pic,
+        img_t=img_t,
+        name_t=name_t,
+        paths=paths,
+        img_dir=img_dir,
+        csv=csv_path,
+        bert_dir=bert_dir,
+    )
 
 
 def _args(s, *extra):
-    return ["--csv", str(s["csv"]), "--image-dir", str(s["img_dir"]), "--checkpoint", str(s["ckpt"]),
-            "--bert-dir", str(s["bert_dir"]), "--poi-pic-num", str(s["paths"]["pic"]),
-            "--poi-image-vectors", str(s["paths"]["img"]), "--poi-name-vectors", str(s["paths"]["name"]),
-            "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3",
-            "--text-batch-size", "2", "--head-batch-size", "4", *extra]
+    return [
+        "--csv",
+        str(s["csv"]),
+        "--image-dir",
+        str(s["img_dir"]),
+        "--checkpoint",
+        str(s["ckpt"]),
+        "--bert-dir",
+        str(s["bert_dir"]),
+        "--poi-pic-num",
+        str(s["paths"]["pic"]),
+        "--poi-image-vectors",
+        str(s["paths"]["img"]),
+        "--poi-name-vectors",
+        str(s["paths"]["name"]),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--batch-size",
+        "3",
+        "--text-batch-size",
+        "2",
+        "--head-batch-size",
+        "4",
+        *extra,
+    ]
 
 
 # hand-made POI sequences (SPEC rules applied by hand) for the direct computation
@@ -224,8 +278,7 @@ def _expected_sequence(pois, pic):
     if len(pois.strip()) <= 1:
         return []
     names = pois.split(",")
-    w = [(-(lambda n: n[0] + 5 * n[1] + 3 * n[2])(pic.get(x.strip(), [0, 0, 0])), i, x)
-         for i, x in enumerate(names)]
+    w = [(-(lambda n: n[0] + 5 * n[1] + 3 * n[2])(pic.get(x.strip(), [0, 0, 0])), i, x) for i, x in enumerate(names)]
     return [x for _, _, x in sorted(w)][:5]
 
 
@@ -287,10 +340,10 @@ def test_rank_eval_end_to_end_matches_direct_computation(setup, capsys):
     for key in ("accuracy", "auc", "log_loss", "baseline"):
         assert m[key] == pytest.approx(ref[key])
     assert m["n"] == m["pairs_scored"] == 6 and m["pairs_in_csv"] == 6
-    assert m["pairs_without_pois"] == 2             # "" and "a"
+    assert m["pairs_without_pois"] == 2  # "" and "a"
     assert m["images_missing"] == 1 and m["images_unreadable"] == 1
     assert m["pairs_with_missing_image"] == 2 and m["pairs_skipped"] == 0
-    assert m["pairs_with_unknown_poi"] == 2         # 104 (未知地), 106 ("塔 ", " 山")
+    assert m["pairs_with_unknown_poi"] == 2  # 104 (未知地), 106 ("塔 ", " 山")
     assert "pairwise accuracy" in printed and f"{m['accuracy']:.4f}" in printed
     assert "pairs with a missing or unreadable image: 2 (scored with the zero image)" in printed
     assert "pairs without POIs: 2" in printed
@@ -314,13 +367,13 @@ def test_rank_eval_skip_missing(setup, capsys):
 
 def test_rank_eval_align_checkpoint_override(setup):
     s = setup
-    other = calibrate_image_bn(tiny_align(s["bert_dir"], seed=11),
-                               [solid_image(c, shape="圆", seed=i) for i, c in enumerate(COLORS)])
+    other = calibrate_image_bn(
+        tiny_align(s["bert_dir"], seed=11), [solid_image(c, shape="圆", seed=i) for i, c in enumerate(COLORS)]
+    )
     apath = s["tmp"] / "other_align.pth"
     save_align_checkpoint(other, apath)
     out = s["tmp"] / "override.csv"
-    assert rank_eval.main(_args(s, "--align-checkpoint", str(apath), "--output", str(out),
-                                "--limit", "2")) == 0
+    assert rank_eval.main(_args(s, "--align-checkpoint", str(apath), "--output", str(out), "--limit", "2")) == 0
     got = _read_output(out)
     model = tiny_ranker(s["bert_dir"], seed=5)
     model.align_model.load_state_dict(other.state_dict())
@@ -357,8 +410,8 @@ def test_rank_eval_bad_inputs(setup, tmp_path, capsys):
 def test_real_val_csv_inputs(seed_data):
     """The published val set through the input rules: 1000 pairs, 451 label-1, 295 without
     POIs, and the real pic-num table (restricted loader) ordering the rest."""
-    from utils.data import iter_rank_csv
-    from utils.poi import load_poi_table
+    from utils.formats.poi import load_poi_table
+    from utils.formats.rows import iter_rank_csv
 
     csv_path = seed_data / "dwd_mml_train_dataset_1007_urls_val_with_poi_tuomin.csv"
     pic_path = seed_data / "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
@@ -381,7 +434,7 @@ def test_rank_eval_encodes_each_image_and_text_once_and_backends_agree(setup, mo
     """Issue 13: one batched encode of the distinct files (one stand-in for all missing
     files), one of the distinct texts, the head through score_many; torch and the default
     engine give the same scores."""
-    from models.factory import RecallModel
+    from models.engine.recall_model import RecallModel
     from models.ranker import SiameseRanker
 
     s = setup
@@ -407,16 +460,20 @@ def test_rank_eval_encodes_each_image_and_text_once_and_backends_agree(setup, mo
     for backend in ("torch", "auto"):
         calls["images"].clear(), calls["texts"].clear()
         out, met = s["tmp"] / f"b_{backend}.csv", s["tmp"] / f"b_{backend}.json"
-        assert rank_eval.main(_args(s, "--backend", backend, "--output", str(out), "--metrics", str(met),
-                                    "--head-batch-size", "1024")) == 0
+        assert (
+            rank_eval.main(
+                _args(s, "--backend", backend, "--output", str(out), "--metrics", str(met), "--head-batch-size", "1024")
+            )
+            == 0
+        )
         (paths,) = calls["images"]
         files = sorted(str(p) for p in s["img_dir"].iterdir())
-        assert paths[:-1] == files and not os.path.exists(paths[-1])   # + one missing stand-in
+        assert paths[:-1] == files and not os.path.exists(paths[-1])  # + one missing stand-in
         (texts,) = calls["texts"]
         assert len(texts) == len(set(texts)) == len({r[4] if r[4].strip() else r[3] for r in ROWS})
         outs[backend] = _read_output(out)
         assert json.loads(met.read_text(encoding="utf-8"))["image_backend"] in ("torch", "onnx")
-    assert calls["head"] == 2   # one score_many call per run (6 pairs x 2 images < 1024)
+    assert calls["head"] == 2  # one score_many call per run (6 pairs x 2 images < 1024)
     for k, (label, a, b, _) in outs["torch"].items():
         assert outs["auto"][k][0] == label
         assert outs["auto"][k][1] == pytest.approx(a, abs=1e-5) and outs["auto"][k][2] == pytest.approx(b, abs=1e-5)

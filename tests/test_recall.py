@@ -1,6 +1,7 @@
 """Recall stage: metric semantics (SPEC 4) on hand-made tables, checked against
 independent computations, both result formats, and recall_infer.py -> recall_eval.py
 end to end on a generated gallery with a tiny model, including the embedding cache."""
+
 from __future__ import annotations
 
 import csv
@@ -12,20 +13,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from fixtures import COLORS, solid_image, tiny_align, write_image
 from sklearn.metrics import top_k_accuracy_score
 
 import recall_eval
 import recall_infer
-from fixtures import COLORS, solid_image, tiny_align, write_image
 from models.align import load_tokenizer
 from models.checkpoint import save_align_checkpoint
-from utils.cache import EmbeddingCache
-from utils.data import poi_of_image
-from utils.embed import encode_images, encode_texts
+from models.engine.cache import EmbeddingCache
+from models.engine.encode import encode_images, encode_texts
+from utils.evaluation.metrics import (
+    evaluate_groups,
+    first_hit_ranks,
+    mean_reciprocal_rank,
+    recall_and_mrr,
+    recall_at_k,
+    stable_topk,
+)
+from utils.formats.images import load_image
+from utils.formats.rows import poi_of_image
 from utils.hashing import model_hash
-from utils.images import load_image
-from utils.metrics import (evaluate_groups, first_hit_ranks, mean_reciprocal_rank,
-                                  recall_and_mrr, recall_at_k, stable_topk)
 
 
 # ---------------------------------------------------------------------------
@@ -93,8 +100,9 @@ def test_matrix_recall_with_ties_against_brute_loop_and_groups():
     got = recall_at_k(torch.from_numpy(scores), qpois, gpois, ks)
     for k in ks:
         assert got[k] == pytest.approx(_brute(scores.tolist(), qpois, gpois, k))
-    groups = {p: [(f"{g}_{j}.jpg", float(s)) for j, (g, s) in enumerate(zip(gpois, row))]
-              for p, row in zip(qpois, scores)}
+    groups = {
+        p: [(f"{g}_{j}.jpg", float(s)) for j, (g, s) in enumerate(zip(gpois, row))] for p, row in zip(qpois, scores)
+    }
     res = evaluate_groups(groups, ks)
     assert res.recall == pytest.approx(got)
     firsts = first_hit_ranks(scores, qpois, gpois)
@@ -169,8 +177,15 @@ def test_bad_results_files_are_named(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 # end to end with a tiny model
 # ---------------------------------------------------------------------------
-NAMES = {"101": "红色圆", "102": "蓝色方", "103": "绿色山", "104": "红色圆", "105": "黄色海",
-         "106": "紫色塔", "107": "白色桥"}
+NAMES = {
+    "101": "红色圆",
+    "102": "蓝色方",
+    "103": "绿色山",
+    "104": "红色圆",
+    "105": "黄色海",
+    "106": "紫色塔",
+    "107": "白色桥",
+}
 COLOR_OF = {"101": "红", "102": "蓝", "103": "绿", "104": "橙", "105": "黄", "106": "紫", "107": "白"}
 
 
@@ -194,8 +209,12 @@ def gallery(tmp_path_factory, bert_dir):
             if (pid, r) == ("105", 4):
                 continue  # missing on disk
             ext = ".png" if r == 2 else ".jpg"
-            write_image(solid_image(COLORS[COLOR_OF[pid]], size=(96 + 8 * r, 64), shape="圆" if r % 2 else "方",
-                                    seed=int(pid) * 10 + r), img / f"{pid}_{r}{ext}")
+            write_image(
+                solid_image(
+                    COLORS[COLOR_OF[pid]], size=(96 + 8 * r, 64), shape="圆" if r % 2 else "方", seed=int(pid) * 10 + r
+                ),
+                img / f"{pid}_{r}{ext}",
+            )
     (img / "103_3.jpg").unlink()
     (img / "103_3.jpg").write_bytes(b"not an image")  # present but unreadable
     (img / "107_9.jpg.part").write_bytes(b"partial download")  # ignored
@@ -207,9 +226,24 @@ def gallery(tmp_path_factory, bert_dir):
 
 
 def _infer(g, bert_dir, out, *extra):
-    argv = ["--csv", str(g["csv"]), "--image-dir", str(g["images"]), "--checkpoint", str(g["ckpt"]),
-            "--bert-dir", str(bert_dir), "--output", str(out), "--batch-size", "8", "--no-progress",
-            "--device", "cpu", *extra]
+    argv = [
+        "--csv",
+        str(g["csv"]),
+        "--image-dir",
+        str(g["images"]),
+        "--checkpoint",
+        str(g["ckpt"]),
+        "--bert-dir",
+        str(bert_dir),
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert recall_infer.main(argv) == 0
     return json.loads(open(f"{out}.meta.json", encoding="utf-8").read())
 
@@ -223,8 +257,19 @@ def test_end_to_end_infer_then_eval(gallery, bert_dir, tmp_path, capsys):
     g = gallery
     out = tmp_path / "top.csv"
     cache = tmp_path / "cache"
-    meta = _infer(g, bert_dir, out, "--topk", "5", "--full-output", str(tmp_path / "full.csv"),
-                  "--cache-dir", str(cache), "--num-workers", "1")
+    meta = _infer(
+        g,
+        bert_dir,
+        out,
+        "--topk",
+        "5",
+        "--full-output",
+        str(tmp_path / "full.csv"),
+        "--cache-dir",
+        str(cache),
+        "--num-workers",
+        "1",
+    )
     n_rows, n_pois = 28, 7
     assert meta["rows"] == n_rows and meta["n_pois"] == n_pois
     assert meta["missing_on_disk"] == 1 and meta["unreadable"] == 1
@@ -232,8 +277,10 @@ def test_end_to_end_infer_then_eval(gallery, bert_dir, tmp_path, capsys):
     assert meta["images_encoded"] == n_rows - 1 and meta["images_cached"] == 0
     listing = (tmp_path / "top.csv.missing.tsv").read_text(encoding="utf-8").splitlines()
     assert listing[0].split("\t")[0] == "status"
-    assert sorted(x.split("\t")[0] + ":" + x.split("\t")[1] for x in listing[1:]) == \
-        ["missing:105_4", "unreadable:103_3"]
+    assert sorted(x.split("\t")[0] + ":" + x.split("\t")[1] for x in listing[1:]) == [
+        "missing:105_4",
+        "unreadable:103_3",
+    ]
 
     # top-k file: header, 5 rows per POI, ranks 1..5, descending scores
     with open(out, newline="", encoding="utf-8") as f:
@@ -278,14 +325,14 @@ def test_end_to_end_infer_then_eval(gallery, bert_dir, tmp_path, capsys):
     assert recall_eval.main(["--results", str(out), "--k", "10"]) == 2
 
     # rerun with the cache: nothing encoded, identical output
-    meta2 = _infer(g, bert_dir, tmp_path / "top2.csv", "--topk", "5", "--cache-dir", str(cache),
-                   "--num-workers", "0")
+    meta2 = _infer(g, bert_dir, tmp_path / "top2.csv", "--topk", "5", "--cache-dir", str(cache), "--num-workers", "0")
     assert meta2["images_encoded"] == 0 and meta2["images_cached"] == n_rows - 1
     assert (tmp_path / "top2.csv").read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
 
     # --skip-missing drops the unreadable image too
-    meta3 = _infer(g, bert_dir, tmp_path / "top3.csv", "--skip-missing", "--cache-dir", str(cache),
-                   "--num-workers", "0")
+    meta3 = _infer(
+        g, bert_dir, tmp_path / "top3.csv", "--skip-missing", "--cache-dir", str(cache), "--num-workers", "0"
+    )
     assert meta3["gallery_size"] == n_rows - 2 and meta3["unreadable_policy"] == "dropped"
     with open(tmp_path / "top3.csv", newline="", encoding="utf-8") as f:
         assert "103_3.jpg" not in {r[3] for r in csv.reader(f)}
@@ -300,8 +347,17 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog, caps
     g = gallery
     bad = tmp_path / "bad.csv"
     bad.write_text("1,a,http://x,1,2,3\n", encoding="utf-8")
-    base = ["--image-dir", str(g["images"]), "--checkpoint", str(g["ckpt"]), "--bert-dir", str(bert_dir),
-            "--output", str(tmp_path / "o.csv"), "--no-progress"]
+    base = [
+        "--image-dir",
+        str(g["images"]),
+        "--checkpoint",
+        str(g["ckpt"]),
+        "--bert-dir",
+        str(bert_dir),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--no-progress",
+    ]
     with caplog.at_level(logging.ERROR):
         assert recall_infer.main(["--csv", str(bad), *base]) == 2
     assert "bad.csv:1" in caplog.text
@@ -319,7 +375,7 @@ def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog, caps
 def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog):
     model = gallery["model"]
     srcs = sorted(p for p in gallery["images"].iterdir() if p.suffix == ".jpg")[:6]
-    tag = f"align:{model_hash(model)}"   # what RecallModel.identity() gives for this model
+    tag = f"align:{model_hash(model)}"  # what RecallModel.identity() gives for this model
     cache = EmbeddingCache(tmp_path / "c", tag)
     s1 = {}
     e1, ok1 = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=cache, stats=s1, progress=False)
@@ -328,8 +384,9 @@ def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog)
     shutil.copy(srcs[0], tmp_path / "renamed.jpg")
     s2 = {}
     hashed = cache.hashed
-    e2, _ = encode_images(model, [*srcs, tmp_path / "renamed.jpg"], 4, "cpu", num_workers=0,
-                          cache=cache, stats=s2, progress=False)
+    e2, _ = encode_images(
+        model, [*srcs, tmp_path / "renamed.jpg"], 4, "cpu", num_workers=0, cache=cache, stats=s2, progress=False
+    )
     assert s2["encoded"] == 0 and s2["cached"] == 7
     assert cache.hashed == hashed + 1
     assert torch.equal(e2[:6], e1) and torch.equal(e2[6], e1[0])
@@ -383,11 +440,13 @@ def test_encode_texts_encodes_each_distinct_string_once(gallery, bert_dir):
 # --save-embeddings -> recall_eval.py --embeddings: the same figures as the full file
 # ---------------------------------------------------------------------------
 def test_saved_embeddings_give_the_figures_of_the_full_file(gallery, bert_dir, tmp_path, capsys):
-    from utils.data import load_embeddings
+    from utils.formats.results import load_embeddings
+
     g = gallery
     out, full, npz = tmp_path / "top.csv", tmp_path / "full.csv", tmp_path / "run.npz"
-    meta = _infer(g, bert_dir, out, "--topk", "5", "--full-output", str(full), "--save-embeddings", str(npz),
-                  "--num-workers", "0")
+    meta = _infer(
+        g, bert_dir, out, "--topk", "5", "--full-output", str(full), "--save-embeddings", str(npz), "--num-workers", "0"
+    )
     d = load_embeddings(npz)
     assert d["image_emb"].shape == (meta["gallery_size"], 32) and d["text_emb"].shape == (7, 32)
     assert d["poi_ids"] == list(NAMES) and d["poi_names"] == list(NAMES.values())
@@ -399,10 +458,24 @@ def test_saved_embeddings_give_the_figures_of_the_full_file(gallery, bert_dir, t
     assert np.abs(d["text_emb"] @ d["image_emb"].T - got).max() < 1e-6
     printed = {}
     for flag, path in (("--results", full), ("--embeddings", npz)):
-        assert recall_eval.main([flag, str(path), "--k", "1", "5", "10", "--bootstrap", "200",
-                                 "--json", str(tmp_path / f"{path.name}.json")]) == 0
-        printed[flag] = [x for x in capsys.readouterr().out.splitlines()
-                         if x.startswith(("recall@", "MRR", "POIs"))]
+        assert (
+            recall_eval.main(
+                [
+                    flag,
+                    str(path),
+                    "--k",
+                    "1",
+                    "5",
+                    "10",
+                    "--bootstrap",
+                    "200",
+                    "--json",
+                    str(tmp_path / f"{path.name}.json"),
+                ]
+            )
+            == 0
+        )
+        printed[flag] = [x for x in capsys.readouterr().out.splitlines() if x.startswith(("recall@", "MRR", "POIs"))]
     assert printed["--results"] == printed["--embeddings"] and len(printed["--results"]) == 5
     a = json.loads((tmp_path / "full.csv.json").read_text(encoding="utf-8"))
     b = json.loads((tmp_path / "run.npz.json").read_text(encoding="utf-8"))
@@ -411,7 +484,10 @@ def test_saved_embeddings_give_the_figures_of_the_full_file(gallery, bert_dir, t
 
 
 def test_non_utf8_rank_csv_is_reported_at_its_line(tmp_path):
-    from utils.data import RECORD_SEP, DataError, iter_rank_csv
+    from utils.cli import DataError
+
+    from utils.formats.rows import RECORD_SEP, iter_rank_csv
+
     good = RECORD_SEP.join(["1", "http://a", "http://b", "2", "1", "t", "c", "", "", "P"])
     p = tmp_path / "r.csv"
     p.write_bytes((good + "\n" + good.replace("1", "2", 1) + "\n").encode() + b"3\xff" + b"\n")

@@ -1,19 +1,21 @@
 """The recall HTML report: self-contained, failures first, paginated, and every
 thumbnail really decodes in a real browser (headless Chromium; skipped when absent)."""
+
 from __future__ import annotations
 
 import csv
 import re
 
 import pytest
-
-import recall_eval
 from browser import CHROMIUM, SKIP_REASON, run_chromium, thumb_check
 from fixtures import COLORS, solid_image, write_image
+
+import recall_eval
 
 K = 5
 N_POIS = 120
 PAGE = 50
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -24,15 +26,19 @@ def report(tmp_path_factory):
     for i, p in enumerate(pois):
         for r in (1, 2):
             ext = ".png" if (i + r) % 3 == 0 else ".jpg"
-            write_image(solid_image(colors[(i + r) % len(colors)], size=(300 + i, 200), seed=i * 3 + r,
-                                    shape="圆" if r == 1 else "方"), img / f"{p}_{r}{ext}")
+            write_image(
+                solid_image(
+                    colors[(i + r) % len(colors)], size=(300 + i, 200), seed=i * 3 + r, shape="圆" if r == 1 else "方"
+                ),
+                img / f"{p}_{r}{ext}",
+            )
     (img / "1000_1.jpg").write_bytes(b"corrupt")  # listed but has no thumbnail
     gallery = sorted(x.name for x in img.iterdir())
     # top-K results: POI i's own image at rank (i % 7) + 1 (a miss when > K)
     rows = []
     for i, p in enumerate(pois):
         own = next(g for g in gallery if g.startswith(p + "_"))
-        others = [g for g in gallery if not g.startswith(p + "_")][i % 50: i % 50 + K]
+        others = [g for g in gallery if not g.startswith(p + "_")][i % 50 : i % 50 + K]
         ranked = others[:]
         pos = i % 7
         if pos < K:
@@ -45,8 +51,25 @@ def report(tmp_path_factory):
         w.writerow(["poi_id", "poi_name", "rank", "image", "score"])
         w.writerows(rows)
     html = d / "report.html"
-    assert recall_eval.main(["--results", str(res), "--k", "1", str(K), "--html", str(html),
-                             "--image-dir", str(img), "--page-size", str(PAGE), "--no-progress"]) == 0
+    assert (
+        recall_eval.main(
+            [
+                "--results",
+                str(res),
+                "--k",
+                "1",
+                str(K),
+                "--html",
+                str(html),
+                "--image-dir",
+                str(img),
+                "--page-size",
+                str(PAGE),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     misses = sum(1 for i in range(N_POIS) if i % 7 >= K)
     distinct = {r[3] for r in rows}
     return {"dir": d, "html": html, "rows": rows, "misses": misses, "distinct": distinct, "images": img}
@@ -73,8 +96,10 @@ def test_report_structure_without_browser(report):
 @pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_in_headless_chromium(report, tmp_path):
     url = report["html"].resolve().as_uri()
-    per_poi = [sum(1 for r in report["rows"] if r[0] == p and r[3] != "1000_1.jpg")
-               for p in dict.fromkeys(r[0] for r in report["rows"])]
+    per_poi = [
+        sum(1 for r in report["rows"] if r[0] == p and r[3] != "1000_1.jpg")
+        for p in dict.fromkeys(r[0] for r in report["rows"])
+    ]
     # every page at once: every thumbnail decodes (naturalWidth > 0)
     c, _ = thumb_check(url + "#all", tmp_path)
     assert c.get("total") == sum(per_poi), c

@@ -13,6 +13,7 @@ Runs: a first run goes through every step and prints the table; a second run ski
 every step with no request to the server; a removed image reruns exactly the steps
 that depend on it; a corrupted asset stops the run (checksum, kept aside).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,15 +25,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fixtures import TINY_ARCH, make_bert_dir, solid_image, tiny_align, tiny_ranker, write_image
 from local_server import LocalServer
-from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
-import reproduce
-from utils.assets import DEFAULT_MANIFEST, load_manifest
 
-POIS = [("101", "红色圆形", "红", "圆"), ("102", "绿色方形", "绿", "方"), ("103", "蓝色圆形", "蓝", "圆"),
-        ("104", "黄色方形", "黄", "方"), ("105", "紫色圆形", "紫", "圆"), ("106", "橙色方形", "橙", None)]
+import reproduce
+from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
+from utils.fetch.assets import DEFAULT_MANIFEST, load_manifest
+
+POIS = [
+    ("101", "红色圆形", "红", "圆"),
+    ("102", "绿色方形", "绿", "方"),
+    ("103", "蓝色圆形", "蓝", "圆"),
+    ("104", "黄色方形", "黄", "方"),
+    ("105", "紫色圆形", "紫", "圆"),
+    ("106", "橙色方形", "橙", None),
+]
 POI_TABLE_NAMES = ["西湖", "北京", "古镇", "山海"]
 GONE_RECALL = "/img/recall/106_3.jpg"
 
@@ -66,8 +73,7 @@ def build_world(mirror: Path, srv: LocalServer, base: Path) -> tuple[Path, Path]
         oss_a = u(f"/gone/{item}_a.jpg") if k % 2 == 0 else ""
         pois = ",".join(POI_TABLE_NAMES[: k % 4]) if k % 4 else ""
         ctr_a, ctr_b = (2, 1) if k % 3 == 0 else (1, 2)
-        recs.append(sep.join([item, u(a), u(b), str(ctr_a), str(ctr_b), f"{colors[k]}色古镇",
-                              "旅游", oss_a, "", pois]))
+        recs.append(sep.join([item, u(a), u(b), str(ctr_a), str(ctr_b), f"{colors[k]}色古镇", "旅游", oss_a, "", pois]))
     (mirror / paths["rank_val_csv"]).write_text("\n".join(recs) + "\n", encoding="utf-8")
     # POI tables: pickled dicts through np.save
     rng = np.random.default_rng(0)
@@ -103,6 +109,7 @@ def build_world(mirror: Path, srv: LocalServer, base: Path) -> tuple[Path, Path]
 
 def color_of(c):
     from fixtures import COLORS
+
     return COLORS[c]
 
 
@@ -117,9 +124,27 @@ def world(tmp_path_factory):
 
 
 def argv(w, dest: Path, out: Path, *extra) -> list[str]:
-    return ["--mirror", w["srv"].base_url, "--manifest", str(w["manifest"]), "--dest", str(dest),
-            "--out-dir", str(out), "--device", "cpu", "--arch", str(w["arch"]),
-            "--num-workers", "0", "--workers", "4", "--no-progress", "--no-html", *extra]
+    return [
+        "--mirror",
+        w["srv"].base_url,
+        "--manifest",
+        str(w["manifest"]),
+        "--dest",
+        str(dest),
+        "--out-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--arch",
+        str(w["arch"]),
+        "--num-workers",
+        "0",
+        "--workers",
+        "4",
+        "--no-progress",
+        "--no-html",
+        *extra,
+    ]
 
 
 def table_value(text: str, metric: str) -> list[str]:
@@ -195,8 +220,7 @@ def test_recall_backend_onnx_gives_the_same_figures(world, capsys):
     if not (out / "recall" / "top10.csv").is_file():
         pytest.skip("needs the first test's run")
     before = (out / "recall" / "top10.csv").read_text().splitlines()
-    args = argv(world, dest, out, "--steps", "recall-infer", "--force", "recall-infer",
-                "--recall-backend", "onnx")
+    args = argv(world, dest, out, "--steps", "recall-infer", "--force", "recall-infer", "--recall-backend", "onnx")
     assert reproduce.main(args) == 0
     capsys.readouterr()
     meta = json.loads((out / "recall" / "top10.csv.meta.json").read_text())
@@ -274,8 +298,9 @@ def fake(monkeypatch, tmp_path):
         (dest / a.path).write_bytes(b"")
     paths = {a.name: dest / a.path for a in load_manifest(DEFAULT_MANIFEST)}
     paths["recall_csv"].write_text("101,name,http://127.0.0.1:9/a.jpg,1,96,64,\n", encoding="utf-8")
-    paths["rank_val_csv"].write_text("$record$".join(["900", "u", "v", "1", "2", "t", "c", "", "", ""]) + "\n",
-                                     encoding="utf-8")
+    paths["rank_val_csv"].write_text(
+        "$record$".join(["900", "u", "v", "1", "2", "t", "c", "", "", ""]) + "\n", encoding="utf-8"
+    )
     for w in ("recall", "rank"):
         (dest / "data" / "images" / w).mkdir(parents=True)
     calls: list[tuple[str, list[str]]] = []
@@ -296,6 +321,7 @@ def fake(monkeypatch, tmp_path):
                     else:
                         Path(value).write_text("{}")
             return what
+
         return main
 
     for mod in (recall_infer, rank_eval, recall_eval, download_images):
@@ -304,9 +330,19 @@ def fake(monkeypatch, tmp_path):
 
     def run(*extra):
         calls.clear()
-        return reproduce.main(["--dest", str(dest), "--out-dir", str(out), "--device", "cpu",
-                               "--steps", "recall-images,recall-infer,recall-eval,rank-images,rank-eval",
-                               *extra])
+        return reproduce.main(
+            [
+                "--dest",
+                str(dest),
+                "--out-dir",
+                str(out),
+                "--device",
+                "cpu",
+                "--steps",
+                "recall-images,recall-infer,recall-eval,rank-images,rank-eval",
+                *extra,
+            ]
+        )
 
     return {"run": run, "calls": calls, "behaviour": behaviour, "dest": dest, "out": out}
 
@@ -329,7 +365,7 @@ def test_backend_reaches_every_model_step(fake, capsys):
     models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
     assert len(models) == 3 and all(a[a.index("--backend") + 1] == "auto" for a in models)
     assert fake["run"]("--steps", "recall-infer", "--recall-backend", "torch", "--force", "recall-infer") == 0
-    (name, argv), = fake["calls"]
+    ((name, argv),) = fake["calls"]
     assert argv[argv.index("--backend") + 1] == "torch"
     capsys.readouterr()
 
@@ -350,8 +386,10 @@ def test_rerun_rule(fake, capsys):
     assert ran(fake) == ["download_images", "recall_infer", "recall_eval", "download_images", "rank_eval"]
     assert run() == 0 and ran(fake) == []
     # how a step runs: nothing reruns
-    assert run("--backend", "onnx", "--batch-size", "4", "--num-workers", "1", "--workers", "2",
-               "--no-progress") == 0 and ran(fake) == []
+    assert (
+        run("--backend", "onnx", "--batch-size", "4", "--num-workers", "1", "--workers", "2", "--no-progress") == 0
+        and ran(fake) == []
+    )
     # an argument that shapes the outputs: that step reruns (recall-eval: --html gone)
     assert run("--no-html") == 0 and ran(fake) == ["recall_eval"]
     assert "step recall-eval: running (arguments changed)" in capsys.readouterr().out
@@ -384,18 +422,20 @@ def test_table_with_baselines(tmp_path, capsys):
     """--with-baselines: Taiyi-CLIP columns on the recall rows, ours - Taiyi with its paired
     interval from recall_eval --compare; a NaN figure shows as "-"."""
     out = tmp_path / "out"
-    for rel, doc in {"recall/metrics.json": {"recall": {"1": 0.5, "5": 0.8, "10": 0.9}, "mrr": 0.6, "n_pois": 6},
-                     "rank/metrics.json": {"accuracy": 0.7, "auc": float("nan"), "pairs_scored": 8},
-                     "baseline/taiyi_metrics.json": {"recall": {"5": 0.6}, "mrr": 0.4, "n_pois": 6},
-                     "baseline/compare.json": {"recall": {"5": {"B-A": {"value": 0.2, "ci": [0.05, 0.35]}}}}}.items():
+    for rel, doc in {
+        "recall/metrics.json": {"recall": {"1": 0.5, "5": 0.8, "10": 0.9}, "mrr": 0.6, "n_pois": 6},
+        "rank/metrics.json": {"accuracy": 0.7, "auc": float("nan"), "pairs_scored": 8},
+        "baseline/taiyi_metrics.json": {"recall": {"5": 0.6}, "mrr": 0.4, "n_pois": 6},
+        "baseline/compare.json": {"recall": {"5": {"B-A": {"value": 0.2, "ci": [0.05, 0.35]}}}},
+    }.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(json.dumps(doc), encoding="utf-8")
-    args = reproduce.build_parser().parse_args(["--out-dir", str(out), "--with-baselines",
-                                                "--images-dir", str(tmp_path / "none")])
+    args = reproduce.build_parser().parse_args(
+        ["--out-dir", str(out), "--with-baselines", "--images-dir", str(tmp_path / "none")]
+    )
     reproduce.report(args)
     text = capsys.readouterr().out
-    assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000",
-                                             "+0.2000 [+0.0500, +0.3500]"]
+    assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000", "+0.2000 [+0.0500, +0.3500]"]
     assert table_value(text, "recall MRR@10") == ["-", "0.6000", "-", "-", "0.4000", "-"]
     assert table_value(text, "ranking accuracy") == ["0.6520", "0.7000", "+0.0480", "-", "-", "-"]
     assert "ranking ROC-AUC" not in text  # NaN: no figure

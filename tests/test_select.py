@@ -3,6 +3,7 @@ output, one selection per item with a readable image, orderings that follow the 
 scores equal to a direct computation with the models, the single/two encode paths, a
 mixed local/URL catalogue through a local server, duplicates, unreadable and missing
 images, unknown POIs, bad rows and the HTML report."""
+
 from __future__ import annotations
 
 import csv
@@ -13,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import select_images
+from browser import CHROMIUM, SKIP_REASON, thumb_check
 from fixtures import COLORS, png_bytes, solid_image, tiny_align, tiny_ranker, write_image
 from local_server import LocalServer
+
+import select_images
 from models.align import load_tokenizer
-from utils.embed import tokenize
-from browser import CHROMIUM, SKIP_REASON, thumb_check
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint, save_ranker_checkpoint
-from utils.images import load_image
-from utils.poi import build_item_inputs, save_safe_table
+from models.engine.encode import tokenize
+from utils.formats.images import load_image
+from utils.formats.poi import build_item_inputs, save_safe_table
 
 DIM = 32
 K = 3
@@ -35,7 +36,7 @@ def env(tmp_path_factory, bert_dir):
     d = tmp_path_factory.mktemp("select")
     ranker = tiny_ranker(bert_dir, seed=3)
     save_ranker_checkpoint(ranker, d / "ranker.ckpt")
-    save_align_checkpoint(ranker.align_model, d / "same_align.pth")   # the ranker's own copy
+    save_align_checkpoint(ranker.align_model, d / "same_align.pth")  # the ranker's own copy
     save_align_checkpoint(tiny_align(bert_dir, seed=11), d / "other_align.pth")
 
     # POI tables: 西湖 and 古镇 known, 北京 only in pic-num (unknown vectors), 山海 nowhere
@@ -57,10 +58,10 @@ def env(tmp_path_factory, bert_dir):
             color = COLOR_LIST[(i + j) % len(COLOR_LIST)][1]
             img = solid_image(color, size=(80 + 7 * j, 60 + 5 * i), shape=SHAPES[j % 3], seed=10 * i + j)
             if j == 4 and i % 2 == 0:  # URL candidate
-                route = f"/i{i}/c{j}"      # no extension, as real catalogue URLs often are
+                route = f"/i{i}/c{j}"  # no extension, as real catalogue URLs often are
                 srv.add(route, png_bytes(img), content_type="image/png")
                 ref = srv.url(route)
-            elif j == 3 and i == 1:       # absolute path
+            elif j == 3 and i == 1:  # absolute path
                 ref = str(write_image(img, d / "abs" / f"{i}_{j}.jpg"))
             else:
                 rel = f"imgs/{i}_{j}.{'png' if j % 2 else 'jpg'}"
@@ -80,26 +81,50 @@ def env(tmp_path_factory, bert_dir):
     rows.append(["dead", "黑色", "西湖", "imgs/missing.png", ""])
     rows.append(["dead", "黑色", "西湖", srv.url("/gone.jpg"), ""])
     bad = [["", "no id", "", "imgs/0_0.jpg", ""], ["item3", "t", "", "  ", ""], ["item4", "short"]]
-    rows[5:5] = bad   # bad rows in the middle: lines 6, 7, 8
+    rows[5:5] = bad  # bad rows in the middle: lines 6, 7, 8
     cat.mkdir(exist_ok=True)
     with open(cat / "items.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
-    yield {"dir": d, "csv": cat / "items.csv", "rows": rows, "srv": srv, "bert": bert_dir,
-           "ranker": ranker}
+    yield {"dir": d, "csv": cat / "items.csv", "rows": rows, "srv": srv, "bert": bert_dir, "ranker": ranker}
     srv.stop()
 
 
 def _run(env, name, *extra, tables=True, recall="same_align.pth", html=False):
     d = env["dir"]
     out = d / f"{name}.csv"
-    argv = ["--items", str(env["csv"]), "--out", str(out), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--recall-k", str(K), "--device", "cpu", "--workers", "0", "--backend", "torch",
-            "--image-cache", str(d / "url_cache"), "--no-progress", *extra]
+    argv = [
+        "--items",
+        str(env["csv"]),
+        "--out",
+        str(out),
+        "--ranker-checkpoint",
+        str(d / "ranker.ckpt"),
+        "--bert-dir",
+        str(env["bert"]),
+        "--recall-k",
+        str(K),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--backend",
+        "torch",
+        "--image-cache",
+        str(d / "url_cache"),
+        "--no-progress",
+        *extra,
+    ]
     if recall:
         argv += ["--recall-checkpoint", str(d / recall)]
     if tables:
-        argv += ["--poi-pic-num", str(d / "pic.npz"), "--poi-image-vectors", str(d / "img.npz"),
-                 "--poi-name-vectors", str(d / "name.npz")]
+        argv += [
+            "--poi-pic-num",
+            str(d / "pic.npz"),
+            "--poi-image-vectors",
+            str(d / "img.npz"),
+            "--poi-name-vectors",
+            str(d / "name.npz"),
+        ]
     if html:
         argv += ["--html", str(d / f"{name}.html")]
     assert select_images.main(argv) == 0
@@ -150,11 +175,11 @@ def _check_orderings(rows, k):
         # final: stage-2 by ranker score, then the rest by recall score
         final = sorted(ok, key=lambda r: int(r["final_rank"]))
         assert [int(r["final_rank"]) for r in final] == list(range(1, len(ok) + 1))
-        head, tail = final[:len(staged)], final[len(staged):]
+        head, tail = final[: len(staged)], final[len(staged) :]
         assert all(r["ranker_score"] != "" for r in head)
         rs_ = [float(r["ranker_score"]) for r in head]
         assert rs_ == sorted(rs_, reverse=True)
-        assert [r["line"] for r in tail] == [r["line"] for r in by_rank[len(staged):]]
+        assert [r["line"] for r in tail] == [r["line"] for r in by_rank[len(staged) :]]
         if ok:
             assert sel[0]["final_rank"] == "1"
 
@@ -169,7 +194,7 @@ def _direct(env, rows, recall_ckpt, tables, lines):
     items = {}
     for r in env["rows"][1:]:
         if len(r) >= 4 and r[0] and r[3].strip():
-            items.setdefault(r[0], r)   # an item's title and POIs come from its first row
+            items.setdefault(r[0], r)  # an item's title and POIs come from its first row
     out = {}
     with torch.no_grad():
         for r in rows:
@@ -191,7 +216,8 @@ def _direct(env, rows, recall_ckpt, tables, lines):
 
 
 def _tables(env):
-    from utils.poi import load_poi_table
+    from utils.formats.poi import load_poi_table
+
     d = env["dir"]
     return tuple(load_poi_table(d / n) for n in ("pic.npz", "img.npz", "name.npz"))
 
@@ -285,12 +311,13 @@ def test_no_recall_checkpoint_uses_ranker_copy_and_reuses_downloads(env, single)
     assert summary["encode_path"] == "single"
     assert summary["images_encoded"]["stage2"] == 0
     # the same weights as the saved copy: identical results
-    key = lambda rs: [(r["line"], r["status"], r["recall_score"], r["ranker_score"], r["final_rank"],
-                       r["selected"]) for r in rs]
+    key = lambda rs: [
+        (r["line"], r["status"], r["recall_score"], r["ranker_score"], r["final_rank"], r["selected"]) for r in rs
+    ]
     assert key(rows) == key(single[0])
     # the 3 good URLs come from the image cache; only the failed URL is asked again
     assert summary["downloads"]["reused"] == 3 and summary["downloads"]["downloaded"] == 0
-    assert all(p == "/gone.jpg" for _, p, _ in srv.log[-(srv.total_requests - before):])
+    assert all(p == "/gone.jpg" for _, p, _ in srv.log[-(srv.total_requests - before) :])
 
 
 def test_recall_only(env, single):
@@ -320,8 +347,17 @@ def test_bad_inputs(env, tmp_path, capsys):
     d = env["dir"]
     bad = tmp_path / "bad.csv"
     bad.write_text("item_id,title,image\n1,t,a.jpg\n", encoding="utf-8")
-    base = ["--out", str(tmp_path / "o.csv"), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--device", "cpu", "--no-progress"]
+    base = [
+        "--out",
+        str(tmp_path / "o.csv"),
+        "--ranker-checkpoint",
+        str(d / "ranker.ckpt"),
+        "--bert-dir",
+        str(env["bert"]),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert select_images.main(["--items", str(bad), *base]) == 2
     assert "poi_names" in capsys.readouterr().err
     good = env["csv"]
@@ -344,14 +380,32 @@ def test_local_path_never_imports_ray(env, tmp_path):
     """Ray is optional: a local run (and importing the script) loads no part of it."""
     import subprocess
     import sys
+
     d = env["dir"]
-    argv = ["--items", str(env["csv"]), "--out", str(tmp_path / "o.csv"), "--recall-only",
-            "--ranker-checkpoint", str(d / "ranker.ckpt"), "--bert-dir", str(env["bert"]),
-            "--device", "cpu", "--workers", "0", "--backend", "torch", "--no-progress",
-            "--image-cache", str(d / "url_cache")]
-    code = ("import sys, select_images; rc = select_images.main(sys.argv[1:]); "
-            "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'select_ray'))))")
+    argv = [
+        "--items",
+        str(env["csv"]),
+        "--out",
+        str(tmp_path / "o.csv"),
+        "--recall-only",
+        "--ranker-checkpoint",
+        str(d / "ranker.ckpt"),
+        "--bert-dir",
+        str(env["bert"]),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--backend",
+        "torch",
+        "--no-progress",
+        "--image-cache",
+        str(d / "url_cache"),
+    ]
+    code = (
+        "import sys, select_images; rc = select_images.main(sys.argv[1:]); "
+        "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'select_ray'))))"
+    )
     root = Path(select_images.__file__).resolve().parent
-    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                       timeout=600, cwd=root)
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600, cwd=root)
     assert r.stdout.strip().splitlines()[-1] == "0 []", r.stderr[-2000:]

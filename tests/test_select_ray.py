@@ -3,6 +3,7 @@ rows as the local path (scores within 1e-5, same ranks and selections), the Parq
 output, workers that die once in every stage (retried: output complete, nothing twice), a
 rerun that skips the shards already written, and the HTML report from the Ray run.
 Real photos from the seed data join the generated images when present."""
+
 from __future__ import annotations
 
 import csv
@@ -15,22 +16,22 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -r requirements-ray.txt)")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
 
-import select_images  # noqa: E402
-import select_ray  # noqa: E402
+import numpy as np  # noqa: E402
 from conftest import SEED_DATA  # noqa: E402
 from fixtures import COLORS, png_bytes, solid_image, tiny_align, tiny_ranker, write_image  # noqa: E402
 from local_server import LocalServer  # noqa: E402
-from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
-from utils.poi import save_safe_table  # noqa: E402
 
-import numpy as np  # noqa: E402
+import select_images  # noqa: E402
+import select_ray  # noqa: E402
+from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
+from utils.formats.poi import save_safe_table  # noqa: E402
 
 # Ray's own DataContext warns about its renamed settings; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 DIM = 32
 SCORE_TOL = 1e-5
-STAGES = ("decode", "select", "write")   # fetch runs fused with decode: one task
+STAGES = ("decode", "select", "write")  # fetch runs fused with decode: one task
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,7 @@ def env(tmp_path_factory, bert_dir):
 
     srv = LocalServer().start()
     cat = d / "cat"
-    photos = sorted((SEED_DATA / "sample-images").glob("*.jpg"))[:6] \
-        if (SEED_DATA / "sample-images").is_dir() else []
+    photos = sorted((SEED_DATA / "sample-images").glob("*.jpg"))[:6] if (SEED_DATA / "sample-images").is_dir() else []
     colors = list(COLORS.values())
     rows = [["item_id", "title", "poi_names", "image"]]
     pois = ["西湖,古镇", "", "古镇", "西湖", " ", "古镇,西湖", "", "西湖"]
@@ -56,23 +56,35 @@ def env(tmp_path_factory, bert_dir):
     for i in range(8):
         for j in range(4):
             if photos and (i + j) % 3 == 0:
-                ref = str(photos[n % len(photos)])   # a real photo, absolute path
+                ref = str(photos[n % len(photos)])  # a real photo, absolute path
                 n += 1
             elif j == 3 and i % 3 == 0:
                 route = f"/p{i}"
-                srv.add(route, png_bytes(solid_image(colors[(i + j) % 8], size=(70, 50), seed=i)),
-                        content_type="image/png")
+                srv.add(
+                    route, png_bytes(solid_image(colors[(i + j) % 8], size=(70, 50), seed=i)), content_type="image/png"
+                )
                 ref = srv.url(route)
             else:
                 ref = f"imgs/{i}_{j}.jpg"
-                write_image(solid_image(colors[(i + 2 * j) % 8], size=(64 + 9 * j, 48 + 4 * i),
-                                        shape="圆" if j % 2 else "方", seed=10 * i + j), cat / ref)
+                write_image(
+                    solid_image(
+                        colors[(i + 2 * j) % 8],
+                        size=(64 + 9 * j, 48 + 4 * i),
+                        shape="圆" if j % 2 else "方",
+                        seed=10 * i + j,
+                    ),
+                    cat / ref,
+                )
             rows.append([f"it{i}", f"{list(COLORS)[i % 8]}色{'圆' if i % 2 else '方'}形", pois[i], ref])
     (cat / "imgs" / "bad.jpg").write_bytes(b"no image")
     srv.add("/gone", b"", status=404)
-    rows += [["it1", "x", "", "imgs/bad.jpg"], ["it2", "x", "", "imgs/absent.jpg"],
-             ["it3", "x", "", rows[13][3]], ["it4", "x", "", srv.url("/gone")],
-             ["dead", "黑色", "", "imgs/bad.jpg"]]
+    rows += [
+        ["it1", "x", "", "imgs/bad.jpg"],
+        ["it2", "x", "", "imgs/absent.jpg"],
+        ["it3", "x", "", rows[13][3]],
+        ["it4", "x", "", srv.url("/gone")],
+        ["dead", "黑色", "", "imgs/bad.jpg"],
+    ]
     with open(cat / "items.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
     yield {"dir": d, "csv": cat / "items.csv", "bert": bert_dir}
@@ -92,11 +104,34 @@ def ray_session(tmp_path_factory):
 
 def _argv(env, out, *extra, recall=None):
     d = env["dir"]
-    argv = ["--items", str(env["csv"]), "--out", str(out), "--ranker-checkpoint", str(d / "ranker.ckpt"),
-            "--bert-dir", str(env["bert"]), "--recall-k", "2", "--device", "cpu", "--num-workers", "0",
-            "--image-cache", str(d / "url_cache"), "--no-progress", "--backend", "torch",
-            "--poi-pic-num", str(d / "pic.npz"), "--poi-image-vectors", str(d / "img.npz"),
-            "--poi-name-vectors", str(d / "name.npz"), *extra]
+    argv = [
+        "--items",
+        str(env["csv"]),
+        "--out",
+        str(out),
+        "--ranker-checkpoint",
+        str(d / "ranker.ckpt"),
+        "--bert-dir",
+        str(env["bert"]),
+        "--recall-k",
+        "2",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--image-cache",
+        str(d / "url_cache"),
+        "--no-progress",
+        "--backend",
+        "torch",
+        "--poi-pic-num",
+        str(d / "pic.npz"),
+        "--poi-image-vectors",
+        str(d / "img.npz"),
+        "--poi-name-vectors",
+        str(d / "name.npz"),
+        *extra,
+    ]
     if recall:
         argv += ["--recall-checkpoint", str(d / recall)]
     return argv
@@ -109,8 +144,9 @@ def _read(out: Path) -> list[dict]:
     rows = []
     for p in sorted(out.glob("part-*.parquet")):
         for r in pq.read_table(p).to_pylist():
-            rows.append({k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v))
-                         for k, v in r.items()})
+            rows.append(
+                {k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v)) for k, v in r.items()}
+            )
     return rows
 
 
@@ -121,10 +157,9 @@ def _summary(out: Path) -> dict:
 def assert_same(local: list[dict], other: list[dict]) -> None:
     """Same rows in the same order; scores within 1e-5; ranks, statuses, selections equal."""
     assert len(other) == len(local)
-    assert len({r["line"] for r in other}) == len(other)   # nothing written twice
+    assert len({r["line"] for r in other}) == len(other)  # nothing written twice
     for a, b in zip(local, other):
-        for k in ("item_id", "line", "image", "status", "recall_rank", "final_rank", "selected",
-                  "file", "detail"):
+        for k in ("item_id", "line", "image", "status", "recall_rank", "final_rank", "selected", "file", "detail"):
             assert a[k] == b[k], (k, a, b)
         for k in ("recall_score", "ranker_score"):
             assert (a[k] == "") == (b[k] == ""), (k, a, b)
@@ -143,14 +178,23 @@ def local(request, env):
 def test_ray_output_equals_local(env, ray_session, local, tmp_path):
     out = tmp_path / "ray.csv"
     html = tmp_path / "ray.html"
-    assert select_images.main(_argv(env, out, "--ray", "--shard-items", "3", "--html", str(html),
-                                     recall=local["recall"])) == 0
+    assert (
+        select_images.main(_argv(env, out, "--ray", "--shard-items", "3", "--html", str(html), recall=local["recall"]))
+        == 0
+    )
     rows, s = _read(out), _summary(out)
     assert_same(local["rows"], rows)
     ls = local["summary"]
     assert s["encode_path"] == ls["encode_path"] == local["path"]
-    for k in ("items", "candidates", "items_selected", "items_without_readable_candidate",
-              "status_counts", "stage2_candidates", "bad_rows"):
+    for k in (
+        "items",
+        "candidates",
+        "items_selected",
+        "items_without_readable_candidate",
+        "status_counts",
+        "stage2_candidates",
+        "bad_rows",
+    ):
         assert s[k] == ls[k], k
     assert s["ray"]["shards"] == 3 and s["ray"]["shards_written"] == 3
     assert {"unreadable", "missing", "download_failed", "duplicate"} <= {r["status"] for r in rows}
@@ -163,13 +207,13 @@ def test_ray_output_equals_local(env, ray_session, local, tmp_path):
 def test_worker_deaths_are_retried(env, ray_session, local, tmp_path):
     if local["path"] != "single":
         pytest.skip("one encode path is enough")
-    for stage in STAGES:   # every stage's first worker dies once
+    for stage in STAGES:  # every stage's first worker dies once
         (ray_session / stage).write_text("armed")
     out = tmp_path / "retry.csv"
     assert select_images.main(_argv(env, out, "--ray", "--shard-items", "3")) == 0
     assert not any((ray_session / s).exists() for s in STAGES), "the failures were not injected"
     rows = _read(out)
-    assert_same(local["rows"], rows)   # complete, in order, no line twice
+    assert_same(local["rows"], rows)  # complete, in order, no line twice
     assert len(list((tmp_path / "retry.csv.shards").glob("part-*.parquet"))) == 3
 
 
@@ -187,8 +231,9 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
     assert select_images.main(argv) == 0
     s = _summary(out)
     assert s["ray"]["shards_skipped"] == 2 and s["ray"]["shards_written"] == 1
-    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))
-            if p.name != parts[1].name} == {k: v for k, v in mtimes.items() if k != parts[1].name}
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet")) if p.name != parts[1].name} == {
+        k: v for k, v in mtimes.items() if k != parts[1].name
+    }
     assert_same(local["rows"], _read(out))
     # everything done: a third run starts no Ray work at all
     assert select_images.main(argv) == 0
@@ -203,6 +248,7 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
     if local["path"] != "single":
         pytest.skip("one encode path is enough")
     import pyarrow as pa
+
     with open(env["csv"], encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     table = pa.table({name: [r[i] for r in rows[1:]] for i, name in enumerate(rows[0])})

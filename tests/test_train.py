@@ -2,6 +2,7 @@
 resume. Small model variant (TRAIN_ARCH below: TINY_ARCH made thinner, with faster
 BatchNorm running statistics so that a few dozen steps give a usable eval mode, and
 no dropout / drop-connect, which made so short a training unstable)."""
+
 from __future__ import annotations
 
 import json
@@ -10,26 +11,33 @@ from math import comb
 import numpy as np
 import pytest
 import torch
+from fixtures import COLORS, TINY_ARCH, make_bert_dir, solid_image, tiny_align, write_image
 from PIL import Image
 
 import rank_train
 import recall_train
-from fixtures import COLORS, TINY_ARCH, make_bert_dir, solid_image, tiny_align, write_image
 from models.align import AlignArch, load_tokenizer
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint
+from models.engine.encode import encode_images, encode_texts
+from utils.evaluation.metrics import pairwise_metrics
+from utils.formats.poi import save_pickled_table, save_safe_table
+from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
-from utils.data import RECORD_SEP
-from utils.embed import encode_images, encode_texts
-from utils.poi import save_pickled_table, save_safe_table
-from utils.metrics import pairwise_metrics
-from utils.train import (MetricsWriter, DistEnv, WarmupSchedule, augment_pil, load_train_state,
-                         read_metrics)
+from utils.training.loop import DistEnv, MetricsWriter, WarmupSchedule, augment_pil, load_train_state, read_metrics
 
-TRAIN_ARCH = AlignArch(image_model=TINY_ARCH.image_model,
-                       image_overrides={"width_coefficient": 0.125, "depth_coefficient": 0.1,
-                                        "depth_divisor": 4, "batch_norm_momentum": 0.8,
-                                        "dropout_rate": 0.0, "drop_connect_rate": 0.0},
-                       text_layers=1, embed_dim=32)
+TRAIN_ARCH = AlignArch(
+    image_model=TINY_ARCH.image_model,
+    image_overrides={
+        "width_coefficient": 0.125,
+        "depth_coefficient": 0.1,
+        "depth_divisor": 4,
+        "batch_norm_momentum": 0.8,
+        "dropout_rate": 0.0,
+        "drop_connect_rate": 0.0,
+    },
+    text_layers=1,
+    embed_dim=32,
+)
 SHAPES = ("圆", "方")
 COMMON = ["--workers", "0", "--device", "cpu"]
 
@@ -47,8 +55,7 @@ def make_recall_data(root, owners_per_combo=2, images_per_owner=3, seed=0):
                 pid = f"p{ci}{si}{o}"
                 for r in range(images_per_owner):
                     n += 1
-                    write_image(solid_image(COLORS[colour], (32, 32), shape, seed=n),
-                                root / "img" / f"{pid}_{r}.png")
+                    write_image(solid_image(COLORS[colour], (32, 32), shape, seed=n), root / "img" / f"{pid}_{r}.png")
                     lines.append(f"{pid},{colour}色{shape}形,http://127.0.0.1/{pid}_{r},{r},32,32,")
     (root / "recall.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (root / "arch.json").write_text(json.dumps(TRAIN_ARCH.to_dict()), encoding="utf-8")
@@ -76,18 +83,44 @@ def make_rank_data(root, n_train, n_val, seed=0, dim=32):
             write_image(solid_image(COLORS[cb], (24, 24), seed=int(rng.integers(1e9))), img / f"{item}_b.png")
             ctr_a, ctr_b = (2, 1) if bright[ca] > bright[cb] else (1, 2)
             pois = ",".join(rng.choice(POIS, int(rng.integers(0, 4)), replace=False))
-            out.append(RECORD_SEP.join([item, f"http://127.0.0.1/{item}_a", f"http://127.0.0.1/{item}_b",
-                                        str(ctr_a), str(ctr_b), f"{ca}色大{cb}色小", "cate", "", "", pois]))
+            out.append(
+                RECORD_SEP.join(
+                    [
+                        item,
+                        f"http://127.0.0.1/{item}_a",
+                        f"http://127.0.0.1/{item}_b",
+                        str(ctr_a),
+                        str(ctr_b),
+                        f"{ca}色大{cb}色小",
+                        "cate",
+                        "",
+                        "",
+                        pois,
+                    ]
+                )
+            )
         return out
+
     (root / "train.csv").write_text("\n".join(rows(n_train, "t")) + "\n", encoding="utf-8")
     (root / "val.csv").write_text("\n".join(rows(n_val, "v")) + "\n", encoding="utf-8")
     trng = np.random.default_rng(1)
     save_pickled_table({p: [int(x) for x in trng.integers(0, 9, 3)] for p in POIS}, root / "pic_num.npy")
     save_safe_table({p: trng.normal(size=dim) for p in POIS}, root / "img_vec.npz")
     save_safe_table({p: trng.normal(size=dim) for p in POIS[:-1]}, root / "name_vec.npz")
-    return ["--train-csv", str(root / "train.csv"), "--val-csv", str(root / "val.csv"),
-            "--image-dir", str(img), "--poi-pic-num", str(root / "pic_num.npy"),
-            "--poi-image-vectors", str(root / "img_vec.npz"), "--poi-name-vectors", str(root / "name_vec.npz")]
+    return [
+        "--train-csv",
+        str(root / "train.csv"),
+        "--val-csv",
+        str(root / "val.csv"),
+        "--image-dir",
+        str(img),
+        "--poi-pic-num",
+        str(root / "pic_num.npy"),
+        "--poi-image-vectors",
+        str(root / "img_vec.npz"),
+        "--poi-name-vectors",
+        str(root / "name_vec.npz"),
+    ]
 
 
 def chance_recall(gallery: int, per_owner: int, k: int) -> float:
@@ -107,11 +140,37 @@ def recall_run(tmp_path_factory):
     bert = make_bert_dir(root / "bert")
     csv, img, arch = make_recall_data(root)
     out = root / "run"
-    rc = recall_train.main(["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert),
-                            "--arch", str(arch), "--out-dir", str(out), "--epochs", "20",
-                            "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "3",
-                            "--logit-scale", "10", "--val-fraction", "0.5", "--seed", "0",
-                            "--eval-every", "4", *COMMON])
+    rc = recall_train.main(
+        [
+            "--csv",
+            str(csv),
+            "--image-dir",
+            str(img),
+            "--bert-dir",
+            str(bert),
+            "--arch",
+            str(arch),
+            "--out-dir",
+            str(out),
+            "--epochs",
+            "20",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-3",
+            "--warmup-steps",
+            "3",
+            "--logit-scale",
+            "10",
+            "--val-fraction",
+            "0.5",
+            "--seed",
+            "0",
+            "--eval-every",
+            "4",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     return {"root": root, "bert": bert, "out": out, "csv": csv, "img": img, "arch": arch}
 
@@ -120,7 +179,7 @@ def test_recall_learns_held_out(recall_run):
     rows = read_metrics(recall_run["out"] / "metrics.csv")
     val = [r for r in rows if r["split"] == "val"]
     assert len(val) == 5 and int(val[0]["queries"]) == 16 and int(val[0]["gallery"]) == 48
-    chance = chance_recall(48, 3, 5)                          # 0.286
+    chance = chance_recall(48, 3, 5)  # 0.286
     first, best = float(val[0]["recall@5"]), max(float(r["recall@5"]) for r in val)
     assert best >= 0.6 > 2 * chance, (first, best, chance)
     losses = train_losses(recall_run["out"])
@@ -146,10 +205,31 @@ def test_recall_resume_matches_uninterrupted(tmp_path, bert_dir, capsys):
     and same final weights. Image tower trains with BatchNorm in training mode; gradient
     accumulation (2 micro-batches) and an epoch-end evaluation happen on the way."""
     csv, img, arch = make_recall_data(tmp_path, owners_per_combo=1, images_per_owner=2)
-    args = ["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert_dir),
-            "--arch", str(arch), "--epochs", "3", "--batch-size", "4", "--accum-steps", "2",
-            "--lr", "3e-3", "--warmup-steps", "2", "--logit-scale", "5", "--val-owners", "8",
-            *COMMON]
+    args = [
+        "--csv",
+        str(csv),
+        "--image-dir",
+        str(img),
+        "--bert-dir",
+        str(bert_dir),
+        "--arch",
+        str(arch),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--accum-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--logit-scale",
+        "5",
+        "--val-owners",
+        "8",
+        *COMMON,
+    ]
     a, b = tmp_path / "straight", tmp_path / "resumed"
     assert recall_train.main(args + ["--out-dir", str(a)]) == 0
     assert recall_train.main(args + ["--out-dir", str(b), "--stop-after-step", "3"]) == 0
@@ -160,16 +240,16 @@ def test_recall_resume_matches_uninterrupted(tmp_path, bert_dir, capsys):
     la, lb = train_losses(a), train_losses(b)
     assert len(la) == len(lb) == 6
     np.testing.assert_allclose(lb, la, rtol=0, atol=1e-6)
-    assert [r["split"] for r in read_metrics(a / "metrics.csv")] == \
-        [r["split"] for r in read_metrics(b / "metrics.csv")]
+    assert [r["split"] for r in read_metrics(a / "metrics.csv")] == [
+        r["split"] for r in read_metrics(b / "metrics.csv")
+    ]
     wa = load_align_model(a / "last.pth", bert_dir).state_dict()
     wb = load_align_model(b / "last.pth", bert_dir).state_dict()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
     # a different schedule is refused (one line, exit 2)
     capsys.readouterr()
-    assert recall_train.main([x if x != "3e-3" else "1e-3" for x in args] +
-                             ["--out-dir", str(b), "--resume"]) == 2
+    assert recall_train.main([x if x != "3e-3" else "1e-3" for x in args] + ["--out-dir", str(b), "--resume"]) == 2
     assert "settings differ" in capsys.readouterr().err
 
 
@@ -187,10 +267,33 @@ def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir, caps
     start = tiny_align(bert_dir, seed=3)
     save_align_checkpoint(start, init)
     out = tmp_path / "run"
-    assert recall_train.main(["--csv", str(tmp_path / "pairs.csv"), "--bert-dir", str(bert_dir),
-                              "--init", str(init), "--out-dir", str(out), "--freeze", "image",
-                              "--cache-embeddings", "--epochs", "2", "--batch-size", "4",
-                              "--lr", "1e-2", "--val-owners", "2", *COMMON]) == 0
+    assert (
+        recall_train.main(
+            [
+                "--csv",
+                str(tmp_path / "pairs.csv"),
+                "--bert-dir",
+                str(bert_dir),
+                "--init",
+                str(init),
+                "--out-dir",
+                str(out),
+                "--freeze",
+                "image",
+                "--cache-embeddings",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--val-owners",
+                "2",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     end = load_align_model(out / "last.pth", bert_dir)
     s0, s1 = start.state_dict(), end.state_dict()
     for k in s0:
@@ -198,8 +301,18 @@ def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir, caps
             assert torch.equal(s0[k], s1[k]), k
     assert not torch.equal(s0["text_hidden_layer.weight"], s1["text_hidden_layer.weight"])
     with pytest.raises(SystemExit) as e:  # argparse: exit 2
-        recall_train.main(["--csv", str(tmp_path / "pairs.csv"), "--bert-dir", str(bert_dir),
-                           "--out-dir", str(out), "--cache-embeddings", *COMMON])
+        recall_train.main(
+            [
+                "--csv",
+                str(tmp_path / "pairs.csv"),
+                "--bert-dir",
+                str(bert_dir),
+                "--out-dir",
+                str(out),
+                "--cache-embeddings",
+                *COMMON,
+            ]
+        )
     assert e.value.code == 2 and "needs --freeze image" in capsys.readouterr().err
 
 
@@ -209,15 +322,29 @@ def test_recall_plain_csv_and_frozen_cached_image_tower(tmp_path, bert_dir, caps
 def test_rank_learns_brightness(recall_run, tmp_path):
     data = make_rank_data(tmp_path, n_train=64, n_val=48)
     out = tmp_path / "run"
-    rc = rank_train.main(data + ["--bert-dir", str(recall_run["bert"]), "--init",
-                                 str(recall_run["out"] / "best.pth"), "--out-dir", str(out),
-                                 "--no-augment", "--cache-embeddings", "--epochs", "6",
-                                 "--seed", "0", *COMMON])
+    rc = rank_train.main(
+        data
+        + [
+            "--bert-dir",
+            str(recall_run["bert"]),
+            "--init",
+            str(recall_run["out"] / "best.pth"),
+            "--out-dir",
+            str(out),
+            "--no-augment",
+            "--cache-embeddings",
+            "--epochs",
+            "6",
+            "--seed",
+            "0",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     val = [r for r in read_metrics(out / "metrics.csv") if r["split"] == "val"]
     assert len(val) == 6
     best = max(float(r["accuracy"]) for r in val)
-    baseline = float(val[0]["baseline"])                      # constant guess, ~0.56
+    baseline = float(val[0]["baseline"])  # constant guess, ~0.56
     assert best >= 0.85 and best > baseline + 0.25, (best, baseline)
     assert max(float(r["auc"]) for r in val) >= 0.9
     assert float(val[-1]["log_loss"]) < float(val[0]["log_loss"])
@@ -227,13 +354,14 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     assert "linear1.weight" in raw and "align_model.logit_scale" in raw
     ranker = load_ranker(out / "best.ckpt", recall_run["bert"])
     init = load_align_model(recall_run["out"] / "best.pth", recall_run["bert"])
-    assert model_hash(ranker.align_model) == model_hash(init)       # the recall model stayed frozen
+    assert model_hash(ranker.align_model) == model_hash(init)  # the recall model stayed frozen
     rows = list(rank_train.iter_rank_csv(tmp_path / "val.csv"))
     img = tmp_path / "rank_img"
     ea, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], num_workers=0, progress=False)
     eb, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], num_workers=0, progress=False)
-    tables = rank_train.load_tables(rank_train.build_parser().parse_args(
-        data + ["--bert-dir", "x", "--out-dir", "x"]), 32)
+    tables = rank_train.load_tables(
+        rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"]), 32
+    )
     items = [tables.inputs(r.title, r.poi_names) for r in rows]
     feat = encode_texts(ranker.align_model, load_tokenizer(recall_run["bert"]), [it.pois_text for it in items])
     pi = torch.from_numpy(np.stack([it.poi_img for it in items]))
@@ -249,8 +377,19 @@ def test_rank_learns_brightness(recall_run, tmp_path):
 def test_rank_resume_with_augmentation_and_margin_loss(recall_run, tmp_path):
     """Augmentation on, dropout on, margin loss: 6 steps straight vs 3 + --resume 3."""
     data = make_rank_data(tmp_path, n_train=8, n_val=4, seed=5)
-    args = data + ["--bert-dir", str(recall_run["bert"]), "--init", str(recall_run["out"] / "best.pth"),
-                   "--epochs", "3", "--batch-size", "4", "--loss", "margin", *COMMON]
+    args = data + [
+        "--bert-dir",
+        str(recall_run["bert"]),
+        "--init",
+        str(recall_run["out"] / "best.pth"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--loss",
+        "margin",
+        *COMMON,
+    ]
     a, b = tmp_path / "straight", tmp_path / "resumed"
     assert rank_train.main(args + ["--out-dir", str(a)]) == 0
     assert rank_train.main(args + ["--out-dir", str(b), "--stop-after-step", "3"]) == 0
@@ -258,14 +397,28 @@ def test_rank_resume_with_augmentation_and_margin_loss(recall_run, tmp_path):
     la, lb = train_losses(a), train_losses(b)
     assert len(la) == 6 and len(set(la)) > 1
     np.testing.assert_allclose(lb, la, rtol=0, atol=1e-6)
-    assert model_hash(load_ranker(a / "last.ckpt", recall_run["bert"])) == \
-        model_hash(load_ranker(b / "last.ckpt", recall_run["bert"]))
+    assert model_hash(load_ranker(a / "last.ckpt", recall_run["bert"])) == model_hash(
+        load_ranker(b / "last.ckpt", recall_run["bert"])
+    )
 
 
 def test_rank_refuses_augment_with_cache(tmp_path, bert_dir, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: exit 2
-        rank_train.main(["--train-csv", "t", "--val-csv", "v", "--image-dir", str(tmp_path),
-                         "--bert-dir", str(bert_dir), "--out-dir", str(tmp_path), "--cache-embeddings"])
+        rank_train.main(
+            [
+                "--train-csv",
+                "t",
+                "--val-csv",
+                "v",
+                "--image-dir",
+                str(tmp_path),
+                "--bert-dir",
+                str(bert_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--cache-embeddings",
+            ]
+        )
     assert e.value.code == 2 and "needs --no-augment" in capsys.readouterr().err
 
 
@@ -308,15 +461,20 @@ def test_metrics_writer_truncates_on_resume(tmp_path):
     w2 = MetricsWriter(tmp_path / "m.csv", ["step", "loss"], env, keep_rows=3)
     assert w2.rows == 3
     w2.write(step=3, loss=9.0)
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "m.csv")] == \
-        [("0", "0.5"), ("1", "1.5"), ("2", "2.5"), ("3", "9.0")]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "m.csv")] == [
+        ("0", "0.5"),
+        ("1", "1.5"),
+        ("2", "2.5"),
+        ("3", "9.0"),
+    ]
 
 
 def test_rank_defaults_and_losses_are_the_authors():
     """SPEC 5: Adam at 1e-3, batch 16, BCE on sigmoid(s_a - s_b) or
     MarginRankingLoss(margin 0.5) on (s_a, s_b, +1/-1); augmentation on."""
     a = rank_train.build_parser().parse_args(
-        ["--train-csv", "t", "--val-csv", "v", "--image-dir", "i", "--bert-dir", "b", "--out-dir", "o"])
+        ["--train-csv", "t", "--val-csv", "v", "--image-dir", "i", "--bert-dir", "b", "--out-dir", "o"]
+    )
     assert (a.optimizer, a.lr, a.batch_size, a.weight_decay) == ("adam", 1e-3, 16, 0.0)
     assert (a.schedule, a.warmup_steps, a.clip_grad) == ("constant", 0, 0.0)
     assert (a.loss, a.margin, a.augment) == ("bce", 0.5, True)
@@ -337,7 +495,8 @@ def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog, monkeyp
     import logging
     import os
 
-    from utils import onnx_backend
+    from models.engine import onnx as onnx_backend
+
     if not onnx_backend.onnxruntime_available():
         pytest.skip("onnxruntime not installed")
     cache = os.environ["AVAS_ONNX_CACHE"]
@@ -350,8 +509,25 @@ def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog, monkeyp
 
     monkeypatch.setattr(onnx_backend, "export_image_graph", spy)
     csv, img, arch = make_recall_data(tmp_path, owners_per_combo=1, images_per_owner=2)
-    args = ["--csv", str(csv), "--image-dir", str(img), "--bert-dir", str(bert_dir), "--arch", str(arch),
-            "--epochs", "1", "--batch-size", "4", "--val-owners", "4", "--logit-scale", "5", *COMMON]
+    args = [
+        "--csv",
+        str(csv),
+        "--image-dir",
+        str(img),
+        "--bert-dir",
+        str(bert_dir),
+        "--arch",
+        str(arch),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-owners",
+        "4",
+        "--logit-scale",
+        "5",
+        *COMMON,
+    ]
     n0, files0 = len(exports), sorted(os.listdir(cache))
     assert recall_train.main(args + ["--out-dir", str(tmp_path / "auto")]) == 0
     assert len(exports) == n0 and sorted(os.listdir(cache)) == files0
@@ -365,8 +541,25 @@ def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog, monkeyp
     init = tmp_path / "init.pth"
     save_align_checkpoint(tiny_align(bert_dir, seed=1), init)
     with caplog.at_level(logging.INFO):
-        assert rank_train.main(data + ["--bert-dir", str(bert_dir), "--init", str(init),
-                                       "--out-dir", str(tmp_path / "rank"), "--epochs", "1",
-                                       "--batch-size", "4", "--no-augment", "--cache-embeddings",
-                                       *COMMON]) == 0
+        assert (
+            rank_train.main(
+                data
+                + [
+                    "--bert-dir",
+                    str(bert_dir),
+                    "--init",
+                    str(init),
+                    "--out-dir",
+                    str(tmp_path / "rank"),
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--no-augment",
+                    "--cache-embeddings",
+                    *COMMON,
+                ]
+            )
+            == 0
+        )
     assert "image engine: onnx" in caplog.text

@@ -22,15 +22,20 @@
 - ``setup_logging``: one stderr handler (none added when a caller installed one).
 - ``resolve_device``: ``--device auto|cpu|cuda``.
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import gc
 import logging
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -40,8 +45,85 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _interrupted_while_starting(signum, frame) -> None:
+    _say(f"{Path(sys.argv[0]).stem}: interrupted")
+    os._exit(EXIT_INTERRUPTED)
+
+
+# A script run as the program says Ctrl-C in one line and 130 even while its imports run
+# (before ``entry_point`` takes over); a process that merely imports us keeps its handler.
+_MAIN_FILE = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+if (
+    Path(_MAIN_FILE).resolve().parent == Path(__file__).resolve().parent.parent
+    and threading.current_thread() is threading.main_thread()
+):
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
+
+
+class DataError(UserError, ValueError):
+    """A data file that cannot be used as it is; the message names file and line."""
+
+
+def check_finite(value: float, where: str) -> float:
+    """``value`` unless it is NaN or infinite (then a ``DataError`` naming ``where``)."""
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {value!r} is not a finite number")
+    return value
+
+
+@dataclass(frozen=True)
+class RowError:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+def record_bad_row(errors: list | None, err: RowError) -> None:
+    """A reader's bad row: raised at once (``errors`` None) or collected."""
+    if errors is None:
+        raise DataError(str(err))
+    errors.append(err)
+
+
+def bad_rows(errors: list, path, skip: bool, shown: int = 20) -> int:
+    """The one rule for bad input rows, in every script (and on every worker that read
+    rows): refused, as a ``DataError`` naming the first and how many, unless ``skip``
+    (``--skip-bad-rows``): then each is logged by file and line (the first ``shown``) and
+    their count is returned for the summary."""
+    if not errors:
+        return 0
+    if not skip:
+        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more} bad row(s) in {path}; fix them, or --skip-bad-rows to leave them out")
+    log = logging.getLogger("bad_rows")
+    for e in errors[:shown]:
+        log.warning("bad row left out: %s", e)
+    if len(errors) > shown:
+        log.warning("... and %d more bad rows left out of %s", len(errors) - shown, path)
+    return len(errors)
+
+
+def distinct_paths(inputs: dict, outputs: dict) -> None:
+    """No output is one of the inputs or another output (compared resolved); ``{flag:
+    path}``, None values ignored."""
+    seen: dict[str, str] = {}
+    for flag, path in inputs.items():
+        if path is not None:
+            seen.setdefault(os.path.realpath(path), f"input {flag}")
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[real]}; refusing to overwrite it")
+        seen[real] = flag
 
 
 def one_line(msg: object) -> str:
@@ -63,11 +145,12 @@ def entry_point(main):
     keeps its traceback. Run as the program (``__main__``), the objects left at the end
     are frozen out of the garbage collector: the interpreter's exit then skips a
     collection over the million objects torch and transformers create (0.7 s here)."""
-    prog = Path(sys.modules[main.__module__].__file__ or main.__module__).stem \
-        if main.__module__ in sys.modules else main.__module__
+    prog = Path(main.__code__.co_filename).stem
 
     @functools.wraps(main)
     def run(argv=None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: KeyboardInterrupt
         try:
             return main(argv)
         except UserError as e:
@@ -79,6 +162,7 @@ def entry_point(main):
         finally:
             if main.__module__ == "__main__":
                 gc.freeze()
+
     return run
 
 
@@ -86,10 +170,12 @@ def entry_point(main):
 # arguments
 # ---------------------------------------------------------------------------
 # --num-workers of the scripts that encode images (utils.embed decides the defaults)
-DECODE_WORKERS_HELP = ("image decoding worker processes (default: by core count and engine, "
-                       "utils.embed.default_num_workers; 0 = none). With ONNX Runtime on a CPU "
-                       "the engine's lanes decode, and workers only decode the first images "
-                       "while the model loads")
+DECODE_WORKERS_HELP = (
+    "image decoding worker processes (default: by core count and engine, "
+    "utils.embed.default_num_workers; 0 = none). With ONNX Runtime on a CPU "
+    "the engine's lanes decode, and workers only decode the first images "
+    "while the model loads"
+)
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
@@ -133,6 +219,7 @@ def count_or_percent(text: str) -> str:
     """``N`` (an integer >= 0) or ``P%`` (a percentage >= 0), kept as written; see
     :func:`allowed_count`."""
     import re
+
     if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
         raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
     return text
@@ -146,11 +233,20 @@ def allowed_count(spec: str, total: int) -> int:
 def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     """``--device`` (when a model runs), ``--no-progress`` and ``--log-level``."""
     if device:
-        p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                       help="where models run: auto = CUDA when present, else CPU (default auto)")
+        p.add_argument(
+            "--device",
+            choices=DEVICE_CHOICES,
+            default="auto",
+            help="where models run: auto = CUDA when present, else CPU (default auto)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
-                   help="log messages of this level and above on stderr (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=LOG_LEVELS,
+        type=str.upper,
+        help="log messages of this level and above on stderr (default INFO)",
+    )
 
 
 def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> None:
@@ -163,6 +259,19 @@ def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> No
         root.setLevel(level)
 
 
+def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
+    """A handler appending to the log file ``path``, opened without following a symbolic
+    link (one planted there would make our lines land in its target)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        why = "is a symbolic link" if os.path.islink(path) else (e.strerror or str(e))
+        raise UserError(f"log file {path}: {why}; refusing to write it") from None
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    handler.setFormatter(logging.Formatter(fmt))
+    return handler
+
+
 def resolve_device(name: str = "auto"):
     """``auto`` takes CUDA when present. Asking for CUDA without a GPU is a ``UserError``
     that says so, rather than a traceback from deep inside torch."""
@@ -171,9 +280,11 @@ def resolve_device(name: str = "auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available on this machine "
-                        f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda}); "
-                        f"use --device cpu or auto")
+        raise UserError(
+            f"--device {name}: no CUDA device is available on this machine "
+            f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda}); "
+            f"use --device cpu or auto"
+        )
     return torch.device(name)
 
 

@@ -6,6 +6,7 @@
   values in sorted key order: equal for two models holding the same weights, whatever
   file they came from. Keys the embedding cache and the ONNX export cache.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -19,18 +19,19 @@ the batch in flight); a file that is not a readable cache is moved aside to
 error disables the cache for the rest of the run with a warning, never the run.
 Several processes may share one cache (SQLite locking, 60 s busy timeout).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .hashing import sha256_file
+from utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,12 @@ class EmbeddingCache:
         db = sqlite3.connect(str(self.path), timeout=60)
         try:
             db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-            db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
-                       "mtime_ns INTEGER, sha TEXT)")
-            db.execute("CREATE TABLE IF NOT EXISTS vectors (ns TEXT, sha TEXT, ok INTEGER, "
-                       "vec BLOB, PRIMARY KEY (ns, sha))")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha TEXT)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vectors (ns TEXT, sha TEXT, ok INTEGER, vec BLOB, PRIMARY KEY (ns, sha))"
+            )
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.commit()
             (v,) = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
@@ -86,16 +89,19 @@ class EmbeddingCache:
 
     def _move_aside(self, err: Exception) -> None:
         bad = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("embedding cache %s is not a readable cache (%s); moved to %s and starting "
-                    "a new one", self.path, err, bad.name)
+        log.warning(
+            "embedding cache %s is not a readable cache (%s); moved to %s and starting a new one",
+            self.path,
+            err,
+            bad.name,
+        )
         for suffix in ("", "-journal", "-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
                 os.replace(p, Path(str(bad) + suffix))
 
     def _disable(self, err: Exception) -> None:
-        log.warning("embedding cache %s failed (%s: %s); continuing without it",
-                    self.path, type(err).__name__, err)
+        log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(err).__name__, err)
         try:
             self.db.close()
         except Exception:
@@ -139,7 +145,7 @@ class EmbeddingCache:
             try:
                 todo = [r for r in real if r is not None]
                 for a in range(0, len(todo), _CHUNK):
-                    part = todo[a:a + _CHUNK]
+                    part = todo[a : a + _CHUNK]
                     q = f"SELECT path, size, mtime_ns, sha FROM files WHERE path IN ({','.join('?' * len(part))})"
                     for path, size, mtime, sha in self.db.execute(q, part):
                         known[path] = (size, mtime, sha)
@@ -172,8 +178,9 @@ class EmbeddingCache:
         return keys
 
     # -- vectors -------------------------------------------------------------
-    def get_many(self, keys: Sequence[str | None], ns: str, dim: int | None = None
-                 ) -> dict[str, tuple[np.ndarray, bool]]:
+    def get_many(
+        self, keys: Sequence[str | None], ns: str, dim: int | None = None
+    ) -> dict[str, tuple[np.ndarray, bool]]:
         """``{sha: (vector float32, ok)}`` for the keys present (None keys skipped).
         A stored vector of the wrong size (``dim``) is treated as absent."""
         out: dict[str, tuple[np.ndarray, bool]] = {}
@@ -183,7 +190,7 @@ class EmbeddingCache:
             return out
         try:
             for a in range(0, len(want), _CHUNK):
-                part = want[a:a + _CHUNK]
+                part = want[a : a + _CHUNK]
                 q = f"SELECT sha, ok, vec FROM vectors WHERE ns = ? AND sha IN ({','.join('?' * len(part))})"
                 for sha, ok, blob in self.db.execute(q, [ns, *part]):
                     vec = np.frombuffer(blob, dtype=np.float32)
@@ -199,8 +206,11 @@ class EmbeddingCache:
 
     def put_many(self, items: Sequence[tuple[str, np.ndarray, bool]], ns: str) -> None:
         """Store ``(sha, vector, ok)`` items in one transaction."""
-        rows = [(ns, sha, int(ok), np.ascontiguousarray(vec, dtype=np.float32).tobytes())
-                for sha, vec, ok in items if sha is not None]
+        rows = [
+            (ns, sha, int(ok), np.ascontiguousarray(vec, dtype=np.float32).tobytes())
+            for sha, vec, ok in items
+            if sha is not None
+        ]
         if self.db is None or not rows:
             return
         try:

@@ -23,7 +23,10 @@ manifest, or a default per kind). A file that does not (an HTML error page saved
 ``align_model.pth``) is kept aside as ``<path>.bad-content`` and not pinned; a pinned
 file that does not is set aside and fetched again.
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError, UserError
 
 import errno
 import itertools
@@ -39,15 +42,15 @@ from pathlib import Path
 import requests
 import urllib3
 
-from utils.cli import UserError
-from utils.data import (DataError, iter_rank_csv, iter_recall_csv, sniff_format,
-                        write_json)
-from utils.download import classify_exception, root_cause
+from utils.formats import iter_rank_csv, iter_recall_csv, sniff_format
 from utils.hashing import sha256_file
+from utils.io import write_json
+
+from .download import classify_exception, root_cause
 
 log = logging.getLogger("download_assets")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 DEFAULT_MANIFEST = ROOT / "assets.json"
 HASHES_FILE = ".asset-hashes.json"
 PART_SUFFIX = ".part"
@@ -89,15 +92,15 @@ class DiskFullError(AssetError):
 @dataclass
 class Asset:
     name: str
-    path: str                          # relative, '/'-separated
+    path: str  # relative, '/'-separated
     url: str | None = None
-    hf: dict | None = None             # {"repo_id", "filename", "revision"}
+    hf: dict | None = None  # {"repo_id", "filename", "revision"}
     sha256: str | None = None
     default: bool = True
     description: str = ""
-    group: str | None = None           # e.g. "baselines": fetched with download_assets --with-baselines
-    kind: str | None = None            # what the file is (KINDS); None: from the extension
-    min_bytes: int | None = None       # smallest plausible size; None: the kind's default
+    group: str | None = None  # e.g. "baselines": fetched with download_assets --with-baselines
+    kind: str | None = None  # what the file is (KINDS); None: from the extension
+    min_bytes: int | None = None  # smallest plausible size; None: the kind's default
 
     def source(self, mirror: str | None) -> str:
         if mirror:
@@ -140,29 +143,36 @@ def load_manifest(path: str | os.PathLike = DEFAULT_MANIFEST) -> list[Asset]:
         if kind is not None and kind not in KINDS:
             raise ManifestError(f"{where}: 'kind' must be one of {', '.join(KINDS)}")
         min_bytes = a.get("min_bytes")
-        if min_bytes is not None and (not isinstance(min_bytes, int) or isinstance(min_bytes, bool)
-                                      or min_bytes < 0):
+        if min_bytes is not None and (not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 0):
             raise ManifestError(f"{where}: 'min_bytes' must be an integer >= 0")
         sha = a.get("sha256")
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
             raise ManifestError(f"{where}: 'sha256' must be 64 hex digits or null")
-        out.append(Asset(name=name, path=rel, url=a.get("url"), hf=hf,
-                         sha256=sha.lower() if sha else None, default=a.get("default", True),
-                         description=a.get("description", ""), group=a.get("group"),
-                         kind=kind, min_bytes=min_bytes))
+        out.append(
+            Asset(
+                name=name,
+                path=rel,
+                url=a.get("url"),
+                hf=hf,
+                sha256=sha.lower() if sha else None,
+                default=a.get("default", True),
+                description=a.get("description", ""),
+                group=a.get("group"),
+                kind=kind,
+                min_bytes=min_bytes,
+            )
+        )
     return out
 
 
-def select_assets(assets: list[Asset], only=None, with_train: bool = False,
-                  groups=()) -> list[Asset]:
+def select_assets(assets: list[Asset], only=None, with_train: bool = False, groups=()) -> list[Asset]:
     """``only`` names (any order) or the default set (+ non-default ones with ``with_train``,
     + the assets of the named ``groups``, e.g. ``("baselines",)``)."""
     by_name = {a.name: a for a in assets}
     if only:
         unknown = [n for n in only if n not in by_name]
         if unknown:
-            raise ManifestError(f"unknown asset name(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(by_name)}")
+            raise ManifestError(f"unknown asset name(s): {', '.join(unknown)}; known: {', '.join(by_name)}")
         return [a for a in assets if a.name in set(only)]
     return [a for a in assets if a.default or with_train or (a.group is not None and a.group in groups)]
 
@@ -175,16 +185,30 @@ def mirror_url(base: str, rel: str) -> str:
 # does a file look like what the asset is?
 # ---------------------------------------------------------------------------
 KINDS = ("torch", "safetensors", "npy", "recall_csv", "rank_csv", "csv", "json", "text")
-KIND_OF_EXT = {".pth": "torch", ".ckpt": "torch", ".bin": "torch", ".pt": "torch",
-               ".safetensors": "safetensors", ".npy": "npy", ".csv": "csv",
-               ".json": "json", ".txt": "text"}
+KIND_OF_EXT = {
+    ".pth": "torch",
+    ".ckpt": "torch",
+    ".bin": "torch",
+    ".pt": "torch",
+    ".safetensors": "safetensors",
+    ".npy": "npy",
+    ".csv": "csv",
+    ".json": "json",
+    ".txt": "text",
+}
 # the smallest plausible size of each kind, when the manifest gives no min_bytes: a
 # model's weights are never a few kilobytes (an error page is); an .npy header is 128 bytes
 MIN_BYTES = {"torch": 64 * 1024, "safetensors": 64 * 1024, "npy": 128}
-KIND_NAMES = {"torch": "a torch checkpoint", "safetensors": "a safetensors file",
-              "npy": "a .npy array", "recall_csv": "a recall-format CSV",
-              "rank_csv": "a $record$ ranking CSV", "csv": "a CSV of the published formats",
-              "json": "a JSON object", "text": "UTF-8 text"}
+KIND_NAMES = {
+    "torch": "a torch checkpoint",
+    "safetensors": "a safetensors file",
+    "npy": "a .npy array",
+    "recall_csv": "a recall-format CSV",
+    "rank_csv": "a $record$ ranking CSV",
+    "csv": "a CSV of the published formats",
+    "json": "a JSON object",
+    "text": "UTF-8 text",
+}
 CSV_ROWS_CHECKED = 50
 LOOKS_WRONG = "it does not look right: "
 
@@ -318,10 +342,15 @@ class HashRecords:
 
     def put(self, asset: Asset, file: Path, sha: str, source: str) -> None:
         st = file.stat()
-        self.data[asset.name] = {"path": asset.path, "sha256": sha, "size": st.st_size,
-                                 "mtime_ns": st.st_mtime_ns, "source": source,
-                                 "manifest_sha256": asset.sha256,
-                                 "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.data[asset.name] = {
+            "path": asset.path,
+            "sha256": sha,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "source": source,
+            "manifest_sha256": asset.sha256,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         self.save()
 
     def drop(self, name: str) -> None:
@@ -359,8 +388,14 @@ def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool =
             return f"{LOOKS_WRONG}{problem}"
     rec = records.get(asset.name)
     st = file.stat()
-    if (not rehash and rec and rec.get("path") == asset.path and rec.get("size") == st.st_size
-            and rec.get("mtime_ns") == st.st_mtime_ns and (want is None or rec.get("sha256") == want)):
+    if (
+        not rehash
+        and rec
+        and rec.get("path") == asset.path
+        and rec.get("size") == st.st_size
+        and rec.get("mtime_ns") == st.st_mtime_ns
+        and (want is None or rec.get("sha256") == want)
+    ):
         return None
     got = sha256_file(file)
     if want is not None and got != want:
@@ -380,8 +415,7 @@ def _host(url: str) -> str:
 
 def _network_error(url: str, exc: BaseException, mirror: bool) -> NetworkError:
     host = _host(url)
-    hint = ("check that the mirror is running and reachable" if mirror
-            else "check the network or use --mirror")
+    hint = "check that the mirror is running and reachable" if mirror else "check the network or use --mirror"
     return NetworkError(host, f"cannot reach {host}: {hint} ({root_cause(exc)})")
 
 
@@ -394,9 +428,11 @@ def _free_space(path: Path) -> str:
 
 
 def _disk_full(asset: Asset, file: Path, exc: OSError) -> DiskFullError:
-    return DiskFullError(f"{asset.name}: disk full while writing {file} ({exc.strerror}); "
-                         f"{_free_space(file.parent)} free on that disk. Free some space and rerun: "
-                         f"the partial download is kept and resumes.")
+    return DiskFullError(
+        f"{asset.name}: disk full while writing {file} ({exc.strerror}); "
+        f"{_free_space(file.parent)} free on that disk. Free some space and rerun: "
+        f"the partial download is kept and resumes."
+    )
 
 
 def _open_part(path: Path, mode: str):
@@ -426,9 +462,17 @@ class FetchStats:
     ranges: list = field(default_factory=list)
 
 
-def http_fetch(session: requests.Session, asset: Asset, url: str, final: Path,
-               timeout=(10.0, 60.0), body_retries: int = 3, mirror: bool = False,
-               progress: bool = True, backoff: float = 0.5) -> tuple[Path, FetchStats]:
+def http_fetch(
+    session: requests.Session,
+    asset: Asset,
+    url: str,
+    final: Path,
+    timeout=(10.0, 60.0),
+    body_retries: int = 3,
+    mirror: bool = False,
+    progress: bool = True,
+    backoff: float = 0.5,
+) -> tuple[Path, FetchStats]:
     """Download ``url`` into ``<final>.part``, resuming a partial one; returns the
     completed temporary file (not yet verified or renamed)."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -491,17 +535,29 @@ def http_fetch(session: requests.Session, asset: Asset, url: str, final: Path,
                 mode = "ab"
             else:
                 if start > 0:
-                    log.info("%s: server sent the whole file instead of the range; restarting",
-                             asset.name)
+                    log.info("%s: server sent the whole file instead of the range; restarting", asset.name)
                     stats.restarts += 1
                 start, mode = 0, "wb"
             length = resp.headers.get("Content-Length")
             total = start + int(length) if length and length.isdigit() else None
-            meta = {"url": url, "etag": resp.headers.get("ETag"),
-                    "last_modified": resp.headers.get("Last-Modified"), "total": total}
+            meta = {
+                "url": url,
+                "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"),
+                "total": total,
+            }
             write_json(meta_path, meta)
-            bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=asset.name, disable=not progress, leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=asset.name,
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             try:
                 try:
                     f = _open_part(part, mode)
@@ -535,10 +591,11 @@ def http_fetch(session: requests.Session, asset: Asset, url: str, final: Path,
         attempt += 1
         have = part.stat().st_size if part.exists() else 0
         if attempt > body_retries:
-            raise AssetError(f"{asset.name}: the download from {url} broke off {attempt} times "
-                             f"(last: {type(err).__name__}: {err}); rerun to resume from byte {have}")
-        log.warning("%s: download interrupted at byte %d (%s); resuming", asset.name, have,
-                    type(err).__name__)
+            raise AssetError(
+                f"{asset.name}: the download from {url} broke off {attempt} times "
+                f"(last: {type(err).__name__}: {err}); rerun to resume from byte {have}"
+            )
+        log.warning("%s: download interrupted at byte %d (%s); resuming", asset.name, have, type(err).__name__)
         time.sleep(backoff * (2 ** (attempt - 1)))
     _unlink(meta_path)
     return part, stats
@@ -549,11 +606,16 @@ def hf_fetch(asset: Asset, final: Path) -> tuple[Path, str]:
     apply) and copy the cached file to ``<final>.part``; returns (part, source)."""
     try:
         from huggingface_hub import constants, hf_hub_download  # noqa: PLC0415
-        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,  # noqa: PLC0415
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,  # noqa: PLC0415
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as e:
-        raise AssetError(f"{asset.name}: huggingface_hub is not installed ({e}); "
-                         f"pip install -r requirements.txt, or use --mirror") from None
+        raise AssetError(
+            f"{asset.name}: huggingface_hub is not installed ({e}); pip install -r requirements.txt, or use --mirror"
+        ) from None
     repo, filename = asset.hf["repo_id"], asset.hf["filename"]
     revision = asset.hf.get("revision") or "main"
     endpoint = constants.ENDPOINT
@@ -561,22 +623,29 @@ def hf_fetch(asset: Asset, final: Path) -> tuple[Path, str]:
         cached = hf_hub_download(repo_id=repo, filename=filename, revision=revision)
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise AssetError(f"{asset.name}: {repo}/{filename} is not in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}) and offline mode is on (HF_HUB_OFFLINE): "
-                             f"run once online, point HF_HOME at a filled cache, or use --mirror") from None
+            raise AssetError(
+                f"{asset.name}: {repo}/{filename} is not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) and offline mode is on (HF_HUB_OFFLINE): "
+                f"run once online, point HF_HOME at a filled cache, or use --mirror"
+            ) from None
         host = _host(endpoint)
-        raise NetworkError(host, f"cannot reach {host}: check the network or use --mirror "
-                                 f"(or set HF_ENDPOINT to a Hugging Face mirror)") from None
+        raise NetworkError(
+            host,
+            f"cannot reach {host}: check the network or use --mirror (or set HF_ENDPOINT to a Hugging Face mirror)",
+        ) from None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise AssetError(f"{asset.name}: {repo}/{filename}@{revision} not found on {endpoint} "
-                         f"({type(e).__name__})") from None
+        raise AssetError(
+            f"{asset.name}: {repo}/{filename}@{revision} not found on {endpoint} ({type(e).__name__})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - httpx / hub errors of any kind
         if "connect" in type(e).__name__.lower() or "connect" in str(e).lower():
             host = _host(endpoint)
-            raise NetworkError(host, f"cannot reach {host}: check the network or use --mirror "
-                                     f"({type(e).__name__})") from None
-        raise AssetError(f"{asset.name}: Hugging Face download of {repo}/{filename} failed "
-                         f"({type(e).__name__}: {e})") from None
+            raise NetworkError(
+                host, f"cannot reach {host}: check the network or use --mirror ({type(e).__name__})"
+            ) from None
+        raise AssetError(
+            f"{asset.name}: Hugging Face download of {repo}/{filename} failed ({type(e).__name__}: {e})"
+        ) from None
     part = final.with_name(final.name + PART_SUFFIX)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -595,18 +664,27 @@ def hf_fetch(asset: Asset, final: Path) -> tuple[Path, str]:
 @dataclass
 class Outcome:
     name: str
-    status: str                 # skipped | downloaded | failed
+    status: str  # skipped | downloaded | failed
     path: Path
     sha256: str | None = None
-    sha_origin: str = ""        # manifest | record | unknown (newly recorded)
+    sha_origin: str = ""  # manifest | record | unknown (newly recorded)
     source: str | None = None
     error: str | None = None
     stats: FetchStats | None = None
 
 
-def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
-                mirror: str | None = None, timeout=(10.0, 60.0), body_retries: int = 3,
-                progress: bool = True, force: bool = False, rehash: bool = False) -> Outcome:
+def fetch_asset(
+    asset: Asset,
+    dest: Path,
+    records: HashRecords,
+    session=None,
+    mirror: str | None = None,
+    timeout=(10.0, 60.0),
+    body_retries: int = 3,
+    progress: bool = True,
+    force: bool = False,
+    rehash: bool = False,
+) -> Outcome:
     """Skip when present and verified; else fetch, verify, rename atomically, record.
 
     Raises AssetError (and subclasses) with a message for the user."""
@@ -615,8 +693,9 @@ def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
         why = check_present(asset, dest, records, rehash=rehash)
         if why is None:
             rec = records.get(asset.name) or {}
-            return Outcome(asset.name, "skipped", final, rec.get("sha256"),
-                           expected_sha(asset, records)[1], rec.get("source"))
+            return Outcome(
+                asset.name, "skipped", final, rec.get("sha256"), expected_sha(asset, records)[1], rec.get("source")
+            )
         if why != "missing":
             log.warning("%s: %s: %s; downloading again", asset.name, final, why)
         if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
@@ -628,12 +707,19 @@ def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
     if mirror or asset.url:
         url = asset.source(mirror)
         log.info("%s: downloading %s", asset.name, url)
-        part, stats = http_fetch(session, asset, url, final, timeout=timeout,
-                                 body_retries=body_retries, mirror=bool(mirror), progress=progress)
+        part, stats = http_fetch(
+            session,
+            asset,
+            url,
+            final,
+            timeout=timeout,
+            body_retries=body_retries,
+            mirror=bool(mirror),
+            progress=progress,
+        )
         source = url
     else:
-        log.info("%s: fetching %s/%s through huggingface_hub", asset.name, asset.hf["repo_id"],
-                 asset.hf["filename"])
+        log.info("%s: fetching %s/%s through huggingface_hub", asset.name, asset.hf["repo_id"], asset.hf["filename"])
         part, source = hf_fetch(asset, final)
     got = sha256_file(part)
     with open(part, "rb") as f:
@@ -641,27 +727,28 @@ def fetch_asset(asset: Asset, dest: Path, records: HashRecords, session=None,
     if head == LFS_MAGIC and not (want and got == want):
         bad = final.with_name(final.name + BAD_SUFFIX)
         os.replace(part, bad)
-        raise ChecksumError(f"{asset.name}: {source} served a Git LFS pointer, not the file; "
-                            f"kept aside as {bad}")
+        raise ChecksumError(f"{asset.name}: {source} served a Git LFS pointer, not the file; kept aside as {bad}")
     if want is not None and got != want:
         bad = final.with_name(final.name + BAD_SUFFIX)
         os.replace(part, bad)
-        where = ("the manifest" if origin == "manifest"
-                 else f"{dest / HASHES_FILE} (recorded at the first download; delete that entry "
-                      f"to accept a new version)")
-        raise ChecksumError(f"{asset.name}: checksum mismatch for {source}: sha256 {got}, "
-                            f"expected {want} from {where}. The file was NOT used; it is kept "
-                            f"aside as {bad}")
+        where = (
+            "the manifest"
+            if origin == "manifest"
+            else f"{dest / HASHES_FILE} (recorded at the first download; delete that entry to accept a new version)"
+        )
+        raise ChecksumError(
+            f"{asset.name}: checksum mismatch for {source}: sha256 {got}, "
+            f"expected {want} from {where}. The file was NOT used; it is kept "
+            f"aside as {bad}"
+        )
     if want is None:  # about to be pinned: it must at least look like what it is
         problem = content_problem(asset, part)
         if problem is not None:
             bad = final.with_name(final.name + BAD_CONTENT_SUFFIX)
             os.replace(part, bad)
-            raise ContentError(f"{asset.name}: {final} from {source} is {problem}; not pinned, "
-                               f"kept aside as {bad}")
+            raise ContentError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
     os.replace(part, final)
     records.put(asset, final, got, source)
     if want is None:
-        log.info("%s: sha256 not known in advance; recorded %s in %s", asset.name, got,
-                 dest / HASHES_FILE)
+        log.info("%s: sha256 not known in advance; recorded %s in %s", asset.name, got, dest / HASHES_FILE)
     return Outcome(asset.name, "downloaded", final, got, origin, source, stats=stats)

@@ -24,7 +24,10 @@
   ``save_checkpoint_and_state``, ``wrap_ddp``, ``amp_autocast``, ``optimizer_step``:
   the run mechanics both scripts share, so each keeps only what differs.
 """
+
 from __future__ import annotations
+
+from utils.cli import LOG_FORMAT, DataError, UserError, input_file, resolve_device, setup_logging
 
 import contextlib
 import csv
@@ -48,9 +51,8 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from utils.cli import LOG_FORMAT, UserError, input_file, resolve_device, setup_logging
-from utils.data import DataError, atomic_path, atomic_write, count_text_rows, exclusive_lock, write_json
 from utils.hashing import model_hash
+from utils.io import atomic_path, atomic_write, count_text_rows, exclusive_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if not env.distributed:
         return x
     import torch.distributed.nn.functional as dnf  # noqa: PLC0415
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API
         return torch.cat(dnf.all_gather(x), dim=0)
@@ -146,8 +149,9 @@ def setup_rank_logging(level: str | int, env: DistEnv) -> None:
 
 def progress(iterable=None, env: DistEnv | None = None, enabled: bool = True, **kw):
     """tqdm on rank 0 only (and not at all unless ``enabled``: --no-progress)."""
-    return tqdm(iterable, disable=not enabled or (env is not None and not env.is_main),
-                dynamic_ncols=True, leave=False, **kw)
+    return tqdm(
+        iterable, disable=not enabled or (env is not None and not env.is_main), dynamic_ncols=True, leave=False, **kw
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -169,10 +173,10 @@ class ResumableSampler(DistributedSampler):
     ``W`` times larger.
     """
 
-    def __init__(self, dataset, env: DistEnv, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True):
-        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle,
-                         seed=seed, drop_last=drop_last)
+    def __init__(self, dataset, env: DistEnv, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+        super().__init__(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.start = 0
 
     def set_start(self, start: int) -> None:
@@ -180,7 +184,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        return iter(indices[self.start :])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)
@@ -192,8 +196,7 @@ def loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def augment_pil(img: Image.Image, rng: np.random.Generator, degrees: float = 5.0,
-                flip_p: float = 0.3) -> Image.Image:
+def augment_pil(img: Image.Image, rng: np.random.Generator, degrees: float = 5.0, flip_p: float = 0.3) -> Image.Image:
     """The authors' ``RandomRotation(5)`` then ``RandomHorizontalFlip(0.3)``: rotation
     by a uniform angle in [-degrees, degrees] about the centre, nearest-neighbour, same
     size (no expand), black fill; then a left-right mirror with probability flip_p."""
@@ -217,8 +220,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     if name == "adamw":
         decay = [p for n, p in params if p.ndim >= 2]
         no_decay = [p for n, p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     if name == "adam":
         return torch.optim.Adam([p for _, p in params], lr=lr, weight_decay=weight_decay)
@@ -270,8 +272,7 @@ class MetricsWriter:
             with open(self.path, encoding="utf-8", newline="") as f:
                 old = list(csv.DictReader(f))[:keep_rows]
             if len(old) < keep_rows:
-                log.warning("%s: holds %d rows, the training state expected %d", self.path,
-                            len(old), keep_rows)
+                log.warning("%s: holds %d rows, the training state expected %d", self.path, len(old), keep_rows)
         with atomic_write(self.path) as f:
             w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             w.writeheader()
@@ -283,7 +284,8 @@ class MetricsWriter:
             return
         with open(self.path, "a", encoding="utf-8", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(
-                {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+                {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+            )
         self.rows += 1
 
 
@@ -301,9 +303,13 @@ def rng_state() -> dict:
     py_version, py_internal, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -314,17 +320,31 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_state(path, env: DistEnv, *, optimizer, scheduler, scaler, step: int, epoch: int,
-                     batch_in_epoch: int, metrics_rows: int, model_file: str, model_hash: str,
-                     config: dict, extra: dict | None = None) -> None:
+def save_train_state(
+    path,
+    env: DistEnv,
+    *,
+    optimizer,
+    scheduler,
+    scaler,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    metrics_rows: int,
+    model_file: str,
+    model_hash: str,
+    config: dict,
+    extra: dict | None = None,
+) -> None:
     """Write the state needed to resume (collective: every process must call it; rank 0
     writes). ``epoch``/``batch_in_epoch`` say where training continues: batch
     ``batch_in_epoch`` of epoch ``epoch``. ``model_hash`` ties the state to the model
@@ -336,12 +356,20 @@ def save_train_state(path, env: DistEnv, *, optimizer, scheduler, scaler, step: 
     if not env.is_main:
         return
     obj = {
-        "format": STATE_FORMAT, "step": int(step), "epoch": int(epoch),
-        "batch_in_epoch": int(batch_in_epoch), "metrics_rows": int(metrics_rows),
-        "world_size": env.world_size, "model_file": model_file, "model_hash": model_hash,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "format": STATE_FORMAT,
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "metrics_rows": int(metrics_rows),
+        "world_size": env.world_size,
+        "model_file": model_file,
+        "model_hash": model_hash,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rngs, "config": config, "extra": extra or {},
+        "rng": rngs,
+        "config": config,
+        "extra": extra or {},
     }
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -352,14 +380,14 @@ def load_train_state(path) -> dict:
     ``UserError`` naming it."""
     path = str(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no training state to resume from (was --out-dir the "
-                        f"directory of an earlier run?)")
+        raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with code
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot be read as a training state ({why}); it is damaged: "
-                        f"start again without --resume") from None
+        raise UserError(
+            f"{path}: cannot be read as a training state ({why}); it is damaged: start again without --resume"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training state file of this package")
     return state
@@ -377,9 +405,12 @@ def check_resume_config(state: dict, config: dict, path: str) -> None:
 def restore_rng(state: dict, env: DistEnv) -> None:
     rngs = state["rng"]
     if len(rngs) != env.world_size:
-        log.warning("resuming with %d processes, the state was saved by %d: RNG streams are "
-                    "restarted from process 0's and the run is no longer bit-identical",
-                    env.world_size, len(rngs))
+        log.warning(
+            "resuming with %d processes, the state was saved by %d: RNG streams are "
+            "restarted from process 0's and the run is no longer bit-identical",
+            env.world_size,
+            len(rngs),
+        )
         set_rng_state(rngs[0])
     else:
         set_rng_state(rngs[env.rank])
@@ -423,8 +454,12 @@ def clean_stale_temp_files(directory) -> list[Path]:
             p.unlink()
             removed.append(p)
     if removed:
-        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory,
-                 len(removed), ", ".join(p.name for p in removed))
+        log.info(
+            "%s: removed %d temporary file(s) of an interrupted save: %s",
+            directory,
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 
@@ -471,8 +506,9 @@ def check_finite_loss(loss: float, step: int, hint: str = "") -> float:
     """``loss`` unless it is NaN/inf (then ``Diverged``; every process sees the same mean
     loss, so all stop together)."""
     if not math.isfinite(loss):
-        raise Diverged(f"step {step}: the loss is {loss} (training diverged; the last "
-                       f"checkpoint was not overwritten){hint}")
+        raise Diverged(
+            f"step {step}: the loss is {loss} (training diverged; the last checkpoint was not overwritten){hint}"
+        )
     return loss
 
 
@@ -492,8 +528,7 @@ def open_run(args, resume_keys, state_file: str) -> tuple[Path, dict, dict | Non
 
 def check_global_batch(batch_size: int, env: DistEnv) -> None:
     if batch_size % env.world_size:
-        raise UserError(f"--batch-size {batch_size} must be a multiple of the number of "
-                         f"processes ({env.world_size})")
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the number of processes ({env.world_size})")
 
 
 def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
@@ -502,11 +537,11 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
         return module
     device = env.device
     return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None)
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
-def restore_state(state: dict | None, optimizer, scheduler, scaler,
-                  env: DistEnv) -> tuple[int, int, int, float]:
+def restore_state(state: dict | None, optimizer, scheduler, scaler, env: DistEnv) -> tuple[int, int, int, float]:
     """Load optimizer, scheduler, scaler and RNG states of a resumed run; return
     (step, epoch, batch_in_epoch, best) where it continues ((0, 0, 0, -1.0) for a new run)."""
     if state is None:
@@ -516,26 +551,42 @@ def restore_state(state: dict | None, optimizer, scheduler, scaler,
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     restore_rng(state, env)
-    return (state["step"], state["epoch"], state["batch_in_epoch"],
-            state["extra"].get("best", -1.0))
+    return (state["step"], state["epoch"], state["batch_in_epoch"], state["extra"].get("best", -1.0))
 
 
-def start_run(out: Path, fields: list[str], env: DistEnv, state: dict | None, args,
-              metrics_file: str = "metrics.csv") -> MetricsWriter:
+def start_run(
+    out: Path, fields: list[str], env: DistEnv, state: dict | None, args, metrics_file: str = "metrics.csv"
+) -> MetricsWriter:
     """The metrics CSV (cut back to the saved rows on resume) and, for a new run,
     ``config.json`` with every option and the number of processes."""
-    metrics = MetricsWriter(out / metrics_file, fields, env,
-                            keep_rows=state["metrics_rows"] if state is not None else None)
+    metrics = MetricsWriter(
+        out / metrics_file, fields, env, keep_rows=state["metrics_rows"] if state is not None else None
+    )
     if env.is_main and state is None:
-        write_json(out / "config.json", json.loads(json.dumps(
-            vars(args) | {"world_size": env.world_size}, default=str)))
+        write_json(
+            out / "config.json", json.loads(json.dumps(vars(args) | {"world_size": env.world_size}, default=str))
+        )
     return metrics
 
 
-def save_checkpoint_and_state(model: torch.nn.Module, save_model, out: Path, env: DistEnv, *,
-                              model_file: str, state_file: str, optimizer, scheduler, scaler,
-                              step: int, epoch: int, batch_in_epoch: int, metrics: MetricsWriter,
-                              config: dict, best: float) -> None:
+def save_checkpoint_and_state(
+    model: torch.nn.Module,
+    save_model,
+    out: Path,
+    env: DistEnv,
+    *,
+    model_file: str,
+    state_file: str,
+    optimizer,
+    scheduler,
+    scaler,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    metrics: MetricsWriter,
+    config: dict,
+    best: float,
+) -> None:
     """``save_model(model, out / model_file)`` on rank 0, then the training state that
     resumes from it (collective: every process calls it), then a barrier. Ctrl-C waits
     for the pair to be written, so an interrupted run always resumes."""
@@ -543,10 +594,21 @@ def save_checkpoint_and_state(model: torch.nn.Module, save_model, out: Path, env
         h = model_hash(model)
         if env.is_main:
             save_model(model, out / model_file)
-        save_train_state(out / state_file, env, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                         metrics_rows=metrics.rows, model_file=model_file, model_hash=h,
-                         config=config, extra={"best": best})
+        save_train_state(
+            out / state_file,
+            env,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            metrics_rows=metrics.rows,
+            model_file=model_file,
+            model_hash=h,
+            config=config,
+            extra={"best": best},
+        )
         barrier(env)
 
 
@@ -582,8 +644,9 @@ def optimizer_step(optimizer, scheduler, scaler, params, clip_grad: float) -> to
     gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
     if not scaler and not torch.isfinite(gnorm):  # (AMP's scaler skips such steps itself)
         optimizer.zero_grad(set_to_none=True)
-        raise Diverged(f"the gradient norm is {float(gnorm)} (training diverged; the weights "
-                       f"and the last checkpoint were kept)")
+        raise Diverged(
+            f"the gradient norm is {float(gnorm)} (training diverged; the weights and the last checkpoint were kept)"
+        )
     if scaler:
         scaler.step(optimizer)
         scaler.update()

@@ -43,16 +43,17 @@ when image a had the higher CTR:
 - ``baseline``: accuracy of the best constant guess, ``max(mean label, 1 - mean label)``;
 - ``n``: number of pairs (``ties``: pairs with ``s_a == s_b``).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .data import poi_of_image
+from utils.formats import poi_of_image
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -92,7 +93,7 @@ def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
 class PoiResult:
     poi_id: str
     poi_name: str
-    first_hit: int | None            # 1-based, among the candidates listed for this POI
+    first_hit: int | None  # 1-based, among the candidates listed for this POI
     n_candidates: int
     top: list[tuple[str, float]] = field(default_factory=list)  # first max(K) after sorting
 
@@ -113,8 +114,12 @@ class RecallResult:
         return len(self.pois)
 
 
-def evaluate_groups(groups: dict[str, list[tuple[str, float]]], ks: Iterable[int] = DEFAULT_KS,
-                    names: dict[str, str] | None = None, keep: int | None = None) -> RecallResult:
+def evaluate_groups(
+    groups: dict[str, list[tuple[str, float]]],
+    ks: Iterable[int] = DEFAULT_KS,
+    names: dict[str, str] | None = None,
+    keep: int | None = None,
+) -> RecallResult:
     """Evaluate ``{poi_id: [(image, score), ...]}``; each list in file order.
 
     ``keep`` is how many ranked candidates to keep per POI for reports (default max K).
@@ -129,8 +134,11 @@ def evaluate_groups(groups: dict[str, list[tuple[str, float]]], ks: Iterable[int
     pois = []
     for poi_id, cands in groups.items():
         ranked = rank_candidates(cands)
-        pois.append(PoiResult(poi_id, names.get(poi_id, ""), first_hit((c[0] for c in ranked), poi_id),
-                              len(cands), ranked[:keep]))
+        pois.append(
+            PoiResult(
+                poi_id, names.get(poi_id, ""), first_hit((c[0] for c in ranked), poi_id), len(cands), ranked[:keep]
+            )
+        )
     firsts = [p.first_hit for p in pois]
     recall = recall_from_first_hits(firsts, ks)
     hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
@@ -151,8 +159,9 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
 
-def first_hit_ranks(score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str],
-                    chunk: int = 1024) -> list[int | None]:
+def first_hit_ranks(
+    score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str], chunk: int = 1024
+) -> list[int | None]:
     """1-based rank of each query's first own image in its stably sorted row.
 
     ``score_matrix``: Q x N (torch or numpy; higher is better). ``query_pois``: Q POI ids;
@@ -160,30 +169,38 @@ def first_hit_ranks(score_matrix, query_pois: Sequence[str], gallery_pois: Seque
     """
     s = _as_tensor(score_matrix)
     if s.dim() != 2 or s.shape[0] != len(query_pois) or s.shape[1] != len(gallery_pois):
-        raise ValueError(f"score matrix of shape {tuple(s.shape)} does not match "
-                         f"{len(query_pois)} queries x {len(gallery_pois)} gallery images")
+        raise ValueError(
+            f"score matrix of shape {tuple(s.shape)} does not match "
+            f"{len(query_pois)} queries x {len(gallery_pois)} gallery images"
+        )
     ids = {p: i for i, p in enumerate(dict.fromkeys([*gallery_pois, *query_pois]))}
     owner = torch.tensor([ids[p] for p in gallery_pois], dtype=torch.long, device=s.device)
     query = torch.tensor([ids[p] for p in query_pois], dtype=torch.long, device=s.device)
     out: list[int | None] = []
     for a in range(0, s.shape[0], chunk):
-        _, order = stable_topk(s[a:a + chunk], s.shape[1])
-        match = owner[order] == query[a:a + chunk, None]
+        _, order = stable_topk(s[a : a + chunk], s.shape[1])
+        match = owner[order] == query[a : a + chunk, None]
         has = match.any(dim=1)
         first = match.to(torch.int8).argmax(dim=1) + 1  # argmax returns the first maximum
         out += [int(f) if h else None for f, h in zip(first.tolist(), has.tolist())]
     return out
 
 
-def recall_at_k(score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str],
-                ks: Iterable[int] = DEFAULT_KS) -> dict[int, float]:
+def recall_at_k(
+    score_matrix, query_pois: Sequence[str], gallery_pois: Sequence[str], ks: Iterable[int] = DEFAULT_KS
+) -> dict[int, float]:
     """``{K: recall@K}`` of a Q x N score matrix (see :func:`first_hit_ranks`)."""
     return recall_from_first_hits(first_hit_ranks(score_matrix, query_pois, gallery_pois), ks)
 
 
-def evaluate_matrix(score_matrix, poi_ids: Sequence[str], image_names: Sequence[str],
-                    ks: Iterable[int] = DEFAULT_KS, names: dict[str, str] | None = None,
-                    keep: int | None = None) -> RecallResult:
+def evaluate_matrix(
+    score_matrix,
+    poi_ids: Sequence[str],
+    image_names: Sequence[str],
+    ks: Iterable[int] = DEFAULT_KS,
+    names: dict[str, str] | None = None,
+    keep: int | None = None,
+) -> RecallResult:
     """:func:`evaluate_groups` for a Q x N score matrix (row j = POI ``poi_ids[j]``,
     column i = gallery image ``image_names[i]``): the same figures as the full-format
     file of those scores, every image a candidate of every POI."""
@@ -195,9 +212,10 @@ def evaluate_matrix(score_matrix, poi_ids: Sequence[str], image_names: Sequence[
     s = _as_tensor(score_matrix)
     firsts = first_hit_ranks(s, poi_ids, [poi_of_image(n) for n in image_names])
     vals, idx = stable_topk(s, min(keep, s.shape[1]))
-    pois = [PoiResult(p, names.get(p, ""), f, s.shape[1],
-                      [(image_names[i], v) for v, i in zip(vr, ir)])
-            for p, f, vr, ir in zip(poi_ids, firsts, vals.tolist(), idx.tolist())]
+    pois = [
+        PoiResult(p, names.get(p, ""), f, s.shape[1], [(image_names[i], v) for v, i in zip(vr, ir)])
+        for p, f, vr, ir in zip(poi_ids, firsts, vals.tolist(), idx.tolist())
+    ]
     recall = recall_from_first_hits(firsts, ks)
     hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
     return RecallResult(ks, recall, hits, mean_reciprocal_rank(firsts), pois)
@@ -237,8 +255,15 @@ def pairwise_metrics(labels, s_a, s_b) -> dict:
         raise ValueError("labels must be 0 or 1")
     n = len(y)
     if n == 0:
-        return {"n": 0, "accuracy": None, "auc": None, "log_loss": None, "baseline": None,
-                "ties": 0, "mean_label": None}
+        return {
+            "n": 0,
+            "accuracy": None,
+            "auc": None,
+            "log_loss": None,
+            "baseline": None,
+            "ties": 0,
+            "mean_label": None,
+        }
     d = a - b
     pred = (d > 0).astype(np.float64)
     # -log sigmoid(d) = logaddexp(0, -d); -log(1 - sigmoid(d)) = logaddexp(0, d)

@@ -37,7 +37,10 @@ Threads: the encoder is made for ``lanes`` callers at once (default
 Memory: ONNX Runtime's CPU memory arena keeps its largest activation buffers between
 batches; ``mem_arena=False`` gives them back at some cost in images/s.
 """
+
 from __future__ import annotations
+
+from utils.cli import UserError
 
 import contextlib
 import hashlib
@@ -53,9 +56,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UserError
-from .embed import cpu_cores, default_lanes, eval_mode
-from .hashing import model_hash
+from utils.hashing import model_hash
+
+from .encode import cpu_cores, default_lanes, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,7 @@ def require_onnxruntime():
     try:
         import onnxruntime
     except (ImportError, OSError) as e:  # not installed, or its native library will not load
-        raise OnnxBackendError(f"the onnx backend needs onnxruntime ({e}); "
-                               f"install it: {INSTALL_HINT}") from e
+        raise OnnxBackendError(f"the onnx backend needs onnxruntime ({e}); install it: {INSTALL_HINT}") from e
     return onnxruntime
 
 
@@ -92,8 +94,9 @@ def _require_exporter() -> None:
     try:
         import onnx  # noqa: F401  (torch's exporter writes through it)
     except (ImportError, OSError) as e:
-        raise OnnxBackendError(f"exporting the image tower to ONNX needs the onnx package ({e}); "
-                               f"install it: {INSTALL_HINT}") from e
+        raise OnnxBackendError(
+            f"exporting the image tower to ONNX needs the onnx package ({e}); install it: {INSTALL_HINT}"
+        ) from e
 
 
 def default_cache_dir() -> Path:
@@ -123,9 +126,15 @@ def _arch_of(model) -> dict:
 
 
 def export_key(model, weights_hash: str, image_size: int) -> str:
-    ident = {"weights": weights_hash, "arch": _arch_of(model), "class": type(model).__name__,
-             "image_size": image_size, "torch": torch.__version__, "opset": OPSET,
-             "format": EXPORT_FORMAT}
+    ident = {
+        "weights": weights_hash,
+        "arch": _arch_of(model),
+        "class": type(model).__name__,
+        "image_size": image_size,
+        "torch": torch.__version__,
+        "opset": OPSET,
+        "format": EXPORT_FORMAT,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -145,13 +154,25 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) ->
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
                     if exporter == "torchscript":
-                        torch.onnx.export(graph, (x,), str(tmp), dynamo=False, opset_version=OPSET,
-                                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"},
-                                                        "features": {0: "batch"}}, **names)
+                        torch.onnx.export(
+                            graph,
+                            (x,),
+                            str(tmp),
+                            dynamo=False,
+                            opset_version=OPSET,
+                            dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}, "features": {0: "batch"}},
+                            **names,
+                        )
                     else:
-                        torch.onnx.export(graph, (x,), str(tmp), dynamo=True, external_data=False,
-                                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                                          **names)
+                        torch.onnx.export(
+                            graph,
+                            (x,),
+                            str(tmp),
+                            dynamo=True,
+                            external_data=False,
+                            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                            **names,
+                        )
                 break
             except Exception as e:  # noqa: BLE001  (try the other exporter, then report both)
                 errors.append(f"{exporter}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -175,10 +196,19 @@ class OnnxImageEncoder:
     ``setup_seconds``: export (if any), load and check.
     """
 
-    def __init__(self, model, cache_dir=None, weights_hash: str | None = None,
-                 threads: int | None = None, lanes: int | None = None, image_size: int = 224,
-                 tolerance: float = 1e-5,
-                 verify_batch: int = 2, mem_arena: bool = True, spin: bool = False):
+    def __init__(
+        self,
+        model,
+        cache_dir=None,
+        weights_hash: str | None = None,
+        threads: int | None = None,
+        lanes: int | None = None,
+        image_size: int = 224,
+        tolerance: float = 1e-5,
+        verify_batch: int = 2,
+        mem_arena: bool = True,
+        spin: bool = False,
+    ):
         ort = require_onnxruntime()
         if callable(weights_hash):  # computed only now that it is needed
             weights_hash = weights_hash()
@@ -192,8 +222,9 @@ class OnnxImageEncoder:
         if not self.path.is_file():
             exporter = export_image_graph(model, self.path, image_size)
             self.exported = True
-            log.info("exported the image tower to %s (%s exporter, %.1f s)", self.path, exporter,
-                     time.perf_counter() - t)
+            log.info(
+                "exported the image tower to %s (%s exporter, %.1f s)", self.path, exporter, time.perf_counter() - t
+            )
         self.opts = ort.SessionOptions()
         self.lanes = lanes or default_lanes()
         self.opts.intra_op_num_threads = threads or max(1, cpu_cores() // self.lanes)
@@ -213,14 +244,19 @@ class OnnxImageEncoder:
             self._load(ort)
             self.max_abs_diff = self.verify(model, verify_batch, tolerance)
         self.setup_seconds = time.perf_counter() - t
-        log.info("onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
-                 self.path.name, "exported" if self.exported else "cached export",
-                 self.max_abs_diff, self.lanes, self.opts.intra_op_num_threads, self.setup_seconds)
+        log.info(
+            "onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
+            self.path.name,
+            "exported" if self.exported else "cached export",
+            self.max_abs_diff,
+            self.lanes,
+            self.opts.intra_op_num_threads,
+            self.setup_seconds,
+        )
 
     def _load(self, ort) -> None:
         try:
-            self.session = ort.InferenceSession(str(self.path), self.opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path), self.opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types)
             raise OnnxBackendError(f"{self.path}: ONNX Runtime cannot load it ({e})") from e
         self.input_name = self.session.get_inputs()[0].name
@@ -238,8 +274,10 @@ class OnnxImageEncoder:
         got = self.encode_image(x)
         diff = float((got - ref).abs().max())
         if not diff <= tolerance:  # also catches NaN
-            raise OnnxBackendError(f"{self.path}: ONNX Runtime vectors differ from torch by {diff:.2e} "
-                                   f"(> {tolerance:g}) on a random batch; not using this export")
+            raise OnnxBackendError(
+                f"{self.path}: ONNX Runtime vectors differ from torch by {diff:.2e} "
+                f"(> {tolerance:g}) on a random batch; not using this export"
+            )
         return diff
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -250,8 +288,9 @@ class OnnxImageEncoder:
     __call__ = encode_image
 
 
-def image_encoder_for(model, backend: str = "auto", device="cpu", precision: str = "fp32",
-                      cache_dir=None, weights_hash=None):
+def image_encoder_for(
+    model, backend: str = "auto", device="cpu", precision: str = "fp32", cache_dir=None, weights_hash=None
+):
     """The ``f(x, normalize)`` that encodes image batches with the engine ``backend``.
 
     ``torch``: ``model.encode_image``. ``onnx``: an :class:`OnnxImageEncoder`; it needs the
@@ -268,16 +307,23 @@ def image_encoder_for(model, backend: str = "auto", device="cpu", precision: str
         return model.encode_image
     device = torch.device(device)
     if backend == "auto":
-        why = ("the device is " + device.type if device.type != "cpu" else
-               f"precision {precision} (ONNX Runtime runs fp32)" if precision != "fp32" else
-               "onnxruntime is not installed" if not onnxruntime_available() else None)
+        why = (
+            "the device is " + device.type
+            if device.type != "cpu"
+            else f"precision {precision} (ONNX Runtime runs fp32)"
+            if precision != "fp32"
+            else "onnxruntime is not installed"
+            if not onnxruntime_available()
+            else None
+        )
         if why:
             log.info("image engine: torch (%s)", why)
             return model.encode_image
     else:
         if device.type != "cpu":
-            raise OnnxBackendError(f"--backend onnx runs on the CPU only (device {device}); "
-                                   f"use --backend torch or auto on a GPU")
+            raise OnnxBackendError(
+                f"--backend onnx runs on the CPU only (device {device}); use --backend torch or auto on a GPU"
+            )
         if precision != "fp32":
             raise OnnxBackendError(f"--backend onnx is fp32 only (precision {precision})")
         require_onnxruntime()

@@ -21,6 +21,7 @@ urllib3 cannot retry once a response's headers have arrived, so failures while
 *reading the body* (connection cut short, read timeout mid-body) get a small
 number of extra attempts here (``body_retries``), with the same backoff.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,13 +38,12 @@ from pathlib import Path
 
 import requests
 import urllib3
+from PIL import Image
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from PIL import Image
-
-from .data import IMAGE_EXTS
-from .hashing import sha256_file
+from utils.formats import IMAGE_EXTS
+from utils.hashing import sha256_file
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 DEFAULT_MAX_BYTES = 80_000_000
@@ -170,14 +170,17 @@ class AddressPolicy:
             return
         ip, cls = local[0]
         if came_from is None:
-            named = (_is_ip_literal(host) or host == "localhost" or host.endswith(".localhost")
-                     or host in self.trusted_hosts)
+            named = (
+                _is_ip_literal(host) or host == "localhost" or host.endswith(".localhost") or host in self.trusted_hosts
+            )
             if not named:
-                raise BlockedAddressError(f"refused {how}: the host name {host} resolves to {ip}, "
-                                          f"a {cls} address {hint}")
+                raise BlockedAddressError(
+                    f"refused {how}: the host name {host} resolves to {ip}, a {cls} address {hint}"
+                )
         elif self._is_public(came_from):
-            raise BlockedAddressError(f"refused {how}: a public address redirects to {host} "
-                                      f"({ip}, a {cls} address) {hint}")
+            raise BlockedAddressError(
+                f"refused {how}: a public address redirects to {host} ({ip}, a {cls} address) {hint}"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -239,11 +242,17 @@ class _Session(requests.Session):
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
-def make_session(retries: int = 4, backoff: float = 0.5, pool_size: int = 16,
-                 jitter: float | None = None, backoff_max: float = 30.0,
-                 retry_after_max: float = 120.0, max_redirects: int = 10,
-                 user_agent: str = USER_AGENT,
-                 address_policy: AddressPolicy | None = None) -> requests.Session:
+def make_session(
+    retries: int = 4,
+    backoff: float = 0.5,
+    pool_size: int = 16,
+    jitter: float | None = None,
+    backoff_max: float = 30.0,
+    retry_after_max: float = 120.0,
+    max_redirects: int = 10,
+    user_agent: str = USER_AGENT,
+    address_policy: AddressPolicy | None = None,
+) -> requests.Session:
     """A keep-alive session with urllib3 retries for GET.
 
     ``retries`` bounds the total and each of connect/read/status retries;
@@ -256,19 +265,30 @@ def make_session(retries: int = 4, backoff: float = 0.5, pool_size: int = 16,
     :class:`AddressPolicy` that refuses private addresses reached from public ones)
     checks every URL and redirect before connecting.
     """
-    kw = dict(total=retries, connect=retries, read=retries, status=retries, other=0,
-              redirect=max_redirects, backoff_factor=backoff, backoff_max=backoff_max,
-              status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}),
-              respect_retry_after_header=True, raise_on_status=False,
-              backoff_jitter=backoff if jitter is None else jitter,
-              retry_after_max=int(retry_after_max))
+    kw = dict(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
+        redirect=max_redirects,
+        backoff_factor=backoff,
+        backoff_max=backoff_max,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        backoff_jitter=backoff if jitter is None else jitter,
+        retry_after_max=int(retry_after_max),
+    )
     try:
         retry = Retry(**kw)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
         kw.pop("retry_after_max")
         retry = Retry(**kw)
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=max(1, pool_size),
-                          pool_maxsize=max(1, pool_size), pool_block=False)
+    adapter = HTTPAdapter(
+        max_retries=retry, pool_connections=max(1, pool_size), pool_maxsize=max(1, pool_size), pool_block=False
+    )
     s = _Session(AddressPolicy() if address_policy is None else address_policy)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
@@ -313,7 +333,7 @@ def apply_url_map(url: str, url_map) -> str:
     """Replace the first matching prefix (in the order given) of ``url``."""
     for old, new in url_map or ():
         if url.startswith(old):
-            return new + url[len(old):]
+            return new + url[len(old) :]
     return url
 
 
@@ -375,8 +395,7 @@ def exception_chain(exc: BaseException):
 
 
 def _refused(chain) -> bool:
-    return any(isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e)
-               for e in chain)
+    return any(isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e) for e in chain)
 
 
 def classify_exception(exc: BaseException) -> str:
@@ -392,22 +411,30 @@ def classify_exception(exc: BaseException) -> str:
         return "blocked_address"
     if has(requests.exceptions.TooManyRedirects):
         return "redirects"
-    if has(requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-           requests.exceptions.InvalidSchema, urllib3.exceptions.LocationParseError):
+    if has(
+        requests.exceptions.InvalidURL,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidSchema,
+        urllib3.exceptions.LocationParseError,
+    ):
         return "bad_url"
     if has(urllib3.exceptions.IncompleteRead) or any(
-            "IncompleteRead" in str(e) or "incomplete" in str(e).lower() for e in chain):
+        "IncompleteRead" in str(e) or "incomplete" in str(e).lower() for e in chain
+    ):
         return "truncated"
     if has(requests.exceptions.SSLError, urllib3.exceptions.SSLError):
         return "ssl"
     # before the timeouts: urllib3's NewConnectionError derives from ConnectTimeoutError
-    if _refused(chain) or has(urllib3.exceptions.NewConnectionError,
-                              urllib3.exceptions.NameResolutionError):
+    if _refused(chain) or has(urllib3.exceptions.NewConnectionError, urllib3.exceptions.NameResolutionError):
         return "connection"
     if has(urllib3.exceptions.TimeoutError, requests.exceptions.Timeout, TimeoutError):
         return "timeout"
-    if has(urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError,
-           ConnectionResetError, requests.exceptions.ConnectionError):
+    if has(
+        urllib3.exceptions.ProtocolError,
+        requests.exceptions.ChunkedEncodingError,
+        ConnectionResetError,
+        requests.exceptions.ConnectionError,
+    ):
         return "connection"
     if has(OSError):
         return "os_error"
@@ -423,17 +450,19 @@ def root_cause(exc: BaseException, limit: int = 160) -> str:
         return str(blocked[0])
     if _refused(chain):
         return "connection refused"
-    u3 = [e for e in chain if isinstance(e, urllib3.exceptions.HTTPError)
-          and not isinstance(e, urllib3.exceptions.MaxRetryError)]
-    oserr = [e for e in chain if isinstance(e, OSError)
-             and not isinstance(e, requests.exceptions.RequestException)]
+    u3 = [
+        e
+        for e in chain
+        if isinstance(e, urllib3.exceptions.HTTPError) and not isinstance(e, urllib3.exceptions.MaxRetryError)
+    ]
+    oserr = [e for e in chain if isinstance(e, OSError) and not isinstance(e, requests.exceptions.RequestException)]
     short = [e for e in chain if isinstance(e, urllib3.exceptions.IncompleteRead)]
     inner = short[0] if short else u3[0] if u3 else oserr[-1] if oserr else exc
     text = str(inner).splitlines()[0] if str(inner) else ""
-    if "): " in text and "Pool(" in text:   # drop "HTTPConnectionPool(host=..., port=...): "
+    if "): " in text and "Pool(" in text:  # drop "HTTPConnectionPool(host=..., port=...): "
         text = text.split("): ", 1)[1]
     text = f"{type(inner).__name__}: {text}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------
@@ -442,20 +471,20 @@ def root_cause(exc: BaseException, limit: int = 160) -> str:
 @dataclass
 class FetchResult:
     key: str
-    status: str                      # ok | skipped | failed
-    url: str | None = None           # URL the file came from (None for skipped)
-    http: int | None = None          # last HTTP status seen
-    error: str | None = None         # human-readable reason (failed only)
-    error_kind: str | None = None    # short category, e.g. http_404, timeout, not_image
+    status: str  # ok | skipped | failed
+    url: str | None = None  # URL the file came from (None for skipped)
+    http: int | None = None  # last HTTP status seen
+    error: str | None = None  # human-readable reason (failed only)
+    error_kind: str | None = None  # short category, e.g. http_404, timeout, not_image
     bytes: int | None = None
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
-    file: str | None = None          # final file name inside out_dir
-    final_url: str | None = None     # after redirects, when different from url
+    file: str | None = None  # final file name inside out_dir
+    final_url: str | None = None  # after redirects, when different from url
     tried: list = field(default_factory=list)  # failed attempts before the result
     resized_from: list | None = None  # [w, h] of the original when downscaled
-    mtime_ns: int | None = None      # of the final file, for download_images --trust-manifest
+    mtime_ns: int | None = None  # of the final file, for download_images --trust-manifest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -569,8 +598,9 @@ def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
                         if len(head) >= 16:
                             ext = sniff_image_ext(head)
                             if ext is None:
-                                raise _Fail("not_image", f"not an image (Content-Type {ctype}, "
-                                            f"starts {head[:12]!r})", code)
+                                raise _Fail(
+                                    "not_image", f"not an image (Content-Type {ctype}, starts {head[:12]!r})", code
+                                )
                     size += len(chunk)
                     if size > max_bytes:
                         raise _Fail("too_large", f"body exceeds max bytes {max_bytes}", code)
@@ -590,8 +620,7 @@ def _stream_to_temp(session, url, tmp_path, max_bytes, timeout):
         if ext is None:
             ext = sniff_image_ext(head)
             if ext is None:
-                raise _Fail("not_image", f"not an image (Content-Type {ctype}, "
-                            f"starts {head[:12]!r})", code)
+                raise _Fail("not_image", f"not an image (Content-Type {ctype}, starts {head[:12]!r})", code)
         return code, ext, size, h.hexdigest(), final_url
 
 
@@ -628,10 +657,18 @@ def _unlink(p) -> None:
         pass
 
 
-def fetch_image(session: requests.Session, urls, out_dir, stem: str,
-                max_bytes: int = DEFAULT_MAX_BYTES, timeout=(10.0, 30.0),
-                max_side: int | None = None, url_map=None, body_retries: int = 2,
-                backoff: float = 0.5) -> FetchResult:
+def fetch_image(
+    session: requests.Session,
+    urls,
+    out_dir,
+    stem: str,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout=(10.0, 30.0),
+    max_side: int | None = None,
+    url_map=None,
+    body_retries: int = 2,
+    backoff: float = 0.5,
+) -> FetchResult:
     """Download the first URL of ``urls`` that yields a valid image to ``<stem><ext>``.
 
     Each URL gets urllib3's retries (through ``session``) and up to
@@ -652,8 +689,7 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
             tmp = _tmp_name(out_dir, stem)
             tmp2 = None
             try:
-                code, ext, size, digest, final_url = _stream_to_temp(
-                    session, url, tmp, max_bytes, timeout)
+                code, ext, size, digest, final_url = _stream_to_temp(session, url, tmp, max_bytes, timeout)
                 try:
                     img, w, h, fmt = _decode(tmp, keep=bool(max_side))
                 except Exception as e:  # noqa: BLE001 - any decoder error
@@ -677,10 +713,21 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
                 for other in existing_files(out_dir, stem):
                     if other.name != final.name:
                         _unlink(other)
-                return FetchResult(key=stem, status="ok", url=url, http=code, bytes=size,
-                                   width=w, height=h, sha256=digest, file=final.name,
-                                   final_url=final_url, tried=tried, resized_from=resized,
-                                   mtime_ns=_mtime_ns(final))
+                return FetchResult(
+                    key=stem,
+                    status="ok",
+                    url=url,
+                    http=code,
+                    bytes=size,
+                    width=w,
+                    height=h,
+                    sha256=digest,
+                    file=final.name,
+                    final_url=final_url,
+                    tried=tried,
+                    resized_from=resized,
+                    mtime_ns=_mtime_ns(final),
+                )
             except _Fail as f:
                 last, retry_body = f, f.body_phase and attempt < body_retries
                 tried.append({"url": url, "http": f.http, "error": f.detail, "kind": f.kind})
@@ -693,18 +740,19 @@ def fetch_image(session: requests.Session, urls, out_dir, stem: str,
                     _unlink(tmp2)
             if not retry_body:
                 break
-            time.sleep(backoff * (2 ** attempt) + random.random() * backoff)
+            time.sleep(backoff * (2**attempt) + random.random() * backoff)
         if last is not None and last.kind == "os_error":
             break  # a local disk problem (full, read-only...): another URL will not help
     if last is None:
         last = _Fail("no_url", "no URL to try")
     detail = _join_attempts(tried) or last.detail
-    return FetchResult(key=stem, status="failed", url=last_url, http=last.http, error=detail,
-                       error_kind=last.kind, tried=tried)
+    return FetchResult(
+        key=stem, status="failed", url=last_url, http=last.http, error=detail, error_kind=last.kind, tried=tried
+    )
 
 
 def _join_attempts(tried: list[dict]) -> str:
-    """"url: error (xN); url2: error" with repeated attempts on one URL folded."""
+    """ "url: error (xN); url2: error" with repeated attempts on one URL folded."""
     parts: list[list] = []
     for t in tried:
         if parts and parts[-1][0] == t["url"]:
@@ -735,15 +783,30 @@ def unchanged_since(out_dir, rec: dict) -> FetchResult | None:
         return None
     if st.st_size != size or st.st_mtime_ns != mtime:
         return None
-    return FetchResult(key=rec["key"], status="skipped", bytes=size, width=rec.get("width"),
-                       height=rec.get("height"), sha256=rec.get("sha256"), file=name,
-                       mtime_ns=mtime)
+    return FetchResult(
+        key=rec["key"],
+        status="skipped",
+        bytes=size,
+        width=rec.get("width"),
+        height=rec.get("height"),
+        sha256=rec.get("sha256"),
+        file=name,
+        mtime_ns=mtime,
+    )
 
 
-def download_one(session: requests.Session, urls, out_dir, stem: str,
-                 max_bytes: int = DEFAULT_MAX_BYTES, timeout=(10.0, 30.0),
-                 max_side: int | None = None, url_map=None, body_retries: int = 2,
-                 backoff: float = 0.5) -> FetchResult:
+def download_one(
+    session: requests.Session,
+    urls,
+    out_dir,
+    stem: str,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout=(10.0, 30.0),
+    max_side: int | None = None,
+    url_map=None,
+    body_retries: int = 2,
+    backoff: float = 0.5,
+) -> FetchResult:
     """Resume-aware :func:`fetch_image`: keep a valid existing file (``skipped``).
 
     Existing ``<stem>.<ext>`` files are checked in :data:`IMAGE_EXTS` order; the
@@ -756,10 +819,26 @@ def download_one(session: requests.Session, urls, out_dir, stem: str,
             for other in found:  # the stem names exactly one image: drop the others
                 if other != p:
                     _unlink(other)
-            return FetchResult(key=stem, status="skipped", bytes=info.bytes, width=info.width,
-                               height=info.height, sha256=info.sha256, file=p.name,
-                               mtime_ns=_mtime_ns(p))
+            return FetchResult(
+                key=stem,
+                status="skipped",
+                bytes=info.bytes,
+                width=info.width,
+                height=info.height,
+                sha256=info.sha256,
+                file=p.name,
+                mtime_ns=_mtime_ns(p),
+            )
     # Absent or invalid: fetch_image replaces it and removes other-extension leftovers.
-    return fetch_image(session, urls, out_dir, stem, max_bytes=max_bytes, timeout=timeout,
-                       max_side=max_side, url_map=url_map, body_retries=body_retries,
-                       backoff=backoff)
+    return fetch_image(
+        session,
+        urls,
+        out_dir,
+        stem,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        max_side=max_side,
+        url_map=url_map,
+        body_retries=body_retries,
+        backoff=backoff,
+    )

@@ -15,6 +15,7 @@ After the visible thumbnails are decoded, the script writes the counts into
 ``<div id="thumb-check" data-loaded=".." data-failed=".." data-total="..">`` (an image
 counts as loaded when ``naturalWidth > 0``); tests read it with a headless browser.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,13 +24,14 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
 
 from PIL import Image
 from tqdm import tqdm
 
-from .data import atomic_write
+from utils.io import atomic_write
+
 from .metrics import RecallResult
 
 log = logging.getLogger(__name__)
@@ -144,8 +146,9 @@ def esc(x) -> str:
 # ---------------------------------------------------------------------------
 # the page skeleton both reports use
 # ---------------------------------------------------------------------------
-def embed_thumbnails(keys: Iterable, file_of: Callable[[object], str | None] = lambda k: k,
-                     workers: int = 4, progress: bool = True) -> tuple[dict, dict]:
+def embed_thumbnails(
+    keys: Iterable, file_of: Callable[[object], str | None] = lambda k: k, workers: int = 4, progress: bool = True
+) -> tuple[dict, dict]:
     """Thumbnails of ``keys`` (each located by ``file_of(key)``, None = no file), made in
     ``workers`` threads. Returns ``(tid, thumbs)``: ``tid[key]`` = the id of its
     thumbnail (keys without a readable image are left out), ``thumbs[id]`` = data URI."""
@@ -156,8 +159,9 @@ def embed_thumbnails(keys: Iterable, file_of: Callable[[object], str | None] = l
         return thumbnail_data_uri(f) if f else None
 
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        uris = list(tqdm(ex.map(thumb, keys), total=len(keys), desc="thumbnails", unit="img",
-                         disable=not progress, leave=False))
+        uris = list(
+            tqdm(ex.map(thumb, keys), total=len(keys), desc="thumbnails", unit="img", disable=not progress, leave=False)
+        )
     tid, thumbs = {}, {}
     for k, uri in zip(keys, uris):
         if uri is not None:
@@ -178,17 +182,29 @@ def summary_spans(summary: dict | None) -> list[str]:
     return [f"<span><b>{esc(k)}</b>: {esc(v)}</span>" for k, v in (summary or {}).items()]
 
 
-def page(title: str, summary: list[str], pages: list[tuple[str, list[str]]], thumbs: dict,
-         css: str = "", after_summary: list[str] = ()) -> str:
+def page(
+    title: str,
+    summary: list[str],
+    pages: list[tuple[str, list[str]]],
+    thumbs: dict,
+    css: str = "",
+    after_summary: list[str] = (),
+) -> str:
     """The whole HTML document: ``summary`` (spans, see :func:`summary_spans`) in the
     summary line, ``after_summary`` blocks below it, then ``pages`` as
     ``(label, html parts)`` sections behind the pager, the thumbnails and the script."""
     summary = list(summary) or [""]
     summary[-1] += "</p>"
-    out = ['<!doctype html>\n<html lang="zh"><head><meta charset="utf-8">',
-           f"<title>{esc(title)}</title><style>{CSS}{css}</style></head><body>",
-           f"<h1>{esc(title)}</h1>", '<p class="summary">', *summary, *after_summary,
-           '<div id="thumb-check" data-loaded="" data-total=""></div>', '<nav id="pager"></nav>']
+    out = [
+        '<!doctype html>\n<html lang="zh"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{CSS}{css}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        '<p class="summary">',
+        *summary,
+        *after_summary,
+        '<div id="thumb-check" data-loaded="" data-total=""></div>',
+        '<nav id="pager"></nav>',
+    ]
     for label, parts in pages:
         out.append(f'<section class="page" data-label="{label}">')
         out.extend(parts)
@@ -209,10 +225,17 @@ def write_page(path: str | os.PathLike, text: str) -> int:
 # ---------------------------------------------------------------------------
 # the recall report
 # ---------------------------------------------------------------------------
-def write_recall_report(path: str | os.PathLike, result: RecallResult, k: int,
-                        resolve: Callable[[str], str | None], title: str = "Recall report",
-                        summary: dict | None = None, page_size: int = 50,
-                        workers: int = 4, progress: bool = True) -> dict:
+def write_recall_report(
+    path: str | os.PathLike,
+    result: RecallResult,
+    k: int,
+    resolve: Callable[[str], str | None],
+    title: str = "Recall report",
+    summary: dict | None = None,
+    page_size: int = 50,
+    workers: int = 4,
+    progress: bool = True,
+) -> dict:
     """Write the page. ``resolve(image) -> file path or None`` locates each listed
     image for its thumbnail. Failures (no hit in the top ``k``) come first, then hits,
     each in input order. Returns ``{"thumbnails": n, "missing": m, "bytes": size}``."""
@@ -222,29 +245,39 @@ def write_recall_report(path: str | os.PathLike, result: RecallResult, k: int,
     missing = len(images) - len(thumbs)
 
     n_miss = sum(not p.hit_at(k) for p in pois)
-    spans = summary_spans(summary) + [
-        f"<span><b>misses at {k}</b>: {n_miss} of {len(pois)} (shown first)</span>"]
+    spans = summary_spans(summary) + [f"<span><b>misses at {k}</b>: {n_miss} of {len(pois)} (shown first)</span>"]
     pages = []
     for a in range(0, len(pois), page_size):
-        chunk = pois[a:a + page_size]
+        chunk = pois[a : a + page_size]
         parts = []
         for p in chunk:
             hit = p.hit_at(k)
-            res = (f"first hit at rank {p.first_hit}" if p.first_hit else "no hit listed") + \
-                  ("" if hit else f" &mdash; miss at {k}")
-            parts.append(f'<div class="poi{"" if hit else " miss"}"><div class="head">'
-                         f'<span class="id">{esc(p.poi_id)}</span><b>{esc(p.poi_name)}</b>'
-                         f'<span class="res">{res}</span></div><div class="row">')
+            res = (f"first hit at rank {p.first_hit}" if p.first_hit else "no hit listed") + (
+                "" if hit else f" &mdash; miss at {k}"
+            )
+            parts.append(
+                f'<div class="poi{"" if hit else " miss"}"><div class="head">'
+                f'<span class="id">{esc(p.poi_id)}</span><b>{esc(p.poi_name)}</b>'
+                f'<span class="res">{res}</span></div><div class="row">'
+            )
             for r, (img, score) in enumerate(p.top[:k], 1):
                 own = os.path.basename(img).split("_", 1)[0] == p.poi_id
                 name = os.path.basename(img)
-                parts.append(f'<figure class="{"hit" if own else ""}" title="{esc(img)}">'
-                             f'{thumb_img(tid.get(img), name)}'
-                             f"<figcaption>#{r} {score:.4f}<br>{esc(name)}</figcaption></figure>")
+                parts.append(
+                    f'<figure class="{"hit" if own else ""}" title="{esc(img)}">'
+                    f"{thumb_img(tid.get(img), name)}"
+                    f"<figcaption>#{r} {score:.4f}<br>{esc(name)}</figcaption></figure>"
+                )
             parts.append("</div></div>")
         pages.append((f"{a + 1}-{a + len(chunk)}", parts))
     text = page(title, spans, pages, thumbs)
     size = write_page(path, text)
-    log.info("wrote %s: %d POIs, %d thumbnails (%d images without one), %.1f MB",
-             path, len(pois), len(thumbs), missing, size / 1e6)
+    log.info(
+        "wrote %s: %d POIs, %d thumbnails (%d images without one), %.1f MB",
+        path,
+        len(pois),
+        len(thumbs),
+        missing,
+        size / 1e6,
+    )
     return {"thumbnails": len(thumbs), "missing": missing, "bytes": size}

@@ -26,9 +26,10 @@ decodes the rest. The batches are the ones ``encode_images`` would make itself
 source that does not match the call (other paths, a cache that serves some of them) is
 closed unused and the images are decoded as usual.
 
-The model is switched to eval mode for the call and back afterwards, and its image
-tower is left in ``channels_last`` (same values, faster; harmless for training).
+The model is switched to eval mode for the call and back afterwards; the torch image
+tower runs in ``channels_last`` and is left in the memory format it had.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ import os
 import queue
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .images import SIZE, ImageDataset, load_image_into
+from utils.formats import SIZE, ImageDataset, load_image_into
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ def eval_mode(model):
 
 def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
     """Pad to the longest text of the batch, truncate at ``max_length`` (SPEC 2)."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -153,13 +153,25 @@ def _worker_init(_):
 PREFETCH_IMAGES = 256
 
 
-def _loader(paths: list[str], mode: str, image_loader, batch_size: int, num_workers: int,
-            device: torch.device, prefetch_factor: int = 4) -> DataLoader:
-    return DataLoader(ImageDataset(paths, mode, loader=image_loader), batch_size=batch_size,
-                      shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=_worker_init if num_workers else None,
-                      prefetch_factor=prefetch_factor if num_workers else None,
-                      persistent_workers=False)
+def _loader(
+    paths: list[str],
+    mode: str,
+    image_loader,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    return DataLoader(
+        ImageDataset(paths, mode, loader=image_loader),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        persistent_workers=False,
+    )
 
 
 def _shifted(batches, offset: int):
@@ -175,9 +187,17 @@ class ImagePrefetch:
     ``with``) stops the workers of a source that is not consumed; one that is consumed is
     closed by ``encode_images``. With ``num_workers=0`` nothing runs ahead."""
 
-    def __init__(self, paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
-                 num_workers: int | None = None, image_loader=None, backend: str = "onnx",
-                 depth: int = PREFETCH_IMAGES):
+    def __init__(
+        self,
+        paths,
+        batch_size: int | None = None,
+        device="cpu",
+        mode: str = "reference",
+        num_workers: int | None = None,
+        image_loader=None,
+        backend: str = "onnx",
+        depth: int = PREFETCH_IMAGES,
+    ):
         self.device = torch.device(device)
         self.paths = [str(p) for p in paths]
         self.requested_batch_size = batch_size
@@ -186,14 +206,26 @@ class ImagePrefetch:
         self.num_workers = default_num_workers(self.device, backend) if num_workers is None else num_workers
         self.count = min(len(self.paths), max(1, depth // self.batch_size) * self.batch_size)
         factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))
-        self._it = iter(_loader(self.paths[:self.count], mode, image_loader, self.batch_size,
-                                self.num_workers, self.device, factor)) if self.paths else None
+        self._it = (
+            iter(
+                _loader(
+                    self.paths[: self.count], mode, image_loader, self.batch_size, self.num_workers, self.device, factor
+                )
+            )
+            if self.paths
+            else None
+        )
 
     def matches(self, paths: list[str], batch_size: int | None, mode: str, image_loader) -> bool:
         """True when consuming this source gives exactly the batches of these arguments
         (``batch_size`` None: the default, as the source was started with)."""
-        return (self._it is not None and paths == self.paths and mode == self.mode
-                and batch_size == self.requested_batch_size and image_loader is self.image_loader)
+        return (
+            self._it is not None
+            and paths == self.paths
+            and mode == self.mode
+            and batch_size == self.requested_batch_size
+            and image_loader is self.image_loader
+        )
 
     def take(self):
         """The iterator over the batches decoded ahead (once); the source is empty afterwards."""
@@ -213,9 +245,16 @@ class ImagePrefetch:
         self.close()
 
 
-def prefetch_images(paths, batch_size: int | None = None, device="cpu", mode: str = "reference",
-                    num_workers: int | None = None, image_loader=None, backend: str = "auto",
-                    precision: str = "fp32") -> ImagePrefetch:
+def prefetch_images(
+    paths,
+    batch_size: int | None = None,
+    device="cpu",
+    mode: str = "reference",
+    num_workers: int | None = None,
+    image_loader=None,
+    backend: str = "auto",
+    precision: str = "fp32",
+) -> ImagePrefetch:
     """Start decoding the first images of ``paths`` now (see :class:`ImagePrefetch`), for
     a later ``encode_images(model, paths, batch_size, device, mode=mode,
     num_workers=num_workers, prefetch=source)`` without a cache. ``backend``/``precision``
@@ -226,13 +265,23 @@ def prefetch_images(paths, batch_size: int | None = None, device="cpu", mode: st
     return ImagePrefetch(paths, batch_size, dev, mode, num_workers, image_loader, likely)
 
 
-def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | None = None,
-                  device="cpu", mode: str = "reference", num_workers: int | None = None,
-                  precision: str = "fp32", cache=None, stats: dict | None = None,
-                  progress: bool = True, desc: str = "images",
-                  image_loader=None, image_encoder=None,
-                  engine=None, prefetch: ImagePrefetch | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(
+    model,
+    paths: Sequence[str | os.PathLike],
+    batch_size: int | None = None,
+    device="cpu",
+    mode: str = "reference",
+    num_workers: int | None = None,
+    precision: str = "fp32",
+    cache=None,
+    stats: dict | None = None,
+    progress: bool = True,
+    desc: str = "images",
+    image_loader=None,
+    image_encoder=None,
+    engine=None,
+    prefetch: ImagePrefetch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode image files: returns ``(emb, ok)``, ``emb`` N x D float32 (normalised,
     CPU), ``ok`` a bool tensor, False where the file was missing or unreadable (its row
     is the embedding of the zero image, SPEC 3 step 4; callers decide to keep or drop it).
@@ -265,8 +314,11 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     n = len(paths)
     ns = cache.namespace(mode, precision) if cache is not None else None
     if not native_low_precision(device, precision):
-        log.warning("precision %s on this CPU (%s) has no native support and is emulated: expect it "
-                    "to be far slower than fp32", precision, torch.backends.cpu.get_cpu_capability())
+        log.warning(
+            "precision %s on this CPU (%s) has no native support and is emulated: expect it to be far slower than fp32",
+            precision,
+            torch.backends.cpu.get_cpu_capability(),
+        )
 
     vectors: list[np.ndarray | None] = [None] * n
     ok = np.ones(n, dtype=bool)
@@ -295,9 +347,12 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
     try:
         if todo:
             ahead, ahead_count = None, 0
-            if prefetch is not None and len(todo) == n and (
-                    num_workers is None or num_workers == prefetch.num_workers) and prefetch.matches(
-                    paths, batch_size, mode, image_loader):
+            if (
+                prefetch is not None
+                and len(todo) == n
+                and (num_workers is None or num_workers == prefetch.num_workers)
+                and prefetch.matches(paths, batch_size, mode, image_loader)
+            ):
                 num_workers, ahead_count, ahead = prefetch.num_workers, prefetch.count, prefetch.take()
                 batch_size = prefetch.batch_size
                 log.debug("images: consuming the first %d images decoded ahead", ahead_count)
@@ -313,18 +368,20 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             lanes = getattr(image_encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
             if lanes > 1:
                 if ahead is not None and not num_workers:  # nothing decoded ahead: the lanes
-                    ahead, ahead_count = None, 0          # decode every batch, side by side
+                    ahead, ahead_count = None, 0  # decode every batch, side by side
                 if num_workers is None:
                     num_workers = 0
-                _encode_lanes(_Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count),
-                              image_encoder, lanes, sink)
+                _encode_lanes(
+                    _Feed(todo_paths, batch_size, mode, image_loader, ahead, ahead_count), image_encoder, lanes, sink
+                )
             else:
                 if num_workers is None:
                     num_workers = default_num_workers(device, "torch" if on_torch else "onnx")
                 batches = ahead
                 if ahead is None or ahead_count < len(todo):
-                    rest = iter(_loader(todo_paths[ahead_count:], mode, image_loader, batch_size,
-                                        num_workers, device))  # its workers start now
+                    rest = iter(
+                        _loader(todo_paths[ahead_count:], mode, image_loader, batch_size, num_workers, device)
+                    )  # its workers start now
                     batches = itertools.chain(ahead or (), _shifted(rest, ahead_count))
                 _encode_batches(model, batches, image_encoder, on_torch, device, precision, sink)
             sink.close()
@@ -339,18 +396,29 @@ def encode_images(model, paths: Sequence[str | os.PathLike], batch_size: int | N
             vectors[i], ok[i] = vectors[j], ok[j]
 
     dim = getattr(getattr(model, "arch", None), "embed_dim", None)
-    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else \
-        torch.empty(0, dim or 0)
-    result = {"total": n, "encoded": len(todo), "cached": n_cached,
-              "unreadable": int((~ok).sum()), "seconds": time.perf_counter() - t0,
-              "num_workers": num_workers if todo else 0, "lanes": lanes,
-              "batch_size": batch_size if todo else None,
-              "first_batch_at": first_batch_at}
+    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else torch.empty(0, dim or 0)
+    result = {
+        "total": n,
+        "encoded": len(todo),
+        "cached": n_cached,
+        "unreadable": int((~ok).sum()),
+        "seconds": time.perf_counter() - t0,
+        "num_workers": num_workers if todo else 0,
+        "lanes": lanes,
+        "batch_size": batch_size if todo else None,
+        "first_batch_at": first_batch_at,
+    }
     if stats is not None:
         stats.update(result)
-    log.info("images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",
-             n, len(todo), n_cached, result["unreadable"], result["seconds"],
-             len(todo) / max(result["seconds"], 1e-9))
+    log.info(
+        "images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",
+        n,
+        len(todo),
+        n_cached,
+        result["unreadable"],
+        result["seconds"],
+        len(todo) / max(result["seconds"], 1e-9),
+    )
     return emb, torch.from_numpy(ok)
 
 
@@ -361,8 +429,7 @@ class _Sink:
         self.todo, self.keys, self.vectors, self.ok = todo, keys, vectors, ok
         self.cache, self.ns = cache, ns
         self.first_batch_at = None  # time.perf_counter() of the first batch put
-        self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress,
-                        leave=False)
+        self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress, leave=False)
 
     def put(self, e: np.ndarray, good, idx) -> None:
         """Rows ``e`` (normalised) for ``todo[j]``, ``j`` in ``idx``."""
@@ -381,19 +448,36 @@ class _Sink:
         self.bar.close()
 
 
-def _encode_batches(model, batches, image_encoder, on_torch: bool, device, precision: str,
-                    sink: _Sink) -> None:
+def _encode_batches(model, batches, image_encoder, on_torch: bool, device, precision: str, sink: _Sink) -> None:
     """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread."""
     # torch runs the image tower in channels_last; ONNX Runtime takes plain NCHW
     fmt = torch.channels_last if on_torch else torch.contiguous_format
-    if on_torch:
-        model.image_model.to(memory_format=fmt)
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), channels_last(model.image_model if on_torch else None), torch.inference_mode():
         for x, good, idx in batches:
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device, precision):
                 e = image_encoder(x, normalize=False)
             sink.put(F.normalize(e.float(), p=2, dim=1).cpu().numpy(), good.tolist(), idx.tolist())
+
+
+@contextlib.contextmanager
+def channels_last(module):
+    """``module``'s 4-d weights in ``channels_last`` for the block (same values, faster
+    convolutions on a CPU), then in the memory format they had before."""
+    weights = [p for p in module.parameters() if p.dim() == 4] if module is not None else []
+    if not weights:
+        yield
+        return
+    before = (
+        torch.channels_last
+        if weights[0].is_contiguous(memory_format=torch.channels_last) and not weights[0].is_contiguous()
+        else torch.contiguous_format
+    )
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        module.to(memory_format=before)
 
 
 class _Feed:
@@ -424,7 +508,7 @@ class _Feed:
         good = np.empty(len(idx), dtype=bool)
         for r, j in enumerate(idx):
             good[r] = load_image_into(buf[r], self.paths[j], self.mode)
-        return buf[:len(idx)], good, idx
+        return buf[: len(idx)], good, idx
 
 
 def _encode_lanes(feed: _Feed, image_encoder, lanes: int, sink: _Sink) -> None:
@@ -475,9 +559,16 @@ def default_text_batch_size(device) -> int:
     return 256 if torch.device(device).type == "cuda" else 16
 
 
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int | None = None, device="cpu",
-                 precision: str = "fp32", progress: bool = False,
-                 max_length: int | None = None) -> torch.Tensor:
+def encode_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int | None = None,
+    device="cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Encode texts: ``len(texts) x D`` float32 normalised on the CPU. Each distinct
     string is encoded once; batches group texts of similar length (padding to the
     longest of the batch, truncation at ``max_length`` tokens, default 50:
@@ -490,13 +581,11 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int | None 
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     out: list[torch.Tensor | None] = [None] * len(distinct)
     with eval_mode(model), torch.inference_mode():
-        for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not progress,
-                      leave=False):
-            ids = order[a:a + batch_size]
+        for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not progress, leave=False):
+            ids = order[a : a + batch_size]
             enc = tokenize(tokenizer, [distinct[i] for i in ids], max_length or MAX_TEXT_LEN)
             with autocast(device, precision):
-                e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                      normalize=False)
+                e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=False)
             e = F.normalize(e.float(), p=2, dim=1).cpu()
             for i, row in zip(ids, e):
                 out[i] = row

@@ -13,6 +13,7 @@ interval of the difference accounts for their correlation.
     ci = mean_intervals(np.c_[a, b, b - a])              # several columns, same draws
     lo, hi = auc_interval(labels, scores)                # ROC-AUC recomputed per draw
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,16 +56,18 @@ def bootstrap_means(values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED
     return np.concatenate([c @ v / n for c in resample_counts(n, draws, seed)])
 
 
-def mean_intervals(values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED,
-                   level: float = LEVEL) -> list[tuple[float, float]]:
+def mean_intervals(
+    values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED, level: float = LEVEL
+) -> list[tuple[float, float]]:
     """Percentile interval of the mean of each column of ``values`` (n x m), all columns
     from the same draws (paired)."""
     q = _quantiles(bootstrap_means(values, draws, seed), level)
     return [(float(lo), float(hi)) for lo, hi in q.T]
 
 
-def mean_interval(values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED,
-                  level: float = LEVEL) -> tuple[float, float]:
+def mean_interval(
+    values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED, level: float = LEVEL
+) -> tuple[float, float]:
     return mean_intervals(np.asarray(values, dtype=np.float64).reshape(-1, 1), draws, seed, level)[0]
 
 
@@ -79,9 +82,9 @@ def weighted_auc(labels, scores, weights: np.ndarray) -> np.ndarray:
     order = np.argsort(s, kind="mergesort")
     s_sorted, y_sorted, w_sorted = s[order], y[order], w[:, order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups
-    pos = np.add.reduceat(w_sorted * y_sorted, starts, axis=1)             # b x G
+    pos = np.add.reduceat(w_sorted * y_sorted, starts, axis=1)  # b x G
     neg = np.add.reduceat(w_sorted * ~y_sorted, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg                                     # negatives strictly lower
+    below = np.cumsum(neg, axis=1) - neg  # negatives strictly lower
     num = (pos * (below + 0.5 * neg)).sum(axis=1)
     den = pos.sum(axis=1) * neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -93,8 +96,9 @@ def auc_draws(labels, scores, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SE
     return np.concatenate([weighted_auc(labels, scores, c) for c in resample_counts(n, draws, seed)])
 
 
-def auc_interval(labels, scores, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED,
-                 level: float = LEVEL) -> tuple[float, float] | None:
+def auc_interval(
+    labels, scores, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED, level: float = LEVEL
+) -> tuple[float, float] | None:
     """Percentile interval of the ROC-AUC over resampled pairs (draws with a single class
     are left out); None when fewer than half of the draws define an AUC."""
     a = auc_draws(labels, scores, draws, seed)

@@ -15,7 +15,10 @@ against the directory of the CSV file, not the working directory) or an http(s) 
 Rows of one item need not be adjacent; the item's title and poi_names are taken from
 its first row (a differing later row is reported).
 """
+
 from __future__ import annotations
+
+from utils.cli import DataError, RowError, check_finite
 
 import csv
 import hashlib
@@ -28,8 +31,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import DataError, RowError, atomic_write, check_finite, open_csv
-from .report import embed_thumbnails, esc, page, summary_spans, thumb_img, write_page
+from utils.evaluation import embed_thumbnails, esc, page, summary_spans, thumb_img, write_page
+from utils.formats import open_csv
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +41,11 @@ COLUMNS = ("item_id", "title", "poi_names", "image")
 URL_PREFIXES = ("http://", "https://")
 
 # candidate statuses
-OK = "ok"                      # readable; scored
-MISSING = "missing"            # local file not found
+OK = "ok"  # readable; scored
+MISSING = "missing"  # local file not found
 DOWNLOAD_FAILED = "download_failed"
-UNREADABLE = "unreadable"      # file exists but does not decode
-DUPLICATE = "duplicate"        # same image listed earlier for the same item
+UNREADABLE = "unreadable"  # file exists but does not decode
+DUPLICATE = "duplicate"  # same image listed earlier for the same item
 NOT_SCORED = (MISSING, DOWNLOAD_FAILED, UNREADABLE)
 
 
@@ -51,8 +55,8 @@ class Candidate:
     item_id: str
     title: str
     poi_names: str
-    image: str                      # as written in the CSV
-    file: str | None = None         # local file read for it (resolved path or downloaded copy)
+    image: str  # as written in the CSV
+    file: str | None = None  # local file read for it (resolved path or downloaded copy)
     status: str = OK
     detail: str = ""
     duplicate_of: int | None = None  # CSV line of the first listing, for duplicates
@@ -95,19 +99,27 @@ def is_parquet(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(PARQUET_SUFFIXES)
 
 
-def _add_row(items: dict, errors: list, path: str, line: int, item_id: str, title: str,
-             pois: str, image: str) -> None:
+def _add_row(items: dict, errors: list, path: str, line: int, item_id: str, title: str, pois: str, image: str) -> None:
     item_id, image = item_id.strip(), image.strip()
     if not item_id or not image:
-        errors.append(RowError(path, line, "empty " + " and ".join(
-            n for n, v in (("item_id", item_id), ("image", image)) if not v)))
+        errors.append(
+            RowError(
+                path, line, "empty " + " and ".join(n for n, v in (("item_id", item_id), ("image", image)) if not v)
+            )
+        )
         return
     it = items.get(item_id)
     if it is None:
         it = items[item_id] = Item(item_id, title, pois, line)
     elif (title, pois) != (it.title, it.poi_names):
-        log.warning("%s:%d: item %s has a different title/poi_names than on line %d; "
-                    "using line %d's", path, line, item_id, it.line, it.line)
+        log.warning(
+            "%s:%d: item %s has a different title/poi_names than on line %d; using line %d's",
+            path,
+            line,
+            item_id,
+            it.line,
+            it.line,
+        )
     it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
 
 
@@ -121,15 +133,16 @@ def _read_parquet(path: str, errors: list[RowError]) -> list[Item]:
     names = pf.schema_arrow.names
     absent = [c for c in COLUMNS if c not in names]
     if absent:
-        raise DataError(f"{path}: the table lacks column(s) {', '.join(absent)} "
-                        f"(expected {','.join(COLUMNS)}; found {','.join(names)})")
+        raise DataError(
+            f"{path}: the table lacks column(s) {', '.join(absent)} "
+            f"(expected {','.join(COLUMNS)}; found {','.join(names)})"
+        )
     items: dict[str, Item] = {}
     line = 2
     for batch in pf.iter_batches(columns=list(COLUMNS)):
         cols = [batch.column(c).to_pylist() for c in COLUMNS]
         for item_id, title, pois, image in zip(*cols):
-            _add_row(items, errors, path, line, *("" if v is None else str(v)
-                                                  for v in (item_id, title, pois, image)))
+            _add_row(items, errors, path, line, *("" if v is None else str(v) for v in (item_id, title, pois, image)))
             line += 1
     return list(items.values())
 
@@ -153,8 +166,10 @@ def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item
         header = [h.strip() for h in header]
         absent = [c for c in COLUMNS if c not in header]
         if absent:
-            raise DataError(f"{path}:1: the header lacks column(s) {', '.join(absent)} "
-                            f"(expected {','.join(COLUMNS)}; found {','.join(header)})")
+            raise DataError(
+                f"{path}:1: the header lacks column(s) {', '.join(absent)} "
+                f"(expected {','.join(COLUMNS)}; found {','.join(header)})"
+            )
         col = {c: header.index(c) for c in COLUMNS}
         while True:
             start = reader.line_num + 1
@@ -169,8 +184,14 @@ def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item
                 continue
             if len(fields) < len(header):
                 lacking = [c for c in COLUMNS if col[c] >= len(fields)]
-                errors.append(RowError(path, start, f"{len(fields)} fields, the header has "
-                                       f"{len(header)}" + (f": no {', '.join(lacking)}" if lacking else "")))
+                errors.append(
+                    RowError(
+                        path,
+                        start,
+                        f"{len(fields)} fields, the header has "
+                        f"{len(header)}" + (f": no {', '.join(lacking)}" if lacking else ""),
+                    )
+                )
                 continue
             _add_row(items, errors, path, start, *(fields[col[c]] for c in COLUMNS))
     return list(items.values())
@@ -198,13 +219,19 @@ def url_stem(url: str) -> str:
     return "u" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
-def resolve_images(items: list[Item], csv_dir: str | os.PathLike, image_cache: str | os.PathLike,
-                   workers: int = 8, timeout: float = 30.0, progress: bool = True) -> dict:
+def resolve_images(
+    items: list[Item],
+    csv_dir: str | os.PathLike,
+    image_cache: str | os.PathLike,
+    workers: int = 8,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> dict:
     """Set ``file`` (or a failure status) of every candidate. Local paths are resolved
     against ``csv_dir``; each distinct URL is downloaded once into ``image_cache`` as
     ``u<sha256(url)[:32]>.<ext>`` (an existing valid file is reused, not fetched).
     Returns counts ``{"local", "missing", "urls", "downloaded", "reused", "failed"}``."""
-    from .download import download_one, make_session
+    from utils.fetch import download_one, make_session
 
     cands = [c for it in items for c in it.cands]
     counts = {"local": 0, "missing": 0, "urls": 0, "downloaded": 0, "reused": 0, "failed": 0}
@@ -228,12 +255,12 @@ def resolve_images(items: list[Item], csv_dir: str | os.PathLike, image_cache: s
     session = make_session(pool_size=max(1, workers))
 
     def fetch(url):
-        return url, download_one(session, [url], image_cache, url_stem(url),
-                                 timeout=(min(10.0, timeout), timeout))
+        return url, download_one(session, [url], image_cache, url_stem(url), timeout=(min(10.0, timeout), timeout))
 
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for url, res in tqdm(ex.map(fetch, list(urls)), total=len(urls), desc="download",
-                             unit="img", disable=not progress, leave=False):
+        for url, res in tqdm(
+            ex.map(fetch, list(urls)), total=len(urls), desc="download", unit="img", disable=not progress, leave=False
+        ):
             for c in urls[url]:
                 if res.status in ("ok", "skipped"):
                     c.file = str(Path(image_cache) / res.file)
@@ -244,9 +271,16 @@ def resolve_images(items: list[Item], csv_dir: str | os.PathLike, image_cache: s
             if res.status == "failed":
                 log.warning("download failed: %s (%s)", url, res.error)
     session.close()
-    log.info("images: %d local (%d missing); %d distinct URLs: %d downloaded, %d reused from %s, "
-             "%d failed", counts["local"], counts["missing"], counts["urls"], counts["downloaded"],
-             counts["reused"], image_cache, counts["failed"])
+    log.info(
+        "images: %d local (%d missing); %d distinct URLs: %d downloaded, %d reused from %s, %d failed",
+        counts["local"],
+        counts["missing"],
+        counts["urls"],
+        counts["downloaded"],
+        counts["reused"],
+        image_cache,
+        counts["failed"],
+    )
     return counts
 
 
@@ -273,8 +307,9 @@ def score_recall(items: list[Item], image_vec, title_vec) -> None:
     for it in items:
         tvec = title_vec[it.title]
         for c in it.scored:
-            c.recall_score = check_finite(float(image_vec[c.file] @ tvec),
-                                          f"recall score of item {it.item_id} line {c.line}")
+            c.recall_score = check_finite(
+                float(image_vec[c.file] @ tvec), f"recall score of item {it.item_id} line {c.line}"
+            )
         assign_recall_ranks(it)
 
 
@@ -293,9 +328,11 @@ def set_ranker_scores(cands: list[Candidate], scores, where: str = "") -> None:
         raise ValueError(f"{len(scores)} ranker scores for {len(cands)} candidates")
     for c, x in zip(cands, scores):
         if not math.isfinite(x):
-            raise DataError(f"ranker score of item {c.item_id} line {c.line}{where} is {x}: the POI "
-                            f"vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold "
-                            f"NaN/inf values; nothing is selected on such a score")
+            raise DataError(
+                f"ranker score of item {c.item_id} line {c.line}{where} is {x}: the POI "
+                f"vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold "
+                f"NaN/inf values; nothing is selected on such a score"
+            )
         c.ranker_score = x
 
 
@@ -314,8 +351,19 @@ def assign_final_ranks(item: Item) -> list[Candidate]:
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
-OUTPUT_HEADER = ("item_id", "line", "image", "status", "recall_score", "recall_rank",
-                 "ranker_score", "final_rank", "selected", "file", "detail")
+OUTPUT_HEADER = (
+    "item_id",
+    "line",
+    "image",
+    "status",
+    "recall_score",
+    "recall_rank",
+    "ranker_score",
+    "final_rank",
+    "selected",
+    "file",
+    "detail",
+)
 
 
 def _num(x) -> str:
@@ -329,8 +377,19 @@ def output_rows(items: list[Item]):
     in input order, candidates in CSV order."""
     for it in items:
         for c in it.cands:
-            yield (c.item_id, c.line, c.image, c.status, c.recall_score, c.recall_rank,
-                   c.ranker_score, c.final_rank, int(c.selected), c.file or "", c.detail)
+            yield (
+                c.item_id,
+                c.line,
+                c.image,
+                c.status,
+                c.recall_score,
+                c.recall_rank,
+                c.ranker_score,
+                c.final_rank,
+                int(c.selected),
+                c.file or "",
+                c.detail,
+            )
 
 
 def format_row(row) -> list[str]:
@@ -368,13 +427,24 @@ def _display_order(it: Item) -> list[Candidate]:
 def _item_block(it: Item, tid: dict) -> str:
     sel = it.selected
     res = f"selected line {sel.line}" if sel else "no readable candidate: nothing selected"
-    out = [f'<div class="poi{"" if sel else " miss"}"><div class="head">'
-           f'<span class="id">{esc(it.item_id)}</span><b>{esc(it.title)}</b>'
-           + (f' <span class="id">POIs: {esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
-           + f'<span class="res">{esc(res)}</span></div><div class="row">']
+    out = [
+        f'<div class="poi{"" if sel else " miss"}"><div class="head">'
+        f'<span class="id">{esc(it.item_id)}</span><b>{esc(it.title)}</b>'
+        + (f' <span class="id">POIs: {esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
+        + f'<span class="res">{esc(res)}</span></div><div class="row">'
+    ]
     for c in _display_order(it):
-        cls = ("sel" if c.selected else "short" if c.ranker_score is not None else
-               "dup" if c.status == DUPLICATE else "bad" if c.status != OK else "")
+        cls = (
+            "sel"
+            if c.selected
+            else "short"
+            if c.ranker_score is not None
+            else "dup"
+            if c.status == DUPLICATE
+            else "bad"
+            if c.status != OK
+            else ""
+        )
         name = os.path.basename(c.image.split("?", 1)[0]) or c.image
         pic = thumb_img(tid.get(c.file) if c.status != UNREADABLE else None, name)
         if c.final_rank is not None:
@@ -384,32 +454,49 @@ def _item_block(it: Item, tid: dict) -> str:
             cap += f"<br>recall {c.recall_score:.3f} ({c.recall_rank})"
         else:
             cap = esc(c.status)
-        out.append(f'<figure class="{cls}" title="{esc(c.image)} (line {c.line}) '
-                   f'{esc(c.detail)}">{pic}<figcaption>{cap}<br>{esc(name)}</figcaption></figure>')
+        out.append(
+            f'<figure class="{cls}" title="{esc(c.image)} (line {c.line}) '
+            f'{esc(c.detail)}">{pic}<figcaption>{cap}<br>{esc(name)}</figcaption></figure>'
+        )
     out.append("</div></div>")
     return "\n".join(out)
 
 
-def write_report(path: str | os.PathLike, items: list[Item], summary: dict | None = None,
-                 title: str = "Image selection", page_size: int = 50, workers: int = 4,
-                 progress: bool = True) -> dict:
+def write_report(
+    path: str | os.PathLike,
+    items: list[Item],
+    summary: dict | None = None,
+    title: str = "Image selection",
+    page_size: int = 50,
+    workers: int = 4,
+    progress: bool = True,
+) -> dict:
     """A self-contained HTML page (the recall report's skeleton, utils/report.py:
     thumbnails embedded once each, 50 items a page): every item, its candidates in final
     order, the selected one framed green, candidates that reached the ranker outlined,
     the ones not scored (missing, unreadable, duplicate) faded at the end. Items without
     a selection come first. Returns ``{"thumbnails", "missing", "bytes"}``."""
     shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first
-    files = list(dict.fromkeys(c.file for it in shown for c in it.cands
-                               if c.file and c.status in (OK, DUPLICATE, UNREADABLE)))
+    files = list(
+        dict.fromkeys(c.file for it in shown for c in it.cands if c.file and c.status in (OK, DUPLICATE, UNREADABLE))
+    )
     tid, thumbs = embed_thumbnails(files, workers=workers, progress=progress)
-    legend = ('<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
-              'caption: #final rank, ranker score, recall score (recall rank); faded: not '
-              'scored. Items without a selection come first.</p>')
-    pages = [(f"{a + 1}-{a + len(shown[a:a + page_size])}",
-              [_item_block(it, tid) for it in shown[a:a + page_size]])
-             for a in range(0, len(shown), page_size)]
-    size = write_page(path, page(title, summary_spans(summary), pages, thumbs, css=_SELECT_CSS,
-                                 after_summary=[legend]))
-    log.info("wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB", path, len(shown),
-             len(thumbs), len(files) - len(thumbs), size / 1e6)
+    legend = (
+        '<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
+        "caption: #final rank, ranker score, recall score (recall rank); faded: not "
+        "scored. Items without a selection come first.</p>"
+    )
+    pages = [
+        (f"{a + 1}-{a + len(shown[a : a + page_size])}", [_item_block(it, tid) for it in shown[a : a + page_size]])
+        for a in range(0, len(shown), page_size)
+    ]
+    size = write_page(path, page(title, summary_spans(summary), pages, thumbs, css=_SELECT_CSS, after_summary=[legend]))
+    log.info(
+        "wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB",
+        path,
+        len(shown),
+        len(thumbs),
+        len(files) - len(thumbs),
+        size / 1e6,
+    )
     return {"thumbnails": len(thumbs), "missing": len(files) - len(thumbs), "bytes": size}

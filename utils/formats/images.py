@@ -24,6 +24,7 @@ for multi-megapixel photos. Scores move slightly; see the README.
 ``clip``: the preprocessing of OpenAI CLIP ViT-B/32 (the image tower of the Taiyi-CLIP
 baseline), see :func:`load_clip_image`.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,8 +82,9 @@ def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
             buf = getattr(_scratch, "buf", None)
             if buf is None or buf.size < h * w * 3:
                 buf = _scratch.buf = np.empty(h * w * 3, dtype=np.uint8)
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
-                                      strict=True, buffer=buf)
+        return simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True, buffer=buf
+        )
     except ValueError:  # a warning in strict mode, or a header it cannot read
         return None
 
@@ -122,8 +124,7 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 ZERO_TENSOR = to_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
 
 
-def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference",
-                    transform=None) -> bool:
+def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference", transform=None) -> bool:
     """:func:`load_image` written into ``out`` (3 x 224 x 224 float32, e.g. a row of a
     batch array); returns ``ok``."""
     try:
@@ -138,8 +139,7 @@ def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "refer
         return False
 
 
-def load_image(path: str | os.PathLike, mode: str = "reference",
-               transform=None) -> tuple[torch.Tensor, bool]:
+def load_image(path: str | os.PathLike, mode: str = "reference", transform=None) -> tuple[torch.Tensor, bool]:
     """``(tensor, ok)``; ``ok`` is False when the file could not be read, in which
     case the tensor is the zero image (the reference behaviour) and the path is logged.
     ``transform`` (a callable on the PIL image, for training augmentation) is applied
@@ -200,10 +200,10 @@ def center_crop(arr: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
     if h < size or w < size:  # cannot happen after resize_shortest; pad like transformers
         out = np.zeros((max(h, size), max(w, size), arr.shape[2]), dtype=arr.dtype)
         top, left = -(-(out.shape[0] - h) // 2), -(-(out.shape[1] - w) // 2)
-        out[top:top + h, left:left + w] = arr
+        out[top : top + h, left : left + w] = arr
         arr, h, w = out, out.shape[0], out.shape[1]
     top, left = (h - size) // 2, (w - size) // 2
-    return arr[top:top + size, left:left + size]
+    return arr[top : top + size, left : left + size]
 
 
 def clip_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -36,7 +36,10 @@ Item inputs for one item (``title``, ``poi_names``):
   ``n0 + 5*n1 + 3*n2`` (looked up by the stripped name, missing = [0, 0, 0]), the first
   5 kept; vectors looked up by the *unstripped* name, zeros when missing.
 """
+
 from __future__ import annotations
+
+from utils.cli import UserError
 
 import collections
 import io
@@ -50,8 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.lib.format as npformat
 
-from .cli import UserError
-from .data import atomic_write
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,9 @@ class PoiTableError(UserError, ValueError):
 
 
 class Limits(NamedTuple):
-    entries: int = 5_000_000      # names in one table
-    depth: int = 6                # containers inside containers (0-d array > dict > value > ...)
-    elements: int = 50_000_000    # numbers, strings and containers, shared references counted each time
+    entries: int = 5_000_000  # names in one table
+    depth: int = 6  # containers inside containers (0-d array > dict > value > ...)
+    elements: int = 50_000_000  # numbers, strings and containers, shared references counted each time
 
 
 LIMITS = Limits()
@@ -87,6 +89,7 @@ def _storage_from_bytes(data: bytes):
     """A tensor storage pickled by ``pickle`` (``torch.storage._load_from_bytes``), read
     by torch's weights-only loader instead of the unrestricted one."""
     import torch
+
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("torch storage payload is not bytes")
     return torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
@@ -133,9 +136,9 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "complex"): complex,
-        ("__builtin__", "set"): set,             # Python-2 pickles
+        ("__builtin__", "set"): set,  # Python-2 pickles
         ("__builtin__", "frozenset"): frozenset,
-        ("_codecs", "encode"): _latin1_encode,   # bytes in protocol-2 pickles
+        ("_codecs", "encode"): _latin1_encode,  # bytes in protocol-2 pickles
         ("collections", "OrderedDict"): collections.OrderedDict,
     }
     for mod in ("numpy.core", "numpy._core"):
@@ -163,7 +166,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"{self.source}: refusing to load: the pickle asks for the global "
                 f"'{module}.{name}', which a table of arrays, lists, strings and numbers never "
                 f"needs (it could run code). If you trust this file, pass --trust-pickle; "
-                f"better, convert it once with `poi_tables.py convert`.")
+                f"better, convert it once with `poi_tables.py convert`."
+            )
         return obj
 
 
@@ -183,8 +187,9 @@ def restricted_load_npy(path: str | os.PathLike):
             elif version == (2, 0):
                 shape, _, dtype = npformat.read_array_header_2_0(f)
             else:
-                raise PoiTableError(f"{path}: .npy format version {version} is not supported "
-                                    f"for pickled tables (expected 1.0 or 2.0)")
+                raise PoiTableError(
+                    f"{path}: .npy format version {version} is not supported for pickled tables (expected 1.0 or 2.0)"
+                )
         except ValueError as e:
             raise PoiTableError(f"{path}: not a .npy file ({e})") from None
         if not dtype.hasobject:
@@ -199,8 +204,7 @@ def restricted_load_npy(path: str | os.PathLike):
     except PoiTableError:
         raise
     except Exception as e:  # truncated payload, bad opcodes, a refused codec, torch refusing
-        raise PoiTableError(f"{path}: the pickled payload cannot be read "
-                            f"({type(e).__name__}: {e})") from None
+        raise PoiTableError(f"{path}: the pickled payload cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, np.ndarray):
         raise PoiTableError(f"{path}: the pickle holds a {type(obj).__name__}, not a numpy array")
     if obj.shape != tuple(shape):
@@ -220,9 +224,9 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
     arrays, items of containers; a container reached twice counts twice). Shared
     references are counted from a memo, so the check runs in the size of the pickle, not
     of its expansion; a cycle is an error."""
-    sizes: dict[int, int] = {}       # id -> expanded element count (done)
-    done: dict[int, object] = {}     # id -> converted object
-    keep: list = []                  # keeps ids stable while walking
+    sizes: dict[int, int] = {}  # id -> expanded element count (done)
+    done: dict[int, object] = {}  # id -> converted object
+    keep: list = []  # keeps ids stable while walking
     active: set[int] = set()
 
     def fail(what: str):
@@ -263,8 +267,9 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
         else:
             fail(f"holds a {type(o).__name__}")
         if n > limits.elements:
-            fail(f"it expands to more than {limits.elements:,} elements (shared references "
-                 f"counted each time they occur)")
+            fail(
+                f"it expands to more than {limits.elements:,} elements (shared references counted each time they occur)"
+            )
         active.discard(key)
         sizes[key], done[key] = n, out
         return out, n
@@ -275,6 +280,7 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
 
 def _tensor_to_numpy(t, source: str, limits: Limits) -> np.ndarray:
     import torch
+
     if not isinstance(t, torch.Tensor):
         raise PoiTableError(f"{source}: not a POI table: holds a {type(t).__name__}")
     if t.numel() > limits.elements:
@@ -292,15 +298,14 @@ def _as_dict(obj, path: str, limits: Limits) -> dict:
     if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
         obj = obj.item()
     if not isinstance(obj, dict):
-        raise PoiTableError(f"{path}: expected a dict saved with np.save (name -> vector or "
-                            f"counts), found {type(obj).__name__}")
+        raise PoiTableError(
+            f"{path}: expected a dict saved with np.save (name -> vector or counts), found {type(obj).__name__}"
+        )
     if len(obj) > limits.entries:
-        raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} "
-                            f"a POI table may have")
+        raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} a POI table may have")
     bad = next((k for k in obj if not isinstance(k, str)), None)
     if bad is not None:
-        raise PoiTableError(f"{path}: keys must be POI names (str); found {type(bad).__name__} "
-                            f"key {bad!r}")
+        raise PoiTableError(f"{path}: keys must be POI names (str); found {type(bad).__name__} key {bad!r}")
     return bounded(obj, path, limits)
 
 
@@ -311,23 +316,23 @@ def load_safe_table(path: str | os.PathLike) -> dict:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("names", "values") if k not in z.files]
             if missing:
-                raise PoiTableError(f"{path}: not a POI table: missing arrays {missing} "
-                                    f"(has {z.files})")
+                raise PoiTableError(f"{path}: not a POI table: missing arrays {missing} (has {z.files})")
             names, values = z["names"], z["values"]
     except PoiTableError:
         raise
     except (OSError, ValueError, EOFError) as e:
         raise PoiTableError(f"{path}: cannot read as a safe POI table ({e})") from None
     if names.ndim != 1 or values.ndim != 2 or len(names) != len(values):
-        raise PoiTableError(f"{path}: names {names.shape} and values {values.shape} do not "
-                            f"form a table (need N names and an N x D matrix)")
+        raise PoiTableError(
+            f"{path}: names {names.shape} and values {values.shape} do not "
+            f"form a table (need N names and an N x D matrix)"
+        )
     if names.dtype.kind != "U":
         raise PoiTableError(f"{path}: names must be a unicode array, found dtype {names.dtype}")
     return {str(n): v for n, v in zip(names.tolist(), values)}
 
 
-def load_poi_table(path: str | os.PathLike, trust_pickle: bool = False,
-                   limits: Limits = LIMITS) -> dict:
+def load_poi_table(path: str | os.PathLike, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
     """A POI table as a dict ``name -> value``, bounded by ``limits`` (its values are
     not checked here: :func:`check_vectors` / :func:`check_pic_num` do that).
 
@@ -340,8 +345,9 @@ def load_poi_table(path: str | os.PathLike, trust_pickle: bool = False,
     if path.lower().endswith(SAFE_SUFFIX):
         table = load_safe_table(path)
         if len(table) > limits.entries:
-            raise PoiTableError(f"{path}: {len(table):,} entries, more than the "
-                                f"{limits.entries:,} a POI table may have")
+            raise PoiTableError(
+                f"{path}: {len(table):,} entries, more than the {limits.entries:,} a POI table may have"
+            )
     elif trust_pickle:
         log.warning("%s: loading with allow_pickle=True (--trust-pickle): code in it would run", path)
         try:
@@ -384,11 +390,9 @@ def check_vectors(table: dict, source: str, dim: int | None = None) -> dict[str,
         if first is None:
             first = (name, v.size)
             if dim is not None and v.size != dim:
-                raise PoiTableError(f"{source}: vectors have {v.size} values, the model's "
-                                    f"embedding has {dim}")
+                raise PoiTableError(f"{source}: vectors have {v.size} values, the model's embedding has {dim}")
         elif v.size != first[1]:
-            raise PoiTableError(f"{source}: {first[0]!r} has {first[1]} values but {name!r} "
-                                f"has {v.size}")
+            raise PoiTableError(f"{source}: {first[0]!r} has {first[1]} values but {name!r} has {v.size}")
         out[name] = v
     return out
 
@@ -400,11 +404,11 @@ def check_pic_num(table: dict, source: str) -> dict[str, list]:
         try:
             a = _numeric(value, name, source)
         except PoiTableError:
-            raise PoiTableError(f"{source}: pic-num entry {name!r} = {value!r:.80} is not up "
-                                f"to 3 finite counts") from None
+            raise PoiTableError(
+                f"{source}: pic-num entry {name!r} = {value!r:.80} is not up to 3 finite counts"
+            ) from None
         if a.size > 3:
-            raise PoiTableError(f"{source}: pic-num entry {name!r} has {a.size} values, "
-                                f"expected up to 3 counts")
+            raise PoiTableError(f"{source}: pic-num entry {name!r} has {a.size} values, expected up to 3 counts")
         out[name] = a.tolist()
     return out
 
@@ -418,8 +422,7 @@ def table_matrix(table: dict, source: str = "<table>") -> tuple[list[str], np.nd
         if width is None:
             width = v.size
         elif v.size != width:
-            raise PoiTableError(f"{source}: value of {name!r} has {v.size} numbers, the first "
-                                f"entry has {width}")
+            raise PoiTableError(f"{source}: value of {name!r} has {v.size} numbers, the first entry has {width}")
         rows.append(v)
     if not rows:
         return names, np.zeros((0, 0), dtype=np.float32)
@@ -433,8 +436,7 @@ def guess_kind(values: np.ndarray) -> str:
 # ---------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------
-def save_safe_table(table: dict, path: str | os.PathLike, kind: str | None = None,
-                    source: str = "<table>") -> Path:
+def save_safe_table(table: dict, path: str | os.PathLike, kind: str | None = None, source: str = "<table>") -> Path:
     """Write ``table`` as ``.npz`` (names + matrix), atomically. Vectors become float32;
     pic-num counts keep an integer dtype when they are integers."""
     path = Path(path)
@@ -464,8 +466,7 @@ def save_pickled_table(table: dict, path: str | os.PathLike) -> Path:
     it; values are stored as float32 arrays, which the restricted loader reads back."""
     path = Path(path)
     with atomic_write(path, "wb") as f:
-        np.save(f, {k: np.asarray(v, dtype=np.float32) for k, v in table.items()},
-                allow_pickle=True)
+        np.save(f, {k: np.asarray(v, dtype=np.float32) for k, v in table.items()}, allow_pickle=True)
     return path
 
 
@@ -474,31 +475,33 @@ def save_pickled_table(table: dict, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------
 class PoiTables(NamedTuple):
     """The ranker's three POI tables, checked (empty dicts for those not given)."""
+
     pic_num: dict
     image_vectors: dict
     name_vectors: dict
     dim: int | None
-    sources: tuple = (None, None, None)   # the three paths, for messages
+    sources: tuple = (None, None, None)  # the three paths, for messages
 
-    def inputs(self, title: str, poi_names: str) -> "ItemInputs":
+    def inputs(self, title: str, poi_names: str) -> ItemInputs:
         """Item inputs per SPEC section 5 (:func:`build_item_inputs`)."""
-        return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors,
-                                 self.name_vectors, self.dim)
+        return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors, self.name_vectors, self.dim)
 
-    def with_dim(self, dim: int) -> "PoiTables":
+    def with_dim(self, dim: int) -> PoiTables:
         """These tables for a model whose embedding has ``dim`` values (an error naming
         the option and file when a vector table holds another length)."""
-        for opt, table, path in (("--poi-image-vectors", self.image_vectors, self.sources[1]),
-                                 ("--poi-name-vectors", self.name_vectors, self.sources[2])):
+        for opt, table, path in (
+            ("--poi-image-vectors", self.image_vectors, self.sources[1]),
+            ("--poi-name-vectors", self.name_vectors, self.sources[2]),
+        ):
             d = len(next(iter(table.values()))) if table else dim
             if d != dim:
-                raise PoiTableError(f"{opt}: {path}: vectors have {d} values, the model's "
-                                    f"embedding has {dim}")
+                raise PoiTableError(f"{opt}: {path}: vectors have {d} values, the model's embedding has {dim}")
         return self._replace(dim=dim)
 
 
-def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim: int | None,
-                    trust_pickle: bool = False) -> PoiTables:
+def load_poi_tables(
+    pic_num=None, image_vectors=None, name_vectors=None, *, dim: int | None, trust_pickle: bool = False
+) -> PoiTables:
     """Load and check the tables the scripts take as ``--poi-pic-num``,
     ``--poi-image-vectors`` and ``--poi-name-vectors`` (a path left out gives an empty
     table): vector tables must hold finite vectors of one length (``dim``; ``None``
@@ -506,15 +509,17 @@ def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim:
     model is loaded), pic-num values up to 3 finite counts. Errors name the option and
     the file."""
     out = []
-    for opt, path in (("--poi-pic-num", pic_num), ("--poi-image-vectors", image_vectors),
-                      ("--poi-name-vectors", name_vectors)):
+    for opt, path in (
+        ("--poi-pic-num", pic_num),
+        ("--poi-image-vectors", image_vectors),
+        ("--poi-name-vectors", name_vectors),
+    ):
         if not path:
             out.append({})
             continue
         try:
             table = load_poi_table(path, trust_pickle=trust_pickle)
-            out.append(check_pic_num(table, str(path)) if opt == "--poi-pic-num"
-                       else check_vectors(table, str(path)))
+            out.append(check_pic_num(table, str(path)) if opt == "--poi-pic-num" else check_vectors(table, str(path)))
         except PoiTableError as e:
             raise PoiTableError(f"{opt}: {e}") from None
     tables = PoiTables(*out, None, (pic_num, image_vectors, name_vectors))
@@ -544,16 +549,17 @@ def pois_text(title: str, poi_names: str) -> str:
 
 @dataclass
 class ItemInputs:
-    pois_text: str            # text encoded into pois_feature
-    poi_names: list[str]      # the POI sequence (<= 5 names)
-    poi_img: np.ndarray       # 5 x D float32, zero rows for unused/unknown
-    poi_txt: np.ndarray       # 5 x D float32
+    pois_text: str  # text encoded into pois_feature
+    poi_names: list[str]  # the POI sequence (<= 5 names)
+    poi_img: np.ndarray  # 5 x D float32, zero rows for unused/unknown
+    poi_txt: np.ndarray  # 5 x D float32
     poi_len: int
-    unknown: list[str]        # names of the sequence missing from a vector table
+    unknown: list[str]  # names of the sequence missing from a vector table
 
 
-def build_item_inputs(title: str, poi_names: str, pic_num: dict, img_vectors: dict,
-                      name_vectors: dict, dim: int = 512) -> ItemInputs:
+def build_item_inputs(
+    title: str, poi_names: str, pic_num: dict, img_vectors: dict, name_vectors: dict, dim: int = 512
+) -> ItemInputs:
     seq = poi_sequence(poi_names, pic_num)
     poi_img = np.zeros((MAX_POIS, dim), dtype=np.float32)
     poi_txt = np.zeros((MAX_POIS, dim), dtype=np.float32)
@@ -574,5 +580,8 @@ def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndar
     if not items:
         z = np.zeros((0, MAX_POIS, dim), dtype=np.float32)
         return z, z.copy(), np.zeros(0, dtype=np.int64)
-    return (np.stack([x.poi_img for x in items]), np.stack([x.poi_txt for x in items]),
-            np.array([x.poi_len for x in items], dtype=np.int64))
+    return (
+        np.stack([x.poi_img for x in items]),
+        np.stack([x.poi_txt for x in items]),
+        np.array([x.poi_len for x in items], dtype=np.int64),
+    )

@@ -1,0 +1,20 @@
+"""The encoding engine: ``RecallModel`` (a model with its tokenizer, preprocessing and
+image engine), batched image and text encoding and how the cores are shared
+(``encode``), the torch / ONNX Runtime backends (``onnx``), the embedding cache
+(``cache``)."""
+
+from .cache import EmbeddingCache
+from .encode import PRECISIONS, ImagePrefetch, prefetch_images, tokenize
+from .onnx import BACKENDS
+from .recall_model import RecallModel, wrap_align
+
+__all__ = [
+    "BACKENDS",
+    "EmbeddingCache",
+    "ImagePrefetch",
+    "PRECISIONS",
+    "RecallModel",
+    "prefetch_images",
+    "tokenize",
+    "wrap_align",
+]

@@ -1,0 +1,149 @@
+"""``RecallModel``: a loaded alignment-style model with its tokenizer, image
+preprocessing and image engine (chosen when first needed, so a run that encodes no
+image never exports); the weights hash is computed at most once and keys both the ONNX
+export cache and the embedding cache."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.args import Encoding
+from utils.hashing import model_hash
+
+from .cache import EmbeddingCache
+from .encode import MAX_TEXT_LEN, encode_images, encode_texts
+from .onnx import OnnxImageEncoder, image_encoder_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecallModel:
+    """A loaded recall model with its tokenizer, image preprocessing and image engine."""
+
+    name: str
+    model: torch.nn.Module  # encode_image(x, normalize), encode_text(ids, mask, normalize)
+    tokenizer: object
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "torch"  # requested image engine: auto | torch | onnx
+    image_loader: Callable | None = None  # f(path, mode) -> (tensor, ok); None = utils.images.load_image
+    max_text_len: int = MAX_TEXT_LEN
+    hash_fn: Callable[[], str] | None = None  # weights hash that keys the caches (default: all weights)
+    sources: dict = field(default_factory=dict)  # which files it was built from (for run records)
+    onnx_cache_dir: str | None = None
+    _hash: str | None = None
+    _encoders: dict = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        arch = getattr(self.model, "arch", None)
+        return arch.embed_dim if arch is not None else self.model.embed_dim
+
+    def weights_hash(self) -> str:
+        if self._hash is None:
+            self._hash = (self.hash_fn or (lambda: model_hash(self.model)))()
+        return self._hash
+
+    def identity(self) -> str:
+        """``<name>:<weights hash>``: what the embedding cache keys image vectors by."""
+        return f"{self.name}:{self.weights_hash()}"
+
+    def image_encoder(self, precision: str = "fp32"):
+        """The ``f(x, normalize)`` running the image tower on the chosen engine (built
+        once per precision; ``auto`` is resolved here, with its agreement check)."""
+        if precision not in self._encoders:
+            self._encoders[precision] = image_encoder_for(
+                self.model,
+                self.backend,
+                self.device,
+                precision,
+                cache_dir=self.onnx_cache_dir,
+                weights_hash=self.weights_hash,
+            )
+        return self._encoders[precision]
+
+    def image_backend(self, precision: str = "fp32") -> str:
+        """``"onnx"`` or ``"torch"``: the engine that actually runs."""
+        return "onnx" if isinstance(self.image_encoder(precision), OnnxImageEncoder) else "torch"
+
+    def engine_info(self, precision: str = "fp32") -> dict:
+        """What a run record says about the image engine: the one requested, the one
+        used (None when no image needed encoding, so none was set up), and for ONNX
+        Runtime its agreement with torch, whether this run exported the graph (False:
+        the cached export was valid) and its set-up time."""
+        if precision not in self._encoders:
+            return {"backend": self.backend, "image_backend": None}
+        enc = self.image_encoder(precision)
+        info = {"backend": self.backend, "image_backend": self.image_backend(precision)}
+        if isinstance(enc, OnnxImageEncoder):
+            info.update(
+                onnx_max_abs_diff=enc.max_abs_diff,
+                onnx_exported=enc.exported,
+                onnx_file=enc.path.name,
+                onnx_threads=enc.opts.intra_op_num_threads,
+                onnx_setup_s=round(enc.setup_seconds, 3),
+            )
+        return info
+
+    def encode_images(
+        self, paths, enc: Encoding = Encoding(), *, stats: dict | None = None, desc: str = "images", prefetch=None
+    ):
+        """``(emb, ok)`` of image files with ``enc``'s batch size, precision, preprocessing,
+        workers and progress (``encode.encode_images``), on the chosen engine, which is set
+        up only when some image is not in the cache of ``enc.cache_dir`` (keyed by
+        ``identity()``)."""
+        cache = EmbeddingCache(enc.cache_dir, self.identity()) if enc.cache_dir else None
+        try:
+            return encode_images(
+                self.model,
+                paths,
+                enc.batch_size,
+                self.device,
+                mode=enc.preprocess,
+                num_workers=enc.num_workers,
+                precision=enc.precision,
+                cache=cache,
+                stats=stats,
+                progress=enc.progress,
+                desc=desc,
+                image_loader=self.image_loader,
+                prefetch=prefetch,
+                engine=lambda: self.image_encoder(enc.precision),
+            )
+        finally:
+            if cache is not None:
+                log.info(
+                    "cache %s: %d hits, %d misses, %d stored, %d files hashed",
+                    cache.path,
+                    cache.hits,
+                    cache.misses,
+                    cache.stored,
+                    cache.hashed,
+                )
+                cache.close()
+
+    def encode_texts(self, texts, enc: Encoding = Encoding()):
+        return encode_texts(
+            self.model,
+            self.tokenizer,
+            texts,
+            enc.text_batch_size,
+            self.device,
+            precision=enc.precision,
+            progress=enc.progress,
+            max_length=self.max_text_len,
+        )
+
+
+def wrap_align(
+    model, tokenizer, *, device="cpu", backend: str = "torch", onnx_cache_dir=None, sources: dict | None = None
+) -> RecallModel:
+    """A ``RecallModel`` around an alignment model already in memory (the ranker's own
+    copy, a model being trained)."""
+    return RecallModel(
+        "align", model, tokenizer, torch.device(device), backend, sources=sources or {}, onnx_cache_dir=onnx_cache_dir
+    )

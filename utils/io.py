@@ -1,0 +1,162 @@
+"""Atomic file writing, the run lock and the one UTF-8 text reader every layer uses.
+
+- ``atomic_path`` / ``atomic_write`` / ``write_json``: a file appears whole or not at all.
+- ``exclusive_lock``: one run per destination directory (``flock``; "held by pid N").
+- ``text_lines`` / ``count_text_rows`` / ``read_json``: UTF-8 text read line by line, bad
+  bytes reported at their line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cli import DataError, RowError, UserError, record_bad_row
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """Where ``atomic_path`` writes before the rename: ``<path>.tmp<pid>``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; when the block ends without an error it
+    replaces ``path`` in one step, otherwise it is removed. Readers never see a half
+    written file, and an interrupted run leaves nothing behind. The parent directory is
+    created."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = ""):
+    """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, no newline
+    translation, so ``csv.writer`` works)."""
+    binary = "b" in mode
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike | None):
+    """The outputs of one run, committed together or not at all: yields one temporary
+    path per target (None stays None); when the block ends without an error each replaces
+    its target (renames, which need no space), otherwise every temporary file is removed
+    and the targets keep what they held."""
+    temps = [None if p is None else temp_name(Path(p).with_name(Path(p).name + ".new")) for p in paths]
+    for p in paths:
+        if p is not None:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield temps
+        for tmp, p in zip(temps, paths):
+            if p is not None:
+                os.replace(tmp, p)
+    finally:
+        for tmp in temps:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """JSON (UTF-8, non-ASCII kept, NaN refused) written atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
+    """Hold ``directory/.lock`` for the block so that two runs never write into one
+    destination at once; the second gets a ``UserError`` naming the holder's pid. The
+    lock is the kernel's (``flock``): it is released when the process ends, even when
+    it is killed, so a stale file never blocks a later run."""
+    import fcntl
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / name
+    try:  # never through a symbolic link: a planted one would get our pid written into its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        why = "is a symbolic link" if path.is_symlink() else (e.strerror or str(e))
+        raise UserError(f"lock file {path}: {why}; refusing to use it") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise UserError(
+            f"another run holds {path} (pid {pid}); wait for it to finish or use another destination"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file (BOM tolerated, line ends kept), decoded one by one
+    so that bytes that are not UTF-8 are reported at their line: a ``DataError``, or with
+    ``errors=[]`` a ``RowError`` there and an empty line in its place (line numbers of
+    ``csv.reader`` stay right)."""
+    path = str(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                record_bad_row(
+                    errors, RowError(path, n, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                )
+                yield "\n"
+                continue
+            if n == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            yield text
+
+
+def count_text_rows(path: str | os.PathLike) -> int:
+    """Non-blank lines of a UTF-8 text file; bytes that are not UTF-8 are a ``DataError``
+    at their line (a check to run before any work)."""
+    return sum(1 for line in text_lines(path) if line.strip())
+
+
+def read_json(path: str | os.PathLike, what: str | None = None):
+    """The JSON document in ``path``; a missing file, bytes that are not UTF-8 or a syntax
+    error are a ``DataError`` naming the file (and the line)."""
+    label = f"{what} {path}" if what else str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{label}: no such file")
+    try:
+        return json.loads("".join(text_lines(path)))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{label}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
