@@ -307,15 +307,7 @@ def start_decoding(args, rows: list[RankRow], images: dict, device):
     from models import prefetch_images
 
     files, _, stand_in = image_files(rows, images, args.image_dir)
-    return prefetch_images(
-        files + stand_in,
-        args.batch_size,
-        device,
-        args.preprocess,
-        args.num_workers,
-        backend=args.backend,
-        precision=args.precision,
-    )
+    return prefetch_images(files + stand_in, Encoding.from_args(args, device=str(device)))
 
 
 def encode_pair_images(rm, pairs: list[Pair], args, progress=True, prefetch=None):

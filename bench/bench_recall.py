@@ -64,6 +64,7 @@ from models.engine.cache import EmbeddingCache  # noqa: E402
 from models.engine.encode import default_batch_size, encode_images  # noqa: E402
 from models.engine.onnx import OnnxImageEncoder  # noqa: E402
 from models.factory import build_recall_model  # noqa: E402
+from utils.args import Encoding  # noqa: E402
 from utils.evaluation.metrics import recall_at_k  # noqa: E402
 from utils.formats.images import load_image  # noqa: E402
 from utils.formats.rows import iter_recall_csv, poi_of_image  # noqa: E402
@@ -292,7 +293,7 @@ def bench_cache_lookup(model, out: Path, n: int) -> tuple[float, float]:
     cache = EmbeddingCache(out / "cache_lookup", "align:bench")
     stats = {}
     t = time.perf_counter()
-    emb, _ = encode_images(model, files, cache=cache, stats=stats, progress=False)
+    emb, _ = encode_images(model, files, Encoding(progress=False), cache=cache, stats=stats)
     dt = time.perf_counter() - t
     assert stats["encoded"] == 0 and emb.shape == (n, 512), stats
     cache.close()
@@ -387,7 +388,7 @@ def image_stage(rm, paths) -> float:
     image decoded within the stage (no prefetch, no cache)."""
     enc = rm.image_encoder()
     t = time.perf_counter()
-    encode_images(rm.model, paths, progress=False, image_encoder=enc)
+    encode_images(rm.model, paths, Encoding(progress=False), engine=lambda: enc)
     return len(paths) / (time.perf_counter() - t)
 
 
@@ -399,7 +400,7 @@ def split_grid(ckpt, bert_dir, paths, workers=(1, 2), threads=(1, 2)) -> list[tu
 
     def timed(label, enc, **kw):
         t0 = time.perf_counter()
-        encode_images(model, paths, progress=False, image_encoder=enc, **kw)
+        encode_images(model, paths, Encoding(progress=False, **kw), engine=lambda: enc)
         out.append((label, len(paths) / (time.perf_counter() - t0)))
         print(f"  split: {label}: {out[-1][1]:.1f} img/s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 

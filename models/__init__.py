@@ -1,42 +1,59 @@
 """Everything that runs a network: the paper's two models (``align``, ``ranker``, with
 the text tower of ``bert``), the Taiyi-CLIP baseline (``taiyi``), the one checkpoint
-reader and writer (``checkpoint``), the factory (``factory``) and the encoding engine
-(``engine``). Scripts use the names below."""
+reader and writer (``checkpoint``), the factory (``factory``), the encoding engine
+(``engine``) and the recall stage end to end (``recall``). Scripts use the names below."""
 
 from .align import AlignArch, AlignModel, contrastive_loss, load_tokenizer
-from .checkpoint import load_align_model, load_ranker, read_checkpoint, save_align_checkpoint, save_ranker_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    convert_to_safetensors,
+    load_align_model,
+    load_ranker,
+    read_checkpoint,
+    save_align_checkpoint,
+    save_ranker_checkpoint,
+)
 from .engine import (
     BACKENDS,
     PRECISIONS,
     EmbeddingCache,
     ImagePrefetch,
     RecallModel,
+    encode_images,
+    encode_texts,
     prefetch_images,
     tokenize,
     wrap_align,
 )
 from .factory import MODELS, build_ranker, build_recall_model, missing_options
 from .ranker import SiameseRanker
+from .recall import RecallJob, run_recall
 
 __all__ = [
     "AlignArch",
     "AlignModel",
     "BACKENDS",
+    "CheckpointError",
     "EmbeddingCache",
     "ImagePrefetch",
     "MODELS",
     "PRECISIONS",
+    "RecallJob",
     "RecallModel",
     "SiameseRanker",
     "build_ranker",
     "build_recall_model",
     "contrastive_loss",
+    "convert_to_safetensors",
+    "encode_images",
+    "encode_texts",
     "load_align_model",
     "load_ranker",
     "load_tokenizer",
     "missing_options",
     "prefetch_images",
     "read_checkpoint",
+    "run_recall",
     "save_align_checkpoint",
     "save_ranker_checkpoint",
     "tokenize",

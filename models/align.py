@@ -1,81 +1,43 @@
 """Stage 1: the text-image alignment model ("ALIGN", SPEC section 2).
 
-Image tower: EfficientNet (efficientnet_pytorch, B3 by default) whose ``_fc`` maps to
-``embed_dim``, then ``image_hidden_layer``; text tower: a BERT encoder whose [CLS]
-state goes through ``text_hidden_layer``. Both vectors are L2-normalised and compared
-by a dot product multiplied (not exponentiated) by ``logit_scale``.
-
-The attribute names (``image_model``, ``text_model``, ``image_hidden_layer``,
-``text_hidden_layer``, ``logit_scale``) are the state-dict prefixes of the released
-checkpoint; do not rename them.
+Image tower: EfficientNet (B3 by default) whose ``_fc`` maps to ``embed_dim``, then
+``image_hidden_layer``; text tower: a BERT encoder whose [CLS] state goes through
+``text_hidden_layer``. Both vectors are L2-normalised and compared by a dot product
+multiplied (not exponentiated) by ``logit_scale``. The attribute names are the
+state-dict prefixes of the released checkpoint; do not rename them.
 """
 
 from __future__ import annotations
 
 from utils.cli import DataError, UserError
 
-import contextlib
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.model import VALID_MODELS
 
-from utils.io import read_json
+from utils.io import read_json, text_lines
 
 from .bert import BertConfig, BertEncoder, BertTokenizer
+
+# Sane bounds, checked before anything is built: a wrong number would otherwise ask for terabytes.
+MAX_EMBED_DIM, MAX_TEXT_LAYERS = 1 << 14, 64
+IMAGE_OVERRIDES = ("width_coefficient", "depth_coefficient", "dropout_rate", "drop_connect_rate")
 
 
 class ModelFilesError(UserError, FileNotFoundError):
     """A file a model needs (config, vocabulary) is missing."""
 
 
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "ones_",
-    "zeros_",
-    "eye_",
-    "dirac_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-    "sparse_",
-)
-
-
-@contextlib.contextmanager
-def skip_init():
-    """Build modules without their random initialisation, for a model whose every weight
-    is loaded next (the strict loader checks that): construction then costs next to
-    nothing. torch's init functions (which every layer's ``reset_parameters`` and
-    :class:`models.bert.BertEncoder`'s initialisation call) return their tensor
-    untouched inside the block."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
-    try:
-        for name in saved:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 @dataclass
 class AlignArch:
-    """Architecture of an alignment model. The defaults are the released model.
-
-    ``image_overrides`` are efficientnet_pytorch global-parameter overrides (for
-    example ``width_coefficient``) used only by small test and training variants;
-    ``text_layers`` overrides ``num_hidden_layers`` of the BERT config read from the
-    bert directory.
-    """
+    """Architecture of an alignment model; the defaults are the released model.
+    ``image_overrides``: efficientnet_pytorch parameters of small variants (tests, own
+    training); ``text_layers`` replaces ``num_hidden_layers`` of the bert config."""
 
     image_model: str = "efficientnet-b3"
     image_overrides: dict = field(default_factory=dict)
@@ -84,7 +46,7 @@ class AlignArch:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AlignArch:
-        """Raises ValueError for anything but a dict of known fields of the right types."""
+        """Raises ValueError for anything but a dict of known fields, of the right types, in bounds."""
         if not d:
             return cls()
         if not isinstance(d, dict):
@@ -92,21 +54,27 @@ class AlignArch:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
-        types = {"image_model": str, "image_overrides": dict, "text_layers": int, "embed_dim": int}
-        for f in fields(cls):
-            if f.name in d and (not isinstance(d[f.name], types[f.name]) or isinstance(d[f.name], bool)):
-                raise ValueError(
-                    f"architecture field {f.name!r} must be a {types[f.name].__name__}, found {d[f.name]!r}"
-                )
-        for name in ("text_layers", "embed_dim"):
-            if name in d and d[name] < 1:
-                raise ValueError(f"architecture field {name!r} must be >= 1, found {d[name]}")
-        return cls(**d)
+        for name, want in (("image_model", str), ("image_overrides", dict), ("text_layers", int), ("embed_dim", int)):
+            if name in d and (not isinstance(d[name], want) or isinstance(d[name], bool)):
+                raise ValueError(f"architecture field {name!r} must be a {want.__name__}, found {d[name]!r}")
+        arch = cls(**d)
+        arch.check()
+        return arch
+
+    def check(self) -> None:
+        if self.image_model not in VALID_MODELS:
+            raise ValueError(f"architecture field 'image_model' must be one of {', '.join(VALID_MODELS)}")
+        for name, top in (("text_layers", MAX_TEXT_LAYERS), ("embed_dim", MAX_EMBED_DIM)):
+            if not 1 <= getattr(self, name) <= top:
+                raise ValueError(f"architecture field {name!r} must be 1 to {top}, found {getattr(self, name)}")
+        for k, v in self.image_overrides.items():
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k not in IMAGE_OVERRIDES or not number or not (0 < v <= 4 if k.endswith("coefficient") else 0 <= v < 1):
+                raise ValueError(f"image override {k}={v!r}: one of {', '.join(IMAGE_OVERRIDES)}, in bounds")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AlignArch:
-        """The architecture in a JSON file; a ``DataError`` naming the file (and the line
-        of a JSON syntax error) when it cannot be used."""
+        """The architecture in a JSON file; a ``DataError`` naming the file when it cannot be used."""
         d = read_json(path)
         try:
             return cls.from_dict(d)
@@ -132,15 +100,19 @@ def _need(bert_dir: str | os.PathLike, name: str) -> str:
 
 
 def load_text_config(bert_dir: str | os.PathLike, num_layers: int) -> BertConfig:
-    """BERT config from ``bert_dir/config.json`` with the layer count overridden."""
+    """BERT config of ``bert_dir`` with ``num_layers`` layers; its vocab.txt must fit the
+    embedding table (a token id beyond it would fail in the middle of a run)."""
     config = BertConfig.from_json_file(_need(bert_dir, "config.json"))
     config.num_hidden_layers = num_layers
+    vocab = _need(bert_dir, "vocab.txt")
+    n = sum(1 for _ in text_lines(vocab))
+    if n > config.vocab_size:
+        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of config.json")
     return config
 
 
 def load_tokenizer(bert_dir: str | os.PathLike) -> BertTokenizer:
-    """Tokenizer from ``bert_dir/vocab.txt`` only (lower-casing on, as the authors'
-    ``BertTokenizer.from_pretrained(".../vocab.txt")`` had it); nothing from a hub."""
+    """Tokenizer from ``bert_dir/vocab.txt`` only (lower-casing on, as the authors had it)."""
     return BertTokenizer(_need(bert_dir, "vocab.txt"))
 
 
@@ -150,8 +122,7 @@ class AlignModel(nn.Module):
         self.arch = arch or AlignArch()
         d = self.arch.embed_dim
         self.image_model = EfficientNet.from_name(self.arch.image_model, num_classes=d, **self.arch.image_overrides)
-        # The memory-efficient swish is a training-memory trick with a custom autograd
-        # function; the plain one computes the same values and runs faster.
+        # the memory-efficient swish is a training-memory trick; the plain one computes the same, faster
         self.image_model.set_swish(memory_efficient=False)
         self.text_model = BertEncoder(text_config)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
@@ -182,7 +153,6 @@ class AlignModel(nn.Module):
 
 
 def contrastive_loss(sims: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy over a square similarity matrix whose matching pairs
-    sit on the diagonal: ``(CE(sims, arange) + CE(sims.T, arange)) / 2``."""
+    """Symmetric cross-entropy over a square similarity matrix with the pairs on the diagonal."""
     labels = torch.arange(sims.shape[0], device=sims.device)
     return (F.cross_entropy(sims, labels) + F.cross_entropy(sims.t(), labels)) / 2

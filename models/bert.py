@@ -1,20 +1,12 @@
-"""The text tower of the alignment model: a BERT encoder and its WordPiece tokenizer,
-written for this package so that a run does not import transformers (2 s on the CPUs
-this was measured on, a quarter of a 100-pair rank_eval run).
+"""The text tower of the alignment model: a BERT encoder and its WordPiece tokenizer, so
+that a run does not import transformers (2 s of start-up).
 
-The module names and state-dict keys are those of transformers' ``BertModel``
-(``embeddings.word_embeddings.weight``, ``encoder.layer.0.attention.self.query.weight``,
-..., ``pooler.dense.weight``), so the released checkpoint loads as it is; the forward
-pass is the same computation (post-LayerNorm layers, exact GELU, PyTorch's
-scaled-dot-product attention with a boolean padding mask, no mask when nothing is
-padded). tests/test_bert.py checks the states against transformers' to 1e-5 (they
-agree to ~1e-6) and the token ids against its ``BertTokenizer`` on the published CSVs.
-
-The tokenizer is the ``tokenizers`` library's WordPiece (the engine of transformers'
-fast BERT tokenizer) set up as bert-base-chinese's slow ``BertTokenizer`` is: text
-cleaning, CJK characters split apart, lower-casing with accents stripped, punctuation
-split, 100-character word limit, ``[CLS] ... [SEP]``, truncation, padding to the longest
-text of the batch.
+State-dict keys and computation are those of transformers' ``BertModel`` (post-LayerNorm
+layers, exact GELU, scaled-dot-product attention with a boolean padding mask), so the
+released checkpoint loads as it is; tests/test_bert.py checks states and token ids
+against transformers. The tokenizer is the ``tokenizers`` library's WordPiece set up as
+bert-base-chinese's ``BertTokenizer``: cleaning, CJK split, lower-casing without
+accents, punctuation split, ``[CLS] ... [SEP]``, truncation, padding to the longest.
 """
 
 from __future__ import annotations
@@ -30,6 +22,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.io import read_json, text_lines
+
+# Sane bounds of the size fields (here and in transformers' configs for Taiyi), checked
+# before a model is built: a wrong number would otherwise ask for terabytes.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 20,
+    "hidden_size": 1 << 14,
+    "num_hidden_layers": 128,
+    "num_attention_heads": 1 << 10,
+    "intermediate_size": 1 << 16,
+    "max_position_embeddings": 1 << 16,
+    "type_vocab_size": 1 << 10,
+    "projection_dim": 1 << 14,
+    "num_labels": 1 << 14,
+    "image_size": 1 << 12,
+    "patch_size": 1 << 12,
+}
+MIN_POSITIONS = 50  # the texts' token limit (SPEC 2): fewer positions fail in the middle of a run
+
+
+def check_sizes(where, config) -> None:
+    """A ``DataError`` naming ``where`` when a size field of ``config`` is out of bounds."""
+    for name, top in SIZE_LIMITS.items():
+        v = getattr(config, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):
+            raise DataError(f"{where}: {name} = {v!r} is out of bounds (1 to {top})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and positions < MIN_POSITIONS:
+        raise DataError(f"{where}: max_position_embeddings = {positions}, fewer than {MIN_POSITIONS} tokens")
+    if config.hidden_size % config.num_attention_heads:
+        raise DataError(
+            f"{where}: hidden_size {config.hidden_size} is not a multiple of "
+            f"num_attention_heads {config.num_attention_heads}"
+        )
 
 
 @dataclass
@@ -52,8 +77,7 @@ class BertConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BertConfig:
-        """The config in ``path``; a ``DataError`` naming the file and the field when it
-        cannot be used."""
+        """The config in ``path``; a ``DataError`` naming the file and the field when it cannot be used."""
         d = read_json(path)
         if not isinstance(d, dict):
             raise DataError(f"{path}: expected a JSON object, found {type(d).__name__}")
@@ -76,11 +100,9 @@ class BertConfig:
         cfg = cls(**values)
         if cfg.hidden_act != "gelu":
             raise DataError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (gelu only)")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise DataError(
-                f"{path}: hidden_size {cfg.hidden_size} is not a multiple of "
-                f"num_attention_heads {cfg.num_attention_heads}"
-            )
+        if cfg.pad_token_id >= cfg.vocab_size:
+            raise DataError(f"{path}: pad_token_id {cfg.pad_token_id} is not below vocab_size {cfg.vocab_size}")
+        check_sizes(path, cfg)
         return cfg
 
 
@@ -190,8 +212,8 @@ class BertEncoder(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        """BERT's initialisation (normal(0, initializer_range), zero biases, unit
-        LayerNorms), for a tower trained from scratch; a no-op under ``skip_init``."""
+        """BERT's initialisation (normal(0, initializer_range), zero biases, unit LayerNorms),
+        for a tower trained from scratch; nothing is drawn when built on the meta device."""
         std = self.config.initializer_range
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)

@@ -1,33 +1,14 @@
-"""The one way to build a model: recall models by name, the ranker, and the wrapper that
-gives any loaded alignment-style model its tokenizer, image preprocessing and image
-engine.
+"""The one way to build a model: recall models by name (``MODELS``) and the ranker, each
+wrapped in a ``RecallModel`` (tokenizer, preprocessing, image engine, cache identity).
 
-    rm = build_recall_model("align", checkpoint="align_model.pth", bert_dir="bert",
-                            device="cpu", backend="auto")                 # a RecallModel
-    emb, ok = rm.encode_images(paths, batch_size=32)                      # N x D, normalised
-    txt = rm.encode_texts(["西湖"])                                        # 1 x D, normalised
-    rm.identity()                     # "<name>:<weights sha256>": the embedding-cache tag
-    rm.engine_info()                  # {"backend": "auto", "image_backend": "onnx", ...}
+    rm = build_recall_model("align", checkpoint="align_model.pth", bert_dir="bert", backend="auto")
+    emb, ok = rm.encode_images(paths, Encoding())     # N x D normalised, N ok flags
+    ranker, rm = build_ranker("ranker.ckpt", "bert")  # rm encodes with ranker.align_model
 
-    ranker, rm = build_ranker("ranker.ckpt", "bert", device="cpu", backend="auto")
-    # ranker.score_many(...) for the head; rm encodes with ranker.align_model
-
-Registered recall models (``MODELS``):
-
-* ``align``: the paper's model (models/align.py) from ``checkpoint`` and ``bert_dir``
-  (``arch`` for small variants); reference preprocessing; identity = hash of all weights.
-* ``taiyi``: the Taiyi-CLIP baseline (models/taiyi.py) from ``taiyi_text_dir``
-  (``taiyi_text_weights`` for the authors' fine-tuned text encoder) and ``clip_dir``; CLIP
-  preprocessing; identity = hash of the image tower only (the fine-tuned and the original
-  text encoders share cached image vectors).
-
-A third model: write its builder and add one ``ModelEntry`` to ``MODELS``.
-
-Image engine (``backend``, utils/onnx_backend.py): ``torch``, ``onnx`` or ``auto`` (ONNX
-Runtime on a CPU when it is installed and agrees with torch on this model, else torch).
-It is chosen when first needed (``image_encoder``/``encode_images``), so a run that
-encodes no image never exports. The weights hash is computed at most once per model and
-serves both the ONNX export cache and the embedding cache.
+``align``: the paper's model (identity = hash of all weights). ``taiyi``: the Taiyi-CLIP
+baseline, CLIP preprocessing (identity = hash of the image tower only, so the fine-tuned
+and the original text encoders share cached image vectors). A third model: a builder
+and one ``ModelEntry``.
 """
 
 from __future__ import annotations
@@ -40,41 +21,33 @@ import torch
 from utils.formats import load_clip_image
 from utils.hashing import model_hash
 
+from .align import load_tokenizer
+from .checkpoint import load_align_model, load_ranker
 from .engine import RecallModel, wrap_align
 
 
 @dataclass
 class ModelEntry:
-    build: Callable[..., RecallModel]  # build(device=..., backend=..., **paths)
+    build: Callable[..., RecallModel]  # build(device, backend, onnx_cache_dir, **paths)
     options: dict[str, str]  # path option name -> help (scripts make flags of them)
     required: tuple[str, ...]  # options that must be given
     help: str
-    image_loader: Callable | None = None  # its preprocessing (known before the model is built,
-    # so decoding can start while it loads)
+    image_loader: Callable | None = None  # its preprocessing, known before the model loads (decoding ahead)
 
 
-# ---------------------------------------------------------------------------
-# builders
-# ---------------------------------------------------------------------------
 def _build_align(device, backend, onnx_cache_dir, checkpoint, bert_dir, arch=None) -> RecallModel:
-    from .align import load_tokenizer
-    from .checkpoint import load_align_model
-
     model = load_align_model(checkpoint, bert_dir, arch=arch, device=device)
+    sources = {"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch}
     return wrap_align(
-        model,
-        load_tokenizer(bert_dir),
-        device=device,
-        backend=backend,
-        onnx_cache_dir=onnx_cache_dir,
-        sources={"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch},
+        model, load_tokenizer(bert_dir), device=device, backend=backend, onnx_cache_dir=onnx_cache_dir, sources=sources
     )
 
 
 def _build_taiyi(device, backend, onnx_cache_dir, taiyi_text_dir, clip_dir, taiyi_text_weights=None) -> RecallModel:
-    from .taiyi import TAIYI_MAX_TEXT_LEN, load_taiyi, load_taiyi_tokenizer
+    from .taiyi import TAIYI_MAX_TEXT_LEN, load_taiyi, load_taiyi_tokenizer  # transformers: only for taiyi
 
     model = load_taiyi(taiyi_text_dir, clip_dir, taiyi_text_weights, device=device)
+    sources = {"taiyi_text_dir": taiyi_text_dir, "taiyi_text_weights": taiyi_text_weights, "clip_dir": clip_dir}
     return RecallModel(
         "taiyi",
         model,
@@ -84,7 +57,7 @@ def _build_taiyi(device, backend, onnx_cache_dir, taiyi_text_dir, clip_dir, taiy
         load_clip_image,
         TAIYI_MAX_TEXT_LEN,
         lambda: model_hash(model.image_model),
-        {"taiyi_text_dir": taiyi_text_dir, "taiyi_text_weights": taiyi_text_weights, "clip_dir": clip_dir},
+        sources,
         onnx_cache_dir,
     )
 
@@ -125,20 +98,17 @@ def missing_options(name: str, paths: dict) -> list[str]:
 def build_recall_model(
     name: str = "align", *, device="cpu", backend: str = "torch", onnx_cache_dir=None, **paths
 ) -> RecallModel:
-    """Load recall model ``name`` from ``paths`` (its ``MODELS[name].options``); raises
-    CheckpointError / FileNotFoundError / ValueError with a message naming the file."""
+    """Load recall model ``name`` from ``paths`` (its ``MODELS[name].options``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    entry = MODELS[name]
-    unknown = sorted(set(paths) - set(entry.options))
+    unknown = sorted(set(paths) - set(MODELS[name].options))
     if unknown:
         raise TypeError(f"model {name} takes no option {', '.join(unknown)}")
     missing = missing_options(name, paths)
     if missing:
         raise ValueError(f"model {name} needs {', '.join(missing)}")
-    return entry.build(
-        torch.device(device), backend, onnx_cache_dir, **{k: v for k, v in paths.items() if v is not None}
-    )
+    given = {k: v for k, v in paths.items() if v is not None}
+    return MODELS[name].build(torch.device(device), backend, onnx_cache_dir, **given)
 
 
 def build_ranker(
@@ -146,16 +116,14 @@ def build_ranker(
 ):
     """``(ranker, rm)``: the siamese ranker (its recall copy restored from the same file,
     or replaced by ``align_checkpoint``) and a ``RecallModel`` around that copy."""
-    from .align import load_tokenizer
-    from .checkpoint import load_ranker
-
     ranker = load_ranker(checkpoint, bert_dir, arch=arch, align_checkpoint=align_checkpoint, device=device)
+    sources = {"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch, "align_checkpoint": align_checkpoint}
     rm = wrap_align(
         ranker.align_model,
         load_tokenizer(bert_dir),
         device=device,
         backend=backend,
         onnx_cache_dir=onnx_cache_dir,
-        sources={"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch, "align_checkpoint": align_checkpoint},
+        sources=sources,
     )
     return ranker, rm

@@ -6,6 +6,7 @@ is loaded."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from fixtures import COLORS, solid_image, tiny_align, write_image
 
 import recall_eval
 import recall_infer
+from models import recall as recall_pipeline
 from models.checkpoint import save_align_checkpoint
 from utils.formats.results import TOPK_HEADER, save_embeddings
 
@@ -88,7 +90,7 @@ def no_model(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(recall_infer, "build_recall_model", refuse)
+    monkeypatch.setattr(recall_pipeline, "build_recall_model", refuse)
 
 
 # ---------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def test_read_only_output_directory(env, tmp_path, capsys, no_model):
 
 def test_output_that_would_overwrite_the_csv(env, tmp_path, capsys, no_model):
     assert recall_infer.main(_infer_argv(env, tmp_path / "top.csv", "--full-output", str(env["csv"]))) == 2
-    assert "would overwrite --csv" in _one_line(capsys.readouterr().err, "recall_infer")
+    assert "the same file as input --csv" in _one_line(capsys.readouterr().err, "recall_infer")
 
 
 def test_directory_output_in_a_real_process_leaves_nothing(env, tmp_path):
@@ -243,6 +245,163 @@ def test_truncated_checkpoint_is_named(env, tmp_path, capsys):
     assert f"{bad}: cannot be read as a weights-only torch checkpoint" in _one_line(
         capsys.readouterr().err, "recall_infer"
     )
+
+
+# ---------------------------------------------------------------------------
+# recall_infer.py: weights, sizes, the embedding cache, writing the outputs
+# ---------------------------------------------------------------------------
+def _with_ckpt(env, out, ckpt, *extra):
+    a = _infer_argv(env, out, *extra)
+    a[a.index("--checkpoint") + 1] = str(ckpt)
+    return a
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(env, tmp_path, capsys, bad):
+    obj = torch.load(env["ckpt"], weights_only=True)
+    obj["state_dict"]["image_hidden_layer.weight"][3, 1] = bad
+    ckpt = tmp_path / "bad.pth"
+    torch.save(obj, ckpt)
+    before = _files(tmp_path)
+    assert recall_infer.main(_with_ckpt(env, tmp_path / "top.csv", ckpt)) == 2
+    line = _one_line(capsys.readouterr().err, "recall_infer")
+    assert f"{ckpt}: tensor image_hidden_layer.weight holds NaN or infinite values" in line
+    _no_leftovers(tmp_path, before)
+
+
+def test_non_finite_weights_of_the_ranker_head_are_refused(env, tmp_path):
+    from fixtures import tiny_ranker
+
+    from models.checkpoint import CheckpointError, load_ranker, save_ranker_checkpoint
+
+    ranker = tiny_ranker(env["bert"], seed=2)
+    with torch.no_grad():
+        ranker.linear2.weight[0, 0] = float("nan")
+    save_ranker_checkpoint(ranker, tmp_path / "r.ckpt")
+    with pytest.raises(CheckpointError, match=r"r\.ckpt: tensor linear2\.weight holds NaN"):
+        load_ranker(tmp_path / "r.ckpt", env["bert"])
+
+
+def test_recorded_architecture_out_of_bounds(env, tmp_path, capsys):
+    obj = torch.load(env["ckpt"], weights_only=True)
+    obj["arch"]["embed_dim"] = 10**9
+    ckpt = tmp_path / "huge.pth"
+    torch.save(obj, ckpt)
+    assert recall_infer.main(_with_ckpt(env, tmp_path / "top.csv", ckpt)) == 2
+    line = _one_line(capsys.readouterr().err, "recall_infer")
+    assert f"{ckpt}: its recorded architecture is not valid" in line and "'embed_dim' must be 1 to" in line
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"hidden_size": 10**9}, "config.json: hidden_size = 1000000000 is out of bounds"),
+        ({"max_position_embeddings": 8}, "config.json: max_position_embeddings = 8, fewer than 50 tokens"),
+        ("vocab", "vocab.txt: 1002"),
+    ],
+)
+def test_sizes_that_do_not_fit_are_refused_before_the_model(env, tmp_path, capsys, change, expected):
+    import shutil
+
+    bert = tmp_path / "bert"
+    shutil.copytree(env["bert"], bert)
+    if change == "vocab":  # a vocab.txt longer than the checkpoint's (and config's) embedding table
+        tokens = (bert / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        extra = [f"extra{i}" for i in range(1002 - len(tokens))]
+        (bert / "vocab.txt").write_text("\n".join(tokens + extra) + "\n", encoding="utf-8")
+    else:
+        cfg = json.loads((bert / "config.json").read_text(encoding="utf-8"))
+        (bert / "config.json").write_text(json.dumps({**cfg, **change}), encoding="utf-8")
+    a = _infer_argv(env, tmp_path / "out" / "top.csv")
+    a[a.index("--bert-dir") + 1] = str(bert)
+    assert recall_infer.main(a) == 2
+    assert expected in _one_line(capsys.readouterr().err, "recall_infer")
+    assert not (tmp_path / "out").exists()
+
+
+def _cache_vectors(cache_dir):
+    import sqlite3
+
+    db = sqlite3.connect(str(cache_dir / "embeddings.sqlite"))
+    return db, db.execute("SELECT rowid, vec FROM vectors ORDER BY rowid").fetchall()
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "nan"])
+def test_damaged_cache_vectors_are_encoded_again(env, tmp_path, caplog, damage):
+    ref = tmp_path / "ref.csv"
+    assert recall_infer.main(_infer_argv(env, ref, "--full-output", str(tmp_path / "ref.full.csv"))) == 0
+    cache = tmp_path / "cache"
+    assert recall_infer.main(_infer_argv(env, tmp_path / "a.csv", "--cache-dir", str(cache))) == 0
+    db, rows = _cache_vectors(cache)
+    for rowid, blob in rows[:2]:
+        vec = np.frombuffer(blob, dtype=np.float32).copy()
+        if damage == "nan":
+            vec[5] = np.nan
+        else:
+            vec.view(np.uint32)[5] ^= 1 << 30  # an exponent bit: one huge value
+        db.execute("UPDATE vectors SET vec = ? WHERE rowid = ?", (vec.tobytes(), rowid))
+    db.commit()
+    db.close()
+    out = tmp_path / "b.csv"
+    argv = _infer_argv(env, out, "--cache-dir", str(cache), "--full-output", str(tmp_path / "b.full.csv"))
+    assert recall_infer.main(argv) == 0
+    assert "2 vectors failed their checksum or are not finite" in caplog.text
+    meta = json.loads(Path(f"{out}.meta.json").read_text(encoding="utf-8"))
+    assert meta["images_encoded"] == 2 and meta["images_cached"] == 4
+    assert out.read_bytes() == ref.read_bytes()
+    assert (tmp_path / "b.full.csv").read_bytes() == (tmp_path / "ref.full.csv").read_bytes()
+    _, repaired = _cache_vectors(cache)  # the damaged rows were replaced
+    assert all(np.isfinite(np.frombuffer(b, dtype=np.float32)).all() for _, b in repaired)
+
+
+def test_cache_of_the_first_format_is_still_read(env, tmp_path):
+    """A cache written before vectors carried a checksum: its table has no crc column."""
+    import sqlite3
+
+    ref = tmp_path / "ref.csv"
+    cache = tmp_path / "cache"
+    assert recall_infer.main(_infer_argv(env, ref, "--cache-dir", str(cache))) == 0
+    db = sqlite3.connect(str(cache / "embeddings.sqlite"))
+    db.executescript(
+        "CREATE TABLE old (ns TEXT, sha TEXT, ok INTEGER, vec BLOB, PRIMARY KEY (ns, sha));"
+        "INSERT INTO old SELECT ns, sha, ok, vec FROM vectors; DROP TABLE vectors; ALTER TABLE old RENAME TO vectors;"
+    )
+    db.close()
+    out = tmp_path / "again.csv"
+    assert recall_infer.main(_infer_argv(env, out, "--cache-dir", str(cache))) == 0
+    meta = json.loads(Path(f"{out}.meta.json").read_text(encoding="utf-8"))
+    assert meta["images_encoded"] == 0 and meta["images_cached"] == 6
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_failed_write_keeps_the_previous_outputs(env, tmp_path):
+    """Disk full or a file-size limit while writing: one line, status 2, and every output
+    of the previous run as it was (not a new top-k beside an old full file)."""
+    import resource
+
+    out, full = tmp_path / "top.csv", tmp_path / "full.csv"
+    assert recall_infer.main(_infer_argv(env, out, "--full-output", str(full))) == 0
+    files = [out, full, Path(f"{out}.meta.json")]
+    before = {p: p.read_bytes() for p in files}
+    limit = out.stat().st_size + 64  # the new top-k file fits, the full file does not
+    assert full.stat().st_size > limit
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = _infer_argv(env, out, "--full-output", str(full), "--topk", "1")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "recall_infer.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_files,
+    )
+    assert p.returncode == 2
+    line = _one_line(p.stderr, "recall_infer")
+    assert "cannot write" in line and "no output of this run was kept" in line
+    assert {p_: p_.read_bytes() for p_ in files} == before
+    assert not [q for q in tmp_path.iterdir() if ".tmp" in q.name or q.name.endswith(".new")]
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from models.engine import recall_model as factory  # noqa: E402
 from models.engine.cache import EmbeddingCache  # noqa: E402
 from models.engine.encode import cpu_cores, default_lanes, default_num_workers, encode_images, prefetch_images
 from models.engine.onnx import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
+from utils.args import Encoding  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +100,10 @@ def test_auto_falls_back_with_a_warning_when_the_check_fails(model, tmp_path, mo
 
 def test_auto_vectors_within_1e5_of_torch(model, gallery, tmp_path):
     paths = _paths(gallery) + [tmp_path / "missing.jpg"]
-    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
+    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False))
     enc = image_encoder_for(model, "auto", "cpu", cache_dir=tmp_path / "onnx")
     assert isinstance(enc, OnnxImageEncoder)
-    got, ok = encode_images(model, paths, batch_size=5, num_workers=0, progress=False, image_encoder=enc)
+    got, ok = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False), engine=lambda: enc)
     assert torch.equal(ok, ok_ref) and ok.tolist() == [True] * 12 + [False]
     assert (got - ref).abs().max().item() <= 1e-5
     assert (ref[0] - ref[1]).abs().max().item() > 1e-3  # image-dependent: the check compares something
@@ -203,12 +204,12 @@ def _no_new_loader(monkeypatch):
 @pytest.mark.parametrize("workers", [1, 0])
 def test_prefetch_gives_the_same_vectors(model, gallery, tmp_path, monkeypatch, workers):
     paths = _paths(gallery) + [tmp_path / "missing.jpg"]  # a missing file among them
-    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=workers, progress=False)
-    source = prefetch_images(paths, batch_size=5, mode="reference", num_workers=workers)
+    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=workers, progress=False))
+    source = prefetch_images(paths, Encoding(batch_size=5, preprocess="reference", num_workers=workers))
     _no_new_loader(monkeypatch)
     stats = {}
     got, ok = encode_images(
-        model, paths, batch_size=5, num_workers=workers, progress=False, prefetch=source, stats=stats
+        model, paths, Encoding(batch_size=5, num_workers=workers, progress=False), prefetch=source, stats=stats
     )
     assert torch.equal(got, ref) and torch.equal(ok, ok_ref)  # bit-identical (torch engine)
     assert ok.tolist() == [True] * 12 + [False] and stats["num_workers"] == workers
@@ -218,55 +219,52 @@ def test_prefetch_gives_the_same_vectors(model, gallery, tmp_path, monkeypatch, 
 def test_prefetch_with_an_onnx_engine(model, gallery, tmp_path, monkeypatch):
     paths = _paths(gallery)
     enc = image_encoder_for(model, "onnx", "cpu", cache_dir=tmp_path / "onnx")
-    ref, _ = encode_images(model, paths, batch_size=4, num_workers=0, progress=False, image_encoder=enc)
-    source = prefetch_images(paths, batch_size=4, num_workers=1, backend="auto")
+    ref, _ = encode_images(model, paths, Encoding(batch_size=4, num_workers=0, progress=False), engine=lambda: enc)
+    source = prefetch_images(paths, Encoding(batch_size=4, num_workers=1))
     _no_new_loader(monkeypatch)
-    got, _ = encode_images(model, paths, batch_size=4, progress=False, image_encoder=enc, prefetch=source)
+    got, _ = encode_images(model, paths, Encoding(batch_size=4, progress=False), engine=lambda: enc, prefetch=source)
     assert torch.equal(got, ref)
 
 
 def test_prefetch_that_does_not_match_is_closed_unused(model, gallery, tmp_path):
     paths = _paths(gallery)
-    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
+    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False))
     for other in (
-        prefetch_images(paths, batch_size=3, num_workers=1),  # other batches
-        prefetch_images(paths[::-1], batch_size=5, num_workers=1),  # other order
-        prefetch_images(paths, batch_size=5, mode="fast", num_workers=1),
+        prefetch_images(paths, Encoding(batch_size=3, num_workers=1)),  # other batches
+        prefetch_images(paths[::-1], Encoding(batch_size=5, num_workers=1)),  # other order
+        prefetch_images(paths, Encoding(batch_size=5, preprocess="fast", num_workers=1)),
     ):
-        got, ok = encode_images(model, paths, batch_size=5, num_workers=0, progress=False, prefetch=other)
+        got, ok = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False), prefetch=other)
         assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
         assert other.take() is None  # closed: its workers are stopped
 
 
 def test_prefetch_with_a_cache(model, gallery, tmp_path, monkeypatch):
     paths = _paths(gallery)
-    ref, ok_ref = encode_images(model, paths, batch_size=5, num_workers=0, progress=False)
+    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False))
     with EmbeddingCache(tmp_path / "cache", "tiny") as cache:
         # an empty cache serves nothing: the prefetched batches are exactly what is needed
-        source = prefetch_images(paths, batch_size=5, num_workers=1)
+        source = prefetch_images(paths, Encoding(batch_size=5, num_workers=1))
         with monkeypatch.context() as m:
             _no_new_loader(m)
-            got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache, prefetch=source)
+            got, ok = encode_images(model, paths, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source)
         assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and cache.stored == 12
         # now every vector is cached: the prefetch is closed unused, the cache answers
-        source = prefetch_images(paths, batch_size=5, num_workers=1)
+        source = prefetch_images(paths, Encoding(batch_size=5, num_workers=1))
         stats = {}
-        got, ok = encode_images(model, paths, batch_size=5, progress=False, cache=cache, prefetch=source, stats=stats)
+        got, ok = encode_images(
+            model, paths, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source, stats=stats
+        )
         assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
         assert stats["encoded"] == 0 and source.take() is None
         # some cached, some new: only the new ones are decoded (anew), same vectors
         extra = tmp_path / "new.jpg"
         write_image(solid_image(list(COLORS.values())[-1], (60, 60), "圆", seed=99), extra)
         more = paths + [extra]
-        ref2, _ = encode_images(model, more, batch_size=5, num_workers=0, progress=False)
+        ref2, _ = encode_images(model, more, Encoding(batch_size=5, num_workers=0, progress=False))
+        source = prefetch_images(more, Encoding(batch_size=5, num_workers=1))
         got2, _ = encode_images(
-            model,
-            more,
-            batch_size=5,
-            progress=False,
-            cache=cache,
-            prefetch=prefetch_images(more, batch_size=5, num_workers=1),
-            stats=stats,
+            model, more, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source, stats=stats
         )
         assert torch.equal(got2[:12], ref) and stats["encoded"] == 1
         assert (got2[12] - ref2[12]).abs().max().item() < 1e-6  # encoded in a batch of its own
@@ -312,11 +310,12 @@ def lanes_encoder(model, tmp_path):
     return OnnxImageEncoder(model, cache_dir=tmp_path / "onnx", lanes=2)
 
 
-def _classic(enc, model, paths, **kw):
+def _classic(enc, model, paths, batch_size, loader=None):
     """The same session run from one thread (DataLoader path): what the lanes must give."""
     lanes, enc.lanes = enc.lanes, 1
     try:
-        return encode_images(model, paths, progress=False, image_encoder=enc, num_workers=0, **kw)
+        e = Encoding(batch_size=batch_size, progress=False, num_workers=0)
+        return encode_images(model, paths, e, engine=lambda: enc, loader=loader)
     finally:
         enc.lanes = lanes
 
@@ -325,23 +324,27 @@ def test_lanes_give_the_vectors_of_one_caller(model, gallery, tmp_path, lanes_en
     paths = _paths(gallery) + [tmp_path / "missing.jpg"] + _paths(gallery)[:3]
     ref, ok_ref = _classic(lanes_encoder, model, paths, batch_size=3)
     stats = {}
-    got, ok = encode_images(model, paths, batch_size=3, progress=False, image_encoder=lanes_encoder, stats=stats)
+    got, ok = encode_images(
+        model, paths, Encoding(batch_size=3, progress=False), engine=lambda: lanes_encoder, stats=stats
+    )
     assert stats["lanes"] == 2 and stats["num_workers"] == 0
     assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and ok.tolist().count(False) == 1
-    torch_ref, _ = encode_images(model, paths, batch_size=3, progress=False, num_workers=0)
+    torch_ref, _ = encode_images(model, paths, Encoding(batch_size=3, progress=False, num_workers=0))
     assert (got - torch_ref).abs().max().item() <= 1e-5
 
 
 def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, tmp_path, monkeypatch, lanes_encoder):
     paths = _paths(gallery)
     ref, _ = _classic(lanes_encoder, model, paths, batch_size=2)
-    source = embed.ImagePrefetch(paths, batch_size=2, num_workers=1, depth=5)  # 2 batches ahead
+    source = embed.ImagePrefetch(paths, Encoding(batch_size=2, num_workers=1), depth=5)  # 2 batches ahead
     assert source.count == 4
     decoded_here = []
     real = embed.load_image_into
     monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
     _no_new_loader(monkeypatch)
-    got, _ = encode_images(model, paths, batch_size=2, progress=False, image_encoder=lanes_encoder, prefetch=source)
+    got, _ = encode_images(
+        model, paths, Encoding(batch_size=2, progress=False), engine=lambda: lanes_encoder, prefetch=source
+    )
     assert torch.equal(got, ref)
     assert sorted(decoded_here) == sorted(str(p) for p in paths[4:])  # the lanes decoded the rest only
 
@@ -350,9 +353,9 @@ def test_lanes_with_another_models_preprocessing(model, gallery, lanes_encoder):
     from utils.formats.images import load_clip_image
 
     paths = _paths(gallery)
-    ref, _ = _classic(lanes_encoder, model, paths, batch_size=5, image_loader=load_clip_image)
+    ref, _ = _classic(lanes_encoder, model, paths, batch_size=5, loader=load_clip_image)
     got, _ = encode_images(
-        model, paths, batch_size=5, progress=False, image_encoder=lanes_encoder, image_loader=load_clip_image
+        model, paths, Encoding(batch_size=5, progress=False), engine=lambda: lanes_encoder, loader=load_clip_image
     )
     assert torch.equal(got, ref)
 
@@ -370,7 +373,7 @@ def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes
 
     flaky.lanes = 2
     with pytest.raises(RuntimeError, match="engine broke"):
-        encode_images(model, _paths(gallery), batch_size=2, progress=False, image_encoder=flaky)
+        encode_images(model, _paths(gallery), Encoding(batch_size=2, progress=False), engine=lambda: flaky)
     assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]
 
 
@@ -379,11 +382,15 @@ def test_lanes_decode_everything_when_nothing_was_decoded_ahead(model, gallery, 
     side instead of reading it through that source one at a time."""
     paths = _paths(gallery)
     ref, _ = _classic(lanes_encoder, model, paths, batch_size=3)
-    source = prefetch_images(paths, batch_size=3, num_workers=0)
+    source = prefetch_images(paths, Encoding(batch_size=3, num_workers=0))
     decoded_here = []
     real = embed.load_image_into
     monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
     got, _ = encode_images(
-        model, paths, batch_size=3, num_workers=0, progress=False, image_encoder=lanes_encoder, prefetch=source
+        model,
+        paths,
+        Encoding(batch_size=3, num_workers=0, progress=False),
+        engine=lambda: lanes_encoder,
+        prefetch=source,
     )
     assert torch.equal(got, ref) and sorted(decoded_here) == sorted(map(str, paths))

@@ -1,5 +1,6 @@
 """Foundation: model layout against SPEC, strict checkpoint loading, ranker formula."""
 
+import json
 import logging
 
 import pytest
@@ -347,3 +348,44 @@ def test_loaded_model_is_built_without_wasted_init_and_equals_the_file(tmp_path,
     )
     half = load_align_model(tmp_path / "half.pth", bert_dir)
     assert {p.dtype for p in half.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------
+# .safetensors: read wherever a checkpoint is; convert_weights.py writes it
+# ---------------------------------------------------------------------------
+def test_safetensors_conversion_keeps_keys_tensors_and_architecture(tmp_path, bert_dir, capsys):
+    import convert_weights
+
+    ranker = tiny_ranker(bert_dir, seed=5)
+    save_ranker_checkpoint(ranker, tmp_path / "r.ckpt")  # a bare state dict, its arch in a sidecar
+    assert convert_weights.main([str(tmp_path / "r.ckpt"), str(tmp_path / "r.safetensors")]) == 0
+    assert "r.safetensors: " in capsys.readouterr().out
+    sd, _ = read_checkpoint(tmp_path / "r.ckpt")
+    got, meta = read_checkpoint(tmp_path / "r.safetensors")
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    assert meta["arch"] == TINY_ARCH.to_dict()  # no sidecar needed beside the new file
+    loaded = load_ranker(tmp_path / "r.safetensors", bert_dir)
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(ranker.state_dict())
+    # the recall model's file ({"state_dict", "arch"}), and a ranker's recall copy from safetensors
+    align = tiny_align(bert_dir, seed=6)
+    save_align_checkpoint(align, tmp_path / "a.pth")
+    assert convert_weights.main([str(tmp_path / "a.pth"), str(tmp_path / "a.safetensors")]) == 0
+    for path in ("a.safetensors", "r.safetensors"):
+        want = align if path == "a.safetensors" else ranker.align_model
+        got_align = load_align_model(tmp_path / path, bert_dir)
+        assert state_dict_hash(got_align.state_dict()) == state_dict_hash(want.state_dict())
+    with_copy = load_ranker(tmp_path / "r.ckpt", bert_dir, align_checkpoint=tmp_path / "a.safetensors")
+    assert state_dict_hash(with_copy.align_model.state_dict()) == state_dict_hash(align.state_dict())
+
+
+def test_bad_safetensors_files_are_named(tmp_path, bert_dir):
+    from safetensors.torch import save_file
+
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot be read as safetensors"):
+        read_checkpoint(tmp_path / "cut.safetensors")
+    sd = {k: v.clone() for k, v in tiny_align(bert_dir, seed=6).state_dict().items()}
+    sd["text_hidden_layer.bias"][2] = float("inf")
+    save_file(sd, str(tmp_path / "inf.safetensors"), metadata={"arch": json.dumps(TINY_ARCH.to_dict())})
+    with pytest.raises(CheckpointError, match=r"inf\.safetensors: tensor text_hidden_layer\.bias holds NaN"):
+        load_align_model(tmp_path / "inf.safetensors", bert_dir)

@@ -22,6 +22,7 @@ from models.checkpoint import save_align_checkpoint  # noqa: E402
 from models.engine import onnx as onnx_backend  # noqa: E402
 from models.engine.encode import encode_images  # noqa: E402
 from models.engine.onnx import OnnxBackendError, OnnxImageEncoder, image_encoder_for  # noqa: E402
+from utils.args import Encoding
 from utils.hashing import model_hash
 
 
@@ -217,9 +218,12 @@ def test_encode_images_backend_onnx(model, bert_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AVAS_ONNX_CACHE", str(tmp_path / "onnx_env"))
     _, img_dir = _gallery(tmp_path)
     paths = sorted(img_dir.glob("*.jpg")) + [tmp_path / "missing.jpg"]
-    ref, ok_ref = encode_images(model, paths, batch_size=4, num_workers=0, progress=False)
+    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=4, num_workers=0, progress=False))
     got, ok = encode_images(
-        model, paths, batch_size=4, num_workers=0, progress=False, image_encoder=image_encoder_for(model, "onnx")
+        model,
+        paths,
+        Encoding(batch_size=4, num_workers=0, progress=False),
+        engine=lambda: image_encoder_for(model, "onnx"),
     )
     assert torch.equal(ok, ok_ref) and ok.tolist() == [True] * 18 + [False]
     assert (got - ref).abs().max().item() <= 1e-5

@@ -22,6 +22,7 @@ from models.align import load_tokenizer
 from models.checkpoint import save_align_checkpoint
 from models.engine.cache import EmbeddingCache
 from models.engine.encode import encode_images, encode_texts
+from utils.args import Encoding
 from utils.evaluation.metrics import (
     evaluate_groups,
     first_hit_ranks,
@@ -343,6 +344,21 @@ def _tok1(tok, text):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def test_safetensors_checkpoint_gives_the_same_outputs(gallery, bert_dir, tmp_path):
+    """convert_weights.py: the .safetensors file scores exactly as the .pth it came from."""
+    import convert_weights
+
+    st = tmp_path / "tiny.safetensors"
+    assert convert_weights.main([str(gallery["ckpt"]), str(st)]) == 0
+    outs = {}
+    for name, ckpt in (("pth", gallery["ckpt"]), ("st", st)):
+        extra = ("--full-output", str(tmp_path / f"{name}.full.csv"), "--backend", "torch", "--num-workers", "0")
+        meta = _infer({**gallery, "ckpt": ckpt}, bert_dir, tmp_path / f"{name}.csv", *extra)
+        outs[name] = ((tmp_path / f"{name}.csv").read_bytes(), (tmp_path / f"{name}.full.csv").read_bytes())
+        outs[name + ".identity"] = meta["model_identity"]
+    assert outs["st"] == outs["pth"] and outs["st.identity"] == outs["pth.identity"]
+
+
 def test_infer_bad_inputs_are_reported(gallery, bert_dir, tmp_path, caplog, capsys):
     g = gallery
     bad = tmp_path / "bad.csv"
@@ -378,21 +394,27 @@ def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog)
     tag = f"align:{model_hash(model)}"  # what RecallModel.identity() gives for this model
     cache = EmbeddingCache(tmp_path / "c", tag)
     s1 = {}
-    e1, ok1 = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=cache, stats=s1, progress=False)
+    e1, ok1 = encode_images(model, srcs, Encoding(batch_size=4, num_workers=0, progress=False), cache=cache, stats=s1)
     assert s1["encoded"] == 6 and s1["cached"] == 0
     # a renamed copy hits by content; the untouched files are recognised by stat alone
     shutil.copy(srcs[0], tmp_path / "renamed.jpg")
     s2 = {}
     hashed = cache.hashed
     e2, _ = encode_images(
-        model, [*srcs, tmp_path / "renamed.jpg"], 4, "cpu", num_workers=0, cache=cache, stats=s2, progress=False
+        model,
+        [*srcs, tmp_path / "renamed.jpg"],
+        Encoding(batch_size=4, num_workers=0, progress=False),
+        cache=cache,
+        stats=s2,
     )
     assert s2["encoded"] == 0 and s2["cached"] == 7
     assert cache.hashed == hashed + 1
     assert torch.equal(e2[:6], e1) and torch.equal(e2[6], e1[0])
     # another preprocessing mode or precision is another key
     s3 = {}
-    encode_images(model, srcs[:2], 4, "cpu", mode="fast", num_workers=0, cache=cache, stats=s3, progress=False)
+    encode_images(
+        model, srcs[:2], Encoding(batch_size=4, preprocess="fast", num_workers=0, progress=False), cache=cache, stats=s3
+    )
     assert s3["encoded"] == 2
     cache.close()
     # another model kind (or other weights) does not see these vectors
@@ -404,7 +426,9 @@ def test_cache_is_content_keyed_robust_and_namespaced(gallery, tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         broken = EmbeddingCache(tmp_path / "c", tag)
         s4 = {}
-        e4, _ = encode_images(model, srcs, 4, "cpu", num_workers=0, cache=broken, stats=s4, progress=False)
+        e4, _ = encode_images(
+            model, srcs, Encoding(batch_size=4, num_workers=0, progress=False), cache=broken, stats=s4
+        )
     assert "not a readable cache" in caplog.text
     assert broken.enabled and s4["encoded"] == 6
     assert torch.allclose(e4, e1, atol=1e-6)
@@ -424,7 +448,7 @@ def test_encode_texts_encodes_each_distinct_string_once(gallery, bert_dir):
     model.encode_text = counting
     try:
         texts = ["红色圆", "蓝色方", "红色圆", "绿色山公园古镇", "蓝色方", "红色圆"]
-        emb = encode_texts(model, tok, texts, batch_size=2)
+        emb = encode_texts(model, tok, texts, Encoding(text_batch_size=2))
     finally:
         del model.encode_text
     assert sum(seen) == 3 and max(seen) <= 2

@@ -19,6 +19,7 @@ import recall_train
 from models.align import AlignArch, load_tokenizer
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint
 from models.engine.encode import encode_images, encode_texts
+from utils.args import Encoding
 from utils.evaluation.metrics import pairwise_metrics
 from utils.formats.poi import save_pickled_table, save_safe_table
 from utils.formats.rows import RECORD_SEP
@@ -193,7 +194,7 @@ def test_recall_learns_held_out(recall_run):
     pairs = recall_train.read_pairs(str(recall_run["csv"]), str(recall_run["img"]))
     _, held = recall_train.split_owners(pairs, 0.5, None, 0)
     queries = list(dict.fromkeys((p.owner, p.text) for p in held))
-    img, _ = encode_images(model, [p.image for p in held], num_workers=0, progress=False)
+    img, _ = encode_images(model, [p.image for p in held], Encoding(num_workers=0, progress=False))
     txt = encode_texts(model, load_tokenizer(recall_run["bert"]), [t for _, t in queries])
     top5 = torch.topk(txt @ img.T, 5, dim=1).indices
     hits = [any(held[j].owner == o for j in row.tolist()) for (o, _), row in zip(queries, top5)]
@@ -357,8 +358,12 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     assert model_hash(ranker.align_model) == model_hash(init)  # the recall model stayed frozen
     rows = list(rank_train.iter_rank_csv(tmp_path / "val.csv"))
     img = tmp_path / "rank_img"
-    ea, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], num_workers=0, progress=False)
-    eb, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], num_workers=0, progress=False)
+    ea, _ = encode_images(
+        ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], Encoding(num_workers=0, progress=False)
+    )
+    eb, _ = encode_images(
+        ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], Encoding(num_workers=0, progress=False)
+    )
     tables = rank_train.load_tables(
         rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"]), 32
     )

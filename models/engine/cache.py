@@ -1,31 +1,30 @@
-"""Embedding cache: image vectors stored on disk so a rerun encodes only new images.
+"""Embedding cache: image vectors on disk, so a rerun encodes only new images.
 
-One SQLite file (``<cache_dir>/embeddings.sqlite``) holds two tables:
+One SQLite file, ``<cache_dir>/embeddings.sqlite``: ``files`` maps a path to ``(size,
+mtime_ns, sha256)`` (an unchanged file is recognised by ``stat`` alone); ``vectors`` maps
+``(namespace, sha256)`` to ``(float32 vector, ok flag, crc)``. The key is the file's
+CONTENT, so a renamed copy still hits; the namespace is the model's identity
+(``RecallModel.identity()``: model kind + weights hash), preprocessing and precision.
 
-* ``files``: ``path -> (size, mtime_ns, sha256)``, so an unchanged file is recognised by
-  ``stat`` alone and its content is hashed only once;
-* ``vectors``: ``(namespace, sha256) -> (float32 vector, ok flag)``.
+Nothing wrong comes out: each vector carries a CRC-32 of its bytes and flag, checked on
+read; a vector that fails it, has the wrong size or is not finite is left out (so it is
+encoded again and replaced), with a warning that counts them. Rows of the first cache
+format (the column is added in place, NULL for them) are read unverified, but checked for
+size and finiteness: dropping them would throw away every cache of that version.
 
-The key of a vector is the file CONTENT (sha256), so a renamed or copied image still
-hits, plus a namespace made of the model's identity (``RecallModel.identity()``: the
-model kind and the hash of the weights its image vectors depend on,
-``utils.hashing.model_hash``), the preprocessing mode and the precision.
-Anything that changes the vector changes the key; the device does not enter it (CPU
-and CUDA fp32 agree to ~1e-6).
-
-Robustness: every write is an SQLite transaction (atomic; a killed run loses at most
-the batch in flight); a file that is not a readable cache is moved aside to
-``*.corrupt-<time>`` with a warning and a fresh cache is started; any later SQLite
-error disables the cache for the rest of the run with a warning, never the run.
-Several processes may share one cache (SQLite locking, 60 s busy timeout).
+Every write is one transaction; a file that is not a readable cache is moved aside
+(``*.corrupt-<time>``) with a warning; a later SQLite error disables the cache for the
+run, never the run. Processes may share a cache (SQLite locking, 60 s busy timeout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,23 +35,23 @@ from utils.hashing import sha256_file
 log = logging.getLogger(__name__)
 
 DB_NAME = "embeddings.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the crc column is an addition: older versions still read the file
 _CHUNK = 500  # SQLite's host-parameter limit is at least 999
 
 
-class EmbeddingCache:
-    """``EmbeddingCache(cache_dir, model_tag)``; ``model_tag`` identifies the weights:
-    ``RecallModel.identity()`` (models/factory.py), e.g. ``"align:<model_hash>"``.
+def _crc(blob: bytes, ok: bool) -> int:
+    return zlib.crc32(blob + (b"\1" if ok else b"\0"))
 
-    Counters ``hits`` / ``misses`` / ``stored`` / ``hashed`` (files whose content had
-    to be read) are kept per instance for logs and tests.
-    """
+
+class EmbeddingCache:
+    """``EmbeddingCache(cache_dir, model_tag)``, ``model_tag`` = ``RecallModel.identity()``.
+    Counters ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
         self.dir = Path(cache_dir)
         self.path = self.dir / DB_NAME
         self.model_tag = model_tag
-        self.hits = self.misses = self.stored = self.hashed = 0
+        self.hits = self.misses = self.stored = self.hashed = self.rejected = 0
         self.db: sqlite3.Connection | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -63,24 +62,24 @@ class EmbeddingCache:
                 self.db = self._open()
             except sqlite3.DatabaseError as e2:
                 log.warning("embedding cache %s unusable (%s); running without a cache", self.path, e2)
-                self.db = None
 
-    # -- setup ---------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), timeout=60)
         try:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha TEXT)"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS vectors (ns TEXT, sha TEXT, ok INTEGER, vec BLOB, PRIMARY KEY (ns, sha))"
-            )
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            db.commit()
-            (v,) = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-            if v != str(SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {v}, expected {SCHEMA_VERSION}")
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
+                db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, sha TEXT)")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS vectors "
+                    "(ns TEXT, sha TEXT, ok INT, vec BLOB, crc INT, PRIMARY KEY (ns, sha))"
+                )
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                (v,) = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+                if v != str(SCHEMA_VERSION):
+                    raise sqlite3.DatabaseError(f"schema version {v}, expected {SCHEMA_VERSION}")
+                if "crc" not in {row[1] for row in db.execute("PRAGMA table_info(vectors)")}:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                        db.execute("ALTER TABLE vectors ADD COLUMN crc INT")  # a cache of the first format
             db.execute("SELECT count(*) FROM vectors").fetchone()
         except Exception:
             db.close()
@@ -89,24 +88,14 @@ class EmbeddingCache:
 
     def _move_aside(self, err: Exception) -> None:
         bad = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning(
-            "embedding cache %s is not a readable cache (%s); moved to %s and starting a new one",
-            self.path,
-            err,
-            bad.name,
-        )
+        log.warning("embedding cache %s is not a readable cache (%s); moved to %s, starting anew", self.path, err, bad)
         for suffix in ("", "-journal", "-wal", "-shm"):
-            p = Path(str(self.path) + suffix)
-            if p.exists():
-                os.replace(p, Path(str(bad) + suffix))
+            if Path(str(self.path) + suffix).exists():
+                os.replace(str(self.path) + suffix, str(bad) + suffix)
 
     def _disable(self, err: Exception) -> None:
         log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(err).__name__, err)
-        try:
-            self.db.close()
-        except Exception:
-            pass
-        self.db = None
+        self.close()
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +103,8 @@ class EmbeddingCache:
 
     def close(self) -> None:
         if self.db is not None:
-            self.db.close()
+            with contextlib.suppress(sqlite3.Error):
+                self.db.close()
             self.db = None
 
     def __enter__(self):
@@ -126,96 +116,95 @@ class EmbeddingCache:
     def namespace(self, mode: str, precision: str) -> str:
         return f"{self.model_tag}|{mode}|{precision}"
 
-    # -- keys ----------------------------------------------------------------
+    def _select(self, query: str, head: list, keys: list) -> list:
+        """Rows of ``query`` (``IN (%s)``) over ``keys`` in chunks; [] once the cache is disabled."""
+        rows = []
+        try:
+            for a in range(0, len(keys), _CHUNK):
+                part = keys[a : a + _CHUNK]
+                rows += self.db.execute(query % ",".join("?" * len(part)), [*head, *part]).fetchall()
+        except sqlite3.Error as e:
+            self._disable(e)
+            return []
+        return rows
+
+    def _write(self, query: str, rows: list) -> bool:
+        if self.db is None or not rows:
+            return False
+        try:
+            with self.db:
+                self.db.executemany(query, rows)
+        except sqlite3.Error as e:
+            self._disable(e)
+            return False
+        return True
+
     def content_keys(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
-        """sha256 of each file's content (None when the file cannot be read), taken
-        from the ``files`` table when size and mtime are unchanged."""
-        real = []
+        """sha256 of each file's content (None when it cannot be read); from the ``files``
+        table when size and mtime are unchanged."""
         stats = []
         for p in paths:
             try:
                 st = os.stat(p)
-                real.append(os.path.realpath(p))
-                stats.append((st.st_size, st.st_mtime_ns))
+                stats.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
             except OSError:
-                real.append(None)
                 stats.append(None)
-        known: dict[str, tuple] = {}
+        real = [s[0] for s in stats if s is not None]
+        known = {}
         if self.db is not None:
-            try:
-                todo = [r for r in real if r is not None]
-                for a in range(0, len(todo), _CHUNK):
-                    part = todo[a : a + _CHUNK]
-                    q = f"SELECT path, size, mtime_ns, sha FROM files WHERE path IN ({','.join('?' * len(part))})"
-                    for path, size, mtime, sha in self.db.execute(q, part):
-                        known[path] = (size, mtime, sha)
-            except sqlite3.Error as e:
-                self._disable(e)
-        keys: list[str | None] = []
-        new_rows = []
-        for r, st in zip(real, stats):
-            if r is None:
-                keys.append(None)
-                continue
-            k = known.get(r)
-            if k is not None and (k[0], k[1]) == st:
-                keys.append(k[2])
+            q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (%s)"
+            known = {path: (size, mtime, sha) for path, size, mtime, sha in self._select(q, [], real)}
+        keys, new_rows = [], []
+        for st in stats:
+            k = known.get(st[0]) if st is not None else None
+            if st is None or (k is not None and k[:2] == st[1:]):
+                keys.append(k[2] if k is not None else None)
                 continue
             try:
-                sha = sha256_file(r)
+                sha = sha256_file(st[0])
             except OSError:
                 keys.append(None)
                 continue
             self.hashed += 1
             keys.append(sha)
-            new_rows.append((r, st[0], st[1], sha))
-        if new_rows and self.db is not None:
-            try:
-                with self.db:
-                    self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
-            except sqlite3.Error as e:
-                self._disable(e)
+            new_rows.append((*st, sha))
+        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
         return keys
 
-    # -- vectors -------------------------------------------------------------
-    def get_many(
-        self, keys: Sequence[str | None], ns: str, dim: int | None = None
-    ) -> dict[str, tuple[np.ndarray, bool]]:
-        """``{sha: (vector float32, ok)}`` for the keys present (None keys skipped).
-        A stored vector of the wrong size (``dim``) is treated as absent."""
-        out: dict[str, tuple[np.ndarray, bool]] = {}
+    def get_many(self, keys: Sequence[str | None], ns: str, dim: int | None = None) -> dict:
+        """``{sha: (float32 vector, ok)}`` of the keys present and sound (module docstring)."""
         want = list(dict.fromkeys(k for k in keys if k is not None))
-        if self.db is None or not want:
-            self.misses += len(want)
-            return out
-        try:
-            for a in range(0, len(want), _CHUNK):
-                part = want[a : a + _CHUNK]
-                q = f"SELECT sha, ok, vec FROM vectors WHERE ns = ? AND sha IN ({','.join('?' * len(part))})"
-                for sha, ok, blob in self.db.execute(q, [ns, *part]):
-                    vec = np.frombuffer(blob, dtype=np.float32)
-                    if dim is not None and vec.size != dim:
-                        continue
+        out, rejected, unverified = {}, 0, 0
+        if self.db is not None and want:
+            q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (%s)"
+            for sha, ok, blob, crc in self._select(q, [ns], want):
+                vec = np.frombuffer(blob, dtype=np.float32)
+                unverified += crc is None
+                if (crc is not None and crc != _crc(blob, bool(ok))) or (dim is not None and vec.size != dim):
+                    rejected += 1
+                elif not np.isfinite(vec).all():
+                    rejected += 1
+                else:
                     out[sha] = (vec, bool(ok))
-        except sqlite3.Error as e:
-            self._disable(e)
-            out = {}
+        if rejected:
+            log.warning(
+                "embedding cache %s: %d vectors failed their checksum or are not finite; encoding them again",
+                self.path,
+                rejected,
+            )
+        if unverified:
+            log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)
+        self.rejected += rejected
         self.hits += len(out)
         self.misses += len(want) - len(out)
         return out
 
     def put_many(self, items: Sequence[tuple[str, np.ndarray, bool]], ns: str) -> None:
-        """Store ``(sha, vector, ok)`` items in one transaction."""
-        rows = [
-            (ns, sha, int(ok), np.ascontiguousarray(vec, dtype=np.float32).tobytes())
-            for sha, vec, ok in items
-            if sha is not None
-        ]
-        if self.db is None or not rows:
-            return
-        try:
-            with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)", rows)
+        """Store ``(sha, vector, ok)`` items in one transaction (non-finite vectors never)."""
+        rows = []
+        for sha, vec, ok in items:
+            blob = np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+            if sha is not None and np.isfinite(vec).all():
+                rows.append((ns, sha, int(ok), blob, _crc(blob, bool(ok))))
+        if self._write("INSERT OR REPLACE INTO vectors (ns, sha, ok, vec, crc) VALUES (?, ?, ?, ?, ?)", rows):
             self.stored += len(rows)
-        except sqlite3.Error as e:
-            self._disable(e)

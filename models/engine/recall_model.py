@@ -1,7 +1,7 @@
-"""``RecallModel``: a loaded alignment-style model with its tokenizer, image
-preprocessing and image engine (chosen when first needed, so a run that encodes no
-image never exports); the weights hash is computed at most once and keys both the ONNX
-export cache and the embedding cache."""
+"""``RecallModel``: a loaded alignment-style model with its tokenizer, image preprocessing
+and image engine (chosen when first needed, so a run that encodes no image never
+exports); the weights hash is computed at most once and keys both the ONNX export cache
+and the embedding cache."""
 
 from __future__ import annotations
 
@@ -23,17 +23,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RecallModel:
-    """A loaded recall model with its tokenizer, image preprocessing and image engine."""
-
     name: str
     model: torch.nn.Module  # encode_image(x, normalize), encode_text(ids, mask, normalize)
     tokenizer: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "torch"  # requested image engine: auto | torch | onnx
-    image_loader: Callable | None = None  # f(path, mode) -> (tensor, ok); None = utils.images.load_image
+    image_loader: Callable | None = None  # f(path, mode) -> (tensor, ok); None = the reference preprocessing
     max_text_len: int = MAX_TEXT_LEN
     hash_fn: Callable[[], str] | None = None  # weights hash that keys the caches (default: all weights)
-    sources: dict = field(default_factory=dict)  # which files it was built from (for run records)
+    sources: dict = field(default_factory=dict)  # the files it was built from (for run records)
     onnx_cache_dir: str | None = None
     _hash: str | None = None
     _encoders: dict = field(default_factory=dict)
@@ -45,7 +43,7 @@ class RecallModel:
 
     def weights_hash(self) -> str:
         if self._hash is None:
-            self._hash = (self.hash_fn or (lambda: model_hash(self.model)))()
+            self._hash = self.hash_fn() if self.hash_fn else model_hash(self.model)
         return self._hash
 
     def identity(self) -> str:
@@ -53,16 +51,11 @@ class RecallModel:
         return f"{self.name}:{self.weights_hash()}"
 
     def image_encoder(self, precision: str = "fp32"):
-        """The ``f(x, normalize)`` running the image tower on the chosen engine (built
-        once per precision; ``auto`` is resolved here, with its agreement check)."""
+        """The ``f(x, normalize)`` running the image tower on the chosen engine (once per
+        precision; ``auto`` is resolved here, with its agreement check)."""
         if precision not in self._encoders:
             self._encoders[precision] = image_encoder_for(
-                self.model,
-                self.backend,
-                self.device,
-                precision,
-                cache_dir=self.onnx_cache_dir,
-                weights_hash=self.weights_hash,
+                self.model, self.backend, self.device, precision, self.onnx_cache_dir, self.weights_hash
             )
         return self._encoders[precision]
 
@@ -71,10 +64,9 @@ class RecallModel:
         return "onnx" if isinstance(self.image_encoder(precision), OnnxImageEncoder) else "torch"
 
     def engine_info(self, precision: str = "fp32") -> dict:
-        """What a run record says about the image engine: the one requested, the one
-        used (None when no image needed encoding, so none was set up), and for ONNX
-        Runtime its agreement with torch, whether this run exported the graph (False:
-        the cached export was valid) and its set-up time."""
+        """The run record's engine: the one requested, the one used (None when no image
+        was encoded, so none was set up), and for ONNX Runtime its agreement with torch,
+        whether this run exported the graph, its threads and set-up time."""
         if precision not in self._encoders:
             return {"backend": self.backend, "image_backend": None}
         enc = self.image_encoder(precision)
@@ -89,59 +81,35 @@ class RecallModel:
             )
         return info
 
-    def encode_images(
-        self, paths, enc: Encoding = Encoding(), *, stats: dict | None = None, desc: str = "images", prefetch=None
-    ):
-        """``(emb, ok)`` of image files with ``enc``'s batch size, precision, preprocessing,
-        workers and progress (``encode.encode_images``), on the chosen engine, which is set
-        up only when some image is not in the cache of ``enc.cache_dir`` (keyed by
-        ``identity()``)."""
+    def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images", prefetch=None):
+        """``(emb, ok)`` of image files (``encode.encode_images``) on the chosen engine, set
+        up only when some image is not in the cache of ``enc.cache_dir``."""
         cache = EmbeddingCache(enc.cache_dir, self.identity()) if enc.cache_dir else None
         try:
             return encode_images(
                 self.model,
                 paths,
-                enc.batch_size,
-                self.device,
-                mode=enc.preprocess,
-                num_workers=enc.num_workers,
-                precision=enc.precision,
-                cache=cache,
-                stats=stats,
-                progress=enc.progress,
-                desc=desc,
-                image_loader=self.image_loader,
-                prefetch=prefetch,
+                enc,
                 engine=lambda: self.image_encoder(enc.precision),
+                loader=self.image_loader,
+                cache=cache,
+                prefetch=prefetch,
+                stats=stats,
+                desc=desc,
             )
         finally:
             if cache is not None:
                 log.info(
-                    "cache %s: %d hits, %d misses, %d stored, %d files hashed",
-                    cache.path,
-                    cache.hits,
-                    cache.misses,
-                    cache.stored,
-                    cache.hashed,
+                    "cache %s: %d hits, %d misses, %d stored, %d files hashed, %d rejected",
+                    *(cache.path, cache.hits, cache.misses, cache.stored, cache.hashed, cache.rejected),
                 )
                 cache.close()
 
     def encode_texts(self, texts, enc: Encoding = Encoding()):
-        return encode_texts(
-            self.model,
-            self.tokenizer,
-            texts,
-            enc.text_batch_size,
-            self.device,
-            precision=enc.precision,
-            progress=enc.progress,
-            max_length=self.max_text_len,
-        )
+        return encode_texts(self.model, self.tokenizer, texts, enc, max_length=self.max_text_len)
 
 
-def wrap_align(
-    model, tokenizer, *, device="cpu", backend: str = "torch", onnx_cache_dir=None, sources: dict | None = None
-) -> RecallModel:
+def wrap_align(model, tokenizer, *, device="cpu", backend="torch", onnx_cache_dir=None, sources=None) -> RecallModel:
     """A ``RecallModel`` around an alignment model already in memory (the ranker's own
     copy, a model being trained)."""
     return RecallModel(

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Convert a checkpoint to ``.safetensors``: the same keys and tensors, and no pickle.
+
+    python convert_weights.py assets/weights/align_model.pth assets/weights/align_model.safetensors
+    python convert_weights.py assets/weights/shoucai_siamese_train_concat_poi_020_0.6520.ckpt ranker.safetensors
+
+Every script takes the ``.safetensors`` file wherever it takes a checkpoint (recall and
+ranker checkpoints, ``--align-checkpoint``, the trainers' ``--init``), so a site can keep
+pickle-free weights only. The recorded architecture of a small variant (``"arch"`` in the
+file, or the ``.arch.json`` beside a ranker file) goes into the file's metadata; tensors
+inference does not use are kept, so the file is the same checkpoint.
+
+Exit status: 0 done, 2 a file that cannot be read or written, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from utils.cli import distinct_paths, entry_point, input_file, output_file, setup_logging
+
+import argparse
+import sys
+
+from models import convert_to_safetensors
+from utils import args as shared
+
+
+@entry_point
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="a checkpoint: .pth / .ckpt / .bin (read with torch's weights-only loader)")
+    p.add_argument("output", help="the .safetensors file to write")
+    shared.add_run(p)
+    ns = p.parse_args(argv)
+    setup_logging(ns.log_level)
+    input_file(ns.input, "input")
+    output_file(ns.output, "output")
+    distinct_paths({"input": ns.input}, {"output": ns.output})
+    summary = convert_to_safetensors(ns.input, ns.output)
+    arch = f"; architecture {summary['arch']}" if summary["arch"] else ""
+    print(f"{ns.output}: {summary['tensors']} tensors, {summary['values']:,} values{arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The recall stage end to end, as recall_infer.py and reproduce.py run it:
+
+    record = run_recall(RecallJob(csv, image_dir, output, files={"checkpoint": ..., "bert_dir": ...}))
+
+read the CSV and find the gallery (``read_gallery``) -> start decoding it -> load the
+model (``models.factory``) -> encode images and POI names -> cosines and the stable
+top-k -> write every output together (``write_outputs``). Returns the run record (what
+``<output>.meta.json`` holds).
+
+Gallery: one image per CSV row, ``<poi_id>_<rank>.<ext>`` in ``image_dir``, CSV order.
+A row without a file is left out (the authors' gallery held what they had downloaded);
+an unreadable file is scored as the zero image (SPEC 3) unless ``skip_missing``; both
+are listed in the missing list. Scores are cosines (``logit_scale`` changes no
+ranking), ranked by a stable descending sort, so ties keep gallery order.
+"""
+
+from __future__ import annotations
+
+from utils.cli import DataError, UserError, bad_rows, resolve_device
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from utils.args import Encoding
+from utils.evaluation import stable_topk
+from utils.formats import (
+    RecallRow,
+    index_images,
+    iter_recall_csv,
+    poi_of_image,
+    save_embeddings,
+    write_full,
+    write_missing_list,
+    write_topk,
+)
+from utils.io import atomic_outputs, write_json
+
+from .engine import RecallModel, prefetch_images
+from .factory import MODELS, build_recall_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecallJob:
+    """One recall run: inputs, the model (``MODELS`` name and its ``files``: path options),
+    engine settings (``enc``) and outputs (``missing_list`` default ``<output>.missing.tsv``)."""
+
+    csv: str
+    image_dir: str
+    output: str
+    model: str = "align"
+    files: dict = field(default_factory=dict)
+    enc: Encoding = Encoding()
+    topk: int = 10
+    full_output: str | None = None
+    save_embeddings: str | None = None
+    missing_list: str | None = None
+    skip_missing: bool = False
+    skip_bad_rows: bool = False
+
+    @property
+    def outputs(self) -> dict:
+        """``{flag: path}`` of everything the run may write."""
+        return {
+            "--output": self.output,
+            "--full-output": self.full_output,
+            "--missing-list": self.missing_list or f"{self.output}.missing.tsv",
+            "--save-embeddings": self.save_embeddings,
+            "meta": f"{self.output}.meta.json",
+        }
+
+
+@dataclass
+class Gallery:
+    """The CSV's gallery images found on disk (CSV order, ``(row, path)``), the rows without
+    a file, repeated rows, unreadable images, and the queries (poi_id -> first name)."""
+
+    rows: list[RecallRow]
+    images: list[tuple[RecallRow, object]] = field(default_factory=list)
+    missing: list[RecallRow] = field(default_factory=list)
+    duplicates: list[RecallRow] = field(default_factory=list)
+    queries: dict[str, str] = field(default_factory=dict)
+    unreadable: list[tuple[RecallRow, object]] = field(default_factory=list)
+
+
+def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> Gallery:
+    """Rows of the CSV -> gallery images found in ``image_dir`` and queries."""
+    errors: list = []
+    rows = list(iter_recall_csv(csv_path, errors))
+    for e in errors[:10] if not skip_bad_rows else ():
+        log.error("%s", e)
+    bad_rows(errors, csv_path, skip_bad_rows)
+    if not rows:
+        raise DataError(f"{csv_path}: no rows")
+    g, index, seen = Gallery(rows), index_images(image_dir), set()
+    for row in rows:
+        if row.key in seen:
+            g.duplicates.append(row)
+            continue
+        seen.add(row.key)
+        path = index.get(row.key)
+        if path is None:
+            g.missing.append(row)
+        else:
+            g.images.append((row, path))
+        first_name = g.queries.setdefault(row.poi_id, row.poi_name)
+        if first_name != row.poi_name:
+            log.warning(
+                f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name {row.poi_name!r}; "
+                f"using the first, {first_name!r}"
+            )
+    if g.duplicates:
+        d = g.duplicates[0]
+        log.warning(
+            f"{len(g.duplicates)} CSV rows repeat an earlier <poi_id>_<rank> (first: line {d.line}, "
+            f"{d.key}); each image is scored once"
+        )
+    log.info(
+        f"{csv_path}: {len(rows)} rows, {len(g.queries)} POIs, {len(set(g.queries.values()))} distinct names; "
+        f"{len(g.images)} images found in {image_dir}, {len(g.missing)} missing on disk"
+    )
+    if not g.images:
+        raise DataError(
+            f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
+            f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)"
+        )
+    return g
+
+
+def drop_unreadable(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool):
+    """Unreadable images stay as the zero image (reference) or leave the gallery (``skip``)."""
+    g.unreadable = [(row, p) for (row, p), good in zip(g.images, ok.tolist()) if not good]
+    if skip and g.unreadable:
+        keep = ok.nonzero().flatten()
+        g.images = [g.images[i] for i in keep.tolist()]
+        emb, ok = emb[keep], ok[keep]
+        log.info("--skip-missing: %d unreadable images dropped from the gallery", len(g.unreadable))
+    elif g.unreadable:
+        log.warning(
+            "%d unreadable images are scored as the zero image (reference behaviour; --skip-missing drops them)",
+            len(g.unreadable),
+        )
+    if not g.images:
+        raise DataError("no readable image left in the gallery")
+    return emb, ok
+
+
+def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
+    """Cosines (Q x N, on the CPU) and each row's top ``topk`` by the stable sort."""
+    with torch.inference_mode():
+        scores = (txt_emb.to(device) @ img_emb.to(device).t()).float()
+        top_vals, top_idx = stable_topk(scores, min(topk, scores.shape[1]))
+    return scores.cpu(), top_vals.cpu(), top_idx.cpu()
+
+
+def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top, meta: dict) -> None:
+    """Every output of the run, committed together or not at all: a failed write (disk
+    full, file-size limit) is one ``UserError`` and the previous outputs stay as they were."""
+    qids, qnames, names = list(g.queries), list(g.queries.values()), [p.name for _, p in g.images]
+    gallery_paths = [str(p) for _, p in g.images]
+    top_vals, top_idx = top
+    topk_rows = (
+        (q, n, r, names[j], s)
+        for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
+        for r, (s, j) in enumerate(zip(vals, idx), 1)
+    )
+    emb_meta = ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
+    arrays = {"image_emb": img_emb.numpy(), "image_names": names, "image_ok": ok.numpy(), "text_emb": txt_emb.numpy()}
+    writers = {
+        "--output": lambda p: write_topk(p, topk_rows),
+        "--full-output": lambda p: write_full(p, qids, qnames, gallery_paths, scores.numpy()),
+        "--missing-list": lambda p: write_missing_list(p, g.missing, g.unreadable),
+        "--save-embeddings": lambda p: save_embeddings(
+            p, **arrays, poi_ids=qids, poi_names=qnames, meta={k: meta[k] for k in emb_meta}
+        ),
+        "meta": lambda p: write_json(p, meta, indent=1),
+    }
+    targets = dict(job.outputs)
+    if not (g.missing or g.unreadable):
+        targets["--missing-list"] = None
+    current = None
+    try:
+        with atomic_outputs(*targets.values()) as temps:
+            for (flag, target), tmp in zip(targets.items(), temps):
+                if target is not None:
+                    current = target
+                    writers[flag](tmp)
+    except OSError as e:
+        raise UserError(f"cannot write {current} ({e.strerror or e}); no output of this run was kept") from None
+    log.info("wrote %s: top %d of %d images for %d POIs", job.output, top_idx.shape[1], len(names), len(qids))
+    if g.missing or g.unreadable:
+        log.warning(
+            f"{len(g.missing)} images missing on disk (left out), {len(g.unreadable)} unreadable "
+            f"({meta['unreadable_policy']}); listed in {targets['--missing-list']}"
+        )
+
+
+def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k: int) -> dict:
+    """What was run (``<output>.meta.json``): inputs, model, engine, counts, timings."""
+    own = {poi_of_image(p.name) for _, p in g.images}
+    engine = rm.engine_info(job.enc.precision)
+    setup = {"engine_setup": engine["onnx_setup_s"]} if "onnx_setup_s" in engine else {}
+    return {
+        "csv": job.csv,
+        "image_dir": job.image_dir,
+        "checkpoint": job.files.get("checkpoint"),
+        "model": rm.name,
+        "model_sources": rm.sources,
+        "model_identity": rm.identity(),
+        "weights_sha256": rm.weights_hash(),
+        "preprocess": job.enc.preprocess,
+        "precision": job.enc.precision,
+        "device": str(rm.device),
+        **engine,
+        "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
+        "batch_size": stats.get("batch_size"),
+        "num_workers": stats.get("num_workers"),
+        "lanes": stats.get("lanes"),
+        "topk": k,
+        "gallery_size": len(g.images),
+        "n_pois": len(g.queries),
+        "n_pois_without_gallery_image": sum(q not in own for q in g.queries),
+        "rows": len(g.rows),
+        "missing_on_disk": len(g.missing),
+        "unreadable": len(g.unreadable),
+        "unreadable_policy": "dropped" if job.skip_missing else "zero image",
+        "duplicate_rows": len(g.duplicates),
+        "images_encoded": stats["encoded"],
+        "images_cached": stats["cached"],
+        "timings_s": {**{name: round(v, 3) for name, v in timings.items()}, **setup},
+        "images_per_s": round(stats["encoded"] / max(timings["images"], 1e-9), 2),
+        "full_output": job.full_output,
+        "embeddings": job.save_embeddings,
+    }
+
+
+def run_recall(job: RecallJob, started: float | None = None) -> dict:
+    """Run ``job``; returns its run record. ``started``: ``time.perf_counter()`` at
+    start-up, what ``timings_s.first_image`` counts from (default: now)."""
+    t0 = started if started is not None else time.perf_counter()
+    device, timings, stats = resolve_device(job.enc.device), {}, {}
+    mark = [time.perf_counter()]
+
+    def step(name: str) -> None:
+        timings[name] = time.perf_counter() - mark[0]
+        mark[0] = time.perf_counter()
+
+    g = read_gallery(job.csv, job.image_dir, job.skip_bad_rows)
+    step("read")
+    paths = [p for _, p in g.images]
+    # decoding starts before the model loads; with a cache, its hits decide what is decoded
+    prefetch = None if job.enc.cache_dir else prefetch_images(paths, job.enc, loader=MODELS[job.model].image_loader)
+    try:
+        onnx_dir = os.path.join(job.enc.cache_dir, "onnx") if job.enc.cache_dir else None
+        rm = build_recall_model(job.model, device=device, backend=job.enc.backend, onnx_cache_dir=onnx_dir, **job.files)
+        log.info(
+            "model %s (%s) loaded on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device
+        )
+        step("load_model")
+        img_emb, ok = rm.encode_images(paths, job.enc, stats=stats, desc="gallery", prefetch=prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    step("images")
+    if stats.get("first_batch_at"):
+        timings["first_image"] = stats["first_batch_at"] - t0
+    img_emb, ok = drop_unreadable(g, img_emb, ok, job.skip_missing)
+    txt_emb = rm.encode_texts(list(g.queries.values()), replace(job.enc, progress=False))
+    step("texts")
+    scores, top_vals, top_idx = score(txt_emb, img_emb, job.topk, device)
+    step("scores")
+    timings["total"] = time.perf_counter() - t0
+    meta = run_record(job, rm, g, stats, timings, top_idx.shape[1])
+    write_outputs(job, g, img_emb, ok, txt_emb, scores, (top_vals, top_idx), meta)
+    return meta
