@@ -30,17 +30,25 @@ Exit status: 0 done, 2 bad input (one line, before any encoding), 130 interrupte
 
 from __future__ import annotations
 
-from utils.cli import entry_point, input_dir, input_file, output_dir, output_file, setup_logging
+from utils.cli import (
+    distinct_paths,
+    entry_point,
+    input_dir,
+    input_file,
+    output_dir,
+    output_file,
+    positive_int,
+    setup_logging,
+)
 
 import time
 
 _T0 = time.perf_counter()  # start-up is measured from here (meta timings_s.first_image)
 
-from utils.cli import distinct_paths, positive_int  # noqa: E402
-
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import fields  # noqa: E402
 
 from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
@@ -98,20 +106,8 @@ def model_files(ns) -> dict:
 
 
 def job_of(ns) -> RecallJob:
-    return RecallJob(
-        ns.csv,
-        ns.image_dir,
-        ns.output,
-        ns.model,
-        model_files(ns),
-        shared.Encoding.from_args(ns),
-        ns.topk,
-        ns.full_output,
-        ns.save_embeddings,
-        ns.missing_list,
-        ns.skip_missing,
-        ns.skip_bad_rows,
-    )
+    plain = {f.name: getattr(ns, f.name) for f in fields(RecallJob) if hasattr(ns, f.name)}
+    return RecallJob(**plain, files=model_files(ns), enc=shared.Encoding.from_args(ns))
 
 
 def check_paths(job: RecallJob) -> None:

@@ -58,19 +58,16 @@ class AlignArch:
             if name in d and (not isinstance(d[name], want) or isinstance(d[name], bool)):
                 raise ValueError(f"architecture field {name!r} must be a {want.__name__}, found {d[name]!r}")
         arch = cls(**d)
-        arch.check()
-        return arch
-
-    def check(self) -> None:
-        if self.image_model not in VALID_MODELS:
+        if arch.image_model not in VALID_MODELS:
             raise ValueError(f"architecture field 'image_model' must be one of {', '.join(VALID_MODELS)}")
         for name, top in (("text_layers", MAX_TEXT_LAYERS), ("embed_dim", MAX_EMBED_DIM)):
-            if not 1 <= getattr(self, name) <= top:
-                raise ValueError(f"architecture field {name!r} must be 1 to {top}, found {getattr(self, name)}")
-        for k, v in self.image_overrides.items():
+            if not 1 <= getattr(arch, name) <= top:
+                raise ValueError(f"architecture field {name!r} must be 1 to {top}, found {getattr(arch, name)}")
+        for k, v in arch.image_overrides.items():  # coefficients in (0, 4], rates in [0, 1)
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if k not in IMAGE_OVERRIDES or not number or not (0 < v <= 4 if k.endswith("coefficient") else 0 <= v < 1):
                 raise ValueError(f"image override {k}={v!r}: one of {', '.join(IMAGE_OVERRIDES)}, in bounds")
+        return arch
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AlignArch:

@@ -133,18 +133,11 @@ class _SelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = h.shape
-
-        def split(x):
-            return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(
-            split(self.query(h)),
-            split(self.key(h)),
-            split(self.value(h)),
-            attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=1 / math.sqrt(d // self.heads),
+        q, k, v = (
+            x(h).view(b, n, self.heads, d // self.heads).transpose(1, 2) for x in (self.query, self.key, self.value)
         )
+        p = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(d // self.heads))
         return out.transpose(1, 2).reshape(b, n, d)
 
 
@@ -161,41 +154,16 @@ class _Residual(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(x)) + skip)
 
 
-class _Attention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.self = _SelfAttention(c)
-        self.output = _Residual(c, c.hidden_size)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-
-
 class _Layer(nn.Module):
     def __init__(self, c: BertConfig):
-        super().__init__()
-        self.attention = _Attention(c)
-        self.intermediate = _Intermediate(c)
+        super().__init__()  # ModuleDicts: the key names of transformers' small wrapper modules
+        self.attention = nn.ModuleDict({"self": _SelfAttention(c), "output": _Residual(c, c.hidden_size)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
         self.output = _Residual(c, c.intermediate_size)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = self.attention.output(self.attention.self(h, mask), h)
         return self.output(F.gelu(self.intermediate.dense(h)), h)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_hidden_layers))
-
-
-class _Pooler(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
 
 
 class BertEncoder(nn.Module):
@@ -207,8 +175,8 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = _Embeddings(config)
-        self.encoder = _Encoder(config)
-        self.pooler = _Pooler(config)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))})
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -251,10 +219,8 @@ class BertTokenizer:
     def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = True):
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-        vocab = {}
-        for index, line in enumerate(text_lines(vocab_file)):  # id = line number; a repeated
-            vocab[line.rstrip("\r\n")] = index  # token keeps its last one
-        self.vocab = vocab
+        # id = line number; a repeated token keeps its last one
+        self.vocab = vocab = {line.rstrip("\r\n"): i for i, line in enumerate(text_lines(vocab_file))}
         for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
             if special not in vocab:
                 raise DataError(f"{vocab_file}: no {special} token in the vocabulary")
@@ -264,11 +230,7 @@ class BertTokenizer:
         )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.add_special_tokens(
-            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-            if "[MASK]" in vocab
-            else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-        )
+        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
         self._tok = tok
         self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
 
@@ -278,14 +240,7 @@ class BertTokenizer:
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self._tok.id_to_token(int(i)) or "[UNK]" for i in ids]
 
-    def __call__(
-        self,
-        texts,
-        padding="longest",
-        truncation: bool = True,
-        max_length: int | None = None,
-        return_tensors: str = "pt",
-    ) -> dict:
+    def __call__(self, texts, padding="longest", truncation=True, max_length=None, return_tensors="pt") -> dict:
         if isinstance(texts, str):
             texts = [texts]
         if padding not in ("longest", True) or return_tensors != "pt":

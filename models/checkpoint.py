@@ -75,7 +75,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+            sd = {k: f.get_tensor(k) for k in f.keys()}
         if "arch" in meta:
             meta["arch"] = json.loads(meta["arch"])
     except (SafetensorError, OSError, ValueError) as e:

@@ -1,14 +1,10 @@
-"""The one way to build a model: recall models by name (``MODELS``) and the ranker, each
-wrapped in a ``RecallModel`` (tokenizer, preprocessing, image engine, cache identity).
+"""The one way to build a model: recall models by name (``MODELS``: ``align``, the paper's;
+``taiyi``, the baseline) and the ranker, each wrapped in a ``RecallModel``.
 
     rm = build_recall_model("align", checkpoint="align_model.pth", bert_dir="bert", backend="auto")
-    emb, ok = rm.encode_images(paths, Encoding())     # N x D normalised, N ok flags
     ranker, rm = build_ranker("ranker.ckpt", "bert")  # rm encodes with ranker.align_model
 
-``align``: the paper's model (identity = hash of all weights). ``taiyi``: the Taiyi-CLIP
-baseline, CLIP preprocessing (identity = hash of the image tower only, so the fine-tuned
-and the original text encoders share cached image vectors). A third model: a builder
-and one ``ModelEntry``.
+A third model: a builder and one ``ModelEntry``.
 """
 
 from __future__ import annotations
@@ -47,18 +43,11 @@ def _build_taiyi(device, backend, onnx_cache_dir, taiyi_text_dir, clip_dir, taiy
     from .taiyi import TAIYI_MAX_TEXT_LEN, load_taiyi, load_taiyi_tokenizer  # transformers: only for taiyi
 
     model = load_taiyi(taiyi_text_dir, clip_dir, taiyi_text_weights, device=device)
+    tok = load_taiyi_tokenizer(taiyi_text_dir)
     sources = {"taiyi_text_dir": taiyi_text_dir, "taiyi_text_weights": taiyi_text_weights, "clip_dir": clip_dir}
+    hash_fn = lambda: model_hash(model.image_model)  # the text tower leaves image vectors as they are
     return RecallModel(
-        "taiyi",
-        model,
-        load_taiyi_tokenizer(taiyi_text_dir),
-        torch.device(device),
-        backend,
-        load_clip_image,
-        TAIYI_MAX_TEXT_LEN,
-        lambda: model_hash(model.image_model),
-        sources,
-        onnx_cache_dir,
+        "taiyi", model, tok, device, backend, load_clip_image, TAIYI_MAX_TEXT_LEN, hash_fn, sources, onnx_cache_dir
     )
 
 

@@ -1,17 +1,13 @@
-"""Taiyi-CLIP, the paper's recall baseline: a Chinese RoBERTa text encoder paired with the
-image tower of OpenAI CLIP ViT-B/32.
+"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder
+``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a ``BertForSequenceClassification`` whose
+512 logits ARE the text vector; the authors' fine-tuned ``pytorch_model.bin`` replaces
+its weights with ``--taiyi-text-weights``) paired with the image tower of
+``openai/clip-vit-base-patch32`` (``get_image_features``, CLIP preprocessing). Vectors
+are L2-normalised; texts padded to the longest of the batch, truncated at 50 tokens.
 
-* Text: ``BertForSequenceClassification`` of ``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese``;
-  its 512 logits ARE the text vector. The authors' fine-tuned weights (a
-  ``pytorch_model.bin``) replace the model's own (``--taiyi-text-weights``).
-* Image: ``vision_model`` + ``visual_projection`` of ``openai/clip-vit-base-patch32``
-  (``CLIPModel.get_image_features``), with CLIP's preprocessing.
-* Both vectors are L2-normalised and compared by cosine; texts are padded to the longest
-  of the batch and truncated at 50 tokens, with the attention mask.
-
-Local directories only (no hub). Built on the meta device, then loaded strictly through
-``models.checkpoint`` (finite weights, every key and shape); tolerated and reported: old
-``position_ids`` buffers and the CLIP text tower, which is not used.
+Local directories only. Built on the meta device, then loaded strictly through
+``models.checkpoint``; tolerated and reported: old ``position_ids`` buffers and the CLIP
+text tower, which is not used.
 """
 
 from __future__ import annotations

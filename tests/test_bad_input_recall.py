@@ -319,6 +319,11 @@ def test_sizes_that_do_not_fit_are_refused_before_the_model(env, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
 def _cache_vectors(cache_dir):
     import sqlite3
 
@@ -348,8 +353,12 @@ def test_damaged_cache_vectors_are_encoded_again(env, tmp_path, caplog, damage):
     assert "2 vectors failed their checksum or are not finite" in caplog.text
     meta = json.loads(Path(f"{out}.meta.json").read_text(encoding="utf-8"))
     assert meta["images_encoded"] == 2 and meta["images_cached"] == 4
-    assert out.read_bytes() == ref.read_bytes()
-    assert (tmp_path / "b.full.csv").read_bytes() == (tmp_path / "ref.full.csv").read_bytes()
+    # the same ranking and scores (the two re-encoded images went through a batch of their own)
+    for got, want in ((out, ref), (tmp_path / "b.full.csv", tmp_path / "ref.full.csv")):
+        g_rows, w_rows = _rows(got), _rows(want)
+        assert [r[:-1] for r in g_rows] == [r[:-1] for r in w_rows]
+        scores = [(float(a[-1]), float(b[-1])) for a, b in zip(g_rows, w_rows) if a[-1] != "score"]
+        assert max(abs(x - y) for x, y in scores) < 1e-5
     _, repaired = _cache_vectors(cache)  # the damaged rows were replaced
     assert all(np.isfinite(np.frombuffer(b, dtype=np.float32)).all() for _, b in repaired)
 
@@ -389,7 +398,7 @@ def test_a_failed_write_keeps_the_previous_outputs(env, tmp_path):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    argv = _infer_argv(env, out, "--full-output", str(full), "--topk", "1")
+    argv = _infer_argv(env, out, "--full-output", str(full), "--topk", "1", "--log-level", "WARNING")
     p = subprocess.run(
         [sys.executable, str(ROOT / "recall_infer.py"), *argv],
         capture_output=True,

@@ -1,20 +1,18 @@
 """Embedding cache: image vectors on disk, so a rerun encodes only new images.
 
-One SQLite file, ``<cache_dir>/embeddings.sqlite``: ``files`` maps a path to ``(size,
-mtime_ns, sha256)`` (an unchanged file is recognised by ``stat`` alone); ``vectors`` maps
-``(namespace, sha256)`` to ``(float32 vector, ok flag, crc)``. The key is the file's
-CONTENT, so a renamed copy still hits; the namespace is the model's identity
-(``RecallModel.identity()``: model kind + weights hash), preprocessing and precision.
+``<cache_dir>/embeddings.sqlite``: ``files`` maps a path to ``(size, mtime_ns, sha256)``
+(an unchanged file is known by ``stat`` alone); ``vectors`` maps ``(namespace, sha256)``
+to ``(float32 vector, ok flag, crc)``. Keyed by file CONTENT (a renamed copy hits) and a
+namespace: the model's identity (``RecallModel.identity()``), preprocessing, precision.
 
-Nothing wrong comes out: each vector carries a CRC-32 of its bytes and flag, checked on
-read; a vector that fails it, has the wrong size or is not finite is left out (so it is
-encoded again and replaced), with a warning that counts them. Rows of the first cache
-format (the column is added in place, NULL for them) are read unverified, but checked for
-size and finiteness: dropping them would throw away every cache of that version.
+Nothing wrong comes out: a vector whose CRC-32 (of its bytes and flag) fails, whose size
+is wrong or that is not finite is left out, encoded again and replaced, with a warning
+counting them. Caches of the first format get the crc column in place; their rows (NULL
+crc) are read unverified but size- and finite-checked, rather than thrown away.
 
-Every write is one transaction; a file that is not a readable cache is moved aside
-(``*.corrupt-<time>``) with a warning; a later SQLite error disables the cache for the
-run, never the run. Processes may share a cache (SQLite locking, 60 s busy timeout).
+Writes are transactions; a file that is not a readable cache is moved aside
+(``*.corrupt-<time>``); a later SQLite error disables the cache for the run, never the
+run. Processes may share a cache (SQLite locking, 60 s busy timeout).
 """
 
 from __future__ import annotations

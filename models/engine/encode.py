@@ -1,26 +1,16 @@
-"""Batched encoding of images and texts, shared by every script that runs a model.
+"""Batched encoding of images and texts: ``encode_images(model, paths, enc)`` (N x D, N
+ok flags) and ``encode_texts(model, tokenizer, texts, enc)``, float32, L2-normalised, on
+the CPU, row i for input i. The model runs where its weights are and is left as found.
 
-    emb, ok = encode_images(model, paths, Encoding(batch_size=8))   # N x D, N ok flags
-    txt = encode_texts(model, tokenizer, texts, Encoding())          # len(texts) x D
-
-``model`` needs ``encode_image(x, normalize)``, ``image_model`` and ``encode_text(ids,
-mask, normalize)``; it runs where its weights are. Vectors come back float32,
-L2-normalised, on the CPU, row i for input i. The model is left as it was found (its
-mode and memory format restored).
-
-How the cores are shared (bench/bench_recall.py --split; README, Speed):
-- ONNX Runtime on a CPU runs in lanes: one thread per core, each decoding a batch into
-  its own buffer, then encoding it on one engine thread, so decoding and the engine never
-  compete for a core (0.8 of the engine alone, against 0.6 for decoding processes beside
-  a 2-thread engine).
-- torch (and anything on CUDA) keeps every core for its threads, with decoding in
-  DataLoader worker processes and the image tower in ``channels_last``.
-- Start-up: ``prefetch_images`` starts worker processes decoding the first
-  ``PREFETCH_IMAGES`` images while the model loads; ``encode_images(..., prefetch=source)``
-  takes those batches when they are exactly its own (same paths, batch size,
-  preprocessing, nothing from the cache), else closes the source unused.
-- bf16/fp16 autocast pays only with native support (GPU, AVX-512 BF16/AMX); elsewhere it
-  is emulated, far slower, and moves scores: fp32 is the default.
+How the cores are shared (bench/bench_recall.py --split; README, Speed): ONNX Runtime on
+a CPU runs in lanes, one thread per core decoding a batch into its own buffer and then
+encoding it on one engine thread, so decoding and engine never compete for a core (0.8
+of the engine alone, against 0.6 with decoding processes beside a 2-thread engine).
+torch (and CUDA) keeps every core for its threads, with decoding worker processes and
+the image tower in ``channels_last``. At start-up ``prefetch_images`` decodes the first
+``PREFETCH_IMAGES`` in worker processes while the model loads; ``encode_images`` takes
+those batches when they are exactly its own, else closes the source unused. bf16/fp16
+pay only with native support (GPU, AVX-512 BF16/AMX): fp32 is the default.
 """
 
 from __future__ import annotations
@@ -41,19 +31,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.args import PRECISIONS, Encoding
+from utils.args import Encoding
 from utils.formats import SIZE, ImageDataset, load_image_into
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_LEN = 50  # tokens (SPEC 2)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Decoding worker processes beside the torch engine: one per DECODE_SHARE cores on a CPU,
-# every core up to MAX_WORKERS on CUDA.
-DECODE_SHARE, MAX_WORKERS = 2, 8
-# Images a prefetch source decodes ahead (~0.6 MB each): enough to cover the model load on
-# a few cores (a 2 MP photo decodes in ~7 ms); the engine decodes the rest as it goes.
-PREFETCH_IMAGES = 256
+DECODE_SHARE, MAX_WORKERS = 2, 8  # decoding processes beside torch: one per 2 cores, at most 8
+PREFETCH_IMAGES = 256  # decoded ahead (~0.6 MB each): enough to cover the model load
 
 
 def cpu_cores() -> int:
@@ -70,9 +56,8 @@ def default_batch_size(device, engine: str = "torch") -> int:
 
 
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoding processes: CPU + torch one per ``DECODE_SHARE`` cores; CPU + onnx those
-    decoding ahead during start-up, every core but the one loading the model; CUDA every
-    core. At least 1, at most ``MAX_WORKERS``."""
+    """Decoding processes: CPU + torch one per ``DECODE_SHARE`` cores; CPU + onnx (decoding
+    ahead during start-up only) every core but the one loading the model; CUDA every core."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return max(1, min(n, MAX_WORKERS))
@@ -80,13 +65,12 @@ def default_num_workers(device, backend: str = "torch") -> int:
 
 
 def default_lanes() -> int:
-    """Lanes of the CPU engine: one per core torch would use (fewer under
-    ``OMP_NUM_THREADS`` / ``torch.set_num_threads``, as in a Ray actor given fewer CPUs)."""
+    """One lane per core torch would use (fewer under ``OMP_NUM_THREADS``, in a Ray actor)."""
     return max(1, min(cpu_cores(), torch.get_num_threads()))
 
 
 def default_text_batch_size(device) -> int:
-    """16 on a CPU (the 4-layer BERT runs 1.4x faster than at 64: activations stay in cache), 256 on CUDA."""
+    """16 on a CPU (1.4x faster than 64: activations stay in cache), 256 on CUDA."""
     return 256 if torch.device(device).type == "cuda" else 16
 
 
@@ -103,40 +87,30 @@ def native_low_precision(device, precision: str) -> bool:
 
 
 def autocast(device, precision: str):
-    """Context manager for ``precision`` on ``device`` (a no-op for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    """Context manager for ``precision`` (one of ``PRECISIONS``) on ``device``."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
 
 
 @contextlib.contextmanager
-def eval_mode(model):
-    """The model in eval mode for the block, its previous mode restored after."""
+def eval_mode(model, channels_last=None):
+    """The model in eval mode for the block (and ``channels_last``, a module, in that memory
+    format: faster CPU convolutions), its mode and memory format restored after."""
     was = model.training
+    weights = [p for p in channels_last.parameters() if p.dim() == 4] if channels_last is not None else []
+    last = (
+        bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last) and not weights[0].is_contiguous()
+    )
     model.eval()
+    if weights:
+        channels_last.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
         model.train(was)
-
-
-@contextlib.contextmanager
-def channels_last(module):
-    """``module``'s 4-d weights in ``channels_last`` for the block (same values, faster
-    CPU convolutions), then in the memory format they had."""
-    weights = [p for p in module.parameters() if p.dim() == 4] if module is not None else []
-    if not weights:
-        yield
-        return
-    w = weights[0]
-    last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    module.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        module.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+        if weights:
+            channels_last.to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
@@ -149,9 +123,9 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _embed_dim(model) -> int | None:
+def _embed_dim(model) -> int:
     arch = getattr(model, "arch", None)
-    return arch.embed_dim if arch is not None else getattr(model, "embed_dim", None)
+    return arch.embed_dim if arch is not None else getattr(model, "embed_dim", 0)
 
 
 def _worker_init(_):
@@ -159,50 +133,40 @@ def _worker_init(_):
 
 
 def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, prefetch_factor: int = 4) -> DataLoader:
+    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": prefetch_factor} if workers else {}
+    pin = torch.device(device).type == "cuda"
     return DataLoader(
-        ImageDataset(paths, mode, loader=loader),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=prefetch_factor if workers else None,
+        ImageDataset(paths, mode, loader=loader), batch_size, num_workers=workers, pin_memory=pin, **workers_only
     )
 
 
 class ImagePrefetch:
-    """Decoding of the first ``depth`` of ``paths`` (whole batches) started now in worker
-    processes, for a later ``encode_images(..., prefetch=self)`` (see the module notes).
-    ``close()`` (or ``with``) stops the workers of a source that is not consumed. With
-    ``num_workers=0`` nothing runs ahead. Made by :func:`prefetch_images`."""
+    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes,
+    for a later ``encode_images(..., prefetch=self)``; ``close()`` stops the workers of a
+    source left unused. With ``num_workers=0`` nothing runs ahead."""
 
     def __init__(self, paths, enc: Encoding = Encoding(), *, device="cpu", loader=None, backend="onnx", depth=None):
-        self.device, self.enc, self.loader = torch.device(device), enc, loader
-        self.paths = [str(p) for p in paths]
-        self.batch_size = enc.batch_size or default_batch_size(self.device, backend)
-        self.num_workers = default_num_workers(self.device, backend) if enc.num_workers is None else enc.num_workers
-        depth = PREFETCH_IMAGES if depth is None else depth
-        self.count = min(len(self.paths), max(1, depth // self.batch_size) * self.batch_size)
-        factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))
+        self.paths, self.enc, self.loader = [str(p) for p in paths], enc, loader
+        self.batch_size = enc.batch_size or default_batch_size(device, backend)
+        self.num_workers = default_num_workers(device, backend) if enc.num_workers is None else enc.num_workers
+        self.count = min(len(self.paths), max(1, (depth or PREFETCH_IMAGES) // self.batch_size) * self.batch_size)
+        factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))  # every batch at once
         head = self.paths[: self.count]
-        self._it = (
-            iter(_loader(head, enc.preprocess, loader, self.batch_size, self.num_workers, self.device, factor))
-            if head
-            else None
-        )
+        batches = _loader(head, enc.preprocess, loader, self.batch_size, self.num_workers, device, factor)
+        self._it = iter(batches) if head else None
 
     def matches(self, paths: list[str], enc: Encoding, loader) -> bool:
-        """True when consuming this source gives exactly the batches of these arguments."""
-        return (
-            self._it is not None
-            and paths == self.paths
-            and (enc.preprocess, enc.batch_size) == (self.enc.preprocess, self.enc.batch_size)
-            and enc.num_workers in (None, self.num_workers)
-            and loader is self.loader
+        """Whether this source's batches are exactly those these arguments make."""
+        same = (paths, enc.preprocess, enc.batch_size, loader) == (
+            self.paths,
+            self.enc.preprocess,
+            self.enc.batch_size,
+            self.loader,
         )
+        return self._it is not None and same and enc.num_workers in (None, self.num_workers)
 
     def take(self):
-        """The iterator over the batches decoded ahead (once); the source is empty afterwards."""
+        """The iterator over the batches decoded ahead (once)."""
         it, self._it = self._it, None
         return it
 
@@ -211,62 +175,39 @@ class ImagePrefetch:
         if shutdown is not None:  # workers stopped now rather than when collected
             shutdown()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def prefetch_images(paths, enc: Encoding = Encoding(), *, loader=None) -> ImagePrefetch:
-    """Start decoding the first images of ``paths`` now, for a later ``encode_images(model,
-    paths, enc, prefetch=source)`` without a cache. ``enc.backend``/``precision`` only pick
-    the default worker count before the engine is known: ONNX Runtime's when ``auto``
-    would choose it (CPU, fp32), else torch's."""
+    """Start decoding the first images of ``paths`` for a later ``encode_images(model, paths,
+    enc, prefetch=source)``. The engine is not known yet: the default worker count is ONNX
+    Runtime's when ``enc.backend`` would choose it (CPU, fp32), else torch's."""
     device = resolve_device(enc.device)
     onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
     return ImagePrefetch(paths, enc, device=device, loader=loader, backend="onnx" if onnx else "torch")
 
 
 def encode_images(
-    model,
-    paths,
-    enc: Encoding = Encoding(),
-    *,
-    engine=None,
-    loader=None,
-    cache=None,
-    prefetch=None,
-    stats=None,
-    desc="",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(emb, ok)`` of image files: N x D float32 normalised, and False where the file was
-    missing or unreadable (its row is the zero image's vector, SPEC 3 step 4).
-
-    ``enc``: batch size, workers, preprocessing, precision, progress (None sizes: the
-    defaults of the device and engine). ``engine``: a function returning the ``f(x,
-    normalize)`` that runs the image tower (default ``model.encode_image``), called only
-    when some image is not in the cache. ``loader``: another model's preprocessing
-    ``f(path, mode) -> (tensor, ok)``. ``cache``: an ``EmbeddingCache``; hits are not
-    decoded, new vectors stored batch by batch; files of one content are encoded once.
-    ``prefetch``: an :class:`ImagePrefetch` (closed on return). ``stats``: a dict that
-    receives ``total``, ``encoded``, ``cached``, ``unreadable``, ``seconds``,
-    ``num_workers``, ``lanes``, ``batch_size``, ``first_batch_at`` (perf_counter when the
-    first batch was encoded, None if none was).
-    """
+    model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc=""
+):
+    """``(emb, ok)`` of image files (``enc``: batch size, workers, preprocessing, precision,
+    progress); ``ok`` False where a file was missing or unreadable: its row is the zero
+    image's vector (SPEC 3 step 4). ``engine``: a function returning the ``f(x, normalize)``
+    that runs the image tower (default ``model.encode_image``), called only if some image is
+    not in ``cache`` (an ``EmbeddingCache``: hits are not decoded, new vectors are stored as
+    they come, files of one content are encoded once). ``loader``: another model's
+    preprocessing ``f(path, mode) -> (tensor, ok)``. ``prefetch``: an ``ImagePrefetch``,
+    closed on return. ``stats`` receives the counts, ``seconds``, ``num_workers``, ``lanes``,
+    ``batch_size``, ``first_batch_at`` (perf_counter of the first batch encoded, or None)."""
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     n = len(paths)
     vectors: list[np.ndarray | None] = [None] * n
     ok = np.ones(n, dtype=bool)
-    keys: list[str | None] = [None] * n
+    keys: list[str | None] = cache.content_keys(paths) if cache is not None and n else [None] * n
     ns = cache.namespace(enc.preprocess, enc.precision) if cache is not None else None
-    if cache is not None and n:
-        keys = cache.content_keys(paths)
-        found = cache.get_many(keys, ns, _embed_dim(model))
-        for i, k in enumerate(keys):
-            if k in found:
-                vectors[i], ok[i] = found[k]
+    found = cache.get_many(keys, ns, _embed_dim(model)) if cache is not None and n else {}
+    for i, k in enumerate(keys):
+        if k in found:
+            vectors[i], ok[i] = found[k]
     n_cached = sum(v is not None for v in vectors)
     first_of: dict[str, int] = {}  # one path per distinct content still to encode
     todo = [i for i, k in enumerate(keys) if vectors[i] is None and (k is None or first_of.setdefault(k, i) == i)]
@@ -274,29 +215,22 @@ def encode_images(
     try:
         if todo:
             sink = _Sink(todo, keys, vectors, ok, cache, ns, enc.progress, desc or "images")
-            info = _run(
-                model, [paths[i] for i in todo], enc, engine, loader, prefetch if len(todo) == n else None, sink
-            )
+            whole = prefetch if len(todo) == n else None  # a source decoded every path, in order
+            info = _run(model, [paths[i] for i in todo], enc, engine, loader, whole, sink)
     finally:
         if prefetch is not None:
             prefetch.close()
     for i in range(n):  # copies of encoded content
         if vectors[i] is None:
             vectors[i], ok[i] = vectors[first_of[keys[i]]], ok[first_of[keys[i]]]
-    emb = (
-        torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False))
-        if n
-        else torch.empty(0, _embed_dim(model) or 0)
-    )
+    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else torch.empty(0, _embed_dim(model))
     seconds = time.perf_counter() - t0
     result = {"total": n, "encoded": len(todo), "cached": n_cached, "unreadable": int((~ok).sum()), "seconds": seconds}
-    result.update(info)
     if stats is not None:
-        stats.update(result)
+        stats.update(result, **info)
     log.info(
-        "images: %d total, %d encoded, %d from cache, %d unreadable, %.1f s (%.1f img/s encoded)",
-        *(result[k] for k in ("total", "encoded", "cached", "unreadable", "seconds")),
-        len(todo) / max(seconds, 1e-9),
+        f"images: {n} total, {len(todo)} encoded, {n_cached} from cache, {result['unreadable']} unreadable, "
+        f"{seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.1f} img/s encoded)"
     )
     return emb, torch.from_numpy(ok)
 
@@ -307,12 +241,9 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
     device = _device_of(model)
     workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
     if prefetch is not None and prefetch.matches(paths, enc, loader):
-        workers, batch_size, ahead_count, ahead = (
-            prefetch.num_workers,
-            prefetch.batch_size,
-            prefetch.count,
-            prefetch.take(),
-        )
+        workers, batch_size, ahead_count = prefetch.num_workers, prefetch.batch_size, prefetch.count
+        ahead = prefetch.take()
+        log.debug("images: consuming the first %d images decoded ahead", ahead_count)
     encoder = engine() if engine is not None else model.encode_image
     on_torch = getattr(encoder, "__self__", None) is model
     batch_size = batch_size or default_batch_size(device, "torch" if on_torch else "onnx")
@@ -367,7 +298,7 @@ def _encode_batches(model, batches, encoder, on_torch: bool, device, precision: 
             torch.backends.cpu.get_cpu_capability(),
         )
     fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
-    with eval_mode(model), channels_last(model.image_model if on_torch else None), torch.inference_mode():
+    with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
         for x, good, idx in batches:
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device, precision):
@@ -446,7 +377,7 @@ def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding(), *, max_len
     batch_size = enc.text_batch_size or default_text_batch_size(device)
     distinct = list(dict.fromkeys(texts))
     if not distinct:
-        return torch.empty(0, _embed_dim(model) or 0)
+        return torch.empty(0, _embed_dim(model))
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     out: list[torch.Tensor | None] = [None] * len(distinct)
     with eval_mode(model), torch.inference_mode():

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.args import BACKENDS
+from utils.formats import SIZE
 from utils.hashing import model_hash
 from utils.io import atomic_path
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install onnxruntime onnx"
 OPSET = 17
+TOLERANCE = 1e-5  # max |diff| of the vectors from torch's
 EXPORT_FORMAT = 1  # bump when the exported graph changes (inputs, outputs, wrapper)
 
 
@@ -115,7 +117,7 @@ def _export(graph, x, tmp: Path, exporter: str) -> None:
             torch.onnx.export(graph, (x,), str(tmp), dynamo=True, external_data=False, dynamic_shapes=shapes, **names)
 
 
-def export_image_graph(model, path: str | os.PathLike, image_size: int = 224) -> str:
+def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -> str:
     """Export ``model.encode_image`` to ``path`` (atomically); returns the exporter used."""
     try:
         import onnx  # noqa: F401  (torch's exporter writes through it)
@@ -139,48 +141,35 @@ class OnnxImageEncoder:
     """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime.
 
     ``weights_hash``: the model's ``model_hash`` or a function giving it (else computed).
-    ``lanes``: callers served at once; ``threads``: intra-op threads of each call.
-    ``exported`` (False: a cached export), ``max_abs_diff`` (against torch, on load) and
-    ``setup_seconds`` are kept for the run record.
-    """
+    ``lanes``: callers served at once; ``threads``: intra-op threads of each call (default:
+    the cores shared among the lanes). ``exported`` (False: a cached export),
+    ``max_abs_diff`` (from torch, on load) and ``setup_seconds`` go to the run record."""
 
-    def __init__(
-        self,
-        model,
-        cache_dir=None,
-        weights_hash=None,
-        threads=None,
-        lanes=None,
-        image_size=224,
-        tolerance=1e-5,
-        mem_arena=True,
-        spin=False,
-    ):
+    def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
         weights_hash = weights_hash() if callable(weights_hash) else weights_hash or model_hash(model)
-        self.image_size, self.exported = image_size, False
+        self.exported = False
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.path = self.dir / f"image_{export_key(model, weights_hash, image_size)}.onnx"
+        self.path = self.dir / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
         t = time.perf_counter()
         if not self.path.is_file():
-            exporter = export_image_graph(model, self.path, image_size)
+            exporter = export_image_graph(model, self.path, SIZE)
             self.exported = True
             log.info("exported the image tower to %s (%s, %.1f s)", self.path, exporter, time.perf_counter() - t)
         self.lanes = lanes or default_lanes()
         self.opts = ort.SessionOptions()
         self.opts.intra_op_num_threads = threads or max(1, cpu_cores() // self.lanes)
         self.opts.inter_op_num_threads = 1
-        self.opts.enable_cpu_mem_arena = mem_arena  # the arena keeps the largest activation buffers
-        self.opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads give the core back
         try:
-            self.max_abs_diff = self._load(ort, model, tolerance)
+            self.max_abs_diff = self._load(ort, model)
         except OnnxBackendError as e:
             if self.exported:
                 raise
             log.warning("%s; exporting again", e)  # a damaged or stale cache file
-            export_image_graph(model, self.path, image_size)
+            export_image_graph(model, self.path, SIZE)
             self.exported = True
-            self.max_abs_diff = self._load(ort, model, tolerance)
+            self.max_abs_diff = self._load(ort, model)
         self.setup_seconds = time.perf_counter() - t
         log.info(
             "onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
@@ -192,14 +181,14 @@ class OnnxImageEncoder:
             self.setup_seconds,
         )
 
-    def _load(self, ort, model, tolerance: float) -> float:
+    def _load(self, ort, model) -> float:
         """Open the session and compare it with torch on a random batch: the max |diff|."""
         try:
             self.session = ort.InferenceSession(str(self.path), self.opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types)
             raise OnnxBackendError(f"{self.path}: ONNX Runtime cannot load it ({e})") from e
         self.input_name = self.session.get_inputs()[0].name
-        x = torch.randn(2, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # decoders run beside it at start-up: one thread waits on no other
         try:
@@ -208,10 +197,10 @@ class OnnxImageEncoder:
         finally:
             torch.set_num_threads(threads)
         diff = float((self.encode_image(x) - ref).abs().max())
-        if not diff <= tolerance:  # also catches NaN
+        if not diff <= TOLERANCE:  # also catches NaN
             raise OnnxBackendError(
                 f"{self.path}: ONNX Runtime vectors differ from torch by {diff:.2e} "
-                f"(> {tolerance:g}) on a random batch; not using this export"
+                f"(> {TOLERANCE:g}) on a random batch; not using this export"
             )
         return diff
 
