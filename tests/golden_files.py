@@ -18,6 +18,7 @@ bits depend on. Where the running environment differs, numbers (CSV cells, JSON 
 float arrays) are compared within ``TOL`` and ``MACHINE_KEYS`` are left out; everything
 else stays exact, and a warning says so and why.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,9 @@ RECORD = os.environ.get("AVAS_GOLDEN_RECORD") == "1"
 TOL = 1e-5
 # What differs between two runs of one command on one machine (clocks, and whether the
 # ONNX export was already in its cache, which depends on the runs before): always dropped.
-RUN_KEYS = frozenset({"timings_s", "seconds", "images_per_s", "items_per_s", "onnx_setup_s",
-                      "onnx_exported", "mtime_ns"})
+RUN_KEYS = frozenset(
+    {"timings_s", "seconds", "images_per_s", "items_per_s", "onnx_setup_s", "onnx_exported", "mtime_ns"}
+)
 # What depends on the environment rather than the code (how the cores were shared; the
 # ONNX export's file name, keyed by the torch version): exact only in ENV.json's environment.
 MACHINE_KEYS = frozenset({"lanes", "onnx_threads", "num_workers", "onnx_file"})
@@ -45,10 +47,15 @@ def environment() -> dict:
     import onnxruntime
     import PIL
     import torch
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_cores": len(os.sched_getaffinity(0))}
+
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+    }
 
 
 def normalise(obj, subs: dict, drop=RUN_KEYS):
@@ -78,16 +85,17 @@ def first_difference(got, want, exact: bool, where: str = "") -> str | None:
     if isinstance(got, list) and isinstance(want, list):
         if len(got) != len(want):
             return f"{where or '/'}: {len(got)} entries, recorded {len(want)}"
-        return next(filter(None, (first_difference(g, w, exact, f"{where}[{i}]")
-                                  for i, (g, w) in enumerate(zip(got, want)))), None)
+        return next(
+            filter(None, (first_difference(g, w, exact, f"{where}[{i}]") for i, (g, w) in enumerate(zip(got, want)))),
+            None,
+        )
     if isinstance(got, np.ndarray) and isinstance(want, np.ndarray):
         if got.dtype != want.dtype or got.shape != want.shape:
             return f"{where}: {got.dtype}{got.shape}, recorded {want.dtype}{want.shape}"
         tolerant = not exact and got.dtype.kind == "f"
         if np.array_equal(got, want) or (tolerant and np.allclose(got, want, rtol=0, atol=TOL)):
             return None
-        i = tuple(int(x) for x in np.argwhere(~np.isclose(got, want, rtol=0, atol=TOL) if tolerant
-                                               else got != want)[0])
+        i = tuple(int(x) for x in np.argwhere(~np.isclose(got, want, rtol=0, atol=TOL) if tolerant else got != want)[0])
         return f"{where}{list(i)}: {got[i].item()!r}, recorded {want[i].item()!r}"
     if not exact and _is_number(got) and _is_number(want):
         return None if abs(got - want) <= TOL else f"{where}: {got!r}, recorded {want!r} (tolerance {TOL})"
@@ -98,11 +106,13 @@ def first_difference(got, want, exact: bool, where: str = "") -> str | None:
 
 def _cells(line: str) -> list:
     """A CSV line as values: numbers where a cell reads as one (tolerant comparison)."""
+
     def value(cell):
         try:
             return float(cell)
         except ValueError:
             return cell
+
     return [value(c) for c in next(csv.reader([line]), [])]
 
 
@@ -111,8 +121,7 @@ def text_difference(got: str, want: str, exact: bool) -> str | None:
         return None
     g, w = got.splitlines(keepends=True), want.splitlines(keepends=True)
     for i, (a, b) in enumerate(zip(g, w), 1):
-        if a != b and (exact or a.endswith("\n") != b.endswith("\n")
-                       or first_difference(_cells(a), _cells(b), exact)):
+        if a != b and (exact or a.endswith("\n") != b.endswith("\n") or first_difference(_cells(a), _cells(b), exact)):
             return f"line {i}: {a!r}\n    recorded: {b!r}"
     return None if len(g) == len(w) else f"{len(g)} lines, recorded {len(w)}"
 
@@ -141,10 +150,13 @@ class Golden:
         self.differs = {k: (recorded.get(k), v) for k, v in env.items() if recorded.get(k) != v}
         self.exact = not self.differs
         if self.differs:
-            warnings.warn("golden files compared in tolerant mode (numbers within "
-                          f"{TOL}, {sorted(MACHINE_KEYS)} left out): this environment differs "
-                          "from tests/golden/ENV.json in " + ", ".join(
-                              f"{k} {v!r} (recorded {r!r})" for k, (r, v) in self.differs.items()))
+            warnings.warn(
+                "golden files compared in tolerant mode (numbers within "
+                f"{TOL}, {sorted(MACHINE_KEYS)} left out): this environment differs "
+                "from tests/golden/ENV.json in "
+                + ", ".join(f"{k} {v!r} (recorded {r!r})" for k, (r, v) in self.differs.items()),
+                stacklevel=2,
+            )
 
     def comparable(self, path: Path, subs: dict):
         """The file as compared: text, normalised JSON (records), or arrays."""
@@ -155,8 +167,10 @@ class Golden:
         if path.suffix == ".json":
             return normalise(json.loads(text), subs, drop)
         if path.suffix == ".jsonl":
-            return sorted((normalise(json.loads(ln), subs, drop) for ln in text.splitlines()),
-                          key=lambda r: json.dumps(r, sort_keys=True))
+            return sorted(
+                (normalise(json.loads(ln), subs, drop) for ln in text.splitlines()),
+                key=lambda r: json.dumps(r, sort_keys=True),
+            )
         return substitute(text, subs)
 
     def check(self, name: str, produced, subs: dict | None = None) -> None:
@@ -177,6 +191,9 @@ class Golden:
         assert want.is_file(), f"{want} missing: record with AVAS_GOLDEN_RECORD=1"
         got = self.comparable(produced, subs)
         recorded = self.comparable(want, {})
-        diff = (text_difference(got, recorded, self.exact) if isinstance(got, str)
-                else first_difference(got, recorded, self.exact))
+        diff = (
+            text_difference(got, recorded, self.exact)
+            if isinstance(got, str)
+            else first_difference(got, recorded, self.exact)
+        )
         assert diff is None, f"{name} differs from the recorded output ({produced}): {diff}"
