@@ -13,6 +13,7 @@ import pytest
 from fixtures import solid_image, tiny_align, tiny_ranker, write_image
 
 import build_poi_tables
+import models.engine.pairs as pairs
 import poi_tables
 import rank_eval
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
@@ -260,8 +261,8 @@ def test_nan_poi_vectors_fail_before_any_scoring(env, tmp_path, capsys, monkeypa
     def never(*a, **k):
         raise AssertionError("encoding started")
 
-    monkeypatch.setattr(rank_eval, "encode_pair_images", never)
-    monkeypatch.setattr(rank_eval, "build_model", never)  # the tables are checked first
+    monkeypatch.setattr(pairs, "encode_pair_images", never)
+    monkeypatch.setattr(pairs, "build_model", never)  # the tables are checked first
     expect_error(
         capsys,
         rank_eval.main,
@@ -358,7 +359,7 @@ def test_ctrl_c_is_one_line_and_130(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rank_eval, "encode_pair_images", interrupt)
+    monkeypatch.setattr(pairs, "encode_pair_images", interrupt)
     before = tree(tmp_path)
     assert rank_eval.main(rank_args(env, **{"--output": tmp_path / "s.csv"})) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["rank_eval: interrupted"]

@@ -18,6 +18,7 @@ from fixtures import COLORS, solid_image, tiny_align, write_image
 
 import recall_eval
 import recall_infer
+import utils.evaluation.recall as evaluation_recall
 from models.checkpoint import save_align_checkpoint
 from utils.formats.results import TOPK_HEADER, save_embeddings
 
@@ -292,7 +293,7 @@ def test_eval_outputs_checked_before_reading(tmp_path, capsys, monkeypatch):
     res = tmp_path / "top.csv"
     _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])
     monkeypatch.setattr(
-        recall_eval, "read_results_file", lambda p: pytest.fail("results read before the outputs were checked")
+        evaluation_recall, "read_results", lambda p: pytest.fail("results read before the outputs were checked")
     )
     d = tmp_path / "j.json"
     d.mkdir()
@@ -305,7 +306,7 @@ def test_eval_outputs_checked_before_reading(tmp_path, capsys, monkeypatch):
         )
         == 2
     )
-    assert "would be overwritten" in _one_line(capsys.readouterr().err, "recall_eval")
+    assert "refusing to overwrite" in _one_line(capsys.readouterr().err, "recall_eval")
     assert recall_eval.main(["--results", str(tmp_path / "none.csv")]) == 2
     assert "--results" in _one_line(capsys.readouterr().err, "recall_eval")
     _no_leftovers(tmp_path, before)
