@@ -211,3 +211,20 @@ def test_rank_eval_summary_has_intervals():
     text = format_pair_summary(m, "val.csv")
     assert f"{m['accuracy']:.4f} [95% CI {m['accuracy_ci'][0]:.4f}, {m['accuracy_ci'][1]:.4f}]" in text
     assert f"{m['auc']:.4f} [95% CI {m['auc_ci'][0]:.4f}, {m['auc_ci'][1]:.4f}]" in text
+
+
+def test_memory_does_not_grow_with_draws(monkeypatch):
+    """Blocks of draws hold at most BLOCK_CELLS multiplicities, however many items; more
+    than MAX_DRAWS draws are refused before any is made."""
+    from utils.cli import UserError
+
+    from utils.evaluation import bootstrap
+
+    monkeypatch.setattr(bootstrap, "BLOCK_CELLS", 10_000, raising=False)
+    blocks = list(resample_counts(300, 2500, seed=1))
+    assert max(b.size for b in blocks) <= 10_000 and sum(len(b) for b in blocks) == 2500
+    assert all((b.sum(axis=1) == 300).all() for b in blocks)
+    with pytest.raises(UserError, match="1,000,000"):
+        mean_interval(np.ones(3), draws=bootstrap.MAX_DRAWS + 1)
+    with pytest.raises(UserError, match="1,000,000"):
+        auc_interval([0, 1], [0.1, 0.2], draws=10**12)
