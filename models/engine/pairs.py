@@ -76,14 +76,15 @@ def evaluate_pairs(run: PairRun) -> dict:
     images = index_images(run.image_dir)
     log.info("%s: %d image files", run.image_dir, len(images))
     device = resolve_device(run.enc.device)
-    prefetch = start_decoding(run, rows, images, device)
+    paths, missing = image_files(rows, images, run.image_dir)
+    prefetch = start_decoding(run.enc, paths, device)
     try:
         tables = load_poi_tables(
             run.poi_pic_num, run.poi_image_vectors, run.poi_name_vectors, dim=None, trust_pickle=run.trust_pickle
         )
         ranker, rm, tables = build_model(run, device, tables)
         pairs = [Pair(r, tables.inputs(r.title, r.poi_names), images.get(r.key_a), images.get(r.key_b)) for r in rows]
-        vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, run, prefetch)
+        vec_a, vec_b, pair_ok, img_counts = encode_pair_images(rm, pairs, paths, missing, run.enc, prefetch)
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -120,49 +121,45 @@ def build_model(run: PairRun, device, tables):
     return ranker, rm, tables.with_dim(rm.embed_dim)
 
 
-def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], list[str], list[str]]:
-    """``(files, missing, stand_in)``: the distinct image files of the pairs (sorted), the
-    keys without a file, and the one path that stands for every missing image (encoded as
-    any file that cannot be read: the zero image)."""
+def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], list[str]]:
+    """``(paths, missing)``: the distinct image files of the pairs, sorted, then one path
+    that stands for every missing image (encoded as any file that cannot be read: the
+    zero image); and the keys without a file."""
     keys = [k for r in rows for k in (r.key_a, r.key_b)]
     missing = sorted({k for k in keys if images.get(k) is None})
     files = sorted({str(images[k]) for k in keys if images.get(k) is not None})
-    return files, missing, [str(Path(image_dir) / f"{missing[0]}.jpg")] if missing else []
+    return files + ([str(Path(image_dir) / f"{missing[0]}.jpg")] if missing else []), missing
 
 
-def start_decoding(run: PairRun, rows: list[RankRow], images: dict, device):
-    """Decoding workers started on the pairs' image files now, so that decoding overlaps
-    the tables and model load; None with a cache (its hits decide what is decoded once
-    the model's identity is known)."""
-    if run.enc.cache_dir:
+def start_decoding(enc: Encoding, paths: list[str], device):
+    """Decoding workers started on the image files now, so that decoding overlaps the
+    tables and model load; None with a cache (its hits decide what is decoded once the
+    model's identity is known)."""
+    if enc.cache_dir:
         return None
-    files, _, stand_in = image_files(rows, images, run.image_dir)
-    e = run.enc
     return prefetch_images(
-        files + stand_in, e.batch_size, device, e.preprocess, e.num_workers, backend=e.backend, precision=e.precision
+        paths, enc.batch_size, device, enc.preprocess, enc.num_workers, backend=enc.backend, precision=enc.precision
     )
 
 
-def encode_pair_images(rm, pairs: list[Pair], run: PairRun, prefetch=None):
+def encode_pair_images(rm, pairs: list[Pair], paths: list[str], missing: list[str], enc: Encoding, prefetch=None):
     """``(vec_a, vec_b, pair_ok, counts)``: the vectors of image a and b of every pair
-    (each distinct file encoded once; ``prefetch`` from :func:`start_decoding`), whether
-    both were read, and the image counts."""
-    paths = {k: p for pr in pairs for k, p in ((pr.row.key_a, pr.path_a), (pr.row.key_b, pr.path_b))}
-    files, missing, stand_in = image_files([pr.row for pr in pairs], paths, run.image_dir)
+    (each of the ``paths`` of :func:`image_files` encoded once; ``prefetch`` from
+    :func:`start_decoding`), whether both were read, and the image counts."""
+    n = len(paths) - bool(missing)  # real files; then the stand-in for the missing ones
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         log.warning("%d images not found in the image directory: %s", len(missing), shown)
     t0 = time.perf_counter()
-    vecs, ok = rm.encode_images(files + stand_in, run.enc, desc="pair images", prefetch=prefetch)
+    vecs, ok = rm.encode_images(paths, enc, desc="pair images", prefetch=prefetch)
     ok = ok.tolist()
-    unreadable = len(files) - sum(ok[: len(files)])
-    backend = rm.image_backend(run.enc.precision)
-    what = (len(files), time.perf_counter() - t0, unreadable, backend)
+    unreadable = n - sum(ok[:n])
+    what = (n, time.perf_counter() - t0, unreadable, rm.image_backend(enc.precision))
     log.info("encoded %d image files in %.1f s (%d unreadable) on %s", *what)
-    row_of = {f: i for i, f in enumerate(files)}
+    row_of = {f: i for i, f in enumerate(paths[:n])}
 
-    def index(p):  # the stand-in row for a missing file
-        return row_of[str(p)] if p is not None else len(files)
+    def index(p):  # the stand-in's row for a missing file
+        return row_of[str(p)] if p is not None else n
 
     ia = torch.tensor([index(pr.path_a) for pr in pairs], dtype=torch.long)
     ib = torch.tensor([index(pr.path_b) for pr in pairs], dtype=torch.long)
@@ -171,7 +168,7 @@ def encode_pair_images(rm, pairs: list[Pair], run: PairRun, prefetch=None):
         "images_missing": len(missing),
         "images_unreadable": unreadable,
         "pairs_with_missing_image": len(pairs) - sum(pair_ok),
-        "distinct_image_files": len(files),
+        "distinct_image_files": n,
     }
     return vecs[ia], vecs[ib], pair_ok, counts
 

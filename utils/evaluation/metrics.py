@@ -1,20 +1,17 @@
 """The figures of both stages.
 
-Recall (SPEC section 4), exactly as the authors' evaluator: queries are POI ids (four
-published names belong to two ids); each query's candidates are sorted by score,
-descending, with a STABLE sort (ties keep file / gallery order); a query is a hit at K
-when any of its top K images is its own (file name before the first ``_``); recall@K =
-hits / queries; MRR = mean of 1 / rank of the first hit, 0 without one among the listed
-candidates (over a top-10 file that is MRR@10). :func:`evaluate_groups` takes ranked
-lists as read from a results file, :func:`evaluate_matrix` a Q x N score matrix,
-:func:`recall_at_k` serves training loops; :func:`stable_topk` is THE ordering.
+Recall (SPEC section 4), as the authors' evaluator: queries are POI ids (four published
+names belong to two ids); each query's candidates are sorted by score, descending, with a
+STABLE sort (ties keep file / gallery order: every unreadable image shares one vector);
+a hit at K when one of the top K images is the query's own (file name before the first
+``_``); recall@K = hits / queries; MRR = mean 1 / rank of the first hit, 0 without one
+among the listed candidates (MRR@10 over a top-10 file).
 
-Ranking (SPEC section 5), per pair ``s_a``, ``s_b`` and ``label`` (1 when image a had
-the higher CTR): ``accuracy`` of ``s_a > s_b`` (ties predict 0; the published 0.652),
-``auc`` the ROC-AUC of ``sigmoid(s_a - s_b)`` (computed on the margin: same ranks, no
-saturation; None for a single class), ``log_loss`` of ``sigmoid(s_a - s_b)`` from the
-margin with ``logaddexp`` (exact where probabilities would saturate), ``baseline`` the
-best constant guess, ``ties`` the pairs with ``s_a == s_b``.
+Ranking (SPEC section 5), per pair ``s_a``, ``s_b``, ``label`` (1: image a had the higher
+CTR): ``accuracy`` of ``s_a > s_b`` (ties predict 0; the published 0.652), ``auc`` of
+``sigmoid(s_a - s_b)`` taken on the margin (same order, no saturation), ``log_loss`` from
+the margin with ``logaddexp`` (exact where probabilities saturate), ``baseline`` the best
+constant guess, ``ties`` the pairs with ``s_a == s_b``.
 """
 
 from __future__ import annotations

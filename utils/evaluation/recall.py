@@ -18,7 +18,7 @@ from utils.io import write_json
 
 from .bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, check_draws, fmt_interval, mean_intervals
 from .metrics import DEFAULT_KS, RecallResult, check_ks, evaluate_groups, evaluate_matrix
-from .report import commit_outputs, recall_report, write_text
+from .report import commit_outputs, recall_report
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def evaluate_recall(
             log.warning("%d listed images had no readable file for a thumbnail%s", info["missing"], hint)
     writers = {json_path or default_json_path(results, embeddings): lambda tmp: write_json(tmp, doc, indent=1)}
     if html:
-        writers[html] = write_text(page)
+        writers[html] = page
     commit_outputs(writers)
     return doc
 

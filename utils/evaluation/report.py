@@ -139,31 +139,25 @@ def write_selection_report(
     """Write :func:`selection_report` to ``path`` atomically; returns ``{"thumbnails",
     "missing", "bytes"}``."""
     text, info = selection_report(items, summary, title, page_size, workers, progress)
-    commit_outputs({path: write_text(text)})
+    commit_outputs({path: text})
     shown = (info["thumbnails"], info["missing"], info["bytes"] / 1e6)
     log.info("wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB", path, len(items), *shown)
     return info
 
 
-def commit_outputs(writers: dict) -> None:
-    """Run each ``{path: write(tmp_path)}`` (None paths skipped) and commit the outputs
-    together or not at all (``utils.io.atomic_outputs``). An OSError on the way (disk
-    full, file-size limit) is a one-line ``UserError``; the previous outputs stay."""
-    paths = [p for p in writers if p is not None]
+def commit_outputs(outputs: dict) -> None:
+    """Write ``{path: text or write(tmp_path)}`` (None paths skipped), committed together
+    or not at all (``utils.io.atomic_outputs``). An OSError on the way (disk full, a
+    file-size limit) is a one-line ``UserError``; the previous outputs stay."""
+    paths = [p for p in outputs if p is not None]
     current = None
     try:
         with atomic_outputs(*paths) as temps:
             for current, tmp in zip(paths, temps):
-                writers[current](tmp)
+                if isinstance(outputs[current], str):
+                    with open(tmp, "w", encoding="utf-8", newline="") as f:
+                        f.write(outputs[current])
+                else:
+                    outputs[current](tmp)
     except OSError as e:
         raise UserError(f"{current}: cannot be written ({e.strerror or e}); the previous outputs are kept") from None
-
-
-def write_text(text: str) -> Callable:
-    """A writer for :func:`commit_outputs`: ``text`` as UTF-8, line ends as they are."""
-
-    def write(tmp) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return write
