@@ -69,7 +69,7 @@ def check_paths(ns) -> str:
         if path is not None:
             cli.input_file(path, flag.split()[0])
     if ns.results:
-        inputs["the sidecar of --results"] = f"{ns.results}.meta.json"
+        inputs["--results (its .meta.json)"] = f"{ns.results}.meta.json"
     if ns.image_dir:
         cli.input_dir(ns.image_dir, "--image-dir")
     out_json = ns.json or default_json_path(ns.results, ns.embeddings, ns.compare)

@@ -360,7 +360,7 @@ def test_eval_outputs_never_overwrite_an_input(tmp_path, capsys):
     link = tmp_path / "same.csv"
     link.symlink_to(res)
     cases = [
-        (["--results", str(res), "--json", str(meta)], "--json", "the sidecar of --results"),
+        (["--results", str(res), "--json", str(meta)], "--json", "input --results (its .meta.json)"),
         (["--results", str(res), "--html", str(link)], "--html", "input --results"),
         (["--compare", str(other), str(res), "--json", str(other)], "--json", "input --compare A"),
         (["--results", str(res), "--json", str(tmp_path / "x"), "--html", str(tmp_path / "x")], "--html", "--json"),
