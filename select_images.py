@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 
 from models import BACKENDS, PRECISIONS
 from utils.args import Encoding
+from utils.evaluation import write_selection_report
 from utils.formats import PREPROCESS_MODES, PoiTableError
 from utils.io import write_json
 from utils.selection import (
@@ -92,7 +93,6 @@ from utils.selection import (
     set_ranker_scores,
     shortlist,
     write_output,
-    write_report,
 )
 
 log = logging.getLogger("select_images")
@@ -561,7 +561,7 @@ def write_html_and_summary(args, cat: Catalogue, summary: dict, timings: dict, p
             "unknown POIs": len(unknown),
             "bad CSV rows": summary["bad_rows"],
         }
-        summary["html"] = write_report(
+        summary["html"] = write_selection_report(
             args.html, items, head, title=f"Image selection: {args.items}", progress=progress
         )
         timings["html"] = time.perf_counter() - t

@@ -203,6 +203,22 @@ class Encoding:
         return cls(**{**values, **override})
 
 
+# --- evaluation (utils.evaluation) ------------------------------------------------------
+def add_bootstrap(p, title: str | None = None):
+    """``--bootstrap``: draws of the evaluators' 95% percentile intervals."""
+    from utils.evaluation import DEFAULT_DRAWS, MAX_DRAWS
+
+    g = _group(p, title)
+    g.add_argument(
+        "--bootstrap",
+        type=cli.non_negative_int,
+        default=DEFAULT_DRAWS,
+        metavar="N",
+        help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)",
+    )
+    return g
+
+
 # --- downloads (utils.fetch): add_downloads ----------------------------------------------
 
 

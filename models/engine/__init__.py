@@ -1,11 +1,12 @@
 """The encoding engine: ``RecallModel`` (a model with its tokenizer, preprocessing and
 image engine), batched image and text encoding and how the cores are shared
 (``encode``), the torch / ONNX Runtime backends (``onnx``), the embedding cache
-(``cache``)."""
+(``cache``), and rank_eval.py's pipeline over image pairs (``pairs``)."""
 
 from .cache import EmbeddingCache
 from .encode import PRECISIONS, ImagePrefetch, prefetch_images, tokenize
 from .onnx import BACKENDS
+from .pairs import PairRun, evaluate_pairs
 from .recall_model import RecallModel, wrap_align
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "EmbeddingCache",
     "ImagePrefetch",
     "PRECISIONS",
+    "PairRun",
     "RecallModel",
+    "evaluate_pairs",
     "prefetch_images",
     "tokenize",
     "wrap_align",

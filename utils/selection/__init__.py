@@ -9,6 +9,6 @@ __all__, __getattr__ = front_door(
     {
         "catalogue": "DOWNLOAD_FAILED DUPLICATE Item MISSING OK OUTPUT_HEADER UNREADABLE assign_final_ranks "
         "mark_duplicates output_rows read_catalogue resolve_images score_recall set_ranker_scores "
-        "shortlist write_output write_report",
+        "shortlist write_output",
     },
 )

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.evaluation import embed_thumbnails, esc, page, summary_spans, thumb_img, write_page
 from utils.formats import open_csv
 from utils.io import atomic_write
 
@@ -407,96 +406,3 @@ def write_output(path: str | os.PathLike, items: list[Item]) -> int:
             w.writerow(format_row(row))
             n += 1
     return n
-
-
-_SELECT_CSS = """
-figure.sel img,figure.sel .none{border-color:#2a2;border-width:3px}
-figure.sel figcaption{color:#070;font-weight:bold}
-figure.short img{outline:1px dashed #88c}
-figure.bad img,figure.bad .none,figure.dup img{opacity:.45}
-figure.bad figcaption,figure.dup figcaption{color:#a33}
-.legend{color:#555;margin:0 0 8px}
-"""
-
-
-def _display_order(it: Item) -> list[Candidate]:
-    ranked = sorted((c for c in it.cands if c.final_rank is not None), key=lambda c: c.final_rank)
-    return ranked + [c for c in it.cands if c.final_rank is None]
-
-
-def _item_block(it: Item, tid: dict) -> str:
-    sel = it.selected
-    res = f"selected line {sel.line}" if sel else "no readable candidate: nothing selected"
-    out = [
-        f'<div class="poi{"" if sel else " miss"}"><div class="head">'
-        f'<span class="id">{esc(it.item_id)}</span><b>{esc(it.title)}</b>'
-        + (f' <span class="id">POIs: {esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
-        + f'<span class="res">{esc(res)}</span></div><div class="row">'
-    ]
-    for c in _display_order(it):
-        cls = (
-            "sel"
-            if c.selected
-            else "short"
-            if c.ranker_score is not None
-            else "dup"
-            if c.status == DUPLICATE
-            else "bad"
-            if c.status != OK
-            else ""
-        )
-        name = os.path.basename(c.image.split("?", 1)[0]) or c.image
-        pic = thumb_img(tid.get(c.file) if c.status != UNREADABLE else None, name)
-        if c.final_rank is not None:
-            cap = f"#{c.final_rank}"
-            if c.ranker_score is not None:
-                cap += f" r {c.ranker_score:.3f}"
-            cap += f"<br>recall {c.recall_score:.3f} ({c.recall_rank})"
-        else:
-            cap = esc(c.status)
-        out.append(
-            f'<figure class="{cls}" title="{esc(c.image)} (line {c.line}) '
-            f'{esc(c.detail)}">{pic}<figcaption>{cap}<br>{esc(name)}</figcaption></figure>'
-        )
-    out.append("</div></div>")
-    return "\n".join(out)
-
-
-def write_report(
-    path: str | os.PathLike,
-    items: list[Item],
-    summary: dict | None = None,
-    title: str = "Image selection",
-    page_size: int = 50,
-    workers: int = 4,
-    progress: bool = True,
-) -> dict:
-    """A self-contained HTML page (the recall report's skeleton, utils/report.py:
-    thumbnails embedded once each, 50 items a page): every item, its candidates in final
-    order, the selected one framed green, candidates that reached the ranker outlined,
-    the ones not scored (missing, unreadable, duplicate) faded at the end. Items without
-    a selection come first. Returns ``{"thumbnails", "missing", "bytes"}``."""
-    shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first
-    files = list(
-        dict.fromkeys(c.file for it in shown for c in it.cands if c.file and c.status in (OK, DUPLICATE, UNREADABLE))
-    )
-    tid, thumbs = embed_thumbnails(files, workers=workers, progress=progress)
-    legend = (
-        '<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
-        "caption: #final rank, ranker score, recall score (recall rank); faded: not "
-        "scored. Items without a selection come first.</p>"
-    )
-    pages = [
-        (f"{a + 1}-{a + len(shown[a : a + page_size])}", [_item_block(it, tid) for it in shown[a : a + page_size]])
-        for a in range(0, len(shown), page_size)
-    ]
-    size = write_page(path, page(title, summary_spans(summary), pages, thumbs, css=_SELECT_CSS, after_summary=[legend]))
-    log.info(
-        "wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB",
-        path,
-        len(shown),
-        len(thumbs),
-        len(files) - len(thumbs),
-        size / 1e6,
-    )
-    return {"thumbnails": len(thumbs), "missing": len(files) - len(thumbs), "bytes": size}
