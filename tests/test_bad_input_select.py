@@ -16,6 +16,7 @@ from fixtures import solid_image, tiny_ranker, write_image
 
 import select_images
 from models.checkpoint import save_ranker_checkpoint
+from models.engine import selection as engine_selection
 from utils.formats.poi import save_safe_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def no_models(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(select_images, "load_models", boom)
+    monkeypatch.setattr(engine_selection, "load_selection_models", boom)
 
 
 def test_out_is_a_directory(env, tmp_path, capsys, no_models):

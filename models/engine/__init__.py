@@ -7,6 +7,7 @@ from .cache import EmbeddingCache
 from .encode import PRECISIONS, ImagePrefetch, prefetch_images, tokenize
 from .onnx import BACKENDS
 from .recall_model import RecallModel, wrap_align
+from .selection import SelectionModels, item_inputs, load_selection_models, run_selection, score_block
 
 __all__ = [
     "BACKENDS",
@@ -14,7 +15,12 @@ __all__ = [
     "ImagePrefetch",
     "PRECISIONS",
     "RecallModel",
+    "SelectionModels",
+    "item_inputs",
+    "load_selection_models",
     "prefetch_images",
+    "run_selection",
+    "score_block",
     "tokenize",
     "wrap_align",
 ]

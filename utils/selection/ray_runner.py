@@ -1,0 +1,467 @@
+"""The selection on Ray Data (``select_images.py --ray``), with the local run's results:
+the same rows in the same order, the same ranks and selections, scores within 1e-5.
+
+The driver reads the catalogue and groups its rows into items (the bad-row rule applied
+to the errors of every row), loads the models once to check them and to learn the
+encode path, cuts the items into shards of ``shard_items`` (the unit of work, of retries
+and of the output files) and skips the shards already written. Then, per shard:
+
+1. prepare (CPU task): local paths and downloads into the image cache, duplicates, every
+   distinct readable file decoded and resized to 224 x 224 (uint8); files that do not
+   decode become ``unreadable``;
+2. score (actor pool, one model set per actor): the block scoring the local run uses,
+   on the decoded arrays;
+3. write (CPU task): ``part-NNNNNN.parquet``, atomically, named by shard number.
+
+At the end the driver merges the shards into the CSV ``--out`` (an ``--out`` without
+``.csv`` is the directory of shards itself) and writes the HTML page and the summary.
+
+A task whose worker dies is retried, an actor that dies is restarted; a retried shard
+rewrites its own file. A rerun with the same plan (catalogue content, weights, settings)
+skips the finished shards; shards of another plan are removed first. On a cluster every
+node must see the same paths (a shared filesystem); Ray ships the project's code.
+"""
+
+from __future__ import annotations
+
+from utils.cli import UserError, setup_logging
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from utils.hashing import sha256_file
+from utils.io import atomic_path, exclusive_lock
+
+from .catalogue import OK, OUTPUT_HEADER, UNREADABLE, Item, output_rows
+from .run import Clock, RayOptions, Selection, add_counts, finish, read_items, resolve, summarize
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN_FILE = "_plan.json"
+META_KEY = b"avas_select"
+TASK_RETRIES = 3  # a CPU task whose worker dies is run again up to this often
+ACTOR_RESTARTS = 3  # a scoring actor that dies is restarted up to this often
+FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that stage's worker die once
+PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/"]
+EXCLUDES += ["*.pth", "*.ckpt", "*.npy", "*.npz", "*.onnx", "*.parquet"]
+SHARD_NAME = re.compile(r"part-(\d{6})\.parquet")
+SHARD_TEMP = re.compile(r"part-\d{6}\.parquet\.tmp\d+")
+COLUMN_TYPES = (
+    "string",
+    "int64",
+    "string",
+    "string",
+    "float64",
+    "int64",
+    "float64",
+    "int64",
+    "int8",
+    "string",
+    "string",
+)
+
+
+# ---------------------------------------------------------------------------
+# the Ray session
+# ---------------------------------------------------------------------------
+def runtime_env(address: str | None) -> dict:
+    """Workers import this project: on a local Ray through PYTHONPATH, on a cluster by
+    shipping the code (``working_dir``; data files left out)."""
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    if address:
+        return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
+    path = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    return {"env_vars": env}
+
+
+def connect_ray(address: str | None = None, **init_kw) -> bool:
+    """Join ``address`` (or RAY_ADDRESS), else start a local Ray in this process.
+    Returns True when this call started the session (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
+    try:
+        ray.init(address=address, runtime_env=runtime_env(address), **{**kw, **init_kw})
+    except ConnectionError as e:
+        raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
+    log.info("Ray %s: %s", "cluster " + address if address else "started locally", ray.cluster_resources())
+    return True
+
+
+def _maybe_die(stage: str) -> None:
+    """Fault injection for the tests: when ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` exists,
+    the first worker to remove it dies as a crashed process would."""
+    d = os.environ.get(FAIL_ENV)
+    if not d:
+        return
+    try:
+        os.remove(os.path.join(d, stage))
+    except FileNotFoundError:
+        return
+    print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------------
+# the plan: shards, and what a finished shard must agree with
+# ---------------------------------------------------------------------------
+def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
+    """What the output rows depend on: a finished shard is reused only under the same key."""
+    tables = job.files.poi_tables or (None, None, None)
+    names = ("items", "poi_pic_num", "poi_image_vectors", "poi_name_vectors")
+    enc = job.scoring.enc
+    plan = {
+        "files": {n: sha256_file(p) if p else None for n, p in zip(names, (job.items, *tables))},
+        "hashes": hashes,
+        "shards": n_shards,
+        "shard_items": shard_items,
+        "recall_k": job.scoring.recall_k,
+        "recall_only": job.files.recall_only,
+        "preprocess": enc.preprocess,
+        "precision": enc.precision,
+        "image_cache": job.image_dir,
+        "items_path": job.items,
+    }
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def shard_file(d: Path, k: int) -> Path:
+    return d / f"part-{k:06d}.parquet"
+
+
+def shard_meta(p: Path) -> dict | None:
+    """The metadata of one of our shard files, None for any other file."""
+    import pyarrow.parquet as pq
+
+    if not SHARD_NAME.fullmatch(p.name) or not p.is_file():
+        return None
+    try:
+        return json.loads(pq.read_schema(p).metadata[META_KEY])
+    except Exception:
+        return None
+
+
+def finished_shards(d: Path, key: str, n: int) -> set[int]:
+    """Shards of this plan already written (complete: they are written atomically).
+    Shards of another plan and temporary files of an interrupted write are removed; any
+    other file is the user's, and the run is refused rather than touch it."""
+    done, stale = set(), []
+    for p in sorted(d.iterdir()):
+        if p.name in (PLAN_FILE, ".lock"):
+            continue
+        if SHARD_TEMP.fullmatch(p.name):
+            p.unlink()
+            continue
+        meta = shard_meta(p)
+        if meta is None:
+            raise UserError(
+                f"--out {d}: holds {p.name}, which is not a shard of select_images.py; give a new or empty directory"
+            )
+        k = int(SHARD_NAME.fullmatch(p.name).group(1))
+        if meta.get("plan") == key and k < n:
+            done.add(k)
+        else:
+            stale.append(p)
+    if stale:
+        log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
+        for p in stale:
+            p.unlink()
+    return done
+
+
+# ---------------------------------------------------------------------------
+# stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]}
+# ---------------------------------------------------------------------------
+def _rows(batch):
+    return zip(batch["shard"].tolist(), batch["payload"])
+
+
+def _batch(rows: list[tuple[int, object]]) -> dict:
+    payload = np.empty(len(rows), dtype=object)
+    payload[:] = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for _, p in rows]
+    return {"shard": np.array([k for k, _ in rows], dtype=np.int64), "payload": payload}
+
+
+def _decode(path: str, mode: str):
+    """The image at the model's input size (uint8), None when it does not decode; the
+    normalisation runs in the actor."""
+    import cv2
+
+    from utils.formats import SIZE, decode_rgb
+
+    try:
+        return cv2.resize(decode_rgb(path, mode), (SIZE, SIZE))
+    except Exception as e:  # any decode failure, as utils.formats.load_image
+        log.warning("unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        return None
+
+
+def prepare_stage(batch, job: Selection):
+    """Fetch and decode, one CPU task per shard."""
+    _maybe_die("decode")
+    out = []
+    for k, raw in _rows(batch):
+        items: list[Item] = pickle.loads(raw)
+        fetch = resolve(job, items, progress=False)
+        arrays: dict = {}
+        for c in (c for it in items for c in it.cands if c.status == OK):
+            if c.file not in arrays:
+                arrays[c.file] = _decode(c.file, job.scoring.enc.preprocess)
+            if arrays[c.file] is None:
+                c.status, c.detail = UNREADABLE, "does not decode as an image"
+        images = {f: a for f, a in arrays.items() if a is not None}
+        out.append((k, {"items": items, "fetch": fetch, "images": images}))
+    return _batch(out)
+
+
+class DecodedImages:
+    """The actor's ``image_loader``: a shard's decoded arrays by path."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def __call__(self, path, mode="reference"):
+        from utils.formats import ZERO_TENSOR, to_tensor
+
+        a = self.arrays.get(str(path))
+        return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+
+
+class ScoreShards:
+    """The actor: one model set, loaded once (``load``), and ``score`` on each shard."""
+
+    def __init__(self, load: Callable, score: Callable, job: Selection, device: str, threads: int, log_level):
+        import torch
+
+        setup_logging(log_level)
+        torch.set_num_threads(threads)
+        enc = replace(job.scoring.enc, num_workers=0, progress=False)  # the images are decoded already
+        self.score, self.scoring = score, replace(job.scoring, enc=enc)
+        self.models, self.tables = load(job.files, device, enc.backend)
+
+    def __call__(self, batch):
+        _maybe_die("select")
+        out = []
+        for k, raw in _rows(batch):
+            p = pickle.loads(raw)
+            loader = DecodedImages(p["images"])
+            counts = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
+            out.append((k, {"items": p["items"], "fetch": p["fetch"], "counts": counts}))
+        return _batch(out)
+
+
+def output_table(items: list[Item], meta: dict):
+    """A shard's rows as an Arrow table: the columns of the CSV, typed."""
+    import pyarrow as pa
+
+    types = [getattr(pa, t)() for t in COLUMN_TYPES]
+    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
+    schema = pa.schema(
+        list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()}
+    )
+    return pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
+
+
+def write_stage(batch, shard_dir: str, key: str):
+    """``part-NNNNNN.parquet`` per shard, atomically (a retry rewrites the same file)."""
+    import pyarrow.parquet as pq
+
+    _maybe_die("write")
+    ks, ns = [], []
+    for k, raw in _rows(batch):
+        p = pickle.loads(raw)
+        table = output_table(p["items"], {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]})
+        with atomic_path(shard_file(Path(shard_dir), k)) as tmp:
+            pq.write_table(table, tmp)
+        ks.append(k)
+        ns.append(table.num_rows)
+    return {"shard": np.array(ks, dtype=np.int64), "rows": np.array(ns, dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------
+def absolute(job: Selection) -> Selection:
+    """Workers may run elsewhere (another cwd, another node): every path made absolute."""
+
+    def ab(p):
+        return os.path.abspath(os.path.expanduser(p)) if p else p
+
+    f, enc = job.files, job.scoring.enc
+    files = replace(
+        f,
+        bert_dir=ab(f.bert_dir),
+        ranker_checkpoint=ab(f.ranker_checkpoint),
+        recall_checkpoint=ab(f.recall_checkpoint),
+        arch=ab(f.arch),
+        poi_tables=tuple(map(ab, f.poi_tables)) if f.poi_tables else None,
+    )
+    scoring = replace(job.scoring, enc=replace(enc, cache_dir=ab(enc.cache_dir)))
+    paths = {k: ab(getattr(job, k)) for k in ("items", "out", "html", "summary", "image_cache")}
+    return replace(job, files=files, scoring=scoring, **paths)
+
+
+def check_resources(opts: RayOptions) -> None:
+    """The actor pool must leave a CPU for the prepare tasks and find its GPUs; otherwise
+    the pipeline would wait forever."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    if opts.actors * opts.cpus_per_actor > cpus - 1:
+        raise UserError(
+            f"--actors {opts.actors} x --cpus-per-actor {opts.cpus_per_actor:g} leaves no CPU of the "
+            f"cluster's {cpus:g} for fetching and decoding: lower one of them"
+        )
+    if opts.actors * opts.gpus_per_actor > gpus:
+        raise UserError(
+            f"--actors {opts.actors} x --gpus-per-actor {opts.gpus_per_actor:g} needs more GPUs than "
+            f"the cluster has ({gpus:g})"
+        )
+
+
+def _map(ds, fn, kw: dict, **retries):
+    """``ds.map_batches(fn, **kw)`` with bounded retries (Ray remote args). Ray 2.5x
+    deprecates passing them this way (its defaults retry without bound); a Ray that no
+    longer takes them gets its defaults, logged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        try:
+            return ds.map_batches(fn, **kw, **retries)
+        except TypeError as e:
+            log.warning("this Ray does not take %s (%s): its default retries apply", ", ".join(retries), e)
+            return ds.map_batches(fn, **kw)
+
+
+def run_dataset(job, opts: RayOptions, load, score, shards: list, todo: list[int], shard_dir: Path, key: str) -> None:
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = job.scoring.enc.progress
+    ctx.max_errored_blocks = 0
+    rows = [{"shard": k, "payload": pickle.dumps(shards[k], protocol=pickle.HIGHEST_PROTOCOL)} for k in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, batch_size=1, num_cpus=1), max_retries=TASK_RETRIES)
+    device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
+    actor = (load, score, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
+    pool = ray.data.ActorPoolStrategy(size=opts.actors)
+    kw = dict(fn_constructor_args=actor, batch_size=1, compute=pool, num_cpus=opts.cpus_per_actor)
+    ds = _map(
+        ds, ScoreShards, kw, num_gpus=opts.gpus_per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS
+    )
+    kw = dict(fn_kwargs={"shard_dir": str(shard_dir), "key": key}, batch_size=1, num_cpus=0.25)
+    ds = _map(ds, write_stage, kw, max_retries=TASK_RETRIES)
+    written = sorted(int(r["shard"]) for r in ds.iter_rows())
+    if written != sorted(todo):
+        raise RuntimeError(f"Ray returned shards {written}, expected {sorted(todo)}")
+
+
+def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict]:
+    """The driver's candidates filled from the shard files; returns the fetch counts
+    and the scoring counts, added up."""
+    import pyarrow.parquet as pq
+
+    by_line = {c.line: c for c in cat.cands}
+    fetch: dict = {}
+    counts: dict = {}
+    for k in range(n):
+        t = pq.read_table(shard_file(shard_dir, k))
+        for row in t.to_pylist():
+            c = by_line[row["line"]]
+            c.status, c.detail, c.file = row["status"], row["detail"], row["file"] or None
+            c.recall_score, c.recall_rank = row["recall_score"], row["recall_rank"]
+            c.ranker_score, c.final_rank = row["ranker_score"], row["final_rank"]
+            c.selected = bool(row["selected"])
+        meta = json.loads(t.schema.metadata[META_KEY])
+        add_counts(fetch, meta["fetch"])
+        add_counts(counts, meta["counts"])
+    return fetch, counts
+
+
+def _run_shards(job, opts: RayOptions, load, score, shards: list, shard_dir: Path, key: str) -> dict:
+    """The shards not written yet, on Ray; returns the summary's ``ray`` record."""
+    done = finished_shards(shard_dir, key, len(shards))
+    todo = [k for k in range(len(shards)) if k not in done]
+    log.info(
+        "%d shards of %d items: %d already in %s, %d to do",
+        len(shards),
+        opts.shard_items,
+        len(done),
+        shard_dir,
+        len(todo),
+    )
+    started = False
+    try:
+        if todo:
+            started = connect_ray(opts.address)
+            check_resources(opts)
+            with atomic_path(shard_dir / PLAN_FILE) as tmp:
+                tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
+            run_dataset(job, opts, load, score, shards, todo, shard_dir, key)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return {
+        "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",
+        "actors": opts.actors,
+        "gpus_per_actor": opts.gpus_per_actor,
+        "shards": len(shards),
+        "shards_skipped": len(done),
+        "shards_written": len(todo),
+        "shard_dir": str(shard_dir),
+    }
+
+
+def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
+    """The selection on Ray (the module's docstring); writes the local run's outputs and
+    returns the summary. ``load`` and ``score`` are the model loader and the block
+    scoring: plain functions, which the actors import by name."""
+    clock, job = Clock(), absolute(job)
+    with clock("read"):
+        cat = read_items(job)
+    with clock("load_models"):  # here once, so that a bad checkpoint or table stops before Ray starts
+        models, _ = load(job.files, "cpu", "torch")
+        path, hashes = models.path, models.hashes
+        del models
+    if job.scoring.enc.cache_dir:
+        log.info(
+            "--cache-dir %s is shared by the actors (SQLite: keep it on a local or lock-safe filesystem)",
+            job.scoring.enc.cache_dir,
+        )
+    shards = [cat.items[a : a + opts.shard_items] for a in range(0, len(cat.items), opts.shard_items)]
+    csv_out = job.out.lower().endswith(".csv")
+    shard_dir = Path(f"{job.out}.shards") if csv_out else Path(job.out)
+    key = plan_key(job, hashes, len(shards), opts.shard_items)
+    created = not shard_dir.exists()
+    try:
+        with exclusive_lock(shard_dir):
+            with clock("ray"):
+                record = _run_shards(job, opts, load, score, shards, shard_dir, key)
+            with clock("write"):
+                fetch, counts = merge_shards(cat, shard_dir, len(shards))
+            summary = summarize(job, cat, path, hashes, fetch, counts, "ray")
+            summary["ray"] = record
+            return finish(job, cat, summary, clock, rows=csv_out)
+    finally:  # a run that stopped before writing anything leaves no empty directory
+        if created and shard_dir.is_dir() and not any(shard_dir.iterdir()):
+            shard_dir.rmdir()
