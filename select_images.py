@@ -47,6 +47,7 @@ from utils.cli import (
 
 import argparse
 import sys
+from dataclasses import fields
 
 from models import run_selection
 from utils.args import (
@@ -99,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def selection_of(args) -> Selection:
-    """The run the flags describe, their combinations checked."""
+def picked(cls, args, **given):
+    """``cls`` made of the flags named as its fields (and ``given``)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **given)
+
+
+def selection_of(args) -> tuple[Selection, RayOptions | None]:
+    """The run the flags describe (their combinations checked), and where it runs."""
     if not args.recall_only and not args.ranker_checkpoint:
         raise UserError("--ranker-checkpoint is required (or --recall-only with --recall-checkpoint)")
     if args.recall_only and not (args.recall_checkpoint or args.ranker_checkpoint):
@@ -108,28 +114,9 @@ def selection_of(args) -> Selection:
     tables = (args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors)
     if any(tables) and not all(tables):
         raise UserError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: give all three or none")
-    files = ModelFiles(
-        args.bert_dir,
-        args.ranker_checkpoint,
-        args.recall_checkpoint,
-        args.arch,
-        tables if all(tables) else None,
-        args.trust_pickle,
-        args.recall_only,
-    )
     enc = Encoding.from_args(args, progress=not args.no_progress and sys.stderr.isatty())
-    return Selection(
-        args.items,
-        args.out,
-        files,
-        Scoring(args.recall_k, enc),
-        html=args.html,
-        summary=args.summary,
-        image_cache=args.image_cache,
-        download_workers=args.download_workers,
-        timeout=args.timeout,
-        skip_bad_rows=args.skip_bad_rows,
-    )
+    job = picked(Selection, args, files=picked(ModelFiles, args), scoring=Scoring(args.recall_k, enc))
+    return job, None if args.ray is None else picked(RayOptions, args, address=args.ray or None)
 
 
 def check_paths(job: Selection, shards_out: bool) -> None:
@@ -163,10 +150,7 @@ def check_paths(job: Selection, shards_out: bool) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    job = selection_of(args)
-    ray = None
-    if args.ray is not None:
-        ray = RayOptions(args.ray or None, args.actors, args.cpus_per_actor, args.gpus_per_actor, args.shard_items)
+    job, ray = selection_of(args)
     check_paths(job, shards_out=ray is not None and not job.out.lower().endswith(".csv"))
     run_selection(job, ray)
     return 0

@@ -75,13 +75,7 @@ def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch
         log.info("stage 1 runs the ranker's own recall copy: image vectors computed once (single encode path)")
         models = SelectionModels(rank_rm, ranker, rank_rm, "single", hashes)
     else:
-        log.info(
-            "%s differs from the ranker's recall copy (%s... vs %s...): stage 2 encodes its short list "
-            "again (two encode path)",
-            files.recall_checkpoint,
-            hashes["recall"][:12],
-            hashes["ranker_align"][:12],
-        )
+        log.info("%s differs from the ranker's recall copy: two encode path", files.recall_checkpoint)
         models = SelectionModels(rm, ranker, rank_rm, "two", hashes)
     if not files.poi_tables:
         log.info("no POI tables: every item's POI sequence is empty (poi_len 0)")

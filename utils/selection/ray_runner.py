@@ -1,31 +1,27 @@
-"""The selection on Ray Data (``select_images.py --ray``), with the local run's results:
-the same rows in the same order, the same ranks and selections, scores within 1e-5.
+"""The selection on Ray Data (``select_images.py --ray``) with the local run's results: the
+same rows in the same order, the same ranks and selections, scores within 1e-5.
 
-The driver reads the catalogue and groups its rows into items (the bad-row rule applied
-to the errors of every row), loads the models once to check them and to learn the
-encode path, cuts the items into shards of ``shard_items`` (the unit of work, of retries
-and of the output files) and skips the shards already written. Then, per shard:
+The driver reads the catalogue into items (the bad-row rule applied to every row's
+errors), loads the models once to check them, cuts the items into shards of
+``shard_items`` (the unit of work, of retries and of the output files) and skips the
+shards already written. Per shard: ``prepare`` (CPU task: paths, downloads, duplicates,
+every distinct readable file decoded to 224 x 224 uint8), ``ScoreShards`` (actor pool,
+one model set per actor: the block scoring the local run uses), ``write`` (CPU task:
+``part-NNNNNN.parquet``, atomically). The driver then merges the shards into the CSV
+``--out`` (an ``--out`` without ``.csv`` is the directory of shards) and writes the
+page and the summary.
 
-1. prepare (CPU task): local paths and downloads into the image cache, duplicates, every
-   distinct readable file decoded and resized to 224 x 224 (uint8); files that do not
-   decode become ``unreadable``;
-2. score (actor pool, one model set per actor): the block scoring the local run uses,
-   on the decoded arrays;
-3. write (CPU task): ``part-NNNNNN.parquet``, atomically, named by shard number.
-
-At the end the driver merges the shards into the CSV ``--out`` (an ``--out`` without
-``.csv`` is the directory of shards itself) and writes the HTML page and the summary.
-
-A task whose worker dies is retried, an actor that dies is restarted; a retried shard
-rewrites its own file. A rerun with the same plan (catalogue content, weights, settings)
-skips the finished shards; shards of another plan are removed first. On a cluster every
-node must see the same paths (a shared filesystem); Ray ships the project's code.
+A worker that dies is retried, an actor restarted; a retried shard rewrites its own
+file. A rerun of the same plan (catalogue content, weights, settings) skips finished
+shards; shards of another plan are removed. On a cluster every node must see the same
+paths; Ray ships the project's code.
 """
 
 from __future__ import annotations
 
 from utils.cli import UserError, setup_logging
 
+import functools
 import hashlib
 import json
 import logging
@@ -57,26 +53,13 @@ FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that 
 PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/"]
 EXCLUDES += ["*.pth", "*.ckpt", "*.npy", "*.npz", "*.onnx", "*.parquet"]
+POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6})\.parquet")
 SHARD_TEMP = re.compile(r"part-\d{6}\.parquet\.tmp\d+")
-COLUMN_TYPES = (
-    "string",
-    "int64",
-    "string",
-    "string",
-    "float64",
-    "int64",
-    "float64",
-    "int64",
-    "int8",
-    "string",
-    "string",
-)
+COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
 
 
-# ---------------------------------------------------------------------------
-# the Ray session
-# ---------------------------------------------------------------------------
+# --- the Ray session -------------------------------------------------------------------------
 def runtime_env(address: str | None) -> dict:
     """Workers import this project: on a local Ray through PYTHONPATH, on a cluster by
     shipping the code (``working_dir``; data files left out)."""
@@ -106,8 +89,8 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
 
 
 def _maybe_die(stage: str) -> None:
-    """Fault injection for the tests: when ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` exists,
-    the first worker to remove it dies as a crashed process would."""
+    """Tests: when ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` exists, the first worker to remove
+    it dies as a crashed process would."""
     d = os.environ.get(FAIL_ENV)
     if not d:
         return
@@ -119,16 +102,13 @@ def _maybe_die(stage: str) -> None:
     os._exit(1)
 
 
-# ---------------------------------------------------------------------------
-# the plan: shards, and what a finished shard must agree with
-# ---------------------------------------------------------------------------
+# --- the plan: shards, and what a finished shard must agree with ---------------------------
 def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
     """What the output rows depend on: a finished shard is reused only under the same key."""
-    tables = job.files.poi_tables or (None, None, None)
-    names = ("items", "poi_pic_num", "poi_image_vectors", "poi_name_vectors")
+    paths = {"items": job.items, **{n: getattr(job.files, n) for n in POI_TABLES}}
     enc = job.scoring.enc
     plan = {
-        "files": {n: sha256_file(p) if p else None for n, p in zip(names, (job.items, *tables))},
+        "files": {n: sha256_file(p) if p else None for n, p in paths.items()},
         "hashes": hashes,
         "shards": n_shards,
         "shard_items": shard_items,
@@ -146,22 +126,12 @@ def shard_file(d: Path, k: int) -> Path:
     return d / f"part-{k:06d}.parquet"
 
 
-def shard_meta(p: Path) -> dict | None:
-    """The metadata of one of our shard files, None for any other file."""
-    import pyarrow.parquet as pq
-
-    if not SHARD_NAME.fullmatch(p.name) or not p.is_file():
-        return None
-    try:
-        return json.loads(pq.read_schema(p).metadata[META_KEY])
-    except Exception:
-        return None
-
-
 def finished_shards(d: Path, key: str, n: int) -> set[int]:
     """Shards of this plan already written (complete: they are written atomically).
     Shards of another plan and temporary files of an interrupted write are removed; any
     other file is the user's, and the run is refused rather than touch it."""
+    import pyarrow.parquet as pq
+
     done, stale = set(), []
     for p in sorted(d.iterdir()):
         if p.name in (PLAN_FILE, ".lock"):
@@ -169,10 +139,13 @@ def finished_shards(d: Path, key: str, n: int) -> set[int]:
         if SHARD_TEMP.fullmatch(p.name):
             p.unlink()
             continue
-        meta = shard_meta(p)
+        try:
+            meta = json.loads(pq.read_schema(p).metadata[META_KEY]) if SHARD_NAME.fullmatch(p.name) else None
+        except Exception:  # not a Parquet file, or not one of ours
+            meta = None
         if meta is None:
             raise UserError(
-                f"--out {d}: holds {p.name}, which is not a shard of select_images.py; give a new or empty directory"
+                f"--out {d}: holds {p.name}, not a shard of select_images.py; give a new or empty directory"
             )
         k = int(SHARD_NAME.fullmatch(p.name).group(1))
         if meta.get("plan") == key and k < n:
@@ -186,9 +159,7 @@ def finished_shards(d: Path, key: str, n: int) -> set[int]:
     return done
 
 
-# ---------------------------------------------------------------------------
-# stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]}
-# ---------------------------------------------------------------------------
+# --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
 def _rows(batch):
     return zip(batch["shard"].tolist(), batch["payload"])
 
@@ -231,17 +202,12 @@ def prepare_stage(batch, job: Selection):
     return _batch(out)
 
 
-class DecodedImages:
-    """The actor's ``image_loader``: a shard's decoded arrays by path."""
+def decoded_image(arrays: dict, path, mode="reference"):
+    """The actors' ``image_loader`` (with ``arrays``, a shard's decoded images, bound)."""
+    from utils.formats import ZERO_TENSOR, to_tensor
 
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-
-    def __call__(self, path, mode="reference"):
-        from utils.formats import ZERO_TENSOR, to_tensor
-
-        a = self.arrays.get(str(path))
-        return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+    a = arrays.get(str(path))
+    return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
 
 
 class ScoreShards:
@@ -261,7 +227,7 @@ class ScoreShards:
         out = []
         for k, raw in _rows(batch):
             p = pickle.loads(raw)
-            loader = DecodedImages(p["images"])
+            loader = functools.partial(decoded_image, p["images"])
             counts = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
             out.append((k, {"items": p["items"], "fetch": p["fetch"], "counts": counts}))
         return _batch(out)
@@ -295,46 +261,29 @@ def write_stage(batch, shard_dir: str, key: str):
     return {"shard": np.array(ks, dtype=np.int64), "rows": np.array(ns, dtype=np.int64)}
 
 
-# ---------------------------------------------------------------------------
-# the driver
-# ---------------------------------------------------------------------------
+# --- the driver ----------------------------------------------------------------------------
 def absolute(job: Selection) -> Selection:
     """Workers may run elsewhere (another cwd, another node): every path made absolute."""
 
-    def ab(p):
-        return os.path.abspath(os.path.expanduser(p)) if p else p
+    def ab(obj, *names):
+        return replace(obj, **{n: os.path.abspath(os.path.expanduser(v)) for n in names if (v := getattr(obj, n))})
 
-    f, enc = job.files, job.scoring.enc
-    files = replace(
-        f,
-        bert_dir=ab(f.bert_dir),
-        ranker_checkpoint=ab(f.ranker_checkpoint),
-        recall_checkpoint=ab(f.recall_checkpoint),
-        arch=ab(f.arch),
-        poi_tables=tuple(map(ab, f.poi_tables)) if f.poi_tables else None,
-    )
-    scoring = replace(job.scoring, enc=replace(enc, cache_dir=ab(enc.cache_dir)))
-    paths = {k: ab(getattr(job, k)) for k in ("items", "out", "html", "summary", "image_cache")}
-    return replace(job, files=files, scoring=scoring, **paths)
+    files = ab(job.files, "bert_dir", "ranker_checkpoint", "recall_checkpoint", "arch", *POI_TABLES)
+    scoring = replace(job.scoring, enc=ab(job.scoring.enc, "cache_dir"))
+    return ab(replace(job, files=files, scoring=scoring), "items", "out", "html", "summary", "image_cache")
 
 
 def check_resources(opts: RayOptions) -> None:
-    """The actor pool must leave a CPU for the prepare tasks and find its GPUs; otherwise
-    the pipeline would wait forever."""
+    """The actors must leave a CPU for the prepare tasks and find their GPUs; otherwise the
+    pipeline would wait forever."""
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    if opts.actors * opts.cpus_per_actor > cpus - 1:
-        raise UserError(
-            f"--actors {opts.actors} x --cpus-per-actor {opts.cpus_per_actor:g} leaves no CPU of the "
-            f"cluster's {cpus:g} for fetching and decoding: lower one of them"
-        )
-    if opts.actors * opts.gpus_per_actor > gpus:
-        raise UserError(
-            f"--actors {opts.actors} x --gpus-per-actor {opts.gpus_per_actor:g} needs more GPUs than "
-            f"the cluster has ({gpus:g})"
-        )
+    have = ray.cluster_resources()
+    cpus, gpus = opts.actors * opts.cpus_per_actor, opts.actors * opts.gpus_per_actor
+    if cpus > have.get("CPU", 0) - 1:
+        raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
+    if gpus > have.get("GPU", 0):
+        raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
 
 
 def _map(ds, fn, kw: dict, **retries):
@@ -364,9 +313,8 @@ def run_dataset(job, opts: RayOptions, load, score, shards: list, todo: list[int
     actor = (load, score, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
     kw = dict(fn_constructor_args=actor, batch_size=1, compute=pool, num_cpus=opts.cpus_per_actor)
-    ds = _map(
-        ds, ScoreShards, kw, num_gpus=opts.gpus_per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS
-    )
+    kw["num_gpus"] = opts.gpus_per_actor
+    ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     kw = dict(fn_kwargs={"shard_dir": str(shard_dir), "key": key}, batch_size=1, num_cpus=0.25)
     ds = _map(ds, write_stage, kw, max_retries=TASK_RETRIES)
     written = sorted(int(r["shard"]) for r in ds.iter_rows())
@@ -375,8 +323,8 @@ def run_dataset(job, opts: RayOptions, load, score, shards: list, todo: list[int
 
 
 def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict]:
-    """The driver's candidates filled from the shard files; returns the fetch counts
-    and the scoring counts, added up."""
+    """The driver's candidates filled from the shard files; returns the fetch counts and
+    the scoring counts, added up."""
     import pyarrow.parquet as pq
 
     by_line = {c.line: c for c in cat.cands}
@@ -386,10 +334,9 @@ def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict]:
         t = pq.read_table(shard_file(shard_dir, k))
         for row in t.to_pylist():
             c = by_line[row["line"]]
-            c.status, c.detail, c.file = row["status"], row["detail"], row["file"] or None
-            c.recall_score, c.recall_rank = row["recall_score"], row["recall_rank"]
-            c.ranker_score, c.final_rank = row["ranker_score"], row["final_rank"]
-            c.selected = bool(row["selected"])
+            for name in OUTPUT_HEADER[3:8] + ("detail",):
+                setattr(c, name, row[name])
+            c.file, c.selected = row["file"] or None, bool(row["selected"])
         meta = json.loads(t.schema.metadata[META_KEY])
         add_counts(fetch, meta["fetch"])
         add_counts(counts, meta["counts"])
@@ -400,14 +347,7 @@ def _run_shards(job, opts: RayOptions, load, score, shards: list, shard_dir: Pat
     """The shards not written yet, on Ray; returns the summary's ``ray`` record."""
     done = finished_shards(shard_dir, key, len(shards))
     todo = [k for k in range(len(shards)) if k not in done]
-    log.info(
-        "%d shards of %d items: %d already in %s, %d to do",
-        len(shards),
-        opts.shard_items,
-        len(done),
-        shard_dir,
-        len(todo),
-    )
+    log.info("%d shards: %d already in %s, %d to do", len(shards), len(done), shard_dir, len(todo))
     started = False
     try:
         if todo:
@@ -444,10 +384,7 @@ def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable
         path, hashes = models.path, models.hashes
         del models
     if job.scoring.enc.cache_dir:
-        log.info(
-            "--cache-dir %s is shared by the actors (SQLite: keep it on a local or lock-safe filesystem)",
-            job.scoring.enc.cache_dir,
-        )
+        log.info("the actors share --cache-dir (SQLite: keep it on a local or lock-safe filesystem)")
     shards = [cat.items[a : a + opts.shard_items] for a in range(0, len(cat.items), opts.shard_items)]
     csv_out = job.out.lower().endswith(".csv")
     shard_dir = Path(f"{job.out}.shards") if csv_out else Path(job.out)

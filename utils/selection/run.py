@@ -48,9 +48,16 @@ class ModelFiles:
     ranker_checkpoint: str | None = None  # required unless recall_only
     recall_checkpoint: str | None = None  # stage 1; default: the ranker's own copy
     arch: str | None = None
-    poi_tables: tuple[str, str, str] | None = None  # pic-num, image vectors, name vectors
+    poi_pic_num: str | None = None  # the three POI tables: all or none
+    poi_image_vectors: str | None = None
+    poi_name_vectors: str | None = None
     trust_pickle: bool = False
     recall_only: bool = False  # no ranker: select by recall score
+
+    @property
+    def poi_tables(self) -> tuple[str, str, str] | None:
+        tables = (self.poi_pic_num, self.poi_image_vectors, self.poi_name_vectors)
+        return tables if all(tables) else None
 
 
 @dataclass(frozen=True)
@@ -251,20 +258,8 @@ def finish(job: Selection, cat: Catalogue, summary: dict, clock: Clock, rows: bo
             write_json(summary_tmp, summary, indent=1)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}); no output of this run was written") from None
-    enc = summary["images_encoded"]
-    log.info(
-        "wrote %s: %d candidates, %d of %d items selected (%s encode path, %d + %d images encoded); "
-        "%.1f s, %.2f items/s",
-        job.out,
-        summary["candidates"],
-        summary["items_selected"],
-        summary["items"],
-        summary["encode_path"],
-        enc["stage1"],
-        enc["stage2"],
-        timings["total"],
-        summary["items_per_s"],
-    )
+    n_sel, n, seconds = summary["items_selected"], summary["items"], timings["total"]
+    log.info("wrote %s: %d of %d items selected in %.1f s", job.out, n_sel, n, seconds)
     return summary
 
 
