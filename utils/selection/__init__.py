@@ -1,7 +1,7 @@
 """Selection on a user's catalogue: the catalogue, statuses, image resolution and output
-rows (``catalogue``); what a run is, the steps both runners share and the
-local runner (``run``); the Ray runner (``ray_runner``). The runners take the model
-loader and the block scoring (``models.engine``) as callables."""
+rows (``catalogue``); what a run is, the steps both runners share and the local runner
+(``run``); the Ray runner (``ray_runner``) and its shard files (``shards``). The runners
+take the model loader and the block scoring (``models.engine``) as plain functions."""
 
 from utils import front_door
 

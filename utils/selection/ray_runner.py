@@ -1,20 +1,16 @@
-"""The selection on Ray Data (``select_images.py --ray``) with the local run's results: the
-same rows in the same order, the same ranks and selections, scores within 1e-5.
+"""The selection on Ray Data (``select_images.py --ray``), with the local run's rows,
+ranks and selections (scores within 1e-5).
 
 The driver reads the catalogue into items (the bad-row rule applied to every row's
-errors), loads the models once to check them, cuts the items into shards of
-``shard_items`` (the unit of work, of retries and of the output files) and skips the
-shards already written. Per shard: ``prepare`` (CPU task: paths, downloads, duplicates,
-every distinct readable file decoded to 224 x 224 uint8), ``ScoreShards`` (actor pool,
-one model set per actor: the block scoring the local run uses), ``write`` (CPU task:
-``part-NNNNNN.parquet``, atomically). The driver then merges the shards into the CSV
-``--out`` (an ``--out`` without ``.csv`` is the directory of shards) and writes the
-page and the summary.
-
-A worker that dies is retried, an actor restarted; a retried shard rewrites its own
-file. A rerun of the same plan (catalogue content, weights, settings) skips finished
-shards; shards of another plan are removed. On a cluster every node must see the same
-paths; Ray ships the project's code.
+errors), loads the models once to check them, and cuts the items into shards of
+``shard_items``: the unit of work, of retries and of the output files. Each shard not
+written yet goes through ``prepare_stage`` (CPU task: paths, downloads, duplicates,
+images decoded to 224 x 224 uint8), ``ScoreShards`` (actor pool, one model set per
+actor: the block scoring of the local run) and ``write_stage`` (``part-NNNNNN.parquet``,
+atomically). The driver merges the shards into the CSV ``--out`` (without ``.csv``,
+``--out`` is the directory of shards) and writes the page and the summary. Workers that
+die are retried; a rerun of the same plan skips the finished shards. On a cluster every
+node must see the same paths; Ray ships the project's code.
 """
 
 from __future__ import annotations
@@ -22,12 +18,9 @@ from __future__ import annotations
 from utils.cli import UserError, setup_logging
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import pickle
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -36,27 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.hashing import sha256_file
-from utils.io import atomic_path, exclusive_lock
+from utils.io import exclusive_lock
 
-from .catalogue import OK, OUTPUT_HEADER, UNREADABLE, Item, output_rows
-from .run import Clock, RayOptions, Selection, add_counts, finish, read_items, resolve, summarize
+from .catalogue import OK, UNREADABLE, Item
+from .run import Clock, RayOptions, Selection, finish, read_items, resolve, summarize
+from .shards import POI_TABLES, finished_shards, merge_shards, plan_key, write_plan, write_shard
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN_FILE = "_plan.json"
-META_KEY = b"avas_select"
 TASK_RETRIES = 3  # a CPU task whose worker dies is run again up to this often
 ACTOR_RESTARTS = 3  # a scoring actor that dies is restarted up to this often
 FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that stage's worker die once
 PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/"]
 EXCLUDES += ["*.pth", "*.ckpt", "*.npy", "*.npz", "*.onnx", "*.parquet"]
-POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
-SHARD_NAME = re.compile(r"part-(\d{6})\.parquet")
-SHARD_TEMP = re.compile(r"part-\d{6}\.parquet\.tmp\d+")
-COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
 
 
 # --- the Ray session -------------------------------------------------------------------------
@@ -100,63 +87,6 @@ def _maybe_die(stage: str) -> None:
         return
     print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
     os._exit(1)
-
-
-# --- the plan: shards, and what a finished shard must agree with ---------------------------
-def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
-    """What the output rows depend on: a finished shard is reused only under the same key."""
-    paths = {"items": job.items, **{n: getattr(job.files, n) for n in POI_TABLES}}
-    enc = job.scoring.enc
-    plan = {
-        "files": {n: sha256_file(p) if p else None for n, p in paths.items()},
-        "hashes": hashes,
-        "shards": n_shards,
-        "shard_items": shard_items,
-        "recall_k": job.scoring.recall_k,
-        "recall_only": job.files.recall_only,
-        "preprocess": enc.preprocess,
-        "precision": enc.precision,
-        "image_cache": job.image_dir,
-        "items_path": job.items,
-    }
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-
-
-def shard_file(d: Path, k: int) -> Path:
-    return d / f"part-{k:06d}.parquet"
-
-
-def finished_shards(d: Path, key: str, n: int) -> set[int]:
-    """Shards of this plan already written (complete: they are written atomically).
-    Shards of another plan and temporary files of an interrupted write are removed; any
-    other file is the user's, and the run is refused rather than touch it."""
-    import pyarrow.parquet as pq
-
-    done, stale = set(), []
-    for p in sorted(d.iterdir()):
-        if p.name in (PLAN_FILE, ".lock"):
-            continue
-        if SHARD_TEMP.fullmatch(p.name):
-            p.unlink()
-            continue
-        try:
-            meta = json.loads(pq.read_schema(p).metadata[META_KEY]) if SHARD_NAME.fullmatch(p.name) else None
-        except Exception:  # not a Parquet file, or not one of ours
-            meta = None
-        if meta is None:
-            raise UserError(
-                f"--out {d}: holds {p.name}, not a shard of select_images.py; give a new or empty directory"
-            )
-        k = int(SHARD_NAME.fullmatch(p.name).group(1))
-        if meta.get("plan") == key and k < n:
-            done.add(k)
-        else:
-            stale.append(p)
-    if stale:
-        log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
-        for p in stale:
-            p.unlink()
-    return done
 
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
@@ -233,32 +163,17 @@ class ScoreShards:
         return _batch(out)
 
 
-def output_table(items: list[Item], meta: dict):
-    """A shard's rows as an Arrow table: the columns of the CSV, typed."""
-    import pyarrow as pa
-
-    types = [getattr(pa, t)() for t in COLUMN_TYPES]
-    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
-    schema = pa.schema(
-        list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()}
-    )
-    return pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
-
-
 def write_stage(batch, shard_dir: str, key: str):
     """``part-NNNNNN.parquet`` per shard, atomically (a retry rewrites the same file)."""
-    import pyarrow.parquet as pq
-
     _maybe_die("write")
-    ks, ns = [], []
+    ks = []
     for k, raw in _rows(batch):
         p = pickle.loads(raw)
-        table = output_table(p["items"], {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]})
-        with atomic_path(shard_file(Path(shard_dir), k)) as tmp:
-            pq.write_table(table, tmp)
+        write_shard(
+            Path(shard_dir), k, p["items"], {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]}
+        )
         ks.append(k)
-        ns.append(table.num_rows)
-    return {"shard": np.array(ks, dtype=np.int64), "rows": np.array(ns, dtype=np.int64)}
+    return {"shard": np.array(ks, dtype=np.int64)}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -322,27 +237,6 @@ def run_dataset(job, opts: RayOptions, load, score, shards: list, todo: list[int
         raise RuntimeError(f"Ray returned shards {written}, expected {sorted(todo)}")
 
 
-def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict]:
-    """The driver's candidates filled from the shard files; returns the fetch counts and
-    the scoring counts, added up."""
-    import pyarrow.parquet as pq
-
-    by_line = {c.line: c for c in cat.cands}
-    fetch: dict = {}
-    counts: dict = {}
-    for k in range(n):
-        t = pq.read_table(shard_file(shard_dir, k))
-        for row in t.to_pylist():
-            c = by_line[row["line"]]
-            for name in OUTPUT_HEADER[3:8] + ("detail",):
-                setattr(c, name, row[name])
-            c.file, c.selected = row["file"] or None, bool(row["selected"])
-        meta = json.loads(t.schema.metadata[META_KEY])
-        add_counts(fetch, meta["fetch"])
-        add_counts(counts, meta["counts"])
-    return fetch, counts
-
-
 def _run_shards(job, opts: RayOptions, load, score, shards: list, shard_dir: Path, key: str) -> dict:
     """The shards not written yet, on Ray; returns the summary's ``ray`` record."""
     done = finished_shards(shard_dir, key, len(shards))
@@ -353,8 +247,7 @@ def _run_shards(job, opts: RayOptions, load, score, shards: list, shard_dir: Pat
         if todo:
             started = connect_ray(opts.address)
             check_resources(opts)
-            with atomic_path(shard_dir / PLAN_FILE) as tmp:
-                tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
+            write_plan(shard_dir, key)
             run_dataset(job, opts, load, score, shards, todo, shard_dir, key)
     finally:
         if started:
