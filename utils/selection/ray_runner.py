@@ -169,9 +169,8 @@ def write_stage(batch, shard_dir: str, key: str):
     ks = []
     for k, raw in _rows(batch):
         p = pickle.loads(raw)
-        write_shard(
-            Path(shard_dir), k, p["items"], {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]}
-        )
+        meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]}
+        write_shard(Path(shard_dir), k, p["items"], meta)
         ks.append(k)
     return {"shard": np.array(ks, dtype=np.int64)}
 
