@@ -226,3 +226,29 @@ def add_bootstrap(p, title: str | None = None):
 
 
 # --- selection (utils.selection) ----------------------------------------------------------
+def add_ray(p, title: str | None = "Ray Data"):
+    """``--ray [ADDRESS]`` and the shape of the Ray run: ``--actors``, ``--cpus-per-actor``,
+    ``--gpus-per-actor``, ``--shard-items``."""
+    g = _group(p, title)
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of "
+        "RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)",
+    )
+    g.add_argument("--actors", type=cli.positive_int, default=1, help="scoring actors, one model set each (default 1)")
+    g.add_argument(
+        "--cpus-per-actor", type=cli.non_negative_float, default=1.0, help="CPUs reserved per actor (default 1)"
+    )
+    g.add_argument(
+        "--gpus-per-actor", type=cli.non_negative_float, default=0.0, help="GPUs per actor (default 0: CPU actors)"
+    )
+    g.add_argument(
+        "--shard-items",
+        type=cli.positive_int,
+        default=64,
+        help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
+    )
+    return g

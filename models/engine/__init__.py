@@ -8,6 +8,7 @@ from .encode import PRECISIONS, ImagePrefetch, prefetch_images, tokenize
 from .onnx import BACKENDS
 from .pairs import PairRun, evaluate_pairs
 from .recall_model import RecallModel, wrap_align
+from .selection import SelectionModels, item_inputs, load_selection_models, run_selection, score_block
 
 __all__ = [
     "BACKENDS",
@@ -17,7 +18,12 @@ __all__ = [
     "PairRun",
     "RecallModel",
     "evaluate_pairs",
+    "SelectionModels",
+    "item_inputs",
+    "load_selection_models",
     "prefetch_images",
+    "run_selection",
+    "score_block",
     "tokenize",
     "wrap_align",
 ]
