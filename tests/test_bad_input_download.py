@@ -27,7 +27,7 @@ from PIL import Image
 import download_assets
 import download_images
 from utils.fetch import assets as A
-from utils.fetch.download import AddressPolicy, BlockedAddressError, address_class
+from utils.fetch.http import AddressPolicy, BlockedAddressError, address_class
 from utils.io import exclusive_lock
 
 ROOT = Path(__file__).resolve().parent.parent

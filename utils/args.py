@@ -203,7 +203,100 @@ class Encoding:
         return cls(**{**values, **override})
 
 
-# --- downloads (utils.fetch): add_downloads ----------------------------------------------
+# --- downloads (utils.fetch): add_downloads, Downloads -----------------------------------
+IMAGE_DEADLINE = 300.0  # seconds for one image, every URL and retry included
+ASSET_DEADLINE = 3600.0  # for one asset (a partial download resumes in the next run)
+
+
+def add_downloads(
+    p,
+    title: str | None = "downloads",
+    *,
+    workers: int | None = None,
+    workers_alias: bool = False,
+    timeout_read: float = 30.0,
+    retries: int = 4,
+    deadline: float = IMAGE_DEADLINE,
+):
+    """How downloads run (``Downloads.from_args``). ``--download-workers`` only when ``workers``
+    (its default) is given (``workers_alias``: also ``--workers``); the read timeout (also
+    ``--timeout``), retries and deadline take per-script defaults."""
+    g = _group(p, title)
+    if workers is not None:
+        names = ("--download-workers", "--workers") if workers_alias else ("--download-workers",)
+        g.add_argument(
+            *names,
+            dest="download_workers",
+            type=cli.positive_int,
+            default=workers,
+            help=f"concurrent downloads (default {workers})",
+        )
+    g.add_argument(
+        "--timeout-connect", type=cli.positive_float, default=10.0, help="connect timeout, seconds (default 10)"
+    )
+    g.add_argument(
+        "--timeout-read",
+        "--timeout",
+        dest="timeout_read",
+        type=cli.positive_float,
+        default=timeout_read,
+        help=f"read timeout: the longest silence between bytes, seconds (default {timeout_read:g})",
+    )
+    g.add_argument(
+        "--retries",
+        type=cli.non_negative_int,
+        default=retries,
+        help=f"retries per request on connection errors, timeouts, 429 and 5xx (default {retries})",
+    )
+    g.add_argument(
+        "--backoff",
+        type=cli.non_negative_float,
+        default=0.5,
+        help="waits between retries grow as BACKOFF*2^n seconds plus jitter; 0: no wait (default 0.5)",
+    )
+    g.add_argument(
+        "--download-deadline",
+        type=cli.positive_float,
+        default=deadline,
+        metavar="SECONDS",
+        help=f"a download still running after this long fails: a server trickling its bytes (default {deadline:g})",
+    )
+    g.add_argument(
+        "--allow-private-addresses",
+        action="store_true",
+        help="allow URLs and redirects that lead to link-local, private or loopback addresses (by default only "
+        "URLs naming such an address literally, a --mirror and --url-prefix-map targets may)",
+    )
+    return g
+
+
+@dataclass(frozen=True)
+class Downloads:
+    """What the download flags say, as one object for ``utils.fetch``."""
+
+    workers: int = 8
+    timeout_connect: float = 10.0
+    timeout_read: float = 30.0
+    retries: int = 4
+    backoff: float = 0.5
+    deadline: float = IMAGE_DEADLINE
+    allow_private: bool = False
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return self.timeout_connect, self.timeout_read
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, **override) -> Downloads:
+        flag = {
+            "workers": "download_workers",
+            "deadline": "download_deadline",
+            "allow_private": "allow_private_addresses",
+        }
+        values = {
+            f.name: getattr(ns, flag.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flag.get(f.name, f.name))
+        }
+        return cls(**{**values, **override})
 
 
 # --- training (utils.training) ------------------------------------------------------------
