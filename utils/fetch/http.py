@@ -222,7 +222,10 @@ class _Pinned:
         for ip in ips:
             try:
                 return urllib3.util.connection.create_connection(
-                    (ip, self.port), self.timeout, self.source_address, self.socket_options
+                    (ip, self.port),
+                    self.timeout,
+                    source_address=self.source_address,
+                    socket_options=self.socket_options,
                 )
             except OSError as e:
                 err = e
