@@ -34,6 +34,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from utils.args import Downloads
 from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
@@ -168,12 +170,9 @@ class _Run:
     printed (the first ``MAX_PRINTED_FAILURES``; all of them in the manifest and the log)."""
 
     def __init__(self, plan: Plan):
-        from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a run starts
-
         self.plan, self.status, self.kinds, self.printed = plan, Counter(), Counter(), 0
         self.manifest = _Manifest(plan.manifest)
         self.bar = tqdm(total=plan.images + plan.bad, unit="img", dynamic_ncols=True, disable=not plan.job.progress)
-        self.write = tqdm.write
 
     def record(self, rec: dict) -> None:
         self.manifest.write(rec)
@@ -186,7 +185,7 @@ class _Run:
         log.warning("failed %s", msg)
         if self.printed <= MAX_PRINTED_FAILURES:
             more = "(further failures only in the manifest and log)"
-            self.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
+            tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
         self.printed += 1
 
     def close(self) -> None:
@@ -231,8 +230,8 @@ def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
     def settle(block_until: int) -> None:
         while len(pending) > block_until:
             for fut in cf.wait(pending, return_when=cf.FIRST_COMPLETED)[0]:
-                line = pending.pop(fut)
-                run.record({"key": None, "line": line, **fut.result().to_dict()})
+                result = fut.result()
+                run.record({"key": result.key, "line": pending.pop(fut), **result.to_dict()})
 
     try:
         for item in _select(job, plan.fmt):
@@ -282,25 +281,30 @@ def run_images(plan: Plan) -> dict:
 
 def _summary(plan: Plan, run: _Run, seconds: float) -> dict:
     done = {k: run.status[k] for k in ("ok", "skipped", "failed")}
-    allowed = allowed_count(plan.job.max_failures, sum(done.values()))
+    spec, total = plan.job.max_failures, sum(done.values())
+    allowed = allowed_count(spec, total)
+    over = (
+        f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
+        f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {plan.manifest}. Rerun to retry them, "
+        "or raise --max-failures."
+    )
+    errors = dict(run.kinds.most_common())
     return {
         **done,
         "bad_rows": plan.bad,
-        "errors": dict(run.kinds.most_common()),
+        "errors": errors,
         "seconds": seconds,
         "manifest": str(plan.manifest),
-        "allowed_failures": allowed,
-        "passed": done["failed"] <= allowed,
+        "over_budget": over if done["failed"] > allowed else None,
     }
 
 
 def image_summary(s: dict) -> str:
-    """The summary of ``run_images`` as the lines ``download_images.py`` prints."""
+    """The summary of ``download_images`` as the lines ``download_images.py`` prints."""
     done = s["ok"] + s["skipped"] + s["failed"]
     rate = done / s["seconds"] if s["seconds"] > 0 else 0.0
-    lines = [
-        f"{done} images/rows in {s['seconds']:.1f} s ({rate:.1f}/s): ok {s['ok']}, skipped {s['skipped']}, failed {s['failed']}"
-    ]
+    counts = ", ".join(f"{k} {s[k]}" for k in ("ok", "skipped", "failed"))
+    lines = [f"{done} images/rows in {s['seconds']:.1f} s ({rate:.1f}/s): {counts}"]
     if s["errors"]:
         lines.append("failures by error: " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
     return "\n".join([*lines, f"manifest: {s['manifest']}"])

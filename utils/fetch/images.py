@@ -134,31 +134,29 @@ def _decode(path, keep: bool = False):
     return img, w, h, fmt
 
 
-def _stat(p: Path) -> os.stat_result | None:
-    try:
-        return p.stat()
-    except OSError:
-        return None
+def _facts(p: Path, key: str, status: str, **known) -> FetchResult:
+    """A result for the file ``p`` (size, mtime and sha256 read from it)."""
+    st = p.stat()
+    return FetchResult(
+        key, status, bytes=st.st_size, sha256=sha256_file(p), file=p.name, mtime_ns=st.st_mtime_ns, **known
+    )
 
 
 def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
     """A ``skipped`` result when ``path`` is a non-empty image (at most ``max_bytes``) that
     decodes fully, else None."""
     p = Path(path)
-    st = _stat(p)
-    if st is None or st.st_size == 0 or (max_bytes is not None and st.st_size > max_bytes):
-        return None
     try:
+        size = p.stat().st_size
+        if size == 0 or (max_bytes is not None and size > max_bytes):
+            return None
         with open(p, "rb") as f:
             if sniff_image_ext(f.read(16)) is None:
                 return None
         _, w, h, _ = _decode(p)
-        digest = sha256_file(p)
-    except Exception:  # noqa: BLE001 - any decoder error: not a valid image
+        return _facts(p, p.stem, "skipped", width=w, height=h)
+    except Exception:  # noqa: BLE001 - missing, unreadable, any decoder error: not a valid image
         return None
-    return FetchResult(
-        p.stem, "skipped", bytes=st.st_size, width=w, height=h, sha256=digest, file=p.name, mtime_ns=st.st_mtime_ns
-    )
 
 
 def unchanged_since(out_dir, rec: dict) -> FetchResult | None:
@@ -169,8 +167,11 @@ def unchanged_since(out_dir, rec: dict) -> FetchResult | None:
         return None
     if os.path.basename(name) != name or Path(name).stem != rec.get("key"):
         return None
-    st = _stat(Path(out_dir) / name)
-    if st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
+    try:
+        st = (Path(out_dir) / name).stat()
+    except OSError:
+        return None
+    if (st.st_size, st.st_mtime_ns) != (size, mtime):
         return None
     keep = ("width", "height", "sha256")
     return FetchResult(rec["key"], "skipped", bytes=size, file=name, mtime_ns=mtime, **{k: rec.get(k) for k in keep})
@@ -180,16 +181,12 @@ def _existing(out_dir: Path, stem: str) -> list[Path]:
     return [p for p in (out_dir / (stem + ext) for ext in IMAGE_EXTS) if p.is_file()]
 
 
-def _drain(resp, limit: int = 1 << 16) -> None:
-    """Read a small error body so that its keep-alive connection goes back to the pool."""
-    try:
-        n = 0
-        for chunk in resp.iter_content(8192):
-            n += len(chunk)
-            if n > limit:
-                break
-    except Exception:  # noqa: BLE001 - the connection is simply dropped then
-        pass
+def _drain(resp) -> None:
+    """Read a small error body (64 kB at most) so that its keep-alive connection goes back
+    to the pool; on any error the connection is simply dropped."""
+    with contextlib.suppress(Exception):
+        for _ in zip(range(8), resp.iter_content(8192)):
+            pass
 
 
 def _not_image(head: bytes, resp) -> _Fail:
@@ -268,21 +265,7 @@ def _fetch_once(session, url: str, out_dir: Path, stem: str, max_bytes: int, tim
     for other in _existing(out_dir, stem):  # the stem names exactly one image
         if other != final:
             other.unlink(missing_ok=True)
-    st = final.stat()
-    return FetchResult(
-        stem,
-        "ok",
-        url,
-        code,
-        bytes=st.st_size,
-        width=w,
-        height=h,
-        sha256=sha256_file(final),
-        file=final.name,
-        final_url=final_url,
-        resized_from=resized,
-        mtime_ns=st.st_mtime_ns,
-    )
+    return _facts(final, stem, "ok", url=url, http=code, final_url=final_url, resized_from=resized, width=w, height=h)
 
 
 def _join_attempts(tried: list[dict]) -> str:
