@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dest", default=str(ROOT), help="destination root: files land at DEST/<path> (default: the project)")
+    p.add_argument(
+        "--dest", default=str(ROOT), help="destination root: files land at DEST/<path> (default: the project)"
+    )
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these assets (see --list), e.g. --only train_csv")
     p.add_argument("--with-train", action="store_true", help="also the large ranking training CSV (train_csv)")
     p.add_argument(
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the assets and their state, then exit")
     p.add_argument("--force", action="store_true", help="download again even when present")
     p.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting size and mtime")
-    shared.add_downloads(p, timeout_read=60.0, retries=3, deadline=shared.ASSET_DEADLINE)
+    shared.add_downloads(p, shared.Downloads(timeout_read=60.0, retries=3, deadline=shared.ASSET_DEADLINE), ())
     shared.add_run(p)
     return p
 

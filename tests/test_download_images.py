@@ -23,8 +23,8 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 from local_server import PROXY_VARS, Fault, LocalServer  # noqa: E402
 
 import download_images  # noqa: E402
-from utils.fetch.http import make_session
-from utils.fetch.images import apply_url_map, parse_url_map, sniff_image_ext, verify_existing
+from utils.fetch.http import make_session  # noqa: E402
+from utils.fetch.images import apply_url_map, parse_url_map, sniff_image_ext, verify_existing  # noqa: E402
 
 # Short timeouts and backoff so the whole file runs in seconds. The read timeout (1 s)
 # must stay below the server delays that are meant to time out (2 s, 3 s), and leaves a
@@ -100,7 +100,7 @@ def final_images(out: Path) -> dict[str, Path]:
 
 
 def assert_no_bad_final_files(out: Path) -> None:
-    for stem, p in final_images(out).items():
+    for p in final_images(out).values():
         assert decodes(p), f"undecodable file under a final name: {p.name}"
         assert sniff_image_ext(p.read_bytes()[:16]) == p.suffix, p.name
 

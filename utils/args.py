@@ -208,71 +208,10 @@ IMAGE_DEADLINE = 300.0  # seconds for one image, every URL and retry included
 ASSET_DEADLINE = 3600.0  # for one asset (a partial download resumes in the next run)
 
 
-def add_downloads(
-    p,
-    title: str | None = "downloads",
-    *,
-    workers: int | None = None,
-    workers_alias: bool = False,
-    timeout_read: float = 30.0,
-    retries: int = 4,
-    deadline: float = IMAGE_DEADLINE,
-):
-    """How downloads run (``Downloads.from_args``). ``--download-workers`` only when ``workers``
-    (its default) is given (``workers_alias``: also ``--workers``); the read timeout (also
-    ``--timeout``), retries and deadline take per-script defaults."""
-    g = _group(p, title)
-    if workers is not None:
-        names = ("--download-workers", "--workers") if workers_alias else ("--download-workers",)
-        g.add_argument(
-            *names,
-            dest="download_workers",
-            type=cli.positive_int,
-            default=workers,
-            help=f"concurrent downloads (default {workers})",
-        )
-    g.add_argument(
-        "--timeout-connect", type=cli.positive_float, default=10.0, help="connect timeout, seconds (default 10)"
-    )
-    g.add_argument(
-        "--timeout-read",
-        "--timeout",
-        dest="timeout_read",
-        type=cli.positive_float,
-        default=timeout_read,
-        help=f"read timeout: the longest silence between bytes, seconds (default {timeout_read:g})",
-    )
-    g.add_argument(
-        "--retries",
-        type=cli.non_negative_int,
-        default=retries,
-        help=f"retries per request on connection errors, timeouts, 429 and 5xx (default {retries})",
-    )
-    g.add_argument(
-        "--backoff",
-        type=cli.non_negative_float,
-        default=0.5,
-        help="waits between retries grow as BACKOFF*2^n seconds plus jitter; 0: no wait (default 0.5)",
-    )
-    g.add_argument(
-        "--download-deadline",
-        type=cli.positive_float,
-        default=deadline,
-        metavar="SECONDS",
-        help=f"a download still running after this long fails: a server trickling its bytes (default {deadline:g})",
-    )
-    g.add_argument(
-        "--allow-private-addresses",
-        action="store_true",
-        help="allow URLs and redirects that lead to link-local, private or loopback addresses (by default only "
-        "URLs naming such an address literally, a --mirror and --url-prefix-map targets may)",
-    )
-    return g
-
-
 @dataclass(frozen=True)
 class Downloads:
-    """What the download flags say, as one object for ``utils.fetch``."""
+    """What the download flags say, as one object for ``utils.fetch`` (and the defaults a
+    script gives ``add_downloads``)."""
 
     workers: int = 8
     timeout_connect: float = 10.0
@@ -293,10 +232,37 @@ class Downloads:
             "deadline": "download_deadline",
             "allow_private": "allow_private_addresses",
         }
-        values = {
-            f.name: getattr(ns, flag.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flag.get(f.name, f.name))
-        }
-        return cls(**{**values, **override})
+        names = {f.name: flag.get(f.name, f.name) for f in fields(cls)}
+        return cls(**{**{k: getattr(ns, n) for k, n in names.items() if hasattr(ns, n)}, **override})
+
+
+ALLOW_PRIVATE_HELP = (
+    "allow URLs and redirects that lead to link-local, private or loopback addresses (by default only a URL "
+    "naming such an address literally, or a host you named: --mirror, --url-prefix-map, HF_ENDPOINT)"
+)
+
+
+def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--download-workers",), title="downloads"):
+    """How downloads run (read back with ``Downloads.from_args``), with this script's
+    ``defaults``; ``worker_flags``: the names of the workers flag (none: no such flag)."""
+    d, g = defaults or Downloads(), _group(p, title)
+    if worker_flags:
+        text = f"concurrent downloads (default {d.workers})"
+        g.add_argument(
+            *worker_flags, dest="download_workers", metavar="N", type=cli.positive_int, default=d.workers, help=help
+        )
+    text = f"connect timeout, seconds (default {d.timeout_connect:g})"
+    g.add_argument("--timeout-connect", type=cli.positive_float, default=d.timeout_connect, help=text)
+    text = f"read timeout: the longest silence between bytes, seconds (default {d.timeout_read:g})"
+    g.add_argument("--timeout-read", "--timeout", type=cli.positive_float, default=d.timeout_read, help=text)
+    text = f"retries per request on connection errors, timeouts, 429 and 5xx (default {d.retries})"
+    g.add_argument("--retries", type=cli.non_negative_int, default=d.retries, help=text)
+    text = f"waits between retries grow as BACKOFF*2^n seconds plus jitter; 0: no wait (default {d.backoff:g})"
+    g.add_argument("--backoff", type=cli.non_negative_float, default=d.backoff, help=text)
+    text = f"a download still running after this long fails: a server trickling its bytes (default {d.deadline:g})"
+    g.add_argument("--download-deadline", metavar="SECONDS", type=cli.positive_float, default=d.deadline, help=text)
+    g.add_argument("--allow-private-addresses", action="store_true", help=ALLOW_PRIVATE_HELP)
+    return g
 
 
 # --- training (utils.training) ------------------------------------------------------------
