@@ -249,7 +249,7 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
     if worker_flags:
         text = f"concurrent downloads (default {d.workers})"
         g.add_argument(
-            *worker_flags, dest="download_workers", metavar="N", type=cli.positive_int, default=d.workers, help=help
+            *worker_flags, dest="download_workers", metavar="N", type=cli.positive_int, default=d.workers, help=text
         )
     text = f"connect timeout, seconds (default {d.timeout_connect:g})"
     g.add_argument("--timeout-connect", type=cli.positive_float, default=d.timeout_connect, help=text)
