@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -574,6 +575,44 @@ def test_images_trickle_ends_at_the_deadline(tmp_path, server):
     rec = _manifest_records(out)["1_0"]
     assert rec["error_kind"] == "deadline" and "deadline of 1 s" in rec["error"], rec
     assert not list(out.glob(".*.part")) and not list(out.glob("1_0.*"))
+
+
+def test_trickled_headers_end_at_the_deadline(tmp_path):
+    """A server that sends its status line and headers a byte at a time (each byte within
+    the read timeout) is cut off at the deadline too, retries included."""
+    from utils.fetch import download_one, make_session
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                for b in b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" * 100:
+                    if stop.wait(0.05):
+                        break
+                    try:
+                        conn.send(bytes([b]))
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg"
+        with make_session(retries=3, backoff=0.01) as session:
+            t0 = time.monotonic()
+            res = download_one(session, [url], tmp_path, "x", timeout=(2, 2), deadline=1)
+        assert res.error_kind == "deadline" and time.monotonic() - t0 < 6, res
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
 
 
 def test_download_one_takes_a_deadline(tmp_path, server):

@@ -136,27 +136,21 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False, grou
 # ---------------------------------------------------------------------------
 # does a file look like what the asset is?
 # ---------------------------------------------------------------------------
+LOOKS = {  # how a file starts -> what it is, for messages (first match; compared in lower case)
+    **dict.fromkeys((b"<!doctype html", b"<html", b"<head", b"<body"), "an HTML page"),
+    LFS_MAGIC: "a Git LFS pointer",
+    b"<": "an XML/HTML document",
+    **dict.fromkeys((b"{", b"["), "JSON"),
+    **{b"pk\x03\x04": "a zip archive", b"\x93numpy": "a .npy array", b"\x1f\x8b": "gzip data", b"\x80": "a pickle"},
+}
+
+
 def looks_like(head: bytes) -> str:
     """A short description of what a file starting with ``head`` is, for messages."""
     low = head.lstrip()[:64].lower()
-    for magic, what in (
-        (b"<!doctype html", "an HTML page"),
-        (b"<html", "an HTML page"),
-        (b"<head", "an HTML page"),
-        (b"<body", "an HTML page"),
-        (LFS_MAGIC, "a Git LFS pointer"),
-        (b"<", "an XML/HTML document"),
-        (b"{", "JSON"),
-        (b"[", "JSON"),
-        (b"pk\x03\x04", "a zip archive"),
-        (b"\x93numpy", "a .npy array"),
-        (b"\x1f\x8b", "gzip data"),
-        (b"\x80", "a pickle"),
-    ):
-        if low.startswith(magic):
-            return what
-    if not head:
-        return "an empty file"
+    what = next((what for magic, what in LOOKS.items() if low.startswith(magic)), None)
+    if what or not head:
+        return what or "an empty file"
     try:
         text = head[:48].decode("utf-8")
     except UnicodeDecodeError:
