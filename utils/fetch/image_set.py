@@ -243,10 +243,11 @@ def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
                 settle(job.net.workers * 4 - 1)
                 pending[pool.submit(_fetch, session, plan, previous, key, urls)] = item.line
         settle(0)
-    finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=not pending, cancel_futures=True)
+    except KeyboardInterrupt:
+        pending.clear()  # do not wait for the downloads under way: their part files go with them
+        raise
+    finally:  # after an error (a full disk), the downloads under way end and clean up first
+        pool.shutdown(wait=bool(pending), cancel_futures=True)
         session.close()
 
 
