@@ -848,17 +848,18 @@ def stub_dns(monkeypatch):
 PUBLIC = "93.184.216.34"  # a stand-in: the stubbed connect sends it to the local server
 
 
-def test_dns_rebinding_connects_to_the_checked_address(tmp_path, server, stub_dns):
+@pytest.mark.parametrize("host", ["rebind.example.test", "rebind.example.test."])  # with the final dot too
+def test_dns_rebinding_connects_to_the_checked_address(tmp_path, server, stub_dns, host):
     answers, asked, connects, mapped = stub_dns
-    answers["rebind.example.test"] = [PUBLIC, "127.0.0.1"]  # public for the check, loopback after
+    answers[host] = answers[host.rstrip(".")] = [PUBLIC, "127.0.0.1"]  # public for the check, loopback after
     mapped[PUBLIC] = server.port
     server.add("/a.jpg", jpeg())
-    csv = recall_csv(tmp_path / "r.csv", [f"http://rebind.example.test:{server.port}/a.jpg"])
+    csv = recall_csv(tmp_path / "r.csv", [f"http://{host}:{server.port}/a.jpg"])
     out = tmp_path / "out"
     assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 0
     assert _manifest_records(out)["1_0"]["status"] == "ok"
     assert connects == [(PUBLIC, server.port)]  # never the name again, never 127.0.0.1
-    assert asked == ["rebind.example.test"]  # resolved once
+    assert asked == [host]  # resolved once
 
 
 def test_hugging_face_files_go_through_the_address_policy(tmp_path, server, stub_dns, monkeypatch, capsys):

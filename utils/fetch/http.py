@@ -151,7 +151,7 @@ class AddressPolicy:
             raise BlockedAddressError(
                 f"refused {how}: a public address redirects to {host} ({ip}, a {cls} address) {hint}"
             )
-        self._pins.__dict__[(host.lower(), port)] = [ip for ip, _ in addrs]
+        self._pins.__dict__[(host.rstrip(".").lower(), port)] = [ip for ip, _ in addrs]
 
     def _is_public(self, url: str) -> bool:
         host, port = _host_port(url)
@@ -160,7 +160,7 @@ class AddressPolicy:
 
     def pinned(self, host: str, port: int) -> list[str] | None:
         """The addresses this thread's last check of ``host:port`` allowed (None: never checked)."""
-        return self._pins.__dict__.get((host.lower(), port))
+        return self._pins.__dict__.get((host.rstrip(".").lower(), port))  # urllib3 drops a final dot
 
 
 class Deadline:
