@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the assets and their state, then exit")
     p.add_argument("--force", action="store_true", help="download again even when present")
     p.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting size and mtime")
-    shared.add_downloads(p, shared.Downloads(timeout_read=60.0, retries=3, deadline=shared.ASSET_DEADLINE), ())
+    shared.add_downloads(p, shared.ASSET_DOWNLOADS, ())
     shared.add_run(p)
     return p
 

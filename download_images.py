@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep files whose size and mtime match the previous manifest without decoding them again",
     )
-    shared.add_downloads(p, shared.Downloads(workers=16), worker_flags=("--download-workers", "--workers"))
+    shared.add_downloads(p, shared.IMAGE_DOWNLOADS, worker_flags=("--download-workers", "--workers"))
     shared.add_bad_rows(p)
     shared.add_run(p)
     return p

@@ -236,6 +236,8 @@ class Downloads:
         return cls(**{**{k: getattr(ns, n) for k, n in names.items() if hasattr(ns, n)}, **override})
 
 
+IMAGE_DOWNLOADS = Downloads(workers=16)  # download_images.py's defaults
+ASSET_DOWNLOADS = Downloads(timeout_read=60.0, retries=3, deadline=ASSET_DEADLINE)  # download_assets.py's
 ALLOW_PRIVATE_HELP = (
     "allow URLs and redirects that lead to link-local, private or loopback addresses (by default only a URL "
     "naming such an address literally, or a host you named: --mirror, --url-prefix-map, HF_ENDPOINT)"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from utils.args import Downloads
+from utils.args import ASSET_DOWNLOADS, Downloads
 from utils.hashing import sha256_file
 from utils.io import PartFile, exclusive_lock, read_json, write_error, write_json
 
@@ -279,7 +279,7 @@ def fetch_asset(
 def fetch_assets(
     chosen: list[Asset],
     dest,
-    net: Downloads,
+    net: Downloads = ASSET_DOWNLOADS,
     mirror: str | None = None,
     progress: bool = True,
     force: bool = False,

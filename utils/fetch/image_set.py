@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.args import Downloads
+from utils.args import IMAGE_DOWNLOADS, Downloads
 from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
 
@@ -53,7 +53,7 @@ class ImageJob:
 
     csv: str
     out: str
-    net: Downloads = Downloads(workers=16)
+    net: Downloads = IMAGE_DOWNLOADS
     format: str = "auto"  # auto | recall | rank
     max_bytes: int = DEFAULT_MAX_BYTES
     max_failures: str = "0"  # N or P%
