@@ -474,6 +474,7 @@ def test_download_images(work, golden, server, no_proxy_env):
             "--max-failures",
             "10",
             "--no-progress",
+            "--skip-bad-rows",  # recall.csv holds a bad row on purpose: refused by default
         )
         golden.check(f"download_images/{name}.manifest.jsonl", dl / out / "manifest.jsonl", subs)
         golden.check(f"download_images/{out}.files.json", files_listing(dl / out))
