@@ -137,7 +137,7 @@ def bench_ray(args, argv_sel: list[str], work: Path) -> int:
     """Local path, then --ray with 1 and 2 actors, on the same catalogue; ratios first."""
     import ray
 
-    import select_ray
+    from utils.selection import connect_ray
 
     argv_sel = [a for a in argv_sel]
     i = argv_sel.index("--out")
@@ -156,7 +156,7 @@ def bench_ray(args, argv_sel: list[str], work: Path) -> int:
 
     one("local", [])
     t = time.perf_counter()
-    select_ray.connect(None, num_cpus=os.cpu_count(), log_to_driver=False)
+    connect_ray(None, num_cpus=os.cpu_count(), log_to_driver=False)
     ray_start = time.perf_counter() - t
     try:
         for n in (1, 2):

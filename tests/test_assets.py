@@ -23,6 +23,7 @@ from local_server import Fault, LocalServer
 
 import download_assets
 from utils.fetch import assets as A
+from utils.io import PartFile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,8 +204,8 @@ def test_disk_full_message(world, capsys, monkeypatch):
     srv, manifest, dest = world
 
     class FullDisk:
-        def __init__(self, path, mode):
-            self.f = open(path, mode)
+        def __init__(self, f):
+            self.f = f
 
         def write(self, b):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -212,13 +213,13 @@ def test_disk_full_message(world, capsys, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-        def __enter__(self):
-            return self
+    real_init = PartFile.__init__
 
-        def __exit__(self, *exc):
-            self.f.close()
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.file = FullDisk(self.file)
 
-    monkeypatch.setattr(A, "_open_part", FullDisk)
+    monkeypatch.setattr(PartFile, "__init__", init)
     assert run(manifest, dest, "--mirror", srv.base_url, "--only", "align_weights") == 1
     err = capsys.readouterr().err
     assert "align_weights: disk full while writing" in err

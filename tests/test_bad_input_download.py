@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from PIL import Image
 import download_assets
 import download_images
 from utils.fetch import assets as A
-from utils.fetch.download import AddressPolicy, BlockedAddressError, address_class
+from utils.fetch.http import AddressPolicy, BlockedAddressError, address_class
 from utils.io import exclusive_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,18 +105,14 @@ def test_images_log_file_that_is_a_directory(tmp_path, capsys, server):
     assert files_under(out) == ["download_images.log"] and server.total_requests == 0
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs, where no one may create a file")
 def test_images_unwritable_out(tmp_path, capsys, server):
+    """An output place nobody can write in, root included (CI runs as root)."""
     csv = recall_csv(tmp_path / "r.csv", [server.url("/a.jpg")])
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        assert download_images.main(["--csv", str(csv), "--out", str(ro / "out"), *FAST]) == 2
-        assert "cannot write in" in one_error_line(capsys.readouterr().err, "download_images")
-        assert files_under(ro) == []
-    finally:
-        ro.chmod(0o755)
+    out = Path("/sys/avas-download-test/out")
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
+    assert "cannot write in /sys" in one_error_line(capsys.readouterr().err, "download_images")
+    assert not out.parent.exists() and server.total_requests == 0
 
 
 def test_assets_dest_is_a_file(tmp_path, capsys):
@@ -559,3 +556,332 @@ def test_missing_csv_and_bad_numbers(tmp_path, capsys):
             download_images.main(["--csv", "x.csv", "--out", str(out), *bad])
         assert e.value.code == 2
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# 8. a trickling server ends at the download deadline
+# ---------------------------------------------------------------------------
+def test_images_trickle_ends_at_the_deadline(tmp_path, server):
+    server.add("/slow.jpg", jpeg((300, 200)), drip=(1, 0.05))  # one byte every 50 ms: minutes
+    csv = recall_csv(tmp_path / "r.csv", [server.url("/slow.jpg")])
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST, "--download-deadline", "1"]) == 1
+    assert time.monotonic() - t0 < 10
+    rec = _manifest_records(out)["1_0"]
+    assert rec["error_kind"] == "deadline" and "deadline of 1 s" in rec["error"], rec
+    assert not list(out.glob(".*.part")) and not list(out.glob("1_0.*"))
+
+
+def test_trickled_headers_end_at_the_deadline(tmp_path):
+    """A server that sends its status line and headers a byte at a time (each byte within
+    the read timeout) is cut off at the deadline too, retries included."""
+    from utils.fetch import download_one, make_session
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                for b in b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" * 100:
+                    if stop.wait(0.05):
+                        break
+                    try:
+                        conn.send(bytes([b]))
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg"
+        with make_session(retries=3, backoff=0.01) as session:
+            t0 = time.monotonic()
+            res = download_one(session, [url], tmp_path, "x", timeout=(2, 2), deadline=1)
+        assert res.error_kind == "deadline" and time.monotonic() - t0 < 6, res
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_download_one_takes_a_deadline(tmp_path, server):
+    """The API select_images uses: a deadline by default, and one it can pass."""
+    import inspect
+
+    from utils.args import IMAGE_DEADLINE
+    from utils.fetch import download_one, make_session
+    from utils.fetch.images import fetch_image
+
+    assert inspect.signature(fetch_image).parameters["deadline"].default == IMAGE_DEADLINE
+    server.add("/slow.jpg", jpeg((300, 200)), drip=(1, 0.05))
+    with make_session(retries=0) as session:
+        t0 = time.monotonic()
+        res = download_one(session, [server.url("/slow.jpg")], tmp_path, "x", timeout=(2, 2), deadline=0.5)
+    assert res.status == "failed" and res.error_kind == "deadline" and time.monotonic() - t0 < 8
+
+
+def test_assets_trickle_ends_at_the_deadline(tmp_path, capsys):
+    m = _manifest(tmp_path, [WEIGHTS])
+    dest = tmp_path / "d"
+    with LocalServer() as mirror:
+        mirror.add("/" + WEIGHTS["path"], checkpoint_bytes(), drip=(1024, 0.1))  # 100 KB in 10 s
+        t0 = time.monotonic()
+        argv = ["--manifest", str(m), "--dest", str(dest), "--mirror", mirror.base_url, "--no-progress"]
+        assert download_assets.main([*argv, "--download-deadline", "1"]) == 1
+        assert time.monotonic() - t0 < 8
+    err = capsys.readouterr().err
+    assert "align_weights: not finished within the deadline of 1 s" in err and "rerun to resume" in err
+    assert not (dest / WEIGHTS["path"]).exists()
+
+
+# ---------------------------------------------------------------------------
+# 9. planted symbolic links are not followed
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name,what", [("download_images.log", "log file"), (".lock", "lock file")])
+def test_images_symlink_planted_in_out_is_refused(tmp_path, capsys, server, name, what):
+    server.add("/a.jpg", jpeg())
+    csv = recall_csv(tmp_path / "r.csv", [server.url("/a.jpg")])
+    target = tmp_path / "target.txt"
+    target.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(target)
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
+    line = one_error_line(capsys.readouterr().err, "download_images")
+    assert f"{what} {out / name}: is a symbolic link" in line
+    assert target.read_text() == "precious" and server.total_requests == 0
+    assert files_under(out) == [name]
+
+
+# ---------------------------------------------------------------------------
+# 10. numbers that make every request fail are refused up front
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--timeout-read", "0"),
+        ("--timeout-connect", "-1"),
+        ("--timeout", "0"),
+        ("--backoff", "-0.5"),
+        ("--download-deadline", "0"),
+        ("--timeout-read", "inf"),
+    ],
+)
+def test_zero_or_negative_timeouts_are_refused(tmp_path, capsys, flag, value):
+    for main, argv in (
+        (download_images.main, ["--csv", "x.csv", "--out", str(tmp_path / "o")]),
+        (download_assets.main, ["--dest", str(tmp_path / "d")]),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert files_under(tmp_path) == []
+
+
+def test_zero_backoff_means_no_wait(tmp_path, server):
+    server.add("/a.jpg", jpeg())
+    csv = recall_csv(tmp_path / "r.csv", [server.url("/a.jpg")])
+    assert download_images.main(["--csv", str(csv), "--out", str(tmp_path / "o"), *FAST, "--backoff", "0"]) == 0
+
+
+# ---------------------------------------------------------------------------
+# 11. a manifest that is not UTF-8, a full disk, a file-size limit
+# ---------------------------------------------------------------------------
+def test_assets_manifest_not_utf8_names_the_line(tmp_path, capsys):
+    m = tmp_path / "m.json"
+    m.write_bytes(
+        b'{"assets": [\n  {"name": "x",\n   "description": "\xb1\xfb",\n   "path": "a", "url": "http://a/"}]}'
+    )
+    assert download_assets.main(["--manifest", str(m), "--dest", str(tmp_path / "d"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err, "download_assets")
+    assert f"{m}:3: not UTF-8 text (byte 0xb1" in line
+    assert not (tmp_path / "d").exists()
+
+
+def _big_jpegs(n: int) -> list[bytes]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_images_disk_full_is_one_line_and_nothing_half_written(tmp_path, capsys, server, monkeypatch):
+    from utils.io import PartFile
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_init = PartFile.__init__
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.file = FullDisk(self.file)
+
+    monkeypatch.setattr(PartFile, "__init__", init)
+    for i in range(3):
+        server.add(f"/{i}.jpg", jpeg())
+    csv = recall_csv(tmp_path / "r.csv", [server.url(f"/{i}.jpg") for i in range(3)])
+    out = tmp_path / "out"
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
+    line = one_error_line(capsys.readouterr().err, "download_images")
+    assert "disk full while writing" in line and "MB free on that disk" in line
+    assert [p for p in files_under(out) if not p.startswith(("manifest", "download_images"))] == []
+
+
+def _limited(limit: int):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_file_size_limit_is_one_line_and_nothing_half_written(tmp_path):
+    """RLIMIT_FSIZE (EFBIG) in a child: images stop the run (exit 2); an asset fails (exit 1)."""
+    bodies = _big_jpegs(3)
+    assert all(len(b) > 40_000 for b in bodies)
+    with LocalServer() as srv:
+        for i, b in enumerate(bodies):
+            srv.add(f"/{i}.jpg", b)
+        csv = recall_csv(tmp_path / "r.csv", [srv.url(f"/{i}.jpg") for i in range(3)])
+        out = tmp_path / "out"
+        cmd = [sys.executable, str(ROOT / "download_images.py"), "--csv", str(csv), "--out", str(out), *FAST]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, preexec_fn=_limited(30_000))
+        assert r.returncode == 2, r.stderr
+        line = one_error_line(r.stderr, "download_images")
+        assert "file-size limit reached while writing" in line
+        assert [p for p in files_under(out) if not p.startswith(("manifest", "download_images"))] == []
+
+        srv.add("/" + WEIGHTS["path"], checkpoint_bytes())
+        m = _manifest(tmp_path, [WEIGHTS])
+        cmd = [sys.executable, str(ROOT / "download_assets.py"), "--manifest", str(m), "--dest", str(tmp_path / "d")]
+        cmd += ["--mirror", srv.base_url, "--no-progress", "--log-level", "WARNING"]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, preexec_fn=_limited(30_000))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "align_weights: file-size limit reached while writing" in r.stderr
+    assert not (tmp_path / "d" / WEIGHTS["path"]).exists()
+
+
+# ---------------------------------------------------------------------------
+# 12. bad rows: refused by default, left out (and counted) with --skip-bad-rows
+# ---------------------------------------------------------------------------
+def test_images_bad_row_is_refused_unless_skipped(tmp_path, capsys, server):
+    server.add("/a.jpg", jpeg())
+    csv = tmp_path / "r.csv"
+    csv.write_text(f"1,甲,{server.url('/a.jpg')},1,1,1,\n2,乙,only,three\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 2
+    line = one_error_line(capsys.readouterr().err, "download_images")
+    assert f"{csv}:2: expected 7 fields" in line and "--skip-bad-rows" in line
+    assert server.total_requests == 0 and not out.exists()
+
+    argv = ["--csv", str(csv), "--out", str(out), *FAST, "--skip-bad-rows", "--max-failures", "1"]
+    assert download_images.main(argv) == 0
+    assert "bad_row 1" in capsys.readouterr().out
+    recs = [json.loads(ln) for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["status"], r["error_kind"]) for r in recs if r["key"] is None] == [(2, "failed", "bad_row")]
+
+
+# ---------------------------------------------------------------------------
+# 13. DNS rebinding: the connection goes to the address that was checked
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def stub_dns(monkeypatch):
+    """Answers for the test's names only (any other name: no such host, so no DNS query
+    leaves); ``connects`` records every connection; ``mapped`` sends a stand-in public
+    address to the local server; anything else but 127.0.0.1 fails the test."""
+    answers: dict[str, list[str]] = {}
+    asked, connects, mapped = [], [], {}
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kw):
+        try:
+            socket.inet_aton(host)
+            return real_getaddrinfo(host, port, *args, **kw)
+        except (OSError, TypeError):
+            pass
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown test name")
+        asked.append(host)
+        ip = answers[host].pop(0) if len(answers[host]) > 1 else answers[host][0]  # rebinding: a new answer each time
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port or 80))]
+
+    def guard(real):
+        def connect(address, *args, **kw):
+            connects.append(tuple(address))
+            host, port = address
+            if host in mapped:
+                return real(("127.0.0.1", mapped[host]), *args, **kw)
+            ips = {info[4][0] for info in getaddrinfo(host, port)}
+            if ips != {"127.0.0.1"}:
+                raise AssertionError(f"connection attempt to {address} ({ips})")
+            return real(("127.0.0.1", port), *args, **kw)
+
+        return connect
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", guard(urllib3.util.connection.create_connection))
+    monkeypatch.setattr(socket, "create_connection", guard(socket.create_connection))
+    return answers, asked, connects, mapped
+
+
+PUBLIC = "93.184.216.34"  # a stand-in: the stubbed connect sends it to the local server
+
+
+@pytest.mark.parametrize("host", ["rebind.example.test", "rebind.example.test."])  # with the final dot too
+def test_dns_rebinding_connects_to_the_checked_address(tmp_path, server, stub_dns, host):
+    answers, asked, connects, mapped = stub_dns
+    answers[host] = answers[host.rstrip(".")] = [PUBLIC, "127.0.0.1"]  # public for the check, loopback after
+    mapped[PUBLIC] = server.port
+    server.add("/a.jpg", jpeg())
+    csv = recall_csv(tmp_path / "r.csv", [f"http://{host}:{server.port}/a.jpg"])
+    out = tmp_path / "out"
+    assert download_images.main(["--csv", str(csv), "--out", str(out), *FAST]) == 0
+    assert _manifest_records(out)["1_0"]["status"] == "ok"
+    assert connects == [(PUBLIC, server.port)]  # never the name again, never 127.0.0.1
+    assert asked == [host]  # resolved once
+
+
+def test_hugging_face_files_go_through_the_address_policy(tmp_path, server, stub_dns, monkeypatch, capsys):
+    """An hf asset comes from HF_ENDPOINT over the checked session: a redirect from there
+    to a link-local address is refused like any other (and a good answer is fetched)."""
+    import huggingface_hub.constants
+
+    answers, _, connects, _ = stub_dns
+    answers["metadata.example.test"] = ["169.254.169.254"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    vocab = "[PAD]\n[UNK]\n红\n".encode()
+    asset = {"name": "bert_vocab", "path": "assets/bert/vocab.txt", "sha256": None}
+    asset["hf"] = {"repo_id": "google-bert/bert-base-chinese", "filename": "vocab.txt"}
+    m = _manifest(tmp_path, [asset])
+    hub_path = "/google-bert/bert-base-chinese/resolve/main/vocab.txt"
+    server.add(hub_path, b"", redirect="http://metadata.example.test/latest/meta-data")
+    argv = ["--manifest", str(m), "--dest", str(tmp_path / "d"), "--no-progress"]
+    assert download_assets.main(argv) == 1
+    assert "refused the redirect from" in capsys.readouterr().err
+    server.add(hub_path, vocab)
+    assert download_assets.main(argv) == 0
+    assert (tmp_path / "d" / "assets/bert/vocab.txt").read_bytes() == vocab
+    assert {c[0] for c in connects} == {"127.0.0.1"}

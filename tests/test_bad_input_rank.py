@@ -3,6 +3,8 @@ case the command, its exit status, the one-line message, and no leftover files."
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import pytest
 from fixtures import solid_image, tiny_align, tiny_ranker, write_image
 
 import build_poi_tables
+import models.engine.pairs as pairs
 import poi_tables
 import rank_eval
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
@@ -260,8 +263,8 @@ def test_nan_poi_vectors_fail_before_any_scoring(env, tmp_path, capsys, monkeypa
     def never(*a, **k):
         raise AssertionError("encoding started")
 
-    monkeypatch.setattr(rank_eval, "encode_pair_images", never)
-    monkeypatch.setattr(rank_eval, "build_model", never)  # the tables are checked first
+    monkeypatch.setattr(pairs, "encode_pair_images", never)
+    monkeypatch.setattr(pairs, "build_model", never)  # the tables are checked first
     expect_error(
         capsys,
         rank_eval.main,
@@ -358,7 +361,7 @@ def test_ctrl_c_is_one_line_and_130(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rank_eval, "encode_pair_images", interrupt)
+    monkeypatch.setattr(pairs, "encode_pair_images", interrupt)
     before = tree(tmp_path)
     assert rank_eval.main(rank_args(env, **{"--output": tmp_path / "s.csv"})) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["rank_eval: interrupted"]
@@ -378,6 +381,69 @@ def test_duplicate_rows_warn_and_count_once(env, tmp_path, capsys, caplog):
     assert "with other values" in warned[1]
     assert "2 repeated item_ids left out" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "val.csv"]
+
+
+def test_bad_rows_are_refused_unless_skipped(env, tmp_path, capsys):
+    """The one bad-row rule: a row that cannot be read stops the run (exit 2, one line
+    naming file and line, nothing written); --skip-bad-rows leaves it out and counts it."""
+    csv_path = tmp_path / "val.csv"
+    rows = [_record("1", "2", "1"), "only$record$three$record$fields", _record("2", "1", "2")]
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out, met = tmp_path / "s.csv", tmp_path / "m.json"
+    argv = rank_args(env, **{"--csv": csv_path, "--output": out, "--metrics": met})
+    expect_error(capsys, rank_eval.main, argv, "rank_eval", f"{csv_path}:2: expected 10 fields", "--skip-bad-rows",
+                 root=tmp_path)  # fmt: skip
+    assert rank_eval.main([*argv, "--skip-bad-rows"]) == 0
+    m = json.loads(met.read_text(encoding="utf-8"))
+    assert m["bad_rows"] == 1 and m["pairs_scored"] == m["pairs_in_csv"] == 2
+    assert "1 bad rows left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "over,clash",
+    [
+        ({"--output": "val.csv"}, "--output"),
+        ({"--metrics": "ranker.ckpt"}, "--metrics"),
+        ({"--output": "img.npz", "--metrics": "m.json"}, "--output"),
+        ({"--metrics": "pic.npy"}, "--metrics"),
+    ],
+)
+def test_outputs_never_overwrite_an_input(env, tmp_path, capsys, over, clash):
+    """Every input file (CSV, checkpoint, POI tables) is refused as --output / --metrics,
+    compared resolved (here through a symbolic link to the inputs' folder)."""
+    link = tmp_path / "inputs"
+    link.symlink_to(env["d"], target_is_directory=True)
+    files = {p.name: p.read_bytes() for p in env["d"].iterdir() if p.is_file()}
+    argv = rank_args(env, **{k: link / v for k, v in over.items()})
+    expect_error(capsys, rank_eval.main, argv, "rank_eval", f"{clash} {link}", "the same file as input", root=tmp_path)
+    assert {p.name: p.read_bytes() for p in env["d"].iterdir() if p.is_file()} == files
+
+
+def test_absurd_bootstrap_is_refused_before_any_work(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pairs, "read_pairs", lambda *a: pytest.fail("the CSV was read"))
+    argv = rank_args(env, **{"--bootstrap": "1000000000000", "--metrics": tmp_path / "m.json"})
+    expect_error(capsys, rank_eval.main, argv, "rank_eval", "--bootstrap 1000000000000", "1,000,000", root=tmp_path)
+
+
+def test_outputs_are_committed_together(env, tmp_path):
+    """A file-size limit hit while writing --metrics (after --output was written) is one
+    line and exit 2, and both previous outputs stay as they were, no temporary file left."""
+    out, met = tmp_path / "s.csv", tmp_path / "m.json"
+    assert rank_eval.main(rank_args(env, **{"--output": out, "--metrics": met})) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before[out.name]) < 400 < len(before[met.name])
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing
+
+    argv = rank_args(env, **{"--output": out, "--metrics": met, "--limit": "2"})
+    proc = subprocess.run([sys.executable, str(ROOT / "rank_eval.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, preexec_fn=limit_file_size)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == [f"rank_eval: error: {met}: cannot be written (File too large); the previous outputs are kept"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from fixtures import COLORS, solid_image, tiny_align, write_image
 
 import recall_eval
 import recall_infer
+import utils.evaluation.recall as evaluation_recall
 from models import recall as recall_pipeline
 from models.checkpoint import save_align_checkpoint
 from utils.formats.results import TOPK_HEADER, save_embeddings
@@ -460,7 +461,7 @@ def test_eval_outputs_checked_before_reading(tmp_path, capsys, monkeypatch):
     res = tmp_path / "top.csv"
     _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])
     monkeypatch.setattr(
-        recall_eval, "read_results_file", lambda p: pytest.fail("results read before the outputs were checked")
+        evaluation_recall, "read_results", lambda p: pytest.fail("results read before the outputs were checked")
     )
     d = tmp_path / "j.json"
     d.mkdir()
@@ -473,7 +474,7 @@ def test_eval_outputs_checked_before_reading(tmp_path, capsys, monkeypatch):
         )
         == 2
     )
-    assert "would be overwritten" in _one_line(capsys.readouterr().err, "recall_eval")
+    assert "refusing to overwrite" in _one_line(capsys.readouterr().err, "recall_eval")
     assert recall_eval.main(["--results", str(tmp_path / "none.csv")]) == 2
     assert "--results" in _one_line(capsys.readouterr().err, "recall_eval")
     _no_leftovers(tmp_path, before)
@@ -514,3 +515,38 @@ def test_eval_bad_numbers(tmp_path, capsys, argv, expected):
     with pytest.raises(SystemExit) as e:
         recall_eval.main(["--results", str(res), *argv])
     assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_eval_outputs_never_overwrite_an_input(tmp_path, capsys):
+    """--json / --html are refused when they name an input (compared resolved), the
+    recall_infer.py sidecar read beside --results included, or each other."""
+    res, other = tmp_path / "top.csv", tmp_path / "b.csv"
+    _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])
+    _topk(other, [["1", "a", 1, "1_1.jpg", "0.9"]])
+    meta = tmp_path / "top.csv.meta.json"
+    meta.write_text('{"topk": 1}', encoding="utf-8")
+    link = tmp_path / "same.csv"
+    link.symlink_to(res)
+    cases = [
+        (["--results", str(res), "--json", str(meta)], "--json", "input --results (its .meta.json)"),
+        (["--results", str(res), "--html", str(link)], "--html", "input --results"),
+        (["--compare", str(other), str(res), "--json", str(other)], "--json", "input --compare A"),
+        (["--results", str(res), "--json", str(tmp_path / "x"), "--html", str(tmp_path / "x")], "--html", "--json"),
+    ]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for argv, flag, clash in cases:
+        assert recall_eval.main(argv) == 2
+        assert f"{flag} " in (line := _one_line(capsys.readouterr().err, "recall_eval")) and clash in line, line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_eval_absurd_bootstrap_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    res = tmp_path / "top.csv"
+    _topk(res, [["1", "a", 1, "1_1.jpg", "0.9"]])
+    monkeypatch.setattr(evaluation_recall, "read_results", lambda p: pytest.fail("results read"))
+    for argv in (["--results", str(res)], ["--compare", str(res), str(res)]):
+        assert recall_eval.main([*argv, "--bootstrap", "1000000000000"]) == 2
+        assert "--bootstrap 1000000000000: expected 0 to 1,000,000 draws" in _one_line(
+            capsys.readouterr().err, "recall_eval"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["top.csv"]

@@ -1,11 +1,16 @@
-"""select_images.py on bad input (issue 14): each case is refused with exit status 2 and
-ONE line on stderr naming the flag or file, before any model is loaded where the input
-allows it, and leaves no file behind (no output, no summary, no temporary file)."""
+"""select_images.py on bad input: each case is refused with exit status 2 and ONE line on
+stderr naming the flag or file, before any model is loaded where the input allows it,
+and leaves no file behind (no output, no summary, no temporary file). Also: no output
+may be an input or another output; a run's outputs are written together or not at all;
+bad catalogue rows are refused unless --skip-bad-rows (then counted and listed)."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +21,7 @@ from fixtures import solid_image, tiny_ranker, write_image
 
 import select_images
 from models.checkpoint import save_ranker_checkpoint
+from models.engine import selection as engine_selection
 from utils.formats.poi import save_safe_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +95,7 @@ def no_models(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(select_images, "load_models", boom)
+    monkeypatch.setattr(engine_selection, "load_selection_models", boom)
 
 
 def test_out_is_a_directory(env, tmp_path, capsys, no_models):
@@ -224,3 +230,94 @@ def test_ray_out_directory_with_a_foreign_file(env, tmp_path, capsys):
     (out / "part-000000.parquet").write_bytes(b"the user's own file")
     _refused(env, _base(env, out) + ["--ray"], capsys, "--out", "not a shard", tmp_path=tmp_path)
     assert (out / "part-000000.parquet").read_bytes() == b"the user's own file"
+
+
+# --- no output is an input or another output --------------------------------------------
+@pytest.mark.parametrize(
+    "flag,same_as",
+    [("--out", "--items"), ("--summary", "--out"), ("--html", "--out"), ("--html", "--items"), ("--html", "--summary")],
+)
+def test_an_output_that_is_an_input_or_another_output(env, tmp_path, capsys, no_models, flag, same_as):
+    argv = _base(env, tmp_path / "o.csv") + ["--summary", str(tmp_path / "s.json")]
+    target = argv[argv.index(same_as) + 1]
+    before = Path(target).read_bytes() if Path(target).exists() else None
+    if flag in argv:
+        argv[argv.index(flag) + 1] = target
+    else:
+        argv += [flag, target]
+    line = _refused(env, argv, capsys, flag, "the same file as", same_as, tmp_path=tmp_path)
+    assert "Traceback" not in line
+    if before is not None:
+        assert Path(target).read_bytes() == before
+
+
+# --- a run's outputs are committed together, or not at all -------------------------------
+def test_outputs_are_committed_together(env, tmp_path, capsys, monkeypatch):
+    """The summary cannot be written (disk full): neither the CSV nor the page appears,
+    and the previous outputs are kept as they were."""
+    from utils.selection import run as run_module
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "o.csv").write_text("the previous run's rows\n")
+    monkeypatch.setattr(run_module, "write_json", disk_full)
+    argv = _base(env, tmp_path / "o.csv") + ["--html", str(tmp_path / "r.html")]
+    _refused(env, argv, capsys, "--summary", "No space left on device", tmp_path=tmp_path)
+    assert (tmp_path / "o.csv").read_text() == "the previous run's rows\n"
+
+
+def test_file_size_limit_is_one_line_and_leaves_nothing(env, tmp_path):
+    """A real process under a file-size limit the page exceeds: exit 2, one line naming
+    --html, no output and no temporary file (the CSV, small enough, is not committed)."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    argv = _base(env, tmp_path / "o.csv") + ["--html", str(tmp_path / "r.html"), "--log-level", "ERROR"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "select_images.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        preexec_fn=limit,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("select_images: error: --html "), err
+    assert "File too large" in err[0]
+    assert _files(tmp_path) == set()
+
+
+# --- bad catalogue rows: one rule, refused unless --skip-bad-rows -------------------------
+def _catalogue(env, path: Path, bad: bytes) -> Path:
+    d = env["dir"]
+    rows = [f"it0,红色方形,西湖,{d / '0_0.jpg'}\n".encode(), bad, f"it1,红色方形,,{d / '1_1.jpg'}\n".encode()]
+    path.write_bytes(b"item_id,title,poi_names,image\n" + b"".join(rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [(b"it0,\xff\xfe\xfa,,x.jpg\n", "not UTF-8"), (b"it1,t,,\n", "empty image"), (b"it1,t\n", "2 fields")],
+    ids=["bad-byte", "empty-image", "short"],
+)
+@pytest.mark.parametrize("ray", [False, True], ids=["local", "ray"])
+def test_bad_rows_are_refused_by_default(env, tmp_path, capsys, no_models, bad, needle, ray):
+    cat = _catalogue(env, tmp_path / "cat.csv", bad)
+    argv = _base(env, tmp_path / "o.csv") + (["--ray"] if ray else [])
+    argv[argv.index("--items") + 1] = str(cat)
+    _refused(env, argv, capsys, f"{cat}:3: {needle}", "--skip-bad-rows", tmp_path=tmp_path)
+
+
+def test_skip_bad_rows_counts_and_lists_them(env, tmp_path):
+    cat = _catalogue(env, tmp_path / "cat.csv", b"it0,\xff\xfe\xfa,,x.jpg\n")
+    argv = _base(env, tmp_path / "o.csv") + ["--skip-bad-rows"]
+    argv[argv.index("--items") + 1] = str(cat)
+    assert select_images.main(argv) == 0
+    summary = json.loads((tmp_path / "o.csv.summary.json").read_text(encoding="utf-8"))
+    assert summary["bad_rows"] == 1 and summary["candidates"] == 2
+    assert summary["bad_row_list"] == [f"{cat}:3: not UTF-8 text (byte 0xff at column 5)"]
+    with open(tmp_path / "o.csv", encoding="utf-8") as f:
+        assert [r["line"] for r in csv.DictReader(f)] == ["2", "4"]

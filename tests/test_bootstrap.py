@@ -189,42 +189,42 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
 
 
 def test_rank_eval_summary_has_intervals():
-    import rank_eval
-
-    class Row:
-        def __init__(self, label):
-            self.label = label
-
-    class P:
-        def __init__(self, label):
-            self.row = Row(label)
+    from utils.evaluation import format_pair_summary, pair_metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1000)
     d = rng.normal(size=1000) + 0.4 * (2 * y - 1)
-    from utils.evaluation.metrics import pairwise_metrics
-
-    res = rank_eval.Result(
-        [P(int(v)) for v in y],
-        d,
-        np.zeros(1000),
-        pairwise_metrics(y, d, np.zeros(1000)),
-        {
-            "pairs_scored": 1000,
-            "pairs_in_csv": 1000,
-            "pairs_with_missing_image": 0,
-            "pairs_skipped": 0,
-            "images_missing": 0,
-            "images_unreadable": 0,
-            "pairs_without_pois": 0,
-            "pairs_with_unknown_poi": 0,
-        },
-    )
-    rank_eval.add_intervals(res, 10_000, 0)
-    m = res.metrics
+    m = pair_metrics([int(v) for v in y], d, np.zeros(1000), 10_000, 0)
+    m |= {
+        "pairs_scored": 1000,
+        "pairs_in_csv": 1000,
+        "pairs_with_missing_image": 0,
+        "pairs_skipped": 0,
+        "images_missing": 0,
+        "images_unreadable": 0,
+        "pairs_without_pois": 0,
+        "pairs_with_unknown_poi": 0,
+    }
     assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]
     assert m["auc_ci"][0] < m["auc"] < m["auc_ci"][1]
     assert m["accuracy_ci"] == list(mean_interval(((d > 0) == (y == 1)).astype(float), 10_000, 0))
-    text = rank_eval.format_summary(res, "val.csv")
+    text = format_pair_summary(m, "val.csv")
     assert f"{m['accuracy']:.4f} [95% CI {m['accuracy_ci'][0]:.4f}, {m['accuracy_ci'][1]:.4f}]" in text
     assert f"{m['auc']:.4f} [95% CI {m['auc_ci'][0]:.4f}, {m['auc_ci'][1]:.4f}]" in text
+
+
+def test_memory_does_not_grow_with_draws(monkeypatch):
+    """Blocks of draws hold at most BLOCK_CELLS multiplicities, however many items; more
+    than MAX_DRAWS draws are refused before any is made."""
+    from utils.cli import UserError
+
+    from utils.evaluation import bootstrap
+
+    monkeypatch.setattr(bootstrap, "BLOCK_CELLS", 10_000, raising=False)
+    blocks = list(resample_counts(300, 2500, seed=1))
+    assert max(b.size for b in blocks) <= 10_000 and sum(len(b) for b in blocks) == 2500
+    assert all((b.sum(axis=1) == 300).all() for b in blocks)
+    with pytest.raises(UserError, match="1,000,000"):
+        mean_interval(np.ones(3), draws=bootstrap.MAX_DRAWS + 1)
+    with pytest.raises(UserError, match="1,000,000"):
+        auc_interval([0, 1], [0.1, 0.2], draws=10**12)

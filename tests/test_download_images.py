@@ -23,7 +23,8 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 from local_server import PROXY_VARS, Fault, LocalServer  # noqa: E402
 
 import download_images  # noqa: E402
-from utils.fetch.download import apply_url_map, make_session, parse_url_map, sniff_image_ext, verify_existing
+from utils.fetch.http import make_session  # noqa: E402
+from utils.fetch.images import apply_url_map, parse_url_map, sniff_image_ext, verify_existing  # noqa: E402
 
 # Short timeouts and backoff so the whole file runs in seconds. The read timeout (1 s)
 # must stay below the server delays that are meant to time out (2 s, 3 s), and leaves a
@@ -99,7 +100,7 @@ def final_images(out: Path) -> dict[str, Path]:
 
 
 def assert_no_bad_final_files(out: Path) -> None:
-    for stem, p in final_images(out).items():
+    for p in final_images(out).values():
         assert decodes(p), f"undecodable file under a final name: {p.name}"
         assert sniff_image_ext(p.read_bytes()[:16]) == p.suffix, p.name
 
@@ -214,7 +215,7 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     out = tmp_path / "out"
 
     t0 = time.monotonic()
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST])
+    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--skip-bad-rows"])
     assert time.monotonic() - t0 < 20
     assert rc == 1  # failures > --max-failures 0
     err = capsys.readouterr()
@@ -266,7 +267,9 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
 
     # a second run downloads nothing that is already there
     server.reset_counts()
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9"])
+    rc = download_images.main(
+        ["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9", "--skip-bad-rows"]
+    )
     assert rc == 0
     assert all(server.count(p) == 0 for p in recoverable)
     assert (out / "manifest.jsonl.prev").exists()
@@ -286,7 +289,9 @@ def test_faults_verify_manifest_and_resume(server, tmp_path, capsys):
     damaged.write_bytes(damaged.read_bytes()[:200])
     (out / (key_of["/ok.png"] + ".jpg")).write_bytes(b"junk")  # beside the valid .png
     server.reset_counts()
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9"])
+    rc = download_images.main(
+        ["--csv", str(csv_path), "--out", str(out), *FAST, "--max-failures", "9", "--skip-bad-rows"]
+    )
     assert rc == 0
     assert server.count("/ok.jpg") == 1 and server.count("/ok.png") == 0
     recs3 = by_key(read_manifest(out / "manifest.jsonl"))
@@ -334,7 +339,7 @@ def test_rank_format_durable_first_then_original(server, tmp_path):
     csv_path = tmp_path / "rank.csv"
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST])
+    rc = download_images.main(["--csv", str(csv_path), "--out", str(out), *FAST, "--skip-bad-rows"])
     assert rc == 1
     files = final_images(out)
     assert sorted(p.name for p in files.values()) == ["1_a.jpg", "1_b.png", "2_a.jpg", "2_b.png", "3_b.jpg"]
@@ -527,7 +532,7 @@ def test_local_server_features(tmp_path):
 
 
 def test_trust_manifest_skips_reverification(server, tmp_path, monkeypatch):
-    import utils.fetch.download as D
+    import utils.fetch.images as D
 
     for i in range(3):
         server.add(f"/t{i}.jpg", make_image("JPEG", (30 + i, 20)))

@@ -32,6 +32,7 @@ from utils.evaluation.metrics import (
     stable_topk,
 )
 from utils.formats.images import load_image
+from utils.formats.results import read_results
 from utils.formats.rows import poi_of_image
 from utils.hashing import model_hash
 
@@ -145,8 +146,8 @@ def test_both_file_formats_give_the_same_figures(tmp_path, capsys):
     groups = {p: [(g, round(rnd.random(), 2)) for g in gallery] for p in pois}
     _write_full(tmp_path / "full.csv", groups, names)
     _write_topk(tmp_path / "top.csv", groups, names, 10)
-    fmt_f, gf, nf = recall_eval.read_results(tmp_path / "full.csv")
-    fmt_t, gt, nt = recall_eval.read_results(tmp_path / "top.csv")
+    full, top = tmp_path / "full.csv", tmp_path / "top.csv"
+    (fmt_f, gf, nf), (fmt_t, gt, nt) = ((r.fmt, r.groups, r.names) for r in map(read_results, (full, top)))
     assert (fmt_f, fmt_t) == ("full", "topk")
     assert nf == nt == names
     rf, rt = evaluate_groups(gf, (1, 5, 10)), evaluate_groups(gt, (1, 5, 10))

@@ -326,7 +326,6 @@ def fake(monkeypatch, tmp_path):
 
     for mod in (recall_infer, rank_eval, recall_eval, download_images):
         monkeypatch.setattr(mod, "main", recorder(mod.__name__))
-    monkeypatch.setattr(download_images, "estimate_total", lambda *a: 10)
 
     def run(*extra):
         calls.clear()

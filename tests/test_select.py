@@ -112,6 +112,7 @@ def _run(env, name, *extra, tables=True, recall="same_align.pth", html=False):
         "--image-cache",
         str(d / "url_cache"),
         "--no-progress",
+        "--skip-bad-rows",
         *extra,
     ]
     if recall:
@@ -399,12 +400,14 @@ def test_local_path_never_imports_ray(env, tmp_path):
         "--backend",
         "torch",
         "--no-progress",
+        "--skip-bad-rows",
         "--image-cache",
         str(d / "url_cache"),
     ]
     code = (
         "import sys, select_images; rc = select_images.main(sys.argv[1:]); "
-        "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'select_ray'))))"
+        "print(rc, sorted(m for m in sys.modules if m == 'ray' or "
+        "m.startswith(('ray.', 'select_ray', 'utils.selection.ray_runner'))))"
     )
     root = Path(select_images.__file__).resolve().parent
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600, cwd=root)

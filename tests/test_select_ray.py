@@ -22,9 +22,9 @@ from fixtures import COLORS, png_bytes, solid_image, tiny_align, tiny_ranker, wr
 from local_server import LocalServer  # noqa: E402
 
 import select_images  # noqa: E402
-import select_ray  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from utils.formats.poi import save_safe_table  # noqa: E402
+from utils.selection import ray_runner as select_ray  # noqa: E402
 
 # Ray's own DataContext warns about its renamed settings; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -95,7 +95,7 @@ def env(tmp_path_factory, bert_dir):
 def ray_session(tmp_path_factory):
     fail_dir = tmp_path_factory.mktemp("ray_fail")
     os.environ[select_ray.FAIL_ENV] = str(fail_dir)
-    started = select_ray.connect(None, num_cpus=2, log_to_driver=False)
+    started = select_ray.connect_ray(None, num_cpus=2, log_to_driver=False)
     yield fail_dir
     if started:
         ray.shutdown()

@@ -203,10 +203,113 @@ class Encoding:
         return cls(**{**values, **override})
 
 
-# --- downloads (utils.fetch): add_downloads ----------------------------------------------
+# --- evaluation (utils.evaluation) ------------------------------------------------------
+def add_bootstrap(p, title: str | None = None):
+    """``--bootstrap``: draws of the evaluators' 95% percentile intervals."""
+    from utils.evaluation import DEFAULT_DRAWS, MAX_DRAWS
+
+    g = _group(p, title)
+    g.add_argument(
+        "--bootstrap",
+        type=cli.non_negative_int,
+        default=DEFAULT_DRAWS,
+        metavar="N",
+        help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)",
+    )
+    return g
+
+
+# --- downloads (utils.fetch): add_downloads, Downloads -----------------------------------
+IMAGE_DEADLINE = 300.0  # seconds for one image, every URL and retry included
+ASSET_DEADLINE = 3600.0  # for one asset (a partial download resumes in the next run)
+
+
+@dataclass(frozen=True)
+class Downloads:
+    """What the download flags say, as one object for ``utils.fetch`` (and the defaults a
+    script gives ``add_downloads``)."""
+
+    workers: int = 8
+    timeout_connect: float = 10.0
+    timeout_read: float = 30.0
+    retries: int = 4
+    backoff: float = 0.5
+    deadline: float = IMAGE_DEADLINE
+    allow_private: bool = False
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return self.timeout_connect, self.timeout_read
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, **override) -> Downloads:
+        flag = {
+            "workers": "download_workers",
+            "deadline": "download_deadline",
+            "allow_private": "allow_private_addresses",
+        }
+        names = {f.name: flag.get(f.name, f.name) for f in fields(cls)}
+        return cls(**{**{k: getattr(ns, n) for k, n in names.items() if hasattr(ns, n)}, **override})
+
+
+IMAGE_DOWNLOADS = Downloads(workers=16)  # download_images.py's defaults
+ASSET_DOWNLOADS = Downloads(timeout_read=60.0, retries=3, deadline=ASSET_DEADLINE)  # download_assets.py's
+ALLOW_PRIVATE_HELP = (
+    "allow URLs and redirects that lead to link-local, private or loopback addresses (by default only a URL "
+    "naming such an address literally, or a host you named: --mirror, --url-prefix-map, HF_ENDPOINT)"
+)
+
+
+def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--download-workers",), title="downloads"):
+    """How downloads run (read back with ``Downloads.from_args``), with this script's
+    ``defaults``; ``worker_flags``: the names of the workers flag (none: no such flag)."""
+    d, g = defaults or Downloads(), _group(p, title)
+    if worker_flags:
+        text = f"concurrent downloads (default {d.workers})"
+        g.add_argument(
+            *worker_flags, dest="download_workers", metavar="N", type=cli.positive_int, default=d.workers, help=text
+        )
+    text = f"connect timeout, seconds (default {d.timeout_connect:g})"
+    g.add_argument("--timeout-connect", type=cli.positive_float, default=d.timeout_connect, help=text)
+    text = f"read timeout: the longest silence between bytes, seconds (default {d.timeout_read:g})"
+    g.add_argument("--timeout-read", "--timeout", type=cli.positive_float, default=d.timeout_read, help=text)
+    text = f"retries per request on connection errors, timeouts, 429 and 5xx (default {d.retries})"
+    g.add_argument("--retries", type=cli.non_negative_int, default=d.retries, help=text)
+    text = f"waits between retries grow as BACKOFF*2^n seconds plus jitter; 0: no wait (default {d.backoff:g})"
+    g.add_argument("--backoff", type=cli.non_negative_float, default=d.backoff, help=text)
+    text = f"a download still running after this long fails: a server trickling its bytes (default {d.deadline:g})"
+    g.add_argument("--download-deadline", metavar="SECONDS", type=cli.positive_float, default=d.deadline, help=text)
+    g.add_argument("--allow-private-addresses", action="store_true", help=ALLOW_PRIVATE_HELP)
+    return g
 
 
 # --- training (utils.training) ------------------------------------------------------------
 
 
 # --- selection (utils.selection) ----------------------------------------------------------
+def add_ray(p, title: str | None = "Ray Data"):
+    """``--ray [ADDRESS]`` and the shape of the Ray run: ``--actors``, ``--cpus-per-actor``,
+    ``--gpus-per-actor``, ``--shard-items``."""
+    g = _group(p, title)
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of "
+        "RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)",
+    )
+    g.add_argument("--actors", type=cli.positive_int, default=1, help="scoring actors, one model set each (default 1)")
+    g.add_argument(
+        "--cpus-per-actor", type=cli.non_negative_float, default=1.0, help="CPUs reserved per actor (default 1)"
+    )
+    g.add_argument(
+        "--gpus-per-actor", type=cli.non_negative_float, default=0.0, help="GPUs per actor (default 0: CPU actors)"
+    )
+    g.add_argument(
+        "--shard-items",
+        type=cli.positive_int,
+        default=64,
+        help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
+    )
+    return g

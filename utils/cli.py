@@ -207,6 +207,14 @@ def finite_float(text: str) -> float:
     return v
 
 
+def positive_float(text: str) -> float:
+    """A finite float > 0 (a timeout of 0 would fail every request)."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
 def non_negative_float(text: str) -> float:
     """A finite float >= 0."""
     v = finite_float(text)

@@ -4,13 +4,17 @@
 - ``exclusive_lock``: one run per destination directory (``flock``; "held by pid N").
 - ``text_lines`` / ``count_text_rows`` / ``read_json``: UTF-8 text read line by line, bad
   bytes reported at their line.
+- ``PartFile`` / ``write_error``: a download's bytes on their way to the final name
+  (resumable); a full disk or a file-size limit as one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +164,72 @@ def read_json(path: str | os.PathLike, what: str | None = None):
         return json.loads("".join(text_lines(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{label}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+class DiskFull(UserError):
+    """The disk is full, or a file-size limit was reached, while writing a file."""
+
+
+def write_error(e: OSError, path: str | os.PathLike) -> UserError:
+    """One line for a write that failed: a full disk (with the space left), a file-size
+    limit, or another cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB"
+        except OSError:
+            free = "unknown"
+        return DiskFull(f"disk full while writing {path} ({e.strerror}); {free} free on that disk")
+    if e.errno == errno.EFBIG:
+        return DiskFull(f"file-size limit reached while writing {path} ({e.strerror})")
+    return UserError(f"cannot write {path} ({e.strerror or e})")
+
+
+class PartFile:
+    """A download on its way to its final name: the bytes go to ``part`` (a fixed
+    ``<file>.part`` to resume across runs, or a unique name), appended to when ``resume``;
+    ``commit(path)`` fsyncs and renames it in one step, ``discard()`` removes it. Opened
+    without following a symbolic link (a planted one would get our bytes into its target).
+    A failed write is a one-line ``write_error``; the part stays for a resume."""
+
+    def __init__(self, part: str | os.PathLike, resume: bool = False):
+        self.path = Path(part)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if resume else os.O_TRUNC)
+        try:
+            self.file = os.fdopen(os.open(self.path, flags, 0o644), "ab" if resume else "wb")
+        except OSError as e:
+            raise write_error(e, self.path) from None
+        self.size = self.file.seek(0, os.SEEK_END)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.discard(keep=True)
+            raise write_error(e, self.path) from None
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Flush and fsync (a rename after a crash must not expose an empty file)."""
+        if self.file.closed:
+            return
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            self.discard(keep=True)
+            raise write_error(e, self.path) from None
+        self.file.close()
+
+    def commit(self, path: str | os.PathLike) -> Path:
+        self.close()
+        os.replace(self.path, path)
+        return Path(path)
+
+    def discard(self, keep: bool = False) -> None:
+        """Close without flushing what is buffered; remove the part unless ``keep``."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

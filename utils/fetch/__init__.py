@@ -1,14 +1,18 @@
-"""Downloading: HTTP sessions with retries and the address policy, verified image
-downloads (``download``), the published assets (``assets``)."""
+"""Downloading: HTTP sessions with retries, the address policy and the deadline (``http``),
+verified image downloads (``images``), the images of a published CSV (``image_set``:
+download_images.py), the asset manifest and its checks (``assets``) and fetching the
+assets (``asset_fetch``: download_assets.py)."""
 
 from utils import front_door
 
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "assets": "AssetError DEFAULT_MANIFEST HASHES_FILE HashRecords NetworkError ROOT check_present "
-        "fetch_asset load_manifest select_assets",
-        "download": "ALLOW_OPTION AddressPolicy DEFAULT_MAX_BYTES FetchResult clean_stale_temps download_one "
-        "make_session parse_url_map unchanged_since url_host",
+        "http": "AddressPolicy Deadline make_session open_session",
+        "images": "DEFAULT_MAX_BYTES FetchResult download_one",
+        "image_set": "ImageJob download_images image_summary plan_images run_images",
+        "assets": "AssetError DEFAULT_MANIFEST HASHES_FILE ROOT Asset HashRecords check_present load_manifest "
+        "select_assets",
+        "asset_fetch": "fetch_assets hf_endpoint",
     },
 )

@@ -1,14 +1,16 @@
-"""Selection on a catalogue: items and candidates, statuses, image resolution, output
-rows (``catalogue``); the local and Ray runners take the block-scoring function as a
-callable."""
+"""Selection on a user's catalogue: the catalogue, statuses, image resolution and output
+rows (``catalogue``); what a run is, the steps both runners share and the local runner
+(``run``); the Ray runner (``ray_runner``) and its shard files (``shards``). The runners
+take the model loader and the block scoring (``models.engine``) as plain functions."""
 
 from utils import front_door
 
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "catalogue": "DOWNLOAD_FAILED DUPLICATE Item MISSING OK OUTPUT_HEADER UNREADABLE assign_final_ranks "
-        "mark_duplicates output_rows read_catalogue resolve_images score_recall set_ranker_scores "
-        "shortlist write_output write_report",
+        "catalogue": "DOWNLOAD_FAILED DUPLICATE Item MISSING OK OUTPUT_HEADER STATUSES UNREADABLE mark_duplicates "
+        "output_rows read_catalogue resolve_images write_output",
+        "run": "Catalogue Clock ModelFiles RayOptions Scoring Selection check_catalogue read_items run_local",
+        "ray_runner": "connect_ray run_on_ray",
     },
 )

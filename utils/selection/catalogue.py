@@ -1,29 +1,21 @@
-"""Helpers of ``select_images.py`` (local and Ray paths): the catalogue, locating
-candidate images (local files and URLs), the per-item scores and orderings, the output
-rows and the HTML report.
+"""The catalogue of ``select_images.py``: rows grouped into items and their candidate
+images, where each image is (local files; URLs downloaded once), the output rows and the
+HTML page.
 
-Catalogue: a CSV (UTF-8, comma-separated, with a header; extra columns are ignored) or a
-Parquet file with the same columns (``.parquet``/``.pq``; row i counts as line i + 2, as
-if it were a CSV with a header):
-
-    item_id,title,poi_names,image
-    1001,西湖一日游,"西湖,雷峰塔",photos/1001_a.jpg
-    1001,西湖一日游,"西湖,雷峰塔",https://example.com/1001_b
-
-one row per candidate image. ``image`` is a local path (a relative path is resolved
-against the directory of the CSV file, not the working directory) or an http(s) URL.
-Rows of one item need not be adjacent; the item's title and poi_names are taken from
-its first row (a differing later row is reported).
+A catalogue is a UTF-8 CSV with the header ``item_id,title,poi_names,image`` (extra
+columns ignored), one row per candidate, or a Parquet file with those columns (row i is
+line i + 2). ``image`` is a local path (relative: to the catalogue's directory) or an
+http(s) URL. An item's rows need not be adjacent; its title and poi_names come from its
+first row.
 """
 
 from __future__ import annotations
 
-from utils.cli import DataError, RowError, check_finite
+from utils.cli import DataError, RowError
 
 import csv
 import hashlib
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,14 +23,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.evaluation import embed_thumbnails, esc, page, summary_spans, thumb_img, write_page
-from utils.formats import open_csv
-from utils.io import atomic_write
+from utils.io import atomic_write, text_lines
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("item_id", "title", "poi_names", "image")
 URL_PREFIXES = ("http://", "https://")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 # candidate statuses
 OK = "ok"  # readable; scored
@@ -46,7 +37,7 @@ MISSING = "missing"  # local file not found
 DOWNLOAD_FAILED = "download_failed"
 UNREADABLE = "unreadable"  # file exists but does not decode
 DUPLICATE = "duplicate"  # same image listed earlier for the same item
-NOT_SCORED = (MISSING, DOWNLOAD_FAILED, UNREADABLE)
+STATUSES = (OK, MISSING, DOWNLOAD_FAILED, UNREADABLE, DUPLICATE)
 
 
 @dataclass
@@ -55,11 +46,10 @@ class Candidate:
     item_id: str
     title: str
     poi_names: str
-    image: str  # as written in the CSV
-    file: str | None = None  # local file read for it (resolved path or downloaded copy)
+    image: str  # as written in the catalogue
+    file: str | None = None  # the local file read for it (resolved path or downloaded copy)
     status: str = OK
     detail: str = ""
-    duplicate_of: int | None = None  # CSV line of the first listing, for duplicates
     recall_score: float | None = None
     recall_rank: int | None = None
     ranker_score: float | None = None
@@ -81,7 +71,7 @@ class Item:
 
     @property
     def scored(self) -> list[Candidate]:
-        """Readable, non-duplicate candidates, in CSV order."""
+        """Readable, non-duplicate candidates, in catalogue order."""
         return [c for c in self.cands if c.status == OK]
 
     @property
@@ -90,113 +80,97 @@ class Item:
 
 
 # ---------------------------------------------------------------------------
-# reading
+# reading: rows, then items
 # ---------------------------------------------------------------------------
-PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
 def is_parquet(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(PARQUET_SUFFIXES)
 
 
-def _add_row(items: dict, errors: list, path: str, line: int, item_id: str, title: str, pois: str, image: str) -> None:
-    item_id, image = item_id.strip(), image.strip()
-    if not item_id or not image:
-        errors.append(
-            RowError(
-                path, line, "empty " + " and ".join(n for n, v in (("item_id", item_id), ("image", image)) if not v)
-            )
+def _lacking(path: str, line: int, found: list[str]) -> None:
+    absent = [c for c in COLUMNS if c not in found]
+    if absent:
+        raise DataError(
+            f"{path}:{line}: the header lacks column(s) {', '.join(absent)} "
+            f"(expected {','.join(COLUMNS)}; found {','.join(found)})"
         )
-        return
-    it = items.get(item_id)
-    if it is None:
-        it = items[item_id] = Item(item_id, title, pois, line)
-    elif (title, pois) != (it.title, it.poi_names):
-        log.warning(
-            "%s:%d: item %s has a different title/poi_names than on line %d; using line %d's",
-            path,
-            line,
-            item_id,
-            it.line,
-            it.line,
-        )
-    it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
 
 
-def _read_parquet(path: str, errors: list[RowError]) -> list[Item]:
+def _csv_rows(path: str, errors: list[RowError]):
+    """``(line, fields)`` of a CSV catalogue, decoded line by line (a bad byte is a bad
+    row at its line); rows that cannot be used go to ``errors``."""
+    seen = len(errors)
+    reader = csv.reader(text_lines(path, errors))
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(f"{path}: unreadable CSV header ({e})") from None
+    if len(errors) > seen:
+        raise DataError(f"{errors[-1]} (the header)")
+    if header is None:
+        raise DataError(f"{path}: empty file (expected the header {','.join(COLUMNS)})")
+    header = [h.strip() for h in header]
+    _lacking(path, 1, header)
+    col = [header.index(c) for c in COLUMNS]
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            errors.append(RowError(path, reader.line_num, f"unreadable CSV ({e})"))
+            continue
+        if not any(x.strip() for x in fields):
+            continue
+        if len(fields) < len(header):
+            lacking = [c for c, i in zip(COLUMNS, col) if i >= len(fields)]
+            why = f"{len(fields)} fields, the header has {len(header)}"
+            errors.append(RowError(path, start, why + (f": no {', '.join(lacking)}" if lacking else "")))
+            continue
+        yield start, [fields[i] for i in col]
+
+
+def _parquet_rows(path: str):
     import pyarrow.parquet as pq  # only for a Parquet catalogue
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # not a Parquet file, truncated ...
         raise DataError(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})") from None
-    names = pf.schema_arrow.names
-    absent = [c for c in COLUMNS if c not in names]
-    if absent:
-        raise DataError(
-            f"{path}: the table lacks column(s) {', '.join(absent)} "
-            f"(expected {','.join(COLUMNS)}; found {','.join(names)})"
-        )
-    items: dict[str, Item] = {}
+    _lacking(path, 1, pf.schema_arrow.names)
     line = 2
     for batch in pf.iter_batches(columns=list(COLUMNS)):
-        cols = [batch.column(c).to_pylist() for c in COLUMNS]
-        for item_id, title, pois, image in zip(*cols):
-            _add_row(items, errors, path, line, *("" if v is None else str(v) for v in (item_id, title, pois, image)))
+        for values in zip(*(batch.column(c).to_pylist() for c in COLUMNS)):
+            yield line, ["" if v is None else str(v) for v in values]
             line += 1
-    return list(items.values())
 
 
 def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item]:
-    """Items of the catalogue in order of first appearance. Bad rows (missing columns,
-    empty item_id or image, unreadable CSV) go to ``errors`` with their line number and
-    are left out; a file without the required header raises ``DataError``."""
+    """Items in order of first appearance. Rows that cannot be used (bad bytes, too few
+    fields, empty item_id or image) go to ``errors`` with their line and are left out;
+    a file without the required columns is a ``DataError``."""
     path = str(path)
-    if is_parquet(path):
-        return _read_parquet(path, errors)
     items: dict[str, Item] = {}
-    with open_csv(path) as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: unreadable CSV header ({e})") from None
-        if header is None:
-            raise DataError(f"{path}: empty file (expected the header {','.join(COLUMNS)})")
-        header = [h.strip() for h in header]
-        absent = [c for c in COLUMNS if c not in header]
-        if absent:
-            raise DataError(
-                f"{path}:1: the header lacks column(s) {', '.join(absent)} "
-                f"(expected {','.join(COLUMNS)}; found {','.join(header)})"
+    for line, (item_id, title, pois, image) in _parquet_rows(path) if is_parquet(path) else _csv_rows(path, errors):
+        item_id, image = item_id.strip(), image.strip()
+        if not item_id or not image:
+            empty = " and ".join(n for n, v in (("item_id", item_id), ("image", image)) if not v)
+            errors.append(RowError(path, line, "empty " + empty))
+            continue
+        it = items.get(item_id)
+        if it is None:
+            it = items[item_id] = Item(item_id, title, pois, line)
+        elif (title, pois) != (it.title, it.poi_names):
+            log.warning(
+                "%s:%d: item %s: title/poi_names differ from line %d; using those", path, line, item_id, it.line
             )
-        col = {c: header.index(c) for c in COLUMNS}
-        while True:
-            start = reader.line_num + 1
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except (csv.Error, UnicodeDecodeError) as e:
-                errors.append(RowError(path, reader.line_num, f"unreadable CSV ({e})"))
-                continue
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            if len(fields) < len(header):
-                lacking = [c for c in COLUMNS if col[c] >= len(fields)]
-                errors.append(
-                    RowError(
-                        path,
-                        start,
-                        f"{len(fields)} fields, the header has "
-                        f"{len(header)}" + (f": no {', '.join(lacking)}" if lacking else ""),
-                    )
-                )
-                continue
-            _add_row(items, errors, path, start, *(fields[col[c]] for c in COLUMNS))
+        it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
     return list(items.values())
 
 
+# ---------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------
 def mark_duplicates(items: list[Item]) -> int:
     """Mark a candidate listing the same image (same URL, or same resolved local file)
     as an earlier candidate of the same item; returns how many were marked."""
@@ -206,8 +180,7 @@ def mark_duplicates(items: list[Item]) -> int:
         for c in it.cands:
             key = c.image if c.is_url else (os.path.realpath(c.file) if c.file else c.image)
             if key in first:
-                c.status, c.duplicate_of = DUPLICATE, first[key].line
-                c.detail = f"same image as line {first[key].line}"
+                c.status, c.detail = DUPLICATE, f"same image as line {first[key].line}"
                 n += 1
             else:
                 first[key] = c
@@ -219,13 +192,17 @@ def url_stem(url: str) -> str:
     return "u" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
+def _resolve_local(c: Candidate, csv_dir, counts: dict) -> None:
+    p = Path(os.path.expanduser(c.image))
+    c.file = str(p if p.is_absolute() else Path(csv_dir) / p)
+    counts["local"] += 1
+    if not os.path.isfile(c.file):
+        c.status, c.detail = MISSING, f"no such file: {c.file}"
+        counts["missing"] += 1
+
+
 def resolve_images(
-    items: list[Item],
-    csv_dir: str | os.PathLike,
-    image_cache: str | os.PathLike,
-    workers: int = 8,
-    timeout: float = 30.0,
-    progress: bool = True,
+    items: list[Item], csv_dir, image_cache, workers: int = 8, timeout: float = 30.0, progress: bool = True
 ) -> dict:
     """Set ``file`` (or a failure status) of every candidate. Local paths are resolved
     against ``csv_dir``; each distinct URL is downloaded once into ``image_cache`` as
@@ -233,21 +210,13 @@ def resolve_images(
     Returns counts ``{"local", "missing", "urls", "downloaded", "reused", "failed"}``."""
     from utils.fetch import download_one, make_session
 
-    cands = [c for it in items for c in it.cands]
-    counts = {"local": 0, "missing": 0, "urls": 0, "downloaded": 0, "reused": 0, "failed": 0}
+    counts = dict.fromkeys(("local", "missing", "urls", "downloaded", "reused", "failed"), 0)
     urls: dict[str, list[Candidate]] = {}
-    for c in cands:
+    for c in (c for it in items for c in it.cands):
         if c.is_url:
             urls.setdefault(c.image, []).append(c)
-            continue
-        p = Path(os.path.expanduser(c.image))
-        if not p.is_absolute():
-            p = Path(csv_dir) / p
-        c.file = str(p)
-        counts["local"] += 1
-        if not p.is_file():
-            c.status, c.detail = MISSING, f"no such file: {p}"
-            counts["missing"] += 1
+        else:
+            _resolve_local(c, csv_dir, counts)
     counts["urls"] = len(urls)
     if not urls:
         return counts
@@ -258,245 +227,45 @@ def resolve_images(
         return url, download_one(session, [url], image_cache, url_stem(url), timeout=(min(10.0, timeout), timeout))
 
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for url, res in tqdm(
-            ex.map(fetch, list(urls)), total=len(urls), desc="download", unit="img", disable=not progress, leave=False
-        ):
+        done = ex.map(fetch, list(urls))
+        for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
             for c in urls[url]:
                 if res.status in ("ok", "skipped"):
                     c.file = str(Path(image_cache) / res.file)
                 else:
                     c.status, c.detail = DOWNLOAD_FAILED, res.error or res.error_kind or "failed"
-            key = {"ok": "downloaded", "skipped": "reused"}.get(res.status, "failed")
-            counts[key] += 1
+            counts[{"ok": "downloaded", "skipped": "reused"}.get(res.status, "failed")] += 1
             if res.status == "failed":
                 log.warning("download failed: %s (%s)", url, res.error)
     session.close()
-    log.info(
-        "images: %d local (%d missing); %d distinct URLs: %d downloaded, %d reused from %s, %d failed",
-        counts["local"],
-        counts["missing"],
-        counts["urls"],
-        counts["downloaded"],
-        counts["reused"],
-        image_cache,
-        counts["failed"],
-    )
+    log.info("images: %s (cache %s)", ", ".join(f"{v} {k}" for k, v in counts.items()), image_cache)
     return counts
-
-
-# ---------------------------------------------------------------------------
-# orderings
-# ---------------------------------------------------------------------------
-def order_desc(cands: list[Candidate], key) -> list[Candidate]:
-    """Stable descending sort by ``key(c)``: ties keep the incoming order."""
-    return sorted(cands, key=lambda c: -key(c))
-
-
-def assign_recall_ranks(item: Item) -> list[Candidate]:
-    """Recall rank 1.. by recall score (ties: CSV order); returns the ordered list."""
-    ranked = order_desc(item.scored, lambda c: c.recall_score)
-    for r, c in enumerate(ranked, 1):
-        c.recall_rank = r
-    return ranked
-
-
-def score_recall(items: list[Item], image_vec, title_vec) -> None:
-    """Stage 1: ``recall_score`` = image vector . title vector for every scored candidate
-    (``image_vec[file]``, ``title_vec[title]``: normalised torch/numpy vectors), then the
-    recall ranks. A non-finite score (NaN weights) is a ``DataError``."""
-    for it in items:
-        tvec = title_vec[it.title]
-        for c in it.scored:
-            c.recall_score = check_finite(
-                float(image_vec[c.file] @ tvec), f"recall score of item {it.item_id} line {c.line}"
-            )
-        assign_recall_ranks(it)
-
-
-def shortlist(items: list[Item], k: int) -> list[Candidate]:
-    """The candidates stage 2 scores: the top ``k`` of every item by recall rank, in
-    item order, CSV order within an item."""
-    return [c for it in items for c in it.scored if c.recall_rank <= k]
-
-
-def set_ranker_scores(cands: list[Candidate], scores, where: str = "") -> None:
-    """Stage 2 scores, in the order of ``cands``. A non-finite score (a POI table or
-    a checkpoint holding NaN/inf) is a ``DataError`` naming the candidate: nothing is
-    selected on a NaN."""
-    scores = [float(x) for x in scores]
-    if len(scores) != len(cands):
-        raise ValueError(f"{len(scores)} ranker scores for {len(cands)} candidates")
-    for c, x in zip(cands, scores):
-        if not math.isfinite(x):
-            raise DataError(
-                f"ranker score of item {c.item_id} line {c.line}{where} is {x}: the POI "
-                f"vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold "
-                f"NaN/inf values; nothing is selected on such a score"
-            )
-        c.ranker_score = x
-
-
-def assign_final_ranks(item: Item) -> list[Candidate]:
-    """Final order: candidates scored by the ranker, by ranker score (ties: recall
-    rank), then the rest by recall rank. Rank 1 is selected. Returns the ordered list."""
-    by_recall = sorted(item.scored, key=lambda c: c.recall_rank)
-    stage2 = order_desc([c for c in by_recall if c.ranker_score is not None], lambda c: c.ranker_score)
-    final = stage2 + [c for c in by_recall if c.ranker_score is None]
-    for r, c in enumerate(final, 1):
-        c.final_rank = r
-        c.selected = r == 1
-    return final
 
 
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
-OUTPUT_HEADER = (
-    "item_id",
-    "line",
-    "image",
-    "status",
-    "recall_score",
-    "recall_rank",
-    "ranker_score",
-    "final_rank",
-    "selected",
-    "file",
-    "detail",
+OUTPUT_HEADER = tuple(
+    "item_id line image status recall_score recall_rank ranker_score final_rank selected file detail".split()
 )
 
 
-def _num(x) -> str:
+def output_rows(items: list[Item]):
+    """One tuple per candidate (the fields of ``OUTPUT_HEADER``, None where empty), items
+    in input order, candidates in catalogue order."""
+    for c in (c for it in items for c in it.cands):
+        yield tuple(getattr(c, f) for f in OUTPUT_HEADER[:8]) + (int(c.selected), c.file or "", c.detail)
+
+
+def _cell(x) -> str:
     if x is None:
         return ""
     return f"{x:.9g}" if isinstance(x, float) else str(x)
 
 
-def output_rows(items: list[Item]):
-    """One tuple per candidate (the fields of ``OUTPUT_HEADER``, None where empty), items
-    in input order, candidates in CSV order."""
-    for it in items:
-        for c in it.cands:
-            yield (
-                c.item_id,
-                c.line,
-                c.image,
-                c.status,
-                c.recall_score,
-                c.recall_rank,
-                c.ranker_score,
-                c.final_rank,
-                int(c.selected),
-                c.file or "",
-                c.detail,
-            )
-
-
-def format_row(row) -> list[str]:
-    """The CSV text of an output row (floats with 9 significant digits)."""
-    return [_num(x) for x in row]
-
-
-def write_output(path: str | os.PathLike, items: list[Item]) -> int:
-    """The output CSV (written atomically): one row per candidate."""
-    n = 0
+def write_output(path: str | os.PathLike, items: list[Item]) -> None:
+    """The output CSV (written atomically): one row per candidate, floats to 9 digits."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)
-        for row in output_rows(items):
-            w.writerow(format_row(row))
-            n += 1
-    return n
-
-
-_SELECT_CSS = """
-figure.sel img,figure.sel .none{border-color:#2a2;border-width:3px}
-figure.sel figcaption{color:#070;font-weight:bold}
-figure.short img{outline:1px dashed #88c}
-figure.bad img,figure.bad .none,figure.dup img{opacity:.45}
-figure.bad figcaption,figure.dup figcaption{color:#a33}
-.legend{color:#555;margin:0 0 8px}
-"""
-
-
-def _display_order(it: Item) -> list[Candidate]:
-    ranked = sorted((c for c in it.cands if c.final_rank is not None), key=lambda c: c.final_rank)
-    return ranked + [c for c in it.cands if c.final_rank is None]
-
-
-def _item_block(it: Item, tid: dict) -> str:
-    sel = it.selected
-    res = f"selected line {sel.line}" if sel else "no readable candidate: nothing selected"
-    out = [
-        f'<div class="poi{"" if sel else " miss"}"><div class="head">'
-        f'<span class="id">{esc(it.item_id)}</span><b>{esc(it.title)}</b>'
-        + (f' <span class="id">POIs: {esc(it.poi_names)}</span>' if it.poi_names.strip() else "")
-        + f'<span class="res">{esc(res)}</span></div><div class="row">'
-    ]
-    for c in _display_order(it):
-        cls = (
-            "sel"
-            if c.selected
-            else "short"
-            if c.ranker_score is not None
-            else "dup"
-            if c.status == DUPLICATE
-            else "bad"
-            if c.status != OK
-            else ""
-        )
-        name = os.path.basename(c.image.split("?", 1)[0]) or c.image
-        pic = thumb_img(tid.get(c.file) if c.status != UNREADABLE else None, name)
-        if c.final_rank is not None:
-            cap = f"#{c.final_rank}"
-            if c.ranker_score is not None:
-                cap += f" r {c.ranker_score:.3f}"
-            cap += f"<br>recall {c.recall_score:.3f} ({c.recall_rank})"
-        else:
-            cap = esc(c.status)
-        out.append(
-            f'<figure class="{cls}" title="{esc(c.image)} (line {c.line}) '
-            f'{esc(c.detail)}">{pic}<figcaption>{cap}<br>{esc(name)}</figcaption></figure>'
-        )
-    out.append("</div></div>")
-    return "\n".join(out)
-
-
-def write_report(
-    path: str | os.PathLike,
-    items: list[Item],
-    summary: dict | None = None,
-    title: str = "Image selection",
-    page_size: int = 50,
-    workers: int = 4,
-    progress: bool = True,
-) -> dict:
-    """A self-contained HTML page (the recall report's skeleton, utils/report.py:
-    thumbnails embedded once each, 50 items a page): every item, its candidates in final
-    order, the selected one framed green, candidates that reached the ranker outlined,
-    the ones not scored (missing, unreadable, duplicate) faded at the end. Items without
-    a selection come first. Returns ``{"thumbnails", "missing", "bytes"}``."""
-    shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first
-    files = list(
-        dict.fromkeys(c.file for it in shown for c in it.cands if c.file and c.status in (OK, DUPLICATE, UNREADABLE))
-    )
-    tid, thumbs = embed_thumbnails(files, workers=workers, progress=progress)
-    legend = (
-        '<p class="legend">green frame: selected; dashed outline: scored by the ranker; '
-        "caption: #final rank, ranker score, recall score (recall rank); faded: not "
-        "scored. Items without a selection come first.</p>"
-    )
-    pages = [
-        (f"{a + 1}-{a + len(shown[a : a + page_size])}", [_item_block(it, tid) for it in shown[a : a + page_size]])
-        for a in range(0, len(shown), page_size)
-    ]
-    size = write_page(path, page(title, summary_spans(summary), pages, thumbs, css=_SELECT_CSS, after_summary=[legend]))
-    log.info(
-        "wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB",
-        path,
-        len(shown),
-        len(thumbs),
-        len(files) - len(thumbs),
-        size / 1e6,
-    )
-    return {"thumbnails": len(thumbs), "missing": len(files) - len(thumbs), "bytes": size}
+        w.writerows([_cell(x) for x in row] for row in output_rows(items))
