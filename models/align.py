@@ -26,7 +26,18 @@ from .bert import BertConfig, BertEncoder, BertTokenizer
 
 # Sane bounds, checked before anything is built: a wrong number would otherwise ask for terabytes.
 MAX_EMBED_DIM, MAX_TEXT_LAYERS = 1 << 14, 64
-IMAGE_OVERRIDES = ("width_coefficient", "depth_coefficient", "dropout_rate", "drop_connect_rate")
+# efficientnet_pytorch parameters a small variant may change: (lowest, highest)
+IMAGE_OVERRIDES = {
+    "width_coefficient": (0.01, 4),
+    "depth_coefficient": (0.01, 4),
+    "depth_divisor": (1, 64),
+    "min_depth": (1, 1024),
+    "dropout_rate": (0, 0.99),
+    "drop_connect_rate": (0, 0.99),
+    "batch_norm_momentum": (0, 1),
+    "batch_norm_epsilon": (0, 1),
+    "image_size": (1, 4096),
+}
 
 
 class ModelFilesError(UserError, FileNotFoundError):
@@ -63,10 +74,10 @@ class AlignArch:
         for name, top in (("text_layers", MAX_TEXT_LAYERS), ("embed_dim", MAX_EMBED_DIM)):
             if not 1 <= getattr(arch, name) <= top:
                 raise ValueError(f"architecture field {name!r} must be 1 to {top}, found {getattr(arch, name)}")
-        for k, v in arch.image_overrides.items():  # coefficients in (0, 4], rates in [0, 1)
-            number = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if k not in IMAGE_OVERRIDES or not number or not (0 < v <= 4 if k.endswith("coefficient") else 0 <= v < 1):
-                raise ValueError(f"image override {k}={v!r}: one of {', '.join(IMAGE_OVERRIDES)}, in bounds")
+        for k, v in arch.image_overrides.items():
+            low, high = IMAGE_OVERRIDES.get(k, (1, 0))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ValueError(f"image override {k}={v!r}: expected one of {', '.join(IMAGE_OVERRIDES)}, in bounds")
         return arch
 
     @classmethod

@@ -16,7 +16,7 @@ ranking), ranked by a stable descending sort, so ties keep gallery order.
 
 from __future__ import annotations
 
-from utils.cli import DataError, UserError, bad_rows, resolve_device
+from utils.cli import DataError, bad_rows, resolve_device
 
 import logging
 import os
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from utils.args import Encoding
-from utils.evaluation import stable_topk
+from utils.evaluation import commit_outputs, stable_topk
 from utils.formats import (
     RecallRow,
     index_images,
@@ -37,7 +37,7 @@ from utils.formats import (
     write_missing_list,
     write_topk,
 )
-from utils.io import atomic_outputs, write_json
+from utils.io import write_json
 
 from .engine import RecallModel, prefetch_images
 from .factory import MODELS, build_recall_model
@@ -160,7 +160,7 @@ def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
 
 def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top, meta: dict) -> None:
     """Every output of the run, committed together or not at all: a failed write (disk
-    full, file-size limit) is one ``UserError`` and the previous outputs stay as they were."""
+    full, file-size limit) is one ``UserError`` and the previous outputs stay."""
     qids, qnames, names = list(g.queries), list(g.queries.values()), [p.name for _, p in g.images]
     gallery_paths = [str(p) for _, p in g.images]
     top_vals, top_idx = top
@@ -171,32 +171,25 @@ def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top,
     )
     emb_meta = ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
     arrays = {"image_emb": img_emb.numpy(), "image_names": names, "image_ok": ok.numpy(), "text_emb": txt_emb.numpy()}
-    writers = {
-        "--output": lambda p: write_topk(p, topk_rows),
-        "--full-output": lambda p: write_full(p, qids, qnames, gallery_paths, scores.numpy()),
-        "--missing-list": lambda p: write_missing_list(p, g.missing, g.unreadable),
-        "--save-embeddings": lambda p: save_embeddings(
-            p, **arrays, poi_ids=qids, poi_names=qnames, meta={k: meta[k] for k in emb_meta}
-        ),
-        "meta": lambda p: write_json(p, meta, indent=1),
-    }
-    targets = dict(job.outputs)
-    if not (g.missing or g.unreadable):
-        targets["--missing-list"] = None
-    current = None
-    try:
-        with atomic_outputs(*targets.values()) as temps:
-            for (flag, target), tmp in zip(targets.items(), temps):
-                if target is not None:
-                    current = target
-                    writers[flag](tmp)
-    except OSError as e:
-        raise UserError(f"cannot write {current} ({e.strerror or e}); no output of this run was kept") from None
+    outs = job.outputs
+    commit_outputs(
+        {
+            outs["--output"]: lambda p: write_topk(p, topk_rows),
+            outs["--full-output"]: lambda p: write_full(p, qids, qnames, gallery_paths, scores.numpy()),
+            outs["--save-embeddings"]: lambda p: save_embeddings(
+                p, **arrays, poi_ids=qids, poi_names=qnames, meta={k: meta[k] for k in emb_meta}
+            ),
+            outs["--missing-list"] if g.missing or g.unreadable else None: lambda p: write_missing_list(
+                p, g.missing, g.unreadable
+            ),
+            outs["meta"]: lambda p: write_json(p, meta, indent=1),
+        }
+    )
     log.info("wrote %s: top %d of %d images for %d POIs", job.output, top_idx.shape[1], len(names), len(qids))
     if g.missing or g.unreadable:
         log.warning(
             f"{len(g.missing)} images missing on disk (left out), {len(g.unreadable)} unreadable "
-            f"({meta['unreadable_policy']}); listed in {targets['--missing-list']}"
+            f"({meta['unreadable_policy']}); listed in {outs['--missing-list']}"
         )
 
 
