@@ -32,7 +32,7 @@ from utils.io import read_json, text_lines
 
 from .align import ModelFilesError
 from .bert import check_sizes
-from .checkpoint import CheckpointError, load_state, read_checkpoint
+from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP
     """Taiyi-CLIP in eval mode from local directories; ``text_weights`` (the authors'
     fine-tuned ``pytorch_model.bin``) replaces the weights of ``text_dir``."""
     text_cfg, vision_cfg = text_config(text_dir), vision_config(clip_dir)
-    with torch.device("meta"):  # every weight is loaded next, strictly
+    with empty_model():
         model = TaiyiCLIP(text_cfg, vision_cfg)
     load_text_state(model, text_weights or find_weights(text_dir, "--taiyi-text-dir"))
     load_vision_state(model, find_weights(clip_dir, "--clip-dir"))
