@@ -24,6 +24,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -158,6 +159,11 @@ def _mismatch(model, sd: dict, expected: dict, benign: set, source: str, hint: s
     raise CheckpointError("\n".join(parts))
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """numpy's isfinite: a sixth of torch's time on the released model (numpy has no bfloat16)."""
+    return bool(np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all())
+
+
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
     """Strictly load ``sd`` into ``model`` (which takes its tensors, cast to the model's
     dtypes); returns the benign keys it ignored. ``prefix``: where the recall model sits
@@ -167,9 +173,9 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", 
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
     _mismatch(model, sd, expected, benign, source, hint)
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
-    for k, v in keep.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise CheckpointError(f"{source}: tensor {k} holds NaN or infinite values")
+    bad = next((k for k, v in keep.items() if v.is_floating_point() and not _finite(v)), None)
+    if bad:
+        raise CheckpointError(f"{source}: tensor {bad} holds NaN or infinite values")
     ignored = sorted(k for k in sd if k not in expected)
     if ignored:
         log.info("%s: ignored %d tensors that inference does not use: %s", source, len(ignored), ", ".join(ignored))
