@@ -1,12 +1,7 @@
-"""The text tower of the alignment model: a BERT encoder and its WordPiece tokenizer, so
-that a run does not import transformers (2 s of start-up).
-
-State-dict keys and computation are those of transformers' ``BertModel`` (post-LayerNorm
-layers, exact GELU, scaled-dot-product attention with a boolean padding mask), so the
-released checkpoint loads as it is; tests/test_bert.py checks states and token ids
-against transformers. The tokenizer is the ``tokenizers`` library's WordPiece set up as
-bert-base-chinese's ``BertTokenizer``: cleaning, CJK split, lower-casing without
-accents, punctuation split, ``[CLS] ... [SEP]``, truncation, padding to the longest.
+"""The text tower: a BERT encoder and its WordPiece tokenizer, so that a run does not
+import transformers (2 s). Keys and computation are those of transformers' ``BertModel``
+and ``BertTokenizer`` (bert-base-chinese's settings, on the ``tokenizers`` library), so the
+released checkpoint loads as it is; tests/test_bert.py checks both against transformers.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """The one way checkpoints are read and written, for every model.
 
-Released formats (SPEC sections 2 and 5): recall ``align_model.pth`` =
-``torch.save({"state_dict": sd})``; ranker ``shoucai_siamese_...ckpt`` = a bare state dict
-holding the recall model under ``align_model.``. A ``.safetensors`` file (no pickle; see
-convert_weights.py) is read wherever a checkpoint is, its recorded architecture in its
-metadata. Known wrappers are unwrapped with a notice: DataParallel/DDP (every key under
-``module.``), ``{"model": sd}``, ``{"state_dict": sd, ...}``, Lightning (``model.``).
-
-Loading: ``torch.load(weights_only=True)``; the model is built on the meta device (no
-memory, no random initialisation) and takes the file's tensors (``assign``) once the
-strict check passed: every key and shape must match, beyond the benign extras SPEC names
-(reported); the weights must be finite. Anything else is a ``CheckpointError`` naming the
-file and the keys. Small variants record their ``AlignArch`` (``"arch"`` in the wrapper,
-or ``<checkpoint>.arch.json`` beside a bare ranker file); released files get the default.
+Released formats (SPEC 2, 5): recall ``align_model.pth`` = ``{"state_dict": sd}``; ranker
+``shoucai_siamese_...ckpt`` = a bare state dict with the recall model under ``align_model.``.
+``.safetensors`` (no pickle; convert_weights.py) is read wherever a checkpoint is, its
+architecture in the metadata. Known wrappers (DataParallel's ``module.``, ``{"model": sd}``,
+a training script's ``{"state_dict": sd, ...}``, Lightning's ``model.``) are unwrapped
+with a notice. Loading: ``torch.load(weights_only=True)``, the model built on the meta
+device, then strict: every key and shape must match beyond the benign extras SPEC names,
+and the weights must be finite, else a ``CheckpointError`` naming the file and keys.
+Small variants record their ``AlignArch`` (``"arch"``, or ``<checkpoint>.arch.json``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""The recall stage end to end, as recall_infer.py and reproduce.py run it:
+"""The recall stage end to end, as recall_infer.py runs it and reproduce.py can:
+``run_recall(RecallJob(csv, image_dir, output, files={"checkpoint": ..., "bert_dir": ...}))``
+returns the run record (``<output>.meta.json``).
 
-    record = run_recall(RecallJob(csv, image_dir, output, files={"checkpoint": ..., "bert_dir": ...}))
-
-read the CSV and find the gallery (``read_gallery``) -> start decoding it -> load the
-model (``models.factory``) -> encode images and POI names -> cosines and the stable
-top-k -> write every output together (``write_outputs``). Returns the run record (what
-``<output>.meta.json`` holds).
-
-Gallery: one image per CSV row, ``<poi_id>_<rank>.<ext>`` in ``image_dir``, CSV order.
-A row without a file is left out (the authors' gallery held what they had downloaded);
-an unreadable file is scored as the zero image (SPEC 3) unless ``skip_missing``; both
-are listed in the missing list. Scores are cosines (``logit_scale`` changes no
-ranking), ranked by a stable descending sort, so ties keep gallery order.
+Gallery: one image per CSV row, ``<poi_id>_<rank>.<ext>`` in ``image_dir``, CSV order; a
+row without a file is left out (the authors' gallery held what they had downloaded), an
+unreadable file is scored as the zero image (SPEC 3) unless ``skip_missing``. Scores are
+cosines (``logit_scale`` changes no ranking) ranked by a stable sort: ties keep gallery order.
 """
 
 from __future__ import annotations

@@ -394,3 +394,14 @@ def test_lanes_decode_everything_when_nothing_was_decoded_ahead(model, gallery, 
         prefetch=source,
     )
     assert torch.equal(got, ref) and sorted(decoded_here) == sorted(map(str, paths))
+
+
+def test_encoding_leaves_the_model_as_it_was_found(model, gallery):
+    """Train mode and the plain memory format survive an encoding run in channels_last."""
+    conv = next(p for p in model.image_model.parameters() if p.dim() == 4)
+    model.train()
+    try:
+        encode_images(model, _paths(gallery)[:2], Encoding(batch_size=2, num_workers=0, progress=False))
+        assert model.training and conv.is_contiguous()
+    finally:
+        model.eval()

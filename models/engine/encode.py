@@ -69,11 +69,6 @@ def default_lanes() -> int:
     return max(1, min(cpu_cores(), torch.get_num_threads()))
 
 
-def default_text_batch_size(device) -> int:
-    """16 on a CPU (1.4x faster than 64: activations stay in cache), 256 on CUDA."""
-    return 256 if torch.device(device).type == "cuda" else 16
-
-
 def native_low_precision(device, precision: str) -> bool:
     """False when ``precision`` would be emulated (a CPU without AVX-512 BF16 / AMX)."""
     if precision == "fp32" or torch.device(device).type != "cpu":
@@ -374,7 +369,8 @@ def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding(), *, max_len
     """``len(texts) x D`` float32 normalised on the CPU. Each distinct string is encoded
     once, in batches of similar length (``enc.text_batch_size``, None: the device default)."""
     device = _device_of(model)
-    batch_size = enc.text_batch_size or default_text_batch_size(device)
+    # default 16 on a CPU (1.4x faster than 64: activations stay in cache), 256 on CUDA
+    batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
     distinct = list(dict.fromkeys(texts))
     if not distinct:
         return torch.empty(0, _embed_dim(model))

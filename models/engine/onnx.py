@@ -1,21 +1,14 @@
-"""The ONNX Runtime engine for the image tower: the same vectors as torch (checked to
-1e-5 on every load), several times torch's images/s on a CPU.
+"""The ONNX Runtime engine for the image tower: the vectors of torch (checked to 1e-5 on
+every load), several times torch's images/s on a CPU. ``image_encoder_for(model, backend,
+device)`` gives what ``RecallModel`` runs; ``OnnxImageEncoder(model)(x, normalize)``.
 
-    enc = OnnxImageEncoder(model, weights_hash=model_hash(model))   # export once, cached
-    raw = enc(x, normalize=False)                                   # as model.encode_image
-    image_encoder_for(model, "auto", device)                        # what RecallModel uses
-
-Exported: ``encode_image`` as one graph with a dynamic batch and two outputs (normalised
-and raw), by torch's TorchScript exporter (one self-contained file; the dynamo exporter
-only if that one fails). Cached as ``<dir>/image_<key>.onnx`` (key: weights hash,
-architecture, input size, torch version, exporter), written atomically; ``dir``: the
-argument, else ``$AVAS_ONNX_CACHE``, else ``$XDG_CACHE_HOME/avas/onnx``. A cached file
-that does not load or agree is exported again; a fresh export that still disagrees is
-refused, and ``image_encoder_for`` warns and falls back to torch.
-
-Threads: made for ``lanes`` callers at once (default one per core), each on ``threads``
-intra-op threads (default the cores shared among the lanes: 1), spinning off (see
-``encode``). CPU and fp32 only.
+Exported: ``encode_image`` as one graph with a dynamic batch and both outputs (normalised
+and raw), by torch's TorchScript exporter (the dynamo one if it fails), cached atomically
+as ``<dir>/image_<key>.onnx`` (key: weights hash, architecture, input size, torch,
+exporter); ``dir``: the argument, ``$AVAS_ONNX_CACHE``, or ``~/.cache/avas/onnx``. A
+cached file that does not load or agree is exported again; a fresh one that disagrees is
+refused (``image_encoder_for`` then warns and uses torch). CPU and fp32 only; made for
+``lanes`` callers at once, each on ``threads`` intra-op threads (see ``encode``).
 """
 
 from __future__ import annotations
@@ -70,13 +63,6 @@ def onnxruntime_available() -> bool:
     except OnnxBackendError:
         return False
     return True
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("AVAS_ONNX_CACHE"):
-        return Path(os.environ["AVAS_ONNX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "avas" / "onnx"
 
 
 class _ImageGraph(nn.Module):
@@ -149,7 +135,8 @@ class OnnxImageEncoder:
         ort = require_onnxruntime()
         weights_hash = weights_hash() if callable(weights_hash) else weights_hash or model_hash(model)
         self.exported = False
-        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avas" / "onnx"
+        self.dir = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
         self.path = self.dir / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
         t = time.perf_counter()
         if not self.path.is_file():
