@@ -368,7 +368,7 @@ def engine_alone(rm, paths, batches: int = 4) -> tuple[str, float, str]:
         x = torch.stack([load_image(p)[0] for p in paths[:bs]])
         e(x)  # warm-up
 
-        def run():
+        def run(e=e, x=x):
             for _ in range(batches):
                 e(x)
 
