@@ -178,17 +178,15 @@ class EmbeddingCache:
             for sha, ok, blob, crc in self._select(q, [ns], want):
                 vec = np.frombuffer(blob, dtype=np.float32)
                 unverified += crc is None
-                if (crc is not None and crc != _crc(blob, bool(ok))) or (dim is not None and vec.size != dim):
-                    rejected += 1
-                elif not np.isfinite(vec).all():
+                damaged = crc is not None and crc != _crc(blob, bool(ok))
+                if damaged or (dim is not None and vec.size != dim) or not np.isfinite(vec).all():
                     rejected += 1
                 else:
                     out[sha] = (vec, bool(ok))
         if rejected:
             log.warning(
-                "embedding cache %s: %d vectors failed their checksum or are not finite; encoding them again",
-                self.path,
-                rejected,
+                f"embedding cache {self.path}: {rejected} vectors failed their checksum or are not finite; "
+                "encoding them again"
             )
         if unverified:
             log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)
