@@ -53,8 +53,6 @@ PREPROCESS_MODES = ("reference", "fast")
 # (v / 255 - mean) / std in float64, as the reference computes it, for every uint8 v
 _LUT = np.stack([(np.arange(256) / 255.0 - MEAN[c]) / STD[c] for c in range(3)]).astype(np.float32)
 
-# The recall set holds photos up to 61 MP; Pillow's bomb check would refuse them.
-Image.MAX_IMAGE_PIXELS = 200_000_000
 cv2.setNumThreads(1)  # decoding runs in worker processes or lanes; avoid oversubscription
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -72,10 +70,13 @@ def _pil_rgb(src, mode: str) -> np.ndarray:
 
 
 def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
-    """libjpeg-turbo's decode of a YCbCr / grey JPEG, or None (let Pillow decide)."""
+    """libjpeg-turbo's decode of a YCbCr / grey JPEG, or None: Pillow decides (whatever
+    the fast decoder fails on, and images beyond Pillow's decompression-bomb bound, which
+    is kept as the reference runs it)."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray") or h * w > Image.MAX_IMAGE_PIXELS:
+        limit = Image.MAX_IMAGE_PIXELS
+        if colorspace not in ("YCbCr", "Gray") or (limit is not None and h * w > 2 * limit):
             return None
         buf = None
         if scratch and h * w * 3 <= SCRATCH_MAX_BYTES:
@@ -85,7 +86,7 @@ def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
         return simplejpeg.decode_jpeg(
             data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True, buffer=buf
         )
-    except ValueError:  # a warning in strict mode, or a header it cannot read
+    except Exception:  # a warning in strict mode, a header it cannot classify (KeyError), ...
         return None
 
 
