@@ -1,24 +1,17 @@
 #!/usr/bin/env python
-"""Rebuild the ranker's two POI vector tables from a recall model, for your own POIs.
+"""Build the ranker's two POI vector tables from a recall model, for your own POIs.
 
     python build_poi_tables.py --csv my_pois.csv --image-dir my_poi_images \\
         --checkpoint assets/weights/align_model.pth --bert-dir assets/bert-base-chinese \\
         --out-image-vectors my_poi_img.npz --out-name-vectors my_poi_name.npz
 
-Input: a recall-format CSV (``poi_id, poi_name, image_url, rank_number, width, height,
-extend``, no header) and its images as download_images.py names them
-(``<poi_id>_<rank_number>.<ext>``); the checkpoint may be a recall model or a ranker
-(its recall-model copy is used).
-
-Output, keyed by POI name (the CSV field stripped of spaces): name vectors
-(``encode_text(poi_name)``, L2-normalised) and mean image vectors (the mean of the POI's
-normalised image vectors, L2-normalised again: the normalised variant SPEC section 5
-names as the default table; ``--no-normalize-mean`` keeps the plain mean). POIs that
-share a name are pooled. Missing and unreadable images are left out of the mean (not
-averaged in as the zero image); a POI without any readable image gets no image vector.
-The tables are written together in the safe ``.npz`` format; ``--also-npy`` adds the
-authors' pickled-dict ``.npy`` beside each. rank_eval.py looks vectors up by the
-unstripped names of an item's POI list, as the authors did.
+Input: a recall-format CSV and its images as download_images.py names them; the
+checkpoint may be a recall model or a ranker (its recall copy is used). Output, keyed by
+the POI name: its text vector, and the mean of its readable images' vectors, L2-normalised
+again (the default table's variant; ``--no-normalize-mean`` keeps the plain mean). POIs
+sharing a name are pooled; missing and unreadable images are left out, never averaged in
+as the zero image. Both tables are written together, in the safe ``.npz`` format
+(``--also-npy``: the authors' pickled ``.npy`` beside each).
 
 Exit status: 0 done, 2 bad arguments or unusable input, 130 on Ctrl-C.
 """
@@ -102,8 +95,8 @@ def main(argv=None) -> int:
 
     mean = "plain mean" if ns.no_normalize_mean else "normalised mean"
     print(
-        f"build_poi_tables: {summary['image_vectors']} image vectors ({mean}) -> {ns.out_image_vectors}; "
-        f"{summary['name_vectors']} name vectors -> {ns.out_name_vectors}; "
+        f"build_poi_tables: {len(img_table)} image vectors ({mean}) -> {ns.out_image_vectors}; "
+        f"{len(name_table)} name vectors -> {ns.out_name_vectors}; "
         f"{summary['unreadable_images']} unreadable and {summary['missing_images']} missing images left out; "
         f"{bad} bad rows left out; {time.perf_counter() - t0:.1f} s"
     )

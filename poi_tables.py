@@ -4,14 +4,10 @@
     python poi_tables.py convert temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy pic_num.npz
     python poi_tables.py info pic_num.npz
 
-The published tables are Python dicts pickled through ``np.save``, and pickle runs code
-on load. ``convert`` reads such a ``.npy`` with the restricted, bounded reader (numbers,
-strings, lists, numpy arrays, torch tensors through torch's ``weights_only`` loader;
-anything else is refused, naming the global it asked for; ``--trust-pickle`` bypasses
-it for a file you trust) and writes the safe ``.npz`` (names + an N x D matrix, read
-with ``allow_pickle=False``), or for a ``.npy`` OUT the authors' format again. Every
-value must be numeric, finite and of one length; what is written is read back and
-compared before it replaces OUT.
+The published tables are dicts pickled through ``np.save``, and pickle runs code on load.
+``convert`` reads them with the restricted, bounded reader (``--trust-pickle``: plain
+``np.load`` for a file you trust) and writes the safe ``.npz`` (or, for a ``.npy`` OUT,
+the authors' format), read back and compared before it replaces OUT.
 
 Exit status: 0 done, 2 a file that cannot be read or written, 130 on Ctrl-C.
 """

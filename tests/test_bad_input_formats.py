@@ -245,6 +245,26 @@ def test_truncated_npy_tables(tmp_path):
                 assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_a_header_announcing_a_huge_array_is_one_line(tmp_path, fmt):
+    """A few bytes whose header claims 745 GiB: an error naming the file, not a MemoryError."""
+    npy = tmp_path / "huge.npy"
+    with open(npy, "wb") as f:
+        npformat.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**11,)})
+        f.write(b"\0" * 64)
+    path = npy
+    if fmt == "npz":
+        import zipfile
+
+        path = tmp_path / "huge.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.write(npy, "values.npy")
+            z.writestr("names.npy", b"")
+    with pytest.raises(PoiTableError) as e:
+        load_poi_table(path)
+    assert str(path) in str(e.value)
+
+
 def test_trusted_pickle_that_fails_is_one_line(tmp_path, capsys):
     """--trust-pickle runs the pickle; a global it cannot find is still a one-line error."""
     path = tmp_path / "odd.npy"

@@ -1,16 +1,11 @@
 """numpy files from elsewhere, read without trusting them: no code runs, sizes are bounded,
 and whatever is wrong with a file is a ``DataError`` naming it.
 
-- :func:`read_npz`: the arrays of an ``.npz`` (``allow_pickle=False``).
-- :func:`restricted_load_npy`: a ``.npy``; a pickled one (the published POI tables are
-  dicts saved with ``np.save``) goes through :class:`RestrictedUnpickler`, which resolves
-  only the globals ``np.save`` of plain data needs (numpy's array and scalar
-  reconstruction, basic containers). Torch tensors are accepted only through torch's own
-  ``weights_only`` loader: it reads the storage bytes, and the tensor is rebuilt by the
-  functions torch's weights-only unpickler itself allows. Any other global is refused,
-  naming the file and the global, before it is called.
-- :func:`bounded`: what a pickle built, checked against :class:`Limits` before anything
-  looks at it (tensors become numpy arrays).
+A pickled ``.npy`` (the published POI tables are dicts saved with ``np.save``) goes through
+:class:`RestrictedUnpickler`: only the globals ``np.save`` of plain data needs (numpy's
+array and scalar reconstruction, basic containers) resolve; torch tensors only through
+torch's own ``weights_only`` loader. Any other global is refused before it is called.
+:func:`bounded` then checks what was built against :class:`Limits` before anyone looks at it.
 """
 
 from __future__ import annotations
@@ -36,7 +31,17 @@ class Limits(NamedTuple):
 
 
 LIMITS = Limits()
-_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+# what numpy and zipfile raise on a damaged file (MemoryError: a header announcing a huge array)
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    KeyError,
+    NotImplementedError,
+    MemoryError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
 
 
 def read_npz(path, what: str) -> dict[str, np.ndarray]:
@@ -52,9 +57,6 @@ def read_npz(path, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not {what} ({e})") from None
 
 
-# ---------------------------------------------------------------------------
-# the restricted unpickler
-# ---------------------------------------------------------------------------
 def _latin1_encode(obj, encoding="latin1"):
     """``_codecs.encode`` as protocol-2 pickles use it for ``bytes``; latin-1 only."""
     if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
@@ -63,8 +65,7 @@ def _latin1_encode(obj, encoding="latin1"):
 
 
 def _storage_from_bytes(data: bytes):
-    """A pickled tensor storage (``torch.storage._load_from_bytes``), read by torch's
-    weights-only loader instead of the unrestricted one."""
+    """``torch.storage._load_from_bytes`` through torch's weights-only loader."""
     import torch
 
     if not isinstance(data, (bytes, bytearray)):
@@ -110,9 +111,6 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals ``np.save`` of plain data (and of torch
-    tensors, routed to torch's weights-only loader) needs."""
-
     def __init__(self, file, source: str = "<pickle>"):
         super().__init__(file, encoding="ASCII")
         self.source = source
@@ -149,7 +147,7 @@ def restricted_load_npy(path):
             payload = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, EOFError) as e:
+    except (ValueError, EOFError, MemoryError) as e:
         raise DataError(f"{path}: not a .npy file ({e})") from None
     try:
         obj = RestrictedUnpickler(io.BytesIO(payload), source=str(path)).load()
@@ -171,9 +169,6 @@ def trusted_load_npy(path):
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
-# ---------------------------------------------------------------------------
-# bounding what was built
-# ---------------------------------------------------------------------------
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic, np.dtype)
 _SEQUENCES = (list, tuple, frozenset, set)
 
@@ -220,9 +215,7 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
         else:
             fail(f"holds a {type(o).__name__}")
         if n > limits.elements:
-            fail(
-                f"it expands to more than {limits.elements:,} elements (shared references counted each time they occur)"
-            )
+            fail(f"it expands to more than {limits.elements:,} elements (shared references counted each time)")
         active.discard(key)
         done[key] = out, n
         return out, n

@@ -1,20 +1,19 @@
 """The ranker's POI inputs (SPEC section 5): the three POI tables, read safely and checked,
 the per-item inputs built from them, and new vector tables built from a recall model.
 
-Tables map a POI name to a value: pic-num ``[n0, n1, n2]`` (2866 POIs in the published
-file), mean image vector or name vector (D-d). Two file formats:
+A table maps a POI name to its pic-num counts ``[n0, n1, n2]`` or to a D-d vector (mean
+image vector, name vector). Files: the published ``.npy`` (a dict pickled through
+``np.save``, read by the restricted, bounded reader of ``npfiles``; ``trust_pickle``: plain
+``np.load(allow_pickle=True)``) or the safe ``.npz`` (``names``, an N x D ``values``
+matrix, ``kind``).
 
-- the published ``.npy``: a dict pickled through ``np.save``, read by the restricted,
-  bounded reader of ``npfiles`` (``trust_pickle``: plain ``np.load(allow_pickle=True)``);
-- the safe ``.npz``: ``names`` (unicode array), ``values`` (N x D matrix), ``kind``.
+Item inputs of one item (``title``, ``poi_names``), as the reference builds them:
 
-Item inputs for one item (``title``, ``poi_names``), as the reference builds them:
-
-- ``pois_text``, the text whose vector is ``pois_feature``: the whole ``poi_names`` string
-  when ``poi_names.strip()`` is non-empty, else the title;
+- ``pois_text``, whose vector is ``pois_feature``: ``poi_names`` when ``poi_names.strip()``
+  is non-empty, else the title;
 - the POI sequence: none when ``len(poi_names.strip()) <= 1``; otherwise
-  ``poi_names.split(",")``, stable-sorted by descending pic-num weight ``n0 + 5*n1 + 3*n2``
-  (looked up by the stripped name, missing = [0, 0, 0]), the first 5 kept; their vectors
+  ``poi_names.split(",")`` stable-sorted by descending weight ``n0 + 5*n1 + 3*n2`` (counts
+  looked up by the stripped name, missing = [0, 0, 0]), the first 5 kept; their vectors
   looked up by the *unstripped* name, zeros when missing.
 """
 
@@ -47,13 +46,9 @@ class PoiTableError(DataError):
     """A POI table that cannot be read safely or has the wrong shape; names the file."""
 
 
-# ---------------------------------------------------------------------------
-# reading, checking and writing one table
-# ---------------------------------------------------------------------------
 def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
-    """A POI table as ``name -> value``, bounded by ``limits`` (values are checked by
-    :func:`check_vectors` / :func:`check_pic_num`): a ``.npz`` in the safe format, anything
-    else as the published pickled dict."""
+    """``name -> value`` of the table at ``path`` (a ``.npz`` in the safe format, anything
+    else as the published pickled dict), bounded by ``limits``; values not yet checked."""
     if not os.path.isfile(path):
         raise PoiTableError(f"{path}: no such POI table file")
     try:
@@ -104,26 +99,29 @@ def _numeric(value, name: str, source) -> np.ndarray:
     return a.reshape(-1)
 
 
+def table_matrix(table: dict, source="<table>") -> tuple[list[str], np.ndarray]:
+    """``(names, N x D matrix)`` of a table; every value numeric, finite, of one length."""
+    names, rows = list(table), [_numeric(v, n, source) for n, v in table.items()]
+    for name, row in zip(names, rows):
+        if row.size != rows[0].size:
+            raise PoiTableError(f"{source}: {names[0]!r} has {rows[0].size} values but {name!r} has {row.size} numbers")
+    return names, (np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32))
+
+
 def check_vectors(table: dict, source) -> dict[str, np.ndarray]:
     """``name -> float32 vector``, all finite and of one length."""
-    out: dict[str, np.ndarray] = {}
-    first = None
-    for name, value in table.items():
-        with np.errstate(over="ignore"):
-            v = _numeric(value, name, source).astype(np.float32)
-        if not np.isfinite(v).all():  # finite in float64, too large for float32
+    names, values = table_matrix(table, source)
+    with np.errstate(over="ignore"):
+        values = values.astype(np.float32)
+    for name, row in zip(names, values):
+        if not np.isfinite(row).all():  # finite in float64, too large for float32
             raise PoiTableError(f"{source}: value of {name!r} overflows float32")
-        if first is None:
-            first = name
-        elif v.size != out[first].size:
-            raise PoiTableError(f"{source}: {first!r} has {out[first].size} values but {name!r} has {v.size}")
-        out[name] = v
-    return out
+    return dict(zip(names, values))
 
 
 def check_pic_num(table: dict, source) -> dict[str, list]:
     """``name -> [n0, n1, n2]``: up to 3 counts, finite and not negative."""
-    out: dict[str, list] = {}
+    out = {}
     for name, value in table.items():
         try:
             a = _numeric(value, name, source)
@@ -139,23 +137,12 @@ def check_pic_num(table: dict, source) -> dict[str, list]:
     return out
 
 
-def table_matrix(table: dict, source="<table>") -> tuple[list[str], np.ndarray]:
-    """``(names, N x D matrix)`` of a table; every value numeric, finite, of one length."""
-    names, rows = list(table), [_numeric(v, n, source) for n, v in table.items()]
-    for name, row in zip(names, rows):
-        if row.size != rows[0].size:
-            raise PoiTableError(
-                f"{source}: value of {name!r} has {row.size} numbers, the first entry has {rows[0].size}"
-            )
-    return names, (np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32))
-
-
 def guess_kind(values: np.ndarray) -> str:
     return "pic_num" if values.ndim == 2 and values.shape[1] == 3 else "vectors"
 
 
 def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
-    """A place a table can be written (checked before any work): ``.npz`` for the safe
+    """A place a table can be written, checked before any work: ``.npz`` for the safe
     format, ``.npy`` for the authors' pickled dict."""
     if not str(path).lower().endswith(suffixes):
         raise PoiTableError(f"{what} {path}: must end in {' or '.join(suffixes)}")
@@ -164,14 +151,12 @@ def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
     """Write ``{path: table}`` together or not at all: a ``.npz`` path in the safe format
-    (vectors as float32, integer counts kept integer), any other in the authors' pickled
+    (vectors as float32, integer counts kept integer), any other as the authors' pickled
     dict (float32 arrays). Each file is read back and compared before it replaces its path."""
     with atomic_outputs(*tables) as temps:
         for (path, table), tmp in zip(tables.items(), temps):
             names, values = table_matrix(table, source)
             k = kind or guess_kind(values)
-            if k not in KINDS:
-                raise PoiTableError(f"unknown table kind {k!r}; choose from {KINDS}")
             if k == "pic_num":
                 check_pic_num(table, source)
             safe = str(path).lower().endswith(SAFE_SUFFIX)
@@ -201,45 +186,42 @@ def _name_array(names: list[str], source) -> np.ndarray:
 
 
 def save_safe_table(table: dict, path, kind: str | None = None, source="<table>") -> Path:
-    """``table`` written as ``.npz`` (see :func:`save_tables`)."""
-    if Path(path).suffix.lower() != SAFE_SUFFIX:
+    if not str(path).lower().endswith(SAFE_SUFFIX):
         raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
     save_tables({path: table}, kind, source)
     return Path(path)
 
 
 def save_pickled_table(table: dict, path) -> Path:
-    """``table`` written in the authors' format, ``np.save`` of the dict (values as
-    float32 arrays), for tools that expect it; the restricted reader reads it back."""
     if str(path).lower().endswith(SAFE_SUFFIX):
-        raise PoiTableError(f"{path}: the pickled format needs a .npy name")
+        raise PoiTableError(f"{path}: the authors' pickled format needs a .npy name")
     save_tables({path: table})
     return Path(path)
 
 
 def describe_table(table: dict, path, show: int = 5) -> str:
-    """A few lines about a table: size, kind, norms or weights, names with spaces, examples."""
+    """Size, kind, norms (vectors) or weights (pic-num), names with spaces, a few entries."""
     names, values = table_matrix(table, path)
-    lines = [f"{path}: {len(names)} POIs"]
     if not names:
-        return lines[0]
+        return f"{path}: 0 POIs"
     kind = guess_kind(values)
-    lines.append(f"  values: {values.shape[1]} per POI, dtype {values.dtype}, kind {kind}")
     if kind == "vectors":
-        norms = np.linalg.norm(values.astype(np.float64), axis=1)
-        lines.append(f"  L2 norms: min {norms.min():.4f}, mean {norms.mean():.4f}, max {norms.max():.4f}")
+        n = np.linalg.norm(values.astype(np.float64), axis=1)
+        spread = f"L2 norms: min {n.min():.4f}, mean {n.mean():.4f}, max {n.max():.4f}"
     else:
         w = values[:, 0] + 5.0 * values[:, 1] + 3.0 * values[:, 2]
-        lines.append(f"  weight n0 + 5*n1 + 3*n2: min {w.min():g}, median {np.median(w):g}, max {w.max():g}")
-    lines.append(f"  names with leading/trailing spaces: {sum(n != n.strip() for n in names)}")
+        spread = f"weight n0 + 5*n1 + 3*n2: min {w.min():g}, median {np.median(w):g}, max {w.max():g}"
+    lines = [
+        f"{path}: {len(names)} POIs",
+        f"  values: {values.shape[1]} per POI, dtype {values.dtype}, kind {kind}",
+        f"  {spread}",
+        f"  names with leading/trailing spaces: {sum(n != n.strip() for n in names)}",
+    ]
     for n, v in list(zip(names, values))[:show]:
         lines.append(f"  {n!r}: {np.array2string(v[:6], precision=4)}" + (" ..." if v.size > 6 else ""))
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------
-# the three tables of a run, and the item inputs
-# ---------------------------------------------------------------------------
 class PoiTables(NamedTuple):
     """The ranker's three POI tables, checked (empty dicts for those not given)."""
 
@@ -307,7 +289,7 @@ class ItemInputs:
 
 def build_item_inputs(title, poi_names, pic_num: dict, img_vectors: dict, name_vectors: dict, dim=512) -> ItemInputs:
     seq = poi_sequence(poi_names, pic_num)
-    poi_img, poi_txt = np.zeros((2, MAX_POIS, dim), dtype=np.float32)
+    poi_img, poi_txt = np.zeros((MAX_POIS, dim), dtype=np.float32), np.zeros((MAX_POIS, dim), dtype=np.float32)
     for i, name in enumerate(seq):
         for out, table in ((poi_img, img_vectors), (poi_txt, name_vectors)):
             if name in table:
@@ -318,34 +300,9 @@ def build_item_inputs(title, poi_names, pic_num: dict, img_vectors: dict, name_v
 
 def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(poi_img N x 5 x D, poi_txt N x 5 x D, poi_len N)`` of ``items``, for the head."""
-    if not items:
-        return *np.zeros((2, 0, MAX_POIS, dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    img, txt = (np.stack([getattr(x, k) for x in items]) for k in ("poi_img", "poi_txt"))
+    img = np.stack([x.poi_img for x in items]) if items else np.zeros((0, MAX_POIS, dim), dtype=np.float32)
+    txt = np.stack([x.poi_txt for x in items]) if items else img.copy()
     return img, txt, np.array([x.poi_len for x in items], dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------
-# new vector tables from a recall model
-# ---------------------------------------------------------------------------
-def group_images(rows, images: dict) -> tuple[list[str], list[str], dict[str, list[int]], int]:
-    """``(names, files, groups, missing)`` of recall-format ``rows`` whose images ``images``
-    maps by key: the distinct POI names, the image files found, ``name -> indices into
-    files`` (POIs sharing a name pooled), and the count of images not found."""
-    ids: dict[str, set] = defaultdict(set)
-    files: list[str] = []
-    groups: dict[str, list[int]] = defaultdict(list)
-    for r in (r for r in rows if r.poi_name):
-        ids[r.poi_name].add(r.poi_id)
-        if r.key in images:
-            groups[r.poi_name].append(len(files))
-            files.append(str(images[r.key]))
-    missing = sum(1 for r in rows if r.poi_name) - len(files)
-    shared = sum(len(s) > 1 for s in ids.values())
-    log.info(
-        "%d rows, %d POI names (%d shared by several POIs, pooled), %d images found, %d missing",
-        *(len(rows), len(ids), shared, len(files), missing),
-    )
-    return list(ids), files, dict(groups), missing
 
 
 def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
@@ -363,22 +320,26 @@ def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = Tr
 
 
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
-    """``(image table, name table, summary)`` of recall-format ``rows``, from recall model
-    ``rm`` (``rm.encode_images(paths, enc)``, ``rm.encode_texts(texts, enc)``; ``enc`` says
-    how): each name's normalised text vector, and the mean of its readable images' vectors."""
-    names, files, groups, missing = group_images(rows, images)
+    """``(image table, name table, summary)`` of recall-format ``rows`` (their images found
+    in ``images`` by key) from recall model ``rm``, encoding as ``enc`` says: each POI
+    name's text vector, and the mean of its images' vectors (:func:`mean_vectors`). POIs
+    sharing a name are pooled."""
+    ids, files, groups = defaultdict(set), [], defaultdict(list)
+    for r in (r for r in rows if r.poi_name):
+        ids[r.poi_name].add(r.poi_id)
+        if r.key in images:
+            groups[r.poi_name].append(len(files))
+            files.append(str(images[r.key]))
+    missing = sum(1 for r in rows if r.poi_name) - len(files)
+    shared = sum(len(s) > 1 for s in ids.values())
+    log.info("%d POI names (%d shared by several POIs), %d images, %d missing", len(ids), shared, len(files), missing)
     vecs, ok = rm.encode_images(files, enc, desc="POI images")
     ok = np.asarray(ok).astype(bool)
     img_table, empty = mean_vectors(groups, np.asarray(vecs), ok, normalize)
-    empty += [n for n in names if n not in groups]
+    empty += [n for n in ids if n not in groups]
     if empty:
         shown = ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else "")
         log.warning("%d POI names have no readable image and get no image vector: %s", len(empty), shown)
-    name_table = dict(zip(names, np.asarray(rm.encode_texts(names, enc))))
-    summary = {
-        "image_vectors": len(img_table),
-        "name_vectors": len(name_table),
-        "unreadable_images": int((~ok).sum()),
-        "missing_images": missing,
-    }
+    name_table = dict(zip(ids, np.asarray(rm.encode_texts(list(ids), enc))))
+    summary = {"unreadable_images": int((~ok).sum()), "missing_images": missing}
     return img_table, name_table, summary

@@ -148,17 +148,7 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
 EMBEDDINGS_FORMAT = 1
 
 
-def save_embeddings(
-    path: str | os.PathLike,
-    *,
-    image_emb,
-    image_names: list[str],
-    image_ok,
-    text_emb,
-    poi_ids: list[str],
-    poi_names: list[str],
-    meta: dict,
-) -> None:
+def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
     """The vectors of a recall run as ``.npz`` (atomically): ``image_emb`` N x D float32
     (row i = gallery image ``image_names[i]``, a file name; ``image_ok`` False where it
     was unreadable and scored as the zero image), ``text_emb`` Q x D float32 (row j = POI
@@ -187,14 +177,8 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     if missing:
         raise DataError(f"{path}: not an embeddings file of recall_infer.py (no {', '.join(missing)})")
     ie, te = d["image_emb"], d["text_emb"]
-    if (
-        ie.ndim != 2
-        or te.ndim != 2
-        or ie.shape[1] != te.shape[1]
-        or len(d["image_names"]) != len(ie)
-        or len(d["poi_ids"]) != len(te)
-        or len(d["poi_names"]) != len(te)
-    ):
+    same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
+    if not same or not len(d["poi_ids"]) == len(d["poi_names"]) == len(te):
         raise DataError(
             f"{path}: inconsistent shapes (image_emb {ie.shape}, {len(d['image_names'])} names; "
             f"text_emb {te.shape}, {len(d['poi_ids'])} poi ids)"

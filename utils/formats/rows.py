@@ -42,7 +42,7 @@ class RecallRow:
     @property
     def key(self) -> str:
         """File stem of this row's image: ``<poi_id>_<rank_number>``."""
-        return recall_key(self.poi_id, self.rank)
+        return f"{self.poi_id}_{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,9 @@ class RankRow:
         return [u for u in (self.oss_url2, self.url_b) if u]
 
 
-def recall_key(poi_id: str, rank: str) -> str:
-    return f"{poi_id}_{rank}"
-
-
 def poi_of_image(path_or_name: str) -> str:
     """Owning POI id of a gallery image: the file name before the first ``_``."""
     return os.path.basename(path_or_name).split("_", 1)[0]
-
-
-def _lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[int, str]]:
-    for n, line in enumerate(text_lines(path, errors), 1):
-        yield n, line.rstrip("\r\n")
 
 
 def open_csv(path: str | os.PathLike):
@@ -150,7 +141,7 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     bad = lambda line, message: record_bad_row(errors, RowError(path, line, message))
-    for line, text in _lines(path, errors):
+    for line, text in enumerate(text_lines(path, errors), 1):
         text = text.strip()  # the authors strip the whole record (so poi_names' tail)
         if not text:
             continue
@@ -182,7 +173,7 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
 
 def sniff_format(path: str | os.PathLike) -> str:
     """'rank' when the first non-blank line holds ``$record$``, else 'recall'."""
-    for _, text in _lines(path):
+    for text in text_lines(path):
         if text.strip():
             return "rank" if RECORD_SEP in text else "recall"
     raise DataError(f"{path}: empty file")
