@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     from models import build_recall_model
 
     device = resolve_device(ns.device)
+    onnx_dir = Path(ns.cache_dir, "onnx") if ns.cache_dir else None  # as --cache-dir's help says
     paths = {"checkpoint": ns.checkpoint, "bert_dir": ns.bert_dir, "arch": ns.arch}
-    rm = build_recall_model("align", device=device, backend=ns.backend, **paths)
+    rm = build_recall_model("align", device=device, backend=ns.backend, onnx_cache_dir=onnx_dir, **paths)
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())
     img_table, name_table, summary = poi_vector_tables(rm, enc, rows, images, normalize=not ns.no_normalize_mean)
     tables = {ns.out_image_vectors: img_table, ns.out_name_vectors: name_table}

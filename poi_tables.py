@@ -14,7 +14,7 @@ Exit status: 0 done, 2 a file that cannot be read or written, 130 on Ctrl-C.
 
 from __future__ import annotations
 
-from utils.cli import distinct_paths, entry_point, input_file, setup_logging
+from utils.cli import distinct_paths, entry_point, input_file, non_negative_int, setup_logging
 
 import argparse
 import sys
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", choices=KINDS, help="table kind stored in the .npz (default: pic_num for 3 values a row)")
     i = sub.add_parser("info", help="number of POIs, value shape and dtype, a few names, vector norms")
     i.add_argument("file")
-    i.add_argument("--show", type=int, default=5, help="names to show")
+    i.add_argument("--show", type=non_negative_int, default=5, help="entries to show (default 5)")
     for s in (c, i):
         args.add_trust_pickle(s)
         args.add_run(s)

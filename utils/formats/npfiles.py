@@ -32,16 +32,7 @@ class Limits(NamedTuple):
 
 LIMITS = Limits()
 # what numpy and zipfile raise on a damaged file (MemoryError: a header announcing a huge array)
-_NPZ_ERRORS = (
-    OSError,
-    ValueError,
-    EOFError,
-    KeyError,
-    NotImplementedError,
-    MemoryError,
-    zipfile.BadZipFile,
-    zlib.error,
-)
+_BROKEN = (OSError, ValueError, EOFError, KeyError, NotImplementedError, MemoryError, zipfile.BadZipFile, zlib.error)
 
 
 def read_npz(path, what: str) -> dict[str, np.ndarray]:
@@ -53,7 +44,7 @@ def read_npz(path, what: str) -> dict[str, np.ndarray]:
             raise ValueError("a single array, not an .npz archive")
         with z:
             return {k: z[k] for k in z.files}
-    except _NPZ_ERRORS as e:
+    except _BROKEN as e:
         raise DataError(f"{path}: not {what} ({e})") from None
 
 
