@@ -18,6 +18,7 @@ import build_poi_tables
 import models.engine.pairs as pairs
 import poi_tables
 import rank_eval
+from models import RecallModel
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from utils.formats.poi import save_safe_table
 from utils.formats.rows import RECORD_SEP
@@ -608,7 +609,7 @@ def test_build_poi_tables_ctrl_c(env, tmp_path, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_poi_tables, "encode_images", interrupt)
+    monkeypatch.setattr(RecallModel, "encode_images", interrupt)
     assert build_poi_tables.main(build_args(env, tmp_path)) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["build_poi_tables: interrupted"]
     assert list(tmp_path.iterdir()) == []

@@ -161,12 +161,7 @@ def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, 
         g.add_argument(
             name, *((old,) if aliases else ()), required=required, help=f"{what}: the published .npy or the safe .npz"
         )
-    g.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="read .npy tables with plain np.load(allow_pickle=True): code in them would run. "
-        "Without it a restricted unpickler that refuses code is used",
-    )
+    add_trust_pickle(g)
     return g
 
 
@@ -313,3 +308,15 @@ def add_ray(p, title: str | None = "Ray Data"):
         help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
     )
     return g
+
+
+# --- formats (utils.formats) --------------------------------------------------------------
+def add_trust_pickle(p):
+    """``--trust-pickle`` (the POI tables, and poi_tables.py)."""
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read .npy tables with plain np.load(allow_pickle=True): code in them would run. "
+        "Without it a restricted unpickler that refuses code is used",
+    )
+    return p
