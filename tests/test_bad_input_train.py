@@ -28,7 +28,7 @@ from models.checkpoint import load_ranker, save_align_checkpoint
 from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
 from utils.io import exclusive_lock
-from utils.training.loop import load_train_state, read_metrics
+from utils.training import load_train_state, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--num-workers", "0", "--device", "cpu", "--no-progress", "--backend", "torch"]
@@ -369,7 +369,7 @@ def test_ctrl_c_is_one_line_and_exit_130(rank_env, tmp_path):
 
 def test_ctrl_c_during_a_save_waits_for_the_pair(tmp_path):
     """SIGINT inside deferred_sigint (the checkpoint + state save) is raised after it."""
-    from utils.training.loop import deferred_sigint
+    from utils.training import deferred_sigint
 
     done = []
     with pytest.raises(KeyboardInterrupt):

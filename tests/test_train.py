@@ -23,7 +23,17 @@ from utils.evaluation.metrics import pairwise_metrics
 from utils.formats.poi import save_pickled_table, save_safe_table
 from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
-from utils.training.loop import DistEnv, MetricsWriter, WarmupSchedule, augment_pil, load_train_state, read_metrics
+from utils.formats import iter_rank_csv, load_poi_tables
+from utils.training import (
+    DistEnv,
+    MetricsWriter,
+    WarmupSchedule,
+    augment_pil,
+    load_train_state,
+    read_metrics,
+    read_text_pairs,
+    split_owners,
+)
 
 TRAIN_ARCH = AlignArch(
     image_model=TINY_ARCH.image_model,
@@ -190,8 +200,8 @@ def test_recall_learns_held_out(recall_run):
     assert set(raw) == {"state_dict", "arch"} and "logit_scale" in raw["state_dict"]
     model = load_align_model(recall_run["out"] / "best.pth", recall_run["bert"])
     assert model.arch == TRAIN_ARCH
-    pairs = recall_train.read_pairs(str(recall_run["csv"]), str(recall_run["img"]))
-    _, held = recall_train.split_owners(pairs, 0.5, None, 0)
+    pairs, _ = read_text_pairs(str(recall_run["csv"]), str(recall_run["img"]))
+    _, held = split_owners(pairs, 0.5, None, 0)
     queries = list(dict.fromkeys((p.owner, p.text) for p in held))
     img, _ = encode_images(model, [p.image for p in held], num_workers=0, progress=False)
     txt = encode_texts(model, load_tokenizer(recall_run["bert"]), [t for _, t in queries])
@@ -355,13 +365,12 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     ranker = load_ranker(out / "best.ckpt", recall_run["bert"])
     init = load_align_model(recall_run["out"] / "best.pth", recall_run["bert"])
     assert model_hash(ranker.align_model) == model_hash(init)  # the recall model stayed frozen
-    rows = list(rank_train.iter_rank_csv(tmp_path / "val.csv"))
+    rows = list(iter_rank_csv(tmp_path / "val.csv"))
     img = tmp_path / "rank_img"
     ea, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], num_workers=0, progress=False)
     eb, _ = encode_images(ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], num_workers=0, progress=False)
-    tables = rank_train.load_tables(
-        rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"]), 32
-    )
+    ns = rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"])
+    tables = load_poi_tables(ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors, dim=32)
     items = [tables.inputs(r.title, r.poi_names) for r in rows]
     feat = encode_texts(ranker.align_model, load_tokenizer(recall_run["bert"]), [it.pois_text for it in items])
     pi = torch.from_numpy(np.stack([it.poi_img for it in items]))
