@@ -34,7 +34,7 @@ before a checkpoint takes it; Ctrl-C exits with 130 and the last saved state res
 
 from __future__ import annotations
 
-from utils.cli import entry_point, finite_float, input_dir, input_file, non_negative_float, output_dir, positive_int
+from utils.cli import entry_point
 
 import argparse
 import functools
@@ -45,33 +45,9 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from models import (
-    AlignArch,
-    AlignModel,
-    SiameseRanker,
-    load_align_model,
-    load_ranker,
-    load_tokenizer,
-    read_checkpoint,
-    save_ranker_checkpoint,
-    wrap_align,
-)
-from utils import args
+import models
+from utils import args, cli, training
 from utils.formats import load_poi_tables
-from utils.training import (
-    PairScorer,
-    RankPairDataset,
-    Task,
-    TrainConfig,
-    check_fills_a_step,
-    check_text_file,
-    distributed,
-    encode_once,
-    read_rank_pairs,
-    setup_rank_logging,
-    train,
-    validate_pairs,
-)
 
 log = logging.getLogger("rank_train")
 
@@ -105,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     args.add_batches(p, text=False, images=False, workers_alias=True)
     args.add_training(p, batch_size=16, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_grad=0.0)
     g = p.add_argument_group("ranker training")
-    g.add_argument("--epochs", type=positive_int, default=10)
-    g.add_argument("--lr", type=non_negative_float, default=1e-3)
+    g.add_argument("--epochs", type=cli.positive_int, default=10)
+    g.add_argument("--lr", type=cli.non_negative_float, default=1e-3)
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
     g.add_argument("--loss", choices=("bce", "margin"), default="bce")
-    g.add_argument("--margin", type=finite_float, default=0.5, help="margin of --loss margin")
+    g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin")
     args.add_run(p)
     return p
 
@@ -122,37 +98,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ns
 
 
-def check_paths(ns) -> AlignArch | None:
+def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    check_text_file(ns.train_csv, "--train-csv")
-    check_text_file(ns.val_csv, "--val-csv")
-    input_dir(ns.image_dir, "--image-dir")
+    training.check_text_file(ns.train_csv, "--train-csv")
+    training.check_text_file(ns.val_csv, "--val-csv")
+    cli.input_dir(ns.image_dir, "--image-dir")
     if ns.val_image_dir:
-        input_dir(ns.val_image_dir, "--val-image-dir")
-    input_dir(ns.bert_dir, "--bert-dir")
+        cli.input_dir(ns.val_image_dir, "--val-image-dir")
+    cli.input_dir(ns.bert_dir, "--bert-dir")
     for name in ("config.json", "vocab.txt"):
-        input_file(Path(ns.bert_dir) / name, "--bert-dir")
+        cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
     for flag in ("init", "poi_pic_num", "poi_image_vectors", "poi_name_vectors"):
         if getattr(ns, flag):
-            input_file(getattr(ns, flag), "--" + flag.replace("_", "-"))
-    output_dir(ns.out_dir, "--out-dir")
-    return AlignArch.from_json(ns.arch) if ns.arch else None
+            cli.input_file(getattr(ns, flag), "--" + flag.replace("_", "-"))
+    cli.output_dir(ns.out_dir, "--out-dir")
+    return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
-def load_model(ns, arch: AlignArch | None, device, resume_from: Path | None) -> SiameseRanker:
+def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
     """The run's last checkpoint (on resume), --init's ranker, a new head around --init's
     recall model, or random weights; its recall model frozen in eval mode."""
     if resume_from is not None:
-        ranker = load_ranker(resume_from, ns.bert_dir)
+        ranker = models.load_ranker(resume_from, ns.bert_dir)
     elif not ns.init:
         log.warning("no --init: the frozen recall model is RANDOM (speed tests only)")
-        ranker = SiameseRanker(AlignModel.from_bert_dir(ns.bert_dir, arch or AlignArch()))
-    elif any(k.startswith("align_model.") for k in read_checkpoint(ns.init)[0]):
+        ranker = models.SiameseRanker(models.AlignModel.from_bert_dir(ns.bert_dir, arch or models.AlignArch()))
+    elif any(k.startswith("align_model.") for k in models.read_checkpoint(ns.init)[0]):
         log.info("initialised from ranker checkpoint %s (head and recall model)", ns.init)
-        ranker = load_ranker(ns.init, ns.bert_dir, arch=arch)
+        ranker = models.load_ranker(ns.init, ns.bert_dir, arch=arch)
     else:
         log.info("recall model from %s; new ranker head", ns.init)
-        ranker = SiameseRanker(load_align_model(ns.init, ns.bert_dir, arch=arch))
+        ranker = models.SiameseRanker(models.load_align_model(ns.init, ns.bert_dir, arch=arch))
     for p in ranker.align_model.parameters():
         p.requires_grad_(False)
     ranker.align_model.eval()
@@ -165,44 +141,37 @@ def pair_loss(s_a, s_b, label, kind: str, margin: float):
     return F.margin_ranking_loss(s_a, s_b, label * 2 - 1, margin=margin)
 
 
-def make_task(ns, env, train_pairs, val_pairs, ranker: SiameseRanker) -> Task:
+def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> training.Task:
     dim = ranker.align_model.arch.embed_dim
     tables = load_poi_tables(
         ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors, dim=dim, trust_pickle=ns.trust_pickle
     )
     if not (tables.image_vectors and tables.name_vectors):
         log.warning("no POI image/name vector table given: POI vectors are zero")
-    rm = wrap_align(ranker.align_model, load_tokenizer(ns.bert_dir), device=env.device, backend=ns.backend)
-    enc = args.Encoding(
-        preprocess=ns.preprocess,
-        batch_size=ns.eval_batch_size,
-        text_batch_size=ns.eval_batch_size,
-        num_workers=ns.num_workers,
-        progress=env.is_main and not ns.no_progress,
+    rm = models.wrap_align(
+        ranker.align_model, models.load_tokenizer(ns.bert_dir), device=env.device, backend=ns.backend
     )
-    texts, val_images, train_images = encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
-    val_set = RankPairDataset(val_pairs, tables, texts, ns.preprocess, False, ns.seed, val_images)
-    val_scorer = PairScorer(ranker, texts.table, val_images.table)
-    log.info(
-        "loss %s; augmentation %s; training images %s",
-        ns.loss,
-        "on" if ns.augment else "off",
-        "cached" if ns.cache_embeddings else "encoded each step",
-    )
+    batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
+    enc = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
+    texts, val_images, train_images = training.encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
+    val_set = training.RankPairDataset(val_pairs, tables, texts, ns.preprocess, False, ns.seed, val_images)
+    val_scorer = training.PairScorer(ranker, texts.table, val_images.table)
+    images = "cached" if ns.cache_embeddings else "encoded each step"
+    log.info("loss %s; augmentation %s; training images %s", ns.loss, "on" if ns.augment else "off", images)
 
     def validate() -> dict:
-        res = validate_pairs(val_scorer, val_set, ns.eval_batch_size, env.device)
+        res = training.validate_pairs(val_scorer, val_set, ns.eval_batch_size, env.device)
         return {k: res[k] for k in VAL_FIELDS}
 
     def loss(module, batch):
         s_a, s_b = module(*batch[:-1])
         return pair_loss(s_a.float(), s_b.float(), batch[-1], ns.loss, ns.margin)
 
-    return Task(
-        module=PairScorer(ranker, texts.table, train_images.table if train_images else None),
-        dataset=RankPairDataset(train_pairs, tables, texts, ns.preprocess, ns.augment, ns.seed, train_images),
+    return training.Task(
+        module=training.PairScorer(ranker, texts.table, train_images.table if train_images else None),
+        dataset=training.RankPairDataset(train_pairs, tables, texts, ns.preprocess, ns.augment, ns.seed, train_images),
         loss=loss,
-        save=save_ranker_checkpoint,
+        save=models.save_ranker_checkpoint,
         validate=validate,
         select="accuracy",
         val_fields=VAL_FIELDS,
@@ -213,16 +182,18 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: SiameseRanker) -> Task:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
-    cfg = TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS, last_file="last.ckpt", best_file="best.ckpt")
+    cfg = training.TrainConfig.from_options(
+        vars(ns), resume_keys=RESUME_KEYS, last_file="last.ckpt", best_file="best.ckpt"
+    )
     if ns.cache_embeddings:
         cfg = replace(cfg, num_workers=0)  # the batches are row numbers
-    with distributed(ns.device) as env:
-        setup_rank_logging(ns.log_level, env)
-        train_pairs, bad = read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
-        val_pairs, bad_val = read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
-        check_fills_a_step(len(train_pairs), cfg, env, ns.train_csv)
+    with training.distributed(ns.device) as env:
+        training.setup_rank_logging(ns.log_level, env)
+        train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
+        val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
+        training.check_fills_a_step(len(train_pairs), cfg, env, ns.train_csv)
         load = functools.partial(load_model, ns, arch, env.device)
-        train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
+        training.train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
     if bad or bad_val:
         log.info("bad rows left out (--skip-bad-rows): %d of %s, %d of %s", bad, ns.train_csv, bad_val, ns.val_csv)
     return 0

@@ -5,47 +5,31 @@
         --bert-dir data/bert-base-chinese --init data/align_model.pth --out-dir runs/recall1
     torchrun --nproc_per_node 2 recall_train.py ...same arguments...   # --batch-size is global
 
-Input CSV: the recall format (image ``<image-dir>/<poi_id>_<rank_number>.<ext>`` paired
-with its POI name; owner: the poi_id) or a CSV with a ``text,image[,owner]`` header
-(relative images under --image-dir, default the CSV's directory; owner: the text). A pair
-whose image file is absent is left out (counted in the log); a bad row stops the run
-unless --skip-bad-rows.
+--csv: the recall format (image ``<image-dir>/<poi_id>_<rank_number>.<ext>`` paired with
+its POI name, owned by the poi_id) or a CSV with a ``text,image[,owner]`` header (images
+relative to --image-dir, default the CSV's directory; owner: the text). Pairs whose image
+is absent are left out (counted in the log); bad rows are refused unless --skip-bad-rows.
+A seeded share of the owners is held out; every --eval-every epochs each held-out (owner,
+text) query is scored against every held-out image: recall@K, best.pth by --select-k.
 
-Held out: a seeded share of the owners (--val-fraction, --val-owners), never trained on.
-Every --eval-every epochs each held-out (owner, text) query is scored against every
-held-out image (recall@K: an image of the owner in the top K); best.pth maximises
-recall@--select-k.
-
-Loss: symmetric in-batch cross-entropy on ``image_emb @ text_emb.T * logit_scale``.
-Under torchrun the embeddings of all processes are gathered with their gradients: the
+Loss: symmetric in-batch cross-entropy of ``image_emb @ text_emb.T * logit_scale``; under
+torchrun the embeddings of all processes are gathered with their gradients, so the
 negatives span the global batch and the run matches one process. --accum-steps
-micro-batches per optimizer step (negatives within a micro-batch); AdamW, warm-up then
-cosine decay, clipping, fp16 on CUDA.
+micro-batches a step; AdamW, warm-up then cosine decay, clipping, fp16 on CUDA.
+--freeze image|text keeps a tower fixed (with --freeze image, --cache-embeddings encodes
+each image once); --bn-eval keeps the image tower's BatchNorm on its running statistics
+(then several processes equal one). Evaluation and --cache-embeddings run on --backend
+(auto: ONNX Runtime on a CPU for a frozen image tower, torch for one that trains).
 
---freeze image|text keeps a tower fixed (eval mode); with --freeze image,
---cache-embeddings encodes every image once. --bn-eval keeps the image tower's BatchNorm
-on its running statistics (then several processes equal one). Held-out evaluation and
---cache-embeddings run on --backend: auto puts a frozen image tower on ONNX Runtime on a
-CPU (exported once) and keeps one that trains on torch.
-
-Outputs in --out-dir (locked for the run): last.pth and best.pth (the authors' format),
-train_state.pt (--resume continues bit for bit), metrics.csv, config.json. Bad input is
-one line and exit status 2 before any work; a NaN/inf loss stops the run before a
-checkpoint takes it; Ctrl-C exits with 130 and the last saved state resumes.
+--out-dir (locked for the run): last.pth and best.pth (the authors' format),
+train_state.pt (--resume continues bit for bit), metrics.csv, config.json. Bad input: one
+line, exit status 2, before any work. A NaN/inf loss stops the run before a checkpoint
+takes it; Ctrl-C: exit status 130, the last saved state resumes.
 """
 
 from __future__ import annotations
 
-from utils.cli import (
-    entry_point,
-    finite_float,
-    input_dir,
-    input_file,
-    non_negative_float,
-    non_negative_int,
-    output_dir,
-    positive_int,
-)
+from utils.cli import entry_point
 
 import argparse
 import contextlib
@@ -58,36 +42,9 @@ from pathlib import Path
 
 import torch
 
-from models import (
-    AlignArch,
-    AlignModel,
-    contrastive_loss,
-    load_align_model,
-    load_tokenizer,
-    save_align_checkpoint,
-    tokenize,
-    wrap_align,
-)
-from utils import args
+import models
+from utils import args, cli, training
 from utils.hashing import state_dict_hash
-from utils.training import (
-    PairEncoder,
-    Task,
-    TextImageDataset,
-    TokenizeCollate,
-    TrainConfig,
-    check_fills_a_step,
-    check_text_file,
-    distributed,
-    encode_images_once,
-    gather_with_grad,
-    held_out_recall,
-    read_text_pairs,
-    set_trainable,
-    setup_rank_logging,
-    split_owners,
-    train,
-)
 
 log = logging.getLogger("recall_train")
 
@@ -110,7 +67,7 @@ def _ks(text: str) -> list[int]:
 
 
 def _fraction(text: str) -> float:
-    v = finite_float(text)
+    v = cli.finite_float(text)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return v
@@ -127,13 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with a text,image header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
     g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners (POIs) held out")
-    g.add_argument("--val-owners", type=non_negative_int, help="owners held out (overrides --val-fraction; 0: none)")
+    g.add_argument(
+        "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
+    )
     args.add_bad_rows(g)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="start from this recall checkpoint (default: random weights, from scratch)")
     g.add_argument(
         "--logit-scale",
-        type=finite_float,
+        type=cli.finite_float,
         help="initial logit_scale from scratch (the architecture's 1.0 multiplies cosines in [-1, 1]: "
         "10 or more lets the loss go down)",
     )
@@ -144,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     args.add_batches(p, text=False, images=False, workers_alias=True)
     args.add_training(p, batch_size=32, weight_decay=0.01, warmup_steps=100, schedule="cosine", clip_grad=1.0)
     g = p.add_argument_group("recall training")
-    g.add_argument("--epochs", type=positive_int, default=5)
-    g.add_argument("--lr", type=non_negative_float, default=5e-5)
-    g.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=cli.positive_int, default=5)
+    g.add_argument("--lr", type=cli.non_negative_float, default=5e-5)
+    g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K")
-    g.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--select-k", type=positive_int, default=5, help="best.pth maximises held-out recall@K")
+    g.add_argument(
+        "--eval-every", type=cli.positive_int, default=1, help="evaluate every N epochs (and after the last)"
+    )
+    g.add_argument("--select-k", type=cli.positive_int, default=5, help="best.pth maximises held-out recall@K")
     args.add_run(p)
     return p
 
@@ -165,34 +126,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ns
 
 
-def check_paths(ns) -> AlignArch | None:
+def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    check_text_file(ns.csv, "--csv")
+    training.check_text_file(ns.csv, "--csv")
     if ns.image_dir:
-        input_dir(ns.image_dir, "--image-dir")
-    input_dir(ns.bert_dir, "--bert-dir")
+        cli.input_dir(ns.image_dir, "--image-dir")
+    cli.input_dir(ns.bert_dir, "--bert-dir")
     for name in ("config.json", "vocab.txt"):
-        input_file(Path(ns.bert_dir) / name, "--bert-dir")
+        cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
     if ns.init:
-        input_file(ns.init, "--init")
-    output_dir(ns.out_dir, "--out-dir")
-    return AlignArch.from_json(ns.arch) if ns.arch else None
+        cli.input_file(ns.init, "--init")
+    cli.output_dir(ns.out_dir, "--out-dir")
+    return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
-def load_model(ns, arch: AlignArch | None, device, resume_from: Path | None) -> AlignModel:
+def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.AlignModel:
     """The run's last checkpoint (on resume), --init's weights, or random weights."""
     if resume_from is not None:
-        align = load_align_model(resume_from, ns.bert_dir)
+        align = models.load_align_model(resume_from, ns.bert_dir)
     elif ns.init:
-        align = load_align_model(ns.init, ns.bert_dir, arch=arch)
+        align = models.load_align_model(ns.init, ns.bert_dir, arch=arch)
         log.info("initialised from %s", ns.init)
     else:
-        align = AlignModel.from_bert_dir(ns.bert_dir, arch or AlignArch())
+        align = models.AlignModel.from_bert_dir(ns.bert_dir, arch or models.AlignArch())
         if ns.logit_scale is not None:
             with torch.no_grad():
                 align.logit_scale.fill_(ns.logit_scale)
         log.info("random initialisation (from scratch), logit_scale %.3g", float(align.logit_scale.detach()))
-    set_trainable(align, ns.freeze)
+    training.set_trainable(align, ns.freeze)
     return align.to(device)
 
 
@@ -202,7 +163,7 @@ def frozen_image_engine(ns, align, tokenizer, device):
     reuses it). None when the image tower trains."""
     if ns.freeze != "image":
         return None
-    rm = wrap_align(align, tokenizer, device=device, backend=ns.backend)
+    rm = models.wrap_align(align, tokenizer, device=device, backend=ns.backend)
     rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)})
     return rm
 
@@ -213,49 +174,43 @@ def training_image_engine(ns, align, tokenizer, device):
     auto (its weights change every epoch); --backend onnx exports these weights into a
     directory removed after."""
     if ns.backend != "onnx":
-        yield wrap_align(align, tokenizer, device=device, backend="torch")
+        yield models.wrap_align(align, tokenizer, device=device, backend="torch")
         return
     with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
-        yield wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
+        yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
 
 
-def make_task(ns, env, train_pairs, val_pairs, align: AlignModel) -> Task:
-    tokenizer = load_tokenizer(ns.bert_dir)
-    enc = args.Encoding(
-        preprocess=ns.preprocess,
-        batch_size=ns.eval_batch_size,
-        text_batch_size=ns.eval_batch_size,
-        num_workers=ns.num_workers,
-        progress=False,
-    )
+def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
+    tokenizer = models.load_tokenizer(ns.bert_dir)
+    batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
+    enc = args.Encoding.from_args(ns, **batches, progress=False)
     frozen = frozen_image_engine(ns, align, tokenizer, env.device)
     table = val_vecs = None
     if ns.cache_embeddings:
         shown = replace(enc, progress=env.is_main and not ns.no_progress)
-        vecs = encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], shown, env)
+        vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], shown, env)
         table, val_vecs = vecs[: len(train_pairs)].to(env.device), vecs[len(train_pairs) :]
 
     def validate() -> dict:
         if frozen is not None:
-            return held_out_recall(frozen, val_pairs, ns.recall_k, enc, val_vecs)
+            return training.held_out_recall(frozen, val_pairs, ns.recall_k, enc, val_vecs)
         with training_image_engine(ns, align, tokenizer, env.device) as rm:
-            return held_out_recall(rm, val_pairs, ns.recall_k, enc)
+            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc)
 
     def loss(module, batch):
         img, txt = module(*batch)
-        img, txt = gather_with_grad(img.float(), env), gather_with_grad(txt.float(), env)
-        return contrastive_loss(align.similarity(img, txt))
+        img, txt = training.gather_with_grad(img.float(), env), training.gather_with_grad(txt.float(), env)
+        return models.contrastive_loss(align.similarity(img, txt))
 
-    return Task(
-        module=PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=TextImageDataset(train_pairs, ns.preprocess, cached=table is not None),
-        collate=TokenizeCollate(train_pairs, functools.partial(tokenize, tokenizer)),
+    return training.Task(
+        module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
+        dataset=training.TextImageDataset(train_pairs, ns.preprocess, cached=table is not None),
+        collate=training.TokenizeCollate(train_pairs, functools.partial(models.tokenize, tokenizer)),
         loss=loss,
-        save=save_align_checkpoint,
+        save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,
         select=f"recall@{ns.select_k}",
         step_fields=lambda: {"logit_scale": float(align.logit_scale.detach())},
-        train_fields=("logit_scale",),
         val_fields=(*(f"recall@{k}" for k in ns.recall_k), "queries", "gallery"),
     )
 
@@ -264,23 +219,17 @@ def make_task(ns, env, train_pairs, val_pairs, align: AlignModel) -> Task:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
-    cfg = TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS, last_file="last.pth", best_file="best.pth")
+    cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
     if ns.cache_embeddings:
         cfg = replace(cfg, num_workers=0)  # the batches are row numbers
-    with distributed(ns.device) as env:
-        setup_rank_logging(ns.log_level, env)
-        pairs, bad = read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
-        train_pairs, val_pairs = split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
-        log.info(
-            "%d pairs: %d for training, %d held out (%d owners)",
-            len(pairs),
-            len(train_pairs),
-            len(val_pairs),
-            len({p.owner for p in val_pairs}),
-        )
-        check_fills_a_step(len(train_pairs), cfg, env, ns.csv)
+    with training.distributed(ns.device) as env:
+        training.setup_rank_logging(ns.log_level, env)
+        pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
+        train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
+        log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
+        training.check_fills_a_step(len(train_pairs), cfg, env, ns.csv)
         load = functools.partial(load_model, ns, arch, env.device)
-        train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
+        training.train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
     if bad:
         log.info("%d bad rows of %s were left out (--skip-bad-rows)", bad, ns.csv)
     return 0

@@ -9,7 +9,8 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "data": "Pair RankPair augment_pil check_text_file encode_images_once read_rank_pairs read_text_pairs split_owners",
+        "data": "Pair RankPair augment_pil check_text_file encode_images_once read_rank_pairs read_text_pairs "
+        "split_owners",
         "dist": "DistEnv distributed gather_with_grad setup_rank_logging",
         "loop": "Task TrainConfig check_fills_a_step train",
         "optim": "Diverged WarmupSchedule",

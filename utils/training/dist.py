@@ -1,9 +1,9 @@
 """One process, or one of several started by ``torchrun``: the process group, the
-collectives the loop needs, rank-aware logging and progress bars."""
+collectives the loop needs, rank-aware logging."""
 
 from __future__ import annotations
 
-from utils.cli import LOG_FORMAT, UserError, resolve_device, setup_logging
+from utils.cli import LOG_FORMAT, resolve_device, setup_logging
 
 import contextlib
 import logging
@@ -14,7 +14,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 
 @dataclass
@@ -33,36 +32,27 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup_distributed(device_name: str = "auto", timeout_s: float = 1800) -> DistEnv:
-    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1): on CUDA each
-    process takes ``cuda:LOCAL_RANK`` and nccl, on a CPU gloo."""
+@contextlib.contextmanager
+def distributed(device_name: str = "auto", timeout_s: float = 1800):
+    """The ``DistEnv`` of this process for the block. Started by torchrun
+    (``WORLD_SIZE`` > 1) it joins the process group (on CUDA: ``cuda:LOCAL_RANK`` and
+    nccl; on a CPU: gloo), which it leaves at the end."""
     device = resolve_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistEnv(device=device)
+        yield DistEnv(device=device)
+        return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "gloo"
     if device.type == "cuda":
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistEnv(rank, world, local_rank, device)
-
-
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def distributed(device_name: str = "auto"):
-    """``setup_distributed`` for the block, the process group left at its end."""
-    env = setup_distributed(device_name)
     try:
-        yield env
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        yield DistEnv(rank, world, local_rank, device)
     finally:
-        teardown_distributed()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(env: DistEnv) -> None:
@@ -71,7 +61,7 @@ def barrier(env: DistEnv) -> None:
 
 
 def broadcast(value, env: DistEnv):
-    """Rank 0's ``value`` on every process (any picklable object)."""
+    """Rank 0's ``value`` (any picklable object) on every process."""
     if not env.distributed:
         return value
     box = [value]
@@ -80,7 +70,7 @@ def broadcast(value, env: DistEnv):
 
 
 def all_mean(value: float, env: DistEnv) -> float:
-    """Mean of a float over all processes (the value itself in one process)."""
+    """The mean of a float over the processes."""
     if not env.distributed:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=env.device if env.device.type == "cuda" else None)
@@ -109,20 +99,9 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def check_global_batch(batch_size: int, env: DistEnv) -> None:
-    if batch_size % env.world_size:
-        raise UserError(f"--batch-size {batch_size} must be a multiple of the number of processes ({env.world_size})")
-
-
-def setup_rank_logging(level: str | int, env: DistEnv) -> None:
+def setup_rank_logging(level: str, env: DistEnv) -> None:
     """``utils.cli.setup_logging``; the other ranks log warnings and errors only, and
     under torchrun every line names its rank."""
-    level = logging.getLevelName(level) if isinstance(level, str) else level
+    level = logging.getLevelName(level)
     fmt = LOG_FORMAT.replace("%(levelname)s", f"[rank {env.rank}] %(levelname)s") if env.distributed else LOG_FORMAT
     setup_logging(level if env.is_main else max(level, logging.WARNING), fmt)
-
-
-def progress(iterable=None, env: DistEnv | None = None, enabled: bool = True, **kw):
-    """tqdm on rank 0 only (and not at all unless ``enabled``)."""
-    off = not enabled or (env is not None and not env.is_main)
-    return tqdm(iterable, disable=off, dynamic_ncols=True, leave=False, **kw)

@@ -2,15 +2,14 @@
 and a ``Task`` (what the trainer brings: its data, forward module, loss, checkpoint format
 and validation); ``train`` does the rest.
 
-Per optimizer step: ``accum_steps`` micro-batches (DDP synchronises on the last), the
-mean loss over the processes (NaN/inf stops the run), clipping, the schedule. Per epoch:
-validation on rank 0 every ``eval_every`` epochs (and after the last), the best
-checkpoint, then ``last_file`` + ``state_file``, which ``--resume`` continues from
-bit for bit."""
+A step: ``accum_steps`` micro-batches (DDP synchronises on the last), the loss averaged
+over the processes (NaN/inf stops the run), clipping, the schedule. An epoch ends with
+validation on rank 0 (every ``eval_every`` epochs and after the last), the best
+checkpoint, then the last checkpoint with the state that ``--resume`` continues from."""
 
 from __future__ import annotations
 
-from utils.cli import DataError
+from utils.cli import DataError, UserError
 
 import contextlib
 import json
@@ -22,18 +21,17 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from utils.hashing import model_hash
 from utils.io import write_json
 
-from .dist import DistEnv, all_mean, barrier, check_global_batch, progress, wrap_ddp
+from .dist import DistEnv, all_mean, barrier, wrap_ddp
 from .optim import (
     ResumableSampler,
-    amp_autocast,
     build_optimizer,
     build_scheduler,
     check_finite_loss,
-    loader_generator,
     optimizer_step,
     seed_everything,
 )
@@ -49,10 +47,12 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+STATE_FILE, METRICS_FILE = "train_state.pt", "metrics.csv"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The settings of a run that the loop uses (``from_options``: from the flags)."""
+    """The settings of a run (``from_options``: from the flags)."""
 
     out_dir: Path
     epochs: int
@@ -68,21 +68,19 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     save_every: int = 0  # also save every N steps (0: per epoch)
-    stop_after_step: int = 0  # save and stop after this step (0: run every epoch)
+    stop_after_step: int = 0  # save and stop after this step (0: never)
     eval_every: int = 1
     num_workers: int = 2  # DataLoader worker processes
     progress: bool = True
     last_file: str = "last.pth"
     best_file: str = "best.pth"
-    state_file: str = "train_state.pt"
-    metrics_file: str = "metrics.csv"
     options: dict = field(default_factory=dict)  # every option of the run: config.json
     resume_keys: tuple[str, ...] = ()  # the options a --resume must not change
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
-        """From a dict of options (a script's ``vars(namespace)``); ``no_amp`` and
-        ``no_progress`` are read as the negations they are."""
+        """From a dict of options (a script's ``vars(namespace)``; None values keep the
+        defaults); ``no_amp`` and ``no_progress`` are read as the negations they are."""
         values = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         values |= {"amp": not options.get("no_amp"), "progress": not options.get("no_progress"), "options": options}
         return cls(**(values | override))
@@ -99,139 +97,87 @@ class Task:
     validate: Callable | None = None  # validate() -> {val field: value}, run on rank 0
     select: str = ""  # the val field whose maximum picks the best checkpoint
     collate: Callable | None = None
-    step_fields: Callable | None = None  # step_fields() -> extra columns of a training row
-    train_fields: tuple[str, ...] = ()
+    step_fields: Callable | None = None  # step_fields() -> {column: value} added to a training row
     val_fields: tuple[str, ...] = ()
 
 
 def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> None:
-    """Refused before any work: a batch size the processes cannot share, or too few pairs."""
-    check_global_batch(cfg.batch_size, env)
+    """Refused before any work: a batch the processes cannot share, or too few pairs."""
+    if cfg.batch_size % env.world_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({env.world_size})"
+        )
     if n // env.world_size < cfg.batch_size // env.world_size * cfg.accum_steps:
         raise DataError(f"{what}: {n} training pairs cannot fill one step of {cfg.batch_size} x {cfg.accum_steps}")
 
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
     """One run into ``cfg.out_dir`` (locked for it). ``load_model(path)`` gives the model
-    on the device: from ``path`` (the last checkpoint) on resume, else new (``path``
+    on the device: from ``path``, the last checkpoint, on resume, else a new one (``path``
     None); ``make_task(model)`` the rest. Returns a summary."""
-    out = Path(cfg.out_dir)
+    out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
         config = {k: cfg.options.get(k) for k in cfg.resume_keys}
-        state = None
-        if cfg.resume:
-            state = load_train_state(out / cfg.state_file)
-            check_resume_config(state, config, out / cfg.state_file)
+        state = load_train_state(out / STATE_FILE) if cfg.resume else None
+        if state is not None:
+            check_resume_config(state, config, out / STATE_FILE)
         seed_everything(cfg.seed)
         model = load_model(out / cfg.last_file if state is not None else None)
-        if state is not None:
-            _check_resumed(model, state, out, cfg)
-        run = _Run.start(cfg, env, model, make_task(model), state, config)
-        t0 = time.perf_counter()
+        if state is not None and model_hash(model) != state["model_hash"]:
+            raise DataError(
+                f"{out / cfg.last_file} does not hold the weights of {out / STATE_FILE} (step {state['step']}); "
+                "the run was interrupted while saving: restart it without --resume"
+            )
+        run = _Run(cfg, env, model, make_task(model), state, config)
         stopped = run.epochs()
         if env.is_main and run.task.validate is None:
             run.task.save(model, out / cfg.best_file)  # nothing to select by: the last
-    summary = {"steps": run.step, "stopped": stopped, "seconds": round(time.perf_counter() - t0, 1)}
-    summary |= {"best": run.best if run.task.validate else None, "out_dir": str(out), "processes": env.world_size}
-    best = f"; best {run.task.select} {run.best:.4f}" if run.task.validate else ""
-    log.info(
-        "%s after %d steps in %.1f s%s; checkpoints in %s",
-        "stopped" if stopped else "done",
-        run.step,
-        summary["seconds"],
-        best,
-        out,
-    )
-    return summary
+    best = run.best if run.task.validate else None
+    summary = {"steps": run.step, "stopped": stopped, "best": best, "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("%s: %s; checkpoints in %s", "stopped" if stopped else "done", summary, out)
+    return summary | {"out_dir": str(out), "processes": env.world_size}
 
 
-def _check_resumed(model, state: dict, out: Path, cfg: TrainConfig) -> None:
-    if model_hash(model) != state["model_hash"]:
-        raise DataError(
-            f"{out / cfg.last_file} does not hold the weights of {out / cfg.state_file} (saved at step "
-            f"{state['step']}); the run was interrupted while saving: restart it without --resume"
-        )
-    log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
-
-
-@dataclass
 class _Run:
-    cfg: TrainConfig
-    env: DistEnv
-    model: torch.nn.Module
-    task: Task
-    ddp: torch.nn.Module
-    sampler: ResumableSampler
-    loader: DataLoader
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: object
-    metrics: MetricsWriter
-    config: dict
-    steps_per_epoch: int
-    step: int = 0
-    best: float = -1.0
-    start_epoch: int = 0
-    start_batch: int = 0
+    """A run under way: the loader, DDP, optimizer, schedule and metrics of a task."""
 
-    @classmethod
-    def start(cls, cfg: TrainConfig, env: DistEnv, model, task: Task, state: dict | None, config: dict) -> _Run:
-        """Loader, DDP, optimizer, schedule and metrics CSV; a resumed run's state restored."""
-        local_bs = cfg.batch_size // env.world_size
-        sampler = ResumableSampler(task.dataset, env, seed=cfg.seed)
-        loader = DataLoader(
+    def __init__(self, cfg: TrainConfig, env: DistEnv, model, task: Task, state: dict | None, config: dict):
+        self.cfg, self.env, self.model, self.task, self.config = cfg, env, model, task, config
+        self.out = Path(cfg.out_dir)
+        self.sampler = ResumableSampler(task.dataset, env, seed=cfg.seed)
+        self.loader = DataLoader(
             task.dataset,
-            batch_size=local_bs,
-            sampler=sampler,
+            batch_size=cfg.batch_size // env.world_size,
+            sampler=self.sampler,
             drop_last=True,
             num_workers=cfg.num_workers,
             collate_fn=task.collate,
-            generator=loader_generator(cfg.seed),
+            generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the RNG dropout uses
             pin_memory=env.device.type == "cuda",
         )
-        steps = (sampler.num_samples // local_bs) // cfg.accum_steps
-        optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-        scheduler = build_scheduler(optimizer, cfg.warmup_steps, steps * cfg.epochs, cfg.schedule)
-        amp = cfg.amp and env.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda") if amp else None
-        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", *task.train_fields, "seconds", *task.val_fields]
-        keep = state["metrics_rows"] if state is not None else None
-        metrics = MetricsWriter(Path(cfg.out_dir) / cfg.metrics_file, fields, env, keep_rows=keep)
-        run = cls(
-            cfg,
-            env,
-            model,
-            task,
-            wrap_ddp(task.module, env),
-            sampler,
-            loader,
-            optimizer,
-            scheduler,
-            scaler,
-            metrics,
-            config,
-            steps,
-        )
+        self.steps_per_epoch = len(self.loader) // cfg.accum_steps
+        self.optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, total, cfg.schedule)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and env.device.type == "cuda" else None
+        self.ddp = wrap_ddp(task.module, env)
+        self.step, self.best, self.start_epoch, self.start_batch = 0, -1.0, 0, 0
         if state is not None:
-            run.restore(state)
+            self.restore(state)
         elif env.is_main:
             record = json.loads(json.dumps(cfg.options | {"world_size": env.world_size}, default=str))
-            write_json(Path(cfg.out_dir) / "config.json", record)
+            write_json(self.out / "config.json", record)
+        extra = list(task.step_fields()) if task.step_fields else []
+        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
+        keep = state["metrics_rows"] if state is not None else None
+        self.metrics = MetricsWriter(self.out / METRICS_FILE, fields, env, keep_rows=keep)
         trainable = [p for p in model.parameters() if p.requires_grad]
         log.info(
-            "%d trainable tensors (%.2f M values); %d steps per epoch x %d epochs; global batch %d x %d "
-            "accumulation on %d process(es), device %s%s",
-            len(trainable),
-            sum(p.numel() for p in trainable) / 1e6,
-            steps,
-            cfg.epochs,
-            cfg.batch_size,
-            cfg.accum_steps,
-            env.world_size,
-            env.device,
-            ", fp16 autocast" if amp else "",
+            f"{len(trainable)} trainable tensors ({sum(p.numel() for p in trainable) / 1e6:.2f} M values); "
+            f"{self.steps_per_epoch} steps per epoch x {cfg.epochs} epochs; global batch {cfg.batch_size} x "
+            f"{cfg.accum_steps} accumulation on {env.world_size} process(es), device {env.device}"
+            + (", fp16 autocast" if self.scaler else "")
         )
-        return run
 
     def restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -239,6 +185,7 @@ class _Run:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng(state, self.env)
+        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state["extra"].get("best", -1.0)
 
@@ -266,24 +213,15 @@ class _Run:
             self.task.dataset.set_epoch(epoch)
         self.ddp.train()
         batches = iter(self.loader)
-        bar = progress(
-            total=self.steps_per_epoch, initial=first, env=self.env, desc=f"epoch {epoch + 1}", enabled=cfg.progress
-        )
+        off = not cfg.progress or not self.env.is_main
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}", disable=off, leave=False)
         with contextlib.closing(bar):
             for batch_in_epoch in range(first + 1, self.steps_per_epoch + 1):
                 t0 = time.perf_counter()
                 lr, loss, gnorm = self.train_step(batches)
                 extra = self.task.step_fields() if self.task.step_fields else {}
-                self.metrics.write(
-                    step=self.step,
-                    epoch=epoch + 1,
-                    split="train",
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=gnorm,
-                    seconds=time.perf_counter() - t0,
-                    **extra,
-                )
+                row = {"step": self.step, "epoch": epoch + 1, "split": "train", "loss": loss, "lr": lr}
+                self.metrics.write(**row, grad_norm=gnorm, seconds=time.perf_counter() - t0, **extra)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if batch_in_epoch == self.steps_per_epoch:
@@ -297,13 +235,12 @@ class _Run:
     def train_step(self, batches) -> tuple[float, float, float]:
         """One optimizer step over ``accum_steps`` micro-batches: (lr, loss, grad norm)."""
         cfg, env = self.cfg, self.env
-        lr = self.optimizer.param_groups[0]["lr"]
-        autocast, total = amp_autocast(self.scaler is not None), 0.0
+        lr, total = self.optimizer.param_groups[0]["lr"], 0.0
         for micro in range(cfg.accum_steps):
             batch = tuple(t.to(env.device, non_blocking=True) for t in next(batches))
             sync = micro == cfg.accum_steps - 1 or not env.distributed
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with autocast():
+                with torch.autocast("cuda", dtype=torch.float16) if self.scaler else contextlib.nullcontext():
                     loss = self.task.loss(self.ddp, batch) / cfg.accum_steps
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
@@ -321,30 +258,19 @@ class _Run:
         log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
         if res[self.task.select] > self.best:
             self.best = res[self.task.select]
-            self.task.save(self.model, Path(self.cfg.out_dir) / self.cfg.best_file)
-            log.info("new best %s %.4f -> %s", self.task.select, self.best, Path(self.cfg.out_dir) / self.cfg.best_file)
+            self.task.save(self.model, self.out / self.cfg.best_file)
+            log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         """The last checkpoint (rank 0), then the state resuming at batch ``batch_in_epoch``
         of ``epoch`` (collective). Ctrl-C waits for the pair."""
-        cfg, out = self.cfg, Path(self.cfg.out_dir)
         with deferred_sigint():
             weights = model_hash(self.model)
             if self.env.is_main:
-                self.task.save(self.model, out / cfg.last_file)
-            save_train_state(
-                out / cfg.state_file,
-                self.env,
-                step=self.step,
-                epoch=epoch,
-                batch_in_epoch=batch_in_epoch,
-                metrics_rows=self.metrics.rows,
-                model_file=cfg.last_file,
-                model_hash=weights,
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                config=self.config,
-                extra={"best": self.best},
-            )
+                self.task.save(self.model, self.out / self.cfg.last_file)
+            state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": self.config}
+            state |= {"metrics_rows": self.metrics.rows, "model_file": self.cfg.last_file, "model_hash": weights}
+            for part in ("optimizer", "scheduler", "scaler"):
+                state[part] = getattr(self, part).state_dict() if getattr(self, part) is not None else None
+            save_train_state(self.out / STATE_FILE, self.env, state | {"extra": {"best": self.best}})
             barrier(self.env)

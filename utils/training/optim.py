@@ -1,11 +1,10 @@
-"""Optimisation: seeds and a resumable data order, the optimizer, warm-up schedules, one
-optimizer step (AMP, clipping) and the divergence check."""
+"""Seeds and a resumable data order, the optimizer and its schedule, one optimizer step
+(AMP, clipping) and the divergence check."""
 
 from __future__ import annotations
 
 from utils.cli import UserError
 
-import contextlib
 import math
 import random
 
@@ -42,12 +41,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)
-
-
-def loader_generator(seed: int) -> torch.Generator:
-    """A DataLoader's own generator: iterating it never consumes the global torch RNG
-    (which dropout uses), so resumed runs stay identical."""
-    return torch.Generator().manual_seed(seed)
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -87,11 +80,6 @@ class WarmupSchedule:
 
 def build_scheduler(optimizer, warmup: int, total: int, kind: str = "cosine"):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(min(warmup, total), total, kind))
-
-
-def amp_autocast(amp: bool):
-    """A factory of the forward pass's context: fp16 autocast on CUDA, else nothing."""
-    return (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
 
 
 class Diverged(UserError):

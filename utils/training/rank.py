@@ -22,7 +22,6 @@ from utils.formats import PoiTables, load_image, pois_text
 
 from .data import RankPair, augment_pil, encode_images_once
 from .dist import DistEnv
-from .optim import loader_generator
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,8 @@ def validate_pairs(scorer: PairScorer, dataset: RankPairDataset, batch_size: int
     was = scorer.training
     scorer.eval()
     sa, sb = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=loader_generator(0)):
+    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())  # keeps the global RNG
+    for batch in loader:
         s_a, s_b = scorer(*(t.to(device) for t in batch[:-1]))
         sa.append(s_a.float().cpu())
         sb.append(s_b.float().cpu())

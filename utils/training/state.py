@@ -10,13 +10,10 @@ import contextlib
 import csv
 import logging
 import os
-import random
-import re
 import signal
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,45 +59,23 @@ class MetricsWriter:
         self.rows += 1
 
 
-def rng_state() -> dict:
-    """This process's RNG states, in a form ``torch.load(weights_only=True)`` reads."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(gauss),
-        },
-        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
-    }
+def _rng_state() -> dict:
+    """This process's torch RNG states (dropout's: the data order and the augmentation draw
+    from generators of their own, seeded by the run)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n, p = state["numpy"], state["python"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_train_state(path, env: DistEnv, **fields) -> None:
+def save_train_state(path, env: DistEnv, fields: dict) -> None:
     """Write the state that resumes the run (collective: every process calls it, rank 0
     writes): ``fields`` (step, epoch, batch_in_epoch, optimizer, ...) and every
     process's RNG states."""
-    rngs = [rng_state()]
+    rngs = [_rng_state()]
     if env.distributed:
         rngs = [None] * env.world_size
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, _rng_state())
     if env.is_main:
         with atomic_path(path) as tmp:
             torch.save({"format": STATE_FORMAT, "world_size": env.world_size, "rng": rngs, **fields}, tmp)
@@ -135,12 +110,13 @@ def restore_rng(state: dict, env: DistEnv) -> None:
     rngs = state["rng"]
     if len(rngs) != env.world_size:
         log.warning(
-            "resuming with %d processes, the state was saved by %d: RNG streams restart from "
-            "process 0's and the run is no longer bit-identical",
-            env.world_size,
-            len(rngs),
+            f"resuming with {env.world_size} processes, the state was saved by {len(rngs)}: RNG streams "
+            "restart from process 0's and the run is no longer bit-identical"
         )
-    set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+        rngs = [rngs[0]] * env.world_size
+    torch.set_rng_state(rngs[env.rank]["torch"])
+    if "cuda" in rngs[env.rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[env.rank]["cuda"])
 
 
 @contextlib.contextmanager
@@ -161,33 +137,29 @@ def deferred_sigint():
         raise KeyboardInterrupt
 
 
-_TEMP_NAME = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)$")  # utils.io.temp_name's
+def clean_stale_temp_files(directory) -> list[Path]:
+    """Remove the ``<file>.tmp<pid>`` files (``utils.io.temp_name``) of processes that are
+    gone: what a kill during a save leaves. Those of live processes stay."""
+    removed = []
+    for p in sorted(Path(directory).glob("*.tmp*")):
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and p.is_file() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory, len(removed), names)
+    return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
-
-
-def clean_stale_temp_files(directory) -> list[Path]:
-    """Remove the ``<file>.tmp<pid>`` files of processes that are gone (what a kill
-    during a save leaves); those of live processes stay."""
-    removed = []
-    for p in sorted(Path(directory).iterdir()):
-        m = _TEMP_NAME.match(p.name)
-        if m and p.is_file() and not _pid_alive(int(m["pid"])):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-    if removed:
-        names = ", ".join(p.name for p in removed)
-        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory, len(removed), names)
-    return removed
 
 
 @contextlib.contextmanager
