@@ -64,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rank_train.py",
         description=__doc__.split("\n\n")[0],
         epilog="Formats, outputs and behaviour on errors: the docstring at the top of rank_train.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--train-csv", required=True, help="$record$ training pairs")
@@ -81,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     args.add_batches(p, text=False, images=False, workers_alias=True)
     args.add_training(p, batch_size=16, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_grad=0.0)
     g = p.add_argument_group("ranker training")
-    g.add_argument("--epochs", type=cli.positive_int, default=10)
-    g.add_argument("--lr", type=cli.non_negative_float, default=1e-3)
-    g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    g.add_argument("--loss", choices=("bce", "margin"), default="bce")
-    g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin")
+    g.add_argument("--epochs", type=cli.positive_int, default=10, help="(default 10)")
+    g.add_argument("--lr", type=cli.non_negative_float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="(default adam)")
+    g.add_argument("--loss", choices=("bce", "margin"), default="bce", help="(default bce)")
+    g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin (default 0.5)")
     args.add_run(p)
     return p
 

@@ -230,28 +230,46 @@ def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, 
         "--batch-size",
         type=cli.positive_int,
         default=batch_size,
-        help="GLOBAL batch of training pairs, split over the torchrun processes",
+        help="GLOBAL batch of training pairs, split over the torchrun processes (default %(default)s)",
     )
-    g.add_argument("--weight-decay", type=cli.non_negative_float, default=weight_decay)
-    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=warmup_steps, help="linear LR warm-up")
-    g.add_argument("--schedule", choices=("cosine", "constant"), default=schedule, help="LR after the warm-up")
-    g.add_argument("--clip-grad", type=cli.non_negative_float, default=clip_grad, help="max gradient norm (0: off)")
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=weight_decay, help="(default %(default)s)")
+    g.add_argument(
+        "--warmup-steps",
+        type=cli.non_negative_int,
+        default=warmup_steps,
+        help="linear LR warm-up (default %(default)s)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default=schedule,
+        help="LR after the warm-up (default %(default)s)",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=cli.non_negative_float,
+        default=clip_grad,
+        help="max gradient norm, 0: off (default %(default)s)",
+    )
     g.add_argument("--no-amp", action="store_true", help="no mixed precision (fp16 autocast) on CUDA")
-    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="data order, split, augmentation, init")
+    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="data order, split, augmentation (default 0)")
     g.add_argument(
         "--save-every",
         type=cli.non_negative_int,
         default=0,
-        help="also save checkpoint + state every N optimizer steps (0: after each epoch only)",
+        help="also save checkpoint + state every N optimizer steps (default 0: after each epoch only)",
     )
     g.add_argument(
-        "--stop-after-step", type=cli.non_negative_int, default=0, help="save and stop after this step (0: never)"
+        "--stop-after-step",
+        type=cli.non_negative_int,
+        default=0,
+        help="save and stop after this step (default 0: never)",
     )
     g.add_argument(
         "--eval-batch-size",
         type=cli.positive_int,
         default=32,
-        help="batch of the validation and of the encode-once passes",
+        help="batch of the validation and of the images encoded once (default 32)",
     )
     return g
 

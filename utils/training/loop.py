@@ -14,6 +14,7 @@ from utils.cli import DataError, UserError
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -161,7 +162,7 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, total, cfg.schedule)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and env.device.type == "cuda" else None
         self.ddp = wrap_ddp(task.module, env)
-        self.step, self.best, self.start_epoch, self.start_batch = 0, -1.0, 0, 0
+        self.step, self.best, self.start_epoch, self.start_batch = 0, -math.inf, 0, 0
         if state is not None:
             self.restore(state)
         elif env.is_main:
@@ -187,7 +188,7 @@ class _Run:
         restore_rng(state, self.env)
         log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best = state["extra"].get("best", -1.0)
+        self.best = state["extra"].get("best", -math.inf)
 
     def epochs(self) -> bool:
         """Train from where the run stands; True when ``stop_after_step`` stopped it."""
