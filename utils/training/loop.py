@@ -172,9 +172,9 @@ class _Run:
         fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
         keep = state["metrics_rows"] if state is not None else None
         self.metrics = MetricsWriter(self.out / METRICS_FILE, fields, env, keep_rows=keep)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         log.info(
-            f"{len(trainable)} trainable tensors ({sum(p.numel() for p in trainable) / 1e6:.2f} M values); "
+            f"{len(self.trainable)} trainable tensors ({sum(p.numel() for p in self.trainable) / 1e6:.2f} M values); "
             f"{self.steps_per_epoch} steps per epoch x {cfg.epochs} epochs; global batch {cfg.batch_size} x "
             f"{cfg.accum_steps} accumulation on {env.world_size} process(es), device {env.device}"
             + (", fp16 autocast" if self.scaler else "")
@@ -246,8 +246,7 @@ class _Run:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
         loss = check_finite_loss(all_mean(total, env), self.step + 1)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        gnorm = optimizer_step(self.optimizer, self.scheduler, self.scaler, trainable, cfg.clip_grad)
+        gnorm = optimizer_step(self.optimizer, self.scheduler, self.scaler, self.trainable, cfg.clip_grad)
         self.step += 1
         return lr, loss, gnorm
 
