@@ -371,3 +371,29 @@ def output_dir(path, what: str | None = None) -> Path:
         raise UserError(f"{label}: exists and is not a directory")
     _writable_dir(p, label)
     return p
+
+
+# ---------------------------------------------------------------------------
+# optional packages
+# ---------------------------------------------------------------------------
+def require(module: str, extra: str, needed_by: str) -> None:
+    """Check, with the other checks before any work, that the package ``module`` of an
+    opt-in path is installed; otherwise a ``UserError`` naming the extra that brings it:
+    ``cli.require("ray", "ray", "--ray")``. Nothing is imported (give a top-level name:
+    a dotted one imports its parent); the caller imports the module where it uses it."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return
+    except ImportError:  # its parent package is missing
+        pass
+    try:
+        metadata.distribution("avas-repro")
+        how = f"pip install 'avas-repro[{extra}]'"
+    except metadata.PackageNotFoundError:  # run from a clone set up with the requirements files
+        how = f"pip install -e '.[{extra}]' in the clone"
+    req = Path(__file__).resolve().parent.parent / f"requirements-{extra}.txt"
+    also = f" (or pip install -r {req.name})" if req.is_file() else ""
+    raise UserError(f"{needed_by} needs the optional package {module}, which is not installed: {how}{also}")
