@@ -50,12 +50,12 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-# A script run as the program says Ctrl-C in one line and 130 even while its imports run
-# (before ``entry_point`` takes over); a process that merely imports us keeps its handler.
-_MAIN_FILE = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-if (
-    Path(_MAIN_FILE).resolve().parent == Path(__file__).resolve().parent.parent
-    and threading.current_thread() is threading.main_thread()
+# A script run as the program (``python recall_infer.py``, ``avas-recall-infer``) says Ctrl-C
+# in one line and 130 even while its imports run, before ``entry_point`` takes over; a
+# process that merely imports us keeps its handler.
+_PROGRAM = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+if (_PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")) and (
+    threading.current_thread() is threading.main_thread()
 ):
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
