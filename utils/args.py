@@ -209,8 +209,8 @@ class Encoding:
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
 def add_bootstrap(p, title: str | None = None):
-    """``--bootstrap``: draws of the evaluators' 95% percentile intervals."""
-    from utils.evaluation import DEFAULT_DRAWS, MAX_DRAWS
+    """``--bootstrap`` and ``--seed``: the evaluators' 95% percentile intervals."""
+    from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, MAX_DRAWS
 
     g = _group(p, title)
     g.add_argument(
@@ -220,6 +220,7 @@ def add_bootstrap(p, title: str | None = None):
         metavar="N",
         help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)",
     )
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
     return g
 
 
