@@ -32,7 +32,7 @@ import sys
 from dataclasses import fields
 
 from utils import args, cli
-from utils.evaluation import DEFAULT_SEED, format_pair_summary
+from utils.evaluation import format_pair_summary
 
 FILES = ("csv", "checkpoint", "poi_pic_num", "poi_image_vectors", "poi_name_vectors", "align_checkpoint", "arch")
 
@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rank_eval.py",
         description="Pairwise evaluation of the siamese CTR ranker on a $record$ ranking CSV "
         "(SPEC section 5; the paper's 0.652 is the pairwise accuracy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("inputs")
     g.add_argument("--csv", required=True, help="ranking CSV ($record$ format, e.g. the val set)")
@@ -64,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--limit", type=cli.positive_int, help="use only the first N pairs")
     args.add_bootstrap(r)
-    r.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
     args.add_bad_rows(r)
     args.add_engine(p)
     args.add_batches(p, head=True)

@@ -34,7 +34,6 @@ import sys
 from utils import args, cli
 from utils.evaluation import (
     DEFAULT_KS,
-    DEFAULT_SEED,
     compare_recall,
     default_json_path,
     evaluate_recall,
@@ -55,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="where the images are, for thumbnails")
     p.add_argument("--page-size", type=cli.positive_int, default=50, help="POIs per report page (default 50)")
     args.add_bootstrap(p)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 0)")
     args.add_run(p)
     return p
 

@@ -36,7 +36,6 @@ from utils.cli import (
     UserError,
     distinct_paths,
     entry_point,
-    finite_float,
     input_dir,
     input_file,
     output_dir,
@@ -51,10 +50,12 @@ from dataclasses import fields
 
 from models import run_selection
 from utils.args import (
+    Downloads,
     Encoding,
     add_bad_rows,
     add_batches,
     add_cache,
+    add_downloads,
     add_engine,
     add_poi_tables,
     add_ray,
@@ -88,10 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-k", type=positive_int, default=5, help="candidates per item passed to the ranker (default 5)"
     )
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
-    d = p.add_argument_group("downloads")
+    d = add_downloads(p)  # of URL images: defaults --download-workers 8, --timeout 30
     d.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
-    d.add_argument("--download-workers", type=positive_int, default=8, help="concurrent downloads")
-    d.add_argument("--timeout", type=finite_float, default=30.0, help="per-download read timeout, seconds")
     add_engine(p)
     add_batches(p, head=True, workers_alias=True)
     add_cache(p, "cache")
@@ -115,7 +114,8 @@ def selection_of(args) -> tuple[Selection, RayOptions | None]:
     if any(tables) and not all(tables):
         raise UserError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: give all three or none")
     enc = Encoding.from_args(args, progress=not args.no_progress and sys.stderr.isatty())
-    job = picked(Selection, args, files=picked(ModelFiles, args), scoring=Scoring(args.recall_k, enc))
+    files, scoring, net = picked(ModelFiles, args), Scoring(args.recall_k, enc), Downloads.from_args(args)
+    job = picked(Selection, args, files=files, scoring=scoring, net=net)
     return job, None if args.ray is None else picked(RayOptions, args, address=args.ray or None)
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import rank_train  # noqa: E402
 import recall_train  # noqa: E402
 from utils.formats.rows import RECORD_SEP  # noqa: E402
-from utils.training.loop import read_metrics  # noqa: E402
+from utils.training import read_metrics  # noqa: E402
 
 
 def step_times(out: Path) -> list[float]:

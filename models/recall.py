@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from utils.args import Encoding
-from utils.evaluation import commit_outputs, stable_topk
+from utils.evaluation import stable_topk
 from utils.formats import (
     RecallRow,
     index_images,
@@ -31,7 +31,7 @@ from utils.formats import (
     write_missing_list,
     write_topk,
 )
-from utils.io import write_json
+from utils.io import commit_outputs, write_json
 
 from .engine import RecallModel, prefetch_images
 from .factory import MODELS, build_recall_model
@@ -177,7 +177,8 @@ def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top,
                 p, g.missing, g.unreadable
             ),
             outs["meta"]: lambda p: write_json(p, meta, indent=1),
-        }
+        },
+        {path: flag for flag, path in outs.items() if flag != "meta"},
     )
     log.info("wrote %s: top %d of %d images for %d POIs", job.output, top_idx.shape[1], len(names), len(qids))
     if g.missing or g.unreadable:

@@ -45,6 +45,15 @@ def _onnx_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def unwritable_dir():
+    """A directory in which no one may create a file, root included (CI runs as root):
+    a name under Linux's sysfs."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs Linux sysfs, where no one may create a file")
+    return Path("/sys/avas-test-unwritable")
+
+
+@pytest.fixture
 def no_proxy_env(monkeypatch):
     """Requests to 127.0.0.1 must go straight to the test server."""
     for name in PROXY_VARS:

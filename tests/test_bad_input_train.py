@@ -28,7 +28,7 @@ from models.checkpoint import load_ranker, save_align_checkpoint
 from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
 from utils.io import exclusive_lock
-from utils.training.loop import load_train_state, read_metrics
+from utils.training import load_train_state, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--num-workers", "0", "--device", "cpu", "--no-progress", "--backend", "torch"]
@@ -369,7 +369,7 @@ def test_ctrl_c_is_one_line_and_exit_130(rank_env, tmp_path):
 
 def test_ctrl_c_during_a_save_waits_for_the_pair(tmp_path):
     """SIGINT inside deferred_sigint (the checkpoint + state save) is raised after it."""
-    from utils.training.loop import deferred_sigint
+    from utils.training import deferred_sigint
 
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -379,3 +379,71 @@ def test_ctrl_c_during_a_save_waits_for_the_pair(tmp_path):
             done.append("saved")
     assert done == ["saved"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------
+# bad rows: one rule (refused, or left out and counted with --skip-bad-rows)
+# ---------------------------------------------------------------------------
+def test_recall_bad_rows_refused_or_left_out(recall_env, tmp_path, capsys, caplog):
+    import logging
+
+    lines = recall_env["csv"].read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(("\n".join(lines[:2] + ["p9,three,fields"]) + "\n").encode() + b"p8,caf\xe9,u,0,1,1,\n")
+    bad.write_bytes(bad.read_bytes() + ("\n".join(lines[2:]) + "\n").encode())
+    args = replace_arg(recall_env["args"], "--csv", str(bad))
+    assert recall_train.main(args + ["--out-dir", str(tmp_path / "refused")]) == 2
+    line = one_line_error(capsys, "recall_train")
+    assert f"{bad}:3: expected 7 fields" in line and "and 1 more" in line and "--skip-bad-rows" in line
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level(logging.INFO):
+        assert recall_train.main(args + ["--out-dir", str(tmp_path / "run"), "--skip-bad-rows"]) == 0
+    assert f"{bad}:3: expected 7 fields" in caplog.text and f"{bad}:4: not UTF-8" in caplog.text
+    assert "2 bad rows of" in caplog.text
+    assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_plain_pairs_csv_bad_row(recall_env, tmp_path, capsys):
+    img = recall_env["img"]
+    names = sorted(p.name for p in img.iterdir())
+    rows = ["text,image"] + [f"色{i % 4},{n}" for i, n in enumerate(names)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows[:3] + ["只有文字,"] + rows[3:]) + "\n", encoding="utf-8")
+    args = replace_arg(recall_env["args"], "--csv", str(tmp_path / "pairs.csv"))
+    args = replace_arg(args, "--image-dir", str(img))
+    assert recall_train.main(args + ["--out-dir", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'pairs.csv'}:4: empty text or image" in one_line_error(capsys, "recall_train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_rank_bad_rows_refused_or_left_out_and_nan_never(rank_env, tmp_path, capsys):
+    a = rank_env["args"]
+    train_csv = Path(a[a.index("--train-csv") + 1])
+    rows = train_csv.read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "train.csv"
+    bad.write_text("\n".join(rows + ["x$record$too few"]) + "\n", encoding="utf-8")
+    args = replace_arg(a, "--train-csv", str(bad))
+    assert rank_train.main(args + ["--out-dir", str(tmp_path / "refused")]) == 2
+    line = one_line_error(capsys, "rank_train")
+    assert f"{bad}:{len(rows) + 1}: expected 10 fields" in line and "--skip-bad-rows" in line
+    out = tmp_path / "run"
+    assert rank_train.main(args + ["--out-dir", str(out), "--skip-bad-rows", "--stop-after-step", "1"]) == 0
+    assert load_train_state(out / "train_state.pt")["step"] == 1
+    fields = rows[0].split(RECORD_SEP)
+    nan = tmp_path / "nan.csv"
+    nan.write_text("\n".join(rows + [RECORD_SEP.join(fields[:3] + ["nan"] + fields[4:])]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    nan_args = replace_arg(a, "--train-csv", str(nan)) + ["--skip-bad-rows", "--out-dir", str(tmp_path / "nan")]
+    assert rank_train.main(nan_args) == 2
+    assert f"{nan}:{len(rows) + 1}: ctr_a: nan is not a finite" in one_line_error(capsys, "rank_train")
+
+
+def test_symlinked_lock_file_is_refused(rank_env, tmp_path, capsys):
+    """The run lock is utils.io's one lock: a planted symbolic link is never followed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me", encoding="utf-8")
+    (out / ".lock").symlink_to(target)
+    assert rank_train.main(rank_env["args"] + ["--out-dir", str(out)]) == 2
+    assert "is a symbolic link" in one_line_error(capsys, "rank_train")
+    assert target.read_text(encoding="utf-8") == "keep me"

@@ -17,7 +17,8 @@ from models.align import load_tokenizer
 from models.checkpoint import save_align_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
-from utils.formats.poi import PoiTableError, load_poi_table, restricted_load_npy, save_safe_table
+from utils.formats.npfiles import restricted_load_npy
+from utils.formats.poi import PoiTableError, load_poi_table, mean_vectors, save_safe_table
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 
@@ -325,8 +326,8 @@ def test_mean_vectors_normalised_and_plain():
     v = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [9, 9, 9]], dtype=np.float32)
     ok = np.array([True, True, False, True])
     groups = {"a": [0, 1, 2], "b": [2]}
-    norm, empty = build_poi_tables.mean_vectors(groups, v, ok)
-    plain, _ = build_poi_tables.mean_vectors(groups, v, ok, normalize=False)
+    norm, empty = mean_vectors(groups, v, ok)
+    plain, _ = mean_vectors(groups, v, ok, normalize=False)
     assert empty == ["b"] and set(norm) == {"a"}  # unreadable images are left out, not zeros
     np.testing.assert_allclose(plain["a"], [0.5, 0.5, 0])
     np.testing.assert_allclose(norm["a"], [2**-0.5, 2**-0.5, 0], rtol=1e-6)
@@ -335,7 +336,8 @@ def test_mean_vectors_normalised_and_plain():
 # ---------------------------------------------------------------------------
 # value types, tensors, bounds, shapes (issue 14: items 3, 4, 8)
 # ---------------------------------------------------------------------------
-from utils.formats.poi import LIMITS, load_poi_tables  # noqa: E402
+from utils.formats.npfiles import LIMITS  # noqa: E402
+from utils.formats.poi import load_poi_tables  # noqa: E402
 
 
 def _npy_with_payload(path, payload: bytes):
@@ -456,7 +458,7 @@ def test_hostile_small_pickles_fail_fast(tmp_path, case):
 
 
 def test_entry_limit(tmp_path):
-    from utils.formats.poi import Limits
+    from utils.formats.npfiles import Limits
 
     path = _save_dict(tmp_path / "many.npy", {f"p{i}": [1, 2, 3] for i in range(50)})
     with pytest.raises(PoiTableError, match="50 entries"):

@@ -289,7 +289,7 @@ def _direct_scores(s, model, rows=ROWS):
     dim = model.align_model.arch.embed_dim
     out = {}
     with torch.no_grad():
-        for item, ca, cb, title, pois, a, b in rows:
+        for item, ca, cb, title, pois, _a, _b in rows:
             text = pois if pois.strip() else title
             enc = tokenize(tok, [text])
             feat = model.align_model.encode_text(enc["input_ids"], enc["attention_mask"])

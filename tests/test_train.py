@@ -21,10 +21,20 @@ from models.checkpoint import load_align_model, load_ranker, save_align_checkpoi
 from models.engine.encode import encode_images, encode_texts
 from utils.args import Encoding
 from utils.evaluation.metrics import pairwise_metrics
+from utils.formats import iter_rank_csv, load_poi_tables
 from utils.formats.poi import save_pickled_table, save_safe_table
 from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
-from utils.training.loop import DistEnv, MetricsWriter, WarmupSchedule, augment_pil, load_train_state, read_metrics
+from utils.training import (
+    DistEnv,
+    MetricsWriter,
+    WarmupSchedule,
+    augment_pil,
+    load_train_state,
+    read_metrics,
+    read_text_pairs,
+    split_owners,
+)
 
 TRAIN_ARCH = AlignArch(
     image_model=TINY_ARCH.image_model,
@@ -191,8 +201,8 @@ def test_recall_learns_held_out(recall_run):
     assert set(raw) == {"state_dict", "arch"} and "logit_scale" in raw["state_dict"]
     model = load_align_model(recall_run["out"] / "best.pth", recall_run["bert"])
     assert model.arch == TRAIN_ARCH
-    pairs = recall_train.read_pairs(str(recall_run["csv"]), str(recall_run["img"]))
-    _, held = recall_train.split_owners(pairs, 0.5, None, 0)
+    pairs, _ = read_text_pairs(str(recall_run["csv"]), str(recall_run["img"]))
+    _, held = split_owners(pairs, 0.5, None, 0)
     queries = list(dict.fromkeys((p.owner, p.text) for p in held))
     img, _ = encode_images(model, [p.image for p in held], Encoding(num_workers=0, progress=False))
     txt = encode_texts(model, load_tokenizer(recall_run["bert"]), [t for _, t in queries])
@@ -356,7 +366,7 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     ranker = load_ranker(out / "best.ckpt", recall_run["bert"])
     init = load_align_model(recall_run["out"] / "best.pth", recall_run["bert"])
     assert model_hash(ranker.align_model) == model_hash(init)  # the recall model stayed frozen
-    rows = list(rank_train.iter_rank_csv(tmp_path / "val.csv"))
+    rows = list(iter_rank_csv(tmp_path / "val.csv"))
     img = tmp_path / "rank_img"
     ea, _ = encode_images(
         ranker.align_model, [img / f"{r.item_id}_a.png" for r in rows], Encoding(num_workers=0, progress=False)
@@ -364,9 +374,8 @@ def test_rank_learns_brightness(recall_run, tmp_path):
     eb, _ = encode_images(
         ranker.align_model, [img / f"{r.item_id}_b.png" for r in rows], Encoding(num_workers=0, progress=False)
     )
-    tables = rank_train.load_tables(
-        rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"]), 32
-    )
+    ns = rank_train.build_parser().parse_args(data + ["--bert-dir", "x", "--out-dir", "x"])
+    tables = load_poi_tables(ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors, dim=32)
     items = [tables.inputs(r.title, r.poi_names) for r in rows]
     feat = encode_texts(ranker.align_model, load_tokenizer(recall_run["bert"]), [it.pois_text for it in items])
     pi = torch.from_numpy(np.stack([it.poi_img for it in items]))
@@ -568,3 +577,173 @@ def test_image_engine_of_training_evaluation(tmp_path, bert_dir, caplog, monkeyp
             == 0
         )
     assert "image engine: onnx" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# the shared loop as a library: a TrainConfig and a Task, no command line
+# ---------------------------------------------------------------------------
+class _Regression(torch.utils.data.Dataset):
+    def __init__(self, n: int = 24):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _toy_run(out, **kw) -> dict:
+    """A regression net with dropout (so the RNG state matters) through utils.training.train."""
+    from utils.training import Task, TrainConfig, train
+
+    options = {"lr": 0.05, "note": "anything the run should record"}
+    cfg = TrainConfig(
+        out_dir=out,
+        epochs=3,
+        batch_size=4,
+        lr=0.05,
+        optimizer="adam",
+        seed=1,
+        progress=False,
+        num_workers=0,
+        options=options,
+        resume_keys=("lr",),
+        **kw,
+    )
+    data = _Regression()
+
+    def load(path):
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+        if path is not None:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+
+    def make(model):
+        def validate():
+            with torch.no_grad():
+                return {"neg_mse": -float(torch.nn.functional.mse_loss(model.eval()(data.x).squeeze(1), data.y))}
+
+        return Task(
+            module=model,
+            dataset=data,
+            loss=lambda module, batch: torch.nn.functional.mse_loss(module(batch[0]).squeeze(1), batch[1]),
+            save=lambda m, path: torch.save(m.state_dict(), path),
+            validate=validate,
+            select="neg_mse",
+            val_fields=("neg_mse",),
+        )
+
+    return train(cfg, DistEnv(), load, make)
+
+
+def test_library_loop_resumes_bit_for_bit(tmp_path):
+    """utils.training.train takes explicit settings (no argparse namespace) and returns a
+    summary; stopped mid-epoch and resumed, it ends where an uninterrupted run ends."""
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    sa = _toy_run(a)
+    assert (sa["steps"], sa["stopped"], sa["processes"]) == (18, False, 1) and sa["best"] > -1e9
+    assert json.loads((a / "config.json").read_text(encoding="utf-8"))["note"] == "anything the run should record"
+    assert _toy_run(b, stop_after_step=8)["stopped"]
+    sb = _toy_run(b, resume=True)
+    assert sb["steps"] == 18 and sb["best"] == sa["best"]
+    timeless = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(d / "metrics.csv")] for d in (a, b)
+    ]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 18 + 3
+    wa, wb = torch.load(a / "last.pth", weights_only=True), torch.load(b / "last.pth", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------------
+# the engine hands the model back in its memory format; training goes on after it
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_training_after_an_engine_call_keeps_the_memory_format(tmp_path, bert_dir, fmt):
+    from models import contrastive_loss, tokenize, wrap_align
+    from utils.args import Encoding
+    from utils.training import PairEncoder, held_out_recall, read_text_pairs
+
+    lines = ["text,image"] + [f"{c}色,{i}.png" for i, c in enumerate(COLORS)]
+    for i, c in enumerate(COLORS):
+        write_image(solid_image(COLORS[c], (32, 32), seed=i), tmp_path / f"{i}.png")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pairs, _ = read_text_pairs(tmp_path / "pairs.csv")
+    align = tiny_align(bert_dir, seed=4)
+    align.image_model.to(memory_format=fmt)
+    strides = {k: p.stride() for k, p in align.named_parameters()}
+    tokenizer = load_tokenizer(bert_dir)
+    rm = wrap_align(align, tokenizer, backend="torch")
+    res = held_out_recall(rm, pairs, [1], Encoding(batch_size=2, num_workers=0, progress=False))
+    assert res["gallery"] == len(pairs)
+    assert {k: p.stride() for k, p in align.named_parameters()} == strides  # as it was handed over
+
+    optimizer = torch.optim.SGD([p for p in align.parameters() if p.requires_grad], lr=0.1)
+    before = align.image_hidden_layer.weight.detach().clone()
+    images = torch.stack([load_image_tensor(p.image) for p in pairs])
+    tok = tokenize(tokenizer, [p.text for p in pairs])
+    img, txt = PairEncoder(align).train()(images, tok["input_ids"], tok["attention_mask"])
+    contrastive_loss(align.similarity(img, txt)).backward()
+    optimizer.step()
+    assert not torch.equal(before, align.image_hidden_layer.weight)
+    assert {k: p.stride() for k, p in align.named_parameters()} == strides
+
+
+def load_image_tensor(path):
+    from utils.formats import load_image
+
+    return load_image(path)[0]
+
+
+# ---------------------------------------------------------------------------
+# every flag and old spelling of the command lines still parses
+# ---------------------------------------------------------------------------
+def test_old_spellings_and_shared_flags_parse(tmp_path):
+    r = recall_train.build_parser().parse_args(
+        ["--csv", "c", "--bert-dir", "b", "--out-dir", "o", "--workers", "3", "--skip-bad-rows", "--no-amp"]
+    )
+    assert (r.num_workers, r.skip_bad_rows, r.no_amp, r.batch_size, r.lr, r.weight_decay) == (
+        3,
+        True,
+        True,
+        32,
+        5e-5,
+        0.01,
+    )
+    assert (r.warmup_steps, r.schedule, r.clip_grad, r.eval_batch_size, r.backend, r.preprocess) == (
+        100,
+        "cosine",
+        1.0,
+        32,
+        "auto",
+        "reference",
+    )
+    k = rank_train.build_parser().parse_args(
+        [
+            "--train-csv",
+            "t",
+            "--val-csv",
+            "v",
+            "--image-dir",
+            "i",
+            "--bert-dir",
+            "b",
+            "--out-dir",
+            "o",
+            "--pic-num",
+            "p",
+            "--img-vectors",
+            "iv",
+            "--name-vectors",
+            "nv",
+            "--workers",
+            "0",
+            "--log-level",
+            "debug",
+        ]
+    )
+    assert (k.poi_pic_num, k.poi_image_vectors, k.poi_name_vectors, k.num_workers) == ("p", "iv", "nv", 0)
+    assert (k.log_level, k.epochs, k.eval_batch_size) == ("DEBUG", 10, 32)

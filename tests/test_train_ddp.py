@@ -28,7 +28,7 @@ from test_train import TRAIN_ARCH, make_rank_data, make_recall_data, train_losse
 import recall_train
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint
 from utils.formats.images import load_image
-from utils.training.loop import read_metrics
+from utils.training import read_metrics
 
 # dropout and drop-connect draw different random masks in each process: off here
 NO_DROPOUT_ARCH = replace(

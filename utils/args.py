@@ -87,15 +87,24 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
     return g
 
 
-def add_batches(p, title: str | None = "batches", text: bool = True, head: bool = False, workers_alias: bool = False):
-    """``--batch-size`` (images), ``--text-batch-size``, ``--head-batch-size``, ``--num-workers``
-    (``workers_alias``: also the old spelling ``--workers``)."""
+def add_batches(
+    p,
+    title: str | None = "batches",
+    text: bool = True,
+    head: bool = False,
+    workers_alias: bool = False,
+    images: bool = True,
+):
+    """``--batch-size`` (images; ``images=False``: left to the script's group, as the
+    trainers' global batch), ``--text-batch-size``, ``--head-batch-size``,
+    ``--num-workers`` (``workers_alias``: also the old spelling ``--workers``)."""
     g = _group(p, title)
-    g.add_argument(
-        "--batch-size",
-        type=cli.positive_int,
-        help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)",
-    )
+    if images:
+        g.add_argument(
+            "--batch-size",
+            type=cli.positive_int,
+            help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)",
+        )
     if text:
         g.add_argument(
             "--text-batch-size", type=cli.positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)"
@@ -161,12 +170,7 @@ def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, 
         g.add_argument(
             name, *((old,) if aliases else ()), required=required, help=f"{what}: the published .npy or the safe .npz"
         )
-    g.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="read .npy tables with plain np.load(allow_pickle=True): code in them would run. "
-        "Without it a restricted unpickler that refuses code is used",
-    )
+    add_trust_pickle(g)
     return g
 
 
@@ -205,8 +209,8 @@ class Encoding:
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
 def add_bootstrap(p, title: str | None = None):
-    """``--bootstrap``: draws of the evaluators' 95% percentile intervals."""
-    from utils.evaluation import DEFAULT_DRAWS, MAX_DRAWS
+    """``--bootstrap`` and ``--seed``: the evaluators' 95% percentile intervals."""
+    from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, MAX_DRAWS
 
     g = _group(p, title)
     g.add_argument(
@@ -216,6 +220,7 @@ def add_bootstrap(p, title: str | None = None):
         metavar="N",
         help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)",
     )
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
     return g
 
 
@@ -284,6 +289,62 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 
 # --- training (utils.training) ------------------------------------------------------------
+def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
+    """What a run of either trainer is (``utils.training.TrainConfig``); the keywords are
+    the script's defaults (the authors' settings differ between the two models)."""
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--out-dir",
+        required=True,
+        help="checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its train_state.pt")
+    g.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=batch_size,
+        help="GLOBAL batch of training pairs, split over the torchrun processes (default %(default)s)",
+    )
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=weight_decay, help="(default %(default)s)")
+    g.add_argument(
+        "--warmup-steps",
+        type=cli.non_negative_int,
+        default=warmup_steps,
+        help="linear LR warm-up (default %(default)s)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default=schedule,
+        help="LR after the warm-up (default %(default)s)",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=cli.non_negative_float,
+        default=clip_grad,
+        help="max gradient norm, 0: off (default %(default)s)",
+    )
+    g.add_argument("--no-amp", action="store_true", help="no mixed precision (fp16 autocast) on CUDA")
+    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="data order, split, augmentation (default 0)")
+    g.add_argument(
+        "--save-every",
+        type=cli.non_negative_int,
+        default=0,
+        help="also save checkpoint + state every N optimizer steps (default 0: after each epoch only)",
+    )
+    g.add_argument(
+        "--stop-after-step",
+        type=cli.non_negative_int,
+        default=0,
+        help="save and stop after this step (default 0: never)",
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=cli.positive_int,
+        default=32,
+        help="batch of the validation and of the images encoded once (default 32)",
+    )
+    return g
 
 
 # --- selection (utils.selection) ----------------------------------------------------------
@@ -313,3 +374,15 @@ def add_ray(p, title: str | None = "Ray Data"):
         help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
     )
     return g
+
+
+# --- formats (utils.formats) --------------------------------------------------------------
+def add_trust_pickle(p):
+    """``--trust-pickle`` (the POI tables, and poi_tables.py)."""
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read .npy tables with plain np.load(allow_pickle=True): code in them would run. "
+        "Without it a restricted unpickler that refuses code is used",
+    )
+    return p

@@ -50,12 +50,12 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-# A script run as the program says Ctrl-C in one line and 130 even while its imports run
-# (before ``entry_point`` takes over); a process that merely imports us keeps its handler.
-_MAIN_FILE = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-if (
-    Path(_MAIN_FILE).resolve().parent == Path(__file__).resolve().parent.parent
-    and threading.current_thread() is threading.main_thread()
+# A script run as the program (``python recall_infer.py``, ``avas-recall-infer``) says Ctrl-C
+# in one line and 130 even while its imports run, before ``entry_point`` takes over; a
+# process that merely imports us keeps its handler.
+_PROGRAM = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+if (_PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")) and (
+    threading.current_thread() is threading.main_thread()
 ):
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
@@ -371,3 +371,29 @@ def output_dir(path, what: str | None = None) -> Path:
         raise UserError(f"{label}: exists and is not a directory")
     _writable_dir(p, label)
     return p
+
+
+# ---------------------------------------------------------------------------
+# optional packages
+# ---------------------------------------------------------------------------
+def require(module: str, extra: str, needed_by: str) -> None:
+    """Check, with the other checks before any work, that the package ``module`` of an
+    opt-in path is installed; otherwise a ``UserError`` naming the extra that brings it:
+    ``cli.require("ray", "ray", "--ray")``. Nothing is imported (give a top-level name:
+    a dotted one imports its parent); the caller imports the module where it uses it."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return
+    except ImportError:  # its parent package is missing
+        pass
+    try:
+        metadata.distribution("avas-repro")
+        how = f"pip install 'avas-repro[{extra}]'"
+    except metadata.PackageNotFoundError:  # run from a clone set up with the requirements files
+        how = f"pip install -e '.[{extra}]' in the clone"
+    req = Path(__file__).resolve().parent.parent / f"requirements-{extra}.txt"
+    also = f" (or pip install -r {req.name})" if req.is_file() else ""
+    raise UserError(f"{needed_by} needs the optional package {module}, which is not installed: {how}{also}")

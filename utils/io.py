@@ -79,6 +79,26 @@ def atomic_outputs(*paths: str | os.PathLike | None):
                     tmp.unlink()
 
 
+def commit_outputs(outputs: dict, flags: dict | None = None) -> None:
+    """Write a run's outputs ``{path: text, or write(tmp_path)}`` (None paths skipped) in
+    order, committed together or not at all (:func:`atomic_outputs`). An OSError on the
+    way (disk full, a file-size limit) is one ``UserError`` naming the output (with its
+    flag from ``flags``); the previous outputs stay."""
+    paths = [p for p in outputs if p is not None]
+    current = None
+    try:
+        with atomic_outputs(*paths) as temps:
+            for current, tmp in zip(paths, temps):
+                if isinstance(outputs[current], str):
+                    with open(tmp, "w", encoding="utf-8", newline="") as f:
+                        f.write(outputs[current])
+                else:
+                    outputs[current](tmp)
+    except OSError as e:
+        label = f"{flags[current]} {current}" if flags and current in flags else current
+        raise UserError(f"{label}: cannot be written ({e.strerror or e}); the previous outputs are kept") from None
+
+
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     """JSON (UTF-8, non-ASCII kept, NaN refused) written atomically."""
     with atomic_write(path) as f:

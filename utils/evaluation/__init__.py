@@ -14,6 +14,6 @@ __all__, __getattr__ = front_door(
         "recall_at_k roc_auc stable_topk",
         "ranking": "format_pair_summary pair_metrics read_pairs write_pair_outputs",
         "recall": "compare_recall default_json_path evaluate_recall format_compare format_recall",
-        "report": "commit_outputs embed_thumbnails recall_report selection_report write_selection_report",
+        "report": "embed_thumbnails recall_report selection_report",
     },
 )

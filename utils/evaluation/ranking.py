@@ -12,11 +12,10 @@ import logging
 import numpy as np
 
 from utils.formats import iter_rank_csv
-from utils.io import write_json
+from utils.io import commit_outputs, write_json
 
 from .bootstrap import LEVEL, auc_interval, fmt_interval, mean_interval
 from .metrics import pairwise_metrics
-from .report import commit_outputs
 
 log = logging.getLogger(__name__)
 OUTPUT_HEADER = ("item_id", "label", "s_a", "s_b", "prediction")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.formats import load_embeddings, read_results
-from utils.io import write_json
+from utils.io import commit_outputs, write_json
 
 from .bootstrap import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, check_draws, fmt_interval, mean_intervals
 from .metrics import DEFAULT_KS, RecallResult, check_ks, evaluate_groups, evaluate_matrix
-from .report import commit_outputs, recall_report
+from .report import recall_report
 
 log = logging.getLogger(__name__)
 

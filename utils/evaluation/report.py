@@ -2,11 +2,9 @@
 user string is escaped): the recall report of recall_eval.py and the selection page of
 select_images.py, on one skeleton (``templates/page.html.j2``). Thumbnails (~96 px JPEGs)
 are embedded once each as data URIs, 50 entries a page, so 500 POIs x 10 images stay
-light. Also the one way a run commits several outputs (:func:`commit_outputs`)."""
+light."""
 
 from __future__ import annotations
-
-from utils.cli import UserError
 
 import base64
 import io
@@ -21,7 +19,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.formats import poi_of_image
-from utils.io import atomic_outputs
 
 log = logging.getLogger(__name__)
 THUMB_PX = 96
@@ -131,33 +128,3 @@ def selection_report(items: list, summary=None, title="Image selection", page_si
 
     text = render("selection.html.j2", shown, page_size, thumbs, title=title, summary=summary or {}, figures=figures)
     return text, _info(text, len(thumbs), len(files) - len(thumbs))
-
-
-def write_selection_report(
-    path, items: list, summary=None, title="Image selection", page_size=50, workers=4, progress=True
-):
-    """Write :func:`selection_report` to ``path`` atomically; returns ``{"thumbnails",
-    "missing", "bytes"}``."""
-    text, info = selection_report(items, summary, title, page_size, workers, progress)
-    commit_outputs({path: text})
-    shown = (info["thumbnails"], info["missing"], info["bytes"] / 1e6)
-    log.info("wrote %s: %d items, %d thumbnails (%d files without one), %.1f MB", path, len(items), *shown)
-    return info
-
-
-def commit_outputs(outputs: dict) -> None:
-    """Write ``{path: text or write(tmp_path)}`` (None paths skipped), committed together
-    or not at all (``utils.io.atomic_outputs``). An OSError on the way (disk full, a
-    file-size limit) is a one-line ``UserError``; the previous outputs stay."""
-    paths = [p for p in outputs if p is not None]
-    current = None
-    try:
-        with atomic_outputs(*paths) as temps:
-            for current, tmp in zip(paths, temps):
-                if isinstance(outputs[current], str):
-                    with open(tmp, "w", encoding="utf-8", newline="") as f:
-                        f.write(outputs[current])
-                else:
-                    outputs[current](tmp)
-    except OSError as e:
-        raise UserError(f"{current}: cannot be written ({e.strerror or e}); the previous outputs are kept") from None

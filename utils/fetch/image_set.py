@@ -236,7 +236,17 @@ def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
     try:
         for item in _select(job, plan.fmt):
             if isinstance(item, RowError):
-                run.record(dict(key=None, line=item.line, status="failed", error=item.message, error_kind="bad_row"))
+                run.record(
+                    dict(
+                        key=None,
+                        line=item.line,
+                        status="failed",
+                        url=None,
+                        http=None,
+                        error=item.message,
+                        error_kind="bad_row",
+                    )
+                )
                 continue
             pairs = [(item.key_a, item.urls_a()), (item.key_b, item.urls_b())] if isinstance(item, RankRow) else None
             for key, urls in pairs or [(item.key, [item.url])]:

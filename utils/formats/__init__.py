@@ -1,5 +1,6 @@
 """File formats: the published CSVs (``rows``), recall results and embedding files
-(``results``), the POI tables (``poi``), image decoding and preprocessing (``images``)."""
+(``results``), the POI tables and the ranker's item inputs (``poi``, on the safe numpy
+readers of ``npfiles``), image decoding and preprocessing (``images``)."""
 
 from utils import front_door
 
@@ -8,10 +9,11 @@ __all__, __getattr__ = front_door(
     {
         "images": "ImageDataset PREPROCESS_MODES SIZE ZERO_TENSOR decode_rgb load_clip_image load_image "
         "load_image_into to_tensor",
-        "poi": "ItemInputs KINDS MAX_POIS PoiTableError PoiTables SAFE_SUFFIX guess_kind load_poi_table "
-        "load_poi_tables pois_text save_pickled_table save_safe_table stack_inputs table_matrix",
+        "poi": "ItemInputs KINDS MAX_POIS PoiTableError PoiTables SAFE_SUFFIX describe_table guess_kind "
+        "load_poi_table load_poi_tables poi_vector_tables pois_text save_pickled_table save_safe_table save_tables "
+        "stack_inputs table_matrix table_output",
         "results": "TOPK_HEADER load_embeddings read_results save_embeddings write_full write_missing_list write_topk",
         "rows": "IMAGE_EXTS RankRow RecallRow index_images iter_rank_csv iter_recall_csv open_csv "
-        "poi_of_image sniff_format",
+        "poi_of_image read_recall_rows sniff_format",
     },
 )

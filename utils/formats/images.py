@@ -1,28 +1,20 @@
 """Image preprocessing (SPEC section 3) and a Dataset over image paths.
 
-``reference``: exactly the authors' path —
-    PIL decode -> RGB uint8 -> cv2.resize(224 x 224, bilinear, on uint8, aspect not
-    kept) -> (x / 255 - mean) / std -> 3 x 224 x 224 float32.
-An unreadable file becomes the all-zero image before normalisation (as the authors'
-scripts did), but here it is logged by path and flagged, never silent.
+``reference``, exactly the authors' path: PIL decode -> RGB uint8 -> cv2.resize to
+224 x 224 (bilinear, on uint8, aspect not kept) -> (x / 255 - mean) / std -> 3 x 224 x 224
+float32. An unreadable file becomes the all-zero image before normalisation, as in the
+authors' scripts, but logged by path and flagged.
 
-How it runs (same bits, less work): a baseline or progressive JPEG in YCbCr or grey is
-decoded by libjpeg-turbo through ``simplejpeg`` with the settings Pillow uses (accurate
-integer IDCT, fancy upsampling), into a per-thread buffer, and in strict mode: any
-warning (truncated or corrupt data) sends the file to Pillow, which then decides as
-in the reference (decode, or raise). Everything else (PNG, CMYK, oddly subsampled
-JPEGs, or no simplejpeg) goes through Pillow. The normalisation is a per-channel
-lookup table of the same float64 expression, cast to float32. tests/test_images.py
-checks the bits against the plain Pillow path on JPEGs of every kind; allocating fresh
-multi-megabyte arrays per photo (Pillow's RGBX image, then its copy) costs more than
-the decode itself on some virtual machines.
+Same bits, less work: a YCbCr or grey JPEG is decoded by libjpeg-turbo (``simplejpeg``)
+with Pillow's settings (accurate integer IDCT, fancy upsampling) in strict mode, into a
+per-thread buffer (fresh multi-megabyte arrays per photo cost more than the decode on some
+machines). Any failure or warning sends the file to Pillow, which decides as in the
+reference; so do other images and files beyond Pillow's decompression-bomb bound, left as
+the reference runs it. The normalisation is a lookup table of the same float64 expression.
 
-``fast``: the same, except that JPEG decoding uses Pillow's draft mode (DCT scaling
-to the smallest size still >= 2 x 224 on each side), which skips most of the work
-for multi-megapixel photos. Scores move slightly; see the README.
-
-``clip``: the preprocessing of OpenAI CLIP ViT-B/32 (the image tower of the Taiyi-CLIP
-baseline), see :func:`load_clip_image`.
+``fast``: JPEGs decoded in Pillow's draft mode (DCT scaling to >= 2 x 224 a side): much
+less work on large photos; scores move slightly. :func:`load_clip_image`: the
+preprocessing of CLIP ViT-B/32 (the Taiyi-CLIP baseline).
 """
 
 from __future__ import annotations
@@ -53,8 +45,6 @@ PREPROCESS_MODES = ("reference", "fast")
 # (v / 255 - mean) / std in float64, as the reference computes it, for every uint8 v
 _LUT = np.stack([(np.arange(256) / 255.0 - MEAN[c]) / STD[c] for c in range(3)]).astype(np.float32)
 
-# The recall set holds photos up to 61 MP; Pillow's bomb check would refuse them.
-Image.MAX_IMAGE_PIXELS = 200_000_000
 cv2.setNumThreads(1)  # decoding runs in worker processes or lanes; avoid oversubscription
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -72,10 +62,11 @@ def _pil_rgb(src, mode: str) -> np.ndarray:
 
 
 def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
-    """libjpeg-turbo's decode of a YCbCr / grey JPEG, or None (let Pillow decide)."""
+    """libjpeg-turbo's decode of a JPEG, or None when Pillow should decide."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray") or h * w > Image.MAX_IMAGE_PIXELS:
+        limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses above twice its limit
+        if colorspace not in ("YCbCr", "Gray") or (limit is not None and h * w > 2 * limit):
             return None
         buf = None
         if scratch and h * w * 3 <= SCRATCH_MAX_BYTES:
@@ -85,7 +76,7 @@ def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
         return simplejpeg.decode_jpeg(
             data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True, buffer=buf
         )
-    except ValueError:  # a warning in strict mode, or a header it cannot read
+    except Exception:  # a warning in strict mode, a header it cannot classify (KeyError), ...
         return None
 
 
@@ -107,15 +98,14 @@ def reference_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def to_tensor_into(out: np.ndarray, rgb: np.ndarray) -> None:
-    """Squash to 224 x 224 (OpenCV bilinear on uint8) and normalise into ``out`` (a
-    3 x 224 x 224 float32 array)."""
+    """Squash to 224 x 224 (OpenCV bilinear on uint8), normalise into ``out`` (3 x 224 x 224)."""
     x = cv2.resize(rgb, (SIZE, SIZE))
     for c in range(3):
         np.take(_LUT[c], x[..., c], out=out[c])
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """Squash to 224 x 224 (OpenCV bilinear on uint8) and normalise: 3 x 224 x 224."""
+    """:func:`to_tensor_into` a new tensor."""
     out = np.empty((3, SIZE, SIZE), dtype=np.float32)
     to_tensor_into(out, rgb)
     return torch.from_numpy(out)
@@ -134,9 +124,13 @@ def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "refer
         to_tensor_into(out, rgb)
         return True
     except Exception as e:  # any decode failure: missing, truncated, not an image
-        log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
+        _unreadable(path, e)
         out[...] = ZERO_TENSOR.numpy()
         return False
+
+
+def _unreadable(path, e: Exception) -> None:
+    log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
 
 
 def load_image(path: str | os.PathLike, mode: str = "reference", transform=None) -> tuple[torch.Tensor, bool]:
@@ -152,11 +146,9 @@ def load_image(path: str | os.PathLike, mode: str = "reference", transform=None)
 
 
 class ImageDataset(Dataset):
-    """Preprocessed images for a ``DataLoader``: item ``i`` is ``(tensor, ok, i)``.
-
-    ``loader`` (optional, picklable): another model's preprocessing, called as
-    ``loader(path, mode) -> (tensor, ok)`` instead of :func:`load_image` (e.g.
-    ``utils.clip_images.load_clip_image``)."""
+    """Preprocessed images for a ``DataLoader``: item ``i`` is ``(tensor, ok, i)``; ``loader``
+    (picklable, e.g. :func:`load_clip_image`) replaces :func:`load_image` as
+    ``loader(path, mode) -> (tensor, ok)``."""
 
     def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
         if mode not in PREPROCESS_MODES:
@@ -177,41 +169,20 @@ class ImageDataset(Dataset):
         return x, ok, i
 
 
-# ---------------------------------------------------------------------------
-# CLIP ViT-B/32 preprocessing (the Taiyi-CLIP baseline's image tower)
-# ---------------------------------------------------------------------------
 CLIP_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
-_STD32 = np.array(CLIP_STD, dtype=np.float32)
-
-
-def resize_shortest(img: Image.Image, size: int = CLIP_SIZE) -> Image.Image:
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return img.resize((new_w, new_h), resample=Image.BICUBIC)
-
-
-def center_crop(arr: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
-    h, w = arr.shape[:2]
-    if h < size or w < size:  # cannot happen after resize_shortest; pad like transformers
-        out = np.zeros((max(h, size), max(w, size), arr.shape[2]), dtype=arr.dtype)
-        top, left = -(-(out.shape[0] - h) // 2), -(-(out.shape[1] - w) // 2)
-        out[top : top + h, left : left + w] = arr
-        arr, h, w = out, out.shape[0], out.shape[1]
-    top, left = (h - size) // 2, (w - size) // 2
-    return arr[top : top + size, left : left + size]
+_CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
+_CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 
 
 def clip_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """H x W x 3 uint8 RGB -> 3 x 224 x 224 float32, CLIP-normalised."""
-    img = resize_shortest(Image.fromarray(rgb))
-    x = center_crop(np.asarray(img))
-    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - _MEAN32) / _STD32
+    """H x W x 3 uint8 RGB -> 3 x 224 x 224 float32, as CLIP ViT-B/32 takes it: the short
+    side resized to 224 (bicubic), the centre cropped, normalised."""
+    h, w = rgb.shape[:2]
+    long = int(CLIP_SIZE * max(w, h) / min(w, h))
+    x = np.asarray(Image.fromarray(rgb).resize((CLIP_SIZE, long) if w <= h else (long, CLIP_SIZE), Image.BICUBIC))
+    top, left = (x.shape[0] - CLIP_SIZE) // 2, (x.shape[1] - CLIP_SIZE) // 2
+    x = x[top : top + CLIP_SIZE, left : left + CLIP_SIZE]
+    x = ((x.astype(np.float64) * (1 / 255)).astype(np.float32) - _CLIP_MEAN) / _CLIP_STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -219,12 +190,11 @@ CLIP_ZERO_TENSOR = clip_tensor(np.zeros((CLIP_SIZE, CLIP_SIZE, 3), dtype=np.uint
 
 
 def load_clip_image(path: str | os.PathLike, mode: str = "reference") -> tuple[torch.Tensor, bool]:
-    """``(tensor, ok)`` for a DataLoader (``utils.images.ImageDataset(loader=...)``);
-    ``ok`` False (and the zero image) when the file cannot be read."""
+    """``(tensor, ok)`` for ``ImageDataset(loader=...)``; the zero image when unreadable."""
     if mode not in PREPROCESS_MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
     try:
         return clip_tensor(decode_rgb(path, mode)), True
     except Exception as e:  # any decode failure: missing, truncated, not an image
-        log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
+        _unreadable(path, e)
         return CLIP_ZERO_TENSOR.clone(), False

@@ -17,7 +17,11 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from utils.io import atomic_write, text_lines
+
+from .npfiles import read_npz
 
 TOPK_HEADER = ("poi_id", "poi_name", "rank", "image", "score")
 FULL_FIELDS = ("poi_id", "poi_name", "image_path", "score")
@@ -87,39 +91,17 @@ def read_results(path: str | os.PathLike) -> Results:
     reader = csv.reader(text_lines(path))
     try:
         for fields in reader:
-            line = reader.line_num
             if not fields or all(not x.strip() for x in fields):
                 continue
             if not res.fmt:
-                if tuple(x.strip() for x in fields) == TOPK_HEADER:
-                    res.fmt = "topk"
+                res.fmt = "topk" if tuple(x.strip() for x in fields) == TOPK_HEADER else "full"
+                if res.fmt == "topk":
                     continue
-                res.fmt = "full"
-            if res.fmt == "topk":
-                if len(fields) != len(TOPK_HEADER):
-                    raise DataError(f"{path}:{line}: expected 5 fields ({','.join(TOPK_HEADER)}), found {len(fields)}")
-                poi, name, _, image, score = fields
-            else:
-                if len(fields) < 4:
-                    raise DataError(
-                        f"{path}:{line}: expected 4 fields ({','.join(FULL_FIELDS)}) "
-                        f"or a header line {','.join(TOPK_HEADER)}, found {len(fields)}"
-                    )
-                # an unquoted comma inside a name gives extra fields: the name is the middle
-                poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
-            poi, image = poi.strip(), image.strip()
-            try:
-                s = float(score)
-            except ValueError:
-                raise DataError(f"{path}:{line}: score {score!r} is not a number") from None
-            if not math.isfinite(s):
-                raise DataError(f"{path}:{line}: score {score.strip()!r} is not a finite number")
-            if not poi or not image:
-                raise DataError(f"{path}:{line}: empty poi_id or image")
+            poi, name, image, s = _result_row(fields, res.fmt, f"{path}:{reader.line_num}")
             images = seen.setdefault(poi, set())
             if image in images:
                 res.duplicates += 1
-                first_dup = first_dup or (line, poi, image)
+                first_dup = first_dup or (reader.line_num, poi, image)
                 continue
             images.add(image)
             # 2.5 M rows of the full format repeat 5000 paths: share the strings
@@ -130,40 +112,49 @@ def read_results(path: str | os.PathLike) -> Results:
     if not res.groups:
         raise DataError(f"{path}: no result rows")
     if res.duplicates:
-        line, poi, image = first_dup
         log.warning(
             "%s: %d rows repeat an earlier (poi_id, image) pair (first: line %d, %s %s); each pair is counted once",
-            path,
-            res.duplicates,
-            line,
-            poi,
-            image,
+            *(path, res.duplicates, *first_dup),
         )
     return res
+
+
+def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str, float]:
+    """``(poi_id, poi_name, image, score)`` of one row of a results file."""
+    if fmt == "topk":
+        if len(fields) != len(TOPK_HEADER):
+            raise DataError(f"{where}: expected 5 fields ({','.join(TOPK_HEADER)}), found {len(fields)}")
+        poi, name, _, image, score = fields
+    else:
+        if len(fields) < 4:
+            raise DataError(
+                f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) "
+                f"or a header line {','.join(TOPK_HEADER)}, found {len(fields)}"
+            )
+        # an unquoted comma inside a name gives extra fields: the name is the middle
+        poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
+    poi, image = poi.strip(), image.strip()
+    try:
+        s = float(score)
+    except ValueError:
+        raise DataError(f"{where}: score {score!r} is not a number") from None
+    if not math.isfinite(s):
+        raise DataError(f"{where}: score {score.strip()!r} is not a finite number")
+    if not poi or not image:
+        raise DataError(f"{where}: empty poi_id or image")
+    return poi, name, image, s
 
 
 EMBEDDINGS_FORMAT = 1
 
 
-def save_embeddings(
-    path: str | os.PathLike,
-    *,
-    image_emb,
-    image_names: list[str],
-    image_ok,
-    text_emb,
-    poi_ids: list[str],
-    poi_names: list[str],
-    meta: dict,
-) -> None:
+def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
     """The vectors of a recall run as ``.npz`` (atomically): ``image_emb`` N x D float32
     (row i = gallery image ``image_names[i]``, a file name; ``image_ok`` False where it
     was unreadable and scored as the zero image), ``text_emb`` Q x D float32 (row j = POI
     ``poi_ids[j]`` named ``poi_names[j]``), ``meta`` a JSON string (model identity,
     preprocessing ...). Strings are stored as unicode arrays: no pickle is needed to
     read it back."""
-    import numpy as np
-
     arrays = {
         "format": np.array(EMBEDDINGS_FORMAT),
         "image_emb": np.ascontiguousarray(image_emb, dtype=np.float32),
@@ -181,32 +172,13 @@ def save_embeddings(
 def load_embeddings(path: str | os.PathLike) -> dict:
     """What :func:`save_embeddings` wrote, checked (shapes agree, vectors finite); a
     ``DataError`` naming the file otherwise. ``meta`` comes back as a dict."""
-    import zipfile
-
-    import numpy as np
-
-    path = str(path)
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz archive")
-        with z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not an embeddings file of recall_infer.py --save-embeddings ({e})") from None
-    need = ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names")
-    missing = [k for k in need if k not in d]
+    d = read_npz(path, "an embeddings file of recall_infer.py --save-embeddings")
+    missing = [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]
     if missing:
         raise DataError(f"{path}: not an embeddings file of recall_infer.py (no {', '.join(missing)})")
     ie, te = d["image_emb"], d["text_emb"]
-    if (
-        ie.ndim != 2
-        or te.ndim != 2
-        or ie.shape[1] != te.shape[1]
-        or len(d["image_names"]) != len(ie)
-        or len(d["poi_ids"]) != len(te)
-        or len(d["poi_names"]) != len(te)
-    ):
+    same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
+    if not same or not len(d["poi_ids"]) == len(d["poi_names"]) == len(te):
         raise DataError(
             f"{path}: inconsistent shapes (image_emb {ie.shape}, {len(d['image_names'])} names; "
             f"text_emb {te.shape}, {len(d['poi_ids'])} poi ids)"
@@ -214,9 +186,8 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     for k in ("image_emb", "text_emb"):
         if not np.isfinite(d[k]).all():
             raise DataError(f"{path}: {k} holds NaN or infinite values")
-    d["image_names"] = [str(x) for x in d["image_names"]]
-    d["poi_ids"] = [str(x) for x in d["poi_ids"]]
-    d["poi_names"] = [str(x) for x in d["poi_names"]]
+    for k in ("image_names", "poi_ids", "poi_names"):
+        d[k] = [str(x) for x in d[k]]
     try:
         d["meta"] = json.loads(str(d["meta"])) if "meta" in d else {}
     except ValueError:

@@ -12,7 +12,7 @@ keep going; without it the first bad row raises ``DataError`` naming the file an
 
 from __future__ import annotations
 
-from utils.cli import DataError, RowError, check_finite, record_bad_row
+from utils.cli import DataError, RowError, bad_rows, check_finite, record_bad_row
 
 import csv
 import os
@@ -42,7 +42,7 @@ class RecallRow:
     @property
     def key(self) -> str:
         """File stem of this row's image: ``<poi_id>_<rank_number>``."""
-        return recall_key(self.poi_id, self.rank)
+        return f"{self.poi_id}_{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,9 @@ class RankRow:
         return [u for u in (self.oss_url2, self.url_b) if u]
 
 
-def recall_key(poi_id: str, rank: str) -> str:
-    return f"{poi_id}_{rank}"
-
-
 def poi_of_image(path_or_name: str) -> str:
     """Owning POI id of a gallery image: the file name before the first ``_``."""
     return os.path.basename(path_or_name).split("_", 1)[0]
-
-
-def _lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[int, str]]:
-    for n, line in enumerate(text_lines(path, errors), 1):
-        yield n, line.rstrip("\r\n")
 
 
 def open_csv(path: str | os.PathLike):
@@ -107,37 +98,41 @@ def iter_recall_csv(path: str | os.PathLike, errors: list | None = None) -> Iter
     """Rows of a recall-format CSV. Blank lines are ignored."""
     path = str(path)
     reader = csv.reader(text_lines(path, errors))
+    bad = lambda message: record_bad_row(errors, RowError(path, reader.line_num, message))
     while True:
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
+            bad(f"unreadable CSV ({e})")
             continue
-        line = reader.line_num
         if not fields or all(not x.strip() for x in fields):
             continue
         if len(fields) != len(RECALL_FIELDS):
-            record_bad_row(
-                errors,
-                RowError(
-                    path, line, f"expected {len(RECALL_FIELDS)} fields ({','.join(RECALL_FIELDS)}), found {len(fields)}"
-                ),
-            )
+            bad(f"expected {len(RECALL_FIELDS)} fields ({','.join(RECALL_FIELDS)}), found {len(fields)}")
             continue
         fields = [x.strip() for x in fields]
         poi_id, name, url, rank = fields[:4]
         if not poi_id or not rank:
-            record_bad_row(errors, RowError(path, line, "empty poi_id or rank_number"))
-            continue
-        if "_" in poi_id or os.sep in poi_id or os.sep in rank:
-            record_bad_row(errors, RowError(path, line, f"poi_id {poi_id!r} / rank {rank!r} cannot name a file"))
-            continue
-        if not url:
-            record_bad_row(errors, RowError(path, line, "empty image_url"))
-            continue
-        yield RecallRow(line, poi_id, name, url, rank, *fields[4:])
+            bad("empty poi_id or rank_number")
+        elif "_" in poi_id or os.sep in poi_id or os.sep in rank:
+            bad(f"poi_id {poi_id!r} / rank {rank!r} cannot name a file")
+        elif not url:
+            bad("empty image_url")
+        else:
+            yield RecallRow(reader.line_num, poi_id, name, url, rank, *fields[4:])
+
+
+def read_recall_rows(path: str | os.PathLike, skip_bad_rows: bool = False) -> tuple[list[RecallRow], int]:
+    """``(rows, bad)`` of a recall-format CSV under the one rule for bad rows
+    (``utils.cli.bad_rows``): refused, or left out and counted with ``skip_bad_rows``."""
+    errors: list = []
+    rows = list(iter_recall_csv(path, errors))
+    bad = bad_rows(errors, path, skip_bad_rows)
+    if not rows:
+        raise DataError(f"{path}: no usable recall-format rows")
+    return rows, bad
 
 
 def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RankRow]:
@@ -145,28 +140,24 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    for line, text in _lines(path, errors):
+    bad = lambda line, message: record_bad_row(errors, RowError(path, line, message))
+    for line, text in enumerate(text_lines(path, errors), 1):
         text = text.strip()  # the authors strip the whole record (so poi_names' tail)
         if not text:
             continue
         fields = text.split(RECORD_SEP)
         if len(fields) != len(RANK_FIELDS):
-            record_bad_row(
-                errors,
-                RowError(
-                    path, line, f"expected {len(RANK_FIELDS)} fields separated by '{RECORD_SEP}', found {len(fields)}"
-                ),
-            )
+            bad(line, f"expected {len(RANK_FIELDS)} fields separated by '{RECORD_SEP}', found {len(fields)}")
             continue
         item_id, url_a, url_b, ctr_a, ctr_b, title, cate, oss_a, oss_b, pois = fields
         item_id = item_id.strip()
         if not item_id or os.sep in item_id:
-            record_bad_row(errors, RowError(path, line, f"bad item_id {item_id!r}"))
+            bad(line, f"bad item_id {item_id!r}")
             continue
         try:
             ca, cb = float(ctr_a), float(ctr_b)
         except ValueError:
-            record_bad_row(errors, RowError(path, line, f"ctr_a/ctr_b not numbers: {ctr_a!r}, {ctr_b!r}"))
+            bad(line, f"ctr_a/ctr_b not numbers: {ctr_a!r}, {ctr_b!r}")
             continue
         # a label from NaN would silently be 0: never a row to skip, always an error
         check_finite(ca, f"{path}:{line}: ctr_a")
@@ -175,14 +166,14 @@ def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterat
             line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, cate, oss_a.strip(), oss_b.strip(), pois
         )
         if not row.urls_a() or not row.urls_b():
-            record_bad_row(errors, RowError(path, line, "empty image URL for image a or b"))
+            bad(line, "empty image URL for image a or b")
             continue
         yield row
 
 
 def sniff_format(path: str | os.PathLike) -> str:
     """'rank' when the first non-blank line holds ``$record$``, else 'recall'."""
-    for _, text in _lines(path):
+    for text in text_lines(path):
         if text.strip():
             return "rank" if RECORD_SEP in text else "recall"
     raise DataError(f"{path}: empty file")

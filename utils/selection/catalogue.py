@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils.args import Downloads
 from utils.io import atomic_write, text_lines
 
 log = logging.getLogger(__name__)
@@ -202,13 +203,13 @@ def _resolve_local(c: Candidate, csv_dir, counts: dict) -> None:
 
 
 def resolve_images(
-    items: list[Item], csv_dir, image_cache, workers: int = 8, timeout: float = 30.0, progress: bool = True
+    items: list[Item], csv_dir, image_cache, net: Downloads = Downloads(), progress: bool = True
 ) -> dict:
     """Set ``file`` (or a failure status) of every candidate. Local paths are resolved
     against ``csv_dir``; each distinct URL is downloaded once into ``image_cache`` as
     ``u<sha256(url)[:32]>.<ext>`` (an existing valid file is reused, not fetched).
     Returns counts ``{"local", "missing", "urls", "downloaded", "reused", "failed"}``."""
-    from utils.fetch import download_one, make_session
+    from utils.fetch import download_one, open_session
 
     counts = dict.fromkeys(("local", "missing", "urls", "downloaded", "reused", "failed"), 0)
     urls: dict[str, list[Candidate]] = {}
@@ -221,12 +222,13 @@ def resolve_images(
     if not urls:
         return counts
     Path(image_cache).mkdir(parents=True, exist_ok=True)
-    session = make_session(pool_size=max(1, workers))
+    session = open_session(net)
 
     def fetch(url):
-        return url, download_one(session, [url], image_cache, url_stem(url), timeout=(min(10.0, timeout), timeout))
+        kw = dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
+        return url, download_one(session, [url], image_cache, url_stem(url), **kw)
 
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with ThreadPoolExecutor(net.workers) as ex:
         done = ex.map(fetch, list(urls))
         for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
             for c in urls[url]:

@@ -11,7 +11,7 @@ functions (``models.engine``: ``load_selection_models``, ``score_block``):
 
 from __future__ import annotations
 
-from utils.cli import DataError, UserError, bad_rows, resolve_device
+from utils.cli import DataError, bad_rows, resolve_device
 
 import contextlib
 import logging
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from utils.args import Encoding
-from utils.evaluation import write_selection_report
-from utils.io import atomic_outputs, write_json
+from utils.args import Downloads, Encoding
+from utils.evaluation import selection_report
+from utils.io import commit_outputs, write_json
 
 from .catalogue import (
     DOWNLOAD_FAILED,
@@ -79,8 +79,7 @@ class Selection:
     html: str | None = None
     summary: str | None = None  # default <out>.summary.json
     image_cache: str | None = None  # downloaded images; default <out>.images
-    download_workers: int = 8
-    timeout: float = 30.0
+    net: Downloads = Downloads()  # how URL images are downloaded
     skip_bad_rows: bool = False
 
     @property
@@ -152,7 +151,7 @@ def check_catalogue(cat: Catalogue, skip_bad_rows: bool) -> Catalogue:
 def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
     """Local paths and downloads (counts), then duplicates marked."""
     csv_dir = os.path.dirname(os.path.abspath(job.items))
-    fetch = resolve_images(items, csv_dir, job.image_dir, job.download_workers, job.timeout, progress)
+    fetch = resolve_images(items, csv_dir, job.image_dir, job.net, progress)
     n_dup = mark_duplicates(items)
     if n_dup:
         log.warning("%d rows repeat an image already listed for the same item; scored once, marked duplicate", n_dup)
@@ -237,28 +236,31 @@ def finish(job: Selection, cat: Catalogue, summary: dict, clock: Clock, rows: bo
     page and the summary, committed together or not at all. A write that fails (disk
     full, file-size limit) is one ``UserError`` naming the output."""
     _warn(summary)
-    flag, path = "--out", job.out
-    try:
-        with atomic_outputs(job.out if rows else None, job.html, job.summary_path) as (csv_tmp, html_tmp, summary_tmp):
-            if csv_tmp:
-                with clock("write"):
-                    write_output(csv_tmp, cat.items)
-            if html_tmp:
-                flag, path = "--html", job.html
-                with clock("html"):
-                    head = _report_head(job, summary)
-                    title = f"Image selection: {job.items}"
-                    summary["html"] = write_selection_report(
-                        html_tmp, cat.items, head, title=title, progress=job.scoring.enc.progress
-                    )
-            flag, path = "--summary", job.summary_path
-            timings = clock.total()
-            summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-            summary["items_per_s"] = round(len(cat.items) / max(timings["total"], 1e-9), 3)
-            write_json(summary_tmp, summary, indent=1)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}); no output of this run was written") from None
-    n_sel, n, seconds = summary["items_selected"], summary["items"], timings["total"]
+
+    def write_rows(tmp):
+        with clock("write"):
+            write_output(tmp, cat.items)
+
+    def write_page(tmp):
+        with clock("html"):
+            text, summary["html"] = selection_report(
+                cat.items,
+                _report_head(job, summary),
+                f"Image selection: {job.items}",
+                progress=job.scoring.enc.progress,
+            )
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
+    def write_summary(tmp):
+        timings = clock.total()
+        summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+        summary["items_per_s"] = round(len(cat.items) / max(timings["total"], 1e-9), 3)
+        write_json(tmp, summary, indent=1)
+
+    outputs = {job.out if rows else None: write_rows, job.html: write_page, job.summary_path: write_summary}
+    commit_outputs(outputs, {job.out: "--out", job.html: "--html", job.summary_path: "--summary"})
+    n_sel, n, seconds = summary["items_selected"], summary["items"], summary["timings_s"]["total"]
     log.info("wrote %s: %d of %d items selected in %.1f s", job.out, n_sel, n, seconds)
     return summary
 

@@ -1,15 +1,21 @@
-"""Training mechanics shared by both trainers: DDP, schedules, exact resume, the run
-lock, the metrics CSV (``loop``)."""
+"""Training, shared by recall_train.py and rank_train.py: the loop with exact resume
+(``loop``: ``TrainConfig``, ``Task``, ``train``), processes under torchrun (``dist``),
+optimizer and schedules (``optim``), the training state, metrics CSV and out-dir lock
+(``state``), the pair readers and input checks (``data``), and what each model's training
+is made of (``recall``, ``rank``)."""
 
 from utils import front_door
 
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "loop": "ResumableSampler all_mean amp_autocast augment_pil barrier build_optimizer build_scheduler "
-        "check_finite_loss check_global_batch check_text_file gather_with_grad loader_generator "
-        "open_run optimizer_step progress restore_state run_lock save_checkpoint_and_state "
-        "seed_everything setup_distributed setup_rank_logging start_run teardown_distributed "
-        "wrap_ddp",
+        "data": "Pair RankPair augment_pil check_text_file encode_images_once read_rank_pairs read_text_pairs "
+        "split_owners",
+        "dist": "DistEnv distributed gather_with_grad setup_rank_logging",
+        "loop": "Task TrainConfig check_fills_a_step train",
+        "optim": "Diverged WarmupSchedule",
+        "rank": "PairScorer RankPairDataset encode_once validate_pairs",
+        "recall": "PairEncoder TextImageDataset TokenizeCollate held_out_recall set_trainable",
+        "state": "MetricsWriter deferred_sigint load_train_state read_metrics",
     },
 )

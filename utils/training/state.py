@@ -1,0 +1,191 @@
+"""What a run leaves in its --out-dir besides the checkpoints: the training state that
+resumes it exactly (optimizer, schedule, scaler, position, every process's RNG states),
+the metrics CSV, and the out-dir's lock for the run."""
+
+from __future__ import annotations
+
+from utils.cli import UserError
+
+import contextlib
+import csv
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils.io import atomic_path, atomic_write, exclusive_lock, text_lines
+
+from .dist import DistEnv, barrier, broadcast
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+def read_metrics(path) -> list[dict]:
+    return list(csv.DictReader(text_lines(path)))
+
+
+class MetricsWriter:
+    """Rows appended to a CSV with a fixed header; only rank 0 writes.
+
+    The file is (re)created atomically, then each row is one appended line (a rewrite per
+    step would cost O(steps) a step). ``keep_rows`` (on resume) keeps the rows written when
+    the state was saved, so a resumed run's CSV reads like an uninterrupted one."""
+
+    def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
+        self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0
+        if not env.is_main:
+            return
+        old = read_metrics(self.path)[:keep_rows] if keep_rows is not None and os.path.exists(self.path) else []
+        if keep_rows is not None and len(old) < keep_rows:
+            log.warning("%s: holds %d rows, the training state expected %d", self.path, len(old), keep_rows)
+        with atomic_write(self.path) as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        self.rows = len(old)
+
+    def write(self, **row) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        self.rows += 1
+
+
+def _rng_state() -> dict:
+    """This process's torch RNG states (dropout's: the data order and the augmentation draw
+    from generators of their own, seeded by the run)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_train_state(path, env: DistEnv, fields: dict) -> None:
+    """Write the state that resumes the run (collective: every process calls it, rank 0
+    writes): ``fields`` (step, epoch, batch_in_epoch, optimizer, ...) and every
+    process's RNG states."""
+    rngs = [_rng_state()]
+    if env.distributed:
+        rngs = [None] * env.world_size
+        dist.all_gather_object(rngs, _rng_state())
+    if env.is_main:
+        with atomic_path(path) as tmp:
+            torch.save({"format": STATE_FORMAT, "world_size": env.world_size, "rng": rngs, **fields}, tmp)
+
+
+def load_train_state(path) -> dict:
+    """What ``save_train_state`` wrote; a missing, damaged or foreign file is a
+    ``UserError`` naming it."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot be read as a training state ({why}); start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: not a training state file of this package")
+    return state
+
+
+def check_resume_config(state: dict, config: dict, path) -> None:
+    """Refuse to resume with settings that change the data order or the schedule."""
+    saved = state.get("config", {})
+    diff = sorted((k, saved.get(k), v) for k, v in config.items() if saved.get(k) != v)
+    if diff:
+        lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+        raise UserError(f"{path}: cannot resume: settings differ from the interrupted run ({lines})")
+
+
+def restore_rng(state: dict, env: DistEnv) -> None:
+    rngs = state["rng"]
+    if len(rngs) != env.world_size:
+        log.warning(
+            f"resuming with {env.world_size} processes, the state was saved by {len(rngs)}: RNG streams "
+            "restart from process 0's and the run is no longer bit-identical"
+        )
+        rngs = [rngs[0]] * env.world_size
+    torch.set_rng_state(rngs[env.rank]["torch"])
+    if "cuda" in rngs[env.rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[env.rank]["cuda"])
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold a Ctrl-C that arrives during the block and raise it after, so that a checkpoint
+    and its training state are written as a pair (a kill still interrupts; the atomic
+    writes then leave the previous pair). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
+
+
+def clean_stale_temp_files(directory) -> list[Path]:
+    """Remove the ``<file>.tmp<pid>`` files (``utils.io.temp_name``) of processes that are
+    gone: what a kill during a save leaves. Those of live processes stay."""
+    removed = []
+    for p in sorted(Path(directory).glob("*.tmp*")):
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and p.is_file() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory, len(removed), names)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir, env: DistEnv):
+    """``utils.io.exclusive_lock`` on ``out_dir`` for a whole run. Under torchrun rank 0
+    takes it and tells the others the outcome, so every process stops with the same line.
+    Once held, temporary files of a killed save are removed; a directory this run created
+    is removed again when the run ends having written nothing into it."""
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if env.is_main:
+                try:
+                    stack.enter_context(exclusive_lock(out))
+                except UserError as e:
+                    error = str(e)
+            error = broadcast(error, env)
+            if error:
+                raise UserError(error)
+            if env.is_main:
+                clean_stale_temp_files(out)
+            barrier(env)
+            yield out
+    finally:
+        if created and env.is_main:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
