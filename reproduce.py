@@ -3,110 +3,42 @@
 pairwise accuracy (0.652). Steps: assets, recall-images, recall-infer, recall-eval,
 rank-images, rank-eval (+ taiyi-infer, taiyi-eval with --with-baselines).
 
-Each step runs a script's ``main(argv)`` (see plan()); it is done when its outputs exist and
-OUT/steps/STEP.done.json holds the arguments it ran with (a changed one reruns it; how it runs
-does not count: device, backend, batch size, workers, progress). The stamp goes when the step
-starts, so an interrupted step reruns. After changing an input by hand: --force STEP.
+Each step is a record (plan()): one library call, the arguments that shape its outputs,
+the files it reads and writes. It is skipped when its outputs exist and its stamp records
+the same arguments and inputs (utils.reproduction); how it runs (device, backend, batch
+size, workers, progress) does not count. --force STEP reruns a step anyway.
 Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 interrupted.
 """
 
 from __future__ import annotations
 
+from utils.cli import UserError, entry_point
+
 import argparse
-import functools
-import importlib
-import json
 import logging
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
+from utils import args as shared
 from utils import cli
-from utils.io import atomic_write, exclusive_lock, write_json
+from utils.io import exclusive_lock
+from utils.reproduction import Step, results_table, run_step
 
 ROOT = Path(__file__).resolve().parent
 STEPS = ("assets", "recall-images", "recall-infer", "recall-eval", "rank-images", "rank-eval")
 BASELINE_STEPS = ("taiyi-infer", "taiyi-eval")
 ALL_STEPS = STEPS + BASELINE_STEPS
-MODEL_STEPS, IMAGE_STEPS = ("recall-infer", "rank-eval", "taiyi-infer"), ("recall-images", "rank-images")
-NEEDED_ASSETS = (
-    "recall_csv",
-    "rank_val_csv",
-    "poi_pic_num",
-    "poi_image_vectors",
-    "poi_name_vectors",
-    "align_weights",
-    "ranker_weights",
-    "bert_vocab",
-    "bert_config",
-)
-BASELINE_ASSETS = (
-    "taiyi_text_config",
-    "taiyi_text_vocab",
-    "taiyi_text_tokenizer_config",
-    "taiyi_text_special_tokens",
-    "taiyi_text_finetuned",
-    "clip_config",
-    "clip_preprocessor_config",
-    "clip_weights",
-)
-INPUT_FLAGS = {
-    "--csv",
-    "--image-dir",
-    "--checkpoint",
-    "--bert-dir",
-    "--arch",
-    "--results",
-    "--compare",
-    "--taiyi-text-dir",
-    "--taiyi-text-weights",
-    "--clip-dir",
-    "--poi-pic-num",
-    "--poi-image-vectors",
-    "--poi-name-vectors",
-}
-OUTPUT_FLAGS = {"--out", "--output", "--json", "--metrics", "--html"}
-BACKENDS = ("auto", "torch", "onnx")
-ROWS = {
-    "recall@1": "recall/1",
-    "recall@5": "recall/5",
-    "recall@10": "recall/10",
-    "recall MRR@10": "mrr",
-    "ranking accuracy": "accuracy",
-    "ranking ROC-AUC": "auc",
-    "ranking log loss": "log_loss",
-    "ranking constant guess": "baseline",
-}  # table row -> its key in the metrics JSON of its step
-PAPER = {"recall@5": 0.788, "ranking accuracy": 0.652}
-PAPER_TAIYI: dict = {}  # the paper's Taiyi-CLIP figures: not published in a form found so far
-SCRIPTS = {  # step -> the script calls that make its outputs ({*x}: options that may be absent)
-    "assets": ["download_assets --dest {dest} --manifest {manifest} --only {*needed} {*mirror}"],
-    "recall-images": ["download_images --csv {recall_csv} --out {img}/recall"],
-    "recall-infer": [
-        "recall_infer --csv {recall_csv} --image-dir {img}/recall --checkpoint {align_weights} "
-        "--bert-dir {bert} --output {o}/recall/top10.csv --topk 10 {*arch}"
-    ],
-    "recall-eval": ["recall_eval --results {o}/recall/top10.csv --k 1 5 10 --json {o}/recall/metrics.json {*html}"],
-    "rank-images": ["download_images --csv {rank_val_csv} --out {img}/rank"],
-    "rank-eval": [
-        "rank_eval --csv {rank_val_csv} --image-dir {img}/rank --checkpoint {ranker_weights} "
-        "--bert-dir {bert} --poi-pic-num {poi_pic_num} --poi-image-vectors {poi_image_vectors} "
-        "--poi-name-vectors {poi_name_vectors} --output {o}/rank/scores.csv "
-        "--metrics {o}/rank/metrics.json {*arch}"
-    ],
-    "taiyi-infer": [
-        "recall_infer --model taiyi --csv {recall_csv} --image-dir {img}/recall --taiyi-text-dir "
-        "{taiyi} --taiyi-text-weights {taiyi_text_finetuned} --clip-dir {clip} "
-        "--output {o}/baseline/taiyi_top10.csv --topk 10"
-    ],
-    "taiyi-eval": [  # and the paired bootstrap: A = Taiyi, B = ours, so B - A = ours - Taiyi
-        "recall_eval --results {o}/baseline/taiyi_top10.csv --k 1 5 10 --json {o}/baseline/taiyi_metrics.json",
-        "recall_eval --compare {o}/baseline/taiyi_top10.csv {o}/recall/top10.csv --k 1 5 10 "
-        "--json {o}/baseline/compare.json",
-    ],
-}
+MODEL_STEPS = ("recall-infer", "rank-eval", "taiyi-infer")
+BERT, POI_TABLES = ("bert_vocab", "bert_config"), ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
+NEEDED_ASSETS = ("recall_csv", "rank_val_csv", *POI_TABLES, "align_weights", "ranker_weights", *BERT)
+TAIYI_TEXT = ("taiyi_text_config", "taiyi_text_vocab", "taiyi_text_tokenizer_config", "taiyi_text_special_tokens")
+BASELINE_ASSETS = (*TAIYI_TEXT, "taiyi_text_finetuned", "clip_config", "clip_preprocessor_config", "clip_weights")
+# the step arguments that name a file (or image folder) the step reads / writes
+INPUTS = ("manifest", "csv", "image_dir", "checkpoint", "arch", "results", "versus", *POI_TABLES)
+OUTPUTS = ("out", "output", "json", "html", "metrics", "compare")
+KS = [1, 5, 10]
 log = logging.getLogger("reproduce")
 
 
@@ -118,314 +50,179 @@ def build_parser() -> argparse.ArgumentParser:
         return list(all_steps) if names == ["all"] else [s for s in ALL_STEPS if s in names]  # pipeline order
 
     def error(message):  # one line and exit 2, through cli.entry_point
-        raise cli.UserError(f"{message} (see --help)")
+        raise UserError(f"{message} (see --help)")
 
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     p.error, add = error, p.add_argument
     add("--steps", type=steps, default="all", help="steps to run, comma-separated (default: all)")
-    add(
-        "--force",
-        type=functools.partial(steps, all_steps=ALL_STEPS),
-        default="",
-        metavar="STEPS",
-        help="rerun these steps even when done, or all",
-    )
+    text = "rerun these steps even when done, or all"
+    add("--force", type=partial(steps, all_steps=ALL_STEPS), default="", metavar="STEPS", help=text)
     add("--dest", default=str(ROOT), help="assets go to DEST/data/ and DEST/assets/ (default: here)")
     add("--mirror", metavar="BASE_URL", help="fetch every asset from BASE_URL/<manifest path>")
     add("--manifest", help="asset manifest (default: the project's assets.json)")
     add("--images-dir", help="image folders IMAGES/recall and IMAGES/rank (default: DEST/data/images)")
-    add(
-        "--out-dir",
-        default=str(ROOT / "runs" / "reproduce"),
-        help="figures, reports, step stamps and the log (default: runs/reproduce)",
-    )
-    add("--workers", type=cli.positive_int, default=16, help="concurrent image downloads (default: 16)")
-    add("--num-workers", type=cli.non_negative_int, help="image decoding processes of the model steps")
-    add("--batch-size", type=cli.positive_int, help="images per batch in the model steps")
-    add(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="image-encoding engine of every model step "
-        "(default auto: ONNX Runtime on a CPU when it agrees with torch); figures do not depend on it",
-    )
-    add(
-        "--recall-backend",
-        dest="backend",
-        choices=BACKENDS,
-        default=argparse.SUPPRESS,
-        help="deprecated alias of --backend",
-    )
-    add("--arch", metavar="FILE.json", help="architecture of a non-default model, for both model steps")
-    add(
-        "--max-failures",
-        type=cli.count_or_percent,
-        default="20%",
-        help="image downloads allowed to fail per set: N or P%% of it (default: 20%%)",
-    )
+    text = "figures, reports, step stamps and the log (default: runs/reproduce)"
+    add("--out-dir", default=str(ROOT / "runs" / "reproduce"), help=text)
+    text = f"concurrent image downloads (default: {shared.IMAGE_DOWNLOADS.workers})"
+    add("--workers", type=cli.positive_int, default=shared.IMAGE_DOWNLOADS.workers, help=text)
+    text = "image downloads allowed to fail per set: N or P%% of it (default: 20%%)"
+    add("--max-failures", type=cli.count_or_percent, default="20%", help=text)
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
-    cli.add_common_args(p)
+    shared.add_arch(p)
+    g = shared.add_engine(p, "model steps (the figures do not depend on these)", precision=False, preprocess=False)
+    text = "deprecated alias of --backend"
+    g.add_argument("--recall-backend", dest="backend", choices=shared.BACKENDS, default=argparse.SUPPRESS, help=text)
+    shared.add_batches(g, None, text=False)
+    shared.add_run(p)
     return p
 
 
-def say(msg: str, error: bool = False) -> None:
-    print(msg, file=sys.stderr if error else sys.stdout, flush=True)
-    (log.error if error else log.info)(msg)
+@dataclass(frozen=True)
+class How:
+    """How the steps run: not in their stamps (the figures do not depend on it)."""
+
+    enc: shared.Encoding
+    workers: int
+    max_failures: str
 
 
-def _load(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=lambda c: None)  # NaN: "-"
-    except (OSError, ValueError):
-        return {}
+# The calls of the steps: one library call each; None when it went well, else why not.
+def fetch(how: How, manifest: str, only: list, dest: str, mirror: str | None) -> str | None:
+    from utils.fetch import fetch_assets, load_manifest, select_assets
+
+    chosen = select_assets(load_manifest(manifest), only)
+    s = fetch_assets(chosen, dest, shared.ASSET_DOWNLOADS, mirror=mirror, progress=how.enc.progress)
+    print(f"assets: {s['downloaded']} downloaded, {s['skipped']} already present and verified")
+    return f"{len(s['failed'])} of {len(chosen)} assets failed" if s["failed"] else None
 
 
-@dataclass
-class Step:
-    """``calls``: [module, *argv] whose arguments shape the outputs (the stamp records them; inputs
-    and outputs are read off their path flags); ``extra``: how it runs, not recorded."""
+def images(how: How, csv: str, out: str) -> str | None:
+    from utils.fetch import ImageJob, download_images, image_summary
 
-    name: str
-    calls: list
-    extra: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
-
-    def __post_init__(self):
-        pairs = [(f, v) for _, *argv in self.calls for f, v in zip(argv, argv[1:])]
-        self.inputs = {f[2:]: v for f, v in pairs if f in INPUT_FLAGS}
-        self.outputs = self.outputs or [v for f, v in pairs if f in OUTPUT_FLAGS]
-
-    def stamp(self, out) -> Path:
-        return Path(out, "steps", f"{self.name}.done.json")
-
-    def why_run(self, out) -> str | None:
-        """None when done, else the reason to run."""
-        calls = _load(self.stamp(out)).get("calls")
-        gone = [str(p) for p in self.outputs if not Path(p).exists()]
-        return (
-            "not done"
-            if calls is None
-            else "arguments changed"
-            if calls != self.calls
-            else f"output missing: {gone[0]}"
-            if gone
-            else None
-        )
-
-    def run(self) -> int:
-        """The scripts' ``main(argv)`` in this process, in turn; the first failing exit status."""
-        for module, *argv in self.calls:
-            try:
-                rc = int(importlib.import_module(module).main(argv + self.extra) or 0)
-            except SystemExit as e:  # the script's argparse (it said why)
-                rc = e.code if isinstance(e.code, int) else 2
-            if rc:
-                return rc
-        return 0
+    net = replace(shared.IMAGE_DOWNLOADS, workers=how.workers)
+    s = download_images(ImageJob(csv, out, net, max_failures=how.max_failures, progress=how.enc.progress))
+    print(image_summary(s))
+    return s["over_budget"]
 
 
-def image_counts(manifest: Path) -> dict:
-    """Images present / missing (bad CSV rows included) per download_images' manifest.jsonl."""
-    lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
-    c = Counter(json.loads(line).get("status") for line in lines if line.endswith("}"))
-    return {"present": c["ok"] + c["skipped"], "missing": c["failed"]}
+def recall(how: How, csv: str, image_dir: str, output: str, model: str, **files) -> None:
+    from models import RecallJob, run_recall
+
+    meta = run_recall(RecallJob(csv, image_dir, output, model=model, files=files, enc=how.enc, topk=max(KS)))
+    print(f"recall: {meta['n_pois']} POIs x {meta['gallery_size']} images, engine {meta['image_backend']}")
 
 
-def plan(args, manifest: str, assets: dict) -> dict[str, Step]:
-    """The steps to run: SCRIPTS with this run's paths and options, and how each runs."""
-    needed = NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines
-    p = {name: str(Path(args.dest, path)) for name, path in assets.items()}
-    p |= {"dest": args.dest, "manifest": manifest, "o": args.out_dir, "img": args.images_dir}
-    p |= {
-        k: str(Path(p.get(n, ".")).parent)
-        for k, n in (("bert", "bert_vocab"), ("clip", "clip_weights"), ("taiyi", "taiyi_text_vocab"))
-    }
-    fill = (
-        lambda line: [
-            x
-            for t in line.split()  # noqa: E731 - split first: paths may hold spaces
-            for x in (p[t[1:-1]] if t.startswith("{*") else [t.format(**p)])
-        ]
-    )
-    p |= {
-        "*needed": list(needed),
-        "*arch": ["--arch", args.arch] if args.arch else [],
-        "*mirror": ["--mirror", args.mirror] if args.mirror else [],
-        "*html": [] if args.no_html else fill("--html {o}/recall/report.html --image-dir {img}/recall"),
-    }
-    progress = ["--no-progress"] if args.no_progress else []
-    model = [
-        "--device",
-        args.device,
-        "--backend",
-        args.backend,
-        *progress,
-        *(["--num-workers", str(args.num_workers)] if args.num_workers is not None else []),
-        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+def evaluate(how: How, results: str, json: str, html=None, image_dir=None, versus=None, compare=None) -> None:
+    from utils.evaluation import compare_recall, evaluate_recall, format_compare, format_recall
+
+    kw = dict(html=html, image_dir=image_dir, progress=how.enc.progress)
+    print(format_recall(evaluate_recall(results=results, ks=KS, json_path=json, **kw)))
+    if versus:  # the paired bootstrap: A = results, B = versus (ours), so B - A = ours - them
+        print(format_compare(compare_recall(results, versus, KS, compare)))
+
+
+def pairs(how: How, **run) -> None:
+    from models import PairRun, evaluate_pairs
+    from utils.evaluation import format_pair_summary
+
+    print(format_pair_summary(evaluate_pairs(PairRun(**run, enc=how.enc)), run["csv"]))
+
+
+def step(name: str, call, args: dict, reads: dict | None = None, writes=()) -> Step:
+    """A step reading the ``args`` named in INPUTS and ``reads``, writing those named in
+    OUTPUTS and ``writes``."""
+    inputs = {k.replace("_", "-"): v for k, v in args.items() if k in INPUTS and v} | (reads or {})
+    return Step(name, call, args, inputs, [v for k, v in args.items() if k in OUTPUTS and v] + list(writes))
+
+
+def plan(ns, manifest: str, assets: dict) -> dict[str, Step]:
+    """This run's steps, their paths taken from the manifest (under --dest), --images-dir
+    and --out-dir."""
+    a = {name: str(Path(ns.dest, path)) for name, path in assets.items()}
+    pick = lambda *names: {n: a[n] for n in names}
+    out = lambda *parts: str(Path(ns.out_dir, *parts))
+    needed = [*NEEDED_ASSETS, *(BASELINE_ASSETS if ns.with_baselines else ())]
+    img = {w: str(Path(ns.images_dir, w)) for w in ("recall", "rank")}
+    gallery, ours = {"csv": a["recall_csv"], "image_dir": img["recall"]}, out("recall", "top10.csv")
+    html = {} if ns.no_html else {"html": out("recall", "report.html"), "image_dir": img["recall"]}
+    bert = {"bert_dir": str(Path(a["bert_vocab"]).parent), "arch": ns.arch}
+    rank = dict(csv=a["rank_val_csv"], image_dir=img["rank"], checkpoint=a["ranker_weights"], **bert)
+    rank |= dict(output=out("rank", "scores.csv"), metrics=out("rank", "metrics.json"), **pick(*POI_TABLES))
+    assets_args = dict(manifest=manifest, only=needed, dest=ns.dest, mirror=ns.mirror)
+    align = dict(**gallery, output=ours, model="align", checkpoint=a["align_weights"], **bert)
+    steps = [
+        step("assets", fetch, assets_args, writes=pick(*needed).values()),
+        step("recall-images", images, dict(csv=a["recall_csv"], out=img["recall"])),
+        step("recall-infer", recall, align, reads=pick(*BERT)),
+        step("recall-eval", evaluate, dict(results=ours, json=out("recall", "metrics.json"), **html)),
+        step("rank-images", images, dict(csv=a["rank_val_csv"], out=img["rank"])),
+        step("rank-eval", pairs, rank, reads=pick(*BERT)),
     ]
-    how = {
-        **dict.fromkeys(MODEL_STEPS, model),
-        **dict.fromkeys(IMAGE_STEPS, ["--workers", str(args.workers), "--max-failures", args.max_failures, *progress]),
-    }
-    steps = {}
-    for name in args.steps:
-        calls = [fill(line) for line in SCRIPTS[name]]  # check_args made sure the manifest has their assets
-        extra = how.get(name, progress)
-        steps[name] = Step(name, calls, extra, [p[n] for n in needed] if name == "assets" else [])
-    return steps
+    if ns.with_baselines:
+        text_dir, clip_dir = (str(Path(a[n]).parent) for n in ("taiyi_text_vocab", "clip_weights"))
+        theirs = out("baseline", "taiyi_top10.csv")
+        taiyi = dict(**gallery, output=theirs, model="taiyi", taiyi_text_dir=text_dir, clip_dir=clip_dir)
+        taiyi["taiyi_text_weights"] = a["taiyi_text_finetuned"]
+        versus = dict(results=theirs, json=out("baseline", "taiyi_metrics.json"), versus=ours)
+        steps += [
+            step("taiyi-infer", recall, taiyi, reads=pick(*BASELINE_ASSETS)),
+            step("taiyi-eval", evaluate, versus | {"compare": out("baseline", "compare.json")}),
+        ]
+    return {s.name: s for s in steps if s.name in ns.steps}
 
 
-def report(args) -> None:
-    """The table metric / paper / ours / difference (+ Taiyi-CLIP with --with-baselines) and its
-    notes, from the steps' metrics: on stdout and in OUT/results.md and OUT/results.json."""
-    rec, rk, tai, cmp = (
-        _load(f"{args.out_dir}/{f}.json")
-        for f in ("recall/metrics", "rank/metrics", "baseline/taiyi_metrics", "baseline/compare")
-    )
-    dig = lambda d, key: functools.reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # noqa: E731 "a/b"
-    rows = []
-    for metric, key in ROWS.items():
-        recall = metric.startswith("recall")
-        if (ours := dig(rec if recall else rk, key)) is None:
-            continue
-        rows.append(
-            {
-                "metric": metric,
-                "paper": PAPER.get(metric),
-                "ours": ours,
-                "difference": ours - PAPER[metric] if metric in PAPER else None,
-            }
-        )
-        if args.with_baselines and recall:
-            d = dig(cmp, key + "/B-A") or {}
-            rows[-1].update(
-                taiyi_paper=PAPER_TAIYI.get(metric),
-                taiyi=dig(tai, key),
-                ours_minus_taiyi=d.get("value"),
-                ours_minus_taiyi_ci=d.get("ci"),
-            )
-    notes = {
-        "recall POIs": rec.get("n_pois"),
-        "ranking pairs scored": rk.get("pairs_scored"),
-        "ranking pairs with a missing image": rk.get("pairs_with_missing_image"),
-        "Taiyi-CLIP POIs": tai.get("n_pois") if args.with_baselines else None,
-    }
-    for w in ("recall", "rank"):
-        if Path(args.images_dir, w, "manifest.jsonl").is_file():
-            c = image_counts(Path(args.images_dir, w, "manifest.jsonl"))
-            notes[f"{w} images present / missing"] = f"{c['present']} / {c['missing']}"
-    notes, out = {k: v for k, v in notes.items() if v is not None}, Path(args.out_dir)
-    if rows:
-        text = "\n".join([format_table(rows), "", *(f"- {k}: {v}" for k, v in notes.items())])
-        write_json(out / "results.json", {"table": rows, "notes": notes, "written": time.strftime("%FT%T")})
-        with atomic_write(out / "results.md") as f:
-            f.write(f"# Reproduction results\n\n{text}\n")
-        print(f"\n{text}\n- results: {out / 'results.md'} and {out / 'results.json'}")
-
-
-def format_table(rows: list[dict]) -> str:
-    fmt = lambda v, sign="": "-" if v is None else f"{v:{sign}.4f}"  # noqa: E731
-    head = ["metric", "paper", "ours", "difference"]
-    cells = [[r["metric"], fmt(r["paper"]), fmt(r["ours"]), fmt(r["difference"], "+")] for r in rows]
-    if any("taiyi" in r for r in rows):  # --with-baselines
-        head += ["Taiyi-CLIP paper", "Taiyi-CLIP", "ours - Taiyi [95% CI]"]
-        for c, r in zip(cells, rows):
-            d, ci = r.get("ours_minus_taiyi"), r.get("ours_minus_taiyi_ci")
-            c += [
-                fmt(r.get("taiyi_paper")),
-                fmt(r.get("taiyi")),
-                fmt(d, "+") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and d is not None else ""),
-            ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
-def check_args(args) -> tuple[str, dict]:
+def check_args(ns) -> tuple[str, dict]:
     """What a user can get wrong, before any work: (manifest, its asset name -> path)."""
-    from utils.fetch import DEFAULT_MANIFEST, AssetError, load_manifest  # noqa: PLC0415
+    from utils.fetch import DEFAULT_MANIFEST, load_manifest
 
-    manifest = str(cli.input_file(args.manifest, "--manifest") if args.manifest else DEFAULT_MANIFEST)
-    try:
-        assets = {a.name: a.path for a in load_manifest(manifest)}
-    except AssetError as e:
-        raise cli.UserError(str(e)) from None
-    args.with_baselines = args.with_baselines or bool(set(args.steps) & set(BASELINE_STEPS))
-    if args.with_baselines and set(STEPS) <= set(args.steps):
-        args.steps = list(dict.fromkeys(args.steps + list(BASELINE_STEPS)))
-    lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * args.with_baselines if n not in assets]
+    manifest = str(cli.input_file(ns.manifest, "--manifest") if ns.manifest else DEFAULT_MANIFEST)
+    assets = {a.name: a.path for a in load_manifest(manifest)}
+    ns.with_baselines = ns.with_baselines or bool(set(ns.steps) & set(BASELINE_STEPS))
+    if ns.with_baselines and set(STEPS) <= set(ns.steps):
+        ns.steps = list(dict.fromkeys(ns.steps + list(BASELINE_STEPS)))
+    lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * ns.with_baselines if n not in assets]
     if lacking:
-        raise cli.UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
-    if args.arch:
-        cli.input_file(args.arch, "--arch")
-    cli.output_dir(args.out_dir, "--out-dir")
-    if "assets" in args.steps:
-        cli.output_dir(args.dest, "--dest")
-    args.images_dir = args.images_dir or str(Path(args.dest, "data", "images"))
+        raise UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
+    if ns.arch:
+        cli.input_file(ns.arch, "--arch")
+    cli.output_dir(ns.out_dir, "--out-dir")
+    if "assets" in ns.steps:
+        cli.output_dir(ns.dest, "--dest")
+    ns.images_dir = ns.images_dir or str(Path(ns.dest, "data", "images"))
     for w in ("recall", "rank"):
-        if f"{w}-images" in args.steps:
-            cli.output_dir(Path(args.images_dir, w), "--images-dir")
-    if set(MODEL_STEPS) & set(args.steps):
-        cli.resolve_device(args.device)  # --device cuda without a GPU: exit 2 now, not in a step
+        if f"{w}-images" in ns.steps:
+            cli.output_dir(Path(ns.images_dir, w), "--images-dir")
+    if set(MODEL_STEPS) & set(ns.steps):
+        cli.resolve_device(ns.device)  # --device cuda without a GPU: exit 2 now, not in a step
     return manifest, assets
 
 
-@cli.entry_point
+def report(ns) -> None:
+    """The table metric / paper / ours / difference, also in OUT/results.{md,json}."""
+    if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):
+        print(f"\n{text}")
+
+
+@entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    steps, out = plan(args, *check_args(args)), Path(args.out_dir)
+    ns = build_parser().parse_args(argv)
+    steps, out = plan(ns, *check_args(ns)), Path(ns.out_dir)
+    how = How(shared.Encoding.from_args(ns), ns.workers, ns.max_failures)
     with exclusive_lock(out, ".reproduce.lock"):
-        handler = logging.FileHandler(out / "reproduce.log", encoding="utf-8")  # the steps' messages too
-        handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
+        handler = cli.log_file_handler(out / "reproduce.log")  # the steps' messages too
         logging.getLogger().addHandler(handler)
-        cli.setup_logging(args.log_level)
+        cli.setup_logging(ns.log_level)
         try:
-            log.info("reproduce: %s", vars(args))
-            for name in args.steps:
-                if (rc := run_step(steps[name], out, name in args.force)) != 0:
-                    return rc
-            report(args)
+            log.info("reproduce: %s", vars(ns))
+            for name, step in steps.items():
+                if not run_step(step, how, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
+                    return 1
+            report(ns)
             return 0
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
-
-
-def run_step(step: Step, out: Path, forced: bool) -> int:
-    """0 when the step is done or ran well, 1 when it failed or cannot run, 130 when interrupted."""
-    why = "--force" if forced else step.why_run(out)
-    if why is None:
-        say(f"step {step.name}: skipped (done; --force {step.name} reruns it)")
-        return 0
-    absent = [f"{k} {v}" for k, v in step.inputs.items() if not Path(v).exists()]
-    if absent:
-        say(
-            f"step {step.name}: cannot run, missing input: {'; '.join(absent)} (run the earlier steps "
-            f"first, e.g. reproduce.py --steps {','.join(ALL_STEPS[: ALL_STEPS.index(step.name)])})",
-            error=True,
-        )
-        return 1
-    say(f"step {step.name}: running ({why})")
-    step.stamp(out).unlink(missing_ok=True)  # not done until it finishes
-    t = time.monotonic()
-    try:
-        rc = step.run()
-    except cli.UserError as e:  # bad input met inside the step (a script not under cli.entry_point)
-        say(f"step {step.name}: error: {cli.one_line(e)}", error=True)
-        rc = 2
-    if rc == cli.EXIT_INTERRUPTED:  # Ctrl-C, said in one line by the step script's cli.entry_point
-        return rc
-    if rc != 0:
-        say(
-            f"step {step.name}: FAILED (exit status {rc}); see the messages above and {out}/reproduce.log. "
-            f"Fix the cause and rerun: finished steps are skipped.",
-            error=True,
-        )
-        return 1
-    write_json(step.stamp(out), {"step": step.name, "calls": step.calls})
-    say(f"step {step.name}: done in {time.monotonic() - t:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

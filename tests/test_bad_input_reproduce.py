@@ -3,8 +3,8 @@ one-line message and the absence of leftover files.
 
 Reproduce's own output locations (--out-dir, --dest, the image folders) are checked before
 any step starts; bad arguments are one line and exit 2; Ctrl-C is one line and exit 130; a
-failing step keeps exit status 1 with a message naming the step. The step scripts' mains
-are replaced by recorders here, so nothing is downloaded or encoded.
+failing step keeps exit status 1 with a message naming the step. The library function the
+recall-eval step calls is replaced by a recorder here, so nothing is downloaded or encoded.
 """
 
 from __future__ import annotations
@@ -53,22 +53,22 @@ def args(dest: Path, out: Path, *extra) -> list[str]:
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """recall_eval.main replaced: records argv, writes --json, returns ``rc`` (or raises it)."""
-    import recall_eval
+    """utils.evaluation.evaluate_recall (what the recall-eval step calls) replaced: records its
+    arguments, writes its JSON, or raises ``error`` when one is set."""
+    import utils.evaluation
 
-    state = {"rc": 0, "argv": []}
+    state = {"error": None, "calls": []}
 
-    def main(argv=None):
-        state["argv"].append(list(argv))
-        if isinstance(state["rc"], BaseException):
-            raise state["rc"]
-        if state["rc"] == 0:
-            out = Path(argv[argv.index("--json") + 1])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("{}", encoding="utf-8")
-        return state["rc"]
+    def evaluate_recall(**kw):
+        state["calls"].append(kw)
+        if state["error"] is not None:
+            raise state["error"]
+        Path(kw["json_path"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(kw["json_path"]).write_text("{}", encoding="utf-8")
+        return {}
 
-    monkeypatch.setattr(recall_eval, "main", main)
+    monkeypatch.setattr(utils.evaluation, "evaluate_recall", evaluate_recall)
+    monkeypatch.setattr(utils.evaluation, "format_recall", lambda doc: "figures")
     return state
 
 
@@ -92,7 +92,7 @@ def test_out_dir_is_a_file(tmp_path, capsys, recorded):
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"--out-dir {out}: exists and is not a directory" in line
-    assert out.read_text(encoding="utf-8") == "mine" and recorded["argv"] == []
+    assert out.read_text(encoding="utf-8") == "mine" and recorded["calls"] == []
     assert leftovers(tmp_path) == []
 
 
@@ -102,7 +102,7 @@ def test_out_dir_under_a_plain_file(tmp_path, capsys, recorded):
     out = tmp_path / "plain" / "runs"
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 2
     assert "is not a directory" in one_error_line(capsys.readouterr().err)
-    assert recorded["argv"] == [] and leftovers(tmp_path) == []
+    assert recorded["calls"] == [] and leftovers(tmp_path) == []
 
 
 def test_out_dir_unwritable(tmp_path, capsys, recorded, unwritable_dir):
@@ -122,10 +122,10 @@ def test_dest_and_images_dir_checked_only_when_their_steps_run(tmp_path, capsys,
     # an image folder under a plain file: refused when an images step would write there
     assert reproduce.main(args(dest, out, "--steps", "rank-images", "--images-dir", str(bad))) == 2
     assert f"--images-dir {bad / 'rank'}: " in one_error_line(capsys.readouterr().err)
-    assert recorded["argv"] == [] and leftovers(tmp_path) == []
+    assert recorded["calls"] == [] and leftovers(tmp_path) == []
     # not checked when no images step runs (recall-eval without its HTML report does not read it)
     assert reproduce.main(args(dest, out, "--steps", "recall-eval", "--no-html", "--images-dir", str(bad))) == 0
-    assert len(recorded["argv"]) == 1
+    assert len(recorded["calls"]) == 1
     capsys.readouterr()
 
 
@@ -151,7 +151,7 @@ def test_bad_arguments(tmp_path, capsys, recorded, extra, expect):
     dest, out = recall_eval_ready(tmp_path)
     assert reproduce.main(args(dest, out, *extra)) == 2
     assert expect in one_error_line(capsys.readouterr().err)
-    assert recorded["argv"] == [] and not (out / "reproduce.log").exists()
+    assert recorded["calls"] == [] and not (out / "reproduce.log").exists()
 
 
 def test_missing_manifest_arch_and_lacking_asset(tmp_path, capsys, recorded):
@@ -166,7 +166,7 @@ def test_missing_manifest_arch_and_lacking_asset(tmp_path, capsys, recorded):
     manifest.write_text(json.dumps(doc), encoding="utf-8")
     assert reproduce.main(args(dest, out, "--manifest", str(manifest))) == 2
     assert "lacks the asset(s) ranker_weights" in one_error_line(capsys.readouterr().err)
-    assert recorded["argv"] == [] and not (out / "reproduce.log").exists()
+    assert recorded["calls"] == [] and not (out / "reproduce.log").exists()
 
 
 def test_cuda_without_a_gpu(tmp_path, capsys, recorded):
@@ -179,7 +179,7 @@ def test_cuda_without_a_gpu(tmp_path, capsys, recorded):
     argv[argv.index("--device") + 1] = "cuda"
     assert reproduce.main(argv) == 2
     assert "no CUDA device is available" in one_error_line(capsys.readouterr().err)
-    assert recorded["argv"] == []
+    assert recorded["calls"] == []
 
 
 def test_another_run_holds_the_out_dir(tmp_path, capsys, recorded):
@@ -188,7 +188,7 @@ def test_another_run_holds_the_out_dir(tmp_path, capsys, recorded):
         assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"another run holds {out / '.reproduce.lock'} (pid {os.getpid()})" in line
-    assert recorded["argv"] == []
+    assert recorded["calls"] == []
 
 
 # ---------------------------------------------------------------------------
@@ -196,16 +196,16 @@ def test_another_run_holds_the_out_dir(tmp_path, capsys, recorded):
 # ---------------------------------------------------------------------------
 def test_failing_step_names_the_step(tmp_path, capsys, recorded):
     dest, out = recall_eval_ready(tmp_path)
-    recorded["rc"] = 2
+    from utils.cli import DataError, UserError
+
+    recorded["error"] = DataError("results.csv: no rows")
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 1
     err = capsys.readouterr().err
     assert "step recall-eval: FAILED (exit status 2)" in err and "Traceback" not in err
     assert not (out / "steps" / "recall-eval.done.json").exists()
     assert "FAILED" in (out / "reproduce.log").read_text(encoding="utf-8")
-    # bad input met inside a step (a script that raises instead of returning 2)
-    from utils.cli import UserError
-
-    recorded["rc"] = UserError("results.csv line 3: not a number")
+    # bad input met inside a step, the message of the library's UserError
+    recorded["error"] = UserError("results.csv line 3: not a number")
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 1
     err = capsys.readouterr().err
     assert "step recall-eval: error: results.csv line 3: not a number" in err
@@ -219,7 +219,7 @@ def test_step_without_its_inputs(tmp_path, capsys, recorded):
     assert reproduce.main(args(dest, out, "--steps", "recall-eval")) == 1
     err = capsys.readouterr().err
     assert "step recall-eval: cannot run, missing input: results" in err
-    assert "--steps assets,recall-images,recall-infer" in err and recorded["argv"] == []
+    assert "--steps assets,recall-images,recall-infer" in err and recorded["calls"] == []
 
 
 # ---------------------------------------------------------------------------
@@ -228,21 +228,24 @@ def test_step_without_its_inputs(tmp_path, capsys, recorded):
 DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    import recall_eval, reproduce
-    from utils import cli
+    import reproduce, utils.evaluation
 
-    def main(argv=None):
+    def evaluate_recall(**kw):
         print("ready", flush=True)
         time.sleep(60)
-        return 0
 
-    # "wrapped": the step script catches Ctrl-C itself (cli.entry_point: one line, 130)
-    recall_eval.main = cli.entry_point(main) if sys.argv[2] == "wrapped" else main
+    def caught(**kw):  # the library catches Ctrl-C itself, cleans up, and passes it on
+        try:
+            evaluate_recall(**kw)
+        except KeyboardInterrupt:
+            raise
+
+    utils.evaluation.evaluate_recall = caught if sys.argv[2] == "caught" else evaluate_recall
     sys.exit(reproduce.main(sys.argv[3:]))
 """)
 
 
-@pytest.mark.parametrize("step", ["plain", "wrapped"])
+@pytest.mark.parametrize("step", ["plain", "caught"])
 def test_ctrl_c_one_line_and_130(tmp_path, step):
     dest, out = recall_eval_ready(tmp_path)
     driver = tmp_path / "driver.py"

@@ -16,8 +16,11 @@ that depend on it; a corrupted asset stops the run (checksum, kept aside).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -195,8 +198,9 @@ def test_full_run_then_everything_skipped_then_partial_rerun(world, capsys):
     assert table_value(text, "recall@5")[1] == f"{rec['recall']['5']:.4f}"
     assert "skipped" in (out / "reproduce.log").read_text()
 
-    # 3. a ranking image removed by hand: a done step does not look at its inputs (that is
-    # --force's job); forced, rank-images fetches just that image, rank-eval reruns, the rest skip
+    # 3. a ranking image removed by hand: a done step sees an image folder through the manifest
+    # its download wrote, not file by file (that is --force's job); forced, rank-images fetches
+    # just that image, rank-eval reruns, the rest skip
     (dest / "data/images/rank/903_b.jpg").unlink()
     srv.reset_counts()
     assert reproduce.main(argv(world, dest, out)) == 0
@@ -209,6 +213,22 @@ def test_full_run_then_everything_skipped_then_partial_rerun(world, capsys):
     assert "step rank-images: running (--force)" in text
     assert "step rank-eval: running (--force)" in text
     assert "rank images present / missing: 16 / 0" in text
+
+    # 4. a weight file truncated by hand: the step that reads it reruns (and says why) instead of
+    # reporting "done", and the truncated checkpoint is refused, naming the file; restored, the
+    # step reruns and recall-eval, given the same top-10 again, stays done
+    weights = dest / "assets/weights/align_model.pth"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert reproduce.main(argv(world, dest, out)) == 1
+    cap = capsys.readouterr()
+    assert "step recall-infer: running (input changed: checkpoint)" in cap.out
+    assert "step recall-infer: FAILED (exit status 2)" in cap.err and str(weights) in cap.err
+    assert "recall-eval" not in cap.out + cap.err
+    weights.write_bytes(good)
+    assert reproduce.main(argv(world, dest, out)) == 0
+    text = capsys.readouterr().out
+    assert "step recall-infer: running (not done)" in text and "step recall-eval: skipped" in text
 
 
 def test_recall_backend_onnx_gives_the_same_figures(world, capsys):
@@ -277,55 +297,90 @@ def test_max_failures_stops_when_too_many_images_are_gone(world, capsys, tmp_pat
 
 
 # ---------------------------------------------------------------------------
-# the rerun rule and the arguments each step gets, with the step scripts' mains replaced
+# the rerun rule and the arguments each step gets, with the library calls replaced
 # ---------------------------------------------------------------------------
-MODEL_SCRIPTS = ("recall_infer", "rank_eval")
-OUTPUT_FLAGS = ("--output", "--json", "--metrics", "--html", "--out")
+MODEL_CALLS = ("run_recall", "evaluate_pairs")
+
+
+def progress_of(job) -> bool:
+    """What a recorded call was told about progress bars."""
+    if isinstance(job, dict):
+        return job["progress"]
+    return job.enc.progress if hasattr(job, "enc") else job.progress
 
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    """Every asset of the manifest present (empty files), image folders in place, and the
-    step scripts' ``main`` replaced by a recorder that writes the outputs it is given."""
-    import download_images
-    import rank_eval
-    import recall_eval
-    import recall_infer
+    """Every asset of the manifest present (small files, each its own bytes), image folders
+    in place, and the library functions the steps call replaced by recorders that write the
+    outputs they are given (a recall run's top-k from its checkpoint's bytes: a changed
+    checkpoint changes it, an unchanged one does not)."""
+    import models
+    import utils.evaluation
+    import utils.fetch
 
     dest, out = tmp_path / "dest", tmp_path / "out"
-    for a in load_manifest(DEFAULT_MANIFEST):
-        (dest / a.path).parent.mkdir(parents=True, exist_ok=True)
-        (dest / a.path).write_bytes(b"")
     paths = {a.name: dest / a.path for a in load_manifest(DEFAULT_MANIFEST)}
+    for name, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"the bytes of {name}".encode())
     paths["recall_csv"].write_text("101,name,http://127.0.0.1:9/a.jpg,1,96,64,\n", encoding="utf-8")
     paths["rank_val_csv"].write_text(
         "$record$".join(["900", "u", "v", "1", "2", "t", "c", "", "", ""]) + "\n", encoding="utf-8"
     )
     for w in ("recall", "rank"):
         (dest / "data" / "images" / w).mkdir(parents=True)
-    calls: list[tuple[str, list[str]]] = []
-    behaviour = {}  # module -> exception to raise or exit status to return
+    calls: list[tuple[str, object]] = []
+    behaviour = {}  # function name -> exception to raise, or function to run instead
 
-    def recorder(name):
-        def main(argv=None):
-            calls.append((name, list(argv)))
-            what = behaviour.get(name, 0)
+    def write(path, text="{}"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+    def download_images(job):
+        Path(job.out).mkdir(parents=True, exist_ok=True)
+        write(Path(job.out) / "manifest.jsonl", '{"status": "ok"}\n')
+        summary = {"ok": 1, "skipped": 0, "failed": 0, "bad_rows": 0, "errors": {}, "seconds": 0.1}
+        return summary | {"manifest": str(Path(job.out) / "manifest.jsonl"), "over_budget": None}
+
+    def run_recall(job):
+        write(job.output, repr(Path(job.files.get("checkpoint") or job.files["taiyi_text_weights"]).read_bytes()))
+        return {"n_pois": 1, "gallery_size": 1, "image_backend": job.enc.backend}
+
+    def evaluate_recall(**kw):
+        write(kw["json_path"])
+        if kw["html"]:
+            write(kw["html"])
+        return {}
+
+    def compare_recall(a, b, ks, json_path):
+        write(json_path)
+        return {}
+
+    def evaluate_pairs(run):
+        write(run.output)
+        write(run.metrics)
+        return {}
+
+    def recorder(fn):
+        def call(*args, **kw):
+            calls.append((fn.__name__, args[0] if args else kw))
+            what = behaviour.get(fn.__name__)
             if isinstance(what, BaseException):
                 raise what
-            for flag, value in zip(argv, argv[1:]):
-                if flag in OUTPUT_FLAGS:
-                    Path(value).parent.mkdir(parents=True, exist_ok=True)
-                    if flag == "--out":
-                        Path(value).mkdir(exist_ok=True)
-                        (Path(value) / "manifest.jsonl").write_text('{"status": "ok"}\n')
-                    else:
-                        Path(value).write_text("{}")
-            return what
+            return (what or fn)(*args, **kw)
 
-        return main
+        return call
 
-    for mod in (recall_infer, rank_eval, recall_eval, download_images):
-        monkeypatch.setattr(mod, "main", recorder(mod.__name__))
+    for mod, fns in (
+        (utils.fetch, [download_images]),
+        (models, [run_recall, evaluate_pairs]),
+        (utils.evaluation, [evaluate_recall, compare_recall]),
+    ):
+        for fn in fns:
+            monkeypatch.setattr(mod, fn.__name__, recorder(fn))
+    for name in ("format_recall", "format_compare", "format_pair_summary"):
+        monkeypatch.setattr(utils.evaluation, name, lambda *a: "figures")
 
     def run(*extra):
         calls.clear()
@@ -343,7 +398,7 @@ def fake(monkeypatch, tmp_path):
             ]
         )
 
-    return {"run": run, "calls": calls, "behaviour": behaviour, "dest": dest, "out": out}
+    return {"run": run, "calls": calls, "behaviour": behaviour, "dest": dest, "out": out, "paths": paths}
 
 
 def ran(fake) -> list[str]:
@@ -355,23 +410,23 @@ def test_backend_reaches_every_model_step(fake, capsys):
     --recall-backend is an alias; the default is auto."""
     steps = "recall-infer,rank-eval,taiyi-infer"
     assert fake["run"]("--steps", steps, "--with-baselines", "--backend", "onnx", "--no-progress") == 0
-    models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
-    assert len(models) == 3 and ["--model", "taiyi"] == models[2][:2]
-    for argv in models:
-        assert argv[argv.index("--backend") + 1] == "onnx" and "--no-progress" in argv
-        assert argv[argv.index("--device") + 1] == "cpu"
+    models = [job for name, job in fake["calls"] if name in MODEL_CALLS]
+    assert len(models) == 3 and models[2].model == "taiyi"
+    for job in models:
+        assert job.enc.backend == "onnx" and job.enc.progress is False
+        assert job.enc.device == "cpu"
     assert fake["run"]("--steps", steps, "--with-baselines", "--force", "all") == 0
-    models = [argv for name, argv in fake["calls"] if name in MODEL_SCRIPTS]
-    assert len(models) == 3 and all(a[a.index("--backend") + 1] == "auto" for a in models)
+    models = [job for name, job in fake["calls"] if name in MODEL_CALLS]
+    assert len(models) == 3 and all(job.enc.backend == "auto" for job in models)
     assert fake["run"]("--steps", "recall-infer", "--recall-backend", "torch", "--force", "recall-infer") == 0
-    ((name, argv),) = fake["calls"]
-    assert argv[argv.index("--backend") + 1] == "torch"
+    ((name, job),) = fake["calls"]
+    assert job.enc.backend == "torch"
     capsys.readouterr()
 
 
 def test_no_progress_reaches_every_step(fake, capsys):
     assert fake["run"]("--no-progress") == 0
-    assert len(fake["calls"]) == 5 and all("--no-progress" in argv for _, argv in fake["calls"])
+    assert len(fake["calls"]) == 5 and all(progress_of(job) is False for _, job in fake["calls"])
     assert "--quiet" not in str(fake["calls"])
     capsys.readouterr()
 
@@ -382,7 +437,7 @@ def test_rerun_rule(fake, capsys):
     output reruns."""
     run = fake["run"]
     assert run() == 0
-    assert ran(fake) == ["download_images", "recall_infer", "recall_eval", "download_images", "rank_eval"]
+    assert ran(fake) == ["download_images", "run_recall", "evaluate_recall", "download_images", "evaluate_pairs"]
     assert run() == 0 and ran(fake) == []
     # how a step runs: nothing reruns
     assert (
@@ -390,30 +445,105 @@ def test_rerun_rule(fake, capsys):
         and ran(fake) == []
     )
     # an argument that shapes the outputs: that step reruns (recall-eval: --html gone)
-    assert run("--no-html") == 0 and ran(fake) == ["recall_eval"]
+    assert run("--no-html") == 0 and ran(fake) == ["evaluate_recall"]
     assert "step recall-eval: running (arguments changed)" in capsys.readouterr().out
-    assert run("--no-html", "--force", "rank-eval") == 0 and ran(fake) == ["rank_eval"]
+    assert run("--no-html", "--force", "rank-eval") == 0 and ran(fake) == ["evaluate_pairs"]
     (fake["out"] / "recall" / "top10.csv").unlink()
-    assert run("--no-html") == 0 and ran(fake) == ["recall_infer"]
+    assert run("--no-html") == 0 and ran(fake) == ["run_recall"]  # the same top-k again: recall-eval is done
     assert "step recall-infer: running (output missing: " in capsys.readouterr().out
     stamp = json.loads((fake["out"] / "steps" / "recall-infer.done.json").read_text())
-    assert stamp["calls"][0][0] == "recall_infer" and "--backend" not in stamp["calls"][0]
+    assert stamp["args"]["model"] == "align" and "backend" not in json.dumps(stamp)
+    assert stamp["inputs"]["checkpoint"]["sha256"] == sha(fake["paths"]["align_weights"])
 
 
-@pytest.mark.parametrize("how", ["exception", "exit-status"])
+def test_changed_input_reruns_the_steps_that_read_it(fake, capsys, monkeypatch):
+    """A truncated weight file reruns the steps that read it, and the steps that read what
+    they rewrote when it changed; a file touched but not changed reruns nothing, and is
+    hashed once, not on every run."""
+    import utils.reproduction
+
+    run, paths = fake["run"], fake["paths"]
+    assert run() == 0
+    with open(paths["align_weights"], "r+b") as f:
+        f.truncate(3)
+    assert run() == 0 and ran(fake) == ["run_recall", "evaluate_recall"]
+    text = capsys.readouterr().out
+    assert "step recall-infer: running (input changed: checkpoint)" in text
+    assert "step recall-eval: running (input changed: results)" in text
+    assert "step rank-eval: skipped" in text
+    with open(paths["poi_name_vectors"], "r+b") as f:
+        f.truncate(3)
+    assert run() == 0 and ran(fake) == ["evaluate_pairs"]
+    assert "step rank-eval: running (input changed: poi-name-vectors)" in capsys.readouterr().out
+    paths["bert_vocab"].write_text("another vocabulary")  # read by both model steps
+    assert run() == 0 and ran(fake) == ["run_recall", "evaluate_pairs"]
+    capsys.readouterr()
+    # touched, same bytes: nothing reruns; hashed in that run only
+    hashed = []
+    real = utils.reproduction.sha256_file
+    monkeypatch.setattr(utils.reproduction, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    os.utime(paths["ranker_weights"], (1, 1))
+    assert run() == 0 and ran(fake) == [] and hashed == [paths["ranker_weights"].name]
+    assert run() == 0 and ran(fake) == [] and hashed == [paths["ranker_weights"].name]
+    capsys.readouterr()
+
+
+def test_stamp_of_the_older_version_reruns_once(fake, capsys):
+    """A stamp without input records (written before they existed) is not trusted: its step
+    reruns once, then it is done."""
+    run = fake["run"]
+    assert run() == 0
+    stamp = fake["out"] / "steps" / "rank-eval.done.json"
+    stamp.write_text(json.dumps({"step": "rank-eval", "calls": [["rank_eval", "--csv", "x"]]}))
+    assert run() == 0 and ran(fake) == ["evaluate_pairs"]
+    assert "step rank-eval: running (its stamp has no input records (older version))" in capsys.readouterr().out
+    assert run() == 0 and ran(fake) == []
+    capsys.readouterr()
+
+
+def test_steps_are_plain_data(fake):
+    """The steps are records of plain values calling reproduce's own functions, which call
+    the library: reproduce.py imports no other script."""
+    tree = ast.parse(Path(reproduce.__file__).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    scripts = {p.stem for p in Path(reproduce.__file__).parent.glob("*.py")} - {"reproduce"}
+    assert scripts and {m.split(".")[0] for m in imported} & scripts == set()
+    ns = reproduce.build_parser().parse_args(["--dest", str(fake["dest"]), "--with-baselines", "--device", "cpu"])
+    steps = reproduce.plan(ns, *reproduce.check_args(ns))
+    assert list(steps) == list(reproduce.ALL_STEPS)
+    for step in steps.values():
+        assert dataclasses.is_dataclass(step) and step.call.__module__ == "reproduce"
+        assert json.loads(json.dumps([step.args, step.inputs, step.outputs])) == [step.args, step.inputs, step.outputs]
+    assert steps["recall-infer"].inputs["checkpoint"] == str(fake["paths"]["align_weights"])
+    assert steps["taiyi-eval"].inputs == {
+        "results": steps["taiyi-infer"].args["output"],
+        "versus": steps["recall-infer"].args["output"],
+    }
+
+
+@pytest.mark.parametrize("how", ["exception", "caught"])
 def test_interrupted_step_reruns(fake, capsys, how):
-    """Ctrl-C in a step (raised, or caught by the script's entry point, which said so: 130):
-    at most one line from reproduce, exit 130, the step is not done (its stamp went when it
+    """Ctrl-C in a step (raised, or caught by the library, which cleans up and passes it on):
+    one line from reproduce, exit 130, the step is not done (its stamp went when it
     started), the next run reruns it."""
     run = fake["run"]
     assert run() == 0
-    fake["behaviour"]["rank_eval"] = KeyboardInterrupt() if how == "exception" else 130
+
+    def caught(job):  # the library's own handler: cleans up, then passes Ctrl-C on
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            Path(job.output).unlink(missing_ok=True)
+            raise
+
+    fake["behaviour"]["evaluate_pairs"] = KeyboardInterrupt() if how == "exception" else caught
     assert run("--force", "rank-eval") == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == (["reproduce: interrupted"] if how == "exception" else [])
+    assert err.strip().splitlines() == ["reproduce: interrupted"]
     assert not (fake["out"] / "steps" / "rank-eval.done.json").exists()
-    fake["behaviour"]["rank_eval"] = 0
-    assert run() == 0 and ran(fake) == ["rank_eval"]
+    fake["behaviour"].clear()
+    assert run() == 0 and ran(fake) == ["evaluate_pairs"]
     assert "step rank-eval: running (not done)" in capsys.readouterr().out
 
 

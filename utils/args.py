@@ -57,7 +57,7 @@ def add_device(p, title: str | None = None):
     return g
 
 
-def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True):
+def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True, preprocess: bool = True):
     """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
     if device:
@@ -78,12 +78,13 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
             help="fp32 (default, exact); bf16/fp16 autocast: faster only with native support "
             "(GPU, AVX-512 BF16/AMX CPUs); scores move ~1e-2",
         )
-    g.add_argument(
-        "--preprocess",
-        choices=PREPROCESS_MODES,
-        default="reference",
-        help="reference = the authors' exact path (default); fast = JPEG draft decoding",
-    )
+    if preprocess:
+        g.add_argument(
+            "--preprocess",
+            choices=PREPROCESS_MODES,
+            default="reference",
+            help="reference = the authors' exact path (default); fast = JPEG draft decoding",
+        )
     return g
 
 
@@ -150,6 +151,12 @@ def add_recall_files(
             help="model weights (align_model.pth, or a ranker checkpoint holding its recall model under align_model.)",
         )
     g.add_argument("--bert-dir", required=required, help="directory with bert-base-chinese config.json and vocab.txt")
+    return add_arch(g)
+
+
+def add_arch(p, title: str | None = None):
+    """``--arch`` (also part of ``add_recall_files``)."""
+    g = _group(p, title)
     g.add_argument(
         "--arch",
         help="architecture JSON of a non-default (small) model (default: recorded "
