@@ -161,13 +161,14 @@ def plan(ns, manifest: str, assets: dict) -> dict[str, Step]:
     ]
     if ns.with_baselines:
         text_dir, clip_dir = (str(Path(a[n]).parent) for n in ("taiyi_text_vocab", "clip_weights"))
+        files = dict(taiyi_text_dir=text_dir, taiyi_text_weights=a["taiyi_text_finetuned"], clip_dir=clip_dir)
         theirs = out("baseline", "taiyi_top10.csv")
-        taiyi = dict(**gallery, output=theirs, model="taiyi", taiyi_text_dir=text_dir, clip_dir=clip_dir)
-        taiyi["taiyi_text_weights"] = a["taiyi_text_finetuned"]
+        taiyi = dict(**gallery, output=theirs, model="taiyi", **files)
         versus = dict(results=theirs, json=out("baseline", "taiyi_metrics.json"), versus=ours)
+        versus["compare"] = out("baseline", "compare.json")  # the paired bootstrap, ours - Taiyi
         steps += [
             step("taiyi-infer", recall, taiyi, reads=pick(*BASELINE_ASSETS)),
-            step("taiyi-eval", evaluate, versus | {"compare": out("baseline", "compare.json")}),
+            step("taiyi-eval", evaluate, versus),
         ]
     return {s.name: s for s in steps if s.name in ns.steps}
 
@@ -215,8 +216,8 @@ def main(argv=None) -> int:
         cli.setup_logging(ns.log_level)
         try:
             log.info("reproduce: %s", vars(ns))
-            for name, step in steps.items():
-                if not run_step(step, how, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
+            for name, s in steps.items():  # in pipeline order; the first failure stops the run
+                if not run_step(s, how, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
                     return 1
             report(ns)
             return 0

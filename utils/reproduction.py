@@ -75,17 +75,20 @@ def check_stamp(stamp: Path, args: dict, inputs: dict, outputs) -> tuple[str | N
     records = {name: input_record(p, old.get(name) or {}) for name, p in inputs.items()}
     changed = [name for name, r in records.items() if r.get("sha256") != (old.get(name) or {}).get("sha256")]
     gone = [str(p) for p in outputs if not Path(p).exists()]
+    why = None
     if not doc:
-        return "not done", records
-    if "inputs" not in doc:
-        return "its stamp has no input records (older version)", records
-    if doc.get("args") != json.loads(json.dumps(args)):
-        return "arguments changed", records
-    if changed or gone:
-        return (f"input changed: {changed[0]}" if changed else f"output missing: {gone[0]}"), records
-    if records != old:
+        why = "not done"
+    elif "inputs" not in doc:
+        why = "its stamp has no input records (older version)"
+    elif doc.get("args") != json.loads(json.dumps(args)):
+        why = "arguments changed"
+    elif changed:
+        why = f"input changed: {changed[0]}"
+    elif gone:
+        why = f"output missing: {gone[0]}"
+    elif records != old:
         write_json(stamp, {**doc, "inputs": records})
-    return None, records
+    return why, records
 
 
 @dataclass(frozen=True)
