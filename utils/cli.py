@@ -306,12 +306,3 @@ def require(module: str, extra: str, needed_by: str) -> None:
     req = Path(__file__).resolve().parent.parent / f"requirements-{extra}.txt"
     also = f" (or pip install -r {req.name})" if req.is_file() else ""
     raise UserError(f"{needed_by} needs the optional package {module}, which is not installed: {how}{also}")
-
-
-def add_common_args(p, device: bool = True) -> None:
-    """Retired (utils/args.py): kept until reproduce.py's rewrite lands."""
-    from utils import args
-
-    if device:
-        args.add_device(p)
-    args.add_run(p)
