@@ -460,7 +460,7 @@ def test_changed_input_reruns_the_steps_that_read_it(fake, capsys, monkeypatch):
     """A truncated weight file reruns the steps that read it, and the steps that read what
     they rewrote when it changed; a file touched but not changed reruns nothing, and is
     hashed once, not on every run."""
-    import utils.reproduction
+    import utils.reproduction.steps as steps_module
 
     run, paths = fake["run"], fake["paths"]
     assert run() == 0
@@ -480,8 +480,8 @@ def test_changed_input_reruns_the_steps_that_read_it(fake, capsys, monkeypatch):
     capsys.readouterr()
     # touched, same bytes: nothing reruns; hashed in that run only
     hashed = []
-    real = utils.reproduction.sha256_file
-    monkeypatch.setattr(utils.reproduction, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = steps_module.sha256_file
+    monkeypatch.setattr(steps_module, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     os.utime(paths["ranker_weights"], (1, 1))
     assert run() == 0 and ran(fake) == [] and hashed == [paths["ranker_weights"].name]
     assert run() == 0 and ran(fake) == [] and hashed == [paths["ranker_weights"].name]

@@ -2,7 +2,7 @@
 (command-line conventions and errors), ``args`` (the shared argument groups), ``io``
 (atomic files, the run lock, the UTF-8 reader), ``hashing``. Below, one subpackage per
 subsystem, each entered through its ``__init__``: ``formats``, ``fetch``,
-``evaluation``, ``training``, ``selection``."""
+``evaluation``, ``training``, ``selection``, ``reproduction``."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ is not trusted: its step reruns once.
 
 from __future__ import annotations
 
+from utils.cli import UserError, one_line
+
 import json
 import logging
 import sys
@@ -21,9 +23,8 @@ from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
-from .cli import UserError, one_line
-from .hashing import sha256_file
-from .io import atomic_write, write_json
+from utils.hashing import sha256_file
+from utils.io import atomic_write, write_json
 
 log = logging.getLogger("reproduce")
 
