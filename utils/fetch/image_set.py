@@ -1,13 +1,7 @@
 """The images of a published CSV (recall or ranking format) into one directory:
-``download_images(ImageJob(...))`` is what ``download_images.py`` runs.
-
-Files: recall rows -> ``<poi_id>_<rank_number><ext>``; ranking rows -> ``<item_id>_a<ext>``
-and ``<item_id>_b<ext>`` (the durable oss URL first, then the original). A present, valid
-file is kept (``skipped``). ``OUT/manifest.jsonl`` gets one JSON line per image (and per
-bad row left out), flushed as each result arrives; the previous one is kept as ``.prev``.
-Everything is checked before the first request: the CSV (bad rows refused unless
-``skip_bad_rows``), the output places; one run per output (``OUT/.lock``, per shard).
-"""
+``download_images(ImageJob(...))`` is what ``download_images.py`` runs. Everything is
+checked before the first request; ``OUT/manifest.jsonl`` gets one line per image (and per
+bad row left out) as each result arrives."""
 
 from __future__ import annotations
 
@@ -31,7 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,7 +34,7 @@ from utils.args import IMAGE_DOWNLOADS, Downloads
 from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
 
-from .http import open_session, url_host
+from .http import open_session
 from .images import DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one, parse_url_map, unchanged_since
 
 log = logging.getLogger("download_images")
@@ -57,8 +51,8 @@ class ImageJob:
     format: str = "auto"  # auto | recall | rank
     max_bytes: int = DEFAULT_MAX_BYTES
     max_failures: str = "0"  # N or P%
-    limit: int | None = None  # first N rows (after the shard)
-    shard: tuple[int, int] | None = None  # (I, N): rows whose line L has (L-1) % N == I
+    limit: int | None = None  # the first N rows (after the shard)
+    shard: tuple[int, int] | None = None  # (I, N): the rows whose line L has (L-1) % N == I
     url_prefix_map: tuple = ()  # "OLD=NEW" strings
     max_side: int | None = None
     manifest: str | None = None  # default OUT/manifest[.shard-I-of-N].jsonl
@@ -68,7 +62,7 @@ class ImageJob:
 
 
 @dataclass
-class Plan:
+class _Plan:
     """A checked job: what the run reads and writes."""
 
     job: ImageJob
@@ -78,13 +72,13 @@ class Plan:
     out: Path
     manifest: Path
     log_file: Path
-    lock_name: str
-    url_map: list = field(default_factory=list)
+    suffix: str  # of the manifest, log and lock of a shard
+    fetch: dict  # the keywords of download_one
 
 
 def _select(job: ImageJob, fmt: str):
-    """The rows (``RecallRow`` / ``RankRow``) and bad rows (``RowError``) the job covers, in
-    file order: ``shard`` by line number, then the first ``limit`` of them."""
+    """The rows (``RecallRow`` / ``RankRow``) and bad rows (``RowError``) of the job in file
+    order: its ``shard`` by line number, then the first ``limit`` of them."""
     found: list = []
     rows = iter_rank_csv(job.csv, found) if fmt == "rank" else iter_recall_csv(job.csv, found)
     taken = 0
@@ -99,7 +93,7 @@ def _select(job: ImageJob, fmt: str):
             yield item
 
 
-def plan_images(job: ImageJob) -> Plan:
+def _plan(job: ImageJob) -> _Plan:
     """Check the job before any request (nothing is created): the CSV is UTF-8 of a known
     format without bad rows (unless ``skip_bad_rows``), the output places are writable."""
     csv = str(input_file(job.csv, "--csv"))
@@ -121,33 +115,50 @@ def plan_images(job: ImageJob) -> Plan:
         else:
             images += 2 if isinstance(item, RankRow) else 1
     bad = bad_rows(errors, csv, job.skip_bad_rows)
-    return Plan(job, fmt, images, bad, out, manifest, log_file, f".lock{suffix}", url_map)
+    net, fetch = job.net, dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map)
+    fetch |= dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
+    return _Plan(job, fmt, images, bad, out, manifest, log_file, suffix, fetch)
 
 
-class _Manifest:
-    """JSONL, one line per result written whole as it arrives (a killed run loses nothing
-    that finished); a write that fails is cut back to the last whole line."""
+class _Run:
+    """One run's bookkeeping: the manifest (JSONL, each line written whole as its result
+    arrives; a write that fails is cut back to the last whole line), the counts, the
+    progress bar, the first ``MAX_PRINTED_FAILURES`` failures printed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, plan: _Plan):
+        self.plan, self.status, self.kinds, self.printed = plan, Counter(), Counter(), 0
+        path = plan.manifest
         if path.is_file():
             os.replace(path, f"{path}.prev")
-        self.path, self.size = path, 0
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            self.fd, self.size = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), 0
         except OSError as e:
             raise write_error(e, path) from None
+        self.bar = tqdm(total=plan.images + plan.bad, unit="img", dynamic_ncols=True, disable=not plan.job.progress)
 
-    def write(self, rec: dict) -> None:
+    def record(self, rec: dict) -> None:
         data = memoryview((json.dumps(rec, ensure_ascii=False) + "\n").encode())
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
         except OSError as e:
             os.ftruncate(self.fd, self.size)
-            raise write_error(e, self.path) from None
+            raise write_error(e, self.plan.manifest) from None
         self.size = os.lseek(self.fd, 0, os.SEEK_CUR)
+        self.status[rec["status"]] += 1
+        self.bar.update(1)
+        if rec["status"] != "failed":
+            return
+        self.kinds[rec.get("error_kind") or "error"] += 1
+        msg = f"{self.plan.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
+        log.warning("failed %s", msg)
+        if self.printed <= MAX_PRINTED_FAILURES:
+            more = "(further failures only in the manifest and log)"
+            tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
+        self.printed += 1
 
     def close(self) -> None:
+        self.bar.close()
         with contextlib.suppress(OSError):
             os.fsync(self.fd)
         os.close(self.fd)
@@ -165,52 +176,12 @@ def _read_previous(manifest: Path) -> dict:
     return out
 
 
-class _Run:
-    """One run's bookkeeping: the manifest, the counts, the progress bar, the failures
-    printed (the first ``MAX_PRINTED_FAILURES``; all of them in the manifest and the log)."""
-
-    def __init__(self, plan: Plan):
-        self.plan, self.status, self.kinds, self.printed = plan, Counter(), Counter(), 0
-        self.manifest = _Manifest(plan.manifest)
-        self.bar = tqdm(total=plan.images + plan.bad, unit="img", dynamic_ncols=True, disable=not plan.job.progress)
-
-    def record(self, rec: dict) -> None:
-        self.manifest.write(rec)
-        self.status[rec["status"]] += 1
-        self.bar.update(1)
-        if rec["status"] != "failed":
-            return
-        self.kinds[rec.get("error_kind") or "error"] += 1
-        msg = f"{self.plan.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
-        log.warning("failed %s", msg)
-        if self.printed <= MAX_PRINTED_FAILURES:
-            more = "(further failures only in the manifest and log)"
-            tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
-        self.printed += 1
-
-    def close(self) -> None:
-        self.bar.close()
-        self.manifest.close()
-
-
-def _fetch(session, plan: Plan, previous: dict, key: str, urls: list) -> FetchResult:
-    job = plan.job
+def _fetch(session, plan: _Plan, previous: dict, key: str, urls: list) -> FetchResult:
     kept = unchanged_since(plan.out, previous[key]) if key in previous else None
     if kept is not None:
         return kept
     try:
-        return download_one(
-            session,
-            urls,
-            plan.out,
-            key,
-            max_bytes=job.max_bytes,
-            timeout=job.net.timeout,
-            max_side=job.max_side,
-            url_map=plan.url_map,
-            backoff=job.net.backoff,
-            deadline=job.net.deadline,
-        )
+        return download_one(session, urls, plan.out, key, **plan.fetch)
     except UserError:
         raise  # the disk is full: every other image would fail too
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
@@ -219,38 +190,29 @@ def _fetch(session, plan: Plan, previous: dict, key: str, urls: list) -> FetchRe
         return FetchResult(key, "failed", urls[0] if urls else None, error=err, error_kind="internal")
 
 
-def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
-    """A bounded window of downloads over the CSV rows (memory stays flat at any size),
-    each result recorded as it arrives."""
-    job = plan.job
-    session = open_session(job.net, trusted_hosts=[url_host(new) for _, new in plan.url_map])
+def _download_all(plan: _Plan, run: _Run, previous: dict) -> None:
+    """A bounded window of downloads over the rows (memory stays flat at any size), each
+    result recorded as it arrives."""
+    workers = plan.job.net.workers
+    session = open_session(plan.job.net, [new for _, new in plan.fetch["url_map"]])
     pending: dict = {}
-    pool = cf.ThreadPoolExecutor(job.net.workers, thread_name_prefix="dl")
+    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="dl")
 
     def settle(block_until: int) -> None:
         while len(pending) > block_until:
             for fut in cf.wait(pending, return_when=cf.FIRST_COMPLETED)[0]:
                 result = fut.result()
-                run.record({"key": result.key, "line": pending.pop(fut), **result.to_dict()})
+                run.record({"key": result.key, "line": pending.pop(fut), **asdict(result)})
 
     try:
-        for item in _select(job, plan.fmt):
+        for item in _select(plan.job, plan.fmt):
             if isinstance(item, RowError):
-                run.record(
-                    dict(
-                        key=None,
-                        line=item.line,
-                        status="failed",
-                        url=None,
-                        http=None,
-                        error=item.message,
-                        error_kind="bad_row",
-                    )
-                )
+                bad = dict(key=None, line=item.line, status="failed", url=None, http=None)
+                run.record({**bad, "error": item.message, "error_kind": "bad_row"})
                 continue
             pairs = [(item.key_a, item.urls_a()), (item.key_b, item.urls_b())] if isinstance(item, RankRow) else None
             for key, urls in pairs or [(item.key, [item.url])]:
-                settle(job.net.workers * 4 - 1)
+                settle(workers * 4 - 1)
                 pending[pool.submit(_fetch, session, plan, previous, key, urls)] = item.line
         settle(0)
     except KeyboardInterrupt:
@@ -261,13 +223,14 @@ def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
         session.close()
 
 
-def run_images(plan: Plan) -> dict:
-    """Run a checked job (one run per output: ``OUT/.lock``); the summary (``image_summary``)."""
-    job = plan.job
-    with exclusive_lock(plan.out, plan.lock_name):
+def download_images(job: ImageJob) -> dict:
+    """The whole of ``download_images.py``: the job checked, then run (one run per output:
+    ``OUT/.lock``); the summary (``image_summary`` prints it)."""
+    plan = _plan(job)
+    with exclusive_lock(plan.out, f".lock{plan.suffix}"):
         handler = log_file_handler(plan.log_file, "%(asctime)s %(levelname)s %(message)s")
         log.addHandler(handler)
-        log.propagate = False  # failures are printed (the first few) by _Run; the rest is in the file
+        log.propagate = False  # _Run prints the first failures; all are in the file
         run, start = None, time.monotonic()
         try:
             log.info("start: csv=%s format=%s out=%s %s", job.csv, plan.fmt, plan.out, job)
@@ -290,7 +253,7 @@ def run_images(plan: Plan) -> dict:
             handler.close()
 
 
-def _summary(plan: Plan, run: _Run, seconds: float) -> dict:
+def _summary(plan: _Plan, run: _Run, seconds: float) -> dict:
     done = {k: run.status[k] for k in ("ok", "skipped", "failed")}
     spec, total = plan.job.max_failures, sum(done.values())
     allowed = allowed_count(spec, total)
@@ -299,11 +262,10 @@ def _summary(plan: Plan, run: _Run, seconds: float) -> dict:
         f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {plan.manifest}. Rerun to retry them, "
         "or raise --max-failures."
     )
-    errors = dict(run.kinds.most_common())
     return {
         **done,
         "bad_rows": plan.bad,
-        "errors": errors,
+        "errors": dict(run.kinds.most_common()),
         "seconds": seconds,
         "manifest": str(plan.manifest),
         "over_budget": over if done["failed"] > allowed else None,
@@ -319,8 +281,3 @@ def image_summary(s: dict) -> str:
     if s["errors"]:
         lines.append("failures by error: " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
     return "\n".join([*lines, f"manifest: {s['manifest']}"])
-
-
-def download_images(job: ImageJob) -> dict:
-    """``plan_images`` then ``run_images``: the whole of ``download_images.py``."""
-    return run_images(plan_images(job))
