@@ -7,7 +7,7 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "http": "AddressPolicy Deadline make_session open_session",
+        "http": "AddressPolicy Deadline open_session",
         "images": "DEFAULT_MAX_BYTES FetchResult download_one",
         "image_set": "ImageJob download_images image_summary",
         "assets": "AssetError DEFAULT_MANIFEST HASHES_FILE ROOT Asset HashRecords check_present load_manifest "

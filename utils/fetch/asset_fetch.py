@@ -24,8 +24,8 @@ from utils.args import ASSET_DOWNLOADS, Downloads
 from utils.hashing import sha256_file
 from utils.io import PartFile, exclusive_lock, read_json, write_error, write_json
 
-from .assets import HASHES_FILE, LFS_MAGIC, LOOKS_WRONG, Asset, AssetError, HashRecords, check_present, content_problem
-from .http import Deadline, classify_exception, open_session, root_cause
+from .assets import HASHES_FILE, LOOKS_WRONG, Asset, AssetError, HashRecords, check_present, content_problem
+from .http import Deadline, describe, open_session
 
 log = logging.getLogger("download_assets")
 CHUNK = 1 << 16
@@ -107,19 +107,19 @@ class _Fetcher:
         try:
             return self.session.get(url, stream=True, timeout=self.net.timeout, headers=headers)
         except Exception as e:  # noqa: BLE001 - every transport error: one line for the user
-            kind = classify_exception(e)
+            kind, why = describe(e)
             if kind == "deadline":
                 raise  # _http says it
             if kind == "blocked_address":
-                raise AssetError(f"{asset.name}: {root_cause(e)}") from None
+                raise AssetError(f"{asset.name}: {why}") from None
             if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
                 hint = (
                     "check that the mirror is running and reachable"
                     if self.mirror
                     else "check the network or use --mirror"
                 )
-                raise NetworkError(_host(url), f"cannot reach {_host(url)}: {hint} ({root_cause(e)})") from None
-            raise AssetError(f"{asset.name}: request to {url} failed ({root_cause(e)})") from None
+                raise NetworkError(_host(url), f"cannot reach {_host(url)}: {hint} ({why})") from None
+            raise AssetError(f"{asset.name}: request to {url} failed ({why})") from None
 
     def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
         """One request for what the part lacks; None when it is complete, else what went wrong."""
@@ -154,6 +154,7 @@ class _Fetcher:
 
     def _http(self, asset: Asset, url: str, final: Path) -> Path:
         """Download ``url`` into ``<final>.part``, resuming a partial one; the part, not yet verified."""
+        log.info("%s: downloading %s", asset.name, url)
         part = final.with_name(final.name + ".part")
         meta = part.with_name(part.name + ".json")
         if _read_meta(meta).get("url") not in (None, url):
@@ -172,7 +173,7 @@ class _Fetcher:
                 except (AssetError, UserError):
                     raise
                 except Exception as e:  # noqa: BLE001 - the body broke off (connection cut, read timeout)
-                    err = root_cause(e)
+                    err = describe(e)[1]
                 if err is None:
                     break
                 failures += 1
@@ -189,32 +190,34 @@ class _Fetcher:
         meta.unlink(missing_ok=True)
         return part
 
-    def _download(self, asset: Asset, final: Path) -> tuple[Path, str]:
-        """(the completed part file, where it came from)."""
-        if asset.url or self.mirror:
-            url = asset.source(self.mirror)
+    def _from_hf(self, asset: Asset, final: Path) -> tuple[Path, str]:
+        """(the completed part file, where it came from): the local Hugging Face cache, else ``HF_ENDPOINT``."""
+        repo, name, rev = asset.hf["repo_id"], asset.hf["filename"], asset.hf.get("revision") or "main"
+        try:
+            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+        except ImportError:
+            cached = None
         else:
-            repo, name, rev = asset.hf["repo_id"], asset.hf["filename"], asset.hf.get("revision") or "main"
-            part = _from_hf_cache(asset, final)
-            if part is not None:
-                return part, f"hf://{repo}/{name}@{rev}"
-            if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-                raise AssetError(
-                    f"{asset.name}: {repo}/{name} is not in the Hugging Face cache and offline mode is on "
-                    f"(HF_HUB_OFFLINE): run once online, point HF_HOME at a filled cache, or use --mirror"
-                )
-            url = f"{hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(name)}"
-        log.info("%s: downloading %s", asset.name, url)
+            cached = try_to_load_from_cache(repo, name, revision=asset.hf.get("revision"))
+        if isinstance(cached, str):
+            log.info("%s: from the Hugging Face cache: %s", asset.name, cached)
+            part = PartFile(final.with_name(final.name + ".part"))
+            with open(cached, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    part.write(chunk)
+            part.close()
+            return part.path, f"hf://{repo}/{name}@{rev}"
+        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+            raise AssetError(
+                f"{asset.name}: {repo}/{name} is not in the Hugging Face cache and offline mode is on "
+                f"(HF_HUB_OFFLINE): run once online, point HF_HOME at a filled cache, or use --mirror"
+            )
+        url = f"{hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(name)}"
         return self._http(asset, url, final), url
 
     def _verify(self, asset: Asset, part: Path, final: Path, want: str | None, origin: str, source: str) -> str:
         """The sha256 of a finished download that may take its place; else it is kept aside."""
         got = sha256_file(part)
-        with open(part, "rb") as f:
-            lfs = f.read(len(LFS_MAGIC)) == LFS_MAGIC
-        if lfs and not (want and got == want):
-            bad = _set_aside(part, final, ".bad-sha256")
-            raise AssetError(f"{asset.name}: {source} served a Git LFS pointer, not the file; kept aside as {bad}")
         if want is not None and got != want:
             bad = _set_aside(part, final, ".bad-sha256")
             pinned = (
@@ -245,7 +248,11 @@ class _Fetcher:
                 log.warning("%s: kept aside as %s", asset.name, _set_aside(final, final, ".bad-content"))
                 self.records.drop(asset.name)
             want, origin = self.records.expected(asset)
-            part, source = self._download(asset, final)
+            if asset.url or self.mirror:
+                source = asset.source(self.mirror)
+                part = self._http(asset, source, final)
+            else:
+                part, source = self._from_hf(asset, final)
             got = self._verify(asset, part, final, want, origin, source)
             os.replace(part, final)
             self.records.put(asset, final, got, source)
@@ -255,25 +262,6 @@ class _Fetcher:
         if origin == "unknown":
             print(f"{asset.name}: sha256 {got} (new; recorded in {self.dest / HASHES_FILE})")
         return "downloaded"
-
-
-def _from_hf_cache(asset: Asset, final: Path) -> Path | None:
-    """The asset's file copied from the local Hugging Face cache into ``<final>.part``."""
-    try:
-        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
-    except ImportError:
-        return None
-    hf = asset.hf
-    cached = try_to_load_from_cache(hf["repo_id"], hf["filename"], revision=hf.get("revision"))
-    if not isinstance(cached, str):
-        return None
-    log.info("%s: from the Hugging Face cache: %s", asset.name, cached)
-    part = PartFile(final.with_name(final.name + ".part"))
-    with open(cached, "rb") as f:
-        while chunk := f.read(CHUNK):
-            part.write(chunk)
-    part.close()
-    return part.path
 
 
 def fetch_assets(

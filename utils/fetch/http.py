@@ -115,19 +115,17 @@ class AddressPolicy:
                 self._refuse(f"{refused}: {host if host == ip else f'{host} ({ip})'} is a {cls} address")
         if local and came_from is None and not named:
             self._refuse(f"{refused}: the host name {host} resolves to {local[0][0]}, a {local[0][1]} address")
-        if local and came_from is not None and self._is_public(came_from):
-            ip, cls = local[0]
-            self._refuse(f"{refused}: a public address redirects to {host} ({ip}, a {cls} address)")
+        if local and came_from is not None:
+            source_host, source_port = _host_port(came_from)
+            source = self.resolve(source_host, source_port) if source_host else []
+            if source and all(c == "public" for _, c in source):
+                ip, cls = local[0]
+                self._refuse(f"{refused}: a public address redirects to {host} ({ip}, a {cls} address)")
         self._pins.__dict__[(host.rstrip(".").lower(), port)] = [ip for ip, _ in addrs]
 
     @staticmethod
     def _refuse(msg: str):
         raise BlockedAddressError(f"{msg} (pass --allow-private-addresses to allow it)")
-
-    def _is_public(self, url: str) -> bool:
-        host, port = _host_port(url)
-        addrs = self.resolve(host, port) if host else []
-        return bool(addrs) and all(c == "public" for _, c in addrs)
 
     def pinned(self, host: str, port: int) -> list[str] | None:
         """The addresses this thread's last check of ``host:port`` allowed (None: never checked)."""
@@ -271,33 +269,30 @@ class _Session(requests.Session):
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
-def make_session(retries=4, backoff=0.5, pool_size=16, policy: AddressPolicy | None = None) -> requests.Session:
-    """A keep-alive session retrying GETs ``retries`` times (each of connect/read/status too),
-    waiting ``backoff * 2**(n-1)`` plus up to ``backoff`` of jitter (at most 30 s) or what
-    Retry-After says (at most 2 minutes where urllib3 can cap it); after the retries the last
-    response is returned as it is. Every URL and redirect passes ``policy`` (default: the strict one)."""
-    kw = dict.fromkeys(("total", "connect", "read", "status"), retries)
-    kw |= dict(other=0, redirect=MAX_REDIRECTS, backoff_factor=backoff, backoff_max=30.0, backoff_jitter=backoff)
+def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int | None = None) -> requests.Session:
+    """A keep-alive session as the download flags say: GETs are retried ``net.retries`` times
+    (each of connect/read/status too), waiting ``backoff * 2**(n-1)`` plus up to ``backoff`` of
+    jitter (at most 30 s) or what Retry-After says (at most 2 minutes where urllib3 can cap it);
+    after the retries the last response is returned as it is. The hosts of ``trusted_urls`` (a
+    mirror, the ``--url-prefix-map`` targets) were named by the user."""
+    kw = dict.fromkeys(("total", "connect", "read", "status"), net.retries)
+    kw |= dict(
+        other=0, redirect=MAX_REDIRECTS, backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff
+    )
     kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
     try:
         retry = Retry(**kw, retry_after_max=120)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
         retry = Retry(**kw)
-    policy = policy or AddressPolicy()
-    adapter = _Adapter(policy, max_retries=retry, pool_connections=max(1, pool_size), pool_maxsize=max(1, pool_size))
+    policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
+    pool = max(1, pool_size or net.workers)
+    adapter = _Adapter(policy, max_retries=retry, pool_connections=pool, pool_maxsize=pool)
     s = _Session(policy)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     s.max_redirects = MAX_REDIRECTS
     s.headers["User-Agent"] = USER_AGENT
     return s
-
-
-def open_session(net: Downloads, trusted_urls=(), pool_size: int | None = None) -> requests.Session:
-    """``make_session`` as the download flags say; the hosts of ``trusted_urls`` (a mirror, the
-    ``--url-prefix-map`` targets) were named by the user."""
-    policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
-    return make_session(net.retries, net.backoff, pool_size or net.workers, policy)
 
 
 # the first kind whose types (or words) appear in the exception's chain; "connection" comes
@@ -328,23 +323,21 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return list(seen.values())
 
 
-def classify_exception(exc: BaseException) -> str:
-    """A short kind of error (``KINDS``; else the exception's type name)."""
+def describe(exc: BaseException, limit: int = 160) -> tuple[str, str]:
+    """What went wrong: (the first of ``KINDS`` in the chain of ``exc``, else its type name;
+    one line naming the most specific cause, e.g. 'ReadTimeoutError: Read timed out.')."""
     chain = _chain(exc)
-    for kind, types, words in KINDS:
-        if any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain):
-            return kind
-    return type(exc).__name__
-
-
-def root_cause(exc: BaseException, limit: int = 160) -> str:
-    """One line for the most specific cause, e.g. 'connection refused', 'ReadTimeoutError: Read timed out.'."""
-    chain = _chain(exc)
+    kinds = [
+        k
+        for k, types, words in KINDS
+        if any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain)
+    ]
+    kind = kinds[0] if kinds else type(exc).__name__
     ours = [e for e in chain if isinstance(e, (BlockedAddressError, DeadlineExceeded))]
     if ours:
-        return str(ours[0])
+        return kind, str(ours[0])
     if any(isinstance(e, ConnectionRefusedError) or "connection refused" in str(e).lower() for e in chain):
-        return "connection refused"
+        return kind, "connection refused"
     short = [e for e in chain if isinstance(e, u3.IncompleteRead)]
     inner = [e for e in chain if isinstance(e, u3.HTTPError) and not isinstance(e, u3.MaxRetryError)]
     oserr = [e for e in chain if isinstance(e, OSError) and not isinstance(e, req.RequestException)]
@@ -353,4 +346,4 @@ def root_cause(exc: BaseException, limit: int = 160) -> str:
     if "): " in text and "Pool(" in text:  # drop "HTTPConnectionPool(host=..., port=...): "
         text = text.split("): ", 1)[1]
     text = f"{type(inner).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return kind, text if len(text) <= limit else text[: limit - 3] + "..."

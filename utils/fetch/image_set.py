@@ -61,21 +61,6 @@ class ImageJob:
     progress: bool = True
 
 
-@dataclass
-class _Plan:
-    """A checked job: what the run reads and writes."""
-
-    job: ImageJob
-    fmt: str
-    images: int
-    bad: int
-    out: Path
-    manifest: Path
-    log_file: Path
-    suffix: str  # of the manifest, log and lock of a shard
-    fetch: dict  # the keywords of download_one
-
-
 def _select(job: ImageJob, fmt: str):
     """The rows (``RecallRow`` / ``RankRow``) and bad rows (``RowError``) of the job in file
     order: its ``shard`` by line number, then the first ``limit`` of them."""
@@ -93,48 +78,55 @@ def _select(job: ImageJob, fmt: str):
             yield item
 
 
-def _plan(job: ImageJob) -> _Plan:
-    """Check the job before any request (nothing is created): the CSV is UTF-8 of a known
-    format without bad rows (unless ``skip_bad_rows``), the output places are writable."""
-    csv = str(input_file(job.csv, "--csv"))
-    try:
-        url_map = parse_url_map(job.url_prefix_map)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    out = output_dir(job.out, "--out")
-    suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
-    manifest = output_file(Path(job.manifest) if job.manifest else out / f"manifest{suffix}.jsonl", "--manifest")
-    if Path(f"{manifest}.prev").is_dir():
-        raise UserError(f"--manifest {manifest}: {manifest}.prev (where the previous manifest is kept) is a directory")
-    log_file = output_file(out / f"download_images{suffix}.log", "log file")
-    fmt = sniff_format(csv) if job.format == "auto" else job.format
-    errors, images = [], 0
-    for item in _select(job, fmt):
-        if isinstance(item, RowError):
-            errors.append(item)
-        else:
-            images += 2 if isinstance(item, RankRow) else 1
-    bad = bad_rows(errors, csv, job.skip_bad_rows)
-    net, fetch = job.net, dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map)
-    fetch |= dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
-    return _Plan(job, fmt, images, bad, out, manifest, log_file, suffix, fetch)
-
-
 class _Run:
-    """One run's bookkeeping: the manifest (JSONL, each line written whole as its result
-    arrives; a write that fails is cut back to the last whole line), the counts, the
-    progress bar, the first ``MAX_PRINTED_FAILURES`` failures printed."""
+    """One run of a job: checked when made (nothing is created yet); while ``recording``, its
+    manifest (JSONL, each line written whole as its result arrives; a write that fails is cut
+    back to the last whole line), counts, progress bar and the first failures printed."""
 
-    def __init__(self, plan: _Plan):
-        self.plan, self.status, self.kinds, self.printed = plan, Counter(), Counter(), 0
-        path = plan.manifest
-        if path.is_file():
-            os.replace(path, f"{path}.prev")
+    def __init__(self, job: ImageJob):
+        self.job, self.csv = job, str(input_file(job.csv, "--csv"))
         try:
-            self.fd, self.size = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), 0
+            url_map = parse_url_map(job.url_prefix_map)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.out = output_dir(job.out, "--out")
+        self.suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
+        manifest = Path(job.manifest) if job.manifest else self.out / f"manifest{self.suffix}.jsonl"
+        self.manifest = output_file(manifest, "--manifest")
+        if Path(f"{self.manifest}.prev").is_dir():
+            prev = f"{self.manifest}.prev (where the previous manifest is kept)"
+            raise UserError(f"--manifest {self.manifest}: {prev} is a directory")
+        self.log_file = output_file(self.out / f"download_images{self.suffix}.log", "log file")
+        self.fmt = sniff_format(self.csv) if job.format == "auto" else job.format
+        errors, self.images = [], 0
+        for item in _select(job, self.fmt):
+            if isinstance(item, RowError):
+                errors.append(item)
+            else:
+                self.images += 2 if isinstance(item, RankRow) else 1
+        self.bad = bad_rows(errors, self.csv, job.skip_bad_rows)
+        self.fetch = dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map, timeout=job.net.timeout)
+        self.fetch |= dict(backoff=job.net.backoff, deadline=job.net.deadline)
+        self.status, self.kinds, self.printed = Counter(), Counter(), 0
+
+    @contextlib.contextmanager
+    def recording(self):
+        """The manifest (the previous one kept as ``.prev``) and the progress bar, for the block."""
+        if self.manifest.is_file():
+            os.replace(self.manifest, f"{self.manifest}.prev")
+        try:
+            self.fd = os.open(self.manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise write_error(e, path) from None
-        self.bar = tqdm(total=plan.images + plan.bad, unit="img", dynamic_ncols=True, disable=not plan.job.progress)
+            raise write_error(e, self.manifest) from None
+        self.size = 0
+        self.bar = tqdm(total=self.images + self.bad, unit="img", dynamic_ncols=True, disable=not self.job.progress)
+        try:
+            yield
+        finally:
+            self.bar.close()
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
+            os.close(self.fd)
 
     def record(self, rec: dict) -> None:
         data = memoryview((json.dumps(rec, ensure_ascii=False) + "\n").encode())
@@ -143,25 +135,37 @@ class _Run:
                 data = data[os.write(self.fd, data) :]
         except OSError as e:
             os.ftruncate(self.fd, self.size)
-            raise write_error(e, self.plan.manifest) from None
+            raise write_error(e, self.manifest) from None
         self.size = os.lseek(self.fd, 0, os.SEEK_CUR)
         self.status[rec["status"]] += 1
         self.bar.update(1)
         if rec["status"] != "failed":
             return
         self.kinds[rec.get("error_kind") or "error"] += 1
-        msg = f"{self.plan.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
+        msg = f"{self.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
         log.warning("failed %s", msg)
         if self.printed <= MAX_PRINTED_FAILURES:
             more = "(further failures only in the manifest and log)"
             tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
         self.printed += 1
 
-    def close(self) -> None:
-        self.bar.close()
-        with contextlib.suppress(OSError):
-            os.fsync(self.fd)
-        os.close(self.fd)
+    def summary(self, seconds: float) -> dict:
+        done = {k: self.status[k] for k in ("ok", "skipped", "failed")}
+        spec, total = self.job.max_failures, sum(done.values())
+        allowed = allowed_count(spec, total)
+        over = (
+            f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
+            f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {self.manifest}. Rerun to retry them, "
+            "or raise --max-failures."
+        )
+        return {
+            **done,
+            "bad_rows": self.bad,
+            "errors": dict(self.kinds.most_common()),
+            "seconds": seconds,
+            "manifest": str(self.manifest),
+            "over_budget": over if done["failed"] > allowed else None,
+        }
 
 
 def _read_previous(manifest: Path) -> dict:
@@ -176,12 +180,12 @@ def _read_previous(manifest: Path) -> dict:
     return out
 
 
-def _fetch(session, plan: _Plan, previous: dict, key: str, urls: list) -> FetchResult:
-    kept = unchanged_since(plan.out, previous[key]) if key in previous else None
+def _fetch(session, run: _Run, previous: dict, key: str, urls: list) -> FetchResult:
+    kept = unchanged_since(run.out, previous[key]) if key in previous else None
     if kept is not None:
         return kept
     try:
-        return download_one(session, urls, plan.out, key, **plan.fetch)
+        return download_one(session, urls, run.out, key, **run.fetch)
     except UserError:
         raise  # the disk is full: every other image would fail too
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
@@ -190,11 +194,11 @@ def _fetch(session, plan: _Plan, previous: dict, key: str, urls: list) -> FetchR
         return FetchResult(key, "failed", urls[0] if urls else None, error=err, error_kind="internal")
 
 
-def _download_all(plan: _Plan, run: _Run, previous: dict) -> None:
+def _download_all(run: _Run, previous: dict) -> None:
     """A bounded window of downloads over the rows (memory stays flat at any size), each
     result recorded as it arrives."""
-    workers = plan.job.net.workers
-    session = open_session(plan.job.net, [new for _, new in plan.fetch["url_map"]])
+    workers = run.job.net.workers
+    session = open_session(run.job.net, [new for _, new in run.fetch["url_map"]])
     pending: dict = {}
     pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="dl")
 
@@ -205,7 +209,7 @@ def _download_all(plan: _Plan, run: _Run, previous: dict) -> None:
                 run.record({"key": result.key, "line": pending.pop(fut), **asdict(result)})
 
     try:
-        for item in _select(plan.job, plan.fmt):
+        for item in _select(run.job, run.fmt):
             if isinstance(item, RowError):
                 bad = dict(key=None, line=item.line, status="failed", url=None, http=None)
                 run.record({**bad, "error": item.message, "error_kind": "bad_row"})
@@ -213,7 +217,7 @@ def _download_all(plan: _Plan, run: _Run, previous: dict) -> None:
             pairs = [(item.key_a, item.urls_a()), (item.key_b, item.urls_b())] if isinstance(item, RankRow) else None
             for key, urls in pairs or [(item.key, [item.url])]:
                 settle(workers * 4 - 1)
-                pending[pool.submit(_fetch, session, plan, previous, key, urls)] = item.line
+                pending[pool.submit(_fetch, session, run, previous, key, urls)] = item.line
         settle(0)
     except KeyboardInterrupt:
         pending.clear()  # do not wait for the downloads under way: their part files go with them
@@ -226,20 +230,20 @@ def _download_all(plan: _Plan, run: _Run, previous: dict) -> None:
 def download_images(job: ImageJob) -> dict:
     """The whole of ``download_images.py``: the job checked, then run (one run per output:
     ``OUT/.lock``); the summary (``image_summary`` prints it)."""
-    plan = _plan(job)
-    with exclusive_lock(plan.out, f".lock{plan.suffix}"):
-        handler = log_file_handler(plan.log_file, "%(asctime)s %(levelname)s %(message)s")
+    run = _Run(job)
+    with exclusive_lock(run.out, f".lock{run.suffix}"):
+        handler = log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")
         log.addHandler(handler)
-        log.propagate = False  # _Run prints the first failures; all are in the file
-        run, start = None, time.monotonic()
+        log.propagate = False  # the run prints the first failures; all are in the file
+        start = time.monotonic()
         try:
-            log.info("start: csv=%s format=%s out=%s %s", job.csv, plan.fmt, plan.out, job)
-            if removed := clean_stale_temps(plan.out):
+            log.info("start: csv=%s format=%s out=%s %s", job.csv, run.fmt, run.out, job)
+            if removed := clean_stale_temps(run.out):
                 log.info("removed %d stale temporary files", removed)
-            previous = _read_previous(plan.manifest) if job.trust_manifest else {}
-            run = _Run(plan)  # replaces the manifest
-            _download_all(plan, run, previous)
-            summary = _summary(plan, run, time.monotonic() - start)
+            previous = _read_previous(run.manifest) if job.trust_manifest else {}
+            with run.recording():  # replaces the manifest
+                _download_all(run, previous)
+            summary = run.summary(time.monotonic() - start)
             for line in image_summary(summary).splitlines():
                 log.info("summary: %s", line)
             return summary
@@ -247,29 +251,8 @@ def download_images(job: ImageJob) -> dict:
             log.info("interrupted; finished downloads are kept and recorded")
             raise
         finally:
-            if run is not None:
-                run.close()
             log.removeHandler(handler)
             handler.close()
-
-
-def _summary(plan: _Plan, run: _Run, seconds: float) -> dict:
-    done = {k: run.status[k] for k in ("ok", "skipped", "failed")}
-    spec, total = plan.job.max_failures, sum(done.values())
-    allowed = allowed_count(spec, total)
-    over = (
-        f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
-        f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {plan.manifest}. Rerun to retry them, "
-        "or raise --max-failures."
-    )
-    return {
-        **done,
-        "bad_rows": plan.bad,
-        "errors": dict(run.kinds.most_common()),
-        "seconds": seconds,
-        "manifest": str(plan.manifest),
-        "over_budget": over if done["failed"] > allowed else None,
-    }
 
 
 def image_summary(s: dict) -> str:

@@ -27,7 +27,7 @@ from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 from utils.io import PartFile
 
-from .http import Deadline, classify_exception, root_cause
+from .http import Deadline, describe
 
 DEFAULT_MAX_BYTES = 80_000_000
 TEMP_SUFFIX = ".part"
@@ -173,14 +173,6 @@ def _files_of(out_dir: Path, stem: str, but: Path | None = None) -> list[Path]:
     return [p for p in (out_dir / (stem + ext) for ext in IMAGE_EXTS) if p != but and p.is_file()]
 
 
-def _drain(resp) -> None:
-    """Read a small error body (64 kB at most) so that the keep-alive connection goes back
-    to the pool; on any error the connection is simply dropped."""
-    with contextlib.suppress(Exception):
-        for _ in zip(range(8), resp.iter_content(8192)):
-            pass
-
-
 def _not_image(head: bytes, resp) -> _Fail:
     ctype = resp.headers.get("Content-Type", "?")
     return _Fail("not_image", f"not an image (Content-Type {ctype}, starts {head[:12]!r})", resp.status_code)
@@ -191,11 +183,13 @@ def _stream(session, url: str, part: PartFile, max_bytes: int, timeout) -> tuple
     try:
         resp = session.get(url, stream=True, timeout=timeout)
     except Exception as e:  # noqa: BLE001 - every transport error becomes a _Fail
-        raise _Fail(classify_exception(e), root_cause(e)) from None
+        raise _Fail(*describe(e)) from None
     with resp:
         code = resp.status_code
         if code != 200:
-            _drain(resp)
+            with contextlib.suppress(Exception):  # a small error body read whole keeps the connection alive
+                for _ in zip(range(8), resp.iter_content(8192)):
+                    pass
             raise _Fail(f"http_{code}", f"HTTP {code} {resp.reason or ''}".strip(), code)
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
@@ -211,7 +205,7 @@ def _stream(session, url: str, part: PartFile, max_bytes: int, timeout) -> tuple
                     raise _Fail("too_large", f"body exceeds max bytes {max_bytes}", code)
                 part.write(chunk)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:  # the body broke off
-            raise _Fail(classify_exception(e), root_cause(e), code, body_phase=True) from None
+            raise _Fail(*describe(e), code, body_phase=True) from None
         part.close()
         if part.size == 0:
             raise _Fail("empty", "empty body", code)
@@ -243,7 +237,7 @@ def _fetch_once(session, url: str, out_dir: Path, stem: str, max_bytes: int, tim
         try:
             img = _decode(parts[0].path)
         except Exception as e:  # noqa: BLE001 - any decoder error
-            raise _Fail("undecodable", f"does not decode: {root_cause(e)}", code) from None
+            raise _Fail("undecodable", f"does not decode: {describe(e)[1]}", code) from None
         with img:
             (w, h), resized = img.size, None
             if max_side and max(w, h) > max_side:
@@ -257,15 +251,6 @@ def _fetch_once(session, url: str, out_dir: Path, stem: str, max_bytes: int, tim
     for other in _files_of(out_dir, stem, but=final):  # the stem names exactly one image
         other.unlink(missing_ok=True)
     return _facts(final, stem, "ok", url=url, http=code, final_url=final_url, resized_from=resized, width=w, height=h)
-
-
-def _join_attempts(tried: list[dict]) -> str:
-    """'url: error (N attempts); url2: error', the attempts on one URL folded."""
-    parts = []
-    for url, same in itertools.groupby(tried, key=lambda t: t["url"]):
-        same = list(same)
-        parts.append(f"{url}: {same[-1]['error']}" + (f" ({len(same)} attempts)" if len(same) > 1 else ""))
-    return "; ".join(parts)
 
 
 def fetch_image(
@@ -301,7 +286,12 @@ def fetch_image(
                 time.sleep(backoff * (2**attempt) + random.random() * backoff)
             if clock.expired:
                 break
-    return FetchResult(stem, "failed", url, last.http, _join_attempts(tried) or last.detail, last.kind, tried=tried)
+    # 'url: error (N attempts); url2: error'
+    per_url = [list(same) for _, same in itertools.groupby(tried, key=lambda t: t["url"])]
+    error = "; ".join(
+        f"{a[0]['url']}: {a[-1]['error']}" + (f" ({len(a)} attempts)" if len(a) > 1 else "") for a in per_url
+    )
+    return FetchResult(stem, "failed", url, last.http, error or last.detail, last.kind, tried=tried)
 
 
 def download_one(session: requests.Session, urls: list[str], out_dir, stem: str, **kw) -> FetchResult:
