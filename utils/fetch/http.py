@@ -53,14 +53,6 @@ def address_class(ip: str) -> str:
     return "public" if addr.is_global else "private"
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
 def _host_port(url: str):
     """(host name in lower case, port) of ``url``; (None, None) when it has none."""
     try:
@@ -85,7 +77,7 @@ class AddressPolicy:
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
         """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
-        if _is_ip(host):
+        with contextlib.suppress(ValueError):  # an address literal
             return [(host, address_class(host))]
         now, hit = time.monotonic(), self._cache.get((host, port))
         if hit is not None and now - hit[0] < DNS_TTL:
@@ -108,7 +100,8 @@ class AddressPolicy:
             return
         addrs = self.resolve(host, port)
         local = [(ip, cls) for ip, cls in addrs if cls != "public"]
-        named = _is_ip(host) or host == "localhost" or host.endswith(".localhost") or host in self.trusted
+        literal = any(ip == host for ip, _ in addrs)
+        named = literal or host == "localhost" or host.endswith(".localhost") or host in self.trusted
         refused = f"refused {f'the redirect from {came_from} to {url}' if came_from else url}"
         for ip, cls in local:
             if cls in ("link-local", "reserved"):

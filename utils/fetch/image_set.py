@@ -5,17 +5,6 @@ bad row left out) as each result arrives."""
 
 from __future__ import annotations
 
-from utils.cli import (
-    RowError,
-    UserError,
-    allowed_count,
-    bad_rows,
-    input_file,
-    log_file_handler,
-    output_dir,
-    output_file,
-)
-
 import concurrent.futures as cf
 import contextlib
 import itertools
@@ -30,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils import cli
 from utils.args import IMAGE_DOWNLOADS, Downloads
 from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
@@ -84,27 +74,27 @@ class _Run:
     back to the last whole line), counts, progress bar and the first failures printed."""
 
     def __init__(self, job: ImageJob):
-        self.job, self.csv = job, str(input_file(job.csv, "--csv"))
+        self.job, self.csv = job, str(cli.input_file(job.csv, "--csv"))
         try:
             url_map = parse_url_map(job.url_prefix_map)
         except ValueError as e:
-            raise UserError(str(e)) from None
-        self.out = output_dir(job.out, "--out")
+            raise cli.UserError(str(e)) from None
+        self.out = cli.output_dir(job.out, "--out")
         self.suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
         manifest = Path(job.manifest) if job.manifest else self.out / f"manifest{self.suffix}.jsonl"
-        self.manifest = output_file(manifest, "--manifest")
+        self.manifest = cli.output_file(manifest, "--manifest")
         if Path(f"{self.manifest}.prev").is_dir():
             prev = f"{self.manifest}.prev (where the previous manifest is kept)"
-            raise UserError(f"--manifest {self.manifest}: {prev} is a directory")
-        self.log_file = output_file(self.out / f"download_images{self.suffix}.log", "log file")
+            raise cli.UserError(f"--manifest {self.manifest}: {prev} is a directory")
+        self.log_file = cli.output_file(self.out / f"download_images{self.suffix}.log", "log file")
         self.fmt = sniff_format(self.csv) if job.format == "auto" else job.format
         errors, self.images = [], 0
         for item in _select(job, self.fmt):
-            if isinstance(item, RowError):
+            if isinstance(item, cli.RowError):
                 errors.append(item)
             else:
                 self.images += 2 if isinstance(item, RankRow) else 1
-        self.bad = bad_rows(errors, self.csv, job.skip_bad_rows)
+        self.bad = cli.bad_rows(errors, self.csv, job.skip_bad_rows)
         self.fetch = dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map, timeout=job.net.timeout)
         self.fetch |= dict(backoff=job.net.backoff, deadline=job.net.deadline)
         self.status, self.kinds, self.printed = Counter(), Counter(), 0
@@ -152,7 +142,7 @@ class _Run:
     def summary(self, seconds: float) -> dict:
         done = {k: self.status[k] for k in ("ok", "skipped", "failed")}
         spec, total = self.job.max_failures, sum(done.values())
-        allowed = allowed_count(spec, total)
+        allowed = cli.allowed_count(spec, total)
         over = (
             f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
             f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {self.manifest}. Rerun to retry them, "
@@ -186,7 +176,7 @@ def _fetch(session, run: _Run, previous: dict, key: str, urls: list) -> FetchRes
         return kept
     try:
         return download_one(session, urls, run.out, key, **run.fetch)
-    except UserError:
+    except cli.UserError:
         raise  # the disk is full: every other image would fail too
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
         log.exception("unexpected error for %s", key)
@@ -210,7 +200,7 @@ def _download_all(run: _Run, previous: dict) -> None:
 
     try:
         for item in _select(run.job, run.fmt):
-            if isinstance(item, RowError):
+            if isinstance(item, cli.RowError):
                 bad = dict(key=None, line=item.line, status="failed", url=None, http=None)
                 run.record({**bad, "error": item.message, "error_kind": "bad_row"})
                 continue
@@ -232,7 +222,7 @@ def download_images(job: ImageJob) -> dict:
     ``OUT/.lock``); the summary (``image_summary`` prints it)."""
     run = _Run(job)
     with exclusive_lock(run.out, f".lock{run.suffix}"):
-        handler = log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")
+        handler = cli.log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")
         log.addHandler(handler)
         log.propagate = False  # the run prints the first failures; all are in the file
         start = time.monotonic()
