@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -31,14 +31,6 @@ log = logging.getLogger("download_assets")
 CHUNK = 1 << 16
 BODY_RETRIES = 3  # a body that breaks off resumes where it stopped, this many times
 HF_ENDPOINT = "https://huggingface.co"
-
-
-class NetworkError(AssetError):
-    """The asset's host cannot be reached (its other assets are not tried)."""
-
-    def __init__(self, host: str, msg: str):
-        super().__init__(msg)
-        self.host = host
 
 
 class _Restart(Exception):
@@ -96,10 +88,10 @@ class _Fetcher:
     net: Downloads
     mirror: str | None
     progress: bool
+    unreachable: set = field(default_factory=set)  # hosts
 
     def _get(self, asset: Asset, url: str, start: int, meta: dict):
-        """GET ``url`` from byte ``start``; ``If-Range`` (the part's validator) makes a
-        changed file come whole."""
+        """GET ``url`` from byte ``start`` (``If-Range``: a file changed since comes whole)."""
         headers = {"Range": f"bytes={start}-"} if start else {}
         validator = meta.get("etag") if not str(meta.get("etag")).startswith("W/") else None
         if start and (validator := validator or meta.get("last_modified")):
@@ -113,12 +105,10 @@ class _Fetcher:
             if kind == "blocked_address":
                 raise AssetError(f"{asset.name}: {why}") from None
             if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
-                hint = (
-                    "check that the mirror is running and reachable"
-                    if self.mirror
-                    else "check the network or use --mirror"
-                )
-                raise NetworkError(_host(url), f"cannot reach {_host(url)}: {hint} ({why})") from None
+                self.unreachable.add(_host(url))  # its other assets are not tried
+                hint = "check the network or use --mirror"
+                hint = "check that the mirror is running and reachable" if self.mirror else hint
+                raise AssetError(f"cannot reach {_host(url)}: {hint} ({why})") from None
             raise AssetError(f"{asset.name}: request to {url} failed ({why})") from None
 
     def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
@@ -220,9 +210,7 @@ class _Fetcher:
         got = sha256_file(part)
         if want is not None and got != want:
             bad = _set_aside(part, final, ".bad-sha256")
-            pinned = (
-                f"{self.dest / HASHES_FILE} (recorded at the first download; delete that entry to accept a new one)"
-            )
+            pinned = f"{self.dest / HASHES_FILE} (pinned at the first download; delete that entry to accept a new one)"
             raise AssetError(
                 f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from "
                 f"{'the manifest' if origin == 'manifest' else pinned}. Not used; kept aside as {bad}"
@@ -234,8 +222,7 @@ class _Fetcher:
         return got
 
     def fetch(self, asset: Asset, force: bool, rehash: bool) -> str:
-        """'skipped' when the asset is present and verified; else it is fetched, verified,
-        renamed into place and recorded ('downloaded')."""
+        """'skipped' (present and verified), else 'downloaded': fetched, verified, renamed into place, recorded."""
         final = self.dest / asset.path
         why = "forced" if force else check_present(asset, self.dest, self.records, rehash=rehash)
         if why is None:
@@ -267,23 +254,20 @@ class _Fetcher:
 def fetch_assets(
     chosen: list[Asset], dest, net: Downloads = ASSET_DOWNLOADS, mirror=None, progress=True, force=False, rehash=False
 ) -> dict:
-    """Fetch ``chosen`` into ``dest`` (one run per destination: ``DEST/.lock``; a host found
-    unreachable is not tried again): ``{"downloaded": n, "skipped": n, "failed": [message]}``.
-    A ``mirror`` and a set ``HF_ENDPOINT`` are hosts the user named (the address policy)."""
+    """Fetch ``chosen`` into ``dest`` (one run at a time: ``DEST/.lock``; a host found unreachable is
+    not tried again): ``{"downloaded": n, "skipped": n, "failed": [message]}``."""
     dest = Path(dest)
     trusted = [mirror, hf_endpoint() if os.environ.get("HF_ENDPOINT") else None]
     summary: dict = {"downloaded": 0, "skipped": 0, "failed": []}
-    unreachable: set[str] = set()
     with exclusive_lock(dest), open_session(net, trusted, pool_size=2) as session:
         fetcher = _Fetcher(dest, HashRecords(dest), session, net, mirror, progress)
         for a in chosen:
             host = _host(a.source(mirror))
             try:
-                if host in unreachable:
+                if host in fetcher.unreachable:
                     raise AssetError(f"{a.name}: not tried: {host} was unreachable")
                 summary[fetcher.fetch(a, force, rehash)] += 1
             except AssetError as e:
-                unreachable |= {e.host} if isinstance(e, NetworkError) else set()
                 msg = str(e) if str(e).startswith(a.name + ":") else f"{a.name}: {e}"
                 summary["failed"].append(msg)
                 print(f"error: {msg}", file=sys.stderr)

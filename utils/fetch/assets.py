@@ -1,10 +1,6 @@
-"""The asset manifest, what each file must look like, and the pinned hashes.
-
-Each asset of the manifest (``assets.json`` here) has a ``name``, a source (``url``, or
-``hf``: a Hugging Face repo and file), a relative ``path`` (under the destination, and under
-a mirror's base URL alike) and a ``sha256`` (null when not known in advance: then the first
-verified download pins it in ``DEST/.asset-hashes.json``, and only if the file looks like
-what it is)."""
+"""The asset manifest (``assets.json`` here: its comment says what an entry holds), what each
+file must look like, and the sha256 pinned in ``DEST/.asset-hashes.json`` at the first
+download of an asset whose manifest entry has none."""
 
 from __future__ import annotations
 
@@ -97,8 +93,7 @@ def _asset_problem(a: dict) -> str | None:
 
 
 def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
-    """The assets of a manifest; an unusable one is a ``ManifestError`` naming the file (and
-    the line or the asset)."""
+    """The assets of a manifest; an unusable one is a ``ManifestError`` naming the file and line or asset."""
     try:
         data = read_json(path, "asset manifest")
     except DataError as e:
@@ -119,8 +114,7 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
 
 
 def select_assets(assets: list[Asset], only=None, with_train: bool = False, groups=()) -> list[Asset]:
-    """``only`` these names, or the default set (+ the non-default ones with ``with_train``,
-    + the assets of the named ``groups``, e.g. ``("baselines",)``)."""
+    """``only`` these, else the default set (+ the others ``with_train``, + those of the named ``groups``)."""
     if only:
         unknown = [n for n in only if n not in {a.name for a in assets}]
         if unknown:
@@ -182,8 +176,7 @@ def _looks_ok(kind: str, path: Path, head: bytes, size: int) -> bool:
 
 
 def content_problem(asset: Asset, path: Path) -> str | None:
-    """Why ``path`` does not look like ``asset`` (None: it does): its head, its size, and
-    for CSV and JSON a bounded parse."""
+    """Why ``path`` does not look like ``asset`` (None: it does): its head, size, and a bounded parse."""
     kind = asset.kind or KIND_OF_EXT.get(Path(asset.path).suffix.lower())
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -252,9 +245,8 @@ class HashRecords:
 
 
 def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool = False) -> str | None:
-    """Why ``asset`` is not usable as it is under ``dest`` (None: present and verified). A
-    file with its recorded size and mtime and the expected hash is not hashed again; without
-    a sha256 in the manifest it must also look like what it is."""
+    """Why ``asset`` is not usable as it is under ``dest`` (None: present and verified; hashed only if
+    changed). Without a sha256 in the manifest, the file must also look like what it is."""
     file = dest / asset.path
     if not file.is_file():
         return "missing"

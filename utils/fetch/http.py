@@ -93,8 +93,7 @@ class AddressPolicy:
         return out
 
     def check(self, url: str, came_from: str | None = None) -> None:
-        """Raise ``BlockedAddressError`` when ``url`` (maybe a redirect from ``came_from``)
-        must not be contacted; else pin its addresses."""
+        """Raise ``BlockedAddressError`` when ``url`` must not be contacted; else pin its addresses."""
         host, port = _host_port(url)
         if self.allow_private or not host:  # not a URL requests can fetch: it fails on its own
             return
@@ -170,8 +169,7 @@ class Deadline:
 
 
 class _Pinned:
-    """A connection to the addresses its ``policy`` checked (Host header, TLS name and
-    certificate check stay the request's), under the thread's ``Deadline``."""
+    """Connects to the addresses its ``policy`` checked (the TLS name stays the host's), under the ``Deadline``."""
 
     policy: AddressPolicy
 
@@ -227,9 +225,7 @@ class _Adapter(HTTPAdapter):
 
 
 class _Session(requests.Session):
-    """Checks every URL and redirect target with its policy before connecting. Reads the
-    proxies of the environment once per host (requests does it per request: 0.4 ms, a tenth
-    of a small image's cost), and no ~/.netrc."""
+    """Checks every URL and redirect before connecting; reads the environment's proxies once per host."""
 
     def __init__(self, policy: AddressPolicy):
         super().__init__()
@@ -263,11 +259,9 @@ class _Session(requests.Session):
 
 
 def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int | None = None) -> requests.Session:
-    """A keep-alive session as the download flags say: GETs are retried ``net.retries`` times
-    (each of connect/read/status too), waiting ``backoff * 2**(n-1)`` plus up to ``backoff`` of
-    jitter (at most 30 s) or what Retry-After says (at most 2 minutes where urllib3 can cap it);
-    after the retries the last response is returned as it is. The hosts of ``trusted_urls`` (a
-    mirror, the ``--url-prefix-map`` targets) were named by the user."""
+    """A keep-alive session as the download flags say: a GET is retried, after ``backoff * 2**(n-1)``
+    s plus jitter (at most 30 s) or what Retry-After says, then its last response is returned as it is.
+    The hosts of ``trusted_urls`` (a mirror, the ``--url-prefix-map`` targets) were named by the user."""
     kw = dict.fromkeys(("total", "connect", "read", "status"), net.retries)
     kw |= dict(
         other=0, redirect=MAX_REDIRECTS, backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff
@@ -317,8 +311,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def describe(exc: BaseException, limit: int = 160) -> tuple[str, str]:
-    """What went wrong: (the first of ``KINDS`` in the chain of ``exc``, else its type name;
-    one line naming the most specific cause, e.g. 'ReadTimeoutError: Read timed out.')."""
+    """(a short kind, the first of ``KINDS`` in its chain; one line naming the most specific cause)."""
     chain = _chain(exc)
     kinds = [
         k

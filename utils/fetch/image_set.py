@@ -52,8 +52,7 @@ class ImageJob:
 
 
 def _select(job: ImageJob, fmt: str):
-    """The rows (``RecallRow`` / ``RankRow``) and bad rows (``RowError``) of the job in file
-    order: its ``shard`` by line number, then the first ``limit`` of them."""
+    """The rows and bad rows (``RowError``) of the job in file order: its ``shard``, then the first ``limit``."""
     found: list = []
     rows = iter_rank_csv(job.csv, found) if fmt == "rank" else iter_recall_csv(job.csv, found)
     taken = 0
@@ -97,7 +96,7 @@ class _Run:
         self.bad = cli.bad_rows(errors, self.csv, job.skip_bad_rows)
         self.fetch = dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map, timeout=job.net.timeout)
         self.fetch |= dict(backoff=job.net.backoff, deadline=job.net.deadline)
-        self.status, self.kinds, self.printed = Counter(), Counter(), 0
+        self.status, self.kinds = Counter(), Counter()
 
     @contextlib.contextmanager
     def recording(self):
@@ -134,10 +133,9 @@ class _Run:
         self.kinds[rec.get("error_kind") or "error"] += 1
         msg = f"{self.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
         log.warning("failed %s", msg)
-        if self.printed <= MAX_PRINTED_FAILURES:
+        if self.kinds.total() <= MAX_PRINTED_FAILURES + 1:
             more = "(further failures only in the manifest and log)"
-            tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
-        self.printed += 1
+            tqdm.write(f"FAILED {msg}" if self.kinds.total() <= MAX_PRINTED_FAILURES else more, file=sys.stderr)
 
     def summary(self, seconds: float) -> dict:
         done = {k: self.status[k] for k in ("ok", "skipped", "failed")}
@@ -185,8 +183,7 @@ def _fetch(session, run: _Run, previous: dict, key: str, urls: list) -> FetchRes
 
 
 def _download_all(run: _Run, previous: dict) -> None:
-    """A bounded window of downloads over the rows (memory stays flat at any size), each
-    result recorded as it arrives."""
+    """A bounded window of downloads (memory stays flat at any size), each result recorded as it arrives."""
     workers = run.job.net.workers
     session = open_session(run.job.net, [new for _, new in run.fetch["url_map"]])
     pending: dict = {}
@@ -218,8 +215,7 @@ def _download_all(run: _Run, previous: dict) -> None:
 
 
 def download_images(job: ImageJob) -> dict:
-    """The whole of ``download_images.py``: the job checked, then run (one run per output:
-    ``OUT/.lock``); the summary (``image_summary`` prints it)."""
+    """The whole of ``download_images.py``: the job checked, then run; the summary (``image_summary``)."""
     run = _Run(job)
     with exclusive_lock(run.out, f".lock{run.suffix}"):
         handler = cli.log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")

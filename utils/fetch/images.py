@@ -73,8 +73,7 @@ def apply_url_map(url: str, url_map) -> str:
 
 
 def clean_stale_temps(out_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove part files older than ``older_than`` seconds (crash leftovers; younger ones may
-    belong to a process still writing them); how many."""
+    """Remove part files left by a crash (older than ``older_than`` s: younger ones may be in use)."""
     n, now = 0, time.time()
     for p in out_dir.glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
@@ -134,8 +133,7 @@ def _facts(p: Path, key: str, status: str, **known) -> FetchResult:
 
 
 def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
-    """A ``skipped`` result when ``path`` is a non-empty image (at most ``max_bytes``) that
-    decodes fully, else None."""
+    """A ``skipped`` result when ``path`` is a non-empty image under ``max_bytes`` that decodes, else None."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -151,8 +149,7 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
 
 
 def unchanged_since(out_dir: Path, rec: dict) -> FetchResult | None:
-    """A ``skipped`` result straight from an earlier manifest record when its file still has
-    the recorded size and mtime (no decoding, no hashing), else None."""
+    """A ``skipped`` result from an earlier manifest record whose file kept its size and mtime, else None."""
     name, size, mtime = rec.get("file"), rec.get("bytes"), rec.get("mtime_ns")
     if rec.get("status") not in ("ok", "skipped") or not name or size is None or mtime is None:
         return None
@@ -265,8 +262,7 @@ def fetch_image(
     backoff: float = 0.5,
     deadline: float | None = IMAGE_DEADLINE,
 ) -> FetchResult:
-    """Download the first of ``urls`` that yields a valid image to ``out_dir/<stem><ext>``
-    (other files of that stem are then removed). A full disk is a ``UserError``, raised."""
+    """The first of ``urls`` that is a valid image, as ``out_dir/<stem><ext>``; a full disk raises ``UserError``."""
     tried: list[dict] = []
     last, url = _Fail("no_url", "no URL to try"), None
     with Deadline(deadline) as clock:
@@ -295,8 +291,7 @@ def fetch_image(
 
 
 def download_one(session: requests.Session, urls: list[str], out_dir, stem: str, **kw) -> FetchResult:
-    """``fetch_image`` (same keywords) unless a valid ``<stem><ext>`` is there already
-    (``skipped``; any other file of that stem is removed)."""
+    """``fetch_image`` (same keywords) unless a valid ``<stem><ext>`` is there already (``skipped``)."""
     for p in _files_of(Path(out_dir), stem):
         kept = verify_existing(p, kw.get("max_bytes", DEFAULT_MAX_BYTES))
         if kept is not None:
