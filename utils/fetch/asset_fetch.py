@@ -129,9 +129,8 @@ class _Fetcher:
             part = PartFile(part_path, resume=offset > 0)
             length = resp.headers.get("Content-Length", "")
             total = part.size + int(length) if length.isdigit() else None
-            bar = tqdm(
-                total=total, initial=part.size, unit="B", unit_scale=True, desc=asset.name, disable=not self.progress
-            )
+            shown = dict(unit="B", unit_scale=True, desc=asset.name, disable=not self.progress)
+            bar = tqdm(total=total, initial=part.size, **shown)
             try:
                 for chunk in resp.iter_content(CHUNK):
                     part.write(chunk)

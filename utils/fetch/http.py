@@ -178,14 +178,10 @@ class _Pinned:
         if ips is None:  # a proxy, or a policy that allows everything
             return super()._new_conn()
         err: OSError | None = None
+        options = dict(source_address=self.source_address, socket_options=self.socket_options)
         for ip in ips:
             try:
-                return urllib3.util.connection.create_connection(
-                    (ip, self.port),
-                    self.timeout,
-                    source_address=self.source_address,
-                    socket_options=self.socket_options,
-                )
+                return urllib3.util.connection.create_connection((ip, self.port), self.timeout, **options)
             except OSError as e:
                 err = e
         if err is None:
@@ -207,10 +203,8 @@ class _Adapter(HTTPAdapter):
             pinned = type(conn.__name__, (_Pinned, conn), {"policy": policy})
             return type(f"Pinned{base.__name__}", (base,), {"ConnectionCls": pinned})
 
-        self._pools = {
-            "http": pool(HTTPConnectionPool, HTTPConnection),
-            "https": pool(HTTPSConnectionPool, HTTPSConnection),
-        }
+        http, https = pool(HTTPConnectionPool, HTTPConnection), pool(HTTPSConnectionPool, HTTPSConnection)
+        self._pools = {"http": http, "https": https}
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
@@ -262,11 +256,9 @@ def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int |
     """A keep-alive session as the download flags say: a GET is retried, after ``backoff * 2**(n-1)``
     s plus jitter (at most 30 s) or what Retry-After says, then its last response is returned as it is.
     The hosts of ``trusted_urls`` (a mirror, the ``--url-prefix-map`` targets) were named by the user."""
-    kw = dict.fromkeys(("total", "connect", "read", "status"), net.retries)
-    kw |= dict(
-        other=0, redirect=MAX_REDIRECTS, backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff
-    )
-    kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+    kw = dict.fromkeys(("total", "connect", "read", "status"), net.retries) | dict(other=0, redirect=MAX_REDIRECTS)
+    kw |= dict(backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff, raise_on_status=False)
+    kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}))
     try:
         retry = Retry(**kw, retry_after_max=120)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max

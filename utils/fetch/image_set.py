@@ -25,7 +25,7 @@ from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
 
 from .http import open_session
-from .images import DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one, parse_url_map, unchanged_since
+from .images import DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one, parse_url_map
 
 log = logging.getLogger("download_images")
 MAX_PRINTED_FAILURES = 20
@@ -156,22 +156,27 @@ class _Run:
         }
 
 
-def _read_previous(manifest: Path) -> dict:
-    """key -> record of the manifest this run replaces (unreadable lines left out)."""
-    out: dict = {}
+def _unchanged(manifest: Path, out: Path) -> dict:
+    """key -> a ``skipped`` result for each file of the manifest this run replaces that kept its
+    recorded size and mtime (--trust-manifest: neither decoded nor hashed again)."""
+    kept: dict = {}
     with contextlib.suppress(OSError, UnicodeDecodeError), open(manifest, encoding="utf-8") as f:
         for line in f:
-            with contextlib.suppress(ValueError):
+            try:
                 rec = json.loads(line)
-                if isinstance(rec, dict) and rec.get("key"):
-                    out[rec["key"]] = rec
-    return out
+                name, key, size, mtime = rec["file"], rec["key"], rec["bytes"], rec["mtime_ns"]
+                st = (out / name).stat() if rec["status"] in ("ok", "skipped") and Path(name).name == name else None
+            except (ValueError, TypeError, KeyError, OSError):  # not a record of a file that is still there
+                continue
+            if st and Path(name).stem == key and (st.st_size, st.st_mtime_ns) == (size, mtime):
+                known = {k: rec.get(k) for k in ("width", "height", "sha256")}
+                kept[key] = FetchResult(key, "skipped", bytes=size, file=name, mtime_ns=mtime, **known)
+    return kept
 
 
 def _fetch(session, run: _Run, previous: dict, key: str, urls: list) -> FetchResult:
-    kept = unchanged_since(run.out, previous[key]) if key in previous else None
-    if kept is not None:
-        return kept
+    if key in previous:
+        return previous[key]
     try:
         return download_one(session, urls, run.out, key, **run.fetch)
     except cli.UserError:
@@ -226,7 +231,7 @@ def download_images(job: ImageJob) -> dict:
             log.info("start: csv=%s format=%s out=%s %s", job.csv, run.fmt, run.out, job)
             if removed := clean_stale_temps(run.out):
                 log.info("removed %d stale temporary files", removed)
-            previous = _read_previous(run.manifest) if job.trust_manifest else {}
+            previous = _unchanged(run.manifest, run.out) if job.trust_manifest else {}
             with run.recording():  # replaces the manifest
                 _download_all(run, previous)
             summary = run.summary(time.monotonic() - start)

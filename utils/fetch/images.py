@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import random
 import secrets
 import threading
@@ -146,23 +145,6 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
             return _facts(p, p.stem, "skipped", width=img.width, height=img.height)
     except Exception:  # noqa: BLE001 - missing, unreadable, any decoder error: not a valid image
         return None
-
-
-def unchanged_since(out_dir: Path, rec: dict) -> FetchResult | None:
-    """A ``skipped`` result from an earlier manifest record whose file kept its size and mtime, else None."""
-    name, size, mtime = rec.get("file"), rec.get("bytes"), rec.get("mtime_ns")
-    if rec.get("status") not in ("ok", "skipped") or not name or size is None or mtime is None:
-        return None
-    if os.path.basename(name) != name or Path(name).stem != rec.get("key"):
-        return None
-    try:
-        st = (out_dir / name).stat()
-    except OSError:
-        return None
-    if (st.st_size, st.st_mtime_ns) != (size, mtime):
-        return None
-    known = {k: rec.get(k) for k in ("width", "height", "sha256")}
-    return FetchResult(rec["key"], "skipped", bytes=size, file=name, mtime_ns=mtime, **known)
 
 
 def _files_of(out_dir: Path, stem: str, but: Path | None = None) -> list[Path]:
