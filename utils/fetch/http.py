@@ -305,16 +305,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def describe(exc: BaseException, limit: int = 160) -> tuple[str, str]:
     """(a short kind, the first of ``KINDS`` in its chain; one line naming the most specific cause)."""
     chain = _chain(exc)
-    kinds = [
-        k
-        for k, types, words in KINDS
-        if any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain)
-    ]
-    kind = kinds[0] if kinds else type(exc).__name__
+
+    def found(types, words: str | None) -> bool:
+        return any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain)
+
+    kind = next((k for k, types, words in KINDS if found(types, words)), type(exc).__name__)
     ours = [e for e in chain if isinstance(e, (BlockedAddressError, DeadlineExceeded))]
     if ours:
         return kind, str(ours[0])
-    if any(isinstance(e, ConnectionRefusedError) or "connection refused" in str(e).lower() for e in chain):
+    if found(ConnectionRefusedError, "connection refused"):
         return kind, "connection refused"
     short = [e for e in chain if isinstance(e, u3.IncompleteRead)]
     inner = [e for e in chain if isinstance(e, u3.HTTPError) and not isinstance(e, u3.MaxRetryError)]
