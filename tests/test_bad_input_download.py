@@ -249,6 +249,7 @@ def test_assets_page_pinned_by_an_older_version_is_set_aside(tmp_path, capsys):
         ("text", "vocab.txt", b"\x00\x01\x02binary", False),
         ("safetensors", "m.safetensors", (8).to_bytes(8, "little") + b'{"a": 1}' + b"\x00" * 70_000, True),
         ("safetensors", "m.safetensors", b"\x80" * 70_000, False),
+        ("text", "vocab.txt", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", False),
     ],
 )
 def test_content_checks_per_kind(tmp_path, kind, path, body, ok):
