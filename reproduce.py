@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import cli
+from utils import args, cli
 from utils.io import atomic_write, exclusive_lock, write_json
 
 ROOT = Path(__file__).resolve().parent
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--with-baselines", action="store_true", help="also the Taiyi-CLIP recall baseline")
     add("--no-html", action="store_true", help="no HTML report in recall-eval")
-    cli.add_common_args(p)
+    args.add_device(p)
+    args.add_run(p)
     return p
 
 

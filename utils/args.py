@@ -1,18 +1,8 @@
-"""The flags several scripts share, defined once: one name, one default, one help text.
-
-    p = argparse.ArgumentParser(...)
-    args.add_recall_files(p)       # --checkpoint --bert-dir --arch
-    args.add_engine(p)             # --device --backend --precision --preprocess
-    args.add_batches(p, head=True) # --batch-size --text-batch-size --head-batch-size --num-workers
-    args.add_cache(p)              # --cache-dir
-    args.add_run(p)                # --no-progress --log-level
-    ns = p.parse_args(argv)
-    enc = args.Encoding.from_args(ns)   # what the engine is given (models.engine)
-
-Flags meant to differ per script (training batch size, learning rate, epochs, timeouts
-and failure budgets) stay in the scripts. ``tests/test_layout.py`` checks that no script
-defines a flag of these groups itself.
-"""
+"""The flags several scripts share, defined once: one name, one default, one help text
+(``tests/test_layout.py`` checks that no script defines them again). Flags meant to differ
+(training batch size, learning rate, epochs, timeouts, failure budgets) stay in the
+scripts. ``Encoding.from_args(ns)`` and ``Downloads.from_args(ns)`` turn the groups into
+the small objects the library takes."""
 
 from __future__ import annotations
 
@@ -33,27 +23,18 @@ def _group(p, title: str | None):
 
 
 def add_run(p, title: str | None = None):
-    """``--no-progress`` and ``--log-level`` (every script)."""
+    """``--no-progress``, ``--log-level`` (every script)."""
     g = _group(p, title)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=LOG_LEVELS,
-        type=str.upper,
-        help="log messages of this level and above on stderr (default INFO)",
-    )
+    text = "log messages of this level and above on stderr (default INFO)"
+    g.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help=text)
     return g
 
 
 def add_device(p, title: str | None = None):
     g = _group(p, title)
-    g.add_argument(
-        "--device",
-        choices=cli.DEVICE_CHOICES,
-        default="auto",
-        help="where models run: auto = CUDA when present, else CPU (default auto)",
-    )
+    text = "where models run: auto = CUDA when present, else CPU (default auto)"
+    g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
     return g
 
 
@@ -62,99 +43,62 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
     g = _group(p, title)
     if device:
         add_device(g)
-    g.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="image engine: auto (default) = ONNX Runtime on a CPU when it is installed and "
-        "agrees with torch on this model (checked on every load), else torch; torch; "
-        "onnx (CPU, fp32)",
+    text = (
+        "image engine: auto (default) = ONNX Runtime on a CPU when it is installed and agrees with torch on this "
+        "model (checked on every load), else torch; torch; onnx (CPU, fp32)"
     )
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help=text)
     if precision:
-        g.add_argument(
-            "--precision",
-            choices=PRECISIONS,
-            default="fp32",
-            help="fp32 (default, exact); bf16/fp16 autocast: faster only with native support "
-            "(GPU, AVX-512 BF16/AMX CPUs); scores move ~1e-2",
-        )
-    g.add_argument(
-        "--preprocess",
-        choices=PREPROCESS_MODES,
-        default="reference",
-        help="reference = the authors' exact path (default); fast = JPEG draft decoding",
-    )
+        text = "fp32 (default, exact); bf16/fp16 autocast: faster only with native support (GPU, AVX-512 BF16/AMX CPUs)"
+        g.add_argument("--precision", choices=PRECISIONS, default="fp32", help=text)
+    text = "reference = the authors' exact path (default); fast = JPEG draft decoding"
+    g.add_argument("--preprocess", choices=PREPROCESS_MODES, default="reference", help=text)
     return g
 
 
-def add_batches(
-    p,
-    title: str | None = "batches",
-    text: bool = True,
-    head: bool = False,
-    workers_alias: bool = False,
-    images: bool = True,
-):
-    """``--batch-size`` (images; ``images=False``: left to the script's group, as the
-    trainers' global batch), ``--text-batch-size``, ``--head-batch-size``,
-    ``--num-workers`` (``workers_alias``: also the old spelling ``--workers``)."""
+def add_batches(p, title="batches", text=True, head=False, workers_alias=False, images=True):
+    """``--batch-size`` (images; the trainers name their global batch so themselves),
+    ``--text-batch-size``, ``--head-batch-size``, ``--num-workers`` (``workers_alias``: also
+    spelled ``--workers``)."""
     g = _group(p, title)
     if images:
-        g.add_argument(
-            "--batch-size",
-            type=cli.positive_int,
-            help="images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)",
-        )
+        info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
+        g.add_argument("--batch-size", type=cli.positive_int, help=info)
     if text:
-        g.add_argument(
-            "--text-batch-size", type=cli.positive_int, help="texts per batch (default: 16 on a CPU, 256 on CUDA)"
-        )
+        info = "texts per batch (default: 16 on a CPU, 256 on CUDA)"
+        g.add_argument("--text-batch-size", type=cli.positive_int, help=info)
     if head:
-        g.add_argument(
-            "--head-batch-size",
-            type=cli.positive_int,
-            default=DEFAULT_HEAD_BATCH,
-            help=f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})",
-        )
+        info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
+        g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
     names = ("--num-workers", "--workers") if workers_alias else ("--num-workers",)
-    g.add_argument(
-        *names,
-        dest="num_workers",
-        type=cli.non_negative_int,
-        help="image decoding worker processes (default: by core count and engine; 0 = none). "
-        "With ONNX Runtime on a CPU the engine's lanes decode, and workers only decode "
-        "the first images while the model loads",
+    info = (
+        "image decoding worker processes (default: by core count and engine; 0 = none). With ONNX Runtime on a "
+        "CPU the engine's lanes decode, and workers only decode the first images while the model loads"
     )
+    g.add_argument(*names, dest="num_workers", type=cli.non_negative_int, help=info)
     return g
 
 
 def add_cache(p, title: str | None = None):
     g = _group(p, title)
-    g.add_argument(
-        "--cache-dir",
-        help="embedding cache directory: a rerun encodes only new images (the ONNX export is kept in its onnx/ folder)",
-    )
+    text = "embedding cache directory: a rerun encodes only new images (the ONNX export is kept in its onnx/ folder)"
+    g.add_argument("--cache-dir", help=text)
     return g
 
 
-def add_recall_files(
-    p, title: str | None = "model files", checkpoint: str | None = "--checkpoint", required: bool = True
-):
-    """``--checkpoint`` (named ``checkpoint``; None leaves it to the script), ``--bert-dir``,
-    ``--arch``."""
+def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpoint", required: bool = True):
+    """``--checkpoint`` (None: the script names its own), ``--bert-dir``, ``--arch``."""
     g = _group(p, title)
     if checkpoint:
-        g.add_argument(
-            checkpoint,
-            required=required,
-            help="model weights (align_model.pth, or a ranker checkpoint holding its recall model under align_model.)",
-        )
-    g.add_argument("--bert-dir", required=required, help="directory with bert-base-chinese config.json and vocab.txt")
-    g.add_argument(
-        "--arch",
-        help="architecture JSON of a non-default (small) model (default: recorded "
-        "in the checkpoint or its .arch.json sidecar, else the released one)",
+        text = "model weights (align_model.pth, or a ranker checkpoint holding its recall model under align_model.)"
+        g.add_argument(checkpoint, required=required, help=text)
+    text = "directory with bert-base-chinese config.json and vocab.txt"
+    g.add_argument("--bert-dir", required=required, help=text)
+    text = (
+        "architecture JSON of a non-default (small) model (default: recorded in the checkpoint or its .arch.json "
+        "sidecar, else the released one)"
     )
+    g.add_argument("--arch", help=text)
     return g
 
 
@@ -167,22 +111,37 @@ def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, 
         ("--poi-image-vectors", "--img-vectors", "POI mean image vector table"),
         ("--poi-name-vectors", "--name-vectors", "POI name vector table"),
     ):
-        g.add_argument(
-            name, *((old,) if aliases else ()), required=required, help=f"{what}: the published .npy or the safe .npz"
-        )
+        names = (name, old) if aliases else (name,)
+        g.add_argument(*names, required=required, help=f"{what}: the published .npy or the safe .npz")
     add_trust_pickle(g)
     return g
 
 
+def add_trust_pickle(p):
+    text = (
+        "read .npy tables with plain np.load(allow_pickle=True): code in them would run. Without it a restricted "
+        "unpickler that refuses code is used"
+    )
+    p.add_argument("--trust-pickle", action="store_true", help=text)
+    return p
+
+
 def add_bad_rows(p, title: str | None = None):
     g = _group(p, title)
-    g.add_argument(
-        "--skip-bad-rows",
-        action="store_true",
-        help="leave out input rows that cannot be used (each reported by file and line, "
-        "counted in the summary) instead of stopping with exit status 2",
+    text = (
+        "leave out input rows that cannot be used (each reported by file and line, counted in the summary) "
+        "instead of stopping with exit status 2"
     )
+    g.add_argument("--skip-bad-rows", action="store_true", help=text)
     return g
+
+
+def _picked(cls, ns: argparse.Namespace, flags: dict, override: dict):
+    """``cls`` made of the flags named as its fields (``flags``: field -> other dest)."""
+    values = {
+        f.name: getattr(ns, flags.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flags.get(f.name, f.name))
+    }
+    return cls(**{**values, **override})
 
 
 @dataclass(frozen=True)
@@ -202,9 +161,7 @@ class Encoding:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, **override) -> Encoding:
-        values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-        values["progress"] = not getattr(ns, "no_progress", False)
-        return cls(**{**values, **override})
+        return _picked(cls, ns, {}, {"progress": not getattr(ns, "no_progress", False), **override})
 
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
@@ -213,13 +170,8 @@ def add_bootstrap(p, title: str | None = None):
     from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, MAX_DRAWS
 
     g = _group(p, title)
-    g.add_argument(
-        "--bootstrap",
-        type=cli.non_negative_int,
-        default=DEFAULT_DRAWS,
-        metavar="N",
-        help=f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)",
-    )
+    text = f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)"
+    g.add_argument("--bootstrap", type=cli.non_negative_int, default=DEFAULT_DRAWS, metavar="N", help=text)
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
     return g
 
@@ -248,13 +200,12 @@ class Downloads:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, **override) -> Downloads:
-        flag = {
+        flags = {
             "workers": "download_workers",
             "deadline": "download_deadline",
             "allow_private": "allow_private_addresses",
         }
-        names = {f.name: flag.get(f.name, f.name) for f in fields(cls)}
-        return cls(**{**{k: getattr(ns, n) for k, n in names.items() if hasattr(ns, n)}, **override})
+        return _picked(cls, ns, flags, override)
 
 
 IMAGE_DOWNLOADS = Downloads(workers=16)  # download_images.py's defaults
@@ -293,96 +244,43 @@ def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, 
     """What a run of either trainer is (``utils.training.TrainConfig``); the keywords are
     the script's defaults (the authors' settings differ between the two models)."""
     g = p.add_argument_group("training")
-    g.add_argument(
-        "--out-dir",
-        required=True,
-        help="checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)",
-    )
+    text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
+    g.add_argument("--out-dir", required=True, help=text)
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its train_state.pt")
-    g.add_argument(
-        "--batch-size",
-        type=cli.positive_int,
-        default=batch_size,
-        help="GLOBAL batch of training pairs, split over the torchrun processes (default %(default)s)",
-    )
+    text = "GLOBAL batch of training pairs, split over the torchrun processes (default %(default)s)"
+    g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help=text)
     g.add_argument("--weight-decay", type=cli.non_negative_float, default=weight_decay, help="(default %(default)s)")
-    g.add_argument(
-        "--warmup-steps",
-        type=cli.non_negative_int,
-        default=warmup_steps,
-        help="linear LR warm-up (default %(default)s)",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=("cosine", "constant"),
-        default=schedule,
-        help="LR after the warm-up (default %(default)s)",
-    )
-    g.add_argument(
-        "--clip-grad",
-        type=cli.non_negative_float,
-        default=clip_grad,
-        help="max gradient norm, 0: off (default %(default)s)",
-    )
+    text = "linear LR warm-up (default %(default)s)"
+    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=warmup_steps, help=text)
+    text = "LR after the warm-up (default %(default)s)"
+    g.add_argument("--schedule", choices=("cosine", "constant"), default=schedule, help=text)
+    text = "max gradient norm, 0: off (default %(default)s)"
+    g.add_argument("--clip-grad", type=cli.non_negative_float, default=clip_grad, help=text)
     g.add_argument("--no-amp", action="store_true", help="no mixed precision (fp16 autocast) on CUDA")
     g.add_argument("--seed", type=cli.non_negative_int, default=0, help="data order, split, augmentation (default 0)")
-    g.add_argument(
-        "--save-every",
-        type=cli.non_negative_int,
-        default=0,
-        help="also save checkpoint + state every N optimizer steps (default 0: after each epoch only)",
-    )
-    g.add_argument(
-        "--stop-after-step",
-        type=cli.non_negative_int,
-        default=0,
-        help="save and stop after this step (default 0: never)",
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=cli.positive_int,
-        default=32,
-        help="batch of the validation and of the images encoded once (default 32)",
-    )
+    text = "also save checkpoint + state every N optimizer steps (default 0: after each epoch only)"
+    g.add_argument("--save-every", type=cli.non_negative_int, default=0, help=text)
+    text = "save and stop after this step (default 0: never)"
+    g.add_argument("--stop-after-step", type=cli.non_negative_int, default=0, help=text)
+    text = "batch of the validation and of the images encoded once (default 32)"
+    g.add_argument("--eval-batch-size", type=cli.positive_int, default=32, help=text)
     return g
 
 
 # --- selection (utils.selection) ----------------------------------------------------------
 def add_ray(p, title: str | None = "Ray Data"):
-    """``--ray [ADDRESS]`` and the shape of the Ray run: ``--actors``, ``--cpus-per-actor``,
-    ``--gpus-per-actor``, ``--shard-items``."""
+    """``--ray [ADDRESS]`` and the shape of the Ray run."""
     g = _group(p, title)
-    g.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        metavar="ADDRESS",
-        help="run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of "
-        "RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)",
+    text = (
+        "run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of RAY_ADDRESS); with one, "
+        "join that cluster (e.g. HOST:6379, auto)"
     )
+    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=text)
     g.add_argument("--actors", type=cli.positive_int, default=1, help="scoring actors, one model set each (default 1)")
-    g.add_argument(
-        "--cpus-per-actor", type=cli.non_negative_float, default=1.0, help="CPUs reserved per actor (default 1)"
-    )
-    g.add_argument(
-        "--gpus-per-actor", type=cli.non_negative_float, default=0.0, help="GPUs per actor (default 0: CPU actors)"
-    )
-    g.add_argument(
-        "--shard-items",
-        type=cli.positive_int,
-        default=64,
-        help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
-    )
+    text = "CPUs reserved per actor (default 1)"
+    g.add_argument("--cpus-per-actor", type=cli.non_negative_float, default=1.0, help=text)
+    text = "GPUs per actor (default 0: CPU actors)"
+    g.add_argument("--gpus-per-actor", type=cli.non_negative_float, default=0.0, help=text)
+    text = "items per shard: the unit of work, of retries and of the Parquet files (default 64)"
+    g.add_argument("--shard-items", type=cli.positive_int, default=64, help=text)
     return g
-
-
-# --- formats (utils.formats) --------------------------------------------------------------
-def add_trust_pickle(p):
-    """``--trust-pickle`` (the POI tables, and poi_tables.py)."""
-    p.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="read .npy tables with plain np.load(allow_pickle=True): code in them would run. "
-        "Without it a restricted unpickler that refuses code is used",
-    )
-    return p

@@ -1,27 +1,9 @@
-"""The command-line conventions every script shares, in one place.
+"""The command-line conventions every script shares: errors, ``entry_point`` (a
+``UserError`` is one line on stderr and exit status 2, Ctrl-C one line and 130), flag
+converters, the bad-row rule, path checks run before any work, logging set-up.
 
-    p = argparse.ArgumentParser(...)
-    cli.add_common_args(p)                 # --device, --no-progress, --log-level
-    ...
-    @cli.entry_point
-    def main(argv=None) -> int:
-        args = p.parse_args(argv)
-        cli.setup_logging(args.log_level)
-        out = cli.output_file(args.output, "--output")     # checked before any work
-        ...
-
-- ``UserError``: a mistake of the user's (a bad file, flag or key). Every error type of
-  the project that means "bad input" derives from it (``utils.data.DataError``,
-  ``models.checkpoint.CheckpointError``, ``utils.poi.PoiTableError`` ...).
-- ``entry_point``: wraps a script's ``main``: a ``UserError`` becomes ONE line on stderr
-  and exit status 2, Ctrl-C one line and 130; no traceback for either.
-- ``input_file`` / ``input_dir`` / ``output_file`` / ``output_dir``: the checks a script
-  runs on its paths before the expensive work starts (readable input, writable output
-  location that is not a directory or under a plain file).
-- ``positive_int`` / ``non_negative_int``: argparse ``type=`` converters.
-- ``setup_logging``: one stderr handler (none added when a caller installed one).
-- ``resolve_device``: ``--device auto|cpu|cuda``.
-"""
+Importing this module first (ruff's isort keeps it first in every script) makes Ctrl-C
+one line even while the rest of the imports load."""
 
 from __future__ import annotations
 
@@ -31,6 +13,7 @@ import gc
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -39,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write, so that torchrun's ranks never mix their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _interrupted_while_starting(signum, frame) -> None:
@@ -50,9 +37,8 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-# A script run as the program (``python recall_infer.py``, ``avas-recall-infer``) says Ctrl-C
-# in one line and 130 even while its imports run, before ``entry_point`` takes over; a
-# process that merely imports us keeps its handler.
+# Only for a script run as the program (python recall_infer.py, avas-recall-infer): a
+# process that merely imports us keeps its own handler.
 _PROGRAM = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
 if (_PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")) and (
     threading.current_thread() is threading.main_thread()
@@ -69,7 +55,6 @@ class DataError(UserError, ValueError):
 
 
 def check_finite(value: float, where: str) -> float:
-    """``value`` unless it is NaN or infinite (then a ``DataError`` naming ``where``)."""
     if not math.isfinite(value):
         raise DataError(f"{where}: {value!r} is not a finite number")
     return value
@@ -93,10 +78,9 @@ def record_bad_row(errors: list | None, err: RowError) -> None:
 
 
 def bad_rows(errors: list, path, skip: bool, shown: int = 20) -> int:
-    """The one rule for bad input rows, in every script (and on every worker that read
-    rows): refused, as a ``DataError`` naming the first and how many, unless ``skip``
-    (``--skip-bad-rows``): then each is logged by file and line (the first ``shown``) and
-    their count is returned for the summary."""
+    """The one rule for bad input rows, in every script and on every worker that reads
+    rows: refused (naming the first) unless ``skip`` (``--skip-bad-rows``); then each is
+    logged by file and line and their count returned for the summary."""
     if not errors:
         return 0
     if not skip:
@@ -111,19 +95,17 @@ def bad_rows(errors: list, path, skip: bool, shown: int = 20) -> int:
 
 
 def distinct_paths(inputs: dict, outputs: dict) -> None:
-    """No output is one of the inputs or another output (compared resolved); ``{flag:
-    path}``, None values ignored."""
+    """No output (``{flag: path}``, None ignored) is an input or another output."""
     seen: dict[str, str] = {}
     for flag, path in inputs.items():
         if path is not None:
             seen.setdefault(os.path.realpath(path), f"input {flag}")
     for flag, path in outputs.items():
-        if path is None:
-            continue
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UserError(f"{flag} {path}: the same file as {seen[real]}; refusing to overwrite it")
-        seen[real] = flag
+        if path is not None:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise UserError(f"{flag} {path}: the same file as {seen[real]}; refusing to overwrite it")
+            seen[real] = flag
 
 
 def one_line(msg: object) -> str:
@@ -132,19 +114,11 @@ def one_line(msg: object) -> str:
     return "; ".join(parts) if parts else type(msg).__name__
 
 
-def _say(line: str) -> None:
-    """``line`` on stderr in ONE write (with its newline), so that processes sharing the
-    stream (torchrun's ranks) never run their lines together, buffered or not."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def entry_point(main):
-    """Decorate a script's ``main(argv=None) -> int``: ``UserError`` -> one line on
-    stderr and 2; ``KeyboardInterrupt`` -> one line and 130. Anything else is a bug and
-    keeps its traceback. Run as the program (``__main__``), the objects left at the end
-    are frozen out of the garbage collector: the interpreter's exit then skips a
-    collection over the million objects torch and transformers create (0.7 s here)."""
+    """Wrap a script's ``main(argv=None) -> int`` (see the module docstring); anything but a
+    ``UserError`` is a bug and keeps its traceback. Run as the program, the objects left at
+    the end are frozen out of the garbage collector: the interpreter's exit then skips a
+    collection over the million objects torch creates (0.7 s)."""
     prog = Path(main.__code__.co_filename).stem
 
     @functools.wraps(main)
@@ -166,100 +140,53 @@ def entry_point(main):
     return run
 
 
-# ---------------------------------------------------------------------------
-# arguments
-# ---------------------------------------------------------------------------
-# --num-workers of the scripts that encode images (utils.embed decides the defaults)
-DECODE_WORKERS_HELP = (
-    "image decoding worker processes (default: by core count and engine, "
-    "utils.embed.default_num_workers; 0 = none). With ONNX Runtime on a CPU "
-    "the engine's lanes decode, and workers only decode the first images "
-    "while the model loads"
-)
-
-
-def _int_at_least(text: str, low: int, what: str) -> int:
+# --- flag converters (argparse ``type=``) --------------------------------------------------
+def _number(text: str, kind, ok, what: str):
     try:
-        v = int(text)
+        v = kind(text)
     except ValueError:
         v = None
-    if v is None or v < low:
+    if v is None or not math.isfinite(v) or not ok(v):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def finite_float(text: str) -> float:
-    """A float that is not NaN or infinite."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = None
-    if v is None or v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+    return _number(text, float, lambda v: True, "a finite number")
 
 
 def positive_float(text: str) -> float:
-    """A finite float > 0 (a timeout of 0 would fail every request)."""
-    v = finite_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
+    """A timeout of 0 would fail every request: > 0."""
+    return _number(text, float, lambda v: v > 0, "a number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    """A finite float >= 0."""
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def count_or_percent(text: str) -> str:
-    """``N`` (an integer >= 0) or ``P%`` (a percentage >= 0), kept as written; see
-    :func:`allowed_count`."""
-    import re
-
+    """``N`` or ``P%`` (>= 0), kept as written; :func:`allowed_count` reads it."""
     if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
         raise argparse.ArgumentTypeError(f"expected N or P% (>= 0), got {text!r}")
     return text
 
 
 def allowed_count(spec: str, total: int) -> int:
-    """What a :func:`count_or_percent` ``spec`` allows out of ``total``."""
     return int(total * float(spec[:-1]) / 100.0) if spec.endswith("%") else int(spec)
 
 
-def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
-    """``--device`` (when a model runs), ``--no-progress`` and ``--log-level``."""
-    if device:
-        p.add_argument(
-            "--device",
-            choices=DEVICE_CHOICES,
-            default="auto",
-            help="where models run: auto = CUDA when present, else CPU (default auto)",
-        )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=LOG_LEVELS,
-        type=str.upper,
-        help="log messages of this level and above on stderr (default INFO)",
-    )
-
-
+# --- logging and the device ----------------------------------------------------------------
 def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> None:
-    """One stderr handler on the root logger; when one exists already (a caller such as
-    reproduce.py or pytest installed it) only the level is set. ``None`` keeps the level."""
+    """One stderr handler on the root logger (only the level is set when a caller such as
+    pytest installed one); ``None`` keeps the level."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format=fmt)
@@ -268,8 +195,8 @@ def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> No
 
 
 def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
-    """A handler appending to the log file ``path``, opened without following a symbolic
-    link (one planted there would make our lines land in its target)."""
+    """A handler appending to ``path``, opened without following a symbolic link (a
+    planted one would make our lines land in its target)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -281,80 +208,68 @@ def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
 
 
 def resolve_device(name: str = "auto"):
-    """``auto`` takes CUDA when present. Asking for CUDA without a GPU is a ``UserError``
-    that says so, rather than a traceback from deep inside torch."""
+    """``--device``: ``auto`` takes CUDA when present; CUDA asked without a GPU is a
+    ``UserError``."""
     import torch  # here: scripts that never run a model start without torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(
-            f"--device {name}: no CUDA device is available on this machine "
-            f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda}); "
-            f"use --device cpu or auto"
+            f"--device {name}: no CUDA device is available on this machine (torch {torch.__version__}, "
+            f"built with CUDA: {torch.version.cuda}); use --device cpu or auto"
         )
     return torch.device(name)
 
 
-# ---------------------------------------------------------------------------
-# paths, checked before the work starts
-# ---------------------------------------------------------------------------
+# --- paths, checked before the work starts -------------------------------------------------
 def _label(what: str | None, path) -> str:
     return f"{what} {path}" if what else str(path)
 
 
 def input_file(path, what: str | None = None) -> Path:
     """An existing, readable regular file."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{_label(what, path)}: no such file")
+    p, label = Path(path), _label(what, path)
     if not p.is_file():
-        raise UserError(f"{_label(what, path)}: not a file")
+        raise UserError(f"{label}: {'not a file' if p.exists() else 'no such file'}")
     try:
-        with open(p, "rb"):
-            pass
+        open(p, "rb").close()
     except OSError as e:
-        raise UserError(f"{_label(what, path)}: cannot be read ({e.strerror})") from None
+        raise UserError(f"{label}: cannot be read ({e.strerror})") from None
     return p
 
 
 def input_dir(path, what: str | None = None) -> Path:
     """An existing directory whose entries can be listed."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{_label(what, path)}: no such directory")
+    p, label = Path(path), _label(what, path)
     if not p.is_dir():
-        raise UserError(f"{_label(what, path)}: not a directory")
+        raise UserError(f"{label}: {'not a directory' if p.exists() else 'no such directory'}")
     try:
         next(os.scandir(p), None)
     except OSError as e:
-        raise UserError(f"{_label(what, path)}: cannot be read ({e.strerror})") from None
+        raise UserError(f"{label}: cannot be read ({e.strerror})") from None
     return p
 
 
 def _writable_dir(d: Path, label: str) -> None:
-    """``d`` (or, when it does not exist yet, its first existing ancestor) is a
-    directory in which a file can be created: probed with a real temporary file."""
-    probe = d
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{label}: {probe} is not a directory")
+    """``d``, or its first existing ancestor, is a directory a file can be created in
+    (probed with a real temporary file)."""
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    if not d.is_dir():
+        raise UserError(f"{label}: {d} is not a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=d)
     except OSError as e:
-        raise UserError(f"{label}: cannot write in {probe} ({e.strerror})") from None
+        raise UserError(f"{label}: cannot write in {d} ({e.strerror})") from None
     os.close(fd)
     os.unlink(tmp)
 
 
 def output_file(path, what: str | None = None) -> Path:
-    """A place a file can be written: not a directory, not under a plain file, in a
-    directory that exists (or can be made) and is writable. Nothing is created."""
-    p = Path(path)
-    label = _label(what, path)
+    """A place a file can be written (not a directory, not under a plain file). Nothing
+    is created."""
+    p, label = Path(path), _label(what, path)
     if p.is_dir():
         raise UserError(f"{label}: is a directory, expected a file name")
     if p.exists() and not os.access(p, os.W_OK):
@@ -365,22 +280,16 @@ def output_file(path, what: str | None = None) -> Path:
 
 def output_dir(path, what: str | None = None) -> Path:
     """A directory that exists and is writable, or can be made. Nothing is created."""
-    p = Path(path)
-    label = _label(what, path)
+    p, label = Path(path), _label(what, path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{label}: exists and is not a directory")
     _writable_dir(p, label)
     return p
 
 
-# ---------------------------------------------------------------------------
-# optional packages
-# ---------------------------------------------------------------------------
 def require(module: str, extra: str, needed_by: str) -> None:
-    """Check, with the other checks before any work, that the package ``module`` of an
-    opt-in path is installed; otherwise a ``UserError`` naming the extra that brings it:
-    ``cli.require("ray", "ray", "--ray")``. Nothing is imported (give a top-level name:
-    a dotted one imports its parent); the caller imports the module where it uses it."""
+    """The package ``module`` of an opt-in path is installed, else a ``UserError`` naming
+    the extra that brings it (``require("ray", "ray", "--ray")``). Nothing is imported."""
     import importlib.util
     from importlib import metadata
 
@@ -392,7 +301,7 @@ def require(module: str, extra: str, needed_by: str) -> None:
     try:
         metadata.distribution("avas-repro")
         how = f"pip install 'avas-repro[{extra}]'"
-    except metadata.PackageNotFoundError:  # run from a clone set up with the requirements files
+    except metadata.PackageNotFoundError:  # a clone set up with the requirements files
         how = f"pip install -e '.[{extra}]' in the clone"
     req = Path(__file__).resolve().parent.parent / f"requirements-{extra}.txt"
     also = f" (or pip install -r {req.name})" if req.is_file() else ""

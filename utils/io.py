@@ -2,7 +2,7 @@
 
 - ``atomic_path`` / ``atomic_write`` / ``write_json``: a file appears whole or not at all.
 - ``exclusive_lock``: one run per destination directory (``flock``; "held by pid N").
-- ``text_lines`` / ``count_text_rows`` / ``read_json``: UTF-8 text read line by line, bad
+- ``text_lines`` / ``read_json``: UTF-8 text read line by line, bad
   bytes reported at their line.
 - ``PartFile`` / ``write_error``: a download's bytes on their way to the final name
   (resumable); a full disk or a file-size limit as one line.
@@ -166,12 +166,6 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
             if n == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             yield text
-
-
-def count_text_rows(path: str | os.PathLike) -> int:
-    """Non-blank lines of a UTF-8 text file; bytes that are not UTF-8 are a ``DataError``
-    at their line (a check to run before any work)."""
-    return sum(1 for line in text_lines(path) if line.strip())
 
 
 def read_json(path: str | os.PathLike, what: str | None = None):
