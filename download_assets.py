@@ -6,30 +6,13 @@
     python download_assets.py --with-train         # also the (large) training CSV
     python download_assets.py --with-baselines     # also the Taiyi-CLIP recall baseline
     python download_assets.py --mirror http://host/avas --dest /data/avas   # air-gapped site
-    python download_assets.py --list
 
-The manifest (utils/fetch/assets.json, or --manifest FILE) names each asset, its source,
-its relative path (under --dest, and under a --mirror base URL alike) and its sha256 where
-known. --list shows them. The original Taiyi text weights (taiyi_text_weights, 411 MB) come
-only with --only taiyi_text_weights.
-
-Each download streams to <file>.part and resumes with an HTTP Range request after an
-interruption (also in a later run); the result is checked against its sha256 (a mismatch
-is kept aside as <file>.bad-sha256) and renamed into place. A sha256 the manifest does not
-know is printed and pinned in DEST/.asset-hashes.json at the first download, but only for
-a file that looks like what the asset is (a torch checkpoint, a .npy array, a CSV of the
-published format, JSON or UTF-8 text, of a plausible size); another one (an HTML page saved
-as align_model.pth) is kept aside as <file>.bad-content. Later runs skip every file that is
-present and verified, without a request.
-
-The Hugging Face files (bert, Taiyi, CLIP) come from the local Hugging Face cache when it
-holds them (HF_HOME; with HF_HUB_OFFLINE=1 only from there), else from HF_ENDPOINT (default
-https://huggingface.co); with --mirror from the mirror like everything else. To build a
-mirror, serve a populated destination directory (e.g. python -m http.server in it).
-
-Every URL and redirect is checked before connecting: a public URL may not lead to a
-link-local, private or loopback address (a --mirror and a set HF_ENDPOINT are trusted as
-named). One run at a time per destination (DEST/.lock).
+The manifest (utils/fetch/assets.json) names each asset, its source, its path (under --dest
+and under a --mirror alike) and its sha256 where known; an unknown one is pinned in
+DEST/.asset-hashes.json at the first download of a file that looks like its asset. A
+download resumes after an interruption; a bad file is kept aside (<file>.bad-sha256,
+<file>.bad-content). The Hugging Face files come from the local Hugging Face cache, else
+from HF_ENDPOINT. To build a mirror, serve a populated destination over HTTP.
 
 Exit status: 0 all assets present and verified, 1 some failed, 2 bad arguments, manifest
 or destination (or another run holds it), 130 interrupted.
@@ -54,22 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--dest", default=str(ROOT), help="destination root: files land at DEST/<path> (default: the project)"
-    )
+    text = "destination root: files land at DEST/<path> (default: the project)"
+    p.add_argument("--dest", default=str(ROOT), help=text)
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these assets (see --list), e.g. --only train_csv")
     p.add_argument("--with-train", action="store_true", help="also the large ranking training CSV (train_csv)")
-    p.add_argument(
-        "--with-baselines",
-        action="store_true",
-        help="also the Taiyi-CLIP recall baseline: its text encoder files, the authors' "
-        "fine-tuned text weights and the OpenAI CLIP ViT-B/32 image tower",
-    )
-    p.add_argument(
-        "--mirror",
-        metavar="BASE_URL",
-        help="fetch every asset (bert files too) from BASE_URL/<path> instead of the published locations",
-    )
+    text = "also the Taiyi-CLIP recall baseline: its text encoder, the authors' text weights, the CLIP image tower"
+    p.add_argument("--with-baselines", action="store_true", help=text)
+    text = "fetch every asset (bert files too) from BASE_URL/<path> instead of the published locations"
+    p.add_argument("--mirror", metavar="BASE_URL", help=text)
     p.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="asset manifest (JSON; default: the project's)")
     p.add_argument("--list", action="store_true", help="list the assets and their state, then exit")
     p.add_argument("--force", action="store_true", help="download again even when present")
@@ -83,7 +58,7 @@ def list_assets(assets, dest: Path, mirror: str | None) -> None:
     records = HashRecords(dest)
     for a in assets:
         file = dest / a.path
-        sha = a.sha256 or (records.get(a.name) or {}).get("sha256") or "unknown (recorded on first download)"
+        sha = a.sha256 or records.get(a.name).get("sha256") or "unknown (recorded on first download)"
         flag = "" if a.default else f" (with --with-{a.group})" if a.group else " (not in the default set)"
         state = "present" if file.is_file() else "missing"
         print(f"{a.name:18s} {state:8s} {file}{flag}\n{'':27s}from {a.source(mirror)}\n{'':27s}sha256 {sha}")
@@ -99,8 +74,9 @@ def main(argv=None) -> int:
         list_assets(assets, Path(ns.dest), ns.mirror)
         return 0
     dest = output_dir(ns.dest, "--dest")
-    net = shared.Downloads.from_args(ns)
-    summary = fetch_assets(chosen, dest, net, ns.mirror, not ns.no_progress, ns.force, ns.verify)
+    summary = fetch_assets(
+        chosen, dest, shared.Downloads.from_args(ns), ns.mirror, not ns.no_progress, ns.force, ns.verify
+    )
     failed = summary["failed"]
     print(
         f"assets: {summary['downloaded']} downloaded, {summary['skipped']} already present "

@@ -3,15 +3,13 @@
 
     python download_images.py --csv data/temp_recall_biztype0_fc5_imagern_500.csv --out data/images/recall
 
-Files: recall rows -> OUT/<poi_id>_<rank_number>.<ext>; ranking rows -> OUT/<item_id>_a.<ext>
-and OUT/<item_id>_b.<ext> (the durable oss URL first); <ext> comes from the bytes. Each file
-is verified (under --max-bytes, decodes) before it takes its name; a rerun keeps the valid
-ones. OUT/manifest.jsonl: one line per image (and per bad row left out), written as results
-arrive (the previous one kept as .prev); the log: OUT/download_images.log.
+Recall rows -> OUT/<poi_id>_<rank_number>.<ext>; ranking rows -> OUT/<item_id>_a.<ext> and
+OUT/<item_id>_b.<ext> (the durable oss URL first); <ext> comes from the bytes. A file takes its
+name only once verified (under --max-bytes, decodes); a rerun keeps the valid ones.
+OUT/manifest.jsonl: one line per image (and per bad row left out); the log: OUT/download_images.log.
 
 Exit status: 0 when failures <= --max-failures, 1 otherwise, 2 for bad arguments, a bad CSV
-(a bad row, bytes that are not UTF-8) or output, a full disk, or another run on the same
-output, 130 when interrupted.
+or output, a full disk, or another run on the same output, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from __future__ import annotations
 from utils.cli import count_or_percent, entry_point, positive_int, setup_logging
 
 import argparse
+import dataclasses
 import sys
 
 from utils import args as shared
@@ -46,34 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the images")
     p.add_argument("--format", choices=("auto", "recall", "rank"), default="auto", help="CSV format (default: sniffed)")
     p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="size cap of one image in bytes")
-    p.add_argument(
-        "--max-failures",
-        type=count_or_percent,
-        default="0",
-        help="exit with status 1 when more images than this fail: N, or P%% of the images of this run (default 0)",
-    )
+    text = "exit with status 1 when more images than this fail: N, or P%% of the images of this run (default 0)"
+    p.add_argument("--max-failures", type=count_or_percent, default="0", help=text)
     p.add_argument("--limit", type=positive_int, help="only the first N CSV rows (after --shard)")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="only rows whose line L has (L-1) %% N == I")
-    p.add_argument(
-        "--url-prefix-map",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="rewrite URLs starting with OLD to start with NEW (repeatable; first match wins)",
-    )
-    p.add_argument(
-        "--max-side",
-        type=positive_int,
-        help="downscale images whose longer side exceeds N (off by default: evaluation needs the original bytes)",
-    )
-    p.add_argument(
-        "--manifest", help="manifest path (default OUT/manifest.jsonl, with --shard OUT/manifest.shard-I-of-N.jsonl)"
-    )
-    p.add_argument(
-        "--trust-manifest",
-        action="store_true",
-        help="keep files whose size and mtime match the previous manifest without decoding them again",
-    )
+    text = "rewrite URLs starting with OLD to start with NEW (repeatable; first match wins)"
+    p.add_argument("--url-prefix-map", action="append", default=[], metavar="OLD=NEW", help=text)
+    text = "downscale images whose longer side exceeds N (off by default: evaluation needs the original bytes)"
+    p.add_argument("--max-side", type=positive_int, help=text)
+    text = "manifest path (default OUT/manifest.jsonl, with --shard OUT/manifest.shard-I-of-N.jsonl)"
+    p.add_argument("--manifest", help=text)
+    text = "keep files whose size and mtime match the previous manifest without decoding them again"
+    p.add_argument("--trust-manifest", action="store_true", help=text)
     shared.add_downloads(p, shared.IMAGE_DOWNLOADS, worker_flags=("--download-workers", "--workers"))
     shared.add_bad_rows(p)
     shared.add_run(p)
@@ -84,22 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.log_level)
-    job = ImageJob(
-        csv=ns.csv,
-        out=ns.out,
-        net=shared.Downloads.from_args(ns),
-        format=ns.format,
-        max_bytes=ns.max_bytes,
-        max_failures=ns.max_failures,
-        limit=ns.limit,
-        shard=ns.shard,
-        url_prefix_map=tuple(ns.url_prefix_map),
-        max_side=ns.max_side,
-        manifest=ns.manifest,
-        trust_manifest=ns.trust_manifest,
-        skip_bad_rows=ns.skip_bad_rows,
-        progress=not ns.no_progress,
-    )
+    flags = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ImageJob) if hasattr(ns, f.name)}
+    flags["url_prefix_map"] = tuple(ns.url_prefix_map)
+    job = ImageJob(**flags, net=shared.Downloads.from_args(ns), progress=not ns.no_progress)
     summary = download_images(job)  # checks everything first, then downloads
     print(image_summary(summary))
     if summary["over_budget"]:

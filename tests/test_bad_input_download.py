@@ -249,6 +249,7 @@ def test_assets_page_pinned_by_an_older_version_is_set_aside(tmp_path, capsys):
         ("text", "vocab.txt", b"\x00\x01\x02binary", False),
         ("safetensors", "m.safetensors", (8).to_bytes(8, "little") + b'{"a": 1}' + b"\x00" * 70_000, True),
         ("safetensors", "m.safetensors", b"\x80" * 70_000, False),
+        ("text", "vocab.txt", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", False),
     ],
 )
 def test_content_checks_per_kind(tmp_path, kind, path, body, ok):
@@ -576,7 +577,8 @@ def test_images_trickle_ends_at_the_deadline(tmp_path, server):
 def test_trickled_headers_end_at_the_deadline(tmp_path):
     """A server that sends its status line and headers a byte at a time (each byte within
     the read timeout) is cut off at the deadline too, retries included."""
-    from utils.fetch import download_one, make_session
+    from utils.args import Downloads
+    from utils.fetch import download_one, open_session
 
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -601,7 +603,7 @@ def test_trickled_headers_end_at_the_deadline(tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg"
-        with make_session(retries=3, backoff=0.01) as session:
+        with open_session(Downloads(retries=3, backoff=0.01)) as session:
             t0 = time.monotonic()
             res = download_one(session, [url], tmp_path, "x", timeout=(2, 2), deadline=1)
         assert res.error_kind == "deadline" and time.monotonic() - t0 < 6, res
@@ -615,13 +617,13 @@ def test_download_one_takes_a_deadline(tmp_path, server):
     """The API select_images uses: a deadline by default, and one it can pass."""
     import inspect
 
-    from utils.args import IMAGE_DEADLINE
-    from utils.fetch import download_one, make_session
+    from utils.args import IMAGE_DEADLINE, Downloads
+    from utils.fetch import download_one, open_session
     from utils.fetch.images import fetch_image
 
     assert inspect.signature(fetch_image).parameters["deadline"].default == IMAGE_DEADLINE
     server.add("/slow.jpg", jpeg((300, 200)), drip=(1, 0.05))
-    with make_session(retries=0) as session:
+    with open_session(Downloads(retries=0)) as session:
         t0 = time.monotonic()
         res = download_one(session, [server.url("/slow.jpg")], tmp_path, "x", timeout=(2, 2), deadline=0.5)
     assert res.status == "failed" and res.error_kind == "deadline" and time.monotonic() - t0 < 8

@@ -23,7 +23,8 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 from local_server import PROXY_VARS, Fault, LocalServer  # noqa: E402
 
 import download_images  # noqa: E402
-from utils.fetch.http import make_session  # noqa: E402
+from utils.args import Downloads  # noqa: E402
+from utils.fetch.http import open_session  # noqa: E402
 from utils.fetch.images import apply_url_map, parse_url_map, sniff_image_ext, verify_existing  # noqa: E402
 
 # Short timeouts and backoff so the whole file runs in seconds. The read timeout (1 s)
@@ -136,7 +137,7 @@ def test_url_map_and_parse():
 
 
 def test_session_retry_configuration():
-    s = make_session(retries=3, backoff=0.2, pool_size=32)
+    s = open_session(Downloads(retries=3, backoff=0.2), pool_size=32)
     adapter = s.get_adapter("http://127.0.0.1/")
     r = adapter.max_retries
     assert (r.total, r.connect, r.read, r.status) == (3, 3, 3, 3)
@@ -151,7 +152,7 @@ def test_session_uses_proxy_from_environment(server, monkeypatch):
     # the local server plays the proxy: nothing leaves 127.0.0.1
     server.add("/via-proxy.jpg", make_image("JPEG"))
     monkeypatch.setenv("HTTP_PROXY", server.base_url)
-    s = make_session(retries=0)
+    s = open_session(Downloads(retries=0))
     r = s.get("http://images.example.invalid/via-proxy.jpg", timeout=5)
     assert r.status_code == 200 and server.log[-1][1] == "/via-proxy.jpg"
     assert server.count("/via-proxy.jpg") == 1

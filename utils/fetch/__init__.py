@@ -1,16 +1,15 @@
-"""Downloading: HTTP sessions with retries, the address policy and the deadline (``http``),
-verified image downloads (``images``), the images of a published CSV (``image_set``:
-download_images.py), the asset manifest and its checks (``assets``) and fetching the
-assets (``asset_fetch``: download_assets.py)."""
+"""Downloading: HTTP sessions, retries, the address policy and the deadline (``http``), one
+verified image (``images``), the images of a CSV (``image_set``), the asset manifest
+(``assets``) and fetching the assets (``asset_fetch``)."""
 
 from utils import front_door
 
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "http": "AddressPolicy Deadline make_session open_session",
+        "http": "AddressPolicy Deadline open_session",
         "images": "DEFAULT_MAX_BYTES FetchResult download_one",
-        "image_set": "ImageJob download_images image_summary plan_images run_images",
+        "image_set": "ImageJob download_images image_summary",
         "assets": "AssetError DEFAULT_MANIFEST HASHES_FILE ROOT Asset HashRecords check_present load_manifest "
         "select_assets",
         "asset_fetch": "fetch_assets hf_endpoint",

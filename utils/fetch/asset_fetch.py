@@ -1,13 +1,10 @@
 """Fetching the assets: ``fetch_assets(...)`` is what ``download_assets.py`` runs.
 
-A download streams into ``<file>.part`` (``<file>.part.json`` keeps the URL and the
-server's validators), so an interrupted one resumes with ``Range: bytes=N-`` (206 appends,
-200 restarts), in a later run too. The finished file is hashed and checked: a mismatch is
-kept aside as ``<file>.bad-sha256``, a file unlike its asset (before a pin) as
-``<file>.bad-content``; a good one is renamed into place and recorded. Hugging Face files
-come from the local Hugging Face cache when it holds them (HF_HOME; the only source with
-HF_HUB_OFFLINE=1), else from ``HF_ENDPOINT`` over the same checked session as any URL.
-"""
+A download streams into ``<file>.part`` (``<file>.part.json`` keeps its URL and the server's
+validators) and resumes with a Range request, in a later run too. The finished file takes
+its name only when its sha256 is right (else it is kept as ``<file>.bad-sha256``) and, before
+a pin, when it looks like its asset (else ``<file>.bad-content``). Hugging Face files come
+from the local Hugging Face cache when it holds it, else from ``HF_ENDPOINT``."""
 
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ import os
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -26,9 +24,8 @@ from utils.args import ASSET_DOWNLOADS, Downloads
 from utils.hashing import sha256_file
 from utils.io import PartFile, exclusive_lock, read_json, write_error, write_json
 
-from .assets import HASHES_FILE, LFS_MAGIC, LOOKS_WRONG, Asset, AssetError, HashRecords, check_present, content_problem
-from .errors import classify_exception, root_cause
-from .http import Deadline, open_session, url_host
+from .assets import HASHES_FILE, LOOKS_WRONG, Asset, AssetError, HashRecords, check_present, content_problem
+from .http import Deadline, describe, open_session
 
 log = logging.getLogger("download_assets")
 CHUNK = 1 << 16
@@ -36,45 +33,35 @@ BODY_RETRIES = 3  # a body that breaks off resumes where it stopped, this many t
 HF_ENDPOINT = "https://huggingface.co"
 
 
-class NetworkError(AssetError):
-    """The asset's host cannot be reached (the other assets of that host are not tried)."""
-
-    def __init__(self, host: str, msg: str):
-        super().__init__(msg)
-        self.host = host
-
-
 class _Restart(Exception):
     """The partial download cannot be continued: start again from byte 0."""
+
+
+def hf_endpoint() -> str:
+    """Where Hugging Face files come from (``HF_ENDPOINT``, as huggingface_hub reads it)."""
+    return (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
 
 
 def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc or url
 
 
-def _get(session, asset: Asset, url: str, start: int, meta: dict, timeout, mirror: bool):
-    """GET ``url`` from byte ``start``, with ``If-Range`` (the partial download's validator,
-    so that a changed file comes whole)."""
-    headers = {"Range": f"bytes={start}-"} if start else {}
-    validator = meta.get("etag") if not str(meta.get("etag")).startswith("W/") else None
-    if start and (validator := validator or meta.get("last_modified")):
-        headers["If-Range"] = validator
+def _read_meta(path: Path) -> dict:
     try:
-        return session.get(url, stream=True, timeout=timeout, headers=headers)
-    except Exception as e:  # noqa: BLE001 - every transport error: one line for the user
-        kind = classify_exception(e)
-        if kind == "deadline":
-            raise  # http_fetch says it
-        if kind == "blocked_address":
-            raise AssetError(f"{asset.name}: {root_cause(e)}") from None
-        if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
-            hint = "check that the mirror is running and reachable" if mirror else "check the network or use --mirror"
-            raise NetworkError(_host(url), f"cannot reach {_host(url)}: {hint} ({root_cause(e)})") from None
-        raise AssetError(f"{asset.name}: request to {url} failed ({root_cause(e)})") from None
+        meta = read_json(path) if path.is_file() else {}
+    except UserError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _set_aside(part: Path, final: Path, suffix: str) -> Path:
+    bad = final.with_name(final.name + suffix)
+    os.replace(part, bad)
+    return bad
 
 
 def _resume_at(resp, start: int, asset: Asset, url: str, mirror: bool) -> int | None:
-    """Where the body of ``resp`` goes in the file (None: the part is complete already)."""
+    """Where the body of ``resp`` goes in the part file (None: the part is complete already)."""
     code, crange = resp.status_code, resp.headers.get("Content-Range", "")
     if code == 416 and start and crange.rpartition("/")[2] == str(start):
         return None
@@ -91,217 +78,195 @@ def _resume_at(resp, start: int, asset: Asset, url: str, mirror: bool) -> int | 
     raise AssetError(f"{asset.name}: HTTP {code} {resp.reason or ''} from {url}{hint}")
 
 
-def _read_meta(path: Path) -> dict:
-    try:
-        meta = read_json(path) if path.is_file() else {}
-    except UserError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+@dataclass
+class _Fetcher:
+    """One run of ``fetch_assets``: where the assets go and how they are fetched."""
 
+    dest: Path
+    records: HashRecords
+    session: requests.Session
+    net: Downloads
+    mirror: str | None
+    progress: bool
+    unreachable: set = field(default_factory=set)  # hosts
 
-def _attempt(session, asset: Asset, url: str, part_path: Path, net: Downloads, mirror: bool, progress: bool):
-    """One request for what the part lacks; None when it is complete, else what went wrong."""
-    from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a download starts
-
-    meta_path = part_path.with_name(part_path.name + ".json")
-    start = part_path.stat().st_size if part_path.exists() else 0
-    with _get(session, asset, url, start, _read_meta(meta_path), net.timeout, mirror) as resp:
-        offset = _resume_at(resp, start, asset, url, mirror)
-        if offset is None:
-            return None
-        meta = {"url": url, "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified")}
+    def _get(self, asset: Asset, url: str, start: int, meta: dict):
+        """GET ``url`` from byte ``start`` (``If-Range``: a file changed since comes whole)."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        validator = meta.get("etag") if not str(meta.get("etag")).startswith("W/") else None
+        if start and (validator := validator or meta.get("last_modified")):
+            headers["If-Range"] = validator
         try:
-            write_json(meta_path, meta)
-        except OSError as e:
-            raise write_error(e, meta_path) from None
-        part = PartFile(part_path, resume=offset > 0)
-        length = resp.headers.get("Content-Length", "")
-        total = part.size + int(length) if length.isdigit() else None
-        bar = tqdm(total=total, initial=part.size, unit="B", unit_scale=True, desc=asset.name, disable=not progress)
-        try:
-            for chunk in resp.iter_content(CHUNK):
-                part.write(chunk)
-                bar.update(len(chunk))
-            part.close()
-        finally:
-            part.discard(keep=True)
-            bar.close()
-    return None if total in (None, part.size) else f"got {part.size} of {total} bytes"
+            return self.session.get(url, stream=True, timeout=self.net.timeout, headers=headers)
+        except Exception as e:  # noqa: BLE001 - every transport error: one line for the user
+            kind, why = describe(e)
+            if kind == "deadline":
+                raise  # _http says it
+            if kind == "blocked_address":
+                raise AssetError(f"{asset.name}: {why}") from None
+            if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
+                self.unreachable.add(_host(url))  # its other assets are not tried
+                hint = "check the network or use --mirror"
+                hint = "check that the mirror is running and reachable" if self.mirror else hint
+                raise AssetError(f"cannot reach {_host(url)}: {hint} ({why})") from None
+            raise AssetError(f"{asset.name}: request to {url} failed ({why})") from None
 
+    def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
+        """One request for what the part lacks; None when it is complete, else what went wrong."""
+        from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a download starts
 
-def http_fetch(session, asset: Asset, url: str, final: Path, net: Downloads, mirror=False, progress=True) -> Path:
-    """Download ``url`` into ``<final>.part``, resuming a partial one (from an earlier run
-    too); the completed part, not yet verified. ``net``: timeouts, backoff, deadline."""
-    part = final.with_name(final.name + ".part")
-    meta = part.with_name(part.name + ".json")
-    if _read_meta(meta).get("url") not in (None, url):
-        log.info("%s: discarding a partial download from another URL", asset.name)
-        part.unlink(missing_ok=True)
-    elif part.exists():
-        log.info("%s: resuming at byte %d", asset.name, part.stat().st_size)
-    failures = 0
-    with Deadline(net.deadline) as clock:
-        while True:
+        meta_path = part_path.with_name(part_path.name + ".json")
+        start = part_path.stat().st_size if part_path.exists() else 0
+        with self._get(asset, url, start, _read_meta(meta_path)) as resp:
+            offset = _resume_at(resp, start, asset, url, bool(self.mirror))
+            if offset is None:
+                return None
+            meta = {"url": url, "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified")}
             try:
-                err = _attempt(session, asset, url, part, net, mirror, progress)
-            except _Restart:
-                part.unlink(missing_ok=True)
-                continue
-            except (AssetError, UserError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the body broke off (connection cut, read timeout)
-                err = root_cause(e)
-            if err is None:
-                break
-            failures += 1
-            have = part.stat().st_size if part.exists() else 0
-            if clock.expired:
-                why = f"not finished within the deadline of {net.deadline:g} s (--download-deadline)"
-            elif failures > BODY_RETRIES:
-                why = f"the download from {url} broke off {failures} times (last: {err})"
-            else:
-                log.warning("%s: download interrupted at byte %d (%s); resuming", asset.name, have, err)
-                time.sleep(net.backoff * 2 ** (failures - 1))
-                continue
-            raise AssetError(f"{asset.name}: {why}; rerun to resume from byte {have}")
-    meta.unlink(missing_ok=True)
-    return part
+                write_json(meta_path, meta)
+            except OSError as e:
+                raise write_error(e, meta_path) from None
+            part = PartFile(part_path, resume=offset > 0)
+            length = resp.headers.get("Content-Length", "")
+            total = part.size + int(length) if length.isdigit() else None
+            shown = dict(unit="B", unit_scale=True, desc=asset.name, disable=not self.progress)
+            bar = tqdm(total=total, initial=part.size, **shown)
+            try:
+                for chunk in resp.iter_content(CHUNK):
+                    part.write(chunk)
+                    bar.update(len(chunk))
+                part.close()
+            finally:
+                part.discard(keep=True)
+                bar.close()
+        return None if total in (None, part.size) else f"got {part.size} of {total} bytes"
 
+    def _http(self, asset: Asset, url: str, final: Path) -> Path:
+        """Download ``url`` into ``<final>.part``, resuming a partial one; the part, not yet verified."""
+        log.info("%s: downloading %s", asset.name, url)
+        part = final.with_name(final.name + ".part")
+        meta = part.with_name(part.name + ".json")
+        if _read_meta(meta).get("url") not in (None, url):
+            log.info("%s: discarding a partial download from another URL", asset.name)
+            part.unlink(missing_ok=True)
+        elif part.exists():
+            log.info("%s: resuming at byte %d", asset.name, part.stat().st_size)
+        failures = 0
+        with Deadline(self.net.deadline) as clock:
+            while True:
+                try:
+                    err = self._attempt(asset, url, part)
+                except _Restart:
+                    part.unlink(missing_ok=True)
+                    continue
+                except (AssetError, UserError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - the body broke off (connection cut, read timeout)
+                    err = describe(e)[1]
+                if err is None:
+                    break
+                failures += 1
+                have = part.stat().st_size if part.exists() else 0
+                if clock.expired:
+                    why = f"not finished within the deadline of {self.net.deadline:g} s (--download-deadline)"
+                elif failures > BODY_RETRIES:
+                    why = f"the download from {url} broke off {failures} times (last: {err})"
+                else:
+                    log.warning("%s: download interrupted at byte %d (%s); resuming", asset.name, have, err)
+                    time.sleep(self.net.backoff * 2 ** (failures - 1))
+                    continue
+                raise AssetError(f"{asset.name}: {why}; rerun to resume from byte {have}")
+        meta.unlink(missing_ok=True)
+        return part
 
-def hf_endpoint() -> str:
-    """Where Hugging Face files come from (``HF_ENDPOINT``, as huggingface_hub reads it)."""
-    return (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
-
-
-def _from_hf_cache(asset: Asset, final: Path) -> Path | None:
-    """The asset's file copied from the local Hugging Face cache into ``<final>.part``."""
-    try:
-        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
-    except ImportError:
-        return None
-    hf = asset.hf
-    cached = try_to_load_from_cache(hf["repo_id"], hf["filename"], revision=hf.get("revision"))
-    if not isinstance(cached, str):
-        return None
-    log.info("%s: from the Hugging Face cache: %s", asset.name, cached)
-    part = PartFile(final.with_name(final.name + ".part"))
-    with open(cached, "rb") as f:
-        while chunk := f.read(CHUNK):
-            part.write(chunk)
-    part.close()
-    return part.path
-
-
-def _download(asset: Asset, final: Path, session, net: Downloads, mirror: str | None, progress: bool):
-    """(the completed part file, where it came from)."""
-    if asset.url or mirror:
-        url = asset.source(mirror)
-    else:
+    def _from_hf(self, asset: Asset, final: Path) -> tuple[Path, str]:
+        """(the completed part file, where it came from): the local Hugging Face cache, else ``HF_ENDPOINT``."""
         repo, name, rev = asset.hf["repo_id"], asset.hf["filename"], asset.hf.get("revision") or "main"
-        part = _from_hf_cache(asset, final)
-        if part is not None:
-            return part, f"hf://{repo}/{name}@{rev}"
+        try:
+            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+        except ImportError:
+            cached = None
+        else:
+            cached = try_to_load_from_cache(repo, name, revision=asset.hf.get("revision"))
+        if isinstance(cached, str):
+            log.info("%s: from the Hugging Face cache: %s", asset.name, cached)
+            part = PartFile(final.with_name(final.name + ".part"))
+            with open(cached, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    part.write(chunk)
+            part.close()
+            return part.path, f"hf://{repo}/{name}@{rev}"
         if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
             raise AssetError(
                 f"{asset.name}: {repo}/{name} is not in the Hugging Face cache and offline mode is on "
                 f"(HF_HUB_OFFLINE): run once online, point HF_HOME at a filled cache, or use --mirror"
             )
         url = f"{hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(name)}"
-    log.info("%s: downloading %s", asset.name, url)
-    return http_fetch(session, asset, url, final, net, bool(mirror), progress), url
+        return self._http(asset, url, final), url
 
+    def _verify(self, asset: Asset, part: Path, final: Path, want: str | None, origin: str, source: str) -> str:
+        """The sha256 of a finished download that may take its place; else it is kept aside."""
+        got = sha256_file(part)
+        if want is not None and got != want:
+            bad = _set_aside(part, final, ".bad-sha256")
+            pinned = f"{self.dest / HASHES_FILE} (pinned at the first download; delete that entry to accept a new one)"
+            raise AssetError(
+                f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from "
+                f"{'the manifest' if origin == 'manifest' else pinned}. Not used; kept aside as {bad}"
+            )
+        problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
+        if problem is not None:
+            bad = _set_aside(part, final, ".bad-content")
+            raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
+        return got
 
-def _set_aside(part: Path, final: Path, suffix: str) -> Path:
-    bad = final.with_name(final.name + suffix)
-    os.replace(part, bad)
-    return bad
-
-
-def _verify(asset: Asset, part: Path, final: Path, want: str | None, origin: str, source: str, dest: Path) -> str:
-    """The sha256 of a finished download that may take its place; else it is kept aside."""
-    got = sha256_file(part)
-    with open(part, "rb") as f:
-        lfs = f.read(len(LFS_MAGIC)) == LFS_MAGIC
-    if lfs and not (want and got == want):
-        bad = _set_aside(part, final, ".bad-sha256")
-        raise AssetError(f"{asset.name}: {source} served a Git LFS pointer, not the file; kept aside as {bad}")
-    if want is not None and got != want:
-        bad = _set_aside(part, final, ".bad-sha256")
-        pinned = f"{dest / HASHES_FILE} (recorded at the first download; delete that entry to accept a new version)"
-        raise AssetError(
-            f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from "
-            f"{'the manifest' if origin == 'manifest' else pinned}. The file was NOT used; it is kept aside as {bad}"
-        )
-    problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
-    if problem is not None:
-        bad = _set_aside(part, final, ".bad-content")
-        raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
-    return got
-
-
-def fetch_asset(
-    asset: Asset,
-    dest: Path,
-    records: HashRecords,
-    session,
-    net: Downloads,
-    mirror=None,
-    progress=True,
-    force=False,
-    rehash=False,
-) -> str:
-    """'skipped' when the asset is present and verified; else it is fetched, verified,
-    renamed into place and recorded ('downloaded'). ``AssetError``: a message for the user."""
-    final = dest / asset.path
-    why = "forced" if force else check_present(asset, dest, records, rehash=rehash)
-    if why is None:
-        log.info("%s: skipped, present and verified: %s", asset.name, final)
-        return "skipped"
-    if why not in ("missing", "forced"):
-        log.warning("%s: %s: %s; downloading again", asset.name, final, why)
-    try:
-        if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
-            log.warning("%s: kept aside as %s", asset.name, _set_aside(final, final, ".bad-content"))
-            records.drop(asset.name)
-        want, origin = records.expected(asset)
-        part, source = _download(asset, final, session, net, mirror, progress)
-        got = _verify(asset, part, final, want, origin, source, dest)
-        os.replace(part, final)
-        records.put(asset, final, got, source)
-    except UserError as e:  # a full disk, an unwritable destination
-        raise AssetError(f"{asset.name}: {e}") from None
-    log.info("%s: downloaded %s (sha256 from: %s)", asset.name, final, origin)
-    if origin == "unknown":
-        print(f"{asset.name}: sha256 {got} (new; recorded in {dest / HASHES_FILE})")
-    return "downloaded"
+    def fetch(self, asset: Asset, force: bool, rehash: bool) -> str:
+        """'skipped' (present and verified), else 'downloaded': fetched, verified, renamed into place, recorded."""
+        final = self.dest / asset.path
+        why = "forced" if force else check_present(asset, self.dest, self.records, rehash=rehash)
+        if why is None:
+            log.info("%s: skipped, present and verified: %s", asset.name, final)
+            return "skipped"
+        if why not in ("missing", "forced"):
+            log.warning("%s: %s: %s; downloading again", asset.name, final, why)
+        try:
+            if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
+                log.warning("%s: kept aside as %s", asset.name, _set_aside(final, final, ".bad-content"))
+                self.records.drop(asset.name)
+            want, origin = self.records.expected(asset)
+            if asset.url or self.mirror:
+                source = asset.source(self.mirror)
+                part = self._http(asset, source, final)
+            else:
+                part, source = self._from_hf(asset, final)
+            got = self._verify(asset, part, final, want, origin, source)
+            os.replace(part, final)
+            self.records.put(asset, final, got, source)
+        except UserError as e:  # a full disk, an unwritable destination
+            raise AssetError(f"{asset.name}: {e}") from None
+        log.info("%s: downloaded %s (sha256 from: %s)", asset.name, final, origin)
+        if origin == "unknown":
+            print(f"{asset.name}: sha256 {got} (new; recorded in {self.dest / HASHES_FILE})")
+        return "downloaded"
 
 
 def fetch_assets(
-    chosen: list[Asset],
-    dest,
-    net: Downloads = ASSET_DOWNLOADS,
-    mirror: str | None = None,
-    progress: bool = True,
-    force: bool = False,
-    rehash: bool = False,
+    chosen: list[Asset], dest, net: Downloads = ASSET_DOWNLOADS, mirror=None, progress=True, force=False, rehash=False
 ) -> dict:
-    """Fetch ``chosen`` into ``dest`` (one run per destination: ``DEST/.lock``; a host found
-    unreachable is not tried again); ``{"downloaded": n, "skipped": n, "failed": [message]}``.
-    A ``--mirror`` and a set ``HF_ENDPOINT`` are trusted hosts of the address policy."""
+    """Fetch ``chosen`` into ``dest`` (one run at a time: ``DEST/.lock``; a host found unreachable is
+    not tried again): ``{"downloaded": n, "skipped": n, "failed": [message]}``."""
     dest = Path(dest)
-    trusted = [url_host(mirror or ""), url_host(hf_endpoint()) if os.environ.get("HF_ENDPOINT") else None]
+    trusted = [mirror, hf_endpoint() if os.environ.get("HF_ENDPOINT") else None]
     summary: dict = {"downloaded": 0, "skipped": 0, "failed": []}
-    unreachable: set[str] = set()
-    with exclusive_lock(dest), open_session(net, trusted_hosts=trusted, pool_size=2) as session:
-        records = HashRecords(dest)
+    with exclusive_lock(dest), open_session(net, trusted, pool_size=2) as session:
+        fetcher = _Fetcher(dest, HashRecords(dest), session, net, mirror, progress)
         for a in chosen:
             host = _host(a.source(mirror))
             try:
-                if host in unreachable:
+                if host in fetcher.unreachable:
                     raise AssetError(f"{a.name}: not tried: {host} was unreachable")
-                summary[fetch_asset(a, dest, records, session, net, mirror, progress, force, rehash)] += 1
+                summary[fetcher.fetch(a, force, rehash)] += 1
             except AssetError as e:
-                unreachable |= {e.host} if isinstance(e, NetworkError) else set()
                 msg = str(e) if str(e).startswith(a.name + ":") else f"{a.name}: {e}"
                 summary["failed"].append(msg)
                 print(f"error: {msg}", file=sys.stderr)

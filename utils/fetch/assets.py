@@ -1,16 +1,6 @@
-"""The asset manifest, what each file must look like, and the pinned hashes.
-
-The manifest (``assets.json`` here, or ``--manifest FILE``) lists each asset with a
-``name``, a source (``url``, or ``hf`` = Hugging Face repo and filename), a relative
-``path`` and a ``sha256`` (null when not known in advance). ``path`` is both where the
-file lands under the destination and where it sits under a mirror's base URL, so a
-populated destination served over HTTP is a complete mirror.
-
-A verified file is recorded in ``DEST/.asset-hashes.json`` (sha256, size, mtime): a hash
-the manifest does not know is pinned there at the first download and checked from then
-on, and a file that still has its recorded size and mtime is not hashed again. Before a
-hash is pinned the file must look like what it is (``content_problem``: kind and size).
-"""
+"""The asset manifest (``assets.json`` here: its comment says what an entry holds), what each
+file must look like, and the sha256 pinned in ``DEST/.asset-hashes.json`` at the first
+download of an asset whose manifest entry has none."""
 
 from __future__ import annotations
 
@@ -21,7 +11,7 @@ import json
 import logging
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from utils.formats import iter_rank_csv, iter_recall_csv, sniff_format
@@ -48,6 +38,13 @@ KINDS = {  # kind -> (what it is called, smallest plausible size: weights are ne
 KIND_OF_EXT = {".pth": "torch", ".ckpt": "torch", ".bin": "torch", ".pt": "torch", ".safetensors": "safetensors"}
 KIND_OF_EXT |= {".npy": "npy", ".csv": "csv", ".json": "json", ".txt": "text"}
 CSV_ROWS_CHECKED = 50
+LOOKS = {  # how a file starts -> what it is, for messages (the first match, in lower case)
+    **dict.fromkeys((b"<!doctype html", b"<html", b"<head", b"<body"), "an HTML page"),
+    LFS_MAGIC: "a Git LFS pointer",
+    b"<": "an XML/HTML document",
+    **dict.fromkeys((b"{", b"["), "JSON"),
+    **{b"pk\x03\x04": "a zip archive", b"\x93numpy": "a .npy array", b"\x1f\x8b": "gzip data", b"\x80": "a pickle"},
+}
 
 
 class AssetError(RuntimeError):
@@ -76,15 +73,11 @@ class Asset:
             return mirror.rstrip("/") + "/" + urllib.parse.quote(self.path)
         return self.url or f"hf://{self.hf['repo_id']}/{self.hf['filename']}"
 
-    @property
-    def file_kind(self) -> str | None:
-        return self.kind or KIND_OF_EXT.get(Path(self.path).suffix.lower())
-
 
 def _asset_problem(a: dict) -> str | None:
     """Why manifest entry ``a`` (which has a name and a path) is unusable."""
-    rel, hf, sha, min_bytes = a["path"], a.get("hf"), a.get("sha256"), a.get("min_bytes")
-    if rel.startswith("/") or ".." in Path(rel).parts:
+    hf, sha, min_bytes = a.get("hf"), a.get("sha256"), a.get("min_bytes")
+    if a["path"].startswith("/") or ".." in Path(a["path"]).parts:
         return "'path' must be relative and stay inside the destination"
     if not a.get("url") and not hf:
         return "needs a 'url' or an 'hf' source"
@@ -100,8 +93,7 @@ def _asset_problem(a: dict) -> str | None:
 
 
 def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
-    """The assets of a manifest; an unreadable or inconsistent one is a ``ManifestError``
-    naming the file (and the line or the asset)."""
+    """The assets of a manifest; an unusable one is a ``ManifestError`` naming the file and line or asset."""
     try:
         data = read_json(path, "asset manifest")
     except DataError as e:
@@ -116,14 +108,13 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
         problem = "duplicate name" if a["name"] in out else _asset_problem(a)
         if problem:
             raise ManifestError(f"{path}: asset {a['name']!r}: {problem}")
-        fields = {k: a[k] for k in Asset.__dataclass_fields__ if k in a}
-        out[a["name"]] = Asset(**{**fields, "sha256": a["sha256"].lower() if a.get("sha256") else None})
+        known = {f.name: a[f.name] for f in fields(Asset) if f.name in a}
+        out[a["name"]] = Asset(**{**known, "sha256": a["sha256"].lower() if a.get("sha256") else None})
     return list(out.values())
 
 
 def select_assets(assets: list[Asset], only=None, with_train: bool = False, groups=()) -> list[Asset]:
-    """``only`` names (any order) or the default set (+ the non-default ones with
-    ``with_train``, + the assets of the named ``groups``, e.g. ``("baselines",)``)."""
+    """``only`` these, else the default set (+ the others ``with_train``, + those of the named ``groups``)."""
     if only:
         unknown = [n for n in only if n not in {a.name for a in assets}]
         if unknown:
@@ -133,20 +124,8 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False, grou
     return [a for a in assets if a.default or with_train or (a.group is not None and a.group in groups)]
 
 
-# ---------------------------------------------------------------------------
-# does a file look like what the asset is?
-# ---------------------------------------------------------------------------
-LOOKS = {  # how a file starts -> what it is, for messages (first match; compared in lower case)
-    **dict.fromkeys((b"<!doctype html", b"<html", b"<head", b"<body"), "an HTML page"),
-    LFS_MAGIC: "a Git LFS pointer",
-    b"<": "an XML/HTML document",
-    **dict.fromkeys((b"{", b"["), "JSON"),
-    **{b"pk\x03\x04": "a zip archive", b"\x93numpy": "a .npy array", b"\x1f\x8b": "gzip data", b"\x80": "a pickle"},
-}
-
-
 def looks_like(head: bytes) -> str:
-    """A short description of what a file starting with ``head`` is, for messages."""
+    """What a file starting with ``head`` is, for messages."""
     low = head.lstrip()[:64].lower()
     what = next((what for magic, what in LOOKS.items() if low.startswith(magic)), None)
     if what or not head:
@@ -197,9 +176,9 @@ def _looks_ok(kind: str, path: Path, head: bytes, size: int) -> bool:
 
 
 def content_problem(asset: Asset, path: Path) -> str | None:
-    """Why ``path`` does not look like ``asset`` (None: it does). Cheap: the head of the
-    file, and for CSV/JSON a bounded parse."""
-    kind, size = asset.file_kind, path.stat().st_size
+    """Why ``path`` does not look like ``asset`` (None: it does): its head, size, and a bounded parse."""
+    kind = asset.kind or KIND_OF_EXT.get(Path(asset.path).suffix.lower())
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64 * 1024)
     what = looks_like(head)
@@ -217,9 +196,6 @@ def content_problem(asset: Asset, path: Path) -> str | None:
     return f"{what} ({size} bytes), not {name}"
 
 
-# ---------------------------------------------------------------------------
-# pinned hashes (DEST/.asset-hashes.json)
-# ---------------------------------------------------------------------------
 class HashRecords:
     """``DEST/.asset-hashes.json``: per asset the sha256, size and mtime of its verified file."""
 
@@ -232,8 +208,8 @@ class HashRecords:
             except (DataError, KeyError, TypeError, ValueError):
                 log.warning("%s is unreadable; it will be rebuilt", self.path)
 
-    def get(self, name: str) -> dict | None:
-        return self.data.get(name)
+    def get(self, name: str) -> dict:
+        return self.data.get(name) or {}
 
     def put(self, asset: Asset, file: Path, sha: str, source: str) -> None:
         st = file.stat()
@@ -260,18 +236,17 @@ class HashRecords:
 
     def expected(self, asset: Asset) -> tuple[str | None, str]:
         """(the sha256 ``asset`` must have, where it comes from: manifest | record | unknown)."""
+        rec = self.get(asset.name)
         if asset.sha256:
             return asset.sha256, "manifest"
-        rec = self.get(asset.name)
-        if rec and rec.get("sha256") and rec.get("path") == asset.path:
+        if rec.get("sha256") and rec.get("path") == asset.path:
             return rec["sha256"], "record"
         return None, "unknown"
 
 
 def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool = False) -> str | None:
-    """Why ``asset`` is not usable as it is under ``dest`` (None: present and verified).
-    A file with its recorded size and mtime and the expected hash is not hashed again;
-    without a sha256 in the manifest it must also look like what it is."""
+    """Why ``asset`` is not usable as it is under ``dest`` (None: present and verified; hashed only if
+    changed). Without a sha256 in the manifest, the file must also look like what it is."""
     file = dest / asset.path
     if not file.is_file():
         return "missing"
@@ -280,7 +255,7 @@ def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool =
         problem = content_problem(asset, file)
         if problem is not None:
             return f"{LOOKS_WRONG}{problem}"
-    rec, st = records.get(asset.name) or {}, file.stat()
+    rec, st = records.get(asset.name), file.stat()
     recorded = (rec.get("path"), rec.get("size"), rec.get("mtime_ns")) == (asset.path, st.st_size, st.st_mtime_ns)
     if not rehash and recorded and (want is None or rec.get("sha256") == want):
         return None

@@ -1,16 +1,12 @@
-"""HTTP for both downloaders: sessions with retries, the address policy, the deadline.
-
-- ``make_session`` / ``open_session``: a keep-alive ``requests.Session``; urllib3 retries
-  connect errors, read timeouts, 429 and 5xx (honouring ``Retry-After``) with exponential
-  backoff and jitter; other 4xx are final.
-- ``AddressPolicy``: which addresses a download may contact. Every URL and redirect is
-  checked before a request is sent, and the connection then goes to the addresses that
-  were checked: a name is resolved once, so a second DNS answer cannot lead elsewhere.
-- ``Deadline``: a download still running after its time is cut off.
-"""
+"""HTTP for both downloaders: keep-alive sessions whose urllib3 retries cover connect errors,
+read timeouts, 429 and 5xx (honouring Retry-After); the address policy every URL and redirect
+passes before a connection is made (the connection then goes to the addresses that were
+checked: a second DNS answer cannot lead elsewhere); the deadline of a whole download; and
+what went wrong with a request, as a short kind and as one line for the user."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -19,11 +15,12 @@ import time
 import urllib.parse
 
 import requests
+import requests.exceptions as req
 import urllib3
+import urllib3.exceptions as u3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.poolmanager import ProxyManager
 from urllib3.util.retry import Retry
 
@@ -31,14 +28,12 @@ from utils.args import Downloads
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 USER_AGENT = "image-selection-downloader/1.0 (+python-requests)"
-ALLOW_OPTION = "--allow-private-addresses"
 DNS_TTL = 60.0
 MAX_REDIRECTS = 10
 
 
-class BlockedAddressError(requests.exceptions.ConnectionError):
-    """A URL or a redirect leads to an address the download must not contact; raised
-    before any connection to it is made."""
+class BlockedAddressError(req.ConnectionError):
+    """A URL or redirect leads to an address the download must not contact (raised before connecting)."""
 
 
 class DeadlineExceeded(Exception):
@@ -46,7 +41,7 @@ class DeadlineExceeded(Exception):
 
 
 def address_class(ip: str) -> str:
-    """'public', 'private', 'loopback', 'link-local' or 'reserved' for an IP address."""
+    """'public', 'private', 'loopback', 'link-local' or 'reserved'."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     addr = getattr(addr, "ipv4_mapped", None) or addr
     if addr.is_link_local:
@@ -58,57 +53,31 @@ def address_class(ip: str) -> str:
     return "public" if addr.is_global else "private"
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
 def _host_port(url: str):
-    parts = urllib.parse.urlsplit(url)
+    """(host name in lower case, port) of ``url``; (None, None) when it has none."""
     try:
-        port = parts.port
+        parts = urllib.parse.urlsplit(url)
+        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return None, None
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
-def url_host(url: str) -> str | None:
-    """The host name of ``url`` (lower case), or None."""
-    try:
-        return urllib.parse.urlsplit(url).hostname
-    except ValueError:
-        return None
 
 
 class AddressPolicy:
-    """Where a download may go. A public URL must not lead into the local network (cloud
-    metadata at 169.254.169.254, an admin page on 10.x), neither by its host name
-    resolving there nor by a redirect.
+    """Where a download may go: never to a link-local or reserved address (cloud metadata at
+    169.254.169.254); to a private or loopback one only when the URL names it (a literal
+    address, localhost, a ``trusted`` host the user named) or by a redirect from such a place.
+    A check pins, for the calling thread, the addresses it allowed: the session connects
+    to those and no others. ``allow_private`` allows everything."""
 
-    - never, unless ``allow_private``: a link-local or reserved address (any URL, any hop);
-      a host *name* resolving to a private or loopback address; a redirect from a public
-      address to a private or loopback one.
-    - allowed: a URL naming a local address literally (``http://127.0.0.1:8000/``,
-      ``localhost``) or a host the user named (``trusted_hosts``: a ``--mirror``, the
-      ``--url-prefix-map`` targets); its redirects may stay in the local network.
-
-    A check resolves the host once (cached for a minute) and pins, for the calling thread,
-    the addresses it allowed: the session's connections go to those and no others (a host
-    that did not resolve gets no connection at all).
-    """
-
-    def __init__(self, allow_private: bool = False, trusted_hosts=()):
+    def __init__(self, allow_private: bool = False, trusted=()):
         self.allow_private = allow_private
-        self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts if h)
+        self.trusted = frozenset(h for h in trusted if h)
         self._cache: dict = {}
         self._pins = threading.local()
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
-        """[(ip, address class)] of ``host`` ([] when it does not resolve)."""
-        if _is_ip(host):
+        """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
+        with contextlib.suppress(ValueError):  # an address literal
             return [(host, address_class(host))]
         now, hit = time.monotonic(), self._cache.get((host, port))
         if hit is not None and now - hit[0] < DNS_TTL:
@@ -124,39 +93,31 @@ class AddressPolicy:
         return out
 
     def check(self, url: str, came_from: str | None = None) -> None:
-        """Raise ``BlockedAddressError`` when ``url`` (reached by a redirect from
-        ``came_from``, or given as it is) must not be contacted; else pin its addresses."""
-        if self.allow_private:
-            return
+        """Raise ``BlockedAddressError`` when ``url`` must not be contacted; else pin its addresses."""
         host, port = _host_port(url)
-        if not host:
-            return  # not a URL requests can fetch: it fails on its own
+        if self.allow_private or not host:  # not a URL requests can fetch: it fails on its own
+            return
         addrs = self.resolve(host, port)
-        how = f"the redirect from {came_from} to {url}" if came_from else url
-        hint = f"(pass {ALLOW_OPTION} to allow it)"
-        for ip, cls in addrs:
-            if cls in ("link-local", "reserved"):
-                where = host if host == ip else f"{host} ({ip})"
-                raise BlockedAddressError(f"refused {how}: {where} is a {cls} address {hint}")
         local = [(ip, cls) for ip, cls in addrs if cls != "public"]
-        if local and came_from is None:
-            named = _is_ip(host) or host == "localhost" or host.endswith(".localhost") or host in self.trusted_hosts
-            if not named:
+        literal = any(ip == host for ip, _ in addrs)
+        named = literal or host == "localhost" or host.endswith(".localhost") or host in self.trusted
+        refused = f"refused {f'the redirect from {came_from} to {url}' if came_from else url}"
+        for ip, cls in local:
+            if cls in ("link-local", "reserved"):
+                self._refuse(f"{refused}: {host if host == ip else f'{host} ({ip})'} is a {cls} address")
+        if local and came_from is None and not named:
+            self._refuse(f"{refused}: the host name {host} resolves to {local[0][0]}, a {local[0][1]} address")
+        if local and came_from is not None:
+            source_host, source_port = _host_port(came_from)
+            source = self.resolve(source_host, source_port) if source_host else []
+            if source and all(c == "public" for _, c in source):
                 ip, cls = local[0]
-                raise BlockedAddressError(
-                    f"refused {how}: the host name {host} resolves to {ip}, a {cls} address {hint}"
-                )
-        elif local and self._is_public(came_from):
-            ip, cls = local[0]
-            raise BlockedAddressError(
-                f"refused {how}: a public address redirects to {host} ({ip}, a {cls} address) {hint}"
-            )
+                self._refuse(f"{refused}: a public address redirects to {host} ({ip}, a {cls} address)")
         self._pins.__dict__[(host.rstrip(".").lower(), port)] = [ip for ip, _ in addrs]
 
-    def _is_public(self, url: str) -> bool:
-        host, port = _host_port(url)
-        addrs = self.resolve(host, port) if host else []
-        return bool(addrs) and all(c == "public" for _, c in addrs)
+    @staticmethod
+    def _refuse(msg: str):
+        raise BlockedAddressError(f"{msg} (pass --allow-private-addresses to allow it)")
 
     def pinned(self, host: str, port: int) -> list[str] | None:
         """The addresses this thread's last check of ``host:port`` allowed (None: never checked)."""
@@ -164,9 +125,9 @@ class AddressPolicy:
 
 
 class Deadline:
-    """Ends a download still running after ``seconds``: the sockets its requests use are
-    shut down (a read blocked on a server that trickles a byte a second returns at once),
-    and a request it starts afterwards fails. ``with Deadline(s) as d: ...``; ``d.expired``."""
+    """``with Deadline(seconds) as d``: when the time is up, the sockets of the thread's
+    requests are shut down (a read blocked on a server trickling its bytes returns at once),
+    a request started afterwards fails, and ``d.expired`` is set."""
 
     _current = threading.local()
 
@@ -202,60 +163,48 @@ class Deadline:
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-            for s in self._socks:
-                try:  # the plain socket's shutdown: an SSL socket's would drop its state under the reader
+            for s in self._socks:  # the plain socket's shutdown: an SSL one's would drop its state under the reader
+                with contextlib.suppress(OSError):
                     socket.socket.shutdown(s, socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class _Pinned:
-    """Connects to the addresses its session's policy checked (the host name stays the
-    request's: Host header, TLS server name and certificate check), and puts each request
-    under the thread's ``Deadline``."""
+    """Connects to the addresses its ``policy`` checked (the TLS name stays the host's), under the ``Deadline``."""
 
-    policy: AddressPolicy | None = None
+    policy: AddressPolicy
 
     def _new_conn(self):
-        ips = self.policy.pinned(self.host, self.port) if self.policy else None
-        if ips is None:  # a proxy, or a session whose policy allows everything
+        ips = self.policy.pinned(self.host, self.port)
+        if ips is None:  # a proxy, or a policy that allows everything
             return super()._new_conn()
         err: OSError | None = None
+        options = dict(source_address=self.source_address, socket_options=self.socket_options)
         for ip in ips:
             try:
-                return urllib3.util.connection.create_connection(
-                    (ip, self.port),
-                    self.timeout,
-                    source_address=self.source_address,
-                    socket_options=self.socket_options,
-                )
+                return urllib3.util.connection.create_connection((ip, self.port), self.timeout, **options)
             except OSError as e:
                 err = e
         if err is None:
-            raise NameResolutionError(self.host, self, socket.gaierror(f"{self.host} did not resolve"))
+            raise u3.NameResolutionError(self.host, self, socket.gaierror(f"{self.host} did not resolve"))
         if isinstance(err, TimeoutError):
-            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from err
-        raise NewConnectionError(self, f"Failed to establish a new connection: {err}") from err
+            raise u3.ConnectTimeoutError(self, f"Connection to {self.host} timed out") from err
+        raise u3.NewConnectionError(self, f"Failed to establish a new connection: {err}") from err
 
     def getresponse(self, *args, **kw):
         Deadline.watch(self.sock)
         return super().getresponse(*args, **kw)
 
 
-def _pool_classes(policy: AddressPolicy) -> dict:
-    def pool(base, conn):
-        return type(
-            f"Pinned{base.__name__}",
-            (base,),
-            {"ConnectionCls": type(conn.__name__, (_Pinned, conn), {"policy": policy})},
-        )
-
-    return {"http": pool(HTTPConnectionPool, HTTPConnection), "https": pool(HTTPSConnectionPool, HTTPSConnection)}
-
-
 class _Adapter(HTTPAdapter):
+    """Pools of ``_Pinned`` connections, behind an HTTP proxy too."""
+
     def __init__(self, policy: AddressPolicy, **kw):
-        self._pools = _pool_classes(policy)
+        def pool(base, conn):
+            pinned = type(conn.__name__, (_Pinned, conn), {"policy": policy})
+            return type(f"Pinned{base.__name__}", (base,), {"ConnectionCls": pinned})
+
+        http, https = pool(HTTPConnectionPool, HTTPConnection), pool(HTTPSConnectionPool, HTTPSConnection)
+        self._pools = {"http": http, "https": https}
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
@@ -270,26 +219,24 @@ class _Adapter(HTTPAdapter):
 
 
 class _Session(requests.Session):
-    """Every URL requested and every redirect target is checked by ``address_policy``
-    before a connection is made. The proxies of the environment are read once per host
-    (requests reads them on every request: 0.4 ms, a tenth of a small image's cost)."""
+    """Checks every URL and redirect before connecting; reads the environment's proxies once per host."""
 
-    def __init__(self, address_policy: AddressPolicy):
+    def __init__(self, policy: AddressPolicy):
         super().__init__()
-        self.address_policy = address_policy
-        self.trust_env = False  # the environment is merged below, cached (and ~/.netrc is not used)
+        self.policy = policy
+        self.trust_env = False
         self._proxies: dict = {}
         self._ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
     def request(self, method, url, *args, **kwargs):
-        self.address_policy.check(url)
+        self.policy.check(url)
         return super().request(method, url, *args, **kwargs)
 
     def get_redirect_target(self, resp):
         target = super().get_redirect_target(resp)
         if target:
             try:
-                self.address_policy.check(urllib.parse.urljoin(resp.url, target), came_from=resp.url)
+                self.policy.check(urllib.parse.urljoin(resp.url, target), came_from=resp.url)
             except BlockedAddressError:
                 resp.close()
                 raise
@@ -305,24 +252,20 @@ class _Session(requests.Session):
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
-def make_session(
-    retries: int = 4, backoff: float = 0.5, pool_size: int = 16, address_policy: AddressPolicy | None = None
-) -> requests.Session:
-    """A keep-alive session with urllib3 retries for GET: ``retries`` bounds the total and
-    each of connect/read/status retries; waits grow as ``backoff * 2**(n-1)`` plus up to
-    ``backoff`` of jitter (at most 30 s); ``Retry-After`` on 429/503 is honoured (at most
-    2 minutes where urllib3 can cap it). After the retries the last response is returned
-    as it is, so the caller sees the real status. ``address_policy`` (default
-    ``AddressPolicy()``) checks every URL and redirect before connecting."""
-    kw = dict.fromkeys(("total", "connect", "read", "status"), retries)
-    kw |= dict(other=0, redirect=MAX_REDIRECTS, backoff_factor=backoff, backoff_max=30.0, backoff_jitter=backoff)
-    kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int | None = None) -> requests.Session:
+    """A keep-alive session as the download flags say: a GET is retried, after ``backoff * 2**(n-1)``
+    s plus jitter (at most 30 s) or what Retry-After says, then its last response is returned as it is.
+    The hosts of ``trusted_urls`` (a mirror, the ``--url-prefix-map`` targets) were named by the user."""
+    kw = dict.fromkeys(("total", "connect", "read", "status"), net.retries) | dict(other=0, redirect=MAX_REDIRECTS)
+    kw |= dict(backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff, raise_on_status=False)
+    kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}))
     try:
         retry = Retry(**kw, retry_after_max=120)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
         retry = Retry(**kw)
-    policy = AddressPolicy() if address_policy is None else address_policy
-    adapter = _Adapter(policy, max_retries=retry, pool_connections=max(1, pool_size), pool_maxsize=max(1, pool_size))
+    policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
+    pool = max(1, pool_size or net.workers)
+    adapter = _Adapter(policy, max_retries=retry, pool_connections=pool, pool_maxsize=pool)
     s = _Session(policy)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
@@ -331,8 +274,53 @@ def make_session(
     return s
 
 
-def open_session(net: Downloads, trusted_hosts=(), pool_size: int | None = None) -> requests.Session:
-    """``make_session`` as the download flags say (``utils.args.Downloads``); ``trusted_hosts``:
-    the hosts the user named (a mirror, the ``--url-prefix-map`` targets)."""
-    policy = AddressPolicy(allow_private=net.allow_private, trusted_hosts=trusted_hosts)
-    return make_session(net.retries, net.backoff, pool_size or net.workers, address_policy=policy)
+# the first kind whose types (or words) appear in the exception's chain; "connection" comes
+# before "timeout" because urllib3's NewConnectionError derives from ConnectTimeoutError
+KINDS = (
+    ("deadline", (DeadlineExceeded,), None),
+    ("blocked_address", (BlockedAddressError,), None),
+    ("redirects", (req.TooManyRedirects,), None),
+    ("bad_url", (req.InvalidURL, req.MissingSchema, req.InvalidSchema, u3.LocationParseError), None),
+    ("truncated", (u3.IncompleteRead,), "incomplete"),
+    ("ssl", (req.SSLError, u3.SSLError), None),
+    ("connection", (ConnectionRefusedError, u3.NewConnectionError, u3.NameResolutionError), "connection refused"),
+    ("timeout", (u3.TimeoutError, req.Timeout, TimeoutError), None),
+    ("connection", (u3.ProtocolError, req.ConnectionError, ConnectionResetError), None),
+    ("os_error", (OSError,), None),
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and all it wraps (causes, contexts, urllib3 ``reason``s, exception arguments), each once."""
+    seen, stack = {}, [exc]
+    while stack:
+        e = stack.pop()
+        if e is not None and id(e) not in seen:
+            seen[id(e)] = e
+            stack += [e.__cause__, e.__context__, getattr(e, "reason", None)]
+            stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return list(seen.values())
+
+
+def describe(exc: BaseException, limit: int = 160) -> tuple[str, str]:
+    """(a short kind, the first of ``KINDS`` in its chain; one line naming the most specific cause)."""
+    chain = _chain(exc)
+
+    def found(types, words: str | None) -> bool:
+        return any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain)
+
+    kind = next((k for k, types, words in KINDS if found(types, words)), type(exc).__name__)
+    ours = [e for e in chain if isinstance(e, (BlockedAddressError, DeadlineExceeded))]
+    if ours:
+        return kind, str(ours[0])
+    if found(ConnectionRefusedError, "connection refused"):
+        return kind, "connection refused"
+    short = [e for e in chain if isinstance(e, u3.IncompleteRead)]
+    inner = [e for e in chain if isinstance(e, u3.HTTPError) and not isinstance(e, u3.MaxRetryError)]
+    oserr = [e for e in chain if isinstance(e, OSError) and not isinstance(e, req.RequestException)]
+    inner = (short or inner or oserr[-1:] or [exc])[0]
+    text = str(inner).splitlines()[0] if str(inner) else ""
+    if "): " in text and "Pool(" in text:  # drop "HTTPConnectionPool(host=..., port=...): "
+        text = text.split("): ", 1)[1]
+    text = f"{type(inner).__name__}: {text}"
+    return kind, text if len(text) <= limit else text[: limit - 3] + "..."

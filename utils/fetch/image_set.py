@@ -1,26 +1,9 @@
 """The images of a published CSV (recall or ranking format) into one directory:
-``download_images(ImageJob(...))`` is what ``download_images.py`` runs.
-
-Files: recall rows -> ``<poi_id>_<rank_number><ext>``; ranking rows -> ``<item_id>_a<ext>``
-and ``<item_id>_b<ext>`` (the durable oss URL first, then the original). A present, valid
-file is kept (``skipped``). ``OUT/manifest.jsonl`` gets one JSON line per image (and per
-bad row left out), flushed as each result arrives; the previous one is kept as ``.prev``.
-Everything is checked before the first request: the CSV (bad rows refused unless
-``skip_bad_rows``), the output places; one run per output (``OUT/.lock``, per shard).
-"""
+``download_images(ImageJob(...))`` is what ``download_images.py`` runs. Everything is
+checked before the first request; ``OUT/manifest.jsonl`` gets one line per image (and per
+bad row left out) as each result arrives."""
 
 from __future__ import annotations
-
-from utils.cli import (
-    RowError,
-    UserError,
-    allowed_count,
-    bad_rows,
-    input_file,
-    log_file_handler,
-    output_dir,
-    output_file,
-)
 
 import concurrent.futures as cf
 import contextlib
@@ -31,17 +14,18 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from utils import cli
 from utils.args import IMAGE_DOWNLOADS, Downloads
 from utils.formats import RankRow, iter_rank_csv, iter_recall_csv, sniff_format
 from utils.io import exclusive_lock, write_error
 
-from .http import open_session, url_host
-from .images import DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one, parse_url_map, unchanged_since
+from .http import open_session
+from .images import DEFAULT_MAX_BYTES, FetchResult, clean_stale_temps, download_one, parse_url_map
 
 log = logging.getLogger("download_images")
 MAX_PRINTED_FAILURES = 20
@@ -57,8 +41,8 @@ class ImageJob:
     format: str = "auto"  # auto | recall | rank
     max_bytes: int = DEFAULT_MAX_BYTES
     max_failures: str = "0"  # N or P%
-    limit: int | None = None  # first N rows (after the shard)
-    shard: tuple[int, int] | None = None  # (I, N): rows whose line L has (L-1) % N == I
+    limit: int | None = None  # the first N rows (after the shard)
+    shard: tuple[int, int] | None = None  # (I, N): the rows whose line L has (L-1) % N == I
     url_prefix_map: tuple = ()  # "OLD=NEW" strings
     max_side: int | None = None
     manifest: str | None = None  # default OUT/manifest[.shard-I-of-N].jsonl
@@ -67,24 +51,8 @@ class ImageJob:
     progress: bool = True
 
 
-@dataclass
-class Plan:
-    """A checked job: what the run reads and writes."""
-
-    job: ImageJob
-    fmt: str
-    images: int
-    bad: int
-    out: Path
-    manifest: Path
-    log_file: Path
-    lock_name: str
-    url_map: list = field(default_factory=list)
-
-
 def _select(job: ImageJob, fmt: str):
-    """The rows (``RecallRow`` / ``RankRow``) and bad rows (``RowError``) the job covers, in
-    file order: ``shard`` by line number, then the first ``limit`` of them."""
+    """The rows and bad rows (``RowError``) of the job in file order: its ``shard``, then the first ``limit``."""
     found: list = []
     rows = iter_rank_csv(job.csv, found) if fmt == "rank" else iter_recall_csv(job.csv, found)
     taken = 0
@@ -99,119 +67,119 @@ def _select(job: ImageJob, fmt: str):
             yield item
 
 
-def plan_images(job: ImageJob) -> Plan:
-    """Check the job before any request (nothing is created): the CSV is UTF-8 of a known
-    format without bad rows (unless ``skip_bad_rows``), the output places are writable."""
-    csv = str(input_file(job.csv, "--csv"))
-    try:
-        url_map = parse_url_map(job.url_prefix_map)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    out = output_dir(job.out, "--out")
-    suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
-    manifest = output_file(Path(job.manifest) if job.manifest else out / f"manifest{suffix}.jsonl", "--manifest")
-    if Path(f"{manifest}.prev").is_dir():
-        raise UserError(f"--manifest {manifest}: {manifest}.prev (where the previous manifest is kept) is a directory")
-    log_file = output_file(out / f"download_images{suffix}.log", "log file")
-    fmt = sniff_format(csv) if job.format == "auto" else job.format
-    errors, images = [], 0
-    for item in _select(job, fmt):
-        if isinstance(item, RowError):
-            errors.append(item)
-        else:
-            images += 2 if isinstance(item, RankRow) else 1
-    bad = bad_rows(errors, csv, job.skip_bad_rows)
-    return Plan(job, fmt, images, bad, out, manifest, log_file, f".lock{suffix}", url_map)
+class _Run:
+    """One run of a job: checked when made (nothing is created yet); while ``recording``, its
+    manifest (JSONL, each line written whole as its result arrives; a write that fails is cut
+    back to the last whole line), counts, progress bar and the first failures printed."""
 
-
-class _Manifest:
-    """JSONL, one line per result written whole as it arrives (a killed run loses nothing
-    that finished); a write that fails is cut back to the last whole line."""
-
-    def __init__(self, path: Path):
-        if path.is_file():
-            os.replace(path, f"{path}.prev")
-        self.path, self.size = path, 0
+    def __init__(self, job: ImageJob):
+        self.job, self.csv = job, str(cli.input_file(job.csv, "--csv"))
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise write_error(e, path) from None
+            url_map = parse_url_map(job.url_prefix_map)
+        except ValueError as e:
+            raise cli.UserError(str(e)) from None
+        self.out = cli.output_dir(job.out, "--out")
+        self.suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
+        manifest = Path(job.manifest) if job.manifest else self.out / f"manifest{self.suffix}.jsonl"
+        self.manifest = cli.output_file(manifest, "--manifest")
+        if Path(f"{self.manifest}.prev").is_dir():
+            prev = f"{self.manifest}.prev (where the previous manifest is kept)"
+            raise cli.UserError(f"--manifest {self.manifest}: {prev} is a directory")
+        self.log_file = cli.output_file(self.out / f"download_images{self.suffix}.log", "log file")
+        self.fmt = sniff_format(self.csv) if job.format == "auto" else job.format
+        errors, self.images = [], 0
+        for item in _select(job, self.fmt):
+            if isinstance(item, cli.RowError):
+                errors.append(item)
+            else:
+                self.images += 2 if isinstance(item, RankRow) else 1
+        self.bad = cli.bad_rows(errors, self.csv, job.skip_bad_rows)
+        self.fetch = dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map, timeout=job.net.timeout)
+        self.fetch |= dict(backoff=job.net.backoff, deadline=job.net.deadline)
+        self.status, self.kinds = Counter(), Counter()
 
-    def write(self, rec: dict) -> None:
+    @contextlib.contextmanager
+    def recording(self):
+        """The manifest (the previous one kept as ``.prev``) and the progress bar, for the block."""
+        if self.manifest.is_file():
+            os.replace(self.manifest, f"{self.manifest}.prev")
+        try:
+            self.fd = os.open(self.manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise write_error(e, self.manifest) from None
+        self.size = 0
+        self.bar = tqdm(total=self.images + self.bad, unit="img", dynamic_ncols=True, disable=not self.job.progress)
+        try:
+            yield
+        finally:
+            self.bar.close()
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
+            os.close(self.fd)
+
+    def record(self, rec: dict) -> None:
         data = memoryview((json.dumps(rec, ensure_ascii=False) + "\n").encode())
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
         except OSError as e:
             os.ftruncate(self.fd, self.size)
-            raise write_error(e, self.path) from None
+            raise write_error(e, self.manifest) from None
         self.size = os.lseek(self.fd, 0, os.SEEK_CUR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.fsync(self.fd)
-        os.close(self.fd)
-
-
-def _read_previous(manifest: Path) -> dict:
-    """key -> record of the manifest this run replaces (unreadable lines left out)."""
-    out: dict = {}
-    with contextlib.suppress(OSError, UnicodeDecodeError), open(manifest, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict) and rec.get("key"):
-                    out[rec["key"]] = rec
-    return out
-
-
-class _Run:
-    """One run's bookkeeping: the manifest, the counts, the progress bar, the failures
-    printed (the first ``MAX_PRINTED_FAILURES``; all of them in the manifest and the log)."""
-
-    def __init__(self, plan: Plan):
-        self.plan, self.status, self.kinds, self.printed = plan, Counter(), Counter(), 0
-        self.manifest = _Manifest(plan.manifest)
-        self.bar = tqdm(total=plan.images + plan.bad, unit="img", dynamic_ncols=True, disable=not plan.job.progress)
-
-    def record(self, rec: dict) -> None:
-        self.manifest.write(rec)
         self.status[rec["status"]] += 1
         self.bar.update(1)
         if rec["status"] != "failed":
             return
         self.kinds[rec.get("error_kind") or "error"] += 1
-        msg = f"{self.plan.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
+        msg = f"{self.job.csv}:{rec['line']}: {rec.get('key') or 'bad row'}: {rec.get('error')}"
         log.warning("failed %s", msg)
-        if self.printed <= MAX_PRINTED_FAILURES:
+        if self.kinds.total() <= MAX_PRINTED_FAILURES + 1:
             more = "(further failures only in the manifest and log)"
-            tqdm.write(f"FAILED {msg}" if self.printed < MAX_PRINTED_FAILURES else more, file=sys.stderr)
-        self.printed += 1
+            tqdm.write(f"FAILED {msg}" if self.kinds.total() <= MAX_PRINTED_FAILURES else more, file=sys.stderr)
 
-    def close(self) -> None:
-        self.bar.close()
-        self.manifest.close()
-
-
-def _fetch(session, plan: Plan, previous: dict, key: str, urls: list) -> FetchResult:
-    job = plan.job
-    kept = unchanged_since(plan.out, previous[key]) if key in previous else None
-    if kept is not None:
-        return kept
-    try:
-        return download_one(
-            session,
-            urls,
-            plan.out,
-            key,
-            max_bytes=job.max_bytes,
-            timeout=job.net.timeout,
-            max_side=job.max_side,
-            url_map=plan.url_map,
-            backoff=job.net.backoff,
-            deadline=job.net.deadline,
+    def summary(self, seconds: float) -> dict:
+        done = {k: self.status[k] for k in ("ok", "skipped", "failed")}
+        spec, total = self.job.max_failures, sum(done.values())
+        allowed = cli.allowed_count(spec, total)
+        over = (
+            f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
+            f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {self.manifest}. Rerun to retry them, "
+            "or raise --max-failures."
         )
-    except UserError:
+        return {
+            **done,
+            "bad_rows": self.bad,
+            "errors": dict(self.kinds.most_common()),
+            "seconds": seconds,
+            "manifest": str(self.manifest),
+            "over_budget": over if done["failed"] > allowed else None,
+        }
+
+
+def _unchanged(manifest: Path, out: Path) -> dict:
+    """key -> a ``skipped`` result for each file of the manifest this run replaces that kept its
+    recorded size and mtime (--trust-manifest: neither decoded nor hashed again)."""
+    kept: dict = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(manifest, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                name, key, size, mtime = rec["file"], rec["key"], rec["bytes"], rec["mtime_ns"]
+                st = (out / name).stat() if rec["status"] in ("ok", "skipped") and Path(name).name == name else None
+            except (ValueError, TypeError, KeyError, OSError):  # not a record of a file that is still there
+                continue
+            if st and Path(name).stem == key and (st.st_size, st.st_mtime_ns) == (size, mtime):
+                known = {k: rec.get(k) for k in ("width", "height", "sha256")}
+                kept[key] = FetchResult(key, "skipped", bytes=size, file=name, mtime_ns=mtime, **known)
+    return kept
+
+
+def _fetch(session, run: _Run, previous: dict, key: str, urls: list) -> FetchResult:
+    if key in previous:
+        return previous[key]
+    try:
+        return download_one(session, urls, run.out, key, **run.fetch)
+    except cli.UserError:
         raise  # the disk is full: every other image would fail too
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-row run
         log.exception("unexpected error for %s", key)
@@ -219,39 +187,29 @@ def _fetch(session, plan: Plan, previous: dict, key: str, urls: list) -> FetchRe
         return FetchResult(key, "failed", urls[0] if urls else None, error=err, error_kind="internal")
 
 
-def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
-    """A bounded window of downloads over the CSV rows (memory stays flat at any size),
-    each result recorded as it arrives."""
-    job = plan.job
-    session = open_session(job.net, trusted_hosts=[url_host(new) for _, new in plan.url_map])
+def _download_all(run: _Run, previous: dict) -> None:
+    """A bounded window of downloads (memory stays flat at any size), each result recorded as it arrives."""
+    workers = run.job.net.workers
+    session = open_session(run.job.net, [new for _, new in run.fetch["url_map"]])
     pending: dict = {}
-    pool = cf.ThreadPoolExecutor(job.net.workers, thread_name_prefix="dl")
+    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="dl")
 
     def settle(block_until: int) -> None:
         while len(pending) > block_until:
             for fut in cf.wait(pending, return_when=cf.FIRST_COMPLETED)[0]:
                 result = fut.result()
-                run.record({"key": result.key, "line": pending.pop(fut), **result.to_dict()})
+                run.record({"key": result.key, "line": pending.pop(fut), **asdict(result)})
 
     try:
-        for item in _select(job, plan.fmt):
-            if isinstance(item, RowError):
-                run.record(
-                    dict(
-                        key=None,
-                        line=item.line,
-                        status="failed",
-                        url=None,
-                        http=None,
-                        error=item.message,
-                        error_kind="bad_row",
-                    )
-                )
+        for item in _select(run.job, run.fmt):
+            if isinstance(item, cli.RowError):
+                bad = dict(key=None, line=item.line, status="failed", url=None, http=None)
+                run.record({**bad, "error": item.message, "error_kind": "bad_row"})
                 continue
             pairs = [(item.key_a, item.urls_a()), (item.key_b, item.urls_b())] if isinstance(item, RankRow) else None
             for key, urls in pairs or [(item.key, [item.url])]:
-                settle(job.net.workers * 4 - 1)
-                pending[pool.submit(_fetch, session, plan, previous, key, urls)] = item.line
+                settle(workers * 4 - 1)
+                pending[pool.submit(_fetch, session, run, previous, key, urls)] = item.line
         settle(0)
     except KeyboardInterrupt:
         pending.clear()  # do not wait for the downloads under way: their part files go with them
@@ -261,22 +219,22 @@ def _download_all(plan: Plan, run: _Run, previous: dict) -> None:
         session.close()
 
 
-def run_images(plan: Plan) -> dict:
-    """Run a checked job (one run per output: ``OUT/.lock``); the summary (``image_summary``)."""
-    job = plan.job
-    with exclusive_lock(plan.out, plan.lock_name):
-        handler = log_file_handler(plan.log_file, "%(asctime)s %(levelname)s %(message)s")
+def download_images(job: ImageJob) -> dict:
+    """The whole of ``download_images.py``: the job checked, then run; the summary (``image_summary``)."""
+    run = _Run(job)
+    with exclusive_lock(run.out, f".lock{run.suffix}"):
+        handler = cli.log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")
         log.addHandler(handler)
-        log.propagate = False  # failures are printed (the first few) by _Run; the rest is in the file
-        run, start = None, time.monotonic()
+        log.propagate = False  # the run prints the first failures; all are in the file
+        start = time.monotonic()
         try:
-            log.info("start: csv=%s format=%s out=%s %s", job.csv, plan.fmt, plan.out, job)
-            if removed := clean_stale_temps(plan.out):
+            log.info("start: csv=%s format=%s out=%s %s", job.csv, run.fmt, run.out, job)
+            if removed := clean_stale_temps(run.out):
                 log.info("removed %d stale temporary files", removed)
-            previous = _read_previous(plan.manifest) if job.trust_manifest else {}
-            run = _Run(plan)  # replaces the manifest
-            _download_all(plan, run, previous)
-            summary = _summary(plan, run, time.monotonic() - start)
+            previous = _unchanged(run.manifest, run.out) if job.trust_manifest else {}
+            with run.recording():  # replaces the manifest
+                _download_all(run, previous)
+            summary = run.summary(time.monotonic() - start)
             for line in image_summary(summary).splitlines():
                 log.info("summary: %s", line)
             return summary
@@ -284,30 +242,8 @@ def run_images(plan: Plan) -> dict:
             log.info("interrupted; finished downloads are kept and recorded")
             raise
         finally:
-            if run is not None:
-                run.close()
             log.removeHandler(handler)
             handler.close()
-
-
-def _summary(plan: Plan, run: _Run, seconds: float) -> dict:
-    done = {k: run.status[k] for k in ("ok", "skipped", "failed")}
-    spec, total = plan.job.max_failures, sum(done.values())
-    allowed = allowed_count(spec, total)
-    over = (
-        f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
-        f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {plan.manifest}. Rerun to retry them, "
-        "or raise --max-failures."
-    )
-    errors = dict(run.kinds.most_common())
-    return {
-        **done,
-        "bad_rows": plan.bad,
-        "errors": errors,
-        "seconds": seconds,
-        "manifest": str(plan.manifest),
-        "over_budget": over if done["failed"] > allowed else None,
-    }
 
 
 def image_summary(s: dict) -> str:
@@ -319,8 +255,3 @@ def image_summary(s: dict) -> str:
     if s["errors"]:
         lines.append("failures by error: " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
     return "\n".join([*lines, f"manifest: {s['manifest']}"])
-
-
-def download_images(job: ImageJob) -> dict:
-    """``plan_images`` then ``run_images``: the whole of ``download_images.py``."""
-    return run_images(plan_images(job))
