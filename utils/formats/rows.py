@@ -29,9 +29,6 @@ class RecallRow:
     poi_name: str
     url: str
     rank: str
-    width: str = ""
-    height: str = ""
-    extend: str = ""
 
     @property
     def key(self) -> str:
@@ -104,7 +101,7 @@ def _recall_row(line: int, fields: list[str]) -> RecallRow | str:
         return "empty poi_id or rank_number"
     if "_" in poi_id or os.sep in poi_id or os.sep in rank:
         return f"poi_id {poi_id!r} / rank {rank!r} cannot name a file"
-    return RecallRow(line, *fields) if url else "empty image_url"
+    return RecallRow(line, *fields[:4]) if url else "empty image_url"
 
 
 def iter_recall_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RecallRow]:
