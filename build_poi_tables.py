@@ -61,7 +61,6 @@ def main(argv=None) -> int:
     setup_logging(ns.log_level)
     outputs = check_paths(ns)
     t0 = time.perf_counter()
-
     rows, bad = read_recall_rows(ns.csv, skip_bad_rows=ns.skip_bad_rows)
     images = index_images(ns.image_dir)
     from models import build_recall_model

@@ -43,7 +43,6 @@ def main(argv=None) -> int:
         input_file(ns.file, "FILE")
         print(describe_table(load_poi_table(ns.file, trust_pickle=ns.trust_pickle), ns.file, ns.show))
         return 0
-
     input_file(ns.input, "IN")
     table_output(ns.output, "OUT")
     distinct_paths({"IN": ns.input}, {"OUT": ns.output})

@@ -89,16 +89,12 @@ def decode_rgb(path: str | os.PathLike, mode: str = "reference", scratch: bool =
     return rgb if rgb is not None else reference_rgb(io.BytesIO(data))
 
 
-def to_tensor_into(out: np.ndarray, rgb: np.ndarray) -> None:
-    """Squash to 224 x 224 (OpenCV bilinear on uint8), normalise into ``out`` (3 x 224 x 224)."""
+def to_tensor(rgb: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+    """Squash to 224 x 224 (OpenCV bilinear on uint8) and normalise, into ``out`` when given."""
+    out = np.empty((3, SIZE, SIZE), dtype=np.float32) if out is None else out
     x = cv2.resize(rgb, (SIZE, SIZE))
     for c in range(3):
         np.take(_LUT[c], x[..., c], out=out[c])
-
-
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    out = np.empty((3, SIZE, SIZE), dtype=np.float32)
-    to_tensor_into(out, rgb)
     return torch.from_numpy(out)
 
 
@@ -115,7 +111,7 @@ def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "refer
         rgb = decode_rgb(path, mode, scratch=transform is None)
         if transform is not None:
             rgb = np.asarray(transform(Image.fromarray(rgb)).convert("RGB"))
-        to_tensor_into(out, rgb)
+        to_tensor(rgb, out)
         return True
     except Exception as e:  # any decode failure: missing, truncated, not an image
         _unreadable(path, e)

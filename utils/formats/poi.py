@@ -79,7 +79,7 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
 
 
 def _numeric(value, name: str, source) -> np.ndarray:
-    """``value`` as a flat numeric array, all finite, or a ``PoiTableError`` naming the entry."""
+    """``value`` as a flat numeric array, all finite."""
     try:
         a = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists
@@ -91,7 +91,7 @@ def _numeric(value, name: str, source) -> np.ndarray:
     return a.reshape(-1)
 
 
-def table_matrix(table: dict, source="<table>") -> tuple[list[str], np.ndarray]:
+def table_matrix(table: dict, source) -> tuple[list[str], np.ndarray]:
     """``(names, N x D matrix)`` of a table; every value numeric, finite, of one length."""
     names, rows = list(table), [_numeric(v, n, source) for n, v in table.items()]
     for name, row in zip(names, rows):
@@ -159,7 +159,6 @@ def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None
 
 
 def _stored(values: np.ndarray, kind: str) -> np.ndarray:
-    """Vectors as float32, counts as int64 when all are integers."""
     if kind == "vectors":
         return values.astype(np.float32)
     return values.astype(np.int64 if values.dtype.kind in "biu" else np.float64)
