@@ -118,9 +118,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 _HEADERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
 
 
-def restricted_load_npy(path):
+def load_npy(path, trust_pickle: bool = False):
     """What a ``.npy`` holds: a numeric array as numpy reads it, a pickled one through
-    :class:`RestrictedUnpickler` (not yet :func:`bounded`)."""
+    :class:`RestrictedUnpickler` (``trust_pickle``: any pickle, code in it runs); not yet :func:`bounded`."""
     try:
         with open(path, "rb") as f:
             version = npformat.read_magic(f)
@@ -136,23 +136,15 @@ def restricted_load_npy(path):
     except (ValueError, EOFError, MemoryError) as e:
         raise DataError(f"{path}: not a .npy file ({e})") from None
     try:
-        obj = RestrictedUnpickler(io.BytesIO(payload)).load()
+        obj = (pickle.Unpickler if trust_pickle else RestrictedUnpickler)(io.BytesIO(payload)).load()
     except DataError as e:  # a refused global
         raise DataError(f"{path}: {e}") from None
-    except Exception as e:  # truncated payload, bad opcodes, a refused codec, torch refusing
+    except Exception as e:  # whatever the pickle does (truncated, bad opcodes, a refused codec ...): one line
         raise DataError(f"{path}: the pickled payload cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, np.ndarray) or obj.shape != tuple(shape):
         found = f"shape {obj.shape}" if isinstance(obj, np.ndarray) else f"a {type(obj).__name__}"
         raise DataError(f"{path}: the header announces an array of shape {shape}, the pickle holds {found}")
     return obj
-
-
-def trusted_load_npy(path):
-    """``np.load(allow_pickle=True)``: for a file its user trusts (code in it runs)."""
-    try:
-        return np.load(path, allow_pickle=True)
-    except Exception as e:  # whatever the pickle does, the user gets one line
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic, np.dtype)

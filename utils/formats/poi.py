@@ -21,7 +21,7 @@ import numpy as np
 
 from utils.io import atomic_outputs
 
-from .npfiles import LIMITS, Limits, bounded, read_npz, restricted_load_npy, trusted_load_npy
+from .npfiles import LIMITS, Limits, bounded, load_npy, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,15 @@ def _is_safe(path) -> bool:
 
 def _read(path, safe: bool, trust_pickle: bool = False):
     if not safe:
-        obj = trusted_load_npy(path) if trust_pickle else restricted_load_npy(path)
+        obj = load_npy(path, trust_pickle)
         return obj.item() if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object else obj
     arrays = read_npz(path, "a safe POI table")
     names, values = arrays.get("names"), arrays.get("values")
     if names is None or values is None:
         raise PoiTableError(f"{path}: not a POI table: it needs the arrays names and values (has {sorted(arrays)})")
     if names.ndim != 1 or values.ndim != 2 or len(names) != len(values) or names.dtype.kind != "U":
-        raise PoiTableError(
-            f"{path}: names {names.shape} {names.dtype} and values {values.shape} do not form a table "
-            f"(need N unicode names and an N x D matrix)"
-        )
+        problem = f"names {names.shape} {names.dtype} and values {values.shape}"
+        raise PoiTableError(f"{path}: {problem} are not N unicode names and an N x D matrix")
     return dict(zip(names.tolist(), values))
 
 
@@ -63,9 +61,7 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
     try:
         obj = _read(path, _is_safe(path), trust_pickle)
         if not isinstance(obj, dict):
-            raise PoiTableError(
-                f"{path}: expected a dict saved with np.save (name -> values), found {type(obj).__name__}"
-            )
+            raise PoiTableError(f"{path}: expected a dict saved with np.save, found {type(obj).__name__}")
         if len(obj) > limits.entries:
             raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} a POI table may have")
         bad = next((k for k in obj if not isinstance(k, str)), None)
