@@ -161,7 +161,7 @@ def _stored(values: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _name_array(names: list[str], source) -> np.ndarray:
-    arr = np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1")
+    arr = np.array(names, dtype=str)
     if arr.tolist() != names:  # numpy drops trailing NUL characters
         bad = next(n for n, m in zip(names, arr.tolist()) if n != m)
         raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
