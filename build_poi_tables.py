@@ -5,15 +5,8 @@
         --checkpoint assets/weights/align_model.pth --bert-dir assets/bert-base-chinese \\
         --out-image-vectors my_poi_img.npz --out-name-vectors my_poi_name.npz
 
-Input: a recall-format CSV and its images as download_images.py names them; the
-checkpoint may be a recall model or a ranker (its recall copy is used). Output, keyed by
-the POI name: its text vector, and the mean of its readable images' vectors, L2-normalised
-again (the default table's variant; ``--no-normalize-mean`` keeps the plain mean). POIs
-sharing a name are pooled; missing and unreadable images are left out, never averaged in
-as the zero image. Both tables are written together, in the safe ``.npz`` format
-(``--also-npy``: the authors' pickled ``.npy`` beside each).
-
-Exit status: 0 done, 2 bad arguments or unusable input, 130 on Ctrl-C.
+Per POI name (POIs sharing one are pooled): its text vector, and the mean of its readable
+images' vectors, L2-normalised again. Exit status: 0 done, 2 bad input, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,32 +23,21 @@ from utils.formats import SAFE_SUFFIX, index_images, poi_vector_tables, read_rec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="build_poi_tables.py",
-        description="Build the POI name-vector and mean-image-vector tables of the ranker "
-        "from a recall model, a recall-format CSV and its images.",
-    )
+    p = argparse.ArgumentParser(prog="build_poi_tables.py", description=__doc__.splitlines()[0])
     p.add_argument("--csv", required=True, help="recall-format CSV: poi_id,poi_name,image_url,rank_number,...")
     p.add_argument("--image-dir", required=True, help="images named <poi_id>_<rank_number>.<ext>")
     p.add_argument("--out-image-vectors", required=True, help="mean image vector table to write (.npz)")
     p.add_argument("--out-name-vectors", required=True, help="name vector table to write (.npz)")
-    p.add_argument(
-        "--no-normalize-mean",
-        action="store_true",
-        help="keep the plain mean of the normalised image vectors (the default table L2-normalises it)",
-    )
+    p.add_argument("--no-normalize-mean", action="store_true", help="keep the plain mean, not L2-normalised again")
     p.add_argument("--also-npy", action="store_true", help="also write the authors' pickled-dict .npy beside each")
-    args.add_recall_files(p)
-    args.add_engine(p)
-    args.add_batches(p)
-    args.add_cache(p)
-    args.add_bad_rows(p)
+    for add in (args.add_recall_files, args.add_engine, args.add_batches, args.add_cache, args.add_bad_rows):
+        add(p)
     args.add_run(p)
     return p
 
 
-def check_paths(ns) -> None:
-    """Inputs readable, outputs writable and distinct: before any work."""
+def check_paths(ns) -> list:
+    """Inputs readable, outputs writable and distinct, before any work; the paths of the tables."""
     outputs = {"--out-image-vectors": ns.out_image_vectors, "--out-name-vectors": ns.out_name_vectors}
     for flag, path in list(outputs.items()):
         table_output(path, flag, suffixes=(SAFE_SUFFIX,))
@@ -70,29 +52,25 @@ def check_paths(ns) -> None:
     if ns.cache_dir:
         output_dir(ns.cache_dir, "--cache-dir")
     distinct_paths({"--csv": ns.csv, "--checkpoint": ns.checkpoint, "--arch": ns.arch}, outputs)
+    return list(outputs.values())  # image, name, then their .npy copies
 
 
 @entry_point
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.log_level)
-    check_paths(ns)
+    outputs = check_paths(ns)
     t0 = time.perf_counter()
-
     rows, bad = read_recall_rows(ns.csv, skip_bad_rows=ns.skip_bad_rows)
     images = index_images(ns.image_dir)
     from models import build_recall_model
 
-    device = resolve_device(ns.device)
-    onnx_dir = Path(ns.cache_dir, "onnx") if ns.cache_dir else None  # as --cache-dir's help says
+    onnx = Path(ns.cache_dir, "onnx") if ns.cache_dir else None  # as --cache-dir's help says
     paths = {"checkpoint": ns.checkpoint, "bert_dir": ns.bert_dir, "arch": ns.arch}
-    rm = build_recall_model("align", device=device, backend=ns.backend, onnx_cache_dir=onnx_dir, **paths)
+    rm = build_recall_model("align", device=resolve_device(ns.device), backend=ns.backend, onnx_cache_dir=onnx, **paths)
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())
     img_table, name_table, summary = poi_vector_tables(rm, enc, rows, images, normalize=not ns.no_normalize_mean)
-    tables = {ns.out_image_vectors: img_table, ns.out_name_vectors: name_table}
-    if ns.also_npy:
-        tables.update({Path(path).with_suffix(".npy"): table for path, table in tables.items()})
-    save_tables(tables, kind="vectors", source=ns.csv)
+    save_tables(dict(zip(outputs, [img_table, name_table] * 2)), kind="vectors", source=ns.csv)
 
     mean = "plain mean" if ns.no_normalize_mean else "normalised mean"
     print(

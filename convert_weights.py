@@ -1,17 +1,10 @@
 #!/usr/bin/env python
-"""Convert a checkpoint to ``.safetensors``: the same keys and tensors, and no pickle.
+"""Convert a checkpoint to ``.safetensors``, which every script takes wherever it takes a
+checkpoint: the same keys and tensors (a recorded small architecture in the metadata), no pickle.
 
     python convert_weights.py assets/weights/align_model.pth assets/weights/align_model.safetensors
-    python convert_weights.py assets/weights/shoucai_siamese_train_concat_poi_020_0.6520.ckpt ranker.safetensors
 
-Every script takes the ``.safetensors`` file wherever it takes a checkpoint (recall and
-ranker checkpoints, ``--align-checkpoint``, the trainers' ``--init``), so a site can keep
-pickle-free weights only. The recorded architecture of a small variant (``"arch"`` in the
-file, or the ``.arch.json`` beside a ranker file) goes into the file's metadata; tensors
-inference does not use are kept, so the file is the same checkpoint.
-
-Exit status: 0 done, 2 a file that cannot be read or written, 130 interrupted.
-"""
+Exit status: 0 done, 2 a file that cannot be read or written, 130 interrupted."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 #!/usr/bin/env python
-"""Inspect and convert the ranker's POI tables.
+"""Inspect and convert the ranker's POI tables: ``convert`` reads a pickled table without
+running its code and writes the safe ``.npz`` (or the authors' ``.npy``), read back first.
 
     python poi_tables.py convert temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy pic_num.npz
     python poi_tables.py info pic_num.npz
-
-The published tables are dicts pickled through ``np.save``, and pickle runs code on load.
-``convert`` reads them with the restricted, bounded reader (``--trust-pickle``: plain
-``np.load`` for a file you trust) and writes the safe ``.npz`` (or, for a ``.npy`` OUT,
-the authors' format), read back and compared before it replaces OUT.
 
 Exit status: 0 done, 2 a file that cannot be read or written, 130 on Ctrl-C.
 """
@@ -24,10 +20,7 @@ from utils.formats import KINDS, describe_table, load_poi_table, save_tables, ta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="poi_tables.py",
-        description="Inspect POI tables and convert the published pickled .npy dicts into a safe .npz format.",
-    )
+    p = argparse.ArgumentParser(prog="poi_tables.py", description="Inspect and convert the ranker's POI tables.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="IN (.npy pickled dict or .npz) -> OUT (.npz safe, or .npy)")
     c.add_argument("input")
@@ -50,7 +43,6 @@ def main(argv=None) -> int:
         input_file(ns.file, "FILE")
         print(describe_table(load_poi_table(ns.file, trust_pickle=ns.trust_pickle), ns.file, ns.show))
         return 0
-
     input_file(ns.input, "IN")
     table_output(ns.output, "OUT")
     distinct_paths({"IN": ns.input}, {"OUT": ns.output})

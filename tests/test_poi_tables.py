@@ -17,7 +17,7 @@ from models.align import load_tokenizer
 from models.checkpoint import save_align_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
-from utils.formats.npfiles import restricted_load_npy
+from utils.formats.npfiles import load_npy
 from utils.formats.poi import PoiTableError, load_poi_table, mean_vectors, save_safe_table
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
@@ -147,7 +147,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_poi_table(lst)
     plain = tmp_path / "plain.npy"
     np.save(plain, np.ones((2, 3)))
-    assert restricted_load_npy(plain).shape == (2, 3)  # numeric arrays need no pickle
+    assert load_npy(plain).shape == (2, 3)  # numeric arrays need no pickle
     with pytest.raises(PoiTableError, match="expected a dict"):
         load_poi_table(plain)
 

@@ -1,11 +1,9 @@
 """numpy files from elsewhere, read without trusting them: no code runs, sizes are bounded,
 and whatever is wrong with a file is a ``DataError`` naming it.
 
-A pickled ``.npy`` (the published POI tables are dicts saved with ``np.save``) goes through
-:class:`RestrictedUnpickler`: only the globals ``np.save`` of plain data needs (numpy's
-array and scalar reconstruction, basic containers) resolve; torch tensors only through
-torch's own ``weights_only`` loader. Any other global is refused before it is called.
-:func:`bounded` then checks what was built against :class:`Limits` before anyone looks at it.
+A pickled ``.npy`` (the published POI tables) resolves only the globals plain data needs
+(torch tensors through torch's ``weights_only`` loader); :func:`bounded` then checks what
+was built against :class:`Limits` before anyone looks at it.
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ _BROKEN = (OSError, ValueError, EOFError, KeyError, NotImplementedError, MemoryE
 
 
 def read_npz(path, what: str) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` at ``path``; a file that is not one (truncated, damaged,
-    a single ``.npy``, object arrays) is a ``DataError``: "``path``: not ``what`` (why)"."""
+    """Every array of the ``.npz`` at ``path``; anything else is "``path``: not ``what`` (why)"."""
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -102,9 +99,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: str = "<pickle>"):
-        super().__init__(file, encoding="ASCII")
-        self.source = source
+    """Resolves only the globals of :func:`_allowed_globals` and :func:`_torch_globals`."""
 
     def find_class(self, module: str, name: str):
         obj = _allowed_globals().get((module, name))
@@ -112,7 +107,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             obj = _torch_globals().get((module, name))
         if obj is None:
             raise DataError(
-                f"{self.source}: refusing to load: the pickle asks for the global "
+                f"refusing to load: the pickle asks for the global "
                 f"'{module}.{name}', which a table of arrays, lists, strings and numbers never "
                 f"needs (it could run code). If you trust this file, pass --trust-pickle; "
                 f"better, convert it once with `poi_tables.py convert`."
@@ -123,9 +118,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 _HEADERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
 
 
-def restricted_load_npy(path):
+def load_npy(path, trust_pickle: bool = False):
     """What a ``.npy`` holds: a numeric array as numpy reads it, a pickled one through
-    :class:`RestrictedUnpickler` (not yet :func:`bounded`)."""
+    :class:`RestrictedUnpickler` (``trust_pickle``: any pickle, code in it runs); not yet :func:`bounded`."""
     try:
         with open(path, "rb") as f:
             version = npformat.read_magic(f)
@@ -141,10 +136,10 @@ def restricted_load_npy(path):
     except (ValueError, EOFError, MemoryError) as e:
         raise DataError(f"{path}: not a .npy file ({e})") from None
     try:
-        obj = RestrictedUnpickler(io.BytesIO(payload), source=str(path)).load()
-    except DataError:
-        raise
-    except Exception as e:  # truncated payload, bad opcodes, a refused codec, torch refusing
+        obj = (pickle.Unpickler if trust_pickle else RestrictedUnpickler)(io.BytesIO(payload)).load()
+    except DataError as e:  # a refused global
+        raise DataError(f"{path}: {e}") from None
+    except Exception as e:  # whatever the pickle does (truncated, bad opcodes, a refused codec ...): one line
         raise DataError(f"{path}: the pickled payload cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, np.ndarray) or obj.shape != tuple(shape):
         found = f"shape {obj.shape}" if isinstance(obj, np.ndarray) else f"a {type(obj).__name__}"
@@ -152,23 +147,13 @@ def restricted_load_npy(path):
     return obj
 
 
-def trusted_load_npy(path):
-    """``np.load(allow_pickle=True)``: for a file its user trusts (code in it runs)."""
-    try:
-        return np.load(path, allow_pickle=True)
-    except Exception as e:  # whatever the pickle does, the user gets one line
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-
-
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic, np.dtype)
 _SEQUENCES = (list, tuple, frozenset, set)
 
 
 def bounded(obj, source: str, limits: Limits = LIMITS):
-    """``obj`` with torch tensors turned into numpy arrays, after checking its nesting depth
-    and the number of elements it would expand to (numbers in arrays, items of containers;
-    a container reached twice counts twice). Counts of shared containers are memoised, so
-    the check runs in the size of the pickle, not of its expansion; a cycle is an error."""
+    """``obj`` with torch tensors as numpy arrays, its depth and expanded size checked (a container
+    reached twice counts twice, but is walked once: the check runs in the size of the pickle)."""
     done: dict[int, tuple] = {}  # id -> (converted object, expanded element count)
     keep, active = [], set()  # keep: objects whose ids are in use; active: on the current path
 

@@ -1,20 +1,9 @@
 """The ranker's POI inputs (SPEC section 5): the three POI tables, read safely and checked,
-the per-item inputs built from them, and new vector tables built from a recall model.
+the item inputs built from them, and vector tables built from a recall model.
 
-A table maps a POI name to its pic-num counts ``[n0, n1, n2]`` or to a D-d vector (mean
-image vector, name vector). Files: the published ``.npy`` (a dict pickled through
-``np.save``, read by the restricted, bounded reader of ``npfiles``; ``trust_pickle``: plain
-``np.load(allow_pickle=True)``) or the safe ``.npz`` (``names``, an N x D ``values``
-matrix, ``kind``).
-
-Item inputs of one item (``title``, ``poi_names``), as the reference builds them:
-
-- ``pois_text``, whose vector is ``pois_feature``: ``poi_names`` when ``poi_names.strip()``
-  is non-empty, else the title;
-- the POI sequence: none when ``len(poi_names.strip()) <= 1``; otherwise
-  ``poi_names.split(",")`` stable-sorted by descending weight ``n0 + 5*n1 + 3*n2`` (counts
-  looked up by the stripped name, missing = [0, 0, 0]), the first 5 kept; their vectors
-  looked up by the *unstripped* name, zeros when missing.
+A table maps a POI name to its pic-num counts ``[n0, n1, n2]`` or to a D-d vector. Files:
+the published ``.npy`` (a dict pickled by ``np.save``, read by the restricted reader of
+``npfiles``) or the safe ``.npz`` (``names``, an N x D ``values`` matrix, ``kind``).
 """
 
 from __future__ import annotations
@@ -32,7 +21,7 @@ import numpy as np
 
 from utils.io import atomic_outputs
 
-from .npfiles import LIMITS, Limits, bounded, read_npz, restricted_load_npy, trusted_load_npy
+from .npfiles import LIMITS, Limits, bounded, load_npy, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +35,33 @@ class PoiTableError(DataError):
     """A POI table that cannot be read safely or has the wrong shape; names the file."""
 
 
+def _is_safe(path) -> bool:
+    return str(path).lower().endswith(SAFE_SUFFIX)
+
+
+def _read(path, safe: bool, trust_pickle: bool = False):
+    if not safe:
+        obj = load_npy(path, trust_pickle)
+        return obj.item() if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object else obj
+    arrays = read_npz(path, "a safe POI table")
+    names, values = arrays.get("names"), arrays.get("values")
+    if names is None or values is None:
+        raise PoiTableError(f"{path}: not a POI table: it needs the arrays names and values (has {sorted(arrays)})")
+    if names.ndim != 1 or values.ndim != 2 or len(names) != len(values) or names.dtype.kind != "U":
+        problem = f"names {names.shape} {names.dtype} and values {values.shape}"
+        raise PoiTableError(f"{path}: {problem} are not N unicode names and an N x D matrix")
+    return dict(zip(names.tolist(), values))
+
+
 def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
-    """``name -> value`` of the table at ``path`` (a ``.npz`` in the safe format, anything
-    else as the published pickled dict), bounded by ``limits``; values not yet checked."""
+    """``name -> value`` of the table at ``path`` (``.npz``: the safe format, else the pickled
+    dict), bounded by ``limits``; values not yet checked."""
     if not os.path.isfile(path):
         raise PoiTableError(f"{path}: no such POI table file")
     try:
-        if str(path).lower().endswith(SAFE_SUFFIX):
-            obj = _safe_table(read_npz(path, "a safe POI table"), path)
-        else:
-            obj = trusted_load_npy(path) if trust_pickle else restricted_load_npy(path)
-            if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
-                obj = obj.item()
+        obj = _read(path, _is_safe(path), trust_pickle)
         if not isinstance(obj, dict):
-            raise PoiTableError(
-                f"{path}: expected a dict saved with np.save (name -> values), found {type(obj).__name__}"
-            )
+            raise PoiTableError(f"{path}: expected a dict saved with np.save, found {type(obj).__name__}")
         if len(obj) > limits.entries:
             raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} a POI table may have")
         bad = next((k for k in obj if not isinstance(k, str)), None)
@@ -74,20 +74,8 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
     return table
 
 
-def _safe_table(arrays: dict, path) -> dict:
-    names, values = arrays.get("names"), arrays.get("values")
-    if names is None or values is None:
-        raise PoiTableError(f"{path}: not a POI table: it needs the arrays names and values (has {sorted(arrays)})")
-    if names.ndim != 1 or values.ndim != 2 or len(names) != len(values) or names.dtype.kind != "U":
-        raise PoiTableError(
-            f"{path}: names {names.shape} {names.dtype} and values {values.shape} do not form a table "
-            f"(need N unicode names and an N x D matrix)"
-        )
-    return dict(zip(names.tolist(), values))
-
-
 def _numeric(value, name: str, source) -> np.ndarray:
-    """``value`` as a flat numeric array, all finite, or a ``PoiTableError`` naming the entry."""
+    """``value`` as a flat numeric array, all finite."""
     try:
         a = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists
@@ -99,7 +87,7 @@ def _numeric(value, name: str, source) -> np.ndarray:
     return a.reshape(-1)
 
 
-def table_matrix(table: dict, source="<table>") -> tuple[list[str], np.ndarray]:
+def table_matrix(table: dict, source) -> tuple[list[str], np.ndarray]:
     """``(names, N x D matrix)`` of a table; every value numeric, finite, of one length."""
     names, rows = list(table), [_numeric(v, n, source) for n, v in table.items()]
     for name, row in zip(names, rows):
@@ -109,7 +97,6 @@ def table_matrix(table: dict, source="<table>") -> tuple[list[str], np.ndarray]:
 
 
 def check_vectors(table: dict, source) -> dict[str, np.ndarray]:
-    """``name -> float32 vector``, all finite and of one length."""
     names, values = table_matrix(table, source)
     with np.errstate(over="ignore"):
         values = values.astype(np.float32)
@@ -142,31 +129,27 @@ def guess_kind(values: np.ndarray) -> str:
 
 
 def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
-    """A place a table can be written, checked before any work: ``.npz`` for the safe
-    format, ``.npy`` for the authors' pickled dict."""
+    """A place a table can be written (``.npz`` safe, ``.npy`` pickled), checked before any work."""
     if not str(path).lower().endswith(suffixes):
         raise PoiTableError(f"{what} {path}: must end in {' or '.join(suffixes)}")
     return output_file(path, what)
 
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
-    """Write ``{path: table}`` together or not at all: a ``.npz`` path in the safe format
-    (vectors as float32, integer counts kept integer), any other as the authors' pickled
-    dict (float32 arrays). Each file is read back and compared before it replaces its path."""
+    """Write ``{path: table}`` together or not at all: ``.npz`` in the safe format, else the
+    authors' pickled dict of float32 arrays; each read back and compared before it lands."""
     with atomic_outputs(*tables) as temps:
         for (path, table), tmp in zip(tables.items(), temps):
             names, values = table_matrix(table, source)
-            k = kind or guess_kind(values)
-            if k == "pic_num":
+            kind_ = kind or guess_kind(values)
+            if kind_ == "pic_num":
                 check_pic_num(table, source)
-            safe = str(path).lower().endswith(SAFE_SUFFIX)
             with open(tmp, "wb") as f:
-                if safe:
-                    np.savez(f, names=_name_array(names, source), values=_stored(values, k), kind=np.array(k))
+                if _is_safe(path):
+                    np.savez(f, names=_name_array(names, source), values=_stored(values, kind_), kind=np.array(kind_))
                 else:
                     np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
-            back = _safe_table(read_npz(tmp, "a safe POI table"), tmp) if safe else restricted_load_npy(tmp).item()
-            back_names, back_values = table_matrix(back, path)
+            back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
             if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
                 raise PoiTableError(f"{path}: the table read back differs from the one written")
 
@@ -178,7 +161,7 @@ def _stored(values: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _name_array(names: list[str], source) -> np.ndarray:
-    arr = np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1")
+    arr = np.array(names, dtype=str)
     if arr.tolist() != names:  # numpy drops trailing NUL characters
         bad = next(n for n, m in zip(names, arr.tolist()) if n != m)
         raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
@@ -186,14 +169,14 @@ def _name_array(names: list[str], source) -> np.ndarray:
 
 
 def save_safe_table(table: dict, path, kind: str | None = None, source="<table>") -> Path:
-    if not str(path).lower().endswith(SAFE_SUFFIX):
+    if not _is_safe(path):
         raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
     save_tables({path: table}, kind, source)
     return Path(path)
 
 
 def save_pickled_table(table: dict, path) -> Path:
-    if str(path).lower().endswith(SAFE_SUFFIX):
+    if _is_safe(path):
         raise PoiTableError(f"{path}: the authors' pickled format needs a .npy name")
     save_tables({path: table})
     return Path(path)
@@ -244,50 +227,51 @@ class PoiTables(NamedTuple):
 
 
 def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim, trust_pickle=False) -> PoiTables:
-    """The tables of ``--poi-pic-num``, ``--poi-image-vectors`` and ``--poi-name-vectors``
-    (a path left out gives an empty table), checked; errors name the option and the file.
-    ``dim`` None leaves the vector length to :meth:`PoiTables.with_dim`, so that the tables
-    can be checked before the model is loaded."""
+    """The tables of the three ``--poi-*`` options (empty when not given), checked; errors name
+    the option and the file. ``dim`` None: checked later by :meth:`PoiTables.with_dim`."""
+    paths = (pic_num, image_vectors, name_vectors)
     out = []
-    for opt, path in zip(TABLE_OPTIONS, (pic_num, image_vectors, name_vectors)):
+    for opt, path in zip(TABLE_OPTIONS, paths):
         try:
             table = load_poi_table(path, trust_pickle=trust_pickle) if path else {}
             out.append(check_pic_num(table, path) if opt == "--poi-pic-num" else check_vectors(table, path))
         except PoiTableError as e:
             raise PoiTableError(f"{opt}: {e}") from None
-    tables = PoiTables(*out, None, (pic_num, image_vectors, name_vectors))
+    tables = PoiTables(*out, None, paths)
     return tables.with_dim(dim) if dim is not None else tables
 
 
-def pic_num_weight(counts) -> float:
-    n = list(counts) + [0, 0, 0]
-    return float(n[0]) + 5 * float(n[1]) + 3 * float(n[2])
-
-
-def poi_sequence(poi_names: str, pic_num: dict, max_pois: int = MAX_POIS) -> list[str]:
-    """The ordered POI names (unstripped, as split) that enter the attention."""
+def poi_sequence(poi_names: str, pic_num: dict) -> list[str]:
+    """The POI names (unstripped, as split) that enter the attention: none when
+    ``len(poi_names.strip()) <= 1``; else stable-sorted by descending n0 + 5*n1 + 3*n2 of
+    the stripped name (missing counts 0), the first 5."""
     if len(poi_names.strip()) <= 1:
         return []
-    names = poi_names.split(",")
-    names.sort(key=lambda n: -pic_num_weight(pic_num.get(n.strip(), (0, 0, 0))))
-    return names[:max_pois]
+
+    def weight(name: str) -> float:
+        n = [*pic_num.get(name.strip(), ()), 0, 0, 0]
+        return float(n[0]) + 5 * float(n[1]) + 3 * float(n[2])
+
+    return sorted(poi_names.split(","), key=lambda n: -weight(n))[:MAX_POIS]
 
 
 def pois_text(title: str, poi_names: str) -> str:
+    """The text of ``pois_feature``: the POI names, or the title when they are blank."""
     return poi_names if len(poi_names.strip()) >= 1 else title
 
 
 @dataclass
 class ItemInputs:
-    pois_text: str  # text encoded into pois_feature
-    poi_names: list[str]  # the POI sequence (<= 5 names)
-    poi_img: np.ndarray  # 5 x D float32, zero rows for unused/unknown
+    pois_text: str
+    poi_names: list[str]  # the POI sequence
+    poi_img: np.ndarray  # 5 x D float32, zero rows for unused or unknown names
     poi_txt: np.ndarray  # 5 x D float32
     poi_len: int
     unknown: list[str]  # names of the sequence missing from a vector table
 
 
 def build_item_inputs(title, poi_names, pic_num: dict, img_vectors: dict, name_vectors: dict, dim=512) -> ItemInputs:
+    """One item's inputs; vectors are looked up by the unstripped name (zeros when missing)."""
     seq = poi_sequence(poi_names, pic_num)
     poi_img, poi_txt = np.zeros((MAX_POIS, dim), dtype=np.float32), np.zeros((MAX_POIS, dim), dtype=np.float32)
     for i, name in enumerate(seq):
@@ -320,10 +304,8 @@ def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = Tr
 
 
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
-    """``(image table, name table, summary)`` of recall-format ``rows`` (their images found
-    in ``images`` by key) from recall model ``rm``, encoding as ``enc`` says: each POI
-    name's text vector, and the mean of its images' vectors (:func:`mean_vectors`). POIs
-    sharing a name are pooled."""
+    """``(image table, name table, summary)`` of recall-format ``rows`` (images found in
+    ``images`` by key), from recall model ``rm``; POIs sharing a name are pooled."""
     ids, files, groups = defaultdict(set), [], defaultdict(list)
     for r in (r for r in rows if r.poi_name):
         ids[r.poi_name].add(r.poi_id)

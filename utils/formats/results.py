@@ -1,8 +1,5 @@
-"""Result formats of the recall stage (written by recall_infer.py, read by recall_eval.py):
-``TOPK_HEADER`` files (``write_topk``), the authors' full format (``write_full``), both
-read by ``read_results``; the list of missing images (``write_missing_list``); the
-vectors of a run (``save_embeddings`` / ``load_embeddings``, ``.npz``).
-"""
+"""Result files of the recall stage (written by recall_infer.py, read by recall_eval.py):
+top-k and the authors' full format, the list of missing images, the vectors of a run (.npz)."""
 
 from __future__ import annotations
 
@@ -15,13 +12,14 @@ import math
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from utils.io import atomic_write, text_lines
+from utils.io import atomic_write
 
 from .npfiles import read_npz
+from .rows import csv_records
 
 TOPK_HEADER = ("poi_id", "poi_name", "rank", "image", "score")
 FULL_FIELDS = ("poi_id", "poi_name", "image_path", "score")
@@ -31,12 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def fmt_score(x: float) -> str:
-    """9 significant digits: round-trips float32, so writing creates no ties."""
-    return f"{x:.9g}"
+    return f"{x:.9g}"  # round-trips float32, so writing creates no ties
 
 
 def write_topk(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
-    """A top-k file: ``TOPK_HEADER`` then ``(poi_id, poi_name, rank, image, score)`` rows."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(TOPK_HEADER)
@@ -47,8 +43,7 @@ def write_topk(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
 def write_full(
     path: str | os.PathLike, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores
 ) -> None:
-    """The authors' full format: no header, one ``poi_id,poi_name,image_path,score`` row
-    per (POI, image); ``scores`` is a len(poi_ids) x len(image_paths) array."""
+    """The authors' full format: no header, a row per (POI, image); ``scores`` is POIs x images."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         n = len(image_paths)
@@ -57,8 +52,7 @@ def write_full(
 
 
 def write_missing_list(path: str | os.PathLike, missing: Iterable, unreadable: Iterable) -> None:
-    """TSV of the gallery's images missing on disk (``RecallRow``) and unreadable
-    (``(RecallRow, path)``)."""
+    """TSV of the gallery's missing (``RecallRow``) and unreadable (``(RecallRow, path)``) images."""
     with atomic_write(path) as f:
         f.write("\t".join(MISSING_HEADER) + "\n")
         for row in missing:
@@ -67,60 +61,44 @@ def write_missing_list(path: str | os.PathLike, missing: Iterable, unreadable: I
             f.write(f"unreadable\t{row.key}\t{row.line}\t{p}\n")
 
 
-@dataclass
-class Results:
-    """A results file as read: ``fmt`` 'topk' or 'full'; ``groups`` = {poi_id: [(image,
-    score)]} in file order; ``names`` = {poi_id: first name seen}; ``duplicates`` =
-    rows repeating an earlier (poi_id, image) pair, left out."""
-
-    path: str
-    fmt: str
-    groups: dict = field(default_factory=dict)
-    names: dict = field(default_factory=dict)
-    duplicates: int = 0
+class Results(NamedTuple):
+    fmt: str  # 'topk' or 'full'
+    groups: dict  # {poi_id: [(image, score)]} in file order
+    names: dict  # {poi_id: first name seen}
 
 
 def read_results(path: str | os.PathLike) -> Results:
-    """Read a top-k or full results file. Every error is a ``DataError`` naming the file
-    and line: wrong field count, a score that is not a finite number, an empty id, bytes
-    that are not UTF-8. A repeated (poi_id, image) row is counted once, with a warning."""
+    """A top-k or full results file; every error is a ``DataError`` naming the file and line.
+    A row repeating a (poi_id, image) pair is left out, with a warning."""
     path = str(path)
-    res = Results(path, "")
-    seen: dict[str, set] = {}
-    first_dup = None
-    reader = csv.reader(text_lines(path))
-    try:
-        for fields in reader:
-            if not fields or all(not x.strip() for x in fields):
+    fmt, groups, names, seen = "", {}, {}, {}
+    duplicates, first_dup = 0, None
+    for line, fields in csv_records(path):
+        if not fmt:
+            fmt = "topk" if tuple(x.strip() for x in fields) == TOPK_HEADER else "full"
+            if fmt == "topk":
                 continue
-            if not res.fmt:
-                res.fmt = "topk" if tuple(x.strip() for x in fields) == TOPK_HEADER else "full"
-                if res.fmt == "topk":
-                    continue
-            poi, name, image, s = _result_row(fields, res.fmt, f"{path}:{reader.line_num}")
-            images = seen.setdefault(poi, set())
-            if image in images:
-                res.duplicates += 1
-                first_dup = first_dup or (reader.line_num, poi, image)
-                continue
-            images.add(image)
-            # 2.5 M rows of the full format repeat 5000 paths: share the strings
-            res.groups.setdefault(poi, []).append((sys.intern(image), s))
-            res.names.setdefault(poi, name)
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
-    if not res.groups:
+        poi, name, image, s = _result_row(fields, fmt, f"{path}:{line}")
+        images = seen.setdefault(poi, set())
+        if image in images:
+            duplicates += 1
+            first_dup = first_dup or (line, poi, image)
+            continue
+        images.add(image)
+        # 2.5 M rows of the full format repeat 5000 paths: share the strings
+        groups.setdefault(poi, []).append((sys.intern(image), s))
+        names.setdefault(poi, name)
+    if not groups:
         raise DataError(f"{path}: no result rows")
-    if res.duplicates:
+    if duplicates:
         log.warning(
             "%s: %d rows repeat an earlier (poi_id, image) pair (first: line %d, %s %s); each pair is counted once",
-            *(path, res.duplicates, *first_dup),
+            *(path, duplicates, *first_dup),
         )
-    return res
+    return Results(fmt, groups, names)
 
 
 def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str, float]:
-    """``(poi_id, poi_name, image, score)`` of one row of a results file."""
     if fmt == "topk":
         if len(fields) != len(TOPK_HEADER):
             raise DataError(f"{where}: expected 5 fields ({','.join(TOPK_HEADER)}), found {len(fields)}")
@@ -149,12 +127,9 @@ EMBEDDINGS_FORMAT = 1
 
 
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
-    """The vectors of a recall run as ``.npz`` (atomically): ``image_emb`` N x D float32
-    (row i = gallery image ``image_names[i]``, a file name; ``image_ok`` False where it
-    was unreadable and scored as the zero image), ``text_emb`` Q x D float32 (row j = POI
-    ``poi_ids[j]`` named ``poi_names[j]``), ``meta`` a JSON string (model identity,
-    preprocessing ...). Strings are stored as unicode arrays: no pickle is needed to
-    read it back."""
+    """The vectors of a recall run, as an ``.npz`` that needs no pickle: row i of ``image_emb``
+    is gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of
+    ``text_emb`` is POI ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
     arrays = {
         "format": np.array(EMBEDDINGS_FORMAT),
         "image_emb": np.ascontiguousarray(image_emb, dtype=np.float32),
@@ -170,8 +145,7 @@ def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:
-    """What :func:`save_embeddings` wrote, checked (shapes agree, vectors finite); a
-    ``DataError`` naming the file otherwise. ``meta`` comes back as a dict."""
+    """What :func:`save_embeddings` wrote, checked (shapes agree, vectors finite); ``meta`` a dict."""
     d = read_npz(path, "an embeddings file of recall_infer.py --save-embeddings")
     missing = [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]
     if missing:

@@ -1,13 +1,7 @@
-"""Readers of the two published CSV formats and the image naming scheme.
+"""Readers of the two published CSV formats (SPEC sections 4 and 5) and the image naming scheme.
 
-Recall set (SPEC section 4): comma CSV without header,
-    poi_id, poi_name, image_url, rank_number, width, height, extend
-Ranking sets (SPEC section 5): one record a line, fields joined by the literal
-string ``$record$``,
-    item_id, url_a, url_b, ctr_a, ctr_b, title, cate_name, oss_url, oss_url2, poi_names
-
-Bad rows: pass ``errors=[]`` to collect them as ``RowError`` (file, line, message) and
-keep going; without it the first bad row raises ``DataError`` naming the file and line.
+Bad rows: pass ``errors=[]`` to collect them as ``RowError`` and keep going; without it the
+first bad row raises ``DataError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -35,13 +29,10 @@ class RecallRow:
     poi_name: str
     url: str
     rank: str
-    width: str = ""
-    height: str = ""
-    extend: str = ""
 
     @property
     def key(self) -> str:
-        """File stem of this row's image: ``<poi_id>_<rank_number>``."""
+        """File stem of this row's image."""
         return f"{self.poi_id}_{self.rank}"
 
 
@@ -85,48 +76,46 @@ def poi_of_image(path_or_name: str) -> str:
     return os.path.basename(path_or_name).split("_", 1)[0]
 
 
-def open_csv(path: str | os.PathLike):
-    """A CSV file opened for ``csv.reader`` (UTF-8, BOM tolerated); an unreadable path
-    is a ``DataError`` naming it. (``text_lines`` reports bad bytes at their line.)"""
-    try:
-        return open(path, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-
-
-def iter_recall_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RecallRow]:
-    """Rows of a recall-format CSV. Blank lines are ignored."""
-    path = str(path)
+def csv_records(path: str, errors: list | None = None) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of the rows of a CSV file that are not blank."""
     reader = csv.reader(text_lines(path, errors))
-    bad = lambda message: record_bad_row(errors, RowError(path, reader.line_num, message))
     while True:
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            bad(f"unreadable CSV ({e})")
+            record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
             continue
-        if not fields or all(not x.strip() for x in fields):
-            continue
-        if len(fields) != len(RECALL_FIELDS):
-            bad(f"expected {len(RECALL_FIELDS)} fields ({','.join(RECALL_FIELDS)}), found {len(fields)}")
-            continue
-        fields = [x.strip() for x in fields]
-        poi_id, name, url, rank = fields[:4]
-        if not poi_id or not rank:
-            bad("empty poi_id or rank_number")
-        elif "_" in poi_id or os.sep in poi_id or os.sep in rank:
-            bad(f"poi_id {poi_id!r} / rank {rank!r} cannot name a file")
-        elif not url:
-            bad("empty image_url")
+        if any(x.strip() for x in fields):
+            yield reader.line_num, fields
+
+
+def _recall_row(line: int, fields: list[str]) -> RecallRow | str:
+    """The row, or what is wrong with it."""
+    fields = [x.strip() for x in fields]
+    if len(fields) != len(RECALL_FIELDS):
+        return f"expected {len(RECALL_FIELDS)} fields ({','.join(RECALL_FIELDS)}), found {len(fields)}"
+    poi_id, _, url, rank = fields[:4]
+    if not poi_id or not rank:
+        return "empty poi_id or rank_number"
+    if "_" in poi_id or os.sep in poi_id or os.sep in rank:
+        return f"poi_id {poi_id!r} / rank {rank!r} cannot name a file"
+    return RecallRow(line, *fields[:4]) if url else "empty image_url"
+
+
+def iter_recall_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RecallRow]:
+    path = str(path)
+    for line, fields in csv_records(path, errors):
+        row = _recall_row(line, fields)
+        if isinstance(row, str):
+            record_bad_row(errors, RowError(path, line, row))
         else:
-            yield RecallRow(reader.line_num, poi_id, name, url, rank, *fields[4:])
+            yield row
 
 
 def read_recall_rows(path: str | os.PathLike, skip_bad_rows: bool = False) -> tuple[list[RecallRow], int]:
-    """``(rows, bad)`` of a recall-format CSV under the one rule for bad rows
-    (``utils.cli.bad_rows``): refused, or left out and counted with ``skip_bad_rows``."""
+    """``(rows, bad)`` of a recall-format CSV under the one rule for bad rows (``utils.cli.bad_rows``)."""
     errors: list = []
     rows = list(iter_recall_csv(path, errors))
     bad = bad_rows(errors, path, skip_bad_rows)
@@ -135,40 +124,36 @@ def read_recall_rows(path: str | os.PathLike, skip_bad_rows: bool = False) -> tu
     return rows, bad
 
 
+def _rank_row(path: str, line: int, fields: list[str]) -> RankRow | str:
+    """The record, or what is wrong with it."""
+    if len(fields) != len(RANK_FIELDS):
+        return f"expected {len(RANK_FIELDS)} fields separated by '{RECORD_SEP}', found {len(fields)}"
+    item_id, url_a, url_b, ctr_a, ctr_b, title, cate, oss_a, oss_b, pois = fields
+    item_id = item_id.strip()
+    if not item_id or os.sep in item_id:
+        return f"bad item_id {item_id!r}"
+    try:
+        ca, cb = float(ctr_a), float(ctr_b)
+    except ValueError:
+        return f"ctr_a/ctr_b not numbers: {ctr_a!r}, {ctr_b!r}"
+    # a label from NaN would silently be 0: never a row to skip, always an error
+    check_finite(ca, f"{path}:{line}: ctr_a")
+    check_finite(cb, f"{path}:{line}: ctr_b")
+    row = RankRow(line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, cate, oss_a.strip(), oss_b.strip(), pois)
+    return row if row.urls_a() and row.urls_b() else "empty image URL for image a or b"
+
+
 def iter_rank_csv(path: str | os.PathLike, errors: list | None = None) -> Iterator[RankRow]:
-    """Records of a ``$record$`` ranking CSV. Blank lines are ignored."""
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    bad = lambda line, message: record_bad_row(errors, RowError(path, line, message))
     for line, text in enumerate(text_lines(path, errors), 1):
         text = text.strip()  # the authors strip the whole record (so poi_names' tail)
-        if not text:
-            continue
-        fields = text.split(RECORD_SEP)
-        if len(fields) != len(RANK_FIELDS):
-            bad(line, f"expected {len(RANK_FIELDS)} fields separated by '{RECORD_SEP}', found {len(fields)}")
-            continue
-        item_id, url_a, url_b, ctr_a, ctr_b, title, cate, oss_a, oss_b, pois = fields
-        item_id = item_id.strip()
-        if not item_id or os.sep in item_id:
-            bad(line, f"bad item_id {item_id!r}")
-            continue
-        try:
-            ca, cb = float(ctr_a), float(ctr_b)
-        except ValueError:
-            bad(line, f"ctr_a/ctr_b not numbers: {ctr_a!r}, {ctr_b!r}")
-            continue
-        # a label from NaN would silently be 0: never a row to skip, always an error
-        check_finite(ca, f"{path}:{line}: ctr_a")
-        check_finite(cb, f"{path}:{line}: ctr_b")
-        row = RankRow(
-            line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, cate, oss_a.strip(), oss_b.strip(), pois
-        )
-        if not row.urls_a() or not row.urls_b():
-            bad(line, "empty image URL for image a or b")
-            continue
-        yield row
+        row = _rank_row(path, line, text.split(RECORD_SEP)) if text else None
+        if isinstance(row, str):
+            record_bad_row(errors, RowError(path, line, row))
+        elif row is not None:
+            yield row
 
 
 def sniff_format(path: str | os.PathLike) -> str:
@@ -180,15 +165,12 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
-    """Map file stem -> path for every image file in ``image_dir`` (not recursive).
-
-    Temporary download files (``.part``/``.tmp``) are not images and are skipped.
-    When two files share a stem, the lexically first is kept.
-    """
-    out: dict[str, Path] = {}
+    """File stem -> path of the images in ``image_dir`` (not recursive; on a shared stem the
+    lexically first); download leftovers (``.part``, ``.tmp``) are not images."""
     d = Path(image_dir)
     if not d.is_dir():
         raise DataError(f"{image_dir}: not a directory")
+    out: dict[str, Path] = {}
     for p in sorted(d.iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             out.setdefault(p.stem, p)
