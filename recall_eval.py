@@ -6,22 +6,11 @@
     python recall_eval.py --embeddings results/recall.npz   # recall_infer.py --save-embeddings
     python recall_eval.py --compare results/taiyi_top10.csv results/recall_top10.csv   # A vs B
 
---results: recall_infer.py's top-k file (header ``poi_id,poi_name,rank,image,score``) or
-the authors' full format (``poi_id,poi_name,image_path,score``, no header); --embeddings:
-the vectors of a run, scored here as recall_infer scores them. Rows are grouped by poi_id,
-sorted by score with a stable sort (ties keep file order); a POI is a hit at K when one of
-its top K images is its own (file name before the first ``_``); recall@K = hits / POIs;
-MRR = mean 1 / rank of the first own image (0 when none is listed). A K above what a
-top-k file lists is an error; a score that is not a finite number too; a repeated
-(poi_id, image) row counts once. Intervals: 95% percentile bootstrap over POIs
-(--bootstrap draws, at most 1,000,000; --seed). --compare: both models on the POIs both
-files hold, paired bootstrap for A, B and B - A, and the POIs one hits and the other
-misses. Writes --json (default ``<input>.eval.json``, ``<B>.compare.json``) and --html
-(self-contained, misses first; thumbnails found by the listed path, else by name in
---image-dir or the image directory recorded in ``<results>.meta.json``) together.
-
-Exit status: 0 on success, 2 for bad input (an unreadable results file, an impossible K,
-an output that cannot be written or is an input), reported as one line.
+A POI is a hit at K when one of its top K images (stable sort by score, ties in file order)
+is its own (file name before the first ``_``); MRR = mean 1 / rank of the first own image.
+Intervals: 95% percentile bootstrap over POIs, paired over the POIs both files hold with
+--compare. The JSON and the HTML report (misses first) are written together. Exit status 2
+for bad input (a bad results file, an impossible K, an output that is an input), one line.
 """
 
 from __future__ import annotations
@@ -51,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--html-k", type=cli.positive_int, help="images shown per POI in the report (default max --k)")
-    p.add_argument("--image-dir", help="where the images are, for thumbnails")
+    p.add_argument("--image-dir", help="where the images are, for thumbnails (default: as in <results>.meta.json)")
     p.add_argument("--page-size", type=cli.positive_int, default=50, help="POIs per report page (default 50)")
     args.add_bootstrap(p)
     args.add_run(p)
@@ -59,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_paths(ns) -> str:
-    """Inputs readable, outputs writable and distinct from the inputs and each other,
-    before any work; returns the JSON path."""
+    """Inputs readable, outputs writable and distinct from the inputs and each other; returns the JSON path."""
     inputs = {f"--compare {'AB'[i]}": path for i, path in enumerate(ns.compare or ())}
     inputs |= {"--results": ns.results, "--embeddings": ns.embeddings}
     for flag, path in inputs.items():
@@ -70,12 +58,12 @@ def check_paths(ns) -> str:
         inputs["--results (its .meta.json)"] = f"{ns.results}.meta.json"
     if ns.image_dir:
         cli.input_dir(ns.image_dir, "--image-dir")
-    out_json = ns.json or default_json_path(ns.results, ns.embeddings, ns.compare)
-    cli.output_file(out_json, "--json")
-    if ns.html:
-        cli.output_file(ns.html, "--html")
-    cli.distinct_paths(inputs, {"--json": out_json, "--html": ns.html})
-    return out_json
+    outputs = {"--json": ns.json or default_json_path(ns.results, ns.embeddings, ns.compare), "--html": ns.html}
+    for flag, path in outputs.items():
+        if path is not None:
+            cli.output_file(path, flag)
+    cli.distinct_paths(inputs, outputs)
+    return outputs["--json"]
 
 
 @entry_point
@@ -90,19 +78,9 @@ def main(argv=None) -> int:
         doc = compare_recall(*ns.compare, ks=ns.k, json_path=out_json, draws=ns.bootstrap, seed=ns.seed)
         print(f"{format_compare(doc)}\ncomparison: {out_json}")
         return 0
-    doc = evaluate_recall(
-        ns.results,
-        ns.embeddings,
-        ks=ns.k,
-        json_path=out_json,
-        html=ns.html,
-        html_k=ns.html_k,
-        image_dir=ns.image_dir,
-        page_size=ns.page_size,
-        draws=ns.bootstrap,
-        seed=ns.seed,
-        progress=not ns.no_progress,
-    )
+    report = dict(html=ns.html, html_k=ns.html_k, image_dir=ns.image_dir, page_size=ns.page_size)
+    run = dict(ks=ns.k, json_path=out_json, draws=ns.bootstrap, seed=ns.seed, progress=not ns.no_progress)
+    doc = evaluate_recall(ns.results, ns.embeddings, **run, **report)
     print(format_recall(doc) + (f"\nreport: {ns.html}" if ns.html else ""))
     return 0
 

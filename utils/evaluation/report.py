@@ -1,8 +1,6 @@
-"""The self-contained HTML reports (Jinja2 templates beside this file, autoescaped: every
-user string is escaped): the recall report of recall_eval.py and the selection page of
-select_images.py, on one skeleton (``templates/page.html.j2``). Thumbnails (~96 px JPEGs)
-are embedded once each as data URIs, 50 entries a page, so 500 POIs x 10 images stay
-light."""
+"""The self-contained HTML reports of recall_eval.py and select_images.py on autoescaped Jinja2
+templates (``templates/``). Thumbnails (~96 px JPEGs) are embedded once each as data URIs, 50
+entries a page, so that 500 POIs x 10 images stay light."""
 
 from __future__ import annotations
 
@@ -10,9 +8,7 @@ import base64
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 
 from PIL import Image
@@ -20,49 +16,40 @@ from tqdm import tqdm
 
 from utils.formats import poi_of_image
 
+from .bootstrap import fmt_figure
+
 log = logging.getLogger(__name__)
 THUMB_PX = 96
+PAGE_SIZE = 50
 
 
-def thumbnail_data_uri(path: str | os.PathLike, size: int = THUMB_PX, quality: int = 75) -> str | None:
-    """A ``data:image/jpeg;base64,...`` thumbnail fitting ``size`` px, or None when the
-    file cannot be read."""
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (size * 2, size * 2))
-            im = im.convert("RGB")
-            im.thumbnail((size, size), Image.BILINEAR)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=quality)
-    except Exception as e:
-        log.warning("no thumbnail for %s (%s: %s)", path, type(e).__name__, e)
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def embed_thumbnails(keys: list, file_of=lambda k: k, progress: bool = True) -> tuple[dict, dict]:
+    """``(tid, thumbs)``: the thumbnail id of each key whose file ``file_of(key)`` reads, its URI."""
 
+    def thumb(key) -> str | None:
+        if not (path := file_of(key)):
+            return None
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+                im = im.convert("RGB")
+                im.thumbnail((THUMB_PX, THUMB_PX), Image.BILINEAR)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=75)
+        except Exception as e:
+            log.warning("no thumbnail for %s (%s: %s)", path, type(e).__name__, e)
+            return None
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-def embed_thumbnails(keys: Iterable, file_of: Callable = lambda k: k, workers: int = 4, progress: bool = True):
-    """``(tid, thumbs)``: ``tid[key]`` the id of the thumbnail of the file ``file_of(key)``
-    (None: no file; keys without a readable image are left out), ``thumbs[id]`` its data
-    URI; made in ``workers`` threads."""
-    keys = list(keys)
-
-    def thumb(k):
-        f = file_of(k)
-        return thumbnail_data_uri(f) if f else None
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with ThreadPoolExecutor(4) as ex:
         uris = list(tqdm(ex.map(thumb, keys), total=len(keys), desc="thumbnails", disable=not progress, leave=False))
-    tid, thumbs = {}, {}
-    for k, uri in zip(keys, uris):
-        if uri is not None:
-            tid[k] = f"t{len(thumbs)}"
-            thumbs[tid[k]] = uri
-    return tid, thumbs
+    readable = [(k, uri) for k, uri in zip(keys, uris) if uri is not None]
+    return {k: f"t{i}" for i, (k, _) in enumerate(readable)}, {f"t{i}": uri for i, (_, uri) in enumerate(readable)}
 
 
-@cache
-def _templates():
+def render(template: str, entries: list, page_size: int, thumbs: dict, **context) -> str:
+    """``templates/<template>`` with ``entries`` cut into pages of ``page_size``."""
     import jinja2
 
     env = jinja2.Environment(
@@ -73,58 +60,49 @@ def _templates():
         undefined=jinja2.StrictUndefined,
     )
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}  # thumbnails in their order, compact
-    return env
+    return env.get_template(template).render(entries=entries, page_size=page_size, thumbs=thumbs, **context) + "\n"
 
 
-def render(template: str, entries: list, page_size: int, thumbs: dict, **context) -> str:
-    """``templates/<template>`` with ``entries`` cut into pages of ``page_size``."""
-    pages = [
-        (f"{a + 1}-{a + len(entries[a : a + page_size])}", entries[a : a + page_size])
-        for a in range(0, len(entries), page_size)
-    ]
-    return _templates().get_template(template).render(pages=pages, thumbs=thumbs, **context) + "\n"
+def recall_report(doc: dict, result, k: int, image_dir, page_size=PAGE_SIZE, progress=True) -> str:
+    """Each POI of ``doc`` (recall_eval's JSON) with its top ``k`` images, misses first; an image
+    is found at its listed path, beside the results file, or by file name in ``image_dir``."""
 
+    def find(image: str) -> str | None:
+        cands = [Path(image), Path(doc["results"]).parent / image]
+        cands += [Path(image_dir) / Path(image).name] if image_dir else []
+        return next((str(c) for c in cands if c.is_file()), None)
 
-def recall_report(result, k: int, resolve: Callable, title: str, summary: dict, page_size=50, workers=4, progress=True):
-    """``(html, info)``: the recall report of a ``RecallResult``, each POI with its top
-    ``k`` images (``resolve(image) -> file or None`` finds them), misses first."""
     pois = sorted(result.pois, key=lambda p: p.hit_at(k))  # stable: misses first, then hits, in input order
     images = list(dict.fromkeys(img for p in pois for img, _ in p.top[:k]))
-    tid, thumbs = embed_thumbnails(images, resolve, workers, progress)
-    misses = sum(not p.hit_at(k) for p in pois)
-    summary = {**summary, f"misses at {k}": f"{misses} of {len(pois)} (shown first)"}
-    context = dict(title=title, summary=summary, k=k, tid=tid, owner=poi_of_image, basename=os.path.basename)
-    text = render("recall.html.j2", pois, page_size, thumbs, **context)
-    return text, _info(text, len(thumbs), len(images) - len(thumbs))
+    tid, thumbs = embed_thumbnails(images, find, progress)
+    if len(thumbs) < len(images):
+        hint = "" if image_dir else " (pass --image-dir)"
+        log.warning("%d listed images had no readable file for a thumbnail%s", len(images) - len(thumbs), hint)
+    summary = {"results": Path(doc["results"]).name, "POIs": len(pois)}
+    for j in doc["ks"]:
+        summary[f"recall@{j}"] = fmt_figure(doc["recall"][str(j)], doc.get("recall_ci", {}).get(str(j)))
+    summary["MRR"] = f"{doc['mrr']:.4f}"
+    summary[f"misses at {k}"] = f"{sum(not p.hit_at(k) for p in pois)} of {len(pois)} (shown first)"
+    context = dict(title=f"Recall top {k}", summary=summary, k=k, tid=tid, owner=poi_of_image)
+    return render("recall.html.j2", pois, page_size, thumbs, basename=os.path.basename, **context)
 
 
-def _info(text: str, thumbs: int, missing: int) -> dict:
-    return {"thumbnails": thumbs, "missing": missing, "bytes": len(text.encode("utf-8"))}
-
-
-def selection_report(items: list, summary=None, title="Image selection", page_size=50, workers=4, progress=True):
-    """``(html, info)``: the selection page of ``utils.selection`` items, each with its
-    candidates in final order (the selected one framed green, those the ranker scored
-    outlined, the ones not scored faded at the end), items without a selection first."""
+def selection_report(items: list, summary: dict, title: str, progress=True) -> tuple[str, dict]:
+    """``(html, info)``: each ``utils.selection`` item with its candidates in final order (the
+    selected one framed, the unscored faded at the end), items without a selection first."""
     from utils.selection import DUPLICATE, OK, UNREADABLE
 
     shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first
     keep = (OK, DUPLICATE, UNREADABLE)
     files = list(dict.fromkeys(c.file for it in shown for c in it.cands if c.file and c.status in keep))
-    tid, thumbs = embed_thumbnails(files, workers=workers, progress=progress)
+    tid, thumbs = embed_thumbnails(files, progress=progress)
+    status_css = {OK: "", DUPLICATE: "dup"}  # any other status: "bad"
 
     def figures(it):
-        ranked = sorted((c for c in it.cands if c.final_rank is not None), key=lambda c: c.final_rank)
-        for c in ranked + [c for c in it.cands if c.final_rank is None]:
-            css = (
-                "sel" if c.selected
-                else "short" if c.ranker_score is not None
-                else "dup" if c.status == DUPLICATE
-                else "bad" if c.status != OK
-                else ""
-            )  # fmt: skip
+        for c in sorted(it.cands, key=lambda c: (c.final_rank is None, c.final_rank or 0)):
+            css = "sel" if c.selected else "short" if c.ranker_score is not None else status_css.get(c.status, "bad")
             t = tid.get(c.file) if c.status != UNREADABLE else None
             yield c, css, os.path.basename(c.image.split("?", 1)[0]) or c.image, t
 
-    text = render("selection.html.j2", shown, page_size, thumbs, title=title, summary=summary or {}, figures=figures)
-    return text, _info(text, len(thumbs), len(files) - len(thumbs))
+    text = render("selection.html.j2", shown, PAGE_SIZE, thumbs, title=title, summary=summary, figures=figures)
+    return text, {"thumbnails": len(thumbs), "missing": len(files) - len(thumbs), "bytes": len(text.encode("utf-8"))}
