@@ -5,26 +5,9 @@
         --bert-dir data/bert-base-chinese --init data/align_model.pth --out-dir runs/recall1
     torchrun --nproc_per_node 2 recall_train.py ...same arguments...   # --batch-size is global
 
---csv: the recall format (image ``<image-dir>/<poi_id>_<rank_number>.<ext>`` paired with
-its POI name, owned by the poi_id) or a CSV with a ``text,image[,owner]`` header (images
-relative to --image-dir, default the CSV's directory; owner: the text). Pairs whose image
-is absent are left out (counted in the log); bad rows are refused unless --skip-bad-rows.
-A seeded share of the owners is held out; every --eval-every epochs each held-out (owner,
-text) query is scored against every held-out image: recall@K, best.pth by --select-k.
-
-Loss: symmetric in-batch cross-entropy of ``image_emb @ text_emb.T * logit_scale``; under
-torchrun the embeddings of all processes are gathered with their gradients, so the
-negatives span the global batch and the run matches one process. --accum-steps
-micro-batches a step; AdamW, warm-up then cosine decay, clipping, fp16 on CUDA.
---freeze image|text keeps a tower fixed (with --freeze image, --cache-embeddings encodes
-each image once); --bn-eval keeps the image tower's BatchNorm on its running statistics
-(then several processes equal one). Evaluation and --cache-embeddings run on --backend
-(auto: ONNX Runtime on a CPU for a frozen image tower, torch for one that trains).
-
---out-dir (locked for the run): last.pth and best.pth (the authors' format),
-train_state.pt (--resume continues bit for bit), metrics.csv, config.json. Bad input: one
-line, exit status 2, before any work. A NaN/inf loss stops the run before a checkpoint
-takes it; Ctrl-C: exit status 130, the last saved state resumes.
+Symmetric in-batch cross-entropy; under torchrun the embeddings of all processes are
+gathered with their gradients, so the run matches one process. --out-dir: last.pth and
+best.pth (the authors' format), train_state.pt (--resume), metrics.csv, config.json.
 """
 
 from __future__ import annotations
@@ -37,7 +20,6 @@ import functools
 import logging
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,12 +39,9 @@ IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in text.split(",") if k.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError(f"K values must be >= 1, got {text!r}")
+    ks = sorted({cli.positive_int(k) for k in text.split(",") if k.strip()})
+    if not ks:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     return ks
 
 
@@ -74,13 +53,13 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="recall_train.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="Formats, outputs and behaviour on errors: the docstring at the top of recall_train.py.",
-    )
+    p = argparse.ArgumentParser(prog="recall_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with a text,image header")
+    g.add_argument(
+        "--csv",
+        required=True,
+        help="training pairs: the recall format (owner: the poi_id) or a CSV with a text,image[,owner] header",
+    )
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
     g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners (POIs) held out (default 0.1)")
     g.add_argument(
@@ -162,55 +141,50 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
     return align.to(device)
 
 
-def frozen_image_engine(ns, align, tokenizer, device):
-    """With --freeze image, one ``RecallModel`` on --backend for the whole run, its ONNX
-    export keyed by the image tower's weights only (a later run from the same --init
-    reuses it). None when the image tower trains."""
-    if ns.freeze != "image":
-        return None
-    rm = models.wrap_align(align, tokenizer, device=device, backend=ns.backend)
-    rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)})
-    return rm
-
-
 @contextlib.contextmanager
-def training_image_engine(ns, align, tokenizer, device):
-    """A ``RecallModel`` for one evaluation of an image tower that trains: torch under
-    auto (its weights change every epoch); --backend onnx exports these weights into a
-    directory removed after."""
-    if ns.backend != "onnx":
+def image_engine(ns, align, tokenizer, device, frozen):
+    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image
+    tower's weights change every epoch); --backend onnx exports them into a directory
+    removed after."""
+    if frozen is not None:
+        yield frozen
+    elif ns.backend != "onnx":
         yield models.wrap_align(align, tokenizer, device=device, backend="torch")
-        return
-    with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
-        yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
+    else:
+        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
+            yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
 
 
 def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
     tokenizer = models.load_tokenizer(ns.bert_dir)
     batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
     enc = args.Encoding.from_args(ns, **batches, progress=False)
-    frozen = frozen_image_engine(ns, align, tokenizer, env.device)
-    table = val_vecs = None
+    frozen = table = val_vecs = None
+    if ns.freeze == "image":  # one engine for the run, its ONNX export keyed by the image tower only
+        frozen = models.wrap_align(align, tokenizer, device=env.device, backend=ns.backend)
+        image_weights = {k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)}
+        frozen.hash_fn = lambda: state_dict_hash(image_weights)
     if ns.cache_embeddings:
-        shown = replace(enc, progress=env.is_main and not ns.no_progress)
+        shown = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
         vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], shown, env)
         table, val_vecs = vecs[: len(train_pairs)].to(env.device), vecs[len(train_pairs) :]
 
     def validate() -> dict:
-        if frozen is not None:
-            return training.held_out_recall(frozen, val_pairs, ns.recall_k, enc, val_vecs)
-        with training_image_engine(ns, align, tokenizer, env.device) as rm:
-            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc)
+        with image_engine(ns, align, tokenizer, env.device, frozen) as rm:
+            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc, val_vecs)
 
     def loss(module, batch):
         img, txt = module(*batch)
         img, txt = training.gather_with_grad(img.float(), env), training.gather_with_grad(txt.float(), env)
         return models.contrastive_loss(align.similarity(img, txt))
 
+    dataset = training.TextImageDataset(
+        train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
+    )
     return training.Task(
         module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=training.TextImageDataset(train_pairs, ns.preprocess, cached=table is not None),
-        collate=training.TokenizeCollate(train_pairs, functools.partial(models.tokenize, tokenizer)),
+        dataset=dataset,
+        collate=dataset.collate,
         loss=loss,
         save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,
@@ -225,10 +199,7 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
     cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
-    if ns.cache_embeddings:
-        cfg = replace(cfg, num_workers=0)  # the batches are row numbers
-    with training.distributed(ns.device) as env:
-        training.setup_rank_logging(ns.log_level, env)
+    with training.distributed(ns.device, ns.log_level) as env:
         pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
         train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
         log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))

@@ -1,13 +1,12 @@
-"""The training data of both trainers: the input checks run before any work, the pair
-readers (bad rows under ``utils.cli.bad_rows``; a pair whose image file is absent is
-left out and counted in the log), the owner split of the recall pairs, the authors'
-augmentation, and images encoded once by a frozen tower."""
+"""The training data of both trainers: the input check run before any work, the pair
+readers (bad rows under ``utils.cli.bad_rows``; a pair whose image file is absent is left
+out and counted in the log), the owner split of the recall pairs, and images encoded once
+by a frozen tower."""
 
 from __future__ import annotations
 
 from utils.cli import DataError, RowError, bad_rows, input_file, record_bad_row
 
-import contextlib
 import csv
 import logging
 import os
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from utils.formats import RankRow, index_images, iter_rank_csv, iter_recall_csv
 from utils.io import text_lines
@@ -25,24 +23,12 @@ from .dist import DistEnv, barrier
 log = logging.getLogger(__name__)
 
 
-def check_text_file(path, what: str) -> Path:
-    """An existing, readable file with a non-blank line (a file holding nothing but lines
-    that are not UTF-8 names the first of them)."""
-    p = input_file(path, what)
+def check_text_file(path, what: str) -> None:
+    """An existing file with a non-blank line (in a file of nothing but lines that are not
+    UTF-8, the first of them is the error)."""
     errors: list[RowError] = []
-    if not any(line.strip() for line in text_lines(p, errors)):
+    if not any(line.strip() for line in text_lines(input_file(path, what), errors)):
         raise DataError(f"{errors[0]}" if errors else f"{what} {path}: empty file")
-    return p
-
-
-def augment_pil(img: Image.Image, rng: np.random.Generator, degrees: float = 5.0, flip_p: float = 0.3) -> Image.Image:
-    """The authors' ``RandomRotation(5)`` then ``RandomHorizontalFlip(0.3)``: a uniform
-    angle in [-degrees, degrees] about the centre, nearest-neighbour, same size, black
-    fill; then a left-right mirror with probability ``flip_p``."""
-    angle = float(rng.uniform(-degrees, degrees))
-    fill = (0,) * len(img.getbands()) if len(img.getbands()) > 1 else 0
-    img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=fill)
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < flip_p else img
 
 
 def _warn_missing(path, missing: list[str]) -> None:
@@ -50,9 +36,6 @@ def _warn_missing(path, missing: list[str]) -> None:
         log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
 
 
-# ---------------------------------------------------------------------------
-# recall: (text, image, owner) pairs
-# ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pair:
     text: str
@@ -61,33 +44,25 @@ class Pair:
     line: int
 
 
-def _csv_rows(path: str, errors: list | None):
+def _csv_rows(path: str, errors: list):
     """``(line, stripped fields)`` of the non-blank rows of a UTF-8 CSV."""
     reader = csv.reader(text_lines(path, errors))
     while True:
         try:
-            fields = next(reader)
+            fields = [x.strip() for x in next(reader)]
         except StopIteration:
             return
         except csv.Error as e:
             record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
             continue
-        if any(x.strip() for x in fields):
-            yield reader.line_num, [x.strip() for x in fields]
+        if any(fields):
+            yield reader.line_num, fields
 
 
-def _header(path: str) -> list[str]:
-    """The first non-blank row, lower-cased (bad rows are reported by the reading pass)."""
-    rows = _csv_rows(path, [])
-    with contextlib.closing(rows):
-        return [x.lower() for x in next(rows, (0, []))[1]]
-
-
-def _plain_pairs(path: str, header: list[str], image_dir, errors, missing: list) -> list[Pair]:
-    """The pairs of a CSV whose header names ``text`` and ``image`` (and maybe ``owner``)."""
+def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing: list) -> list[Pair]:
+    """The pairs of the ``rows`` under a header naming ``text``, ``image`` (and maybe ``owner``)."""
     base = Path(image_dir) if image_dir else Path(path).resolve().parent
-    pairs, rows = [], _csv_rows(path, errors)
-    next(rows)
+    pairs = []
     for line, fields in rows:
         cells = dict(zip(header, fields))  # as csv.DictReader: missing cells are empty
         text, image, owner = (cells.get(k, "") for k in ("text", "image", "owner"))
@@ -96,10 +71,10 @@ def _plain_pairs(path: str, header: list[str], image_dir, errors, missing: list)
                 record_bad_row(errors, RowError(path, line, "empty text or image"))
             continue
         image_path = Path(image) if os.path.isabs(image) else base / image
-        if not image_path.is_file():
+        if image_path.is_file():
+            pairs.append(Pair(text, str(image_path), owner or text, line))
+        else:
             missing.append(f"{path}:{line}: {image_path}")
-            continue
-        pairs.append(Pair(text, str(image_path), owner or text, line))
     return pairs
 
 
@@ -125,10 +100,13 @@ def read_text_pairs(path, image_dir=None, skip_bad_rows: bool = False) -> tuple[
     CSV with a ``text,image[,owner]`` header (owner: the text; relative images under
     ``image_dir``, default the CSV's directory), and the number of bad rows left out."""
     path, errors, missing = str(path), [], []
-    header = _header(path)
+    rows = _csv_rows(path, errors)
+    header = [x.lower() for x in next(rows, (0, []))[1]]
     if "text" in header and "image" in header:
-        pairs = _plain_pairs(path, header, image_dir, errors, missing)
+        pairs = _plain_pairs(path, header, rows, image_dir, errors, missing)
     else:
+        rows.close()
+        errors.clear()  # the recall-format reader reports them
         pairs = _recall_format_pairs(path, image_dir, errors, missing)
     n_bad = bad_rows(errors, path, skip_bad_rows)
     _warn_missing(path, missing)
@@ -147,9 +125,6 @@ def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None,
     return [p for p in pairs if p.owner not in held], [p for p in pairs if p.owner in held]
 
 
-# ---------------------------------------------------------------------------
-# ranking: $record$ rows with both images
-# ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankPair:
     row: RankRow
@@ -159,8 +134,7 @@ class RankPair:
 
 def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
     """The records of a ``$record$`` CSV whose two images ``<item_id>_a/_b.*`` are in
-    ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is never one to
-    leave out: it would decide a label silently)."""
+    ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is always an error)."""
     path, errors, missing, pairs, n = str(path), [], [], [], 0
     images = index_images(image_dir)
     for row in iter_rank_csv(path, errors):
@@ -179,13 +153,13 @@ def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[
     return pairs, n_bad
 
 
-def encode_images_once(rm, paths: list[str], enc, env: DistEnv, desc: str = "frozen image tower"):
-    """``paths`` through ``rm``'s frozen image tower on its engine (a ``RecallModel`` and
-    an ``Encoding``); under torchrun rank 0 sets the engine up (an ONNX export) first."""
+def encode_images_once(rm, paths: list[str], enc, env: DistEnv):
+    """``paths`` through the frozen image tower of ``rm`` (a ``RecallModel``) with ``enc``
+    (an ``Encoding``); under torchrun rank 0 sets the engine up (an ONNX export) first."""
     if env.distributed and env.is_main:
         rm.image_encoder()
     barrier(env)
-    vecs, ok = rm.encode_images(paths, enc, desc=desc)
+    vecs, ok = rm.encode_images(paths, enc, desc="frozen image tower")
     if not ok.all():
         log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))
     return vecs

@@ -20,7 +20,6 @@ import torch.distributed as dist
 class DistEnv:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -33,23 +32,30 @@ class DistEnv:
 
 
 @contextlib.contextmanager
-def distributed(device_name: str = "auto", timeout_s: float = 1800):
-    """The ``DistEnv`` of this process for the block. Started by torchrun
-    (``WORLD_SIZE`` > 1) it joins the process group (on CUDA: ``cuda:LOCAL_RANK`` and
-    nccl; on a CPU: gloo), which it leaves at the end."""
-    device = resolve_device(device_name)
+def distributed(device_name: str = "auto", log_level: str | None = None):
+    """The ``DistEnv`` of this process for the block; under torchrun (``WORLD_SIZE`` > 1)
+    in the process group (nccl on ``cuda:LOCAL_RANK``, else gloo). With ``log_level``,
+    logging is set up: the other ranks log warnings only, and every line names its rank."""
+    env = DistEnv(device=resolve_device(device_name))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield DistEnv(device=device)
+    if world > 1:
+        env = DistEnv(int(os.environ["RANK"]), world, env.device)
+        if env.device.type == "cuda":
+            env.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env.device)
+    if log_level:
+        level = logging.getLevelName(log_level)
+        tag = f"[rank {env.rank}] %(levelname)s" if env.distributed else "%(levelname)s"
+        setup_logging(level if env.is_main else max(level, logging.WARNING), LOG_FORMAT.replace("%(levelname)s", tag))
+    if not env.distributed:
+        yield env
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     try:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-        yield DistEnv(rank, world, local_rank, device)
+            # 30 minutes (nccl's default is 10): the others wait while rank 0 validates
+            backend = "nccl" if env.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        yield env
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -70,18 +76,17 @@ def broadcast(value, env: DistEnv):
 
 
 def all_mean(value: float, env: DistEnv) -> float:
-    """The mean of a float over the processes."""
     if not env.distributed:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device if env.device.type == "cuda" else None)
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
-    return float(t.item()) / env.world_size
+    return t.item() / env.world_size
 
 
 def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """``x`` of every process concatenated along dim 0, keeping gradients. Backward sums
-    what each process computes for each slice, so when every process evaluates the same
-    global loss, DDP's averaging gives exactly that loss's gradient."""
+    each slice's gradient over the processes: with DDP's averaging, exactly the gradient
+    of the global loss every process computes."""
     if not env.distributed:
         return x
     import torch.distributed.nn.functional as dnf
@@ -89,19 +94,3 @@ def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API
         return torch.cat(dnf.all_gather(x), dim=0)
-
-
-def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """``module`` in DistributedDataParallel under torchrun, else itself."""
-    if not env.distributed:
-        return module
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def setup_rank_logging(level: str, env: DistEnv) -> None:
-    """``utils.cli.setup_logging``; the other ranks log warnings and errors only, and
-    under torchrun every line names its rank."""
-    level = logging.getLevelName(level)
-    fmt = LOG_FORMAT.replace("%(levelname)s", f"[rank {env.rank}] %(levelname)s") if env.distributed else LOG_FORMAT
-    setup_logging(level if env.is_main else max(level, logging.WARNING), fmt)

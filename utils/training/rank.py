@@ -1,56 +1,57 @@
-"""What training of the siamese ranker is made of, besides the loop: the frozen recall
-tower's vectors computed once (every distinct ``pois_feature`` text; the images that are
-never augmented), the dataset of image pairs with their POI inputs, the module DDP wraps
-and the pairwise validation figures.
-
-The ranker is a module with ``align_model`` (the frozen recall model) and
-``score_embeddings(image_vecs, text_vecs, poi_img, poi_txt, poi_len)`` (the ranker of
-``models``)."""
+"""What training of the siamese ranker (``models.SiameseRanker``) is made of, besides the
+loop: the frozen recall tower's vectors computed once (every distinct ``pois_feature``
+text; the images that are never augmented), the authors' augmentation, the dataset of
+image pairs with their POI inputs, the module DDP wraps and the pairwise validation."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.evaluation import pairwise_metrics
 from utils.formats import PoiTables, load_image, pois_text
 
-from .data import RankPair, augment_pil, encode_images_once
+from .data import RankPair, encode_images_once
 from .dist import DistEnv
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Vectors:
     """A table of vectors (on the device) and the row of each key (a text or a path)."""
 
-    table: torch.Tensor
-    rows: dict
+    def __init__(self, table: torch.Tensor, keys: list[str]):
+        self.table, self.rows = table, {k: i for i, k in enumerate(keys)}
 
 
 def encode_once(rm, train: list[RankPair], val: list[RankPair], enc, env: DistEnv, cache_train: bool):
-    """(texts, validation images, training images or None): the ``pois_feature`` vector of
-    every distinct POI string (or title), and the images through the frozen tower on
-    ``rm``'s engine (``rm`` a ``RecallModel``, ``enc`` an ``Encoding``)."""
+    """``Vectors`` of the texts, the validation images and the training images (or None):
+    the ``pois_feature`` vector of every distinct POI string (or title), the images
+    through the frozen tower of ``rm`` (a ``RecallModel``) with ``enc`` (an ``Encoding``)."""
     texts = list(dict.fromkeys(pois_text(p.row.title, p.row.poi_names) for p in train + val))
     text_table = rm.encode_texts(texts, replace(enc, progress=False)).to(env.device)
     log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train), len(val), len(texts))
     val_paths = list(dict.fromkeys(x for p in val for x in (p.image_a, p.image_b)))
     train_paths = list(dict.fromkeys(x for p in train for x in (p.image_a, p.image_b))) if cache_train else []
     vecs = encode_images_once(rm, val_paths + train_paths, enc, env).to(env.device)
-    n = len(val_paths)
-    trained = Vectors(vecs[n:], {x: i for i, x in enumerate(train_paths)}) if cache_train else None
-    return (
-        Vectors(text_table, {t: i for i, t in enumerate(texts)}),
-        Vectors(vecs[:n], {x: i for i, x in enumerate(val_paths)}),
-        trained,
-    )
+    trained = Vectors(vecs[len(val_paths) :], train_paths) if cache_train else None
+    return Vectors(text_table, texts), Vectors(vecs[: len(val_paths)], val_paths), trained
+
+
+def augment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The authors' ``RandomRotation(5)`` (uniform angle, about the centre, nearest
+    neighbour, same size, black fill) then ``RandomHorizontalFlip(0.3)``."""
+    angle = float(rng.uniform(-5.0, 5.0))
+    fill = (0,) * len(img.getbands()) if len(img.getbands()) > 1 else 0
+    img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=fill)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.3 else img
 
 
 class RankPairDataset(Dataset):
@@ -73,11 +74,8 @@ class RankPairDataset(Dataset):
     def _image(self, path: str, i: int, side: int):
         if self.image_rows is not None:
             return torch.tensor(self.image_rows[path])
-        transform = None
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, i, side])
-            transform = lambda im: augment_pil(im, rng)
-        return load_image(path, self.mode, transform)[0]
+        rng = np.random.default_rng([self.seed, self.epoch, i, side])
+        return load_image(path, self.mode, functools.partial(augment_pil, rng=rng) if self.augment else None)[0]
 
     def __getitem__(self, i: int):
         p = self.pairs[i]

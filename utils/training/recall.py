@@ -1,10 +1,6 @@
-"""What contrastive training of the alignment model is made of, besides the loop: the
-dataset of (image, text) pairs, the module DDP wraps (a frozen tower, BatchNorm on its
-running statistics, cached image vectors) and the held-out recall@K.
-
-The model is any two-tower module with ``image_model``, ``image_hidden_layer``,
-``text_model``, ``text_hidden_layer``, ``encode_image`` and ``encode_text`` (the
-alignment model of ``models``)."""
+"""What contrastive training of the alignment model (``models.AlignModel``) is made of,
+besides the loop: the dataset of (image, text) pairs, the module DDP wraps (a frozen
+tower, BatchNorm on its running statistics, cached image vectors) and held-out recall@K."""
 
 from __future__ import annotations
 
@@ -19,28 +15,20 @@ from .data import Pair
 
 
 class TextImageDataset(Dataset):
-    """Item i: (image tensor, or ``i`` when the image vectors are cached; ``i``)."""
+    """Item i: (image tensor, or ``i`` when the image vectors are cached; ``i``). ``collate``
+    makes a batch (images, input_ids, attention_mask) with ``tokenize(texts)``, in the
+    DataLoader's workers."""
 
-    def __init__(self, pairs: list[Pair], mode: str, cached: bool):
-        self.pairs, self.mode, self.cached = pairs, mode, cached
+    def __init__(self, pairs: list[Pair], mode: str, cached: bool, tokenize):
+        self.pairs, self.mode, self.cached, self.tokenize = pairs, mode, cached, tokenize
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        if self.cached:
-            return torch.tensor(i), i
-        return load_image(self.pairs[i].image, self.mode)[0], i
+        return (torch.tensor(i) if self.cached else load_image(self.pairs[i].image, self.mode)[0]), i
 
-
-class TokenizeCollate:
-    """A batch as (images, input_ids, attention_mask); ``tokenize(texts)`` gives a dict
-    with ``input_ids`` and ``attention_mask`` (it runs in the DataLoader's workers)."""
-
-    def __init__(self, pairs: list[Pair], tokenize):
-        self.pairs, self.tokenize = pairs, tokenize
-
-    def __call__(self, batch):
+    def collate(self, batch):
         xs, idx = zip(*batch)
         enc = self.tokenize([self.pairs[i].text for i in idx])
         return torch.stack(xs), enc["input_ids"], enc["attention_mask"]
@@ -53,18 +41,16 @@ def set_trainable(align: nn.Module, freeze: str) -> None:
         "image": (align.image_model, align.image_hidden_layer),
         "text": (align.text_model, align.text_hidden_layer),
     }.get(freeze, ())
-    for p in align.parameters():
-        p.requires_grad_(True)
+    align.requires_grad_(True)
     for m in (align.text_model.pooler, *frozen):
-        for p in m.parameters():
-            p.requires_grad_(False)
+        m.requires_grad_(False)
 
 
 class PairEncoder(nn.Module):
     """The module DDP wraps: the (image, text) embeddings of a batch. A frozen tower stays
     in eval mode; ``bn_eval`` keeps the image tower's BatchNorm on its running statistics
-    (then several processes equal one); ``image_table`` holds cached image vectors (then a
-    batch's images are their row numbers)."""
+    (then several processes equal one); with ``image_table`` (cached image vectors) a
+    batch's images are their row numbers."""
 
     def __init__(self, align: nn.Module, freeze: str = "none", bn_eval: bool = False, image_table=None):
         super().__init__()
@@ -97,9 +83,9 @@ class PairEncoder(nn.Module):
 
 
 def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) -> dict:
-    """Text -> image recall@K: every held-out (owner, text) query against every held-out
-    image, through ``rm`` (a ``RecallModel``) with ``enc`` (an ``Encoding``); a hit is an
-    image of the query's owner in the top K."""
+    """Text -> image recall@K through ``rm`` (a ``RecallModel``) with ``enc`` (an
+    ``Encoding``): every held-out (owner, text) query against every held-out image; a hit
+    is an image of the query's owner in the top K."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
         image_vecs, _ = rm.encode_images([p.image for p in val], enc, desc="held-out")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from utils.io import atomic_path, atomic_write, exclusive_lock, text_lines
 
-from .dist import DistEnv, barrier, broadcast
+from .dist import DistEnv, broadcast
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,9 @@ def read_metrics(path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Rows appended to a CSV with a fixed header; only rank 0 writes.
-
-    The file is (re)created atomically, then each row is one appended line (a rewrite per
-    step would cost O(steps) a step). ``keep_rows`` (on resume) keeps the rows written when
-    the state was saved, so a resumed run's CSV reads like an uninterrupted one."""
+    """Rows appended to a CSV with a fixed header, by rank 0 only. On resume, ``keep_rows``
+    keeps the rows written when the state was saved, so the CSV reads like an
+    uninterrupted run's."""
 
     def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
         self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0
@@ -53,29 +51,21 @@ class MetricsWriter:
     def write(self, **row) -> None:
         if not self.env.is_main:
             return
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
+        with open(self.path, "a", encoding="utf-8", newline="") as f:  # one line a step, not a rewrite
             row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
         self.rows += 1
 
 
-def _rng_state() -> dict:
-    """This process's torch RNG states (dropout's: the data order and the augmentation draw
-    from generators of their own, seeded by the run)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def save_train_state(path, env: DistEnv, fields: dict) -> None:
-    """Write the state that resumes the run (collective: every process calls it, rank 0
-    writes): ``fields`` (step, epoch, batch_in_epoch, optimizer, ...) and every
-    process's RNG states."""
-    rngs = [_rng_state()]
+    """Write ``fields`` and every process's torch RNG states (collective; rank 0 writes).
+    Those are dropout's: the data order and the augmentation have seeded generators."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rngs = [rng] * env.world_size
     if env.distributed:
-        rngs = [None] * env.world_size
-        dist.all_gather_object(rngs, _rng_state())
+        dist.all_gather_object(rngs, rng)
     if env.is_main:
         with atomic_path(path) as tmp:
             torch.save({"format": STATE_FORMAT, "world_size": env.world_size, "rng": rngs, **fields}, tmp)
@@ -84,7 +74,6 @@ def save_train_state(path, env: DistEnv, fields: dict) -> None:
 def load_train_state(path) -> dict:
     """What ``save_train_state`` wrote; a missing, damaged or foreign file is a
     ``UserError`` naming it."""
-    path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
     try:
@@ -95,15 +84,6 @@ def load_train_state(path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training state file of this package")
     return state
-
-
-def check_resume_config(state: dict, config: dict, path) -> None:
-    """Refuse to resume with settings that change the data order or the schedule."""
-    saved = state.get("config", {})
-    diff = sorted((k, saved.get(k), v) for k, v in config.items() if saved.get(k) != v)
-    if diff:
-        lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
-        raise UserError(f"{path}: cannot resume: settings differ from the interrupted run ({lines})")
 
 
 def restore_rng(state: dict, env: DistEnv) -> None:
@@ -122,8 +102,7 @@ def restore_rng(state: dict, env: DistEnv) -> None:
 @contextlib.contextmanager
 def deferred_sigint():
     """Hold a Ctrl-C that arrives during the block and raise it after, so that a checkpoint
-    and its training state are written as a pair (a kill still interrupts; the atomic
-    writes then leave the previous pair). Outside the main thread: nothing."""
+    and its training state are written as a pair. Outside the main thread: nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -137,19 +116,14 @@ def deferred_sigint():
         raise KeyboardInterrupt
 
 
-def clean_stale_temp_files(directory) -> list[Path]:
-    """Remove the ``<file>.tmp<pid>`` files (``utils.io.temp_name``) of processes that are
-    gone: what a kill during a save leaves. Those of live processes stay."""
-    removed = []
-    for p in sorted(Path(directory).glob("*.tmp*")):
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Remove the ``<file>.tmp<pid>`` files of a save that was killed: those of processes
+    that are gone."""
+    for p in sorted(directory.glob("*.tmp*")):
         pid = p.name.rpartition(".tmp")[2]
         if pid.isdigit() and p.is_file() and not _alive(int(pid)):
+            log.info("%s: removed, the temporary file of an interrupted save", p)
             p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        names = ", ".join(p.name for p in removed)
-        log.info("%s: removed %d temporary file(s) of an interrupted save: %s", directory, len(removed), names)
-    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -163,12 +137,10 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def out_dir_lock(out_dir, env: DistEnv):
-    """``utils.io.exclusive_lock`` on ``out_dir`` for a whole run. Under torchrun rank 0
-    takes it and tells the others the outcome, so every process stops with the same line.
-    Once held, temporary files of a killed save are removed; a directory this run created
-    is removed again when the run ends having written nothing into it."""
-    out = Path(out_dir)
+def out_dir_lock(out: Path, env: DistEnv):
+    """``utils.io.exclusive_lock`` on ``out`` for a whole run: rank 0 takes it (and removes
+    stale temporary files) and tells the others, so every process stops with the same
+    line. A directory this run created is removed again if it is left empty."""
     created = not out.exists()
     try:
         with contextlib.ExitStack() as stack:
@@ -178,12 +150,11 @@ def out_dir_lock(out_dir, env: DistEnv):
                     stack.enter_context(exclusive_lock(out))
                 except UserError as e:
                     error = str(e)
+                else:
+                    _remove_stale_temp_files(out)
             error = broadcast(error, env)
             if error:
                 raise UserError(error)
-            if env.is_main:
-                clean_stale_temp_files(out)
-            barrier(env)
             yield out
     finally:
         if created and env.is_main:
