@@ -76,8 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    training.check_text_file(ns.train_csv, "--train-csv")
-    training.check_text_file(ns.val_csv, "--val-csv")
     for flag in ("image_dir", "val_image_dir", "bert_dir"):
         if getattr(ns, flag):
             cli.input_dir(getattr(ns, flag), "--" + flag.replace("_", "-"))
@@ -128,13 +126,11 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> 
     batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
     enc = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
     texts, val_images, train_images = training.encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
-    val_set = training.RankPairDataset(val_pairs, tables, texts, ns.preprocess, False, ns.seed, val_images)
-    val_scorer = training.PairScorer(ranker, texts.table, val_images.table)
     images = "cached" if ns.cache_embeddings else "encoded each step"
     log.info("loss %s; augmentation %s; training images %s", ns.loss, "on" if ns.augment else "off", images)
 
     def validate() -> dict:
-        res = training.validate_pairs(val_scorer, val_set, ns.eval_batch_size, env.device)
+        res = training.validate_pairs(ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size)
         return {k: res[k] for k in VAL_FIELDS}
 
     def loss(module, batch):

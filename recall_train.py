@@ -112,7 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    training.check_text_file(ns.csv, "--csv")
     if ns.image_dir:
         cli.input_dir(ns.image_dir, "--image-dir")
     cli.input_dir(ns.bert_dir, "--bert-dir")
@@ -178,13 +177,11 @@ def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> trai
         img, txt = training.gather_with_grad(img.float(), env), training.gather_with_grad(txt.float(), env)
         return models.contrastive_loss(align.similarity(img, txt))
 
-    dataset = training.TextImageDataset(
-        train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
-    )
     return training.Task(
         module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=dataset,
-        collate=dataset.collate,
+        dataset=training.TextImageDataset(
+            train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
+        ),
         loss=loss,
         save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,

@@ -12,22 +12,20 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.hashing import model_hash
-from utils.io import write_json
+from utils.io import atomic_path, write_json
 
 from .dist import DistEnv, all_mean, barrier
-from .state import MetricsWriter, deferred_sigint, load_train_state, out_dir_lock, restore_rng, save_train_state
+from .state import STATE_FORMAT, MetricsWriter, deferred_sigint, load_train_state, out_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +62,8 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
-        """From a script's ``vars(namespace)`` (None keeps a default; ``no_amp`` and
-        ``no_progress`` negated; with ``cache_embeddings`` the batches are row numbers,
-        nothing for workers to decode)."""
+        """From a script's ``vars(namespace)``: None keeps a default; with ``cache_embeddings``
+        the batches are row numbers, nothing for workers to decode."""
         values = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         values |= {"amp": not options.get("no_amp"), "progress": not options.get("no_progress"), "options": options}
         if options.get("cache_embeddings"):
@@ -79,12 +76,11 @@ class Task:
     """What a trainer brings to the loop besides the model."""
 
     module: torch.nn.Module  # a batch runs through it (wrapped in DDP under torchrun)
-    dataset: Dataset  # may have set_epoch(epoch) (seeded augmentation)
+    dataset: Dataset  # may have set_epoch(epoch) (seeded augmentation) and collate(items) -> batch
     loss: Callable  # loss(module, batch) -> scalar; batch: the collated tensors, on the device
     save: Callable  # save(model, path): the checkpoint in its published format
     validate: Callable | None = None  # validate() -> {val field: value}, run on rank 0
     select: str = ""  # the val field whose maximum picks the best checkpoint
-    collate: Callable | None = None
     step_fields: Callable | None = None  # step_fields() -> {column: value} added to a training row
     val_fields: tuple[str, ...] = ()
 
@@ -101,8 +97,8 @@ def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> Non
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
     """One run into ``cfg.out_dir`` (locked for it); a summary. ``load_model(path)`` gives
-    the model on the device: the last checkpoint on resume, else a new one (``path``
-    None); ``make_task(model)`` the rest."""
+    the model on the device (``path``: the last checkpoint on resume, else None),
+    ``make_task(model)`` the rest."""
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
         config = {k: cfg.options.get(k) for k in cfg.resume_keys}
@@ -112,8 +108,6 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
             diff = ", ".join(f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v)
             if diff:
                 raise UserError(f"{out / STATE_FILE}: cannot resume: settings differ from the interrupted run ({diff})")
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         model = load_model(out / cfg.last_file if state is not None else None)
         if state is not None and model_hash(model) != state["model_hash"]:
@@ -131,45 +125,22 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
     return summary | {"out_dir": str(out), "processes": env.world_size}
 
 
-def epoch_order(n: int, seed: int, epoch: int, env: DistEnv) -> list[int]:
-    """This process's samples of an epoch, in order: ``DistributedSampler``'s (process ``r``
-    takes positions ``r, r + W, ...`` of a seeded permutation, so the processes' k-th
-    batches together are one global batch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[: n - n % env.world_size][env.rank :: env.world_size]
+def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
+    """The LR factor of a step: linear warm-up over ``warmup`` steps, then cosine decay to 0
+    at ``total`` steps (or constant with ``kind='constant'``)."""
 
-
-class WarmupSchedule:
-    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``
-    steps (or constant with ``kind='constant'``)."""
-
-    def __init__(self, warmup: int, total: int, kind: str = "cosine"):
-        self.warmup, self.total, self.kind = warmup, total, kind
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
             return 1.0
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.5 * (1 + math.cos(math.pi * t))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-
-def build_optimizer(params: list, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, or AdamW with no decay for biases, norms and scalars."""
-    if not params:
-        raise UserError("no trainable parameters (is everything frozen?)")
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return factor
 
 
 class _Run:
-    """A run under way: the loader, DDP, optimizer, schedule and metrics of a task."""
+    """A run under way: DDP, optimizer, schedule and metrics of a task."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, model, task: Task, state: dict | None, config: dict):
         self.cfg, self.env, self.model, self.task, self.config = cfg, env, model, task, config
@@ -177,9 +148,17 @@ class _Run:
         self.per_process = cfg.batch_size // env.world_size
         self.steps_per_epoch = len(task.dataset) // env.world_size // self.per_process // cfg.accum_steps
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.trainable, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        if not self.trainable:
+            raise UserError("no trainable parameters (is everything frozen?)")
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:  # AdamW: no decay for biases, norms and scalars
+            decay = [p for p in self.trainable if p.ndim >= 2]
+            rest = [p for p in self.trainable if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         total = self.steps_per_epoch * cfg.epochs
-        schedule = WarmupSchedule(min(cfg.warmup_steps, total), total, cfg.schedule)
+        schedule = warmup_schedule(min(cfg.warmup_steps, total), total, cfg.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
         self.ddp = task.module
@@ -188,7 +167,13 @@ class _Run:
             self.ddp = torch.nn.parallel.DistributedDataParallel(task.module, device_ids=ids)
         self.step, self.best, self.start_epoch, self.start_batch = 0, -math.inf, 0, 0
         if state is not None:
-            self.restore(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.best = state["extra"].get("best", -math.inf)
+            log.info("resuming at step %d (epoch %d, batch %d)", self.step, self.start_epoch + 1, self.start_batch)
         elif env.is_main:
             record = json.loads(json.dumps(cfg.options | {"world_size": env.world_size}, default=str))
             write_json(self.out / "config.json", record)
@@ -197,21 +182,10 @@ class _Run:
         keep = state["metrics_rows"] if state is not None else None
         self.metrics = MetricsWriter(self.out / METRICS_FILE, columns, env, keep_rows=keep)
         log.info(
-            f"{len(self.trainable)} trainable tensors ({sum(p.numel() for p in self.trainable) / 1e6:.2f} M values); "
-            f"{self.steps_per_epoch} steps per epoch x {cfg.epochs} epochs; global batch {cfg.batch_size} x "
-            f"{cfg.accum_steps} accumulation on {env.world_size} process(es), device {env.device}"
-            + (", fp16 autocast" if self.scaler.is_enabled() else "")
+            f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values; {self.steps_per_epoch} steps "
+            f"per epoch x {cfg.epochs}; global batch {cfg.batch_size} x {cfg.accum_steps} accumulation on "
+            f"{env.world_size} process(es), device {env.device}" + (", fp16" if self.scaler.is_enabled() else "")
         )
-
-    def restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state, self.env)
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
-        self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best = state["extra"].get("best", -math.inf)
 
     def epochs(self) -> bool:
         """Train from where the run stands; True when ``stop_after_step`` stopped it."""
@@ -221,30 +195,44 @@ class _Run:
                 return True
             due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             if self.task.validate is not None and due and self.env.is_main:
-                self.validate(epoch)
+                res = self.task.validate()
+                self.metrics.write(step=self.step, epoch=epoch + 1, split="val", **res)
+                figures = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
+                log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
+                if res[self.task.select] > self.best:
+                    self.best = res[self.task.select]
+                    self.task.save(self.model, self.out / self.cfg.best_file)
+                    log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
             barrier(self.env)
             self.save(epoch + 1, 0)
             if self.step == cfg.stop_after_step:
                 return True
         return False
 
-    def train_epoch(self, epoch: int, first: int) -> bool:
-        """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
-        cfg, task = self.cfg, self.task
-        order = epoch_order(len(task.dataset), cfg.seed, epoch, self.env)[first * cfg.accum_steps * self.per_process :]
-        if hasattr(task.dataset, "set_epoch"):
-            task.dataset.set_epoch(epoch)
+    def batches(self, epoch: int, first: int):
+        """The batches of ``epoch`` from batch ``first`` on, in ``DistributedSampler``'s order:
+        process ``r`` takes positions ``r, r + W, ...`` of a seeded permutation, so the
+        processes' k-th batches together are one global batch."""
+        cfg, env, dataset = self.cfg, self.env, self.task.dataset
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        mine = perm[: len(perm) - len(perm) % env.world_size][env.rank :: env.world_size]
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         loader = DataLoader(
-            task.dataset,
+            dataset,
             batch_size=self.per_process,
-            sampler=order,
+            sampler=mine[first * cfg.accum_steps * self.per_process :],
             drop_last=True,
             num_workers=cfg.num_workers,
-            collate_fn=task.collate,
+            collate_fn=getattr(dataset, "collate", None),
             generator=torch.Generator(),  # never draws from the RNG dropout uses
-            pin_memory=self.env.device.type == "cuda",
+            pin_memory=env.device.type == "cuda",
         )
-        batches = iter(loader)
+        return iter(loader)
+
+    def train_epoch(self, epoch: int, first: int) -> bool:
+        """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
+        cfg, task, batches = self.cfg, self.task, self.batches(epoch, first)
         self.ddp.train()
         off = not cfg.progress or not self.env.is_main
         steps = range(first + 1, self.steps_per_epoch + 1)
@@ -271,6 +259,9 @@ class _Run:
         before clipping). Stops before the weights take a NaN/inf."""
         cfg, env, scaler = self.cfg, self.env, self.scaler
         lr, total = self.optimizer.param_groups[0]["lr"], 0.0
+        # dropout draws from (seed, step) only: a resumed run draws what an uninterrupted one
+        # does, with no RNG state to save (the data order and augmentation are seeded apart)
+        torch.manual_seed(hash((cfg.seed, self.step)))
         for micro in range(cfg.accum_steps):
             batch = tuple(t.to(env.device, non_blocking=True) for t in next(batches))
             sync = micro == cfg.accum_steps - 1 or not env.distributed
@@ -293,26 +284,16 @@ class _Run:
         self.step += 1
         return lr, loss, gnorm
 
-    def validate(self, epoch: int) -> None:
-        """The task's validation (rank 0): a metrics row, the best checkpoint."""
-        res = self.task.validate()
-        self.metrics.write(step=self.step, epoch=epoch + 1, split="val", **res)
-        figures = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
-        log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
-        if res[self.task.select] > self.best:
-            self.best = res[self.task.select]
-            self.task.save(self.model, self.out / self.cfg.best_file)
-            log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
-
     def save(self, epoch: int, batch_in_epoch: int) -> None:
-        """The last checkpoint (rank 0), then the state resuming at batch ``batch_in_epoch``
-        of ``epoch`` (collective). Ctrl-C waits for the pair."""
+        """The last checkpoint, then the state resuming at batch ``batch_in_epoch`` of
+        ``epoch`` (rank 0; the others wait). Ctrl-C waits for the pair."""
         with deferred_sigint():
-            weights = model_hash(self.model)
             if self.env.is_main:
                 self.task.save(self.model, self.out / self.cfg.last_file)
-            state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": self.config}
-            state |= {"metrics_rows": self.metrics.rows, "model_file": self.cfg.last_file, "model_hash": weights}
-            state |= {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
-            save_train_state(self.out / STATE_FILE, self.env, state | {"extra": {"best": self.best}})
+                state = {"format": STATE_FORMAT, "world_size": self.env.world_size, "config": self.config}
+                state |= {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+                state |= {"metrics_rows": self.metrics.rows, "model_hash": model_hash(self.model)}
+                state |= {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
+                with atomic_path(self.out / STATE_FILE) as tmp:
+                    torch.save(state | {"model_file": self.cfg.last_file, "extra": {"best": self.best}}, tmp)
             barrier(self.env)

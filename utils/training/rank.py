@@ -5,23 +5,54 @@ image pairs with their POI inputs, the module DDP wraps and the pairwise validat
 
 from __future__ import annotations
 
+from utils.cli import DataError, bad_rows
+
 import functools
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from utils.evaluation import pairwise_metrics
-from utils.formats import PoiTables, load_image, pois_text
+from utils.formats import PoiTables, RankRow, index_images, iter_rank_csv, load_image, pois_text, stack_inputs
 
-from .data import RankPair, encode_images_once
 from .dist import DistEnv
+from .recall import encode_images_once
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankPair:
+    row: RankRow
+    image_a: str
+    image_b: str
+
+
+def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
+    """The records of a ``$record$`` CSV whose two images ``<item_id>_a/_b.*`` are in
+    ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is always an error)."""
+    path, errors, missing, pairs, n = str(path), [], [], [], 0
+    images = index_images(image_dir)
+    for row in iter_rank_csv(path, errors):
+        n += 1
+        a, b = images.get(row.key_a), images.get(row.key_b)
+        if a is None or b is None:
+            missing.append(f"{path}:{row.line}: {row.key_a if a is None else row.key_b}.*")
+        else:
+            pairs.append(RankPair(row, str(a), str(b)))
+    n_bad = bad_rows(errors, path, skip_bad_rows)
+    if not n:
+        raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
+    if missing:
+        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
+    if not pairs:
+        raise DataError(f"{path}: no pair has both images in {image_dir}")
+    return pairs, n_bad
 
 
 class Vectors:
@@ -118,17 +149,16 @@ class PairScorer(nn.Module):
         return s_a.squeeze(1), s_b.squeeze(1)
 
 
-@torch.no_grad()
-def validate_pairs(scorer: PairScorer, dataset: RankPairDataset, batch_size: int, device) -> dict:
-    """Pairwise accuracy (the published metric), ROC-AUC, log loss, constant-guess baseline."""
-    was = scorer.training
-    scorer.eval()
-    sa, sb = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())  # keeps the global RNG
-    for batch in loader:
-        s_a, s_b = scorer(*(t.to(device) for t in batch[:-1]))
-        sa.append(s_a.float().cpu())
-        sb.append(s_b.float().cpu())
-    scorer.train(was)
-    labels = [p.row.label for p in dataset.pairs]
-    return pairwise_metrics(labels, torch.cat(sa).numpy(), torch.cat(sb).numpy())
+def validate_pairs(
+    ranker: nn.Module, pairs: list[RankPair], tables: PoiTables, texts: Vectors, images: Vectors, batch_size: int
+) -> dict:
+    """Pairwise accuracy (the published metric), ROC-AUC, log loss and the constant-guess
+    baseline of ``pairs``, whose vectors are ready."""
+    items = [tables.inputs(p.row.title, p.row.poi_names) for p in pairs]
+    poi = [torch.from_numpy(x) for x in stack_inputs(items, tables.dim)]
+    feat = texts.table[[texts.rows[it.pois_text] for it in items]]
+    vec_a = images.table[[images.rows[p.image_a] for p in pairs]]
+    vec_b = images.table[[images.rows[p.image_b] for p in pairs]]
+    s_a = ranker.score_many(vec_a, feat, *poi, batch_size=batch_size)
+    s_b = ranker.score_many(vec_b, feat, *poi, batch_size=batch_size)
+    return pairwise_metrics([p.row.label for p in pairs], s_a.numpy(), s_b.numpy())

@@ -1,6 +1,6 @@
 """What a run leaves in its --out-dir besides the checkpoints: the training state that
-resumes it exactly (optimizer, schedule, scaler, position, every process's RNG states),
-the metrics CSV, and the out-dir's lock for the run."""
+resumes it exactly (optimizer, schedule, scaler, position), the metrics CSV, and the
+out-dir's lock for the run."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from utils.io import atomic_path, atomic_write, exclusive_lock, text_lines
+from utils.io import atomic_write, exclusive_lock, text_lines
 
 from .dist import DistEnv, broadcast
 
@@ -57,22 +56,8 @@ class MetricsWriter:
         self.rows += 1
 
 
-def save_train_state(path, env: DistEnv, fields: dict) -> None:
-    """Write ``fields`` and every process's torch RNG states (collective; rank 0 writes).
-    Those are dropout's: the data order and the augmentation have seeded generators."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    rngs = [rng] * env.world_size
-    if env.distributed:
-        dist.all_gather_object(rngs, rng)
-    if env.is_main:
-        with atomic_path(path) as tmp:
-            torch.save({"format": STATE_FORMAT, "world_size": env.world_size, "rng": rngs, **fields}, tmp)
-
-
 def load_train_state(path) -> dict:
-    """What ``save_train_state`` wrote; a missing, damaged or foreign file is a
+    """The state ``train`` saves; a missing, damaged or foreign file is a
     ``UserError`` naming it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
@@ -84,19 +69,6 @@ def load_train_state(path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training state file of this package")
     return state
-
-
-def restore_rng(state: dict, env: DistEnv) -> None:
-    rngs = state["rng"]
-    if len(rngs) != env.world_size:
-        log.warning(
-            f"resuming with {env.world_size} processes, the state was saved by {len(rngs)}: RNG streams "
-            "restart from process 0's and the run is no longer bit-identical"
-        )
-        rngs = [rngs[0]] * env.world_size
-    torch.set_rng_state(rngs[env.rank]["torch"])
-    if "cuda" in rngs[env.rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rngs[env.rank]["cuda"])
 
 
 @contextlib.contextmanager
