@@ -136,7 +136,6 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
             with torch.no_grad():
                 align.logit_scale.fill_(ns.logit_scale)
         log.info("random initialisation (from scratch), logit_scale %.3g", float(align.logit_scale.detach()))
-    training.set_trainable(align, ns.freeze)
     return align.to(device)
 
 
@@ -174,7 +173,7 @@ def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> trai
 
     def loss(module, batch):
         img, txt = module(*batch)
-        img, txt = training.gather_with_grad(img.float(), env), training.gather_with_grad(txt.float(), env)
+        img, txt = env.gather_with_grad(img.float()), env.gather_with_grad(txt.float())
         return models.contrastive_loss(align.similarity(img, txt))
 
     return training.Task(

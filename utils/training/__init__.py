@@ -8,11 +8,10 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "dist": "DistEnv distributed gather_with_grad",
+        "dist": "DistEnv distributed",
         "loop": "Task TrainConfig check_fills_a_step train warmup_schedule",
         "rank": "PairScorer RankPair RankPairDataset augment_pil encode_once read_rank_pairs validate_pairs",
-        "recall": "Pair PairEncoder TextImageDataset encode_images_once held_out_recall read_text_pairs "
-        "set_trainable split_owners",
+        "recall": "Pair PairEncoder TextImageDataset encode_images_once held_out_recall read_text_pairs split_owners",
         "state": "MetricsWriter deferred_sigint load_train_state read_metrics",
     },
 )

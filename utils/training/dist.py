@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 @dataclass
 class DistEnv:
+    """This process: its rank among ``world_size``, its device; the collectives are no-ops
+    for a single process."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -29,6 +32,36 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every process."""
+        box = [value]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every process concatenated along dim 0, keeping gradients. Backward sums
+        each slice's gradient over the processes: with DDP's averaging, exactly the
+        gradient of the global loss every process computes."""
+        if not self.distributed:
+            return x
+        import torch.distributed.nn.functional as dnf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API
+            return torch.cat(dnf.all_gather(x), dim=0)
 
 
 @contextlib.contextmanager
@@ -47,50 +80,12 @@ def distributed(device_name: str = "auto", log_level: str | None = None):
         level = logging.getLevelName(log_level)
         tag = f"[rank {env.rank}] %(levelname)s" if env.distributed else "%(levelname)s"
         setup_logging(level if env.is_main else max(level, logging.WARNING), LOG_FORMAT.replace("%(levelname)s", tag))
-    if not env.distributed:
-        yield env
-        return
     try:
-        if not dist.is_initialized():
+        if env.distributed and not dist.is_initialized():
             # 30 minutes (nccl's default is 10): the others wait while rank 0 validates
             backend = "nccl" if env.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
         yield env
     finally:
-        if dist.is_initialized():
+        if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-def broadcast(value, env: DistEnv):
-    """Rank 0's ``value`` (any picklable object) on every process."""
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_mean(value: float, env: DistEnv) -> float:
-    if not env.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.item() / env.world_size
-
-
-def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """``x`` of every process concatenated along dim 0, keeping gradients. Backward sums
-    each slice's gradient over the processes: with DDP's averaging, exactly the gradient
-    of the global loss every process computes."""
-    if not env.distributed:
-        return x
-    import torch.distributed.nn.functional as dnf
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API
-        return torch.cat(dnf.all_gather(x), dim=0)

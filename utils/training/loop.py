@@ -24,7 +24,7 @@ from tqdm import tqdm
 from utils.hashing import model_hash
 from utils.io import atomic_path, write_json
 
-from .dist import DistEnv, all_mean, barrier
+from .dist import DistEnv
 from .state import STATE_FORMAT, MetricsWriter, deferred_sigint, load_train_state, out_dir_lock
 
 log = logging.getLogger(__name__)
@@ -203,38 +203,33 @@ class _Run:
                     self.best = res[self.task.select]
                     self.task.save(self.model, self.out / self.cfg.best_file)
                     log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
-            barrier(self.env)
+            self.env.barrier()
             self.save(epoch + 1, 0)
             if self.step == cfg.stop_after_step:
                 return True
         return False
 
-    def batches(self, epoch: int, first: int):
-        """The batches of ``epoch`` from batch ``first`` on, in ``DistributedSampler``'s order:
-        process ``r`` takes positions ``r, r + W, ...`` of a seeded permutation, so the
-        processes' k-th batches together are one global batch."""
-        cfg, env, dataset = self.cfg, self.env, self.task.dataset
-        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    def train_epoch(self, epoch: int, first: int) -> bool:
+        """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
+        cfg, env, task = self.cfg, self.env, self.task
+        # DistributedSampler's order: process r takes positions r, r + W, ... of a seeded
+        # permutation, so the processes' k-th batches together are one global batch
+        perm = torch.randperm(len(task.dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         mine = perm[: len(perm) - len(perm) % env.world_size][env.rank :: env.world_size]
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+        if hasattr(task.dataset, "set_epoch"):
+            task.dataset.set_epoch(epoch)
         loader = DataLoader(
-            dataset,
+            task.dataset,
             batch_size=self.per_process,
             sampler=mine[first * cfg.accum_steps * self.per_process :],
-            drop_last=True,
             num_workers=cfg.num_workers,
-            collate_fn=getattr(dataset, "collate", None),
+            collate_fn=getattr(task.dataset, "collate", None),
             generator=torch.Generator(),  # never draws from the RNG dropout uses
             pin_memory=env.device.type == "cuda",
         )
-        return iter(loader)
-
-    def train_epoch(self, epoch: int, first: int) -> bool:
-        """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
-        cfg, task, batches = self.cfg, self.task, self.batches(epoch, first)
+        batches = iter(loader)
         self.ddp.train()
-        off = not cfg.progress or not self.env.is_main
+        off = not cfg.progress or not env.is_main
         steps = range(first + 1, self.steps_per_epoch + 1)
         bar = tqdm(
             steps, initial=first, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", disable=off, leave=False
@@ -270,7 +265,7 @@ class _Run:
                     loss = self.task.loss(self.ddp, batch) / cfg.accum_steps
                 scaler.scale(loss).backward()
             total += float(loss.detach())
-        loss = all_mean(total, env)  # the same on every process: all stop together
+        loss = env.mean(total)  # the same on every process: all stop together
         if not math.isfinite(loss):
             raise UserError(f"step {self.step + 1}: the loss is {loss} (the last checkpoint was kept); {HINT}")
         scaler.unscale_(self.optimizer)
@@ -296,4 +291,4 @@ class _Run:
                 state |= {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
                 with atomic_path(self.out / STATE_FILE) as tmp:
                     torch.save(state | {"model_file": self.cfg.last_file, "extra": {"best": self.best}}, tmp)
-            barrier(self.env)
+            self.env.barrier()

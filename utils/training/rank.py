@@ -63,9 +63,8 @@ class Vectors:
 
 
 def encode_once(rm, train: list[RankPair], val: list[RankPair], enc, env: DistEnv, cache_train: bool):
-    """``Vectors`` of the texts, the validation images and the training images (or None):
-    the ``pois_feature`` vector of every distinct POI string (or title), the images
-    through the frozen tower of ``rm`` (a ``RecallModel``) with ``enc`` (an ``Encoding``)."""
+    """``Vectors`` of every distinct ``pois_feature`` text, of the validation images and of
+    the training images (or None), through ``rm`` (a ``RecallModel``)."""
     texts = list(dict.fromkeys(pois_text(p.row.title, p.row.poi_names) for p in train + val))
     text_table = rm.encode_texts(texts, replace(enc, progress=False)).to(env.device)
     log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train), len(val), len(texts))
@@ -80,15 +79,13 @@ def augment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The authors' ``RandomRotation(5)`` (uniform angle, about the centre, nearest
     neighbour, same size, black fill) then ``RandomHorizontalFlip(0.3)``."""
     angle = float(rng.uniform(-5.0, 5.0))
-    fill = (0,) * len(img.getbands()) if len(img.getbands()) > 1 else 0
-    img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=fill)
+    img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=0)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.3 else img
 
 
 class RankPairDataset(Dataset):
-    """Item i: image a, image b (tensors, or rows of cached vectors), the item's POI
-    inputs, the row of its ``pois_feature`` vector and the label. Augmentation draws from
-    (seed, epoch, i, side) only, so runs repeat and resume exactly."""
+    """Item i: images a and b (or their rows of cached vectors), the POI inputs, the row of
+    the ``pois_feature`` vector, the label. Augmentation draws from (seed, epoch, i, side)."""
 
     def __init__(self, pairs, tables: PoiTables, texts: Vectors, mode: str, augment: bool, seed: int, images=None):
         self.pairs, self.tables, self.mode, self.augment, self.seed = pairs, tables, mode, augment, seed
@@ -123,9 +120,8 @@ class RankPairDataset(Dataset):
 
 
 class PairScorer(nn.Module):
-    """The module DDP wraps: (s_a, s_b) of a batch of pairs. The recall model stays frozen
-    in eval mode; ``image_table`` holds cached image vectors, ``text_table`` the
-    ``pois_feature`` vectors."""
+    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays in eval mode.
+    ``text_table``: the ``pois_feature`` vectors; ``image_table``: cached image vectors."""
 
     def __init__(self, ranker: nn.Module, text_table: torch.Tensor, image_table=None):
         super().__init__()
@@ -152,8 +148,7 @@ class PairScorer(nn.Module):
 def validate_pairs(
     ranker: nn.Module, pairs: list[RankPair], tables: PoiTables, texts: Vectors, images: Vectors, batch_size: int
 ) -> dict:
-    """Pairwise accuracy (the published metric), ROC-AUC, log loss and the constant-guess
-    baseline of ``pairs``, whose vectors are ready."""
+    """Pairwise accuracy (the published metric), ROC-AUC, log loss, constant-guess baseline."""
     items = [tables.inputs(p.row.title, p.row.poi_names) for p in pairs]
     poi = [torch.from_numpy(x) for x in stack_inputs(items, tables.dim)]
     feat = texts.table[[texts.rows[it.pois_text] for it in items]]

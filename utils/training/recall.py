@@ -22,7 +22,7 @@ from utils.evaluation import recall_at_k
 from utils.formats import index_images, iter_recall_csv, load_image
 from utils.io import text_lines
 
-from .dist import DistEnv, barrier
+from .dist import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ def _csv_rows(path: str, errors: list):
 
 
 def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing: list) -> list[Pair]:
-    """The pairs of the ``rows`` under a header naming ``text``, ``image`` (and maybe ``owner``)."""
     base = Path(image_dir) if image_dir else Path(path).resolve().parent
     pairs = []
     for line, fields in rows:
@@ -119,9 +118,8 @@ def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None,
 
 
 class TextImageDataset(Dataset):
-    """Item i: (image tensor, or ``i`` when the image vectors are cached; ``i``). ``collate``
-    makes a batch (images, input_ids, attention_mask) with ``tokenize(texts)``, in the
-    DataLoader's workers."""
+    """Item i: (image tensor, or ``i`` with cached image vectors; ``i``); ``collate`` makes
+    (images, input_ids, attention_mask) with ``tokenize(texts)``, in the loader's workers."""
 
     def __init__(self, pairs: list[Pair], mode: str, cached: bool, tokenize):
         self.pairs, self.mode, self.cached, self.tokenize = pairs, mode, cached, tokenize
@@ -138,28 +136,23 @@ class TextImageDataset(Dataset):
         return torch.stack(xs), enc["input_ids"], enc["attention_mask"]
 
 
-def set_trainable(align: nn.Module, freeze: str) -> None:
-    """Every weight trains but the text pooler (in the checkpoint, not in the output) and,
-    with ``freeze`` "image" or "text", that tower and its projection."""
-    frozen = {
-        "image": (align.image_model, align.image_hidden_layer),
-        "text": (align.text_model, align.text_hidden_layer),
-    }.get(freeze, ())
-    align.requires_grad_(True)
-    for m in (align.text_model.pooler, *frozen):
-        m.requires_grad_(False)
-
-
 class PairEncoder(nn.Module):
-    """The module DDP wraps: the (image, text) embeddings of a batch. A frozen tower stays
-    in eval mode; ``bn_eval`` keeps the image tower's BatchNorm on its running statistics
-    (then several processes equal one); with ``image_table`` (cached image vectors) a
-    batch's images are their row numbers."""
+    """The module DDP wraps: a batch's (image, text) embeddings. All weights train but the
+    text pooler (unused) and a ``freeze`` tower with its projection (kept in eval mode);
+    ``bn_eval``: image BatchNorm on running statistics (then several processes equal one);
+    ``image_table``: cached image vectors (a batch's images are their row numbers)."""
 
     def __init__(self, align: nn.Module, freeze: str = "none", bn_eval: bool = False, image_table=None):
         super().__init__()
         self.align, self.freeze, self.bn_eval = align, freeze, bn_eval
         self.image_table = image_table  # not a parameter or buffer: never in a checkpoint
+        frozen = {
+            "image": (align.image_model, align.image_hidden_layer),
+            "text": (align.text_model, align.text_hidden_layer),
+        }.get(freeze, ())
+        align.requires_grad_(True)
+        for m in (align.text_model.pooler, *frozen):
+            m.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -176,20 +169,13 @@ class PairEncoder(nn.Module):
         return self
 
     def forward(self, images, input_ids, attention_mask):
-        if self.image_table is not None:
-            img = self.image_table[images]
-        else:
-            with torch.set_grad_enabled(self.freeze != "image" and torch.is_grad_enabled()):
-                img = self.align.encode_image(images)
-        with torch.set_grad_enabled(self.freeze != "text" and torch.is_grad_enabled()):
-            txt = self.align.encode_text(input_ids, attention_mask)
-        return img, txt
+        img = self.image_table[images] if self.image_table is not None else self.align.encode_image(images)
+        return img, self.align.encode_text(input_ids, attention_mask)
 
 
 def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) -> dict:
-    """Text -> image recall@K through ``rm`` (a ``RecallModel``) with ``enc`` (an
-    ``Encoding``): every held-out (owner, text) query against every held-out image; a hit
-    is an image of the query's owner in the top K."""
+    """Text -> image recall@K of every held-out (owner, text) query against every held-out
+    image through ``rm`` (a ``RecallModel``); a hit is an image of the owner in the top K."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
         image_vecs, _ = rm.encode_images([p.image for p in val], enc, desc="held-out")
@@ -199,11 +185,11 @@ def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) ->
 
 
 def encode_images_once(rm, paths: list[str], enc, env: DistEnv):
-    """``paths`` through the frozen image tower of ``rm`` (a ``RecallModel``) with ``enc``
-    (an ``Encoding``); under torchrun rank 0 sets the engine up (an ONNX export) first."""
+    """``paths`` through the frozen image tower of ``rm`` (a ``RecallModel``); under torchrun
+    rank 0 sets the engine up (an ONNX export) first."""
     if env.distributed and env.is_main:
         rm.image_encoder()
-    barrier(env)
+    env.barrier()
     vecs, ok = rm.encode_images(paths, enc, desc="frozen image tower")
     if not ok.all():
         log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))

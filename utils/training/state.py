@@ -18,7 +18,7 @@ import torch
 
 from utils.io import atomic_write, exclusive_lock, text_lines
 
-from .dist import DistEnv, broadcast
+from .dist import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ class MetricsWriter:
 
 
 def load_train_state(path) -> dict:
-    """The state ``train`` saves; a missing, damaged or foreign file is a
-    ``UserError`` naming it."""
+    """The state ``train`` saves; a missing, damaged or foreign file is a ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
     try:
@@ -89,23 +88,17 @@ def deferred_sigint():
 
 
 def _remove_stale_temp_files(directory: Path) -> None:
-    """Remove the ``<file>.tmp<pid>`` files of a save that was killed: those of processes
-    that are gone."""
+    """Remove the ``<file>.tmp<pid>`` files a killed save left (a live process's stay)."""
     for p in sorted(directory.glob("*.tmp*")):
         pid = p.name.rpartition(".tmp")[2]
-        if pid.isdigit() and p.is_file() and not _alive(int(pid)):
-            log.info("%s: removed, the temporary file of an interrupted save", p)
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        pass
-    return True
+        if pid.isdigit() and p.is_file():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("%s: removed, the temporary file of an interrupted save", p)
+                p.unlink(missing_ok=True)
+            except PermissionError:  # someone else's live process
+                pass
 
 
 @contextlib.contextmanager
@@ -124,7 +117,7 @@ def out_dir_lock(out: Path, env: DistEnv):
                     error = str(e)
                 else:
                     _remove_stale_temp_files(out)
-            error = broadcast(error, env)
+            error = env.broadcast(error)
             if error:
                 raise UserError(error)
             yield out
