@@ -55,28 +55,17 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recall_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--csv",
-        required=True,
-        help="training pairs: the recall format (owner: the poi_id) or a CSV with a text,image[,owner] header",
-    )
+    g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners (POIs) held out (default 0.1)")
+    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners held out (default 0.1)")
     g.add_argument(
         "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
     )
     args.add_bad_rows(g)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="start from this recall checkpoint (default: random weights, from scratch)")
-    g.add_argument(
-        "--logit-scale",
-        type=cli.finite_float,
-        help="initial logit_scale from scratch (the architecture's 1.0 multiplies cosines in [-1, 1]: "
-        "10 or more lets the loss go down)",
-    )
-    g.add_argument(
-        "--freeze", choices=("none", "image", "text"), default="none", help="keep this tower fixed (default none)"
-    )
+    g.add_argument("--logit-scale", type=cli.finite_float, help="from scratch: initial logit_scale (try 10)")
+    g.add_argument("--freeze", choices=("none", "image", "text"), default="none", help="keep this tower fixed")
     g.add_argument("--bn-eval", action="store_true", help="image tower BatchNorm on running statistics")
     g.add_argument("--cache-embeddings", action="store_true", help="with --freeze image: encode each image once")
     args.add_engine(p, precision=False)
@@ -85,16 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recall training")
     g.add_argument("--epochs", type=cli.positive_int, default=5, help="(default 5)")
     g.add_argument("--lr", type=cli.non_negative_float, default=5e-5, help="peak learning rate (default 5e-5)")
-    g.add_argument(
-        "--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step (default 1)"
-    )
+    g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per step (default 1)")
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K (default 1,5,10)")
-    g.add_argument(
-        "--eval-every", type=cli.positive_int, default=1, help="evaluate every N epochs and after the last (default 1)"
-    )
-    g.add_argument(
-        "--select-k", type=cli.positive_int, default=5, help="best.pth maximises held-out recall@K (default 5)"
-    )
+    g.add_argument("--eval-every", type=cli.positive_int, default=1, help="validate every N epochs and after the last")
+    g.add_argument("--select-k", type=cli.positive_int, default=5, help="best.pth: best held-out recall@K (default 5)")
     args.add_run(p)
     return p
 
