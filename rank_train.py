@@ -90,7 +90,7 @@ def check_paths(ns) -> models.AlignArch | None:
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
     """The run's last checkpoint (on resume), --init's ranker, a new head around --init's
-    recall model, or random weights; its recall model frozen in eval mode."""
+    recall model, or random weights."""
     if resume_from is not None:
         ranker = models.load_ranker(resume_from, ns.bert_dir)
     elif not ns.init:
@@ -102,8 +102,6 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
     else:
         log.info("recall model from %s; new ranker head", ns.init)
         ranker = models.SiameseRanker(models.load_align_model(ns.init, ns.bert_dir, arch=arch))
-    ranker.align_model.requires_grad_(False)
-    ranker.align_model.eval()
     return ranker.to(device)
 
 

@@ -1,6 +1,6 @@
-"""Training, shared by recall_train.py and rank_train.py: the loop with exact resume
-(``loop``), processes under torchrun (``dist``), what a run leaves in its out-dir
-(``state``), and what each model's training is made of: its pairs, dataset, module and
+"""Training, shared by recall_train.py and rank_train.py: the loop with exact resume and
+what it writes (``loop``), the processes of a run under torchrun and its out-dir lock
+(``dist``), and what each model's training is made of: its pairs, dataset, module and
 validation (``recall``, ``rank``)."""
 
 from utils import front_door
@@ -8,10 +8,9 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "dist": "DistEnv distributed",
-        "loop": "Task TrainConfig check_fills_a_step train warmup_schedule",
+        "dist": "DistEnv deferred_sigint distributed",
+        "loop": "MetricsWriter Task TrainConfig check_fills_a_step load_train_state read_metrics train warmup_schedule",
         "rank": "PairScorer RankPair RankPairDataset augment_pil encode_once read_rank_pairs validate_pairs",
         "recall": "Pair PairEncoder TextImageDataset encode_images_once held_out_recall read_text_pairs split_owners",
-        "state": "MetricsWriter deferred_sigint load_train_state read_metrics",
     },
 )

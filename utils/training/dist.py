@@ -1,19 +1,27 @@
-"""One process, or one of several started by ``torchrun``: the process group, the
-collectives the loop needs, rank-aware logging."""
+"""The processes of a run: one, or several started by ``torchrun`` (the process group, the
+collectives the loop needs, rank-aware logging), the lock they share on the run's
+--out-dir, and Ctrl-C held while a checkpoint is saved."""
 
 from __future__ import annotations
 
-from utils.cli import LOG_FORMAT, resolve_device, setup_logging
+from utils.cli import LOG_FORMAT, UserError, resolve_device, setup_logging
 
 import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from utils.io import exclusive_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,3 +97,60 @@ def distributed(device_name: str = "auto", log_level: str | None = None):
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold a Ctrl-C that arrives during the block and raise it after, so that a checkpoint
+    and its training state are written as a pair. Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Remove the ``<file>.tmp<pid>`` files a killed save left (a live process's stay)."""
+    for p in sorted(directory.glob("*.tmp*")):
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and p.is_file():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("%s: removed, the temporary file of an interrupted save", p)
+                p.unlink(missing_ok=True)
+            except PermissionError:  # someone else's live process
+                pass
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path, env: DistEnv):
+    """``utils.io.exclusive_lock`` on ``out`` for a whole run: rank 0 takes it (and removes
+    stale temporary files) and tells the others, so every process stops with the same
+    line. A directory this run created is removed again if it is left empty."""
+    created = not out.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if env.is_main:
+                try:
+                    stack.enter_context(exclusive_lock(out))
+                except UserError as e:
+                    error = str(e)
+                else:
+                    _remove_stale_temp_files(out)
+            error = env.broadcast(error)
+            if error:
+                raise UserError(error)
+            yield out
+    finally:
+        if created and env.is_main:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty

@@ -2,16 +2,19 @@
 a ``Task`` (what the trainer brings); ``train`` does the rest. A step is ``accum_steps``
 micro-batches, the loss averaged over the processes (NaN/inf stops the run), clipping,
 the schedule. An epoch ends with validation on rank 0, the best checkpoint, then the last
-checkpoint with the state that ``--resume`` continues from bit for bit."""
+one with the training state that ``--resume`` continues from bit for bit; each step and
+validation is a row of the metrics CSV."""
 
 from __future__ import annotations
 
 from utils.cli import DataError, UserError
 
 import contextlib
+import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -22,14 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.hashing import model_hash
-from utils.io import atomic_path, write_json
+from utils.io import atomic_path, atomic_write, text_lines, write_json
 
-from .dist import DistEnv
-from .state import STATE_FORMAT, MetricsWriter, deferred_sigint, load_train_state, out_dir_lock
+from .dist import DistEnv, deferred_sigint, out_dir_lock
 
 log = logging.getLogger(__name__)
 
-STATE_FILE, METRICS_FILE = "train_state.pt", "metrics.csv"
+STATE_FILE, METRICS_FILE, STATE_FORMAT = "train_state.pt", "metrics.csv", 1
 HINT = "training diverged; try a lower --lr or --clip-grad, then --resume"
 
 
@@ -137,6 +139,52 @@ def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return factor
+
+
+def read_metrics(path) -> list[dict]:
+    return list(csv.DictReader(text_lines(path)))
+
+
+class MetricsWriter:
+    """Rows appended to a CSV with a fixed header, by rank 0 only; on resume the ``keep_rows``
+    written when the state was saved are kept, so it reads like an uninterrupted run's."""
+
+    def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
+        self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0
+        if not env.is_main:
+            return
+        old = read_metrics(self.path)[:keep_rows] if keep_rows is not None and os.path.exists(self.path) else []
+        if keep_rows is not None and len(old) < keep_rows:
+            log.warning("%s: holds %d rows, the training state expected %d", self.path, len(old), keep_rows)
+        with atomic_write(self.path) as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        self.rows = len(old)
+
+    def write(self, **row) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as f:  # one line a step, not a rewrite
+            row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        self.rows += 1
+
+
+def load_train_state(path) -> dict:
+    """The state ``train`` saves; a missing, damaged or foreign file is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError):  # torch reports some truncated files so
+            why = e.strerror or why
+        raise UserError(f"{path}: cannot be read as a training state ({why}); start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: not a training state file of this package")
+    return state
 
 
 class _Run:

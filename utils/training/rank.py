@@ -36,17 +36,16 @@ class RankPair:
 def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
     """The records of a ``$record$`` CSV whose two images ``<item_id>_a/_b.*`` are in
     ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is always an error)."""
-    path, errors, missing, pairs, n = str(path), [], [], [], 0
+    path, errors, missing, pairs = str(path), [], [], []
     images = index_images(image_dir)
     for row in iter_rank_csv(path, errors):
-        n += 1
         a, b = images.get(row.key_a), images.get(row.key_b)
         if a is None or b is None:
             missing.append(f"{path}:{row.line}: {row.key_a if a is None else row.key_b}.*")
         else:
             pairs.append(RankPair(row, str(a), str(b)))
     n_bad = bad_rows(errors, path, skip_bad_rows)
-    if not n:
+    if not pairs and not missing:
         raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
     if missing:
         log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
@@ -120,12 +119,13 @@ class RankPairDataset(Dataset):
 
 
 class PairScorer(nn.Module):
-    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays in eval mode.
-    ``text_table``: the ``pois_feature`` vectors; ``image_table``: cached image vectors."""
+    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays frozen in eval
+    mode. ``text_table``: the ``pois_feature`` vectors; ``image_table``: cached image vectors."""
 
     def __init__(self, ranker: nn.Module, text_table: torch.Tensor, image_table=None):
         super().__init__()
         self.ranker, self.text_table, self.image_table = ranker, text_table, image_table
+        ranker.align_model.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -136,8 +136,7 @@ class PairScorer(nn.Module):
         if self.image_table is not None:
             ea, eb = self.image_table[a], self.image_table[b]
         else:
-            with torch.no_grad():
-                e = self.ranker.align_model.encode_image(torch.cat([a, b]))
+            e = self.ranker.align_model.encode_image(torch.cat([a, b]))
             ea, eb = e[: len(a)], e[len(a) :]
         feat = self.text_table[text_idx]
         s_a = self.ranker.score_embeddings(ea, feat, poi_img, poi_txt, poi_len)
