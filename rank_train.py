@@ -60,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=cli.positive_int, default=10, help="(default 10)")
     g.add_argument("--lr", type=cli.non_negative_float, default=1e-3, help="learning rate (default 1e-3)")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="(default adam)")
-    g.add_argument(
-        "--loss", choices=("bce", "margin"), default="bce", help="bce: BCE on sigmoid(s_a - s_b) (default bce)"
-    )
+    g.add_argument("--loss", choices=("bce", "margin"), default="bce", help="default bce: BCE on sigmoid(s_a - s_b)")
     g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin (default 0.5)")
     args.add_run(p)
     return p
