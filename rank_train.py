@@ -7,29 +7,9 @@
         --bert-dir data/bert-base-chinese --init data/align_model.pth --out-dir runs/rank1
     torchrun --nproc_per_node 2 rank_train.py ...same arguments...   # --batch-size is global
 
-Data: each record is an item with images ``<image-dir>/<item_id>_a.<ext>`` and ``_b``
-(download_images.py names them so); label 1 when ctr_a > ctr_b (a NaN/inf CTR is an
-error). A pair with an absent image is left out (counted in the log); a bad row stops the
-run unless --skip-bad-rows. The item's POI inputs follow SPEC 5 (utils.formats.poi);
-``pois_feature`` is the recall text tower's vector of the POI string (or the title),
-computed once per distinct string.
-
-Model: models.ranker.SiameseRanker around a recall model that stays frozen in eval mode,
-as the authors trained it. --init takes a recall checkpoint (new ranker head) or a ranker
-checkpoint (head and recall copy restored); without --init the recall model is random
-(speed tests only). Loss: BCE on sigmoid(s_a - s_b), or --loss margin
-(MarginRankingLoss on +1/-1 labels); Adam at 1e-3, batch 16, as the authors.
-
-Training images are augmented as the authors did (RandomRotation(5), then
-RandomHorizontalFlip(0.3)), drawn from (--seed, epoch, pair, side) only, so runs repeat
-and resume exactly. --no-augment --cache-embeddings encodes each training image once with
-the frozen tower, on --backend, as the validation images always are.
-
-Each epoch: validation accuracy (the published 0.652 metric), ROC-AUC, log loss. Outputs
-in --out-dir (locked for the run): best.ckpt (best accuracy) and last.ckpt in the released
-ranker format, train_state.pt (--resume continues bit for bit), metrics.csv, config.json.
-Bad input is one line and exit status 2 before any work; a NaN/inf loss stops the run
-before a checkpoint takes it; Ctrl-C exits with 130 and the last saved state resumes.
+The recall model stays frozen in eval mode, as the authors trained it (Adam at 1e-3, batch
+16, their augmentation). --out-dir: best.ckpt (best validation accuracy) and last.ckpt in
+the released ranker format, train_state.pt (--resume), metrics.csv, config.json.
 """
 
 from __future__ import annotations
@@ -40,7 +20,6 @@ import argparse
 import functools
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -60,17 +39,15 @@ VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rank_train.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="Formats, outputs and behaviour on errors: the docstring at the top of rank_train.py.",
-    )
+    p = argparse.ArgumentParser(prog="rank_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--train-csv", required=True, help="$record$ training pairs")
+    g.add_argument("--train-csv", required=True, help="$record$ training pairs (label: ctr_a > ctr_b)")
     g.add_argument("--val-csv", required=True, help="$record$ validation pairs")
     g.add_argument("--image-dir", required=True, help="folder of <item_id>_a/_b image files")
     g.add_argument("--val-image-dir", help="folder of the validation images (default --image-dir)")
-    g.add_argument("--no-augment", dest="augment", action="store_false", help="no rotation/flip of training images")
+    g.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no RandomRotation(5) + RandomHorizontalFlip(0.3)"
+    )
     g.add_argument("--cache-embeddings", action="store_true", help="encode each training image once (--no-augment)")
     args.add_bad_rows(g)
     args.add_poi_tables(p, aliases=True)
@@ -83,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=cli.positive_int, default=10, help="(default 10)")
     g.add_argument("--lr", type=cli.non_negative_float, default=1e-3, help="learning rate (default 1e-3)")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="(default adam)")
-    g.add_argument("--loss", choices=("bce", "margin"), default="bce", help="(default bce)")
+    g.add_argument("--loss", choices=("bce", "margin"), default="bce", help="default bce: BCE on sigmoid(s_a - s_b)")
     g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin (default 0.5)")
     args.add_run(p)
     return p
@@ -99,12 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    training.check_text_file(ns.train_csv, "--train-csv")
-    training.check_text_file(ns.val_csv, "--val-csv")
-    cli.input_dir(ns.image_dir, "--image-dir")
-    if ns.val_image_dir:
-        cli.input_dir(ns.val_image_dir, "--val-image-dir")
-    cli.input_dir(ns.bert_dir, "--bert-dir")
+    for flag in ("image_dir", "val_image_dir", "bert_dir"):
+        if getattr(ns, flag):
+            cli.input_dir(getattr(ns, flag), "--" + flag.replace("_", "-"))
     for name in ("config.json", "vocab.txt"):
         cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
     for flag in ("init", "poi_pic_num", "poi_image_vectors", "poi_name_vectors"):
@@ -116,7 +90,7 @@ def check_paths(ns) -> models.AlignArch | None:
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
     """The run's last checkpoint (on resume), --init's ranker, a new head around --init's
-    recall model, or random weights; its recall model frozen in eval mode."""
+    recall model, or random weights."""
     if resume_from is not None:
         ranker = models.load_ranker(resume_from, ns.bert_dir)
     elif not ns.init:
@@ -128,9 +102,6 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
     else:
         log.info("recall model from %s; new ranker head", ns.init)
         ranker = models.SiameseRanker(models.load_align_model(ns.init, ns.bert_dir, arch=arch))
-    for p in ranker.align_model.parameters():
-        p.requires_grad_(False)
-    ranker.align_model.eval()
     return ranker.to(device)
 
 
@@ -153,13 +124,11 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> 
     batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
     enc = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
     texts, val_images, train_images = training.encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
-    val_set = training.RankPairDataset(val_pairs, tables, texts, ns.preprocess, False, ns.seed, val_images)
-    val_scorer = training.PairScorer(ranker, texts.table, val_images.table)
     images = "cached" if ns.cache_embeddings else "encoded each step"
     log.info("loss %s; augmentation %s; training images %s", ns.loss, "on" if ns.augment else "off", images)
 
     def validate() -> dict:
-        res = training.validate_pairs(val_scorer, val_set, ns.eval_batch_size, env.device)
+        res = training.validate_pairs(ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size)
         return {k: res[k] for k in VAL_FIELDS}
 
     def loss(module, batch):
@@ -184,10 +153,7 @@ def main(argv=None) -> int:
     cfg = training.TrainConfig.from_options(
         vars(ns), resume_keys=RESUME_KEYS, last_file="last.ckpt", best_file="best.ckpt"
     )
-    if ns.cache_embeddings:
-        cfg = replace(cfg, num_workers=0)  # the batches are row numbers
-    with training.distributed(ns.device) as env:
-        training.setup_rank_logging(ns.log_level, env)
+    with training.distributed(ns.device, ns.log_level) as env:
         train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
         val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
         training.check_fills_a_step(len(train_pairs), cfg, env, ns.train_csv)

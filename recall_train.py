@@ -5,26 +5,9 @@
         --bert-dir data/bert-base-chinese --init data/align_model.pth --out-dir runs/recall1
     torchrun --nproc_per_node 2 recall_train.py ...same arguments...   # --batch-size is global
 
---csv: the recall format (image ``<image-dir>/<poi_id>_<rank_number>.<ext>`` paired with
-its POI name, owned by the poi_id) or a CSV with a ``text,image[,owner]`` header (images
-relative to --image-dir, default the CSV's directory; owner: the text). Pairs whose image
-is absent are left out (counted in the log); bad rows are refused unless --skip-bad-rows.
-A seeded share of the owners is held out; every --eval-every epochs each held-out (owner,
-text) query is scored against every held-out image: recall@K, best.pth by --select-k.
-
-Loss: symmetric in-batch cross-entropy of ``image_emb @ text_emb.T * logit_scale``; under
-torchrun the embeddings of all processes are gathered with their gradients, so the
-negatives span the global batch and the run matches one process. --accum-steps
-micro-batches a step; AdamW, warm-up then cosine decay, clipping, fp16 on CUDA.
---freeze image|text keeps a tower fixed (with --freeze image, --cache-embeddings encodes
-each image once); --bn-eval keeps the image tower's BatchNorm on its running statistics
-(then several processes equal one). Evaluation and --cache-embeddings run on --backend
-(auto: ONNX Runtime on a CPU for a frozen image tower, torch for one that trains).
-
---out-dir (locked for the run): last.pth and best.pth (the authors' format),
-train_state.pt (--resume continues bit for bit), metrics.csv, config.json. Bad input: one
-line, exit status 2, before any work. A NaN/inf loss stops the run before a checkpoint
-takes it; Ctrl-C: exit status 130, the last saved state resumes.
+Symmetric in-batch cross-entropy; under torchrun the embeddings of all processes are
+gathered with their gradients, so the run matches one process. --out-dir: last.pth and
+best.pth (the authors' format), train_state.pt (--resume), metrics.csv, config.json.
 """
 
 from __future__ import annotations
@@ -37,7 +20,6 @@ import functools
 import logging
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,12 +39,9 @@ IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in text.split(",") if k.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError(f"K values must be >= 1, got {text!r}")
+    ks = sorted({cli.positive_int(k) for k in text.split(",") if k.strip()})
+    if not ks:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     return ks
 
 
@@ -74,30 +53,19 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="recall_train.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="Formats, outputs and behaviour on errors: the docstring at the top of recall_train.py.",
-    )
+    p = argparse.ArgumentParser(prog="recall_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--csv", required=True, help="training pairs: recall-format CSV or a CSV with a text,image header")
+    g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners (POIs) held out (default 0.1)")
+    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners held out (default 0.1)")
     g.add_argument(
         "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
     )
     args.add_bad_rows(g)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="start from this recall checkpoint (default: random weights, from scratch)")
-    g.add_argument(
-        "--logit-scale",
-        type=cli.finite_float,
-        help="initial logit_scale from scratch (the architecture's 1.0 multiplies cosines in [-1, 1]: "
-        "10 or more lets the loss go down)",
-    )
-    g.add_argument(
-        "--freeze", choices=("none", "image", "text"), default="none", help="keep this tower fixed (default none)"
-    )
+    g.add_argument("--logit-scale", type=cli.finite_float, help="from scratch: initial logit_scale (try 10)")
+    g.add_argument("--freeze", choices=("none", "image", "text"), default="none", help="keep this tower fixed")
     g.add_argument("--bn-eval", action="store_true", help="image tower BatchNorm on running statistics")
     g.add_argument("--cache-embeddings", action="store_true", help="with --freeze image: encode each image once")
     args.add_engine(p, precision=False)
@@ -106,16 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recall training")
     g.add_argument("--epochs", type=cli.positive_int, default=5, help="(default 5)")
     g.add_argument("--lr", type=cli.non_negative_float, default=5e-5, help="peak learning rate (default 5e-5)")
-    g.add_argument(
-        "--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step (default 1)"
-    )
+    g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per step (default 1)")
     g.add_argument("--recall-k", type=_ks, default=[1, 5, 10], help="K values of recall@K (default 1,5,10)")
-    g.add_argument(
-        "--eval-every", type=cli.positive_int, default=1, help="evaluate every N epochs and after the last (default 1)"
-    )
-    g.add_argument(
-        "--select-k", type=cli.positive_int, default=5, help="best.pth maximises held-out recall@K (default 5)"
-    )
+    g.add_argument("--eval-every", type=cli.positive_int, default=1, help="validate every N epochs and after the last")
+    g.add_argument("--select-k", type=cli.positive_int, default=5, help="best.pth: best held-out recall@K (default 5)")
     args.add_run(p)
     return p
 
@@ -133,7 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    training.check_text_file(ns.csv, "--csv")
     if ns.image_dir:
         cli.input_dir(ns.image_dir, "--image-dir")
     cli.input_dir(ns.bert_dir, "--bert-dir")
@@ -158,59 +119,51 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
             with torch.no_grad():
                 align.logit_scale.fill_(ns.logit_scale)
         log.info("random initialisation (from scratch), logit_scale %.3g", float(align.logit_scale.detach()))
-    training.set_trainable(align, ns.freeze)
     return align.to(device)
 
 
-def frozen_image_engine(ns, align, tokenizer, device):
-    """With --freeze image, one ``RecallModel`` on --backend for the whole run, its ONNX
-    export keyed by the image tower's weights only (a later run from the same --init
-    reuses it). None when the image tower trains."""
-    if ns.freeze != "image":
-        return None
-    rm = models.wrap_align(align, tokenizer, device=device, backend=ns.backend)
-    rm.hash_fn = lambda: state_dict_hash({k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)})
-    return rm
-
-
 @contextlib.contextmanager
-def training_image_engine(ns, align, tokenizer, device):
-    """A ``RecallModel`` for one evaluation of an image tower that trains: torch under
-    auto (its weights change every epoch); --backend onnx exports these weights into a
-    directory removed after."""
-    if ns.backend != "onnx":
+def image_engine(ns, align, tokenizer, device, frozen):
+    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image
+    tower's weights change every epoch); --backend onnx exports them into a directory
+    removed after."""
+    if frozen is not None:
+        yield frozen
+    elif ns.backend != "onnx":
         yield models.wrap_align(align, tokenizer, device=device, backend="torch")
-        return
-    with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
-        yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
+    else:
+        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
+            yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
 
 
 def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
     tokenizer = models.load_tokenizer(ns.bert_dir)
     batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
     enc = args.Encoding.from_args(ns, **batches, progress=False)
-    frozen = frozen_image_engine(ns, align, tokenizer, env.device)
-    table = val_vecs = None
+    frozen = table = val_vecs = None
+    if ns.freeze == "image":  # one engine for the run, its ONNX export keyed by the image tower only
+        frozen = models.wrap_align(align, tokenizer, device=env.device, backend=ns.backend)
+        image_weights = {k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)}
+        frozen.hash_fn = lambda: state_dict_hash(image_weights)
     if ns.cache_embeddings:
-        shown = replace(enc, progress=env.is_main and not ns.no_progress)
+        shown = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
         vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], shown, env)
         table, val_vecs = vecs[: len(train_pairs)].to(env.device), vecs[len(train_pairs) :]
 
     def validate() -> dict:
-        if frozen is not None:
-            return training.held_out_recall(frozen, val_pairs, ns.recall_k, enc, val_vecs)
-        with training_image_engine(ns, align, tokenizer, env.device) as rm:
-            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc)
+        with image_engine(ns, align, tokenizer, env.device, frozen) as rm:
+            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc, val_vecs)
 
     def loss(module, batch):
         img, txt = module(*batch)
-        img, txt = training.gather_with_grad(img.float(), env), training.gather_with_grad(txt.float(), env)
+        img, txt = env.gather_with_grad(img.float()), env.gather_with_grad(txt.float())
         return models.contrastive_loss(align.similarity(img, txt))
 
     return training.Task(
         module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=training.TextImageDataset(train_pairs, ns.preprocess, cached=table is not None),
-        collate=training.TokenizeCollate(train_pairs, functools.partial(models.tokenize, tokenizer)),
+        dataset=training.TextImageDataset(
+            train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
+        ),
         loss=loss,
         save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,
@@ -225,10 +178,7 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
     cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
-    if ns.cache_embeddings:
-        cfg = replace(cfg, num_workers=0)  # the batches are row numbers
-    with training.distributed(ns.device) as env:
-        training.setup_rank_logging(ns.log_level, env)
+    with training.distributed(ns.device, ns.log_level) as env:
         pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
         train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
         log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))

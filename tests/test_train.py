@@ -28,12 +28,12 @@ from utils.hashing import model_hash
 from utils.training import (
     DistEnv,
     MetricsWriter,
-    WarmupSchedule,
     augment_pil,
     load_train_state,
     read_metrics,
     read_text_pairs,
     split_owners,
+    warmup_schedule,
 )
 
 TRAIN_ARCH = AlignArch(
@@ -461,10 +461,10 @@ def test_augment_pil_rotation_and_flip():
 
 
 def test_warmup_cosine_schedule():
-    s = WarmupSchedule(warmup=4, total=14)
+    s = warmup_schedule(warmup=4, total=14)
     assert [round(s(i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert s(4) == 1.0 and s(9) == pytest.approx(0.5) and s(14) == pytest.approx(0.0, abs=1e-12)
-    assert WarmupSchedule(0, 10, "constant")(7) == 1.0
+    assert warmup_schedule(0, 10, "constant")(7) == 1.0
 
 
 def test_metrics_writer_truncates_on_resume(tmp_path):

@@ -1,20 +1,20 @@
-"""The training loop both trainers run: a run is a ``TrainConfig`` (what the flags say)
-and a ``Task`` (what the trainer brings: its data, forward module, loss, checkpoint format
-and validation); ``train`` does the rest.
-
-A step: ``accum_steps`` micro-batches (DDP synchronises on the last), the loss averaged
-over the processes (NaN/inf stops the run), clipping, the schedule. An epoch ends with
-validation on rank 0 (every ``eval_every`` epochs and after the last), the best
-checkpoint, then the last checkpoint with the state that ``--resume`` continues from."""
+"""The training loop both trainers run: a run is a ``TrainConfig`` (what the flags say) and
+a ``Task`` (what the trainer brings); ``train`` does the rest. A step is ``accum_steps``
+micro-batches, the loss averaged over the processes (NaN/inf stops the run), clipping,
+the schedule. An epoch ends with validation on rank 0, the best checkpoint, then the last
+one with the training state that ``--resume`` continues from bit for bit; each step and
+validation is a row of the metrics CSV."""
 
 from __future__ import annotations
 
 from utils.cli import DataError, UserError
 
 import contextlib
+import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -25,30 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.hashing import model_hash
-from utils.io import write_json
+from utils.io import atomic_path, atomic_write, text_lines, write_json
 
-from .dist import DistEnv, all_mean, barrier, wrap_ddp
-from .optim import (
-    ResumableSampler,
-    build_optimizer,
-    build_scheduler,
-    check_finite_loss,
-    optimizer_step,
-    seed_everything,
-)
-from .state import (
-    MetricsWriter,
-    check_resume_config,
-    deferred_sigint,
-    load_train_state,
-    out_dir_lock,
-    restore_rng,
-    save_train_state,
-)
+from .dist import DistEnv, deferred_sigint, out_dir_lock
 
 log = logging.getLogger(__name__)
 
-STATE_FILE, METRICS_FILE = "train_state.pt", "metrics.csv"
+STATE_FILE, METRICS_FILE, STATE_FORMAT = "train_state.pt", "metrics.csv", 1
+HINT = "training diverged; try a lower --lr or --clip-grad, then --resume"
 
 
 @dataclass(frozen=True)
@@ -59,10 +43,10 @@ class TrainConfig:
     epochs: int
     batch_size: int  # GLOBAL: split over the torchrun processes
     lr: float
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # or "adam"
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # or "constant"
     clip_grad: float = 0.0  # max gradient norm (0: off)
     accum_steps: int = 1
     amp: bool = True  # fp16 autocast + gradient scaling, on CUDA only
@@ -80,10 +64,12 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
-        """From a dict of options (a script's ``vars(namespace)``; None values keep the
-        defaults); ``no_amp`` and ``no_progress`` are read as the negations they are."""
+        """From a script's ``vars(namespace)``: None keeps a default; with ``cache_embeddings``
+        the batches are row numbers, nothing for workers to decode."""
         values = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         values |= {"amp": not options.get("no_amp"), "progress": not options.get("no_progress"), "options": options}
+        if options.get("cache_embeddings"):
+            values["num_workers"] = 0
         return cls(**(values | override))
 
 
@@ -92,12 +78,11 @@ class Task:
     """What a trainer brings to the loop besides the model."""
 
     module: torch.nn.Module  # a batch runs through it (wrapped in DDP under torchrun)
-    dataset: Dataset  # may have set_epoch(epoch) (seeded augmentation)
+    dataset: Dataset  # may have set_epoch(epoch) (seeded augmentation) and collate(items) -> batch
     loss: Callable  # loss(module, batch) -> scalar; batch: the collated tensors, on the device
     save: Callable  # save(model, path): the checkpoint in its published format
     validate: Callable | None = None  # validate() -> {val field: value}, run on rank 0
     select: str = ""  # the val field whose maximum picks the best checkpoint
-    collate: Callable | None = None
     step_fields: Callable | None = None  # step_fields() -> {column: value} added to a training row
     val_fields: tuple[str, ...] = ()
 
@@ -113,16 +98,19 @@ def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> Non
 
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
-    """One run into ``cfg.out_dir`` (locked for it). ``load_model(path)`` gives the model
-    on the device: from ``path``, the last checkpoint, on resume, else a new one (``path``
-    None); ``make_task(model)`` the rest. Returns a summary."""
+    """One run into ``cfg.out_dir`` (locked for it); a summary. ``load_model(path)`` gives
+    the model on the device (``path``: the last checkpoint on resume, else None),
+    ``make_task(model)`` the rest."""
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
         config = {k: cfg.options.get(k) for k in cfg.resume_keys}
         state = load_train_state(out / STATE_FILE) if cfg.resume else None
         if state is not None:
-            check_resume_config(state, config, out / STATE_FILE)
-        seed_everything(cfg.seed)
+            saved = state.get("config", {})
+            diff = ", ".join(f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v)
+            if diff:
+                raise UserError(f"{out / STATE_FILE}: cannot resume: settings differ from the interrupted run ({diff})")
+        torch.manual_seed(cfg.seed)
         model = load_model(out / cfg.last_file if state is not None else None)
         if state is not None and model_hash(model) != state["model_hash"]:
             raise DataError(
@@ -139,56 +127,113 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
     return summary | {"out_dir": str(out), "processes": env.world_size}
 
 
+def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
+    """The LR factor of a step: linear warm-up over ``warmup`` steps, then cosine decay to 0
+    at ``total`` steps (or constant with ``kind='constant'``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def read_metrics(path) -> list[dict]:
+    return list(csv.DictReader(text_lines(path)))
+
+
+class MetricsWriter:
+    """Rows appended to a CSV with a fixed header, by rank 0 only; on resume the ``keep_rows``
+    written when the state was saved are kept, so it reads like an uninterrupted run's."""
+
+    def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
+        self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0
+        if not env.is_main:
+            return
+        old = read_metrics(self.path)[:keep_rows] if keep_rows is not None and os.path.exists(self.path) else []
+        if keep_rows is not None and len(old) < keep_rows:
+            log.warning("%s: holds %d rows, the training state expected %d", self.path, len(old), keep_rows)
+        with atomic_write(self.path) as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        self.rows = len(old)
+
+    def write(self, **row) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as f:  # one line a step, not a rewrite
+            row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        self.rows += 1
+
+
+def load_train_state(path) -> dict:
+    """The state ``train`` saves; a missing, damaged or foreign file is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no training state to resume from (was --out-dir the directory of an earlier run?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError):  # torch reports some truncated files so
+            why = e.strerror or why
+        raise UserError(f"{path}: cannot be read as a training state ({why}); start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: not a training state file of this package")
+    return state
+
+
 class _Run:
-    """A run under way: the loader, DDP, optimizer, schedule and metrics of a task."""
+    """A run under way: DDP, optimizer, schedule and metrics of a task."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, model, task: Task, state: dict | None, config: dict):
         self.cfg, self.env, self.model, self.task, self.config = cfg, env, model, task, config
         self.out = Path(cfg.out_dir)
-        self.sampler = ResumableSampler(task.dataset, env, seed=cfg.seed)
-        self.loader = DataLoader(
-            task.dataset,
-            batch_size=cfg.batch_size // env.world_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            collate_fn=task.collate,
-            generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the RNG dropout uses
-            pin_memory=env.device.type == "cuda",
-        )
-        self.steps_per_epoch = len(self.loader) // cfg.accum_steps
-        self.optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+        self.per_process = cfg.batch_size // env.world_size
+        self.steps_per_epoch = len(task.dataset) // env.world_size // self.per_process // cfg.accum_steps
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise UserError("no trainable parameters (is everything frozen?)")
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:  # AdamW: no decay for biases, norms and scalars
+            decay = [p for p in self.trainable if p.ndim >= 2]
+            rest = [p for p in self.trainable if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         total = self.steps_per_epoch * cfg.epochs
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, total, cfg.schedule)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and env.device.type == "cuda" else None
-        self.ddp = wrap_ddp(task.module, env)
+        schedule = warmup_schedule(min(cfg.warmup_steps, total), total, cfg.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
+        self.ddp = task.module
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(task.module, device_ids=ids)
         self.step, self.best, self.start_epoch, self.start_batch = 0, -math.inf, 0, 0
         if state is not None:
-            self.restore(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.best = state["extra"].get("best", -math.inf)
+            log.info("resuming at step %d (epoch %d, batch %d)", self.step, self.start_epoch + 1, self.start_batch)
         elif env.is_main:
             record = json.loads(json.dumps(cfg.options | {"world_size": env.world_size}, default=str))
             write_json(self.out / "config.json", record)
         extra = list(task.step_fields()) if task.step_fields else []
-        fields = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
+        columns = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
         keep = state["metrics_rows"] if state is not None else None
-        self.metrics = MetricsWriter(self.out / METRICS_FILE, fields, env, keep_rows=keep)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.metrics = MetricsWriter(self.out / METRICS_FILE, columns, env, keep_rows=keep)
         log.info(
-            f"{len(self.trainable)} trainable tensors ({sum(p.numel() for p in self.trainable) / 1e6:.2f} M values); "
-            f"{self.steps_per_epoch} steps per epoch x {cfg.epochs} epochs; global batch {cfg.batch_size} x "
-            f"{cfg.accum_steps} accumulation on {env.world_size} process(es), device {env.device}"
-            + (", fp16 autocast" if self.scaler else "")
+            f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values; {self.steps_per_epoch} steps "
+            f"per epoch x {cfg.epochs}; global batch {cfg.batch_size} x {cfg.accum_steps} accumulation on "
+            f"{env.world_size} process(es), device {env.device}" + (", fp16" if self.scaler.is_enabled() else "")
         )
-
-    def restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state, self.env)
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"] + 1, state["batch_in_epoch"])
-        self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best = state["extra"].get("best", -math.inf)
 
     def epochs(self) -> bool:
         """Train from where the run stands; True when ``stop_after_step`` stopped it."""
@@ -198,8 +243,15 @@ class _Run:
                 return True
             due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             if self.task.validate is not None and due and self.env.is_main:
-                self.validate(epoch)
-            barrier(self.env)
+                res = self.task.validate()
+                self.metrics.write(step=self.step, epoch=epoch + 1, split="val", **res)
+                figures = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
+                log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
+                if res[self.task.select] > self.best:
+                    self.best = res[self.task.select]
+                    self.task.save(self.model, self.out / self.cfg.best_file)
+                    log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
+            self.env.barrier()
             self.save(epoch + 1, 0)
             if self.step == cfg.stop_after_step:
                 return True
@@ -207,70 +259,84 @@ class _Run:
 
     def train_epoch(self, epoch: int, first: int) -> bool:
         """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
-        cfg = self.cfg
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_start(first * cfg.accum_steps * self.loader.batch_size)
-        if hasattr(self.task.dataset, "set_epoch"):
-            self.task.dataset.set_epoch(epoch)
+        cfg, env, task = self.cfg, self.env, self.task
+        # DistributedSampler's order: process r takes positions r, r + W, ... of a seeded
+        # permutation, so the processes' k-th batches together are one global batch
+        perm = torch.randperm(len(task.dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        mine = perm[: len(perm) - len(perm) % env.world_size][env.rank :: env.world_size]
+        if hasattr(task.dataset, "set_epoch"):
+            task.dataset.set_epoch(epoch)
+        loader = DataLoader(
+            task.dataset,
+            batch_size=self.per_process,
+            sampler=mine[first * cfg.accum_steps * self.per_process :],
+            num_workers=cfg.num_workers,
+            collate_fn=getattr(task.dataset, "collate", None),
+            generator=torch.Generator(),  # never draws from the RNG dropout uses
+            pin_memory=env.device.type == "cuda",
+        )
+        batches = iter(loader)
         self.ddp.train()
-        batches = iter(self.loader)
-        off = not cfg.progress or not self.env.is_main
-        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}", disable=off, leave=False)
-        with contextlib.closing(bar):
-            for batch_in_epoch in range(first + 1, self.steps_per_epoch + 1):
-                t0 = time.perf_counter()
-                lr, loss, gnorm = self.train_step(batches)
-                extra = self.task.step_fields() if self.task.step_fields else {}
-                row = {"step": self.step, "epoch": epoch + 1, "split": "train", "loss": loss, "lr": lr}
-                self.metrics.write(**row, grad_norm=gnorm, seconds=time.perf_counter() - t0, **extra)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if batch_in_epoch == self.steps_per_epoch:
-                    break  # the epoch's end saves
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.stop_after_step:
-                    self.save(epoch, batch_in_epoch)
-                if self.step == cfg.stop_after_step:
-                    return True
+        off = not cfg.progress or not env.is_main
+        steps = range(first + 1, self.steps_per_epoch + 1)
+        bar = tqdm(
+            steps, initial=first, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", disable=off, leave=False
+        )
+        for batch_in_epoch in bar:
+            t0 = time.perf_counter()
+            lr, loss, gnorm = self.train_step(batches)
+            extra = task.step_fields() if task.step_fields else {}
+            row = {"step": self.step, "epoch": epoch + 1, "split": "train", "loss": loss, "lr": lr}
+            self.metrics.write(**row, grad_norm=gnorm, seconds=time.perf_counter() - t0, **extra)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if batch_in_epoch == self.steps_per_epoch:
+                break  # the epoch's end saves
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.stop_after_step:
+                self.save(epoch, batch_in_epoch)
+            if self.step == cfg.stop_after_step:
+                return True
         return False
 
     def train_step(self, batches) -> tuple[float, float, float]:
-        """One optimizer step over ``accum_steps`` micro-batches: (lr, loss, grad norm)."""
-        cfg, env = self.cfg, self.env
+        """One optimizer step over ``accum_steps`` micro-batches: (lr, loss, gradient norm
+        before clipping). Stops before the weights take a NaN/inf."""
+        cfg, env, scaler = self.cfg, self.env, self.scaler
         lr, total = self.optimizer.param_groups[0]["lr"], 0.0
+        # dropout draws from (seed, step) only: a resumed run draws what an uninterrupted one
+        # does, with no RNG state to save (the data order and augmentation are seeded apart)
+        torch.manual_seed(hash((cfg.seed, self.step)))
         for micro in range(cfg.accum_steps):
             batch = tuple(t.to(env.device, non_blocking=True) for t in next(batches))
             sync = micro == cfg.accum_steps - 1 or not env.distributed
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with torch.autocast("cuda", dtype=torch.float16) if self.scaler else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
                     loss = self.task.loss(self.ddp, batch) / cfg.accum_steps
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                scaler.scale(loss).backward()
             total += float(loss.detach())
-        loss = check_finite_loss(all_mean(total, env), self.step + 1)
-        gnorm = optimizer_step(self.optimizer, self.scheduler, self.scaler, self.trainable, cfg.clip_grad)
+        loss = env.mean(total)  # the same on every process: all stop together
+        if not math.isfinite(loss):
+            raise UserError(f"step {self.step + 1}: the loss is {loss} (the last checkpoint was kept); {HINT}")
+        scaler.unscale_(self.optimizer)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad or math.inf))
+        if not math.isfinite(gnorm) and not scaler.is_enabled():  # the scaler skips such a step itself
+            raise UserError(f"step {self.step + 1}: the gradient norm is {gnorm} (the weights were kept); {HINT}")
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         self.step += 1
         return lr, loss, gnorm
 
-    def validate(self, epoch: int) -> None:
-        """The task's validation (rank 0): a metrics row, the best checkpoint."""
-        res = self.task.validate()
-        self.metrics.write(step=self.step, epoch=epoch + 1, split="val", **res)
-        figures = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
-        log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
-        if res[self.task.select] > self.best:
-            self.best = res[self.task.select]
-            self.task.save(self.model, self.out / self.cfg.best_file)
-            log.info("new best %s %.4f -> %s", self.task.select, self.best, self.out / self.cfg.best_file)
-
     def save(self, epoch: int, batch_in_epoch: int) -> None:
-        """The last checkpoint (rank 0), then the state resuming at batch ``batch_in_epoch``
-        of ``epoch`` (collective). Ctrl-C waits for the pair."""
+        """The last checkpoint, then the state resuming at batch ``batch_in_epoch`` of
+        ``epoch`` (rank 0; the others wait). Ctrl-C waits for the pair."""
         with deferred_sigint():
-            weights = model_hash(self.model)
             if self.env.is_main:
                 self.task.save(self.model, self.out / self.cfg.last_file)
-            state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": self.config}
-            state |= {"metrics_rows": self.metrics.rows, "model_file": self.cfg.last_file, "model_hash": weights}
-            for part in ("optimizer", "scheduler", "scaler"):
-                state[part] = getattr(self, part).state_dict() if getattr(self, part) is not None else None
-            save_train_state(self.out / STATE_FILE, self.env, state | {"extra": {"best": self.best}})
-            barrier(self.env)
+                state = {"format": STATE_FORMAT, "world_size": self.env.world_size, "config": self.config}
+                state |= {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+                state |= {"metrics_rows": self.metrics.rows, "model_hash": model_hash(self.model)}
+                state |= {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
+                with atomic_path(self.out / STATE_FILE) as tmp:
+                    torch.save(state | {"model_file": self.cfg.last_file, "extra": {"best": self.best}}, tmp)
+            self.env.barrier()

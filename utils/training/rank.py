@@ -1,62 +1,90 @@
-"""What training of the siamese ranker is made of, besides the loop: the frozen recall
-tower's vectors computed once (every distinct ``pois_feature`` text; the images that are
-never augmented), the dataset of image pairs with their POI inputs, the module DDP wraps
-and the pairwise validation figures.
-
-The ranker is a module with ``align_model`` (the frozen recall model) and
-``score_embeddings(image_vecs, text_vecs, poi_img, poi_txt, poi_len)`` (the ranker of
-``models``)."""
+"""What training of the siamese ranker (``models.SiameseRanker``) is made of, besides the
+loop: the frozen recall tower's vectors computed once (every distinct ``pois_feature``
+text; the images that are never augmented), the authors' augmentation, the dataset of
+image pairs with their POI inputs, the module DDP wraps and the pairwise validation."""
 
 from __future__ import annotations
 
+from utils.cli import DataError, bad_rows
+
+import functools
 import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import Dataset
 
 from utils.evaluation import pairwise_metrics
-from utils.formats import PoiTables, load_image, pois_text
+from utils.formats import PoiTables, RankRow, index_images, iter_rank_csv, load_image, pois_text, stack_inputs
 
-from .data import RankPair, augment_pil, encode_images_once
 from .dist import DistEnv
+from .recall import encode_images_once
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
+class RankPair:
+    row: RankRow
+    image_a: str
+    image_b: str
+
+
+def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
+    """The records of a ``$record$`` CSV whose two images ``<item_id>_a/_b.*`` are in
+    ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is always an error)."""
+    path, errors, missing, pairs = str(path), [], [], []
+    images = index_images(image_dir)
+    for row in iter_rank_csv(path, errors):
+        a, b = images.get(row.key_a), images.get(row.key_b)
+        if a is None or b is None:
+            missing.append(f"{path}:{row.line}: {row.key_a if a is None else row.key_b}.*")
+        else:
+            pairs.append(RankPair(row, str(a), str(b)))
+    n_bad = bad_rows(errors, path, skip_bad_rows)
+    if not pairs and not missing:
+        raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
+    if missing:
+        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
+    if not pairs:
+        raise DataError(f"{path}: no pair has both images in {image_dir}")
+    return pairs, n_bad
+
+
 class Vectors:
     """A table of vectors (on the device) and the row of each key (a text or a path)."""
 
-    table: torch.Tensor
-    rows: dict
+    def __init__(self, table: torch.Tensor, keys: list[str]):
+        self.table, self.rows = table, {k: i for i, k in enumerate(keys)}
 
 
 def encode_once(rm, train: list[RankPair], val: list[RankPair], enc, env: DistEnv, cache_train: bool):
-    """(texts, validation images, training images or None): the ``pois_feature`` vector of
-    every distinct POI string (or title), and the images through the frozen tower on
-    ``rm``'s engine (``rm`` a ``RecallModel``, ``enc`` an ``Encoding``)."""
+    """``Vectors`` of every distinct ``pois_feature`` text, of the validation images and of
+    the training images (or None), through ``rm`` (a ``RecallModel``)."""
     texts = list(dict.fromkeys(pois_text(p.row.title, p.row.poi_names) for p in train + val))
     text_table = rm.encode_texts(texts, replace(enc, progress=False)).to(env.device)
     log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train), len(val), len(texts))
     val_paths = list(dict.fromkeys(x for p in val for x in (p.image_a, p.image_b)))
     train_paths = list(dict.fromkeys(x for p in train for x in (p.image_a, p.image_b))) if cache_train else []
     vecs = encode_images_once(rm, val_paths + train_paths, enc, env).to(env.device)
-    n = len(val_paths)
-    trained = Vectors(vecs[n:], {x: i for i, x in enumerate(train_paths)}) if cache_train else None
-    return (
-        Vectors(text_table, {t: i for i, t in enumerate(texts)}),
-        Vectors(vecs[:n], {x: i for i, x in enumerate(val_paths)}),
-        trained,
-    )
+    trained = Vectors(vecs[len(val_paths) :], train_paths) if cache_train else None
+    return Vectors(text_table, texts), Vectors(vecs[: len(val_paths)], val_paths), trained
+
+
+def augment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The authors' ``RandomRotation(5)`` (uniform angle, about the centre, nearest
+    neighbour, same size, black fill) then ``RandomHorizontalFlip(0.3)``."""
+    angle = float(rng.uniform(-5.0, 5.0))
+    img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=0)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.3 else img
 
 
 class RankPairDataset(Dataset):
-    """Item i: image a, image b (tensors, or rows of cached vectors), the item's POI
-    inputs, the row of its ``pois_feature`` vector and the label. Augmentation draws from
-    (seed, epoch, i, side) only, so runs repeat and resume exactly."""
+    """Item i: images a and b (or their rows of cached vectors), the POI inputs, the row of
+    the ``pois_feature`` vector, the label. Augmentation draws from (seed, epoch, i, side)."""
 
     def __init__(self, pairs, tables: PoiTables, texts: Vectors, mode: str, augment: bool, seed: int, images=None):
         self.pairs, self.tables, self.mode, self.augment, self.seed = pairs, tables, mode, augment, seed
@@ -73,11 +101,8 @@ class RankPairDataset(Dataset):
     def _image(self, path: str, i: int, side: int):
         if self.image_rows is not None:
             return torch.tensor(self.image_rows[path])
-        transform = None
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, i, side])
-            transform = lambda im: augment_pil(im, rng)
-        return load_image(path, self.mode, transform)[0]
+        rng = np.random.default_rng([self.seed, self.epoch, i, side])
+        return load_image(path, self.mode, functools.partial(augment_pil, rng=rng) if self.augment else None)[0]
 
     def __getitem__(self, i: int):
         p = self.pairs[i]
@@ -94,13 +119,13 @@ class RankPairDataset(Dataset):
 
 
 class PairScorer(nn.Module):
-    """The module DDP wraps: (s_a, s_b) of a batch of pairs. The recall model stays frozen
-    in eval mode; ``image_table`` holds cached image vectors, ``text_table`` the
-    ``pois_feature`` vectors."""
+    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays frozen in eval
+    mode. ``text_table``: the ``pois_feature`` vectors; ``image_table``: cached image vectors."""
 
     def __init__(self, ranker: nn.Module, text_table: torch.Tensor, image_table=None):
         super().__init__()
         self.ranker, self.text_table, self.image_table = ranker, text_table, image_table
+        ranker.align_model.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -111,8 +136,7 @@ class PairScorer(nn.Module):
         if self.image_table is not None:
             ea, eb = self.image_table[a], self.image_table[b]
         else:
-            with torch.no_grad():
-                e = self.ranker.align_model.encode_image(torch.cat([a, b]))
+            e = self.ranker.align_model.encode_image(torch.cat([a, b]))
             ea, eb = e[: len(a)], e[len(a) :]
         feat = self.text_table[text_idx]
         s_a = self.ranker.score_embeddings(ea, feat, poi_img, poi_txt, poi_len)
@@ -120,17 +144,15 @@ class PairScorer(nn.Module):
         return s_a.squeeze(1), s_b.squeeze(1)
 
 
-@torch.no_grad()
-def validate_pairs(scorer: PairScorer, dataset: RankPairDataset, batch_size: int, device) -> dict:
+def validate_pairs(
+    ranker: nn.Module, pairs: list[RankPair], tables: PoiTables, texts: Vectors, images: Vectors, batch_size: int
+) -> dict:
     """Pairwise accuracy (the published metric), ROC-AUC, log loss, constant-guess baseline."""
-    was = scorer.training
-    scorer.eval()
-    sa, sb = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())  # keeps the global RNG
-    for batch in loader:
-        s_a, s_b = scorer(*(t.to(device) for t in batch[:-1]))
-        sa.append(s_a.float().cpu())
-        sb.append(s_b.float().cpu())
-    scorer.train(was)
-    labels = [p.row.label for p in dataset.pairs]
-    return pairwise_metrics(labels, torch.cat(sa).numpy(), torch.cat(sb).numpy())
+    items = [tables.inputs(p.row.title, p.row.poi_names) for p in pairs]
+    poi = [torch.from_numpy(x) for x in stack_inputs(items, tables.dim)]
+    feat = texts.table[[texts.rows[it.pois_text] for it in items]]
+    vec_a = images.table[[images.rows[p.image_a] for p in pairs]]
+    vec_b = images.table[[images.rows[p.image_b] for p in pairs]]
+    s_a = ranker.score_many(vec_a, feat, *poi, batch_size=batch_size)
+    s_b = ranker.score_many(vec_b, feat, *poi, batch_size=batch_size)
+    return pairwise_metrics([p.row.label for p in pairs], s_a.numpy(), s_b.numpy())

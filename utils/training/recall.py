@@ -1,75 +1,158 @@
-"""What contrastive training of the alignment model is made of, besides the loop: the
-dataset of (image, text) pairs, the module DDP wraps (a frozen tower, BatchNorm on its
-running statistics, cached image vectors) and the held-out recall@K.
-
-The model is any two-tower module with ``image_model``, ``image_hidden_layer``,
-``text_model``, ``text_hidden_layer``, ``encode_image`` and ``encode_text`` (the
-alignment model of ``models``)."""
+"""What contrastive training of the alignment model (``models.AlignModel``) is made of,
+besides the loop: the (text, image, owner) pairs and their owner split, the dataset, the
+module DDP wraps (a frozen tower, BatchNorm on its running statistics, cached image
+vectors) and held-out recall@K. A pair whose image file is absent is left out (logged)."""
 
 from __future__ import annotations
 
+from utils.cli import DataError, RowError, bad_rows, input_file, record_bad_row
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
 from utils.evaluation import recall_at_k
-from utils.formats import load_image
+from utils.formats import index_images, iter_recall_csv, load_image
+from utils.io import text_lines
 
-from .data import Pair
+from .dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pair:
+    text: str
+    image: str
+    owner: str
+
+
+def _csv_rows(path: str, errors: list):
+    """``(line, stripped fields)`` of the non-blank rows of a UTF-8 CSV."""
+    reader = csv.reader(text_lines(path, errors))
+    while True:
+        try:
+            fields = [x.strip() for x in next(reader)]
+        except StopIteration:
+            return
+        except csv.Error as e:
+            record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
+            continue
+        if any(fields):
+            yield reader.line_num, fields
+
+
+def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing: list) -> list[Pair]:
+    base = Path(image_dir) if image_dir else Path(path).resolve().parent
+    pairs = []
+    for line, fields in rows:
+        cells = dict(zip(header, fields))  # as csv.DictReader: missing cells are empty
+        text, image, owner = (cells.get(k, "") for k in ("text", "image", "owner"))
+        if not text or not image:
+            if text or image:
+                record_bad_row(errors, RowError(path, line, "empty text or image"))
+            continue
+        image_path = Path(image) if os.path.isabs(image) else base / image
+        if image_path.is_file():
+            pairs.append(Pair(text, str(image_path), owner or text))
+        else:
+            missing.append(f"{path}:{line}: {image_path}")
+    return pairs
+
+
+def _recall_format_pairs(path: str, image_dir, errors, missing: list) -> list[Pair]:
+    if not image_dir:
+        raise DataError(
+            f"{path}: recall-format CSV: --image-dir (the folder of <poi_id>_<rank>.<ext> files) is required"
+        )
+    images, pairs = index_images(image_dir), []
+    for row in iter_recall_csv(path, errors):
+        image = images.get(row.key)
+        if not row.poi_name.strip():
+            record_bad_row(errors, RowError(path, row.line, "empty poi_name"))
+        elif image is None:
+            missing.append(f"{path}:{row.line}: {row.key}.*")
+        else:
+            pairs.append(Pair(row.poi_name.strip(), str(image), row.poi_id))
+    return pairs
+
+
+def read_text_pairs(path, image_dir=None, skip_bad_rows: bool = False) -> tuple[list[Pair], int]:
+    """The (text, image, owner) pairs of a recall-format CSV (owner: the poi_id) or of a
+    CSV with a ``text,image[,owner]`` header (owner: the text; relative images under
+    ``image_dir``, default the CSV's directory), and the number of bad rows left out."""
+    path, errors, missing = str(input_file(path)), [], []
+    rows = _csv_rows(path, errors)
+    header = [x.lower() for x in next(rows, (0, []))[1]]
+    if not header:  # nothing but blank lines, or lines that are not UTF-8
+        raise DataError(str(errors[0]) if errors else f"{path}: empty file")
+    if "text" in header and "image" in header:
+        pairs = _plain_pairs(path, header, rows, image_dir, errors, missing)
+    else:
+        rows.close()
+        errors.clear()  # the recall-format reader reports them
+        pairs = _recall_format_pairs(path, image_dir, errors, missing)
+    n_bad = bad_rows(errors, path, skip_bad_rows)
+    if missing:
+        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
+    if not pairs:
+        raise DataError(f"{path}: no row has an image file (image dir: {image_dir})")
+    return pairs, n_bad
+
+
+def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None, seed: int):
+    """(training, held-out) pairs: a seeded random share of the owners is held out whole."""
+    owners = sorted({p.owner for p in pairs})
+    n_val = val_owners if val_owners is not None else int(round(val_fraction * len(owners)))
+    if not 0 <= n_val < len(owners):
+        raise DataError(f"cannot hold out {n_val} of the {len(owners)} owners (--val-owners / --val-fraction)")
+    held = {owners[i] for i in np.random.default_rng(seed).permutation(len(owners))[:n_val]}
+    return [p for p in pairs if p.owner not in held], [p for p in pairs if p.owner in held]
 
 
 class TextImageDataset(Dataset):
-    """Item i: (image tensor, or ``i`` when the image vectors are cached; ``i``)."""
+    """Item i: (image tensor, or ``i`` with cached image vectors; ``i``); ``collate`` makes
+    (images, input_ids, attention_mask) with ``tokenize(texts)``, in the loader's workers."""
 
-    def __init__(self, pairs: list[Pair], mode: str, cached: bool):
-        self.pairs, self.mode, self.cached = pairs, mode, cached
+    def __init__(self, pairs: list[Pair], mode: str, cached: bool, tokenize):
+        self.pairs, self.mode, self.cached, self.tokenize = pairs, mode, cached, tokenize
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        if self.cached:
-            return torch.tensor(i), i
-        return load_image(self.pairs[i].image, self.mode)[0], i
+        return (torch.tensor(i) if self.cached else load_image(self.pairs[i].image, self.mode)[0]), i
 
-
-class TokenizeCollate:
-    """A batch as (images, input_ids, attention_mask); ``tokenize(texts)`` gives a dict
-    with ``input_ids`` and ``attention_mask`` (it runs in the DataLoader's workers)."""
-
-    def __init__(self, pairs: list[Pair], tokenize):
-        self.pairs, self.tokenize = pairs, tokenize
-
-    def __call__(self, batch):
+    def collate(self, batch):
         xs, idx = zip(*batch)
         enc = self.tokenize([self.pairs[i].text for i in idx])
         return torch.stack(xs), enc["input_ids"], enc["attention_mask"]
 
 
-def set_trainable(align: nn.Module, freeze: str) -> None:
-    """Every weight trains but the text pooler (in the checkpoint, not in the output) and,
-    with ``freeze`` "image" or "text", that tower and its projection."""
-    frozen = {
-        "image": (align.image_model, align.image_hidden_layer),
-        "text": (align.text_model, align.text_hidden_layer),
-    }.get(freeze, ())
-    for p in align.parameters():
-        p.requires_grad_(True)
-    for m in (align.text_model.pooler, *frozen):
-        for p in m.parameters():
-            p.requires_grad_(False)
-
-
 class PairEncoder(nn.Module):
-    """The module DDP wraps: the (image, text) embeddings of a batch. A frozen tower stays
-    in eval mode; ``bn_eval`` keeps the image tower's BatchNorm on its running statistics
-    (then several processes equal one); ``image_table`` holds cached image vectors (then a
-    batch's images are their row numbers)."""
+    """The module DDP wraps: a batch's (image, text) embeddings. All weights train but the
+    text pooler (unused) and a ``freeze`` tower with its projection (kept in eval mode);
+    ``bn_eval``: image BatchNorm on running statistics (then several processes equal one);
+    ``image_table``: cached image vectors (a batch's images are their row numbers)."""
 
     def __init__(self, align: nn.Module, freeze: str = "none", bn_eval: bool = False, image_table=None):
         super().__init__()
         self.align, self.freeze, self.bn_eval = align, freeze, bn_eval
         self.image_table = image_table  # not a parameter or buffer: never in a checkpoint
+        frozen = {
+            "image": (align.image_model, align.image_hidden_layer),
+            "text": (align.text_model, align.text_hidden_layer),
+        }.get(freeze, ())
+        align.requires_grad_(True)
+        for m in (align.text_model.pooler, *frozen):
+            m.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -86,23 +169,28 @@ class PairEncoder(nn.Module):
         return self
 
     def forward(self, images, input_ids, attention_mask):
-        if self.image_table is not None:
-            img = self.image_table[images]
-        else:
-            with torch.set_grad_enabled(self.freeze != "image" and torch.is_grad_enabled()):
-                img = self.align.encode_image(images)
-        with torch.set_grad_enabled(self.freeze != "text" and torch.is_grad_enabled()):
-            txt = self.align.encode_text(input_ids, attention_mask)
-        return img, txt
+        img = self.image_table[images] if self.image_table is not None else self.align.encode_image(images)
+        return img, self.align.encode_text(input_ids, attention_mask)
 
 
 def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) -> dict:
-    """Text -> image recall@K: every held-out (owner, text) query against every held-out
-    image, through ``rm`` (a ``RecallModel``) with ``enc`` (an ``Encoding``); a hit is an
-    image of the query's owner in the top K."""
+    """Text -> image recall@K of every held-out (owner, text) query against every held-out
+    image through ``rm`` (a ``RecallModel``); a hit is an image of the owner in the top K."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
         image_vecs, _ = rm.encode_images([p.image for p in val], enc, desc="held-out")
     texts = rm.encode_texts([t for _, t in queries], enc)
     rec = recall_at_k(texts @ image_vecs.T, [o for o, _ in queries], [p.owner for p in val], ks)
     return {f"recall@{k}": v for k, v in rec.items()} | {"queries": len(queries), "gallery": len(val)}
+
+
+def encode_images_once(rm, paths: list[str], enc, env: DistEnv):
+    """``paths`` through the frozen image tower of ``rm`` (a ``RecallModel``); under torchrun
+    rank 0 sets the engine up (an ONNX export) first."""
+    if env.distributed and env.is_main:
+        rm.image_encoder()
+    env.barrier()
+    vecs, ok = rm.encode_images(paths, enc, desc="frozen image tower")
+    if not ok.all():
+        log.warning("%d images unreadable (zero image used, as the authors did)", int((~ok).sum()))
+    return vecs
