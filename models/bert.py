@@ -1,16 +1,16 @@
 """The text tower: a BERT encoder and its WordPiece tokenizer, so that a run does not
 import transformers (2 s). Keys and computation are those of transformers' ``BertModel``
-and ``BertTokenizer`` (bert-base-chinese's settings, on the ``tokenizers`` library), so the
-released checkpoint loads as it is; tests/test_bert.py checks both against transformers.
-"""
+and ``BertTokenizer`` (bert-base-chinese's settings), so the released checkpoint loads as
+it is; tests/test_bert.py checks both against transformers."""
 
 from __future__ import annotations
 
-from utils.cli import DataError
+from utils.cli import DataError, UserError
 
 import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from utils.io import read_json, text_lines
 
-# Sane bounds of the size fields (here and in transformers' configs for Taiyi), checked
-# before a model is built: a wrong number would otherwise ask for terabytes.
+# Bounds of the size fields (here and in transformers' configs for Taiyi), checked before
+# a model is built: a wrong number would otherwise ask for terabytes.
 SIZE_LIMITS = {
     "vocab_size": 1 << 20,
     "hidden_size": 1 << 14,
@@ -36,6 +36,18 @@ SIZE_LIMITS = {
 MIN_POSITIONS = 50  # the texts' token limit (SPEC 2): fewer positions fail in the middle of a run
 
 
+class ModelFilesError(UserError, FileNotFoundError):
+    """A file a model needs (config, vocabulary) is missing."""
+
+
+def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
+    """``directory/name``, or a ``ModelFilesError`` ending in ``hint`` (what the directory must be)."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: missing; {hint}")
+    return path
+
+
 def check_sizes(where, config) -> None:
     """A ``DataError`` naming ``where`` when a size field of ``config`` is out of bounds."""
     for name, top in SIZE_LIMITS.items():
@@ -50,6 +62,13 @@ def check_sizes(where, config) -> None:
             f"{where}: hidden_size {config.hidden_size} is not a multiple of "
             f"num_attention_heads {config.num_attention_heads}"
         )
+
+
+def check_vocab(vocab: Path, config, config_path) -> None:
+    """The vocabulary must fit the embedding table: a token id beyond it fails in the middle of a run."""
+    n = sum(1 for _ in text_lines(vocab))
+    if n > config.vocab_size:
+        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {config_path}")
 
 
 @dataclass
@@ -76,28 +95,17 @@ class BertConfig:
         d = read_json(path)
         if not isinstance(d, dict):
             raise DataError(f"{path}: expected a JSON object, found {type(d).__name__}")
-        values = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v, want = d[f.name], type(f.default)
-            if want is str:
-                ok = isinstance(v, str)
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                ok = False
-            elif want is int:  # sizes and counts >= 1; the padding id >= 0
-                ok = isinstance(v, int) and v >= (0 if f.name == "pad_token_id" else 1)
-            else:  # probabilities, eps, init range: finite, >= 0
-                ok = math.isfinite(v) and v >= 0
-            if not ok:
-                raise DataError(f"{path}: {f.name} = {v!r} is not a valid value")
-            values[f.name] = v
-        cfg = cls(**values)
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        check_sizes(path, cfg)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise DataError(f"{path}: {name} = {v!r} is not a valid value")
         if cfg.hidden_act != "gelu":
             raise DataError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (gelu only)")
-        if cfg.pad_token_id >= cfg.vocab_size:
-            raise DataError(f"{path}: pad_token_id {cfg.pad_token_id} is not below vocab_size {cfg.vocab_size}")
-        check_sizes(path, cfg)
+        pad = cfg.pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < cfg.vocab_size:
+            raise DataError(f"{path}: pad_token_id {pad!r} is not an id below vocab_size {cfg.vocab_size}")
         return cfg
 
 
@@ -162,9 +170,8 @@ class _Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden).
-    The pooler (``pooler.dense``: tanh of a dense layer over [CLS]) is kept for the
-    checkpoint layout and :meth:`pooled`; the alignment model reads [CLS] directly."""
+    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden). The
+    pooler is kept for the checkpoint layout and :meth:`pooled`; the alignment model reads [CLS]."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -175,20 +182,14 @@ class BertEncoder(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        """BERT's initialisation (normal(0, initializer_range), zero biases, unit LayerNorms),
-        for a tower trained from scratch; nothing is drawn when built on the meta device."""
-        std = self.config.initializer_range
+        """BERT's initialisation (LayerNorms keep torch's): for a tower trained from scratch."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = None
@@ -205,51 +206,33 @@ class BertEncoder(nn.Module):
 
 
 class BertTokenizer:
-    """bert-base-chinese's tokenizer from its ``vocab.txt`` (lower-casing on).
+    """bert-base-chinese's tokenizer from its ``vocab.txt`` (lower-casing on), called like
+    transformers' (padding to the longest text, torch tensors): ``{"input_ids", "attention_mask"}``."""
 
-    ``tok(texts, padding="longest", truncation=True, max_length=50, return_tensors="pt")``
-    gives ``{"input_ids", "attention_mask"}`` (LongTensors, B x longest) like
-    transformers' tokenizer call; ``tok.tokenize(text)`` the word pieces."""
-
-    def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = True):
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    def __init__(self, vocab_file: str | os.PathLike):
+        from tokenizers import BertWordPieceTokenizer
 
         # id = line number; a repeated token keeps its last one
-        self.vocab = vocab = {line.rstrip("\r\n"): i for i, line in enumerate(text_lines(vocab_file))}
+        vocab = {line.rstrip("\r\n"): i for i, line in enumerate(text_lines(vocab_file))}
         for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
             if special not in vocab:
                 raise DataError(f"{vocab_file}: no {special} token in the vocabulary")
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
-        )
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
-        self._tok = tok
-        self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=False).tokens
+        self._tok = BertWordPieceTokenizer(vocab)  # its defaults are bert-base-chinese's settings
+        self._tok.enable_padding(pad_id=vocab["[PAD]"])
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self._tok.id_to_token(int(i)) or "[UNK]" for i in ids]
 
     def __call__(self, texts, padding="longest", truncation=True, max_length=None, return_tensors="pt") -> dict:
-        if isinstance(texts, str):
-            texts = [texts]
         if padding not in ("longest", True) or return_tensors != "pt":
             raise ValueError("BertTokenizer pads to the longest text and returns torch tensors only")
-        rows = []
-        for enc in self._tok.encode_batch(list(texts), add_special_tokens=False):
-            ids = enc.ids
-            if truncation and max_length is not None:
-                ids = ids[: max(max_length - 2, 0)]
-            rows.append([self.cls_id, *ids, self.sep_id])
-        n = max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, : len(r)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if truncation and max_length is not None:
+            self._tok.enable_truncation(max_length)
+        else:
+            self._tok.no_truncation()
+        encoded = self._tok.encode_batch([texts] if isinstance(texts, str) else list(texts))
+        shape = (len(encoded), len(encoded[0].ids) if encoded else 0)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.long).reshape(shape),
+            "attention_mask": torch.tensor([e.attention_mask for e in encoded], dtype=torch.long).reshape(shape),
+        }

@@ -1,13 +1,8 @@
 """Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder
-``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a ``BertForSequenceClassification`` whose
-512 logits ARE the text vector; the authors' fine-tuned ``pytorch_model.bin`` replaces
-its weights with ``--taiyi-text-weights``) paired with the image tower of
-``openai/clip-vit-base-patch32`` (``get_image_features``, CLIP preprocessing). Vectors
-are L2-normalised; texts padded to the longest of the batch, truncated at 50 tokens.
-
-Local directories only. Built on the meta device, then loaded strictly through
-``models.checkpoint``; tolerated and reported: old ``position_ids`` buffers and the CLIP
-text tower, which is not used.
+``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a ``BertForSequenceClassification`` whose 512
+logits ARE the text vector; ``--taiyi-text-weights``, the authors' fine-tuned one, replaces its
+weights) with the image tower of ``openai/clip-vit-base-patch32`` (CLIP preprocessing). From
+local directories only, built on the meta device and loaded strictly through ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,33 +23,25 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from utils.io import read_json, text_lines
+from utils.io import read_json
 
-from .align import ModelFilesError
-from .bert import check_sizes
+from .bert import ModelFilesError, check_sizes, check_vocab, model_file
 from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-TAIYI_MAX_TEXT_LEN = 50
-TEXT_BENIGN = ("bert.embeddings.position_ids",)
-VISION_BENIGN = ("vision_model.embeddings.position_ids",)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' buffers that no state dict holds, as its constructors compute them
 COMPUTED_BUFFERS = {
     "position_ids": lambda b: torch.arange(b.shape[-1]).expand(b.shape),
     "token_type_ids": lambda b: torch.zeros(b.shape, dtype=b.dtype),
 }
-
-
-def _need(directory, name: str, option: str) -> Path:
-    p = Path(directory) / name
-    if not p.is_file():
-        raise ModelFilesError(
-            f"{p}: missing; {option} must be a Hugging Face model directory "
-            f"(download_assets.py --with-baselines fetches it)"
-        )
-    return p
+TEXT_BENIGN = ("bert.embeddings.position_ids",)
+VISION_BENIGN = ("vision_model.embeddings.position_ids",)
+TEXT_EXPECTED = "  (expected the Taiyi-CLIP text encoder, a BertForSequenceClassification: bert.*, classifier.*)"
+CLIP_EXPECTED = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.*, visual_projection.weight)"
+TEXT_HINT = "--taiyi-text-dir must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
+CLIP_HINT = "--clip-dir must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
 
 
 def find_weights(directory, option: str) -> Path:
@@ -66,20 +53,17 @@ def find_weights(directory, option: str) -> Path:
 
 
 def text_config(text_dir) -> BertConfig:
-    path = _need(text_dir, "config.json", "--taiyi-text-dir")
+    path = model_file(text_dir, "config.json", TEXT_HINT)
     cfg = BertConfig.from_json_file(str(path))
     check_sizes(path, cfg)
-    vocab = _need(text_dir, "vocab.txt", "--taiyi-text-dir")
-    n = sum(1 for _ in text_lines(vocab))
-    if n > cfg.vocab_size:
-        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {cfg.vocab_size} of {path}")
+    check_vocab(model_file(text_dir, "vocab.txt", TEXT_HINT), cfg, path)
     return cfg
 
 
 def vision_config(clip_dir) -> CLIPVisionConfig:
     """The vision part of a CLIP ``config.json`` (``vision_config`` or the old
     ``vision_config_dict``) with the top-level ``projection_dim``."""
-    path = _need(clip_dir, "config.json", "--clip-dir")
+    path = model_file(clip_dir, "config.json", CLIP_HINT)
     doc = read_json(path)
     vc = doc.get("vision_config") or doc.get("vision_config_dict") if isinstance(doc, dict) else None
     if not isinstance(vc, dict):
@@ -93,13 +77,12 @@ def vision_config(clip_dir) -> CLIPVisionConfig:
 
 def load_taiyi_tokenizer(text_dir) -> BertTokenizer:
     """The Taiyi tokenizer from the local directory; nothing from a hub."""
-    _need(text_dir, "vocab.txt", "--taiyi-text-dir")
+    model_file(text_dir, "vocab.txt", TEXT_HINT)
     return BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
 
 
 class TaiyiCLIP(nn.Module):
-    """``text_model`` + ``image_model`` with the interface of ``models.align.AlignModel``
-    that the engine uses (``encode_image``, ``encode_text``, ``image_model``)."""
+    """``text_model`` + ``image_model`` with ``AlignModel``'s ``encode_image`` and ``encode_text``."""
 
     def __init__(self, text_cfg: BertConfig, vision_cfg: CLIPVisionConfig):
         super().__init__()
@@ -123,26 +106,6 @@ class TaiyiCLIP(nn.Module):
         return F.normalize(x, p=2, dim=1) if normalize else x
 
 
-def load_text_state(model: TaiyiCLIP, path) -> list[str]:
-    """Strictly load a Taiyi text-encoder state dict (``bert.*``, ``classifier.*``)."""
-    sd, _ = read_checkpoint(path)
-    hint = (
-        "  (expected the Taiyi-CLIP text encoder's state dict, a BertForSequenceClassification: bert.*, classifier.*)"
-    )
-    return load_state(model.text_model, sd, str(path), benign=TEXT_BENIGN, hint=hint)
-
-
-def load_vision_state(model: TaiyiCLIP, path) -> list[str]:
-    """Strictly load the image tower from a CLIPModel (or CLIPVisionModelWithProjection)
-    state dict; the CLIP text tower in the same file is skipped and reported."""
-    sd, _ = read_checkpoint(path)
-    keep = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-    if len(sd) > len(keep):
-        log.info("%s: %d tensors of the CLIP text tower are not used", path, len(sd) - len(keep))
-    hint = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.* and visual_projection.weight)"
-    return load_state(model.image_model, keep, str(path), benign=VISION_BENIGN, hint=hint)
-
-
 def _compute_buffers(model: nn.Module) -> None:
     """The buffers still on the meta device (in no state dict), computed as transformers does."""
     for module in model.modules():
@@ -154,12 +117,18 @@ def _compute_buffers(model: nn.Module) -> None:
 
 
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
-    """Taiyi-CLIP in eval mode from local directories; ``text_weights`` (the authors'
-    fine-tuned ``pytorch_model.bin``) replaces the weights of ``text_dir``."""
+    """Taiyi-CLIP in eval mode; ``text_weights`` replaces the weights of ``text_dir``. Tolerated
+    and reported: old ``position_ids`` buffers and the CLIP text tower, which is not used."""
     text_cfg, vision_cfg = text_config(text_dir), vision_config(clip_dir)
     with empty_model():
         model = TaiyiCLIP(text_cfg, vision_cfg)
-    load_text_state(model, text_weights or find_weights(text_dir, "--taiyi-text-dir"))
-    load_vision_state(model, find_weights(clip_dir, "--clip-dir"))
+    text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
+    load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
+    clip_path = find_weights(clip_dir, "--clip-dir")
+    sd, _ = read_checkpoint(clip_path)
+    vision = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
+    if len(sd) > len(vision):
+        log.info("%s: %d tensors of the CLIP text tower are not used", clip_path, len(sd) - len(vision))
+    load_state(model.image_model, vision, str(clip_path), benign=VISION_BENIGN, hint=CLIP_EXPECTED)
     _compute_buffers(model)
     return model.to(device).eval()

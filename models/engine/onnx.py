@@ -1,15 +1,9 @@
-"""The ONNX Runtime engine for the image tower: the vectors of torch (checked to 1e-5 on
-every load), several times torch's images/s on a CPU. ``image_encoder_for(model, backend,
-device)`` gives what ``RecallModel`` runs; ``OnnxImageEncoder(model)(x, normalize)``.
-
-Exported: ``encode_image`` as one graph with a dynamic batch and both outputs (normalised
-and raw), by torch's TorchScript exporter (the dynamo one if it fails), cached atomically
-as ``<dir>/image_<key>.onnx`` (key: weights hash, architecture, input size, torch,
-exporter); ``dir``: the argument, ``$AVAS_ONNX_CACHE``, or ``~/.cache/avas/onnx``. A
-cached file that does not load or agree is exported again; a fresh one that disagrees is
-refused (``image_encoder_for`` then warns and uses torch). CPU and fp32 only; made for
-``lanes`` callers at once, each on ``threads`` intra-op threads (see ``encode``).
-"""
+"""The ONNX Runtime engine for the image tower: torch's vectors (checked to 1e-5 on every load),
+several times torch's images/s on a CPU (fp32 only). ``encode_image`` is exported once as a
+graph with a dynamic batch and both outputs, cached atomically as ``<dir>/image_<key>.onnx``
+(key: weights hash, architecture, input size, torch, opset); ``dir``: the argument,
+``$AVAS_ONNX_CACHE`` or ``~/.cache/avas/onnx``. A cached file that fails to load or agree is
+exported again; a fresh one that disagrees is refused, and ``image_encoder_for`` uses torch."""
 
 from __future__ import annotations
 
@@ -104,7 +98,8 @@ def _export(graph, x, tmp: Path, exporter: str) -> None:
 
 
 def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -> str:
-    """Export ``model.encode_image`` to ``path`` (atomically); returns the exporter used."""
+    """Export ``model.encode_image`` to ``path`` (atomically) by the TorchScript exporter, else
+    the dynamo one; returns the exporter used."""
     try:
         import onnx  # noqa: F401  (torch's exporter writes through it)
     except (ImportError, OSError) as e:
@@ -124,12 +119,10 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -
 
 
 class OnnxImageEncoder:
-    """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime.
-
-    ``weights_hash``: the model's ``model_hash`` or a function giving it (else computed).
-    ``lanes``: callers served at once; ``threads``: intra-op threads of each call (default:
-    the cores shared among the lanes). ``exported`` (False: a cached export),
-    ``max_abs_diff`` (from torch, on load) and ``setup_seconds`` go to the run record."""
+    """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime, for ``lanes`` callers
+    at once, each on ``threads`` intra-op threads (default: the cores shared among the lanes).
+    ``weights_hash``: the model's ``model_hash`` or a function giving it. ``exported``,
+    ``max_abs_diff`` (from torch) and ``setup_seconds`` go to the run record."""
 
     def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
@@ -159,13 +152,9 @@ class OnnxImageEncoder:
             self.max_abs_diff = self._load(ort, model)
         self.setup_seconds = time.perf_counter() - t
         log.info(
-            "onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
-            self.path.name,
-            "exported" if self.exported else "cached export",
-            self.max_abs_diff,
-            self.lanes,
-            self.opts.intra_op_num_threads,
-            self.setup_seconds,
+            f"onnx image encoder {self.path.name} ({'exported' if self.exported else 'cached export'}): max |diff| "
+            f"vs torch {self.max_abs_diff:.1e}, {self.lanes} lanes x {self.opts.intra_op_num_threads} threads, "
+            f"{self.setup_seconds:.1f} s"
         )
 
     def _load(self, ort, model) -> float:
@@ -209,10 +198,9 @@ def _torch_because(device: torch.device, precision: str) -> str | None:
 
 
 def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cache_dir=None, weights_hash=None):
-    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``
-    (``model.encode_image``), ``onnx`` (CPU, fp32, onnxruntime: else a clear error), or
-    ``auto`` (ONNX Runtime where it can run, else torch; the choice is logged). An ONNX
-    export that fails or disagrees with torch is a warning, and torch is used."""
+    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (CPU,
+    fp32: else a clear error) or ``auto`` (ONNX Runtime where it can run, else torch; logged). An
+    ONNX export that fails or disagrees with torch is a warning, and torch is used."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":
@@ -222,9 +210,9 @@ def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cac
     if backend == "auto" and why:
         log.info("image engine: torch (%s)", why)
         return model.encode_image
-    if backend == "onnx" and device.type != "cpu":
+    if device.type != "cpu":
         raise OnnxBackendError(f"--backend onnx runs on the CPU only (device {device}); use torch or auto on a GPU")
-    if backend == "onnx" and precision != "fp32":
+    if precision != "fp32":
         raise OnnxBackendError(f"--backend onnx is fp32 only (precision {precision})")
     require_onnxruntime()
     try:
