@@ -21,7 +21,7 @@ from efficientnet_pytorch.model import VALID_MODELS
 
 from utils.io import read_json
 
-from .bert import BertConfig, BertEncoder, BertTokenizer, check_vocab, model_file
+from .bert import BertConfig, BertEncoder, BertTokenizer, load_text_config, model_file
 
 # Bounds checked before anything is built: a wrong number would otherwise ask for terabytes.
 MAX_EMBED_DIM, MAX_TEXT_LAYERS = 1 << 14, 64
@@ -114,10 +114,8 @@ class AlignModel(nn.Module):
     def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
         """The model for ``bert_dir``'s config (``arch.text_layers`` layers), its vocab.txt checked to fit."""
         arch = arch or AlignArch()
-        path = model_file(bert_dir, "config.json", BERT_DIR_HINT)
-        config = BertConfig.from_json_file(path)
+        config = load_text_config(bert_dir, BERT_DIR_HINT)
         config.num_hidden_layers = arch.text_layers
-        check_vocab(model_file(bert_dir, "vocab.txt", BERT_DIR_HINT), config, path)
         return cls(config, arch)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -57,18 +57,22 @@ def check_sizes(where, config) -> None:
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and positions < MIN_POSITIONS:
         raise DataError(f"{where}: max_position_embeddings = {positions}, fewer than {MIN_POSITIONS} tokens")
-    if config.hidden_size % config.num_attention_heads:
-        raise DataError(
-            f"{where}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}"
-        )
+    size, heads = config.hidden_size, config.num_attention_heads
+    if size % heads:
+        raise DataError(f"{where}: hidden_size {size} is not a multiple of num_attention_heads {heads}")
 
 
-def check_vocab(vocab: Path, config, config_path) -> None:
-    """The vocabulary must fit the embedding table: a token id beyond it fails in the middle of a run."""
+def load_text_config(directory, hint: str, read=None):
+    """The config of ``directory`` (read by ``read``, default ``BertConfig.from_json_file``), its sizes
+    in bounds and its vocab.txt fitting the embedding table (a token beyond it fails mid-run)."""
+    path = model_file(directory, "config.json", hint)
+    config = (read or BertConfig.from_json_file)(path)
+    check_sizes(path, config)
+    vocab = model_file(directory, "vocab.txt", hint)
     n = sum(1 for _ in text_lines(vocab))
     if n > config.vocab_size:
-        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {config_path}")
+        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {path}")
+    return config
 
 
 @dataclass
@@ -109,74 +113,56 @@ class BertConfig:
         return cfg
 
 
-class _Embeddings(nn.Module):
+def _dense_norm(d_in: int, c: BertConfig) -> nn.ModuleDict:
+    """transformers' ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(x)) + skip)``."""
+    return nn.ModuleDict(
+        {"dense": nn.Linear(d_in, c.hidden_size), "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)}
+    )
+
+
+class _Layer(nn.Module):
+    """One transformer layer; the ModuleDicts give the key names of transformers' wrapper modules."""
+
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        attention = nn.ModuleDict({k: nn.Linear(c.hidden_size, c.hidden_size) for k in ("query", "key", "value")})
+        self.attention = nn.ModuleDict({"self": attention, "output": _dense_norm(c.hidden_size, c)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
+        self.output = _dense_norm(c.intermediate_size, c)
+        self.heads, self.attention_dropout = c.num_attention_heads, c.attention_probs_dropout_prob
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # one segment
-        x = x + self.position_embeddings(torch.arange(n, device=input_ids.device))[None]
-        return self.dropout(self.LayerNorm(x))
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.heads = c.num_attention_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
-        self.dropout_p = c.attention_probs_dropout_prob
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = h.shape
         q, k, v = (
-            x(h).view(b, n, self.heads, d // self.heads).transpose(1, 2) for x in (self.query, self.key, self.value)
+            self.attention.self[x](h).view(b, n, self.heads, -1).transpose(1, 2) for x in ("query", "key", "value")
         )
-        p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(d // self.heads))
-        return out.transpose(1, 2).reshape(b, n, d)
+        p = self.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(d // self.heads))
+        h = self._add_norm(self.attention.output, a.transpose(1, 2).reshape(b, n, d), h)
+        return self._add_norm(self.output, F.gelu(self.intermediate.dense(h)), h)
 
-
-class _Residual(nn.Module):
-    """``LayerNorm(dropout(dense(x)) + skip)`` (transformers' ``BertSelfOutput`` / ``BertOutput``)."""
-
-    def __init__(self, c: BertConfig, d_in: int):
-        super().__init__()
-        self.dense = nn.Linear(d_in, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + skip)
-
-
-class _Layer(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()  # ModuleDicts: the key names of transformers' small wrapper modules
-        self.attention = nn.ModuleDict({"self": _SelfAttention(c), "output": _Residual(c, c.hidden_size)})
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
-        self.output = _Residual(c, c.intermediate_size)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention.output(self.attention.self(h, mask), h)
-        return self.output(F.gelu(self.intermediate.dense(h)), h)
+    def _add_norm(self, m: nn.ModuleDict, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return m.LayerNorm(self.dropout(m.dense(x)) + skip)
 
 
 class BertEncoder(nn.Module):
-    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden). The
-    pooler is kept for the checkpoint layout and :meth:`pooled`; the alignment model reads [CLS]."""
+    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden); the alignment
+    model reads [CLS], the pooler is kept for the checkpoint layout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.embeddings = _Embeddings(config)
+        c, d = config, config.hidden_size
+        self.embeddings = nn.ModuleDict(
+            {
+                "word_embeddings": nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id),
+                "position_embeddings": nn.Embedding(c.max_position_embeddings, d),
+                "token_type_embeddings": nn.Embedding(c.type_vocab_size, d),
+                "LayerNorm": nn.LayerNorm(d, eps=c.layer_norm_eps),
+                "dropout": nn.Dropout(c.hidden_dropout_prob),
+            }
+        )
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))})
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         self.apply(self._init_weights)
@@ -192,11 +178,12 @@ class BertEncoder(nn.Module):
                 m.weight[m.padding_idx].zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = None
+        mask, n = None, input_ids.shape[1]
         if attention_mask is not None and not bool(attention_mask.all()):
-            n = input_ids.shape[1]
             mask = attention_mask[:, None, None, :].bool().expand(-1, 1, n, -1)
-        h = self.embeddings(input_ids)
+        e = self.embeddings
+        h = e.word_embeddings(input_ids) + e.token_type_embeddings.weight[0]  # one segment
+        h = e.dropout(e.LayerNorm(h + e.position_embeddings(torch.arange(n, device=input_ids.device))[None]))
         for layer in self.encoder.layer:
             h = layer(h, mask)
         return h

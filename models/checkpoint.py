@@ -1,11 +1,7 @@
-"""The one way checkpoints are read and written, for every model.
-
-Released formats (SPEC 2, 5): recall ``align_model.pth`` = ``{"state_dict": sd}``; ranker
-``shoucai_siamese_...ckpt`` = a bare state dict with the recall model under ``align_model.``.
-``.safetensors`` is read wherever a checkpoint is. Reading: ``torch.load(weights_only=True)``,
-known wrappers unwrapped with a notice, the model built on the meta device, then strict
-(keys, shapes, finite weights). Small variants record their ``AlignArch``.
-"""
+"""The one way checkpoints are read and written. Released formats (SPEC 2, 5): ``align_model.pth``
+= ``{"state_dict": sd}``; the ranker's, a bare state dict with the recall model under ``align_model.``;
+``.safetensors`` is read wherever a checkpoint is. Reading: weights-only, known wrappers unwrapped
+with a notice, the model built on the meta device, then strict: keys, shapes, finite weights."""
 
 from __future__ import annotations
 
@@ -44,8 +40,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class _NoNormal(TorchFunctionMode):
-    """``normal_`` on a meta tensor returns it untouched: torch would import torch._dynamo
-    (1.3 s) to draw values nobody keeps."""
+    """``normal_`` of a meta tensor returns it: torch would import torch._dynamo (1.3 s) to draw nothing."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -63,9 +58,8 @@ def empty_model():
 
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` inside a known wrapper (``{"state_dict": ...}``, ``{"model": ...}``,
-    keys under ``module.`` or ``model.``); ``meta`` holds the wrapper's other entries. A
-    prefix is removed only when EVERY key has it."""
+    """``(state_dict, meta)`` inside ``{"state_dict": ...}`` or ``{"model": ...}`` (``meta``: the other
+    entries), keys under ``module.`` or ``model.`` (stripped only when EVERY key has it)."""
     notes = []
     if isinstance(obj.get("state_dict"), dict):
         sd, meta = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
@@ -100,8 +94,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint; ``meta`` holds the
-    wrapper's other entries (the recorded ``arch``)."""
+    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint (``meta``: the recorded ``arch``...)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -160,9 +153,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
-    """Strictly load ``sd`` into ``model`` (which takes its tensors, cast to its dtypes); returns
-    the tolerated keys it ignored. ``prefix``: where the recall model sits (``align_model.``);
-    ``benign``: the tolerated extras of another model; ``hint``: the error's closing line."""
+    """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the tolerated keys it
+    ignored (``benign``, under ``prefix``, default the recall model's). ``hint``: the error's last line."""
     expected = model.state_dict()
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
     _check_keys(model, sd, expected, benign, source, hint)
@@ -244,8 +236,7 @@ def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
 
 
 def convert_to_safetensors(src, dst) -> dict:
-    """Write checkpoint ``src`` as ``.safetensors`` ``dst`` (atomically), its recorded
-    architecture in the metadata; returns a summary."""
+    """Write checkpoint ``src`` as ``.safetensors`` ``dst``, its recorded architecture in the metadata."""
     from safetensors.torch import save_file
 
     if not str(dst).endswith(SAFETENSORS):

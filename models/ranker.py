@@ -1,15 +1,8 @@
-"""Stage 2: the siamese CTR ranker with attention over the item's POIs (SPEC section 5).
-
-One image's score for one item:
-    v      = align.encode_image(img)                       B x E  (normalised)
-    P      = linear1(concat(poi_img_vecs, poi_text_vecs))  B x 5 x E
-    w      = attention(v, P) * mask(position < poi_len)    B x 5 x 1  (no softmax)
-    pooled = w^T @ P                                       B x E
-    score  = linear2(relu(linear4(relu(linear3(concat(v, pois_feature, pooled))))))
-
-Both images of a pair go through the same network; the prediction is ``s_a > s_b``.
-Module names are the released checkpoint's keys (``attention_layer.local_att.fc1.fc.0``).
-"""
+"""Stage 2: the siamese CTR ranker with attention over the item's POIs (SPEC section 5). An
+image's score: its vector ``v`` attends over the POI vectors ``P = linear1([poi_img, poi_text])``
+(masked, no softmax), then ``linear2(relu(linear4(relu(linear3([v, pois_feature, pooled])))))``.
+Both images of a pair go through the same network; the prediction is ``s_a > s_b``. Module
+names are the released checkpoint's keys (``attention_layer.local_att.fc1.fc.0``)."""
 
 from __future__ import annotations
 

@@ -68,8 +68,8 @@ class RecallJob:
 
 @dataclass
 class Gallery:
-    """The CSV's images found on disk (``(row, path)``), the rows without a file or repeated,
-    the unreadable images, and the queries (poi_id -> first name)."""
+    """The CSV's images found on disk (``(row, path)``), the rows without a file or repeated, the
+    unreadable images, and the queries (poi_id -> first name)."""
 
     rows: list[RecallRow]
     images: list[tuple[RecallRow, object]] = field(default_factory=list)
@@ -105,18 +105,10 @@ def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> 
             log.warning(f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name; using {first!r}")
     if g.duplicates:
         d = g.duplicates[0]
-        log.warning(
-            f"{len(g.duplicates)} CSV rows repeat a <poi_id>_<rank> (first: line {d.line}, {d.key}); scored once"
-        )
-    log.info(
-        f"{csv_path}: {len(rows)} rows, {len(g.queries)} POIs, {len(set(g.queries.values()))} distinct names; "
-        f"{len(g.images)} images found in {image_dir}, {len(g.missing)} missing on disk"
-    )
+        log.warning(f"{len(g.duplicates)} rows repeat a <poi_id>_<rank> (first: line {d.line}, {d.key}): scored once")
+    log.info(f"{csv_path}: {len(rows)} rows, {len(g.queries)} POIs; {len(g.images)} images found, {len(g.missing)} not")
     if not g.images:
-        raise DataError(
-            f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
-            f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)"
-        )
+        raise DataError(f"{image_dir}: no <poi_id>_<rank>.<ext> image of {csv_path} is there (e.g. {rows[0].key}.jpg)")
     return g
 
 
@@ -138,23 +130,21 @@ def drop_unreadable(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool)
 def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top, meta: dict) -> None:
     """Every output of the run, committed together or not at all (a failed write keeps the previous ones)."""
     qids, qnames, names = list(g.queries), list(g.queries.values()), [p.name for _, p in g.images]
-    top_vals, top_idx = top
+    gallery, (top_vals, top_idx) = [str(p) for _, p in g.images], top
     topk_rows = (
         (q, n, r, names[j], s)
         for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
         for r, (s, j) in enumerate(zip(vals, idx), 1)
     )
     arrays = {"image_emb": img_emb.numpy(), "image_names": names, "image_ok": ok.numpy(), "text_emb": txt_emb.numpy()}
-    emb_meta = {k: meta[k] for k in EMBEDDING_META}
+    arrays["meta"] = {k: meta[k] for k in EMBEDDING_META}
     outs = job.outputs
     missing_list = outs["--missing-list"] if g.missing or g.unreadable else None
     commit_outputs(
         {
             outs["--output"]: lambda p: write_topk(p, topk_rows),
-            outs["--full-output"]: lambda p: write_full(p, qids, qnames, [str(p) for _, p in g.images], scores.numpy()),
-            outs["--save-embeddings"]: lambda p: save_embeddings(
-                p, **arrays, poi_ids=qids, poi_names=qnames, meta=emb_meta
-            ),
+            outs["--full-output"]: lambda p: write_full(p, qids, qnames, gallery, scores.numpy()),
+            outs["--save-embeddings"]: lambda p: save_embeddings(p, **arrays, poi_ids=qids, poi_names=qnames),
             missing_list: lambda p: write_missing_list(p, g.missing, g.unreadable),
             outs["meta"]: lambda p: write_json(p, meta, indent=1),
         },
@@ -162,10 +152,7 @@ def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top,
     )
     log.info("wrote %s: top %d of %d images for %d POIs", job.output, top_idx.shape[1], len(names), len(qids))
     if missing_list:
-        log.warning(
-            f"{len(g.missing)} images missing on disk (left out), {len(g.unreadable)} unreadable "
-            f"({meta['unreadable_policy']}); listed in {missing_list}"
-        )
+        log.warning(f"{len(g.missing)} images missing, {len(g.unreadable)} unreadable: listed in {missing_list}")
 
 
 def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k: int) -> dict:

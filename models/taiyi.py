@@ -25,7 +25,7 @@ from transformers import (
 
 from utils.io import read_json
 
-from .bert import ModelFilesError, check_sizes, check_vocab, model_file
+from .bert import ModelFilesError, check_sizes, load_text_config, model_file
 from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ def find_weights(directory, option: str) -> Path:
         if p.is_file():
             return p
     raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the model's weights")
-
-
-def text_config(text_dir) -> BertConfig:
-    path = model_file(text_dir, "config.json", TEXT_HINT)
-    cfg = BertConfig.from_json_file(str(path))
-    check_sizes(path, cfg)
-    check_vocab(model_file(text_dir, "vocab.txt", TEXT_HINT), cfg, path)
-    return cfg
 
 
 def vision_config(clip_dir) -> CLIPVisionConfig:
@@ -119,7 +111,7 @@ def _compute_buffers(model: nn.Module) -> None:
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode; ``text_weights`` replaces the weights of ``text_dir``. Tolerated
     and reported: old ``position_ids`` buffers and the CLIP text tower, which is not used."""
-    text_cfg, vision_cfg = text_config(text_dir), vision_config(clip_dir)
+    text_cfg, vision_cfg = load_text_config(text_dir, TEXT_HINT, BertConfig.from_json_file), vision_config(clip_dir)
     with empty_model():
         model = TaiyiCLIP(text_cfg, vision_cfg)
     text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")

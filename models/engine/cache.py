@@ -8,6 +8,7 @@ the run, never the run. Processes may share a cache (SQLite locking, 60 s busy t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "embeddings.sqlite"
 SCHEMA_VERSION = 1  # the crc column is an addition: older versions still read the file
-_CHUNK = 500  # SQLite's host-parameter limit is at least 999
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)",
     "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, sha TEXT)",
@@ -41,12 +41,11 @@ class EmbeddingCache:
     ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
-        self.dir = Path(cache_dir)
-        self.path = self.dir / DB_NAME
+        self.path = Path(cache_dir) / DB_NAME
         self.model_tag = model_tag
         self.hits = self.misses = self.stored = self.hashed = self.rejected = 0
         self.db: sqlite3.Connection | None = None
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
@@ -100,24 +99,24 @@ class EmbeddingCache:
         return self
 
     def __exit__(self, *exc):
+        log.info(
+            "cache %s: %d hits, %d misses, %d stored, %d files hashed, %d rejected",
+            *(self.path, self.hits, self.misses, self.stored, self.hashed, self.rejected),
+        )
         self.close()
 
     def namespace(self, mode: str, precision: str) -> str:
         return f"{self.model_tag}|{mode}|{precision}"
 
     def _select(self, query: str, head: list, keys: list) -> list:
-        """Rows of ``query`` (``IN (%s)``) over ``keys`` in chunks; [] once the cache is disabled."""
-        rows = []
+        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once the cache is disabled."""
         if self.db is None:
-            return rows
+            return []
         try:
-            for a in range(0, len(keys), _CHUNK):
-                part = keys[a : a + _CHUNK]
-                rows += self.db.execute(query % ",".join("?" * len(part)), [*head, *part]).fetchall()
+            return self.db.execute(query, [*head, json.dumps(keys)]).fetchall()
         except sqlite3.Error as e:
             self._disable(e)
             return []
-        return rows
 
     def _write(self, query: str, rows: list) -> bool:
         if self.db is None or not rows:
@@ -139,22 +138,18 @@ class EmbeddingCache:
                 stats.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append(None)
-        q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (%s)"
-        known = {path: (size, mtime, sha) for path, size, mtime, sha in self._select(q, [], [s[0] for s in stats if s])}
+        q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (SELECT value FROM json_each(?))"
+        known = {row[0]: row[1:] for row in self._select(q, [], [st[0] for st in stats if st])}
         keys, new_rows = [], []
         for st in stats:
-            k = known.get(st[0]) if st is not None else None
-            if st is None or (k is not None and k[:2] == st[1:]):
-                keys.append(k[2] if k is not None else None)
-                continue
-            try:
-                sha = sha256_file(st[0])
-            except OSError:
-                keys.append(None)
-                continue
-            self.hashed += 1
+            k = known.get(st[0]) if st else None
+            sha = k[2] if k and k[:2] == st[1:] else None
+            if st and sha is None:
+                with contextlib.suppress(OSError):  # unreadable: no key
+                    sha = sha256_file(st[0])
+                    self.hashed += 1
+                    new_rows.append((*st, sha))
             keys.append(sha)
-            new_rows.append((*st, sha))
         self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
         return keys
 
@@ -162,7 +157,7 @@ class EmbeddingCache:
         """``{sha: (float32 vector, ok)}`` of the keys present and sound."""
         want = list(dict.fromkeys(k for k in keys if k is not None))
         out, rejected, unverified = {}, 0, 0
-        q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (%s)"
+        q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (SELECT value FROM json_each(?))"
         for sha, ok, blob, crc in self._select(q, [ns], want):
             vec = np.frombuffer(blob, dtype=np.float32)
             unverified += crc is None

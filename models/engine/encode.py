@@ -1,11 +1,8 @@
-"""Batched encoding: ``encode_images(model, paths, enc)`` (N x D float32 L2-normalised vectors
-on the CPU, N ok flags) and ``encode_texts(model, tokenizer, texts, enc)``; the model is left as found.
-
-How the cores are shared (README, Speed): ONNX Runtime on a CPU runs in lanes, one thread per core
-decoding a batch into its own buffer then encoding it, so decoding and engine never compete for a
-core; torch keeps every core for its threads beside decoding processes, the image tower in
-``channels_last``. ``prefetch_images`` decodes the first batches while the model loads.
-"""
+"""Batched encoding of images and texts: float32 L2-normalised vectors on the CPU, the model left
+as found. How the cores are shared (README, Speed): ONNX Runtime on a CPU runs in lanes, one thread
+per core decoding a batch into its own buffer then encoding it, so decoding and engine never compete
+for a core; torch keeps every core for its threads beside decoding processes, the image tower in
+``channels_last``. ``prefetch_images`` decodes the first batches while the model loads."""
 
 from __future__ import annotations
 
@@ -42,16 +39,14 @@ def cpu_cores() -> int:
 
 
 def default_batch_size(device, engine: str = "torch") -> int:
-    """128 on CUDA; on a CPU 32 for torch, 4 for ONNX Runtime's lanes (78 img/s on 2 lanes at
-    batch 4, 67 at 16, 62 at 32; small batches also keep the lanes even at the end)."""
+    """128 on CUDA; on a CPU 32 for torch, 4 for ONNX Runtime's lanes (78 img/s on 2 lanes, 67 at 16)."""
     if torch.device(device).type == "cuda":
         return 128
     return 4 if engine == "onnx" else 32
 
 
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoding processes: on a CPU one per ``DECODE_SHARE`` cores beside torch, every core but the
-    model loader's for ONNX Runtime (which decodes ahead only); on CUDA every core."""
+    """Decoders: on a CPU one per ``DECODE_SHARE`` cores beside torch, all but the model loader's for ONNX Runtime."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return max(1, min(n, MAX_WORKERS))
@@ -67,16 +62,14 @@ def _warn_if_emulated(device, precision: str) -> None:
     """bf16/fp16 pay only with native support (GPU, AVX-512 BF16, AMX): a warning where they are emulated."""
     if precision == "fp32" or device.type != "cpu":
         return
-    try:
-        if precision == "bf16":
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        else:
-            native = torch.cpu._is_amx_fp16_supported()
-    except AttributeError:  # private helpers of this torch build; assume it is fine
+    try:  # private helpers of this torch build; when missing, assume it is fine
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = bf16 if precision == "bf16" else torch.cpu._is_amx_fp16_supported()
+    except AttributeError:
         return
     if not native:
         cpu = torch.backends.cpu.get_cpu_capability()
-        log.warning(f"precision {precision} is emulated on this CPU ({cpu}): expect it to be far slower than fp32")
+        log.warning("precision %s is emulated on this CPU (%s): expect it far slower than fp32", precision, cpu)
 
 
 def autocast(device, precision: str):
@@ -91,29 +84,23 @@ def eval_mode(model, channels_last=None):
     """The model in eval mode for the block (and the module ``channels_last`` in that memory
     format: faster CPU convolutions), its mode and memory format restored after."""
     was = model.training
-    weights = [p for p in channels_last.parameters() if p.dim() == 4] if channels_last is not None else []
-    last = (
-        bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last) and not weights[0].is_contiguous()
-    )
+    conv = next((p for p in channels_last.parameters() if p.dim() == 4), None) if channels_last is not None else None
+    restore = torch.contiguous_format if conv is None or conv.is_contiguous() else torch.channels_last
     model.eval()
-    if weights:
+    if conv is not None:
         channels_last.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
         model.train(was)
-        if weights:
-            channels_last.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+        if conv is not None:
+            channels_last.to(memory_format=restore)
 
 
 def tokenize(tokenizer, texts: list[str]) -> dict:
     """Pad to the longest text of the batch, truncate at ``MAX_TEXT_LEN`` tokens (SPEC 2)."""
     enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _worker_init(_):
@@ -129,10 +116,14 @@ def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, pre
 
 
 class ImagePrefetch:
-    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, for a
-    later ``encode_images(..., prefetch=self)``; ``close()`` stops the workers of a source left unused."""
+    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, for a later
+    ``encode_images(..., prefetch=self)``. The engine is not known yet: the workers are ONNX Runtime's
+    when ``enc.backend`` would choose it. ``close()`` stops the workers of a source left unused."""
 
-    def __init__(self, paths, enc: Encoding = Encoding(), *, device="cpu", loader=None, backend="onnx", depth=None):
+    def __init__(self, paths, enc: Encoding = Encoding(), *, loader=None, depth=None):
+        device = resolve_device(enc.device)
+        onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
+        backend = "onnx" if onnx else "torch"
         self.paths, self.enc, self.loader = [str(p) for p in paths], enc, loader
         self.batch_size = enc.batch_size or default_batch_size(device, backend)
         self.num_workers = default_num_workers(device, backend) if enc.num_workers is None else enc.num_workers
@@ -159,22 +150,15 @@ class ImagePrefetch:
             shutdown()
 
 
-def prefetch_images(paths, enc: Encoding = Encoding(), *, loader=None) -> ImagePrefetch:
-    """Start decoding the first images of ``paths`` for ``encode_images(..., prefetch=source)``.
-    The engine is not known yet: the workers are ONNX Runtime's when ``enc.backend`` would choose it."""
-    device = resolve_device(enc.device)
-    onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
-    return ImagePrefetch(paths, enc, device=device, loader=loader, backend="onnx" if onnx else "torch")
+prefetch_images = ImagePrefetch  # prefetch_images(paths, enc, loader=...) starts decoding
 
 
 def encode_images(
     model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc="images"
 ):
-    """``(emb, ok)`` of image files; ``ok`` False where a file is missing or unreadable (its row:
-    the zero image's vector, SPEC 3). ``engine()`` gives the ``f(x, normalize)`` that runs the
-    image tower (default ``model.encode_image``), called only when some image is not in ``cache``
-    (an ``EmbeddingCache``; one content is encoded once). ``loader``: another model's preprocessing;
-    ``prefetch`` (closed on return): an ``ImagePrefetch``; ``stats`` receives the counts and settings."""
+    """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
+    ``engine()`` gives the image tower's ``f(x, normalize)``, asked only when some image is not in
+    ``cache``; ``loader``: another model's preprocessing; ``prefetch`` is closed on return."""
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     n = len(paths)
@@ -216,9 +200,9 @@ def encode_images(
 
 
 def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink) -> dict:
-    """Encode ``paths`` into ``sink``: in lanes (an engine with ``lanes > 1`` on a CPU) or in this
-    thread beside decoding workers; the batches of ``prefetch`` first if they are exactly these."""
-    device = _device_of(model)
+    """Encode ``paths`` into ``sink`` in lanes (an engine with ``lanes > 1`` on a CPU) or in this thread
+    beside decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
+    device = next(model.parameters()).device
     workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
     if prefetch is not None and prefetch.matches(paths, enc, loader):
         workers, batch_size, ahead_count = prefetch.num_workers, prefetch.batch_size, prefetch.count
@@ -231,7 +215,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
     if lanes > 1:
         if not workers:  # nothing decoded ahead: the lanes decode every batch, side by side
             ahead, ahead_count, workers = None, 0, 0
-        _encode_lanes(_Feed(paths, batch_size, enc.preprocess, loader, ahead, ahead_count), encoder, lanes, sink)
+        _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, sink)
     else:
         if workers is None:
             workers = default_num_workers(device, "torch" if on_torch else "onnx")
@@ -239,7 +223,14 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
         if ahead is None or ahead_count < len(paths):  # the loader's workers start now
             rest = _loader(paths[ahead_count:], enc.preprocess, loader, batch_size, workers, device)
             batches = itertools.chain(ahead or (), ((x, g, j + ahead_count) for x, g, j in rest))
-        _encode_batches(model, batches, encoder, on_torch, enc.precision, sink)
+        _warn_if_emulated(device, enc.precision)
+        fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
+        with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
+            for x, good, idx in batches:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                with autocast(device, enc.precision):
+                    e = encoder(x, normalize=False)
+                sink.put(_normalized(e), good.tolist(), idx.tolist())
     sink.bar.close()
     return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size, "first_batch_at": sink.first_batch_at}
 
@@ -270,56 +261,30 @@ def _normalized(e: torch.Tensor) -> np.ndarray:
     return F.normalize(e.float(), p=2, dim=1).cpu().numpy()
 
 
-def _encode_batches(model, batches, encoder, on_torch: bool, precision: str, sink: _Sink) -> None:
-    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread."""
-    device = _device_of(model)
-    _warn_if_emulated(device, precision)
-    fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
-    with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-        for x, good, idx in batches:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            with autocast(device, precision):
-                e = encoder(x, normalize=False)
-            sink.put(_normalized(e), good.tolist(), idx.tolist())
+def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, sink):
+    """``lanes`` threads, each taking the next batch (from ``ahead``, else decoded into its buffer) and
+    encoding it (ONNX Runtime releases the GIL); the results go to ``sink`` from this thread."""
+    starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
+    stop, done = threading.Event(), queue.Queue()
 
-
-class _Feed:
-    """The batches of ``paths`` in order, for the lanes: the first ``ahead_count`` images from
-    ``ahead`` (a prefetch source's batches), the others decoded by the lane taking them."""
-
-    def __init__(self, paths, batch_size: int, mode: str, loader, ahead, ahead_count: int):
-        self.paths, self.batch_size, self.mode, self.loader = paths, batch_size, mode, loader
-        self.ahead, self.ahead_count, self.next = ahead, ahead_count, 0
-        self.lock = threading.Lock()
-
-    def take(self, buf: np.ndarray):
-        """``(x, ok, idx)`` of the next batch (decoded into ``buf``), or None when there is none."""
-        with self.lock:  # the prefetch iterator is read in order, by one lane at a time
-            a = self.next
-            if a >= len(self.paths):
-                return None
-            self.next = min(a + self.batch_size, len(self.paths))
-            if a < self.ahead_count:
-                x, good, idx = next(self.ahead)
-                return x.numpy(), good.numpy(), idx.numpy()
-        idx = np.arange(a, min(a + self.batch_size, len(self.paths)))
-        if self.loader is not None:  # another model's preprocessing, its own tensors
-            got = [self.loader(self.paths[j], self.mode) for j in idx]
+    def take(buf: np.ndarray):
+        with lock:  # the prefetch iterator is read in order, by one lane at a time
+            a = next(starts, None)
+            if a is not None and a < ahead_count:
+                return tuple(t.numpy() for t in next(ahead))
+        if a is None:
+            return None
+        idx = np.arange(a, min(a + batch_size, len(paths)))
+        if loader is not None:  # another model's preprocessing, its own tensors
+            got = [loader(paths[j], mode) for j in idx]
             return torch.stack([x for x, _ in got]).numpy(), np.array([g for _, g in got]), idx
-        good = np.array([load_image_into(buf[r], self.paths[j], self.mode) for r, j in enumerate(idx)], dtype=bool)
+        good = np.array([load_image_into(buf[r], paths[j], mode) for r, j in enumerate(idx)], dtype=bool)
         return buf[: len(idx)], good, idx
-
-
-def _encode_lanes(feed: _Feed, encoder, lanes: int, sink: _Sink) -> None:
-    """``lanes`` threads, each taking the next batch from ``feed`` and encoding it (ONNX Runtime
-    releases the GIL); the results go to ``sink`` from this thread."""
-    done: queue.Queue = queue.Queue()
-    stop = threading.Event()
 
     def lane():
         try:
-            buf = np.empty((feed.batch_size, 3, SIZE, SIZE), dtype=np.float32)
-            while not stop.is_set() and (item := feed.take(buf)) is not None:
+            buf = np.empty((batch_size, 3, SIZE, SIZE), dtype=np.float32)
+            while not stop.is_set() and (item := take(buf)) is not None:
                 x, good, idx = item
                 done.put((_normalized(encoder(torch.from_numpy(x), normalize=False)), good.tolist(), idx.tolist()))
             done.put(None)
@@ -346,10 +311,9 @@ def _encode_lanes(feed: _Feed, encoder, lanes: int, sink: _Sink) -> None:
 
 
 def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
-    """``len(texts) x D`` float32 normalised on the CPU; each distinct string encoded once, in
-    batches of similar length (``enc.text_batch_size``, default 256 on CUDA and 16 on a CPU,
-    1.4x faster than 64 there: the activations stay in cache)."""
-    device = _device_of(model)
+    """``len(texts) x D``, each distinct string encoded once, in batches of similar length (default
+    16 on a CPU, 1.4x faster than 64: the activations stay in cache; 256 on CUDA)."""
+    device = next(model.parameters()).device
     batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
     distinct = list(dict.fromkeys(texts))
     if not distinct:

@@ -36,6 +36,7 @@ INSTALL_HINT = "pip install onnxruntime onnx"
 OPSET = 17
 TOLERANCE = 1e-5  # max |diff| of the vectors from torch's
 EXPORT_FORMAT = 1  # bump when the exported graph changes (inputs, outputs, wrapper)
+AXES = ("images", "embedding", "features")
 
 
 class OnnxBackendError(UserError, RuntimeError):
@@ -85,31 +86,24 @@ def export_key(model, weights_hash: str, image_size: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _export(graph, x, tmp: Path, exporter: str) -> None:
-    names = {"input_names": ["images"], "output_names": ["embedding", "features"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
-        if exporter == "torchscript":
-            axes = {"images": {0: "batch"}, "embedding": {0: "batch"}, "features": {0: "batch"}}
-            torch.onnx.export(graph, (x,), str(tmp), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
-        else:
-            shapes = {"x": {0: torch.export.Dim("batch")}}
-            torch.onnx.export(graph, (x,), str(tmp), dynamo=True, external_data=False, dynamic_shapes=shapes, **names)
-
-
 def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -> str:
-    """Export ``model.encode_image`` to ``path`` (atomically) by the TorchScript exporter, else
-    the dynamo one; returns the exporter used."""
+    """Export ``model.encode_image`` to ``path`` (atomically); returns the exporter used."""
     try:
         import onnx  # noqa: F401  (torch's exporter writes through it)
     except (ImportError, OSError) as e:
         raise OnnxBackendError(f"exporting the image tower needs the onnx package ({e}); {INSTALL_HINT}") from e
     x = torch.zeros(2, 3, image_size, image_size)
+    names = {"input_names": ["images"], "output_names": ["embedding", "features"]}
+    exporters = {  # TorchScript's, else dynamo's
+        "torchscript": lambda: {"opset_version": OPSET, "dynamic_axes": {k: {0: "batch"} for k in AXES}},
+        "dynamo": lambda: {"external_data": False, "dynamic_shapes": {"x": {0: torch.export.Dim("batch")}}},
+    }
     errors = []
-    with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
-        for exporter in ("torchscript", "dynamo"):
+    with atomic_path(path) as tmp, eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
+        for exporter, options in exporters.items():
             try:
-                _export(_ImageGraph(model), x, tmp, exporter)
+                torch.onnx.export(_ImageGraph(model), (x,), str(tmp), dynamo=exporter == "dynamo", **names, **options())
                 return exporter
             except Exception as e:  # noqa: BLE001  (try the other exporter, then report both)
                 errors.append(f"{exporter}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -119,18 +113,16 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -
 
 
 class OnnxImageEncoder:
-    """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime, for ``lanes`` callers
-    at once, each on ``threads`` intra-op threads (default: the cores shared among the lanes).
-    ``weights_hash``: the model's ``model_hash`` or a function giving it. ``exported``,
-    ``max_abs_diff`` (from torch) and ``setup_seconds`` go to the run record."""
+    """``encode_image(x, normalize=True)`` of ``model`` on ONNX Runtime, for ``lanes`` callers at once,
+    each on ``threads`` intra-op threads (default: the cores shared); ``weights_hash``: or a function."""
 
     def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
         weights_hash = weights_hash() if callable(weights_hash) else weights_hash or model_hash(model)
         self.exported = False
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avas" / "onnx"
-        self.dir = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
-        self.path = self.dir / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
+        directory = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
+        self.path = directory / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
         t = time.perf_counter()
         if not self.path.is_file():
             exporter = export_image_graph(model, self.path, SIZE)

@@ -78,27 +78,12 @@ class RecallModel:
     def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images", prefetch=None):
         """``(emb, ok)`` of image files (``encode.encode_images``); the engine is set up only
         when some image is not in the cache of ``enc.cache_dir``."""
-        cache = EmbeddingCache(enc.cache_dir, self.identity()) if enc.cache_dir else None
-        try:
-            engine = lambda: self.image_encoder(enc.precision)
-            return encode_images(
-                self.model,
-                paths,
-                enc,
-                engine=engine,
-                loader=self.image_loader,
-                cache=cache,
-                prefetch=prefetch,
-                stats=stats,
-                desc=desc,
-            )
-        finally:
-            if cache is not None:
-                log.info(
-                    "cache %s: %d hits, %d misses, %d stored, %d files hashed, %d rejected",
-                    *(cache.path, cache.hits, cache.misses, cache.stored, cache.hashed, cache.rejected),
-                )
-                cache.close()
+        engine = lambda: self.image_encoder(enc.precision)
+        kw = {"engine": engine, "loader": self.image_loader, "prefetch": prefetch, "stats": stats, "desc": desc}
+        if not enc.cache_dir:
+            return encode_images(self.model, paths, enc, **kw)
+        with EmbeddingCache(enc.cache_dir, self.identity()) as cache:
+            return encode_images(self.model, paths, enc, cache=cache, **kw)
 
     def encode_texts(self, texts, enc: Encoding = Encoding()):
         return encode_texts(self.model, self.tokenizer, texts, enc)
