@@ -13,7 +13,7 @@ __all__, __getattr__ = front_door(
         "save_align_checkpoint save_ranker_checkpoint",
         "engine": "EmbeddingCache ImagePrefetch PairRun RecallModel SelectionModels evaluate_pairs item_inputs "
         "load_selection_models prefetch_images run_selection score_block tokenize wrap_align",
-        "factory": "MODELS build_ranker build_recall_model missing_options",
+        "factory": "MODELS build_recall_model missing_options",
         "ranker": "SiameseRanker",
         "recall": "RecallJob run_recall",
     },

@@ -1,10 +1,7 @@
-"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2).
-
-Image tower: EfficientNet (B3 by default), ``_fc`` to ``embed_dim``, then ``image_hidden_layer``;
-text tower: BERT, its [CLS] state through ``text_hidden_layer``. Both vectors are L2-normalised
-and their dot product multiplied (not exponentiated) by ``logit_scale``. The attribute names
-are the state-dict prefixes of the released checkpoint.
-"""
+"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2). Image tower: EfficientNet (B3 by
+default), ``_fc`` to ``embed_dim``, then ``image_hidden_layer``; text tower: BERT, its [CLS] state through
+``text_hidden_layer``. Both vectors are L2-normalised; their dot product is multiplied (not
+exponentiated) by ``logit_scale``. Attribute names are the released checkpoint's state-dict prefixes."""
 
 from __future__ import annotations
 
@@ -42,9 +39,8 @@ BERT_DIR_HINT = "--bert-dir must hold bert-base-chinese's config.json and vocab.
 
 @dataclass
 class AlignArch:
-    """Architecture of an alignment model; the defaults are the released model.
-    ``image_overrides``: efficientnet_pytorch parameters of small variants (tests, own
-    training); ``text_layers`` replaces ``num_hidden_layers`` of the bert config."""
+    """Architecture of an alignment model, the defaults the released one; ``image_overrides``:
+    efficientnet_pytorch parameters of small variants; ``text_layers`` replaces the bert config's."""
 
     image_model: str = "efficientnet-b3"
     image_overrides: dict = field(default_factory=dict)
@@ -118,13 +114,11 @@ class AlignModel(nn.Module):
         config.num_hidden_layers = arch.text_layers
         return cls(config, arch)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         x = self.image_hidden_layer(self.image_model(images))
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
-    ) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask, normalize: bool = True) -> torch.Tensor:
         x = self.text_hidden_layer(self.text_model(input_ids, attention_mask)[:, 0])
         return F.normalize(x, p=2, dim=1) if normalize else x
 

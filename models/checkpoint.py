@@ -23,12 +23,8 @@ from .ranker import SiameseRanker
 
 log = logging.getLogger(__name__)
 
-BENIGN_EXTRAS = (
-    "text_model.embeddings.position_ids",
-    "relations_emb.weight",
-    "linear_relation.weight",
-    "linear_relation.bias",
-)
+RELATION_HEAD = ("relations_emb.weight", "linear_relation.weight", "linear_relation.bias")  # unused by inference
+BENIGN_EXTRAS = ("text_model.embeddings.position_ids", *RELATION_HEAD)  # tolerated in the released checkpoints
 ALIGN_PREFIX = "align_model."  # where the ranker keeps its copy of the recall model
 WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "model.": "Lightning"}
 SAFETENSORS = ".safetensors"
@@ -103,10 +99,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, a pickle with code, not a torch file
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {why})"
-        ) from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({why})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     sd, meta = unwrap_state(obj, path)

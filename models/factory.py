@@ -1,6 +1,5 @@
-"""The one way to build a model: recall models by name (``MODELS``: ``align``, the paper's;
-``taiyi``, the baseline) and the ranker, each wrapped in a ``RecallModel``. A third model:
-a builder and one ``ModelEntry``."""
+"""The one way to build a recall model by name (``MODELS``: ``align``, the paper's; ``taiyi``, the
+baseline), wrapped in a ``RecallModel``. A third model: a builder and one ``ModelEntry``."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from utils.formats import load_clip_image
 from utils.hashing import model_hash
 
 from .align import load_tokenizer
-from .checkpoint import load_align_model, load_ranker
+from .checkpoint import load_align_model
 from .engine import RecallModel
 
 
@@ -84,14 +83,3 @@ def build_recall_model(name="align", *, device="cpu", backend="torch", onnx_cach
         raise ValueError(f"model {name} needs {', '.join(missing)}")
     engine = {"device": torch.device(device), "backend": backend, "onnx_cache_dir": onnx_cache_dir}
     return MODELS[name].build(engine, **{k: v for k, v in paths.items() if v is not None})
-
-
-def build_ranker(
-    checkpoint, bert_dir, *, arch=None, align_checkpoint=None, device="cpu", backend="torch", onnx_cache_dir=None
-):
-    """``(ranker, rm)``: the siamese ranker (its recall copy from the same file or from
-    ``align_checkpoint``) and a ``RecallModel`` around that copy."""
-    engine = {"device": torch.device(device), "backend": backend, "onnx_cache_dir": onnx_cache_dir}
-    ranker = load_ranker(checkpoint, bert_dir, arch=arch, align_checkpoint=align_checkpoint, device=engine["device"])
-    sources = {"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch, "align_checkpoint": align_checkpoint}
-    return ranker, RecallModel("align", ranker.align_model, load_tokenizer(bert_dir), sources, **engine)

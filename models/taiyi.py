@@ -1,9 +1,7 @@
-"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder
-``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a ``BertForSequenceClassification`` whose 512
-logits ARE the text vector; ``--taiyi-text-weights``, the authors' fine-tuned one, replaces its
-weights) with the image tower of ``openai/clip-vit-base-patch32`` (CLIP preprocessing). From
-local directories only, built on the meta device and loaded strictly through ``checkpoint``.
-"""
+"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder ``IDEA-CCNL/Taiyi-CLIP-
+Roberta-102M-Chinese`` (a BERT sequence classifier whose 512 logits ARE the text vector; the authors'
+fine-tuned weights may replace its own) with the image tower of ``openai/clip-vit-base-patch32``
+(CLIP preprocessing). Local directories only, built on the meta device, loaded strictly."""
 
 from __future__ import annotations
 
@@ -15,13 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
+import transformers
 
 from utils.io import read_json
 
@@ -40,8 +32,8 @@ TEXT_BENIGN = ("bert.embeddings.position_ids",)
 VISION_BENIGN = ("vision_model.embeddings.position_ids",)
 TEXT_EXPECTED = "  (expected the Taiyi-CLIP text encoder, a BertForSequenceClassification: bert.*, classifier.*)"
 CLIP_EXPECTED = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.*, visual_projection.weight)"
-TEXT_HINT = "--taiyi-text-dir must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
-CLIP_HINT = "--clip-dir must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
+HF_DIR = "must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
+TEXT_HINT, CLIP_HINT = f"--taiyi-text-dir {HF_DIR}", f"--clip-dir {HF_DIR}"
 
 
 def find_weights(directory, option: str) -> Path:
@@ -52,7 +44,7 @@ def find_weights(directory, option: str) -> Path:
     raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the model's weights")
 
 
-def vision_config(clip_dir) -> CLIPVisionConfig:
+def vision_config(clip_dir) -> transformers.CLIPVisionConfig:
     """The vision part of a CLIP ``config.json`` (``vision_config`` or the old
     ``vision_config_dict``) with the top-level ``projection_dim``."""
     path = model_file(clip_dir, "config.json", CLIP_HINT)
@@ -62,38 +54,36 @@ def vision_config(clip_dir) -> CLIPVisionConfig:
         raise DataError(f"{path}: no 'vision_config' (is this a CLIP model directory?)")
     vc = {k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
     vc["projection_dim"] = doc.get("projection_dim", vc.get("projection_dim", 512))  # what CLIPModel projects to
-    cfg = CLIPVisionConfig(**vc)
+    cfg = transformers.CLIPVisionConfig(**vc)
     check_sizes(path, cfg)
     return cfg
 
 
-def load_taiyi_tokenizer(text_dir) -> BertTokenizer:
+def load_taiyi_tokenizer(text_dir) -> transformers.BertTokenizer:
     """The Taiyi tokenizer from the local directory; nothing from a hub."""
     model_file(text_dir, "vocab.txt", TEXT_HINT)
-    return BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
+    return transformers.BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
 
 
 class TaiyiCLIP(nn.Module):
     """``text_model`` + ``image_model`` with ``AlignModel``'s ``encode_image`` and ``encode_text``."""
 
-    def __init__(self, text_cfg: BertConfig, vision_cfg: CLIPVisionConfig):
+    def __init__(self, text_cfg: transformers.BertConfig, vision_cfg: transformers.CLIPVisionConfig):
         super().__init__()
         if text_cfg.num_labels != vision_cfg.projection_dim:
             raise CheckpointError(
                 f"the text encoder gives {text_cfg.num_labels} logits but the image "
                 f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair"
             )
-        self.text_model = BertForSequenceClassification(text_cfg)
-        self.image_model = CLIPVisionModelWithProjection(vision_cfg)
+        self.text_model = transformers.BertForSequenceClassification(text_cfg)
+        self.image_model = transformers.CLIPVisionModelWithProjection(vision_cfg)
         self.embed_dim = vision_cfg.projection_dim
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         x = self.image_model(pixel_values=images).image_embeds
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
-    ) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask, normalize: bool = True) -> torch.Tensor:
         x = self.text_model(input_ids=input_ids, attention_mask=attention_mask).logits
         return F.normalize(x, p=2, dim=1) if normalize else x
 
@@ -111,9 +101,9 @@ def _compute_buffers(model: nn.Module) -> None:
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode; ``text_weights`` replaces the weights of ``text_dir``. Tolerated
     and reported: old ``position_ids`` buffers and the CLIP text tower, which is not used."""
-    text_cfg, vision_cfg = load_text_config(text_dir, TEXT_HINT, BertConfig.from_json_file), vision_config(clip_dir)
+    text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
     with empty_model():
-        model = TaiyiCLIP(text_cfg, vision_cfg)
+        model = TaiyiCLIP(text_cfg, vision_config(clip_dir))
     text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
     load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
     clip_path = find_weights(clip_dir, "--clip-dir")

@@ -168,8 +168,7 @@ class EmbeddingCache:
                 out[sha] = (vec, bool(ok))
         if rejected:
             log.warning(
-                f"embedding cache {self.path}: {rejected} vectors failed their checksum or are not finite; "
-                "encoding them again"
+                "cache %s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected
             )
         if unverified:
             log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)

@@ -109,10 +109,8 @@ def _worker_init(_):
 
 def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, prefetch_factor: int = 4) -> DataLoader:
     workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": prefetch_factor} if workers else {}
-    pin = torch.device(device).type == "cuda"
-    return DataLoader(
-        ImageDataset(paths, mode, loader=loader), batch_size, num_workers=workers, pin_memory=pin, **workers_only
-    )
+    dataset, pin = ImageDataset(paths, mode, loader=loader), torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
 
 
 class ImagePrefetch:
@@ -176,12 +174,23 @@ def encode_images(
     first_of: dict[str, int] = {}  # one path per distinct content still to encode
     todo = [i for i, k in enumerate(keys) if vectors[i] is None and (k is None or first_of.setdefault(k, i) == i)]
     info = {"num_workers": 0, "lanes": 0, "batch_size": None, "first_batch_at": None}
+    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False)
+
+    def put(e: np.ndarray, good: list, idx: list) -> None:  # normalised rows for todo[j], j in idx
+        rows = [todo[j] for j in idx]
+        for i, row, g in zip(rows, e, good):
+            vectors[i], ok[i] = row, g
+        if cache is not None:  # stored as they come: an interrupted run keeps what it encoded
+            cache.put_many([(keys[i], vectors[i], bool(ok[i])) for i in rows], ns)
+        bar.update(len(rows))
+        info["first_batch_at"] = info["first_batch_at"] or time.perf_counter()
+
     try:
         if todo:
-            sink = _Sink(todo, keys, vectors, ok, cache, ns, enc.progress, desc)
             whole = prefetch if len(todo) == n else None  # a source decoded every path, in order
-            info = _run(model, [paths[i] for i in todo], enc, engine, loader, whole, sink)
+            info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, whole, put))
     finally:
+        bar.close()
         if prefetch is not None:
             prefetch.close()
     for i in range(n):  # copies of encoded content
@@ -199,8 +208,8 @@ def encode_images(
     return emb, torch.from_numpy(ok)
 
 
-def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink) -> dict:
-    """Encode ``paths`` into ``sink`` in lanes (an engine with ``lanes > 1`` on a CPU) or in this thread
+def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) -> dict:
+    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU) or in this thread
     beside decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
     device = next(model.parameters()).device
     workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
@@ -215,7 +224,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
     if lanes > 1:
         if not workers:  # nothing decoded ahead: the lanes decode every batch, side by side
             ahead, ahead_count, workers = None, 0, 0
-        _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, sink)
+        _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, put)
     else:
         if workers is None:
             workers = default_num_workers(device, "torch" if on_torch else "onnx")
@@ -230,40 +239,17 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with autocast(device, enc.precision):
                     e = encoder(x, normalize=False)
-                sink.put(_normalized(e), good.tolist(), idx.tolist())
-    sink.bar.close()
-    return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size, "first_batch_at": sink.first_batch_at}
-
-
-class _Sink:
-    """Where encoded batches go: ``vectors``/``ok`` by position, the cache, the progress bar."""
-
-    def __init__(self, todo, keys, vectors, ok, cache, ns, progress: bool, desc: str):
-        self.todo, self.keys, self.vectors, self.ok, self.cache, self.ns = todo, keys, vectors, ok, cache, ns
-        self.first_batch_at = None  # time.perf_counter() of the first batch put
-        self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress, leave=False)
-
-    def put(self, e: np.ndarray, good, idx) -> None:
-        """Normalised rows ``e`` for ``todo[j]``, ``j`` in ``idx``."""
-        items = []
-        for row, g, j in zip(e, good, idx):
-            i = self.todo[j]
-            self.vectors[i], self.ok[i] = row, bool(g)
-            items.append((self.keys[i], row, bool(g)))
-        if self.cache is not None:
-            self.cache.put_many(items, self.ns)
-        self.bar.update(len(items))
-        if self.first_batch_at is None:
-            self.first_batch_at = time.perf_counter()
+                put(_normalized(e), good.tolist(), idx.tolist())
+    return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size}
 
 
 def _normalized(e: torch.Tensor) -> np.ndarray:
     return F.normalize(e.float(), p=2, dim=1).cpu().numpy()
 
 
-def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, sink):
+def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, put):
     """``lanes`` threads, each taking the next batch (from ``ahead``, else decoded into its buffer) and
-    encoding it (ONNX Runtime releases the GIL); the results go to ``sink`` from this thread."""
+    encoding it (ONNX Runtime releases the GIL); the results go to ``put`` from this thread."""
     starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
     stop, done = threading.Event(), queue.Queue()
 
@@ -303,7 +289,7 @@ def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count:
             elif isinstance(item, BaseException):
                 raise item
             else:
-                sink.put(*item)
+                put(*item)
     finally:
         stop.set()
         for t in threads:

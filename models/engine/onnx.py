@@ -119,20 +119,18 @@ class OnnxImageEncoder:
     def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
         weights_hash = weights_hash() if callable(weights_hash) else weights_hash or model_hash(model)
-        self.exported = False
+        t = time.perf_counter()
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avas" / "onnx"
         directory = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
         self.path = directory / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
-        t = time.perf_counter()
-        if not self.path.is_file():
-            exporter = export_image_graph(model, self.path, SIZE)
-            self.exported = True
-            log.info("exported the image tower to %s (%s, %.1f s)", self.path, exporter, time.perf_counter() - t)
         self.lanes = lanes or default_lanes()
         self.opts = ort.SessionOptions()
         self.opts.intra_op_num_threads = threads or max(1, cpu_cores() // self.lanes)
         self.opts.inter_op_num_threads = 1
         self.opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads give the core back
+        self.exported = not self.path.is_file()
+        if self.exported:
+            log.info("exported the image tower to %s (%s)", self.path, export_image_graph(model, self.path, SIZE))
         try:
             self.max_abs_diff = self._load(ort, model)
         except OnnxBackendError as e:
@@ -140,8 +138,7 @@ class OnnxImageEncoder:
                 raise
             log.warning("%s; exporting again", e)  # a damaged or stale cache file
             export_image_graph(model, self.path, SIZE)
-            self.exported = True
-            self.max_abs_diff = self._load(ort, model)
+            self.exported, self.max_abs_diff = True, self._load(ort, model)
         self.setup_seconds = time.perf_counter() - t
         log.info(
             f"onnx image encoder {self.path.name} ({'exported' if self.exported else 'cached export'}): max |diff| "
