@@ -4,28 +4,13 @@
     python recall_infer.py --csv data/temp_recall_biztype0_fc5_imagern_500.csv \\
         --image-dir data/images/recall --checkpoint assets/weights/align_model.pth \\
         --bert-dir assets/bert-base-chinese --output runs/recall/top10.csv
+    # the baseline: --model taiyi --taiyi-text-dir DIR --taiyi-text-weights FILE --clip-dir DIR
 
-    # the paper's baseline: Taiyi-CLIP with the authors' fine-tuned text encoder
-    python recall_infer.py --model taiyi --csv ... --image-dir ... \\
-        --taiyi-text-dir assets/taiyi-clip-roberta-102m-chinese \\
-        --taiyi-text-weights assets/weights/taiyi_text_finetuned.bin \\
-        --clip-dir assets/clip-vit-base-patch32 --output runs/taiyi/top10.csv
-
-The gallery is one image per CSV row, ``<poi_id>_<rank>.<ext>`` in --image-dir; the
-queries are the distinct POIs. Rows without a file are left out; unreadable images are
-scored as the zero image, as the authors did (--skip-missing drops them); both are listed
-in --missing-list. Checkpoints: .pth / .ckpt / .safetensors (convert_weights.py).
-
-Outputs, written together or not at all:
-  --output            top --topk images per POI: ``poi_id,poi_name,rank,image,score``;
-  --full-output       every (POI, image) score in the authors' format (no header);
-  --save-embeddings   the image and POI-name vectors (.npz; recall_eval.py --embeddings);
-  <output>.meta.json  what was run: model, engine actually used, counts, timings.
-
---backend auto runs the image tower on ONNX Runtime on a CPU in fp32 when it agrees with
-torch on this model (checked on every run), else torch. --cache-dir keeps image vectors
-(keyed by file content and model) so a rerun encodes only new images.
-Exit status: 0 done, 2 bad input (one line, before any encoding), 130 interrupted.
+The gallery is one image per CSV row, <poi_id>_<rank>.<ext> in --image-dir. Rows without a
+file are left out; unreadable images are scored as the zero image, as the authors did
+(--skip-missing drops them); both are listed in --missing-list. Outputs are written together
+or not at all, with <output>.meta.json (what was run). Exit status: 0 done, 2 bad input (one
+line, before any encoding), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -63,20 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", required=True, help="recall-format CSV (poi_id,poi_name,image_url,rank,...)")
     p.add_argument("--image-dir", required=True, help="directory of <poi_id>_<rank>.<ext> images")
-    p.add_argument("--output", required=True, help="top-k CSV to write (with header)")
-    p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format")
-    p.add_argument(
-        "--save-embeddings",
-        metavar="FILE.npz",
-        help="also save the image and text vectors with their keys: recall_eval.py --embeddings scores them",
-    )
+    p.add_argument("--output", required=True, help="top --topk images per POI: poi_id,poi_name,rank,image,score")
+    p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format (no header)")
+    p.add_argument("--save-embeddings", metavar="FILE.npz", help="also save the vectors (recall_eval.py --embeddings)")
     p.add_argument("--topk", type=positive_int, default=10, help="images kept per POI in --output (default 10)")
-    p.add_argument(
-        "--skip-missing",
-        action="store_true",
-        help="drop unreadable images from the gallery instead of scoring them as the zero image "
-        "(images missing on disk are always left out)",
-    )
+    p.add_argument("--skip-missing", action="store_true", help="drop unreadable images instead of the zero image")
     p.add_argument("--missing-list", help="list of missing/unreadable images (default <output>.missing.tsv)")
     shared.add_engine(p)
     shared.add_batches(p)
@@ -84,11 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     shared.add_bad_rows(p)
     shared.add_run(p)
     g = shared.add_recall_files(p, "model (--model NAME and its files)", required=False)
+    models_help = "; ".join(f"{k} = {e.help}" for k, e in MODELS.items())
     g.add_argument(
-        "--model",
-        choices=list(MODELS),
-        default="align",
-        help="recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items()) + " (default align)",
+        "--model", choices=list(MODELS), default="align", help=f"recall model: {models_help} (default align)"
     )
     for name, help_text in {k: v for e in MODELS.values() for k, v in e.options.items()}.items():
         if name not in SHARED_FILES:
@@ -103,11 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_files(ns) -> dict:
     """The path options of the chosen ``--model`` (models.MODELS)."""
     return {k: getattr(ns, k) for k in MODELS[ns.model].options}
-
-
-def job_of(ns) -> RecallJob:
-    plain = {f.name: getattr(ns, f.name) for f in fields(RecallJob) if hasattr(ns, f.name)}
-    return RecallJob(**plain, files=model_files(ns), enc=shared.Encoding.from_args(ns))
 
 
 def check_paths(job: RecallJob) -> None:
@@ -129,7 +98,8 @@ def check_paths(job: RecallJob) -> None:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     setup_logging(ns.log_level)
-    job = job_of(ns)
+    plain = {f.name: getattr(ns, f.name) for f in fields(RecallJob) if hasattr(ns, f.name)}
+    job = RecallJob(**plain, files=model_files(ns), enc=shared.Encoding.from_args(ns))
     check_paths(job)
     meta = run_recall(job, started=_T0)
     t = meta["timings_s"]

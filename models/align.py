@@ -1,15 +1,11 @@
-"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2).
-
-Image tower: EfficientNet (B3 by default) whose ``_fc`` maps to ``embed_dim``, then
-``image_hidden_layer``; text tower: a BERT encoder whose [CLS] state goes through
-``text_hidden_layer``. Both vectors are L2-normalised and compared by a dot product
-multiplied (not exponentiated) by ``logit_scale``. The attribute names are the
-state-dict prefixes of the released checkpoint; do not rename them.
-"""
+"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2). Image tower: EfficientNet (B3 by
+default), ``_fc`` to ``embed_dim``, then ``image_hidden_layer``; text tower: BERT, its [CLS] state through
+``text_hidden_layer``. Both vectors are L2-normalised; their dot product is multiplied (not
+exponentiated) by ``logit_scale``. Attribute names are the released checkpoint's state-dict prefixes."""
 
 from __future__ import annotations
 
-from utils.cli import DataError, UserError
+from utils.cli import DataError
 
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,11 +16,11 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.model import VALID_MODELS
 
-from utils.io import read_json, text_lines
+from utils.io import read_json
 
-from .bert import BertConfig, BertEncoder, BertTokenizer
+from .bert import BertConfig, BertEncoder, BertTokenizer, load_text_config, model_file
 
-# Sane bounds, checked before anything is built: a wrong number would otherwise ask for terabytes.
+# Bounds checked before anything is built: a wrong number would otherwise ask for terabytes.
 MAX_EMBED_DIM, MAX_TEXT_LAYERS = 1 << 14, 64
 # efficientnet_pytorch parameters a small variant may change: (lowest, highest)
 IMAGE_OVERRIDES = {
@@ -38,17 +34,13 @@ IMAGE_OVERRIDES = {
     "batch_norm_epsilon": (0, 1),
     "image_size": (1, 4096),
 }
-
-
-class ModelFilesError(UserError, FileNotFoundError):
-    """A file a model needs (config, vocabulary) is missing."""
+BERT_DIR_HINT = "--bert-dir must hold bert-base-chinese's config.json and vocab.txt (download_assets.py fetches them)"
 
 
 @dataclass
 class AlignArch:
-    """Architecture of an alignment model; the defaults are the released model.
-    ``image_overrides``: efficientnet_pytorch parameters of small variants (tests, own
-    training); ``text_layers`` replaces ``num_hidden_layers`` of the bert config."""
+    """Architecture of an alignment model, the defaults the released one; ``image_overrides``:
+    efficientnet_pytorch parameters of small variants; ``text_layers`` replaces the bert config's."""
 
     image_model: str = "efficientnet-b3"
     image_overrides: dict = field(default_factory=dict)
@@ -83,9 +75,8 @@ class AlignArch:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AlignArch:
         """The architecture in a JSON file; a ``DataError`` naming the file when it cannot be used."""
-        d = read_json(path)
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(read_json(path))
         except ValueError as e:
             raise DataError(f"{path}: not a valid architecture: {e}") from None
 
@@ -97,38 +88,16 @@ class AlignArch:
         return self == AlignArch()
 
 
-def _need(bert_dir: str | os.PathLike, name: str) -> str:
-    path = os.path.join(bert_dir, name)
-    if not os.path.isfile(path):
-        raise ModelFilesError(
-            f"{path}: missing; --bert-dir must hold bert-base-chinese's "
-            f"config.json and vocab.txt (download_assets.py fetches them)"
-        )
-    return path
-
-
-def load_text_config(bert_dir: str | os.PathLike, num_layers: int) -> BertConfig:
-    """BERT config of ``bert_dir`` with ``num_layers`` layers; its vocab.txt must fit the
-    embedding table (a token id beyond it would fail in the middle of a run)."""
-    config = BertConfig.from_json_file(_need(bert_dir, "config.json"))
-    config.num_hidden_layers = num_layers
-    vocab = _need(bert_dir, "vocab.txt")
-    n = sum(1 for _ in text_lines(vocab))
-    if n > config.vocab_size:
-        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of config.json")
-    return config
-
-
 def load_tokenizer(bert_dir: str | os.PathLike) -> BertTokenizer:
     """Tokenizer from ``bert_dir/vocab.txt`` only (lower-casing on, as the authors had it)."""
-    return BertTokenizer(_need(bert_dir, "vocab.txt"))
+    return BertTokenizer(model_file(bert_dir, "vocab.txt", BERT_DIR_HINT))
 
 
 class AlignModel(nn.Module):
     def __init__(self, text_config: BertConfig, arch: AlignArch | None = None):
         super().__init__()
         self.arch = arch or AlignArch()
-        d = self.arch.embed_dim
+        self.embed_dim = d = self.arch.embed_dim
         self.image_model = EfficientNet.from_name(self.arch.image_model, num_classes=d, **self.arch.image_overrides)
         # the memory-efficient swish is a training-memory trick; the plain one computes the same, faster
         self.image_model.set_swish(memory_efficient=False)
@@ -139,25 +108,22 @@ class AlignModel(nn.Module):
 
     @classmethod
     def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
+        """The model for ``bert_dir``'s config (``arch.text_layers`` layers), its vocab.txt checked to fit."""
         arch = arch or AlignArch()
-        return cls(load_text_config(bert_dir, arch.text_layers), arch)
+        config = load_text_config(bert_dir, BERT_DIR_HINT)
+        config.num_hidden_layers = arch.text_layers
+        return cls(config, arch)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         x = self.image_hidden_layer(self.image_model(images))
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
-    ) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask, normalize: bool = True) -> torch.Tensor:
         x = self.text_hidden_layer(self.text_model(input_ids, attention_mask)[:, 0])
         return F.normalize(x, p=2, dim=1) if normalize else x
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         return image_emb @ text_emb.t() * self.logit_scale
-
-    def forward(self, images, input_ids, attention_mask) -> torch.Tensor:
-        """Contrastive loss of a batch of matching (image, text) pairs."""
-        return contrastive_loss(self.similarity(self.encode_image(images), self.encode_text(input_ids, attention_mask)))
 
 
 def contrastive_loss(sims: torch.Tensor) -> torch.Tensor:

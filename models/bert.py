@@ -1,16 +1,16 @@
 """The text tower: a BERT encoder and its WordPiece tokenizer, so that a run does not
 import transformers (2 s). Keys and computation are those of transformers' ``BertModel``
-and ``BertTokenizer`` (bert-base-chinese's settings, on the ``tokenizers`` library), so the
-released checkpoint loads as it is; tests/test_bert.py checks both against transformers.
-"""
+and ``BertTokenizer`` (bert-base-chinese's settings), so the released checkpoint loads as
+it is; tests/test_bert.py checks both against transformers."""
 
 from __future__ import annotations
 
-from utils.cli import DataError
+from utils.cli import DataError, UserError
 
 import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from utils.io import read_json, text_lines
 
-# Sane bounds of the size fields (here and in transformers' configs for Taiyi), checked
-# before a model is built: a wrong number would otherwise ask for terabytes.
+# Bounds of the size fields (here and in transformers' configs for Taiyi), checked before
+# a model is built: a wrong number would otherwise ask for terabytes.
 SIZE_LIMITS = {
     "vocab_size": 1 << 20,
     "hidden_size": 1 << 14,
@@ -36,6 +36,18 @@ SIZE_LIMITS = {
 MIN_POSITIONS = 50  # the texts' token limit (SPEC 2): fewer positions fail in the middle of a run
 
 
+class ModelFilesError(UserError, FileNotFoundError):
+    """A file a model needs (config, vocabulary) is missing."""
+
+
+def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
+    """``directory/name``, or a ``ModelFilesError`` ending in ``hint`` (what the directory must be)."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: missing; {hint}")
+    return path
+
+
 def check_sizes(where, config) -> None:
     """A ``DataError`` naming ``where`` when a size field of ``config`` is out of bounds."""
     for name, top in SIZE_LIMITS.items():
@@ -45,11 +57,22 @@ def check_sizes(where, config) -> None:
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and positions < MIN_POSITIONS:
         raise DataError(f"{where}: max_position_embeddings = {positions}, fewer than {MIN_POSITIONS} tokens")
-    if config.hidden_size % config.num_attention_heads:
-        raise DataError(
-            f"{where}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}"
-        )
+    size, heads = config.hidden_size, config.num_attention_heads
+    if size % heads:
+        raise DataError(f"{where}: hidden_size {size} is not a multiple of num_attention_heads {heads}")
+
+
+def load_text_config(directory, hint: str, read=None):
+    """The config of ``directory`` (read by ``read``, default ``BertConfig.from_json_file``), its sizes
+    in bounds and its vocab.txt fitting the embedding table (a token beyond it fails mid-run)."""
+    path = model_file(directory, "config.json", hint)
+    config = (read or BertConfig.from_json_file)(path)
+    check_sizes(path, config)
+    vocab = model_file(directory, "vocab.txt", hint)
+    n = sum(1 for _ in text_lines(vocab))
+    if n > config.vocab_size:
+        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {path}")
+    return config
 
 
 @dataclass
@@ -76,126 +99,91 @@ class BertConfig:
         d = read_json(path)
         if not isinstance(d, dict):
             raise DataError(f"{path}: expected a JSON object, found {type(d).__name__}")
-        values = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v, want = d[f.name], type(f.default)
-            if want is str:
-                ok = isinstance(v, str)
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                ok = False
-            elif want is int:  # sizes and counts >= 1; the padding id >= 0
-                ok = isinstance(v, int) and v >= (0 if f.name == "pad_token_id" else 1)
-            else:  # probabilities, eps, init range: finite, >= 0
-                ok = math.isfinite(v) and v >= 0
-            if not ok:
-                raise DataError(f"{path}: {f.name} = {v!r} is not a valid value")
-            values[f.name] = v
-        cfg = cls(**values)
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        check_sizes(path, cfg)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise DataError(f"{path}: {name} = {v!r} is not a valid value")
         if cfg.hidden_act != "gelu":
             raise DataError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (gelu only)")
-        if cfg.pad_token_id >= cfg.vocab_size:
-            raise DataError(f"{path}: pad_token_id {cfg.pad_token_id} is not below vocab_size {cfg.vocab_size}")
-        check_sizes(path, cfg)
+        pad = cfg.pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < cfg.vocab_size:
+            raise DataError(f"{path}: pad_token_id {pad!r} is not an id below vocab_size {cfg.vocab_size}")
         return cfg
 
 
-class _Embeddings(nn.Module):
+def _dense_norm(d_in: int, c: BertConfig) -> nn.ModuleDict:
+    """transformers' ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(x)) + skip)``."""
+    return nn.ModuleDict(
+        {"dense": nn.Linear(d_in, c.hidden_size), "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)}
+    )
+
+
+class _Layer(nn.Module):
+    """One transformer layer; the ModuleDicts give the key names of transformers' wrapper modules."""
+
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        attention = nn.ModuleDict({k: nn.Linear(c.hidden_size, c.hidden_size) for k in ("query", "key", "value")})
+        self.attention = nn.ModuleDict({"self": attention, "output": _dense_norm(c.hidden_size, c)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
+        self.output = _dense_norm(c.intermediate_size, c)
+        self.heads, self.attention_dropout = c.num_attention_heads, c.attention_probs_dropout_prob
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # one segment
-        x = x + self.position_embeddings(torch.arange(n, device=input_ids.device))[None]
-        return self.dropout(self.LayerNorm(x))
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.heads = c.num_attention_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
-        self.dropout_p = c.attention_probs_dropout_prob
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = h.shape
         q, k, v = (
-            x(h).view(b, n, self.heads, d // self.heads).transpose(1, 2) for x in (self.query, self.key, self.value)
+            self.attention.self[x](h).view(b, n, self.heads, -1).transpose(1, 2) for x in ("query", "key", "value")
         )
-        p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(d // self.heads))
-        return out.transpose(1, 2).reshape(b, n, d)
+        p = self.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(d // self.heads))
+        h = self._add_norm(self.attention.output, a.transpose(1, 2).reshape(b, n, d), h)
+        return self._add_norm(self.output, F.gelu(self.intermediate.dense(h)), h)
 
-
-class _Residual(nn.Module):
-    """``LayerNorm(dropout(dense(x)) + skip)`` (transformers' ``BertSelfOutput`` / ``BertOutput``)."""
-
-    def __init__(self, c: BertConfig, d_in: int):
-        super().__init__()
-        self.dense = nn.Linear(d_in, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + skip)
-
-
-class _Layer(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()  # ModuleDicts: the key names of transformers' small wrapper modules
-        self.attention = nn.ModuleDict({"self": _SelfAttention(c), "output": _Residual(c, c.hidden_size)})
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
-        self.output = _Residual(c, c.intermediate_size)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention.output(self.attention.self(h, mask), h)
-        return self.output(F.gelu(self.intermediate.dense(h)), h)
+    def _add_norm(self, m: nn.ModuleDict, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return m.LayerNorm(self.dropout(m.dense(x)) + skip)
 
 
 class BertEncoder(nn.Module):
-    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden).
-    The pooler (``pooler.dense``: tanh of a dense layer over [CLS]) is kept for the
-    checkpoint layout and :meth:`pooled`; the alignment model reads [CLS] directly."""
+    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden); the alignment
+    model reads [CLS], the pooler is kept for the checkpoint layout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.embeddings = _Embeddings(config)
+        c, d = config, config.hidden_size
+        self.embeddings = nn.ModuleDict(
+            {
+                "word_embeddings": nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id),
+                "position_embeddings": nn.Embedding(c.max_position_embeddings, d),
+                "token_type_embeddings": nn.Embedding(c.type_vocab_size, d),
+                "LayerNorm": nn.LayerNorm(d, eps=c.layer_norm_eps),
+                "dropout": nn.Dropout(c.hidden_dropout_prob),
+            }
+        )
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))})
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        """BERT's initialisation (normal(0, initializer_range), zero biases, unit LayerNorms),
-        for a tower trained from scratch; nothing is drawn when built on the meta device."""
-        std = self.config.initializer_range
+        """BERT's initialisation (LayerNorms keep torch's): for a tower trained from scratch."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = None
+        mask, n = None, input_ids.shape[1]
         if attention_mask is not None and not bool(attention_mask.all()):
-            n = input_ids.shape[1]
             mask = attention_mask[:, None, None, :].bool().expand(-1, 1, n, -1)
-        h = self.embeddings(input_ids)
+        e = self.embeddings
+        h = e.word_embeddings(input_ids) + e.token_type_embeddings.weight[0]  # one segment
+        h = e.dropout(e.LayerNorm(h + e.position_embeddings(torch.arange(n, device=input_ids.device))[None]))
         for layer in self.encoder.layer:
             h = layer(h, mask)
         return h
@@ -205,51 +193,33 @@ class BertEncoder(nn.Module):
 
 
 class BertTokenizer:
-    """bert-base-chinese's tokenizer from its ``vocab.txt`` (lower-casing on).
+    """bert-base-chinese's tokenizer from its ``vocab.txt`` (lower-casing on), called like
+    transformers' (padding to the longest text, torch tensors): ``{"input_ids", "attention_mask"}``."""
 
-    ``tok(texts, padding="longest", truncation=True, max_length=50, return_tensors="pt")``
-    gives ``{"input_ids", "attention_mask"}`` (LongTensors, B x longest) like
-    transformers' tokenizer call; ``tok.tokenize(text)`` the word pieces."""
-
-    def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = True):
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    def __init__(self, vocab_file: str | os.PathLike):
+        from tokenizers import BertWordPieceTokenizer
 
         # id = line number; a repeated token keeps its last one
-        self.vocab = vocab = {line.rstrip("\r\n"): i for i, line in enumerate(text_lines(vocab_file))}
+        vocab = {line.rstrip("\r\n"): i for i, line in enumerate(text_lines(vocab_file))}
         for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
             if special not in vocab:
                 raise DataError(f"{vocab_file}: no {special} token in the vocabulary")
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
-        )
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
-        self._tok = tok
-        self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=False).tokens
+        self._tok = BertWordPieceTokenizer(vocab)  # its defaults are bert-base-chinese's settings
+        self._tok.enable_padding(pad_id=vocab["[PAD]"])
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self._tok.id_to_token(int(i)) or "[UNK]" for i in ids]
 
     def __call__(self, texts, padding="longest", truncation=True, max_length=None, return_tensors="pt") -> dict:
-        if isinstance(texts, str):
-            texts = [texts]
         if padding not in ("longest", True) or return_tensors != "pt":
             raise ValueError("BertTokenizer pads to the longest text and returns torch tensors only")
-        rows = []
-        for enc in self._tok.encode_batch(list(texts), add_special_tokens=False):
-            ids = enc.ids
-            if truncation and max_length is not None:
-                ids = ids[: max(max_length - 2, 0)]
-            rows.append([self.cls_id, *ids, self.sep_id])
-        n = max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, : len(r)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if truncation and max_length is not None:
+            self._tok.enable_truncation(max_length)
+        else:
+            self._tok.no_truncation()
+        encoded = self._tok.encode_batch([texts] if isinstance(texts, str) else list(texts))
+        shape = (len(encoded), len(encoded[0].ids) if encoded else 0)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.long).reshape(shape),
+            "attention_mask": torch.tensor([e.attention_mask for e in encoded], dtype=torch.long).reshape(shape),
+        }

@@ -1,15 +1,7 @@
-"""The one way checkpoints are read and written, for every model.
-
-Released formats (SPEC 2, 5): recall ``align_model.pth`` = ``{"state_dict": sd}``; ranker
-``shoucai_siamese_...ckpt`` = a bare state dict with the recall model under ``align_model.``.
-``.safetensors`` (no pickle; convert_weights.py) is read wherever a checkpoint is, its
-architecture in the metadata. Known wrappers (DataParallel's ``module.``, ``{"model": sd}``,
-a training script's ``{"state_dict": sd, ...}``, Lightning's ``model.``) are unwrapped
-with a notice. Loading: ``torch.load(weights_only=True)``, the model built on the meta
-device, then strict: every key and shape must match beyond the benign extras SPEC names,
-and the weights must be finite, else a ``CheckpointError`` naming the file and keys.
-Small variants record their ``AlignArch`` (``"arch"``, or ``<checkpoint>.arch.json``).
-"""
+"""The one way checkpoints are read and written. Released formats (SPEC 2, 5): ``align_model.pth``
+= ``{"state_dict": sd}``; the ranker's, a bare state dict with the recall model under ``align_model.``;
+``.safetensors`` is read wherever a checkpoint is. Reading: weights-only, known wrappers unwrapped
+with a notice, the model built on the meta device, then strict: keys, shapes, finite weights."""
 
 from __future__ import annotations
 
@@ -31,15 +23,12 @@ from .ranker import SiameseRanker
 
 log = logging.getLogger(__name__)
 
-BENIGN_EXTRAS = (
-    "text_model.embeddings.position_ids",
-    "relations_emb.weight",
-    "linear_relation.weight",
-    "linear_relation.bias",
-)
+RELATION_HEAD = ("relations_emb.weight", "linear_relation.weight", "linear_relation.bias")  # unused by inference
+BENIGN_EXTRAS = ("text_model.embeddings.position_ids", *RELATION_HEAD)  # tolerated in the released checkpoints
 ALIGN_PREFIX = "align_model."  # where the ranker keeps its copy of the recall model
 WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "model.": "Lightning"}
 SAFETENSORS = ".safetensors"
+MAX_LISTED = 40  # keys listed per kind of mismatch
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -47,8 +36,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class _NoNormal(TorchFunctionMode):
-    """``normal_`` on a meta tensor returns it untouched: torch runs it through a path that
-    imports torch._dynamo (1.3 s), for values nobody keeps. Scoped to a block and thread."""
+    """``normal_`` of a meta tensor returns it: torch would import torch._dynamo (1.3 s) to draw nothing."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -60,15 +48,14 @@ class _NoNormal(TorchFunctionMode):
 
 @contextlib.contextmanager
 def empty_model():
-    """Modules built inside take no memory and draw nothing (the meta device): for a model
-    whose every weight a loader fills next (``load_state``, strict)."""
+    """Modules built inside take no memory and draw nothing (the meta device), for a loader to fill."""
     with torch.device("meta"), _NoNormal():
         yield
 
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of a loaded checkpoint object (module docstring); ``meta``
-    holds the wrapper's other entries. A prefix is removed only when EVERY key has it."""
+    """``(state_dict, meta)`` inside ``{"state_dict": ...}`` or ``{"model": ...}`` (``meta``: the other
+    entries), keys under ``module.`` or ``model.`` (stripped only when EVERY key has it)."""
     notes = []
     if isinstance(obj.get("state_dict"), dict):
         sd, meta = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
@@ -103,8 +90,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint; ``meta`` holds the
-    wrapper's other entries (the recorded ``arch``)."""
+    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint (``meta``: the recorded ``arch``...)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -113,10 +99,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, a pickle with code, not a torch file
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {why})"
-        ) from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({why})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     sd, meta = unwrap_state(obj, path)
@@ -127,31 +111,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def align_state_from(sd: dict) -> dict:
-    """The recall model's state dict inside ``sd``: a ranker checkpoint's ``align_model.``
-    copy (the ranker head left out), or ``sd`` itself."""
+    """The recall model inside ``sd``: a ranker checkpoint's ``align_model.`` copy, or ``sd`` itself."""
     if any(k.startswith(ALIGN_PREFIX) for k in sd):
         return {k[len(ALIGN_PREFIX) :]: v for k, v in sd.items() if k.startswith(ALIGN_PREFIX)}
     return sd
 
 
-def _mismatch(model, sd: dict, expected: dict, benign: set, source: str, hint: str | None) -> None:
-    unexpected = sorted(k for k in sd if k not in expected and k not in benign)
-    missing = sorted(k for k in expected if k not in sd)
-    shapes = sorted(
+def _check_keys(model, sd: dict, expected: dict, benign: set, source: str, hint: str | None) -> None:
+    """A ``CheckpointError`` listing the missing, unexpected and mis-shaped keys, if any."""
+    shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in sd and sd[k].shape != v.shape
-    )
-    if not (unexpected or missing or shapes):
+    ]
+    problems = {
+        "missing keys": [k for k in expected if k not in sd],
+        "unexpected keys": [k for k in sd if k not in expected and k not in benign],
+        "shape mismatches": shapes,
+    }
+    if not any(problems.values()):
         return
     parts = [f"{source} does not match {type(model).__name__}:"]
-    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for title, keys in problems.items():
+        keys = sorted(keys)
         if keys:
-            more = [f"... and {len(keys) - 40} more"] if len(keys) > 40 else []
-            parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:40] + more))
-    parts.append(
-        hint if hint is not None else "  (a smaller or larger variant needs its architecture: --arch FILE.json)"
-    )
+            more = [f"... and {len(keys) - MAX_LISTED} more"] if len(keys) > MAX_LISTED else []
+            parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MAX_LISTED] + more))
+    parts.append(hint or "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
     raise CheckpointError("\n".join(parts))
 
 
@@ -161,13 +147,11 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
-    """Strictly load ``sd`` into ``model`` (which takes its tensors, cast to the model's
-    dtypes); returns the benign keys it ignored. ``prefix``: where the recall model sits
-    (``align_model.`` in the ranker); ``benign`` replaces the recall model's tolerated extra
-    keys (other models, e.g. Taiyi); ``hint`` the closing line of the error message."""
+    """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the tolerated keys it
+    ignored (``benign``, under ``prefix``, default the recall model's). ``hint``: the error's last line."""
     expected = model.state_dict()
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
-    _mismatch(model, sd, expected, benign, source, hint)
+    _check_keys(model, sd, expected, benign, source, hint)
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
     bad = next((k for k, v in keep.items() if v.is_floating_point() and not _finite(v)), None)
     if bad:
@@ -187,22 +171,22 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
     return AlignArch.from_json(sidecar).to_dict() if os.path.isfile(sidecar) else None
 
 
-def _arch_for(path: str, meta: dict, arch) -> AlignArch:
+def _read_with_arch(path, arch) -> tuple[dict, AlignArch]:
+    """The state dict of ``path`` and its architecture: ``arch`` (or its JSON file), else the recorded one."""
+    sd, meta = read_checkpoint(path)
     if isinstance(arch, AlignArch):
-        return arch
-    if arch:  # a JSON file given on the command line
-        return AlignArch.from_json(arch)
+        return sd, arch
+    if arch:
+        return sd, AlignArch.from_json(arch)
     try:
-        return AlignArch.from_dict(recorded_arch(path, meta))
+        return sd, AlignArch.from_dict(recorded_arch(str(path), meta))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
 
 
 def load_align_model(path, bert_dir, arch=None, device="cpu") -> AlignModel:
-    """Recall model from ``align_model.pth`` (or a ranker checkpoint's ``align_model.``
-    copy), in eval mode."""
-    sd, meta = read_checkpoint(path)
-    arch = _arch_for(str(path), meta, arch)
+    """Recall model (in eval mode) from ``align_model.pth`` or a ranker checkpoint's copy."""
+    sd, arch = _read_with_arch(path, arch)
     with empty_model():
         model = AlignModel.from_bert_dir(bert_dir, arch)
     load_state(model, align_state_from(sd), str(path))
@@ -210,10 +194,8 @@ def load_align_model(path, bert_dir, arch=None, device="cpu") -> AlignModel:
 
 
 def load_ranker(path, bert_dir, arch=None, align_checkpoint=None, device="cpu") -> SiameseRanker:
-    """Ranker with its own copy of the recall model restored from the same file;
-    ``align_checkpoint`` then replaces that copy with another recall checkpoint."""
-    sd, meta = read_checkpoint(path)
-    arch = _arch_for(str(path), meta, arch)
+    """Ranker (in eval mode) with its own copy of the recall model, or the one of ``align_checkpoint``."""
+    sd, arch = _read_with_arch(path, arch)
     with empty_model():
         model = SiameseRanker(AlignModel.from_bert_dir(bert_dir, arch))
     load_state(model, sd, str(path), prefix=ALIGN_PREFIX)
@@ -248,8 +230,7 @@ def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
 
 
 def convert_to_safetensors(src, dst) -> dict:
-    """Write checkpoint ``src`` as ``.safetensors`` ``dst`` (atomically): the same keys and
-    tensors, the recorded architecture (wrapper or sidecar) in the metadata. Returns a summary."""
+    """Write checkpoint ``src`` as ``.safetensors`` ``dst``, its recorded architecture in the metadata."""
     from safetensors.torch import save_file
 
     if not str(dst).endswith(SAFETENSORS):

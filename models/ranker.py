@@ -1,15 +1,8 @@
-"""Stage 2: the siamese CTR ranker with attention over the item's POIs (SPEC section 5).
-
-One image's score for one item:
-    v      = align.encode_image(img)                       B x E  (normalised)
-    P      = linear1(concat(poi_img_vecs, poi_text_vecs))  B x 5 x E
-    w      = attention(v, P) * mask(position < poi_len)    B x 5 x 1  (no softmax)
-    pooled = w^T @ P                                       B x E
-    score  = linear2(relu(linear4(relu(linear3(concat(v, pois_feature, pooled))))))
-
-Both images of a pair go through the same network; the prediction is ``s_a > s_b``.
-Module names are the released checkpoint's keys (``attention_layer.local_att.fc1.fc.0``).
-"""
+"""Stage 2: the siamese CTR ranker with attention over the item's POIs (SPEC section 5). An
+image's score: its vector ``v`` attends over the POI vectors ``P = linear1([poi_img, poi_text])``
+(masked, no softmax), then ``linear2(relu(linear4(relu(linear3([v, pois_feature, pooled])))))``.
+Both images of a pair go through the same network; the prediction is ``s_a > s_b``. Module
+names are the released checkpoint's keys (``attention_layer.local_att.fc1.fc.0``)."""
 
 from __future__ import annotations
 
@@ -21,8 +14,7 @@ from .align import AlignModel
 
 
 class Dice(nn.Module):
-    """Dice as released: ``sigmoid(BN(x)) * x``, BN over the channels of a B x T x C input
-    (the authors' ``alpha`` term is a constant zero)."""
+    """Dice as released: ``sigmoid(BN(x)) * x`` over the channels of B x T x C (its ``alpha`` term is zero)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -45,8 +37,7 @@ def _mlp(sizes: list[int]) -> nn.ModuleDict:
 
 
 class AttentionPooling(nn.Module):
-    """Masked, un-normalised attention pooling of the POI sequence; a POI's weight for the
-    query image is an MLP over ``[q, p, q - p, q * p]``."""
+    """Masked, un-normalised attention pooling of the POIs; a POI's weight is an MLP over ``[q, p, q - p, q * p]``."""
 
     def __init__(self, dim: int, hidden: tuple[int, int] = (64, 16)):
         super().__init__()
@@ -61,8 +52,7 @@ class AttentionPooling(nn.Module):
 
 
 class SiameseRanker(nn.Module):
-    """Its own (frozen) copy of the recall model plus the head. Scripts score ready image
-    vectors with :meth:`score_many`; :meth:`forward` runs the whole model."""
+    """Its own (frozen) copy of the recall model plus the head; :meth:`score_many` scores ready image vectors."""
 
     def __init__(self, align_model: AlignModel, dropout: float = 0.1):
         super().__init__()
@@ -76,24 +66,21 @@ class SiameseRanker(nn.Module):
         self.attention_layer = AttentionPooling(d)
 
     def score_embeddings(self, image_emb, pois_feature, poi_img_vecs, poi_text_vecs, poi_len) -> torch.Tensor:
-        """B x 1 scores from ready (normalised) image vectors: the recall model is frozen, so
-        its vectors are computed once."""
+        """B x 1 scores from normalised image vectors (the recall model is frozen: computed once)."""
         pois = self.dropout(self.linear1(torch.cat([poi_img_vecs, poi_text_vecs], dim=-1)))
         pooled = self.attention_layer(image_emb, pois, poi_len)
         h = self.dropout(F.relu(self.linear3(torch.cat([image_emb, pois_feature, pooled], dim=1))))
         return self.linear2(self.dropout(F.relu(self.linear4(h))))
 
     @torch.inference_mode()
-    def score_many(self, image_emb, pois_feature, poi_img_vecs, poi_text_vecs, poi_len, batch_size=256):
-        """:meth:`score_embeddings` of N rows (on any device) in batches, in eval mode (the
-        previous mode restored): N float32 scores on the CPU."""
-        device, inputs = self.linear2.weight.device, (image_emb, pois_feature, poi_img_vecs, poi_text_vecs, poi_len)
-        was = self.training
+    def score_many(self, *inputs, batch_size=256) -> torch.Tensor:
+        """:meth:`score_embeddings` of N rows in batches, in eval mode (the mode restored): N float32 on the CPU."""
+        device, was = self.linear2.weight.device, self.training
         self.eval()
         try:
             out = [
                 self.score_embeddings(*(t[a : a + batch_size].to(device) for t in inputs)).float().reshape(-1).cpu()
-                for a in range(0, image_emb.shape[0], batch_size)
+                for a in range(0, inputs[0].shape[0], batch_size)
             ]
         finally:
             self.train(was)

@@ -1,12 +1,8 @@
 """The recall stage end to end, as recall_infer.py runs it and reproduce.py can:
 ``run_recall(RecallJob(csv, image_dir, output, files={"checkpoint": ..., "bert_dir": ...}))``
-returns the run record (``<output>.meta.json``).
-
-Gallery: one image per CSV row, ``<poi_id>_<rank>.<ext>`` in ``image_dir``, CSV order; a
-row without a file is left out (the authors' gallery held what they had downloaded), an
-unreadable file is scored as the zero image (SPEC 3) unless ``skip_missing``. Scores are
-cosines (``logit_scale`` changes no ranking) ranked by a stable sort: ties keep gallery order.
-"""
+returns the run record (``<output>.meta.json``). Gallery: one image per CSV row found in
+``image_dir`` (``<poi_id>_<rank>.<ext>``), in CSV order; an unreadable one is the zero image
+(SPEC 3) unless ``skip_missing``. Scores are cosines ranked by a stable sort."""
 
 from __future__ import annotations
 
@@ -37,12 +33,13 @@ from .engine import RecallModel, prefetch_images
 from .factory import MODELS, build_recall_model
 
 log = logging.getLogger(__name__)
+EMBEDDING_META = ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
 
 
 @dataclass
 class RecallJob:
-    """One recall run: inputs, the model (``MODELS`` name and its ``files``: path options),
-    engine settings (``enc``) and outputs (``missing_list`` default ``<output>.missing.tsv``)."""
+    """One recall run: inputs, the model (``MODELS`` name and its path options), engine settings
+    and outputs (``missing_list`` default ``<output>.missing.tsv``)."""
 
     csv: str
     image_dir: str
@@ -71,8 +68,8 @@ class RecallJob:
 
 @dataclass
 class Gallery:
-    """The CSV's gallery images found on disk (CSV order, ``(row, path)``), the rows without
-    a file, repeated rows, unreadable images, and the queries (poi_id -> first name)."""
+    """The CSV's images found on disk (``(row, path)``), the rows without a file or repeated, the
+    unreadable images, and the queries (poi_id -> first name)."""
 
     rows: list[RecallRow]
     images: list[tuple[RecallRow, object]] = field(default_factory=list)
@@ -83,7 +80,8 @@ class Gallery:
 
 
 def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> Gallery:
-    """Rows of the CSV -> gallery images found in ``image_dir`` and queries."""
+    """Rows of the CSV -> gallery images found in ``image_dir`` and queries. A row without a
+    file is left out: the authors' gallery held what they had downloaded."""
     errors: list = []
     rows = list(iter_recall_csv(csv_path, errors))
     for e in errors[:10] if not skip_bad_rows else ():
@@ -102,27 +100,15 @@ def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> 
             g.missing.append(row)
         else:
             g.images.append((row, path))
-        first_name = g.queries.setdefault(row.poi_id, row.poi_name)
-        if first_name != row.poi_name:
-            log.warning(
-                f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name {row.poi_name!r}; "
-                f"using the first, {first_name!r}"
-            )
+        first = g.queries.setdefault(row.poi_id, row.poi_name)
+        if first != row.poi_name:
+            log.warning(f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name; using {first!r}")
     if g.duplicates:
         d = g.duplicates[0]
-        log.warning(
-            f"{len(g.duplicates)} CSV rows repeat an earlier <poi_id>_<rank> (first: line {d.line}, "
-            f"{d.key}); each image is scored once"
-        )
-    log.info(
-        f"{csv_path}: {len(rows)} rows, {len(g.queries)} POIs, {len(set(g.queries.values()))} distinct names; "
-        f"{len(g.images)} images found in {image_dir}, {len(g.missing)} missing on disk"
-    )
+        log.warning(f"{len(g.duplicates)} rows repeat a <poi_id>_<rank> (first: line {d.line}, {d.key}): scored once")
+    log.info(f"{csv_path}: {len(rows)} rows, {len(g.queries)} POIs; {len(g.images)} images found, {len(g.missing)} not")
     if not g.images:
-        raise DataError(
-            f"{image_dir}: none of the {len(rows)} images of {csv_path} is there (expected "
-            f"files named <poi_id>_<rank>.<ext>, e.g. {rows[0].key}.jpg)"
-        )
+        raise DataError(f"{image_dir}: no <poi_id>_<rank>.<ext> image of {csv_path} is there (e.g. {rows[0].key}.jpg)")
     return g
 
 
@@ -135,57 +121,38 @@ def drop_unreadable(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool)
         emb, ok = emb[keep], ok[keep]
         log.info("--skip-missing: %d unreadable images dropped from the gallery", len(g.unreadable))
     elif g.unreadable:
-        log.warning(
-            "%d unreadable images are scored as the zero image (reference behaviour; --skip-missing drops them)",
-            len(g.unreadable),
-        )
+        log.warning("%d unreadable images are scored as the zero image (--skip-missing drops them)", len(g.unreadable))
     if not g.images:
         raise DataError("no readable image left in the gallery")
     return emb, ok
 
 
-def score(txt_emb: torch.Tensor, img_emb: torch.Tensor, topk: int, device):
-    """Cosines (Q x N, on the CPU) and each row's top ``topk`` by the stable sort."""
-    with torch.inference_mode():
-        scores = (txt_emb.to(device) @ img_emb.to(device).t()).float()
-        top_vals, top_idx = stable_topk(scores, min(topk, scores.shape[1]))
-    return scores.cpu(), top_vals.cpu(), top_idx.cpu()
-
-
 def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top, meta: dict) -> None:
-    """Every output of the run, committed together or not at all: a failed write (disk
-    full, file-size limit) is one ``UserError`` and the previous outputs stay."""
+    """Every output of the run, committed together or not at all (a failed write keeps the previous ones)."""
     qids, qnames, names = list(g.queries), list(g.queries.values()), [p.name for _, p in g.images]
-    gallery_paths = [str(p) for _, p in g.images]
-    top_vals, top_idx = top
+    gallery, (top_vals, top_idx) = [str(p) for _, p in g.images], top
     topk_rows = (
         (q, n, r, names[j], s)
         for q, n, vals, idx in zip(qids, qnames, top_vals.tolist(), top_idx.tolist())
         for r, (s, j) in enumerate(zip(vals, idx), 1)
     )
-    emb_meta = ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
     arrays = {"image_emb": img_emb.numpy(), "image_names": names, "image_ok": ok.numpy(), "text_emb": txt_emb.numpy()}
+    arrays["meta"] = {k: meta[k] for k in EMBEDDING_META}
     outs = job.outputs
+    missing_list = outs["--missing-list"] if g.missing or g.unreadable else None
     commit_outputs(
         {
             outs["--output"]: lambda p: write_topk(p, topk_rows),
-            outs["--full-output"]: lambda p: write_full(p, qids, qnames, gallery_paths, scores.numpy()),
-            outs["--save-embeddings"]: lambda p: save_embeddings(
-                p, **arrays, poi_ids=qids, poi_names=qnames, meta={k: meta[k] for k in emb_meta}
-            ),
-            outs["--missing-list"] if g.missing or g.unreadable else None: lambda p: write_missing_list(
-                p, g.missing, g.unreadable
-            ),
+            outs["--full-output"]: lambda p: write_full(p, qids, qnames, gallery, scores.numpy()),
+            outs["--save-embeddings"]: lambda p: save_embeddings(p, **arrays, poi_ids=qids, poi_names=qnames),
+            missing_list: lambda p: write_missing_list(p, g.missing, g.unreadable),
             outs["meta"]: lambda p: write_json(p, meta, indent=1),
         },
         {path: flag for flag, path in outs.items() if flag != "meta"},
     )
     log.info("wrote %s: top %d of %d images for %d POIs", job.output, top_idx.shape[1], len(names), len(qids))
-    if g.missing or g.unreadable:
-        log.warning(
-            f"{len(g.missing)} images missing on disk (left out), {len(g.unreadable)} unreadable "
-            f"({meta['unreadable_policy']}); listed in {outs['--missing-list']}"
-        )
+    if missing_list:
+        log.warning(f"{len(g.missing)} images missing, {len(g.unreadable)} unreadable: listed in {missing_list}")
 
 
 def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k: int) -> dict:
@@ -206,9 +173,7 @@ def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings
         "device": str(rm.device),
         **engine,
         "onnx_max_abs_diff": engine.get("onnx_max_abs_diff"),
-        "batch_size": stats.get("batch_size"),
-        "num_workers": stats.get("num_workers"),
-        "lanes": stats.get("lanes"),
+        **{key: stats.get(key) for key in ("batch_size", "num_workers", "lanes")},
         "topk": k,
         "gallery_size": len(g.images),
         "n_pois": len(g.queries),
@@ -228,15 +193,13 @@ def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings
 
 
 def run_recall(job: RecallJob, started: float | None = None) -> dict:
-    """Run ``job``; returns its run record. ``started``: ``time.perf_counter()`` at
-    start-up, what ``timings_s.first_image`` counts from (default: now)."""
+    """Run ``job``; returns its run record. ``started``: ``time.perf_counter()`` at start-up,
+    what ``timings_s.first_image`` counts from (default: now)."""
     t0 = started if started is not None else time.perf_counter()
-    device, timings, stats = resolve_device(job.enc.device), {}, {}
-    mark = [time.perf_counter()]
+    device, timings, stats, mark = resolve_device(job.enc.device), {}, {}, [time.perf_counter()]
 
     def step(name: str) -> None:
-        timings[name] = time.perf_counter() - mark[0]
-        mark[0] = time.perf_counter()
+        timings[name], mark[0] = time.perf_counter() - mark[0], time.perf_counter()
 
     g = read_gallery(job.csv, job.image_dir, job.skip_bad_rows)
     step("read")
@@ -246,9 +209,7 @@ def run_recall(job: RecallJob, started: float | None = None) -> dict:
     try:
         onnx_dir = os.path.join(job.enc.cache_dir, "onnx") if job.enc.cache_dir else None
         rm = build_recall_model(job.model, device=device, backend=job.enc.backend, onnx_cache_dir=onnx_dir, **job.files)
-        log.info(
-            "model %s (%s) loaded on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device
-        )
+        log.info("model %s (%s) on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
         step("load_model")
         img_emb, ok = rm.encode_images(paths, job.enc, stats=stats, desc="gallery", prefetch=prefetch)
     finally:
@@ -260,9 +221,12 @@ def run_recall(job: RecallJob, started: float | None = None) -> dict:
     img_emb, ok = drop_unreadable(g, img_emb, ok, job.skip_missing)
     txt_emb = rm.encode_texts(list(g.queries.values()), replace(job.enc, progress=False))
     step("texts")
-    scores, top_vals, top_idx = score(txt_emb, img_emb, job.topk, device)
+    with torch.inference_mode():  # cosines (logit_scale changes no ranking); ties keep gallery order
+        scores = (txt_emb.to(device) @ img_emb.to(device).t()).float()
+        top = stable_topk(scores, min(job.topk, scores.shape[1]))
+    scores, top = scores.cpu(), (top[0].cpu(), top[1].cpu())
     step("scores")
     timings["total"] = time.perf_counter() - t0
-    meta = run_record(job, rm, g, stats, timings, top_idx.shape[1])
-    write_outputs(job, g, img_emb, ok, txt_emb, scores, (top_vals, top_idx), meta)
+    meta = run_record(job, rm, g, stats, timings, top[1].shape[1])
+    write_outputs(job, g, img_emb, ok, txt_emb, scores, top, meta)
     return meta

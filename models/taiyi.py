@@ -1,14 +1,7 @@
-"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder
-``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a ``BertForSequenceClassification`` whose
-512 logits ARE the text vector; the authors' fine-tuned ``pytorch_model.bin`` replaces
-its weights with ``--taiyi-text-weights``) paired with the image tower of
-``openai/clip-vit-base-patch32`` (``get_image_features``, CLIP preprocessing). Vectors
-are L2-normalised; texts padded to the longest of the batch, truncated at 50 tokens.
-
-Local directories only. Built on the meta device, then loaded strictly through
-``models.checkpoint``; tolerated and reported: old ``position_ids`` buffers and the CLIP
-text tower, which is not used.
-"""
+"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder ``IDEA-CCNL/Taiyi-CLIP-
+Roberta-102M-Chinese`` (a BERT sequence classifier whose 512 logits ARE the text vector; the authors'
+fine-tuned weights may replace its own) with the image tower of ``openai/clip-vit-base-patch32``
+(CLIP preprocessing). Local directories only, built on the meta device, loaded strictly."""
 
 from __future__ import annotations
 
@@ -20,41 +13,27 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
+import transformers
 
-from utils.io import read_json, text_lines
+from utils.io import read_json
 
-from .align import ModelFilesError
-from .bert import check_sizes
+from .bert import ModelFilesError, check_sizes, load_text_config, model_file
 from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-TAIYI_MAX_TEXT_LEN = 50
-TEXT_BENIGN = ("bert.embeddings.position_ids",)
-VISION_BENIGN = ("vision_model.embeddings.position_ids",)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' buffers that no state dict holds, as its constructors compute them
 COMPUTED_BUFFERS = {
     "position_ids": lambda b: torch.arange(b.shape[-1]).expand(b.shape),
     "token_type_ids": lambda b: torch.zeros(b.shape, dtype=b.dtype),
 }
-
-
-def _need(directory, name: str, option: str) -> Path:
-    p = Path(directory) / name
-    if not p.is_file():
-        raise ModelFilesError(
-            f"{p}: missing; {option} must be a Hugging Face model directory "
-            f"(download_assets.py --with-baselines fetches it)"
-        )
-    return p
+TEXT_BENIGN = ("bert.embeddings.position_ids",)
+VISION_BENIGN = ("vision_model.embeddings.position_ids",)
+TEXT_EXPECTED = "  (expected the Taiyi-CLIP text encoder, a BertForSequenceClassification: bert.*, classifier.*)"
+CLIP_EXPECTED = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.*, visual_projection.weight)"
+HF_DIR = "must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
+TEXT_HINT, CLIP_HINT = f"--taiyi-text-dir {HF_DIR}", f"--clip-dir {HF_DIR}"
 
 
 def find_weights(directory, option: str) -> Path:
@@ -65,82 +44,48 @@ def find_weights(directory, option: str) -> Path:
     raise ModelFilesError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; {option} must hold the model's weights")
 
 
-def text_config(text_dir) -> BertConfig:
-    path = _need(text_dir, "config.json", "--taiyi-text-dir")
-    cfg = BertConfig.from_json_file(str(path))
-    check_sizes(path, cfg)
-    vocab = _need(text_dir, "vocab.txt", "--taiyi-text-dir")
-    n = sum(1 for _ in text_lines(vocab))
-    if n > cfg.vocab_size:
-        raise DataError(f"{vocab}: {n} tokens, more than vocab_size {cfg.vocab_size} of {path}")
-    return cfg
-
-
-def vision_config(clip_dir) -> CLIPVisionConfig:
+def vision_config(clip_dir) -> transformers.CLIPVisionConfig:
     """The vision part of a CLIP ``config.json`` (``vision_config`` or the old
     ``vision_config_dict``) with the top-level ``projection_dim``."""
-    path = _need(clip_dir, "config.json", "--clip-dir")
+    path = model_file(clip_dir, "config.json", CLIP_HINT)
     doc = read_json(path)
     vc = doc.get("vision_config") or doc.get("vision_config_dict") if isinstance(doc, dict) else None
     if not isinstance(vc, dict):
         raise DataError(f"{path}: no 'vision_config' (is this a CLIP model directory?)")
     vc = {k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
     vc["projection_dim"] = doc.get("projection_dim", vc.get("projection_dim", 512))  # what CLIPModel projects to
-    cfg = CLIPVisionConfig(**vc)
+    cfg = transformers.CLIPVisionConfig(**vc)
     check_sizes(path, cfg)
     return cfg
 
 
-def load_taiyi_tokenizer(text_dir) -> BertTokenizer:
+def load_taiyi_tokenizer(text_dir) -> transformers.BertTokenizer:
     """The Taiyi tokenizer from the local directory; nothing from a hub."""
-    _need(text_dir, "vocab.txt", "--taiyi-text-dir")
-    return BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
+    model_file(text_dir, "vocab.txt", TEXT_HINT)
+    return transformers.BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
 
 
 class TaiyiCLIP(nn.Module):
-    """``text_model`` + ``image_model`` with the interface of ``models.align.AlignModel``
-    that the engine uses (``encode_image``, ``encode_text``, ``image_model``)."""
+    """``text_model`` + ``image_model`` with ``AlignModel``'s ``encode_image`` and ``encode_text``."""
 
-    def __init__(self, text_cfg: BertConfig, vision_cfg: CLIPVisionConfig):
+    def __init__(self, text_cfg: transformers.BertConfig, vision_cfg: transformers.CLIPVisionConfig):
         super().__init__()
         if text_cfg.num_labels != vision_cfg.projection_dim:
             raise CheckpointError(
                 f"the text encoder gives {text_cfg.num_labels} logits but the image "
                 f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair"
             )
-        self.text_model = BertForSequenceClassification(text_cfg)
-        self.image_model = CLIPVisionModelWithProjection(vision_cfg)
+        self.text_model = transformers.BertForSequenceClassification(text_cfg)
+        self.image_model = transformers.CLIPVisionModelWithProjection(vision_cfg)
         self.embed_dim = vision_cfg.projection_dim
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         x = self.image_model(pixel_values=images).image_embeds
         return F.normalize(x, p=2, dim=1) if normalize else x
 
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
-    ) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask, normalize: bool = True) -> torch.Tensor:
         x = self.text_model(input_ids=input_ids, attention_mask=attention_mask).logits
         return F.normalize(x, p=2, dim=1) if normalize else x
-
-
-def load_text_state(model: TaiyiCLIP, path) -> list[str]:
-    """Strictly load a Taiyi text-encoder state dict (``bert.*``, ``classifier.*``)."""
-    sd, _ = read_checkpoint(path)
-    hint = (
-        "  (expected the Taiyi-CLIP text encoder's state dict, a BertForSequenceClassification: bert.*, classifier.*)"
-    )
-    return load_state(model.text_model, sd, str(path), benign=TEXT_BENIGN, hint=hint)
-
-
-def load_vision_state(model: TaiyiCLIP, path) -> list[str]:
-    """Strictly load the image tower from a CLIPModel (or CLIPVisionModelWithProjection)
-    state dict; the CLIP text tower in the same file is skipped and reported."""
-    sd, _ = read_checkpoint(path)
-    keep = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-    if len(sd) > len(keep):
-        log.info("%s: %d tensors of the CLIP text tower are not used", path, len(sd) - len(keep))
-    hint = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.* and visual_projection.weight)"
-    return load_state(model.image_model, keep, str(path), benign=VISION_BENIGN, hint=hint)
 
 
 def _compute_buffers(model: nn.Module) -> None:
@@ -154,12 +99,18 @@ def _compute_buffers(model: nn.Module) -> None:
 
 
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
-    """Taiyi-CLIP in eval mode from local directories; ``text_weights`` (the authors'
-    fine-tuned ``pytorch_model.bin``) replaces the weights of ``text_dir``."""
-    text_cfg, vision_cfg = text_config(text_dir), vision_config(clip_dir)
+    """Taiyi-CLIP in eval mode; ``text_weights`` replaces the weights of ``text_dir``. Tolerated
+    and reported: old ``position_ids`` buffers and the CLIP text tower, which is not used."""
+    text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
     with empty_model():
-        model = TaiyiCLIP(text_cfg, vision_cfg)
-    load_text_state(model, text_weights or find_weights(text_dir, "--taiyi-text-dir"))
-    load_vision_state(model, find_weights(clip_dir, "--clip-dir"))
+        model = TaiyiCLIP(text_cfg, vision_config(clip_dir))
+    text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
+    load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
+    clip_path = find_weights(clip_dir, "--clip-dir")
+    sd, _ = read_checkpoint(clip_path)
+    vision = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
+    if len(sd) > len(vision):
+        log.info("%s: %d tensors of the CLIP text tower are not used", clip_path, len(sd) - len(vision))
+    load_state(model.image_model, vision, str(clip_path), benign=VISION_BENIGN, hint=CLIP_EXPECTED)
     _compute_buffers(model)
     return model.to(device).eval()

@@ -1,35 +1,18 @@
 """The encoding engine: ``RecallModel`` (a model with its tokenizer, preprocessing and
-image engine), batched image and text encoding and how the cores are shared
-(``encode``), the torch / ONNX Runtime backends (``onnx``), the embedding cache
-(``cache``), and rank_eval.py's pipeline over image pairs (``pairs``)."""
+image engine), batched encoding and how the cores are shared (``encode``), the torch /
+ONNX Runtime backends (``onnx``), the embedding cache (``cache``), rank_eval.py's pipeline
+over image pairs (``pairs``) and select_images.py's models (``selection``)."""
 
-from utils.args import BACKENDS, PRECISIONS
+from utils import front_door
 
-from .cache import EmbeddingCache
-from .encode import ImagePrefetch, encode_images, encode_texts, prefetch_images, tokenize
-from .onnx import OnnxBackendError, image_encoder_for
-from .pairs import PairRun, evaluate_pairs
-from .recall_model import RecallModel, wrap_align
-from .selection import SelectionModels, item_inputs, load_selection_models, run_selection, score_block
-
-__all__ = [
-    "BACKENDS",
-    "EmbeddingCache",
-    "ImagePrefetch",
-    "OnnxBackendError",
-    "PRECISIONS",
-    "PairRun",
-    "RecallModel",
-    "SelectionModels",
-    "encode_images",
-    "encode_texts",
-    "evaluate_pairs",
-    "image_encoder_for",
-    "item_inputs",
-    "load_selection_models",
-    "prefetch_images",
-    "run_selection",
-    "score_block",
-    "tokenize",
-    "wrap_align",
-]
+__all__, __getattr__ = front_door(
+    __name__,
+    {
+        "cache": "EmbeddingCache",
+        "encode": "ImagePrefetch encode_images encode_texts prefetch_images tokenize",
+        "onnx": "OnnxBackendError image_encoder_for",
+        "pairs": "PairRun evaluate_pairs",
+        "recall_model": "RecallModel wrap_align",
+        "selection": "SelectionModels item_inputs load_selection_models run_selection score_block",
+    },
+)

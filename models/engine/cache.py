@@ -1,23 +1,14 @@
-"""Embedding cache: image vectors on disk, so a rerun encodes only new images.
-
-``<cache_dir>/embeddings.sqlite``: ``files`` maps a path to ``(size, mtime_ns, sha256)``
-(an unchanged file is known by ``stat`` alone); ``vectors`` maps ``(namespace, sha256)``
-to ``(float32 vector, ok flag, crc)``. Keyed by file CONTENT (a renamed copy hits) and a
-namespace: the model's identity (``RecallModel.identity()``), preprocessing, precision.
-
-Nothing wrong comes out: a vector whose CRC-32 (of its bytes and flag) fails, whose size
-is wrong or that is not finite is left out, encoded again and replaced, with a warning
-counting them. Caches of the first format get the crc column in place; their rows (NULL
-crc) are read unverified but size- and finite-checked, rather than thrown away.
-
-Writes are transactions; a file that is not a readable cache is moved aside
-(``*.corrupt-<time>``); a later SQLite error disables the cache for the run, never the
-run. Processes may share a cache (SQLite locking, 60 s busy timeout).
-"""
+"""Embedding cache: image vectors on disk (``<cache_dir>/embeddings.sqlite``), so a rerun encodes
+only new images. Keyed by file CONTENT (sha256; an unchanged file is known by size and mtime)
+and a namespace: the model's identity, preprocessing, precision. A vector whose CRC-32, size or
+finiteness fails is encoded again (rows of the first format, without a crc, are read unchecked
+by CRC). A file that is not a cache is moved aside; a later SQLite error disables the cache for
+the run, never the run. Processes may share a cache (SQLite locking, 60 s busy timeout)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -34,7 +25,11 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "embeddings.sqlite"
 SCHEMA_VERSION = 1  # the crc column is an addition: older versions still read the file
-_CHUNK = 500  # SQLite's host-parameter limit is at least 999
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)",
+    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, sha TEXT)",
+    "CREATE TABLE IF NOT EXISTS vectors (ns TEXT, sha TEXT, ok INT, vec BLOB, crc INT, PRIMARY KEY (ns, sha))",
+)
 
 
 def _crc(blob: bytes, ok: bool) -> int:
@@ -42,16 +37,15 @@ def _crc(blob: bytes, ok: bool) -> int:
 
 
 class EmbeddingCache:
-    """``EmbeddingCache(cache_dir, model_tag)``, ``model_tag`` = ``RecallModel.identity()``.
-    Counters ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
+    """``EmbeddingCache(cache_dir, model_tag)``, ``model_tag`` = ``RecallModel.identity()``; counters
+    ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
-        self.dir = Path(cache_dir)
-        self.path = self.dir / DB_NAME
+        self.path = Path(cache_dir) / DB_NAME
         self.model_tag = model_tag
         self.hits = self.misses = self.stored = self.hashed = self.rejected = 0
         self.db: sqlite3.Connection | None = None
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
@@ -65,12 +59,8 @@ class EmbeddingCache:
         db = sqlite3.connect(str(self.path), timeout=60)
         try:
             with db:
-                db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-                db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, sha TEXT)")
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS vectors "
-                    "(ns TEXT, sha TEXT, ok INT, vec BLOB, crc INT, PRIMARY KEY (ns, sha))"
-                )
+                for statement in SCHEMA:
+                    db.execute(statement)
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 (v,) = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
                 if v != str(SCHEMA_VERSION):
@@ -109,22 +99,24 @@ class EmbeddingCache:
         return self
 
     def __exit__(self, *exc):
+        log.info(
+            "cache %s: %d hits, %d misses, %d stored, %d files hashed, %d rejected",
+            *(self.path, self.hits, self.misses, self.stored, self.hashed, self.rejected),
+        )
         self.close()
 
     def namespace(self, mode: str, precision: str) -> str:
         return f"{self.model_tag}|{mode}|{precision}"
 
     def _select(self, query: str, head: list, keys: list) -> list:
-        """Rows of ``query`` (``IN (%s)``) over ``keys`` in chunks; [] once the cache is disabled."""
-        rows = []
+        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once the cache is disabled."""
+        if self.db is None:
+            return []
         try:
-            for a in range(0, len(keys), _CHUNK):
-                part = keys[a : a + _CHUNK]
-                rows += self.db.execute(query % ",".join("?" * len(part)), [*head, *part]).fetchall()
+            return self.db.execute(query, [*head, json.dumps(keys)]).fetchall()
         except sqlite3.Error as e:
             self._disable(e)
             return []
-        return rows
 
     def _write(self, query: str, rows: list) -> bool:
         if self.db is None or not rows:
@@ -138,8 +130,7 @@ class EmbeddingCache:
         return True
 
     def content_keys(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
-        """sha256 of each file's content (None when it cannot be read); from the ``files``
-        table when size and mtime are unchanged."""
+        """sha256 of each file's content (None when it cannot be read), by ``stat`` when known unchanged."""
         stats = []
         for p in paths:
             try:
@@ -147,46 +138,37 @@ class EmbeddingCache:
                 stats.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append(None)
-        real = [s[0] for s in stats if s is not None]
-        known = {}
-        if self.db is not None:
-            q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (%s)"
-            known = {path: (size, mtime, sha) for path, size, mtime, sha in self._select(q, [], real)}
+        q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (SELECT value FROM json_each(?))"
+        known = {row[0]: row[1:] for row in self._select(q, [], [st[0] for st in stats if st])}
         keys, new_rows = [], []
         for st in stats:
-            k = known.get(st[0]) if st is not None else None
-            if st is None or (k is not None and k[:2] == st[1:]):
-                keys.append(k[2] if k is not None else None)
-                continue
-            try:
-                sha = sha256_file(st[0])
-            except OSError:
-                keys.append(None)
-                continue
-            self.hashed += 1
+            k = known.get(st[0]) if st else None
+            sha = k[2] if k and k[:2] == st[1:] else None
+            if st and sha is None:
+                with contextlib.suppress(OSError):  # unreadable: no key
+                    sha = sha256_file(st[0])
+                    self.hashed += 1
+                    new_rows.append((*st, sha))
             keys.append(sha)
-            new_rows.append((*st, sha))
         self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
         return keys
 
     def get_many(self, keys: Sequence[str | None], ns: str, dim: int | None = None) -> dict:
-        """``{sha: (float32 vector, ok)}`` of the keys present and sound (module docstring)."""
+        """``{sha: (float32 vector, ok)}`` of the keys present and sound."""
         want = list(dict.fromkeys(k for k in keys if k is not None))
         out, rejected, unverified = {}, 0, 0
-        if self.db is not None and want:
-            q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (%s)"
-            for sha, ok, blob, crc in self._select(q, [ns], want):
-                vec = np.frombuffer(blob, dtype=np.float32)
-                unverified += crc is None
-                damaged = crc is not None and crc != _crc(blob, bool(ok))
-                if damaged or (dim is not None and vec.size != dim) or not np.isfinite(vec).all():
-                    rejected += 1
-                else:
-                    out[sha] = (vec, bool(ok))
+        q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (SELECT value FROM json_each(?))"
+        for sha, ok, blob, crc in self._select(q, [ns], want):
+            vec = np.frombuffer(blob, dtype=np.float32)
+            unverified += crc is None
+            damaged = crc is not None and crc != _crc(blob, bool(ok))
+            if damaged or (dim is not None and vec.size != dim) or not np.isfinite(vec).all():
+                rejected += 1
+            else:
+                out[sha] = (vec, bool(ok))
         if rejected:
             log.warning(
-                f"embedding cache {self.path}: {rejected} vectors failed their checksum or are not finite; "
-                "encoding them again"
+                "cache %s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected
             )
         if unverified:
             log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)

@@ -1,17 +1,8 @@
-"""Batched encoding of images and texts: ``encode_images(model, paths, enc)`` (N x D, N
-ok flags) and ``encode_texts(model, tokenizer, texts, enc)``, float32, L2-normalised, on
-the CPU, row i for input i. The model runs where its weights are and is left as found.
-
-How the cores are shared (bench/bench_recall.py --split; README, Speed): ONNX Runtime on
-a CPU runs in lanes, one thread per core decoding a batch into its own buffer and then
-encoding it on one engine thread, so decoding and engine never compete for a core (0.8
-of the engine alone, against 0.6 with decoding processes beside a 2-thread engine).
-torch (and CUDA) keeps every core for its threads, with decoding worker processes and
-the image tower in ``channels_last``. At start-up ``prefetch_images`` decodes the first
-``PREFETCH_IMAGES`` in worker processes while the model loads; ``encode_images`` takes
-those batches when they are exactly its own, else closes the source unused. bf16/fp16
-pay only with native support (GPU, AVX-512 BF16/AMX): fp32 is the default.
-"""
+"""Batched encoding of images and texts: float32 L2-normalised vectors on the CPU, the model left
+as found. How the cores are shared (README, Speed): ONNX Runtime on a CPU runs in lanes, one thread
+per core decoding a batch into its own buffer then encoding it, so decoding and engine never compete
+for a core; torch keeps every core for its threads beside decoding processes, the image tower in
+``channels_last``. ``prefetch_images`` decodes the first batches while the model loads."""
 
 from __future__ import annotations
 
@@ -48,16 +39,14 @@ def cpu_cores() -> int:
 
 
 def default_batch_size(device, engine: str = "torch") -> int:
-    """128 on CUDA; on a CPU 4 for ONNX Runtime's lanes (78 img/s on 2 lanes at batch 4,
-    67 at 16, 62 at 32; small batches also keep the lanes even at the end), 32 for torch."""
+    """128 on CUDA; on a CPU 32 for torch, 4 for ONNX Runtime's lanes (78 img/s on 2 lanes, 67 at 16)."""
     if torch.device(device).type == "cuda":
         return 128
     return 4 if engine == "onnx" else 32
 
 
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoding processes: CPU + torch one per ``DECODE_SHARE`` cores; CPU + onnx (decoding
-    ahead during start-up only) every core but the one loading the model; CUDA every core."""
+    """Decoders: on a CPU one per ``DECODE_SHARE`` cores beside torch, all but the model loader's for ONNX Runtime."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return max(1, min(n, MAX_WORKERS))
@@ -69,16 +58,18 @@ def default_lanes() -> int:
     return max(1, min(cpu_cores(), torch.get_num_threads()))
 
 
-def native_low_precision(device, precision: str) -> bool:
-    """False when ``precision`` would be emulated (a CPU without AVX-512 BF16 / AMX)."""
-    if precision == "fp32" or torch.device(device).type != "cpu":
-        return True
-    try:
-        if precision == "bf16":
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.cpu._is_amx_fp16_supported())
-    except AttributeError:  # private helpers of this torch build; assume it is fine
-        return True
+def _warn_if_emulated(device, precision: str) -> None:
+    """bf16/fp16 pay only with native support (GPU, AVX-512 BF16, AMX): a warning where they are emulated."""
+    if precision == "fp32" or device.type != "cpu":
+        return
+    try:  # private helpers of this torch build; when missing, assume it is fine
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = bf16 if precision == "bf16" else torch.cpu._is_amx_fp16_supported()
+    except AttributeError:
+        return
+    if not native:
+        cpu = torch.backends.cpu.get_cpu_capability()
+        log.warning("precision %s is emulated on this CPU (%s): expect it far slower than fp32", precision, cpu)
 
 
 def autocast(device, precision: str):
@@ -90,37 +81,26 @@ def autocast(device, precision: str):
 
 @contextlib.contextmanager
 def eval_mode(model, channels_last=None):
-    """The model in eval mode for the block (and ``channels_last``, a module, in that memory
+    """The model in eval mode for the block (and the module ``channels_last`` in that memory
     format: faster CPU convolutions), its mode and memory format restored after."""
     was = model.training
-    weights = [p for p in channels_last.parameters() if p.dim() == 4] if channels_last is not None else []
-    last = (
-        bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last) and not weights[0].is_contiguous()
-    )
+    conv = next((p for p in channels_last.parameters() if p.dim() == 4), None) if channels_last is not None else None
+    restore = torch.contiguous_format if conv is None or conv.is_contiguous() else torch.channels_last
     model.eval()
-    if weights:
+    if conv is not None:
         channels_last.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
         model.train(was)
-        if weights:
-            channels_last.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+        if conv is not None:
+            channels_last.to(memory_format=restore)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> dict:
-    """Pad to the longest text of the batch, truncate at ``max_length`` (SPEC 2)."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+def tokenize(tokenizer, texts: list[str]) -> dict:
+    """Pad to the longest text of the batch, truncate at ``MAX_TEXT_LEN`` tokens (SPEC 2)."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _embed_dim(model) -> int:
-    arch = getattr(model, "arch", None)
-    return arch.embed_dim if arch is not None else getattr(model, "embed_dim", 0)
 
 
 def _worker_init(_):
@@ -129,18 +109,19 @@ def _worker_init(_):
 
 def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, prefetch_factor: int = 4) -> DataLoader:
     workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": prefetch_factor} if workers else {}
-    pin = torch.device(device).type == "cuda"
-    return DataLoader(
-        ImageDataset(paths, mode, loader=loader), batch_size, num_workers=workers, pin_memory=pin, **workers_only
-    )
+    dataset, pin = ImageDataset(paths, mode, loader=loader), torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
 
 
 class ImagePrefetch:
-    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes,
-    for a later ``encode_images(..., prefetch=self)``; ``close()`` stops the workers of a
-    source left unused. With ``num_workers=0`` nothing runs ahead."""
+    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, for a later
+    ``encode_images(..., prefetch=self)``. The engine is not known yet: the workers are ONNX Runtime's
+    when ``enc.backend`` would choose it. ``close()`` stops the workers of a source left unused."""
 
-    def __init__(self, paths, enc: Encoding = Encoding(), *, device="cpu", loader=None, backend="onnx", depth=None):
+    def __init__(self, paths, enc: Encoding = Encoding(), *, loader=None, depth=None):
+        device = resolve_device(enc.device)
+        onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
+        backend = "onnx" if onnx else "torch"
         self.paths, self.enc, self.loader = [str(p) for p in paths], enc, loader
         self.batch_size = enc.batch_size or default_batch_size(device, backend)
         self.num_workers = default_num_workers(device, backend) if enc.num_workers is None else enc.num_workers
@@ -152,12 +133,8 @@ class ImagePrefetch:
 
     def matches(self, paths: list[str], enc: Encoding, loader) -> bool:
         """Whether this source's batches are exactly those these arguments make."""
-        same = (paths, enc.preprocess, enc.batch_size, loader) == (
-            self.paths,
-            self.enc.preprocess,
-            self.enc.batch_size,
-            self.loader,
-        )
+        mine = (self.paths, self.enc.preprocess, self.enc.batch_size, self.loader)
+        same = (paths, enc.preprocess, enc.batch_size, loader) == mine
         return self._it is not None and same and enc.num_workers in (None, self.num_workers)
 
     def take(self):
@@ -171,35 +148,25 @@ class ImagePrefetch:
             shutdown()
 
 
-def prefetch_images(paths, enc: Encoding = Encoding(), *, loader=None) -> ImagePrefetch:
-    """Start decoding the first images of ``paths`` for a later ``encode_images(model, paths,
-    enc, prefetch=source)``. The engine is not known yet: the default worker count is ONNX
-    Runtime's when ``enc.backend`` would choose it (CPU, fp32), else torch's."""
-    device = resolve_device(enc.device)
-    onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
-    return ImagePrefetch(paths, enc, device=device, loader=loader, backend="onnx" if onnx else "torch")
+prefetch_images = ImagePrefetch  # prefetch_images(paths, enc, loader=...) starts decoding
 
 
 def encode_images(
-    model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc=""
+    model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc="images"
 ):
-    """``(emb, ok)`` of image files (``enc``: batch size, workers, preprocessing, precision,
-    progress); ``ok`` False where a file was missing or unreadable: its row is the zero
-    image's vector (SPEC 3 step 4). ``engine``: a function returning the ``f(x, normalize)``
-    that runs the image tower (default ``model.encode_image``), called only if some image is
-    not in ``cache`` (an ``EmbeddingCache``: hits are not decoded, new vectors are stored as
-    they come, files of one content are encoded once). ``loader``: another model's
-    preprocessing ``f(path, mode) -> (tensor, ok)``. ``prefetch``: an ``ImagePrefetch``,
-    closed on return. ``stats`` receives the counts, ``seconds``, ``num_workers``, ``lanes``,
-    ``batch_size``, ``first_batch_at`` (perf_counter of the first batch encoded, or None)."""
+    """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
+    ``engine()`` gives the image tower's ``f(x, normalize)``, asked only when some image is not in
+    ``cache``; ``loader``: another model's preprocessing; ``prefetch`` is closed on return."""
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     n = len(paths)
     vectors: list[np.ndarray | None] = [None] * n
     ok = np.ones(n, dtype=bool)
-    keys: list[str | None] = cache.content_keys(paths) if cache is not None and n else [None] * n
-    ns = cache.namespace(enc.preprocess, enc.precision) if cache is not None else None
-    found = cache.get_many(keys, ns, _embed_dim(model)) if cache is not None and n else {}
+    keys, found, ns = [None] * n, {}, None
+    if cache is not None:
+        ns = cache.namespace(enc.preprocess, enc.precision)
+        keys = cache.content_keys(paths)
+        found = cache.get_many(keys, ns, model.embed_dim)
     for i, k in enumerate(keys):
         if k in found:
             vectors[i], ok[i] = found[k]
@@ -207,18 +174,29 @@ def encode_images(
     first_of: dict[str, int] = {}  # one path per distinct content still to encode
     todo = [i for i, k in enumerate(keys) if vectors[i] is None and (k is None or first_of.setdefault(k, i) == i)]
     info = {"num_workers": 0, "lanes": 0, "batch_size": None, "first_batch_at": None}
+    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False)
+
+    def put(e: np.ndarray, good: list, idx: list) -> None:  # normalised rows for todo[j], j in idx
+        rows = [todo[j] for j in idx]
+        for i, row, g in zip(rows, e, good):
+            vectors[i], ok[i] = row, g
+        if cache is not None:  # stored as they come: an interrupted run keeps what it encoded
+            cache.put_many([(keys[i], vectors[i], bool(ok[i])) for i in rows], ns)
+        bar.update(len(rows))
+        info["first_batch_at"] = info["first_batch_at"] or time.perf_counter()
+
     try:
         if todo:
-            sink = _Sink(todo, keys, vectors, ok, cache, ns, enc.progress, desc or "images")
             whole = prefetch if len(todo) == n else None  # a source decoded every path, in order
-            info = _run(model, [paths[i] for i in todo], enc, engine, loader, whole, sink)
+            info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, whole, put))
     finally:
+        bar.close()
         if prefetch is not None:
             prefetch.close()
     for i in range(n):  # copies of encoded content
         if vectors[i] is None:
             vectors[i], ok[i] = vectors[first_of[keys[i]]], ok[first_of[keys[i]]]
-    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else torch.empty(0, _embed_dim(model))
+    emb = torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)) if n else torch.empty(0, model.embed_dim)
     seconds = time.perf_counter() - t0
     result = {"total": n, "encoded": len(todo), "cached": n_cached, "unreadable": int((~ok).sum()), "seconds": seconds}
     if stats is not None:
@@ -230,10 +208,10 @@ def encode_images(
     return emb, torch.from_numpy(ok)
 
 
-def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink) -> dict:
-    """Encode ``paths`` into ``sink``: in lanes (an engine with ``lanes > 1`` on a CPU) or
-    in this thread beside decoding workers; the batches of ``prefetch`` first if they fit."""
-    device = _device_of(model)
+def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) -> dict:
+    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU) or in this thread
+    beside decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
+    device = next(model.parameters()).device
     workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
     if prefetch is not None and prefetch.matches(paths, enc, loader):
         workers, batch_size, ahead_count = prefetch.num_workers, prefetch.batch_size, prefetch.count
@@ -246,7 +224,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
     if lanes > 1:
         if not workers:  # nothing decoded ahead: the lanes decode every batch, side by side
             ahead, ahead_count, workers = None, 0, 0
-        _encode_lanes(_Feed(paths, batch_size, enc.preprocess, loader, ahead, ahead_count), encoder, lanes, sink)
+        _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, put)
     else:
         if workers is None:
             workers = default_num_workers(device, "torch" if on_torch else "onnx")
@@ -254,94 +232,47 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, sink)
         if ahead is None or ahead_count < len(paths):  # the loader's workers start now
             rest = _loader(paths[ahead_count:], enc.preprocess, loader, batch_size, workers, device)
             batches = itertools.chain(ahead or (), ((x, g, j + ahead_count) for x, g, j in rest))
-        _encode_batches(model, batches, encoder, on_torch, device, enc.precision, sink)
-    sink.close()
-    return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size, "first_batch_at": sink.first_batch_at}
+        _warn_if_emulated(device, enc.precision)
+        fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
+        with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
+            for x, good, idx in batches:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                with autocast(device, enc.precision):
+                    e = encoder(x, normalize=False)
+                put(_normalized(e), good.tolist(), idx.tolist())
+    return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size}
 
 
-class _Sink:
-    """Where encoded batches go: ``vectors``/``ok`` by position, the cache, the bar."""
-
-    def __init__(self, todo, keys, vectors, ok, cache, ns, progress: bool, desc: str):
-        self.todo, self.keys, self.vectors, self.ok, self.cache, self.ns = todo, keys, vectors, ok, cache, ns
-        self.first_batch_at = None  # time.perf_counter() of the first batch put
-        self.bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not progress, leave=False)
-
-    def put(self, e: np.ndarray, good, idx) -> None:
-        """Rows ``e`` (normalised) for ``todo[j]``, ``j`` in ``idx``."""
-        items = []
-        for row, g, j in zip(e, good, idx):
-            i = self.todo[j]
-            self.vectors[i], self.ok[i] = row, bool(g)
-            items.append((self.keys[i], row, bool(g)))
-        if self.cache is not None:
-            self.cache.put_many(items, self.ns)
-        self.bar.update(len(items))
-        if self.first_batch_at is None:
-            self.first_batch_at = time.perf_counter()
-
-    def close(self) -> None:
-        self.bar.close()
+def _normalized(e: torch.Tensor) -> np.ndarray:
+    return F.normalize(e.float(), p=2, dim=1).cpu().numpy()
 
 
-def _encode_batches(model, batches, encoder, on_torch: bool, device, precision: str, sink: _Sink) -> None:
-    """Run the engine over ``batches`` (``(x, ok, j)`` for ``todo[j]``) in this thread."""
-    if not native_low_precision(device, precision):
-        log.warning(
-            "precision %s on this CPU (%s) has no native support and is emulated: expect it to be far slower than fp32",
-            precision,
-            torch.backends.cpu.get_cpu_capability(),
-        )
-    fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
-    with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-        for x, good, idx in batches:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            with autocast(device, precision):
-                e = encoder(x, normalize=False)
-            sink.put(F.normalize(e.float(), p=2, dim=1).cpu().numpy(), good.tolist(), idx.tolist())
+def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, put):
+    """``lanes`` threads, each taking the next batch (from ``ahead``, else decoded into its buffer) and
+    encoding it (ONNX Runtime releases the GIL); the results go to ``put`` from this thread."""
+    starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
+    stop, done = threading.Event(), queue.Queue()
 
-
-class _Feed:
-    """The batches of ``paths`` in order, for lanes: the first ``ahead_count`` images from
-    ``ahead`` (a prefetch source's batches), the others decoded by the lane taking them,
-    into that lane's buffer."""
-
-    def __init__(self, paths, batch_size: int, mode: str, loader, ahead, ahead_count: int):
-        self.paths, self.batch_size, self.mode, self.loader = paths, batch_size, mode, loader
-        self.ahead, self.ahead_count, self.next = ahead, ahead_count, 0
-        self.lock = threading.Lock()
-
-    def take(self, buf: np.ndarray):
-        """``(x, ok, idx)`` of the next batch, or None when there is none."""
-        with self.lock:  # the prefetch iterator is read in order, by one lane at a time
-            a = self.next
-            if a >= len(self.paths):
-                return None
-            self.next = min(a + self.batch_size, len(self.paths))
-            if a < self.ahead_count:
-                x, good, idx = next(self.ahead)
-                return x.numpy(), good.numpy(), idx.numpy()
-        idx = np.arange(a, min(a + self.batch_size, len(self.paths)))
-        if self.loader is not None:  # another model's preprocessing, its own tensors
-            got = [self.loader(self.paths[j], self.mode) for j in idx]
+    def take(buf: np.ndarray):
+        with lock:  # the prefetch iterator is read in order, by one lane at a time
+            a = next(starts, None)
+            if a is not None and a < ahead_count:
+                return tuple(t.numpy() for t in next(ahead))
+        if a is None:
+            return None
+        idx = np.arange(a, min(a + batch_size, len(paths)))
+        if loader is not None:  # another model's preprocessing, its own tensors
+            got = [loader(paths[j], mode) for j in idx]
             return torch.stack([x for x, _ in got]).numpy(), np.array([g for _, g in got]), idx
-        good = np.array([load_image_into(buf[r], self.paths[j], self.mode) for r, j in enumerate(idx)], dtype=bool)
+        good = np.array([load_image_into(buf[r], paths[j], mode) for r, j in enumerate(idx)], dtype=bool)
         return buf[: len(idx)], good, idx
-
-
-def _encode_lanes(feed: _Feed, encoder, lanes: int, sink: _Sink) -> None:
-    """``lanes`` threads, each taking the next batch from ``feed`` (decoding it if need be)
-    and encoding it (ONNX Runtime releases the GIL); results go to ``sink`` from this thread."""
-    done: queue.Queue = queue.Queue()
-    stop = threading.Event()
 
     def lane():
         try:
-            buf = np.empty((feed.batch_size, 3, SIZE, SIZE), dtype=np.float32)
-            while not stop.is_set() and (item := feed.take(buf)) is not None:
+            buf = np.empty((batch_size, 3, SIZE, SIZE), dtype=np.float32)
+            while not stop.is_set() and (item := take(buf)) is not None:
                 x, good, idx = item
-                e = F.normalize(encoder(torch.from_numpy(x), normalize=False).float(), p=2, dim=1).numpy()
-                done.put((e, good.tolist(), idx.tolist()))
+                done.put((_normalized(encoder(torch.from_numpy(x), normalize=False)), good.tolist(), idx.tolist()))
             done.put(None)
         except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
             done.put(exc)
@@ -358,28 +289,27 @@ def _encode_lanes(feed: _Feed, encoder, lanes: int, sink: _Sink) -> None:
             elif isinstance(item, BaseException):
                 raise item
             else:
-                sink.put(*item)
+                put(*item)
     finally:
         stop.set()
         for t in threads:
             t.join()
 
 
-def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding(), *, max_length: int = MAX_TEXT_LEN):
-    """``len(texts) x D`` float32 normalised on the CPU. Each distinct string is encoded
-    once, in batches of similar length (``enc.text_batch_size``, None: the device default)."""
-    device = _device_of(model)
-    # default 16 on a CPU (1.4x faster than 64: activations stay in cache), 256 on CUDA
+def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
+    """``len(texts) x D``, each distinct string encoded once, in batches of similar length (default
+    16 on a CPU, 1.4x faster than 64: the activations stay in cache; 256 on CUDA)."""
+    device = next(model.parameters()).device
     batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
     distinct = list(dict.fromkeys(texts))
     if not distinct:
-        return torch.empty(0, _embed_dim(model))
+        return torch.empty(0, model.embed_dim)
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     out: list[torch.Tensor | None] = [None] * len(distinct)
     with eval_mode(model), torch.inference_mode():
         for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not enc.progress, leave=False):
             ids = order[a : a + batch_size]
-            t = tokenize(tokenizer, [distinct[i] for i in ids], max_length)
+            t = tokenize(tokenizer, [distinct[i] for i in ids])
             with autocast(device, enc.precision):
                 e = model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device), normalize=False)
             for i, row in zip(ids, F.normalize(e.float(), p=2, dim=1).cpu()):

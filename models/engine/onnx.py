@@ -1,15 +1,9 @@
-"""The ONNX Runtime engine for the image tower: the vectors of torch (checked to 1e-5 on
-every load), several times torch's images/s on a CPU. ``image_encoder_for(model, backend,
-device)`` gives what ``RecallModel`` runs; ``OnnxImageEncoder(model)(x, normalize)``.
-
-Exported: ``encode_image`` as one graph with a dynamic batch and both outputs (normalised
-and raw), by torch's TorchScript exporter (the dynamo one if it fails), cached atomically
-as ``<dir>/image_<key>.onnx`` (key: weights hash, architecture, input size, torch,
-exporter); ``dir``: the argument, ``$AVAS_ONNX_CACHE``, or ``~/.cache/avas/onnx``. A
-cached file that does not load or agree is exported again; a fresh one that disagrees is
-refused (``image_encoder_for`` then warns and uses torch). CPU and fp32 only; made for
-``lanes`` callers at once, each on ``threads`` intra-op threads (see ``encode``).
-"""
+"""The ONNX Runtime engine for the image tower: torch's vectors (checked to 1e-5 on every load),
+several times torch's images/s on a CPU (fp32 only). ``encode_image`` is exported once as a
+graph with a dynamic batch and both outputs, cached atomically as ``<dir>/image_<key>.onnx``
+(key: weights hash, architecture, input size, torch, opset); ``dir``: the argument,
+``$AVAS_ONNX_CACHE`` or ``~/.cache/avas/onnx``. A cached file that fails to load or agree is
+exported again; a fresh one that disagrees is refused, and ``image_encoder_for`` uses torch."""
 
 from __future__ import annotations
 
@@ -42,6 +36,7 @@ INSTALL_HINT = "pip install onnxruntime onnx"
 OPSET = 17
 TOLERANCE = 1e-5  # max |diff| of the vectors from torch's
 EXPORT_FORMAT = 1  # bump when the exported graph changes (inputs, outputs, wrapper)
+AXES = ("images", "embedding", "features")
 
 
 class OnnxBackendError(UserError, RuntimeError):
@@ -91,18 +86,6 @@ def export_key(model, weights_hash: str, image_size: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _export(graph, x, tmp: Path, exporter: str) -> None:
-    names = {"input_names": ["images"], "output_names": ["embedding", "features"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
-        if exporter == "torchscript":
-            axes = {"images": {0: "batch"}, "embedding": {0: "batch"}, "features": {0: "batch"}}
-            torch.onnx.export(graph, (x,), str(tmp), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
-        else:
-            shapes = {"x": {0: torch.export.Dim("batch")}}
-            torch.onnx.export(graph, (x,), str(tmp), dynamo=True, external_data=False, dynamic_shapes=shapes, **names)
-
-
 def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -> str:
     """Export ``model.encode_image`` to ``path`` (atomically); returns the exporter used."""
     try:
@@ -110,11 +93,17 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -
     except (ImportError, OSError) as e:
         raise OnnxBackendError(f"exporting the image tower needs the onnx package ({e}); {INSTALL_HINT}") from e
     x = torch.zeros(2, 3, image_size, image_size)
+    names = {"input_names": ["images"], "output_names": ["embedding", "features"]}
+    exporters = {  # TorchScript's, else dynamo's
+        "torchscript": lambda: {"opset_version": OPSET, "dynamic_axes": {k: {0: "batch"} for k in AXES}},
+        "dynamo": lambda: {"external_data": False, "dynamic_shapes": {"x": {0: torch.export.Dim("batch")}}},
+    }
     errors = []
-    with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
-        for exporter in ("torchscript", "dynamo"):
+    with atomic_path(path) as tmp, eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notes
+        for exporter, options in exporters.items():
             try:
-                _export(_ImageGraph(model), x, tmp, exporter)
+                torch.onnx.export(_ImageGraph(model), (x,), str(tmp), dynamo=exporter == "dynamo", **names, **options())
                 return exporter
             except Exception as e:  # noqa: BLE001  (try the other exporter, then report both)
                 errors.append(f"{exporter}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -124,30 +113,24 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -
 
 
 class OnnxImageEncoder:
-    """``encode_image(x, normalize=True)`` of ``model`` run by ONNX Runtime.
-
-    ``weights_hash``: the model's ``model_hash`` or a function giving it (else computed).
-    ``lanes``: callers served at once; ``threads``: intra-op threads of each call (default:
-    the cores shared among the lanes). ``exported`` (False: a cached export),
-    ``max_abs_diff`` (from torch, on load) and ``setup_seconds`` go to the run record."""
+    """``encode_image(x, normalize=True)`` of ``model`` on ONNX Runtime, for ``lanes`` callers at once,
+    each on ``threads`` intra-op threads (default: the cores shared); ``weights_hash``: or a function."""
 
     def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
         weights_hash = weights_hash() if callable(weights_hash) else weights_hash or model_hash(model)
-        self.exported = False
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avas" / "onnx"
-        self.dir = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
-        self.path = self.dir / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
         t = time.perf_counter()
-        if not self.path.is_file():
-            exporter = export_image_graph(model, self.path, SIZE)
-            self.exported = True
-            log.info("exported the image tower to %s (%s, %.1f s)", self.path, exporter, time.perf_counter() - t)
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avas" / "onnx"
+        directory = Path(cache_dir or os.environ.get("AVAS_ONNX_CACHE") or base)
+        self.path = directory / f"image_{export_key(model, weights_hash, SIZE)}.onnx"
         self.lanes = lanes or default_lanes()
         self.opts = ort.SessionOptions()
         self.opts.intra_op_num_threads = threads or max(1, cpu_cores() // self.lanes)
         self.opts.inter_op_num_threads = 1
         self.opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads give the core back
+        self.exported = not self.path.is_file()
+        if self.exported:
+            log.info("exported the image tower to %s (%s)", self.path, export_image_graph(model, self.path, SIZE))
         try:
             self.max_abs_diff = self._load(ort, model)
         except OnnxBackendError as e:
@@ -155,17 +138,12 @@ class OnnxImageEncoder:
                 raise
             log.warning("%s; exporting again", e)  # a damaged or stale cache file
             export_image_graph(model, self.path, SIZE)
-            self.exported = True
-            self.max_abs_diff = self._load(ort, model)
+            self.exported, self.max_abs_diff = True, self._load(ort, model)
         self.setup_seconds = time.perf_counter() - t
         log.info(
-            "onnx image encoder %s (%s): max |diff| vs torch %.1e, %d lanes x %d threads, %.1f s",
-            self.path.name,
-            "exported" if self.exported else "cached export",
-            self.max_abs_diff,
-            self.lanes,
-            self.opts.intra_op_num_threads,
-            self.setup_seconds,
+            f"onnx image encoder {self.path.name} ({'exported' if self.exported else 'cached export'}): max |diff| "
+            f"vs torch {self.max_abs_diff:.1e}, {self.lanes} lanes x {self.opts.intra_op_num_threads} threads, "
+            f"{self.setup_seconds:.1f} s"
         )
 
     def _load(self, ort, model) -> float:
@@ -209,10 +187,9 @@ def _torch_because(device: torch.device, precision: str) -> str | None:
 
 
 def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cache_dir=None, weights_hash=None):
-    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``
-    (``model.encode_image``), ``onnx`` (CPU, fp32, onnxruntime: else a clear error), or
-    ``auto`` (ONNX Runtime where it can run, else torch; the choice is logged). An ONNX
-    export that fails or disagrees with torch is a warning, and torch is used."""
+    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (CPU,
+    fp32: else a clear error) or ``auto`` (ONNX Runtime where it can run, else torch; logged). An
+    ONNX export that fails or disagrees with torch is a warning, and torch is used."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":
@@ -222,9 +199,9 @@ def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cac
     if backend == "auto" and why:
         log.info("image engine: torch (%s)", why)
         return model.encode_image
-    if backend == "onnx" and device.type != "cpu":
+    if device.type != "cpu":
         raise OnnxBackendError(f"--backend onnx runs on the CPU only (device {device}); use torch or auto on a GPU")
-    if backend == "onnx" and precision != "fp32":
+    if precision != "fp32":
         raise OnnxBackendError(f"--backend onnx is fp32 only (precision {precision})")
     require_onnxruntime()
     try:

@@ -1,7 +1,6 @@
-"""``RecallModel``: a loaded alignment-style model with its tokenizer, image preprocessing
-and image engine (chosen when first needed, so a run that encodes no image never
-exports); the weights hash is computed at most once and keys both the ONNX export cache
-and the embedding cache."""
+"""``RecallModel``: a loaded alignment-style model with its tokenizer, image preprocessing and
+image engine, chosen when first needed (a run that encodes no image never exports). The
+weights hash is computed at most once: it keys the ONNX export and the embedding cache."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from utils.args import Encoding
 from utils.hashing import model_hash
 
 from .cache import EmbeddingCache
-from .encode import MAX_TEXT_LEN, encode_images, encode_texts
+from .encode import encode_images, encode_texts
 from .onnx import OnnxImageEncoder, image_encoder_for
 
 log = logging.getLogger(__name__)
@@ -24,22 +23,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class RecallModel:
     name: str
-    model: torch.nn.Module  # encode_image(x, normalize), encode_text(ids, mask, normalize)
+    model: torch.nn.Module  # encode_image(x, normalize), encode_text(ids, mask, normalize), embed_dim
     tokenizer: object
+    sources: dict = field(default_factory=dict)  # the files it was built from (for run records)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "torch"  # requested image engine: auto | torch | onnx
-    image_loader: Callable | None = None  # f(path, mode) -> (tensor, ok); None = the reference preprocessing
-    max_text_len: int = MAX_TEXT_LEN
-    hash_fn: Callable[[], str] | None = None  # weights hash that keys the caches (default: all weights)
-    sources: dict = field(default_factory=dict)  # the files it was built from (for run records)
     onnx_cache_dir: str | None = None
+    image_loader: Callable | None = None  # f(path, mode) -> (tensor, ok); None = the reference preprocessing
+    hash_fn: Callable[[], str] | None = None  # weights hash that keys the caches (default: all weights)
     _hash: str | None = None
     _encoders: dict = field(default_factory=dict)
 
     @property
     def embed_dim(self) -> int:
-        arch = getattr(self.model, "arch", None)
-        return arch.embed_dim if arch is not None else self.model.embed_dim
+        return self.model.embed_dim
 
     def weights_hash(self) -> str:
         if self._hash is None:
@@ -51,8 +48,7 @@ class RecallModel:
         return f"{self.name}:{self.weights_hash()}"
 
     def image_encoder(self, precision: str = "fp32"):
-        """The ``f(x, normalize)`` running the image tower on the chosen engine (once per
-        precision; ``auto`` is resolved here, with its agreement check)."""
+        """The ``f(x, normalize)`` running the image tower on the chosen engine, set up once per precision."""
         if precision not in self._encoders:
             self._encoders[precision] = image_encoder_for(
                 self.model, self.backend, self.device, precision, self.onnx_cache_dir, self.weights_hash
@@ -64,9 +60,7 @@ class RecallModel:
         return "onnx" if isinstance(self.image_encoder(precision), OnnxImageEncoder) else "torch"
 
     def engine_info(self, precision: str = "fp32") -> dict:
-        """The run record's engine: the one requested, the one used (None when no image
-        was encoded, so none was set up), and for ONNX Runtime its agreement with torch,
-        whether this run exported the graph, its threads and set-up time."""
+        """The run record's engine: requested, used (None when no image was encoded), and ONNX Runtime's set-up."""
         if precision not in self._encoders:
             return {"backend": self.backend, "image_backend": None}
         enc = self.image_encoder(precision)
@@ -82,36 +76,19 @@ class RecallModel:
         return info
 
     def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images", prefetch=None):
-        """``(emb, ok)`` of image files (``encode.encode_images``) on the chosen engine, set
-        up only when some image is not in the cache of ``enc.cache_dir``."""
-        cache = EmbeddingCache(enc.cache_dir, self.identity()) if enc.cache_dir else None
-        try:
-            return encode_images(
-                self.model,
-                paths,
-                enc,
-                engine=lambda: self.image_encoder(enc.precision),
-                loader=self.image_loader,
-                cache=cache,
-                prefetch=prefetch,
-                stats=stats,
-                desc=desc,
-            )
-        finally:
-            if cache is not None:
-                log.info(
-                    "cache %s: %d hits, %d misses, %d stored, %d files hashed, %d rejected",
-                    *(cache.path, cache.hits, cache.misses, cache.stored, cache.hashed, cache.rejected),
-                )
-                cache.close()
+        """``(emb, ok)`` of image files (``encode.encode_images``); the engine is set up only
+        when some image is not in the cache of ``enc.cache_dir``."""
+        engine = lambda: self.image_encoder(enc.precision)
+        kw = {"engine": engine, "loader": self.image_loader, "prefetch": prefetch, "stats": stats, "desc": desc}
+        if not enc.cache_dir:
+            return encode_images(self.model, paths, enc, **kw)
+        with EmbeddingCache(enc.cache_dir, self.identity()) as cache:
+            return encode_images(self.model, paths, enc, cache=cache, **kw)
 
     def encode_texts(self, texts, enc: Encoding = Encoding()):
-        return encode_texts(self.model, self.tokenizer, texts, enc, max_length=self.max_text_len)
+        return encode_texts(self.model, self.tokenizer, texts, enc)
 
 
 def wrap_align(model, tokenizer, *, device="cpu", backend="torch", onnx_cache_dir=None, sources=None) -> RecallModel:
-    """A ``RecallModel`` around an alignment model already in memory (the ranker's own
-    copy, a model being trained)."""
-    return RecallModel(
-        "align", model, tokenizer, torch.device(device), backend, sources=sources or {}, onnx_cache_dir=onnx_cache_dir
-    )
+    """A ``RecallModel`` around an alignment model in memory (the ranker's copy, a model in training)."""
+    return RecallModel("align", model, tokenizer, sources or {}, torch.device(device), backend, onnx_cache_dir)
