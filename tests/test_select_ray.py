@@ -32,6 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 DIM = 32
 SCORE_TOL = 1e-5
 STAGES = ("decode", "select", "write")  # fetch runs fused with decode: one task
+# Ray on 127.0.0.1 only; the token path is ours, RAY_AUTH_MODE is set by ray.init: restored after
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +95,24 @@ def env(tmp_path_factory, bert_dir):
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
+    """One local Ray for the module, on 127.0.0.1, with its own token (never the user's
+    ~/.ray/auth_token); the environment it changes is restored."""
     fail_dir = tmp_path_factory.mktemp("ray_fail")
-    os.environ[select_ray.FAIL_ENV] = str(fail_dir)
-    started = select_ray.connect_ray(None, num_cpus=2, log_to_driver=False)
-    yield fail_dir
-    if started:
-        ray.shutdown()
-    os.environ.pop(select_ray.FAIL_ENV, None)
+    token = tmp_path_factory.mktemp("ray_auth") / "auth_token"
+    token.write_text("0" * 64)
+    saved = {k: os.environ.get(k) for k in (select_ray.FAIL_ENV, *RAY_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update({select_ray.FAIL_ENV: str(fail_dir), **RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token)})
+    started = select_ray.connect_ray(None, num_cpus=2, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield fail_dir
+    finally:
+        if started:
+            ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _argv(env, out, *extra, recall=None):
@@ -138,16 +151,17 @@ def _argv(env, out, *extra, recall=None):
 
 
 def _read(out: Path) -> list[dict]:
+    """The rows of a CSV, or of a directory of shards in the catalogue's order (items by
+    first line, candidates by line): the shards hold whole items, by a hash of item_id."""
     if out.suffix == ".csv":
         with open(out, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
-    rows = []
-    for p in sorted(out.glob("part-*.parquet")):
-        for r in pq.read_table(p).to_pylist():
-            rows.append(
-                {k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v)) for k, v in r.items()}
-            )
-    return rows
+    rows = [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    first: dict = {}
+    for r in rows:
+        first[r["item_id"]] = min(first.get(r["item_id"], r["line"]), r["line"])
+    rows.sort(key=lambda r: (first[r["item_id"]], r["line"]))
+    return [{k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in rows]
 
 
 def _summary(out: Path) -> dict:
@@ -196,7 +210,8 @@ def test_ray_output_equals_local(env, ray_session, local, tmp_path):
         "bad_rows",
     ):
         assert s[k] == ls[k], k
-    assert s["ray"]["shards"] == 3 and s["ray"]["shards_written"] == 3
+    parts = list((tmp_path / "ray.csv.shards").glob("part-*.parquet"))
+    assert s["ray"]["shards"] == s["ray"]["shards_written"] == len(parts) >= 2
     assert {"unreadable", "missing", "download_failed", "duplicate"} <= {r["status"] for r in rows}
     # the HTML report works from the Ray run
     text = html.read_text(encoding="utf-8")
@@ -214,7 +229,7 @@ def test_worker_deaths_are_retried(env, ray_session, local, tmp_path):
     assert not any((ray_session / s).exists() for s in STAGES), "the failures were not injected"
     rows = _read(out)
     assert_same(local["rows"], rows)  # complete, in order, no line twice
-    assert len(list((tmp_path / "retry.csv.shards").glob("part-*.parquet"))) == 3
+    assert len(list((tmp_path / "retry.csv.shards").glob("part-*.parquet"))) == _summary(out)["ray"]["shards"] >= 2
 
 
 def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_path):
@@ -224,13 +239,13 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
     argv = _argv(env, out, "--ray", "--shard-items", "3")
     assert select_images.main(argv) == 0
     parts = sorted(out.glob("part-*.parquet"))
-    assert len(parts) == 3
+    assert len(parts) == _summary(out)["ray"]["shards"] >= 2
     assert_same(local["rows"], _read(out))
     mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
     parts[1].unlink()
     assert select_images.main(argv) == 0
     s = _summary(out)
-    assert s["ray"]["shards_skipped"] == 2 and s["ray"]["shards_written"] == 1
+    assert s["ray"]["shards_skipped"] == len(parts) - 1 and s["ray"]["shards_written"] == 1
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet")) if p.name != parts[1].name} == {
         k: v for k, v in mtimes.items() if k != parts[1].name
     }
@@ -240,7 +255,7 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
     assert _summary(out)["ray"]["shards_written"] == 0
     # another setting: the old shards are not reused
     assert select_images.main(_argv(env, out, "--ray", "--shard-items", "3", "--recall-k", "1")) == 0
-    assert _summary(out)["ray"]["shards_written"] == 3
+    assert _summary(out)["ray"]["shards_written"] == len(parts)
 
 
 def test_parquet_catalogue(env, ray_session, local, tmp_path):
