@@ -161,7 +161,9 @@ def _read(out: Path) -> list[dict]:
     for r in rows:
         first[r["item_id"]] = min(first.get(r["item_id"], r["line"]), r["line"])
     rows.sort(key=lambda r: (first[r["item_id"]], r["line"]))
-    return [{k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in rows]
+    return [
+        {k: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in rows
+    ]
 
 
 def _summary(out: Path) -> dict:

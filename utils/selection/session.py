@@ -96,9 +96,17 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
     if address and HOST_PORT.fullmatch(address):
         check_token(address)
     kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
+    quiet = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+    kw["logging_level"] = quiet  # Ray's start-up notices; our own lines say what happens
     try:
         ray.init(address=address, runtime_env=runtime_env(address), **{**kw, **init_kw})
     except ConnectionError as e:
         raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
+    import ray.data  # sets up its own console logging on import
+
+    logging.getLogger("ray").setLevel(max(quiet, logging.WARNING))
+    for h in logging.getLogger("ray.data").handlers:  # its log file keeps everything
+        if isinstance(h, logging.StreamHandler):
+            h.setLevel(quiet)
     log.info("Ray %s: %s", "cluster " + address if address else "started locally", ray.cluster_resources())
     return True
