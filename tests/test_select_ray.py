@@ -275,3 +275,33 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
     argv[argv.index("--items") + 1] = str(items)
     assert select_images.main(argv) == 0
     assert_same(local["rows"], _read(tmp_path / "pq.csv"))
+
+
+def test_outputs_on_a_filesystem_uri(env, ray_session, local, tmp_path):
+    """--out and --image-cache as file:// URIs: the workers write the shards and the
+    downloaded images there, the summary goes beside the shards; the rows are the local
+    run's, the downloaded images named by their URI."""
+    if local["path"] != "single":
+        pytest.skip("one encode path is enough")
+    argv = _argv(env, f"file://{tmp_path}/sel", "--ray", "--shard-items", "3")
+    argv[argv.index("--image-cache") + 1] = f"file://{tmp_path}/cache"
+    assert select_images.main(argv) == 0
+    rows = _read(tmp_path / "sel")
+    cached = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert cached and all(n.startswith("u") for n in cached)
+    for a, b in zip(local["rows"], rows):
+        if a["image"].startswith("http") and a["status"] == "ok":
+            assert b["file"] == f"file://{tmp_path}/cache/{Path(a['file']).name}", b
+            a, b = dict(a, file=""), dict(b, file="")
+        assert_same([a], [b])
+    s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
+    assert s["candidates"] == len(rows) and s["ray"]["shards_written"] == len(list((tmp_path / "sel").glob("part-*")))
+    assert s["downloads"]["downloaded"] == len(cached)
+    # a rerun writes every shard again from the cached images (pulled, not downloaded again)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    argv[argv.index("--recall-k") + 1] = "1"
+    assert select_images.main(argv) == 0
+    s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
+    assert s["ray"]["shards_written"] == s["ray"]["shards"] and s["downloads"]["downloaded"] == 0
+    assert s["downloads"]["reused"] == len(cached)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes

@@ -264,9 +264,7 @@ def _lost_node(e: Exception) -> bool:
     """A failure of the cluster (a node, its workers or objects lost), not of the input."""
     from ray.exceptions import RayError, RayTaskError
 
-    return isinstance(e, RayError) and not isinstance(
-        getattr(e, "cause", None) if isinstance(e, RayTaskError) else None, UserError
-    )
+    return isinstance(e, RayError) and not (isinstance(e, RayTaskError) and isinstance(e.cause, UserError))
 
 
 def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
