@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 (read on import)
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -r requirements-ray.txt)")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
 
@@ -279,29 +280,38 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
 
 def test_outputs_on_a_filesystem_uri(env, ray_session, local, tmp_path):
     """--out and --image-cache as file:// URIs: the workers write the shards and the
-    downloaded images there, the summary goes beside the shards; the rows are the local
-    run's, the downloaded images named by their URI."""
+    downloaded images there, the summary goes beside the shards; the catalogue's rows are
+    the local run's, and the images of a new item's URLs are cached under their URI."""
     if local["path"] != "single":
         pytest.skip("one encode path is enough")
-    argv = _argv(env, f"file://{tmp_path}/sel", "--ray", "--shard-items", "3")
-    argv[argv.index("--image-cache") + 1] = f"file://{tmp_path}/cache"
-    assert select_images.main(argv) == 0
-    rows = _read(tmp_path / "sel")
-    cached = {p.name for p in (tmp_path / "cache").iterdir()}
-    assert cached and all(n.startswith("u") for n in cached)
-    for a, b in zip(local["rows"], rows):
-        if a["image"].startswith("http") and a["status"] == "ok":
-            assert b["file"] == f"file://{tmp_path}/cache/{Path(a['file']).name}", b
-            a, b = dict(a, file=""), dict(b, file="")
-        assert_same([a], [b])
-    s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
-    assert s["candidates"] == len(rows) and s["ray"]["shards_written"] == len(list((tmp_path / "sel").glob("part-*")))
-    assert s["downloads"]["downloaded"] == len(cached)
-    # a rerun writes every shard again from the cached images (pulled, not downloaded again)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
-    argv[argv.index("--recall-k") + 1] = "1"
-    assert select_images.main(argv) == 0
-    s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
-    assert s["ray"]["shards_written"] == s["ray"]["shards"] and s["downloads"]["downloaded"] == 0
-    assert s["downloads"]["reused"] == len(cached)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes
+    srv = LocalServer().start()
+    try:
+        for k, color in enumerate(("红", "蓝")):
+            srv.add(f"/w{k}", png_bytes(solid_image(COLORS[color], size=(60, 40), seed=k)), content_type="image/png")
+        items = env["csv"].with_name("items_web.csv")  # beside the catalogue: its relative paths hold
+        web = "".join(f"web,红色方形,,{srv.url(f'/w{k}')}\n" for k in range(2))
+        items.write_text(env["csv"].read_text(encoding="utf-8") + web, encoding="utf-8")
+        argv = _argv(env, f"file://{tmp_path}/sel", "--ray", "--shard-items", "3")
+        argv[argv.index("--image-cache") + 1] = f"file://{tmp_path}/cache"
+        argv[argv.index("--items") + 1] = str(items)
+        assert select_images.main(argv) == 0
+        rows = _read(tmp_path / "sel")
+        cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+        assert len(cached) == 2 and all(n.startswith("u") for n in cached)
+        assert_same(local["rows"], [r for r in rows if r["item_id"] != "web"])
+        web_rows = [r for r in rows if r["item_id"] == "web"]
+        assert [r["status"] for r in web_rows] == ["ok", "ok"]
+        assert sorted(r["file"] for r in web_rows) == [f"file://{tmp_path}/cache/{n}" for n in cached]
+        s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
+        assert s["candidates"] == len(rows) and s["downloads"]["downloaded"] == 2
+        assert s["ray"]["shards_written"] == len(list((tmp_path / "sel").glob("part-*")))
+        # another setting: every shard again, the images pulled from the URI, not downloaded
+        mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+        argv[argv.index("--recall-k") + 1] = "1"
+        assert select_images.main(argv) == 0
+        s = json.loads((tmp_path / "sel.summary.json").read_text(encoding="utf-8"))
+        assert s["ray"]["shards_written"] == s["ray"]["shards"]
+        assert s["downloads"]["downloaded"] == 0 and s["downloads"]["reused"] == 2
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes
+    finally:
+        srv.stop()

@@ -88,11 +88,15 @@ def check_token(address: str) -> None:
 def connect_ray(address: str | None = None, **init_kw) -> bool:
     """Join ``address`` (or RAY_ADDRESS), else start a local Ray in this process.
     Returns True when this call started the session (the caller shuts it down)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        # a Ray of this machine only: on the loopback address, not the machine's interface,
+        # where a head on 127.0.0.1 does not listen (read when Ray is first imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address and HOST_PORT.fullmatch(address):
         check_token(address)
     kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
