@@ -114,6 +114,9 @@ def ray_session(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        reset_auth_token_state()  # Ray caches the mode and the token: a later ray.init reads them anew
 
 
 def _argv(env, out, *extra, recall=None):
