@@ -49,20 +49,34 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
-def _stop(pgids: list[int]) -> None:
+def _ours(home: Path) -> list:
+    """The cluster's processes: its process groups, and the workers Ray starts in their own
+    sessions, all known by the HOME the cluster was given."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("HOME") == str(home):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _stop(pgids: list[int], home: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in pgids:
             try:
                 os.killpg(g, sig)
             except ProcessLookupError:
                 pass
+        for p in _ours(home):
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
         deadline = time.time() + 10
-        while time.time() < deadline and any(_alive(g) for g in pgids):
+        while time.time() < deadline and _ours(home):
             time.sleep(0.3)
-
-
-def _alive(pgid: int) -> bool:
-    return any(_safe_pgid(p) == pgid for p in psutil.process_iter())
 
 
 def _safe_pgid(p) -> int | None:
@@ -106,7 +120,7 @@ def cluster(tmp_path_factory):
         driver = {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         yield {"address": f"127.0.0.1:{gcs}", "env": driver, "pgids": pgids, "home": home}
     finally:
-        _stop(pgids)
+        _stop(pgids, home)
 
 
 def _select(cluster, argv, *, environ=None, wait=True):
