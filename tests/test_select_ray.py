@@ -274,11 +274,31 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
         rows = list(csv.reader(f))
     table = pa.table({name: [r[i] for r in rows[1:]] for i, name in enumerate(rows[0])})
     items = env["csv"].with_suffix(".parquet")
-    pq.write_table(table, items)
+    pq.write_table(table, items, row_group_size=7)  # several read tasks; items spread over them
     argv = _argv(env, tmp_path / "pq.csv", "--ray", "--shard-items", "5")
     argv[argv.index("--items") + 1] = str(items)
     assert select_images.main(argv) == 0
     assert_same(local["rows"], _read(tmp_path / "pq.csv"))
+
+
+def test_bad_rows_skipped_on_the_cluster_as_locally(env, ray_session, local, tmp_path):
+    """Bad rows read by the workers: with --skip-bad-rows left out, counted and listed by
+    file and line in the summary as in the local run; the other rows are the local run's."""
+    if local["path"] != "single":
+        pytest.skip("one encode path is enough")
+    items = env["csv"].with_name("items_bad.csv")
+    text = env["csv"].read_bytes().splitlines(keepends=True)
+    items.write_bytes(b"".join(text[:3] + [b"it9,t,,\n", b"it0,\xff\xfe,,x.jpg\n"] + text[3:] + [b"it1,x\n"]))
+    summaries = []
+    for name, extra in (("local.csv", []), ("ray.csv", ["--ray", "--shard-items", "3"])):
+        argv = _argv(env, tmp_path / name, "--skip-bad-rows", *extra)
+        argv[argv.index("--items") + 1] = str(items)
+        assert select_images.main(argv) == 0
+        summaries.append(_summary(tmp_path / name))
+    assert summaries[0]["bad_rows"] == summaries[1]["bad_rows"] == 3
+    assert summaries[0]["bad_row_list"] == summaries[1]["bad_row_list"]
+    assert [e.split(": ")[0] for e in summaries[1]["bad_row_list"]] == [f"{items}:{n}" for n in (4, 5, len(text) + 3)]
+    assert_same(_read(tmp_path / "local.csv"), _read(tmp_path / "ray.csv"))
 
 
 def test_outputs_on_a_filesystem_uri(env, ray_session, local, tmp_path):

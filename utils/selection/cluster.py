@@ -4,7 +4,7 @@ checked, then grouped into shards of whole items on the cluster.
 
 A CSV is read by one task, in order (a row's line, and whether a newline is inside
 quotes, are known only from the start of the file); a Parquet catalogue by one task per
-run of row groups. A shard is the set of items whose ``crc32(item_id) % shards`` is its
+row group. A shard is the set of items whose ``crc32(item_id) % shards`` is its
 number: the rows of an item meet in one shard wherever they are in the catalogue, and
 the same catalogue always makes the same shards (a rerun skips those written).
 """
@@ -27,21 +27,16 @@ BLOCK_ROWS = 50_000  # rows per block read; the bad rows come with their block
 FIELDS = ("line", "item_id", "title", "poi_names", "image")
 
 
-def _row_groups(path: str) -> list[tuple[list[int] | None, int]]:
-    """``(row groups, first line)`` per read task: runs of about BLOCK_ROWS rows (from the
-    file's footer only); a CSV is one task."""
+def _parts(path: str) -> list[tuple[list[int] | None, int]]:
+    """``(row groups, first line)`` per read task: one per row group of a Parquet file (from
+    its footer only); a CSV is one task."""
     if not is_parquet(path):
         return [(None, 2)]
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
-    parts, line = [([], 2)], 2
-    for g in range(meta.num_row_groups):
-        if sum(meta.row_group(i).num_rows for i in parts[-1][0]) >= BLOCK_ROWS:
-            parts.append(([], line))
-        parts[-1][0].append(g)
-        line += meta.row_group(g).num_rows
-    return parts
+    rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    return [([g], line) for g, line in enumerate(itertools.accumulate(rows, initial=2)) if g < len(rows)]
 
 
 def _read(path: str, groups, line: int):
@@ -72,7 +67,7 @@ def read_dataset(path: str):
 
         def get_read_tasks(self, parallelism, **kw):
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
-            return [ReadTask(functools.partial(_read, path, g, line), meta) for g, line in _row_groups(path)]
+            return [ReadTask(functools.partial(_read, path, g, line), meta) for g, line in _parts(path)]
 
     return ray.data.read_datasource(Catalogue())
 

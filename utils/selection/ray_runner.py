@@ -70,19 +70,16 @@ def _maybe_die(stage: str) -> None:
     os._exit(1)
 
 
-def _node() -> str:
-    """This worker's node: its address and the start of its id (nodes may share an address)."""
-    import ray
-
-    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
-
-
 @contextlib.contextmanager
 def _stage(payload: dict, name: str):
-    """Records where and how long ``name`` ran on a shard: ``payload["where"][name]``."""
+    """Records where (address and node id: nodes may share an address) and how long
+    ``name`` ran on a shard: ``payload["where"][name]``."""
+    import ray
+
     t = time.perf_counter()
     yield
-    payload.setdefault("where", {})[name] = [_node(), round(time.perf_counter() - t, 4)]
+    node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
 
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --

@@ -100,10 +100,11 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
     if address and HOST_PORT.fullmatch(address):
         check_token(address)
     kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
+    # "local": a new Ray in this process, never a `ray start` cluster Ray would find on the machine
     quiet = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
     kw["logging_level"] = quiet  # Ray's start-up notices; our own lines say what happens
     try:
-        ray.init(address=address, runtime_env=runtime_env(address), **{**kw, **init_kw})
+        ray.init(address=address or "local", runtime_env=runtime_env(address), **{**kw, **init_kw})
     except ConnectionError as e:
         raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
     import ray.data  # sets up its own console logging on import
