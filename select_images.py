@@ -7,7 +7,8 @@
         [--poi-pic-num T1 --poi-image-vectors T2 --poi-name-vectors T3] [--html report.html]
 
     ... --ray                 # the same run on Ray Data: a local Ray started in-process
-    ... --ray HOST:6379       # or join a running cluster (also: RAY_ADDRESS)
+    ... --ray HOST:6379       # or join a running cluster (also: RAY_ADDRESS; RAY_AUTH_MODE=token
+                              # and its token for a cluster with token authentication)
 
 Input (``--items``): a CSV with the header ``item_id,title,poi_names,image`` (one row per
 candidate image) or a Parquet file with those columns. ``image`` is a local path,
@@ -24,7 +25,8 @@ status: ok | missing | download_failed | unreadable | duplicate; only ok candida
 scored. ``<out>.summary.json`` records counts, the encode path, unknown POIs, bad rows
 and timings; ``--html`` writes a visual report. A run's outputs are written together or
 not at all. With ``--ray``, an ``--out`` not ending in ``.csv`` is a directory of
-Parquet shards.
+Parquet shards, on a path or a filesystem URI (``file://``, ``s3://``, ...; so may
+``--image-cache`` be).
 
 Exit status: 0 on success (also when some items have no readable image), 2 for bad input
 (one line on stderr, checked before any model is loaded where possible).

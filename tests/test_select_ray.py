@@ -33,8 +33,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 DIM = 32
 SCORE_TOL = 1e-5
 STAGES = ("decode", "select", "write")  # fetch runs fused with decode: one task
-# Ray on 127.0.0.1 only; the token path is ours, RAY_AUTH_MODE is set by ray.init: restored after
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray on 127.0.0.1 only; the token path is ours, RAY_AUTH_MODE is set by ray.init: restored after.
+# S3 (test_outputs_on_s3) is a local moto server whose address the workers get at start
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+RAY_ENV.update(AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL="")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,14 @@ def env(tmp_path_factory, bert_dir):
     srv.stop()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     """One local Ray for the module, on 127.0.0.1, with its own token (never the user's
@@ -102,7 +112,9 @@ def ray_session(tmp_path_factory):
     token = tmp_path_factory.mktemp("ray_auth") / "auth_token"
     token.write_text("0" * 64)
     saved = {k: os.environ.get(k) for k in (select_ray.FAIL_ENV, *RAY_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    s3 = f"http://127.0.0.1:{_free_port()}"
     os.environ.update({select_ray.FAIL_ENV: str(fail_dir), **RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token)})
+    os.environ["AWS_ENDPOINT_URL"] = s3
     started = select_ray.connect_ray(None, num_cpus=2, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield fail_dir
@@ -338,3 +350,57 @@ def test_outputs_on_a_filesystem_uri(env, ray_session, local, tmp_path):
         assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def s3(ray_session):
+    """moto's S3 server at the session's AWS_ENDPOINT_URL on 127.0.0.1 (its own session,
+    stopped by its process group) and a bucket: pyarrow never reaches for AWS."""
+    pytest.importorskip("moto", reason="moto is not installed (requirements-dev.txt)")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = pafs.S3FileSystem(
+            access_key="test", secret_key="test", region="us-east-1", scheme="http",
+            endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True,
+        )  # fmt: skip
+        fs.create_dir("sel-bucket")
+        yield fs
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_outputs_on_s3(env, local, s3, tmp_path):
+    """--out and --image-cache on an S3-compatible server (moto, 127.0.0.1): the shards and
+    the summary are there, the rows are the local run's."""
+    if local["path"] != "single":
+        pytest.skip("one encode path is enough")
+    argv = _argv(env, "s3://sel-bucket/sel", "--ray", "--shard-items", "3")
+    argv[argv.index("--image-cache") + 1] = "s3://sel-bucket/cache"
+    assert select_images.main(argv) == 0
+    got = tmp_path / "sel"
+    got.mkdir()
+    import pyarrow.fs as pafs
+
+    names = [i.path for i in s3.get_file_info(pafs.FileSelector("sel-bucket/sel")) if i.path.endswith(".parquet")]
+    for name in names:
+        pafs.copy_files(name, str(got / Path(name).name), source_filesystem=s3)
+    assert_same(local["rows"], _read(got))
+    with s3.open_input_stream("sel-bucket/sel.summary.json") as f:
+        s = json.loads(f.read())
+    assert s["candidates"] == len(local["rows"]) and s["ray"]["shards_written"] == len(names) >= 2

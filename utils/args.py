@@ -291,8 +291,9 @@ def add_ray(p, title: str | None = "Ray Data"):
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of "
-        "RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto)",
+        help="run on Ray Data: without ADDRESS a new local Ray started in-process (or the cluster of "
+        "RAY_ADDRESS); with one, join that cluster (e.g. HOST:6379, auto; a cluster with token "
+        "authentication takes RAY_AUTH_MODE=token and its token, see README)",
     )
     g.add_argument("--actors", type=cli.positive_int, default=1, help="scoring actors, one model set each (default 1)")
     g.add_argument(
@@ -305,7 +306,7 @@ def add_ray(p, title: str | None = "Ray Data"):
         "--shard-items",
         type=cli.positive_int,
         default=64,
-        help="items per shard: the unit of work, of retries and of the Parquet files (default 64)",
+        help="items per shard, about: the unit of work, of retries and of the Parquet files (default 64)",
     )
     return g
 

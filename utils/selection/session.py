@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that stage's worker die once
 PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+STORE_ENV = ("AWS_", "GOOGLE_", "AZURE_", "HADOOP_")  # a local Ray's workers reach the driver's storage
 EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/"]
 EXCLUDES += ["*.pth", "*.ckpt", "*.npy", "*.npz", "*.onnx", "*.parquet"]
 HOST_PORT = re.compile(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+")
@@ -34,8 +35,9 @@ TOKEN_HELP = (
 
 def runtime_env(address: str | None) -> dict:
     """Workers import this project: on a local Ray through PYTHONPATH, on a cluster by
-    shipping the code (``working_dir``; data files left out)."""
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    shipping the code (``working_dir``; data files left out). A cluster's nodes have their
+    own storage credentials; a local Ray's workers get the driver's."""
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV or (not address and k.startswith(STORE_ENV))}
     if address:
         return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
     path = os.environ.get("PYTHONPATH")
