@@ -404,3 +404,19 @@ def test_outputs_on_s3(env, local, s3, tmp_path):
     with s3.open_input_stream("sel-bucket/sel.summary.json") as f:
         s = json.loads(f.read())
     assert s["candidates"] == len(local["rows"]) and s["ray"]["shards_written"] == len(names) >= 2
+
+
+def test_page_is_a_bounded_sample(env, ray_session, local, tmp_path, monkeypatch):
+    """Beyond PAGE_ITEMS items the page shows a sample of that many, and says so; the
+    summary still counts every item (local and Ray alike)."""
+    if local["path"] != "single":
+        pytest.skip("one encode path is enough")
+    from utils.selection import run as run_module
+
+    monkeypatch.setattr(run_module, "PAGE_ITEMS", 4)
+    for name, extra in (("local.csv", []), ("ray.csv", ["--ray", "--shard-items", "3"])):
+        html = tmp_path / f"{name}.html"
+        assert select_images.main(_argv(env, tmp_path / name, "--html", str(html), *extra)) == 0
+        text = html.read_text(encoding="utf-8")
+        assert text.count('<div class="poi') == 4 and "a sample of 4" in text
+        assert _summary(tmp_path / name)["items"] == 9

@@ -225,10 +225,10 @@ def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch:
     }
 
 
-def page_sample(items, limit: int = PAGE_ITEMS) -> list[Item]:
+def page_sample(items, limit: int | None = None) -> list[Item]:
     """At most ``limit`` of ``items`` (an iterable: read once, ``limit`` kept), drawn
     evenly at random with a fixed seed, in catalogue order: the page stays readable."""
-    rng, kept = random.Random(0), []
+    rng, kept, limit = random.Random(0), [], limit or PAGE_ITEMS
     for n, it in enumerate(items):
         if n < limit:
             kept.append(it)
