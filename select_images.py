@@ -7,7 +7,8 @@
         [--poi-pic-num T1 --poi-image-vectors T2 --poi-name-vectors T3] [--html report.html]
 
     ... --ray                 # the same run on Ray Data: a local Ray started in-process
-    ... --ray HOST:6379       # or join a running cluster (also: RAY_ADDRESS)
+    ... --ray HOST:6379       # or join a running cluster (also: RAY_ADDRESS; RAY_AUTH_MODE=token
+                              # and its token for a cluster with token authentication)
 
 Input (``--items``): a CSV with the header ``item_id,title,poi_names,image`` (one row per
 candidate image) or a Parquet file with those columns. ``image`` is a local path,
@@ -24,7 +25,8 @@ status: ok | missing | download_failed | unreadable | duplicate; only ok candida
 scored. ``<out>.summary.json`` records counts, the encode path, unknown POIs, bad rows
 and timings; ``--html`` writes a visual report. A run's outputs are written together or
 not at all. With ``--ray``, an ``--out`` not ending in ``.csv`` is a directory of
-Parquet shards.
+Parquet shards, on a path or a filesystem URI (``file://``, ``s3://``, ...; so may
+``--image-cache`` be).
 
 Exit status: 0 on success (also when some items have no readable image), 2 for bad input
 (one line on stderr, checked before any model is loaded where possible).
@@ -62,7 +64,7 @@ from utils.args import (
     add_recall_files,
     add_run,
 )
-from utils.selection import ModelFiles, RayOptions, Scoring, Selection
+from utils.selection import ModelFiles, RayOptions, Scoring, Selection, is_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +123,8 @@ def selection_of(args) -> tuple[Selection, RayOptions | None]:
 
 def check_paths(job: Selection, shards_out: bool) -> None:
     """Readable inputs, writable outputs, no output that is an input or another output:
-    a ``UserError`` before any model is loaded."""
+    a ``UserError`` before any model is loaded. A filesystem URI (``--out`` of shards,
+    ``--image-cache``, a summary beside such an ``--out``) is the cluster's to reach."""
     f = job.files
     tables = dict(zip(("--poi-pic-num", "--poi-image-vectors", "--poi-name-vectors"), f.poi_tables or ()))
     inputs = {
@@ -135,15 +138,20 @@ def check_paths(job: Selection, shards_out: bool) -> None:
         if path:
             input_file(path, flag)
     input_dir(f.bert_dir, "--bert-dir")
-    (output_dir if shards_out else output_file)(job.out, "--out")
-    output_file(job.summary_path, "--summary")
-    if job.html:
-        output_file(job.html, "--html")
+    if is_uri(job.out) and not shards_out:
+        raise UserError(f"--out {job.out}: a filesystem URI takes --ray and a directory of shards (no .csv)")
     dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
-    for flag, path in dirs.items():
-        if path:
-            output_dir(path, flag)
-    distinct_paths(inputs, {"--out": job.out, "--summary": job.summary_path, "--html": job.html, **dirs})
+    if is_uri(job.image_dir) and not shards_out:
+        raise UserError(f"--image-cache {job.image_dir}: a filesystem URI takes --ray and a directory of shards")
+    outputs = {
+        "--out": (job.out, output_dir if shards_out else output_file),
+        "--summary": (job.summary_path, output_file),
+    }
+    outputs |= {"--html": (job.html, output_file), **{flag: (path, output_dir) for flag, path in dirs.items()}}
+    for flag, (path, check) in outputs.items():
+        if path and not is_uri(path):
+            check(path, flag)
+    distinct_paths(inputs, {flag: path for flag, (path, _) in outputs.items()})
 
 
 @entry_point

@@ -6,8 +6,10 @@ weights) and where the time goes.
     python bench/bench_select.py --items 50          # smaller; extrapolate
     python bench/bench_select.py --separate-recall   # a different recall checkpoint: two encode path
     python bench/bench_select.py --ray --items 24 --candidates 4
-        # local path, then the Ray path with 1 and 2 actors on the same catalogue (one Ray
-        # session): items/s of each and the ratios Ray/local and 2 actors/1 actor
+        # the driver's peak RSS at 10k / 100k / 1M catalogue rows, local vs Ray
+        # (bench/select_rss.py, one process per run); then the local path and the Ray path
+        # with 1 and 2 actors on the same catalogue (one Ray session): items/s of each and
+        # the ratios Ray/local and 2 actors/1 actor
 
 Catalogue: ``--items`` items with ``--candidates`` images each, every image a distinct
 file: the 30 sample photos of the seed data (AVAS_SEED_DATA or --seed-data, default
@@ -133,6 +135,24 @@ def _selected(out: Path) -> list[tuple[str, str, str]]:
         return [(r["item_id"], r["line"], r["selected"]) for r in csv.DictReader(f)]
 
 
+def bench_rss(rows: list[int], work: Path) -> None:
+    """Driver peak RSS of both runners per catalogue size (each run its own process)."""
+    import subprocess
+
+    print(f"\nbench_select --ray: driver peak RSS (MB), 4 rows per item, {os.cpu_count()} CPUs")
+    print(f"  {'rows':>9}  {'local':>7}  {'ray':>7}  {'local s':>8}  {'ray s':>7}")
+    for n in rows:
+        got = {}
+        for runner in ("local", "ray"):
+            cmd = [sys.executable, str(ROOT / "bench" / "select_rss.py"), runner, str(n), str(work / "rss")]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                raise SystemExit(f"select_rss.py {runner} {n}: {r.stderr[-2000:]}")
+            got[runner] = json.loads(r.stdout.strip().splitlines()[-1])
+        loc, ray = got["local"], got["ray"]
+        print(f"  {n:>9}  {loc['peak_rss_mb']:>7}  {ray['peak_rss_mb']:>7}  {loc['s']:>8}  {ray['s']:>7}")
+
+
 def bench_ray(args, argv_sel: list[str], work: Path) -> int:
     """Local path, then --ray with 1 and 2 actors, on the same catalogue; ratios first."""
     import ray
@@ -154,9 +174,11 @@ def bench_ray(args, argv_sel: list[str], work: Path) -> int:
         runs[name] = {"wall_s": wall, "items": s["items"], "items_per_s": s["items"] / wall, "selected": _selected(out)}
         log.info("%s: %.1f s, %.3f items/s", name, wall, s["items"] / wall)
 
+    bench_rss(args.rss_rows, work)
     one("local", [])
     t = time.perf_counter()
-    connect_ray(None, num_cpus=os.cpu_count(), log_to_driver=False)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1
+    connect_ray(None, num_cpus=os.cpu_count(), log_to_driver=False, _node_ip_address="127.0.0.1")
     ray_start = time.perf_counter() - t
     try:
         for n in (1, 2):
@@ -219,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--ray", action="store_true", help="compare the local path with --ray at 1 and 2 actors (ratios)")
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--shard-items", type=int, default=4)
+    p.add_argument(
+        "--rss-rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="catalogue sizes of the RSS runs"
+    )
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -279,8 +279,9 @@ def add_ray(p, title: str | None = "Ray Data"):
     """``--ray [ADDRESS]`` and the shape of the Ray run."""
     g = _group(p, title)
     text = (
-        "run on Ray Data: without ADDRESS a local Ray started in-process (or the cluster of RAY_ADDRESS); with one, "
-        "join that cluster (e.g. HOST:6379, auto)"
+        "run on Ray Data: without ADDRESS a new local Ray started in-process (or the cluster of RAY_ADDRESS); "
+        "with one, join that cluster (e.g. HOST:6379, auto; a cluster with token authentication takes "
+        "RAY_AUTH_MODE=token and its token, see README)"
     )
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=text)
     g.add_argument("--actors", type=cli.positive_int, default=1, help="scoring actors, one model set each (default 1)")
@@ -288,6 +289,6 @@ def add_ray(p, title: str | None = "Ray Data"):
     g.add_argument("--cpus-per-actor", type=cli.non_negative_float, default=1.0, help=text)
     text = "GPUs per actor (default 0: CPU actors)"
     g.add_argument("--gpus-per-actor", type=cli.non_negative_float, default=0.0, help=text)
-    text = "items per shard: the unit of work, of retries and of the Parquet files (default 64)"
+    text = "items per shard, about: the unit of work, of retries and of the Parquet files (default 64)"
     g.add_argument("--shard-items", type=cli.positive_int, default=64, help=text)
     return g

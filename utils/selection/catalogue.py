@@ -131,7 +131,9 @@ def _csv_rows(path: str, errors: list[RowError]):
         yield start, [fields[i] for i in col]
 
 
-def _parquet_rows(path: str):
+def _parquet_rows(path: str, groups: list[int] | None = None, line: int = 2):
+    """``(line, fields)`` of a Parquet catalogue (row i is line i + 2), or of its row
+    ``groups`` whose first row is ``line``."""
     import pyarrow.parquet as pq  # only for a Parquet catalogue
 
     try:
@@ -139,25 +141,32 @@ def _parquet_rows(path: str):
     except Exception as e:  # not a Parquet file, truncated ...
         raise DataError(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})") from None
     _lacking(path, 1, pf.schema_arrow.names)
-    line = 2
-    for batch in pf.iter_batches(columns=list(COLUMNS)):
+    for batch in pf.iter_batches(columns=list(COLUMNS), row_groups=groups):
         for values in zip(*(batch.column(c).to_pylist() for c in COLUMNS)):
             yield line, ["" if v is None else str(v) for v in values]
             line += 1
 
 
-def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item]:
-    """Items in order of first appearance. Rows that cannot be used (bad bytes, too few
-    fields, empty item_id or image) go to ``errors`` with their line and are left out;
-    a file without the required columns is a ``DataError``."""
-    path = str(path)
-    items: dict[str, Item] = {}
-    for line, (item_id, title, pois, image) in _parquet_rows(path) if is_parquet(path) else _csv_rows(path, errors):
+def catalogue_rows(path: str, errors: list[RowError], groups: list[int] | None = None, line: int = 2):
+    """``(line, item_id, title, poi_names, image)`` of every usable row (of Parquet row
+    ``groups`` starting at ``line``: how the workers of a Ray run read their part). Rows
+    that cannot be used (bad bytes, too few fields, empty item_id or image) go to
+    ``errors`` with their line; a file without the required columns is a ``DataError``."""
+    rows = _parquet_rows(path, groups, line) if is_parquet(path) else _csv_rows(path, errors)
+    for line, (item_id, title, pois, image) in rows:
         item_id, image = item_id.strip(), image.strip()
         if not item_id or not image:
             empty = " and ".join(n for n, v in (("item_id", item_id), ("image", image)) if not v)
             errors.append(RowError(path, line, "empty " + empty))
             continue
+        yield line, item_id, title, pois, image
+
+
+def group_items(rows, path: str) -> list[Item]:
+    """Items in order of first appearance of ``catalogue_rows`` (in line order); an
+    item's title and poi_names come from its first row."""
+    items: dict[str, Item] = {}
+    for line, item_id, title, pois, image in rows:
         it = items.get(item_id)
         if it is None:
             it = items[item_id] = Item(item_id, title, pois, line)
@@ -167,6 +176,11 @@ def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item
             )
         it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
     return list(items.values())
+
+
+def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item]:
+    """Items in order of first appearance; unusable rows go to ``errors`` (``catalogue_rows``)."""
+    return group_items(catalogue_rows(str(path), errors), str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +279,10 @@ def _cell(x) -> str:
     return f"{x:.9g}" if isinstance(x, float) else str(x)
 
 
-def write_output(path: str | os.PathLike, items: list[Item]) -> None:
-    """The output CSV (written atomically): one row per candidate, floats to 9 digits."""
+def write_output(path: str | os.PathLike, rows) -> None:
+    """The output CSV (written atomically) of ``output_rows``: one row per candidate,
+    floats to 9 digits."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)
-        w.writerows([_cell(x) for x in row] for row in output_rows(items))
+        w.writerows([_cell(x) for x in row] for row in rows)

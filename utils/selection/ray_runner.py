@@ -1,78 +1,59 @@
 """The selection on Ray Data (``select_images.py --ray``), with the local run's rows,
 ranks and selections (scores within 1e-5).
 
-The driver reads the catalogue into items (the bad-row rule applied to every row's
-errors), loads the models once to check them, and cuts the items into shards of
-``shard_items``: the unit of work, of retries and of the output files. Each shard not
-written yet goes through ``prepare_stage`` (CPU task: paths, downloads, duplicates,
-images decoded to 224 x 224 uint8), ``ScoreShards`` (actor pool, one model set per
-actor: the block scoring of the local run) and ``write_stage`` (``part-NNNNNN.parquet``,
-atomically). The driver merges the shards into the CSV ``--out`` (without ``.csv``,
-``--out`` is the directory of shards) and writes the page and the summary. Workers that
-die are retried; a rerun of the same plan skips the finished shards. On a cluster every
-node must see the same paths; Ray ships the project's code.
+The driver checks the catalogue's header, joins (or starts) Ray, and has the workers
+count the catalogue and report its bad rows (``cluster``: the bad-row rule applies
+before any scoring); it loads the models once to check them. The workers then group the
+rows into shards of whole items; each shard not written yet goes through
+``prepare_stage`` (CPU task: paths, downloads, duplicates, images decoded to 224 x 224
+uint8), ``ScoreShards`` (actor pool, one model set per actor: the block scoring of the
+local run) and ``write_stage`` (``part-NNNNNN.parquet``, atomically, on a path or a
+filesystem URI). The driver holds counts only: one progress line per shard written; at
+the end it merges the shards into the CSV ``--out`` if asked (without ``.csv``,
+``--out`` is the directory of shards) and writes the page and the summary. Workers
+that die are retried, and a run that loses a node goes on with the shards not written
+yet; a rerun of the same plan skips the finished shards.
 """
 
 from __future__ import annotations
 
 from utils.cli import UserError, setup_logging
 
+import contextlib
 import functools
+import json
 import logging
+import math
 import os
-import pickle
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
-
-import numpy as np
 
 from utils.io import exclusive_lock
 
-from .catalogue import OK, UNREADABLE, Item
-from .run import Clock, RayOptions, Selection, finish, read_items, resolve, summarize
-from .shards import POI_TABLES, finished_shards, merge_shards, plan_key, write_plan, write_shard
+from .catalogue import OK, UNREADABLE, catalogue_rows, write_output
+from .cluster import count_catalogue, pack, shard_dataset, unpack
+from .run import Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
+from .session import FAIL_ENV, connect_ray
+from .shards import (
+    POI_TABLES,
+    finished_shards,
+    merged_rows,
+    plan_key,
+    shard_items,
+    shard_metas,
+    write_plan,
+    write_shard,
+)
+from .store import is_uri, open_dir, staged_cache
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 TASK_RETRIES = 3  # a CPU task whose worker dies is run again up to this often
 ACTOR_RESTARTS = 3  # a scoring actor that dies is restarted up to this often
-FAIL_ENV = "AVAS_SELECT_RAY_FAIL_DIR"  # tests: a file <dir>/<stage> makes that stage's worker die once
-PASS_ENV = ("AVAS_ONNX_CACHE", FAIL_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-EXCLUDES = [".git/", ".venv/", "data/", "assets/", "runs/", "**/__pycache__/"]
-EXCLUDES += ["*.pth", "*.ckpt", "*.npy", "*.npz", "*.onnx", "*.parquet"]
-
-
-# --- the Ray session -------------------------------------------------------------------------
-def runtime_env(address: str | None) -> dict:
-    """Workers import this project: on a local Ray through PYTHONPATH, on a cluster by
-    shipping the code (``working_dir``; data files left out)."""
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    if address:
-        return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
-    path = os.environ.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-    return {"env_vars": env}
-
-
-def connect_ray(address: str | None = None, **init_kw) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), else start a local Ray in this process.
-    Returns True when this call started the session (the caller shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kw = dict(include_dashboard=False, log_to_driver=True) if not address else {}
-    try:
-        ray.init(address=address, runtime_env=runtime_env(address), **{**kw, **init_kw})
-    except ConnectionError as e:
-        raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
-    log.info("Ray %s: %s", "cluster " + address if address else "started locally", ray.cluster_resources())
-    return True
+RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the shards not written
 
 
 def _maybe_die(stage: str) -> None:
@@ -89,17 +70,19 @@ def _maybe_die(stage: str) -> None:
     os._exit(1)
 
 
+@contextlib.contextmanager
+def _stage(payload: dict, name: str):
+    """Records where (address and node id: nodes may share an address) and how long
+    ``name`` ran on a shard: ``payload["where"][name]``."""
+    import ray
+
+    t = time.perf_counter()
+    yield
+    node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
+
+
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
-def _rows(batch):
-    return zip(batch["shard"].tolist(), batch["payload"])
-
-
-def _batch(rows: list[tuple[int, object]]) -> dict:
-    payload = np.empty(len(rows), dtype=object)
-    payload[:] = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for _, p in rows]
-    return {"shard": np.array([k for k, _ in rows], dtype=np.int64), "payload": payload}
-
-
 def _decode(path: str, mode: str):
     """The image at the model's input size (uint8), None when it does not decode; the
     normalisation runs in the actor."""
@@ -114,22 +97,34 @@ def _decode(path: str, mode: str):
         return None
 
 
-def prepare_stage(batch, job: Selection):
-    """Fetch and decode, one CPU task per shard."""
-    _maybe_die("decode")
-    out = []
-    for k, raw in _rows(batch):
-        items: list[Item] = pickle.loads(raw)
-        fetch = resolve(job, items, progress=False)
-        arrays: dict = {}
+def _prepare(items, job: Selection) -> tuple[dict, dict]:
+    """Resolve and decode a shard's images: ``(fetch counts, {file: array})``. With a URI
+    image cache the downloads go through a local stage; ``file`` then names the cache."""
+    urls = [c for it in items for c in it.cands if c.is_url]
+    remote = is_uri(job.image_dir)
+    arrays: dict = {}
+    with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
+        fetch = resolve(replace(job, image_cache=cache), items, progress=False)
+        local = {id(c): c.file for it in items for c in it.cands}
         for c in (c for it in items for c in it.cands if c.status == OK):
             if c.file not in arrays:
                 arrays[c.file] = _decode(c.file, job.scoring.enc.preprocess)
             if arrays[c.file] is None:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
-        images = {f: a for f, a in arrays.items() if a is not None}
-        out.append((k, {"items": items, "fetch": fetch, "images": images}))
-    return _batch(out)
+    cands = [c for it in items for c in it.cands if c.status == OK]
+    return fetch, {c.file: arrays[local[id(c)]] for c in cands}
+
+
+def prepare_stage(batch, job: Selection):
+    """Fetch and decode, one CPU task per shard."""
+    _maybe_die("decode")
+    out = []
+    for k, items in unpack(batch):
+        payload: dict = {"items": items}
+        with _stage(payload, "prepare"):
+            payload["fetch"], payload["images"] = _prepare(items, job)
+        out.append((k, payload))
+    return pack(out)
 
 
 def decoded_image(arrays: dict, path, mode="reference"):
@@ -155,24 +150,27 @@ class ScoreShards:
     def __call__(self, batch):
         _maybe_die("select")
         out = []
-        for k, raw in _rows(batch):
-            p = pickle.loads(raw)
-            loader = functools.partial(decoded_image, p["images"])
-            counts = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
-            out.append((k, {"items": p["items"], "fetch": p["fetch"], "counts": counts}))
-        return _batch(out)
+        for k, p in unpack(batch):
+            with _stage(p, "score"):
+                loader = functools.partial(decoded_image, p.pop("images"))
+                p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
+            out.append((k, p))
+        return pack(out)
 
 
 def write_stage(batch, shard_dir: str, key: str):
-    """``part-NNNNNN.parquet`` per shard, atomically (a retry rewrites the same file)."""
+    """``part-NNNNNN.parquet`` per shard, atomically (a retry rewrites the same file);
+    returns each shard's metadata (counts, where its stages ran) for the driver."""
+    import numpy as np
+
     _maybe_die("write")
-    ks = []
-    for k, raw in _rows(batch):
-        p = pickle.loads(raw)
-        meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"]}
-        write_shard(Path(shard_dir), k, p["items"], meta)
-        ks.append(k)
-    return {"shard": np.array(ks, dtype=np.int64)}
+    metas = []
+    for k, p in unpack(batch):
+        with _stage(p, "write"):
+            meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
+            write_shard(shard_dir, k, p["items"], {**meta, "where": p["where"]})
+        metas.append(json.dumps({**meta, "where": p["where"]}))
+    return {"meta": np.array(metas, dtype=object)}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -180,7 +178,8 @@ def absolute(job: Selection) -> Selection:
     """Workers may run elsewhere (another cwd, another node): every path made absolute."""
 
     def ab(obj, *names):
-        return replace(obj, **{n: os.path.abspath(os.path.expanduser(v)) for n in names if (v := getattr(obj, n))})
+        made = {n: v if is_uri(v) else os.path.abspath(os.path.expanduser(v)) for n in names if (v := getattr(obj, n))}
+        return replace(obj, **made)
 
     files = ab(job.files, "bert_dir", "ranker_checkpoint", "recall_checkpoint", "arch", *POI_TABLES)
     scoring = replace(job.scoring, enc=ab(job.scoring.enc, "cache_dir"))
@@ -213,55 +212,118 @@ def _map(ds, fn, kw: dict, **retries):
             return ds.map_batches(fn, **kw)
 
 
-def run_dataset(job, opts: RayOptions, load, score, shards: list, todo: list[int], shard_dir: Path, key: str) -> None:
+def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
+    """The shards not in ``done`` through the stages; yields each one's metadata as it is
+    written."""
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = job.scoring.enc.progress
     ctx.max_errored_blocks = 0
-    rows = [{"shard": k, "payload": pickle.dumps(shards[k], protocol=pickle.HIGHEST_PROTOCOL)} for k in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = shard_dataset(job.items, plan["shards"], done, partitions=min(plan["shards"], cpus))
     ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, batch_size=1, num_cpus=1), max_retries=TASK_RETRIES)
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
-    actor = (load, score, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
+    actor = (*fns, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
     kw = dict(fn_constructor_args=actor, batch_size=1, compute=pool, num_cpus=opts.cpus_per_actor)
     kw["num_gpus"] = opts.gpus_per_actor
     ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-    kw = dict(fn_kwargs={"shard_dir": str(shard_dir), "key": key}, batch_size=1, num_cpus=0.25)
-    ds = _map(ds, write_stage, kw, max_retries=TASK_RETRIES)
-    written = sorted(int(r["shard"]) for r in ds.iter_rows())
-    if written != sorted(todo):
-        raise RuntimeError(f"Ray returned shards {written}, expected {sorted(todo)}")
+    kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, batch_size=1, num_cpus=0.25)
+    for row in _map(ds, write_stage, kw, max_retries=TASK_RETRIES).iter_rows():
+        yield json.loads(row["meta"])
 
 
-def _run_shards(job, opts: RayOptions, load, score, shards: list, shard_dir: Path, key: str) -> dict:
-    """The shards not written yet, on Ray; returns the summary's ``ray`` record."""
-    done = finished_shards(shard_dir, key, len(shards))
-    todo = [k for k in range(len(shards)) if k not in done]
-    log.info("%d shards: %d already in %s, %d to do", len(shards), len(done), shard_dir, len(todo))
-    started = False
-    try:
-        if todo:
-            started = connect_ray(opts.address)
-            check_resources(opts)
-            write_plan(shard_dir, key)
-            run_dataset(job, opts, load, score, shards, todo, shard_dir, key)
-    finally:
-        if started:
-            import ray
+def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
+    """A shard written: one line, and its share in the per-node record."""
+    where, t = meta["where"], meta["tally"]
+    enc = meta["counts"]["images_encoded"]
+    encoded = enc.get("stage1", 0) + enc.get("stage2", 0)
+    scorer = where["score"][0]
+    add_counts(nodes.setdefault(scorer, {}), {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded})
+    add_counts(nodes[scorer], {"status_counts": t["status_counts"]})
+    for stage, (node, seconds) in where.items():
+        add_counts(nodes.setdefault(node, {}), {"seconds": {stage: seconds}})
+    stages = ", ".join(f"{s} {sec:.1f} s on {node}" for s, (node, sec) in where.items())
+    log.info(
+        "shard %d written (%d of ~%d): %d candidates, %d images encoded; %s",
+        meta["shard"],
+        n_done,
+        n,
+        t["candidates"],
+        encoded,
+        stages,
+    )
 
-            ray.shutdown()
-    return {
+
+def _lost_node(e: Exception) -> bool:
+    """A failure of the cluster (a node, its workers or objects lost), not of the input."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(e, RayError) and not (isinstance(e, RayTaskError) and isinstance(e.cause, UserError))
+
+
+def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
+    """The shards not written yet, on Ray (after a lost node, again with those still
+    missing); returns ``({shard: metadata}, the summary's ray record)``."""
+    fs, d = open_dir(plan["dir"])
+    done = finished_shards(fs, d, plan["key"], plan["shards"])
+    metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
+    log.info("~%d shards: %d already in %s", plan["shards"], len(done), plan["dir"])
+    for attempt in range(RUN_ATTEMPTS + 1):
+        if sum(m["tally"]["candidates"] for m in metas.values()) == rows:
+            break
+        if attempt == RUN_ATTEMPTS:
+            raise RuntimeError(f"the shards in {plan['dir']} do not hold the catalogue's {rows} rows")
+        check_resources(opts)
+        write_plan(fs, d, plan["key"])
+        try:
+            for meta in run_dataset(job, opts, fns, plan, set(metas)):
+                metas[meta["shard"]] = meta
+                _progress(meta, len(metas), plan["shards"], nodes)
+        except Exception as e:
+            if attempt + 1 == RUN_ATTEMPTS or not _lost_node(e):
+                raise
+            log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
+            metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
+    written = len(metas) - len(done)
+    seconds = time.perf_counter() - t
+    return metas, {
         "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",
         "actors": opts.actors,
         "gpus_per_actor": opts.gpus_per_actor,
-        "shards": len(shards),
+        "shards": len(metas),
         "shards_skipped": len(done),
-        "shards_written": len(todo),
-        "shard_dir": str(shard_dir),
+        "shards_written": written,
+        "shard_dir": plan["dir"],
+        "nodes": nodes,
+        "rows_per_s": round(sum(metas[k]["tally"]["candidates"] for k in set(metas) - done) / max(seconds, 1e-9), 3),
     }
+
+
+def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location: str) -> dict:
+    with clock("count"):
+        rows, n_items, errors = count_catalogue(job.items)
+    check_rows(job.items, rows, errors, job.skip_bad_rows)
+    with clock("load_models"):  # here once, so that a bad checkpoint or table stops before the scoring
+        models, _ = fns[0](job.files, "cpu", "torch")
+        found, hashes = models.path, models.hashes
+        del models
+    if job.scoring.enc.cache_dir:
+        log.info("the actors share --cache-dir (SQLite: keep it on a local or lock-safe filesystem)")
+    plan = {"dir": location, "shards": max(1, math.ceil(n_items / opts.shard_items))}
+    plan["key"] = plan_key(job, hashes, plan["shards"], opts.shard_items)
+    with clock("ray"):
+        metas, record = _run_shards(job, opts, fns, plan, rows)
+    totals: dict = {}
+    for m in metas.values():
+        add_counts(totals, {k: m[k] for k in ("fetch", "counts", "tally")})
+    summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
+    summary["ray"] = record
+    fs, d = open_dir(location)
+    merge = (lambda tmp: write_output(tmp, merged_rows(fs, d, metas))) if location != job.out else None
+    return finish(job, summary, clock, merge, lambda: shard_items(fs, d, metas))
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
@@ -269,28 +331,21 @@ def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable
     returns the summary. ``load`` and ``score`` are the model loader and the block
     scoring: plain functions, which the actors import by name."""
     clock, job = Clock(), absolute(job)
-    with clock("read"):
-        cat = read_items(job)
-    with clock("load_models"):  # here once, so that a bad checkpoint or table stops before Ray starts
-        models, _ = load(job.files, "cpu", "torch")
-        path, hashes = models.path, models.hashes
-        del models
-    if job.scoring.enc.cache_dir:
-        log.info("the actors share --cache-dir (SQLite: keep it on a local or lock-safe filesystem)")
-    shards = [cat.items[a : a + opts.shard_items] for a in range(0, len(cat.items), opts.shard_items)]
-    csv_out = job.out.lower().endswith(".csv")
-    shard_dir = Path(f"{job.out}.shards") if csv_out else Path(job.out)
-    key = plan_key(job, hashes, len(shards), opts.shard_items)
-    created = not shard_dir.exists()
+    with clock("read"):  # the header only: a file without the columns stops before Ray starts
+        next(catalogue_rows(job.items, []), None)
+    location = f"{job.out}.shards" if job.out.lower().endswith(".csv") else job.out
+    fs, d = open_dir(location)
+    created = not is_uri(location) and not os.path.exists(location)
+    finished_shards(fs, d, None, 0)  # a file not ours in --out: refused before Ray starts
+    started = False
     try:
-        with exclusive_lock(shard_dir):
-            with clock("ray"):
-                record = _run_shards(job, opts, load, score, shards, shard_dir, key)
-            with clock("write"):
-                fetch, counts = merge_shards(cat, shard_dir, len(shards))
-            summary = summarize(job, cat, path, hashes, fetch, counts, "ray")
-            summary["ray"] = record
-            return finish(job, cat, summary, clock, rows=csv_out)
-    finally:  # a run that stopped before writing anything leaves no empty directory
-        if created and shard_dir.is_dir() and not any(shard_dir.iterdir()):
-            shard_dir.rmdir()
+        with contextlib.nullcontext() if is_uri(location) else exclusive_lock(location):
+            started = connect_ray(opts.address)
+            return _select(job, opts, (load, score), clock, location)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        if created and os.path.isdir(location) and not os.listdir(location):
+            os.rmdir(location)  # a run that stopped before writing anything leaves no empty directory

@@ -16,6 +16,7 @@ from utils.cli import DataError, bad_rows, resolve_device
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,12 +33,16 @@ from .catalogue import (
     UNREADABLE,
     Item,
     mark_duplicates,
+    output_rows,
     read_catalogue,
     resolve_images,
     write_output,
 )
+from .store import is_uri, put_file
 
 log = logging.getLogger(__name__)
+
+PAGE_ITEMS = 2000  # the HTML page shows a sample of this many items beyond that
 
 
 @dataclass(frozen=True)
@@ -133,19 +138,20 @@ class Catalogue:
 
 def read_items(job: Selection) -> Catalogue:
     errors: list = []
-    return check_catalogue(Catalogue(job.items, read_catalogue(job.items, errors), errors), job.skip_bad_rows)
-
-
-def check_catalogue(cat: Catalogue, skip_bad_rows: bool) -> Catalogue:
-    """The one bad-row rule, applied where the rows come together (they may have been
-    read in parts, each part collecting its RowErrors): bad rows are refused unless
-    skipped; a catalogue without a usable row is an error either way."""
-    if not cat.cands:
-        first = f"; first: {cat.errors[0]}" if cat.errors else ""
-        raise DataError(f"{cat.path}: no usable rows ({len(cat.errors)} bad{first})")
-    bad_rows(cat.errors, cat.path, skip_bad_rows)
-    log.info("%s: %d items, %d candidate rows, %d bad rows", cat.path, len(cat.items), len(cat.cands), len(cat.errors))
+    cat = Catalogue(job.items, read_catalogue(job.items, errors), errors)
+    check_rows(cat.path, len(cat.cands), cat.errors, job.skip_bad_rows)
+    log.info("%s: %d items, %d candidate rows, %d bad rows", cat.path, len(cat.items), len(cat.cands), len(errors))
     return cat
+
+
+def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
+    """The one bad-row rule, applied where the rows' errors come together (they may have
+    been read in parts): bad rows are refused unless skipped; a catalogue without a
+    usable row is an error either way."""
+    if not usable:
+        first = f"; first: {errors[0]}" if errors else ""
+        raise DataError(f"{path}: no usable rows ({len(errors)} bad{first})")
+    bad_rows(errors, path, skip_bad_rows)
 
 
 def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
@@ -159,31 +165,46 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
 
 
 def add_counts(total: dict, more: dict) -> dict:
-    """``more`` added into ``total``: numbers summed, dicts by key, names (lists, strings)
-    collected in sets."""
+    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, names
+    (sets, strings) collected in sets."""
     for k, v in more.items():
         if isinstance(v, dict):
             add_counts(total.setdefault(k, {}), v)
-        elif isinstance(v, (list, set, str)):
+        elif isinstance(v, list):
+            total.setdefault(k, []).extend(v)
+        elif isinstance(v, (set, str)):
             total.setdefault(k, set()).update([v] if isinstance(v, str) else v)
         else:
             total[k] = total.get(k, 0) + v
     return total
 
 
-def summarize(job: Selection, cat: Catalogue, path: str, hashes: dict, fetch: dict, counts: dict, device) -> dict:
-    """The summary of a run (``counts``: the blocks' counts, added up)."""
-    no_sel = [it.item_id for it in cat.items if it.selected is None]
+def tally(items: list[Item]) -> dict:
+    """What the summary counts of some items (a Ray run adds up its shards')."""
+    cands = [c for it in items for c in it.cands]
+    return {
+        "items": len(items),
+        "candidates": len(cands),
+        "status_counts": {s: sum(c.status == s for c in cands) for s in STATUSES},
+        "items_selected": sum(it.selected is not None for it in items),
+        "no_selection": [[it.line, it.item_id] for it in items if it.selected is None],
+    }
+
+
+def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch: dict, counts: dict, device) -> dict:
+    """The summary of a run: ``counted`` (``tally``), the bad rows, ``models`` (encode
+    path, weight hashes), and the blocks' counts, added up."""
+    path, hashes = models
     blocks = {k: v for k, v in counts.items() if k != "backend"}
-    blocks["unknown_pois"] = sorted(blocks.get("unknown_pois", ()))
+    blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
     enc = job.scoring.enc
     return {
         "items_csv": job.items,
         "out": job.out,
-        "items": len(cat.items),
-        "candidates": len(cat.cands),
-        "bad_rows": len(cat.errors),
-        "bad_row_list": [str(e) for e in cat.errors],
+        "items": counted["items"],
+        "candidates": counted["candidates"],
+        "bad_rows": len(errors),
+        "bad_row_list": [str(e) for e in errors],
         "encode_path": path,
         "recall_k": job.scoring.recall_k,
         "recall_checkpoint": job.files.recall_checkpoint,
@@ -191,9 +212,9 @@ def summarize(job: Selection, cat: Catalogue, path: str, hashes: dict, fetch: di
         "recall_weights_sha256": hashes.get("recall"),
         "ranker_recall_copy_sha256": hashes.get("ranker_align"),
         "poi_tables": bool(job.files.poi_tables) and path != "recall-only",
-        "items_selected": len(cat.items) - len(no_sel),
-        "items_without_readable_candidate": no_sel,
-        "status_counts": {s: sum(c.status == s for c in cat.cands) for s in STATUSES},
+        "items_selected": counted["items_selected"],
+        "items_without_readable_candidate": [i for _, i in sorted(counted["no_selection"])],
+        "status_counts": counted["status_counts"],
         "downloads": fetch,
         "image_cache": job.image_dir,
         **blocks,
@@ -204,7 +225,19 @@ def summarize(job: Selection, cat: Catalogue, path: str, hashes: dict, fetch: di
     }
 
 
-def _report_head(job: Selection, summary: dict) -> dict:
+def page_sample(items, limit: int | None = None) -> list[Item]:
+    """At most ``limit`` of ``items`` (an iterable: read once, ``limit`` kept), drawn
+    evenly at random with a fixed seed, in catalogue order: the page stays readable."""
+    rng, kept, limit = random.Random(0), [], limit or PAGE_ITEMS
+    for n, it in enumerate(items):
+        if n < limit:
+            kept.append(it)
+        elif (j := rng.randrange(n + 1)) < limit:
+            kept[j] = it
+    return sorted(kept, key=lambda it: it.line)
+
+
+def _report_head(job: Selection, summary: dict, shown: int) -> dict:
     st = summary["status_counts"]
     return {
         "items": summary["items"],
@@ -217,7 +250,7 @@ def _report_head(job: Selection, summary: dict) -> dict:
         "duplicates": st[DUPLICATE],
         "unknown POIs": len(summary["unknown_pois"]),
         "bad CSV rows": summary["bad_rows"],
-    }
+    } | ({"items shown": f"a sample of {shown}"} if shown < summary["items"] else {})
 
 
 def _warn(summary: dict) -> None:
@@ -231,21 +264,23 @@ def _warn(summary: dict) -> None:
         log.warning("%d POI names lack a table vector (zero vectors), in %d items: %s", len(unknown), n_items, shown)
 
 
-def finish(job: Selection, cat: Catalogue, summary: dict, clock: Clock, rows: bool = True) -> dict:
-    """The selection CSV (``rows``; the Ray shards may be the output instead), the HTML
-    page and the summary, committed together or not at all. A write that fails (disk
-    full, file-size limit) is one ``UserError`` naming the output."""
+def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
+    """The selection CSV (``rows(tmp)`` writes it; None: the Ray shards are the output),
+    the HTML page (of ``items()``, sampled) and the summary, committed together or not
+    at all. A write that fails (disk full, file-size limit) is one ``UserError`` naming
+    the output."""
     _warn(summary)
 
     def write_rows(tmp):
         with clock("write"):
-            write_output(tmp, cat.items)
+            rows(tmp)
 
     def write_page(tmp):
         with clock("html"):
+            shown = page_sample(items())
             text, summary["html"] = selection_report(
-                cat.items,
-                _report_head(job, summary),
+                shown,
+                _report_head(job, summary, len(shown)),
                 f"Image selection: {job.items}",
                 progress=job.scoring.enc.progress,
             )
@@ -255,11 +290,15 @@ def finish(job: Selection, cat: Catalogue, summary: dict, clock: Clock, rows: bo
     def write_summary(tmp):
         timings = clock.total()
         summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        summary["items_per_s"] = round(len(cat.items) / max(timings["total"], 1e-9), 3)
+        summary["items_per_s"] = round(summary["items"] / max(timings["total"], 1e-9), 3)
         write_json(tmp, summary, indent=1)
 
-    outputs = {job.out if rows else None: write_rows, job.html: write_page, job.summary_path: write_summary}
+    remote = is_uri(job.summary_path)  # a URI --out: the summary goes beside it, written last
+    outputs = {job.out if rows else None: write_rows, job.html: write_page}
+    outputs[None if remote else job.summary_path] = write_summary
     commit_outputs(outputs, {job.out: "--out", job.html: "--html", job.summary_path: "--summary"})
+    if remote:
+        put_file(job.summary_path, write_summary)
     n_sel, n, seconds = summary["items_selected"], summary["items"], summary["timings_s"]["total"]
     log.info("wrote %s: %d of %d items selected in %.1f s", job.out, n_sel, n, seconds)
     return summary
@@ -276,5 +315,5 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
     with clock("resolve"):
         fetch = resolve(job, cat.items, enc.progress)
     counts = add_counts({}, score(cat.items, models, tables, job.scoring, clock=clock))
-    summary = summarize(job, cat, models.path, models.hashes, fetch, counts, device)
-    return finish(job, cat, summary, clock)
+    summary = summarize(job, tally(cat.items), cat.errors, (models.path, models.hashes), fetch, counts, device)
+    return finish(job, summary, clock, lambda tmp: write_output(tmp, output_rows(cat.items)), lambda: cat.items)

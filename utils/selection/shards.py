@@ -1,7 +1,8 @@
 """The shard files of a Ray selection: ``part-NNNNNN.parquet``, each holding the output
-rows of ``shard_items`` whole items and, in its metadata, the plan it was made under
-(what its rows depend on: catalogue content, weights, settings), its download counts and
-its scoring counts. A rerun keeps the shards of its own plan and removes the others."""
+rows of the items whose item_id hashes to it (about ``shard_items``) and, in its metadata,
+the plan it was made under (what its rows depend on: catalogue content, weights,
+settings), its counts and where its stages ran. A rerun keeps the shards of its own plan
+and removes the others. The directory is a local path or a pyarrow filesystem URI."""
 
 from __future__ import annotations
 
@@ -14,18 +15,18 @@ import re
 from pathlib import Path
 
 from utils.hashing import sha256_file
-from utils.io import atomic_path
 
-from .catalogue import OUTPUT_HEADER, Item, output_rows
-from .run import Selection, add_counts
+from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows
+from .run import Selection
+from .store import list_files, open_dir, put
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "_plan.json"
 META_KEY = b"avas_select"
 POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
-SHARD_NAME = re.compile(r"part-(\d{6})\.parquet")
-SHARD_TEMP = re.compile(r"part-\d{6}\.parquet\.tmp\d+")
+SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
+SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
 
 
@@ -37,6 +38,7 @@ def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> s
         "files": {n: sha256_file(p) if p else None for n, p in paths.items()},
         "hashes": hashes,
         "shards": n_shards,
+        "layout": "items by crc32(item_id) % shards",
         "shard_items": shard_items,
         "recall_k": job.scoring.recall_k,
         "recall_only": job.files.recall_only,
@@ -48,46 +50,50 @@ def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> s
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def shard_file(d: Path, k: int) -> Path:
-    return d / f"part-{k:06d}.parquet"
+def shard_name(k: int) -> str:
+    return f"part-{k:06d}.parquet"
 
 
-def finished_shards(d: Path, key: str, n: int) -> set[int]:
+def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
     """Shards of this plan already written (complete: they are written atomically).
     Shards of another plan and temporary files of an interrupted write are removed; any
     other file is the user's, and the run is refused rather than touch it."""
     import pyarrow.parquet as pq
 
     done, stale = set(), []
-    for p in sorted(d.iterdir()):
-        if p.name in (PLAN_FILE, ".lock"):
+    for name in list_files(fs, d):
+        path = f"{d}/{name}"
+        if name in (PLAN_FILE, ".lock"):
             continue
-        if SHARD_TEMP.fullmatch(p.name):
-            p.unlink()
+        if SHARD_TEMP.fullmatch(name):
+            fs.delete_file(path)
             continue
         try:
-            meta = json.loads(pq.read_schema(p).metadata[META_KEY]) if SHARD_NAME.fullmatch(p.name) else None
+            meta = (
+                json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
+                if SHARD_NAME.fullmatch(name)
+                else None
+            )
         except Exception:  # not a Parquet file, or not one of ours
             meta = None
         if meta is None:
-            raise UserError(
-                f"--out {d}: holds {p.name}, not a shard of select_images.py; give a new or empty directory"
-            )
-        k = int(SHARD_NAME.fullmatch(p.name).group(1))
+            raise UserError(f"--out {d}: holds {name}, not a shard of select_images.py; give a new or empty directory")
+        k = int(SHARD_NAME.fullmatch(name).group(1))
         if meta.get("plan") == key and k < n:
             done.add(k)
         else:
-            stale.append(p)
+            stale.append(path)
+    if key is None:  # only looking for files not ours
+        return done
     if stale:
         log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
-        for p in stale:
-            p.unlink()
+        for path in stale:
+            fs.delete_file(path)
     return done
 
 
-def write_plan(d: Path, key: str) -> None:
-    with atomic_path(d / PLAN_FILE) as tmp:
-        tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
+def write_plan(fs, d: str, key: str) -> None:
+    put(fs, f"{d}/{PLAN_FILE}", lambda tmp: Path(tmp).write_text(json.dumps({"key": key}), encoding="utf-8"))
 
 
 def output_table(items: list[Item], meta: dict):
@@ -102,30 +108,58 @@ def output_table(items: list[Item], meta: dict):
     return pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
 
 
-def write_shard(d: Path, k: int, items: list[Item], meta: dict) -> None:
-    """Shard ``k`` written atomically (a retried task rewrites the same file)."""
+def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
+    """Shard ``k`` written atomically (a retried task rewrites the same file); its
+    metadata also holds the items' titles, for the page."""
     import pyarrow.parquet as pq
 
-    with atomic_path(shard_file(d, k)) as tmp:
-        pq.write_table(output_table(items, meta), tmp)
+    meta = {**meta, "titles": {it.item_id: [it.title, it.poi_names] for it in items}}
+    fs, d = open_dir(location)
+    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(output_table(items, meta), tmp))
 
 
-def merge_shards(cat, shard_dir: Path, n: int) -> tuple[dict, dict]:
-    """The driver's candidates filled from the shard files; returns the fetch counts and
-    the scoring counts, added up."""
+def shard_metas(fs, d: str, ks) -> dict:
+    """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
     import pyarrow.parquet as pq
 
-    by_line = {c.line: c for c in cat.cands}
-    fetch: dict = {}
-    counts: dict = {}
-    for k in range(n):
-        t = pq.read_table(shard_file(shard_dir, k))
+    return {k: json.loads(pq.read_schema(f"{d}/{shard_name(k)}", filesystem=fs).metadata[META_KEY]) for k in ks}
+
+
+def _table(fs, d: str, k: int):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
+
+
+def merged_rows(fs, d: str, ks):
+    """Every shard's rows, in the local run's order (items by first line, candidates by
+    line): the single CSV, for a selection that fits one machine."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = pa.concat_tables([_table(fs, d, k) for k in sorted(ks)]) if ks else None
+    if t is None or not t.num_rows:
+        return []
+    first = t.group_by("item_id").aggregate([("line", "min")]).rename_columns(["item_id", "first"])
+    t = t.join(first, "item_id").sort_by([("first", "ascending"), ("line", "ascending")])
+    cols = [pc.cast(t[c], pa.int64()) if c == "selected" else t[c] for c in OUTPUT_HEADER]
+    return zip(*(c.to_pylist() for c in cols))
+
+
+def shard_items(fs, d: str, ks):
+    """The items of the shards ``ks``, rebuilt from their rows (the page's sample)."""
+    for k in sorted(ks):
+        t = _table(fs, d, k)
+        titles = json.loads(t.schema.metadata[META_KEY])["titles"]
+        items: dict = {}
         for row in t.to_pylist():
-            c = by_line[row["line"]]
+            it = items.get(row["item_id"])
+            if it is None:
+                title, pois = titles.get(row["item_id"], ["", ""])
+                it = items[row["item_id"]] = Item(row["item_id"], title, pois, row["line"])
+            c = Candidate(row["line"], it.item_id, it.title, it.poi_names, row["image"], row["file"] or None)
             for name in OUTPUT_HEADER[3:8] + ("detail",):
                 setattr(c, name, row[name])
-            c.file, c.selected = row["file"] or None, bool(row["selected"])
-        meta = json.loads(t.schema.metadata[META_KEY])
-        add_counts(fetch, meta["fetch"])
-        add_counts(counts, meta["counts"])
-    return fetch, counts
+            c.selected = bool(row["selected"])
+            it.cands.append(c)
+        yield from items.values()
