@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -100,6 +101,7 @@ def _negated(model):
 
 
 def test_wrong_export_is_redone_or_refused_and_torch_used(model, caplog, tmp_path, monkeypatch):
+    caplog.set_level(logging.INFO)  # whatever level an earlier test left the root logger at
     d = tmp_path / "wrong"
     mine = OnnxImageEncoder(model, cache_dir=d)
     theirs = OnnxImageEncoder(_negated(model), cache_dir=d)
