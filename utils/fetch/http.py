@@ -1,8 +1,6 @@
-"""HTTP for both downloaders: keep-alive sessions whose urllib3 retries cover connect errors,
-read timeouts, 429 and 5xx (honouring Retry-After); the address policy every URL and redirect
-passes before a connection is made (the connection then goes to the addresses that were
-checked: a second DNS answer cannot lead elsewhere); the deadline of a whole download; and
-what went wrong with a request, as a short kind and as one line for the user."""
+"""HTTP for both downloaders: keep-alive sessions with retries; the address policy every URL and
+redirect passes before a connection is made (which then goes to the checked addresses only); the
+deadline of a whole download; ``describe``: what went wrong with a request, as a kind and one line."""
 
 from __future__ import annotations
 
@@ -73,7 +71,7 @@ class AddressPolicy:
         self.allow_private = allow_private
         self.trusted = frozenset(h for h in trusted if h)
         self._cache: dict = {}
-        self._pins = threading.local()
+        self.pins = threading.local()  # (host, port) -> the addresses this thread's last check allowed
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
         """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
@@ -113,15 +111,11 @@ class AddressPolicy:
             if source and all(c == "public" for _, c in source):
                 ip, cls = local[0]
                 self._refuse(f"{refused}: a public address redirects to {host} ({ip}, a {cls} address)")
-        self._pins.__dict__[(host.rstrip(".").lower(), port)] = [ip for ip, _ in addrs]
+        self.pins.__dict__[(host.rstrip("."), port)] = [ip for ip, _ in addrs]  # urllib3 drops a final dot
 
     @staticmethod
     def _refuse(msg: str):
         raise BlockedAddressError(f"{msg} (pass --allow-private-addresses to allow it)")
-
-    def pinned(self, host: str, port: int) -> list[str] | None:
-        """The addresses this thread's last check of ``host:port`` allowed (None: never checked)."""
-        return self._pins.__dict__.get((host.rstrip(".").lower(), port))  # urllib3 drops a final dot
 
 
 class Deadline:
@@ -135,18 +129,17 @@ class Deadline:
         self.seconds, self.expired = seconds, False
         self._socks: list = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire) if seconds else None
+        self._timer = threading.Timer(seconds or 0, self._expire)
+        self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
         Deadline._current.value = self
-        if self._timer:
-            self._timer.daemon = True
+        if self.seconds:
             self._timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._timer:
-            self._timer.cancel()
+        self._timer.cancel()
         Deadline._current.value = None
 
     @classmethod
@@ -174,7 +167,7 @@ class _Pinned:
     policy: AddressPolicy
 
     def _new_conn(self):
-        ips = self.policy.pinned(self.host, self.port)
+        ips = self.policy.pins.__dict__.get((self.host.rstrip(".").lower(), self.port))
         if ips is None:  # a proxy, or a policy that allows everything
             return super()._new_conn()
         err: OSError | None = None

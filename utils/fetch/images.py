@@ -1,12 +1,10 @@
-"""Verified image downloads: one image, from the first of its URLs that yields one.
-
-The body streams under a byte cap into a unique part file beside its final name, must
-decode fully, may be downscaled, and takes the name ``<stem><ext>`` (the extension read from
-the bytes) in one rename: no partial or undecodable file ever has a final name. A body that
-breaks off is tried again; the whole download, every URL included, ends at its deadline.
-"""
+"""Verified image downloads: the body streams under a byte cap into a unique part file, must
+decode fully, may be downscaled, and takes the name ``<stem><ext>`` (the extension read from the
+bytes) in one rename. A body that breaks off is tried again; the whole download ends at its deadline."""
 
 from __future__ import annotations
+
+from utils.cli import DataError
 
 import contextlib
 import itertools
@@ -61,7 +59,7 @@ def parse_url_map(items) -> list[tuple[str, str]]:
     for item in items:
         old, sep, new = item.partition("=")
         if not sep or not old:
-            raise ValueError(f"--url-prefix-map expects OLD=NEW, got {item!r}")
+            raise DataError(f"--url-prefix-map expects OLD=NEW, got {item!r}")
         pairs.append((old, new))
     return pairs
 
@@ -232,7 +230,7 @@ def _fetch_once(session, url: str, out_dir: Path, stem: str, max_bytes: int, tim
     return _facts(final, stem, "ok", url=url, http=code, final_url=final_url, resized_from=resized, width=w, height=h)
 
 
-def fetch_image(
+def download_one(
     session: requests.Session,
     urls: list[str],
     out_dir,
@@ -244,14 +242,22 @@ def fetch_image(
     backoff: float = 0.5,
     deadline: float | None = IMAGE_DEADLINE,
 ) -> FetchResult:
-    """The first of ``urls`` that is a valid image, as ``out_dir/<stem><ext>``; a full disk raises ``UserError``."""
+    """A valid ``out_dir/<stem><ext>`` already there (``skipped``), else the first of ``urls`` that is
+    a valid image, fetched into that name; a full disk raises ``UserError``."""
+    out_dir = Path(out_dir)
+    for p in _files_of(out_dir, stem):
+        kept = verify_existing(p, max_bytes)
+        if kept is not None:
+            for other in _files_of(out_dir, stem, but=p):
+                other.unlink(missing_ok=True)
+            return kept
     tried: list[dict] = []
     last, url = _Fail("no_url", "no URL to try"), None
     with Deadline(deadline) as clock:
         for url in (apply_url_map(u, url_map) for u in urls):
             for attempt in range(BODY_RETRIES + 1):
                 try:
-                    done = _fetch_once(session, url, Path(out_dir), stem, max_bytes, timeout, max_side)
+                    done = _fetch_once(session, url, out_dir, stem, max_bytes, timeout, max_side)
                     done.tried = tried
                     return done
                 except _Fail as f:
@@ -270,14 +276,3 @@ def fetch_image(
         f"{a[0]['url']}: {a[-1]['error']}" + (f" ({len(a)} attempts)" if len(a) > 1 else "") for a in per_url
     )
     return FetchResult(stem, "failed", url, last.http, error or last.detail, last.kind, tried=tried)
-
-
-def download_one(session: requests.Session, urls: list[str], out_dir, stem: str, **kw) -> FetchResult:
-    """``fetch_image`` (same keywords) unless a valid ``<stem><ext>`` is there already (``skipped``)."""
-    for p in _files_of(Path(out_dir), stem):
-        kept = verify_existing(p, kw.get("max_bytes", DEFAULT_MAX_BYTES))
-        if kept is not None:
-            for other in _files_of(Path(out_dir), stem, but=p):
-                other.unlink(missing_ok=True)
-            return kept
-    return fetch_image(session, urls, out_dir, stem, **kw)
