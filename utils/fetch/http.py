@@ -16,11 +16,7 @@ import requests
 import requests.exceptions as req
 import urllib3
 import urllib3.exceptions as u3
-from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.poolmanager import ProxyManager
-from urllib3.util.retry import Retry
 
 from utils.args import Downloads
 
@@ -188,7 +184,7 @@ class _Pinned:
         return super().getresponse(*args, **kw)
 
 
-class _Adapter(HTTPAdapter):
+class _Adapter(requests.adapters.HTTPAdapter):
     """Pools of ``_Pinned`` connections, behind an HTTP proxy too."""
 
     def __init__(self, policy: AddressPolicy, **kw):
@@ -196,8 +192,8 @@ class _Adapter(HTTPAdapter):
             pinned = type(conn.__name__, (_Pinned, conn), {"policy": policy})
             return type(f"Pinned{base.__name__}", (base,), {"ConnectionCls": pinned})
 
-        http, https = pool(HTTPConnectionPool, HTTPConnection), pool(HTTPSConnectionPool, HTTPSConnection)
-        self._pools = {"http": http, "https": https}
+        self._pools = {"http": pool(urllib3.HTTPConnectionPool, HTTPConnection)}
+        self._pools["https"] = pool(urllib3.HTTPSConnectionPool, HTTPSConnection)
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
@@ -206,7 +202,7 @@ class _Adapter(HTTPAdapter):
 
     def proxy_manager_for(self, proxy, **kw):
         manager = super().proxy_manager_for(proxy, **kw)
-        if type(manager) is ProxyManager:  # not SOCKS: its pools are its own
+        if type(manager) is urllib3.ProxyManager:  # not SOCKS: its pools are its own
             manager.pool_classes_by_scheme = self._pools
         return manager
 
@@ -253,9 +249,9 @@ def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int |
     kw |= dict(backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff, raise_on_status=False)
     kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}))
     try:
-        retry = Retry(**kw, retry_after_max=120)
+        retry = urllib3.Retry(**kw, retry_after_max=120)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
-        retry = Retry(**kw)
+        retry = urllib3.Retry(**kw)
     policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
     pool = max(1, pool_size or net.workers)
     adapter = _Adapter(policy, max_retries=retry, pool_connections=pool, pool_maxsize=pool)

@@ -69,12 +69,12 @@ def apply_url_map(url: str, url_map) -> str:
     return next((new + url[len(old) :] for old, new in url_map if url.startswith(old)), url)
 
 
-def clean_stale_temps(out_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove part files left by a crash (older than ``older_than`` s: younger ones may be in use)."""
+def clean_stale_temps(out_dir: Path) -> int:
+    """Remove part files left by a crash (older than an hour: younger ones may be in use)."""
     n, now = 0, time.time()
     for p in out_dir.glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
-            if now - p.lstat().st_mtime > older_than:
+            if now - p.lstat().st_mtime > 3600:
                 p.unlink()
                 n += 1
     return n
@@ -133,11 +133,10 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
     """A ``skipped`` result when ``path`` is a non-empty image under ``max_bytes`` that decodes, else None."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size == 0 or (max_bytes is not None and size > max_bytes):
+        if max_bytes is not None and p.stat().st_size > max_bytes:
             return None
         with open(p, "rb") as f:
-            if sniff_image_ext(f.read(16)) is None:
+            if sniff_image_ext(f.read(16)) is None:  # an empty file too
                 return None
         with _decode(p) as img:
             return _facts(p, p.stem, "skipped", width=img.width, height=img.height)
