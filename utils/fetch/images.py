@@ -9,6 +9,7 @@ from utils.cli import DataError
 import contextlib
 import itertools
 import random
+import re
 import secrets
 import threading
 import time
@@ -33,24 +34,19 @@ BODY_RETRIES = 2
 # decoding a 61 MP image holds ~180 MB of pixels: only two such decodes at a time
 LARGE_PIXELS = 16_000_000
 _large_decode = threading.BoundedSemaphore(2)
-SIGNATURES = (
-    (b"\xff\xd8\xff", ".jpg"),
-    (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"GIF87a", ".gif"),
-    (b"GIF89a", ".gif"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
-)
+SIGNATURES = {  # how a file of each format starts (a regular expression) -> its extension
+    rb"\xff\xd8\xff": ".jpg",
+    rb"\x89PNG\r\n\x1a\n": ".png",
+    rb"GIF8[79]a": ".gif",
+    rb"II\*\x00|MM\x00\*": ".tif",
+    rb"RIFF.{4}WEBP": ".webp",
+    rb"BM.{12}": ".bmp",
+}
 
 
 def sniff_image_ext(head: bytes) -> str | None:
     """The file extension of the image format ``head`` starts with, else None."""
-    b = bytes(head[:16])
-    if len(b) >= 12 and b[:4] == b"RIFF" and b[8:12] == b"WEBP":
-        return ".webp"
-    if b[:2] == b"BM" and len(b) >= 14:
-        return ".bmp"
-    return next((ext for sig, ext in SIGNATURES if b.startswith(sig)), None)
+    return next((ext for sig, ext in SIGNATURES.items() if re.match(sig, bytes(head[:16]), re.DOTALL)), None)
 
 
 def parse_url_map(items) -> list[tuple[str, str]]:
