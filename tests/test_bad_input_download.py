@@ -619,9 +619,8 @@ def test_download_one_takes_a_deadline(tmp_path, server):
 
     from utils.args import IMAGE_DEADLINE, Downloads
     from utils.fetch import download_one, open_session
-    from utils.fetch.images import fetch_image
 
-    assert inspect.signature(fetch_image).parameters["deadline"].default == IMAGE_DEADLINE
+    assert inspect.signature(download_one).parameters["deadline"].default == IMAGE_DEADLINE
     server.add("/slow.jpg", jpeg((300, 200)), drip=(1, 0.05))
     with open_session(Downloads(retries=0)) as session:
         t0 = time.monotonic()

@@ -10,8 +10,7 @@ __all__, __getattr__ = front_door(
         "http": "AddressPolicy Deadline open_session",
         "images": "DEFAULT_MAX_BYTES FetchResult download_one",
         "image_set": "ImageJob download_images image_summary",
-        "assets": "AssetError DEFAULT_MANIFEST HASHES_FILE ROOT Asset HashRecords check_present load_manifest "
-        "select_assets",
+        "assets": "AssetError DEFAULT_MANIFEST ROOT Asset HashRecords load_manifest select_assets",
         "asset_fetch": "fetch_assets hf_endpoint",
     },
 )

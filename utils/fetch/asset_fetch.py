@@ -1,10 +1,6 @@
-"""Fetching the assets: ``fetch_assets(...)`` is what ``download_assets.py`` runs.
-
-A download streams into ``<file>.part`` (``<file>.part.json`` keeps its URL and the server's
-validators) and resumes with a Range request, in a later run too. The finished file takes
-its name only when its sha256 is right (else it is kept as ``<file>.bad-sha256``) and, before
-a pin, when it looks like its asset (else ``<file>.bad-content``). Hugging Face files come
-from the local Hugging Face cache when it holds it, else from ``HF_ENDPOINT``."""
+"""Fetching the assets (``fetch_assets``: what ``download_assets.py`` runs). A download resumes from
+``<file>.part`` (its URL and validators in ``<file>.part.json``), in a later run too; the file takes
+its name only when its sha256 is right and, before a pin, when it looks like its asset."""
 
 from __future__ import annotations
 
@@ -130,15 +126,14 @@ class _Fetcher:
             length = resp.headers.get("Content-Length", "")
             total = part.size + int(length) if length.isdigit() else None
             shown = dict(unit="B", unit_scale=True, desc=asset.name, disable=not self.progress)
-            bar = tqdm(total=total, initial=part.size, **shown)
-            try:
-                for chunk in resp.iter_content(CHUNK):
-                    part.write(chunk)
-                    bar.update(len(chunk))
-                part.close()
-            finally:
-                part.discard(keep=True)
-                bar.close()
+            with tqdm(total=total, initial=part.size, **shown) as bar:
+                try:
+                    for chunk in resp.iter_content(CHUNK):
+                        part.write(chunk)
+                        bar.update(len(chunk))
+                    part.close()
+                finally:
+                    part.discard(keep=True)
         return None if total in (None, part.size) else f"got {part.size} of {total} bytes"
 
     def _http(self, asset: Asset, url: str, final: Path) -> Path:
@@ -182,12 +177,9 @@ class _Fetcher:
     def _from_hf(self, asset: Asset, final: Path) -> tuple[Path, str]:
         """(the completed part file, where it came from): the local Hugging Face cache, else ``HF_ENDPOINT``."""
         repo, name, rev = asset.hf["repo_id"], asset.hf["filename"], asset.hf.get("revision") or "main"
-        try:
-            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
-        except ImportError:
-            cached = None
-        else:
-            cached = try_to_load_from_cache(repo, name, revision=asset.hf.get("revision"))
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - only for a Hugging Face asset
+
+        cached = try_to_load_from_cache(repo, name, revision=asset.hf.get("revision"))
         if isinstance(cached, str):
             log.info("%s: from the Hugging Face cache: %s", asset.name, cached)
             part = PartFile(final.with_name(final.name + ".part"))

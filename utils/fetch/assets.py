@@ -37,6 +37,7 @@ KINDS = {  # kind -> (what it is called, smallest plausible size: weights are ne
 }
 KIND_OF_EXT = {".pth": "torch", ".ckpt": "torch", ".bin": "torch", ".pt": "torch", ".safetensors": "safetensors"}
 KIND_OF_EXT |= {".npy": "npy", ".csv": "csv", ".json": "json", ".txt": "text"}
+MAGIC = {"torch": (b"PK\x03\x04", b"\x80"), "npy": (b"\x93NUMPY",)}  # how a file of the kind starts (zip, pickle)
 CSV_ROWS_CHECKED = 50
 LOOKS = {  # how a file starts -> what it is, for messages (the first match, in lower case)
     **dict.fromkeys((b"<!doctype html", b"<html", b"<head", b"<body"), "an HTML page"),
@@ -63,7 +64,6 @@ class Asset:
     hf: dict | None = None  # {"repo_id", "filename", "revision"}
     sha256: str | None = None
     default: bool = True
-    description: str = ""
     group: str | None = None  # e.g. "baselines": fetched with download_assets --with-baselines
     kind: str | None = None  # what the file is (KINDS); None: from the extension
     min_bytes: int | None = None  # smallest plausible size; None: the kind's
@@ -156,13 +156,11 @@ def _csv_problem(path: Path, kind: str) -> str | None:
 
 
 def _looks_ok(kind: str, path: Path, head: bytes, size: int) -> bool:
-    if kind == "torch":
-        return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if kind in MAGIC:
+        return head.startswith(MAGIC[kind])
     if kind == "safetensors":
         n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
         return 2 <= n <= size - 8 and head[8:9] == b"{"
-    if kind == "npy":
-        return head.startswith(b"\x93NUMPY")
     if kind == "json":
         try:
             return isinstance(json.loads("".join(text_lines(path))), dict)
@@ -213,15 +211,8 @@ class HashRecords:
 
     def put(self, asset: Asset, file: Path, sha: str, source: str) -> None:
         st = file.stat()
-        self.data[asset.name] = {
-            "path": asset.path,
-            "sha256": sha,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "source": source,
-            "manifest_sha256": asset.sha256,
-            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        rec = dict(path=asset.path, sha256=sha, size=st.st_size, mtime_ns=st.st_mtime_ns, source=source)
+        self.data[asset.name] = rec | dict(manifest_sha256=asset.sha256, recorded=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
 
     def drop(self, name: str) -> None:

@@ -1,8 +1,6 @@
-"""HTTP for both downloaders: keep-alive sessions whose urllib3 retries cover connect errors,
-read timeouts, 429 and 5xx (honouring Retry-After); the address policy every URL and redirect
-passes before a connection is made (the connection then goes to the addresses that were
-checked: a second DNS answer cannot lead elsewhere); the deadline of a whole download; and
-what went wrong with a request, as a short kind and as one line for the user."""
+"""HTTP for both downloaders: keep-alive sessions with retries; the address policy every URL and
+redirect passes before a connection is made (which then goes to the checked addresses only); the
+deadline of a whole download; ``describe``: what went wrong with a request, as a kind and one line."""
 
 from __future__ import annotations
 
@@ -18,11 +16,7 @@ import requests
 import requests.exceptions as req
 import urllib3
 import urllib3.exceptions as u3
-from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.poolmanager import ProxyManager
-from urllib3.util.retry import Retry
 
 from utils.args import Downloads
 
@@ -73,7 +67,7 @@ class AddressPolicy:
         self.allow_private = allow_private
         self.trusted = frozenset(h for h in trusted if h)
         self._cache: dict = {}
-        self._pins = threading.local()
+        self.pins = threading.local()  # (host, port) -> the addresses this thread's last check allowed
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
         """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
@@ -113,15 +107,11 @@ class AddressPolicy:
             if source and all(c == "public" for _, c in source):
                 ip, cls = local[0]
                 self._refuse(f"{refused}: a public address redirects to {host} ({ip}, a {cls} address)")
-        self._pins.__dict__[(host.rstrip(".").lower(), port)] = [ip for ip, _ in addrs]
+        self.pins.__dict__[(host.rstrip("."), port)] = [ip for ip, _ in addrs]  # urllib3 drops a final dot
 
     @staticmethod
     def _refuse(msg: str):
         raise BlockedAddressError(f"{msg} (pass --allow-private-addresses to allow it)")
-
-    def pinned(self, host: str, port: int) -> list[str] | None:
-        """The addresses this thread's last check of ``host:port`` allowed (None: never checked)."""
-        return self._pins.__dict__.get((host.rstrip(".").lower(), port))  # urllib3 drops a final dot
 
 
 class Deadline:
@@ -135,18 +125,17 @@ class Deadline:
         self.seconds, self.expired = seconds, False
         self._socks: list = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire) if seconds else None
+        self._timer = threading.Timer(seconds or 0, self._expire)
+        self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
         Deadline._current.value = self
-        if self._timer:
-            self._timer.daemon = True
+        if self.seconds:
             self._timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._timer:
-            self._timer.cancel()
+        self._timer.cancel()
         Deadline._current.value = None
 
     @classmethod
@@ -174,7 +163,7 @@ class _Pinned:
     policy: AddressPolicy
 
     def _new_conn(self):
-        ips = self.policy.pinned(self.host, self.port)
+        ips = self.policy.pins.__dict__.get((self.host.rstrip(".").lower(), self.port))
         if ips is None:  # a proxy, or a policy that allows everything
             return super()._new_conn()
         err: OSError | None = None
@@ -195,7 +184,7 @@ class _Pinned:
         return super().getresponse(*args, **kw)
 
 
-class _Adapter(HTTPAdapter):
+class _Adapter(requests.adapters.HTTPAdapter):
     """Pools of ``_Pinned`` connections, behind an HTTP proxy too."""
 
     def __init__(self, policy: AddressPolicy, **kw):
@@ -203,8 +192,8 @@ class _Adapter(HTTPAdapter):
             pinned = type(conn.__name__, (_Pinned, conn), {"policy": policy})
             return type(f"Pinned{base.__name__}", (base,), {"ConnectionCls": pinned})
 
-        http, https = pool(HTTPConnectionPool, HTTPConnection), pool(HTTPSConnectionPool, HTTPSConnection)
-        self._pools = {"http": http, "https": https}
+        self._pools = {"http": pool(urllib3.HTTPConnectionPool, HTTPConnection)}
+        self._pools["https"] = pool(urllib3.HTTPSConnectionPool, HTTPSConnection)
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
@@ -213,7 +202,7 @@ class _Adapter(HTTPAdapter):
 
     def proxy_manager_for(self, proxy, **kw):
         manager = super().proxy_manager_for(proxy, **kw)
-        if type(manager) is ProxyManager:  # not SOCKS: its pools are its own
+        if type(manager) is urllib3.ProxyManager:  # not SOCKS: its pools are its own
             manager.pool_classes_by_scheme = self._pools
         return manager
 
@@ -260,9 +249,9 @@ def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int |
     kw |= dict(backoff_factor=net.backoff, backoff_max=30.0, backoff_jitter=net.backoff, raise_on_status=False)
     kw |= dict(status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}))
     try:
-        retry = Retry(**kw, retry_after_max=120)
+        retry = urllib3.Retry(**kw, retry_after_max=120)
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
-        retry = Retry(**kw)
+        retry = urllib3.Retry(**kw)
     policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
     pool = max(1, pool_size or net.workers)
     adapter = _Adapter(policy, max_retries=retry, pool_connections=pool, pool_maxsize=pool)

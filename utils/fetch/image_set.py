@@ -74,17 +74,13 @@ class _Run:
 
     def __init__(self, job: ImageJob):
         self.job, self.csv = job, str(cli.input_file(job.csv, "--csv"))
-        try:
-            url_map = parse_url_map(job.url_prefix_map)
-        except ValueError as e:
-            raise cli.UserError(str(e)) from None
+        url_map = parse_url_map(job.url_prefix_map)
         self.out = cli.output_dir(job.out, "--out")
         self.suffix = f".shard-{job.shard[0]}-of-{job.shard[1]}" if job.shard else ""
         manifest = Path(job.manifest) if job.manifest else self.out / f"manifest{self.suffix}.jsonl"
         self.manifest = cli.output_file(manifest, "--manifest")
         if Path(f"{self.manifest}.prev").is_dir():
-            prev = f"{self.manifest}.prev (where the previous manifest is kept)"
-            raise cli.UserError(f"--manifest {self.manifest}: {prev} is a directory")
+            raise cli.UserError(f"--manifest {self.manifest}: {self.manifest}.prev (its previous copy) is a directory")
         self.log_file = cli.output_file(self.out / f"download_images{self.suffix}.log", "log file")
         self.fmt = sniff_format(self.csv) if job.format == "auto" else job.format
         errors, self.images = [], 0
@@ -141,19 +137,13 @@ class _Run:
         done = {k: self.status[k] for k in ("ok", "skipped", "failed")}
         spec, total = self.job.max_failures, sum(done.values())
         allowed = cli.allowed_count(spec, total)
-        over = (
-            f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
-            f"{f' (= {allowed})' if spec.endswith('%') else ''}; see {self.manifest}. Rerun to retry them, "
-            "or raise --max-failures."
+        over = f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
+        over += f" (= {allowed})" if spec.endswith("%") else ""
+        over += f"; see {self.manifest}. Rerun to retry them, or raise --max-failures."
+        run = dict(
+            bad_rows=self.bad, errors=dict(self.kinds.most_common()), seconds=seconds, manifest=str(self.manifest)
         )
-        return {
-            **done,
-            "bad_rows": self.bad,
-            "errors": dict(self.kinds.most_common()),
-            "seconds": seconds,
-            "manifest": str(self.manifest),
-            "over_budget": over if done["failed"] > allowed else None,
-        }
+        return {**done, **run, "over_budget": over if done["failed"] > allowed else None}
 
 
 def _unchanged(manifest: Path, out: Path) -> dict:

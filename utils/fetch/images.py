@@ -1,16 +1,15 @@
-"""Verified image downloads: one image, from the first of its URLs that yields one.
-
-The body streams under a byte cap into a unique part file beside its final name, must
-decode fully, may be downscaled, and takes the name ``<stem><ext>`` (the extension read from
-the bytes) in one rename: no partial or undecodable file ever has a final name. A body that
-breaks off is tried again; the whole download, every URL included, ends at its deadline.
-"""
+"""Verified image downloads: the body streams under a byte cap into a unique part file, must
+decode fully, may be downscaled, and takes the name ``<stem><ext>`` (the extension read from the
+bytes) in one rename. A body that breaks off is tried again; the whole download ends at its deadline."""
 
 from __future__ import annotations
+
+from utils.cli import DataError
 
 import contextlib
 import itertools
 import random
+import re
 import secrets
 import threading
 import time
@@ -35,24 +34,19 @@ BODY_RETRIES = 2
 # decoding a 61 MP image holds ~180 MB of pixels: only two such decodes at a time
 LARGE_PIXELS = 16_000_000
 _large_decode = threading.BoundedSemaphore(2)
-SIGNATURES = (
-    (b"\xff\xd8\xff", ".jpg"),
-    (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"GIF87a", ".gif"),
-    (b"GIF89a", ".gif"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
-)
+SIGNATURES = {  # how a file of each format starts (a regular expression) -> its extension
+    rb"\xff\xd8\xff": ".jpg",
+    rb"\x89PNG\r\n\x1a\n": ".png",
+    rb"GIF8[79]a": ".gif",
+    rb"II\*\x00|MM\x00\*": ".tif",
+    rb"RIFF.{4}WEBP": ".webp",
+    rb"BM.{12}": ".bmp",
+}
 
 
 def sniff_image_ext(head: bytes) -> str | None:
     """The file extension of the image format ``head`` starts with, else None."""
-    b = bytes(head[:16])
-    if len(b) >= 12 and b[:4] == b"RIFF" and b[8:12] == b"WEBP":
-        return ".webp"
-    if b[:2] == b"BM" and len(b) >= 14:
-        return ".bmp"
-    return next((ext for sig, ext in SIGNATURES if b.startswith(sig)), None)
+    return next((ext for sig, ext in SIGNATURES.items() if re.match(sig, bytes(head[:16]), re.DOTALL)), None)
 
 
 def parse_url_map(items) -> list[tuple[str, str]]:
@@ -61,7 +55,7 @@ def parse_url_map(items) -> list[tuple[str, str]]:
     for item in items:
         old, sep, new = item.partition("=")
         if not sep or not old:
-            raise ValueError(f"--url-prefix-map expects OLD=NEW, got {item!r}")
+            raise DataError(f"--url-prefix-map expects OLD=NEW, got {item!r}")
         pairs.append((old, new))
     return pairs
 
@@ -71,12 +65,12 @@ def apply_url_map(url: str, url_map) -> str:
     return next((new + url[len(old) :] for old, new in url_map if url.startswith(old)), url)
 
 
-def clean_stale_temps(out_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove part files left by a crash (older than ``older_than`` s: younger ones may be in use)."""
+def clean_stale_temps(out_dir: Path) -> int:
+    """Remove part files left by a crash (older than an hour: younger ones may be in use)."""
     n, now = 0, time.time()
     for p in out_dir.glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
-            if now - p.lstat().st_mtime > older_than:
+            if now - p.lstat().st_mtime > 3600:
                 p.unlink()
                 n += 1
     return n
@@ -135,11 +129,10 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
     """A ``skipped`` result when ``path`` is a non-empty image under ``max_bytes`` that decodes, else None."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size == 0 or (max_bytes is not None and size > max_bytes):
+        if max_bytes is not None and p.stat().st_size > max_bytes:
             return None
         with open(p, "rb") as f:
-            if sniff_image_ext(f.read(16)) is None:
+            if sniff_image_ext(f.read(16)) is None:  # an empty file too
                 return None
         with _decode(p) as img:
             return _facts(p, p.stem, "skipped", width=img.width, height=img.height)
@@ -232,7 +225,7 @@ def _fetch_once(session, url: str, out_dir: Path, stem: str, max_bytes: int, tim
     return _facts(final, stem, "ok", url=url, http=code, final_url=final_url, resized_from=resized, width=w, height=h)
 
 
-def fetch_image(
+def download_one(
     session: requests.Session,
     urls: list[str],
     out_dir,
@@ -244,14 +237,22 @@ def fetch_image(
     backoff: float = 0.5,
     deadline: float | None = IMAGE_DEADLINE,
 ) -> FetchResult:
-    """The first of ``urls`` that is a valid image, as ``out_dir/<stem><ext>``; a full disk raises ``UserError``."""
+    """A valid ``out_dir/<stem><ext>`` already there (``skipped``), else the first of ``urls`` that is
+    a valid image, fetched into that name; a full disk raises ``UserError``."""
+    out_dir = Path(out_dir)
+    for p in _files_of(out_dir, stem):
+        kept = verify_existing(p, max_bytes)
+        if kept is not None:
+            for other in _files_of(out_dir, stem, but=p):
+                other.unlink(missing_ok=True)
+            return kept
     tried: list[dict] = []
     last, url = _Fail("no_url", "no URL to try"), None
     with Deadline(deadline) as clock:
         for url in (apply_url_map(u, url_map) for u in urls):
             for attempt in range(BODY_RETRIES + 1):
                 try:
-                    done = _fetch_once(session, url, Path(out_dir), stem, max_bytes, timeout, max_side)
+                    done = _fetch_once(session, url, out_dir, stem, max_bytes, timeout, max_side)
                     done.tried = tried
                     return done
                 except _Fail as f:
@@ -270,14 +271,3 @@ def fetch_image(
         f"{a[0]['url']}: {a[-1]['error']}" + (f" ({len(a)} attempts)" if len(a) > 1 else "") for a in per_url
     )
     return FetchResult(stem, "failed", url, last.http, error or last.detail, last.kind, tried=tried)
-
-
-def download_one(session: requests.Session, urls: list[str], out_dir, stem: str, **kw) -> FetchResult:
-    """``fetch_image`` (same keywords) unless a valid ``<stem><ext>`` is there already (``skipped``)."""
-    for p in _files_of(Path(out_dir), stem):
-        kept = verify_existing(p, kw.get("max_bytes", DEFAULT_MAX_BYTES))
-        if kept is not None:
-            for other in _files_of(Path(out_dir), stem, but=p):
-                other.unlink(missing_ok=True)
-            return kept
-    return fetch_image(session, urls, out_dir, stem, **kw)
