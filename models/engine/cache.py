@@ -1,9 +1,7 @@
-"""Embedding cache: image vectors on disk (``<cache_dir>/embeddings.sqlite``), so a rerun encodes
-only new images. Keyed by file CONTENT (sha256; an unchanged file is known by size and mtime)
-and a namespace: the model's identity, preprocessing, precision. A vector whose CRC-32, size or
-finiteness fails is encoded again (rows of the first format, without a crc, are read unchecked
-by CRC). A file that is not a cache is moved aside; a later SQLite error disables the cache for
-the run, never the run. Processes may share a cache (SQLite locking, 60 s busy timeout)."""
+"""Embedding cache (``<cache_dir>/embeddings.sqlite``), keyed by file content (sha256, known by size and
+mtime while unchanged) and namespace (model identity, preprocessing, precision). A vector failing its
+CRC-32, size or finiteness is encoded again; a file that is not a cache is moved aside; a later SQLite
+error disables the cache, never the run. Processes may share it (SQLite locking)."""
 
 from __future__ import annotations
 
@@ -37,8 +35,7 @@ def _crc(blob: bytes, ok: bool) -> int:
 
 
 class EmbeddingCache:
-    """``EmbeddingCache(cache_dir, model_tag)``, ``model_tag`` = ``RecallModel.identity()``; counters
-    ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
+    """``model_tag``: ``RecallModel.identity()``; ``hits``, ``misses``, ``stored``, ``hashed``, ``rejected``: counts."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
         self.path = Path(cache_dir) / DB_NAME
@@ -109,7 +106,7 @@ class EmbeddingCache:
         return f"{self.model_tag}|{mode}|{precision}"
 
     def _select(self, query: str, head: list, keys: list) -> list:
-        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once the cache is disabled."""
+        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once disabled."""
         if self.db is None:
             return []
         try:
@@ -130,7 +127,7 @@ class EmbeddingCache:
         return True
 
     def content_keys(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
-        """sha256 of each file's content (None when it cannot be read), by ``stat`` when known unchanged."""
+        """sha256 of each file's content (None when unreadable)."""
         stats = []
         for p in paths:
             try:
@@ -167,9 +164,7 @@ class EmbeddingCache:
             else:
                 out[sha] = (vec, bool(ok))
         if rejected:
-            log.warning(
-                "cache %s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected
-            )
+            log.warning("%s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected)
         if unverified:
             log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)
         self.rejected += rejected
