@@ -78,10 +78,6 @@ class EmbeddingCache:
             if Path(str(self.path) + suffix).exists():
                 os.replace(str(self.path) + suffix, str(bad) + suffix)
 
-    def _disable(self, err: Exception) -> None:
-        log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(err).__name__, err)
-        self.close()
-
     @property
     def enabled(self) -> bool:
         return self.db is not None
@@ -105,26 +101,17 @@ class EmbeddingCache:
     def namespace(self, mode: str, precision: str) -> str:
         return f"{self.model_tag}|{mode}|{precision}"
 
-    def _select(self, query: str, head: list, keys: list) -> list:
-        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once disabled."""
+    def _sql(self, query: str, params: list, many: bool = False) -> list | None:
+        """The rows of ``query`` (``many``: once per row of ``params``); None once an error disabled the cache."""
         if self.db is None:
-            return []
-        try:
-            return self.db.execute(query, [*head, json.dumps(keys)]).fetchall()
-        except sqlite3.Error as e:
-            self._disable(e)
-            return []
-
-    def _write(self, query: str, rows: list) -> bool:
-        if self.db is None or not rows:
-            return False
+            return None
         try:
             with self.db:
-                self.db.executemany(query, rows)
+                return (self.db.executemany if many else self.db.execute)(query, params).fetchall()
         except sqlite3.Error as e:
-            self._disable(e)
-            return False
-        return True
+            log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(e).__name__, e)
+            self.close()
+            return None
 
     def content_keys(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
         """sha256 of each file's content (None when unreadable)."""
@@ -136,7 +123,7 @@ class EmbeddingCache:
             except OSError:
                 stats.append(None)
         q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (SELECT value FROM json_each(?))"
-        known = {row[0]: row[1:] for row in self._select(q, [], [st[0] for st in stats if st])}
+        known = {row[0]: row[1:] for row in self._sql(q, [json.dumps([st[0] for st in stats if st])]) or []}
         keys, new_rows = [], []
         for st in stats:
             k = known.get(st[0]) if st else None
@@ -147,7 +134,7 @@ class EmbeddingCache:
                     self.hashed += 1
                     new_rows.append((*st, sha))
             keys.append(sha)
-        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
+        self._sql("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows, many=True)
         return keys
 
     def get_many(self, keys: Sequence[str | None], ns: str, dim: int | None = None) -> dict:
@@ -155,7 +142,7 @@ class EmbeddingCache:
         want = list(dict.fromkeys(k for k in keys if k is not None))
         out, rejected, unverified = {}, 0, 0
         q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (SELECT value FROM json_each(?))"
-        for sha, ok, blob, crc in self._select(q, [ns], want):
+        for sha, ok, blob, crc in self._sql(q, [ns, json.dumps(want)]) or []:
             vec = np.frombuffer(blob, dtype=np.float32)
             unverified += crc is None
             damaged = crc is not None and crc != _crc(blob, bool(ok))
@@ -179,5 +166,6 @@ class EmbeddingCache:
             blob = np.ascontiguousarray(vec, dtype=np.float32).tobytes()
             if sha is not None and np.isfinite(vec).all():
                 rows.append((ns, sha, int(ok), blob, _crc(blob, bool(ok))))
-        if self._write("INSERT OR REPLACE INTO vectors (ns, sha, ok, vec, crc) VALUES (?, ?, ?, ?, ?)", rows):
+        query = "INSERT OR REPLACE INTO vectors (ns, sha, ok, vec, crc) VALUES (?, ?, ?, ?, ?)"
+        if self._sql(query, rows, many=True) is not None:
             self.stored += len(rows)

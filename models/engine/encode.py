@@ -294,18 +294,15 @@ def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
     than 64, the activations stay in cache; 256 on CUDA)."""
     device = next(model.parameters()).device
     batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
-    distinct = list(dict.fromkeys(texts))
+    distinct = sorted(dict.fromkeys(texts), key=len)
     if not distinct:
         return torch.empty(0, model.embed_dim)
-    order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
-    out: list[torch.Tensor | None] = [None] * len(distinct)
+    rows = []
     with eval_mode(model), torch.inference_mode():
-        for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not enc.progress, leave=False):
-            ids = order[a : a + batch_size]
-            t = tokenize(tokenizer, [distinct[i] for i in ids])
+        for a in tqdm(range(0, len(distinct), batch_size), desc="encode texts", disable=not enc.progress, leave=False):
+            t = tokenize(tokenizer, distinct[a : a + batch_size])
             with autocast(device, enc.precision):
                 e = model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device), normalize=False)
-            for i, row in zip(ids, F.normalize(e.float(), p=2, dim=1).cpu()):
-                out[i] = row
+            rows.append(F.normalize(e.float(), p=2, dim=1).cpu())
     index = {t: i for i, t in enumerate(distinct)}
-    return torch.stack(out)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
+    return torch.cat(rows)[torch.tensor([index[t] for t in texts], dtype=torch.long)]

@@ -64,8 +64,7 @@ def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch
     if not files.poi_tables:
         log.info("no POI tables: every item's POI sequence is empty (poi_len 0)")
         return models, None
-    dim = rank_rm.embed_dim
-    return models, load_poi_tables(*files.poi_tables, dim=dim, trust_pickle=files.trust_pickle)
+    return models, load_poi_tables(*files.poi_tables, dim=rank_rm.embed_dim, trust_pickle=files.trust_pickle)
 
 
 def item_inputs(title: str, poi_names: str, tables, dim: int) -> ItemInputs:
