@@ -1,7 +1,5 @@
-"""Everything that runs a network: the paper's two models (``align``, ``ranker``, with the
-text tower of ``bert``), the Taiyi-CLIP baseline (``taiyi``), the one checkpoint reader and
-writer (``checkpoint``), the factory (``factory``), the encoding engine (``engine``) and
-the recall stage end to end (``recall``). Scripts use the names below."""
+"""Everything that runs a network: the paper's models (``align``, ``ranker``, ``bert``), the Taiyi-CLIP
+baseline, checkpoints, the model factory, the encoding engine and the recall stage end to end."""
 
 from utils import front_door
 

@@ -1,7 +1,6 @@
-"""Stage 1: the text-image alignment model ("ALIGN", SPEC section 2). Image tower: EfficientNet (B3 by
-default), ``_fc`` to ``embed_dim``, then ``image_hidden_layer``; text tower: BERT, its [CLS] state through
-``text_hidden_layer``. Both vectors are L2-normalised; their dot product is multiplied (not
-exponentiated) by ``logit_scale``. Attribute names are the released checkpoint's state-dict prefixes."""
+"""Stage 1, the alignment model (SPEC 2): EfficientNet (B3) to ``embed_dim`` then ``image_hidden_layer``;
+BERT's [CLS] through ``text_hidden_layer``; L2-normalised vectors whose dot product is multiplied (not
+exponentiated) by ``logit_scale``. Attribute names are the released checkpoint's key prefixes."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ BERT_DIR_HINT = "--bert-dir must hold bert-base-chinese's config.json and vocab.
 
 @dataclass
 class AlignArch:
-    """Architecture of an alignment model, the defaults the released one; ``image_overrides``:
-    efficientnet_pytorch parameters of small variants; ``text_layers`` replaces the bert config's."""
+    """Architecture of an alignment model (defaults: the released one); ``image_overrides``: efficientnet_pytorch's."""
 
     image_model: str = "efficientnet-b3"
     image_overrides: dict = field(default_factory=dict)
@@ -49,7 +47,7 @@ class AlignArch:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AlignArch:
-        """Raises ValueError for anything but a dict of known fields, of the right types, in bounds."""
+        """A ValueError for anything but a dict of known fields, of the right types, in bounds."""
         if not d:
             return cls()
         if not isinstance(d, dict):
@@ -74,7 +72,7 @@ class AlignArch:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AlignArch:
-        """The architecture in a JSON file; a ``DataError`` naming the file when it cannot be used."""
+        """The architecture in a JSON file (a ``DataError`` naming it when unusable)."""
         try:
             return cls.from_dict(read_json(path))
         except ValueError as e:
@@ -108,7 +106,7 @@ class AlignModel(nn.Module):
 
     @classmethod
     def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
-        """The model for ``bert_dir``'s config (``arch.text_layers`` layers), its vocab.txt checked to fit."""
+        """The model for ``bert_dir``'s config with ``arch.text_layers`` layers."""
         arch = arch or AlignArch()
         config = load_text_config(bert_dir, BERT_DIR_HINT)
         config.num_hidden_layers = arch.text_layers

@@ -1,7 +1,5 @@
-"""The text tower: a BERT encoder and its WordPiece tokenizer, so that a run does not
-import transformers (2 s). Keys and computation are those of transformers' ``BertModel``
-and ``BertTokenizer`` (bert-base-chinese's settings), so the released checkpoint loads as
-it is; tests/test_bert.py checks both against transformers."""
+"""The text tower without transformers (2 s to import): a BERT encoder and WordPiece tokenizer with the
+keys and computation of transformers' ``BertModel`` and ``BertTokenizer`` (tests/test_bert.py checks)."""
 
 from __future__ import annotations
 
@@ -18,8 +16,7 @@ import torch.nn.functional as F
 
 from utils.io import read_json, text_lines
 
-# Bounds of the size fields (here and in transformers' configs for Taiyi), checked before
-# a model is built: a wrong number would otherwise ask for terabytes.
+# Bounds of the size fields (also of Taiyi's configs): a wrong number would otherwise ask for terabytes.
 SIZE_LIMITS = {
     "vocab_size": 1 << 20,
     "hidden_size": 1 << 14,
@@ -41,7 +38,7 @@ class ModelFilesError(UserError, FileNotFoundError):
 
 
 def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
-    """``directory/name``, or a ``ModelFilesError`` ending in ``hint`` (what the directory must be)."""
+    """``directory/name``, or a ``ModelFilesError`` ending in ``hint``."""
     path = Path(directory) / name
     if not path.is_file():
         raise ModelFilesError(f"{path}: missing; {hint}")
@@ -49,7 +46,7 @@ def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
 
 
 def check_sizes(where, config) -> None:
-    """A ``DataError`` naming ``where`` when a size field of ``config`` is out of bounds."""
+    """A ``DataError`` naming ``where`` when a size field is out of bounds."""
     for name, top in SIZE_LIMITS.items():
         v = getattr(config, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):
@@ -63,8 +60,7 @@ def check_sizes(where, config) -> None:
 
 
 def load_text_config(directory, hint: str, read=None):
-    """The config of ``directory`` (read by ``read``, default ``BertConfig.from_json_file``), its sizes
-    in bounds and its vocab.txt fitting the embedding table (a token beyond it fails mid-run)."""
+    """The config of ``directory`` (``read``: its reader), sizes in bounds, vocab.txt within the embedding table."""
     path = model_file(directory, "config.json", hint)
     config = (read or BertConfig.from_json_file)(path)
     check_sizes(path, config)
@@ -95,7 +91,7 @@ class BertConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BertConfig:
-        """The config in ``path``; a ``DataError`` naming the file and the field when it cannot be used."""
+        """The config in ``path``; a ``DataError`` naming the file and field when unusable."""
         d = read_json(path)
         if not isinstance(d, dict):
             raise DataError(f"{path}: expected a JSON object, found {type(d).__name__}")
@@ -147,8 +143,7 @@ class _Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """``forward(input_ids, attention_mask) -> last hidden states`` (B x L x hidden); the alignment
-    model reads [CLS], the pooler is kept for the checkpoint layout."""
+    """``forward(input_ids, attention_mask)``: the last hidden states (the pooler: for the checkpoint layout)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -193,8 +188,7 @@ class BertEncoder(nn.Module):
 
 
 class BertTokenizer:
-    """bert-base-chinese's tokenizer from its ``vocab.txt`` (lower-casing on), called like
-    transformers' (padding to the longest text, torch tensors): ``{"input_ids", "attention_mask"}``."""
+    """bert-base-chinese's tokenizer from its ``vocab.txt``, called like transformers' (longest padding, torch)."""
 
     def __init__(self, vocab_file: str | os.PathLike):
         from tokenizers import BertWordPieceTokenizer

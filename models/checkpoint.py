@@ -1,7 +1,6 @@
-"""The one way checkpoints are read and written. Released formats (SPEC 2, 5): ``align_model.pth``
-= ``{"state_dict": sd}``; the ranker's, a bare state dict with the recall model under ``align_model.``;
-``.safetensors`` is read wherever a checkpoint is. Reading: weights-only, known wrappers unwrapped
-with a notice, the model built on the meta device, then strict: keys, shapes, finite weights."""
+"""The one checkpoint reader and writer. Released formats (SPEC 2, 5): ``align_model.pth`` =
+``{"state_dict": sd}``; the ranker's, a bare state dict with the recall model under ``align_model.``;
+``.safetensors`` too. Reading: weights-only, wrappers unwrapped, then strict: keys, shapes, finiteness."""
 
 from __future__ import annotations
 
@@ -54,8 +53,7 @@ def empty_model():
 
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` inside ``{"state_dict": ...}`` or ``{"model": ...}`` (``meta``: the other
-    entries), keys under ``module.`` or ``model.`` (stripped only when EVERY key has it)."""
+    """``(state_dict, other entries)`` of a wrapped checkpoint; a key prefix is stripped only when EVERY key has it."""
     notes = []
     if isinstance(obj.get("state_dict"), dict):
         sd, meta = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
@@ -90,7 +88,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint (``meta``: the recorded ``arch``...)."""
+    """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint (``meta``: e.g. the recorded ``arch``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -118,7 +116,6 @@ def align_state_from(sd: dict) -> dict:
 
 
 def _check_keys(model, sd: dict, expected: dict, benign: set, source: str, hint: str | None) -> None:
-    """A ``CheckpointError`` listing the missing, unexpected and mis-shaped keys, if any."""
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
@@ -147,8 +144,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
-    """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the tolerated keys it
-    ignored (``benign``, under ``prefix``, default the recall model's). ``hint``: the error's last line."""
+    """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the ignored ``benign`` keys
+    (under ``prefix``; default: the recall model's). ``hint``: the error's last line."""
     expected = model.state_dict()
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
     _check_keys(model, sd, expected, benign, source, hint)
@@ -171,33 +168,30 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
     return AlignArch.from_json(sidecar).to_dict() if os.path.isfile(sidecar) else None
 
 
-def _read_with_arch(path, arch) -> tuple[dict, AlignArch]:
-    """The state dict of ``path`` and its architecture: ``arch`` (or its JSON file), else the recorded one."""
+def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
+    """The state dict of ``path`` and an empty ``AlignModel`` (in ``head``) of ``arch`` (an ``AlignArch``
+    or its JSON file), else of the architecture the checkpoint records."""
     sd, meta = read_checkpoint(path)
-    if isinstance(arch, AlignArch):
-        return sd, arch
-    if arch:
-        return sd, AlignArch.from_json(arch)
-    try:
-        return sd, AlignArch.from_dict(recorded_arch(str(path), meta))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
+    if not isinstance(arch, AlignArch):
+        try:
+            arch = AlignArch.from_json(arch) if arch else AlignArch.from_dict(recorded_arch(str(path), meta))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
+    with empty_model():
+        model = AlignModel.from_bert_dir(bert_dir, arch)
+        return sd, head(model) if head else model
 
 
 def load_align_model(path, bert_dir, arch=None, device="cpu") -> AlignModel:
     """Recall model (in eval mode) from ``align_model.pth`` or a ranker checkpoint's copy."""
-    sd, arch = _read_with_arch(path, arch)
-    with empty_model():
-        model = AlignModel.from_bert_dir(bert_dir, arch)
+    sd, model = _empty_for(path, bert_dir, arch)
     load_state(model, align_state_from(sd), str(path))
     return model.to(device).eval()
 
 
 def load_ranker(path, bert_dir, arch=None, align_checkpoint=None, device="cpu") -> SiameseRanker:
     """Ranker (in eval mode) with its own copy of the recall model, or the one of ``align_checkpoint``."""
-    sd, arch = _read_with_arch(path, arch)
-    with empty_model():
-        model = SiameseRanker(AlignModel.from_bert_dir(bert_dir, arch))
+    sd, model = _empty_for(path, bert_dir, arch, SiameseRanker)
     load_state(model, sd, str(path), prefix=ALIGN_PREFIX)
     if align_checkpoint:
         asd, _ = read_checkpoint(align_checkpoint)
@@ -205,13 +199,9 @@ def load_ranker(path, bert_dir, arch=None, align_checkpoint=None, device="cpu") 
     return model.to(device).eval()
 
 
-def _plain(sd: dict) -> dict:
-    return {k: v.detach().cpu() for k, v in sd.items()}
-
-
 def save_align_checkpoint(model: AlignModel, path) -> None:
     """Authors' format ``{"state_dict": ...}``; a non-default arch is recorded too."""
-    obj = {"state_dict": _plain(model.state_dict())}
+    obj = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
     if not model.arch.is_default:
         obj["arch"] = model.arch.to_dict()
     with atomic_path(path) as tmp:
@@ -221,7 +211,7 @@ def save_align_checkpoint(model: AlignModel, path) -> None:
 def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
     """Authors' format: a bare state dict; a non-default arch goes to a sidecar."""
     with atomic_path(path) as tmp:
-        torch.save(_plain(model.state_dict()), tmp)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     sidecar = str(path) + ".arch.json"
     if not model.align_model.arch.is_default:
         write_json(sidecar, model.align_model.arch.to_dict(), indent=None)

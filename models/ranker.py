@@ -1,8 +1,6 @@
-"""Stage 2: the siamese CTR ranker with attention over the item's POIs (SPEC section 5). An
-image's score: its vector ``v`` attends over the POI vectors ``P = linear1([poi_img, poi_text])``
-(masked, no softmax), then ``linear2(relu(linear4(relu(linear3([v, pois_feature, pooled])))))``.
-Both images of a pair go through the same network; the prediction is ``s_a > s_b``. Module
-names are the released checkpoint's keys (``attention_layer.local_att.fc1.fc.0``)."""
+"""Stage 2, the siamese ranker (SPEC 5): an image vector ``v`` attends (masked, no softmax) over the POIs'
+``linear1([poi_img, poi_text])``; score ``linear2(relu(linear4(relu(linear3([v, pois_feature, pooled])))))``.
+The prediction is ``s_a > s_b``. Module names are the released checkpoint's keys."""
 
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ def _mlp(sizes: list[int]) -> nn.ModuleDict:
 
 
 class AttentionPooling(nn.Module):
-    """Masked, un-normalised attention pooling of the POIs; a POI's weight is an MLP over ``[q, p, q - p, q * p]``."""
+    """Masked, un-normalised attention pooling; a POI's weight: an MLP over ``[q, p, q - p, q * p]``."""
 
     def __init__(self, dim: int, hidden: tuple[int, int] = (64, 16)):
         super().__init__()
@@ -74,7 +72,7 @@ class SiameseRanker(nn.Module):
 
     @torch.inference_mode()
     def score_many(self, *inputs, batch_size=256) -> torch.Tensor:
-        """:meth:`score_embeddings` of N rows in batches, in eval mode (the mode restored): N float32 on the CPU."""
+        """:meth:`score_embeddings` of N rows in batches, in eval mode: N float32 on the CPU."""
         device, was = self.linear2.weight.device, self.training
         self.eval()
         try:

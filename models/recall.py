@@ -1,8 +1,6 @@
-"""The recall stage end to end, as recall_infer.py runs it and reproduce.py can:
-``run_recall(RecallJob(csv, image_dir, output, files={"checkpoint": ..., "bert_dir": ...}))``
-returns the run record (``<output>.meta.json``). Gallery: one image per CSV row found in
-``image_dir`` (``<poi_id>_<rank>.<ext>``), in CSV order; an unreadable one is the zero image
-(SPEC 3) unless ``skip_missing``. Scores are cosines ranked by a stable sort."""
+"""The recall stage end to end (recall_infer.py): ``run_recall(RecallJob(...))`` returns the run record.
+Gallery: the CSV rows' images found in ``image_dir`` (``<poi_id>_<rank>.<ext>``), in CSV order, an
+unreadable one the zero image (SPEC 3) unless ``skip_missing``; cosines ranked by a stable sort."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ EMBEDDING_META = ("csv", "image_dir", "model", "model_identity", "preprocess", "
 
 @dataclass
 class RecallJob:
-    """One recall run: inputs, the model (``MODELS`` name and its path options), engine settings
-    and outputs (``missing_list`` default ``<output>.missing.tsv``)."""
+    """One recall run; ``model``: a ``MODELS`` name, ``files``: its path options."""
 
     csv: str
     image_dir: str
@@ -68,8 +65,7 @@ class RecallJob:
 
 @dataclass
 class Gallery:
-    """The CSV's images found on disk (``(row, path)``), the rows without a file or repeated, the
-    unreadable images, and the queries (poi_id -> first name)."""
+    """The CSV's rows, images found (``(row, path)``), rows without a file or repeated, queries (poi_id -> name)."""
 
     rows: list[RecallRow]
     images: list[tuple[RecallRow, object]] = field(default_factory=list)
@@ -80,8 +76,7 @@ class Gallery:
 
 
 def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> Gallery:
-    """Rows of the CSV -> gallery images found in ``image_dir`` and queries. A row without a
-    file is left out: the authors' gallery held what they had downloaded."""
+    """The gallery; a row without a file is left out (the authors' gallery held what they had downloaded)."""
     errors: list = []
     rows = list(iter_recall_csv(csv_path, errors))
     for e in errors[:10] if not skip_bad_rows else ():
@@ -128,7 +123,7 @@ def drop_unreadable(g: Gallery, emb: torch.Tensor, ok: torch.Tensor, skip: bool)
 
 
 def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top, meta: dict) -> None:
-    """Every output of the run, committed together or not at all (a failed write keeps the previous ones)."""
+    """Every output of the run, committed together or not at all."""
     qids, qnames, names = list(g.queries), list(g.queries.values()), [p.name for _, p in g.images]
     gallery, (top_vals, top_idx) = [str(p) for _, p in g.images], top
     topk_rows = (
@@ -156,7 +151,7 @@ def write_outputs(job: RecallJob, g: Gallery, img_emb, ok, txt_emb, scores, top,
 
 
 def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings: dict, k: int) -> dict:
-    """What was run (``<output>.meta.json``): inputs, model, engine, counts, timings."""
+    """The run record (``<output>.meta.json``)."""
     own = {poi_of_image(p.name) for _, p in g.images}
     engine = rm.engine_info(job.enc.precision)
     setup = {"engine_setup": engine["onnx_setup_s"]} if "onnx_setup_s" in engine else {}
@@ -193,8 +188,7 @@ def run_record(job: RecallJob, rm: RecallModel, g: Gallery, stats: dict, timings
 
 
 def run_recall(job: RecallJob, started: float | None = None) -> dict:
-    """Run ``job``; returns its run record. ``started``: ``time.perf_counter()`` at start-up,
-    what ``timings_s.first_image`` counts from (default: now)."""
+    """Run ``job``, return its record; ``timings_s.first_image`` counts from ``started`` (a perf_counter)."""
     t0 = started if started is not None else time.perf_counter()
     device, timings, stats, mark = resolve_device(job.enc.device), {}, {}, [time.perf_counter()]
 

@@ -1,7 +1,6 @@
-"""Taiyi-CLIP, the paper's recall baseline: the Chinese RoBERTa text encoder ``IDEA-CCNL/Taiyi-CLIP-
-Roberta-102M-Chinese`` (a BERT sequence classifier whose 512 logits ARE the text vector; the authors'
-fine-tuned weights may replace its own) with the image tower of ``openai/clip-vit-base-patch32``
-(CLIP preprocessing). Local directories only, built on the meta device, loaded strictly."""
+"""Taiyi-CLIP, the recall baseline: ``IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese`` (a BERT classifier whose
+512 logits ARE the text vector) with the image tower of ``openai/clip-vit-base-patch32``. Local
+directories only, built on the meta device, loaded strictly."""
 
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ COMPUTED_BUFFERS = {
     "position_ids": lambda b: torch.arange(b.shape[-1]).expand(b.shape),
     "token_type_ids": lambda b: torch.zeros(b.shape, dtype=b.dtype),
 }
-TEXT_BENIGN = ("bert.embeddings.position_ids",)
-VISION_BENIGN = ("vision_model.embeddings.position_ids",)
 TEXT_EXPECTED = "  (expected the Taiyi-CLIP text encoder, a BertForSequenceClassification: bert.*, classifier.*)"
 CLIP_EXPECTED = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.*, visual_projection.weight)"
 HF_DIR = "must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
@@ -45,8 +42,7 @@ def find_weights(directory, option: str) -> Path:
 
 
 def vision_config(clip_dir) -> transformers.CLIPVisionConfig:
-    """The vision part of a CLIP ``config.json`` (``vision_config`` or the old
-    ``vision_config_dict``) with the top-level ``projection_dim``."""
+    """The vision part of a CLIP ``config.json`` with the top-level ``projection_dim``."""
     path = model_file(clip_dir, "config.json", CLIP_HINT)
     doc = read_json(path)
     vc = doc.get("vision_config") or doc.get("vision_config_dict") if isinstance(doc, dict) else None
@@ -60,7 +56,6 @@ def vision_config(clip_dir) -> transformers.CLIPVisionConfig:
 
 
 def load_taiyi_tokenizer(text_dir) -> transformers.BertTokenizer:
-    """The Taiyi tokenizer from the local directory; nothing from a hub."""
     model_file(text_dir, "vocab.txt", TEXT_HINT)
     return transformers.BertTokenizer.from_pretrained(str(text_dir), local_files_only=True)
 
@@ -71,10 +66,8 @@ class TaiyiCLIP(nn.Module):
     def __init__(self, text_cfg: transformers.BertConfig, vision_cfg: transformers.CLIPVisionConfig):
         super().__init__()
         if text_cfg.num_labels != vision_cfg.projection_dim:
-            raise CheckpointError(
-                f"the text encoder gives {text_cfg.num_labels} logits but the image "
-                f"tower projects to {vision_cfg.projection_dim}: not a Taiyi-CLIP pair"
-            )
+            dims = f"{text_cfg.num_labels} text logits, image vectors of {vision_cfg.projection_dim}"
+            raise CheckpointError(f"not a Taiyi-CLIP pair: {dims}")
         self.text_model = transformers.BertForSequenceClassification(text_cfg)
         self.image_model = transformers.CLIPVisionModelWithProjection(vision_cfg)
         self.embed_dim = vision_cfg.projection_dim
@@ -99,18 +92,25 @@ def _compute_buffers(model: nn.Module) -> None:
 
 
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
-    """Taiyi-CLIP in eval mode; ``text_weights`` replaces the weights of ``text_dir``. Tolerated
-    and reported: old ``position_ids`` buffers and the CLIP text tower, which is not used."""
+    """Taiyi-CLIP in eval mode; ``text_weights`` replaces those of ``text_dir`` (the authors' fine-tuned ones)."""
     text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
     with empty_model():
         model = TaiyiCLIP(text_cfg, vision_config(clip_dir))
     text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
-    load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
+    load_state(
+        model.text_model,
+        read_checkpoint(text_path)[0],
+        str(text_path),
+        benign=("bert.embeddings.position_ids",),
+        hint=TEXT_EXPECTED,
+    )
     clip_path = find_weights(clip_dir, "--clip-dir")
     sd, _ = read_checkpoint(clip_path)
     vision = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
     if len(sd) > len(vision):
         log.info("%s: %d tensors of the CLIP text tower are not used", clip_path, len(sd) - len(vision))
-    load_state(model.image_model, vision, str(clip_path), benign=VISION_BENIGN, hint=CLIP_EXPECTED)
+    load_state(
+        model.image_model, vision, str(clip_path), benign=("vision_model.embeddings.position_ids",), hint=CLIP_EXPECTED
+    )
     _compute_buffers(model)
     return model.to(device).eval()

@@ -1,7 +1,5 @@
-"""The encoding engine: ``RecallModel`` (a model with its tokenizer, preprocessing and
-image engine), batched encoding and how the cores are shared (``encode``), the torch /
-ONNX Runtime backends (``onnx``), the embedding cache (``cache``), rank_eval.py's pipeline
-over image pairs (``pairs``) and select_images.py's models (``selection``)."""
+"""The encoding engine: ``RecallModel``, batched encoding (``encode``), the ONNX Runtime backend, the
+embedding cache, and the pipelines of rank_eval.py (``pairs``) and select_images.py (``selection``)."""
 
 from utils import front_door
 

@@ -1,9 +1,7 @@
-"""Embedding cache: image vectors on disk (``<cache_dir>/embeddings.sqlite``), so a rerun encodes
-only new images. Keyed by file CONTENT (sha256; an unchanged file is known by size and mtime)
-and a namespace: the model's identity, preprocessing, precision. A vector whose CRC-32, size or
-finiteness fails is encoded again (rows of the first format, without a crc, are read unchecked
-by CRC). A file that is not a cache is moved aside; a later SQLite error disables the cache for
-the run, never the run. Processes may share a cache (SQLite locking, 60 s busy timeout)."""
+"""Embedding cache (``<cache_dir>/embeddings.sqlite``), keyed by file content (sha256, known by size and
+mtime while unchanged) and namespace (model identity, preprocessing, precision). A vector failing its
+CRC-32, size or finiteness is encoded again; a file that is not a cache is moved aside; a later SQLite
+error disables the cache, never the run. Processes may share it (SQLite locking)."""
 
 from __future__ import annotations
 
@@ -37,8 +35,7 @@ def _crc(blob: bytes, ok: bool) -> int:
 
 
 class EmbeddingCache:
-    """``EmbeddingCache(cache_dir, model_tag)``, ``model_tag`` = ``RecallModel.identity()``; counters
-    ``hits`` / ``misses`` / ``stored`` / ``hashed`` / ``rejected`` for logs and tests."""
+    """``model_tag``: ``RecallModel.identity()``; ``hits``, ``misses``, ``stored``, ``hashed``, ``rejected``: counts."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
         self.path = Path(cache_dir) / DB_NAME
@@ -81,10 +78,6 @@ class EmbeddingCache:
             if Path(str(self.path) + suffix).exists():
                 os.replace(str(self.path) + suffix, str(bad) + suffix)
 
-    def _disable(self, err: Exception) -> None:
-        log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(err).__name__, err)
-        self.close()
-
     @property
     def enabled(self) -> bool:
         return self.db is not None
@@ -108,29 +101,20 @@ class EmbeddingCache:
     def namespace(self, mode: str, precision: str) -> str:
         return f"{self.model_tag}|{mode}|{precision}"
 
-    def _select(self, query: str, head: list, keys: list) -> list:
-        """Rows of ``query`` over ``keys`` (its ``json_each(?)``); [] once the cache is disabled."""
+    def _sql(self, query: str, params: list, many: bool = False) -> list | None:
+        """The rows of ``query`` (``many``: once per row of ``params``); None once an error disabled the cache."""
         if self.db is None:
-            return []
-        try:
-            return self.db.execute(query, [*head, json.dumps(keys)]).fetchall()
-        except sqlite3.Error as e:
-            self._disable(e)
-            return []
-
-    def _write(self, query: str, rows: list) -> bool:
-        if self.db is None or not rows:
-            return False
+            return None
         try:
             with self.db:
-                self.db.executemany(query, rows)
+                return (self.db.executemany if many else self.db.execute)(query, params).fetchall()
         except sqlite3.Error as e:
-            self._disable(e)
-            return False
-        return True
+            log.warning("embedding cache %s failed (%s: %s); continuing without it", self.path, type(e).__name__, e)
+            self.close()
+            return None
 
     def content_keys(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
-        """sha256 of each file's content (None when it cannot be read), by ``stat`` when known unchanged."""
+        """sha256 of each file's content (None when unreadable)."""
         stats = []
         for p in paths:
             try:
@@ -139,7 +123,7 @@ class EmbeddingCache:
             except OSError:
                 stats.append(None)
         q = "SELECT path, size, mtime_ns, sha FROM files WHERE path IN (SELECT value FROM json_each(?))"
-        known = {row[0]: row[1:] for row in self._select(q, [], [st[0] for st in stats if st])}
+        known = {row[0]: row[1:] for row in self._sql(q, [json.dumps([st[0] for st in stats if st])]) or []}
         keys, new_rows = [], []
         for st in stats:
             k = known.get(st[0]) if st else None
@@ -150,7 +134,7 @@ class EmbeddingCache:
                     self.hashed += 1
                     new_rows.append((*st, sha))
             keys.append(sha)
-        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows)
+        self._sql("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", new_rows, many=True)
         return keys
 
     def get_many(self, keys: Sequence[str | None], ns: str, dim: int | None = None) -> dict:
@@ -158,7 +142,7 @@ class EmbeddingCache:
         want = list(dict.fromkeys(k for k in keys if k is not None))
         out, rejected, unverified = {}, 0, 0
         q = "SELECT sha, ok, vec, crc FROM vectors WHERE ns = ? AND sha IN (SELECT value FROM json_each(?))"
-        for sha, ok, blob, crc in self._select(q, [ns], want):
+        for sha, ok, blob, crc in self._sql(q, [ns, json.dumps(want)]) or []:
             vec = np.frombuffer(blob, dtype=np.float32)
             unverified += crc is None
             damaged = crc is not None and crc != _crc(blob, bool(ok))
@@ -167,9 +151,7 @@ class EmbeddingCache:
             else:
                 out[sha] = (vec, bool(ok))
         if rejected:
-            log.warning(
-                "cache %s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected
-            )
+            log.warning("%s: %d vectors failed their checksum or are not finite: encoded again", self.path, rejected)
         if unverified:
             log.info("embedding cache %s: %d vectors of the first format, without a checksum", self.path, unverified)
         self.rejected += rejected
@@ -184,5 +166,6 @@ class EmbeddingCache:
             blob = np.ascontiguousarray(vec, dtype=np.float32).tobytes()
             if sha is not None and np.isfinite(vec).all():
                 rows.append((ns, sha, int(ok), blob, _crc(blob, bool(ok))))
-        if self._write("INSERT OR REPLACE INTO vectors (ns, sha, ok, vec, crc) VALUES (?, ?, ?, ?, ?)", rows):
+        query = "INSERT OR REPLACE INTO vectors (ns, sha, ok, vec, crc) VALUES (?, ?, ?, ?, ?)"
+        if self._sql(query, rows, many=True) is not None:
             self.stored += len(rows)

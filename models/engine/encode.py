@@ -1,8 +1,6 @@
-"""Batched encoding of images and texts: float32 L2-normalised vectors on the CPU, the model left
-as found. How the cores are shared (README, Speed): ONNX Runtime on a CPU runs in lanes, one thread
-per core decoding a batch into its own buffer then encoding it, so decoding and engine never compete
-for a core; torch keeps every core for its threads beside decoding processes, the image tower in
-``channels_last``. ``prefetch_images`` decodes the first batches while the model loads."""
+"""Batched encoding of images and texts: float32 L2-normalised vectors on the CPU, the model left as
+found. ONNX Runtime on a CPU runs in lanes (one thread per core decodes a batch, then encodes it);
+torch keeps every core for its threads beside decoding processes (README, Speed)."""
 
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ PREFETCH_IMAGES = 256  # decoded ahead (~0.6 MB each): enough to cover the model
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -46,7 +43,7 @@ def default_batch_size(device, engine: str = "torch") -> int:
 
 
 def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoders: on a CPU one per ``DECODE_SHARE`` cores beside torch, all but the model loader's for ONNX Runtime."""
+    """Decoders: one per ``DECODE_SHARE`` cores beside torch; for ONNX Runtime all cores but the loader's."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return max(1, min(n, MAX_WORKERS))
@@ -59,7 +56,7 @@ def default_lanes() -> int:
 
 
 def _warn_if_emulated(device, precision: str) -> None:
-    """bf16/fp16 pay only with native support (GPU, AVX-512 BF16, AMX): a warning where they are emulated."""
+    """A warning where bf16/fp16 are emulated (they pay only on a GPU, AVX-512 BF16 or AMX)."""
     if precision == "fp32" or device.type != "cpu":
         return
     try:  # private helpers of this torch build; when missing, assume it is fine
@@ -73,7 +70,6 @@ def _warn_if_emulated(device, precision: str) -> None:
 
 
 def autocast(device, precision: str):
-    """Context manager for ``precision`` (one of ``PRECISIONS``) on ``device``."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
@@ -81,8 +77,7 @@ def autocast(device, precision: str):
 
 @contextlib.contextmanager
 def eval_mode(model, channels_last=None):
-    """The model in eval mode for the block (and the module ``channels_last`` in that memory
-    format: faster CPU convolutions), its mode and memory format restored after."""
+    """The model in eval mode (and ``channels_last`` in that format: faster CPU convolutions), restored after."""
     was = model.training
     conv = next((p for p in channels_last.parameters() if p.dim() == 4), None) if channels_last is not None else None
     restore = torch.contiguous_format if conv is None or conv.is_contiguous() else torch.channels_last
@@ -114,9 +109,8 @@ def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, pre
 
 
 class ImagePrefetch:
-    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, for a later
-    ``encode_images(..., prefetch=self)``. The engine is not known yet: the workers are ONNX Runtime's
-    when ``enc.backend`` would choose it. ``close()`` stops the workers of a source left unused."""
+    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, while the model
+    loads, for ``encode_images(..., prefetch=self)``; ``close()`` stops the workers of one left unused."""
 
     def __init__(self, paths, enc: Encoding = Encoding(), *, loader=None, depth=None):
         device = resolve_device(enc.device)
@@ -132,7 +126,7 @@ class ImagePrefetch:
         self._it = iter(batches) if head else None
 
     def matches(self, paths: list[str], enc: Encoding, loader) -> bool:
-        """Whether this source's batches are exactly those these arguments make."""
+        """Whether its batches are exactly those these arguments make."""
         mine = (self.paths, self.enc.preprocess, self.enc.batch_size, self.loader)
         same = (paths, enc.preprocess, enc.batch_size, loader) == mine
         return self._it is not None and same and enc.num_workers in (None, self.num_workers)
@@ -155,8 +149,7 @@ def encode_images(
     model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc="images"
 ):
     """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
-    ``engine()`` gives the image tower's ``f(x, normalize)``, asked only when some image is not in
-    ``cache``; ``loader``: another model's preprocessing; ``prefetch`` is closed on return."""
+    ``engine()`` gives the ``f(x, normalize)`` to run, asked only when some image is not in ``cache``."""
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     n = len(paths)
@@ -209,8 +202,8 @@ def encode_images(
 
 
 def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) -> dict:
-    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU) or in this thread
-    beside decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
+    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU) or here beside
+    decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
     device = next(model.parameters()).device
     workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
     if prefetch is not None and prefetch.matches(paths, enc, loader):
@@ -248,8 +241,8 @@ def _normalized(e: torch.Tensor) -> np.ndarray:
 
 
 def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, put):
-    """``lanes`` threads, each taking the next batch (from ``ahead``, else decoded into its buffer) and
-    encoding it (ONNX Runtime releases the GIL); the results go to ``put`` from this thread."""
+    """``lanes`` threads each take the next batch (from ``ahead``, else decoded into its own buffer) and
+    encode it (ONNX Runtime releases the GIL); ``put`` is called from this thread."""
     starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
     stop, done = threading.Event(), queue.Queue()
 
@@ -297,22 +290,19 @@ def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count:
 
 
 def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
-    """``len(texts) x D``, each distinct string encoded once, in batches of similar length (default
-    16 on a CPU, 1.4x faster than 64: the activations stay in cache; 256 on CUDA)."""
+    """``len(texts) x D``, each distinct text once, in batches of similar length (16 on a CPU: 1.4x faster
+    than 64, the activations stay in cache; 256 on CUDA)."""
     device = next(model.parameters()).device
     batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
-    distinct = list(dict.fromkeys(texts))
+    distinct = sorted(dict.fromkeys(texts), key=len)
     if not distinct:
         return torch.empty(0, model.embed_dim)
-    order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
-    out: list[torch.Tensor | None] = [None] * len(distinct)
+    rows = []
     with eval_mode(model), torch.inference_mode():
-        for a in tqdm(range(0, len(order), batch_size), desc="encode texts", disable=not enc.progress, leave=False):
-            ids = order[a : a + batch_size]
-            t = tokenize(tokenizer, [distinct[i] for i in ids])
+        for a in tqdm(range(0, len(distinct), batch_size), desc="encode texts", disable=not enc.progress, leave=False):
+            t = tokenize(tokenizer, distinct[a : a + batch_size])
             with autocast(device, enc.precision):
                 e = model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device), normalize=False)
-            for i, row in zip(ids, F.normalize(e.float(), p=2, dim=1).cpu()):
-                out[i] = row
+            rows.append(F.normalize(e.float(), p=2, dim=1).cpu())
     index = {t: i for i, t in enumerate(distinct)}
-    return torch.stack(out)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
+    return torch.cat(rows)[torch.tensor([index[t] for t in texts], dtype=torch.long)]

@@ -1,9 +1,7 @@
-"""The ONNX Runtime engine for the image tower: torch's vectors (checked to 1e-5 on every load),
-several times torch's images/s on a CPU (fp32 only). ``encode_image`` is exported once as a
-graph with a dynamic batch and both outputs, cached atomically as ``<dir>/image_<key>.onnx``
-(key: weights hash, architecture, input size, torch, opset); ``dir``: the argument,
-``$AVAS_ONNX_CACHE`` or ``~/.cache/avas/onnx``. A cached file that fails to load or agree is
-exported again; a fresh one that disagrees is refused, and ``image_encoder_for`` uses torch."""
+"""The ONNX Runtime engine for the image tower (CPU, fp32): torch's vectors, checked to 1e-5 on every
+load. The export is cached as ``<dir>/image_<key>.onnx`` (``dir``: the argument, ``$AVAS_ONNX_CACHE`` or
+``~/.cache/avas/onnx``); a cached file that fails to load or agree is exported again, a fresh one is
+refused and ``image_encoder_for`` falls back to torch."""
 
 from __future__ import annotations
 
@@ -44,7 +42,6 @@ class OnnxBackendError(UserError, RuntimeError):
 
 
 def require_onnxruntime():
-    """The ``onnxruntime`` module, or an error that says how to install it."""
     try:
         import onnxruntime
     except (ImportError, OSError) as e:  # not installed, or its native library will not load
@@ -61,7 +58,7 @@ def onnxruntime_available() -> bool:
 
 
 class _ImageGraph(nn.Module):
-    """What is exported: ``encode_image`` with both the normalised and raw outputs."""
+    """What is exported: ``encode_image``, normalised and raw."""
 
     def __init__(self, model):
         super().__init__()
@@ -113,8 +110,8 @@ def export_image_graph(model, path: str | os.PathLike, image_size: int = SIZE) -
 
 
 class OnnxImageEncoder:
-    """``encode_image(x, normalize=True)`` of ``model`` on ONNX Runtime, for ``lanes`` callers at once,
-    each on ``threads`` intra-op threads (default: the cores shared); ``weights_hash``: or a function."""
+    """``encode_image(x, normalize)`` of ``model`` on ONNX Runtime for ``lanes`` callers at once, each on
+    ``threads`` intra-op threads (default: the cores shared); ``weights_hash``: a string or a function."""
 
     def __init__(self, model, cache_dir=None, weights_hash=None, threads=None, lanes=None):
         ort = require_onnxruntime()
@@ -147,7 +144,7 @@ class OnnxImageEncoder:
         )
 
     def _load(self, ort, model) -> float:
-        """Open the session and compare it with torch on a random batch: the max |diff|."""
+        """Open the session; the max |diff| from torch on a random batch."""
         try:
             self.session = ort.InferenceSession(str(self.path), self.opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types)
@@ -164,8 +161,7 @@ class OnnxImageEncoder:
         diff = float((self.encode_image(x) - ref).abs().max())
         if not diff <= TOLERANCE:  # also catches NaN
             raise OnnxBackendError(
-                f"{self.path}: ONNX Runtime vectors differ from torch by {diff:.2e} "
-                f"(> {TOLERANCE:g}) on a random batch; not using this export"
+                f"{self.path}: ONNX Runtime vectors differ from torch by {diff:.2e} (> {TOLERANCE:g})"
             )
         return diff
 
@@ -177,33 +173,25 @@ class OnnxImageEncoder:
     __call__ = encode_image
 
 
-def _torch_because(device: torch.device, precision: str) -> str | None:
-    """Why ``auto`` takes torch here, or None when ONNX Runtime may run."""
-    if device.type != "cpu":
-        return f"the device is {device.type}"
-    if precision != "fp32":
-        return f"precision {precision} (ONNX Runtime runs fp32)"
-    return None if onnxruntime_available() else "onnxruntime is not installed"
-
-
 def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cache_dir=None, weights_hash=None):
-    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (CPU,
-    fp32: else a clear error) or ``auto`` (ONNX Runtime where it can run, else torch; logged). An
-    ONNX export that fails or disagrees with torch is a warning, and torch is used."""
+    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (else a clear
+    error) or ``auto`` (ONNX Runtime where it can run). An export that fails or disagrees: torch, warned."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":
         return model.encode_image
-    device = torch.device(device)
-    why = _torch_because(device, precision)
-    if backend == "auto" and why:
+    if torch.device(device).type != "cpu":
+        why = f"the device is {torch.device(device).type}, ONNX Runtime runs on the CPU only"
+    elif precision != "fp32":
+        why = f"precision {precision}, ONNX Runtime runs fp32 only"
+    else:
+        why = None if onnxruntime_available() else "onnxruntime is not installed"
+    if why and backend == "auto":
         log.info("image engine: torch (%s)", why)
         return model.encode_image
-    if device.type != "cpu":
-        raise OnnxBackendError(f"--backend onnx runs on the CPU only (device {device}); use torch or auto on a GPU")
-    if precision != "fp32":
-        raise OnnxBackendError(f"--backend onnx is fp32 only (precision {precision})")
-    require_onnxruntime()
+    if why:
+        require_onnxruntime()  # the install hint, when that is why
+        raise OnnxBackendError(f"--backend onnx cannot run here: {why}")
     try:
         enc = OnnxImageEncoder(model, cache_dir=cache_dir, weights_hash=weights_hash)
     except OnnxBackendError as e:

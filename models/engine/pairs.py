@@ -1,7 +1,6 @@
-"""rank_eval.py's pipeline (:func:`evaluate_pairs`, SPEC section 5): the pairs of a ranking CSV,
-their images found by stem (``<item_id>_a.<ext>``; a missing or unreadable one is the all-zero
-image, as the authors' loader made it), the POI tables checked before the model loads, each
-distinct image and ``pois_feature`` text encoded once, the head in large batches."""
+"""rank_eval.py's pipeline (:func:`evaluate_pairs`, SPEC 5): the pairs' images found by stem (a missing or
+unreadable one is the all-zero image, as the authors' loader made it), POI tables checked before the
+model loads, each distinct image and ``pois_feature`` text encoded once, the head in large batches."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ PAIR_CHUNK = 8192  # pairs whose head inputs are stacked at once (bounds memory)
 
 @dataclass(frozen=True)
 class PairRun:
-    """What rank_eval.py is asked (a POI table left out is empty; an output None is not written)."""
+    """What rank_eval.py is asked (a POI table left out is empty, an output None not written)."""
 
     csv: str
     image_dir: str
@@ -53,8 +52,7 @@ class PairRun:
 
 
 def evaluate_pairs(run: PairRun) -> dict:
-    """rank_eval.py: scores every pair, writes ``run.output`` / ``run.metrics`` together and
-    returns the metrics document (figures, counts, what ran)."""
+    """Score every pair, write ``run.output`` and ``run.metrics`` together; returns the metrics document."""
     t0 = time.perf_counter()
     check_draws(run.draws)
     rows, counts = read_pairs(run.csv, run.limit, run.skip_bad_rows)
@@ -86,8 +84,7 @@ def evaluate_pairs(run: PairRun) -> dict:
 
 
 def build_model(run: PairRun, device, tables):
-    """``(ranker, rm, tables)``: as ``models.factory.build_ranker`` (not importable here: it imports
-    this package), and the POI tables checked against the model's embedding size."""
+    """``(ranker, its RecallModel, tables checked against its embedding size)``."""
     ranker = load_ranker(
         run.checkpoint, run.bert_dir, arch=run.arch, align_checkpoint=run.align_checkpoint, device=device
     )
@@ -99,8 +96,8 @@ def build_model(run: PairRun, device, tables):
 
 
 def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], dict[str, int], list[str]]:
-    """``(paths, row_of, missing)``: the pairs' distinct image files, sorted, then one path that does
-    not exist for all missing images (the zero image); each image key's row; the keys without a file."""
+    """``(paths, row_of, missing)``: the distinct files, sorted, then one absent path standing for every
+    missing image (the zero image); each image key's row; the keys without a file."""
     keys = {k for r in rows for k in (r.key_a, r.key_b)}
     missing = sorted(k for k in keys if images.get(k) is None)
     files = sorted({str(images[k]) for k in keys if images.get(k) is not None})
@@ -110,8 +107,7 @@ def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str]
 
 
 def encode_pair_images(rm, rows: list[RankRow], paths, row_of: dict, missing: list[str], run: PairRun, prefetch):
-    """``(vec_a, vec_b, keep, counts)``: the vectors of image a and b of the pairs to score (each
-    path encoded once): all, or with ``run.skip_missing`` those whose two images were read."""
+    """``(vec_a, vec_b, keep, counts)`` of the pairs to score: all, or with ``skip_missing`` those read."""
     n = len(paths) - bool(missing)  # real files; then the stand-in for the missing ones
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -133,8 +129,7 @@ def encode_pair_images(rm, rows: list[RankRow], paths, row_of: dict, missing: li
 
 
 def score_pairs(ranker, rm, inputs: list[ItemInputs], vec_a, vec_b, enc: Encoding):
-    """``(s_a, s_b, texts)``: the head (float64) on both images of every pair with its item
-    inputs, each distinct ``pois_feature`` text encoded once; the count of those texts."""
+    """``(s_a, s_b, distinct texts)``: the head (float64) on both images of every pair."""
     texts = sorted({x.pois_text for x in inputs})
     t0 = time.perf_counter()
     tv = rm.encode_texts(texts, enc)
@@ -155,7 +150,7 @@ def score_pairs(ranker, rm, inputs: list[ItemInputs], vec_a, vec_b, enc: Encodin
 
 
 def poi_counts(inputs: list[ItemInputs]) -> dict:
-    """What the POI sequences of the scored pairs held (unknown names logged)."""
+    """What the POI sequences of the scored pairs held."""
     unknown = sorted({name for x in inputs for name in x.unknown})
     if unknown:
         e_g = ", ".join(repr(name) for name in unknown[:5])

@@ -1,6 +1,5 @@
-"""``RecallModel``: a loaded alignment-style model with its tokenizer, image preprocessing and
-image engine, chosen when first needed (a run that encodes no image never exports). The
-weights hash is computed at most once: it keys the ONNX export and the embedding cache."""
+"""``RecallModel``: a loaded model with its tokenizer, image preprocessing and image engine, set up when
+first needed. Its weights hash, computed at most once, keys the ONNX export and the embedding cache."""
 
 from __future__ import annotations
 
@@ -60,11 +59,9 @@ class RecallModel:
         return "onnx" if isinstance(self.image_encoder(precision), OnnxImageEncoder) else "torch"
 
     def engine_info(self, precision: str = "fp32") -> dict:
-        """The run record's engine: requested, used (None when no image was encoded), and ONNX Runtime's set-up."""
-        if precision not in self._encoders:
-            return {"backend": self.backend, "image_backend": None}
-        enc = self.image_encoder(precision)
-        info = {"backend": self.backend, "image_backend": self.image_backend(precision)}
+        """The run record's engine: requested, used (None when no image was encoded), ONNX Runtime's set-up."""
+        enc = self._encoders.get(precision)
+        info = {"backend": self.backend, "image_backend": None if enc is None else self.image_backend(precision)}
         if isinstance(enc, OnnxImageEncoder):
             info.update(
                 onnx_max_abs_diff=enc.max_abs_diff,
@@ -76,8 +73,7 @@ class RecallModel:
         return info
 
     def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images", prefetch=None):
-        """``(emb, ok)`` of image files (``encode.encode_images``); the engine is set up only
-        when some image is not in the cache of ``enc.cache_dir``."""
+        """``(emb, ok)`` of image files; the engine is set up only when some image is not in the cache."""
         engine = lambda: self.image_encoder(enc.precision)
         kw = {"engine": engine, "loader": self.image_loader, "prefetch": prefetch, "stats": stats, "desc": desc}
         if not enc.cache_dir:

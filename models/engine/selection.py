@@ -1,12 +1,7 @@
-"""The two-stage scoring of a block of catalogue items, the one both selection runners
-(utils.selection: local and Ray) run, and the models it needs.
-
-Models: the ranker checkpoint holds its own copy of the recall model. When the recall
-checkpoint holds the same weights (compared by hash), or is not given, image vectors
-are computed once and serve both stages ("single" encode path); otherwise stage 2
-encodes its short list again with the ranker's copy ("two"); "recall-only" loads no
-ranker. Every distinct image file and text of a block is encoded once per model.
-"""
+"""The two-stage scoring of a block of catalogue items (run by utils.selection, locally or on Ray)
+and its models. Encode paths: "single" (the recall checkpoint has the ranker's recall weights, or
+none is given: image vectors serve both stages), "two" (stage 2 encodes its short list again with
+the ranker's copy), "recall-only" (no ranker). Each distinct file and text is encoded once per model."""
 
 from __future__ import annotations
 
@@ -20,16 +15,7 @@ import numpy as np
 import torch
 
 from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text
-from utils.selection import (
-    OK,
-    UNREADABLE,
-    Clock,
-    ModelFiles,
-    RayOptions,
-    Scoring,
-    Selection,
-    run_local,
-)
+from utils.selection import OK, UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
 
 from ..align import load_tokenizer
 from ..checkpoint import load_align_model, load_ranker
@@ -40,10 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SelectionModels:
-    """``recall`` encodes stage 1 (images and titles); ``rank_rm`` wraps the ranker's own
-    recall copy (stage-2 images on the "two" path, the pois_feature texts). ``path``:
-    "single", "two" or "recall-only"; ``hashes``: weights sha256 of "recall" and
-    "ranker_align"."""
+    """``recall`` encodes stage 1; ``rank_rm`` is the ranker's recall copy (pois_feature texts, stage 2
+    on the "two" path); ``hashes``: weights sha256 of "recall" and "ranker_align"."""
 
     recall: RecallModel
     ranker: torch.nn.Module | None
@@ -53,7 +37,7 @@ class SelectionModels:
 
 
 def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch"):
-    """``(SelectionModels, POI tables or None)``; errors name the file."""
+    """``(SelectionModels, POI tables or None)``."""
     tokenizer = load_tokenizer(files.bert_dir)
 
     def wrap(model, checkpoint):
@@ -80,13 +64,11 @@ def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch
     if not files.poi_tables:
         log.info("no POI tables: every item's POI sequence is empty (poi_len 0)")
         return models, None
-    dim = rank_rm.embed_dim
-    return models, load_poi_tables(*files.poi_tables, dim=dim, trust_pickle=files.trust_pickle)
+    return models, load_poi_tables(*files.poi_tables, dim=rank_rm.embed_dim, trust_pickle=files.trust_pickle)
 
 
 def item_inputs(title: str, poi_names: str, tables, dim: int) -> ItemInputs:
-    """As rank_eval: the tables' inputs (SPEC section 5); without tables no POI sequence
-    (poi_len 0), and the pois_feature text by the SPEC rule."""
+    """The tables' inputs, as rank_eval (SPEC 5); without tables an empty POI sequence."""
     if tables is not None:
         return tables.inputs(title, poi_names)
     zeros = np.zeros((MAX_POIS, dim), dtype=np.float32)
@@ -102,8 +84,7 @@ def _encode_files(rm: RecallModel, files: list[str], enc, desc: str, stats: dict
 
 
 def _stage1(items, rm: RecallModel, enc, stats: dict) -> dict:
-    """Stage-1 vectors of every distinct readable file; a file that does not decode
-    makes its candidates ``unreadable``."""
+    """Stage-1 vectors of every distinct readable file; one that does not decode makes its candidates unreadable."""
     files = list(dict.fromkeys(c.file for it in items for c in it.cands if c.status == OK))
     vec, ok = _encode_files(rm, files, enc, "stage 1", stats)
     for c in (c for it in items for c in it.cands):
@@ -114,24 +95,21 @@ def _stage1(items, rm: RecallModel, enc, stats: dict) -> dict:
 
 
 def _texts(items, models: SelectionModels, inputs: dict, enc) -> tuple[dict, dict, int]:
-    """``(title vectors, pois_feature vectors, texts encoded)``: titles with the stage-1
-    model, pois_feature texts with the ranker's copy; with one model each text once."""
+    """``(title vectors, pois_feature vectors, texts encoded)``: titles by stage 1, pois_feature texts by the ranker."""
     enc = replace(enc, progress=False)
     titles = list(dict.fromkeys(it.title for it in items))
     feats = list(dict.fromkeys(inp.pois_text for inp in inputs.values()))
-    n_texts = len(dict.fromkeys(titles + feats))
+    texts = list(dict.fromkeys(titles + feats))
     if models.path == "single":
-        texts = list(dict.fromkeys(titles + feats))
         vec = dict(zip(texts, models.recall.encode_texts(texts, enc)))
-        return vec, vec, n_texts
+        return vec, vec, len(texts)
     title_vec = dict(zip(titles, models.recall.encode_texts(titles, enc)))
     feat_vec = dict(zip(feats, models.rank_rm.encode_texts(feats, enc))) if feats else {}
-    return title_vec, feat_vec, n_texts
+    return title_vec, feat_vec, len(texts)
 
 
 def _stage2(short, models: SelectionModels, vec1: dict, enc, stats: dict):
-    """``(vectors, short list)``: on the "two" path the short list's files again with the
-    ranker's copy; otherwise the stage-1 vectors."""
+    """``(vectors, short list)``: on the "two" path the short list encoded again by the ranker's copy."""
     if models.path != "two" or not short:
         return vec1, short
     files = list(dict.fromkeys(c.file for c in short))
@@ -143,8 +121,7 @@ def _stage2(short, models: SelectionModels, vec1: dict, enc, stats: dict):
 
 
 def _recall_ranks(items, image_vec: dict, title_vec: dict) -> None:
-    """Stage 1: recall score = image vector . title vector (normalised) of every scored
-    candidate, then recall ranks 1.. by score (ties: catalogue order)."""
+    """Recall score (image . title vector) of every scored candidate, ranks by score (ties: catalogue order)."""
     for it in items:
         for c in it.scored:
             where = f"recall score of item {it.item_id} line {c.line}"
@@ -154,8 +131,7 @@ def _recall_ranks(items, image_vec: dict, title_vec: dict) -> None:
 
 
 def _head(short, ranker, vec2: dict, feat_vec: dict, inputs: dict, batch_size: int) -> None:
-    """Stage 2: the ranker head on the short list, batched. A non-finite score (NaN/inf in
-    a POI table or the checkpoint) is a ``DataError``: nothing is selected on a NaN."""
+    """The ranker head on the short list; a non-finite score is a ``DataError``: nothing is selected on a NaN."""
     if not short:
         return
     inp = [inputs[c.item_id] for c in short]
@@ -169,16 +145,13 @@ def _head(short, ranker, vec2: dict, feat_vec: dict, inputs: dict, batch_size: i
     )
     for c, x in zip(short, scores.tolist()):
         if not math.isfinite(x):
-            raise DataError(
-                f"ranker score of item {c.item_id} line {c.line} is {x}: the POI vectors of its POIs "
-                f"({c.poi_names!r}) or the ranker checkpoint hold NaN/inf values; nothing is selected on such a score"
-            )
+            why = f"the POI vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold NaN/inf values"
+            raise DataError(f"ranker score of item {c.item_id} line {c.line} is {x}: {why}")
         c.ranker_score = x
 
 
 def _final_ranks(item) -> None:
-    """The candidates the ranker scored by ranker score (ties: recall rank), then the rest
-    by recall rank; rank 1 is selected."""
+    """Ranker-scored candidates by score (ties: recall rank), then the rest by recall rank; rank 1 is selected."""
     by_recall = sorted(item.scored, key=lambda c: c.recall_rank)
     staged = sorted((c for c in by_recall if c.ranker_score is not None), key=lambda c: -c.ranker_score)
     for r, c in enumerate(staged + [c for c in by_recall if c.ranker_score is None], 1):
@@ -186,16 +159,13 @@ def _final_ranks(item) -> None:
 
 
 def score_block(items, models: SelectionModels, tables, settings: Scoring, clock=None, image_loader=None) -> dict:
-    """Select on ``items`` (their files resolved): stage-1 vectors, recall scores and
-    ranks, the short list, stage-2 vectors, the ranker head, final ranks.
-    ``image_loader`` (``f(path, mode) -> (tensor, ok)``) replaces reading the files.
-    Returns the block's counts for the summary."""
+    """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``
+    (``f(path, mode) -> (tensor, ok)``) replaces reading the files."""
     clock, enc = clock or Clock(), settings.enc
     if image_loader is not None:
         for rm in {id(m): m for m in (models.recall, models.rank_rm) if m}.values():
             rm.image_loader = image_loader
-    stats1: dict = {}
-    stats2: dict = {}
+    stats1, stats2 = {}, {}
     with clock("stage1_images"):
         vec1 = _stage1(items, models.recall, enc, stats1)
     ranked = models.ranker is not None
@@ -226,8 +196,7 @@ def score_block(items, models: SelectionModels, tables, settings: Scoring, clock
 
 
 def run_selection(job: Selection, ray: RayOptions | None = None) -> dict:
-    """The whole selection of ``job`` (what select_images.py runs): in this process, or
-    on Ray with ``ray``. Writes the outputs and returns the summary."""
+    """select_images.py: the whole selection, here or on Ray (``ray``); writes the outputs, returns the summary."""
     if ray is None:
         return run_local(job, load_selection_models, score_block)
     from utils.selection import run_on_ray  # Ray only on this path
