@@ -200,6 +200,33 @@ def test_no_network_message(world, capsys):
     assert not (dest / "data/a.csv").exists()
 
 
+def test_an_unreachable_hugging_face_endpoint_is_not_tried_again(world, capsys, monkeypatch, tmp_path):
+    """Hugging Face files are requested from HF_ENDPOINT: once it is found unreachable, the
+    next hf asset is not tried (the host is the endpoint's, not the repository owner's)."""
+    import huggingface_hub.constants
+
+    _, _, dest = world
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hf = {"repo_id": "google-bert/bert-base-chinese"}
+    m = write_manifest(
+        dest.parent / "m3.json",
+        [
+            {"name": "vocab", "hf": {**hf, "filename": "vocab.txt"}, "path": "bert/vocab.txt", "sha256": None},
+            {"name": "config", "hf": {**hf, "filename": "config.json"}, "path": "bert/config.json", "sha256": None},
+        ],
+    )
+    assert run(m, dest) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach 127.0.0.1:{port}" in err
+    assert f"config: not tried: 127.0.0.1:{port} was unreachable" in err
+
+
 def test_disk_full_message(world, capsys, monkeypatch):
     srv, manifest, dest = world
 

@@ -253,7 +253,8 @@ def fetch_assets(
     with exclusive_lock(dest), open_session(net, trusted, pool_size=2) as session:
         fetcher = _Fetcher(dest, HashRecords(dest), session, net, mirror, progress)
         for a in chosen:
-            host = _host(a.source(mirror))
+            source = a.source(mirror)
+            host = _host(hf_endpoint() if source.startswith("hf://") else source)  # where it is requested
             try:
                 if host in fetcher.unreachable:
                     raise AssetError(f"{a.name}: not tried: {host} was unreachable")
