@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Weight off: what each optimisation of the recall path earns, at full scale. Each is
+switched off in turn (a patch applied before ``recall_infer.py`` runs, or a flag) and the
+run timed end to end in a fresh process against the run with everything on. An
+optimisation earns its lines with a gain of at least 5% (end to end, or of the time to the
+first image for a start-up optimisation).
+
+    python bench/weight_off.py --images 5000      # the recall set's size; ~2 MP photos
+    python bench/weight_off.py --images 300 --repeat 2 --only simplejpeg lanes
+
+Same gallery and model as bench_recall.py (full-size model, random weights, the seed
+photos scaled to ~2 MP). The machine's load average is printed: other work slows every
+figure, so run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+from bench_recall import PeakRSS, calibrate_bn, make_gallery  # noqa: E402
+
+from models.align import AlignModel  # noqa: E402
+from models.checkpoint import save_align_checkpoint  # noqa: E402
+
+# name: (what it is, the patch applied before recall_infer.py runs, extra flags, what counts)
+VARIANTS = {
+    "simplejpeg": (
+        "JPEGs decoded by libjpeg-turbo into a reused buffer (else Pillow)",
+        "import utils.formats.images as m; m.simplejpeg = None",
+        [],
+        "total",
+    ),
+    "lanes": (
+        "ONNX Runtime in one lane per core, each decoding its own batch (else 1 lane x all threads)",
+        "import models.engine.encode as e, models.engine.onnx as o; e.default_lanes = o.default_lanes = lambda: 1",
+        [],
+        "total",
+    ),
+    "onnx": ("ONNX Runtime as the CPU engine (else torch)", "", ["--backend", "torch"], "total"),
+    "batch-4": ("ONNX Runtime batches of 4 on a CPU (else 32)", "", ["--batch-size", "32"], "total"),
+    "text-batch-16": ("text batches of 16 on a CPU (else 64)", "", ["--text-batch-size", "64"], "total"),
+    "prefetch": (
+        "decoding starts while the model loads",
+        "import models.recall as m; m.prefetch_images = lambda *a, **k: None",
+        [],
+        "first_image",
+    ),
+    "no-normal": (
+        "random init skipped on the meta device without importing torch._dynamo",
+        "import contextlib, models.checkpoint as m; m._NoNormal = contextlib.nullcontext",
+        [],
+        "first_image",
+    ),
+    "numpy-isfinite": (
+        "weights checked finite with numpy (else torch.isfinite)",
+        "import torch, models.checkpoint as m; m._finite = lambda t: bool(torch.isfinite(t).all())",
+        [],
+        "first_image",
+    ),
+    "gc-freeze": (
+        "the interpreter's final garbage collection skipped at exit",
+        "import gc; gc.freeze = lambda: None",
+        [],
+        "total",
+    ),
+}
+
+
+def run(patch: str, argv: list[str], out: Path, tag: str) -> dict:
+    """recall_infer.py in a fresh process with ``patch`` applied first: wall s, first image s, peak RSS."""
+    code = (
+        f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv = {['recall_infer.py', *argv]!r}\n"
+        f"{patch}\nrunpy.run_path({str(ROOT / 'recall_infer.py')!r}, run_name='__main__')"
+    )
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    with PeakRSS(proc.pid) as rss:
+        rc = proc.wait()
+    wall = time.perf_counter() - t
+    if rc != 0:
+        raise SystemExit(f"recall_infer.py ({tag}) exited {rc}")
+    meta = json.loads((out / f"{tag}.csv.meta.json").read_text(encoding="utf-8"))
+    return {"total": wall, "first_image": meta["timings_s"].get("first_image", float("nan")), "rss": rss.peak}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=300, help="gallery photos of ~2 MP (default 300; full scale 5000)")
+    p.add_argument("--repeat", type=int, default=2, help="rounds; each run's best time is kept (default 2)")
+    p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these optimisations only")
+    p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA", str(ROOT.parent / "shared" / "seed-data")))
+    p.add_argument("--workdir", help="keep the generated files here (default: a temporary directory)")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    seed, load0 = Path(args.seed_data), os.getloadavg()[0]
+    bert_dir = seed / "bert-base-chinese"
+    if not (bert_dir / "config.json").is_file():
+        raise SystemExit(f"{bert_dir}: bert config not found (set --seed-data or AVAS_SEED_DATA)")
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="weight_off_")
+    out = Path(args.workdir or tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["AVAS_ONNX_CACHE"] = str(out / "onnx")  # never the user's cache
+    csv_path, _ = make_gallery(seed, out, args.images)
+    torch.manual_seed(0)
+    model = AlignModel.from_bert_dir(bert_dir).eval()
+    calibrate_bn(model, [str(q) for q in sorted((seed / "sample-images").glob("*.jpg"))])
+    ckpt = out / "align_random.pth"
+    save_align_checkpoint(model, ckpt)
+    base = ["--csv", str(csv_path), "--image-dir", str(out / "images"), "--checkpoint", str(ckpt)]
+    base += ["--bert-dir", str(bert_dir), "--no-progress", "--log-level", "WARNING"]
+
+    def argv_of(tag, extra):
+        return [*base, "--output", str(out / f"{tag}.csv"), *extra]
+
+    run("", argv_of("export", []), out, "export")  # the ONNX export, once, before any timing
+    chosen = args.only or list(VARIANTS)
+    best: dict = {}
+    for r in range(args.repeat):  # on and off alternate: on a shared machine the load moves
+        for name in ["all-on", *chosen]:
+            patch, extra = ("", []) if name == "all-on" else VARIANTS[name][1:3]
+            print(f"round {r + 1}/{args.repeat}: {name} ...", file=sys.stderr, flush=True)
+            got = run(patch, argv_of(name, extra), out, name)
+            keep = best.setdefault(name, got)
+            best[name] = {k: min(keep[k], got[k]) if k != "rss" else max(keep[k], got[k]) for k in got}
+    on = best["all-on"]
+    print(f"\nweight off: {args.images} photos of ~2 MP, best of {args.repeat}, {os.cpu_count()} CPUs")
+    print(
+        f"  all on: {on['total']:.1f} s end to end, first image at {on['first_image']:.2f} s, "
+        f"RSS {on['rss'] / 1e9:.2f} GB"
+    )
+    print(f"  {'switched off':<16} {'measure':<12} {'off':>8} {'on':>8} {'gain':>7}  verdict  what")
+    for name in chosen:
+        what, _, _, measure = VARIANTS[name]
+        off, gain = best[name][measure], best[name][measure] / on[measure] - 1
+        verdict = "earns" if gain >= 0.05 else "GOES?"
+        print(f"  {name:<16} {measure:<12} {off:8.2f} {on[measure]:8.2f} {gain:+7.1%}  {verdict:<7}  {what}")
+    print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    if args.json:
+        args.json.write_text(json.dumps(best, indent=1), encoding="utf-8")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
