@@ -1,13 +1,8 @@
-"""The catalogue on a Ray cluster, never in the driver: read by Ray Data on the workers
-with the local reader (so the same lines and the same bad rows), first counted and
-checked, then grouped into shards of whole items on the cluster.
-
-A CSV is read by one task, in order (a row's line, and whether a newline is inside
-quotes, are known only from the start of the file); a Parquet catalogue by one task per
-row group. A shard is the set of items whose ``crc32(item_id) % shards`` is its
-number: the rows of an item meet in one shard wherever they are in the catalogue, and
-the same catalogue always makes the same shards (a rerun skips those written).
-"""
+"""The catalogue on a Ray cluster, never in the driver: read on the workers with the
+local reader (same lines, same bad rows; a CSV by one task, since a row's line is known
+only from the file's start; a Parquet file by one task per row group), counted, then
+grouped into shards: shard k holds the items with ``crc32(item_id) % shards == k``, so the
+same catalogue always makes the same shards."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ FIELDS = ("line", "item_id", "title", "poi_names", "image")
 
 
 def _parts(path: str) -> list[tuple[list[int] | None, int]]:
-    """``(row groups, first line)`` per read task: one per row group of a Parquet file (from
-    its footer only); a CSV is one task."""
+    """``(row groups, first line)`` per read task (a Parquet file's from its footer)."""
     if not is_parquet(path):
         return [(None, 2)]
     import pyarrow.parquet as pq
@@ -83,9 +77,8 @@ def _counts(t):
 
 
 def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
-    """The first pass, before any scoring: ``(usable rows, items, bad rows in line
-    order)``. Items are counted per block read (exact when an item's rows are near each
-    other, more otherwise): they only size the shards."""
+    """``(usable rows, items, bad rows in line order)``, before any scoring. Items are
+    counted per block (more when an item's rows are far apart): they only size the shards."""
     ds = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None)
     rows = items = 0
     errors: list[RowError] = []

@@ -1,11 +1,7 @@
-"""Joining a Ray cluster (or starting a local Ray) for ``select_images.py --ray``.
-
-A cluster started with token authentication (Ray's default once a token exists) takes a
-driver that runs with ``RAY_AUTH_MODE=token`` and finds the cluster's token as Ray reads
-it: ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
-A join refused for its token is one line naming what to set, within a second (Ray itself
-would retry for about half a minute, warning every second).
-"""
+"""Joining a Ray cluster (or starting a local Ray) for ``select_images.py --ray``. A
+cluster with token authentication takes ``RAY_AUTH_MODE=token`` and its token; a join
+refused for its token is one line naming what to set, within a second (Ray itself would
+retry for about half a minute)."""
 
 from __future__ import annotations
 
@@ -34,9 +30,8 @@ TOKEN_HELP = (
 
 
 def runtime_env(address: str | None) -> dict:
-    """Workers import this project: on a local Ray through PYTHONPATH, on a cluster by
-    shipping the code (``working_dir``; data files left out). A cluster's nodes have their
-    own storage credentials; a local Ray's workers get the driver's."""
+    """Workers import this project: on a local Ray through PYTHONPATH (with the driver's
+    storage credentials), on a cluster by shipping the code (data files left out)."""
     env = {k: v for k, v in os.environ.items() if k in PASS_ENV or (not address and k.startswith(STORE_ENV))}
     if address:
         return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
@@ -60,7 +55,7 @@ def _quiet_stderr():
 
 def check_token(address: str) -> None:
     """One request to the cluster's GCS at ``address`` (HOST:PORT), as the driver's join
-    would make it: a missing or refused token is a ``UserError`` naming the variable."""
+    makes it: a missing or refused token is a ``UserError`` naming the variable."""
     from ray._raylet import AuthenticationTokenLoader, GcsClient
     from ray.exceptions import AuthenticationError
 
@@ -76,13 +71,9 @@ def check_token(address: str) -> None:
         with _quiet_stderr():
             GcsClient(address=address)  # asks for the cluster id: refused at once without the token
     except AuthenticationError:
-        if mode != "token":
-            raise UserError(
-                f"--ray {address}: the cluster requires a token: set RAY_AUTH_MODE=token ({TOKEN_HELP})"
-            ) from None
-        raise UserError(
-            f"--ray {address}: the cluster refused the token: set RAY_AUTH_TOKEN to its token ({TOKEN_HELP})"
-        ) from None
+        refused = "refused the token: set RAY_AUTH_TOKEN to its token"
+        why = refused if mode == "token" else "requires a token: set RAY_AUTH_MODE=token"
+        raise UserError(f"--ray {address}: the cluster {why} ({TOKEN_HELP})") from None
     except Exception as e:  # unreachable and the like: ray.init says it below
         log.debug("token check of %s: %s", address, e)
 

@@ -1,8 +1,6 @@
-"""The shard files of a Ray selection: ``part-NNNNNN.parquet``, each holding the output
-rows of the items whose item_id hashes to it (about ``shard_items``) and, in its metadata,
-the plan it was made under (what its rows depend on: catalogue content, weights,
-settings), its counts and where its stages ran. A rerun keeps the shards of its own plan
-and removes the others. The directory is a local path or a pyarrow filesystem URI."""
+"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its
+items and, in the metadata, the plan it was made under (catalogue, weights, settings),
+its counts and where its stages ran. A rerun keeps the shards of its own plan only."""
 
 from __future__ import annotations
 
@@ -56,10 +54,8 @@ def shard_name(k: int) -> str:
 
 def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
     """Shards of this plan already written (complete: they are written atomically).
-    Shards of another plan and temporary files of an interrupted write are removed; any
-    other file is the user's, and the run is refused rather than touch it."""
-    import pyarrow.parquet as pq
-
+    Shards of another plan and temporary files are removed; any other file is the
+    user's, and the run is refused rather than touch it."""
     done, stale = set(), []
     for name in list_files(fs, d):
         path = f"{d}/{name}"
@@ -69,11 +65,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
             fs.delete_file(path)
             continue
         try:
-            meta = (
-                json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
-                if SHARD_NAME.fullmatch(name)
-                else None
-            )
+            meta = _meta(fs, path) if SHARD_NAME.fullmatch(name) else None
         except Exception:  # not a Parquet file, or not one of ours
             meta = None
         if meta is None:
@@ -96,33 +88,30 @@ def write_plan(fs, d: str, key: str) -> None:
     put(fs, f"{d}/{PLAN_FILE}", lambda tmp: Path(tmp).write_text(json.dumps({"key": key}), encoding="utf-8"))
 
 
-def output_table(items: list[Item], meta: dict):
-    """A shard's rows as an Arrow table: the columns of the CSV, typed."""
-    import pyarrow as pa
-
-    types = [getattr(pa, t)() for t in COLUMN_TYPES]
-    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
-    schema = pa.schema(
-        list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()}
-    )
-    return pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
-
-
 def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
-    """Shard ``k`` written atomically (a retried task rewrites the same file); its
-    metadata also holds the items' titles, for the page."""
+    """Shard ``k``, the CSV's columns typed, written atomically (a retried task rewrites
+    the same file); its metadata also holds the items' titles, for the page."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     meta = {**meta, "titles": {it.item_id: [it.title, it.poi_names] for it in items}}
+    types = [getattr(pa, t)() for t in COLUMN_TYPES]
+    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
+    schema = pa.schema(list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
+    table = pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
     fs, d = open_dir(location)
-    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(output_table(items, meta), tmp))
+    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(table, tmp))
+
+
+def _meta(fs, path: str) -> dict:
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
 
 
 def shard_metas(fs, d: str, ks) -> dict:
     """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
-    import pyarrow.parquet as pq
-
-    return {k: json.loads(pq.read_schema(f"{d}/{shard_name(k)}", filesystem=fs).metadata[META_KEY]) for k in ks}
+    return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
 
 
 def _table(fs, d: str, k: int):

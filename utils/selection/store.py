@@ -39,6 +39,14 @@ def list_files(fs, d: str) -> list[str]:
     return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
+def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
+    """One file between two filesystems (the local one where None)."""
+    import pyarrow.fs as pafs
+
+    local = pafs.LocalFileSystem()
+    pafs.copy_files(src, dst, source_filesystem=src_fs or local, destination_filesystem=dst_fs or local)
+
+
 def put(fs, path: str, write) -> None:
     """``write(local_tmp)`` makes the file, copied to ``path`` under a temporary name then
     moved: readers never see half a file (a rename on a disk, a whole object on a store)."""
@@ -47,15 +55,8 @@ def put(fs, path: str, write) -> None:
         write(tmp)
         part = f"{path}.tmp{os.getpid()}"
         fs.create_dir(os.path.dirname(path), recursive=True)
-        with open(tmp, "rb") as src, fs.open_output_stream(part) as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        _copy(tmp, part, dst_fs=fs)
         fs.move(part, path)
-
-
-def put_file(location: str, write) -> None:
-    fs, path = open_dir(location)
-    put(fs, path, write)
 
 
 @contextlib.contextmanager
@@ -68,16 +69,9 @@ def staged_cache(location: str, cands: list[Candidate]):
         names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
         had = {os.path.basename(i.path) for i in fs.get_file_info([join(base, n) for n in names]) if i.size}
         for name in had:
-            _pull(fs, join(base, name), stage)
+            _copy(join(base, name), os.path.join(stage, name), src_fs=fs)
         yield stage
         for name in {Path(c.file).name for c in cands if c.file} - had:
-            fs.create_dir(base, recursive=True)
             put(fs, join(base, name), lambda tmp, n=name: os.replace(os.path.join(stage, n), tmp))
         for c in cands:
             c.file = join(location, Path(c.file).name) if c.file else None
-
-
-def _pull(fs, path: str, stage: str) -> None:
-    with fs.open_input_stream(path) as src, open(os.path.join(stage, os.path.basename(path)), "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
