@@ -1,6 +1,6 @@
 """Selection on a user's catalogue: the catalogue (``catalogue``), a run and the local
-runner (``run``), the Ray runner (``ray_runner``: ``session``, ``cluster``, ``shards``,
-``store``). The runners take the model loader and the block scoring as plain functions."""
+runner (``run``), the Ray runner (``ray_runner``: Ray in ``cluster``, the outputs in
+``shards`` and ``store``). The runners take the model loader and scoring as functions."""
 
 from utils import front_door
 
@@ -11,7 +11,7 @@ __all__, __getattr__ = front_door(
         "mark_duplicates output_rows resolve_images write_output",
         "run": "Clock ModelFiles RayOptions Scoring Selection check_rows read_items run_local",
         "ray_runner": "run_on_ray",
-        "session": "connect_ray",
+        "cluster": "connect_ray",
         "store": "is_uri",
     },
 )

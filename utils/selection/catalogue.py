@@ -182,9 +182,8 @@ def url_stem(url: str) -> str:
 
 
 def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, progress: bool) -> dict:
-    """Set ``file`` (or a failure status) of every candidate: local paths against
-    ``csv_dir``, each distinct URL downloaded once into ``image_cache`` (a valid copy there
-    is reused). Returns the counts."""
+    """Set ``file`` (or a failure status) of every candidate: local paths against ``csv_dir``,
+    each URL downloaded once into ``image_cache`` (a valid copy reused). Returns counts."""
     from utils.fetch import download_one, open_session
 
     counts = dict.fromkeys(("local", "missing", "urls", "downloaded", "reused", "failed"), 0)

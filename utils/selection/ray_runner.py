@@ -1,9 +1,7 @@
-"""The selection on Ray Data (``select_images.py --ray``): the local run's rows, ranks and
-selections (scores within 1e-5). The workers count the catalogue (the bad-row rule before
-any scoring) and group it into shards; each shard not written yet goes through
-``prepare_stage`` (CPU task: downloads, images decoded), ``ScoreShards`` (actor pool, one
-model set each) and ``write_stage`` (a Parquet file). The driver holds counts only; dead
-workers are retried, a lost node's shards run again, a rerun skips the written shards."""
+"""The selection on Ray Data (``--ray``): the local run's rows (scores within 1e-5). Each
+shard not written yet goes through ``prepare_stage`` (CPU task: downloads, decoding),
+``ScoreShards`` (actor pool, one model set each) and ``write_stage``; the driver holds
+counts only. Dead workers are retried, a lost node's shards run again."""
 
 from __future__ import annotations
 
@@ -24,19 +22,9 @@ from dataclasses import replace
 from utils.io import exclusive_lock
 
 from .catalogue import OK, UNREADABLE, catalogue_rows, write_output
-from .cluster import count_catalogue, pack, shard_dataset, unpack
+from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
 from .run import Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .session import FAIL_ENV, connect_ray
-from .shards import (
-    POI_TABLES,
-    finished_shards,
-    merged_rows,
-    plan_key,
-    shard_items,
-    shard_metas,
-    write_plan,
-    write_shard,
-)
+from .shards import POI_TABLES, finished_shards, merged_rows, plan_key, shard_items, shard_metas, write_shard
 from .store import is_uri, open_dir, staged_cache
 
 log = logging.getLogger(__name__)
@@ -61,8 +49,7 @@ def _maybe_die(stage: str) -> None:
 
 @contextlib.contextmanager
 def _stage(payload: dict, name: str):
-    """``payload["where"][name]``: on which node (address and id: nodes may share an
-    address) and how long the stage ran."""
+    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds."""
     import ray
 
     t = time.perf_counter()
@@ -73,8 +60,7 @@ def _stage(payload: dict, name: str):
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
 def _decode(path: str, mode: str):
-    """The image at the model's input size (uint8; normalised in the actor), None when it
-    does not decode."""
+    """The image at the model's input size (uint8), None when it does not decode."""
     import cv2
 
     from utils.formats import SIZE, decode_rgb
@@ -175,8 +161,7 @@ def absolute(job: Selection) -> Selection:
 
 
 def check_resources(opts: RayOptions) -> None:
-    """The actors must leave a CPU for the prepare tasks and find their GPUs; otherwise the
-    pipeline would wait forever."""
+    """The actors must leave a CPU for the prepare tasks and find their GPUs (else Ray waits)."""
     import ray
 
     have = ray.cluster_resources()
@@ -226,9 +211,8 @@ def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     where, t = meta["where"], meta["tally"]
     enc = meta["counts"]["images_encoded"]
     encoded = enc.get("stage1", 0) + enc.get("stage2", 0)
-    scorer = where["score"][0]
-    add_counts(nodes.setdefault(scorer, {}), {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded})
-    add_counts(nodes[scorer], {"status_counts": t["status_counts"]})
+    share = {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded, "status_counts": t["status_counts"]}
+    add_counts(nodes.setdefault(where["score"][0], {}), share)
     for stage, (node, seconds) in where.items():
         add_counts(nodes.setdefault(node, {}), {"seconds": {stage: seconds}})
     stages = ", ".join(f"{s} {sec:.1f} s on {node}" for s, (node, sec) in where.items())
@@ -244,8 +228,7 @@ def _lost_node(e: Exception) -> bool:
 
 
 def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
-    """The shards not written yet (after a lost node, again); returns ``({shard: metadata},
-    the summary's ray record)``."""
+    """The shards not written yet (again after a lost node): ``({shard: metadata}, record)``."""
     fs, d = open_dir(plan["dir"])
     done = finished_shards(fs, d, plan["key"], plan["shards"])
     metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
@@ -256,7 +239,6 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
         if attempt == RUN_ATTEMPTS:
             raise RuntimeError(f"the shards in {plan['dir']} do not hold the catalogue's {rows} rows")
         check_resources(opts)
-        write_plan(fs, d, plan["key"])
         try:
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
@@ -266,7 +248,6 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
             metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
-    written = len(metas) - len(done)
     seconds = time.perf_counter() - t
     return metas, {
         "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",
@@ -274,7 +255,7 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
         "gpus_per_actor": opts.gpus_per_actor,
         "shards": len(metas),
         "shards_skipped": len(done),
-        "shards_written": written,
+        "shards_written": len(metas) - len(done),
         "shard_dir": plan["dir"],
         "nodes": nodes,
         "rows_per_s": round(sum(metas[k]["tally"]["candidates"] for k in set(metas) - done) / max(seconds, 1e-9), 3),

@@ -9,18 +9,18 @@ from utils.cli import UserError
 import hashlib
 import json
 import logging
+import os
 import re
-from pathlib import Path
 
 from utils.hashing import sha256_file
 
 from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows
 from .run import Selection
-from .store import list_files, open_dir, put
+from .store import open_dir, put
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "_plan.json"
+PLAN_FILE = "_plan.json"  # written by older versions beside the shards: left alone
 META_KEY = b"avas_select"
 POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
@@ -53,11 +53,13 @@ def shard_name(k: int) -> str:
 
 
 def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written (complete: they are written atomically).
-    Shards of another plan and temporary files are removed; any other file is the
-    user's, and the run is refused rather than touch it."""
+    """Shards of this plan already written (atomically); those of another plan and temporary
+    files are removed; any other file is the user's: the run is refused."""
+    import pyarrow.fs as pafs
+
     done, stale = set(), []
-    for name in list_files(fs, d):
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+    for name in sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File):
         path = f"{d}/{name}"
         if name in (PLAN_FILE, ".lock"):
             continue
@@ -82,10 +84,6 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
         for path in stale:
             fs.delete_file(path)
     return done
-
-
-def write_plan(fs, d: str, key: str) -> None:
-    put(fs, f"{d}/{PLAN_FILE}", lambda tmp: Path(tmp).write_text(json.dumps({"key": key}), encoding="utf-8"))
 
 
 def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
@@ -114,31 +112,18 @@ def shard_metas(fs, d: str, ks) -> dict:
     return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
 
 
-def _table(fs, d: str, k: int):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
-
-
 def merged_rows(fs, d: str, ks):
-    """Every shard's rows, in the local run's order (items by first line, candidates by
-    line): the single CSV, for a selection that fits one machine."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    t = pa.concat_tables([_table(fs, d, k) for k in sorted(ks)]) if ks else None
-    if t is None or not t.num_rows:
-        return []
-    first = t.group_by("item_id").aggregate([("line", "min")]).rename_columns(["item_id", "first"])
-    t = t.join(first, "item_id").sort_by([("first", "ascending"), ("line", "ascending")])
-    cols = [pc.cast(t[c], pa.int64()) if c == "selected" else t[c] for c in OUTPUT_HEADER]
-    return zip(*(c.to_pylist() for c in cols))
+    """Every shard's rows in the local run's order (items by first line): the single CSV,
+    for a selection that fits one machine."""
+    return output_rows(sorted(shard_items(fs, d, ks), key=lambda it: it.line))
 
 
 def shard_items(fs, d: str, ks):
-    """The items of the shards ``ks``, rebuilt from their rows (the page's sample)."""
+    """The items of the shards ``ks``, rebuilt from their rows."""
+    import pyarrow.parquet as pq
+
     for k in sorted(ks):
-        t = _table(fs, d, k)
+        t = pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
         titles = json.loads(t.schema.metadata[META_KEY])["titles"]
         items: dict = {}
         for row in t.to_pylist():

@@ -31,14 +31,6 @@ def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
 
 
-def list_files(fs, d: str) -> list[str]:
-    """Base names of the files in ``d`` (none when it does not exist)."""
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-    return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
-
-
 def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
     """One file between two filesystems (the local one where None)."""
     import pyarrow.fs as pafs
@@ -61,9 +53,8 @@ def put(fs, path: str, write) -> None:
 
 @contextlib.contextmanager
 def staged_cache(location: str, cands: list[Candidate]):
-    """A local directory standing in for the image cache at URI ``location`` while a shard
-    is prepared: the cached copies of its URLs pulled in first (the downloader reuses
-    them), its new downloads pushed back after; ``file`` then names the cached copy."""
+    """A local stand-in for the image cache at URI ``location``: the cached copies of the
+    URLs pulled in, new downloads pushed back after (``file`` then names the URI copy)."""
     fs, base = open_dir(location)
     with tempfile.TemporaryDirectory() as stage:
         names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
