@@ -5,31 +5,15 @@
         --ranker-checkpoint data/shoucai_siamese_train_concat_poi_020_0.6520.ckpt \\
         --recall-checkpoint data/align_model.pth --bert-dir data/bert-base-chinese \\
         [--poi-pic-num T1 --poi-image-vectors T2 --poi-name-vectors T3] [--html report.html]
+    ... --ray [HOST:6379]     # on Ray Data: a local Ray, or join a cluster (README: "Scaling out")
 
-    ... --ray                 # the same run on Ray Data: a local Ray started in-process
-    ... --ray HOST:6379       # or join a running cluster (also: RAY_ADDRESS; RAY_AUTH_MODE=token
-                              # and its token for a cluster with token authentication)
-
-Input (``--items``): a CSV with the header ``item_id,title,poi_names,image`` (one row per
-candidate image) or a Parquet file with those columns. ``image`` is a local path,
-relative to the catalogue's directory, or an http(s) URL downloaded once into
-``--image-cache``. A row that cannot be used stops the run unless ``--skip-bad-rows``.
-
-Stage 1 scores every readable candidate against its item's title with the recall model;
-the top ``--recall-k`` per item go to stage 2, the ranker with the item's POI inputs
-(as rank_eval.py). The first by ranker score, else by recall score, is selected.
-
-Output (``--out``): one row per candidate, in catalogue order:
+Input: a CSV (or Parquet file) ``item_id,title,poi_names,image``, one row per candidate;
+``image`` is a local path (relative to the catalogue) or an http(s) URL, downloaded once
+into ``--image-cache``. Stage 1 (recall) keeps the top ``--recall-k`` per item, stage 2
+(the ranker with the item's POIs) picks one. Output: one row per candidate,
     item_id,line,image,status,recall_score,recall_rank,ranker_score,final_rank,selected,file,detail
-status: ok | missing | download_failed | unreadable | duplicate; only ok candidates are
-scored. ``<out>.summary.json`` records counts, the encode path, unknown POIs, bad rows
-and timings; ``--html`` writes a visual report. A run's outputs are written together or
-not at all. With ``--ray``, an ``--out`` not ending in ``.csv`` is a directory of
-Parquet shards, on a path or a filesystem URI (``file://``, ``s3://``, ...; so may
-``--image-cache`` be).
-
-Exit status: 0 on success (also when some items have no readable image), 2 for bad input
-(one line on stderr, checked before any model is loaded where possible).
+status ok | missing | download_failed | unreadable | duplicate (only ok is scored);
+``<out>.summary.json`` and ``--html`` are written with it. Exit status 2 for bad input.
 """
 
 from __future__ import annotations
@@ -43,6 +27,7 @@ from utils.cli import (
     output_dir,
     output_file,
     positive_int,
+    require,
     setup_logging,
 )
 
@@ -64,7 +49,7 @@ from utils.args import (
     add_recall_files,
     add_run,
 )
-from utils.selection import ModelFiles, RayOptions, Scoring, Selection, is_uri
+from utils.selection import ModelFiles, RayOptions, Scoring, Selection, is_parquet, is_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +144,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     job, ray = selection_of(args)
+    if ray is not None:
+        require("ray", "ray", "--ray")
+    if is_parquet(job.items):
+        require("pyarrow", "parquet", "a Parquet --items")
     check_paths(job, shards_out=ray is not None and not job.out.lower().endswith(".csv"))
     run_selection(job, ray)
     return 0

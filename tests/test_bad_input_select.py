@@ -225,6 +225,30 @@ def test_ray_out_directory_with_a_foreign_file(env, tmp_path, capsys):
     assert (out / "part-000000.parquet").read_bytes() == b"the user's own file"
 
 
+# --- an opt-in path without its package: one line naming the extra, before any work -----
+@pytest.mark.parametrize(
+    "module,extra,needed_by", [("ray", "ray", "--ray"), ("pyarrow", "parquet", "a Parquet --items")], ids=["ray", "pq"]
+)
+def test_missing_extra_is_one_line(env, tmp_path, capsys, monkeypatch, no_models, module, extra, needed_by):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name.split(".")[0] == module else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    argv = _base(env, tmp_path / "o.csv")
+    if module == "ray":
+        argv.append("--ray")
+    else:
+        items = tmp_path / "items.parquet"
+        items.write_bytes(b"PAR1")  # never read: the missing package is found first
+        argv[argv.index("--items") + 1] = str(items)
+    line = _refused(env, argv, capsys, f"{needed_by} needs the optional package {module}", tmp_path=tmp_path)
+    assert f"[{extra}]" in line
+
+
 # --- no output is an input or another output --------------------------------------------
 @pytest.mark.parametrize(
     "flag,same_as",

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("ray", reason="ray is not installed (pip install -r requirements-ray.txt)")
 psutil = pytest.importorskip("psutil", reason="psutil is not installed (requirements-dev.txt)")
 
-from test_select_ray import _argv, _read, _summary, assert_same, env, local  # noqa: E402, F401
+from test_select_ray import _argv, _read, _summary, assert_same, env, local, local_runs  # noqa: E402, F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,8 +145,6 @@ def test_refused_join_is_one_line_within_seconds(cluster, env, tmp_path, auth): 
 
 
 def test_two_nodes_equal_local_and_survive_a_lost_node(cluster, env, local, tmp_path):  # noqa: F811
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     out = tmp_path / "sel"
     argv = _argv(env, out, "--shard-items", "1", "--actors", "1")
     _, err, rc = _select(cluster, argv)

@@ -199,15 +199,31 @@ def assert_same(local: list[dict], other: list[dict]) -> None:
                 assert abs(float(a[k]) - float(b[k])) <= SCORE_TOL, (k, a, b)
 
 
-@pytest.fixture(scope="module", params=["single", "two"])
-def local(request, env):
-    recall = "other_align.pth" if request.param == "two" else None
-    out = env["dir"] / f"local_{request.param}.csv"
-    assert select_images.main(_argv(env, out, recall=recall)) == 0
-    return {"rows": _read(out), "summary": _summary(out), "recall": recall, "path": request.param}
+@pytest.fixture(scope="module")
+def local_runs(env):
+    """``run(path)``: the local run of an encode path ("single" or "two"), made once."""
+    runs: dict = {}
+
+    def run(path: str) -> dict:
+        if path not in runs:
+            recall = "other_align.pth" if path == "two" else None
+            out = env["dir"] / f"local_{path}.csv"
+            assert select_images.main(_argv(env, out, recall=recall)) == 0
+            runs[path] = {"rows": _read(out), "summary": _summary(out), "recall": recall, "path": path}
+        return runs[path]
+
+    return run
 
 
-def test_ray_output_equals_local(env, ray_session, local, tmp_path):
+@pytest.fixture(scope="module")
+def local(local_runs):
+    """The local run the Ray tests compare with (one encode path is enough for them)."""
+    return local_runs("single")
+
+
+@pytest.mark.parametrize("path", ["single", "two"])
+def test_ray_output_equals_local(env, ray_session, local_runs, path, tmp_path):
+    local = local_runs(path)
     out = tmp_path / "ray.csv"
     html = tmp_path / "ray.html"
     assert (
@@ -238,8 +254,6 @@ def test_ray_output_equals_local(env, ray_session, local, tmp_path):
 
 
 def test_worker_deaths_are_retried(env, ray_session, local, tmp_path):
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     for stage in STAGES:  # every stage's first worker dies once
         (ray_session / stage).write_text("armed")
     out = tmp_path / "retry.csv"
@@ -251,8 +265,6 @@ def test_worker_deaths_are_retried(env, ray_session, local, tmp_path):
 
 
 def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_path):
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     out = tmp_path / "shards"
     argv = _argv(env, out, "--ray", "--shard-items", "3")
     assert select_images.main(argv) == 0
@@ -278,8 +290,6 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
 
 def test_parquet_catalogue(env, ray_session, local, tmp_path):
     """--items as Parquet (row i = line i + 2, as in the CSV): the same rows as the CSV run."""
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     import pyarrow as pa
 
     with open(env["csv"], encoding="utf-8", newline="") as f:
@@ -296,8 +306,6 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
 def test_bad_rows_skipped_on_the_cluster_as_locally(env, ray_session, local, tmp_path):
     """Bad rows read by the workers: with --skip-bad-rows left out, counted and listed by
     file and line in the summary as in the local run; the other rows are the local run's."""
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     items = env["csv"].with_name("items_bad.csv")
     text = env["csv"].read_bytes().splitlines(keepends=True)
     items.write_bytes(b"".join(text[:3] + [b"it9,t,,\n", b"it0,\xff\xfe,,x.jpg\n"] + text[3:] + [b"it1,x\n"]))
@@ -317,8 +325,6 @@ def test_outputs_on_a_filesystem_uri(env, ray_session, local, tmp_path):
     """--out and --image-cache as file:// URIs: the workers write the shards and the
     downloaded images there, the summary goes beside the shards; the catalogue's rows are
     the local run's, and the images of a new item's URLs are cached under their URI."""
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     srv = LocalServer().start()
     try:
         for k, color in enumerate(("红", "蓝")):
@@ -388,8 +394,6 @@ def s3(ray_session):
 def test_outputs_on_s3(env, local, s3, tmp_path):
     """--out and --image-cache on an S3-compatible server (moto, 127.0.0.1): the shards and
     the summary are there, the rows are the local run's."""
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     argv = _argv(env, "s3://sel-bucket/sel", "--ray", "--shard-items", "3")
     argv[argv.index("--image-cache") + 1] = "s3://sel-bucket/cache"
     assert select_images.main(argv) == 0
@@ -409,8 +413,6 @@ def test_outputs_on_s3(env, local, s3, tmp_path):
 def test_page_is_a_bounded_sample(env, ray_session, local, tmp_path, monkeypatch):
     """Beyond PAGE_ITEMS items the page shows a sample of that many, and says so; the
     summary still counts every item (local and Ray alike)."""
-    if local["path"] != "single":
-        pytest.skip("one encode path is enough")
     from utils.selection import run as run_module
 
     monkeypatch.setattr(run_module, "PAGE_ITEMS", 4)

@@ -1,13 +1,7 @@
-"""The catalogue of ``select_images.py``: rows grouped into items and their candidate
-images, where each image is (local files; URLs downloaded once), the output rows and the
-HTML page.
-
-A catalogue is a UTF-8 CSV with the header ``item_id,title,poi_names,image`` (extra
-columns ignored), one row per candidate, or a Parquet file with those columns (row i is
-line i + 2). ``image`` is a local path (relative: to the catalogue's directory) or an
-http(s) URL. An item's rows need not be adjacent; its title and poi_names come from its
-first row.
-"""
+"""The catalogue of ``select_images.py``: a UTF-8 CSV with the header
+``item_id,title,poi_names,image`` or a Parquet file with those columns (row i is line
+i + 2), one row per candidate image; rows grouped into items (an item's title and
+poi_names come from its first row), images resolved (URLs downloaded once), output rows."""
 
 from __future__ import annotations
 
@@ -80,9 +74,6 @@ class Item:
         return next((c for c in self.cands if c.selected), None)
 
 
-# ---------------------------------------------------------------------------
-# reading: rows, then items
-# ---------------------------------------------------------------------------
 def is_parquet(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(PARQUET_SUFFIXES)
 
@@ -90,15 +81,12 @@ def is_parquet(path: str | os.PathLike) -> bool:
 def _lacking(path: str, line: int, found: list[str]) -> None:
     absent = [c for c in COLUMNS if c not in found]
     if absent:
-        raise DataError(
-            f"{path}:{line}: the header lacks column(s) {', '.join(absent)} "
-            f"(expected {','.join(COLUMNS)}; found {','.join(found)})"
-        )
+        raise DataError(f"{path}:{line}: the header lacks {', '.join(absent)} (expected {','.join(COLUMNS)})")
 
 
 def _csv_rows(path: str, errors: list[RowError]):
     """``(line, fields)`` of a CSV catalogue, decoded line by line (a bad byte is a bad
-    row at its line); rows that cannot be used go to ``errors``."""
+    row at its line)."""
     seen = len(errors)
     reader = csv.reader(text_lines(path, errors))
     try:
@@ -131,10 +119,9 @@ def _csv_rows(path: str, errors: list[RowError]):
         yield start, [fields[i] for i in col]
 
 
-def _parquet_rows(path: str, groups: list[int] | None = None, line: int = 2):
-    """``(line, fields)`` of a Parquet catalogue (row i is line i + 2), or of its row
-    ``groups`` whose first row is ``line``."""
-    import pyarrow.parquet as pq  # only for a Parquet catalogue
+def _parquet_rows(path: str, groups: list[int] | None, line: int):
+    """``(line, fields)`` of the row ``groups`` (None: all) whose first row is ``line``."""
+    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
@@ -148,10 +135,8 @@ def _parquet_rows(path: str, groups: list[int] | None = None, line: int = 2):
 
 
 def catalogue_rows(path: str, errors: list[RowError], groups: list[int] | None = None, line: int = 2):
-    """``(line, item_id, title, poi_names, image)`` of every usable row (of Parquet row
-    ``groups`` starting at ``line``: how the workers of a Ray run read their part). Rows
-    that cannot be used (bad bytes, too few fields, empty item_id or image) go to
-    ``errors`` with their line; a file without the required columns is a ``DataError``."""
+    """``(line, item_id, title, poi_names, image)`` of every usable row (of the Parquet row
+    ``groups`` starting at ``line``); unusable rows go to ``errors`` with their line."""
     rows = _parquet_rows(path, groups, line) if is_parquet(path) else _csv_rows(path, errors)
     for line, (item_id, title, pois, image) in rows:
         item_id, image = item_id.strip(), image.strip()
@@ -163,32 +148,21 @@ def catalogue_rows(path: str, errors: list[RowError], groups: list[int] | None =
 
 
 def group_items(rows, path: str) -> list[Item]:
-    """Items in order of first appearance of ``catalogue_rows`` (in line order); an
-    item's title and poi_names come from its first row."""
+    """Items of ``catalogue_rows`` (in line order), in order of first appearance."""
     items: dict[str, Item] = {}
     for line, item_id, title, pois, image in rows:
         it = items.get(item_id)
         if it is None:
             it = items[item_id] = Item(item_id, title, pois, line)
         elif (title, pois) != (it.title, it.poi_names):
-            log.warning(
-                "%s:%d: item %s: title/poi_names differ from line %d; using those", path, line, item_id, it.line
-            )
+            log.warning("%s:%d: item %s: title/poi_names differ from line %d's, kept", path, line, item_id, it.line)
         it.cands.append(Candidate(line, item_id, it.title, it.poi_names, image))
     return list(items.values())
 
 
-def read_catalogue(path: str | os.PathLike, errors: list[RowError]) -> list[Item]:
-    """Items in order of first appearance; unusable rows go to ``errors`` (``catalogue_rows``)."""
-    return group_items(catalogue_rows(str(path), errors), str(path))
-
-
-# ---------------------------------------------------------------------------
-# images
-# ---------------------------------------------------------------------------
 def mark_duplicates(items: list[Item]) -> int:
-    """Mark a candidate listing the same image (same URL, or same resolved local file)
-    as an earlier candidate of the same item; returns how many were marked."""
+    """Mark the candidates repeating an image (URL or resolved file) of an earlier one of
+    their item; returns how many."""
     n = 0
     for it in items:
         first: dict[str, Candidate] = {}
@@ -207,22 +181,9 @@ def url_stem(url: str) -> str:
     return "u" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
-def _resolve_local(c: Candidate, csv_dir, counts: dict) -> None:
-    p = Path(os.path.expanduser(c.image))
-    c.file = str(p if p.is_absolute() else Path(csv_dir) / p)
-    counts["local"] += 1
-    if not os.path.isfile(c.file):
-        c.status, c.detail = MISSING, f"no such file: {c.file}"
-        counts["missing"] += 1
-
-
-def resolve_images(
-    items: list[Item], csv_dir, image_cache, net: Downloads = Downloads(), progress: bool = True
-) -> dict:
-    """Set ``file`` (or a failure status) of every candidate. Local paths are resolved
-    against ``csv_dir``; each distinct URL is downloaded once into ``image_cache`` as
-    ``u<sha256(url)[:32]>.<ext>`` (an existing valid file is reused, not fetched).
-    Returns counts ``{"local", "missing", "urls", "downloaded", "reused", "failed"}``."""
+def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, progress: bool) -> dict:
+    """Set ``file`` (or a failure status) of every candidate: local paths against ``csv_dir``,
+    each URL downloaded once into ``image_cache`` (a valid copy reused). Returns counts."""
     from utils.fetch import download_one, open_session
 
     counts = dict.fromkeys(("local", "missing", "urls", "downloaded", "reused", "failed"), 0)
@@ -230,19 +191,23 @@ def resolve_images(
     for c in (c for it in items for c in it.cands):
         if c.is_url:
             urls.setdefault(c.image, []).append(c)
-        else:
-            _resolve_local(c, csv_dir, counts)
+            continue
+        p = Path(os.path.expanduser(c.image))
+        c.file = str(p if p.is_absolute() else Path(csv_dir) / p)
+        counts["local"] += 1
+        if not os.path.isfile(c.file):
+            c.status, c.detail = MISSING, f"no such file: {c.file}"
+            counts["missing"] += 1
     counts["urls"] = len(urls)
     if not urls:
         return counts
     Path(image_cache).mkdir(parents=True, exist_ok=True)
-    session = open_session(net)
+    kw = dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
+    with open_session(net) as session, ThreadPoolExecutor(net.workers) as ex:
 
-    def fetch(url):
-        kw = dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
-        return url, download_one(session, [url], image_cache, url_stem(url), **kw)
+        def fetch(url):
+            return url, download_one(session, [url], image_cache, url_stem(url), **kw)
 
-    with ThreadPoolExecutor(net.workers) as ex:
         done = ex.map(fetch, list(urls))
         for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
             for c in urls[url]:
@@ -253,22 +218,17 @@ def resolve_images(
             counts[{"ok": "downloaded", "skipped": "reused"}.get(res.status, "failed")] += 1
             if res.status == "failed":
                 log.warning("download failed: %s (%s)", url, res.error)
-    session.close()
     log.info("images: %s (cache %s)", ", ".join(f"{v} {k}" for k, v in counts.items()), image_cache)
     return counts
 
 
-# ---------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------
 OUTPUT_HEADER = tuple(
     "item_id line image status recall_score recall_rank ranker_score final_rank selected file detail".split()
 )
 
 
 def output_rows(items: list[Item]):
-    """One tuple per candidate (the fields of ``OUTPUT_HEADER``, None where empty), items
-    in input order, candidates in catalogue order."""
+    """One tuple of ``OUTPUT_HEADER`` fields per candidate (None where empty)."""
     for c in (c for it in items for c in it.cands):
         yield tuple(getattr(c, f) for f in OUTPUT_HEADER[:8]) + (int(c.selected), c.file or "", c.detail)
 
@@ -280,8 +240,7 @@ def _cell(x) -> str:
 
 
 def write_output(path: str | os.PathLike, rows) -> None:
-    """The output CSV (written atomically) of ``output_rows``: one row per candidate,
-    floats to 9 digits."""
+    """The output CSV of ``output_rows`` (atomically), floats to 9 digits."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)

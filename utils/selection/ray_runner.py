@@ -1,19 +1,7 @@
-"""The selection on Ray Data (``select_images.py --ray``), with the local run's rows,
-ranks and selections (scores within 1e-5).
-
-The driver checks the catalogue's header, joins (or starts) Ray, and has the workers
-count the catalogue and report its bad rows (``cluster``: the bad-row rule applies
-before any scoring); it loads the models once to check them. The workers then group the
-rows into shards of whole items; each shard not written yet goes through
-``prepare_stage`` (CPU task: paths, downloads, duplicates, images decoded to 224 x 224
-uint8), ``ScoreShards`` (actor pool, one model set per actor: the block scoring of the
-local run) and ``write_stage`` (``part-NNNNNN.parquet``, atomically, on a path or a
-filesystem URI). The driver holds counts only: one progress line per shard written; at
-the end it merges the shards into the CSV ``--out`` if asked (without ``.csv``,
-``--out`` is the directory of shards) and writes the page and the summary. Workers
-that die are retried, and a run that loses a node goes on with the shards not written
-yet; a rerun of the same plan skips the finished shards.
-"""
+"""The selection on Ray Data (``--ray``): the local run's rows (scores within 1e-5). Each
+shard not written yet goes through ``prepare_stage`` (CPU task: downloads, decoding),
+``ScoreShards`` (actor pool, one model set each) and ``write_stage``; the driver holds
+counts only. Dead workers are retried, a lost node's shards run again."""
 
 from __future__ import annotations
 
@@ -34,19 +22,9 @@ from dataclasses import replace
 from utils.io import exclusive_lock
 
 from .catalogue import OK, UNREADABLE, catalogue_rows, write_output
-from .cluster import count_catalogue, pack, shard_dataset, unpack
+from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
 from .run import Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .session import FAIL_ENV, connect_ray
-from .shards import (
-    POI_TABLES,
-    finished_shards,
-    merged_rows,
-    plan_key,
-    shard_items,
-    shard_metas,
-    write_plan,
-    write_shard,
-)
+from .shards import POI_TABLES, finished_shards, merged_rows, plan_key, shard_items, shard_metas, write_shard
 from .store import is_uri, open_dir, staged_cache
 
 log = logging.getLogger(__name__)
@@ -57,8 +35,7 @@ RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the 
 
 
 def _maybe_die(stage: str) -> None:
-    """Tests: when ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` exists, the first worker to remove
-    it dies as a crashed process would."""
+    """Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` dies."""
     d = os.environ.get(FAIL_ENV)
     if not d:
         return
@@ -72,8 +49,7 @@ def _maybe_die(stage: str) -> None:
 
 @contextlib.contextmanager
 def _stage(payload: dict, name: str):
-    """Records where (address and node id: nodes may share an address) and how long
-    ``name`` ran on a shard: ``payload["where"][name]``."""
+    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds."""
     import ray
 
     t = time.perf_counter()
@@ -84,8 +60,7 @@ def _stage(payload: dict, name: str):
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
 def _decode(path: str, mode: str):
-    """The image at the model's input size (uint8), None when it does not decode; the
-    normalisation runs in the actor."""
+    """The image at the model's input size (uint8), None when it does not decode."""
     import cv2
 
     from utils.formats import SIZE, decode_rgb
@@ -98,8 +73,7 @@ def _decode(path: str, mode: str):
 
 
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
-    """Resolve and decode a shard's images: ``(fetch counts, {file: array})``. With a URI
-    image cache the downloads go through a local stage; ``file`` then names the cache."""
+    """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
     urls = [c for it in items for c in it.cands if c.is_url]
     remote = is_uri(job.image_dir)
     arrays: dict = {}
@@ -159,8 +133,7 @@ class ScoreShards:
 
 
 def write_stage(batch, shard_dir: str, key: str):
-    """``part-NNNNNN.parquet`` per shard, atomically (a retry rewrites the same file);
-    returns each shard's metadata (counts, where its stages ran) for the driver."""
+    """A shard file per shard; returns each one's metadata (counts, where its stages ran)."""
     import numpy as np
 
     _maybe_die("write")
@@ -168,8 +141,9 @@ def write_stage(batch, shard_dir: str, key: str):
     for k, p in unpack(batch):
         with _stage(p, "write"):
             meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
-            write_shard(shard_dir, k, p["items"], {**meta, "where": p["where"]})
-        metas.append(json.dumps({**meta, "where": p["where"]}))
+            meta["where"] = p["where"]  # the write's own time is added after the file is written
+            write_shard(shard_dir, k, p["items"], meta)
+        metas.append(json.dumps(meta))
     return {"meta": np.array(metas, dtype=object)}
 
 
@@ -187,8 +161,7 @@ def absolute(job: Selection) -> Selection:
 
 
 def check_resources(opts: RayOptions) -> None:
-    """The actors must leave a CPU for the prepare tasks and find their GPUs; otherwise the
-    pipeline would wait forever."""
+    """The actors must leave a CPU for the prepare tasks and find their GPUs (else Ray waits)."""
     import ray
 
     have = ray.cluster_resources()
@@ -200,9 +173,8 @@ def check_resources(opts: RayOptions) -> None:
 
 
 def _map(ds, fn, kw: dict, **retries):
-    """``ds.map_batches(fn, **kw)`` with bounded retries (Ray remote args). Ray 2.5x
-    deprecates passing them this way (its defaults retry without bound); a Ray that no
-    longer takes them gets its defaults, logged."""
+    """``ds.map_batches(fn, **kw)`` with bounded retries (Ray's defaults retry without
+    bound); a Ray that no longer takes them this way gets its defaults, logged."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         try:
@@ -213,8 +185,7 @@ def _map(ds, fn, kw: dict, **retries):
 
 
 def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
-    """The shards not in ``done`` through the stages; yields each one's metadata as it is
-    written."""
+    """The shards not in ``done`` through the stages; yields each one's metadata."""
     import ray
     import ray.data
 
@@ -240,21 +211,13 @@ def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     where, t = meta["where"], meta["tally"]
     enc = meta["counts"]["images_encoded"]
     encoded = enc.get("stage1", 0) + enc.get("stage2", 0)
-    scorer = where["score"][0]
-    add_counts(nodes.setdefault(scorer, {}), {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded})
-    add_counts(nodes[scorer], {"status_counts": t["status_counts"]})
+    share = {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded, "status_counts": t["status_counts"]}
+    add_counts(nodes.setdefault(where["score"][0], {}), share)
     for stage, (node, seconds) in where.items():
         add_counts(nodes.setdefault(node, {}), {"seconds": {stage: seconds}})
     stages = ", ".join(f"{s} {sec:.1f} s on {node}" for s, (node, sec) in where.items())
-    log.info(
-        "shard %d written (%d of ~%d): %d candidates, %d images encoded; %s",
-        meta["shard"],
-        n_done,
-        n,
-        t["candidates"],
-        encoded,
-        stages,
-    )
+    done = f"{t['candidates']} candidates, {encoded} images encoded"
+    log.info("shard %d written (%d of ~%d): %s; %s", meta["shard"], n_done, n, done, stages)
 
 
 def _lost_node(e: Exception) -> bool:
@@ -265,8 +228,7 @@ def _lost_node(e: Exception) -> bool:
 
 
 def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
-    """The shards not written yet, on Ray (after a lost node, again with those still
-    missing); returns ``({shard: metadata}, the summary's ray record)``."""
+    """The shards not written yet (again after a lost node): ``({shard: metadata}, record)``."""
     fs, d = open_dir(plan["dir"])
     done = finished_shards(fs, d, plan["key"], plan["shards"])
     metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
@@ -277,7 +239,6 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
         if attempt == RUN_ATTEMPTS:
             raise RuntimeError(f"the shards in {plan['dir']} do not hold the catalogue's {rows} rows")
         check_resources(opts)
-        write_plan(fs, d, plan["key"])
         try:
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
@@ -287,7 +248,6 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
             metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
-    written = len(metas) - len(done)
     seconds = time.perf_counter() - t
     return metas, {
         "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",
@@ -295,7 +255,7 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
         "gpus_per_actor": opts.gpus_per_actor,
         "shards": len(metas),
         "shards_skipped": len(done),
-        "shards_written": written,
+        "shards_written": len(metas) - len(done),
         "shard_dir": plan["dir"],
         "nodes": nodes,
         "rows_per_s": round(sum(metas[k]["tally"]["candidates"] for k in set(metas) - done) / max(seconds, 1e-9), 3),
@@ -327,9 +287,8 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
-    """The selection on Ray (the module's docstring); writes the local run's outputs and
-    returns the summary. ``load`` and ``score`` are the model loader and the block
-    scoring: plain functions, which the actors import by name."""
+    """The selection on Ray: writes the local run's outputs, returns the summary. ``load``
+    and ``score`` are plain functions (the actors import them by name)."""
     clock, job = Clock(), absolute(job)
     with clock("read"):  # the header only: a file without the columns stops before Ray starts
         next(catalogue_rows(job.items, []), None)

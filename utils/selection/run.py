@@ -1,13 +1,7 @@
-"""A selection run: what it is (``Selection``, ``ModelFiles``, ``Scoring``, ``RayOptions``),
-the steps both runners share (the catalogue under the bad-row rule, image resolution,
-the summary, the outputs committed together) and the local runner.
-
-The runners are given the model loader and the scoring of a block of items as plain
-functions (``models.engine``: ``load_selection_models``, ``score_block``):
-
-    load(files, device, backend) -> (models, tables)       # models.path, models.hashes
-    score(items, models, tables, scoring, clock=None, image_loader=None) -> counts
-"""
+"""A selection run (``Selection``), the steps both runners share and the local runner.
+The runners take the model loader and the block scoring as plain functions:
+``load(files, device, backend) -> (models, tables)`` (``models.path``, ``models.hashes``)
+and ``score(items, models, tables, scoring, clock=None, image_loader=None) -> counts``."""
 
 from __future__ import annotations
 
@@ -19,7 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from utils.args import Downloads, Encoding
 from utils.evaluation import selection_report
@@ -32,13 +26,14 @@ from .catalogue import (
     STATUSES,
     UNREADABLE,
     Item,
+    catalogue_rows,
+    group_items,
     mark_duplicates,
     output_rows,
-    read_catalogue,
     resolve_images,
     write_output,
 )
-from .store import is_uri, put_file
+from .store import is_uri, open_dir, put
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +120,19 @@ class Clock:
         return self.timings
 
 
-@dataclass
-class Catalogue:
-    path: str
-    items: list[Item]
-    errors: list = field(default_factory=list)
-
-    @property
-    def cands(self):
-        return [c for it in self.items for c in it.cands]
-
-
-def read_items(job: Selection) -> Catalogue:
+def read_items(job: Selection) -> tuple[list[Item], list]:
+    """The catalogue's items and bad rows, under the bad-row rule."""
     errors: list = []
-    cat = Catalogue(job.items, read_catalogue(job.items, errors), errors)
-    check_rows(cat.path, len(cat.cands), cat.errors, job.skip_bad_rows)
-    log.info("%s: %d items, %d candidate rows, %d bad rows", cat.path, len(cat.items), len(cat.cands), len(errors))
-    return cat
+    items = group_items(catalogue_rows(job.items, errors), job.items)
+    n = sum(len(it.cands) for it in items)
+    check_rows(job.items, n, errors, job.skip_bad_rows)
+    log.info("%s: %d items, %d candidate rows, %d bad rows", job.items, len(items), n, len(errors))
+    return items, errors
 
 
 def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
-    """The one bad-row rule, applied where the rows' errors come together (they may have
-    been read in parts): bad rows are refused unless skipped; a catalogue without a
-    usable row is an error either way."""
+    """The one bad-row rule, where the rows' errors come together: refused unless skipped;
+    a catalogue without a usable row is an error either way."""
     if not usable:
         first = f"; first: {errors[0]}" if errors else ""
         raise DataError(f"{path}: no usable rows ({len(errors)} bad{first})")
@@ -165,8 +150,8 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
 
 
 def add_counts(total: dict, more: dict) -> dict:
-    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, names
-    (sets, strings) collected in sets."""
+    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, strings
+    and sets collected in sets."""
     for k, v in more.items():
         if isinstance(v, dict):
             add_counts(total.setdefault(k, {}), v)
@@ -192,8 +177,8 @@ def tally(items: list[Item]) -> dict:
 
 
 def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch: dict, counts: dict, device) -> dict:
-    """The summary of a run: ``counted`` (``tally``), the bad rows, ``models`` (encode
-    path, weight hashes), and the blocks' counts, added up."""
+    """The summary of a run: ``counted`` (``tally``), ``models`` (encode path, weight
+    hashes) and the blocks' counts, added up."""
     path, hashes = models
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
@@ -225,14 +210,14 @@ def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch:
     }
 
 
-def page_sample(items, limit: int | None = None) -> list[Item]:
-    """At most ``limit`` of ``items`` (an iterable: read once, ``limit`` kept), drawn
-    evenly at random with a fixed seed, in catalogue order: the page stays readable."""
-    rng, kept, limit = random.Random(0), [], limit or PAGE_ITEMS
+def page_sample(items) -> list[Item]:
+    """At most PAGE_ITEMS of ``items`` (read once), drawn evenly with a fixed seed, in
+    catalogue order: the page stays readable."""
+    rng, kept = random.Random(0), []
     for n, it in enumerate(items):
-        if n < limit:
+        if n < PAGE_ITEMS:
             kept.append(it)
-        elif (j := rng.randrange(n + 1)) < limit:
+        elif (j := rng.randrange(n + 1)) < PAGE_ITEMS:
             kept[j] = it
     return sorted(kept, key=lambda it: it.line)
 
@@ -265,10 +250,8 @@ def _warn(summary: dict) -> None:
 
 
 def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
-    """The selection CSV (``rows(tmp)`` writes it; None: the Ray shards are the output),
-    the HTML page (of ``items()``, sampled) and the summary, committed together or not
-    at all. A write that fails (disk full, file-size limit) is one ``UserError`` naming
-    the output."""
+    """The CSV (``rows(tmp)`` writes it; None: the Ray shards are the output), the page
+    (of ``items()``, sampled) and the summary, committed together or not at all."""
     _warn(summary)
 
     def write_rows(tmp):
@@ -277,13 +260,9 @@ def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
 
     def write_page(tmp):
         with clock("html"):
-            shown = page_sample(items())
-            text, summary["html"] = selection_report(
-                shown,
-                _report_head(job, summary, len(shown)),
-                f"Image selection: {job.items}",
-                progress=job.scoring.enc.progress,
-            )
+            shown, title = page_sample(items()), f"Image selection: {job.items}"
+            head = _report_head(job, summary, len(shown))
+            text, summary["html"] = selection_report(shown, head, title, progress=job.scoring.enc.progress)
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
 
@@ -298,7 +277,7 @@ def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
     outputs[None if remote else job.summary_path] = write_summary
     commit_outputs(outputs, {job.out: "--out", job.html: "--html", job.summary_path: "--summary"})
     if remote:
-        put_file(job.summary_path, write_summary)
+        put(*open_dir(job.summary_path), write_summary)
     n_sel, n, seconds = summary["items_selected"], summary["items"], summary["timings_s"]["total"]
     log.info("wrote %s: %d of %d items selected in %.1f s", job.out, n_sel, n, seconds)
     return summary
@@ -309,11 +288,11 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
     clock, enc = Clock(), job.scoring.enc
     device = resolve_device(enc.device)
     with clock("read"):
-        cat = read_items(job)
+        items, errors = read_items(job)
     with clock("load_models"):
         models, tables = load(job.files, device, enc.backend)
     with clock("resolve"):
-        fetch = resolve(job, cat.items, enc.progress)
-    counts = add_counts({}, score(cat.items, models, tables, job.scoring, clock=clock))
-    summary = summarize(job, tally(cat.items), cat.errors, (models.path, models.hashes), fetch, counts, device)
-    return finish(job, summary, clock, lambda tmp: write_output(tmp, output_rows(cat.items)), lambda: cat.items)
+        fetch = resolve(job, items, enc.progress)
+    counts = add_counts({}, score(items, models, tables, job.scoring, clock=clock))
+    summary = summarize(job, tally(items), errors, (models.path, models.hashes), fetch, counts, device)
+    return finish(job, summary, clock, lambda tmp: write_output(tmp, output_rows(items)), lambda: items)

@@ -1,8 +1,6 @@
-"""The shard files of a Ray selection: ``part-NNNNNN.parquet``, each holding the output
-rows of the items whose item_id hashes to it (about ``shard_items``) and, in its metadata,
-the plan it was made under (what its rows depend on: catalogue content, weights,
-settings), its counts and where its stages ran. A rerun keeps the shards of its own plan
-and removes the others. The directory is a local path or a pyarrow filesystem URI."""
+"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its
+items and, in the metadata, the plan it was made under (catalogue, weights, settings),
+its counts and where its stages ran. A rerun keeps the shards of its own plan only."""
 
 from __future__ import annotations
 
@@ -11,18 +9,18 @@ from utils.cli import UserError
 import hashlib
 import json
 import logging
+import os
 import re
-from pathlib import Path
 
 from utils.hashing import sha256_file
 
 from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows
 from .run import Selection
-from .store import list_files, open_dir, put
+from .store import open_dir, put
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "_plan.json"
+PLAN_FILE = "_plan.json"  # written by older versions beside the shards: left alone
 META_KEY = b"avas_select"
 POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
@@ -55,13 +53,13 @@ def shard_name(k: int) -> str:
 
 
 def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written (complete: they are written atomically).
-    Shards of another plan and temporary files of an interrupted write are removed; any
-    other file is the user's, and the run is refused rather than touch it."""
-    import pyarrow.parquet as pq
+    """Shards of this plan already written (atomically); those of another plan and temporary
+    files are removed; any other file is the user's: the run is refused."""
+    import pyarrow.fs as pafs
 
     done, stale = set(), []
-    for name in list_files(fs, d):
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+    for name in sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File):
         path = f"{d}/{name}"
         if name in (PLAN_FILE, ".lock"):
             continue
@@ -69,11 +67,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
             fs.delete_file(path)
             continue
         try:
-            meta = (
-                json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
-                if SHARD_NAME.fullmatch(name)
-                else None
-            )
+            meta = _meta(fs, path) if SHARD_NAME.fullmatch(name) else None
         except Exception:  # not a Parquet file, or not one of ours
             meta = None
         if meta is None:
@@ -92,64 +86,44 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
     return done
 
 
-def write_plan(fs, d: str, key: str) -> None:
-    put(fs, f"{d}/{PLAN_FILE}", lambda tmp: Path(tmp).write_text(json.dumps({"key": key}), encoding="utf-8"))
-
-
-def output_table(items: list[Item], meta: dict):
-    """A shard's rows as an Arrow table: the columns of the CSV, typed."""
-    import pyarrow as pa
-
-    types = [getattr(pa, t)() for t in COLUMN_TYPES]
-    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
-    schema = pa.schema(
-        list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False).encode()}
-    )
-    return pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
-
-
 def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
-    """Shard ``k`` written atomically (a retried task rewrites the same file); its
-    metadata also holds the items' titles, for the page."""
+    """Shard ``k``, the CSV's columns typed, written atomically (a retried task rewrites
+    the same file); its metadata also holds the items' titles, for the page."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     meta = {**meta, "titles": {it.item_id: [it.title, it.poi_names] for it in items}}
+    types = [getattr(pa, t)() for t in COLUMN_TYPES]
+    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
+    schema = pa.schema(list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
+    table = pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
     fs, d = open_dir(location)
-    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(output_table(items, meta), tmp))
+    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(table, tmp))
+
+
+def _meta(fs, path: str) -> dict:
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
 
 
 def shard_metas(fs, d: str, ks) -> dict:
     """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
-    import pyarrow.parquet as pq
-
-    return {k: json.loads(pq.read_schema(f"{d}/{shard_name(k)}", filesystem=fs).metadata[META_KEY]) for k in ks}
-
-
-def _table(fs, d: str, k: int):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
+    return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
 
 
 def merged_rows(fs, d: str, ks):
-    """Every shard's rows, in the local run's order (items by first line, candidates by
-    line): the single CSV, for a selection that fits one machine."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    t = pa.concat_tables([_table(fs, d, k) for k in sorted(ks)]) if ks else None
-    if t is None or not t.num_rows:
-        return []
-    first = t.group_by("item_id").aggregate([("line", "min")]).rename_columns(["item_id", "first"])
-    t = t.join(first, "item_id").sort_by([("first", "ascending"), ("line", "ascending")])
-    cols = [pc.cast(t[c], pa.int64()) if c == "selected" else t[c] for c in OUTPUT_HEADER]
-    return zip(*(c.to_pylist() for c in cols))
+    """Every shard's rows in the local run's order (items by first line): the single CSV,
+    for a selection that fits one machine."""
+    return output_rows(sorted(shard_items(fs, d, ks), key=lambda it: it.line))
 
 
 def shard_items(fs, d: str, ks):
-    """The items of the shards ``ks``, rebuilt from their rows (the page's sample)."""
+    """The items of the shards ``ks``, rebuilt from their rows."""
+    import pyarrow.parquet as pq
+
     for k in sorted(ks):
-        t = _table(fs, d, k)
+        t = pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
         titles = json.loads(t.schema.metadata[META_KEY])["titles"]
         items: dict = {}
         for row in t.to_pylist():

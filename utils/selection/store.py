@@ -31,12 +31,12 @@ def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
 
 
-def list_files(fs, d: str) -> list[str]:
-    """Base names of the files in ``d`` (none when it does not exist)."""
+def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
+    """One file between two filesystems (the local one where None)."""
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-    return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+    local = pafs.LocalFileSystem()
+    pafs.copy_files(src, dst, source_filesystem=src_fs or local, destination_filesystem=dst_fs or local)
 
 
 def put(fs, path: str, write) -> None:
@@ -47,37 +47,22 @@ def put(fs, path: str, write) -> None:
         write(tmp)
         part = f"{path}.tmp{os.getpid()}"
         fs.create_dir(os.path.dirname(path), recursive=True)
-        with open(tmp, "rb") as src, fs.open_output_stream(part) as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        _copy(tmp, part, dst_fs=fs)
         fs.move(part, path)
-
-
-def put_file(location: str, write) -> None:
-    fs, path = open_dir(location)
-    put(fs, path, write)
 
 
 @contextlib.contextmanager
 def staged_cache(location: str, cands: list[Candidate]):
-    """A local directory standing in for the image cache at URI ``location`` while a shard
-    is prepared: the cached copies of its URLs pulled in first (the downloader reuses
-    them), its new downloads pushed back after; ``file`` then names the cached copy."""
+    """A local stand-in for the image cache at URI ``location``: the cached copies of the
+    URLs pulled in, new downloads pushed back after (``file`` then names the URI copy)."""
     fs, base = open_dir(location)
     with tempfile.TemporaryDirectory() as stage:
         names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
         had = {os.path.basename(i.path) for i in fs.get_file_info([join(base, n) for n in names]) if i.size}
         for name in had:
-            _pull(fs, join(base, name), stage)
+            _copy(join(base, name), os.path.join(stage, name), src_fs=fs)
         yield stage
         for name in {Path(c.file).name for c in cands if c.file} - had:
-            fs.create_dir(base, recursive=True)
             put(fs, join(base, name), lambda tmp, n=name: os.replace(os.path.join(stage, n), tmp))
         for c in cands:
             c.file = join(location, Path(c.file).name) if c.file else None
-
-
-def _pull(fs, path: str, stage: str) -> None:
-    with fs.open_input_stream(path) as src, open(os.path.join(stage, os.path.basename(path)), "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
