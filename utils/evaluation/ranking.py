@@ -21,8 +21,8 @@ LEFT_OUT = (("bad_rows", "bad rows"), ("duplicate_rows", "repeated item_ids"))
 
 
 def read_pairs(path: str, limit: int | None = None, skip_bad_rows: bool = False) -> tuple[list, dict]:
-    """The rows of a ``$record$`` ranking CSV (the first ``limit``) and counts of those left
-    out: bad rows (``utils.cli.bad_rows``), and repeated item_ids, counted once (the first)."""
+    """The first ``limit`` rows of a ranking CSV and the counts of bad rows and of repeated
+    item_ids (the first counts) left out."""
     errors, first, repeats = [], {}, 0
     for row in iter_rank_csv(path, errors):
         if (was := first.setdefault(row.item_id, row)) is row:

@@ -1,6 +1,5 @@
-"""recall_eval.py's pipeline: recall@K and MRR of a results file or of saved vectors, with
-intervals over POIs in poi_id order (not the file's), the JSON and the HTML report
-(:func:`evaluate_recall`); or two results files side by side (:func:`compare_recall`)."""
+"""recall_eval.py's pipeline: recall@K and MRR of a results file or saved vectors with intervals
+over POIs in poi_id order, the JSON and HTML report; or two results files side by side."""
 
 from __future__ import annotations
 
@@ -27,8 +26,8 @@ def default_json_path(results=None, embeddings=None, compare=None) -> str:
 
 
 def load_results(path: str, ks: list[int]):
-    """``(results, meta)``, meta from recall_infer's ``<path>.meta.json`` ({} when absent or
-    unreadable). A K above what a top-k file lists is an error, unless it lists the gallery."""
+    """``(results, meta)`` (``<path>.meta.json``, {} when unreadable); a K above what a top-k file
+    lists is an error unless it lists the whole gallery."""
     res, meta_path, meta = read_results(path), Path(f"{path}.meta.json"), {}
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
@@ -104,8 +103,8 @@ def evaluate_recall(
     seed=DEFAULT_SEED,
     progress=True,
 ) -> dict:
-    """recall_eval.py on ``results`` or ``embeddings``: writes the JSON and, with ``html``, the
-    report (``html_k`` images per POI, default max K) together; returns the JSON document."""
+    """recall_eval.py on ``results`` or ``embeddings``: writes the JSON and the ``html`` report
+    (``html_k`` images per POI) together; returns the JSON document."""
     ks, draws, source = check_ks(ks), check_draws(draws), results or embeddings
     html_k = html_k or max(ks)
     keep = max(ks + [html_k])
@@ -126,8 +125,8 @@ def evaluate_recall(
 
 
 def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> dict:
-    """recall_eval.py --compare: A, B and B - A on the POIs both files hold (paired), and the
-    POIs that one model hits and the other misses; writes the JSON and returns it."""
+    """recall_eval.py --compare: A, B and B - A on the POIs both hold (paired), the POIs one hits
+    and the other misses; writes the JSON and returns it."""
     ks, draws = check_ks(ks), check_draws(draws)
     (ra, _), (rb, _) = load_results(a_path, ks), load_results(b_path, ks)
     ta, tb = (evaluate_groups(r.groups, ks, r.names).table() for r in (ra, rb))

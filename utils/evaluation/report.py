@@ -1,6 +1,5 @@
-"""The self-contained HTML reports of recall_eval.py and select_images.py on autoescaped Jinja2
-templates (``templates/``). Thumbnails (~96 px JPEGs) are embedded once each as data URIs, 50
-entries a page, so that 500 POIs x 10 images stay light."""
+"""The self-contained HTML reports of recall_eval.py and select_images.py (autoescaped Jinja2
+``templates/``): 96 px JPEG thumbnails embedded once each as data URIs, 50 entries a page."""
 
 from __future__ import annotations
 

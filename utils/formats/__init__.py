@@ -13,7 +13,7 @@ __all__, __getattr__ = front_door(
         "load_poi_tables poi_vector_tables pois_text save_pickled_table save_safe_table save_tables stack_inputs "
         "table_output",
         "results": "TOPK_HEADER load_embeddings read_results save_embeddings write_full write_missing_list write_topk",
-        "rows": "IMAGE_EXTS RankRow RecallRow index_images iter_rank_csv iter_recall_csv poi_of_image "
+        "rows": "IMAGE_EXTS RankRow RecallRow csv_records index_images iter_rank_csv iter_recall_csv poi_of_image "
         "read_recall_rows sniff_format",
     },
 )

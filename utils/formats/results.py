@@ -106,8 +106,7 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
     else:
         if len(fields) < 4:
             raise DataError(
-                f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) "
-                f"or a header line {','.join(TOPK_HEADER)}, found {len(fields)}"
+                f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a top-k header, found {len(fields)}"
             )
         # an unquoted comma inside a name gives extra fields: the name is the middle
         poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
@@ -127,21 +126,21 @@ EMBEDDINGS_FORMAT = 1
 
 
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
-    """The vectors of a recall run, as an ``.npz`` that needs no pickle: row i of ``image_emb``
-    is gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of
-    ``text_emb`` is POI ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
-    arrays = {
-        "format": np.array(EMBEDDINGS_FORMAT),
-        "image_emb": np.ascontiguousarray(image_emb, dtype=np.float32),
-        "image_names": np.array(list(image_names), dtype=str),
-        "image_ok": np.asarray(image_ok, dtype=bool),
-        "text_emb": np.ascontiguousarray(text_emb, dtype=np.float32),
-        "poi_ids": np.array(list(poi_ids), dtype=str),
-        "poi_names": np.array(list(poi_names), dtype=str),
-        "meta": np.array(json.dumps(meta, ensure_ascii=False, allow_nan=False)),
-    }
+    """The vectors of a recall run as an ``.npz`` that needs no pickle: row i of ``image_emb`` is
+    gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of ``text_emb`` POI
+    ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
     with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(
+            f,
+            format=np.array(EMBEDDINGS_FORMAT),
+            image_emb=np.ascontiguousarray(image_emb, dtype=np.float32),
+            image_names=np.array(list(image_names), dtype=str),
+            image_ok=np.asarray(image_ok, dtype=bool),
+            text_emb=np.ascontiguousarray(text_emb, dtype=np.float32),
+            poi_ids=np.array(list(poi_ids), dtype=str),
+            poi_names=np.array(list(poi_names), dtype=str),
+            meta=np.array(json.dumps(meta, ensure_ascii=False, allow_nan=False)),
+        )
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:
@@ -153,10 +152,10 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     ie, te = d["image_emb"], d["text_emb"]
     same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
     if not same or not len(d["poi_ids"]) == len(d["poi_names"]) == len(te):
-        raise DataError(
-            f"{path}: inconsistent shapes (image_emb {ie.shape}, {len(d['image_names'])} names; "
-            f"text_emb {te.shape}, {len(d['poi_ids'])} poi ids)"
+        shapes = (
+            f"image_emb {ie.shape}, {len(d['image_names'])} names; text_emb {te.shape}, {len(d['poi_ids'])} poi ids"
         )
+        raise DataError(f"{path}: inconsistent shapes ({shapes})")
     for k in ("image_emb", "text_emb"):
         if not np.isfinite(d[k]).all():
             raise DataError(f"{path}: {k} holds NaN or infinite values")

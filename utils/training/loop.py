@@ -1,9 +1,7 @@
-"""The training loop both trainers run: a run is a ``TrainConfig`` (what the flags say) and
-a ``Task`` (what the trainer brings); ``train`` does the rest. A step is ``accum_steps``
-micro-batches, the loss averaged over the processes (NaN/inf stops the run), clipping,
-the schedule. An epoch ends with validation on rank 0, the best checkpoint, then the last
-one with the training state that ``--resume`` continues from bit for bit; each step and
-validation is a row of the metrics CSV."""
+"""The training loop of both trainers: ``train`` runs a ``TrainConfig`` (the flags) and a ``Task``
+(the trainer's model parts). An epoch ends with validation on rank 0, the best checkpoint, then
+the last one with the state ``--resume`` continues from bit for bit; a row of the metrics CSV
+per step and validation."""
 
 from __future__ import annotations
 
@@ -64,11 +62,10 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
-        """From a script's ``vars(namespace)``: None keeps a default; with ``cache_embeddings``
-        the batches are row numbers, nothing for workers to decode."""
+        """From a script's ``vars(namespace)``; None keeps a default."""
         values = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         values |= {"amp": not options.get("no_amp"), "progress": not options.get("no_progress"), "options": options}
-        if options.get("cache_embeddings"):
+        if options.get("cache_embeddings"):  # the batches are row numbers: nothing to decode
             values["num_workers"] = 0
         return cls(**(values | override))
 
@@ -98,9 +95,8 @@ def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> Non
 
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
-    """One run into ``cfg.out_dir`` (locked for it); a summary. ``load_model(path)`` gives
-    the model on the device (``path``: the last checkpoint on resume, else None),
-    ``make_task(model)`` the rest."""
+    """One run into ``cfg.out_dir``; a summary. ``load_model(path)`` gives the model on the device
+    (``path``: the last checkpoint on resume, else None), ``make_task(model)`` the rest."""
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
         config = {k: cfg.options.get(k) for k in cfg.resume_keys}
@@ -128,8 +124,7 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
 
 
 def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
-    """The LR factor of a step: linear warm-up over ``warmup`` steps, then cosine decay to 0
-    at ``total`` steps (or constant with ``kind='constant'``)."""
+    """The LR factor of a step: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -298,8 +293,7 @@ class _Run:
         return False
 
     def train_step(self, batches) -> tuple[float, float, float]:
-        """One optimizer step over ``accum_steps`` micro-batches: (lr, loss, gradient norm
-        before clipping). Stops before the weights take a NaN/inf."""
+        """One optimizer step: (lr, loss, gradient norm before clipping); stops before a NaN/inf."""
         cfg, env, scaler = self.cfg, self.env, self.scaler
         lr, total = self.optimizer.param_groups[0]["lr"], 0.0
         # dropout draws from (seed, step) only: a resumed run draws what an uninterrupted one
@@ -328,8 +322,7 @@ class _Run:
         return lr, loss, gnorm
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
-        """The last checkpoint, then the state resuming at batch ``batch_in_epoch`` of
-        ``epoch`` (rank 0; the others wait). Ctrl-C waits for the pair."""
+        """The last checkpoint, then the state resuming at ``batch_in_epoch`` of ``epoch`` (rank 0)."""
         with deferred_sigint():
             if self.env.is_main:
                 self.task.save(self.model, self.out / self.cfg.last_file)
