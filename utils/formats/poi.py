@@ -107,9 +107,7 @@ def check_pic_num(table: dict, source) -> dict[str, list]:
         try:
             a = _numeric(value, name, source)
         except PoiTableError:
-            raise PoiTableError(
-                f"{source}: pic-num entry {name!r} = {value!r:.80} is not up to 3 finite counts"
-            ) from None
+            raise PoiTableError(f"{source}: entry {name!r} = {value!r:.80} is not up to 3 finite counts") from None
         if a.size > 3:
             raise PoiTableError(f"{source}: pic-num entry {name!r} has {a.size} values, expected up to 3 counts")
         if (a < 0).any():
@@ -162,13 +160,6 @@ def save_safe_table(table: dict, path, kind: str | None = None, source="<table>"
     if not _is_safe(path):
         raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
     save_tables({path: table}, kind, source)
-    return Path(path)
-
-
-def save_pickled_table(table: dict, path) -> Path:
-    if _is_safe(path):
-        raise PoiTableError(f"{path}: the authors' pickled format needs a .npy name")
-    save_tables({path: table})
     return Path(path)
 
 

@@ -87,9 +87,7 @@ class Task:
 def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> None:
     """Refused before any work: a batch the processes cannot share, or too few pairs."""
     if cfg.batch_size % env.world_size:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({env.world_size})"
-        )
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {env.world_size} processes")
     if n // env.world_size < cfg.batch_size // env.world_size * cfg.accum_steps:
         raise DataError(f"{what}: {n} training pairs cannot fill one step of {cfg.batch_size} x {cfg.accum_steps}")
 
@@ -109,10 +107,8 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
         torch.manual_seed(cfg.seed)
         model = load_model(out / cfg.last_file if state is not None else None)
         if state is not None and model_hash(model) != state["model_hash"]:
-            raise DataError(
-                f"{out / cfg.last_file} does not hold the weights of {out / STATE_FILE} (step {state['step']}); "
-                "the run was interrupted while saving: restart it without --resume"
-            )
+            why = f"does not hold the weights of {out / STATE_FILE}: the run was interrupted while saving"
+            raise DataError(f"{out / cfg.last_file} {why}; restart it without --resume")
         run = _Run(cfg, env, model, make_task(model), state, config)
         stopped = run.epochs()
         if env.is_main and run.task.validate is None:
@@ -224,11 +220,10 @@ class _Run:
         columns = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
         keep = state["metrics_rows"] if state is not None else None
         self.metrics = MetricsWriter(self.out / METRICS_FILE, columns, env, keep_rows=keep)
-        log.info(
-            f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values; {self.steps_per_epoch} steps "
-            f"per epoch x {cfg.epochs}; global batch {cfg.batch_size} x {cfg.accum_steps} accumulation on "
-            f"{env.world_size} process(es), device {env.device}" + (", fp16" if self.scaler.is_enabled() else "")
-        )
+        size = f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values"
+        batch = f"batch {cfg.batch_size} x {cfg.accum_steps} on {env.world_size} process(es), {env.device}"
+        batch += ", fp16" if self.scaler.is_enabled() else ""
+        log.info("%s; %d steps per epoch x %d; %s", size, self.steps_per_epoch, cfg.epochs, batch)
 
     def epochs(self) -> bool:
         """Train from where the run stands; True when ``stop_after_step`` stopped it."""
