@@ -67,8 +67,7 @@ def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
 
 
 def evaluate_groups(groups: dict, ks: Iterable[int] = DEFAULT_KS, names: dict | None = None, keep: int | None = None):
-    """Of ``{poi_id: [(image, score), ...]}`` in file order, keeping the ``keep`` (default max K)
-    best per POI; a K above a list takes it all, as the authors' slicing."""
+    """Of ``{poi_id: [(image, score), ...]}``, keeping the ``keep`` (default max K) best per POI."""
     ks = check_ks(ks)
     keep = max(ks) if keep is None else keep
     pois = []
@@ -107,8 +106,7 @@ def recall_at_k(score_matrix, query_pois, gallery_pois, ks: Iterable[int] = DEFA
 
 
 def weighted_auc(labels, scores, weights) -> np.ndarray:
-    """ROC-AUC (Mann-Whitney, ties half, as scikit-learn's, which takes 0.9 s to import) for each
-    row of item multiplicities ``weights`` (b x n); NaN for a single class."""
+    """ROC-AUC (ties half, as scikit-learn's) per row of item multiplicities; NaN for one class."""
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))

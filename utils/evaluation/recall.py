@@ -36,10 +36,8 @@ def load_results(path: str, ks: list[int]):
     listed = max(len(v) for v in res.groups.values())
     complete = meta.get("gallery_size", 10**12) <= meta.get("topk", 0)
     if res.fmt == "topk" and (too_big := [k for k in ks if k > listed]) and not complete:
-        raise DataError(
-            f"{path}: lists the top {listed} images per POI, so recall@{too_big} cannot be computed; rerun "
-            f"recall_infer.py with --topk {max(too_big)} (or use its --full-output file)"
-        )
+        rerun = f"rerun recall_infer.py with --topk {max(too_big)} (or use its --full-output file)"
+        raise DataError(f"{path}: lists the top {listed} images per POI, so recall@{too_big} is undefined; {rerun}")
     return res, meta
 
 
@@ -103,8 +101,7 @@ def evaluate_recall(
     seed=DEFAULT_SEED,
     progress=True,
 ) -> dict:
-    """recall_eval.py on ``results`` or ``embeddings``: writes the JSON and the ``html`` report
-    (``html_k`` images per POI) together; returns the JSON document."""
+    """recall_eval.py: writes the JSON and the ``html`` report together; returns the JSON document."""
     ks, draws, source = check_ks(ks), check_draws(draws), results or embeddings
     html_k = html_k or max(ks)
     keep = max(ks + [html_k])
@@ -125,8 +122,7 @@ def evaluate_recall(
 
 
 def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> dict:
-    """recall_eval.py --compare: A, B and B - A on the POIs both hold (paired), the POIs one hits
-    and the other misses; writes the JSON and returns it."""
+    """recall_eval.py --compare: A, B and B - A on the POIs both hold (paired); writes the JSON."""
     ks, draws = check_ks(ks), check_draws(draws)
     (ra, _), (rb, _) = load_results(a_path, ks), load_results(b_path, ks)
     ta, tb = (evaluate_groups(r.groups, ks, r.names).table() for r in (ra, rb))

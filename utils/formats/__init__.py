@@ -1,6 +1,4 @@
-"""File formats: the published CSVs (``rows``), recall results and embedding files
-(``results``), the POI tables and the ranker's item inputs (``poi``, on the safe numpy
-readers of ``npfiles``), image decoding and preprocessing (``images``)."""
+"""File formats: the published CSVs, recall results and vectors, POI tables (read safely), images."""
 
 from utils import front_door
 

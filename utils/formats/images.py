@@ -117,16 +117,14 @@ def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "refer
 
 
 def load_image(path: str | os.PathLike, mode: str = "reference", transform=None) -> tuple[torch.Tensor, bool]:
-    """``(tensor, ok)``: the zero image, logged, when unreadable. ``transform`` (on the PIL
-    image, for training augmentation) runs before the resize, as in the authors' training."""
+    """``(tensor, ok)``, the zero image when unreadable; ``transform`` (augmentation) runs before the resize."""
     out = np.empty((3, SIZE, SIZE), dtype=np.float32)
     ok = load_image_into(out, path, mode, transform)
     return torch.from_numpy(out), ok
 
 
 class ImageDataset(Dataset):
-    """Item ``i`` is ``(tensor, ok, i)``; ``loader(path, mode) -> (tensor, ok)`` (picklable,
-    e.g. :func:`load_clip_image`) replaces :func:`load_image`."""
+    """Item ``i`` is ``(tensor, ok, i)``; a picklable ``loader(path, mode)`` may replace :func:`load_image`."""
 
     def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
         self.paths = [str(p) for p in paths]

@@ -208,8 +208,7 @@ class PoiTables(NamedTuple):
 
 
 def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim, trust_pickle=False) -> PoiTables:
-    """The tables of the three ``--poi-*`` options (empty when not given), checked; errors name
-    the option and the file. ``dim`` None: see :meth:`PoiTables.with_dim`."""
+    """The tables of the three ``--poi-*`` options, checked; errors name the option and the file."""
     paths = (pic_num, image_vectors, name_vectors)
     out = []
     for opt, path in zip(TABLE_OPTIONS, paths):
@@ -284,8 +283,7 @@ def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = Tr
 
 
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
-    """``(image table, name table, summary)`` of recall-format ``rows`` (images found in
-    ``images`` by key), from recall model ``rm``; POIs sharing a name are pooled."""
+    """``(image table, name table, summary)`` of recall-format ``rows``; POIs sharing a name are pooled."""
     ids, files, groups = defaultdict(set), [], defaultdict(list)
     for r in (r for r in rows if r.poi_name):
         ids[r.poi_name].add(r.poi_id)

@@ -1,5 +1,4 @@
-"""Result files of the recall stage (written by recall_infer.py, read by recall_eval.py):
-top-k and the authors' full format, the list of missing images, the vectors of a run (.npz)."""
+"""Result files of the recall stage: top-k and the authors' full format, missing images, vectors."""
 
 from __future__ import annotations
 
@@ -40,9 +39,7 @@ def write_topk(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
             w.writerow((poi, name, rank, image, fmt_score(score)))
 
 
-def write_full(
-    path: str | os.PathLike, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores
-) -> None:
+def write_full(path, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores) -> None:
     """The authors' full format: no header, a row per (POI, image); ``scores`` is POIs x images."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
@@ -68,8 +65,7 @@ class Results(NamedTuple):
 
 
 def read_results(path: str | os.PathLike) -> Results:
-    """A top-k or full results file; every error is a ``DataError`` naming the file and line.
-    A row repeating a (poi_id, image) pair is left out, with a warning."""
+    """A top-k or full results file; a repeated (poi_id, image) pair is left out, with a warning."""
     path = str(path)
     fmt, groups, names, seen = "", {}, {}, {}
     duplicates, first_dup = 0, None
@@ -105,9 +101,7 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
         poi, name, _, image, score = fields
     else:
         if len(fields) < 4:
-            raise DataError(
-                f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a top-k header, found {len(fields)}"
-            )
+            raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
         # an unquoted comma inside a name gives extra fields: the name is the middle
         poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
     poi, image = poi.strip(), image.strip()
@@ -152,9 +146,7 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     ie, te = d["image_emb"], d["text_emb"]
     same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
     if not same or not len(d["poi_ids"]) == len(d["poi_names"]) == len(te):
-        shapes = (
-            f"image_emb {ie.shape}, {len(d['image_names'])} names; text_emb {te.shape}, {len(d['poi_ids'])} poi ids"
-        )
+        shapes = f"image_emb {ie.shape} ({len(d['image_names'])} names), text_emb {te.shape} ({len(d['poi_ids'])} ids)"
         raise DataError(f"{path}: inconsistent shapes ({shapes})")
     for k in ("image_emb", "text_emb"):
         if not np.isfinite(d[k]).all():

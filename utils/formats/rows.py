@@ -159,8 +159,7 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
-    """File stem -> path of the images in ``image_dir`` (not recursive; on a shared stem the
-    lexically first); download leftovers (``.part``, ``.tmp``) are not images."""
+    """File stem -> path of the images in ``image_dir`` (not recursive; the first of a shared stem)."""
     d = Path(image_dir)
     if not d.is_dir():
         raise DataError(f"{image_dir}: not a directory")

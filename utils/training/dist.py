@@ -127,8 +127,7 @@ def _remove_stale_temp_files(directory: Path) -> None:
 
 @contextlib.contextmanager
 def out_dir_lock(out: Path, env: DistEnv):
-    """The run's ``exclusive_lock`` on ``out``, taken by rank 0, which tells the others (all stop with
-    one line); a directory this run created is removed again if left empty."""
+    """The run's lock on ``out``, taken by rank 0 (all stop with its line); a new dir left empty goes."""
     created = not out.exists()
     try:
         with contextlib.ExitStack() as stack:

@@ -1,7 +1,6 @@
 """The training loop of both trainers: ``train`` runs a ``TrainConfig`` (the flags) and a ``Task``
-(the trainer's model parts). An epoch ends with validation on rank 0, the best checkpoint, then
-the last one with the state ``--resume`` continues from bit for bit; a row of the metrics CSV
-per step and validation."""
+(the trainer's parts). An epoch ends with validation on rank 0, the best checkpoint, then the last
+one with the state ``--resume`` continues from bit for bit."""
 
 from __future__ import annotations
 
@@ -137,8 +136,7 @@ def read_metrics(path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Rows appended to a CSV with a fixed header, by rank 0 only; on resume the ``keep_rows``
-    written when the state was saved are kept, so it reads like an uninterrupted run's."""
+    """Rows appended to a CSV by rank 0; on resume the ``keep_rows`` the state counted are kept."""
 
     def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
         self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0

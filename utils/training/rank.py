@@ -1,5 +1,4 @@
-"""Training of the siamese ranker besides the loop: the frozen recall tower's vectors computed
-once, the authors' augmentation, the dataset of image pairs, the module DDP wraps, validation."""
+"""Training of the siamese ranker besides the loop: pairs, frozen vectors, dataset, module, validation."""
 
 from __future__ import annotations
 
@@ -101,15 +100,9 @@ class RankPairDataset(Dataset):
     def __getitem__(self, i: int):
         p = self.pairs[i]
         item = self.tables.inputs(p.row.title, p.row.poi_names)
-        return (
-            self._image(p.image_a, i, 0),
-            self._image(p.image_b, i, 1),
-            torch.from_numpy(item.poi_img),
-            torch.from_numpy(item.poi_txt),
-            torch.tensor(item.poi_len),
-            torch.tensor(self.text_rows[i]),
-            torch.tensor(float(p.row.label)),
-        )
+        a, b = self._image(p.image_a, i, 0), self._image(p.image_b, i, 1)
+        poi = torch.from_numpy(item.poi_img), torch.from_numpy(item.poi_txt), torch.tensor(item.poi_len)
+        return a, b, *poi, torch.tensor(self.text_rows[i]), torch.tensor(float(p.row.label))
 
 
 class PairScorer(nn.Module):

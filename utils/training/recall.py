@@ -1,5 +1,4 @@
-"""Contrastive training of the alignment model besides the loop: the (text, image, owner)
-pairs and their owner split, the dataset, the module DDP wraps and held-out recall@K."""
+"""Contrastive training of the alignment model besides the loop: pairs, dataset, module, recall@K."""
 
 from __future__ import annotations
 
@@ -50,9 +49,7 @@ def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing:
 
 def _recall_format_pairs(path: str, image_dir, errors, missing: list) -> list[Pair]:
     if not image_dir:
-        raise DataError(
-            f"{path}: recall-format CSV: --image-dir (the folder of <poi_id>_<rank>.<ext> files) is required"
-        )
+        raise DataError(f"{path}: a recall-format CSV needs --image-dir (the <poi_id>_<rank>.<ext> files)")
     images, pairs = index_images(image_dir), []
     for row in iter_recall_csv(path, errors):
         image = images.get(row.key)
