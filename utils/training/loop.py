@@ -204,10 +204,9 @@ class _Run:
             self.ddp = torch.nn.parallel.DistributedDataParallel(task.module, device_ids=ids)
         self.step, self.best, self.start_epoch, self.start_batch = 0, -math.inf, 0, 0
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
+            for part in ("optimizer", "scheduler", "scaler"):
+                if state[part]:  # a disabled scaler saved nothing
+                    getattr(self, part).load_state_dict(state[part])
             self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.best = state["extra"].get("best", -math.inf)
             log.info("resuming at step %d (epoch %d, batch %d)", self.step, self.start_epoch + 1, self.start_batch)
