@@ -177,10 +177,8 @@ def format_compare(doc: dict) -> str:
     lines = [f"A: {doc['A']}", f"B: {doc['B']}", f"POIs compared: {doc['n_pois']}"]
     for label, row in labels:
         a, b, d = (row[key] for key in ("A", "B", "B-A"))
-        lines.append(
-            f"{label:<{w}}  A {fmt_figure(a['value'], a['ci'])}   B {fmt_figure(b['value'], b['ci'])}   "
-            f"B - A {d['value']:+.4f} {fmt_interval(d['ci'])}".rstrip()
-        )
+        figures = f"A {fmt_figure(a['value'], a['ci'])}   B {fmt_figure(b['value'], b['ci'])}"
+        lines.append(f"{label:<{w}}  {figures}   B - A {d['value']:+.4f} {fmt_interval(d['ci'])}".rstrip())
     for k in doc["ks"]:
         who = doc["hit_by_one_only"][str(k)]
         a, b = who["A_hits_B_misses"], who["B_hits_A_misses"]

@@ -87,10 +87,8 @@ def read_results(path: str | os.PathLike) -> Results:
     if not groups:
         raise DataError(f"{path}: no result rows")
     if duplicates:
-        log.warning(
-            "%s: %d rows repeat an earlier (poi_id, image) pair (first: line %d, %s %s); each pair is counted once",
-            *(path, duplicates, *first_dup),
-        )
+        what = "rows repeat an earlier (poi_id, image) pair"
+        log.warning("%s: %d %s (first: line %d, %s %s); each pair is counted once", path, duplicates, what, *first_dup)
     return Results(fmt, groups, names)
 
 
