@@ -1,5 +1,4 @@
-"""Evaluation: the figures of both stages (``metrics``, ``bootstrap``), recall_eval.py's pipeline
-(``recall``), rank_eval.py's figures and files (``ranking``), the HTML reports (``report``)."""
+"""Evaluation: figures and intervals of both stages, recall_eval's and rank_eval's pipelines, HTML reports."""
 
 from utils import front_door
 

@@ -1,6 +1,5 @@
-"""Seeded 95 % percentile bootstrap intervals. A draw is per-item multiplicities (a mean is
-``counts @ values / n``), made in blocks of at most ``BLOCK_CELLS``: memory does not grow with
-the draws. The columns of one table share the draws (paired: B - A keeps their correlation)."""
+"""Seeded 95 % percentile bootstrap intervals. A draw is per-item multiplicities made in blocks
+of at most ``BLOCK_CELLS`` (memory flat in the draws); a table's columns share the draws (paired)."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def check_draws(draws: int) -> int:
 
 
 def resample_counts(n: int, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED, block: int = BLOCK):
-    """Yield blocks (b x n int arrays) of per-item multiplicities, ``draws`` rows in all."""
+    """Blocks (b x n) of per-item multiplicities, ``draws`` rows in all."""
     check_draws(draws)
     block = max(1, min(block, BLOCK_CELLS // n))
     rng = np.random.default_rng(seed)

@@ -1,9 +1,7 @@
-"""The figures of both stages. Recall (SPEC section 4): each POI id's candidates sorted by
-score with a STABLE sort (ties keep file / gallery order); a hit at K when one of the top K
-is the POI's own image (file name before the first ``_``); MRR the mean 1 / rank of the
-first hit, 0 without one among the listed candidates. Ranking (SPEC section 5), per pair:
-accuracy of ``s_a > s_b`` against the label (ties predict 0; the published 0.652), AUC and
-log loss of ``sigmoid(s_a - s_b)``, taken on the margin (no saturation)."""
+"""The figures of both stages. Recall (SPEC section 4): candidates in a STABLE sort by score (ties
+keep file order), a hit at K when one of the top K is the POI's own image, MRR over first hits.
+Ranking (SPEC section 5): accuracy of ``s_a > s_b`` (ties predict 0), AUC and log loss of
+``sigmoid(s_a - s_b)`` taken on the margin."""
 
 from __future__ import annotations
 
@@ -69,8 +67,7 @@ def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
 
 
 def evaluate_groups(groups: dict, ks: Iterable[int] = DEFAULT_KS, names: dict | None = None, keep: int | None = None):
-    """Of ``{poi_id: [(image, score), ...]}`` in file order, keeping the ``keep`` (default max
-    K) best per POI. A K above a list takes it all (as the authors' slicing): check K first."""
+    """Of ``{poi_id: [(image, score), ...]}``, keeping the ``keep`` (default max K) best per POI."""
     ks = check_ks(ks)
     keep = max(ks) if keep is None else keep
     pois = []
@@ -109,8 +106,7 @@ def recall_at_k(score_matrix, query_pois, gallery_pois, ks: Iterable[int] = DEFA
 
 
 def weighted_auc(labels, scores, weights) -> np.ndarray:
-    """THE ROC-AUC (Mann-Whitney, ties counted half, as scikit-learn's, which takes 0.9 s to
-    import) for each row of item multiplicities ``weights`` (b x n); NaN for a single class."""
+    """ROC-AUC (ties half, as scikit-learn's) per row of item multiplicities; NaN for one class."""
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))

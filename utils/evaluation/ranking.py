@@ -1,5 +1,4 @@
-"""rank_eval.py's figures and files (its model part is ``models.engine.pairs``): the pairs of a
-ranking CSV, the pairwise figures with intervals over pairs, the outputs, the summary."""
+"""rank_eval.py's pairs, figures with intervals over pairs, output files and summary."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ LEFT_OUT = (("bad_rows", "bad rows"), ("duplicate_rows", "repeated item_ids"))
 
 
 def read_pairs(path: str, limit: int | None = None, skip_bad_rows: bool = False) -> tuple[list, dict]:
-    """The rows of a ``$record$`` ranking CSV (the first ``limit``) and counts of those left
-    out: bad rows (``utils.cli.bad_rows``), and repeated item_ids, counted once (the first)."""
+    """The first ``limit`` rows of a ranking CSV; counts of bad and repeated rows left out."""
     errors, first, repeats = [], {}, 0
     for row in iter_rank_csv(path, errors):
         if (was := first.setdefault(row.item_id, row)) is row:

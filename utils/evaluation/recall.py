@@ -1,6 +1,5 @@
-"""recall_eval.py's pipeline: recall@K and MRR of a results file or of saved vectors, with
-intervals over POIs in poi_id order (not the file's), the JSON and the HTML report
-(:func:`evaluate_recall`); or two results files side by side (:func:`compare_recall`)."""
+"""recall_eval.py's pipeline: recall@K and MRR of a results file or saved vectors with intervals
+over POIs in poi_id order, the JSON and HTML report; or two results files side by side."""
 
 from __future__ import annotations
 
@@ -27,8 +26,8 @@ def default_json_path(results=None, embeddings=None, compare=None) -> str:
 
 
 def load_results(path: str, ks: list[int]):
-    """``(results, meta)``, meta from recall_infer's ``<path>.meta.json`` ({} when absent or
-    unreadable). A K above what a top-k file lists is an error, unless it lists the gallery."""
+    """``(results, meta)`` (``<path>.meta.json``, {} when unreadable); a K above what a top-k file
+    lists is an error unless it lists the whole gallery."""
     res, meta_path, meta = read_results(path), Path(f"{path}.meta.json"), {}
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
@@ -37,10 +36,8 @@ def load_results(path: str, ks: list[int]):
     listed = max(len(v) for v in res.groups.values())
     complete = meta.get("gallery_size", 10**12) <= meta.get("topk", 0)
     if res.fmt == "topk" and (too_big := [k for k in ks if k > listed]) and not complete:
-        raise DataError(
-            f"{path}: lists the top {listed} images per POI, so recall@{too_big} cannot be computed; rerun "
-            f"recall_infer.py with --topk {max(too_big)} (or use its --full-output file)"
-        )
+        rerun = f"rerun recall_infer.py with --topk {max(too_big)} (or use its --full-output file)"
+        raise DataError(f"{path}: lists the top {listed} images per POI, so recall@{too_big} is undefined; {rerun}")
     return res, meta
 
 
@@ -104,8 +101,7 @@ def evaluate_recall(
     seed=DEFAULT_SEED,
     progress=True,
 ) -> dict:
-    """recall_eval.py on ``results`` or ``embeddings``: writes the JSON and, with ``html``, the
-    report (``html_k`` images per POI, default max K) together; returns the JSON document."""
+    """recall_eval.py: writes the JSON and the ``html`` report together; returns the JSON document."""
     ks, draws, source = check_ks(ks), check_draws(draws), results or embeddings
     html_k = html_k or max(ks)
     keep = max(ks + [html_k])
@@ -126,8 +122,7 @@ def evaluate_recall(
 
 
 def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> dict:
-    """recall_eval.py --compare: A, B and B - A on the POIs both files hold (paired), and the
-    POIs that one model hits and the other misses; writes the JSON and returns it."""
+    """recall_eval.py --compare: A, B and B - A on the POIs both hold (paired); writes the JSON."""
     ks, draws = check_ks(ks), check_draws(draws)
     (ra, _), (rb, _) = load_results(a_path, ks), load_results(b_path, ks)
     ta, tb = (evaluate_groups(r.groups, ks, r.names).table() for r in (ra, rb))
@@ -182,10 +177,8 @@ def format_compare(doc: dict) -> str:
     lines = [f"A: {doc['A']}", f"B: {doc['B']}", f"POIs compared: {doc['n_pois']}"]
     for label, row in labels:
         a, b, d = (row[key] for key in ("A", "B", "B-A"))
-        lines.append(
-            f"{label:<{w}}  A {fmt_figure(a['value'], a['ci'])}   B {fmt_figure(b['value'], b['ci'])}   "
-            f"B - A {d['value']:+.4f} {fmt_interval(d['ci'])}".rstrip()
-        )
+        figures = f"A {fmt_figure(a['value'], a['ci'])}   B {fmt_figure(b['value'], b['ci'])}"
+        lines.append(f"{label:<{w}}  {figures}   B - A {d['value']:+.4f} {fmt_interval(d['ci'])}".rstrip())
     for k in doc["ks"]:
         who = doc["hit_by_one_only"][str(k)]
         a, b = who["A_hits_B_misses"], who["B_hits_A_misses"]

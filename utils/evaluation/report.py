@@ -1,6 +1,5 @@
-"""The self-contained HTML reports of recall_eval.py and select_images.py on autoescaped Jinja2
-templates (``templates/``). Thumbnails (~96 px JPEGs) are embedded once each as data URIs, 50
-entries a page, so that 500 POIs x 10 images stay light."""
+"""The self-contained HTML reports of recall_eval.py and select_images.py (autoescaped Jinja2
+``templates/``): 96 px JPEG thumbnails embedded once each as data URIs, 50 entries a page."""
 
 from __future__ import annotations
 
@@ -52,13 +51,9 @@ def render(template: str, entries: list, page_size: int, thumbs: dict, **context
     """``templates/<template>`` with ``entries`` cut into pages of ``page_size``."""
     import jinja2
 
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).resolve().with_name("templates")),
-        autoescape=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    loader = jinja2.FileSystemLoader(Path(__file__).resolve().with_name("templates"))
+    layout = {"trim_blocks": True, "lstrip_blocks": True}
+    env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined, **layout)
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}  # thumbnails in their order, compact
     return env.get_template(template).render(entries=entries, page_size=page_size, thumbs=thumbs, **context) + "\n"
 
@@ -88,8 +83,7 @@ def recall_report(doc: dict, result, k: int, image_dir, page_size=PAGE_SIZE, pro
 
 
 def selection_report(items: list, summary: dict, title: str, progress=True) -> tuple[str, dict]:
-    """``(html, info)``: each ``utils.selection`` item with its candidates in final order (the
-    selected one framed, the unscored faded at the end), items without a selection first."""
+    """``(html, info)``: each item with its candidates in final order, items without a selection first."""
     from utils.selection import DUPLICATE, OK, UNREADABLE
 
     shown = sorted(items, key=lambda it: it.selected is not None)  # stable: no selection first

@@ -1,10 +1,6 @@
-"""Image preprocessing (SPEC section 3) and a Dataset over image paths.
-
-``reference``: Pillow decode -> RGB uint8 -> cv2.resize to 224 x 224 (bilinear, aspect not
-kept) -> (x / 255 - mean) / std. YCbCr and grey JPEGs take a faster path to the same bits
-(libjpeg-turbo with Pillow's settings); any failure there falls back to Pillow. An unreadable
-file is the zero image, logged. ``fast``: JPEGs in Pillow's draft mode, scores move slightly.
-"""
+"""Image preprocessing (SPEC section 3): Pillow decode -> RGB -> cv2.resize to 224 x 224 ->
+(x / 255 - mean) / std. YCbCr and grey JPEGs decode through libjpeg-turbo to the same bits,
+falling back to Pillow on any failure; an unreadable file is the zero image, logged."""
 
 from __future__ import annotations
 
@@ -107,6 +103,7 @@ def _unreadable(path, e: Exception) -> None:
 
 def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference", transform=None) -> bool:
     """:func:`load_image` written into ``out`` (e.g. a row of a batch array); returns ``ok``."""
+    _check_mode(mode)
     try:
         rgb = decode_rgb(path, mode, scratch=transform is None)
         if transform is not None:
@@ -120,20 +117,16 @@ def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "refer
 
 
 def load_image(path: str | os.PathLike, mode: str = "reference", transform=None) -> tuple[torch.Tensor, bool]:
-    """``(tensor, ok)``: the zero image, logged, when unreadable. ``transform`` (on the PIL
-    image, for training augmentation) runs before the resize, as in the authors' training."""
-    _check_mode(mode)
+    """``(tensor, ok)``, the zero image when unreadable; ``transform`` (augmentation) runs before the resize."""
     out = np.empty((3, SIZE, SIZE), dtype=np.float32)
     ok = load_image_into(out, path, mode, transform)
     return torch.from_numpy(out), ok
 
 
 class ImageDataset(Dataset):
-    """Item ``i`` is ``(tensor, ok, i)``; ``loader(path, mode) -> (tensor, ok)`` (picklable,
-    e.g. :func:`load_clip_image`) replaces :func:`load_image`."""
+    """Item ``i`` is ``(tensor, ok, i)``; a picklable ``loader(path, mode)`` may replace :func:`load_image`."""
 
     def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
-        _check_mode(mode)
         self.paths = [str(p) for p in paths]
         self.mode = mode
         self.loader = loader or functools.partial(load_image, transform=transform)

@@ -1,10 +1,6 @@
-"""numpy files from elsewhere, read without trusting them: no code runs, sizes are bounded,
-and whatever is wrong with a file is a ``DataError`` naming it.
-
-A pickled ``.npy`` (the published POI tables) resolves only the globals plain data needs
-(torch tensors through torch's ``weights_only`` loader); :func:`bounded` then checks what
-was built against :class:`Limits` before anyone looks at it.
-"""
+"""numpy files from elsewhere, read without trusting them: a pickled ``.npy`` resolves only
+the globals plain data needs (tensors through torch's ``weights_only`` loader), :func:`bounded`
+checks what it built against :class:`Limits`, and any fault is a ``DataError`` naming the file."""
 
 from __future__ import annotations
 
@@ -106,12 +102,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         if obj is None and module.split(".")[0] == "torch":
             obj = _torch_globals().get((module, name))
         if obj is None:
-            raise DataError(
-                f"refusing to load: the pickle asks for the global "
-                f"'{module}.{name}', which a table of arrays, lists, strings and numbers never "
-                f"needs (it could run code). If you trust this file, pass --trust-pickle; "
-                f"better, convert it once with `poi_tables.py convert`."
-            )
+            why = "which plain data never needs (it could run code)"
+            hint = "if you trust this file, pass --trust-pickle, or convert it once with `poi_tables.py convert`"
+            raise DataError(f"refusing to load: the pickle asks for the global '{module}.{name}', {why}; {hint}")
         return obj
 
 
@@ -119,8 +112,7 @@ _HEADERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_
 
 
 def load_npy(path, trust_pickle: bool = False):
-    """What a ``.npy`` holds: a numeric array as numpy reads it, a pickled one through
-    :class:`RestrictedUnpickler` (``trust_pickle``: any pickle, code in it runs); not yet :func:`bounded`."""
+    """A ``.npy``'s array; a pickled one through :class:`RestrictedUnpickler` unless ``trust_pickle``."""
     try:
         with open(path, "rb") as f:
             version = npformat.read_magic(f)
@@ -152,8 +144,8 @@ _SEQUENCES = (list, tuple, frozenset, set)
 
 
 def bounded(obj, source: str, limits: Limits = LIMITS):
-    """``obj`` with torch tensors as numpy arrays, its depth and expanded size checked (a container
-    reached twice counts twice, but is walked once: the check runs in the size of the pickle)."""
+    """``obj`` with tensors as numpy arrays, depth and expanded size checked; a container reached
+    twice counts twice but is walked once, so the check runs in the size of the pickle."""
     done: dict[int, tuple] = {}  # id -> (converted object, expanded element count)
     keep, active = [], set()  # keep: objects whose ids are in use; active: on the current path
 

@@ -1,10 +1,6 @@
-"""The ranker's POI inputs (SPEC section 5): the three POI tables, read safely and checked,
-the item inputs built from them, and vector tables built from a recall model.
-
-A table maps a POI name to its pic-num counts ``[n0, n1, n2]`` or to a D-d vector. Files:
-the published ``.npy`` (a dict pickled by ``np.save``, read by the restricted reader of
-``npfiles``) or the safe ``.npz`` (``names``, an N x D ``values`` matrix, ``kind``).
-"""
+"""The ranker's POI inputs (SPEC section 5): the three POI tables (name -> pic-num counts or a
+vector), read safely and checked, the item inputs built from them, vector tables built from a
+recall model. Files: the published pickled ``.npy`` or the safe ``.npz`` (names, values, kind)."""
 
 from __future__ import annotations
 
@@ -54,8 +50,7 @@ def _read(path, safe: bool, trust_pickle: bool = False):
 
 
 def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
-    """``name -> value`` of the table at ``path`` (``.npz``: the safe format, else the pickled
-    dict), bounded by ``limits``; values not yet checked."""
+    """``name -> value`` of the table at ``path``, bounded by ``limits``; values not yet checked."""
     if not os.path.isfile(path):
         raise PoiTableError(f"{path}: no such POI table file")
     try:
@@ -75,7 +70,6 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
 
 
 def _numeric(value, name: str, source) -> np.ndarray:
-    """``value`` as a flat numeric array, all finite."""
     try:
         a = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists
@@ -113,9 +107,7 @@ def check_pic_num(table: dict, source) -> dict[str, list]:
         try:
             a = _numeric(value, name, source)
         except PoiTableError:
-            raise PoiTableError(
-                f"{source}: pic-num entry {name!r} = {value!r:.80} is not up to 3 finite counts"
-            ) from None
+            raise PoiTableError(f"{source}: entry {name!r} = {value!r:.80} is not up to 3 finite counts") from None
         if a.size > 3:
             raise PoiTableError(f"{source}: pic-num entry {name!r} has {a.size} values, expected up to 3 counts")
         if (a < 0).any():
@@ -136,8 +128,8 @@ def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
 
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
-    """Write ``{path: table}`` together or not at all: ``.npz`` in the safe format, else the
-    authors' pickled dict of float32 arrays; each read back and compared before it lands."""
+    """Write ``{path: table}`` together or not at all (``.npy``: the authors' pickled dict of
+    float32 arrays); each is read back and compared before it lands."""
     with atomic_outputs(*tables) as temps:
         for (path, table), tmp in zip(tables.items(), temps):
             names, values = table_matrix(table, source)
@@ -146,18 +138,14 @@ def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None
                 check_pic_num(table, source)
             with open(tmp, "wb") as f:
                 if _is_safe(path):
-                    np.savez(f, names=_name_array(names, source), values=_stored(values, kind_), kind=np.array(kind_))
+                    counts = np.int64 if values.dtype.kind in "biu" else np.float64
+                    stored = values.astype(np.float32 if kind_ == "vectors" else counts)
+                    np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind_))
                 else:
                     np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
             back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
             if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
                 raise PoiTableError(f"{path}: the table read back differs from the one written")
-
-
-def _stored(values: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "vectors":
-        return values.astype(np.float32)
-    return values.astype(np.int64 if values.dtype.kind in "biu" else np.float64)
 
 
 def _name_array(names: list[str], source) -> np.ndarray:
@@ -172,13 +160,6 @@ def save_safe_table(table: dict, path, kind: str | None = None, source="<table>"
     if not _is_safe(path):
         raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
     save_tables({path: table}, kind, source)
-    return Path(path)
-
-
-def save_pickled_table(table: dict, path) -> Path:
-    if _is_safe(path):
-        raise PoiTableError(f"{path}: the authors' pickled format needs a .npy name")
-    save_tables({path: table})
     return Path(path)
 
 
@@ -227,8 +208,7 @@ class PoiTables(NamedTuple):
 
 
 def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim, trust_pickle=False) -> PoiTables:
-    """The tables of the three ``--poi-*`` options (empty when not given), checked; errors name
-    the option and the file. ``dim`` None: checked later by :meth:`PoiTables.with_dim`."""
+    """The tables of the three ``--poi-*`` options, checked; errors name the option and the file."""
     paths = (pic_num, image_vectors, name_vectors)
     out = []
     for opt, path in zip(TABLE_OPTIONS, paths):
@@ -242,9 +222,8 @@ def load_poi_tables(pic_num=None, image_vectors=None, name_vectors=None, *, dim,
 
 
 def poi_sequence(poi_names: str, pic_num: dict) -> list[str]:
-    """The POI names (unstripped, as split) that enter the attention: none when
-    ``len(poi_names.strip()) <= 1``; else stable-sorted by descending n0 + 5*n1 + 3*n2 of
-    the stripped name (missing counts 0), the first 5."""
+    """The POI names (unstripped) entering the attention: none for a blank or 1-character list,
+    else the first 5 stable-sorted by descending n0 + 5*n1 + 3*n2 of the stripped name."""
     if len(poi_names.strip()) <= 1:
         return []
 
@@ -290,8 +269,8 @@ def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndar
 
 
 def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
-    """``name -> mean of its readable image vectors`` (L2-normalised again when asked), and
-    the names left without any readable image (never averaged in as the zero image)."""
+    """``name -> mean of its readable image vectors`` (L2-normalised again when asked), and the
+    names without a readable image (never averaged in as the zero image)."""
     out, empty = {}, []
     for name, idx in groups.items():
         good = [i for i in idx if ok[i]]
@@ -304,8 +283,7 @@ def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = Tr
 
 
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
-    """``(image table, name table, summary)`` of recall-format ``rows`` (images found in
-    ``images`` by key), from recall model ``rm``; POIs sharing a name are pooled."""
+    """``(image table, name table, summary)`` of recall-format ``rows``; POIs sharing a name are pooled."""
     ids, files, groups = defaultdict(set), [], defaultdict(list)
     for r in (r for r in rows if r.poi_name):
         ids[r.poi_name].add(r.poi_id)

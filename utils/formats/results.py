@@ -1,5 +1,4 @@
-"""Result files of the recall stage (written by recall_infer.py, read by recall_eval.py):
-top-k and the authors' full format, the list of missing images, the vectors of a run (.npz)."""
+"""Result files of the recall stage: top-k and the authors' full format, missing images, vectors."""
 
 from __future__ import annotations
 
@@ -40,9 +39,7 @@ def write_topk(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
             w.writerow((poi, name, rank, image, fmt_score(score)))
 
 
-def write_full(
-    path: str | os.PathLike, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores
-) -> None:
+def write_full(path, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores) -> None:
     """The authors' full format: no header, a row per (POI, image); ``scores`` is POIs x images."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
@@ -68,8 +65,7 @@ class Results(NamedTuple):
 
 
 def read_results(path: str | os.PathLike) -> Results:
-    """A top-k or full results file; every error is a ``DataError`` naming the file and line.
-    A row repeating a (poi_id, image) pair is left out, with a warning."""
+    """A top-k or full results file; a repeated (poi_id, image) pair is left out, with a warning."""
     path = str(path)
     fmt, groups, names, seen = "", {}, {}, {}
     duplicates, first_dup = 0, None
@@ -91,10 +87,8 @@ def read_results(path: str | os.PathLike) -> Results:
     if not groups:
         raise DataError(f"{path}: no result rows")
     if duplicates:
-        log.warning(
-            "%s: %d rows repeat an earlier (poi_id, image) pair (first: line %d, %s %s); each pair is counted once",
-            *(path, duplicates, *first_dup),
-        )
+        what = "rows repeat an earlier (poi_id, image) pair"
+        log.warning("%s: %d %s (first: line %d, %s %s); each pair is counted once", path, duplicates, what, *first_dup)
     return Results(fmt, groups, names)
 
 
@@ -105,10 +99,7 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
         poi, name, _, image, score = fields
     else:
         if len(fields) < 4:
-            raise DataError(
-                f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) "
-                f"or a header line {','.join(TOPK_HEADER)}, found {len(fields)}"
-            )
+            raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
         # an unquoted comma inside a name gives extra fields: the name is the middle
         poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
     poi, image = poi.strip(), image.strip()
@@ -127,21 +118,21 @@ EMBEDDINGS_FORMAT = 1
 
 
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
-    """The vectors of a recall run, as an ``.npz`` that needs no pickle: row i of ``image_emb``
-    is gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of
-    ``text_emb`` is POI ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
-    arrays = {
-        "format": np.array(EMBEDDINGS_FORMAT),
-        "image_emb": np.ascontiguousarray(image_emb, dtype=np.float32),
-        "image_names": np.array(list(image_names), dtype=str),
-        "image_ok": np.asarray(image_ok, dtype=bool),
-        "text_emb": np.ascontiguousarray(text_emb, dtype=np.float32),
-        "poi_ids": np.array(list(poi_ids), dtype=str),
-        "poi_names": np.array(list(poi_names), dtype=str),
-        "meta": np.array(json.dumps(meta, ensure_ascii=False, allow_nan=False)),
-    }
+    """The vectors of a recall run as an ``.npz`` that needs no pickle: row i of ``image_emb`` is
+    gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of ``text_emb`` POI
+    ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
     with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(
+            f,
+            format=np.array(EMBEDDINGS_FORMAT),
+            image_emb=np.ascontiguousarray(image_emb, dtype=np.float32),
+            image_names=np.array(list(image_names), dtype=str),
+            image_ok=np.asarray(image_ok, dtype=bool),
+            text_emb=np.ascontiguousarray(text_emb, dtype=np.float32),
+            poi_ids=np.array(list(poi_ids), dtype=str),
+            poi_names=np.array(list(poi_names), dtype=str),
+            meta=np.array(json.dumps(meta, ensure_ascii=False, allow_nan=False)),
+        )
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:
@@ -153,10 +144,8 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     ie, te = d["image_emb"], d["text_emb"]
     same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
     if not same or not len(d["poi_ids"]) == len(d["poi_names"]) == len(te):
-        raise DataError(
-            f"{path}: inconsistent shapes (image_emb {ie.shape}, {len(d['image_names'])} names; "
-            f"text_emb {te.shape}, {len(d['poi_ids'])} poi ids)"
-        )
+        shapes = f"image_emb {ie.shape} ({len(d['image_names'])} names), text_emb {te.shape} ({len(d['poi_ids'])} ids)"
+        raise DataError(f"{path}: inconsistent shapes ({shapes})")
     for k in ("image_emb", "text_emb"):
         if not np.isfinite(d[k]).all():
             raise DataError(f"{path}: {k} holds NaN or infinite values")

@@ -1,8 +1,5 @@
 """Readers of the two published CSV formats (SPEC sections 4 and 5) and the image naming scheme.
-
-Bad rows: pass ``errors=[]`` to collect them as ``RowError`` and keep going; without it the
-first bad row raises ``DataError`` naming the file and line.
-"""
+Pass ``errors=[]`` to collect bad rows as ``RowError``; without it the first raises ``DataError``."""
 
 from __future__ import annotations
 
@@ -31,8 +28,7 @@ class RecallRow:
     rank: str
 
     @property
-    def key(self) -> str:
-        """File stem of this row's image."""
+    def key(self) -> str:  # the file stem of this row's image
         return f"{self.poi_id}_{self.rank}"
 
 
@@ -51,8 +47,7 @@ class RankRow:
     poi_names: str
 
     @property
-    def label(self) -> int:
-        """1 when image a has the higher CTR, else 0 (SPEC section 5)."""
+    def label(self) -> int:  # SPEC section 5
         return int(self.ctr_a > self.ctr_b)
 
     @property
@@ -63,8 +58,7 @@ class RankRow:
     def key_b(self) -> str:
         return f"{self.item_id}_b"
 
-    def urls_a(self) -> list[str]:
-        """Durable copy first, then the original; empty URLs dropped."""
+    def urls_a(self) -> list[str]:  # the durable copy first; empty URLs dropped
         return [u for u in (self.oss_url, self.url_a) if u]
 
     def urls_b(self) -> list[str]:
@@ -165,8 +159,7 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
-    """File stem -> path of the images in ``image_dir`` (not recursive; on a shared stem the
-    lexically first); download leftovers (``.part``, ``.tmp``) are not images."""
+    """File stem -> path of the images in ``image_dir`` (not recursive; the first of a shared stem)."""
     d = Path(image_dir)
     if not d.is_dir():
         raise DataError(f"{image_dir}: not a directory")

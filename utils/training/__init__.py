@@ -1,7 +1,6 @@
-"""Training, shared by recall_train.py and rank_train.py: the loop with exact resume and
-what it writes (``loop``), the processes of a run under torchrun and its out-dir lock
-(``dist``), and what each model's training is made of: its pairs, dataset, module and
-validation (``recall``, ``rank``)."""
+"""Training for recall_train.py and rank_train.py: the loop with exact resume (``loop``), the
+processes under torchrun and the out-dir lock (``dist``), each model's pairs, dataset, module
+and validation (``recall``, ``rank``)."""
 
 from utils import front_door
 

@@ -1,6 +1,5 @@
-"""The processes of a run: one, or several started by ``torchrun`` (the process group, the
-collectives the loop needs, rank-aware logging), the lock they share on the run's
---out-dir, and Ctrl-C held while a checkpoint is saved."""
+"""The processes of a run (one, or several under ``torchrun``): the process group and collectives,
+rank-aware logging, the lock on --out-dir, Ctrl-C held while a checkpoint is saved."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DistEnv:
-    """This process: its rank among ``world_size``, its device; the collectives are no-ops
-    for a single process."""
+    """This process: its rank, the world size, its device; collectives are no-ops for one process."""
 
     rank: int = 0
     world_size: int = 1
@@ -60,9 +58,8 @@ class DistEnv:
         return t.item() / self.world_size
 
     def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` of every process concatenated along dim 0, keeping gradients. Backward sums
-        each slice's gradient over the processes: with DDP's averaging, exactly the
-        gradient of the global loss every process computes."""
+        """``x`` of every process concatenated, keeping gradients (summed over the processes, which
+        with DDP's averaging is exactly the gradient of the global loss)."""
         if not self.distributed:
             return x
         import torch.distributed.nn.functional as dnf
@@ -74,9 +71,8 @@ class DistEnv:
 
 @contextlib.contextmanager
 def distributed(device_name: str = "auto", log_level: str | None = None):
-    """The ``DistEnv`` of this process for the block; under torchrun (``WORLD_SIZE`` > 1)
-    in the process group (nccl on ``cuda:LOCAL_RANK``, else gloo). With ``log_level``,
-    logging is set up: the other ranks log warnings only, and every line names its rank."""
+    """The ``DistEnv`` of this process, in the process group under torchrun (nccl on CUDA, else
+    gloo). With ``log_level``, logging is set up: ranks but 0 log warnings only, lines name ranks."""
     env = DistEnv(device=resolve_device(device_name))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -101,8 +97,7 @@ def distributed(device_name: str = "auto", log_level: str | None = None):
 
 @contextlib.contextmanager
 def deferred_sigint():
-    """Hold a Ctrl-C that arrives during the block and raise it after, so that a checkpoint
-    and its training state are written as a pair. Outside the main thread: nothing."""
+    """Hold a Ctrl-C during the block (a checkpoint and its state are written as a pair)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -132,9 +127,7 @@ def _remove_stale_temp_files(directory: Path) -> None:
 
 @contextlib.contextmanager
 def out_dir_lock(out: Path, env: DistEnv):
-    """``utils.io.exclusive_lock`` on ``out`` for a whole run: rank 0 takes it (and removes
-    stale temporary files) and tells the others, so every process stops with the same
-    line. A directory this run created is removed again if it is left empty."""
+    """The run's lock on ``out``, taken by rank 0 (all stop with its line); a new dir left empty goes."""
     created = not out.exists()
     try:
         with contextlib.ExitStack() as stack:

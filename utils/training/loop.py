@@ -1,9 +1,6 @@
-"""The training loop both trainers run: a run is a ``TrainConfig`` (what the flags say) and
-a ``Task`` (what the trainer brings); ``train`` does the rest. A step is ``accum_steps``
-micro-batches, the loss averaged over the processes (NaN/inf stops the run), clipping,
-the schedule. An epoch ends with validation on rank 0, the best checkpoint, then the last
-one with the training state that ``--resume`` continues from bit for bit; each step and
-validation is a row of the metrics CSV."""
+"""The training loop of both trainers: ``train`` runs a ``TrainConfig`` (the flags) and a ``Task``
+(the trainer's parts). An epoch ends with validation on rank 0, the best checkpoint, then the last
+one with the state ``--resume`` continues from bit for bit."""
 
 from __future__ import annotations
 
@@ -64,11 +61,10 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
-        """From a script's ``vars(namespace)``: None keeps a default; with ``cache_embeddings``
-        the batches are row numbers, nothing for workers to decode."""
+        """From a script's ``vars(namespace)``; None keeps a default."""
         values = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         values |= {"amp": not options.get("no_amp"), "progress": not options.get("no_progress"), "options": options}
-        if options.get("cache_embeddings"):
+        if options.get("cache_embeddings"):  # the batches are row numbers: nothing to decode
             values["num_workers"] = 0
         return cls(**(values | override))
 
@@ -90,17 +86,14 @@ class Task:
 def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> None:
     """Refused before any work: a batch the processes cannot share, or too few pairs."""
     if cfg.batch_size % env.world_size:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({env.world_size})"
-        )
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {env.world_size} processes")
     if n // env.world_size < cfg.batch_size // env.world_size * cfg.accum_steps:
         raise DataError(f"{what}: {n} training pairs cannot fill one step of {cfg.batch_size} x {cfg.accum_steps}")
 
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
-    """One run into ``cfg.out_dir`` (locked for it); a summary. ``load_model(path)`` gives
-    the model on the device (``path``: the last checkpoint on resume, else None),
-    ``make_task(model)`` the rest."""
+    """One run into ``cfg.out_dir``; a summary. ``load_model(path)`` gives the model on the device
+    (``path``: the last checkpoint on resume, else None), ``make_task(model)`` the rest."""
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
         config = {k: cfg.options.get(k) for k in cfg.resume_keys}
@@ -113,10 +106,8 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
         torch.manual_seed(cfg.seed)
         model = load_model(out / cfg.last_file if state is not None else None)
         if state is not None and model_hash(model) != state["model_hash"]:
-            raise DataError(
-                f"{out / cfg.last_file} does not hold the weights of {out / STATE_FILE} (step {state['step']}); "
-                "the run was interrupted while saving: restart it without --resume"
-            )
+            why = f"does not hold the weights of {out / STATE_FILE}: the run was interrupted while saving"
+            raise DataError(f"{out / cfg.last_file} {why}; restart it without --resume")
         run = _Run(cfg, env, model, make_task(model), state, config)
         stopped = run.epochs()
         if env.is_main and run.task.validate is None:
@@ -128,8 +119,7 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
 
 
 def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
-    """The LR factor of a step: linear warm-up over ``warmup`` steps, then cosine decay to 0
-    at ``total`` steps (or constant with ``kind='constant'``)."""
+    """The LR factor of a step: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -146,8 +136,7 @@ def read_metrics(path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Rows appended to a CSV with a fixed header, by rank 0 only; on resume the ``keep_rows``
-    written when the state was saved are kept, so it reads like an uninterrupted run's."""
+    """Rows appended to a CSV by rank 0; on resume the ``keep_rows`` the state counted are kept."""
 
     def __init__(self, path, fields: list[str], env: DistEnv, keep_rows: int | None = None):
         self.path, self.fields, self.env, self.rows = str(path), list(fields), env, 0
@@ -215,10 +204,9 @@ class _Run:
             self.ddp = torch.nn.parallel.DistributedDataParallel(task.module, device_ids=ids)
         self.step, self.best, self.start_epoch, self.start_batch = 0, -math.inf, 0, 0
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
+            for part in ("optimizer", "scheduler", "scaler"):
+                if state[part]:  # a disabled scaler saved nothing
+                    getattr(self, part).load_state_dict(state[part])
             self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.best = state["extra"].get("best", -math.inf)
             log.info("resuming at step %d (epoch %d, batch %d)", self.step, self.start_epoch + 1, self.start_batch)
@@ -229,11 +217,10 @@ class _Run:
         columns = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
         keep = state["metrics_rows"] if state is not None else None
         self.metrics = MetricsWriter(self.out / METRICS_FILE, columns, env, keep_rows=keep)
-        log.info(
-            f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values; {self.steps_per_epoch} steps "
-            f"per epoch x {cfg.epochs}; global batch {cfg.batch_size} x {cfg.accum_steps} accumulation on "
-            f"{env.world_size} process(es), device {env.device}" + (", fp16" if self.scaler.is_enabled() else "")
-        )
+        size = f"{sum(p.numel() for p in self.trainable) / 1e6:.2f} M trainable values"
+        batch = f"batch {cfg.batch_size} x {cfg.accum_steps} on {env.world_size} process(es), {env.device}"
+        batch += ", fp16" if self.scaler.is_enabled() else ""
+        log.info("%s; %d steps per epoch x %d; %s", size, self.steps_per_epoch, cfg.epochs, batch)
 
     def epochs(self) -> bool:
         """Train from where the run stands; True when ``stop_after_step`` stopped it."""
@@ -298,8 +285,7 @@ class _Run:
         return False
 
     def train_step(self, batches) -> tuple[float, float, float]:
-        """One optimizer step over ``accum_steps`` micro-batches: (lr, loss, gradient norm
-        before clipping). Stops before the weights take a NaN/inf."""
+        """One optimizer step: (lr, loss, gradient norm before clipping); stops before a NaN/inf."""
         cfg, env, scaler = self.cfg, self.env, self.scaler
         lr, total = self.optimizer.param_groups[0]["lr"], 0.0
         # dropout draws from (seed, step) only: a resumed run draws what an uninterrupted one
@@ -328,8 +314,7 @@ class _Run:
         return lr, loss, gnorm
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
-        """The last checkpoint, then the state resuming at batch ``batch_in_epoch`` of
-        ``epoch`` (rank 0; the others wait). Ctrl-C waits for the pair."""
+        """The last checkpoint, then the state resuming at ``batch_in_epoch`` of ``epoch`` (rank 0)."""
         with deferred_sigint():
             if self.env.is_main:
                 self.task.save(self.model, self.out / self.cfg.last_file)

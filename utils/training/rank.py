@@ -1,7 +1,4 @@
-"""What training of the siamese ranker (``models.SiameseRanker``) is made of, besides the
-loop: the frozen recall tower's vectors computed once (every distinct ``pois_feature``
-text; the images that are never augmented), the authors' augmentation, the dataset of
-image pairs with their POI inputs, the module DDP wraps and the pairwise validation."""
+"""Training of the siamese ranker besides the loop: pairs, frozen vectors, dataset, module, validation."""
 
 from __future__ import annotations
 
@@ -34,8 +31,7 @@ class RankPair:
 
 
 def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
-    """The records of a ``$record$`` CSV whose two images ``<item_id>_a/_b.*`` are in
-    ``image_dir``, and the number of bad rows left out (a NaN/inf CTR is always an error)."""
+    """The records whose images ``<item_id>_a/_b.*`` are in ``image_dir``; the bad rows left out."""
     path, errors, missing, pairs = str(path), [], [], []
     images = index_images(image_dir)
     for row in iter_rank_csv(path, errors):
@@ -62,8 +58,7 @@ class Vectors:
 
 
 def encode_once(rm, train: list[RankPair], val: list[RankPair], enc, env: DistEnv, cache_train: bool):
-    """``Vectors`` of every distinct ``pois_feature`` text, of the validation images and of
-    the training images (or None), through ``rm`` (a ``RecallModel``)."""
+    """``Vectors`` of the distinct ``pois_feature`` texts, the validation and training images."""
     texts = list(dict.fromkeys(pois_text(p.row.title, p.row.poi_names) for p in train + val))
     text_table = rm.encode_texts(texts, replace(enc, progress=False)).to(env.device)
     log.info("%d train pairs, %d val pairs, %d distinct pois_feature texts", len(train), len(val), len(texts))
@@ -75,16 +70,14 @@ def encode_once(rm, train: list[RankPair], val: list[RankPair], enc, env: DistEn
 
 
 def augment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The authors' ``RandomRotation(5)`` (uniform angle, about the centre, nearest
-    neighbour, same size, black fill) then ``RandomHorizontalFlip(0.3)``."""
+    """The authors' ``RandomRotation(5)`` (nearest neighbour, black fill), ``RandomHorizontalFlip(0.3)``."""
     angle = float(rng.uniform(-5.0, 5.0))
     img = img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=0)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.3 else img
 
 
 class RankPairDataset(Dataset):
-    """Item i: images a and b (or their rows of cached vectors), the POI inputs, the row of
-    the ``pois_feature`` vector, the label. Augmentation draws from (seed, epoch, i, side)."""
+    """Item i: images a and b (or cached vector rows), POI inputs, ``pois_feature`` row, label."""
 
     def __init__(self, pairs, tables: PoiTables, texts: Vectors, mode: str, augment: bool, seed: int, images=None):
         self.pairs, self.tables, self.mode, self.augment, self.seed = pairs, tables, mode, augment, seed
@@ -101,26 +94,19 @@ class RankPairDataset(Dataset):
     def _image(self, path: str, i: int, side: int):
         if self.image_rows is not None:
             return torch.tensor(self.image_rows[path])
-        rng = np.random.default_rng([self.seed, self.epoch, i, side])
+        rng = np.random.default_rng([self.seed, self.epoch, i, side])  # resumable augmentation
         return load_image(path, self.mode, functools.partial(augment_pil, rng=rng) if self.augment else None)[0]
 
     def __getitem__(self, i: int):
         p = self.pairs[i]
         item = self.tables.inputs(p.row.title, p.row.poi_names)
-        return (
-            self._image(p.image_a, i, 0),
-            self._image(p.image_b, i, 1),
-            torch.from_numpy(item.poi_img),
-            torch.from_numpy(item.poi_txt),
-            torch.tensor(item.poi_len),
-            torch.tensor(self.text_rows[i]),
-            torch.tensor(float(p.row.label)),
-        )
+        a, b = self._image(p.image_a, i, 0), self._image(p.image_b, i, 1)
+        poi = torch.from_numpy(item.poi_img), torch.from_numpy(item.poi_txt), torch.tensor(item.poi_len)
+        return a, b, *poi, torch.tensor(self.text_rows[i]), torch.tensor(float(p.row.label))
 
 
 class PairScorer(nn.Module):
-    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays frozen in eval
-    mode. ``text_table``: the ``pois_feature`` vectors; ``image_table``: cached image vectors."""
+    """The module DDP wraps: (s_a, s_b) of a batch; the recall model stays frozen in eval mode."""
 
     def __init__(self, ranker: nn.Module, text_table: torch.Tensor, image_table=None):
         super().__init__()

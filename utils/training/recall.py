@@ -1,13 +1,9 @@
-"""What contrastive training of the alignment model (``models.AlignModel``) is made of,
-besides the loop: the (text, image, owner) pairs and their owner split, the dataset, the
-module DDP wraps (a frozen tower, BatchNorm on its running statistics, cached image
-vectors) and held-out recall@K. A pair whose image file is absent is left out (logged)."""
+"""Contrastive training of the alignment model besides the loop: pairs, dataset, module, recall@K."""
 
 from __future__ import annotations
 
 from utils.cli import DataError, RowError, bad_rows, input_file, record_bad_row
 
-import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -19,8 +15,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from utils.evaluation import recall_at_k
-from utils.formats import index_images, iter_recall_csv, load_image
-from utils.io import text_lines
+from utils.formats import csv_records, index_images, iter_recall_csv, load_image
 
 from .dist import DistEnv
 
@@ -32,21 +27,6 @@ class Pair:
     text: str
     image: str
     owner: str
-
-
-def _csv_rows(path: str, errors: list):
-    """``(line, stripped fields)`` of the non-blank rows of a UTF-8 CSV."""
-    reader = csv.reader(text_lines(path, errors))
-    while True:
-        try:
-            fields = [x.strip() for x in next(reader)]
-        except StopIteration:
-            return
-        except csv.Error as e:
-            record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
-            continue
-        if any(fields):
-            yield reader.line_num, fields
 
 
 def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing: list) -> list[Pair]:
@@ -69,9 +49,7 @@ def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing:
 
 def _recall_format_pairs(path: str, image_dir, errors, missing: list) -> list[Pair]:
     if not image_dir:
-        raise DataError(
-            f"{path}: recall-format CSV: --image-dir (the folder of <poi_id>_<rank>.<ext> files) is required"
-        )
+        raise DataError(f"{path}: a recall-format CSV needs --image-dir (the <poi_id>_<rank>.<ext> files)")
     images, pairs = index_images(image_dir), []
     for row in iter_recall_csv(path, errors):
         image = images.get(row.key)
@@ -85,11 +63,10 @@ def _recall_format_pairs(path: str, image_dir, errors, missing: list) -> list[Pa
 
 
 def read_text_pairs(path, image_dir=None, skip_bad_rows: bool = False) -> tuple[list[Pair], int]:
-    """The (text, image, owner) pairs of a recall-format CSV (owner: the poi_id) or of a
-    CSV with a ``text,image[,owner]`` header (owner: the text; relative images under
-    ``image_dir``, default the CSV's directory), and the number of bad rows left out."""
+    """The pairs of a recall-format CSV (owner: the poi_id) or one with a ``text,image[,owner]``
+    header (owner: the text; images under ``image_dir`` or the CSV's), and the bad rows left out."""
     path, errors, missing = str(input_file(path)), [], []
-    rows = _csv_rows(path, errors)
+    rows = ((line, [x.strip() for x in fields]) for line, fields in csv_records(path, errors))
     header = [x.lower() for x in next(rows, (0, []))[1]]
     if not header:  # nothing but blank lines, or lines that are not UTF-8
         raise DataError(str(errors[0]) if errors else f"{path}: empty file")
@@ -118,8 +95,7 @@ def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None,
 
 
 class TextImageDataset(Dataset):
-    """Item i: (image tensor, or ``i`` with cached image vectors; ``i``); ``collate`` makes
-    (images, input_ids, attention_mask) with ``tokenize(texts)``, in the loader's workers."""
+    """Item i: (image tensor or, cached, ``i``; ``i``); ``collate`` tokenizes in the workers."""
 
     def __init__(self, pairs: list[Pair], mode: str, cached: bool, tokenize):
         self.pairs, self.mode, self.cached, self.tokenize = pairs, mode, cached, tokenize
@@ -137,10 +113,8 @@ class TextImageDataset(Dataset):
 
 
 class PairEncoder(nn.Module):
-    """The module DDP wraps: a batch's (image, text) embeddings. All weights train but the
-    text pooler (unused) and a ``freeze`` tower with its projection (kept in eval mode);
-    ``bn_eval``: image BatchNorm on running statistics (then several processes equal one);
-    ``image_table``: cached image vectors (a batch's images are their row numbers)."""
+    """The module DDP wraps: a batch's (image, text) embeddings. All trains but the text pooler and
+    a ``freeze`` tower (in eval mode); ``bn_eval``: image BatchNorm on running statistics."""
 
     def __init__(self, align: nn.Module, freeze: str = "none", bn_eval: bool = False, image_table=None):
         super().__init__()
@@ -174,8 +148,7 @@ class PairEncoder(nn.Module):
 
 
 def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) -> dict:
-    """Text -> image recall@K of every held-out (owner, text) query against every held-out
-    image through ``rm`` (a ``RecallModel``); a hit is an image of the owner in the top K."""
+    """Recall@K of each held-out (owner, text) query against the held-out images."""
     queries = list(dict.fromkeys((p.owner, p.text) for p in val))
     if image_vecs is None:
         image_vecs, _ = rm.encode_images([p.image for p in val], enc, desc="held-out")
@@ -185,8 +158,7 @@ def held_out_recall(rm, val: list[Pair], ks: list[int], enc, image_vecs=None) ->
 
 
 def encode_images_once(rm, paths: list[str], enc, env: DistEnv):
-    """``paths`` through the frozen image tower of ``rm`` (a ``RecallModel``); under torchrun
-    rank 0 sets the engine up (an ONNX export) first."""
+    """``paths`` through the frozen image tower; under torchrun rank 0 sets the engine up first."""
     if env.distributed and env.is_main:
         rm.image_encoder()
     env.barrier()
