@@ -6,6 +6,7 @@ is loaded."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -91,6 +92,29 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(recall_pipeline, "build_recall_model", refuse)
+
+
+def hide_transformers(monkeypatch):
+    """``importlib.util.find_spec`` answers as if transformers were not installed."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **kw):
+        return None if name.split(".")[0] == "transformers" else real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_taiyi_without_transformers_names_the_extra_before_any_work(env, tmp_path, capsys, monkeypatch, no_model):
+    hide_transformers(monkeypatch)
+    monkeypatch.setattr(recall_infer, "run_recall", lambda *a, **kw: pytest.fail("work started"))
+    files = ["--taiyi-text-dir", str(tmp_path), "--clip-dir", str(tmp_path)]
+    argv = ["--csv", str(env["csv"]), "--image-dir", str(env["images"]), "--output", str(tmp_path / "top.csv")]
+    before = _files(tmp_path)
+    assert recall_infer.main([*argv, "--model", "taiyi", *files]) == 2
+    line = _one_line(capsys.readouterr().err, "recall_infer")
+    assert "--model taiyi needs the optional package transformers, which is not installed" in line
+    assert "[taiyi]" in line
+    _no_leftovers(tmp_path, before)
 
 
 # ---------------------------------------------------------------------------

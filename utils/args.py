@@ -1,8 +1,6 @@
-"""The flags several scripts share, defined once: one name, one default, one help text
-(``tests/test_layout.py`` checks that no script defines them again). Flags meant to differ
-(training batch size, learning rate, epochs, timeouts, failure budgets) stay in the
-scripts. ``Encoding.from_args(ns)`` and ``Downloads.from_args(ns)`` turn the groups into
-the small objects the library takes."""
+"""The flags several scripts share, defined once: one name, one default, one help text.
+``Encoding.from_args(ns)`` and ``Downloads.from_args(ns)`` turn them into the small
+objects the library takes."""
 
 from __future__ import annotations
 
@@ -31,18 +29,12 @@ def add_run(p, title: str | None = None):
     return g
 
 
-def add_device(p, title: str | None = None):
-    g = _group(p, title)
-    text = "where models run: auto = CUDA when present, else CPU (default auto)"
-    g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
-    return g
-
-
 def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True, preprocess: bool = True):
     """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
     if device:
-        add_device(g)
+        text = "where models run: auto = CUDA when present, else CPU (default auto)"
+        g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
     text = (
         "image engine: auto (default) = ONNX Runtime on a CPU when it is installed and agrees with torch on this "
         "model (checked on every load), else torch; torch; onnx (CPU, fp32)"
@@ -58,9 +50,8 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
 
 
 def add_batches(p, title="batches", text=True, head=False, workers_alias=False, images=True):
-    """``--batch-size`` (images; the trainers name their global batch so themselves),
-    ``--text-batch-size``, ``--head-batch-size``, ``--num-workers`` (``workers_alias``: also
-    spelled ``--workers``)."""
+    """``--batch-size`` (images), ``--text-batch-size``, ``--head-batch-size``, ``--num-workers``
+    (``workers_alias``: also ``--workers``)."""
     g = _group(p, title)
     if images:
         info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
@@ -99,7 +90,6 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
 
 
 def add_arch(p, title: str | None = None):
-    """``--arch`` (also in ``add_recall_files``)."""
     g = _group(p, title)
     text = (
         "architecture JSON of a non-default (small) model (default: recorded in the checkpoint or its .arch.json "
@@ -110,8 +100,7 @@ def add_arch(p, title: str | None = None):
 
 
 def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, aliases: bool = False):
-    """The ranker's three POI tables and ``--trust-pickle`` (``aliases``: also the old
-    spellings ``--pic-num``, ``--img-vectors``, ``--name-vectors``)."""
+    """The ranker's three POI tables and ``--trust-pickle`` (``aliases``: the old spellings too)."""
     g = _group(p, title)
     for name, old, what in (
         ("--poi-pic-num", "--pic-num", "pic-num table (name -> [n0, n1, n2])"),
@@ -144,7 +133,7 @@ def add_bad_rows(p, title: str | None = None):
 
 
 def _picked(cls, ns: argparse.Namespace, flags: dict, override: dict):
-    """``cls`` made of the flags named as its fields (``flags``: field -> other dest)."""
+    """``cls`` of the flags named as its fields (``flags``: field -> another dest)."""
     values = {
         f.name: getattr(ns, flags.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flags.get(f.name, f.name))
     }
@@ -190,8 +179,7 @@ ASSET_DEADLINE = 3600.0  # for one asset (a partial download resumes in the next
 
 @dataclass(frozen=True)
 class Downloads:
-    """What the download flags say, as one object for ``utils.fetch`` (and the defaults a
-    script gives ``add_downloads``)."""
+    """What the download flags say, for ``utils.fetch`` (and a script's defaults)."""
 
     workers: int = 8
     timeout_connect: float = 10.0
@@ -224,8 +212,8 @@ ALLOW_PRIVATE_HELP = (
 
 
 def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--download-workers",), title="downloads"):
-    """How downloads run (read back with ``Downloads.from_args``), with this script's
-    ``defaults``; ``worker_flags``: the names of the workers flag (none: no such flag)."""
+    """How downloads run, with this script's ``defaults``; ``worker_flags``: the names of the
+    workers flag (none: no such flag)."""
     d, g = defaults or Downloads(), _group(p, title)
     if worker_flags:
         text = f"concurrent downloads (default {d.workers})"
@@ -248,8 +236,8 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 # --- training (utils.training) ------------------------------------------------------------
 def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
-    """What a run of either trainer is (``utils.training.TrainConfig``); the keywords are
-    the script's defaults (the authors' settings differ between the two models)."""
+    """What a run of either trainer is; the keywords are the script's defaults (the
+    authors' settings differ between the two models)."""
     g = p.add_argument_group("training")
     text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
     g.add_argument("--out-dir", required=True, help=text)
