@@ -23,7 +23,6 @@ _T0 = time.perf_counter()  # start-up is measured from here (meta timings_s.firs
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import fields  # noqa: E402
 
 from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
@@ -74,25 +73,18 @@ def model_files(ns) -> dict:
 
 def check_paths(job: RecallJob) -> None:
     """Inputs readable, outputs writable and distinct, before anything expensive."""
-    cli.input_file(job.csv, "--csv")
-    cli.input_dir(job.image_dir, "--image-dir")
-    for name, value in job.files.items():
-        if value is not None:
-            (cli.input_dir if name.endswith("_dir") else cli.input_file)(value, "--" + name.replace("_", "-"))
-    for flag, path in job.outputs.items():
-        if path is not None:
-            cli.output_file(path, flag if flag != "meta" else None)
-    cli.distinct_paths({"--csv": job.csv}, job.outputs)
-    if job.enc.cache_dir:
-        cli.output_dir(job.enc.cache_dir, "--cache-dir")
+    files, dirs = {"--csv": job.csv}, {"--image-dir": job.image_dir}
+    for name, path in job.files.items():
+        (dirs if name.endswith("_dir") else files)["--" + name.replace("_", "-")] = path
+    outputs = {("--output (its .meta.json)" if f == "meta" else f): path for f, path in job.outputs.items()}
+    cli.check_files(files, dirs, outputs, {"--cache-dir": job.enc.cache_dir})
 
 
 @entry_point
 def main(argv=None) -> int:
     ns = parse_args(argv)
     cli.setup_logging(ns.log_level)
-    plain = {f.name: getattr(ns, f.name) for f in fields(RecallJob) if hasattr(ns, f.name)}
-    job = RecallJob(**plain, files=model_files(ns), enc=shared.Encoding.from_args(ns))
+    job = shared.from_flags(RecallJob, ns, files=model_files(ns), enc=shared.Encoding.from_args(ns))
     check_paths(job)
     meta = run_recall(job, started=_T0)
     t = meta["timings_s"]

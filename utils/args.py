@@ -35,10 +35,7 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
     if device:
         text = "where models run: auto = CUDA when present, else CPU (default auto)"
         g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
-    text = (
-        "image engine: auto (default) = ONNX Runtime on a CPU when it is installed and agrees with torch on this "
-        "model (checked on every load), else torch; torch; onnx (CPU, fp32)"
-    )
+    text = "image engine: auto (default) = ONNX Runtime on a CPU when it agrees with torch, else torch; onnx: fp32"
     g.add_argument("--backend", choices=BACKENDS, default="auto", help=text)
     if precision:
         text = "fp32 (default, exact); bf16/fp16 autocast: faster only with native support (GPU, AVX-512 BF16/AMX CPUs)"
@@ -63,10 +60,7 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
         g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
     names = ("--num-workers", "--workers") if workers_alias else ("--num-workers",)
-    info = (
-        "image decoding worker processes (default: by core count and engine; 0 = none). With ONNX Runtime on a "
-        "CPU the engine's lanes decode, and workers only decode the first images while the model loads"
-    )
+    info = "image decoding worker processes (default: by core count and engine; 0 = none)"
     g.add_argument(*names, dest="num_workers", type=cli.non_negative_int, help=info)
     return g
 
@@ -91,10 +85,7 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
 
 def add_arch(p, title: str | None = None):
     g = _group(p, title)
-    text = (
-        "architecture JSON of a non-default (small) model (default: recorded in the checkpoint or its .arch.json "
-        "sidecar, else the released one)"
-    )
+    text = "architecture JSON of a small model (default: the checkpoint's or its .arch.json's, else the released)"
     g.add_argument("--arch", help=text)
     return g
 
@@ -114,29 +105,22 @@ def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, 
 
 
 def add_trust_pickle(p):
-    text = (
-        "read .npy tables with plain np.load(allow_pickle=True): code in them would run. Without it a restricted "
-        "unpickler that refuses code is used"
-    )
+    text = "read .npy tables with np.load(allow_pickle=True): code in them would run (default: refuse code)"
     p.add_argument("--trust-pickle", action="store_true", help=text)
     return p
 
 
 def add_bad_rows(p, title: str | None = None):
     g = _group(p, title)
-    text = (
-        "leave out input rows that cannot be used (each reported by file and line, counted in the summary) "
-        "instead of stopping with exit status 2"
-    )
+    text = "leave out unusable input rows (each reported by file and line) instead of stopping with exit status 2"
     g.add_argument("--skip-bad-rows", action="store_true", help=text)
     return g
 
 
-def _picked(cls, ns: argparse.Namespace, flags: dict, override: dict):
-    """``cls`` of the flags named as its fields (``flags``: field -> another dest)."""
-    values = {
-        f.name: getattr(ns, flags.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flags.get(f.name, f.name))
-    }
+def from_flags(cls, ns: argparse.Namespace, renamed: dict | None = None, **override):
+    """A dataclass ``cls`` of the flags named as its fields (``renamed``: field -> another dest)."""
+    dest = {f.name: (renamed or {}).get(f.name, f.name) for f in fields(cls)}
+    values = {name: getattr(ns, d) for name, d in dest.items() if hasattr(ns, d)}
     return cls(**{**values, **override})
 
 
@@ -157,7 +141,7 @@ class Encoding:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, **override) -> Encoding:
-        return _picked(cls, ns, {}, {"progress": not getattr(ns, "no_progress", False), **override})
+        return from_flags(cls, ns, **{"progress": not getattr(ns, "no_progress", False), **override})
 
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
@@ -200,7 +184,7 @@ class Downloads:
             "deadline": "download_deadline",
             "allow_private": "allow_private_addresses",
         }
-        return _picked(cls, ns, flags, override)
+        return from_flags(cls, ns, flags, **override)
 
 
 IMAGE_DOWNLOADS = Downloads(workers=16)  # download_images.py's defaults

@@ -273,6 +273,18 @@ def output_dir(path, what: str | None = None) -> Path:
     return p
 
 
+def check_files(inputs: dict | None = None, dirs=None, outputs: dict | None = None, out_dirs=None) -> None:
+    """A run's paths (``{flag: path}``, None skipped) before any work: ``inputs`` readable files,
+    ``dirs`` listable, ``outputs`` writable files, ``out_dirs`` writable directories, and no
+    output an input or another output."""
+    inputs, outputs = inputs or {}, outputs or {}
+    for check, paths in ((input_file, inputs), (input_dir, dirs), (output_file, outputs), (output_dir, out_dirs)):
+        for flag, path in (paths or {}).items():
+            if path is not None:
+                check(path, flag)
+    distinct_paths(inputs, outputs)
+
+
 def require(module: str, extra: str, needed_by: str) -> None:
     """``module`` is installed (not imported), else a ``UserError`` naming the extra that brings it."""
     import importlib.util
