@@ -155,6 +155,15 @@ def test_output_that_would_overwrite_the_csv(env, tmp_path, capsys, no_model):
     assert "the same file as input --csv" in _one_line(capsys.readouterr().err, "recall_infer")
 
 
+def test_output_that_would_overwrite_a_model_file(env, tmp_path, capsys, no_model):
+    ckpt = tmp_path / "align.pth"
+    ckpt.write_bytes(env["ckpt"].read_bytes())
+    argv = _infer_argv(env, tmp_path / "top.csv", "--checkpoint", str(ckpt), "--full-output", str(ckpt))
+    assert recall_infer.main(argv) == 2
+    assert "the same file as input --checkpoint" in _one_line(capsys.readouterr().err, "recall_infer")
+    assert ckpt.read_bytes() == env["ckpt"].read_bytes()
+
+
 def test_directory_output_in_a_real_process_leaves_nothing(env, tmp_path):
     """The whole script as a user runs it: one line on stderr, status 2, nothing written."""
     out = tmp_path / "x" / "top.csv"
