@@ -11,7 +11,7 @@ images' vectors, L2-normalised again. Exit status: 0 done, 2 bad input, 130 on C
 
 from __future__ import annotations
 
-from utils.cli import distinct_paths, entry_point, input_dir, input_file, output_dir, resolve_device, setup_logging
+from utils.cli import check_files, entry_point, resolve_device, setup_logging
 
 import argparse
 import sys
@@ -43,15 +43,8 @@ def check_paths(ns) -> list:
         table_output(path, flag, suffixes=(SAFE_SUFFIX,))
         if ns.also_npy:
             outputs[f"{flag} (.npy copy)"] = table_output(Path(path).with_suffix(".npy"), f"{flag} (.npy copy)")
-    input_file(ns.csv, "--csv")
-    input_dir(ns.image_dir, "--image-dir")
-    input_file(ns.checkpoint, "--checkpoint")
-    input_dir(ns.bert_dir, "--bert-dir")
-    if ns.arch:
-        input_file(ns.arch, "--arch")
-    if ns.cache_dir:
-        output_dir(ns.cache_dir, "--cache-dir")
-    distinct_paths({"--csv": ns.csv, "--checkpoint": ns.checkpoint, "--arch": ns.arch}, outputs)
+    files = {"--csv": ns.csv, "--checkpoint": ns.checkpoint, "--arch": ns.arch}
+    check_files(files, {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}, outputs, {"--cache-dir": ns.cache_dir})
     return list(outputs.values())  # image, name, then their .npy copies
 
 

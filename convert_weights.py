@@ -8,7 +8,7 @@ Exit status: 0 done, 2 a file that cannot be read or written, 130 interrupted.""
 
 from __future__ import annotations
 
-from utils.cli import distinct_paths, entry_point, input_file, output_file, setup_logging
+from utils.cli import check_files, entry_point, setup_logging
 
 import argparse
 import sys
@@ -25,9 +25,7 @@ def main(argv=None) -> int:
     shared.add_run(p)
     ns = p.parse_args(argv)
     setup_logging(ns.log_level)
-    input_file(ns.input, "input")
-    output_file(ns.output, "output")
-    distinct_paths({"input": ns.input}, {"output": ns.output})
+    check_files({"input": ns.input}, outputs={"output": ns.output})
     summary = convert_to_safetensors(ns.input, ns.output)
     arch = f"; architecture {summary['arch']}" if summary["arch"] else ""
     print(f"{ns.output}: {summary['tensors']} tensors, {summary['values']:,} values{arch}")

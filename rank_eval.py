@@ -6,11 +6,9 @@ the paper's 0.652 is the pairwise accuracy).
         --bert-dir data/bert-base-chinese --poi-pic-num pic_num.npy --poi-image-vectors image_vectors.npy \\
         --poi-name-vectors name_vectors.npy --output rank_val_scores.csv --metrics rank_val_metrics.json
 
-label = ctr_a > ctr_b. Images are found by stem (<item_id>_a.<ext>, <item_id>_b.<ext>); a
-missing or unreadable one is scored as the all-zero image, as the authors' loader did. Figures:
-pairwise accuracy, ROC-AUC and log loss of sigmoid(s_a - s_b), the constant-guess baseline,
-counts, 95% bootstrap intervals over pairs. A bad row stops the run (unless --skip-bad-rows);
-a repeated item_id counts once. --output and --metrics are written together.
+label = ctr_a > ctr_b; a missing or unreadable image is scored as the all-zero image, as the
+authors did. Figures: pairwise accuracy, ROC-AUC and log loss of sigmoid(s_a - s_b), the
+constant-guess baseline, 95% bootstrap intervals over pairs; a repeated item_id counts once.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from utils.cli import entry_point
 
 import argparse
 import sys
-from dataclasses import fields
 
 from utils import args, cli
 from utils.evaluation import format_pair_summary
@@ -56,18 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_paths(ns) -> None:
     """Every input readable, every output writable and none an input or the other output."""
     inputs = {"--" + name.replace("_", "-"): getattr(ns, name) for name in FILES}
+    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
     outputs = {"--output": ns.output, "--metrics": ns.metrics}
-    for flag, path in inputs.items():
-        if path:
-            cli.input_file(path, flag)
-    cli.input_dir(ns.image_dir, "--image-dir")
-    cli.input_dir(ns.bert_dir, "--bert-dir")
-    for flag, path in outputs.items():
-        if path:
-            cli.output_file(path, flag)
-    cli.distinct_paths(inputs, outputs)
-    if ns.cache_dir:
-        cli.output_dir(ns.cache_dir, "--cache-dir")
+    cli.check_files(inputs, dirs, outputs, {"--cache-dir": ns.cache_dir})
 
 
 @entry_point
@@ -78,8 +66,7 @@ def main(argv=None) -> int:
     from models import PairRun, evaluate_pairs  # after the checks: torch takes seconds to load
 
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())
-    given = {f.name: getattr(ns, f.name) for f in fields(PairRun) if hasattr(ns, f.name)}
-    doc = evaluate_pairs(PairRun(**given, draws=ns.bootstrap, enc=enc))
+    doc = evaluate_pairs(args.from_flags(PairRun, ns, draws=ns.bootstrap, enc=enc))
     print(format_pair_summary(doc, ns.csv))
     print(f"  time: {doc['seconds']:.1f} s ({doc['pairs_scored'] / max(doc['seconds'], 1e-9):.2f} pairs/s)")
     return 0

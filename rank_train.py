@@ -76,15 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    for flag in ("image_dir", "val_image_dir", "bert_dir"):
-        if getattr(ns, flag):
-            cli.input_dir(getattr(ns, flag), "--" + flag.replace("_", "-"))
+    tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
+    files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
+    dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
     for name in ("config.json", "vocab.txt"):
         cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
-    for flag in ("init", "poi_pic_num", "poi_image_vectors", "poi_name_vectors"):
-        if getattr(ns, flag):
-            cli.input_file(getattr(ns, flag), "--" + flag.replace("_", "-"))
-    cli.output_dir(ns.out_dir, "--out-dir")
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 

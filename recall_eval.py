@@ -6,11 +6,9 @@
     python recall_eval.py --embeddings results/recall.npz   # recall_infer.py --save-embeddings
     python recall_eval.py --compare results/taiyi_top10.csv results/recall_top10.csv   # A vs B
 
-A POI is a hit at K when one of its top K images (stable sort by score, ties in file order)
-is its own (file name before the first ``_``); MRR = mean 1 / rank of the first own image.
-Intervals: 95% percentile bootstrap over POIs, paired over the POIs both files hold with
---compare. The JSON and the HTML report (misses first) are written together. Exit status 2
-for bad input (a bad results file, an impossible K, an output that is an input), one line.
+A POI is a hit at K when one of its top K images (ties in file order) is its own (file name
+before the first ``_``); MRR = mean 1 / rank of the first own image. Intervals: 95% bootstrap
+over POIs, paired with --compare. Exit status 2 for bad input, one line.
 """
 
 from __future__ import annotations
@@ -51,18 +49,10 @@ def check_paths(ns) -> str:
     """Inputs readable, outputs writable and distinct from the inputs and each other; returns the JSON path."""
     inputs = {f"--compare {'AB'[i]}": path for i, path in enumerate(ns.compare or ())}
     inputs |= {"--results": ns.results, "--embeddings": ns.embeddings}
-    for flag, path in inputs.items():
-        if path is not None:
-            cli.input_file(path, flag.split()[0])
-    if ns.results:
-        inputs["--results (its .meta.json)"] = f"{ns.results}.meta.json"
-    if ns.image_dir:
-        cli.input_dir(ns.image_dir, "--image-dir")
     outputs = {"--json": ns.json or default_json_path(ns.results, ns.embeddings, ns.compare), "--html": ns.html}
-    for flag, path in outputs.items():
-        if path is not None:
-            cli.output_file(path, flag)
-    cli.distinct_paths(inputs, outputs)
+    cli.check_files(inputs, {"--image-dir": ns.image_dir}, outputs)
+    if ns.results:  # read too: no output may be it
+        cli.distinct_paths({"--results (its .meta.json)": f"{ns.results}.meta.json"}, outputs)
     return outputs["--json"]
 
 

@@ -6,25 +6,15 @@
         --bert-dir assets/bert-base-chinese --output runs/recall/top10.csv
     # the baseline: --model taiyi --taiyi-text-dir DIR --taiyi-text-weights FILE --clip-dir DIR
 
-The gallery is one image per CSV row, <poi_id>_<rank>.<ext> in --image-dir. Rows without a
-file are left out; unreadable images are scored as the zero image, as the authors did
-(--skip-missing drops them); both are listed in --missing-list. Outputs are written together
-or not at all, with <output>.meta.json (what was run). Exit status: 0 done, 2 bad input (one
-line, before any encoding), 130 interrupted.
+The gallery is one image per CSV row, <poi_id>_<rank>.<ext> in --image-dir: rows without a
+file are left out, unreadable images scored as the zero image as the authors did (both listed
+in --missing-list). Outputs are written together, with <output>.meta.json. Exit status: 0
+done, 2 bad input (one line, before any encoding), 130 interrupted.
 """
 
 from __future__ import annotations
 
-from utils.cli import (
-    distinct_paths,
-    entry_point,
-    input_dir,
-    input_file,
-    output_dir,
-    output_file,
-    positive_int,
-    setup_logging,
-)
+from utils.cli import entry_point, require
 
 import time
 
@@ -33,10 +23,10 @@ _T0 = time.perf_counter()  # start-up is measured from here (meta timings_s.firs
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import fields  # noqa: E402
 
 from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.formats import TOPK_HEADER  # noqa: E402
 
 log = logging.getLogger("recall_infer")
@@ -51,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="top --topk images per POI: poi_id,poi_name,rank,image,score")
     p.add_argument("--full-output", help="also write every (POI, image) score in the authors' format (no header)")
     p.add_argument("--save-embeddings", metavar="FILE.npz", help="also save the vectors (recall_eval.py --embeddings)")
-    p.add_argument("--topk", type=positive_int, default=10, help="images kept per POI in --output (default 10)")
+    p.add_argument("--topk", type=cli.positive_int, default=10, help="images kept per POI in --output (default 10)")
     p.add_argument("--skip-missing", action="store_true", help="drop unreadable images instead of the zero image")
     p.add_argument("--missing-list", help="list of missing/unreadable images (default <output>.missing.tsv)")
     shared.add_engine(p)
@@ -68,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name not in SHARED_FILES:
             g.add_argument("--" + name.replace("_", "-"), help=help_text)
     ns = p.parse_args(argv)
+    if ns.model == "taiyi":  # an opt-in extra: name it before any work
+        require("transformers", "taiyi", "--model taiyi")
     missing = missing_options(ns.model, model_files(ns))
     if missing:
         p.error(f"--model {ns.model} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
@@ -81,25 +73,18 @@ def model_files(ns) -> dict:
 
 def check_paths(job: RecallJob) -> None:
     """Inputs readable, outputs writable and distinct, before anything expensive."""
-    input_file(job.csv, "--csv")
-    input_dir(job.image_dir, "--image-dir")
-    for name, value in job.files.items():
-        if value is not None:
-            (input_dir if name.endswith("_dir") else input_file)(value, "--" + name.replace("_", "-"))
-    for flag, path in job.outputs.items():
-        if path is not None:
-            output_file(path, flag if flag != "meta" else None)
-    distinct_paths({"--csv": job.csv}, job.outputs)
-    if job.enc.cache_dir:
-        output_dir(job.enc.cache_dir, "--cache-dir")
+    files, dirs = {"--csv": job.csv}, {"--image-dir": job.image_dir}
+    for name, path in job.files.items():
+        (dirs if name.endswith("_dir") else files)["--" + name.replace("_", "-")] = path
+    outputs = {("--output (its .meta.json)" if f == "meta" else f): path for f, path in job.outputs.items()}
+    cli.check_files(files, dirs, outputs, {"--cache-dir": job.enc.cache_dir})
 
 
 @entry_point
 def main(argv=None) -> int:
     ns = parse_args(argv)
-    setup_logging(ns.log_level)
-    plain = {f.name: getattr(ns, f.name) for f in fields(RecallJob) if hasattr(ns, f.name)}
-    job = RecallJob(**plain, files=model_files(ns), enc=shared.Encoding.from_args(ns))
+    cli.setup_logging(ns.log_level)
+    job = shared.from_flags(RecallJob, ns, files=model_files(ns), enc=shared.Encoding.from_args(ns))
     check_paths(job)
     meta = run_recall(job, started=_T0)
     t = meta["timings_s"]

@@ -95,14 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    if ns.image_dir:
-        cli.input_dir(ns.image_dir, "--image-dir")
-    cli.input_dir(ns.bert_dir, "--bert-dir")
+    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
     for name in ("config.json", "vocab.txt"):
         cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
-    if ns.init:
-        cli.input_file(ns.init, "--init")
-    cli.output_dir(ns.out_dir, "--out-dir")
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 

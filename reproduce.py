@@ -3,10 +3,8 @@
 pairwise accuracy (0.652). Steps: assets, recall-images, recall-infer, recall-eval,
 rank-images, rank-eval (+ taiyi-infer, taiyi-eval with --with-baselines).
 
-Each step is a record (plan()): one library call, the arguments that shape its outputs,
-the files it reads and writes. It is skipped when its outputs exist and its stamp records
-the same arguments and inputs (utils.reproduction); how it runs (device, backend, batch
-size, workers, progress) does not count. --force STEP reruns a step anyway.
+A step (plan()) is one library call; it is skipped when its outputs exist and its stamp
+holds the same arguments and inputs (how it runs does not count; --force STEP reruns it).
 Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 interrupted.
 """
 
@@ -182,6 +180,8 @@ def check_args(ns) -> tuple[str, dict]:
     ns.with_baselines = ns.with_baselines or bool(set(ns.steps) & set(BASELINE_STEPS))
     if ns.with_baselines and set(STEPS) <= set(ns.steps):
         ns.steps = list(dict.fromkeys(ns.steps + list(BASELINE_STEPS)))
+    if "taiyi-infer" in ns.steps:  # an opt-in extra: name it before anything is downloaded
+        cli.require("transformers", "taiyi", "--with-baselines")
     lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * ns.with_baselines if n not in assets]
     if lacking:
         raise UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")

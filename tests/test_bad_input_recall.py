@@ -6,6 +6,7 @@ is loaded."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -93,6 +94,29 @@ def no_model(monkeypatch):
     monkeypatch.setattr(recall_pipeline, "build_recall_model", refuse)
 
 
+def hide_transformers(monkeypatch):
+    """``importlib.util.find_spec`` answers as if transformers were not installed."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **kw):
+        return None if name.split(".")[0] == "transformers" else real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_taiyi_without_transformers_names_the_extra_before_any_work(env, tmp_path, capsys, monkeypatch, no_model):
+    hide_transformers(monkeypatch)
+    monkeypatch.setattr(recall_infer, "run_recall", lambda *a, **kw: pytest.fail("work started"))
+    files = ["--taiyi-text-dir", str(tmp_path), "--clip-dir", str(tmp_path)]
+    argv = ["--csv", str(env["csv"]), "--image-dir", str(env["images"]), "--output", str(tmp_path / "top.csv")]
+    before = _files(tmp_path)
+    assert recall_infer.main([*argv, "--model", "taiyi", *files]) == 2
+    line = _one_line(capsys.readouterr().err, "recall_infer")
+    assert "--model taiyi needs the optional package transformers, which is not installed" in line
+    assert "[taiyi]" in line
+    _no_leftovers(tmp_path, before)
+
+
 # ---------------------------------------------------------------------------
 # recall_infer.py: output locations, before any work
 # ---------------------------------------------------------------------------
@@ -129,6 +153,15 @@ def test_unwritable_output_directory(env, tmp_path, capsys, no_model, unwritable
 def test_output_that_would_overwrite_the_csv(env, tmp_path, capsys, no_model):
     assert recall_infer.main(_infer_argv(env, tmp_path / "top.csv", "--full-output", str(env["csv"]))) == 2
     assert "the same file as input --csv" in _one_line(capsys.readouterr().err, "recall_infer")
+
+
+def test_output_that_would_overwrite_a_model_file(env, tmp_path, capsys, no_model):
+    ckpt = tmp_path / "align.pth"
+    ckpt.write_bytes(env["ckpt"].read_bytes())
+    argv = _infer_argv(env, tmp_path / "top.csv", "--checkpoint", str(ckpt), "--full-output", str(ckpt))
+    assert recall_infer.main(argv) == 2
+    assert "the same file as input --checkpoint" in _one_line(capsys.readouterr().err, "recall_infer")
+    assert ckpt.read_bytes() == env["ckpt"].read_bytes()
 
 
 def test_directory_output_in_a_real_process_leaves_nothing(env, tmp_path):

@@ -9,6 +9,7 @@ recall-eval step calls is replaced by a recorder here, so nothing is downloaded 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -270,3 +271,18 @@ def test_ctrl_c_one_line_and_130(tmp_path, step):
     assert len(err.strip().splitlines()) == 1 and err.strip().endswith(": interrupted"), err
     assert not (out / "steps" / "recall-eval.done.json").exists()
     assert not (out / ".reproduce.lock").exists() and leftovers(tmp_path) == []
+
+
+def test_baselines_without_transformers_name_the_extra_before_any_download(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **kw):  # as if transformers were not installed
+        return None if name.split(".")[0] == "transformers" else real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(reproduce, "run_step", lambda *a, **kw: pytest.fail("a step started"))
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    assert reproduce.main(args(dest, out, "--with-baselines")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--with-baselines needs the optional package transformers" in line and "[taiyi]" in line
+    assert not dest.exists() and not out.exists()

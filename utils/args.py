@@ -1,8 +1,6 @@
-"""The flags several scripts share, defined once: one name, one default, one help text
-(``tests/test_layout.py`` checks that no script defines them again). Flags meant to differ
-(training batch size, learning rate, epochs, timeouts, failure budgets) stay in the
-scripts. ``Encoding.from_args(ns)`` and ``Downloads.from_args(ns)`` turn the groups into
-the small objects the library takes."""
+"""The flags several scripts share, defined once: one name, one default, one help text.
+``Encoding.from_args(ns)`` and ``Downloads.from_args(ns)`` turn them into the small
+objects the library takes."""
 
 from __future__ import annotations
 
@@ -31,22 +29,13 @@ def add_run(p, title: str | None = None):
     return g
 
 
-def add_device(p, title: str | None = None):
-    g = _group(p, title)
-    text = "where models run: auto = CUDA when present, else CPU (default auto)"
-    g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
-    return g
-
-
 def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True, preprocess: bool = True):
     """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
     if device:
-        add_device(g)
-    text = (
-        "image engine: auto (default) = ONNX Runtime on a CPU when it is installed and agrees with torch on this "
-        "model (checked on every load), else torch; torch; onnx (CPU, fp32)"
-    )
+        text = "where models run: auto = CUDA when present, else CPU (default auto)"
+        g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
+    text = "image engine: auto (default) = ONNX Runtime on a CPU when it agrees with torch, else torch; onnx: fp32"
     g.add_argument("--backend", choices=BACKENDS, default="auto", help=text)
     if precision:
         text = "fp32 (default, exact); bf16/fp16 autocast: faster only with native support (GPU, AVX-512 BF16/AMX CPUs)"
@@ -58,9 +47,8 @@ def add_engine(p, title: str | None = "engine", device: bool = True, precision: 
 
 
 def add_batches(p, title="batches", text=True, head=False, workers_alias=False, images=True):
-    """``--batch-size`` (images; the trainers name their global batch so themselves),
-    ``--text-batch-size``, ``--head-batch-size``, ``--num-workers`` (``workers_alias``: also
-    spelled ``--workers``)."""
+    """``--batch-size`` (images), ``--text-batch-size``, ``--head-batch-size``, ``--num-workers``
+    (``workers_alias``: also ``--workers``)."""
     g = _group(p, title)
     if images:
         info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
@@ -72,10 +60,7 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
         g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
     names = ("--num-workers", "--workers") if workers_alias else ("--num-workers",)
-    info = (
-        "image decoding worker processes (default: by core count and engine; 0 = none). With ONNX Runtime on a "
-        "CPU the engine's lanes decode, and workers only decode the first images while the model loads"
-    )
+    info = "image decoding worker processes (default: by core count and engine; 0 = none)"
     g.add_argument(*names, dest="num_workers", type=cli.non_negative_int, help=info)
     return g
 
@@ -99,19 +84,14 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
 
 
 def add_arch(p, title: str | None = None):
-    """``--arch`` (also in ``add_recall_files``)."""
     g = _group(p, title)
-    text = (
-        "architecture JSON of a non-default (small) model (default: recorded in the checkpoint or its .arch.json "
-        "sidecar, else the released one)"
-    )
+    text = "architecture JSON of a small model (default: the checkpoint's or its .arch.json's, else the released)"
     g.add_argument("--arch", help=text)
     return g
 
 
 def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, aliases: bool = False):
-    """The ranker's three POI tables and ``--trust-pickle`` (``aliases``: also the old
-    spellings ``--pic-num``, ``--img-vectors``, ``--name-vectors``)."""
+    """The ranker's three POI tables and ``--trust-pickle`` (``aliases``: the old spellings too)."""
     g = _group(p, title)
     for name, old, what in (
         ("--poi-pic-num", "--pic-num", "pic-num table (name -> [n0, n1, n2])"),
@@ -125,29 +105,22 @@ def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, 
 
 
 def add_trust_pickle(p):
-    text = (
-        "read .npy tables with plain np.load(allow_pickle=True): code in them would run. Without it a restricted "
-        "unpickler that refuses code is used"
-    )
+    text = "read .npy tables with np.load(allow_pickle=True): code in them would run (default: refuse code)"
     p.add_argument("--trust-pickle", action="store_true", help=text)
     return p
 
 
 def add_bad_rows(p, title: str | None = None):
     g = _group(p, title)
-    text = (
-        "leave out input rows that cannot be used (each reported by file and line, counted in the summary) "
-        "instead of stopping with exit status 2"
-    )
+    text = "leave out unusable input rows (each reported by file and line) instead of stopping with exit status 2"
     g.add_argument("--skip-bad-rows", action="store_true", help=text)
     return g
 
 
-def _picked(cls, ns: argparse.Namespace, flags: dict, override: dict):
-    """``cls`` made of the flags named as its fields (``flags``: field -> other dest)."""
-    values = {
-        f.name: getattr(ns, flags.get(f.name, f.name)) for f in fields(cls) if hasattr(ns, flags.get(f.name, f.name))
-    }
+def from_flags(cls, ns: argparse.Namespace, renamed: dict | None = None, **override):
+    """A dataclass ``cls`` of the flags named as its fields (``renamed``: field -> another dest)."""
+    dest = {f.name: (renamed or {}).get(f.name, f.name) for f in fields(cls)}
+    values = {name: getattr(ns, d) for name, d in dest.items() if hasattr(ns, d)}
     return cls(**{**values, **override})
 
 
@@ -168,7 +141,7 @@ class Encoding:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, **override) -> Encoding:
-        return _picked(cls, ns, {}, {"progress": not getattr(ns, "no_progress", False), **override})
+        return from_flags(cls, ns, **{"progress": not getattr(ns, "no_progress", False), **override})
 
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
@@ -190,8 +163,7 @@ ASSET_DEADLINE = 3600.0  # for one asset (a partial download resumes in the next
 
 @dataclass(frozen=True)
 class Downloads:
-    """What the download flags say, as one object for ``utils.fetch`` (and the defaults a
-    script gives ``add_downloads``)."""
+    """What the download flags say, for ``utils.fetch`` (and a script's defaults)."""
 
     workers: int = 8
     timeout_connect: float = 10.0
@@ -212,7 +184,7 @@ class Downloads:
             "deadline": "download_deadline",
             "allow_private": "allow_private_addresses",
         }
-        return _picked(cls, ns, flags, override)
+        return from_flags(cls, ns, flags, **override)
 
 
 IMAGE_DOWNLOADS = Downloads(workers=16)  # download_images.py's defaults
@@ -224,8 +196,8 @@ ALLOW_PRIVATE_HELP = (
 
 
 def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--download-workers",), title="downloads"):
-    """How downloads run (read back with ``Downloads.from_args``), with this script's
-    ``defaults``; ``worker_flags``: the names of the workers flag (none: no such flag)."""
+    """How downloads run, with this script's ``defaults``; ``worker_flags``: the names of the
+    workers flag (none: no such flag)."""
     d, g = defaults or Downloads(), _group(p, title)
     if worker_flags:
         text = f"concurrent downloads (default {d.workers})"
@@ -248,8 +220,8 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 # --- training (utils.training) ------------------------------------------------------------
 def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
-    """What a run of either trainer is (``utils.training.TrainConfig``); the keywords are
-    the script's defaults (the authors' settings differ between the two models)."""
+    """What a run of either trainer is; the keywords are the script's defaults (the
+    authors' settings differ between the two models)."""
     g = p.add_argument_group("training")
     text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
     g.add_argument("--out-dir", required=True, help=text)

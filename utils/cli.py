@@ -1,9 +1,6 @@
-"""The command-line conventions every script shares: errors, ``entry_point`` (a
-``UserError`` is one line on stderr and exit status 2, Ctrl-C one line and 130), flag
-converters, the bad-row rule, path checks run before any work, logging set-up.
-
-Importing this module first (ruff's isort keeps it first in every script) makes Ctrl-C
-one line even while the rest of the imports load."""
+"""What every script shares: errors (``entry_point``: a ``UserError`` is one line and exit
+2, Ctrl-C one line and 130), flag converters, the bad-row rule, path checks, logging.
+Imported first by every script, so that Ctrl-C is one line even while imports load."""
 
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 def _say(line: str) -> None:
-    """``line`` on stderr in one write, so that torchrun's ranks never mix their lines."""
+    """One write, so that torchrun's ranks never mix their lines."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
@@ -37,8 +34,7 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-# Only for a script run as the program (python recall_infer.py, avas-recall-infer): a
-# process that merely imports us keeps its own handler.
+# Only for a script run as the program: a process that merely imports us keeps its handler.
 _PROGRAM = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
 if (_PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")) and (
     threading.current_thread() is threading.main_thread()
@@ -78,9 +74,8 @@ def record_bad_row(errors: list | None, err: RowError) -> None:
 
 
 def bad_rows(errors: list, path, skip: bool, shown: int = 20) -> int:
-    """The one rule for bad input rows, in every script and on every worker that reads
-    rows: refused (naming the first) unless ``skip`` (``--skip-bad-rows``); then each is
-    logged by file and line and their count returned for the summary."""
+    """The one rule for bad input rows: refused (naming the first) unless ``skip``
+    (``--skip-bad-rows``); then each is logged and their count returned."""
     if not errors:
         return 0
     if not skip:
@@ -109,16 +104,15 @@ def distinct_paths(inputs: dict, outputs: dict) -> None:
 
 
 def one_line(msg: object) -> str:
-    """A message on one line (multi-line messages, e.g. key listings, joined by '; ')."""
+    """A message on one line (its lines joined by '; ')."""
     parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
     return "; ".join(parts) if parts else type(msg).__name__
 
 
 def entry_point(main):
-    """Wrap a script's ``main(argv=None) -> int`` (see the module docstring); anything but a
-    ``UserError`` is a bug and keeps its traceback. Run as the program, the objects left at
-    the end are frozen out of the garbage collector: the interpreter's exit then skips a
-    collection over the million objects torch creates (0.7 s)."""
+    """Wrap a script's ``main(argv=None) -> int``; anything but a ``UserError`` keeps its
+    traceback. Run as the program, what is left is frozen out of the garbage collector: the
+    exit then skips a collection over torch's million objects (0.7 s)."""
     prog = Path(main.__code__.co_filename).stem
 
     @functools.wraps(main)
@@ -185,8 +179,7 @@ def allowed_count(spec: str, total: int) -> int:
 
 # --- logging and the device ----------------------------------------------------------------
 def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> None:
-    """One stderr handler on the root logger (only the level is set when a caller such as
-    pytest installed one); ``None`` keeps the level."""
+    """One stderr handler on the root logger, unless one exists (pytest); ``None`` keeps the level."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format=fmt)
@@ -195,8 +188,7 @@ def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> No
 
 
 def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
-    """A handler appending to ``path``, opened without following a symbolic link (a
-    planted one would make our lines land in its target)."""
+    """Appends to ``path``, never through a symbolic link (our lines would land in its target)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -208,8 +200,7 @@ def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
 
 
 def resolve_device(name: str = "auto"):
-    """``--device``: ``auto`` takes CUDA when present; CUDA asked without a GPU is a
-    ``UserError``."""
+    """``--device``: ``auto`` takes CUDA when present; CUDA without a GPU is a ``UserError``."""
     import torch  # here: scripts that never run a model start without torch
 
     if name == "auto":
@@ -227,33 +218,29 @@ def _label(what: str | None, path) -> str:
     return f"{what} {path}" if what else str(path)
 
 
-def input_file(path, what: str | None = None) -> Path:
-    """An existing, readable regular file."""
+def _existing(path, what: str | None, is_kind, noun: str, probe) -> Path:
     p, label = Path(path), _label(what, path)
-    if not p.is_file():
-        raise UserError(f"{label}: {'not a file' if p.exists() else 'no such file'}")
+    if not is_kind(p):
+        raise UserError(f"{label}: {'not a' if p.exists() else 'no such'} {noun}")
     try:
-        open(p, "rb").close()
+        probe(p)
     except OSError as e:
         raise UserError(f"{label}: cannot be read ({e.strerror})") from None
     return p
+
+
+def input_file(path, what: str | None = None) -> Path:
+    """An existing, readable regular file."""
+    return _existing(path, what, Path.is_file, "file", lambda p: open(p, "rb").close())
 
 
 def input_dir(path, what: str | None = None) -> Path:
     """An existing directory whose entries can be listed."""
-    p, label = Path(path), _label(what, path)
-    if not p.is_dir():
-        raise UserError(f"{label}: {'not a directory' if p.exists() else 'no such directory'}")
-    try:
-        next(os.scandir(p), None)
-    except OSError as e:
-        raise UserError(f"{label}: cannot be read ({e.strerror})") from None
-    return p
+    return _existing(path, what, Path.is_dir, "directory", lambda p: next(os.scandir(p), None))
 
 
 def _writable_dir(d: Path, label: str) -> None:
-    """``d``, or its first existing ancestor, is a directory a file can be created in
-    (probed with a real temporary file)."""
+    """``d``, or its first existing ancestor, takes a new file (probed with a real one)."""
     while not d.exists() and d.parent != d:
         d = d.parent
     if not d.is_dir():
@@ -267,8 +254,7 @@ def _writable_dir(d: Path, label: str) -> None:
 
 
 def output_file(path, what: str | None = None) -> Path:
-    """A place a file can be written (not a directory, not under a plain file). Nothing
-    is created."""
+    """A place a file can be written (not a directory, not under a plain file); nothing is created."""
     p, label = Path(path), _label(what, path)
     if p.is_dir():
         raise UserError(f"{label}: is a directory, expected a file name")
@@ -287,9 +273,20 @@ def output_dir(path, what: str | None = None) -> Path:
     return p
 
 
+def check_files(inputs: dict | None = None, dirs=None, outputs: dict | None = None, out_dirs=None) -> None:
+    """A run's paths (``{flag: path}``, None skipped) before any work: ``inputs`` readable files,
+    ``dirs`` listable, ``outputs`` writable files, ``out_dirs`` writable directories, and no
+    output an input or another output."""
+    inputs, outputs = inputs or {}, outputs or {}
+    for check, paths in ((input_file, inputs), (input_dir, dirs), (output_file, outputs), (output_dir, out_dirs)):
+        for flag, path in (paths or {}).items():
+            if path is not None:
+                check(path, flag)
+    distinct_paths(inputs, outputs)
+
+
 def require(module: str, extra: str, needed_by: str) -> None:
-    """The package ``module`` of an opt-in path is installed, else a ``UserError`` naming
-    the extra that brings it (``require("ray", "ray", "--ray")``). Nothing is imported."""
+    """``module`` is installed (not imported), else a ``UserError`` naming the extra that brings it."""
     import importlib.util
     from importlib import metadata
 

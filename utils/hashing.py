@@ -1,24 +1,16 @@
-"""The one sha256 of a file and the one hash of a model's weights.
-
-- ``sha256_file``: content hash of a file (asset pins, download manifests, the
-  embedding cache's content keys).
-- ``state_dict_hash`` / ``model_hash``: sha256 over key names, dtypes, shapes and
-  values in sorted key order: equal for two models holding the same weights, whatever
-  file they came from. Keys the embedding cache and the ONNX export cache.
-"""
+"""The one sha256 of a file and the one hash of a model's weights (over key names, dtypes,
+shapes and values: equal for equal weights, whatever file they came from)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 
-CHUNK = 1 << 20
 
-
-def sha256_file(path: str | os.PathLike, bufsize: int = CHUNK) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 

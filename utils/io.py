@@ -1,12 +1,6 @@
-"""Atomic file writing, the run lock and the one UTF-8 text reader every layer uses.
-
-- ``atomic_path`` / ``atomic_write`` / ``write_json``: a file appears whole or not at all.
-- ``exclusive_lock``: one run per destination directory (``flock``; "held by pid N").
-- ``text_lines`` / ``read_json``: UTF-8 text read line by line, bad
-  bytes reported at their line.
-- ``PartFile`` / ``write_error``: a download's bytes on their way to the final name
-  (resumable); a full disk or a file-size limit as one line.
-"""
+"""Files appear whole or not at all (``atomic_path``, ``atomic_outputs``, ``PartFile`` for
+downloads), one run per destination (``exclusive_lock``), and the one UTF-8 reader
+(``text_lines``: bad bytes reported at their line)."""
 
 from __future__ import annotations
 
@@ -29,10 +23,8 @@ def temp_name(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; when the block ends without an error it
-    replaces ``path`` in one step, otherwise it is removed. Readers never see a half
-    written file, and an interrupted run leaves nothing behind. The parent directory is
-    created."""
+    """A temporary path beside ``path`` that replaces it in one step when the block ends
+    without an error, else is removed (parents created)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a file name")
@@ -49,8 +41,7 @@ def atomic_path(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = ""):
-    """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, no newline
-    translation, so ``csv.writer`` works)."""
+    """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, newlines untranslated for csv)."""
     binary = "b" in mode
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
@@ -59,10 +50,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
 
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | os.PathLike | None):
-    """The outputs of one run, committed together or not at all: yields one temporary
-    path per target (None stays None); when the block ends without an error each replaces
-    its target (renames, which need no space), otherwise every temporary file is removed
-    and the targets keep what they held."""
+    """A run's outputs committed together or not at all: one temporary path per target (None
+    stays None), each renamed onto its target when the block ends without an error."""
     temps = [None if p is None else temp_name(Path(p).with_name(Path(p).name + ".new")) for p in paths]
     for p in paths:
         if p is not None:
@@ -80,10 +69,8 @@ def atomic_outputs(*paths: str | os.PathLike | None):
 
 
 def commit_outputs(outputs: dict, flags: dict | None = None) -> None:
-    """Write a run's outputs ``{path: text, or write(tmp_path)}`` (None paths skipped) in
-    order, committed together or not at all (:func:`atomic_outputs`). An OSError on the
-    way (disk full, a file-size limit) is one ``UserError`` naming the output (with its
-    flag from ``flags``); the previous outputs stay."""
+    """Write ``{path: text, or write(tmp_path)}`` (None skipped) through :func:`atomic_outputs`;
+    an OSError is one ``UserError`` naming the output (and its flag from ``flags``)."""
     paths = [p for p in outputs if p is not None]
     current = None
     try:
@@ -108,16 +95,14 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
-    """Hold ``directory/.lock`` for the block so that two runs never write into one
-    destination at once; the second gets a ``UserError`` naming the holder's pid. The
-    lock is the kernel's (``flock``): it is released when the process ends, even when
-    it is killed, so a stale file never blocks a later run."""
+    """Hold ``directory/.lock`` (``flock``: released even when the process is killed); a
+    second run gets a ``UserError`` naming the holder's pid."""
     import fcntl
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = d / name
-    try:  # never through a symbolic link: a planted one would get our pid written into its target
+    try:  # never through a symbolic link: our pid would land in its target
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         why = "is a symbolic link" if path.is_symlink() else (e.strerror or str(e))
@@ -144,10 +129,8 @@ def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
 
 
 def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[str]:
-    """The lines of a UTF-8 text file (BOM tolerated, line ends kept), decoded one by one
-    so that bytes that are not UTF-8 are reported at their line: a ``DataError``, or with
-    ``errors=[]`` a ``RowError`` there and an empty line in its place (line numbers of
-    ``csv.reader`` stay right)."""
+    """The lines of a UTF-8 file (BOM dropped, ends kept). A line that is not UTF-8 is a
+    ``DataError``, or with ``errors=[]`` a ``RowError`` and an empty line (csv line numbers hold)."""
     path = str(path)
     try:
         f = open(path, "rb")
@@ -169,8 +152,7 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
 
 
 def read_json(path: str | os.PathLike, what: str | None = None):
-    """The JSON document in ``path``; a missing file, bytes that are not UTF-8 or a syntax
-    error are a ``DataError`` naming the file (and the line)."""
+    """The JSON document in ``path``; anything wrong is a ``DataError`` naming file and line."""
     label = f"{what} {path}" if what else str(path)
     if not os.path.isfile(path):
         raise DataError(f"{label}: no such file")
@@ -180,30 +162,23 @@ def read_json(path: str | os.PathLike, what: str | None = None):
         raise DataError(f"{label}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
-class DiskFull(UserError):
-    """The disk is full, or a file-size limit was reached, while writing a file."""
-
-
 def write_error(e: OSError, path: str | os.PathLike) -> UserError:
-    """One line for a write that failed: a full disk (with the space left), a file-size
-    limit, or another cause."""
+    """One line for a failed write: a full disk (with the space left), a file-size limit, or else."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB"
         except OSError:
             free = "unknown"
-        return DiskFull(f"disk full while writing {path} ({e.strerror}); {free} free on that disk")
+        return UserError(f"disk full while writing {path} ({e.strerror}); {free} free on that disk")
     if e.errno == errno.EFBIG:
-        return DiskFull(f"file-size limit reached while writing {path} ({e.strerror})")
+        return UserError(f"file-size limit reached while writing {path} ({e.strerror})")
     return UserError(f"cannot write {path} ({e.strerror or e})")
 
 
 class PartFile:
-    """A download on its way to its final name: the bytes go to ``part`` (a fixed
-    ``<file>.part`` to resume across runs, or a unique name), appended to when ``resume``;
-    ``commit(path)`` fsyncs and renames it in one step, ``discard()`` removes it. Opened
-    without following a symbolic link (a planted one would get our bytes into its target).
-    A failed write is a one-line ``write_error``; the part stays for a resume."""
+    """A download's bytes in ``part`` (appended to when ``resume``), never through a symbolic
+    link; ``commit(path)`` fsyncs and renames it, ``discard()`` removes it. A failed write is
+    a one-line ``write_error``; the part stays for a resume."""
 
     def __init__(self, part: str | os.PathLike, resume: bool = False):
         self.path = Path(part)

@@ -1,6 +1,5 @@
-"""The one-command reproduction's machinery: step records run when their stamp says they
-are not done (arguments and inputs unchanged), and the table of the paper's figures beside
-ours (``steps``)."""
+"""reproduce.py's machinery: steps skipped when their stamp says done, and the table of
+the paper's figures beside ours."""
 
 from utils import front_door
 

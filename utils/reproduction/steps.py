@@ -1,13 +1,7 @@
-"""How reproduce.py runs its steps (``Step`` records, ``run_step``: skipped when done) and
-the table of the paper's figures beside ours (``results_table``).
-
-A step is done when its outputs exist and its stamp (JSON) holds the arguments it ran with
-and a record of each input: size, mtime and sha256 of a file (of an image folder: of the
-``manifest.jsonl`` the image download writes in it). The sha256 is taken again only when
-size or mtime moved, so a rerun costs a ``stat`` per input, and a file touched but not
-changed counts as the same. A stamp without input records (written before they existed)
-is not trusted: its step reruns once.
-"""
+"""reproduce.py's steps (``Step``, ``run_step``) and the table of the paper's figures beside
+ours (``results_table``). A step is done when its outputs exist and its stamp holds its
+arguments and each input's size, mtime and sha256 (of an image folder: its manifest.jsonl);
+the sha256 is taken again only when size or mtime moved."""
 
 from __future__ import annotations
 
@@ -52,9 +46,7 @@ def _load(path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-# ---------------------------------------------------------------------------
-# stamps
-# ---------------------------------------------------------------------------
+# --- stamps ----------------------------------------------------------------------------------
 def input_record(path, old: dict) -> dict:
     """Size, mtime and sha256 of the file ``path`` (a folder: its manifest.jsonl; {} when
     there is none); the sha256 of ``old`` is kept while size and mtime match it."""
@@ -68,9 +60,8 @@ def input_record(path, old: dict) -> dict:
 
 
 def check_stamp(stamp: Path, args: dict, inputs: dict, outputs) -> tuple[str | None, dict]:
-    """``(why, records)``: None when the step is done, else the reason to run it, and the
-    records of its ``inputs`` (name -> path) for its next stamp. A done step whose inputs
-    were only touched gets its records refreshed (the next run need not hash them)."""
+    """``(why, records)``: why the step must run (None: done) and its ``inputs``' records for its
+    next stamp. A done step whose inputs were only touched gets its records refreshed."""
     doc = _load(stamp)
     old = doc.get("inputs") or {}
     records = {name: input_record(p, old.get(name) or {}) for name, p in inputs.items()}
@@ -94,9 +85,8 @@ def check_stamp(stamp: Path, args: dict, inputs: dict, outputs) -> tuple[str | N
 
 @dataclass(frozen=True)
 class Step:
-    """One step as data: ``call(how, **args)`` reads ``inputs`` (name -> file, or image
-    folder) and writes ``outputs``; it returns None, or why it failed. ``args`` shape the
-    outputs (the stamp records them); ``how`` (device, workers, progress ...) does not."""
+    """``call(how, **args)`` reads ``inputs`` and writes ``outputs``, returning None or why it
+    failed. ``args`` shape the outputs (stamped); ``how`` (device, workers ...) does not."""
 
     name: str
     call: Callable[..., str | None]
@@ -111,8 +101,8 @@ def say(msg: str, error: bool = False) -> None:
 
 
 def run_step(step: Step, how, out: Path, forced: bool, earlier: str) -> bool:
-    """Run ``step`` unless it is done (its stamp in ``out/steps``); False when it failed or
-    cannot run (``earlier``: the steps that make its inputs, for the message)."""
+    """Run ``step`` unless done; False when it failed or cannot run (``earlier``: the steps
+    that make its inputs)."""
     stamp = out / "steps" / f"{step.name}.done.json"
     why, records = check_stamp(stamp, step.args, step.inputs, step.outputs)
     why = "--force" if forced else why
@@ -140,9 +130,7 @@ def run_step(step: Step, how, out: Path, forced: bool, earlier: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------
-# the table
-# ---------------------------------------------------------------------------
+# --- the table -------------------------------------------------------------------------------
 def image_counts(manifest: Path) -> dict:
     """Images present / missing (bad CSV rows included) per download_images' manifest.jsonl."""
     lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
@@ -151,8 +139,7 @@ def image_counts(manifest: Path) -> dict:
 
 
 def table_rows(rec: dict, rank: dict, taiyi: dict | None, compare: dict) -> list[dict]:
-    """One row per figure we have: metric, paper, ours, difference (+ the Taiyi-CLIP
-    columns on the recall rows when ``taiyi`` is given)."""
+    """One row per figure we have: metric, paper, ours, difference (+ Taiyi-CLIP on recall rows)."""
     dig = lambda d, key: reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # "a/b" -> d["a"]["b"]
     rows = []
     for metric, key in ROWS.items():
@@ -184,8 +171,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def results_table(out_dir, images_dir, with_baselines: bool) -> str | None:
-    """The table and its notes from the steps' metrics under ``out_dir``, also written to
-    ``out_dir/results.md`` and ``results.json``; None when no step has figures yet."""
+    """The table and its notes, also written to ``out_dir/results.{md,json}``; None without figures."""
     out = Path(out_dir)
     rec, rank = _load(out / "recall" / "metrics.json"), _load(out / "rank" / "metrics.json")
     taiyi = _load(out / "baseline" / "taiyi_metrics.json") if with_baselines else None
