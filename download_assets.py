@@ -78,10 +78,8 @@ def main(argv=None) -> int:
         chosen, dest, shared.Downloads.from_args(ns), ns.mirror, not ns.no_progress, ns.force, ns.verify
     )
     failed = summary["failed"]
-    print(
-        f"assets: {summary['downloaded']} downloaded, {summary['skipped']} already present "
-        f"and verified, {len(failed)} failed (destination {dest})"
-    )
+    counts = f"{summary['downloaded']} downloaded, {summary['skipped']} already present and verified"
+    print(f"assets: {counts}, {len(failed)} failed (destination {dest})")
     if failed:
         print("failed assets:\n" + "\n".join(f"  {msg}" for msg in failed), file=sys.stderr)
     return 1 if failed else 0

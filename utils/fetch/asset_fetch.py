@@ -21,10 +21,9 @@ from utils.hashing import sha256_file
 from utils.io import PartFile, exclusive_lock, read_json, write_error, write_json
 
 from .assets import HASHES_FILE, LOOKS_WRONG, Asset, AssetError, HashRecords, check_present, content_problem
-from .http import Deadline, describe, open_session
+from .http import CHUNK, Deadline, describe, open_session
 
 log = logging.getLogger("download_assets")
-CHUNK = 1 << 16
 BODY_RETRIES = 3  # a body that breaks off resumes where it stopped, this many times
 HF_ENDPOINT = "https://huggingface.co"
 
@@ -86,14 +85,20 @@ class _Fetcher:
     progress: bool
     unreachable: set = field(default_factory=set)  # hosts
 
-    def _get(self, asset: Asset, url: str, start: int, meta: dict):
-        """GET ``url`` from byte ``start`` (``If-Range``: a file changed since comes whole)."""
+    def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
+        """One request for what the part lacks (``If-Range``: a file changed since comes whole);
+        None when the part is complete, else what went wrong."""
+        from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a download starts
+
+        meta_path = part_path.with_name(part_path.name + ".json")
+        start = part_path.stat().st_size if part_path.exists() else 0
+        meta = _read_meta(meta_path)
         headers = {"Range": f"bytes={start}-"} if start else {}
         validator = meta.get("etag") if not str(meta.get("etag")).startswith("W/") else None
         if start and (validator := validator or meta.get("last_modified")):
             headers["If-Range"] = validator
         try:
-            return self.session.get(url, stream=True, timeout=self.net.timeout, headers=headers)
+            resp = self.session.get(url, stream=True, timeout=self.net.timeout, headers=headers)
         except Exception as e:  # noqa: BLE001 - every transport error: one line for the user
             kind, why = describe(e)
             if kind == "deadline":
@@ -102,18 +107,10 @@ class _Fetcher:
                 raise AssetError(f"{asset.name}: {why}") from None
             if kind == "connection" or isinstance(e, requests.exceptions.ConnectTimeout):
                 self.unreachable.add(_host(url))  # its other assets are not tried
-                hint = "check the network or use --mirror"
-                hint = "check that the mirror is running and reachable" if self.mirror else hint
-                raise AssetError(f"cannot reach {_host(url)}: {hint} ({why})") from None
+                hint = "that the mirror is running and reachable" if self.mirror else "the network or use --mirror"
+                raise AssetError(f"cannot reach {_host(url)}: check {hint} ({why})") from None
             raise AssetError(f"{asset.name}: request to {url} failed ({why})") from None
-
-    def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
-        """One request for what the part lacks; None when it is complete, else what went wrong."""
-        from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a download starts
-
-        meta_path = part_path.with_name(part_path.name + ".json")
-        start = part_path.stat().st_size if part_path.exists() else 0
-        with self._get(asset, url, start, _read_meta(meta_path)) as resp:
+        with resp:
             offset = _resume_at(resp, start, asset, url, bool(self.mirror))
             if offset is None:
                 return None
@@ -163,7 +160,7 @@ class _Fetcher:
                 failures += 1
                 have = part.stat().st_size if part.exists() else 0
                 if clock.expired:
-                    why = f"not finished within the deadline of {self.net.deadline:g} s (--download-deadline)"
+                    why = f"{clock} (--download-deadline)"
                 elif failures > BODY_RETRIES:
                     why = f"the download from {url} broke off {failures} times (last: {err})"
                 else:
@@ -196,22 +193,6 @@ class _Fetcher:
         url = f"{hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(name)}"
         return self._http(asset, url, final), url
 
-    def _verify(self, asset: Asset, part: Path, final: Path, want: str | None, origin: str, source: str) -> str:
-        """The sha256 of a finished download that may take its place; else it is kept aside."""
-        got = sha256_file(part)
-        if want is not None and got != want:
-            bad = _set_aside(part, final, ".bad-sha256")
-            pinned = f"{self.dest / HASHES_FILE} (pinned at the first download; delete that entry to accept a new one)"
-            raise AssetError(
-                f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from "
-                f"{'the manifest' if origin == 'manifest' else pinned}. Not used; kept aside as {bad}"
-            )
-        problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
-        if problem is not None:
-            bad = _set_aside(part, final, ".bad-content")
-            raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
-        return got
-
     def fetch(self, asset: Asset, force: bool, rehash: bool) -> str:
         """'skipped' (present and verified), else 'downloaded': fetched, verified, renamed into place, recorded."""
         final = self.dest / asset.path
@@ -231,7 +212,17 @@ class _Fetcher:
                 part = self._http(asset, source, final)
             else:
                 part, source = self._from_hf(asset, final)
-            got = self._verify(asset, part, final, want, origin, source)
+            got = sha256_file(part)
+            if want is not None and got != want:
+                bad = _set_aside(part, final, ".bad-sha256")
+                where = f"{self.dest / HASHES_FILE} (delete its entry to accept a new file)"
+                where = "the manifest" if origin == "manifest" else where
+                msg = f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from {where}"
+                raise AssetError(f"{msg}; kept aside as {bad}")
+            problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
+            if problem is not None:
+                bad = _set_aside(part, final, ".bad-content")
+                raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
             os.replace(part, final)
             self.records.put(asset, final, got, source)
         except UserError as e:  # a full disk, an unwritable destination

@@ -24,6 +24,7 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 USER_AGENT = "image-selection-downloader/1.0 (+python-requests)"
 DNS_TTL = 60.0
 MAX_REDIRECTS = 10
+CHUNK = 1 << 16  # bytes read from a body at a time
 
 
 class BlockedAddressError(req.ConnectionError):
@@ -57,11 +58,10 @@ def _host_port(url: str):
 
 
 class AddressPolicy:
-    """Where a download may go: never to a link-local or reserved address (cloud metadata at
-    169.254.169.254); to a private or loopback one only when the URL names it (a literal
-    address, localhost, a ``trusted`` host the user named) or by a redirect from such a place.
-    A check pins, for the calling thread, the addresses it allowed: the session connects
-    to those and no others. ``allow_private`` allows everything."""
+    """Where a download may go: never to a link-local or reserved address (cloud metadata); to a
+    private or loopback one only when the URL names it (a literal address, localhost, a ``trusted``
+    host) or by a redirect from such a place. A check pins, for the calling thread, the addresses
+    it allowed: the session connects to those only. ``allow_private`` allows everything."""
 
     def __init__(self, allow_private: bool = False, trusted=()):
         self.allow_private = allow_private
@@ -128,6 +128,9 @@ class Deadline:
         self._timer = threading.Timer(seconds or 0, self._expire)
         self._timer.daemon = True
 
+    def __str__(self) -> str:
+        return f"not finished within the deadline of {self.seconds:g} s"
+
     def __enter__(self) -> Deadline:
         Deadline._current.value = self
         if self.seconds:
@@ -146,7 +149,7 @@ class Deadline:
             return
         with d._lock:
             if d.expired:
-                raise DeadlineExceeded(f"not finished within the deadline of {d.seconds:g} s")
+                raise DeadlineExceeded(str(d))
             d._socks.append(sock)
 
     def _expire(self) -> None:
@@ -291,25 +294,23 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return list(seen.values())
 
 
-def describe(exc: BaseException, limit: int = 160) -> tuple[str, str]:
+def describe(exc: BaseException) -> tuple[str, str]:
     """(a short kind, the first of ``KINDS`` in its chain; one line naming the most specific cause)."""
     chain = _chain(exc)
 
-    def found(types, words: str | None) -> bool:
+    def found(types, words: str | None = None) -> bool:
         return any(isinstance(e, types) or (words and words in str(e).lower()) for e in chain)
 
     kind = next((k for k, types, words in KINDS if found(types, words)), type(exc).__name__)
     ours = [e for e in chain if isinstance(e, (BlockedAddressError, DeadlineExceeded))]
-    if ours:
-        return kind, str(ours[0])
-    if found(ConnectionRefusedError, "connection refused"):
-        return kind, "connection refused"
-    short = [e for e in chain if isinstance(e, u3.IncompleteRead)]
-    inner = [e for e in chain if isinstance(e, u3.HTTPError) and not isinstance(e, u3.MaxRetryError)]
-    oserr = [e for e in chain if isinstance(e, OSError) and not isinstance(e, req.RequestException)]
-    inner = (short or inner or oserr[-1:] or [exc])[0]
-    text = str(inner).splitlines()[0] if str(inner) else ""
+    if ours or found(ConnectionRefusedError, "connection refused"):
+        return kind, str(ours[0]) if ours else "connection refused"
+    inner = [e for e in chain if isinstance(e, u3.IncompleteRead)]
+    inner += [e for e in chain if isinstance(e, u3.HTTPError) and not isinstance(e, u3.MaxRetryError)]
+    inner += [e for e in chain if isinstance(e, OSError) and not isinstance(e, req.RequestException)][-1:]
+    cause = (inner or [exc])[0]
+    text = str(cause).splitlines()[0] if str(cause) else ""
     if "): " in text and "Pool(" in text:  # drop "HTTPConnectionPool(host=..., port=...): "
         text = text.split("): ", 1)[1]
-    text = f"{type(inner).__name__}: {text}"
-    return kind, text if len(text) <= limit else text[: limit - 3] + "..."
+    text = f"{type(cause).__name__}: {text}"
+    return kind, text if len(text) <= 160 else text[:157] + "..."

@@ -25,11 +25,10 @@ from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 from utils.io import PartFile
 
-from .http import Deadline, describe
+from .http import CHUNK, Deadline, describe
 
 DEFAULT_MAX_BYTES = 80_000_000
 TEMP_SUFFIX = ".part"
-CHUNK = 1 << 16
 BODY_RETRIES = 2
 # decoding a 61 MP image holds ~180 MB of pixels: only two such decodes at a time
 LARGE_PIXELS = 16_000_000
@@ -258,7 +257,7 @@ def download_one(
                 except _Fail as f:
                     last = f
                 if clock.expired:
-                    last = _Fail("deadline", f"not finished within the deadline of {deadline:g} s", last.http)
+                    last = _Fail("deadline", str(clock), last.http)
                 tried.append({"url": url, "http": last.http, "error": last.detail, "kind": last.kind})
                 if clock.expired or not last.body_phase or attempt == BODY_RETRIES:
                     break
