@@ -58,8 +58,7 @@ class DistEnv:
         return t.item() / self.world_size
 
     def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` of every process concatenated, keeping gradients (summed over the processes, which
-        with DDP's averaging is exactly the gradient of the global loss)."""
+        """``x`` of every process concatenated, keeping gradients (with DDP's averaging: the global loss's)."""
         if not self.distributed:
             return x
         import torch.distributed.nn.functional as dnf
