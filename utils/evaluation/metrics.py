@@ -1,7 +1,6 @@
-"""The figures of both stages. Recall (SPEC section 4): candidates in a STABLE sort by score (ties
-keep file order), a hit at K when one of the top K is the POI's own image, MRR over first hits.
-Ranking (SPEC section 5): accuracy of ``s_a > s_b`` (ties predict 0), AUC and log loss of
-``sigmoid(s_a - s_b)`` taken on the margin."""
+"""The figures of both stages. Recall (SPEC section 4): a STABLE sort by score (ties keep file order),
+a hit at K when one of the top K is the POI's own image. Ranking (SPEC section 5): accuracy of
+``s_a > s_b`` (ties predict 0), AUC and log loss of ``sigmoid(s_a - s_b)``."""
 
 from __future__ import annotations
 
@@ -67,8 +66,7 @@ def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
 
 
 def evaluate_groups(groups: dict, ks: Iterable[int] = DEFAULT_KS, names: dict | None = None, keep: int | None = None):
-    """Of ``{poi_id: [(image, score), ...]}``, keeping the ``keep`` (default max K) best per POI."""
-    ks = check_ks(ks)
+    """Of ``{poi_id: [(image, score), ...]}`` and checked ``ks``, the ``keep`` (default max K) best per POI kept."""
     keep = max(ks) if keep is None else keep
     pois = []
     for poi_id, cands in groups.items():

@@ -26,8 +26,7 @@ def default_json_path(results=None, embeddings=None, compare=None) -> str:
 
 
 def load_results(path: str, ks: list[int]):
-    """``(results, meta)`` (``<path>.meta.json``, {} when unreadable); a K above what a top-k file
-    lists is an error unless it lists the whole gallery."""
+    """``(results, meta)``; a K above what a top-k file lists is an error unless it lists the whole gallery."""
     res, meta_path, meta = read_results(path), Path(f"{path}.meta.json"), {}
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}

@@ -59,8 +59,8 @@ def render(template: str, entries: list, page_size: int, thumbs: dict, **context
 
 
 def recall_report(doc: dict, result, k: int, image_dir, page_size=PAGE_SIZE, progress=True) -> str:
-    """Each POI of ``doc`` (recall_eval's JSON) with its top ``k`` images, misses first; an image
-    is found at its listed path, beside the results file, or by file name in ``image_dir``."""
+    """Each POI of recall_eval's ``doc`` with its top ``k`` images (found as listed, beside the results
+    file, or by name in ``image_dir``), misses first."""
 
     def find(image: str) -> str | None:
         cands = [Path(image), Path(doc["results"]).parent / image]

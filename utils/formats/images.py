@@ -39,11 +39,6 @@ _scratch = threading.local()
 SCRATCH_MAX_BYTES = 64 << 20  # larger photos (up to 61 MP in the recall set) get a buffer of their own
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in PREPROCESS_MODES:
-        raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
-
-
 def reference_rgb(src, mode: str = "reference") -> np.ndarray:
     """Pillow's decode, the reference (``fast``: JPEGs in draft mode, >= 2 x 224 a side)."""
     with Image.open(src) as im:
@@ -75,8 +70,8 @@ def _turbo_rgb(data: bytes, scratch: bool) -> np.ndarray | None:
 
 
 def decode_rgb(path: str | os.PathLike, mode: str = "reference", scratch: bool = False) -> np.ndarray:
-    """H x W x 3 uint8 RGB; raises on an unreadable file. ``scratch``: the result may live in
-    a buffer of this thread that the next call overwrites (for callers that resize at once)."""
+    """H x W x 3 uint8 RGB; raises on an unreadable file. ``scratch``: the result may live in a
+    buffer of this thread that the next call overwrites (for callers that resize at once)."""
     if mode != "reference" or simplejpeg is None:
         return reference_rgb(path, mode)
     with open(path, "rb") as f:
@@ -97,30 +92,23 @@ def to_tensor(rgb: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
 ZERO_TENSOR = to_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
 
 
-def _unreadable(path, e: Exception) -> None:
-    log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
-
-
-def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference", transform=None) -> bool:
-    """:func:`load_image` written into ``out`` (e.g. a row of a batch array); returns ``ok``."""
-    _check_mode(mode)
+def load_image(path: str | os.PathLike, mode: str = "reference", transform=None, make=to_tensor):
+    """``(make(rgb), ok)``, ``make`` of a black image when unreadable; ``transform`` augments the decode."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
     try:
         rgb = decode_rgb(path, mode, scratch=transform is None)
         if transform is not None:
             rgb = np.asarray(transform(Image.fromarray(rgb)).convert("RGB"))
-        to_tensor(rgb, out)
-        return True
+        return make(rgb), True
     except Exception as e:  # any decode failure: missing, truncated, not an image
-        _unreadable(path, e)
-        out[...] = ZERO_TENSOR.numpy()
-        return False
+        log.warning("unreadable image %s (%s: %s); using the zero image", path, type(e).__name__, e)
+        return make(np.zeros((SIZE, SIZE, 3), dtype=np.uint8)), False
 
 
-def load_image(path: str | os.PathLike, mode: str = "reference", transform=None) -> tuple[torch.Tensor, bool]:
-    """``(tensor, ok)``, the zero image when unreadable; ``transform`` (augmentation) runs before the resize."""
-    out = np.empty((3, SIZE, SIZE), dtype=np.float32)
-    ok = load_image_into(out, path, mode, transform)
-    return torch.from_numpy(out), ok
+def load_image_into(out: np.ndarray, path: str | os.PathLike, mode: str = "reference") -> bool:
+    """:func:`load_image` written into ``out`` (e.g. a row of a batch array); returns ``ok``."""
+    return load_image(path, mode, make=functools.partial(to_tensor, out=out))[1]
 
 
 class ImageDataset(Dataset):
@@ -155,13 +143,4 @@ def clip_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 CLIP_ZERO_TENSOR = clip_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
-
-
-def load_clip_image(path: str | os.PathLike, mode: str = "reference") -> tuple[torch.Tensor, bool]:
-    """``(tensor, ok)`` for ``ImageDataset(loader=...)``; the zero image when unreadable."""
-    _check_mode(mode)
-    try:
-        return clip_tensor(decode_rgb(path, mode)), True
-    except Exception as e:  # any decode failure: missing, truncated, not an image
-        _unreadable(path, e)
-        return CLIP_ZERO_TENSOR.clone(), False
+load_clip_image = functools.partial(load_image, make=clip_tensor)  # picklable, for ImageDataset(loader=...)

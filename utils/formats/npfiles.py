@@ -144,8 +144,7 @@ _SEQUENCES = (list, tuple, frozenset, set)
 
 
 def bounded(obj, source: str, limits: Limits = LIMITS):
-    """``obj`` with tensors as numpy arrays, depth and expanded size checked; a container reached
-    twice counts twice but is walked once, so the check runs in the size of the pickle."""
+    """``obj`` with tensors as numpy arrays, depth and expanded size checked (walked once, counted per reference)."""
     done: dict[int, tuple] = {}  # id -> (converted object, expanded element count)
     keep, active = [], set()  # keep: objects whose ids are in use; active: on the current path
 
@@ -164,8 +163,17 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
             fail(f"nested more than {limits.depth} levels deep")
         active.add(key)
         keep.append(o)
-        if type(o).__module__.split(".")[0] == "torch":
-            o = _tensor_to_numpy(o, source, limits)
+        if type(o).__module__.split(".")[0] == "torch":  # tensors become numpy arrays
+            import torch
+
+            if not isinstance(o, torch.Tensor):
+                fail(f"holds a {type(o).__name__}")
+            if o.numel() > limits.elements:
+                fail(f"a tensor of {o.numel():,} elements")
+            o = o.detach().cpu()
+            if o.is_floating_point() and o.dtype not in (torch.float32, torch.float64):
+                o = o.float()
+            o = o.contiguous().numpy().copy()
         if isinstance(o, np.ndarray) and not o.dtype.hasobject:
             out, n = o, 1 + o.size
         elif isinstance(o, dict):
@@ -189,16 +197,3 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
         return out, n
 
     return walk(obj, 0)[0]
-
-
-def _tensor_to_numpy(t, source: str, limits: Limits) -> np.ndarray:
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        raise DataError(f"{source}: not a POI table: holds a {type(t).__name__}")
-    if t.numel() > limits.elements:
-        raise DataError(f"{source}: not a POI table: a tensor of {t.numel():,} elements")
-    t = t.detach().cpu()
-    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.contiguous().numpy().copy()

@@ -128,8 +128,7 @@ def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
 
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
-    """Write ``{path: table}`` together or not at all (``.npy``: the authors' pickled dict of
-    float32 arrays); each is read back and compared before it lands."""
+    """Write ``{path: table}`` together or not at all, each read back and compared before it lands."""
     with atomic_outputs(*tables) as temps:
         for (path, table), tmp in zip(tables.items(), temps):
             names, values = table_matrix(table, source)
@@ -269,8 +268,7 @@ def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndar
 
 
 def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
-    """``name -> mean of its readable image vectors`` (L2-normalised again when asked), and the
-    names without a readable image (never averaged in as the zero image)."""
+    """``name -> mean of its readable image vectors`` (re-normalised), and the names without one."""
     out, empty = {}, []
     for name, idx in groups.items():
         good = [i for i in idx if ok[i]]

@@ -118,9 +118,8 @@ EMBEDDINGS_FORMAT = 1
 
 
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
-    """The vectors of a recall run as an ``.npz`` that needs no pickle: row i of ``image_emb`` is
-    gallery file ``image_names[i]`` (``image_ok`` False: the zero image), row j of ``text_emb`` POI
-    ``poi_ids[j]``; ``meta`` (model identity, preprocessing) as JSON."""
+    """A recall run's vectors as an ``.npz`` needing no pickle (``image_ok`` False: the zero image);
+    ``meta`` (model identity, preprocessing) as JSON."""
     with atomic_write(path, "wb") as f:
         np.savez(
             f,

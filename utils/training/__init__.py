@@ -1,6 +1,5 @@
-"""Training for recall_train.py and rank_train.py: the loop with exact resume (``loop``), the
-processes under torchrun and the out-dir lock (``dist``), each model's pairs, dataset, module
-and validation (``recall``, ``rank``)."""
+"""Training for recall_train.py and rank_train.py: the loop with exact resume, the processes under
+torchrun (``dist``), each model's pairs, dataset, module and validation (``recall``, ``rank``)."""
 
 from utils import front_door
 

@@ -58,8 +58,7 @@ class DistEnv:
         return t.item() / self.world_size
 
     def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` of every process concatenated, keeping gradients (summed over the processes, which
-        with DDP's averaging is exactly the gradient of the global loss)."""
+        """``x`` of every process concatenated, keeping gradients (with DDP's averaging: the global loss's)."""
         if not self.distributed:
             return x
         import torch.distributed.nn.functional as dnf
@@ -73,13 +72,11 @@ class DistEnv:
 def distributed(device_name: str = "auto", log_level: str | None = None):
     """The ``DistEnv`` of this process, in the process group under torchrun (nccl on CUDA, else
     gloo). With ``log_level``, logging is set up: ranks but 0 log warnings only, lines name ranks."""
-    env = DistEnv(device=resolve_device(device_name))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        env = DistEnv(int(os.environ["RANK"]), world, env.device)
-        if env.device.type == "cuda":
-            env.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(env.device)
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(device_name)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    env = DistEnv(int(os.environ["RANK"]) if world > 1 else 0, world, device)
     if log_level:
         level = logging.getLevelName(log_level)
         tag = f"[rank {env.rank}] %(levelname)s" if env.distributed else "%(levelname)s"

@@ -1,6 +1,5 @@
-"""The training loop of both trainers: ``train`` runs a ``TrainConfig`` (the flags) and a ``Task``
-(the trainer's parts). An epoch ends with validation on rank 0, the best checkpoint, then the last
-one with the state ``--resume`` continues from bit for bit."""
+"""The training loop of both trainers: ``train`` runs a ``TrainConfig`` and a ``Task``. An epoch ends
+with validation on rank 0, the best checkpoint, then the last with the state ``--resume`` continues."""
 
 from __future__ import annotations
 

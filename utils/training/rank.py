@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from utils.cli import DataError, bad_rows
-
 import functools
 import logging
 from dataclasses import dataclass, replace
@@ -18,7 +16,7 @@ from utils.evaluation import pairwise_metrics
 from utils.formats import PoiTables, RankRow, index_images, iter_rank_csv, load_image, pois_text, stack_inputs
 
 from .dist import DistEnv
-from .recall import encode_images_once
+from .recall import encode_images_once, with_images
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +30,18 @@ class RankPair:
 
 def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
     """The records whose images ``<item_id>_a/_b.*`` are in ``image_dir``; the bad rows left out."""
-    path, errors, missing, pairs = str(path), [], [], []
+    path, errors = str(path), []
     images = index_images(image_dir)
-    for row in iter_rank_csv(path, errors):
-        a, b = images.get(row.key_a), images.get(row.key_b)
-        if a is None or b is None:
-            missing.append(f"{path}:{row.line}: {row.key_a if a is None else row.key_b}.*")
-        else:
-            pairs.append(RankPair(row, str(a), str(b)))
-    n_bad = bad_rows(errors, path, skip_bad_rows)
-    if not pairs and not missing:
-        raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
-    if missing:
-        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
-    if not pairs:
-        raise DataError(f"{path}: no pair has both images in {image_dir}")
-    return pairs, n_bad
+
+    def found():
+        for row in iter_rank_csv(path, errors):
+            a, b = images.get(row.key_a), images.get(row.key_b)
+            if a is None or b is None:
+                yield row.line, f"{row.key_a if a is None else row.key_b}.*"
+            else:
+                yield row.line, RankPair(row, str(a), str(b))
+
+    return with_images(path, found(), errors, skip_bad_rows, image_dir)
 
 
 class Vectors:

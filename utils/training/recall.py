@@ -29,59 +29,63 @@ class Pair:
     owner: str
 
 
-def _plain_pairs(path: str, header: list[str], rows, image_dir, errors, missing: list) -> list[Pair]:
+def _plain_pairs(path: str, header: list[str], rows, image_dir, errors):
     base = Path(image_dir) if image_dir else Path(path).resolve().parent
-    pairs = []
     for line, fields in rows:
         cells = dict(zip(header, fields))  # as csv.DictReader: missing cells are empty
         text, image, owner = (cells.get(k, "") for k in ("text", "image", "owner"))
-        if not text or not image:
-            if text or image:
-                record_bad_row(errors, RowError(path, line, "empty text or image"))
-            continue
-        image_path = Path(image) if os.path.isabs(image) else base / image
-        if image_path.is_file():
-            pairs.append(Pair(text, str(image_path), owner or text))
-        else:
-            missing.append(f"{path}:{line}: {image_path}")
-    return pairs
+        if text and image:
+            image_path = Path(image) if os.path.isabs(image) else base / image
+            yield line, Pair(text, str(image_path), owner or text) if image_path.is_file() else str(image_path)
+        elif text or image:
+            record_bad_row(errors, RowError(path, line, "empty text or image"))
 
 
-def _recall_format_pairs(path: str, image_dir, errors, missing: list) -> list[Pair]:
+def _recall_format_pairs(path: str, image_dir, errors):
     if not image_dir:
         raise DataError(f"{path}: a recall-format CSV needs --image-dir (the <poi_id>_<rank>.<ext> files)")
-    images, pairs = index_images(image_dir), []
+    images = index_images(image_dir)
     for row in iter_recall_csv(path, errors):
         image = images.get(row.key)
         if not row.poi_name.strip():
             record_bad_row(errors, RowError(path, row.line, "empty poi_name"))
-        elif image is None:
-            missing.append(f"{path}:{row.line}: {row.key}.*")
         else:
-            pairs.append(Pair(row.poi_name.strip(), str(image), row.poi_id))
-    return pairs
+            yield row.line, Pair(row.poi_name.strip(), str(image), row.poi_id) if image else f"{row.key}.*"
+
+
+def with_images(path: str, found, errors: list, skip_bad_rows: bool, image_dir) -> tuple[list, int]:
+    """``(items, bad rows)`` of ``found``'s ``(line, item)``; an item that is a str (an absent image) is logged."""
+    items, missing = [], []
+    for line, item in found:
+        if isinstance(item, str):
+            missing.append(f"{path}:{line}: {item}")
+        else:
+            items.append(item)
+    n_bad = bad_rows(errors, path, skip_bad_rows)
+    if not items and not missing:
+        raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
+    if missing:
+        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
+    if not items:
+        raise DataError(f"{path}: no row has its image files (image dir: {image_dir})")
+    return items, n_bad
 
 
 def read_text_pairs(path, image_dir=None, skip_bad_rows: bool = False) -> tuple[list[Pair], int]:
     """The pairs of a recall-format CSV (owner: the poi_id) or one with a ``text,image[,owner]``
     header (owner: the text; images under ``image_dir`` or the CSV's), and the bad rows left out."""
-    path, errors, missing = str(input_file(path)), [], []
+    path, errors = str(input_file(path)), []
     rows = ((line, [x.strip() for x in fields]) for line, fields in csv_records(path, errors))
     header = [x.lower() for x in next(rows, (0, []))[1]]
     if not header:  # nothing but blank lines, or lines that are not UTF-8
         raise DataError(str(errors[0]) if errors else f"{path}: empty file")
     if "text" in header and "image" in header:
-        pairs = _plain_pairs(path, header, rows, image_dir, errors, missing)
+        found = _plain_pairs(path, header, rows, image_dir, errors)
     else:
         rows.close()
         errors.clear()  # the recall-format reader reports them
-        pairs = _recall_format_pairs(path, image_dir, errors, missing)
-    n_bad = bad_rows(errors, path, skip_bad_rows)
-    if missing:
-        log.warning("%s: %d pairs left out, image file absent (first: %s)", path, len(missing), "; ".join(missing[:3]))
-    if not pairs:
-        raise DataError(f"{path}: no row has an image file (image dir: {image_dir})")
-    return pairs, n_bad
+        found = _recall_format_pairs(path, image_dir, errors)
+    return with_images(path, found, errors, skip_bad_rows, image_dir)
 
 
 def split_owners(pairs: list[Pair], val_fraction: float, val_owners: int | None, seed: int):
@@ -113,8 +117,8 @@ class TextImageDataset(Dataset):
 
 
 class PairEncoder(nn.Module):
-    """The module DDP wraps: a batch's (image, text) embeddings. All trains but the text pooler and
-    a ``freeze`` tower (in eval mode); ``bn_eval``: image BatchNorm on running statistics."""
+    """The module DDP wraps: (image, text) embeddings; all trains but the text pooler and a ``freeze`` tower;
+    ``bn_eval``: image BatchNorm on running statistics."""
 
     def __init__(self, align: nn.Module, freeze: str = "none", bn_eval: bool = False, image_table=None):
         super().__init__()
