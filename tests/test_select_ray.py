@@ -115,6 +115,9 @@ def ray_session(tmp_path_factory):
     s3 = f"http://127.0.0.1:{_free_port()}"
     os.environ.update({select_ray.FAIL_ENV: str(fail_dir), **RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token)})
     os.environ["AWS_ENDPOINT_URL"] = s3
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()  # an earlier in-process Ray (another test file) cached its token and mode
     started = select_ray.connect_ray(None, num_cpus=2, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield fail_dir
@@ -126,8 +129,6 @@ def ray_session(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        from ray._private.authentication_test_utils import reset_auth_token_state
-
         reset_auth_token_state()  # Ray caches the mode and the token: a later ray.init reads them anew
 
 
