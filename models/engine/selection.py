@@ -18,8 +18,8 @@ from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text
 from utils.selection import OK, UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
 
 from ..align import load_tokenizer
-from ..checkpoint import load_align_model, load_ranker
-from .recall_model import RecallModel, wrap_align
+from ..checkpoint import load_align_model
+from .recall_model import RecallModel, load_ranker_model, wrap_align
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,21 @@ class SelectionModels:
 
 def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch"):
     """``(SelectionModels, POI tables or None)``."""
-    tokenizer = load_tokenizer(files.bert_dir)
 
-    def wrap(model, checkpoint):
+    def recall_model(tokenizer):
+        checkpoint = files.recall_checkpoint or files.ranker_checkpoint
+        model = load_align_model(checkpoint, files.bert_dir, arch=files.arch, device=device)
         sources = {"checkpoint": checkpoint, "bert_dir": files.bert_dir, "arch": files.arch}
         return wrap_align(model, tokenizer, device=device, backend=backend, sources=sources)
 
-    def recall_model(checkpoint):
-        return wrap(load_align_model(checkpoint, files.bert_dir, arch=files.arch, device=device), checkpoint)
-
     if files.recall_only:
-        rm = recall_model(files.recall_checkpoint or files.ranker_checkpoint)
+        rm = recall_model(load_tokenizer(files.bert_dir))
         log.info("recall model loaded (%s...); recall only", rm.weights_hash()[:12])
         return SelectionModels(rm, None, None, "recall-only", {"recall": rm.weights_hash()}), None
-    ranker = load_ranker(files.ranker_checkpoint, files.bert_dir, arch=files.arch, device=device)
-    rank_rm = wrap(ranker.align_model, files.ranker_checkpoint)
-    rm = recall_model(files.recall_checkpoint) if files.recall_checkpoint else rank_rm
+    ranker, rank_rm = load_ranker_model(
+        files.ranker_checkpoint, files.bert_dir, files.arch, device=device, backend=backend
+    )
+    rm = recall_model(rank_rm.tokenizer) if files.recall_checkpoint else rank_rm
     hashes = {"ranker_align": rank_rm.weights_hash(), "recall": rm.weights_hash()}
     if hashes["recall"] == hashes["ranker_align"]:
         log.info("stage 1 runs the ranker's own recall copy: image vectors computed once (single encode path)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from utils.cli import RowError, UserError
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -149,21 +148,18 @@ def _read(path: str, groups, line: int):
         yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
 
 
+def _read_parts(batch, path: str):
+    for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
+        yield from _read(path, groups, line)
+
+
 def read_dataset(path: str):
-    """The catalogue as a Ray dataset, read on the workers."""
+    """The catalogue as a Ray dataset, read on the workers (one task per part)."""
     import ray.data
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
 
-    class Catalogue(Datasource):
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, **kw):
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
-            return [ReadTask(functools.partial(_read, path, g, line), meta) for g, line in _parts(path)]
-
-    return ray.data.read_datasource(Catalogue())
+    parts = [{"groups": groups, "line": line} for groups, line in _parts(path)]
+    ds = ray.data.from_items(parts, override_num_blocks=len(parts))
+    return ds.map_batches(_read_parts, fn_kwargs={"path": path}, batch_size=1, batch_format="pyarrow")
 
 
 def _counts(t):

@@ -24,8 +24,18 @@ from utils.io import exclusive_lock
 from .catalogue import OK, UNREADABLE, catalogue_rows, write_output
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
 from .run import Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .shards import POI_TABLES, finished_shards, merged_rows, plan_key, shard_items, shard_metas, write_shard
-from .store import is_uri, open_dir, staged_cache
+from .shards import (
+    POI_TABLES,
+    finished_shards,
+    is_uri,
+    merged_rows,
+    open_dir,
+    plan_key,
+    shard_items,
+    shard_metas,
+    staged_cache,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
-"""A selection run (``Selection``), the steps both runners share and the local runner.
-The runners take the model loader and the block scoring as plain functions:
-``load(files, device, backend) -> (models, tables)`` (``models.path``, ``models.hashes``)
-and ``score(items, models, tables, scoring, clock=None, image_loader=None) -> counts``."""
+"""A selection run (``Selection``), the steps both runners share and the local runner. The runners take
+``load(files, device, backend) -> (models, tables)`` (``models.path``, ``models.hashes``) and
+``score(items, models, tables, scoring, clock=None, image_loader=None) -> counts`` as plain functions."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from .catalogue import (
     resolve_images,
     write_output,
 )
-from .store import is_uri, open_dir, put
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +116,6 @@ class Clock:
     def total(self) -> dict:
         self.timings["total"] = time.perf_counter() - self.start
         return self.timings
-
-
-def read_items(job: Selection) -> tuple[list[Item], list]:
-    """The catalogue's items and bad rows, under the bad-row rule."""
-    errors: list = []
-    items = group_items(catalogue_rows(job.items, errors), job.items)
-    n = sum(len(it.cands) for it in items)
-    check_rows(job.items, n, errors, job.skip_bad_rows)
-    log.info("%s: %d items, %d candidate rows, %d bad rows", job.items, len(items), n, len(errors))
-    return items, errors
 
 
 def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
@@ -239,19 +227,20 @@ def _report_head(job: Selection, summary: dict, shown: int) -> dict:
 
 
 def _warn(summary: dict) -> None:
-    no_sel, unknown = summary["items_without_readable_candidate"], summary["unknown_pois"]
-    if no_sel:
-        shown = ", ".join(no_sel[:10]) + (" ..." if len(no_sel) > 10 else "")
-        log.warning("%d items have no readable candidate and get no selection: %s", len(no_sel), shown)
-    if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        n_items = summary["items_with_unknown_poi"]
-        log.warning("%d POI names lack a table vector (zero vectors), in %d items: %s", len(unknown), n_items, shown)
+    unknown = f"POI names lack a table vector (zero vectors), in {summary.get('items_with_unknown_poi')} items"
+    for names, what in (
+        (summary["items_without_readable_candidate"], "items have no readable candidate and get no selection"),
+        ([repr(n) for n in summary["unknown_pois"]], unknown),
+    ):
+        if names:
+            log.warning("%d %s: %s", len(names), what, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
 
 def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
     """The CSV (``rows(tmp)`` writes it; None: the Ray shards are the output), the page
     (of ``items()``, sampled) and the summary, committed together or not at all."""
+    from .shards import is_uri, open_dir, put  # shards imports this module
+
     _warn(summary)
 
     def write_rows(tmp):
@@ -288,7 +277,11 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
     clock, enc = Clock(), job.scoring.enc
     device = resolve_device(enc.device)
     with clock("read"):
-        items, errors = read_items(job)
+        errors: list = []
+        items = group_items(catalogue_rows(job.items, errors), job.items)
+        n = sum(len(it.cands) for it in items)
+        check_rows(job.items, n, errors, job.skip_bad_rows)
+    log.info("%s: %d items, %d candidate rows, %d bad rows", job.items, len(items), n, len(errors))
     with clock("load_models"):
         models, tables = load(job.files, device, enc.backend)
     with clock("resolve"):

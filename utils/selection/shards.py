@@ -1,22 +1,26 @@
-"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its
-items and, in the metadata, the plan it was made under (catalogue, weights, settings),
-its counts and where its stages ran. A rerun keeps the shards of its own plan only."""
+"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its items and, in the
+metadata, the plan it was made under, its counts and where its stages ran (a rerun keeps the shards of its
+own plan only). They, the summary and downloaded images live on a path every node sees, or a URI pyarrow
+understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``; credentials as pyarrow finds them)."""
 
 from __future__ import annotations
 
 from utils.cli import UserError
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import tempfile
+from pathlib import Path
 
+from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
-from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows
+from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
 from .run import Selection
-from .store import open_dir, put
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,60 @@ POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
+
+
+def is_uri(location) -> bool:
+    return "://" in str(location)
+
+
+def open_dir(location: str):
+    """``(pyarrow filesystem, path on it)`` of a URI or a local path."""
+    import pyarrow.fs as pafs
+
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
+    """One file between two filesystems (the local one where None)."""
+    import pyarrow.fs as pafs
+
+    local = pafs.LocalFileSystem()
+    pafs.copy_files(src, dst, source_filesystem=src_fs or local, destination_filesystem=dst_fs or local)
+
+
+def put(fs, path: str, write) -> None:
+    """``write(local_tmp)`` makes the file, copied to ``path`` under a temporary name then
+    moved: readers never see half a file (a rename on a disk, a whole object on a store)."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = os.path.join(d, os.path.basename(path))
+        write(tmp)
+        part = f"{path}.tmp{os.getpid()}"
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        _copy(tmp, part, dst_fs=fs)
+        fs.move(part, path)
+
+
+@contextlib.contextmanager
+def staged_cache(location: str, cands: list[Candidate]):
+    """A local stand-in for the image cache at URI ``location``: the cached copies of the
+    URLs pulled in, new downloads pushed back after (``file`` then names the URI copy)."""
+    fs, base = open_dir(location)
+    with tempfile.TemporaryDirectory() as stage:
+        names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
+        had = {os.path.basename(i.path) for i in fs.get_file_info([join(base, n) for n in names]) if i.size}
+        for name in had:
+            _copy(join(base, name), os.path.join(stage, name), src_fs=fs)
+        yield stage
+        for name in {Path(c.file).name for c in cands if c.file} - had:
+            put(fs, join(base, name), lambda tmp, n=name: os.replace(os.path.join(stage, n), tmp))
+        for c in cands:
+            c.file = join(location, Path(c.file).name) if c.file else None
 
 
 def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
