@@ -1,7 +1,6 @@
-"""The ONNX Runtime engine for the image tower (CPU, fp32): torch's vectors, checked to 1e-5 on every
-load. The export is cached as ``<dir>/image_<key>.onnx`` (``dir``: the argument, ``$AVAS_ONNX_CACHE`` or
-``~/.cache/avas/onnx``); a cached file that fails to load or agree is exported again, a fresh one is
-refused and ``image_encoder_for`` falls back to torch."""
+"""The ONNX Runtime engine for the image tower (CPU, fp32), checked against torch to 1e-5 on every load. The
+export is cached as ``<dir>/image_<key>.onnx`` (the argument, ``$AVAS_ONNX_CACHE``, ``~/.cache/avas/onnx``);
+a cached file that fails is exported again, a fresh one refused (``image_encoder_for``: torch instead)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""The two-stage scoring of a block of catalogue items (run by utils.selection, locally or on Ray)
-and its models. Encode paths: "single" (the recall checkpoint has the ranker's recall weights, or
-none is given: image vectors serve both stages), "two" (stage 2 encodes its short list again with
-the ranker's copy), "recall-only" (no ranker). Each distinct file and text is encoded once per model."""
+"""The two-stage scoring of a block of catalogue items (run by utils.selection, locally or on Ray). Encode
+paths: "single" (stage 1 runs the ranker's recall weights: image vectors serve both stages), "two" (stage 2
+encodes its short list again with the ranker's copy), "recall-only". Each file and text encoded once."""
 
 from __future__ import annotations
 
@@ -158,8 +157,7 @@ def _final_ranks(item) -> None:
 
 
 def score_block(items, models: SelectionModels, tables, settings: Scoring, clock=None, image_loader=None) -> dict:
-    """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``
-    (``f(path, mode) -> (tensor, ok)``) replaces reading the files."""
+    """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``: replaces reading files."""
     clock, enc = clock or Clock(), settings.enc
     if image_loader is not None:
         for rm in {id(m): m for m in (models.recall, models.rank_rm) if m}.values():

@@ -1,8 +1,6 @@
-"""Ray for ``select_images.py --ray``: joining a cluster (a join refused for its token is
-one line naming what to set, within a second) or starting a local Ray; the catalogue read
-on the workers with the local reader (a CSV by one task, since a row's line is known only
-from the file's start; a Parquet file by one task per row group), counted, then grouped
-into shards: shard k holds the items with ``crc32(item_id) % shards == k``."""
+"""Ray for ``select_images.py --ray``: joining a cluster (a refused token: one line naming what to set) or
+starting a local Ray; the catalogue read on the workers (a CSV by one task, a Parquet file by one task per
+row group), counted, grouped into shards: shard k holds the items with ``crc32(item_id) % shards == k``."""
 
 from __future__ import annotations
 
@@ -41,8 +39,7 @@ FIELDS = ("line", "item_id", "title", "poi_names", "image")
 
 
 def runtime_env(address: str | None) -> dict:
-    """Workers import this project: on a local Ray through PYTHONPATH (with the driver's
-    storage credentials), on a cluster by shipping the code (data files left out)."""
+    """Workers import this project: a local Ray's by PYTHONPATH (with storage credentials), a cluster's shipped."""
     env = {k: v for k, v in os.environ.items() if k in PASS_ENV or (not address and k.startswith(STORE_ENV))}
     if address:
         return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
@@ -65,8 +62,7 @@ def _quiet_stderr():
 
 
 def check_token(address: str) -> None:
-    """One request to the cluster's GCS at ``address`` (HOST:PORT), as the driver's join
-    makes it: a missing or refused token is a ``UserError`` naming the variable."""
+    """One request to the GCS at ``address`` (HOST:PORT) as the join makes it: a refused token is a ``UserError``."""
     from ray._raylet import AuthenticationTokenLoader, GcsClient
     from ray.exceptions import AuthenticationError
 
@@ -90,8 +86,7 @@ def check_token(address: str) -> None:
 
 
 def connect_ray(address: str | None = None, **init_kw) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), else start a local Ray in this process.
-    Returns True when this call started the session (the caller shuts it down)."""
+    """Join ``address`` (or RAY_ADDRESS), else start a local Ray; True when this call started it (to shut down)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
         # a Ray of this machine only: on the loopback address, not the machine's interface,
@@ -173,8 +168,7 @@ def _counts(t):
 
 
 def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
-    """``(usable rows, items, bad rows in line order)``, before any scoring. Items are
-    counted per block (more when an item's rows are far apart): they only size the shards."""
+    """``(usable rows, items, bad rows in line order)``; items are counted per block (they only size the shards)."""
     ds = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None)
     rows = items = 0
     errors: list[RowError] = []

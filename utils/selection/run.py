@@ -35,6 +35,7 @@ from .catalogue import (
 
 log = logging.getLogger(__name__)
 
+POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 PAGE_ITEMS = 2000  # the HTML page shows a sample of this many items beyond that
 
 
@@ -54,7 +55,7 @@ class ModelFiles:
 
     @property
     def poi_tables(self) -> tuple[str, str, str] | None:
-        tables = (self.poi_pic_num, self.poi_image_vectors, self.poi_name_vectors)
+        tables = tuple(getattr(self, n) for n in POI_TABLES)
         return tables if all(tables) else None
 
 
@@ -119,8 +120,7 @@ class Clock:
 
 
 def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
-    """The one bad-row rule, where the rows' errors come together: refused unless skipped;
-    a catalogue without a usable row is an error either way."""
+    """The one bad-row rule (refused unless skipped); a catalogue without a usable row is an error either way."""
     if not usable:
         first = f"; first: {errors[0]}" if errors else ""
         raise DataError(f"{path}: no usable rows ({len(errors)} bad{first})")
@@ -138,8 +138,7 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
 
 
 def add_counts(total: dict, more: dict) -> dict:
-    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, strings
-    and sets collected in sets."""
+    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, strings and sets into sets."""
     for k, v in more.items():
         if isinstance(v, dict):
             add_counts(total.setdefault(k, {}), v)
@@ -165,8 +164,7 @@ def tally(items: list[Item]) -> dict:
 
 
 def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch: dict, counts: dict, device) -> dict:
-    """The summary of a run: ``counted`` (``tally``), ``models`` (encode path, weight
-    hashes) and the blocks' counts, added up."""
+    """The run's summary: ``counted`` (``tally``), ``models`` (encode path, hashes), the blocks' counts added up."""
     path, hashes = models
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
@@ -199,8 +197,7 @@ def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch:
 
 
 def page_sample(items) -> list[Item]:
-    """At most PAGE_ITEMS of ``items`` (read once), drawn evenly with a fixed seed, in
-    catalogue order: the page stays readable."""
+    """At most PAGE_ITEMS of ``items`` (read once), drawn with a fixed seed, in catalogue order."""
     rng, kept = random.Random(0), []
     for n, it in enumerate(items):
         if n < PAGE_ITEMS:
@@ -237,8 +234,7 @@ def _warn(summary: dict) -> None:
 
 
 def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
-    """The CSV (``rows(tmp)`` writes it; None: the Ray shards are the output), the page
-    (of ``items()``, sampled) and the summary, committed together or not at all."""
+    """The CSV (``rows(tmp)``; None: the shards are the output), page and summary: all written or none."""
     from .shards import is_uri, open_dir, put  # shards imports this module
 
     _warn(summary)

@@ -20,13 +20,12 @@ from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
 from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
-from .run import Selection
+from .run import POI_TABLES, Selection
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "_plan.json"  # written by older versions beside the shards: left alone
 META_KEY = b"avas_select"
-POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
@@ -58,8 +57,7 @@ def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
 
 
 def put(fs, path: str, write) -> None:
-    """``write(local_tmp)`` makes the file, copied to ``path`` under a temporary name then
-    moved: readers never see half a file (a rename on a disk, a whole object on a store)."""
+    """``write(local_tmp)`` makes the file, copied beside ``path`` then moved: readers never see half a file."""
     with tempfile.TemporaryDirectory() as d:
         tmp = os.path.join(d, os.path.basename(path))
         write(tmp)
@@ -71,8 +69,7 @@ def put(fs, path: str, write) -> None:
 
 @contextlib.contextmanager
 def staged_cache(location: str, cands: list[Candidate]):
-    """A local stand-in for the image cache at URI ``location``: the cached copies of the
-    URLs pulled in, new downloads pushed back after (``file`` then names the URI copy)."""
+    """A local stand-in for the image cache at URI ``location``: cached copies pulled in, new ones pushed after."""
     fs, base = open_dir(location)
     with tempfile.TemporaryDirectory() as stage:
         names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
@@ -111,8 +108,7 @@ def shard_name(k: int) -> str:
 
 
 def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written (atomically); those of another plan and temporary
-    files are removed; any other file is the user's: the run is refused."""
+    """Shards of this plan already written; other plans' shards and temp files removed; another file: refused."""
     import pyarrow.fs as pafs
 
     done, stale = set(), []
@@ -145,8 +141,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
 
 
 def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
-    """Shard ``k``, the CSV's columns typed, written atomically (a retried task rewrites
-    the same file); its metadata also holds the items' titles, for the page."""
+    """Shard ``k``, columns typed, written atomically; its metadata also holds the items' titles (for the page)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -168,12 +163,6 @@ def _meta(fs, path: str) -> dict:
 def shard_metas(fs, d: str, ks) -> dict:
     """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
     return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
-
-
-def merged_rows(fs, d: str, ks):
-    """Every shard's rows in the local run's order (items by first line): the single CSV,
-    for a selection that fits one machine."""
-    return output_rows(sorted(shard_items(fs, d, ks), key=lambda it: it.line))
 
 
 def shard_items(fs, d: str, ks):
