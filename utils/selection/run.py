@@ -32,10 +32,10 @@ from .catalogue import (
     resolve_images,
     write_output,
 )
+from .shards import POI_TABLES, is_uri, open_dir, put
 
 log = logging.getLogger(__name__)
 
-POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 PAGE_ITEMS = 2000  # the HTML page shows a sample of this many items beyond that
 
 
@@ -235,8 +235,6 @@ def _warn(summary: dict) -> None:
 
 def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
     """The CSV (``rows(tmp)``; None: the shards are the output), page and summary: all written or none."""
-    from .shards import is_uri, open_dir, put  # shards imports this module
-
     _warn(summary)
 
     def write_rows(tmp):

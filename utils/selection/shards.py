@@ -20,12 +20,12 @@ from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
 from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
-from .run import POI_TABLES, Selection
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "_plan.json"  # written by older versions beside the shards: left alone
 META_KEY = b"avas_select"
+POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
@@ -83,8 +83,8 @@ def staged_cache(location: str, cands: list[Candidate]):
             c.file = join(location, Path(c.file).name) if c.file else None
 
 
-def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
-    """What the output rows depend on: a finished shard is reused only under the same key."""
+def plan_key(job, hashes: dict, n_shards: int, shard_items: int) -> str:
+    """What the output rows of a ``Selection`` depend on: a finished shard is reused only under the same key."""
     paths = {"items": job.items, **{n: getattr(job.files, n) for n in POI_TABLES}}
     enc = job.scoring.enc
     plan = {
