@@ -163,8 +163,7 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
 
 
 def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
-    """The state dict of ``path`` and an empty ``AlignModel`` (in ``head``) of ``arch`` (an ``AlignArch``
-    or its JSON file), else of the architecture the checkpoint records."""
+    """``(state dict of path, an empty AlignModel in head)`` of ``arch`` (or its JSON file), else the recorded one."""
     sd, meta = read_checkpoint(path)
     if not isinstance(arch, AlignArch):
         try:

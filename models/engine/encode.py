@@ -36,9 +36,8 @@ def cpu_cores() -> int:
 
 
 def engine_defaults(device, engine: str = "torch") -> tuple[int, int]:
-    """``(batch size, decoding workers)``: on CUDA 128, one worker per core; on a CPU torch takes 32 and one
-    decoder per ``DECODE_SHARE`` cores beside its threads, ONNX Runtime's lanes 4 (78 img/s on 2 lanes, 67 at
-    16) and every core but the loader's."""
+    """``(batch size, decoding workers)``: CUDA 128, a worker per core; CPU torch 32, a decoder per ``DECODE_SHARE``
+    cores beside its threads; ONNX Runtime's lanes 4 (78 img/s on 2 lanes, 67 at 16), every core but the loader's."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return 128, max(1, min(n, MAX_WORKERS))

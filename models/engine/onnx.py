@@ -173,8 +173,7 @@ class OnnxImageEncoder:
 
 
 def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cache_dir=None, weights_hash=None):
-    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (else a clear
-    error) or ``auto`` (ONNX Runtime where it can run). An export that fails or disagrees: torch, warned."""
+    """The ``f(x, normalize)`` of ``backend`` (``auto``: ONNX Runtime where it runs); a failed export: torch, warned."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":

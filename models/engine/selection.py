@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SelectionModels:
-    """``recall`` encodes stage 1; ``rank_rm`` is the ranker's recall copy (pois_feature texts, stage 2
-    on the "two" path); ``hashes``: weights sha256 of "recall" and "ranker_align"."""
+    """``rank_rm``: the ranker's recall copy (pois_feature texts, stage 2 of "two"); ``hashes``: of both, sha256."""
 
     recall: RecallModel
     ranker: torch.nn.Module | None
