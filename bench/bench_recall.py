@@ -26,7 +26,7 @@ Printed: ours / naive (target >= 2.5), ours' image stage / engine alone (target 
 start-up to the first image encoded, peak RSS of ours (main + workers, target < 3 GB),
 scores of ours vs naive (within 1e-4).
 --split: the image stage for decoding workers x engine threads on this machine (the
-figures behind ``utils.embed.default_num_workers``). --extras: the earlier figures (torch
+figures behind ``models.engine.encode.engine_defaults``). --extras: the earlier figures (torch
 NCHW / channels_last alone, fast preprocessing, bf16, --backend torch, a cached rerun).
 The machine's load average is printed: other work slows every figure.
 """
@@ -61,7 +61,7 @@ import recall_infer  # noqa: E402
 from models.align import AlignModel  # noqa: E402
 from models.checkpoint import load_align_model, save_align_checkpoint  # noqa: E402
 from models.engine.cache import EmbeddingCache  # noqa: E402
-from models.engine.encode import default_batch_size, encode_images  # noqa: E402
+from models.engine.encode import encode_images, engine_defaults  # noqa: E402
 from models.engine.onnx import OnnxImageEncoder  # noqa: E402
 from models.factory import build_recall_model  # noqa: E402
 from utils.args import Encoding  # noqa: E402
@@ -364,7 +364,7 @@ def engine_alone(rm, paths, batches: int = 4) -> tuple[str, float, str]:
         return "torch", 32 * batches / (time.perf_counter() - t), f"1 caller x {torch.get_num_threads()} threads"
     best = (0.0, "")
     one = OnnxImageEncoder(rm.model, lanes=1)  # the cached export, every core for one caller
-    for e, bs in ((enc, default_batch_size("cpu", "onnx")), (one, 32)):
+    for e, bs in ((enc, engine_defaults("cpu", "onnx")[0]), (one, 32)):
         x = torch.stack([load_image(p)[0] for p in paths[:bs]])
         e(x)  # warm-up
 

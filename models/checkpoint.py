@@ -54,16 +54,14 @@ def empty_model():
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
     """``(state_dict, other entries)`` of a wrapped checkpoint; a key prefix is stripped only when EVERY key has it."""
-    notes = []
-    if isinstance(obj.get("state_dict"), dict):
-        sd, meta = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
-        if set(meta) - {"arch"}:
-            notes.append(f'{{"state_dict": ...}} with {", ".join(sorted(map(str, meta))[:6])}')
-    elif isinstance(obj.get("model"), dict):  # a state dict's values are tensors, not dicts
-        sd, meta = obj["model"], {k: v for k, v in obj.items() if k != "model"}
-        notes.append('{"model": ...}')
-    else:
-        sd, meta = obj, {}
+    notes, sd, meta = [], obj, {}
+    for key in ("state_dict", "model"):  # a state dict's values are tensors, not dicts
+        if isinstance(obj.get(key), dict):
+            sd, meta = obj[key], {k: v for k, v in obj.items() if k != key}
+            if key == "model" or set(meta) - {"arch"}:
+                extras = f" with {', '.join(sorted(map(str, meta))[:6])}" if meta else ""
+                notes.append(f'{{"{key}": ...}}{extras}')
+            break
     for prefix, what in WRAPPER_PREFIXES.items():
         if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
@@ -73,27 +71,23 @@ def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
     return sd, meta
 
 
-def _read_safetensors(path: str) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        if "arch" in meta:
-            meta["arch"] = json.loads(meta["arch"])
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
-    return sd, meta
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(state_dict, meta)`` of a torch or ``.safetensors`` checkpoint (``meta``: e.g. the recorded ``arch``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.endswith(SAFETENSORS):
-        return _read_safetensors(path)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            if "arch" in meta:
+                meta["arch"] = json.loads(meta["arch"])
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+        return sd, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, a pickle with code, not a torch file
@@ -169,8 +163,7 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
 
 
 def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
-    """The state dict of ``path`` and an empty ``AlignModel`` (in ``head``) of ``arch`` (an ``AlignArch``
-    or its JSON file), else of the architecture the checkpoint records."""
+    """``(state dict of path, an empty AlignModel in head)`` of ``arch`` (or its JSON file), else the recorded one."""
     sd, meta = read_checkpoint(path)
     if not isinstance(arch, AlignArch):
         try:

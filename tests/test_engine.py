@@ -27,7 +27,7 @@ from models.engine import encode as embed  # noqa: E402
 from models.engine import onnx as onnx_backend  # noqa: E402
 from models.engine import recall_model as factory  # noqa: E402
 from models.engine.cache import EmbeddingCache  # noqa: E402
-from models.engine.encode import cpu_cores, default_lanes, default_num_workers, encode_images, prefetch_images
+from models.engine.encode import cpu_cores, default_lanes, encode_images, engine_defaults, prefetch_images
 from models.engine.onnx import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
 from utils.args import Encoding  # noqa: E402
 
@@ -188,9 +188,9 @@ def test_core_split_defaults():
         assert default_lanes() == 1  # a Ray actor's budget, OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)
-    assert default_num_workers("cpu", "torch") == max(1, min(n // 2, 8))  # beside torch's threads
-    assert default_num_workers("cpu", "onnx") == max(1, min(n - 1, 8))  # ahead, during start-up
-    assert default_num_workers("cuda") == max(1, min(n, 8))
+    assert engine_defaults("cpu", "torch")[1] == max(1, min(n // 2, 8))  # beside torch's threads
+    assert engine_defaults("cpu", "onnx")[1] == max(1, min(n - 1, 8))  # ahead, during start-up
+    assert engine_defaults("cuda")[1] == max(1, min(n, 8))
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
-"""Embedding cache (``<cache_dir>/embeddings.sqlite``), keyed by file content (sha256, known by size and
-mtime while unchanged) and namespace (model identity, preprocessing, precision). A vector failing its
-CRC-32, size or finiteness is encoded again; a file that is not a cache is moved aside; a later SQLite
-error disables the cache, never the run. Processes may share it (SQLite locking)."""
+"""Embedding cache (``<cache_dir>/embeddings.sqlite``) keyed by file content (sha256, known by size and mtime)
+and namespace (model identity, preprocessing, precision). A vector failing its CRC-32, size or finiteness is
+encoded again, a file not a cache moved aside, a later SQLite error disables the cache, never the run."""
 
 from __future__ import annotations
 

@@ -35,19 +35,15 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_batch_size(device, engine: str = "torch") -> int:
-    """128 on CUDA; on a CPU 32 for torch, 4 for ONNX Runtime's lanes (78 img/s on 2 lanes, 67 at 16)."""
-    if torch.device(device).type == "cuda":
-        return 128
-    return 4 if engine == "onnx" else 32
-
-
-def default_num_workers(device, backend: str = "torch") -> int:
-    """Decoders: one per ``DECODE_SHARE`` cores beside torch; for ONNX Runtime all cores but the loader's."""
+def engine_defaults(device, engine: str = "torch") -> tuple[int, int]:
+    """``(batch size, decoding workers)``: CUDA 128, a worker per core; CPU torch 32, a decoder per ``DECODE_SHARE``
+    cores beside its threads; ONNX Runtime's lanes 4 (78 img/s on 2 lanes, 67 at 16), every core but the loader's."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
-        return max(1, min(n, MAX_WORKERS))
-    return max(1, min(n - 1 if backend == "onnx" else n // DECODE_SHARE, MAX_WORKERS))
+        return 128, max(1, min(n, MAX_WORKERS))
+    if engine == "onnx":
+        return 4, max(1, min(n - 1, MAX_WORKERS))
+    return 32, max(1, min(n // DECODE_SHARE, MAX_WORKERS))
 
 
 def default_lanes() -> int:
@@ -117,8 +113,9 @@ class ImagePrefetch:
         onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
         backend = "onnx" if onnx else "torch"
         self.paths, self.enc, self.loader = [str(p) for p in paths], enc, loader
-        self.batch_size = enc.batch_size or default_batch_size(device, backend)
-        self.num_workers = default_num_workers(device, backend) if enc.num_workers is None else enc.num_workers
+        batch_size, workers = engine_defaults(device, backend)
+        self.batch_size = enc.batch_size or batch_size
+        self.num_workers = workers if enc.num_workers is None else enc.num_workers
         self.count = min(len(self.paths), max(1, (depth or PREFETCH_IMAGES) // self.batch_size) * self.batch_size)
         factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))  # every batch at once
         head = self.paths[: self.count]
@@ -212,7 +209,8 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) 
         log.debug("images: consuming the first %d images decoded ahead", ahead_count)
     encoder = engine() if engine is not None else model.encode_image
     on_torch = getattr(encoder, "__self__", None) is model
-    batch_size = batch_size or default_batch_size(device, "torch" if on_torch else "onnx")
+    default_batch, default_workers = engine_defaults(device, "torch" if on_torch else "onnx")
+    batch_size = batch_size or default_batch
     lanes = getattr(encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
     if lanes > 1:
         if not workers:  # nothing decoded ahead: the lanes decode every batch, side by side
@@ -220,7 +218,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) 
         _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, put)
     else:
         if workers is None:
-            workers = default_num_workers(device, "torch" if on_torch else "onnx")
+            workers = default_workers
         batches = ahead
         if ahead is None or ahead_count < len(paths):  # the loader's workers start now
             rest = _loader(paths[ahead_count:], enc.preprocess, loader, batch_size, workers, device)
@@ -290,8 +288,7 @@ def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count:
 
 
 def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
-    """``len(texts) x D``, each distinct text once, in batches of similar length (16 on a CPU: 1.4x faster
-    than 64, the activations stay in cache; 256 on CUDA)."""
+    """``len(texts) x D``, each distinct text once, in batches of similar length (16 on a CPU, 256 on CUDA)."""
     device = next(model.parameters()).device
     batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
     distinct = sorted(dict.fromkeys(texts), key=len)

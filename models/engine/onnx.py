@@ -1,7 +1,6 @@
-"""The ONNX Runtime engine for the image tower (CPU, fp32): torch's vectors, checked to 1e-5 on every
-load. The export is cached as ``<dir>/image_<key>.onnx`` (``dir``: the argument, ``$AVAS_ONNX_CACHE`` or
-``~/.cache/avas/onnx``); a cached file that fails to load or agree is exported again, a fresh one is
-refused and ``image_encoder_for`` falls back to torch."""
+"""The ONNX Runtime engine for the image tower (CPU, fp32), checked against torch to 1e-5 on every load. The
+export is cached as ``<dir>/image_<key>.onnx`` (the argument, ``$AVAS_ONNX_CACHE``, ``~/.cache/avas/onnx``);
+a cached file that fails is exported again, a fresh one refused (``image_encoder_for``: torch instead)."""
 
 from __future__ import annotations
 
@@ -174,8 +173,7 @@ class OnnxImageEncoder:
 
 
 def image_encoder_for(model, backend="auto", device="cpu", precision="fp32", cache_dir=None, weights_hash=None):
-    """The ``f(x, normalize)`` encoding image batches on ``backend``: ``torch``, ``onnx`` (else a clear
-    error) or ``auto`` (ONNX Runtime where it can run). An export that fails or disagrees: torch, warned."""
+    """The ``f(x, normalize)`` of ``backend`` (``auto``: ONNX Runtime where it runs); a failed export: torch, warned."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "torch":

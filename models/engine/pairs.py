@@ -18,10 +18,8 @@ from utils.args import Encoding
 from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, check_draws, pair_metrics, read_pairs, write_pair_outputs
 from utils.formats import ItemInputs, RankRow, index_images, load_poi_tables, stack_inputs
 
-from ..align import load_tokenizer
-from ..checkpoint import load_ranker
 from .encode import prefetch_images
-from .recall_model import wrap_align
+from .recall_model import load_ranker_model
 
 log = logging.getLogger(__name__)
 PAIR_CHUNK = 8192  # pairs whose head inputs are stacked at once (bounds memory)
@@ -85,12 +83,9 @@ def evaluate_pairs(run: PairRun) -> dict:
 
 def build_model(run: PairRun, device, tables):
     """``(ranker, its RecallModel, tables checked against its embedding size)``."""
-    ranker = load_ranker(
-        run.checkpoint, run.bert_dir, arch=run.arch, align_checkpoint=run.align_checkpoint, device=device
+    ranker, rm = load_ranker_model(
+        run.checkpoint, run.bert_dir, run.arch, run.align_checkpoint, device=device, backend=run.enc.backend
     )
-    sources = {f: getattr(run, f) for f in ("checkpoint", "bert_dir", "arch", "align_checkpoint")}
-    tok = load_tokenizer(run.bert_dir)
-    rm = wrap_align(ranker.align_model, tok, device=device, backend=run.enc.backend, sources=sources)
     log.info("ranker %s on %s", run.checkpoint, device)
     return ranker, rm, tables.with_dim(rm.embed_dim)
 

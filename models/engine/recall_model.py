@@ -12,6 +12,8 @@ import torch
 from utils.args import Encoding
 from utils.hashing import model_hash
 
+from ..align import load_tokenizer
+from ..checkpoint import load_ranker
 from .cache import EmbeddingCache
 from .encode import encode_images, encode_texts
 from .onnx import OnnxImageEncoder, image_encoder_for
@@ -88,3 +90,11 @@ class RecallModel:
 def wrap_align(model, tokenizer, *, device="cpu", backend="torch", onnx_cache_dir=None, sources=None) -> RecallModel:
     """A ``RecallModel`` around an alignment model in memory (the ranker's copy, a model in training)."""
     return RecallModel("align", model, tokenizer, sources or {}, torch.device(device), backend, onnx_cache_dir)
+
+
+def load_ranker_model(checkpoint, bert_dir, arch=None, align_checkpoint=None, *, device="cpu", backend="torch"):
+    """``(ranker in eval mode, a RecallModel around its recall copy)``."""
+    ranker = load_ranker(checkpoint, bert_dir, arch=arch, align_checkpoint=align_checkpoint, device=device)
+    sources = {"checkpoint": checkpoint, "bert_dir": bert_dir, "arch": arch, "align_checkpoint": align_checkpoint}
+    rm = wrap_align(ranker.align_model, load_tokenizer(bert_dir), device=device, backend=backend, sources=sources)
+    return ranker, rm

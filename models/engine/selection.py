@@ -1,7 +1,6 @@
-"""The two-stage scoring of a block of catalogue items (run by utils.selection, locally or on Ray)
-and its models. Encode paths: "single" (the recall checkpoint has the ranker's recall weights, or
-none is given: image vectors serve both stages), "two" (stage 2 encodes its short list again with
-the ranker's copy), "recall-only" (no ranker). Each distinct file and text is encoded once per model."""
+"""The two-stage scoring of a block of catalogue items (run by utils.selection, locally or on Ray). Encode
+paths: "single" (stage 1 runs the ranker's recall weights: image vectors serve both stages), "two" (stage 2
+encodes its short list again with the ranker's copy), "recall-only". Each file and text encoded once."""
 
 from __future__ import annotations
 
@@ -18,16 +17,15 @@ from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text
 from utils.selection import OK, UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
 
 from ..align import load_tokenizer
-from ..checkpoint import load_align_model, load_ranker
-from .recall_model import RecallModel, wrap_align
+from ..checkpoint import load_align_model
+from .recall_model import RecallModel, load_ranker_model, wrap_align
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SelectionModels:
-    """``recall`` encodes stage 1; ``rank_rm`` is the ranker's recall copy (pois_feature texts, stage 2
-    on the "two" path); ``hashes``: weights sha256 of "recall" and "ranker_align"."""
+    """``rank_rm``: the ranker's recall copy (pois_feature texts, stage 2 of "two"); ``hashes``: of both, sha256."""
 
     recall: RecallModel
     ranker: torch.nn.Module | None
@@ -38,22 +36,21 @@ class SelectionModels:
 
 def load_selection_models(files: ModelFiles, device="cpu", backend: str = "torch"):
     """``(SelectionModels, POI tables or None)``."""
-    tokenizer = load_tokenizer(files.bert_dir)
 
-    def wrap(model, checkpoint):
+    def recall_model(tokenizer):
+        checkpoint = files.recall_checkpoint or files.ranker_checkpoint
+        model = load_align_model(checkpoint, files.bert_dir, arch=files.arch, device=device)
         sources = {"checkpoint": checkpoint, "bert_dir": files.bert_dir, "arch": files.arch}
         return wrap_align(model, tokenizer, device=device, backend=backend, sources=sources)
 
-    def recall_model(checkpoint):
-        return wrap(load_align_model(checkpoint, files.bert_dir, arch=files.arch, device=device), checkpoint)
-
     if files.recall_only:
-        rm = recall_model(files.recall_checkpoint or files.ranker_checkpoint)
+        rm = recall_model(load_tokenizer(files.bert_dir))
         log.info("recall model loaded (%s...); recall only", rm.weights_hash()[:12])
         return SelectionModels(rm, None, None, "recall-only", {"recall": rm.weights_hash()}), None
-    ranker = load_ranker(files.ranker_checkpoint, files.bert_dir, arch=files.arch, device=device)
-    rank_rm = wrap(ranker.align_model, files.ranker_checkpoint)
-    rm = recall_model(files.recall_checkpoint) if files.recall_checkpoint else rank_rm
+    ranker, rank_rm = load_ranker_model(
+        files.ranker_checkpoint, files.bert_dir, files.arch, device=device, backend=backend
+    )
+    rm = recall_model(rank_rm.tokenizer) if files.recall_checkpoint else rank_rm
     hashes = {"ranker_align": rank_rm.weights_hash(), "recall": rm.weights_hash()}
     if hashes["recall"] == hashes["ranker_align"]:
         log.info("stage 1 runs the ranker's own recall copy: image vectors computed once (single encode path)")
@@ -159,8 +156,7 @@ def _final_ranks(item) -> None:
 
 
 def score_block(items, models: SelectionModels, tables, settings: Scoring, clock=None, image_loader=None) -> dict:
-    """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``
-    (``f(path, mode) -> (tensor, ok)``) replaces reading the files."""
+    """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``: replaces reading files."""
     clock, enc = clock or Clock(), settings.enc
     if image_loader is not None:
         for rm in {id(m): m for m in (models.recall, models.rank_rm) if m}.values():

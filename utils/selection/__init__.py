@@ -1,6 +1,6 @@
 """Selection on a user's catalogue: the catalogue (``catalogue``), a run and the local
 runner (``run``), the Ray runner (``ray_runner``: Ray in ``cluster``, the outputs in
-``shards`` and ``store``). The runners take the model loader and scoring as functions."""
+``shards``). The runners take the model loader and scoring as functions."""
 
 from utils import front_door
 
@@ -9,9 +9,9 @@ __all__, __getattr__ = front_door(
     {
         "catalogue": "DOWNLOAD_FAILED DUPLICATE Item MISSING OK OUTPUT_HEADER STATUSES UNREADABLE is_parquet "
         "mark_duplicates output_rows resolve_images write_output",
-        "run": "Clock ModelFiles RayOptions Scoring Selection check_rows read_items run_local",
+        "run": "Clock ModelFiles RayOptions Scoring Selection run_local",
         "ray_runner": "run_on_ray",
         "cluster": "connect_ray",
-        "store": "is_uri",
+        "shards": "is_uri",
     },
 )

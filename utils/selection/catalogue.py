@@ -1,7 +1,6 @@
-"""The catalogue of ``select_images.py``: a UTF-8 CSV with the header
-``item_id,title,poi_names,image`` or a Parquet file with those columns (row i is line
-i + 2), one row per candidate image; rows grouped into items (an item's title and
-poi_names come from its first row), images resolved (URLs downloaded once), output rows."""
+"""The catalogue of ``select_images.py``: a UTF-8 CSV (header ``item_id,title,poi_names,image``) or a Parquet
+file with those columns (row i is line i + 2), one row per candidate image, grouped into items (title and
+poi_names from the item's first row); images resolved (URLs downloaded once); the output rows."""
 
 from __future__ import annotations
 
@@ -85,8 +84,7 @@ def _lacking(path: str, line: int, found: list[str]) -> None:
 
 
 def _csv_rows(path: str, errors: list[RowError]):
-    """``(line, fields)`` of a CSV catalogue, decoded line by line (a bad byte is a bad
-    row at its line)."""
+    """``(line, fields)`` of a CSV catalogue, decoded line by line (a bad byte: a bad row at its line)."""
     seen = len(errors)
     reader = csv.reader(text_lines(path, errors))
     try:
@@ -135,8 +133,7 @@ def _parquet_rows(path: str, groups: list[int] | None, line: int):
 
 
 def catalogue_rows(path: str, errors: list[RowError], groups: list[int] | None = None, line: int = 2):
-    """``(line, item_id, title, poi_names, image)`` of every usable row (of the Parquet row
-    ``groups`` starting at ``line``); unusable rows go to ``errors`` with their line."""
+    """Usable rows ``(line, item_id, title, poi_names, image)`` (Parquet: ``groups`` from ``line``); bad: ``errors``."""
     rows = _parquet_rows(path, groups, line) if is_parquet(path) else _csv_rows(path, errors)
     for line, (item_id, title, pois, image) in rows:
         item_id, image = item_id.strip(), image.strip()
@@ -161,8 +158,7 @@ def group_items(rows, path: str) -> list[Item]:
 
 
 def mark_duplicates(items: list[Item]) -> int:
-    """Mark the candidates repeating an image (URL or resolved file) of an earlier one of
-    their item; returns how many."""
+    """Mark the candidates repeating an image (URL or resolved file) earlier in their item; returns how many."""
     n = 0
     for it in items:
         first: dict[str, Candidate] = {}
@@ -182,8 +178,7 @@ def url_stem(url: str) -> str:
 
 
 def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, progress: bool) -> dict:
-    """Set ``file`` (or a failure status) of every candidate: local paths against ``csv_dir``,
-    each URL downloaded once into ``image_cache`` (a valid copy reused). Returns counts."""
+    """Each candidate's ``file`` or failure status: paths against ``csv_dir``, URLs fetched once; returns counts."""
     from utils.fetch import download_one, open_session
 
     counts = dict.fromkeys(("local", "missing", "urls", "downloaded", "reused", "failed"), 0)

@@ -1,15 +1,12 @@
-"""Ray for ``select_images.py --ray``: joining a cluster (a join refused for its token is
-one line naming what to set, within a second) or starting a local Ray; the catalogue read
-on the workers with the local reader (a CSV by one task, since a row's line is known only
-from the file's start; a Parquet file by one task per row group), counted, then grouped
-into shards: shard k holds the items with ``crc32(item_id) % shards == k``."""
+"""Ray for ``select_images.py --ray``: joining a cluster (a refused token: one line naming what to set) or
+starting a local Ray; the catalogue read on the workers (a CSV by one task, a Parquet file by one task per
+row group), counted, grouped into shards: shard k holds the items with ``crc32(item_id) % shards == k``."""
 
 from __future__ import annotations
 
 from utils.cli import RowError, UserError
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -42,8 +39,7 @@ FIELDS = ("line", "item_id", "title", "poi_names", "image")
 
 
 def runtime_env(address: str | None) -> dict:
-    """Workers import this project: on a local Ray through PYTHONPATH (with the driver's
-    storage credentials), on a cluster by shipping the code (data files left out)."""
+    """Workers import this project: a local Ray's by PYTHONPATH (with storage credentials), a cluster's shipped."""
     env = {k: v for k, v in os.environ.items() if k in PASS_ENV or (not address and k.startswith(STORE_ENV))}
     if address:
         return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
@@ -66,8 +62,7 @@ def _quiet_stderr():
 
 
 def check_token(address: str) -> None:
-    """One request to the cluster's GCS at ``address`` (HOST:PORT), as the driver's join
-    makes it: a missing or refused token is a ``UserError`` naming the variable."""
+    """One request to the GCS at ``address`` (HOST:PORT) as the join makes it: a refused token is a ``UserError``."""
     from ray._raylet import AuthenticationTokenLoader, GcsClient
     from ray.exceptions import AuthenticationError
 
@@ -91,8 +86,7 @@ def check_token(address: str) -> None:
 
 
 def connect_ray(address: str | None = None, **init_kw) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), else start a local Ray in this process.
-    Returns True when this call started the session (the caller shuts it down)."""
+    """Join ``address`` (or RAY_ADDRESS), else start a local Ray; True when this call started it (to shut down)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
         # a Ray of this machine only: on the loopback address, not the machine's interface,
@@ -149,21 +143,18 @@ def _read(path: str, groups, line: int):
         yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
 
 
+def _read_parts(batch, path: str):
+    for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
+        yield from _read(path, groups, line)
+
+
 def read_dataset(path: str):
-    """The catalogue as a Ray dataset, read on the workers."""
+    """The catalogue as a Ray dataset, read on the workers (one task per part)."""
     import ray.data
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
 
-    class Catalogue(Datasource):
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, **kw):
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
-            return [ReadTask(functools.partial(_read, path, g, line), meta) for g, line in _parts(path)]
-
-    return ray.data.read_datasource(Catalogue())
+    parts = [{"groups": groups, "line": line} for groups, line in _parts(path)]
+    ds = ray.data.from_items(parts, override_num_blocks=len(parts))
+    return ds.map_batches(_read_parts, fn_kwargs={"path": path}, batch_size=1, batch_format="pyarrow")
 
 
 def _counts(t):
@@ -177,8 +168,7 @@ def _counts(t):
 
 
 def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
-    """``(usable rows, items, bad rows in line order)``, before any scoring. Items are
-    counted per block (more when an item's rows are far apart): they only size the shards."""
+    """``(usable rows, items, bad rows in line order)``; items are counted per block (they only size the shards)."""
     ds = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None)
     rows = items = 0
     errors: list[RowError] = []

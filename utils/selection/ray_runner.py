@@ -1,7 +1,6 @@
-"""The selection on Ray Data (``--ray``): the local run's rows (scores within 1e-5). Each
-shard not written yet goes through ``prepare_stage`` (CPU task: downloads, decoding),
-``ScoreShards`` (actor pool, one model set each) and ``write_stage``; the driver holds
-counts only. Dead workers are retried, a lost node's shards run again."""
+"""The selection on Ray Data (``--ray``): the local run's rows (scores within 1e-5). Each shard not written
+goes through ``prepare_stage`` (CPU task: downloads, decoding), ``ScoreShards`` (actor pool, one model set
+each) and ``write_stage``; the driver holds counts only. Dead workers are retried, lost shards run again."""
 
 from __future__ import annotations
 
@@ -21,11 +20,10 @@ from dataclasses import replace
 
 from utils.io import exclusive_lock
 
-from .catalogue import OK, UNREADABLE, catalogue_rows, write_output
+from .catalogue import OK, UNREADABLE, catalogue_rows, output_rows, write_output
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
-from .run import Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .shards import POI_TABLES, finished_shards, merged_rows, plan_key, shard_items, shard_metas, write_shard
-from .store import is_uri, open_dir, staged_cache
+from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
+from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +171,7 @@ def check_resources(opts: RayOptions) -> None:
 
 
 def _map(ds, fn, kw: dict, **retries):
-    """``ds.map_batches(fn, **kw)`` with bounded retries (Ray's defaults retry without
-    bound); a Ray that no longer takes them this way gets its defaults, logged."""
+    """``ds.map_batches(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         try:
@@ -282,13 +279,13 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
     summary["ray"] = record
     fs, d = open_dir(location)
-    merge = (lambda tmp: write_output(tmp, merged_rows(fs, d, metas))) if location != job.out else None
+    in_order = lambda: sorted(shard_items(fs, d, metas), key=lambda it: it.line)  # the local run's order
+    merge = (lambda tmp: write_output(tmp, output_rows(in_order()))) if location != job.out else None
     return finish(job, summary, clock, merge, lambda: shard_items(fs, d, metas))
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
-    """The selection on Ray: writes the local run's outputs, returns the summary. ``load``
-    and ``score`` are plain functions (the actors import them by name)."""
+    """The selection on Ray: writes the outputs, returns the summary (``load``, ``score``: importable by name)."""
     clock, job = Clock(), absolute(job)
     with clock("read"):  # the header only: a file without the columns stops before Ray starts
         next(catalogue_rows(job.items, []), None)

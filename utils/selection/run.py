@@ -1,7 +1,6 @@
-"""A selection run (``Selection``), the steps both runners share and the local runner.
-The runners take the model loader and the block scoring as plain functions:
-``load(files, device, backend) -> (models, tables)`` (``models.path``, ``models.hashes``)
-and ``score(items, models, tables, scoring, clock=None, image_loader=None) -> counts``."""
+"""A selection run (``Selection``), the steps both runners share and the local runner. The runners take
+``load(files, device, backend) -> (models, tables)`` (``models.path``, ``models.hashes``) and
+``score(items, models, tables, scoring, clock=None, image_loader=None) -> counts`` as plain functions."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from .catalogue import (
     resolve_images,
     write_output,
 )
-from .store import is_uri, open_dir, put
+from .shards import POI_TABLES, is_uri, open_dir, put
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class ModelFiles:
 
     @property
     def poi_tables(self) -> tuple[str, str, str] | None:
-        tables = (self.poi_pic_num, self.poi_image_vectors, self.poi_name_vectors)
+        tables = tuple(getattr(self, n) for n in POI_TABLES)
         return tables if all(tables) else None
 
 
@@ -120,19 +119,8 @@ class Clock:
         return self.timings
 
 
-def read_items(job: Selection) -> tuple[list[Item], list]:
-    """The catalogue's items and bad rows, under the bad-row rule."""
-    errors: list = []
-    items = group_items(catalogue_rows(job.items, errors), job.items)
-    n = sum(len(it.cands) for it in items)
-    check_rows(job.items, n, errors, job.skip_bad_rows)
-    log.info("%s: %d items, %d candidate rows, %d bad rows", job.items, len(items), n, len(errors))
-    return items, errors
-
-
 def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
-    """The one bad-row rule, where the rows' errors come together: refused unless skipped;
-    a catalogue without a usable row is an error either way."""
+    """The one bad-row rule (refused unless skipped); a catalogue without a usable row is an error either way."""
     if not usable:
         first = f"; first: {errors[0]}" if errors else ""
         raise DataError(f"{path}: no usable rows ({len(errors)} bad{first})")
@@ -150,8 +138,7 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
 
 
 def add_counts(total: dict, more: dict) -> dict:
-    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, strings
-    and sets collected in sets."""
+    """``more`` added into ``total``: numbers summed, dicts by key, lists joined, strings and sets into sets."""
     for k, v in more.items():
         if isinstance(v, dict):
             add_counts(total.setdefault(k, {}), v)
@@ -177,8 +164,7 @@ def tally(items: list[Item]) -> dict:
 
 
 def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch: dict, counts: dict, device) -> dict:
-    """The summary of a run: ``counted`` (``tally``), ``models`` (encode path, weight
-    hashes) and the blocks' counts, added up."""
+    """The run's summary: ``counted`` (``tally``), ``models`` (encode path, hashes), the blocks' counts added up."""
     path, hashes = models
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
@@ -211,8 +197,7 @@ def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch:
 
 
 def page_sample(items) -> list[Item]:
-    """At most PAGE_ITEMS of ``items`` (read once), drawn evenly with a fixed seed, in
-    catalogue order: the page stays readable."""
+    """At most PAGE_ITEMS of ``items`` (read once), drawn with a fixed seed, in catalogue order."""
     rng, kept = random.Random(0), []
     for n, it in enumerate(items):
         if n < PAGE_ITEMS:
@@ -239,19 +224,17 @@ def _report_head(job: Selection, summary: dict, shown: int) -> dict:
 
 
 def _warn(summary: dict) -> None:
-    no_sel, unknown = summary["items_without_readable_candidate"], summary["unknown_pois"]
-    if no_sel:
-        shown = ", ".join(no_sel[:10]) + (" ..." if len(no_sel) > 10 else "")
-        log.warning("%d items have no readable candidate and get no selection: %s", len(no_sel), shown)
-    if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        n_items = summary["items_with_unknown_poi"]
-        log.warning("%d POI names lack a table vector (zero vectors), in %d items: %s", len(unknown), n_items, shown)
+    unknown = f"POI names lack a table vector (zero vectors), in {summary.get('items_with_unknown_poi')} items"
+    for names, what in (
+        (summary["items_without_readable_candidate"], "items have no readable candidate and get no selection"),
+        ([repr(n) for n in summary["unknown_pois"]], unknown),
+    ):
+        if names:
+            log.warning("%d %s: %s", len(names), what, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
 
 def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
-    """The CSV (``rows(tmp)`` writes it; None: the Ray shards are the output), the page
-    (of ``items()``, sampled) and the summary, committed together or not at all."""
+    """The CSV (``rows(tmp)``; None: the shards are the output), page and summary: all written or none."""
     _warn(summary)
 
     def write_rows(tmp):
@@ -288,7 +271,11 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
     clock, enc = Clock(), job.scoring.enc
     device = resolve_device(enc.device)
     with clock("read"):
-        items, errors = read_items(job)
+        errors: list = []
+        items = group_items(catalogue_rows(job.items, errors), job.items)
+        n = sum(len(it.cands) for it in items)
+        check_rows(job.items, n, errors, job.skip_bad_rows)
+    log.info("%s: %d items, %d candidate rows, %d bad rows", job.items, len(items), n, len(errors))
     with clock("load_models"):
         models, tables = load(job.files, device, enc.backend)
     with clock("resolve"):

@@ -1,22 +1,25 @@
-"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its
-items and, in the metadata, the plan it was made under (catalogue, weights, settings),
-its counts and where its stages ran. A rerun keeps the shards of its own plan only."""
+"""The shard files of a Ray selection, ``part-NNNNNN.parquet``: the output rows of its items and, in the
+metadata, the plan it was made under, its counts and where its stages ran (a rerun keeps the shards of its
+own plan only). They, the summary and downloaded images live on a path every node sees, or a URI pyarrow
+understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``; credentials as pyarrow finds them)."""
 
 from __future__ import annotations
 
 from utils.cli import UserError
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import tempfile
+from pathlib import Path
 
+from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
-from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows
-from .run import Selection
-from .store import open_dir, put
+from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,60 @@ SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
 
 
-def plan_key(job: Selection, hashes: dict, n_shards: int, shard_items: int) -> str:
-    """What the output rows depend on: a finished shard is reused only under the same key."""
+def is_uri(location) -> bool:
+    return "://" in str(location)
+
+
+def open_dir(location: str):
+    """``(pyarrow filesystem, path on it)`` of a URI or a local path."""
+    import pyarrow.fs as pafs
+
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
+    """One file between two filesystems (the local one where None)."""
+    import pyarrow.fs as pafs
+
+    local = pafs.LocalFileSystem()
+    pafs.copy_files(src, dst, source_filesystem=src_fs or local, destination_filesystem=dst_fs or local)
+
+
+def put(fs, path: str, write) -> None:
+    """``write(local_tmp)`` makes the file, copied beside ``path`` then moved: readers never see half a file."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = os.path.join(d, os.path.basename(path))
+        write(tmp)
+        part = f"{path}.tmp{os.getpid()}"
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        _copy(tmp, part, dst_fs=fs)
+        fs.move(part, path)
+
+
+@contextlib.contextmanager
+def staged_cache(location: str, cands: list[Candidate]):
+    """A local stand-in for the image cache at URI ``location``: cached copies pulled in, new ones pushed after."""
+    fs, base = open_dir(location)
+    with tempfile.TemporaryDirectory() as stage:
+        names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
+        had = {os.path.basename(i.path) for i in fs.get_file_info([join(base, n) for n in names]) if i.size}
+        for name in had:
+            _copy(join(base, name), os.path.join(stage, name), src_fs=fs)
+        yield stage
+        for name in {Path(c.file).name for c in cands if c.file} - had:
+            put(fs, join(base, name), lambda tmp, n=name: os.replace(os.path.join(stage, n), tmp))
+        for c in cands:
+            c.file = join(location, Path(c.file).name) if c.file else None
+
+
+def plan_key(job, hashes: dict, n_shards: int, shard_items: int) -> str:
+    """What the output rows of a ``Selection`` depend on: a finished shard is reused only under the same key."""
     paths = {"items": job.items, **{n: getattr(job.files, n) for n in POI_TABLES}}
     enc = job.scoring.enc
     plan = {
@@ -53,8 +108,7 @@ def shard_name(k: int) -> str:
 
 
 def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written (atomically); those of another plan and temporary
-    files are removed; any other file is the user's: the run is refused."""
+    """Shards of this plan already written; other plans' shards and temp files removed; another file: refused."""
     import pyarrow.fs as pafs
 
     done, stale = set(), []
@@ -87,8 +141,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
 
 
 def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
-    """Shard ``k``, the CSV's columns typed, written atomically (a retried task rewrites
-    the same file); its metadata also holds the items' titles, for the page."""
+    """Shard ``k``, columns typed, written atomically; its metadata also holds the items' titles (for the page)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -110,12 +163,6 @@ def _meta(fs, path: str) -> dict:
 def shard_metas(fs, d: str, ks) -> dict:
     """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
     return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
-
-
-def merged_rows(fs, d: str, ks):
-    """Every shard's rows in the local run's order (items by first line): the single CSV,
-    for a selection that fits one machine."""
-    return output_rows(sorted(shard_items(fs, d, ks), key=lambda it: it.line))
 
 
 def shard_items(fs, d: str, ks):
