@@ -97,9 +97,15 @@ def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
     dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
     cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
-    for name in ("config.json", "vocab.txt"):
-        cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
+    training.check_bert_dir(ns.bert_dir)
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
+
+
+def read_pairs(ns) -> tuple[list, list, int]:
+    pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
+    train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
+    log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
+    return train_pairs, val_pairs, bad
 
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.AlignModel:
@@ -174,15 +180,9 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
     cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
-    with training.distributed(ns.device, ns.log_level) as env:
-        pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
-        train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
-        log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
-        training.check_fills_a_step(len(train_pairs), cfg, env, ns.csv)
-        load = functools.partial(load_model, ns, arch, env.device)
-        training.train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
-    if bad:
-        log.info("%d bad rows of %s were left out (--skip-bad-rows)", bad, ns.csv)
+    read = functools.partial(read_pairs, ns)
+    load = functools.partial(load_model, ns, arch)
+    training.run_training(cfg, ns.device, ns.log_level, ns.csv, read, load, functools.partial(make_task, ns))
     return 0
 
 
