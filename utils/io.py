@@ -114,9 +114,7 @@ def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
             pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
         finally:
             os.close(fd)
-        raise UserError(
-            f"another run holds {path} (pid {pid}); wait for it to finish or use another destination"
-        ) from None
+        raise UserError(f"another run holds {path} (pid {pid}); wait for it or use another destination") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -141,9 +139,8 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                record_bad_row(
-                    errors, RowError(path, n, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                )
+                why = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                record_bad_row(errors, RowError(path, n, why))
                 yield "\n"
                 continue
             if n == 1 and text.startswith("\ufeff"):
