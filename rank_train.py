@@ -91,8 +91,7 @@ def read_pairs(ns) -> tuple[list, list, int]:
 
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
-    """The run's last checkpoint (on resume), --init's ranker, a new head around --init's
-    recall model, or random weights."""
+    """The last checkpoint (on resume), --init's ranker, a new head on --init's recall model, or random."""
     if resume_from is not None:
         ranker = models.load_ranker(resume_from, ns.bert_dir)
     elif not ns.init:

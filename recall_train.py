@@ -126,9 +126,8 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
 
 @contextlib.contextmanager
 def image_engine(ns, align, tokenizer, device, frozen):
-    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image
-    tower's weights change every epoch); --backend onnx exports them into a directory
-    removed after."""
+    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image tower
+    changes every epoch); --backend onnx exports it into a directory removed after."""
     if frozen is not None:
         yield frozen
     elif ns.backend != "onnx":
