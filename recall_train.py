@@ -45,19 +45,12 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
-def _fraction(text: str) -> float:
-    v = cli.finite_float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recall_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
     g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners held out (default 0.1)")
+    g.add_argument("--val-fraction", type=cli.fraction, default=0.1, help="share of owners held out (default 0.1)")
     g.add_argument(
         "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
     )

@@ -166,6 +166,10 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
+def fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def count_or_percent(text: str) -> str:
     """``N`` or ``P%`` (>= 0), kept as written; :func:`allowed_count` reads it."""
     if not re.fullmatch(r"\d+|(\d+(\.\d*)?|\.\d+)%", text):
