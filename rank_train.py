@@ -84,10 +84,10 @@ def check_paths(ns) -> models.AlignArch | None:
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
-def read_pairs(ns) -> tuple[list, list, int]:
+def read_pairs(ns) -> tuple[list, list, dict]:
     train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
     val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
-    return train_pairs, val_pairs, bad + bad_val
+    return train_pairs, val_pairs, {ns.train_csv: bad, ns.val_csv: bad_val}
 
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:

@@ -94,11 +94,11 @@ def check_paths(ns) -> models.AlignArch | None:
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
-def read_pairs(ns) -> tuple[list, list, int]:
+def read_pairs(ns) -> tuple[list, list, dict]:
     pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
     train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
     log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
-    return train_pairs, val_pairs, bad
+    return train_pairs, val_pairs, {ns.csv: bad}
 
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.AlignModel:
