@@ -220,8 +220,7 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 # --- training (utils.training) ------------------------------------------------------------
 def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
-    """What a run of either trainer is; the keywords are the script's defaults (the
-    authors' settings differ between the two models)."""
+    """What a run of either trainer is; the keywords are the script's defaults (the authors' differ per model)."""
     g = p.add_argument_group("training")
     text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
     g.add_argument("--out-dir", required=True, help=text)
@@ -235,12 +234,7 @@ def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, 
         ("--warmup-steps", cli.non_negative_int, warmup_steps, "linear LR warm-up"),
         ("--clip-grad", cli.non_negative_float, clip_grad, "max gradient norm, 0: off"),
         ("--seed", cli.non_negative_int, 0, "data order, split, augmentation"),
-        (
-            "--save-every",
-            cli.non_negative_int,
-            0,
-            "also save checkpoint + state every N optimizer steps; 0: per epoch only",
-        ),
+        ("--save-every", cli.non_negative_int, 0, "also save checkpoint + state every N steps; 0: per epoch only"),
         ("--stop-after-step", cli.non_negative_int, 0, "save and stop after this step; 0: never"),
         ("--eval-batch-size", cli.positive_int, 32, "batch of the validation and of the images encoded once"),
     ):
