@@ -50,19 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_paths(ns) -> None:
-    """Every input readable, every output writable and none an input or the other output."""
-    inputs = {"--" + name.replace("_", "-"): getattr(ns, name) for name in FILES}
-    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
-    outputs = {"--output": ns.output, "--metrics": ns.metrics}
-    cli.check_files(inputs, dirs, outputs, {"--cache-dir": ns.cache_dir})
-
-
 @entry_point
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     cli.setup_logging(ns.log_level)
-    check_paths(ns)
+    inputs = {"--" + name.replace("_", "-"): getattr(ns, name) for name in FILES}
+    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
+    outputs = {"--output": ns.output, "--metrics": ns.metrics}
+    cli.check_files(inputs, dirs, outputs, {"--cache-dir": ns.cache_dir})
     from models import PairRun, evaluate_pairs  # after the checks: torch takes seconds to load
 
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())

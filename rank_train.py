@@ -80,14 +80,18 @@ def check_paths(ns) -> models.AlignArch | None:
     files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
     dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
     cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
-    for name in ("config.json", "vocab.txt"):
-        cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
+    training.check_bert_dir(ns.bert_dir)
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
+def read_pairs(ns) -> tuple[list, list, dict]:
+    train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
+    val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
+    return train_pairs, val_pairs, {ns.train_csv: bad, ns.val_csv: bad_val}
+
+
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
-    """The run's last checkpoint (on resume), --init's ranker, a new head around --init's
-    recall model, or random weights."""
+    """The last checkpoint (on resume), --init's ranker, a new head on --init's recall model, or random."""
     if resume_from is not None:
         ranker = models.load_ranker(resume_from, ns.bert_dir)
     elif not ns.init:
@@ -147,17 +151,11 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> 
 def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
-    cfg = training.TrainConfig.from_options(
-        vars(ns), resume_keys=RESUME_KEYS, last_file="last.ckpt", best_file="best.ckpt"
-    )
-    with training.distributed(ns.device, ns.log_level) as env:
-        train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
-        val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
-        training.check_fills_a_step(len(train_pairs), cfg, env, ns.train_csv)
-        load = functools.partial(load_model, ns, arch, env.device)
-        training.train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
-    if bad or bad_val:
-        log.info("bad rows left out (--skip-bad-rows): %d of %s, %d of %s", bad, ns.train_csv, bad_val, ns.val_csv)
+    files = {"last_file": "last.ckpt", "best_file": "best.ckpt"}
+    cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS, **files)
+    read = functools.partial(read_pairs, ns)
+    load = functools.partial(load_model, ns, arch)
+    training.run_training(cfg, ns.device, ns.log_level, ns.train_csv, read, load, functools.partial(make_task, ns))
     return 0
 
 

@@ -45,19 +45,12 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
-def _fraction(text: str) -> float:
-    v = cli.finite_float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recall_train.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
     g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of owners held out (default 0.1)")
+    g.add_argument("--val-fraction", type=cli.fraction, default=0.1, help="share of owners held out (default 0.1)")
     g.add_argument(
         "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
     )
@@ -97,9 +90,15 @@ def check_paths(ns) -> models.AlignArch | None:
     """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
     dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
     cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
-    for name in ("config.json", "vocab.txt"):
-        cli.input_file(Path(ns.bert_dir) / name, "--bert-dir")
+    training.check_bert_dir(ns.bert_dir)
     return models.AlignArch.from_json(ns.arch) if ns.arch else None
+
+
+def read_pairs(ns) -> tuple[list, list, dict]:
+    pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
+    train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
+    log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
+    return train_pairs, val_pairs, {ns.csv: bad}
 
 
 def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.AlignModel:
@@ -120,9 +119,8 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
 
 @contextlib.contextmanager
 def image_engine(ns, align, tokenizer, device, frozen):
-    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image
-    tower's weights change every epoch); --backend onnx exports them into a directory
-    removed after."""
+    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image tower
+    changes every epoch); --backend onnx exports it into a directory removed after."""
     if frozen is not None:
         yield frozen
     elif ns.backend != "onnx":
@@ -174,15 +172,9 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     arch = check_paths(ns)
     cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
-    with training.distributed(ns.device, ns.log_level) as env:
-        pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
-        train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
-        log.info("%d pairs: %d for training, %d held out", len(pairs), len(train_pairs), len(val_pairs))
-        training.check_fills_a_step(len(train_pairs), cfg, env, ns.csv)
-        load = functools.partial(load_model, ns, arch, env.device)
-        training.train(cfg, env, load, functools.partial(make_task, ns, env, train_pairs, val_pairs))
-    if bad:
-        log.info("%d bad rows of %s were left out (--skip-bad-rows)", bad, ns.csv)
+    read = functools.partial(read_pairs, ns)
+    load = functools.partial(load_model, ns, arch)
+    training.run_training(cfg, ns.device, ns.log_level, ns.csv, read, load, functools.partial(make_task, ns))
     return 0
 
 

@@ -3,9 +3,9 @@
 pairwise accuracy (0.652). Steps: assets, recall-images, recall-infer, recall-eval,
 rank-images, rank-eval (+ taiyi-infer, taiyi-eval with --with-baselines).
 
-A step (plan()) is one library call; it is skipped when its outputs exist and its stamp
-holds the same arguments and inputs (how it runs does not count; --force STEP reruns it).
-Exit status: 0 done, 1 a step failed (named), 2 bad arguments or paths, 130 interrupted.
+A step is one library call, skipped when its outputs exist and its stamp holds the same
+arguments and inputs (--force STEP reruns it). Exit status: 0 done, 1 a step failed, 2 bad
+arguments or paths, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -128,15 +128,13 @@ def pairs(how: How, **run) -> None:
 
 
 def step(name: str, call, args: dict, reads: dict | None = None, writes=()) -> Step:
-    """A step reading the ``args`` named in INPUTS and ``reads``, writing those named in
-    OUTPUTS and ``writes``."""
+    """A step reading the ``args`` named in INPUTS and ``reads``, writing OUTPUTS' and ``writes``."""
     inputs = {k.replace("_", "-"): v for k, v in args.items() if k in INPUTS and v} | (reads or {})
     return Step(name, call, args, inputs, [v for k, v in args.items() if k in OUTPUTS and v] + list(writes))
 
 
 def plan(ns, manifest: str, assets: dict) -> dict[str, Step]:
-    """This run's steps, their paths taken from the manifest (under --dest), --images-dir
-    and --out-dir."""
+    """This run's steps, their paths from the manifest (under --dest), --images-dir and --out-dir."""
     a = {name: str(Path(ns.dest, path)) for name, path in assets.items()}
     pick = lambda *names: {n: a[n] for n in names}
     out = lambda *parts: str(Path(ns.out_dir, *parts))
@@ -185,11 +183,8 @@ def check_args(ns) -> tuple[str, dict]:
     lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * ns.with_baselines if n not in assets]
     if lacking:
         raise UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
-    if ns.arch:
-        cli.input_file(ns.arch, "--arch")
-    cli.output_dir(ns.out_dir, "--out-dir")
-    if "assets" in ns.steps:
-        cli.output_dir(ns.dest, "--dest")
+    dest = ns.dest if "assets" in ns.steps else None
+    cli.check_files({"--arch": ns.arch}, out_dirs={"--out-dir": ns.out_dir, "--dest": dest})
     ns.images_dir = ns.images_dir or str(Path(ns.dest, "data", "images"))
     for w in ("recall", "rank"):
         if f"{w}-images" in ns.steps:

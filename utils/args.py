@@ -220,29 +220,25 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 # --- training (utils.training) ------------------------------------------------------------
 def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
-    """What a run of either trainer is; the keywords are the script's defaults (the
-    authors' settings differ between the two models)."""
+    """What a run of either trainer is; the keywords are the script's defaults (the authors' differ per model)."""
     g = p.add_argument_group("training")
     text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
     g.add_argument("--out-dir", required=True, help=text)
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its train_state.pt")
-    text = "GLOBAL batch of training pairs, split over the torchrun processes (default %(default)s)"
-    g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help=text)
-    g.add_argument("--weight-decay", type=cli.non_negative_float, default=weight_decay, help="(default %(default)s)")
-    text = "linear LR warm-up (default %(default)s)"
-    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=warmup_steps, help=text)
+    g.add_argument("--no-amp", action="store_true", help="no mixed precision (fp16 autocast) on CUDA")
     text = "LR after the warm-up (default %(default)s)"
     g.add_argument("--schedule", choices=("cosine", "constant"), default=schedule, help=text)
-    text = "max gradient norm, 0: off (default %(default)s)"
-    g.add_argument("--clip-grad", type=cli.non_negative_float, default=clip_grad, help=text)
-    g.add_argument("--no-amp", action="store_true", help="no mixed precision (fp16 autocast) on CUDA")
-    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="data order, split, augmentation (default 0)")
-    text = "also save checkpoint + state every N optimizer steps (default 0: after each epoch only)"
-    g.add_argument("--save-every", type=cli.non_negative_int, default=0, help=text)
-    text = "save and stop after this step (default 0: never)"
-    g.add_argument("--stop-after-step", type=cli.non_negative_int, default=0, help=text)
-    text = "batch of the validation and of the images encoded once (default 32)"
-    g.add_argument("--eval-batch-size", type=cli.positive_int, default=32, help=text)
+    for flag, kind, default, text in (
+        ("--batch-size", cli.positive_int, batch_size, "GLOBAL batch of pairs, split over the torchrun processes"),
+        ("--weight-decay", cli.non_negative_float, weight_decay, "weight decay"),
+        ("--warmup-steps", cli.non_negative_int, warmup_steps, "linear LR warm-up"),
+        ("--clip-grad", cli.non_negative_float, clip_grad, "max gradient norm, 0: off"),
+        ("--seed", cli.non_negative_int, 0, "data order, split, augmentation"),
+        ("--save-every", cli.non_negative_int, 0, "also save checkpoint + state every N steps; 0: per epoch only"),
+        ("--stop-after-step", cli.non_negative_int, 0, "save and stop after this step; 0: never"),
+        ("--eval-batch-size", cli.positive_int, 32, "batch of the validation and of the images encoded once"),
+    ):
+        g.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
     return g
 
 

@@ -23,8 +23,7 @@ def temp_name(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """A temporary path beside ``path`` that replaces it in one step when the block ends
-    without an error, else is removed (parents created)."""
+    """A temporary path beside ``path``, renamed onto it when the block ends without an error, else removed."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a file name")
@@ -95,8 +94,7 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
-    """Hold ``directory/.lock`` (``flock``: released even when the process is killed); a
-    second run gets a ``UserError`` naming the holder's pid."""
+    """Hold ``directory/name`` (``flock``: released even when killed); a second run gets a ``UserError``."""
     import fcntl
 
     d = Path(directory)
@@ -114,9 +112,7 @@ def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
             pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
         finally:
             os.close(fd)
-        raise UserError(
-            f"another run holds {path} (pid {pid}); wait for it to finish or use another destination"
-        ) from None
+        raise UserError(f"another run holds {path} (pid {pid}); wait for it or use another destination") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -141,9 +137,8 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                record_bad_row(
-                    errors, RowError(path, n, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                )
+                why = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                record_bad_row(errors, RowError(path, n, why))
                 yield "\n"
                 continue
             if n == 1 and text.startswith("\ufeff"):
@@ -176,9 +171,8 @@ def write_error(e: OSError, path: str | os.PathLike) -> UserError:
 
 
 class PartFile:
-    """A download's bytes in ``part`` (appended to when ``resume``), never through a symbolic
-    link; ``commit(path)`` fsyncs and renames it, ``discard()`` removes it. A failed write is
-    a one-line ``write_error``; the part stays for a resume."""
+    """A download's bytes in ``part`` (appended to when ``resume``), never through a symbolic link;
+    ``commit(path)`` fsyncs and renames it. A failed write is a ``write_error``; the part stays."""
 
     def __init__(self, part: str | os.PathLike, resume: bool = False):
         self.path = Path(part)

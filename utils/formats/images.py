@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..args import PREPROCESS_MODES
+
 try:  # libjpeg-turbo without Pillow's copies; optional (Pillow decodes otherwise)
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the install
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 SIZE = 224
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
-PREPROCESS_MODES = ("reference", "fast")
 # (v / 255 - mean) / std in float64, as the reference computes it, for every uint8 v
 _LUT = np.stack([(np.arange(256) / 255.0 - MEAN[c]) / STD[c] for c in range(3)]).astype(np.float32)
 

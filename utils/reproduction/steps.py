@@ -131,13 +131,6 @@ def run_step(step: Step, how, out: Path, forced: bool, earlier: str) -> bool:
 
 
 # --- the table -------------------------------------------------------------------------------
-def image_counts(manifest: Path) -> dict:
-    """Images present / missing (bad CSV rows included) per download_images' manifest.jsonl."""
-    lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
-    c = Counter(json.loads(line).get("status") for line in lines if line.endswith("}"))
-    return {"present": c["ok"] + c["skipped"], "missing": c["failed"]}
-
-
 def table_rows(rec: dict, rank: dict, taiyi: dict | None, compare: dict) -> list[dict]:
     """One row per figure we have: metric, paper, ours, difference (+ Taiyi-CLIP on recall rows)."""
     dig = lambda d, key: reduce(lambda x, k: (x or {}).get(k), key.split("/"), d)  # "a/b" -> d["a"]["b"]
@@ -183,9 +176,10 @@ def results_table(out_dir, images_dir, with_baselines: bool) -> str | None:
         "Taiyi-CLIP POIs": (taiyi or {}).get("n_pois"),
     }
     for w in ("recall", "rank"):
-        if (manifest := Path(images_dir, w, IMAGE_MANIFEST)).is_file():
-            c = image_counts(manifest)
-            notes[f"{w} images present / missing"] = f"{c['present']} / {c['missing']}"
+        if (manifest := Path(images_dir, w, IMAGE_MANIFEST)).is_file():  # missing: bad CSV rows too
+            lines = manifest.read_text(encoding="utf-8").splitlines()
+            c = Counter(json.loads(line).get("status") for line in lines if line.endswith("}"))
+            notes[f"{w} images present / missing"] = f"{c['ok'] + c['skipped']} / {c['failed']}"
     notes = {k: v for k, v in notes.items() if v is not None}
     if not rows:
         return None

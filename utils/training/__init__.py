@@ -9,6 +9,7 @@ __all__, __getattr__ = front_door(
         "dist": "DistEnv deferred_sigint distributed",
         "loop": "MetricsWriter Task TrainConfig check_fills_a_step load_train_state read_metrics train warmup_schedule",
         "rank": "PairScorer RankPair RankPairDataset augment_pil encode_once read_rank_pairs validate_pairs",
+        "run": "check_bert_dir run_training",
         "recall": "Pair PairEncoder TextImageDataset encode_images_once held_out_recall read_text_pairs split_owners",
     },
 )
