@@ -11,9 +11,7 @@ import json
 import logging
 import os
 
-import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from utils.io import atomic_path, write_json
 
@@ -34,21 +32,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
-class _NoNormal(TorchFunctionMode):
-    """``normal_`` of a meta tensor returns it: torch would import torch._dynamo (1.3 s) to draw nothing."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
-        if getattr(func, "__name__", "") == "normal_" and getattr(tensor, "is_meta", False):
-            return tensor
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def empty_model():
-    """Modules built inside take no memory and draw nothing (the meta device), for a loader to fill."""
-    with torch.device("meta"), _NoNormal():
+    """Modules built inside take no memory (the meta device), for a loader to fill."""
+    with torch.device("meta"):
         yield
 
 
@@ -132,11 +119,6 @@ def _check_keys(model, sd: dict, expected: dict, benign: set, source: str, hint:
     raise CheckpointError("\n".join(parts))
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """numpy's isfinite: a sixth of torch's time on the released model (numpy has no bfloat16)."""
-    return bool(np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all())
-
-
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
     """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the ignored ``benign`` keys
     (under ``prefix``; default: the recall model's). ``hint``: the error's last line."""
@@ -144,7 +126,7 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", 
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
     _check_keys(model, sd, expected, benign, source, hint)
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
-    bad = next((k for k, v in keep.items() if v.is_floating_point() and not _finite(v)), None)
+    bad = next((k for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad:
         raise CheckpointError(f"{source}: tensor {bad} holds NaN or infinite values")
     ignored = sorted(k for k in sd if k not in expected)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import logging
 import math
 import os
@@ -126,9 +125,6 @@ def entry_point(main):
         except KeyboardInterrupt:
             _say(f"{prog}: interrupted")
             return EXIT_INTERRUPTED
-        finally:
-            if main.__module__ == "__main__":
-                gc.freeze()
 
     return run
 
