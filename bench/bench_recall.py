@@ -415,6 +415,27 @@ def split_grid(ckpt, bert_dir, paths, workers=(1, 2), threads=(1, 2)) -> list[tu
     return out
 
 
+def prepare(seed_data, workdir, n: int, prefix: str):
+    """The set-up of a recall bench (also bench/weight_off.py): a work directory (a temporary
+    one unless ``workdir``), the gallery of ``n`` 2 MP photos, the full-size model with random
+    weights saved as a checkpoint. Returns (tmp or None, out, bert_dir, csv, paths, model, ckpt)."""
+    seed = Path(seed_data)
+    bert_dir = seed / "bert-base-chinese"
+    if not (bert_dir / "config.json").is_file():
+        raise SystemExit(f"{bert_dir}: bert config not found (set --seed-data or AVAS_SEED_DATA)")
+    tmp = None if workdir else tempfile.TemporaryDirectory(prefix=prefix)
+    out = Path(workdir or tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["AVAS_ONNX_CACHE"] = str(out / "onnx")  # never the user's cache
+    csv_path, paths = make_gallery(seed, out, n)
+    torch.manual_seed(0)
+    model = AlignModel.from_bert_dir(bert_dir).eval()
+    calibrate_bn(model, [str(q) for q in sorted((seed / "sample-images").glob("*.jpg"))])
+    ckpt = out / "align_random.pth"
+    save_align_checkpoint(model, ckpt)
+    return tmp, out, bert_dir, csv_path, paths, model, ckpt
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", "--n", dest="n", type=int, default=100, help="gallery images (default 100)")
@@ -431,22 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-n", type=int, default=5000, help="with --extras: files of the cache lookup")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    seed = Path(args.seed_data)
-    bert_dir = seed / "bert-base-chinese"
-    if not (bert_dir / "config.json").is_file():
-        raise SystemExit(f"{bert_dir}: bert config not found (set --seed-data or AVAS_SEED_DATA)")
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_recall_")
-    out = Path(args.workdir or tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["AVAS_ONNX_CACHE"] = str(out / "onnx")  # never the user's cache
     load0 = os.getloadavg()[0]
-
-    csv_path, paths = make_gallery(seed, out, args.n)
-    torch.manual_seed(0)
-    model = AlignModel.from_bert_dir(bert_dir).eval()
-    calibrate_bn(model, [str(q) for q in sorted((seed / "sample-images").glob("*.jpg"))])
-    ckpt = out / "align_random.pth"
-    save_align_checkpoint(model, ckpt)
+    tmp, out, bert_dir, csv_path, paths, model, ckpt = prepare(args.seed_data, args.workdir, args.n, "bench_recall_")
 
     # the first run exports the ONNX graph (once per weights); the timed runs come after
     print("running recall_infer.py once (ONNX export) ...", file=sys.stderr, flush=True)

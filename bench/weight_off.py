@@ -20,18 +20,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import torch  # noqa: E402
-from bench_recall import PeakRSS, calibrate_bn, make_gallery  # noqa: E402
-
-from models.align import AlignModel  # noqa: E402
-from models.checkpoint import save_align_checkpoint  # noqa: E402
+from bench_recall import PeakRSS, prepare  # noqa: E402
 
 # name: (what it is, the patch applied before recall_infer.py runs, extra flags, what counts)
 VARIANTS = {
@@ -85,20 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="keep the generated files here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
-    seed, load0 = Path(args.seed_data), os.getloadavg()[0]
-    bert_dir = seed / "bert-base-chinese"
-    if not (bert_dir / "config.json").is_file():
-        raise SystemExit(f"{bert_dir}: bert config not found (set --seed-data or AVAS_SEED_DATA)")
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="weight_off_")
-    out = Path(args.workdir or tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["AVAS_ONNX_CACHE"] = str(out / "onnx")  # never the user's cache
-    csv_path, _ = make_gallery(seed, out, args.images)
-    torch.manual_seed(0)
-    model = AlignModel.from_bert_dir(bert_dir).eval()
-    calibrate_bn(model, [str(q) for q in sorted((seed / "sample-images").glob("*.jpg"))])
-    ckpt = out / "align_random.pth"
-    save_align_checkpoint(model, ckpt)
+    load0 = os.getloadavg()[0]
+    tmp, out, bert_dir, csv_path, _, _, ckpt = prepare(args.seed_data, args.workdir, args.images, "weight_off_")
     base = ["--csv", str(csv_path), "--image-dir", str(out / "images"), "--checkpoint", str(ckpt)]
     base += ["--bert-dir", str(bert_dir), "--no-progress", "--log-level", "WARNING"]
 
