@@ -180,12 +180,16 @@ def test_recorded_sha_pins_an_unknown_asset(world, capsys):
     assert "checksum mismatch" in err and A.HASHES_FILE in err and sha(BIG) in err
 
 
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_no_network_message(world, capsys):
     _, manifest, dest = world
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = _closed_port()
     m = write_manifest(
         dest.parent / "m2.json",
         [
@@ -206,10 +210,7 @@ def test_an_unreachable_hugging_face_endpoint_is_not_tried_again(world, capsys, 
     import huggingface_hub.constants
 
     _, _, dest = world
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = _closed_port()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
