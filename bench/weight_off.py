@@ -45,12 +45,6 @@ VARIANTS = {
     "onnx": ("ONNX Runtime as the CPU engine (else torch)", "", ["--backend", "torch"], "total"),
     "batch-4": ("ONNX Runtime batches of 4 on a CPU (else 32)", "", ["--batch-size", "32"], "total"),
     "text-batch-16": ("text batches of 16 on a CPU (else 64)", "", ["--text-batch-size", "64"], "total"),
-    "prefetch": (
-        "decoding starts while the model loads",
-        "import models.recall as m; m.prefetch_images = lambda *a, **k: None",
-        [],
-        "first_image",
-    ),
 }
 
 

@@ -9,8 +9,8 @@ __all__, __getattr__ = front_door(
         "align": "AlignArch AlignModel contrastive_loss load_tokenizer",
         "checkpoint": "CheckpointError convert_to_safetensors load_align_model load_ranker read_checkpoint "
         "save_align_checkpoint save_ranker_checkpoint",
-        "engine": "EmbeddingCache ImagePrefetch PairRun RecallModel SelectionModels evaluate_pairs item_inputs "
-        "load_selection_models prefetch_images run_selection score_block tokenize wrap_align",
+        "engine": "EmbeddingCache PairRun RecallModel SelectionModels evaluate_pairs item_inputs "
+        "load_selection_models run_selection score_block tokenize wrap_align",
         "factory": "MODELS build_recall_model missing_options",
         "ranker": "SiameseRanker",
         "recall": "RecallJob run_recall",

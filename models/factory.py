@@ -22,7 +22,6 @@ class ModelEntry:
     options: dict[str, str]  # path option name -> help (scripts make flags of them)
     required: tuple[str, ...]  # options that must be given
     help: str
-    image_loader: Callable | None = None  # its preprocessing, known before the model loads (decoding ahead)
 
 
 def _build_align(engine: dict, checkpoint, bert_dir, arch=None) -> RecallModel:
@@ -64,7 +63,6 @@ MODELS: dict[str, ModelEntry] = {
         },
         ("taiyi_text_dir", "clip_dir"),
         "baseline: Taiyi-CLIP (Chinese RoBERTa text encoder + CLIP ViT-B/32 image tower)",
-        load_clip_image,
     ),
 }
 

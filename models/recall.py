@@ -27,8 +27,8 @@ from utils.formats import (
 )
 from utils.io import commit_outputs, write_json
 
-from .engine import RecallModel, prefetch_images
-from .factory import MODELS, build_recall_model
+from .engine import RecallModel
+from .factory import build_recall_model
 
 log = logging.getLogger(__name__)
 EMBEDDING_META = ("csv", "image_dir", "model", "model_identity", "preprocess", "precision", "unreadable_policy")
@@ -198,17 +198,11 @@ def run_recall(job: RecallJob, started: float | None = None) -> dict:
     g = read_gallery(job.csv, job.image_dir, job.skip_bad_rows)
     step("read")
     paths = [p for _, p in g.images]
-    # decoding starts before the model loads; with a cache, its hits decide what is decoded
-    prefetch = None if job.enc.cache_dir else prefetch_images(paths, job.enc, loader=MODELS[job.model].image_loader)
-    try:
-        onnx_dir = os.path.join(job.enc.cache_dir, "onnx") if job.enc.cache_dir else None
-        rm = build_recall_model(job.model, device=device, backend=job.enc.backend, onnx_cache_dir=onnx_dir, **job.files)
-        log.info("model %s (%s) on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
-        step("load_model")
-        img_emb, ok = rm.encode_images(paths, job.enc, stats=stats, desc="gallery", prefetch=prefetch)
-    finally:
-        if prefetch is not None:
-            prefetch.close()
+    onnx_dir = os.path.join(job.enc.cache_dir, "onnx") if job.enc.cache_dir else None
+    rm = build_recall_model(job.model, device=device, backend=job.enc.backend, onnx_cache_dir=onnx_dir, **job.files)
+    log.info("model %s (%s) on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
+    step("load_model")
+    img_emb, ok = rm.encode_images(paths, job.enc, stats=stats, desc="gallery")
     step("images")
     if stats.get("first_batch_at"):
         timings["first_image"] = stats["first_batch_at"] - t0

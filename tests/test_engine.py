@@ -1,8 +1,7 @@
 """The image engine choice (issue 13): ``--backend auto`` = ONNX Runtime on a CPU when it
 can be imported and agrees with torch on this model, torch otherwise, with a warning when
 the agreement check fails; the vectors equal torch's to 1e-5; recall_infer.py records the
-engine actually used, reuses a valid cached export and hashes the weights once. Decoding
-started ahead of the model load (``prefetch_images``) gives the same vectors."""
+engine actually used, reuses a valid cached export and hashes the weights once."""
 
 from __future__ import annotations
 
@@ -23,11 +22,9 @@ from fixtures import COLORS, solid_image, tiny_align, write_image  # noqa: E402
 
 import recall_infer  # noqa: E402
 from models.checkpoint import save_align_checkpoint  # noqa: E402
-from models.engine import encode as embed  # noqa: E402
 from models.engine import onnx as onnx_backend  # noqa: E402
 from models.engine import recall_model as factory  # noqa: E402
-from models.engine.cache import EmbeddingCache  # noqa: E402
-from models.engine.encode import cpu_cores, default_lanes, encode_images, engine_defaults, prefetch_images
+from models.engine.encode import cpu_cores, default_lanes, encode_images, engine_defaults  # noqa: E402
 from models.engine.onnx import OnnxImageEncoder, image_encoder_for, onnxruntime_available  # noqa: E402
 from utils.args import Encoding  # noqa: E402
 
@@ -189,90 +186,12 @@ def test_core_split_defaults():
     finally:
         torch.set_num_threads(before)
     assert engine_defaults("cpu", "torch")[1] == max(1, min(n // 2, 8))  # beside torch's threads
-    assert engine_defaults("cpu", "onnx")[1] == max(1, min(n - 1, 8))  # ahead, during start-up
+    assert engine_defaults("cpu", "onnx")[1] == max(1, min(n - 1, 8))  # one ONNX Runtime lane: all but one core decode
     assert engine_defaults("cuda")[1] == max(1, min(n, 8))
 
 
-# ---------------------------------------------------------------------------
-# decoding started before the model is loaded (utils.embed.prefetch_images)
-# ---------------------------------------------------------------------------
-def _no_new_loader(monkeypatch):
-    """After this, encode_images cannot decode on its own: only a prefetch source works."""
-    monkeypatch.setattr(embed, "_loader", lambda *a, **kw: pytest.fail("decoded anew, prefetch unused"))
-
-
-@pytest.mark.parametrize("workers", [1, 0])
-def test_prefetch_gives_the_same_vectors(model, gallery, tmp_path, monkeypatch, workers):
-    paths = _paths(gallery) + [tmp_path / "missing.jpg"]  # a missing file among them
-    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=workers, progress=False))
-    source = prefetch_images(paths, Encoding(batch_size=5, preprocess="reference", num_workers=workers))
-    _no_new_loader(monkeypatch)
-    stats = {}
-    got, ok = encode_images(
-        model, paths, Encoding(batch_size=5, num_workers=workers, progress=False), prefetch=source, stats=stats
-    )
-    assert torch.equal(got, ref) and torch.equal(ok, ok_ref)  # bit-identical (torch engine)
-    assert ok.tolist() == [True] * 12 + [False] and stats["num_workers"] == workers
-    assert source.take() is None  # consumed
-
-
-def test_prefetch_with_an_onnx_engine(model, gallery, tmp_path, monkeypatch):
-    paths = _paths(gallery)
-    enc = image_encoder_for(model, "onnx", "cpu", cache_dir=tmp_path / "onnx")
-    ref, _ = encode_images(model, paths, Encoding(batch_size=4, num_workers=0, progress=False), engine=lambda: enc)
-    source = prefetch_images(paths, Encoding(batch_size=4, num_workers=1))
-    _no_new_loader(monkeypatch)
-    got, _ = encode_images(model, paths, Encoding(batch_size=4, progress=False), engine=lambda: enc, prefetch=source)
-    assert torch.equal(got, ref)
-
-
-def test_prefetch_that_does_not_match_is_closed_unused(model, gallery, tmp_path):
-    paths = _paths(gallery)
-    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False))
-    for other in (
-        prefetch_images(paths, Encoding(batch_size=3, num_workers=1)),  # other batches
-        prefetch_images(paths[::-1], Encoding(batch_size=5, num_workers=1)),  # other order
-        prefetch_images(paths, Encoding(batch_size=5, preprocess="fast", num_workers=1)),
-    ):
-        got, ok = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False), prefetch=other)
-        assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
-        assert other.take() is None  # closed: its workers are stopped
-
-
-def test_prefetch_with_a_cache(model, gallery, tmp_path, monkeypatch):
-    paths = _paths(gallery)
-    ref, ok_ref = encode_images(model, paths, Encoding(batch_size=5, num_workers=0, progress=False))
-    with EmbeddingCache(tmp_path / "cache", "tiny") as cache:
-        # an empty cache serves nothing: the prefetched batches are exactly what is needed
-        source = prefetch_images(paths, Encoding(batch_size=5, num_workers=1))
-        with monkeypatch.context() as m:
-            _no_new_loader(m)
-            got, ok = encode_images(model, paths, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source)
-        assert torch.equal(got, ref) and torch.equal(ok, ok_ref) and cache.stored == 12
-        # now every vector is cached: the prefetch is closed unused, the cache answers
-        source = prefetch_images(paths, Encoding(batch_size=5, num_workers=1))
-        stats = {}
-        got, ok = encode_images(
-            model, paths, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source, stats=stats
-        )
-        assert torch.equal(got, ref) and torch.equal(ok, ok_ref)
-        assert stats["encoded"] == 0 and source.take() is None
-        # some cached, some new: only the new ones are decoded (anew), same vectors
-        extra = tmp_path / "new.jpg"
-        write_image(solid_image(list(COLORS.values())[-1], (60, 60), "圆", seed=99), extra)
-        more = paths + [extra]
-        ref2, _ = encode_images(model, more, Encoding(batch_size=5, num_workers=0, progress=False))
-        source = prefetch_images(more, Encoding(batch_size=5, num_workers=1))
-        got2, _ = encode_images(
-            model, more, Encoding(batch_size=5, progress=False), cache=cache, prefetch=source, stats=stats
-        )
-        assert torch.equal(got2[:12], ref) and stats["encoded"] == 1
-        assert (got2[12] - ref2[12]).abs().max().item() < 1e-6  # encoded in a batch of its own
-
-
-def test_recall_infer_prefetch_changes_nothing(gallery, bert_dir, tmp_path):
-    """Default workers (decoding started before the model load) vs decoding in the main
-    process after it: the same files, bit for bit, on torch."""
+def test_recall_infer_decoding_workers_change_nothing(gallery, bert_dir, tmp_path):
+    """Decoding in a worker process vs in the main process: the same files, bit for bit, on torch."""
     outs = {}
     for name, workers in (("w1", "1"), ("w0", "0")):
         out = tmp_path / f"{name}.csv"
@@ -333,22 +252,6 @@ def test_lanes_give_the_vectors_of_one_caller(model, gallery, tmp_path, lanes_en
     assert (got - torch_ref).abs().max().item() <= 1e-5
 
 
-def test_lanes_take_the_prefetched_batches_then_decode_the_rest(model, gallery, tmp_path, monkeypatch, lanes_encoder):
-    paths = _paths(gallery)
-    ref, _ = _classic(lanes_encoder, model, paths, batch_size=2)
-    source = embed.ImagePrefetch(paths, Encoding(batch_size=2, num_workers=1), depth=5)  # 2 batches ahead
-    assert source.count == 4
-    decoded_here = []
-    real = embed.load_image_into
-    monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
-    _no_new_loader(monkeypatch)
-    got, _ = encode_images(
-        model, paths, Encoding(batch_size=2, progress=False), engine=lambda: lanes_encoder, prefetch=source
-    )
-    assert torch.equal(got, ref)
-    assert sorted(decoded_here) == sorted(str(p) for p in paths[4:])  # the lanes decoded the rest only
-
-
 def test_lanes_with_another_models_preprocessing(model, gallery, lanes_encoder):
     from utils.formats.images import load_clip_image
 
@@ -375,25 +278,6 @@ def test_a_failing_lane_stops_the_run_and_leaves_no_thread(model, gallery, lanes
     with pytest.raises(RuntimeError, match="engine broke"):
         encode_images(model, _paths(gallery), Encoding(batch_size=2, progress=False), engine=lambda: flaky)
     assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]
-
-
-def test_lanes_decode_everything_when_nothing_was_decoded_ahead(model, gallery, monkeypatch, lanes_encoder):
-    """A source with no worker decodes nothing ahead: the lanes decode every batch side by
-    side instead of reading it through that source one at a time."""
-    paths = _paths(gallery)
-    ref, _ = _classic(lanes_encoder, model, paths, batch_size=3)
-    source = prefetch_images(paths, Encoding(batch_size=3, num_workers=0))
-    decoded_here = []
-    real = embed.load_image_into
-    monkeypatch.setattr(embed, "load_image_into", lambda out, p, mode: decoded_here.append(p) or real(out, p, mode))
-    got, _ = encode_images(
-        model,
-        paths,
-        Encoding(batch_size=3, num_workers=0, progress=False),
-        engine=lambda: lanes_encoder,
-        prefetch=source,
-    )
-    assert torch.equal(got, ref) and sorted(decoded_here) == sorted(map(str, paths))
 
 
 def test_encoding_leaves_the_model_as_it_was_found(model, gallery):

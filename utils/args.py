@@ -60,7 +60,8 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
         g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
     names = ("--num-workers", "--workers") if workers_alias else ("--num-workers",)
-    info = "image decoding worker processes (default: by core count and engine; 0 = none)"
+    info = "image decoding worker processes (default: by core count and engine; 0 = none); "
+    info += "none where ONNX Runtime runs in lanes (a CPU of 2+ cores): each lane decodes its own batches"
     g.add_argument(*names, dest="num_workers", type=cli.non_negative_int, help=info)
     return g
 

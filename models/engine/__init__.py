@@ -7,7 +7,7 @@ __all__, __getattr__ = front_door(
     __name__,
     {
         "cache": "EmbeddingCache",
-        "encode": "ImagePrefetch encode_images encode_texts prefetch_images tokenize",
+        "encode": "encode_images encode_texts tokenize",
         "onnx": "OnnxBackendError image_encoder_for",
         "pairs": "PairRun evaluate_pairs",
         "recall_model": "RecallModel wrap_align",

@@ -4,10 +4,7 @@ torch keeps every core for its threads beside decoding processes (README, Speed)
 
 from __future__ import annotations
 
-from utils.cli import resolve_device
-
 import contextlib
-import itertools
 import logging
 import os
 import queue
@@ -28,7 +25,6 @@ log = logging.getLogger(__name__)
 MAX_TEXT_LEN = 50  # tokens (SPEC 2)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_SHARE, MAX_WORKERS = 2, 8  # decoding processes beside torch: one per 2 cores, at most 8
-PREFETCH_IMAGES = 256  # decoded ahead (~0.6 MB each): enough to cover the model load
 
 
 def cpu_cores() -> int:
@@ -98,53 +94,13 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _loader(paths, mode: str, loader, batch_size: int, workers: int, device, prefetch_factor: int = 4) -> DataLoader:
-    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": prefetch_factor} if workers else {}
+def _loader(paths, mode: str, loader, batch_size: int, workers: int, device) -> DataLoader:
+    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers else {}
     dataset, pin = ImageDataset(paths, mode, loader=loader), torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
 
 
-class ImagePrefetch:
-    """The first ``depth`` of ``paths`` (whole batches) decoding now in worker processes, while the model
-    loads, for ``encode_images(..., prefetch=self)``; ``close()`` stops the workers of one left unused."""
-
-    def __init__(self, paths, enc: Encoding = Encoding(), *, loader=None, depth=None):
-        device = resolve_device(enc.device)
-        onnx = enc.backend in ("auto", "onnx") and device.type == "cpu" and enc.precision == "fp32"
-        backend = "onnx" if onnx else "torch"
-        self.paths, self.enc, self.loader = [str(p) for p in paths], enc, loader
-        batch_size, workers = engine_defaults(device, backend)
-        self.batch_size = enc.batch_size or batch_size
-        self.num_workers = workers if enc.num_workers is None else enc.num_workers
-        self.count = min(len(self.paths), max(1, (depth or PREFETCH_IMAGES) // self.batch_size) * self.batch_size)
-        factor = max(2, -(-self.count // (self.batch_size * max(self.num_workers, 1))))  # every batch at once
-        head = self.paths[: self.count]
-        batches = _loader(head, enc.preprocess, loader, self.batch_size, self.num_workers, device, factor)
-        self._it = iter(batches) if head else None
-
-    def matches(self, paths: list[str], enc: Encoding, loader) -> bool:
-        """Whether its batches are exactly those these arguments make."""
-        mine = (self.paths, self.enc.preprocess, self.enc.batch_size, self.loader)
-        same = (paths, enc.preprocess, enc.batch_size, loader) == mine
-        return self._it is not None and same and enc.num_workers in (None, self.num_workers)
-
-    def take(self):
-        """The iterator over the batches decoded ahead (once)."""
-        it, self._it = self._it, None
-        return it
-
-    def close(self) -> None:
-        shutdown = getattr(self.take(), "_shutdown_workers", None)
-        if shutdown is not None:  # workers stopped now rather than when collected
-            shutdown()
-
-
-prefetch_images = ImagePrefetch  # prefetch_images(paths, enc, loader=...) starts decoding
-
-
-def encode_images(
-    model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, prefetch=None, stats=None, desc="images"
-):
+def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, stats=None, desc="images"):
     """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
     ``engine()`` gives the ``f(x, normalize)`` to run, asked only when some image is not in ``cache``."""
     t0 = time.perf_counter()
@@ -177,12 +133,9 @@ def encode_images(
 
     try:
         if todo:
-            whole = prefetch if len(todo) == n else None  # a source decoded every path, in order
-            info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, whole, put))
+            info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, put))
     finally:
         bar.close()
-        if prefetch is not None:
-            prefetch.close()
     for i in range(n):  # copies of encoded content
         if vectors[i] is None:
             vectors[i], ok[i] = vectors[first_of[keys[i]]], ok[first_of[keys[i]]]
@@ -198,39 +151,27 @@ def encode_images(
     return emb, torch.from_numpy(ok)
 
 
-def _run(model, paths: list[str], enc: Encoding, engine, loader, prefetch, put) -> dict:
-    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU) or here beside
-    decoding workers, the batches of ``prefetch`` first if they are these; returns the settings."""
+def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
+    """Encode ``paths`` into ``put`` in lanes (an engine with ``lanes > 1`` on a CPU: they decode their own
+    batches, no worker process) or here beside decoding workers; returns the settings."""
     device = next(model.parameters()).device
-    workers, batch_size, ahead, ahead_count = enc.num_workers, enc.batch_size, None, 0
-    if prefetch is not None and prefetch.matches(paths, enc, loader):
-        workers, batch_size, ahead_count = prefetch.num_workers, prefetch.batch_size, prefetch.count
-        ahead = prefetch.take()
-        log.debug("images: consuming the first %d images decoded ahead", ahead_count)
     encoder = engine() if engine is not None else model.encode_image
     on_torch = getattr(encoder, "__self__", None) is model
     default_batch, default_workers = engine_defaults(device, "torch" if on_torch else "onnx")
-    batch_size = batch_size or default_batch
+    batch_size = enc.batch_size or default_batch
     lanes = getattr(encoder, "lanes", 1) if device.type == "cpu" and not on_torch else 1
     if lanes > 1:
-        if not workers:  # nothing decoded ahead: the lanes decode every batch, side by side
-            ahead, ahead_count, workers = None, 0, 0
-        _encode_lanes(paths, enc.preprocess, loader, batch_size, ahead, ahead_count, encoder, lanes, put)
-    else:
-        if workers is None:
-            workers = default_workers
-        batches = ahead
-        if ahead is None or ahead_count < len(paths):  # the loader's workers start now
-            rest = _loader(paths[ahead_count:], enc.preprocess, loader, batch_size, workers, device)
-            batches = itertools.chain(ahead or (), ((x, g, j + ahead_count) for x, g, j in rest))
-        _warn_if_emulated(device, enc.precision)
-        fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
-        with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-            for x, good, idx in batches:
-                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                with autocast(device, enc.precision):
-                    e = encoder(x, normalize=False)
-                put(_normalized(e), good.tolist(), idx.tolist())
+        _encode_lanes(paths, enc.preprocess, loader, batch_size, encoder, lanes, put)
+        return {"num_workers": 0, "lanes": lanes, "batch_size": batch_size}
+    workers = default_workers if enc.num_workers is None else enc.num_workers
+    _warn_if_emulated(device, enc.precision)
+    fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
+    with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
+        for x, good, idx in _loader(paths, enc.preprocess, loader, batch_size, workers, device):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            with autocast(device, enc.precision):
+                e = encoder(x, normalize=False)
+            put(_normalized(e), good.tolist(), idx.tolist())
     return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size}
 
 
@@ -238,17 +179,15 @@ def _normalized(e: torch.Tensor) -> np.ndarray:
     return F.normalize(e.float(), p=2, dim=1).cpu().numpy()
 
 
-def _encode_lanes(paths, mode: str, loader, batch_size: int, ahead, ahead_count: int, encoder, lanes: int, put):
-    """``lanes`` threads each take the next batch (from ``ahead``, else decoded into its own buffer) and
-    encode it (ONNX Runtime releases the GIL); ``put`` is called from this thread."""
+def _encode_lanes(paths, mode: str, loader, batch_size: int, encoder, lanes: int, put):
+    """``lanes`` threads each take the next batch, decode it into its own buffer and encode it (ONNX
+    Runtime releases the GIL); ``put`` is called from this thread."""
     starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
     stop, done = threading.Event(), queue.Queue()
 
     def take(buf: np.ndarray):
-        with lock:  # the prefetch iterator is read in order, by one lane at a time
+        with lock:
             a = next(starts, None)
-            if a is not None and a < ahead_count:
-                return tuple(t.numpy() for t in next(ahead))
         if a is None:
             return None
         idx = np.arange(a, min(a + batch_size, len(paths)))

@@ -151,7 +151,7 @@ class OnnxImageEncoder:
         self.input_name = self.session.get_inputs()[0].name
         x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # decoders run beside it at start-up: one thread waits on no other
+        torch.set_num_threads(1)  # one thread: far faster when other work shares the cores (README, Speed)
         try:
             with eval_mode(model), torch.inference_mode():
                 ref = model.encode_image(x.to(next(model.parameters()).device)).float().cpu()

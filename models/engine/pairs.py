@@ -8,7 +8,7 @@ from utils.cli import resolve_device
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,6 @@ from utils.args import Encoding
 from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, check_draws, pair_metrics, read_pairs, write_pair_outputs
 from utils.formats import ItemInputs, RankRow, index_images, load_poi_tables, stack_inputs
 
-from .encode import prefetch_images
 from .recall_model import load_ranker_model
 
 log = logging.getLogger(__name__)
@@ -58,17 +57,11 @@ def evaluate_pairs(run: PairRun) -> dict:
     log.info("%s: %d image files", run.image_dir, len(images))
     device = resolve_device(run.enc.device)
     paths, row_of, missing = image_files(rows, images, run.image_dir)
-    # decoding overlaps the tables and model load; with a cache, its hits decide what is decoded
-    prefetch = None if run.enc.cache_dir else prefetch_images(paths, replace(run.enc, device=str(device)))
-    try:
-        tables = load_poi_tables(
-            run.poi_pic_num, run.poi_image_vectors, run.poi_name_vectors, dim=None, trust_pickle=run.trust_pickle
-        )
-        ranker, rm, tables = build_model(run, device, tables)
-        vec_a, vec_b, keep, img_counts = encode_pair_images(rm, rows, paths, row_of, missing, run, prefetch)
-    finally:
-        if prefetch is not None:
-            prefetch.close()
+    tables = load_poi_tables(
+        run.poi_pic_num, run.poi_image_vectors, run.poi_name_vectors, dim=None, trust_pickle=run.trust_pickle
+    )
+    ranker, rm, tables = build_model(run, device, tables)
+    vec_a, vec_b, keep, img_counts = encode_pair_images(rm, rows, paths, row_of, missing, run)
     scored = [rows[i] for i in keep]
     inputs = [tables.inputs(r.title, r.poi_names) for r in scored]
     s_a, s_b, n_texts = score_pairs(ranker, rm, inputs, vec_a, vec_b, run.enc)
@@ -101,14 +94,14 @@ def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str]
     return files + ([str(Path(image_dir) / f"{missing[0]}.jpg")] if missing else []), row_of, missing
 
 
-def encode_pair_images(rm, rows: list[RankRow], paths, row_of: dict, missing: list[str], run: PairRun, prefetch):
+def encode_pair_images(rm, rows: list[RankRow], paths, row_of: dict, missing: list[str], run: PairRun):
     """``(vec_a, vec_b, keep, counts)`` of the pairs to score: all, or with ``skip_missing`` those read."""
     n = len(paths) - bool(missing)  # real files; then the stand-in for the missing ones
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         log.warning("%d images not found in the image directory: %s", len(missing), shown)
     t0 = time.perf_counter()
-    vecs, ok = rm.encode_images(paths, run.enc, desc="pair images", prefetch=prefetch)
+    vecs, ok = rm.encode_images(paths, run.enc, desc="pair images")
     ok = ok.tolist()[:n] + [False]  # the stand-in is never read
     what = (n, time.perf_counter() - t0, n - sum(ok), rm.image_backend(run.enc.precision))
     log.info("encoded %d image files in %.1f s (%d unreadable) on %s", *what)

@@ -74,10 +74,10 @@ class RecallModel:
             )
         return info
 
-    def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images", prefetch=None):
+    def encode_images(self, paths, enc: Encoding = Encoding(), *, stats=None, desc: str = "images"):
         """``(emb, ok)`` of image files; the engine is set up only when some image is not in the cache."""
         engine = lambda: self.image_encoder(enc.precision)
-        kw = {"engine": engine, "loader": self.image_loader, "prefetch": prefetch, "stats": stats, "desc": desc}
+        kw = {"engine": engine, "loader": self.image_loader, "stats": stats, "desc": desc}
         if not enc.cache_dir:
             return encode_images(self.model, paths, enc, **kw)
         with EmbeddingCache(enc.cache_dir, self.identity()) as cache:
