@@ -94,12 +94,6 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _loader(paths, mode: str, loader, batch_size: int, workers: int, device) -> DataLoader:
-    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers else {}
-    dataset, pin = ImageDataset(paths, mode, loader=loader), torch.device(device).type == "cuda"
-    return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
-
-
 def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, stats=None, desc="images"):
     """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
     ``engine()`` gives the ``f(x, normalize)`` to run, asked only when some image is not in ``cache``."""
@@ -164,10 +158,13 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
         _encode_lanes(paths, enc.preprocess, loader, batch_size, encoder, lanes, put)
         return {"num_workers": 0, "lanes": lanes, "batch_size": batch_size}
     workers = default_workers if enc.num_workers is None else enc.num_workers
+    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers else {}
+    dataset, pin = ImageDataset(paths, enc.preprocess, loader=loader), device.type == "cuda"
+    batches = DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
     _warn_if_emulated(device, enc.precision)
     fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
     with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-        for x, good, idx in _loader(paths, enc.preprocess, loader, batch_size, workers, device):
+        for x, good, idx in batches:
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device, enc.precision):
                 e = encoder(x, normalize=False)
