@@ -7,6 +7,7 @@ first image for a start-up optimisation).
 
     python bench/weight_off.py --images 5000      # the recall set's size; ~2 MP photos
     python bench/weight_off.py --images 300 --repeat 2 --only simplejpeg lanes
+    python bench/weight_off.py --texts --repeat 3  # text batch sizes on the recall set's POI names
 
 Same gallery and model as bench_recall.py (full-size model, random weights, the seed
 photos scaled to ~2 MP). The machine's load average is printed: other work slows every
@@ -44,7 +45,6 @@ VARIANTS = {
     ),
     "onnx": ("ONNX Runtime as the CPU engine (else torch)", "", ["--backend", "torch"], "total"),
     "batch-4": ("ONNX Runtime batches of 4 on a CPU (else 32)", "", ["--batch-size", "32"], "total"),
-    "text-batch-16": ("text batches of 16 on a CPU (else 64)", "", ["--text-batch-size", "64"], "total"),
 }
 
 
@@ -65,6 +65,35 @@ def run(patch: str, argv: list[str], out: Path, tag: str) -> dict:
     return {"total": wall, "first_image": meta["timings_s"].get("first_image", float("nan")), "rss": rss.peak}
 
 
+def text_batches(seed_data: str, repeat: int, sizes=(16, 32, 64, 256)) -> None:
+    """``encode_texts`` on the recall set's distinct POI names, full-size model (random weights), for each
+    batch size and one batch of all: best of ``repeat`` seconds and the largest difference from batch 16."""
+    import torch
+
+    from models.align import AlignModel, load_tokenizer
+    from models.engine import encode_texts
+    from utils.args import Encoding
+    from utils.formats.rows import iter_recall_csv
+
+    seed = Path(seed_data)
+    names = list(dict.fromkeys(r.poi_name for r in iter_recall_csv(seed / "temp_recall_biztype0_fc5_imagern_500.csv")))
+    torch.manual_seed(0)
+    model, tok = AlignModel.from_bert_dir(seed / "bert-base-chinese").eval(), load_tokenizer(seed / "bert-base-chinese")
+    sizes = [*sizes, len(names)]
+    best, vecs = dict.fromkeys(sizes, float("inf")), {}
+    encode_texts(model, tok, names[:32], Encoding(progress=False))  # warm-up
+    for _ in range(repeat):  # sizes alternate: on a shared machine the load moves
+        for b in sizes:
+            t = time.perf_counter()
+            vecs[b] = encode_texts(model, tok, names, Encoding(text_batch_size=b, progress=False))
+            best[b] = min(best[b], time.perf_counter() - t)
+    print(f"\ntext batches: {len(names)} POI names, best of {repeat}, {torch.get_num_threads()} threads")
+    for b in sizes:
+        diff = (vecs[b] - vecs[16]).abs().max().item()
+        same = torch.equal(vecs[b], vecs[16])
+        print(f"  batch {b:>4}: {best[b]:6.2f} s  {best[b] / best[16] - 1:+6.1%}  max |diff| vs 16 {diff:.1e} {same=}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=300, help="gallery photos of ~2 MP (default 300; full scale 5000)")
@@ -73,8 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA", str(ROOT.parent / "shared" / "seed-data")))
     p.add_argument("--workdir", help="keep the generated files here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
+    p.add_argument("--texts", action="store_true", help="time the text batch sizes instead (in this process)")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]
+    if args.texts:
+        text_batches(args.seed_data, args.repeat)
+        print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+        return 0
     tmp, out, bert_dir, csv_path, _, _, ckpt = prepare(args.seed_data, args.workdir, args.images, "weight_off_")
     base = ["--csv", str(csv_path), "--image-dir", str(out / "images"), "--checkpoint", str(ckpt)]
     base += ["--bert-dir", str(bert_dir), "--no-progress", "--log-level", "WARNING"]

@@ -54,7 +54,7 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
         g.add_argument("--batch-size", type=cli.positive_int, help=info)
     if text:
-        info = "texts per batch (default: 16 on a CPU, 256 on CUDA)"
+        info = "texts per batch (default 256)"
         g.add_argument("--text-batch-size", type=cli.positive_int, help=info)
     if head:
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_LEN = 50  # tokens (SPEC 2)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_BATCH = 256  # on any device: on a CPU too, 16 was slower (README, Speed)
 DECODE_SHARE, MAX_WORKERS = 2, 8  # decoding processes beside torch: one per 2 cores, at most 8
 
 
@@ -224,9 +225,9 @@ def _encode_lanes(paths, mode: str, loader, batch_size: int, encoder, lanes: int
 
 
 def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):
-    """``len(texts) x D``, each distinct text once, in batches of similar length (16 on a CPU, 256 on CUDA)."""
+    """``len(texts) x D``, each distinct text once, in batches of similar length (``TEXT_BATCH``)."""
     device = next(model.parameters()).device
-    batch_size = enc.text_batch_size or (256 if device.type == "cuda" else 16)
+    batch_size = enc.text_batch_size or TEXT_BATCH
     distinct = sorted(dict.fromkeys(texts), key=len)
     if not distinct:
         return torch.empty(0, model.embed_dim)
