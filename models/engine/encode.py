@@ -34,7 +34,7 @@ def cpu_cores() -> int:
 
 def engine_defaults(device, engine: str = "torch") -> tuple[int, int]:
     """``(batch size, decoding workers)``: CUDA 128, a worker per core; CPU torch 32, a decoder per ``DECODE_SHARE``
-    cores beside its threads; ONNX Runtime's lanes 4 (78 img/s on 2 lanes, 67 at 16), every core but the loader's."""
+    cores beside its threads; ONNX Runtime 4 (78 img/s on 2 lanes, 67 at 16), with one lane every core but its own."""
     n = cpu_cores()
     if torch.device(device).type == "cuda":
         return 128, max(1, min(n, MAX_WORKERS))
