@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from utils.cli import UserError
 
-import contextlib
 import json
 import logging
 import os
@@ -30,13 +29,6 @@ MAX_LISTED = 40  # keys listed per kind of mismatch
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not match the model."""
-
-
-@contextlib.contextmanager
-def empty_model():
-    """Modules built inside take no memory (the meta device), for a loader to fill."""
-    with torch.device("meta"):
-        yield
 
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
@@ -152,7 +144,7 @@ def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
             arch = AlignArch.from_json(arch) if arch else AlignArch.from_dict(recorded_arch(str(path), meta))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
-    with empty_model():
+    with torch.device("meta"):  # no memory taken nor random numbers drawn: load_state assigns the tensors
         model = AlignModel.from_bert_dir(bert_dir, arch)
         return sd, head(model) if head else model
 

@@ -17,7 +17,7 @@ import transformers
 from utils.io import read_json
 
 from .bert import ModelFilesError, check_sizes, load_text_config, model_file
-from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
+from .checkpoint import CheckpointError, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _compute_buffers(model: nn.Module) -> None:
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode; ``text_weights`` replaces those of ``text_dir`` (the authors' fine-tuned ones)."""
     text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
-    with empty_model():
+    with torch.device("meta"):  # built empty: load_state assigns the tensors
         model = TaiyiCLIP(text_cfg, vision_config(clip_dir))
     text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
     load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
