@@ -34,12 +34,11 @@ def atomic_path(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = ""):
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, newlines untranslated for csv)."""
-    binary = "b" in mode
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
-            yield f
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, mode, **text) as f:
+        yield f
 
 
 @contextlib.contextmanager
