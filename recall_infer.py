@@ -27,10 +27,8 @@ import sys  # noqa: E402
 from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.formats import TOPK_HEADER  # noqa: E402
 
 log = logging.getLogger("recall_infer")
-__all__ = ["TOPK_HEADER", "main"]
 SHARED_FILES = ("checkpoint", "bert_dir", "arch")  # model files defined by args.add_recall_files
 
 
