@@ -31,9 +31,10 @@ from utils.evaluation import (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", help="recall_infer.py output (top-k or full format)")
-    p.add_argument("--embeddings", metavar="FILE.npz", help="recall_infer.py --save-embeddings output: score it here")
-    p.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"), help="two results files (two models), paired")
+    one = p.add_mutually_exclusive_group(required=True)
+    one.add_argument("--results", help="recall_infer.py output (top-k or full format)")
+    one.add_argument("--embeddings", metavar="FILE.npz", help="recall_infer.py --save-embeddings output: score it here")
+    one.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"), help="two results files (two models), paired")
     p.add_argument("--k", type=cli.positive_int, nargs="+", default=list(DEFAULT_KS), help="K values (default 1 5 10)")
     p.add_argument("--json", help="figures and per-POI hits (default <results>.eval.json)")
     p.add_argument("--html", help="write a self-contained HTML report here")
@@ -58,10 +59,7 @@ def check_paths(ns) -> str:
 
 @entry_point
 def main(argv=None) -> int:
-    p = build_parser()
-    ns = p.parse_args(argv)
-    if sum(x is not None for x in (ns.results, ns.embeddings, ns.compare)) != 1:
-        p.error("give one of --results FILE, --embeddings FILE.npz or --compare A.csv B.csv")
+    ns = build_parser().parse_args(argv)
     cli.setup_logging(ns.log_level)
     out_json = check_paths(ns)
     if ns.compare:

@@ -27,10 +27,8 @@ import sys  # noqa: E402
 from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.formats import TOPK_HEADER  # noqa: E402
 
 log = logging.getLogger("recall_infer")
-__all__ = ["TOPK_HEADER", "main"]
 SHARED_FILES = ("checkpoint", "bert_dir", "arch")  # model files defined by args.add_recall_files
 
 
@@ -50,10 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     shared.add_bad_rows(p)
     shared.add_run(p)
     g = shared.add_recall_files(p, "model (--model NAME and its files)", required=False)
-    models_help = "; ".join(f"{k} = {e.help}" for k, e in MODELS.items())
-    g.add_argument(
-        "--model", choices=list(MODELS), default="align", help=f"recall model: {models_help} (default align)"
-    )
+    text = "recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items()) + " (default align)"
+    g.add_argument("--model", choices=list(MODELS), default="align", help=text)
     for name, help_text in {k: v for e in MODELS.values() for k, v in e.options.items()}.items():
         if name not in SHARED_FILES:
             g.add_argument("--" + name.replace("_", "-"), help=help_text)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from utils.cli import UserError
 
-import contextlib
 import json
 import logging
 import os
@@ -30,13 +29,6 @@ MAX_LISTED = 40  # keys listed per kind of mismatch
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not match the model."""
-
-
-@contextlib.contextmanager
-def empty_model():
-    """Modules built inside take no memory (the meta device), for a loader to fill."""
-    with torch.device("meta"):
-        yield
 
 
 def unwrap_state(obj: dict, path: str) -> tuple[dict, dict]:
@@ -96,35 +88,29 @@ def align_state_from(sd: dict) -> dict:
     return sd
 
 
-def _check_keys(model, sd: dict, expected: dict, benign: set, source: str, hint: str | None) -> None:
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    problems = {
-        "missing keys": [k for k in expected if k not in sd],
-        "unexpected keys": [k for k in sd if k not in expected and k not in benign],
-        "shape mismatches": shapes,
-    }
-    if not any(problems.values()):
-        return
-    parts = [f"{source} does not match {type(model).__name__}:"]
-    for title, keys in problems.items():
-        keys = sorted(keys)
-        if keys:
-            more = [f"... and {len(keys) - MAX_LISTED} more"] if len(keys) > MAX_LISTED else []
-            parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MAX_LISTED] + more))
-    parts.append(hint or "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
-    raise CheckpointError("\n".join(parts))
-
-
 def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", benign=None, hint=None) -> list[str]:
     """Strictly load ``sd`` into ``model`` (which takes its tensors); returns the ignored ``benign`` keys
     (under ``prefix``; default: the recall model's). ``hint``: the error's last line."""
     expected = model.state_dict()
     benign = {prefix + k for k in (BENIGN_EXTRAS if benign is None else benign)}
-    _check_keys(model, sd, expected, benign, source, hint)
+    problems = {
+        "missing keys": [k for k in expected if k not in sd],
+        "unexpected keys": [k for k in sd if k not in expected and k not in benign],
+        "shape mismatches": [
+            f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in sd and sd[k].shape != v.shape
+        ],
+    }
+    if any(problems.values()):
+        parts = [f"{source} does not match {type(model).__name__}:"]
+        for title, keys in problems.items():
+            keys = sorted(keys)
+            if keys:
+                more = [f"... and {len(keys) - MAX_LISTED} more"] if len(keys) > MAX_LISTED else []
+                parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MAX_LISTED] + more))
+        parts.append(hint or "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
+        raise CheckpointError("\n".join(parts))
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
     bad = next((k for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad:
@@ -152,7 +138,7 @@ def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
             arch = AlignArch.from_json(arch) if arch else AlignArch.from_dict(recorded_arch(str(path), meta))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
-    with empty_model():
+    with torch.device("meta"):  # no memory taken nor random numbers drawn: load_state assigns the tensors
         model = AlignModel.from_bert_dir(bert_dir, arch)
         return sd, head(model) if head else model
 

@@ -73,11 +73,8 @@ def missing_options(name: str, paths: dict) -> list[str]:
 
 
 def build_recall_model(name="align", *, device="cpu", backend="torch", onnx_cache_dir=None, **paths) -> RecallModel:
-    """Load recall model ``name`` from ``paths`` (its ``MODELS[name].options``; another is a TypeError)."""
+    """Load recall model ``name`` from ``paths`` (``MODELS[name].options``, the scripts check the required ones)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    missing = missing_options(name, paths)
-    if missing:
-        raise ValueError(f"model {name} needs {', '.join(missing)}")
     engine = {"device": torch.device(device), "backend": backend, "onnx_cache_dir": onnx_cache_dir}
     return MODELS[name].build(engine, **{k: v for k, v in paths.items() if v is not None})

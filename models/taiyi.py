@@ -17,7 +17,7 @@ import transformers
 from utils.io import read_json
 
 from .bert import ModelFilesError, check_sizes, load_text_config, model_file
-from .checkpoint import CheckpointError, empty_model, load_state, read_checkpoint
+from .checkpoint import CheckpointError, load_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ COMPUTED_BUFFERS = {
     "position_ids": lambda b: torch.arange(b.shape[-1]).expand(b.shape),
     "token_type_ids": lambda b: torch.zeros(b.shape, dtype=b.dtype),
 }
+# in checkpoints of transformers versions that saved it (now computed): tolerated
+TEXT_BENIGN, CLIP_BENIGN = ("bert.embeddings.position_ids",), ("vision_model.embeddings.position_ids",)
 TEXT_EXPECTED = "  (expected the Taiyi-CLIP text encoder, a BertForSequenceClassification: bert.*, classifier.*)"
 CLIP_EXPECTED = "  (expected the weights of openai/clip-vit-base-patch32: vision_model.*, visual_projection.weight)"
 HF_DIR = "must be a Hugging Face model directory (download_assets.py --with-baselines fetches it)"
@@ -94,23 +96,15 @@ def _compute_buffers(model: nn.Module) -> None:
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode; ``text_weights`` replaces those of ``text_dir`` (the authors' fine-tuned ones)."""
     text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
-    with empty_model():
+    with torch.device("meta"):  # built empty: load_state assigns the tensors
         model = TaiyiCLIP(text_cfg, vision_config(clip_dir))
     text_path = text_weights or find_weights(text_dir, "--taiyi-text-dir")
-    load_state(
-        model.text_model,
-        read_checkpoint(text_path)[0],
-        str(text_path),
-        benign=("bert.embeddings.position_ids",),
-        hint=TEXT_EXPECTED,
-    )
+    load_state(model.text_model, read_checkpoint(text_path)[0], str(text_path), benign=TEXT_BENIGN, hint=TEXT_EXPECTED)
     clip_path = find_weights(clip_dir, "--clip-dir")
     sd, _ = read_checkpoint(clip_path)
     vision = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
     if len(sd) > len(vision):
         log.info("%s: %d tensors of the CLIP text tower are not used", clip_path, len(sd) - len(vision))
-    load_state(
-        model.image_model, vision, str(clip_path), benign=("vision_model.embeddings.position_ids",), hint=CLIP_EXPECTED
-    )
+    load_state(model.image_model, vision, str(clip_path), benign=CLIP_BENIGN, hint=CLIP_EXPECTED)
     _compute_buffers(model)
     return model.to(device).eval()

@@ -16,7 +16,6 @@ from utils.evaluation.bootstrap import (
     auc_draws,
     auc_interval,
     bootstrap_means,
-    mean_interval,
     mean_intervals,
     resample_counts,
     weighted_auc,
@@ -35,8 +34,8 @@ def test_resampling_is_seeded_and_with_replacement():
 
 
 def test_known_answers():
-    assert mean_interval(np.ones(500)) == (1.0, 1.0)
-    assert mean_interval(np.zeros(80)) == (0.0, 0.0)
+    assert mean_intervals(np.ones(500))[0] == (1.0, 1.0)
+    assert mean_intervals(np.zeros(80))[0] == (0.0, 0.0)
     # every POI differs by the same amount (e.g. reciprocal ranks): the difference
     # interval is that amount, however wide the intervals of the two figures are
     a = np.random.default_rng(1).random(100) * 0.5
@@ -69,7 +68,7 @@ def test_coverage_by_simulation():
         covered = 0
         for rep in range(200):
             x = (rng.random(300) < p).astype(float)
-            lo, hi = mean_interval(x, draws=1000, seed=rep)
+            lo, hi = mean_intervals(x, draws=1000, seed=rep)[0]
             covered += lo <= p <= hi
         assert 0.90 <= covered / 200 <= 0.99, (p, covered)
 
@@ -132,7 +131,7 @@ def test_recall_eval_intervals_and_compare(tmp_path, capsys):
     js = json.loads((tmp_path / "all.csv.eval.json").read_text(encoding="utf-8"))
     assert js["recall_ci"]["1"] == [1.0, 1.0] and js["bootstrap"]["draws"] == 10_000
 
-    # the interval printed for A equals mean_interval on its hits in poi_id order
+    # the interval printed for A equals mean_intervals' on its hits in poi_id order
     assert (
         recall_eval.main(["--results", str(tmp_path / "A.csv"), "--k", "1", "--seed", "5", "--bootstrap", "2000"]) == 0
     )
@@ -207,7 +206,7 @@ def test_rank_eval_summary_has_intervals():
     }
     assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]
     assert m["auc_ci"][0] < m["auc"] < m["auc_ci"][1]
-    assert m["accuracy_ci"] == list(mean_interval(((d > 0) == (y == 1)).astype(float), 10_000, 0))
+    assert m["accuracy_ci"] == list(mean_intervals(((d > 0) == (y == 1)).astype(float), 10_000, 0)[0])
     text = format_pair_summary(m, "val.csv")
     assert f"{m['accuracy']:.4f} [95% CI {m['accuracy_ci'][0]:.4f}, {m['accuracy_ci'][1]:.4f}]" in text
     assert f"{m['auc']:.4f} [95% CI {m['auc_ci'][0]:.4f}, {m['auc_ci'][1]:.4f}]" in text
@@ -225,6 +224,6 @@ def test_memory_does_not_grow_with_draws(monkeypatch):
     assert max(b.size for b in blocks) <= 10_000 and sum(len(b) for b in blocks) == 2500
     assert all((b.sum(axis=1) == 300).all() for b in blocks)
     with pytest.raises(UserError, match="1,000,000"):
-        mean_interval(np.ones(3), draws=bootstrap.MAX_DRAWS + 1)
+        mean_intervals(np.ones(3), draws=bootstrap.MAX_DRAWS + 1)
     with pytest.raises(UserError, match="1,000,000"):
         auc_interval([0, 1], [0.1, 0.2], draws=10**12)

@@ -31,7 +31,7 @@ from utils.evaluation.metrics import (
     stable_topk,
 )
 from utils.formats.images import load_image
-from utils.formats.results import read_results
+from utils.formats.results import TOPK_HEADER, read_results
 from utils.formats.rows import poi_of_image
 from utils.hashing import model_hash
 
@@ -122,7 +122,7 @@ def test_stable_topk_keeps_column_order_on_ties():
 def _write_topk(path, groups, names, k):
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(recall_infer.TOPK_HEADER)
+        w.writerow(TOPK_HEADER)
         for poi, cands in groups.items():
             ranked = sorted(cands, key=lambda c: c[1], reverse=True)[:k]
             for r, (img, s) in enumerate(ranked, 1):
@@ -286,7 +286,7 @@ def test_end_to_end_infer_then_eval(gallery, bert_dir, tmp_path, capsys):
     # top-k file: header, 5 rows per POI, ranks 1..5, descending scores
     with open(out, newline="", encoding="utf-8") as f:
         top = list(csv.reader(f))
-    assert top[0] == list(recall_infer.TOPK_HEADER)
+    assert top[0] == list(TOPK_HEADER)
     assert len(top) == 1 + n_pois * 5
     by_poi = {}
     for p, n, r, img, s in top[1:]:

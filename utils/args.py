@@ -84,11 +84,10 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
     return add_arch(g)
 
 
-def add_arch(p, title: str | None = None):
-    g = _group(p, title)
+def add_arch(p):
     text = "architecture JSON of a small model (default: the checkpoint's or its .arch.json's, else the released)"
-    g.add_argument("--arch", help=text)
-    return g
+    p.add_argument("--arch", help=text)
+    return p
 
 
 def add_poi_tables(p, title: str | None = "POI tables", required: bool = False, aliases: bool = False):
@@ -111,11 +110,10 @@ def add_trust_pickle(p):
     return p
 
 
-def add_bad_rows(p, title: str | None = None):
-    g = _group(p, title)
+def add_bad_rows(p):
     text = "leave out unusable input rows (each reported by file and line) instead of stopping with exit status 2"
-    g.add_argument("--skip-bad-rows", action="store_true", help=text)
-    return g
+    p.add_argument("--skip-bad-rows", action="store_true", help=text)
+    return p
 
 
 def from_flags(cls, ns: argparse.Namespace, renamed: dict | None = None, **override):
@@ -146,15 +144,14 @@ class Encoding:
 
 
 # --- evaluation (utils.evaluation) ------------------------------------------------------
-def add_bootstrap(p, title: str | None = None):
+def add_bootstrap(p):
     """``--bootstrap`` and ``--seed``: the evaluators' 95% percentile intervals."""
     from utils.evaluation import DEFAULT_DRAWS, DEFAULT_SEED, MAX_DRAWS
 
-    g = _group(p, title)
     text = f"bootstrap draws for the 95%% intervals (default {DEFAULT_DRAWS}, at most {MAX_DRAWS:,}; 0: none)"
-    g.add_argument("--bootstrap", type=cli.non_negative_int, default=DEFAULT_DRAWS, metavar="N", help=text)
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
-    return g
+    p.add_argument("--bootstrap", type=cli.non_negative_int, default=DEFAULT_DRAWS, metavar="N", help=text)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
+    return p
 
 
 # --- downloads (utils.fetch): add_downloads, Downloads -----------------------------------

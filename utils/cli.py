@@ -130,39 +130,27 @@ def entry_point(main):
 
 
 # --- flag converters (argparse ``type=``) --------------------------------------------------
-def _number(text: str, kind, ok, what: str):
-    try:
-        v = kind(text)
-    except ValueError:
-        v = None
-    if v is None or not math.isfinite(v) or not ok(v):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return v
+def _number(kind, ok, what: str):
+    """An argparse ``type=``: a finite ``kind`` for which ``ok`` holds, else an error naming ``what``."""
+
+    def convert(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return convert
 
 
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def finite_float(text: str) -> float:
-    return _number(text, float, lambda v: True, "a finite number")
-
-
-def positive_float(text: str) -> float:
-    """A timeout of 0 would fail every request: > 0."""
-    return _number(text, float, lambda v: v > 0, "a number > 0")
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, float, lambda v: v >= 0, "a number >= 0")
-
-
-def fraction(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")  # a timeout of 0 would fail every request
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def count_or_percent(text: str) -> str:

@@ -15,20 +15,15 @@ from pathlib import Path
 from .cli import DataError, RowError, UserError, record_bad_row
 
 
-def temp_name(path: str | os.PathLike) -> Path:
-    """Where ``atomic_path`` writes before the rename: ``<path>.tmp<pid>``."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """A temporary path beside ``path``, renamed onto it when the block ends without an error, else removed."""
+    """A temporary path beside ``path`` (``<path>.tmp<pid>``), renamed onto it when the block ends
+    without an error, else removed."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -39,32 +34,20 @@ def atomic_path(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = ""):
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """``open(path, mode)`` through :func:`atomic_path` (text: UTF-8, newlines untranslated for csv)."""
-    binary = "b" in mode
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
-            yield f
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, mode, **text) as f:
+        yield f
 
 
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | os.PathLike | None):
-    """A run's outputs committed together or not at all: one temporary path per target (None
-    stays None), each renamed onto its target when the block ends without an error."""
-    temps = [None if p is None else temp_name(Path(p).with_name(Path(p).name + ".new")) for p in paths]
-    for p in paths:
-        if p is not None:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield temps
-        for tmp, p in zip(temps, paths):
-            if p is not None:
-                os.replace(tmp, p)
-    finally:
-        for tmp in temps:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+    """A run's outputs committed together or not at all: an :func:`atomic_path` per target (None
+    stays None), all renamed when the block ends without an error; after an error, a failed
+    rename too, the temporary paths not yet renamed are removed."""
+    with contextlib.ExitStack() as stack:
+        yield [None if p is None else stack.enter_context(atomic_path(p)) for p in paths]
 
 
 def commit_outputs(outputs: dict, flags: dict | None = None) -> None:
@@ -76,8 +59,7 @@ def commit_outputs(outputs: dict, flags: dict | None = None) -> None:
         with atomic_outputs(*paths) as temps:
             for current, tmp in zip(paths, temps):
                 if isinstance(outputs[current], str):
-                    with open(tmp, "w", encoding="utf-8", newline="") as f:
-                        f.write(outputs[current])
+                    tmp.write_text(outputs[current], encoding="utf-8", newline="")
                 else:
                     outputs[current](tmp)
     except OSError as e:

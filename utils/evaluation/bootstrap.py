@@ -42,12 +42,8 @@ def bootstrap_means(values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED
 
 
 def mean_intervals(values, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> list[tuple[float, float]]:
-    """The interval of the mean of each column of ``values`` (n x m), paired."""
+    """The interval of the mean of each column of ``values`` (n x m, or n: one column), paired."""
     return [(float(lo), float(hi)) for lo, hi in np.quantile(bootstrap_means(values, draws, seed), TAILS, axis=0).T]
-
-
-def mean_interval(values, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> tuple[float, float]:
-    return mean_intervals(values, draws, seed)[0]
 
 
 def auc_draws(labels, scores, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from utils.formats import iter_rank_csv
 from utils.io import commit_outputs, write_json
 
-from .bootstrap import LEVEL, auc_interval, fmt_figure, mean_interval
+from .bootstrap import LEVEL, auc_interval, fmt_figure, mean_intervals
 from .metrics import pairwise_metrics
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def pair_metrics(labels, s_a, s_b, draws: int, seed: int) -> dict:
     if not draws or not m["n"]:
         return m
     y, d = np.asarray(labels, dtype=np.float64), np.asarray(s_a) - np.asarray(s_b)
-    m["accuracy_ci"] = list(mean_interval(((d > 0) == (y == 1)).astype(np.float64), draws, seed))
+    m["accuracy_ci"] = list(mean_intervals(((d > 0) == (y == 1)).astype(np.float64), draws, seed)[0])
     ci = auc_interval(y, d, draws, seed) if m["auc"] is not None else None
     m["auc_ci"] = list(ci) if ci else None
     m["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "pairs"}
