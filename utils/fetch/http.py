@@ -5,6 +5,7 @@ deadline of a whole download; ``describe``: what went wrong with a request, as a
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -217,7 +218,8 @@ class _Session(requests.Session):
         super().__init__()
         self.policy = policy
         self.trust_env = False
-        self._proxies: dict = {}
+        environ_proxies = requests.utils.get_environ_proxies
+        self._proxies = functools.lru_cache(10_000)(lambda scheme, host: environ_proxies(f"{scheme}://{host}"))
         self._ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
     def request(self, method, url, *args, **kwargs):
@@ -235,11 +237,7 @@ class _Session(requests.Session):
         return target
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):
-        key = urllib.parse.urlsplit(url)[:2]
-        if key not in self._proxies:
-            self._proxies = {} if len(self._proxies) > 10_000 else self._proxies
-            self._proxies[key] = requests.utils.get_environ_proxies(url)
-        proxies = {**self._proxies[key], **(proxies or {})}
+        proxies = {**self._proxies(*urllib.parse.urlsplit(url)[:2]), **(proxies or {})}
         verify = self._ca_bundle if verify in (True, None) and self._ca_bundle else verify
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
