@@ -49,6 +49,14 @@ def address_class(ip: str) -> str:
     return "public" if addr.is_global else "private"
 
 
+def _lookup(host: str, port: int, minute: float) -> list[tuple[str, str]]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        infos = []
+    return [(ip, address_class(ip)) for ip in dict.fromkeys(info[4][0] for info in infos)]
+
+
 def _host_port(url: str):
     """(host name in lower case, port) of ``url``; (None, None) when it has none."""
     try:
@@ -67,25 +75,14 @@ class AddressPolicy:
     def __init__(self, allow_private: bool = False, trusted=()):
         self.allow_private = allow_private
         self.trusted = frozenset(h for h in trusted if h)
-        self._cache: dict = {}
+        self._lookup = functools.lru_cache(10_000)(_lookup)
         self.pins = threading.local()  # (host, port) -> the addresses this thread's last check allowed
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
-        """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
+        """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for at most a minute)."""
         with contextlib.suppress(ValueError):  # an address literal
             return [(host, address_class(host))]
-        now, hit = time.monotonic(), self._cache.get((host, port))
-        if hit is not None and now - hit[0] < DNS_TTL:
-            return hit[1]
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            infos = []
-        out = [(ip, address_class(ip)) for ip in dict.fromkeys(info[4][0] for info in infos)]
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[(host, port)] = (now, out)
-        return out
+        return self._lookup(host, port, time.monotonic() // DNS_TTL)  # a new minute, a new key
 
     def check(self, url: str, came_from: str | None = None) -> None:
         """Raise ``BlockedAddressError`` when ``url`` must not be contacted; else pin its addresses."""
