@@ -32,10 +32,7 @@ from utils.fetch import DEFAULT_MANIFEST, ROOT, HashRecords, fetch_assets, load_
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="download_assets.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="download_assets.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     text = "destination root: files land at DEST/<path> (default: the project)"
     p.add_argument("--dest", default=str(ROOT), help=text)

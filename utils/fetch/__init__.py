@@ -7,10 +7,10 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "http": "AddressPolicy Deadline open_session",
+        "http": "open_session",
         "images": "DEFAULT_MAX_BYTES FetchResult download_one",
         "image_set": "ImageJob download_images image_summary",
-        "assets": "AssetError DEFAULT_MANIFEST ROOT Asset HashRecords load_manifest select_assets",
-        "asset_fetch": "fetch_assets hf_endpoint",
+        "assets": "DEFAULT_MANIFEST ROOT Asset HashRecords load_manifest select_assets",
+        "asset_fetch": "fetch_assets",
     },
 )

@@ -5,6 +5,7 @@ deadline of a whole download; ``describe``: what went wrong with a request, as a
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -48,6 +49,14 @@ def address_class(ip: str) -> str:
     return "public" if addr.is_global else "private"
 
 
+def _lookup(host: str, port: int, minute: float) -> list[tuple[str, str]]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        infos = []
+    return [(ip, address_class(ip)) for ip in dict.fromkeys(info[4][0] for info in infos)]
+
+
 def _host_port(url: str):
     """(host name in lower case, port) of ``url``; (None, None) when it has none."""
     try:
@@ -66,25 +75,14 @@ class AddressPolicy:
     def __init__(self, allow_private: bool = False, trusted=()):
         self.allow_private = allow_private
         self.trusted = frozenset(h for h in trusted if h)
-        self._cache: dict = {}
+        self._lookup = functools.lru_cache(10_000)(_lookup)
         self.pins = threading.local()  # (host, port) -> the addresses this thread's last check allowed
 
     def resolve(self, host: str, port: int) -> list[tuple[str, str]]:
-        """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for a minute)."""
+        """[(ip, address class)] of ``host`` ([] when it does not resolve; cached for at most a minute)."""
         with contextlib.suppress(ValueError):  # an address literal
             return [(host, address_class(host))]
-        now, hit = time.monotonic(), self._cache.get((host, port))
-        if hit is not None and now - hit[0] < DNS_TTL:
-            return hit[1]
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            infos = []
-        out = [(ip, address_class(ip)) for ip in dict.fromkeys(info[4][0] for info in infos)]
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[(host, port)] = (now, out)
-        return out
+        return self._lookup(host, port, time.monotonic() // DNS_TTL)  # a new minute, a new key
 
     def check(self, url: str, came_from: str | None = None) -> None:
         """Raise ``BlockedAddressError`` when ``url`` must not be contacted; else pin its addresses."""
@@ -217,7 +215,8 @@ class _Session(requests.Session):
         super().__init__()
         self.policy = policy
         self.trust_env = False
-        self._proxies: dict = {}
+        environ_proxies = requests.utils.get_environ_proxies
+        self._proxies = functools.lru_cache(10_000)(lambda scheme, host: environ_proxies(f"{scheme}://{host}"))
         self._ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
     def request(self, method, url, *args, **kwargs):
@@ -235,11 +234,7 @@ class _Session(requests.Session):
         return target
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):
-        key = urllib.parse.urlsplit(url)[:2]
-        if key not in self._proxies:
-            self._proxies = {} if len(self._proxies) > 10_000 else self._proxies
-            self._proxies[key] = requests.utils.get_environ_proxies(url)
-        proxies = {**self._proxies[key], **(proxies or {})}
+        proxies = {**self._proxies(*urllib.parse.urlsplit(url)[:2]), **(proxies or {})}
         verify = self._ca_bundle if verify in (True, None) and self._ca_bundle else verify
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 

@@ -5,8 +5,7 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "images": "ImageDataset PREPROCESS_MODES SIZE ZERO_TENSOR decode_rgb load_clip_image load_image "
-        "load_image_into to_tensor",
+        "images": "ImageDataset SIZE ZERO_TENSOR decode_rgb load_clip_image load_image load_image_into to_tensor",
         "poi": "ItemInputs KINDS MAX_POIS PoiTableError PoiTables SAFE_SUFFIX describe_table load_poi_table "
         "load_poi_tables poi_vector_tables pois_text save_safe_table save_tables stack_inputs "
         "table_output",
