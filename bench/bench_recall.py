@@ -385,7 +385,7 @@ def engine_alone(rm, paths, batches: int = 4) -> tuple[str, float, str]:
 
 def image_stage(rm, paths) -> float:
     """images/s of ``encode_images`` with its defaults and the engine of ``rm``, every
-    image decoded within the stage (no prefetch, no cache)."""
+    image decoded within the stage (no cache)."""
     enc = rm.image_encoder()
     t = time.perf_counter()
     encode_images(rm.model, paths, Encoding(progress=False), engine=lambda: enc)
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     )
     print(
         f"  recall_infer.py: {t_ours:.1f} s ({args.n / t_ours:.1f} img/s, start-up included); engine "
-        f"{meta['image_backend']}, {meta.get('lanes')} lanes, {meta['num_workers']} workers decoding ahead, "
+        f"{meta['image_backend']}, {meta.get('lanes')} lanes, {meta['num_workers']} decoding workers, "
         f"batch {meta['batch_size']}; timings {meta['timings_s']}"
     )
     print(
