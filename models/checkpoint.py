@@ -133,9 +133,11 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
 def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
     """``(state dict of path, an empty AlignModel in head)`` of ``arch`` (or its JSON file), else the recorded one."""
     sd, meta = read_checkpoint(path)
-    if not isinstance(arch, AlignArch):
+    if arch and not isinstance(arch, AlignArch):
+        arch = AlignArch.from_json(arch)  # its errors name the JSON file, not the checkpoint
+    elif not arch:
         try:
-            arch = AlignArch.from_json(arch) if arch else AlignArch.from_dict(recorded_arch(str(path), meta))
+            arch = AlignArch.from_dict(recorded_arch(str(path), meta))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its recorded architecture is not valid ({e})") from None
     with torch.device("meta"):  # no memory taken nor random numbers drawn: load_state assigns the tensors

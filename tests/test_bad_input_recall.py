@@ -243,7 +243,8 @@ def test_malformed_arch_json_names_the_file(env, tmp_path, capsys, text, expecte
     arch = tmp_path / "arch.json"
     arch.write_text(text, encoding="utf-8")
     assert recall_infer.main(_infer_argv(env, tmp_path / "top.csv", "--arch", str(arch))) == 2
-    assert expected in _one_line(capsys.readouterr().err, "recall_infer")
+    line = _one_line(capsys.readouterr().err, "recall_infer")
+    assert expected in line and "recorded architecture" not in line  # the file at fault, not the checkpoint
     assert not (tmp_path / "top.csv").exists()
 
 
