@@ -33,7 +33,6 @@ from utils.cli import (
 
 import argparse
 import sys
-from dataclasses import fields
 
 from models import run_selection
 from utils.args import (
@@ -48,6 +47,7 @@ from utils.args import (
     add_ray,
     add_recall_files,
     add_run,
+    from_flags,
 )
 from utils.selection import ModelFiles, RayOptions, Scoring, Selection, is_parquet, is_uri
 
@@ -86,11 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def picked(cls, args, **given):
-    """``cls`` made of the flags named as its fields (and ``given``)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **given)
-
-
 def selection_of(args) -> tuple[Selection, RayOptions | None]:
     """The run the flags describe (their combinations checked), and where it runs."""
     if not args.recall_only and not args.ranker_checkpoint:
@@ -101,9 +96,9 @@ def selection_of(args) -> tuple[Selection, RayOptions | None]:
     if any(tables) and not all(tables):
         raise UserError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: give all three or none")
     enc = Encoding.from_args(args, progress=not args.no_progress and sys.stderr.isatty())
-    files, scoring, net = picked(ModelFiles, args), Scoring(args.recall_k, enc), Downloads.from_args(args)
-    job = picked(Selection, args, files=files, scoring=scoring, net=net)
-    return job, None if args.ray is None else picked(RayOptions, args, address=args.ray or None)
+    files, scoring, net = from_flags(ModelFiles, args), Scoring(args.recall_k, enc), Downloads.from_args(args)
+    job = from_flags(Selection, args, files=files, scoring=scoring, net=net)
+    return job, None if args.ray is None else from_flags(RayOptions, args, address=args.ray or None)
 
 
 def check_paths(job: Selection, shards_out: bool) -> None:
