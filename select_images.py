@@ -20,12 +20,9 @@ from __future__ import annotations
 
 from utils.cli import (
     UserError,
+    check_files,
     distinct_paths,
     entry_point,
-    input_dir,
-    input_file,
-    output_dir,
-    output_file,
     positive_int,
     require,
     setup_logging,
@@ -106,32 +103,22 @@ def check_paths(job: Selection, shards_out: bool) -> None:
     a ``UserError`` before any model is loaded. A filesystem URI (``--out`` of shards,
     ``--image-cache``, a summary beside such an ``--out``) is the cluster's to reach."""
     f = job.files
-    tables = dict(zip(("--poi-pic-num", "--poi-image-vectors", "--poi-name-vectors"), f.poi_tables or ()))
-    inputs = {
-        "--items": job.items,
-        "--ranker-checkpoint": f.ranker_checkpoint,
-        "--recall-checkpoint": f.recall_checkpoint,
-        "--arch": f.arch,
-        **tables,
-    }
-    for flag, path in inputs.items():
-        if path:
-            input_file(path, flag)
-    input_dir(f.bert_dir, "--bert-dir")
+    flags = (
+        "--items --ranker-checkpoint --recall-checkpoint --arch --poi-pic-num --poi-image-vectors --poi-name-vectors"
+    )
+    paths = (job.items, f.ranker_checkpoint, f.recall_checkpoint, f.arch, *(f.poi_tables or ()))
+    inputs = {flag: path for flag, path in zip(flags.split(), paths) if path}
     if is_uri(job.out) and not shards_out:
         raise UserError(f"--out {job.out}: a filesystem URI takes --ray and a directory of shards (no .csv)")
-    dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
     if is_uri(job.image_dir) and not shards_out:
         raise UserError(f"--image-cache {job.image_dir}: a filesystem URI takes --ray and a directory of shards")
-    outputs = {
-        "--out": (job.out, output_dir if shards_out else output_file),
-        "--summary": (job.summary_path, output_file),
-    }
-    outputs |= {"--html": (job.html, output_file), **{flag: (path, output_dir) for flag, path in dirs.items()}}
-    for flag, (path, check) in outputs.items():
-        if path and not is_uri(path):
-            check(path, flag)
-    distinct_paths(inputs, {flag: path for flag, (path, _) in outputs.items()})
+    outputs = {"--out": job.out, "--summary": job.summary_path, "--html": job.html}
+    dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
+    if shards_out:
+        dirs = {"--out": outputs.pop("--out"), **dirs}
+    local = lambda paths: {flag: path for flag, path in paths.items() if path and not is_uri(path)}
+    check_files(inputs, {"--bert-dir": f.bert_dir}, local(outputs), local(dirs))
+    distinct_paths(inputs, outputs | dirs)  # check_files compared the files only
 
 
 @entry_point
