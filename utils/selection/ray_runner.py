@@ -57,30 +57,23 @@ def _stage(payload: dict, name: str):
 
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
-def _decode(path: str, mode: str):
-    """The image at the model's input size (uint8), None when it does not decode."""
-    import cv2
-
-    from utils.formats import SIZE, decode_rgb
-
-    try:
-        return cv2.resize(decode_rgb(path, mode), (SIZE, SIZE))
-    except Exception as e:  # any decode failure, as utils.formats.load_image
-        log.warning("unreadable image %s (%s: %s)", path, type(e).__name__, e)
-        return None
-
-
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
+    import cv2
+
+    from utils.formats import SIZE, load_image
+
     urls = [c for it in items for c in it.cands if c.is_url]
     remote = is_uri(job.image_dir)
-    arrays: dict = {}
+    arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
+    resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
         local = {id(c): c.file for it in items for c in it.cands}
         for c in (c for it in items for c in it.cands if c.status == OK):
             if c.file not in arrays:
-                arrays[c.file] = _decode(c.file, job.scoring.enc.preprocess)
+                array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
+                arrays[c.file] = array if ok else None
             if arrays[c.file] is None:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
     cands = [c for it in items for c in it.cands if c.status == OK]
