@@ -178,16 +178,12 @@ def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
     return rows, items, sorted(errors, key=lambda e: e.line)
 
 
-def shard_of(item_ids, n: int) -> np.ndarray:
-    return np.array([zlib.crc32(i.encode("utf-8")) % n for i in item_ids], dtype=np.int64)
-
-
 def _keyed(t, n: int, done: list[int]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
     t = t.filter(pc.equal(t["error"], ""))
-    shard = shard_of(t["item_id"].to_pylist(), n)
+    shard = np.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], dtype=np.int64)
     keep = ~np.isin(shard, done)
     return t.append_column("shard", pa.array(shard)).filter(pa.array(keep))
 
