@@ -127,25 +127,18 @@ def _parts(path: str) -> list[tuple[list[int] | None, int]]:
     return [([g], line) for g, line in enumerate(itertools.accumulate(rows, initial=2)) if g < len(rows)]
 
 
-def _read(path: str, groups, line: int):
-    """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of a part."""
+def _read_parts(batch, path: str):
+    """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
     import pyarrow as pa
 
-    errors: list[RowError] = []
-    rows = catalogue_rows(path, errors, groups, line)
-    while True:
-        chunk = list(itertools.islice(rows, BLOCK_ROWS))
-        bad, errors[:] = errors[:], []
-        if not chunk and not bad:
-            return
-        cols = list(zip(*chunk)) or [()] * len(FIELDS)
-        table = {f: list(c) + [e.line if f == "line" else "" for e in bad] for f, c in zip(FIELDS, cols)}
-        yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
-
-
-def _read_parts(batch, path: str):
     for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
-        yield from _read(path, groups, line)
+        errors: list[RowError] = []
+        rows = catalogue_rows(path, errors, groups, line)
+        while (chunk := list(itertools.islice(rows, BLOCK_ROWS))) or errors:
+            bad, errors[:] = errors[:], []
+            cols = list(zip(*chunk)) or [()] * len(FIELDS)
+            table = {f: list(c) + [e.line if f == "line" else "" for e in bad] for f, c in zip(FIELDS, cols)}
+            yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
 
 
 def read_dataset(path: str):
