@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from utils.io import exclusive_lock
 
-from .catalogue import OK, UNREADABLE, catalogue_rows, output_rows, write_output
+from .catalogue import OK, UNREADABLE, catalogue_rows
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
 from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
@@ -272,9 +272,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
     summary["ray"] = record
     fs, d = open_dir(location)
-    in_order = lambda: sorted(shard_items(fs, d, metas), key=lambda it: it.line)  # the local run's order
-    merge = (lambda tmp: write_output(tmp, output_rows(in_order()))) if location != job.out else None
-    return finish(job, summary, clock, merge, lambda: shard_items(fs, d, metas))
+    return finish(job, summary, clock, lambda: shard_items(fs, d, metas), merge=location != job.out)
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
