@@ -18,37 +18,13 @@ status ok | missing | download_failed | unreadable | duplicate (only ok is score
 
 from __future__ import annotations
 
-from utils.cli import (
-    UserError,
-    distinct_paths,
-    entry_point,
-    input_dir,
-    input_file,
-    output_dir,
-    output_file,
-    positive_int,
-    require,
-    setup_logging,
-)
+from utils.cli import UserError, check_files, distinct_paths, entry_point, positive_int, require, setup_logging
 
 import argparse
 import sys
-from dataclasses import fields
 
 from models import run_selection
-from utils.args import (
-    Downloads,
-    Encoding,
-    add_bad_rows,
-    add_batches,
-    add_cache,
-    add_downloads,
-    add_engine,
-    add_poi_tables,
-    add_ray,
-    add_recall_files,
-    add_run,
-)
+from utils import args as shared
 from utils.selection import ModelFiles, RayOptions, Scoring, Selection, is_parquet, is_uri
 
 
@@ -60,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--items", required=True, help="catalogue CSV or Parquet: item_id,title,poi_names,image")
     g.add_argument("--ranker-checkpoint", help="ranker checkpoint (required unless --recall-only)")
     g.add_argument("--recall-checkpoint", help="recall checkpoint for stage 1 (default: the ranker's own copy)")
-    add_recall_files(g, None, checkpoint=None)
-    add_poi_tables(p)
-    add_bad_rows(g)
+    shared.add_recall_files(g, None, checkpoint=None)
+    shared.add_poi_tables(p)
+    shared.add_bad_rows(g)
     o = p.add_argument_group("outputs")
     o.add_argument(
         "--out",
@@ -76,19 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-k", type=positive_int, default=5, help="candidates per item passed to the ranker (default 5)"
     )
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
-    d = add_downloads(p)  # of URL images: defaults --download-workers 8, --timeout 30
+    d = shared.add_downloads(p)  # of URL images: defaults --download-workers 8, --timeout 30
     d.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
-    add_engine(p)
-    add_batches(p, head=True, workers_alias=True)
-    add_cache(p, "cache")
-    add_run(p, "run")
-    add_ray(p)
+    shared.add_engine(p)
+    shared.add_batches(p, head=True, workers_alias=True)
+    shared.add_cache(p, "cache")
+    shared.add_run(p, "run")
+    shared.add_ray(p)
     return p
-
-
-def picked(cls, args, **given):
-    """``cls`` made of the flags named as its fields (and ``given``)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **given)
 
 
 def selection_of(args) -> tuple[Selection, RayOptions | None]:
@@ -100,10 +71,10 @@ def selection_of(args) -> tuple[Selection, RayOptions | None]:
     tables = (args.poi_pic_num, args.poi_image_vectors, args.poi_name_vectors)
     if any(tables) and not all(tables):
         raise UserError("--poi-pic-num, --poi-image-vectors and --poi-name-vectors go together: give all three or none")
-    enc = Encoding.from_args(args, progress=not args.no_progress and sys.stderr.isatty())
-    files, scoring, net = picked(ModelFiles, args), Scoring(args.recall_k, enc), Downloads.from_args(args)
-    job = picked(Selection, args, files=files, scoring=scoring, net=net)
-    return job, None if args.ray is None else picked(RayOptions, args, address=args.ray or None)
+    enc = shared.Encoding.from_args(args, progress=not args.no_progress and sys.stderr.isatty())
+    files, net = shared.from_flags(ModelFiles, args), shared.Downloads.from_args(args)
+    job = shared.from_flags(Selection, args, files=files, scoring=Scoring(args.recall_k, enc), net=net)
+    return job, None if args.ray is None else shared.from_flags(RayOptions, args, address=args.ray or None)
 
 
 def check_paths(job: Selection, shards_out: bool) -> None:
@@ -111,32 +82,22 @@ def check_paths(job: Selection, shards_out: bool) -> None:
     a ``UserError`` before any model is loaded. A filesystem URI (``--out`` of shards,
     ``--image-cache``, a summary beside such an ``--out``) is the cluster's to reach."""
     f = job.files
-    tables = dict(zip(("--poi-pic-num", "--poi-image-vectors", "--poi-name-vectors"), f.poi_tables or ()))
-    inputs = {
-        "--items": job.items,
-        "--ranker-checkpoint": f.ranker_checkpoint,
-        "--recall-checkpoint": f.recall_checkpoint,
-        "--arch": f.arch,
-        **tables,
-    }
-    for flag, path in inputs.items():
-        if path:
-            input_file(path, flag)
-    input_dir(f.bert_dir, "--bert-dir")
+    flags = (
+        "--items --ranker-checkpoint --recall-checkpoint --arch --poi-pic-num --poi-image-vectors --poi-name-vectors"
+    )
+    paths = (job.items, f.ranker_checkpoint, f.recall_checkpoint, f.arch, *(f.poi_tables or ()))
+    inputs = {flag: path for flag, path in zip(flags.split(), paths) if path}
     if is_uri(job.out) and not shards_out:
         raise UserError(f"--out {job.out}: a filesystem URI takes --ray and a directory of shards (no .csv)")
-    dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
     if is_uri(job.image_dir) and not shards_out:
         raise UserError(f"--image-cache {job.image_dir}: a filesystem URI takes --ray and a directory of shards")
-    outputs = {
-        "--out": (job.out, output_dir if shards_out else output_file),
-        "--summary": (job.summary_path, output_file),
-    }
-    outputs |= {"--html": (job.html, output_file), **{flag: (path, output_dir) for flag, path in dirs.items()}}
-    for flag, (path, check) in outputs.items():
-        if path and not is_uri(path):
-            check(path, flag)
-    distinct_paths(inputs, {flag: path for flag, (path, _) in outputs.items()})
+    outputs = {"--out": job.out, "--summary": job.summary_path, "--html": job.html}
+    dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
+    if shards_out:
+        dirs = {"--out": outputs.pop("--out"), **dirs}
+    local = lambda paths: {flag: path for flag, path in paths.items() if path and not is_uri(path)}
+    check_files(inputs, {"--bert-dir": f.bert_dir}, local(outputs), local(dirs))
+    distinct_paths(inputs, outputs | dirs)  # check_files compared the files only
 
 
 @entry_point

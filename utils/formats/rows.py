@@ -70,10 +70,12 @@ def poi_of_image(path_or_name: str) -> str:
     return os.path.basename(path_or_name).split("_", 1)[0]
 
 
-def csv_records(path: str, errors: list | None = None) -> Iterator[tuple[int, list[str]]]:
-    """``(line, fields)`` of the rows of a CSV file that are not blank."""
+def csv_records(path: str, errors: list | None = None, starts: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of the rows of a CSV file that are not blank; ``line``: where a row
+    ends (a quoted field may span lines), with ``starts`` where it starts."""
     reader = csv.reader(text_lines(path, errors))
     while True:
+        start = reader.line_num + 1
         try:
             fields = next(reader)
         except StopIteration:
@@ -82,7 +84,7 @@ def csv_records(path: str, errors: list | None = None) -> Iterator[tuple[int, li
             record_bad_row(errors, RowError(path, reader.line_num, f"unreadable CSV ({e})"))
             continue
         if any(x.strip() for x in fields):
-            yield reader.line_num, fields
+            yield start if starts else reader.line_num, fields
 
 
 def _recall_row(line: int, fields: list[str]) -> RecallRow | str:

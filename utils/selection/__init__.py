@@ -7,8 +7,7 @@ from utils import front_door
 __all__, __getattr__ = front_door(
     __name__,
     {
-        "catalogue": "DOWNLOAD_FAILED DUPLICATE Item MISSING OK OUTPUT_HEADER STATUSES UNREADABLE is_parquet "
-        "mark_duplicates output_rows resolve_images write_output",
+        "catalogue": "DUPLICATE OK UNREADABLE is_parquet",
         "run": "Clock ModelFiles RayOptions Scoring Selection run_local",
         "ray_runner": "run_on_ray",
         "cluster": "connect_ray",

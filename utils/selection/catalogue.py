@@ -17,7 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.args import Downloads
-from utils.io import atomic_write, text_lines
+from utils.formats import csv_records
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -86,35 +87,22 @@ def _lacking(path: str, line: int, found: list[str]) -> None:
 def _csv_rows(path: str, errors: list[RowError]):
     """``(line, fields)`` of a CSV catalogue, decoded line by line (a bad byte: a bad row at its line)."""
     seen = len(errors)
-    reader = csv.reader(text_lines(path, errors))
-    try:
-        header = next(reader, None)
-    except csv.Error as e:
-        raise DataError(f"{path}: unreadable CSV header ({e})") from None
+    rows = csv_records(path, errors, starts=True)  # the line a record starts on, as the summary and page say
+    line, header = next(rows, (1, None))
     if len(errors) > seen:
-        raise DataError(f"{errors[-1]} (the header)")
+        raise DataError(f"{errors[seen]} (the header)")
     if header is None:
         raise DataError(f"{path}: empty file (expected the header {','.join(COLUMNS)})")
     header = [h.strip() for h in header]
-    _lacking(path, 1, header)
+    _lacking(path, line, header)
     col = [header.index(c) for c in COLUMNS]
-    while True:
-        start = reader.line_num + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            errors.append(RowError(path, reader.line_num, f"unreadable CSV ({e})"))
-            continue
-        if not any(x.strip() for x in fields):
-            continue
+    for line, fields in rows:
         if len(fields) < len(header):
             lacking = [c for c, i in zip(COLUMNS, col) if i >= len(fields)]
             why = f"{len(fields)} fields, the header has {len(header)}"
-            errors.append(RowError(path, start, why + (f": no {', '.join(lacking)}" if lacking else "")))
+            errors.append(RowError(path, line, why + (f": no {', '.join(lacking)}" if lacking else "")))
             continue
-        yield start, [fields[i] for i in col]
+        yield line, [fields[i] for i in col]
 
 
 def _parquet_rows(path: str, groups: list[int] | None, line: int):

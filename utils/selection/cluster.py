@@ -127,25 +127,18 @@ def _parts(path: str) -> list[tuple[list[int] | None, int]]:
     return [([g], line) for g, line in enumerate(itertools.accumulate(rows, initial=2)) if g < len(rows)]
 
 
-def _read(path: str, groups, line: int):
-    """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of a part."""
+def _read_parts(batch, path: str):
+    """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
     import pyarrow as pa
 
-    errors: list[RowError] = []
-    rows = catalogue_rows(path, errors, groups, line)
-    while True:
-        chunk = list(itertools.islice(rows, BLOCK_ROWS))
-        bad, errors[:] = errors[:], []
-        if not chunk and not bad:
-            return
-        cols = list(zip(*chunk)) or [()] * len(FIELDS)
-        table = {f: list(c) + [e.line if f == "line" else "" for e in bad] for f, c in zip(FIELDS, cols)}
-        yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
-
-
-def _read_parts(batch, path: str):
     for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
-        yield from _read(path, groups, line)
+        errors: list[RowError] = []
+        rows = catalogue_rows(path, errors, groups, line)
+        while (chunk := list(itertools.islice(rows, BLOCK_ROWS))) or errors:
+            bad, errors[:] = errors[:], []
+            cols = list(zip(*chunk)) or [()] * len(FIELDS)
+            table = {f: list(c) + [e.line if f == "line" else "" for e in bad] for f, c in zip(FIELDS, cols)}
+            yield pa.table({**table, "error": [""] * len(chunk) + [e.message for e in bad]})
 
 
 def read_dataset(path: str):
@@ -178,16 +171,12 @@ def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
     return rows, items, sorted(errors, key=lambda e: e.line)
 
 
-def shard_of(item_ids, n: int) -> np.ndarray:
-    return np.array([zlib.crc32(i.encode("utf-8")) % n for i in item_ids], dtype=np.int64)
-
-
 def _keyed(t, n: int, done: list[int]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
     t = t.filter(pc.equal(t["error"], ""))
-    shard = shard_of(t["item_id"].to_pylist(), n)
+    shard = np.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], dtype=np.int64)
     keep = ~np.isin(shard, done)
     return t.append_column("shard", pa.array(shard)).filter(pa.array(keep))
 

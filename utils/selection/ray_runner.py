@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from utils.io import exclusive_lock
 
-from .catalogue import OK, UNREADABLE, catalogue_rows, output_rows, write_output
+from .catalogue import OK, UNREADABLE, catalogue_rows
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
 from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
@@ -57,30 +57,23 @@ def _stage(payload: dict, name: str):
 
 
 # --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
-def _decode(path: str, mode: str):
-    """The image at the model's input size (uint8), None when it does not decode."""
-    import cv2
-
-    from utils.formats import SIZE, decode_rgb
-
-    try:
-        return cv2.resize(decode_rgb(path, mode), (SIZE, SIZE))
-    except Exception as e:  # any decode failure, as utils.formats.load_image
-        log.warning("unreadable image %s (%s: %s)", path, type(e).__name__, e)
-        return None
-
-
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
+    import cv2
+
+    from utils.formats import SIZE, load_image
+
     urls = [c for it in items for c in it.cands if c.is_url]
     remote = is_uri(job.image_dir)
-    arrays: dict = {}
+    arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
+    resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
         local = {id(c): c.file for it in items for c in it.cands}
         for c in (c for it in items for c in it.cands if c.status == OK):
             if c.file not in arrays:
-                arrays[c.file] = _decode(c.file, job.scoring.enc.preprocess)
+                array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
+                arrays[c.file] = array if ok else None
             if arrays[c.file] is None:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
     cands = [c for it in items for c in it.cands if c.status == OK]
@@ -279,9 +272,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
     summary["ray"] = record
     fs, d = open_dir(location)
-    in_order = lambda: sorted(shard_items(fs, d, metas), key=lambda it: it.line)  # the local run's order
-    merge = (lambda tmp: write_output(tmp, output_rows(in_order()))) if location != job.out else None
-    return finish(job, summary, clock, merge, lambda: shard_items(fs, d, metas))
+    return finish(job, summary, clock, lambda: shard_items(fs, d, metas), merge=location != job.out)
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:

@@ -233,13 +233,13 @@ def _warn(summary: dict) -> None:
             log.warning("%d %s: %s", len(names), what, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
 
-def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
-    """The CSV (``rows(tmp)``; None: the shards are the output), page and summary: all written or none."""
+def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = True) -> dict:
+    """The CSV of ``items()`` (``merge`` False: the shards are the output), page and summary: all written or none."""
     _warn(summary)
 
     def write_rows(tmp):
-        with clock("write"):
-            rows(tmp)
+        with clock("write"):  # in catalogue order: a Ray run's shards hold the items by the hash of their id
+            write_output(tmp, output_rows(sorted(items(), key=lambda it: it.line)))
 
     def write_page(tmp):
         with clock("html"):
@@ -256,7 +256,7 @@ def finish(job: Selection, summary: dict, clock: Clock, rows, items) -> dict:
         write_json(tmp, summary, indent=1)
 
     remote = is_uri(job.summary_path)  # a URI --out: the summary goes beside it, written last
-    outputs = {job.out if rows else None: write_rows, job.html: write_page}
+    outputs = {job.out if merge else None: write_rows, job.html: write_page}
     outputs[None if remote else job.summary_path] = write_summary
     commit_outputs(outputs, {job.out: "--out", job.html: "--html", job.summary_path: "--summary"})
     if remote:
@@ -282,4 +282,4 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
         fetch = resolve(job, items, enc.progress)
     counts = add_counts({}, score(items, models, tables, job.scoring, clock=clock))
     summary = summarize(job, tally(items), errors, (models.path, models.hashes), fetch, counts, device)
-    return finish(job, summary, clock, lambda tmp: write_output(tmp, output_rows(items)), lambda: items)
+    return finish(job, summary, clock, lambda: items)

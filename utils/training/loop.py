@@ -1,12 +1,14 @@
 """The training loop of both trainers: ``train`` runs a ``TrainConfig`` and a ``Task``. An epoch ends
-with validation on rank 0, the best checkpoint, then the last with the state ``--resume`` continues."""
+with validation on rank 0, the best checkpoint, then the last with the state ``--resume`` continues.
+``run_training``: a trainer's run, under torchrun or not."""
 
 from __future__ import annotations
 
-from utils.cli import DataError, UserError
+from utils.cli import DataError, UserError, input_file
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from utils.hashing import model_hash
 from utils.io import atomic_path, atomic_write, text_lines, write_json
 
-from .dist import DistEnv, deferred_sigint, out_dir_lock
+from .dist import DistEnv, deferred_sigint, distributed, out_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,26 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
     summary = {"steps": run.step, "stopped": stopped, "best": best, "seconds": round(time.perf_counter() - t0, 1)}
     log.info("%s: %s; checkpoints in %s", "stopped" if stopped else "done", summary, out)
     return summary | {"out_dir": str(out), "processes": env.world_size}
+
+
+def check_bert_dir(bert_dir: str) -> None:
+    for name in ("config.json", "vocab.txt"):
+        input_file(Path(bert_dir) / name, "--bert-dir")
+
+
+def run_training(cfg: TrainConfig, device: str, log_level: str, train_csv: str, read_pairs, load_model, make_task):
+    """Under torchrun or not: ``read_pairs()`` -> (train, val, {csv: bad rows left out}); refused when
+    ``train_csv``'s pairs cannot fill a step; then :func:`train` with ``load_model(device, resume_from)``
+    and ``make_task(env, train, val, model)``."""
+    with distributed(device, log_level) as env:
+        train_pairs, val_pairs, skipped = read_pairs()
+        check_fills_a_step(len(train_pairs), cfg, env, train_csv)
+        task = functools.partial(make_task, env, train_pairs, val_pairs)
+        summary = train(cfg, env, functools.partial(load_model, env.device), task)
+    for path, bad in skipped.items():
+        if bad:
+            log.info("%d bad rows of %s were left out (--skip-bad-rows)", bad, path)
+    return summary
 
 
 def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
