@@ -88,16 +88,6 @@ print(json.dumps({"missing": keys.missing_keys, "unexpected": keys.unexpected_ke
 """
 
 
-def authors_script(authors_dir: str | None) -> Path:
-    """Their recall script, or exit with one line saying what is missing."""
-    if not authors_dir:
-        raise SystemExit("--authors-dir: required (a clone of github.com/youyuge34/AutoImageSelection; see --help)")
-    script = Path(authors_dir).resolve() / SCRIPT
-    if not script.is_file():
-        raise SystemExit(f"--authors-dir {authors_dir}: no {SCRIPT} (not a clone of AutoImageSelection?)")
-    return script
-
-
 def link(src: Path, dst: Path) -> None:
     """``dst`` names the same file as ``src``: a hard link, else a symbolic one."""
     try:
@@ -230,19 +220,23 @@ def verify_load(model, cwd: Path, script: Path, env: dict, image: Path) -> float
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--authors-dir", help="a clone of github.com/youyuge34/AutoImageSelection (required)")
+    p.add_argument("--authors-dir", required=True, help="a clone of github.com/youyuge34/AutoImageSelection")
     p.add_argument("--authors-pythonpath", help="extra path(s) for their dependencies, their process only")
     p.add_argument("--set", choices=("recall", "photos"), default="recall", help="which gallery (default recall)")
     p.add_argument("--images", "--n", dest="n", type=int, help="images (default: recall 5000, photos 100)")
     p.add_argument("--seed-data", default=os.environ.get("AVAS_SEED_DATA", str(ROOT.parent / "shared" / "seed-data")))
     p.add_argument("--workdir", help="keep generated files here (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=2, help="rounds; the best time of each side is kept (default 2)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.script = Path(args.authors_dir).resolve() / SCRIPT
+    if not args.script.is_file():  # argparse's one line and exit status 2
+        p.error(f"--authors-dir {args.authors_dir}: no {SCRIPT} (not a clone of AutoImageSelection?)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    script = authors_script(args.authors_dir)
+    script = args.script
     load0 = os.getloadavg()[0]
     photos = args.set == "photos"
     n = args.n or (100 if photos else 5000)
