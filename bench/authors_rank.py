@@ -77,7 +77,7 @@ RANKER_CKPT = "shoucai_siamese_train_concat_poi_020_0.6520.ckpt"
 IMG_VECTORS = "temp_dataset_item_pois_relation_0110_imgs_avg10_vector.npy"
 NAME_VECTORS = "temp_dataset_item_pois_relation_0110_poi_name_vector.npy"
 OLD_TRANSFORMERS_NAMES = ("AdamW", "ViTFeatureExtractor")
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK = ("127.0.0.1", "::1", "localhost", None)  # None: a local passive address
 SCORE_TOLERANCE = 1e-5  # ONNX Runtime vs torch; their printout keeps 8 digits
 # stub modules for the authors' child: name -> source (empty: imported, never used)
 STUBS = {"oss2.py": "", "torchvision/__init__.py": "", "torchvision/transforms.py": "", "torchvision/utils.py": ""}
