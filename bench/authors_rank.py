@@ -28,7 +28,10 @@ interpreter whose cwd is a scratch directory laid out as their Config expects (t
 checkpoint, ``align_model.pth``, ``bert-base-chinese/``, the three ``.npy`` tables), with
 ``--index_files`` pointing train, val and test at the val CSV, their default
 ``--batch_size 16`` (``--batch-size`` here) and ``--aug 0``. Its scores are read from what
-it prints (``val b_preds_1= [...]``). Shims, all applied in that child before runpy:
+it prints (``val b_preds_1= [...]``). Its environment: PYTHONPATH is only
+``--authors-pythonpath`` (ours is dropped), the Hugging Face hub offline. As published, their
+loader decodes and tokenises in the main process (``num_workers=0``). Shims, all applied
+in that child before runpy:
 - ``requests.get(url)`` returns the bytes of the local photo the URL maps to (their
   dataset downloads each ``oss_url``); name lookups and connections to anything but the
   loopback address raise, so the child cannot send a packet elsewhere;
