@@ -124,6 +124,28 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     return dict(csv=csv_path, images=img_dir, ckpt=ckpt, bert=bert, pic=seed / PIC_NUM, **tables)
 
 
+def calibrate_image_tower(inp: dict, n_images: int = 8) -> None:
+    """Rewrite the random checkpoint with the image tower's BatchNorm statistics measured
+    on a few sample photos. With the initial statistics (mean 0, variance 1) activations
+    shrink block after block (to about 1e-12 after the 26 blocks of B3), so both images of
+    a pair get the same score and a score comparison says nothing about the image path."""
+    import torch
+    from naive import authors_image
+
+    from models.checkpoint import load_ranker, save_ranker_checkpoint
+
+    model = load_ranker(inp["ckpt"], inp["bert"]).eval()
+    tower = model.align_model.image_model
+    for bn in (m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: one batch gives exactly its statistics
+    photos = sorted(inp["images"].iterdir())[:n_images]
+    with torch.no_grad():
+        tower.train()
+        tower(torch.stack([authors_image(p) for p in photos]))
+    save_ranker_checkpoint(model.eval(), inp["ckpt"])
+
+
 # ---------------------------------------------------------------------------
 # the authors' way
 # ---------------------------------------------------------------------------
@@ -173,6 +195,36 @@ def run_child(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float, 
     return time.perf_counter() - t0, ru.ru_maxrss / 1024, proc.returncode
 
 
+def rank_eval_cmd(inp: dict, out: Path, work: Path) -> list[str]:
+    """rank_eval.py with its defaults on the inputs of :func:`make_inputs` (the tables
+    may be swapped for other files of the same content)."""
+    return [
+        sys.executable,
+        str(ROOT / "rank_eval.py"),
+        "--csv",
+        str(inp["csv"]),
+        "--image-dir",
+        str(inp["images"]),
+        "--checkpoint",
+        str(inp["ckpt"]),
+        "--bert-dir",
+        str(inp["bert"]),
+        "--poi-pic-num",
+        str(inp["pic"]),
+        "--poi-image-vectors",
+        str(inp["img"]),
+        "--poi-name-vectors",
+        str(inp["name"]),
+        "--output",
+        str(out),
+        "--metrics",
+        str(work / "metrics.json"),
+        "--no-progress",
+        "--bootstrap",
+        "0",
+    ]
+
+
 def read_scores(path: Path, cols: tuple[int, int]) -> dict:
     with open(path, encoding="utf-8") as f:
         rows = list(csv.reader(f))
@@ -208,31 +260,7 @@ def main(argv=None) -> int:
         ours = []
         for label in ("first run, ONNX export included", "export cached"):
             out = work / f"scores_{len(ours)}.csv"
-            cmd = [
-                sys.executable,
-                str(ROOT / "rank_eval.py"),
-                "--csv",
-                str(inp["csv"]),
-                "--image-dir",
-                str(inp["images"]),
-                "--checkpoint",
-                str(inp["ckpt"]),
-                "--bert-dir",
-                str(inp["bert"]),
-                "--poi-pic-num",
-                str(inp["pic"]),
-                "--poi-image-vectors",
-                str(inp["img"]),
-                "--poi-name-vectors",
-                str(inp["name"]),
-                "--output",
-                str(out),
-                "--metrics",
-                str(work / "metrics.json"),
-                "--no-progress",
-                "--bootstrap",
-                "0",
-            ]
+            cmd = rank_eval_cmd(inp, out, work)
             ours.append((label, out, *run_child(cmd, env, work / f"rank_eval_{len(ours)}.log")))
         for name, code, logf in [("naive loop", naive[2], work / "naive.log")] + [
             (f"rank_eval ({o[0]})", o[4], work / f"rank_eval_{i}.log") for i, o in enumerate(ours)
