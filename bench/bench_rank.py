@@ -125,24 +125,15 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
 
 
 def calibrate_image_tower(inp: dict, n_images: int = 8) -> None:
-    """Rewrite the random checkpoint with the image tower's BatchNorm statistics measured
-    on a few sample photos. With the initial statistics (mean 0, variance 1) activations
-    shrink block after block (to about 1e-12 after the 26 blocks of B3), so both images of
-    a pair get the same score and a score comparison says nothing about the image path."""
-    import torch
-    from naive import authors_image
+    """Rewrite the random checkpoint with the image tower's BatchNorm statistics measured on
+    a few sample photos (bench_recall.calibrate_bn), else both images of a pair tie and a
+    score comparison says nothing about the image path."""
+    from bench_recall import calibrate_bn
 
     from models.checkpoint import load_ranker, save_ranker_checkpoint
 
     model = load_ranker(inp["ckpt"], inp["bert"]).eval()
-    tower = model.align_model.image_model
-    for bn in (m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: one batch gives exactly its statistics
-    photos = sorted(inp["images"].iterdir())[:n_images]
-    with torch.no_grad():
-        tower.train()
-        tower(torch.stack([authors_image(p) for p in photos]))
+    calibrate_bn(model.align_model, sorted(inp["images"].iterdir())[:n_images], n=n_images)
     save_ranker_checkpoint(model.eval(), inp["ckpt"])
 
 
@@ -241,6 +232,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         inp = make_inputs(work, args.seed_data, args.pairs, args.tiny)
+        calibrate_image_tower(inp)  # else both images of a pair tie and the score check misses the image path
         (work / "pic_path").write_text(str(inp["pic"]))
         (work / "bert_dir").write_text(str(inp["bert"]))
         print(
@@ -270,6 +262,7 @@ def main(argv=None) -> int:
                 return 1
 
         ref = read_scores(naive_out, (1, 2))
+        spread = sorted(abs(a - b) for a, b in ref.values())[len(ref) // 2]  # the agreement must be far below it
         lines = [
             f"ratio (naive per-pair loop / rank_eval.py defaults, end to end, {args.pairs} "
             f"pairs): {naive[0] / ours[0][2]:.2f}x first run, {naive[0] / ours[1][2]:.2f}x "
@@ -283,7 +276,7 @@ def main(argv=None) -> int:
             diff = max(abs(a - b) for k in ref for a, b in zip(ref[k], got[k]))
             lines.append(
                 f"  rank_eval ({label}): {wall:6.1f} s  ({args.pairs / wall:.2f} pairs/s), "
-                f"peak RSS {rss:.0f} MiB, max |score - naive| {diff:.1e}"
+                f"peak RSS {rss:.0f} MiB, max |score - naive| {diff:.1e} (median |s_a - s_b| {spread:.1e})"
             )
         engine = [
             ln for ln in (work / "rank_eval_1.log").read_text().splitlines() if "encoded" in ln and "image files" in ln
