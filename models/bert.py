@@ -149,18 +149,24 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         c, d = config, config.hidden_size
+        meta = torch.empty(0).is_meta  # built to be loaded: no init (torch's first on meta imports _dynamo: 1.9 s)
+
+        def embedding(n: int, **kw) -> nn.Embedding:
+            return nn.Embedding(n, d, _weight=torch.empty(n, d) if meta else None, **kw)
+
         self.embeddings = nn.ModuleDict(
             {
-                "word_embeddings": nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id),
-                "position_embeddings": nn.Embedding(c.max_position_embeddings, d),
-                "token_type_embeddings": nn.Embedding(c.type_vocab_size, d),
+                "word_embeddings": embedding(c.vocab_size, padding_idx=c.pad_token_id),
+                "position_embeddings": embedding(c.max_position_embeddings),
+                "token_type_embeddings": embedding(c.type_vocab_size),
                 "LayerNorm": nn.LayerNorm(d, eps=c.layer_norm_eps),
                 "dropout": nn.Dropout(c.hidden_dropout_prob),
             }
         )
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))})
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
-        self.apply(self._init_weights)
+        if not meta:
+            self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
         """BERT's initialisation (LayerNorms keep torch's): for a tower trained from scratch."""

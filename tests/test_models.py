@@ -2,6 +2,9 @@
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +84,26 @@ def test_full_size_encoders_run(full_ranker, real_bert_dir):
         v = model.encode_image(torch.randn(1, 3, 224, 224))
     assert t.shape == (2, 512) and v.shape == (1, 512)
     assert torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_model_built_to_be_loaded_skips_init_without_importing_dynamo(bert_dir):
+    """Under the meta device nothing is initialised: torch's first init on meta imports torch._dynamo (1.9 s of
+    every script's start-up); on a real device BERT's own initialisation still runs."""
+    code = (
+        "import sys, torch\n"
+        "from models.align import AlignModel\n"
+        "with torch.device('meta'):\n"
+        f"    m = AlignModel.from_bert_dir({str(bert_dir)!r})\n"
+        "print(m.text_model.embeddings.word_embeddings.weight.is_meta, 'torch._dynamo' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+    torch.manual_seed(0)
+    emb = AlignModel.from_bert_dir(bert_dir).text_model.embeddings.word_embeddings
+    std = AlignModel.from_bert_dir(bert_dir).text_model.config.initializer_range
+    assert float(emb.weight[emb.padding_idx].abs().max()) == 0
+    assert abs(float(emb.weight.std()) - std) < std * 0.2
 
 
 def test_truncation_at_50_tokens(bert_dir):

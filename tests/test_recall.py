@@ -31,7 +31,7 @@ from utils.evaluation.metrics import (
     stable_topk,
 )
 from utils.formats.images import load_image
-from utils.formats.results import TOPK_HEADER, read_results
+from utils.formats.results import TOPK_HEADER, read_results, write_full
 from utils.formats.rows import poi_of_image
 from utils.hashing import model_hash
 
@@ -165,6 +165,20 @@ def test_both_file_formats_give_the_same_figures(tmp_path, capsys):
     # K beyond the top-k file is an error; the full file can answer it
     assert recall_eval.main(["--results", str(tmp_path / "top.csv"), "--k", "20"]) == 2
     assert recall_eval.main(["--results", str(tmp_path / "full.csv"), "--k", "20"]) == 0
+
+
+def test_full_output_is_what_csv_writer_writes(tmp_path):
+    """write_full quotes each field once, not per row: the bytes are csv.writer's, quoting included."""
+    ids, names = ["1", "2,3"], ["plain", 'a "quoted", name']
+    images = ["a.jpg", "b,c.jpg", 'd"e.jpg']
+    scores = np.array([[0.5, -1e-7, 1 / 3], [2.0, 0.0, 1e9]], dtype=np.float32)
+    write_full(tmp_path / "full.csv", ids, names, images, scores)
+    with open(tmp_path / "ref.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        for poi, name, row in zip(ids, names, scores):
+            w.writerows((poi, name, image, f"{s:.9g}") for image, s in zip(images, row.tolist()))
+    assert (tmp_path / "full.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+    assert read_results(tmp_path / "full.csv").groups["2,3"][1] == ("b,c.jpg", 0.0)
 
 
 def test_bad_results_files_are_named(tmp_path, capsys):
