@@ -28,7 +28,7 @@ def _mlp(sizes: list[int]) -> nn.ModuleDict:
     for a, b in zip(sizes[1:-1], sizes[2:]):
         layers += [Dice(a), nn.Dropout(0.2), nn.Linear(a, b)]
     for m in layers:
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and not m.weight.is_meta:  # on meta, as BertEncoder: no init, no _dynamo
             nn.init.xavier_normal_(m.weight)
             nn.init.zeros_(m.bias)
     return nn.ModuleDict({"fc": nn.Sequential(*layers)})
