@@ -17,7 +17,6 @@ import requests
 import requests.exceptions as req
 import urllib3
 import urllib3.exceptions as u3
-from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from utils.args import Downloads
 
@@ -167,15 +166,14 @@ class _Pinned:
         ips = self.policy.pins.__dict__.get((self.host.rstrip(".").lower(), self.port))
         if ips is None:  # a proxy, or a policy that allows everything
             return super()._new_conn()
-        err: OSError | None = None
+        if not ips:
+            raise u3.NameResolutionError(self.host, self, socket.gaierror(f"{self.host} did not resolve"))
         options = dict(source_address=self.source_address, socket_options=self.socket_options)
         for ip in ips:
             try:
                 return urllib3.util.connection.create_connection((ip, self.port), self.timeout, **options)
             except OSError as e:
                 err = e
-        if err is None:
-            raise u3.NameResolutionError(self.host, self, socket.gaierror(f"{self.host} did not resolve"))
         if isinstance(err, TimeoutError):
             raise u3.ConnectTimeoutError(self, f"Connection to {self.host} timed out") from err
         raise u3.NewConnectionError(self, f"Failed to establish a new connection: {err}") from err
@@ -189,12 +187,11 @@ class _Adapter(requests.adapters.HTTPAdapter):
     """Pools of ``_Pinned`` connections, behind an HTTP proxy too."""
 
     def __init__(self, policy: AddressPolicy, **kw):
-        def pool(base, conn):
-            pinned = type(conn.__name__, (_Pinned, conn), {"policy": policy})
+        def pool(base):
+            pinned = type(base.ConnectionCls.__name__, (_Pinned, base.ConnectionCls), {"policy": policy})
             return type(f"Pinned{base.__name__}", (base,), {"ConnectionCls": pinned})
 
-        self._pools = {"http": pool(urllib3.HTTPConnectionPool, HTTPConnection)}
-        self._pools["https"] = pool(urllib3.HTTPSConnectionPool, HTTPSConnection)
+        self._pools = {scheme: pool(base) for scheme, base in urllib3.poolmanager.pool_classes_by_scheme.items()}
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
