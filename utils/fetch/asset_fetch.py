@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from utils.cli import UserError
 
+import contextlib
 import logging
 import os
 import sys
@@ -42,11 +43,10 @@ def _host(url: str) -> str:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = read_json(path) if path.is_file() else {}
-    except UserError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    with contextlib.suppress(UserError):  # missing or unreadable: no partial download to go on
+        meta = read_json(path)
+        return meta if isinstance(meta, dict) else {}
+    return {}
 
 
 def _set_aside(part: Path, final: Path, suffix: str) -> Path:
@@ -133,8 +133,8 @@ class _Fetcher:
                     part.discard(keep=True)
         return None if total in (None, part.size) else f"got {part.size} of {total} bytes"
 
-    def _http(self, asset: Asset, url: str, final: Path) -> Path:
-        """Download ``url`` into ``<final>.part``, resuming a partial one; the part, not yet verified."""
+    def _http(self, asset: Asset, url: str, final: Path) -> tuple[Path, str]:
+        """Download ``url`` into ``<final>.part``, resuming a partial one: (the part, not yet verified; ``url``)."""
         log.info("%s: downloading %s", asset.name, url)
         part = final.with_name(final.name + ".part")
         meta = part.with_name(part.name + ".json")
@@ -169,7 +169,7 @@ class _Fetcher:
                     continue
                 raise AssetError(f"{asset.name}: {why}; rerun to resume from byte {have}")
         meta.unlink(missing_ok=True)
-        return part
+        return part, url
 
     def _from_hf(self, asset: Asset, final: Path) -> tuple[Path, str]:
         """(the completed part file, where it came from): the local Hugging Face cache, else ``HF_ENDPOINT``."""
@@ -191,7 +191,7 @@ class _Fetcher:
                 f"(HF_HUB_OFFLINE): run once online, point HF_HOME at a filled cache, or use --mirror"
             )
         url = f"{hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(name)}"
-        return self._http(asset, url, final), url
+        return self._http(asset, url, final)
 
     def fetch(self, asset: Asset, force: bool, rehash: bool) -> str:
         """'skipped' (present and verified), else 'downloaded': fetched, verified, renamed into place, recorded."""
@@ -208,8 +208,7 @@ class _Fetcher:
                 self.records.drop(asset.name)
             want, origin = self.records.expected(asset)
             if asset.url or self.mirror:
-                source = asset.source(self.mirror)
-                part = self._http(asset, source, final)
+                part, source = self._http(asset, asset.source(self.mirror), final)
             else:
                 part, source = self._from_hf(asset, final)
             got = sha256_file(part)
