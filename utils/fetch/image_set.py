@@ -55,16 +55,14 @@ def _select(job: ImageJob, fmt: str):
     """The rows and bad rows (``RowError``) of the job in file order: its ``shard``, then the first ``limit``."""
     found: list = []
     rows = iter_rank_csv(job.csv, found) if fmt == "rank" else iter_recall_csv(job.csv, found)
-    taken = 0
-    for row in itertools.chain(rows, [None]):  # a reader adds bad rows before its next good one
-        batch, found[:] = [*found, *([row] if row else [])], []
-        for item in batch:
-            if job.shard and (item.line - 1) % job.shard[1] != job.shard[0]:
-                continue
-            if job.limit is not None and taken >= job.limit:
-                return
-            taken += 1
-            yield item
+
+    def in_order():
+        for row in itertools.chain(rows, [None]):  # a reader adds bad rows before its next good one
+            batch, found[:] = [*found, *([row] if row else [])], []
+            yield from batch
+
+    index, count = job.shard or (0, 1)
+    return itertools.islice((item for item in in_order() if (item.line - 1) % count == index), job.limit)
 
 
 class _Run:
