@@ -605,7 +605,7 @@ def test_trickled_headers_end_at_the_deadline(tmp_path):
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg"
         with open_session(Downloads(retries=3, backoff=0.01)) as session:
             t0 = time.monotonic()
-            res = download_one(session, [url], tmp_path, "x", timeout=(2, 2), deadline=1)
+            res = download_one(session, [url], tmp_path, "x", Downloads(timeout_connect=2, timeout_read=2, deadline=1))
         assert res.error_kind == "deadline" and time.monotonic() - t0 < 6, res
     finally:
         stop.set()
@@ -620,11 +620,12 @@ def test_download_one_takes_a_deadline(tmp_path, server):
     from utils.args import IMAGE_DEADLINE, Downloads
     from utils.fetch import download_one, open_session
 
-    assert inspect.signature(download_one).parameters["deadline"].default == IMAGE_DEADLINE
+    assert inspect.signature(download_one).parameters["net"].default.deadline == IMAGE_DEADLINE
     server.add("/slow.jpg", jpeg((300, 200)), drip=(1, 0.05))
+    net = Downloads(timeout_connect=2, timeout_read=2, deadline=0.5)
     with open_session(Downloads(retries=0)) as session:
         t0 = time.monotonic()
-        res = download_one(session, [server.url("/slow.jpg")], tmp_path, "x", timeout=(2, 2), deadline=0.5)
+        res = download_one(session, [server.url("/slow.jpg")], tmp_path, "x", net)
     assert res.status == "failed" and res.error_kind == "deadline" and time.monotonic() - t0 < 8
 
 

@@ -88,8 +88,7 @@ class _Run:
             else:
                 self.images += 2 if isinstance(item, RankRow) else 1
         self.bad = cli.bad_rows(errors, self.csv, job.skip_bad_rows)
-        self.fetch = dict(max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map, timeout=job.net.timeout)
-        self.fetch |= dict(backoff=job.net.backoff, deadline=job.net.deadline)
+        self.fetch = dict(net=job.net, max_bytes=job.max_bytes, max_side=job.max_side, url_map=url_map)
         self.status, self.kinds = Counter(), Counter()
 
     @contextlib.contextmanager

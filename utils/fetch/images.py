@@ -20,7 +20,7 @@ import requests
 import urllib3
 from PIL import Image
 
-from utils.args import IMAGE_DEADLINE
+from utils.args import Downloads
 from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 from utils.io import PartFile
@@ -229,15 +229,13 @@ def download_one(
     urls: list[str],
     out_dir,
     stem: str,
+    net: Downloads = Downloads(),
     max_bytes: int = DEFAULT_MAX_BYTES,
-    timeout=(10.0, 30.0),
     max_side: int | None = None,
     url_map=(),
-    backoff: float = 0.5,
-    deadline: float | None = IMAGE_DEADLINE,
 ) -> FetchResult:
     """A valid ``out_dir/<stem><ext>`` already there (``skipped``), else the first of ``urls`` that is
-    a valid image, fetched into that name; a full disk raises ``UserError``."""
+    a valid image, fetched into that name (``net``: timeouts, backoff, deadline); a full disk raises ``UserError``."""
     out_dir = Path(out_dir)
     for p in _files_of(out_dir, stem):
         kept = verify_existing(p, max_bytes)
@@ -247,11 +245,11 @@ def download_one(
             return kept
     tried: list[dict] = []
     last, url = _Fail("no_url", "no URL to try"), None
-    with Deadline(deadline) as clock:
+    with Deadline(net.deadline) as clock:
         for url in (apply_url_map(u, url_map) for u in urls):
             for attempt in range(BODY_RETRIES + 1):
                 try:
-                    done = _fetch_once(session, url, out_dir, stem, max_bytes, timeout, max_side)
+                    done = _fetch_once(session, url, out_dir, stem, max_bytes, net.timeout, max_side)
                     done.tried = tried
                     return done
                 except _Fail as f:
@@ -261,7 +259,7 @@ def download_one(
                 tried.append({"url": url, "http": last.http, "error": last.detail, "kind": last.kind})
                 if clock.expired or not last.body_phase or attempt == BODY_RETRIES:
                     break
-                time.sleep(backoff * (2**attempt) + random.random() * backoff)
+                time.sleep(net.backoff * (2**attempt) + random.random() * net.backoff)
             if clock.expired:
                 break
     # 'url: error (N attempts); url2: error'
