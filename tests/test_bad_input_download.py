@@ -9,6 +9,8 @@ guard urllib3's ``create_connection`` so that any attempt to connect anywhere bu
 
 from __future__ import annotations
 
+from utils.cli import DataError
+
 import io
 import json
 import os
@@ -266,7 +268,7 @@ def test_manifest_min_bytes(tmp_path):
     big = A.Asset(name="x", path="w.pth", url="http://x/", min_bytes=1_000_000)
     assert "too small for a torch checkpoint (at least 1000000 expected" in A.content_problem(big, f)
     m = _manifest(tmp_path, [dict(WEIGHTS, min_bytes="big")])
-    with pytest.raises(A.ManifestError, match="'min_bytes' must be an integer"):
+    with pytest.raises(DataError, match="'min_bytes' must be an integer"):
         A.load_manifest(m)
 
 

@@ -52,10 +52,6 @@ class AssetError(RuntimeError):
     """A failure the user can act on; the message names the asset and what to do."""
 
 
-class ManifestError(AssetError, UserError):
-    """The asset manifest or the asset names asked for are unusable (exit status 2)."""
-
-
 @dataclass
 class Asset:
     name: str
@@ -93,21 +89,18 @@ def _asset_problem(a: dict) -> str | None:
 
 
 def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
-    """The assets of a manifest; an unusable one is a ``ManifestError`` naming the file and line or asset."""
-    try:
-        data = read_json(path, "asset manifest")
-    except DataError as e:
-        raise ManifestError(str(e)) from None
+    """The assets of a manifest; an unusable one is a ``DataError`` naming the file and line or asset."""
+    data = read_json(path, "asset manifest")
     items = data.get("assets") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise ManifestError(f"{path}: expected an object with an 'assets' list")
+        raise DataError(f"{path}: expected an object with an 'assets' list")
     out: dict[str, Asset] = {}
     for i, a in enumerate(items):
         if not isinstance(a, dict) or not a.get("name") or not a.get("path"):
-            raise ManifestError(f"{path}: assets[{i}]: every asset needs 'name' and 'path'")
+            raise DataError(f"{path}: assets[{i}]: every asset needs 'name' and 'path'")
         problem = "duplicate name" if a["name"] in out else _asset_problem(a)
         if problem:
-            raise ManifestError(f"{path}: asset {a['name']!r}: {problem}")
+            raise DataError(f"{path}: asset {a['name']!r}: {problem}")
         known = {f.name: a[f.name] for f in fields(Asset) if f.name in a}
         out[a["name"]] = Asset(**{**known, "sha256": a["sha256"].lower() if a.get("sha256") else None})
     return list(out.values())
@@ -119,7 +112,7 @@ def select_assets(assets: list[Asset], only=None, with_train: bool = False, grou
         unknown = [n for n in only if n not in {a.name for a in assets}]
         if unknown:
             known = ", ".join(a.name for a in assets)
-            raise ManifestError(f"unknown asset name(s): {', '.join(unknown)}; known: {known}")
+            raise UserError(f"unknown asset name(s): {', '.join(unknown)}; known: {known}")
         return [a for a in assets if a.name in set(only)]
     return [a for a in assets if a.default or with_train or (a.group is not None and a.group in groups)]
 
