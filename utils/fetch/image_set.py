@@ -137,10 +137,9 @@ class _Run:
         over = f"{done['failed']} of {total} images could not be downloaded, more than --max-failures {spec}"
         over += f" (= {allowed})" if spec.endswith("%") else ""
         over += f"; see {self.manifest}. Rerun to retry them, or raise --max-failures."
-        run = dict(
-            bad_rows=self.bad, errors=dict(self.kinds.most_common()), seconds=seconds, manifest=str(self.manifest)
-        )
-        return {**done, **run, "over_budget": over if done["failed"] > allowed else None}
+        run = dict(bad_rows=self.bad, errors=dict(self.kinds.most_common()), seconds=seconds)
+        over_budget = over if done["failed"] > allowed else None
+        return {**done, **run, "manifest": str(self.manifest), "over_budget": over_budget}
 
 
 def _unchanged(manifest: Path, out: Path) -> dict:
