@@ -17,7 +17,6 @@ from __future__ import annotations
 from utils.cli import count_or_percent, entry_point, positive_int, setup_logging
 
 import argparse
-import dataclasses
 import sys
 
 from utils import args as shared
@@ -64,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.log_level)
-    flags = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ImageJob) if hasattr(ns, f.name)}
-    flags["url_prefix_map"] = tuple(ns.url_prefix_map)
-    job = ImageJob(**flags, net=shared.Downloads.from_args(ns), progress=not ns.no_progress)
+    override = dict(net=shared.Downloads.from_args(ns), url_prefix_map=tuple(ns.url_prefix_map))
+    job = shared.from_flags(ImageJob, ns, **override, progress=not ns.no_progress)
     summary = download_images(job)  # checks everything first, then downloads
     print(image_summary(summary))
     if summary["over_budget"]:
