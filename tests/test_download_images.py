@@ -137,7 +137,7 @@ def test_url_map_and_parse():
 
 
 def test_session_retry_configuration():
-    s = open_session(Downloads(retries=3, backoff=0.2), pool_size=32)
+    s = open_session(Downloads(workers=32, retries=3, backoff=0.2))
     adapter = s.get_adapter("http://127.0.0.1/")
     r = adapter.max_retries
     assert (r.total, r.connect, r.read, r.status) == (3, 3, 3, 3)

@@ -240,7 +240,7 @@ def fetch_assets(
     dest = Path(dest)
     trusted = [mirror, hf_endpoint() if os.environ.get("HF_ENDPOINT") else None]
     summary: dict = {"downloaded": 0, "skipped": 0, "failed": []}
-    with exclusive_lock(dest), open_session(net, trusted, pool_size=2) as session:
+    with exclusive_lock(dest), open_session(net, trusted) as session:
         fetcher = _Fetcher(dest, HashRecords(dest), session, net, mirror, progress)
         for a in chosen:
             source = a.source(mirror)

@@ -236,7 +236,7 @@ class _Session(requests.Session):
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
-def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int | None = None) -> requests.Session:
+def open_session(net: Downloads, trusted_urls=()) -> requests.Session:
     """A keep-alive session as the download flags say: a GET is retried, after ``backoff * 2**(n-1)``
     s plus jitter (at most 30 s) or what Retry-After says, then its last response is returned as it is.
     The hosts of ``trusted_urls`` (a mirror, the ``--url-prefix-map`` targets) were named by the user."""
@@ -248,8 +248,7 @@ def open_session(net: Downloads = Downloads(), trusted_urls=(), pool_size: int |
     except TypeError:  # urllib3 < 2.6 has no retry_after_max
         retry = urllib3.Retry(**kw)
     policy = AddressPolicy(net.allow_private, [_host_port(u)[0] for u in trusted_urls if u])
-    pool = max(1, pool_size or net.workers)
-    adapter = _Adapter(policy, max_retries=retry, pool_connections=pool, pool_maxsize=pool)
+    adapter = _Adapter(policy, max_retries=retry, pool_connections=net.workers, pool_maxsize=net.workers)
     s = _Session(policy)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
