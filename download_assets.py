@@ -71,9 +71,8 @@ def main(argv=None) -> int:
         list_assets(assets, Path(ns.dest), ns.mirror)
         return 0
     dest = output_dir(ns.dest, "--dest")
-    summary = fetch_assets(
-        chosen, dest, shared.Downloads.from_args(ns), ns.mirror, not ns.no_progress, ns.force, ns.verify
-    )
+    net = shared.Downloads.from_args(ns)
+    summary = fetch_assets(chosen, dest, net, ns.mirror, not ns.no_progress, ns.force, ns.verify)
     failed = summary["failed"]
     counts = f"{summary['downloaded']} downloaded, {summary['skipped']} already present and verified"
     print(f"assets: {counts}, {len(failed)} failed (destination {dest})")

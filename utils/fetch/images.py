@@ -119,9 +119,8 @@ def _decode(path) -> Image.Image:
 def _facts(p: Path, key: str, status: str, **known) -> FetchResult:
     """A result for the file ``p`` (size, mtime and sha256 read from it)."""
     st = p.stat()
-    return FetchResult(
-        key, status, bytes=st.st_size, sha256=sha256_file(p), file=p.name, mtime_ns=st.st_mtime_ns, **known
-    )
+    known |= dict(bytes=st.st_size, sha256=sha256_file(p), file=p.name, mtime_ns=st.st_mtime_ns)
+    return FetchResult(key, status, **known)
 
 
 def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
