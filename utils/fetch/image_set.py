@@ -100,7 +100,6 @@ class _Run:
             self.fd = os.open(self.manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise write_error(e, self.manifest) from None
-        self.size = 0
         self.bar = tqdm(total=self.images + self.bad, unit="img", dynamic_ncols=True, disable=not self.job.progress)
         try:
             yield
@@ -112,13 +111,13 @@ class _Run:
 
     def record(self, rec: dict) -> None:
         data = memoryview((json.dumps(rec, ensure_ascii=False) + "\n").encode())
+        whole = os.lseek(self.fd, 0, os.SEEK_CUR)  # the manifest's whole lines so far
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
         except OSError as e:
-            os.ftruncate(self.fd, self.size)
+            os.ftruncate(self.fd, whole)
             raise write_error(e, self.manifest) from None
-        self.size = os.lseek(self.fd, 0, os.SEEK_CUR)
         self.status[rec["status"]] += 1
         self.bar.update(1)
         if rec["status"] != "failed":
