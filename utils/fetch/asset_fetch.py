@@ -85,12 +85,11 @@ class _Fetcher:
     progress: bool
     unreachable: set = field(default_factory=set)  # hosts
 
-    def _attempt(self, asset: Asset, url: str, part_path: Path) -> str | None:
-        """One request for what the part lacks (``If-Range``: a file changed since comes whole);
-        None when the part is complete, else what went wrong."""
+    def _attempt(self, asset: Asset, url: str, part_path: Path, meta_path: Path) -> str | None:
+        """One request for what the part lacks (``If-Range`` with the validators ``meta_path`` keeps: a file
+        changed since comes whole); None when the part is complete, else what went wrong."""
         from tqdm import tqdm  # noqa: PLC0415 - tqdm only when a download starts
 
-        meta_path = part_path.with_name(part_path.name + ".json")
         start = part_path.stat().st_size if part_path.exists() else 0
         meta = _read_meta(meta_path)
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -147,7 +146,7 @@ class _Fetcher:
         with Deadline(self.net.deadline) as clock:
             while True:
                 try:
-                    err = self._attempt(asset, url, part)
+                    err = self._attempt(asset, url, part, meta)
                 except _Restart:
                     part.unlink(missing_ok=True)
                     continue
