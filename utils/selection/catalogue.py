@@ -185,11 +185,10 @@ def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, prog
     if not urls:
         return counts
     Path(image_cache).mkdir(parents=True, exist_ok=True)
-    kw = dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
     with open_session(net) as session, ThreadPoolExecutor(net.workers) as ex:
 
         def fetch(url):
-            return url, download_one(session, [url], image_cache, url_stem(url), **kw)
+            return url, download_one(session, [url], image_cache, url_stem(url), net)
 
         done = ex.map(fetch, list(urls))
         for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
