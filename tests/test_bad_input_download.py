@@ -272,6 +272,21 @@ def test_manifest_min_bytes(tmp_path):
         A.load_manifest(m)
 
 
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(WEIGHTS, name=["x"]), "needs 'name' and 'path' \\(strings\\)"),
+        (dict(WEIGHTS, path=7), "needs 'name' and 'path' \\(strings\\)"),
+        (dict(WEIGHTS, sha256=12), "'sha256' must be 64 hex digits"),
+        (dict(WEIGHTS, url=["http://x/"]), "'url' must be a string"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path, entry, message):
+    """A list or a number where the manifest wants a string is the one-line error, not a traceback."""
+    with pytest.raises(DataError, match=message):
+        A.load_manifest(_manifest(tmp_path, [entry]))
+
+
 # ---------------------------------------------------------------------------
 # 6. one run per destination
 # ---------------------------------------------------------------------------

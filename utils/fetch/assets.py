@@ -77,13 +77,17 @@ def _asset_problem(a: dict) -> str | None:
         return "'path' must be relative and stay inside the destination"
     if not a.get("url") and not hf:
         return "needs a 'url' or an 'hf' source"
+    if not isinstance(a.get("url") or "", str):
+        return "'url' must be a string"
     if hf is not None and not (isinstance(hf, dict) and hf.get("repo_id") and hf.get("filename")):
         return "'hf' needs 'repo_id' and 'filename'"
     if a.get("kind") is not None and a["kind"] not in KINDS:
         return f"'kind' must be one of {', '.join(KINDS)}"
     if min_bytes is not None and (type(min_bytes) is not int or min_bytes < 0):
         return "'min_bytes' must be an integer >= 0"
-    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+    if sha is not None and (
+        not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())
+    ):
         return "'sha256' must be 64 hex digits or null"
     return None
 
@@ -96,8 +100,8 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
         raise DataError(f"{path}: expected an object with an 'assets' list")
     out: dict[str, Asset] = {}
     for i, a in enumerate(items):
-        if not isinstance(a, dict) or not a.get("name") or not a.get("path"):
-            raise DataError(f"{path}: assets[{i}]: every asset needs 'name' and 'path'")
+        if not isinstance(a, dict) or not all(a.get(k) and isinstance(a[k], str) for k in ("name", "path")):
+            raise DataError(f"{path}: assets[{i}]: every asset needs 'name' and 'path' (strings)")
         problem = "duplicate name" if a["name"] in out else _asset_problem(a)
         if problem:
             raise DataError(f"{path}: asset {a['name']!r}: {problem}")
