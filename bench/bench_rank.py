@@ -76,7 +76,7 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     from models.align import AlignArch, AlignModel
     from models.checkpoint import save_ranker_checkpoint
     from models.ranker import SiameseRanker
-    from utils.formats.poi import load_poi_table, save_safe_table
+    from utils.formats.poi import load_poi_table, save_tables
     from utils.formats.rows import RECORD_SEP
 
     bert = seed / "bert-base-chinese"
@@ -120,7 +120,8 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     for kind in ("img", "name"):
         v = rng.normal(size=(len(names), dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        tables[kind] = save_safe_table(dict(zip(names, v)), work / f"poi_{kind}.npz")
+        tables[kind] = work / f"poi_{kind}.npz"
+        save_tables({tables[kind]: dict(zip(names, v))})
     return dict(csv=csv_path, images=img_dir, ckpt=ckpt, bert=bert, pic=seed / PIC_NUM, **tables)
 
 

@@ -16,7 +16,7 @@ from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from models.engine.encode import tokenize
 from utils.evaluation.metrics import pairwise_metrics
 from utils.formats.images import ZERO_TENSOR, load_image
-from utils.formats.poi import build_item_inputs, poi_sequence, save_safe_table
+from utils.formats.poi import build_item_inputs, poi_sequence, save_tables
 from utils.formats.rows import RECORD_SEP, iter_rank_csv
 
 DIM = 4
@@ -192,7 +192,7 @@ def setup(tmp_path_factory, bert_dir):
     img_t[" 山"] = rng.normal(size=dim).astype(np.float32)  # only the unstripped name in one table
     paths = {"pic": tmp / "pic.npy", "img": tmp / "img.npz", "name": tmp / "name.npy"}
     np.save(paths["pic"], pic, allow_pickle=True)  # published pickled-dict format
-    save_safe_table(img_t, paths["img"])  # safe format
+    save_tables({paths["img"]: img_t})  # safe format
     np.save(paths["name"], name_t, allow_pickle=True)
 
     img_dir = tmp / "images"
@@ -395,7 +395,7 @@ def test_rank_eval_bad_inputs(setup, tmp_path, capsys):
     assert "--poi-pic-num" in err and "evil.npy" in err and "builtins.eval" in err
 
     wrong_dim = tmp_path / "wrong.npz"
-    save_safe_table({"西湖": np.ones(7, dtype=np.float32)}, wrong_dim)
+    save_tables({wrong_dim: {"西湖": np.ones(7, dtype=np.float32)}})
     args = _args(s)
     args[args.index("--poi-image-vectors") + 1] = str(wrong_dim)
     assert rank_eval.main(args) == 2

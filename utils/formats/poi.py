@@ -155,13 +155,6 @@ def _name_array(names: list[str], source) -> np.ndarray:
     return arr
 
 
-def save_safe_table(table: dict, path, kind: str | None = None, source="<table>") -> Path:
-    if not _is_safe(path):
-        raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
-    save_tables({path: table}, kind, source)
-    return Path(path)
-
-
 def describe_table(table: dict, path, show: int = 5) -> str:
     """Size, kind, norms (vectors) or weights (pic-num), names with spaces, a few entries."""
     names, values = table_matrix(table, path)
