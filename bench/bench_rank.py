@@ -148,7 +148,7 @@ def naive_child(work: Path, out: Path) -> int:
     from naive import authors_image, authors_text_encoder
 
     from models.checkpoint import load_ranker
-    from utils.formats.poi import build_item_inputs, load_poi_table
+    from utils.formats.poi import PoiTables, load_poi_table
     from utils.formats.rows import index_images, iter_rank_csv
 
     bert = Path((work / "bert_dir").read_text())
@@ -161,7 +161,7 @@ def naive_child(work: Path, out: Path) -> int:
     with torch.no_grad(), open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         for row in iter_rank_csv(work / "val.csv"):
-            inp = build_item_inputs(row.title, row.poi_names, pic, img_t, name_t, dim)
+            inp = PoiTables(pic, img_t, name_t, dim).inputs(row.title, row.poi_names)
             feat = encode_text([inp.pois_text])
             pimg = torch.from_numpy(inp.poi_img)[None]
             ptxt = torch.from_numpy(inp.poi_txt)[None]

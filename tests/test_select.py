@@ -23,7 +23,7 @@ from models.align import load_tokenizer
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint, save_ranker_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
-from utils.formats.poi import build_item_inputs, save_tables
+from utils.formats.poi import PoiTables, save_tables
 
 DIM = 32
 K = 3
@@ -206,7 +206,7 @@ def _direct(env, rows, recall_ckpt, tables, lines):
             assert good
             enc = tokenize(tok, [title])
             rec = float(recall.encode_image(x[None]) @ recall.encode_text(**enc)[0])
-            inp = build_item_inputs(title, pois, *tables, dim=DIM) if tables else None
+            inp = PoiTables(*tables, DIM).inputs(title, pois) if tables else None
             text = inp.pois_text if inp else (pois if pois.strip() else title)
             feat = ranker.align_model.encode_text(**tokenize(tok, [text]))
             pimg = torch.from_numpy(inp.poi_img)[None] if inp else torch.zeros(1, 5, DIM)

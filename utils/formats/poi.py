@@ -188,7 +188,15 @@ class PoiTables(NamedTuple):
     sources: tuple = (None, None, None)  # the three paths, for messages
 
     def inputs(self, title: str, poi_names: str) -> ItemInputs:
-        return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors, self.name_vectors, self.dim)
+        """One item's inputs; vectors are looked up by the unstripped name (zeros when missing)."""
+        seq = poi_sequence(poi_names, self.pic_num)
+        poi_img, poi_txt = (np.zeros((MAX_POIS, self.dim), dtype=np.float32) for _ in range(2))
+        for i, name in enumerate(seq):
+            for out, table in ((poi_img, self.image_vectors), (poi_txt, self.name_vectors)):
+                if name in table:
+                    out[i] = np.asarray(table[name], dtype=np.float32).reshape(-1)
+        unknown = [n for n in seq if n not in self.image_vectors or n not in self.name_vectors]
+        return ItemInputs(pois_text(title, poi_names), seq, poi_img, poi_txt, len(seq), unknown)
 
     def with_dim(self, dim: int) -> PoiTables:
         """These tables for a model whose embedding has ``dim`` values."""
@@ -239,18 +247,6 @@ class ItemInputs:
     poi_txt: np.ndarray  # 5 x D float32
     poi_len: int
     unknown: list[str]  # names of the sequence missing from a vector table
-
-
-def build_item_inputs(title, poi_names, pic_num: dict, img_vectors: dict, name_vectors: dict, dim=512) -> ItemInputs:
-    """One item's inputs; vectors are looked up by the unstripped name (zeros when missing)."""
-    seq = poi_sequence(poi_names, pic_num)
-    poi_img, poi_txt = np.zeros((MAX_POIS, dim), dtype=np.float32), np.zeros((MAX_POIS, dim), dtype=np.float32)
-    for i, name in enumerate(seq):
-        for out, table in ((poi_img, img_vectors), (poi_txt, name_vectors)):
-            if name in table:
-                out[i] = np.asarray(table[name], dtype=np.float32).reshape(-1)
-    unknown = [n for n in seq if n not in img_vectors or n not in name_vectors]
-    return ItemInputs(pois_text(title, poi_names), seq, poi_img, poi_txt, len(seq), unknown)
 
 
 def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
