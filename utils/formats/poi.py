@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from utils.cli import DataError, output_file
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils.io import atomic_outputs
+from utils.io import commit_outputs
 
 from .npfiles import LIMITS, Limits, bounded, load_npy, read_npz
 
@@ -129,22 +130,24 @@ def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
     """Write ``{path: table}`` together or not at all, each read back and compared before it lands."""
-    with atomic_outputs(*tables) as temps:
-        for (path, table), tmp in zip(tables.items(), temps):
-            names, values = table_matrix(table, source)
-            kind_ = kind or guess_kind(values)
-            if kind_ == "pic_num":
-                check_pic_num(table, source)
-            with open(tmp, "wb") as f:
-                if _is_safe(path):
-                    counts = np.int64 if values.dtype.kind in "biu" else np.float64
-                    stored = values.astype(np.float32 if kind_ == "vectors" else counts)
-                    np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind_))
-                else:
-                    np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
-            back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
-            if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
-                raise PoiTableError(f"{path}: the table read back differs from the one written")
+    commit_outputs({path: functools.partial(_write_table, path, table, kind, source) for path, table in tables.items()})
+
+
+def _write_table(path, table: dict, kind: str | None, source, tmp) -> None:
+    names, values = table_matrix(table, source)
+    kind = kind or guess_kind(values)
+    if kind == "pic_num":
+        check_pic_num(table, source)
+    with open(tmp, "wb") as f:
+        if _is_safe(path):
+            counts = np.int64 if values.dtype.kind in "biu" else np.float64
+            stored = values.astype(np.float32 if kind == "vectors" else counts)
+            np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind))
+        else:
+            np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
+    back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
+    if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
+        raise PoiTableError(f"{path}: the table read back differs from the one written")
 
 
 def _name_array(names: list[str], source) -> np.ndarray:
