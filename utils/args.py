@@ -29,12 +29,11 @@ def add_run(p, title: str | None = None):
     return g
 
 
-def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True, preprocess: bool = True):
+def add_engine(p, title: str | None = "engine", precision: bool = True, preprocess: bool = True):
     """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
-    if device:
-        text = "where models run: auto = CUDA when present, else CPU (default auto)"
-        g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
+    text = "where models run: auto = CUDA when present, else CPU (default auto)"
+    g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
     text = "image engine: auto (default) = ONNX Runtime on a CPU when it agrees with torch, else torch; onnx: fp32"
     g.add_argument("--backend", choices=BACKENDS, default="auto", help=text)
     if precision:
