@@ -53,8 +53,7 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
         g.add_argument("--batch-size", type=cli.positive_int, help=info)
     if text:
-        info = "texts per batch (default 256)"
-        g.add_argument("--text-batch-size", type=cli.positive_int, help=info)
+        g.add_argument("--text-batch-size", type=cli.positive_int, help="texts per batch (default 256)")
     if head:
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
         g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
@@ -78,8 +77,7 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
     if checkpoint:
         text = "model weights (align_model.pth, or a ranker checkpoint holding its recall model under align_model.)"
         g.add_argument(checkpoint, required=required, help=text)
-    text = "directory with bert-base-chinese config.json and vocab.txt"
-    g.add_argument("--bert-dir", required=required, help=text)
+    g.add_argument("--bert-dir", required=required, help="directory with bert-base-chinese config.json and vocab.txt")
     return add_arch(g)
 
 
