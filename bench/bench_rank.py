@@ -76,7 +76,7 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     from models.align import AlignArch, AlignModel
     from models.checkpoint import save_ranker_checkpoint
     from models.ranker import SiameseRanker
-    from utils.formats.poi import load_poi_table, save_safe_table
+    from utils.formats.poi import load_poi_table, save_tables
     from utils.formats.rows import RECORD_SEP
 
     bert = seed / "bert-base-chinese"
@@ -120,7 +120,8 @@ def make_inputs(work: Path, seed: Path, n_pairs: int, tiny: bool) -> dict:
     for kind in ("img", "name"):
         v = rng.normal(size=(len(names), dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        tables[kind] = save_safe_table(dict(zip(names, v)), work / f"poi_{kind}.npz")
+        tables[kind] = work / f"poi_{kind}.npz"
+        save_tables({tables[kind]: dict(zip(names, v))})
     return dict(csv=csv_path, images=img_dir, ckpt=ckpt, bert=bert, pic=seed / PIC_NUM, **tables)
 
 
@@ -147,7 +148,7 @@ def naive_child(work: Path, out: Path) -> int:
     from naive import authors_image, authors_text_encoder
 
     from models.checkpoint import load_ranker
-    from utils.formats.poi import build_item_inputs, load_poi_table
+    from utils.formats.poi import PoiTables, load_poi_table
     from utils.formats.rows import index_images, iter_rank_csv
 
     bert = Path((work / "bert_dir").read_text())
@@ -160,7 +161,7 @@ def naive_child(work: Path, out: Path) -> int:
     with torch.no_grad(), open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         for row in iter_rank_csv(work / "val.csv"):
-            inp = build_item_inputs(row.title, row.poi_names, pic, img_t, name_t, dim)
+            inp = PoiTables(pic, img_t, name_t, dim).inputs(row.title, row.poi_names)
             feat = encode_text([inp.pois_text])
             pimg = torch.from_numpy(inp.poi_img)[None]
             ptxt = torch.from_numpy(inp.poi_txt)[None]

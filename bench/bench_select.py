@@ -60,7 +60,7 @@ import select_images  # noqa: E402
 from models.align import AlignModel  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from models.ranker import SiameseRanker  # noqa: E402
-from utils.formats.poi import load_poi_table, save_safe_table  # noqa: E402
+from utils.formats.poi import load_poi_table, save_tables  # noqa: E402
 from utils.formats.rows import iter_recall_csv  # noqa: E402
 
 log = logging.getLogger("bench_select")
@@ -102,7 +102,8 @@ def build_catalogue(seed_data: Path, work: Path, n_items: int, n_cands: int, dim
     for key in ("img", "name"):
         v = rng.normal(size=(len(known), dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        tables[key] = save_safe_table(dict(zip(known, v)), work / f"poi_{key}.npz")
+        tables[key] = work / f"poi_{key}.npz"
+        save_tables({tables[key]: dict(zip(known, v))})
     tables["pic"] = seed_data / PIC_NUM
 
     img_dir = work / "catalogue" / "images"

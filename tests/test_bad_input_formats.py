@@ -21,7 +21,7 @@ import build_poi_tables
 import poi_tables
 from models.checkpoint import save_align_checkpoint
 from utils.formats.images import ZERO_TENSOR, load_image, reference_rgb, to_tensor
-from utils.formats.poi import PoiTableError, load_poi_table, load_poi_tables, save_safe_table
+from utils.formats.poi import PoiTableError, load_poi_table, load_poi_tables, save_tables
 from utils.formats.results import load_embeddings
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -172,7 +172,7 @@ def test_convert_refuses_negative_counts(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 def _broken_npz(tmp_path, how: str) -> Path:
     good = tmp_path / "good.npz"
-    save_safe_table({"西湖": np.ones(8), "古镇": np.zeros(8)}, good)
+    save_tables({good: {"西湖": np.ones(8), "古镇": np.zeros(8)}})
     path = tmp_path / f"{how}.npz"
     data = good.read_bytes()
     if how == "truncated":
@@ -262,7 +262,7 @@ def test_trusted_pickle_that_fails_is_one_line(tmp_path, capsys):
 
 def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
     path = tmp_path / "t.npz"
-    save_safe_table({"a": [1.0, 2.0]}, path)
+    save_tables({path: {"a": [1.0, 2.0]}})
     before = path.read_bytes()
     assert poi_tables.main(["convert", str(path), str(path)]) == 2
     assert "same file" in one_line(capsys, "poi_tables")

@@ -19,7 +19,7 @@ import poi_tables
 import rank_eval
 from models import RecallModel
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
-from utils.formats.poi import save_safe_table
+from utils.formats.poi import save_tables
 from utils.formats.rows import RECORD_SEP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +52,8 @@ def env(tmp_path_factory, bert_dir):
     dim = model.align_model.arch.embed_dim
     rng = np.random.default_rng(0)
     np.save(d / "pic.npy", {n: [1, 2, 3] for n in POIS}, allow_pickle=True)
-    save_safe_table({n: rng.normal(size=dim) for n in POIS}, d / "img.npz")
-    save_safe_table({n: rng.normal(size=dim) for n in POIS}, d / "name.npz")
+    save_tables({d / "img.npz": {n: rng.normal(size=dim) for n in POIS}})
+    save_tables({d / "name.npz": {n: rng.normal(size=dim) for n in POIS}})
     imgs = d / "images"
     imgs.mkdir()
     for i, item in enumerate(("1", "2", "3")):
@@ -317,7 +317,7 @@ def test_wrong_table_shapes(env, tmp_path, capsys):
         "'西湖' has 4 values",
         root=tmp_path,
     )
-    save_safe_table({"西湖": np.ones(env["dim"] + 1)}, tmp_path / "wide.npz")
+    save_tables({tmp_path / "wide.npz": {"西湖": np.ones(env["dim"] + 1)}})
     expect_error(
         capsys,
         rank_eval.main,

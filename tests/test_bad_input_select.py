@@ -21,7 +21,7 @@ from fixtures import solid_image, tiny_ranker, write_image
 import select_images
 from models.checkpoint import save_ranker_checkpoint
 from models.engine import selection as engine_selection
-from utils.formats.poi import save_safe_table
+from utils.formats.poi import save_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 32
@@ -38,9 +38,9 @@ def env(tmp_path_factory, bert_dir):
             for j in range(2):
                 write_image(solid_image((40 * i, 90, 30 * j), seed=i + j), d / f"{i}_{j}.jpg")
                 w.writerow([f"it{i}", "红色方形", "西湖,古镇", f"{i}_{j}.jpg"])
-    save_safe_table({"西湖": [3, 1, 0], "古镇": [9, 2, 1]}, d / "pic.npz", kind="pic_num")
+    save_tables({d / "pic.npz": {"西湖": [3, 1, 0], "古镇": [9, 2, 1]}}, kind="pic_num")
     rng = np.random.default_rng(0)
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in ("西湖", "古镇")}, d / "name.npz")
+    save_tables({d / "name.npz": {n: rng.normal(size=DIM).astype(np.float32) for n in ("西湖", "古镇")}})
     # a vector table holding NaN, written in the safe format directly (a writer may refuse NaN)
     vals = rng.normal(size=(2, DIM)).astype(np.float32)
     vals[0, :] = np.nan

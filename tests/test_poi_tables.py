@@ -18,7 +18,7 @@ from models.checkpoint import save_align_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
 from utils.formats.npfiles import load_npy
-from utils.formats.poi import PoiTableError, load_poi_table, mean_vectors, save_safe_table
+from utils.formats.poi import PoiTableError, load_poi_table, mean_vectors, save_tables
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 
@@ -157,7 +157,8 @@ def test_bad_files_give_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------
 def test_safe_format_round_trip_and_no_pickle(tmp_path):
     d = _vector_dict()
-    path = save_safe_table(d, tmp_path / "vec.npz", source="test")
+    path = tmp_path / "vec.npz"
+    save_tables({path: d}, source="test")
     with np.load(path, allow_pickle=False) as z:  # readable without pickle
         assert z["values"].dtype == np.float32 and z["values"].shape == (len(d), 8)
         assert str(z["kind"]) == "vectors"
@@ -166,9 +167,9 @@ def test_safe_format_round_trip_and_no_pickle(tmp_path):
     for k in d:
         np.testing.assert_array_equal(got[k], d[k])
     with pytest.raises(PoiTableError, match="'b' has 2 numbers"):
-        save_safe_table({"a": [1, 2, 3], "b": [1, 2]}, tmp_path / "ragged.npz")
+        save_tables({tmp_path / "ragged.npz": {"a": [1, 2, 3], "b": [1, 2]}})
     with pytest.raises(PoiTableError, match="not numeric"):
-        save_safe_table({"a": "text"}, tmp_path / "text.npz")
+        save_tables({tmp_path / "text.npz": {"a": "text"}})
 
 
 def test_convert_cli_round_trip(tmp_path, capsys):

@@ -16,7 +16,7 @@ from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from models.engine.encode import tokenize
 from utils.evaluation.metrics import pairwise_metrics
 from utils.formats.images import ZERO_TENSOR, load_image
-from utils.formats.poi import build_item_inputs, poi_sequence, save_safe_table
+from utils.formats.poi import PoiTables, poi_sequence, save_tables
 from utils.formats.rows import RECORD_SEP, iter_rank_csv
 
 DIM = 4
@@ -49,7 +49,7 @@ def test_more_than_five_pois_keeps_the_five_heaviest():
     names = [f"p{i}" for i in range(8)]
     pic = {n: [i, 0, 0] for i, n in enumerate(names)}
     img, txt = _vecs(names), _vecs(names, offset=100)
-    inp = build_item_inputs("t", ",".join(names), pic, img, txt, DIM)
+    inp = PoiTables(pic, img, txt, DIM).inputs("t", ",".join(names))
     assert inp.poi_names == ["p7", "p6", "p5", "p4", "p3"] and inp.poi_len == 5
     np.testing.assert_array_equal(inp.poi_img[:, 0], [8, 7, 6, 5, 4])
     np.testing.assert_array_equal(inp.poi_txt[:, 0], [108, 107, 106, 105, 104])
@@ -60,7 +60,7 @@ def test_unknown_pois_get_zero_vectors_but_count():
     pic = {"A": [0, 1, 0]}
     img = {"A": np.ones(DIM), "B": np.full(DIM, 2.0)}
     txt = {"A": np.full(DIM, 3.0)}
-    inp = build_item_inputs("title", "Z,B,A", pic, img, txt, DIM)
+    inp = PoiTables(pic, img, txt, DIM).inputs("title", "Z,B,A")
     assert inp.poi_names == ["A", "Z", "B"] and inp.poi_len == 3
     np.testing.assert_array_equal(inp.poi_img[:, 0], [1, 0, 2, 0, 0])
     np.testing.assert_array_equal(inp.poi_txt[:, 0], [3, 0, 0, 0, 0])
@@ -80,7 +80,7 @@ def test_unknown_pois_get_zero_vectors_but_count():
     ],
 )
 def test_blank_and_one_character_poi_names(poi_names, seq, text):
-    inp = build_item_inputs("the title", poi_names, {}, {}, {}, DIM)
+    inp = PoiTables({}, {}, {}, DIM).inputs("the title", poi_names)
     assert inp.poi_names == seq and inp.poi_len == len(seq) and inp.pois_text == text
     if not seq:
         assert not inp.poi_img.any() and not inp.poi_txt.any()
@@ -91,7 +91,7 @@ def test_spaces_around_commas():
     pic = {"A": [1, 0, 0], "B": [9, 0, 0]}
     img = {"A": np.ones(DIM), "B": np.full(DIM, 2.0), " B": np.full(DIM, 5.0)}
     txt = {"A ": np.full(DIM, 7.0), "B": np.full(DIM, 3.0)}
-    inp = build_item_inputs("t", "A , B", pic, img, txt, DIM)
+    inp = PoiTables(pic, img, txt, DIM).inputs("t", "A , B")
     assert inp.poi_names == [" B", "A "]  # B is heavier (found stripped)
     np.testing.assert_array_equal(inp.poi_img[:2, 0], [5, 0])  # " B" found, "A " not
     np.testing.assert_array_equal(inp.poi_txt[:2, 0], [0, 7])  # " B" not found, "A " found
@@ -106,7 +106,7 @@ def test_record_line_is_stripped_before_splitting(tmp_path):
     p.write_text(RECORD_SEP.join(fields) + "  \n", encoding="utf-8")
     (row,) = list(iter_rank_csv(p))
     assert row.poi_names == "A , B" and row.label == 1
-    inp = build_item_inputs(row.title, row.poi_names, {"B": [1, 0, 0]}, {"B": np.ones(DIM)}, {}, DIM)
+    inp = PoiTables({"B": [1, 0, 0]}, {"B": np.ones(DIM)}, {}, DIM).inputs(row.title, row.poi_names)
     assert inp.poi_names == [" B", "A "]
 
 
@@ -192,7 +192,7 @@ def setup(tmp_path_factory, bert_dir):
     img_t[" 山"] = rng.normal(size=dim).astype(np.float32)  # only the unstripped name in one table
     paths = {"pic": tmp / "pic.npy", "img": tmp / "img.npz", "name": tmp / "name.npy"}
     np.save(paths["pic"], pic, allow_pickle=True)  # published pickled-dict format
-    save_safe_table(img_t, paths["img"])  # safe format
+    save_tables({paths["img"]: img_t})  # safe format
     np.save(paths["name"], name_t, allow_pickle=True)
 
     img_dir = tmp / "images"
@@ -395,7 +395,7 @@ def test_rank_eval_bad_inputs(setup, tmp_path, capsys):
     assert "--poi-pic-num" in err and "evil.npy" in err and "builtins.eval" in err
 
     wrong_dim = tmp_path / "wrong.npz"
-    save_safe_table({"西湖": np.ones(7, dtype=np.float32)}, wrong_dim)
+    save_tables({wrong_dim: {"西湖": np.ones(7, dtype=np.float32)}})
     args = _args(s)
     args[args.index("--poi-image-vectors") + 1] = str(wrong_dim)
     assert rank_eval.main(args) == 2
@@ -420,7 +420,7 @@ def test_real_val_csv_inputs(seed_data):
     rows = list(iter_rank_csv(csv_path))
     pic = load_poi_table(pic_path)
     assert len(rows) == 1000 and sum(r.label for r in rows) == 451
-    inputs = [build_item_inputs(r.title, r.poi_names, pic, {}, {}, 8) for r in rows]
+    inputs = [PoiTables(pic, {}, {}, 8).inputs(r.title, r.poi_names) for r in rows]
     assert sum(i.poi_len == 0 for i in inputs) == 295
     assert max(i.poi_len for i in inputs) == 5
     assert pairwise_metrics([r.label for r in rows], np.zeros(1000), np.ones(1000))["baseline"] == pytest.approx(0.549)

@@ -23,7 +23,7 @@ from models.align import load_tokenizer
 from models.checkpoint import load_align_model, load_ranker, save_align_checkpoint, save_ranker_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
-from utils.formats.poi import build_item_inputs, save_safe_table
+from utils.formats.poi import PoiTables, save_tables
 
 DIM = 32
 K = 3
@@ -43,9 +43,9 @@ def env(tmp_path_factory, bert_dir):
     rng = np.random.default_rng(0)
     known = ["西湖", "古镇", "红塔"]
     pic = {"西湖": [3, 1, 0], "古镇": [9, 2, 1], "红塔": [1, 0, 0], "北京": [50, 5, 5]}
-    save_safe_table(pic, d / "pic.npz", kind="pic_num")
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in known}, d / "img.npz")
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in known}, d / "name.npz")
+    save_tables({d / "pic.npz": pic}, kind="pic_num")
+    save_tables({d / "img.npz": {n: rng.normal(size=DIM).astype(np.float32) for n in known}})
+    save_tables({d / "name.npz": {n: rng.normal(size=DIM).astype(np.float32) for n in known}})
 
     srv = LocalServer().start()
     cat = d / "cat"
@@ -206,7 +206,7 @@ def _direct(env, rows, recall_ckpt, tables, lines):
             assert good
             enc = tokenize(tok, [title])
             rec = float(recall.encode_image(x[None]) @ recall.encode_text(**enc)[0])
-            inp = build_item_inputs(title, pois, *tables, dim=DIM) if tables else None
+            inp = PoiTables(*tables, DIM).inputs(title, pois) if tables else None
             text = inp.pois_text if inp else (pois if pois.strip() else title)
             feat = ranker.align_model.encode_text(**tokenize(tok, [text]))
             pimg = torch.from_numpy(inp.poi_img)[None] if inp else torch.zeros(1, 5, DIM)

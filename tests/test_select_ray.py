@@ -24,7 +24,7 @@ from local_server import LocalServer  # noqa: E402
 
 import select_images  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
-from utils.formats.poi import save_safe_table  # noqa: E402
+from utils.formats.poi import save_tables  # noqa: E402
 from utils.selection import ray_runner as select_ray  # noqa: E402
 
 # Ray's own DataContext warns about its renamed settings; not ours to fix
@@ -47,9 +47,9 @@ def env(tmp_path_factory, bert_dir):
     save_align_checkpoint(tiny_align(bert_dir, seed=13), d / "other_align.pth")
     rng = np.random.default_rng(1)
     known = ["西湖", "古镇"]
-    save_safe_table({"西湖": [3, 1, 0], "古镇": [9, 2, 1]}, d / "pic.npz", kind="pic_num")
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in known}, d / "img.npz")
-    save_safe_table({n: rng.normal(size=DIM).astype(np.float32) for n in known}, d / "name.npz")
+    save_tables({d / "pic.npz": {"西湖": [3, 1, 0], "古镇": [9, 2, 1]}}, kind="pic_num")
+    save_tables({d / "img.npz": {n: rng.normal(size=DIM).astype(np.float32) for n in known}})
+    save_tables({d / "name.npz": {n: rng.normal(size=DIM).astype(np.float32) for n in known}})
 
     srv = LocalServer().start()
     cat = d / "cat"

@@ -22,7 +22,7 @@ from models.engine.encode import encode_images, encode_texts
 from utils.args import Encoding
 from utils.evaluation.metrics import pairwise_metrics
 from utils.formats import iter_rank_csv, load_poi_tables
-from utils.formats.poi import save_safe_table, save_tables
+from utils.formats.poi import save_tables
 from utils.formats.rows import RECORD_SEP
 from utils.hashing import model_hash
 from utils.training import (
@@ -116,8 +116,8 @@ def make_rank_data(root, n_train, n_val, seed=0, dim=32):
     (root / "val.csv").write_text("\n".join(rows(n_val, "v")) + "\n", encoding="utf-8")
     trng = np.random.default_rng(1)
     save_tables({root / "pic_num.npy": {p: [int(x) for x in trng.integers(0, 9, 3)] for p in POIS}})
-    save_safe_table({p: trng.normal(size=dim) for p in POIS}, root / "img_vec.npz")
-    save_safe_table({p: trng.normal(size=dim) for p in POIS[:-1]}, root / "name_vec.npz")
+    save_tables({root / "img_vec.npz": {p: trng.normal(size=dim) for p in POIS}})
+    save_tables({root / "name_vec.npz": {p: trng.normal(size=dim) for p in POIS[:-1]}})
     return [
         "--train-csv",
         str(root / "train.csv"),

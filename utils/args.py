@@ -29,12 +29,11 @@ def add_run(p, title: str | None = None):
     return g
 
 
-def add_engine(p, title: str | None = "engine", device: bool = True, precision: bool = True, preprocess: bool = True):
+def add_engine(p, title: str | None = "engine", precision: bool = True, preprocess: bool = True):
     """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
-    if device:
-        text = "where models run: auto = CUDA when present, else CPU (default auto)"
-        g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
+    text = "where models run: auto = CUDA when present, else CPU (default auto)"
+    g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
     text = "image engine: auto (default) = ONNX Runtime on a CPU when it agrees with torch, else torch; onnx: fp32"
     g.add_argument("--backend", choices=BACKENDS, default="auto", help=text)
     if precision:
@@ -54,8 +53,7 @@ def add_batches(p, title="batches", text=True, head=False, workers_alias=False, 
         info = "images per batch (default: 4 per lane with ONNX Runtime on a CPU, 32 with torch, 128 on CUDA)"
         g.add_argument("--batch-size", type=cli.positive_int, help=info)
     if text:
-        info = "texts per batch (default 256)"
-        g.add_argument("--text-batch-size", type=cli.positive_int, help=info)
+        g.add_argument("--text-batch-size", type=cli.positive_int, help="texts per batch (default 256)")
     if head:
         info = f"rows per ranker-head batch (default {DEFAULT_HEAD_BATCH})"
         g.add_argument("--head-batch-size", type=cli.positive_int, default=DEFAULT_HEAD_BATCH, help=info)
@@ -79,8 +77,7 @@ def add_recall_files(p, title="model files", checkpoint: str | None = "--checkpo
     if checkpoint:
         text = "model weights (align_model.pth, or a ranker checkpoint holding its recall model under align_model.)"
         g.add_argument(checkpoint, required=required, help=text)
-    text = "directory with bert-base-chinese config.json and vocab.txt"
-    g.add_argument("--bert-dir", required=required, help=text)
+    g.add_argument("--bert-dir", required=required, help="directory with bert-base-chinese config.json and vocab.txt")
     return add_arch(g)
 
 

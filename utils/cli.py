@@ -247,7 +247,7 @@ def output_file(path, what: str | None = None) -> Path:
         raise UserError(f"{label}: is a directory, expected a file name")
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{label}: the file is not writable")
-    _writable_dir(p.parent if str(p.parent) else Path("."), label)
+    _writable_dir(p.parent, label)
     return p
 
 

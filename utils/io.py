@@ -1,4 +1,4 @@
-"""Files appear whole or not at all (``atomic_path``, ``atomic_outputs``, ``PartFile`` for
+"""Files appear whole or not at all (``atomic_path``, ``commit_outputs``, ``PartFile`` for
 downloads), one run per destination (``exclusive_lock``), and the one UTF-8 reader
 (``text_lines``: bad bytes reported at their line)."""
 
@@ -41,23 +41,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         yield f
 
 
-@contextlib.contextmanager
-def atomic_outputs(*paths: str | os.PathLike | None):
-    """A run's outputs committed together or not at all: an :func:`atomic_path` per target (None
-    stays None), all renamed when the block ends without an error; after an error, a failed
-    rename too, the temporary paths not yet renamed are removed."""
-    with contextlib.ExitStack() as stack:
-        yield [None if p is None else stack.enter_context(atomic_path(p)) for p in paths]
-
-
 def commit_outputs(outputs: dict, flags: dict | None = None) -> None:
-    """Write ``{path: text, or write(tmp_path)}`` (None skipped) through :func:`atomic_outputs`;
-    an OSError is one ``UserError`` naming the output (and its flag from ``flags``)."""
-    paths = [p for p in outputs if p is not None]
+    """A run's outputs committed together or not at all: ``{path: text, or write(tmp_path)}`` (None
+    skipped), each through an :func:`atomic_path`, all renamed once every one is written; after an
+    error, a failed rename too, the temporary paths not yet renamed are removed. An OSError is one
+    ``UserError`` naming the output (and its flag from ``flags``)."""
     current = None
     try:
-        with atomic_outputs(*paths) as temps:
-            for current, tmp in zip(paths, temps):
+        with contextlib.ExitStack() as stack:
+            for current in (p for p in outputs if p is not None):
+                tmp = stack.enter_context(atomic_path(current))
                 if isinstance(outputs[current], str):
                     tmp.write_text(outputs[current], encoding="utf-8", newline="")
                 else:

@@ -45,7 +45,7 @@ class RecallResult:
         self.ks, self.pois = ks, pois
         self.recall = recall_from_first_hits(firsts, ks)
         self.hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
-        self.mrr = mean_reciprocal_rank(firsts)
+        self.mrr = sum(1.0 / r for r in firsts if r is not None) / len(firsts)
 
     def table(self) -> dict[str, list[float]]:
         """``{poi_id: [hit@K for each K..., reciprocal rank]}``: what the intervals resample."""
@@ -59,10 +59,6 @@ def recall_from_first_hits(first_hits: Sequence[int | None], ks: Iterable[int]) 
     if not first_hits:
         raise ValueError("no queries: recall is undefined")
     return {int(k): sum(1 for r in first_hits if r is not None and r <= k) / len(first_hits) for k in ks}
-
-
-def mean_reciprocal_rank(first_hits: Sequence[int | None]) -> float:
-    return sum(1.0 / r for r in first_hits if r is not None) / len(first_hits)
 
 
 def evaluate_groups(groups: dict, ks: Iterable[int] = DEFAULT_KS, names: dict | None = None, keep: int | None = None):

@@ -183,9 +183,7 @@ def bounded(obj, source: str, limits: Limits = LIMITS):
             items = [walk(x, depth + 1) for x in (o.flat if isinstance(o, np.ndarray) else o)]
             n = 1 + sum(s for _, s in items)
             if isinstance(o, np.ndarray):
-                out = np.empty(o.shape, dtype=object)
-                for i, (x, _) in enumerate(items):
-                    out.flat[i] = x
+                out = np.fromiter((x for x, _ in items), dtype=object, count=len(items)).reshape(o.shape)
             else:
                 out = next(t for t in _SEQUENCES if isinstance(o, t))(x for x, _ in items)
         else:

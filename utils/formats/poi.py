@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from utils.cli import DataError, output_file
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils.io import atomic_outputs
+from utils.io import commit_outputs
 
 from .npfiles import LIMITS, Limits, bounded, load_npy, read_npz
 
@@ -129,22 +130,24 @@ def table_output(path, what: str, suffixes=(SAFE_SUFFIX, ".npy")) -> Path:
 
 def save_tables(tables: dict, kind: str | None = None, source="<table>") -> None:
     """Write ``{path: table}`` together or not at all, each read back and compared before it lands."""
-    with atomic_outputs(*tables) as temps:
-        for (path, table), tmp in zip(tables.items(), temps):
-            names, values = table_matrix(table, source)
-            kind_ = kind or guess_kind(values)
-            if kind_ == "pic_num":
-                check_pic_num(table, source)
-            with open(tmp, "wb") as f:
-                if _is_safe(path):
-                    counts = np.int64 if values.dtype.kind in "biu" else np.float64
-                    stored = values.astype(np.float32 if kind_ == "vectors" else counts)
-                    np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind_))
-                else:
-                    np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
-            back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
-            if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
-                raise PoiTableError(f"{path}: the table read back differs from the one written")
+    commit_outputs({path: functools.partial(_write_table, path, table, kind, source) for path, table in tables.items()})
+
+
+def _write_table(path, table: dict, kind: str | None, source, tmp) -> None:
+    names, values = table_matrix(table, source)
+    kind = kind or guess_kind(values)
+    if kind == "pic_num":
+        check_pic_num(table, source)
+    with open(tmp, "wb") as f:
+        if _is_safe(path):
+            counts = np.int64 if values.dtype.kind in "biu" else np.float64
+            stored = values.astype(np.float32 if kind == "vectors" else counts)
+            np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind))
+        else:
+            np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
+    back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
+    if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
+        raise PoiTableError(f"{path}: the table read back differs from the one written")
 
 
 def _name_array(names: list[str], source) -> np.ndarray:
@@ -153,13 +156,6 @@ def _name_array(names: list[str], source) -> np.ndarray:
         bad = next(n for n, m in zip(names, arr.tolist()) if n != m)
         raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
     return arr
-
-
-def save_safe_table(table: dict, path, kind: str | None = None, source="<table>") -> Path:
-    if not _is_safe(path):
-        raise PoiTableError(f"{path}: the safe format needs the {SAFE_SUFFIX} suffix")
-    save_tables({path: table}, kind, source)
-    return Path(path)
 
 
 def describe_table(table: dict, path, show: int = 5) -> str:
@@ -195,7 +191,15 @@ class PoiTables(NamedTuple):
     sources: tuple = (None, None, None)  # the three paths, for messages
 
     def inputs(self, title: str, poi_names: str) -> ItemInputs:
-        return build_item_inputs(title, poi_names, self.pic_num, self.image_vectors, self.name_vectors, self.dim)
+        """One item's inputs; vectors are looked up by the unstripped name (zeros when missing)."""
+        seq = poi_sequence(poi_names, self.pic_num)
+        poi_img, poi_txt = (np.zeros((MAX_POIS, self.dim), dtype=np.float32) for _ in range(2))
+        for i, name in enumerate(seq):
+            for out, table in ((poi_img, self.image_vectors), (poi_txt, self.name_vectors)):
+                if name in table:
+                    out[i] = np.asarray(table[name], dtype=np.float32).reshape(-1)
+        unknown = [n for n in seq if n not in self.image_vectors or n not in self.name_vectors]
+        return ItemInputs(pois_text(title, poi_names), seq, poi_img, poi_txt, len(seq), unknown)
 
     def with_dim(self, dim: int) -> PoiTables:
         """These tables for a model whose embedding has ``dim`` values."""
@@ -246,18 +250,6 @@ class ItemInputs:
     poi_txt: np.ndarray  # 5 x D float32
     poi_len: int
     unknown: list[str]  # names of the sequence missing from a vector table
-
-
-def build_item_inputs(title, poi_names, pic_num: dict, img_vectors: dict, name_vectors: dict, dim=512) -> ItemInputs:
-    """One item's inputs; vectors are looked up by the unstripped name (zeros when missing)."""
-    seq = poi_sequence(poi_names, pic_num)
-    poi_img, poi_txt = np.zeros((MAX_POIS, dim), dtype=np.float32), np.zeros((MAX_POIS, dim), dtype=np.float32)
-    for i, name in enumerate(seq):
-        for out, table in ((poi_img, img_vectors), (poi_txt, name_vectors)):
-            if name in table:
-                out[i] = np.asarray(table[name], dtype=np.float32).reshape(-1)
-    unknown = [n for n in seq if n not in img_vectors or n not in name_vectors]
-    return ItemInputs(pois_text(title, poi_names), seq, poi_img, poi_txt, len(seq), unknown)
 
 
 def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

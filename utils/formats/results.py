@@ -28,16 +28,12 @@ MISSING_HEADER = ("status", "key", "line", "path_or_url")
 log = logging.getLogger(__name__)
 
 
-def fmt_score(x: float) -> str:
-    return f"{x:.9g}"  # round-trips float32, so writing creates no ties
-
-
 def write_topk(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(TOPK_HEADER)
         for poi, name, rank, image, score in rows:
-            w.writerow((poi, name, rank, image, fmt_score(score)))
+            w.writerow((poi, name, rank, image, f"{score:.9g}"))  # round-trips float32: writing creates no ties
 
 
 def write_full(path, poi_ids: list[str], poi_names: list[str], image_paths: list[str], scores) -> None:
@@ -46,7 +42,7 @@ def write_full(path, poi_ids: list[str], poi_names: list[str], image_paths: list
     with atomic_write(path) as f:
         for poi, name, row in zip(poi_ids, poi_names, scores):
             head = _csv_line((poi, name, ""))
-            f.write("".join(f"{head}{image}{s:.9g}\n" for image, s in zip(images, row.tolist())))  # fmt_score
+            f.write("".join(f"{head}{image}{s:.9g}\n" for image, s in zip(images, row.tolist())))  # as write_topk
 
 
 def _csv_line(fields: tuple) -> str:
