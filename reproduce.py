@@ -194,12 +194,6 @@ def check_args(ns) -> tuple[str, dict]:
     return manifest, assets
 
 
-def report(ns) -> None:
-    """The table metric / paper / ours / difference, also in OUT/results.{md,json}."""
-    if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):
-        print(f"\n{text}")
-
-
 @entry_point
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
@@ -214,7 +208,8 @@ def main(argv=None) -> int:
             for name, s in steps.items():  # in pipeline order; the first failure stops the run
                 if not run_step(s, how, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
                     return 1
-            report(ns)
+            if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):  # also in OUT/results.{md,json}
+                print(f"\n{text}")
             return 0
         finally:
             logging.getLogger().removeHandler(handler)

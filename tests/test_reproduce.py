@@ -34,6 +34,7 @@ from local_server import LocalServer
 import reproduce
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from utils.fetch.assets import DEFAULT_MANIFEST, load_manifest
+from utils.reproduction import results_table
 
 POIS = [
     ("101", "红色圆形", "红", "圆"),
@@ -562,7 +563,7 @@ def test_table_with_baselines(tmp_path, capsys):
     args = reproduce.build_parser().parse_args(
         ["--out-dir", str(out), "--with-baselines", "--images-dir", str(tmp_path / "none")]
     )
-    reproduce.report(args)
+    print(results_table(args.out_dir, args.images_dir, args.with_baselines))
     text = capsys.readouterr().out
     assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000", "+0.2000 [+0.0500, +0.3500]"]
     assert table_value(text, "recall MRR@10") == ["-", "0.6000", "-", "-", "0.4000", "-"]
