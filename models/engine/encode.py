@@ -63,9 +63,7 @@ def _warn_if_emulated(device, precision: str) -> None:
 
 
 def autocast(device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=_DTYPES.get(precision), enabled=precision != "fp32")
 
 
 @contextlib.contextmanager
@@ -115,7 +113,6 @@ def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cac
     first_of: dict[str, int] = {}  # one path per distinct content still to encode
     todo = [i for i, k in enumerate(keys) if vectors[i] is None and (k is None or first_of.setdefault(k, i) == i)]
     info = {"num_workers": 0, "lanes": 0, "batch_size": None, "first_batch_at": None}
-    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False)
 
     def put(e: np.ndarray, good: list, idx: list) -> None:  # normalised rows for todo[j], j in idx
         rows = [todo[j] for j in idx]
@@ -126,11 +123,9 @@ def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cac
         bar.update(len(rows))
         info["first_batch_at"] = info["first_batch_at"] or time.perf_counter()
 
-    try:
+    with tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False) as bar:
         if todo:
             info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, put))
-    finally:
-        bar.close()
     for i in range(n):  # copies of encoded content
         if vectors[i] is None:
             vectors[i], ok[i] = vectors[first_of[keys[i]]], ok[first_of[keys[i]]]
