@@ -100,7 +100,7 @@ def build_world(mirror: Path, srv: LocalServer, base: Path) -> tuple[Path, Path]
     save_ranker_checkpoint(tiny_ranker(bert, seed=2), mirror / paths["ranker_weights"])
     assert (mirror / (paths["ranker_weights"] + ".arch.json")).exists()  # not in the manifest
     arch = base / "tiny_arch.json"
-    arch.write_text(json.dumps(TINY_ARCH.to_dict()), encoding="utf-8")
+    arch.write_text(json.dumps(dataclasses.asdict(TINY_ARCH)), encoding="utf-8")
     # the test manifest: the project's, with this world's sha256 where the real one is known
     doc = json.loads(Path(DEFAULT_MANIFEST).read_text(encoding="utf-8"))
     for a in doc["assets"]:
