@@ -15,7 +15,6 @@ from __future__ import annotations
 from utils.cli import entry_point
 
 import argparse
-import contextlib
 import functools
 import logging
 import sys
@@ -117,19 +116,6 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
     return align.to(device)
 
 
-@contextlib.contextmanager
-def image_engine(ns, align, tokenizer, device, frozen):
-    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image tower
-    changes every epoch); --backend onnx exports it into a directory removed after."""
-    if frozen is not None:
-        yield frozen
-    elif ns.backend != "onnx":
-        yield models.wrap_align(align, tokenizer, device=device, backend="torch")
-    else:
-        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
-            yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
-
-
 def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
     tokenizer = models.load_tokenizer(ns.bert_dir)
     batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
@@ -145,7 +131,11 @@ def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> trai
         table, val_vecs = vecs[: len(train_pairs)].to(env.device), vecs[len(train_pairs) :]
 
     def validate() -> dict:
-        with image_engine(ns, align, tokenizer, env.device, frozen) as rm:
+        # the frozen engine, else torch under auto (the image tower changes every epoch) or, with
+        # --backend onnx, an export into a directory removed after
+        backend = "onnx" if ns.backend == "onnx" else "torch"
+        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
+            rm = frozen or models.wrap_align(align, tokenizer, device=env.device, backend=backend, onnx_cache_dir=d)
             return training.held_out_recall(rm, val_pairs, ns.recall_k, enc, val_vecs)
 
     def loss(module, batch):
