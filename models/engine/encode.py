@@ -89,10 +89,6 @@ def tokenize(tokenizer, texts: list[str]) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, stats=None, desc="images"):
     """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
     ``engine()`` gives the ``f(x, normalize)`` to run, asked only when some image is not in ``cache``."""
@@ -154,7 +150,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
         _encode_lanes(paths, enc.preprocess, loader, batch_size, encoder, lanes, put)
         return {"num_workers": 0, "lanes": lanes, "batch_size": batch_size}
     workers = default_workers if enc.num_workers is None else enc.num_workers
-    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers else {}
+    workers_only = {"prefetch_factor": 4} if workers else {}  # torch's workers run on one thread each
     dataset, pin = ImageDataset(paths, enc.preprocess, loader=loader), device.type == "cuda"
     batches = DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
     _warn_if_emulated(device, enc.precision)
