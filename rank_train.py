@@ -66,22 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
+    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.augment and ns.cache_embeddings:
         p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, so cannot be cached")
-    return ns
-
-
-def check_paths(ns) -> models.AlignArch | None:
-    """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
     tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
     files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
     dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
     cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
-    training.check_bert_dir(ns.bert_dir)
-    return models.AlignArch.from_json(ns.arch) if ns.arch else None
+    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
 def read_pairs(ns) -> tuple[list, list, dict]:
@@ -90,7 +85,7 @@ def read_pairs(ns) -> tuple[list, list, dict]:
     return train_pairs, val_pairs, {ns.train_csv: bad, ns.val_csv: bad_val}
 
 
-def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.SiameseRanker:
+def load_model(ns, device, resume_from: Path | None, arch: models.AlignArch | None) -> models.SiameseRanker:
     """The last checkpoint (on resume), --init's ranker, a new head on --init's recall model, or random."""
     if resume_from is not None:
         ranker = models.load_ranker(resume_from, ns.bert_dir)
@@ -112,7 +107,7 @@ def pair_loss(s_a, s_b, label, kind: str, margin: float):
     return F.margin_ranking_loss(s_a, s_b, label * 2 - 1, margin=margin)
 
 
-def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> training.Task:
+def make_task(ns, env, enc, train_pairs, val_pairs, ranker: models.SiameseRanker) -> training.Task:
     dim = ranker.align_model.arch.embed_dim
     tables = load_poi_tables(
         ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors, dim=dim, trust_pickle=ns.trust_pickle
@@ -122,8 +117,6 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> 
     rm = models.wrap_align(
         ranker.align_model, models.load_tokenizer(ns.bert_dir), device=env.device, backend=ns.backend
     )
-    batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
-    enc = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
     texts, val_images, train_images = training.encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
     images = "cached" if ns.cache_embeddings else "encoded each step"
     log.info("loss %s; augmentation %s; training images %s", ns.loss, "on" if ns.augment else "off", images)
@@ -149,13 +142,9 @@ def make_task(ns, env, train_pairs, val_pairs, ranker: models.SiameseRanker) -> 
 
 @entry_point
 def main(argv=None) -> int:
-    ns = parse_args(argv)
-    arch = check_paths(ns)
-    files = {"last_file": "last.ckpt", "best_file": "best.ckpt"}
-    cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS, **files)
-    read = functools.partial(read_pairs, ns)
-    load = functools.partial(load_model, ns, arch)
-    training.run_training(cfg, ns.device, ns.log_level, ns.train_csv, read, load, functools.partial(make_task, ns))
+    ns, arch = parse_args(argv)
+    config = {"last_file": "last.ckpt", "best_file": "best.ckpt", "resume_keys": RESUME_KEYS}
+    training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, **config)
     return 0
 
 

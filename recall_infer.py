@@ -24,7 +24,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from models import MODELS, RecallJob, missing_options, run_recall  # noqa: E402
+from models import MODELS, RecallJob, run_recall  # noqa: E402
 from utils import args as shared  # noqa: E402
 from utils import cli  # noqa: E402
 
@@ -56,15 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.model == "taiyi":  # an opt-in extra: name it before any work
         require("transformers", "taiyi", "--model taiyi")
-    missing = missing_options(ns.model, model_files(ns))
+    missing = [k for k in MODELS[ns.model].required if getattr(ns, k) in (None, "")]
     if missing:
         p.error(f"--model {ns.model} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return ns
-
-
-def model_files(ns) -> dict:
-    """The path options of the chosen ``--model`` (models.MODELS)."""
-    return {k: getattr(ns, k) for k in MODELS[ns.model].options}
 
 
 def check_paths(job: RecallJob) -> None:
@@ -80,7 +75,8 @@ def check_paths(job: RecallJob) -> None:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     cli.setup_logging(ns.log_level)
-    job = shared.from_flags(RecallJob, ns, files=model_files(ns), enc=shared.Encoding.from_args(ns))
+    files = {k: getattr(ns, k) for k in MODELS[ns.model].options}  # the chosen model's path options
+    job = shared.from_flags(RecallJob, ns, files=files, enc=shared.Encoding.from_args(ns))
     check_paths(job)
     meta = run_recall(job, started=_T0)
     t = meta["timings_s"]

@@ -15,11 +15,11 @@ from __future__ import annotations
 from utils.cli import entry_point
 
 import argparse
-import contextlib
 import functools
 import logging
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
+    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.cache_embeddings and ns.freeze != "image":
@@ -83,15 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if ns.init and ns.logit_scale is not None:
         p.error("--logit-scale sets the initial value from scratch; with --init the checkpoint's value is used")
     ns.recall_k = sorted(set(ns.recall_k) | {ns.select_k})
-    return ns
-
-
-def check_paths(ns) -> models.AlignArch | None:
-    """Inputs readable and --out-dir writable, before any work; the --arch architecture."""
     dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
     cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
-    training.check_bert_dir(ns.bert_dir)
-    return models.AlignArch.from_json(ns.arch) if ns.arch else None
+    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
 def read_pairs(ns) -> tuple[list, list, dict]:
@@ -101,7 +96,7 @@ def read_pairs(ns) -> tuple[list, list, dict]:
     return train_pairs, val_pairs, {ns.csv: bad}
 
 
-def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | None) -> models.AlignModel:
+def load_model(ns, device, resume_from: Path | None, arch: models.AlignArch | None) -> models.AlignModel:
     """The run's last checkpoint (on resume), --init's weights, or random weights."""
     if resume_from is not None:
         align = models.load_align_model(resume_from, ns.bert_dir)
@@ -117,36 +112,24 @@ def load_model(ns, arch: models.AlignArch | None, device, resume_from: Path | No
     return align.to(device)
 
 
-@contextlib.contextmanager
-def image_engine(ns, align, tokenizer, device, frozen):
-    """The ``RecallModel`` of one evaluation: ``frozen``, else torch under auto (the image tower
-    changes every epoch); --backend onnx exports it into a directory removed after."""
-    if frozen is not None:
-        yield frozen
-    elif ns.backend != "onnx":
-        yield models.wrap_align(align, tokenizer, device=device, backend="torch")
-    else:
-        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
-            yield models.wrap_align(align, tokenizer, device=device, backend="onnx", onnx_cache_dir=d)
-
-
-def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
+def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) -> training.Task:
     tokenizer = models.load_tokenizer(ns.bert_dir)
-    batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
-    enc = args.Encoding.from_args(ns, **batches, progress=False)
     frozen = table = val_vecs = None
     if ns.freeze == "image":  # one engine for the run, its ONNX export keyed by the image tower only
         frozen = models.wrap_align(align, tokenizer, device=env.device, backend=ns.backend)
         image_weights = {k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)}
         frozen.hash_fn = lambda: state_dict_hash(image_weights)
     if ns.cache_embeddings:
-        shown = args.Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
-        vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], shown, env)
+        vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], enc, env)
         table, val_vecs = vecs[: len(train_pairs)].to(env.device), vecs[len(train_pairs) :]
 
     def validate() -> dict:
-        with image_engine(ns, align, tokenizer, env.device, frozen) as rm:
-            return training.held_out_recall(rm, val_pairs, ns.recall_k, enc, val_vecs)
+        # the frozen engine, else torch under auto (the image tower changes every epoch) or, with
+        # --backend onnx, an export into a directory removed after
+        backend = "onnx" if ns.backend == "onnx" else "torch"
+        with tempfile.TemporaryDirectory(prefix="recall_train-onnx-") as d:
+            rm = frozen or models.wrap_align(align, tokenizer, device=env.device, backend=backend, onnx_cache_dir=d)
+            return training.held_out_recall(rm, val_pairs, ns.recall_k, replace(enc, progress=False), val_vecs)
 
     def loss(module, batch):
         img, txt = module(*batch)
@@ -169,12 +152,8 @@ def make_task(ns, env, train_pairs, val_pairs, align: models.AlignModel) -> trai
 
 @entry_point
 def main(argv=None) -> int:
-    ns = parse_args(argv)
-    arch = check_paths(ns)
-    cfg = training.TrainConfig.from_options(vars(ns), resume_keys=RESUME_KEYS)
-    read = functools.partial(read_pairs, ns)
-    load = functools.partial(load_model, ns, arch)
-    training.run_training(cfg, ns.device, ns.log_level, ns.csv, read, load, functools.partial(make_task, ns))
+    ns, arch = parse_args(argv)
+    training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, resume_keys=RESUME_KEYS)
     return 0
 
 

@@ -15,7 +15,7 @@ from utils.cli import UserError, entry_point
 import argparse
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -76,55 +76,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class How:
-    """How the steps run: not in their stamps (the figures do not depend on it)."""
-
-    enc: shared.Encoding
-    workers: int
-    max_failures: str
-
-
-# The calls of the steps: one library call each; None when it went well, else why not.
-def fetch(how: How, manifest: str, only: list, dest: str, mirror: str | None) -> str | None:
+# The calls of the steps: one library call each; None when it went well, else why not. ``how``: the
+# command line, for how they run (engine, workers ...), which is not in their stamps.
+def fetch(how, manifest: str, only: list, dest: str, mirror: str | None) -> str | None:
     from utils.fetch import fetch_assets, load_manifest, select_assets
 
     chosen = select_assets(load_manifest(manifest), only)
-    s = fetch_assets(chosen, dest, shared.ASSET_DOWNLOADS, mirror=mirror, progress=how.enc.progress)
+    s = fetch_assets(chosen, dest, shared.ASSET_DOWNLOADS, mirror=mirror, progress=not how.no_progress)
     print(f"assets: {s['downloaded']} downloaded, {s['skipped']} already present and verified")
     return f"{len(s['failed'])} of {len(chosen)} assets failed" if s["failed"] else None
 
 
-def images(how: How, csv: str, out: str) -> str | None:
+def images(how, csv: str, out: str) -> str | None:
     from utils.fetch import ImageJob, download_images, image_summary
 
     net = replace(shared.IMAGE_DOWNLOADS, workers=how.workers)
-    s = download_images(ImageJob(csv, out, net, max_failures=how.max_failures, progress=how.enc.progress))
+    s = download_images(ImageJob(csv, out, net, max_failures=how.max_failures, progress=not how.no_progress))
     print(image_summary(s))
     return s["over_budget"]
 
 
-def recall(how: How, csv: str, image_dir: str, output: str, model: str, **files) -> None:
+def recall(how, csv: str, image_dir: str, output: str, model: str, **files) -> None:
     from models import RecallJob, run_recall
 
-    meta = run_recall(RecallJob(csv, image_dir, output, model=model, files=files, enc=how.enc, topk=max(KS)))
+    enc = shared.Encoding.from_args(how)
+    meta = run_recall(RecallJob(csv, image_dir, output, model=model, files=files, enc=enc, topk=max(KS)))
     print(f"recall: {meta['n_pois']} POIs x {meta['gallery_size']} images, engine {meta['image_backend']}")
 
 
-def evaluate(how: How, results: str, json: str, html=None, image_dir=None, versus=None, compare=None) -> None:
+def evaluate(how, results: str, json: str, html=None, image_dir=None, versus=None, compare=None) -> None:
     from utils.evaluation import compare_recall, evaluate_recall, format_compare, format_recall
 
-    kw = dict(html=html, image_dir=image_dir, progress=how.enc.progress)
+    kw = dict(html=html, image_dir=image_dir, progress=not how.no_progress)
     print(format_recall(evaluate_recall(results=results, ks=KS, json_path=json, **kw)))
     if versus:  # the paired bootstrap: A = results, B = versus (ours), so B - A = ours - them
         print(format_compare(compare_recall(results, versus, KS, compare)))
 
 
-def pairs(how: How, **run) -> None:
+def pairs(how, **run) -> None:
     from models import PairRun, evaluate_pairs
     from utils.evaluation import format_pair_summary
 
-    print(format_pair_summary(evaluate_pairs(PairRun(**run, enc=how.enc)), run["csv"]))
+    print(format_pair_summary(evaluate_pairs(PairRun(**run, enc=shared.Encoding.from_args(how))), run["csv"]))
 
 
 def step(name: str, call, args: dict, reads: dict | None = None, writes=()) -> Step:
@@ -194,17 +187,10 @@ def check_args(ns) -> tuple[str, dict]:
     return manifest, assets
 
 
-def report(ns) -> None:
-    """The table metric / paper / ours / difference, also in OUT/results.{md,json}."""
-    if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):
-        print(f"\n{text}")
-
-
 @entry_point
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     steps, out = plan(ns, *check_args(ns)), Path(ns.out_dir)
-    how = How(shared.Encoding.from_args(ns), ns.workers, ns.max_failures)
     with exclusive_lock(out, ".reproduce.lock"):
         handler = cli.log_file_handler(out / "reproduce.log")  # the steps' messages too
         logging.getLogger().addHandler(handler)
@@ -212,9 +198,10 @@ def main(argv=None) -> int:
         try:
             log.info("reproduce: %s", vars(ns))
             for name, s in steps.items():  # in pipeline order; the first failure stops the run
-                if not run_step(s, how, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
+                if not run_step(s, ns, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
                     return 1
-            report(ns)
+            if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):  # also in OUT/results.{md,json}
+                print(f"\n{text}")
             return 0
         finally:
             logging.getLogger().removeHandler(handler)

@@ -11,7 +11,7 @@ __all__, __getattr__ = front_door(
         "save_align_checkpoint save_ranker_checkpoint",
         "engine": "EmbeddingCache PairRun RecallModel SelectionModels evaluate_pairs item_inputs "
         "load_selection_models run_selection score_block tokenize wrap_align",
-        "factory": "MODELS build_recall_model missing_options",
+        "factory": "MODELS build_recall_model",
         "ranker": "SiameseRanker",
         "recall": "RecallJob run_recall",
     },

@@ -7,7 +7,7 @@ from __future__ import annotations
 from utils.cli import DataError
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -77,9 +77,6 @@ class AlignArch:
             return cls.from_dict(read_json(path))
         except ValueError as e:
             raise DataError(f"{path}: not a valid architecture: {e}") from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def is_default(self) -> bool:

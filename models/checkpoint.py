@@ -9,6 +9,7 @@ from utils.cli import UserError
 import json
 import logging
 import os
+from dataclasses import asdict
 
 import torch
 
@@ -127,7 +128,7 @@ def recorded_arch(path: str, meta: dict) -> dict | None:
     if "arch" in meta:
         return meta["arch"]
     sidecar = str(path) + ".arch.json"
-    return AlignArch.from_json(sidecar).to_dict() if os.path.isfile(sidecar) else None
+    return asdict(AlignArch.from_json(sidecar)) if os.path.isfile(sidecar) else None
 
 
 def _empty_for(path, bert_dir, arch, head=None) -> tuple[dict, torch.nn.Module]:
@@ -166,7 +167,7 @@ def save_align_checkpoint(model: AlignModel, path) -> None:
     """Authors' format ``{"state_dict": ...}``; a non-default arch is recorded too."""
     obj = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
     if not model.arch.is_default:
-        obj["arch"] = model.arch.to_dict()
+        obj["arch"] = asdict(model.arch)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -177,7 +178,7 @@ def save_ranker_checkpoint(model: SiameseRanker, path) -> None:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     sidecar = str(path) + ".arch.json"
     if not model.align_model.arch.is_default:
-        write_json(sidecar, model.align_model.arch.to_dict(), indent=None)
+        write_json(sidecar, asdict(model.align_model.arch), indent=None)
     elif os.path.exists(sidecar):
         os.remove(sidecar)
 

@@ -67,11 +67,6 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-def missing_options(name: str, paths: dict) -> list[str]:
-    """The required path options of model ``name`` that ``paths`` lacks."""
-    return [k for k in MODELS[name].required if paths.get(k) in (None, "")]
-
-
 def build_recall_model(name="align", *, device="cpu", backend="torch", onnx_cache_dir=None, **paths) -> RecallModel:
     """Load recall model ``name`` from ``paths`` (``MODELS[name].options``, the scripts check the required ones)."""
     if name not in MODELS:

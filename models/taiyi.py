@@ -83,16 +83,6 @@ class TaiyiCLIP(nn.Module):
         return F.normalize(x, p=2, dim=1) if normalize else x
 
 
-def _compute_buffers(model: nn.Module) -> None:
-    """The buffers still on the meta device (in no state dict), computed as transformers does."""
-    for module in model.modules():
-        for name, b in module.named_buffers(recurse=False):
-            if b.is_meta:
-                if name not in COMPUTED_BUFFERS:
-                    raise RuntimeError(f"{type(module).__name__}.{name}: a buffer this loader cannot compute")
-                module.register_buffer(name, COMPUTED_BUFFERS[name](b), persistent=False)
-
-
 def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP:
     """Taiyi-CLIP in eval mode; ``text_weights`` replaces those of ``text_dir`` (the authors' fine-tuned ones)."""
     text_cfg = load_text_config(text_dir, TEXT_HINT, transformers.BertConfig.from_json_file)
@@ -106,5 +96,10 @@ def load_taiyi(text_dir, clip_dir, text_weights=None, device="cpu") -> TaiyiCLIP
     if len(sd) > len(vision):
         log.info("%s: %d tensors of the CLIP text tower are not used", clip_path, len(sd) - len(vision))
     load_state(model.image_model, vision, str(clip_path), benign=CLIP_BENIGN, hint=CLIP_EXPECTED)
-    _compute_buffers(model)
+    for module in model.modules():  # the buffers still on meta, in no state dict: computed as transformers does
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_meta:
+                if name not in COMPUTED_BUFFERS:
+                    raise RuntimeError(f"{type(module).__name__}.{name}: a buffer this loader cannot compute")
+                module.register_buffer(name, COMPUTED_BUFFERS[name](b), persistent=False)
     return model.to(device).eval()

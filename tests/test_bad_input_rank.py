@@ -258,7 +258,7 @@ def test_nan_poi_vectors_fail_before_any_scoring(env, tmp_path, capsys, monkeypa
         raise AssertionError("encoding started")
 
     monkeypatch.setattr(pairs, "encode_pair_images", never)
-    monkeypatch.setattr(pairs, "build_model", never)  # the tables are checked first
+    monkeypatch.setattr(pairs, "load_ranker_model", never)  # the tables are checked first
     expect_error(
         capsys,
         rank_eval.main,

@@ -4,6 +4,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -366,7 +367,7 @@ def test_loaded_model_is_built_without_wasted_init_and_equals_the_file(tmp_path,
     torch.save(
         {
             "state_dict": {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()},
-            "arch": model.arch.to_dict(),
+            "arch": asdict(model.arch),
         },
         tmp_path / "half.pth",
     )
@@ -387,7 +388,7 @@ def test_safetensors_conversion_keeps_keys_tensors_and_architecture(tmp_path, be
     sd, _ = read_checkpoint(tmp_path / "r.ckpt")
     got, meta = read_checkpoint(tmp_path / "r.safetensors")
     assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
-    assert meta["arch"] == TINY_ARCH.to_dict()  # no sidecar needed beside the new file
+    assert meta["arch"] == asdict(TINY_ARCH)  # no sidecar needed beside the new file
     loaded = load_ranker(tmp_path / "r.safetensors", bert_dir)
     assert state_dict_hash(loaded.state_dict()) == state_dict_hash(ranker.state_dict())
     # the recall model's file ({"state_dict", "arch"}), and a ranker's recall copy from safetensors
@@ -410,6 +411,6 @@ def test_bad_safetensors_files_are_named(tmp_path, bert_dir):
         read_checkpoint(tmp_path / "cut.safetensors")
     sd = {k: v.clone() for k, v in tiny_align(bert_dir, seed=6).state_dict().items()}
     sd["text_hidden_layer.bias"][2] = float("inf")
-    save_file(sd, str(tmp_path / "inf.safetensors"), metadata={"arch": json.dumps(TINY_ARCH.to_dict())})
+    save_file(sd, str(tmp_path / "inf.safetensors"), metadata={"arch": json.dumps(asdict(TINY_ARCH))})
     with pytest.raises(CheckpointError, match=r"inf\.safetensors: tensor text_hidden_layer\.bias holds NaN"):
         load_align_model(tmp_path / "inf.safetensors", bert_dir)

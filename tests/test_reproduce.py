@@ -34,6 +34,7 @@ from local_server import LocalServer
 import reproduce
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint
 from utils.fetch.assets import DEFAULT_MANIFEST, load_manifest
+from utils.reproduction import results_table
 
 POIS = [
     ("101", "红色圆形", "红", "圆"),
@@ -99,7 +100,7 @@ def build_world(mirror: Path, srv: LocalServer, base: Path) -> tuple[Path, Path]
     save_ranker_checkpoint(tiny_ranker(bert, seed=2), mirror / paths["ranker_weights"])
     assert (mirror / (paths["ranker_weights"] + ".arch.json")).exists()  # not in the manifest
     arch = base / "tiny_arch.json"
-    arch.write_text(json.dumps(TINY_ARCH.to_dict()), encoding="utf-8")
+    arch.write_text(json.dumps(dataclasses.asdict(TINY_ARCH)), encoding="utf-8")
     # the test manifest: the project's, with this world's sha256 where the real one is known
     doc = json.loads(Path(DEFAULT_MANIFEST).read_text(encoding="utf-8"))
     for a in doc["assets"]:
@@ -562,7 +563,7 @@ def test_table_with_baselines(tmp_path, capsys):
     args = reproduce.build_parser().parse_args(
         ["--out-dir", str(out), "--with-baselines", "--images-dir", str(tmp_path / "none")]
     )
-    reproduce.report(args)
+    print(results_table(args.out_dir, args.images_dir, args.with_baselines))
     text = capsys.readouterr().out
     assert table_value(text, "recall@5") == ["0.7880", "0.8000", "+0.0120", "-", "0.6000", "+0.2000 [+0.0500, +0.3500]"]
     assert table_value(text, "recall MRR@10") == ["-", "0.6000", "-", "-", "0.4000", "-"]

@@ -6,6 +6,7 @@ no dropout / drop-connect, which made so short a training unstable)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from math import comb
 
 import numpy as np
@@ -69,7 +70,7 @@ def make_recall_data(root, owners_per_combo=2, images_per_owner=3, seed=0):
                     write_image(solid_image(COLORS[colour], (32, 32), shape, seed=n), root / "img" / f"{pid}_{r}.png")
                     lines.append(f"{pid},{colour}色{shape}形,http://127.0.0.1/{pid}_{r},{r},32,32,")
     (root / "recall.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (root / "arch.json").write_text(json.dumps(TRAIN_ARCH.to_dict()), encoding="utf-8")
+    (root / "arch.json").write_text(json.dumps(asdict(TRAIN_ARCH)), encoding="utf-8")
     return root / "recall.csv", root / "img", root / "arch.json"
 
 

@@ -77,10 +77,6 @@ class EmbeddingCache:
             if Path(str(self.path) + suffix).exists():
                 os.replace(str(self.path) + suffix, str(bad) + suffix)
 
-    @property
-    def enabled(self) -> bool:
-        return self.db is not None
-
     def close(self) -> None:
         if self.db is not None:
             with contextlib.suppress(sqlite3.Error):

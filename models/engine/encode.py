@@ -63,9 +63,7 @@ def _warn_if_emulated(device, precision: str) -> None:
 
 
 def autocast(device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=_DTYPES.get(precision), enabled=precision != "fp32")
 
 
 @contextlib.contextmanager
@@ -91,10 +89,6 @@ def tokenize(tokenizer, texts: list[str]) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cache=None, stats=None, desc="images"):
     """``(emb, ok)`` of image files, ``ok`` False where unreadable (the zero image's vector, SPEC 3).
     ``engine()`` gives the ``f(x, normalize)`` to run, asked only when some image is not in ``cache``."""
@@ -115,7 +109,6 @@ def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cac
     first_of: dict[str, int] = {}  # one path per distinct content still to encode
     todo = [i for i, k in enumerate(keys) if vectors[i] is None and (k is None or first_of.setdefault(k, i) == i)]
     info = {"num_workers": 0, "lanes": 0, "batch_size": None, "first_batch_at": None}
-    bar = tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False)
 
     def put(e: np.ndarray, good: list, idx: list) -> None:  # normalised rows for todo[j], j in idx
         rows = [todo[j] for j in idx]
@@ -126,11 +119,9 @@ def encode_images(model, paths, enc=Encoding(), *, engine=None, loader=None, cac
         bar.update(len(rows))
         info["first_batch_at"] = info["first_batch_at"] or time.perf_counter()
 
-    try:
+    with tqdm(total=len(todo), desc=f"encode {desc}", unit="img", disable=not enc.progress, leave=False) as bar:
         if todo:
             info.update(_run(model, [paths[i] for i in todo], enc, engine, loader, put))
-    finally:
-        bar.close()
     for i in range(n):  # copies of encoded content
         if vectors[i] is None:
             vectors[i], ok[i] = vectors[first_of[keys[i]]], ok[first_of[keys[i]]]
@@ -159,7 +150,7 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
         _encode_lanes(paths, enc.preprocess, loader, batch_size, encoder, lanes, put)
         return {"num_workers": 0, "lanes": lanes, "batch_size": batch_size}
     workers = default_workers if enc.num_workers is None else enc.num_workers
-    workers_only = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers else {}
+    workers_only = {"prefetch_factor": 4} if workers else {}  # torch's workers run on one thread each
     dataset, pin = ImageDataset(paths, enc.preprocess, loader=loader), device.type == "cuda"
     batches = DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
     _warn_if_emulated(device, enc.precision)

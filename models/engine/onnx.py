@@ -7,6 +7,7 @@ from __future__ import annotations
 from utils.cli import UserError
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,7 +73,7 @@ def export_key(model, weights_hash: str, image_size: int) -> str:
     arch = getattr(model, "arch", None)
     ident = {
         "weights": weights_hash,
-        "arch": arch.to_dict() if hasattr(arch, "to_dict") else {"class": type(model).__name__},
+        "arch": dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else {"class": type(model).__name__},
         "class": type(model).__name__,
         "image_size": image_size,
         "torch": torch.__version__,

@@ -60,7 +60,11 @@ def evaluate_pairs(run: PairRun) -> dict:
     tables = load_poi_tables(
         run.poi_pic_num, run.poi_image_vectors, run.poi_name_vectors, dim=None, trust_pickle=run.trust_pickle
     )
-    ranker, rm, tables = build_model(run, device, tables)
+    ranker, rm = load_ranker_model(
+        run.checkpoint, run.bert_dir, run.arch, run.align_checkpoint, device=device, backend=run.enc.backend
+    )
+    log.info("ranker %s on %s", run.checkpoint, device)
+    tables = tables.with_dim(rm.embed_dim)
     vec_a, vec_b, keep, img_counts = encode_pair_images(rm, rows, paths, row_of, missing, run)
     scored = [rows[i] for i in keep]
     inputs = [tables.inputs(r.title, r.poi_names) for r in scored]
@@ -72,15 +76,6 @@ def evaluate_pairs(run: PairRun) -> dict:
     doc |= {"skip_missing": run.skip_missing, "image_backend": rm.image_backend(run.enc.precision)}
     write_pair_outputs(run.output, run.metrics, scored, s_a, s_b, doc)
     return doc
-
-
-def build_model(run: PairRun, device, tables):
-    """``(ranker, its RecallModel, tables checked against its embedding size)``."""
-    ranker, rm = load_ranker_model(
-        run.checkpoint, run.bert_dir, run.arch, run.align_checkpoint, device=device, backend=run.enc.backend
-    )
-    log.info("ranker %s on %s", run.checkpoint, device)
-    return ranker, rm, tables.with_dim(rm.embed_dim)
 
 
 def image_files(rows: list[RankRow], images: dict, image_dir) -> tuple[list[str], dict[str, int], list[str]]:

@@ -3,6 +3,7 @@ first needed. Its weights hash, computed at most once, keys the ONNX export and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,9 +79,7 @@ class RecallModel:
         """``(emb, ok)`` of image files; the engine is set up only when some image is not in the cache."""
         engine = lambda: self.image_encoder(enc.precision)
         kw = {"engine": engine, "loader": self.image_loader, "stats": stats, "desc": desc}
-        if not enc.cache_dir:
-            return encode_images(self.model, paths, enc, **kw)
-        with EmbeddingCache(enc.cache_dir, self.identity()) as cache:
+        with EmbeddingCache(enc.cache_dir, self.identity()) if enc.cache_dir else contextlib.nullcontext() as cache:
             return encode_images(self.model, paths, enc, cache=cache, **kw)
 
     def encode_texts(self, texts, enc: Encoding = Encoding()):

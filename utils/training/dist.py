@@ -43,13 +43,6 @@ class DistEnv:
         if self.distributed:
             dist.barrier()
 
-    def broadcast(self, value):
-        """Rank 0's ``value`` (any picklable object) on every process."""
-        box = [value]
-        if self.distributed:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def mean(self, value: float) -> float:
         if not self.distributed:
             return value
@@ -69,18 +62,17 @@ class DistEnv:
 
 
 @contextlib.contextmanager
-def distributed(device_name: str = "auto", log_level: str | None = None):
+def distributed(device_name: str, log_level: str):
     """The ``DistEnv`` of this process, in the process group under torchrun (nccl on CUDA, else
-    gloo). With ``log_level``, logging is set up: ranks but 0 log warnings only, lines name ranks."""
+    gloo), with logging set up: ranks but 0 log warnings only, lines name ranks."""
     world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(device_name)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     env = DistEnv(int(os.environ["RANK"]) if world > 1 else 0, world, device)
-    if log_level:
-        level = logging.getLevelName(log_level)
-        tag = f"[rank {env.rank}] %(levelname)s" if env.distributed else "%(levelname)s"
-        setup_logging(level if env.is_main else max(level, logging.WARNING), LOG_FORMAT.replace("%(levelname)s", tag))
+    level = logging.getLevelName(log_level)
+    tag = f"[rank {env.rank}] %(levelname)s" if env.distributed else "%(levelname)s"
+    setup_logging(level if env.is_main else max(level, logging.WARNING), LOG_FORMAT.replace("%(levelname)s", tag))
     try:
         if env.distributed and not dist.is_initialized():
             # 30 minutes (nccl's default is 10): the others wait while rank 0 validates
@@ -136,9 +128,11 @@ def out_dir_lock(out: Path, env: DistEnv):
                     error = str(e)
                 else:
                     _remove_stale_temp_files(out)
-            error = env.broadcast(error)
-            if error:
-                raise UserError(error)
+            box = [error]  # rank 0's on every process
+            if env.distributed:
+                dist.broadcast_object_list(box, src=0)
+            if box[0]:
+                raise UserError(box[0])
             yield out
     finally:
         if created and env.is_main:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.args import Encoding
 from utils.hashing import model_hash
 from utils.io import atomic_path, atomic_write, text_lines, write_json
 
@@ -84,14 +85,6 @@ class Task:
     val_fields: tuple[str, ...] = ()
 
 
-def check_fills_a_step(n: int, cfg: TrainConfig, env: DistEnv, what: str) -> None:
-    """Refused before any work: a batch the processes cannot share, or too few pairs."""
-    if cfg.batch_size % env.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {env.world_size} processes")
-    if n // env.world_size < cfg.batch_size // env.world_size * cfg.accum_steps:
-        raise DataError(f"{what}: {n} training pairs cannot fill one step of {cfg.batch_size} x {cfg.accum_steps}")
-
-
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
     """One run into ``cfg.out_dir``; a summary. ``load_model(path)`` gives the model on the device
     (``path``: the last checkpoint on resume, else None), ``make_task(model)`` the rest."""
@@ -119,20 +112,26 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
     return summary | {"out_dir": str(out), "processes": env.world_size}
 
 
-def check_bert_dir(bert_dir: str) -> None:
+def run_training(ns, read_pairs, load_model, make_task, **config) -> dict:
+    """A trainer's run of ``TrainConfig.from_options(vars(ns), **config)`` once ``--bert-dir`` holds config.json
+    and vocab.txt, under torchrun or not: ``read_pairs(ns)`` -> (train, val, {csv: bad rows}, training CSV first);
+    refused before work when the processes cannot share a batch or the pairs cannot fill a step; then :func:`train`
+    with ``load_model(ns, device, resume_from)``, ``make_task(ns, env, encoding, train, val, model)`` (encoding:
+    the engine flags at ``--eval-batch-size``, progress bars on rank 0)."""
     for name in ("config.json", "vocab.txt"):
-        input_file(Path(bert_dir) / name, "--bert-dir")
-
-
-def run_training(cfg: TrainConfig, device: str, log_level: str, train_csv: str, read_pairs, load_model, make_task):
-    """Under torchrun or not: ``read_pairs()`` -> (train, val, {csv: bad rows left out}); refused when
-    ``train_csv``'s pairs cannot fill a step; then :func:`train` with ``load_model(device, resume_from)``
-    and ``make_task(env, train, val, model)``."""
-    with distributed(device, log_level) as env:
-        train_pairs, val_pairs, skipped = read_pairs()
-        check_fills_a_step(len(train_pairs), cfg, env, train_csv)
-        task = functools.partial(make_task, env, train_pairs, val_pairs)
-        summary = train(cfg, env, functools.partial(load_model, env.device), task)
+        input_file(Path(ns.bert_dir) / name, "--bert-dir")
+    cfg = TrainConfig.from_options(vars(ns), **config)
+    with distributed(ns.device, ns.log_level) as env:
+        train_pairs, val_pairs, skipped = read_pairs(ns)
+        n, world, step = len(train_pairs), env.world_size, f"{cfg.batch_size} x {cfg.accum_steps}"
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+        if n // world < cfg.batch_size // world * cfg.accum_steps:
+            raise DataError(f"{next(iter(skipped))}: {n} training pairs cannot fill one step of {step}")
+        batches = {"batch_size": ns.eval_batch_size, "text_batch_size": ns.eval_batch_size}
+        enc = Encoding.from_args(ns, **batches, progress=env.is_main and not ns.no_progress)
+        task = functools.partial(make_task, ns, env, enc, train_pairs, val_pairs)
+        summary = train(cfg, env, functools.partial(load_model, ns, env.device), task)
     for path, bad in skipped.items():
         if bad:
             log.info("%d bad rows of %s were left out (--skip-bad-rows)", bad, path)
