@@ -266,10 +266,8 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     plan["key"] = plan_key(job, hashes, plan["shards"], opts.shard_items)
     with clock("ray"):
         metas, record = _run_shards(job, opts, fns, plan, rows)
-    totals: dict = {}
-    for m in metas.values():
-        add_counts(totals, {k: m[k] for k in ("fetch", "counts", "tally")})
-    summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
+    blocks = ({k: m[k] for k in ("fetch", "counts", "tally")} for m in metas.values())
+    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, (found, hashes), "ray")
     summary["ray"] = record
     fs, d = open_dir(location)
     return finish(job, summary, clock, lambda: shard_items(fs, d, metas), merge=location != job.out)
