@@ -184,23 +184,19 @@ def _keyed(t, n: int, done: list[int]):
 def _shard(t, path: str):
     """One shard's rows -> its items (the local grouping rule), one payload row."""
     t = t.sort_by("line")
+    import pyarrow as pa
+
     items = group_items(zip(*(t[f].to_pylist() for f in FIELDS)), path)
-    return pack([(int(t["shard"][0].as_py()), items)])
+    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), items)])
 
 
 def shard_dataset(path: str, n: int, done: set[int], partitions: int):
-    """Rows ``{"shard": k, "payload": pickled items}``, one per shard not in ``done``."""
+    """Rows ``shard_row(k, items)``, one per shard not in ``done``."""
     kw = dict(fn_kwargs={"n": n, "done": sorted(done)}, batch_format="pyarrow", batch_size=None)
     groups = read_dataset(path).map_batches(_keyed, **kw).groupby("shard", num_partitions=partitions)
     return groups.map_groups(_shard, fn_kwargs={"path": path}, batch_format="pyarrow")
 
 
-# --- the payload rows every stage takes and returns ---------------------------------------
-def unpack(batch):
-    return ((k, pickle.loads(p)) for k, p in zip(batch["shard"].tolist(), batch["payload"]))
-
-
-def pack(rows: list[tuple[int, object]]) -> dict:
-    payload = np.empty(len(rows), dtype=object)
-    payload[:] = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for _, p in rows]
-    return {"shard": np.array([k for k, _ in rows], dtype=np.int64), "payload": payload}
+def shard_row(k: int, payload) -> dict:
+    """The row of shard ``k`` every stage takes and returns: its ``payload`` pickled."""
+    return {"shard": int(k), "payload": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -21,7 +22,7 @@ from dataclasses import replace
 from utils.io import exclusive_lock
 
 from .catalogue import OK, UNREADABLE, catalogue_rows
-from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
+from .cluster import FAIL_ENV, connect_ray, count_catalogue, shard_dataset, shard_row
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
 from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
 
@@ -56,7 +57,7 @@ def _stage(payload: dict, name: str):
     payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
 
 
-# --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
+# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled} (``shard_row``) ---
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
     import cv2
@@ -80,16 +81,13 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
     return fetch, {c.file: arrays[local[id(c)]] for c in cands}
 
 
-def prepare_stage(batch, job: Selection):
+def prepare_stage(row: dict, job: Selection) -> dict:
     """Fetch and decode, one CPU task per shard."""
     _maybe_die("decode")
-    out = []
-    for k, items in unpack(batch):
-        payload: dict = {"items": items}
-        with _stage(payload, "prepare"):
-            payload["fetch"], payload["images"] = _prepare(items, job)
-        out.append((k, payload))
-    return pack(out)
+    payload: dict = {"items": pickle.loads(row["payload"])}
+    with _stage(payload, "prepare"):
+        payload["fetch"], payload["images"] = _prepare(payload["items"], job)
+    return shard_row(row["shard"], payload)
 
 
 def decoded_image(arrays: dict, path, mode="reference"):
@@ -112,30 +110,24 @@ class ScoreShards:
         self.score, self.scoring = score, replace(job.scoring, enc=enc)
         self.models, self.tables = load(job.files, device, enc.backend)
 
-    def __call__(self, batch):
+    def __call__(self, row: dict) -> dict:
         _maybe_die("select")
-        out = []
-        for k, p in unpack(batch):
-            with _stage(p, "score"):
-                loader = functools.partial(decoded_image, p.pop("images"))
-                p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
-            out.append((k, p))
-        return pack(out)
+        p = pickle.loads(row["payload"])
+        with _stage(p, "score"):
+            loader = functools.partial(decoded_image, p.pop("images"))
+            p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
+        return shard_row(row["shard"], p)
 
 
-def write_stage(batch, shard_dir: str, key: str):
-    """A shard file per shard; returns each one's metadata (counts, where its stages ran)."""
-    import numpy as np
-
+def write_stage(row: dict, shard_dir: str, key: str) -> dict:
+    """The shard's file; returns its metadata (counts, where its stages ran)."""
     _maybe_die("write")
-    metas = []
-    for k, p in unpack(batch):
-        with _stage(p, "write"):
-            meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
-            meta["where"] = p["where"]  # the write's own time is added after the file is written
-            write_shard(shard_dir, k, p["items"], meta)
-        metas.append(json.dumps(meta))
-    return {"meta": np.array(metas, dtype=object)}
+    k, p = int(row["shard"]), pickle.loads(row["payload"])
+    with _stage(p, "write"):
+        meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
+        meta["where"] = p["where"]  # the write's own time is added after the file is written
+        write_shard(shard_dir, k, p["items"], meta)
+    return {"meta": json.dumps(meta)}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -164,14 +156,14 @@ def check_resources(opts: RayOptions) -> None:
 
 
 def _map(ds, fn, kw: dict, **retries):
-    """``ds.map_batches(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
+    """``ds.map(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         try:
-            return ds.map_batches(fn, **kw, **retries)
+            return ds.map(fn, **kw, **retries)
         except TypeError as e:
             log.warning("this Ray does not take %s (%s): its default retries apply", ", ".join(retries), e)
-            return ds.map_batches(fn, **kw)
+            return ds.map(fn, **kw)
 
 
 def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
@@ -184,14 +176,14 @@ def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: 
     ctx.max_errored_blocks = 0
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = shard_dataset(job.items, plan["shards"], done, partitions=min(plan["shards"], cpus))
-    ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, batch_size=1, num_cpus=1), max_retries=TASK_RETRIES)
+    ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, num_cpus=1), max_retries=TASK_RETRIES)
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
     actor = (*fns, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
-    kw = dict(fn_constructor_args=actor, batch_size=1, compute=pool, num_cpus=opts.cpus_per_actor)
+    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor)
     kw["num_gpus"] = opts.gpus_per_actor
     ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-    kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, batch_size=1, num_cpus=0.25)
+    kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, num_cpus=0.25)
     for row in _map(ds, write_stage, kw, max_retries=TASK_RETRIES).iter_rows():
         yield json.loads(row["meta"])
 
