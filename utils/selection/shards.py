@@ -19,7 +19,7 @@ from pathlib import Path
 from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
-from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
+from .catalogue import OUTPUT_HEADER, Candidate, Item, group_items, output_rows, url_stem
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def open_dir(location: str):
     """``(pyarrow filesystem, path on it)`` of a URI or a local path."""
     import pyarrow.fs as pafs
 
-    if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
+    return pafs.FileSystem.from_uri(location if is_uri(location) else os.path.abspath(location))
 
 
 def join(location: str, name: str) -> str:
@@ -127,9 +125,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
             done.add(k)
         else:
             stale.append(path)
-    if key is None:  # only looking for files not ours
-        return done
-    if stale:
+    if stale and key is not None:  # None: only looking for files not ours
         log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
         for path in stale:
             fs.delete_file(path)
@@ -166,16 +162,14 @@ def shard_items(fs, d: str, ks):
 
     for k in sorted(ks):
         t = pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
-        titles = json.loads(t.schema.metadata[META_KEY])["titles"]
-        items: dict = {}
-        for row in t.to_pylist():
-            it = items.get(row["item_id"])
-            if it is None:
-                title, pois = titles.get(row["item_id"], ["", ""])
-                it = items[row["item_id"]] = Item(row["item_id"], title, pois, row["line"])
-            c = Candidate(row["line"], it.item_id, it.title, it.poi_names, row["image"], row["file"] or None)
+        titles, rows = json.loads(t.schema.metadata[META_KEY])["titles"], t.to_pylist()
+        items = group_items(
+            [(r["line"], r["item_id"], *titles.get(r["item_id"], ["", ""]), r["image"]) for r in rows], d
+        )
+        cands = {c.line: c for it in items for c in it.cands}  # a catalogue line is one candidate
+        for row in rows:
+            c = cands[row["line"]]
             for name in OUTPUT_HEADER[3:8] + ("detail",):
                 setattr(c, name, row[name])
-            c.selected = bool(row["selected"])
-            it.cands.append(c)
-        yield from items.values()
+            c.file, c.selected = row["file"] or None, bool(row["selected"])
+        yield from items
