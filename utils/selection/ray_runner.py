@@ -36,14 +36,11 @@ RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the 
 def _maybe_die(stage: str) -> None:
     """Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` dies."""
     d = os.environ.get(FAIL_ENV)
-    if not d:
-        return
-    try:
-        os.remove(os.path.join(d, stage))
-    except FileNotFoundError:
-        return
-    print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
-    os._exit(1)
+    with contextlib.suppress(FileNotFoundError):
+        if d:
+            os.remove(os.path.join(d, stage))
+            print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 @contextlib.contextmanager
