@@ -187,11 +187,7 @@ def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, prog
     Path(image_cache).mkdir(parents=True, exist_ok=True)
     kw = dict(timeout=net.timeout, backoff=net.backoff, deadline=net.deadline)
     with open_session(net) as session, ThreadPoolExecutor(net.workers) as ex:
-
-        def fetch(url):
-            return url, download_one(session, [url], image_cache, url_stem(url), **kw)
-
-        done = ex.map(fetch, list(urls))
+        done = zip(urls, ex.map(lambda url: download_one(session, [url], image_cache, url_stem(url), **kw), urls))
         for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
             for c in urls[url]:
                 if res.status in ("ok", "skipped"):

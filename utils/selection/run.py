@@ -128,8 +128,7 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
     """Local paths and downloads (counts), then duplicates marked."""
     csv_dir = os.path.dirname(os.path.abspath(job.items))
     fetch = resolve_images(items, csv_dir, job.image_dir, job.net, progress)
-    n_dup = mark_duplicates(items)
-    if n_dup:
+    if n_dup := mark_duplicates(items):
         log.warning("%d rows repeat an image already listed for the same item; scored once, marked duplicate", n_dup)
     return fetch
 
