@@ -199,15 +199,10 @@ def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     log.info("shard %d written (%d of ~%d): %s; %s", meta["shard"], n_done, n, done, stages)
 
 
-def _lost_node(e: Exception) -> bool:
-    """A failure of the cluster (a node, its workers or objects lost), not of the input."""
-    from ray.exceptions import RayError, RayTaskError
-
-    return isinstance(e, RayError) and not (isinstance(e, RayTaskError) and isinstance(e.cause, UserError))
-
-
 def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
     """The shards not written yet (again after a lost node): ``({shard: metadata}, record)``."""
+    from ray.exceptions import RayError, RayTaskError
+
     fs, d = open_dir(plan["dir"])
     done = finished_shards(fs, d, plan["key"], plan["shards"])
     metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
@@ -222,8 +217,8 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
                 _progress(meta, len(metas), plan["shards"], nodes)
-        except Exception as e:
-            if attempt + 1 == RUN_ATTEMPTS or not _lost_node(e):
+        except RayError as e:  # a failure of the cluster (a node, its workers or objects lost), not of the input
+            if attempt + 1 == RUN_ATTEMPTS or isinstance(e, RayTaskError) and isinstance(e.cause, UserError):
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
             metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
