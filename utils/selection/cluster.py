@@ -116,17 +116,6 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
     return True
 
 
-def _parts(path: str) -> list[tuple[list[int] | None, int]]:
-    """``(row groups, first line)`` per read task (a Parquet file's from its footer)."""
-    if not is_parquet(path):
-        return [(None, 2)]
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata
-    rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    return [([g], line) for g, line in enumerate(itertools.accumulate(rows, initial=2)) if g < len(rows)]
-
-
 def _read_parts(batch, path: str):
     """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
     import pyarrow as pa
@@ -142,10 +131,18 @@ def _read_parts(batch, path: str):
 
 
 def read_dataset(path: str):
-    """The catalogue as a Ray dataset, read on the workers (one task per part)."""
+    """The catalogue as a Ray dataset, read on the workers: one task per part (row groups, first line), a CSV
+    whole, a Parquet file's row groups each (from its footer)."""
     import ray.data
 
-    parts = [{"groups": groups, "line": line} for groups, line in _parts(path)]
+    parts = [{"groups": None, "line": 2}]
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        lines = enumerate(itertools.accumulate(rows, initial=2))
+        parts = [{"groups": [g], "line": line} for g, line in lines if g < len(rows)]
     ds = ray.data.from_items(parts, override_num_blocks=len(parts))
     return ds.map_batches(_read_parts, fn_kwargs={"path": path}, batch_size=1, batch_format="pyarrow")
 
