@@ -61,21 +61,20 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
 
     from utils.formats import SIZE, load_image
 
-    urls = [c for it in items for c in it.cands if c.is_url]
-    remote = is_uri(job.image_dir)
+    cands = [c for it in items for c in it.cands]
     arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
     resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
+    urls, remote = [c for c in cands if c.is_url], is_uri(job.image_dir)
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
-        local = {id(c): c.file for it in items for c in it.cands}
-        for c in (c for it in items for c in it.cands if c.status == OK):
+        for c in (c for c in cands if c.status == OK):
             if c.file not in arrays:
                 array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
                 arrays[c.file] = array if ok else None
             if arrays[c.file] is None:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
-    cands = [c for it in items for c in it.cands if c.status == OK]
-    return fetch, {c.file: arrays[local[id(c)]] for c in cands}
+        decoded = [(c, arrays[c.file]) for c in cands if c.status == OK]  # by the local copy's name
+    return fetch, {c.file: array for c, array in decoded}  # by the name the cache gave it
 
 
 def prepare_stage(row: dict, job: Selection) -> dict:
