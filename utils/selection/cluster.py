@@ -17,8 +17,6 @@ import socket
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 from .catalogue import catalogue_rows, group_items, is_parquet
 
 log = logging.getLogger(__name__)
@@ -173,9 +171,8 @@ def _keyed(t, n: int, done: list[int]):
     import pyarrow.compute as pc
 
     t = t.filter(pc.equal(t["error"], ""))
-    shard = np.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], dtype=np.int64)
-    keep = ~np.isin(shard, done)
-    return t.append_column("shard", pa.array(shard)).filter(pa.array(keep))
+    shard = pa.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], pa.int64())
+    return t.append_column("shard", shard).filter(pc.invert(pc.is_in(shard, pa.array(done, pa.int64()))))
 
 
 def _shard(t, path: str):
