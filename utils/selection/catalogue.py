@@ -212,15 +212,9 @@ def output_rows(items: list[Item]):
         yield tuple(getattr(c, f) for f in OUTPUT_HEADER[:8]) + (int(c.selected), c.file or "", c.detail)
 
 
-def _cell(x) -> str:
-    if x is None:
-        return ""
-    return f"{x:.9g}" if isinstance(x, float) else str(x)
-
-
 def write_output(path: str | os.PathLike, rows) -> None:
     """The output CSV of ``output_rows`` (atomically), floats to 9 digits."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)
-        w.writerows([_cell(x) for x in row] for row in rows)
+        w.writerows([f"{x:.9g}" if isinstance(x, float) else x for x in row] for row in rows)  # csv: None empty
