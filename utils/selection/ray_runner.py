@@ -252,8 +252,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     blocks = ({k: m[k] for k in ("fetch", "counts", "tally")} for m in metas.values())
     summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, (found, hashes), "ray")
     summary["ray"] = record
-    fs, d = open_dir(location)
-    return finish(job, summary, clock, lambda: shard_items(fs, d, metas), merge=location != job.out)
+    return finish(job, summary, clock, lambda: shard_items(*open_dir(location), metas), merge=location != job.out)
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
@@ -262,9 +261,8 @@ def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable
     with clock("read"):  # the header only: a file without the columns stops before Ray starts
         next(catalogue_rows(job.items, []), None)
     location = f"{job.out}.shards" if job.out.lower().endswith(".csv") else job.out
-    fs, d = open_dir(location)
     created = not is_uri(location) and not os.path.exists(location)
-    finished_shards(fs, d, None, 0)  # a file not ours in --out: refused before Ray starts
+    finished_shards(*open_dir(location), None, 0)  # a file not ours in --out: refused before Ray starts
     started = False
     try:
         with contextlib.nullcontext() if is_uri(location) else exclusive_lock(location):
