@@ -40,17 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_poi_tables(p)
     shared.add_bad_rows(g)
     o = p.add_argument_group("outputs")
-    o.add_argument(
-        "--out",
-        required=True,
-        help="output CSV, one row per candidate (with --ray and no .csv suffix: a directory of Parquet shards)",
-    )
+    text = "output CSV, one row per candidate (with --ray and no .csv suffix: a directory of Parquet shards)"
+    o.add_argument("--out", required=True, help=text)
     o.add_argument("--html", help="also write a visual HTML report")
     o.add_argument("--summary", help="summary JSON (default <out>.summary.json)")
     r = p.add_argument_group("selection")
-    r.add_argument(
-        "--recall-k", type=positive_int, default=5, help="candidates per item passed to the ranker (default 5)"
-    )
+    text = "candidates per item passed to the ranker (default 5)"
+    r.add_argument("--recall-k", type=positive_int, default=5, help=text)
     r.add_argument("--recall-only", action="store_true", help="stage 1 only: select by recall score")
     d = shared.add_downloads(p)  # of URL images: defaults --download-workers 8, --timeout 30
     d.add_argument("--image-cache", help="directory for downloaded images (default <out>.images)")
@@ -87,10 +83,9 @@ def check_paths(job: Selection, shards_out: bool) -> None:
     )
     paths = (job.items, f.ranker_checkpoint, f.recall_checkpoint, f.arch, *(f.poi_tables or ()))
     inputs = {flag: path for flag, path in zip(flags.split(), paths) if path}
-    if is_uri(job.out) and not shards_out:
-        raise UserError(f"--out {job.out}: a filesystem URI takes --ray and a directory of shards (no .csv)")
-    if is_uri(job.image_dir) and not shards_out:
-        raise UserError(f"--image-cache {job.image_dir}: a filesystem URI takes --ray and a directory of shards")
+    for flag, path in (("--out", job.out), ("--image-cache", job.image_dir)):
+        if is_uri(path) and not shards_out:
+            raise UserError(f"{flag} {path}: a filesystem URI takes --ray and an --out of shards (no .csv)")
     outputs = {"--out": job.out, "--summary": job.summary_path, "--html": job.html}
     dirs = {"--image-cache": job.image_dir, "--cache-dir": job.scoring.enc.cache_dir}
     if shards_out:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text
+from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text, stack_inputs
 from utils.selection import OK, UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
 
 from ..align import load_tokenizer
@@ -132,14 +132,9 @@ def _head(short, ranker, vec2: dict, feat_vec: dict, inputs: dict, batch_size: i
     if not short:
         return
     inp = [inputs[c.item_id] for c in short]
-    scores = ranker.score_many(
-        torch.stack([vec2[c.file] for c in short]),
-        torch.stack([feat_vec[x.pois_text] for x in inp]),
-        torch.from_numpy(np.stack([x.poi_img for x in inp])),
-        torch.from_numpy(np.stack([x.poi_txt for x in inp])),
-        torch.tensor([x.poi_len for x in inp]),
-        batch_size=batch_size,
-    )
+    images, feats = torch.stack([vec2[c.file] for c in short]), torch.stack([feat_vec[x.pois_text] for x in inp])
+    poi = (torch.from_numpy(x) for x in stack_inputs(inp, dim=images.shape[1]))
+    scores = ranker.score_many(images, feats, *poi, batch_size=batch_size)
     for c, x in zip(short, scores.tolist()):
         if not math.isfinite(x):
             why = f"the POI vectors of its POIs ({c.poi_names!r}) or the ranker checkpoint hold NaN/inf values"

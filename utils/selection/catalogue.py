@@ -186,11 +186,7 @@ def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, prog
         return counts
     Path(image_cache).mkdir(parents=True, exist_ok=True)
     with open_session(net) as session, ThreadPoolExecutor(net.workers) as ex:
-
-        def fetch(url):
-            return url, download_one(session, [url], image_cache, url_stem(url), net)
-
-        done = ex.map(fetch, list(urls))
+        done = zip(urls, ex.map(lambda url: download_one(session, [url], image_cache, url_stem(url), net), urls))
         for url, res in tqdm(done, total=len(urls), desc="download", unit="img", disable=not progress, leave=False):
             for c in urls[url]:
                 if res.status in ("ok", "skipped"):
@@ -215,15 +211,9 @@ def output_rows(items: list[Item]):
         yield tuple(getattr(c, f) for f in OUTPUT_HEADER[:8]) + (int(c.selected), c.file or "", c.detail)
 
 
-def _cell(x) -> str:
-    if x is None:
-        return ""
-    return f"{x:.9g}" if isinstance(x, float) else str(x)
-
-
 def write_output(path: str | os.PathLike, rows) -> None:
     """The output CSV of ``output_rows`` (atomically), floats to 9 digits."""
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(OUTPUT_HEADER)
-        w.writerows([_cell(x) for x in row] for row in rows)
+        w.writerows([f"{x:.9g}" if isinstance(x, float) else x for x in row] for row in rows)  # csv: None empty

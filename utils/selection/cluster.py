@@ -17,8 +17,6 @@ import socket
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 from .catalogue import catalogue_rows, group_items, is_parquet
 
 log = logging.getLogger(__name__)
@@ -116,17 +114,6 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
     return True
 
 
-def _parts(path: str) -> list[tuple[list[int] | None, int]]:
-    """``(row groups, first line)`` per read task (a Parquet file's from its footer)."""
-    if not is_parquet(path):
-        return [(None, 2)]
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata
-    rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    return [([g], line) for g, line in enumerate(itertools.accumulate(rows, initial=2)) if g < len(rows)]
-
-
 def _read_parts(batch, path: str):
     """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
     import pyarrow as pa
@@ -142,10 +129,18 @@ def _read_parts(batch, path: str):
 
 
 def read_dataset(path: str):
-    """The catalogue as a Ray dataset, read on the workers (one task per part)."""
+    """The catalogue as a Ray dataset, read on the workers: one task per part (row groups, first line), a CSV
+    whole, a Parquet file's row groups each (from its footer)."""
     import ray.data
 
-    parts = [{"groups": groups, "line": line} for groups, line in _parts(path)]
+    parts = [{"groups": None, "line": 2}]
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        lines = enumerate(itertools.accumulate(rows, initial=2))
+        parts = [{"groups": [g], "line": line} for g, line in lines if g < len(rows)]
     ds = ray.data.from_items(parts, override_num_blocks=len(parts))
     return ds.map_batches(_read_parts, fn_kwargs={"path": path}, batch_size=1, batch_format="pyarrow")
 
@@ -176,31 +171,26 @@ def _keyed(t, n: int, done: list[int]):
     import pyarrow.compute as pc
 
     t = t.filter(pc.equal(t["error"], ""))
-    shard = np.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], dtype=np.int64)
-    keep = ~np.isin(shard, done)
-    return t.append_column("shard", pa.array(shard)).filter(pa.array(keep))
+    shard = pa.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], pa.int64())
+    return t.append_column("shard", shard).filter(pc.invert(pc.is_in(shard, pa.array(done, pa.int64()))))
 
 
 def _shard(t, path: str):
     """One shard's rows -> its items (the local grouping rule), one payload row."""
     t = t.sort_by("line")
+    import pyarrow as pa
+
     items = group_items(zip(*(t[f].to_pylist() for f in FIELDS)), path)
-    return pack([(int(t["shard"][0].as_py()), items)])
+    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), items)])
 
 
 def shard_dataset(path: str, n: int, done: set[int], partitions: int):
-    """Rows ``{"shard": k, "payload": pickled items}``, one per shard not in ``done``."""
+    """Rows ``shard_row(k, items)``, one per shard not in ``done``."""
     kw = dict(fn_kwargs={"n": n, "done": sorted(done)}, batch_format="pyarrow", batch_size=None)
     groups = read_dataset(path).map_batches(_keyed, **kw).groupby("shard", num_partitions=partitions)
     return groups.map_groups(_shard, fn_kwargs={"path": path}, batch_format="pyarrow")
 
 
-# --- the payload rows every stage takes and returns ---------------------------------------
-def unpack(batch):
-    return ((k, pickle.loads(p)) for k, p in zip(batch["shard"].tolist(), batch["payload"]))
-
-
-def pack(rows: list[tuple[int, object]]) -> dict:
-    payload = np.empty(len(rows), dtype=object)
-    payload[:] = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for _, p in rows]
-    return {"shard": np.array([k for k, _ in rows], dtype=np.int64), "payload": payload}
+def shard_row(k: int, payload) -> dict:
+    """The row of shard ``k`` every stage takes and returns: its ``payload`` pickled."""
+    return {"shard": int(k), "payload": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -21,7 +22,7 @@ from dataclasses import replace
 from utils.io import exclusive_lock
 
 from .catalogue import OK, UNREADABLE, catalogue_rows
-from .cluster import FAIL_ENV, connect_ray, count_catalogue, pack, shard_dataset, unpack
+from .cluster import FAIL_ENV, connect_ray, count_catalogue, shard_dataset, shard_row
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
 from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
 
@@ -35,14 +36,11 @@ RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the 
 def _maybe_die(stage: str) -> None:
     """Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` dies."""
     d = os.environ.get(FAIL_ENV)
-    if not d:
-        return
-    try:
-        os.remove(os.path.join(d, stage))
-    except FileNotFoundError:
-        return
-    print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
-    os._exit(1)
+    with contextlib.suppress(FileNotFoundError):
+        if d:
+            os.remove(os.path.join(d, stage))
+            print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -56,40 +54,36 @@ def _stage(payload: dict, name: str):
     payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
 
 
-# --- stages: each takes and returns a batch of shard rows {"shard": [...], "payload": [...]} --
+# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled} (``shard_row``) ---
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
     import cv2
 
     from utils.formats import SIZE, load_image
 
-    urls = [c for it in items for c in it.cands if c.is_url]
-    remote = is_uri(job.image_dir)
+    cands = [c for it in items for c in it.cands]
     arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
     resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
+    urls, remote = [c for c in cands if c.is_url], is_uri(job.image_dir)
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
-        local = {id(c): c.file for it in items for c in it.cands}
-        for c in (c for it in items for c in it.cands if c.status == OK):
+        for c in (c for c in cands if c.status == OK):
             if c.file not in arrays:
                 array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
                 arrays[c.file] = array if ok else None
             if arrays[c.file] is None:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
-    cands = [c for it in items for c in it.cands if c.status == OK]
-    return fetch, {c.file: arrays[local[id(c)]] for c in cands}
+        decoded = [(c, arrays[c.file]) for c in cands if c.status == OK]  # by the local copy's name
+    return fetch, {c.file: array for c, array in decoded}  # by the name the cache gave it
 
 
-def prepare_stage(batch, job: Selection):
+def prepare_stage(row: dict, job: Selection) -> dict:
     """Fetch and decode, one CPU task per shard."""
     _maybe_die("decode")
-    out = []
-    for k, items in unpack(batch):
-        payload: dict = {"items": items}
-        with _stage(payload, "prepare"):
-            payload["fetch"], payload["images"] = _prepare(items, job)
-        out.append((k, payload))
-    return pack(out)
+    payload: dict = {"items": pickle.loads(row["payload"])}
+    with _stage(payload, "prepare"):
+        payload["fetch"], payload["images"] = _prepare(payload["items"], job)
+    return shard_row(row["shard"], payload)
 
 
 def decoded_image(arrays: dict, path, mode="reference"):
@@ -112,30 +106,24 @@ class ScoreShards:
         self.score, self.scoring = score, replace(job.scoring, enc=enc)
         self.models, self.tables = load(job.files, device, enc.backend)
 
-    def __call__(self, batch):
+    def __call__(self, row: dict) -> dict:
         _maybe_die("select")
-        out = []
-        for k, p in unpack(batch):
-            with _stage(p, "score"):
-                loader = functools.partial(decoded_image, p.pop("images"))
-                p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
-            out.append((k, p))
-        return pack(out)
+        p = pickle.loads(row["payload"])
+        with _stage(p, "score"):
+            loader = functools.partial(decoded_image, p.pop("images"))
+            p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
+        return shard_row(row["shard"], p)
 
 
-def write_stage(batch, shard_dir: str, key: str):
-    """A shard file per shard; returns each one's metadata (counts, where its stages ran)."""
-    import numpy as np
-
+def write_stage(row: dict, shard_dir: str, key: str) -> dict:
+    """The shard's file; returns its metadata (counts, where its stages ran)."""
     _maybe_die("write")
-    metas = []
-    for k, p in unpack(batch):
-        with _stage(p, "write"):
-            meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
-            meta["where"] = p["where"]  # the write's own time is added after the file is written
-            write_shard(shard_dir, k, p["items"], meta)
-        metas.append(json.dumps(meta))
-    return {"meta": np.array(metas, dtype=object)}
+    k, p = int(row["shard"]), pickle.loads(row["payload"])
+    with _stage(p, "write"):
+        meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
+        meta["where"] = p["where"]  # the write's own time is added after the file is written
+        write_shard(shard_dir, k, p["items"], meta)
+    return {"meta": json.dumps(meta)}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -164,14 +152,14 @@ def check_resources(opts: RayOptions) -> None:
 
 
 def _map(ds, fn, kw: dict, **retries):
-    """``ds.map_batches(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
+    """``ds.map(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         try:
-            return ds.map_batches(fn, **kw, **retries)
+            return ds.map(fn, **kw, **retries)
         except TypeError as e:
             log.warning("this Ray does not take %s (%s): its default retries apply", ", ".join(retries), e)
-            return ds.map_batches(fn, **kw)
+            return ds.map(fn, **kw)
 
 
 def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
@@ -184,14 +172,14 @@ def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: 
     ctx.max_errored_blocks = 0
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = shard_dataset(job.items, plan["shards"], done, partitions=min(plan["shards"], cpus))
-    ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, batch_size=1, num_cpus=1), max_retries=TASK_RETRIES)
+    ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, num_cpus=1), max_retries=TASK_RETRIES)
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
     actor = (*fns, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
-    kw = dict(fn_constructor_args=actor, batch_size=1, compute=pool, num_cpus=opts.cpus_per_actor)
+    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor)
     kw["num_gpus"] = opts.gpus_per_actor
     ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-    kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, batch_size=1, num_cpus=0.25)
+    kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, num_cpus=0.25)
     for row in _map(ds, write_stage, kw, max_retries=TASK_RETRIES).iter_rows():
         yield json.loads(row["meta"])
 
@@ -210,15 +198,10 @@ def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     log.info("shard %d written (%d of ~%d): %s; %s", meta["shard"], n_done, n, done, stages)
 
 
-def _lost_node(e: Exception) -> bool:
-    """A failure of the cluster (a node, its workers or objects lost), not of the input."""
-    from ray.exceptions import RayError, RayTaskError
-
-    return isinstance(e, RayError) and not (isinstance(e, RayTaskError) and isinstance(e.cause, UserError))
-
-
 def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: int) -> tuple[dict, dict]:
     """The shards not written yet (again after a lost node): ``({shard: metadata}, record)``."""
+    from ray.exceptions import RayError, RayTaskError
+
     fs, d = open_dir(plan["dir"])
     done = finished_shards(fs, d, plan["key"], plan["shards"])
     metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
@@ -233,8 +216,8 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
                 _progress(meta, len(metas), plan["shards"], nodes)
-        except Exception as e:
-            if attempt + 1 == RUN_ATTEMPTS or not _lost_node(e):
+        except RayError as e:  # a failure of the cluster (a node, its workers or objects lost), not of the input
+            if attempt + 1 == RUN_ATTEMPTS or isinstance(e, RayTaskError) and isinstance(e.cause, UserError):
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
             metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
@@ -266,13 +249,10 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     plan["key"] = plan_key(job, hashes, plan["shards"], opts.shard_items)
     with clock("ray"):
         metas, record = _run_shards(job, opts, fns, plan, rows)
-    totals: dict = {}
-    for m in metas.values():
-        add_counts(totals, {k: m[k] for k in ("fetch", "counts", "tally")})
-    summary = summarize(job, totals["tally"], errors, (found, hashes), totals["fetch"], totals["counts"], "ray")
+    blocks = ({k: m[k] for k in ("fetch", "counts", "tally")} for m in metas.values())
+    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, (found, hashes), "ray")
     summary["ray"] = record
-    fs, d = open_dir(location)
-    return finish(job, summary, clock, lambda: shard_items(fs, d, metas), merge=location != job.out)
+    return finish(job, summary, clock, lambda: shard_items(*open_dir(location), metas), merge=location != job.out)
 
 
 def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable) -> dict:
@@ -281,9 +261,8 @@ def run_on_ray(job: Selection, opts: RayOptions, load: Callable, score: Callable
     with clock("read"):  # the header only: a file without the columns stops before Ray starts
         next(catalogue_rows(job.items, []), None)
     location = f"{job.out}.shards" if job.out.lower().endswith(".csv") else job.out
-    fs, d = open_dir(location)
     created = not is_uri(location) and not os.path.exists(location)
-    finished_shards(fs, d, None, 0)  # a file not ours in --out: refused before Ray starts
+    finished_shards(*open_dir(location), None, 0)  # a file not ours in --out: refused before Ray starts
     started = False
     try:
         with contextlib.nullcontext() if is_uri(location) else exclusive_lock(location):

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from utils.args import Downloads, Encoding
 from utils.evaluation import selection_report
@@ -114,10 +115,6 @@ class Clock:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
-    def total(self) -> dict:
-        self.timings["total"] = time.perf_counter() - self.start
-        return self.timings
-
 
 def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> None:
     """The one bad-row rule (refused unless skipped); a catalogue without a usable row is an error either way."""
@@ -131,8 +128,7 @@ def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
     """Local paths and downloads (counts), then duplicates marked."""
     csv_dir = os.path.dirname(os.path.abspath(job.items))
     fetch = resolve_images(items, csv_dir, job.image_dir, job.net, progress)
-    n_dup = mark_duplicates(items)
-    if n_dup:
+    if n_dup := mark_duplicates(items):
         log.warning("%d rows repeat an image already listed for the same item; scored once, marked duplicate", n_dup)
     return fetch
 
@@ -163,9 +159,11 @@ def tally(items: list[Item]) -> dict:
     }
 
 
-def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch: dict, counts: dict, device) -> dict:
-    """The run's summary: ``counted`` (``tally``), ``models`` (encode path, hashes), the blocks' counts added up."""
+def summarize(job: Selection, totals: dict, errors: list, models: tuple, device) -> dict:
+    """The run's summary: ``totals``, the blocks' ``fetch``, ``counts`` and ``tally`` added up (``add_counts``);
+    ``models``: (encode path, hashes)."""
     path, hashes = models
+    counted, counts = totals["tally"], totals["counts"]
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
     enc = job.scoring.enc
@@ -186,7 +184,7 @@ def summarize(job: Selection, counted: dict, errors: list, models: tuple, fetch:
         "items_selected": counted["items_selected"],
         "items_without_readable_candidate": [i for _, i in sorted(counted["no_selection"])],
         "status_counts": counted["status_counts"],
-        "downloads": fetch,
+        "downloads": totals["fetch"],
         "image_cache": job.image_dir,
         **blocks,
         "device": str(device),
@@ -246,11 +244,11 @@ def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = Tru
             shown, title = page_sample(items()), f"Image selection: {job.items}"
             head = _report_head(job, summary, len(shown))
             text, summary["html"] = selection_report(shown, head, title, progress=job.scoring.enc.progress)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
+            Path(tmp).write_text(text, encoding="utf-8")
 
     def write_summary(tmp):
-        timings = clock.total()
+        timings = clock.timings
+        timings["total"] = time.perf_counter() - clock.start
         summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         summary["items_per_s"] = round(summary["items"] / max(timings["total"], 1e-9), 3)
         write_json(tmp, summary, indent=1)
@@ -280,6 +278,7 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
         models, tables = load(job.files, device, enc.backend)
     with clock("resolve"):
         fetch = resolve(job, items, enc.progress)
-    counts = add_counts({}, score(items, models, tables, job.scoring, clock=clock))
-    summary = summarize(job, tally(items), errors, (models.path, models.hashes), fetch, counts, device)
+    counts = score(items, models, tables, job.scoring, clock=clock)
+    totals = add_counts({}, {"fetch": fetch, "counts": counts, "tally": tally(items)})
+    summary = summarize(job, totals, errors, (models.path, models.hashes), device)
     return finish(job, summary, clock, lambda: items)

@@ -19,7 +19,7 @@ from pathlib import Path
 from utils.formats import IMAGE_EXTS
 from utils.hashing import sha256_file
 
-from .catalogue import OUTPUT_HEADER, Candidate, Item, output_rows, url_stem
+from .catalogue import OUTPUT_HEADER, Candidate, Item, group_items, output_rows, url_stem
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +39,37 @@ def open_dir(location: str):
     """``(pyarrow filesystem, path on it)`` of a URI or a local path."""
     import pyarrow.fs as pafs
 
-    if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
+    return pafs.FileSystem.from_uri(location if is_uri(location) else os.path.abspath(location))
 
 
 def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
 
 
-def _copy(src: str, dst: str, src_fs=None, dst_fs=None) -> None:
-    """One file between two filesystems (the local one where None)."""
-    import pyarrow.fs as pafs
-
-    local = pafs.LocalFileSystem()
-    pafs.copy_files(src, dst, source_filesystem=src_fs or local, destination_filesystem=dst_fs or local)
-
-
 def put(fs, path: str, write) -> None:
     """``write(local_tmp)`` makes the file, copied beside ``path`` then moved: readers never see half a file."""
+    import pyarrow.fs as pafs
+
     with tempfile.TemporaryDirectory() as d:
         tmp = os.path.join(d, os.path.basename(path))
         write(tmp)
         part = f"{path}.tmp{os.getpid()}"
         fs.create_dir(os.path.dirname(path), recursive=True)
-        _copy(tmp, part, dst_fs=fs)
+        pafs.copy_files(tmp, part, destination_filesystem=fs)  # the source: a local path
         fs.move(part, path)
 
 
 @contextlib.contextmanager
 def staged_cache(location: str, cands: list[Candidate]):
     """A local stand-in for the image cache at URI ``location``: cached copies pulled in, new ones pushed after."""
+    import pyarrow.fs as pafs
+
     fs, base = open_dir(location)
     with tempfile.TemporaryDirectory() as stage:
         names = [url_stem(c.image) + ext for c in cands for ext in IMAGE_EXTS]
         had = {os.path.basename(i.path) for i in fs.get_file_info([join(base, n) for n in names]) if i.size}
         for name in had:
-            _copy(join(base, name), os.path.join(stage, name), src_fs=fs)
+            pafs.copy_files(join(base, name), os.path.join(stage, name), source_filesystem=fs)
         yield stage
         for name in {Path(c.file).name for c in cands if c.file} - had:
             put(fs, join(base, name), lambda tmp, n=name: os.replace(os.path.join(stage, n), tmp))
@@ -131,9 +125,7 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
             done.add(k)
         else:
             stale.append(path)
-    if key is None:  # only looking for files not ours
-        return done
-    if stale:
+    if stale and key is not None:  # None: only looking for files not ours
         log.warning("%s: %d shards of another run (catalogue, weights or settings differ) are removed", d, len(stale))
         for path in stale:
             fs.delete_file(path)
@@ -146,10 +138,9 @@ def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
     import pyarrow.parquet as pq
 
     meta = {**meta, "titles": {it.item_id: [it.title, it.poi_names] for it in items}}
-    types = [getattr(pa, t)() for t in COLUMN_TYPES]
-    cols = list(zip(*output_rows(items))) or [[] for _ in OUTPUT_HEADER]
-    schema = pa.schema(list(zip(OUTPUT_HEADER, types)), metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
-    table = pa.Table.from_arrays([pa.array(list(c), type=t) for c, t in zip(cols, types)], schema=schema)
+    columns = [(name, getattr(pa, t)()) for name, t in zip(OUTPUT_HEADER, COLUMN_TYPES)]
+    schema = pa.schema(columns, metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
+    table = pa.Table.from_pylist([dict(zip(OUTPUT_HEADER, row)) for row in output_rows(items)], schema=schema)
     fs, d = open_dir(location)
     put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(table, tmp))
 
@@ -171,16 +162,14 @@ def shard_items(fs, d: str, ks):
 
     for k in sorted(ks):
         t = pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
-        titles = json.loads(t.schema.metadata[META_KEY])["titles"]
-        items: dict = {}
-        for row in t.to_pylist():
-            it = items.get(row["item_id"])
-            if it is None:
-                title, pois = titles.get(row["item_id"], ["", ""])
-                it = items[row["item_id"]] = Item(row["item_id"], title, pois, row["line"])
-            c = Candidate(row["line"], it.item_id, it.title, it.poi_names, row["image"], row["file"] or None)
+        titles, rows = json.loads(t.schema.metadata[META_KEY])["titles"], t.to_pylist()
+        items = group_items(
+            [(r["line"], r["item_id"], *titles.get(r["item_id"], ["", ""]), r["image"]) for r in rows], d
+        )
+        cands = {c.line: c for it in items for c in it.cands}  # a catalogue line is one candidate
+        for row in rows:
+            c = cands[row["line"]]
             for name in OUTPUT_HEADER[3:8] + ("detail",):
                 setattr(c, name, row[name])
-            c.selected = bool(row["selected"])
-            it.cands.append(c)
-        yield from items.values()
+            c.file, c.selected = row["file"] or None, bool(row["selected"])
+        yield from items
