@@ -7,16 +7,16 @@ from __future__ import annotations
 from utils.cli import DataError, UserError
 
 import itertools
-import json
 import logging
 import time
 import urllib.parse
 from dataclasses import dataclass, fields
 from pathlib import Path
+from string import hexdigits
 
 from utils.formats import iter_rank_csv, iter_recall_csv, sniff_format
 from utils.hashing import sha256_file
-from utils.io import read_json, text_lines, write_error, write_json
+from utils.io import read_json, write_error, write_json
 
 log = logging.getLogger("download_assets")
 
@@ -85,9 +85,7 @@ def _asset_problem(a: dict) -> str | None:
         return f"'kind' must be one of {', '.join(KINDS)}"
     if min_bytes is not None and (type(min_bytes) is not int or min_bytes < 0):
         return "'min_bytes' must be an integer >= 0"
-    if sha is not None and (
-        not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())
-    ):
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and set(sha.lower()) <= set(hexdigits)):
         return "'sha256' must be 64 hex digits or null"
     return None
 
@@ -160,7 +158,7 @@ def _looks_ok(kind: str, path: Path, head: bytes, size: int) -> bool:
         return 2 <= n <= size - 8 and head[8:9] == b"{"
     if kind == "json":
         try:
-            return isinstance(json.loads("".join(text_lines(path))), dict)
+            return isinstance(read_json(path), dict)
         except (DataError, ValueError):
             return False
     try:  # text: a character may be cut at the end of the sample
