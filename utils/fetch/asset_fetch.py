@@ -49,12 +49,6 @@ def _read_meta(path: Path) -> dict:
     return {}
 
 
-def _set_aside(part: Path, final: Path, suffix: str) -> Path:
-    bad = final.with_name(final.name + suffix)
-    os.replace(part, bad)
-    return bad
-
-
 def _resume_at(resp, start: int, asset: Asset, url: str, mirror: bool) -> int | None:
     """Where the body of ``resp`` goes in the part file (None: the part is complete already)."""
     code, crange = resp.status_code, resp.headers.get("Content-Range", "")
@@ -203,7 +197,7 @@ class _Fetcher:
             log.warning("%s: %s: %s; downloading again", asset.name, final, why)
         try:
             if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
-                log.warning("%s: kept aside as %s", asset.name, _set_aside(final, final, ".bad-content"))
+                log.warning("%s: kept aside as %s", asset.name, final.replace(f"{final}.bad-content"))
                 self.records.drop(asset.name)
             want, origin = self.records.expected(asset)
             if asset.url or self.mirror:
@@ -212,14 +206,14 @@ class _Fetcher:
                 part, source = self._from_hf(asset, final)
             got = sha256_file(part)
             if want is not None and got != want:
-                bad = _set_aside(part, final, ".bad-sha256")
+                bad = part.replace(f"{final}.bad-sha256")
                 where = f"{self.dest / HASHES_FILE} (delete its entry to accept a new file)"
                 where = "the manifest" if origin == "manifest" else where
                 msg = f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from {where}"
                 raise AssetError(f"{msg}; kept aside as {bad}")
             problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
             if problem is not None:
-                bad = _set_aside(part, final, ".bad-content")
+                bad = part.replace(f"{final}.bad-content")
                 raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
             os.replace(part, final)
             self.records.put(asset, final, got, source)
