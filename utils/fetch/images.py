@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import requests
@@ -127,11 +127,10 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
     """A ``skipped`` result when ``path`` is a non-empty image under ``max_bytes`` that decodes, else None."""
     p = Path(path)
     try:
-        if max_bytes is not None and p.stat().st_size > max_bytes:
-            return None
         with open(p, "rb") as f:
-            if sniff_image_ext(f.read(16)) is None:  # an empty file too
-                return None
+            head = f.read(16)  # an empty file sniffs as no image too
+        if sniff_image_ext(head) is None or (max_bytes is not None and p.stat().st_size > max_bytes):
+            return None
         with _decode(p) as img:
             return _facts(p, p.stem, "skipped", width=img.width, height=img.height)
     except Exception:  # noqa: BLE001 - missing, unreadable, any decoder error: not a valid image
@@ -158,8 +157,7 @@ def _stream(session, url: str, part: PartFile, max_bytes: int, timeout) -> tuple
         code = resp.status_code
         if code != 200:
             with contextlib.suppress(Exception):  # a small error body read whole keeps the connection alive
-                for _ in zip(range(8), resp.iter_content(8192)):
-                    pass
+                list(zip(range(8), resp.iter_content(8192)))
             raise _Fail(f"http_{code}", f"HTTP {code} {resp.reason or ''}".strip(), code)
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
@@ -249,8 +247,7 @@ def download_one(
             for attempt in range(BODY_RETRIES + 1):
                 try:
                     done = _fetch_once(session, url, out_dir, stem, max_bytes, net.timeout, max_side)
-                    done.tried = tried
-                    return done
+                    return replace(done, tried=tried)
                 except _Fail as f:
                     last = f
                 if clock.expired:
