@@ -26,7 +26,6 @@ from .http import CHUNK, Deadline, describe, open_session
 
 log = logging.getLogger("download_assets")
 BODY_RETRIES = 3  # a body that breaks off resumes where it stopped, this many times
-HF_ENDPOINT = "https://huggingface.co"
 
 
 class _Restart(Exception):
@@ -35,7 +34,7 @@ class _Restart(Exception):
 
 def hf_endpoint() -> str:
     """Where Hugging Face files come from (``HF_ENDPOINT``, as huggingface_hub reads it)."""
-    return (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def _host(url: str) -> str:

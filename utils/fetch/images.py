@@ -138,7 +138,6 @@ def verify_existing(path, max_bytes: int | None = None) -> FetchResult | None:
 
 
 def _files_of(out_dir: Path, stem: str, but: Path | None = None) -> list[Path]:
-    """The image files named ``<stem><ext>`` in ``out_dir``, ``but`` left out."""
     return [p for p in (out_dir / (stem + ext) for ext in IMAGE_EXTS) if p != but and p.is_file()]
 
 
