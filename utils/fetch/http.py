@@ -118,11 +118,11 @@ class Deadline:
 
     _current = threading.local()
 
-    def __init__(self, seconds: float | None):
+    def __init__(self, seconds: float):
         self.seconds, self.expired = seconds, False
         self._socks: list = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds or 0, self._expire)
+        self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def __str__(self) -> str:
@@ -130,8 +130,7 @@ class Deadline:
 
     def __enter__(self) -> Deadline:
         Deadline._current.value = self
-        if self.seconds:
-            self._timer.start()
+        self._timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
