@@ -50,13 +50,10 @@ def sniff_image_ext(head: bytes) -> str | None:
 
 def parse_url_map(items) -> list[tuple[str, str]]:
     """``["OLD=NEW", ...]`` -> ``[(OLD, NEW), ...]`` (split at the first ``=``)."""
-    pairs = []
-    for item in items:
-        old, sep, new = item.partition("=")
-        if not sep or not old:
-            raise DataError(f"--url-prefix-map expects OLD=NEW, got {item!r}")
-        pairs.append((old, new))
-    return pairs
+    bad = [item for item in items if "=" not in item or item.startswith("=")]
+    if bad:
+        raise DataError(f"--url-prefix-map expects OLD=NEW, got {bad[0]!r}")
+    return [tuple(item.split("=", 1)) for item in items]
 
 
 def apply_url_map(url: str, url_map) -> str:
