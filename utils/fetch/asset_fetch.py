@@ -197,7 +197,8 @@ class _Fetcher:
         try:
             if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
                 log.warning("%s: kept aside as %s", asset.name, final.replace(f"{final}.bad-content"))
-                self.records.drop(asset.name)
+                if self.records.data.pop(asset.name, None) is not None:
+                    self.records.save()
             want, origin = self.records.expected(asset)
             if asset.url or self.mirror:
                 part, source = self._http(asset, asset.source(self.mirror), final)
