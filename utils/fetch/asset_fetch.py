@@ -211,8 +211,7 @@ class _Fetcher:
                 where = "the manifest" if origin == "manifest" else where
                 msg = f"{asset.name}: checksum mismatch for {source}: sha256 {got}, expected {want} from {where}"
                 raise AssetError(f"{msg}; kept aside as {bad}")
-            problem = content_problem(asset, part) if want is None else None  # about to be pinned: must look right
-            if problem is not None:
+            if want is None and (problem := content_problem(asset, part)) is not None:  # about to be pinned
                 bad = part.replace(f"{final}.bad-content")
                 raise AssetError(f"{asset.name}: {final} from {source} is {problem}; not pinned, kept aside as {bad}")
             os.replace(part, final)

@@ -111,8 +111,7 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> list[Asset]:
 def select_assets(assets: list[Asset], only=None, with_train: bool = False, groups=()) -> list[Asset]:
     """``only`` these, else the default set (+ the others ``with_train``, + those of the named ``groups``)."""
     if only:
-        unknown = [n for n in only if n not in {a.name for a in assets}]
-        if unknown:
+        if unknown := [n for n in only if n not in {a.name for a in assets}]:
             known = ", ".join(a.name for a in assets)
             raise UserError(f"unknown asset name(s): {', '.join(unknown)}; known: {known}")
         return [a for a in assets if a.name in set(only)]
@@ -234,8 +233,7 @@ def check_present(asset: Asset, dest: Path, records: HashRecords, rehash: bool =
         return "missing"
     want, origin = records.expected(asset)
     if origin != "manifest":  # a pinned (or not yet pinned) hash proves nothing by itself
-        problem = content_problem(asset, file)
-        if problem is not None:
+        if (problem := content_problem(asset, file)) is not None:
             return f"{LOOKS_WRONG}{problem}"
     rec, st = records.get(asset.name), file.stat()
     recorded = (rec.get("path"), rec.get("size"), rec.get("mtime_ns")) == (asset.path, st.st_size, st.st_mtime_ns)

@@ -50,8 +50,7 @@ def sniff_image_ext(head: bytes) -> str | None:
 
 def parse_url_map(items) -> list[tuple[str, str]]:
     """``["OLD=NEW", ...]`` -> ``[(OLD, NEW), ...]`` (split at the first ``=``)."""
-    bad = [item for item in items if "=" not in item or item.startswith("=")]
-    if bad:
+    if bad := [item for item in items if "=" not in item or item.startswith("=")]:
         raise DataError(f"--url-prefix-map expects OLD=NEW, got {bad[0]!r}")
     return [tuple(item.split("=", 1)) for item in items]
 
@@ -231,8 +230,7 @@ def download_one(
     a valid image, fetched into that name (``net``: timeouts, backoff, deadline); a full disk raises ``UserError``."""
     out_dir = Path(out_dir)
     for p in _files_of(out_dir, stem):
-        kept = verify_existing(p, max_bytes)
-        if kept is not None:
+        if (kept := verify_existing(p, max_bytes)) is not None:
             for other in _files_of(out_dir, stem, but=p):
                 other.unlink(missing_ok=True)
             return kept
