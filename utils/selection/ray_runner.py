@@ -33,21 +33,17 @@ ACTOR_RESTARTS = 3  # a scoring actor that dies is restarted up to this often
 RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the shards not written
 
 
-def _maybe_die(stage: str) -> None:
-    """Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` dies."""
-    d = os.environ.get(FAIL_ENV)
-    with contextlib.suppress(FileNotFoundError):
-        if d:
-            os.remove(os.path.join(d, stage))
-            print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
-            os._exit(1)
-
-
 @contextlib.contextmanager
-def _stage(payload: dict, name: str):
-    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds."""
+def _stage(payload: dict, name: str, trigger: str):
+    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds. Tests: the first
+    worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<trigger>`` dies there."""
     import ray
 
+    with contextlib.suppress(FileNotFoundError):
+        if d := os.environ.get(FAIL_ENV):
+            os.remove(os.path.join(d, trigger))
+            print(f"select on Ray: injected failure in {trigger}", file=sys.stderr, flush=True)
+            os._exit(1)
     t = time.perf_counter()
     yield
     node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
@@ -79,19 +75,10 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
 
 def prepare_stage(row: dict, job: Selection) -> dict:
     """Fetch and decode, one CPU task per shard."""
-    _maybe_die("decode")
     payload: dict = {"items": pickle.loads(row["payload"])}
-    with _stage(payload, "prepare"):
+    with _stage(payload, "prepare", "decode"):
         payload["fetch"], payload["images"] = _prepare(payload["items"], job)
     return shard_row(row["shard"], payload)
-
-
-def decoded_image(arrays: dict, path, mode="reference"):
-    """The actors' ``image_loader`` (with ``arrays``, a shard's decoded images, bound)."""
-    from utils.formats import ZERO_TENSOR, to_tensor
-
-    a = arrays.get(str(path))
-    return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
 
 
 class ScoreShards:
@@ -107,19 +94,24 @@ class ScoreShards:
         self.models, self.tables = load(job.files, device, enc.backend)
 
     def __call__(self, row: dict) -> dict:
-        _maybe_die("select")
+        from utils.formats import ZERO_TENSOR, to_tensor
+
         p = pickle.loads(row["payload"])
-        with _stage(p, "score"):
-            loader = functools.partial(decoded_image, p.pop("images"))
+        images = p.pop("images")  # the shard's, decoded: the models' image_loader reads them instead of the files
+
+        def loader(path, mode="reference"):
+            a = images.get(str(path))
+            return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+
+        with _stage(p, "score", "select"):
             p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
         return shard_row(row["shard"], p)
 
 
 def write_stage(row: dict, shard_dir: str, key: str) -> dict:
     """The shard's file; returns its metadata (counts, where its stages ran)."""
-    _maybe_die("write")
     k, p = int(row["shard"]), pickle.loads(row["payload"])
-    with _stage(p, "write"):
+    with _stage(p, "write", "write"):
         meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
         meta["where"] = p["where"]  # the write's own time is added after the file is written
         write_shard(shard_dir, k, p["items"], meta)
@@ -139,18 +131,6 @@ def absolute(job: Selection) -> Selection:
     return ab(replace(job, files=files, scoring=scoring), "items", "out", "html", "summary", "image_cache")
 
 
-def check_resources(opts: RayOptions) -> None:
-    """The actors must leave a CPU for the prepare tasks and find their GPUs (else Ray waits)."""
-    import ray
-
-    have = ray.cluster_resources()
-    cpus, gpus = opts.actors * opts.cpus_per_actor, opts.actors * opts.gpus_per_actor
-    if cpus > have.get("CPU", 0) - 1:
-        raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
-    if gpus > have.get("GPU", 0):
-        raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
-
-
 def _map(ds, fn, kw: dict, **retries):
     """``ds.map(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
     with warnings.catch_warnings():
@@ -163,21 +143,27 @@ def _map(ds, fn, kw: dict, **retries):
 
 
 def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
-    """The shards not in ``done`` through the stages; yields each one's metadata."""
+    """The shards not in ``done`` through the stages (the cluster checked to hold the actors first); yields
+    each one's metadata."""
     import ray
     import ray.data
 
+    have = ray.cluster_resources()  # the actors must leave a CPU for the prepare tasks and find their GPUs
+    cpus, gpus = opts.actors * opts.cpus_per_actor, opts.actors * opts.gpus_per_actor
+    if cpus > have.get("CPU", 0) - 1:
+        raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
+    if gpus > have.get("GPU", 0):  # else Ray waits for them
+        raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = job.scoring.enc.progress
     ctx.max_errored_blocks = 0
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = shard_dataset(job.items, plan["shards"], done, partitions=min(plan["shards"], cpus))
+    partitions = min(plan["shards"], max(1, int(have.get("CPU", 1))))
+    ds = shard_dataset(job.items, plan["shards"], done, partitions)
     ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, num_cpus=1), max_retries=TASK_RETRIES)
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
     actor = (*fns, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
-    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor)
-    kw["num_gpus"] = opts.gpus_per_actor
+    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor)
     ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, num_cpus=0.25)
     for row in _map(ds, write_stage, kw, max_retries=TASK_RETRIES).iter_rows():
@@ -211,7 +197,6 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
             break
         if attempt == RUN_ATTEMPTS:
             raise RuntimeError(f"the shards in {plan['dir']} do not hold the catalogue's {rows} rows")
-        check_resources(opts)
         try:
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
