@@ -17,6 +17,10 @@ import socket
 import zlib
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from .catalogue import catalogue_rows, group_items, is_parquet
 
 log = logging.getLogger(__name__)
@@ -116,8 +120,6 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
 
 def _read_parts(batch, path: str):
     """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
-    import pyarrow as pa
-
     for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
         errors: list[RowError] = []
         rows = catalogue_rows(path, errors, groups, line)
@@ -135,8 +137,6 @@ def read_dataset(path: str):
 
     parts = [{"groups": None, "line": 2}]
     if is_parquet(path):
-        import pyarrow.parquet as pq
-
         meta = pq.ParquetFile(path).metadata
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         lines = enumerate(itertools.accumulate(rows, initial=2))
@@ -146,9 +146,6 @@ def read_dataset(path: str):
 
 
 def _counts(t):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ok = pc.equal(t["error"], "")
     good, bad = t.filter(ok), t.filter(pc.invert(ok))
     errors = json.dumps(list(zip(bad["line"].to_pylist(), bad["error"].to_pylist())))
@@ -167,9 +164,6 @@ def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
 
 
 def _keyed(t, n: int, done: list[int]):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t = t.filter(pc.equal(t["error"], ""))
     shard = pa.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], pa.int64())
     return t.append_column("shard", shard).filter(pc.invert(pc.is_in(shard, pa.array(done, pa.int64()))))
@@ -178,8 +172,6 @@ def _keyed(t, n: int, done: list[int]):
 def _shard(t, path: str):
     """One shard's rows -> its items (the local grouping rule), one payload row."""
     t = t.sort_by("line")
-    import pyarrow as pa
-
     items = group_items(zip(*(t[f].to_pylist() for f in FIELDS)), path)
     return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), items)])
 
