@@ -24,7 +24,7 @@ from utils.io import exclusive_lock
 from .catalogue import OK, UNREADABLE, catalogue_rows
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, shard_dataset, shard_row
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
+from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, staged_cache, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
     from ray.exceptions import RayError, RayTaskError
 
     fs, d = open_dir(plan["dir"])
-    done = finished_shards(fs, d, plan["key"], plan["shards"])
-    metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
+    metas = finished_shards(fs, d, plan["key"], plan["shards"])
+    done, nodes, t = set(metas), {}, time.perf_counter()
     log.info("~%d shards: %d already in %s", plan["shards"], len(done), plan["dir"])
     for attempt in range(RUN_ATTEMPTS + 1):
         if sum(m["tally"]["candidates"] for m in metas.values()) == rows:
@@ -205,7 +205,7 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
             if attempt + 1 == RUN_ATTEMPTS or isinstance(e, RayTaskError) and isinstance(e.cause, UserError):
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
-            metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
+            metas = finished_shards(fs, d, plan["key"], plan["shards"]) | metas  # those not yet seen here
     seconds = time.perf_counter() - t
     return metas, {
         "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",

@@ -101,11 +101,13 @@ def shard_name(k: int) -> str:
     return f"part-{k:06d}.parquet"
 
 
-def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written; other plans' shards and temp files removed; another file: refused."""
+def finished_shards(fs, d: str, key: str | None, n: int) -> dict[int, dict]:
+    """``{k: metadata}`` (from the footers) of the shards of this plan already written; other plans' shards and
+    temp files removed; another file: refused."""
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
-    done, stale = set(), []
+    done, stale = {}, []
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
     for name in sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File):
         path = f"{d}/{name}"
@@ -114,15 +116,15 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
         if SHARD_TEMP.fullmatch(name):
             fs.delete_file(path)
             continue
+        shard = SHARD_NAME.fullmatch(name)
         try:
-            meta = _meta(fs, path) if SHARD_NAME.fullmatch(name) else None
+            meta = json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY]) if shard else None
         except Exception:  # not a Parquet file, or not one of ours
             meta = None
         if meta is None:
             raise UserError(f"--out {d}: holds {name}, not a shard of select_images.py; give a new or empty directory")
-        k = int(SHARD_NAME.fullmatch(name).group(1))
-        if meta.get("plan") == key and k < n:
-            done.add(k)
+        if meta.get("plan") == key and int(shard.group(1)) < n:
+            done[int(shard.group(1))] = meta
         else:
             stale.append(path)
     if stale and key is not None:  # None: only looking for files not ours
@@ -143,17 +145,6 @@ def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
     table = pa.Table.from_pylist([dict(zip(OUTPUT_HEADER, row)) for row in output_rows(items)], schema=schema)
     fs, d = open_dir(location)
     put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(table, tmp))
-
-
-def _meta(fs, path: str) -> dict:
-    import pyarrow.parquet as pq
-
-    return json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
-
-
-def shard_metas(fs, d: str, ks) -> dict:
-    """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
-    return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
 
 
 def shard_items(fs, d: str, ks):
