@@ -23,8 +23,6 @@ from utils.io import atomic_write
 log = logging.getLogger(__name__)
 
 COLUMNS = ("item_id", "title", "poi_names", "image")
-URL_PREFIXES = ("http://", "https://")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 # candidate statuses
 OK = "ok"  # readable; scored
@@ -53,7 +51,7 @@ class Candidate:
 
     @property
     def is_url(self) -> bool:
-        return self.image.lower().startswith(URL_PREFIXES)
+        return self.image.lower().startswith(("http://", "https://"))
 
 
 @dataclass
@@ -75,7 +73,7 @@ class Item:
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(PARQUET_SUFFIXES)
+    return str(path).lower().endswith((".parquet", ".pq"))
 
 
 def _lacking(path: str, line: int, found: list[str]) -> None:
@@ -152,11 +150,9 @@ def mark_duplicates(items: list[Item]) -> int:
         first: dict[str, Candidate] = {}
         for c in it.cands:
             key = c.image if c.is_url else (os.path.realpath(c.file) if c.file else c.image)
-            if key in first:
-                c.status, c.detail = DUPLICATE, f"same image as line {first[key].line}"
+            if (earlier := first.setdefault(key, c)) is not c:
+                c.status, c.detail = DUPLICATE, f"same image as line {earlier.line}"
                 n += 1
-            else:
-                first[key] = c
     return n
 
 

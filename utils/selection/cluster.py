@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .catalogue import catalogue_rows, group_items, is_parquet
+from .catalogue import COLUMNS, catalogue_rows, group_items, is_parquet
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ TOKEN_HELP = (
     "`ray get-auth-token` on the head node prints the cluster's"
 )
 BLOCK_ROWS = 50_000  # rows per block read; the bad rows come with their block
-FIELDS = ("line", "item_id", "title", "poi_names", "image")
+FIELDS = ("line", *COLUMNS)
 
 
 def runtime_env(address: str | None) -> dict:
@@ -154,13 +154,9 @@ def _counts(t):
 
 def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
     """``(usable rows, items, bad rows in line order)``; items are counted per block (they only size the shards)."""
-    ds = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None)
-    rows = items = 0
-    errors: list[RowError] = []
-    for r in ds.iter_rows():
-        rows, items = rows + r["rows"], items + r["items"]
-        errors += [RowError(path, line, message) for line, message in json.loads(r["errors"])]
-    return rows, items, sorted(errors, key=lambda e: e.line)
+    blocks = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()
+    errors = [RowError(path, line, message) for b in blocks for line, message in json.loads(b["errors"])]
+    return sum(b["rows"] for b in blocks), sum(b["items"] for b in blocks), sorted(errors, key=lambda e: e.line)
 
 
 def _keyed(t, n: int, done: list[int]):
@@ -170,10 +166,10 @@ def _keyed(t, n: int, done: list[int]):
 
 
 def _shard(t, path: str):
-    """One shard's rows -> its items (the local grouping rule), one payload row."""
+    """One shard's rows -> its items (the local grouping rule), one row of payload ``{"items": items}``."""
     t = t.sort_by("line")
     items = group_items(zip(*(t[f].to_pylist() for f in FIELDS)), path)
-    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), items)])
+    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), {"items": items})])
 
 
 def shard_dataset(path: str, n: int, done: set[int], partitions: int):

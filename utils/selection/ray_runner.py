@@ -34,9 +34,9 @@ RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the 
 
 
 @contextlib.contextmanager
-def _stage(payload: dict, name: str, trigger: str):
-    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds. Tests: the first
-    worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<trigger>`` dies there."""
+def _stage(row: dict, name: str, trigger: str):
+    """The shard's payload, unpickled; after the block ``payload["where"][name]``: the node (address/id: nodes may
+    share an address), seconds. Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<trigger>`` dies."""
     import ray
 
     with contextlib.suppress(FileNotFoundError):
@@ -44,13 +44,13 @@ def _stage(payload: dict, name: str, trigger: str):
             os.remove(os.path.join(d, trigger))
             print(f"select on Ray: injected failure in {trigger}", file=sys.stderr, flush=True)
             os._exit(1)
-    t = time.perf_counter()
-    yield
+    payload, t = pickle.loads(row["payload"]), time.perf_counter()
+    yield payload
     node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
     payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
 
 
-# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled} (``shard_row``) ---
+# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled dict} (``shard_row``) ---
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
     import cv2
@@ -75,10 +75,9 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
 
 def prepare_stage(row: dict, job: Selection) -> dict:
     """Fetch and decode, one CPU task per shard."""
-    payload: dict = {"items": pickle.loads(row["payload"])}
-    with _stage(payload, "prepare", "decode"):
-        payload["fetch"], payload["images"] = _prepare(payload["items"], job)
-    return shard_row(row["shard"], payload)
+    with _stage(row, "prepare", "decode") as p:
+        p["fetch"], p["images"] = _prepare(p["items"], job)
+    return shard_row(row["shard"], p)
 
 
 class ScoreShards:
@@ -96,22 +95,21 @@ class ScoreShards:
     def __call__(self, row: dict) -> dict:
         from utils.formats import ZERO_TENSOR, to_tensor
 
-        p = pickle.loads(row["payload"])
-        images = p.pop("images")  # the shard's, decoded: the models' image_loader reads them instead of the files
+        with _stage(row, "score", "select") as p:
+            images = p.pop("images")  # decoded already: the models' image_loader reads them instead of the files
 
-        def loader(path, mode="reference"):
-            a = images.get(str(path))
-            return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+            def loader(path, mode="reference"):
+                a = images.get(str(path))
+                return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
 
-        with _stage(p, "score", "select"):
             p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
         return shard_row(row["shard"], p)
 
 
 def write_stage(row: dict, shard_dir: str, key: str) -> dict:
     """The shard's file; returns its metadata (counts, where its stages ran)."""
-    k, p = int(row["shard"]), pickle.loads(row["payload"])
-    with _stage(p, "write", "write"):
+    k = int(row["shard"])
+    with _stage(row, "write", "write") as p:
         meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
         meta["where"] = p["where"]  # the write's own time is added after the file is written
         write_shard(shard_dir, k, p["items"], meta)
@@ -173,8 +171,7 @@ def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: 
 def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     """A shard written: one line, and its share in the per-node record."""
     where, t = meta["where"], meta["tally"]
-    enc = meta["counts"]["images_encoded"]
-    encoded = enc.get("stage1", 0) + enc.get("stage2", 0)
+    encoded = sum(meta["counts"]["images_encoded"].get(stage, 0) for stage in ("stage1", "stage2"))
     share = {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded, "status_counts": t["status_counts"]}
     add_counts(nodes.setdefault(where["score"][0], {}), share)
     for stage, (node, seconds) in where.items():

@@ -166,7 +166,6 @@ def summarize(job: Selection, totals: dict, errors: list, models: tuple, device)
     counted, counts = totals["tally"], totals["counts"]
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
-    enc = job.scoring.enc
     return {
         "items_csv": job.items,
         "out": job.out,
@@ -189,8 +188,8 @@ def summarize(job: Selection, totals: dict, errors: list, models: tuple, device)
         **blocks,
         "device": str(device),
         "backend": ",".join(sorted(set(counts.get("backend", ())) - {"none"})) or "none",
-        "preprocess": enc.preprocess,
-        "precision": enc.precision,
+        "preprocess": job.scoring.enc.preprocess,
+        "precision": job.scoring.enc.precision,
     }
 
 
@@ -247,10 +246,9 @@ def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = Tru
             Path(tmp).write_text(text, encoding="utf-8")
 
     def write_summary(tmp):
-        timings = clock.timings
-        timings["total"] = time.perf_counter() - clock.start
-        summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        summary["items_per_s"] = round(summary["items"] / max(timings["total"], 1e-9), 3)
+        total = clock.timings["total"] = time.perf_counter() - clock.start
+        summary["timings_s"] = {k: round(v, 4) for k, v in clock.timings.items()}
+        summary["items_per_s"] = round(summary["items"] / max(total, 1e-9), 3)
         write_json(tmp, summary, indent=1)
 
     remote = is_uri(job.summary_path)  # a URI --out: the summary goes beside it, written last
