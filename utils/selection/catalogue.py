@@ -77,8 +77,7 @@ def is_parquet(path: str | os.PathLike) -> bool:
 
 
 def _lacking(path: str, line: int, found: list[str]) -> None:
-    absent = [c for c in COLUMNS if c not in found]
-    if absent:
+    if absent := [c for c in COLUMNS if c not in found]:
         raise DataError(f"{path}:{line}: the header lacks {', '.join(absent)} (expected {','.join(COLUMNS)})")
 
 
@@ -171,8 +170,7 @@ def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, prog
         if c.is_url:
             urls.setdefault(c.image, []).append(c)
             continue
-        p = Path(os.path.expanduser(c.image))
-        c.file = str(p if p.is_absolute() else Path(csv_dir) / p)
+        c.file = str(Path(csv_dir, os.path.expanduser(c.image)))  # an absolute path stays as it is
         counts["local"] += 1
         if not os.path.isfile(c.file):
             c.status, c.detail = MISSING, f"no such file: {c.file}"

@@ -58,19 +58,17 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
     from utils.formats import SIZE, load_image
 
     cands = [c for it in items for c in it.cands]
-    arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
     resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
     urls, remote = [c for c in cands if c.is_url], is_uri(job.image_dir)
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
-        for c in (c for c in cands if c.status == OK):
-            if c.file not in arrays:
-                array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
-                arrays[c.file] = array if ok else None
-            if arrays[c.file] is None:
+        # each file once, at the model's input size (uint8); (array, decoded?)
+        load = functools.cache(lambda file: load_image(file, job.scoring.enc.preprocess, make=resized))
+        decoded = [(c, *load(c.file)) for c in cands if c.status == OK]  # by the local copy's name
+        for c, _, ok in decoded:
+            if not ok:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
-        decoded = [(c, arrays[c.file]) for c in cands if c.status == OK]  # by the local copy's name
-    return fetch, {c.file: array for c, array in decoded}  # by the name the cache gave it
+    return fetch, {c.file: array for c, array, ok in decoded if ok}  # by the name the cache gave it
 
 
 def prepare_stage(row: dict, job: Selection) -> dict:
@@ -222,7 +220,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
         rows, n_items, errors = count_catalogue(job.items)
     check_rows(job.items, rows, errors, job.skip_bad_rows)
     with clock("load_models"):  # here once, so that a bad checkpoint or table stops before the scoring
-        models, _ = fns[0](job.files, "cpu", "torch")
+        models = fns[0](job.files, "cpu", "torch")[0]
         found, hashes = models.path, models.hashes
         del models
     if job.scoring.enc.cache_dir:
@@ -232,7 +230,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     with clock("ray"):
         metas, record = _run_shards(job, opts, fns, plan, rows)
     blocks = ({k: m[k] for k in ("fetch", "counts", "tally")} for m in metas.values())
-    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, (found, hashes), "ray")
+    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, found, hashes, "ray")
     summary["ray"] = record
     return finish(job, summary, clock, lambda: shard_items(*open_dir(location), metas), merge=location != job.out)
 
