@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from utils.formats import MAX_POIS, ItemInputs, load_poi_tables, pois_text, stack_inputs
-from utils.selection import OK, UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
+from utils.selection import UNREADABLE, Clock, ModelFiles, RayOptions, Scoring, Selection, run_local
 
 from ..align import load_tokenizer
 from ..checkpoint import load_align_model
@@ -72,8 +72,9 @@ def item_inputs(title: str, poi_names: str, tables, dim: int) -> ItemInputs:
     return ItemInputs(pois_text(title, poi_names), [], zeros, zeros.copy(), 0, [])
 
 
-def _encode_files(rm: RecallModel, files: list[str], enc, desc: str, stats: dict) -> tuple[dict, dict]:
-    """``{file: vector}``, ``{file: decoded?}``."""
+def _encode_files(rm: RecallModel, cands, enc, desc: str, stats: dict) -> tuple[dict, dict]:
+    """``{file: vector}``, ``{file: decoded?}`` of the candidates' distinct files."""
+    files = list(dict.fromkeys(c.file for c in cands))
     if not files:
         return {}, {}
     emb, ok = rm.encode_images(files, enc, stats=stats, desc=desc)
@@ -82,12 +83,11 @@ def _encode_files(rm: RecallModel, files: list[str], enc, desc: str, stats: dict
 
 def _stage1(items, rm: RecallModel, enc, stats: dict) -> dict:
     """Stage-1 vectors of every distinct readable file; one that does not decode makes its candidates unreadable."""
-    files = list(dict.fromkeys(c.file for it in items for c in it.cands if c.status == OK))
-    vec, ok = _encode_files(rm, files, enc, "stage 1", stats)
-    for c in (c for it in items for c in it.cands):
-        if c.status == OK and not ok[c.file]:
+    cands = [c for it in items for c in it.scored]
+    vec, ok = _encode_files(rm, cands, enc, "stage 1", stats)
+    for c in cands:
+        if not ok[c.file]:
             c.status, c.detail = UNREADABLE, "does not decode as an image"
-    stats["distinct"] = len(files)
     return vec
 
 
@@ -97,20 +97,18 @@ def _texts(items, models: SelectionModels, inputs: dict, enc) -> tuple[dict, dic
     titles = list(dict.fromkeys(it.title for it in items))
     feats = list(dict.fromkeys(inp.pois_text for inp in inputs.values()))
     texts = list(dict.fromkeys(titles + feats))
+    encode = lambda rm, batch: dict(zip(batch, rm.encode_texts(batch, enc))) if batch else {}
     if models.path == "single":
-        vec = dict(zip(texts, models.recall.encode_texts(texts, enc)))
+        vec = encode(models.recall, texts)
         return vec, vec, len(texts)
-    title_vec = dict(zip(titles, models.recall.encode_texts(titles, enc)))
-    feat_vec = dict(zip(feats, models.rank_rm.encode_texts(feats, enc))) if feats else {}
-    return title_vec, feat_vec, len(texts)
+    return encode(models.recall, titles), encode(models.rank_rm, feats), len(texts)
 
 
 def _stage2(short, models: SelectionModels, vec1: dict, enc, stats: dict):
     """``(vectors, short list)``: on the "two" path the short list encoded again by the ranker's copy."""
     if models.path != "two" or not short:
         return vec1, short
-    files = list(dict.fromkeys(c.file for c in short))
-    vec2, ok2 = _encode_files(models.rank_rm, files, enc, "stage 2", stats)
+    vec2, ok2 = _encode_files(models.rank_rm, short, enc, "stage 2", stats)
     if not all(ok2.values()):  # it decoded in stage 1: the file changed during the run
         log.warning("%d short-listed images became unreadable during the run", sum(not v for v in ok2.values()))
         short = [c for c in short if ok2[c.file]]
@@ -154,7 +152,7 @@ def score_block(items, models: SelectionModels, tables, settings: Scoring, clock
     """Select on ``items`` (files resolved); returns the block's counts. ``image_loader``: replaces reading files."""
     clock, enc = clock or Clock(), settings.enc
     if image_loader is not None:
-        for rm in {id(m): m for m in (models.recall, models.rank_rm) if m}.values():
+        for rm in filter(None, (models.recall, models.rank_rm)):
             rm.image_loader = image_loader
     stats1, stats2 = {}, {}
     with clock("stage1_images"):
@@ -177,7 +175,7 @@ def score_block(items, models: SelectionModels, tables, settings: Scoring, clock
     encoded.update(stage2=stats2.get("encoded", 0), stage2_cached=stats2.get("cached", 0))
     return {
         "stage2_candidates": len(short),
-        "distinct_images": stats1.get("distinct", 0),
+        "distinct_images": len(vec1),
         "images_encoded": encoded,
         "texts_encoded": n_texts,
         "items_with_unknown_poi": sum(bool(x.unknown) for x in inputs.values()),

@@ -23,8 +23,6 @@ from utils.io import atomic_write
 log = logging.getLogger(__name__)
 
 COLUMNS = ("item_id", "title", "poi_names", "image")
-URL_PREFIXES = ("http://", "https://")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 # candidate statuses
 OK = "ok"  # readable; scored
@@ -53,7 +51,7 @@ class Candidate:
 
     @property
     def is_url(self) -> bool:
-        return self.image.lower().startswith(URL_PREFIXES)
+        return self.image.lower().startswith(("http://", "https://"))
 
 
 @dataclass
@@ -75,12 +73,11 @@ class Item:
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(PARQUET_SUFFIXES)
+    return str(path).lower().endswith((".parquet", ".pq"))
 
 
 def _lacking(path: str, line: int, found: list[str]) -> None:
-    absent = [c for c in COLUMNS if c not in found]
-    if absent:
+    if absent := [c for c in COLUMNS if c not in found]:
         raise DataError(f"{path}:{line}: the header lacks {', '.join(absent)} (expected {','.join(COLUMNS)})")
 
 
@@ -152,11 +149,9 @@ def mark_duplicates(items: list[Item]) -> int:
         first: dict[str, Candidate] = {}
         for c in it.cands:
             key = c.image if c.is_url else (os.path.realpath(c.file) if c.file else c.image)
-            if key in first:
-                c.status, c.detail = DUPLICATE, f"same image as line {first[key].line}"
+            if (earlier := first.setdefault(key, c)) is not c:
+                c.status, c.detail = DUPLICATE, f"same image as line {earlier.line}"
                 n += 1
-            else:
-                first[key] = c
     return n
 
 
@@ -175,8 +170,7 @@ def resolve_images(items: list[Item], csv_dir, image_cache, net: Downloads, prog
         if c.is_url:
             urls.setdefault(c.image, []).append(c)
             continue
-        p = Path(os.path.expanduser(c.image))
-        c.file = str(p if p.is_absolute() else Path(csv_dir) / p)
+        c.file = str(Path(csv_dir, os.path.expanduser(c.image)))  # an absolute path stays as it is
         counts["local"] += 1
         if not os.path.isfile(c.file):
             c.status, c.detail = MISSING, f"no such file: {c.file}"

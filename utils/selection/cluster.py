@@ -17,7 +17,11 @@ import socket
 import zlib
 from pathlib import Path
 
-from .catalogue import catalogue_rows, group_items, is_parquet
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .catalogue import COLUMNS, catalogue_rows, group_items, is_parquet
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ TOKEN_HELP = (
     "`ray get-auth-token` on the head node prints the cluster's"
 )
 BLOCK_ROWS = 50_000  # rows per block read; the bad rows come with their block
-FIELDS = ("line", "item_id", "title", "poi_names", "image")
+FIELDS = ("line", *COLUMNS)
 
 
 def runtime_env(address: str | None) -> dict:
@@ -116,8 +120,6 @@ def connect_ray(address: str | None = None, **init_kw) -> bool:
 
 def _read_parts(batch, path: str):
     """Blocks of the rows (FIELDS, ``error`` empty) and bad rows (``error`` set) of each part in ``batch``."""
-    import pyarrow as pa
-
     for groups, line in zip(batch["groups"].to_pylist(), batch["line"].to_pylist()):
         errors: list[RowError] = []
         rows = catalogue_rows(path, errors, groups, line)
@@ -135,8 +137,6 @@ def read_dataset(path: str):
 
     parts = [{"groups": None, "line": 2}]
     if is_parquet(path):
-        import pyarrow.parquet as pq
-
         meta = pq.ParquetFile(path).metadata
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         lines = enumerate(itertools.accumulate(rows, initial=2))
@@ -146,9 +146,6 @@ def read_dataset(path: str):
 
 
 def _counts(t):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ok = pc.equal(t["error"], "")
     good, bad = t.filter(ok), t.filter(pc.invert(ok))
     errors = json.dumps(list(zip(bad["line"].to_pylist(), bad["error"].to_pylist())))
@@ -157,31 +154,22 @@ def _counts(t):
 
 def count_catalogue(path: str) -> tuple[int, int, list[RowError]]:
     """``(usable rows, items, bad rows in line order)``; items are counted per block (they only size the shards)."""
-    ds = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None)
-    rows = items = 0
-    errors: list[RowError] = []
-    for r in ds.iter_rows():
-        rows, items = rows + r["rows"], items + r["items"]
-        errors += [RowError(path, line, message) for line, message in json.loads(r["errors"])]
-    return rows, items, sorted(errors, key=lambda e: e.line)
+    blocks = read_dataset(path).map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()
+    errors = [RowError(path, line, message) for b in blocks for line, message in json.loads(b["errors"])]
+    return sum(b["rows"] for b in blocks), sum(b["items"] for b in blocks), sorted(errors, key=lambda e: e.line)
 
 
 def _keyed(t, n: int, done: list[int]):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t = t.filter(pc.equal(t["error"], ""))
     shard = pa.array([zlib.crc32(i.encode("utf-8")) % n for i in t["item_id"].to_pylist()], pa.int64())
     return t.append_column("shard", shard).filter(pc.invert(pc.is_in(shard, pa.array(done, pa.int64()))))
 
 
 def _shard(t, path: str):
-    """One shard's rows -> its items (the local grouping rule), one payload row."""
+    """One shard's rows -> its items (the local grouping rule), one row of payload ``{"items": items}``."""
     t = t.sort_by("line")
-    import pyarrow as pa
-
     items = group_items(zip(*(t[f].to_pylist() for f in FIELDS)), path)
-    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), items)])
+    return pa.Table.from_pylist([shard_row(t["shard"][0].as_py(), {"items": items})])
 
 
 def shard_dataset(path: str, n: int, done: set[int], partitions: int):

@@ -24,7 +24,7 @@ from utils.io import exclusive_lock
 from .catalogue import OK, UNREADABLE, catalogue_rows
 from .cluster import FAIL_ENV, connect_ray, count_catalogue, shard_dataset, shard_row
 from .run import POI_TABLES, Clock, RayOptions, Selection, add_counts, check_rows, finish, resolve, summarize, tally
-from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, shard_metas, staged_cache, write_shard
+from .shards import finished_shards, is_uri, open_dir, plan_key, shard_items, staged_cache, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +33,24 @@ ACTOR_RESTARTS = 3  # a scoring actor that dies is restarted up to this often
 RUN_ATTEMPTS = 3  # a run that fails on a lost node goes on this often with the shards not written
 
 
-def _maybe_die(stage: str) -> None:
-    """Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<stage>`` dies."""
-    d = os.environ.get(FAIL_ENV)
-    with contextlib.suppress(FileNotFoundError):
-        if d:
-            os.remove(os.path.join(d, stage))
-            print(f"select on Ray: injected failure in {stage}", file=sys.stderr, flush=True)
-            os._exit(1)
-
-
 @contextlib.contextmanager
-def _stage(payload: dict, name: str):
-    """``payload["where"][name]``: the node (address/id: nodes may share an address), seconds."""
+def _stage(row: dict, name: str, trigger: str):
+    """The shard's payload, unpickled; after the block ``payload["where"][name]``: the node (address/id: nodes may
+    share an address), seconds. Tests: the first worker to remove ``$AVAS_SELECT_RAY_FAIL_DIR/<trigger>`` dies."""
     import ray
 
-    t = time.perf_counter()
-    yield
+    with contextlib.suppress(FileNotFoundError):
+        if d := os.environ.get(FAIL_ENV):
+            os.remove(os.path.join(d, trigger))
+            print(f"select on Ray: injected failure in {trigger}", file=sys.stderr, flush=True)
+            os._exit(1)
+    payload, t = pickle.loads(row["payload"]), time.perf_counter()
+    yield payload
     node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
     payload.setdefault("where", {})[name] = [node, round(time.perf_counter() - t, 4)]
 
 
-# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled} (``shard_row``) ---
+# --- stages: each takes and returns a shard's row {"shard": k, "payload": pickled dict} (``shard_row``) ---
 def _prepare(items, job: Selection) -> tuple[dict, dict]:
     """A shard's images resolved and decoded: ``(fetch counts, {file: array})``."""
     import cv2
@@ -62,36 +58,24 @@ def _prepare(items, job: Selection) -> tuple[dict, dict]:
     from utils.formats import SIZE, load_image
 
     cands = [c for it in items for c in it.cands]
-    arrays: dict = {}  # {file: the image at the model's input size (uint8), None when it does not decode}
     resized = functools.partial(cv2.resize, dsize=(SIZE, SIZE))
     urls, remote = [c for c in cands if c.is_url], is_uri(job.image_dir)
     with staged_cache(job.image_dir, urls) if remote else contextlib.nullcontext(job.image_dir) as cache:
         fetch = resolve(replace(job, image_cache=cache), items, progress=False)
-        for c in (c for c in cands if c.status == OK):
-            if c.file not in arrays:
-                array, ok = load_image(c.file, job.scoring.enc.preprocess, make=resized)
-                arrays[c.file] = array if ok else None
-            if arrays[c.file] is None:
+        # each file once, at the model's input size (uint8); (array, decoded?)
+        load = functools.cache(lambda file: load_image(file, job.scoring.enc.preprocess, make=resized))
+        decoded = [(c, *load(c.file)) for c in cands if c.status == OK]  # by the local copy's name
+        for c, _, ok in decoded:
+            if not ok:
                 c.status, c.detail = UNREADABLE, "does not decode as an image"
-        decoded = [(c, arrays[c.file]) for c in cands if c.status == OK]  # by the local copy's name
-    return fetch, {c.file: array for c, array in decoded}  # by the name the cache gave it
+    return fetch, {c.file: array for c, array, ok in decoded if ok}  # by the name the cache gave it
 
 
 def prepare_stage(row: dict, job: Selection) -> dict:
     """Fetch and decode, one CPU task per shard."""
-    _maybe_die("decode")
-    payload: dict = {"items": pickle.loads(row["payload"])}
-    with _stage(payload, "prepare"):
-        payload["fetch"], payload["images"] = _prepare(payload["items"], job)
-    return shard_row(row["shard"], payload)
-
-
-def decoded_image(arrays: dict, path, mode="reference"):
-    """The actors' ``image_loader`` (with ``arrays``, a shard's decoded images, bound)."""
-    from utils.formats import ZERO_TENSOR, to_tensor
-
-    a = arrays.get(str(path))
-    return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+    with _stage(row, "prepare", "decode") as p:
+        p["fetch"], p["images"] = _prepare(p["items"], job)
+    return shard_row(row["shard"], p)
 
 
 class ScoreShards:
@@ -107,19 +91,23 @@ class ScoreShards:
         self.models, self.tables = load(job.files, device, enc.backend)
 
     def __call__(self, row: dict) -> dict:
-        _maybe_die("select")
-        p = pickle.loads(row["payload"])
-        with _stage(p, "score"):
-            loader = functools.partial(decoded_image, p.pop("images"))
+        from utils.formats import ZERO_TENSOR, to_tensor
+
+        with _stage(row, "score", "select") as p:
+            images = p.pop("images")  # decoded already: the models' image_loader reads them instead of the files
+
+            def loader(path, mode="reference"):
+                a = images.get(str(path))
+                return (ZERO_TENSOR.clone(), False) if a is None else (to_tensor(a), True)
+
             p["counts"] = self.score(p["items"], self.models, self.tables, self.scoring, image_loader=loader)
         return shard_row(row["shard"], p)
 
 
 def write_stage(row: dict, shard_dir: str, key: str) -> dict:
     """The shard's file; returns its metadata (counts, where its stages ran)."""
-    _maybe_die("write")
-    k, p = int(row["shard"]), pickle.loads(row["payload"])
-    with _stage(p, "write"):
+    k = int(row["shard"])
+    with _stage(row, "write", "write") as p:
         meta = {"plan": key, "shard": k, "fetch": p["fetch"], "counts": p["counts"], "tally": tally(p["items"])}
         meta["where"] = p["where"]  # the write's own time is added after the file is written
         write_shard(shard_dir, k, p["items"], meta)
@@ -139,18 +127,6 @@ def absolute(job: Selection) -> Selection:
     return ab(replace(job, files=files, scoring=scoring), "items", "out", "html", "summary", "image_cache")
 
 
-def check_resources(opts: RayOptions) -> None:
-    """The actors must leave a CPU for the prepare tasks and find their GPUs (else Ray waits)."""
-    import ray
-
-    have = ray.cluster_resources()
-    cpus, gpus = opts.actors * opts.cpus_per_actor, opts.actors * opts.gpus_per_actor
-    if cpus > have.get("CPU", 0) - 1:
-        raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
-    if gpus > have.get("GPU", 0):
-        raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
-
-
 def _map(ds, fn, kw: dict, **retries):
     """``ds.map(fn, **kw)`` with bounded retries; a Ray that refuses them keeps its defaults, logged."""
     with warnings.catch_warnings():
@@ -163,21 +139,27 @@ def _map(ds, fn, kw: dict, **retries):
 
 
 def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: set[int]):
-    """The shards not in ``done`` through the stages; yields each one's metadata."""
+    """The shards not in ``done`` through the stages (the cluster checked to hold the actors first); yields
+    each one's metadata."""
     import ray
     import ray.data
 
+    have = ray.cluster_resources()  # the actors must leave a CPU for the prepare tasks and find their GPUs
+    cpus, gpus = opts.actors * opts.cpus_per_actor, opts.actors * opts.gpus_per_actor
+    if cpus > have.get("CPU", 0) - 1:
+        raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
+    if gpus > have.get("GPU", 0):  # else Ray waits for them
+        raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = job.scoring.enc.progress
     ctx.max_errored_blocks = 0
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = shard_dataset(job.items, plan["shards"], done, partitions=min(plan["shards"], cpus))
+    partitions = min(plan["shards"], max(1, int(have.get("CPU", 1))))
+    ds = shard_dataset(job.items, plan["shards"], done, partitions)
     ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, num_cpus=1), max_retries=TASK_RETRIES)
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
     actor = (*fns, job, device, max(1, round(opts.cpus_per_actor)), logging.getLogger().level)
     pool = ray.data.ActorPoolStrategy(size=opts.actors)
-    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor)
-    kw["num_gpus"] = opts.gpus_per_actor
+    kw = dict(fn_constructor_args=actor, compute=pool, num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor)
     ds = _map(ds, ScoreShards, kw, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     kw = dict(fn_kwargs={"shard_dir": plan["dir"], "key": plan["key"]}, num_cpus=0.25)
     for row in _map(ds, write_stage, kw, max_retries=TASK_RETRIES).iter_rows():
@@ -187,8 +169,7 @@ def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: 
 def _progress(meta: dict, n_done: int, n: int, nodes: dict) -> None:
     """A shard written: one line, and its share in the per-node record."""
     where, t = meta["where"], meta["tally"]
-    enc = meta["counts"]["images_encoded"]
-    encoded = enc.get("stage1", 0) + enc.get("stage2", 0)
+    encoded = sum(meta["counts"]["images_encoded"].get(stage, 0) for stage in ("stage1", "stage2"))
     share = {"shards": 1, "candidates": t["candidates"], "images_encoded": encoded, "status_counts": t["status_counts"]}
     add_counts(nodes.setdefault(where["score"][0], {}), share)
     for stage, (node, seconds) in where.items():
@@ -203,15 +184,14 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
     from ray.exceptions import RayError, RayTaskError
 
     fs, d = open_dir(plan["dir"])
-    done = finished_shards(fs, d, plan["key"], plan["shards"])
-    metas, nodes, t = shard_metas(fs, d, done), {}, time.perf_counter()
+    metas = finished_shards(fs, d, plan["key"], plan["shards"])
+    done, nodes, t = set(metas), {}, time.perf_counter()
     log.info("~%d shards: %d already in %s", plan["shards"], len(done), plan["dir"])
     for attempt in range(RUN_ATTEMPTS + 1):
         if sum(m["tally"]["candidates"] for m in metas.values()) == rows:
             break
         if attempt == RUN_ATTEMPTS:
             raise RuntimeError(f"the shards in {plan['dir']} do not hold the catalogue's {rows} rows")
-        check_resources(opts)
         try:
             for meta in run_dataset(job, opts, fns, plan, set(metas)):
                 metas[meta["shard"]] = meta
@@ -220,7 +200,7 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
             if attempt + 1 == RUN_ATTEMPTS or isinstance(e, RayTaskError) and isinstance(e.cause, UserError):
                 raise
             log.warning("the run lost part of the cluster (%s); going on with the shards not written", type(e).__name__)
-            metas.update(shard_metas(fs, d, finished_shards(fs, d, plan["key"], plan["shards"]) - set(metas)))
+            metas = finished_shards(fs, d, plan["key"], plan["shards"]) | metas  # those not yet seen here
     seconds = time.perf_counter() - t
     return metas, {
         "address": opts.address or os.environ.get("RAY_ADDRESS") or "local",
@@ -240,7 +220,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
         rows, n_items, errors = count_catalogue(job.items)
     check_rows(job.items, rows, errors, job.skip_bad_rows)
     with clock("load_models"):  # here once, so that a bad checkpoint or table stops before the scoring
-        models, _ = fns[0](job.files, "cpu", "torch")
+        models = fns[0](job.files, "cpu", "torch")[0]
         found, hashes = models.path, models.hashes
         del models
     if job.scoring.enc.cache_dir:
@@ -250,7 +230,7 @@ def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location
     with clock("ray"):
         metas, record = _run_shards(job, opts, fns, plan, rows)
     blocks = ({k: m[k] for k in ("fetch", "counts", "tally")} for m in metas.values())
-    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, (found, hashes), "ray")
+    summary = summarize(job, functools.reduce(add_counts, blocks, {}), errors, found, hashes, "ray")
     summary["ray"] = record
     return finish(job, summary, clock, lambda: shard_items(*open_dir(location), metas), merge=location != job.out)
 

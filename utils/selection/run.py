@@ -126,8 +126,7 @@ def check_rows(path: str, usable: int, errors: list, skip_bad_rows: bool) -> Non
 
 def resolve(job: Selection, items: list[Item], progress: bool) -> dict:
     """Local paths and downloads (counts), then duplicates marked."""
-    csv_dir = os.path.dirname(os.path.abspath(job.items))
-    fetch = resolve_images(items, csv_dir, job.image_dir, job.net, progress)
+    fetch = resolve_images(items, os.path.dirname(os.path.abspath(job.items)), job.image_dir, job.net, progress)
     if n_dup := mark_duplicates(items):
         log.warning("%d rows repeat an image already listed for the same item; scored once, marked duplicate", n_dup)
     return fetch
@@ -159,14 +158,12 @@ def tally(items: list[Item]) -> dict:
     }
 
 
-def summarize(job: Selection, totals: dict, errors: list, models: tuple, device) -> dict:
+def summarize(job: Selection, totals: dict, errors: list, path: str, hashes: dict, device) -> dict:
     """The run's summary: ``totals``, the blocks' ``fetch``, ``counts`` and ``tally`` added up (``add_counts``);
-    ``models``: (encode path, hashes)."""
-    path, hashes = models
+    ``path``, ``hashes``: the models' encode path and weight hashes."""
     counted, counts = totals["tally"], totals["counts"]
     blocks = {k: v for k, v in counts.items() if k != "backend"}
     blocks["unknown_pois"] = sorted(set(blocks.get("unknown_pois", ())))
-    enc = job.scoring.enc
     return {
         "items_csv": job.items,
         "out": job.out,
@@ -189,8 +186,8 @@ def summarize(job: Selection, totals: dict, errors: list, models: tuple, device)
         **blocks,
         "device": str(device),
         "backend": ",".join(sorted(set(counts.get("backend", ())) - {"none"})) or "none",
-        "preprocess": enc.preprocess,
-        "precision": enc.precision,
+        "preprocess": job.scoring.enc.preprocess,
+        "precision": job.scoring.enc.precision,
     }
 
 
@@ -205,7 +202,7 @@ def page_sample(items) -> list[Item]:
     return sorted(kept, key=lambda it: it.line)
 
 
-def _report_head(job: Selection, summary: dict, shown: int) -> dict:
+def _report_head(summary: dict, shown: int) -> dict:
     st = summary["status_counts"]
     return {
         "items": summary["items"],
@@ -213,7 +210,7 @@ def _report_head(job: Selection, summary: dict, shown: int) -> dict:
         "selected": summary["items_selected"],
         "without readable candidate": len(summary["items_without_readable_candidate"]),
         "encode path": summary["encode_path"],
-        "recall k": job.scoring.recall_k if summary["encode_path"] != "recall-only" else "recall only",
+        "recall k": summary["recall_k"] if summary["encode_path"] != "recall-only" else "recall only",
         "unreadable/missing/failed": st[UNREADABLE] + st[MISSING] + st[DOWNLOAD_FAILED],
         "duplicates": st[DUPLICATE],
         "unknown POIs": len(summary["unknown_pois"]),
@@ -221,7 +218,8 @@ def _report_head(job: Selection, summary: dict, shown: int) -> dict:
     } | ({"items shown": f"a sample of {shown}"} if shown < summary["items"] else {})
 
 
-def _warn(summary: dict) -> None:
+def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = True) -> dict:
+    """The CSV of ``items()`` (``merge`` False: the shards are the output), page and summary: all written or none."""
     unknown = f"POI names lack a table vector (zero vectors), in {summary.get('items_with_unknown_poi')} items"
     for names, what in (
         (summary["items_without_readable_candidate"], "items have no readable candidate and get no selection"),
@@ -230,11 +228,6 @@ def _warn(summary: dict) -> None:
         if names:
             log.warning("%d %s: %s", len(names), what, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
-
-def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = True) -> dict:
-    """The CSV of ``items()`` (``merge`` False: the shards are the output), page and summary: all written or none."""
-    _warn(summary)
-
     def write_rows(tmp):
         with clock("write"):  # in catalogue order: a Ray run's shards hold the items by the hash of their id
             write_output(tmp, output_rows(sorted(items(), key=lambda it: it.line)))
@@ -242,15 +235,14 @@ def finish(job: Selection, summary: dict, clock: Clock, items, merge: bool = Tru
     def write_page(tmp):
         with clock("html"):
             shown, title = page_sample(items()), f"Image selection: {job.items}"
-            head = _report_head(job, summary, len(shown))
+            head = _report_head(summary, len(shown))
             text, summary["html"] = selection_report(shown, head, title, progress=job.scoring.enc.progress)
             Path(tmp).write_text(text, encoding="utf-8")
 
     def write_summary(tmp):
-        timings = clock.timings
-        timings["total"] = time.perf_counter() - clock.start
-        summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        summary["items_per_s"] = round(summary["items"] / max(timings["total"], 1e-9), 3)
+        total = clock.timings["total"] = time.perf_counter() - clock.start
+        summary["timings_s"] = {k: round(v, 4) for k, v in clock.timings.items()}
+        summary["items_per_s"] = round(summary["items"] / max(total, 1e-9), 3)
         write_json(tmp, summary, indent=1)
 
     remote = is_uri(job.summary_path)  # a URI --out: the summary goes beside it, written last
@@ -280,5 +272,5 @@ def run_local(job: Selection, load: Callable, score: Callable) -> dict:
         fetch = resolve(job, items, enc.progress)
     counts = score(items, models, tables, job.scoring, clock=clock)
     totals = add_counts({}, {"fetch": fetch, "counts": counts, "tally": tally(items)})
-    summary = summarize(job, totals, errors, (models.path, models.hashes), device)
+    summary = summarize(job, totals, errors, models.path, models.hashes, device)
     return finish(job, summary, clock, lambda: items)

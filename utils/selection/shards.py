@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "_plan.json"  # written by older versions beside the shards: left alone
 META_KEY = b"avas_select"
 POI_TABLES = ("poi_pic_num", "poi_image_vectors", "poi_name_vectors")
+SHARD_FILE = "part-{:06d}.parquet"  # of shard k; SHARD_NAME reads k back
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 SHARD_TEMP = re.compile(r"(part-\d{6,}\.parquet|_plan\.json)\.tmp\d+")
 COLUMN_TYPES = "string int64 string string float64 int64 float64 int64 int8 string string".split()  # OUTPUT_HEADER
@@ -80,7 +81,6 @@ def staged_cache(location: str, cands: list[Candidate]):
 def plan_key(job, hashes: dict, n_shards: int, shard_items: int) -> str:
     """What the output rows of a ``Selection`` depend on: a finished shard is reused only under the same key."""
     paths = {"items": job.items, **{n: getattr(job.files, n) for n in POI_TABLES}}
-    enc = job.scoring.enc
     plan = {
         "files": {n: sha256_file(p) if p else None for n, p in paths.items()},
         "hashes": hashes,
@@ -89,23 +89,21 @@ def plan_key(job, hashes: dict, n_shards: int, shard_items: int) -> str:
         "shard_items": shard_items,
         "recall_k": job.scoring.recall_k,
         "recall_only": job.files.recall_only,
-        "preprocess": enc.preprocess,
-        "precision": enc.precision,
+        "preprocess": job.scoring.enc.preprocess,
+        "precision": job.scoring.enc.precision,
         "image_cache": job.image_dir,
         "items_path": job.items,
     }
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def shard_name(k: int) -> str:
-    return f"part-{k:06d}.parquet"
-
-
-def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
-    """Shards of this plan already written; other plans' shards and temp files removed; another file: refused."""
+def finished_shards(fs, d: str, key: str | None, n: int) -> dict[int, dict]:
+    """``{k: metadata}`` (from the footers) of the shards of this plan already written; other plans' shards and
+    temp files removed; another file: refused."""
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
-    done, stale = set(), []
+    done, stale = {}, []
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
     for name in sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File):
         path = f"{d}/{name}"
@@ -114,15 +112,15 @@ def finished_shards(fs, d: str, key: str | None, n: int) -> set[int]:
         if SHARD_TEMP.fullmatch(name):
             fs.delete_file(path)
             continue
+        shard = SHARD_NAME.fullmatch(name)
         try:
-            meta = _meta(fs, path) if SHARD_NAME.fullmatch(name) else None
+            meta = json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY]) if shard else None
         except Exception:  # not a Parquet file, or not one of ours
             meta = None
         if meta is None:
             raise UserError(f"--out {d}: holds {name}, not a shard of select_images.py; give a new or empty directory")
-        k = int(SHARD_NAME.fullmatch(name).group(1))
-        if meta.get("plan") == key and k < n:
-            done.add(k)
+        if meta.get("plan") == key and int(shard.group(1)) < n:
+            done[int(shard.group(1))] = meta
         else:
             stale.append(path)
     if stale and key is not None:  # None: only looking for files not ours
@@ -142,18 +140,7 @@ def write_shard(location: str, k: int, items: list[Item], meta: dict) -> None:
     schema = pa.schema(columns, metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
     table = pa.Table.from_pylist([dict(zip(OUTPUT_HEADER, row)) for row in output_rows(items)], schema=schema)
     fs, d = open_dir(location)
-    put(fs, f"{d}/{shard_name(k)}", lambda tmp: pq.write_table(table, tmp))
-
-
-def _meta(fs, path: str) -> dict:
-    import pyarrow.parquet as pq
-
-    return json.loads(pq.read_schema(path, filesystem=fs).metadata[META_KEY])
-
-
-def shard_metas(fs, d: str, ks) -> dict:
-    """``{k: metadata}`` of the shards ``ks`` (their footers only)."""
-    return {k: _meta(fs, f"{d}/{shard_name(k)}") for k in ks}
+    put(fs, f"{d}/{SHARD_FILE.format(k)}", lambda tmp: pq.write_table(table, tmp))
 
 
 def shard_items(fs, d: str, ks):
@@ -161,7 +148,7 @@ def shard_items(fs, d: str, ks):
     import pyarrow.parquet as pq
 
     for k in sorted(ks):
-        t = pq.read_table(f"{d}/{shard_name(k)}", filesystem=fs)
+        t = pq.read_table(f"{d}/{SHARD_FILE.format(k)}", filesystem=fs)
         titles, rows = json.loads(t.schema.metadata[META_KEY])["titles"], t.to_pylist()
         items = group_items(
             [(r["line"], r["item_id"], *titles.get(r["item_id"], ["", ""]), r["image"]) for r in rows], d
