@@ -25,6 +25,7 @@ from local_server import LocalServer  # noqa: E402
 import select_images  # noqa: E402
 from models.checkpoint import save_align_checkpoint, save_ranker_checkpoint  # noqa: E402
 from utils.formats.poi import save_tables  # noqa: E402
+from utils.selection import cluster  # noqa: E402
 from utils.selection import ray_runner as select_ray  # noqa: E402
 
 # Ray's own DataContext warns about its renamed settings; not ours to fix
@@ -289,9 +290,20 @@ def test_parquet_shards_and_rerun_skips_finished(env, ray_session, local, tmp_pa
     assert _summary(out)["ray"]["shards_written"] == len(parts)
 
 
-def test_parquet_catalogue(env, ray_session, local, tmp_path):
-    """--items as Parquet (row i = line i + 2, as in the CSV): the same rows as the CSV run."""
+def test_parquet_catalogue(env, ray_session, local, tmp_path, monkeypatch):
+    """--items as Parquet (row i = line i + 2, as in the CSV): the same rows as the CSV run;
+    --no-progress holds from the first stage (the count) on."""
     import pyarrow as pa
+    import ray.data
+
+    bars = []
+
+    def count(path):
+        bars.append(ray.data.DataContext.get_current().enable_progress_bars)
+        return cluster.count_catalogue(path)
+
+    monkeypatch.setattr(select_ray, "count_catalogue", count)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)  # as in a new driver
 
     with open(env["csv"], encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
@@ -302,6 +314,7 @@ def test_parquet_catalogue(env, ray_session, local, tmp_path):
     argv[argv.index("--items") + 1] = str(items)
     assert select_images.main(argv) == 0
     assert_same(local["rows"], _read(tmp_path / "pq.csv"))
+    assert bars == [False]
 
 
 def test_bad_rows_skipped_on_the_cluster_as_locally(env, ray_session, local, tmp_path):

@@ -150,9 +150,6 @@ def run_dataset(job: Selection, opts: RayOptions, fns: tuple, plan: dict, done: 
         raise UserError(f"--actors x --cpus-per-actor = {cpus:g} leaves no CPU of {have.get('CPU', 0):g} for decoding")
     if gpus > have.get("GPU", 0):  # else Ray waits for them
         raise UserError(f"--actors x --gpus-per-actor = {gpus:g}: the cluster has {have.get('GPU', 0):g} GPUs")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = job.scoring.enc.progress
-    ctx.max_errored_blocks = 0
     partitions = min(plan["shards"], max(1, int(have.get("CPU", 1))))
     ds = shard_dataset(job.items, plan["shards"], done, partitions)
     ds = _map(ds, prepare_stage, dict(fn_kwargs={"job": job}, num_cpus=1), max_retries=TASK_RETRIES)
@@ -216,6 +213,11 @@ def _run_shards(job: Selection, opts: RayOptions, fns: tuple, plan: dict, rows: 
 
 
 def _select(job: Selection, opts: RayOptions, fns: tuple, clock: Clock, location: str) -> dict:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()  # for every stage, the count included
+    ctx.enable_progress_bars = job.scoring.enc.progress
+    ctx.max_errored_blocks = 0
     with clock("count"):
         rows, n_items, errors = count_catalogue(job.items)
     check_rows(job.items, rows, errors, job.skip_bad_rows)
