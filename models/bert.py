@@ -65,8 +65,7 @@ def load_text_config(directory, hint: str, read=None):
     config = (read or BertConfig.from_json_file)(path)
     check_sizes(path, config)
     vocab = model_file(directory, "vocab.txt", hint)
-    n = sum(1 for _ in text_lines(vocab))
-    if n > config.vocab_size:
+    if (n := sum(1 for _ in text_lines(vocab))) > config.vocab_size:
         raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {path}")
     return config
 

@@ -90,8 +90,7 @@ def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> 
             g.duplicates.append(row)
             continue
         seen.add(row.key)
-        path = index.get(row.key)
-        if path is None:
+        if (path := index.get(row.key)) is None:
             g.missing.append(row)
         else:
             g.images.append((row, path))
