@@ -174,8 +174,7 @@ class BertEncoder(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            with torch.no_grad():
-                m.weight[m.padding_idx].zero_()
+            nn.init.zeros_(m.weight[m.padding_idx])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask, n = None, input_ids.shape[1]

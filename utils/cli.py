@@ -36,9 +36,8 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 # Only for a script run as the program: a process that merely imports us keeps its handler.
 _PROGRAM = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-if (_PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")) and (
-    threading.current_thread() is threading.main_thread()
-):
+_OURS = _PROGRAM.resolve().parent == Path(__file__).resolve().parent.parent or _PROGRAM.name.startswith("avas-")
+if _OURS and threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
