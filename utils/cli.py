@@ -244,11 +244,9 @@ def _writable_dir(d: Path, label: str) -> None:
     if not d.is_dir():
         raise UserError(f"{label}: {d} is not a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=d)
+        tempfile.TemporaryFile(dir=d).close()
     except OSError as e:
         raise UserError(f"{label}: cannot write in {d} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def output_file(path, what: str | None = None) -> Path:

@@ -178,8 +178,7 @@ class PartFile:
 
     def commit(self, path: str | os.PathLike) -> Path:
         self.close()
-        os.replace(self.path, path)
-        return Path(path)
+        return self.path.replace(path)
 
     def discard(self, keep: bool = False) -> None:
         """Close without flushing what is buffered; remove the part unless ``keep``."""
