@@ -152,14 +152,12 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
     workers = default_workers if enc.num_workers is None else enc.num_workers
     workers_only = {"prefetch_factor": 4} if workers else {}  # torch's workers run on one thread each
     dataset, pin = ImageDataset(paths, enc.preprocess, loader=loader), device.type == "cuda"
-    batches = DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
     _warn_if_emulated(device, enc.precision)
     fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
     with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-        for x, good, idx in batches:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        for x, good, idx in DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only):
             with autocast(device, enc.precision):
-                e = encoder(x, normalize=False)
+                e = encoder(x.to(device, non_blocking=True).contiguous(memory_format=fmt), normalize=False)
             put(_normalized(e), good.tolist(), idx.tolist())
     return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size}
 
