@@ -38,7 +38,6 @@ class ModelFilesError(UserError, FileNotFoundError):
 
 
 def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
-    """``directory/name``, or a ``ModelFilesError`` ending in ``hint``."""
     path = Path(directory) / name
     if not path.is_file():
         raise ModelFilesError(f"{path}: missing; {hint}")
@@ -46,7 +45,6 @@ def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
 
 
 def check_sizes(where, config) -> None:
-    """A ``DataError`` naming ``where`` when a size field is out of bounds."""
     for name, top in SIZE_LIMITS.items():
         v = getattr(config, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):

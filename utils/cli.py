@@ -103,7 +103,6 @@ def distinct_paths(inputs: dict, outputs: dict) -> None:
 
 
 def one_line(msg: object) -> str:
-    """A message on one line (its lines joined by '; ')."""
     parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
     return "; ".join(parts) if parts else type(msg).__name__
 
