@@ -102,7 +102,6 @@ class AlignModel(nn.Module):
 
     @classmethod
     def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
-        """The model for ``bert_dir``'s config with ``arch.text_layers`` layers."""
         arch = arch or AlignArch()
         config = load_text_config(bert_dir, BERT_DIR_HINT)
         config.num_hidden_layers = arch.text_layers

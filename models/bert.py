@@ -49,8 +49,7 @@ def check_sizes(where, config) -> None:
         v = getattr(config, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):
             raise DataError(f"{where}: {name} = {v!r} is out of bounds (1 to {top})")
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and positions < MIN_POSITIONS:
+    if (positions := getattr(config, "max_position_embeddings", None)) is not None and positions < MIN_POSITIONS:
         raise DataError(f"{where}: max_position_embeddings = {positions}, fewer than {MIN_POSITIONS} tokens")
     size, heads = config.hidden_size, config.num_attention_heads
     if size % heads:

@@ -94,8 +94,7 @@ def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> 
             g.missing.append(row)
         else:
             g.images.append((row, path))
-        first = g.queries.setdefault(row.poi_id, row.poi_name)
-        if first != row.poi_name:
+        if (first := g.queries.setdefault(row.poi_id, row.poi_name)) != row.poi_name:
             log.warning(f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name; using {first!r}")
     if g.duplicates:
         d = g.duplicates[0]
