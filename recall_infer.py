@@ -29,7 +29,6 @@ from utils import args as shared  # noqa: E402
 from utils import cli  # noqa: E402
 
 log = logging.getLogger("recall_infer")
-SHARED_FILES = ("checkpoint", "bert_dir", "arch")  # model files defined by args.add_recall_files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,24 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     text = "recall model: " + "; ".join(f"{k} = {e.help}" for k, e in MODELS.items()) + " (default align)"
     g.add_argument("--model", choices=list(MODELS), default="align", help=text)
     for name, help_text in {k: v for e in MODELS.values() for k, v in e.options.items()}.items():
-        if name not in SHARED_FILES:
+        if name not in ("checkpoint", "bert_dir", "arch"):  # added by add_recall_files
             g.add_argument("--" + name.replace("_", "-"), help=help_text)
     ns = p.parse_args(argv)
     if ns.model == "taiyi":  # an opt-in extra: name it before any work
         require("transformers", "taiyi", "--model taiyi")
-    missing = [k for k in MODELS[ns.model].required if getattr(ns, k) in (None, "")]
-    if missing:
+    if missing := [k for k in MODELS[ns.model].required if getattr(ns, k) in (None, "")]:
         p.error(f"--model {ns.model} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return ns
-
-
-def check_paths(job: RecallJob) -> None:
-    """Inputs readable, outputs writable and distinct, before anything expensive."""
-    files, dirs = {"--csv": job.csv}, {"--image-dir": job.image_dir}
-    for name, path in job.files.items():
-        (dirs if name.endswith("_dir") else files)["--" + name.replace("_", "-")] = path
-    outputs = {("--output (its .meta.json)" if f == "meta" else f): path for f, path in job.outputs.items()}
-    cli.check_files(files, dirs, outputs, {"--cache-dir": job.enc.cache_dir})
 
 
 @entry_point
@@ -77,7 +66,11 @@ def main(argv=None) -> int:
     cli.setup_logging(ns.log_level)
     files = {k: getattr(ns, k) for k in MODELS[ns.model].options}  # the chosen model's path options
     job = shared.from_flags(RecallJob, ns, files=files, enc=shared.Encoding.from_args(ns))
-    check_paths(job)
+    inputs, dirs = {"--csv": job.csv}, {"--image-dir": job.image_dir}  # checked before anything expensive
+    for name, path in files.items():
+        (dirs if name.endswith("_dir") else inputs)["--" + name.replace("_", "-")] = path
+    outputs = {("--output (its .meta.json)" if f == "meta" else f): path for f, path in job.outputs.items()}
+    cli.check_files(inputs, dirs, outputs, {"--cache-dir": job.enc.cache_dir})
     meta = run_recall(job, started=_T0)
     t = meta["timings_s"]
     log.info(

@@ -173,8 +173,7 @@ def check_args(ns) -> tuple[str, dict]:
         ns.steps = list(dict.fromkeys(ns.steps + list(BASELINE_STEPS)))
     if "taiyi-infer" in ns.steps:  # an opt-in extra: name it before anything is downloaded
         cli.require("transformers", "taiyi", "--with-baselines")
-    lacking = [n for n in NEEDED_ASSETS + BASELINE_ASSETS * ns.with_baselines if n not in assets]
-    if lacking:
+    if lacking := [n for n in NEEDED_ASSETS + BASELINE_ASSETS * ns.with_baselines if n not in assets]:
         raise UserError(f"{manifest}: lacks the asset(s) {', '.join(lacking)}")
     dest = ns.dest if "assets" in ns.steps else None
     cli.check_files({"--arch": ns.arch}, out_dirs={"--out-dir": ns.out_dir, "--dest": dest})
@@ -191,21 +190,15 @@ def check_args(ns) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     steps, out = plan(ns, *check_args(ns)), Path(ns.out_dir)
-    with exclusive_lock(out, ".reproduce.lock"):
-        handler = cli.log_file_handler(out / "reproduce.log")  # the steps' messages too
-        logging.getLogger().addHandler(handler)
+    with exclusive_lock(out, ".reproduce.lock"), cli.logging_to(out / "reproduce.log"):  # the steps' messages too
         cli.setup_logging(ns.log_level)
-        try:
-            log.info("reproduce: %s", vars(ns))
-            for name, s in steps.items():  # in pipeline order; the first failure stops the run
-                if not run_step(s, ns, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
-                    return 1
-            if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):  # also in OUT/results.{md,json}
-                print(f"\n{text}")
-            return 0
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        log.info("reproduce: %s", vars(ns))
+        for name, s in steps.items():  # in pipeline order; the first failure stops the run
+            if not run_step(s, ns, out, name in ns.force, ",".join(ALL_STEPS[: ALL_STEPS.index(name)])):
+                return 1
+        if text := results_table(ns.out_dir, ns.images_dir, ns.with_baselines):  # also in OUT/results.{md,json}
+            print(f"\n{text}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -52,8 +52,7 @@ class AlignArch:
             return cls()
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object of architecture fields, found {type(d).__name__}")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
+        if unknown := set(d) - set(cls.__dataclass_fields__):
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         for name, want in (("image_model", str), ("image_overrides", dict), ("text_layers", int), ("embed_dim", int)):
             if name in d and (not isinstance(d[name], want) or isinstance(d[name], bool)):
@@ -103,7 +102,6 @@ class AlignModel(nn.Module):
 
     @classmethod
     def from_bert_dir(cls, bert_dir, arch: AlignArch | None = None) -> AlignModel:
-        """The model for ``bert_dir``'s config with ``arch.text_layers`` layers."""
         arch = arch or AlignArch()
         config = load_text_config(bert_dir, BERT_DIR_HINT)
         config.num_hidden_layers = arch.text_layers

@@ -38,7 +38,6 @@ class ModelFilesError(UserError, FileNotFoundError):
 
 
 def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
-    """``directory/name``, or a ``ModelFilesError`` ending in ``hint``."""
     path = Path(directory) / name
     if not path.is_file():
         raise ModelFilesError(f"{path}: missing; {hint}")
@@ -46,13 +45,11 @@ def model_file(directory: str | os.PathLike, name: str, hint: str) -> Path:
 
 
 def check_sizes(where, config) -> None:
-    """A ``DataError`` naming ``where`` when a size field is out of bounds."""
     for name, top in SIZE_LIMITS.items():
         v = getattr(config, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):
             raise DataError(f"{where}: {name} = {v!r} is out of bounds (1 to {top})")
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and positions < MIN_POSITIONS:
+    if (positions := getattr(config, "max_position_embeddings", None)) is not None and positions < MIN_POSITIONS:
         raise DataError(f"{where}: max_position_embeddings = {positions}, fewer than {MIN_POSITIONS} tokens")
     size, heads = config.hidden_size, config.num_attention_heads
     if size % heads:
@@ -65,8 +62,7 @@ def load_text_config(directory, hint: str, read=None):
     config = (read or BertConfig.from_json_file)(path)
     check_sizes(path, config)
     vocab = model_file(directory, "vocab.txt", hint)
-    n = sum(1 for _ in text_lines(vocab))
-    if n > config.vocab_size:
+    if (n := sum(1 for _ in text_lines(vocab))) > config.vocab_size:
         raise DataError(f"{vocab}: {n} tokens, more than vocab_size {config.vocab_size} of {path}")
     return config
 
@@ -175,8 +171,7 @@ class BertEncoder(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            with torch.no_grad():
-                m.weight[m.padding_idx].zero_()
+            nn.init.zeros_(m.weight[m.padding_idx])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask, n = None, input_ids.shape[1]

@@ -76,8 +76,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     sd, meta = unwrap_state(obj, path)
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
+    if bad := [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
     return sd, meta
 
@@ -106,15 +105,13 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", 
     if any(problems.values()):
         parts = [f"{source} does not match {type(model).__name__}:"]
         for title, keys in problems.items():
-            keys = sorted(keys)
-            if keys:
+            if keys := sorted(keys):
                 more = [f"... and {len(keys) - MAX_LISTED} more"] if len(keys) > MAX_LISTED else []
                 parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MAX_LISTED] + more))
         parts.append(hint or "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
         raise CheckpointError("\n".join(parts))
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
-    bad = next((k for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad:
+    if bad := next((k for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v).all()), None):
         raise CheckpointError(f"{source}: tensor {bad} holds NaN or infinite values")
     ignored = sorted(k for k in sd if k not in expected)
     if ignored:

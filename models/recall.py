@@ -90,13 +90,11 @@ def read_gallery(csv_path: str, image_dir: str, skip_bad_rows: bool = False) -> 
             g.duplicates.append(row)
             continue
         seen.add(row.key)
-        path = index.get(row.key)
-        if path is None:
+        if (path := index.get(row.key)) is None:
             g.missing.append(row)
         else:
             g.images.append((row, path))
-        first = g.queries.setdefault(row.poi_id, row.poi_name)
-        if first != row.poi_name:
+        if (first := g.queries.setdefault(row.poi_id, row.poi_name)) != row.poi_name:
             log.warning(f"{csv_path} line {row.line}: poi_id {row.poi_id} has a second name; using {first!r}")
     if g.duplicates:
         d = g.duplicates[0]
@@ -197,12 +195,11 @@ def run_recall(job: RecallJob, started: float | None = None) -> dict:
 
     g = read_gallery(job.csv, job.image_dir, job.skip_bad_rows)
     step("read")
-    paths = [p for _, p in g.images]
     onnx_dir = os.path.join(job.enc.cache_dir, "onnx") if job.enc.cache_dir else None
     rm = build_recall_model(job.model, device=device, backend=job.enc.backend, onnx_cache_dir=onnx_dir, **job.files)
     log.info("model %s (%s) on %s", rm.name, ", ".join(f"{k}={v}" for k, v in rm.sources.items() if v), device)
     step("load_model")
-    img_emb, ok = rm.encode_images(paths, job.enc, stats=stats, desc="gallery")
+    img_emb, ok = rm.encode_images([p for _, p in g.images], job.enc, stats=stats, desc="gallery")
     step("images")
     if stats.get("first_batch_at"):
         timings["first_image"] = stats["first_batch_at"] - t0

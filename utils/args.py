@@ -30,7 +30,6 @@ def add_run(p, title: str | None = None):
 
 
 def add_engine(p, title: str | None = "engine", precision: bool = True, preprocess: bool = True):
-    """``--device``, ``--backend``, ``--precision``, ``--preprocess``."""
     g = _group(p, title)
     text = "where models run: auto = CUDA when present, else CPU (default auto)"
     g.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto", help=text)
@@ -116,8 +115,7 @@ def add_bad_rows(p):
 def from_flags(cls, ns: argparse.Namespace, renamed: dict | None = None, **override):
     """A dataclass ``cls`` of the flags named as its fields (``renamed``: field -> another dest)."""
     dest = {f.name: (renamed or {}).get(f.name, f.name) for f in fields(cls)}
-    values = {name: getattr(ns, d) for name, d in dest.items() if hasattr(ns, d)}
-    return cls(**{**values, **override})
+    return cls(**{name: getattr(ns, d) for name, d in dest.items() if hasattr(ns, d)} | override)
 
 
 @dataclass(frozen=True)

@@ -27,5 +27,4 @@ def state_dict_hash(sd: dict) -> str:
 
 
 def model_hash(model) -> str:
-    """``state_dict_hash`` of ``model``'s weights."""
     return state_dict_hash(model.state_dict())

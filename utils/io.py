@@ -72,9 +72,8 @@ def exclusive_lock(directory: str | os.PathLike, name: str = ".lock"):
     """Hold ``directory/name`` (``flock``: released even when killed); a second run gets a ``UserError``."""
     import fcntl
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / name
+    path = Path(directory, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:  # never through a symbolic link: our pid would land in its target
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -116,9 +115,7 @@ def text_lines(path: str | os.PathLike, errors: list | None = None) -> Iterator[
                 record_bad_row(errors, RowError(path, n, why))
                 yield "\n"
                 continue
-            if n == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            yield text
+            yield text.removeprefix("\ufeff") if n == 1 else text
 
 
 def read_json(path: str | os.PathLike, what: str | None = None):
@@ -181,13 +178,11 @@ class PartFile:
 
     def commit(self, path: str | os.PathLike) -> Path:
         self.close()
-        os.replace(self.path, path)
-        return Path(path)
+        return self.path.replace(path)
 
     def discard(self, keep: bool = False) -> None:
         """Close without flushing what is buffered; remove the part unless ``keep``."""
         with contextlib.suppress(OSError):
             self.file.close()
         if not keep:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            self.path.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ def _crc(blob: bytes, ok: bool) -> int:
     return zlib.crc32(blob + (b"\1" if ok else b"\0"))
 
 
-class EmbeddingCache:
+class EmbeddingCache(contextlib.AbstractContextManager):
     """``model_tag``: ``RecallModel.identity()``; ``hits``, ``misses``, ``stored``, ``hashed``, ``rejected``: counts."""
 
     def __init__(self, cache_dir: str | os.PathLike, model_tag: str):
@@ -82,9 +82,6 @@ class EmbeddingCache:
             with contextlib.suppress(sqlite3.Error):
                 self.db.close()
             self.db = None
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         log.info(

@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -152,14 +152,12 @@ def _run(model, paths: list[str], enc: Encoding, engine, loader, put) -> dict:
     workers = default_workers if enc.num_workers is None else enc.num_workers
     workers_only = {"prefetch_factor": 4} if workers else {}  # torch's workers run on one thread each
     dataset, pin = ImageDataset(paths, enc.preprocess, loader=loader), device.type == "cuda"
-    batches = DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only)
     _warn_if_emulated(device, enc.precision)
     fmt = torch.channels_last if on_torch else torch.contiguous_format  # ONNX Runtime takes plain NCHW
     with eval_mode(model, model.image_model if on_torch else None), torch.inference_mode():
-        for x, good, idx in batches:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        for x, good, idx in DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin, **workers_only):
             with autocast(device, enc.precision):
-                e = encoder(x, normalize=False)
+                e = encoder(x.to(device, non_blocking=True).contiguous(memory_format=fmt), normalize=False)
             put(_normalized(e), good.tolist(), idx.tolist())
     return {"num_workers": workers, "lanes": lanes, "batch_size": batch_size}
 
@@ -169,50 +167,28 @@ def _normalized(e: torch.Tensor) -> np.ndarray:
 
 
 def _encode_lanes(paths, mode: str, loader, batch_size: int, encoder, lanes: int, put):
-    """``lanes`` threads each take the next batch, decode it into its own buffer and encode it (ONNX
-    Runtime releases the GIL); ``put`` is called from this thread."""
-    starts, lock = iter(range(0, len(paths), batch_size)), threading.Lock()
-    stop, done = threading.Event(), queue.Queue()
+    """``lanes`` threads each decode a batch into their own buffer and encode it (ONNX Runtime releases the
+    GIL); ``put`` is called from this thread as batches finish. A failure stops the batches not begun."""
+    local = threading.local()
 
-    def take(buf: np.ndarray):
-        with lock:
-            a = next(starts, None)
-        if a is None:
-            return None
-        idx = np.arange(a, min(a + batch_size, len(paths)))
+    def encode(a: int):
+        idx = range(a, min(a + batch_size, len(paths)))
         if loader is not None:  # another model's preprocessing, its own tensors
             got = [loader(paths[j], mode) for j in idx]
-            return torch.stack([x for x, _ in got]).numpy(), np.array([g for _, g in got]), idx
-        good = np.array([load_image_into(buf[r], paths[j], mode) for r, j in enumerate(idx)], dtype=bool)
-        return buf[: len(idx)], good, idx
+            x, good = torch.stack([x for x, _ in got]).numpy(), [bool(g) for _, g in got]
+        else:
+            if not hasattr(local, "buf"):
+                local.buf = np.empty((batch_size, 3, SIZE, SIZE), dtype=np.float32)
+            good = [bool(load_image_into(local.buf[r], paths[j], mode)) for r, j in enumerate(idx)]
+            x = local.buf[: len(idx)]
+        return _normalized(encoder(torch.from_numpy(x), normalize=False)), good, list(idx)
 
-    def lane():
-        try:
-            buf = np.empty((batch_size, 3, SIZE, SIZE), dtype=np.float32)
-            while not stop.is_set() and (item := take(buf)) is not None:
-                x, good, idx = item
-                done.put((_normalized(encoder(torch.from_numpy(x), normalize=False)), good.tolist(), idx.tolist()))
-            done.put(None)
-        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
-            done.put(exc)
-
-    threads = [threading.Thread(target=lane, name=f"lane-{k}", daemon=True) for k in range(lanes)]
-    for t in threads:
-        t.start()
-    try:
-        running = lanes
-        while running:
-            item = done.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                put(*item)
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="lane-")
+    try:  # as_completed lets go of each batch once it is put
+        for done in as_completed([pool.submit(encode, a) for a in range(0, len(paths), batch_size)]):
+            put(*done.result())
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        pool.shutdown(cancel_futures=True)  # the running batches finish, the others never start
 
 
 def encode_texts(model, tokenizer, texts, enc: Encoding = Encoding()):

@@ -50,11 +50,9 @@ def require_onnxruntime():
 
 
 def onnxruntime_available() -> bool:
-    try:
-        require_onnxruntime()
-    except OnnxBackendError:
-        return False
-    return True
+    with contextlib.suppress(OnnxBackendError):
+        return require_onnxruntime() is not None
+    return False
 
 
 class _ImageGraph(nn.Module):

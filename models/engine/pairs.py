@@ -133,7 +133,6 @@ def score_pairs(ranker, rm, inputs: list[ItemInputs], vec_a, vec_b, enc: Encodin
 
 
 def poi_counts(inputs: list[ItemInputs]) -> dict:
-    """What the POI sequences of the scored pairs held."""
     unknown = sorted({name for x in inputs for name in x.unknown})
     if unknown:
         e_g = ", ".join(repr(name) for name in unknown[:5])

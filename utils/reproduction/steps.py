@@ -23,10 +23,7 @@ from utils.io import atomic_write, write_json
 log = logging.getLogger("reproduce")
 
 IMAGE_MANIFEST = "manifest.jsonl"  # what download_images writes in its folder, one line per image
-ROWS = {  # table row -> its key in the metrics JSON of its step
-    "recall@1": "recall/1",
-    "recall@5": "recall/5",
-    "recall@10": "recall/10",
+ROWS = {f"recall@{k}": f"recall/{k}" for k in (1, 5, 10)} | {  # table row -> its key in its step's metrics JSON
     "recall MRR@10": "mrr",
     "ranking accuracy": "accuracy",
     "ranking ROC-AUC": "auc",
