@@ -172,22 +172,17 @@ def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> No
         root.setLevel(level)
 
 
-def log_file_handler(path, fmt: str = LOG_FORMAT) -> logging.Handler:
-    """Appends to ``path``, never through a symbolic link (our lines would land in its target)."""
+@contextlib.contextmanager
+def logging_to(path, fmt: str = LOG_FORMAT, logger: logging.Logger | None = None):
+    """``logger`` (default: the root) also appends to ``path`` while the block runs, never through a symbolic
+    link (our lines would land in its target)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         why = "is a symbolic link" if os.path.islink(path) else (e.strerror or str(e))
         raise UserError(f"log file {path}: {why}; refusing to write it") from None
-    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    logger, handler = logger or logging.getLogger(), logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setFormatter(logging.Formatter(fmt))
-    return handler
-
-
-@contextlib.contextmanager
-def logging_to(path, fmt: str = LOG_FORMAT, logger: logging.Logger | None = None):
-    """``logger`` (default: the root) also writes to ``path`` (:func:`log_file_handler`) while the block runs."""
-    logger, handler = logger or logging.getLogger(), log_file_handler(path, fmt)
     logger.addHandler(handler)
     try:
         yield handler

@@ -207,9 +207,10 @@ def _download_all(run: _Run, previous: dict) -> None:
 def download_images(job: ImageJob) -> dict:
     """The whole of ``download_images.py``: the job checked, then run; the summary (``image_summary``)."""
     run = _Run(job)
-    with exclusive_lock(run.out, f".lock{run.suffix}"):
-        handler = cli.log_file_handler(run.log_file, "%(asctime)s %(levelname)s %(message)s")
-        log.addHandler(handler)
+    with (
+        exclusive_lock(run.out, f".lock{run.suffix}"),
+        cli.logging_to(run.log_file, "%(asctime)s %(levelname)s %(message)s", log),
+    ):
         log.propagate = False  # the run prints the first failures; all are in the file
         start = time.monotonic()
         try:
@@ -226,9 +227,6 @@ def download_images(job: ImageJob) -> dict:
         except KeyboardInterrupt:
             log.info("interrupted; finished downloads are kept and recorded")
             raise
-        finally:
-            log.removeHandler(handler)
-            handler.close()
 
 
 def image_summary(s: dict) -> str:
