@@ -142,20 +142,16 @@ def _write_table(path, table: dict, kind: str | None, source, tmp) -> None:
         if _is_safe(path):
             counts = np.int64 if values.dtype.kind in "biu" else np.float64
             stored = values.astype(np.float32 if kind == "vectors" else counts)
-            np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind))
+            name_array = np.array(names, dtype=str)
+            if name_array.tolist() != names:  # numpy drops trailing NUL characters
+                bad = next(n for n, m in zip(names, name_array.tolist()) if n != m)
+                raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
+            np.savez(f, names=name_array, values=stored, kind=np.array(kind))
         else:
             np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
     back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
     if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
         raise PoiTableError(f"{path}: the table read back differs from the one written")
-
-
-def _name_array(names: list[str], source) -> np.ndarray:
-    arr = np.array(names, dtype=str)
-    if arr.tolist() != names:  # numpy drops trailing NUL characters
-        bad = next(n for n, m in zip(names, arr.tolist()) if n != m)
-        raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
-    return arr
 
 
 def describe_table(table: dict, path, show: int = 5) -> str:
@@ -259,19 +255,6 @@ def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndar
     return img, txt, np.array([x.poi_len for x in items], dtype=np.int64)
 
 
-def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
-    """``name -> mean of its readable image vectors`` (re-normalised), and the names without one."""
-    out, empty = {}, []
-    for name, idx in groups.items():
-        good = [i for i in idx if ok[i]]
-        if not good:
-            empty.append(name)
-            continue
-        m = vectors[good].astype(np.float64).mean(axis=0)
-        out[name] = (m / max(np.linalg.norm(m), 1e-12) if normalize else m).astype(np.float32)
-    return out, empty
-
-
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
     """``(image table, name table, summary)`` of recall-format ``rows``; POIs sharing a name are pooled."""
     ids, files, groups = defaultdict(set), [], defaultdict(list)
@@ -284,9 +267,14 @@ def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tu
     shared = sum(len(s) > 1 for s in ids.values())
     log.info("%d POI names (%d shared by several POIs), %d images, %d missing", len(ids), shared, len(files), missing)
     vecs, ok = rm.encode_images(files, enc, desc="POI images")
-    ok = np.asarray(ok).astype(bool)
-    img_table, empty = mean_vectors(groups, np.asarray(vecs), ok, normalize)
-    empty += [n for n in ids if n not in groups]
+    vecs, ok = np.asarray(vecs, dtype=np.float64), np.asarray(ok).astype(bool)
+    img_table = {}
+    for name, idx in groups.items():  # the mean of the readable image vectors, re-normalised
+        if good := [i for i in idx if ok[i]]:
+            m = vecs[good].mean(axis=0)
+            img_table[name] = (m / max(np.linalg.norm(m), 1e-12) if normalize else m).astype(np.float32)
+    # those with only unreadable images, then those without any (sorted is stable)
+    empty = sorted((n for n in ids if n not in img_table), key=lambda n: n not in groups)
     if empty:
         shown = ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else "")
         log.warning("%d POI names have no readable image and get no image vector: %s", len(empty), shown)
