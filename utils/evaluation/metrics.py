@@ -41,11 +41,10 @@ class RecallResult:
     """recall@K, hits@K and MRR of the POIs' first hits."""
 
     def __init__(self, ks: list[int], pois: list[PoiResult]):
-        firsts = [p.first_hit for p in pois]
         self.ks, self.pois = ks, pois
-        self.recall = recall_from_first_hits(firsts, ks)
+        self.recall = recall_from_first_hits([p.first_hit for p in pois], ks)
         self.hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
-        self.mrr = sum(1.0 / r for r in firsts if r is not None) / len(firsts)
+        self.mrr = sum(1.0 / p.first_hit for p in pois if p.first_hit) / len(pois)
 
     def table(self) -> dict[str, list[float]]:
         """``{poi_id: [hit@K for each K..., reciprocal rank]}``: what the intervals resample."""

@@ -71,7 +71,7 @@ class Results(NamedTuple):
 def read_results(path: str | os.PathLike) -> Results:
     """A top-k or full results file; a repeated (poi_id, image) pair is left out, with a warning."""
     path = str(path)
-    fmt, groups, names, seen = "", {}, {}, {}
+    fmt, groups, names = "", {}, {}  # groups: {poi_id: {image: score}} until the end
     duplicates, first_dup = 0, None
     for line, fields in csv_records(path):
         if not fmt:
@@ -79,21 +79,19 @@ def read_results(path: str | os.PathLike) -> Results:
             if fmt == "topk":
                 continue
         poi, name, image, s = _result_row(fields, fmt, f"{path}:{line}")
-        images = seen.setdefault(poi, set())
+        images = groups.setdefault(poi, {})
         if image in images:
             duplicates += 1
             first_dup = first_dup or (line, poi, image)
             continue
-        images.add(image)
-        # 2.5 M rows of the full format repeat 5000 paths: share the strings
-        groups.setdefault(poi, []).append((sys.intern(image), s))
+        images[sys.intern(image)] = s  # 2.5 M rows of the full format repeat 5000 paths: share the strings
         names.setdefault(poi, name)
     if not groups:
         raise DataError(f"{path}: no result rows")
     if duplicates:
         what = "rows repeat an earlier (poi_id, image) pair"
         log.warning("%s: %d %s (first: line %d, %s %s); each pair is counted once", path, duplicates, what, *first_dup)
-    return Results(fmt, groups, names)
+    return Results(fmt, {poi: list(images.items()) for poi, images in groups.items()}, names)
 
 
 def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str, float]:
@@ -118,16 +116,13 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
     return poi, name, image, s
 
 
-EMBEDDINGS_FORMAT = 1
-
-
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
     """A recall run's vectors as an ``.npz`` needing no pickle (``image_ok`` False: the zero image);
     ``meta`` (model identity, preprocessing) as JSON."""
     with atomic_write(path, "wb") as f:
         np.savez(
             f,
-            format=np.array(EMBEDDINGS_FORMAT),
+            format=np.array(1),  # this layout's version
             image_emb=np.ascontiguousarray(image_emb, dtype=np.float32),
             image_names=np.array(list(image_names), dtype=str),
             image_ok=np.asarray(image_ok, dtype=bool),
