@@ -117,10 +117,8 @@ def weighted_auc(labels, scores, weights) -> np.ndarray:
 
 def roc_auc(labels, scores) -> float | None:
     """None for a single class."""
-    y = np.asarray(labels).astype(bool).reshape(-1)
-    if y.all() or not y.any():
-        return None
-    return float(weighted_auc(y, scores, np.ones(len(y)))[0])
+    auc = float(weighted_auc(labels, scores, np.ones(np.size(labels)))[0])
+    return None if np.isnan(auc) else auc
 
 
 def pairwise_metrics(labels, s_a, s_b) -> dict:

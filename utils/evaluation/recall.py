@@ -105,8 +105,7 @@ def evaluate_recall(
     html_k = html_k or max(ks)
     keep = max(ks + [html_k])
     if embeddings:
-        result, meta = evaluate_embeddings(embeddings, ks, keep)
-        fmt = "full"
+        (result, meta), fmt = evaluate_embeddings(embeddings, ks, keep), "full"
     else:
         res, meta = load_results(results, ks + ([html_k] if html else []))
         result, fmt = evaluate_groups(res.groups, ks, res.names, keep=keep), res.fmt
@@ -139,8 +138,7 @@ def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_
         return [{"poi_id": p, "poi_name": names.get(p, "")} for p, hx, hy in zip(common, x, y) if hx and not hy]
 
     doc = {"A": a_path, "B": b_path, "n_pois": len(common), "pois_only_in_A": only_a, "pois_only_in_B": only_b}
-    doc["ks"] = ks
-    doc["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs, paired"}
+    doc |= {"ks": ks, "bootstrap": {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs, paired"}}
     table = np.hstack([a, b, b - a])  # per POI: A's hit@K... and reciprocal rank, B's, then B - A's
     cis = mean_intervals(table, draws, seed) if draws else [None] * table.shape[1]
     cells = [{"value": float(v), "ci": list(ci) if ci else None} for v, ci in zip(table.mean(0), cis)]

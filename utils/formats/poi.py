@@ -60,8 +60,7 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
             raise PoiTableError(f"{path}: expected a dict saved with np.save, found {type(obj).__name__}")
         if len(obj) > limits.entries:
             raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} a POI table may have")
-        bad = next((k for k in obj if not isinstance(k, str)), None)
-        if bad is not None:
+        if (bad := next((k for k in obj if not isinstance(k, str)), None)) is not None:
             raise PoiTableError(f"{path}: keys must be POI names (str); found {type(bad).__name__} key {bad!r}")
         table = bounded(obj, str(path), limits)
     except DataError as e:
