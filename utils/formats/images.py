@@ -116,16 +116,14 @@ class ImageDataset(Dataset):
     """Item ``i`` is ``(tensor, ok, i)``; a picklable ``loader(path, mode)`` may replace :func:`load_image`."""
 
     def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
-        self.paths = [str(p) for p in paths]
-        self.mode = mode
+        self.paths, self.mode = [str(p) for p in paths], mode
         self.loader = loader or functools.partial(load_image, transform=transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        x, ok = self.loader(self.paths[i], self.mode)
-        return x, ok, i
+        return (*self.loader(self.paths[i], self.mode), i)
 
 
 _CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)

@@ -23,7 +23,6 @@ from .rows import csv_records
 
 TOPK_HEADER = ("poi_id", "poi_name", "rank", "image", "score")
 FULL_FIELDS = ("poi_id", "poi_name", "image_path", "score")
-MISSING_HEADER = ("status", "key", "line", "path_or_url")
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,9 @@ def _csv_line(fields: tuple) -> str:
 def write_missing_list(path: str | os.PathLike, missing: Iterable, unreadable: Iterable) -> None:
     """TSV of the gallery's missing (``RecallRow``) and unreadable (``(RecallRow, path)``) images."""
     with atomic_write(path) as f:
-        f.write("\t".join(MISSING_HEADER) + "\n")
-        for row in missing:
-            f.write(f"missing\t{row.key}\t{row.line}\t{row.url}\n")
-        for row, p in unreadable:
-            f.write(f"unreadable\t{row.key}\t{row.line}\t{p}\n")
+        f.write("status\tkey\tline\tpath_or_url\n")
+        f.writelines(f"missing\t{row.key}\t{row.line}\t{row.url}\n" for row in missing)
+        f.writelines(f"unreadable\t{row.key}\t{row.line}\t{p}\n" for row, p in unreadable)
 
 
 class Results(NamedTuple):
