@@ -48,8 +48,7 @@ def evaluate_embeddings(path: str, ks: list[int], keep: int) -> tuple[RecallResu
     ids, images = d["poi_ids"], d["image_names"]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: a poi_id appears twice among the text vectors")
-    with torch.inference_mode():
-        scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()
+    scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()  # no tensor needs a gradient
     n = scores.shape[1]
     if too_big := [k for k in ks if k > n]:
         log.warning("%s: the gallery holds %d images; recall@%s counts them all", path, n, too_big)

@@ -141,5 +141,4 @@ def clip_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-CLIP_ZERO_TENSOR = clip_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
 load_clip_image = functools.partial(load_image, make=clip_tensor)  # picklable, for ImageDataset(loader=...)

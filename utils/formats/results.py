@@ -133,8 +133,7 @@ def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids
 def load_embeddings(path: str | os.PathLike) -> dict:
     """What :func:`save_embeddings` wrote, checked (shapes agree, vectors finite); ``meta`` a dict."""
     d = read_npz(path, "an embeddings file of recall_infer.py --save-embeddings")
-    missing = [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]
-    if missing:
+    if missing := [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]:
         raise DataError(f"{path}: not an embeddings file of recall_infer.py (no {', '.join(missing)})")
     ie, te = d["image_emb"], d["text_emb"]
     same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)
