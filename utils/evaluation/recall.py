@@ -141,8 +141,7 @@ def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_
     table = np.hstack([a, b, b - a])  # per POI: A's hit@K... and reciprocal rank, B's, then B - A's
     cis = mean_intervals(table, draws, seed) if draws else [None] * table.shape[1]
     cells = [{"value": float(v), "ci": list(ci) if ci else None} for v, ci in zip(table.mean(0), cis)]
-    m = a.shape[1]
-    rows = [{key: cells[i * m + j] for i, key in enumerate(("A", "B", "B-A"))} for j in range(m)]
+    rows = [dict(zip(("A", "B", "B-A"), cells[j :: a.shape[1]])) for j in range(a.shape[1])]
     doc |= {"recall": dict(zip(map(str, ks), rows)), "mrr": rows[-1]}
     doc["hit_by_one_only"] = {
         str(k): {"A_hits_B_misses": only(a[:, j], b[:, j]), "B_hits_A_misses": only(b[:, j], a[:, j])}

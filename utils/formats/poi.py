@@ -8,7 +8,6 @@ from utils.cli import DataError, output_file
 
 import functools
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ def _read(path, safe: bool, trust_pickle: bool = False):
 
 def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
     """``name -> value`` of the table at ``path``, bounded by ``limits``; values not yet checked."""
-    if not os.path.isfile(path):
+    if not Path(path).is_file():
         raise PoiTableError(f"{path}: no such POI table file")
     try:
         obj = _read(path, _is_safe(path), trust_pickle)
