@@ -223,12 +223,8 @@ def poi_sequence(poi_names: str, pic_num: dict) -> list[str]:
     else the first 5 stable-sorted by descending n0 + 5*n1 + 3*n2 of the stripped name."""
     if len(poi_names.strip()) <= 1:
         return []
-
-    def weight(name: str) -> float:
-        n = [*pic_num.get(name.strip(), ()), 0, 0, 0]
-        return float(n[0]) + 5 * float(n[1]) + 3 * float(n[2])
-
-    return sorted(poi_names.split(","), key=lambda n: -weight(n))[:MAX_POIS]
+    weight = lambda name: sum(w * float(n) for w, n in zip((1, 5, 3), pic_num.get(name.strip(), ())))
+    return sorted(poi_names.split(","), key=weight, reverse=True)[:MAX_POIS]  # stable, reversed too
 
 
 def pois_text(title: str, poi_names: str) -> str:
