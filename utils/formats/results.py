@@ -94,12 +94,11 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
     if fmt == "topk":
         if len(fields) != len(TOPK_HEADER):
             raise DataError(f"{where}: expected 5 fields ({','.join(TOPK_HEADER)}), found {len(fields)}")
-        poi, name, _, image, score = fields
-    else:
-        if len(fields) < 4:
-            raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
-        # an unquoted comma inside a name gives extra fields: the name is the middle
-        poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
+        fields = fields[:2] + fields[3:]  # without the rank: the scores give the order
+    elif len(fields) < 4:
+        raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
+    # an unquoted comma inside a name (full format) gives extra fields: the name is the middle
+    poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
     poi, image = poi.strip(), image.strip()
     try:
         s = float(score)
