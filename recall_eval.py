@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     cli.setup_logging(ns.log_level)
-    # inputs readable, outputs writable and distinct from the inputs and each other
     inputs = {f"--compare {'AB'[i]}": path for i, path in enumerate(ns.compare or ())}
     inputs |= {"--results": ns.results, "--embeddings": ns.embeddings}
     out_json = ns.json or default_json_path(ns.results, ns.embeddings, ns.compare)

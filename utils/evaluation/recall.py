@@ -80,8 +80,7 @@ def result_json(result: RecallResult, fmt: str, path: str, draws: int, seed: int
     }
     if draws:
         ci = mean_intervals(np.array([row for _, row in sorted(result.table().items())]), draws, seed)
-        doc["recall_ci"] = {str(k): list(v) for k, v in zip(result.ks, ci)}
-        doc["mrr_ci"] = list(ci[-1])
+        doc |= {"recall_ci": {str(k): list(v) for k, v in zip(result.ks, ci)}, "mrr_ci": list(ci[-1])}
         doc["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs"}
     return doc
 

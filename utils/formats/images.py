@@ -34,7 +34,6 @@ _LUT = np.stack([(np.arange(256) / 255.0 - MEAN[c]) / STD[c] for c in range(3)])
 
 cv2.setNumThreads(1)  # decoding runs in worker processes or lanes; avoid oversubscription
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 # a fresh multi-megabyte array per photo costs more than the decode on some machines
 _scratch = threading.local()
 SCRATCH_MAX_BYTES = 64 << 20  # larger photos (up to 61 MP in the recall set) get a buffer of their own
@@ -77,7 +76,7 @@ def decode_rgb(path: str | os.PathLike, mode: str = "reference", scratch: bool =
         return reference_rgb(path, mode)
     with open(path, "rb") as f:
         data = f.read()
-    rgb = _turbo_rgb(data, scratch) if data[:3] == _JPEG_MAGIC else None
+    rgb = _turbo_rgb(data, scratch) if data.startswith(b"\xff\xd8\xff") else None  # a JPEG's magic
     return rgb if rgb is not None else reference_rgb(io.BytesIO(data))
 
 
