@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -104,7 +105,7 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
         s = float(score)
     except ValueError:
         raise DataError(f"{where}: score {score!r} is not a number") from None
-    if not np.isfinite(s):
+    if not math.isfinite(s):
         raise DataError(f"{where}: score {score.strip()!r} is not a finite number")
     if not poi or not image:
         raise DataError(f"{where}: empty poi_id or image")
