@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.log_level)
-    # inputs readable, outputs writable and distinct, before any work
+    # paths checked before any work; the outputs in the order of their tables: image, name, their .npy copies
     outputs = {"--out-image-vectors": ns.out_image_vectors, "--out-name-vectors": ns.out_name_vectors}
     for flag, path in list(outputs.items()):
         table_output(path, flag, suffixes=(SAFE_SUFFIX,))
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     rm = build_recall_model("align", device=resolve_device(ns.device), backend=ns.backend, onnx_cache_dir=onnx, **paths)
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())
     img_table, name_table, summary = poi_vector_tables(rm, enc, rows, images, normalize=not ns.no_normalize_mean)
-    tables = [img_table, name_table] * 2  # the outputs: image, name, then their .npy copies
-    save_tables(dict(zip(outputs.values(), tables)), kind="vectors", source=ns.csv)
+    save_tables(dict(zip(outputs.values(), [img_table, name_table] * 2)), kind="vectors", source=ns.csv)
 
     mean = "plain mean" if ns.no_normalize_mean else "normalised mean"
     print(
