@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_paths(ns) -> list:
-    """Inputs readable, outputs writable and distinct, before any work; the paths of the tables."""
+@entry_point
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    setup_logging(ns.log_level)
+    # paths checked before any work; the outputs in the order of their tables: image, name, their .npy copies
     outputs = {"--out-image-vectors": ns.out_image_vectors, "--out-name-vectors": ns.out_name_vectors}
     for flag, path in list(outputs.items()):
         table_output(path, flag, suffixes=(SAFE_SUFFIX,))
@@ -45,14 +48,6 @@ def check_paths(ns) -> list:
             outputs[f"{flag} (.npy copy)"] = table_output(Path(path).with_suffix(".npy"), f"{flag} (.npy copy)")
     files = {"--csv": ns.csv, "--checkpoint": ns.checkpoint, "--arch": ns.arch}
     check_files(files, {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}, outputs, {"--cache-dir": ns.cache_dir})
-    return list(outputs.values())  # image, name, then their .npy copies
-
-
-@entry_point
-def main(argv=None) -> int:
-    ns = build_parser().parse_args(argv)
-    setup_logging(ns.log_level)
-    outputs = check_paths(ns)
     t0 = time.perf_counter()
     rows, bad = read_recall_rows(ns.csv, skip_bad_rows=ns.skip_bad_rows)
     images = index_images(ns.image_dir)
@@ -63,7 +58,7 @@ def main(argv=None) -> int:
     rm = build_recall_model("align", device=resolve_device(ns.device), backend=ns.backend, onnx_cache_dir=onnx, **paths)
     enc = args.Encoding.from_args(ns, progress=not ns.no_progress and sys.stderr.isatty())
     img_table, name_table, summary = poi_vector_tables(rm, enc, rows, images, normalize=not ns.no_normalize_mean)
-    save_tables(dict(zip(outputs, [img_table, name_table] * 2)), kind="vectors", source=ns.csv)
+    save_tables(dict(zip(outputs.values(), [img_table, name_table] * 2)), kind="vectors", source=ns.csv)
 
     mean = "plain mean" if ns.no_normalize_mean else "normalised mean"
     print(

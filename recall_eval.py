@@ -46,22 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_paths(ns) -> str:
-    """Inputs readable, outputs writable and distinct from the inputs and each other; returns the JSON path."""
-    inputs = {f"--compare {'AB'[i]}": path for i, path in enumerate(ns.compare or ())}
-    inputs |= {"--results": ns.results, "--embeddings": ns.embeddings}
-    outputs = {"--json": ns.json or default_json_path(ns.results, ns.embeddings, ns.compare), "--html": ns.html}
-    cli.check_files(inputs, {"--image-dir": ns.image_dir}, outputs)
-    if ns.results:  # read too: no output may be it
-        cli.distinct_paths({"--results (its .meta.json)": f"{ns.results}.meta.json"}, outputs)
-    return outputs["--json"]
-
-
 @entry_point
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     cli.setup_logging(ns.log_level)
-    out_json = check_paths(ns)
+    inputs = {f"--compare {'AB'[i]}": path for i, path in enumerate(ns.compare or ())}
+    inputs |= {"--results": ns.results, "--embeddings": ns.embeddings}
+    out_json = ns.json or default_json_path(ns.results, ns.embeddings, ns.compare)
+    outputs = {"--json": out_json, "--html": ns.html}
+    cli.check_files(inputs, {"--image-dir": ns.image_dir}, outputs)
+    if ns.results:  # read too: no output may be it
+        cli.distinct_paths({"--results (its .meta.json)": f"{ns.results}.meta.json"}, outputs)
     if ns.compare:
         doc = compare_recall(*ns.compare, ks=ns.k, json_path=out_json, draws=ns.bootstrap, seed=ns.seed)
         print(f"{format_compare(doc)}\ncomparison: {out_json}")

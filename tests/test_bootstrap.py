@@ -12,14 +12,7 @@ import pytest
 from scipy.stats import binom
 
 import recall_eval
-from utils.evaluation.bootstrap import (
-    auc_draws,
-    auc_interval,
-    bootstrap_means,
-    mean_intervals,
-    resample_counts,
-    weighted_auc,
-)
+from utils.evaluation.bootstrap import auc_interval, mean_intervals, resample_counts, weighted_auc
 from utils.evaluation.metrics import roc_auc
 
 
@@ -55,8 +48,8 @@ def test_known_answers():
     want_lo, want_hi = binom.ppf(0.025, n, k / n) / n, binom.ppf(0.975, n, k / n) / n
     assert abs(lo - want_lo) <= 1 / n + 1e-12 and abs(hi - want_hi) <= 1 / n + 1e-12
     assert lo > 0  # B never loses a POI: the whole interval is above zero
-    # the means of the draws are centred on the sample mean
-    draws = bootstrap_means(np.c_[a, b - a], 4000, seed=1)
+    # the means of the draws (what mean_intervals takes the quantiles of) are centred on the sample mean
+    draws = np.concatenate([c @ np.c_[a, b - a] / n for c in resample_counts(n, 4000, seed=1)])
     assert draws.mean(axis=0) == pytest.approx([a.mean(), k / n], abs=0.005)
 
 
@@ -90,7 +83,7 @@ def test_weighted_auc_equals_auc_of_the_explicit_resample():
     assert auc_interval(yy, yy + 0.1, draws=500) == (1.0, 1.0)
     assert auc_interval(yy, np.zeros(100), draws=500) == (0.5, 0.5)
     assert auc_interval([1, 1, 1], [0.1, 0.2, 0.3], draws=100) is None
-    a = auc_draws(y, s, draws=3000, seed=0)
+    a = np.concatenate([weighted_auc(y, s, c) for c in resample_counts(300, 3000, seed=0)])  # auc_interval's draws
     assert np.nanmean(a) == pytest.approx(roc_auc(y, s), abs=0.01)
 
 

@@ -18,7 +18,8 @@ from models.checkpoint import save_align_checkpoint
 from models.engine.encode import tokenize
 from utils.formats.images import load_image
 from utils.formats.npfiles import load_npy
-from utils.formats.poi import PoiTableError, load_poi_table, mean_vectors, save_tables
+from utils.formats.poi import PoiTableError, load_poi_table, poi_vector_tables, save_tables
+from utils.formats.rows import RecallRow
 
 PIC_NUM_NAME = "temp_dataset_item_pois_relation_1129_poi_2_pic_num.npy"
 
@@ -323,13 +324,22 @@ def test_build_poi_tables_rejects_unsafe_output_name(tmp_path, bert_dir, capsys)
     assert "must end in .npz" in capsys.readouterr().err
 
 
-def test_mean_vectors_normalised_and_plain():
-    v = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [9, 9, 9]], dtype=np.float32)
-    ok = np.array([True, True, False, True])
-    groups = {"a": [0, 1, 2], "b": [2]}
-    norm, empty = mean_vectors(groups, v, ok)
-    plain, _ = mean_vectors(groups, v, ok, normalize=False)
-    assert empty == ["b"] and set(norm) == {"a"}  # unreadable images are left out, not zeros
+def test_mean_vectors_normalised_and_plain(caplog):
+    class Model:  # encode_images gives each file's vector and whether it was readable
+        def encode_images(self, files, enc, desc):
+            v = {"a1": [1, 0, 0], "a2": [0, 1, 0], "a3": [0, 0, 1], "b1": [0, 0, 1]}
+            return np.array([v[f] for f in files], dtype=np.float32), [f in ("a1", "a2") for f in files]
+
+        def encode_texts(self, texts, enc):
+            return np.zeros((len(texts), 3), dtype=np.float32)
+
+    rows = [RecallRow(i, poi[0], poi[0], "u", poi[1]) for i, poi in enumerate(["a1", "a2", "a3", "b1", "c1"])]
+    images = {r.key: r.poi_id + r.rank for r in rows[:4]}  # c has no image at all
+    norm, names, summary = poi_vector_tables(Model(), None, rows, images)
+    plain, _, _ = poi_vector_tables(Model(), None, rows, images, normalize=False)
+    assert set(norm) == {"a"} and set(names) == {"a", "b", "c"}  # unreadable images are left out, not zeros
+    assert summary == {"unreadable_images": 2, "missing_images": 1}
+    assert "2 POI names have no readable image and get no image vector: 'b', 'c'" in caplog.text
     np.testing.assert_allclose(plain["a"], [0.5, 0.5, 0])
     np.testing.assert_allclose(norm["a"], [2**-0.5, 2**-0.5, 0], rtol=1e-6)
 

@@ -27,8 +27,10 @@ from models.factory import MODELS, build_recall_model
 from models.taiyi import load_taiyi
 from utils.args import Encoding
 from utils.evaluation.metrics import recall_at_k
-from utils.formats.images import CLIP_ZERO_TENSOR, clip_tensor, load_clip_image
+from utils.formats.images import clip_tensor, load_clip_image
 from utils.formats.rows import poi_of_image
+
+CLIP_ZERO_TENSOR = clip_tensor(np.zeros((224, 224, 3), dtype=np.uint8))  # what an unreadable image becomes
 
 DIM = 16
 

@@ -35,24 +35,16 @@ def resample_counts(n: int, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED
         yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)
 
 
-def bootstrap_means(values, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """draws x m matrix of resampled means of each column of ``values`` (n x m or n)."""
-    v = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
-    return np.concatenate([c @ v / v.shape[0] for c in resample_counts(v.shape[0], draws, seed)])
-
-
 def mean_intervals(values, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> list[tuple[float, float]]:
     """The interval of the mean of each column of ``values`` (n x m, or n: one column), paired."""
-    return [(float(lo), float(hi)) for lo, hi in np.quantile(bootstrap_means(values, draws, seed), TAILS, axis=0).T]
-
-
-def auc_draws(labels, scores, draws: int = DEFAULT_DRAWS, seed: int = DEFAULT_SEED) -> np.ndarray:
-    return np.concatenate([weighted_auc(labels, scores, c) for c in resample_counts(np.size(labels), draws, seed)])
+    v = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    means = np.concatenate([c @ v / v.shape[0] for c in resample_counts(v.shape[0], draws, seed)])  # draws x m
+    return [(float(lo), float(hi)) for lo, hi in np.quantile(means, TAILS, axis=0).T]
 
 
 def auc_interval(labels, scores, draws=DEFAULT_DRAWS, seed=DEFAULT_SEED) -> tuple[float, float] | None:
     """Over the draws that hold both classes; None when fewer than half of them do."""
-    a = auc_draws(labels, scores, draws, seed)
+    a = np.concatenate([weighted_auc(labels, scores, c) for c in resample_counts(np.size(labels), draws, seed)])
     a = a[~np.isnan(a)]
     if len(a) < max(1, draws // 2):
         return None

@@ -41,11 +41,10 @@ class RecallResult:
     """recall@K, hits@K and MRR of the POIs' first hits."""
 
     def __init__(self, ks: list[int], pois: list[PoiResult]):
-        firsts = [p.first_hit for p in pois]
         self.ks, self.pois = ks, pois
-        self.recall = recall_from_first_hits(firsts, ks)
+        self.recall = recall_from_first_hits([p.first_hit for p in pois], ks)
         self.hits = {k: sum(p.hit_at(k) for p in pois) for k in ks}
-        self.mrr = sum(1.0 / r for r in firsts if r is not None) / len(firsts)
+        self.mrr = sum(1.0 / p.first_hit for p in pois if p.first_hit) / len(pois)
 
     def table(self) -> dict[str, list[float]]:
         """``{poi_id: [hit@K for each K..., reciprocal rank]}``: what the intervals resample."""
@@ -112,16 +111,13 @@ def weighted_auc(labels, scores, weights) -> np.ndarray:
     below = np.cumsum(neg, axis=1) - neg  # negatives strictly lower
     num = (pos * (below + 0.5 * neg)).sum(axis=1)
     den = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)  # never divides by 0
 
 
 def roc_auc(labels, scores) -> float | None:
     """None for a single class."""
-    y = np.asarray(labels).astype(bool).reshape(-1)
-    if y.all() or not y.any():
-        return None
-    return float(weighted_auc(y, scores, np.ones(len(y)))[0])
+    auc = float(weighted_auc(labels, scores, np.ones(np.size(labels)))[0])
+    return None if np.isnan(auc) else auc
 
 
 def pairwise_metrics(labels, s_a, s_b) -> dict:

@@ -48,8 +48,7 @@ def evaluate_embeddings(path: str, ks: list[int], keep: int) -> tuple[RecallResu
     ids, images = d["poi_ids"], d["image_names"]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: a poi_id appears twice among the text vectors")
-    with torch.inference_mode():
-        scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()
+    scores = torch.from_numpy(d["text_emb"]) @ torch.from_numpy(d["image_emb"]).t()  # no tensor needs a gradient
     n = scores.shape[1]
     if too_big := [k for k in ks if k > n]:
         log.warning("%s: the gallery holds %d images; recall@%s counts them all", path, n, too_big)
@@ -81,8 +80,7 @@ def result_json(result: RecallResult, fmt: str, path: str, draws: int, seed: int
     }
     if draws:
         ci = mean_intervals(np.array([row for _, row in sorted(result.table().items())]), draws, seed)
-        doc["recall_ci"] = {str(k): list(v) for k, v in zip(result.ks, ci)}
-        doc["mrr_ci"] = list(ci[-1])
+        doc |= {"recall_ci": {str(k): list(v) for k, v in zip(result.ks, ci)}, "mrr_ci": list(ci[-1])}
         doc["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs"}
     return doc
 
@@ -105,8 +103,7 @@ def evaluate_recall(
     html_k = html_k or max(ks)
     keep = max(ks + [html_k])
     if embeddings:
-        result, meta = evaluate_embeddings(embeddings, ks, keep)
-        fmt = "full"
+        (result, meta), fmt = evaluate_embeddings(embeddings, ks, keep), "full"
     else:
         res, meta = load_results(results, ks + ([html_k] if html else []))
         result, fmt = evaluate_groups(res.groups, ks, res.names, keep=keep), res.fmt
@@ -139,13 +136,11 @@ def compare_recall(a_path, b_path, ks=DEFAULT_KS, json_path=None, draws=DEFAULT_
         return [{"poi_id": p, "poi_name": names.get(p, "")} for p, hx, hy in zip(common, x, y) if hx and not hy]
 
     doc = {"A": a_path, "B": b_path, "n_pois": len(common), "pois_only_in_A": only_a, "pois_only_in_B": only_b}
-    doc["ks"] = ks
-    doc["bootstrap"] = {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs, paired"}
+    doc |= {"ks": ks, "bootstrap": {"draws": draws, "seed": seed, "level": LEVEL, "resampling": "POIs, paired"}}
     table = np.hstack([a, b, b - a])  # per POI: A's hit@K... and reciprocal rank, B's, then B - A's
     cis = mean_intervals(table, draws, seed) if draws else [None] * table.shape[1]
     cells = [{"value": float(v), "ci": list(ci) if ci else None} for v, ci in zip(table.mean(0), cis)]
-    m = a.shape[1]
-    rows = [{key: cells[i * m + j] for i, key in enumerate(("A", "B", "B-A"))} for j in range(m)]
+    rows = [dict(zip(("A", "B", "B-A"), cells[j :: a.shape[1]])) for j in range(a.shape[1])]
     doc |= {"recall": dict(zip(map(str, ks), rows)), "mrr": rows[-1]}
     doc["hit_by_one_only"] = {
         str(k): {"A_hits_B_misses": only(a[:, j], b[:, j]), "B_hits_A_misses": only(b[:, j], a[:, j])}

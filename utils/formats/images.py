@@ -34,7 +34,6 @@ _LUT = np.stack([(np.arange(256) / 255.0 - MEAN[c]) / STD[c] for c in range(3)])
 
 cv2.setNumThreads(1)  # decoding runs in worker processes or lanes; avoid oversubscription
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 # a fresh multi-megabyte array per photo costs more than the decode on some machines
 _scratch = threading.local()
 SCRATCH_MAX_BYTES = 64 << 20  # larger photos (up to 61 MP in the recall set) get a buffer of their own
@@ -77,7 +76,7 @@ def decode_rgb(path: str | os.PathLike, mode: str = "reference", scratch: bool =
         return reference_rgb(path, mode)
     with open(path, "rb") as f:
         data = f.read()
-    rgb = _turbo_rgb(data, scratch) if data[:3] == _JPEG_MAGIC else None
+    rgb = _turbo_rgb(data, scratch) if data.startswith(b"\xff\xd8\xff") else None  # a JPEG's magic
     return rgb if rgb is not None else reference_rgb(io.BytesIO(data))
 
 
@@ -116,16 +115,14 @@ class ImageDataset(Dataset):
     """Item ``i`` is ``(tensor, ok, i)``; a picklable ``loader(path, mode)`` may replace :func:`load_image`."""
 
     def __init__(self, paths, mode: str = "reference", transform=None, loader=None):
-        self.paths = [str(p) for p in paths]
-        self.mode = mode
+        self.paths, self.mode = [str(p) for p in paths], mode
         self.loader = loader or functools.partial(load_image, transform=transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        x, ok = self.loader(self.paths[i], self.mode)
-        return x, ok, i
+        return (*self.loader(self.paths[i], self.mode), i)
 
 
 _CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
@@ -143,5 +140,4 @@ def clip_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-CLIP_ZERO_TENSOR = clip_tensor(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
 load_clip_image = functools.partial(load_image, make=clip_tensor)  # picklable, for ImageDataset(loader=...)

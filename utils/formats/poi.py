@@ -8,7 +8,6 @@ from utils.cli import DataError, output_file
 
 import functools
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ def _read(path, safe: bool, trust_pickle: bool = False):
 
 def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) -> dict:
     """``name -> value`` of the table at ``path``, bounded by ``limits``; values not yet checked."""
-    if not os.path.isfile(path):
+    if not Path(path).is_file():
         raise PoiTableError(f"{path}: no such POI table file")
     try:
         obj = _read(path, _is_safe(path), trust_pickle)
@@ -60,8 +59,7 @@ def load_poi_table(path, trust_pickle: bool = False, limits: Limits = LIMITS) ->
             raise PoiTableError(f"{path}: expected a dict saved with np.save, found {type(obj).__name__}")
         if len(obj) > limits.entries:
             raise PoiTableError(f"{path}: {len(obj):,} entries, more than the {limits.entries:,} a POI table may have")
-        bad = next((k for k in obj if not isinstance(k, str)), None)
-        if bad is not None:
+        if (bad := next((k for k in obj if not isinstance(k, str)), None)) is not None:
             raise PoiTableError(f"{path}: keys must be POI names (str); found {type(bad).__name__} key {bad!r}")
         table = bounded(obj, str(path), limits)
     except DataError as e:
@@ -142,20 +140,16 @@ def _write_table(path, table: dict, kind: str | None, source, tmp) -> None:
         if _is_safe(path):
             counts = np.int64 if values.dtype.kind in "biu" else np.float64
             stored = values.astype(np.float32 if kind == "vectors" else counts)
-            np.savez(f, names=_name_array(names, source), values=stored, kind=np.array(kind))
+            name_array = np.array(names, dtype=str)
+            if name_array.tolist() != names:  # numpy drops trailing NUL characters
+                bad = next(n for n, m in zip(names, name_array.tolist()) if n != m)
+                raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
+            np.savez(f, names=name_array, values=stored, kind=np.array(kind))
         else:
             np.save(f, {n: np.asarray(v, dtype=np.float32) for n, v in table.items()}, allow_pickle=True)
     back_names, back_values = table_matrix(_read(tmp, _is_safe(path)), path)
     if back_names != names or not np.allclose(back_values.astype(float), values.astype(float), atol=1e-6):
         raise PoiTableError(f"{path}: the table read back differs from the one written")
-
-
-def _name_array(names: list[str], source) -> np.ndarray:
-    arr = np.array(names, dtype=str)
-    if arr.tolist() != names:  # numpy drops trailing NUL characters
-        bad = next(n for n, m in zip(names, arr.tolist()) if n != m)
-        raise PoiTableError(f"{source}: POI name {bad!r} cannot be stored as a numpy string")
-    return arr
 
 
 def describe_table(table: dict, path, show: int = 5) -> str:
@@ -229,12 +223,8 @@ def poi_sequence(poi_names: str, pic_num: dict) -> list[str]:
     else the first 5 stable-sorted by descending n0 + 5*n1 + 3*n2 of the stripped name."""
     if len(poi_names.strip()) <= 1:
         return []
-
-    def weight(name: str) -> float:
-        n = [*pic_num.get(name.strip(), ()), 0, 0, 0]
-        return float(n[0]) + 5 * float(n[1]) + 3 * float(n[2])
-
-    return sorted(poi_names.split(","), key=lambda n: -weight(n))[:MAX_POIS]
+    weight = lambda name: sum(w * float(n) for w, n in zip((1, 5, 3), pic_num.get(name.strip(), ())))
+    return sorted(poi_names.split(","), key=weight, reverse=True)[:MAX_POIS]  # stable, reversed too
 
 
 def pois_text(title: str, poi_names: str) -> str:
@@ -259,19 +249,6 @@ def stack_inputs(items: list[ItemInputs], dim: int) -> tuple[np.ndarray, np.ndar
     return img, txt, np.array([x.poi_len for x in items], dtype=np.int64)
 
 
-def mean_vectors(groups: dict[str, list[int]], vectors, ok, normalize: bool = True):
-    """``name -> mean of its readable image vectors`` (re-normalised), and the names without one."""
-    out, empty = {}, []
-    for name, idx in groups.items():
-        good = [i for i in idx if ok[i]]
-        if not good:
-            empty.append(name)
-            continue
-        m = vectors[good].astype(np.float64).mean(axis=0)
-        out[name] = (m / max(np.linalg.norm(m), 1e-12) if normalize else m).astype(np.float32)
-    return out, empty
-
-
 def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tuple[dict, dict, dict]:
     """``(image table, name table, summary)`` of recall-format ``rows``; POIs sharing a name are pooled."""
     ids, files, groups = defaultdict(set), [], defaultdict(list)
@@ -284,9 +261,14 @@ def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tu
     shared = sum(len(s) > 1 for s in ids.values())
     log.info("%d POI names (%d shared by several POIs), %d images, %d missing", len(ids), shared, len(files), missing)
     vecs, ok = rm.encode_images(files, enc, desc="POI images")
-    ok = np.asarray(ok).astype(bool)
-    img_table, empty = mean_vectors(groups, np.asarray(vecs), ok, normalize)
-    empty += [n for n in ids if n not in groups]
+    vecs, ok = np.asarray(vecs, dtype=np.float64), np.asarray(ok).astype(bool)
+    img_table = {}
+    for name, idx in groups.items():  # the mean of the readable image vectors, re-normalised
+        if good := [i for i in idx if ok[i]]:
+            m = vecs[good].mean(axis=0)
+            img_table[name] = (m / max(np.linalg.norm(m), 1e-12) if normalize else m).astype(np.float32)
+    # those with only unreadable images, then those without any (sorted is stable)
+    empty = sorted((n for n in ids if n not in img_table), key=lambda n: n not in groups)
     if empty:
         shown = ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else "")
         log.warning("%d POI names have no readable image and get no image vector: %s", len(empty), shown)

@@ -23,7 +23,6 @@ from .rows import csv_records
 
 TOPK_HEADER = ("poi_id", "poi_name", "rank", "image", "score")
 FULL_FIELDS = ("poi_id", "poi_name", "image_path", "score")
-MISSING_HEADER = ("status", "key", "line", "path_or_url")
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,9 @@ def _csv_line(fields: tuple) -> str:
 def write_missing_list(path: str | os.PathLike, missing: Iterable, unreadable: Iterable) -> None:
     """TSV of the gallery's missing (``RecallRow``) and unreadable (``(RecallRow, path)``) images."""
     with atomic_write(path) as f:
-        f.write("\t".join(MISSING_HEADER) + "\n")
-        for row in missing:
-            f.write(f"missing\t{row.key}\t{row.line}\t{row.url}\n")
-        for row, p in unreadable:
-            f.write(f"unreadable\t{row.key}\t{row.line}\t{p}\n")
+        f.write("status\tkey\tline\tpath_or_url\n")
+        f.writelines(f"missing\t{row.key}\t{row.line}\t{row.url}\n" for row in missing)
+        f.writelines(f"unreadable\t{row.key}\t{row.line}\t{p}\n" for row, p in unreadable)
 
 
 class Results(NamedTuple):
@@ -71,7 +68,7 @@ class Results(NamedTuple):
 def read_results(path: str | os.PathLike) -> Results:
     """A top-k or full results file; a repeated (poi_id, image) pair is left out, with a warning."""
     path = str(path)
-    fmt, groups, names, seen = "", {}, {}, {}
+    fmt, groups, names = "", {}, {}  # groups: {poi_id: {image: score}} until the end
     duplicates, first_dup = 0, None
     for line, fields in csv_records(path):
         if not fmt:
@@ -79,33 +76,30 @@ def read_results(path: str | os.PathLike) -> Results:
             if fmt == "topk":
                 continue
         poi, name, image, s = _result_row(fields, fmt, f"{path}:{line}")
-        images = seen.setdefault(poi, set())
+        images = groups.setdefault(poi, {})
         if image in images:
             duplicates += 1
             first_dup = first_dup or (line, poi, image)
             continue
-        images.add(image)
-        # 2.5 M rows of the full format repeat 5000 paths: share the strings
-        groups.setdefault(poi, []).append((sys.intern(image), s))
+        images[sys.intern(image)] = s  # 2.5 M rows of the full format repeat 5000 paths: share the strings
         names.setdefault(poi, name)
     if not groups:
         raise DataError(f"{path}: no result rows")
     if duplicates:
         what = "rows repeat an earlier (poi_id, image) pair"
         log.warning("%s: %d %s (first: line %d, %s %s); each pair is counted once", path, duplicates, what, *first_dup)
-    return Results(fmt, groups, names)
+    return Results(fmt, {poi: list(images.items()) for poi, images in groups.items()}, names)
 
 
 def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str, float]:
     if fmt == "topk":
         if len(fields) != len(TOPK_HEADER):
             raise DataError(f"{where}: expected 5 fields ({','.join(TOPK_HEADER)}), found {len(fields)}")
-        poi, name, _, image, score = fields
-    else:
-        if len(fields) < 4:
-            raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
-        # an unquoted comma inside a name gives extra fields: the name is the middle
-        poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
+        fields = fields[:2] + fields[3:]  # without the rank: the scores give the order
+    elif len(fields) < 4:
+        raise DataError(f"{where}: expected 4 fields ({','.join(FULL_FIELDS)}) or a header, found {len(fields)}")
+    # an unquoted comma inside a name (full format) gives extra fields: the name is the middle
+    poi, name, image, score = fields[0], ",".join(fields[1:-2]), fields[-2], fields[-1]
     poi, image = poi.strip(), image.strip()
     try:
         s = float(score)
@@ -118,16 +112,13 @@ def _result_row(fields: list[str], fmt: str, where: str) -> tuple[str, str, str,
     return poi, name, image, s
 
 
-EMBEDDINGS_FORMAT = 1
-
-
 def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids, poi_names, meta: dict) -> None:
     """A recall run's vectors as an ``.npz`` needing no pickle (``image_ok`` False: the zero image);
     ``meta`` (model identity, preprocessing) as JSON."""
     with atomic_write(path, "wb") as f:
         np.savez(
             f,
-            format=np.array(EMBEDDINGS_FORMAT),
+            format=np.array(1),  # this layout's version
             image_emb=np.ascontiguousarray(image_emb, dtype=np.float32),
             image_names=np.array(list(image_names), dtype=str),
             image_ok=np.asarray(image_ok, dtype=bool),
@@ -141,8 +132,7 @@ def save_embeddings(path, *, image_emb, image_names, image_ok, text_emb, poi_ids
 def load_embeddings(path: str | os.PathLike) -> dict:
     """What :func:`save_embeddings` wrote, checked (shapes agree, vectors finite); ``meta`` a dict."""
     d = read_npz(path, "an embeddings file of recall_infer.py --save-embeddings")
-    missing = [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]
-    if missing:
+    if missing := [k for k in ("image_emb", "image_names", "text_emb", "poi_ids", "poi_names") if k not in d]:
         raise DataError(f"{path}: not an embeddings file of recall_infer.py (no {', '.join(missing)})")
     ie, te = d["image_emb"], d["text_emb"]
     same = ie.ndim == te.ndim == 2 and ie.shape[1] == te.shape[1] and len(d["image_names"]) == len(ie)

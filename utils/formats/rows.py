@@ -41,7 +41,6 @@ class RankRow:
     ctr_a: float
     ctr_b: float
     title: str
-    cate_name: str
     oss_url: str
     oss_url2: str
     poi_names: str
@@ -124,7 +123,7 @@ def _rank_row(path: str, line: int, fields: list[str]) -> RankRow | str:
     """The record, or what is wrong with it."""
     if len(fields) != len(RANK_FIELDS):
         return f"expected {len(RANK_FIELDS)} fields separated by '{RECORD_SEP}', found {len(fields)}"
-    item_id, url_a, url_b, ctr_a, ctr_b, title, cate, oss_a, oss_b, pois = fields
+    item_id, url_a, url_b, ctr_a, ctr_b, title, _, oss_a, oss_b, pois = fields  # _: cate_name, read by nothing
     item_id = item_id.strip()
     if not item_id or os.sep in item_id:
         return f"bad item_id {item_id!r}"
@@ -135,7 +134,7 @@ def _rank_row(path: str, line: int, fields: list[str]) -> RankRow | str:
     # a label from NaN would silently be 0: never a row to skip, always an error
     check_finite(ca, f"{path}:{line}: ctr_a")
     check_finite(cb, f"{path}:{line}: ctr_b")
-    row = RankRow(line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, cate, oss_a.strip(), oss_b.strip(), pois)
+    row = RankRow(line, item_id, url_a.strip(), url_b.strip(), ca, cb, title, oss_a.strip(), oss_b.strip(), pois)
     return row if row.urls_a() and row.urls_b() else "empty image URL for image a or b"
 
 
