@@ -30,12 +30,8 @@ from utils.hashing import state_dict_hash
 
 log = logging.getLogger("recall_train")
 
-# the settings a --resume must not change
-RESUME_KEYS = tuple(
-    "csv init logit_scale batch_size accum_steps epochs lr weight_decay warmup_steps schedule seed "
-    "val_fraction val_owners freeze bn_eval cache_embeddings clip_grad".split()
-)
-IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
+# the settings a --resume must not change besides the training ones
+RESUME_KEYS = ("csv", "init", "logit_scale", "val_fraction", "val_owners", "freeze", "bn_eval")
 
 
 def _ks(text: str) -> list[int]:
@@ -51,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
     g.add_argument("--val-fraction", type=cli.fraction, default=0.1, help="share of owners held out (default 0.1)")
-    g.add_argument(
-        "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
-    )
+    text = "owners held out (overrides --val-fraction; 0: none)"
+    g.add_argument("--val-owners", type=cli.non_negative_int, help=text)
     args.add_bad_rows(g)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="start from this recall checkpoint (default: random weights, from scratch)")
@@ -117,7 +112,9 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
     frozen = table = val_vecs = None
     if ns.freeze == "image":  # one engine for the run, its ONNX export keyed by the image tower only
         frozen = models.wrap_align(align, tokenizer, device=env.device, backend=ns.backend)
-        image_weights = {k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)}
+        image_weights = {
+            k: v for k, v in align.state_dict().items() if k.startswith(("image_model.", "image_hidden_layer."))
+        }
         frozen.hash_fn = lambda: state_dict_hash(image_weights)
     if ns.cache_embeddings:
         vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], enc, env)

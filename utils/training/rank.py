@@ -113,11 +113,9 @@ class PairScorer(nn.Module):
         return self
 
     def forward(self, a, b, poi_img, poi_txt, poi_len, text_idx):
-        if self.image_table is not None:
-            ea, eb = self.image_table[a], self.image_table[b]
-        else:
-            e = self.ranker.align_model.encode_image(torch.cat([a, b]))
-            ea, eb = e[: len(a)], e[len(a) :]
+        ab = torch.cat([a, b])
+        e = self.image_table[ab] if self.image_table is not None else self.ranker.align_model.encode_image(ab)
+        ea, eb = e.split(len(a))
         feat = self.text_table[text_idx]
         s_a = self.ranker.score_embeddings(ea, feat, poi_img, poi_txt, poi_len)
         s_b = self.ranker.score_embeddings(eb, feat, poi_img, poi_txt, poi_len)

@@ -55,12 +55,9 @@ def _recall_format_pairs(path: str, image_dir, errors):
 
 def with_images(path: str, found, errors: list, skip_bad_rows: bool, image_dir) -> tuple[list, int]:
     """``(items, bad rows)`` of ``found``'s ``(line, item)``; an item that is a str (an absent image) is logged."""
-    items, missing = [], []
-    for line, item in found:
-        if isinstance(item, str):
-            missing.append(f"{path}:{line}: {item}")
-        else:
-            items.append(item)
+    found = list(found)  # fills ``errors``
+    items = [item for _, item in found if not isinstance(item, str)]
+    missing = [f"{path}:{line}: {item}" for line, item in found if isinstance(item, str)]
     n_bad = bad_rows(errors, path, skip_bad_rows)
     if not items and not missing:
         raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
@@ -134,16 +131,13 @@ class PairEncoder(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not mode:
-            return self
-        if self.freeze == "image":
-            self.align.image_model.eval()
-        elif self.bn_eval:
+        tower = {"image": self.align.image_model, "text": self.align.text_model}.get(self.freeze)
+        if mode and tower is not None:
+            tower.eval()
+        if mode and self.bn_eval:
             for m in self.align.image_model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        if self.freeze == "text":
-            self.align.text_model.eval()
         return self
 
     def forward(self, images, input_ids, attention_mask):
