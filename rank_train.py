@@ -61,19 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
-    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    p = build_parser()
-    ns = p.parse_args(argv)
-    if ns.augment and ns.cache_embeddings:
-        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, so cannot be cached")
-    tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
-    files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
-    dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
-    cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
-    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
-
-
 def read_pairs(ns) -> tuple[list, list, dict]:
     train_pairs, bad = training.read_rank_pairs(ns.train_csv, ns.image_dir, ns.skip_bad_rows)
     val_pairs, bad_val = training.read_rank_pairs(ns.val_csv, ns.val_image_dir or ns.image_dir, ns.skip_bad_rows)
@@ -132,7 +119,16 @@ def make_task(ns, env, enc, train_pairs, val_pairs, ranker: models.SiameseRanker
 
 @entry_point
 def main(argv=None) -> int:
-    ns, arch = parse_args(argv)
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.augment and ns.cache_embeddings:
+        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, so cannot be cached")
+    # inputs readable, --out-dir writable and the --arch architecture read, before any work
+    tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
+    files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
+    dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
+    arch = models.AlignArch.from_json(ns.arch) if ns.arch else None
     config = {"last_file": "last.ckpt", "best_file": "best.ckpt", "resume_keys": RESUME_KEYS}
     training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, **config)
     return 0

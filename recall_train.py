@@ -70,20 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
-    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    p = build_parser()
-    ns = p.parse_args(argv)
-    if ns.cache_embeddings and ns.freeze != "image":
-        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that trains would be stale)")
-    if ns.init and ns.logit_scale is not None:
-        p.error("--logit-scale sets the initial value from scratch; with --init the checkpoint's value is used")
-    ns.recall_k = sorted(set(ns.recall_k) | {ns.select_k})
-    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
-    cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
-    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
-
-
 def read_pairs(ns) -> tuple[list, list, dict]:
     pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
     train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
@@ -149,7 +135,17 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
 
 @entry_point
 def main(argv=None) -> int:
-    ns, arch = parse_args(argv)
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.cache_embeddings and ns.freeze != "image":
+        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that trains would be stale)")
+    if ns.init and ns.logit_scale is not None:
+        p.error("--logit-scale sets the initial value from scratch; with --init the checkpoint's value is used")
+    ns.recall_k = sorted(set(ns.recall_k) | {ns.select_k})
+    # inputs readable, --out-dir writable and the --arch architecture read, before any work
+    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
+    arch = models.AlignArch.from_json(ns.arch) if ns.arch else None
     training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, resume_keys=RESUME_KEYS)
     return 0
 

@@ -179,7 +179,6 @@ class MetricsWriter:
         if not self.env.is_main:
             return
         with open(self.path, "a", encoding="utf-8", newline="") as f:  # one line a step, not a rewrite
-            row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
         self.rows += 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from utils.cli import DataError, RowError, bad_rows, input_file, record_bad_row
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def _plain_pairs(path: str, header: list[str], rows, image_dir, errors):
         cells = dict(zip(header, fields))  # as csv.DictReader: missing cells are empty
         text, image, owner = (cells.get(k, "") for k in ("text", "image", "owner"))
         if text and image:
-            image_path = Path(image) if os.path.isabs(image) else base / image
+            image_path = base / image  # an absolute path stays as it is
             yield line, Pair(text, str(image_path), owner or text) if image_path.is_file() else str(image_path)
         elif text or image:
             record_bad_row(errors, RowError(path, line, "empty text or image"))
