@@ -109,9 +109,7 @@ def make_task(ns, env, enc, train_pairs, val_pairs, ranker: models.SiameseRanker
         dataset=training.RankPairDataset(train_pairs, tables, texts, ns.preprocess, ns.augment, ns.seed, train_images),
         loss=loss,
         save=models.save_ranker_checkpoint,
-        validate=functools.partial(
-            training.validate_pairs, ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size
-        ),
+        validate=lambda: training.validate_pairs(ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size),
         select="accuracy",
         val_fields=("accuracy", "auc", "log_loss", "baseline", "n"),
     )

@@ -32,6 +32,7 @@ log = logging.getLogger("recall_train")
 
 # the settings a --resume must not change besides the training ones
 RESUME_KEYS = ("csv", "init", "logit_scale", "val_fraction", "val_owners", "freeze", "bn_eval")
+IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
 def _ks(text: str) -> list[int]:
@@ -87,8 +88,7 @@ def load_model(ns, device, resume_from: Path | None, arch: models.AlignArch | No
     else:
         align = models.AlignModel.from_bert_dir(ns.bert_dir, arch or models.AlignArch())
         if ns.logit_scale is not None:
-            with torch.no_grad():
-                align.logit_scale.fill_(ns.logit_scale)
+            torch.nn.init.constant_(align.logit_scale, ns.logit_scale)
         log.info("random initialisation (from scratch), logit_scale %.3g", float(align.logit_scale.detach()))
     return align.to(device)
 
@@ -98,9 +98,7 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
     frozen = table = val_vecs = None
     if ns.freeze == "image":  # one engine for the run, its ONNX export keyed by the image tower only
         frozen = models.wrap_align(align, tokenizer, device=env.device, backend=ns.backend)
-        image_weights = {
-            k: v for k, v in align.state_dict().items() if k.startswith(("image_model.", "image_hidden_layer."))
-        }
+        image_weights = {k: v for k, v in align.state_dict().items() if k.startswith(IMAGE_PREFIXES)}
         frozen.hash_fn = lambda: state_dict_hash(image_weights)
     if ns.cache_embeddings:
         vecs = training.encode_images_once(frozen, [p.image for p in train_pairs + val_pairs], enc, env)
@@ -119,11 +117,10 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
         img, txt = env.gather_with_grad(img.float()), env.gather_with_grad(txt.float())
         return models.contrastive_loss(align.similarity(img, txt))
 
+    tokenize = functools.partial(models.tokenize, tokenizer)
     return training.Task(
         module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=training.TextImageDataset(
-            train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
-        ),
+        dataset=training.TextImageDataset(train_pairs, ns.preprocess, table is not None, tokenize),
         loss=loss,
         save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,

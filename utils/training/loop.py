@@ -142,17 +142,13 @@ def run_training(ns, read_pairs, load_model, make_task, **config) -> dict:
     return summary
 
 
-def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
-    """The LR factor of a step: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
+def warmup_schedule(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
+    """The LR factor of ``step``: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def read_metrics(path) -> list[dict]:
@@ -218,7 +214,7 @@ class _Run:
             groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         total = self.steps_per_epoch * cfg.epochs
-        schedule = warmup_schedule(min(cfg.warmup_steps, total), total, cfg.schedule)
+        schedule = lambda step: warmup_schedule(step, min(cfg.warmup_steps, total), total, cfg.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
         self.ddp = task.module
