@@ -187,8 +187,7 @@ def load_train_state(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with code
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, OSError):  # torch reports some truncated files so
-            why = e.strerror or why
+        why = getattr(e, "strerror", None) or why  # torch reports some truncated files as an OSError
         raise UserError(f"{path}: cannot be read as a training state ({why}); start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training state file of this package")
