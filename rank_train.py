@@ -30,12 +30,8 @@ from utils.formats import load_poi_tables
 
 log = logging.getLogger("rank_train")
 
-# the settings a --resume must not change
-RESUME_KEYS = tuple(
-    "train_csv batch_size epochs lr optimizer weight_decay warmup_steps schedule seed loss margin augment "
-    "cache_embeddings clip_grad".split()
-)
-VAL_FIELDS = ("accuracy", "auc", "log_loss", "baseline", "n")
+# the settings a --resume must not change besides the training ones
+RESUME_KEYS = ("train_csv", "loss", "margin", "augment")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-csv", required=True, help="$record$ validation pairs")
     g.add_argument("--image-dir", required=True, help="folder of <item_id>_a/_b image files")
     g.add_argument("--val-image-dir", help="folder of the validation images (default --image-dir)")
-    g.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="no RandomRotation(5) + RandomHorizontalFlip(0.3)"
-    )
+    text = "no RandomRotation(5) + RandomHorizontalFlip(0.3)"
+    g.add_argument("--no-augment", dest="augment", action="store_false", help=text)
     g.add_argument("--cache-embeddings", action="store_true", help="encode each training image once (--no-augment)")
     args.add_bad_rows(g)
     args.add_poi_tables(p, aliases=True)
@@ -64,19 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=cli.finite_float, default=0.5, help="margin of --loss margin (default 0.5)")
     args.add_run(p)
     return p
-
-
-def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
-    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    p = build_parser()
-    ns = p.parse_args(argv)
-    if ns.augment and ns.cache_embeddings:
-        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, so cannot be cached")
-    tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
-    files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
-    dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
-    cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
-    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
 
 
 def read_pairs(ns) -> tuple[list, list, dict]:
@@ -108,22 +90,15 @@ def pair_loss(s_a, s_b, label, kind: str, margin: float):
 
 
 def make_task(ns, env, enc, train_pairs, val_pairs, ranker: models.SiameseRanker) -> training.Task:
-    dim = ranker.align_model.arch.embed_dim
-    tables = load_poi_tables(
-        ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors, dim=dim, trust_pickle=ns.trust_pickle
-    )
+    files = (ns.poi_pic_num, ns.poi_image_vectors, ns.poi_name_vectors)
+    tables = load_poi_tables(*files, dim=ranker.align_model.arch.embed_dim, trust_pickle=ns.trust_pickle)
     if not (tables.image_vectors and tables.name_vectors):
         log.warning("no POI image/name vector table given: POI vectors are zero")
-    rm = models.wrap_align(
-        ranker.align_model, models.load_tokenizer(ns.bert_dir), device=env.device, backend=ns.backend
-    )
+    tokenizer = models.load_tokenizer(ns.bert_dir)
+    rm = models.wrap_align(ranker.align_model, tokenizer, device=env.device, backend=ns.backend)
     texts, val_images, train_images = training.encode_once(rm, train_pairs, val_pairs, enc, env, ns.cache_embeddings)
     images = "cached" if ns.cache_embeddings else "encoded each step"
     log.info("loss %s; augmentation %s; training images %s", ns.loss, "on" if ns.augment else "off", images)
-
-    def validate() -> dict:
-        res = training.validate_pairs(ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size)
-        return {k: res[k] for k in VAL_FIELDS}
 
     def loss(module, batch):
         s_a, s_b = module(*batch[:-1])
@@ -134,15 +109,24 @@ def make_task(ns, env, enc, train_pairs, val_pairs, ranker: models.SiameseRanker
         dataset=training.RankPairDataset(train_pairs, tables, texts, ns.preprocess, ns.augment, ns.seed, train_images),
         loss=loss,
         save=models.save_ranker_checkpoint,
-        validate=validate,
+        validate=lambda: training.validate_pairs(ranker, val_pairs, tables, texts, val_images, ns.eval_batch_size),
         select="accuracy",
-        val_fields=VAL_FIELDS,
+        val_fields=("accuracy", "auc", "log_loss", "baseline", "n"),
     )
 
 
 @entry_point
 def main(argv=None) -> int:
-    ns, arch = parse_args(argv)
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.augment and ns.cache_embeddings:
+        p.error("--cache-embeddings needs --no-augment: augmented images differ every epoch, so cannot be cached")
+    # inputs readable, --out-dir writable and the --arch architecture read, before any work
+    tables = {"--poi-pic-num": ns.poi_pic_num, "--poi-image-vectors": ns.poi_image_vectors}
+    files = {"--init": ns.init, **tables, "--poi-name-vectors": ns.poi_name_vectors}
+    dirs = {"--image-dir": ns.image_dir, "--val-image-dir": ns.val_image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files(files, dirs, out_dirs={"--out-dir": ns.out_dir})
+    arch = models.AlignArch.from_json(ns.arch) if ns.arch else None
     config = {"last_file": "last.ckpt", "best_file": "best.ckpt", "resume_keys": RESUME_KEYS}
     training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, **config)
     return 0

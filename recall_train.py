@@ -30,11 +30,8 @@ from utils.hashing import state_dict_hash
 
 log = logging.getLogger("recall_train")
 
-# the settings a --resume must not change
-RESUME_KEYS = tuple(
-    "csv init logit_scale batch_size accum_steps epochs lr weight_decay warmup_steps schedule seed "
-    "val_fraction val_owners freeze bn_eval cache_embeddings clip_grad".split()
-)
+# the settings a --resume must not change besides the training ones
+RESUME_KEYS = ("csv", "init", "logit_scale", "val_fraction", "val_owners", "freeze", "bn_eval")
 IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 
@@ -51,9 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--csv", required=True, help="pairs: the recall format, or a CSV with a text,image[,owner] header")
     g.add_argument("--image-dir", help="images (recall format: required; else the base of relative paths)")
     g.add_argument("--val-fraction", type=cli.fraction, default=0.1, help="share of owners held out (default 0.1)")
-    g.add_argument(
-        "--val-owners", type=cli.non_negative_int, help="owners held out (overrides --val-fraction; 0: none)"
-    )
+    text = "owners held out (overrides --val-fraction; 0: none)"
+    g.add_argument("--val-owners", type=cli.non_negative_int, help=text)
     args.add_bad_rows(g)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="start from this recall checkpoint (default: random weights, from scratch)")
@@ -75,20 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, models.AlignArch | None]:
-    """The flags; then inputs readable and --out-dir writable, before any work; the --arch architecture."""
-    p = build_parser()
-    ns = p.parse_args(argv)
-    if ns.cache_embeddings and ns.freeze != "image":
-        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that trains would be stale)")
-    if ns.init and ns.logit_scale is not None:
-        p.error("--logit-scale sets the initial value from scratch; with --init the checkpoint's value is used")
-    ns.recall_k = sorted(set(ns.recall_k) | {ns.select_k})
-    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
-    cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
-    return ns, models.AlignArch.from_json(ns.arch) if ns.arch else None
-
-
 def read_pairs(ns) -> tuple[list, list, dict]:
     pairs, bad = training.read_text_pairs(ns.csv, ns.image_dir, ns.skip_bad_rows)
     train_pairs, val_pairs = training.split_owners(pairs, ns.val_fraction, ns.val_owners, ns.seed)
@@ -106,8 +88,7 @@ def load_model(ns, device, resume_from: Path | None, arch: models.AlignArch | No
     else:
         align = models.AlignModel.from_bert_dir(ns.bert_dir, arch or models.AlignArch())
         if ns.logit_scale is not None:
-            with torch.no_grad():
-                align.logit_scale.fill_(ns.logit_scale)
+            torch.nn.init.constant_(align.logit_scale, ns.logit_scale)
         log.info("random initialisation (from scratch), logit_scale %.3g", float(align.logit_scale.detach()))
     return align.to(device)
 
@@ -136,11 +117,10 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
         img, txt = env.gather_with_grad(img.float()), env.gather_with_grad(txt.float())
         return models.contrastive_loss(align.similarity(img, txt))
 
+    tokenize = functools.partial(models.tokenize, tokenizer)
     return training.Task(
         module=training.PairEncoder(align, ns.freeze, ns.bn_eval, table),
-        dataset=training.TextImageDataset(
-            train_pairs, ns.preprocess, table is not None, functools.partial(models.tokenize, tokenizer)
-        ),
+        dataset=training.TextImageDataset(train_pairs, ns.preprocess, table is not None, tokenize),
         loss=loss,
         save=models.save_align_checkpoint,
         validate=validate if val_pairs else None,
@@ -152,7 +132,17 @@ def make_task(ns, env, enc, train_pairs, val_pairs, align: models.AlignModel) ->
 
 @entry_point
 def main(argv=None) -> int:
-    ns, arch = parse_args(argv)
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.cache_embeddings and ns.freeze != "image":
+        p.error("--cache-embeddings needs --freeze image (cached vectors of a tower that trains would be stale)")
+    if ns.init and ns.logit_scale is not None:
+        p.error("--logit-scale sets the initial value from scratch; with --init the checkpoint's value is used")
+    ns.recall_k = sorted(set(ns.recall_k) | {ns.select_k})
+    # inputs readable, --out-dir writable and the --arch architecture read, before any work
+    dirs = {"--image-dir": ns.image_dir, "--bert-dir": ns.bert_dir}
+    cli.check_files({"--init": ns.init}, dirs, out_dirs={"--out-dir": ns.out_dir})
+    arch = models.AlignArch.from_json(ns.arch) if ns.arch else None
     training.run_training(ns, read_pairs, functools.partial(load_model, arch=arch), make_task, resume_keys=RESUME_KEYS)
     return 0
 

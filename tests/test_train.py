@@ -5,6 +5,7 @@ no dropout / drop-connect, which made so short a training unstable)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from math import comb
@@ -462,10 +463,10 @@ def test_augment_pil_rotation_and_flip():
 
 
 def test_warmup_cosine_schedule():
-    s = warmup_schedule(warmup=4, total=14)
+    s = functools.partial(warmup_schedule, warmup=4, total=14)
     assert [round(s(i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert s(4) == 1.0 and s(9) == pytest.approx(0.5) and s(14) == pytest.approx(0.0, abs=1e-12)
-    assert warmup_schedule(0, 10, "constant")(7) == 1.0
+    assert warmup_schedule(7, 0, 10, "constant") == 1.0
 
 
 def test_metrics_writer_truncates_on_resume(tmp_path):

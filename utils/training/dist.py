@@ -120,15 +120,14 @@ def out_dir_lock(out: Path, env: DistEnv):
     created = not out.exists()
     try:
         with contextlib.ExitStack() as stack:
-            error = None
+            box = [None]  # rank 0's error on every process
             if env.is_main:
                 try:
                     stack.enter_context(exclusive_lock(out))
                 except UserError as e:
-                    error = str(e)
+                    box = [str(e)]
                 else:
                     _remove_stale_temp_files(out)
-            box = [error]  # rank 0's on every process
             if env.distributed:
                 dist.broadcast_object_list(box, src=0)
             if box[0]:

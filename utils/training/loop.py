@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from utils.args import Encoding
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 STATE_FILE, METRICS_FILE, STATE_FORMAT = "train_state.pt", "metrics.csv", 1
 HINT = "training diverged; try a lower --lr or --clip-grad, then --resume"
+# the options of either trainer a --resume must not change; each adds its own (TrainConfig.resume_keys)
+RESUME_KEYS = (
+    "batch_size accum_steps optimizer epochs lr weight_decay warmup_steps schedule seed clip_grad cache_embeddings"
+).split()
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class TrainConfig:
     last_file: str = "last.pth"
     best_file: str = "best.pth"
     options: dict = field(default_factory=dict)  # every option of the run: config.json
-    resume_keys: tuple[str, ...] = ()  # the options a --resume must not change
+    resume_keys: tuple[str, ...] = ()  # the options a --resume must not change besides RESUME_KEYS
 
     @classmethod
     def from_options(cls, options: dict, **override) -> TrainConfig:
@@ -81,8 +85,8 @@ class Task:
     save: Callable  # save(model, path): the checkpoint in its published format
     validate: Callable | None = None  # validate() -> {val field: value}, run on rank 0
     select: str = ""  # the val field whose maximum picks the best checkpoint
-    step_fields: Callable | None = None  # step_fields() -> {column: value} added to a training row
-    val_fields: tuple[str, ...] = ()
+    step_fields: Callable = dict  # step_fields() -> {column: value} added to a training row
+    val_fields: tuple[str, ...] = ()  # the val row's columns: what validate() returns beyond them is left out
 
 
 def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Callable) -> dict:
@@ -90,7 +94,7 @@ def train(cfg: TrainConfig, env: DistEnv, load_model: Callable, make_task: Calla
     (``path``: the last checkpoint on resume, else None), ``make_task(model)`` the rest."""
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     with out_dir_lock(out, env):
-        config = {k: cfg.options.get(k) for k in cfg.resume_keys}
+        config = {k: cfg.options[k] for k in (*RESUME_KEYS, *cfg.resume_keys) if k in cfg.options}
         state = load_train_state(out / STATE_FILE) if cfg.resume else None
         if state is not None:
             saved = state.get("config", {})
@@ -138,17 +142,13 @@ def run_training(ns, read_pairs, load_model, make_task, **config) -> dict:
     return summary
 
 
-def warmup_schedule(warmup: int, total: int, kind: str = "cosine") -> Callable[[int], float]:
-    """The LR factor of a step: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
+def warmup_schedule(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
+    """The LR factor of ``step``: linear warm-up, then cosine decay to 0 at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def read_metrics(path) -> list[dict]:
@@ -175,7 +175,6 @@ class MetricsWriter:
         if not self.env.is_main:
             return
         with open(self.path, "a", encoding="utf-8", newline="") as f:  # one line a step, not a rewrite
-            row = {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
         self.rows += 1
 
@@ -188,8 +187,7 @@ def load_train_state(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with code
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, OSError):  # torch reports some truncated files so
-            why = e.strerror or why
+        why = getattr(e, "strerror", None) or why  # torch reports some truncated files as an OSError
         raise UserError(f"{path}: cannot be read as a training state ({why}); start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training state file of this package")
@@ -215,7 +213,7 @@ class _Run:
             groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         total = self.steps_per_epoch * cfg.epochs
-        schedule = warmup_schedule(min(cfg.warmup_steps, total), total, cfg.schedule)
+        schedule = lambda step: warmup_schedule(step, min(cfg.warmup_steps, total), total, cfg.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
         self.ddp = task.module
@@ -233,7 +231,7 @@ class _Run:
         elif env.is_main:
             record = json.loads(json.dumps(cfg.options | {"world_size": env.world_size}, default=str))
             write_json(self.out / "config.json", record)
-        extra = list(task.step_fields()) if task.step_fields else []
+        extra = list(task.step_fields())
         columns = ["step", "epoch", "split", "loss", "lr", "grad_norm", *extra, "seconds", *task.val_fields]
         keep = state["metrics_rows"] if state is not None else None
         self.metrics = MetricsWriter(self.out / METRICS_FILE, columns, env, keep_rows=keep)
@@ -250,7 +248,7 @@ class _Run:
                 return True
             due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             if self.task.validate is not None and due and self.env.is_main:
-                res = self.task.validate()
+                res = {k: v for k, v in self.task.validate().items() if k in self.task.val_fields}
                 self.metrics.write(step=self.step, epoch=epoch + 1, split="val", **res)
                 figures = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
                 log.info("epoch %d (step %d): %s", epoch + 1, self.step, figures)
@@ -267,16 +265,15 @@ class _Run:
     def train_epoch(self, epoch: int, first: int) -> bool:
         """The steps of ``epoch`` from batch ``first`` on; True when stopped inside it."""
         cfg, env, task = self.cfg, self.env, self.task
-        # DistributedSampler's order: process r takes positions r, r + W, ... of a seeded
-        # permutation, so the processes' k-th batches together are one global batch
-        perm = torch.randperm(len(task.dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        mine = perm[: len(perm) - len(perm) % env.world_size][env.rank :: env.world_size]
+        # process r takes positions r, r + W, ...: the processes' k-th batches together are one global batch
+        mine = DistributedSampler(task.dataset, env.world_size, env.rank, seed=cfg.seed, drop_last=True)
+        mine.set_epoch(epoch)
         if hasattr(task.dataset, "set_epoch"):
             task.dataset.set_epoch(epoch)
         loader = DataLoader(
             task.dataset,
             batch_size=self.per_process,
-            sampler=mine[first * cfg.accum_steps * self.per_process :],
+            sampler=list(mine)[first * cfg.accum_steps * self.per_process :],
             num_workers=cfg.num_workers,
             collate_fn=getattr(task.dataset, "collate", None),
             generator=torch.Generator(),  # never draws from the RNG dropout uses
@@ -284,19 +281,16 @@ class _Run:
         )
         batches = iter(loader)
         self.ddp.train()
-        off = not cfg.progress or not env.is_main
-        steps = range(first + 1, self.steps_per_epoch + 1)
-        bar = tqdm(
-            steps, initial=first, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", disable=off, leave=False
-        )
+        per_epoch, off = self.steps_per_epoch, not cfg.progress or not env.is_main
+        steps = range(first + 1, per_epoch + 1)
+        bar = tqdm(steps, initial=first, total=per_epoch, desc=f"epoch {epoch + 1}", disable=off, leave=False)
         for batch_in_epoch in bar:
             t0 = time.perf_counter()
             lr, loss, gnorm = self.train_step(batches)
-            extra = task.step_fields() if task.step_fields else {}
             row = {"step": self.step, "epoch": epoch + 1, "split": "train", "loss": loss, "lr": lr}
-            self.metrics.write(**row, grad_norm=gnorm, seconds=time.perf_counter() - t0, **extra)
+            self.metrics.write(**row, grad_norm=gnorm, seconds=time.perf_counter() - t0, **task.step_fields())
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if batch_in_epoch == self.steps_per_epoch:
+            if batch_in_epoch == per_epoch:
                 break  # the epoch's end saves
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.stop_after_step:
                 self.save(epoch, batch_in_epoch)

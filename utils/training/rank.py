@@ -30,18 +30,15 @@ class RankPair:
 
 def read_rank_pairs(path, image_dir, skip_bad_rows: bool = False) -> tuple[list[RankPair], int]:
     """The records whose images ``<item_id>_a/_b.*`` are in ``image_dir``; the bad rows left out."""
-    path, errors = str(path), []
+    path, errors, found = str(path), [], []
     images = index_images(image_dir)
-
-    def found():
-        for row in iter_rank_csv(path, errors):
-            a, b = images.get(row.key_a), images.get(row.key_b)
-            if a is None or b is None:
-                yield row.line, f"{row.key_a if a is None else row.key_b}.*"
-            else:
-                yield row.line, RankPair(row, str(a), str(b))
-
-    return with_images(path, found(), errors, skip_bad_rows, image_dir)
+    for row in iter_rank_csv(path, errors):
+        a, b = images.get(row.key_a), images.get(row.key_b)
+        if a is None or b is None:
+            found.append((row.line, f"{row.key_a if a is None else row.key_b}.*"))
+        else:
+            found.append((row.line, RankPair(row, str(a), str(b))))
+    return with_images(path, found, errors, skip_bad_rows, image_dir)
 
 
 class Vectors:
@@ -113,11 +110,9 @@ class PairScorer(nn.Module):
         return self
 
     def forward(self, a, b, poi_img, poi_txt, poi_len, text_idx):
-        if self.image_table is not None:
-            ea, eb = self.image_table[a], self.image_table[b]
-        else:
-            e = self.ranker.align_model.encode_image(torch.cat([a, b]))
-            ea, eb = e[: len(a)], e[len(a) :]
+        ab = torch.cat([a, b])
+        e = self.image_table[ab] if self.image_table is not None else self.ranker.align_model.encode_image(ab)
+        ea, eb = e.split(len(a))
         feat = self.text_table[text_idx]
         s_a = self.ranker.score_embeddings(ea, feat, poi_img, poi_txt, poi_len)
         s_b = self.ranker.score_embeddings(eb, feat, poi_img, poi_txt, poi_len)

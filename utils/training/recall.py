@@ -5,7 +5,6 @@ from __future__ import annotations
 from utils.cli import DataError, RowError, bad_rows, input_file, record_bad_row
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def _plain_pairs(path: str, header: list[str], rows, image_dir, errors):
         cells = dict(zip(header, fields))  # as csv.DictReader: missing cells are empty
         text, image, owner = (cells.get(k, "") for k in ("text", "image", "owner"))
         if text and image:
-            image_path = Path(image) if os.path.isabs(image) else base / image
+            image_path = base / image  # an absolute path stays as it is
             yield line, Pair(text, str(image_path), owner or text) if image_path.is_file() else str(image_path)
         elif text or image:
             record_bad_row(errors, RowError(path, line, "empty text or image"))
@@ -55,12 +54,9 @@ def _recall_format_pairs(path: str, image_dir, errors):
 
 def with_images(path: str, found, errors: list, skip_bad_rows: bool, image_dir) -> tuple[list, int]:
     """``(items, bad rows)`` of ``found``'s ``(line, item)``; an item that is a str (an absent image) is logged."""
-    items, missing = [], []
-    for line, item in found:
-        if isinstance(item, str):
-            missing.append(f"{path}:{line}: {item}")
-        else:
-            items.append(item)
+    found = list(found)  # fills ``errors``
+    items = [item for _, item in found if not isinstance(item, str)]
+    missing = [f"{path}:{line}: {item}" for line, item in found if isinstance(item, str)]
     n_bad = bad_rows(errors, path, skip_bad_rows)
     if not items and not missing:
         raise DataError(f"{path}: no records left" if n_bad else f"{path}: empty file")
@@ -134,16 +130,13 @@ class PairEncoder(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not mode:
-            return self
-        if self.freeze == "image":
-            self.align.image_model.eval()
-        elif self.bn_eval:
+        tower = {"image": self.align.image_model, "text": self.align.text_model}.get(self.freeze)
+        if mode and tower is not None:
+            tower.eval()
+        if mode and self.bn_eval:
             for m in self.align.image_model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        if self.freeze == "text":
-            self.align.text_model.eval()
         return self
 
     def forward(self, images, input_ids, attention_mask):
