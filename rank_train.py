@@ -48,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     args.add_poi_tables(p, aliases=True)
     g = args.add_recall_files(p, "model", checkpoint=None)
     g.add_argument("--init", help="recall checkpoint (new ranker head) or ranker checkpoint (to continue)")
-    args.add_engine(p, precision=False)
-    args.add_batches(p, text=False, images=False, workers_alias=True)
     args.add_training(p, batch_size=16, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_grad=0.0)
     g = p.add_argument_group("ranker training")
     g.add_argument("--epochs", type=cli.positive_int, default=10, help="(default 10)")

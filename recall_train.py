@@ -57,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze", choices=("none", "image", "text"), default="none", help="keep this tower fixed")
     g.add_argument("--bn-eval", action="store_true", help="image tower BatchNorm on running statistics")
     g.add_argument("--cache-embeddings", action="store_true", help="with --freeze image: encode each image once")
-    args.add_engine(p, precision=False)
-    args.add_batches(p, text=False, images=False, workers_alias=True)
     args.add_training(p, batch_size=32, weight_decay=0.01, warmup_steps=100, schedule="cosine", clip_grad=1.0)
     g = p.add_argument_group("recall training")
     g.add_argument("--epochs", type=cli.positive_int, default=5, help="(default 5)")

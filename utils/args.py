@@ -213,7 +213,9 @@ def add_downloads(p, defaults: Downloads | None = None, worker_flags=("--downloa
 
 # --- training (utils.training) ------------------------------------------------------------
 def add_training(p, *, batch_size: int, weight_decay: float, warmup_steps: int, schedule: str, clip_grad: float):
-    """What a run of either trainer is; the keywords are the script's defaults (the authors' differ per model)."""
+    """Either trainer's engine, loader and training flags; keywords: its defaults (the authors' differ per model)."""
+    add_engine(p, precision=False)
+    add_batches(p, text=False, images=False, workers_alias=True)
     g = p.add_argument_group("training")
     text = "checkpoints, training state, metrics, config.json (locked for the run: a second run into it stops)"
     g.add_argument("--out-dir", required=True, help=text)
