@@ -1,5 +1,6 @@
 """POI tables: restricted unpickler, safe format, conversion, and build_poi_tables.py."""
 
+import logging
 import os
 import pickle
 import shlex
@@ -335,6 +336,7 @@ def test_mean_vectors_normalised_and_plain(caplog):
 
     rows = [RecallRow(i, poi[0], poi[0], "u", poi[1]) for i, poi in enumerate(["a1", "a2", "a3", "b1", "c1"])]
     images = {r.key: r.poi_id + r.rank for r in rows[:4]}  # c has no image at all
+    caplog.set_level(logging.WARNING, logger="utils.formats.poi")  # whatever level an earlier test left
     norm, names, summary = poi_vector_tables(Model(), None, rows, images)
     plain, _, _ = poi_vector_tables(Model(), None, rows, images, normalize=False)
     assert set(norm) == {"a"} and set(names) == {"a", "b", "c"}  # unreadable images are left out, not zeros
