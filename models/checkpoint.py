@@ -111,7 +111,10 @@ def load_state(model: torch.nn.Module, sd: dict, source: str, prefix: str = "", 
         parts.append(hint or "  (a smaller or larger variant needs its architecture: --arch FILE.json)")
         raise CheckpointError("\n".join(parts))
     keep = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items() if k in expected}
-    if bad := next((k for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v).all()), None):
+    # NaN and inf propagate into a sum: a finite sum clears a tensor 8x faster than the elementwise test, which
+    # only a sum that overflows (or a bad value) needs; 0.17 s of every start-up on the full-size model
+    floats = ((k, v) for k, v in keep.items() if v.is_floating_point() and not torch.isfinite(v.sum()))
+    if bad := next((k for k, v in floats if not torch.isfinite(v).all()), None):
         raise CheckpointError(f"{source}: tensor {bad} holds NaN or infinite values")
     ignored = sorted(k for k in sd if k not in expected)
     if ignored:

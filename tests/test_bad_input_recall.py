@@ -296,6 +296,15 @@ def test_non_finite_weights_are_refused(env, tmp_path, capsys, bad):
     _no_leftovers(tmp_path, before)
 
 
+def test_finite_weights_whose_sum_overflows_are_taken(env, tmp_path):
+    """The finiteness test sums each tensor first: a sum that overflows to inf is not a bad weight."""
+    obj = torch.load(env["ckpt"], weights_only=True)
+    obj["state_dict"]["image_hidden_layer.weight"][:2, 0] = 3e38  # finite; their sum is not
+    ckpt = tmp_path / "big.pth"
+    torch.save(obj, ckpt)
+    assert recall_infer.main(_with_ckpt(env, tmp_path / "top.csv", ckpt)) == 0
+
+
 def test_non_finite_weights_of_the_ranker_head_are_refused(env, tmp_path):
     from fixtures import tiny_ranker
 
