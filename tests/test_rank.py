@@ -139,6 +139,7 @@ def test_roc_auc_equals_sklearn_with_many_ties(seed):
     s = rng.integers(-3, 4, n).astype(float) * rng.choice([1.0, 0.5])  # few distinct values
     assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert roc_auc(y, np.zeros(n)) == 0.5 and roc_auc(np.ones(n), s) is None
+    assert roc_auc([], []) is None  # no pairs: no class at all
 
 
 def test_pairwise_metrics_known_table():

@@ -99,10 +99,12 @@ def recall_at_k(score_matrix, query_pois, gallery_pois, ks: Iterable[int] = DEFA
 
 
 def weighted_auc(labels, scores, weights) -> np.ndarray:
-    """ROC-AUC (ties half, as scikit-learn's) per row of item multiplicities; NaN for one class."""
+    """ROC-AUC (ties half, as scikit-learn's) per row of item multiplicities; NaN for one class or none."""
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if not y.size:
+        return np.full(len(w), np.nan)
     order = np.argsort(s, kind="mergesort")
     s_sorted, y_sorted, w_sorted = s[order], y[order], w[:, order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups
@@ -115,7 +117,7 @@ def weighted_auc(labels, scores, weights) -> np.ndarray:
 
 
 def roc_auc(labels, scores) -> float | None:
-    """None for a single class."""
+    """None for a single class (or none)."""
     auc = float(weighted_auc(labels, scores, np.ones(np.size(labels)))[0])
     return None if np.isnan(auc) else auc
 
