@@ -267,8 +267,8 @@ def poi_vector_tables(rm, enc, rows, images: dict, normalize: bool = True) -> tu
         if good := [i for i in idx if ok[i]]:
             m = vecs[good].mean(axis=0)
             img_table[name] = (m / max(np.linalg.norm(m), 1e-12) if normalize else m).astype(np.float32)
-    # those with only unreadable images, then those without any (sorted is stable)
-    empty = sorted((n for n in ids if n not in img_table), key=lambda n: n not in groups)
+    # those with only unreadable images, then those without any
+    empty = [n for n in groups if n not in img_table] + [n for n in ids if n not in groups]
     if empty:
         shown = ", ".join(repr(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else "")
         log.warning("%d POI names have no readable image and get no image vector: %s", len(empty), shown)
