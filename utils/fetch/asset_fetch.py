@@ -197,8 +197,7 @@ class _Fetcher:
         try:
             if why.startswith(LOOKS_WRONG):  # whatever was pinned for it is no proof
                 log.warning("%s: kept aside as %s", asset.name, final.replace(f"{final}.bad-content"))
-                if self.records.data.pop(asset.name, None) is not None:
-                    self.records.save()
+                self.records.drop(asset.name)
             want, origin = self.records.expected(asset)
             if asset.url or self.mirror:
                 part, source = self._http(asset, asset.source(self.mirror), final)

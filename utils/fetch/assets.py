@@ -209,6 +209,10 @@ class HashRecords:
         self.data[asset.name] = rec | dict(manifest_sha256=asset.sha256, recorded=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
 
+    def drop(self, name: str) -> None:
+        if self.data.pop(name, None) is not None:
+            self.save()
+
     def save(self) -> None:
         try:
             write_json(self.path, {"assets": dict(sorted(self.data.items()))})
