@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -312,6 +313,8 @@ def test_max_bytes_cap(server, tmp_path):
     r = read_manifest(out / "manifest.jsonl")[0]
     assert r["status"] == "failed" and r["error_kind"] == "too_large"
     assert final_images(out) == {}
+    # the run kept its lines out of the caller's handlers while it ran, and only then
+    assert logging.getLogger("download_images").propagate
 
 
 # ---------------------------------------------------------------------------

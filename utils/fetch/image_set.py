@@ -211,7 +211,7 @@ def download_images(job: ImageJob) -> dict:
         exclusive_lock(run.out, f".lock{run.suffix}"),
         cli.logging_to(run.log_file, "%(asctime)s %(levelname)s %(message)s", log),
     ):
-        log.propagate = False  # the run prints the first failures; all are in the file
+        propagate, log.propagate = log.propagate, False  # the run prints the first failures; all are in the file
         start = time.monotonic()
         try:
             log.info("start: csv=%s format=%s out=%s %s", job.csv, run.fmt, run.out, job)
@@ -227,6 +227,8 @@ def download_images(job: ImageJob) -> dict:
         except KeyboardInterrupt:
             log.info("interrupted; finished downloads are kept and recorded")
             raise
+        finally:  # the caller's logging as it was (reproduce.py runs on in this process)
+            log.propagate = propagate
 
 
 def image_summary(s: dict) -> str:
