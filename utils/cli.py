@@ -173,9 +173,9 @@ def setup_logging(level: str | int | None = "INFO", fmt: str = LOG_FORMAT) -> No
 
 
 @contextlib.contextmanager
-def logging_to(path, fmt: str = LOG_FORMAT, logger: logging.Logger | None = None):
-    """``logger`` (default: the root) also appends to ``path`` while the block runs, never through a symbolic
-    link (our lines would land in its target)."""
+def logging_to(path, fmt: str = LOG_FORMAT, logger: logging.Logger | None = None, alone: bool = False):
+    """``logger`` (default: the root) also appends to ``path`` while the block runs (``alone``: only there, not to
+    the handlers above it), never through a symbolic link (our lines would land in its target)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -184,9 +184,11 @@ def logging_to(path, fmt: str = LOG_FORMAT, logger: logging.Logger | None = None
     logger, handler = logger or logging.getLogger(), logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setFormatter(logging.Formatter(fmt))
     logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, logger.propagate and not alone
     try:
         yield handler
-    finally:
+    finally:  # the logger as it was: the process may go on (reproduce.py, a notebook)
+        logger.propagate = propagate
         logger.removeHandler(handler)
         handler.close()
 

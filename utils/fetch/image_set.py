@@ -207,11 +207,10 @@ def _download_all(run: _Run, previous: dict) -> None:
 def download_images(job: ImageJob) -> dict:
     """The whole of ``download_images.py``: the job checked, then run; the summary (``image_summary``)."""
     run = _Run(job)
-    with (
+    with (  # every line in the file alone: the run prints the first failures itself
         exclusive_lock(run.out, f".lock{run.suffix}"),
-        cli.logging_to(run.log_file, "%(asctime)s %(levelname)s %(message)s", log),
+        cli.logging_to(run.log_file, "%(asctime)s %(levelname)s %(message)s", log, alone=True),
     ):
-        propagate, log.propagate = log.propagate, False  # the run prints the first failures; all are in the file
         start = time.monotonic()
         try:
             log.info("start: csv=%s format=%s out=%s %s", job.csv, run.fmt, run.out, job)
@@ -227,8 +226,6 @@ def download_images(job: ImageJob) -> dict:
         except KeyboardInterrupt:
             log.info("interrupted; finished downloads are kept and recorded")
             raise
-        finally:  # the caller's logging as it was (reproduce.py runs on in this process)
-            log.propagate = propagate
 
 
 def image_summary(s: dict) -> str:
