@@ -31,7 +31,7 @@ from utils.formats import load_poi_tables
 log = logging.getLogger("rank_train")
 
 # the settings a --resume must not change besides the training ones
-RESUME_KEYS = ("train_csv", "loss", "margin", "augment")
+RESUME_KEYS = ("train_csv", "optimizer", "loss", "margin", "augment")
 
 
 def build_parser() -> argparse.ArgumentParser:

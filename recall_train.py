@@ -31,7 +31,7 @@ from utils.hashing import state_dict_hash
 log = logging.getLogger("recall_train")
 
 # the settings a --resume must not change besides the training ones
-RESUME_KEYS = ("csv", "init", "logit_scale", "val_fraction", "val_owners", "freeze", "bn_eval")
+RESUME_KEYS = ("csv", "init", "logit_scale", "accum_steps", "val_fraction", "val_owners", "freeze", "bn_eval")
 IMAGE_PREFIXES = ("image_model.", "image_hidden_layer.")
 
 

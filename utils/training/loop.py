@@ -32,10 +32,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE, METRICS_FILE, STATE_FORMAT = "train_state.pt", "metrics.csv", 1
 HINT = "training diverged; try a lower --lr or --clip-grad, then --resume"
-# the options of either trainer a --resume must not change; each adds its own (TrainConfig.resume_keys)
-RESUME_KEYS = (
-    "batch_size accum_steps optimizer epochs lr weight_decay warmup_steps schedule seed clip_grad cache_embeddings"
-).split()
+# the options of both trainers a --resume must not change; each adds its own (TrainConfig.resume_keys)
+RESUME_KEYS = "batch_size epochs lr weight_decay warmup_steps schedule seed clip_grad cache_embeddings".split()
 
 
 @dataclass(frozen=True)
